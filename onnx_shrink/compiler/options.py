@@ -1,0 +1,142 @@
+"""Pass options as dataclass fields: declaration, documentation, parsing and range checks.
+
+A pass declares each option with ``option(default, doc, ...)``; from that one declaration the
+CLI parses ``--set pass.option=value`` and recipe values, ``--list-passes`` prints the docs,
+and ``check_options`` rejects out-of-range values in ``__post_init__``.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from onnx_shrink.errors import PipelineSpecError
+
+
+def option(
+    default: Any,
+    doc: str,
+    *,
+    minimum: float | None = None,
+    maximum: float | None = None,
+    choices: Sequence[Any] | None = None,
+) -> Any:
+    """Declare a pass option: a dataclass field whose metadata carries its doc and bounds."""
+    metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("pass options must be immutable; use a tuple or frozenset")
+    return dataclasses.field(default=default, metadata=metadata)
+
+
+@dataclasses.dataclass(frozen=True)
+class OptionInfo:
+    """One option as shown by ``--list-passes``."""
+
+    name: str
+    type_name: str
+    default: Any
+    doc: str
+    choices: Sequence[Any] | None
+
+
+def option_infos(pass_class: type) -> list[OptionInfo]:
+    """The options of a pass class, in declaration order."""
+    hints = typing.get_type_hints(pass_class)
+    return [
+        OptionInfo(
+            name=f.name,
+            type_name=_type_name(hints[f.name]),
+            default=f.default,
+            doc=f.metadata.get("doc", ""),
+            choices=f.metadata.get("choices"),
+        )
+        for f in dataclasses.fields(pass_class)
+    ]
+
+
+def _type_name(hint: Any) -> str:
+    if typing.get_origin(hint) is typing.Literal:
+        return " | ".join(repr(a) for a in typing.get_args(hint))
+    if typing.get_origin(hint) is tuple:
+        return f"list of {_type_name(typing.get_args(hint)[0])}"
+    return getattr(hint, "__name__", str(hint))
+
+
+def check_options(instance: Any) -> None:
+    """Raise ``ValueError`` naming the option when a value is out of range or not a choice."""
+    for f in dataclasses.fields(instance):
+        value = getattr(instance, f.name)
+        lo, hi, choices = (
+            f.metadata.get("minimum"),
+            f.metadata.get("maximum"),
+            f.metadata.get("choices"),
+        )
+        if choices is not None and value not in choices:
+            raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+        if lo is not None and value < lo:
+            raise ValueError(f"{f.name}={value!r} is below the minimum {lo}")
+        if hi is not None and value > hi:
+            raise ValueError(f"{f.name}={value!r} is above the maximum {hi}")
+
+
+def coerce(pass_class: type, name: str, raw: Any) -> Any:
+    """Convert a CLI string or a recipe value to the option's declared type.
+
+    Raises:
+        PipelineSpecError: the option does not exist or the value has the wrong type.
+    """
+    fields = {f.name: f for f in dataclasses.fields(pass_class)}
+    key = name.replace("-", "_")
+    if key not in fields:
+        valid = ", ".join(fields) or "(none)"
+        raise PipelineSpecError(
+            f"pass '{pass_class.name}' has no option '{name}'; its options are: {valid}"
+        )
+    hint = typing.get_type_hints(pass_class)[key]
+    try:
+        return _convert(hint, raw)
+    except (TypeError, ValueError) as e:
+        raise PipelineSpecError(
+            f"{pass_class.name}.{key}: expected {_type_name(hint)}, got {raw!r}"
+        ) from e
+
+
+def _convert(hint: Any, raw: Any) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is typing.Literal:
+        allowed = typing.get_args(hint)
+        if raw not in allowed:
+            raise ValueError(raw)
+        return raw
+    if origin is tuple:
+        items = raw.split(",") if isinstance(raw, str) else list(raw)
+        item_type = typing.get_args(hint)[0]
+        return tuple(
+            _convert(item_type, item.strip() if isinstance(item, str) else item)
+            for item in items
+            if item != ""
+        )
+    if hint is bool:
+        if isinstance(raw, bool):
+            return raw
+        lowered = str(raw).lower()
+        if lowered in ("1", "true", "yes", "on"):
+            return True
+        if lowered in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(raw)
+    if hint is int:
+        if isinstance(raw, bool) or (isinstance(raw, float) and not raw.is_integer()):
+            raise ValueError(raw)
+        return int(raw) if not isinstance(raw, str) else int(raw.replace("_", ""))
+    if hint is float:
+        if isinstance(raw, bool):
+            raise ValueError(raw)
+        return float(raw)
+    if hint is str:
+        if not isinstance(raw, str):
+            raise TypeError(raw)
+        return raw
+    raise TypeError(f"unsupported option type {hint}")

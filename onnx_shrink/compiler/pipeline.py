@@ -1,0 +1,223 @@
+"""Pipeline specs (names, ``--set`` options, recipe files) and running passes with instruments.
+
+A spec is parsed and validated completely before any model is loaded, so a typo costs
+nothing. Running records, per pass, wall time and the model's accounting before and after.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import sys
+import time
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import onnx_ir as ir
+
+from onnx_shrink.compiler import io, registry, stats
+from onnx_shrink.compiler.options import coerce
+from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover - exercised on Python 3.10 only
+    import tomli as tomllib
+
+logger = logging.getLogger(__name__)
+
+PassLike = str | ir.passes.PassBase
+
+
+def parse_spec(
+    passes: str | Sequence[PassLike] | None,
+    sets: Sequence[str] = (),
+    recipe: str | Path | None = None,
+) -> tuple[ir.passes.PassBase, ...]:
+    """Build the pass instances a spec describes.
+
+    Args:
+        passes: ``"fold,quant"``, a list of names and/or pass instances, or None to take the
+            list from the recipe.
+        sets: ``"pass.option=value"`` strings; they override the recipe's options.
+        recipe: a TOML file with ``passes = [...]`` and one ``[pass-name]`` table of options
+            per pass.
+
+    Raises:
+        PipelineSpecError: unknown pass or option, wrong type, out-of-range value, bad recipe.
+    """
+    recipe_passes, options = _read_recipe(recipe) if recipe is not None else (None, {})
+    for assignment in sets:
+        pass_name, key, raw = _split_assignment(assignment)
+        options.setdefault(pass_name, {})[key] = raw
+    items = _as_list(passes) if passes is not None else recipe_passes
+    if not items:
+        raise PipelineSpecError("no passes given; use --passes NAME[,NAME...] or a recipe file")
+    names_in_pipeline = {i for i in items if isinstance(i, str)}
+    for pass_name in options:
+        registry.pass_class(pass_name)  # an unknown name in --set or a recipe is an error too
+        if pass_name not in names_in_pipeline:
+            raise PipelineSpecError(
+                f"options are given for pass '{pass_name}', which is not in the pipeline "
+                f"({', '.join(map(str, items))})"
+            )
+    return tuple(
+        _instantiate(item, options.get(item, {})) if isinstance(item, str) else item
+        for item in items
+    )
+
+
+def _as_list(passes: str | Sequence[PassLike]) -> list[PassLike]:
+    if isinstance(passes, str):
+        return [name.strip() for name in passes.split(",") if name.strip()]
+    result = list(passes)
+    for item in result:
+        if not isinstance(item, (str, ir.passes.PassBase)):
+            raise PipelineSpecError(f"a pass must be a name or a pass instance, got {item!r}")
+    return result
+
+
+def _split_assignment(assignment: str) -> tuple[str, str, str]:
+    target, sep, raw = assignment.partition("=")
+    pass_name, dot, key = target.strip().partition(".")
+    if not sep or not dot or not pass_name or not key:
+        raise PipelineSpecError(
+            f"--set expects PASS.OPTION=VALUE (e.g. fold.max_growth_bytes=1024), got {assignment!r}"
+        )
+    return pass_name, key.strip(), raw.strip()
+
+
+def _instantiate(name: str, raw_options: Mapping[str, Any]) -> ir.passes.PassBase:
+    cls = registry.pass_class(name)
+    values = {key.replace("-", "_"): coerce(cls, key, raw) for key, raw in raw_options.items()}
+    try:
+        return cls(**values)
+    except ValueError as e:
+        raise PipelineSpecError(f"pass '{name}': {e}") from e
+
+
+def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
+    try:
+        data = tomllib.loads(io.read_text(path))
+    except tomllib.TOMLDecodeError as e:
+        raise PipelineSpecError(f"{path}: not valid TOML ({e})") from e
+    passes = data.pop("passes", None)
+    if passes is not None and (
+        not isinstance(passes, list) or not all(isinstance(p, str) for p in passes)
+    ):
+        raise PipelineSpecError(f"{path}: 'passes' must be a list of pass names")
+    options: dict[str, dict[str, Any]] = {}
+    for key, table in data.items():
+        if not isinstance(table, dict):
+            raise PipelineSpecError(
+                f"{path}: unexpected top-level key '{key}'; a recipe holds 'passes' and one "
+                f"table per pass ({', '.join(sorted(registry.REGISTRY))})"
+            )
+        options[key] = dict(table)
+    return list(passes or []), options
+
+
+def describe(pass_: ir.passes.PassBase) -> str:
+    """A pass as a spec: its name plus the options that differ from their defaults."""
+    name = getattr(pass_, "name", type(pass_).__name__)
+    if not dataclasses.is_dataclass(pass_):
+        return name
+    changed = [
+        f"{f.name}={getattr(pass_, f.name)!r}"
+        for f in dataclasses.fields(pass_)
+        if getattr(pass_, f.name) != f.default
+    ]
+    return f"{name}({', '.join(changed)})" if changed else name
+
+
+@dataclasses.dataclass(frozen=True)
+class StepRecord:
+    """What one pass did: its spec, time, whether it changed the model, accounting around it."""
+
+    index: int
+    spec: str
+    seconds: float
+    modified: bool
+    before: stats.ModelStats
+    after: stats.ModelStats
+    bytes_before: int
+    bytes_after: int
+    dump_path: str | None
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class PipelineResult:
+    model: ir.Model
+    steps: tuple[StepRecord, ...]
+
+
+StepCallback = Callable[[int, ir.passes.PassBase], None]
+
+
+def run(
+    model: ir.Model,
+    passes: Sequence[ir.passes.PassBase],
+    *,
+    dump_dir: str | Path | None = None,
+    on_start: StepCallback | None = None,
+) -> PipelineResult:
+    """Run ``passes`` in order on ``model`` (which may be rewritten in place).
+
+    Raises:
+        PassFailedError: a pass raised; the message names the pass and those before it.
+    """
+    if dump_dir is not None:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    steps: list[StepRecord] = []
+    current_stats, current_bytes = stats.measure(model), io.serialized_bytes(model)
+    for index, pass_ in enumerate(passes):
+        spec = describe(pass_)
+        if on_start is not None:
+            on_start(index, pass_)
+        started = time.perf_counter()
+        try:
+            result = pass_(model)
+        except ShrinkError:
+            raise
+        except Exception as e:
+            done = ", ".join(s.spec for s in steps) or "none"
+            raise PassFailedError(
+                f"pass '{spec}' failed (passes before it: {done}): {_root_message(e)}"
+            ) from e
+        seconds = time.perf_counter() - started
+        model = result.model
+        new_stats, new_bytes = stats.measure(model), io.serialized_bytes(model)
+        dump_path = None
+        if dump_dir is not None:
+            dump_path = str(
+                io.save(model, Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx").path
+            )
+        steps.append(
+            StepRecord(
+                index,
+                spec,
+                seconds,
+                result.modified,
+                current_stats,
+                new_stats,
+                current_bytes,
+                new_bytes,
+                dump_path,
+            )
+        )
+        logger.info(
+            "%s: %.2fs, %d -> %d nodes", spec, seconds, current_stats.nodes, new_stats.nodes
+        )
+        current_stats, current_bytes = new_stats, new_bytes
+    return PipelineResult(model=model, steps=tuple(steps))
+
+
+def _root_message(error: BaseException) -> str:
+    """The innermost cause's message; onnx_ir wraps pass errors in several layers."""
+    while error.__cause__ is not None:
+        error = error.__cause__
+    return f"{type(error).__name__}: {str(error).splitlines()[0] if str(error) else ''}"

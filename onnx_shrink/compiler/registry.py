@@ -1,0 +1,38 @@
+"""CLI name -> pass class: the one place in the compiler that knows passes by name."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from onnx_shrink.errors import PipelineSpecError
+from onnx_shrink.passes.fold import FoldPass
+
+PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (FoldPass,)
+
+REGISTRY: dict[str, type[ir.passes.PassBase]] = {cls.name: cls for cls in PASS_CLASSES}
+
+
+def pass_class(name: str) -> type[ir.passes.PassBase]:
+    """The pass class registered under ``name``.
+
+    Raises:
+        PipelineSpecError: no pass has that name; the message lists the valid names.
+    """
+    try:
+        return REGISTRY[name]
+    except KeyError:
+        raise PipelineSpecError(
+            f"unknown pass '{name}'; available passes: {', '.join(sorted(REGISTRY))}"
+        ) from None
+
+
+def is_pass_class(cls: type) -> bool:
+    """True for a registered-style pass: a dataclass subclass of onnx_ir's PassBase with a name."""
+    return (
+        isinstance(cls, type)
+        and issubclass(cls, ir.passes.PassBase)
+        and dataclasses.is_dataclass(cls)
+        and isinstance(getattr(cls, "name", None), str)
+    )

@@ -1,0 +1,134 @@
+"""Accounting of a model: nodes, parameters, tensor bytes and multiply-accumulates.
+
+MACs are counted for Conv, ConvTranspose, MatMul and Gemm per *one sample*: symbolic
+dimensions (batch, sequence) count as 1, so the figure compares models, not workloads. A node
+whose shapes are unknown even after shape inference is left out and counted in
+``nodes_without_macs`` so a reader knows the figure is a lower bound.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+from collections.abc import Sequence
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnx_shrink.compiler import walk
+
+logger = logging.getLogger(__name__)
+
+MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelStats:
+    """What a model holds; all counts include subgraphs and model-local functions."""
+
+    nodes: int
+    params: int
+    tensor_bytes: int
+    macs: int
+    nodes_without_macs: int
+    op_types: dict[str, int]
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+def measure(model: ir.Model) -> ModelStats:
+    """Count what ``model`` holds. The model is not modified (shape inference runs on a clone)."""
+    nodes = list(walk.all_nodes(model))
+    tensors = list(walk.all_tensors(model))
+    macs, unknown = _count_macs(_with_inferred_shapes(model))
+    return ModelStats(
+        nodes=len(nodes),
+        params=sum(math.prod(t.shape.numpy()) for t in tensors),
+        tensor_bytes=sum(t.nbytes for t in tensors),
+        macs=macs,
+        nodes_without_macs=unknown,
+        op_types=dict(collections.Counter(n.op_type for n in nodes).most_common()),
+    )
+
+
+def _with_inferred_shapes(model: ir.Model) -> ir.Model:
+    """A clone of ``model`` with onnx shape inference applied when MAC ops lack shapes."""
+    needs_shapes = any(
+        node.op_type in MAC_OPS and any(o.shape is None for o in node.outputs)
+        for node in walk.all_nodes(model)
+    )
+    if not needs_shapes:
+        return model
+    clone = model.clone()
+    try:
+        common_passes.ShapeInferencePass(strict_mode=False)(clone)
+    except Exception as e:  # noqa: BLE001 - accounting must not fail a run; MACs become a bound
+        logger.debug("shape inference for MAC counting failed: %s", e)
+    return clone
+
+
+def _count_macs(model: ir.Model) -> tuple[int, int]:
+    total, unknown = 0, 0
+    for node in walk.all_nodes(model):
+        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        macs = node_macs(node)
+        if macs is None:
+            unknown += 1
+        else:
+            total += macs
+    return total, unknown
+
+
+def _dims(value: ir.Value | None) -> list[int] | None:
+    """Concrete dims of a value, symbolic dims as 1; None when the shape is unknown."""
+    if value is None or value.shape is None:
+        return None
+    return [d if isinstance(d, int) else 1 for d in value.shape]
+
+
+def node_macs(node: ir.Node) -> int | None:
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node, or None if unknown."""
+    out = _dims(node.outputs[0])
+    first = _dims(node.inputs[0])
+    weight = _dims(node.inputs[1] if len(node.inputs) > 1 else None)
+    if node.op_type == "MatMul":
+        if out is None or (first is None and weight is None):
+            return None
+        # C[..., M, N] = A[..., M, K] @ B[..., K, N]: one MAC per output element per K.
+        k = first[-1] if first else (weight[-2] if len(weight) > 1 else weight[-1])
+        return math.prod(out) * k
+    if node.op_type == "Gemm":
+        if out is None or first is None or len(first) != 2:
+            return None
+        trans_a = node.attributes.get_int("transA", 0)
+        return math.prod(out) * first[0 if trans_a else 1]
+    if node.op_type == "Conv":
+        if out is None or weight is None:
+            return None
+        # Each output element sums over (Cin / group) * kernel taps: weight.shape[1:].
+        return math.prod(out) * math.prod(weight[1:])
+    if node.op_type == "ConvTranspose":
+        if first is None or weight is None:
+            return None
+        return math.prod(first) * math.prod(weight[1:])
+    return None
+
+
+def bytes_by_op_type(model: ir.Model) -> dict[str, int]:
+    """Tensor bytes attributed to the op types that consume them (shared tensors counted once)."""
+    seen: set[int] = set()
+    result: collections.Counter[str] = collections.Counter()
+    for value, tensor in walk.initializer_tensors(model):
+        if id(tensor) in seen:
+            continue
+        seen.add(id(tensor))
+        users: Sequence[str] = sorted({use.node.op_type for use in value.uses()}) or ["(unused)"]
+        result[users[0]] += tensor.nbytes
+    for node, tensor in walk.constant_node_tensors(model):
+        consumers = sorted({use.node.op_type for use in node.outputs[0].uses()}) or ["(unused)"]
+        result[consumers[0]] += tensor.nbytes
+    return dict(result.most_common())

@@ -1,0 +1,53 @@
+"""Walk every place of a model that can hold nodes or tensors.
+
+Passes and accounting must see the main graph, every If/Loop/Scan body at any depth, and
+every model-local function; these iterators are the one way the project does that.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import onnx_ir as ir
+
+GraphLike = ir.Graph | ir.Function
+
+
+def graphs_and_functions(model: ir.Model) -> Iterator[GraphLike]:
+    """Yield the main graph, every subgraph at any depth, and every function with its subgraphs."""
+    yield from model.graphs()
+    for function in model.functions.values():
+        yield function
+        yield from function.subgraphs()
+
+
+def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
+    """Yield every node of the model: main graph, subgraphs and functions."""
+    yield from ir.traversal.RecursiveGraphIterator(model.graph)
+    for function in model.functions.values():
+        yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def initializer_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:
+    """Yield (value, tensor) for every initializer of the main graph and of every subgraph."""
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                yield value, value.const_value
+
+
+def constant_node_tensors(model: ir.Model) -> Iterator[tuple[ir.Node, ir.TensorProtocol]]:
+    """Yield (node, tensor) for every ``Constant`` node that holds a tensor ``value``."""
+    for node in all_nodes(model):
+        if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
+            attr = node.attributes.get("value")
+            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+                yield node, attr.as_tensor()
+
+
+def all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
+    """Yield every stored tensor: initializers and Constant-node values, everywhere."""
+    for _, tensor in initializer_tensors(model):
+        yield tensor
+    for _, tensor in constant_node_tensors(model):
+        yield tensor

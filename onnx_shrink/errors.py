@@ -1,0 +1,35 @@
+"""The project's exception hierarchy: every error a user can cause, with a one-line message.
+
+The CLI turns any ``ShrinkError`` into that line and exit code 2 (``CheckFailed``: exit 1);
+anything else is a bug and keeps its traceback.
+"""
+
+from __future__ import annotations
+
+
+class ShrinkError(Exception):
+    """Base of every error onnx-shrink raises on purpose. ``str(e)`` is the user's message."""
+
+    exit_code = 2
+
+
+class BadModelError(ShrinkError):
+    """The input model cannot be read, is invalid, or cannot be run by onnxruntime."""
+
+
+class PipelineSpecError(ShrinkError):
+    """A pass name, option name, option value or recipe file is wrong."""
+
+
+class DataError(ShrinkError):
+    """Input data (``--data``, ``--input-shape``) does not fit the model's signature."""
+
+
+class PassFailedError(ShrinkError):
+    """A pass raised while rewriting the model; the message names the pass."""
+
+
+class CheckFailed(ShrinkError):
+    """Verification ran and the candidate broke a tolerance (exit code 1, report still written)."""
+
+    exit_code = 1

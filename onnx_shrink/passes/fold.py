@@ -1,0 +1,210 @@
+"""Constant folding and cleanup on onnxscript's optimizer, with a hard bound on model growth."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+from collections.abc import Callable
+from typing import ClassVar
+
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+from onnxscript import rewriter
+from onnxscript.optimizer import _constant_folding
+
+from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler.options import check_options, option
+
+logger = logging.getLogger(__name__)
+
+# Ops whose folded output is usually larger than their constant inputs: a 2-element shape
+# becomes a filled tensor. They fold only when the result fits the expansion budget.
+EXPANDING_OPS = frozenset(
+    {
+        "ConstantOfShape",
+        "Expand",
+        "Tile",
+        "Range",
+        "Resize",
+        "Upsample",
+        "Pad",
+        "OneHot",
+        "EyeLike",
+        "RandomNormal",
+        "RandomUniform",
+    }
+)
+
+# Quantization boundaries stay as they are: folding DequantizeLinear(int8 weight) would store
+# the weight as float32 again (4x larger) and hide the quantization from onnxruntime.
+NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
+
+
+@dataclasses.dataclass(frozen=True)
+class FoldPass(ir.passes.FunctionalPass):
+    """Fold constants and clean up the graph, never growing the saved model past a budget.
+
+    Rules:
+
+    1. onnxscript's constant folder, its default (lossless) rewrite rules and dead-code removal
+       run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local functions.
+    2. Expanding ops (ConstantOfShape, Expand, Tile, ...) fold only when their output is known
+       and at most ``expand_budget_bytes``; quantize/dequantize nodes never fold.
+    3. ``Constant`` nodes holding tensors are lifted to initializers (subgraph constants to the
+       main graph) so later passes see every weight as an initializer; not for IR < 4, where
+       initializers must also be graph inputs.
+    4. Equal initializers are shared and common subexpressions merged.
+    5. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
+       If a run grows the model more, it is repeated without any growing fold; if that still
+       grows it, the input is returned unchanged (``modified=False``) with a warning.
+
+    The pass is functional: it rewrites a clone, so a rolled-back attempt costs nothing.
+    """
+
+    name: ClassVar[str] = "fold"
+
+    max_growth_bytes: int = option(
+        0, "bytes the saved model may grow by (0: never larger than the input)", minimum=0
+    )
+    expand_budget_bytes: int = option(
+        4096,
+        "largest output an expanding op (Expand, Tile, ConstantOfShape) may fold to",
+        minimum=0,
+    )
+    input_size_limit: int = option(
+        _constant_folding.DEFAULT_CONSTANT_FOLD_INPUT_SIZE_LIMIT,
+        "elements above which a constant input is only folded when this node is its sole user",
+        minimum=0,
+    )
+    iterations: int = option(3, "fold/rewrite rounds before giving up on a fixpoint", minimum=1)
+    inline_functions: bool = option(
+        False, "inline model-local functions first (may grow a model that calls one often)"
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        before = io.serialized_bytes(model)
+        limit = before + self.max_growth_bytes
+        annotated = _annotated_names(model)
+        for allow_growth in (True, False):
+            candidate = model.clone()
+            modified = self._run_pipeline(candidate, allow_growth)
+            _forget_new_annotations(candidate, annotated)
+            after = io.serialized_bytes(candidate)
+            if after <= limit:
+                logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
+                return ir.passes.PassResult(candidate, modified)
+            logger.info(
+                "fold: result of %d bytes exceeds the limit of %d (allow_growth=%s); retrying",
+                after,
+                limit,
+                allow_growth,
+            )
+        logger.warning(
+            "fold: every attempt grew the model past %d bytes; keeping the model unchanged", limit
+        )
+        return ir.passes.PassResult(model.clone(), False)
+
+    def _run_pipeline(self, model: ir.Model, allow_growth: bool) -> bool:
+        budget = self.expand_budget_bytes if allow_growth else 0
+        fold = _constant_folding.FoldConstantsPass(
+            shape_inference=True,
+            input_size_limit=self.input_size_limit,
+            output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
+            should_fold=_growth_guard(budget),
+        )
+        fixpoint = ir.passes.PassManager(
+            [
+                fold,
+                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                common_passes.RemoveUnusedNodesPass(),
+                common_passes.RemoveUnusedFunctionsPass(),
+                common_passes.RemoveUnusedOpsetsPass(),
+            ],
+            steps=self.iterations,
+            early_stop=True,
+        )
+        stages: list[ir.passes.PassBase] = [fixpoint, common_passes.RemoveUnusedNodesPass()]
+        if self.inline_functions:
+            stages.insert(0, common_passes.InlinePass())
+        if model.ir_version >= 4:
+            stages += [
+                common_passes.LiftConstantsToInitializersPass(
+                    lift_all_constants=False, size_limit=1
+                ),
+                common_passes.LiftSubgraphInitializersToMainGraphPass(),
+            ]
+        stages += [
+            common_passes.DeduplicateInitializersPass(),
+            common_passes.CommonSubexpressionEliminationPass(),
+            common_passes.OutputFixPass(),
+        ]
+        return ir.passes.Sequential(*stages)(model).modified
+
+
+def _growth_guard(budget_bytes: int) -> Callable[[ir.Node], bool | None]:
+    """A ``should_fold`` callback: veto folds that would spend more than ``budget_bytes``.
+
+    Growth of one fold = output bytes - bytes of constant inputs only this node uses (those die
+    with it). Returns False to veto, None to leave the decision to onnxscript's defaults.
+    """
+    spent = 0
+
+    def should_fold(node: ir.Node) -> bool | None:
+        nonlocal spent
+        if node.op_type in NEVER_FOLD:
+            return False
+        output_bytes = _known_bytes(node.outputs[0]) if node.outputs else None
+        if output_bytes is None:
+            return False if node.op_type in EXPANDING_OPS else None
+        freed = sum(
+            inp.const_value.nbytes
+            for inp in node.inputs
+            if inp is not None
+            and inp.const_value is not None
+            and len(inp.uses()) == 1
+            and not inp.is_graph_input()
+        )
+        growth = output_bytes - freed
+        if growth > 0 and spent + growth > budget_bytes:
+            logger.debug("fold: not folding %s (%s): +%d bytes", node.name, node.op_type, growth)
+            return False
+        spent += max(growth, 0)
+        # onnxscript keeps ConstantOfShape by default; within budget an expansion may fold.
+        return True if node.op_type in EXPANDING_OPS else None
+
+    return should_fold
+
+
+def _annotated_names(model: ir.Model) -> set[str]:
+    """Names of intermediate values that carry a type or shape (the input's value_info)."""
+    return {
+        out.name
+        for node in walk.all_nodes(model)
+        for out in node.outputs
+        if out.name and (out.type is not None or out.shape is not None)
+    }
+
+
+def _forget_new_annotations(model: ir.Model, annotated: set[str]) -> None:
+    """Drop types/shapes that folding inferred for intermediate values the input left bare.
+
+    Shape inference annotates every value; saved, that is value_info the input did not have,
+    and it can outweigh what folding saved on small models. Graph outputs keep theirs.
+    """
+    for node in walk.all_nodes(model):
+        for out in node.outputs:
+            if out.name not in annotated and not out.is_graph_output():
+                out.type = None
+                out.shape = None
+
+
+def _known_bytes(value: ir.Value) -> int | None:
+    """Bytes of a value whose dtype and full static shape are known, else None."""
+    if value.dtype is None or value.shape is None or not value.shape.is_static():
+        return None
+    itemsize = value.dtype.itemsize
+    return math.ceil(math.prod(value.shape.numpy()) * itemsize)
