@@ -7,3 +7,30 @@ onnxruntime verifies what it gained and what it cost.
 from __future__ import annotations
 
 __version__ = "0.1.0"
+
+from onnx_shrink.api import ShrinkResult, shrink  # noqa: E402
+from onnx_shrink.compiler.io import load, save  # noqa: E402
+from onnx_shrink.errors import (  # noqa: E402
+    BadModelError,
+    CheckFailed,
+    DataError,
+    PassFailedError,
+    PipelineSpecError,
+    ShrinkError,
+)
+from onnx_shrink.passes.fold import FoldPass  # noqa: E402
+
+__all__ = [
+    "BadModelError",
+    "CheckFailed",
+    "DataError",
+    "FoldPass",
+    "PassFailedError",
+    "PipelineSpecError",
+    "ShrinkError",
+    "ShrinkResult",
+    "__version__",
+    "load",
+    "save",
+    "shrink",
+]

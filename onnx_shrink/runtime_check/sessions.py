@@ -1,0 +1,93 @@
+"""The only place an onnxruntime InferenceSession is created: providers, threads, options."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import onnxruntime as ort
+
+from onnx_shrink.errors import BadModelError, ShrinkError
+
+logger = logging.getLogger(__name__)
+
+ModelBytesOrPath = bytes | str | os.PathLike
+
+# Short names users type -> onnxruntime's provider names.
+PROVIDER_ALIASES = {
+    "cpu": "CPUExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+    "tensorrt": "TensorrtExecutionProvider",
+    "trt": "TensorrtExecutionProvider",
+    "openvino": "OpenVINOExecutionProvider",
+    "dml": "DmlExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "rocm": "ROCMExecutionProvider",
+    "migraphx": "MIGraphXExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+}
+
+
+def available_providers() -> list[str]:
+    """onnxruntime's provider names usable in this process."""
+    return list(ort.get_available_providers())
+
+
+def resolve_provider(name: str) -> str:
+    """Map ``cuda`` / ``CUDAExecutionProvider`` to the provider name, if it is available.
+
+    Raises:
+        ShrinkError: the provider is unknown or not available in this onnxruntime build.
+    """
+    full = PROVIDER_ALIASES.get(name.lower(), name)
+    available = available_providers()
+    if full not in available:
+        short = {v: k for k, v in PROVIDER_ALIASES.items()}
+        names = ", ".join(short.get(p, p) for p in available)
+        raise ShrinkError(
+            f"execution provider '{name}' is not available in this onnxruntime build "
+            f"(available: {names})"
+        )
+    return full
+
+
+def create_session(
+    model: ModelBytesOrPath,
+    *,
+    provider: str = "cpu",
+    provider_options: Mapping[str, Any] | None = None,
+    threads: int | None = None,
+    optimize: bool = True,
+) -> ort.InferenceSession:
+    """Create a session for a model file or serialized model bytes.
+
+    Args:
+        provider: short name (``cpu``, ``cuda``, ...) or onnxruntime's provider name. CPU is
+            added as the fallback for nodes another provider does not take.
+        threads: intra-op threads (None: onnxruntime's default, one per core).
+        optimize: False disables graph optimizations, to see the model as written.
+
+    Raises:
+        BadModelError: onnxruntime refuses the model; the message is its first line.
+    """
+    full = resolve_provider(provider)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    if threads is not None:
+        options.intra_op_num_threads = threads
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    providers: list[Any] = [(full, dict(provider_options or {}))]
+    if full != "CPUExecutionProvider":
+        providers.append("CPUExecutionProvider")
+    source = model if isinstance(model, bytes) else str(Path(model))
+    try:
+        return ort.InferenceSession(source, sess_options=options, providers=providers)
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        where = "the model" if isinstance(model, bytes) else str(model)
+        raise BadModelError(f"{where}: onnxruntime cannot load it: {first[:300]}") from e

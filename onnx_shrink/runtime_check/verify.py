@@ -1,0 +1,95 @@
+"""Verification of a compiled model against its original: numerics, accuracy and latency.
+
+This is what every ``onnx-shrink`` run ends with unless ``--no-check``: both models run on the
+same inputs (``--data`` or seeded synthetic ones) on one execution provider.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import numpy as np
+
+from onnx_shrink.runtime_check import bench, compare, data, sessions
+
+logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class VerificationReport:
+    """Numerics of the candidate and its latency relative to the reference."""
+
+    numeric: compare.NumericReport
+    latency: bench.LatencyComparison | None
+    provider: str
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "numeric": self.numeric.to_dict(),
+            "latency": self.latency.to_dict() if self.latency else None,
+            "provider": self.provider,
+        }
+
+
+def verify(
+    reference: sessions.ModelBytesOrPath,
+    candidate: sessions.ModelBytesOrPath,
+    *,
+    data_path: str | Path | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    seed: int = 0,
+    provider: str = "cpu",
+    latency_runs: int = 20,
+) -> VerificationReport:
+    """Run both models on the same inputs and report their differences.
+
+    Raises:
+        DataError: ``--data`` or ``--input-shape`` does not fit the reference's inputs.
+        BadModelError: onnxruntime cannot load one of the models.
+    """
+    ref_session = sessions.create_session(reference, provider=provider)
+    cand_session = sessions.create_session(candidate, provider=provider)
+    specs = [data.InputSpec.from_node_arg(arg) for arg in ref_session.get_inputs()]
+    if data_path is not None:
+        dataset = data.from_npz(data_path, specs)
+    else:
+        dataset = data.synthetic(specs, input_shapes, seed=seed)
+        logger.warning(
+            "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
+            dataset.description,
+        )
+
+    def output_pairs() -> Iterator[tuple[dict, dict, np.ndarray | None]]:
+        offset = 0
+        for feed in data.batches(dataset, specs):
+            ref_out = _run(ref_session, feed)
+            cand_out = _run(cand_session, feed)
+            count = len(next(iter(feed.values()))) if not dataset.synthetic else 1
+            labels = None
+            if dataset.labels is not None:
+                labels = dataset.labels[offset : offset + count]
+            offset += count
+            yield ref_out, cand_out, labels
+
+    outputs, ref_acc, cand_acc = compare.compare_outputs(output_pairs())
+    numeric = compare.NumericReport(
+        outputs=tuple(outputs),
+        samples=dataset.num_samples,
+        data=dataset.description,
+        synthetic=dataset.synthetic,
+        reference_accuracy=ref_acc,
+        candidate_accuracy=cand_acc,
+    )
+    latency = None
+    if latency_runs > 0:
+        first_feed = next(data.batches(dataset, specs))
+        latency = bench.compare_latency(ref_session, cand_session, first_feed, runs=latency_runs)
+    return VerificationReport(numeric=numeric, latency=latency, provider=provider)
+
+
+def _run(session: object, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+    names = [o.name for o in session.get_outputs()]
+    return dict(zip(names, session.run(names, dict(feed))))
