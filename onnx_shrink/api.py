@@ -17,6 +17,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import verify as verify_mod
 
 logger = logging.getLogger(__name__)
@@ -91,6 +92,10 @@ def shrink(
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
+    dataset = None
+    if check:  # bad data is bad input: reject it before any work is done or file written
+        specs = data_mod.specs_from_model(loaded)
+        dataset = data_mod.prepare(specs, data, input_shapes)
     result = pipeline.run(loaded, pass_list, dump_dir=dump_dir, on_start=on_pass_start)
     if output is not None:
         saved = io.save(result.model, output, external_data=external_data)
@@ -100,10 +105,8 @@ def shrink(
         candidate = io.to_bytes(result.model)
         output_bytes, output_path = len(candidate), None
     verification = None
-    if check:
-        verification = verify_mod.verify(
-            reference, candidate, data_path=data, input_shapes=input_shapes, provider=provider
-        )
+    if dataset is not None:
+        verification = verify_mod.verify(reference, candidate, dataset, provider=provider)
     return ShrinkResult(
         model=result.model,
         steps=result.steps,

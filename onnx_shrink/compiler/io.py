@@ -104,18 +104,26 @@ def _load_file(path: Path) -> ir.Model:
         ) from e
     except OSError as e:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
-    _validate(proto, where=where)
+    _check_header(proto, where)
+    _check_external_data(proto, path.parent, where)
+    # Checked by path so external data resolves beside the model, not in the working folder.
+    _run_checker(str(path), where)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():
         for graph in function.subgraphs():
             ir.external_data.set_base_dir(graph, path.parent)
-    _check_external_data(model, where)
     return model
 
 
 def _validate(proto: onnx.ModelProto, where: str) -> None:
     """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
+    _check_header(proto, where)
+    _run_checker(proto, where)
+
+
+def _check_header(proto: onnx.ModelProto, where: str) -> None:
+    """Graph present, IR and opset versions in onnxruntime's range, only known domains."""
     if not proto.HasField("graph") or not proto.graph.output:
         raise BadModelError(f"{where}: the model has no graph or no graph outputs (truncated?)")
     if proto.ir_version < MIN_IR_VERSION or proto.ir_version > onnx.IR_VERSION:
@@ -132,8 +140,11 @@ def _validate(proto: onnx.ModelProto, where: str) -> None:
                 "onnx.version_converter"
             )
     _check_domains(proto, where)
+
+
+def _run_checker(model: onnx.ModelProto | str, where: str) -> None:
     try:
-        onnx.checker.check_model(proto)
+        onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
         raise BadModelError(f"{where}: onnx.checker rejects the model: {_first_line(e)}") from e
 
@@ -159,21 +170,29 @@ def _check_domains(proto: onnx.ModelProto, where: str) -> None:
                 stack.extend(g.node for g in attr.graphs)
 
 
-def _check_external_data(model: ir.Model, where: str) -> None:
-    for tensor in walk.all_tensors(model):
-        if not isinstance(tensor, ir.ExternalTensor):
-            continue
-        data_path = Path(tensor.path)
-        if not data_path.is_file():
+def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
+    return [
+        t
+        for t in onnx.external_data_helper._get_all_tensors(proto)
+        if t.data_location == onnx.TensorProto.EXTERNAL
+    ]
+
+
+def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> None:
+    for tensor in _external_tensors(proto):
+        info = {entry.key: entry.value for entry in tensor.external_data}
+        location = info.get("location", "")
+        data_path = base_dir / location
+        if not location or not data_path.is_file():
             raise BadModelError(
-                f"{where}: external data file '{tensor.location}' of tensor '{tensor.name}' "
-                "is missing"
+                f"{where}: external data file '{location}' of tensor '{tensor.name}' is missing"
             )
-        end = (tensor.offset or 0) + (tensor.length or 0)
-        if end > data_path.stat().st_size:
+        end = int(info.get("offset", 0)) + int(info.get("length", 0))
+        size = data_path.stat().st_size
+        if end > size:
             raise BadModelError(
-                f"{where}: external data file '{tensor.location}' is shorter than tensor "
-                f"'{tensor.name}' needs ({data_path.stat().st_size} < {end} bytes)"
+                f"{where}: external data file '{location}' is shorter than tensor "
+                f"'{tensor.name}' needs ({size} < {end} bytes)"
             )
 
 
@@ -291,7 +310,7 @@ def file_bytes(path: str | os.PathLike) -> int:
     proto = onnx.load_model(str(path), load_external_data=False)
     locations = {
         entry.value
-        for tensor in onnx.external_data_helper._get_all_tensors(proto)
+        for tensor in _external_tensors(proto)
         for entry in tensor.external_data
         if entry.key == "location"
     }

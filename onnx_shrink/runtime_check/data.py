@@ -14,6 +14,7 @@ from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
 from onnx_shrink.compiler import io
 from onnx_shrink.errors import DataError
@@ -52,10 +53,41 @@ class InputSpec:
 
     @classmethod
     def from_node_arg(cls, arg: object) -> InputSpec:
-        type_name = getattr(arg, "type")
+        type_name = arg.type
         if type_name not in _ORT_TYPES:
             raise DataError(f"input '{arg.name}' has type {type_name}, which is not supported")
         return cls(name=arg.name, dtype=_ORT_TYPES[type_name], shape=tuple(arg.shape))
+
+
+def specs_from_model(model: ir.Model) -> list[InputSpec]:
+    """Input specs from a model's graph inputs (initializers that are also inputs excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None or value.shape is None:
+            raise DataError(f"input '{value.name}' has no declared type or shape")
+        dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+        specs.append(InputSpec(name=value.name, dtype=value.dtype.numpy().type, shape=dims))
+    return specs
+
+
+def prepare(
+    specs: Sequence[InputSpec],
+    data_path: str | Path | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    *,
+    seed: int = 0,
+) -> Dataset:
+    """The check's inputs: ``data_path`` if given, else seeded synthetic data (with a warning)."""
+    if data_path is not None:
+        return from_npz(data_path, specs)
+    dataset = synthetic(specs, input_shapes, seed=seed)
+    logger.warning(
+        "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
+        dataset.description,
+    )
+    return dataset
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,7 +127,7 @@ def concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int
                 f"--input-shape for '{spec.name}' has {len(override)} dims, the model expects "
                 f"{len(spec.shape)} ({_show(spec.shape)})"
             )
-        for given, declared in zip(override, spec.shape):
+        for given, declared in zip(override, spec.shape, strict=True):
             if isinstance(declared, int) and declared > 0 and given != declared:
                 raise DataError(
                     f"--input-shape for '{spec.name}' is {_show(override)}, but the model fixes "

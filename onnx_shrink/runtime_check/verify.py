@@ -8,8 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Mapping, Sequence
-from pathlib import Path
+from collections.abc import Iterator, Mapping
 
 import numpy as np
 
@@ -37,30 +36,19 @@ class VerificationReport:
 def verify(
     reference: sessions.ModelBytesOrPath,
     candidate: sessions.ModelBytesOrPath,
+    dataset: data.Dataset,
     *,
-    data_path: str | Path | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    seed: int = 0,
     provider: str = "cpu",
     latency_runs: int = 20,
 ) -> VerificationReport:
-    """Run both models on the same inputs and report their differences.
+    """Run both models on ``dataset`` (see ``data.prepare``) and report their differences.
 
     Raises:
-        DataError: ``--data`` or ``--input-shape`` does not fit the reference's inputs.
         BadModelError: onnxruntime cannot load one of the models.
     """
     ref_session = sessions.create_session(reference, provider=provider)
     cand_session = sessions.create_session(candidate, provider=provider)
     specs = [data.InputSpec.from_node_arg(arg) for arg in ref_session.get_inputs()]
-    if data_path is not None:
-        dataset = data.from_npz(data_path, specs)
-    else:
-        dataset = data.synthetic(specs, input_shapes, seed=seed)
-        logger.warning(
-            "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
-            dataset.description,
-        )
 
     def output_pairs() -> Iterator[tuple[dict, dict, np.ndarray | None]]:
         offset = 0
@@ -92,4 +80,4 @@ def verify(
 
 def _run(session: object, feed: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, dict(feed))))
+    return dict(zip(names, session.run(names, dict(feed)), strict=True))

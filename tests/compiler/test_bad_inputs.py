@@ -1,0 +1,121 @@
+"""Every kind of bad input gives one clear line, exit code 2, writes nothing, touches nothing."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import onnx.helper as oh
+import pytest
+
+from models import digits
+from onnx_shrink.errors import BadModelError
+from tests.helpers import files_in, parse, save_proto, sha256
+
+GOOD = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+  y = Relu(x)
+}
+"""
+
+
+def _model_with(ir_version: int = 8, opset: int = 17) -> onnx.ModelProto:
+    model = onnx.parser.parse_model(GOOD)
+    model.ir_version = ir_version
+    model.opset_import[0].version = opset
+    return model
+
+
+def _write_missing_node_input(path: Path) -> None:
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "nowhere"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    save_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
+
+
+def _write_custom_domain(path: Path) -> None:
+    graph = oh.make_graph(
+        [oh.make_node("FancyOp", ["x"], ["y"], domain="my.company.ops")],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    opsets = [oh.make_opsetid("", 17), oh.make_opsetid("my.company.ops", 1)]
+    save_proto(oh.make_model(graph, opset_imports=opsets, ir_version=8), path)
+
+
+def _write_missing_external_data(path: Path) -> None:
+    model = onnx.load(str(digits.MODEL_PATH))
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    (path.parent / "weights.bin").unlink()
+
+
+def _write_short_external_data(path: Path) -> None:
+    model = onnx.load(str(digits.MODEL_PATH))
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location="weights.bin", size_threshold=0
+    )
+    data = path.parent / "weights.bin"
+    data.write_bytes(data.read_bytes()[:1000])
+
+
+def _truncate(path: Path) -> None:
+    path.write_bytes(digits.MODEL_PATH.read_bytes()[:50_000])
+
+
+BAD_INPUTS = {
+    "missing file": (lambda p: None, "no such file"),
+    "directory": (lambda p: p.mkdir(), "is a directory"),
+    "empty file": (lambda p: p.write_bytes(b""), "the file is empty"),
+    "not protobuf": (lambda p: p.write_text("def f():\n  return 1\n"), "not an ONNX model"),
+    "truncated": (_truncate, "truncated"),
+    "checker rejects": (_write_missing_node_input, "onnx.checker rejects the model"),
+    "missing external data": (_write_missing_external_data, "'weights.bin'"),
+    "short external data": (_write_short_external_data, "is shorter than tensor"),
+    "IR version too new": (lambda p: save_proto(_model_with(ir_version=99), p), "IR version 99"),
+    "opset too new": (lambda p: save_proto(_model_with(opset=99), p), "opset 99"),
+    "opset too old": (lambda p: save_proto(_model_with(opset=5), p), "opset 5"),
+    "unknown custom domain": (_write_custom_domain, "unknown custom domain 'my.company.ops'"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_INPUTS), ids=list(BAD_INPUTS))
+def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, run_cli):
+    make, expected = BAD_INPUTS[case]
+    model_path = tmp_path / "model.onnx"
+    make(model_path)
+    before = files_in(tmp_path)
+    hashes = {p: sha256(p) for p in tmp_path.rglob("*") if p.is_file()}
+
+    result = run_cli(model_path, "--passes", "fold", "--report", tmp_path / "r.json")
+
+    assert result.code == 2
+    assert expected in result.err
+    assert result.err.startswith("onnx-shrink: error: ")
+    assert result.err.strip().count("\n") == 0, result.err
+    assert "Traceback" not in result.err
+    assert files_in(tmp_path) == before
+    assert {p: sha256(p) for p in hashes} == hashes
+
+
+def test_debug_shows_the_traceback(tmp_path, run_cli):
+    with pytest.raises(BadModelError, match="no such file"):
+        run_cli(tmp_path / "absent.onnx", "--passes", "fold", "--debug")
+
+
+def test_valid_model_with_contrib_domain_is_accepted(tmp_path):
+    from onnx_shrink.compiler import io
+
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+    g (float[2, 4] x) => (float[2, 4] y) {
+      y = com.microsoft.Gelu(x)
+    }
+    """)
+    assert io.load(save_proto(model, tmp_path / "m.onnx")).graph.node(0).domain == "com.microsoft"

@@ -1,0 +1,96 @@
+"""The command line end to end on the bundled digits model."""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+
+from models import digits
+from tests.helpers import files_in, sha256
+
+
+def test_fold_on_digits_writes_model_table_accuracy_and_matching_report(digits_copy, run_cli):
+    report_path = digits_copy.parent / "report.json"
+    before = sha256(digits_copy)
+
+    result = run_cli(
+        digits_copy, "--passes", "fold", "--data", digits.TEST_DATA_PATH, "--report", report_path
+    )
+
+    assert result.code == 0, result.err
+    output = digits_copy.with_name("digits.shrunk.onnx")
+    onnx.checker.check_model(str(output))
+    assert sha256(digits_copy) == before
+    assert "onnx-shrink summary" in result.out and "fold" in result.out
+    assert "accuracy (450 samples)" in result.out
+    report = json.loads(report_path.read_text())
+    verification = report["verification"]["numeric"]
+    assert verification["reference_accuracy"] >= 0.95
+    assert verification["candidate_accuracy"] == verification["reference_accuracy"]
+    assert f"{verification['reference_accuracy']:.2%}" in result.out
+    total = report["total"]
+    assert total["bytes_on_disk"] == [digits_copy.stat().st_size, output.stat().st_size]
+    assert total["nodes"][1] < total["nodes"][0]
+    assert report["passes"][0]["spec"] == "fold"
+    assert verification["outputs"][0]["max_abs_error"] < 1e-4
+
+
+def test_spec_errors_exit_2_before_the_model_is_read(tmp_path, run_cli):
+    result = run_cli(tmp_path / "does-not-exist.onnx", "--passes", "fold,nope")
+    assert result.code == 2
+    assert "unknown pass 'nope'" in result.err
+    assert files_in(tmp_path) == set()
+
+
+def test_output_option_and_dump_dir_and_no_check(digits_copy, run_cli):
+    out = digits_copy.parent / "small.onnx"
+    dumps = digits_copy.parent / "dumps"
+    result = run_cli(
+        digits_copy, "--passes", "fold,fold", "-o", out, "--dump-dir", dumps, "--no-check", "-q"
+    )
+    assert result.code == 0, result.err
+    assert result.out == ""
+    assert sorted(p.name for p in dumps.iterdir()) == ["01-fold.onnx", "02-fold.onnx"]
+    onnx.checker.check_model(str(out))
+
+
+def test_refuses_to_overwrite_the_input(digits_copy, run_cli):
+    before = sha256(digits_copy)
+    result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy)
+    assert result.code == 2
+    assert "refusing to overwrite the input" in result.err
+    assert sha256(digits_copy) == before
+
+
+def test_list_passes_documents_every_option(run_cli):
+    result = run_cli("--list-passes")
+    assert result.code == 0
+    for text in ("fold", "max_growth_bytes", "int", "never larger than the input"):
+        assert text in result.out
+
+
+def test_synthetic_check_and_input_shape(digits_copy, run_cli):
+    result = run_cli(digits_copy, "--passes", "fold", "--input-shape", "image=3x1x8x8")
+    assert result.code == 0, result.err
+    assert "synthetic" in result.err
+    assert "image=3x1x8x8" in result.out
+
+
+def test_bad_input_shape_is_a_clear_error(digits_copy, run_cli):
+    result = run_cli(digits_copy, "--passes", "fold", "--input-shape", "image=3x8x8")
+    assert not digits_copy.with_name("digits.shrunk.onnx").exists()
+    assert result.code == 2
+    assert "has 3 dims, the model expects 4" in result.err
+
+
+def test_data_with_wrong_dtype_is_a_clear_error(digits_copy, tmp_path, run_cli):
+    import numpy as np
+
+    bad = tmp_path / "bad.npz"
+    np.savez(bad, image=np.zeros((4, 1, 8, 8), dtype=np.float64))
+    before = files_in(tmp_path)
+    result = run_cli(digits_copy, "--passes", "fold", "--data", bad)
+    assert result.code == 2
+    assert "input 'image' is float64, the model expects float32" in result.err
+    assert files_in(tmp_path) == before

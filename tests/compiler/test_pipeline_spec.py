@@ -1,0 +1,81 @@
+"""Pass specs are parsed and validated before any model is loaded."""
+
+from __future__ import annotations
+
+import pytest
+
+from onnx_shrink.compiler import pipeline
+from onnx_shrink.errors import PipelineSpecError
+from onnx_shrink.passes.fold import FoldPass
+
+
+def test_names_and_sets_build_configured_passes():
+    (fold,) = pipeline.parse_spec(
+        "fold", ["fold.max_growth_bytes=1_024", "fold.inline-functions=yes"]
+    )
+    assert fold == FoldPass(max_growth_bytes=1024, inline_functions=True)
+
+
+def test_pass_instances_pass_through_unchanged():
+    configured = FoldPass(iterations=5)
+    assert pipeline.parse_spec([configured, "fold"]) == (configured, FoldPass())
+
+
+@pytest.mark.parametrize(
+    ("passes", "sets", "message"),
+    [
+        ("fold,frobnicate", [], "unknown pass 'frobnicate'; available passes: fold"),
+        ("fold", ["fold.sparsity=0.5"], "pass 'fold' has no option 'sparsity'; its options are: "),
+        ("fold", ["fold.max_growth_bytes=lots"], "fold.max_growth_bytes: expected int, got 'lots'"),
+        ("fold", ["fold.max_growth_bytes=-1"], "max_growth_bytes=-1 is below the minimum 0"),
+        ("fold", ["fold.iterations=2.5"], "fold.iterations: expected int"),
+        ("fold", ["fold.inline_functions=maybe"], "expected bool"),
+        ("fold", ["fold=1"], "--set expects PASS.OPTION=VALUE"),
+        ("fold", ["prune.sparsity=0.5"], "unknown pass 'prune'"),
+        ("", [], "no passes given"),
+    ],
+)
+def test_bad_specs_name_the_problem_and_the_choices(passes, sets, message):
+    with pytest.raises(PipelineSpecError, match=None) as info:
+        pipeline.parse_spec(passes, sets)
+    assert message in str(info.value)
+
+
+def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text('passes = ["fold"]\n[fold]\nmax_growth_bytes = 100\niterations = 4\n')
+    (fold,) = pipeline.parse_spec(None, ["fold.iterations=6"], recipe)
+    assert fold == FoldPass(max_growth_bytes=100, iterations=6)
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ("passes = [", "not valid TOML"),
+        ('passes = "fold"', "'passes' must be a list of pass names"),
+        ('passes = ["fold"]\nverbose = true', "unexpected top-level key 'verbose'"),
+        ('passes = ["fold"]\n[fold]\nmax_growth_bytes = "big"', "expected int, got 'big'"),
+        ('passes = ["fold"]\n[prune]\nsparsity = 0.5', "unknown pass 'prune'"),
+    ],
+)
+def test_bad_recipes_are_rejected(tmp_path, text, message):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_text(text)
+    with pytest.raises(PipelineSpecError) as info:
+        pipeline.parse_spec(None, [], recipe)
+    assert message in str(info.value)
+
+
+def test_describe_shows_only_changed_options():
+    assert pipeline.describe(FoldPass()) == "fold"
+    assert pipeline.describe(FoldPass(max_growth_bytes=8)) == "fold(max_growth_bytes=8)"
+
+
+def test_pass_repr_is_its_full_configuration():
+    assert repr(FoldPass(iterations=4)).startswith("FoldPass(max_growth_bytes=0,")
+    assert "iterations=4" in repr(FoldPass(iterations=4))
+
+
+def test_passes_are_frozen():
+    with pytest.raises(AttributeError):
+        FoldPass().iterations = 9  # type: ignore[misc]

@@ -1,0 +1,40 @@
+"""Small helpers shared by tests: models from ONNX text, file hashes, onnxruntime runs."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+
+
+def parse(text: str) -> onnx.ModelProto:
+    """A checked model from ONNX text syntax."""
+    model = onnx.parser.parse_model(text)
+    onnx.checker.check_model(model)
+    return model
+
+
+def save_proto(model: onnx.ModelProto, path: Path) -> Path:
+    path.write_bytes(model.SerializeToString())
+    return path
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def run_ort(model: bytes | str | Path, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs of a model on onnxruntime's CPU provider."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    source = model if isinstance(model, bytes) else str(model)
+    session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+    return session.run(None, feed)
+
+
+def files_in(folder: Path) -> set[str]:
+    """Names of all files under ``folder`` (to prove nothing was written)."""
+    return {str(p.relative_to(folder)) for p in folder.rglob("*")}
