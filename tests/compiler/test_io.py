@@ -1,0 +1,116 @@
+"""Model I/O: metadata kept, producer set, atomic writes, external data, inputs untouched."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models import digits
+from onnx_shrink.compiler import io
+from tests.helpers import files_in, parse, run_ort, sha256
+
+MLP_TEXT = """
+<ir_version: 8, opset_import: ["" : 17], producer_name: "exporter", doc_string: "a model",
+ metadata_props: ["origin" : "unit-test"]>
+g (float[N, 4] x) => (float[N, 2] y) <float[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> {
+  y = MatMul(x, w)
+}
+"""
+
+
+def test_save_keeps_opsets_metadata_and_doc_and_sets_producer(tmp_path):
+    model = io.load(parse(MLP_TEXT))
+    io.save(model, tmp_path / "out.onnx")
+    saved = onnx.load(str(tmp_path / "out.onnx"))
+    assert saved.producer_name == "onnx-shrink"
+    assert saved.doc_string == "a model"
+    assert {p.key: p.value for p in saved.metadata_props} == {"origin": "unit-test"}
+    assert [(o.domain, o.version) for o in saved.opset_import] == [("", 17)]
+    assert files_in(tmp_path) == {"out.onnx"}  # no staging leftovers
+
+
+def test_external_data_on_request_is_written_fresh_beside_the_model(tmp_path):
+    model = io.load(digits.MODEL_PATH)
+    stale = tmp_path / "out.onnx.data"
+    stale.write_bytes(b"x" * 10_000_000)  # an old file must be replaced, not appended to
+    saved = io.save(model, tmp_path / "out.onnx", external_data=True)
+    assert saved.external_data_path == stale
+    assert stale.stat().st_size < 1_000_000
+    assert saved.bytes_on_disk == io.file_bytes(tmp_path / "out.onnx")
+    feed = {"image": np.zeros((2, 1, 8, 8), np.float32)}
+    np.testing.assert_allclose(
+        run_ort(tmp_path / "out.onnx", feed)[0], run_ort(digits.MODEL_PATH, feed)[0], rtol=1e-6
+    )
+
+
+def test_model_with_external_data_reloads_and_embeds_when_small(tmp_path):
+    first = io.save(io.load(digits.MODEL_PATH), tmp_path / "ext.onnx", external_data=True)
+    reloaded = io.load(first.path)
+    assert any(isinstance(t, ir.ExternalTensor) for _, t in _initializers(reloaded))
+    (tmp_path / "elsewhere").mkdir()
+    second = io.save(reloaded, tmp_path / "elsewhere" / "embedded.onnx")
+    assert second.external_data_path is None
+    assert files_in(tmp_path / "elsewhere") == {"embedded.onnx"}
+    onnx.checker.check_model(str(second.path))
+
+
+def test_size_decides_external_data_automatically(tmp_path, monkeypatch):
+    monkeypatch.setattr(io, "EXTERNAL_DATA_THRESHOLD_BYTES", 1000)
+    saved = io.save(io.load(digits.MODEL_PATH), tmp_path / "big.onnx")
+    assert saved.external_data_path is not None
+
+
+def test_failed_save_leaves_the_previous_file_untouched(tmp_path, monkeypatch):
+    target = tmp_path / "out.onnx"
+    target.write_bytes(b"previous")
+
+    def explode(*args, **kwargs):
+        raise OSError("disk full")
+
+    monkeypatch.setattr(onnx, "save_model", explode)
+    with pytest.raises(OSError):
+        io.save(io.load(digits.MODEL_PATH), target)
+    assert target.read_bytes() == b"previous"
+    assert files_in(tmp_path) == {"out.onnx"}
+
+
+def test_loading_in_memory_models_never_touches_them():
+    proto = parse(MLP_TEXT)
+    before = proto.SerializeToString()
+    loaded = io.load(proto)
+    loaded.graph.remove(loaded.graph.node(0), safe=False)
+    assert proto.SerializeToString() == before
+
+    ir_model = ir.serde.deserialize_model(parse(MLP_TEXT))
+    reference = ir.serde.serialize_model(ir_model).SerializeToString()
+    clone = io.load(ir_model)
+    clone.graph.remove(clone.graph.node(0), safe=False)
+    assert ir.serde.serialize_model(ir_model).SerializeToString() == reference
+
+
+def test_loading_a_file_does_not_change_it(digits_copy):
+    before = sha256(digits_copy)
+    model = io.load(digits_copy)
+    model.graph.remove(model.graph.node(0), safe=False)
+    assert sha256(digits_copy) == before
+
+
+def test_serialized_bytes_matches_the_saved_file(tmp_path):
+    model = io.load(digits.MODEL_PATH)
+    saved = io.save(model, tmp_path / "m.onnx")
+    assert io.serialized_bytes(model) == saved.bytes_on_disk
+
+
+def test_saving_into_a_missing_folder_is_a_clear_error(tmp_path):
+    from onnx_shrink.errors import ShrinkError
+
+    with pytest.raises(ShrinkError, match="the output folder does not exist"):
+        io.save(io.load(digits.MODEL_PATH), tmp_path / "nope" / "m.onnx")
+
+
+def _initializers(model):
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            yield value, value.const_value
