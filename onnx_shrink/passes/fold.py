@@ -88,11 +88,11 @@ class FoldPass(ir.passes.FunctionalPass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = io.serialized_bytes(model)
         limit = before + self.max_growth_bytes
-        annotated = _annotated_names(model)
+        annotations = _Annotations.of(model)
         for allow_growth in (True, False):
             candidate = model.clone()
             modified = self._run_pipeline(candidate, allow_growth)
-            _forget_new_annotations(candidate, annotated)
+            annotations.strip_new(candidate)
             after = io.serialized_bytes(candidate)
             if after <= limit:
                 logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
@@ -179,27 +179,44 @@ def _growth_guard(budget_bytes: int) -> Callable[[ir.Node], bool | None]:
     return should_fold
 
 
-def _annotated_names(model: ir.Model) -> set[str]:
-    """Names of intermediate values that carry a type or shape (the input's value_info)."""
-    return {
-        out.name
-        for node in walk.all_nodes(model)
-        for out in node.outputs
-        if out.name and (out.type is not None or out.shape is not None)
-    }
+@dataclasses.dataclass(frozen=True)
+class _Annotations:
+    """Node names and annotated value names of the input, to tell them from invented ones."""
 
+    node_names: frozenset[str]
+    typed_values: frozenset[str]
 
-def _forget_new_annotations(model: ir.Model, annotated: set[str]) -> None:
-    """Drop types/shapes that folding inferred for intermediate values the input left bare.
+    @classmethod
+    def of(cls, model: ir.Model) -> _Annotations:
+        nodes = list(walk.all_nodes(model))
+        return cls(
+            node_names=frozenset(n.name for n in nodes if n.name),
+            typed_values=frozenset(
+                out.name
+                for n in nodes
+                for out in n.outputs
+                if out.name and (out.type is not None or out.shape is not None)
+            ),
+        )
 
-    Shape inference annotates every value; saved, that is value_info the input did not have,
-    and it can outweigh what folding saved on small models. Graph outputs keep theirs.
-    """
-    for node in walk.all_nodes(model):
-        for out in node.outputs:
-            if out.name not in annotated and not out.is_graph_output():
-                out.type = None
-                out.shape = None
+    def strip_new(self, model: ir.Model) -> None:
+        """Drop node names and value types/shapes the input did not have.
+
+        onnxscript names every node it touches, records provenance in each folded value's
+        metadata, and shape inference types every value; saved, that is bytes the input did not
+        hold, which on small graphs outweighs what folding
+        saved. Graph outputs keep their types.
+        """
+        for node in walk.all_nodes(model):
+            if node.name and node.name not in self.node_names:
+                node.name = None
+            for out in node.outputs:
+                out.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)
+                if out.name not in self.typed_values and not out.is_graph_output():
+                    out.type = None
+                    out.shape = None
+        for value, _ in walk.initializer_tensors(model):
+            value.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)
 
 
 def _known_bytes(value: ir.Value) -> int | None:

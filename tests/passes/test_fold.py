@@ -1,0 +1,205 @@
+"""The fold pass on small hand-written graphs: what folds, where, and the growth bound."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from onnx_shrink.compiler import io, stats
+from onnx_shrink.passes import fold as fold_mod
+from onnx_shrink.passes.fold import FoldPass
+from tests.helpers import parse, run_ort
+
+
+def _fold(text: str, **options) -> tuple[ir.Model, ir.Model, bool]:
+    original = io.load(parse(text))
+    result = FoldPass(**options)(original)
+    return original, result.model, result.modified
+
+
+def _same_outputs(a: ir.Model, b: ir.Model, feed: dict[str, np.ndarray]) -> None:
+    for x, y in zip(run_ort(io.to_bytes(a), feed), run_ort(io.to_bytes(b), feed), strict=True):
+        np.testing.assert_allclose(x, y, rtol=1e-6, atol=1e-6)
+
+
+CHAIN = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 3] y) {
+  w = Constant <value = float[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+  two = Constant <value = float {2.0}> ()
+  w2 = Mul(w, two)
+  t = MatMul(x, w2)
+  y = Relu(t)
+}
+"""
+
+
+def test_constant_subexpressions_fold_and_outputs_stay_equal():
+    original, folded, modified = _fold(CHAIN)
+    assert modified
+    assert [n.op_type for n in folded.graph] == ["MatMul", "Relu"]
+    assert "w2" in folded.graph.initializers
+    _same_outputs(original, folded, {"x": np.arange(8, dtype=np.float32).reshape(2, 4)})
+
+
+def test_the_input_model_is_left_as_it_was():
+    original = io.load(parse(CHAIN))
+    before = io.to_bytes(original)
+    FoldPass()(original)
+    assert io.to_bytes(original) == before
+
+
+def test_folding_a_folded_model_reports_no_change():
+    _, folded, _ = _fold(CHAIN)
+    assert not FoldPass()(folded).modified
+
+
+def test_constant_weights_are_lifted_to_initializers():
+    _, folded, _ = _fold("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 3] y) {
+      w = Constant <value = float[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+      y = MatMul(x, w)
+    }
+    """)
+    assert [n.op_type for n in folded.graph] == ["MatMul"]
+    assert folded.graph.initializers["w"].const_value.shape == ir.Shape([4, 3])
+
+
+IF_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (bool c, float[4] x) => (float[4] y) {
+  y = If (c) <
+    then_branch = t () => (float[4] a) {
+      k = Constant <value = float[4] {1, 2, 3, 4}> ()
+      k3 = Mul(k, k)
+      a = Add(x, k3)
+    },
+    else_branch = e () => (float[4] b) { b = Neg(x) }
+  >
+}
+"""
+
+
+def test_constants_inside_if_branches_fold_and_lift_to_the_main_graph():
+    original, folded, modified = _fold(IF_MODEL)
+    assert modified
+    then_branch = folded.graph.node(0).attributes["then_branch"].as_graph()
+    assert [n.op_type for n in then_branch] == ["Add"]
+    lifted = [v for v in folded.graph.initializers.values()]
+    assert len(lifted) == 1
+    np.testing.assert_array_equal(lifted[0].const_value.numpy(), [1, 4, 9, 16])
+    x = np.array([1, -2, 3, -4], np.float32)
+    for c in (True, False):
+        _same_outputs(original, folded, {"c": np.array(c), "x": x})
+
+
+FUNCTION_MODEL = """
+<ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+g (float[4] x) => (float[4] y) {
+  y = local.AddSquares(x)
+}
+<domain: "local", opset_import: ["" : 17]>
+AddSquares (x) => (y) {
+  k = Constant <value = float[4] {1, 2, 3, 4}> ()
+  k2 = Mul(k, k)
+  y = Add(x, k2)
+}
+"""
+
+
+def test_constants_inside_model_local_functions_fold_without_inlining():
+    original, folded, modified = _fold(FUNCTION_MODEL)
+    assert modified
+    (function,) = folded.functions.values()
+    assert [n.op_type for n in function] == ["Constant", "Add"]
+    np.testing.assert_array_equal(
+        function[0].attributes["value"].as_tensor().numpy(), [1, 4, 9, 16]
+    )
+    assert [n.op_type for n in folded.graph] == ["AddSquares"]
+    _same_outputs(original, folded, {"x": np.ones(4, np.float32)})
+
+
+def test_inline_functions_option_inlines_them():
+    _, folded, _ = _fold(FUNCTION_MODEL, inline_functions=True)
+    assert not folded.functions
+    assert [n.op_type for n in folded.graph] == ["Add"]
+
+
+EXPAND = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[256, 256] x) => (float[256, 256] y) {
+  one = Constant <value = float[1] {1.5}> ()
+  shape = Constant <value = int64[2] {256, 256}> ()
+  big = Expand(one, shape)
+  y = Mul(x, big)
+}
+"""
+
+
+def test_expansions_past_the_budget_stay_unfolded_and_the_model_never_grows():
+    original, folded, _ = _fold(EXPAND)
+    assert "Expand" in [n.op_type for n in folded.graph]
+    assert io.serialized_bytes(folded) <= io.serialized_bytes(original)
+    _same_outputs(original, folded, {"x": np.ones((256, 256), np.float32)})
+
+
+def test_expansions_fold_when_the_budgets_allow_it():
+    original, folded, _ = _fold(EXPAND, max_growth_bytes=1 << 20, expand_budget_bytes=1 << 20)
+    assert "Expand" not in [n.op_type for n in folded.graph]
+    grown = io.serialized_bytes(folded) - io.serialized_bytes(original)
+    assert 0 < grown <= 1 << 20
+
+
+def test_a_run_that_grows_the_model_is_rolled_back(monkeypatch, caplog):
+    def grow(self, model, allow_growth):
+        value = ir.Value(name="ballast", const_value=ir.tensor(np.zeros(10_000, np.float32)))
+        model.graph.register_initializer(value)
+        return True
+
+    monkeypatch.setattr(FoldPass, "_run_pipeline", grow)
+    original = io.load(parse(CHAIN))
+    with caplog.at_level(logging.WARNING, logger=fold_mod.__name__):
+        result = FoldPass()(original)
+    assert not result.modified
+    assert result.model is not original
+    assert io.to_bytes(result.model) == io.to_bytes(original)
+    assert "keeping the model unchanged" in caplog.text
+
+
+def test_quantize_dequantize_pairs_are_never_folded():
+    _, folded, _ = _fold("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 4] x) => (float[N, 4] y) {
+      q = Constant <value = int8[4, 4] {1,2,3,4,5,6,7,8,9,10,11,12,13,14,15,16}> ()
+      s = Constant <value = float {0.5}> ()
+      w = DequantizeLinear(q, s)
+      y = MatMul(x, w)
+    }
+    """)
+    assert "DequantizeLinear" in [n.op_type for n in folded.graph]
+
+
+def test_batchnorm_after_conv_is_fused_and_macs_are_unchanged():
+    from models.builders import build_cnn
+
+    original = io.load(build_cnn())
+    folded = FoldPass()(original).model
+    assert "BatchNormalization" not in stats.measure(folded).op_types
+    assert stats.measure(folded).macs == stats.measure(original).macs
+    x = np.random.default_rng(0).standard_normal((2, 3, 32, 32)).astype(np.float32)
+    for a, b in zip(
+        run_ort(io.to_bytes(original), {"image": x}),
+        run_ort(io.to_bytes(folded), {"image": x}),
+        strict=True,
+    ):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-4 * np.abs(a).max())
+
+
+@pytest.mark.parametrize("bad", [{"max_growth_bytes": -1}, {"iterations": 0}])
+def test_bad_options_are_rejected(bad):
+    with pytest.raises(ValueError):
+        FoldPass(**bad)
