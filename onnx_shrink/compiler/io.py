@@ -15,6 +15,7 @@ Contract:
 
 from __future__ import annotations
 
+import copy
 import dataclasses
 import logging
 import os
@@ -25,6 +26,7 @@ from pathlib import Path
 import google.protobuf.message
 import numpy as np
 import onnx
+import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnx_shrink import __version__
@@ -77,14 +79,20 @@ def load(source: ModelSource) -> ir.Model:
             onnxruntime does not support, or has nodes in unknown custom domains.
     """
     if isinstance(source, ir.Model):
-        # Tensors are shared with the caller's model; passes replace tensors, never write
-        # into them, so the caller's model stays as it was.
+        # Passes never write tensor data, but onnx_ir and onnxscript do rename tensors in
+        # place, so the clone gets tensor objects of its own (the data stays shared).
         model = source.clone()
+        unshare_tensors(model)
         _validate(serialize_proto(model, keep_external=True), where="the given onnx_ir.Model")
         return model
     if isinstance(source, onnx.ModelProto):
         _validate(source, where="the given ModelProto")
-        return ir.serde.deserialize_model(source)
+        # onnx_ir wraps the TensorProto messages it is given, and renaming such a tensor
+        # writes into the message: without a copy, folding renamed tensors of the caller's
+        # ModelProto (and made it larger).
+        copied = onnx.ModelProto()
+        copied.CopyFrom(source)
+        return ir.serde.deserialize_model(copied)
     return _load_file(Path(source))
 
 
@@ -196,6 +204,59 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> 
             )
 
 
+def unshare_tensors(model: ir.Model) -> None:
+    """Give every stored tensor of ``model`` an object of its own, sharing data where it can.
+
+    ``ir.Model.clone`` shares tensor objects with the original, and onnx_ir and onnxscript
+    write tensor *names* in place (renaming a value renames its ``const_value``; serializing
+    an initializer names its tensor after the value; folding a ``Constant`` adopts its tensor).
+    Rewriting a clone would then rename tensors of the original. Call this on a clone before
+    rewriting it. Numpy-backed and memory-mapped tensors are re-wrapped without copying data;
+    a tensor read from a protobuf keeps its name in the message, so that message is copied.
+    """
+    owned: dict[int, ir.TensorProtocol] = {}
+
+    def own(tensor: ir.TensorProtocol) -> ir.TensorProtocol:
+        if id(tensor) not in owned:
+            if isinstance(tensor, ir.serde.TensorProtoTensor):
+                proto = onnx.TensorProto()
+                proto.CopyFrom(tensor.raw)
+                owned[id(tensor)] = ir.serde.TensorProtoTensor(proto)
+            else:
+                owned[id(tensor)] = copy.copy(tensor)
+        return owned[id(tensor)]
+
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            if value.const_value is not None:
+                value.const_value = own(value.const_value)
+    for node in walk.all_nodes(model):
+        for name, attr in list(node.attributes.items()):
+            if attr.type == ir.AttributeType.TENSOR and not attr.is_ref():
+                node.attributes[name] = ir.Attr(
+                    name, ir.AttributeType.TENSOR, own(attr.value), doc_string=attr.doc_string
+                )
+        for value in node.outputs:
+            if value.const_value is not None:
+                value.const_value = own(value.const_value)
+
+
+def shape_inference_error(model: ir.Model) -> str | None:
+    """The first error of onnx's strict shape inference on ``model``, None if it passes.
+
+    onnxruntime runs the same inference when it loads a model. Models too large for one
+    protobuf message are not checked here (None); onnxruntime still checks them at load.
+    """
+    proto = serialize_proto(model, keep_external=True)
+    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
+        return None
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        return _first_line(e)
+    return None
+
+
 def _first_line(error: BaseException) -> str:
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
@@ -299,24 +360,39 @@ def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
                 _drop_initializer_value_info(subgraph)
 
 
+def parse_bytes(data: bytes) -> onnx.ModelProto:
+    """A ModelProto from serialized bytes; bad bytes raise ``BadModelError``."""
+    proto = onnx.ModelProto()
+    try:
+        proto.ParseFromString(data)
+    except google.protobuf.message.DecodeError as e:
+        raise BadModelError(f"the given bytes are not an ONNX model ({_first_line(e)})") from e
+    return proto
+
+
 def to_bytes(model: ir.Model) -> bytes:
     """The model serialized with all tensors embedded (for in-memory sessions of small models)."""
     return serialize_proto(model).SerializeToString()
 
 
-def file_bytes(path: str | os.PathLike) -> int:
-    """Bytes on disk of a model file plus the external-data files it references."""
+def model_files(path: str | os.PathLike) -> list[Path]:
+    """A model file followed by the external-data files it references."""
     path = Path(path)
     proto = onnx.load_model(str(path), load_external_data=False)
-    locations = {
-        entry.value
-        for tensor in _external_tensors(proto)
-        for entry in tensor.external_data
-        if entry.key == "location"
-    }
-    return path.stat().st_size + sum(
-        (path.parent / loc).stat().st_size for loc in locations if (path.parent / loc).is_file()
+    locations = sorted(
+        {
+            entry.value
+            for tensor in _external_tensors(proto)
+            for entry in tensor.external_data
+            if entry.key == "location"
+        }
     )
+    return [path, *(path.parent / loc for loc in locations if (path.parent / loc).is_file())]
+
+
+def file_bytes(path: str | os.PathLike) -> int:
+    """Bytes on disk of a model file plus the external-data files it references."""
+    return sum(p.stat().st_size for p in model_files(path))
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -326,6 +402,24 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
             return {key: archive[key] for key in archive.files}
     except (OSError, ValueError) as e:
         raise ShrinkError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+
+
+def load_npy(path: str | os.PathLike) -> np.ndarray:
+    """Read one ``.npy`` array (no pickles)."""
+    try:
+        return np.load(path, allow_pickle=False)
+    except (OSError, ValueError) as e:
+        raise ShrinkError(f"{path}: cannot read as .npy ({_first_line(e)})") from e
+
+
+def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
+    """Read a serialized ``TensorProto`` (onnxruntime's test-data layout): (name, array)."""
+    tensor = onnx.TensorProto()
+    try:
+        tensor.ParseFromString(Path(path).read_bytes())
+        return tensor.name, onnx.numpy_helper.to_array(tensor)
+    except (OSError, google.protobuf.message.DecodeError, ValueError) as e:
+        raise ShrinkError(f"{path}: not a serialized TensorProto ({_first_line(e)})") from e
 
 
 def read_text(path: str | os.PathLike) -> str:

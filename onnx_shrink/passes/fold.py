@@ -55,9 +55,13 @@ class FoldPass(ir.passes.FunctionalPass):
        main graph) so later passes see every weight as an initializer; not for IR < 4, where
        initializers must also be graph inputs.
     4. Equal initializers are shared and common subexpressions merged.
-    5. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
+    5. With ``strip_stack_traces``, per-node Python stack traces that exporters leave behind
+       (``pkg.torch.onnx.stack_trace`` metadata, node doc strings) are dropped: on a torch
+       export they can be a quarter of the file. Module names and scopes stay.
+    6. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
        If a run grows the model more, it is repeated without any growing fold; if that still
-       grows it, the input is returned unchanged (``modified=False``) with a warning.
+       grows it, the input is returned unchanged (``modified=False``) with a warning. So is
+       it when the result fails strict shape inference that the input passed.
 
     The pass is functional: it rewrites a clone, so a rolled-back attempt costs nothing.
     """
@@ -81,6 +85,10 @@ class FoldPass(ir.passes.FunctionalPass):
     inline_functions: bool = option(
         False, "inline model-local functions first (may grow a model that calls one often)"
     )
+    strip_stack_traces: bool = option(
+        True,
+        "drop exporters' per-node stack traces and node doc strings (model metadata is kept)",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -90,27 +98,42 @@ class FoldPass(ir.passes.FunctionalPass):
         limit = before + self.max_growth_bytes
         annotations = _Annotations.of(model)
         for allow_growth in (True, False):
-            candidate = model.clone()
+            candidate = _private_clone(model)
             modified = self._run_pipeline(candidate, allow_growth)
             annotations.strip_new(candidate)
             after = io.serialized_bytes(candidate)
-            if after <= limit:
-                logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
-                return ir.passes.PassResult(candidate, modified)
-            logger.info(
-                "fold: result of %d bytes exceeds the limit of %d (allow_growth=%s); retrying",
-                after,
+            # onnxscript's rewriter deletes dead initializers without reporting a change.
+            modified = modified or after != before
+            if after > limit:
+                logger.info(
+                    "fold: result of %d bytes exceeds the limit of %d (allow_growth=%s); retrying",
+                    after,
+                    limit,
+                    allow_growth,
+                )
+                continue
+            # Folding can expose shapes the input hid behind an If: onnx's AffineGrid body
+            # feeds Range 1-element tensors where the spec wants scalars, which shape inference
+            # only sees once the If is folded away, and onnxruntime then refuses the model.
+            error = io.shape_inference_error(candidate) if modified else None
+            if error is not None and io.shape_inference_error(model) is None:
+                logger.warning(
+                    "fold: the folded model fails shape inference (%s); keeping it unchanged",
+                    error,
+                )
+                break
+            logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
+            return ir.passes.PassResult(candidate, modified)
+        else:
+            logger.warning(
+                "fold: every attempt grew the model past %d bytes; keeping the model unchanged",
                 limit,
-                allow_growth,
             )
-        logger.warning(
-            "fold: every attempt grew the model past %d bytes; keeping the model unchanged", limit
-        )
-        return ir.passes.PassResult(model.clone(), False)
+        return ir.passes.PassResult(_private_clone(model), False)
 
     def _run_pipeline(self, model: ir.Model, allow_growth: bool) -> bool:
         budget = self.expand_budget_bytes if allow_growth else 0
-        fold = _constant_folding.FoldConstantsPass(
+        fold = _GuardedFoldConstantsPass(
             shape_inference=True,
             input_size_limit=self.input_size_limit,
             output_size_limit=_constant_folding.DEFAULT_CONSTANT_FOLD_OUTPUT_SIZE_LIMIT,
@@ -127,9 +150,20 @@ class FoldPass(ir.passes.FunctionalPass):
             steps=self.iterations,
             early_stop=True,
         )
-        stages: list[ir.passes.PassBase] = [fixpoint, common_passes.RemoveUnusedNodesPass()]
+        stages: list[ir.passes.PassBase] = []
         if self.inline_functions:
-            stages.insert(0, common_passes.InlinePass())
+            stages.append(common_passes.InlinePass())
+        if self.strip_stack_traces:
+            stages.append(_StripStackTracesPass())
+        if model.ir_version >= 4:
+            # Weights stored as Constant nodes (Paddle and some torch exports) must be
+            # initializers before the loop: the BatchNormalization->Conv rule only fuses those.
+            stages.append(
+                common_passes.LiftConstantsToInitializersPass(
+                    lift_all_constants=False, size_limit=1
+                )
+            )
+        stages += [fixpoint, common_passes.RemoveUnusedNodesPass()]
         if model.ir_version >= 4:
             stages += [
                 common_passes.LiftConstantsToInitializersPass(
@@ -143,6 +177,66 @@ class FoldPass(ir.passes.FunctionalPass):
             common_passes.OutputFixPass(),
         ]
         return ir.passes.Sequential(*stages)(model).modified
+
+
+STACK_TRACE_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
+
+
+class _StripStackTracesPass(ir.passes.InPlacePass):
+    """Drop per-node stack traces (metadata and doc strings) that exporters write for debugging."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        modified = False
+        for node in walk.all_nodes(model):
+            for key in STACK_TRACE_KEYS & node.metadata_props.keys():
+                del node.metadata_props[key]
+                modified = True
+            if node.doc_string:
+                node.doc_string = None
+                modified = True
+        return ir.passes.PassResult(model, modified)
+
+
+class _GuardedFoldConstantsPass(_constant_folding.FoldConstantsPass):
+    """onnxscript's constant folder, declining nodes its op-specific evaluators get wrong.
+
+    Both are onnxscript 0.7.2 behaviours, found by the conformance sweep:
+
+    1. The ``CastLike`` evaluator rewrites ``CastLike(x, like)`` to ``Cast(x, to=...)`` and
+       drops ``saturate`` and ``round_mode``: a ``saturate=0`` cast to float8 then saturates
+       instead of giving inf/NaN. CastLike nodes with attributes are left alone.
+    2. onnxscript wraps an evaluator's exception in a RuntimeError that aborts the whole pass;
+       ``split_to_sequence`` raises one (``split_value.ndim`` on None) when ``split`` is a
+       scalar graph input. An evaluator builds its replacement on a tape and has not touched
+       the graph when it raises, so the node is declined and the pass goes on.
+    """
+
+    def process_node(
+        self, node: ir.Node, is_function: bool
+    ) -> _constant_folding.Replacement | None:
+        if node.op_type == "CastLike" and node.domain in ("", "ai.onnx") and node.attributes:
+            logger.debug("fold: not folding %s (CastLike): it would lose its attributes", node.name)
+            return None
+        try:
+            return super().process_node(node, is_function=is_function)
+        except RuntimeError as e:
+            if not str(e).startswith("Error during constant folding"):
+                raise
+            logger.debug("fold: not folding %s (%s): %r", node.name, node.op_type, e.__cause__)
+            return None
+
+
+def _private_clone(model: ir.Model) -> ir.Model:
+    """A clone that shares no tensor objects with ``model`` (see ``io.unshare_tensors``).
+
+    onnxscript's folder adopts a Constant's tensor as its output's ``const_value``, and
+    renaming or serializing that value renames the tensor. On a plain clone that wrote names
+    into the input's Constants: the input grew, and so did the "unchanged" model returned when
+    an attempt is rolled back, past the size limit.
+    """
+    clone = model.clone()
+    io.unshare_tensors(clone)
+    return clone
 
 
 def _growth_guard(budget_bytes: int) -> Callable[[ir.Node], bool | None]:

@@ -58,7 +58,10 @@ def test_counts_include_if_branches():
     g (bool c, float[2] x) => (float[2] y) {
       y = If (c) <
         then_branch = t () => (float[2] a) { a = Relu(x) },
-        else_branch = e () => (float[2] b) { k = Constant <value = float[2] {1, 2}> () b = Add(x, k) }
+        else_branch = e () => (float[2] b) {
+          k = Constant <value = float[2] {1, 2}> ()
+          b = Add(x, k)
+        }
       >
     }
     """)

@@ -1,0 +1,87 @@
+"""fold on every ONNX operator conformance case: same outputs on onnxruntime, never larger.
+
+Cases onnxruntime cannot run before the pass are skipped with the reason recorded in
+``ort_unsupported_cases.json``; regenerate it with ``python -m tests.passes.conformance_cases``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import onnx
+import pytest
+
+from onnx_shrink import __version__
+from onnx_shrink.compiler import io
+from onnx_shrink.errors import BadModelError
+from onnx_shrink.passes.fold import FoldPass
+from tests.passes import conformance_cases as conformance
+
+CASES = conformance.all_cases()
+DATA = conformance.read_data()
+CANNOT_RUN = DATA[conformance.ORT_SECTION]
+LOAD_REJECTS = DATA[conformance.LOAD_SECTION]
+
+# Reasons that depend on the machine rather than on the onnxruntime release: a CI image with
+# the locale installed runs the StringNormalizer cases, and numeric mismatches depend on which
+# SIMD kernels the CPU gets. Whether these still fail is not checked.
+MACHINE_DEPENDENT = ("Failed to construct locale", "output mismatch:")
+
+
+def _stamp_bytes(model: onnx.ModelProto) -> int:
+    """Bytes ``io.save`` adds by naming onnx-shrink as the producer (it may be negative)."""
+    stamped = onnx.ModelProto()
+    stamped.CopyFrom(model)
+    stamped.producer_name = io.PRODUCER_NAME
+    stamped.producer_version = __version__
+    return stamped.ByteSize() - model.ByteSize()
+
+
+@pytest.mark.parametrize("name", sorted(set(CASES) - set(LOAD_REJECTS)))
+def test_fold_reproduces_expected_outputs_and_never_grows(name: str, tmp_path: Path) -> None:
+    if name in CANNOT_RUN:
+        pytest.skip(f"onnxruntime cannot run the original: {CANNOT_RUN[name]}")
+    case = CASES[name]
+    original = case.model.SerializeToString()
+
+    result = FoldPass()(io.load(case.model))
+    saved = io.save(result.model, tmp_path / "folded.onnx")
+
+    reason = conformance.outputs_mismatch(case, conformance.session(saved.path))
+    if reason is not None:
+        before = conformance.ort_failure(case)
+        pytest.fail(
+            f"folded model differs from the expected outputs: {reason}"
+            + (f" (so does the original on this machine: {before})" if before else "")
+        )
+    # The only bytes fold may not account for are io.save's producer stamp.
+    assert saved.bytes_on_disk <= len(original) + _stamp_bytes(case.model), (
+        f"saved {saved.bytes_on_disk} bytes from an input of {len(original)}"
+    )
+    assert case.model.SerializeToString() == original, "the caller's ModelProto was modified"
+
+
+@pytest.mark.parametrize("name", sorted(LOAD_REJECTS))
+def test_load_rejects_case_with_recorded_reason(name: str) -> None:
+    with pytest.raises(BadModelError) as raised:
+        io.load(CASES[name].model)
+    assert str(raised.value) == LOAD_REJECTS[name]
+
+
+def test_data_file_lists_only_existing_cases() -> None:
+    listed = set(CANNOT_RUN) | set(LOAD_REJECTS)
+    assert not listed - set(CASES), "regenerate with python -m tests.passes.conformance_cases"
+    assert not set(CANNOT_RUN) & set(LOAD_REJECTS)
+
+
+def test_listed_cases_still_fail_on_onnxruntime() -> None:
+    now_running = [
+        name
+        for name, reason in CANNOT_RUN.items()
+        if not any(text in reason for text in MACHINE_DEPENDENT)
+        and conformance.ort_failure(CASES[name]) is None
+    ]
+    assert not now_running, (
+        f"onnxruntime now runs {now_running}; regenerate with "
+        "python -m tests.passes.conformance_cases"
+    )
