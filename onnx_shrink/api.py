@@ -16,9 +16,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
-from onnx_shrink.errors import ShrinkError
+from onnx_shrink.errors import DataError, ShrinkError
+from onnx_shrink.runtime_check import check as check_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import verify as verify_mod
+from onnx_shrink.runtime_check.compare import Tolerances
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ class ShrinkResult:
     output_bytes: int
     output_path: Path | None
     seconds: float
-    verification: verify_mod.VerificationReport | None
+    verification: check_mod.CheckReport | None
 
     def to_dict(self) -> dict[str, object]:
         """Everything except the model, as JSON-ready data (the ``--report`` file)."""
@@ -53,6 +54,33 @@ class ShrinkResult:
         }
 
 
+@dataclasses.dataclass(frozen=True)
+class CheckOptions:
+    """How a run is checked against the original on onnxruntime."""
+
+    data: check_mod.DataSource = None
+    """.npz, folder of .npy, test_data_set_* folders, a reader object; None: synthetic"""
+    labels: str | os.PathLike | None = None
+    input_shapes: Mapping[str, Sequence[int]] | None = None
+    tolerances: Tolerances = Tolerances()
+    provider: str = "cpu"
+    layers: bool = False
+    latency_runs: int = 30
+    verify_each: bool = False
+    """compare after every pass and roll back a pass that breaks the tolerances"""
+    strict: bool = False
+    """with verify_each: stop at the first pass that breaks the tolerances instead"""
+
+    def each_pass_tolerances(self) -> Tolerances:
+        """The tolerances for --verify-each; without any given, cosine 0.999 and 1% accuracy."""
+        if self.tolerances != Tolerances():
+            return self.tolerances
+        return VERIFY_EACH_DEFAULT
+
+
+VERIFY_EACH_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01)
+
+
 def shrink(
     model: io.ModelSource,
     passes: str | Sequence[pipeline.PassLike] | None = "fold",
@@ -62,13 +90,11 @@ def shrink(
     recipe: str | os.PathLike | None = None,
     dump_dir: str | os.PathLike | None = None,
     external_data: bool | None = None,
-    check: bool = True,
-    data: str | os.PathLike | None = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
-    provider: str = "cpu",
+    check: bool | CheckOptions = True,
+    data: check_mod.DataSource = None,
     on_pass_start: pipeline.StepCallback | None = None,
 ) -> ShrinkResult:
-    """Compress ``model`` with ``passes`` and, unless ``check=False``, verify the result.
+    """Compress ``model`` with ``passes`` and, unless ``check=False``, check the result.
 
     Args:
         model: a path to an .onnx file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
@@ -76,16 +102,18 @@ def shrink(
             list from ``recipe``.
         output: where to save the result; None keeps it in memory only.
         sets: ``"pass.option=value"`` overrides, as on the command line.
-        check: run original and result on onnxruntime and report their differences.
-        data: ``.npz`` of inputs (and optional ``labels``) for the check; else synthetic.
+        check: False to skip the check, True for defaults, or ``CheckOptions``.
+        data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check.
 
     Raises:
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
         BadModelError: the model cannot be read or is invalid.
-        PassFailedError: a pass failed.
+        DataError: the check data does not fit the model (raised before any pass runs).
+        PassFailedError: a pass failed, or broke the tolerances under ``strict``.
     """
     started = time.perf_counter()
     pass_list = pipeline.parse_spec(passes, sets, recipe)
+    options = _check_options(check, data)
     if output is not None and isinstance(model, (str, os.PathLike)):
         _refuse_overwrite(Path(model), Path(output))
     loaded = io.load(model)
@@ -93,10 +121,20 @@ def shrink(
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
     dataset = None
-    if check:  # bad data is bad input: reject it before any work is done or file written
+    if options is not None:  # bad data is bad input: reject it before any work is done
         specs = data_mod.specs_from_model(loaded)
-        dataset = data_mod.prepare(specs, data, input_shapes)
-    result = pipeline.run(loaded, pass_list, dump_dir=dump_dir, on_start=on_pass_start)
+        dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
+    verifier = None
+    if options is not None and options.verify_each:
+        verifier = _each_pass_verifier(reference, dataset, options)
+    result = pipeline.run(
+        loaded,
+        pass_list,
+        dump_dir=dump_dir,
+        on_start=on_pass_start,
+        verify=verifier,
+        strict=options.strict if options else False,
+    )
     if output is not None:
         saved = io.save(result.model, output, external_data=external_data)
         candidate: bytes | Path = saved.path
@@ -104,9 +142,17 @@ def shrink(
     else:
         candidate = io.to_bytes(result.model)
         output_bytes, output_path = len(candidate), None
-    verification = None
-    if dataset is not None:
-        verification = verify_mod.verify(reference, candidate, dataset, provider=provider)
+    report = None
+    if options is not None:
+        report = check_mod.check(
+            reference,
+            candidate,
+            dataset,
+            tolerances=options.tolerances,
+            provider=options.provider,
+            layers=options.layers,
+            latency_runs=options.latency_runs,
+        )
     return ShrinkResult(
         model=result.model,
         steps=result.steps,
@@ -114,8 +160,36 @@ def shrink(
         output_bytes=output_bytes,
         output_path=output_path,
         seconds=time.perf_counter() - started,
-        verification=verification,
+        verification=report,
     )
+
+
+def _check_options(check: bool | CheckOptions, data: check_mod.DataSource) -> CheckOptions | None:
+    if check is False:
+        return None
+    options = check if isinstance(check, CheckOptions) else CheckOptions()
+    if data is not None:
+        options = dataclasses.replace(options, data=data)
+    if options.verify_each and options.data is not None and hasattr(options.data, "get_next"):
+        raise DataError(
+            "--verify-each reads the data after every pass; a reader object can be "
+            "read only once: give a file or folder"
+        )
+    return options
+
+
+def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.Verifier:
+    tolerances = options.each_pass_tolerances()
+
+    def verify(model: ir.Model) -> pipeline.Verdict:
+        report = check_mod.compare(
+            reference, io.to_bytes(model), dataset, tolerances=tolerances, provider=options.provider
+        )
+        worst = min((o.cosine for o in report.outputs), default=1.0)
+        summary = "; ".join(report.failures) or f"lowest output cosine {worst:.6f}"
+        return pipeline.Verdict(ok=report.passed, summary=summary)
+
+    return verify
 
 
 def _refuse_overwrite(source: Path, output: Path) -> None:

@@ -1,7 +1,11 @@
-"""The ``onnx-shrink`` command: a thin shell over ``onnx_shrink.shrink`` (args in, report out).
+"""The ``onnx-shrink`` command: a thin shell over the library (args in, report out, exit code).
 
-Exit codes: 0 done; 1 a check failed a tolerance; 2 bad input (model, pass spec, data), with
-one line on stderr and nothing written; 130 interrupted.
+    onnx-shrink MODEL.onnx --passes fold ...     compile (and check against the original)
+    onnx-shrink check REF.onnx CAND.onnx ...     compare two models
+    onnx-shrink bench MODEL.onnx ...             latency, throughput, memory, size
+
+Exit codes: 0 done; 1 a check broke a tolerance (reports are still written); 2 bad input
+(model, pass spec, data, options) with one line on stderr and nothing written; 130 interrupted.
 """
 
 from __future__ import annotations
@@ -9,31 +13,86 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import math
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from rich.console import Console
 
 from onnx_shrink import __version__, console
-from onnx_shrink.api import ShrinkResult, default_output_path, shrink
+from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
 from onnx_shrink.compiler import io, pipeline, registry
-from onnx_shrink.errors import ShrinkError
+from onnx_shrink.errors import CheckFailed, ShrinkError
+from onnx_shrink.runtime_check import bench, check, report
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check.compare import Tolerances
 
 logger = logging.getLogger("onnx_shrink")
+
+# `check` exists to give a verdict: without tolerances it uses these (printed in --help).
+CHECK_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01)
 
 EXAMPLES = """examples:
   onnx-shrink model.onnx --passes fold -o small.onnx
   onnx-shrink model.onnx --passes fold --set fold.max_growth_bytes=4096 --data calib.npz
-  onnx-shrink model.onnx --recipe recipe.toml --report report.json
+  onnx-shrink model.onnx --recipe recipe.toml --report report.json --html report.html
+  onnx-shrink check model.onnx small.onnx --data val.npz --layers --min-cosine 0.999
+  onnx-shrink bench small.onnx --batch-sizes 1,8 --threads 1,2
   onnx-shrink --list-passes
 """
 
 
+def _add_common(parser: argparse.ArgumentParser) -> None:
+    verbosity = parser.add_mutually_exclusive_group()
+    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
+    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
+    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+
+
+def _add_data(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("inputs")
+    group.add_argument(
+        "--data",
+        help=".npz (input name -> samples on axis 0, optional 'labels'), a folder of .npy, or "
+        "a folder of test_data_set_*/input_*.pb; default: seeded synthetic inputs",
+    )
+    group.add_argument("--labels", help=".npy or .npz with 'labels' for task accuracy")
+    group.add_argument(
+        "--input-shape",
+        action="append",
+        default=[],
+        metavar="NAME=1x128",
+        help="shape for synthetic inputs with dynamic dims (default: first dim "
+        f"{data_mod.DEFAULT_BATCH}, others {data_mod.DEFAULT_DIM}); repeatable",
+    )
+    group.add_argument(
+        "--ep",
+        default="cpu",
+        help="execution provider, with options after a colon: cpu, cuda, cuda:device_id=1, "
+        "tensorrt, ... (default cpu)",
+    )
+
+
+def _add_tolerances(parser: argparse.ArgumentParser) -> None:
+    group = parser.add_argument_group("tolerances (exit 1 when broken)")
+    group.add_argument("--atol", type=float, help="absolute tolerance per element")
+    group.add_argument("--rtol", type=float, help="relative tolerance per element")
+    group.add_argument("--min-cosine", type=float, help="lowest acceptable output cosine")
+    group.add_argument(
+        "--max-accuracy-drop", type=float, help="largest acceptable accuracy drop (0.01 = 1%%)"
+    )
+    group.add_argument("--layers", action="store_true", help="localize error per layer")
+    group.add_argument("--runs", type=int, default=30, help="latency runs of each model")
+    group.add_argument("--report", help="write the figures as JSON to this file")
+    group.add_argument("--html", help="write a self-contained HTML report to this file")
+
+
 def build_parser() -> argparse.ArgumentParser:
+    """The compile command's parser (``check`` and ``bench`` have their own)."""
     parser = argparse.ArgumentParser(
         prog="onnx-shrink",
-        description="Compress an ONNX model with a pass pipeline and verify what it cost.",
+        description="Compress an ONNX model with a pass pipeline and check what it cost. "
+        "Also: 'onnx-shrink check REF CAND' and 'onnx-shrink bench MODEL'.",
         epilog=EXAMPLES,
         formatter_class=argparse.RawDescriptionHelpFormatter,
     )
@@ -51,41 +110,83 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--recipe", help="TOML file: passes = [...] and a [pass] table each")
     parser.add_argument("--list-passes", action="store_true", help="list passes and options")
     parser.add_argument("--dump-dir", help="save the model after each pass into this folder")
-    parser.add_argument("--report", help="write the run's figures as JSON to this file")
     parser.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),
         default="auto",
         help="store tensors beside the model (auto: only when it would pass 2 GB)",
     )
-    check = parser.add_argument_group("verification")
-    check.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
-    check.add_argument("--data", help=".npz of inputs (samples on axis 0) and optional labels")
-    check.add_argument(
-        "--input-shape",
-        action="append",
-        default=[],
-        metavar="NAME=1x128",
-        help="shape for synthetic inputs with dynamic dims (default: batch 1, other dims "
-        f"{data_mod.DEFAULT_DIM}); repeatable",
+    parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
+    parser.add_argument(
+        "--verify-each",
+        action="store_true",
+        help="check after every pass; roll back a pass that breaks the tolerances (default "
+        "tolerances: cosine 0.999, accuracy drop 1%%)",
     )
-    check.add_argument("--ep", default="cpu", help="execution provider for the check (cpu)")
-    verbosity = parser.add_mutually_exclusive_group()
-    verbosity.add_argument("-q", "--quiet", action="store_true", help="print errors only")
-    verbosity.add_argument("-v", "--verbose", action="count", default=0, help="more logging")
-    parser.add_argument("--debug", action="store_true", help="show tracebacks")
+    parser.add_argument(
+        "--strict", action="store_true", help="with --verify-each: stop instead of rolling back"
+    )
     parser.add_argument("--version", action="version", version=f"onnx-shrink {__version__}")
+    _add_data(parser)
+    _add_tolerances(parser)
+    _add_common(parser)
+    return parser
+
+
+def build_check_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-shrink check",
+        description="Compare a candidate model with its reference on onnxruntime: numerics, "
+        "accuracy, per-layer error, latency and size.",
+    )
+    parser.epilog = (
+        f"Without tolerance options: --min-cosine {CHECK_DEFAULT.min_cosine} "
+        f"--max-accuracy-drop {CHECK_DEFAULT.max_accuracy_drop}."
+    )
+    parser.add_argument("reference", help="the original .onnx")
+    parser.add_argument("candidate", help="the compressed .onnx")
+    _add_data(parser)
+    _add_tolerances(parser)
+    _add_common(parser)
+    return parser
+
+
+def build_bench_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="onnx-shrink bench",
+        description="Latency (p50/p90/p99), throughput, session peak memory and size of a model.",
+    )
+    parser.add_argument("model", help=".onnx file")
+    parser.add_argument("--batch-sizes", default="1", help="comma-separated batch sizes (1)")
+    parser.add_argument("--threads", default="", help="comma-separated intra-op thread counts")
+    parser.add_argument("--runs", type=int, default=50, help="timed runs per setting (50)")
+    parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (5)")
+    parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
+    parser.add_argument("--report", help="write the figures as JSON to this file")
+    parser.add_argument("--html", help="write a self-contained HTML report to this file")
+    _add_data(parser)
+    _add_common(parser)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
+    argv = list(sys.argv[1:] if argv is None else argv)
+    command: Callable[[argparse.Namespace, Console], int]
+    if argv and argv[0] == "check":
+        args, command = build_check_parser().parse_args(argv[1:]), _run_check
+    elif argv and argv[0] == "bench":
+        args, command = build_bench_parser().parse_args(argv[1:]), _run_bench
+    else:
+        args, command = build_parser().parse_args(argv), _run_compile
     _configure_logging(args)
     out = Console(quiet=args.quiet, highlight=False)
     if not out.is_terminal:
-        out.width = 110  # logs and CI captures: wide enough that table cells don't wrap
+        out.width = 120  # logs and CI captures: wide enough that table cells don't wrap
     try:
-        return _dispatch(args, out)
+        return command(args, out)
+    except CheckFailed as e:
+        print(f"onnx-shrink: check failed: {e}", file=sys.stderr)
+        return e.exit_code
     except ShrinkError as e:
         if args.debug:
             raise
@@ -96,7 +197,18 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 130
 
 
-def _dispatch(args: argparse.Namespace, out: Console) -> int:
+def _tolerances(args: argparse.Namespace, default: Tolerances = Tolerances()) -> Tolerances:
+    """The tolerances given on the command line, or ``default`` when none is."""
+    given = Tolerances(
+        atol=args.atol,
+        rtol=args.rtol,
+        min_cosine=args.min_cosine,
+        max_accuracy_drop=args.max_accuracy_drop,
+    )
+    return given if given != Tolerances() else default
+
+
+def _run_compile(args: argparse.Namespace, out: Console) -> int:
     if args.list_passes:
         console.print_all(Console(), console.pass_list_tables(registry.PASS_CLASSES))
         return 0
@@ -106,40 +218,111 @@ def _dispatch(args: argparse.Namespace, out: Console) -> int:
         raise ShrinkError("no passes given; use --passes NAME[,NAME...] or --recipe FILE")
     # Validate everything cheap before the model is touched: a typo must cost nothing.
     pipeline.parse_spec(args.passes, args.sets, args.recipe)
-    input_shapes = data_mod.parse_input_shapes(args.input_shape)
-    output = args.output or default_output_path(args.model)
-    if not args.input_shape and not args.data and not args.no_check:
-        logger.info(
-            "synthetic check inputs: dynamic dims default to batch %d, others %d",
-            data_mod.DEFAULT_BATCH,
-            data_mod.DEFAULT_DIM,
-        )
+    options = CheckOptions(
+        data=args.data,
+        labels=args.labels,
+        input_shapes=data_mod.parse_input_shapes(args.input_shape),
+        tolerances=_tolerances(args),
+        provider=args.ep,
+        layers=args.layers,
+        latency_runs=args.runs,
+        verify_each=args.verify_each,
+        strict=args.strict,
+    )
     with out.status("compiling...") as status:
         result = shrink(
             args.model,
             args.passes,
-            output=output,
+            output=args.output or default_output_path(args.model),
             sets=args.sets,
             recipe=args.recipe,
             dump_dir=args.dump_dir,
             external_data={"auto": None, "yes": True, "no": False}[args.external_data],
-            check=not args.no_check,
-            data=args.data,
-            input_shapes=input_shapes,
-            provider=args.ep,
+            check=False if args.no_check else options,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
         )
-    _print_result(out, result)
-    if args.report:
-        io.write_text(args.report, json.dumps(result.to_dict(), indent=2) + "\n")
+    _print_compile(out, result)
+    _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))
+    if result.verification is not None and not result.verification.passed:
+        raise CheckFailed("; ".join(result.verification.numeric.failures))
     return 0
 
 
-def _print_result(out: Console, result: ShrinkResult) -> None:
+def _print_compile(out: Console, result: ShrinkResult) -> None:
     out.print(console.summary_table(result))
     if result.verification is not None:
-        out.print(console.check_table(result.verification))
+        console.print_all(out, console.check_tables(result.verification))
     out.print(f"wrote {result.output_path}")
+
+
+def _run_check(args: argparse.Namespace, out: Console) -> int:
+    with out.status("checking..."):
+        result = check.check(
+            args.reference,
+            args.candidate,
+            args.data,
+            labels=args.labels,
+            input_shapes=data_mod.parse_input_shapes(args.input_shape),
+            tolerances=_tolerances(args, default=CHECK_DEFAULT),
+            provider=args.ep,
+            layers=args.layers,
+            latency_runs=args.runs,
+        )
+    console.print_all(out, console.check_tables(result))
+    _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
+    if not result.passed:
+        raise CheckFailed("; ".join(result.numeric.failures))
+    return 0
+
+
+def _run_bench(args: argparse.Namespace, out: Console) -> int:
+    batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") or [1]
+    threads: list[int | None] = list(_int_list(args.threads, "--threads")) or [None]
+    with out.status("benchmarking..."):
+        result = bench.benchmark(
+            args.model,
+            data=args.data,
+            input_shapes=data_mod.parse_input_shapes(args.input_shape),
+            batch_sizes=batch_sizes,
+            threads=threads,
+            runs=args.runs,
+            warmup=args.warmup,
+            provider=args.ep,
+            memory=not args.no_memory,
+        )
+    out.print(console.benchmark_table(result))
+    _write_reports(args, result.to_dict(), lambda: report.html_report(bench=result))
+    return 0
+
+
+def _int_list(text: str, option: str) -> list[int]:
+    try:
+        values = [int(part) for part in text.split(",") if part.strip()]
+    except ValueError:
+        raise ShrinkError(f"{option} expects comma-separated integers, got {text!r}") from None
+    if any(v < 1 for v in values):
+        raise ShrinkError(f"{option} values must be at least 1, got {text!r}")
+    return values
+
+
+def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:
+    if getattr(args, "report", None):
+        io.write_text(args.report, json.dumps(_strict_json(figures), indent=2) + "\n")
+    if getattr(args, "html", None):
+        io.write_text(args.html, html())
+
+
+def _strict_json(value: object) -> object:
+    """JSON has no inf/NaN: write them as the strings "inf", "-inf", "nan"."""
+    if isinstance(value, float) and not math.isfinite(value):
+        return str(value)
+    if isinstance(value, dict):
+        return {str(k): _strict_json(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_strict_json(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

@@ -12,7 +12,10 @@ from rich.table import Table
 
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
-from onnx_shrink.runtime_check.verify import VerificationReport
+from onnx_shrink.runtime_check.bench import BenchmarkReport
+from onnx_shrink.runtime_check.check import CheckReport
+from onnx_shrink.runtime_check.compare import NumericReport
+from onnx_shrink.runtime_check.layers import LayerReport
 
 
 def human_bytes(n: float) -> str:
@@ -44,8 +47,9 @@ def summary_table(result: ShrinkResult) -> Table:
         table.add_column(column, justify="left" if column == "pass" else "right")
     for step in result.steps:
         b, a = step.before, step.after
+        note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
         table.add_row(
-            step.spec + ("" if step.modified else " (no change)"),
+            step.spec + note,
             f"{step.seconds:.2f}s",
             _arrow(b.nodes, a.nodes, str),
             _arrow(b.params, a.params),
@@ -66,34 +70,140 @@ def summary_table(result: ShrinkResult) -> Table:
     return table
 
 
-def check_table(report: VerificationReport) -> Table:
-    """Per-output error and cosine, accuracy with labels, and the latency ratio."""
-    numeric = report.numeric
-    table = Table(title=f"check on {report.provider}: {numeric.data}", title_justify="left")
-    for column in ("output", "max abs error", "mean abs error", "cosine", "ref max |x|"):
+def _num(x: float) -> str:
+    return "inf" if x == float("inf") else ("-inf" if x == float("-inf") else f"{x:.3g}")
+
+
+def check_tables(report: CheckReport) -> list[Table]:
+    """The numerics table, the per-layer table (with --layers) and the speed/size table."""
+    tables = [numeric_table(report.numeric, report.provider)]
+    if report.layers is not None:
+        tables.append(layers_table(report.layers))
+    tables.append(speed_table(report))
+    return tables
+
+
+def numeric_table(numeric: NumericReport, provider: str) -> Table:
+    """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict."""
+    verdict = "PASS" if numeric.passed else "FAIL"
+    title = f"check on {provider} ({numeric.samples} samples, {numeric.data}): {verdict}"
+    table = Table(title=title, title_justify="left")
+    columns = (
+        "output",
+        "max abs err",
+        "mean abs err",
+        "rel err",
+        "cosine",
+        "SNR dB",
+        "NaN/Inf",
+        "top-1 agree",
+    )
+    for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
     for out in numeric.outputs:
         table.add_row(
             out.name,
-            f"{out.max_abs_error:.3g}",
-            f"{out.mean_abs_error:.3g}",
+            _num(out.max_abs_error),
+            _num(out.mean_abs_error),
+            _num(out.relative_error),
             f"{out.cosine:.6f}",
-            f"{out.reference_max_abs:.3g}",
+            _num(out.snr_db),
+            f"{out.nan_count}/{out.inf_count}",
+            "" if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
         )
     if numeric.reference_accuracy is not None:
         table.add_section()
         table.add_row(
-            f"accuracy ({numeric.samples} samples)",
+            "accuracy",
             f"{numeric.reference_accuracy:.2%} → {numeric.candidate_accuracy:.2%}",
+            style="bold",
         )
-    if report.latency is not None:
-        lat = report.latency
-        table.add_section()
+    for failure in numeric.failures:
+        table.add_row(f"[red]FAIL[/red] {failure}")
+    return table
+
+
+def layers_table(layers: LayerReport, top: int = 10) -> Table:
+    """The first error jump, then the tensors with the largest relative error."""
+    jump = layers.first_jump
+    head = (
+        f"first error jump: {jump.tensor} ({jump.op_type} {jump.node}), relative error "
+        f"{_num(jump.relative_error)} from {_num(jump.upstream_relative_error)} upstream"
+        if jump
+        else "no error jump above the threshold"
+    )
+    table = Table(
+        title=f"per-layer error over {layers.samples} samples; {head}", title_justify="left"
+    )
+    for column in ("#", "tensor", "op", "rel err", "upstream", "cosine", "SNR dB"):
+        table.add_column(column, justify="left" if column in ("tensor", "op") else "right")
+    by_name = {layer.tensor: layer for layer in layers.layers}
+    for name in layers.ranked[:top]:
+        layer = by_name[name]
         table.add_row(
-            f"latency (median of {lat.runs})",
-            f"{lat.reference_ms:.3f} → {lat.candidate_ms:.3f} ms",
-            f"ratio {lat.ratio:.2f}x",
+            str(layer.position),
+            name,
+            layer.op_type,
+            _num(layer.relative_error),
+            _num(layer.upstream_relative_error),
+            f"{layer.cosine:.6f}",
+            _num(layer.snr_db),
         )
+    return table
+
+
+def speed_table(report: CheckReport) -> Table:
+    """Latency of both models (timed alternately) and their sizes on disk and zipped."""
+    table = Table(title="speed and size", title_justify="left")
+    for column in ("", "reference", "candidate", "ratio"):
+        table.add_column(column, justify="left" if not column else "right")
+    if report.latency is not None:
+        ref, cand = report.latency.reference, report.latency.candidate
+        table.add_row(
+            "latency p50",
+            f"{ref.p50_ms:.3f} ms",
+            f"{cand.p50_ms:.3f} ms",
+            f"{report.latency.ratio:.2f}x",
+        )
+        table.add_row("latency p90", f"{ref.p90_ms:.3f} ms", f"{cand.p90_ms:.3f} ms", "")
+    rs, cs = report.reference_size, report.candidate_size
+    table.add_row(
+        "bytes on disk",
+        human_bytes(rs.bytes_on_disk),
+        human_bytes(cs.bytes_on_disk),
+        f"{cs.bytes_on_disk / rs.bytes_on_disk:.2f}x",
+    )
+    table.add_row(
+        "bytes zipped",
+        human_bytes(rs.zipped_bytes),
+        human_bytes(cs.zipped_bytes),
+        f"{cs.zipped_bytes / rs.zipped_bytes:.2f}x",
+    )
+    return table
+
+
+def benchmark_table(report: BenchmarkReport) -> Table:
+    """Latency grid (batch x threads) with throughput, then memory and size."""
+    table = Table(
+        title=f"benchmark of {report.model} on {report.provider} ({report.inputs})",
+        title_justify="left",
+    )
+    for column in ("batch", "threads", "p50 ms", "p90 ms", "p99 ms", "samples/s"):
+        table.add_column(column, justify="right")
+    for row in report.latency:
+        table.add_row(
+            str(row.batch),
+            "default" if row.threads is None else str(row.threads),
+            f"{row.p50_ms:.3f}",
+            f"{row.p90_ms:.3f}",
+            f"{row.p99_ms:.3f}",
+            f"{row.throughput:.1f}",
+        )
+    table.add_section()
+    if report.peak_memory_bytes is not None:
+        table.add_row("session peak memory", "", human_bytes(report.peak_memory_bytes))
+    table.add_row("bytes on disk", "", human_bytes(report.size.bytes_on_disk))
+    table.add_row("bytes zipped", "", human_bytes(report.size.zipped_bytes))
     return table
 
 

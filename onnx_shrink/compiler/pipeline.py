@@ -144,6 +144,8 @@ class StepRecord:
     bytes_before: int
     bytes_after: int
     dump_path: str | None
+    rolled_back: bool = False
+    verdict: str | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -158,62 +160,114 @@ class PipelineResult:
 StepCallback = Callable[[int, ir.passes.PassBase], None]
 
 
+@dataclasses.dataclass(frozen=True)
+class Verdict:
+    """What a verifier says of the model after a pass."""
+
+    ok: bool
+    summary: str
+
+
+Verifier = Callable[[ir.Model], Verdict]
+
+
 def run(
     model: ir.Model,
     passes: Sequence[ir.passes.PassBase],
     *,
     dump_dir: str | Path | None = None,
     on_start: StepCallback | None = None,
+    verify: Verifier | None = None,
+    strict: bool = False,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
+    With ``verify``, the model is judged after every pass; a pass it rejects is rolled back
+    (the model before it continues down the pipeline) or, with ``strict``, stops the run.
+
     Raises:
-        PassFailedError: a pass raised; the message names the pass and those before it.
+        PassFailedError: a pass raised, or broke the verifier under ``strict``; the message
+            names the pass and those before it.
     """
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     steps: list[StepRecord] = []
     current_stats, current_bytes = stats.measure(model), io.serialized_bytes(model)
     for index, pass_ in enumerate(passes):
-        spec = describe(pass_)
         if on_start is not None:
             on_start(index, pass_)
-        started = time.perf_counter()
-        try:
-            result = pass_(model)
-        except ShrinkError:
-            raise
-        except Exception as e:
-            done = ", ".join(s.spec for s in steps) or "none"
-            raise PassFailedError(
-                f"pass '{spec}' failed (passes before it: {done}): {_root_message(e)}"
-            ) from e
-        seconds = time.perf_counter() - started
+        result, seconds, rolled_back, verdict = _run_one(pass_, model, steps, verify, strict)
         model = result.model
         new_stats, new_bytes = stats.measure(model), io.serialized_bytes(model)
         dump_path = None
         if dump_dir is not None:
-            dump_path = str(
-                io.save(model, Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx").path
-            )
+            target = Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"
+            dump_path = str(io.save(model, target).path)
         steps.append(
             StepRecord(
-                index,
-                spec,
-                seconds,
-                result.modified,
-                current_stats,
-                new_stats,
-                current_bytes,
-                new_bytes,
-                dump_path,
+                index=index,
+                spec=describe(pass_),
+                seconds=seconds,
+                modified=result.modified,
+                before=current_stats,
+                after=new_stats,
+                bytes_before=current_bytes,
+                bytes_after=new_bytes,
+                dump_path=dump_path,
+                rolled_back=rolled_back,
+                verdict=verdict,
             )
         )
         logger.info(
-            "%s: %.2fs, %d -> %d nodes", spec, seconds, current_stats.nodes, new_stats.nodes
+            "%s: %.2fs, %d -> %d nodes",
+            describe(pass_),
+            seconds,
+            current_stats.nodes,
+            new_stats.nodes,
         )
         current_stats, current_bytes = new_stats, new_bytes
     return PipelineResult(model=model, steps=tuple(steps))
+
+
+def _run_one(
+    pass_: ir.passes.PassBase,
+    model: ir.Model,
+    done: Sequence[StepRecord],
+    verify: Verifier | None,
+    strict: bool,
+) -> tuple[ir.passes.PassResult, float, bool, str | None]:
+    """Run one pass (and its verification): (result, seconds, rolled back?, verdict)."""
+    spec = describe(pass_)
+    # An in-place pass rewrites its input: keep a copy to roll back to.
+    snapshot = _snapshot(model, pass_) if verify is not None else None
+    started = time.perf_counter()
+    try:
+        result = pass_(model)
+    except ShrinkError:
+        raise
+    except Exception as e:
+        before = ", ".join(s.spec for s in done) or "none"
+        raise PassFailedError(
+            f"pass '{spec}' failed (passes before it: {before}): {_root_message(e)}"
+        ) from e
+    seconds = time.perf_counter() - started
+    if verify is None or not result.modified:
+        return result, seconds, False, None
+    judged = verify(result.model)
+    if judged.ok:
+        return result, seconds, False, judged.summary
+    if strict:
+        raise PassFailedError(f"pass '{spec}' broke the tolerances: {judged.summary}")
+    logger.warning("pass '%s' broke the tolerances (%s); rolled back", spec, judged.summary)
+    return ir.passes.PassResult(snapshot, False), seconds, True, judged.summary
+
+
+def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:
+    if not pass_.changes_input:
+        return model  # a functional pass leaves its input as it was
+    clone = model.clone()
+    io.unshare_tensors(clone)
+    return clone
 
 
 def _root_message(error: BaseException) -> str:

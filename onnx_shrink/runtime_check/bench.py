@@ -1,28 +1,103 @@
-"""Latency of two models timed alternately in one process, so their ratio survives noise.
+"""Latency, throughput, memory and size of models on onnxruntime.
 
-Running reference and candidate back to back, many times, exposes both to the same machine
-state (frequency scaling, other load); the median of per-pair ratios is the figure reported.
+Two models are timed *alternately in one process* so their ratio survives a noisy machine:
+both see the same frequency scaling and background load, and the median of per-pair ratios
+is reported. Session peak memory is measured in a child process (``memory_probe``), so one
+model's allocations cannot hide another's.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import os
+import resource
 import statistics
+import subprocess
+import sys
 import time
-from collections.abc import Mapping
+import zlib
+from collections.abc import Mapping, Sequence
+from pathlib import Path
 
 import numpy as np
 import onnxruntime as ort
 
+from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sessions
+
+
+@dataclasses.dataclass(frozen=True)
+class LatencyStats:
+    """Latency of one model at one batch size and thread count (milliseconds)."""
+
+    batch: int
+    threads: int | None
+    runs: int
+    mean_ms: float
+    p50_ms: float
+    p90_ms: float
+    p99_ms: float
+    throughput: float
+    """samples per second at the median latency"""
+    timings_ms: tuple[float, ...]
+
+    @classmethod
+    def from_seconds(
+        cls, seconds: Sequence[float], batch: int, threads: int | None
+    ) -> LatencyStats:
+        ms = np.asarray(seconds) * 1e3
+        p50 = float(np.percentile(ms, 50))
+        return cls(
+            batch=batch,
+            threads=threads,
+            runs=len(ms),
+            mean_ms=float(ms.mean()),
+            p50_ms=p50,
+            p90_ms=float(np.percentile(ms, 90)),
+            p99_ms=float(np.percentile(ms, 99)),
+            throughput=batch / (p50 / 1e3) if p50 > 0 else float("inf"),
+            timings_ms=tuple(float(x) for x in ms),
+        )
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
 
 @dataclasses.dataclass(frozen=True)
 class LatencyComparison:
-    """Median latencies (ms) of both models and the median candidate/reference ratio."""
+    """Both models' latency measured alternately, and the median candidate/reference ratio."""
 
-    reference_ms: float
-    candidate_ms: float
+    reference: LatencyStats
+    candidate: LatencyStats
     ratio: float
-    runs: int
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSize:
+    """Bytes on disk (model plus external data) and after zlib, where sparsity pays at rest."""
+
+    bytes_on_disk: int
+    zipped_bytes: int
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class BenchmarkReport:
+    """One model's latency grid, session peak memory and size."""
+
+    model: str
+    provider: str
+    size: ModelSize
+    peak_memory_bytes: int | None
+    latency: tuple[LatencyStats, ...]
+    inputs: str
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -35,13 +110,30 @@ def time_run(session: ort.InferenceSession, feed: Mapping[str, np.ndarray]) -> f
     return time.perf_counter() - started
 
 
+def measure_latency(
+    session: ort.InferenceSession,
+    feed: Mapping[str, np.ndarray],
+    *,
+    runs: int = 50,
+    warmup: int = 5,
+    batch: int = 1,
+    threads: int | None = None,
+) -> LatencyStats:
+    """Latency of ``runs`` runs after ``warmup`` untimed ones."""
+    for _ in range(warmup):
+        time_run(session, feed)
+    return LatencyStats.from_seconds([time_run(session, feed) for _ in range(runs)], batch, threads)
+
+
 def compare_latency(
     reference: ort.InferenceSession,
     candidate: ort.InferenceSession,
     feed: Mapping[str, np.ndarray],
     *,
-    runs: int = 20,
+    runs: int = 30,
     warmup: int = 3,
+    batch: int = 1,
+    threads: int | None = None,
 ) -> LatencyComparison:
     """Time both sessions alternately ``runs`` times after ``warmup`` runs of each."""
     for _ in range(warmup):
@@ -58,8 +150,111 @@ def compare_latency(
         cand_times.append(cand)
         ratios.append(cand / ref if ref > 0 else float("nan"))
     return LatencyComparison(
-        reference_ms=statistics.median(ref_times) * 1e3,
-        candidate_ms=statistics.median(cand_times) * 1e3,
+        reference=LatencyStats.from_seconds(ref_times, batch, threads),
+        candidate=LatencyStats.from_seconds(cand_times, batch, threads),
         ratio=statistics.median(ratios),
-        runs=runs,
+    )
+
+
+def resize_batch(
+    feed: Mapping[str, np.ndarray], specs: Sequence[data_mod.InputSpec], batch: int
+) -> dict[str, np.ndarray]:
+    """``feed`` with every dynamic first dim set to ``batch`` (slicing or repeating samples)."""
+    result = {}
+    for spec in specs:
+        array = feed[spec.name]
+        dynamic = bool(spec.shape) and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0)
+        if dynamic and array.ndim and array.shape[0] != batch:
+            reps = -(-batch // array.shape[0])
+            array = np.concatenate([array] * reps, axis=0)[:batch]
+        result[spec.name] = array
+    return result
+
+
+def model_size(model: sessions.ModelBytesOrPath) -> ModelSize:
+    """Bytes on disk and zlib-compressed bytes of a model file (with external data) or bytes."""
+    from onnx_shrink.compiler import io
+
+    if isinstance(model, bytes):
+        return ModelSize(len(model), len(zlib.compress(model, 6)))
+    files = io.model_files(model)
+    compressor = zlib.compressobj(6)
+    zipped = 0
+    for path in files:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                zipped += len(compressor.compress(chunk))
+    zipped += len(compressor.flush())
+    return ModelSize(sum(os.path.getsize(p) for p in files), zipped)
+
+
+def session_peak_memory(
+    model: str | os.PathLike, feed: Mapping[str, np.ndarray], provider: str = "cpu"
+) -> int:
+    """Peak resident memory a session adds to a fresh process, creating it and running once.
+
+    Measured in a child process (``python -m onnx_shrink.runtime_check.memory_probe``): the
+    maximum RSS after creating the session and running ``feed``, minus the maximum RSS after
+    importing onnxruntime and reading the inputs.
+    """
+    shapes = {name: [list(a.shape), a.dtype.str] for name, a in feed.items()}
+    result = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "onnx_shrink.runtime_check.memory_probe",
+            str(model),
+            provider,
+            json.dumps(shapes),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
+    if result.returncode != 0:
+        tail = (result.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ShrinkError(f"{model}: measuring session memory failed: {tail}")
+    return int(json.loads(result.stdout)["session_peak_bytes"])
+
+
+def max_rss_bytes() -> int:
+    """This process's peak resident memory so far (Linux reports KiB)."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def benchmark(
+    model: str | os.PathLike,
+    *,
+    data: str | Path | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    batch_sizes: Sequence[int] = (1,),
+    threads: Sequence[int | None] = (None,),
+    runs: int = 50,
+    warmup: int = 5,
+    provider: str = "cpu",
+    memory: bool = True,
+) -> BenchmarkReport:
+    """Latency for every (batch size, threads), session peak memory and size of one model."""
+    from onnx_shrink.compiler import io
+
+    specs = data_mod.specs_from_model(io.load(model))
+    base = data_mod.prepare(specs, data, input_shapes).first_feed()
+    grid = []
+    for thread_count in threads:
+        session = sessions.create_session(model, provider=provider, threads=thread_count)
+        for batch in batch_sizes:
+            feed = resize_batch(base, specs, batch)
+            grid.append(
+                measure_latency(
+                    session, feed, runs=runs, warmup=warmup, batch=batch, threads=thread_count
+                )
+            )
+    peak = session_peak_memory(model, base, provider) if memory else None
+    return BenchmarkReport(
+        model=str(model),
+        provider=provider,
+        size=model_size(model),
+        peak_memory_bytes=peak,
+        latency=tuple(grid),
+        inputs=data_mod.describe_feed(base),
     )

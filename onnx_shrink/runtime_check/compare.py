@@ -1,8 +1,10 @@
 """Numerics of a candidate model against its reference, accumulated batch by batch.
 
-Per output: max and mean absolute error, cosine similarity (of the flattened outputs, over all
-samples), and, with labels, task accuracy of both models. Accumulators keep sums, not
-outputs, so memory stays at one batch whatever the number of samples.
+Per output: max / mean absolute error, relative error ``||c - r|| / ||r||``, cosine, SNR in
+dB (``10 log10(||r||^2 / ||c - r||^2)``), NaN/Inf counts, elements outside ``atol + rtol|r|``,
+top-1 agreement for classifier-like ``[N, C]`` outputs, and, with labels, task accuracy of
+both models. Accumulators keep sums, never outputs, so memory stays at one batch however many
+samples run, and the result does not depend on how samples were batched.
 """
 
 from __future__ import annotations
@@ -15,15 +17,35 @@ import numpy as np
 
 
 @dataclasses.dataclass(frozen=True)
+class Tolerances:
+    """What counts as a failure. None disables a criterion."""
+
+    atol: float | None = None
+    rtol: float | None = None
+    min_cosine: float | None = None
+    max_accuracy_drop: float | None = None
+
+    @property
+    def elementwise(self) -> bool:
+        return self.atol is not None or self.rtol is not None
+
+
+@dataclasses.dataclass(frozen=True)
 class OutputComparison:
-    """How far one output of the candidate is from the reference's."""
+    """How far one tensor of the candidate is from the reference's."""
 
     name: str
     max_abs_error: float
     mean_abs_error: float
+    relative_error: float
     cosine: float
+    snr_db: float
     reference_max_abs: float
     elements: int
+    nan_count: int
+    inf_count: int
+    outside_tolerance: int
+    top1_agreement: float | None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -31,63 +53,124 @@ class OutputComparison:
 
 @dataclasses.dataclass(frozen=True)
 class NumericReport:
-    """Per-output comparison and, with labels, accuracy of both models on the same samples."""
+    """Per-output comparison, accuracy with labels, and the verdict under the tolerances."""
 
     outputs: tuple[OutputComparison, ...]
     samples: int
     data: str
     synthetic: bool
-    reference_accuracy: float | None = None
-    candidate_accuracy: float | None = None
+    reference_accuracy: float | None
+    candidate_accuracy: float | None
+    tolerances: Tolerances
+    failures: tuple[str, ...]
+
+    @property
+    def passed(self) -> bool:
+        return not self.failures
 
     def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
+        result = dataclasses.asdict(self)
+        result["passed"] = self.passed
+        return result
 
 
-class OutputAccumulator:
-    """Streaming error statistics of one output; ``add`` a batch at a time."""
+class ErrorAccumulator:
+    """Streaming error statistics of one tensor; ``add`` a batch at a time."""
 
-    def __init__(self, name: str) -> None:
+    def __init__(self, name: str, tolerances: Tolerances = Tolerances()) -> None:
         self.name = name
+        self.tolerances = tolerances
         self.max_abs = 0.0
         self.sum_abs = 0.0
         self.count = 0
         self.dot = 0.0
         self.ref_sq = 0.0
         self.cand_sq = 0.0
+        self.diff_sq = 0.0
         self.ref_max = 0.0
+        self.nan = 0
+        self.inf = 0
+        self.outside = 0
+        self.top1_same = 0
+        self.top1_rows = 0
+        self.classifier_like = True
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
             raise ValueError(
-                f"output '{self.name}': shapes differ ({reference.shape} vs {candidate.shape})"
+                f"'{self.name}': shapes differ (reference {reference.shape}, "
+                f"candidate {candidate.shape})"
             )
+        if not (np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_):
+            return
         if reference.size == 0:
             return
-        ref = reference.astype(np.float64, copy=False).ravel()
-        cand = candidate.astype(np.float64, copy=False).ravel()
-        diff = np.abs(ref - cand)
-        self.max_abs = max(self.max_abs, float(np.max(diff)))
-        self.sum_abs += float(np.sum(diff))
+        ref = reference.astype(np.float64).ravel()
+        cand = candidate.astype(np.float64).ravel()
+        # NaN/Inf that the reference also has are agreement, not error.
+        cand_bad = ~np.isfinite(cand) & np.isfinite(ref)
+        self.nan += int(np.sum(np.isnan(cand) & ~np.isnan(ref)))
+        self.inf += int(np.sum(np.isinf(cand) & ~np.isinf(ref)))
+        both = np.isfinite(ref) & np.isfinite(cand)
+        ref_f, cand_f = ref[both], cand[both]
+        diff = np.abs(ref_f - cand_f)
+        if diff.size:
+            self.max_abs = max(self.max_abs, float(diff.max()))
+            self.ref_max = max(self.ref_max, float(np.abs(ref_f).max()))
+        self.sum_abs += float(diff.sum())
         self.count += ref.size
-        self.dot += float(ref @ cand)
-        self.ref_sq += float(ref @ ref)
-        self.cand_sq += float(cand @ cand)
-        self.ref_max = max(self.ref_max, float(np.max(np.abs(ref))))
+        self.dot += float(ref_f @ cand_f)
+        self.ref_sq += float(ref_f @ ref_f)
+        self.cand_sq += float(cand_f @ cand_f)
+        self.diff_sq += float(diff @ diff)
+        if self.tolerances.elementwise:
+            bound = (self.tolerances.atol or 0.0) + (self.tolerances.rtol or 0.0) * np.abs(ref_f)
+            self.outside += int(np.sum(diff > bound)) + int(np.sum(cand_bad))
+        self._add_top1(reference, candidate)
+
+    def _add_top1(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if (
+            reference.ndim != 2
+            or reference.shape[1] < 2
+            or not np.issubdtype(reference.dtype, np.floating)
+        ):
+            self.classifier_like = False
+            return
+        self.top1_same += int(np.sum(reference.argmax(-1) == candidate.argmax(-1)))
+        self.top1_rows += reference.shape[0]
 
     def result(self) -> OutputComparison:
         norms = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)
         if norms > 0:
             cosine = self.dot / norms
-        else:  # both all-zero outputs agree exactly; one zero and one not do not
+        else:  # both all-zero tensors agree exactly; one zero and one not do not
             cosine = 1.0 if self.ref_sq == self.cand_sq else 0.0
+        if self.diff_sq == 0:
+            snr = math.inf
+        elif self.ref_sq == 0:
+            snr = -math.inf
+        else:
+            snr = 10 * math.log10(self.ref_sq / self.diff_sq)
+        relative = (
+            math.sqrt(self.diff_sq / self.ref_sq)
+            if self.ref_sq
+            else (0.0 if self.diff_sq == 0 else math.inf)
+        )
         return OutputComparison(
             name=self.name,
             max_abs_error=self.max_abs,
             mean_abs_error=self.sum_abs / self.count if self.count else 0.0,
+            relative_error=relative,
             cosine=cosine,
+            snr_db=snr,
             reference_max_abs=self.ref_max,
             elements=self.count,
+            nan_count=self.nan,
+            inf_count=self.inf,
+            outside_tolerance=self.outside,
+            top1_agreement=(self.top1_same / self.top1_rows)
+            if self.classifier_like and self.top1_rows
+            else None,
         )
 
 
@@ -100,8 +183,9 @@ class AccuracyAccumulator:
         self.total = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
-        self.correct_ref += int(np.sum(np.argmax(reference, axis=-1) == labels))
-        self.correct_cand += int(np.sum(np.argmax(candidate, axis=-1) == labels))
+        labels = np.asarray(labels).reshape(-1)
+        self.correct_ref += int(np.sum(reference.reshape(len(labels), -1).argmax(-1) == labels))
+        self.correct_cand += int(np.sum(candidate.reshape(len(labels), -1).argmax(-1) == labels))
         self.total += len(labels)
 
     def result(self) -> tuple[float | None, float | None]:
@@ -110,23 +194,94 @@ class AccuracyAccumulator:
         return self.correct_ref / self.total, self.correct_cand / self.total
 
 
-def is_classifier_output(array: np.ndarray, labels: np.ndarray) -> bool:
-    """Does an output look like per-sample class scores for these labels?"""
-    return array.ndim == 2 and array.shape[0] == len(labels) and array.shape[1] > 1
+def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
+    """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
+    for name, array in outputs.items():
+        if (
+            np.issubdtype(array.dtype, np.floating)
+            and array.size
+            and (array.shape[0] == samples and array.size // samples > 1)
+        ):
+            return name
+    return None
 
 
-def compare_outputs(
-    pairs: Iterable[tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray | None]],
-) -> tuple[list[OutputComparison], float | None, float | None]:
-    """Fold (reference outputs, candidate outputs, labels) batches into per-output results."""
-    accumulators: dict[str, OutputAccumulator] = {}
+OutputBatch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray | None]
+
+
+def compare_batches(
+    batches: Iterable[OutputBatch],
+    *,
+    tolerances: Tolerances = Tolerances(),
+    samples: int | None = None,
+    data: str = "",
+    synthetic: bool = False,
+) -> NumericReport:
+    """Fold (reference outputs, candidate outputs, labels) batches into a ``NumericReport``."""
+    accumulators: dict[str, ErrorAccumulator] = {}
     accuracy = AccuracyAccumulator()
-    for ref_out, cand_out, labels in pairs:
+    seen = 0
+    for ref_out, cand_out, labels in batches:
+        missing = set(ref_out) - set(cand_out)
+        if missing:
+            raise ValueError(f"the candidate has no output {sorted(missing)[0]!r}")
         for name, ref in ref_out.items():
-            accumulators.setdefault(name, OutputAccumulator(name)).add(ref, cand_out[name])
+            accumulators.setdefault(name, ErrorAccumulator(name, tolerances)).add(
+                ref, cand_out[name]
+            )
         if labels is not None:
-            first = next(iter(ref_out))
-            if is_classifier_output(ref_out[first], labels):
-                accuracy.add(ref_out[first], cand_out[first], labels)
+            labels = np.asarray(labels).reshape(-1)
+            seen += len(labels)
+            target = classifier_output(ref_out, len(labels))
+            if target is not None:
+                accuracy.add(ref_out[target], cand_out[target], labels)
+    outputs = tuple(a.result() for a in accumulators.values())
     ref_acc, cand_acc = accuracy.result()
-    return [a.result() for a in accumulators.values()], ref_acc, cand_acc
+    return NumericReport(
+        outputs=outputs,
+        samples=samples if samples is not None else seen,
+        data=data,
+        synthetic=synthetic,
+        reference_accuracy=ref_acc,
+        candidate_accuracy=cand_acc,
+        tolerances=tolerances,
+        failures=tuple(judge(outputs, ref_acc, cand_acc, tolerances)),
+    )
+
+
+def judge(
+    outputs: Iterable[OutputComparison],
+    reference_accuracy: float | None,
+    candidate_accuracy: float | None,
+    tolerances: Tolerances,
+) -> list[str]:
+    """One sentence per broken tolerance; empty when everything holds."""
+    failures = []
+    for out in outputs:
+        if out.nan_count or out.inf_count:
+            failures.append(
+                f"output '{out.name}': {out.nan_count} NaN and {out.inf_count} Inf values where "
+                "the reference is finite"
+            )
+        if tolerances.elementwise and out.outside_tolerance:
+            failures.append(
+                f"output '{out.name}': {out.outside_tolerance} of {out.elements} elements exceed "
+                f"atol={tolerances.atol or 0:g} + rtol={tolerances.rtol or 0:g}*|ref| "
+                f"(max abs error {out.max_abs_error:.3g})"
+            )
+        if tolerances.min_cosine is not None and out.cosine < tolerances.min_cosine:
+            failures.append(
+                f"output '{out.name}': cosine {out.cosine:.6f} < min {tolerances.min_cosine:g}"
+            )
+    if (
+        tolerances.max_accuracy_drop is not None
+        and reference_accuracy is not None
+        and candidate_accuracy is not None
+        and reference_accuracy - candidate_accuracy > tolerances.max_accuracy_drop
+    ):
+        failures.append(
+            f"accuracy dropped {reference_accuracy - candidate_accuracy:.2%} "
+            f"({reference_accuracy:.2%} -> {candidate_accuracy:.2%}), more than the allowed "
+            f"{tolerances.max_accuracy_drop:.2%}"
+        )
+    return failures

@@ -1,8 +1,17 @@
-"""Inputs for running models: ``.npz`` files or seeded synthetic data from the signature.
+"""Inputs for running models: files, folders, reader objects, or seeded synthetic data.
 
-A ``Dataset`` holds arrays with samples on the first axis (one entry per model input) and
-optional ``labels``; ``batches`` yields feeds of bounded size so memory does not grow with the
-number of samples.
+Every source becomes a ``Dataset``: a re-iterable (except reader objects, which are read
+once) stream of ``Batch``es, each a feed for one ``session.run`` plus the labels of its
+samples. Memory is bounded by one batch whatever the number of samples.
+
+Sample conventions for arrays (``.npz`` and folders of ``.npy``), decided per input:
+
+* rank = input rank + 1: each entry along axis 0 is one complete value of the input (this is
+  how scalars, states and fixed-batch inputs are given);
+* rank = input rank: samples lie along the input's own first (batch) axis.
+
+When every input uses the second form, samples are fed in batches of up to ``MAX_BATCH``
+(or the model's fixed batch size); otherwise one sample per run.
 """
 
 from __future__ import annotations
@@ -10,8 +19,9 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import Any, Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -27,20 +37,13 @@ DEFAULT_BATCH = 1
 DEFAULT_DIM = 16
 MAX_BATCH = 64
 
-_ORT_TYPES = {
-    "tensor(float)": np.float32,
-    "tensor(double)": np.float64,
-    "tensor(float16)": np.float16,
-    "tensor(int64)": np.int64,
-    "tensor(int32)": np.int32,
-    "tensor(int16)": np.int16,
-    "tensor(int8)": np.int8,
-    "tensor(uint8)": np.uint8,
-    "tensor(uint16)": np.uint16,
-    "tensor(uint32)": np.uint32,
-    "tensor(uint64)": np.uint64,
-    "tensor(bool)": np.bool_,
-}
+Feed = dict[str, np.ndarray]
+
+
+class FeedReader(Protocol):
+    """Anything with ``get_next() -> dict | None``, like onnxruntime's CalibrationDataReader."""
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None: ...
 
 
 @dataclasses.dataclass(frozen=True)
@@ -51,12 +54,41 @@ class InputSpec:
     dtype: type
     shape: tuple[int | str | None, ...]
 
-    @classmethod
-    def from_node_arg(cls, arg: object) -> InputSpec:
-        type_name = arg.type
-        if type_name not in _ORT_TYPES:
-            raise DataError(f"input '{arg.name}' has type {type_name}, which is not supported")
-        return cls(name=arg.name, dtype=_ORT_TYPES[type_name], shape=tuple(arg.shape))
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One feed and the labels of the samples it holds (None without labels)."""
+
+    feed: Feed
+    samples: int
+    labels: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A stream of batches and where it came from. ``batches()`` starts from the beginning."""
+
+    description: str
+    synthetic: bool
+    has_labels: bool
+    make_batches: Callable[[], Iterator[Batch]]
+    peek: Callable[[], Batch | None] | None = None
+    """the first batch without consuming it (one-shot sources); None: read batches()"""
+    _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def batches(self) -> Iterator[Batch]:
+        for batch in self.make_batches():
+            self._first.setdefault("feed", batch.feed)
+            yield batch
+
+    def first_feed(self) -> Feed:
+        """The first batch's feed, checked against the model's inputs; kept once read."""
+        if "feed" not in self._first:
+            first = self.peek() if self.peek is not None else next(self.batches(), None)
+            if first is None:
+                raise DataError(f"{self.description}: holds no samples")
+            self._first["feed"] = first.feed
+        return self._first["feed"]
 
 
 def specs_from_model(model: ir.Model) -> list[InputSpec]:
@@ -72,36 +104,187 @@ def specs_from_model(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-def prepare(
+def _show(shape: Sequence[object]) -> str:
+    return "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "scalar"
+
+
+def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    """Raise ``DataError`` when a fed array's dtype, rank or fixed dims do not fit the input."""
+    if array.dtype != np.dtype(spec.dtype):
+        raise DataError(
+            f"{where}: input '{spec.name}' is {array.dtype}, the model expects "
+            f"{np.dtype(spec.dtype).name}"
+        )
+    if array.ndim != len(spec.shape):
+        raise DataError(
+            f"{where}: input '{spec.name}' has shape {_show(array.shape)}, the model expects "
+            f"{_show(spec.shape)}"
+        )
+    for axis, (got, declared) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if isinstance(declared, int) and declared > 0 and got != declared:
+            raise DataError(
+                f"{where}: input '{spec.name}' has {got} on axis {axis}, the model fixes it to "
+                f"{declared} (shape {_show(spec.shape)})"
+            )
+
+
+# ---- arrays (.npz, folders of .npy) -------------------------------------------------------
+
+
+def from_arrays(
+    arrays: Mapping[str, np.ndarray],
     specs: Sequence[InputSpec],
-    data_path: str | Path | None,
-    input_shapes: Mapping[str, Sequence[int]] | None,
     *,
-    seed: int = 0,
+    labels: np.ndarray | None,
+    where: str,
 ) -> Dataset:
-    """The check's inputs: ``data_path`` if given, else seeded synthetic data (with a warning)."""
-    if data_path is not None:
-        return from_npz(data_path, specs)
-    dataset = synthetic(specs, input_shapes, seed=seed)
-    logger.warning(
-        "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
-        dataset.description,
+    """A dataset over in-memory arrays with samples on axis 0 (see the module docstring)."""
+    missing = [s.name for s in specs if s.name not in arrays]
+    if missing:
+        raise DataError(
+            f"{where}: no array for input '{missing[0]}' (arrays: {', '.join(arrays) or 'none'})"
+        )
+    per_sample = {}
+    for spec in specs:
+        array = arrays[spec.name]
+        if array.ndim == len(spec.shape) + 1:
+            per_sample[spec.name] = True
+        elif array.ndim == len(spec.shape) and array.ndim > 0:
+            per_sample[spec.name] = False
+        else:
+            raise DataError(
+                f"{where}: input '{spec.name}' has shape {_show(array.shape)}; expected "
+                f"{_show(spec.shape)} with samples on the first axis, or N x {_show(spec.shape)}"
+            )
+    counts = {len(arrays[s.name]) for s in specs} | ({len(labels)} if labels is not None else set())
+    if len(counts) > 1:
+        raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
+    total = counts.pop() if counts else 0
+    step = 1 if any(per_sample.values()) else _batch_step(specs)
+
+    def make_batches() -> Iterator[Batch]:
+        for start in range(0, total, step):
+            stop = min(start + step, total)
+            feed = {
+                s.name: arrays[s.name][start] if per_sample[s.name] else arrays[s.name][start:stop]
+                for s in specs
+            }
+            for spec in specs:
+                check_array(spec, feed[spec.name], where)
+            yield Batch(feed, stop - start, labels[start:stop] if labels is not None else None)
+
+    return Dataset(where, synthetic=False, has_labels=labels is not None, make_batches=make_batches)
+
+
+def _batch_step(specs: Sequence[InputSpec]) -> int:
+    fixed = [
+        s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
+    ]
+    return fixed[0] if fixed else MAX_BATCH
+
+
+def from_npz(
+    path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
+) -> Dataset:
+    """``.npz`` with one array per input and optional ``labels``."""
+    arrays = io.load_npz(path)
+    stored_labels = arrays.pop("labels", None)
+    return from_arrays(
+        arrays, specs, labels=labels if labels is not None else stored_labels, where=str(path)
     )
-    return dataset
 
 
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """Arrays with samples on axis 0, optional labels, and where they came from."""
+def from_npy_folder(
+    path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
+) -> Dataset:
+    """A folder holding ``<input name>.npy`` per input and optional ``labels.npy``."""
+    folder = Path(path)
+    arrays = {p.stem: io.load_npy(p) for p in sorted(folder.glob("*.npy"))}
+    stored_labels = arrays.pop("labels", None)
+    return from_arrays(
+        arrays, specs, labels=labels if labels is not None else stored_labels, where=str(folder)
+    )
 
-    arrays: Mapping[str, np.ndarray]
-    labels: np.ndarray | None
-    synthetic: bool
-    description: str
 
-    @property
-    def num_samples(self) -> int:
-        return len(next(iter(self.arrays.values()))) if self.arrays else 0
+# ---- onnxruntime's test layout, reader objects ----------------------------------------------
+
+
+def from_test_data_sets(path: str | Path, specs: Sequence[InputSpec]) -> Dataset:
+    """Folders ``test_data_set_*/input_*.pb`` (one sample each, onnxruntime's test layout)."""
+    root = Path(path)
+    sets = sorted(root.glob("test_data_set_*"), key=lambda p: _natural_key(p.name))
+    if not sets:
+        raise DataError(f"{root}: no test_data_set_* folders")
+
+    def make_batches() -> Iterator[Batch]:
+        for folder in sets:
+            tensors = [
+                io.load_tensor_pb(p)
+                for p in sorted(folder.glob("input_*.pb"), key=lambda p: _natural_key(p.name))
+            ]
+            if len(tensors) != len(specs):
+                raise DataError(f"{folder}: {len(tensors)} inputs, the model has {len(specs)}")
+            feed = {}
+            for index, (name, array) in enumerate(tensors):
+                spec = next((s for s in specs if s.name == name), specs[index])
+                check_array(spec, array, str(folder))
+                feed[spec.name] = array
+            yield Batch(feed, 1, None)
+
+    return Dataset(str(root), synthetic=False, has_labels=False, make_batches=make_batches)
+
+
+def _natural_key(name: str) -> list[object]:
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
+
+
+def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
+    """An object with ``get_next()``; each result is one feed. It is read only once: feeds
+    already taken (by ``first_feed``) are replayed, and a second full pass is an error."""
+    where = type(reader).__name__
+    taken: list[Batch] = []
+    state = {"finished": False}
+
+    def read() -> Batch | None:
+        feed = reader.get_next()
+        if feed is None:
+            state["finished"] = True
+            return None
+        feed = {name: np.asarray(value) for name, value in feed.items()}
+        for spec in specs:
+            if spec.name not in feed:
+                raise DataError(f"{where}: a feed has no input '{spec.name}'")
+            check_array(spec, feed[spec.name], where)
+        return Batch(feed, samples_in(feed, specs), None)
+
+    def make_batches() -> Iterator[Batch]:
+        if state["finished"]:
+            raise DataError(f"{where}: a reader can be read only once; pass a fresh one")
+        # Replay what a peek took, then keep reading; only the peeked feeds stay in memory.
+        yield from taken
+        taken.clear()
+        while (batch := read()) is not None:
+            yield batch
+
+    def peek() -> Batch | None:
+        if not taken and not state["finished"]:
+            batch = read()
+            if batch is not None:
+                taken.append(batch)
+        return taken[0] if taken else None
+
+    return Dataset(where, synthetic=False, has_labels=False, make_batches=make_batches, peek=peek)
+
+
+def samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
+    """Samples in a feed: the first dynamic axis's length (1 when every shape is fixed)."""
+    for spec in specs:
+        if spec.shape and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+            return int(feed[spec.name].shape[0])
+    return 1
+
+
+# ---- synthetic -------------------------------------------------------------------------------
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -119,7 +302,9 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int, ...]:
+def concrete_shape(
+    spec: InputSpec, override: Sequence[int] | None, batch: int | None = None
+) -> tuple[int, ...]:
     """The shape to generate for one input: the override, else static dims with defaults."""
     if override is not None:
         if len(override) != len(spec.shape):
@@ -134,23 +319,21 @@ def concrete_shape(spec: InputSpec, override: Sequence[int] | None) -> tuple[int
                     f"it to {_show(spec.shape)}"
                 )
         return tuple(override)
+    first = batch if batch is not None else DEFAULT_BATCH
     return tuple(
-        d if isinstance(d, int) and d > 0 else (DEFAULT_BATCH if i == 0 else DEFAULT_DIM)
+        d if isinstance(d, int) and d > 0 else (first if i == 0 else DEFAULT_DIM)
         for i, d in enumerate(spec.shape)
     )
 
 
-def _show(shape: Sequence[object]) -> str:
-    return "x".join("?" if d is None else str(d) for d in shape)
-
-
-def synthetic(
+def synthetic_feed(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     seed: int = 0,
-) -> Dataset:
-    """Seeded random inputs from the signature. Says nothing about accuracy; callers warn."""
+    batch: int | None = None,
+) -> Feed:
+    """One seeded random feed from the signature; ``batch`` sets every dynamic first dim."""
     shapes = dict(shapes or {})
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
@@ -159,17 +342,26 @@ def synthetic(
             f"(inputs: {', '.join(s.name for s in specs)})"
         )
     rng = np.random.default_rng(seed)
-    arrays: dict[str, np.ndarray] = {}
-    chosen = []
-    for spec in specs:
-        shape = concrete_shape(spec, shapes.get(spec.name))
-        arrays[spec.name] = _random_array(rng, spec, shape)
-        chosen.append(f"{spec.name}={_show(shape)}")
+    return {
+        spec.name: _random_array(rng, spec, concrete_shape(spec, shapes.get(spec.name), batch))
+        for spec in specs
+    }
+
+
+def synthetic(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+) -> Dataset:
+    """A one-batch dataset of seeded random inputs. Says nothing about accuracy."""
+    feed = synthetic_feed(specs, shapes, seed=seed)
+    shown = ", ".join(f"{name}={_show(array.shape)}" for name, array in feed.items())
     return Dataset(
-        arrays={k: v[np.newaxis] for k, v in arrays.items()},
-        labels=None,
+        description=f"synthetic, seed {seed}: {shown}",
         synthetic=True,
-        description=f"synthetic, seed {seed}: {', '.join(chosen)}",
+        has_labels=False,
+        make_batches=lambda: iter([Batch(feed, samples_in(feed, specs), None)]),
     )
 
 
@@ -184,47 +376,67 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
     return rng.integers(0, 100, size=shape).astype(spec.dtype)
 
 
-def from_npz(path: str | Path, specs: Sequence[InputSpec]) -> Dataset:
-    """Read an ``.npz`` with one array per input (samples on axis 0) and optional ``labels``.
+# ---- choosing a source -----------------------------------------------------------------------
+
+
+def prepare(
+    specs: Sequence[InputSpec],
+    source: str | Path | FeedReader | Dataset | None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    labels: str | Path | None = None,
+    seed: int = 0,
+) -> Dataset:
+    """The dataset a user means by ``source``: .npz, folder of .npy, test-data folders, a
+    reader object, or (None) seeded synthetic data, with a warning that it proves nothing
+    about accuracy.
 
     Raises:
-        DataError: an input is missing, or an array's dtype or rank does not fit the input.
+        DataError: the source does not exist, is of an unknown kind, or does not fit ``specs``.
     """
-    arrays = io.load_npz(path)
-    labels = arrays.pop("labels", None)
-    result: dict[str, np.ndarray] = {}
-    for spec in specs:
-        if spec.name not in arrays:
-            raise DataError(
-                f"{path}: no array for input '{spec.name}' (arrays: {', '.join(arrays) or 'none'})"
-            )
-        array = arrays[spec.name]
-        if array.dtype != spec.dtype:
-            raise DataError(
-                f"{path}: input '{spec.name}' is {array.dtype}, the model expects "
-                f"{np.dtype(spec.dtype).name}"
-            )
-        if array.ndim != len(spec.shape):
-            raise DataError(
-                f"{path}: input '{spec.name}' has shape {_show(array.shape)}, the model expects "
-                f"{_show(spec.shape)} (samples on the first axis)"
-            )
-        result[spec.name] = array
-    counts = {len(a) for a in result.values()} | ({len(labels)} if labels is not None else set())
-    if len(counts) > 1:
-        raise DataError(f"{path}: arrays hold different numbers of samples: {sorted(counts)}")
-    return Dataset(arrays=result, labels=labels, synthetic=False, description=str(path))
+    if isinstance(source, Dataset):
+        return source
+    label_array = _load_labels(labels) if labels is not None else None
+    if source is None:
+        dataset = synthetic(specs, input_shapes, seed=seed)
+        logger.warning(
+            "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
+            dataset.description,
+        )
+        return dataset
+    dataset = _open(source, specs, label_array)
+    dataset.first_feed()  # a bad dtype or shape is an error now, before any work is done
+    return dataset
 
 
-def batches(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[dict[str, np.ndarray]]:
-    """Feeds of at most ``MAX_BATCH`` samples (exactly the model's batch when it is fixed)."""
-    if dataset.synthetic:
-        # Synthetic arrays carry a leading axis of one "sample" holding the whole feed.
-        yield {name: array[0] for name, array in dataset.arrays.items()}
-        return
-    fixed = [
-        s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
-    ]
-    step = fixed[0] if fixed else MAX_BATCH
-    for start in range(0, dataset.num_samples, step):
-        yield {name: array[start : start + step] for name, array in dataset.arrays.items()}
+def _open(
+    source: str | Path | FeedReader, specs: Sequence[InputSpec], labels: np.ndarray | None
+) -> Dataset:
+    if hasattr(source, "get_next"):
+        return from_reader(source, specs)  # type: ignore[arg-type]
+    path = Path(source)  # type: ignore[arg-type]
+    if not path.exists():
+        raise DataError(f"{path}: no such file or folder")
+    if path.is_file() and path.suffix == ".npz":
+        return from_npz(path, specs, labels)
+    if path.is_dir() and any(path.glob("test_data_set_*")):
+        return from_test_data_sets(path, specs)
+    if path.is_dir() and any(path.glob("*.npy")):
+        return from_npy_folder(path, specs, labels)
+    raise DataError(
+        f"{path}: not an .npz, a folder of .npy files, or a folder of test_data_set_* folders"
+    )
+
+
+def _load_labels(path: str | Path) -> np.ndarray:
+    path = Path(path)
+    if path.suffix == ".npz":
+        arrays = io.load_npz(path)
+        if "labels" not in arrays:
+            raise DataError(f"{path}: has no 'labels' array")
+        return arrays["labels"]
+    return io.load_npy(path)
+
+
+def describe_feed(feed: Mapping[str, Any]) -> str:
+    return ", ".join(f"{k}={_show(np.shape(v))}" for k, v in feed.items())

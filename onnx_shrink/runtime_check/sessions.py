@@ -37,12 +37,29 @@ def available_providers() -> list[str]:
     return list(ort.get_available_providers())
 
 
+def parse_provider(spec: str) -> tuple[str, dict[str, str]]:
+    """``"cuda:device_id=1,gpu_mem_limit=2000000000"`` -> (``"cuda"``, its options).
+
+    Raises:
+        ShrinkError: an option is not ``key=value``.
+    """
+    name, _, rest = spec.partition(":")
+    options = {}
+    for item in filter(None, (part.strip() for part in rest.split(","))):
+        key, sep, value = item.partition("=")
+        if not sep or not key:
+            raise ShrinkError(f"provider option {item!r} in {spec!r} is not key=value")
+        options[key.strip()] = value.strip()
+    return name.strip(), options
+
+
 def resolve_provider(name: str) -> str:
     """Map ``cuda`` / ``CUDAExecutionProvider`` to the provider name, if it is available.
 
     Raises:
         ShrinkError: the provider is unknown or not available in this onnxruntime build.
     """
+    name = parse_provider(name)[0]
     full = PROVIDER_ALIASES.get(name.lower(), name)
     available = available_providers()
     if full not in available:
@@ -66,8 +83,9 @@ def create_session(
     """Create a session for a model file or serialized model bytes.
 
     Args:
-        provider: short name (``cpu``, ``cuda``, ...) or onnxruntime's provider name. CPU is
-            added as the fallback for nodes another provider does not take.
+        provider: short name (``cpu``, ``cuda``, ...) or onnxruntime's provider name, with
+            options after a colon (``cuda:device_id=1``). CPU is added as the fallback for
+            nodes another provider does not take.
         threads: intra-op threads (None: onnxruntime's default, one per core).
         optimize: False disables graph optimizations, to see the model as written.
 
@@ -81,7 +99,7 @@ def create_session(
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    providers: list[Any] = [(full, dict(provider_options or {}))]
+    providers: list[Any] = [(full, {**parse_provider(provider)[1], **(provider_options or {})})]
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
     source = model if isinstance(model, bytes) else str(Path(model))

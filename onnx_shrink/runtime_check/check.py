@@ -1,0 +1,165 @@
+"""Checking a candidate model against its reference: the library calls behind ``check``.
+
+``compare`` gives numerics (and accuracy with labels), ``localize_layers`` the per-layer error,
+``check`` both plus alternate-run latency and sizes; the compile command's final check and
+``--verify-each`` call the same functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from pathlib import Path
+
+import onnx
+import onnx_ir as ir
+
+from onnx_shrink.compiler import io, stats
+from onnx_shrink.runtime_check import bench, sessions
+from onnx_shrink.runtime_check import compare as compare_mod
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import layers as layers_mod
+from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+
+logger = logging.getLogger(__name__)
+
+AnyModel = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
+DataSource = str | os.PathLike | data_mod.FeedReader | data_mod.Dataset | None
+
+
+@dataclasses.dataclass(frozen=True)
+class CheckReport:
+    """Everything ``onnx-shrink check`` measures."""
+
+    reference: str
+    candidate: str
+    provider: str
+    numeric: NumericReport
+    layers: layers_mod.LayerReport | None
+    latency: bench.LatencyComparison | None
+    reference_size: bench.ModelSize
+    candidate_size: bench.ModelSize
+    reference_bytes_by_op: dict[str, int]
+    candidate_bytes_by_op: dict[str, int]
+
+    @property
+    def passed(self) -> bool:
+        return self.numeric.passed
+
+    def to_dict(self) -> dict[str, object]:
+        result = dataclasses.asdict(self)
+        result["passed"] = self.passed
+        return result
+
+
+@dataclasses.dataclass(frozen=True)
+class _Loaded:
+    """A model as both an IR model (for specs and layers) and a session source."""
+
+    model: ir.Model
+    source: sessions.ModelBytesOrPath
+    label: str
+
+
+def _load(model: AnyModel, label: str) -> _Loaded:
+    if isinstance(model, (str, os.PathLike)):
+        return _Loaded(io.load(model), Path(model), str(model))
+    if isinstance(model, bytes):
+        loaded = io.load(io.parse_bytes(model))
+        return _Loaded(loaded, model, label)
+    loaded = io.load(model)
+    return _Loaded(loaded, io.to_bytes(loaded), label)
+
+
+def _dataset(specs, data, labels, input_shapes) -> data_mod.Dataset:
+    if isinstance(data, data_mod.Dataset):
+        return data
+    return data_mod.prepare(specs, data, input_shapes, labels=labels)
+
+
+def compare(
+    reference: AnyModel,
+    candidate: AnyModel,
+    data: DataSource = None,
+    *,
+    labels: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tolerances: Tolerances = Tolerances(),
+    provider: str = "cpu",
+) -> NumericReport:
+    """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
+    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
+    specs = data_mod.specs_from_model(ref.model)
+    dataset = _dataset(specs, data, labels, input_shapes)
+    return _numeric(ref, cand, dataset, tolerances, provider)
+
+
+def _numeric(
+    ref: _Loaded, cand: _Loaded, dataset: data_mod.Dataset, tolerances: Tolerances, provider: str
+) -> NumericReport:
+    ref_session = sessions.create_session(ref.source, provider=provider)
+    cand_session = sessions.create_session(cand.source, provider=provider)
+    names = [o.name for o in ref_session.get_outputs()]
+    samples = 0
+
+    def output_batches() -> Iterator[compare_mod.OutputBatch]:
+        nonlocal samples
+        for batch in dataset.batches():
+            samples += batch.samples
+            ref_out = dict(zip(names, ref_session.run(names, batch.feed), strict=True))
+            cand_out = dict(zip(names, cand_session.run(names, batch.feed), strict=True))
+            yield ref_out, cand_out, batch.labels
+
+    report = compare_mod.compare_batches(
+        output_batches(),
+        tolerances=tolerances,
+        data=dataset.description,
+        synthetic=dataset.synthetic,
+    )
+    return dataclasses.replace(report, samples=samples)
+
+
+def check(
+    reference: AnyModel,
+    candidate: AnyModel,
+    data: DataSource = None,
+    *,
+    labels: str | os.PathLike | None = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    tolerances: Tolerances = Tolerances(),
+    provider: str = "cpu",
+    layers: bool = False,
+    latency_runs: int = 30,
+) -> CheckReport:
+    """Numerics, optional per-layer localization, alternate-run latency and sizes."""
+    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
+    specs = data_mod.specs_from_model(ref.model)
+    dataset = _dataset(specs, data, labels, input_shapes)
+    numeric = _numeric(ref, cand, dataset, tolerances, provider)
+    layer_report = None
+    if layers:
+        layer_report = layers_mod.localize(ref.model, cand.model, dataset, specs, provider=provider)
+    latency = None
+    if latency_runs > 0:
+        feed = dataset.first_feed()
+        latency = bench.compare_latency(
+            sessions.create_session(ref.source, provider=provider),
+            sessions.create_session(cand.source, provider=provider),
+            feed,
+            runs=latency_runs,
+            batch=data_mod.samples_in(feed, specs),
+        )
+    return CheckReport(
+        reference=ref.label,
+        candidate=cand.label,
+        provider=provider,
+        numeric=numeric,
+        layers=layer_report,
+        latency=latency,
+        reference_size=bench.model_size(ref.source),
+        candidate_size=bench.model_size(cand.source),
+        reference_bytes_by_op=stats.bytes_by_op_type(ref.model),
+        candidate_bytes_by_op=stats.bytes_by_op_type(cand.model),
+    )

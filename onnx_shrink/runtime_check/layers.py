@@ -1,0 +1,240 @@
+"""Per-layer error localization: where along the graph does the candidate leave the reference?
+
+Every intermediate tensor that exists in both models is compared, sample by sample, so memory
+stays at one sample's activations however many samples run. Tensors are matched by name; in a
+quantized candidate, the output of ``DequantizeLinear(QuantizeLinear(X))`` stands for the float
+tensor ``X`` it replaces.
+
+The *first jump* is the first tensor in graph order whose relative error is at least
+``jump_threshold`` and at least ``jump_factor`` times the largest error upstream of it (over
+the inputs of the node that produces it): the layer where error is born, which a user should
+exclude from compression or keep in higher precision.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Iterator, Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.compiler import io
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check.compare import ErrorAccumulator
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset(
+    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.DOUBLE, ir.DataType.BFLOAT16}
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerError:
+    """The error of one intermediate tensor and of what flows into the node producing it."""
+
+    tensor: str
+    candidate_tensor: str
+    op_type: str
+    node: str
+    position: int
+    relative_error: float
+    max_abs_error: float
+    cosine: float
+    snr_db: float
+    upstream_relative_error: float
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerReport:
+    """Matched tensors in graph order, their ranking by error, and the first error jump."""
+
+    layers: tuple[LayerError, ...]
+    ranked: tuple[str, ...]
+    first_jump: LayerError | None
+    samples: int
+    unmatched: int
+    jump_threshold: float
+    jump_factor: float
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Tensor:
+    name: str
+    candidate_name: str
+    op_type: str
+    node: str
+    position: int
+    inputs: tuple[str, ...]
+
+
+def localize(
+    reference: ir.Model,
+    candidate: ir.Model,
+    dataset: data_mod.Dataset,
+    specs: Sequence[data_mod.InputSpec],
+    *,
+    provider: str = "cpu",
+    jump_threshold: float = 1e-3,
+    jump_factor: float = 10.0,
+) -> LayerReport:
+    """Compare every shared intermediate tensor of two models over ``dataset``, per sample."""
+    tensors, unmatched = match_tensors(reference, candidate)
+    ref_session = sessions.create_session(
+        io.to_bytes(with_outputs(reference, [t.name for t in tensors])), provider=provider
+    )
+    cand_session = sessions.create_session(
+        io.to_bytes(with_outputs(candidate, [t.candidate_name for t in tensors])),
+        provider=provider,
+    )
+    accumulators = {t.name: ErrorAccumulator(t.name) for t in tensors}
+    ref_names = [t.name for t in tensors]
+    cand_names = [t.candidate_name for t in tensors]
+    samples = 0
+    for feed in split_samples(dataset, specs):
+        ref_out = ref_session.run(ref_names, feed)
+        cand_out = cand_session.run(cand_names, feed)
+        for name, ref, cand in zip(ref_names, ref_out, cand_out, strict=True):
+            ref, cand = np.asarray(ref), np.asarray(cand)
+            if np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape:
+                accumulators[name].add(ref, cand)
+        samples += 1
+    return _report(tensors, accumulators, samples, unmatched, jump_threshold, jump_factor)
+
+
+def _report(tensors, accumulators, samples, unmatched, jump_threshold, jump_factor) -> LayerReport:
+    errors = {name: acc.result() for name, acc in accumulators.items() if acc.count}
+    upstream_cache: dict[str, float] = {}
+    by_name = {t.name: t for t in tensors}
+
+    def upstream(name: str) -> float:
+        # Largest error among matched tensors feeding the producer of ``name``.
+        if name not in upstream_cache:
+            upstream_cache[name] = 0.0  # guards against cycles through odd graphs
+            worst = 0.0
+            for inp in by_name[name].inputs if name in by_name else ():
+                if inp in errors:
+                    worst = max(worst, errors[inp].relative_error)
+                elif inp in by_name:
+                    worst = max(worst, upstream(inp))
+            upstream_cache[name] = worst
+        return upstream_cache[name]
+
+    layers = []
+    for t in tensors:
+        if t.name not in errors:
+            continue
+        e = errors[t.name]
+        layers.append(
+            LayerError(
+                tensor=t.name,
+                candidate_tensor=t.candidate_name,
+                op_type=t.op_type,
+                node=t.node,
+                position=t.position,
+                relative_error=e.relative_error,
+                max_abs_error=e.max_abs_error,
+                cosine=e.cosine,
+                snr_db=e.snr_db,
+                upstream_relative_error=upstream(t.name),
+            )
+        )
+    first_jump = next(
+        (
+            layer
+            for layer in layers
+            if layer.relative_error >= jump_threshold
+            and layer.relative_error >= jump_factor * layer.upstream_relative_error
+        ),
+        None,
+    )
+    ranked = tuple(
+        layer.tensor for layer in sorted(layers, key=lambda x: x.relative_error, reverse=True)
+    )
+    return LayerReport(
+        tuple(layers), ranked, first_jump, samples, unmatched, jump_threshold, jump_factor
+    )
+
+
+def match_tensors(reference: ir.Model, candidate: ir.Model) -> tuple[list[_Tensor], int]:
+    """Reference tensors (graph order) with their candidate counterparts, and the unmatched count.
+
+    Only float tensors produced by main-graph nodes take part (Constant outputs excluded).
+    """
+    candidate_names = {out.name for node in candidate.graph for out in node.outputs if out.name}
+    stand_ins = dequantized_stand_ins(candidate)
+    tensors, unmatched = [], 0
+    for position, node in enumerate(reference.graph):
+        if node.op_type == "Constant":
+            continue
+        for out in node.outputs:
+            if not out.name or (out.dtype is not None and out.dtype not in FLOAT_TYPES):
+                continue
+            match = stand_ins.get(out.name) or (out.name if out.name in candidate_names else None)
+            if match is None:
+                unmatched += 1
+                continue
+            tensors.append(
+                _Tensor(
+                    name=out.name,
+                    candidate_name=match,
+                    op_type=node.op_type,
+                    node=node.name or "",
+                    position=position,
+                    inputs=tuple(i.name for i in node.inputs if i is not None and i.name),
+                )
+            )
+    return tensors, unmatched
+
+
+def dequantized_stand_ins(model: ir.Model) -> dict[str, str]:
+    """Float tensor name -> name of the ``DequantizeLinear`` output that replaces it."""
+    result = {}
+    for node in model.graph:
+        if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
+            continue
+        quantize = node.inputs[0].producer()
+        if quantize is not None and quantize.op_type == "QuantizeLinear":
+            source = quantize.inputs[0]
+            if source is not None and source.name and node.outputs[0].name:
+                result[source.name] = node.outputs[0].name
+    return result
+
+
+def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
+    """A clone of ``model`` whose graph also outputs the tensors ``names``."""
+    clone = model.clone()
+    values = {out.name: out for node in clone.graph for out in node.outputs if out.name}
+    present = {v.name for v in clone.graph.outputs}
+    for name in names:
+        if name not in present:
+            clone.graph.outputs.append(values[name])
+            present.add(name)
+    return clone
+
+
+def split_samples(
+    dataset: data_mod.Dataset, specs: Sequence[data_mod.InputSpec]
+) -> Iterator[dict[str, np.ndarray]]:
+    """One feed per sample: batches are sliced along the dynamic first axis."""
+    dynamic = {
+        s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)
+    }
+    for batch in dataset.batches():
+        if batch.samples <= 1:
+            yield batch.feed
+            continue
+        for i in range(batch.samples):
+            yield {
+                name: array[i : i + 1] if name in dynamic else array
+                for name, array in batch.feed.items()
+            }

@@ -1,0 +1,392 @@
+"""The self-contained HTML report: tables plus inline SVG plots, no scripts, no external URLs.
+
+``html_report`` renders whichever of a shrink run, a check and a benchmark it is given. The
+page is one file a person can mail or attach to an issue: CSS inline, charts as inline SVG
+(``svg.py``) with tooltips, every name from a model escaped.
+"""
+
+from __future__ import annotations
+
+import html
+import math
+from collections.abc import Callable, Iterable, Sequence
+from typing import TYPE_CHECKING
+
+from onnx_shrink.runtime_check import svg
+from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
+from onnx_shrink.runtime_check.check import CheckReport
+from onnx_shrink.runtime_check.compare import NumericReport
+from onnx_shrink.runtime_check.layers import LayerReport
+
+if TYPE_CHECKING:
+    from onnx_shrink.api import ShrinkResult
+
+"""``layers.localize``'s default jump threshold, drawn on the per-layer plot."""
+TOP_TENSORS = 15
+TOP_OP_TYPES = 12
+REFERENCE_COLOR, CANDIDATE_COLOR = svg.PALETTE[0], svg.PALETTE[1]
+
+_CSS = """
+body { font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif;
+  color: #222; max-width: 960px; margin: 24px auto; padding: 0 16px; }
+h1 { font-size: 22px; margin: 0 0 8px; } h2 { font-size: 18px; margin: 28px 0 8px;
+  border-bottom: 1px solid #ddd; padding-bottom: 4px; }
+table { border-collapse: collapse; margin: 8px 0 12px; font-size: 13px; }
+th, td { padding: 4px 10px; border-bottom: 1px solid #eee; text-align: right; }
+th { background: #f5f5f5; } td.name, th.name { text-align: left; word-break: break-all; }
+code { font-size: 12.5px; background: #f3f3f3; padding: 1px 4px; border-radius: 3px;
+  word-break: break-all; }
+.badge { display: inline-block; padding: 3px 12px; border-radius: 12px; color: #fff;
+  font-weight: 700; letter-spacing: .5px; vertical-align: middle; margin-left: 8px; }
+.pass { background: #2e7d32; } .fail { background: #c62828; }
+.failures { color: #c62828; } .muted { color: #666; }
+svg { display: block; max-width: 100%; height: auto; margin: 8px 0; }
+"""
+
+
+def html_report(
+    *,
+    shrink: ShrinkResult | None = None,
+    check: CheckReport | None = None,
+    bench: BenchmarkReport | None = None,
+) -> str:
+    """A complete standalone HTML document for a shrink run, a check and/or a benchmark.
+
+    A shrink run's ``verification`` is rendered as its check unless ``check`` is given. At
+    least one argument is required (ValueError otherwise).
+    """
+    if shrink is None and check is None and bench is None:
+        raise ValueError("html_report needs a shrink result, a check report or a benchmark")
+    if check is None and shrink is not None:
+        check = shrink.verification
+    body = [_header(shrink, check, bench)]
+    if shrink is not None:
+        body.append(_shrink_section(shrink))
+    if check is not None:
+        body += _check_sections(check)
+    if bench is not None:
+        body.append(_bench_section(bench))
+    return (
+        '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
+        '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
+        f"<title>onnx-shrink report</title>\n<style>{_CSS}</style>\n</head>\n<body>\n"
+        + "\n".join(body)
+        + "\n</body>\n</html>\n"
+    )
+
+
+def _e(text: object) -> str:
+    return html.escape(str(text))
+
+
+def _num(value: float | None, digits: int = 4) -> str:
+    """A float for a table cell: ``∞`` for infinities, ``—`` for None."""
+    if value is None:
+        return "—"
+    if math.isnan(value):
+        return "NaN"
+    if math.isinf(value):
+        return "∞" if value > 0 else "−∞"
+    return f"{value:.{digits}g}"
+
+
+def _bytes(count: float) -> str:
+    """Decimal units (kB = 1000 B), so 1-2-5 axis ticks read as round numbers."""
+    for threshold, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
+        if abs(count) >= threshold:
+            return f"{count / threshold:.4g} {unit}"
+    return f"{count:.0f} B"
+
+
+def _count(n: float) -> str:
+    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
+        if abs(n) >= threshold:
+            return f"{n / threshold:.3g}{suffix}"
+    return f"{n:.0f}"
+
+
+def _ms(value: float) -> str:
+    return f"{value:.3g} ms"
+
+
+def _pct(value: float | None) -> str:
+    return "—" if value is None else f"{100 * value:.2f} %"
+
+
+def _change(before: float, after: float, fmt: Callable[[float], str] = _count) -> str:
+    return f"{fmt(before)} → {fmt(after)}"
+
+
+def _table(header: Sequence[str], rows: Iterable[Sequence[str]], names: int = 1) -> str:
+    """A table whose first ``names`` columns are left-aligned text; cells are already HTML."""
+
+    def row(cells: Sequence[str], tag: str) -> str:
+        return "".join(
+            f'<{tag} class="name">{c}</{tag}>' if i < names else f"<{tag}>{c}</{tag}>"
+            for i, c in enumerate(cells)
+        )
+
+    lines = [f"<tr>{row([_e(h) for h in header], 'th')}</tr>"]
+    lines += [f"<tr>{row(cells, 'td')}</tr>" for cells in rows]
+    return "<table>\n" + "\n".join(lines) + "\n</table>"
+
+
+def _header(
+    shrink: ShrinkResult | None, check: CheckReport | None, bench: BenchmarkReport | None
+) -> str:
+    parts = ["<header>"]
+    badge = ""
+    if check is not None:
+        verdict = "PASS" if check.passed else "FAIL"
+        badge = f'<span class="badge {verdict.lower()}">{verdict}</span>'
+    parts.append(f"<h1>onnx-shrink report{badge}</h1>")
+    if shrink is not None:
+        specs = ", ".join(step.spec for step in shrink.steps) or "no passes"
+        parts.append(
+            f"<p>Passes <code>{_e(specs)}</code> in {shrink.seconds:.2f} s: "
+            f"{_bytes(shrink.input_bytes)} → {_bytes(shrink.output_bytes)} on disk"
+            + (f", written to <code>{_e(shrink.output_path)}</code>" if shrink.output_path else "")
+            + ".</p>"
+        )
+    if check is not None:
+        parts.append(_compared(check))
+    if bench is not None:
+        parts.append(
+            f"<p>Benchmark of <code>{_e(bench.model)}</code> on {_e(bench.provider)}, "
+            f"inputs {_e(bench.inputs)}.</p>"
+        )
+    parts.append("</header>")
+    return "\n".join(parts)
+
+
+def _compared(check: CheckReport) -> str:
+    numeric = check.numeric
+    data = "synthetic inputs" if numeric.synthetic else f"<code>{_e(numeric.data)}</code>"
+    text = (
+        f"<p>Candidate <code>{_e(check.candidate)}</code> against reference "
+        f"<code>{_e(check.reference)}</code> on {_e(check.provider)}, "
+        f"{numeric.samples} samples from {data}.</p>"
+    )
+    if numeric.failures:
+        items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)
+        text += f'<ul class="failures">{items}</ul>'
+    else:
+        text += '<p class="muted">Every output is within the tolerances.</p>'
+    return text
+
+
+def _shrink_section(shrink: ShrinkResult) -> str:
+    rows = []
+    for step in shrink.steps:
+        status = "rolled back" if step.rolled_back else "changed" if step.modified else "no change"
+        if step.verdict:
+            status += f": {step.verdict}"
+        rows.append(
+            [
+                f"<code>{_e(step.spec)}</code>",
+                _e(status),
+                f"{step.seconds:.3f} s",
+                _change(step.before.nodes, step.after.nodes),
+                _change(step.before.params, step.after.params),
+                _change(step.before.macs, step.after.macs),
+                _change(step.bytes_before, step.bytes_after, _bytes),
+            ]
+        )
+    header = ["pass", "result", "time", "nodes", "params", "MACs", "bytes on disk"]
+    return "<section>\n<h2>Passes</h2>\n" + _table(header, rows, names=2) + "\n</section>"
+
+
+def _check_sections(check: CheckReport) -> list[str]:
+    sections = [_numeric_section(check.numeric)]
+    if check.layers is not None:
+        sections.append(_layers_section(check.layers))
+    if check.latency is not None:
+        sections.append(_latency_section(check.latency))
+    sections.append(_bytes_section(check))
+    return sections
+
+
+def _numeric_section(numeric: NumericReport) -> str:
+    rows = [
+        [
+            f"<code>{_e(o.name)}</code>",
+            _num(o.max_abs_error),
+            _num(o.mean_abs_error),
+            _num(o.relative_error),
+            _num(o.cosine, 6),
+            _num(o.snr_db, 3),
+            f"{o.nan_count} / {o.inf_count}",
+            _pct(o.top1_agreement),
+        ]
+        for o in numeric.outputs
+    ]
+    header = ["output", "max abs", "mean abs", "relative", "cosine", "SNR dB", "NaN / Inf"]
+    parts = ["<section>\n<h2>Numerics</h2>", _table([*header, "top-1 agreement"], rows)]
+    if numeric.reference_accuracy is not None or numeric.candidate_accuracy is not None:
+        ref, cand = numeric.reference_accuracy, numeric.candidate_accuracy
+        drop = f"{100 * (ref - cand):.2f} points" if ref is not None and cand is not None else "—"
+        parts.append(
+            _table(
+                ["accuracy", "reference", "candidate", "drop"],
+                [["top-1", _pct(ref), _pct(cand), drop]],
+            )
+        )
+    parts.append("</section>")
+    return "\n".join(parts)
+
+
+def _layers_section(report: LayerReport) -> str:
+    if not report.layers:
+        return "<section>\n<h2>Per-layer error</h2>\n<p>No tensor matched.</p>\n</section>"
+    jump = report.first_jump
+    where = (
+        f"Error is born at <code>{_e(jump.tensor)}</code> ({_e(jump.op_type)}, position "
+        f"{jump.position}): keep it out of compression or in higher precision."
+        if jump
+        else "No layer jumps above the threshold."
+    )
+    if any(not x.relative_error > 0 for x in report.layers):
+        where += " Hollow points: zero error (at the bottom) or NaN/∞ (at the top)."
+    by_name = {x.tensor: x for x in report.layers}
+    ranked = [by_name[name] for name in report.ranked if name in by_name][:TOP_TENSORS]
+    rows = [
+        [
+            f"<code>{_e(x.tensor)}</code>",
+            _e(x.op_type),
+            str(x.position),
+            _num(x.relative_error),
+            _num(x.upstream_relative_error),
+            _num(x.cosine, 6),
+            _num(x.snr_db, 3),
+        ]
+        for x in ranked
+    ]
+    header = ["tensor", "op", "position", "relative", "upstream", "cosine", "SNR dB"]
+    return (
+        f"<section>\n<h2>Per-layer error</h2>\n<p>{where} {report.samples} samples, "
+        f"{len(report.layers)} tensors compared, {report.unmatched} unmatched.</p>\n"
+        f"{_layer_chart(report)}\n<h3>Top {len(ranked)} tensors by error</h3>\n"
+        f"{_table(header, rows, names=2)}\n</section>"
+    )
+
+
+def _layer_chart(report: LayerReport) -> str:
+    """Plot A: relative error per tensor in graph order, coloured by op type, first jump ringed."""
+    positive = [x.relative_error for x in report.layers if x.relative_error > 0]
+    op_types = list(dict.fromkeys(x.op_type for x in report.layers))
+    points = [
+        svg.Point(
+            x=layer.position,
+            y=layer.relative_error,
+            group=layer.op_type,
+            tip=f"#{layer.position} {layer.tensor} ({layer.op_type}): relative error "
+            f"{_num(layer.relative_error)}, upstream {_num(layer.upstream_relative_error)}",
+            label=f"first jump: {_short(layer.tensor)}" if layer == report.first_jump else None,
+        )
+        for layer in report.layers
+    ]
+    return svg.log_scatter(
+        points,
+        title="Per-layer error along the graph",
+        x_label="position in graph order",
+        y_label="relative error (log)",
+        floor=max(min([*positive, report.jump_threshold]) / 10, 1e-12),
+        colors={op: svg.PALETTE[i % len(svg.PALETTE)] for i, op in enumerate(op_types)},
+        threshold=svg.Marker(
+            report.jump_threshold, f"jump threshold {report.jump_threshold:g}", "#888"
+        ),
+    )
+
+
+def _short(name: str, limit: int = 48) -> str:
+    return name if len(name) <= limit else "…" + name[-(limit - 1) :]
+
+
+def _latency_section(latency: LatencyComparison) -> str:
+    ref, cand = latency.reference, latency.candidate
+    both = (("reference", ref, REFERENCE_COLOR), ("candidate", cand, CANDIDATE_COLOR))
+    markers = [
+        svg.Marker(value, f"{who} p{q}", color)
+        for who, stats, color in both
+        for q, value in ((50, stats.p50_ms), (90, stats.p90_ms))
+    ]
+    chart = svg.overlaid_histograms(
+        [svg.Series(who, stats.timings_ms, color) for who, stats, color in both],
+        title=f"Latency distribution (batch {ref.batch}): candidate/reference = "
+        f"{latency.ratio:.3f}×",
+        x_label="milliseconds per run",
+        markers=sorted(markers, key=lambda m: -m.value),
+        fmt=_ms,
+        upper=max(
+            _outlier_fence(ref.timings_ms),
+            _outlier_fence(cand.timings_ms),
+            *(m.value for m in markers),
+        ),
+    )
+    rows = [_latency_row(name, s) for name, s in (("reference", ref), ("candidate", cand))]
+    table = _table(["model", "runs", "mean", "p50", "p90", "p99", "samples/s"], rows)
+    return (
+        "<section>\n<h2>Latency</h2>\n<p>Both models timed alternately in one process; the "
+        f"ratio is the median of per-pair ratios.</p>\n{chart}\n{table}\n</section>"
+    )
+
+
+def _outlier_fence(timings: Sequence[float]) -> float:
+    """Tukey's far-out fence, Q3 + 3 IQR: slower runs are outliers (a page fault, a GC)."""
+    ordered = sorted(timings) or [0.0]
+    q1, q3 = (ordered[round(q * (len(ordered) - 1))] for q in (0.25, 0.75))
+    return q3 + 3 * (q3 - q1)
+
+
+def _latency_row(name: str, stats: LatencyStats) -> list[str]:
+    times = (stats.mean_ms, stats.p50_ms, stats.p90_ms, stats.p99_ms)
+    return [_e(name), str(stats.runs), *map(_ms, times), _count(stats.throughput)]
+
+
+def _bytes_section(check: CheckReport) -> str:
+    ref, cand = check.reference_bytes_by_op, check.candidate_bytes_by_op
+    ops = sorted(set(ref) | set(cand), key=lambda op: (-max(ref.get(op, 0), cand.get(op, 0)), op))
+    shown, rest = ops[:TOP_OP_TYPES], ops[TOP_OP_TYPES:]
+    categories = shown + (["other"] if rest else [])
+
+    def values(by_op: dict[str, int]) -> tuple[float, ...]:
+        other = (sum(by_op.get(op, 0) for op in rest),) if rest else ()
+        return tuple(float(by_op.get(op, 0)) for op in shown) + other
+
+    chart = svg.grouped_hbars(
+        categories,
+        [
+            svg.Series("reference", values(ref), REFERENCE_COLOR),
+            svg.Series("candidate", values(cand), CANDIDATE_COLOR),
+        ],
+        title="Bytes by op type, before and after",
+        x_label="tensor bytes consumed by the op type",
+        fmt=_bytes,
+    )
+    sizes = [
+        [_e(name), _bytes(size.bytes_on_disk), _bytes(size.zipped_bytes)]
+        for name, size in (("reference", check.reference_size), ("candidate", check.candidate_size))
+    ]
+    table = _table(["model", "on disk", "zipped"], sizes)
+    return f"<section>\n<h2>Size</h2>\n{chart}\n{table}\n</section>"
+
+
+def _bench_section(bench: BenchmarkReport) -> str:
+    def threads(stats: LatencyStats) -> str:
+        return "default" if stats.threads is None else str(stats.threads)
+
+    rows = [[str(s.batch), threads(s), *_latency_row("", s)[1:]] for s in bench.latency]
+    header = ["batch", "threads", "runs", "mean", "p50", "p90", "p99", "samples/s"]
+    chart = svg.grouped_hbars(
+        [f"batch {s.batch}, threads {threads(s)}" for s in bench.latency],
+        [svg.Series("p50", tuple(s.p50_ms for s in bench.latency), REFERENCE_COLOR)],
+        title="Median latency per batch size and thread count",
+        x_label="p50 milliseconds per run",
+        fmt=_ms,
+    )
+    memory = "not measured" if bench.peak_memory_bytes is None else _bytes(bench.peak_memory_bytes)
+    return (
+        f"<section>\n<h2>Benchmark</h2>\n{_table(header, rows, names=0)}\n{chart}\n"
+        f"<p>Session peak memory: {memory}. Size: {_bytes(bench.size.bytes_on_disk)} on disk, "
+        f"{_bytes(bench.size.zipped_bytes)} zipped.</p>\n</section>"
+    )

@@ -1,0 +1,57 @@
+"""--verify-each: a pass that breaks the tolerances is rolled back, or stops a strict run."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import ClassVar
+
+import numpy as np
+import onnx_ir as ir
+import pytest
+
+from models import digits
+from onnx_shrink import FoldPass, PassFailedError, shrink
+from onnx_shrink.api import CheckOptions
+from onnx_shrink.compiler import io
+
+
+@dataclasses.dataclass(frozen=True)
+class ScaleWeightPass(ir.passes.InPlacePass):
+    """A lossy in-place pass for the test: multiplies one initializer by ``factor``."""
+
+    name: ClassVar[str] = "scale-weight"
+    initializer: str = "head.4.weight"
+    factor: float = -1.0  # flips the logits: cosine -1, accuracy near 0
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value = model.graph.initializers[self.initializer]
+        value.const_value = ir.tensor(value.const_value.numpy() * self.factor, name=value.name)
+        return ir.passes.PassResult(model, True)
+
+
+def _run(**options):
+    return shrink(
+        digits.MODEL_PATH,
+        [FoldPass(), ScaleWeightPass()],
+        check=CheckOptions(data=digits.TEST_DATA_PATH, verify_each=True, latency_runs=0, **options),
+    )
+
+
+def test_a_pass_breaking_the_tolerances_is_rolled_back_and_the_run_goes_on(caplog):
+    result = _run()
+    fold_step, scale_step = result.steps
+    assert not fold_step.rolled_back and fold_step.verdict
+    assert scale_step.rolled_back
+    assert "cosine" in scale_step.verdict
+    assert "pass 'scale-weight' broke the tolerances" in caplog.text
+    folded_only = FoldPass()(io.load(digits.MODEL_PATH)).model
+    np.testing.assert_array_equal(
+        result.model.graph.initializers["head.4.weight"].const_value.numpy(),
+        folded_only.graph.initializers["head.4.weight"].const_value.numpy(),
+    )
+    assert result.verification.numeric.outputs[0].max_abs_error < 1e-4
+
+
+def test_strict_stops_at_the_pass_that_breaks_the_tolerances():
+    with pytest.raises(PassFailedError, match="pass 'scale-weight' broke the tolerances"):
+        _run(strict=True)

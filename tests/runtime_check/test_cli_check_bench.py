@@ -1,0 +1,118 @@
+"""`onnx-shrink check` and `onnx-shrink bench` end to end."""
+
+from __future__ import annotations
+
+import json
+
+from models import digits
+from tests.helpers import perturbed_copy
+
+DATA = digits.TEST_DATA_PATH
+
+
+def test_check_of_a_model_against_itself_passes(run_cli, tmp_path):
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "check",
+        digits.MODEL_PATH,
+        digits.MODEL_PATH,
+        "--data",
+        DATA,
+        "--report",
+        report,
+        "--runs",
+        "10",
+    )
+    assert result.code == 0, result.err
+    assert "PASS" in result.out
+    figures = json.loads(report.read_text())
+    assert figures["passed"] is True
+    assert figures["numeric"]["outputs"][0]["snr_db"] == "inf"  # strict JSON has no Infinity
+
+
+def test_check_of_a_perturbed_copy_fails_with_exit_1_and_names_the_layer(run_cli, tmp_path):
+    bad = perturbed_copy(digits.MODEL_PATH, tmp_path / "bad.onnx", "conv2.0.weight", scale=0.5)
+    report = tmp_path / "r.json"
+    result = run_cli(
+        "check",
+        digits.MODEL_PATH,
+        bad,
+        "--data",
+        DATA,
+        "--layers",
+        "--min-cosine",
+        "0.9999",
+        "--report",
+        report,
+        "--runs",
+        "0",
+    )
+    assert result.code == 1
+    assert "check failed" in result.err
+    assert "first error jump: /conv2/conv2.0/Conv_output_0" in result.out
+    assert json.loads(report.read_text())["passed"] is False  # the report is still written
+
+
+def test_check_uses_default_tolerances_without_options(run_cli, tmp_path):
+    bad = perturbed_copy(digits.MODEL_PATH, tmp_path / "bad.onnx", "head.1.weight", scale=3.0)
+    result = run_cli("check", digits.MODEL_PATH, bad, "--data", DATA, "--runs", "0")
+    assert result.code == 1
+    assert "cosine" in result.out
+
+
+def test_check_with_a_missing_provider_is_a_clear_error(run_cli):
+    result = run_cli("check", digits.MODEL_PATH, digits.MODEL_PATH, "--ep", "tensorrt")
+    assert result.code == 2
+    assert "execution provider 'tensorrt' is not available" in result.err
+    assert "available: " in result.err
+
+
+def test_bench_reports_percentiles_throughput_memory_and_size(run_cli, tmp_path):
+    report = tmp_path / "b.json"
+    result = run_cli(
+        "bench",
+        digits.MODEL_PATH,
+        "--batch-sizes",
+        "1,16",
+        "--threads",
+        "1",
+        "--runs",
+        "10",
+        "--report",
+        report,
+    )
+    assert result.code == 0, result.err
+    figures = json.loads(report.read_text())
+    assert [row["batch"] for row in figures["latency"]] == [1, 16]
+    row = figures["latency"][1]
+    assert row["p50_ms"] <= row["p90_ms"] <= row["p99_ms"]
+    assert row["throughput"] > 0
+    assert figures["peak_memory_bytes"] > 0
+    assert figures["size"]["bytes_on_disk"] == digits.MODEL_PATH.stat().st_size
+    assert 0 < figures["size"]["zipped_bytes"] < figures["size"]["bytes_on_disk"]
+
+
+def test_bench_rejects_bad_batch_sizes(run_cli):
+    result = run_cli("bench", digits.MODEL_PATH, "--batch-sizes", "1,x")
+    assert result.code == 2
+    assert "--batch-sizes expects comma-separated integers" in result.err
+
+
+def test_compile_verify_each_reports_per_pass_verdicts(run_cli, digits_copy, tmp_path):
+    report = tmp_path / "r.json"
+    result = run_cli(
+        digits_copy,
+        "--passes",
+        "fold",
+        "--data",
+        DATA,
+        "--verify-each",
+        "--report",
+        report,
+        "--runs",
+        "0",
+    )
+    assert result.code == 0, result.err
+    step = json.loads(report.read_text())["passes"][0]
+    assert step["rolled_back"] is False
+    assert "cosine" in step["verdict"]

@@ -1,0 +1,93 @@
+"""Streaming comparison statistics: exact formulas, batching independence, tolerances."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from onnx_shrink.runtime_check.compare import (
+    ErrorAccumulator,
+    Tolerances,
+    compare_batches,
+)
+
+finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    ref=hnp.arrays(np.float32, st.tuples(st.integers(1, 12), st.integers(1, 6)), elements=finite),
+    noise=st.floats(0, 1),
+    split=st.integers(1, 11),
+)
+def test_results_do_not_depend_on_how_samples_are_batched(ref, noise, split):
+    cand = (ref + noise * np.sin(np.arange(ref.size).reshape(ref.shape))).astype(np.float32)
+    whole, parts = ErrorAccumulator("y"), ErrorAccumulator("y")
+    whole.add(ref, cand)
+    cut = min(split, len(ref))
+    parts.add(ref[:cut], cand[:cut])
+    parts.add(ref[cut:], cand[cut:])
+    a, b = whole.result(), parts.result()
+    assert a.max_abs_error == b.max_abs_error
+    for field in ("mean_abs_error", "relative_error", "cosine"):
+        assert math.isclose(getattr(a, field), getattr(b, field), rel_tol=1e-9, abs_tol=1e-12)
+
+
+def test_metrics_follow_their_definitions():
+    ref = np.array([[3.0, 4.0]], np.float32)
+    cand = np.array([[3.0, 3.0]], np.float32)
+    acc = ErrorAccumulator("y")
+    acc.add(ref, cand)
+    r = acc.result()
+    assert r.max_abs_error == 1.0
+    assert r.mean_abs_error == 0.5
+    assert math.isclose(r.relative_error, 1 / 5)  # ||(0, 1)|| / ||(3, 4)||
+    assert math.isclose(r.cosine, (9 + 12) / (5 * math.sqrt(18)))
+    assert math.isclose(r.snr_db, 10 * math.log10(25 / 1))
+    assert r.top1_agreement == 0.0  # argmax 1 vs argmax 0 (tie goes to the first)
+
+
+def test_identical_outputs_have_infinite_snr_and_cosine_one():
+    x = np.linspace(-1, 1, 10, dtype=np.float32)
+    acc = ErrorAccumulator("y")
+    acc.add(x, x.copy())
+    r = acc.result()
+    assert (r.max_abs_error, r.cosine, r.snr_db, r.relative_error) == (0.0, 1.0, math.inf, 0.0)
+
+
+def test_nan_and_inf_in_the_candidate_are_counted_and_fail():
+    ref = np.ones((1, 4), np.float32)
+    cand = np.array([[1, np.nan, np.inf, 1]], np.float32)
+    report = compare_batches([({"y": ref}, {"y": cand}, None)])
+    (out,) = report.outputs
+    assert (out.nan_count, out.inf_count) == (1, 1)
+    assert not report.passed
+    assert "1 NaN and 1 Inf" in report.failures[0]
+
+
+def test_elementwise_tolerances_count_violations_like_allclose():
+    ref = np.array([1.0, 10.0, 100.0], np.float32)
+    cand = np.array([1.05, 10.5, 101.0], np.float32)
+    tolerances = Tolerances(atol=0.01, rtol=0.02)
+    report = compare_batches([({"y": ref}, {"y": cand}, None)], tolerances=tolerances)
+    expected = int(np.sum(~np.isclose(cand, ref, rtol=0.02, atol=0.01)))
+    assert report.outputs[0].outside_tolerance == expected == 2
+    assert "2 of 3 elements exceed" in report.failures[0]
+
+
+def test_accuracy_drop_and_cosine_tolerances():
+    labels = np.array([0, 1, 1, 0])
+    ref = np.array([[2, 1], [0, 3], [1, 2], [5, 0]], np.float32)
+    cand = np.array([[2, 1], [3, 0], [1, 2], [0, 5]], np.float32)  # two samples flip
+    report = compare_batches(
+        [({"logits": ref}, {"logits": cand}, labels)],
+        tolerances=Tolerances(min_cosine=0.99, max_accuracy_drop=0.25),
+    )
+    assert (report.reference_accuracy, report.candidate_accuracy) == (1.0, 0.5)
+    assert report.outputs[0].top1_agreement == 0.5
+    assert len(report.failures) == 2
+    assert any("accuracy dropped 50.00%" in f for f in report.failures)

@@ -1,0 +1,124 @@
+"""Every data source becomes the same batches; mismatches are clear errors naming the input."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+from onnx import numpy_helper
+
+from onnx_shrink.errors import DataError
+from onnx_shrink.runtime_check import data
+
+IMAGE = data.InputSpec("image", np.float32, ("batch", 1, 8, 8))
+STATE = data.InputSpec("state", np.float32, (2, 1, 4))
+RATE = data.InputSpec("sr", np.int64, ())
+
+
+def _concat(dataset: data.Dataset, name: str) -> np.ndarray:
+    return np.concatenate([b.feed[name] for b in dataset.batches()])
+
+
+def test_npz_with_samples_on_the_batch_axis_is_batched(tmp_path):
+    images = np.random.default_rng(0).standard_normal((100, 1, 8, 8)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", image=images, labels=np.arange(100))
+    dataset = data.prepare([IMAGE], tmp_path / "d.npz")
+    batches = list(dataset.batches())
+    assert [b.samples for b in batches] == [64, 36]
+    np.testing.assert_array_equal(_concat(dataset, "image"), images)
+    np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), np.arange(100))
+
+
+def test_scalars_and_fixed_batch_inputs_take_one_sample_per_run(tmp_path):
+    np.savez(
+        tmp_path / "d.npz",
+        state=np.zeros((3, 2, 1, 4), np.float32),
+        sr=np.array([16000, 8000, 16000]),
+    )
+    batches = list(data.prepare([STATE, RATE], tmp_path / "d.npz").batches())
+    assert len(batches) == 3
+    assert batches[1].feed["sr"].shape == () and batches[1].feed["sr"] == 8000
+    assert batches[0].feed["state"].shape == (2, 1, 4)
+
+
+def test_folder_of_npy_files(tmp_path):
+    images = np.ones((5, 1, 8, 8), np.float32)
+    np.save(tmp_path / "image.npy", images)
+    np.save(tmp_path / "labels.npy", np.arange(5))
+    dataset = data.prepare([IMAGE], tmp_path)
+    assert dataset.has_labels
+    np.testing.assert_array_equal(_concat(dataset, "image"), images)
+
+
+def test_onnxruntime_test_data_layout(tmp_path):
+    for i in range(3):
+        folder = tmp_path / f"test_data_set_{i}"
+        folder.mkdir()
+        tensor = numpy_helper.from_array(np.full((1, 1, 8, 8), i, np.float32), "image")
+        (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
+    feeds = [b.feed["image"][0, 0, 0, 0] for b in data.prepare([IMAGE], tmp_path).batches()]
+    assert feeds == [0, 1, 2]
+
+
+class Reader:
+    """onnxruntime's CalibrationDataReader protocol."""
+
+    def __init__(self, n: int) -> None:
+        self.left = n
+
+    def get_next(self):
+        if not self.left:
+            return None
+        self.left -= 1
+        return {"image": np.zeros((2, 1, 8, 8), np.float32)}
+
+
+def test_reader_objects_are_read_once_with_the_checked_first_feed_replayed():
+    dataset = data.prepare([IMAGE], Reader(3))  # checks the first feed now
+    assert dataset.first_feed()["image"].shape == (2, 1, 8, 8)
+    assert [b.samples for b in dataset.batches()] == [2, 2, 2]
+    with pytest.raises(DataError, match="read only once"):
+        list(dataset.batches())
+
+
+@pytest.mark.parametrize(
+    ("arrays", "message"),
+    [
+        ({"image": np.zeros((4, 1, 8, 8), np.float64)}, "input 'image' is float64"),
+        ({"image": np.zeros((4, 8, 8), np.float32)}, "input 'image' has shape 4x8x8"),
+        ({"image": np.zeros((4, 1, 8, 9), np.float32)}, "has 9 on axis 3"),
+        ({"pixels": np.zeros((4, 1, 8, 8), np.float32)}, "no array for input 'image'"),
+    ],
+)
+def test_mismatches_name_the_input(tmp_path, arrays, message):
+    np.savez(tmp_path / "d.npz", **arrays)
+    with pytest.raises(DataError, match=message):
+        data.prepare([IMAGE], tmp_path / "d.npz")
+
+
+def test_labels_of_another_length_are_rejected(tmp_path):
+    np.savez(tmp_path / "d.npz", image=np.zeros((4, 1, 8, 8), np.float32), labels=np.arange(5))
+    with pytest.raises(DataError, match="different numbers of samples"):
+        data.prepare([IMAGE], tmp_path / "d.npz")
+
+
+def test_synthetic_data_is_seeded_and_warns(caplog):
+    a = data.prepare([IMAGE], None).first_feed()["image"]
+    b = data.prepare([IMAGE], None).first_feed()["image"]
+    np.testing.assert_array_equal(a, b)
+    assert a.shape == (1, 1, 8, 8)
+    assert "say nothing about accuracy" in caplog.text
+
+
+def test_unknown_source_kind_is_an_error(tmp_path):
+    (tmp_path / "x.txt").write_text("1")
+    with pytest.raises(DataError, match="not an .npz"):
+        data.prepare([IMAGE], tmp_path / "x.txt")
+
+
+def test_model_specs_come_from_the_graph():
+    from models import digits
+    from onnx_shrink.compiler import io
+
+    (spec,) = data.specs_from_model(io.load(digits.MODEL_PATH))
+    assert spec.name == "image" and spec.dtype is np.float32
+    assert spec.shape[1:] == (1, 8, 8) and isinstance(spec.shape[0], str)
