@@ -8,7 +8,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from onnx_shrink.api import ShrinkResult, shrink  # noqa: E402
+from onnx_shrink.api import CheckOptions, ShrinkResult, shrink  # noqa: E402
 from onnx_shrink.compiler.io import load, save  # noqa: E402
 from onnx_shrink.errors import (  # noqa: E402
     BadModelError,
@@ -19,16 +19,19 @@ from onnx_shrink.errors import (  # noqa: E402
     ShrinkError,
 )
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
+from onnx_shrink.runtime_check.compare import Tolerances  # noqa: E402
 
 __all__ = [
     "BadModelError",
     "CheckFailed",
+    "CheckOptions",
     "DataError",
     "FoldPass",
     "PassFailedError",
     "PipelineSpecError",
     "ShrinkError",
     "ShrinkResult",
+    "Tolerances",
     "__version__",
     "load",
     "save",

@@ -17,7 +17,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.errors import DataError, ShrinkError
-from onnx_shrink.runtime_check import check as check_mod
+from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 

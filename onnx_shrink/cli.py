@@ -23,7 +23,7 @@ from onnx_shrink import __version__, console
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
 from onnx_shrink.compiler import io, pipeline, registry
 from onnx_shrink.errors import CheckFailed, ShrinkError
-from onnx_shrink.runtime_check import bench, check, report
+from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -257,7 +257,7 @@ def _print_compile(out: Console, result: ShrinkResult) -> None:
 
 def _run_check(args: argparse.Namespace, out: Console) -> int:
     with out.status("checking..."):
-        result = check.check(
+        result = checker.check(
             args.reference,
             args.candidate,
             args.data,

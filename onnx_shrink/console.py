@@ -13,7 +13,7 @@ from rich.table import Table
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.runtime_check.bench import BenchmarkReport
-from onnx_shrink.runtime_check.check import CheckReport
+from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
 

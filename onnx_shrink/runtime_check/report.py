@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING
 
 from onnx_shrink.runtime_check import svg
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
-from onnx_shrink.runtime_check.check import CheckReport
+from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
 

@@ -7,7 +7,7 @@ import pytest
 
 from models import digits
 from onnx_shrink.runtime_check.bench import benchmark
-from onnx_shrink.runtime_check.check import check
+from onnx_shrink.runtime_check.checker import check
 from onnx_shrink.runtime_check.compare import Tolerances
 
 pytestmark = [
