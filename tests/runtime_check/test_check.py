@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from models import digits
-from onnx_shrink.runtime_check.check import check, compare
+from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
 from tests.helpers import perturbed_copy
 

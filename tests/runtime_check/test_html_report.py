@@ -21,7 +21,7 @@ import pytest
 import onnx_shrink
 from models import digits
 from onnx_shrink.runtime_check.bench import BenchmarkReport, benchmark
-from onnx_shrink.runtime_check.check import CheckReport, check
+from onnx_shrink.runtime_check.checker import CheckReport, check
 from onnx_shrink.runtime_check.compare import Tolerances
 from onnx_shrink.runtime_check.report import html_report
 from tests.helpers import perturbed_copy
