@@ -28,7 +28,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import logging
-import os
 import platform
 import shlex
 import statistics
@@ -47,13 +46,13 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import RESULTS, machine, write_section  # noqa: E402
 from models.fetch import REAL_MODELS, fetch  # noqa: E402
 from models.inputs import sample_inputs  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
 
 HEADING = "## fold vs onnxsim 0.8.1"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 ONNXSIM_VERSION = "0.8.1"
 
 
@@ -214,18 +213,6 @@ def _version(dist: str) -> str:
         return "not installed"
 
 
-def machine() -> str:
-    cpu = platform.processor() or platform.machine()
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
-
-
 def section(rows: list[Row], command: str, repeat: int) -> str:
     versions = ", ".join(
         f"{d} {_version(d)}" for d in ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxsim")
@@ -251,23 +238,6 @@ def section(rows: list[Row], command: str, repeat: int) -> str:
     )
 
 
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Replace the section under HEADING in ``path`` (or append it), keeping everything else."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    io.write_text(path, new)
-    path.chmod(0o644)  # io.write_text's temporary file is created 0600
-
-
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("models", nargs="*", help=f"any of {', '.join(REAL_MODELS)} (default all)")
@@ -291,7 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(rows, command, args.repeat)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section(HEADING, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 

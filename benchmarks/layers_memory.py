@@ -46,8 +46,10 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+from benchmarks.results import RESULTS, machine, write_section  # noqa: E402
+from models.perturb import perturb_node_weight  # noqa: E402
+
 HEADING = "## per-layer comparison memory (MiniLM)"
-RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 PERTURBED_NODE = "encoder/layer.1/intermediate/dense/MatMul"
 LIMIT = 2.0
 
@@ -85,25 +87,6 @@ def child(reference: str, candidate: str, data: str) -> int:
         )
     )
     return 0
-
-
-def perturbed_copy(source: Path, target: Path, scale: float = 0.5, seed: int = 0) -> str:
-    """Save ``source`` with noise on the weight of the MatMul ``PERTURBED_NODE``; return the
-    name of that MatMul's output (where the error is born)."""
-    import onnx
-    import onnx.numpy_helper
-
-    model = onnx.load(str(source))
-    initializers = {t.name: t for t in model.graph.initializer}
-    node = next(n for n in model.graph.node if n.op_type == "MatMul" and PERTURBED_NODE in n.name)
-    weight = initializers[next(i for i in node.input if i in initializers)]
-    array = onnx.numpy_helper.to_array(weight)
-    noise = np.random.default_rng(seed).standard_normal(array.shape) * array.std()
-    weight.CopyFrom(
-        onnx.numpy_helper.from_array((array + scale * noise).astype(array.dtype), weight.name)
-    )
-    target.write_bytes(model.SerializeToString())
-    return node.output[0]
 
 
 def measure(reference: Path, candidate: Path, data: Path) -> dict[str, object]:
@@ -154,18 +137,6 @@ def ratios(rows: list[dict[str, object]], few: int, many: int) -> list[str]:
     return out
 
 
-def machine() -> str:
-    cpu = "unknown CPU"
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                cpu = line.split(":", 1)[1].strip()
-                break
-    except OSError:
-        pass
-    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
-
-
 def section(rows: list[dict[str, object]], command: str, few: int, many: int) -> str:
     versions = ", ".join(f"{d} {metadata.version(d)}" for d in ("onnx", "onnxruntime", "numpy"))
     return "\n".join(
@@ -191,24 +162,6 @@ def section(rows: list[dict[str, object]], command: str, few: int, many: int) ->
             "",
         ]
     )
-
-
-def write_results(text: str, path: Path = RESULTS) -> None:
-    """Replace the section under HEADING in ``path`` (or append it), keeping everything else."""
-    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
-    lines = old.splitlines(keepends=True)
-    start = next((i for i, line in enumerate(lines) if line.strip() == HEADING), None)
-    if start is None:
-        new = old.rstrip("\n") + "\n\n" + text
-    else:
-        end = next(
-            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
-        )
-        tail = "".join(lines[end:])
-        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    tmp = path.with_name(f".{path.name}.tmp")
-    tmp.write_text(new, encoding="utf-8")
-    os.replace(tmp, path)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -240,7 +193,7 @@ def main(argv: list[str] | None = None) -> int:
         candidates = {"self": reference}
         if "perturbed" in args.candidates:
             candidates["perturbed"] = folder / "minilm-perturbed.onnx"
-            born = perturbed_copy(reference, candidates["perturbed"])
+            born = perturb_node_weight(reference, candidates["perturbed"], PERTURBED_NODE)
             print(f"perturbed: error is born at {born}", file=sys.stderr)
         for name in args.candidates:
             for n, data in ((few, data_few), (many, data_many)):
@@ -253,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     text = section(rows, command, few, many)
     print(text)
     if not args.no_write:
-        write_results(text)
+        write_section(HEADING, text)
         print(f"wrote {RESULTS}", file=sys.stderr)
     return 0
 

@@ -7,7 +7,6 @@ from pathlib import Path
 
 import numpy as np
 import onnx
-import onnx.numpy_helper
 import onnxruntime as ort
 
 
@@ -39,24 +38,3 @@ def run_ort(model: bytes | str | Path, feed: dict[str, np.ndarray]) -> list[np.n
 def files_in(folder: Path) -> set[str]:
     """Names of all files under ``folder`` (to prove nothing was written)."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
-
-
-def perturbed_copy(
-    source: Path, target: Path, initializer: str, scale: float = 1.5, seed: int = 0
-) -> Path:
-    """A copy of a model with one initializer perturbed by noise of ``scale`` x its std."""
-    model = onnx.load(str(source))
-    for tensor in model.graph.initializer:
-        if tensor.name == initializer:
-            array = onnx.numpy_helper.to_array(tensor)
-            noise = np.random.default_rng(seed).standard_normal(array.shape) * array.std()
-            tensor.CopyFrom(
-                onnx.numpy_helper.from_array(
-                    (array + scale * noise).astype(array.dtype), tensor.name
-                )
-            )
-            break
-    else:
-        raise KeyError(initializer)
-    target.write_bytes(model.SerializeToString())
-    return target

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import onnx
 import onnx_ir as ir
+import onnxruntime as ort
 
 from onnx_shrink.compiler import io, stats
 from onnx_shrink.runtime_check import bench, sessions
@@ -73,10 +74,13 @@ def _load(model: AnyModel, label: str) -> _Loaded:
     return _Loaded(loaded, io.to_bytes(loaded), label)
 
 
-def _dataset(specs, data, labels, input_shapes) -> data_mod.Dataset:
-    if isinstance(data, data_mod.Dataset):
-        return data
-    return data_mod.prepare(specs, data, input_shapes, labels=labels)
+def _open(
+    reference: AnyModel, candidate: AnyModel, data: DataSource, labels, input_shapes
+) -> tuple[_Loaded, _Loaded, list[data_mod.InputSpec], data_mod.Dataset]:
+    """Both models loaded and validated, the reference's input specs, and the checked data."""
+    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
+    specs = data_mod.specs_from_model(ref.model)
+    return ref, cand, specs, data_mod.prepare(specs, data, input_shapes, labels=labels)
 
 
 def compare(
@@ -90,17 +94,18 @@ def compare(
     provider: str = "cpu",
 ) -> NumericReport:
     """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
-    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
-    specs = data_mod.specs_from_model(ref.model)
-    dataset = _dataset(specs, data, labels, input_shapes)
-    return _numeric(ref, cand, dataset, tolerances, provider)
+    ref, cand, _, dataset = _open(reference, candidate, data, labels, input_shapes)
+    ref_session = sessions.create_session(ref.source, provider=provider)
+    cand_session = sessions.create_session(cand.source, provider=provider)
+    return _numeric(ref_session, cand_session, dataset, tolerances)
 
 
 def _numeric(
-    ref: _Loaded, cand: _Loaded, dataset: data_mod.Dataset, tolerances: Tolerances, provider: str
+    ref_session: ort.InferenceSession,
+    cand_session: ort.InferenceSession,
+    dataset: data_mod.Dataset,
+    tolerances: Tolerances,
 ) -> NumericReport:
-    ref_session = sessions.create_session(ref.source, provider=provider)
-    cand_session = sessions.create_session(cand.source, provider=provider)
     names = [o.name for o in ref_session.get_outputs()]
     samples = 0
 
@@ -134,10 +139,10 @@ def check(
     latency_runs: int = 30,
 ) -> CheckReport:
     """Numerics, optional per-layer localization, alternate-run latency and sizes."""
-    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
-    specs = data_mod.specs_from_model(ref.model)
-    dataset = _dataset(specs, data, labels, input_shapes)
-    numeric = _numeric(ref, cand, dataset, tolerances, provider)
+    ref, cand, specs, dataset = _open(reference, candidate, data, labels, input_shapes)
+    ref_session = sessions.create_session(ref.source, provider=provider)
+    cand_session = sessions.create_session(cand.source, provider=provider)
+    numeric = _numeric(ref_session, cand_session, dataset, tolerances)
     layer_report = None
     if layers:
         layer_report = layers_mod.localize(ref.model, cand.model, dataset, specs, provider=provider)
@@ -145,8 +150,8 @@ def check(
     if latency_runs > 0:
         feed = dataset.first_feed()
         latency = bench.compare_latency(
-            sessions.create_session(ref.source, provider=provider),
-            sessions.create_session(cand.source, provider=provider),
+            ref_session,
+            cand_session,
             feed,
             runs=latency_runs,
             batch=data_mod.samples_in(feed, specs),

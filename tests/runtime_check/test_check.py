@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 
 from models import digits
+from models.perturb import perturbed_copy
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
-from tests.helpers import perturbed_copy
 
 DATA = digits.TEST_DATA_PATH
 

@@ -10,36 +10,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
-import numpy as np
-import onnx
-import onnx.numpy_helper
 import pytest
 
 from models.fetch import fetch
+from models.perturb import perturb_node_weight
 from models.text import minilm_dataset
 from onnx_shrink.runtime_check import Tolerances, check
 
 pytestmark = pytest.mark.network
 
 PERTURBED_NODE = "/model/model.0/auto_model/encoder/layer.1/intermediate/dense/MatMul"
-
-
-def perturb_matmul_weight(source: Path, target: Path, node_name: str, scale: float = 0.5) -> str:
-    """Save ``source`` with noise of ``scale`` x std on the weight initializer of the MatMul
-    ``node_name``; return the name of that MatMul's output."""
-    model = onnx.load(str(source))
-    initializers = {t.name: t for t in model.graph.initializer}
-    (node,) = [n for n in model.graph.node if n.name == node_name]
-    assert node.op_type == "MatMul"
-    (weight_name,) = [i for i in node.input if i in initializers]
-    weight = initializers[weight_name]
-    array = onnx.numpy_helper.to_array(weight)
-    noise = np.random.default_rng(0).standard_normal(array.shape) * array.std()
-    weight.CopyFrom(
-        onnx.numpy_helper.from_array((array + scale * noise).astype(array.dtype), weight_name)
-    )
-    target.write_bytes(model.SerializeToString())
-    return node.output[0]
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +47,7 @@ def test_minilm_against_itself_on_200_real_sentences(minilm: Path, tmp_path: Pat
 
 def test_a_perturbed_matmul_fails_and_is_the_first_jump(minilm: Path, tmp_path: Path):
     bad = tmp_path / "minilm-bad.onnx"
-    born = perturb_matmul_weight(minilm, bad, PERTURBED_NODE)
+    born = perturb_node_weight(minilm, bad, PERTURBED_NODE)
     data = minilm_dataset(tmp_path / "minilm-20.npz", n=20)
     report = check(
         minilm, bad, data, tolerances=Tolerances(min_cosine=0.99999), layers=True, latency_runs=0

@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from models import digits
-from tests.helpers import perturbed_copy
+from models.perturb import perturbed_copy
 
 DATA = digits.TEST_DATA_PATH
 

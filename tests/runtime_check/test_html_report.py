@@ -20,11 +20,11 @@ import pytest
 
 import onnx_shrink
 from models import digits
+from models.perturb import perturbed_copy
 from onnx_shrink.runtime_check.bench import BenchmarkReport, benchmark
 from onnx_shrink.runtime_check.checker import CheckReport, check
 from onnx_shrink.runtime_check.compare import Tolerances
 from onnx_shrink.runtime_check.report import html_report
-from tests.helpers import perturbed_copy
 
 SVG = "{http://www.w3.org/2000/svg}"
 PLOT_TITLES = (

@@ -1,0 +1,40 @@
+"""The shared parts of benchmark scripts: the machine line and writing RESULTS.md sections."""
+
+from __future__ import annotations
+
+import os
+import platform
+from pathlib import Path
+
+from onnx_shrink.compiler import io
+
+RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
+
+
+def machine() -> str:
+    """``Linux x86_64, <CPU model>, N cores``: the line every results section starts with."""
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    return f"{platform.system()} {platform.machine()}, {cpu}, {os.cpu_count()} cores"
+
+
+def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
+    """Replace the section under ``heading`` in ``path`` (or append it), keeping the rest."""
+    old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
+    lines = old.splitlines(keepends=True)
+    start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
+    if start is None:
+        new = old.rstrip("\n") + "\n\n" + text
+    else:
+        end = next(
+            (i for i in range(start + 1, len(lines)) if lines[i].startswith("## ")), len(lines)
+        )
+        tail = "".join(lines[end:])
+        new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
+    io.write_text(path, new)
