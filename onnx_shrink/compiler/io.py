@@ -404,6 +404,12 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
         raise ShrinkError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
 
 
+def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
+    """Write arrays to an uncompressed ``.npz`` (calibration batches spilled to disk)."""
+    with open(path, "wb") as handle:
+        np.savez(handle, **arrays)
+
+
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Read one ``.npy`` array (no pickles)."""
     try:

@@ -17,7 +17,9 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, registry, stats
+from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass
 from onnx_shrink.compiler.options import coerce
+from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
 
 if sys.version_info >= (3, 11):
@@ -146,6 +148,8 @@ class StepRecord:
     dump_path: str | None
     rolled_back: bool = False
     verdict: str | None = None
+    calibration_seconds: float = 0.0
+    calibration_samples: int | None = None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -169,6 +173,7 @@ class Verdict:
 
 
 Verifier = Callable[[ir.Model], Verdict]
+Collector = Callable[[ir.Model, Sequence[StatRequest]], Statistics]
 
 
 def run(
@@ -179,11 +184,14 @@ def run(
     on_start: StepCallback | None = None,
     verify: Verifier | None = None,
     strict: bool = False,
+    collect: Collector | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
-    With ``verify``, the model is judged after every pass; a pass it rejects is rolled back
-    (the model before it continues down the pipeline) or, with ``strict``, stops the run.
+    A data-aware pass gets statistics from ``collect``, run on the model as it is when the
+    pass's turn comes. With ``verify``, the model is judged after every pass; a pass it
+    rejects is rolled back (the model before it continues down the pipeline) or, with
+    ``strict``, stops the run.
 
     Raises:
         PassFailedError: a pass raised, or broke the verifier under ``strict``; the message
@@ -196,7 +204,15 @@ def run(
     for index, pass_ in enumerate(passes):
         if on_start is not None:
             on_start(index, pass_)
-        result, seconds, rolled_back, verdict = _run_one(pass_, model, steps, verify, strict)
+        calibration_seconds, samples = 0.0, None
+        runnable: ir.passes.PassBase = pass_
+        if isinstance(pass_, DataAwarePass):
+            started = time.perf_counter()
+            statistics = _collect(pass_, model, collect)
+            calibration_seconds = time.perf_counter() - started
+            samples = statistics.samples
+            runnable = pass_.bind(statistics)
+        result, seconds, rolled_back, verdict = _run_one(runnable, model, steps, verify, strict)
         model = result.model
         new_stats, new_bytes = stats.measure(model), io.serialized_bytes(model)
         dump_path = None
@@ -216,6 +232,8 @@ def run(
                 dump_path=dump_path,
                 rolled_back=rolled_back,
                 verdict=verdict,
+                calibration_seconds=calibration_seconds,
+                calibration_samples=samples,
             )
         )
         logger.info(
@@ -229,6 +247,14 @@ def run(
     return PipelineResult(model=model, steps=tuple(steps))
 
 
+def _collect(pass_: DataAwarePass, model: ir.Model, collect: Collector | None) -> Statistics:
+    if collect is None:
+        raise PassFailedError(
+            f"pass '{describe(pass_)}' needs calibration data, and this pipeline has none"
+        )
+    return collect(model, list(pass_.requests(model)))
+
+
 def _run_one(
     pass_: ir.passes.PassBase,
     model: ir.Model,
@@ -237,7 +263,7 @@ def _run_one(
     strict: bool,
 ) -> tuple[ir.passes.PassResult, float, bool, str | None]:
     """Run one pass (and its verification): (result, seconds, rolled back?, verdict)."""
-    spec = describe(pass_)
+    spec = describe(pass_.inner if isinstance(pass_, BoundPass) else pass_)
     # An in-place pass rewrites its input: keep a copy to roll back to.
     snapshot = _snapshot(model, pass_) if verify is not None else None
     started = time.perf_counter()

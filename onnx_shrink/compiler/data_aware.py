@@ -1,0 +1,58 @@
+"""Data-aware passes: passes that rewrite the graph from calibration statistics.
+
+Such a pass says what it needs (``requests``) and rewrites from what it gets (``apply``); the
+pipeline collects the statistics on the model as it is when the pass's turn comes (after the
+passes before it) and binds them to the pass for that one run. The pass itself never runs a
+model and stays a frozen configuration.
+"""
+
+from __future__ import annotations
+
+import abc
+import dataclasses
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from onnx_shrink.compiler.statistics import Statistics, StatRequest
+
+
+class DataAwarePass(ir.passes.InPlacePass):
+    """Base of passes that need tensor statistics (see module docstring)."""
+
+    @abc.abstractmethod
+    def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        """The statistics this pass needs for ``model``."""
+
+    @abc.abstractmethod
+    def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        """Rewrite ``model`` in place from ``stats``."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        raise ir.passes.PreconditionError(
+            f"pass '{getattr(self, 'name', type(self).__name__)}' needs calibration statistics: "
+            "run it through onnx_shrink.shrink() (which collects them) or call "
+            "pass_.bind(statistics)(model)"
+        )
+
+    def bind(self, stats: Statistics) -> BoundPass:
+        """This pass with ``stats``, runnable like any in-place pass."""
+        return BoundPass(self, stats)
+
+
+@dataclasses.dataclass(frozen=True)
+class BoundPass(ir.passes.InPlacePass):
+    """A data-aware pass together with the statistics for one run."""
+
+    inner: DataAwarePass
+    stats: Statistics
+
+    @property
+    def name(self) -> str:
+        return getattr(self.inner, "name", type(self.inner).__name__)
+
+    def requires(self, model: ir.Model) -> None:
+        self.inner.requires(model)
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return self.inner.apply(model, self.stats)

@@ -1,0 +1,203 @@
+"""What data-aware passes ask for and receive: streaming tensor statistics as plain data.
+
+A data-aware pass returns ``StatRequest``s from ``requests(model)``; the pipeline has
+``runtime_check.collect`` run the current model over the calibration data and hands back a
+``Statistics`` holding one result per request. Nothing here runs a model, so passes can be
+tested with hand-made statistics.
+
+Every result is exact whatever the batching: min/max and counts are exact, histograms use
+fixed edges decided by a range pass before any counting, and sums accumulate in float64.
+Non-finite values (the -inf of an additive attention mask) are counted, never folded into a
+range.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Iterable, Mapping
+from typing import Literal
+
+import numpy as np
+
+StatKind = Literal["minmax", "histogram", "channel_absmax", "channel_sqnorm", "gram"]
+
+
+@dataclasses.dataclass(frozen=True)
+class StatRequest:
+    """One statistic of one tensor.
+
+    kinds:
+        minmax: finite min and max over all elements, and the count of non-finite ones.
+        histogram: counts over ``bins`` equal bins spanning the tensor's finite [min, max].
+        channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
+        channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
+        gram: X^T X of the tensor flattened to rows of its last axis, and the row count.
+    """
+
+    tensor: str
+    kind: StatKind
+    axis: int = -1
+    bins: int = 2048
+
+
+@dataclasses.dataclass(frozen=True)
+class MinMax:
+    minimum: float
+    maximum: float
+    nonfinite: int
+    elements: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Histogram:
+    """``counts[i]`` elements fell in ``[edges[i], edges[i + 1])`` (the last bin is closed)."""
+
+    edges: np.ndarray
+    counts: np.ndarray
+
+    @property
+    def total(self) -> int:
+        return int(self.counts.sum())
+
+
+@dataclasses.dataclass(frozen=True)
+class ChannelValues:
+    """Per-channel results (absmax or sum of squares) and the rows they cover."""
+
+    values: np.ndarray
+    rows: int
+
+
+@dataclasses.dataclass(frozen=True)
+class Gram:
+    matrix: np.ndarray
+    rows: int
+
+
+StatResult = MinMax | Histogram | ChannelValues | Gram
+
+
+@dataclasses.dataclass(frozen=True)
+class Statistics:
+    """Results by request, the number of samples they were computed over, and the data."""
+
+    results: Mapping[StatRequest, StatResult]
+    samples: int
+    source: str
+
+    def get(self, tensor: str, kind: StatKind, **key: int) -> StatResult | None:
+        for request, result in self.results.items():
+            if (
+                request.tensor == tensor
+                and request.kind == kind
+                and all(getattr(request, k) == v for k, v in key.items())
+            ):
+                return result
+        return None
+
+    def minmax(self, tensor: str) -> MinMax | None:
+        result = self.get(tensor, "minmax")
+        return result if isinstance(result, MinMax) else None
+
+    def histogram(self, tensor: str) -> Histogram | None:
+        result = self.get(tensor, "histogram")
+        return result if isinstance(result, Histogram) else None
+
+
+# ---- streaming accumulators (used by runtime_check.collect; pure numpy, so testable here) ----
+
+
+class MinMaxAccumulator:
+    """Finite min/max and non-finite count, merged batch by batch."""
+
+    def __init__(self) -> None:
+        self.minimum = np.inf
+        self.maximum = -np.inf
+        self.nonfinite = 0
+        self.elements = 0
+
+    def add_reduced(self, minimum: float, maximum: float, nonfinite: int, elements: int) -> None:
+        """Merge a batch already reduced (inside the graph) to its finite min/max."""
+        self.minimum = min(self.minimum, float(minimum))
+        self.maximum = max(self.maximum, float(maximum))
+        self.nonfinite += int(nonfinite)
+        self.elements += int(elements)
+
+    def add(self, array: np.ndarray) -> None:
+        finite = array[np.isfinite(array)]
+        if finite.size:
+            self.add_reduced(finite.min(), finite.max(), array.size - finite.size, array.size)
+        else:
+            self.add_reduced(np.inf, -np.inf, array.size, array.size)
+
+    def result(self) -> MinMax:
+        if self.minimum > self.maximum:  # no finite value at all
+            return MinMax(0.0, 0.0, self.nonfinite, self.elements)
+        return MinMax(self.minimum, self.maximum, self.nonfinite, self.elements)
+
+
+class HistogramAccumulator:
+    """Counts over fixed edges; additive, so independent of how samples are batched."""
+
+    def __init__(self, minimum: float, maximum: float, bins: int) -> None:
+        if maximum <= minimum:
+            maximum = minimum + max(abs(minimum), 1.0) * 1e-6
+        self.edges = np.linspace(minimum, maximum, bins + 1, dtype=np.float64)
+        self.counts = np.zeros(bins, dtype=np.int64)
+
+    def add(self, array: np.ndarray) -> None:
+        values = array[np.isfinite(array)].astype(np.float64, copy=False)
+        counts, _ = np.histogram(values, bins=self.edges)
+        self.counts += counts
+
+    def result(self) -> Histogram:
+        return Histogram(self.edges, self.counts.copy())
+
+
+class ChannelAccumulator:
+    """Per-channel max |x| or sum of x^2 along ``axis``."""
+
+    def __init__(self, kind: Literal["channel_absmax", "channel_sqnorm"], axis: int) -> None:
+        self.kind = kind
+        self.axis = axis
+        self.values: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, array: np.ndarray) -> None:
+        moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
+        flat = np.where(np.isfinite(flat), flat, 0.0)
+        part = np.abs(flat).max(axis=0) if self.kind == "channel_absmax" else (flat**2).sum(0)
+        if self.values is None:
+            self.values = part
+        elif self.kind == "channel_absmax":
+            self.values = np.maximum(self.values, part)
+        else:
+            self.values = self.values + part
+        self.rows += flat.shape[0]
+
+    def result(self) -> ChannelValues:
+        return ChannelValues(self.values if self.values is not None else np.zeros(0), self.rows)
+
+
+class GramAccumulator:
+    """X^T X over rows of the last axis, in float64."""
+
+    def __init__(self) -> None:
+        self.matrix: np.ndarray | None = None
+        self.rows = 0
+
+    def add(self, array: np.ndarray) -> None:
+        flat = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+        flat = np.where(np.isfinite(flat), flat, 0.0)
+        part = flat.T @ flat
+        self.matrix = part if self.matrix is None else self.matrix + part
+        self.rows += flat.shape[0]
+
+    def result(self) -> Gram:
+        return Gram(self.matrix if self.matrix is not None else np.zeros((0, 0)), self.rows)
+
+
+def needs_range_pass(requests: Iterable[StatRequest]) -> bool:
+    """Histograms need every tensor's range before the first count."""
+    return any(r.kind == "histogram" for r in requests)
