@@ -6,7 +6,9 @@ an ``onnx.ModelProto`` or an ``onnx_ir.Model``) is never modified.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import time
@@ -16,8 +18,10 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import checker as check_mod
+from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -92,7 +96,9 @@ def shrink(
     external_data: bool | None = None,
     check: bool | CheckOptions = True,
     data: check_mod.DataSource = None,
+    calibration: check_mod.DataSource = None,
     on_pass_start: pipeline.StepCallback | None = None,
+    on_calibration: collect_mod.Progress | None = None,
 ) -> ShrinkResult:
     """Compress ``model`` with ``passes`` and, unless ``check=False``, check the result.
 
@@ -104,6 +110,8 @@ def shrink(
         sets: ``"pass.option=value"`` overrides, as on the command line.
         check: False to skip the check, True for defaults, or ``CheckOptions``.
         data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check.
+        calibration: inputs for data-aware passes (quant, ...); default: the check's data;
+            without either, synthetic inputs with a loud warning.
 
     Raises:
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
@@ -127,14 +135,24 @@ def shrink(
     verifier = None
     if options is not None and options.verify_each:
         verifier = _each_pass_verifier(reference, dataset, options)
-    result = pipeline.run(
-        loaded,
-        pass_list,
-        dump_dir=dump_dir,
-        on_start=on_pass_start,
-        verify=verifier,
-        strict=options.strict if options else False,
-    )
+    with contextlib.ExitStack() as stack:
+        collector = None
+        if any(isinstance(p, DataAwarePass) for p in pass_list):
+            source = calibration if calibration is not None else (options.data if options else None)
+            calib = _calibration_data(loaded, source, stack)
+            provider = options.provider if options else "cpu"
+            collector = functools.partial(
+                _collect, dataset=calib, provider=provider, progress=on_calibration
+            )
+        result = pipeline.run(
+            loaded,
+            pass_list,
+            dump_dir=dump_dir,
+            on_start=on_pass_start,
+            verify=verifier,
+            strict=options.strict if options else False,
+            collect=collector,
+        )
     if output is not None:
         saved = io.save(result.model, output, external_data=external_data)
         candidate: bytes | Path = saved.path
@@ -162,6 +180,30 @@ def shrink(
         seconds=time.perf_counter() - started,
         verification=report,
     )
+
+
+def _calibration_data(
+    model: ir.Model, source: check_mod.DataSource, stack: contextlib.ExitStack
+) -> data_mod.Dataset:
+    """Calibration inputs, checked against the model now and readable once per pass."""
+    specs = data_mod.specs_from_model(model)
+    if source is None:
+        logger.warning(
+            "NO CALIBRATION DATA: data-aware passes will calibrate on random inputs, and their "
+            "ranges say nothing about real data; give --calibration FILE (or --data)"
+        )
+    return data_mod.replayable(data_mod.prepare(specs, source), stack)
+
+
+def _collect(
+    model: ir.Model,
+    requests,
+    *,
+    dataset: data_mod.Dataset,
+    provider: str,
+    progress: collect_mod.Progress | None,
+):
+    return collect_mod.collect(model, requests, dataset, provider=provider, progress=progress)
 
 
 def _check_options(check: bool | CheckOptions, data: check_mod.DataSource) -> CheckOptions | None:

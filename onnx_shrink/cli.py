@@ -118,6 +118,10 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--no-check", action="store_true", help="skip the onnxruntime check")
     parser.add_argument(
+        "--calibration",
+        help="inputs for data-aware passes (quant, fp16), in any --data form (default: --data)",
+    )
+    parser.add_argument(
         "--verify-each",
         action="store_true",
         help="check after every pass; roll back a pass that breaks the tolerances (default "
@@ -239,7 +243,11 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             dump_dir=args.dump_dir,
             external_data={"auto": None, "yes": True, "no": False}[args.external_data],
             check=False if args.no_check else options,
+            calibration=args.calibration,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
+            on_calibration=lambda phase, done: status.update(
+                f"calibrating ({phase}): {done} batches..."
+            ),
         )
     _print_compile(out, result)
     _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))

@@ -48,6 +48,11 @@ def summary_table(result: ShrinkResult) -> Table:
     for step in result.steps:
         b, a = step.before, step.after
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
+        if step.calibration_samples is not None:
+            note += (
+                f" [calibrated on {step.calibration_samples} samples in "
+                f"{step.calibration_seconds:.1f}s]"
+            )
         table.add_row(
             step.spec + note,
             f"{step.seconds:.2f}s",

@@ -18,7 +18,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import tempfile
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -58,7 +58,7 @@ def collect(
         {r.tensor for r in requests if r.kind in ("channel_absmax", "channel_sqnorm", "gram")}
     )
     with contextlib.ExitStack() as stack:
-        replay = _replayable(dataset, stack) if st.needs_range_pass(requests) else dataset
+        replay = data_mod.replayable(dataset, stack) if st.needs_range_pass(requests) else dataset
         session = _session(_with_range_outputs(model, ranged, raw), provider, stack)
         ranges = {name: st.MinMaxAccumulator() for name in ranged}
         others = {r: _accumulator(r) for r in requests if r.tensor in raw and r.kind != "minmax"}
@@ -179,35 +179,3 @@ def _histograms(model, requests, ranges, dataset, provider, progress, stack):
         if progress is not None:
             progress("histograms", done)
     return {r: acc.result() for r, acc in accumulators.items()}
-
-
-def _replayable(dataset: data_mod.Dataset, stack: contextlib.ExitStack) -> data_mod.Dataset:
-    """``dataset`` itself when it can be read twice, else a copy spilled to a temporary folder."""
-    if dataset.peek is None:
-        return dataset
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-calib-")))
-    written: list[tuple[Path, int]] = []
-
-    def spill() -> Iterator[data_mod.Batch]:
-        for index, batch in enumerate(dataset.batches()):
-            path = folder / f"batch_{index:06d}.npz"
-            io.save_npz(path, batch.feed)
-            written.append((path, batch.samples))
-            yield batch
-
-    def replay() -> Iterator[data_mod.Batch]:
-        for path, samples in written:
-            yield data_mod.Batch(io.load_npz(path), samples, None)
-
-    state = {"spilled": False}
-
-    def make_batches() -> Iterator[data_mod.Batch]:
-        if state["spilled"]:
-            yield from replay()
-        else:
-            state["spilled"] = True
-            yield from spill()
-
-    return data_mod.Dataset(
-        dataset.description, dataset.synthetic, dataset.has_labels, make_batches
-    )

@@ -16,9 +16,11 @@ When every input uses the second form, samples are fed in batches of up to ``MAX
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import re
+import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -440,3 +442,35 @@ def _load_labels(path: str | Path) -> np.ndarray:
 
 def describe_feed(feed: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={_show(np.shape(v))}" for k, v in feed.items())
+
+
+def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
+    """``dataset`` itself when it can be read again, else a copy that spills each batch to a
+    temporary folder (closed with ``stack``) as it is first read, and replays from disk after:
+    a user's one-shot reader works unchanged, and memory stays at one batch."""
+    if dataset.peek is None:
+        return dataset
+    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-calib-")))
+    written: list[tuple[Path, int]] = []
+
+    def spill() -> Iterator[Batch]:
+        for index, batch in enumerate(dataset.batches()):
+            path = folder / f"batch_{index:06d}.npz"
+            io.save_npz(path, batch.feed)
+            written.append((path, batch.samples))
+            yield batch
+
+    def replay() -> Iterator[Batch]:
+        for path, samples in written:
+            yield Batch(io.load_npz(path), samples, None)
+
+    state = {"spilled": False}
+
+    def make_batches() -> Iterator[Batch]:
+        if state["spilled"]:
+            yield from replay()
+        else:
+            state["spilled"] = True
+            yield from spill()
+
+    return Dataset(dataset.description, dataset.synthetic, dataset.has_labels, make_batches)
