@@ -8,8 +8,9 @@ import onnx_ir as ir
 
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.passes.quant.static import QuantPass
 
-PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (FoldPass,)
+PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (FoldPass, QuantPass)
 
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {cls.name: cls for cls in PASS_CLASSES}
 

@@ -1,0 +1,203 @@
+"""Where QDQ goes: which nodes run in integer arithmetic and which tensors carry a Q/DQ pair.
+
+The rules follow the patterns onnxruntime's CPU execution provider fuses into integer kernels
+(QLinearConv, QLinearMatMul / MatMulInteger, QGemm, QLinearAdd, QLinearMul, QLinearConcat,
+QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
+
+1. A node is *quantized* when its op type is quantizable, it is not excluded (by op type,
+   name or regex), and every float activation input has a usable range.
+2. A quantized node's float activation inputs get Q/DQ, and so does its output, unless the
+   output's only consumer is a Relu or Clip: that activation is folded into the producer's
+   range (onnxruntime fuses Conv+Relu), so the Q/DQ goes after the Relu/Clip instead.
+3. Shape-only ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten), MaxPool and Resize
+   share their input's scale and zero point, so onnxruntime drops the DQ->op->Q round trip
+   (MaxPool and Resize then run on uint8).
+4. Ops known to lose accuracy in int8 stay float unless asked: LayerNormalization, Softmax,
+   and the Pow/Sqrt/Div/ReduceMean of a decomposed norm (they are not quantizable here).
+5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
+   float32-min of an additive attention mask) is never quantized: one scale cannot hold
+   both the sentinel and the data. Its consumers stay float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+
+import onnx_ir as ir
+
+from onnx_shrink.compiler.statistics import MinMax, Statistics
+
+logger = logging.getLogger(__name__)
+
+# op type -> indices of inputs that are float activations (or weights when constant).
+QUANTIZABLE = {
+    "Conv": (0, 1),
+    "MatMul": (0, 1),
+    "Gemm": (0, 1),
+    "Add": (0, 1),
+    "Mul": (0, 1),
+    "MaxPool": (0,),
+    "AveragePool": (0,),
+    "GlobalAveragePool": (0,),
+    "Concat": None,  # every input
+    "Resize": (0,),
+}
+WEIGHTED = frozenset({"Conv", "MatMul", "Gemm"})
+FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
+SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
+# Ops whose outputs are input values moved around (or a max of them): onnxruntime runs them on
+# uint8 only when output and input share one scale and zero point.
+SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize"}
+SENTINEL_MAGNITUDE = 1e20
+
+FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+@dataclasses.dataclass(frozen=True)
+class Exclusions:
+    """What the user keeps in float: op types, and node names matched exactly or by regex."""
+
+    op_types: frozenset[str] = frozenset()
+    nodes: tuple[str, ...] = ()
+
+    def excludes(self, node: ir.Node) -> bool:
+        if node.op_type in self.op_types:
+            return True
+        name = node.name or ""
+        return any(name == pattern or re.fullmatch(pattern, name) for pattern in self.nodes)
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """The decisions: quantized nodes, tensors to Q/DQ, and who shares whose parameters."""
+
+    nodes: tuple[ir.Node, ...]
+    tensors: tuple[str, ...]
+    shared: dict[str, str]
+    """tensor -> tensor whose scale/zero point it reuses (rule 3)"""
+    skipped: dict[str, str]
+    """node name -> why it stays float"""
+
+
+def activation_inputs(node: ir.Node) -> list[ir.Value]:
+    """The float inputs of a quantizable node that are not constants."""
+    indices = QUANTIZABLE.get(node.op_type)
+    inputs = (
+        list(node.inputs)
+        if indices is None
+        else [node.inputs[i] for i in indices if i < len(node.inputs)]
+    )
+    return [v for v in inputs if v is not None and v.const_value is None and _is_float(v)]
+
+
+def _is_float(value: ir.Value) -> bool:
+    return value.dtype is None or value.dtype in FLOAT_TYPES
+
+
+def is_sentinel(minmax: MinMax | None) -> bool:
+    """Does a tensor hold mask sentinels (non-finite or huge values)? Rule 5."""
+    if minmax is None:
+        return False
+    return (
+        minmax.nonfinite > 0 or max(abs(minmax.minimum), abs(minmax.maximum)) >= SENTINEL_MAGNITUDE
+    )
+
+
+def quantizable_nodes(graph: ir.Graph, exclusions: Exclusions) -> list[ir.Node]:
+    """Candidates by op type (rule 1, before looking at ranges)."""
+    return [
+        node
+        for node in graph
+        if node.domain in ("", "ai.onnx")
+        and node.op_type in QUANTIZABLE
+        and not exclusions.excludes(node)
+    ]
+
+
+def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
+    """Tensors whose ranges placement needs: inputs/outputs of candidates and fused acts."""
+    names: dict[str, None] = {}
+    for node in quantizable_nodes(graph, exclusions):
+        for value in activation_inputs(node):
+            names[value.name] = None
+        out = _quantized_output(node)
+        if out is not None and _is_float(out):
+            names[out.name] = None
+    return list(names)
+
+
+def _quantized_output(node: ir.Node) -> ir.Value | None:
+    """The tensor after the node, past a fused Relu/Clip when that is its only consumer."""
+    out = node.outputs[0]
+    users = out.uses()
+    if len(users) == 1 and not out.is_graph_output():
+        user = users[0].node
+        if user.op_type in FUSED_ACTIVATIONS and user.inputs[0] is out:
+            return user.outputs[0]
+    return out
+
+
+def plan(graph: ir.Graph, stats: Statistics, exclusions: Exclusions) -> Plan:
+    """Apply rules 1-5 to the main graph."""
+    skipped: dict[str, str] = {}
+    nodes: list[ir.Node] = []
+    tensors: dict[str, None] = {}
+    for node in quantizable_nodes(graph, exclusions):
+        reason = _why_not(node, stats)
+        if reason:
+            skipped[node.name or node.op_type] = reason
+            logger.debug("quant: %s (%s) stays float: %s", node.name, node.op_type, reason)
+            continue
+        nodes.append(node)
+        for value in activation_inputs(node):
+            tensors[value.name] = None
+        out = _quantized_output(node)
+        if out is not None and not is_sentinel(stats.minmax(out.name)):
+            tensors[out.name] = None
+    shared = _share_through_shape_ops(graph, tensors)
+    return Plan(tuple(nodes), tuple(tensors), shared, skipped)
+
+
+def _why_not(node: ir.Node, stats: Statistics) -> str | None:
+    inputs = activation_inputs(node)
+    if node.op_type in WEIGHTED and len(inputs) == 0:
+        return "no activation input"
+    if node.op_type in ("Add", "Mul") and not inputs:
+        return "constant inputs only"
+    for value in inputs:
+        minmax = stats.minmax(value.name)
+        if minmax is None:
+            return f"no range for input {value.name}"
+        if is_sentinel(minmax):
+            return f"input {value.name} carries mask sentinels ({minmax.minimum:.3g})"
+    if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:
+        return "weight is not a constant"
+    return None
+
+
+def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[str, str]:
+    """Rule 3: when both sides of a shape-only op carry Q/DQ, the output reuses the input's
+    parameters (its values are the input's, so only identical parameters let onnxruntime
+    drop the DQ -> Reshape -> Q round trip)."""
+    shared: dict[str, str] = {}
+    for node in graph:  # graph order: a chain of shape ops resolves to its first tensor
+        if node.op_type not in SHARES_INPUT_SCALE or not node.inputs or node.inputs[0] is None:
+            continue
+        source, out = node.inputs[0].name, node.outputs[0].name
+        if source in tensors and out in tensors:
+            shared[out] = shared.get(source, source)
+    return shared
+
+
+def weight_axis(node: ir.Node) -> int | None:
+    """The output-channel axis of a node's weight (input 1) for per-channel quantization."""
+    if node.op_type == "Conv":
+        return 0
+    if node.op_type == "MatMul":
+        return -1
+    if node.op_type == "Gemm":
+        trans_b = node.attributes.get_int("transB", 0)
+        return 0 if trans_b else 1
+    return None

@@ -1,0 +1,301 @@
+"""``quant``: static QDQ quantization from calibration statistics (see ``placement`` for where)."""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.passes.quant import calibration, placement
+from onnx_shrink.passes.quant.numerics import (
+    QUANT_TYPES,
+    QuantType,
+    quantize_bias,
+    quantize_weight,
+    scale_and_zero_point,
+)
+
+logger = logging.getLogger(__name__)
+
+Params = tuple[np.ndarray, np.ndarray]  # scale, zero point
+
+
+@dataclasses.dataclass(frozen=True)
+class QuantPass(DataAwarePass):
+    """Static int8 quantization: Q/DQ pairs placed where onnxruntime runs integer kernels.
+
+    Rules:
+
+    1. Placement follows ``placement`` (quantizable ops, fused Relu/Clip, shared scales
+       through shape ops, float LayerNorm/Softmax, no quantization of mask sentinels).
+    2. Activation ranges come from calibration (``calibration``: minmax, percentile, entropy
+       or mse over fixed-edge histograms); activations are u8 asymmetric or s8 symmetric,
+       16-bit for the tensors of nodes named in ``int16``.
+    3. Weights of Conv/MatMul/Gemm are s8 symmetric, per output channel unless
+       ``per_channel`` is off; biases int32 with scale = input scale x weight scale; constant
+       inputs of Add/Mul/Concat per tensor in the activation type.
+    4. Per-channel DequantizeLinear needs opset 13: older models are converted first (their
+       per-channel QDQ would otherwise be refused by onnxruntime), or fall back to per-tensor
+       weights when conversion fails.
+    5. Only the main graph is quantized; nodes inside If/Loop bodies stay float (logged).
+    """
+
+    name: ClassVar[str] = "quant"
+
+    calibration: Literal["minmax", "percentile", "entropy", "mse"] = option(
+        "mse",
+        "how activation ranges are chosen from calibration data",
+        choices=("minmax", "percentile", "entropy", "mse"),
+    )
+    percentile: float = option(
+        99.999, "kept mass for calibration=percentile", minimum=50.0, maximum=100.0
+    )
+    bins: int = option(2048, "histogram bins for percentile/entropy/mse", minimum=128)
+    activation_type: Literal["u8", "s8"] = option(
+        "u8", "activation integers: u8 asymmetric or s8 symmetric", choices=("u8", "s8")
+    )
+    per_channel: bool = option(True, "one weight scale per output channel")
+    exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
+    exclude: tuple[str, ...] = option((), "node names or regexes kept in float")
+    int16: tuple[str, ...] = option((), "node names or regexes whose activations use 16 bits")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    @property
+    def _exclusions(self) -> placement.Exclusions:
+        return placement.Exclusions(frozenset(self.exclude_op_types), self.exclude)
+
+    def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        names = placement.range_requests(model.graph, self._exclusions)
+        result = [StatRequest(name, "minmax") for name in names]
+        if self.calibration != "minmax":
+            result += [StatRequest(name, "histogram", bins=self.bins) for name in names]
+        return result
+
+    def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        per_channel = self.per_channel and _ensure_opset_13(model)
+        decided = placement.plan(model.graph, stats, self._exclusions)
+        if not decided.nodes:
+            logger.warning("quant: no node could be quantized")
+            return ir.passes.PassResult(model, False)
+        params = self._activation_params(model.graph, decided, stats)
+        writer = _QdqWriter(model.graph)
+        for tensor, (scale, zero) in params.items():
+            writer.qdq_tensor(tensor, scale, zero)
+        for node in decided.nodes:
+            self._quantize_constants(writer, node, per_channel)
+        common_passes.RemoveUnusedNodesPass()(model)
+        _report_subgraphs(model)
+        logger.info(
+            "quant: %d nodes quantized, %d tensors with Q/DQ, %d nodes kept float",
+            len(decided.nodes),
+            len(params),
+            len(decided.skipped),
+        )
+        return ir.passes.PassResult(model, True)
+
+    def _activation_params(
+        self, graph: ir.Graph, decided: placement.Plan, stats: Statistics
+    ) -> dict[str, Params]:
+        wide = _tensors_of(graph, decided.nodes, self.int16)
+        params: dict[str, Params] = {}
+        for tensor in decided.tensors:
+            if tensor in decided.shared:
+                continue
+            qtype = _activation_qtype(self.activation_type, 16 if tensor in wide else 8)
+            symmetric = qtype.signed
+            minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
+            method = self.calibration if histogram is not None else "minmax"
+            lo, hi = calibration.tensor_range(
+                method, minmax, histogram, qtype, symmetric=symmetric, percentile=self.percentile
+            )
+            params[tensor] = scale_and_zero_point(lo, hi, qtype, symmetric)
+        for tensor, source in decided.shared.items():
+            if source in params:
+                params[tensor] = params[source]
+        return params
+
+    def _quantize_constants(self, writer: _QdqWriter, node: ir.Node, per_channel: bool) -> None:
+        act = _activation_qtype(self.activation_type, 8)
+        if node.op_type in placement.WEIGHTED:
+            weight = node.inputs[1]
+            if weight is not None and weight.const_value is not None:
+                axis = placement.weight_axis(node) if per_channel else None
+                w_scale = writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis)
+                x = node.inputs[0]
+                if len(node.inputs) > 2 and node.inputs[2] is not None and x is not None:
+                    x_params = writer.dequantized.get(x.name)
+                    if x_params is not None and node.inputs[2].const_value is not None:
+                        writer.dq_bias(node, 2, x_params[0], w_scale)
+            return
+        for index, value in enumerate(node.inputs):
+            if (
+                value is not None
+                and value.const_value is not None
+                and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
+            ):
+                writer.dq_weight(node, index, act, None, symmetric=act.signed)
+
+
+def _activation_qtype(kind: str, bits: int) -> QuantType:
+    signed = kind.startswith("s")
+    return QUANT_TYPES[f"{'s' if signed else 'u'}{bits}"]
+
+
+def _tensors_of(graph: ir.Graph, nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
+    """Activation tensors (inputs and outputs) of the quantized nodes matching ``patterns``."""
+    if not patterns:
+        return set()
+    matcher = placement.Exclusions(frozenset(), tuple(patterns))
+    result: set[str] = set()
+    for node in nodes:
+        if matcher.excludes(node):
+            result.update(v.name for v in placement.activation_inputs(node))
+            result.update(o.name for o in node.outputs)
+    del graph
+    return result
+
+
+def _ensure_opset_13(model: ir.Model) -> bool:
+    """Per-channel DequantizeLinear (``axis``) exists from opset 13: convert older models."""
+    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    if version >= 13:
+        return True
+    try:
+        from onnxscript.version_converter import ConvertVersionPass
+
+        ConvertVersionPass(target_version=13, fallback=True)(model)
+    except Exception as e:  # noqa: BLE001 - any converter failure means: per-tensor instead
+        logger.warning("quant: cannot convert opset %d to 13 (%s); weights per tensor", version, e)
+        return False
+    logger.info("quant: converted the model from opset %d to 13 for per-channel weights", version)
+    return True
+
+
+def _report_subgraphs(model: ir.Model) -> None:
+    count = sum(
+        1
+        for graph in model.graph.subgraphs()
+        for node in graph
+        if node.op_type in placement.QUANTIZABLE
+    )
+    if count:
+        logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", count)
+
+
+class _QdqWriter:
+    """Graph edits: Q/DQ pairs on tensors, DQ'd weights and biases, sharing initializers."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.graph = graph
+        self.values = {v.name: v for v in graph.inputs}
+        self.values.update({o.name: o for n in graph for o in n.outputs})
+        self.weights: dict[tuple[str, int | None, str], tuple[ir.Value, np.ndarray]] = {}
+        self.dequantized: dict[str, Params] = {}
+        """DQ output name -> the (scale, zero point) of the tensor it stands for"""
+
+    def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+        value.shape = ir.Shape(array.shape)
+        value.dtype = value.const_value.dtype
+        self.graph.register_initializer(value)
+        return value
+
+    def qdq_tensor(self, name: str, scale: np.ndarray, zero: np.ndarray) -> None:
+        """Insert Q -> DQ after ``name`` and route every consumer through the DQ output.
+
+        A graph output keeps its name on the DQ output (the float tensor before it is
+        renamed ``<name>_float``), so an integer kernel can write it: onnxruntime fuses
+        ``DQ -> op -> Q`` only.
+        """
+        value = self.values[name]
+        s = self._initializer(f"{name}_scale", np.asarray(scale, np.float32).reshape(()))
+        z = self._initializer(f"{name}_zero_point", np.asarray(zero).reshape(()))
+        uses = list(value.uses())
+        dq_name = f"{name}_dequantized"
+        output_index = next((i for i, v in enumerate(self.graph.outputs) if v is value), None)
+        if output_index is not None:
+            value.name, dq_name = f"{name}_float", name
+        q = ir.node("QuantizeLinear", [value, s, z], outputs=[ir.Value(name=f"{name}_quantized")])
+        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], outputs=[ir.Value(name=dq_name)])
+        if value.type is not None:
+            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+        producer = value.producer()
+        if producer is None:
+            self.graph.insert_before(self.graph.node(0), [q, dq])
+        else:
+            self.graph.insert_after(producer, [q, dq])
+        for use in uses:
+            use.node.replace_input_with(use.idx, dq.outputs[0])
+        if output_index is not None:
+            self.graph.outputs[output_index] = dq.outputs[0]
+        self.dequantized[dq_name] = (scale, zero)
+
+    def dq_weight(
+        self, node: ir.Node, index: int, qtype: QuantType, axis: int | None, symmetric: bool = True
+    ) -> np.ndarray:
+        """Replace constant input ``index`` of ``node`` by DQ(quantized copy); return its scale."""
+        value = node.inputs[index]
+        array = value.const_value.numpy()
+        if axis is not None:
+            axis = axis % array.ndim
+        key = (value.name, axis, qtype.name)
+        if key not in self.weights:
+            q = quantize_weight(array, qtype, axis=axis, symmetric=symmetric)
+            if axis is None:
+                scale, zero = q.scale.reshape(()), q.zero_point.reshape(())
+            else:
+                scale, zero = q.scale.reshape(-1), q.zero_point.reshape(-1)
+            inputs = [
+                self._initializer(f"{value.name}_quantized", q.values),
+                self._initializer(f"{value.name}_scale", scale),
+                self._initializer(f"{value.name}_zero_point", zero),
+            ]
+            attrs = {"axis": axis} if axis is not None else {}
+            dq = ir.node(
+                "DequantizeLinear",
+                inputs,
+                attributes=attrs,
+                outputs=[ir.Value(name=f"{value.name}_dequantized")],
+            )
+            self.graph.insert_before(node, [dq])
+            self.weights[key] = (dq.outputs[0], scale)
+        output, scale = self.weights[key]
+        node.replace_input_with(index, output)
+        return scale
+
+    def dq_bias(
+        self, node: ir.Node, index: int, input_scale: np.ndarray, weight_scale: np.ndarray
+    ) -> None:
+        """Replace a float bias by DQ(int32 bias) with scale input_scale x weight_scale."""
+        value = node.inputs[index]
+        bias = value.const_value.numpy().astype(np.float32)
+        if bias.ndim != 1:
+            return
+        per_channel = np.ndim(weight_scale) > 0
+        q, scale = quantize_bias(bias, input_scale, weight_scale)
+        if not per_channel:  # one scale: a scalar DQ, valid before opset 13 too
+            scale = scale.reshape(-1)[:1].reshape(())
+        zero = np.zeros(scale.shape, np.int32)
+        inputs = [
+            self._initializer(f"{value.name}_quantized", q),
+            self._initializer(f"{value.name}_scale", scale),
+            self._initializer(f"{value.name}_zero_point", zero),
+        ]
+        dq = ir.node(
+            "DequantizeLinear",
+            inputs,
+            attributes={"axis": 0} if per_channel else {},
+            outputs=[ir.Value(name=f"{value.name}_dequantized")],
+        )
+        self.graph.insert_before(node, [dq])
+        node.replace_input_with(index, dq.outputs[0])
