@@ -8,9 +8,16 @@ import onnx_ir as ir
 
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 
-PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (FoldPass, QuantPass)
+PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (
+    FoldPass,
+    QuantPass,
+    QuantDynamicPass,
+    WeightOnlyQuantPass,
+)
 
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {cls.name: cls for cls in PASS_CLASSES}
 

@@ -14,6 +14,12 @@ QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
    (MaxPool and Resize then run on uint8).
 4. Ops known to lose accuracy in int8 stay float unless asked: LayerNormalization, Softmax,
    and the Pow/Sqrt/Div/ReduceMean of a decomposed norm (they are not quantizable here).
+6. Conv/MatMul/Gemm are quantized wherever they can be; "glue" ops (Add, Mul, pools, Concat,
+   Resize) only between integer kernels: every activation input computed by a quantized node
+   and the output read by one. A residual Add in a CNN runs as QLinearAdd; the bias and
+   residual Adds of a transformer, whose residual stream has outliers in the hundreds, stay
+   float, and so do MatMul outputs that only feed them (onnxruntime then runs
+   MatMulIntegerToFloat).
 5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
    float32-min of an additive attention mask) is never quantized: one scale cannot hold
    both the sentinel and the data. Its consumers stay float.
@@ -26,6 +32,7 @@ import logging
 import re
 
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.statistics import MinMax, Statistics
 
@@ -93,7 +100,16 @@ def activation_inputs(node: ir.Node) -> list[ir.Value]:
 
 
 def _is_float(value: ir.Value) -> bool:
-    return value.dtype is None or value.dtype in FLOAT_TYPES
+    """Known to be float: a value of unknown type is left alone (see ``infer_types``)."""
+    return value.dtype in FLOAT_TYPES
+
+
+def infer_types(model: ir.Model) -> None:
+    """Annotate value types with onnx shape inference so placement can tell floats apart."""
+    try:
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as e:  # noqa: BLE001 - placement then quantizes only annotated floats
+        logger.info("quant: shape inference failed (%s); unannotated tensors stay float", e)
 
 
 def is_sentinel(minmax: MinMax | None) -> bool:
@@ -140,24 +156,75 @@ def _quantized_output(node: ir.Node) -> ir.Value | None:
 
 
 def plan(graph: ir.Graph, stats: Statistics, exclusions: Exclusions) -> Plan:
-    """Apply rules 1-5 to the main graph."""
+    """Apply rules 1-6 to the main graph."""
     skipped: dict[str, str] = {}
-    nodes: list[ir.Node] = []
-    tensors: dict[str, None] = {}
+    eligible: list[ir.Node] = []
     for node in quantizable_nodes(graph, exclusions):
         reason = _why_not(node, stats)
         if reason:
             skipped[node.name or node.op_type] = reason
             logger.debug("quant: %s (%s) stays float: %s", node.name, node.op_type, reason)
-            continue
-        nodes.append(node)
+        else:
+            eligible.append(node)
+    accepted = _accept_glue(eligible)
+    for node in eligible:
+        if node not in accepted:
+            skipped[node.name or node.op_type] = "not between integer kernels"
+    nodes = [n for n in graph if n in accepted]
+    tensors: dict[str, None] = {}
+    for node in nodes:
         for value in activation_inputs(node):
             tensors[value.name] = None
         out = _quantized_output(node)
-        if out is not None and not is_sentinel(stats.minmax(out.name)):
+        out_range = stats.minmax(out.name) if out is not None else None
+        wanted = out is not None and (
+            out.is_graph_output() or any(n in accepted for n in _consumers(out))
+        )
+        if wanted and out_range is not None and not is_sentinel(out_range):
             tensors[out.name] = None
     shared = _share_through_shape_ops(graph, tensors)
     return Plan(tuple(nodes), tuple(tensors), shared, skipped)
+
+
+def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
+    """Rule 6: compute nodes always; glue only between integer kernels, grown to a fixpoint."""
+    accepted = {n for n in eligible if n.op_type in WEIGHTED}
+    glue = [n for n in eligible if n.op_type not in WEIGHTED]
+    candidates = set(eligible)
+    changed = True
+    while changed:
+        changed = False
+        for node in glue:
+            if node in accepted:
+                continue
+            fed = all(_producer(v) in accepted for v in activation_inputs(node))
+            feeds = any(n in candidates for n in _consumers(_quantized_output(node)))
+            if fed and (feeds or node.outputs[0].is_graph_output()):
+                accepted.add(node)
+                changed = True
+    return accepted
+
+
+def _producer(value: ir.Value) -> ir.Node | None:
+    """The node that really computes ``value``, looking back through shape ops and Relu/Clip."""
+    node = value.producer()
+    while node is not None and node.op_type in SHAPE_ONLY | FUSED_ACTIVATIONS and node.inputs:
+        node = node.inputs[0].producer() if node.inputs[0] is not None else None
+    return node
+
+
+def _consumers(value: ir.Value | None) -> list[ir.Node]:
+    """Nodes reading ``value``, looking forward through shape ops and Relu/Clip."""
+    if value is None:
+        return []
+    result = []
+    for use in value.uses():
+        node = use.node
+        if node.op_type in SHAPE_ONLY | FUSED_ACTIVATIONS:
+            result.extend(_consumers(node.outputs[0]))
+        else:
+            result.append(node)
+    return result
 
 
 def _why_not(node: ir.Node, stats: Statistics) -> str | None:

@@ -75,6 +75,7 @@ class QuantPass(DataAwarePass):
         return placement.Exclusions(frozenset(self.exclude_op_types), self.exclude)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        placement.infer_types(model)
         names = placement.range_requests(model.graph, self._exclusions)
         result = [StatRequest(name, "minmax") for name in names]
         if self.calibration != "minmax":
@@ -83,6 +84,7 @@ class QuantPass(DataAwarePass):
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         per_channel = self.per_channel and _ensure_opset_13(model)
+        placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         if not decided.nodes:
             logger.warning("quant: no node could be quantized")

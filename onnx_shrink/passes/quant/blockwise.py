@@ -1,0 +1,125 @@
+"""Block-wise quantization of 2-D weights and low-bits-first packing (numpy only, vectorized).
+
+A row ``w[r, :]`` of length L is cut into ``n_blocks = ceil(L / B)`` blocks of ``B`` values,
+the last one padded with zeros. Each block ``j`` gets its own range and ONNX linear
+quantization (``numerics``): ``q = saturate(round_half_even(w / s[r, j]) + z[r, j])`` and
+``w' = (q - z[r, j]) * s[r, j]``, so ``|w - w'| <= s[r, j] / 2`` inside the range, with
+
+* symmetric:  ``s = max|w_block| / (2^(bits-1) - 1)``, ``z = 0`` (signed codes)
+* asymmetric: ``s = (max(w_block, 0) - min(w_block, 0)) / (2^bits - 1)``, ``z`` in [0, 2^bits).
+
+Packing (MatMulNBits, GatherBlockQuantized): codes are stored unsigned; ``8 / bits`` codes share
+a byte, the first in the lowest bits: ``byte = c0 | c1 << 4`` for 4 bits. Symmetric signed codes
+become unsigned by adding ``2^(bits-1)``, which is the default zero point of those operators.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+
+from onnx_shrink.passes.quant.numerics import (
+    QUANT_TYPES,
+    QuantType,
+    quantize,
+    scale_and_zero_point,
+)
+
+SUPPORTED_BITS = (4, 8)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockQuantized:
+    """Codes of a [rows, length] weight quantized in blocks along its last axis.
+
+    ``codes`` is [rows, n_blocks, block_size] (zero-padded past ``length``), ``scales`` and
+    ``zero_points`` are [rows, n_blocks]; ``zero_points`` is all zeros for symmetric codes.
+    """
+
+    codes: np.ndarray
+    scales: np.ndarray
+    zero_points: np.ndarray
+    qtype: QuantType
+    length: int
+    symmetric: bool
+
+    @property
+    def bits(self) -> int:
+        return int(self.qtype.levels).bit_length()
+
+    @property
+    def block_size(self) -> int:
+        return int(self.codes.shape[-1])
+
+    def values(self) -> np.ndarray:
+        """Codes as [rows, length] (padding dropped), in ``qtype``'s numpy type."""
+        rows = self.codes.shape[0]
+        return self.codes.reshape(rows, -1)[:, : self.length]
+
+    def unsigned_codes(self) -> np.ndarray:
+        """Codes as uint8 [rows, n_blocks, block_size], shifted by 2^(bits-1) when symmetric."""
+        offset = 1 << (self.bits - 1) if self.qtype.signed else 0
+        return (self.codes.astype(np.int16) + offset).astype(np.uint8)
+
+    def dequantized(self) -> np.ndarray:
+        """``(q - z) * s`` as float32 [rows, length]: what a runtime computes from the codes."""
+        q = self.codes.astype(np.float64) - self.zero_points[..., None].astype(np.float64)
+        w = q * self.scales[..., None].astype(np.float64)
+        return w.reshape(w.shape[0], -1)[:, : self.length].astype(np.float32)
+
+
+def quant_type(bits: int, symmetric: bool) -> QuantType:
+    """s4/s8 for symmetric codes, u4/u8 for asymmetric ones."""
+    if bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits={bits} is not one of {SUPPORTED_BITS}")
+    return QUANT_TYPES[f"{'s' if symmetric else 'u'}{bits}"]
+
+
+def quantize_blocks(
+    w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True
+) -> BlockQuantized:
+    """Quantize ``w`` [rows, length] with one range per block of ``block_size`` along axis 1."""
+    w = np.asarray(w, dtype=np.float32)
+    if w.ndim != 2:
+        raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
+    rows, length = w.shape
+    n_blocks = -(-length // block_size)
+    padded = np.zeros((rows, n_blocks * block_size), dtype=np.float32)
+    padded[:, :length] = w
+    blocks = padded.reshape(rows, n_blocks, block_size)
+    qtype = quant_type(bits, symmetric)
+    # Zero padding cannot widen a block's range: every range is widened to contain 0 anyway.
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
+    codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
+    return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
+
+
+def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:
+    """Pack unsigned ``bits``-bit codes along the last axis into uint8, first code lowest.
+
+    The last axis is zero-padded to a multiple of ``8 // bits``; for 4 bits
+    ``out[..., i] = codes[..., 2i] | codes[..., 2i + 1] << 4``.
+    """
+    codes = np.asarray(codes, dtype=np.uint8)
+    if bits == 8:
+        return codes
+    per_byte = 8 // bits
+    pad = -codes.shape[-1] % per_byte
+    if pad:
+        codes = np.concatenate([codes, np.zeros((*codes.shape[:-1], pad), np.uint8)], axis=-1)
+    grouped = codes.reshape(*codes.shape[:-1], -1, per_byte).astype(np.uint16)
+    shifts = (np.arange(per_byte, dtype=np.uint16) * bits).astype(np.uint16)
+    return np.bitwise_or.reduce(grouped << shifts, axis=-1).astype(np.uint8)
+
+
+def unpack_low_first(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    """Inverse of ``pack_low_first``: the first ``count`` codes along the last axis."""
+    packed = np.asarray(packed, dtype=np.uint8)
+    if bits == 8:
+        return packed[..., :count]
+    per_byte = 8 // bits
+    shifts = np.arange(per_byte, dtype=np.uint8) * bits
+    codes = (packed[..., None] >> shifts) & ((1 << bits) - 1)
+    return codes.reshape(*packed.shape[:-1], -1)[..., :count].astype(np.uint8)

@@ -1,0 +1,273 @@
+"""Block-wise int4/int8 weight-only quantization of MatMul and Gather weights (LLM-style models).
+
+A weight is cut into blocks of ``B`` values along its reduction axis (K of a MatMul weight
+[K, N], the embedding dimension H of a table [V, H]); block ``b`` has its own scale and zero
+point: ``W[k, n] ~ (q[k, n] - z[k // B, n]) * s[k // B, n]`` (``blockwise``). Activations stay
+float: the kernel dequantizes blocks on the fly, so only the weight bytes shrink (to about
+``bits / 32`` plus one float32 scale per block: ``32 / B`` bits per weight).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.passes.quant.blockwise import (
+    BlockQuantized,
+    pack_low_first,
+    quantize_blocks,
+)
+from onnx_shrink.passes.quant.dynamic import (
+    MS_DOMAIN,
+    WeightContext,
+    check_selection,
+    derived_name,
+    gather_reason,
+    match_linear,
+    trimmed,
+)
+
+logger = logging.getLogger(__name__)
+
+SUPPORTED_OPS = ("MatMul", "Gather")
+FORMATS = ("matmulnbits", "dequantize_linear")
+# Blocked DequantizeLinear (``block_size``) and int4 types exist from opset 21 / IR 10 on.
+BLOCKED_DQ_OPSET = 21
+INT4_IR_VERSION = 10
+
+Arrays = dict[str, "np.ndarray | ir.Tensor | None"]
+
+
+@dataclasses.dataclass(frozen=True)
+class WeightOnlyQuantPass(ir.passes.InPlacePass):
+    """Quantize constant MatMul and Gather weights block-wise to ``bits``; activations stay float.
+
+    Rules:
+
+    1. ``MatMul(A, W)``, ``W`` a 2-D float32 initializer [K, N], with ``format=matmulnbits``
+       becomes ``com.microsoft.MatMulNBits(A, B, scales[, zero_points][, bias])``, attributes
+       K, N, bits, block_size (and accuracy_level when set): ``B`` [N, n_blocks, B * bits / 8]
+       holds the codes of ``W^T`` packed low bits first, ``scales`` is [N, n_blocks],
+       ``n_blocks = ceil(K / B)``; K is zero-padded to ``n_blocks * B``. A following
+       ``Add(Y, b)`` with a constant ``b`` of shape [N] becomes the ``bias`` input.
+    2. ``Gather(W, ids, axis=0)`` of a table [V, H] becomes ``com.microsoft.
+       GatherBlockQuantized(data, ids, scales[, zero_points])`` with blocks along H
+       (``quantize_axis=1``): ``data`` is uint8 [V, ceil(H * bits / 8)], packed the same way.
+    3. ``format=dequantize_linear`` writes standard ONNX and needs opset >= 21 (a
+       precondition, checked before anything changes; the model's opset is never converted):
+       ``MatMul(A, DequantizeLinear(Wq, s, axis=0, block_size=B))`` with ``Wq`` int4/int8
+       [K, N] and ``s`` [n_blocks, N] (onnxruntime fuses it into MatMulNBits at load), and
+       ``DequantizeLinear(Gather(Wq, ids), Gather(s, ids), axis=-1, block_size=B)`` for
+       tables. ONNX Gather cannot read int4, and dequantizing a whole table before the
+       Gather costs every run more than the model itself, so tables get 8-bit codes here.
+    4. ``symmetric``: signed codes in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``, no zero point
+       (packed formats store ``q + 2^(bits-1)``, their default zero point); otherwise unsigned
+       codes with a zero point per block.
+    5. Skipped, with a debug log, like quant-dynamic: excluded names, weights that are not
+       float32 initializers or are graph inputs, weights under ``min_weight_elements``, and
+       model-local functions. Shared weights are quantized once; the float weight stays while
+       anything still reads it. If/Loop/Scan bodies are rewritten too.
+    """
+
+    name: ClassVar[str] = "quant-weight"
+
+    bits: int = option(4, "bits per weight", choices=(4, 8))
+    block_size: int = option(
+        32, "weights per scale along the reduction axis", choices=(16, 32, 64, 128, 256)
+    )
+    symmetric: bool = option(True, "no zero points (codes centred on 0)")
+    format: Literal["matmulnbits", "dequantize_linear"] = option(
+        "matmulnbits",
+        "matmulnbits: com.microsoft MatMulNBits/GatherBlockQuantized; dequantize_linear: "
+        "opset-21 blocked DequantizeLinear before the float MatMul/Gather",
+        choices=FORMATS,
+    )
+    accuracy_level: int = option(
+        4,
+        "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations"
+        " quantized per block at run time (fastest on CPU; ignored by GPU providers)",
+        choices=(0, 1, 2, 3, 4),
+    )
+    op_types: tuple[str, ...] = option(
+        SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
+    )
+    exclude: tuple[str, ...] = option(
+        (), "node names or regular expressions (full match) to leave in float"
+    )
+    min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
+
+    def requires(self, model: ir.Model) -> None:
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        if self.format == "dequantize_linear" and opset < BLOCKED_DQ_OPSET:
+            raise ir.passes.PreconditionError(
+                f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
+                f"(blocked DequantizeLinear); the model has opset {opset}. "
+                "Use format=matmulnbits, or convert the model's opset first."
+            )
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        count = 0
+        for node in context.candidates(self.op_types):
+            if node.op_type == "Gather":
+                count += self._try_quantize_gather(context, node)
+            else:
+                count += self._try_quantize_matmul(context, node)
+        if count and self.format == "matmulnbits":
+            model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if count and self.format == "dequantize_linear":
+            model.ir_version = max(model.ir_version, INT4_IR_VERSION)
+        context.drop_dead_weights()
+        logger.info("%s: quantized %d nodes", self.name, count)
+        return ir.passes.PassResult(model, count > 0)
+
+    def _blocks(self, rows: np.ndarray, bits: int | None = None) -> BlockQuantized:
+        return quantize_blocks(
+            rows, bits=bits or self.bits, block_size=self.block_size, symmetric=self.symmetric
+        )
+
+    def _key(self, kind: str) -> tuple[str, int, int, bool]:
+        return (kind, self.bits, self.block_size, self.symmetric)
+
+    def _try_quantize_matmul(self, context: WeightContext, node: ir.Node) -> bool:
+        match = match_linear(context, node)
+        if isinstance(match, str):
+            return context.skip(node, match)
+        if self.format == "dequantize_linear":
+            self._dequantize_before_matmul(context, node, match.weight)
+            return True
+        packed, scales, zero_points = context.weights(
+            match.weight, self._key("nbits"), self._packed_columns
+        )
+        assert match.weight.const_value is not None
+        k, n = match.weight.const_value.shape
+        attributes = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
+        if self.accuracy_level:
+            attributes["accuracy_level"] = self.accuracy_level
+        bias = context.constant(node, "bias", match.bias)
+        nbits = ir.node(
+            "MatMulNBits",
+            trimmed(match.activation, packed, scales, zero_points, None, bias),
+            attributes,
+            domain=MS_DOMAIN,
+            name=derived_name(node, f"q{self.bits}"),
+        )
+        context.replace(match.replaced, [nbits])
+        return True
+
+    def _packed_columns(self, w: np.ndarray) -> Arrays:
+        """MatMulNBits inputs of ``W`` [K, N]: blocks run along K within each column of W."""
+        blocks = self._blocks(w.T)
+        return {
+            f"q{self.bits}": pack_low_first(blocks.unsigned_codes(), self.bits),
+            "scales": blocks.scales,
+            "zero_points": None
+            if self.symmetric
+            else pack_low_first(blocks.zero_points, self.bits),
+        }
+
+    def _dequantize_before_matmul(
+        self, context: WeightContext, node: ir.Node, weight: ir.Value
+    ) -> None:
+        """``MatMul(A, W)`` -> ``MatMul(A, DequantizeLinear(Wq, s[, z], axis=0, block_size))``."""
+
+        def quantize(w: np.ndarray) -> Arrays:
+            blocks = self._blocks(w.T)
+            return {
+                f"q{self.bits}": _typed(blocks.values().T, blocks),
+                "scales": np.ascontiguousarray(blocks.scales.T),
+                "zero_points": None if self.symmetric else _typed(blocks.zero_points.T, blocks),
+            }
+
+        codes, scales, zero_points = context.weights(weight, self._key("blocked-k"), quantize)
+        dequantize = ir.node(
+            "DequantizeLinear",
+            trimmed(codes, scales, zero_points),
+            {"axis": 0, "block_size": self.block_size},
+            name=derived_name(node, "dequant"),
+        )
+        assert node.graph is not None
+        node.graph.insert_before(node, dequantize)
+        node.replace_input_with(1, dequantize.outputs[0])
+
+    def _try_quantize_gather(self, context: WeightContext, node: ir.Node) -> bool:
+        reason = gather_reason(context, node)
+        if reason is not None:
+            return context.skip(node, reason)
+        table, ids = node.inputs[0], node.inputs[1]
+        assert table is not None and ids is not None
+        if self.format == "dequantize_linear":
+            context.replace([node], self._gather_then_dequantize(context, node, table, ids))
+            return True
+        data, scales, zero_points = context.weights(
+            table, self._key("nbits-rows"), self._packed_rows
+        )
+        attributes = {
+            "bits": self.bits,
+            "block_size": self.block_size,
+            "gather_axis": 0,
+            "quantize_axis": 1,
+        }
+        gather = ir.node(
+            "GatherBlockQuantized",
+            trimmed(data, ids, scales, zero_points),
+            attributes,
+            domain=MS_DOMAIN,
+            name=derived_name(node, f"q{self.bits}"),
+        )
+        context.replace([node], [gather])
+        return True
+
+    def _packed_rows(self, w: np.ndarray) -> Arrays:
+        """GatherBlockQuantized inputs of a table [V, H]: blocks run along H within each row."""
+        blocks = self._blocks(w)
+        return {
+            f"q{self.bits}": pack_low_first(
+                blocks.unsigned_codes().reshape(len(w), -1)[:, : w.shape[1]], self.bits
+            ),
+            "scales": blocks.scales,
+            "zero_points": None
+            if self.symmetric
+            else pack_low_first(blocks.zero_points, self.bits),
+        }
+
+    def _gather_then_dequantize(
+        self, context: WeightContext, node: ir.Node, table: ir.Value, ids: ir.Value
+    ) -> list[ir.Node]:
+        """``DequantizeLinear(Gather(Wq, ids), Gather(s, ids)[, Gather(z, ids)])``, 8-bit codes."""
+
+        def quantize(w: np.ndarray) -> Arrays:
+            blocks = self._blocks(w, bits=8)
+            return {
+                "q8": blocks.values(),
+                "scales": blocks.scales,
+                "zero_points": None if self.symmetric else blocks.zero_points,
+            }
+
+        key = ("blocked-rows", 8, self.block_size, self.symmetric)
+        gathers = [
+            ir.node("Gather", [value, ids], {"axis": 0}, name=derived_name(node, f"gather_{i}"))
+            for i, value in enumerate(context.weights(table, key, quantize))
+            if value is not None
+        ]
+        dequantize = ir.node(
+            "DequantizeLinear",
+            [g.outputs[0] for g in gathers],
+            {"axis": -1, "block_size": self.block_size},
+            name=derived_name(node, "dequant"),
+        )
+        return [*gathers, dequantize]
+
+
+def _typed(codes: np.ndarray, blocks: BlockQuantized) -> ir.Tensor:
+    """Codes as a tensor of the block's ONNX type (int4/uint4 are packed on serialization)."""
+    return ir.Tensor(np.ascontiguousarray(codes), dtype=blocks.qtype.onnx)

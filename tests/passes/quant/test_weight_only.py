@@ -1,0 +1,285 @@
+"""quant-weight: block math, then MatMul/Gather graphs in both formats on onnxruntime's CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.errors import PassFailedError
+from onnx_shrink.passes.quant.blockwise import pack_low_first, quantize_blocks, unpack_low_first
+from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
+from tests.helpers import run_ort
+from tests.passes.quant.test_dynamic import with_weights
+
+RNG = np.random.default_rng(1)
+K, N = 100, 64  # K is not a multiple of any block size: the last block is padded
+
+
+def quantized(model: onnx.ModelProto, **options) -> tuple[ir.Model, bool]:
+    result = WeightOnlyQuantPass(**options)(io.load(model))
+    onnx.checker.check_model(io.serialize_proto(result.model), full_check=True)
+    return result.model, result.modified
+
+
+def ops(graph: ir.Graph) -> list[str]:
+    return [n.op_type for n in graph]
+
+
+def half_steps(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """``s / 2`` for every element of ``w`` [rows, length], blocks along the rows.
+
+    symmetric: ``s = max|block| / (2^(bits-1) - 1)``; asymmetric:
+    ``s = (max(block, 0) - min(block, 0)) / (2^bits - 1)``.
+    """
+    rows, length = w.shape
+    blocks = -(-length // block_size)
+    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded[:, :length] = w
+    padded = padded.reshape(rows, blocks, block_size)
+    if symmetric:
+        scale = np.abs(padded).max(-1) / (2 ** (bits - 1) - 1)
+    else:
+        scale = (np.maximum(padded.max(-1), 0) - np.minimum(padded.min(-1), 0)) / (2**bits - 1)
+    return np.repeat(scale / 2, block_size, axis=1)[:, :length]
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    rows=st.integers(1, 5),
+    length=st.integers(1, 80),
+    bits=st.sampled_from([4, 8]),
+    block_size=st.sampled_from([16, 32]),
+    symmetric=st.booleans(),
+    seed=st.integers(0, 2**16),
+)
+def test_block_round_trip_is_within_half_a_step(rows, length, bits, block_size, symmetric, seed):
+    w = np.random.default_rng(seed).standard_normal((rows, length)).astype(np.float32)
+    blocks = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric)
+    assert blocks.codes.shape == (rows, -(-length // block_size), block_size)
+    error = np.abs(blocks.dequantized() - w)
+    assert np.all(error <= half_steps(w, bits, block_size, symmetric) * (1 + 1e-5) + 1e-7)
+    packed = pack_low_first(blocks.unsigned_codes(), bits)
+    assert packed.shape[-1] == block_size * bits // 8
+    np.testing.assert_array_equal(
+        unpack_low_first(packed, bits, block_size), blocks.unsigned_codes()
+    )
+
+
+def test_four_bit_codes_are_packed_low_nibble_first():
+    assert pack_low_first(np.array([1, 2, 15], np.uint8), 4).tolist() == [0x21, 0x0F]
+
+
+MATMUL_BIAS = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (float[2, 3, 100] x) => (float[2, 3, 64] y) {
+  t = MatMul(x, w)
+  y = Add(t, b)
+}
+"""
+
+
+def weight_only_bound(x: np.ndarray, w: np.ndarray, bits: int, block: int, sym: bool):
+    """``|x @ W - x @ W'| <= sum_k |x[m, k]| * s[k // B, n] / 2`` (float activations)."""
+    return np.abs(x) @ half_steps(w.T, bits, block, sym).T + 1e-5
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (8, False)])
+def test_matmul_becomes_matmulnbits_within_the_bound(bits, symmetric):
+    w, b = RNG.standard_normal((K, N)).astype(np.float32), RNG.standard_normal(N).astype(np.float32)
+    model = with_weights(MATMUL_BIAS, w=w, b=b)
+    result, modified = quantized(model, bits=bits, symmetric=symmetric, accuracy_level=0)
+    assert modified and ops(result.graph) == ["MatMulNBits"]
+    node = next(iter(result.graph))
+    attrs = {k: a.value for k, a in node.attributes.items()}
+    assert attrs == {"K": K, "N": N, "bits": bits, "block_size": 32}
+    packed, scales = node.inputs[1].const_value, node.inputs[2].const_value
+    assert packed.shape == (N, 4, 32 * bits // 8) and scales.shape == (N, 4)
+    assert (node.inputs[3] is None) == symmetric and node.inputs[5].name == "b"
+    x = RNG.standard_normal((2, 3, K)).astype(np.float32)
+    (y,) = run_ort(io.to_bytes(result), {"x": x})
+    error = np.abs(y - (x @ w + b))
+    assert np.all(error <= weight_only_bound(x, w, bits, 32, symmetric))
+    # accuracy_level 0 computes in float: exactly x @ W'^T with W' decoded from what was stored.
+    codes = unpack_low_first(packed.numpy(), bits, 32).astype(np.float64)
+    zero = 2 ** (bits - 1)
+    if not symmetric:
+        zero = unpack_low_first(node.inputs[3].const_value.numpy(), bits, 4)[..., None]
+    decoded = ((codes - zero) * scales.numpy()[..., None]).reshape(N, -1)[:, :K]
+    np.testing.assert_allclose(y, x @ decoded.T + b, rtol=1e-4, atol=1e-4)
+
+
+def test_int8_activations_cost_little_more_than_the_weights():
+    w = RNG.standard_normal((K, N)).astype(np.float32)
+    model = with_weights(MATMUL_BIAS, w=w, b=np.zeros(N, np.float32))
+    x = RNG.standard_normal((2, 3, K)).astype(np.float32)
+    outputs = {}
+    for level in (0, 4):
+        result, _ = quantized(model, accuracy_level=level)
+        outputs[level] = run_ort(io.to_bytes(result), {"x": x})[0]
+    # Level 4 also quantizes x per block to int8: |dx| <= max|x_block| / 254.
+    x_step = np.abs(x).max() / 254
+    bound = x_step * np.abs(w).sum(0) + weight_only_bound(x, w, 4, 32, True)
+    assert np.all(np.abs(outputs[4] - x @ w) <= bound)
+    assert not np.array_equal(outputs[0], outputs[4])
+
+
+EMBEDDING = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (int64[2, 5] ids) => (float[2, 5, 48] y) {
+  y = Gather <axis = 0> (table, ids)
+}
+"""
+
+
+@pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True)])
+def test_gather_becomes_gather_block_quantized(bits, symmetric):
+    table = RNG.standard_normal((200, 48)).astype(np.float32)  # 48: the last block is padded
+    result, modified = quantized(
+        with_weights(EMBEDDING, table=table), bits=bits, symmetric=symmetric
+    )
+    assert modified and ops(result.graph) == ["GatherBlockQuantized"]
+    assert next(iter(result.graph)).inputs[0].const_value.shape == (200, 48 * bits // 8)
+    ids = RNG.integers(0, 200, (2, 5))
+    (y,) = run_ort(io.to_bytes(result), {"ids": ids})
+    assert np.all(np.abs(y - table[ids]) <= half_steps(table, bits, 32, symmetric)[ids] + 1e-6)
+
+
+def opset21(text: str) -> str:
+    return text.replace(
+        '<ir_version: 9, opset_import: ["" : 17]>', '<ir_version: 10, opset_import: ["" : 21]>'
+    )
+
+
+@pytest.mark.parametrize("symmetric", [True, False])
+def test_dequantize_linear_format_writes_blocked_int4_before_the_float_ops(symmetric):
+    w, b = RNG.standard_normal((K, N)).astype(np.float32), RNG.standard_normal(N).astype(np.float32)
+    table = RNG.standard_normal((200, 48)).astype(np.float32)
+    text = (
+        opset21(MATMUL_BIAS)
+        .replace("(float[2, 3, 100] x)", "(float[2, 3, 100] x, int64[2, 5] ids)")
+        .replace("=> (float[2, 3, 64] y)", "=> (float[2, 3, 64] y, float[2, 5, 48] e)")
+    )
+    text = text.replace("y = Add(t, b)", "y = Add(t, b)\n  e = Gather(table, ids)")
+    options = {"format": "dequantize_linear", "symmetric": symmetric}
+    result, modified = quantized(with_weights(text, w=w, b=b, table=table), **options)
+    assert modified
+    assert ops(result.graph) == [
+        "DequantizeLinear",
+        "MatMul",
+        "Add",
+        "Gather",
+        "Gather",
+        *(["Gather"] if not symmetric else []),
+        "DequantizeLinear",
+    ]
+    codes = result.graph.initializers["w_q4"].const_value
+    assert codes.dtype == (ir.DataType.INT4 if symmetric else ir.DataType.UINT4)
+    assert result.graph.initializers["table_q8"].const_value.dtype.itemsize == 1
+    x, ids = RNG.standard_normal((2, 3, K)).astype(np.float32), RNG.integers(0, 200, (2, 5))
+    y, e = run_ort(io.to_bytes(result), {"x": x, "ids": ids})
+    # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with int8 activations.
+    bound = np.abs(x).max() / 254 * np.abs(w).sum(0) + weight_only_bound(x, w, 4, 32, symmetric)
+    assert np.all(np.abs(y - (x @ w + b)) <= bound)
+    assert np.all(np.abs(e - table[ids]) <= half_steps(table, 8, 32, symmetric)[ids] + 1e-6)
+
+
+def test_dequantize_linear_format_refuses_models_below_opset_21():
+    model = io.load(
+        with_weights(MATMUL_BIAS, w=np.ones((K, N), np.float32), b=np.ones(N, np.float32))
+    )
+    with pytest.raises(PassFailedError, match="opset >= 21"):
+        pipeline.run(model, [WeightOnlyQuantPass(format="dequantize_linear")])
+
+
+IF_MODEL = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (bool cond, float[3, 100] x) => (float[3, 64] y) {
+  y = If (cond) <
+    then_branch = then_g () => (float[3, 64] a) { a = MatMul(x, w_outer) },
+    else_branch = else_g () => (float[3, 64] b) { b = MatMul(x, w_local) }
+  >
+}
+"""
+
+
+def test_matmuls_inside_if_branches_are_quantized():
+    w_outer, w_local = (RNG.standard_normal((K, N)).astype(np.float32) for _ in range(2))
+    model = with_weights(IF_MODEL, subgraph={"w_local": w_local}, w_outer=w_outer)
+    result, modified = quantized(model, accuracy_level=0)
+    assert modified
+    if_node = next(iter(result.graph))
+    for name in ("then_branch", "else_branch"):
+        assert ops(if_node.attributes[name].as_graph()) == ["MatMulNBits"]
+    x = RNG.standard_normal((3, K)).astype(np.float32)
+    for cond, w in ((True, w_outer), (False, w_local)):
+        (y,) = run_ort(io.to_bytes(result), {"cond": np.array(cond), "x": x})
+        assert np.all(np.abs(y - x @ w) <= weight_only_bound(x, w, 4, 32, True))
+
+
+def test_excluded_and_tiny_weights_stay_float(caplog):
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[3, 100] x) => (float[3, 64] y, float[3, 8] z) {
+      y = MatMul(x, w)
+      z = MatMul(x, small)
+    }
+    """
+    model = with_weights(text, w=np.ones((K, N), np.float32), small=np.ones((K, 8), np.float32))
+    model.graph.node[0].name = "lm_head"
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.dynamic"):
+        result, modified = quantized(model, exclude=("lm_.*",))
+    assert not modified and ops(result.graph) == ["MatMul", "MatMul"]
+    assert "excluded" in caplog.text and "'small' has 800 < 4096 elements" in caplog.text
+
+
+@pytest.mark.parametrize(("bits", "low", "high"), [(4, 0.15, 0.17), (8, 0.28, 0.29)])
+def test_pipeline_leaves_its_input_alone_and_the_model_shrinks(bits, low, high):
+    # bits + 32 / block_size bits per weight: 5/32 = 0.156 for int4, 9/32 = 0.281 for int8.
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[1, 1024] x) => (float[1, 1024] y) {
+      y = MatMul(x, w)
+    }
+    """
+    model = with_weights(text, w=RNG.standard_normal((1024, 1024)).astype(np.float32))
+    before = model.SerializeToString()
+    result = pipeline.run(io.load(model), [WeightOnlyQuantPass(bits=bits)])
+    assert model.SerializeToString() == before
+    assert low < io.serialized_bytes(result.model) / len(before) < high
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="block_size"):
+        WeightOnlyQuantPass(block_size=48)
+    with pytest.raises(ValueError, match="bits"):
+        WeightOnlyQuantPass(bits=3)
+    with pytest.raises(ValueError, match="format"):
+        WeightOnlyQuantPass(format="gptq")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="op_types"):
+        WeightOnlyQuantPass(op_types=("Gemm",))
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_minilm_int4_block_32_keeps_its_sentence_embeddings():
+    from models.fetch import fetch
+    from models.inputs import sample_inputs
+
+    path = fetch("minilm")
+    feed = sample_inputs("minilm")
+    result = pipeline.run(io.load(path), [WeightOnlyQuantPass(bits=4, block_size=32)])
+    quantized_bytes = io.to_bytes(result.model)
+    reference = run_ort(path, feed)[-1]
+    candidate = run_ort(quantized_bytes, feed)[-1]
+    cosine = (reference * candidate).sum(-1) / (
+        np.linalg.norm(reference, axis=-1) * np.linalg.norm(candidate, axis=-1)
+    )
+    assert cosine.min() >= 0.95
+    assert len(quantized_bytes) < 0.2 * io.file_bytes(path)
