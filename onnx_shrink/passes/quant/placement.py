@@ -64,12 +64,16 @@ FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFL
 
 @dataclasses.dataclass(frozen=True)
 class Exclusions:
-    """What the user keeps in float: op types, and node names matched exactly or by regex."""
+    """What the user keeps in float: op types, and node names matched exactly or by regex;
+    with ``only``, every node but those named (rule 6 then does not apply)."""
 
     op_types: frozenset[str] = frozenset()
     nodes: tuple[str, ...] = ()
+    only: tuple[str, ...] = ()
 
     def excludes(self, node: ir.Node) -> bool:
+        if self.only and (node.name or "") not in self.only:
+            return True
         if node.op_type in self.op_types:
             return True
         name = node.name or ""
@@ -166,7 +170,7 @@ def plan(graph: ir.Graph, stats: Statistics, exclusions: Exclusions) -> Plan:
             logger.debug("quant: %s (%s) stays float: %s", node.name, node.op_type, reason)
         else:
             eligible.append(node)
-    accepted = _accept_glue(eligible)
+    accepted = set(eligible) if exclusions.only else _accept_glue(eligible)
     for node in eligible:
         if node not in accepted:
             skipped[node.name or node.op_type] = "not between integer kernels"

@@ -66,13 +66,16 @@ class QuantPass(DataAwarePass):
     exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
     exclude: tuple[str, ...] = option((), "node names or regexes kept in float")
     int16: tuple[str, ...] = option((), "node names or regexes whose activations use 16 bits")
+    only: tuple[str, ...] = option(
+        (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
 
     @property
     def _exclusions(self) -> placement.Exclusions:
-        return placement.Exclusions(frozenset(self.exclude_op_types), self.exclude)
+        return placement.Exclusions(frozenset(self.exclude_op_types), self.exclude, self.only)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         placement.infer_types(model)
