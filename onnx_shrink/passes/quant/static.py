@@ -15,6 +15,7 @@ from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.passes.quant import calibration, placement
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import (
     QUANT_TYPES,
     QuantType,
@@ -46,6 +47,9 @@ class QuantPass(DataAwarePass):
        per-channel QDQ would otherwise be refused by onnxruntime), or fall back to per-tensor
        weights when conversion fails.
     5. Only the main graph is quantized; nodes inside If/Loop bodies stay float (logged).
+    6. With ``gather``, constant embedding tables read by Gather are stored as int8 rows
+       (``quant-dynamic``'s rule 3): no kernel runs on them in integers, but they are most of
+       a transformer's bytes.
     """
 
     name: ClassVar[str] = "quant"
@@ -66,6 +70,9 @@ class QuantPass(DataAwarePass):
     exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
     exclude: tuple[str, ...] = option((), "node names or regexes kept in float")
     int16: tuple[str, ...] = option((), "node names or regexes whose activations use 16 bits")
+    gather: bool = option(
+        True, "store embedding tables (Gather) as int8 rows, dequantized on lookup"
+    )
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
     )
@@ -98,6 +105,10 @@ class QuantPass(DataAwarePass):
             writer.qdq_tensor(tensor, scale, zero)
         for node in decided.nodes:
             self._quantize_constants(writer, node, per_channel)
+        if self.gather and not self.only:
+            # Embedding tables are most of a transformer's bytes and no integer kernel reads
+            # them: int8 rows with a scale per column, dequantized after the lookup.
+            QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)(model)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
         logger.info(
