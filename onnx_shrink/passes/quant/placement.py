@@ -202,8 +202,9 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
             if node in accepted:
                 continue
             fed = all(_producer(v) in accepted for v in activation_inputs(node))
-            feeds = any(n in candidates for n in _consumers(_quantized_output(node)))
-            if fed and (feeds or node.outputs[0].is_graph_output()):
+            out = _quantized_output(node)
+            feeds = any(n in candidates for n in _consumers(out))
+            if fed and (feeds or (out is not None and out.is_graph_output())):
                 accepted.add(node)
                 changed = True
     return accepted

@@ -1,0 +1,203 @@
+"""Placement rules of the static `quant` pass, each on a tiny graph, checked on onnxruntime."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+import onnxruntime as ort
+import pytest
+
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import collect, data
+from tests.helpers import run_ort
+
+RNG = np.random.default_rng(0)
+F = onnx.TensorProto.FLOAT
+
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    graph = oh.make_graph(
+        nodes, "g", inputs, outputs, initializer=[onh.from_array(v, k) for k, v in inits.items()]
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _quantize(proto, feeds, tmp_path, **options):
+    """Calibrate on ``feeds`` (arrays with samples on axis 0), quantize, save, return paths."""
+    model = io.load(proto)
+    np.savez(tmp_path / "calib.npz", **feeds)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
+    quant = QuantPass(**options)
+    stats = collect.collect(model, quant.requests(model), dataset)
+    quant.bind(stats)(model)
+    saved = io.save(model, tmp_path / "q.onnx")
+    onnx.checker.check_model(str(saved.path), full_check=True)
+    return saved.path, model
+
+
+def _optimized_ops(path, tmp_path):
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "opt.onnx")
+    options.log_severity_level = 3
+    ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+    return [n.op_type for n in onnx.load(str(tmp_path / "opt.onnx")).graph.node]
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph]
+
+
+def _conv_relu_pool():
+    w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
+    w2 = RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2
+    return _model(
+        [
+            oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Relu", ["c"], ["r"]),
+            oh.make_node("MaxPool", ["r"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+            oh.make_node("Conv", ["p", "w2"], ["c2"], pads=[1, 1, 1, 1]),
+            oh.make_node("Add", ["c2", "p"], ["s"]),
+            oh.make_node("Relu", ["s"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 3, 16, 16])],
+        [oh.make_tensor_value_info("y", F, ["N", 8, 8, 8])],
+        {"w": w, "b": RNG.standard_normal(8).astype(np.float32) * 0.1, "w2": w2},
+    )
+
+
+def test_a_cnn_runs_entirely_in_integer_kernels_and_stays_close(tmp_path):
+    proto = _conv_relu_pool()
+    x = RNG.standard_normal((32, 3, 16, 16)).astype(np.float32)
+    path, model = _quantize(proto, {"x": x}, tmp_path)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 2 and "QLinearAdd" in ops
+    assert "Conv" not in ops and "Add" not in ops and "MaxPool" not in ops  # NhwcMaxPool on u8
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    got = run_ort(path, {"x": x})[0]
+    # A few quantization steps of the output range at most.
+    assert np.abs(got - reference).max() < 8 * reference.max() / 255
+
+
+def test_relu_is_folded_into_the_producers_range(tmp_path):
+    _, model = _quantize(
+        _conv_relu_pool(), {"x": RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)}, tmp_path
+    )
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    relu = conv.outputs[0].uses()[0].node
+    assert relu.op_type == "Relu"  # nothing between Conv and Relu
+    assert [u.node.op_type for u in relu.outputs[0].uses()] == ["QuantizeLinear"]
+
+
+def test_maxpool_and_reshape_share_their_inputs_scale(tmp_path):
+    w = RNG.standard_normal((16, 4)).astype(np.float32)
+    proto = _model(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["m"]),
+            oh.make_node("Reshape", ["m", "shape"], ["r"]),
+            oh.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, [2, 16])],
+        [oh.make_tensor_value_info("y", F, [8, 3])],
+        {"w": w, "shape": np.array([8, 1], np.int64), "w2": np.ones((1, 3), np.float32)},
+    )
+    _, model = _quantize(proto, {"x": RNG.standard_normal((4, 2, 16)).astype(np.float32)}, tmp_path)
+    scales = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+    assert scales["r_scale"] == scales["m_scale"]
+    assert scales["r_zero_point"] == scales["m_zero_point"]
+
+
+def test_weights_are_per_channel_s8_and_biases_int32(tmp_path):
+    _, model = _quantize(
+        _conv_relu_pool(), {"x": RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)}, tmp_path
+    )
+    inits = {v.name: v.const_value.numpy() for v in model.graph.initializers.values()}
+    assert inits["w_quantized"].dtype == np.int8 and inits["w_scale"].shape == (8,)
+    assert inits["b_quantized"].dtype == np.int32
+    np.testing.assert_allclose(inits["b_scale"], inits["x_scale"] * inits["w_scale"], rtol=1e-6)
+    dq = next(n for n in model.graph if n.outputs[0].name == "w_dequantized")
+    assert dq.attributes["axis"].as_int() == 0
+
+
+def test_softmax_and_layernorm_stay_float_and_mask_sentinels_are_never_quantized(tmp_path):
+    d = 8
+    proto = _model(
+        [
+            oh.make_node("MatMul", ["x", "wq"], ["q"]),
+            oh.make_node("MatMul", ["q", "xt"], ["scores"]),
+            oh.make_node("Add", ["scores", "mask"], ["masked"]),
+            oh.make_node("Softmax", ["masked"], ["probs"], axis=-1),
+            oh.make_node("MatMul", ["probs", "x"], ["ctx"]),
+            oh.make_node("LayerNormalization", ["ctx", "g", "b"], ["y"], axis=-1),
+        ],
+        [
+            oh.make_tensor_value_info("x", F, [4, d]),
+            oh.make_tensor_value_info("xt", F, [d, 4]),
+            oh.make_tensor_value_info("mask", F, [4, 4]),
+        ],
+        [oh.make_tensor_value_info("y", F, [4, d])],
+        {
+            "wq": RNG.standard_normal((d, d)).astype(np.float32),
+            "g": np.ones(d, np.float32),
+            "b": np.zeros(d, np.float32),
+        },
+    )
+    x = RNG.standard_normal((6, 4, d)).astype(np.float32)
+    mask = np.where(np.triu(np.ones((4, 4)), 1), np.finfo(np.float32).min, 0).astype(np.float32)
+    feeds = {"x": x, "xt": np.swapaxes(x, 1, 2).copy(), "mask": np.stack([mask] * 6)}
+    path, model = _quantize(proto, feeds, tmp_path)
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert "masked" not in quantized and "y" not in quantized
+    assert {"Softmax", "LayerNormalization"} <= set(_ops(model))
+    sample = {k: v[0] for k, v in feeds.items()}
+    reference = run_ort(proto.SerializeToString(), sample)[0]
+    got = run_ort(path, sample)[0]
+    cos = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert np.isfinite(got).all() and cos > 0.99
+
+
+def test_exclusions_by_op_type_name_and_regex(tmp_path):
+    feeds = {"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    for options in ({"exclude_op_types": ("Conv",)}, {"exclude": ("conv_.*",)}):
+        proto = _conv_relu_pool()
+        for i, node in enumerate(proto.graph.node):
+            node.name = f"conv_{i}" if node.op_type == "Conv" else f"n{i}"
+        _, model = _quantize(proto, feeds, tmp_path, **options)
+        assert all(
+            not (n.inputs[1].producer() and n.inputs[1].producer().op_type == "DequantizeLinear")
+            for n in model.graph
+            if n.op_type == "Conv"
+        )
+
+
+def test_opset_11_models_get_per_channel_weights_onnxruntime_loads(tmp_path):
+    proto = _conv_relu_pool()
+    proto.opset_import[0].version = 11  # Conv, Relu, MaxPool and Add read the same in 11
+    path, model = _quantize(
+        proto, {"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)}, tmp_path
+    )
+    assert model.opset_imports[""] >= 13
+    assert np.isfinite(run_ort(path, {"x": np.ones((1, 3, 16, 16), np.float32)})[0]).all()
+
+
+def test_graph_outputs_keep_their_names(tmp_path):
+    path, model = _quantize(
+        _conv_relu_pool(), {"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)}, tmp_path
+    )
+    assert [v.name for v in model.graph.outputs] == ["y"]
+    assert model.graph.outputs[0].producer().op_type == "DequantizeLinear"
+
+
+@pytest.mark.parametrize("method", ["minmax", "percentile", "entropy", "mse"])
+def test_every_calibration_method_produces_a_working_model(tmp_path, method):
+    x = RNG.standard_normal((16, 3, 16, 16)).astype(np.float32)
+    proto = _conv_relu_pool()
+    path, _ = _quantize(proto, {"x": x}, tmp_path, calibration=method)
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    got = run_ort(path, {"x": x})[0]
+    cos = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
+    assert cos > 0.99
