@@ -19,6 +19,10 @@ from onnx_shrink.errors import (  # noqa: E402
     ShrinkError,
 )
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
+from onnx_shrink.passes.fp16 import Float16Pass  # noqa: E402
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass  # noqa: E402
+from onnx_shrink.passes.quant.static import QuantPass  # noqa: E402
+from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass  # noqa: E402
 from onnx_shrink.runtime_check.compare import Tolerances  # noqa: E402
 
 __all__ = [
@@ -26,12 +30,16 @@ __all__ = [
     "CheckFailed",
     "CheckOptions",
     "DataError",
+    "Float16Pass",
     "FoldPass",
     "PassFailedError",
     "PipelineSpecError",
+    "QuantDynamicPass",
+    "QuantPass",
     "ShrinkError",
     "ShrinkResult",
     "Tolerances",
+    "WeightOnlyQuantPass",
     "__version__",
     "load",
     "save",

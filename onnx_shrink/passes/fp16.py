@@ -1,0 +1,448 @@
+"""Float16 / bfloat16 conversion with float islands chosen from calibration ranges."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import logging
+import re
+from collections import Counter
+from collections.abc import Iterator
+from itertools import count
+from typing import ClassVar, Literal, NamedTuple
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
+
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.errors import ShrinkError
+
+logger = logging.getLogger(__name__)
+
+FLOAT = ir.DataType.FLOAT
+
+# Small on purpose. CumSum accumulates; TopK and RoiAlign turn rounding into other indices
+# and boxes (in onnxruntime's fp16 block list too); RandomNormal/RandomUniform in float16 fail
+# on onnxruntime CPU (no kernel, no input to cast around). Range, NonMaxSuppression and
+# ai.onnx.ml ops need no listing: their schemas have no float16 (rule 3 c).
+DEFAULT_BLOCK_OPS = ("CumSum", "RandomNormal", "RandomUniform", "RoiAlign", "TopK")
+
+# Ops whose float output type comes from an attribute or a body, not from a typed input.
+_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"}
+_DTYPE_ATTR_OPS = {"EyeLike", "Bernoulli", *_RANDOM}
+_TYPED_BY_ATTRIBUTE = {"If", "Loop", "Scan", "Cast", "Constant", "ConstantOfShape"}
+_TYPED_BY_ATTRIBUTE |= _DTYPE_ATTR_OPS
+
+
+class _Format(NamedTuple):
+    dtype: ir.DataType
+    type_str: str
+    largest: float  # largest finite value
+    tiny: float  # below this a nonzero |x| keeps fewer than 8 significant bits
+
+
+FORMATS = {
+    "float16": _Format(ir.DataType.FLOAT16, "tensor(float16)", 65504.0, 2.0**-17),
+    "bfloat16": _Format(ir.DataType.BFLOAT16, "tensor(bfloat16)", 3.3895313892515355e38, 2.0**-126),
+}
+
+
+@dataclasses.dataclass(frozen=True)
+class Float16Pass(DataAwarePass):
+    """Convert a float32 model to float16 (or bfloat16), keeping float islands in float32.
+
+    Rules:
+
+    1. Every float32 tensor (weights, activations, If/Loop/Scan bodies) becomes ``dtype``
+       except in *float islands*, nodes kept in float32. One Cast per value and type joins
+       them, in the graph defining the value (a body reads an outer value already cast);
+       Casts left as identities are removed.
+    2. Weights (initializers, Constant and ConstantOfShape values) are stored in ``dtype``
+       when a consumer runs in it (cast back up for island consumers). A weight that would
+       not survive, |w| above the largest finite value or every nonzero |w| under the
+       8-significant-bit limit (2^-17 for float16: a 1e-12 epsilon), is never clamped: it
+       stays float32 and so do its consumers.
+    3. A node is an island when (a) its op type is in ``block_ops``; (b) its name equals or
+       fully matches an ``exclude`` regex; (c) its ONNX schema has no ``dtype`` for a float
+       input or output, it has no schema, or an input type is unknown; (d) it calls a
+       model-local function (functions are typed per call and have no statistics inside:
+       they stay float32, logged); (e) it reads or writes a main-graph tensor whose
+       calibrated max |x| exceeds ``max_fraction`` x the largest value (65504) or is nonzero
+       under the limit of rule 2; (f) it reads or writes a weight rule 2 keeps; (g) it is in
+       the body of an island If/Loop/Scan.
+    4. Inputs the schema fixes to float32 (Resize scales) stay float32; ``Cast.to``,
+       ``ConstantOfShape.value`` and the ``dtype`` of EyeLike/Random*/Bernoulli follow the
+       node; outputs typed by other attributes (LayerNormalization Mean) stay float32.
+    5. ``keep_io_types``: main-graph inputs and outputs stay float32 (Casts at the edges,
+       names kept); else they become ``dtype`` unless rule 3 (e) flags them. Body inputs
+       and outputs follow their If/Loop/Scan node.
+    6. Value types are updated where a value carries one; the result must pass onnx's
+       strict type inference if the input did, else ``ShrinkError``.
+
+    Statistics: one "minmax" per float32 tensor of the main graph. onnxruntime's CPU
+    provider has few float16 kernels and casts around the rest: there float16 saves bytes,
+    not time. bfloat16 needs a GPU provider.
+    """
+
+    name: ClassVar[str] = "fp16"
+    dtype: Literal["float16", "bfloat16"] = option(
+        "float16", "target format", choices=("float16", "bfloat16")
+    )
+    keep_io_types: bool = option(True, "graph inputs and outputs stay float32 (Casts at edges)")
+    block_ops: tuple[str, ...] = option(DEFAULT_BLOCK_OPS, "op types always kept in float32")
+    exclude: tuple[str, ...] = option((), "node names or full-match regexes kept in float32")
+    max_fraction: float = option(
+        0.5, "float32 where calibrated |x| > this x the format's max", minimum=1e-6, maximum=1.0
+    )
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def requests(self, model: ir.Model) -> list[StatRequest]:
+        dtypes = _tensor_dtypes(model)
+        values = [v for v in _values(model.graph) if not v.is_initializer()]
+        values = [v for v in values if (p := v.producer()) is None or p.op_type != "Constant"]
+        return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
+
+    def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        error_before = io.shape_inference_error(model)
+        modified = _Conversion(self, model).run(stats)
+        error = io.shape_inference_error(model) if modified else None
+        if error is not None and error_before is None:
+            raise ShrinkError(f"fp16: the converted model fails type inference: {error}")
+        return ir.passes.PassResult(model, modified)
+
+
+class _Conversion:
+    """The state of one conversion: original types, islands, new types and inserted Casts."""
+
+    def __init__(self, pass_: Float16Pass, model: ir.Model) -> None:
+        self.pass_ = pass_
+        self.model = model
+        self.fmt = FORMATS[pass_.dtype]
+        self.target = self.fmt.dtype
+        self.orig = _tensor_dtypes(model)
+        self.scopes = list(_scopes(model.graph, None))
+        self.islands: dict[ir.Node, str] = {}
+        self.signatures: dict[ir.Node, tuple[list[bool], list[bool]]] = {}
+        self.flagged: dict[ir.Value, str] = {}
+        self.new: dict[ir.Value, ir.DataType] = {}
+        self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
+        self.names = {v.name for g, _ in self.scopes for v in _values(g) if v.name}
+
+    def run(self, stats: Statistics) -> bool:
+        for function in self.model.functions.values():
+            logger.info("fp16: function %s stays float32 (rule 3 d)", function.name)
+        self._flag_values(stats)
+        for graph, owner in self.scopes:
+            for node in graph:
+                if (reason := self._island_reason(node, owner)) is not None:
+                    self.islands[node] = reason
+                    logger.debug("fp16: %s (%s) stays float32: %s", node.name, node.op_type, reason)
+        self._assign_types()
+        self._rewire()
+        self._convert_attributes_and_weights()
+        changed = [v for v, t in self.new.items() if t != self.orig.get(v)]
+        for value in changed:
+            if value.type is not None or value.is_graph_input() or value.is_graph_output():
+                value.type = ir.TensorType(self.new[value])
+        self._drop_identity_casts()
+        kinds = Counter(reason.split(":")[0] for reason in self.islands.values())
+        logger.info("fp16: %d Casts; float islands: %s", len(self.casts), dict(kinds) or "none")
+        return bool(changed or self.casts)
+
+    def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:
+        if absmax > limit:
+            self.flagged[value] = f"{kind} range: '{value.name}' reaches |x|={absmax:.4g}"
+        elif 0 < absmax < self.fmt.tiny:
+            self.flagged[value] = f"{kind} underflow: '{value.name}' has max |x|={absmax:.3g}"
+
+    def _flag_values(self, stats: Statistics) -> None:
+        """Rule 3 (e) from the statistics of main-graph tensors, rule 2 from every weight."""
+        limit = self.pass_.max_fraction * self.fmt.largest
+        for value in _values(self.model.graph):
+            minmax = stats.minmax(value.name or "") if self.orig.get(value) == FLOAT else None
+            if minmax is not None and minmax.elements and value.const_value is None:
+                self._flag(value, max(-minmax.minimum, minmax.maximum), limit, "activation")
+        for graph, _ in self.scopes:
+            weights = [(v, v.const_value) for v in graph.initializers.values()]
+            weights += [(n.outputs[0], t) for n in graph if (t := _constant_tensor(n)) is not None]
+            for value, tensor in weights:
+                if tensor is not None and tensor.dtype == FLOAT:
+                    array = np.abs(tensor.numpy())
+                    absmax = float(np.max(array, initial=0.0, where=np.isfinite(array)))
+                    self._flag(value, absmax, self.fmt.largest, "weight")
+
+    def _island_reason(self, node: ir.Node, owner: ir.Node | None) -> str | None:
+        if owner is not None and owner in self.islands:
+            return f"float32 body: inside {owner.op_type} '{owner.name}'"
+        values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+        if not any(self.orig.get(v) == FLOAT for v in values) and node.op_type not in (
+            _TYPED_BY_ATTRIBUTE - {"Cast", "Constant"}
+        ):
+            return None  # no float32 in or out: its status changes nothing
+        if node.name and any(_matches(p, node.name) for p in self.pass_.exclude):
+            return "exclude: by name"
+        if node.op_type in self.pass_.block_ops:
+            return f"block_ops: {node.op_type}"
+        if (node.domain, node.op_type, node.overload) in self.model.functions:
+            return f"function: calls {node.op_type}"
+        for value in values:
+            if value in self.flagged:
+                return self.flagged[value]
+        if any(v is not None and v.name and v not in self.orig for v in values):
+            return "unknown type: not a tensor, or not inferred"
+        signature = self._signature(node)
+        if isinstance(signature, str):
+            return signature
+        self.signatures[node] = signature
+        return None
+
+    def _signature(self, node: ir.Node) -> tuple[list[bool], list[bool]] | str:
+        """Which inputs and outputs of ``node`` follow the conversion, or why none can.
+
+        Parameters typed by a type variable follow (if it allows the target), fixed ones
+        (``tensor(float)``) do not, nor do outputs typed by attributes rule 4 leaves alone.
+        """
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        version = self.model.opset_imports.get(domain, self.model.opset_imports.get("ai.onnx"))
+        schema = _get_schema(node.op_type, domain, version) if version is not None else None
+        if schema is None:
+            return f"schema: none for {domain or 'ai.onnx'}::{node.op_type}"
+        constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
+        bound = {p.type_str for p in schema.inputs}
+        bound = None if node.op_type in _TYPED_BY_ATTRIBUTE else bound
+        params = [(_formal(schema.inputs, i), v, True) for i, v in enumerate(node.inputs)]
+        params += [(_formal(schema.outputs, i), v, False) for i, v in enumerate(node.outputs)]
+        converts: list[bool] = []
+        for formal, value, is_input in params:
+            follows = formal in constraints and (is_input or bound is None or formal in bound)
+            converts.append(follows)
+            if follows and value is not None and self.orig.get(value) == FLOAT:
+                if self.fmt.type_str not in constraints[formal or ""]:
+                    return f"schema: {node.op_type} has no {self.pass_.dtype} for {formal}"
+        return converts[: len(node.inputs)], converts[len(node.inputs) :]
+
+    def _required(self, node: ir.Node, index: int) -> ir.DataType | None:
+        """The type ``node`` needs at input ``index`` (None: not a float32 input)."""
+        value = node.inputs[index]
+        if value is None or self.orig.get(value) != FLOAT:
+            return None
+        return self._output_type(node, index, side=0)
+
+    def _output_type(self, node: ir.Node, index: int, side: int = 1) -> ir.DataType:
+        converts = node not in self.islands and self.signatures[node][side][index]
+        return self.target if converts else FLOAT
+
+    def _io_type(self, value: ir.Value, owner: ir.Node | None) -> ir.DataType:
+        if owner is None:
+            keep = self.pass_.keep_io_types or value in self.flagged
+            return FLOAT if keep else self.target
+        return FLOAT if owner in self.islands else self.target
+
+    def _weight_type(self, value: ir.Value, owner: ir.Node | None) -> ir.DataType:
+        if value in self.flagged or value.producer() in self.islands:
+            return FLOAT
+        if value.is_graph_output():
+            return self._io_type(value, owner)
+        needed = any(self._required(u.node, u.idx) == self.target for u in value.uses())
+        return self.target if needed else FLOAT
+
+    def _assign_types(self) -> None:
+        for graph, owner in self.scopes:
+            weights = [v for v in graph.initializers.values() if not v.is_graph_input()]
+            weights += [n.outputs[0] for n in graph if n.op_type == "Constant"]
+            for node in graph:
+                for index, value in enumerate(node.outputs):
+                    if self.orig.get(value) == FLOAT and node.op_type != "Constant":
+                        self.new[value] = self._output_type(node, index)
+            for value in graph.inputs:
+                if self.orig.get(value) == FLOAT:
+                    self.new[value] = self._io_type(value, owner)
+            for value in weights:
+                if self.orig.get(value) == FLOAT:
+                    self.new[value] = self._weight_type(value, owner)
+
+    def _type(self, value: ir.Value) -> ir.DataType | None:
+        return self.new.get(value, self.orig.get(value))
+
+    def _rewire(self) -> None:
+        for graph, owner in self.scopes:
+            for node in list(graph):
+                for index, value in enumerate(node.inputs):
+                    needed = self._required(node, index)
+                    if needed is not None and self._type(value) != needed:
+                        node.replace_input_with(index, self._cast(value, needed, value.graph))
+            for index, value in enumerate(graph.outputs):
+                needed = self._io_type(value, owner)
+                if self.orig.get(value) != FLOAT or self._type(value) == needed:
+                    continue
+                if owner is not None:
+                    graph.outputs[index] = self._cast(value, needed, graph)
+                    continue
+                # Main graph: the Cast takes the output's name, so callers see no change.
+                cast = self._cast(value, needed, value.graph)
+                if cast.name != value.name and value.producer() is not None:
+                    name, value.name = value.name, self._fresh(f"{value.name}_{self.pass_.dtype}")
+                    cast.name = name
+                    cast.shape = value.shape.copy() if value.shape is not None else None
+                graph.outputs[index] = cast
+
+    def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
+        """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""
+        assert graph is not None
+        key = (value, to, graph)
+        if key not in self.casts:
+            suffix = "fp32" if to == FLOAT else self.pass_.dtype
+            out = ir.Value(name=self._fresh(f"{value.name}_{suffix}"), type=ir.TensorType(to))
+            node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out])
+            node.name = out.name
+            producer = value.producer()
+            if producer is not None and producer.graph is graph:
+                graph.insert_after(producer, node)
+            elif len(graph):
+                graph.insert_before(graph[0], node)
+            else:
+                graph.append(node)
+            self.new[out] = to
+            self.casts[key] = out
+        return self.casts[key]
+
+    def _fresh(self, base: str) -> str:
+        name = next(n for i in count() if (n := f"{base}_{i}" if i else base) not in self.names)
+        self.names.add(name)
+        return name
+
+    def _convert_attributes_and_weights(self) -> None:
+        for graph, _ in self.scopes:
+            for value in graph.initializers.values():
+                if self.new.get(value) == self.target and value.const_value is not None:
+                    value.const_value = _converted(value.const_value, self.target)
+            for node in graph:
+                out = node.outputs[0] if node.outputs else None
+                if out is not None and self.orig.get(out) == FLOAT != self.new.get(out):
+                    _retype_attributes(node, self.target)
+
+    def _drop_identity_casts(self) -> None:
+        for graph, _ in self.scopes:
+            for node in list(graph):
+                source, out = node.inputs[0] if node.inputs else None, node.outputs[0]
+                if node.op_type != "Cast" or source is None or out.is_graph_output():
+                    continue
+                if self._type(source) == node.attributes.get_int("to"):  # converted to a no-op
+                    out.replace_all_uses_with(source)
+                    graph.remove(node, safe=True)
+
+
+def _scopes(graph: ir.Graph, owner: ir.Node | None) -> Iterator[tuple[ir.Graph, ir.Node | None]]:
+    """The graph and every If/Loop/Scan body in it, each with the node that owns it."""
+    yield graph, owner
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from _scopes(attr.as_graph(), node)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from (scope for body in attr.as_graphs() for scope in _scopes(body, node))
+
+
+def _values(graph: ir.Graph) -> Iterator[ir.Value]:
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    yield from (output for node in graph for output in node.outputs)
+
+
+def _tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
+    """Element types of tensor values (main graph, bodies) by non-strict onnx inference.
+
+    Read from the inferred model: onnx_ir's ShapeInferencePass merges sequences as tensors.
+    """
+    infer = functools.partial(
+        onnx.shape_inference.infer_shapes, check_type=False, strict_mode=False, data_prop=False
+    )
+    try:
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model.clone()))
+    except Exception as e:  # onnx raises several types; the declared types remain
+        logger.warning("fp16: onnx type inference failed (%s); using declared types", e)
+        inferred = model
+    dtypes: dict[ir.Value, ir.DataType] = {}
+    for original, twin_graph in zip(model.graphs(), inferred.graphs(), strict=True):
+        named = {v.name: v for v in (*twin_graph.inputs, *twin_graph.initializers.values())}
+        pairs = [
+            (v, named.get(v.name, v)) for v in (*original.inputs, *original.initializers.values())
+        ]
+        for node, twin in zip(original, twin_graph, strict=True):
+            pairs += zip(node.outputs, twin.outputs, strict=True)
+        for value, twin in pairs:
+            known = twin.type if twin.type is not None else value.type
+            if isinstance(known, ir.TensorType):
+                dtypes[value] = known.dtype
+            elif known is None and value.const_value is not None:
+                dtypes[value] = value.const_value.dtype
+    return dtypes
+
+
+@functools.cache
+def _get_schema(op_type: str, domain: str, version: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(op_type, max_inclusive_version=version, domain=domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def _formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str | None:
+    if index < len(params):
+        return params[index].type_str
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    return params[-1].type_str if params and params[-1].option == variadic else None
+
+
+def _matches(pattern: str, name: str) -> bool:
+    try:
+        return pattern == name or re.fullmatch(pattern, name) is not None
+    except re.error:  # not a regular expression: a plain name
+        return False
+
+
+def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a Constant or ConstantOfShape node holds, if any."""
+    attrs = node.attributes
+    if node.op_type not in ("Constant", "ConstantOfShape") or node.domain not in ("", "ai.onnx"):
+        return None
+    if "value" in attrs and attrs["value"].type == ir.AttributeType.TENSOR:
+        return attrs["value"].as_tensor()
+    if "value_float" in attrs:
+        return ir.tensor(np.array(attrs["value_float"].as_float(), dtype=np.float32))
+    if "value_floats" in attrs:
+        return ir.tensor(np.array(attrs["value_floats"].as_floats(), dtype=np.float32))
+    return None
+
+
+def _converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:
+    """``tensor`` rounded to ``dtype`` (round to nearest even; range checked by rule 2)."""
+    array = tensor.numpy().astype(dtype.numpy())
+    return ir.Tensor(array, dtype=dtype, name=tensor.name)
+
+
+def _retype_attributes(node: ir.Node, dtype: ir.DataType) -> None:
+    """Rewrite the attributes that make a converted node produce float32 (rules 2 and 4)."""
+    attrs = node.attributes
+    if node.domain not in ("", "ai.onnx"):
+        return
+    if node.op_type == "Cast" and attrs.get_int("to") == FLOAT:
+        attrs["to"] = ir.AttrInt64("to", dtype)
+    elif node.op_type in ("Constant", "ConstantOfShape"):
+        tensor = _constant_tensor(node)
+        if tensor is None:  # ConstantOfShape without value: float32 zeros
+            tensor = ir.tensor(np.zeros(1, dtype=np.float32))
+        for name in ("value", "value_float", "value_floats"):
+            attrs.pop(name, None)
+        attrs["value"] = ir.AttrTensor("value", _converted(tensor, dtype))
+    elif node.op_type in _DTYPE_ATTR_OPS:
+        default = FLOAT if node.op_type in ("RandomNormal", "RandomUniform") else None
+        if attrs.get_int("dtype", default) == FLOAT:
+            attrs["dtype"] = ir.AttrInt64("dtype", dtype)

@@ -1,0 +1,426 @@
+"""The fp16 pass: float16 conversion with float islands, checked on onnxruntime CPU."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models import digits
+from models.builders import build_cnn, build_mlp, build_transformer_block
+from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
+from onnx_shrink.passes.fp16 import DEFAULT_BLOCK_OPS, Float16Pass
+from onnx_shrink.runtime_check import collect, data
+from tests.helpers import parse, run_ort
+
+FP16 = ir.DataType.FLOAT16
+NO_STATS = Statistics({}, 0, "none")
+
+
+def _dataset(model: ir.Model, feed: dict[str, np.ndarray]) -> data.Dataset:
+    return data.Dataset("test feed", False, False, lambda: iter([data.Batch(feed, 1, None)]))
+
+
+def _convert(
+    model: ir.Model, feed: dict[str, np.ndarray] | None, **options
+) -> tuple[ir.Model, bool]:
+    """A converted copy of ``model``; statistics from one run on ``feed`` (None: no stats)."""
+    pass_ = Float16Pass(**options)
+    stats = (
+        collect.collect(model, pass_.requests(model), _dataset(model, feed))
+        if feed is not None
+        else NO_STATS
+    )
+    converted = io.load(model)
+    result = pass_.bind(stats)(converted)
+    onnx.checker.check_model(io.serialize_proto(result.model), full_check=True)
+    return result.model, result.modified
+
+
+def _outputs(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    return run_ort(io.to_bytes(model), feed)
+
+
+def _assert_close(reference: np.ndarray, candidate: np.ndarray, rel: float = 2e-3) -> None:
+    assert candidate.dtype == reference.dtype
+    scale = float(np.abs(reference).max())
+    error = float(np.abs(candidate.astype(np.float64) - reference).max())
+    assert error <= rel * scale, f"max error {error:.3g} > {rel} x {scale:.3g}"
+
+
+def _dtypes(model: ir.Model) -> dict[str, int]:
+    """Element type of every main-graph value, by onnx's type inference on the saved model."""
+    graph = onnx.shape_inference.infer_shapes(io.serialize_proto(model)).graph
+    infos = [*graph.input, *graph.output, *graph.value_info]
+    types = {i.name: i.type.tensor_type.elem_type for i in infos}
+    types.update({t.name: t.data_type for t in graph.initializer})
+    return types
+
+
+def _island_ops(model: ir.Model) -> list[str]:
+    """Op types of main-graph nodes that still compute in float32 (Casts aside)."""
+    types = _dtypes(model)
+    return [
+        n.op_type
+        for n in model.graph
+        if n.op_type != "Cast"
+        and any(types.get(o.name) == onnx.TensorProto.FLOAT for o in n.outputs)
+    ]
+
+
+def _reference(model: ir.Model, feed: dict[str, np.ndarray]) -> list[np.ndarray]:
+    """Outputs on onnx's reference evaluator, which computes float16 ops in float16.
+
+    onnxruntime's CPU provider has few float16 kernels: it casts around the others and drops
+    the casts between them, so a float16 chain there mostly computes in float32.
+    """
+    from onnx.reference import ReferenceEvaluator
+
+    return ReferenceEvaluator(io.serialize_proto(model)).run(None, feed)
+
+
+SYNTHETIC = [
+    (build_mlp, {"x": np.random.default_rng(0).standard_normal((8, 64), dtype=np.float32)}),
+    (build_cnn, {"image": np.random.default_rng(1).random((2, 3, 32, 32), dtype=np.float32)}),
+    (
+        build_transformer_block,
+        {"hidden": np.random.default_rng(2).standard_normal((2, 16, 64), dtype=np.float32)},
+    ),
+]
+
+
+@pytest.mark.parametrize(("build", "feed"), SYNTHETIC, ids=["mlp", "cnn", "transformer"])
+def test_small_models_convert_within_float16_error_and_halve(build, feed):
+    original = io.load(build())
+    converted, modified = _convert(original, feed)
+    assert modified
+    (reference,) = _outputs(original, feed)
+    _assert_close(reference, _outputs(converted, feed)[0])
+    _assert_close(reference, _reference(converted, feed)[0], rel=5e-3)  # float16 arithmetic
+    assert not any(t.dtype == ir.DataType.FLOAT for t in walk.all_tensors(converted))
+    ratio = io.serialized_bytes(converted) / io.serialized_bytes(original)
+    assert 0.45 < ratio < 0.55
+    assert [v.dtype for v in converted.graph.inputs] == [ir.DataType.FLOAT]
+    assert [v.dtype for v in converted.graph.outputs] == [ir.DataType.FLOAT]
+    assert [v.name for v in converted.graph.outputs] == [v.name for v in original.graph.outputs]
+    assert [n.op_type for n in converted.graph].count("Cast") == 2  # one per input, output
+
+
+def test_without_keep_io_types_inputs_and_outputs_are_float16():
+    original = io.load(build_mlp())
+    feed = SYNTHETIC[0][1]
+    converted, _ = _convert(original, feed, keep_io_types=False)
+    assert converted.graph.inputs[0].dtype == FP16
+    assert converted.graph.outputs[0].dtype == FP16
+    assert not any(n.op_type == "Cast" for n in converted.graph)
+    (out,) = _outputs(converted, {"x": feed["x"].astype(np.float16)})
+    _assert_close(_outputs(original, feed)[0].astype(np.float16), out, rel=4e-3)
+
+
+GROWING = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+  k = Constant <value = float {300.0}> ()
+  a = Mul(x, k)
+  b = Mul(a, k)
+  c = Div(b, k)
+  y = Div(c, k)
+}
+"""
+
+
+def test_an_intermediate_beyond_65504_keeps_its_nodes_in_float32():
+    original = io.load(parse(GROWING))
+    feed = {"x": np.linspace(-2, 2, 16, dtype=np.float32).reshape(4, 4)}
+    (reference,) = _outputs(original, feed)
+    naive, _ = _convert(original, None)
+    with np.errstate(over="ignore", invalid="ignore"):
+        assert not np.isfinite(_reference(naive, feed)[0]).all()
+    converted, _ = _convert(original, feed)
+    # b = x * 9e4 is the only tensor out of range: its producer and its consumer stay float32.
+    assert _island_ops(converted) == ["Mul", "Div"]
+    _assert_close(reference, _outputs(converted, feed)[0])
+    _assert_close(reference, _reference(converted, feed)[0])
+
+
+def test_statistics_drive_the_islands_and_max_fraction_sets_the_margin():
+    model = io.load(parse(GROWING))
+    pass_ = Float16Pass()
+    assert {r.tensor for r in pass_.requests(model)} == {"x", "a", "b", "c", "y"}
+    assert all(r.kind == "minmax" for r in pass_.requests(model))
+
+    def stats(absmax: float) -> Statistics:
+        results = {StatRequest(n, "minmax"): MinMax(-1.0, 1.0, 0, 16) for n in "xacy"}
+        results[StatRequest("b", "minmax")] = MinMax(-absmax, absmax, 0, 16)
+        return Statistics(results, 1, "hand-made")
+
+    for absmax, fraction, islands in [(40000.0, 0.5, 2), (40000.0, 0.9, 0), (1e-7, 0.5, 2)]:
+        converted = io.load(model)
+        Float16Pass(max_fraction=fraction).bind(stats(absmax))(converted)
+        assert len(_island_ops(converted)) == islands, (absmax, fraction)
+
+
+def test_a_weight_beyond_the_float16_range_is_kept_with_its_consumers_not_clamped():
+    text = GROWING.replace("300.0", "100000.0")
+    original = io.load(parse(text))
+    feed = {"x": np.linspace(-2, 2, 16, dtype=np.float32).reshape(4, 4)}
+    converted, _ = _convert(original, None)  # no statistics needed: the weight says it
+    assert _island_ops(converted) == ["Constant", "Mul", "Mul", "Div", "Div"]
+    _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0], rel=1e-6)
+
+
+def test_an_epsilon_that_would_flush_to_zero_keeps_its_add_in_float32():
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+          eps = Constant <value = float {1e-12}> ()
+          v = Mul(x, x)
+          s = Add(v, eps)
+          r = Sqrt(s)
+          y = Div(x, r)
+        }
+        """)
+    )
+    feed = {"x": np.array([[0, 1, -2, 3]] * 2, dtype=np.float32)}
+    converted, _ = _convert(original, feed)
+    assert _island_ops(converted) == ["Constant", "Add"]
+    (out,) = _outputs(converted, feed)
+    assert np.isfinite(out).all()
+
+
+def test_block_ops_and_exclude_keep_nodes_in_float32():
+    original = io.load(build_mlp())
+    feed = SYNTHETIC[0][1]
+    names = [n.name for n in original.graph]
+    by_op, _ = _convert(original, feed, block_ops=("Relu",))
+    assert _island_ops(by_op) == ["Relu", "Relu"]
+    by_name, _ = _convert(original, feed, exclude=(names[0],))
+    assert _island_ops(by_name) == ["Gemm"]
+    by_regex, _ = _convert(original, feed, exclude=("n_(MatMul|Add)_.*",))
+    assert _island_ops(by_regex) == ["MatMul", "Add"]
+    for model in (by_op, by_name, by_regex):
+        _assert_close(_outputs(original, feed)[0], _outputs(model, feed)[0])
+
+
+def test_default_block_ops_keep_cumsum_in_float32():
+    assert "CumSum" in DEFAULT_BLOCK_OPS
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 64] y) {
+          axis = Constant <value = int64 {1}> ()
+          r = Relu(x)
+          y = CumSum(r, axis)
+        }
+        """)
+    )
+    feed = {"x": np.random.default_rng(3).random((2, 64), dtype=np.float32)}
+    converted, _ = _convert(original, feed)
+    assert _island_ops(converted) == ["CumSum"]
+    _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0])
+
+
+IF_MODEL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x, bool c) => (float[N, 4] y) {
+  w = Constant <value = float[4, 4] {1, 0, 0, 0, 0, 2, 0, 0, 0, 0, 3, 0, 0, 0, 0, 4}> ()
+  h = Relu(x)
+  y = If (c) <
+    then_branch = then_g () => (float[N, 4] t) { t = MatMul(h, w) },
+    else_branch = else_g () => (float[N, 4] e) {
+      k = Constant <value = float {2.5}> ()
+      e = Mul(h, k)
+    }
+  >
+}
+"""
+
+
+def test_if_branches_are_converted_with_the_outer_values_they_read():
+    original = io.load(parse(IF_MODEL))
+    x = np.random.default_rng(4).standard_normal((3, 4), dtype=np.float32)
+    converted, _ = _convert(original, {"x": x, "c": np.array(True)})
+    if_node = next(n for n in converted.graph if n.op_type == "If")
+    assert if_node.outputs[0].dtype == FP16
+    for branch in if_node.attributes.values():
+        assert branch.as_graph().outputs[0].dtype == FP16
+    assert not any(t.dtype == ir.DataType.FLOAT for t in walk.all_tensors(converted))
+    for cond in (True, False):
+        feed = {"x": x, "c": np.array(cond)}
+        _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0])
+
+
+def test_an_if_whose_output_overflows_keeps_both_branches_in_float32():
+    original = io.load(parse(IF_MODEL.replace("2.5", "30000.0")))
+    x = np.full((3, 4), 2.0, dtype=np.float32)
+    converted, _ = _convert(original, {"x": x, "c": np.array(False)})
+    if_node = next(n for n in converted.graph if n.op_type == "If")
+    assert if_node.outputs[0].dtype == ir.DataType.FLOAT
+    for cond in (True, False):
+        feed = {"x": x, "c": np.array(cond)}
+        _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0])
+
+
+def test_a_loop_carries_float16_through_its_body():
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x, int64 n) => (float[N, 4] y) {
+          go = Constant <value = bool {1}> ()
+          step = Constant <value = float {0.5}> ()
+          y = Loop (n, go, x) <
+            body = body_g (int64 i, bool c, float[N, 4] acc) => (bool c2, float[N, 4] next) {
+              c2 = Identity(c)
+              t = Mul(acc, step)
+              next = Add(t, step)
+            }
+          >
+        }
+        """)
+    )
+    feed = {"x": np.random.default_rng(5).random((2, 4), dtype=np.float32), "n": np.array(3)}
+    converted, _ = _convert(original, feed)
+    loop = next(n for n in converted.graph if n.op_type == "Loop")
+    assert loop.attributes["body"].as_graph().inputs[2].dtype == FP16
+    _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0])
+
+
+def test_attributes_that_carry_float32_are_rewritten():
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[1, 1, 4, 4] x, int64[2] shape) => (float[1, 1, 8, 8] y, float[?, ?] z) {
+          scales = Constant <value = float[4] {1, 1, 2, 2}> ()
+          up = Resize <mode = "nearest"> (x, , scales)
+          s = Shape(up)
+          f = Cast <to = 1> (s)
+          total = ReduceSum <keepdims = 0> (f)
+          y = Div(up, total)
+          z = ConstantOfShape <value = float[1] {0.25}> (shape)
+        }
+        """)
+    )
+    feed = {"x": np.arange(16, dtype=np.float32).reshape(1, 1, 4, 4), "shape": np.array([2, 3])}
+    converted, _ = _convert(original, feed)
+    nodes = {n.op_type: n for n in converted.graph}
+    assert _dtypes(converted)[nodes["Resize"].inputs[2].name] == onnx.TensorProto.FLOAT
+    cast = next(n for n in converted.graph if n.outputs[0].name == "f")
+    assert cast.attributes.get_int("to") == FP16
+    assert nodes["ConstantOfShape"].attributes["value"].as_tensor().dtype == FP16
+    for ref, out in zip(_outputs(original, feed), _outputs(converted, feed), strict=True):
+        _assert_close(ref, out)
+
+
+def test_an_op_whose_schema_has_no_float16_stays_float32():
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N] x) => (float[M] y) {
+          start = Constant <value = float {0.0}> ()
+          step = Constant <value = float {0.25}> ()
+          limit = ReduceMax <keepdims = 0> (x)
+          r = Range(start, limit, step)
+          y = Relu(r)
+        }
+        """)
+    )
+    feed = {"x": np.array([1.0, 3.0, 2.0], dtype=np.float32)}
+    converted, _ = _convert(original, feed)
+    assert _island_ops(converted) == ["Constant", "Constant", "Range"]
+    (reference,) = _outputs(original, feed)
+    np.testing.assert_array_equal(_outputs(converted, feed)[0], reference)
+
+
+def test_model_local_functions_stay_float32_and_are_logged(caplog):
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+        g (float[N, 4] x) => (float[N, 4] y) { h = Relu(x) y = local.scale(h) }
+        <domain: "local", opset_import: ["" : 17]>
+        scale (a) => (b) { k = Constant <value = float {3.0}> () b = Mul(a, k) }
+        """)
+    )
+    feed = {"x": np.random.default_rng(6).standard_normal((2, 4), dtype=np.float32)}
+    with caplog.at_level(logging.INFO, logger="onnx_shrink.passes.fp16"):
+        converted, _ = _convert(original, feed)
+    assert "function scale stays float32" in caplog.text
+    assert _island_ops(converted) == ["scale"]
+    _assert_close(_outputs(original, feed)[0], _outputs(converted, feed)[0], rel=1e-3)
+
+
+def test_bfloat16_converts_every_tensor_and_stays_close_on_the_reference_evaluator():
+    from onnx.reference import ReferenceEvaluator
+
+    original = io.load(build_mlp())
+    feed = SYNTHETIC[0][1]
+    converted, _ = _convert(original, feed, dtype="bfloat16")
+    assert not any(t.dtype == ir.DataType.FLOAT for t in walk.all_tensors(converted))
+    # onnxruntime's CPU provider has no bfloat16 MatMul/Gemm; onnx's reference evaluator does.
+    (out,) = ReferenceEvaluator(io.serialize_proto(converted)).run(None, feed)
+    _assert_close(_outputs(original, feed)[0], out, rel=3e-2)
+
+
+def test_a_model_without_float32_is_left_unchanged():
+    model = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (int64[N] x) => (int64[N] y) { y = Neg(x) }
+        """)
+    )
+    before = io.to_bytes(model)
+    _, modified = _convert(model, None)
+    assert not modified
+    assert io.to_bytes(model) == before
+
+
+def test_bad_options_are_rejected():
+    with pytest.raises(ValueError, match="dtype"):
+        Float16Pass(dtype="float8")
+    with pytest.raises(ValueError, match="max_fraction"):
+        Float16Pass(max_fraction=2.0)
+    with pytest.raises(ir.passes.PreconditionError, match="calibration statistics"):
+        Float16Pass()(io.load(build_mlp()))
+
+
+def test_digits_keeps_its_accuracy_in_float16():
+    original = io.load(digits.MODEL_PATH)
+    arrays = io.load_npz(digits.TEST_DATA_PATH)
+    pass_ = Float16Pass()
+    dataset = data.prepare(data.specs_from_model(original), digits.TEST_DATA_PATH)
+    stats = collect.collect(original, pass_.requests(original), dataset)
+    converted = io.load(original)
+    pass_.bind(stats)(converted)
+    feed = {"image": arrays["image"]}
+    (ref_logits,) = _outputs(original, feed)
+    (logits,) = _outputs(converted, feed)
+    reference = float((ref_logits.argmax(1) == arrays["labels"]).mean())
+    accuracy = float((logits.argmax(1) == arrays["labels"]).mean())
+    assert reference >= 0.99
+    assert accuracy >= reference - 1 / len(arrays["labels"])
+    assert io.serialized_bytes(converted) < 0.6 * io.serialized_bytes(original)
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["minilm", "silero-vad-ifless"])
+def test_real_models_keep_their_outputs_in_float16(name):
+    from models.fetch import fetch
+    from models.inputs import sample_inputs
+
+    original = io.load(fetch(name))
+    feed = sample_inputs(name)
+    converted, _ = _convert(original, feed)
+    floats = [
+        (ref, out)
+        for ref, out in zip(_outputs(original, feed), _outputs(converted, feed), strict=True)
+        if ref.dtype == np.float32
+    ]
+    assert floats
+    for ref, out in floats:
+        cosine = float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out))
+        assert cosine >= 0.999
+    assert io.serialized_bytes(converted) < 0.65 * io.serialized_bytes(original)
