@@ -20,9 +20,11 @@ import onnx_ir as ir
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.errors import DataError, ShrinkError
+from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
 logger = logging.getLogger(__name__)
@@ -39,6 +41,8 @@ class ShrinkResult:
     output_path: Path | None
     seconds: float
     verification: check_mod.CheckReport | None
+    sensitivity: sensitivity_mod.SensitivityReport | None = None
+    """per quantized layer, the output error it causes alone (``shrink(sensitivity=True)``)"""
 
     def to_dict(self) -> dict[str, object]:
         """Everything except the model, as JSON-ready data (the ``--report`` file)."""
@@ -55,6 +59,7 @@ class ShrinkResult:
                 "bytes_on_disk": [self.input_bytes, self.output_bytes],
             },
             "verification": self.verification.to_dict() if self.verification else None,
+            "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
         }
 
 
@@ -99,6 +104,7 @@ def shrink(
     calibration: check_mod.DataSource = None,
     on_pass_start: pipeline.StepCallback | None = None,
     on_calibration: collect_mod.Progress | None = None,
+    sensitivity: bool = False,
 ) -> ShrinkResult:
     """Compress ``model`` with ``passes`` and, unless ``check=False``, check the result.
 
@@ -112,6 +118,8 @@ def shrink(
         data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check.
         calibration: inputs for data-aware passes (quant, ...); default: the check's data;
             without either, synthetic inputs with a loud warning.
+        sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
+            output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
     Raises:
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
@@ -153,6 +161,13 @@ def shrink(
             strict=options.strict if options else False,
             collect=collector,
         )
+        sensitivity_report = None
+        if sensitivity and collector is not None:
+            sensitivity_report = _sensitivity(
+                model, pass_list, result.steps, collector, calib, provider, on_calibration
+            )
+        elif sensitivity:
+            logger.warning(_NO_QUANT)
     if output is not None:
         saved = io.save(result.model, output, external_data=external_data)
         candidate: bytes | Path = saved.path
@@ -179,6 +194,35 @@ def shrink(
         output_path=output_path,
         seconds=time.perf_counter() - started,
         verification=report,
+        sensitivity=sensitivity_report,
+    )
+
+
+_NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
+
+
+def _sensitivity(
+    source: io.ModelSource,
+    pass_list: Sequence[ir.passes.PassBase],
+    steps: Sequence[pipeline.StepRecord],
+    collector: pipeline.Collector,
+    dataset: data_mod.Dataset,
+    provider: str,
+    progress: collect_mod.Progress | None,
+) -> sensitivity_mod.SensitivityReport | None:
+    """The sensitivity report of the first quant pass, on the model as it was before it: the
+    passes before it (deterministic; those rolled back left out) re-run on a fresh load."""
+    index = next((i for i, p in enumerate(pass_list) if isinstance(p, QuantPass)), None)
+    if index is None:
+        logger.warning(_NO_QUANT)
+        return None
+    quant = pass_list[index]
+    assert isinstance(quant, QuantPass)
+    kept = [not step.rolled_back for step in steps[:index]]
+    before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
+    float_model = pipeline.run(io.load(source), before, collect=collector).model
+    return sensitivity_mod.sensitivity(
+        float_model, quant, dataset, provider=provider, progress=progress
     )
 
 

@@ -130,6 +130,13 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--strict", action="store_true", help="with --verify-each: stop instead of rolling back"
     )
+    parser.add_argument(
+        "--sensitivity",
+        action="store_true",
+        help="with quant: measure each quantized layer's output error alone (on the "
+        "calibration data), print them worst first with the --set quant.exclude=... that "
+        "keeps the worst in float",
+    )
     parser.add_argument("--version", action="version", version=f"onnx-shrink {__version__}")
     _add_data(parser)
     _add_tolerances(parser)
@@ -248,6 +255,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             on_calibration=lambda phase, done: status.update(
                 f"calibrating ({phase}): {done} batches..."
             ),
+            sensitivity=args.sensitivity,
         )
     _print_compile(out, result)
     _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))
@@ -260,6 +268,8 @@ def _print_compile(out: Console, result: ShrinkResult) -> None:
     out.print(console.summary_table(result))
     if result.verification is not None:
         console.print_all(out, console.check_tables(result.verification))
+    if result.sensitivity is not None:
+        console.print_all(out, console.sensitivity_lines(result.sensitivity))
     out.print(f"wrote {result.output_path}")
 
 

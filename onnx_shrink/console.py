@@ -9,6 +9,7 @@ from collections.abc import Iterable
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
@@ -16,6 +17,7 @@ from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.sensitivity import SensitivityReport
 
 
 def human_bytes(n: float) -> str:
@@ -155,6 +157,37 @@ def layers_table(layers: LayerReport, top: int = 10) -> Table:
             _num(layer.snr_db),
         )
     return table
+
+
+def sensitivity_lines(report: SensitivityReport, top: int = 10, hint: int = 3) -> list[object]:
+    """The layers that hurt most when quantized alone, worst first, then the exclusion hint."""
+    runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
+    title = (
+        f"quantization sensitivity: {len(report.layers)} layers, each quantized alone "
+        f"({report.samples} samples, {report.data}, {runs}, {report.seconds:.1f}s)"
+    )
+    table = Table(title=title, title_justify="left")
+    for column in ("#", "node", "op", "rel err", "cosine", "SNR dB", "worst output"):
+        table.add_column(column, justify="left" if column in ("node", "op") else "right")
+    for rank, layer in enumerate(report.layers[:top], 1):
+        table.add_row(
+            str(rank),
+            Text(layer.label),
+            layer.op_type,
+            _num(layer.relative_error),
+            f"{layer.cosine:.6f}",
+            _num(layer.snr_db),
+            Text(layer.output + (f" ({layer.nonfinite} NaN/Inf)" if layer.nonfinite else "")),
+        )
+    lines: list[object] = [table]
+    k = min(hint, len(report.layers))
+    text = report.exclude_hint(k) if k else None
+    if text is not None:
+        lines.append(Text(f"to keep the {k} worst in float: {text}"))
+    lines += [Text(f"note: {note}") for note in report.hint_notes(k)]
+    if report.unmeasured:
+        lines.append(Text(f"not measured (name shared): {', '.join(report.unmeasured)}"))
+    return lines
 
 
 def speed_table(report: CheckReport) -> Table:

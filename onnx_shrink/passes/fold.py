@@ -279,12 +279,15 @@ class _Annotations:
 
     node_names: frozenset[str]
     typed_values: frozenset[str]
+    producer_names: dict[str, str]
+    """output value name -> name of the input's node that produced it"""
 
     @classmethod
     def of(cls, model: ir.Model) -> _Annotations:
         nodes = list(walk.all_nodes(model))
         return cls(
             node_names=frozenset(n.name for n in nodes if n.name),
+            producer_names={o.name: n.name for n in nodes if n.name for o in n.outputs if o.name},
             typed_values=frozenset(
                 out.name
                 for n in nodes
@@ -298,12 +301,26 @@ class _Annotations:
 
         onnxscript names every node it touches, records provenance in each folded value's
         metadata, and shape inference types every value; saved, that is bytes the input did not
-        hold, which on small graphs outweighs what folding
-        saved. Graph outputs keep their types.
+        hold, which on small graphs outweighs what folding saved. Graph outputs keep their
+        types. A node that took over an input node's output (Conv+BatchNormalization fused
+        into one Conv writes the BatchNormalization's output) takes over that node's name, so
+        ``--set quant.exclude=NAME`` and per-layer reports can still name it.
         """
+        used = {n.name for n in walk.all_nodes(model) if n.name in self.node_names}
         for node in walk.all_nodes(model):
-            if node.name and node.name not in self.node_names:
-                node.name = None
+            if node.name and node.name in self.node_names:
+                continue
+            inherited = next(
+                (
+                    self.producer_names[o.name]
+                    for o in node.outputs
+                    if self.producer_names.get(o.name) not in (None, *used)
+                ),
+                None,
+            )
+            node.name = inherited
+            if inherited:
+                used.add(inherited)
             for out in node.outputs:
                 out.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)
                 if out.name not in self.typed_values and not out.is_graph_output():

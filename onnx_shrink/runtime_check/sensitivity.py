@@ -1,0 +1,399 @@
+"""Quantization sensitivity: the output error each quantized layer causes on its own.
+
+For every node the ``quant`` pass quantizes, a copy of the float graph in which only that node
+is quantized (``QuantPass(only=(node,))``) runs beside the float graph in one combined model.
+The copies share the graph inputs and the float initializers (only what the pass adds, the
+quantized weights and the scales, is their own, under suffixed names), so a batch of k layers
+costs about one model's weights plus k copies of activations, and one streaming pass over the
+data measures all k (onnxruntime's common-subexpression elimination even computes the float
+prefix before each layer once). Layers rank by the relative error of their worst float output.
+"""
+
+from __future__ import annotations
+
+import collections
+import contextlib
+import dataclasses
+import logging
+import math
+import re
+import shlex
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import Statistics
+from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes.quant import placement, static
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import collect as collect_mod
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
+from onnx_shrink.runtime_check.layers import FLOAT_TYPES
+
+logger = logging.getLogger(__name__)
+
+Progress = Callable[[str, int], None]
+"""Called with (phase, batches done) after every batch, as ``collect`` does."""
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerSensitivity:
+    """The error at the model's outputs when one node alone is quantized (its worst output)."""
+
+    node: str
+    """the node's name; "" when it has none (it cannot be excluded by name then)"""
+    op_type: str
+    position: int
+    """index of the node in the float graph"""
+    output: str
+    relative_error: float
+    cosine: float
+    snr_db: float
+    max_abs_error: float
+    nonfinite: int
+    """NaN/Inf values where the float model is finite (ranked above any finite error)"""
+
+    @property
+    def label(self) -> str:
+        return self.node or f"<unnamed {self.op_type} #{self.position}>"
+
+    def to_dict(self) -> dict[str, object]:
+        return dataclasses.asdict(self)
+
+
+@dataclasses.dataclass(frozen=True)
+class SensitivityReport:
+    """Every layer the quant pass quantizes, worst first, and how to keep the worst in float."""
+
+    layers: tuple[LayerSensitivity, ...]
+    samples: int
+    data: str
+    synthetic: bool
+    runs: int
+    """streaming passes over the data (one per batch of layers)"""
+    seconds: float
+    unmeasured: tuple[str, ...]
+    """quantized nodes that cannot be quantized alone (their name is shared by another)"""
+    excluded: tuple[str, ...] = ()
+    """the pass's own ``exclude`` patterns, kept in the hint (``--set`` replaces a list)"""
+
+    def exclude_patterns(self, k: int) -> tuple[str, ...]:
+        """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
+        (see ``_pattern``), after the pass's own."""
+        worst = [layer.node for layer in self.layers[:k] if layer.node]
+        return self.excluded + tuple(_pattern(name, self._names) for name in worst)
+
+    @property
+    def _names(self) -> list[str]:
+        return [layer.node for layer in self.layers if layer.node] + list(self.unmeasured)
+
+    def exclude_hint(self, k: int = 3) -> str | None:
+        """The command-line text that keeps the ``k`` worst layers in float (those with a
+        name); None when none of them has one."""
+        patterns = self.exclude_patterns(k)
+        if len(patterns) == len(self.excluded):
+            return None
+        return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
+
+    def hint_notes(self, k: int = 3) -> tuple[str, ...]:
+        """What the hint cannot say plainly: names written as regexes, unnamed layers."""
+        worst = self.layers[:k]
+        odd = [repr(x.node) for x in worst if x.node and _pattern(x.node, self._names) != x.node]
+        unnamed = [x.label for x in worst if not x.node]
+        notes = []
+        if odd:
+            notes.append(
+                f"{', '.join(odd)} written as escaped regexes (a comma in a name is matched by "
+                "'.', since --set splits the list on commas)"
+            )
+        if unnamed:
+            notes.append(
+                f"{', '.join(unnamed)}: no name, so not in the hint (name the nodes, or keep "
+                "the op type float with quant.exclude_op_types)"
+            )
+        return tuple(notes)
+
+    def to_dict(self) -> dict[str, object]:
+        result = dataclasses.asdict(self)
+        k = min(3, len(self.layers))
+        result["exclude_hint"] = self.exclude_hint(k)
+        result["hint_notes"] = list(self.hint_notes(k))
+        return result
+
+
+def _pattern(name: str, names: Sequence[str]) -> str:
+    """``name`` itself when ``quant.exclude`` would match exactly that node with it (quant
+    tests equality, then ``re.fullmatch``), else an escaped regex with '.' for each comma."""
+    plain = "," not in name and name == name.strip()
+    if plain:
+        try:
+            regex = re.compile(name)
+        except re.error:
+            plain = False
+        else:
+            plain = not any(other != name and regex.fullmatch(other) for other in names)
+    return name if plain else re.escape(name).replace(",", ".")
+
+
+def sensitivity(
+    model: ir.Model,
+    quant: QuantPass,
+    dataset: data_mod.Dataset,
+    *,
+    provider: str = "cpu",
+    batch_layers: int = 8,
+    progress: Progress | None = None,
+) -> SensitivityReport:
+    """Measure, for each node ``quant`` would quantize in ``model`` (the float model as it is
+    before the pass, not modified), the output error of quantizing that node alone.
+
+    Statistics are collected once; then one combined model and one pass over ``dataset`` per
+    ``batch_layers`` layers.
+
+    Raises:
+        ShrinkError: the model has no float output computed by its graph, or a layer cannot
+            be quantized alone.
+    """
+    if batch_layers < 1:
+        raise ValueError(f"batch_layers must be at least 1, got {batch_layers}")
+    started = time.perf_counter()
+    base = model.clone()  # the clone names unnamed nodes: ``only`` can single them out
+    io.unshare_tensors(base)
+    names = {
+        copy: original.name or "" for original, copy in zip(model.graph, base.graph, strict=True)
+    }
+    with contextlib.ExitStack() as stack:
+        data = data_mod.replayable(dataset, stack)
+        stats = collect_mod.collect(
+            base, quant.requests(base), data, provider=provider, progress=progress
+        )
+        if quant.per_channel:  # as the pass does before planning: per-channel DQ needs opset 13
+            static._ensure_opset_13(base)
+        targets, unmeasured = _quantized_layers(base, quant, stats, names)
+        runner = _Runner(base, quant, stats, data, provider, stack, progress)
+        groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
+        measured: list[LayerSensitivity] = []
+        for index, group in enumerate(groups, 1):
+            measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
+    return SensitivityReport(
+        layers=tuple(sorted(measured, key=_severity, reverse=True)),
+        samples=runner.samples,
+        data=dataset.description,
+        synthetic=dataset.synthetic,
+        runs=len(groups),
+        seconds=time.perf_counter() - started,
+        unmeasured=tuple(unmeasured),
+        excluded=quant.exclude,
+    )
+
+
+def _severity(layer: LayerSensitivity) -> tuple[bool, float]:
+    error = layer.relative_error
+    return layer.nonfinite > 0, error if not math.isnan(error) else math.inf
+
+
+@dataclasses.dataclass(frozen=True)
+class _Target:
+    """A layer to measure: its name in the cloned float model (for ``only``), and its name in
+    the caller's model ("" when it has none there)."""
+
+    key: str
+    name: str
+    op_type: str
+    position: int
+
+
+def _quantized_layers(
+    base: ir.Model, quant: QuantPass, stats: Statistics, names: dict[ir.Node, str]
+) -> tuple[list[_Target], list[str]]:
+    """The nodes the full pass quantizes (its own plan, on the same statistics), split into
+    those measurable alone (a unique name in ``base``) and the names of the others."""
+    placement.infer_types(base)
+    plan = placement.plan(base.graph, stats, quant._exclusions)  # exactly what the pass uses
+    position = {node: i for i, node in enumerate(base.graph)}
+    counts = collections.Counter(node.name for node in base.graph)
+    targets, unmeasured = [], []
+    for node in plan.nodes:
+        name = names.get(node, node.name or "")
+        if node.name and counts[node.name] == 1:
+            targets.append(_Target(node.name, name, node.op_type, position[node]))
+        else:
+            unmeasured.append(name or f"<unnamed {node.op_type} #{position[node]}>")
+    if unmeasured:
+        logger.warning(
+            "sensitivity: %d quantized nodes share their name with another node and are not "
+            "measured: %s",
+            len(unmeasured),
+            ", ".join(unmeasured[:5]),
+        )
+    return targets, unmeasured
+
+
+class _Runner:
+    """Builds and runs the combined model of each batch of layers over the data."""
+
+    def __init__(
+        self,
+        base: ir.Model,
+        quant: QuantPass,
+        stats: Statistics,
+        data: data_mod.Dataset,
+        provider: str,
+        stack: contextlib.ExitStack,
+        progress: Progress | None,
+    ) -> None:
+        self.base, self.quant, self.stats, self.data = base, quant, stats, data
+        self.provider, self.stack, self.progress = provider, stack, progress
+        self.outputs = _compared_outputs(base)
+        self.sep = _separator(base)
+        self.samples = 0
+
+    def measure(self, group: Sequence[_Target], phase: str) -> list[LayerSensitivity]:
+        """One streaming run of the combined model of ``group``: per copy and output an
+        ``ErrorAccumulator`` of the copy's output against the float one."""
+        combined = self.combined([target.key for target in group])
+        session = self.session(combined)
+        names = [o.name for o in session.get_outputs()]
+        references = [v.name or "" for v in combined.graph.outputs[: len(self.outputs)]]
+        accumulators = [[ErrorAccumulator(name) for name in references] for _ in group]
+        self.samples = 0
+        for done, batch in enumerate(self.data.batches(), 1):
+            result = dict(zip(names, session.run(names, batch.feed), strict=True))
+            for index, row in enumerate(accumulators):
+                for acc in row:
+                    acc.add(result[acc.name], result[f"{acc.name}{self.sep}{index}"])
+            self.samples += batch.samples
+            if self.progress is not None:
+                self.progress(phase, done)
+        return [
+            _layer(target, [acc.result() for acc in row])
+            for target, row in zip(group, accumulators, strict=True)
+        ]
+
+    def combined(self, keys: Sequence[str]) -> ir.Model:
+        """The float graph (outputs ``<out>``) plus, per layer i, a copy with only that layer
+        quantized (outputs ``<out><sep>i``), sharing inputs and float initializers."""
+        combined = self.base.clone()  # nothing of the float graph is renamed: tensors stay shared
+        kept = [combined.graph.outputs[i] for i in self.outputs]
+        combined.graph.outputs.clear()
+        combined.graph.outputs.extend(kept)
+        for index, key in enumerate(keys):
+            # The copy shares its float tensors with ``base``: one model's weights in memory.
+            # (``base`` is the caller's model unshared, and serializing names each initializer
+            # after its value, so a tensor renamed by the pass could harm neither.)
+            copy = self.base.clone()
+            result = dataclasses.replace(self.quant, only=(key,)).bind(self.stats)(copy)
+            if not result.modified:
+                raise ShrinkError(f"sensitivity: node '{key}' could not be quantized alone")
+            _merge(combined, result.model, self.outputs, f"{self.sep}{index}")
+        return combined
+
+    def session(self, model: ir.Model):
+        if io.tensor_bytes(model) < io.EXTERNAL_DATA_THRESHOLD_BYTES:
+            return sessions.create_session(io.to_bytes(model), provider=self.provider)
+        folder = self.stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-"))
+        saved = io.save(model, Path(folder) / "sensitivity.onnx", external_data=True)
+        return sessions.create_session(saved.path, provider=self.provider)
+
+
+def _compared_outputs(model: ir.Model) -> list[int]:
+    """Indices of the float graph outputs computed by a node (echoed inputs cannot differ)."""
+    indices = [
+        i
+        for i, value in enumerate(model.graph.outputs)
+        if value.producer() is not None and value.dtype in FLOAT_TYPES
+    ]
+    if not indices:
+        raise ShrinkError("sensitivity: the model has no float output computed by its graph")
+    return indices
+
+
+def _separator(model: ir.Model) -> str:
+    """A suffix separator no value or node name of the model contains: suffixed names are new
+    (the added Q/DQ nodes and values are named after the model's)."""
+    names = {v.name or "" for v in model.graph.inputs}
+    names |= set(model.graph.initializers)
+    names |= {out.name or "" for node in model.graph for out in node.outputs}
+    names |= {node.name or "" for node in model.graph}
+    sep = "#"
+    while any(sep in name for name in names):
+        sep += "~"
+    return sep
+
+
+def _merge(combined: ir.Model, copy: ir.Model, outputs: Sequence[int], suffix: str) -> None:
+    """Move the nodes of ``copy`` into ``combined``: its inputs and float initializers become
+    the combined graph's, every other value and every node name gets ``suffix``."""
+    graph, source = combined.graph, copy.graph
+    copy_outputs = [source.outputs[i] for i in outputs]
+    source.outputs.clear()
+    inputs = {v.name: v for v in graph.inputs}
+    for value in source.inputs:
+        value.replace_all_uses_with(inputs[value.name])
+    added = []
+    for name in list(source.initializers):
+        value = source.initializers.pop(name)
+        original = graph.initializers.get(name)
+        if original is not None:
+            _check_same_tensor(original, value)
+            value.replace_all_uses_with(original)
+        else:  # made by the pass (quantized weight, scale, zero point): this copy's own
+            value.name = name + suffix
+            added.append(value)
+    nodes = list(source)
+    for node in nodes:
+        if node.name:
+            node.name += suffix
+        for out in node.outputs:
+            # A node output's const_value is an annotation whose tensor the float model
+            # shares; renaming the value would rename that tensor.
+            out.const_value = None
+            out.name = (out.name or "") + suffix
+    source.remove(nodes)
+    graph.extend(nodes)
+    for value in added:
+        graph.register_initializer(value)
+    graph.outputs.extend(copy_outputs)
+    for domain, version in copy.opset_imports.items():
+        if combined.opset_imports.setdefault(domain, version) != version:
+            raise ShrinkError(f"sensitivity: the quantized copy changed opset '{domain}'")
+
+
+def _check_same_tensor(original: ir.Value, value: ir.Value) -> None:
+    """A shared initializer must hold the same data in the float model and in the copy."""
+    a, b = original.const_value, value.const_value
+    if a is b or (a is not None and getattr(a, "raw", a) is getattr(b, "raw", b)):
+        return
+    same = (
+        a is not None
+        and b is not None
+        and a.dtype == b.dtype
+        and np.array_equal(a.numpy(), b.numpy(), equal_nan=a.dtype.is_floating_point())
+    )
+    if not same:
+        raise ShrinkError(
+            f"sensitivity: initializer '{original.name}' differs between the float model and "
+            "a quantized copy; the copies cannot share it"
+        )
+
+
+def _layer(target: _Target, results: Sequence[OutputComparison]) -> LayerSensitivity:
+    worst = max(results, key=lambda r: (r.nan_count + r.inf_count > 0, r.relative_error))
+    return LayerSensitivity(
+        node=target.name,
+        op_type=target.op_type,
+        position=target.position,
+        output=worst.name,
+        relative_error=worst.relative_error,
+        cosine=worst.cosine,
+        snr_db=worst.snr_db,
+        max_abs_error=worst.max_abs_error,
+        nonfinite=worst.nan_count + worst.inf_count,
+    )

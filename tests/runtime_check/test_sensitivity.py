@@ -1,0 +1,238 @@
+"""Quantization sensitivity: every quantized layer measured alone, ranked, with an exact hint."""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import math
+import shlex
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+
+from models import digits
+from onnx_shrink import FoldPass, shrink
+from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.passes.quant import placement
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sensitivity as sens
+from onnx_shrink.runtime_check.sensitivity import LayerSensitivity, SensitivityReport
+
+HARD = "/head/head.1/Gemm"
+
+
+def _folded() -> ir.Model:
+    return FoldPass()(io.load(digits.MODEL_PATH)).model
+
+
+def _dataset(model: ir.Model) -> data_mod.Dataset:
+    return data_mod.prepare(data_mod.specs_from_model(model), digits.TEST_DATA_PATH)
+
+
+def _with_hard_layer(model: ir.Model) -> ir.Model:
+    """One output row of HARD's weight 1000x larger, all negative, with a negative bias: the
+    unit is dead after the Relu (the float model barely notices), but one per-tensor weight
+    scale for the whole matrix now rounds every other row to a few levels."""
+    node = next(n for n in model.graph if n.name == HARD)
+    weight, bias = node.inputs[1], node.inputs[2]
+    w, b = weight.const_value.numpy().copy(), bias.const_value.numpy().copy()
+    w[0] = -1000 * np.abs(w).max() * np.abs(w[0] + 1e-3) / np.abs(w[0] + 1e-3).max()
+    b[0] = -1.0
+    weight.const_value = ir.tensor(w, name=weight.name)
+    bias.const_value = ir.tensor(b, name=bias.name)
+    return model
+
+
+def _quantized(
+    model: ir.Model, quant: QuantPass, dataset: data_mod.Dataset, stats=None
+) -> ir.Model:
+    if stats is None:
+        stats = collect.collect(model, quant.requests(model), dataset)
+    copy = model.clone()
+    io.unshare_tensors(copy)
+    return quant.bind(stats)(copy).model
+
+
+def _error(model: ir.Model, candidate: ir.Model, dataset: data_mod.Dataset):
+    return checker.compare(io.to_bytes(model), io.to_bytes(candidate), dataset).outputs[0]
+
+
+def test_every_quantized_layer_is_listed_once_with_finite_errors():
+    model = _folded()
+    dataset = _dataset(model)
+    before = io.to_bytes(model)
+    report = layer_sensitivity(model, QuantPass(), dataset, batch_layers=3)
+    assert io.to_bytes(model) == before  # the caller's model is not touched
+    stats = collect.collect(model, QuantPass().requests(model), dataset)
+    probe = model.clone()
+    placement.infer_types(probe)
+    planned = placement.plan(probe.graph, stats, placement.Exclusions()).nodes
+    positions = {node: i for i, node in enumerate(probe.graph)}
+    assert sorted(layer.position for layer in report.layers) == sorted(
+        positions[n] for n in planned
+    )
+    assert report.runs == math.ceil(len(planned) / 3) and report.samples == 450
+    assert not report.unmeasured
+    for layer in report.layers:
+        assert math.isfinite(layer.relative_error) and layer.relative_error >= 0, layer
+        assert -1 <= layer.cosine <= 1 and layer.nonfinite == 0
+    errors = [layer.relative_error for layer in report.layers]
+    assert errors == sorted(errors, reverse=True)
+    # how layers are batched into combined models changes nothing
+    one_run = layer_sensitivity(model, QuantPass(), dataset, batch_layers=100)
+    assert one_run.runs == 1
+    assert [x.relative_error for x in one_run.layers] == pytest.approx(errors, rel=1e-9)
+
+
+def test_a_copy_in_the_combined_model_measures_what_a_separate_run_measures():
+    model = _folded()
+    dataset = _dataset(model)
+    quant = QuantPass()
+    report = layer_sensitivity(model, quant, dataset)
+    base = model.clone()  # names the nodes fold left unnamed, as sensitivity() does
+    # The full pass's statistics: onnxruntime fuses the statistics graph differently for
+    # other requested tensors, and a range can then differ in its last bits.
+    stats = collect.collect(base, quant.requests(base), dataset)
+    for layer in report.layers:
+        key = layer.node or base.graph.node(layer.position).name
+        alone = _quantized(base, dataclasses.replace(quant, only=(key,)), dataset, stats)
+        separate = _error(base, alone, dataset)
+        assert layer.relative_error == pytest.approx(separate.relative_error, rel=1e-6), key
+        assert layer.cosine == pytest.approx(separate.cosine, rel=1e-6), key
+        assert layer.snr_db == pytest.approx(separate.snr_db, rel=1e-6), key
+
+
+def test_the_combined_model_shares_the_float_weights_and_names_quantized_ones_apart():
+    base = _folded().clone()
+    dataset = _dataset(base)
+    quant = QuantPass()
+    stats = collect.collect(base, quant.requests(base), dataset)
+    keys = ["/head/head.1/Gemm", "/head/head.4/Gemm", base.graph.node(0).name]
+    with contextlib.ExitStack() as stack:
+        runner = sens._Runner(base, quant, stats, dataset, "cpu", stack, None)
+        combined = runner.combined(keys)
+    initializers = combined.graph.initializers
+    for name, value in base.graph.initializers.items():
+        assert initializers[name].const_value is value.const_value  # shared, not copied
+    own = [name for name in initializers if name not in base.graph.initializers]
+    assert own and all(name.rsplit("#", 1)[-1] in ("0", "1", "2") for name in own)
+    assert {"head.1.weight_quantized#0", "head.4.weight_quantized#1"} <= set(own)
+    proto = io.serialize_proto(combined)
+    onnx.checker.check_model(proto)
+    assert [o.name for o in proto.graph.output] == ["logits", "logits#0", "logits#1", "logits#2"]
+    assert io.tensor_bytes(combined) < 1.5 * io.tensor_bytes(base)
+
+
+def test_a_layer_hard_to_quantize_ranks_first_and_the_hint_excluding_it_helps():
+    model = _with_hard_layer(_folded())
+    dataset = _dataset(model)
+    quant = QuantPass(per_channel=False)
+    report = layer_sensitivity(model, quant, dataset)
+    assert report.layers[0].node == HARD
+    assert report.layers[0].relative_error > 10 * report.layers[1].relative_error
+    hint = report.exclude_hint(1)
+    assert hint == f"--set quant.exclude={HARD}"
+    (excluding,) = pipeline.parse_spec("quant", [shlex.split(hint)[1], "quant.per_channel=no"])
+    assert excluding == dataclasses.replace(quant, exclude=(HARD,))
+    full = _error(model, _quantized(model, quant, dataset), dataset)
+    kept = _error(model, _quantized(model, excluding, dataset), dataset)
+    assert kept.relative_error < full.relative_error / 5
+    assert kept.cosine > full.cosine
+
+
+def _report(names: list[str], excluded: tuple[str, ...] = ()) -> SensitivityReport:
+    layers = tuple(
+        LayerSensitivity(name, "MatMul", i, "y", 1.0 / (i + 1), 0.9, 10.0, 1.0, 0)
+        for i, name in enumerate(names)
+    )
+    return SensitivityReport(layers, 1, "d", False, 1, 0.0, (), excluded)
+
+
+def _excluded_by(hint: str, names: list[str]) -> list[str]:
+    (quant,) = pipeline.parse_spec("quant", [shlex.split(hint)[1]])
+    exclusions = placement.Exclusions(nodes=quant.exclude)
+    return [n for n in names if exclusions.excludes(ir.Node("", "MatMul", [], name=n))]
+
+
+def test_the_hint_excludes_exactly_the_worst_names_whatever_they_contain():
+    names = ["a/b,c", "/enc/layer.1/MatMul", "x[0", " pad", "/enc/layer11/MatMul", "plain/n.1"]
+    report = _report(names)
+    hint = report.exclude_hint(4)
+    assert _excluded_by(hint, names) == names[:4]
+    notes = " ".join(report.hint_notes(4))
+    assert "a/b,c" in notes and "regex" in notes
+    assert report.exclude_hint(6).count(",") == 5
+    assert _excluded_by(report.exclude_hint(6), names) == names
+    plain = _report(["/a/b.c", "/d/e"], excluded=("/keep/.*",))
+    assert plain.exclude_hint(1) == "--set 'quant.exclude=/keep/.*,/a/b.c'"  # '*': quoted
+    assert plain.hint_notes(1) == ()
+
+
+def test_unnamed_layers_are_measured_but_left_out_of_the_hint_with_a_note():
+    report = _report(["", "/named"])
+    assert report.layers[0].label == "<unnamed MatMul #0>"
+    assert report.exclude_hint(2) == "--set quant.exclude=/named"
+    assert "<unnamed MatMul #0>" in report.hint_notes(2)[0]
+    assert report.exclude_hint(1) is None
+    assert json.dumps(report.to_dict())
+
+
+def test_shrink_reports_the_sensitivity_of_the_model_before_quant():
+    result = shrink(
+        digits.MODEL_PATH,
+        "fold,quant",
+        check=False,
+        calibration=digits.TEST_DATA_PATH,
+        sensitivity=True,
+    )
+    model = _folded()
+    direct = layer_sensitivity(model, QuantPass(), _dataset(model))
+    got = result.sensitivity
+    assert [x.position for x in got.layers] == [x.position for x in direct.layers]
+    assert [x.relative_error for x in got.layers] == pytest.approx(
+        [x.relative_error for x in direct.layers], rel=1e-9
+    )
+    figures = result.to_dict()["sensitivity"]
+    assert figures["exclude_hint"].startswith("--set quant.exclude=")
+    no_quant = shrink(digits.MODEL_PATH, "fold", check=False, sensitivity=True)
+    assert no_quant.sensitivity is None and no_quant.to_dict()["sensitivity"] is None
+
+
+def test_cli_prints_the_ranking_and_the_hint(run_cli, digits_copy, tmp_path):
+    report = tmp_path / "r.json"
+    args = ["--passes", "fold,quant", "--calibration", digits.TEST_DATA_PATH, "--no-check"]
+    result = run_cli(digits_copy, *args, "--sensitivity", "--report", report)
+    assert result.code == 0, result.err
+    assert "quantization sensitivity" in result.out
+    assert "to keep the 3 worst in float: --set quant.exclude=" in result.out
+    figures = json.loads(report.read_text())["sensitivity"]
+    assert figures["layers"][0]["relative_error"] >= figures["layers"][-1]["relative_error"]
+    hint = figures["exclude_hint"]
+    again = run_cli(digits_copy, *args, *shlex.split(hint), "-o", tmp_path / "q.onnx")
+    assert again.code == 0, again.err
+
+
+@pytest.mark.network
+def test_minilm_excluding_the_three_worst_layers_improves_the_sentence_embedding(tmp_path):
+    from models.fetch import fetch
+    from models.text import minilm_dataset
+
+    model = FoldPass()(io.load(fetch("minilm"))).model
+    path = minilm_dataset(tmp_path / "minilm-32.npz", n=32)
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), path)
+    quant = QuantPass()
+    report = layer_sensitivity(model, quant, dataset)
+    assert len(report.layers) > 20 and not report.unmeasured
+    worst = dataclasses.replace(quant, exclude=report.exclude_patterns(3))
+
+    def embedding_cosine(candidate: QuantPass) -> float:
+        quantized = _quantized(model, candidate, dataset)
+        outputs = checker.compare(io.to_bytes(model), io.to_bytes(quantized), path).outputs
+        return next(o for o in outputs if o.elements == 32 * 384).cosine
+
+    assert embedding_cosine(worst) > embedding_cosine(quant)
