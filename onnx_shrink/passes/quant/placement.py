@@ -207,6 +207,21 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
             if fed and (feeds or (out is not None and out.is_graph_output())):
                 accepted.add(node)
                 changed = True
+    # Growing was optimistic (a consumer only had to be a candidate): drop glue whose output
+    # no accepted node reads, until none is left; otherwise its inputs (say a MatMul output
+    # with outliers, before a float residual Add) would be quantized for nothing.
+    changed = True
+    while changed:
+        changed = False
+        for node in glue:
+            out = _quantized_output(node)
+            if (
+                node in accepted
+                and not (out is not None and out.is_graph_output())
+                and not any(n in accepted for n in _consumers(out))
+            ):
+                accepted.discard(node)
+                changed = True
     return accepted
 
 
