@@ -146,7 +146,14 @@ def shrink(
     with contextlib.ExitStack() as stack:
         collector = None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
-            source = calibration if calibration is not None else (options.data if options else None)
+            source = next(
+                (
+                    s
+                    for s in (calibration, data, options.data if options else None)
+                    if s is not None
+                ),
+                None,
+            )
             calib = _calibration_data(loaded, source, stack)
             provider = options.provider if options else "cpu"
             collector = functools.partial(

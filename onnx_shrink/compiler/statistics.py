@@ -116,10 +116,17 @@ class MinMaxAccumulator:
         self.nonfinite = 0
         self.elements = 0
 
+    @property
+    def finite(self) -> bool:
+        """No inf/NaN reached the reductions (always true after a careful pass)."""
+        return bool(np.isfinite(self.minimum) and np.isfinite(self.maximum)) or self.elements == 0
+
     def add_reduced(self, minimum: float, maximum: float, nonfinite: int, elements: int) -> None:
         """Merge a batch already reduced (inside the graph) to its finite min/max."""
-        self.minimum = min(self.minimum, float(minimum))
-        self.maximum = max(self.maximum, float(maximum))
+        # NaN must stick (min() would drop it), so that a fast pass flags the tensor.
+        minimum, maximum = float(minimum), float(maximum)
+        self.minimum = minimum if np.isnan(minimum) else min(self.minimum, minimum)
+        self.maximum = maximum if np.isnan(maximum) else max(self.maximum, maximum)
         self.nonfinite += int(nonfinite)
         self.elements += int(elements)
 
@@ -145,10 +152,25 @@ class HistogramAccumulator:
         self.edges = np.linspace(minimum, maximum, bins + 1, dtype=np.float64)
         self.counts = np.zeros(bins, dtype=np.int64)
 
+    def index_constants(self) -> tuple[np.float32, np.float32, np.float32]:
+        """(low edge, bins per unit, last index) in float32: bin = int(clip((x - low) * scale,
+        0, last)). The same arithmetic runs in numpy here and in the graph (collect), so a
+        value lands in the same bin however it was batched or computed."""
+        bins = len(self.counts)
+        scale = np.float32(bins / (self.edges[-1] - self.edges[0]))
+        return np.float32(self.edges[0]), scale, np.float32(bins - 1)
+
     def add(self, array: np.ndarray) -> None:
-        values = array[np.isfinite(array)].astype(np.float64, copy=False)
-        counts, _ = np.histogram(values, bins=self.edges)
-        self.counts += counts
+        values = np.asarray(array, dtype=np.float32).ravel()
+        finite = np.isfinite(values)
+        if not finite.all():
+            values = values[finite]
+        low, scale, top = self.index_constants()
+        self.add_indices(np.clip((values - low) * scale, np.float32(0), top).astype(np.int32))
+
+    def add_indices(self, indices: np.ndarray) -> None:
+        """Count precomputed bin indices (each in [0, bins))."""
+        self.counts += np.bincount(indices.ravel(), minlength=len(self.counts))
 
     def result(self) -> Histogram:
         return Histogram(self.edges, self.counts.copy())

@@ -35,8 +35,6 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int], None]
 """Called with (phase, batches done) after every batch."""
 
-_RANGE_SUFFIXES = ("min", "max", "nonfinite", "size")
-
 
 def collect(
     model: ir.Model,
@@ -58,20 +56,17 @@ def collect(
         {r.tensor for r in requests if r.kind in ("channel_absmax", "channel_sqnorm", "gram")}
     )
     with contextlib.ExitStack() as stack:
-        replay = data_mod.replayable(dataset, stack) if st.needs_range_pass(requests) else dataset
-        session = _session(_with_range_outputs(model, ranged, raw), provider, stack)
-        ranges = {name: st.MinMaxAccumulator() for name in ranged}
+        replay = data_mod.replayable(dataset, stack) if ranged else dataset
         others = {r: _accumulator(r) for r in requests if r.tensor in raw and r.kind != "minmax"}
-        samples = 0
-        for done, batch in enumerate(replay.batches(), 1):
-            outputs = _run(session, batch.feed)
-            for name, acc in ranges.items():
-                acc.add_reduced(*(outputs[f"{name}::{s}"] for s in _RANGE_SUFFIXES))
-            for request, acc in others.items():
-                acc.add(outputs[request.tensor])
-            samples += batch.samples
-            if progress is not None:
-                progress("ranges", done)
+        ranges, samples = _range_pass(model, ranged, others, replay, provider, progress, stack)
+        # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
+        # are measured again, with the non-finite values counted and kept out of the range.
+        flagged = [name for name, acc in ranges.items() if not acc.finite]
+        if flagged:
+            repaired, _ = _range_pass(
+                model, flagged, {}, replay, provider, progress, stack, careful=True
+            )
+            ranges.update(repaired)
         results: dict[st.StatRequest, st.StatResult] = {
             r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"
         }
@@ -84,6 +79,26 @@ def collect(
     return st.Statistics(
         results={r: results[r] for r in requests}, samples=samples, source=dataset.description
     )
+
+
+def _range_pass(model, ranged, others, dataset, provider, progress, stack, careful=False):
+    """One pass: ranges of ``ranged`` reduced in the graph, ``others`` folded from raw tensors."""
+    raw = sorted({r.tensor for r in others})
+    session = _session(_with_range_outputs(model, ranged, raw, careful), provider, stack)
+    ranges = {name: st.MinMaxAccumulator() for name in ranged}
+    samples = 0
+    for done, batch in enumerate(dataset.batches(), 1):
+        outputs = _run(session, batch.feed)
+        for name, acc in ranges.items():
+            low, high, size = (outputs[f"{name}::{s}"] for s in ("min", "max", "size"))
+            bad = outputs[f"{name}::nonfinite"] if careful else 0
+            acc.add_reduced(low, high, bad, size)
+        for request, acc in others.items():
+            acc.add(outputs[request.tensor])
+        samples += batch.samples
+        if progress is not None:
+            progress("non-finite ranges" if careful else "ranges", done)
+    return ranges, samples
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
@@ -103,7 +118,9 @@ def _accumulator(request: st.StatRequest):
     return st.ChannelAccumulator(request.kind, request.axis)  # type: ignore[arg-type]
 
 
-def _with_range_outputs(model: ir.Model, ranged: Sequence[str], raw: Sequence[str]) -> ir.Model:
+def _with_range_outputs(
+    model: ir.Model, ranged: Sequence[str], raw: Sequence[str], careful: bool
+) -> ir.Model:
     """A clone whose outputs are each ranged tensor's reductions and each raw tensor."""
     clone = model.clone()
     graph = clone.graph
@@ -113,35 +130,32 @@ def _with_range_outputs(model: ir.Model, ranged: Sequence[str], raw: Sequence[st
     for name in raw:
         graph.outputs.append(values[name])
     for name in ranged:
-        graph.outputs.extend(_range_nodes(graph, values[name]))
+        graph.outputs.extend(_range_nodes(graph, values[name], careful))
     return clone
 
 
-def _range_nodes(graph: ir.Graph, x: ir.Value) -> list[ir.Value]:
-    """Append nodes computing finite min, finite max, non-finite count and size of ``x``.
+def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
+    """Append nodes reducing ``x`` to its min, max and size (and, ``careful``, non-finite count).
 
-    Non-finite elements are replaced by 0 before reducing: the range then includes 0 when a
-    tensor holds inf/NaN, which quantization ranges always include anyway.
+    Careful: non-finite elements are replaced by 0 before reducing, so the range includes 0
+    when a tensor holds inf/NaN, which quantization ranges always include anyway.
     """
     tape = ir.tape.Tape(graph)
-    dtype = x.dtype or ir.DataType.FLOAT
-    zero = tape.op("Constant", [], attributes={"value": ir.tensor(np.zeros((), dtype.numpy()))})
-    bad = tape.op("Or", [tape.op("IsInf", [x]), tape.op("IsNaN", [x])])
-    clean = tape.op("Where", [bad, zero, x])
+    named = {"size": tape.op("Size", [x])}
+    source = x
+    if careful:
+        dtype = x.dtype or ir.DataType.FLOAT
+        zero = tape.op("Constant", [], attributes={"value": ir.tensor(np.zeros((), dtype.numpy()))})
+        bad = tape.op("Or", [tape.op("IsInf", [x]), tape.op("IsNaN", [x])])
+        source = tape.op("Where", [bad, zero, x])
+        cast = tape.op("Cast", [bad], attributes={"to": ir.DataType.INT64})
+        named["nonfinite"] = tape.op("ReduceSum", [cast], attributes={"keepdims": 0})
     # Reducing with no axes reduces over every axis; keepdims=0 gives scalars.
-    outputs = [
-        tape.op("ReduceMin", [clean], attributes={"keepdims": 0}),
-        tape.op("ReduceMax", [clean], attributes={"keepdims": 0}),
-        tape.op(
-            "ReduceSum",
-            [tape.op("Cast", [bad], attributes={"to": ir.DataType.INT64})],
-            attributes={"keepdims": 0},
-        ),
-        tape.op("Size", [x]),
-    ]
-    for output, suffix in zip(outputs, _RANGE_SUFFIXES, strict=True):
+    named["min"] = tape.op("ReduceMin", [source], attributes={"keepdims": 0})
+    named["max"] = tape.op("ReduceMax", [source], attributes={"keepdims": 0})
+    for suffix, output in named.items():
         output.name = f"{x.name}::{suffix}"
-    return outputs
+    return list(named.values())
 
 
 def _session(model: ir.Model, provider: str, stack: contextlib.ExitStack):
@@ -158,24 +172,50 @@ def _run(session, feed) -> dict[str, np.ndarray]:
 
 
 def _histograms(model, requests, ranges, dataset, provider, progress, stack):
-    tensors = sorted({r.tensor for r in requests})
-    clone = model.clone()
-    values = {v.name: v for v in clone.graph.inputs}
-    values.update({out.name: out for node in clone.graph for out in node.outputs})
-    clone.graph.outputs.clear()
-    for name in tensors:
-        clone.graph.outputs.append(values[name])
-    session = _session(clone, provider, stack)
+    """Counting pass: each finite tensor leaves the session as its bin indices (computed by
+    onnxruntime's threaded kernels), counted with one bincount; tensors holding inf/NaN leave
+    as values and are binned in numpy with the same arithmetic."""
     accumulators = {
         r: st.HistogramAccumulator(
             ranges[r.tensor].result().minimum, ranges[r.tensor].result().maximum, r.bins
         )
         for r in requests
     }
+    clone = model.clone()
+    values = {v.name: v for v in clone.graph.inputs}
+    values.update({out.name: out for node in clone.graph for out in node.outputs})
+    clone.graph.outputs.clear()
+    binned: dict[st.StatRequest, str] = {}
+    for request, acc in accumulators.items():
+        if ranges[request.tensor].nonfinite:
+            clone.graph.outputs.append(values[request.tensor])
+        else:
+            output = _bin_index_nodes(clone.graph, values[request.tensor], acc)
+            output.name = f"{request.tensor}::bins{request.bins}"
+            clone.graph.outputs.append(output)
+            binned[request] = output.name
+    session = _session(clone, provider, stack)
     for done, batch in enumerate(dataset.batches(), 1):
         outputs = _run(session, batch.feed)
         for request, acc in accumulators.items():
-            acc.add(outputs[request.tensor])
+            if request in binned:
+                acc.add_indices(outputs[binned[request]])
+            else:
+                acc.add(outputs[request.tensor])
         if progress is not None:
             progress("histograms", done)
     return {r: acc.result() for r, acc in accumulators.items()}
+
+
+def _bin_index_nodes(graph: ir.Graph, x: ir.Value, acc: st.HistogramAccumulator) -> ir.Value:
+    """``int32(clip((float(x) - lo) * scale, 0, bins - 1))``: the accumulator's arithmetic."""
+    tape = ir.tape.Tape(graph)
+    low, scale, top = acc.index_constants()
+
+    def const(value: np.float32) -> ir.Value:
+        return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(value))})
+
+    as_float = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
+    position = tape.op("Mul", [tape.op("Sub", [as_float, const(low)]), const(scale)])
+    clipped = tape.op("Clip", [position, const(np.float32(0)), const(top)])
+    return tape.op("Cast", [clipped], attributes={"to": ir.DataType.INT32})

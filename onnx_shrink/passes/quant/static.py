@@ -85,6 +85,7 @@ class QuantPass(DataAwarePass):
         return placement.Exclusions(frozenset(self.exclude_op_types), self.exclude, self.only)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        _lift_constant_weights(model)
         placement.infer_types(model)
         names = placement.range_requests(model.graph, self._exclusions)
         result = [StatRequest(name, "minmax") for name in names]
@@ -160,6 +161,15 @@ class QuantPass(DataAwarePass):
                 and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
             ):
                 writer.dq_weight(node, index, act, None, symmetric=act.signed)
+
+
+def _lift_constant_weights(model: ir.Model) -> None:
+    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
+    they are quantized like any other weight instead of left float in a growing file."""
+    if model.ir_version >= 4:
+        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(
+            model
+        )
 
 
 def _activation_qtype(kind: str, bits: int) -> QuantType:
