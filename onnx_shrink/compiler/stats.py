@@ -84,8 +84,18 @@ def _count_macs(model: ir.Model) -> tuple[int, int]:
 
 
 def _dims(value: ir.Value | None) -> list[int] | None:
-    """Concrete dims of a value, symbolic dims as 1; None when the shape is unknown."""
-    if value is None or value.shape is None:
+    """Concrete dims of a value, symbolic dims as 1; None when the shape is unknown.
+
+    A weight behind DequantizeLinear (a quantized model) has its stored tensor's shape.
+    """
+    if value is None:
+        return None
+    if value.shape is None:
+        producer = value.producer()
+        if producer is not None and producer.op_type == "DequantizeLinear":
+            stored = producer.inputs[0]
+            if stored is not None and stored.const_value is not None:
+                return list(stored.const_value.shape.numpy())
         return None
     return [d if isinstance(d, int) else 1 for d in value.shape]
 

@@ -84,6 +84,8 @@ def collect(
 def _range_pass(model, ranged, others, dataset, provider, progress, stack, careful=False):
     """One pass: ranges of ``ranged`` reduced in the graph, ``others`` folded from raw tensors."""
     raw = sorted({r.tensor for r in others})
+    if not ranged and not raw:  # nothing to measure: count the samples, run nothing
+        return {}, sum(batch.samples for batch in dataset.batches())
     session = _session(_with_range_outputs(model, ranged, raw, careful), provider, stack)
     ranges = {name: st.MinMaxAccumulator() for name in ranged}
     samples = 0

@@ -168,7 +168,9 @@ def from_arrays(
         for start in range(0, total, step):
             stop = min(start + step, total)
             feed = {
-                s.name: arrays[s.name][start] if per_sample[s.name] else arrays[s.name][start:stop]
+                s.name: np.asarray(arrays[s.name][start])
+                if per_sample[s.name]
+                else arrays[s.name][start:stop]
                 for s in specs
             }
             for spec in specs:

@@ -16,7 +16,7 @@ import dataclasses
 import logging
 import re
 from collections.abc import Callable, Hashable, Mapping
-from typing import ClassVar
+from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
@@ -67,6 +67,11 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     )
     per_channel: bool = option(True, "one scale per output column (MatMul/Gemm) or embedding dim")
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
+    graphs: Literal["all", "subgraphs"] = option(
+        "all",
+        "where to quantize: every graph, or only If/Loop/Scan bodies",
+        choices=("all", "subgraphs"),
+    )
     fused: bool = option(
         True,
         "emit com.microsoft.DynamicQuantizeMatMul; false: standard ONNX DynamicQuantizeLinear +"
@@ -81,6 +86,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0
         for node in context.candidates(self.op_types):
+            if self.graphs == "subgraphs" and node.graph is model.graph:
+                continue
             if node.op_type == "Gather":
                 count += self._try_quantize_gather(context, node)
             else:
@@ -373,6 +380,8 @@ def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
     if output.is_graph_output() or len(uses) != 1:
         return None, None
     add, index = uses[0]
+    if add.op_type != "Add" or len(add.inputs) != 2:
+        return None, None
     bias = add.inputs[1 - index]
     if (
         add.op_type != "Add"

@@ -46,7 +46,9 @@ class QuantPass(DataAwarePass):
     4. Per-channel DequantizeLinear needs opset 13: older models are converted first (their
        per-channel QDQ would otherwise be refused by onnxruntime), or fall back to per-tensor
        weights when conversion fails.
-    5. Only the main graph is quantized; nodes inside If/Loop bodies stay float (logged).
+    5. Activations are calibrated in the main graph only; with ``subgraphs``, MatMul/Gemm
+       weights inside If/Loop/Scan bodies get dynamic int8 quantization (the incumbent
+       leaves them float while its file still grows); other body nodes stay float (logged).
     6. With ``gather``, constant embedding tables read by Gather are stored as int8 rows
        (``quant-dynamic``'s rule 3): no kernel runs on them in integers, but they are most of
        a transformer's bytes.
@@ -70,6 +72,9 @@ class QuantPass(DataAwarePass):
     exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
     exclude: tuple[str, ...] = option((), "node names or regexes kept in float")
     int16: tuple[str, ...] = option((), "node names or regexes whose activations use 16 bits")
+    subgraphs: bool = option(
+        True, "int8 weights (dynamic quantization) for MatMul/Gemm inside If/Loop/Scan bodies"
+    )
     gather: bool = option(
         True, "store embedding tables (Gather) as int8 rows, dequantized on lookup"
     )
@@ -98,18 +103,18 @@ class QuantPass(DataAwarePass):
         placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         if not decided.nodes:
-            logger.warning("quant: no node could be quantized")
-            return ir.passes.PassResult(model, False)
+            dynamic = not self.only and self._quantize_without_statistics(model)
+            if not dynamic:
+                logger.warning("quant: no node could be quantized")
+            return ir.passes.PassResult(model, dynamic)
         params = self._activation_params(model.graph, decided, stats)
         writer = _QdqWriter(model.graph)
         for tensor, (scale, zero) in params.items():
             writer.qdq_tensor(tensor, scale, zero)
         for node in decided.nodes:
             self._quantize_constants(writer, node, per_channel)
-        if self.gather and not self.only:
-            # Embedding tables are most of a transformer's bytes and no integer kernel reads
-            # them: int8 rows with a scale per column, dequantized after the lookup.
-            QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)(model)
+        if not self.only:
+            self._quantize_without_statistics(model)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
         logger.info(
@@ -119,6 +124,16 @@ class QuantPass(DataAwarePass):
             len(decided.skipped),
         )
         return ir.passes.PassResult(model, True)
+
+    def _quantize_without_statistics(self, model: ir.Model) -> None:
+        """Weights calibration cannot reach: embedding tables (rule 6) and If/Loop/Scan
+        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float."""
+        if self.gather:
+            QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)(model)
+        if self.subgraphs and any(True for _ in model.graph.subgraphs()):
+            QuantDynamicPass(
+                op_types=("MatMul", "Gemm", "Gather"), exclude=self.exclude, graphs="subgraphs"
+            )(model)
 
     def _activation_params(
         self, graph: ir.Graph, decided: placement.Plan, stats: Statistics
