@@ -86,10 +86,13 @@ def _range_pass(model, ranged, others, dataset, provider, progress, stack, caref
     raw = sorted({r.tensor for r in others})
     if not ranged and not raw:  # nothing to measure: count the samples, run nothing
         return {}, sum(batch.samples for batch in dataset.batches())
+    specs = data_mod.specs_from_model(model)
     session = _session(_with_range_outputs(model, ranged, raw, careful), provider, stack)
     ranges = {name: st.MinMaxAccumulator() for name in ranged}
     samples = 0
-    for done, batch in enumerate(dataset.batches(), 1):
+    # One sample per run: the session returns every requested tensor of the run, so memory
+    # is one sample's tensors however large the source's batches are.
+    for done, batch in enumerate(data_mod.single_samples(dataset, specs), 1):
         outputs = _run(session, batch.feed)
         for name, acc in ranges.items():
             low, high, size = (outputs[f"{name}::{s}"] for s in ("min", "max", "size"))
@@ -197,7 +200,8 @@ def _histograms(model, requests, ranges, dataset, provider, progress, stack):
             clone.graph.outputs.append(output)
             binned[request] = output.name
     session = _session(clone, provider, stack)
-    for done, batch in enumerate(dataset.batches(), 1):
+    specs = data_mod.specs_from_model(model)
+    for done, batch in enumerate(data_mod.single_samples(dataset, specs), 1):
         outputs = _run(session, batch.feed)
         for request, acc in accumulators.items():
             if request in binned:

@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Iterator, Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -100,7 +100,7 @@ def localize(
     ref_names = [t.name for t in tensors]
     cand_names = [t.candidate_name for t in tensors]
     samples = 0
-    for feed in split_samples(dataset, specs):
+    for feed in (b.feed for b in data_mod.single_samples(dataset, specs)):
         ref_out = ref_session.run(ref_names, feed)
         cand_out = cand_session.run(cand_names, feed)
         for name, ref, cand in zip(ref_names, ref_out, cand_out, strict=True):
@@ -220,21 +220,3 @@ def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
             clone.graph.outputs.append(values[name])
             present.add(name)
     return clone
-
-
-def split_samples(
-    dataset: data_mod.Dataset, specs: Sequence[data_mod.InputSpec]
-) -> Iterator[dict[str, np.ndarray]]:
-    """One feed per sample: batches are sliced along the dynamic first axis."""
-    dynamic = {
-        s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)
-    }
-    for batch in dataset.batches():
-        if batch.samples <= 1:
-            yield batch.feed
-            continue
-        for i in range(batch.samples):
-            yield {
-                name: array[i : i + 1] if name in dynamic else array
-                for name, array in batch.feed.items()
-            }

@@ -52,6 +52,7 @@ QUANTIZABLE = {
     "Resize": (0,),
 }
 WEIGHTED = frozenset({"Conv", "MatMul", "Gemm"})
+OUTPUT_ALWAYS_QUANTIZED = frozenset({"Conv"})
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # Ops whose outputs are input values moved around (or a max of them): onnxruntime runs them on
@@ -181,8 +182,14 @@ def plan(graph: ir.Graph, stats: Statistics, exclusions: Exclusions) -> Plan:
             tensors[value.name] = None
         out = _quantized_output(node)
         out_range = stats.minmax(out.name) if out is not None else None
+        # Conv has no integer kernel with a float output: without Q after it, onnxruntime
+        # runs it in float behind the DQs, slower than the float model. MatMul and Gemm do
+        # (MatMulIntegerToFloat, QGemm), so their outputs stay float unless an integer
+        # kernel reads them.
         wanted = out is not None and (
-            out.is_graph_output() or any(n in accepted for n in _consumers(out))
+            node.op_type in OUTPUT_ALWAYS_QUANTIZED
+            or out.is_graph_output()
+            or any(n in accepted for n in _consumers(out))
         )
         if wanted and out_range is not None and not is_sentinel(out_range):
             tensors[out.name] = None

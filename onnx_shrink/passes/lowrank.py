@@ -1,0 +1,500 @@
+"""``lowrank``: W -> A·B for MatMul, Gemm and 1x1 Conv by (activation-aware) truncated SVD.
+
+For a layer y = x·W with W (K x N) and calibration inputs X (rows x K):
+
+    G = XᵀX + λ·tr(XᵀX)/K·I = SᵀS         (S = Lᵀ from Cholesky; λ damps rank-deficient X)
+    ‖X(W - AB)‖_F = ‖S(W - AB)‖_F          (exact at λ = 0)
+    SW = UΣVᵀ -> A = S⁻¹U_r Σ_r^½, B = Σ_r^½ V_rᵀ   (Eckart-Young in the metric of G)
+    ‖S(W - AB)‖_F² = Σ_{i>r} σ_i²          (every rank's output error is read off Σ)
+
+Without data S = I: plain SVD, the error is the weight's. The refit solves
+min_B ‖X(W - AB)‖ in the undamped G: B = (AᵀGA)⁻¹AᵀGW. x·A·B costs r(K+N) multiply-adds per
+row against K·N, so a layer is split only when r < K·N/(K+N).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+
+logger = logging.getLogger(__name__)
+
+FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
+
+
+@dataclasses.dataclass(frozen=True)
+class Factorization:
+    """The SVD of S·W (S = I without data) and the whitener S to undo."""
+
+    u: np.ndarray
+    s: np.ndarray
+    vt: np.ndarray
+    whitener: np.ndarray | None
+
+    def tail_energy(self) -> np.ndarray:
+        """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
+        squares = self.s.astype(np.float64) ** 2
+        return np.concatenate([np.cumsum(squares[::-1])[::-1], [0.0]])
+
+
+def factorize(weight: np.ndarray, whitener: np.ndarray | None = None) -> Factorization:
+    """SVD of ``whitener @ weight`` (an upper-triangular or diagonal S), or of ``weight``."""
+    target = weight if whitener is None else whitener @ weight
+    u, s, vt = np.linalg.svd(target, full_matrices=False)
+    return Factorization(u, s, vt, whitener)
+
+
+def factors(f: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
+    """A (K x r), B (r x N) with S·A·B the rank-``rank`` truncation of S·W, Σ split evenly."""
+    root = np.sqrt(f.s[:rank])
+    a, b = f.u[:, :rank] * root, root[:, None] * f.vt[:rank]
+    if f.whitener is not None:
+        a = np.linalg.solve(f.whitener, a)
+    return a, b
+
+
+def refit(weight: np.ndarray, a: np.ndarray, gram: np.ndarray) -> np.ndarray:
+    """B = (AᵀGA)⁻¹AᵀGW: the B that best matches x·W on the calibration inputs, given A."""
+    ga = gram @ a
+    b, *_ = np.linalg.lstsq(a.T @ ga, ga.T @ weight, rcond=None)
+    return b
+
+
+def whitener(gram: np.ndarray, damping: float) -> np.ndarray | None:
+    """Upper-triangular S with SᵀS = G + λ·mean(diag G)·I, damping raised until Cholesky works;
+    None when G carries no signal (a layer no calibration input reached)."""
+    scale = float(np.trace(gram)) / len(gram) if len(gram) else 0.0
+    if not np.isfinite(scale) or scale <= 0:
+        return None
+    identity = np.eye(len(gram))
+    for attempt in range(6):
+        try:
+            lower = np.linalg.cholesky(gram + damping * 10.0**attempt * scale * identity)
+        except np.linalg.LinAlgError:
+            continue
+        return lower.T
+    return None
+
+
+@dataclasses.dataclass(frozen=True)
+class LayerPlan:
+    """One layer's decision: the rank it gets, or why it stays dense."""
+
+    node: str
+    op_type: str
+    shape: tuple[int, int]  # (K, N) of the weight as a matrix
+    rank: int | None
+    params_before: int
+    params_after: int
+    error: float | None  # predicted relative error of the output (data-free: of the weight)
+    activation_aware: bool = False
+    reason: str = ""
+
+
+@dataclasses.dataclass(frozen=True)
+class _Layer:
+    node: ir.Node
+    weight: np.ndarray  # K x N, float64
+    factorization: Factorization
+    gram: np.ndarray | None  # undamped XᵀX (for refit)
+    rows: float  # rows of x per sample (the MAC weight of the layer)
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.weight.shape
+
+    @property
+    def dense(self) -> int:
+        return self.weight.size
+
+    def params(self, rank: int | None) -> int:
+        return self.dense if rank is None else rank * sum(self.shape)
+
+    def error(self, rank: int | None) -> float:
+        """Relative squared error of rank ``rank`` (0 when dense)."""
+        tail = self.factorization.tail_energy()
+        if rank is None or tail[0] <= 0:
+            return 0.0
+        return float(tail[min(rank, len(tail) - 1)] / tail[0])
+
+    def ranks(self, multiple: int) -> list[int]:
+        """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N)."""
+        k, n = self.shape
+        top = min(len(self.factorization.s), (k * n - 1) // (k + n))
+        return list(range(multiple, top + 1, multiple))
+
+
+@dataclasses.dataclass(frozen=True)
+class LowRankPass(DataAwarePass):
+    """Replace constant 2-D weights by low-rank products x·A·B where that saves MACs and bytes.
+
+    Rules:
+
+    1. MatMul with a constant 2-D weight, Gemm (transA, transB, alpha, beta, bias C) and Conv
+       whose kernel is all 1s with group 1 (strides and pads stay on the first Conv) become two
+       ops, x·A then ·B; the second keeps the node's name and output. Constant-node weights
+       are lifted first. A weight shared by several nodes, a non-float one, a subgraph's and
+       one under ``min_params`` stays as it is, with the reason logged.
+    2. A layer is split only when its rank saves: r·(K+N) < K·N. Ranks are multiples of
+       ``rank_multiple``.
+    3. Ranks by ``selection``: ``energy`` keeps that share of Σσ², ``error`` the smallest rank
+       within ``max_error`` relative output error, ``budget`` removes ``reduction`` of the
+       targeted layers' parameters (or MACs) where it costs the least summed relative error.
+    4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
+       (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
+       error; without it (or without statistics for a layer) plain SVD of W. ``refit``
+       re-solves B by least squares on the calibration inputs (it needs the Gram too).
+    5. Each layer's rank, parameters and predicted error are logged as a table (``plan``
+       returns the same decisions as data).
+    """
+
+    name: ClassVar[str] = "lowrank"
+
+    selection: Literal["energy", "error", "budget"] = option(
+        "budget", "how ranks are chosen", choices=("energy", "error", "budget")
+    )
+    energy: float = option(0.95, "selection=energy: share of Σσ² kept", minimum=0.0, maximum=1.0)
+    max_error: float = option(0.1, "selection=error: relative output error per layer", minimum=0.0)
+    reduction: float = option(
+        0.3, "selection=budget: share of parameters (or MACs) removed", minimum=0.0, maximum=1.0
+    )
+    budget_unit: Literal["params", "macs"] = option(
+        "params", "selection=budget: what ``reduction`` counts", choices=("params", "macs")
+    )
+    rank_multiple: int = option(8, "ranks are multiples of this (kernel efficiency)", minimum=1)
+    activation_aware: bool = option(
+        True, "whiten by the input Gram matrix from calibration (False: plain SVD, no data)"
+    )
+    refit: bool = option(False, "re-solve B by least squares on the calibration inputs")
+    damping: float = option(
+        1e-4, "Gram damping, relative to its mean diagonal (rank-deficient inputs)", minimum=0.0
+    )
+    op_types: tuple[str, ...] = option(("MatMul", "Gemm", "Conv"), "op types to split")
+    min_params: int = option(4096, "weights with fewer elements stay dense", minimum=0)
+    exclude: tuple[str, ...] = option((), "node names or regexes kept dense")
+    only: tuple[str, ...] = option((), "split just these nodes (names or regexes)")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+        unknown = set(self.op_types) - {"MatMul", "Gemm", "Conv"}
+        if unknown:
+            raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")
+
+    @property
+    def _needs_data(self) -> bool:
+        return self.activation_aware or self.refit
+
+    def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        _lift_constant_weights(model)
+        if not self._needs_data:
+            return []
+        found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
+        return list(dict.fromkeys(r for r in found if r is not None))
+
+    def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        _lift_constant_weights(model)
+        layers, plans = self._plan(model, stats)
+        for layer, plan in zip(layers, plans, strict=False):
+            if plan.rank is not None:
+                a, b = factors(layer.factorization, plan.rank)
+                if self.refit and layer.gram is not None:
+                    b = refit(layer.weight, a, layer.gram)
+                _split(model.graph, layer.node, a, b)
+        _log_table(plans)
+        modified = any(p.rank is not None for p in plans)
+        if modified:
+            common_passes.RemoveUnusedNodesPass()(model)
+        return ir.passes.PassResult(model, modified)
+
+    def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:
+        """The decisions ``apply`` would take, one per layer considered (model not rewritten,
+        except that Constant-node weights are lifted to initializers)."""
+        _lift_constant_weights(model)
+        return self._plan(model, stats or Statistics({}, 0, "none"))[1]
+
+    def _plan(self, model: ir.Model, stats: Statistics) -> tuple[list[_Layer], list[LayerPlan]]:
+        layers: list[_Layer] = []
+        skipped: list[LayerPlan] = []
+        for node, reason in self._candidates(model):
+            if reason:
+                skipped.append(_dense_plan(node, reason))
+                continue
+            layers.append(self._layer(node, stats))
+        ranks = self._ranks(layers)
+        plans = [self._layer_plan(layer, rank) for layer, rank in zip(layers, ranks, strict=True)]
+        return layers, plans + skipped
+
+    def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, str]]:
+        """(node, reason to skip or "") for every node of ``op_types`` in the main graph."""
+        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        result = []
+        for node in model.graph:
+            if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
+                continue
+            if self.only and not _matches(node, self.only):
+                continue
+            reason = _check(node, opset) or self._size_reason(node)
+            if not reason and _matches(node, self.exclude):
+                reason = "excluded"
+            if reason:
+                logger.debug("lowrank: skipping %s (%s): %s", node.name, node.op_type, reason)
+            result.append((node, reason))
+        nested = sum(1 for g in model.graph.subgraphs() for n in g if n.op_type in self.op_types)
+        if nested:
+            logger.info("lowrank: %d nodes inside If/Loop/Scan bodies are not visited", nested)
+        return result
+
+    def _size_reason(self, node: ir.Node) -> str:
+        k, n = _weight_matrix(node).shape
+        if k * n < self.min_params:
+            return f"weight {k}x{n} is under min_params={self.min_params}"
+        if (k * n - 1) // (k + n) < self.rank_multiple:
+            return f"no rank of {self.rank_multiple}s below break-even {k * n / (k + n):.1f}"
+        return ""
+
+    def _stat_request(self, node: ir.Node) -> StatRequest | None:
+        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+            return None  # x is K x M: its last axis is not the weight's input axis
+        if node.op_type == "Conv":  # channels are axis 1: only their energies, not XᵀX
+            return StatRequest(node.inputs[0].name, "channel_sqnorm", axis=1)
+        return StatRequest(node.inputs[0].name, "gram")
+
+    def _layer(self, node: ir.Node, stats: Statistics) -> _Layer:
+        weight = _weight_matrix(node)
+        request = self._stat_request(node) if self._needs_data else None
+        stat = stats.get(request.tensor, request.kind, axis=request.axis) if request else None
+        gram = None
+        if isinstance(stat, Gram) and stat.matrix.shape == (weight.shape[0],) * 2:
+            gram = stat.matrix
+        elif isinstance(stat, ChannelValues) and stat.values.shape == (weight.shape[0],):
+            gram = np.diag(stat.values)
+        if self._needs_data and gram is None:
+            logger.warning("lowrank: no input statistics for %s; plain SVD", node.name)
+        white = whitener(gram, self.damping) if gram is not None and self.activation_aware else None
+        rows = stat.rows / max(stats.samples, 1) if stat is not None else _static_rows(node)
+        return _Layer(node, weight, factorize(weight, white), gram, rows)
+
+    def _ranks(self, layers: Sequence[_Layer]) -> list[int | None]:
+        if self.selection == "budget":
+            return _allocate(layers, self.reduction, self.budget_unit, self.rank_multiple)
+        keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
+        result: list[int | None] = []
+        for layer in layers:
+            tail = layer.factorization.tail_energy()
+            allowed = (1.0 - keep) * tail[0]
+            rank = int(np.argmax(tail <= allowed + 1e-12 * tail[0]))
+            rank = max(
+                self.rank_multiple, math.ceil(rank / self.rank_multiple) * self.rank_multiple
+            )
+            result.append(rank if rank in layer.ranks(self.rank_multiple) else None)
+        return result
+
+    def _layer_plan(self, layer: _Layer, rank: int | None) -> LayerPlan:
+        k, n = layer.shape
+        reason = "" if rank is not None else f"needed rank reaches break-even {k * n / (k + n):.1f}"
+        if rank is None and self.selection == "budget":
+            reason = "the budget left it dense"
+        aware = layer.factorization.whitener is not None
+        error = math.sqrt(layer.error(rank))
+        name, op, params = layer.node.name or "", layer.node.op_type, layer.params(rank)
+        return LayerPlan(name, op, (k, n), rank, layer.dense, params, error, aware, reason)
+
+
+def _allocate(
+    layers: Sequence[_Layer], reduction: float, unit: str, multiple: int
+) -> list[int | None]:
+    """Ranks removing ``reduction`` of the summed cost at the least summed relative error.
+
+    A Lagrangian sweep (each layer minimises error + μ·cost) finds the cheapest μ that meets
+    the budget; a greedy pass then spends what is left on the best error drop per cost.
+    """
+    options = [[*layer.ranks(multiple), None] for layer in layers]
+    cost = [
+        np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
+        for layer, opts in zip(layers, options, strict=True)
+    ]
+    error = [
+        np.array([layer.error(r) for r in opts])
+        for layer, opts in zip(layers, options, strict=True)
+    ]
+    total = sum(c[-1] for c in cost)
+    target = (1.0 - reduction) * total
+
+    def pick(mu: float) -> list[int]:
+        return [int(np.argmin(e + c * (mu / total))) for e, c in zip(error, cost, strict=True)]
+
+    low, high = -12.0, 12.0
+    if layers and _spent(cost, pick(10.0**high)) > target:
+        logger.warning("lowrank: the budget cannot be met; every layer gets its smallest rank")
+        return [opts[0] for opts in options]
+    for _ in range(60):
+        middle = (low + high) / 2
+        fits = _spent(cost, pick(10.0**middle)) <= target
+        low, high = (low, middle) if fits else (middle, high)
+    choice = _top_up(pick(10.0**high), cost, error, target)
+    return [opts[i] for opts, i in zip(options, choice, strict=True)]
+
+
+def _spent(cost: Sequence[np.ndarray], choice: Sequence[int]) -> float:
+    return float(sum(c[i] for c, i in zip(cost, choice, strict=True)))
+
+
+def _top_up(choice: list[int], cost, error, target: float) -> list[int]:
+    """Raise single layers' options while the budget allows, best error drop per cost first."""
+    while True:
+        left = target - _spent(cost, choice)
+        best = None
+        for i, (c, e) in enumerate(zip(cost, error, strict=True)):
+            j = choice[i]
+            for up in range(j + 1, len(c)):
+                extra, gain = c[up] - c[j], e[j] - e[up]
+                if 0 < extra <= left and gain > 0 and (best is None or gain / extra > best[0]):
+                    best = (gain / extra, i, up)
+        if best is None:
+            return choice
+        choice[best[1]] = best[2]
+
+
+def _check(node: ir.Node, opset: int) -> str:
+    """Why ``node`` cannot be split, or ""."""
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return "missing input"
+    x, weight = node.inputs[0], node.inputs[1]
+    if x.const_value is not None:
+        return "its input is a constant (fold it)"
+    if weight.const_value is None or weight.is_graph_input():
+        return "weight is not a constant"
+    if np.dtype(weight.const_value.dtype.numpy()) not in FLOAT_TYPES:
+        return f"weight type {weight.const_value.dtype} is not float16/32/64"
+    if len(weight.uses()) > 1:
+        return f"weight shared by {len(weight.uses())} uses"
+    shape = tuple(weight.const_value.shape)
+    if node.op_type in ("MatMul", "Gemm") and len(shape) != 2:
+        return f"weight has rank {len(shape)}, not 2"
+    if node.op_type == "Gemm" and _attr(node, "transA", 0) and opset < 11:
+        return "Gemm transA=1 needs opset 11 (optional C) to split"
+    if node.op_type == "Conv":
+        if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+            return f"kernel {shape[2:]} is not 1x1"
+        if _attr(node, "group", 1) != 1:
+            return "grouped Conv"
+    return ""
+
+
+def _weight_matrix(node: ir.Node) -> np.ndarray:
+    """The weight as W (K x N) with y = x·W (Gemm transB and Conv [N, K, 1, 1] transposed)."""
+    array = node.inputs[1].const_value.numpy().astype(np.float64)
+    if node.op_type == "Conv":
+        return array.reshape(array.shape[0], array.shape[1]).T
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        return array.T
+    return array
+
+
+def _split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
+    """Rewrite ``node`` (y = x·W) as h = x·A, y = h·B in place; ``node`` keeps its output."""
+    weight = node.inputs[1]
+    dtype = weight.const_value.dtype.numpy()
+    base, label = weight.name, node.name or weight.name
+    rank = a.shape[1]
+    attributes: dict[str, object] = {}
+    if node.op_type == "Conv":
+        ones = (1,) * (weight.const_value.shape.rank() - 2)
+        a, b = a.T.reshape(rank, -1, *ones), b.T.reshape(-1, rank, *ones)
+        attributes = {k: v.value for k, v in node.attributes.items() if k in SPATIAL_ATTRIBUTES}
+        for key in (*SPATIAL_ATTRIBUTES, "kernel_shape"):
+            node.attributes.pop(key, None)
+        first_op = "Conv"
+    elif node.op_type == "Gemm" and _attr(node, "transA", 0):
+        first_op, attributes = "Gemm", {"transA": 1}
+        node.attributes["transA"] = ir.AttrInt64("transA", 0)
+    else:
+        first_op = "MatMul"
+    if node.op_type == "Gemm" and _attr(node, "transB", 0):
+        b = b.T
+    a_value = _initializer(graph, f"{base}_lowrank_a", a.astype(dtype))
+    b_value = _initializer(graph, f"{base}_lowrank_b", b.astype(dtype))
+    hidden = ir.Value(name=f"{base}_lowrank_hidden")
+    hidden.dtype = weight.const_value.dtype
+    first = ir.node(
+        first_op, [node.inputs[0], a_value], attributes, outputs=[hidden], name=f"{label}_lowrank"
+    )
+    graph.insert_before(node, first)
+    node.replace_input_with(0, hidden)
+    node.replace_input_with(1, b_value)
+    if not weight.uses() and weight.name in graph.initializers:
+        graph.initializers.pop(weight.name)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def _attr(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else int(attribute.value)
+
+
+def _matches(node: ir.Node, patterns: Sequence[str]) -> bool:
+    name = node.name or ""
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+def _static_rows(node: ir.Node) -> float:
+    """Rows of x per sample from static shapes (leading batch dim dropped), else 1."""
+    value = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
+    dims = list(value.shape) if value.shape is not None else []
+    inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
+    return float(math.prod(inner)) if all(isinstance(d, int) for d in inner) else 1.0
+
+
+def _dense_plan(node: ir.Node, reason: str) -> LayerPlan:
+    """A skipped node's plan; its shape is (0, 0) unless its weight is a valid matrix."""
+    weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
+    params = weight.size if weight is not None else 0
+    shape = _weight_matrix(node).shape if weight is not None and not _check(node, 99) else (0, 0)
+    return LayerPlan(
+        node.name or "", node.op_type, shape, None, params, params, None, False, reason
+    )
+
+
+def _lift_constant_weights(model: ir.Model) -> None:
+    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers."""
+    if model.ir_version >= 4:
+        lift = common_passes.LiftConstantsToInitializersPass(
+            lift_all_constants=False, size_limit=16
+        )
+        lift(model)
+
+
+def _log_table(plans: Sequence[LayerPlan]) -> None:
+    """One INFO line per layer (activation x activation MatMuls left out), then the totals."""
+    for p in plans:
+        if p.reason != "weight is not a constant":
+            error = "" if p.error is None else f", error {p.error:.4f}"
+            what = f"rank {p.rank}{error}" if p.rank is not None else f"dense: {p.reason}"
+            size = f"{p.op_type} {p.shape[0]}x{p.shape[1]}"
+            logger.info(f"lowrank: {p.node} ({size}) {p.params_before} -> {p.params_after}, {what}")
+    split = [p for p in plans if p.rank is not None]
+    before, after = sum(p.params_before for p in split), sum(p.params_after for p in split)
+    saved = 100.0 * (1 - after / before) if before else 0.0
+    logger.info(
+        f"lowrank: {len(split)} of {len(plans)} layers split: {before} -> {after} (-{saved:.1f}%)"
+    )

@@ -1,0 +1,370 @@
+"""``prune-channels``: structured pruning over channel-dependency groups; shapes really shrink.
+
+A group (``channel_groups``) is every tensor axis, weight slice and shape constant that must
+lose the same channels: a Conv's output channels with the BatchNormalization, activations and
+depthwise Convs after it and the next Conv's input channels; all inputs of a residual Add/Mul;
+Concat/Split inputs at their offsets; the hidden dimension of an MLP (up and down
+projections); whole attention heads through Reshape/Transpose. Removing channel ``j`` of a
+group deletes one producer row, one consumer column and the ``j``-th entry of every
+per-channel constant, so each surviving channel computes exactly what it did before:
+
+    y = W2 · f(W1 x)  with f channel-wise   =>   y = W2[:, keep] · f(W1[keep, :] x)
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import logging
+import math
+import re
+from collections.abc import Callable, Iterator, Sequence
+from typing import ClassVar, Literal
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
+from onnx_shrink.passes.channel_groups import (
+    RULES,
+    SOURCE_OPS,
+    Context,
+    Decline,
+    Group,
+    Key,
+    Relation,
+    Restart,
+    constant,
+)
+
+logger = logging.getLogger(__name__)
+
+Criterion = Literal["l1", "l2", "activation"]
+
+
+@dataclasses.dataclass(frozen=True)
+class PruneChannelsPass(DataAwarePass):
+    """Remove the least important channels of every channel-dependency group.
+
+    Rules:
+
+    1. Groups grow from the output channels of each Conv/ConvTranspose/Gemm/MatMul with a
+       constant weight through the ops ``channel_groups.RULES`` knows; a group that reaches a
+       graph input or output, a Shape consumer, an unknown op, a computed Reshape shape or a
+       grouped (not depthwise) Conv is declined, and the reason logged.
+    2. Channels are scored by the L1 or L2 norm of the producers' weights (summed over the
+       group's producers), or by the RMS of the producers' outputs on calibration data
+       (``activation``); the ``ratio`` lowest-scoring are removed from each group.
+    3. The kept count is rounded to the nearest one whose elements are a multiple of ``round_to``
+       (kernels vectorise by 8), and never falls below ``min_channels``; a group whose
+       rounded count is its size is left alone.
+    4. Initializers, Reshape shape constants, Split sizes, depthwise ``group`` and value
+       shapes are rewritten; a constant shared with nodes outside the group gets its own copy.
+    5. Groups whose producers match ``exclude`` (a node name or regex) are not pruned; with
+       ``heads=False``, a group that would have to remove whole attention heads is declined.
+    """
+
+    name: ClassVar[str] = "prune-channels"
+
+    ratio: float = option(
+        0.3, "fraction of each group's channels removed", minimum=0.0, maximum=0.95
+    )
+    criterion: Criterion = option(
+        "l2",
+        "channel score: weight L1/L2 norm, or activation RMS",
+        choices=("l1", "l2", "activation"),
+    )
+    round_to: int = option(8, "kept elements per group are a multiple of this", minimum=1)
+    min_channels: int = option(1, "fewest channels a group keeps", minimum=1)
+    exclude: tuple[str, ...] = option((), "producer node names or regexes left unpruned")
+    heads: bool = option(True, "prune whole attention heads through Reshape/Transpose")
+
+    def __post_init__(self) -> None:
+        check_options(self)
+
+    def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        if self.criterion != "activation":
+            return []
+        return [
+            StatRequest(key.value.name, "channel_sqnorm", axis=key.axis)
+            for group in self.groups(model)
+            if group.reason is None
+            for key in _source_keys(group)
+        ]
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        if self.criterion == "activation":
+            return super().call(model)
+        return self.apply(model, None)
+
+    def apply(self, model: ir.Model, stats: Statistics | None) -> ir.passes.PassResult:
+        plans = []
+        for group in self.groups(model):
+            if group.reason is not None:
+                logger.info("prune-channels: declined group of %s: %s", group.label, group.reason)
+                continue
+            keep = kept_channels(group, self.ratio, self.round_to, self.min_channels)
+            if keep >= group.channels:
+                continue
+            scores = channel_scores(group, self.criterion, stats)
+            removed = np.sort(np.argsort(scores, kind="stable")[: group.channels - keep])
+            logger.debug("prune-channels: %s: %d -> %d", group.label, group.channels, keep)
+            plans.append((group, removed))
+        if not plans:
+            return ir.passes.PassResult(model, False)
+        rewrite(model, plans)
+        logger.info("prune-channels: pruned %d groups", len(plans))
+        return ir.passes.PassResult(model, True)
+
+    def groups(self, model: ir.Model) -> list[Group]:
+        """Every candidate group; excluded ones carry the reason "excluded"."""
+        groups = analyse(model, heads=self.heads)
+        for group in groups:
+            if group.reason is None and any(self._excluded(n) for n in group.sources):
+                group.reason = "excluded"
+        return groups
+
+    def _excluded(self, node: ir.Node) -> bool:
+        name = node.name or ""
+        return any(name == p or re.fullmatch(p, name) for p in self.exclude)
+
+
+def kept_channels(group: Group, ratio: float, round_to: int, min_channels: int) -> int:
+    """Channels kept: (1 - ratio) of the group, rounded to the nearest count whose elements
+    are a multiple of ``round_to`` (at least one such step)."""
+    unit = max(k.unit for k in group.keys)
+    step = round_to // math.gcd(round_to, unit)
+    keep = group.channels - math.floor(group.channels * ratio)
+    keep = max(step, math.floor(keep / step + 0.5) * step)
+    return min(max(keep, min_channels), group.channels)
+
+
+def _source_keys(group: Group) -> list[Key]:
+    return [k for k in group.keys if k.value.producer() in group.sources]
+
+
+def channel_scores(group: Group, criterion: str, stats: Statistics | None) -> np.ndarray:
+    """One importance score per channel of the group (rule 2)."""
+    n = group.channels
+    total = np.zeros(n, dtype=np.float64)
+    if criterion == "activation":
+        for key in _source_keys(group):
+            result = stats.get(key.value.name, "channel_sqnorm", axis=key.axis) if stats else None
+            if not isinstance(result, ChannelValues):
+                raise ir.passes.PreconditionError(f"no channel_sqnorm for {key.value.name}")
+            values = result.values[key.start : key.start + key.length]
+            total += values.reshape(n, key.unit).sum(axis=1) / max(result.rows, 1)
+        return np.sqrt(total)
+    for param in group.params:
+        if not param.source:
+            continue
+        weight = np.moveaxis(constant(param.node.inputs[param.index]), param.axis, 0)
+        rows = weight[param.start : param.start + n * param.unit].reshape(n, -1)
+        rows = rows.astype(np.float64)
+        total += np.abs(rows).sum(axis=1) if criterion == "l1" else (rows**2).sum(axis=1)
+    return total if criterion == "l1" else np.sqrt(total)
+
+
+def analyse(
+    model: ir.Model, heads: bool = True, rules: dict[str, Callable] | None = None
+) -> list[Group]:
+    """Every candidate group of the main graph, accepted (``reason is None``) or declined."""
+    ctx = Context(model, heads)
+    table = RULES if rules is None else rules
+    groups: list[Group] = []
+    claimed: set[ir.Value] = set()
+    for node in model.graph:
+        if node.op_type not in SOURCE_OPS or node.domain not in ("", "ai.onnx"):
+            continue
+        if not node.outputs or node.outputs[0] is None or node.outputs[0] in claimed:
+            continue
+        group = _grow(ctx, table, node)
+        if group is None:
+            continue
+        claimed.update(key.value for key in group.keys)
+        groups.append(group)
+    _decline_overlaps(groups)
+    return groups
+
+
+def _root_key(ctx: Context, node: ir.Node, unit: int) -> Key | None:
+    out = node.outputs[0]
+    try:
+        axis = ctx.rank(out) - 1 if node.op_type == "MatMul" else 1
+        return Key(out, axis, 0, ctx.dim(out, axis), unit)
+    except Decline:
+        return None
+
+
+def _grow(ctx: Context, table: dict[str, Callable], root: ir.Node) -> Group | None:
+    unit = 1
+    while True:
+        key = _root_key(ctx, root, unit)
+        if key is None:
+            return None
+        group = Group(root, key.channels)
+        try:
+            _fill(ctx, table, group, key)
+        except Restart as restart:
+            unit *= restart.factor
+            if key.length % unit:
+                group.reason = "heads do not divide the producer's channels"
+                return group
+            continue
+        except Decline as decline:
+            group.reason = str(decline)
+        if not group.sources:  # the root's output is not a channel axis it produces
+            return None
+        return group
+
+
+def _fill(ctx: Context, table: dict[str, Callable], group: Group, root: Key) -> None:
+    queue = [root]
+    group.keys.add(root)
+    related: set[tuple[ir.Node, Key]] = set()
+    while queue:
+        key = queue.pop()
+        if key.length % key.unit or key.channels != group.channels:
+            raise Decline(f"{key.value.name} has {key.length} elements, not whole channels")
+        for node in _touching(key.value):
+            if (node, key) in related:
+                continue
+            related.add((node, key))
+            relation = _relate(ctx, table, node, key)
+            if relation.source and node not in group.sources:
+                group.sources.append(node)
+            group.params.update(relation.params)
+            group.edits.update(relation.edits)
+            for new in relation.keys:
+                if new not in group.keys:
+                    group.keys.add(new)
+                    queue.append(new)
+
+
+def _touching(value: ir.Value) -> Iterator[ir.Node]:
+    if value.is_graph_output():
+        raise Decline(f"{value.name} is a graph output")
+    producer = value.producer()
+    if producer is None:
+        raise Decline(f"{value.name} is a graph input or constant")
+    yield producer
+    for use in value.uses():
+        yield use.node
+
+
+def _relate(ctx: Context, table: dict[str, Callable], node: ir.Node, key: Key) -> Relation:
+    if node.graph is not ctx.graph:
+        raise Decline(f"{key.value.name} is used inside a subgraph")
+    rule = table.get(node.op_type) if node.domain in ("", "ai.onnx") else None
+    if node.op_type == "Shape":
+        raise Decline(f"{key.value.name} has a Shape consumer ({node.name})")
+    if rule is None:
+        raise Decline(f"unknown op {node.op_type} ({node.name}) on the path")
+    relation = rule(ctx, node, key)
+    for param in relation.params:
+        value = param.node.inputs[param.index]
+        if value is None or not value.is_initializer():
+            raise Decline(f"{node.name}: constant input {param.index} is not an initializer")
+    return relation
+
+
+def _decline_overlaps(groups: list[Group]) -> None:
+    """A tensor run claimed by two accepted groups in different ways: keep the first."""
+    spans: dict[tuple[int, int], list[tuple[int, int]]] = {}
+    for group in groups:
+        if group.reason is not None:
+            continue
+        mine = [((id(k.value), k.axis), (k.start, k.start + k.length)) for k in group.keys]
+        clash = any(lo < e and b < hi for place, (lo, hi) in mine for b, e in spans.get(place, []))
+        if clash:
+            group.reason = "overlaps another group's channels"
+            continue
+        for place, span in mine:
+            spans.setdefault(place, []).append(span)
+
+
+# ---- rewrite (rule 4) ----------------------------------------------------------------
+
+
+def rewrite(model: ir.Model, plans: list[tuple[Group, np.ndarray]]) -> None:
+    """Delete each group's removed channels everywhere at once (offsets stay original)."""
+    cuts: dict[tuple[ir.Node, int], dict[int, set[int]]] = collections.defaultdict(dict)
+    shapes: collections.Counter[tuple[ir.Value, int]] = collections.Counter()
+    edits: collections.Counter[tuple[ir.Node, str, int]] = collections.Counter()
+    for group, removed in plans:
+        for param in group.params:
+            rows = _elements(param.start, param.unit, removed)
+            cuts[param.node, param.index].setdefault(param.axis, set()).update(rows)
+        for key in group.keys:
+            shapes[key.value, key.axis] += len(removed) * key.unit
+        for edit in group.edits:
+            edits[edit.node, edit.kind, edit.position] += len(removed) * edit.factor
+    _cut_constants(model.graph, cuts)
+    for (value, axis), count in shapes.items():
+        if value.shape is not None and isinstance(value.shape[axis], int):
+            dims = list(value.shape)
+            dims[axis] -= count
+            value.shape = ir.Shape(dims)
+    _apply_edits(model.graph, edits)
+    common_passes.RemoveUnusedNodesPass()(model)
+
+
+def _elements(start: int, unit: int, channels: np.ndarray) -> list[int]:
+    return (start + channels[:, None] * unit + np.arange(unit)[None, :]).ravel().tolist()
+
+
+def _cut_constants(graph: ir.Graph, cuts: dict[tuple[ir.Node, int], dict[int, set[int]]]) -> None:
+    """Slice each constant in place when all its users agree, else give users their copy."""
+    by_value: dict[ir.Value, list[tuple[ir.Node, int, dict[int, set[int]]]]] = {}
+    for (node, index), axes in cuts.items():
+        by_value.setdefault(node.inputs[index], []).append((node, index, axes))
+    for value, users in by_value.items():
+        array = value.const_value.numpy()
+        specs = {_spec(axes) for _, _, axes in users}
+        private = len(specs) > 1 or len(value.uses()) != len(users)
+        for number, (node, index, axes) in enumerate(users):
+            cut = array
+            for axis, rows in axes.items():
+                cut = np.delete(cut, sorted(rows), axis=axis)
+            if not private:
+                value.const_value = ir.tensor(cut, name=value.name)
+                value.shape = ir.Shape(cut.shape)
+                break
+            node.replace_input_with(index, _initializer(graph, f"{value.name}_pruned{number}", cut))
+
+
+def _spec(axes: dict[int, set[int]]) -> tuple:
+    return tuple(sorted((axis, tuple(sorted(rows))) for axis, rows in axes.items()))
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    while name in graph.initializers:
+        name += "_"
+    value = ir.Value(
+        name=name,
+        shape=ir.Shape(array.shape),
+        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
+        const_value=ir.tensor(array, name=name),
+    )
+    graph.register_initializer(value)
+    return value
+
+
+def _apply_edits(graph: ir.Graph, edits: collections.Counter) -> None:
+    """Reshape shapes and Split sizes get per-node copies; depthwise ``group`` shrinks."""
+    per_input: dict[tuple[ir.Node, int], dict[int, int]] = collections.defaultdict(dict)
+    for (node, kind, position), count in edits.items():
+        if kind == "group":
+            group = node.attributes.get_int("group", 1) - count
+            node.attributes["group"] = ir.AttrInt64("group", group)
+        else:
+            per_input[node, 1][position] = count
+    for (node, index), counts in per_input.items():
+        numbers = constant(node.inputs[index]).copy()
+        for position, count in counts.items():
+            numbers[position] -= count
+        name = f"{node.inputs[index].name}_{node.name or node.op_type}"
+        node.replace_input_with(index, _initializer(graph, name, numbers))

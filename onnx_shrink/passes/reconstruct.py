@@ -1,0 +1,78 @@
+"""Layer-wise least-squares refit of pruned weights from the Gram matrix of the layer's input.
+
+A linear layer computes ``y_j = X w_j`` for every output j (X: calibration rows of the input,
+w_j: the weights of output j over the K inputs). Pruning keeps only the inputs in S_j; the
+refit picks the kept weights that best reproduce the *original* output on the calibration
+data:
+
+    min_v ||X w_j - X_S v||^2   =>   (G_SS + lambda I) v = G_S: w_j,   G = X^T X
+
+so only G (a ``StatRequest(input, "gram")``) is needed, never the rows themselves.
+``lambda = ridge * mean(diag G)`` keeps the system solvable when inputs are dead or
+collinear (the 1% dampening SparseGPT uses).
+
+The API works on *rows*: ``rows[j]`` holds output j's weights over the K inputs, in the
+order of G's axes (``W.T`` for a MatMul weight ``W [K, N]``; a Gemm weight with
+``transB=1`` as it is). ``keep`` is a same-shaped boolean mask. Structured (channel) pruning
+is the case where every row keeps the same S, which is solved as one batch.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+import numpy as np
+
+DEFAULT_RIDGE = 0.01
+_BATCH_BYTES = 1 << 28  # at most 256 MiB of stacked G_SS matrices per solve
+
+
+def refit(
+    rows: np.ndarray, keep: np.ndarray, gram: np.ndarray, ridge: float = DEFAULT_RIDGE
+) -> np.ndarray:
+    """Rows with the kept weights refit by least squares and the others zero (float64).
+
+    Args:
+        rows: original weights, ``[outputs, K]``.
+        keep: which weights survive pruning, ``[outputs, K]`` bool.
+        gram: ``X^T X`` of the layer's input over calibration rows, ``[K, K]``.
+        ridge: dampening relative to the mean diagonal of ``gram``.
+    """
+    rows = np.asarray(rows, np.float64)
+    gram = np.asarray(gram, np.float64)
+    if gram.shape != (rows.shape[1], rows.shape[1]) or keep.shape != rows.shape:
+        raise ValueError(f"shapes do not fit: rows {rows.shape}, keep {keep.shape}, {gram.shape}")
+    damp = ridge * float(np.mean(np.diag(gram))) if gram.size else 0.0
+    damp = damp if damp > 0 else 1e-8
+    target = rows @ gram  # row j: G_{:,:} w_j, restricted to S_j below
+    result = np.zeros_like(rows)
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for j, count in enumerate(keep.sum(axis=1)):
+        if count:
+            by_count[int(count)].append(j)
+    for count, members in by_count.items():
+        chunk = max(1, _BATCH_BYTES // (8 * count * count))
+        for start in range(0, len(members), chunk):
+            _solve_rows(members[start : start + chunk], keep, gram, target, damp, result)
+    return result
+
+
+def _solve_rows(members, keep, gram, target, damp, result) -> None:
+    """Solve ``(G_SS + damp I) v = (G w)_S`` for rows that all keep the same number of inputs."""
+    index = np.stack([np.flatnonzero(keep[j]) for j in members])  # [b, s]
+    systems = gram[index[:, :, None], index[:, None, :]]  # [b, s, s]
+    systems[:, np.arange(index.shape[1]), np.arange(index.shape[1])] += damp
+    rhs = np.take_along_axis(target[members], index, axis=1)[..., None]
+    solved = np.linalg.solve(systems, rhs)[..., 0]
+    rows_of = np.asarray(members)[:, None]
+    result[rows_of, index] = solved
+
+
+def output_error(original: np.ndarray, candidate: np.ndarray, gram: np.ndarray) -> float:
+    """Relative output error on the calibration rows, from G alone:
+    ``||X (W - W')||^2 / ||X W||^2 = tr(D G D^T) / tr(W G W^T)`` with rows as above."""
+    original = np.asarray(original, np.float64)
+    delta = np.asarray(candidate, np.float64) - original
+    energy = float(np.einsum("ik,kl,il->", original, gram, original))
+    error = float(np.einsum("ik,kl,il->", delta, gram, delta))
+    return error / energy if energy > 0 else 0.0
