@@ -1,0 +1,344 @@
+"""Calibration and evaluation data, and fidelity metrics, for the quantization benchmark.
+
+Every model gets a *calibration set* and a separate *evaluation set* (no sample in both), so
+a quantizer is never scored on the samples it calibrated on:
+
+* ``digits`` -- the bundled digits CNN and its held-out split (``models.digits``, 450 images):
+  calibration = images 0..127, evaluation = images 128..449 (322). Metrics: top-1 accuracy
+  against the labels, and agreement of the argmax with the fp32 model.
+* ``minilm`` -- paraphrase-MiniLM-L3-v2 on the 223 real sentences of ``models.text`` (WordPiece,
+  every row padded to the longest, so padding and its attention mask are exercised):
+  calibration = sentences 0..127, evaluation = sentences 128..222 (95; the file's paraphrase
+  pairs are never split). Metrics: mean (and worst) cosine of the sentence embedding (the
+  float ``[batch, 384]`` output) to fp32, and the Spearman correlation of the cosine
+  similarities of all 4,465 evaluation pairs to fp32's (the ranking a search would use).
+* ``ppocr-rec`` -- PP-OCRv4 recognizer on text lines rendered by ``models.ocr`` (seed 0:
+  calibration, seed 1: evaluation, 200 lines). Metrics: decoded strings (CTC greedy, rapidocr's
+  dictionary) equal to fp32's strings, character error rate against fp32's strings, and exact
+  match with the rendered text (the ground truth).
+* ``ppocr-det`` -- PP-OCRv4 detector on rendered 320x320 pages (seed 0: calibration, seed 1:
+  evaluation, 40 pages; at 480x480 ORT's Entropy calibration passes 12 GiB at 32 pages).
+  Metric: IoU of the map thresholded at 0.3 (rapidocr's ``thresh``) with fp32's thresholded
+  map, mean over pages; and IoU with the drawn text boxes.
+
+Calibration with N samples uses the first N of the calibration set, one sample per run. The
+same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
+--data`` takes) and one ``.npy`` per input (what the benchmark's onnxruntime reader streams
+one sample at a time, so that the reader holds one sample, not the whole set).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Mapping
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import CalibrationDataReader
+
+from models.fetch import fetch
+
+Feed = dict[str, np.ndarray]
+MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det")
+MAX_CALIBRATION = 128
+DET_PAGE = (320, 320)
+
+
+@dataclasses.dataclass
+class Task:
+    """One model with its data and the way its outputs are scored."""
+
+    name: str
+    model: Path
+    calibration: Feed  # samples on axis 0, MAX_CALIBRATION of them (or fewer in --quick)
+    evaluation: Feed
+    latency_feed: Feed
+    latency_input: str  # e.g. "1 line 3x48x320"
+    predict: Callable[[object], object]  # onnxruntime session -> predictions on evaluation
+    fidelity: Callable[[object, object], dict[str, float]]  # (fp32, candidate) -> metrics
+    metrics: tuple[str, ...]  # the keys of ``fidelity``, in table order
+    split: str
+
+    def calibration_slice(self, n: int) -> Feed:
+        return {k: v[:n] for k, v in self.calibration.items()}
+
+
+def write_calibration(task: Task, n: int, folder: Path) -> Path:
+    """``folder/calib.npz`` and ``folder/<input>.npy`` with the first ``n`` samples."""
+    folder.mkdir(parents=True, exist_ok=True)
+    arrays = task.calibration_slice(n)
+    for name, array in arrays.items():
+        np.save(folder / f"{_file_name(name)}.npy", np.ascontiguousarray(array))
+    npz = folder / "calib.npz"
+    with npz.open("wb") as fh:
+        np.savez(fh, **arrays)
+    return npz
+
+
+def _file_name(input_name: str) -> str:
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in input_name)
+
+
+class NpyStreamReader(CalibrationDataReader):
+    """onnxruntime ``CalibrationDataReader`` over ``write_calibration``'s .npy files.
+
+    Reads one sample (``[1, ...]``) per ``get_next`` straight from the files, so the reader
+    itself holds one sample whatever the number of samples.
+    """
+
+    def __init__(self, folder: Path, input_names: list[str]) -> None:
+        self._files = {}
+        self._count = None
+        for name in input_names:
+            path = Path(folder) / f"{_file_name(name)}.npy"
+            with path.open("rb") as fh:
+                version = np.lib.format.read_magic(fh)
+                read_header = (
+                    np.lib.format.read_array_header_1_0
+                    if version == (1, 0)
+                    else np.lib.format.read_array_header_2_0
+                )
+                shape, fortran, dtype = read_header(fh)
+                offset = fh.tell()
+            if fortran:
+                raise ValueError(f"{path}: Fortran order is not supported")
+            self._files[name] = (path, tuple(shape), np.dtype(dtype), offset)
+            self._count = shape[0] if self._count is None else min(self._count, shape[0])
+        self._index = 0
+
+    def get_next(self) -> Feed | None:
+        if self._count is None or self._index >= self._count:
+            return None
+        feed = {}
+        for name, (path, shape, dtype, offset) in self._files.items():
+            per_sample = int(np.prod(shape[1:], dtype=np.int64))
+            with path.open("rb") as fh:
+                fh.seek(offset + self._index * per_sample * dtype.itemsize)
+                values = np.fromfile(fh, dtype=dtype, count=per_sample)
+            feed[name] = values.reshape((1, *shape[1:]))
+        self._index += 1
+        return feed
+
+    def rewind(self) -> None:
+        self._index = 0
+
+    def __len__(self) -> int:
+        return self._count or 0
+
+
+# ---- metrics -------------------------------------------------------------------------------
+
+
+def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64)."""
+    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
+    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
+    dots = np.einsum("ij,ij->i", a, b)
+    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
+
+
+def pairwise_cosines(embeddings: np.ndarray) -> np.ndarray:
+    """The cosine similarity of every unordered pair of rows (upper triangle, flattened)."""
+    x = np.asarray(embeddings, np.float64)
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    x = x / np.where(norms > 0, norms, 1.0)
+    sims = x @ x.T
+    return sims[np.triu_indices(len(x), k=1)]
+
+
+def rankdata(values: np.ndarray) -> np.ndarray:
+    """Ranks 1..n, ties given their average rank (scipy.stats.rankdata's "average")."""
+    values = np.asarray(values)
+    order = np.argsort(values, kind="mergesort")
+    sorted_values = values[order]
+    starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
+    group = np.cumsum(starts) - 1
+    first = np.flatnonzero(starts)
+    last = np.r_[first[1:], len(values)] - 1
+    average = (first + last) / 2.0 + 1.0
+    ranks = np.empty(len(values), dtype=np.float64)
+    ranks[order] = average[group]
+    return ranks
+
+
+def spearman(a: np.ndarray, b: np.ndarray) -> float:
+    """Spearman rank correlation (Pearson correlation of the average ranks)."""
+    ra, rb = rankdata(a), rankdata(b)
+    ra -= ra.mean()
+    rb -= rb.mean()
+    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
+    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
+
+
+# ---- tasks ---------------------------------------------------------------------------------
+
+
+def _run_batches(session, feed: Mapping[str, np.ndarray], output: str, batch: int) -> np.ndarray:
+    names = {i.name for i in session.get_inputs()}
+    count = len(next(iter(feed.values())))
+    parts = []
+    for start in range(0, count, batch):
+        chunk = {k: v[start : start + batch] for k, v in feed.items() if k in names}
+        parts.append(session.run([output], chunk)[0])
+    return np.concatenate(parts)
+
+
+def digits_task(calibration: int = MAX_CALIBRATION) -> Task:
+    from models import digits
+
+    with np.load(digits.TEST_DATA_PATH) as data:
+        images, labels = data["image"].astype(np.float32), data["labels"]
+    calib, evaluation, eval_labels = images[:calibration], images[128:], labels[128:]
+
+    def predict(session) -> np.ndarray:
+        return _run_batches(session, {"image": evaluation}, "logits", 512)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        return {
+            "accuracy": float((candidate.argmax(1) == eval_labels).mean()),
+            "argmax = fp32": float((candidate.argmax(1) == reference.argmax(1)).mean()),
+        }
+
+    return Task(
+        name="digits",
+        model=digits.MODEL_PATH,
+        calibration={"image": calib},
+        evaluation={"image": evaluation},
+        latency_feed={"image": evaluation[:64]},
+        latency_input="batch of 64 images 1x8x8",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("accuracy", "argmax = fp32"),
+        split=f"calibration: test images 0..{calibration - 1}; "
+        f"evaluation: images 128..449 ({len(evaluation)})",
+    )
+
+
+def minilm_output(session) -> str:
+    """The pooled sentence embedding: the float output of rank 2 (``[batch, 384]``)."""
+    for out in session.get_outputs():
+        if out.type == "tensor(float)" and len(out.shape) == 2:
+            return out.name
+    raise ValueError("no float [batch, dim] output: not the MiniLM sentence embedder")
+
+
+def minilm_task(calibration: int = MAX_CALIBRATION) -> Task:
+    from models.text import encode_batch, load_sentences
+
+    sentences = load_sentences()
+    arrays = encode_batch(sentences, max_length=64)  # padded to the longest sentence
+    calib = {k: v[:calibration] for k, v in arrays.items()}
+    evaluation = {k: v[128:] for k, v in arrays.items()}
+    count = len(sentences) - 128
+
+    def predict(session) -> np.ndarray:
+        return _run_batches(session, evaluation, minilm_output(session), 32)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        cosines = cosine_rows(reference, candidate)
+        return {
+            "cosine": float(cosines.mean()),
+            "min cosine": float(cosines.min()),
+            "rank corr": spearman(pairwise_cosines(reference), pairwise_cosines(candidate)),
+        }
+
+    return Task(
+        name="minilm",
+        model=fetch("minilm"),
+        calibration=calib,
+        evaluation=evaluation,
+        latency_feed={k: v[:1] for k, v in evaluation.items()},
+        latency_input=f"1 sentence, {arrays['input_ids'].shape[1]} tokens (padded)",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("cosine", "min cosine", "rank corr"),
+        split=f"{len(sentences)} sentences of models/text_sentences.txt, padded to "
+        f"{arrays['input_ids'].shape[1]} tokens; calibration: 0..{calibration - 1}; "
+        f"evaluation: 128..{len(sentences) - 1} ({count}, {count * (count - 1) // 2} pairs)",
+    )
+
+
+def rec_task(calibration: int = MAX_CALIBRATION, evaluation_lines: int = 200) -> Task:
+    from models import ocr
+
+    model = fetch("ppocr-rec")
+    characters = ocr.rec_characters(model)
+    calib, _ = ocr.rec_dataset(calibration, seed=0)
+    evaluation, truth = ocr.rec_dataset(evaluation_lines, seed=1)
+
+    def predict(session) -> list[str]:
+        probs = _run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 16)
+        return ocr.ctc_greedy_decode(probs, characters)
+
+    def fidelity(reference: list[str], candidate: list[str]) -> dict[str, float]:
+        pairs = list(zip(reference, candidate, strict=True))
+        return {
+            "= fp32 string": float(np.mean([r == c for r, c in pairs])),
+            "CER vs fp32": ocr.char_error_rate(reference, candidate),
+            "= truth": float(np.mean([t == c for t, c in zip(truth, candidate, strict=True)])),
+        }
+
+    return Task(
+        name="ppocr-rec",
+        model=model,
+        calibration={"x": calib},
+        evaluation={"x": evaluation},
+        latency_feed={"x": evaluation[:1]},
+        latency_input="1 line 3x48x320",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("= fp32 string", "CER vs fp32", "= truth"),
+        split=f"rendered lines (models.ocr, Pillow's font), 48x320; calibration: seed 0, "
+        f"{calibration} lines; evaluation: seed 1, {evaluation_lines} lines",
+    )
+
+
+def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> Task:
+    from models import ocr
+
+    calib, _ = ocr.det_dataset(calibration, DET_PAGE, seed=0)
+    evaluation, boxes = ocr.det_dataset(evaluation_pages, DET_PAGE, seed=1)
+    shape = evaluation.shape[2:]
+    truth = [ocr.box_mask(b, shape) for b in boxes]
+
+    def predict(session) -> np.ndarray:
+        probs = _run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 1)
+        return probs[:, 0] > ocr.DET_THRESHOLD
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        return {
+            "map IoU vs fp32": float(
+                np.mean([ocr.binary_iou(r, c) for r, c in zip(reference, candidate, strict=True)])
+            ),
+            "IoU vs boxes": float(
+                np.mean([ocr.binary_iou(t, c) for t, c in zip(truth, candidate, strict=True)])
+            ),
+        }
+
+    w, h = DET_PAGE
+    return Task(
+        name="ppocr-det",
+        model=fetch("ppocr-det"),
+        calibration={"x": calib},
+        evaluation={"x": evaluation},
+        latency_feed={"x": evaluation[:1]},
+        latency_input=f"1 page 3x{h}x{w}",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("map IoU vs fp32", "IoU vs boxes"),
+        split=f"rendered pages {w}x{h} (models.ocr); calibration: seed 0, {calibration} pages; "
+        f"evaluation: seed 1, {evaluation_pages} pages; maps thresholded at 0.3",
+    )
+
+
+def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False) -> Task:
+    """The task for ``name`` (one of ``MODELS``) with ``calibration`` calibration samples."""
+    if name == "digits":
+        return digits_task(calibration)
+    if name == "minilm":
+        return minilm_task(calibration)
+    if name == "ppocr-rec":
+        return rec_task(calibration, 50 if quick else 200)
+    if name == "ppocr-det":
+        return det_task(calibration, 10 if quick else 40)
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
