@@ -239,10 +239,7 @@ def _calibration_data(
     """Calibration inputs, checked against the model now and readable once per pass."""
     specs = data_mod.specs_from_model(model)
     if source is None:
-        logger.warning(
-            "NO CALIBRATION DATA: data-aware passes will calibrate on random inputs, and their "
-            "ranges say nothing about real data; give --calibration FILE (or --data)"
-        )
+        return data_mod.synthetic(specs)
     return data_mod.replayable(data_mod.prepare(specs, source), stack)
 
 
@@ -254,6 +251,12 @@ def _collect(
     provider: str,
     progress: collect_mod.Progress | None,
 ):
+    if dataset.synthetic:
+        logger.warning(
+            "NO CALIBRATION DATA: calibrating on random inputs (%s); the statistics say nothing "
+            "about real data: give --calibration FILE (or --data)",
+            dataset.description,
+        )
     return collect_mod.collect(model, requests, dataset, provider=provider, progress=progress)
 
 

@@ -262,5 +262,6 @@ def pass_list_tables(pass_classes: Iterable[type]) -> list[Table]:
 
 
 def print_all(console: Console, renderables: Iterable[object]) -> None:
+    # soft_wrap: a line of text (a --set hint to copy) is never broken by inserted newlines.
     for item in renderables:
-        console.print(item)
+        console.print(item, soft_wrap=isinstance(item, (str, Text)))

@@ -248,11 +248,14 @@ def run(
 
 
 def _collect(pass_: DataAwarePass, model: ir.Model, collect: Collector | None) -> Statistics:
+    requests = list(pass_.requests(model))
+    if not requests:  # a data-aware pass in a data-free mode (magnitude pruning, plain SVD)
+        return Statistics(results={}, samples=0, source="none needed")
     if collect is None:
         raise PassFailedError(
             f"pass '{describe(pass_)}' needs calibration data, and this pipeline has none"
         )
-    return collect(model, list(pass_.requests(model)))
+    return collect(model, requests)
 
 
 def _run_one(

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.fp16 import Float16Pass
+from onnx_shrink.passes.prune_channels import PruneChannelsPass
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
@@ -19,6 +20,7 @@ PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (
     QuantDynamicPass,
     WeightOnlyQuantPass,
     Float16Pass,
+    PruneChannelsPass,
 )
 
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {cls.name: cls for cls in PASS_CLASSES}

@@ -89,28 +89,6 @@ class Relation:
     source: bool = False
 
 
-@dataclasses.dataclass
-class Group:
-    """One set of channels that shrink together, or a declined candidate with its reason."""
-
-    root: ir.Node
-    channels: int
-    keys: set[Key] = dataclasses.field(default_factory=set)
-    params: set[ParamSlice] = dataclasses.field(default_factory=set)
-    edits: set[Edit] = dataclasses.field(default_factory=set)
-    sources: list[ir.Node] = dataclasses.field(default_factory=list)
-    reason: str | None = None
-
-    @property
-    def weighted_nodes(self) -> set[ir.Node]:
-        """Conv/Gemm/MatMul nodes whose weight this group slices (coverage)."""
-        return {p.node for p in self.params if p.node.op_type in SOURCE_OPS and p.index == 1}
-
-    @property
-    def label(self) -> str:
-        return self.root.name or self.root.op_type
-
-
 class Context:
     """Shapes (inferred on a clone) and constants of the model being analysed."""
 

@@ -310,9 +310,10 @@ class PrunePass(DataAwarePass):
         rows = layer.rows(original.astype(np.float64))
         method, scale = self.method, None
         if method == "wanda":
-            scale = _activation_scale(layer, stats, original.shape)
+            main = layer.in_main_graph(model)
+            scale = _activation_scale(layer, stats, original.shape) if main else None
             if scale is None:
-                where = "in a subgraph" if not layer.in_main_graph(model) else "no statistics"
+                where = "no statistics" if main else "in a subgraph"
                 logger.info("prune: %s: %s, magnitude instead of wanda", layer.name, where)
                 method = "magnitude"
         scores = np.abs(rows) if scale is None else np.abs(rows) * scale

@@ -33,8 +33,9 @@ from onnx_shrink.passes.channel_groups import (
     SOURCE_OPS,
     Context,
     Decline,
-    Group,
+    Edit,
     Key,
+    ParamSlice,
     Relation,
     Restart,
     constant,
@@ -43,6 +44,28 @@ from onnx_shrink.passes.channel_groups import (
 logger = logging.getLogger(__name__)
 
 Criterion = Literal["l1", "l2", "activation"]
+
+
+@dataclasses.dataclass
+class Group:
+    """One set of channels that shrink together, or a declined candidate with its reason."""
+
+    root: ir.Node
+    channels: int
+    keys: set[Key] = dataclasses.field(default_factory=set)
+    params: set[ParamSlice] = dataclasses.field(default_factory=set)
+    edits: set[Edit] = dataclasses.field(default_factory=set)
+    sources: list[ir.Node] = dataclasses.field(default_factory=list)
+    reason: str | None = None
+
+    @property
+    def weighted_nodes(self) -> set[ir.Node]:
+        """Conv/Gemm/MatMul nodes whose weight this group slices (coverage)."""
+        return {p.node for p in self.params if p.node.op_type in SOURCE_OPS and p.index == 1}
+
+    @property
+    def label(self) -> str:
+        return self.root.name or self.root.op_type
 
 
 @dataclasses.dataclass(frozen=True)
@@ -181,6 +204,8 @@ def analyse(
             continue
         if not node.outputs or node.outputs[0] is None or node.outputs[0] in claimed:
             continue
+        if len(node.inputs) < 2 or constant(node.inputs[1]) is None:
+            continue  # not a producer of its own channels
         group = _grow(ctx, table, node)
         if group is None:
             continue
@@ -216,7 +241,7 @@ def _grow(ctx: Context, table: dict[str, Callable], root: ir.Node) -> Group | No
             continue
         except Decline as decline:
             group.reason = str(decline)
-        if not group.sources:  # the root's output is not a channel axis it produces
+        if not group.sources and group.reason is None:  # e.g. a batched MatMul's rows
             return None
         return group
 

@@ -1,0 +1,216 @@
+"""prune-channels: each grouping rule against a model built directly at the pruned size."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
+from onnx_shrink.passes.prune_channels import PruneChannelsPass, analyse
+from tests.helpers import run_ort
+
+RNG = np.random.default_rng(0)
+
+
+def _w(*shape: int) -> np.ndarray:
+    return RNG.standard_normal(shape).astype(np.float32)
+
+
+def _model(nodes, weights: dict[str, np.ndarray], x: list, rank: int = 4) -> onnx.ModelProto:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, x)],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [None] * rank)],
+        [numpy_helper.from_array(v, k) for k, v in weights.items()],
+    )
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+
+
+def _prune(proto: onnx.ModelProto, **options) -> bytes:
+    model = io.load(proto)
+    result = PruneChannelsPass(ratio=0.5, round_to=1, **options)(model)
+    assert result.modified
+    return io.to_bytes(result.model)
+
+
+def _keep(scores: np.ndarray) -> np.ndarray:
+    return np.sort(np.argsort(scores, kind="stable")[len(scores) // 2 :])
+
+
+def _rows(w: np.ndarray, axis: int = 0) -> np.ndarray:
+    """Squared L2 norm of each slice of ``w`` along ``axis``."""
+    return (np.moveaxis(w, axis, 0).reshape(w.shape[axis], -1).astype(np.float64) ** 2).sum(1)
+
+
+def _assert_same(pruned: bytes, direct: onnx.ModelProto, feed: dict[str, np.ndarray]) -> None:
+    got, want = run_ort(pruned, feed)[0], run_ort(direct.SerializeToString(), feed)[0]
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def _conv(x: str, w: str, y: str, b: str | None = None, **attrs) -> onnx.NodeProto:
+    return helper.make_node("Conv", [x, w] + ([b] if b else []), [y], name=f"conv_{y}", **attrs)
+
+
+def residual(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    nodes = [
+        _conv("x", "w1", "c1", "b1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["c1"], ["a"]),
+        _conv("a", "w2", "c2"),
+        helper.make_node("Add", ["c2", "a"], ["s"]),
+        helper.make_node("Mul", ["s", "scale"], ["m"]),
+        helper.make_node("Relu", ["m"], ["r"]),
+        _conv("r", "w3", "y"),
+    ]
+    return _model(nodes, w, [2, 4, 6, 6])
+
+
+def test_residual_add_prunes_both_branches_as_one_group():
+    w = {"w1": _w(8, 4, 3, 3), "b1": _w(8), "w2": _w(8, 8, 1, 1), "w3": _w(2, 8, 1, 1)}
+    w["scale"] = _w(1, 8, 1, 1)
+    keep = _keep(np.sqrt(_rows(w["w1"]) + _rows(w["w2"])))
+    direct = {
+        "w1": w["w1"][keep],
+        "b1": w["b1"][keep],
+        "w2": w["w2"][keep][:, keep],
+        "w3": w["w3"][:, keep],
+        "scale": w["scale"][:, keep],
+    }
+    feed = {"x": _w(2, 4, 6, 6)}
+    _assert_same(_prune(residual(w)), residual(direct), feed)
+
+
+def concat(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    nodes = [
+        _conv("x", "wa", "a"),
+        _conv("x", "wb", "b"),
+        helper.make_node("Concat", ["a", "b"], ["c"], axis=1),
+        helper.make_node("Sigmoid", ["c"], ["s"]),
+        _conv("s", "wc", "y"),
+    ]
+    return _model(nodes, w, [1, 3, 5, 5])
+
+
+def test_concat_prunes_each_input_at_its_offset():
+    w = {"wa": _w(4, 3, 1, 1), "wb": _w(6, 3, 1, 1), "wc": _w(2, 10, 1, 1)}
+    ka, kb = _keep(_rows(w["wa"])), _keep(_rows(w["wb"]))
+    direct = {"wa": w["wa"][ka], "wb": w["wb"][kb], "wc": w["wc"][:, np.r_[ka, 4 + kb]]}
+    _assert_same(_prune(concat(w)), concat(direct), {"x": _w(1, 3, 5, 5)})
+
+
+def depthwise(w: dict[str, np.ndarray]) -> onnx.ModelProto:
+    channels = w["w1"].shape[0]
+    bn = ["bn_s", "bn_b", "bn_m", "bn_v"]
+    nodes = [
+        _conv("x", "w1", "c1"),
+        helper.make_node("BatchNormalization", ["c1", *bn], ["n"]),
+        helper.make_node("Clip", ["n", "lo", "hi"], ["r"]),
+        _conv("r", "wd", "d", "bd", group=channels, pads=[1, 1, 1, 1]),
+        helper.make_node("GlobalAveragePool", ["d"], ["p"]),
+        helper.make_node("Flatten", ["p"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1),
+    ]
+    return _model(nodes, w, [2, 4, 7, 7], rank=2)
+
+
+def test_depthwise_conv_and_batchnorm_follow_the_producer():
+    w = {"w1": _w(8, 4, 1, 1), "bn_s": _w(8), "bn_b": _w(8), "bn_m": _w(8)}
+    w |= {"bn_v": np.abs(_w(8)) + 0.5, "wd": _w(8, 1, 3, 3), "bd": _w(8)}
+    w |= {"wg": _w(3, 8), "bg": _w(3), "lo": np.float32(0), "hi": np.float32(6)}
+    keep = _keep(_rows(w["w1"]))
+    direct = {k: (v[keep] if v.ndim and v.shape[0] == 8 else v) for k, v in w.items()}
+    direct["wg"] = w["wg"][:, keep]
+    _assert_same(_prune(depthwise(w)), depthwise(direct), {"x": _w(2, 4, 7, 7)})
+
+
+def attention(w: dict[str, np.ndarray], heads: int, head_dim: int = 4) -> onnx.ModelProto:
+    w = w | {
+        "split": np.array([0, 0, heads, head_dim], np.int64),
+        "merge": np.array([0, 0, heads * head_dim], np.int64),
+        "scale": np.array(np.sqrt(head_dim), np.float32),
+    }
+    nodes = []
+    for name, perm in (("q", [0, 2, 1, 3]), ("k", [0, 2, 3, 1]), ("v", [0, 2, 1, 3])):
+        nodes += [
+            helper.make_node("MatMul", ["x", f"w{name}"], [f"{name}0"]),
+            helper.make_node("Add", [f"{name}0", f"b{name}"], [f"{name}1"]),
+            helper.make_node("Reshape", [f"{name}1", "split"], [f"{name}2"]),
+            helper.make_node("Transpose", [f"{name}2"], [name], perm=perm),
+        ]
+    nodes += [
+        helper.make_node("MatMul", ["q", "k"], ["qk"]),
+        helper.make_node("Div", ["qk", "scale"], ["qs"]),
+        helper.make_node("Softmax", ["qs"], ["p"], axis=-1),
+        helper.make_node("MatMul", ["p", "v"], ["ctx"]),
+        helper.make_node("Transpose", ["ctx"], ["ct"], perm=[0, 2, 1, 3]),
+        helper.make_node("Reshape", ["ct", "merge"], ["cm"]),
+        helper.make_node("MatMul", ["cm", "wo"], ["y"]),
+    ]
+    return _model(nodes, w, ["batch", "seq", 16], rank=3)
+
+
+def test_attention_prunes_whole_heads_through_reshape_and_transpose():
+    w = {f"w{n}": _w(16, 16) for n in "qkvo"} | {f"b{n}": _w(16) for n in "qkv"}
+    per_head = sum(_rows(w[f"w{n}"], 1) for n in "qkv").reshape(4, 4).sum(1)
+    heads = _keep(np.sqrt(per_head))
+    cols = (heads[:, None] * 4 + np.arange(4)).ravel()
+    direct = {k: (v[..., cols] if k != "wo" else v[cols]) for k, v in w.items()}
+    feed = {"x": _w(2, 5, 16)}
+    _assert_same(_prune(attention(w, 4)), attention(direct, 2), feed)
+
+
+def test_heads_off_declines_the_attention_group():
+    w = {f"w{n}": _w(16, 16) for n in "qkvo"} | {f"b{n}": _w(16) for n in "qkv"}
+    groups = analyse(io.load(attention(w, 4)), heads=False)
+    assert [g.reason for g in groups if "heads" in (g.reason or "")]
+    assert all(g.reason for g in groups)
+
+
+def test_group_reaching_a_graph_output_or_shape_is_declined():
+    w = {"w1": _w(8, 4, 1, 1), "w2": _w(8, 8, 1, 1)}
+    nodes = [
+        _conv("x", "w1", "a"),
+        helper.make_node("Shape", ["a"], ["shape"]),
+        _conv("a", "w2", "y"),
+    ]
+    proto = _model(nodes, w, [1, 4, 3, 3])
+    proto.graph.output[0].CopyFrom(helper.make_tensor_value_info("y", 1, [1, 8, 3, 3]))
+    proto.graph.output.append(helper.make_tensor_value_info("shape", TensorProto.INT64, [4]))
+    reasons = sorted(g.reason or "" for g in analyse(io.load(proto)))
+    assert "Shape consumer" in reasons[0] and "graph output" in reasons[1]
+    result = PruneChannelsPass(ratio=0.5, round_to=1)(io.load(proto))
+    assert not result.modified
+
+
+def test_round_to_keeps_a_multiple_of_eight_channels():
+    w = {"w1": _w(32, 4, 1, 1), "w2": _w(2, 32, 1, 1)}
+    proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
+    model = PruneChannelsPass(ratio=0.3)(io.load(proto)).model
+    assert model.graph.initializers["w1"].const_value.shape[0] == 24  # 22.4 -> 24
+
+
+def test_activation_criterion_keeps_the_loudest_channels():
+    w = {"w1": _w(8, 4, 1, 1), "w2": _w(2, 8, 1, 1)}
+    proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
+    pass_ = PruneChannelsPass(ratio=0.5, round_to=1, criterion="activation")
+    model = io.load(proto)
+    (request,) = pass_.requests(model)
+    assert request == StatRequest("a", "channel_sqnorm", axis=1)
+    loud = np.array([0, 9, 1, 8, 2, 7, 3, 6], np.float64)
+    stats = Statistics({request: ChannelValues(loud, 10)}, samples=1, source="test")
+    result = pass_.bind(stats)(model)
+    kept = result.model.graph.initializers["w1"].const_value.numpy()
+    np.testing.assert_array_equal(kept, w["w1"][[1, 3, 5, 7]])
+
+
+@pytest.mark.parametrize("ratio", [0.0, 0.3])
+def test_builders_keep_running_after_pruning(ratio):
+    from models import builders
+
+    for build in builders.BUILDERS.values():
+        model = io.load(build())
+        pruned = PruneChannelsPass(ratio=ratio)(model).model
+        onnx.checker.check_model(io.serialize_proto(pruned), full_check=True)
