@@ -20,6 +20,8 @@ from onnx_shrink.errors import (  # noqa: E402
 )
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
 from onnx_shrink.passes.fp16 import Float16Pass  # noqa: E402
+from onnx_shrink.passes.prune import PrunePass  # noqa: E402
+from onnx_shrink.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass  # noqa: E402
 from onnx_shrink.passes.quant.static import QuantPass  # noqa: E402
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass  # noqa: E402
@@ -34,6 +36,8 @@ __all__ = [
     "FoldPass",
     "PassFailedError",
     "PipelineSpecError",
+    "PruneChannelsPass",
+    "PrunePass",
     "QuantDynamicPass",
     "QuantPass",
     "ShrinkError",

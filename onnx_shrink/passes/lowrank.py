@@ -193,13 +193,9 @@ class LowRankPass(DataAwarePass):
         if unknown:
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")
 
-    @property
-    def _needs_data(self) -> bool:
-        return self.activation_aware or self.refit
-
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         _lift_constant_weights(model)
-        if not self._needs_data:
+        if not (self.activation_aware or self.refit):
             return []
         found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
         return list(dict.fromkeys(r for r in found if r is not None))
@@ -274,14 +270,14 @@ class LowRankPass(DataAwarePass):
 
     def _layer(self, node: ir.Node, stats: Statistics) -> _Layer:
         weight = _weight_matrix(node)
-        request = self._stat_request(node) if self._needs_data else None
+        request = self._stat_request(node) if (self.activation_aware or self.refit) else None
         stat = stats.get(request.tensor, request.kind, axis=request.axis) if request else None
         gram = None
         if isinstance(stat, Gram) and stat.matrix.shape == (weight.shape[0],) * 2:
             gram = stat.matrix
         elif isinstance(stat, ChannelValues) and stat.values.shape == (weight.shape[0],):
             gram = np.diag(stat.values)
-        if self._needs_data and gram is None:
+        if (self.activation_aware or self.refit) and gram is None:
             logger.warning("lowrank: no input statistics for %s; plain SVD", node.name)
         white = whitener(gram, self.damping) if gram is not None and self.activation_aware else None
         rows = stat.rows / max(stats.samples, 1) if stat is not None else _static_rows(node)

@@ -1,0 +1,401 @@
+"""The ``prune`` pass and ``reconstruct.refit``: sparsity reached exactly, N:M patterns, numerics
+against numpy, real savings on disk, data requests, and fidelity on MiniLM and digits."""
+
+from __future__ import annotations
+
+import logging
+import zlib
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from onnx import TensorProto, helper, numpy_helper
+
+from models import builders, digits
+from onnx_shrink import shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import reconstruct
+from onnx_shrink.passes.prune import PrunePass, magnitude_keep, nm_keep, sparse_break_even
+from tests.helpers import run_ort
+
+
+def _out(name: str, rank: int) -> onnx.ValueInfoProto:
+    return helper.make_tensor_value_info(
+        name, TensorProto.FLOAT, [f"{name}{i}" for i in range(rank)]
+    )
+
+
+def _model(nodes, inputs, outputs, weights, opset: int = 17, ir_version: int = 8) -> ir.Model:
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info(n, TensorProto.FLOAT, s) for n, s in inputs],
+        [_out(n, rank) for n, rank in outputs],
+        [numpy_helper.from_array(w, name) for name, w in weights.items()],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", opset)])
+    proto.ir_version = ir_version
+    return io.load(proto)
+
+
+def _matmul(w: np.ndarray) -> ir.Model:
+    node = helper.make_node("MatMul", ["x", "w"], ["y"], name="mm")
+    return _model([node], [("x", ["b", w.shape[0]])], [("y", 2)], {"w": w})
+
+
+def _conv(w: np.ndarray, group: int = 1) -> ir.Model:
+    node = helper.make_node("Conv", ["x", "w"], ["y"], name="conv", group=group, pads=[1, 1, 1, 1])
+    return _model([node], [("x", [1, w.shape[1] * group, 5, 5])], [("y", 4)], {"w": w})
+
+
+def _weight(model: ir.Model, name: str = "w") -> np.ndarray:
+    return model.graph.initializers[name].const_value.numpy()
+
+
+def _stats(entries: dict[StatRequest, object]) -> Statistics:
+    return Statistics(results=entries, samples=1, source="test")
+
+
+# ---- masks and target sparsity -------------------------------------------------------------
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    st.lists(st.integers(-3, 3), min_size=1, max_size=200),
+    st.floats(0.0, 1.0),
+)
+def test_magnitude_zeroes_exactly_the_target_count_with_ties(values, sparsity):
+    scores = np.abs(np.asarray(values, np.float64))
+    keep = magnitude_keep(scores, sparsity)
+    assert (~keep).sum() == round(sparsity * scores.size)
+    # Every dropped score is <= every kept one: ties are split, never over- or under-pruned.
+    if keep.any() and (~keep).any():
+        assert scores[~keep].max() <= scores[keep].min()
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 6), st.integers(1, 8), st.floats(0.0, 1.0), st.integers(0, 2**31))
+def test_prune_reaches_its_sparsity_on_every_layer(k_groups, n, sparsity, seed):
+    rng = np.random.default_rng(seed)
+    w1 = rng.integers(-2, 3, size=(k_groups * 4, n)).astype(np.float32)  # many ties and zeros
+    w2 = rng.normal(size=(n, 3)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "w2"], ["y"], name="b"),
+    ]
+    model = _model(nodes, [("x", [1, k_groups * 4])], [("y", 2)], {"w1": w1, "w2": w2})
+    PrunePass(sparsity=sparsity, min_elements=0)(model)
+    for name, original in (("w1", w1), ("w2", w2)):
+        zeros = int((_weight(model, name) == 0).sum())
+        assert zeros == max(round(sparsity * original.size), int((original == 0).sum()))
+        kept = _weight(model, name) != 0
+        np.testing.assert_array_equal(_weight(model, name)[kept], original[kept])
+
+
+@settings(max_examples=25, deadline=None)
+@given(st.integers(1, 4), st.integers(1, 5), st.sampled_from([(1, 4), (2, 4), (2, 8), (3, 4)]))
+def test_nm_keeps_at_most_n_of_every_m_along_the_reduction_axis(groups, width, nm):
+    n, m = nm
+    rng = np.random.default_rng(groups * 31 + width)
+    w = rng.normal(size=(groups * m, width)).astype(np.float32)
+    model = _matmul(w)
+    PrunePass(nm=f"{n}:{m}", min_elements=0)(model)
+    per_group = (_weight(model).reshape(groups, m, width) != 0).sum(axis=1)
+    assert per_group.max() <= n and (per_group == n).all()  # distinct values: exactly n
+
+
+def test_nm_on_conv_groups_input_channels_at_each_kernel_position():
+    w = np.random.default_rng(0).normal(size=(6, 8, 3, 3)).astype(np.float32)
+    model = _conv(w)
+    PrunePass(nm="2:4", min_elements=0)(model)
+    nonzero = _weight(model).reshape(6, 2, 4, 3, 3) != 0  # [M, C/4, 4, kh, kw]
+    assert (nonzero.sum(axis=2) == 2).all()
+
+
+def test_nm_skips_a_layer_whose_reduction_length_is_not_a_multiple_of_m(caplog):
+    w = np.ones((6, 4), np.float32)
+    model = _matmul(w)
+    with caplog.at_level(logging.INFO):
+        assert not PrunePass(nm="2:4", min_elements=0)(model).modified
+    assert "not a multiple of 4" in caplog.text
+
+
+# ---- numerics against numpy ----------------------------------------------------------------
+
+
+def _numpy_magnitude(w: np.ndarray, sparsity: float) -> np.ndarray:
+    threshold = np.sort(np.abs(w).ravel())[round(sparsity * w.size) - 1]
+    return np.where(np.abs(w) > threshold, w, 0).astype(w.dtype)
+
+
+def test_pruned_matmul_gemm_and_conv_compute_with_the_numpy_pruned_weights():
+    rng = np.random.default_rng(1)
+    x = rng.normal(size=(3, 16)).astype(np.float32)
+    w = rng.normal(size=(16, 8)).astype(np.float32)
+    model = _matmul(w)
+    PrunePass(min_elements=0)(model)
+    (y,) = run_ort(io.to_bytes(model), {"x": x})
+    np.testing.assert_allclose(y, x @ _numpy_magnitude(w, 0.5), rtol=1e-5, atol=1e-5)
+
+    bt = rng.normal(size=(8, 16)).astype(np.float32)  # Gemm transB=1: [N, K]
+    gemm = helper.make_node("Gemm", ["x", "b"], ["y"], name="gemm", transB=1)
+    model = _model([gemm], [("x", ["n", 16])], [("y", 2)], {"b": bt})
+    PrunePass(min_elements=0, sparsity=0.75)(model)
+    (y,) = run_ort(io.to_bytes(model), {"x": x})
+    np.testing.assert_allclose(y, x @ _numpy_magnitude(bt, 0.75).T, rtol=1e-5, atol=1e-5)
+
+    wc = rng.normal(size=(4, 2, 3, 3)).astype(np.float32)
+    xc = rng.normal(size=(1, 2, 5, 5)).astype(np.float32)
+    model = _conv(wc)
+    PrunePass(min_elements=0)(model)
+    expected = _numpy_magnitude(wc, 0.5)
+    np.testing.assert_array_equal(_weight(model), expected)
+    (y,) = run_ort(io.to_bytes(model), {"x": xc})
+    np.testing.assert_allclose(y, _conv_numpy(xc, expected), rtol=1e-4, atol=1e-5)
+
+
+def _conv_numpy(x: np.ndarray, w: np.ndarray) -> np.ndarray:
+    """Stride-1 Conv with one pixel of zero padding."""
+    padded = np.pad(x, ((0, 0), (0, 0), (1, 1), (1, 1)))
+    out = np.zeros((x.shape[0], w.shape[0], x.shape[2], x.shape[3]), np.float64)
+    for i in range(w.shape[2]):
+        for j in range(w.shape[3]):
+            patch = padded[:, :, i : i + x.shape[2], j : j + x.shape[3]]
+            out += np.einsum("bchw,mc->bmhw", patch, w[:, :, i, j])
+    return out
+
+
+def test_wanda_keeps_weights_of_a_loud_input_channel():
+    w = np.full((8, 4), 1.0, np.float32)
+    w[0] = 0.1  # small weights on channel 0, whose activations are 100x louder
+    model = _matmul(w)
+    pass_ = PrunePass(method="wanda", min_elements=0, reconstruct="off")
+    assert pass_.requests(model) == [StatRequest("x", "channel_sqnorm", axis=-1)]
+    norms = np.ones(8)
+    norms[0] = 1e4
+    pass_.bind(_stats({StatRequest("x", "channel_sqnorm", -1): ChannelValues(norms, 10)}))(model)
+    assert (_weight(model)[0] != 0).all()
+    assert (_weight(model) == 0).sum(axis=0).tolist() == [4, 4, 4, 4]  # half of each output
+
+
+# ---- what gets pruned ----------------------------------------------------------------------
+
+
+def test_data_free_methods_ask_for_no_data_and_refit_asks_for_the_gram():
+    model = _matmul(np.ones((8, 4), np.float32))
+    assert PrunePass(min_elements=0).requests(model) == []
+    assert PrunePass(nm="2:4", min_elements=0).requests(model) == []
+    assert PrunePass(min_elements=0, reconstruct="on").requests(model) == [StatRequest("x", "gram")]
+
+
+def test_prune_shrinks_a_shared_weight_once_and_sums_its_statistics():
+    w = np.random.default_rng(2).normal(size=(8, 8)).astype(np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="a"),
+        helper.make_node("MatMul", ["h", "w"], ["y"], name="b"),
+    ]
+    model = _model(nodes, [("x", [1, 8])], [("y", 2)], {"w": w})
+    pass_ = PrunePass(min_elements=0, method="wanda")
+    assert {r.tensor for r in pass_.requests(model)} == {"x", "h"}
+    grams = {StatRequest(t, "gram"): Gram(np.eye(8), 4) for t in ("x", "h")}
+    norms = {StatRequest(t, "channel_sqnorm", -1): ChannelValues(np.ones(8), 4) for t in "xh"}
+    pass_.bind(_stats({**grams, **norms}))(model)
+    assert len(model.graph.initializers) == 1
+    assert (_weight(model) == 0).sum() == 32
+
+
+def test_prune_keeps_a_weight_another_op_also_reads():
+    w = np.ones((4, 4), np.float32)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w"], ["h"], name="mm"),
+        helper.make_node("Add", ["h", "w"], ["y"], name="add"),
+    ]
+    model = _model(nodes, [("x", [4, 4])], [("y", 2)], {"w": w})
+    assert not PrunePass(min_elements=0)(model).modified
+
+
+def test_prune_honours_exclusions_and_min_elements():
+    rng = np.random.default_rng(3)
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"], name="encoder/q"),
+        helper.make_node("Gemm", ["h", "w2"], ["y"], name="head"),
+    ]
+    weights = {"w1": rng.normal(size=(8, 8)), "w2": rng.normal(size=(8, 40))}
+    weights = {k: v.astype(np.float32) for k, v in weights.items()}
+
+    def zeros(**options) -> tuple[int, int]:
+        model = _model(nodes, [("x", [1, 8])], [("y", 2)], weights)
+        PrunePass(**options)(model)
+        return int((_weight(model, "w1") == 0).sum()), int((_weight(model, "w2") == 0).sum())
+
+    assert zeros(min_elements=0) == (32, 160)
+    assert zeros(min_elements=100) == (0, 160)
+    assert zeros(min_elements=0, exclude=("encoder/.*",)) == (0, 160)
+    assert zeros(min_elements=0, exclude=("w2",)) == (32, 0)
+    assert zeros(min_elements=0, exclude_op_types=("Gemm",)) == (32, 0)
+
+
+def test_prune_lifts_constant_weights_and_prunes_if_bodies(caplog):
+    w = np.random.default_rng(4).normal(size=(8, 8)).astype(np.float32)
+    const = helper.make_node("Constant", [], ["wc"], value=numpy_helper.from_array(w, "wc"))
+    body = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "wb"], ["yb"], name="body_mm")],
+        "body",
+        [],
+        [_out("yb", 2)],
+        [numpy_helper.from_array(w, "wb")],
+    )
+    nodes = [
+        const,
+        helper.make_node("MatMul", ["x", "wc"], ["h"], name="mm"),
+        helper.make_node("If", ["cond"], ["y"], name="if", then_branch=body, else_branch=body),
+    ]
+    proto = helper.make_model(
+        helper.make_graph(
+            nodes,
+            "g",
+            [
+                helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+                helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+            ],
+            [_out(n, 2) for n in ("h", "y")],
+        ),
+        opset_imports=[helper.make_opsetid("", 17)],
+    )
+    proto.ir_version = 8
+    model = io.load(proto)
+    pass_ = PrunePass(min_elements=0, method="wanda", reconstruct="off")
+    requests = pass_.requests(model)
+    assert {r.tensor for r in requests} == {"x"}  # the body layer gets no statistics
+    with caplog.at_level(logging.INFO):
+        stats = _stats({requests[0]: ChannelValues(np.ones(8), 1)})
+        pass_.bind(stats)(model)
+    assert "in a subgraph, magnitude instead of wanda" in caplog.text
+    assert (model.graph.initializers["wc"].const_value.numpy() == 0).sum() == 32
+    for graph in model.graphs():
+        for value in graph.initializers.values():
+            assert (value.const_value.numpy() == 0).sum() == 32, value.name
+    feed = {"x": np.ones((1, 8), np.float32), "cond": np.array(True)}
+    run_ort(io.to_bytes(model), feed)
+
+
+@pytest.mark.parametrize(
+    "options",
+    [
+        {"nm": "4:4"},
+        {"nm": "2-4"},
+        {"nm": "2:4", "scope": "global"},
+        {"scope": "global", "method": "wanda"},
+    ],
+)
+def test_prune_rejects_inconsistent_options(options):
+    with pytest.raises(ValueError):
+        PrunePass(**options)
+
+
+# ---- savings that are real -----------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "proto",
+    [builders.build_cnn(), builders.build_transformer_block(), onnx.load(digits.MODEL_PATH)],
+    ids=["cnn", "transformer", "digits"],
+)
+@pytest.mark.parametrize("options", [{"sparsity": 0.5}, {"nm": "2:4"}], ids=["50%", "2:4"])
+def test_pruned_file_is_never_larger_and_smaller_zipped(proto, options, tmp_path: Path):
+    """Against the input saved by the same writer: ``io.save`` stamps the producer name, which
+    alone can move a file by a few bytes either way; the pass itself must not add any."""
+    source = tmp_path / "in.onnx"
+    source.write_bytes(proto.SerializeToString())
+    model = io.load(source)
+    unpruned = io.save(io.load(source), tmp_path / "resaved.onnx").path.read_bytes()
+    before = io.serialized_bytes(model)
+    PrunePass(**options)(model)
+    assert io.serialized_bytes(model) <= before
+    pruned = io.save(model, tmp_path / "out.onnx").path.read_bytes()
+    assert len(pruned) <= len(unpruned)
+    assert len(zlib.compress(pruned)) < 0.95 * len(zlib.compress(unpruned))
+
+
+def test_sparse_storage_breaks_even_at_two_thirds_for_float32():
+    assert sparse_break_even(4) == pytest.approx(2 / 3)
+    assert sparse_break_even(2) == pytest.approx(0.8)
+
+
+# ---- least-squares refit -------------------------------------------------------------------
+
+
+def test_refit_is_the_least_squares_solution_per_output():
+    rng = np.random.default_rng(5)
+    x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))  # correlated inputs
+    rows = rng.normal(size=(5, 12))
+    keep = nm_keep(np.abs(rows), 2, 4)
+    gram = x.T @ x
+    refit = reconstruct.refit(rows, keep, gram, ridge=0.0)
+    for j in range(5):
+        s = keep[j]
+        expected, *_ = np.linalg.lstsq(x[:, s], x @ rows[j], rcond=None)
+        np.testing.assert_allclose(refit[j, s], expected, rtol=1e-5, atol=1e-6)
+        assert (refit[j, ~s] == 0).all()
+    pruned = np.where(keep, rows, 0)
+    assert reconstruct.output_error(rows, refit, gram) < reconstruct.output_error(
+        rows, pruned, gram
+    )
+
+
+# ---- real models ---------------------------------------------------------------------------
+
+
+def _minilm_embeddings(model: bytes | Path, data: Path) -> np.ndarray:
+    feed = dict(np.load(data))
+    outputs = run_ort(model, feed)
+    return next(o for o in outputs if o.dtype == np.float32 and o.ndim == 2)
+
+
+def _cosine(a: np.ndarray, b: np.ndarray) -> float:
+    dots = np.einsum("ij,ij->i", a, b)
+    return float(np.mean(dots / (np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1))))
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_wanda_and_refit_beat_magnitude_on_minilm(tmp_path: Path):
+    from models.fetch import fetch
+    from models.text import minilm_dataset
+
+    minilm = fetch("minilm")
+    calibration = minilm_dataset(tmp_path / "calib.npz", n=64)
+    evaluation = minilm_dataset(tmp_path / "eval.npz", n=200)
+    reference = _minilm_embeddings(minilm, evaluation)
+
+    def cosine(pass_: PrunePass) -> float:
+        result = shrink(minilm, [pass_], check=False, calibration=calibration)
+        return _cosine(reference, _minilm_embeddings(io.to_bytes(result.model), evaluation))
+
+    magnitude = cosine(PrunePass())
+    wanda = cosine(PrunePass(method="wanda", reconstruct="off"))
+    refit = cosine(PrunePass(method="wanda", reconstruct="on"))
+    assert magnitude < wanda < refit, (magnitude, wanda, refit)
+
+
+def test_refit_lowers_the_digits_output_error(tmp_path: Path):
+    with np.load(digits.TEST_DATA_PATH) as data:
+        images = data["image"].astype(np.float32)
+    calibration = tmp_path / "calib.npz"
+    np.savez(calibration, image=images[:128])
+    evaluation = {"image": images[128:]}
+    (reference,) = run_ort(digits.MODEL_PATH, evaluation)
+
+    def error(reconstruct_: str) -> float:
+        # Only MatMul/Gemm are refit (no im2col Gram for Conv): prune the Gemm head alone.
+        pass_ = PrunePass(sparsity=0.8, reconstruct=reconstruct_, exclude_op_types=("Conv",))
+        result = shrink(digits.MODEL_PATH, [pass_], check=False, calibration=calibration)
+        (logits,) = run_ort(io.to_bytes(result.model), evaluation)
+        return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
+
+    assert error("on") < 0.5 * error("off")
