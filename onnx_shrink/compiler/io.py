@@ -21,6 +21,7 @@ import logging
 import os
 import shutil
 import tempfile
+import zlib
 from pathlib import Path
 
 import google.protobuf.message
@@ -388,6 +389,17 @@ def model_files(path: str | os.PathLike) -> list[Path]:
         }
     )
     return [path, *(path.parent / loc for loc in locations if (path.parent / loc).is_file())]
+
+
+def zipped_bytes(paths: list[Path], level: int = 1) -> int:
+    """Size of the files' contents compressed as one zlib stream (read in 4 MiB chunks)."""
+    compressor = zlib.compressobj(level)
+    total = 0
+    for path in paths:
+        with open(path, "rb") as handle:
+            while chunk := handle.read(1 << 22):
+                total += len(compressor.compress(chunk))
+    return total + len(compressor.flush())
 
 
 def file_bytes(path: str | os.PathLike) -> int:
