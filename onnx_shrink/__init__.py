@@ -20,6 +20,7 @@ from onnx_shrink.errors import (  # noqa: E402
 )
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
 from onnx_shrink.passes.fp16 import Float16Pass  # noqa: E402
+from onnx_shrink.passes.lowrank import LowRankPass  # noqa: E402
 from onnx_shrink.passes.prune import PrunePass  # noqa: E402
 from onnx_shrink.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass  # noqa: E402
@@ -34,6 +35,7 @@ __all__ = [
     "DataError",
     "Float16Pass",
     "FoldPass",
+    "LowRankPass",
     "PassFailedError",
     "PipelineSpecError",
     "PruneChannelsPass",

@@ -9,6 +9,7 @@ import onnx_ir as ir
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.fp16 import Float16Pass
+from onnx_shrink.passes.lowrank import LowRankPass
 from onnx_shrink.passes.prune import PrunePass
 from onnx_shrink.passes.prune_channels import PruneChannelsPass
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
@@ -23,6 +24,7 @@ PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (
     Float16Pass,
     PrunePass,
     PruneChannelsPass,
+    LowRankPass,
 )
 
 REGISTRY: dict[str, type[ir.passes.PassBase]] = {cls.name: cls for cls in PASS_CLASSES}

@@ -1,0 +1,160 @@
+"""``lowrank`` on MiniLM and the PP-OCRv4 recognizer head: data-free vs activation-aware SVD.
+
+For each model, at 20, 30 and 50 % fewer parameters in the targeted layers (MiniLM: every
+constant MatMul; PP-OCRv4 rec: the 120 x 6625 head), three variants of the pass:
+
+* data-free -- plain SVD of W (``activation_aware=False``; no calibration runs);
+* activation-aware -- SVD of S·W, S the Cholesky factor of the input Gram XᵀX;
+* activation-aware + refit -- then B re-solved by least squares on the calibration inputs.
+
+The calibration and evaluation samples are separate (``benchmarks/quant_data.py``'s splits).
+Reported: the model's task metrics against fp32, the relative L2 error of its float output
+(mean over evaluation samples), parameters and MACs (one sample; symbolic dims count 1) as
+the pipeline measured the lowrank step, the saved file's bytes, and onnxruntime CPU latency
+against the folded fp32 model, timed interleaved (``compare_latency``) at 1 sample and 16.
+
+    python -m benchmarks.lowrank [--quick] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import results
+from benchmarks.quant_data import Task, load_task, write_calibration
+from onnx_shrink import shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.passes.lowrank import LowRankPass
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+from onnx_shrink.runtime_check import bench, sessions
+
+REDUCTIONS = (0.2, 0.3, 0.5)
+VARIANTS = {
+    "data-free SVD": {"activation_aware": False},
+    "activation-aware": {"activation_aware": True},
+    "activation-aware + refit": {"activation_aware": True, "refit": True},
+}
+
+
+def _outputs(path: Path, feed: dict[str, np.ndarray], output_index: int) -> np.ndarray:
+    session = sessions.create_session(str(path))
+    names = {i.name for i in session.get_inputs()}
+    out = session.get_outputs()[output_index].name
+    count = len(next(iter(feed.values())))
+    parts = [
+        session.run([out], {k: v[s : s + 16] for k, v in feed.items() if k in names})[0]
+        for s in range(0, count, 16)
+    ]
+    return np.concatenate(parts)
+
+
+def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
+    ref = reference.reshape(len(reference), -1).astype(np.float64)
+    diff = candidate.reshape(len(candidate), -1).astype(np.float64) - ref
+    return float(np.mean(np.linalg.norm(diff, axis=1) / np.linalg.norm(ref, axis=1)))
+
+
+def _latency(reference: Path, candidate: Path, feed: dict[str, np.ndarray], runs: int) -> str:
+    ref, cand = sessions.create_session(str(reference)), sessions.create_session(str(candidate))
+    names = {i.name for i in ref.get_inputs()}
+    ratios = []
+    for batch in (1, 16):
+        sized = {k: v[:batch] for k, v in feed.items() if k in names}
+        ratios.append(bench.compare_latency(ref, cand, sized, runs=runs, warmup=3).ratio)
+    return " / ".join(f"{r:.2f}" for r in ratios)
+
+
+def _head_node(path: Path) -> str:
+    """The MatMul with the largest constant weight (PP-OCRv4 rec: the 120 x 6625 head)."""
+    model = io.load(path)
+    plans = LowRankPass(activation_aware=False).plan(model)
+    return max(plans, key=lambda p: p.params_before).node
+
+
+def run_model(name: str, task: Task, folder: Path, quick: bool) -> str:
+    calib = write_calibration(task, len(next(iter(task.calibration.values()))), folder / "calib")
+    folded = folder / "fold.onnx"
+    shrink(task.model, [FoldPass()], output=folded, check=False)
+    output_index = 0
+    if name == "minilm":
+        output_index = next(
+            i
+            for i, o in enumerate(sessions.create_session(str(folded)).get_outputs())
+            if len(o.shape) == 2 and o.type == "tensor(float)"
+        )
+    only = (_head_node(folded),) if name == "ppocr-rec" else ()
+    plans = LowRankPass(only=only, activation_aware=False).plan(io.load(folded))
+    targeted = sum(p.params_before for p in plans if p.rank or p.reason.startswith("the budget"))
+    evaluation = task.evaluation
+    reference_out = _outputs(task.model, evaluation, output_index)
+    reference_pred = task.predict(sessions.create_session(str(task.model)))
+    runs = 10 if quick else 30
+    header = ["variant", "params removed", "rel. output error", *task.metrics]
+    header += ["MACs removed (of model)", "bytes (Δ / Δ 4·params)", "latency × fp32 @1/@16"]
+    rows = []
+    fold_bytes = folded.stat().st_size
+    configs = [(r, v) for r in REDUCTIONS for v in VARIANTS]
+    configs.append((0.3, "activation-aware, then quant-dynamic"))
+    for reduction, variant in configs:
+        options = VARIANTS.get(variant, {"activation_aware": True})
+        passes = [LowRankPass(reduction=reduction, only=only, **options)]
+        if "quant" in variant:
+            passes.append(QuantDynamicPass())
+        out = folder / f"{reduction}-{len(rows)}.onnx"
+        result = shrink(folded, passes, output=out, calibration=calib, check=False)
+        before, after = result.steps[0].before, result.steps[0].after  # the lowrank step
+        removed = (before.params - after.params) / targeted
+        pred = task.predict(sessions.create_session(str(out)))
+        metrics = task.fidelity(reference_pred, pred)
+        error = _relative_error(reference_out, _outputs(out, evaluation, output_index))
+        delta = result.output_bytes - fold_bytes
+        rows.append(
+            [
+                f"{int(reduction * 100)} %: {variant}",
+                f"{removed:.1%}",
+                f"{error:.4f}",
+                *(f"{metrics[m]:.4f}" for m in task.metrics),
+                f"{before.macs - after.macs:,} ({1 - after.macs / before.macs:.1%})",
+                f"{result.output_bytes:,} ({delta:+,} / {-4 * (before.params - after.params):+,})",
+                _latency(folded, out, evaluation, runs),
+            ]
+        )
+        print(name, rows[-1], file=sys.stderr)
+    lines = [f"### {name}", "", task.split + ".", ""]
+    lines.append(f"Targeted layers: {targeted:,} parameters" + (f" ({only[0]})." if only else "."))
+    lines.append(f"Folded fp32 file: {fold_bytes:,} bytes.")
+    lines += ["", "| " + " | ".join(header) + " |", "|" + " --- |" * len(header)]
+    lines += ["| " + " | ".join(row) + " |" for row in rows]
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer samples and timing runs")
+    parser.add_argument("--no-write", action="store_true", help="print, do not touch RESULTS.md")
+    parser.add_argument("--models", default="minilm,ppocr-rec")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.WARNING)
+    sections = []
+    with tempfile.TemporaryDirectory() as tmp:
+        for name in args.models.split(","):
+            task = load_task(name, calibration=32 if args.quick else 128, quick=args.quick)
+            folder = Path(tmp) / name
+            folder.mkdir()
+            sections.append(run_model(name, task, folder, args.quick))
+    text = "## lowrank\n\n" + results.machine() + "\n\n" + "\n".join(sections)
+    print(text)
+    if not args.no_write:
+        results.write_section("## lowrank", text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

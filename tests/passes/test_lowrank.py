@@ -1,0 +1,352 @@
+"""The `lowrank` pass: SVD math, rewrites of MatMul/Gemm/1x1 Conv on onnxruntime, rank choice."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from hypothesis.extra import numpy as hnp
+
+from onnx_shrink import shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.passes.lowrank import LowRankPass, factorize, factors, refit, whitener
+from onnx_shrink.passes.quant.static import QuantPass
+from tests.helpers import run_ort
+
+RNG = np.random.default_rng(0)
+F = onnx.TensorProto.FLOAT
+NO_STATS = Statistics({}, 0, "none")
+
+
+def _model(nodes, inputs, outputs, inits, opset=17):
+    graph = oh.make_graph(
+        nodes, "g", inputs, outputs, initializer=[onh.from_array(v, k) for k, v in inits.items()]
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
+    onnx.checker.check_model(model)
+    return model
+
+
+def _low_rank(k: int, n: int, rank: int) -> np.ndarray:
+    return (RNG.standard_normal((k, rank)) @ RNG.standard_normal((rank, n))).astype(np.float32)
+
+
+def _rewrite(proto, pass_, stats=NO_STATS):
+    model = io.load(proto)
+    pass_.bind(stats)(model)
+    return model, io.to_bytes(model)
+
+
+def _ops(model):
+    return [n.op_type for n in model.graph]
+
+
+# ---- the math ------------------------------------------------------------------------------
+
+matrices = hnp.arrays(
+    np.float64,
+    st.tuples(st.integers(1, 12), st.integers(1, 12)),
+    elements=st.floats(-10, 10, allow_nan=False, allow_infinity=False),
+)
+
+
+@given(matrices, st.integers(0, 12))
+@settings(max_examples=200, deadline=None)
+def test_truncation_error_equals_the_discarded_singular_values(weight, rank):
+    f = factorize(weight)
+    rank = min(rank, len(f.s))
+    a, b = factors(f, rank)
+    expected = np.sqrt(np.sum(f.s[rank:] ** 2))
+    assert np.linalg.norm(weight - a @ b) == pytest.approx(expected, abs=1e-9 * (1 + f.s.sum()))
+    assert f.tail_energy()[rank] == pytest.approx(expected**2, abs=1e-9 * (1 + f.s.sum()) ** 2)
+
+
+@given(matrices, st.integers(0, 12), st.integers(0, 2**32 - 1))
+@settings(max_examples=100, deadline=None)
+def test_whitened_truncation_error_is_the_output_error_on_the_calibration_inputs(
+    weight, rank, seed
+):
+    rows = np.random.default_rng(seed).standard_normal((40, weight.shape[0]))
+    rows *= np.logspace(0, 2, weight.shape[0])  # channels of very different scales
+    s = whitener(rows.T @ rows, damping=0.0)
+    f = factorize(weight, s)
+    rank = min(rank, len(f.s))
+    a, b = factors(f, rank)
+    error = np.linalg.norm(rows @ weight - rows @ a @ b)
+    expected = np.sqrt(np.sum(f.s[rank:] ** 2))
+    assert error == pytest.approx(expected, rel=1e-6, abs=1e-6 * (1 + f.s.sum()))
+
+
+def test_refit_never_increases_the_calibration_error_of_a_plain_svd():
+    x = RNG.standard_normal((500, 32)) * np.logspace(0, 2, 32)
+    weight = RNG.standard_normal((32, 24))
+    a, b = factors(factorize(weight), 8)
+    b_refit = refit(weight, a, x.T @ x)
+    assert np.linalg.norm(x @ (weight - a @ b_refit)) < 0.9 * np.linalg.norm(x @ (weight - a @ b))
+
+
+def test_whitener_damps_a_rank_deficient_gram():
+    x = RNG.standard_normal((100, 16))
+    x[:, 8:] = 0.0  # half the channels never fire
+    s = whitener(x.T @ x, damping=1e-4)
+    assert s is not None and np.all(np.isfinite(s))
+    assert whitener(np.zeros((4, 4)), 1e-4) is None
+
+
+# ---- rewrites ------------------------------------------------------------------------------
+
+
+def test_rank_r_matmul_weight_is_reproduced_exactly():
+    w = _low_rank(64, 96, 8)
+    proto = _model(
+        [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [oh.make_tensor_value_info("x", F, [2, 5, 64])],
+        [oh.make_tensor_value_info("y", F, [2, 5, 96])],
+        {"w": w},
+    )
+    model, data = _rewrite(proto, LowRankPass(selection="error", max_error=1e-4))
+    assert _ops(model) == ["MatMul", "MatMul"]
+    assert model.graph.node(1).name == "mm"
+    a, b = (model.graph.initializers[f"w_lowrank_{s}"].const_value.numpy() for s in "ab")
+    assert a.shape == (64, 8) and b.shape == (8, 96)
+    np.testing.assert_allclose(a @ b, w, atol=1e-4 * np.abs(w).max())
+    x = RNG.standard_normal((2, 5, 64)).astype(np.float32)
+    (y,) = run_ort(data, {"x": x})
+    np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-3)
+    assert "w" not in model.graph.initializers
+
+
+@pytest.mark.parametrize("trans_a", [0, 1])
+def test_gemm_trans_b_alpha_beta_and_bias_are_kept(trans_a):
+    w = _low_rank(64, 96, 8)  # K x N
+    c = RNG.standard_normal(96).astype(np.float32)
+    x_shape = [64, 3] if trans_a else [3, 64]
+    attrs = {"transA": trans_a, "transB": 1, "alpha": 0.5, "beta": 2.0}
+    proto = _model(
+        [oh.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", **attrs)],
+        [oh.make_tensor_value_info("x", F, x_shape)],
+        [oh.make_tensor_value_info("y", F, [3, 96])],
+        {"w": np.ascontiguousarray(w.T), "c": c},
+    )
+    model, data = _rewrite(proto, LowRankPass(selection="error", max_error=1e-4))
+    assert _ops(model) == ["Gemm" if trans_a else "MatMul", "Gemm"]
+    x = RNG.standard_normal(x_shape).astype(np.float32)
+    (y,) = run_ort(data, {"x": x})
+    expected = 0.5 * ((x.T if trans_a else x) @ w) + 2.0 * c
+    np.testing.assert_allclose(y, expected, rtol=1e-4, atol=1e-3)
+
+
+def test_1x1_conv_with_stride_pads_and_bias_is_split_exactly():
+    w = _low_rank(64, 96, 8)  # K (in) x N (out)
+    bias = RNG.standard_normal(96).astype(np.float32)
+    proto = _model(
+        [
+            oh.make_node(
+                "Conv", ["x", "w", "b"], ["y"], name="pw", strides=[2, 2], pads=[1, 1, 1, 1]
+            )
+        ],
+        [oh.make_tensor_value_info("x", F, [1, 64, 7, 7])],
+        [oh.make_tensor_value_info("y", F, [1, 96, 5, 5])],
+        {"w": np.ascontiguousarray(w.T.reshape(96, 64, 1, 1)), "b": bias},
+    )
+    model, data = _rewrite(proto, LowRankPass(selection="error", max_error=1e-4))
+    assert _ops(model) == ["Conv", "Conv"]
+    x = RNG.standard_normal((1, 64, 7, 7)).astype(np.float32)
+    (y,) = run_ort(data, {"x": x})
+    (reference,) = run_ort(proto.SerializeToString(), {"x": x})
+    np.testing.assert_allclose(y, reference, rtol=1e-4, atol=1e-3)
+
+
+def test_skipped_layers_are_reported_with_their_reason(caplog):
+    proto = _model(
+        [
+            oh.make_node("MatMul", ["x", "small"], ["h"], name="small_mm"),
+            oh.make_node("MatMul", ["h", "square"], ["h2"], name="square_mm"),
+            oh.make_node("MatMul", ["h2", "shared"], ["h3"], name="shared_1"),
+            oh.make_node("MatMul", ["h3", "shared"], ["h4"], name="shared_2"),
+            oh.make_node("Conv", ["img", "k3"], ["c"], name="conv3x3"),
+            oh.make_node("MatMul", ["h4", "z"], ["y"], name="act_mm"),
+        ],
+        [
+            oh.make_tensor_value_info("x", F, [4, 16]),
+            oh.make_tensor_value_info("img", F, [1, 64, 5, 5]),
+            oh.make_tensor_value_info("z", F, [128, 2]),
+        ],
+        [
+            oh.make_tensor_value_info("y", F, [4, 2]),
+            oh.make_tensor_value_info("c", F, [1, 64, 3, 3]),
+        ],
+        {
+            "small": RNG.standard_normal((16, 128)).astype(np.float32),
+            "square": RNG.standard_normal((128, 128)).astype(np.float32),
+            "shared": RNG.standard_normal((128, 128)).astype(np.float32),
+            "k3": RNG.standard_normal((64, 64, 3, 3)).astype(np.float32),
+        },
+    )
+    lowrank = LowRankPass(selection="energy", energy=0.5, exclude=("square_mm",))
+    with caplog.at_level(logging.INFO, logger="onnx_shrink.passes.lowrank"):
+        plans = {p.node: p for p in lowrank.plan(io.load(proto))}
+        _rewrite(proto, lowrank)
+    assert all(p.rank is None for p in plans.values())
+    assert "under min_params" in plans["small_mm"].reason
+    assert plans["square_mm"].reason == "excluded"
+    assert "shared by 2" in plans["shared_1"].reason
+    assert "not 1x1" in plans["conv3x3"].reason
+    assert plans["act_mm"].reason == "weight is not a constant"
+    for name in ("small_mm", "square_mm", "shared_1", "conv3x3"):
+        assert any(name in r.message and "dense" in r.message for r in caplog.records)
+    assert "0 of 6 layers split" in caplog.text
+
+
+def test_layer_past_break_even_stays_dense():
+    w = RNG.standard_normal((96, 96)).astype(np.float32)  # full rank; break-even 48
+    proto = _model(
+        [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [oh.make_tensor_value_info("x", F, [4, 96])],
+        [oh.make_tensor_value_info("y", F, [4, 96])],
+        {"w": w},
+    )
+    (plan,) = LowRankPass(selection="energy", energy=0.99).plan(io.load(proto))
+    assert plan.rank is None and "break-even 48.0" in plan.reason
+    model, _ = _rewrite(proto, LowRankPass(selection="energy", energy=0.99))
+    assert _ops(model) == ["MatMul"]
+
+
+def test_constant_node_weights_are_lifted_and_split():
+    w = _low_rank(64, 64, 8)
+    proto = _model(
+        [
+            oh.make_node("Constant", [], ["w"], value=onh.from_array(w, "w")),
+            oh.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+        ],
+        [oh.make_tensor_value_info("x", F, [2, 64])],
+        [oh.make_tensor_value_info("y", F, [2, 64])],
+        {},
+    )
+    model, _ = _rewrite(proto, LowRankPass(selection="error", max_error=1e-4))
+    assert _ops(model) == ["MatMul", "MatMul"]
+
+
+# ---- rank selection ------------------------------------------------------------------------
+
+
+def _stack(layers: int, k: int = 96, n: int = 128):
+    nodes, inits, prev = [], {}, "x"
+    for i in range(layers):
+        # singular values decaying at different speeds per layer
+        u, _ = np.linalg.qr(RNG.standard_normal((k, k)))
+        v, _ = np.linalg.qr(RNG.standard_normal((n, k)))
+        w = (u * np.exp(-np.arange(k) / (5.0 + 10 * i))) @ v.T
+        inits[f"w{i}"] = w.astype(np.float32)
+        nodes.append(oh.make_node("MatMul", [prev, f"w{i}"], [f"h{i}"], name=f"mm{i}"))
+        nodes.append(oh.make_node("Slice", [f"h{i}", "s0", "s1", "ax"], [f"x{i}"]))
+        prev = f"x{i}"
+    inits.update(s0=np.array([0], np.int64), s1=np.array([k], np.int64), ax=np.array([1], np.int64))
+    return _model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, [4, k])],
+        [oh.make_tensor_value_info(prev, F, [4, k])],
+        inits,
+    )
+
+
+@pytest.mark.parametrize("reduction", [0.2, 0.3, 0.5])
+def test_budget_removes_the_asked_share_of_parameters(reduction):
+    plans = LowRankPass(reduction=reduction, activation_aware=False).plan(io.load(_stack(4)))
+    before = sum(p.params_before for p in plans)
+    after = sum(p.params_after for p in plans)
+    assert after <= (1 - reduction) * before
+    assert after >= (1 - reduction - 0.05) * before  # not wildly over-compressed
+    assert all(p.rank is None or p.rank % 8 == 0 for p in plans)
+    ranks = [p.rank or 10**6 for p in sorted(plans, key=lambda p: p.node)]
+    assert ranks[0] <= ranks[-1]  # the fastest-decaying layer gives up the most rank
+
+
+def test_energy_rank_keeps_the_asked_energy():
+    (plan, *_) = LowRankPass(selection="energy", energy=0.9, activation_aware=False).plan(
+        io.load(_stack(1))
+    )
+    assert plan.rank is not None and plan.error <= np.sqrt(0.1) + 1e-9
+
+
+def test_data_free_mode_requests_no_statistics():
+    proto = _stack(2)
+    assert LowRankPass(activation_aware=False).requests(io.load(proto)) == []
+    assert LowRankPass().requests(io.load(proto)) == [
+        StatRequest("x", "gram"),
+        StatRequest("x0", "gram"),
+    ]
+
+
+def test_activation_aware_halves_the_output_error_of_plain_svd():
+    k, n = 64, 96
+    w = RNG.standard_normal((k, n)).astype(np.float32)
+    proto = _model(
+        [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
+        [oh.make_tensor_value_info("x", F, [None, k])],
+        [oh.make_tensor_value_info("y", F, [None, n])],
+        {"w": w},
+    )
+    mix = RNG.standard_normal((k, k)) * np.logspace(0, -2, k)  # correlated, anisotropic inputs
+    calib, evaluation = RNG.standard_normal((2, 2000, k)) @ mix
+    stats = Statistics({StatRequest("x", "gram"): Gram(calib.T @ calib, 2000)}, 2000, "test")
+    errors = {}
+    for aware in (False, True):
+        _, data = _rewrite(proto, LowRankPass(reduction=0.5, activation_aware=aware), stats)
+        x = evaluation.astype(np.float32)
+        (y,) = run_ort(data, {"x": x})
+        errors[aware] = np.linalg.norm(y - x @ w) / np.linalg.norm(x @ w)
+    assert errors[True] <= 0.5 * errors[False]
+
+
+def test_conv_activation_aware_uses_channel_energies():
+    w = RNG.standard_normal((96, 64, 1, 1)).astype(np.float32)
+    proto = _model(
+        [oh.make_node("Conv", ["x", "w"], ["y"], name="pw")],
+        [oh.make_tensor_value_info("x", F, [1, 64, 4, 4])],
+        [oh.make_tensor_value_info("y", F, [1, 96, 4, 4])],
+        {"w": w},
+    )
+    lowrank = LowRankPass(selection="energy", energy=0.5)
+    (request,) = lowrank.requests(io.load(proto))
+    assert request == StatRequest("x", "channel_sqnorm", axis=1)
+    stats = Statistics({request: ChannelValues(np.logspace(0, 4, 64), 16)}, 1, "test")
+    (plan,) = lowrank.plan(io.load(proto), stats)
+    assert plan.activation_aware and plan.rank is not None
+
+
+def test_options_are_checked():
+    with pytest.raises(ValueError, match="energy"):
+        LowRankPass(energy=1.5)
+    with pytest.raises(ValueError, match="op_types"):
+        LowRankPass(op_types=("Add",))
+    with pytest.raises(ValueError, match="selection"):
+        LowRankPass(selection="random")
+
+
+# ---- through shrink() ----------------------------------------------------------------------
+
+
+def test_shrink_with_calibration_then_quant_quantizes_both_factors(tmp_path):
+    proto = _stack(2)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal((32, 96)).astype(np.float32))
+    result = shrink(
+        path,
+        [FoldPass(), LowRankPass(reduction=0.3), QuantPass(calibration="minmax")],
+        calibration=calib,
+        check=False,
+    )
+    dq_weights = {n.inputs[0].name for n in result.model.graph if n.op_type == "DequantizeLinear"}
+    for i in range(2):
+        assert {f"w{i}_lowrank_a_quantized", f"w{i}_lowrank_b_quantized"} <= dq_weights
