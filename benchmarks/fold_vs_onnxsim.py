@@ -26,16 +26,13 @@ The table goes to stdout and, under the heading "## fold vs onnxsim 0.8.1", into
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import logging
-import platform
 import shlex
 import statistics
 import sys
 import tempfile
 import time
 from dataclasses import dataclass
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -46,13 +43,14 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, machine, write_section  # noqa: E402
+from benchmarks.results import RESULTS, provenance, write_section  # noqa: E402
 from models.fetch import REAL_MODELS, fetch  # noqa: E402
 from models.inputs import sample_inputs  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
 
 HEADING = "## fold vs onnxsim 0.8.1"
+PACKAGES = ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxsim")
 ONNXSIM_VERSION = "0.8.1"
 
 
@@ -206,25 +204,12 @@ def table(rows: list[Row]) -> str:
     return "\n".join(lines)
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def section(rows: list[Row], command: str, repeat: int) -> str:
-    versions = ", ".join(
-        f"{d} {_version(d)}" for d in ("onnx", "onnx-ir", "onnxscript", "onnxruntime", "onnxsim")
-    )
     return "\n".join(
         [
             HEADING,
             "",
-            f"Command: `{command}`  ",
-            f"Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}  ",
-            f"Machine: {machine()}; Python {platform.python_version()}  ",
-            f"Versions: {versions}",
+            *provenance(command, PACKAGES),
             "",
             "Nodes count If/Loop/Scan bodies too (main graph in parentheses). Time: the transform "
             f"alone, median of {repeat} runs (fold = `FoldPass()(model)` on a loaded model, "

@@ -27,17 +27,14 @@ into ``benchmarks/RESULTS.md`` (that section is replaced; the rest of the file i
 from __future__ import annotations
 
 import argparse
-import datetime as dt
 import json
 import os
-import platform
 import resource
 import shlex
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 import numpy as np
@@ -46,10 +43,11 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, machine, write_section  # noqa: E402
+from benchmarks.results import RESULTS, provenance, write_section  # noqa: E402
 from models.perturb import perturb_node_weight  # noqa: E402
 
 HEADING = "## per-layer comparison memory (MiniLM)"
+PACKAGES = ("onnx", "onnxruntime", "numpy")
 PERTURBED_NODE = "encoder/layer.1/intermediate/dense/MatMul"
 LIMIT = 2.0
 
@@ -138,15 +136,11 @@ def ratios(rows: list[dict[str, object]], few: int, many: int) -> list[str]:
 
 
 def section(rows: list[dict[str, object]], command: str, few: int, many: int) -> str:
-    versions = ", ".join(f"{d} {metadata.version(d)}" for d in ("onnx", "onnxruntime", "numpy"))
     return "\n".join(
         [
             HEADING,
             "",
-            f"Command: `{command}`  ",
-            f"Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}  ",
-            f"Machine: {machine()}; Python {platform.python_version()}  ",
-            f"Versions: {versions}",
+            *provenance(command, PACKAGES),
             "",
             "Each row is a fresh child process running `check(minilm, candidate, data, "
             "layers=True, latency_runs=0)` on CPU over real sentences (`models.text`, "

@@ -48,18 +48,15 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import datetime as dt
 import json
 import logging
 import os
-import platform
 import shlex
 import signal
 import subprocess
 import sys
 import tempfile
 import time
-from importlib import metadata
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -67,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 HEADING = "## quantization vs onnxruntime.quantization"
+PACKAGES = ("onnx", "onnx-ir", "onnxruntime", "numpy", "Pillow")
 MIB = 1024 * 1024
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
 DYNAMIC_MODELS = ("minilm", "ppocr-rec")
@@ -572,27 +570,14 @@ def table(rows: list[Row], samples: list[int], metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def _version(dist: str) -> str:
-    try:
-        return metadata.version(dist)
-    except metadata.PackageNotFoundError:
-        return "not installed"
-
-
 def section(results: dict, command: str, args: argparse.Namespace) -> str:
-    from benchmarks.results import machine
+    from benchmarks.results import provenance
 
-    versions = ", ".join(
-        f"{d} {_version(d)}" for d in ("onnx", "onnx-ir", "onnxruntime", "numpy", "Pillow")
-    )
     samples = sorted(args.samples)
     parts = [
         HEADING,
         "",
-        f"Command: `{command}`  ",
-        f"Date: {dt.datetime.now().astimezone().strftime('%Y-%m-%d %H:%M %Z')}  ",
-        f"Machine: {machine()}; Python {platform.python_version()}  ",
-        f"Versions: {versions}",
+        *provenance(command, PACKAGES),
         "",
         "ORT static = `quantize_static(QDQ, per_channel=True, QUInt8 activations, QInt8 "
         "weights, reduce_range=False)` with each calibration method's defaults, after "

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import platform
+from importlib import metadata
 from pathlib import Path
 
 from onnx_shrink.compiler import io
@@ -38,3 +40,23 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
     io.write_text(path, new)
+
+
+def package_version(dist: str) -> str:
+    """An installed distribution's version, or "not installed"."""
+    try:
+        return metadata.version(dist)
+    except metadata.PackageNotFoundError:
+        return "not installed"
+
+
+def provenance(command: str, packages: tuple[str, ...]) -> list[str]:
+    """The lines every results section starts with: command, date, machine, versions."""
+    versions = ", ".join(f"{d} {package_version(d)}" for d in packages)
+    when = dt.datetime.now().astimezone().strftime("%Y-%m-%d %H:%M %Z")
+    return [
+        f"Command: `{command}`  ",
+        f"Date: {when}  ",
+        f"Machine: {machine()}; Python {platform.python_version()}  ",
+        f"Versions: {versions}",
+    ]
