@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +26,15 @@ def run_cli(capsys: pytest.CaptureFixture[str]) -> Callable[..., CliRun]:
     """Run ``onnx-shrink`` in-process and capture its exit code and output."""
 
     def run(*args: str | os.PathLike) -> CliRun:
-        code = cli.main([str(a) for a in args])
+        # The CLI configures logging globally, as a program should; restore it afterwards so
+        # later tests' caplog still sees the library's INFO records.
+        root, ours = logging.getLogger(), logging.getLogger("onnx_shrink")
+        saved = (list(root.handlers), root.level, ours.level)
+        try:
+            code = cli.main([str(a) for a in args])
+        finally:
+            root.handlers[:], root.level = saved[0], saved[1]
+            ours.setLevel(saved[2])
         captured = capsys.readouterr()
         return CliRun(code, captured.out, captured.err)
 

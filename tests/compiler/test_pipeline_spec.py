@@ -31,7 +31,8 @@ def test_pass_instances_pass_through_unchanged():
         ("fold", ["fold.iterations=2.5"], "fold.iterations: expected int"),
         ("fold", ["fold.inline_functions=maybe"], "expected bool"),
         ("fold", ["fold=1"], "--set expects PASS.OPTION=VALUE"),
-        ("fold", ["prune.sparsity=0.5"], "unknown pass 'prune'"),
+        ("fold", ["sparsify.sparsity=0.5"], "unknown pass 'sparsify'"),
+        ("fold", ["quant.calibration=mse"], "options are given for pass 'quant', which is not"),
         ("", [], "no passes given"),
     ],
 )
@@ -55,7 +56,7 @@ def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
         ('passes = "fold"', "'passes' must be a list of pass names"),
         ('passes = ["fold"]\nverbose = true', "unexpected top-level key 'verbose'"),
         ('passes = ["fold"]\n[fold]\nmax_growth_bytes = "big"', "expected int, got 'big'"),
-        ('passes = ["fold"]\n[prune]\nsparsity = 0.5', "unknown pass 'prune'"),
+        ('passes = ["fold"]\n[sparsify]\nsparsity = 0.5', "unknown pass 'sparsify'"),
     ],
 )
 def test_bad_recipes_are_rejected(tmp_path, text, message):
