@@ -143,45 +143,23 @@ def shrink(
     verifier = None
     if options is not None and options.verify_each:
         verifier = _each_pass_verifier(reference, dataset, options)
-    with contextlib.ExitStack() as stack:
-        collector = None
-        if any(isinstance(p, DataAwarePass) for p in pass_list):
-            source = next(
-                (
-                    s
-                    for s in (calibration, data, options.data if options else None)
-                    if s is not None
-                ),
-                None,
-            )
-            calib = _calibration_data(loaded, source, stack)
-            provider = options.provider if options else "cpu"
-            collector = functools.partial(
-                _collect, dataset=calib, provider=provider, progress=on_calibration
-            )
-        result = pipeline.run(
-            loaded,
-            pass_list,
-            dump_dir=dump_dir,
-            on_start=on_pass_start,
-            verify=verifier,
-            strict=options.strict if options else False,
-            collect=collector,
-        )
-        sensitivity_report = None
-        if sensitivity and collector is not None:
-            sensitivity_report = _sensitivity(
-                model, pass_list, result.steps, collector, calib, provider, on_calibration
-            )
-        elif sensitivity:
-            logger.warning(_NO_QUANT)
-    if output is not None:
-        saved = io.save(result.model, output, external_data=external_data)
-        candidate: bytes | Path = saved.path
-        output_bytes, output_path = saved.bytes_on_disk, saved.path
-    else:
-        candidate = io.to_bytes(result.model)
-        output_bytes, output_path = len(candidate), None
+    source = next(
+        (s for s in (calibration, data, options.data if options else None) if s is not None), None
+    )
+    provider = options.provider if options else "cpu"
+    result, sensitivity_report = _compile(
+        model,
+        loaded,
+        pass_list,
+        _Hooks(on_pass_start, on_calibration),
+        source=source,
+        provider=provider,
+        verifier=verifier,
+        strict=options.strict if options else False,
+        dump_dir=dump_dir,
+        sensitivity=sensitivity,
+    )
+    candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
     report = None
     if options is not None:
         report = check_mod.check(
@@ -206,6 +184,70 @@ def shrink(
 
 
 _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
+
+
+@dataclasses.dataclass(frozen=True)
+class _Hooks:
+    on_pass_start: pipeline.StepCallback | None
+    on_calibration: collect_mod.Progress | None
+
+
+def _compile(
+    source_model: io.ModelSource,
+    loaded: ir.Model,
+    pass_list: Sequence[ir.passes.PassBase],
+    hooks: _Hooks,
+    *,
+    source: check_mod.DataSource,
+    provider: str,
+    verifier: pipeline.Verifier | None,
+    strict: bool,
+    dump_dir: str | os.PathLike | None,
+    sensitivity: bool,
+) -> tuple[pipeline.PipelineResult, sensitivity_mod.SensitivityReport | None]:
+    """Run the pipeline (collecting calibration statistics for data-aware passes) and, if
+    asked, the sensitivity report; calibration data lives as long as this call."""
+    with contextlib.ExitStack() as stack:
+        collector, calib = None, None
+        if any(isinstance(p, DataAwarePass) for p in pass_list):
+            calib = _calibration_data(loaded, source, stack)
+            collector = functools.partial(
+                _collect, dataset=calib, provider=provider, progress=hooks.on_calibration
+            )
+        result = pipeline.run(
+            loaded,
+            pass_list,
+            dump_dir=dump_dir,
+            on_start=hooks.on_pass_start,
+            verify=verifier,
+            strict=strict,
+            collect=collector,
+        )
+        report = None
+        if sensitivity and collector is not None:
+            report = _sensitivity(
+                source_model,
+                pass_list,
+                result.steps,
+                collector,
+                calib,
+                provider,
+                hooks.on_calibration,
+            )
+        elif sensitivity:
+            logger.warning(_NO_QUANT)
+    return result, report
+
+
+def _save_candidate(
+    model: ir.Model, output: str | os.PathLike | None, external_data: bool | None
+) -> tuple[bytes | Path, int, Path | None]:
+    """Save to ``output`` (or serialize in memory): (session source, bytes, saved path)."""
+    if output is None:
+        candidate = io.to_bytes(model)
+        return candidate, len(candidate), None
+    saved = io.save(model, output, external_data=external_data)
+    return saved.path, saved.bytes_on_disk, saved.path
 
 
 def _sensitivity(
