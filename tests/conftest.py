@@ -10,8 +10,16 @@ from pathlib import Path
 
 import pytest
 
+from hypothesis import settings
+
 from models import digits
 from onnx_shrink import cli
+
+# CI explores the same examples every run (a red build must reproduce); locally hypothesis
+# keeps searching new ones.
+settings.register_profile("ci", derandomize=True, deadline=None)
+if os.environ.get("CI"):
+    settings.load_profile("ci")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -147,8 +147,13 @@ class HistogramAccumulator:
     """Counts over fixed edges; additive, so independent of how samples are batched."""
 
     def __init__(self, minimum: float, maximum: float, bins: int) -> None:
-        if maximum <= minimum:
-            maximum = minimum + max(abs(minimum), 1.0) * 1e-6
+        # Edges stay inside float32 (the bin arithmetic runs in float32) and span at least a
+        # width whose bins/width scale float32 can hold, whatever the data (subnormals, masks).
+        limit = float(np.finfo(np.float32).max) / 4
+        minimum = float(np.clip(minimum, -limit, limit))
+        maximum = float(np.clip(maximum, -limit, limit))
+        if maximum - minimum < 1e-30:
+            maximum = minimum + max(abs(minimum) * 1e-6, 1e-30)
         self.edges = np.linspace(minimum, maximum, bins + 1, dtype=np.float64)
         self.counts = np.zeros(bins, dtype=np.int64)
 

@@ -16,6 +16,7 @@ plus the statistics, whatever the number of samples.
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import tempfile
 from collections.abc import Callable, Sequence
@@ -55,10 +56,14 @@ def collect(
     raw = sorted(
         {r.tensor for r in requests if r.kind in ("channel_absmax", "channel_sqnorm", "gram")}
     )
+    histograms = [r for r in requests if r.kind == "histogram"]
     with contextlib.ExitStack() as stack:
         replay = data_mod.replayable(dataset, stack) if ranged else dataset
         others = {r: _accumulator(r) for r in requests if r.tensor in raw and r.kind != "minmax"}
-        ranges, samples = _range_pass(model, ranged, others, replay, provider, progress, stack)
+        binned = _probe_bins(model, histograms, replay, provider, progress, stack)
+        ranges, samples = _range_pass(
+            model, ranged, others, replay, provider, progress, stack, binned=binned
+        )
         # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
         # are measured again, with the non-finite values counted and kept out of the range.
         flagged = [name for name, acc in ranges.items() if not acc.finite]
@@ -71,23 +76,28 @@ def collect(
             r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"
         }
         results.update({r: acc.result() for r, acc in others.items()})
-        histograms = [r for r in requests if r.kind == "histogram"]
-        if histograms:
-            results.update(
-                _histograms(model, histograms, ranges, replay, provider, progress, stack)
-            )
+        # A tensor whose values left the probe's edges (or held inf/NaN) is counted again over
+        # its exact range; every other histogram was counted in the main pass.
+        recount = [r for r in histograms if r not in binned or _overflowed(r, binned[r], ranges)]
+        results.update({r: binned[r].result() for r in histograms if r not in recount})
+        if recount:
+            results.update(_histograms(model, recount, ranges, replay, provider, progress, stack))
     return st.Statistics(
         results={r: results[r] for r in requests}, samples=samples, source=dataset.description
     )
 
 
-def _range_pass(model, ranged, others, dataset, provider, progress, stack, careful=False):
-    """One pass: ranges of ``ranged`` reduced in the graph, ``others`` folded from raw tensors."""
+def _range_pass(
+    model, ranged, others, dataset, provider, progress, stack, careful=False, binned=None
+):
+    """One pass: ranges of ``ranged`` reduced in the graph, ``others`` folded from raw tensors,
+    and ``binned`` histograms counted from bin indices computed in the graph."""
+    binned = binned or {}
     raw = sorted({r.tensor for r in others})
     if not ranged and not raw:  # nothing to measure: count the samples, run nothing
         return {}, sum(batch.samples for batch in dataset.batches())
     specs = data_mod.specs_from_model(model)
-    session = _session(_with_range_outputs(model, ranged, raw, careful), provider, stack)
+    session = _session(_with_range_outputs(model, ranged, raw, careful, binned), provider, stack)
     ranges = {name: st.MinMaxAccumulator() for name in ranged}
     samples = 0
     # One sample per run: the session returns every requested tensor of the run, so memory
@@ -100,10 +110,52 @@ def _range_pass(model, ranged, others, dataset, provider, progress, stack, caref
             acc.add_reduced(low, high, bad, size)
         for request, acc in others.items():
             acc.add(outputs[request.tensor])
+        for request, acc in binned.items():
+            acc.add_indices(outputs[_bins_name(request)])
         samples += batch.samples
         if progress is not None:
-            progress("non-finite ranges" if careful else "ranges", done)
+            progress("non-finite ranges" if careful else "statistics", done)
     return ranges, samples
+
+
+# Histogram edges come from the first samples (a fixed prefix of the data, so no batching can
+# change them), widened by this fraction of their span on each open side. Values past them are
+# caught by the exact ranges of the main pass, and such a tensor is counted again.
+PROBE_SAMPLES = 16
+PROBE_MARGIN = 0.5
+
+
+def _probe_bins(model, histograms, dataset, provider, progress, stack):
+    """Histogram accumulators with edges from the first ``PROBE_SAMPLES`` samples."""
+    if not histograms:
+        return {}
+    specs = data_mod.specs_from_model(model)
+    first = list(itertools.islice(data_mod.single_samples(dataset, specs), PROBE_SAMPLES))
+    probe = data_mod.Dataset(dataset.description, dataset.synthetic, False, lambda: iter(first))
+    tensors = sorted({r.tensor for r in histograms})
+    ranges, _ = _range_pass(model, tensors, {}, probe, provider, progress, stack)
+    binned = {}
+    for request in histograms:
+        acc = ranges[request.tensor]
+        if not acc.finite:
+            continue  # inf/NaN: counted later from its careful, exact range
+        low, high = acc.minimum, acc.maximum
+        span = max(high - low, abs(high), abs(low), 1e-12)
+        # Widen, but never across zero: a one-sided range (after ReLU) stays one-sided.
+        low = low - PROBE_MARGIN * span if low < 0 else max(0.0, low - PROBE_MARGIN * span)
+        high = high + PROBE_MARGIN * span if high > 0 else min(0.0, high + PROBE_MARGIN * span)
+        binned[request] = st.HistogramAccumulator(low, high, request.bins)
+    return binned
+
+
+def _overflowed(request: st.StatRequest, acc: st.HistogramAccumulator, ranges) -> bool:
+    """Did the tensor's exact range leave the edges the probe chose?"""
+    exact = ranges[request.tensor].result()
+    return exact.minimum < acc.edges[0] or exact.maximum > acc.edges[-1]
+
+
+def _bins_name(request: st.StatRequest) -> str:
+    return f"{request.tensor}::bins{request.bins}"
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
@@ -124,9 +176,14 @@ def _accumulator(request: st.StatRequest):
 
 
 def _with_range_outputs(
-    model: ir.Model, ranged: Sequence[str], raw: Sequence[str], careful: bool
+    model: ir.Model,
+    ranged: Sequence[str],
+    raw: Sequence[str],
+    careful: bool,
+    binned: dict[st.StatRequest, st.HistogramAccumulator] | None = None,
 ) -> ir.Model:
-    """A clone whose outputs are each ranged tensor's reductions and each raw tensor."""
+    """A clone whose outputs are each ranged tensor's reductions, each raw tensor, and the
+    bin indices of each ``binned`` histogram."""
     clone = model.clone()
     graph = clone.graph
     values = {v.name: v for v in graph.inputs}
@@ -136,6 +193,10 @@ def _with_range_outputs(
         graph.outputs.append(values[name])
     for name in ranged:
         graph.outputs.extend(_range_nodes(graph, values[name], careful))
+    for request, acc in (binned or {}).items():
+        output = _bin_index_nodes(graph, values[request.tensor], acc)
+        output.name = _bins_name(request)
+        graph.outputs.append(output)
     return clone
 
 

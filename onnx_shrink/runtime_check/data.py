@@ -455,12 +455,22 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
     folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-calib-")))
     written: list[tuple[Path, int]] = []
 
+    def keep(batch: Batch) -> None:
+        path = folder / f"batch_{len(written):06d}.npz"
+        io.save_npz(path, batch.feed)
+        written.append((path, batch.samples))
+
     def spill() -> Iterator[Batch]:
-        for index, batch in enumerate(dataset.batches()):
-            path = folder / f"batch_{index:06d}.npz"
-            io.save_npz(path, batch.feed)
-            written.append((path, batch.samples))
-            yield batch
+        source = dataset.batches()
+        try:
+            for batch in source:
+                keep(batch)
+                yield batch
+        finally:
+            # A reader stopped early (a probe of the first samples) still has to be copied
+            # whole: it cannot be read a second time.
+            for batch in source:
+                keep(batch)
 
     def replay() -> Iterator[Batch]:
         for path, samples in written:
