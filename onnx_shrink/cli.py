@@ -221,7 +221,7 @@ def _tolerances(args: argparse.Namespace, default: Tolerances = Tolerances()) ->
 
 def _run_compile(args: argparse.Namespace, out: Console) -> int:
     if args.list_passes:
-        console.print_all(Console(), console.pass_list_tables(registry.PASS_CLASSES))
+        console.print_all(out, console.pass_list_tables(registry.PASS_CLASSES))
         return 0
     if args.model is None:
         raise ShrinkError("no model given (usage: onnx-shrink MODEL.onnx --passes fold)")
