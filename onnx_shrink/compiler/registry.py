@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
-
 import onnx_ir as ir
 
 from onnx_shrink.errors import PipelineSpecError
@@ -42,13 +40,3 @@ def pass_class(name: str) -> type[ir.passes.PassBase]:
         raise PipelineSpecError(
             f"unknown pass '{name}'; available passes: {', '.join(sorted(REGISTRY))}"
         ) from None
-
-
-def is_pass_class(cls: type) -> bool:
-    """True for a registered-style pass: a dataclass subclass of onnx_ir's PassBase with a name."""
-    return (
-        isinstance(cls, type)
-        and issubclass(cls, ir.passes.PassBase)
-        and dataclasses.is_dataclass(cls)
-        and isinstance(getattr(cls, "name", None), str)
-    )

@@ -14,7 +14,7 @@ range.
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Mapping
 from typing import Literal
 
 import numpy as np
@@ -223,8 +223,3 @@ class GramAccumulator:
 
     def result(self) -> Gram:
         return Gram(self.matrix if self.matrix is not None else np.zeros((0, 0)), self.rows)
-
-
-def needs_range_pass(requests: Iterable[StatRequest]) -> bool:
-    """Histograms need every tensor's range before the first count."""
-    return any(r.kind == "histogram" for r in requests)

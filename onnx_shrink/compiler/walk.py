@@ -10,16 +10,6 @@ from collections.abc import Iterator
 
 import onnx_ir as ir
 
-GraphLike = ir.Graph | ir.Function
-
-
-def graphs_and_functions(model: ir.Model) -> Iterator[GraphLike]:
-    """Yield the main graph, every subgraph at any depth, and every function with its subgraphs."""
-    yield from model.graphs()
-    for function in model.functions.values():
-        yield function
-        yield from function.subgraphs()
-
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     """Yield every node of the model: main graph, subgraphs and functions."""

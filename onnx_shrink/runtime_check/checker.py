@@ -74,13 +74,32 @@ def _load(model: AnyModel, label: str) -> _Loaded:
     return _Loaded(loaded, io.to_bytes(loaded), label)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Pair:
+    """Both models loaded and validated, a session for each, and the checked data."""
+
+    ref: _Loaded
+    cand: _Loaded
+    ref_session: ort.InferenceSession
+    cand_session: ort.InferenceSession
+    specs: list[data_mod.InputSpec]
+    dataset: data_mod.Dataset
+
+
 def _open(
-    reference: AnyModel, candidate: AnyModel, data: DataSource, labels, input_shapes
-) -> tuple[_Loaded, _Loaded, list[data_mod.InputSpec], data_mod.Dataset]:
-    """Both models loaded and validated, the reference's input specs, and the checked data."""
+    reference: AnyModel, candidate: AnyModel, data: DataSource, labels, input_shapes, provider
+) -> _Pair:
     ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
     specs = data_mod.specs_from_model(ref.model)
-    return ref, cand, specs, data_mod.prepare(specs, data, input_shapes, labels=labels)
+    dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
+    return _Pair(
+        ref,
+        cand,
+        sessions.create_session(ref.source, provider=provider),
+        sessions.create_session(cand.source, provider=provider),
+        specs,
+        dataset,
+    )
 
 
 def compare(
@@ -94,10 +113,8 @@ def compare(
     provider: str = "cpu",
 ) -> NumericReport:
     """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
-    ref, cand, _, dataset = _open(reference, candidate, data, labels, input_shapes)
-    ref_session = sessions.create_session(ref.source, provider=provider)
-    cand_session = sessions.create_session(cand.source, provider=provider)
-    return _numeric(ref_session, cand_session, dataset, tolerances)
+    pair = _open(reference, candidate, data, labels, input_shapes, provider)
+    return _numeric(pair.ref_session, pair.cand_session, pair.dataset, tolerances)
 
 
 def _numeric(
@@ -139,10 +156,9 @@ def check(
     latency_runs: int = 30,
 ) -> CheckReport:
     """Numerics, optional per-layer localization, alternate-run latency and sizes."""
-    ref, cand, specs, dataset = _open(reference, candidate, data, labels, input_shapes)
-    ref_session = sessions.create_session(ref.source, provider=provider)
-    cand_session = sessions.create_session(cand.source, provider=provider)
-    numeric = _numeric(ref_session, cand_session, dataset, tolerances)
+    pair = _open(reference, candidate, data, labels, input_shapes, provider)
+    ref, cand, specs, dataset = pair.ref, pair.cand, pair.specs, pair.dataset
+    numeric = _numeric(pair.ref_session, pair.cand_session, dataset, tolerances)
     layer_report = None
     if layers:
         layer_report = layers_mod.localize(ref.model, cand.model, dataset, specs, provider=provider)
@@ -150,8 +166,8 @@ def check(
     if latency_runs > 0:
         feed = dataset.first_feed()
         latency = bench.compare_latency(
-            ref_session,
-            cand_session,
+            pair.ref_session,
+            pair.cand_session,
             feed,
             runs=latency_runs,
             batch=data_mod.samples_in(feed, specs),

@@ -94,7 +94,7 @@ def _range_pass(
     and ``binned`` histograms counted from bin indices computed in the graph."""
     binned = binned or {}
     raw = sorted({r.tensor for r in others})
-    if not ranged and not raw:  # nothing to measure: count the samples, run nothing
+    if not ranged and not raw and not binned:  # nothing to measure: count samples, run nothing
         return {}, sum(batch.samples for batch in dataset.batches())
     specs = data_mod.specs_from_model(model)
     session = _session(_with_range_outputs(model, ranged, raw, careful, binned), provider, stack)
@@ -186,8 +186,7 @@ def _with_range_outputs(
     bin indices of each ``binned`` histogram."""
     clone = model.clone()
     graph = clone.graph
-    values = {v.name: v for v in graph.inputs}
-    values.update({out.name: out for node in graph for out in node.outputs})
+    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
     graph.outputs.clear()
     for name in raw:
         graph.outputs.append(values[name])
@@ -238,40 +237,19 @@ def _run(session, feed) -> dict[str, np.ndarray]:
 
 
 def _histograms(model, requests, ranges, dataset, provider, progress, stack):
-    """Counting pass: each finite tensor leaves the session as its bin indices (computed by
-    onnxruntime's threaded kernels), counted with one bincount; tensors holding inf/NaN leave
-    as values and are binned in numpy with the same arithmetic."""
-    accumulators = {
+    """Count ``requests`` again over each tensor's exact range: finite tensors as bin indices
+    computed in the graph, tensors holding inf/NaN as values binned in numpy (which drops the
+    non-finite ones)."""
+    exact = {
         r: st.HistogramAccumulator(
             ranges[r.tensor].result().minimum, ranges[r.tensor].result().maximum, r.bins
         )
         for r in requests
     }
-    clone = model.clone()
-    values = {v.name: v for v in clone.graph.inputs}
-    values.update({out.name: out for node in clone.graph for out in node.outputs})
-    clone.graph.outputs.clear()
-    binned: dict[st.StatRequest, str] = {}
-    for request, acc in accumulators.items():
-        if ranges[request.tensor].nonfinite:
-            clone.graph.outputs.append(values[request.tensor])
-        else:
-            output = _bin_index_nodes(clone.graph, values[request.tensor], acc)
-            output.name = f"{request.tensor}::bins{request.bins}"
-            clone.graph.outputs.append(output)
-            binned[request] = output.name
-    session = _session(clone, provider, stack)
-    specs = data_mod.specs_from_model(model)
-    for done, batch in enumerate(data_mod.single_samples(dataset, specs), 1):
-        outputs = _run(session, batch.feed)
-        for request, acc in accumulators.items():
-            if request in binned:
-                acc.add_indices(outputs[binned[request]])
-            else:
-                acc.add(outputs[request.tensor])
-        if progress is not None:
-            progress("histograms", done)
-    return {r: acc.result() for r, acc in accumulators.items()}
+    as_values = {r: acc for r, acc in exact.items() if ranges[r.tensor].nonfinite}
+    as_indices = {r: acc for r, acc in exact.items() if r not in as_values}
+    _range_pass(model, [], as_values, dataset, provider, progress, stack, binned=as_indices)
+    return {r: acc.result() for r, acc in exact.items()}
 
 
 def _bin_index_nodes(graph: ir.Graph, x: ir.Value, acc: st.HistogramAccumulator) -> ir.Value:

@@ -213,7 +213,7 @@ def dequantized_stand_ins(model: ir.Model) -> dict[str, str]:
 def with_outputs(model: ir.Model, names: Sequence[str]) -> ir.Model:
     """A clone of ``model`` whose graph also outputs the tensors ``names``."""
     clone = model.clone()
-    values = {out.name: out for node in clone.graph for out in node.outputs if out.name}
+    values = ir.convenience.create_value_mapping(clone.graph, include_subgraphs=False)
     present = {v.name for v in clone.graph.outputs}
     for name in names:
         if name not in present:

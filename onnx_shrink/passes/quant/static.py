@@ -238,8 +238,7 @@ class _QdqWriter:
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
-        self.values = {v.name: v for v in graph.inputs}
-        self.values.update({o.name: o for n in graph for o in n.outputs})
+        self.values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
         self.weights: dict[tuple[str, int | None, str], tuple[ir.Value, np.ndarray]] = {}
         self.dequantized: dict[str, Params] = {}
         """DQ output name -> the (scale, zero point) of the tensor it stands for"""
