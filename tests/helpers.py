@@ -7,6 +7,8 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnx.helper
+import onnx.numpy_helper
 import onnxruntime as ort
 
 
@@ -38,3 +40,19 @@ def run_ort(model: bytes | str | Path, feed: dict[str, np.ndarray]) -> list[np.n
 def files_in(folder: Path) -> set[str]:
     """Names of all files under ``folder`` (to prove nothing was written)."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}
+
+
+def make_model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProto:
+    """A checked model from onnx.helper nodes and value infos, with numpy initializers."""
+    graph = onnx.helper.make_graph(
+        nodes,
+        "g",
+        inputs,
+        outputs,
+        initializer=[onnx.numpy_helper.from_array(v, k) for k, v in inits.items()],
+    )
+    model = onnx.helper.make_model(
+        graph, opset_imports=[onnx.helper.make_opsetid("", opset)], ir_version=8
+    )
+    onnx.checker.check_model(model)
+    return model

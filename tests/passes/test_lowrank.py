@@ -19,20 +19,11 @@ from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, Sta
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.lowrank import LowRankPass, factorize, factors, refit, whitener
 from onnx_shrink.passes.quant.static import QuantPass
-from tests.helpers import run_ort
+from tests.helpers import make_model, run_ort
 
 RNG = np.random.default_rng(0)
 F = onnx.TensorProto.FLOAT
 NO_STATS = Statistics({}, 0, "none")
-
-
-def _model(nodes, inputs, outputs, inits, opset=17):
-    graph = oh.make_graph(
-        nodes, "g", inputs, outputs, initializer=[onh.from_array(v, k) for k, v in inits.items()]
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
 
 
 def _low_rank(k: int, n: int, rank: int) -> np.ndarray:
@@ -106,7 +97,7 @@ def test_whitener_damps_a_rank_deficient_gram():
 
 def test_rank_r_matmul_weight_is_reproduced_exactly():
     w = _low_rank(64, 96, 8)
-    proto = _model(
+    proto = make_model(
         [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
         [oh.make_tensor_value_info("x", F, [2, 5, 64])],
         [oh.make_tensor_value_info("y", F, [2, 5, 96])],
@@ -130,7 +121,7 @@ def test_gemm_trans_b_alpha_beta_and_bias_are_kept(trans_a):
     c = RNG.standard_normal(96).astype(np.float32)
     x_shape = [64, 3] if trans_a else [3, 64]
     attrs = {"transA": trans_a, "transB": 1, "alpha": 0.5, "beta": 2.0}
-    proto = _model(
+    proto = make_model(
         [oh.make_node("Gemm", ["x", "w", "c"], ["y"], name="fc", **attrs)],
         [oh.make_tensor_value_info("x", F, x_shape)],
         [oh.make_tensor_value_info("y", F, [3, 96])],
@@ -147,7 +138,7 @@ def test_gemm_trans_b_alpha_beta_and_bias_are_kept(trans_a):
 def test_1x1_conv_with_stride_pads_and_bias_is_split_exactly():
     w = _low_rank(64, 96, 8)  # K (in) x N (out)
     bias = RNG.standard_normal(96).astype(np.float32)
-    proto = _model(
+    proto = make_model(
         [
             oh.make_node(
                 "Conv", ["x", "w", "b"], ["y"], name="pw", strides=[2, 2], pads=[1, 1, 1, 1]
@@ -166,7 +157,7 @@ def test_1x1_conv_with_stride_pads_and_bias_is_split_exactly():
 
 
 def test_skipped_layers_are_reported_with_their_reason(caplog):
-    proto = _model(
+    proto = make_model(
         [
             oh.make_node("MatMul", ["x", "small"], ["h"], name="small_mm"),
             oh.make_node("MatMul", ["h", "square"], ["h2"], name="square_mm"),
@@ -208,7 +199,7 @@ def test_skipped_layers_are_reported_with_their_reason(caplog):
 
 def test_layer_past_break_even_stays_dense():
     w = RNG.standard_normal((96, 96)).astype(np.float32)  # full rank; break-even 48
-    proto = _model(
+    proto = make_model(
         [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
         [oh.make_tensor_value_info("x", F, [4, 96])],
         [oh.make_tensor_value_info("y", F, [4, 96])],
@@ -222,7 +213,7 @@ def test_layer_past_break_even_stays_dense():
 
 def test_constant_node_weights_are_lifted_and_split():
     w = _low_rank(64, 64, 8)
-    proto = _model(
+    proto = make_model(
         [
             oh.make_node("Constant", [], ["w"], value=onh.from_array(w, "w")),
             oh.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
@@ -250,7 +241,7 @@ def _stack(layers: int, k: int = 96, n: int = 128):
         nodes.append(oh.make_node("Slice", [f"h{i}", "s0", "s1", "ax"], [f"x{i}"]))
         prev = f"x{i}"
     inits.update(s0=np.array([0], np.int64), s1=np.array([k], np.int64), ax=np.array([1], np.int64))
-    return _model(
+    return make_model(
         nodes,
         [oh.make_tensor_value_info("x", F, [4, k])],
         [oh.make_tensor_value_info(prev, F, [4, k])],
@@ -289,7 +280,7 @@ def test_data_free_mode_requests_no_statistics():
 def test_activation_aware_halves_the_output_error_of_plain_svd():
     k, n = 64, 96
     w = RNG.standard_normal((k, n)).astype(np.float32)
-    proto = _model(
+    proto = make_model(
         [oh.make_node("MatMul", ["x", "w"], ["y"], name="mm")],
         [oh.make_tensor_value_info("x", F, [None, k])],
         [oh.make_tensor_value_info("y", F, [None, n])],
@@ -309,7 +300,7 @@ def test_activation_aware_halves_the_output_error_of_plain_svd():
 
 def test_conv_activation_aware_uses_channel_energies():
     w = RNG.standard_normal((96, 64, 1, 1)).astype(np.float32)
-    proto = _model(
+    proto = make_model(
         [oh.make_node("Conv", ["x", "w"], ["y"], name="pw")],
         [oh.make_tensor_value_info("x", F, [1, 64, 4, 4])],
         [oh.make_tensor_value_info("y", F, [1, 96, 4, 4])],

@@ -28,9 +28,11 @@ def _requests(model):
     return (
         [StatRequest(n, "minmax") for n in names]
         + [StatRequest(n, "histogram", bins=256) for n in names[:4]]
-        + [StatRequest(names[2], "channel_absmax", axis=1),
-           StatRequest(names[2], "channel_sqnorm", axis=1),
-           StatRequest("image", "gram")]
+        + [
+            StatRequest(names[2], "channel_absmax", axis=1),
+            StatRequest(names[2], "channel_sqnorm", axis=1),
+            StatRequest("image", "gram"),
+        ]
     )
 
 
@@ -52,9 +54,11 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
         elif request.kind == "channel_absmax":
             np.testing.assert_array_equal(a.values, b.values)
         else:
-            np.testing.assert_allclose(getattr(a, "values", getattr(a, "matrix", None)),
-                                       getattr(b, "values", getattr(b, "matrix", None)),
-                                       rtol=1e-12)
+            np.testing.assert_allclose(
+                getattr(a, "values", getattr(a, "matrix", None)),
+                getattr(b, "values", getattr(b, "matrix", None)),
+                rtol=1e-12,
+            )
 
 
 def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
@@ -65,8 +69,11 @@ def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     name = model.graph.node(2).outputs[0].name  # the first Relu
     stats = collect.collect(
         model,
-        [StatRequest(name, "minmax"), StatRequest(name, "histogram", bins=32),
-         StatRequest(name, "channel_sqnorm", axis=1)],
+        [
+            StatRequest(name, "minmax"),
+            StatRequest(name, "histogram", bins=32),
+            StatRequest(name, "channel_sqnorm", axis=1),
+        ],
         data.prepare(specs, tmp_path / "d.npz"),
     )
     exposed = io.load(digits.MODEL_PATH)
@@ -82,17 +89,22 @@ def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
 
 
 def test_non_finite_values_are_counted_not_ranged(tmp_path):
-    model = io.load(parse("""
+    model = io.load(
+        parse("""
     <ir_version: 8, opset_import: ["" : 17]>
     g (float[N, 4] x, float[N, 4] mask) => (float[N, 4] y) {
       y = Add(x, mask)
     }
-    """))
+    """)
+    )
     specs = data.specs_from_model(model)
     mask = np.where(np.arange(8).reshape(2, 4) % 2, 0.0, -np.inf).astype(np.float32)
     np.savez(tmp_path / "d.npz", x=np.ones((2, 4), np.float32), mask=mask)
-    stats = collect.collect(model, [StatRequest("y", "minmax"), StatRequest("y", "histogram")],
-                            data.prepare(specs, tmp_path / "d.npz"))
+    stats = collect.collect(
+        model,
+        [StatRequest("y", "minmax"), StatRequest("y", "histogram")],
+        data.prepare(specs, tmp_path / "d.npz"),
+    )
     minmax = stats.minmax("y")
     assert minmax.nonfinite == 4 and np.isfinite([minmax.minimum, minmax.maximum]).all()
     assert stats.histogram("y").total == 4

@@ -5,26 +5,16 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
-import onnx.numpy_helper as onh
 import onnxruntime as ort
 import pytest
 
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, data
-from tests.helpers import run_ort
+from tests.helpers import make_model, run_ort
 
 RNG = np.random.default_rng(0)
 F = onnx.TensorProto.FLOAT
-
-
-def _model(nodes, inputs, outputs, inits, opset=17):
-    graph = oh.make_graph(
-        nodes, "g", inputs, outputs, initializer=[onh.from_array(v, k) for k, v in inits.items()]
-    )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=8)
-    onnx.checker.check_model(model)
-    return model
 
 
 def _quantize(proto, feeds, tmp_path, **options):
@@ -55,7 +45,7 @@ def _ops(model):
 def _conv_relu_pool():
     w = RNG.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.3
     w2 = RNG.standard_normal((8, 8, 3, 3)).astype(np.float32) * 0.2
-    return _model(
+    return make_model(
         [
             oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
             oh.make_node("Relu", ["c"], ["r"]),
@@ -95,7 +85,7 @@ def test_relu_is_folded_into_the_producers_range(tmp_path):
 
 def test_maxpool_and_reshape_share_their_inputs_scale(tmp_path):
     w = RNG.standard_normal((16, 4)).astype(np.float32)
-    proto = _model(
+    proto = make_model(
         [
             oh.make_node("MatMul", ["x", "w"], ["m"]),
             oh.make_node("Reshape", ["m", "shape"], ["r"]),
@@ -125,7 +115,7 @@ def test_weights_are_per_channel_s8_and_biases_int32(tmp_path):
 
 def test_softmax_and_layernorm_stay_float_and_mask_sentinels_are_never_quantized(tmp_path):
     d = 8
-    proto = _model(
+    proto = make_model(
         [
             oh.make_node("MatMul", ["x", "wq"], ["q"]),
             oh.make_node("MatMul", ["q", "xt"], ["scores"]),

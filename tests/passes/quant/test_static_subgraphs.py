@@ -16,16 +16,28 @@ from tests.helpers import run_ort
 def _if_model() -> onnx.ModelProto:
     rng = np.random.default_rng(0)
     w = onh.from_array(rng.standard_normal((64, 96)).astype(np.float32), "w")
-    then = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["a"])], "then", [],
-                         [oh.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [4, 96])])
-    other = oh.make_graph([oh.make_node("MatMul", ["x", "w"], ["b0"]),
-                           oh.make_node("Neg", ["b0"], ["b"])], "else", [],
-                          [oh.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [4, 96])])
+    then = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["a"])],
+        "then",
+        [],
+        [oh.make_tensor_value_info("a", onnx.TensorProto.FLOAT, [4, 96])],
+    )
+    other = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["b0"]), oh.make_node("Neg", ["b0"], ["b"])],
+        "else",
+        [],
+        [oh.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [4, 96])],
+    )
     graph = oh.make_graph(
-        [oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)], "g",
-        [oh.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
-         oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64])],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 96])], initializer=[w])
+        [oh.make_node("If", ["c"], ["y"], then_branch=then, else_branch=other)],
+        "g",
+        [
+            oh.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64]),
+        ],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 96])],
+        initializer=[w],
+    )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
