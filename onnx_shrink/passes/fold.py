@@ -308,19 +308,11 @@ class _Annotations:
         """
         used = {n.name for n in walk.all_nodes(model) if n.name in self.node_names}
         for node in walk.all_nodes(model):
-            if node.name and node.name in self.node_names:
-                continue
-            inherited = next(
-                (
-                    self.producer_names[o.name]
-                    for o in node.outputs
-                    if self.producer_names.get(o.name) not in (None, *used)
-                ),
-                None,
-            )
-            node.name = inherited
-            if inherited:
-                used.add(inherited)
+            if not (node.name and node.name in self.node_names):
+                node.name = self._inherited_name(node, used)
+                if node.name:
+                    used.add(node.name)
+            # Every node, renamed or not: shape inference typed the outputs of kept nodes too.
             for out in node.outputs:
                 out.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)
                 if out.name not in self.typed_values and not out.is_graph_output():
@@ -328,6 +320,17 @@ class _Annotations:
                     out.shape = None
         for value, _ in walk.initializer_tensors(model):
             value.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)
+
+    def _inherited_name(self, node: ir.Node, used: set[str]) -> str | None:
+        """The name of the input node whose output ``node`` took over, if not taken yet."""
+        return next(
+            (
+                self.producer_names[o.name]
+                for o in node.outputs
+                if self.producer_names.get(o.name) not in (None, *used)
+            ),
+            None,
+        )
 
 
 def _known_bytes(value: ir.Value) -> int | None:

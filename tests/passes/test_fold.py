@@ -8,6 +8,7 @@ import numpy as np
 import onnx_ir as ir
 import pytest
 
+from models import builders
 from onnx_shrink.compiler import io, stats
 from onnx_shrink.passes import fold as fold_mod
 from onnx_shrink.passes.fold import FoldPass
@@ -55,6 +56,20 @@ def test_the_input_model_is_left_as_it_was():
 def test_folding_a_folded_model_reports_no_change():
     _, folded, _ = _fold(CHAIN)
     assert not FoldPass()(folded).modified
+
+
+def test_nodes_that_keep_their_names_gain_no_inferred_types(caplog):
+    """Shape inference types every value; saved, that is value_info the input did not hold.
+    It once made fold grow, and roll back, any model without value_info it could not shrink."""
+    model = io.load(builders.build_transformer_encoder(layers=2, d_model=32, heads=2, d_ff=64))
+    candidate = fold_mod._private_clone(model)
+    annotations = fold_mod._Annotations.of(model)
+    FoldPass()._run_pipeline(candidate, allow_growth=True)
+    annotations.strip_new(candidate)
+    assert not io.serialize_proto(candidate).graph.value_info
+    with caplog.at_level(logging.INFO, logger="onnx_shrink.passes.fold"):
+        FoldPass()(model)
+    assert "exceeds the limit" not in caplog.text
 
 
 def test_constant_weights_are_lifted_to_initializers():
