@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import data_files
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
@@ -39,7 +39,7 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
         )
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
-    io.write_text(path, new)
+    data_files.write_text(path, new)
 
 
 def package_version(dist: str) -> str:

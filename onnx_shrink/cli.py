@@ -21,7 +21,7 @@ from rich.console import Console
 
 from onnx_shrink import __version__, console
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
-from onnx_shrink.compiler import io, pipeline, registry
+from onnx_shrink.compiler import data_files, pipeline, registry
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
@@ -325,9 +325,9 @@ def _int_list(text: str, option: str) -> list[int]:
 
 def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:
     if getattr(args, "report", None):
-        io.write_text(args.report, json.dumps(_strict_json(figures), indent=2) + "\n")
+        data_files.write_text(args.report, json.dumps(_strict_json(figures), indent=2) + "\n")
     if getattr(args, "html", None):
-        io.write_text(args.html, html())
+        data_files.write_text(args.html, html())
 
 
 def _strict_json(value: object) -> object:

@@ -25,7 +25,6 @@ import zlib
 from pathlib import Path
 
 import google.protobuf.message
-import numpy as np
 import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
@@ -405,60 +404,3 @@ def zipped_bytes(paths: list[Path], level: int = 1) -> int:
 def file_bytes(path: str | os.PathLike) -> int:
     """Bytes on disk of a model file plus the external-data files it references."""
     return sum(p.stat().st_size for p in model_files(path))
-
-
-def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
-    """Read an ``.npz`` archive into a dict of arrays (no pickles)."""
-    try:
-        with np.load(path, allow_pickle=False) as archive:
-            return {key: archive[key] for key in archive.files}
-    except (OSError, ValueError) as e:
-        raise ShrinkError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
-
-
-def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
-    """Write arrays to an uncompressed ``.npz`` (calibration batches spilled to disk)."""
-    with open(path, "wb") as handle:
-        np.savez(handle, **arrays)
-
-
-def load_npy(path: str | os.PathLike) -> np.ndarray:
-    """Read one ``.npy`` array (no pickles)."""
-    try:
-        return np.load(path, allow_pickle=False)
-    except (OSError, ValueError) as e:
-        raise ShrinkError(f"{path}: cannot read as .npy ({_first_line(e)})") from e
-
-
-def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
-    """Read a serialized ``TensorProto`` (onnxruntime's test-data layout): (name, array)."""
-    tensor = onnx.TensorProto()
-    try:
-        tensor.ParseFromString(Path(path).read_bytes())
-        return tensor.name, onnx.numpy_helper.to_array(tensor)
-    except (OSError, google.protobuf.message.DecodeError, ValueError) as e:
-        raise ShrinkError(f"{path}: not a serialized TensorProto ({_first_line(e)})") from e
-
-
-def read_text(path: str | os.PathLike) -> str:
-    """Read a small text file (recipes); errors become one clear line."""
-    try:
-        return Path(path).read_text(encoding="utf-8")
-    except OSError as e:
-        raise ShrinkError(f"{path}: cannot be read ({e.strerror or e})") from e
-
-
-def write_text(path: str | os.PathLike, text: str) -> None:
-    """Write a text file atomically (reports)."""
-    path = Path(path)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent or ".")
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o666 & ~umask)  # mkstemp makes 0600; a report is an ordinary file
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            handle.write(text)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise

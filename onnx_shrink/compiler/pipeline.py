@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, registry, stats
+from onnx_shrink.compiler import data_files, io, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
@@ -101,7 +101,7 @@ def _instantiate(name: str, raw_options: Mapping[str, Any]) -> ir.passes.PassBas
 
 def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     try:
-        data = tomllib.loads(io.read_text(path))
+        data = tomllib.loads(data_files.read_text(path))
     except tomllib.TOMLDecodeError as e:
         raise PipelineSpecError(f"{path}: not valid TOML ({e})") from e
     passes = data.pop("passes", None)

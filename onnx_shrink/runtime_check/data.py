@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import data_files
 from onnx_shrink.errors import DataError
 
 logger = logging.getLogger(__name__)
@@ -191,7 +191,7 @@ def from_npz(
     path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
 ) -> Dataset:
     """``.npz`` with one array per input and optional ``labels``."""
-    arrays = io.load_npz(path)
+    arrays = data_files.load_npz(path)
     stored_labels = arrays.pop("labels", None)
     return from_arrays(
         arrays, specs, labels=labels if labels is not None else stored_labels, where=str(path)
@@ -203,7 +203,7 @@ def from_npy_folder(
 ) -> Dataset:
     """A folder holding ``<input name>.npy`` per input and optional ``labels.npy``."""
     folder = Path(path)
-    arrays = {p.stem: io.load_npy(p) for p in sorted(folder.glob("*.npy"))}
+    arrays = {p.stem: data_files.load_npy(p) for p in sorted(folder.glob("*.npy"))}
     stored_labels = arrays.pop("labels", None)
     return from_arrays(
         arrays, specs, labels=labels if labels is not None else stored_labels, where=str(folder)
@@ -223,7 +223,7 @@ def from_test_data_sets(path: str | Path, specs: Sequence[InputSpec]) -> Dataset
     def make_batches() -> Iterator[Batch]:
         for folder in sets:
             tensors = [
-                io.load_tensor_pb(p)
+                data_files.load_tensor_pb(p)
                 for p in sorted(folder.glob("input_*.pb"), key=lambda p: _natural_key(p.name))
             ]
             if len(tensors) != len(specs):
@@ -435,11 +435,11 @@ def _open(
 def _load_labels(path: str | Path) -> np.ndarray:
     path = Path(path)
     if path.suffix == ".npz":
-        arrays = io.load_npz(path)
+        arrays = data_files.load_npz(path)
         if "labels" not in arrays:
             raise DataError(f"{path}: has no 'labels' array")
         return arrays["labels"]
-    return io.load_npy(path)
+    return data_files.load_npy(path)
 
 
 def describe_feed(feed: Mapping[str, Any]) -> str:
@@ -457,7 +457,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
 
     def keep(batch: Batch) -> None:
         path = folder / f"batch_{len(written):06d}.npz"
-        io.save_npz(path, batch.feed)
+        data_files.save_npz(path, batch.feed)
         written.append((path, batch.samples))
 
     def spill() -> Iterator[Batch]:
@@ -474,7 +474,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
 
     def replay() -> Iterator[Batch]:
         for path, samples in written:
-            yield Batch(io.load_npz(path), samples, None)
+            yield Batch(data_files.load_npz(path), samples, None)
 
     state = {"spilled": False}
 

@@ -11,7 +11,7 @@ import pytest
 
 from models import digits
 from models.builders import build_cnn, build_mlp, build_transformer_block
-from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler import data_files, io, walk
 from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
 from onnx_shrink.passes.fp16 import DEFAULT_BLOCK_OPS, Float16Pass
 from onnx_shrink.runtime_check import collect, data
@@ -389,7 +389,7 @@ def test_bad_options_are_rejected():
 
 def test_digits_keeps_its_accuracy_in_float16():
     original = io.load(digits.MODEL_PATH)
-    arrays = io.load_npz(digits.TEST_DATA_PATH)
+    arrays = data_files.load_npz(digits.TEST_DATA_PATH)
     pass_ = Float16Pass()
     dataset = data.prepare(data.specs_from_model(original), digits.TEST_DATA_PATH)
     stats = collect.collect(original, pass_.requests(original), dataset)

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from models import digits
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import data_files, io
 from onnx_shrink.compiler.statistics import StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect, data
@@ -39,7 +39,7 @@ def _requests(model):
 def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    images = io.load_npz(digits.TEST_DATA_PATH)["image"][:40]
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40]
     np.savez(tmp_path / "all.npz", image=images)
     batched = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "all.npz"))
     single = collect.collect(model, _requests(model), data.prepare(specs, OneSampleReader(images)))
@@ -64,7 +64,7 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
 def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    images = io.load_npz(digits.TEST_DATA_PATH)["image"][:16]
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:16]
     np.savez(tmp_path / "d.npz", image=images)
     name = model.graph.node(2).outputs[0].name  # the first Relu
     stats = collect.collect(

@@ -1,0 +1,64 @@
+"""Array files: memory-mapped where the format allows, the same values either way."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from onnx_shrink.compiler import data_files
+from onnx_shrink.errors import ShrinkError
+
+
+@pytest.fixture
+def arrays() -> dict[str, np.ndarray]:
+    rng = np.random.default_rng(0)
+    return {
+        "image": rng.standard_normal((5, 3, 4, 4)).astype(np.float32),
+        "ids": rng.integers(0, 100, (5, 7)).astype(np.int64),
+        "fortran": np.asfortranarray(rng.standard_normal((3, 4))),
+        "empty": np.zeros((0, 2), np.float32),
+        "scalar": np.array(3.5),
+    }
+
+
+def test_stored_npz_members_are_mapped_with_their_values(tmp_path, arrays):
+    path = tmp_path / "data.npz"
+    data_files.save_npz(path, arrays)
+    loaded = data_files.load_npz(path)
+    assert set(loaded) == set(arrays)
+    for key, expected in arrays.items():
+        np.testing.assert_array_equal(loaded[key], expected)
+        assert loaded[key].dtype == expected.dtype
+    assert isinstance(loaded["image"], np.memmap)
+    assert not loaded["image"].flags.writeable
+
+
+def test_compressed_npz_members_are_read_whole(tmp_path, arrays):
+    path = tmp_path / "data.npz"
+    np.savez_compressed(path, **arrays)
+    loaded = data_files.load_npz(path)
+    assert not isinstance(loaded["image"], np.memmap)
+    for key, expected in arrays.items():
+        np.testing.assert_array_equal(loaded[key], expected)
+
+
+def test_object_arrays_are_refused(tmp_path):
+    path = tmp_path / "pickled.npz"
+    np.savez(path, names=np.array([{"a": 1}], dtype=object))
+    with pytest.raises(ShrinkError, match="pickled.npz: cannot read as .npz"):
+        data_files.load_npz(path)
+
+
+def test_not_an_archive_is_one_clear_error(tmp_path):
+    path = tmp_path / "bad.npz"
+    path.write_bytes(b"not a zip")
+    with pytest.raises(ShrinkError, match="bad.npz: cannot read as .npz"):
+        data_files.load_npz(path)
+
+
+def test_npy_files_are_mapped(tmp_path, arrays):
+    path = tmp_path / "image.npy"
+    np.save(path, arrays["image"])
+    loaded = data_files.load_npy(path)
+    assert isinstance(loaded, np.memmap)
+    np.testing.assert_array_equal(loaded, arrays["image"])
