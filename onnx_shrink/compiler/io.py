@@ -60,6 +60,10 @@ KNOWN_DOMAINS = frozenset(
 
 PRODUCER_NAME = "onnx-shrink"
 
+# The external-data location of a stand-in for a tensor handed to onnxruntime in memory
+# (compiler.large_tensors): serialization keeps it a reference, never reads it.
+IN_MEMORY_LOCATION = "onnx-shrink:in-memory"
+
 
 @dataclasses.dataclass(frozen=True)
 class SavedModel:
@@ -267,16 +271,6 @@ def tensor_bytes(model: ir.Model) -> int:
     return sum(tensor.nbytes for tensor in walk.all_tensors(model))
 
 
-def serialized_bytes(model: ir.Model) -> int:
-    """Bytes the model takes when saved: the protobuf plus tensors kept in external data.
-
-    Memory-mapped tensors are counted by size instead of being read, so this stays cheap for
-    models over 2 GB loaded with external data.
-    """
-    external = sum(t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor))
-    return serialize_proto(model, keep_external=True).ByteSize() + external
-
-
 def save(
     model: ir.Model, path: str | os.PathLike, *, external_data: bool | None = None
 ) -> SavedModel:
@@ -322,7 +316,7 @@ class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like o
 
     def __enter__(self) -> None:
         for value, tensor in walk.initializer_tensors(self._model):
-            if isinstance(tensor, ir.ExternalTensor):
+            if isinstance(tensor, ir.ExternalTensor) and tensor.location != IN_MEMORY_LOCATION:
                 self._swapped.append((value, tensor))
                 value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
 

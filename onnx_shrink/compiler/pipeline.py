@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import data_files, io, registry, stats
+from onnx_shrink.compiler import data_files, io, large_tensors, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
@@ -200,7 +200,7 @@ def run(
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     steps: list[StepRecord] = []
-    current_stats, current_bytes = stats.measure(model), io.serialized_bytes(model)
+    current_stats, current_bytes = stats.measure(model), large_tensors.saved_bytes(model)
     for index, pass_ in enumerate(passes):
         if on_start is not None:
             on_start(index, pass_)
@@ -214,7 +214,7 @@ def run(
             runnable = pass_.bind(statistics)
         result, seconds, rolled_back, verdict = _run_one(runnable, model, steps, verify, strict)
         model = result.model
-        new_stats, new_bytes = stats.measure(model), io.serialized_bytes(model)
+        new_stats, new_bytes = stats.measure(model), large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
             target = Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"

@@ -13,7 +13,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
-from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler import io, large_tensors, walk
 from onnx_shrink.compiler.options import check_options, option
 
 logger = logging.getLogger(__name__)
@@ -94,14 +94,14 @@ class FoldPass(ir.passes.FunctionalPass):
         check_options(self)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        before = io.serialized_bytes(model)
+        before = large_tensors.saved_bytes(model)
         limit = before + self.max_growth_bytes
         annotations = _Annotations.of(model)
         for allow_growth in (True, False):
             candidate = _private_clone(model)
             modified = self._run_pipeline(candidate, allow_growth)
             annotations.strip_new(candidate)
-            after = io.serialized_bytes(candidate)
+            after = large_tensors.saved_bytes(candidate)
             # onnxscript's rewriter deletes dead initializers without reporting a change.
             modified = modified or after != before
             if after > limit:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-import tempfile
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import large_tensors
 from onnx_shrink.compiler import statistics as st
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
@@ -60,17 +58,15 @@ def collect(
     with contextlib.ExitStack() as stack:
         replay = data_mod.replayable(dataset, stack) if ranged else dataset
         others = {r: _accumulator(r) for r in requests if r.tensor in raw and r.kind != "minmax"}
-        binned = _probe_bins(model, histograms, replay, provider, progress, stack)
+        binned = _probe_bins(model, histograms, replay, provider, progress)
         ranges, samples = _range_pass(
-            model, ranged, others, replay, provider, progress, stack, binned=binned
+            model, ranged, others, replay, provider, progress, binned=binned
         )
         # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
         # are measured again, with the non-finite values counted and kept out of the range.
         flagged = [name for name, acc in ranges.items() if not acc.finite]
         if flagged:
-            repaired, _ = _range_pass(
-                model, flagged, {}, replay, provider, progress, stack, careful=True
-            )
+            repaired, _ = _range_pass(model, flagged, {}, replay, provider, progress, careful=True)
             ranges.update(repaired)
         results: dict[st.StatRequest, st.StatResult] = {
             r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"
@@ -81,15 +77,13 @@ def collect(
         recount = [r for r in histograms if r not in binned or _overflowed(r, binned[r], ranges)]
         results.update({r: binned[r].result() for r in histograms if r not in recount})
         if recount:
-            results.update(_histograms(model, recount, ranges, replay, provider, progress, stack))
+            results.update(_histograms(model, recount, ranges, replay, provider, progress))
     return st.Statistics(
         results={r: results[r] for r in requests}, samples=samples, source=dataset.description
     )
 
 
-def _range_pass(
-    model, ranged, others, dataset, provider, progress, stack, careful=False, binned=None
-):
+def _range_pass(model, ranged, others, dataset, provider, progress, careful=False, binned=None):
     """One pass: ranges of ``ranged`` reduced in the graph, ``others`` folded from raw tensors,
     and ``binned`` histograms counted from bin indices computed in the graph."""
     binned = binned or {}
@@ -97,7 +91,7 @@ def _range_pass(
     if not ranged and not raw and not binned:  # nothing to measure: count samples, run nothing
         return {}, sum(batch.samples for batch in dataset.batches())
     specs = data_mod.specs_from_model(model)
-    session = _session(_with_range_outputs(model, ranged, raw, careful, binned), provider, stack)
+    session = _session(_with_range_outputs(model, ranged, raw, careful, binned), provider)
     ranges = {name: st.MinMaxAccumulator() for name in ranged}
     samples = 0
     # One sample per run: the session returns every requested tensor of the run, so memory
@@ -125,7 +119,7 @@ PROBE_SAMPLES = 16
 PROBE_MARGIN = 0.5
 
 
-def _probe_bins(model, histograms, dataset, provider, progress, stack):
+def _probe_bins(model, histograms, dataset, provider, progress):
     """Histogram accumulators with edges from the first ``PROBE_SAMPLES`` samples."""
     if not histograms:
         return {}
@@ -133,7 +127,7 @@ def _probe_bins(model, histograms, dataset, provider, progress, stack):
     first = list(itertools.islice(data_mod.single_samples(dataset, specs), PROBE_SAMPLES))
     probe = data_mod.Dataset(dataset.description, dataset.synthetic, False, lambda: iter(first))
     tensors = sorted({r.tensor for r in histograms})
-    ranges, _ = _range_pass(model, tensors, {}, probe, provider, progress, stack)
+    ranges, _ = _range_pass(model, tensors, {}, probe, provider, progress)
     binned = {}
     for request in histograms:
         acc = ranges[request.tensor]
@@ -223,20 +217,25 @@ def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
     return list(named.values())
 
 
-def _session(model: ir.Model, provider: str, stack: contextlib.ExitStack):
-    if io.tensor_bytes(model) < io.EXTERNAL_DATA_THRESHOLD_BYTES:
-        return sessions.create_session(io.to_bytes(model), provider=provider)
-    folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-")))
-    saved = io.save(model, folder / "statistics.onnx", external_data=True)
-    return sessions.create_session(saved.path, provider=provider)
+def _session(model: ir.Model, provider: str):
+    # Weights are handed over in place: no serialized copy, no temporary file, any size.
+    return sessions.create_session(large_tensors.session_source(model), provider=provider)
 
 
 def _run(session, feed) -> dict[str, np.ndarray]:
     names = [o.name for o in session.get_outputs()]
-    return dict(zip(names, session.run(names, feed), strict=True))
+    try:
+        return dict(zip(names, session.run(names, feed), strict=True))
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ShrinkError(
+            f"the model failed on a calibration sample ({data_mod.describe_feed(feed)}): "
+            f"{first[:300]}. Give samples it accepts (--calibration / --data), or other "
+            "synthetic shapes with --input-shape"
+        ) from e
 
 
-def _histograms(model, requests, ranges, dataset, provider, progress, stack):
+def _histograms(model, requests, ranges, dataset, provider, progress):
     """Count ``requests`` again over each tensor's exact range: finite tensors as bin indices
     computed in the graph, tensors holding inf/NaN as values binned in numpy (which drops the
     non-finite ones)."""
@@ -248,7 +247,7 @@ def _histograms(model, requests, ranges, dataset, provider, progress, stack):
     }
     as_values = {r: acc for r, acc in exact.items() if ranges[r.tensor].nonfinite}
     as_indices = {r: acc for r, acc in exact.items() if r not in as_values}
-    _range_pass(model, [], as_values, dataset, provider, progress, stack, binned=as_indices)
+    _range_pass(model, [], as_values, dataset, provider, progress, binned=as_indices)
     return {r: acc.result() for r, acc in exact.items()}
 
 

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.compare import ErrorAccumulator
@@ -90,10 +90,11 @@ def localize(
     """Compare every shared intermediate tensor of two models over ``dataset``, per sample."""
     tensors, unmatched = match_tensors(reference, candidate)
     ref_session = sessions.create_session(
-        io.to_bytes(with_outputs(reference, [t.name for t in tensors])), provider=provider
+        large_tensors.session_source(with_outputs(reference, [t.name for t in tensors])),
+        provider=provider,
     )
     cand_session = sessions.create_session(
-        io.to_bytes(with_outputs(candidate, [t.candidate_name for t in tensors])),
+        large_tensors.session_source(with_outputs(candidate, [t.candidate_name for t in tensors])),
         provider=provider,
     )
     accumulators = {t.name: ErrorAccumulator(t.name) for t in tensors}

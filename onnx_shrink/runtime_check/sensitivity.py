@@ -18,15 +18,13 @@ import logging
 import math
 import re
 import shlex
-import tempfile
 import time
 from collections.abc import Callable, Sequence
-from pathlib import Path
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import io, large_tensors
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, static
@@ -177,7 +175,7 @@ def sensitivity(
         if quant.per_channel:  # as the pass does before planning: per-channel DQ needs opset 13
             static._ensure_opset_13(base)
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
-        runner = _Runner(base, quant, stats, data, provider, stack, progress)
+        runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
         measured: list[LayerSensitivity] = []
         for index, group in enumerate(groups, 1):
@@ -246,11 +244,10 @@ class _Runner:
         stats: Statistics,
         data: data_mod.Dataset,
         provider: str,
-        stack: contextlib.ExitStack,
         progress: Progress | None,
     ) -> None:
         self.base, self.quant, self.stats, self.data = base, quant, stats, data
-        self.provider, self.stack, self.progress = provider, stack, progress
+        self.provider, self.progress = provider, progress
         self.outputs = _compared_outputs(base)
         self.sep = _separator(base)
         self.samples = 0
@@ -296,11 +293,7 @@ class _Runner:
         return combined
 
     def session(self, model: ir.Model):
-        if io.tensor_bytes(model) < io.EXTERNAL_DATA_THRESHOLD_BYTES:
-            return sessions.create_session(io.to_bytes(model), provider=self.provider)
-        folder = self.stack.enter_context(tempfile.TemporaryDirectory(prefix="onnx-shrink-"))
-        saved = io.save(model, Path(folder) / "sensitivity.onnx", external_data=True)
-        return sessions.create_session(saved.path, provider=self.provider)
+        return sessions.create_session(large_tensors.session_source(model), provider=self.provider)
 
 
 def _compared_outputs(model: ir.Model) -> list[int]:

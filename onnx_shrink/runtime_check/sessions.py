@@ -2,19 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from io import StringIO
 from pathlib import Path
 from typing import Any
 
 import onnxruntime as ort
 
+from onnx_shrink.compiler import large_tensors
 from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
 
-ModelBytesOrPath = bytes | str | os.PathLike
+ModelBytesOrPath = bytes | str | os.PathLike | large_tensors.SessionSource
 
 # Short names users type -> onnxruntime's provider names.
 PROVIDER_ALIASES = {
@@ -80,7 +83,8 @@ def create_session(
     threads: int | None = None,
     optimize: bool = True,
 ) -> ort.InferenceSession:
-    """Create a session for a model file or serialized model bytes.
+    """Create a session for a model file, serialized model bytes, or a ``SessionSource``
+    (``compiler.large_tensors``: its arrays are used in place and kept alive with the session).
 
     Args:
         provider: short name (``cpu``, ``cuda``, ...) or onnxruntime's provider name, with
@@ -102,10 +106,42 @@ def create_session(
     providers: list[Any] = [(full, {**parse_provider(provider)[1], **(provider_options or {})})]
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
-    source = model if isinstance(model, bytes) else str(Path(model))
+    initializers: list[ort.OrtValue] = []
+    if isinstance(model, large_tensors.SessionSource):
+        initializers = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.initializers.values()]
+        options.add_external_initializers(list(model.initializers), initializers)
+        source: bytes | str = model.proto
+    else:
+        source = model if isinstance(model, bytes) else str(Path(model))
+    banner = StringIO()
     try:
-        return ort.InferenceSession(source, sess_options=options, providers=providers)
+        # A provider that fails to start makes onnxruntime print a banner and quietly retry on
+        # CPU; the banner is kept for the error below instead of going to the user's stdout.
+        with contextlib.redirect_stdout(banner):
+            session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        where = "the model" if isinstance(model, bytes) else str(model)
+        where = str(model) if isinstance(model, str | os.PathLike) else "the model"
         raise BadModelError(f"{where}: onnxruntime cannot load it: {first[:300]}") from e
+    check_started(full, session.get_providers(), banner.getvalue())
+    # onnxruntime reads the arrays for the session's life but holds no reference to them.
+    session.onnx_shrink_initializers = initializers
+    return session
+
+
+def check_started(requested: str, running: Sequence[str], banner: str = "") -> None:
+    """Raise ``ShrinkError`` unless ``requested`` is the session's first provider.
+
+    onnxruntime falls back to CPU when a listed provider fails to start (a bad device id or
+    option, a missing CUDA or TensorRT library); every figure would then be CPU's while the
+    report named the provider asked for.
+    """
+    if running and running[0] == requested:
+        return
+    reason = next((line.strip() for line in banner.splitlines() if line.strip()), "")
+    raise ShrinkError(
+        f"{requested} is available in this onnxruntime build but did not start"
+        + (f" ({reason[:300]})" if reason else "")
+        + f"; the session would run on {', '.join(running) or 'nothing'}. Check the provider's "
+        "options and libraries, or choose another with --ep"
+    )

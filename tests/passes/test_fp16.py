@@ -11,7 +11,7 @@ import pytest
 
 from models import digits
 from models.builders import build_cnn, build_mlp, build_transformer_block
-from onnx_shrink.compiler import data_files, io, walk
+from onnx_shrink.compiler import data_files, io, large_tensors, walk
 from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
 from onnx_shrink.passes.fp16 import DEFAULT_BLOCK_OPS, Float16Pass
 from onnx_shrink.runtime_check import collect, data
@@ -102,7 +102,7 @@ def test_small_models_convert_within_float16_error_and_halve(build, feed):
     _assert_close(reference, _outputs(converted, feed)[0])
     _assert_close(reference, _reference(converted, feed)[0], rel=5e-3)  # float16 arithmetic
     assert not any(t.dtype == ir.DataType.FLOAT for t in walk.all_tensors(converted))
-    ratio = io.serialized_bytes(converted) / io.serialized_bytes(original)
+    ratio = large_tensors.saved_bytes(converted) / large_tensors.saved_bytes(original)
     assert 0.45 < ratio < 0.55
     assert [v.dtype for v in converted.graph.inputs] == [ir.DataType.FLOAT]
     assert [v.dtype for v in converted.graph.outputs] == [ir.DataType.FLOAT]
@@ -402,7 +402,7 @@ def test_digits_keeps_its_accuracy_in_float16():
     accuracy = float((logits.argmax(1) == arrays["labels"]).mean())
     assert reference >= 0.99
     assert accuracy >= reference - 1 / len(arrays["labels"])
-    assert io.serialized_bytes(converted) < 0.6 * io.serialized_bytes(original)
+    assert large_tensors.saved_bytes(converted) < 0.6 * large_tensors.saved_bytes(original)
 
 
 @pytest.mark.network
@@ -423,4 +423,4 @@ def test_real_models_keep_their_outputs_in_float16(name):
     for ref, out in floats:
         cosine = float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out))
         assert cosine >= 0.999
-    assert io.serialized_bytes(converted) < 0.65 * io.serialized_bytes(original)
+    assert large_tensors.saved_bytes(converted) < 0.65 * large_tensors.saved_bytes(original)

@@ -115,3 +115,22 @@ def test_tensors_not_in_the_main_graph_are_an_error():
     specs = data.specs_from_model(model)
     with pytest.raises(ShrinkError, match="does not produce: nowhere"):
         collect.collect(model, [StatRequest("nowhere", "minmax")], data.prepare(specs, None))
+
+
+def test_a_sample_the_model_rejects_is_one_clear_error(tmp_path):
+    """Silero VAD's reflect Pad needs more samples than a short synthetic input has."""
+    model = io.load(
+        parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T] x) => (float[N, T2] y) {
+      pads = Constant <value = int64[4] {0, 8, 0, 8}> ()
+      y = Pad <mode = "reflect"> (x, pads)
+    }
+    """)
+    )
+    np.savez(tmp_path / "short.npz", x=np.ones((1, 4), np.float32))
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "short.npz")
+    with pytest.raises(
+        ShrinkError, match=r"failed on a calibration sample \(x=1x4\).*--input-shape"
+    ):
+        collect.collect(model, [StatRequest("y", "minmax")], dataset)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
 import math
@@ -113,9 +112,7 @@ def test_the_combined_model_shares_the_float_weights_and_names_quantized_ones_ap
     quant = QuantPass()
     stats = collect.collect(base, quant.requests(base), dataset)
     keys = ["/head/head.1/Gemm", "/head/head.4/Gemm", base.graph.node(0).name]
-    with contextlib.ExitStack() as stack:
-        runner = sens._Runner(base, quant, stats, dataset, "cpu", stack, None)
-        combined = runner.combined(keys)
+    combined = sens._Runner(base, quant, stats, dataset, "cpu", None).combined(keys)
     initializers = combined.graph.initializers
     for name, value in base.graph.initializers.items():
         assert initializers[name].const_value is value.const_value  # shared, not copied

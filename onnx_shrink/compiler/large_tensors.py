@@ -1,0 +1,150 @@
+"""Large initializers kept out of protobuf serialization.
+
+Serializing a model copies every weight into the protobuf, and protobuf's size computation
+serializes it once more: on a 0.6 GB model each costs seconds and a full copy of the weights.
+Two things need neither:
+
+* ``saved_bytes(model)``: the exact size ``io.save`` would write, computed from a
+  protobuf whose large initializers are stand-ins (the size of a raw-data field is known
+  arithmetic: tag, varint length, bytes).
+* ``session_source(model)``: what onnxruntime needs to open the model in memory: the protobuf
+  without its large initializers, plus those as arrays that onnxruntime uses in place
+  (``SessionOptions.add_external_initializers``): memory-mapped weights stay mapped, in-memory
+  weights are not copied, and no temporary file is written whatever the model's size.
+
+Large means at least ``LARGE_TENSOR_BYTES`` in the main graph; smaller tensors and those in
+subgraphs or Constant nodes are serialized as usual.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+from collections.abc import Callable, Iterator
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+
+from onnx_shrink.compiler import io, walk
+
+LARGE_TENSOR_BYTES = 1 << 20
+
+# Element types numpy holds natively, so onnxruntime can take their arrays as they are.
+_NATIVE_DTYPES = frozenset(
+    {
+        ir.DataType.FLOAT,
+        ir.DataType.FLOAT16,
+        ir.DataType.DOUBLE,
+        ir.DataType.INT8,
+        ir.DataType.INT16,
+        ir.DataType.INT32,
+        ir.DataType.INT64,
+        ir.DataType.UINT8,
+        ir.DataType.UINT16,
+        ir.DataType.UINT32,
+        ir.DataType.UINT64,
+        ir.DataType.BOOL,
+    }
+)
+
+
+def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
+    """Bytes the model takes when saved: the protobuf plus tensors kept in external data.
+
+    Equal to ``len(io.to_bytes(model))`` for a model without external data. Memory-mapped
+    tensors are counted by size instead of being read.
+    """
+    external = sum(t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor))
+    with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
+        proto = io.serialize_proto(model, keep_external=True)
+    return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()}) + external
+
+
+@dataclasses.dataclass(frozen=True)
+class SessionSource:
+    """A model as onnxruntime opens it in memory (``runtime_check.sessions``)."""
+
+    proto: bytes
+    """the serialized model; each name in ``initializers`` is a stand-in for external data"""
+    initializers: dict[str, np.ndarray]
+    """the large initializers, C-contiguous, shared with the model (never copies)"""
+
+
+def session_source(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> SessionSource:
+    """The model without its large main-graph initializers, and those as arrays.
+
+    The arrays share memory with ``model``: keep it unchanged while a session uses them.
+    """
+    with _stand_ins(model, min_bytes, _numpy_native) as swapped:
+        proto = io.serialize_proto(model).SerializeToString()
+    arrays = {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in swapped.items()}
+    return SessionSource(proto, arrays)
+
+
+@contextlib.contextmanager
+def _stand_ins(
+    model: ir.Model, min_bytes: int, eligible: Callable[[ir.TensorProtocol], bool]
+) -> Iterator[dict[str, ir.TensorProtocol]]:
+    """Swap each eligible main-graph initializer of ``min_bytes`` or more for an external-data
+    stand-in of the same name, type and shape; yield the originals by name; swap them back."""
+    swapped: dict[str, tuple[ir.Value, ir.TensorProtocol]] = {}
+    for name, value in model.graph.initializers.items():
+        tensor = value.const_value
+        if tensor is not None and tensor.nbytes >= min_bytes and eligible(tensor):
+            swapped[name] = (value, tensor)
+            value.const_value = ir.ExternalTensor(
+                io.IN_MEMORY_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
+            )
+    try:
+        yield {name: tensor for name, (_, tensor) in swapped.items()}
+    finally:
+        for value, tensor in swapped.values():
+            value.const_value = tensor
+
+
+def _serializes_as_raw_bytes(tensor: ir.TensorProtocol) -> bool:
+    """Will ``io.serialize_proto`` write this tensor as ``nbytes`` of raw data?"""
+    if isinstance(tensor, ir.ExternalTensor):
+        return False  # written as a reference, counted apart
+    if isinstance(tensor, ir.serde.TensorProtoTensor):
+        raw = tensor.raw
+        return raw.HasField("raw_data") and len(raw.raw_data) == tensor.nbytes
+    return isinstance(tensor, ir.Tensor) and tensor.dtype != ir.DataType.STRING
+
+
+def _numpy_native(tensor: ir.TensorProtocol) -> bool:
+    return tensor.dtype in _NATIVE_DTYPES
+
+
+def _size_with_raw_data(proto: onnx.ModelProto, raw_sizes: dict[str, int]) -> int:
+    """Size of ``proto`` once each named main-graph initializer holds its bytes as raw data.
+
+    Only lengths change: the tensor's (raw-data field in, external-data fields out), then the
+    graph's and the model's length prefixes, whose varints may grow.
+    """
+    model_size = proto.ByteSize()
+    if not raw_sizes:
+        return model_size
+    graph_size = proto.graph.ByteSize()
+    growth = 0
+    for tensor in proto.graph.initializer:
+        n = raw_sizes.get(tensor.name)
+        if n is None:
+            continue
+        stand_in = tensor.ByteSize()
+        del tensor.external_data[:]
+        tensor.ClearField("data_location")
+        # raw_data is field 9, length-delimited: a one-byte tag, a varint length, the bytes.
+        embedded = tensor.ByteSize() + 1 + _varint_bytes(n) + n
+        growth += _field_bytes(embedded) - _field_bytes(stand_in)
+    return model_size - _field_bytes(graph_size) + _field_bytes(graph_size + growth)
+
+
+def _field_bytes(size: int) -> int:
+    """A nested message's bytes after its one-byte tag: varint length plus the message."""
+    return _varint_bytes(size) + size
+
+
+def _varint_bytes(value: int) -> int:
+    return max(1, (value.bit_length() + 6) // 7)

@@ -1,0 +1,93 @@
+"""Large initializers kept out of serialization: exact sizes, sessions on arrays in place."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx_ir as ir
+import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as hs
+
+from models import builders, digits
+from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.runtime_check import sessions
+from tests.helpers import parse
+
+
+def _models() -> list[onnx.ModelProto]:
+    return [
+        builders.build_transformer_encoder(layers=2, d_model=32, heads=2, d_ff=64),
+        builders.build_cnn(),
+        onnx.load(digits.MODEL_PATH),
+    ]
+
+
+@pytest.mark.parametrize("min_bytes", [1, 256, 4096, large_tensors.LARGE_TENSOR_BYTES])
+@pytest.mark.parametrize("proto", _models(), ids=["transformer", "cnn", "digits"])
+def test_saved_bytes_is_the_serialized_length(proto, min_bytes):
+    model = io.load(proto)
+    assert large_tensors.saved_bytes(model, min_bytes) == len(io.to_bytes(model))
+
+
+@settings(max_examples=40, deadline=None)
+@given(
+    sizes=hs.lists(hs.integers(0, 20_000), min_size=1, max_size=4),
+    name_length=hs.integers(1, 300),
+)
+def test_saved_bytes_is_exact_across_varint_boundaries(sizes, name_length):
+    """Tensor and graph lengths straddle the 1/2/3-byte varint limits (128, 16384)."""
+    model = ir.Model(ir.Graph([], [], nodes=[], name="g"), ir_version=8)
+    for index, size in enumerate(sizes):
+        name = f"{index}" + "w" * name_length
+        value = ir.Value(name=name, const_value=ir.tensor(np.ones(size, np.uint8), name=name))
+        model.graph.register_initializer(value)
+    assert large_tensors.saved_bytes(model, min_bytes=1) == len(io.to_bytes(model))
+
+
+def test_measuring_leaves_the_model_as_it_was():
+    model = io.load(_models()[0])
+    before = io.to_bytes(model)
+    large_tensors.saved_bytes(model, min_bytes=1)
+    large_tensors.session_source(model, min_bytes=1)
+    assert io.to_bytes(model) == before
+
+
+def test_a_session_on_arrays_in_place_computes_what_the_embedded_model_does():
+    model = io.load(_models()[0])
+    source = large_tensors.session_source(model, min_bytes=1024)
+    assert source.initializers  # the weights really travel apart
+    assert len(source.proto) < len(io.to_bytes(model)) / 4
+    for name, array in source.initializers.items():
+        np.testing.assert_array_equal(array, model.graph.initializers[name].const_value.numpy())
+    feed = {"hidden": np.random.default_rng(0).standard_normal((2, 5, 32)).astype(np.float32)}
+    expected = sessions.create_session(io.to_bytes(model)).run(None, feed)
+    got = sessions.create_session(source).run(None, feed)
+    np.testing.assert_array_equal(got[0], expected[0])
+
+
+def test_memory_mapped_weights_stay_mapped(tmp_path):
+    saved = io.save(io.load(_models()[0]), tmp_path / "m.onnx", external_data=True)
+    model = io.load(saved.path)
+    source = large_tensors.session_source(model, min_bytes=1024)
+    assert source.initializers
+    for name, array in source.initializers.items():
+        assert isinstance(model.graph.initializers[name].const_value, ir.ExternalTensor)
+        assert not array.flags.owndata  # a view of the mapped file, not a copy
+    feed = {"hidden": np.ones((1, 3, 32), np.float32)}
+    expected = sessions.create_session(saved.path).run(None, feed)
+    np.testing.assert_array_equal(sessions.create_session(source).run(None, feed)[0], expected[0])
+
+
+def test_types_numpy_cannot_hold_stay_embedded():
+    model = io.load(
+        parse(
+            '<ir_version: 10, opset_import: ["" : 21]> g (float[2] x) => (float[2] y) {'
+            " y = Add(x, x) }"
+        )
+    )
+    value = ir.Value(
+        name="b", const_value=ir.tensor(np.zeros(4096, np.uint16), dtype=ir.DataType.BFLOAT16)
+    )
+    model.graph.register_initializer(value)
+    assert "b" not in large_tensors.session_source(model, min_bytes=1).initializers
