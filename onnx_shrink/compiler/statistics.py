@@ -31,7 +31,8 @@ class StatRequest:
         histogram: counts over ``bins`` equal bins spanning the tensor's finite [min, max].
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
-        gram: X^T X of the tensor flattened to rows of its last axis, and the row count.
+        gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column
+            sums and the row count.
     """
 
     tensor: str
@@ -70,8 +71,12 @@ class ChannelValues:
 
 @dataclasses.dataclass(frozen=True)
 class Gram:
+    """``matrix = X^T X`` and ``sums = X^T 1`` over ``rows`` rows: with them, the Gram of
+    ``[X, 1]`` (a layer with a bias) is known too."""
+
     matrix: np.ndarray
     rows: int
+    sums: np.ndarray | None = None
 
 
 StatResult = MinMax | Histogram | ChannelValues | Gram
@@ -208,18 +213,26 @@ class ChannelAccumulator:
 
 
 class GramAccumulator:
-    """X^T X over rows of the last axis, in float64."""
+    """X^T X and X^T 1 over rows of ``axis`` (every other axis is a row index), in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int = -1) -> None:
+        self.axis = axis
         self.matrix: np.ndarray | None = None
+        self.sums: np.ndarray | None = None
         self.rows = 0
 
     def add(self, array: np.ndarray) -> None:
-        flat = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
+        moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, -1)
+        flat = moved.reshape(-1, moved.shape[-1])
         flat = np.where(np.isfinite(flat), flat, 0.0)
-        part = flat.T @ flat
-        self.matrix = part if self.matrix is None else self.matrix + part
+        part, sums = flat.T @ flat, flat.sum(axis=0)
+        if self.matrix is None:
+            self.matrix, self.sums = part, sums
+        else:
+            self.matrix, self.sums = self.matrix + part, self.sums + sums
         self.rows += flat.shape[0]
 
     def result(self) -> Gram:
-        return Gram(self.matrix if self.matrix is not None else np.zeros((0, 0)), self.rows)
+        if self.matrix is None:
+            return Gram(np.zeros((0, 0)), 0, np.zeros(0))
+        return Gram(self.matrix, self.rows, self.sums)
