@@ -12,9 +12,10 @@ so no row of X is ever kept. The statistics are those of the model before prunin
 is fitted to the original input, not to what earlier pruned layers feed it.
 
 Consumers handled: MatMul with a 2-D constant weight (bias: a constant vector Added right
-after it), Gemm with ``transA=0``, and 1x1 Conv with ``group=1`` (a pixel is a row; with a
-stride the rows are all pixels, a superset of those it reads). Larger kernels would need the
-Gram of im2col patches; they and shared weights are reported as not refit.
+after it), Gemm with ``transA=0``, 1x1 Conv with ``group=1`` (a pixel is a row; with a stride
+the rows are all pixels, a superset of those it reads) and 2-D Conv with ``group=1`` (a row is
+an im2col patch, ``C * kh * kw`` columns; removing a channel removes its kh*kw columns).
+Grouped Convs, other ranks and shared weights are reported as not refit.
 """
 
 from __future__ import annotations
@@ -45,15 +46,22 @@ class Consumer:
     weight_axis: int
     """the axis of the weight that runs over the input channels"""
     bias: ir.Value | None
+    patch: tuple[int, ...] = ()
+    """a kxk Conv's im2col geometry (``StatRequest.patch``); empty: a pixel or row is a row"""
 
     @property
     def request(self) -> StatRequest:
-        return StatRequest(self.node.inputs[0].name, "gram", axis=self.axis)
+        return StatRequest(self.node.inputs[0].name, "gram", axis=self.axis, patch=self.patch)
+
+    @property
+    def per_channel(self) -> int:
+        """Columns of the rows view per input channel (kh * kw for a Conv)."""
+        return self.patch[0] * self.patch[1] if self.patch else 1
 
     def rows(self, weight: np.ndarray) -> np.ndarray:
-        """``[outputs, K]`` from the weight (Conv ``[M, C, 1, 1]``, ``[K, N]`` or ``[N, K]``)."""
-        if weight.ndim == 4 or weight.ndim == 3:
-            return weight.reshape(weight.shape[0], weight.shape[1])
+        """``[outputs, K]`` from the weight (Conv ``[M, C, kh, kw]``, ``[K, N]`` or ``[N, K]``)."""
+        if weight.ndim >= 3:
+            return weight.reshape(weight.shape[0], -1)
         return weight.T if self.weight_axis == 0 else weight
 
     def unrows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
@@ -89,11 +97,26 @@ def consumer(node: ir.Node) -> Consumer | str:
         bias = _own_constant(node.inputs[2] if len(node.inputs) > 2 else None)
         return Consumer(node, 1, 1 if node.attributes.get_int("transB", 0) else 0, bias)
     if node.op_type == "Conv":
+        bias = _own_constant(node.inputs[2] if len(node.inputs) > 2 else None)
         kernel = tuple(weight.const_value.shape)[2:]
-        if node.attributes.get_int("group", 1) != 1 or any(k != 1 for k in kernel):
-            return f"{'x'.join(map(str, kernel))} Conv (needs an im2col Gram)"
-        return Consumer(node, 1, 1, _own_constant(node.inputs[2] if len(node.inputs) > 2 else None))
+        if node.attributes.get_int("group", 1) != 1:
+            return "grouped Conv"
+        if all(k == 1 for k in kernel):
+            return Consumer(node, 1, 1, bias)
+        patch = _patch(node, kernel)
+        return Consumer(node, 1, 1, bias, patch) if patch else "Conv that is not 2-D"
     return f"{node.op_type} weight of rank {rank}"
+
+
+def _patch(node: ir.Node, kernel: tuple[int, ...]) -> tuple[int, ...] | None:
+    """(kh, kw, sh, sw, dh, dw, top, left, bottom, right) of a 2-D Conv with explicit pads."""
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    if len(kernel) != 2 or auto_pad not in ("NOTSET", "VALID"):
+        return None
+    strides = node.attributes.get_ints("strides", None) or (1, 1)
+    dilations = node.attributes.get_ints("dilations", None) or (1, 1)
+    pads = node.attributes.get_ints("pads", None) or (0, 0, 0, 0)
+    return (*kernel, *strides, *dilations, *pads)
 
 
 def _own_constant(value: ir.Value | None) -> ir.Value | None:
@@ -138,7 +161,7 @@ def refit_all(
 
 
 def _refit(view: Consumer, removed: set[int], stats: Statistics, ridge: float) -> RefitReport:
-    gram = stats.get(view.request.tensor, "gram", axis=view.axis)
+    gram = stats.get(view.request.tensor, "gram", axis=view.axis, patch=view.patch)
     weight = view.node.inputs[1]
     original = weight.const_value.numpy()
     rows = view.rows(original).astype(np.float64)
@@ -146,7 +169,8 @@ def _refit(view: Consumer, removed: set[int], stats: Statistics, ridge: float) -
     if not isinstance(gram, Gram) or gram.rows == 0 or gram.matrix.shape[0] != inputs:
         return RefitReport(label, len(removed), inputs, None, None, "no Gram statistics")
     keep = np.ones(rows.shape, dtype=bool)
-    keep[:, sorted(removed)] = False
+    per = view.per_channel
+    keep[:, [c * per + k for c in sorted(removed) for k in range(per)]] = False
     bias = view.bias.const_value.numpy() if view.bias is not None else None
     if bias is not None and bias.size == rows.shape[0] and gram.sums is not None:
         # [X, 1]: the bias is the weight of a constant input that is never removed.

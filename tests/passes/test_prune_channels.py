@@ -315,18 +315,36 @@ def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
     assert not np.allclose(bias, w["b2"])  # the removed channels' mean moved into the bias
 
 
-def test_reconstruction_leaves_a_3x3_consumer_as_pruning_alone_does():
-    w = {"w1": _w(8, 3, 1, 1), "b1": _w(8), "w2": _w(5, 8, 3, 3), "b2": _w(5)}
+def test_reconstruction_refits_a_3x3_consumer_from_im2col_patches():
+    mix = _w(8, 3) @ _w(3, 3)
+    w = {"w1": mix.reshape(8, 3, 1, 1) + 0.1 * _w(8, 3, 1, 1), "b1": _w(8) + 1.0}
+    w |= {"w2": _w(5, 8, 3, 3), "b2": _w(5)}
     nodes = [
         _conv("x", "w1", "a", "b1"),
         helper.make_node("Relu", ["a"], ["r"]),
-        _conv("r", "w2", "y", "b2", pads=[1, 1, 1, 1]),
+        _conv("r", "w2", "y", "b2", pads=[1, 0, 1, 1], strides=[2, 1]),
     ]
-    proto = _model(nodes, w, [None, 3, 4, 4])
-    feed = {"x": _w(4, 3, 4, 4)}
-    plain = _calibrated(proto, feed, reconstruct="off")
-    refit = _calibrated(proto, feed, reconstruct="on")
-    np.testing.assert_array_equal(run_ort(plain, feed)[0], run_ort(refit, feed)[0])
+    proto = _model(nodes, w, [None, 3, 7, 6])
+    calibration, held_out = {"x": _w(16, 3, 7, 6)}, {"x": _w(16, 3, 7, 6)}
+    plain = _calibrated(proto, calibration, reconstruct="off")
+    refit = _calibrated(proto, calibration, reconstruct="on")
+    assert _error(refit, proto, calibration) < 0.5 * _error(plain, proto, calibration)
+    assert _error(refit, proto, held_out) < _error(plain, proto, held_out)
+
+
+def test_im2col_rows_are_the_patches_conv_multiplies(monkeypatch):
+    from onnx_shrink.compiler import statistics
+
+    monkeypatch.setattr(statistics, "_PATCH_ROWS_BYTES", 1)  # one output row per block
+    x, w = _w(1, 3, 7, 6), _w(4, 3, 3, 2)  # one sample: blocks come in output-row order
+    patch = (3, 2, 2, 1, 1, 2, 1, 0, 2, 1)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1]
+    )
+    (want,) = run_ort(_model([node], {"w": w}, [1, 3, 7, 6]).SerializeToString(), {"x": x})
+    rows = np.concatenate(list(statistics.im2col_rows(x, patch)))
+    got = (rows @ w.reshape(4, -1).T).reshape(1, *want.shape[2:], 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
 def test_reconstruction_is_data_aware_only_when_asked():
