@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
             f"{results.machine()}; ratio {args.ratio} of each group's channels (onnxsim: "
             f"sparsity {args.ratio}); both tools on the fold-ed model; latency and sizes are "
             "pruned / unpruned (latency: median of 40 interleaved per-pair ratios). "
-            "`+ reconstruction`: the same pruning with MatMul/Gemm/1x1 Conv consumers refit "
+            "`+ reconstruction`: the same pruning with MatMul/Gemm/Conv (group 1) consumers refit "
             f"from the first {args.calibration} calibration samples (builders: random inputs "
             "of another seed than the evaluation's).",
             "",
