@@ -31,13 +31,17 @@ class StatRequest:
         histogram: counts over ``bins`` equal bins spanning the tensor's finite [min, max].
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
-        gram: X^T X of the tensor flattened to rows of its last axis, and the row count.
+        gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column
+            sums and the row count. With ``patch`` (a 2-D Conv's kernel, strides, dilations
+            and pads: ``kh, kw, sh, sw, dh, dw, top, left, bottom, right``) the rows are the
+            im2col patches that Conv reads from an NCHW tensor, columns ordered (C, kh, kw).
     """
 
     tensor: str
     kind: StatKind
     axis: int = -1
     bins: int = 2048
+    patch: tuple[int, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,8 +74,12 @@ class ChannelValues:
 
 @dataclasses.dataclass(frozen=True)
 class Gram:
+    """``matrix = X^T X`` and ``sums = X^T 1`` over ``rows`` rows: with them, the Gram of
+    ``[X, 1]`` (a layer with a bias) is known too."""
+
     matrix: np.ndarray
     rows: int
+    sums: np.ndarray | None = None
 
 
 StatResult = MinMax | Histogram | ChannelValues | Gram
@@ -208,18 +216,63 @@ class ChannelAccumulator:
 
 
 class GramAccumulator:
-    """X^T X over rows of the last axis, in float64."""
+    """X^T X and X^T 1 over rows of ``axis`` (every other axis is a row index), or over a
+    Conv's im2col patches (``patch``, see ``StatRequest``), in float64."""
 
-    def __init__(self) -> None:
+    def __init__(self, axis: int = -1, patch: tuple[int, ...] = ()) -> None:
+        self.axis = axis
+        self.patch = patch
         self.matrix: np.ndarray | None = None
+        self.sums: np.ndarray | None = None
         self.rows = 0
 
     def add(self, array: np.ndarray) -> None:
-        flat = np.asarray(array, dtype=np.float64).reshape(-1, array.shape[-1])
-        flat = np.where(np.isfinite(flat), flat, 0.0)
-        part = flat.T @ flat
-        self.matrix = part if self.matrix is None else self.matrix + part
+        if self.patch:
+            for rows in im2col_rows(np.asarray(array), self.patch):
+                self._add_rows(rows)
+            return
+        moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, -1)
+        self._add_rows(moved.reshape(-1, moved.shape[-1]))
+
+    def _add_rows(self, flat: np.ndarray) -> None:
+        flat = np.where(np.isfinite(flat), flat.astype(np.float64), 0.0)
+        part, sums = flat.T @ flat, flat.sum(axis=0)
+        if self.matrix is None:
+            self.matrix, self.sums = part, sums
+        else:
+            self.matrix, self.sums = self.matrix + part, self.sums + sums
         self.rows += flat.shape[0]
 
     def result(self) -> Gram:
-        return Gram(self.matrix if self.matrix is not None else np.zeros((0, 0)), self.rows)
+        if self.matrix is None:
+            return Gram(np.zeros((0, 0)), 0, np.zeros(0))
+        return Gram(self.matrix, self.rows, self.sums)
+
+
+_PATCH_ROWS_BYTES = 1 << 26  # im2col rows are made 64 MiB at a time
+
+
+def im2col_rows(x: np.ndarray, patch: tuple[int, ...]):
+    """Yield ``[rows, C * kh * kw]`` blocks of the patches a 2-D Conv reads from ``x`` (NCHW),
+    a band of output rows at a time (so rows of several samples interleave: a Gram does not
+    care about their order)."""
+    kh, kw, sh, sw, dh, dw, top, left, bottom, right = patch
+    padded = np.pad(x, ((0, 0), (0, 0), (top, bottom), (left, right)))
+    n, c, h, w = padded.shape
+    out_h, out_w = (h - dh * (kh - 1) - 1) // sh + 1, (w - dw * (kw - 1) - 1) // sw + 1
+    per_row = n * out_w * c * kh * kw * 8
+    step = max(1, _PATCH_ROWS_BYTES // max(per_row, 1))
+    for start in range(0, out_h, step):
+        stop = min(out_h, start + step)
+        parts = [
+            padded[
+                :,
+                :,
+                i * dh + start * sh : i * dh + (stop - 1) * sh + 1 : sh,
+                j * dw : j * dw + (out_w - 1) * sw + 1 : sw,
+            ]  # fmt: skip
+            for i in range(kh)
+            for j in range(kw)
+        ]  # each [n, c, rows, out_w]
+        stacked = np.stack(parts, axis=2)  # [n, c, kh*kw, rows, out_w]
+        yield np.moveaxis(stacked, (1, 2), (3, 4)).reshape(-1, c * kh * kw)

@@ -165,7 +165,7 @@ def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
 
 def _accumulator(request: st.StatRequest):
     if request.kind == "gram":
-        return st.GramAccumulator()
+        return st.GramAccumulator(request.axis, request.patch)
     return st.ChannelAccumulator(request.kind, request.axis)  # type: ignore[arg-type]
 
 

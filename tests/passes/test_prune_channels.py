@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx_ir as ir
 import pytest
 from onnx import TensorProto, helper, numpy_helper
 
@@ -185,17 +186,17 @@ def test_group_reaching_a_graph_output_or_shape_is_declined():
     assert not result.modified
 
 
-def test_round_to_keeps_a_multiple_of_eight_channels():
+def test_round_to_keeps_a_multiple_of_sixteen_channels():
     w = {"w1": _w(32, 4, 1, 1), "w2": _w(2, 32, 1, 1)}
     proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
     model = PruneChannelsPass(ratio=0.3)(io.load(proto)).model
-    assert model.graph.initializers["w1"].const_value.shape[0] == 24  # 22.4 -> 24
+    assert model.graph.initializers["w1"].const_value.shape[0] == 16  # 22.4 -> 16
 
 
 def test_activation_criterion_keeps_the_loudest_channels():
     w = {"w1": _w(8, 4, 1, 1), "w2": _w(2, 8, 1, 1)}
     proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
-    pass_ = PruneChannelsPass(ratio=0.5, round_to=1, criterion="activation")
+    pass_ = PruneChannelsPass(ratio=0.5, round_to=1, criterion="activation", reconstruct="off")
     model = io.load(proto)
     (request,) = pass_.requests(model)
     assert request == StatRequest("a", "channel_sqnorm", axis=1)
@@ -214,3 +215,143 @@ def test_builders_keep_running_after_pruning(ratio):
         model = io.load(build())
         pruned = PruneChannelsPass(ratio=ratio)(model).model
         onnx.checker.check_model(io.serialize_proto(pruned), full_check=True)
+
+
+def _chain(w: dict[str, np.ndarray], x: list) -> onnx.ModelProto:
+    """conv w1 (+b1) -> Relu -> 1x1 conv w2 (+b2): w2 is the consumer of w1's channels."""
+    nodes = [
+        _conv("x", "w1", "a", "b1", pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["a"], ["r"]),
+        _conv("r", "w2", "y", "b2"),
+    ]
+    return _model(nodes, w, x)
+
+
+@pytest.mark.parametrize(
+    ("channels", "ratio", "round_to", "kept"),
+    [
+        (32, 0.3, 16, 16),  # 22.4: 16 is nearer than 32
+        (32, 0.3, 8, 24),
+        (16, 0.3, 16, 8),  # one block: half blocks (11.2 -> 8), not all-or-nothing
+        (16, 0.25, 8, 8),  # a tie (12) that would keep every channel goes down
+        (48, 0.25, 8, 40),  # a tie that still removes some goes up
+        (16, 0.05, 16, 16),  # 15.2 is nearest to all: left alone
+        (64, 0.3, 16, 48),
+    ],
+)
+def test_kept_channels_round_to_the_nearest_block(channels, ratio, round_to, kept):
+    w = {"w1": _w(channels, 3, 3, 3), "b1": _w(channels), "w2": _w(4, channels, 1, 1)}
+    w["b2"] = _w(4)
+    model = io.load(_chain(w, [1, 3, 4, 4]))
+    pruned = PruneChannelsPass(ratio=ratio, round_to=round_to)(model).model
+    assert pruned.graph.initializers["w1"].const_value.shape[0] == kept
+
+
+def test_rounding_counts_the_producers_channels_not_the_flattened_elements():
+    # 32 channels x 4 pixels flattened into a Gemm: the Gemm's unit is 4 elements a channel,
+    # but the Conv's channel count must be the multiple of 16 (it was 23 when counted in 4s).
+    w = {"w1": _w(32, 2, 1, 1), "wg": _w(3, 128), "bg": _w(3)}
+    nodes = [
+        _conv("x", "w1", "a"),
+        helper.make_node("Flatten", ["a"], ["f"]),
+        helper.make_node("Gemm", ["f", "wg", "bg"], ["y"], transB=1),
+    ]
+    model = io.load(_model(nodes, w, [1, 2, 2, 2], rank=2))
+    pruned = PruneChannelsPass(ratio=0.3)(model).model
+    assert pruned.graph.initializers["w1"].const_value.shape[0] == 16
+    assert pruned.graph.initializers["wg"].const_value.shape == (3, 64)
+
+
+def _calibrated(proto: onnx.ModelProto, feed: dict[str, np.ndarray], **options):
+    """The pruned model (bytes) after ``PruneChannelsPass`` with statistics of ``feed``."""
+    from onnx_shrink.runtime_check import collect, data
+
+    model = io.load(proto)
+    pass_ = PruneChannelsPass(ratio=0.5, round_to=1, **options)
+    dataset = data.from_arrays(feed, data.specs_from_model(model), labels=None, where="test")
+    stats = collect.collect(model, pass_.requests(model), dataset)
+    return io.to_bytes(pass_.bind(stats)(model).model)
+
+
+def _error(candidate: bytes, proto: onnx.ModelProto, feed) -> float:
+    want = run_ort(proto.SerializeToString(), feed)[0]
+    got = run_ort(candidate, feed)[0]
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def test_reconstruction_refits_a_1x1_conv_consumer_and_its_bias():
+    # Correlated channels: what the removed ones carried is mostly in the kept ones.
+    mix = _w(8, 3) @ _w(3, 3 * 9)
+    w = {"w1": mix.reshape(8, 3, 3, 3) + 0.1 * _w(8, 3, 3, 3), "b1": _w(8) + 1.0}
+    w |= {"w2": _w(5, 8, 1, 1), "b2": _w(5)}
+    proto = _chain(w, [None, 3, 6, 6])
+    calibration = {"x": _w(16, 3, 6, 6)}
+    held_out = {"x": _w(16, 3, 6, 6)}
+    plain = _calibrated(proto, calibration, reconstruct="off")
+    refit = _calibrated(proto, calibration, reconstruct="on")
+    # The producer is unchanged by the refit; the consumer alone differs.
+    kept = _keep(_rows(w["w1"]))
+    direct = {**w, "w1": w["w1"][kept], "b1": w["b1"][kept], "w2": w["w2"][:, kept]}
+    _assert_same(plain, _chain(direct, [None, 3, 6, 6]), held_out)
+    before, after = _error(plain, proto, calibration), _error(refit, proto, calibration)
+    assert after < 0.5 * before
+    assert _error(refit, proto, held_out) < _error(plain, proto, held_out)
+
+
+def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
+    w = {"w1": _w(6, 8), "w2": _w(8, 4), "b2": _w(4)}
+    nodes = [
+        helper.make_node("MatMul", ["x", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["m"]),
+        helper.make_node("Add", ["m", "b2"], ["y"]),
+    ]
+    proto = _model(nodes, w, ["batch", 6], rank=2)
+    calibration = {"x": _w(64, 6)}
+    plain = _calibrated(proto, calibration, reconstruct="off")
+    refit = _calibrated(proto, calibration, reconstruct="on")
+    assert _error(refit, proto, calibration) < 0.95 * _error(plain, proto, calibration)
+    bias = io.load(onnx.load_from_string(refit)).graph.initializers["b2"].const_value.numpy()
+    assert not np.allclose(bias, w["b2"])  # the removed channels' mean moved into the bias
+
+
+def test_reconstruction_refits_a_3x3_consumer_from_im2col_patches():
+    mix = _w(8, 3) @ _w(3, 3)
+    w = {"w1": mix.reshape(8, 3, 1, 1) + 0.1 * _w(8, 3, 1, 1), "b1": _w(8) + 1.0}
+    w |= {"w2": _w(5, 8, 3, 3), "b2": _w(5)}
+    nodes = [
+        _conv("x", "w1", "a", "b1"),
+        helper.make_node("Relu", ["a"], ["r"]),
+        _conv("r", "w2", "y", "b2", pads=[1, 0, 1, 1], strides=[2, 1]),
+    ]
+    proto = _model(nodes, w, [None, 3, 7, 6])
+    calibration, held_out = {"x": _w(16, 3, 7, 6)}, {"x": _w(16, 3, 7, 6)}
+    plain = _calibrated(proto, calibration, reconstruct="off")
+    refit = _calibrated(proto, calibration, reconstruct="on")
+    assert _error(refit, proto, calibration) < 0.5 * _error(plain, proto, calibration)
+    assert _error(refit, proto, held_out) < _error(plain, proto, held_out)
+
+
+def test_im2col_rows_are_the_patches_conv_multiplies(monkeypatch):
+    from onnx_shrink.compiler import statistics
+
+    monkeypatch.setattr(statistics, "_PATCH_ROWS_BYTES", 1)  # one output row per block
+    x, w = _w(1, 3, 7, 6), _w(4, 3, 3, 2)  # one sample: blocks come in output-row order
+    patch = (3, 2, 2, 1, 1, 2, 1, 0, 2, 1)
+    node = helper.make_node(
+        "Conv", ["x", "w"], ["y"], strides=[2, 1], dilations=[1, 2], pads=[1, 0, 2, 1]
+    )
+    (want,) = run_ort(_model([node], {"w": w}, [1, 3, 7, 6]).SerializeToString(), {"x": x})
+    rows = np.concatenate(list(statistics.im2col_rows(x, patch)))
+    got = (rows @ w.reshape(4, -1).T).reshape(1, *want.shape[2:], 4).transpose(0, 3, 1, 2)
+    np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
+
+
+def test_reconstruction_is_data_aware_only_when_asked():
+    w = {"w1": _w(8, 3, 1, 1), "b1": _w(8), "w2": _w(5, 8, 1, 1), "b2": _w(5)}
+    model = io.load(_chain(w, [1, 3, 4, 4]))
+    assert PruneChannelsPass(ratio=0.5).requests(model) == [StatRequest("r", "gram", axis=1)]
+    assert PruneChannelsPass(ratio=0.5, reconstruct="off").requests(model) == []
+    assert PruneChannelsPass(ratio=0.5)(model).modified  # auto: called alone, no refit
+    with pytest.raises(ir.passes.PreconditionError):
+        PruneChannelsPass(ratio=0.5, reconstruct="on")(io.load(_chain(w, [1, 3, 4, 4])))
