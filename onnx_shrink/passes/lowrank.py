@@ -28,6 +28,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import lowrank_ranks as ranks_mod
 
 logger = logging.getLogger(__name__)
 
@@ -46,8 +47,7 @@ class Factorization:
 
     def tail_energy(self) -> np.ndarray:
         """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
-        squares = self.s.astype(np.float64) ** 2
-        return np.concatenate([np.cumsum(squares[::-1])[::-1], [0.0]])
+        return ranks_mod.tail_energy(self.s)
 
 
 def factorize(weight: np.ndarray, whitener: np.ndarray | None = None) -> Factorization:
@@ -125,10 +125,7 @@ class _Layer:
 
     def error(self, rank: int | None) -> float:
         """Relative squared error of rank ``rank`` (0 when dense)."""
-        tail = self.factorization.tail_energy()
-        if rank is None or tail[0] <= 0:
-            return 0.0
-        return float(tail[min(rank, len(tail) - 1)] / tail[0])
+        return ranks_mod.relative_error(self.factorization.tail_energy(), rank)
 
     def ranks(self, multiple: int) -> list[int]:
         """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N)."""
@@ -287,16 +284,15 @@ class LowRankPass(DataAwarePass):
         if self.selection == "budget":
             return _allocate(layers, self.reduction, self.budget_unit, self.rank_multiple)
         keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
-        result: list[int | None] = []
-        for layer in layers:
-            tail = layer.factorization.tail_energy()
-            allowed = (1.0 - keep) * tail[0]
-            rank = int(np.argmax(tail <= allowed + 1e-12 * tail[0]))
-            rank = max(
-                self.rank_multiple, math.ceil(rank / self.rank_multiple) * self.rank_multiple
+        return [
+            ranks_mod.threshold_rank(
+                layer.factorization.tail_energy(),
+                keep,
+                self.rank_multiple,
+                layer.ranks(self.rank_multiple),
             )
-            result.append(rank if rank in layer.ranks(self.rank_multiple) else None)
-        return result
+            for layer in layers
+        ]
 
     def _layer_plan(self, layer: _Layer, rank: int | None) -> LayerPlan:
         k, n = layer.shape
@@ -312,56 +308,19 @@ class LowRankPass(DataAwarePass):
 def _allocate(
     layers: Sequence[_Layer], reduction: float, unit: str, multiple: int
 ) -> list[int | None]:
-    """Ranks removing ``reduction`` of the summed cost at the least summed relative error.
-
-    A Lagrangian sweep (each layer minimises error + μ·cost) finds the cheapest μ that meets
-    the budget; a greedy pass then spends what is left on the best error drop per cost.
-    """
+    """Ranks removing ``reduction`` of the summed cost (params, or MACs: params x rows) at the
+    least summed relative error (``lowrank_ranks.allocate``)."""
     options = [[*layer.ranks(multiple), None] for layer in layers]
-    cost = [
+    costs = [
         np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
         for layer, opts in zip(layers, options, strict=True)
     ]
-    error = [
+    errors = [
         np.array([layer.error(r) for r in opts])
         for layer, opts in zip(layers, options, strict=True)
     ]
-    total = sum(c[-1] for c in cost)
-    target = (1.0 - reduction) * total
-
-    def pick(mu: float) -> list[int]:
-        return [int(np.argmin(e + c * (mu / total))) for e, c in zip(error, cost, strict=True)]
-
-    low, high = -12.0, 12.0
-    if layers and _spent(cost, pick(10.0**high)) > target:
-        logger.warning("lowrank: the budget cannot be met; every layer gets its smallest rank")
-        return [opts[0] for opts in options]
-    for _ in range(60):
-        middle = (low + high) / 2
-        fits = _spent(cost, pick(10.0**middle)) <= target
-        low, high = (low, middle) if fits else (middle, high)
-    choice = _top_up(pick(10.0**high), cost, error, target)
+    choice = ranks_mod.allocate(costs, errors, reduction)
     return [opts[i] for opts, i in zip(options, choice, strict=True)]
-
-
-def _spent(cost: Sequence[np.ndarray], choice: Sequence[int]) -> float:
-    return float(sum(c[i] for c, i in zip(cost, choice, strict=True)))
-
-
-def _top_up(choice: list[int], cost, error, target: float) -> list[int]:
-    """Raise single layers' options while the budget allows, best error drop per cost first."""
-    while True:
-        left = target - _spent(cost, choice)
-        best = None
-        for i, (c, e) in enumerate(zip(cost, error, strict=True)):
-            j = choice[i]
-            for up in range(j + 1, len(c)):
-                extra, gain = c[up] - c[j], e[j] - e[up]
-                if 0 < extra <= left and gain > 0 and (best is None or gain / extra > best[0]):
-                    best = (gain / extra, i, up)
-        if best is None:
-            return choice
-        choice[best[1]] = best[2]
 
 
 def _check(node: ir.Node, opset: int) -> str:
