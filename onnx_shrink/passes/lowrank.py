@@ -111,6 +111,7 @@ class _Layer:
     factorization: Factorization
     gram: np.ndarray | None  # undamped XᵀX (for refit)
     rows: float  # rows of x per sample (the MAC weight of the layer)
+    weight_tail: np.ndarray  # tail energies of W's own spectrum (plain SVD's errors)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -124,8 +125,13 @@ class _Layer:
         return self.dense if rank is None else rank * sum(self.shape)
 
     def error(self, rank: int | None) -> float:
-        """Relative squared error of rank ``rank`` (0 when dense)."""
+        """Relative squared error of rank ``rank`` (0 when dense), in the factorization's
+        metric: of the output when whitened, else of the weight."""
         return ranks_mod.relative_error(self.factorization.tail_energy(), rank)
+
+    def weight_error(self, rank: int | None) -> float:
+        """Relative squared error of the weight itself at the best rank ``rank`` (plain SVD)."""
+        return ranks_mod.relative_error(self.weight_tail, rank)
 
     def ranks(self, multiple: int) -> list[int]:
         """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N)."""
@@ -150,6 +156,11 @@ class LowRankPass(DataAwarePass):
     3. Ranks by ``selection``: ``energy`` keeps that share of Σσ², ``error`` the smallest rank
        within ``max_error`` relative output error, ``budget`` removes ``reduction`` of the
        targeted layers' parameters (or MACs) where it costs the least summed relative error.
+       That error is the weight's (``budget_metric=weight``, the default) or the layer output's
+       on calibration data (``output``). Output errors compare badly across layers: a layer
+       whose output has one outlier channel (BERT's FFN output, 99 % of ‖XW‖²) looks nearly
+       free to cut, yet the model's output suffers (MiniLM, benchmarks/lowrank.py: 0.37
+       relative error at 30 % with ``output``, 0.28 with ``weight``; plain SVD 0.53).
     4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
        (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
        error; without it (or without statistics for a layer) plain SVD of W. ``refit``
@@ -170,6 +181,12 @@ class LowRankPass(DataAwarePass):
     )
     budget_unit: Literal["params", "macs"] = option(
         "params", "selection=budget: what ``reduction`` counts", choices=("params", "macs")
+    )
+    budget_metric: Literal["weight", "output"] = option(
+        "weight",
+        "selection=budget: whose relative error the budget minimises, the weight's or the "
+        "calibration output's (the factors are activation-aware either way)",
+        choices=("weight", "output"),
     )
     rank_multiple: int = option(8, "ranks are multiples of this (kernel efficiency)", minimum=1)
     activation_aware: bool = option(
@@ -278,11 +295,15 @@ class LowRankPass(DataAwarePass):
             logger.warning("lowrank: no input statistics for %s; plain SVD", node.name)
         white = whitener(gram, self.damping) if gram is not None and self.activation_aware else None
         rows = stat.rows / max(stats.samples, 1) if stat is not None else _static_rows(node)
-        return _Layer(node, weight, factorize(weight, white), gram, rows)
+        f = factorize(weight, white)
+        spectrum = f.s if white is None else np.linalg.svd(weight, compute_uv=False)
+        return _Layer(node, weight, f, gram, rows, ranks_mod.tail_energy(spectrum))
 
     def _ranks(self, layers: Sequence[_Layer]) -> list[int | None]:
         if self.selection == "budget":
-            return _allocate(layers, self.reduction, self.budget_unit, self.rank_multiple)
+            return _allocate(
+                layers, self.reduction, self.budget_unit, self.rank_multiple, self.budget_metric
+            )
         keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
         return [
             ranks_mod.threshold_rank(
@@ -306,17 +327,17 @@ class LowRankPass(DataAwarePass):
 
 
 def _allocate(
-    layers: Sequence[_Layer], reduction: float, unit: str, multiple: int
+    layers: Sequence[_Layer], reduction: float, unit: str, multiple: int, metric: str
 ) -> list[int | None]:
     """Ranks removing ``reduction`` of the summed cost (params, or MACs: params x rows) at the
-    least summed relative error (``lowrank_ranks.allocate``)."""
+    least summed relative error of ``metric`` (``lowrank_ranks.allocate``)."""
     options = [[*layer.ranks(multiple), None] for layer in layers]
     costs = [
         np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
         for layer, opts in zip(layers, options, strict=True)
     ]
     errors = [
-        np.array([layer.error(r) for r in opts])
+        np.array([layer.weight_error(r) if metric == "weight" else layer.error(r) for r in opts])
         for layer, opts in zip(layers, options, strict=True)
     ]
     choice = ranks_mod.allocate(costs, errors, reduction)
