@@ -161,7 +161,9 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / name
             folder.mkdir()
             sections.append(run_model(name, task, folder, args.quick))
-    text = "## lowrank\n\n" + results.machine() + "\n\n" + "\n".join(sections)
+    command = " ".join([".venv/bin/python -m benchmarks.lowrank", *(argv or sys.argv[1:])])
+    header = results.provenance(command, ("onnx", "onnxruntime", "numpy"))
+    text = "## lowrank\n\n" + "\n".join(header) + "\n\n" + "\n".join(sections)
     print(text)
     if not args.no_write:
         results.write_section("## lowrank", text)
