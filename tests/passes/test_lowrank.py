@@ -334,10 +334,40 @@ def test_shrink_with_calibration_then_quant_quantizes_both_factors(tmp_path):
     np.savez(calib, x=RNG.standard_normal((32, 96)).astype(np.float32))
     result = shrink(
         path,
-        [FoldPass(), LowRankPass(reduction=0.3), QuantPass(calibration="minmax")],
+        [FoldPass(), LowRankPass(selection="energy", energy=0.99), QuantPass(calibration="minmax")],
         calibration=calib,
         check=False,
     )
     dq_weights = {n.inputs[0].name for n in result.model.graph if n.op_type == "DequantizeLinear"}
     for i in range(2):
         assert {f"w{i}_lowrank_a_quantized", f"w{i}_lowrank_b_quantized"} <= dq_weights
+
+
+def _outlier_stats(proto, k: int = 96):
+    """Grams for ``_stack``: layer 1's input lives in 4 directions (its output error there is
+    tiny at any rank >= 4), layer 0's input is isotropic."""
+    lowrank = LowRankPass()
+    first, second = lowrank.requests(io.load(proto))
+    narrow = np.zeros((k, k))
+    narrow[:4, :4] = np.eye(4) * 1e3
+    return Statistics({first: Gram(np.eye(k), 100), second: Gram(narrow, 100)}, 100, "test")
+
+
+def test_budget_on_weight_error_gives_plain_svd_ranks_and_equal_parameters():
+    proto = _stack(2)
+    stats = _outlier_stats(proto)
+    plain = LowRankPass(reduction=0.4, activation_aware=False).plan(io.load(proto))
+    aware = LowRankPass(reduction=0.4).plan(io.load(proto), stats)
+    assert [p.rank for p in aware] == [p.rank for p in plain]
+    assert all(p.activation_aware for p in aware if p.rank is not None)
+
+
+def test_budget_on_output_error_cuts_the_layer_whose_output_error_is_cheap():
+    proto = _stack(2)
+    stats = _outlier_stats(proto)
+    by_weight = {p.node: p.rank for p in LowRankPass(reduction=0.4).plan(io.load(proto), stats)}
+    by_output = {
+        p.node: p.rank
+        for p in LowRankPass(reduction=0.4, budget_metric="output").plan(io.load(proto), stats)
+    }
+    assert by_output["mm1"] is not None and by_output["mm1"] < (by_weight["mm1"] or 10**6)
