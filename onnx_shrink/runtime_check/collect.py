@@ -15,10 +15,11 @@ plus the statistics, whatever the number of samples.
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -95,9 +96,10 @@ def _range_pass(model, ranged, others, dataset, provider, progress, careful=Fals
     ranges = {name: st.MinMaxAccumulator() for name in ranged}
     samples = 0
     # One sample per run: the session returns every requested tensor of the run, so memory
-    # is one sample's tensors however large the source's batches are.
-    for done, batch in enumerate(data_mod.single_samples(dataset, specs), 1):
-        outputs = _run(session, batch.feed)
+    # is two samples' tensors (the one folded, the one running) however large the source's
+    # batches are.
+    runs = _overlapped_runs(session, data_mod.single_samples(dataset, specs))
+    for done, (batch, outputs) in enumerate(runs, 1):
         for name, acc in ranges.items():
             low, high, size = (outputs[f"{name}::{s}"] for s in ("min", "max", "size"))
             bad = outputs[f"{name}::nonfinite"] if careful else 0
@@ -110,6 +112,21 @@ def _range_pass(model, ranged, others, dataset, provider, progress, careful=Fals
         if progress is not None:
             progress("non-finite ranges" if careful else "statistics", done)
     return ranges, samples
+
+
+def _overlapped_runs(session, batches: Iterator[data_mod.Batch]):
+    """Yield (batch, outputs), the next batch's run already started while this one's outputs
+    are folded: onnxruntime runs without Python's lock, so its work and numpy's counting
+    overlap instead of taking turns."""
+    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
+        pending = None
+        for batch in batches:
+            running = (batch, pool.submit(_run, session, batch.feed))
+            if pending is not None:
+                yield pending[0], pending[1].result()
+            pending = running
+        if pending is not None:
+            yield pending[0], pending[1].result()
 
 
 # Histogram edges come from the first samples (a fixed prefix of the data, so no batching can
@@ -259,7 +276,12 @@ def _bin_index_nodes(graph: ir.Graph, x: ir.Value, acc: st.HistogramAccumulator)
     def const(value: np.float32) -> ir.Value:
         return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(value))})
 
-    as_float = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
+    # A float tensor is used as it is: a Cast to its own type would still copy it.
+    as_float = (
+        x
+        if x.dtype == ir.DataType.FLOAT
+        else tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
+    )
     position = tape.op("Mul", [tape.op("Sub", [as_float, const(low)]), const(scale)])
     clipped = tape.op("Clip", [position, const(np.float32(0)), const(top)])
     return tape.op("Cast", [clipped], attributes={"to": ir.DataType.INT32})
