@@ -112,7 +112,7 @@ def _load_file(path: Path) -> ir.Model:
         proto = onnx.load_model(str(path), load_external_data=False)
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as e:
         raise BadModelError(
-            f"{where}: not an ONNX model or the file is truncated ({_first_line(e)})"
+            f"{where}: not an ONNX model or the file is truncated ({first_line(e)})"
         ) from e
     except OSError as e:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
@@ -158,7 +158,7 @@ def _run_checker(model: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
-        raise BadModelError(f"{where}: onnx.checker rejects the model: {_first_line(e)}") from e
+        raise BadModelError(f"{where}: onnx.checker rejects the model: {first_line(e)}") from e
 
 
 def _check_domains(proto: onnx.ModelProto, where: str) -> None:
@@ -245,23 +245,8 @@ def unshare_tensors(model: ir.Model) -> None:
                 value.const_value = own(value.const_value)
 
 
-def shape_inference_error(model: ir.Model) -> str | None:
-    """The first error of onnx's strict shape inference on ``model``, None if it passes.
-
-    onnxruntime runs the same inference when it loads a model. Models too large for one
-    protobuf message are not checked here (None); onnxruntime still checks them at load.
-    """
-    proto = serialize_proto(model, keep_external=True)
-    if proto.ByteSize() > EXTERNAL_DATA_THRESHOLD_BYTES:
-        return None
-    try:
-        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
-        return _first_line(e)
-    return None
-
-
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The error's first line (at most 300 characters), or its type's name."""
     text = str(error).strip() or type(error).__name__
     return text.splitlines()[0][:300]
 
@@ -360,7 +345,7 @@ def parse_bytes(data: bytes) -> onnx.ModelProto:
     try:
         proto.ParseFromString(data)
     except google.protobuf.message.DecodeError as e:
-        raise BadModelError(f"the given bytes are not an ONNX model ({_first_line(e)})") from e
+        raise BadModelError(f"the given bytes are not an ONNX model ({first_line(e)})") from e
     return proto
 
 

@@ -7,6 +7,8 @@ Two things need neither:
 * ``saved_bytes(model)``: the exact size ``io.save`` would write, computed from a
   protobuf whose large initializers are stand-ins (the size of a raw-data field is known
   arithmetic: tag, varint length, bytes).
+* ``shape_inference_error(model)``: onnx's strict shape inference, which needs every tensor's
+  type and shape but no large tensor's values.
 * ``session_source(model)``: what onnxruntime needs to open the model in memory: the protobuf
   without its large initializers, plus those as arrays that onnxruntime uses in place
   (``SessionOptions.add_external_initializers``): memory-mapped weights stay mapped, in-memory
@@ -59,6 +61,23 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
     with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
         proto = io.serialize_proto(model, keep_external=True)
     return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()}) + external
+
+
+def shape_inference_error(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> str | None:
+    """The first error of onnx's strict shape inference on ``model``, None if it passes.
+
+    onnxruntime runs the same inference when it loads a model. Large tensors are stand-ins
+    (shape inference reads values only of small ones, such as Reshape's target shape).
+    """
+    with _stand_ins(model, min_bytes, lambda tensor: True):
+        proto = io.serialize_proto(model, keep_external=True)
+    if proto.ByteSize() > io.EXTERNAL_DATA_THRESHOLD_BYTES:
+        return None  # past protobuf's limit even without large tensors; onnxruntime checks it
+    try:
+        onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
+    except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
+        return io.first_line(e)
+    return None
 
 
 @dataclasses.dataclass(frozen=True)

@@ -179,7 +179,11 @@ class HistogramAccumulator:
         if not finite.all():
             values = values[finite]
         low, scale, top = self.index_constants()
-        self.add_indices(np.clip((values - low) * scale, np.float32(0), top).astype(np.int32))
+        # Values near float32's limits overflow to inf here, which the clip puts in the end
+        # bin, as the graph's arithmetic does: the overflow is the intended result.
+        with np.errstate(over="ignore"):
+            position = (values - low) * scale
+        self.add_indices(np.clip(position, np.float32(0), top).astype(np.int32))
 
     def add_indices(self, indices: np.ndarray) -> None:
         """Count precomputed bin indices (each in [0, bins))."""

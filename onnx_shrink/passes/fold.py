@@ -115,8 +115,8 @@ class FoldPass(ir.passes.FunctionalPass):
             # Folding can expose shapes the input hid behind an If: onnx's AffineGrid body
             # feeds Range 1-element tensors where the spec wants scalars, which shape inference
             # only sees once the If is folded away, and onnxruntime then refuses the model.
-            error = io.shape_inference_error(candidate) if modified else None
-            if error is not None and io.shape_inference_error(model) is None:
+            error = large_tensors.shape_inference_error(candidate) if modified else None
+            if error is not None and large_tensors.shape_inference_error(model) is None:
                 logger.warning(
                     "fold: the folded model fails shape inference (%s); keeping it unchanged",
                     error,

@@ -16,7 +16,7 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import large_tensors
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
@@ -110,9 +110,9 @@ class Float16Pass(DataAwarePass):
         return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        error_before = io.shape_inference_error(model)
+        error_before = large_tensors.shape_inference_error(model)
         modified = _Conversion(self, model).run(stats)
-        error = io.shape_inference_error(model) if modified else None
+        error = large_tensors.shape_inference_error(model) if modified else None
         if error is not None and error_before is None:
             raise ShrinkError(f"fp16: the converted model fails type inference: {error}")
         return ir.passes.PassResult(model, modified)
