@@ -16,6 +16,12 @@ a quantizer is never scored on the samples it calibrated on:
   calibration, seed 1: evaluation, 200 lines). Metrics: decoded strings (CTC greedy, rapidocr's
   dictionary) equal to fp32's strings, character error rate against fp32's strings, and exact
   match with the rendered text (the ground truth).
+* ``encoder-600mb`` -- a 12-layer transformer encoder (d_model 1024, d_ff 4096, 0.6 GB of
+  random weights, ``models.builders``), built once into the model cache: the size at which
+  onnxruntime's quantizer is known to spend most of its time and memory on weights. Data: unit
+  normal hidden states, 64 tokens (seed 0: calibration, seed 1: evaluation, 16 samples).
+  Metrics: mean and worst cosine of each sample's output to fp32's. Not in the default run
+  (``--models encoder-600mb``; its section in RESULTS.md is its own).
 * ``ppocr-det`` -- PP-OCRv4 detector on rendered 320x320 pages (seed 0: calibration, seed 1:
   evaluation, 40 pages; at 480x480 ORT's Entropy calibration passes 12 GiB at 32 pages).
   Metric: IoU of the map thresholded at 0.3 (rapidocr's ``thresh``) with fp32's thresholded
@@ -40,6 +46,7 @@ from models.fetch import fetch
 
 Feed = dict[str, np.ndarray]
 MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det")
+LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
 DET_PAGE = (320, 320)
 
@@ -331,6 +338,45 @@ def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> 
     )
 
 
+def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
+    import onnx
+
+    from models import builders
+    from models.fetch import default_cache_dir
+
+    path = default_cache_dir() / "built" / "encoder-600mb.onnx"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        proto = builders.build_transformer_encoder(0, layers=12, d_model=1024, heads=16, d_ff=4096)
+        onnx.save(proto, str(path.with_suffix(".tmp")))
+        path.with_suffix(".tmp").replace(path)
+    shape = (64, 1024)
+    calib = np.random.default_rng(0).standard_normal((calibration, *shape)).astype(np.float32)
+    evaluation = np.random.default_rng(1).standard_normal((16, *shape)).astype(np.float32)
+
+    def predict(session) -> np.ndarray:
+        return _run_batches(session, {"hidden": evaluation}, "output", 4)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        flat = len(reference)
+        cosines = cosine_rows(reference.reshape(flat, -1), candidate.reshape(flat, -1))
+        return {"cosine": float(cosines.mean()), "min cosine": float(cosines.min())}
+
+    return Task(
+        name="encoder-600mb",
+        model=path,
+        calibration={"hidden": calib},
+        evaluation={"hidden": evaluation},
+        latency_feed={"hidden": evaluation[:1]},
+        latency_input="1 sample, 64 tokens x 1024",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("cosine", "min cosine"),
+        split=f"unit normal hidden states 64x1024; calibration: seed 0, {calibration}; "
+        "evaluation: seed 1, 16",
+    )
+
+
 def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False) -> Task:
     """The task for ``name`` (one of ``MODELS``) with ``calibration`` calibration samples."""
     if name == "digits":
@@ -341,4 +387,6 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return rec_task(calibration, 50 if quick else 200)
     if name == "ppocr-det":
         return det_task(calibration, 10 if quick else 40)
-    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS)}")
+    if name == "encoder-600mb":
+        return encoder_task(calibration)
+    raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")

@@ -64,6 +64,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 HEADING = "## quantization vs onnxruntime.quantization"
+HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 PACKAGES = ("onnx", "onnx-ir", "onnxruntime", "numpy", "Pillow")
 MIB = 1024 * 1024
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
@@ -570,12 +571,12 @@ def table(rows: list[Row], samples: list[int], metrics: tuple[str, ...]) -> str:
     return "\n".join(lines)
 
 
-def section(results: dict, command: str, args: argparse.Namespace) -> str:
+def section(results: dict, command: str, args: argparse.Namespace, heading: str) -> str:
     from benchmarks.results import provenance
 
     samples = sorted(args.samples)
     parts = [
-        HEADING,
+        heading,
         "",
         *provenance(command, PACKAGES),
         "",
@@ -606,7 +607,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv[:1] == ["--child"]:
         return _child_entry(argv[1])
-    from benchmarks.quant_data import MODELS
+    from benchmarks.quant_data import LARGE_MODELS, MODELS
 
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--models", default=",".join(MODELS), help="comma-separated")
@@ -626,9 +627,15 @@ def main(argv: list[str] | None = None) -> int:
     args.ours_static = {"passes": args.ours_static}
     args.ours_dynamic = {"passes": args.ours_dynamic}
     models = [m.strip() for m in args.models.split(",") if m.strip()]
-    unknown = [m for m in models if m not in MODELS]
+    unknown = [m for m in models if m not in MODELS + LARGE_MODELS]
     if unknown:
-        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {', '.join(MODELS)}")
+        known = ", ".join(MODELS + LARGE_MODELS)
+        parser.error(f"unknown model(s) {', '.join(unknown)}; known: {known}")
+    # The large model has a section of its own, so either run leaves the other's table.
+    large = all(m in LARGE_MODELS for m in models)
+    if any(m in LARGE_MODELS for m in models) and not large:
+        parser.error(f"run {', '.join(LARGE_MODELS)} on its own (it has its own section)")
+    heading = HEADING_LARGE if large else HEADING
 
     import onnxruntime as ort
 
@@ -644,10 +651,10 @@ def main(argv: list[str] | None = None) -> int:
             results[name] = (rows, info, info["metrics"])
             log(f"{name}: done at {time.perf_counter() - started:.0f} s")
     command = " ".join([".venv/bin/python", "benchmarks/quant_vs_ort.py", *map(shlex.quote, argv)])
-    text = section(results, command, args)
+    text = section(results, command, args, heading)
     print(text)
     if not args.no_write:
-        write_section(HEADING, text)
+        write_section(heading, text)
         log(f"wrote {RESULTS}")
     return 0
 
