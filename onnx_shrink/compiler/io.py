@@ -272,8 +272,12 @@ def save(
         raise ShrinkError(f"{path.parent}: the output folder does not exist")
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    model.producer_name = PRODUCER_NAME
-    model.producer_version = __version__
+    # An exporter's name is provenance worth keeping and costs no byte; only an unnamed model
+    # is named ours. (Renaming every model made outputs of size-neutral passes a few bytes
+    # larger than their inputs.)
+    if not model.producer_name:
+        model.producer_name = PRODUCER_NAME
+        model.producer_version = __version__
     data_name = f"{path.name}.data" if external_data else None
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
@@ -318,6 +322,11 @@ def serialize_proto(model: ir.Model, *, keep_external: bool = False) -> onnx.Mod
         with _embedded_tensors(model):
             proto = ir.serde.serialize_model(model)
     _drop_initializer_value_info(proto.graph)
+    # onnx_ir writes the default domain as an explicit "" (two bytes per import); exporters
+    # leave the field unset, which means the same.
+    for opset in [*proto.opset_import, *(o for f in proto.functions for o in f.opset_import)]:
+        if not opset.domain:
+            opset.ClearField("domain")
     return proto
 
 

@@ -8,6 +8,7 @@ import onnx_ir as ir
 import pytest
 
 from models import digits
+from onnx_shrink import __version__
 from onnx_shrink.compiler import io, large_tensors
 from tests.helpers import files_in, parse, run_ort, sha256
 
@@ -20,15 +21,23 @@ g (float[N, 4] x) => (float[N, 2] y) <float[4, 2] w = {1, 2, 3, 4, 5, 6, 7, 8}> 
 """
 
 
-def test_save_keeps_opsets_metadata_and_doc_and_sets_producer(tmp_path):
+def test_save_keeps_opsets_metadata_doc_and_the_exporters_name(tmp_path):
     model = io.load(parse(MLP_TEXT))
     io.save(model, tmp_path / "out.onnx")
     saved = onnx.load(str(tmp_path / "out.onnx"))
-    assert saved.producer_name == "onnx-shrink"
+    assert saved.producer_name == "exporter"
     assert saved.doc_string == "a model"
     assert {p.key: p.value for p in saved.metadata_props} == {"origin": "unit-test"}
     assert [(o.domain, o.version) for o in saved.opset_import] == [("", 17)]
     assert files_in(tmp_path) == {"out.onnx"}  # no staging leftovers
+
+
+def test_a_model_without_a_producer_is_named_ours(tmp_path):
+    model = io.load(parse(MLP_TEXT))
+    model.producer_name = None
+    io.save(model, tmp_path / "out.onnx")
+    saved = onnx.load(str(tmp_path / "out.onnx"))
+    assert (saved.producer_name, saved.producer_version) == ("onnx-shrink", __version__)
 
 
 def test_external_data_on_request_is_written_fresh_beside_the_model(tmp_path):

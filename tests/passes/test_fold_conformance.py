@@ -29,11 +29,12 @@ MACHINE_DEPENDENT = ("Failed to construct locale", "output mismatch:")
 
 
 def _stamp_bytes(model: onnx.ModelProto) -> int:
-    """Bytes ``io.save`` adds by naming onnx-shrink as the producer (it may be negative)."""
+    """Bytes ``io.save`` adds by naming onnx-shrink as the producer of an unnamed model."""
     stamped = onnx.ModelProto()
     stamped.CopyFrom(model)
-    stamped.producer_name = io.PRODUCER_NAME
-    stamped.producer_version = __version__
+    if not stamped.producer_name:
+        stamped.producer_name = io.PRODUCER_NAME
+        stamped.producer_version = __version__
     return stamped.ByteSize() - model.ByteSize()
 
 
