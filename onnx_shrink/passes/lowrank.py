@@ -106,8 +106,9 @@ class LowRankPass(DataAwarePass):
     3. Ranks by ``selection``: ``energy`` keeps that share of Σσ², ``error`` the smallest rank
        within ``max_error`` relative output error, ``budget`` removes ``reduction`` of the
        targeted layers' parameters (or MACs) where it costs the least summed relative error.
-       That error is the weight's (``budget_metric=weight``, the default), the layer output's
-       on calibration data (``output``), or the *model's* outputs' (``model-output``). Layer
+       That error is the weight's (``budget_metric=weight``), the layer output's on
+       calibration data (``output``), or the *model's* outputs' (``model-output``, the default;
+       without measurements, as under ``bind`` with hand-made statistics, the weight's). Layer
        output errors compare badly across layers: a layer whose output has one outlier
        channel (BERT's FFN output, 99 % of ‖XW‖²) looks nearly free to cut, yet the model's
        output suffers, and no local statistic sees that MiniLM's last layer barely moves the
@@ -137,7 +138,7 @@ class LowRankPass(DataAwarePass):
         "params", "selection=budget: what ``reduction`` counts", choices=("params", "macs")
     )
     budget_metric: Literal["weight", "output", "model-output"] = option(
-        "weight",
+        "model-output",
         "selection=budget: whose relative error the budget minimises: the weight's, the "
         "layer's calibration output's, or the model's outputs' as measured with each layer "
         "alone factorized (the factors are activation-aware in every case)",

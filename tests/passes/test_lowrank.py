@@ -403,7 +403,7 @@ def test_model_output_probes_measure_each_layer_at_a_geometric_grid_of_ranks():
     probes = LowRankPass(budget_metric="model-output", probe_ranks=4).probes(io.load(proto), stats)
     keys = [p.key for p in probes]
     assert keys == [f"lowrank:mm{i}@{r}" for i in range(2) for r in (8, 16, 24, 48)]
-    assert LowRankPass().probes(io.load(proto), stats) == []  # budget_metric=weight: none
+    assert LowRankPass(budget_metric="weight").probes(io.load(proto), stats) == []
     model = io.load(proto)
     probes[0].edit(model)  # the edit splits mm0 at rank 8 in the model it is given
     assert [n.op_type for n in model.graph][:2] == ["MatMul", "MatMul"]
@@ -429,7 +429,7 @@ def test_model_output_budget_without_measurements_falls_back_to_weight_error(cap
     proto = _stack(2)
     stats = _isotropic_stats(proto)
     with caplog.at_level(logging.WARNING):
-        plans = LowRankPass(budget_metric="model-output").plan(io.load(proto), stats)
+        plans = LowRankPass().plan(io.load(proto), stats)  # model-output, the default
     assert "no model-output measurements" in caplog.text
     plain = LowRankPass(activation_aware=False).plan(io.load(proto))
     assert [p.rank for p in plans] == [p.rank for p in plain]
