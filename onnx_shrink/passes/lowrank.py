@@ -295,8 +295,9 @@ class LowRankPass(DataAwarePass):
     def _ranks(self, layers: Sequence[_Layer], measured: Mapping[str, float]) -> list[int | None]:
         if self.selection == "budget":
             metric = self.budget_metric
-            if self._measures_model() and not measured:
-                logger.warning("lowrank: no model-output measurements; budget_metric=weight")
+            if metric == "model-output" and not (self.activation_aware and measured):
+                if self.activation_aware:  # data-free SVD measures nothing, by design
+                    logger.warning("lowrank: no model-output measurements; budget_metric=weight")
                 metric = "weight"
             errors = [_curve(layer, self.rank_multiple, metric, measured) for layer in layers]
             return _allocate(layers, errors, self.reduction, self.budget_unit, self.rank_multiple)
