@@ -24,6 +24,7 @@ from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import probe as probe_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -208,11 +209,14 @@ def _compile(
     """Run the pipeline (collecting calibration statistics for data-aware passes) and, if
     asked, the sensitivity report; calibration data lives as long as this call."""
     with contextlib.ExitStack() as stack:
-        collector, calib = None, None
+        collector, prober, calib = None, None, None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
             calib = _calibration_data(loaded, source, stack)
             collector = functools.partial(
                 _collect, dataset=calib, provider=provider, progress=hooks.on_calibration
+            )
+            prober = functools.partial(
+                probe_mod.measure, dataset=calib, provider=provider, progress=hooks.on_calibration
             )
         result = pipeline.run(
             loaded,
@@ -222,6 +226,7 @@ def _compile(
             verify=verifier,
             strict=strict,
             collect=collector,
+            probe=prober,
         )
         report = None
         if sensitivity and collector is not None:

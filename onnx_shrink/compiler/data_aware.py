@@ -4,17 +4,30 @@ Such a pass says what it needs (``requests``) and rewrites from what it gets (``
 pipeline collects the statistics on the model as it is when the pass's turn comes (after the
 passes before it) and binds them to the pass for that one run. The pass itself never runs a
 model and stays a frozen configuration.
+
+A pass may also ask how much the *model's outputs* move under candidate edits (``probes``,
+given the statistics): the pipeline measures each edit alone on the calibration data
+(``runtime_check.probe``) and hands the errors back in ``Statistics.probe_errors``.
 """
 
 from __future__ import annotations
 
 import abc
 import dataclasses
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
+
+
+@dataclasses.dataclass(frozen=True)
+class Probe:
+    """A candidate edit whose effect on the model's outputs a pass wants measured: ``edit``
+    rewrites, in place, a copy of the model the pass was given (found by node names)."""
+
+    key: str
+    edit: Callable[[ir.Model], None]
 
 
 class DataAwarePass(ir.passes.InPlacePass):
@@ -23,6 +36,11 @@ class DataAwarePass(ir.passes.InPlacePass):
     @abc.abstractmethod
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         """The statistics this pass needs for ``model``."""
+
+    def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
+        """Edits of ``model`` whose output error ``apply`` wants in ``stats.probe_errors``
+        (none by default)."""
+        return ()
 
     @abc.abstractmethod
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:

@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import data_files, io, large_tensors, registry, stats
-from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass
+from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass, Probe
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
@@ -174,6 +174,8 @@ class Verdict:
 
 Verifier = Callable[[ir.Model], Verdict]
 Collector = Callable[[ir.Model, Sequence[StatRequest]], Statistics]
+Prober = Callable[[ir.Model, Sequence[Probe]], Mapping[str, float]]
+"""Measures each probe's edit alone: key -> relative squared error of the model outputs."""
 
 
 def run(
@@ -185,13 +187,14 @@ def run(
     verify: Verifier | None = None,
     strict: bool = False,
     collect: Collector | None = None,
+    probe: Prober | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
     A data-aware pass gets statistics from ``collect``, run on the model as it is when the
-    pass's turn comes. With ``verify``, the model is judged after every pass; a pass it
-    rejects is rolled back (the model before it continues down the pipeline) or, with
-    ``strict``, stops the run.
+    pass's turn comes, and the output errors of its ``probes`` from ``probe``. With
+    ``verify``, the model is judged after every pass; a pass it rejects is rolled back (the
+    model before it continues down the pipeline) or, with ``strict``, stops the run.
 
     Raises:
         PassFailedError: a pass raised, or broke the verifier under ``strict``; the message
@@ -208,7 +211,7 @@ def run(
         runnable: ir.passes.PassBase = pass_
         if isinstance(pass_, DataAwarePass):
             started = time.perf_counter()
-            statistics = _collect(pass_, model, collect)
+            statistics = _collect(pass_, model, collect, probe)
             calibration_seconds = time.perf_counter() - started
             samples = statistics.samples
             runnable = pass_.bind(statistics)
@@ -247,7 +250,9 @@ def run(
     return PipelineResult(model=model, steps=tuple(steps))
 
 
-def _collect(pass_: DataAwarePass, model: ir.Model, collect: Collector | None) -> Statistics:
+def _collect(
+    pass_: DataAwarePass, model: ir.Model, collect: Collector | None, probe: Prober | None
+) -> Statistics:
     requests = list(pass_.requests(model))
     if not requests:  # a data-aware pass in a data-free mode (magnitude pruning, plain SVD)
         return Statistics(results={}, samples=0, source="none needed")
@@ -255,7 +260,16 @@ def _collect(pass_: DataAwarePass, model: ir.Model, collect: Collector | None) -
         raise PassFailedError(
             f"pass '{describe(pass_)}' needs calibration data, and this pipeline has none"
         )
-    return collect(model, requests)
+    statistics = collect(model, requests)
+    probes = list(pass_.probes(model, statistics))
+    if not probes:
+        return statistics
+    if probe is None:
+        raise PassFailedError(
+            f"pass '{describe(pass_)}' measures model outputs on calibration data, and this "
+            "pipeline cannot run the model (give run() a probe)"
+        )
+    return dataclasses.replace(statistics, probe_errors=dict(probe(model, probes)))
 
 
 def _run_one(

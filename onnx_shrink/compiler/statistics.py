@@ -92,6 +92,9 @@ class Statistics:
     results: Mapping[StatRequest, StatResult]
     samples: int
     source: str
+    probe_errors: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    """by ``Probe.key``: the relative squared error of the model's outputs with that probe's
+    edit alone (``DataAwarePass.probes``); empty when the pass asked for none"""
 
     def get(self, tensor: str, kind: StatKind, **key: int) -> StatResult | None:
         for request, result in self.results.items():

@@ -14,79 +14,29 @@ row against K·N, so a layer is split only when r < K·N/(K+N).
 
 from __future__ import annotations
 
+import collections
 import dataclasses
+import functools
 import logging
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.data_aware import DataAwarePass, Probe
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
+from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit, whitener
 
 logger = logging.getLogger(__name__)
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
-
-
-@dataclasses.dataclass(frozen=True)
-class Factorization:
-    """The SVD of S·W (S = I without data) and the whitener S to undo."""
-
-    u: np.ndarray
-    s: np.ndarray
-    vt: np.ndarray
-    whitener: np.ndarray | None
-
-    def tail_energy(self) -> np.ndarray:
-        """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
-        return ranks_mod.tail_energy(self.s)
-
-
-def factorize(weight: np.ndarray, whitener: np.ndarray | None = None) -> Factorization:
-    """SVD of ``whitener @ weight`` (an upper-triangular or diagonal S), or of ``weight``."""
-    target = weight if whitener is None else whitener @ weight
-    u, s, vt = np.linalg.svd(target, full_matrices=False)
-    return Factorization(u, s, vt, whitener)
-
-
-def factors(f: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
-    """A (K x r), B (r x N) with S·A·B the rank-``rank`` truncation of S·W, Σ split evenly."""
-    root = np.sqrt(f.s[:rank])
-    a, b = f.u[:, :rank] * root, root[:, None] * f.vt[:rank]
-    if f.whitener is not None:
-        a = np.linalg.solve(f.whitener, a)
-    return a, b
-
-
-def refit(weight: np.ndarray, a: np.ndarray, gram: np.ndarray) -> np.ndarray:
-    """B = (AᵀGA)⁻¹AᵀGW: the B that best matches x·W on the calibration inputs, given A."""
-    ga = gram @ a
-    b, *_ = np.linalg.lstsq(a.T @ ga, ga.T @ weight, rcond=None)
-    return b
-
-
-def whitener(gram: np.ndarray, damping: float) -> np.ndarray | None:
-    """Upper-triangular S with SᵀS = G + λ·mean(diag G)·I, damping raised until Cholesky works;
-    None when G carries no signal (a layer no calibration input reached)."""
-    scale = float(np.trace(gram)) / len(gram) if len(gram) else 0.0
-    if not np.isfinite(scale) or scale <= 0:
-        return None
-    identity = np.eye(len(gram))
-    for attempt in range(6):
-        try:
-            lower = np.linalg.cholesky(gram + damping * 10.0**attempt * scale * identity)
-        except np.linalg.LinAlgError:
-            continue
-        return lower.T
-    return None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -156,11 +106,16 @@ class LowRankPass(DataAwarePass):
     3. Ranks by ``selection``: ``energy`` keeps that share of Σσ², ``error`` the smallest rank
        within ``max_error`` relative output error, ``budget`` removes ``reduction`` of the
        targeted layers' parameters (or MACs) where it costs the least summed relative error.
-       That error is the weight's (``budget_metric=weight``, the default) or the layer output's
-       on calibration data (``output``). Output errors compare badly across layers: a layer
-       whose output has one outlier channel (BERT's FFN output, 99 % of ‖XW‖²) looks nearly
-       free to cut, yet the model's output suffers (MiniLM, benchmarks/lowrank.py: 0.37
-       relative error at 30 % with ``output``, 0.28 with ``weight``; plain SVD 0.53).
+       That error is the weight's (``budget_metric=weight``), the layer output's on
+       calibration data (``output``), or the *model's* outputs' (``model-output``, the default;
+       without measurements, as under ``bind`` with hand-made statistics, the weight's). Layer
+       output errors compare badly across layers: a layer whose output has one outlier
+       channel (BERT's FFN output, 99 % of ‖XW‖²) looks nearly free to cut, yet the model's
+       output suffers, and no local statistic sees that MiniLM's last layer barely moves the
+       output while its first ones move it most. So with ``model-output`` each layer alone is
+       replaced at ``probe_ranks`` ranks and the model's relative squared output error is
+       measured on the calibration data (``probes``; the pipeline runs them in one combined
+       model), and the layer's own whitened curve is rescaled through those points.
     4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
        (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
        error; without it (or without statistics for a layer) plain SVD of W. ``refit``
@@ -182,11 +137,15 @@ class LowRankPass(DataAwarePass):
     budget_unit: Literal["params", "macs"] = option(
         "params", "selection=budget: what ``reduction`` counts", choices=("params", "macs")
     )
-    budget_metric: Literal["weight", "output"] = option(
-        "weight",
-        "selection=budget: whose relative error the budget minimises, the weight's or the "
-        "calibration output's (the factors are activation-aware either way)",
-        choices=("weight", "output"),
+    budget_metric: Literal["weight", "output", "model-output"] = option(
+        "model-output",
+        "selection=budget: whose relative error the budget minimises: the weight's, the "
+        "layer's calibration output's, or the model's outputs' as measured with each layer "
+        "alone factorized (the factors are activation-aware in every case)",
+        choices=("weight", "output", "model-output"),
+    )
+    probe_ranks: int = option(
+        6, "budget_metric=model-output: ranks measured per layer (a geometric grid)", minimum=1
     )
     rank_multiple: int = option(8, "ranks are multiples of this (kernel efficiency)", minimum=1)
     activation_aware: bool = option(
@@ -214,15 +173,31 @@ class LowRankPass(DataAwarePass):
         found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
         return list(dict.fromkeys(r for r in found if r is not None))
 
+    def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
+        """With ``budget_metric=model-output``: each uniquely named layer alone replaced by its
+        factors at ``probe_ranks`` ranks of a geometric grid."""
+        if not self._measures_model():
+            return []
+        _lift_constant_weights(model)
+        counts = collections.Counter(node.name for node in model.graph)
+        result = []
+        for layer in self._layers(model, stats)[0]:
+            name = layer.node.name
+            if not name or counts[name] > 1:
+                logger.warning("lowrank: %r has no unique name; its curve is not measured", name)
+                continue
+            for rank in ranks_mod.probe_grid(layer.ranks(self.rank_multiple), self.probe_ranks):
+                a, b = self._factors(layer, rank)
+                edit = functools.partial(_split_named, name=name, a=a, b=b)
+                result.append(Probe(_probe_key(name, rank), edit))
+        return result
+
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         _lift_constant_weights(model)
         layers, plans = self._plan(model, stats)
         for layer, plan in zip(layers, plans, strict=False):
             if plan.rank is not None:
-                a, b = factors(layer.factorization, plan.rank)
-                if self.refit and layer.gram is not None:
-                    b = refit(layer.weight, a, layer.gram)
-                _split(model.graph, layer.node, a, b)
+                _split(model.graph, layer.node, *self._factors(layer, plan.rank))
         _log_table(plans)
         modified = any(p.rank is not None for p in plans)
         if modified:
@@ -235,7 +210,27 @@ class LowRankPass(DataAwarePass):
         _lift_constant_weights(model)
         return self._plan(model, stats or Statistics({}, 0, "none"))[1]
 
+    def _measures_model(self) -> bool:
+        return (
+            self.selection == "budget"
+            and self.budget_metric == "model-output"
+            and self.activation_aware
+        )
+
+    def _factors(self, layer: _Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
+        a, b = factors(layer.factorization, rank)
+        if self.refit and layer.gram is not None:
+            b = refit(layer.weight, a, layer.gram)
+        return a, b
+
     def _plan(self, model: ir.Model, stats: Statistics) -> tuple[list[_Layer], list[LayerPlan]]:
+        layers, skipped = self._layers(model, stats)
+        ranks = self._ranks(layers, stats.probe_errors)
+        plans = [self._layer_plan(layer, rank) for layer, rank in zip(layers, ranks, strict=True)]
+        return layers, plans + skipped
+
+    def _layers(self, model: ir.Model, stats: Statistics) -> tuple[list[_Layer], list[LayerPlan]]:
+        """The layers to rank, and the plans of the nodes skipped."""
         layers: list[_Layer] = []
         skipped: list[LayerPlan] = []
         for node, reason in self._candidates(model):
@@ -243,9 +238,7 @@ class LowRankPass(DataAwarePass):
                 skipped.append(_dense_plan(node, reason))
                 continue
             layers.append(self._layer(node, stats))
-        ranks = self._ranks(layers)
-        plans = [self._layer_plan(layer, rank) for layer, rank in zip(layers, ranks, strict=True)]
-        return layers, plans + skipped
+        return layers, skipped
 
     def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, str]]:
         """(node, reason to skip or "") for every node of ``op_types`` in the main graph."""
@@ -299,11 +292,15 @@ class LowRankPass(DataAwarePass):
         spectrum = f.s if white is None else np.linalg.svd(weight, compute_uv=False)
         return _Layer(node, weight, f, gram, rows, ranks_mod.tail_energy(spectrum))
 
-    def _ranks(self, layers: Sequence[_Layer]) -> list[int | None]:
+    def _ranks(self, layers: Sequence[_Layer], measured: Mapping[str, float]) -> list[int | None]:
         if self.selection == "budget":
-            return _allocate(
-                layers, self.reduction, self.budget_unit, self.rank_multiple, self.budget_metric
-            )
+            metric = self.budget_metric
+            if metric == "model-output" and not (self.activation_aware and measured):
+                if self.activation_aware:  # data-free SVD measures nothing, by design
+                    logger.warning("lowrank: no model-output measurements; budget_metric=weight")
+                metric = "weight"
+            errors = [_curve(layer, self.rank_multiple, metric, measured) for layer in layers]
+            return _allocate(layers, errors, self.reduction, self.budget_unit, self.rank_multiple)
         keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
         return [
             ranks_mod.threshold_rank(
@@ -326,22 +323,49 @@ class LowRankPass(DataAwarePass):
         return LayerPlan(name, op, (k, n), rank, layer.dense, params, error, aware, reason)
 
 
+def _curve(layer: _Layer, multiple: int, metric: str, measured: Mapping[str, float]) -> np.ndarray:
+    """The layer's error at each option (its ranks, then dense) in ``metric``."""
+    options = [*layer.ranks(multiple), None]
+    if metric == "weight":
+        return np.array([layer.weight_error(r) for r in options])
+    local = np.array([layer.error(r) for r in options])
+    if metric == "output":
+        return local
+    name = layer.node.name or ""
+    points = {r: measured[_probe_key(name, r)] for r in options if _probe_key(name, r) in measured}
+    if not points:
+        logger.warning("lowrank: no measured curve for %r; its output error counts as is", name)
+    local_at = {r: layer.error(r) for r in points}
+    ranks = [r if r is not None else 0 for r in options]  # dense: local error 0, stays 0
+    return ranks_mod.scale_by_measured(ranks, local, points, local_at)
+
+
 def _allocate(
-    layers: Sequence[_Layer], reduction: float, unit: str, multiple: int, metric: str
+    layers: Sequence[_Layer],
+    errors: Sequence[np.ndarray],
+    reduction: float,
+    unit: str,
+    multiple: int,
 ) -> list[int | None]:
     """Ranks removing ``reduction`` of the summed cost (params, or MACs: params x rows) at the
-    least summed relative error of ``metric`` (``lowrank_ranks.allocate``)."""
+    least summed error, ``errors[i]`` listing layer i's per option (``lowrank_ranks.allocate``)."""
     options = [[*layer.ranks(multiple), None] for layer in layers]
     costs = [
         np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
         for layer, opts in zip(layers, options, strict=True)
     ]
-    errors = [
-        np.array([layer.weight_error(r) if metric == "weight" else layer.error(r) for r in opts])
-        for layer, opts in zip(layers, options, strict=True)
-    ]
     choice = ranks_mod.allocate(costs, errors, reduction)
     return [opts[i] for opts, i in zip(options, choice, strict=True)]
+
+
+def _probe_key(name: str, rank: int | None) -> str:
+    return f"lowrank:{name}@{rank}"
+
+
+def _split_named(model: ir.Model, name: str, a: np.ndarray, b: np.ndarray) -> None:
+    """``_split`` of the node called ``name`` (a probe's edit of a copy of the model)."""
+    node = next(n for n in model.graph if n.name == name)
+    _split(model.graph, node, a, b)
 
 
 def _check(node: ir.Node, opset: int) -> str:

@@ -91,3 +91,26 @@ def _top_up(
         if best is None:
             return choice
         choice[best[1]] = best[2]
+
+
+def probe_grid(candidates: Sequence[int], count: int) -> list[int]:
+    """Up to ``count`` of ``candidates`` (ascending) spread geometrically from the first to
+    the last: low ranks, where a budget cuts, get most of the points."""
+    if not candidates or count < 1:
+        return []
+    targets = np.geomspace(candidates[0], candidates[-1], num=count)
+    picked = {min(candidates, key=lambda c, t=t: abs(math.log(c / t))) for t in targets}
+    return sorted(picked)
+
+
+def scale_by_measured(
+    ranks: Sequence[int], local: np.ndarray, measured: dict[int, float], local_at: dict[int, float]
+) -> np.ndarray:
+    """``local`` errors at ``ranks`` rescaled to measured ones: the ratio measured / local,
+    known at the measured ranks, is interpolated linearly in rank (held flat outside them).
+    A layer's own spectrum gives the shape of its curve; the model says how much it counts."""
+    points = sorted(r for r in measured if local_at.get(r, 0.0) > 0)
+    if not points:
+        return local
+    ratio = [measured[r] / local_at[r] for r in points]
+    return local * np.interp(np.asarray(ranks, dtype=np.float64), points, ratio)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 
 import numpy as np
@@ -371,3 +372,76 @@ def test_budget_on_output_error_cuts_the_layer_whose_output_error_is_cheap():
         for p in LowRankPass(reduction=0.4, budget_metric="output").plan(io.load(proto), stats)
     }
     assert by_output["mm1"] is not None and by_output["mm1"] < (by_weight["mm1"] or 10**6)
+
+
+# ---- budget on the model's output error (measured probes) ----------------------------------
+
+
+def _isotropic_stats(proto, k: int = 96):
+    requests = LowRankPass().requests(io.load(proto))
+    return Statistics({r: Gram(np.eye(k) * 100, 100) for r in requests}, 100, "test")
+
+
+def _measured(proto, stats, scale: dict[str, float]):
+    """Probe errors as the model would report them: each layer's own whitened (here: weight)
+    curve times ``scale[layer]``, the layer's gain to the model's output."""
+    lowrank = LowRankPass(budget_metric="model-output")
+    probes = lowrank.probes(io.load(proto), stats)
+    model = io.load(proto)
+    weights = {n.name: n.inputs[1].const_value.numpy().astype(np.float64) for n in model.graph}
+    errors = {}
+    for probe in probes:
+        name, rank = probe.key.removeprefix("lowrank:").split("@")
+        tail = factorize(weights[name]).tail_energy()
+        errors[probe.key] = scale[name] * tail[int(rank)] / tail[0]
+    return dataclasses.replace(stats, probe_errors=errors)
+
+
+def test_model_output_probes_measure_each_layer_at_a_geometric_grid_of_ranks():
+    proto = _stack(2)
+    stats = _isotropic_stats(proto)
+    probes = LowRankPass(budget_metric="model-output", probe_ranks=4).probes(io.load(proto), stats)
+    keys = [p.key for p in probes]
+    assert keys == [f"lowrank:mm{i}@{r}" for i in range(2) for r in (8, 16, 24, 48)]
+    assert LowRankPass(budget_metric="weight").probes(io.load(proto), stats) == []
+    model = io.load(proto)
+    probes[0].edit(model)  # the edit splits mm0 at rank 8 in the model it is given
+    assert [n.op_type for n in model.graph][:2] == ["MatMul", "MatMul"]
+    assert model.graph.initializers["w0_lowrank_a"].const_value.shape == (96, 8)
+
+
+def test_model_output_budget_gives_more_rank_to_the_layer_that_moves_the_output_most():
+    proto = _stack(2)
+    stats = _isotropic_stats(proto)
+    lowrank = LowRankPass(reduction=0.4, budget_metric="model-output")
+    ranks = {}
+    for loud in ("mm0", "mm1"):
+        measured = _measured(proto, stats, {"mm0": 1.0, "mm1": 1.0, loud: 100.0})
+        plans = lowrank.plan(io.load(proto), measured)
+        before, after = sum(p.params_before for p in plans), sum(p.params_after for p in plans)
+        assert 0.55 * before <= after <= 0.6 * before  # the same budget either way
+        ranks[loud] = {p.node: p.rank or 10**6 for p in plans}
+    assert ranks["mm0"]["mm0"] > ranks["mm1"]["mm0"]
+    assert ranks["mm1"]["mm1"] > ranks["mm0"]["mm1"]
+
+
+def test_model_output_budget_without_measurements_falls_back_to_weight_error(caplog):
+    proto = _stack(2)
+    stats = _isotropic_stats(proto)
+    with caplog.at_level(logging.WARNING):
+        plans = LowRankPass().plan(io.load(proto), stats)  # model-output, the default
+    assert "no model-output measurements" in caplog.text
+    plain = LowRankPass(activation_aware=False).plan(io.load(proto))
+    assert [p.rank for p in plans] == [p.rank for p in plain]
+
+
+def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
+    proto = _stack(2)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(proto.SerializeToString())
+    calib = tmp_path / "calib.npz"
+    np.savez(calib, x=RNG.standard_normal((16, 96)).astype(np.float32))
+    lowrank = LowRankPass(reduction=0.3, budget_metric="model-output", probe_ranks=3)
+    result = shrink(path, [lowrank], calibration=calib, check=False)
+    (step,) = result.steps
+    assert step.modified and step.after.params <= 0.7 * step.before.params
