@@ -17,7 +17,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from models import builders, digits
 from onnx_shrink import shrink
-from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct
 from onnx_shrink.passes.prune import PrunePass, magnitude_keep, nm_keep, sparse_break_even
