@@ -327,12 +327,17 @@ def test_options_are_checked():
 # ---- through shrink() ----------------------------------------------------------------------
 
 
-def test_shrink_with_calibration_then_quant_quantizes_both_factors(tmp_path):
-    proto = _stack(2)
+def _stack_files(tmp_path, samples: int):
+    """A two-layer stack saved as a file, and ``samples`` calibration inputs beside it."""
     path = tmp_path / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
+    path.write_bytes(_stack(2).SerializeToString())
     calib = tmp_path / "calib.npz"
-    np.savez(calib, x=RNG.standard_normal((32, 96)).astype(np.float32))
+    np.savez(calib, x=RNG.standard_normal((samples, 96)).astype(np.float32))
+    return path, calib
+
+
+def test_shrink_with_calibration_then_quant_quantizes_both_factors(tmp_path):
+    path, calib = _stack_files(tmp_path, 32)
     result = shrink(
         path,
         [FoldPass(), LowRankPass(selection="energy", energy=0.99), QuantPass(calibration="minmax")],
@@ -436,11 +441,7 @@ def test_model_output_budget_without_measurements_falls_back_to_weight_error(cap
 
 
 def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
-    proto = _stack(2)
-    path = tmp_path / "m.onnx"
-    path.write_bytes(proto.SerializeToString())
-    calib = tmp_path / "calib.npz"
-    np.savez(calib, x=RNG.standard_normal((16, 96)).astype(np.float32))
+    path, calib = _stack_files(tmp_path, 16)
     lowrank = LowRankPass(reduction=0.3, budget_metric="model-output", probe_ranks=3)
     result = shrink(path, [lowrank], calibration=calib, check=False)
     (step,) = result.steps
