@@ -8,7 +8,7 @@ import platform
 from importlib import metadata
 from pathlib import Path
 
-from onnx_shrink.compiler import data_files
+from onnx_shrink.compiler.io import data_files
 
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 

@@ -21,7 +21,8 @@ from rich.console import Console
 
 from onnx_shrink import __version__, console
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
-from onnx_shrink.compiler import data_files, pipeline, registry
+from onnx_shrink.compiler import pipeline, registry
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod

@@ -16,8 +16,9 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import data_files, io, large_tensors, registry, stats
+from onnx_shrink.compiler import io, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass, Probe
+from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError

@@ -13,7 +13,8 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
-from onnx_shrink.compiler import io, large_tensors, walk
+from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 
 logger = logging.getLogger(__name__)

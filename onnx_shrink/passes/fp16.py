@@ -16,8 +16,8 @@ import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
 
-from onnx_shrink.compiler import large_tensors
 from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError

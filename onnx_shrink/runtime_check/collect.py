@@ -24,8 +24,8 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import large_tensors
 from onnx_shrink.compiler import statistics as st
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions

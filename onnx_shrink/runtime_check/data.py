@@ -28,7 +28,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import data_files
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import DataError
 
 logger = logging.getLogger(__name__)

@@ -20,7 +20,7 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import large_tensors
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.compare import ErrorAccumulator

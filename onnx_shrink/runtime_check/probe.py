@@ -22,8 +22,9 @@ from collections.abc import Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.compiler import io
 from onnx_shrink.compiler.data_aware import Probe
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod

@@ -24,7 +24,8 @@ from collections.abc import Callable, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, static

@@ -12,7 +12,7 @@ from typing import Any
 
 import onnxruntime as ort
 
-from onnx_shrink.compiler import large_tensors
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
@@ -84,7 +84,7 @@ def create_session(
     optimize: bool = True,
 ) -> ort.InferenceSession:
     """Create a session for a model file, serialized model bytes, or a ``SessionSource``
-    (``compiler.large_tensors``: its arrays are used in place and kept alive with the session).
+    (``compiler.io.large_tensors``: its arrays are used in place and kept alive with the session).
 
     Args:
         provider: short name (``cpu``, ``cuda``, ...) or onnxruntime's provider name, with

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from onnx_shrink.compiler import data_files
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import ShrinkError
 
 

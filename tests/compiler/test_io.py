@@ -9,7 +9,8 @@ import pytest
 
 from models import digits
 from onnx_shrink import __version__
-from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import large_tensors
 from tests.helpers import files_in, parse, run_ort, sha256
 
 MLP_TEXT = """

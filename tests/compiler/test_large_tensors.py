@@ -10,7 +10,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from models import builders, digits
-from onnx_shrink.compiler import io, large_tensors
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import sessions
 from tests.helpers import parse
 

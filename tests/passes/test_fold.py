@@ -9,7 +9,8 @@ import onnx_ir as ir
 import pytest
 
 from models import builders
-from onnx_shrink.compiler import io, large_tensors, stats
+from onnx_shrink.compiler import io, stats
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.passes import fold as fold_mod
 from onnx_shrink.passes.fold import FoldPass
 from tests.helpers import parse, run_ort

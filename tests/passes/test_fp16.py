@@ -11,7 +11,8 @@ import pytest
 
 from models import digits
 from models.builders import build_cnn, build_mlp, build_transformer_block
-from onnx_shrink.compiler import data_files, io, large_tensors, walk
+from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
 from onnx_shrink.passes.fp16 import DEFAULT_BLOCK_OPS, Float16Pass
 from onnx_shrink.runtime_check import collect, data

@@ -6,7 +6,8 @@ import numpy as np
 import pytest
 
 from models import digits
-from onnx_shrink.compiler import data_files, io
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.compiler.statistics import StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect, data

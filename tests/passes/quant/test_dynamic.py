@@ -9,7 +9,8 @@ import onnx
 import onnx_ir as ir
 import pytest
 
-from onnx_shrink.compiler import io, large_tensors, pipeline
+from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from tests.helpers import run_ort
 

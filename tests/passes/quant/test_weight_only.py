@@ -11,7 +11,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from onnx_shrink.compiler import io, large_tensors, pipeline
+from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import PassFailedError
 from onnx_shrink.passes.quant.blockwise import pack_low_first, quantize_blocks, unpack_low_first
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass

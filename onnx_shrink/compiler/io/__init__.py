@@ -1,4 +1,8 @@
-"""Model I/O: the only module that reads or writes model files and protobufs.
+"""Model I/O: this package is the only place files and protobufs are read or written.
+
+This module holds model files and protobufs; ``io.data_files`` holds arrays and text files
+(memory-mapped where the format allows); ``io.large_tensors`` holds what must not serialize
+large weights (exact saved size, shape inference, in-memory sources for onnxruntime).
 
 Contract:
 
@@ -61,7 +65,7 @@ KNOWN_DOMAINS = frozenset(
 PRODUCER_NAME = "onnx-shrink"
 
 # The external-data location of a stand-in for a tensor handed to onnxruntime in memory
-# (compiler.large_tensors): serialization keeps it a reference, never reads it.
+# (compiler.io.large_tensors): serialization keeps it a reference, never reads it.
 IN_MEMORY_LOCATION = "onnx-shrink:in-memory"
 
 
