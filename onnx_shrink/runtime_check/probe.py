@@ -24,11 +24,10 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.data_aware import Probe
-from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check.collect import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -40,7 +39,7 @@ def measure(
     *,
     provider: str = "cpu",
     batch: int = 16,
-    progress: sensitivity_mod.Progress | None = None,
+    progress: Progress | None = None,
 ) -> dict[str, float]:
     """Relative squared output error of each probe's edit alone, by ``Probe.key``; ``model``
     is not modified.
@@ -55,14 +54,15 @@ def measure(
         raise ShrinkError("probe: probe keys must be unique")
     base = model.clone()
     io.unshare_tensors(base)
-    outputs = sensitivity_mod._compared_outputs(base)
-    sep = sensitivity_mod._separator(base)
+    outputs = combined_mod.compared_outputs(base, "probe")
+    sep = combined_mod.separator(base)
     errors: dict[str, float] = {}
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
         groups = [probes[i : i + batch] for i in range(0, len(probes), batch)]
         for index, group in enumerate(groups, 1):
-            combined = _combined(base, group, outputs, sep)
+            edits = [_applied(probe) for probe in group]
+            combined = combined_mod.build(base, edits, outputs, sep, "probe")
             phase = f"probe {index}/{len(groups)}"
             measured = _stream(combined, group, len(outputs), sep, data, provider, progress, phase)
             errors.update(measured)
@@ -70,18 +70,12 @@ def measure(
     return errors
 
 
-def _combined(base: ir.Model, group: Sequence[Probe], outputs: list[int], sep: str) -> ir.Model:
-    """The unedited graph (outputs ``<out>``) plus, per probe i, an edited copy (outputs
-    ``<out><sep>i``), sharing inputs and unchanged initializers."""
-    combined = base.clone()
-    kept = [combined.graph.outputs[i] for i in outputs]
-    combined.graph.outputs.clear()
-    combined.graph.outputs.extend(kept)
-    for index, probe in enumerate(group):
-        copy = base.clone()  # shares its tensors with ``base``: one model's weights in memory
+def _applied(probe: Probe):
+    def edit(copy: ir.Model) -> ir.Model:
         probe.edit(copy)
-        sensitivity_mod._merge(combined, copy, outputs, f"{sep}{index}")
-    return combined
+        return copy
+
+    return edit
 
 
 def _stream(
@@ -91,24 +85,19 @@ def _stream(
     sep: str,
     data: data_mod.Dataset,
     provider: str,
-    progress: sensitivity_mod.Progress | None,
+    progress: Progress | None,
     phase: str,
 ) -> dict[str, float]:
     """One pass over ``data``: Σ‖y' - y‖² / Σ‖y‖² per probe, in float64."""
-    session = sessions.create_session(large_tensors.session_source(combined), provider=provider)
-    names = [o.name for o in session.get_outputs()]
     references = [v.name or "" for v in combined.graph.outputs[:count]]
     diff_sq = np.zeros(len(group))
     ref_sq = 0.0
-    for done, batch in enumerate(data.batches(), 1):
-        result = dict(zip(names, session.run(names, batch.feed), strict=True))
+    for _, result in combined_mod.stream(combined, data, provider, progress, phase):
         for name in references:
             ref = result[name].astype(np.float64)
             ref_sq += float(np.sum(ref * ref))
             for i in range(len(group)):
                 diff = result[f"{name}{sep}{i}"].astype(np.float64) - ref
                 diff_sq[i] += float(np.sum(diff * diff))
-        if progress is not None:
-            progress(phase, done)
     scale = ref_sq if ref_sq > 0 else 1.0
     return {probe.key: float(d / scale) for probe, d in zip(group, diff_sq, strict=True)}

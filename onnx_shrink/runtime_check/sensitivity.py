@@ -19,27 +19,23 @@ import math
 import re
 import shlex
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 
-import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, static
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect as collect_mod
+from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
-from onnx_shrink.runtime_check.layers import FLOAT_TYPES
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int], None]
-"""Called with (phase, batches done) after every batch, as ``collect`` does."""
+Progress = collect_mod.Progress
 
 
 @dataclasses.dataclass(frozen=True)
@@ -249,27 +245,23 @@ class _Runner:
     ) -> None:
         self.base, self.quant, self.stats, self.data = base, quant, stats, data
         self.provider, self.progress = provider, progress
-        self.outputs = _compared_outputs(base)
-        self.sep = _separator(base)
+        self.outputs = combined_mod.compared_outputs(base, "sensitivity")
+        self.sep = combined_mod.separator(base)
         self.samples = 0
 
     def measure(self, group: Sequence[_Target], phase: str) -> list[LayerSensitivity]:
         """One streaming run of the combined model of ``group``: per copy and output an
         ``ErrorAccumulator`` of the copy's output against the float one."""
         combined = self.combined([target.key for target in group])
-        session = self.session(combined)
-        names = [o.name for o in session.get_outputs()]
         references = [v.name or "" for v in combined.graph.outputs[: len(self.outputs)]]
         accumulators = [[ErrorAccumulator(name) for name in references] for _ in group]
         self.samples = 0
-        for done, batch in enumerate(self.data.batches(), 1):
-            result = dict(zip(names, session.run(names, batch.feed), strict=True))
+        runs = combined_mod.stream(combined, self.data, self.provider, self.progress, phase)
+        for batch, result in runs:
             for index, row in enumerate(accumulators):
                 for acc in row:
                     acc.add(result[acc.name], result[f"{acc.name}{self.sep}{index}"])
             self.samples += batch.samples
-            if self.progress is not None:
-                self.progress(phase, done)
         return [
             _layer(target, [acc.result() for acc in row])
             for target, row in zip(group, accumulators, strict=True)
@@ -278,104 +270,18 @@ class _Runner:
     def combined(self, keys: Sequence[str]) -> ir.Model:
         """The float graph (outputs ``<out>``) plus, per layer i, a copy with only that layer
         quantized (outputs ``<out><sep>i``), sharing inputs and float initializers."""
-        combined = self.base.clone()  # nothing of the float graph is renamed: tensors stay shared
-        kept = [combined.graph.outputs[i] for i in self.outputs]
-        combined.graph.outputs.clear()
-        combined.graph.outputs.extend(kept)
-        for index, key in enumerate(keys):
-            # The copy shares its float tensors with ``base``: one model's weights in memory.
-            # (``base`` is the caller's model unshared, and serializing names each initializer
-            # after its value, so a tensor renamed by the pass could harm neither.)
-            copy = self.base.clone()
-            result = dataclasses.replace(self.quant, only=(key,)).bind(self.stats)(copy)
-            if not result.modified:
-                raise ShrinkError(f"sensitivity: node '{key}' could not be quantized alone")
-            _merge(combined, result.model, self.outputs, f"{self.sep}{index}")
-        return combined
 
-    def session(self, model: ir.Model):
-        return sessions.create_session(large_tensors.session_source(model), provider=self.provider)
+        def quantize_only(key: str):
+            def edit(copy: ir.Model) -> ir.Model:
+                result = dataclasses.replace(self.quant, only=(key,)).bind(self.stats)(copy)
+                if not result.modified:
+                    raise ShrinkError(f"sensitivity: node '{key}' could not be quantized alone")
+                return result.model
 
+            return edit
 
-def _compared_outputs(model: ir.Model) -> list[int]:
-    """Indices of the float graph outputs computed by a node (echoed inputs cannot differ)."""
-    indices = [
-        i
-        for i, value in enumerate(model.graph.outputs)
-        if value.producer() is not None and value.dtype in FLOAT_TYPES
-    ]
-    if not indices:
-        raise ShrinkError("sensitivity: the model has no float output computed by its graph")
-    return indices
-
-
-def _separator(model: ir.Model) -> str:
-    """A suffix separator no value or node name of the model contains: suffixed names are new
-    (the added Q/DQ nodes and values are named after the model's)."""
-    names = {v.name or "" for v in model.graph.inputs}
-    names |= set(model.graph.initializers)
-    names |= {out.name or "" for node in model.graph for out in node.outputs}
-    names |= {node.name or "" for node in model.graph}
-    sep = "#"
-    while any(sep in name for name in names):
-        sep += "~"
-    return sep
-
-
-def _merge(combined: ir.Model, copy: ir.Model, outputs: Sequence[int], suffix: str) -> None:
-    """Move the nodes of ``copy`` into ``combined``: its inputs and float initializers become
-    the combined graph's, every other value and every node name gets ``suffix``."""
-    graph, source = combined.graph, copy.graph
-    copy_outputs = [source.outputs[i] for i in outputs]
-    source.outputs.clear()
-    inputs = {v.name: v for v in graph.inputs}
-    for value in source.inputs:
-        value.replace_all_uses_with(inputs[value.name])
-    added = []
-    for name in list(source.initializers):
-        value = source.initializers.pop(name)
-        original = graph.initializers.get(name)
-        if original is not None:
-            _check_same_tensor(original, value)
-            value.replace_all_uses_with(original)
-        else:  # made by the pass (quantized weight, scale, zero point): this copy's own
-            value.name = name + suffix
-            added.append(value)
-    nodes = list(source)
-    for node in nodes:
-        if node.name:
-            node.name += suffix
-        for out in node.outputs:
-            # A node output's const_value is an annotation whose tensor the float model
-            # shares; renaming the value would rename that tensor.
-            out.const_value = None
-            out.name = (out.name or "") + suffix
-    source.remove(nodes)
-    graph.extend(nodes)
-    for value in added:
-        graph.register_initializer(value)
-    graph.outputs.extend(copy_outputs)
-    for domain, version in copy.opset_imports.items():
-        if combined.opset_imports.setdefault(domain, version) != version:
-            raise ShrinkError(f"sensitivity: the quantized copy changed opset '{domain}'")
-
-
-def _check_same_tensor(original: ir.Value, value: ir.Value) -> None:
-    """A shared initializer must hold the same data in the float model and in the copy."""
-    a, b = original.const_value, value.const_value
-    if a is b or (a is not None and getattr(a, "raw", a) is getattr(b, "raw", b)):
-        return
-    same = (
-        a is not None
-        and b is not None
-        and a.dtype == b.dtype
-        and np.array_equal(a.numpy(), b.numpy(), equal_nan=a.dtype.is_floating_point())
-    )
-    if not same:
-        raise ShrinkError(
-            f"sensitivity: initializer '{original.name}' differs between the float model and "
-            "a quantized copy; the copies cannot share it"
-        )
+        edits = [quantize_only(key) for key in keys]
+        return combined_mod.build(self.base, edits, self.outputs, self.sep, "sensitivity")
 
 
 def _layer(target: _Target, results: Sequence[OutputComparison]) -> LayerSensitivity:
