@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, provenance, write_section  # noqa: E402
+from benchmarks.results import provenance, publish  # noqa: E402
 from models.fetch import REAL_MODELS, fetch  # noqa: E402
 from models.inputs import sample_inputs  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
@@ -244,10 +244,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     )
     text = section(rows, command, args.repeat)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+    publish(HEADING, text, write=not args.no_write)
     return 0
 
 

@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import RESULTS, provenance, write_section  # noqa: E402
+from benchmarks.results import provenance, publish  # noqa: E402
 from models.perturb import perturb_node_weight  # noqa: E402
 
 HEADING = "## per-layer comparison memory (MiniLM)"
@@ -198,10 +198,7 @@ def main(argv: list[str] | None = None) -> int:
         [".venv/bin/python", "benchmarks/layers_memory.py", *(shlex.quote(a) for a in argv)]
     )
     text = section(rows, command, few, many)
-    print(text)
-    if not args.no_write:
-        write_section(HEADING, text)
-        print(f"wrote {RESULTS}", file=sys.stderr)
+    publish(HEADING, text, write=not args.no_write)
     return 0
 
 

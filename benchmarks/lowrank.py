@@ -176,9 +176,7 @@ def main(argv: list[str] | None = None) -> int:
     command = " ".join([".venv/bin/python -m benchmarks.lowrank", *(argv or sys.argv[1:])])
     header = results.provenance(command, ("onnx", "onnxruntime", "numpy"))
     text = "## lowrank\n\n" + "\n".join(header) + "\n\n" + "\n".join(sections)
-    print(text)
-    if not args.no_write:
-        results.write_section("## lowrank", text)
+    results.publish("## lowrank", text, write=not args.no_write)
     return 0
 
 

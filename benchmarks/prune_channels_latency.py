@@ -69,9 +69,7 @@ def main(argv: list[str] | None = None) -> int:
             "",
         ]
     )
-    print(text)
-    if not args.no_write:
-        results.write_section(HEADING, text)
+    results.publish(HEADING, text, write=not args.no_write)
     return 0
 
 

@@ -639,7 +639,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import onnxruntime as ort
 
-    from benchmarks.results import RESULTS, write_section
+    from benchmarks.results import publish
 
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ort.set_default_logger_severity(3)
@@ -652,10 +652,7 @@ def main(argv: list[str] | None = None) -> int:
             log(f"{name}: done at {time.perf_counter() - started:.0f} s")
     command = " ".join([".venv/bin/python", "benchmarks/quant_vs_ort.py", *map(shlex.quote, argv)])
     text = section(results, command, args, heading)
-    print(text)
-    if not args.no_write:
-        write_section(heading, text)
-        log(f"wrote {RESULTS}")
+    publish(heading, text, write=not args.no_write)
     return 0
 
 

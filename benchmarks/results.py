@@ -5,6 +5,7 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import sys
 from importlib import metadata
 from pathlib import Path
 
@@ -40,6 +41,14 @@ def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
         tail = "".join(lines[end:])
         new = "".join(lines[:start]) + text + ("\n" + tail if tail else "")
     data_files.write_text(path, new)
+
+
+def publish(heading: str, text: str, write: bool = True) -> None:
+    """Print a benchmark's section and, with ``write``, replace it in RESULTS.md."""
+    print(text)
+    if write:
+        write_section(heading, text)
+        print(f"wrote {RESULTS}", file=sys.stderr)
 
 
 def package_version(dist: str) -> str:
