@@ -161,9 +161,13 @@ def mismatch(expected: Any, actual: Any, rtol: float, atol: float, where: str = 
     return None
 
 
-def outputs_mismatch(case: TestCase, sess: ort.InferenceSession) -> str | None:
-    """Run every data set of ``case`` on ``sess``; the first difference from the expected."""
-    for inputs, expected in case.data_sets or ():
+def outputs_mismatch(
+    case: TestCase, sess: ort.InferenceSession, reference: ort.InferenceSession | None = None
+) -> str | None:
+    """Run every data set of ``case`` on ``sess``; the first difference from the expected
+    outputs, or from ``reference``'s outputs on the same inputs when one is given."""
+    for inputs, recorded in case.data_sets or ():
+        expected = recorded if reference is None else run_case(reference, inputs)
         actual = run_case(sess, inputs)
         if len(actual) != len(expected):
             return f"{len(actual)} outputs, expected {len(expected)}"
