@@ -7,9 +7,10 @@ plus the statistics, whatever the number of samples.
 * Ranges are reduced inside the graph: for each tensor the session returns only its finite
   min, finite max and non-finite count (``Where(IsInf|IsNaN, 0, x)`` then ReduceMin/Max), so
   a range costs no transfer of the tensor.
-* Histograms need every tensor's range first: a range pass, then a counting pass over fixed
-  edges, so the counts are identical however samples are batched. A one-shot reader is
-  spilled to a temporary folder during the first pass and replayed from disk.
+* Histograms need edges before counting: a probe of the first samples fixes them (and, for a
+  request with ``per_sample``, the lattice stride), so the counts are identical however
+  samples are batched; a tensor that leaves its edges is counted again over its exact range.
+  A one-shot reader is spilled to a temporary folder during the first pass and replayed.
 * Per-channel and Gram statistics are folded in numpy from the batch's tensor.
 """
 
@@ -59,7 +60,7 @@ def collect(
     with contextlib.ExitStack() as stack:
         replay = data_mod.replayable(dataset, stack) if ranged else dataset
         others = {r: _accumulator(r) for r in requests if r.tensor in raw and r.kind != "minmax"}
-        binned = _probe_bins(model, histograms, replay, provider, progress)
+        binned, strides = _probe_bins(model, histograms, replay, provider, progress)
         ranges, samples = _range_pass(
             model, ranged, others, replay, provider, progress, binned=binned
         )
@@ -78,7 +79,7 @@ def collect(
         recount = [r for r in histograms if r not in binned or _overflowed(r, binned[r], ranges)]
         results.update({r: binned[r].result() for r in histograms if r not in recount})
         if recount:
-            results.update(_histograms(model, recount, ranges, replay, provider, progress))
+            results.update(_histograms(model, recount, ranges, strides, replay, provider, progress))
     return st.Statistics(
         results={r: results[r] for r in requests}, samples=samples, source=dataset.description
     )
@@ -137,14 +138,19 @@ PROBE_MARGIN = 0.5
 
 
 def _probe_bins(model, histograms, dataset, provider, progress):
-    """Histogram accumulators with edges from the first ``PROBE_SAMPLES`` samples."""
+    """Histogram accumulators with edges from the first ``PROBE_SAMPLES`` samples, and every
+    histogram request's lattice stride (from the same samples' sizes)."""
     if not histograms:
-        return {}
+        return {}, {}
     specs = data_mod.specs_from_model(model)
     first = list(itertools.islice(data_mod.single_samples(dataset, specs), PROBE_SAMPLES))
     probe = data_mod.Dataset(dataset.description, dataset.synthetic, False, lambda: iter(first))
     tensors = sorted({r.tensor for r in histograms})
     ranges, _ = _range_pass(model, tensors, {}, probe, provider, progress)
+    strides = {
+        r: lattice_stride(ranges[r.tensor].elements // max(len(first), 1), r.per_sample)
+        for r in histograms
+    }
     binned = {}
     for request in histograms:
         acc = ranges[request.tensor]
@@ -155,8 +161,27 @@ def _probe_bins(model, histograms, dataset, provider, progress):
         # Widen, but never across zero: a one-sided range (after ReLU) stays one-sided.
         low = low - PROBE_MARGIN * span if low < 0 else max(0.0, low - PROBE_MARGIN * span)
         high = high + PROBE_MARGIN * span if high > 0 else min(0.0, high + PROBE_MARGIN * span)
-        binned[request] = st.HistogramAccumulator(low, high, request.bins)
-    return binned
+        binned[request] = st.HistogramAccumulator(low, high, request.bins, strides[request])
+    return binned, strides
+
+
+def lattice_stride(elements: int, per_sample: int) -> int:
+    """The stride that counts at most about ``per_sample`` of ``elements`` (1: count all).
+
+    A prime that does not divide ``elements``, so it divides none of the tensor's trailing
+    dimension products either: successive rows start at shifting offsets and the lattice
+    visits every channel and column instead of striping one of them.
+    """
+    if per_sample <= 0 or elements <= per_sample:
+        return 1
+    stride = -(-elements // per_sample)
+    while not _is_prime(stride) or elements % stride == 0:
+        stride += 1
+    return stride
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 def _overflowed(request: st.StatRequest, acc: st.HistogramAccumulator, ranges) -> bool:
@@ -166,7 +191,8 @@ def _overflowed(request: st.StatRequest, acc: st.HistogramAccumulator, ranges) -
 
 
 def _bins_name(request: st.StatRequest) -> str:
-    return f"{request.tensor}::bins{request.bins}"
+    """One output name per histogram request: the same tensor may be asked for twice."""
+    return f"{request.tensor}::bins{request.bins}::per{request.per_sample}"
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
@@ -252,13 +278,16 @@ def _run(session, feed) -> dict[str, np.ndarray]:
         ) from e
 
 
-def _histograms(model, requests, ranges, dataset, provider, progress):
+def _histograms(model, requests, ranges, strides, dataset, provider, progress):
     """Count ``requests`` again over each tensor's exact range: finite tensors as bin indices
     computed in the graph, tensors holding inf/NaN as values binned in numpy (which drops the
     non-finite ones)."""
     exact = {
         r: st.HistogramAccumulator(
-            ranges[r.tensor].result().minimum, ranges[r.tensor].result().maximum, r.bins
+            ranges[r.tensor].result().minimum,
+            ranges[r.tensor].result().maximum,
+            r.bins,
+            strides.get(r, 1),
         )
         for r in requests
     }
@@ -269,12 +298,22 @@ def _histograms(model, requests, ranges, dataset, provider, progress):
 
 
 def _bin_index_nodes(graph: ir.Graph, x: ir.Value, acc: st.HistogramAccumulator) -> ir.Value:
-    """``int32(clip((float(x) - lo) * scale, 0, bins - 1))``: the accumulator's arithmetic."""
+    """``int32(clip((float(x) - lo) * scale, 0, bins - 1))``: the accumulator's arithmetic,
+    on every ``acc.stride``-th element of the flattened tensor."""
     tape = ir.tape.Tape(graph)
     low, scale, top = acc.index_constants()
 
-    def const(value: np.float32) -> ir.Value:
+    def const(value: np.generic | np.ndarray) -> ir.Value:
         return tape.op("Constant", [], attributes={"value": ir.tensor(np.asarray(value))})
+
+    if acc.stride > 1:
+        dtype = x.dtype
+        flat = tape.op("Reshape", [x, const(np.array([-1], np.int64))])
+        ends = np.array([np.iinfo(np.int64).max], np.int64)
+        bounds = [const(np.array([0], np.int64)), const(ends), const(np.array([0], np.int64))]
+        x = tape.op("Slice", [flat, *bounds, const(np.array([acc.stride], np.int64))])
+        if dtype is not None:
+            x.dtype = dtype  # so a float tensor is still used without a Cast below
 
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     as_float = (

@@ -8,7 +8,7 @@ import pytest
 from models import digits
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import data_files
-from onnx_shrink.compiler.statistics import StatRequest
+from onnx_shrink.compiler.statistics import HistogramAccumulator, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect, data
 from tests.helpers import parse, run_ort
@@ -29,6 +29,7 @@ def _requests(model):
     return (
         [StatRequest(n, "minmax") for n in names]
         + [StatRequest(n, "histogram", bins=256) for n in names[:4]]
+        + [StatRequest(n, "histogram", bins=256, per_sample=100) for n in names[1:3]]
         + [
             StatRequest(names[2], "channel_absmax", axis=1),
             StatRequest(names[2], "channel_sqnorm", axis=1),
@@ -89,6 +90,44 @@ def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     np.testing.assert_allclose(sq.values, (full.astype(np.float64) ** 2).sum(axis=(0, 2, 3)))
 
 
+def test_a_lattice_histogram_counts_every_strideth_element_of_each_sample(tmp_path):
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24]
+    np.savez(tmp_path / "d.npz", image=images)
+    name = model.graph.node(2).outputs[0].name  # the first Relu: 16 x 8 x 8 per image
+    request = StatRequest(name, "histogram", bins=64, per_sample=100)
+    got = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
+    histogram = got.histogram(name)
+    assert histogram.stride == 11  # the first prime >= 1024 / 100 that does not divide 1024
+    exposed = io.load(digits.MODEL_PATH)
+    exposed.graph.outputs.append(exposed.graph.node(2).outputs[0])
+    full = run_ort(io.to_bytes(exposed), {"image": images})[-1]
+    expected = HistogramAccumulator(histogram.edges[0], histogram.edges[-1], 64, stride=11)
+    for sample in full:
+        expected.add(sample)
+    np.testing.assert_array_equal(histogram.edges, expected.edges)
+    np.testing.assert_array_equal(histogram.counts, expected.counts)
+    assert histogram.total == 24 * len(range(0, 1024, 11))
+
+
+@pytest.mark.parametrize("elements", [1, 7, 64, 1000, 1024, 30030, 10**6 + 3])
+@pytest.mark.parametrize("per_sample", [0, 1, 10, 100, 4096])
+def test_lattice_stride_is_a_prime_that_divides_no_trailing_dimension(elements, per_sample):
+    stride = collect.lattice_stride(elements, per_sample)
+    if per_sample == 0 or elements <= per_sample:
+        assert stride == 1
+        return
+    def prime(n):
+        return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
+
+    assert prime(stride) and elements % stride != 0
+    assert len(range(0, elements, stride)) <= per_sample
+    # The smallest such: every smaller prime not dividing ``elements`` counts too many.
+    smaller = [s for s in range(2, stride) if prime(s) and elements % s]
+    assert all(len(range(0, elements, s)) > per_sample for s in smaller)
+
+
 def test_non_finite_values_are_counted_not_ranged(tmp_path):
     model = io.load(
         parse("""
@@ -109,6 +148,10 @@ def test_non_finite_values_are_counted_not_ranged(tmp_path):
     minmax = stats.minmax("y")
     assert minmax.nonfinite == 4 and np.isfinite([minmax.minimum, minmax.maximum]).all()
     assert stats.histogram("y").total == 4
+    # Counted in numpy, a lattice is the graph's: elements 0 and 3 of each row, one finite.
+    lattice = StatRequest("y", "histogram", per_sample=2)
+    stats = collect.collect(model, [lattice], data.prepare(specs, tmp_path / "d.npz"))
+    assert stats.histogram("y").stride == 3 and stats.histogram("y").total == 2
 
 
 def test_tensors_not_in_the_main_graph_are_an_error():

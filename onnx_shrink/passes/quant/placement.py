@@ -30,11 +30,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from typing import Protocol
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.statistics import MinMax, Statistics
+from onnx_shrink.compiler.statistics import MinMax
 
 logger = logging.getLogger(__name__)
 
@@ -149,6 +150,34 @@ def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
     return list(names)
 
 
+def planned_tensors(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
+    """The tensors ``plan`` gives Q/DQ when every range is ordinary (finite, no sentinels).
+
+    Real statistics can only make nodes ineligible, which shrinks the accepted set (both of
+    ``_accept_glue``'s fixpoints are monotone in it), so this is a superset of what any
+    statistics will plan, and it holds every tensor whose range ``plan`` reads for a node it
+    can accept: the only tensors worth measuring.
+    """
+    ranged = frozenset(range_requests(graph, exclusions))
+    return list(plan(graph, _OrdinaryRanges(ranged), exclusions).tensors)
+
+
+class Ranges(Protocol):
+    """What ``plan`` reads of the statistics."""
+
+    def minmax(self, tensor: str) -> MinMax | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class _OrdinaryRanges:
+    """An ordinary range for every tensor ``range_requests`` asks for, none for others."""
+
+    ranged: frozenset[str]
+
+    def minmax(self, tensor: str) -> MinMax | None:
+        return MinMax(-1.0, 1.0, 0, 1) if tensor in self.ranged else None
+
+
 def _quantized_output(node: ir.Node) -> ir.Value | None:
     """The tensor after the node, past a fused Relu/Clip when that is its only consumer."""
     out = node.outputs[0]
@@ -160,7 +189,7 @@ def _quantized_output(node: ir.Node) -> ir.Value | None:
     return out
 
 
-def plan(graph: ir.Graph, stats: Statistics, exclusions: Exclusions) -> Plan:
+def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
     """Apply rules 1-6 to the main graph."""
     skipped: dict[str, str] = {}
     eligible: list[ir.Node] = []
@@ -254,7 +283,7 @@ def _consumers(value: ir.Value | None) -> list[ir.Node]:
     return result
 
 
-def _why_not(node: ir.Node, stats: Statistics) -> str | None:
+def _why_not(node: ir.Node, stats: Ranges) -> str | None:
     inputs = activation_inputs(node)
     if node.op_type in WEIGHTED and len(inputs) == 0:
         return "no activation input"
@@ -263,7 +292,7 @@ def _why_not(node: ir.Node, stats: Statistics) -> str | None:
     for value in inputs:
         minmax = stats.minmax(value.name)
         if minmax is None:
-            return f"no range for input {value.name}"
+            return f"no range measured for input {value.name}"
         if is_sentinel(minmax):
             return f"input {value.name} carries mask sentinels ({minmax.minimum:.3g})"
     if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:

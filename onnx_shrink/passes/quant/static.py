@@ -65,6 +65,12 @@ class QuantPass(DataAwarePass):
         99.999, "kept mass for calibration=percentile", minimum=50.0, maximum=100.0
     )
     bins: int = option(2048, "histogram bins for percentile/entropy/mse", minimum=128)
+    histogram_elements: int = option(
+        65536,
+        "count about this many elements of each sample per histogram, on a fixed lattice "
+        "(0: every element; ranges stay exact either way)",
+        minimum=0,
+    )
     activation_type: Literal["u8", "s8"] = option(
         "u8", "activation integers: u8 asymmetric or s8 symmetric", choices=("u8", "s8")
     )
@@ -92,10 +98,16 @@ class QuantPass(DataAwarePass):
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         _lift_constant_weights(model)
         placement.infer_types(model)
-        names = placement.range_requests(model.graph, self._exclusions)
+        # Only tensors that can get Q/DQ are measured: a candidate node outside that plan is
+        # never accepted whatever its ranges (on PP-OCR rec: 93 of 556 candidate tensors;
+        # every measured tensor costs reductions in each run, a histogram far more).
+        names = placement.planned_tensors(model.graph, self._exclusions)
         result = [StatRequest(name, "minmax") for name in names]
         if self.calibration != "minmax":
-            result += [StatRequest(name, "histogram", bins=self.bins) for name in names]
+            result += [
+                StatRequest(name, "histogram", bins=self.bins, per_sample=self.histogram_elements)
+                for name in names
+            ]
         return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:

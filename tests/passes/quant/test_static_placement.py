@@ -191,3 +191,30 @@ def test_every_calibration_method_produces_a_working_model(tmp_path, method):
     got = run_ort(path, {"x": x})[0]
     cos = float((reference * got).sum() / np.linalg.norm(reference) / np.linalg.norm(got))
     assert cos > 0.99
+
+
+def test_only_tensors_that_can_get_qdq_are_measured(tmp_path):
+    """An Add fed by a graph input is no integer kernel's neighbour whatever the ranges, so
+    neither its inputs nor its output cost a range or a histogram; the plan made from real
+    statistics uses only measured tensors."""
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["m"]),
+            oh.make_node("Add", ["m", "skip"], ["a"]),
+            oh.make_node("LayerNormalization", ["a", "g"], ["y"], axis=-1),
+        ],
+        [
+            oh.make_tensor_value_info("x", F, ["N", 16]),
+            oh.make_tensor_value_info("skip", F, ["N", 4]),
+        ],
+        [oh.make_tensor_value_info("y", F, ["N", 4])],
+        {"w": RNG.standard_normal((16, 4)).astype(np.float32), "g": np.ones(4, np.float32)},
+    )
+    model = io.load(proto)
+    requests = QuantPass().requests(model)
+    assert {(r.tensor, r.kind) for r in requests} == {("x", "minmax"), ("x", "histogram")}
+    feeds = {"x": RNG.standard_normal((8, 16)).astype(np.float32)}
+    feeds["skip"] = RNG.standard_normal((8, 4)).astype(np.float32)
+    _, quantized = _quantize(proto, feeds, tmp_path)
+    quantized_tensors = {n.inputs[0].name for n in quantized.graph if n.op_type == "QuantizeLinear"}
+    assert quantized_tensors == {"x"}
