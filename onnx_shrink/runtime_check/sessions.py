@@ -110,6 +110,11 @@ def create_session(
     if isinstance(model, large_tensors.SessionSource):
         initializers = [ort.OrtValue.ortvalue_from_numpy(a) for a in model.initializers.values()]
         options.add_external_initializers(list(model.initializers), initializers)
+        if model.data_folder is not None:
+            # Weights still in their files are mapped by onnxruntime from there.
+            options.add_session_config_entry(
+                "session.model_external_initializers_file_folder_path", model.data_folder
+            )
         source: bytes | str = model.proto
     else:
         source = model if isinstance(model, bytes) else str(Path(model))

@@ -19,6 +19,7 @@ Contract:
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import dataclasses
 import logging
@@ -26,6 +27,7 @@ import os
 import shutil
 import tempfile
 import zlib
+from collections.abc import Callable
 from pathlib import Path
 
 import google.protobuf.message
@@ -35,6 +37,7 @@ import onnx_ir as ir
 
 from onnx_shrink import __version__
 from onnx_shrink.compiler import walk
+from onnx_shrink.compiler.io import embedded_weights
 from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
@@ -112,30 +115,84 @@ def _load_file(path: Path) -> ir.Model:
         raise BadModelError(f"{where}: is a directory, expected an .onnx file")
     if path.stat().st_size == 0:
         raise BadModelError(f"{where}: the file is empty")
+    proto, mapped = _read_proto(path, where)
+    _check_header(proto, where)
+    _check_external_data(proto, path.parent, where)
+    _run_checker(_checker_view(proto), where)
+    model = ir.serde.deserialize_model(proto)
+    ir.external_data.set_base_dir(model.graph, path.parent)
+    for function in model.functions.values():
+        for graph in function.subgraphs():
+            ir.external_data.set_base_dir(graph, path.parent)
+    _map_from(model, mapped, path.resolve())
+    return model
+
+
+def _read_proto(path: Path, where: str) -> tuple[onnx.ModelProto, set[str]]:
+    """The file's ModelProto with large embedded weights left in the file (see
+    ``embedded_weights``), and their names; a hard-linked file is parsed whole, since onnx_ir
+    refuses to map data from a file with several links."""
     try:
-        proto = onnx.load_model(str(path), load_external_data=False)
+        if path.resolve().stat().st_nlink == 1:
+            with contextlib.suppress(embedded_weights.Malformed):
+                return embedded_weights.read_model(path)
+        # Not protobuf as far as the walk can tell: onnx's parser names the problem.
+        return onnx.load_model(str(path), load_external_data=False), set()
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as e:
         raise BadModelError(
             f"{where}: not an ONNX model or the file is truncated ({first_line(e)})"
         ) from e
     except OSError as e:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
-    _check_header(proto, where)
-    _check_external_data(proto, path.parent, where)
-    # Checked by path so external data resolves beside the model, not in the working folder.
-    _run_checker(str(path), where)
-    model = ir.serde.deserialize_model(proto)
-    ir.external_data.set_base_dir(model.graph, path.parent)
-    for function in model.functions.values():
-        for graph in function.subgraphs():
-            ir.external_data.set_base_dir(graph, path.parent)
-    return model
+
+
+def _checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for onnx.checker with external main-graph initializers as graph inputs.
+
+    Given a ModelProto, the checker looks for external data in the working folder; the files
+    and lengths are checked by ``_check_external_data`` instead, and the graph checks are the
+    same for an input of the tensor's type and shape.
+    """
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return proto
+    view = onnx.ModelProto()
+    view.CopyFrom(proto)
+    names = {t.name for t in external}
+    inputs = {i.name for i in view.graph.input}
+    kept = [t for t in view.graph.initializer if t.name not in names]
+    del view.graph.initializer[:]
+    view.graph.initializer.extend(kept)
+    for tensor in external:
+        if tensor.name not in inputs:
+            view.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return view
+
+
+def _map_from(model: ir.Model, names: set[str], path: Path) -> None:
+    """Point the initializers ``embedded_weights`` left in the file at the file's real path
+    (a symlinked model's data lies beside its target, not beside the link)."""
+    for name in names:
+        value = model.graph.initializers[name]
+        tensor = value.const_value
+        assert isinstance(tensor, ir.ExternalTensor)
+        value.const_value = ir.ExternalTensor(
+            path.name,
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=name,
+            base_dir=path.parent,
+        )
 
 
 def _validate(proto: onnx.ModelProto, where: str) -> None:
     """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
     _check_header(proto, where)
-    _run_checker(proto, where)
+    _run_checker(_checker_view(proto), where)
 
 
 def _check_header(proto: onnx.ModelProto, where: str) -> None:
@@ -210,6 +267,26 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> 
                 f"{where}: external data file '{location}' is shorter than tensor "
                 f"'{tensor.name}' needs ({size} < {end} bytes)"
             )
+        needed = _fixed_size_bytes(tensor)
+        if "length" in info and needed is not None and int(info["length"]) != needed:
+            raise BadModelError(
+                f"{where}: tensor '{tensor.name}' holds {info['length']} bytes of data; its "
+                f"shape and type need {needed}"
+            )
+
+
+def _fixed_size_bytes(tensor: onnx.TensorProto) -> int | None:
+    """Bytes of a tensor of a whole-byte numeric type (None for strings and packed types)."""
+    try:
+        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
+    except (KeyError, ValueError, TypeError):
+        return None
+    if tensor.data_type == onnx.TensorProto.STRING or ir.DataType(tensor.data_type).bitwidth < 8:
+        return None
+    count = 1
+    for dim in tensor.dims:
+        count *= dim
+    return count * itemsize
 
 
 def unshare_tensors(model: ir.Model) -> None:
@@ -301,15 +378,23 @@ def save(
 
 
 class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
-    """Temporarily replace memory-mapped initializers with in-memory copies so they embed."""
+    """Temporarily replace memory-mapped initializers with in-memory views so they embed
+    (except those ``keep`` says stay in their file)."""
 
-    def __init__(self, model: ir.Model) -> None:
+    def __init__(
+        self, model: ir.Model, keep: Callable[[ir.ExternalTensor], bool] | None = None
+    ) -> None:
         self._swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
         self._model = model
+        self._keep = keep
 
     def __enter__(self) -> None:
         for value, tensor in walk.initializer_tensors(self._model):
-            if isinstance(tensor, ir.ExternalTensor) and tensor.location != IN_MEMORY_LOCATION:
+            if (
+                isinstance(tensor, ir.ExternalTensor)
+                and tensor.location != IN_MEMORY_LOCATION
+                and not (self._keep is not None and self._keep(tensor))
+            ):
                 self._swapped.append((value, tensor))
                 value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
 
@@ -318,12 +403,18 @@ class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like o
             value.const_value = tensor
 
 
-def serialize_proto(model: ir.Model, *, keep_external: bool = False) -> onnx.ModelProto:
-    """The model as a ModelProto; tensors are embedded unless ``keep_external``."""
+def serialize_proto(
+    model: ir.Model,
+    *,
+    keep_external: bool = False,
+    keep_in_file: Callable[[ir.ExternalTensor], bool] | None = None,
+) -> onnx.ModelProto:
+    """The model as a ModelProto; tensors are embedded unless ``keep_external`` (all stay
+    references to their files) or ``keep_in_file`` says so of a memory-mapped initializer."""
     if keep_external:
         proto = ir.serde.serialize_model(model)
     else:
-        with _embedded_tensors(model):
+        with _embedded_tensors(model, keep_in_file):
             proto = ir.serde.serialize_model(model)
     _drop_initializer_value_info(proto.graph)
     # onnx_ir writes the default domain as an explicit "" (two bytes per import); exporters
@@ -370,13 +461,13 @@ def to_bytes(model: ir.Model) -> bytes:
 def model_files(path: str | os.PathLike) -> list[Path]:
     """A model file followed by the external-data files it references."""
     path = Path(path)
-    proto = onnx.load_model(str(path), load_external_data=False)
+    proto, _ = _read_proto(path, str(path))
     locations = sorted(
         {
             entry.value
             for tensor in _external_tensors(proto)
             for entry in tensor.external_data
-            if entry.key == "location"
+            if entry.key == "location" and entry.value != path.name  # weights left in the file
         }
     )
     return [path, *(path.parent / loc for loc in locations if (path.parent / loc).is_file())]

@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -52,15 +53,22 @@ _NATIVE_DTYPES = frozenset(
 
 
 def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
-    """Bytes the model takes when saved: the protobuf plus tensors kept in external data.
+    """Bytes the model takes when ``io.save`` writes it (deciding on external data by size).
 
-    Equal to ``len(io.to_bytes(model))`` for a model without external data. Memory-mapped
-    tensors are counted by size instead of being read.
+    Exact when the model is saved as one file (``len(io.to_bytes(model))``), memory-mapped
+    weights included: they are counted by size instead of being read. A model saved with
+    external data counts the protobuf plus its memory-mapped tensors' bytes.
     """
-    external = sum(t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor))
-    with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
-        proto = io.serialize_proto(model, keep_external=True)
-    return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()}) + external
+    if io.tensor_bytes(model) > io.EXTERNAL_DATA_THRESHOLD_BYTES:
+        external = sum(
+            t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor)
+        )
+        with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
+            proto = io.serialize_proto(model, keep_external=True)
+        return _size_with_raw_data(proto, {n: t.nbytes for n, t in swapped.items()}) + external
+    with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
+        proto = io.serialize_proto(model)  # what is not a stand-in is small: embedded as saved
+    return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()})
 
 
 def shape_inference_error(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> str | None:
@@ -88,17 +96,50 @@ class SessionSource:
     """the serialized model; each name in ``initializers`` is a stand-in for external data"""
     initializers: dict[str, np.ndarray]
     """the large initializers, C-contiguous, shared with the model (never copies)"""
+    data_folder: str | None = None
+    """the folder of the files that hold the proto's other external data (relative locations);
+    onnxruntime maps those itself"""
 
 
 def session_source(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> SessionSource:
     """The model without its large main-graph initializers, and those as arrays.
 
-    The arrays share memory with ``model``: keep it unchanged while a session uses them.
+    Memory-mapped main-graph initializers of one folder (a weight still in the input file,
+    see ``io.embedded_weights``) stay references that onnxruntime reads from the file: no
+    page of them is touched here. The arrays share memory with ``model``: keep it unchanged
+    while a session uses them.
     """
-    with _stand_ins(model, min_bytes, _numpy_native) as swapped:
-        proto = io.serialize_proto(model).SerializeToString()
+    folder = _data_folder(model)
+
+    def in_file(tensor: ir.TensorProtocol) -> bool:
+        return folder is not None and _readable_in(tensor, folder)
+
+    with _stand_ins(model, min_bytes, lambda t: _numpy_native(t) and not in_file(t)) as swapped:
+        proto = io.serialize_proto(model, keep_in_file=in_file).SerializeToString()
     arrays = {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in swapped.items()}
-    return SessionSource(proto, arrays)
+    return SessionSource(proto, arrays, str(folder) if folder is not None else None)
+
+
+def _data_folder(model: ir.Model) -> Path | None:
+    """The folder of the first memory-mapped main-graph initializer (None if there is none)."""
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and tensor.location != io.IN_MEMORY_LOCATION:
+            return Path(tensor.base_dir).resolve()
+    return None
+
+
+def _readable_in(tensor: ir.TensorProtocol, folder: Path) -> bool:
+    """Can onnxruntime read ``tensor`` from its file given ``folder`` as the data folder?
+    (Relative locations inside the folder only: onnxruntime refuses paths that leave it.)"""
+    if not isinstance(tensor, ir.ExternalTensor) or tensor.location == io.IN_MEMORY_LOCATION:
+        return False
+    location = Path(tensor.location)
+    return (
+        not location.is_absolute()
+        and ".." not in location.parts
+        and Path(tensor.base_dir).resolve() == folder
+    )
 
 
 @contextlib.contextmanager
@@ -130,6 +171,14 @@ def _serializes_as_raw_bytes(tensor: ir.TensorProtocol) -> bool:
         raw = tensor.raw
         return raw.HasField("raw_data") and len(raw.raw_data) == tensor.nbytes
     return isinstance(tensor, ir.Tensor) and tensor.dtype != ir.DataType.STRING
+
+
+def _embeds_as_raw_bytes(tensor: ir.TensorProtocol) -> bool:
+    """Will ``io.save`` write this tensor, once embedded, as ``nbytes`` of raw data?"""
+    if isinstance(tensor, ir.ExternalTensor):
+        # io.serialize_proto embeds it from its numpy view.
+        return tensor.location != io.IN_MEMORY_LOCATION and tensor.dtype != ir.DataType.STRING
+    return _serializes_as_raw_bytes(tensor)
 
 
 def _numpy_native(tensor: ir.TensorProtocol) -> bool:
