@@ -6,7 +6,8 @@ A data-aware pass returns ``StatRequest``s from ``requests(model)``; the pipelin
 tested with hand-made statistics.
 
 Every result is exact whatever the batching: min/max and counts are exact, histograms use
-fixed edges decided by a range pass before any counting, and sums accumulate in float64.
+fixed edges decided from a fixed prefix of the samples (extended by bins of the same width when
+later values pass them), and sums accumulate in float64.
 Non-finite values (the -inf of an additive attention mask) are counted, never folded into a
 range.
 """
@@ -28,10 +29,11 @@ class StatRequest:
 
     kinds:
         minmax: finite min and max over all elements, and the count of non-finite ones.
-        histogram: counts over ``bins`` equal bins spanning the tensor's finite [min, max].
-            With ``per_sample`` > 0, a tensor holding more elements than that per sample is
-            counted on a fixed lattice of them: every ``stride``-th element of each sample's
-            flattened tensor (``stride`` a prime, chosen once from the first samples). The
+        histogram: counts over equal bins (about ``bins`` of them) covering the tensor's
+            finite [min, max]. With ``per_sample`` > 0, a tensor holding more elements than
+            that per sample is counted on a fixed lattice of them: every ``stride``-th element
+            of each sample's flattened tensor (``stride`` a prime, chosen from the first
+            sample's size). The
             lattice is the same whatever the batching, so the counts still are; min/max stay
             exact. Counting every element costs ~2 ns each in numpy, more than inference.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
@@ -163,7 +165,17 @@ class MinMaxAccumulator:
 
 
 class HistogramAccumulator:
-    """Counts over fixed edges; additive, so independent of how samples are batched."""
+    """Counts over fixed, equal bins; additive, so independent of how samples are batched.
+
+    Values past the edges are not clipped into the end bins: they are counted in bins of the
+    same width beyond them, and ``result`` extends the edges to cover them, so the histogram
+    stays exact over the tensor's whole range. Only when that would take more than
+    ``MAX_EXTENSION`` times the bins (``fits`` is False) must the caller count again over
+    wider edges.
+    """
+
+    MAX_EXTENSION = 4
+    INDEX_LIMIT = float(1 << 30)  # positions are clipped here before the int32 cast
 
     def __init__(self, minimum: float, maximum: float, bins: int, stride: int = 1) -> None:
         # Edges stay inside float32 (the bin arithmetic runs in float32) and span at least a
@@ -175,35 +187,78 @@ class HistogramAccumulator:
             maximum = minimum + max(abs(minimum) * 1e-6, 1e-30)
         self.edges = np.linspace(minimum, maximum, bins + 1, dtype=np.float64)
         self.counts = np.zeros(bins, dtype=np.int64)
+        self.outside: dict[int, int] = {}
         self.stride = stride
 
-    def index_constants(self) -> tuple[np.float32, np.float32, np.float32]:
-        """(low edge, bins per unit, last index) in float32: bin = int(clip((x - low) * scale,
-        0, last)). The same arithmetic runs in numpy here and in the graph (collect), so a
-        value lands in the same bin however it was batched or computed."""
-        bins = len(self.counts)
-        scale = np.float32(bins / (self.edges[-1] - self.edges[0]))
-        return np.float32(self.edges[0]), scale, np.float32(bins - 1)
+    def index_constants(self) -> tuple[np.float32, np.float32]:
+        """(low edge, bins per unit) in float32: bin = int32(floor(clip((x - low) * scale,
+        -INDEX_LIMIT, INDEX_LIMIT))). The same arithmetic runs in numpy here and in the graph
+        (collect), so a value lands in the same bin however it was batched or computed."""
+        scale = np.float32(len(self.counts) / (self.edges[-1] - self.edges[0]))
+        return np.float32(self.edges[0]), scale
 
     def add(self, array: np.ndarray) -> None:
-        """Count one sample's tensor (its lattice when ``stride`` > 1)."""
-        values = np.asarray(array, dtype=np.float32).ravel()[:: self.stride]
+        """Count one sample's tensor (its lattice when ``stride`` > 1), finite values only."""
+        self.add_values(np.asarray(array).ravel()[:: self.stride])
+
+    def add_values(self, values: np.ndarray) -> None:
+        """Count values already on the lattice (finite ones only)."""
+        values = np.asarray(values, dtype=np.float32).ravel()
         finite = np.isfinite(values)
         if not finite.all():
             values = values[finite]
-        low, scale, top = self.index_constants()
-        # Values near float32's limits overflow to inf here, which the clip puts in the end
-        # bin, as the graph's arithmetic does: the overflow is the intended result.
+        low, scale = self.index_constants()
+        limit = np.float32(self.INDEX_LIMIT)
+        # Values near float32's limits overflow to inf here, which the clip bounds, as the
+        # graph's arithmetic does: the overflow is the intended result.
         with np.errstate(over="ignore"):
-            position = (values - low) * scale
-        self.add_indices(np.clip(position, np.float32(0), top).astype(np.intp))
+            position = np.floor(np.clip((values - low) * scale, -limit, limit))
+        self.add_indices(position.astype(np.int32))
 
     def add_indices(self, indices: np.ndarray) -> None:
-        """Count precomputed bin indices (each in [0, bins)), already on the lattice."""
-        self.counts += np.bincount(indices.ravel(), minlength=len(self.counts))
+        """Count precomputed bin indices (already on the lattice); those outside [0, bins)
+        are kept for the extension."""
+        indices = indices.ravel()
+        bins = len(self.counts)
+        inside = (indices >= 0) & (indices < bins)
+        if inside.all():
+            self.counts += np.bincount(indices, minlength=bins)
+            return
+        self.counts += np.bincount(indices[inside], minlength=bins)
+        beyond, counts = np.unique(indices[~inside], return_counts=True)
+        for index, count in zip(beyond.tolist(), counts.tolist(), strict=True):
+            self.outside[index] = self.outside.get(index, 0) + count
+
+    def _extent(self) -> tuple[int, int]:
+        bins = len(self.counts)
+        return min(0, *self.outside), max(bins - 1, *self.outside)
+
+    @property
+    def fits(self) -> bool:
+        """Can ``result`` cover every counted value within ``MAX_EXTENSION`` x the bins?"""
+        if not self.outside:
+            return True
+        first, last = self._extent()
+        return last - first + 1 <= self.MAX_EXTENSION * len(self.counts)
 
     def result(self) -> Histogram:
-        return Histogram(self.edges, self.counts.copy(), self.stride)
+        """The counts over the edges, extended by equal bins to cover every counted value.
+
+        Raises:
+            ValueError: not ``fits``.
+        """
+        if not self.outside:
+            return Histogram(self.edges, self.counts.copy(), self.stride)
+        if not self.fits:
+            raise ValueError("values fell too far beyond the histogram's edges; count again")
+        first, last = self._extent()
+        counts = np.zeros(last - first + 1, dtype=np.int64)
+        counts[-first : -first + len(self.counts)] = self.counts
+        for index, count in self.outside.items():
+            counts[index - first] += count
+        width = (self.edges[-1] - self.edges[0]) / len(self.counts)
+        edges = self.edges[0] + width * np.arange(first, last + 2, dtype=np.float64)
+        return Histogram(edges, counts, self.stride)
 
 
 class ChannelAccumulator:

@@ -178,3 +178,95 @@ def test_a_sample_the_model_rejects_is_one_clear_error(tmp_path):
         ShrinkError, match=r"failed on a calibration sample \(x=1x4\).*--input-shape"
     ):
         collect.collect(model, [StatRequest("y", "minmax")], dataset)
+
+
+def _identity_model():
+    return io.load(
+        parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 64] x) => (float[N, 64] y) {
+      y = Identity(x)
+    }
+    """)
+    )
+
+
+class _CountingSessions:
+    """Wraps sessions.create_session to count sessions and the samples each one ran."""
+
+    def __init__(self, monkeypatch):
+        self.runs: list[int] = []
+        original = collect.sessions.create_session
+
+        def create(*args, **kwargs):
+            session = original(*args, **kwargs)
+            self.runs.append(0)
+            index = len(self.runs) - 1
+            run = session.run
+
+            def counted(names, feed):
+                self.runs[index] += 1
+                return run(names, feed)
+
+            session.run = counted
+            return session
+
+        monkeypatch.setattr(collect.sessions, "create_session", create)
+
+
+def test_calibration_runs_every_sample_once_in_one_session(tmp_path, monkeypatch):
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40])
+    counting = _CountingSessions(monkeypatch)
+    stats = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    assert stats.samples == 40
+    assert counting.runs == [40]
+
+
+def test_values_past_the_probes_edges_extend_the_histogram(tmp_path):
+    """Later samples beyond the first samples' range are counted in bins of the same width
+    past the edges: no second pass, and the counts are numpy's over the extended edges."""
+    model = _identity_model()
+    rng = np.random.default_rng(0)
+    x = rng.uniform(0.0, 1.0, (40, 64)).astype(np.float32)
+    x[30, 5] = 2.9  # past the probe's edges [0, 1.5], within reach of an extension
+    np.savez(tmp_path / "d.npz", x=x)
+    request = StatRequest("y", "histogram", bins=64)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    stats = collect.collect(model, [request], dataset)
+    histogram = stats.histogram("y")
+    assert histogram.edges[0] == 0.0 and histogram.edges[-1] >= 2.9
+    assert len(histogram.counts) > 64 and histogram.total == x.size
+    widths = np.diff(histogram.edges)
+    np.testing.assert_allclose(widths, widths[0], rtol=1e-9)
+    expected, _ = np.histogram(x, bins=histogram.edges)
+    assert np.abs(expected - histogram.counts).sum() <= 2  # float32 bin arithmetic at edges
+    assert histogram.counts[-1] == 1
+
+
+def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_path, monkeypatch):
+    model = _identity_model()
+    x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
+    x[35, 0] = 1000.0
+    np.savez(tmp_path / "d.npz", x=x)
+    counting = _CountingSessions(monkeypatch)
+    request = StatRequest("y", "histogram", bins=64)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    stats = collect.collect(model, [request], dataset)
+    histogram = stats.histogram("y")
+    assert histogram.edges[-1] == pytest.approx(1000.0) and len(histogram.counts) == 64
+    assert histogram.total == x.size and histogram.counts[-1] == 1
+    assert counting.runs == [80]  # the same session, a second time over the samples
+
+
+def test_extension_is_exact_and_bounded():
+    acc = HistogramAccumulator(0.0, 1.0, 10)
+    acc.add_values(np.array([0.05, 0.95, 1.25, -0.35], np.float32))
+    result = acc.result()
+    np.testing.assert_allclose(result.edges, np.linspace(-0.4, 1.3, 18))
+    assert result.counts.tolist() == [1, 0, 0, 0, 1, 0, 0, 0, 0, 0, 0, 0, 0, 1, 0, 0, 1]
+    acc.add_values(np.array([100.0], np.float32))
+    assert not acc.fits
+    with pytest.raises(ValueError, match="count again"):
+        acc.result()

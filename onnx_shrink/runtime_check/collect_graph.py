@@ -1,0 +1,134 @@
+"""The model the statistics engine runs: the user's graph with statistics as extra outputs.
+
+For ``collect``: every ranged tensor gets its min, max and size reduced inside the graph; raw
+tensors are exposed as they are; every histogram request gets its lattice (every ``stride``-th
+element of the flattened tensor, as float32) and that lattice's bin indices,
+``int32(floor(clip((x - low) * scale, -L, L)))``: the arithmetic of
+``compiler.statistics.HistogramAccumulator``. The stride, low edge and scale of each request
+are graph *inputs*, so one session serves the probe (before edges exist), the counting pass
+and any recount over wider edges.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.compiler import statistics as st
+
+
+@dataclasses.dataclass(frozen=True)
+class HistogramIO:
+    """The names one histogram request adds to the graph."""
+
+    stride: str  # input: int64[1]
+    low: str  # input: float32 scalar
+    scale: str  # input: float32 scalar
+    lattice: str  # output: float32 values on the lattice
+    bins: str  # output: int32 bin indices of the lattice
+
+    @classmethod
+    def of(cls, request: st.StatRequest) -> HistogramIO:
+        # One set of names per request: the same tensor may be asked for at two lattices.
+        prefix = f"{request.tensor}::hist{request.bins}/{request.per_sample}"
+        return cls(*(f"{prefix}::{part}" for part in ("stride", "low", "scale", "lattice", "bins")))
+
+    def feed(self, stride: int, low: float, scale: float) -> dict[str, np.ndarray]:
+        return {
+            self.stride: np.array([stride], np.int64),
+            self.low: np.array(low, np.float32),
+            self.scale: np.array(scale, np.float32),
+        }
+
+
+def range_names(tensor: str) -> tuple[str, str, str]:
+    """(min, max, size) outputs of a ranged tensor."""
+    return f"{tensor}::min", f"{tensor}::max", f"{tensor}::size"
+
+
+def nonfinite_name(tensor: str) -> str:
+    return f"{tensor}::nonfinite"
+
+
+def instrument(
+    model: ir.Model,
+    ranged: Sequence[str],
+    raw: Sequence[str],
+    histograms: Sequence[st.StatRequest] = (),
+    careful: bool = False,
+) -> ir.Model:
+    """A clone of ``model`` whose outputs are only the statistics' (see the module doc).
+
+    ``careful``: the ranges count non-finite elements and leave them out (slower: only for
+    tensors known to hold inf/NaN).
+    """
+    clone = model.clone()
+    graph = clone.graph
+    values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
+    graph.outputs.clear()
+    for name in raw:
+        graph.outputs.append(values[name])
+    for name in ranged:
+        graph.outputs.extend(_range_nodes(graph, values[name], careful))
+    for request in histograms:
+        names = HistogramIO.of(request)
+        graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names))
+    return clone
+
+
+def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
+    """Append nodes reducing ``x`` to its min, max and size (and, ``careful``, non-finite count).
+
+    Careful: non-finite elements are replaced by 0 before reducing, so the range includes 0
+    when a tensor holds inf/NaN, which quantization ranges always include anyway.
+    """
+    tape = ir.tape.Tape(graph)
+    low_name, high_name, size_name = range_names(x.name)
+    named = {size_name: tape.op("Size", [x])}
+    source = x
+    if careful:
+        dtype = x.dtype or ir.DataType.FLOAT
+        zero = tape.op("Constant", [], attributes={"value": ir.tensor(np.zeros((), dtype.numpy()))})
+        bad = tape.op("Or", [tape.op("IsInf", [x]), tape.op("IsNaN", [x])])
+        source = tape.op("Where", [bad, zero, x])
+        cast = tape.op("Cast", [bad], attributes={"to": ir.DataType.INT64})
+        named[nonfinite_name(x.name)] = tape.op("ReduceSum", [cast], attributes={"keepdims": 0})
+    # Reducing with no axes reduces over every axis; keepdims=0 gives scalars.
+    named[low_name] = tape.op("ReduceMin", [source], attributes={"keepdims": 0})
+    named[high_name] = tape.op("ReduceMax", [source], attributes={"keepdims": 0})
+    for name, output in named.items():
+        output.name = name
+    return list(named.values())
+
+
+def _histogram_nodes(graph: ir.Graph, x: ir.Value, names: HistogramIO) -> list[ir.Value]:
+    """Append the lattice of ``x`` and its bin indices; add the request's three inputs."""
+    tape = ir.tape.Tape(graph)
+
+    def const(value: np.ndarray) -> ir.Value:
+        return tape.op("Constant", [], attributes={"value": ir.tensor(value)})
+
+    def graph_input(name: str, dtype: ir.DataType, shape: list[int]) -> ir.Value:
+        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+        graph.inputs.append(value)
+        return value
+
+    stride = graph_input(names.stride, ir.DataType.INT64, [1])
+    low = graph_input(names.low, ir.DataType.FLOAT, [])
+    scale = graph_input(names.scale, ir.DataType.FLOAT, [])
+    # A float tensor is used as it is: a Cast to its own type would still copy it.
+    if x.dtype != ir.DataType.FLOAT:
+        x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
+    flat = tape.op("Reshape", [x, const(np.array([-1], np.int64))])
+    ends = const(np.array([np.iinfo(np.int64).max], np.int64))
+    zero = const(np.array([0], np.int64))
+    lattice = tape.op("Slice", [flat, zero, ends, zero, stride])
+    limit = np.float32(st.HistogramAccumulator.INDEX_LIMIT)
+    position = tape.op("Mul", [tape.op("Sub", [lattice, low]), scale])
+    clipped = tape.op("Clip", [position, const(np.array(-limit)), const(np.array(limit))])
+    bins = tape.op("Cast", [tape.op("Floor", [clipped])], attributes={"to": ir.DataType.INT32})
+    lattice.name, bins.name = names.lattice, names.bins
+    return [lattice, bins]
