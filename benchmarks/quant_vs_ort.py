@@ -291,8 +291,8 @@ def configs_for(name: str, ours_static: dict, ours_dynamic: dict) -> list[Config
     return configs
 
 
-def preprocess(src: Path, out: Path) -> tuple[Path, str]:
-    """ORT's ``quant_pre_process`` of ``src``; falls back to ``src`` when it fails.
+def preprocess(src: Path, out: Path) -> tuple[Path, str, float]:
+    """ORT's ``quant_pre_process`` of ``src`` (path, note, seconds); ``src`` when it fails.
 
     Runs in ``out``'s folder: when symbolic shape inference fails, ORT dumps
     ``sym_shape_infer_temp.onnx`` (and its external data) into the working directory.
@@ -301,13 +301,14 @@ def preprocess(src: Path, out: Path) -> tuple[Path, str]:
         return _preprocess(src, out)
 
 
-def _preprocess(src: Path, out: Path) -> tuple[Path, str]:
+def _preprocess(src: Path, out: Path) -> tuple[Path, str, float]:
     from onnxruntime.quantization.shape_inference import quant_pre_process
 
     started = time.perf_counter()
     try:
         quant_pre_process(str(src), str(out))
-        return out, f"`quant_pre_process` ({time.perf_counter() - started:.1f} s)"
+        seconds = time.perf_counter() - started
+        return out, f"`quant_pre_process` ({seconds:.1f} s)", seconds
     except Exception as e:  # noqa: BLE001
         first = first_line(e)
     # ORT's documented fallback when symbolic shape inference fails (transformers).
@@ -315,16 +316,18 @@ def _preprocess(src: Path, out: Path) -> tuple[Path, str]:
     try:
         quant_pre_process(str(src), str(out), skip_symbolic_shape=True)
     except Exception as e:  # noqa: BLE001
-        return src, f"`quant_pre_process` failed ({first}; {first_line(e)}): the original"
+        return src, f"`quant_pre_process` failed ({first}; {first_line(e)}): the original", 0.0
     seconds = time.perf_counter() - started
-    return out, (
+    return (
+        out,
         f"`quant_pre_process(skip_symbolic_shape=True)` ({seconds:.1f} s; with symbolic shape "
-        f"inference: {first.removeprefix('Exception: ')})"
+        f"inference: {first.removeprefix('Exception: ')})",
+        seconds,
     )
 
 
-def ort_input(src: Path, folder: Path, calib: dict, args) -> tuple[Path, str]:
-    """The model ORT quantizes, and how it was made from ``src``.
+def ort_input(src: Path, folder: Path, calib: dict, args) -> tuple[Path, str, float]:
+    """The model ORT quantizes, how it was made from ``src``, and the seconds that took.
 
     ``quant_pre_process`` first, as ORT's docs say. If ``quantize_static`` of its output gives
     a model onnxruntime rejects (PP-OCR is opset 12: once ``quant_pre_process`` has turned
@@ -336,25 +339,28 @@ def ort_input(src: Path, folder: Path, calib: dict, args) -> tuple[Path, str]:
     import onnx
     from onnx import version_converter
 
-    pre, note = preprocess(src, folder / "pre.onnx")
+    pre, note, seconds = preprocess(src, folder / "pre.onnx")
     if pre == src:
-        return src, note
+        return src, note, 0.0
     reason = _probe(pre, calib, args)
     if reason is None:
-        return pre, note
+        return pre, note, seconds
     try:
         converted = version_converter.convert_version(onnx.load_model(str(src)), 13)
         onnx.save_model(converted, str(folder / "opset13.onnx"))
     except Exception as e:  # noqa: BLE001
-        return src, f"the original ({note} gives {reason}; opset 13 conversion: {first_line(e)})"
-    pre13, note13 = preprocess(folder / "opset13.onnx", folder / "pre13.onnx")
+        note = f"the original ({note} gives {reason}; opset 13 conversion: {first_line(e)})"
+        return src, note, 0.0
+    pre13, note13, seconds13 = preprocess(folder / "opset13.onnx", folder / "pre13.onnx")
     reason13 = _probe(pre13, calib, args) if pre13 != folder / "opset13.onnx" else note13
     if reason13 is None:
-        return pre13, (
+        note = (
             f"opset {_opset(src)} → 13 (`onnx.version_converter`), then {note13}; without the "
             f"conversion onnxruntime rejects the quantized model: {reason}"
         )
-    return src, f"the original ({note} gives {reason}; after opset 13 conversion: {reason13})"
+        return pre13, note, seconds13
+    note = f"the original ({note} gives {reason}; after opset 13 conversion: {reason13})"
+    return src, note, 0.0
 
 
 def _opset(path: Path) -> int:
@@ -425,8 +431,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     task = load_task(name, max(samples), quick=args.quick)
     folder = workdir / name
     calib = {n: write_calibration(task, n, folder / f"calib-{n}") for n in samples}
-    ort_model, pre_note = ort_input(task.model, folder, calib, args)
+    ort_model, pre_note, pre_seconds = ort_input(task.model, folder, calib, args)
     info = {"split": task.split, "latency_input": task.latency_input, "pre": pre_note}
+    info["pre_seconds"] = pre_seconds
     info["fp32_bytes"] = io.file_bytes(task.model)
 
     reference = create_session(task.model)
@@ -599,8 +606,50 @@ def section(results: dict, command: str, args: argparse.Namespace, heading: str)
             "",
             table(rows, samples, metrics),
             "",
+            *ratios(rows, samples, info["pre_seconds"]),
         ]
     return "\n".join(parts)
+
+
+def ratios(rows: list[Row], samples: list[int], pre_seconds: float) -> list[str]:
+    """The issue's two cost criteria as ratios: our static quantization's wall time over
+    ``quantize_static``'s (MinMax, its default, and the histogram methods; also with ORT's
+    recommended ``quant_pre_process`` counted), and our calibration peak RSS over Entropy's."""
+    by_key = {r.config.key: r for r in rows}
+    ours = by_key.get("ours-static")
+    if ours is None or not ours.seconds:
+        return []
+
+    def over(values: dict[int, float], theirs: dict[int, float], extra: float = 0.0) -> str:
+        cells = []
+        for n in samples:
+            a, b = values.get(n), theirs.get(n)
+            if a is None or b is None or a < 0 or b == 0:
+                cells.append("—")
+            elif b < 0:  # theirs was killed at -b: the ratio is below a / -b
+                cells.append(f"< {a / -b:.2f}")
+            else:
+                cells.append(f"{a / (b + extra):.2f}")
+        return " / ".join(cells)
+
+    at = "/".join(str(n) for n in samples)
+    lines = [f"Ours ({ours.config.label.removeprefix('ours: ')}) at {at} samples:"]
+    for key in ("ort-minmax", "ort-entropy", "ort-percentile"):
+        theirs = by_key.get(key)
+        if theirs is None:
+            continue
+        lines.append(
+            f"- wall time ÷ {theirs.config.label}: {over(ours.seconds, theirs.seconds)}; "
+            f"with ORT's `quant_pre_process` counted: "
+            f"{over(ours.seconds, theirs.seconds, pre_seconds)}"
+        )
+    entropy = by_key.get("ort-entropy")
+    if entropy is not None:
+        lines.append(
+            "- calibration peak RSS ÷ ORT Entropy's: "
+            + over({n: float(v) for n, v in ours.peak.items()}, entropy.peak)
+        )
+    return [*lines, ""]
 
 
 def main(argv: list[str] | None = None) -> int:
