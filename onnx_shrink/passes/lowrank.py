@@ -19,7 +19,6 @@ import dataclasses
 import functools
 import logging
 import math
-import re
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -30,13 +29,11 @@ import onnx_ir.passes.common as common_passes
 from onnx_shrink.compiler.data_aware import DataAwarePass, Probe
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
 from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit, whitener
 
 logger = logging.getLogger(__name__)
-
-FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
-SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,7 +164,7 @@ class LowRankPass(DataAwarePass):
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
-        _lift_constant_weights(model)
+        graph_mod.lift_constant_weights(model)
         if not (self.activation_aware or self.refit):
             return []
         found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
@@ -178,7 +175,7 @@ class LowRankPass(DataAwarePass):
         factors at ``probe_ranks`` ranks of a geometric grid."""
         if not self._measures_model():
             return []
-        _lift_constant_weights(model)
+        graph_mod.lift_constant_weights(model)
         counts = collections.Counter(node.name for node in model.graph)
         result = []
         for layer in self._layers(model, stats)[0]:
@@ -188,16 +185,16 @@ class LowRankPass(DataAwarePass):
                 continue
             for rank in ranks_mod.probe_grid(layer.ranks(self.rank_multiple), self.probe_ranks):
                 a, b = self._factors(layer, rank)
-                edit = functools.partial(_split_named, name=name, a=a, b=b)
+                edit = functools.partial(graph_mod.split_named, name=name, a=a, b=b)
                 result.append(Probe(_probe_key(name, rank), edit))
         return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        _lift_constant_weights(model)
+        graph_mod.lift_constant_weights(model)
         layers, plans = self._plan(model, stats)
         for layer, plan in zip(layers, plans, strict=False):
             if plan.rank is not None:
-                _split(model.graph, layer.node, *self._factors(layer, plan.rank))
+                graph_mod.split(model.graph, layer.node, *self._factors(layer, plan.rank))
         _log_table(plans)
         modified = any(p.rank is not None for p in plans)
         if modified:
@@ -207,7 +204,7 @@ class LowRankPass(DataAwarePass):
     def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:
         """The decisions ``apply`` would take, one per layer considered (model not rewritten,
         except that Constant-node weights are lifted to initializers)."""
-        _lift_constant_weights(model)
+        graph_mod.lift_constant_weights(model)
         return self._plan(model, stats or Statistics({}, 0, "none"))[1]
 
     def _measures_model(self) -> bool:
@@ -247,10 +244,10 @@ class LowRankPass(DataAwarePass):
         for node in model.graph:
             if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):
                 continue
-            if self.only and not _matches(node, self.only):
+            if self.only and not graph_mod.matches(node, self.only):
                 continue
-            reason = _check(node, opset) or self._size_reason(node)
-            if not reason and _matches(node, self.exclude):
+            reason = graph_mod.check(node, opset) or self._size_reason(node)
+            if not reason and graph_mod.matches(node, self.exclude):
                 reason = "excluded"
             if reason:
                 logger.debug("lowrank: skipping %s (%s): %s", node.name, node.op_type, reason)
@@ -261,7 +258,7 @@ class LowRankPass(DataAwarePass):
         return result
 
     def _size_reason(self, node: ir.Node) -> str:
-        k, n = _weight_matrix(node).shape
+        k, n = graph_mod.weight_matrix(node).shape
         if k * n < self.min_params:
             return f"weight {k}x{n} is under min_params={self.min_params}"
         if (k * n - 1) // (k + n) < self.rank_multiple:
@@ -269,14 +266,14 @@ class LowRankPass(DataAwarePass):
         return ""
 
     def _stat_request(self, node: ir.Node) -> StatRequest | None:
-        if node.op_type == "Gemm" and _attr(node, "transA", 0):
+        if node.op_type == "Gemm" and graph_mod.attr(node, "transA", 0):
             return None  # x is K x M: its last axis is not the weight's input axis
         if node.op_type == "Conv":  # channels are axis 1: only their energies, not XᵀX
             return StatRequest(node.inputs[0].name, "channel_sqnorm", axis=1)
         return StatRequest(node.inputs[0].name, "gram")
 
     def _layer(self, node: ir.Node, stats: Statistics) -> _Layer:
-        weight = _weight_matrix(node)
+        weight = graph_mod.weight_matrix(node)
         request = self._stat_request(node) if (self.activation_aware or self.refit) else None
         stat = stats.get(request.tensor, request.kind, axis=request.axis) if request else None
         gram = None
@@ -287,7 +284,9 @@ class LowRankPass(DataAwarePass):
         if (self.activation_aware or self.refit) and gram is None:
             logger.warning("lowrank: no input statistics for %s; plain SVD", node.name)
         white = whitener(gram, self.damping) if gram is not None and self.activation_aware else None
-        rows = stat.rows / max(stats.samples, 1) if stat is not None else _static_rows(node)
+        rows = (
+            stat.rows / max(stats.samples, 1) if stat is not None else graph_mod.static_rows(node)
+        )
         f = factorize(weight, white)
         spectrum = f.s if white is None else np.linalg.svd(weight, compute_uv=False)
         return _Layer(node, weight, f, gram, rows, ranks_mod.tail_energy(spectrum))
@@ -362,126 +361,18 @@ def _probe_key(name: str, rank: int | None) -> str:
     return f"lowrank:{name}@{rank}"
 
 
-def _split_named(model: ir.Model, name: str, a: np.ndarray, b: np.ndarray) -> None:
-    """``_split`` of the node called ``name`` (a probe's edit of a copy of the model)."""
-    node = next(n for n in model.graph if n.name == name)
-    _split(model.graph, node, a, b)
-
-
-def _check(node: ir.Node, opset: int) -> str:
-    """Why ``node`` cannot be split, or ""."""
-    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
-        return "missing input"
-    x, weight = node.inputs[0], node.inputs[1]
-    if x.const_value is not None:
-        return "its input is a constant (fold it)"
-    if weight.const_value is None or weight.is_graph_input():
-        return "weight is not a constant"
-    if np.dtype(weight.const_value.dtype.numpy()) not in FLOAT_TYPES:
-        return f"weight type {weight.const_value.dtype} is not float16/32/64"
-    if len(weight.uses()) > 1:
-        return f"weight shared by {len(weight.uses())} uses"
-    shape = tuple(weight.const_value.shape)
-    if node.op_type in ("MatMul", "Gemm") and len(shape) != 2:
-        return f"weight has rank {len(shape)}, not 2"
-    if node.op_type == "Gemm" and _attr(node, "transA", 0) and opset < 11:
-        return "Gemm transA=1 needs opset 11 (optional C) to split"
-    if node.op_type == "Conv":
-        if len(shape) < 3 or any(d != 1 for d in shape[2:]):
-            return f"kernel {shape[2:]} is not 1x1"
-        if _attr(node, "group", 1) != 1:
-            return "grouped Conv"
-    return ""
-
-
-def _weight_matrix(node: ir.Node) -> np.ndarray:
-    """The weight as W (K x N) with y = x·W (Gemm transB and Conv [N, K, 1, 1] transposed)."""
-    array = node.inputs[1].const_value.numpy().astype(np.float64)
-    if node.op_type == "Conv":
-        return array.reshape(array.shape[0], array.shape[1]).T
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        return array.T
-    return array
-
-
-def _split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
-    """Rewrite ``node`` (y = x·W) as h = x·A, y = h·B in place; ``node`` keeps its output."""
-    weight = node.inputs[1]
-    dtype = weight.const_value.dtype.numpy()
-    base, label = weight.name, node.name or weight.name
-    rank = a.shape[1]
-    attributes: dict[str, object] = {}
-    if node.op_type == "Conv":
-        ones = (1,) * (weight.const_value.shape.rank() - 2)
-        a, b = a.T.reshape(rank, -1, *ones), b.T.reshape(-1, rank, *ones)
-        attributes = {k: v.value for k, v in node.attributes.items() if k in SPATIAL_ATTRIBUTES}
-        for key in (*SPATIAL_ATTRIBUTES, "kernel_shape"):
-            node.attributes.pop(key, None)
-        first_op = "Conv"
-    elif node.op_type == "Gemm" and _attr(node, "transA", 0):
-        first_op, attributes = "Gemm", {"transA": 1}
-        node.attributes["transA"] = ir.AttrInt64("transA", 0)
-    else:
-        first_op = "MatMul"
-    if node.op_type == "Gemm" and _attr(node, "transB", 0):
-        b = b.T
-    a_value = _initializer(graph, f"{base}_lowrank_a", a.astype(dtype))
-    b_value = _initializer(graph, f"{base}_lowrank_b", b.astype(dtype))
-    hidden = ir.Value(name=f"{base}_lowrank_hidden")
-    hidden.dtype = weight.const_value.dtype
-    first = ir.node(
-        first_op, [node.inputs[0], a_value], attributes, outputs=[hidden], name=f"{label}_lowrank"
-    )
-    graph.insert_before(node, first)
-    node.replace_input_with(0, hidden)
-    node.replace_input_with(1, b_value)
-    if not weight.uses() and weight.name in graph.initializers:
-        graph.initializers.pop(weight.name)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    return value
-
-
-def _attr(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.value)
-
-
-def _matches(node: ir.Node, patterns: Sequence[str]) -> bool:
-    name = node.name or ""
-    return any(name == p or re.fullmatch(p, name) for p in patterns)
-
-
-def _static_rows(node: ir.Node) -> float:
-    """Rows of x per sample from static shapes (leading batch dim dropped), else 1."""
-    value = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
-    dims = list(value.shape) if value.shape is not None else []
-    inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
-    return float(math.prod(inner)) if all(isinstance(d, int) for d in inner) else 1.0
-
-
 def _dense_plan(node: ir.Node, reason: str) -> LayerPlan:
     """A skipped node's plan; its shape is (0, 0) unless its weight is a valid matrix."""
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
     params = weight.size if weight is not None else 0
-    shape = _weight_matrix(node).shape if weight is not None and not _check(node, 99) else (0, 0)
+    shape = (
+        graph_mod.weight_matrix(node).shape
+        if weight is not None and not graph_mod.check(node, 99)
+        else (0, 0)
+    )
     return LayerPlan(
         node.name or "", node.op_type, shape, None, params, params, None, False, reason
     )
-
-
-def _lift_constant_weights(model: ir.Model) -> None:
-    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers."""
-    if model.ir_version >= 4:
-        lift = common_passes.LiftConstantsToInitializersPass(
-            lift_all_constants=False, size_limit=16
-        )
-        lift(model)
 
 
 def _log_table(plans: Sequence[LayerPlan]) -> None:

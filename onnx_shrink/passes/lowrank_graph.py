@@ -1,0 +1,131 @@
+"""The graph side of ``lowrank``: which nodes fit, their weight as a matrix, the rewrite.
+
+For y = x·W (W: K x N, Gemm's transB and a 1x1 Conv's [N, K, 1, 1] kernel read as such),
+``split`` writes h = x·A, y = h·B in place of the node, the second node keeping its name and
+output. Nothing here chooses a rank.
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Sequence
+
+import numpy as np
+import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
+
+FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
+SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
+
+
+def split_named(model: ir.Model, name: str, a: np.ndarray, b: np.ndarray) -> None:
+    """``split`` of the node called ``name`` (a probe's edit of a copy of the model)."""
+    node = next(n for n in model.graph if n.name == name)
+    split(model.graph, node, a, b)
+
+
+def check(node: ir.Node, opset: int) -> str:
+    """Why ``node`` cannot be split, or ""."""
+    if len(node.inputs) < 2 or node.inputs[0] is None or node.inputs[1] is None:
+        return "missing input"
+    x, weight = node.inputs[0], node.inputs[1]
+    if x.const_value is not None:
+        return "its input is a constant (fold it)"
+    if weight.const_value is None or weight.is_graph_input():
+        return "weight is not a constant"
+    if np.dtype(weight.const_value.dtype.numpy()) not in FLOAT_TYPES:
+        return f"weight type {weight.const_value.dtype} is not float16/32/64"
+    if len(weight.uses()) > 1:
+        return f"weight shared by {len(weight.uses())} uses"
+    shape = tuple(weight.const_value.shape)
+    if node.op_type in ("MatMul", "Gemm") and len(shape) != 2:
+        return f"weight has rank {len(shape)}, not 2"
+    if node.op_type == "Gemm" and attr(node, "transA", 0) and opset < 11:
+        return "Gemm transA=1 needs opset 11 (optional C) to split"
+    if node.op_type == "Conv":
+        if len(shape) < 3 or any(d != 1 for d in shape[2:]):
+            return f"kernel {shape[2:]} is not 1x1"
+        if attr(node, "group", 1) != 1:
+            return "grouped Conv"
+    return ""
+
+
+def weight_matrix(node: ir.Node) -> np.ndarray:
+    """The weight as W (K x N) with y = x·W (Gemm transB and Conv [N, K, 1, 1] transposed)."""
+    array = node.inputs[1].const_value.numpy().astype(np.float64)
+    if node.op_type == "Conv":
+        return array.reshape(array.shape[0], array.shape[1]).T
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        return array.T
+    return array
+
+
+def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
+    """Rewrite ``node`` (y = x·W) as h = x·A, y = h·B in place; ``node`` keeps its output."""
+    weight = node.inputs[1]
+    dtype = weight.const_value.dtype.numpy()
+    base, label = weight.name, node.name or weight.name
+    rank = a.shape[1]
+    attributes: dict[str, object] = {}
+    if node.op_type == "Conv":
+        ones = (1,) * (weight.const_value.shape.rank() - 2)
+        a, b = a.T.reshape(rank, -1, *ones), b.T.reshape(-1, rank, *ones)
+        attributes = {k: v.value for k, v in node.attributes.items() if k in SPATIAL_ATTRIBUTES}
+        for key in (*SPATIAL_ATTRIBUTES, "kernel_shape"):
+            node.attributes.pop(key, None)
+        first_op = "Conv"
+    elif node.op_type == "Gemm" and attr(node, "transA", 0):
+        first_op, attributes = "Gemm", {"transA": 1}
+        node.attributes["transA"] = ir.AttrInt64("transA", 0)
+    else:
+        first_op = "MatMul"
+    if node.op_type == "Gemm" and attr(node, "transB", 0):
+        b = b.T
+    a_value = _initializer(graph, f"{base}_lowrank_a", a.astype(dtype))
+    b_value = _initializer(graph, f"{base}_lowrank_b", b.astype(dtype))
+    hidden = ir.Value(name=f"{base}_lowrank_hidden")
+    hidden.dtype = weight.const_value.dtype
+    first = ir.node(
+        first_op, [node.inputs[0], a_value], attributes, outputs=[hidden], name=f"{label}_lowrank"
+    )
+    graph.insert_before(node, first)
+    node.replace_input_with(0, hidden)
+    node.replace_input_with(1, b_value)
+    if not weight.uses() and weight.name in graph.initializers:
+        graph.initializers.pop(weight.name)
+
+
+def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
+    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
+    value.shape = ir.Shape(array.shape)
+    value.dtype = value.const_value.dtype
+    graph.register_initializer(value)
+    return value
+
+
+def attr(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else int(attribute.value)
+
+
+def matches(node: ir.Node, patterns: Sequence[str]) -> bool:
+    name = node.name or ""
+    return any(name == p or re.fullmatch(p, name) for p in patterns)
+
+
+def static_rows(node: ir.Node) -> float:
+    """Rows of x per sample from static shapes (leading batch dim dropped), else 1."""
+    value = node.outputs[0] if node.op_type == "Conv" else node.inputs[0]
+    dims = list(value.shape) if value.shape is not None else []
+    inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
+    return float(math.prod(inner)) if all(isinstance(d, int) for d in inner) else 1.0
+
+
+def lift_constant_weights(model: ir.Model) -> None:
+    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers."""
+    if model.ir_version >= 4:
+        lift = common_passes.LiftConstantsToInitializersPass(
+            lift_all_constants=False, size_limit=16
+        )
+        lift(model)
