@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -76,10 +78,11 @@ def test_failed_save_leaves_the_previous_file_untouched(tmp_path, monkeypatch):
     target = tmp_path / "out.onnx"
     target.write_bytes(b"previous")
 
-    def explode(*args, **kwargs):
+    def explode(model, path, *args, **kwargs):
+        Path(path).write_bytes(b"half a mod")
         raise OSError("disk full")
 
-    monkeypatch.setattr(onnx, "save_model", explode)
+    monkeypatch.setattr(large_tensors, "write_embedded", explode)
     with pytest.raises(OSError):
         io.save(io.load(digits.MODEL_PATH), target)
     assert target.read_bytes() == b"previous"

@@ -10,7 +10,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as hs
 
 from models import builders, digits
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import io, walk
 from onnx_shrink.compiler.io import embedded_weights, large_tensors
 from onnx_shrink.runtime_check import sessions
 from tests.helpers import parse
@@ -100,3 +100,26 @@ def test_types_numpy_cannot_hold_stay_embedded():
     )
     model.graph.register_initializer(value)
     assert "b" not in large_tensors.session_source(model, min_bytes=1).initializers
+
+
+@pytest.mark.parametrize("min_bytes", [1, 256, 4096])
+@pytest.mark.parametrize("proto", _models(), ids=["transformer", "cnn", "digits"])
+def test_a_streamed_save_is_byte_for_byte_the_serialized_model(tmp_path, proto, min_bytes):
+    model = io.load(proto)
+    # A field numbered past raw_data's (doc_string, 12) must stay after it.
+    value = max(model.graph.initializers.values(), key=lambda v: v.const_value.nbytes)
+    tensor = value.const_value
+    value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name, doc_string="a weight")
+    large_tensors.write_embedded(model, tmp_path / "m.onnx", min_bytes)
+    assert (tmp_path / "m.onnx").read_bytes() == io.to_bytes(model)
+    assert large_tensors.saved_bytes(model, min_bytes) == len(io.to_bytes(model))
+
+
+def test_a_streamed_save_of_mapped_weights_never_reads_them_into_memory(tmp_path, monkeypatch):
+    monkeypatch.setattr(embedded_weights, "MIN_BYTES", 1024)
+    path = io.save(io.load(_models()[0]), tmp_path / "m.onnx").path
+    model = io.load(path)
+    large_tensors.write_embedded(model, tmp_path / "again.onnx", min_bytes=1024)
+    assert (tmp_path / "again.onnx").read_bytes() == path.read_bytes()
+    mapped = [t for _, t in walk.initializer_tensors(model) if isinstance(t, ir.ExternalTensor)]
+    assert mapped and all(not t.numpy().flags.owndata for t in mapped)

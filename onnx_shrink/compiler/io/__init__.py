@@ -118,13 +118,13 @@ def _load_file(path: Path) -> ir.Model:
     proto, mapped = _read_proto(path, where)
     _check_header(proto, where)
     _check_external_data(proto, path.parent, where)
-    _run_checker(_checker_view(proto), where)
+    _run_checker(embedded_weights.checker_view(proto), where)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():
         for graph in function.subgraphs():
             ir.external_data.set_base_dir(graph, path.parent)
-    _map_from(model, mapped, path.resolve())
+    embedded_weights.map_from_file(model, mapped, path.resolve())
     return model
 
 
@@ -146,53 +146,10 @@ def _read_proto(path: Path, where: str) -> tuple[onnx.ModelProto, set[str]]:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
 
 
-def _checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """A copy for onnx.checker with external main-graph initializers as graph inputs.
-
-    Given a ModelProto, the checker looks for external data in the working folder; the files
-    and lengths are checked by ``_check_external_data`` instead, and the graph checks are the
-    same for an input of the tensor's type and shape.
-    """
-    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
-    if not external:
-        return proto
-    view = onnx.ModelProto()
-    view.CopyFrom(proto)
-    names = {t.name for t in external}
-    inputs = {i.name for i in view.graph.input}
-    kept = [t for t in view.graph.initializer if t.name not in names]
-    del view.graph.initializer[:]
-    view.graph.initializer.extend(kept)
-    for tensor in external:
-        if tensor.name not in inputs:
-            view.graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
-    return view
-
-
-def _map_from(model: ir.Model, names: set[str], path: Path) -> None:
-    """Point the initializers ``embedded_weights`` left in the file at the file's real path
-    (a symlinked model's data lies beside its target, not beside the link)."""
-    for name in names:
-        value = model.graph.initializers[name]
-        tensor = value.const_value
-        assert isinstance(tensor, ir.ExternalTensor)
-        value.const_value = ir.ExternalTensor(
-            path.name,
-            tensor.offset,
-            tensor.length,
-            tensor.dtype,
-            shape=tensor.shape,
-            name=name,
-            base_dir=path.parent,
-        )
-
-
 def _validate(proto: onnx.ModelProto, where: str) -> None:
     """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
     _check_header(proto, where)
-    _run_checker(_checker_view(proto), where)
+    _run_checker(embedded_weights.checker_view(proto), where)
 
 
 def _check_header(proto: onnx.ModelProto, where: str) -> None:
@@ -365,7 +322,9 @@ def save(
         if external_data:
             ir.save(model, staging / path.name, external_data=data_name)
         else:
-            onnx.save_model(serialize_proto(model), str(staging / path.name))
+            from onnx_shrink.compiler.io import large_tensors  # it builds on this module
+
+            large_tensors.write_embedded(model, staging / path.name)
         if data_name is not None:
             os.replace(staging / data_name, path.parent / data_name)
         os.replace(staging / path.name, path)

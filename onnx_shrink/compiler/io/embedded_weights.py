@@ -8,20 +8,28 @@ file itself* (location, offset, length), and only the rest is parsed. onnx_ir th
 bytes from the file on first use (``ExternalTensor``), onnxruntime can read them from the same
 file, and nothing is copied until a pass needs a weight's values.
 
-The walk understands just enough of protobuf: tags and varints, and the field numbers of
-``ModelProto.graph`` (7), ``GraphProto.initializer`` (5), ``TensorProto.raw_data`` (9),
-``external_data`` (13) and ``data_location`` (14).
+The walk (``wire``) needs only the field numbers of ``ModelProto.graph`` (7),
+``GraphProto.initializer`` (5), ``TensorProto.raw_data`` (9), ``external_data`` (13) and
+``data_location`` (14). ``checker_view`` shows such a model to onnx.checker, and
+``map_from_file`` points the loaded tensors at the file's real path.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import mmap
 import os
-from collections.abc import Iterator
 from pathlib import Path
 
 import onnx
+import onnx_ir as ir
+
+from onnx_shrink.compiler.io.wire import (
+    LENGTH_DELIMITED,
+    Field,
+    Malformed,
+    delimited_header,
+    fields,
+)
 
 MIN_BYTES = 1 << 20
 
@@ -30,20 +38,8 @@ _GRAPH_INITIALIZER = 5
 _TENSOR_RAW_DATA = 9
 _TENSOR_EXTERNAL_DATA = 13
 _TENSOR_DATA_LOCATION = 14
-_LENGTH_DELIMITED = 2
 
-
-class Malformed(ValueError):
-    """The bytes are not a well-formed protobuf message (truncated, or not protobuf)."""
-
-
-@dataclasses.dataclass(frozen=True)
-class _Field:
-    number: int
-    wire: int
-    start: int  # the field's tag
-    payload: int  # its payload (after the length prefix, for length-delimited fields)
-    end: int
+__all__ = ["MIN_BYTES", "Malformed", "checker_view", "map_from_file", "read_model"]
 
 
 def read_model(path: Path, min_bytes: int | None = None) -> tuple[onnx.ModelProto, set[str]]:
@@ -74,33 +70,34 @@ def _model_without_weights(
 ) -> tuple[list[bytes], set[str]]:
     pieces: list[bytes] = []
     mapped: set[str] = set()
-    for field in _fields(data, 0, len(data)):
-        if field.number != _MODEL_GRAPH or field.wire != _LENGTH_DELIMITED:
+    for field in fields(data, 0, len(data)):
+        if field.number != _MODEL_GRAPH or field.wire != LENGTH_DELIMITED:
             pieces.append(data[field.start : field.end])
             continue
         graph: list[bytes] = []
-        for inner in _fields(data, field.payload, field.end):
+        for inner in fields(data, field.payload, field.end):
             tensor = None
-            if inner.number == _GRAPH_INITIALIZER and inner.wire == _LENGTH_DELIMITED:
+            if inner.number == _GRAPH_INITIALIZER and inner.wire == LENGTH_DELIMITED:
                 tensor = _as_reference(data, inner, location, min_bytes)
             if tensor is None:
                 graph.append(data[inner.start : inner.end])
             else:
                 name, message = tensor
                 mapped.add(name)
-                graph.append(_delimited_field(_GRAPH_INITIALIZER, message))
-        pieces.append(_delimited_field(_MODEL_GRAPH, b"".join(graph)))
+                graph.append(delimited_header(_GRAPH_INITIALIZER, len(message)) + message)
+        graph_bytes = b"".join(graph)
+        pieces.append(delimited_header(_MODEL_GRAPH, len(graph_bytes)) + graph_bytes)
     return pieces, mapped
 
 
 def _as_reference(
-    data: mmap.mmap, tensor: _Field, location: str, min_bytes: int
+    data: mmap.mmap, tensor: Field, location: str, min_bytes: int
 ) -> tuple[str, bytes] | None:
     """The TensorProto at ``tensor`` with its raw data replaced by a reference to the file,
     and its name; None when it holds no raw data of ``min_bytes`` or more."""
     raw = None
-    for field in _fields(data, tensor.payload, tensor.end):
-        if field.number == _TENSOR_RAW_DATA and field.wire == _LENGTH_DELIMITED:
+    for field in fields(data, tensor.payload, tensor.end):
+        if field.number == _TENSOR_RAW_DATA and field.wire == LENGTH_DELIMITED:
             raw = field
         elif field.number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
             return None  # already external (or ambiguous): parsed as it is
@@ -121,51 +118,44 @@ def _as_reference(
     return parsed.name, parsed.SerializeToString()
 
 
-def _fields(data: mmap.mmap, start: int, end: int) -> Iterator[_Field]:
-    position = start
-    while position < end:
-        key, payload = _varint(data, position, end)
-        number, wire = key >> 3, key & 7
-        if number == 0:
-            raise Malformed(f"field number 0 at byte {position}")
-        if wire == 0:
-            _, stop = _varint(data, payload, end)
-        elif wire == 1:
-            stop = payload + 8
-        elif wire == _LENGTH_DELIMITED:
-            length, payload = _varint(data, payload, end)
-            stop = payload + length
-        elif wire == 5:
-            stop = payload + 4
-        else:
-            raise Malformed(f"wire type {wire} at byte {position}")
-        if stop > end:
-            raise Malformed(f"a field at byte {position} runs past its message (truncated?)")
-        yield _Field(number, wire, position, payload, stop)
-        position = stop
+def checker_view(proto: onnx.ModelProto) -> onnx.ModelProto:
+    """A copy for onnx.checker with external main-graph initializers as graph inputs.
+
+    Given a ModelProto, the checker looks for external data in the working folder; the files
+    and lengths are checked by ``_check_external_data`` instead, and the graph checks are the
+    same for an input of the tensor's type and shape.
+    """
+    external = [t for t in proto.graph.initializer if t.data_location == onnx.TensorProto.EXTERNAL]
+    if not external:
+        return proto
+    view = onnx.ModelProto()
+    view.CopyFrom(proto)
+    names = {t.name for t in external}
+    inputs = {i.name for i in view.graph.input}
+    kept = [t for t in view.graph.initializer if t.name not in names]
+    del view.graph.initializer[:]
+    view.graph.initializer.extend(kept)
+    for tensor in external:
+        if tensor.name not in inputs:
+            view.graph.input.append(
+                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
+            )
+    return view
 
 
-def _varint(data: mmap.mmap, position: int, end: int) -> tuple[int, int]:
-    value = shift = 0
-    while True:
-        if position >= end or shift > 63:
-            raise Malformed(f"a varint at byte {position} is cut off")
-        byte = data[position]
-        position += 1
-        value |= (byte & 0x7F) << shift
-        if byte < 0x80:
-            return value, position
-        shift += 7
-
-
-def _delimited_field(number: int, payload: bytes) -> bytes:
-    return _encode_varint(number << 3 | _LENGTH_DELIMITED) + _encode_varint(len(payload)) + payload
-
-
-def _encode_varint(value: int) -> bytes:
-    out = bytearray()
-    while value >= 0x80:
-        out.append(value & 0x7F | 0x80)
-        value >>= 7
-    out.append(value)
-    return bytes(out)
+def map_from_file(model: ir.Model, names: set[str], path: Path) -> None:
+    """Point the initializers ``embedded_weights`` left in the file at the file's real path
+    (a symlinked model's data lies beside its target, not beside the link)."""
+    for name in names:
+        value = model.graph.initializers[name]
+        tensor = value.const_value
+        assert isinstance(tensor, ir.ExternalTensor)
+        value.const_value = ir.ExternalTensor(
+            path.name,
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=name,
+            base_dir=path.parent,
+        )

@@ -30,6 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler.io import wire
 
 LARGE_TENSOR_BYTES = 1 << 20
 
@@ -69,6 +70,73 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
     with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
         proto = io.serialize_proto(model)  # what is not a stand-in is small: embedded as saved
     return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()})
+
+
+def write_embedded(model: ir.Model, path: Path, min_bytes: int = LARGE_TENSOR_BYTES) -> None:
+    """Write ``model`` to ``path`` as one protobuf file, byte for byte what serializing it
+    whole writes, but each large initializer's bytes go to the file straight from its array
+    (a memory-mapped weight from its mapping): the weights are never held twice."""
+    with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
+        serialized = io.serialize_proto(model).SerializeToString()
+    with open(path, "wb") as handle:
+        for piece in _with_raw_data(serialized, swapped):
+            handle.write(piece)
+
+
+def _with_raw_data(serialized: bytes, tensors: dict[str, ir.TensorProtocol]) -> list:
+    """``serialized`` (a ModelProto with stand-ins) as pieces, each stand-in initializer
+    rewritten as the TensorProto protobuf would write with the tensor's raw data."""
+    model_pieces: list = []
+    for field in wire.fields(serialized, 0, len(serialized)):
+        if field.number != 7 or field.wire != wire.LENGTH_DELIMITED:  # ModelProto.graph
+            model_pieces.append(serialized[field.start : field.end])
+            continue
+        graph_pieces: list = []
+        for inner in wire.fields(serialized, field.payload, field.end):
+            message = serialized[inner.payload : inner.end]
+            tensor = None
+            if inner.number == 5 and inner.wire == wire.LENGTH_DELIMITED:  # initializer
+                proto = onnx.TensorProto.FromString(message)
+                tensor = tensors.get(proto.name) if proto.external_data else None
+            if tensor is None:
+                graph_pieces.append(serialized[inner.start : inner.end])
+            else:
+                graph_pieces += _tensor_field(proto, tensor)
+        length = sum(len(memoryview(p).cast("B")) for p in graph_pieces)
+        model_pieces += [wire.delimited_header(7, length), *graph_pieces]
+    return model_pieces
+
+
+def _tensor_field(proto: onnx.TensorProto, tensor: ir.TensorProtocol) -> list:
+    """GraphProto.initializer field of ``proto`` (a stand-in) holding ``tensor``'s raw data,
+    its fields in protobuf's order (by number: raw_data, 9, after name, 8)."""
+    del proto.external_data[:]
+    proto.ClearField("data_location")
+    head_and_tail = proto.SerializeToString()
+    split = next(
+        (f.start for f in wire.fields(head_and_tail, 0, len(head_and_tail)) if f.number > 9),
+        len(head_and_tail),
+    )
+    data = _raw_bytes(tensor)
+    raw_header = wire.delimited_header(9, len(data))
+    length = len(head_and_tail) + len(raw_header) + len(data)
+    return [
+        wire.delimited_header(5, length),
+        head_and_tail[:split],
+        raw_header,
+        data,
+        head_and_tail[split:],
+    ]
+
+
+def _raw_bytes(tensor: ir.TensorProtocol):
+    """The tensor's raw data without a copy where numpy holds it as stored (little-endian,
+    whole bytes); else ``tobytes()`` (packed 4-bit types)."""
+    if tensor.dtype.bitwidth >= 8 and tensor.dtype in _NATIVE_DTYPES:
+        array = np.ascontiguousarray(tensor.numpy())
+        if array.dtype.byteorder != ">":
+            return memoryview(array).cast("B")
+    return tensor.tobytes()
 
 
 def shape_inference_error(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> str | None:
@@ -154,7 +222,14 @@ def _stand_ins(
         if tensor is not None and tensor.nbytes >= min_bytes and eligible(tensor):
             swapped[name] = (value, tensor)
             value.const_value = ir.ExternalTensor(
-                io.IN_MEMORY_LOCATION, 0, tensor.nbytes, tensor.dtype, shape=tensor.shape, name=name
+                io.IN_MEMORY_LOCATION,
+                0,
+                tensor.nbytes,
+                tensor.dtype,
+                shape=tensor.shape,
+                name=name,
+                doc_string=tensor.doc_string,
+                metadata_props=dict(tensor.metadata_props),
             )
     try:
         yield {name: tensor for name, (_, tensor) in swapped.items()}
