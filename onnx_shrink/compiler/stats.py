@@ -1,9 +1,15 @@
 """Accounting of a model: nodes, parameters, tensor bytes and multiply-accumulates.
 
 MACs are counted for Conv, ConvTranspose, MatMul and Gemm per *one sample*: symbolic
-dimensions (batch, sequence) count as 1, so the figure compares models, not workloads. A node
-whose shapes are unknown even after shape inference is left out and counted in
-``nodes_without_macs`` so a reader knows the figure is a lower bound.
+dimensions (batch, sequence) count as 1, so the figure compares models, not workloads. Where
+shape inference leaves a node's activations without shapes or dims (Paddle exports, dynamic
+Reshape), a node with a 2-D or Conv weight still has known MACs *per row* (MatMul/Gemm: K·N)
+or per output position (Conv: Cout·Cin/group·kernel), and unknown rows count once, as
+symbolic dims do. Only a node without either (activation x activation MatMul) is left out and
+counted in ``nodes_without_macs``, so a reader knows the figure is a lower bound.
+
+``measure(model, shapes)`` counts on the shapes of a real run instead (``shapes``: dims by
+value name, as ``runtime_check.shapes.observed`` records them): the MACs of that workload.
 """
 
 from __future__ import annotations
@@ -12,7 +18,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -39,11 +45,17 @@ class ModelStats:
         return dataclasses.asdict(self)
 
 
-def measure(model: ir.Model) -> ModelStats:
-    """Count what ``model`` holds. The model is not modified (shape inference runs on a clone)."""
+Shapes = Mapping[str, Sequence[int]]
+"""Concrete dims by value name (a real run's, see ``runtime_check.shapes``)."""
+
+
+def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
+    """Count what ``model`` holds, its MACs on ``shapes`` where given (a value missing from
+    them falls back to inferred shapes). The model is not modified (shape inference runs on a
+    clone)."""
     nodes = list(walk.all_nodes(model))
     tensors = list(walk.all_tensors(model))
-    macs, unknown = _count_macs(_with_inferred_shapes(model))
+    macs, unknown = _count_macs(_with_inferred_shapes(model, shapes or {}), shapes or {})
     return ModelStats(
         nodes=len(nodes),
         params=sum(math.prod(t.shape.numpy()) for t in tensors),
@@ -54,10 +66,11 @@ def measure(model: ir.Model) -> ModelStats:
     )
 
 
-def _with_inferred_shapes(model: ir.Model) -> ir.Model:
+def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> ir.Model:
     """A clone of ``model`` with onnx shape inference applied when MAC ops lack shapes."""
     needs_shapes = any(
-        node.op_type in MAC_OPS and any(o.shape is None for o in node.outputs)
+        node.op_type in MAC_OPS
+        and any(o.shape is None and o.name not in shapes for o in node.outputs)
         for node in walk.all_nodes(model)
     )
     if not needs_shapes:
@@ -70,12 +83,12 @@ def _with_inferred_shapes(model: ir.Model) -> ir.Model:
     return clone
 
 
-def _count_macs(model: ir.Model) -> tuple[int, int]:
+def _count_macs(model: ir.Model, shapes: Shapes) -> tuple[int, int]:
     total, unknown = 0, 0
     for node in walk.all_nodes(model):
         if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
             continue
-        macs = node_macs(node)
+        macs = node_macs(node, shapes)
         if macs is None:
             unknown += 1
         else:
@@ -83,13 +96,18 @@ def _count_macs(model: ir.Model) -> tuple[int, int]:
     return total, unknown
 
 
-def _dims(value: ir.Value | None) -> list[int] | None:
-    """Concrete dims of a value, symbolic dims as 1; None when the shape is unknown.
+def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
+    """Concrete dims of a value (from ``shapes`` first), symbolic dims as 1; None when the
+    shape is unknown.
 
     A weight behind DequantizeLinear (a quantized model) has its stored tensor's shape.
     """
     if value is None:
         return None
+    if value.name in shapes:
+        return [int(d) for d in shapes[value.name]]
+    if value.const_value is not None:
+        return list(value.const_value.shape.numpy())
     if value.shape is None:
         producer = value.producer()
         if producer is not None and producer.op_type == "DequantizeLinear":
@@ -100,27 +118,40 @@ def _dims(value: ir.Value | None) -> list[int] | None:
     return [d if isinstance(d, int) else 1 for d in value.shape]
 
 
-def node_macs(node: ir.Node) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node, or None if unknown."""
-    out = _dims(node.outputs[0])
-    first = _dims(node.inputs[0])
-    weight = _dims(node.inputs[1] if len(node.inputs) > 1 else None)
+def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node, or None if unknown.
+
+    K and N come from a 2-D weight's shape (known even where shape inference fails); rows
+    (output positions) whose count is unknown count once, as symbolic dims do.
+    """
+    shapes = shapes or {}
+    out = _dims(node.outputs[0], shapes)
+    first = _dims(node.inputs[0], shapes)
+    weight = _dims(node.inputs[1] if len(node.inputs) > 1 else None, shapes)
     if node.op_type == "MatMul":
+        if weight is not None and len(weight) == 2:  # x[..., K] @ W[K, N]: K·N per row
+            rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
+            return rows * weight[0] * weight[1]
         if out is None or (first is None and weight is None):
             return None
         # C[..., M, N] = A[..., M, K] @ B[..., K, N]: one MAC per output element per K.
         k = first[-1] if first else (weight[-2] if len(weight) > 1 else weight[-1])
         return math.prod(out) * k
     if node.op_type == "Gemm":
-        if out is None or first is None or len(first) != 2:
+        if weight is None or len(weight) != 2:
             return None
-        trans_a = node.attributes.get_int("transA", 0)
-        return math.prod(out) * first[0 if trans_a else 1]
+        rows = 1
+        if out is not None and len(out) == 2:
+            rows = out[0]
+        elif first is not None and len(first) == 2:
+            rows = first[1 if node.attributes.get_int("transA", 0) else 0]
+        return rows * weight[0] * weight[1]
     if node.op_type == "Conv":
-        if out is None or weight is None:
+        if weight is None:
             return None
         # Each output element sums over (Cin / group) * kernel taps: weight.shape[1:].
-        return math.prod(out) * math.prod(weight[1:])
+        positions = math.prod(out[:1] + out[2:]) if out is not None else 1
+        return positions * math.prod(weight)
     if node.op_type == "ConvTranspose":
         if first is None or weight is None:
             return None

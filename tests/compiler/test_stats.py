@@ -70,3 +70,55 @@ def test_counts_include_if_branches():
     assert s.nodes == 4
     assert s.op_types == {"If": 1, "Relu": 1, "Constant": 1, "Add": 1}
     assert s.params == 2
+
+
+def _reshaped_model() -> onnx.ModelProto:
+    """Inputs reshaped by runtime shapes: shape inference knows h's rank but no dim, and
+    neither rank nor dims of u and v (their shape input has a symbolic length)."""
+    rng = np.random.default_rng(1)
+    inits = [
+        onh.from_array(rng.standard_normal(shape).astype(np.float32), name)
+        for name, shape in (("wm", (16, 32)), ("wg", (8, 16)), ("wc", (6, 16, 1, 1)))
+    ]
+    f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+    graph = oh.make_graph(
+        [
+            oh.make_node("Reshape", ["x", "s"], ["h"]),
+            oh.make_node("Reshape", ["x", "su"], ["u"]),
+            oh.make_node("Reshape", ["x", "su"], ["v"]),
+            oh.make_node("MatMul", ["u", "wm"], ["m"]),
+            oh.make_node("Gemm", ["h", "wg"], ["gm"], transB=1),
+            oh.make_node("MatMul", ["h", "v"], ["aa"]),  # activation x activation
+            oh.make_node("Reshape", ["x", "s4"], ["h4"]),
+            oh.make_node("Conv", ["h4", "wc"], ["c"]),
+            *(oh.make_node("Relu", [n], [f"r_{n}"]) for n in ("m", "gm", "aa", "c")),
+        ],
+        "g",
+        [
+            oh.make_tensor_value_info("x", f, ["N", 16]),
+            oh.make_tensor_value_info("s", i64, [2]),
+            oh.make_tensor_value_info("su", i64, ["L"]),
+            oh.make_tensor_value_info("s4", i64, [4]),
+        ],
+        [
+            oh.make_tensor_value_info(f"r_{n}", f, ["a", "b", "c", "d"][:rank])
+            for n, rank in (("m", 2), ("gm", 2), ("aa", 2), ("c", 4))
+        ],
+        initializer=inits,
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_weight_nodes_without_inferred_shapes_count_their_macs_per_row():
+    s = stats.measure(io.load(_reshaped_model()))
+    # K and N from the weights; rows (output positions) unknown count once
+    assert s.macs == 16 * 32 + 16 * 8 + 6 * 16
+    assert s.nodes_without_macs == 1  # the activation x activation MatMul
+
+
+def test_observed_shapes_give_the_macs_of_that_run():
+    shapes = {"h": (5, 16), "u": (5, 16), "v": (16, 5), "m": (5, 32), "gm": (5, 8), "aa": (5, 5)}
+    shapes |= {"h4": (1, 16, 2, 3), "c": (1, 6, 2, 3)}
+    s = stats.measure(io.load(_reshaped_model()), shapes)
+    assert s.macs == 5 * 16 * 32 + 5 * 16 * 8 + 5 * 5 * 16 + 6 * 6 * 16
+    assert s.nodes_without_macs == 0

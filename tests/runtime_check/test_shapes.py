@@ -1,0 +1,35 @@
+"""Observed shapes: a run records the dims around every MAC node, and MACs counted on them
+are the workload's, where shape inference knows none."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+
+from onnx_shrink.compiler import io, stats
+from onnx_shrink.runtime_check import shapes
+from tests.helpers import make_model
+
+F, I64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
+
+
+def test_macs_on_observed_shapes_are_those_of_the_run():
+    weight = np.random.default_rng(0).standard_normal((16, 32)).astype(np.float32)
+    proto = make_model(
+        [
+            oh.make_node("Reshape", ["x", "s"], ["h"]),
+            oh.make_node("MatMul", ["h", "w"], ["m"]),
+            oh.make_node("Relu", ["m"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 16]), oh.make_tensor_value_info("s", I64, ["L"])],
+        [oh.make_tensor_value_info("y", F, ["a", "b", "c"])],
+        {"w": weight},
+    )
+    model = io.load(proto)
+    feed = {"x": np.ones((6, 16), np.float32), "s": np.array([2, 3, 16], np.int64)}
+    seen = shapes.observed(model, feed)
+    assert seen == {"h": (2, 3, 16), "m": (2, 3, 32), "x": (6, 16), "s": (3,)}
+    assert stats.measure(model, seen).macs == 6 * 16 * 32
+    assert stats.measure(model).macs == 16 * 32  # inferred: unknown rows count once
+    assert [v.name for v in model.graph.outputs] == ["y"]  # the model is not modified
