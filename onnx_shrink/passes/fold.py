@@ -16,6 +16,7 @@ from onnxscript.optimizer import _constant_folding
 from onnx_shrink.compiler import io, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
 logger = logging.getLogger(__name__)
 
@@ -48,7 +49,8 @@ class FoldPass(ir.passes.FunctionalPass):
 
     Rules:
 
-    1. onnxscript's constant folder, its default (lossless) rewrite rules and dead-code removal
+    1. onnxscript's constant folder, its default (lossless) rewrite rules, Reshape shapes
+       read from the reshaped tensor made constant (``fold_reshape``) and dead-code removal
        run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local functions.
     2. Expanding ops (ConstantOfShape, Expand, Tile, ...) fold only when their output is known
        and at most ``expand_budget_bytes``; quantize/dequantize nodes never fold.
@@ -144,6 +146,7 @@ class FoldPass(ir.passes.FunctionalPass):
             [
                 fold,
                 rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                ReshapeCopiedDimsPass(),
                 common_passes.RemoveUnusedNodesPass(),
                 common_passes.RemoveUnusedFunctionsPass(),
                 common_passes.RemoveUnusedOpsetsPass(),
