@@ -111,7 +111,12 @@ def _is_float(value: ir.Value) -> bool:
 
 
 def infer_types(model: ir.Model) -> None:
-    """Annotate value types with onnx shape inference so placement can tell floats apart."""
+    """Annotate value types with onnx shape inference so placement can tell floats apart.
+
+    The annotations stay and are saved as value_info: onnxruntime's fusions that need shapes
+    it cannot infer itself use them (on MiniLM, without them SkipLayerNormalization is not
+    fused and the Shape chains before each Reshape are kept, reading dequantized tensors).
+    """
     try:
         common_passes.ShapeInferencePass(strict_mode=False)(model)
     except Exception as e:  # noqa: BLE001 - placement then quantizes only annotated floats

@@ -14,7 +14,7 @@ import onnx_ir.passes.common as common_passes
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.passes.quant import calibration, placement
+from onnx_shrink.passes.quant import calibration, compact, placement
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import (
     QUANT_TYPES,
@@ -27,6 +27,12 @@ from onnx_shrink.passes.quant.numerics import (
 logger = logging.getLogger(__name__)
 
 Params = tuple[np.ndarray, np.ndarray]  # scale, zero point
+
+# An omitted zero point is 0 of the quantized input's type, so a signed symmetric weight needs
+# none (DequantizeLinear, opset >= 10). onnxruntime 1.32 fuses DQ(weight) -> Conv / MatMul
+# without it, but not DQ(weight) -> Gemm into QGemm: Gemm weights (and constant inputs of
+# glue ops) keep theirs.
+ZERO_POINT_OPTIONAL = frozenset({"Conv", "MatMul"})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,7 +48,8 @@ class QuantPass(DataAwarePass):
        16-bit for the tensors of nodes named in ``int16``.
     3. Weights of Conv/MatMul/Gemm are s8 symmetric, per output channel unless
        ``per_channel`` is off; biases int32 with scale = input scale x weight scale; constant
-       inputs of Add/Mul/Concat per tensor in the activation type.
+       inputs of Add/Mul/Concat per tensor in the activation type. Zero points that are 0 of
+       a signed type are omitted (weights of Conv and MatMul, biases).
     4. Per-channel DequantizeLinear needs opset 13: older models are converted first (their
        per-channel QDQ would otherwise be refused by onnxruntime), or fall back to per-tensor
        weights when conversion fails.
@@ -52,6 +59,8 @@ class QuantPass(DataAwarePass):
     6. With ``gather``, constant embedding tables read by Gather are stored as int8 rows
        (``quant-dynamic``'s rule 3): no kernel runs on them in integers, but they are most of
        a transformer's bytes.
+    7. Storage (``compact``): generated values get short names (``q<k>_scale``, ...), the
+       QuantizeLinear node of each tensor the shortest unambiguous part of its name.
     """
 
     name: ClassVar[str] = "quant"
@@ -114,38 +123,42 @@ class QuantPass(DataAwarePass):
         per_channel = self.per_channel and _ensure_opset_13(model)
         placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
-        if not decided.nodes:
-            dynamic = not self.only and self._quantize_without_statistics(model)
-            if not dynamic:
-                logger.warning("quant: no node could be quantized")
-            return ir.passes.PassResult(model, dynamic)
-        params = self._activation_params(model.graph, decided, stats)
-        writer = _QdqWriter(model.graph)
-        for tensor, (scale, zero) in params.items():
-            writer.qdq_tensor(tensor, scale, zero)
-        for node in decided.nodes:
-            self._quantize_constants(writer, node, per_channel)
-        if not self.only:
-            self._quantize_without_statistics(model)
+        if decided.nodes:
+            params = self._activation_params(model.graph, decided, stats)
+            writer = _QdqWriter(model.graph)
+            for tensor, (scale, zero) in params.items():
+                writer.qdq_tensor(tensor, scale, zero)
+            for node in decided.nodes:
+                self._quantize_constants(writer, node, per_channel)
+            logger.info(
+                "quant: %d nodes quantized, %d tensors with Q/DQ, %d nodes kept float",
+                len(decided.nodes),
+                len(params),
+                len(decided.skipped),
+            )
+        dynamic = not self.only and self._quantize_without_statistics(model)
+        modified = bool(decided.nodes) or dynamic
+        if not modified:
+            logger.warning("quant: no node could be quantized")
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
-        logger.info(
-            "quant: %d nodes quantized, %d tensors with Q/DQ, %d nodes kept float",
-            len(decided.nodes),
-            len(params),
-            len(decided.skipped),
-        )
-        return ir.passes.PassResult(model, True)
+        return ir.passes.PassResult(model, modified)
 
-    def _quantize_without_statistics(self, model: ir.Model) -> None:
+    def _quantize_without_statistics(self, model: ir.Model) -> bool:
         """Weights calibration cannot reach: embedding tables (rule 6) and If/Loop/Scan
-        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float."""
+        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float.
+        Returns whether any was quantized."""
+        modified = False
         if self.gather:
-            QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)(model)
+            gather = QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)
+            modified |= gather(model).modified
         if self.subgraphs and any(True for _ in model.graph.subgraphs()):
-            QuantDynamicPass(
-                op_types=("MatMul", "Gemm", "Gather"), exclude=self.exclude, graphs="subgraphs"
-            )(model)
+            modified |= QuantDynamicPass(
+                op_types=("MatMul", "Gemm", "Gather"),
+                exclude=self.exclude,
+                graphs="subgraphs",
+            )(model).modified
+        return modified
 
     def _activation_params(
         self, graph: ir.Graph, decided: placement.Plan, stats: Statistics
@@ -246,51 +259,73 @@ def _report_subgraphs(model: ir.Model) -> None:
 
 
 class _QdqWriter:
-    """Graph edits: Q/DQ pairs on tensors, DQ'd weights and biases, sharing initializers."""
+    """Graph edits: Q/DQ pairs on tensors, DQ'd weights and biases, sharing initializers.
+
+    Names (``compact.Names``): a tensor's Q/DQ values are ``q<k>_scale``, ``_zero_point``,
+    ``_quantized`` and ``_dequantized``, and its QuantizeLinear node is named after it; a
+    weight's values are its own name with those suffixes. DequantizeLinear nodes are unnamed
+    (their outputs name them). Equal activation parameters share one scale and zero point.
+    """
 
     def __init__(self, graph: ir.Graph) -> None:
         self.graph = graph
+        self.names = compact.Names(graph)
         self.values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
         self.weights: dict[tuple[str, int | None, str], tuple[ir.Value, np.ndarray]] = {}
+        self.params: dict[tuple[bytes, bytes, str], tuple[ir.Value, ir.Value]] = {}
         self.dequantized: dict[str, Params] = {}
         """DQ output name -> the (scale, zero point) of the tensor it stands for"""
 
     def _initializer(self, name: str, array: np.ndarray) -> ir.Value:
+        name = self.names.fresh(name)
         value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
         value.shape = ir.Shape(array.shape)
         value.dtype = value.const_value.dtype
         self.graph.register_initializer(value)
         return value
 
+    def _scale_and_zero(self, prefix: str, scale: np.ndarray, zero: np.ndarray) -> tuple:
+        scale = np.asarray(scale, np.float32).reshape(())
+        zero = np.asarray(zero).reshape(())
+        key = (scale.tobytes(), zero.tobytes(), zero.dtype.str)
+        if key not in self.params:
+            self.params[key] = (
+                self._initializer(f"{prefix}_scale", scale),
+                self._initializer(f"{prefix}_zero_point", zero),
+            )
+        return self.params[key]
+
     def qdq_tensor(self, name: str, scale: np.ndarray, zero: np.ndarray) -> None:
         """Insert Q -> DQ after ``name`` and route every consumer through the DQ output.
 
-        A graph output keeps its name on the DQ output (the float tensor before it is
-        renamed ``<name>_float``), so an integer kernel can write it: onnxruntime fuses
+        A graph output keeps its name (and type) on the DQ output (the float tensor before it
+        is renamed ``<name>_float``), so an integer kernel can write it: onnxruntime fuses
         ``DQ -> op -> Q`` only.
         """
         value = self.values[name]
-        s = self._initializer(f"{name}_scale", np.asarray(scale, np.float32).reshape(()))
-        z = self._initializer(f"{name}_zero_point", np.asarray(zero).reshape(()))
+        prefix = self.names.next_tensor()
+        s, z = self._scale_and_zero(prefix, scale, zero)
         uses = list(value.uses())
-        dq_name = f"{name}_dequantized"
         output_index = next((i for i, v in enumerate(self.graph.outputs) if v is value), None)
-        if output_index is not None:
-            value.name, dq_name = f"{name}_float", name
-        q = ir.node("QuantizeLinear", [value, s, z], outputs=[ir.Value(name=f"{name}_quantized")])
-        dq = ir.node("DequantizeLinear", [q.outputs[0], s, z], outputs=[ir.Value(name=dq_name)])
-        if value.type is not None:
-            dq.outputs[0].type, dq.outputs[0].shape = value.type, value.shape
+        if output_index is None:
+            dq_output = ir.Value(name=self.names.fresh(f"{prefix}_dequantized"))
+        else:
+            dq_output = ir.Value(name=name, type=value.type, shape=value.shape)
+            value.name = self.names.fresh(f"{name}_float")
+        q_output = ir.Value(name=self.names.fresh(f"{prefix}_quantized"))
+        q_name = self.names.fresh_node(self.names.alias(name))
+        q = ir.node("QuantizeLinear", [value, s, z], outputs=[q_output], name=q_name)
+        dq = ir.node("DequantizeLinear", [q_output, s, z], outputs=[dq_output], name="")
         producer = value.producer()
         if producer is None:
             self.graph.insert_before(self.graph.node(0), [q, dq])
         else:
             self.graph.insert_after(producer, [q, dq])
         for use in uses:
-            use.node.replace_input_with(use.idx, dq.outputs[0])
+            use.node.replace_input_with(use.idx, dq_output)
         if output_index is not None:
-            self.graph.outputs[output_index] = dq.outputs[0]
-        self.dequantized[dq_name] = (scale, zero)
+            self.graph.outputs[output_index] = dq_output
+        self.dequantized[dq_output.name] = (scale, zero)
 
     def dq_weight(
         self, node: ir.Node, index: int, qtype: QuantType, axis: int | None, symmetric: bool = True
@@ -310,15 +345,12 @@ class _QdqWriter:
             inputs = [
                 self._initializer(f"{value.name}_quantized", q.values),
                 self._initializer(f"{value.name}_scale", scale),
-                self._initializer(f"{value.name}_zero_point", zero),
             ]
+            if zero.any() or not qtype.signed or node.op_type not in ZERO_POINT_OPTIONAL:
+                inputs.append(self._initializer(f"{value.name}_zero_point", zero))
             attrs = {"axis": axis} if axis is not None else {}
-            dq = ir.node(
-                "DequantizeLinear",
-                inputs,
-                attributes=attrs,
-                outputs=[ir.Value(name=f"{value.name}_dequantized")],
-            )
+            name = self.names.fresh(f"{value.name}_dequantized")
+            dq = ir.node("DequantizeLinear", inputs, attrs, outputs=[ir.Value(name=name)], name="")
             self.graph.insert_before(node, [dq])
             self.weights[key] = (dq.outputs[0], scale)
         output, scale = self.weights[key]
@@ -337,17 +369,16 @@ class _QdqWriter:
         q, scale = quantize_bias(bias, input_scale, weight_scale)
         if not per_channel:  # one scale: a scalar DQ, valid before opset 13 too
             scale = scale.reshape(-1)[:1].reshape(())
-        zero = np.zeros(scale.shape, np.int32)
-        inputs = [
+        inputs = [  # an omitted zero point is 0 (of the int32 input's type)
             self._initializer(f"{value.name}_quantized", q),
             self._initializer(f"{value.name}_scale", scale),
-            self._initializer(f"{value.name}_zero_point", zero),
         ]
         dq = ir.node(
             "DequantizeLinear",
             inputs,
             attributes={"axis": 0} if per_channel else {},
-            outputs=[ir.Value(name=f"{value.name}_dequantized")],
+            outputs=[ir.Value(name=self.names.fresh(f"{value.name}_dequantized"))],
+            name="",
         )
         self.graph.insert_before(node, [dq])
         node.replace_input_with(index, dq.outputs[0])
