@@ -16,6 +16,7 @@ from onnxscript.optimizer import _constant_folding
 from onnx_shrink.compiler import io, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.passes import fold_rules
 from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
 logger = logging.getLogger(__name__)
@@ -145,7 +146,7 @@ class FoldPass(ir.passes.FunctionalPass):
         fixpoint = ir.passes.PassManager(
             [
                 fold,
-                rewriter.RewritePass(rewriter._DEFAULT_REWRITE_RULES),
+                rewriter.RewritePass(fold_rules.by_root_op(rewriter._DEFAULT_REWRITE_RULES)),
                 ReshapeCopiedDimsPass(),
                 common_passes.RemoveUnusedNodesPass(),
                 common_passes.RemoveUnusedFunctionsPass(),

@@ -1,0 +1,55 @@
+"""onnxscript's default rewrite rules, tried only on nodes whose op type they can match.
+
+onnxscript's ``RewriteRuleSet`` tries every rule at every node, and each try sets up a match
+before looking at the node's op type (about 45 µs): on PP-OCR's 860-node recognizer that is
+39,000 tries and 1.9 s of a 2.5 s fold. A rule whose pattern ends in one known op can only
+match a node of that op, so ``by_root_op`` gives each such rule a copy whose ``try_rewrite``
+returns at once elsewhere. The rules, their order and so every rewrite are unchanged.
+"""
+
+from __future__ import annotations
+
+import copy
+import functools
+from collections.abc import Sequence
+
+import onnx_ir as ir
+from onnxscript.rewriter import pattern
+
+
+def by_root_op(rules: Sequence[pattern.RewriteRule]) -> list[pattern.RewriteRule]:
+    """``rules`` in order, each tried only where its pattern's single output op could match."""
+    return [_filtered(rule) for rule in rules]
+
+
+def _filtered(rule: pattern.RewriteRule) -> pattern.RewriteRule:
+    root = _root_op(rule)
+    if root is None:
+        return rule
+    fast = copy.copy(rule)  # the shared default rule stays as onnxscript made it
+    try_rewrite = rule.try_rewrite
+
+    @functools.wraps(try_rewrite)
+    def try_where_it_can_match(model, graph_or_function, node: ir.Node, **kwargs):
+        if node.op_type != root[1] or _domain(node.domain) != root[0]:
+            return None
+        return try_rewrite(model, graph_or_function, node, **kwargs)
+
+    fast.try_rewrite = try_where_it_can_match  # type: ignore[method-assign]
+    return fast
+
+
+def _root_op(rule: pattern.RewriteRule) -> tuple[str, str] | None:
+    """(domain, op type) of the rule's one output node, None when not a single known op."""
+    target = getattr(rule, "_target_pattern", None)
+    outputs = getattr(target, "output_nodes", None)
+    if not outputs or len(outputs) != 1:
+        return None
+    identifier = outputs[0].op_identifier()
+    if identifier is None or not isinstance(identifier[1], str):
+        return None
+    return _domain(identifier[0]), identifier[1]
+
+
+def _domain(domain: str) -> str:
+    return "" if domain == "ai.onnx" else domain

@@ -1,0 +1,53 @@
+"""Default rewrite rules tried only where their root op can match: the same rewrites."""
+
+from __future__ import annotations
+
+import pytest
+from onnxscript import rewriter
+
+from models.fetch import fetch
+from onnx_shrink.compiler import io
+from onnx_shrink.passes import fold_rules
+from tests.helpers import parse
+
+RULES = rewriter._DEFAULT_REWRITE_RULES
+
+SMALL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 4] y) {
+  a = Relu(x)
+  b = Relu(a)
+  t = Transpose <perm = [1, 0]> (b)
+  u = Transpose <perm = [1, 0]> (t)
+  c = Cast <to = 1> (u)
+  y = Identity(c)
+}
+"""
+
+
+def _rewritten(model, rules):
+    for _ in range(3):
+        rewriter.RewritePass(rules)(model)
+    return io.to_bytes(model)
+
+
+def test_most_rules_get_a_root_op_and_the_shared_rules_stay_untouched():
+    filtered = fold_rules.by_root_op(RULES)
+    assert len(filtered) == len(RULES)
+    assert sum(f is not r for f, r in zip(filtered, RULES, strict=True)) >= len(RULES) - 4
+    assert all("try_rewrite" not in vars(r) for r in RULES)
+
+
+def test_filtered_rules_rewrite_a_small_graph_as_the_rules_do():
+    filtered = _rewritten(io.load(parse(SMALL)), fold_rules.by_root_op(RULES))
+    assert filtered == _rewritten(io.load(parse(SMALL)), RULES)
+    assert filtered != io.to_bytes(io.load(parse(SMALL)))  # there was something to rewrite
+
+
+@pytest.mark.network
+@pytest.mark.parametrize("name", ["ppocr-rec", "minilm"])
+def test_filtered_rules_rewrite_real_models_byte_for_byte_as_the_rules_do(name):
+    path = fetch(name)
+    assert _rewritten(io.load(path), fold_rules.by_root_op(RULES)) == _rewritten(
+        io.load(path), RULES
+    )
