@@ -7,7 +7,9 @@ model and stays a frozen configuration.
 
 A pass may also ask how much the *model's outputs* move under candidate edits (``probes``,
 given the statistics): the pipeline measures each edit alone on the calibration data
-(``runtime_check.probe``) and hands the errors back in ``Statistics.probe_errors``.
+(``runtime_check.probe``) and hands the errors back in ``Statistics.probe_errors``. An edit
+made from the statistics is judged on the data it was fitted to unless the probe can be
+``remade`` from statistics of part of the data: then it is measured out of sample.
 """
 
 from __future__ import annotations
@@ -28,6 +30,11 @@ class Probe:
 
     key: str
     edit: Callable[[ir.Model], None]
+    remade: Callable[[Statistics], Callable[[ir.Model], None]] | None = None
+    """the same edit made from ``requests`` collected on part of the calibration data, so
+    that it can be measured on the rest (held out); None: ``edit`` is measured as it is"""
+    requests: tuple[StatRequest, ...] = ()
+    """what ``remade`` reads"""
 
 
 class DataAwarePass(ir.passes.InPlacePass):

@@ -7,17 +7,28 @@ unchanged initializers (only what an edit adds is a copy's own, under suffixed n
 ``batch`` probes cost about one model's weights plus ``batch`` copies of activations and one
 pass over the data. For each probe:
 
-    error = Σ_outputs Σ_samples ‖y' - y‖² / Σ_outputs Σ_samples ‖y‖²
+    error = mean over outputs o of  Σ_samples ‖y'_o - y_o‖² / Σ_samples ‖y_o‖²
 
 over the float outputs the graph computes: a relative squared error, additive over
-independent small edits to first order, which is what a budget allocator sums.
+independent small edits to first order (what a budget allocator sums), in which every output
+counts alike whatever its scale (MiniLM: a sentence embedding beside token states of 8x its
+norm).
+
+An edit made from calibration statistics and measured on the same samples is judged on the
+data it was fitted to: a whitened factorization that fits 128 sentences' activations well can
+look 5-10x better there than on new sentences. A probe that can be ``remade`` is therefore
+measured out of sample: the samples are cut into ``folds`` contiguous blocks (contiguous, so
+that neighbouring, related samples stay on one side); for each block the probe's ``requests``
+are collected on the other blocks (``runtime_check.collect``), the edit is remade from them
+and measured on the block, and the error is the ratio of the sums over all blocks.
 """
 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -25,11 +36,39 @@ import onnx_ir as ir
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.data_aware import Probe
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.collect import Progress
 
 logger = logging.getLogger(__name__)
+
+FOLDS = 2
+Edit = Callable[[ir.Model], None]
+
+
+@dataclasses.dataclass
+class _Sums:
+    """Σ‖y' - y‖² and Σ‖y‖² per compared output, over every sample measured so far."""
+
+    diff: np.ndarray
+    ref: np.ndarray
+
+    def error(self) -> float:
+        scale = np.where(self.ref > 0, self.ref, 1.0)
+        return float(np.mean(self.diff / scale))
+
+
+@dataclasses.dataclass(frozen=True)
+class _Setting:
+    """What every measuring run shares: the unedited model and how to run it."""
+
+    base: ir.Model
+    outputs: list[int]
+    sep: str
+    provider: str
+    batch: int
+    progress: Progress | None
 
 
 def measure(
@@ -40,9 +79,11 @@ def measure(
     provider: str = "cpu",
     batch: int = 16,
     progress: Progress | None = None,
+    folds: int = FOLDS,
 ) -> dict[str, float]:
-    """Relative squared output error of each probe's edit alone, by ``Probe.key``; ``model``
-    is not modified.
+    """Relative squared output error of each probe's edit alone, by ``Probe.key``; probes
+    with ``remade`` out of sample over ``folds`` blocks (in sample, with their ``edit``, when
+    ``folds`` < 2 or the data holds fewer samples than that). ``model`` is not modified.
 
     Raises:
         ShrinkError: two probes share a key, or the model has no float output it computes.
@@ -55,49 +96,105 @@ def measure(
     base = model.clone()
     io.unshare_tensors(base)
     outputs = combined_mod.compared_outputs(base, "probe")
-    sep = combined_mod.separator(base)
-    errors: dict[str, float] = {}
+    setting = _Setting(base, outputs, combined_mod.separator(base), provider, batch, progress)
+    sums: dict[str, _Sums] = {}
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
-        groups = [probes[i : i + batch] for i in range(0, len(probes), batch)]
-        for index, group in enumerate(groups, 1):
-            edits = [_applied(probe) for probe in group]
-            combined = combined_mod.build(base, edits, outputs, sep, "probe")
-            phase = f"probe {index}/{len(groups)}"
-            measured = _stream(combined, group, len(outputs), sep, data, provider, progress, phase)
-            errors.update(measured)
-    logger.info("probe: %d edits measured in %d runs", len(probes), len(groups))
-    return errors
+        held_out = [p for p in probes if p.remade is not None]
+        blocks = _blocks(data, data_mod.specs_from_model(model), folds) if held_out else []
+        if held_out and not blocks:
+            logger.info("probe: under %d samples; remade edits are measured in sample", folds)
+            held_out = []
+        held_keys = {p.key for p in held_out}
+        in_sample = [(p.key, p.edit) for p in probes if p.key not in held_keys]
+        _measure_edits(setting, in_sample, data, "probe", sums)
+        requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
+        for index, (fitted, tested) in enumerate(blocks, 1):
+            stats = collect_mod.collect(
+                model, requests, fitted, provider=provider, progress=progress
+            )
+            edits = [(p.key, p.remade(stats)) for p in held_out]
+            _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums)
+    runs = (len(in_sample) + len(held_out) * len(blocks) + batch - 1) // batch
+    logger.info("probe: %d edits measured in %d runs", len(probes), runs)
+    return {key: sums[key].error() for key in keys}
 
 
-def _applied(probe: Probe):
-    def edit(copy: ir.Model) -> ir.Model:
-        probe.edit(copy)
+def _blocks(
+    data: data_mod.Dataset, specs: Sequence[data_mod.InputSpec], folds: int
+) -> list[tuple[data_mod.Dataset, data_mod.Dataset]]:
+    """(all samples but block i, block i) for ``folds`` contiguous blocks of single samples;
+    [] when there are fewer samples than folds (or folds < 2)."""
+    count = sum(1 for _ in data_mod.single_samples(data, specs))
+    if folds < 2 or count < folds:
+        return []
+    edges = [round(i * count / folds) for i in range(folds + 1)]
+
+    def subset(keep: Callable[[int], bool], what: str) -> data_mod.Dataset:
+        def batches():
+            for i, sample in enumerate(data_mod.single_samples(data, specs)):
+                if keep(i):
+                    yield sample
+
+        description = f"{data.description} ({what})"
+        return data_mod.Dataset(description, data.synthetic, data.has_labels, batches)
+
+    result = []
+    for low, high in zip(edges, edges[1:], strict=False):
+        inside = f"samples {low}..{high - 1}"
+        result.append(
+            (
+                subset(lambda i, lo=low, hi=high: not lo <= i < hi, f"all but {inside}"),
+                subset(lambda i, lo=low, hi=high: lo <= i < hi, inside),
+            )
+        )
+    return result
+
+
+def _measure_edits(
+    setting: _Setting,
+    edits: Sequence[tuple[str, Edit]],
+    data: data_mod.Dataset,
+    phase: str,
+    sums: dict[str, _Sums],
+) -> None:
+    """Add each edit's per-output sums over ``data`` to ``sums[key]``, ``batch`` edits per
+    combined model."""
+    groups = [edits[i : i + setting.batch] for i in range(0, len(edits), setting.batch)]
+    for index, group in enumerate(groups, 1):
+        applied = [_applied(edit) for _, edit in group]
+        combined = combined_mod.build(setting.base, applied, setting.outputs, setting.sep, "probe")
+        diff, ref = _stream(combined, len(group), setting, data, f"{phase} {index}/{len(groups)}")
+        for (key, _), row in zip(group, diff, strict=True):
+            if key in sums:
+                sums[key].diff += row
+                sums[key].ref += ref
+            else:
+                sums[key] = _Sums(row, ref.copy())
+
+
+def _applied(edit: Edit):
+    def edited(copy: ir.Model) -> ir.Model:
+        edit(copy)
         return copy
 
-    return edit
+    return edited
 
 
 def _stream(
-    combined: ir.Model,
-    group: Sequence[Probe],
-    count: int,
-    sep: str,
-    data: data_mod.Dataset,
-    provider: str,
-    progress: Progress | None,
-    phase: str,
-) -> dict[str, float]:
-    """One pass over ``data``: Σ‖y' - y‖² / Σ‖y‖² per probe, in float64."""
-    references = [v.name or "" for v in combined.graph.outputs[:count]]
-    diff_sq = np.zeros(len(group))
-    ref_sq = 0.0
-    for _, result in combined_mod.stream(combined, data, provider, progress, phase):
-        for name in references:
+    combined: ir.Model, count: int, setting: _Setting, data: data_mod.Dataset, phase: str
+) -> tuple[np.ndarray, np.ndarray]:
+    """One pass over ``data``: (Σ‖y' - y‖² per copy and output, Σ‖y‖² per output), float64."""
+    graph_outputs = combined.graph.outputs[: len(setting.outputs)]
+    references = [v.name or "" for v in graph_outputs]
+    diff_sq = np.zeros((count, len(references)))
+    ref_sq = np.zeros(len(references))
+    stream = combined_mod.stream(combined, data, setting.provider, setting.progress, phase)
+    for _, result in stream:
+        for j, name in enumerate(references):
             ref = result[name].astype(np.float64)
-            ref_sq += float(np.sum(ref * ref))
-            for i in range(len(group)):
-                diff = result[f"{name}{sep}{i}"].astype(np.float64) - ref
-                diff_sq[i] += float(np.sum(diff * diff))
-    scale = ref_sq if ref_sq > 0 else 1.0
-    return {probe.key: float(d / scale) for probe, d in zip(group, diff_sq, strict=True)}
+            ref_sq[j] += float(np.sum(ref * ref))
+            for i in range(count):
+                diff = result[f"{name}{setting.sep}{i}"].astype(np.float64) - ref
+                diff_sq[i, j] += float(np.sum(diff * diff))
+    return diff_sq, ref_sq

@@ -415,6 +415,44 @@ def test_model_output_probes_measure_each_layer_at_a_geometric_grid_of_ranks():
     assert model.graph.initializers["w0_lowrank_a"].const_value.shape == (96, 8)
 
 
+def test_held_out_probes_remake_their_edit_from_other_statistics():
+    proto = _stack(2)
+    stats = _isotropic_stats(proto)
+    probes = LowRankPass(probe_ranks=2).probes(io.load(proto), stats)  # held_out by default
+    requests = LowRankPass().requests(io.load(proto))
+    assert [p.requests for p in probes] == [(requests[0],)] * 2 + [(requests[1],)] * 2
+    for probe in probes:  # remade from the same statistics: the same factors as ``edit``
+        by_edit, remade = io.load(proto), io.load(proto)
+        probe.edit(by_edit)
+        probe.remade(stats)(remade)
+        for name, value in by_edit.graph.initializers.items():
+            np.testing.assert_array_equal(
+                value.const_value.numpy(), remade.graph.initializers[name].const_value.numpy()
+            )
+    other = dataclasses.replace(
+        stats, results={r: Gram(np.diag(np.arange(1.0, 97)), 100) for r in requests}
+    )
+    by_edit, remade = io.load(proto), io.load(proto)
+    probes[0].edit(by_edit)
+    probes[0].remade(other)(remade)
+    a, b = (m.graph.initializers["w0_lowrank_a"].const_value.numpy() for m in (by_edit, remade))
+    assert a.shape == b.shape and not np.allclose(a, b)  # made from the statistics it is given
+    in_sample = LowRankPass(probe_ranks=2, held_out=False).probes(io.load(proto), stats)
+    assert [p.key for p in in_sample] == [p.key for p in probes]
+    assert all(p.remade is None and not p.requests for p in in_sample)
+
+
+def test_a_single_layer_is_not_probed_its_rank_is_the_budgets(caplog):
+    proto = _stack(1)
+    stats = _isotropic_stats(proto)
+    assert LowRankPass().probes(io.load(proto), stats) == []
+    with caplog.at_level(logging.WARNING):
+        (plan,) = LowRankPass(reduction=0.4).plan(io.load(proto), stats)
+    assert "no model-output measurements" not in caplog.text
+    (plain,) = LowRankPass(reduction=0.4, activation_aware=False).plan(io.load(proto))
+    assert plan.rank == plain.rank
+
+
 def test_model_output_budget_gives_more_rank_to_the_layer_that_moves_the_output_most():
     proto = _stack(2)
     stats = _isotropic_stats(proto)

@@ -1,11 +1,13 @@
 """Probes: each edit's model-output error, measured in one combined model, equals a run of the
-model with that edit alone."""
+model with that edit alone; a remade edit is fitted on one block of samples and measured on
+the other."""
 
 from __future__ import annotations
 
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx.numpy_helper
 import pytest
 
 from onnx_shrink.compiler import io
@@ -37,9 +39,9 @@ def _two_layers() -> onnx.ModelProto:
     )
 
 
-def _probes(proto) -> list[Probe]:
+def _probes(proto, held_out: bool = False) -> list[Probe]:
     model = io.load(proto)
-    lowrank = LowRankPass(budget_metric="model-output", probe_ranks=3)
+    lowrank = LowRankPass(budget_metric="model-output", probe_ranks=3, held_out=held_out)
     stats = Statistics({r: Gram(np.eye(K), 10) for r in lowrank.requests(model)}, 10, "test")
     return list(lowrank.probes(model, stats))
 
@@ -71,3 +73,67 @@ def test_probe_keys_must_be_unique():
     dataset = data_mod.synthetic(data_mod.specs_from_model(io.load(proto)))
     with pytest.raises(ShrinkError, match="unique"):
         probe_mod.measure(io.load(proto), [probe, probe], dataset)
+
+
+def _dataset(proto, tmp_path, x: np.ndarray) -> data_mod.Dataset:
+    np.savez(tmp_path / "x.npz", x=x)
+    return data_mod.prepare(data_mod.specs_from_model(io.load(proto)), tmp_path / "x.npz")
+
+
+def test_a_remade_probe_is_fitted_on_one_block_and_measured_on_the_other(tmp_path):
+    proto = _two_layers()
+    x = RNG.standard_normal((40, K)).astype(np.float32) * np.linspace(0.1, 3, K, dtype=np.float32)
+    w0 = onnx.numpy_helper.to_array(next(i for i in proto.graph.initializer if i.name == "w0"))
+    probes = _probes(proto, held_out=True)
+    assert all(p.remade is not None and p.requests for p in probes)
+    measured = probe_mod.measure(io.load(proto), probes, _dataset(proto, tmp_path, x), batch=4)
+    for probe in probes:
+        diff = ref = 0.0
+        for fit, test in ((x[20:], x[:20]), (x[:20], x[20:])):
+            rows = fit if probe.requests[0].tensor == "x" else np.tanh(fit @ w0)  # mm1 reads t
+            gram = rows.astype(np.float64).T @ rows.astype(np.float64)
+            stats = Statistics({probe.requests[0]: Gram(gram, len(fit))}, len(fit), "block")
+            edited = io.load(proto)
+            probe.remade(stats)(edited)
+            (y,) = run_ort(io.to_bytes(edited), {"x": test})
+            (y0,) = run_ort(io.to_bytes(io.load(proto)), {"x": test})
+            diff += float(np.sum((y.astype(np.float64) - y0) ** 2))
+            ref += float(np.sum(y0.astype(np.float64) ** 2))
+        assert measured[probe.key] == pytest.approx(diff / ref, rel=1e-4)
+
+
+def test_with_fewer_samples_than_blocks_a_remade_probe_is_measured_in_sample(tmp_path):
+    proto = _two_layers()
+    x = RNG.standard_normal((1, K)).astype(np.float32)
+    held_out = probe_mod.measure(
+        io.load(proto), _probes(proto, held_out=True), _dataset(proto, tmp_path, x)
+    )
+    in_sample = probe_mod.measure(io.load(proto), _probes(proto), _dataset(proto, tmp_path, x))
+    assert held_out == pytest.approx(in_sample, rel=1e-6)
+
+
+def test_every_output_counts_alike_whatever_its_scale(tmp_path):
+    """The error is the mean over outputs of each one's relative squared error: an untouched
+    output 100x louder halves it, it does not drown it."""
+    w0 = RNG.standard_normal((K, K)).astype(np.float32) / 8
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["x", "w0"], ["y"], name="mm0"),
+            oh.make_node("Mul", ["x", "loud"], ["z"], name="scale"),
+        ],
+        [oh.make_tensor_value_info("x", F, ["n", K])],
+        [oh.make_tensor_value_info("y", F, ["n", K]), oh.make_tensor_value_info("z", F, ["n", K])],
+        {"w0": w0, "loud": np.array(100.0, dtype=np.float32)},
+    )
+    x = RNG.standard_normal((8, K)).astype(np.float32)
+    probes = _probes(proto)
+    measured = probe_mod.measure(io.load(proto), probes, _dataset(proto, tmp_path, x))
+    for probe in probes:
+        edited = io.load(proto)
+        probe.edit(edited)
+        (y, _), (y0, _) = (
+            run_ort(io.to_bytes(edited), {"x": x}),
+            run_ort(io.to_bytes(io.load(proto)), {"x": x}),
+        )
+        expected = np.sum((y - y0).astype(np.float64) ** 2) / np.sum(y0.astype(np.float64) ** 2)
+        assert measured[probe.key] == pytest.approx(expected / 2, rel=1e-5)
