@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.passes.quant import compact
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 
 logger = logging.getLogger(__name__)
@@ -55,6 +56,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
        stays as long as any other node (or a graph output) still reads it.
     7. If/Loop/Scan bodies are rewritten like the main graph; quantized initializers go to the
        graph that held the float weight, so outer-scope weights stay outer-scope.
+    8. With ``narrow_storage``, per-channel scales are rounded up to float16 values before the
+       weights are quantized, and every graph's constants are stored in the narrowest type
+       that holds them exactly (``compact.store_narrow``).
     """
 
     name: ClassVar[str] = "quant-dynamic"
@@ -77,6 +81,11 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         "emit com.microsoft.DynamicQuantizeMatMul; false: standard ONNX DynamicQuantizeLinear +"
         " MatMulInteger (portable; onnxruntime fuses it to the same kernel)",
     )
+    narrow_storage: bool = option(
+        True,
+        "per-channel scales rounded up to float16 values, and constants stored in the "
+        "narrowest type that holds them exactly read through a Cast (quant's rule 7)",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -95,6 +104,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         if count and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         context.drop_dead_weights()
+        if count and self.narrow_storage:
+            compact.store_narrow(model)
         logger.info("%s: quantized %d nodes", self.name, count)
         return ir.passes.PassResult(model, count > 0)
 
@@ -119,8 +130,13 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     def _quantize(self, match: LinearMatch, w: np.ndarray) -> dict[str, np.ndarray]:
         """int8 codes [K, N] and scales ([N], or one per tensor) of ``alpha * op(W)``."""
-        q = quantize_weight(match.prepare(w), INT8, axis=1 if self.per_channel else None)
+        axis = 1 if self.per_channel else None
+        q = quantize_weight(match.prepare(w), INT8, axis=axis, scale_rounding=self._rounding(axis))
         return {"int8": q.values, "scale": q.scale}
+
+    def _rounding(self, axis: int | None) -> Callable[[np.ndarray], np.ndarray] | None:
+        """Per-channel scales become float16 values with ``narrow_storage`` (then stored so)."""
+        return compact.float16_scale if self.narrow_storage and axis is not None else None
 
     def _try_quantize_gather(self, context: WeightContext, node: ir.Node) -> bool:
         reason = gather_reason(context, node)
@@ -133,7 +149,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         axis = -1 if per_channel else None
 
         def quantize(w: np.ndarray) -> dict[str, np.ndarray]:
-            q = quantize_weight(w, INT8, axis=axis)
+            q = quantize_weight(w, INT8, axis=axis, scale_rounding=self._rounding(axis))
             return {"int8": q.values, "scale": q.scale}
 
         data = node.inputs[0]

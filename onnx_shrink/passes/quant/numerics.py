@@ -12,6 +12,7 @@ is exactly representable (padding and ReLU zeros stay exact):
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Callable
 
 import numpy as np
 import onnx_ir as ir
@@ -112,9 +113,19 @@ class QuantizedWeight:
 
 
 def quantize_weight(
-    w: np.ndarray, qtype: QuantType, *, axis: int | None, symmetric: bool = True
+    w: np.ndarray,
+    qtype: QuantType,
+    *,
+    axis: int | None,
+    symmetric: bool = True,
+    scale_rounding: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> QuantizedWeight:
-    """Quantize a weight with one range per slice along ``axis`` (None: one for all)."""
+    """Quantize a weight with one range per slice along ``axis`` (None: one for all).
+
+    ``scale_rounding`` (symmetric only) maps the scales to the values that will be stored
+    before the weight is quantized with them; it must not make a scale smaller, or the
+    largest values would clip.
+    """
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
         lo, hi = np.array(w.min(initial=0.0)), np.array(w.max(initial=0.0))
@@ -123,6 +134,8 @@ def quantize_weight(
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         lo, hi = w.min(axis=reduce, initial=0.0), w.max(axis=reduce, initial=0.0)
     scale, zero = scale_and_zero_point(lo, hi, qtype, symmetric)
+    if scale_rounding is not None and symmetric:
+        scale = scale_rounding(scale)
     return QuantizedWeight(quantize(w, scale, zero, qtype, axis), scale, zero, axis)
 
 

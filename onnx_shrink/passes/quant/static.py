@@ -60,7 +60,11 @@ class QuantPass(DataAwarePass):
        (``quant-dynamic``'s rule 3): no kernel runs on them in integers, but they are most of
        a transformer's bytes.
     7. Storage (``compact``): generated values get short names (``q<k>_scale``, ...), the
-       QuantizeLinear node of each tensor the shortest unambiguous part of its name.
+       QuantizeLinear node of each tensor the shortest unambiguous part of its name. With
+       ``narrow_storage`` (not with ``only``), per-channel weight scales are rounded up to
+       float16 values before the weights are quantized, and constants are stored in the
+       narrowest type that holds them exactly (those scales as float16, position-id tables
+       as int16, ...), read through a Cast that onnxruntime folds when it loads the model.
     """
 
     name: ClassVar[str] = "quant"
@@ -96,6 +100,12 @@ class QuantPass(DataAwarePass):
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
     )
+    narrow_storage: bool = option(
+        True,
+        "per-channel weight scales rounded up to float16 values, and constants stored in the "
+        "narrowest type that holds them exactly (float16, int8/16/32) read through a Cast, "
+        "which onnxruntime folds when it loads the model",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
@@ -123,9 +133,10 @@ class QuantPass(DataAwarePass):
         per_channel = self.per_channel and _ensure_opset_13(model)
         placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
+        narrow = self.narrow_storage and not self.only
         if decided.nodes:
             params = self._activation_params(model.graph, decided, stats)
-            writer = _QdqWriter(model.graph)
+            writer = _QdqWriter(model.graph, float16_scales=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(tensor, scale, zero)
             for node in decided.nodes:
@@ -136,27 +147,32 @@ class QuantPass(DataAwarePass):
                 len(params),
                 len(decided.skipped),
             )
-        dynamic = not self.only and self._quantize_without_statistics(model)
+        dynamic = not self.only and self._quantize_without_statistics(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
             logger.warning("quant: no node could be quantized")
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
+        if modified and narrow:
+            compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)
 
-    def _quantize_without_statistics(self, model: ir.Model) -> bool:
+    def _quantize_without_statistics(self, model: ir.Model, narrow: bool) -> bool:
         """Weights calibration cannot reach: embedding tables (rule 6) and If/Loop/Scan
         bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float.
         Returns whether any was quantized."""
         modified = False
         if self.gather:
-            gather = QuantDynamicPass(op_types=("Gather",), exclude=self.exclude)
+            gather = QuantDynamicPass(
+                op_types=("Gather",), exclude=self.exclude, narrow_storage=narrow
+            )
             modified |= gather(model).modified
         if self.subgraphs and any(True for _ in model.graph.subgraphs()):
             modified |= QuantDynamicPass(
                 op_types=("MatMul", "Gemm", "Gather"),
                 exclude=self.exclude,
                 graphs="subgraphs",
+                narrow_storage=narrow,
             )(model).modified
         return modified
 
@@ -267,8 +283,9 @@ class _QdqWriter:
     (their outputs name them). Equal activation parameters share one scale and zero point.
     """
 
-    def __init__(self, graph: ir.Graph) -> None:
+    def __init__(self, graph: ir.Graph, float16_scales: bool = False) -> None:
         self.graph = graph
+        self.float16_scales = float16_scales
         self.names = compact.Names(graph)
         self.values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
         self.weights: dict[tuple[str, int | None, str], tuple[ir.Value, np.ndarray]] = {}
@@ -337,7 +354,10 @@ class _QdqWriter:
             axis = axis % array.ndim
         key = (value.name, axis, qtype.name)
         if key not in self.weights:
-            q = quantize_weight(array, qtype, axis=axis, symmetric=symmetric)
+            rounding = compact.float16_scale if self.float16_scales and axis is not None else None
+            q = quantize_weight(
+                array, qtype, axis=axis, symmetric=symmetric, scale_rounding=rounding
+            )
             if axis is None:
                 scale, zero = q.scale.reshape(()), q.zero_point.reshape(())
             else:

@@ -31,6 +31,9 @@ def with_weights(text: str, subgraph: dict[str, np.ndarray] | None = None, **wei
 
 
 def quantized(model: onnx.ModelProto, **options) -> tuple[ir.Model, bool]:
+    """The pass's graph and weights as written, before narrow storage puts Casts between the
+    kernels and their scales (that storage is tested in ``test_compact``)."""
+    options.setdefault("narrow_storage", False)
     result = QuantDynamicPass(**options)(io.load(model))
     proto = io.serialize_proto(result.model)
     onnx.checker.check_model(proto, full_check=True)
