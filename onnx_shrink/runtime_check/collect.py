@@ -148,7 +148,7 @@ class _Pass:
         }
         self._fold(first, outputs)
         self._keep(outputs, first_sample=True)
-        kept = sum(array.nbytes for array in self._probed[0].values())
+        kept = max(1, sum(array.nbytes for array in self._probed[0].values()))
         probe = itertools.islice(samples, max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1))
         for batch, outputs in self._runs(probe, lattices):
             self._fold(batch, outputs)
@@ -164,10 +164,13 @@ class _Pass:
         return _overlapped_runs(self.session, samples, self._fixed + histogram_outputs, feed)
 
     def _keep(self, outputs: dict[str, np.ndarray], first_sample: bool = False) -> None:
-        """Keep a probe sample's lattice values (the first sample's came with stride 1)."""
+        """Keep a probe sample's lattice values (the first sample's came whole, with stride
+        1: a copy of its lattice is kept, not a view holding the whole tensor)."""
         self._probed.append(
             {
-                r: outputs[self.names[r].lattice][:: self.strides[r] if first_sample else 1]
+                r: np.ascontiguousarray(outputs[self.names[r].lattice][:: self.strides[r]])
+                if first_sample
+                else outputs[self.names[r].lattice]
                 for r in self.requests
             }
         )
