@@ -203,12 +203,14 @@ class QuantPass(DataAwarePass):
             weight = node.inputs[1]
             if weight is not None and weight.const_value is not None:
                 axis = placement.weight_axis(node) if per_channel else None
-                w_scale = writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis)
-                x = node.inputs[0]
-                if len(node.inputs) > 2 and node.inputs[2] is not None and x is not None:
-                    x_params = writer.dequantized.get(x.name)
-                    if x_params is not None and node.inputs[2].const_value is not None:
-                        writer.dq_bias(node, 2, x_params[0], w_scale)
+                x, bias = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
+                x_params = writer.dequantized.get(x.name) if x is not None else None
+                if bias is None or bias.const_value is None or x_params is None:
+                    writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis)
+                    return
+                floor = _scale_for_bias(bias.const_value.numpy(), x_params[0], axis is not None)
+                w_scale = writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis, floor=floor)
+                writer.dq_bias(node, 2, x_params[0], w_scale)
             return
         for index, value in enumerate(node.inputs):
             if (
@@ -217,6 +219,18 @@ class QuantPass(DataAwarePass):
                 and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
             ):
                 writer.dq_weight(node, index, act, None, symmetric=act.signed)
+
+
+def _scale_for_bias(
+    bias: np.ndarray, input_scale: np.ndarray, per_channel: bool
+) -> np.ndarray | None:
+    """The smallest weight scale(s) at which a 1-D ``bias`` fits int32 (bias scale = input
+    scale x weight scale). It binds only where a channel's weights are all (nearly) zero: their
+    scale is otherwise tiny, and the bias (say a folded BatchNormalization's shift) was lost."""
+    if bias.ndim != 1:
+        return None
+    floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * (2**31 - 1))
+    return floor if per_channel else np.asarray(floor.max(initial=0.0))
 
 
 def _lift_constant_weights(model: ir.Model) -> None:
@@ -345,16 +359,33 @@ class _QdqWriter:
         self.dequantized[dq_output.name] = (scale, zero)
 
     def dq_weight(
-        self, node: ir.Node, index: int, qtype: QuantType, axis: int | None, symmetric: bool = True
+        self,
+        node: ir.Node,
+        index: int,
+        qtype: QuantType,
+        axis: int | None,
+        symmetric: bool = True,
+        floor: np.ndarray | None = None,
     ) -> np.ndarray:
-        """Replace constant input ``index`` of ``node`` by DQ(quantized copy); return its scale."""
+        """Replace constant input ``index`` of ``node`` by DQ(quantized copy); return its scale.
+
+        Symmetric scales are raised to ``floor`` where they are below it, then (with
+        ``float16_scales``, per channel) rounded up to float16 values.
+        """
         value = node.inputs[index]
         array = value.const_value.numpy()
         if axis is not None:
             axis = axis % array.ndim
         key = (value.name, axis, qtype.name)
         if key not in self.weights:
-            rounding = compact.float16_scale if self.float16_scales and axis is not None else None
+            float16 = self.float16_scales and axis is not None
+
+            def rounding(scale: np.ndarray) -> np.ndarray:
+                if floor is not None and floor.size in (1, scale.size):
+                    bound = floor.reshape(scale.shape if floor.size == scale.size else ())
+                    scale = np.maximum(scale, bound).astype(np.float32)
+                return compact.float16_scale(scale) if float16 else scale
+
             q = quantize_weight(
                 array, qtype, axis=axis, symmetric=symmetric, scale_rounding=rounding
             )

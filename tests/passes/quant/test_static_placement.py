@@ -221,3 +221,23 @@ def test_only_tensors_that_can_get_qdq_are_measured(tmp_path):
     _, quantized = _quantize(proto, feeds, tmp_path)
     quantized_tensors = {n.inputs[0].name for n in quantized.graph if n.op_type == "QuantizeLinear"}
     assert quantized_tensors == {"x"}
+
+
+@pytest.mark.parametrize("narrow_storage", [True, False])
+def test_a_channel_of_zero_weights_keeps_its_bias(tmp_path, narrow_storage):
+    """Its weight scale would be tiny and the int32 bias (input scale x that scale) clip to
+    about 0; the scale is raised until the bias fits, which zero weights do not mind."""
+    proto = _conv_relu_pool()
+    w = onnx.numpy_helper.to_array(proto.graph.initializer[0]).copy()
+    w[3] = 0.0
+    b = onnx.numpy_helper.to_array(proto.graph.initializer[1]).copy()
+    b[3] = 0.5
+    proto.graph.initializer[0].CopyFrom(onnx.numpy_helper.from_array(w, "w"))
+    proto.graph.initializer[1].CopyFrom(onnx.numpy_helper.from_array(b, "b"))
+    x = RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    _, model = _quantize(proto, {"x": x}, tmp_path, narrow_storage=narrow_storage)
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    dq = conv.inputs[2].producer()
+    codes, scale = (v.const_value.numpy().astype(np.float64) for v in dq.inputs[:2])
+    np.testing.assert_allclose(codes[3] * scale[3], 0.5, atol=scale[3])
+    assert np.abs(codes).max() < 2**31 - 1
