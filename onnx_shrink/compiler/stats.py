@@ -1,6 +1,7 @@
 """Accounting of a model: nodes, parameters, tensor bytes and multiply-accumulates.
 
-MACs are counted for Conv, ConvTranspose, MatMul and Gemm per *one sample*: symbolic
+MACs are counted for Conv, ConvTranspose, MatMul and Gemm (and their integer and QLinear
+forms: a quantized model computes as many) per *one sample*: symbolic
 dimensions (batch, sequence) count as 1, so the figure compares models, not workloads. Where
 shape inference leaves a node's activations without shapes or dims (Paddle exports, dynamic
 Reshape), a node with a 2-D or Conv weight still has known MACs *per row* (MatMul/Gemm: K·N)
@@ -27,7 +28,26 @@ from onnx_shrink.compiler import walk
 
 logger = logging.getLogger(__name__)
 
-MAC_OPS = frozenset({"Conv", "ConvTranspose", "MatMul", "Gemm"})
+# (domain, op type) -> (the float op it computes as, index of x, index of the weight)
+_FORMS = {
+    ("", "MatMul"): ("MatMul", 0, 1),
+    ("", "MatMulInteger"): ("MatMul", 0, 1),
+    ("", "QLinearMatMul"): ("MatMul", 0, 3),
+    ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 0, 1),
+    ("", "Gemm"): ("Gemm", 0, 1),
+    ("", "Conv"): ("Conv", 0, 1),
+    ("", "ConvInteger"): ("Conv", 0, 1),
+    ("", "QLinearConv"): ("Conv", 0, 3),
+    ("", "ConvTranspose"): ("ConvTranspose", 0, 1),
+}
+MAC_OPS = frozenset(op for _, op in _FORMS)
+
+
+def is_mac_node(node: ir.Node) -> bool:
+    """Does ``node`` multiply-accumulate: Conv, ConvTranspose, MatMul, Gemm or an integer /
+    QLinear / dynamically quantized form of one?"""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    return (domain, node.op_type) in _FORMS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -69,8 +89,7 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
 def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> ir.Model:
     """A clone of ``model`` with onnx shape inference applied when MAC ops lack shapes."""
     needs_shapes = any(
-        node.op_type in MAC_OPS
-        and any(o.shape is None and o.name not in shapes for o in node.outputs)
+        is_mac_node(node) and any(o.shape is None and o.name not in shapes for o in node.outputs)
         for node in walk.all_nodes(model)
     )
     if not needs_shapes:
@@ -86,7 +105,7 @@ def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> ir.Model:
 def _count_macs(model: ir.Model, shapes: Shapes) -> tuple[int, int]:
     total, unknown = 0, 0
     for node in walk.all_nodes(model):
-        if node.op_type not in MAC_OPS or node.domain not in ("", "ai.onnx"):
+        if not is_mac_node(node):
             continue
         macs = node_macs(node, shapes)
         if macs is None:
@@ -119,16 +138,20 @@ def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
 
 
 def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node, or None if unknown.
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node (or integer, QLinear or
+    dynamically quantized form of one), or None if unknown.
 
     K and N come from a 2-D weight's shape (known even where shape inference fails); rows
     (output positions) whose count is unknown count once, as symbolic dims do.
     """
+    if not is_mac_node(node):
+        return None
     shapes = shapes or {}
+    op, x_index, w_index = _FORMS["" if node.domain == "ai.onnx" else node.domain, node.op_type]
     out = _dims(node.outputs[0], shapes)
-    first = _dims(node.inputs[0], shapes)
-    weight = _dims(node.inputs[1] if len(node.inputs) > 1 else None, shapes)
-    if node.op_type == "MatMul":
+    first = _dims(node.inputs[x_index], shapes)
+    weight = _dims(node.inputs[w_index] if len(node.inputs) > w_index else None, shapes)
+    if op == "MatMul":
         if weight is not None and len(weight) == 2:  # x[..., K] @ W[K, N]: K·N per row
             rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
             return rows * weight[0] * weight[1]
@@ -137,7 +160,7 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
         # C[..., M, N] = A[..., M, K] @ B[..., K, N]: one MAC per output element per K.
         k = first[-1] if first else (weight[-2] if len(weight) > 1 else weight[-1])
         return math.prod(out) * k
-    if node.op_type == "Gemm":
+    if op == "Gemm":
         if weight is None or len(weight) != 2:
             return None
         rows = 1
@@ -146,17 +169,15 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
         elif first is not None and len(first) == 2:
             rows = first[1 if node.attributes.get_int("transA", 0) else 0]
         return rows * weight[0] * weight[1]
-    if node.op_type == "Conv":
+    if op == "Conv":
         if weight is None:
             return None
         # Each output element sums over (Cin / group) * kernel taps: weight.shape[1:].
         positions = math.prod(out[:1] + out[2:]) if out is not None else 1
         return positions * math.prod(weight)
-    if node.op_type == "ConvTranspose":
-        if first is None or weight is None:
-            return None
-        return math.prod(first) * math.prod(weight[1:])
-    return None
+    if first is None or weight is None:  # ConvTranspose: each input element feeds Cout/g·k
+        return None
+    return math.prod(first) * math.prod(weight[1:])
 
 
 def bytes_by_op_type(model: ir.Model) -> dict[str, int]:

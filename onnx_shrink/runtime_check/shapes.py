@@ -23,14 +23,14 @@ def observed(
     model: ir.Model, feed: Mapping[str, np.ndarray], provider: str = "cpu"
 ) -> dict[str, tuple[int, ...]]:
     """Dims by value name of the graph inputs in ``feed`` and of every main-graph value that
-    a Conv/ConvTranspose/MatMul/Gemm node reads or writes, from one run on ``feed``
+    a node counted for MACs (``stats.is_mac_node``) reads or writes, from one run on ``feed``
     (``model`` is not modified; subgraph values are not recorded)."""
     inputs = {v.name for v in model.graph.inputs}
     wanted = []
     for node in model.graph:
-        if node.op_type not in stats.MAC_OPS or node.domain not in ("", "ai.onnx"):
+        if not stats.is_mac_node(node):
             continue
-        for value in (*node.inputs[:2], *node.outputs[:1]):
+        for value in (*node.inputs, *node.outputs[:1]):
             if value is None or not value.name or value.name in inputs:
                 continue
             if value.const_value is None and not value.is_initializer():

@@ -122,3 +122,40 @@ def test_observed_shapes_give_the_macs_of_that_run():
     s = stats.measure(io.load(_reshaped_model()), shapes)
     assert s.macs == 5 * 16 * 32 + 5 * 16 * 8 + 5 * 5 * 16 + 6 * 6 * 16
     assert s.nodes_without_macs == 0
+
+
+def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
+    u8 = onnx.TensorProto.UINT8
+    inits = [
+        onh.from_array(np.ones((16, 32), np.uint8), "wq"),
+        onh.from_array(np.ones((4, 3, 3, 3), np.uint8), "cq"),
+        onh.from_array(np.array(0.1, np.float32), "sc"),
+        onh.from_array(np.array(0, np.uint8), "zp"),
+    ]
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMulInteger", ["x", "wq"], ["mi"]),
+            oh.make_node("QLinearMatMul", ["x", "sc", "zp", "wq", "sc", "zp", "sc", "zp"], ["qm"]),
+            oh.make_node(
+                "QLinearConv",
+                ["img", "sc", "zp", "cq", "sc", "zp", "sc", "zp"],
+                ["qc"],
+                pads=[1, 1, 1, 1],
+            ),  # fmt: skip
+        ],
+        "g",
+        [
+            oh.make_tensor_value_info("x", u8, ["N", 16]),
+            oh.make_tensor_value_info("img", u8, ["N", 3, 8, 8]),
+        ],
+        [
+            oh.make_tensor_value_info("mi", onnx.TensorProto.INT32, ["N", 32]),
+            oh.make_tensor_value_info("qm", u8, ["N", 32]),
+            oh.make_tensor_value_info("qc", u8, ["N", 4, 8, 8]),
+        ],
+        initializer=inits,
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    s = stats.measure(io.load(model))
+    assert s.macs == 2 * 32 * 16 + 4 * 8 * 8 * (3 * 3 * 3)
+    assert s.nodes_without_macs == 0
