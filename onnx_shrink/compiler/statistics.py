@@ -181,6 +181,8 @@ class HistogramAccumulator:
         # Edges stay inside float32 (the bin arithmetic runs in float32) and span at least a
         # width whose bins/width scale float32 can hold, whatever the data (subnormals, masks).
         limit = float(np.finfo(np.float32).max) / 4
+        # Past the limit no extension can follow: those values go into the end bins.
+        self._open_low, self._open_high = minimum >= -limit, maximum <= limit
         minimum = float(np.clip(minimum, -limit, limit))
         maximum = float(np.clip(maximum, -limit, limit))
         if maximum - minimum < 1e-30:
@@ -220,6 +222,10 @@ class HistogramAccumulator:
         are kept for the extension."""
         indices = indices.ravel()
         bins = len(self.counts)
+        if not self._open_high:
+            indices = np.minimum(indices, bins - 1)
+        if not self._open_low:
+            indices = np.maximum(indices, 0)
         inside = (indices >= 0) & (indices < bins)
         if inside.all():
             self.counts += np.bincount(indices, minlength=bins)
