@@ -466,7 +466,33 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
             session = None
     _note_entropy_ranges(rows)
     info["metrics"] = task.metrics
+    info["versus_best"] = _versus_best(rows, task, args)
     return rows, info
+
+
+def _versus_best(rows: list[Row], task, args) -> list[str]:
+    """Our rows timed directly against ORT's best-fidelity row (interleaved pairs): the
+    ratios to fp32 come from separate runs, too noisy on a shared machine to rank two
+    quantized models that are close."""
+    from onnx_shrink.runtime_check.bench import compare_latency
+    from onnx_shrink.runtime_check.sessions import create_session
+
+    metric = task.metrics[0]  # higher is better for every task's first metric
+    theirs = [r for r in rows if r.config.tool.startswith("ort-") and metric in r.metrics]
+    if not theirs:
+        return []
+    best = max(theirs, key=lambda r: r.metrics[metric])
+    lines = []
+    for ours in (r for r in rows if r.config.tool == "ours" and r.model_path is not None):
+        reference, candidate = create_session(best.model_path), create_session(ours.model_path)
+        ratio = compare_latency(
+            reference, candidate, task.latency_feed, runs=2 * args.runs, warmup=5
+        ).ratio
+        lines.append(
+            f"- {ours.config.label}: latency ÷ {best.config.label} (ORT's best {metric}), "
+            f"{2 * args.runs} interleaved pairs: {ratio:.2f}"
+        )
+    return lines
 
 
 def _quantize_all(row, name, task, ort_model, calib, samples, folder, args) -> None:
@@ -607,6 +633,8 @@ def section(results: dict, command: str, args: argparse.Namespace, heading: str)
             table(rows, samples, metrics),
             "",
             *ratios(rows, samples, info["pre_seconds"]),
+            *info["versus_best"],
+            "",
         ]
     return "\n".join(parts)
 
