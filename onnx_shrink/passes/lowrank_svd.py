@@ -6,6 +6,7 @@ See ``lowrank``'s module docstring for the identities; nothing here knows a grap
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import numpy as np
 
@@ -25,6 +26,11 @@ class Factorization:
         """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
         return ranks_mod.tail_energy(self.s)
 
+    @functools.cached_property
+    def left(self) -> np.ndarray:
+        """S⁻¹U (U without data), solved once for every rank's A."""
+        return self.u if self.whitener is None else np.linalg.solve(self.whitener, self.u)
+
 
 def factorize(weight: np.ndarray, whitener: np.ndarray | None = None) -> Factorization:
     """SVD of ``whitener @ weight`` (an upper-triangular or diagonal S), or of ``weight``."""
@@ -36,10 +42,7 @@ def factorize(weight: np.ndarray, whitener: np.ndarray | None = None) -> Factori
 def factors(f: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """A (K x r), B (r x N) with S·A·B the rank-``rank`` truncation of S·W, Σ split evenly."""
     root = np.sqrt(f.s[:rank])
-    a, b = f.u[:, :rank] * root, root[:, None] * f.vt[:rank]
-    if f.whitener is not None:
-        a = np.linalg.solve(f.whitener, a)
-    return a, b
+    return f.left[:, :rank] * root, root[:, None] * f.vt[:rank]
 
 
 def refit(weight: np.ndarray, a: np.ndarray, gram: np.ndarray) -> np.ndarray:
