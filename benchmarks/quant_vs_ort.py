@@ -134,10 +134,12 @@ def child_main(job: dict) -> dict:
         from onnxruntime import quantization as q
 
         from benchmarks.quant_data import NpyStreamReader
-
-        session = ort.InferenceSession(job["model"], providers=["CPUExecutionProvider"])
-        inputs = [i.name for i in session.get_inputs()]
-        del session
+    # Every tool's child opens one session before the baseline (ORT's to read the input
+    # names): onnxruntime's first session sets up its environment (~10 MiB, thread pools),
+    # which is not the quantize call's memory.
+    session = ort.InferenceSession(job["model"], providers=["CPUExecutionProvider"])
+    inputs = [i.name for i in session.get_inputs()]
+    del session
     logging.disable(logging.WARNING)
     baseline_kib = _status_kib("VmRSS")
     reset = _reset_peak()
