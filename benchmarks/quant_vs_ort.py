@@ -128,6 +128,8 @@ def child_main(job: dict) -> dict:
 
     ort.set_default_logger_severity(3)
     tool = job["tool"]
+    if tool == "latency":
+        return latency_child(job)
     if tool == "ours":
         import onnx_shrink  # noqa: F401
         import onnx_shrink.runtime_check.collect  # noqa: F401
@@ -174,6 +176,23 @@ def child_main(job: dict) -> dict:
         "baseline_bytes": baseline_kib * 1024,
         "peak_reset": reset,
     }
+
+
+def latency_child(job: dict) -> dict:
+    """Time ``job["candidate"]`` against ``job["reference"]`` in this fresh process, where no
+    other session's threads compete: ``repeats`` medians of ``runs`` interleaved pairs."""
+    import numpy as np
+
+    from onnx_shrink.runtime_check.bench import compare_latency
+    from onnx_shrink.runtime_check.sessions import create_session
+
+    feed = dict(np.load(job["feed"]))
+    reference, candidate = create_session(job["reference"]), create_session(job["candidate"])
+    ratios = [
+        compare_latency(reference, candidate, feed, runs=job["runs"], warmup=5).ratio
+        for _ in range(job["repeats"])
+    ]
+    return {"ratios": sorted(ratios)}
 
 
 def _child_entry(raw: str) -> int:
@@ -469,29 +488,41 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
             session = None
     _note_entropy_ranges(rows)
     info["metrics"] = task.metrics
-    info["versus_best"] = _versus_best(rows, task, args)
+    reference = None  # no session of this process competes with the direct comparison
+    info["versus_best"] = _versus_best(rows, task, args, folder)
     return rows, info
 
 
-def _versus_best(rows: list[Row], task, args) -> list[str]:
-    """Our rows timed directly against ORT's best-fidelity row (interleaved pairs): the
-    ratios to fp32 come from separate runs, too noisy on a shared machine to rank two
-    quantized models that are close."""
-    from onnx_shrink.runtime_check.bench import compare_latency
-    from onnx_shrink.runtime_check.sessions import create_session
+def _versus_best(rows: list[Row], task, args, folder: Path) -> list[str]:
+    """Our rows timed directly against ORT's best-fidelity row (interleaved pairs, in a fresh
+    process): the ratios to fp32 come from separate runs, too noisy on a shared machine to
+    rank two quantized models that are close, and sessions left in this process skew them."""
+    import numpy as np
 
     metric = task.metrics[0]  # higher is better for every task's first metric
     theirs = [r for r in rows if r.config.tool.startswith("ort-") and metric in r.metrics]
     if not theirs:
         return []
     best = max(theirs, key=lambda r: r.metrics[metric])
+    feed = folder / "latency_feed.npz"
+    np.savez(feed, **task.latency_feed)
     lines = []
     for ours in (r for r in rows if r.config.tool == "ours" and r.model_path is not None):
-        reference, candidate = create_session(best.model_path), create_session(ours.model_path)
-        ratios = sorted(
-            compare_latency(reference, candidate, task.latency_feed, runs=args.runs, warmup=5).ratio
-            for _ in range(REPEATS)
-        )
+        job = {
+            "tool": "latency",
+            "reference": str(best.model_path),
+            "candidate": str(ours.model_path),
+            "feed": str(feed),
+            "out": str(folder / "latency.json"),  # names the child's working folder
+            "runs": args.runs,
+            "repeats": REPEATS,
+        }
+        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout)
+        if "error" in result:
+            error = result["error"]
+            lines.append(f"- {ours.config.label}: direct latency comparison failed: {error}")
+            continue
+        ratios = result["ratios"]
         lines.append(
             f"- {ours.config.label}: latency ÷ {best.config.label} (ORT's best {metric}): "
             f"median {ratios[REPEATS // 2]:.2f} of {REPEATS} repetitions of {args.runs} "
