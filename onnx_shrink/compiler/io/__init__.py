@@ -23,6 +23,7 @@ import contextlib
 import copy
 import dataclasses
 import logging
+import math
 import os
 import shutil
 import tempfile
@@ -233,17 +234,12 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> 
 
 
 def _fixed_size_bytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of a tensor of a whole-byte numeric type (None for strings and packed types)."""
+    """Bytes of a tensor of a whole-byte type (None for strings, packed and unknown types)."""
     try:
-        itemsize = onnx.helper.tensor_dtype_to_np_dtype(tensor.data_type).itemsize
-    except (KeyError, ValueError, TypeError):
+        bits = ir.DataType(tensor.data_type).bitwidth
+    except (ValueError, TypeError):  # not a type onnx_ir knows, or STRING (no bit width)
         return None
-    if tensor.data_type == onnx.TensorProto.STRING or ir.DataType(tensor.data_type).bitwidth < 8:
-        return None
-    count = 1
-    for dim in tensor.dims:
-        count *= dim
-    return count * itemsize
+    return math.prod(tensor.dims) * bits // 8 if bits % 8 == 0 else None
 
 
 def unshare_tensors(model: ir.Model) -> None:

@@ -177,37 +177,33 @@ def session_source(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> Sess
     page of them is touched here. The arrays share memory with ``model``: keep it unchanged
     while a session uses them.
     """
-    folder = _data_folder(model)
+    folder, in_file = _readable_from_files(model)
 
-    def in_file(tensor: ir.TensorProtocol) -> bool:
-        return folder is not None and _readable_in(tensor, folder)
+    def kept(tensor: ir.TensorProtocol) -> bool:
+        return id(tensor) in in_file
 
-    with _stand_ins(model, min_bytes, lambda t: _numpy_native(t) and not in_file(t)) as swapped:
-        proto = io.serialize_proto(model, keep_in_file=in_file).SerializeToString()
+    with _stand_ins(model, min_bytes, lambda t: _numpy_native(t) and not kept(t)) as swapped:
+        proto = io.serialize_proto(model, keep_in_file=kept).SerializeToString()
     arrays = {name: np.ascontiguousarray(tensor.numpy()) for name, tensor in swapped.items()}
-    return SessionSource(proto, arrays, str(folder) if folder is not None else None)
+    return SessionSource(proto, arrays, folder)
 
 
-def _data_folder(model: ir.Model) -> Path | None:
-    """The folder of the first memory-mapped main-graph initializer (None if there is none)."""
+def _readable_from_files(model: ir.Model) -> tuple[str | None, set[int]]:
+    """The data folder onnxruntime is given (that of the first memory-mapped main-graph
+    initializer) and the ids of the main-graph initializers it can read from their file
+    there: relative locations inside that folder only, since onnxruntime refuses others."""
+    folder: Path | None = None
+    readable: set[int] = set()
     for value in model.graph.initializers.values():
         tensor = value.const_value
-        if isinstance(tensor, ir.ExternalTensor) and tensor.location != io.IN_MEMORY_LOCATION:
-            return Path(tensor.base_dir).resolve()
-    return None
-
-
-def _readable_in(tensor: ir.TensorProtocol, folder: Path) -> bool:
-    """Can onnxruntime read ``tensor`` from its file given ``folder`` as the data folder?
-    (Relative locations inside the folder only: onnxruntime refuses paths that leave it.)"""
-    if not isinstance(tensor, ir.ExternalTensor) or tensor.location == io.IN_MEMORY_LOCATION:
-        return False
-    location = Path(tensor.location)
-    return (
-        not location.is_absolute()
-        and ".." not in location.parts
-        and Path(tensor.base_dir).resolve() == folder
-    )
+        if not isinstance(tensor, ir.ExternalTensor) or tensor.location == io.IN_MEMORY_LOCATION:
+            continue
+        base = Path(tensor.base_dir).resolve()
+        folder = folder or base
+        location = Path(tensor.location)
+        if base == folder and not location.is_absolute() and ".." not in location.parts:
+            readable.add(id(tensor))
+    return (str(folder) if folder is not None else None), readable
 
 
 @contextlib.contextmanager
