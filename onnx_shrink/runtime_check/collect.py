@@ -75,12 +75,13 @@ def collect(
     if not ranged and not others:  # nothing to measure: count samples, run nothing
         samples = sum(batch.samples for batch in dataset.batches())
         return st.Statistics(results={}, samples=samples, source=dataset.description)
+    specs = data_mod.specs_from_model(model)
     with contextlib.ExitStack() as stack:
         replay = data_mod.replayable(dataset, stack) if ranged else dataset
         raw = sorted({r.tensor for r in others})
         session = _session(cg.instrument(model, ranged, raw, histograms), provider)
         counting = _Pass(session, ranged, others, histograms, progress)
-        counting.run(data_mod.single_samples(replay, data_mod.specs_from_model(model)))
+        counting.run(data_mod.single_samples(replay, specs))
         ranges = counting.ranges
         # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
         # are measured again, with the non-finite values counted and kept out of the range.
@@ -104,8 +105,8 @@ def collect(
             len(histograms),
         )
         if recount:
-            again = data_mod.single_samples(replay, data_mod.specs_from_model(model))
-            results.update(_recount(session, recount, counting, ranges, again, progress))
+            again = data_mod.single_samples(replay, specs)
+            results.update(counting.recount(recount, ranges, again))
     return st.Statistics(
         results={r: results[r] for r in requests},
         samples=counting.samples,
@@ -115,7 +116,8 @@ def collect(
 
 class _Pass:
     """One pass over the samples on the instrumented session: ranges, raw statistics and
-    histograms (probe, then counting). State lives here between the phases."""
+    histograms (probe, then counting), and any recount on the same session. State lives here
+    between the phases."""
 
     def __init__(self, session, ranged, others, histograms, progress) -> None:
         self.session = session
@@ -129,11 +131,13 @@ class _Pass:
         self.samples = 0
         self._probed: list[dict[st.StatRequest, np.ndarray]] = []
         self.probe_samples = 0
-        self._fixed = [o.name for o in session.get_outputs() if not _is_histogram_output(o.name)]
+        counted = {n for io_names in self.names.values() for n in (io_names.lattice, io_names.bins)}
+        self._fixed = [o.name for o in session.get_outputs() if o.name not in counted]
 
     def run(self, samples: Iterator[data_mod.Batch]) -> None:
         if not self.requests:
-            self._fold_all(samples, self._fixed)
+            for batch, outputs in self._runs(samples, []):
+                self._fold(batch, outputs)
             return
         # The first sample, with every element on its lattice, fixes the strides and, from
         # its lattice's size, how many samples the probe may keep.
@@ -203,9 +207,29 @@ class _Pass:
             feed.update(self.names[request].feed(self.strides.get(request, 1), low, scale))
         return feed
 
-    def _fold_all(self, samples, outputs) -> None:
-        for batch, result in _overlapped_runs(self.session, samples, outputs, {}):
-            self._fold(batch, result)
+    def recount(self, requests, ranges, samples) -> dict[st.StatRequest, st.Histogram]:
+        """Count ``requests`` again over each tensor's exact range (``ranges``), in the same
+        session: finite tensors from bin indices computed in the graph, tensors holding inf/NaN
+        from their lattice values in numpy (which drops the non-finite ones)."""
+        exact = {}
+        for request in requests:
+            minmax = ranges[request.tensor].result()
+            exact[request] = st.HistogramAccumulator(
+                minmax.minimum, minmax.maximum, request.bins, self.strides.get(request, 1)
+            )
+        as_values = {r for r in requests if _holds_nonfinite(ranges[r.tensor])}
+        names = self.names
+        outputs = [names[r].lattice if r in as_values else names[r].bins for r in requests]
+        runs = _overlapped_runs(self.session, samples, outputs, self.histogram_feed(exact))
+        for done, (_, result) in enumerate(runs, 1):
+            for request, acc in exact.items():
+                if request in as_values:
+                    acc.add_values(result[names[request].lattice])
+                else:
+                    acc.add_indices(result[names[request].bins])
+            if self.progress is not None:
+                self.progress("histograms", done)
+        return {r: acc.result() for r, acc in exact.items()}
 
     def _fold(self, batch: data_mod.Batch, outputs: dict[str, np.ndarray]) -> None:
         for name, acc in self.ranges.items():
@@ -218,41 +242,14 @@ class _Pass:
             self.progress("statistics", self.samples)
 
 
-def _is_histogram_output(name: str) -> bool:
-    return name.endswith(("::lattice", "::bins"))
-
-
 def _needs_recount(counter: st.HistogramAccumulator | None, acc: st.MinMaxAccumulator) -> bool:
     """Inf/NaN reached the graph's bin arithmetic, or values fell too far past the edges."""
-    return counter is None or not acc.finite or acc.nonfinite > 0 or not counter.fits
+    return counter is None or _holds_nonfinite(acc) or not counter.fits
 
 
-def _recount(session, requests, counting: _Pass, ranges, samples, progress):
-    """Count ``requests`` again over each tensor's exact range, in the same session: finite
-    tensors from bin indices computed in the graph, tensors holding inf/NaN from their lattice
-    values in numpy (which drops the non-finite ones)."""
-    exact = {}
-    for request in requests:
-        minmax = ranges[request.tensor].result()
-        exact[request] = st.HistogramAccumulator(
-            minmax.minimum, minmax.maximum, request.bins, counting.strides.get(request, 1)
-        )
-    as_values = {r for r in requests if not ranges[r.tensor].finite or ranges[r.tensor].nonfinite}
-    outputs = [
-        counting.names[r].lattice if r in as_values else counting.names[r].bins for r in requests
-    ]
-    feed = counting.histogram_feed(exact)
-    done = 0
-    for _, result in _overlapped_runs(session, samples, outputs, feed):
-        for request, acc in exact.items():
-            if request in as_values:
-                acc.add_values(result[counting.names[request].lattice])
-            else:
-                acc.add_indices(result[counting.names[request].bins])
-        done += 1
-        if progress is not None:
-            progress("histograms", done)
-    return {r: acc.result() for r, acc in exact.items()}
+def _holds_nonfinite(acc: st.MinMaxAccumulator) -> bool:
+    """Inf/NaN seen by the fast reductions, or counted by a careful pass."""
+    return not acc.finite or acc.nonfinite > 0
 
 
 def _careful_ranges(model, tensors, dataset, provider, progress):
