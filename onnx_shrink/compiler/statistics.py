@@ -33,9 +33,9 @@ class StatRequest:
             finite [min, max]. With ``per_sample`` > 0, a tensor holding more elements than
             that per sample is counted on a fixed lattice of them: every ``stride``-th element
             of each sample's flattened tensor (``stride`` a prime, chosen from the first
-            sample's size). The
-            lattice is the same whatever the batching, so the counts still are; min/max stay
-            exact. Counting every element costs ~2 ns each in numpy, more than inference.
+            sample's size). The lattice is the same whatever the batching, so the counts still
+            are; min/max stay exact. Counting every element costs ~2 ns each in numpy, more
+            than inference.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
         gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column

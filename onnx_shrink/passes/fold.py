@@ -146,7 +146,7 @@ class FoldPass(ir.passes.FunctionalPass):
         fixpoint = ir.passes.PassManager(
             [
                 fold,
-                rewriter.RewritePass(fold_rules.by_root_op(rewriter._DEFAULT_REWRITE_RULES)),
+                rewriter.RewritePass(fold_rules.DEFAULT_RULES),
                 ReshapeCopiedDimsPass(),
                 common_passes.RemoveUnusedNodesPass(),
                 common_passes.RemoveUnusedFunctionsPass(),

@@ -14,6 +14,7 @@ import functools
 from collections.abc import Sequence
 
 import onnx_ir as ir
+from onnxscript import rewriter
 from onnxscript.rewriter import pattern
 
 
@@ -53,3 +54,7 @@ def _root_op(rule: pattern.RewriteRule) -> tuple[str, str] | None:
 
 def _domain(domain: str) -> str:
     return "" if domain == "ai.onnx" else domain
+
+
+DEFAULT_RULES = by_root_op(rewriter._DEFAULT_REWRITE_RULES)
+"""onnxscript's default rules, filtered once (rules keep no state between applications)."""
