@@ -222,15 +222,15 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
-def run_child(job: dict, rss_limit: int, timeout: float) -> dict:
-    """Run ``job`` in a fresh interpreter, killing it past ``rss_limit`` bytes or ``timeout``."""
+def run_child(job: dict, rss_limit: int, timeout: float, cwd: Path) -> dict:
+    """Run ``job`` in a fresh interpreter in ``cwd`` (whatever a tool drops in its working
+    directory lands there), killing it past ``rss_limit`` bytes or ``timeout``."""
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
     env = {
         **os.environ,
         "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")]),
     }
     with tempfile.TemporaryFile("w+") as out, tempfile.TemporaryFile("w+") as err:
-        cwd = Path(job["out"]).parent  # whatever a tool drops in its working directory
         proc = subprocess.Popen(cmd, stdout=out, stderr=err, cwd=cwd, env=env)
         started, killed, worst = time.monotonic(), None, 0
         while proc.poll() is None:
@@ -400,7 +400,7 @@ def _probe(model: Path, calib: dict, args) -> str | None:
     out = model.with_name("probe.onnx")
     job = {"tool": "ort-static", "method": "MinMax", "model": str(model), "out": str(out)}
     job |= {"calib_dir": str(calib[n].parent), "calib_npz": str(calib[n]), "config": None}
-    result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout)
+    result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, out.parent)
     try:
         if "error" in result:
             return result["error"]
@@ -513,11 +513,10 @@ def _versus_best(rows: list[Row], task, args, folder: Path) -> list[str]:
             "reference": str(best.model_path),
             "candidate": str(ours.model_path),
             "feed": str(feed),
-            "out": str(folder / "latency.json"),  # names the child's working folder
             "runs": args.runs,
             "repeats": REPEATS,
         }
-        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout)
+        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, folder)
         if "error" in result:
             error = result["error"]
             lines.append(f"- {ours.config.label}: direct latency comparison failed: {error}")
@@ -556,7 +555,7 @@ def _quantize_all(row, name, task, ort_model, calib, samples, folder, args) -> N
             if config.calibrated
             else f"{name}: {config.label}"
         )
-        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout)
+        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, folder)
         if "error" in result:
             errors.setdefault(result["error"], []).append(n)
             if "killed_rss" in result:
