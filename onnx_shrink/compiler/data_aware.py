@@ -22,6 +22,9 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 
+Edit = Callable[[ir.Model], None]
+"""Rewrites, in place, a copy of the model a pass was given."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Probe:
@@ -29,8 +32,8 @@ class Probe:
     rewrites, in place, a copy of the model the pass was given (found by node names)."""
 
     key: str
-    edit: Callable[[ir.Model], None]
-    remade: Callable[[Statistics], Callable[[ir.Model], None]] | None = None
+    edit: Edit
+    remade: Callable[[Statistics], Edit] | None = None
     """the same edit made from ``requests`` collected on part of the calibration data, so
     that it can be measured on the rest (held out); None: ``edit`` is measured as it is"""
     requests: tuple[StatRequest, ...] = ()

@@ -19,14 +19,14 @@ import dataclasses
 import functools
 import logging
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.data_aware import DataAwarePass, Probe
+from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_graph as graph_mod
@@ -87,10 +87,7 @@ class _Layer:
         return ranks_mod.tail_energy(spectrum)
 
     def ranks(self, multiple: int) -> list[int]:
-        """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N)."""
-        k, n = self.shape
-        top = min(len(self.factorization.s), (k * n - 1) // (k + n))
-        return list(range(multiple, top + 1, multiple))
+        return _candidate_ranks(self.shape, multiple)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -189,29 +186,30 @@ class LowRankPass(DataAwarePass):
     def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
         """With ``budget_metric=model-output`` and two layers or more: each uniquely named
         layer alone replaced by its factors at ``probe_ranks`` ranks of a geometric grid
-        (remade from other statistics with ``held_out``)."""
+        (remade from other statistics with ``held_out``). Nothing is factorized until an
+        edit is made (``_ProbeFactors``)."""
         if not self._measures_model():
             return []
         graph_mod.lift_constant_weights(model)
         counts = collections.Counter(node.name for node in model.graph)
-        layers = self._layers(model, stats)[0]
-        if len(layers) < 2:  # one layer's rank is fixed by the budget: nothing to weigh
+        nodes = [node for node, reason in self._candidates(model) if not reason]
+        if len(nodes) < 2:  # one layer's rank is fixed by the budget: nothing to weigh
             return []
+        factors = _ProbeFactors(self)
         result = []
-        for layer in layers:
-            name = layer.node.name
+        for node in nodes:
+            name = node.name
             if not name or counts[name] > 1:
                 logger.warning("lowrank: %r has no unique name; its curve is not measured", name)
                 continue
-            request = self._stat_request(layer.node) if self.held_out else None
-            remake = _Remake(self, layer.node) if request is not None else None
-            for rank in ranks_mod.probe_grid(layer.ranks(self.rank_multiple), self.probe_ranks):
-                a, b = self._factors(layer, rank)
-                edit = functools.partial(graph_mod.split_named, name=name, a=a, b=b)
-                if remake is None:
+            request = self._stat_request(node) if self.held_out else None
+            ranks = _candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
+            for rank in ranks_mod.probe_grid(ranks, self.probe_ranks):
+                edit = functools.partial(factors.split, node=node, stats=stats, rank=rank)
+                if request is None:
                     result.append(Probe(_probe_key(name, rank), edit))
                     continue
-                remade = functools.partial(remake, rank=rank)
+                remade = functools.partial(factors.edit, node, rank=rank)
                 result.append(Probe(_probe_key(name, rank), edit, remade, (request,)))
         return result
 
@@ -284,7 +282,7 @@ class LowRankPass(DataAwarePass):
         return result
 
     def _size_reason(self, node: ir.Node) -> str:
-        k, n = graph_mod.weight_matrix(node).shape
+        k, n = graph_mod.matrix_shape(node)
         if k * n < self.min_params:
             return f"weight {k}x{n} is under min_params={self.min_params}"
         if (k * n - 1) // (k + n) < self.rank_multiple:
@@ -292,7 +290,7 @@ class LowRankPass(DataAwarePass):
         return ""
 
     def _stat_request(self, node: ir.Node) -> StatRequest | None:
-        if node.op_type == "Gemm" and graph_mod.attr(node, "transA", 0):
+        if node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
             return None  # x is K x M: its last axis is not the weight's input axis
         if node.op_type == "Conv":  # channels are axis 1: only their energies, not XᵀX
             return StatRequest(node.inputs[0].name, "channel_sqnorm", axis=1)
@@ -347,19 +345,32 @@ class LowRankPass(DataAwarePass):
         return LayerPlan(name, op, (k, n), rank, layer.dense, params, error, aware, reason)
 
 
-class _Remake:
-    """A layer's probe edits made again from other statistics (``Probe.remade``): one
-    factorization per statistics object, shared by the layer's ranks."""
+class _ProbeFactors:
+    """The probes' edits, each factorized when it is made (``Probe.edit`` from the pass's
+    statistics, ``Probe.remade`` from a block's): the last layer's factorization is kept for
+    its other ranks, so probing holds one layer's at a time, and with ``held_out`` the full
+    statistics' are made only by ``apply``."""
 
-    def __init__(self, pass_: LowRankPass, node: ir.Node) -> None:
-        self._pass, self._node = pass_, node
-        self._last: tuple[Statistics, _Layer] | None = None
+    def __init__(self, pass_: LowRankPass) -> None:
+        self._pass = pass_
+        self._last: tuple[ir.Node, Statistics, _Layer] | None = None
 
-    def __call__(self, stats: Statistics, rank: int) -> Callable[[ir.Model], None]:
-        if self._last is None or self._last[0] is not stats:
-            self._last = (stats, self._pass._layer(self._node, stats))
-        a, b = self._pass._factors(self._last[1], rank)
-        return functools.partial(graph_mod.split_named, name=self._node.name, a=a, b=b)
+    def edit(self, node: ir.Node, stats: Statistics, rank: int) -> Edit:
+        last = self._last
+        if last is None or last[0] is not node or last[1] is not stats:
+            last = self._last = (node, stats, self._pass._layer(node, stats))
+        a, b = self._pass._factors(last[2], rank)
+        return functools.partial(graph_mod.split_named, name=node.name, a=a, b=b)
+
+    def split(self, model: ir.Model, node: ir.Node, stats: Statistics, rank: int) -> None:
+        self.edit(node, stats, rank)(model)
+
+
+def _candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:
+    """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N; such r are below
+    min(K, N), the factorization's full rank)."""
+    k, n = shape
+    return list(range(multiple, (k * n - 1) // (k + n) + 1, multiple))
 
 
 def _curve(layer: _Layer, multiple: int, metric: str, measured: Mapping[str, float]) -> np.ndarray:
@@ -405,11 +416,8 @@ def _dense_plan(node: ir.Node, reason: str) -> LayerPlan:
     """A skipped node's plan; its shape is (0, 0) unless its weight is a valid matrix."""
     weight = node.inputs[1].const_value if len(node.inputs) > 1 and node.inputs[1] else None
     params = weight.size if weight is not None else 0
-    shape = (
-        graph_mod.weight_matrix(node).shape
-        if weight is not None and not graph_mod.check(node, 99)
-        else (0, 0)
-    )
+    valid = weight is not None and not graph_mod.check(node, 99)
+    shape = graph_mod.matrix_shape(node) if valid else (0, 0)
     return LayerPlan(
         node.name or "", node.op_type, shape, None, params, params, None, False, reason
     )

@@ -41,12 +41,12 @@ def check(node: ir.Node, opset: int) -> str:
     shape = tuple(weight.const_value.shape)
     if node.op_type in ("MatMul", "Gemm") and len(shape) != 2:
         return f"weight has rank {len(shape)}, not 2"
-    if node.op_type == "Gemm" and attr(node, "transA", 0) and opset < 11:
+    if node.op_type == "Gemm" and node.attributes.get_int("transA", 0) and opset < 11:
         return "Gemm transA=1 needs opset 11 (optional C) to split"
     if node.op_type == "Conv":
         if len(shape) < 3 or any(d != 1 for d in shape[2:]):
             return f"kernel {shape[2:]} is not 1x1"
-        if attr(node, "group", 1) != 1:
+        if node.attributes.get_int("group", 1) != 1:
             return "grouped Conv"
     return ""
 
@@ -56,9 +56,18 @@ def weight_matrix(node: ir.Node) -> np.ndarray:
     array = node.inputs[1].const_value.numpy().astype(np.float64)
     if node.op_type == "Conv":
         return array.reshape(array.shape[0], array.shape[1]).T
-    if node.op_type == "Gemm" and attr(node, "transB", 0):
-        return array.T
-    return array
+    return array.T if _transposed(node) else array
+
+
+def matrix_shape(node: ir.Node) -> tuple[int, int]:
+    """(K, N) of ``weight_matrix(node)``, read off the stored weight without converting it."""
+    shape = node.inputs[1].const_value.shape
+    transposed = node.op_type == "Conv" or _transposed(node)
+    return (shape[1], shape[0]) if transposed else (shape[0], shape[1])
+
+
+def _transposed(node: ir.Node) -> bool:
+    return node.op_type == "Gemm" and bool(node.attributes.get_int("transB", 0))
 
 
 def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
@@ -75,12 +84,12 @@ def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
         for key in (*SPATIAL_ATTRIBUTES, "kernel_shape"):
             node.attributes.pop(key, None)
         first_op = "Conv"
-    elif node.op_type == "Gemm" and attr(node, "transA", 0):
+    elif node.op_type == "Gemm" and node.attributes.get_int("transA", 0):
         first_op, attributes = "Gemm", {"transA": 1}
         node.attributes["transA"] = ir.AttrInt64("transA", 0)
     else:
         first_op = "MatMul"
-    if node.op_type == "Gemm" and attr(node, "transB", 0):
+    if _transposed(node):
         b = b.T
     a_value = _initializer(graph, f"{base}_lowrank_a", a.astype(dtype))
     b_value = _initializer(graph, f"{base}_lowrank_b", b.astype(dtype))
@@ -102,11 +111,6 @@ def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     value.dtype = value.const_value.dtype
     graph.register_initializer(value)
     return value
-
-
-def attr(node: ir.Node, name: str, default: int) -> int:
-    attribute = node.attributes.get(name)
-    return default if attribute is None else int(attribute.value)
 
 
 def matches(node: ir.Node, patterns: Sequence[str]) -> bool:

@@ -34,7 +34,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.data_aware import Probe
+from onnx_shrink.compiler.data_aware import Edit, Probe
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
@@ -44,7 +44,6 @@ from onnx_shrink.runtime_check.collect import Progress
 logger = logging.getLogger(__name__)
 
 FOLDS = 2
-Edit = Callable[[ir.Model], None]
 
 
 @dataclasses.dataclass
