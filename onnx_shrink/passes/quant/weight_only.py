@@ -22,13 +22,15 @@ from onnx_shrink.passes.quant.blockwise import (
     pack_low_first,
     quantize_blocks,
 )
-from onnx_shrink.passes.quant.dynamic import (
+from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
+    Arrays,
     WeightContext,
     check_selection,
     derived_name,
     gather_reason,
     match_linear,
+    onnx_opset,
     trimmed,
 )
 
@@ -39,8 +41,6 @@ FORMATS = ("matmulnbits", "dequantize_linear")
 # Blocked DequantizeLinear (``block_size``) and int4 types exist from opset 21 / IR 10 on.
 BLOCKED_DQ_OPSET = 21
 INT4_IR_VERSION = 10
-
-Arrays = dict[str, "np.ndarray | ir.Tensor | None"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +106,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
 
     def requires(self, model: ir.Model) -> None:
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        opset = onnx_opset(model)
         if self.format == "dequantize_linear" and opset < BLOCKED_DQ_OPSET:
             raise ir.passes.PreconditionError(
                 f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "

@@ -240,7 +240,7 @@ def test_tiny_weights_and_graph_input_weights_are_skipped(caplog):
     }
     """
     model = with_weights(text, w=weight(8, 8), w_in=weight(8, 8))
-    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.dynamic"):
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.weight_matching"):
         result, modified = quantized(model)
     assert not modified and ops(result) == ["MatMul", "MatMul"]
     assert "'w' has 64 < 4096 elements" in caplog.text
@@ -258,7 +258,7 @@ def test_model_local_functions_are_skipped_with_a_reason(caplog):
       c = MatMul(a, b)
     }
     """
-    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.dynamic"):
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.weight_matching"):
         _, modified = quantized(onnx.parser.parse_model(text))
     assert not modified
     assert "function local::Proj" in caplog.text

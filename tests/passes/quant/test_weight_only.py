@@ -234,7 +234,7 @@ def test_excluded_and_tiny_weights_stay_float(caplog):
     """
     model = with_weights(text, w=np.ones((K, N), np.float32), small=np.ones((K, 8), np.float32))
     model.graph.node[0].name = "lm_head"
-    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.dynamic"):
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.quant.weight_matching"):
         result, modified = quantized(model, exclude=("lm_.*",))
     assert not modified and ops(result.graph) == ["MatMul", "MatMul"]
     assert "excluded" in caplog.text and "'small' has 800 < 4096 elements" in caplog.text
