@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 
 import numpy as np
 import onnx_ir as ir
@@ -113,6 +113,16 @@ def float16_scale(scale: np.ndarray) -> np.ndarray:
     half = scale.astype(np.float16)
     half = np.where(half.astype(np.float32) < scale, np.nextafter(half, np.float16(np.inf)), half)
     return half.astype(np.float32)
+
+
+def scale_rounding(
+    narrow_storage: bool, axis: int | None
+) -> Callable[[np.ndarray], np.ndarray] | None:
+    """How a weight's scales are rounded before it is quantized with them: per-channel scales
+    (``axis`` set) become float16 values with ``narrow_storage``, so ``store_narrow`` can
+    store them as float16 exactly; otherwise None. A per-tensor scale stays float32: the 2
+    bytes float16 would save do not pay for a Cast."""
+    return float16_scale if narrow_storage and axis is not None else None
 
 
 def store_narrow(model: ir.Model, graphs: Iterable[ir.Graph] | None = None) -> int:

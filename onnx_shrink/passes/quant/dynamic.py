@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -22,7 +21,6 @@ from onnx_shrink.passes.quant import compact
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
-    LinearMatch,
     WeightContext,
     check_selection,
     derived_name,
@@ -121,7 +119,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         if isinstance(match, str):
             return context.skip(node, match)
         key = ("int8", match.transposed, match.alpha, self.per_channel)
-        codes, scale = context.weights(match.weight, key, lambda w: self._quantize(match, w))
+        axis = 1 if self.per_channel else None
+        codes, scale = context.weights(
+            match.weight, key, lambda w: self._int8(match.prepare(w), axis)
+        )
         assert codes is not None and scale is not None
         bias = context.constant(node, "bias", match.bias)
         if self.fused:
@@ -133,15 +134,11 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         context.replace(match.replaced, nodes)
         return True
 
-    def _quantize(self, match: LinearMatch, w: np.ndarray) -> dict[str, np.ndarray]:
-        """int8 codes [K, N] and scales ([N], or one per tensor) of ``alpha * op(W)``."""
-        axis = 1 if self.per_channel else None
-        q = quantize_weight(match.prepare(w), INT8, axis=axis, scale_rounding=self._rounding(axis))
+    def _int8(self, w: np.ndarray, axis: int | None) -> dict[str, np.ndarray]:
+        """int8 codes of ``w`` and its scales (one per slice along ``axis``, or one)."""
+        rounding = compact.scale_rounding(self.narrow_storage, axis)
+        q = quantize_weight(w, INT8, axis=axis, scale_rounding=rounding)
         return {"int8": q.values, "scale": q.scale}
-
-    def _rounding(self, axis: int | None) -> Callable[[np.ndarray], np.ndarray] | None:
-        """Per-channel scales become float16 values with ``narrow_storage`` (then stored so)."""
-        return compact.float16_scale if self.narrow_storage and axis is not None else None
 
     def _try_quantize_gather(self, context: WeightContext, node: ir.Node) -> bool:
         reason = gather_reason(context, node)
@@ -152,14 +149,11 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         # Per-axis DequantizeLinear (and a negative axis) exists from opset 13 on.
         per_channel = self.per_channel and context.opset >= 13
         axis = -1 if per_channel else None
-
-        def quantize(w: np.ndarray) -> dict[str, np.ndarray]:
-            q = quantize_weight(w, INT8, axis=axis, scale_rounding=self._rounding(axis))
-            return {"int8": q.values, "scale": q.scale}
-
         data = node.inputs[0]
         assert data is not None
-        codes, scale = context.weights(data, ("int8-rows", per_channel), quantize)
+        codes, scale = context.weights(
+            data, ("int8-rows", per_channel), lambda w: self._int8(w, axis)
+        )
         gather = ir.node(
             "Gather", [codes, node.inputs[1]], {"axis": 0}, name=derived_name(node, "int8")
         )

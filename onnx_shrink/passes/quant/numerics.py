@@ -118,13 +118,15 @@ def quantize_weight(
     *,
     axis: int | None,
     symmetric: bool = True,
+    scale_floor: np.ndarray | None = None,
     scale_rounding: Callable[[np.ndarray], np.ndarray] | None = None,
 ) -> QuantizedWeight:
     """Quantize a weight with one range per slice along ``axis`` (None: one for all).
 
-    ``scale_rounding`` (symmetric only) maps the scales to the values that will be stored
-    before the weight is quantized with them; it must not make a scale smaller, or the
-    largest values would clip.
+    Symmetric scales only: each is first raised to ``scale_floor`` (one value, or one per
+    scale; another size is ignored), then ``scale_rounding`` maps them to the values that
+    will be stored before the weight is quantized with them; it must not make a scale
+    smaller, or the largest values would clip.
     """
     w = np.asarray(w, dtype=np.float32)
     if axis is None:
@@ -134,7 +136,10 @@ def quantize_weight(
         reduce = tuple(i for i in range(w.ndim) if i != axis)
         lo, hi = w.min(axis=reduce, initial=0.0), w.max(axis=reduce, initial=0.0)
     scale, zero = scale_and_zero_point(lo, hi, qtype, symmetric)
-    if scale_rounding is not None and symmetric:
+    if symmetric and scale_floor is not None and scale_floor.size in (1, scale.size):
+        bound = scale_floor.reshape(scale.shape if scale_floor.size == scale.size else ())
+        scale = np.maximum(scale, bound).astype(np.float32)
+    if symmetric and scale_rounding is not None:
         scale = scale_rounding(scale)
     return QuantizedWeight(quantize(w, scale, zero, qtype, axis), scale, zero, axis)
 

@@ -136,7 +136,7 @@ class QuantPass(DataAwarePass):
         narrow = self.narrow_storage and not self.only
         if decided.nodes:
             params = self._activation_params(model.graph, decided, stats)
-            writer = _QdqWriter(model.graph, float16_scales=narrow)
+            writer = _QdqWriter(model.graph, narrow_storage=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(tensor, scale, zero)
             for node in decided.nodes:
@@ -297,9 +297,9 @@ class _QdqWriter:
     (their outputs name them). Equal activation parameters share one scale and zero point.
     """
 
-    def __init__(self, graph: ir.Graph, float16_scales: bool = False) -> None:
+    def __init__(self, graph: ir.Graph, narrow_storage: bool = False) -> None:
         self.graph = graph
-        self.float16_scales = float16_scales
+        self.narrow_storage = narrow_storage
         self.names = compact.Names(graph)
         self.values = ir.convenience.create_value_mapping(graph, include_subgraphs=False)
         self.weights: dict[tuple[str, int | None, str], tuple[ir.Value, np.ndarray]] = {}
@@ -370,7 +370,7 @@ class _QdqWriter:
         """Replace constant input ``index`` of ``node`` by DQ(quantized copy); return its scale.
 
         Symmetric scales are raised to ``floor`` where they are below it, then (with
-        ``float16_scales``, per channel) rounded up to float16 values.
+        ``narrow_storage``, per channel) rounded up to float16 values.
         """
         value = node.inputs[index]
         array = value.const_value.numpy()
@@ -378,16 +378,13 @@ class _QdqWriter:
             axis = axis % array.ndim
         key = (value.name, axis, qtype.name)
         if key not in self.weights:
-            float16 = self.float16_scales and axis is not None
-
-            def rounding(scale: np.ndarray) -> np.ndarray:
-                if floor is not None and floor.size in (1, scale.size):
-                    bound = floor.reshape(scale.shape if floor.size == scale.size else ())
-                    scale = np.maximum(scale, bound).astype(np.float32)
-                return compact.float16_scale(scale) if float16 else scale
-
             q = quantize_weight(
-                array, qtype, axis=axis, symmetric=symmetric, scale_rounding=rounding
+                array,
+                qtype,
+                axis=axis,
+                symmetric=symmetric,
+                scale_floor=floor,
+                scale_rounding=compact.scale_rounding(self.narrow_storage, axis),
             )
             if axis is None:
                 scale, zero = q.scale.reshape(()), q.zero_point.reshape(())
