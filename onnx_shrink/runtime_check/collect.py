@@ -1,8 +1,15 @@
 """The statistics engine: streaming tensor statistics over calibration data.
 
-``collect(model, requests, dataset)`` runs the model one sample at a time and folds each
-sample into running statistics (``compiler.statistics``). Memory is one sample's requested
-tensors plus the statistics (and a bounded probe, below), whatever the number of samples.
+``collect(model, requests, dataset)`` runs the model over the samples once and folds each
+run into running statistics (``compiler.statistics``). Memory is one run's requested tensors
+plus the statistics (and a bounded probe, below), whatever the number of samples.
+
+* Runs: the source's batches are cut into single samples, and consecutive samples of equal
+  shapes are joined again into runs of up to ``MAX_RUN_SAMPLES`` (fewer when one sample's
+  requested tensors are large: ``RUN_BYTES``) where every input has a dynamic first axis. The
+  first sample runs alone and fixes that size, so runs, and every result, depend only on the
+  samples and their order, never on the source's batching. A model that fails on a joined run
+  runs that run's samples, and all later ones, one at a time.
 
 * Ranges are reduced inside the graph (``collect_graph``): the session returns only each
   tensor's finite min, finite max and size, so a range costs no transfer of the tensor.
@@ -15,7 +22,7 @@ tensors plus the statistics (and a bounded probe, below), whatever the number of
   the samples are batched. A tensor that leaves its edges too far (or holds inf/NaN) is
   counted again over its exact range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
-  element of each sample, the stride fixed from the first sample's size.
+  element of each run's flattened tensor, the stride fixed from the first sample's size.
 * Per-channel and Gram statistics are folded in numpy from the sample's tensor.
 * A one-shot reader is spilled to a temporary folder as it is read, in case a second pass
   (non-finite ranges, a recount) needs the samples again.
@@ -25,6 +32,7 @@ from __future__ import annotations
 
 import concurrent.futures
 import contextlib
+import dataclasses
 import itertools
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
@@ -37,7 +45,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect_graph as cg
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check import sample_batches, sessions
 
 logger = logging.getLogger(__name__)
 
@@ -51,6 +59,12 @@ RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "gram"})
 PROBE_SAMPLES = 16
 PROBE_BYTES = 256 << 20
 PROBE_MARGIN = 0.5
+
+# Samples joined per run: per-run overhead dominates small models' calibration, while a run's
+# requested tensors (and onnxruntime's arena behind them) grow with its samples.
+MAX_RUN_SAMPLES = 8
+RUN_BYTES = 64 << 20
+LIVE_TENSORS = 4
 
 
 def collect(
@@ -81,13 +95,14 @@ def collect(
         raw = sorted({r.tensor for r in others})
         session = _session(cg.instrument(model, ranged, raw, histograms), provider)
         counting = _Pass(session, ranged, others, histograms, progress)
-        counting.run(data_mod.single_samples(replay, specs))
+        counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
         ranges = counting.ranges
         # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
         # are measured again, with the non-finite values counted and kept out of the range.
         flagged = [name for name, acc in ranges.items() if not acc.finite]
         if flagged:
-            ranges.update(_careful_ranges(model, flagged, replay, provider, progress))
+            samples = counting.grouped(replay, specs)
+            ranges.update(_careful_ranges(model, flagged, samples, provider, progress))
         results: dict[st.StatRequest, st.StatResult] = {
             r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"
         }
@@ -97,16 +112,16 @@ def collect(
         ]
         results.update({r: counting.histograms[r].result() for r in histograms if r not in recount})
         logger.info(
-            "statistics: %d samples in one pass; histogram edges from the first %d; %d of %d "
-            "histograms counted again over their exact range",
+            "statistics: %d samples in one pass, up to %d per run; histogram edges from the "
+            "first %d; %d of %d histograms counted again over their exact range",
             counting.samples,
+            counting.joining.size if counting.joining else 1,
             counting.probe_samples,
             len(recount),
             len(histograms),
         )
         if recount:
-            again = data_mod.single_samples(replay, specs)
-            results.update(counting.recount(recount, ranges, again))
+            results.update(counting.recount(recount, ranges, counting.grouped(replay, specs)))
     return st.Statistics(
         results={r: results[r] for r in requests},
         samples=counting.samples,
@@ -129,47 +144,84 @@ class _Pass:
         self.histograms: dict[st.StatRequest, st.HistogramAccumulator] = {}
         self.progress = progress
         self.samples = 0
+        self.joining: _Joining | None = None  # None: each feed runs as it comes
         self._probed: list[dict[st.StatRequest, np.ndarray]] = []
         self.probe_samples = 0
         counted = {n for io_names in self.names.values() for n in (io_names.lattice, io_names.bins)}
         self._fixed = [o.name for o in session.get_outputs() if o.name not in counted]
 
-    def run(self, samples: Iterator[data_mod.Batch]) -> None:
-        if not self.requests:
-            for batch, outputs in self._runs(samples, []):
-                self._fold(batch, outputs)
-            return
-        # The first sample, with every element on its lattice, fixes the strides and, from
-        # its lattice's size, how many samples the probe may keep.
+    def run(self, samples: Iterator[data_mod.Batch], joinable: bool) -> None:
+        """Fold every sample in; ``joinable``: consecutive samples may share a run."""
+        # The first sample runs alone: its tensors' sizes fix how many samples later runs
+        # join, and, with every element on its lattice, the strides and how many samples the
+        # probe may keep.
         first = next(samples, None)
         if first is None:
             return
         lattices = [self.names[r].lattice for r in self.requests]
         outputs = _run(self.session, first.feed, self.histogram_feed(), self._fixed + lattices)
+        if joinable and first.samples == 1:
+            self.joining = _Joining(self._run_samples(outputs))
+        if not self.requests:
+            self._fold(first, outputs)
+            for batch, outputs in self._runs(self._grouped(samples), []):
+                self._fold(batch, outputs)
+            return
         self.strides = {
             r: lattice_stride(int(outputs[cg.range_names(r.tensor)[2]]), r.per_sample)
             for r in self.requests
         }
         self._fold(first, outputs)
-        self._keep(outputs, first_sample=True)
+        self._keep(outputs, first.samples, first_sample=True)
         kept = max(1, sum(array.nbytes for array in self._probed[0].values()))
         probe = itertools.islice(samples, max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1))
-        for batch, outputs in self._runs(probe, lattices):
+        for batch, outputs in self._runs(self._grouped(probe), lattices):
             self._fold(batch, outputs)
-            self._keep(outputs)
+            self._keep(outputs, batch.samples)
         self._fix_edges()
-        for batch, outputs in self._runs(samples, [self.names[r].bins for r in self.requests]):
+        bins = [self.names[r].bins for r in self.requests]
+        for batch, outputs in self._runs(self._grouped(samples), bins):
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():
                 counter.add_indices(outputs[self.names[request].bins])
 
+    def _run_samples(self, outputs: dict[str, np.ndarray]) -> int:
+        """Samples per run: ``MAX_RUN_SAMPLES``, fewer when one sample's share of a run's
+        memory passes ``RUN_BYTES / MAX_RUN_SAMPLES``: its histogram lattices and raw
+        tensors, which this process holds, and ``LIVE_TENSORS`` of its largest ranged tensor
+        for onnxruntime's own working set."""
+        sizes = {name: int(outputs[cg.range_names(name)[2]]) for name in self.ranges}
+        lattices = sum(
+            -(-sizes[r.tensor] // lattice_stride(sizes[r.tensor], r.per_sample))
+            for r in self.requests
+        )
+        raw = sum(outputs[r.tensor].nbytes for r in self.others)
+        nbytes = 4 * (lattices + LIVE_TENSORS * max(sizes.values(), default=0)) + raw
+        logger.debug("statistics: one sample takes about %d bytes of a run", nbytes)
+        return max(1, min(MAX_RUN_SAMPLES, RUN_BYTES // max(nbytes, 1)))
+
+    def _grouped(self, samples: Iterator[data_mod.Batch]) -> Iterator[data_mod.Batch]:
+        if self.joining is None:
+            return samples
+        return sample_batches.grouped_samples(samples, lambda: self.joining.size)
+
+    def grouped(self, dataset: data_mod.Dataset, specs) -> Iterator[data_mod.Batch]:
+        """``dataset``'s samples again, in this pass's runs (the first sample alone)."""
+        samples = sample_batches.single_samples(dataset, specs)
+        first = next(samples, None)
+        if first is not None:
+            yield first
+            yield from self._grouped(samples)
+
     def _runs(self, samples, histogram_outputs):
         feed = self.histogram_feed(self.histograms)
-        return _overlapped_runs(self.session, samples, self._fixed + histogram_outputs, feed)
+        outputs = self._fixed + histogram_outputs
+        return _overlapped_runs(self.session, samples, outputs, feed, self.joining)
 
-    def _keep(self, outputs: dict[str, np.ndarray], first_sample: bool = False) -> None:
-        """Keep a probe sample's lattice values (the first sample's came whole, with stride
-        1: a copy of its lattice is kept, not a view holding the whole tensor)."""
+    def _keep(self, outputs: dict[str, np.ndarray], samples: int, first_sample=False) -> None:
+        """Keep a probe run's lattice values (the first sample's came whole, with stride 1: a
+        copy of its lattice is kept, not a view holding the whole tensor)."""
+        self.probe_samples += samples
         self._probed.append(
             {
                 r: np.ascontiguousarray(outputs[self.names[r].lattice][:: self.strides[r]])
@@ -181,7 +233,6 @@ class _Pass:
 
     def _fix_edges(self) -> None:
         """Edges from the probe's ranges; the probe's own samples counted from their values."""
-        self.probe_samples = len(self._probed)
         for request in self.requests:
             acc = self.ranges[request.tensor]
             low, high = (acc.minimum, acc.maximum) if acc.finite else (0.0, 0.0)
@@ -200,12 +251,12 @@ class _Pass:
     ) -> dict[str, np.ndarray]:
         """The histogram inputs: each request's stride (1 before the strides are fixed) and
         its counter's edges (placeholders for requests without one)."""
-        feed: dict[str, np.ndarray] = {}
+        feed: dict[str, np.ndarray] = {cg.RUN_SAMPLES: np.array([1], np.int64)}
         for request in self.requests:
             counter = (counters or {}).get(request)
             low, scale = counter.index_constants() if counter is not None else (0.0, 1.0)
             feed.update(self.names[request].feed(self.strides.get(request, 1), low, scale))
-        return feed
+        return feed if self.requests else {}
 
     def recount(self, requests, ranges, samples) -> dict[st.StatRequest, st.Histogram]:
         """Count ``requests`` again over each tensor's exact range (``ranges``), in the same
@@ -220,13 +271,16 @@ class _Pass:
         as_values = {r for r in requests if _holds_nonfinite(ranges[r.tensor])}
         names = self.names
         outputs = [names[r].lattice if r in as_values else names[r].bins for r in requests]
-        runs = _overlapped_runs(self.session, samples, outputs, self.histogram_feed(exact))
-        for done, (_, result) in enumerate(runs, 1):
+        feed = self.histogram_feed(exact)
+        runs = _overlapped_runs(self.session, samples, outputs, feed, self.joining)
+        done = 0
+        for batch, result in runs:
             for request, acc in exact.items():
                 if request in as_values:
                     acc.add_values(result[names[request].lattice])
                 else:
                     acc.add_indices(result[names[request].bins])
+            done += batch.samples
             if self.progress is not None:
                 self.progress("histograms", done)
         return {r: acc.result() for r, acc in exact.items()}
@@ -252,19 +306,17 @@ def _holds_nonfinite(acc: st.MinMaxAccumulator) -> bool:
     return not acc.finite or acc.nonfinite > 0
 
 
-def _careful_ranges(model, tensors, dataset, provider, progress):
+def _careful_ranges(model, tensors, samples, provider, progress):
     """Ranges of tensors holding inf/NaN, with the non-finite elements counted apart."""
-    specs = data_mod.specs_from_model(model)
     session = _session(cg.instrument(model, tensors, [], careful=True), provider)
     ranges = {name: st.MinMaxAccumulator() for name in tensors}
     names = [o.name for o in session.get_outputs()]
     done = 0
-    runs = _overlapped_runs(session, data_mod.single_samples(dataset, specs), names, {})
-    for _, outputs in runs:
+    for batch, outputs in _overlapped_runs(session, samples, names, {}):
         for name, acc in ranges.items():
             low, high, size = (outputs[n] for n in cg.range_names(name))
             acc.add_reduced(low, high, outputs[cg.nonfinite_name(name)], size)
-        done += 1
+        done += batch.samples
         if progress is not None:
             progress("non-finite ranges", done)
     return ranges
@@ -289,21 +341,65 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
+@dataclasses.dataclass
+class _Joining:
+    """How many single samples a run joins (``grouped_samples``); set to 1 for good when
+    the model fails on a joined run."""
+
+    size: int
+
+
 def _overlapped_runs(
-    session, batches: Iterable[data_mod.Batch], outputs: Sequence[str], extra: dict[str, np.ndarray]
+    session,
+    batches: Iterable[data_mod.Batch],
+    outputs: Sequence[str],
+    extra: dict[str, np.ndarray],
+    joining: _Joining | None = None,
 ) -> Iterator[tuple[data_mod.Batch, dict[str, np.ndarray]]]:
     """Yield (batch, outputs), the next batch's run already started while this one's outputs
     are folded: onnxruntime runs without Python's lock, so its work and numpy's counting
-    overlap instead of taking turns."""
+    overlap instead of taking turns.
+
+    ``joining`` given: each batch is single samples joined by ``grouped_samples`` (their
+    number is fed as ``RUN_SAMPLES``); a batch the model fails on runs again one sample at a
+    time, as does every later batch (yielding each sample). None: each batch runs as it is,
+    one sample as the histograms' lattice sees it.
+    """
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
         pending = None
         for batch in batches:
-            running = (batch, pool.submit(_run, session, batch.feed, extra, outputs))
+            running = pool.submit(_run_joined, session, batch, extra, outputs, joining)
             if pending is not None:
-                yield pending[0], pending[1].result()
+                yield from pending.result()
             pending = running
         if pending is not None:
-            yield pending[0], pending[1].result()
+            yield from pending.result()
+
+
+def _run_joined(session, batch, extra, outputs, joining: _Joining | None):
+    """[(batch, outputs)], or each of its samples' after a failed joined run."""
+    if joining is None or batch.samples == 1:
+        return [(batch, _run(session, batch.feed, _told(extra, batch, joining), outputs))]
+    if joining.size > 1:  # a batch joined before an earlier one failed is not tried
+        try:
+            return [(batch, _run(session, batch.feed, _told(extra, batch, joining), outputs))]
+        except ShrinkError as e:
+            logger.warning(
+                "statistics: the model failed on %d samples joined in one run (%s); running "
+                "every sample alone",
+                batch.samples,
+                str(e.__cause__ or e).splitlines()[0][:200],
+            )
+            joining.size = 1
+    singles = sample_batches.split(batch, set(batch.feed))
+    return [(one, _run(session, one.feed, _told(extra, one, joining), outputs)) for one in singles]
+
+
+def _told(extra: dict[str, np.ndarray], batch, joining: _Joining | None) -> dict[str, np.ndarray]:
+    """``extra`` telling a graph with histograms how many samples ``batch`` joins."""
+    if joining is None or cg.RUN_SAMPLES not in extra:
+        return extra
+    return {**extra, cg.RUN_SAMPLES: np.array([batch.samples], np.int64)}
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:

@@ -2,11 +2,14 @@
 
 For ``collect``: every ranged tensor gets its min, max and size reduced inside the graph; raw
 tensors are exposed as they are; every histogram request gets its lattice (every ``stride``-th
-element of the flattened tensor, as float32) and that lattice's bin indices,
+element of each sample's part of the tensor, as float32) and that lattice's bin indices,
 ``int32(floor(clip((x - low) * scale, -L, L)))``: the arithmetic of
 ``compiler.statistics.HistogramAccumulator``. The stride, low edge and scale of each request
 are graph *inputs*, so one session serves the probe (before edges exist), the counting pass
-and any recount over wider edges.
+and any recount over wider edges. So is the number of samples in the run (``RUN_SAMPLES``):
+the tensor is cut into that many equal parts, each sample's where its first axis holds the
+samples, and each part gets its own lattice, so a run of several samples counts what they
+would count one at a time.
 """
 
 from __future__ import annotations
@@ -18,6 +21,9 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import statistics as st
+
+RUN_SAMPLES = "onnx_shrink::run_samples"
+"""The input (int64[1]) that holds how many samples a run joins, with histogram requests."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -73,9 +79,13 @@ def instrument(
         graph.outputs.append(values[name])
     for name in ranged:
         graph.outputs.extend(_range_nodes(graph, values[name], careful))
+    if histograms:
+        int64 = ir.TensorType(ir.DataType.INT64)
+        samples = ir.Value(name=RUN_SAMPLES, type=int64, shape=ir.Shape([1]))
+        graph.inputs.append(samples)
     for request in histograms:
         names = HistogramIO.of(request)
-        graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names))
+        graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names, samples))
     return clone
 
 
@@ -104,8 +114,11 @@ def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
     return list(named.values())
 
 
-def _histogram_nodes(graph: ir.Graph, x: ir.Value, names: HistogramIO) -> list[ir.Value]:
-    """Append the lattice of ``x`` and its bin indices; add the request's three inputs."""
+def _histogram_nodes(
+    graph: ir.Graph, x: ir.Value, names: HistogramIO, samples: ir.Value
+) -> list[ir.Value]:
+    """Append the lattice of ``x`` (of each of its ``samples`` parts) and its bin indices;
+    add the request's three inputs."""
     tape = ir.tape.Tape(graph)
 
     def const(value: np.ndarray) -> ir.Value:
@@ -122,10 +135,11 @@ def _histogram_nodes(graph: ir.Graph, x: ir.Value, names: HistogramIO) -> list[i
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
-    flat = tape.op("Reshape", [x, const(np.array([-1], np.int64))])
+    minus_one = const(np.array([-1], np.int64))
+    rows = tape.op("Reshape", [x, tape.op("Concat", [samples, minus_one], attributes={"axis": 0})])
     ends = const(np.array([np.iinfo(np.int64).max], np.int64))
-    zero = const(np.array([0], np.int64))
-    lattice = tape.op("Slice", [flat, zero, ends, zero, stride])
+    zero, one = const(np.array([0], np.int64)), const(np.array([1], np.int64))
+    lattice = tape.op("Reshape", [tape.op("Slice", [rows, zero, ends, one, stride]), minus_one])
     limit = np.float32(st.HistogramAccumulator.INDEX_LIMIT)
     position = tape.op("Mul", [tape.op("Sub", [lattice, low]), scale])
     clipped = tape.op("Clip", [position, const(np.array(-limit)), const(np.array(limit))])

@@ -486,27 +486,3 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
             yield from spill()
 
     return Dataset(dataset.description, dataset.synthetic, dataset.has_labels, make_batches)
-
-
-def single_samples(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[Batch]:
-    """The dataset one sample per feed: batches are sliced along the dynamic first axis.
-
-    Memory of anything that keeps a run's tensors (per-layer comparison, calibration) is
-    then one sample's, whatever batch size the source was read in.
-    """
-    dynamic = {
-        s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)
-    }
-    for batch in dataset.batches():
-        if batch.samples <= 1 or not dynamic:
-            yield batch
-            continue
-        for i in range(batch.samples):
-            yield Batch(
-                {
-                    name: array[i : i + 1] if name in dynamic else array
-                    for name, array in batch.feed.items()
-                },
-                1,
-                batch.labels[i : i + 1] if batch.labels is not None else None,
-            )

@@ -22,7 +22,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.compare import ErrorAccumulator
 
 logger = logging.getLogger(__name__)
@@ -101,7 +101,7 @@ def localize(
     ref_names = [t.name for t in tensors]
     cand_names = [t.candidate_name for t in tensors]
     samples = 0
-    for feed in (b.feed for b in data_mod.single_samples(dataset, specs)):
+    for feed in (b.feed for b in sample_batches.single_samples(dataset, specs)):
         ref_out = ref_session.run(ref_names, feed)
         cand_out = cand_session.run(cand_names, feed)
         for name, ref, cand in zip(ref_names, ref_out, cand_out, strict=True):

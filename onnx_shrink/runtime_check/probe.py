@@ -39,6 +39,7 @@ from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sample_batches
 from onnx_shrink.runtime_check.collect import Progress
 
 logger = logging.getLogger(__name__)
@@ -124,14 +125,14 @@ def _blocks(
 ) -> list[tuple[data_mod.Dataset, data_mod.Dataset]]:
     """(all samples but block i, block i) for ``folds`` contiguous blocks of single samples;
     [] when there are fewer samples than folds (or folds < 2)."""
-    count = sum(1 for _ in data_mod.single_samples(data, specs))
+    count = sum(1 for _ in sample_batches.single_samples(data, specs))
     if folds < 2 or count < folds:
         return []
     edges = [round(i * count / folds) for i in range(folds + 1)]
 
     def subset(keep: Callable[[int], bool], what: str) -> data_mod.Dataset:
         def batches():
-            for i, sample in enumerate(data_mod.single_samples(data, specs)):
+            for i, sample in enumerate(sample_batches.single_samples(data, specs)):
                 if keep(i):
                     yield sample
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import pytest
 
@@ -63,6 +65,59 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
             )
 
 
+def test_samples_joined_in_runs_give_what_they_give_one_at_a_time(tmp_path, monkeypatch):
+    """Runs of up to MAX_RUN_SAMPLES samples: each sample still gets its own lattice."""
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40])
+    joined = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    monkeypatch.setattr(collect, "MAX_RUN_SAMPLES", 1)
+    alone = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    for request in _requests(model):
+        a, b = joined.results[request], alone.results[request]
+        if request.kind == "minmax":
+            assert (a.minimum, a.maximum, a.elements) == (b.minimum, b.maximum, b.elements)
+        elif request.kind == "histogram":
+            assert a.stride == b.stride and a.total == b.total
+            np.testing.assert_array_equal(a.edges, b.edges)
+            np.testing.assert_array_equal(a.counts, b.counts)
+        else:
+            np.testing.assert_allclose(
+                getattr(a, "values", getattr(a, "matrix", None)),
+                getattr(b, "values", getattr(b, "matrix", None)),
+                rtol=1e-12,
+            )
+
+
+def test_a_model_that_fails_on_joined_samples_runs_them_one_at_a_time(
+    tmp_path, monkeypatch, caplog
+):
+    """Its first axis is declared dynamic, but a Reshape fixes the batch at 1."""
+    model = io.load(
+        parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 64] x) => (float[1, 64] y) {
+      shape = Constant <value = int64[2] {1, 64}> ()
+      y = Reshape(x, shape)
+    }
+    """)
+    )
+    x = np.random.default_rng(2).normal(size=(40, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    counting = _CountingSessions(monkeypatch)
+    requests = [StatRequest("y", "minmax"), StatRequest("y", "histogram", bins=32)]
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    with caplog.at_level(logging.WARNING):
+        stats = collect.collect(model, requests, dataset)
+    assert "failed on 8 samples joined in one run" in caplog.text
+    assert caplog.text.count("joined in one run") == 1  # later runs are not tried joined
+    assert stats.samples == 40 and counting.samples == [40 + 8]  # the failed run, again
+    minmax, histogram = stats.minmax("y"), stats.histogram("y")
+    assert (minmax.minimum, minmax.maximum) == (float(x.min()), float(x.max()))
+    expected, _ = np.histogram(x, bins=histogram.edges)
+    assert np.abs(expected - histogram.counts).sum() <= 2  # float32 bin arithmetic at edges
+
+
 def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
@@ -118,6 +173,7 @@ def test_lattice_stride_is_a_prime_that_divides_no_trailing_dimension(elements, 
     if per_sample == 0 or elements <= per_sample:
         assert stride == 1
         return
+
     def prime(n):
         return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
@@ -192,20 +248,24 @@ def _identity_model():
 
 
 class _CountingSessions:
-    """Wraps sessions.create_session to count sessions and the samples each one ran."""
+    """Wraps sessions.create_session to count, per session, its runs and the samples they
+    held (the first axis of the model's own inputs; the statistics' inputs hold "::")."""
 
     def __init__(self, monkeypatch):
         self.runs: list[int] = []
+        self.samples: list[int] = []
         original = collect.sessions.create_session
 
         def create(*args, **kwargs):
             session = original(*args, **kwargs)
             self.runs.append(0)
+            self.samples.append(0)
             index = len(self.runs) - 1
             run = session.run
 
             def counted(names, feed):
                 self.runs[index] += 1
+                self.samples[index] += next(len(v) for k, v in feed.items() if "::" not in k)
                 return run(names, feed)
 
             session.run = counted
@@ -221,7 +281,9 @@ def test_calibration_runs_every_sample_once_in_one_session(tmp_path, monkeypatch
     counting = _CountingSessions(monkeypatch)
     stats = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
     assert stats.samples == 40
-    assert counting.runs == [40]
+    assert counting.samples == [40]
+    # The first sample alone, the probe's other 15 in runs of 8, then the remaining 24.
+    assert counting.runs == [1 + 2 + 3]
 
 
 def test_values_past_the_probes_edges_extend_the_histogram(tmp_path):
@@ -257,7 +319,7 @@ def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_pa
     histogram = stats.histogram("y")
     assert histogram.edges[-1] == pytest.approx(1000.0) and len(histogram.counts) == 64
     assert histogram.total == x.size and histogram.counts[-1] == 1
-    assert counting.runs == [80]  # the same session, a second time over the samples
+    assert counting.samples == [80]  # the same session, a second time over the samples
 
 
 def test_extension_is_exact_and_bounded():

@@ -1,0 +1,98 @@
+"""Samples cut out of a dataset's batches, and joined again into batches of a chosen size.
+
+A source's own batching is the user's accident: a reader may hand over one sample per call or
+a thousand. Anything whose result or memory must not depend on it first cuts the stream into
+single samples (``single_samples``); a consumer that runs faster on several samples per run
+joins consecutive ones again (``grouped_samples``), so how samples are grouped depends only on
+their order and shapes, never on how the source was batched.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable, Iterator, Sequence
+
+import numpy as np
+
+from onnx_shrink.runtime_check.data import Batch, Dataset, InputSpec
+
+logger = logging.getLogger(__name__)
+
+
+def dynamic_inputs(specs: Sequence[InputSpec]) -> set[str]:
+    """Inputs whose first axis is not a fixed size above 0: samples lie along it."""
+    return {
+        s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)
+    }
+
+
+def joinable(specs: Sequence[InputSpec]) -> bool:
+    """Whether samples of a model with these inputs can be joined along the first axis: every
+    input has a dynamic first axis (an input without one is shared by the whole batch)."""
+    return bool(specs) and dynamic_inputs(specs) == {s.name for s in specs}
+
+
+def single_samples(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[Batch]:
+    """The dataset one sample per feed: batches are sliced along the dynamic first axis.
+
+    Memory of anything that keeps a run's tensors (per-layer comparison, calibration) is
+    then one sample's, whatever batch size the source was read in.
+    """
+    dynamic = dynamic_inputs(specs)
+    for batch in dataset.batches():
+        if batch.samples <= 1 or not dynamic:
+            yield batch
+            continue
+        yield from split(batch, dynamic)
+
+
+def split(batch: Batch, dynamic: set[str]) -> Iterator[Batch]:
+    """``batch`` one sample at a time (inputs not in ``dynamic`` are passed whole)."""
+    for i in range(batch.samples):
+        yield Batch(
+            {
+                name: array[i : i + 1] if name in dynamic else array
+                for name, array in batch.feed.items()
+            },
+            1,
+            batch.labels[i : i + 1] if batch.labels is not None else None,
+        )
+
+
+def grouped_samples(samples: Iterable[Batch], size: Callable[[], int]) -> Iterator[Batch]:
+    """Consecutive single samples joined along their first axis into batches of ``size()``
+    samples (read as each batch is started). A batch ends early where an input's shape or
+    dtype changes; a sample that is not a single one passes through alone.
+    """
+    pending: list[Batch] = []
+    limit = 1
+    for sample in samples:
+        if pending and (len(pending) >= limit or not _same_layout(pending[0], sample)):
+            yield _joined(pending)
+            pending = []
+        if sample.samples != 1:
+            yield sample
+            continue
+        if not pending:
+            limit = size()
+        pending.append(sample)
+    if pending:
+        yield _joined(pending)
+
+
+def _same_layout(a: Batch, b: Batch) -> bool:
+    if b.samples != 1 or a.feed.keys() != b.feed.keys() or (a.labels is None) != (b.labels is None):
+        return False
+    return all(
+        a.feed[k].shape == b.feed[k].shape and a.feed[k].dtype == b.feed[k].dtype for k in a.feed
+    )
+
+
+def _joined(samples: list[Batch]) -> Batch:
+    if len(samples) == 1:
+        return samples[0]
+    feed = {name: np.concatenate([s.feed[name] for s in samples]) for name in samples[0].feed}
+    labels = None
+    if samples[0].labels is not None:
+        labels = np.concatenate([np.asarray(s.labels) for s in samples])
+    return Batch(feed, len(samples), labels)

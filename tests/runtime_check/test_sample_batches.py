@@ -1,0 +1,58 @@
+"""Cutting a source's batches into samples and joining them again: order and shapes decide."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_shrink.runtime_check.data import Batch, InputSpec
+from onnx_shrink.runtime_check.sample_batches import grouped_samples, joinable, split
+
+
+def _sample(value: float, width: int = 4, label: int | None = None) -> Batch:
+    labels = None if label is None else np.array([label])
+    return Batch({"x": np.full((1, width), value, np.float32)}, 1, labels)
+
+
+def test_consecutive_samples_are_joined_up_to_the_size_read_at_each_run():
+    sizes = iter([3, 2, 2, 2, 2])
+    runs = list(grouped_samples([_sample(i, label=i) for i in range(7)], lambda: next(sizes)))
+    assert [run.samples for run in runs] == [3, 2, 2]
+    np.testing.assert_array_equal(runs[0].feed["x"][:, 0], [0, 1, 2])
+    np.testing.assert_array_equal(np.concatenate([r.labels for r in runs]), np.arange(7))
+
+
+def test_a_change_of_shape_or_dtype_ends_a_run():
+    samples = [_sample(0), _sample(1), _sample(2, width=5), _sample(3, width=5), _sample(4)]
+    samples.append(Batch({"x": np.ones((1, 4), np.float64)}, 1, None))
+    runs = list(grouped_samples(samples, lambda: 8))
+    assert [(run.samples, run.feed["x"].shape[1]) for run in runs] == [
+        (2, 4),
+        (2, 5),
+        (1, 4),
+        (1, 4),
+    ]
+    assert runs[-1].feed["x"].dtype == np.float64
+
+
+def test_a_batch_that_is_not_one_sample_runs_alone():
+    whole = Batch({"x": np.zeros((3, 4), np.float32)}, 3, None)
+    runs = list(grouped_samples([_sample(0), whole, _sample(1), _sample(2)], lambda: 8))
+    assert [run.samples for run in runs] == [1, 3, 2]
+    assert runs[1] is whole
+
+
+def test_split_gives_each_sample_back():
+    joined = next(grouped_samples([_sample(i, label=i) for i in range(3)], lambda: 8))
+    singles = list(split(joined, {"x"}))
+    assert [float(s.feed["x"][0, 0]) for s in singles] == [0.0, 1.0, 2.0]
+    assert [int(s.labels[0]) for s in singles] == [0, 1, 2]
+
+
+def test_only_models_whose_every_input_has_a_dynamic_first_axis_are_joinable():
+    dynamic = InputSpec("x", np.float32, ("N", 4))
+    unknown = InputSpec("y", np.float32, (None, 4))
+    fixed = InputSpec("state", np.float32, (1, 64))
+    assert joinable([dynamic, unknown])
+    assert not joinable([dynamic, fixed])
+    assert not joinable([InputSpec("scalar", np.float32, ())])
+    assert not joinable([])
