@@ -95,6 +95,15 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        count = self.quantize(model)
+        if count and self.narrow_storage:
+            compact.store_narrow(model)
+        return ir.passes.PassResult(model, count > 0)
+
+    def quantize(self, model: ir.Model) -> int:
+        """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes
+        quantized. ``quant`` quantizes what its statistics cannot reach with this, then stores
+        the whole model narrow once."""
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0
         for node in context.candidates(self.op_types):
@@ -107,10 +116,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         if count and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         context.drop_dead_weights()
-        if count and self.narrow_storage:
-            compact.store_narrow(model)
         logger.info("%s: quantized %d nodes", self.name, count)
-        return ir.passes.PassResult(model, count > 0)
+        return count
 
     def _try_quantize_linear(self, context: WeightContext, node: ir.Node) -> bool:
         if not self.fused and context.opset < 11:

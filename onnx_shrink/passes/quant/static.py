@@ -153,28 +153,29 @@ class QuantPass(DataAwarePass):
             logger.warning("quant: no node could be quantized")
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
-        if modified and narrow:
+        if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)
 
     def _quantize_without_statistics(self, model: ir.Model, narrow: bool) -> bool:
         """Weights calibration cannot reach: embedding tables (rule 6) and If/Loop/Scan
-        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float.
-        Returns whether any was quantized."""
-        modified = False
+        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float
+        (with float16 scales when ``narrow``; ``apply`` stores them). Returns whether any was
+        quantized."""
+        count = 0
         if self.gather:
             gather = QuantDynamicPass(
                 op_types=("Gather",), exclude=self.exclude, narrow_storage=narrow
             )
-            modified |= gather(model).modified
+            count += gather.quantize(model)
         if self.subgraphs and any(True for _ in model.graph.subgraphs()):
-            modified |= QuantDynamicPass(
+            count += QuantDynamicPass(
                 op_types=("MatMul", "Gemm", "Gather"),
                 exclude=self.exclude,
                 graphs="subgraphs",
                 narrow_storage=narrow,
-            )(model).modified
-        return modified
+            ).quantize(model)
+        return count > 0
 
     def _activation_params(
         self, graph: ir.Graph, decided: placement.Plan, stats: Statistics
