@@ -19,8 +19,8 @@ import dataclasses
 
 import numpy as np
 
+from onnx_shrink.passes.quant import numerics
 from onnx_shrink.passes.quant.numerics import (
-    QUANT_TYPES,
     QuantType,
     quantize,
     scale_and_zero_point,
@@ -73,7 +73,7 @@ def quant_type(bits: int, symmetric: bool) -> QuantType:
     """s4/s8 for symmetric codes, u4/u8 for asymmetric ones."""
     if bits not in SUPPORTED_BITS:
         raise ValueError(f"bits={bits} is not one of {SUPPORTED_BITS}")
-    return QUANT_TYPES[f"{'s' if symmetric else 'u'}{bits}"]
+    return numerics.quant_type(bits, signed=symmetric)
 
 
 def quantize_blocks(

@@ -50,6 +50,11 @@ QUANT_TYPES = {
 }
 
 
+def quant_type(bits: int, *, signed: bool) -> QuantType:
+    """``s<bits>`` or ``u<bits>`` of ``QUANT_TYPES``."""
+    return QUANT_TYPES[f"{'s' if signed else 'u'}{bits}"]
+
+
 def symmetric_zero_point(qtype: QuantType) -> int:
     """The zero point of a symmetric range: 0 for signed types, the middle for unsigned."""
     return 0 if qtype.signed else (qtype.qmax + qtype.qmin + 1) // 2

@@ -14,15 +14,15 @@ QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
    (MaxPool and Resize then run on uint8).
 4. Ops known to lose accuracy in int8 stay float unless asked: LayerNormalization, Softmax,
    and the Pow/Sqrt/Div/ReduceMean of a decomposed norm (they are not quantizable here).
+5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
+   float32-min of an additive attention mask) is never quantized: one scale cannot hold
+   both the sentinel and the data. Its consumers stay float.
 6. Conv/MatMul/Gemm are quantized wherever they can be; "glue" ops (Add, Mul, pools, Concat,
    Resize) only between integer kernels: every activation input computed by a quantized node
    and the output read by one. A residual Add in a CNN runs as QLinearAdd; the bias and
    residual Adds of a transformer, whose residual stream has outliers in the hundreds, stay
    float, and so do MatMul outputs that only feed them (onnxruntime then runs
    MatMulIntegerToFloat).
-5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
-   float32-min of an additive attention mask) is never quantized: one scale cannot hold
-   both the sentinel and the data. Its consumers stay float.
 """
 
 from __future__ import annotations

@@ -19,6 +19,7 @@ from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import (
     QUANT_TYPES,
     QuantType,
+    quant_type,
     quantize_bias,
     quantize_weight,
     scale_and_zero_point,
@@ -135,7 +136,7 @@ class QuantPass(DataAwarePass):
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         if decided.nodes:
-            params = self._activation_params(model.graph, decided, stats)
+            params = self._activation_params(decided, stats)
             writer = _QdqWriter(model.graph, narrow_storage=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(tensor, scale, zero)
@@ -177,15 +178,15 @@ class QuantPass(DataAwarePass):
             ).quantize(model)
         return count > 0
 
-    def _activation_params(
-        self, graph: ir.Graph, decided: placement.Plan, stats: Statistics
-    ) -> dict[str, Params]:
-        wide = _tensors_of(graph, decided.nodes, self.int16)
+    def _activation_params(self, decided: placement.Plan, stats: Statistics) -> dict[str, Params]:
+        """Scale and zero point of each planned tensor from its calibrated range (rule 2); a
+        tensor sharing another's parameters (placement rule 3) gets the same arrays."""
+        wide = _tensors_of(decided.nodes, self.int16)
         params: dict[str, Params] = {}
         for tensor in decided.tensors:
             if tensor in decided.shared:
                 continue
-            qtype = _activation_qtype(self.activation_type, 16 if tensor in wide else 8)
+            qtype = quant_type(16 if tensor in wide else 8, signed=self.activation_type == "s8")
             symmetric = qtype.signed
             minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
             method = self.calibration if histogram is not None else "minmax"
@@ -199,7 +200,7 @@ class QuantPass(DataAwarePass):
         return params
 
     def _quantize_constants(self, writer: _QdqWriter, node: ir.Node, per_channel: bool) -> None:
-        act = _activation_qtype(self.activation_type, 8)
+        act = quant_type(8, signed=self.activation_type == "s8")
         if node.op_type in placement.WEIGHTED:
             weight = node.inputs[1]
             if weight is not None and weight.const_value is not None:
@@ -243,12 +244,7 @@ def _lift_constant_weights(model: ir.Model) -> None:
         )
 
 
-def _activation_qtype(kind: str, bits: int) -> QuantType:
-    signed = kind.startswith("s")
-    return QUANT_TYPES[f"{'s' if signed else 'u'}{bits}"]
-
-
-def _tensors_of(graph: ir.Graph, nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
+def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
     """Activation tensors (inputs and outputs) of the quantized nodes matching ``patterns``."""
     if not patterns:
         return set()
@@ -258,7 +254,6 @@ def _tensors_of(graph: ir.Graph, nodes: Sequence[ir.Node], patterns: Sequence[st
         if matcher.excludes(node):
             result.update(v.name for v in placement.activation_inputs(node))
             result.update(o.name for o in node.outputs)
-    del graph
     return result
 
 
