@@ -23,6 +23,18 @@ QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
    residual Adds of a transformer, whose residual stream has outliers in the hundreds, stay
    float, and so do MatMul outputs that only feed them (onnxruntime then runs
    MatMulIntegerToFloat).
+7. When a float node computes a Q/DQ tensor, only its integer readers read the DQ:
+   quantized nodes, and shape ops or Relu/Clip on the way to one. A float reader (a
+   transformer's residual Add beside the MatMuls of a LayerNorm output) reads the float
+   tensor itself: onnxruntime would otherwise keep a DequantizeLinear for it, which costs a
+   pass over the tensor and adds the rounding error to the float path. A tensor an integer
+   kernel computes keeps every reader on the DQ: onnxruntime fuses the Q into that kernel
+   only when the Q is the output's one reader.
+8. A MatMul of two activations (attention's scores and context) stays float unless asked:
+   its integer kernel needs both inputs quantized, so the projections before it would run
+   as QLinearMatMul plus a QLinearAdd for their bias, with the scores' scaling Div left
+   unfused after it; onnxruntime runs the small float products (FusedMatMul with the
+   scaling folded in) faster than that chain, and the projections as MatMulIntegerToFloat.
 """
 
 from __future__ import annotations
@@ -72,11 +84,20 @@ class Exclusions:
     op_types: frozenset[str] = frozenset()
     nodes: tuple[str, ...] = ()
     only: tuple[str, ...] = ()
+    activation_matmuls: bool = False
+    """quantize MatMuls whose both inputs are activations (rule 8)"""
 
     def excludes(self, node: ir.Node) -> bool:
         if self.only and (node.name or "") not in self.only:
             return True
         if node.op_type in self.op_types:
+            return True
+        if (
+            not self.only
+            and not self.activation_matmuls
+            and node.op_type == "MatMul"
+            and len(activation_inputs(node)) == 2
+        ):
             return True
         name = node.name or ""
         return any(name == pattern or re.fullmatch(pattern, name) for pattern in self.nodes)
@@ -303,6 +324,22 @@ def _why_not(node: ir.Node, stats: Ranges) -> str | None:
     if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:
         return "weight is not a constant"
     return None
+
+
+def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
+    """Rule 7: does ``node`` read the DQ of ``value`` (a Q/DQ tensor), not ``value`` itself?"""
+    producer = value.producer()
+    if producer is not None and (
+        producer in decided.nodes or producer.op_type in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS
+    ):
+        # onnxruntime fuses the Q into its producer only when the Q is the output's one reader.
+        return True
+    if node in decided.nodes:
+        return True
+    if node.op_type not in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS or not node.outputs:
+        return False
+    out = node.outputs[0]
+    return out.name in decided.tensors or any(n in decided.nodes for n in _consumers(out))
 
 
 def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[str, str]:

@@ -241,3 +241,88 @@ def test_a_channel_of_zero_weights_keeps_its_bias(tmp_path, narrow_storage):
     codes, scale = (v.const_value.numpy().astype(np.float64) for v in dq.inputs[:2])
     np.testing.assert_allclose(codes[3] * scale[3], 0.5, atol=scale[3])
     assert np.abs(codes).max() < 2**31 - 1
+
+
+def _residual_block(bias_first: bool = True):
+    """LayerNorm -> MatMul + bias -> residual Add -> LayerNorm, a transformer's dense sublayer
+    (the bias Add's constant first, as torch exports it)."""
+    rng = np.random.default_rng(2)
+    d = 16
+    return make_model(
+        [
+            oh.make_node("LayerNormalization", ["x", "g", "b"], ["ln"], axis=-1),
+            oh.make_node("MatMul", ["ln", "w"], ["m"]),
+            oh.make_node("Add", ["bias", "m"] if bias_first else ["m", "bias"], ["dense"]),
+            oh.make_node("Add", ["dense", "ln"], ["residual"]),
+            oh.make_node("LayerNormalization", ["residual", "g", "b"], ["y"], axis=-1),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 4, d])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, d])],
+        {
+            "g": np.ones(d, np.float32),
+            "b": np.zeros(d, np.float32),
+            "w": rng.standard_normal((d, d)).astype(np.float32) * 0.3,
+            "bias": rng.standard_normal(d).astype(np.float32),
+        },
+    )
+
+
+def test_a_float_consumer_reads_the_float_tensor_not_its_dequantized_copy(tmp_path):
+    proto = _residual_block()
+    x = RNG.standard_normal((8, 4, 16)).astype(np.float32) * 3
+    path, model = _quantize(proto, {"x": x}, tmp_path, fused=False)
+    ln = next(n for n in model.graph if n.op_type == "LayerNormalization").outputs[0]
+    assert sorted(u.node.op_type for u in ln.uses()) == ["Add", "QuantizeLinear"]
+    assert "DequantizeLinear" not in _optimized_ops(path, tmp_path)  # all fused into kernels
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    np.testing.assert_allclose(run_ort(path, {"x": x})[0], reference, atol=0.1)
+
+
+@pytest.mark.parametrize("bias_first", [True, False])
+def test_a_matmul_and_its_bias_become_one_matmul_integer_to_float(tmp_path, bias_first):
+    proto = _residual_block(bias_first)
+    x = RNG.standard_normal((8, 4, 16)).astype(np.float32) * 3
+    (tmp_path / "unfused").mkdir()
+    unfused, _ = _quantize(proto, {"x": x}, tmp_path / "unfused", fused=False)
+    path, model = _quantize(proto, {"x": x}, tmp_path, fused=True)
+    fused = next(n for n in model.graph if n.op_type == "MatMulIntegerToFloat")
+    assert fused.domain == "com.microsoft" and fused.inputs[6].name == "bias"
+    assert "MatMul" not in _ops(model) and _ops(model).count("Add") == 1  # the residual
+    ops = _optimized_ops(path, tmp_path)
+    assert "DequantizeLinear" not in ops and "Add" not in ops  # Add + LayerNorm: SkipLayerNorm
+    # The same arithmetic in one kernel: only float rounding apart.
+    np.testing.assert_allclose(
+        run_ort(path, {"x": x})[0], run_ort(unfused, {"x": x})[0], rtol=1e-4, atol=1e-4
+    )
+
+
+def test_unfused_models_are_standard_onnx(tmp_path):
+    x = RNG.standard_normal((8, 4, 16)).astype(np.float32)
+    _, model = _quantize(_residual_block(), {"x": x}, tmp_path, fused=False)
+    assert {n.domain for n in model.graph} <= {""}
+    assert "com.microsoft" not in model.opset_imports
+
+
+@pytest.mark.parametrize("asked", [False, True])
+def test_matmuls_of_two_activations_stay_float_unless_asked(tmp_path, asked):
+    d = 8
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["x", "wq"], ["q"]),
+            oh.make_node("MatMul", ["x", "wk"], ["k"]),
+            oh.make_node("Transpose", ["k"], ["kt"], perm=[1, 0]),
+            oh.make_node("MatMul", ["q", "kt"], ["scores"]),
+            oh.make_node("Softmax", ["scores"], ["y"], axis=-1),
+        ],
+        [oh.make_tensor_value_info("x", F, [4, d])],
+        [oh.make_tensor_value_info("y", F, [4, 4])],
+        {
+            "wq": RNG.standard_normal((d, d)).astype(np.float32),
+            "wk": RNG.standard_normal((d, d)).astype(np.float32),
+        },
+    )
+    x = RNG.standard_normal((6, 4, d)).astype(np.float32)
+    _, model = _quantize(proto, {"x": x}, tmp_path, activation_matmuls=asked)
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert ({"q", "kt"} <= quantized) == asked
+    assert "x" in quantized  # the projections are quantized either way
