@@ -224,7 +224,9 @@ def test_minilm_excluding_the_three_worst_layers_improves_the_sentence_embedding
     dataset = data_mod.prepare(data_mod.specs_from_model(model), path)
     quant = QuantPass()
     report = layer_sensitivity(model, quant, dataset)
-    assert len(report.layers) > 20 and not report.unmeasured
+    # The weight MatMuls (q, k, v, out and two FFN in each of 3 layers); the attention
+    # MatMuls of two activations stay float (placement rule 8).
+    assert len(report.layers) >= 18 and not report.unmeasured
     worst = dataclasses.replace(quant, exclude=report.exclude_patterns(3))
 
     def embedding_cosine(candidate: QuantPass) -> float:
