@@ -169,8 +169,11 @@ def sensitivity(
         stats = collect_mod.collect(
             base, quant.requests(base), data, provider=provider, progress=progress
         )
-        if quant.per_channel:  # as the pass does before planning: per-channel DQ needs opset 13
-            static._ensure_opset_13(base)
+        # As the pass does before planning: per-channel DQ needs opset 13, 16-bit Q/DQ 21.
+        if quant.per_channel:
+            static.ensure_opset(base, 13, "per-channel weights")
+        if quant.int16:
+            static.ensure_opset(base, 21, "16-bit activations")
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]

@@ -53,7 +53,8 @@ class QuantPass(DataAwarePass):
        a signed type are omitted (weights of Conv and MatMul, biases).
     4. Per-channel DequantizeLinear needs opset 13: older models are converted first (their
        per-channel QDQ would otherwise be refused by onnxruntime), or fall back to per-tensor
-       weights when conversion fails.
+       weights when conversion fails. 16-bit activations (``int16``) need opset 21 likewise,
+       or stay 8-bit.
     5. Activations are calibrated in the main graph only; with ``subgraphs``, MatMul/Gemm
        weights inside If/Loop/Scan bodies get dynamic int8 quantization (the incumbent
        leaves them float while its file still grows); other body nodes stay float (logged).
@@ -146,12 +147,13 @@ class QuantPass(DataAwarePass):
         return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        per_channel = self.per_channel and _ensure_opset_13(model)
+        per_channel = self.per_channel and ensure_opset(model, 13, "per-channel weights")
+        sixteen_bit = bool(self.int16) and ensure_opset(model, 21, "16-bit activations")
         placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         if decided.nodes:
-            params = self._activation_params(decided, stats)
+            params = self._activation_params(decided, stats, sixteen_bit)
             writer = _QdqWriter(model.graph, narrow_storage=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(
@@ -201,10 +203,13 @@ class QuantPass(DataAwarePass):
             ).quantize(model)
         return count > 0
 
-    def _activation_params(self, decided: placement.Plan, stats: Statistics) -> dict[str, Params]:
+    def _activation_params(
+        self, decided: placement.Plan, stats: Statistics, sixteen_bit: bool
+    ) -> dict[str, Params]:
         """Scale and zero point of each planned tensor from its calibrated range (rule 2); a
-        tensor sharing another's parameters (placement rule 3) gets the same arrays."""
-        wide = _tensors_of(decided.nodes, self.int16)
+        tensor sharing another's parameters (placement rule 3) gets the same arrays; the
+        tensors of ``int16`` nodes get 16 bits when ``sixteen_bit`` (the opset allows it)."""
+        wide = _tensors_of(decided.nodes, self.int16) if sixteen_bit else set()
         params: dict[str, Params] = {}
         for tensor in decided.tensors:
             if tensor in decided.shared:
@@ -290,11 +295,17 @@ def _try_fuse_matmul_bias(model: ir.Model, matmul: ir.Node) -> bool:
 
 
 def _is_activation_dq(node: ir.Node) -> bool:
-    """A per-tensor DequantizeLinear of a QuantizeLinear's output."""
+    """A per-tensor 8-bit DequantizeLinear of a QuantizeLinear's output (the kernel takes no
+    16-bit activations, which the ``int16`` option gives)."""
     if node.op_type != "DequantizeLinear" or node.inputs[0] is None:
         return False
     q = node.inputs[0].producer()
-    return q is not None and q.op_type == "QuantizeLinear" and _scalar(node.inputs[1])
+    zero = node.inputs[2] if len(node.inputs) > 2 else None
+    eight_bit = zero is None or (
+        zero.const_value is not None
+        and zero.const_value.dtype in (ir.DataType.UINT8, ir.DataType.INT8)
+    )
+    return q is not None and q.op_type == "QuantizeLinear" and _scalar(node.inputs[1]) and eight_bit
 
 
 def _is_weight_dq(node: ir.Node) -> bool:
@@ -348,19 +359,23 @@ def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
     return result
 
 
-def _ensure_opset_13(model: ir.Model) -> bool:
-    """Per-channel DequantizeLinear (``axis``) exists from opset 13: convert older models."""
+def ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
+    """Convert a model older than opset ``target`` to it, in place; False when the converter
+    cannot (the caller then does without ``purpose``). Per-channel DequantizeLinear (``axis``)
+    needs opset 13; 16-bit QuantizeLinear/DequantizeLinear need 21."""
     version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    if version >= 13:
+    if version >= target:
         return True
     try:
         from onnxscript.version_converter import ConvertVersionPass
 
-        ConvertVersionPass(target_version=13, fallback=True)(model)
-    except Exception as e:  # noqa: BLE001 - any converter failure means: per-tensor instead
-        logger.warning("quant: cannot convert opset %d to 13 (%s); weights per tensor", version, e)
+        ConvertVersionPass(target_version=target, fallback=True)(model)
+    except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
+        logger.warning(
+            "quant: cannot convert opset %d to %d (%s); no %s", version, target, e, purpose
+        )
         return False
-    logger.info("quant: converted the model from opset %d to 13 for per-channel weights", version)
+    logger.info("quant: converted the model from opset %d to %d for %s", version, target, purpose)
     return True
 
 

@@ -296,6 +296,15 @@ def test_a_matmul_and_its_bias_become_one_matmul_integer_to_float(tmp_path, bias
     )
 
 
+def test_a_matmul_with_16_bit_activations_keeps_its_bias_add(tmp_path):
+    """MatMulIntegerToFloat takes 8-bit inputs only: the int16 option's MatMul is not fused."""
+    x = RNG.standard_normal((8, 4, 16)).astype(np.float32)
+    path, model = _quantize(_residual_block(), {"x": x}, tmp_path, int16=(".*",))
+    assert "MatMulIntegerToFloat" not in _ops(model) and "MatMul" in _ops(model)
+    reference = run_ort(_residual_block().SerializeToString(), {"x": x})[0]
+    np.testing.assert_allclose(run_ort(path, {"x": x})[0], reference, atol=0.05)
+
+
 def test_unfused_models_are_standard_onnx(tmp_path):
     x = RNG.standard_normal((8, 4, 16)).astype(np.float32)
     _, model = _quantize(_residual_block(), {"x": x}, tmp_path, fused=False)
