@@ -84,10 +84,17 @@ def quantize(
     qtype: QuantType,
     axis: int | None = None,
 ) -> np.ndarray:
-    """ONNX QuantizeLinear in numpy (round half to even, saturate); per-axis with ``axis``."""
+    """ONNX QuantizeLinear in numpy (round half to even, saturate); per-axis with ``axis``.
+
+    In float32, as onnxruntime's QuantizeLinear divides, over one working copy: an embedding
+    table is tens of millions of elements.
+    """
     scale, zero_point = _broadcast(scale, x.ndim, axis), _broadcast(zero_point, x.ndim, axis)
-    q = np.rint(x.astype(np.float64) / scale) + zero_point.astype(np.float64)
-    return np.clip(q, qtype.qmin, qtype.qmax).astype(qtype.numpy)
+    q = np.divide(x, np.asarray(scale, np.float32), dtype=np.float32)
+    np.rint(q, out=q)
+    q += np.asarray(zero_point, np.float32)
+    np.clip(q, qtype.qmin, qtype.qmax, out=q)
+    return q.astype(qtype.numpy)
 
 
 def dequantize(
