@@ -21,10 +21,11 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
+import onnx
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import walk
+from onnx_shrink.compiler.io import large_tensors
 
 logger = logging.getLogger(__name__)
 
@@ -34,6 +35,7 @@ _FORMS = {
     ("", "MatMulInteger"): ("MatMul", 0, 1),
     ("", "QLinearMatMul"): ("MatMul", 0, 3),
     ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 0, 1),
+    ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 0, 1),
     ("", "Gemm"): ("Gemm", 0, 1),
     ("", "Conv"): ("Conv", 0, 1),
     ("", "ConvInteger"): ("Conv", 0, 1),
@@ -75,7 +77,7 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     clone)."""
     nodes = list(walk.all_nodes(model))
     tensors = list(walk.all_tensors(model))
-    macs, unknown = _count_macs(_with_inferred_shapes(model, shapes or {}), shapes or {})
+    macs, unknown = _count_macs(model, _with_inferred_shapes(model, shapes or {}))
     return ModelStats(
         nodes=len(nodes),
         params=sum(math.prod(t.shape.numpy()) for t in tensors),
@@ -86,20 +88,41 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     )
 
 
-def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> ir.Model:
-    """A clone of ``model`` with onnx shape inference applied when MAC ops lack shapes."""
+def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> Shapes:
+    """``shapes``, completed by onnx shape inference when MAC ops lack output shapes (each
+    inferred dim that is not a number counts as 1, as a symbolic dim does). Inference runs on
+    the graph alone, its large weights left as stand-ins: the model is not copied."""
     needs_shapes = any(
         is_mac_node(node) and any(o.shape is None and o.name not in shapes for o in node.outputs)
         for node in walk.all_nodes(model)
     )
     if not needs_shapes:
-        return model
-    clone = model.clone()
+        return shapes
     try:
-        common_passes.ShapeInferencePass(strict_mode=False)(clone)
+        proto = large_tensors.weightless_proto(model)
+        inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - accounting must not fail a run; MACs become a bound
         logger.debug("shape inference for MAC counting failed: %s", e)
-    return clone
+        return shapes
+    return {**_value_dims(inferred.graph), **shapes}
+
+
+def _value_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+    """Dims of every typed tensor value of ``graph`` and its subgraphs, symbolic or unknown
+    dims (and -1, as Paddle exports write them) as 1; values whose rank is unknown are left
+    out."""
+    result: dict[str, list[int]] = {}
+    for info in [*graph.input, *graph.value_info, *graph.output]:
+        tensor = info.type.tensor_type
+        if info.type.HasField("tensor_type") and tensor.HasField("shape"):
+            dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
+            result[info.name] = dims
+    for node in graph.node:
+        for attribute in node.attribute:
+            single = [attribute.g] if attribute.HasField("g") else []
+            for subgraph in [*single, *attribute.graphs]:
+                result.update(_value_dims(subgraph))
+    return result
 
 
 def _count_macs(model: ir.Model, shapes: Shapes) -> tuple[int, int]:
@@ -134,7 +157,8 @@ def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
             if stored is not None and stored.const_value is not None:
                 return list(stored.const_value.shape.numpy())
         return None
-    return [d if isinstance(d, int) else 1 for d in value.shape]
+    # Paddle exports write an unknown dim as -1: it counts as a symbolic one.
+    return [d if isinstance(d, int) and d > 0 else 1 for d in value.shape]
 
 
 def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:

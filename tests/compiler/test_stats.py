@@ -159,3 +159,45 @@ def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
     s = stats.measure(io.load(model))
     assert s.macs == 2 * 32 * 16 + 4 * 8 * 8 * (3 * 3 * 3)
     assert s.nodes_without_macs == 0
+
+
+def test_matmul_integer_to_float_counts_as_its_matmul():
+    inits = [
+        onh.from_array(np.ones((16, 32), np.int8), "wq"),
+        onh.from_array(np.array(0.1, np.float32), "s"),
+        onh.from_array(np.zeros(32, np.float32), "bias"),
+    ]
+    node = oh.make_node(
+        "MatMulIntegerToFloat", ["x", "wq", "s", "s", "", "", "bias"], ["y"], domain="com.microsoft"
+    )
+    graph = oh.make_graph(
+        [node],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.UINT8, ["N", 16])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 32])],
+        initializer=inits,
+    )
+    opsets = [oh.make_opsetid("", 17), oh.make_opsetid("com.microsoft", 1)]
+    s = stats.measure(io.load(oh.make_model(graph, opset_imports=opsets, ir_version=8)))
+    assert s.macs == 16 * 32 and s.nodes_without_macs == 0
+
+
+def test_a_dim_written_as_minus_one_counts_once_and_the_model_is_left_as_it_was():
+    """Paddle exports declare unknown dims as -1; they must not make MACs negative."""
+    f = onnx.TensorProto.FLOAT
+    weight = np.ones((8, 3, 3, 3), np.float32)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Conv", ["img", "w"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Relu", ["c"], ["y"]),
+        ],
+        "g",
+        [oh.make_tensor_value_info("img", f, [-1, 3, 4, 4])],
+        [oh.make_tensor_value_info("y", f, [-1, 8, 4, 4])],
+        initializer=[onh.from_array(weight, "w")],
+    )
+    model = io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
+    assert stats.measure(model).macs == 8 * 4 * 4 * 27
+    conv_output = next(iter(model.graph)).outputs[0]
+    assert conv_output.shape is None  # inference ran on a serialized copy of the graph
+    assert model.graph.initializers["w"].const_value.numpy().sum() == weight.sum()

@@ -72,6 +72,15 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
     return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()})
 
 
+def weightless_proto(model: ir.Model, min_bytes: int = 1024) -> onnx.ModelProto:
+    """The model as a ModelProto whose main-graph initializers of ``min_bytes`` or more are
+    external-data stand-ins (name, type and shape, no data), and memory-mapped ones stay
+    references: for what reads only the graph and the tensors' shapes (shape inference), at
+    the cost of serializing the graph alone. Small tensors (shape constants) keep their data."""
+    with _stand_ins(model, min_bytes, lambda tensor: True):
+        return io.serialize_proto(model, keep_external=True)
+
+
 def write_embedded(model: ir.Model, path: Path, min_bytes: int = LARGE_TENSOR_BYTES) -> None:
     """Write ``model`` to ``path`` as one protobuf file, byte for byte what serializing it
     whole writes, but each large initializer's bytes go to the file straight from its array
