@@ -415,8 +415,10 @@ def _accumulator(request: st.StatRequest):
 
 
 def _session(model: ir.Model, provider: str):
-    # Weights are handed over in place: no serialized copy, no temporary file, any size.
-    return sessions.create_session(large_tensors.session_source(model), provider=provider)
+    # Weights are handed over in place: no serialized copy, no temporary file, any size; and
+    # not packed, which copies them (a 0.6 GB encoder's calibration peak: 660 -> 290 MiB).
+    source = large_tensors.session_source(model)
+    return sessions.create_session(source, provider=provider, prepack=False)
 
 
 def _run(session, feed, extra, outputs: Sequence[str]) -> dict[str, np.ndarray]:

@@ -82,6 +82,7 @@ def create_session(
     provider_options: Mapping[str, Any] | None = None,
     threads: int | None = None,
     optimize: bool = True,
+    prepack: bool = True,
 ) -> ort.InferenceSession:
     """Create a session for a model file, serialized model bytes, or a ``SessionSource``
     (``compiler.io.large_tensors``: its arrays are used in place and kept alive with the session).
@@ -92,6 +93,9 @@ def create_session(
             nodes another provider does not take.
         threads: intra-op threads (None: onnxruntime's default, one per core).
         optimize: False disables graph optimizations, to see the model as written.
+        prepack: False keeps onnxruntime from copying constant weights into its kernels'
+            packed layouts: a session run over a few samples (calibration) then does not hold
+            a second copy of the weights.
 
     Raises:
         BadModelError: onnxruntime refuses the model; the message is its first line.
@@ -103,6 +107,8 @@ def create_session(
         options.intra_op_num_threads = threads
     if not optimize:
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    if not prepack:
+        options.add_session_config_entry("session.disable_prepacking", "1")
     providers: list[Any] = [(full, {**parse_provider(provider)[1], **(provider_options or {})})]
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")
