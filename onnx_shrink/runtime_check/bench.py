@@ -168,8 +168,7 @@ def resize_batch(
     result = {}
     for spec in specs:
         array = feed[spec.name]
-        dynamic = bool(spec.shape) and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0)
-        if dynamic and array.ndim and array.shape[0] != batch:
+        if spec.batch_axis and array.ndim and array.shape[0] != batch:
             reps = -(-batch // array.shape[0])
             array = np.concatenate([array] * reps, axis=0)[:batch]
         result[spec.name] = array

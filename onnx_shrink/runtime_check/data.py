@@ -56,6 +56,11 @@ class InputSpec:
     dtype: type
     shape: tuple[int | str | None, ...]
 
+    @property
+    def batch_axis(self) -> bool:
+        """Whether samples lie along the first axis: it exists and is not a fixed size > 0."""
+        return bool(self.shape) and not (isinstance(self.shape[0], int) and self.shape[0] > 0)
+
 
 @dataclasses.dataclass(frozen=True)
 class Batch:
@@ -181,9 +186,7 @@ def from_arrays(
 
 
 def _batch_step(specs: Sequence[InputSpec]) -> int:
-    fixed = [
-        s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], int) and s.shape[0] > 0
-    ]
+    fixed = [s.shape[0] for s in specs if s.shape and not s.batch_axis]
     return fixed[0] if fixed else MAX_BATCH
 
 
@@ -283,7 +286,7 @@ def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
 def samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
     """Samples in a feed: the first dynamic axis's length (1 when every shape is fixed)."""
     for spec in specs:
-        if spec.shape and not (isinstance(spec.shape[0], int) and spec.shape[0] > 0):
+        if spec.batch_axis:
             return int(feed[spec.name].shape[0])
     return 1
 

@@ -20,10 +20,8 @@ logger = logging.getLogger(__name__)
 
 
 def dynamic_inputs(specs: Sequence[InputSpec]) -> set[str]:
-    """Inputs whose first axis is not a fixed size above 0: samples lie along it."""
-    return {
-        s.name for s in specs if s.shape and not (isinstance(s.shape[0], int) and s.shape[0] > 0)
-    }
+    """Inputs whose first axis holds the samples (``InputSpec.batch_axis``)."""
+    return {s.name for s in specs if s.batch_axis}
 
 
 def joinable(specs: Sequence[InputSpec]) -> bool:
