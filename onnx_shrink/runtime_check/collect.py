@@ -22,7 +22,7 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
   the samples are batched. A tensor that leaves its edges too far (or holds inf/NaN) is
   counted again over its exact range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
-  element of each run's flattened tensor, the stride fixed from the first sample's size.
+  element of each sample's part of the tensor, the stride fixed from the first sample's size.
 * Per-channel and Gram statistics are folded in numpy from the sample's tensor.
 * A one-shot reader is spilled to a temporary folder as it is read, in case a second pass
   (non-finite ranges, a recount) needs the samples again.
@@ -373,12 +373,20 @@ def _overlapped_runs(
 
 def _run_joined(session, batch, extra, outputs, joining: _Joining | None):
     """[(batch, outputs)], or each of its samples' after a failed joined run."""
-    if joining is None or batch.samples == 1:
-        return [(batch, _run(session, batch.feed, _told(extra, batch, joining), outputs))]
-    if joining.size > 1:  # a batch joined before an earlier one failed is not tried
+
+    def run(one: data_mod.Batch) -> tuple[data_mod.Batch, dict[str, np.ndarray]]:
+        told = extra
+        if joining is not None and cg.RUN_SAMPLES in extra:  # how many samples it joins
+            told = {**extra, cg.RUN_SAMPLES: np.array([one.samples], np.int64)}
+        return one, _run(session, one.feed, told, outputs)
+
+    single = joining is None or batch.samples == 1
+    if single or joining.size > 1:  # a batch joined before an earlier one failed is not tried
         try:
-            return [(batch, _run(session, batch.feed, _told(extra, batch, joining), outputs))]
+            return [run(batch)]
         except ShrinkError as e:
+            if single:
+                raise
             logger.warning(
                 "statistics: the model failed on %d samples joined in one run (%s); running "
                 "every sample alone",
@@ -386,15 +394,7 @@ def _run_joined(session, batch, extra, outputs, joining: _Joining | None):
                 str(e.__cause__ or e).splitlines()[0][:200],
             )
             joining.size = 1
-    singles = sample_batches.split(batch, set(batch.feed))
-    return [(one, _run(session, one.feed, _told(extra, one, joining), outputs)) for one in singles]
-
-
-def _told(extra: dict[str, np.ndarray], batch, joining: _Joining | None) -> dict[str, np.ndarray]:
-    """``extra`` telling a graph with histograms how many samples ``batch`` joins."""
-    if joining is None or cg.RUN_SAMPLES not in extra:
-        return extra
-    return {**extra, cg.RUN_SAMPLES: np.array([batch.samples], np.int64)}
+    return [run(one) for one in sample_batches.split(batch, set(batch.feed))]
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
