@@ -222,9 +222,10 @@ def _rss_of(pid: int) -> int:
     return 0
 
 
-def run_child(job: dict, rss_limit: int, timeout: float, cwd: Path) -> dict:
+def run_child(job: dict, args: argparse.Namespace, cwd: Path) -> dict:
     """Run ``job`` in a fresh interpreter in ``cwd`` (whatever a tool drops in its working
-    directory lands there), killing it past ``rss_limit`` bytes or ``timeout``."""
+    directory lands there), killing it past ``args.rss_limit_gib`` or ``args.child_timeout``."""
+    rss_limit, timeout = int(args.rss_limit_gib * 2**30), args.child_timeout
     cmd = [sys.executable, str(Path(__file__).resolve()), "--child", json.dumps(job)]
     env = {
         **os.environ,
@@ -404,7 +405,7 @@ def _probe(model: Path, calib: dict, args) -> str | None:
     out = model.with_name("probe.onnx")
     job = {"tool": "ort-static", "method": "MinMax", "model": str(model), "out": str(out)}
     job |= {"calib_dir": str(calib[n].parent), "calib_npz": str(calib[n]), "config": None}
-    result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, out.parent)
+    result = run_child(job, args, out.parent)
     try:
         if "error" in result:
             return result["error"]
@@ -520,7 +521,7 @@ def _versus_best(rows: list[Row], task, args, folder: Path) -> list[str]:
             "runs": args.runs,
             "repeats": REPEATS,
         }
-        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, folder)
+        result = run_child(job, args, folder)
         if "error" in result:
             error = result["error"]
             lines.append(f"- {ours.config.label}: direct latency comparison failed: {error}")
@@ -559,7 +560,7 @@ def _quantize_all(row, name, task, ort_model, calib, samples, folder, args) -> N
             if config.calibrated
             else f"{name}: {config.label}"
         )
-        result = run_child(job, int(args.rss_limit_gib * 2**30), args.child_timeout, folder)
+        result = run_child(job, args, folder)
         if "error" in result:
             errors.setdefault(result["error"], []).append(n)
             if "killed_rss" in result:
