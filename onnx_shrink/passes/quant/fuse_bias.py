@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant.dynamic import MS_DOMAIN
+from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN
 
 
 def try_fuse(model: ir.Model, matmul: ir.Node) -> bool:
