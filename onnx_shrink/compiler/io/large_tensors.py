@@ -154,8 +154,7 @@ def shape_inference_error(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) 
     onnxruntime runs the same inference when it loads a model. Large tensors are stand-ins
     (shape inference reads values only of small ones, such as Reshape's target shape).
     """
-    with _stand_ins(model, min_bytes, lambda tensor: True):
-        proto = io.serialize_proto(model, keep_external=True)
+    proto = weightless_proto(model, min_bytes)
     if proto.ByteSize() > io.EXTERNAL_DATA_THRESHOLD_BYTES:
         return None  # past protobuf's limit even without large tensors; onnxruntime checks it
     try:
