@@ -24,6 +24,7 @@ from onnx_shrink.passes.quant.numerics import (
     quantize_weight,
     scale_and_zero_point,
 )
+from onnx_shrink.passes.quant.weight_matching import onnx_opset
 
 logger = logging.getLogger(__name__)
 
@@ -289,7 +290,7 @@ def ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
     """Convert a model older than opset ``target`` to it, in place; False when the converter
     cannot (the caller then does without ``purpose``). Per-channel DequantizeLinear (``axis``)
     needs opset 13; 16-bit QuantizeLinear/DequantizeLinear need 21."""
-    version = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
+    version = onnx_opset(model)
     if version >= target:
         return True
     try:
