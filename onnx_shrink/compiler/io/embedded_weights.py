@@ -8,9 +8,9 @@ file itself* (location, offset, length), and only the rest is parsed. onnx_ir th
 bytes from the file on first use (``ExternalTensor``), onnxruntime can read them from the same
 file, and nothing is copied until a pass needs a weight's values.
 
-The walk (``wire``) needs only the field numbers of ``ModelProto.graph`` (7),
-``GraphProto.initializer`` (5), ``TensorProto.raw_data`` (9), ``external_data`` (13) and
-``data_location`` (14). ``checker_view`` shows such a model to onnx.checker, and
+The walk (``wire``) needs only the field numbers of ``ModelProto.graph``,
+``GraphProto.initializer`` and ``TensorProto``'s ``raw_data``, ``external_data`` and
+``data_location``. ``checker_view`` shows such a model to onnx.checker, and
 ``map_from_file`` points the loaded tensors at the file's real path.
 """
 
@@ -23,21 +23,10 @@ from pathlib import Path
 import onnx
 import onnx_ir as ir
 
-from onnx_shrink.compiler.io.wire import (
-    LENGTH_DELIMITED,
-    Field,
-    Malformed,
-    delimited_header,
-    fields,
-)
+from onnx_shrink.compiler.io import wire
+from onnx_shrink.compiler.io.wire import Malformed
 
 MIN_BYTES = 1 << 20
-
-_MODEL_GRAPH = 7
-_GRAPH_INITIALIZER = 5
-_TENSOR_RAW_DATA = 9
-_TENSOR_EXTERNAL_DATA = 13
-_TENSOR_DATA_LOCATION = 14
 
 __all__ = ["MIN_BYTES", "Malformed", "checker_view", "map_from_file", "read_model"]
 
@@ -67,39 +56,30 @@ def read_model(path: Path, min_bytes: int | None = None) -> tuple[onnx.ModelProt
 
 def _model_without_weights(
     data: mmap.mmap, location: str, min_bytes: int
-) -> tuple[list[bytes], set[str]]:
-    pieces: list[bytes] = []
+) -> tuple[list[wire.Piece], set[str]]:
     mapped: set[str] = set()
-    for field in fields(data, 0, len(data)):
-        if field.number != _MODEL_GRAPH or field.wire != LENGTH_DELIMITED:
-            pieces.append(data[field.start : field.end])
-            continue
-        graph: list[bytes] = []
-        for inner in fields(data, field.payload, field.end):
-            tensor = None
-            if inner.number == _GRAPH_INITIALIZER and inner.wire == LENGTH_DELIMITED:
-                tensor = _as_reference(data, inner, location, min_bytes)
-            if tensor is None:
-                graph.append(data[inner.start : inner.end])
-            else:
-                name, message = tensor
-                mapped.add(name)
-                graph.append(delimited_header(_GRAPH_INITIALIZER, len(message)) + message)
-        graph_bytes = b"".join(graph)
-        pieces.append(delimited_header(_MODEL_GRAPH, len(graph_bytes)) + graph_bytes)
-    return pieces, mapped
+
+    def as_reference(field: wire.Field) -> list[wire.Piece] | None:
+        tensor = _as_reference(data, field, location, min_bytes)
+        if tensor is None:
+            return None
+        name, message = tensor
+        mapped.add(name)
+        return [wire.delimited_header(wire.GRAPH_INITIALIZER, len(message)), message]
+
+    return wire.replace_initializers(data, as_reference), mapped
 
 
 def _as_reference(
-    data: mmap.mmap, tensor: Field, location: str, min_bytes: int
+    data: mmap.mmap, tensor: wire.Field, location: str, min_bytes: int
 ) -> tuple[str, bytes] | None:
     """The TensorProto at ``tensor`` with its raw data replaced by a reference to the file,
     and its name; None when it holds no raw data of ``min_bytes`` or more."""
     raw = None
-    for field in fields(data, tensor.payload, tensor.end):
-        if field.number == _TENSOR_RAW_DATA and field.wire == LENGTH_DELIMITED:
+    for field in wire.fields(data, tensor.payload, tensor.end):
+        if field.number == wire.TENSOR_RAW_DATA and field.wire == wire.LENGTH_DELIMITED:
             raw = field
-        elif field.number in (_TENSOR_EXTERNAL_DATA, _TENSOR_DATA_LOCATION):
+        elif field.number in (wire.TENSOR_EXTERNAL_DATA, wire.TENSOR_DATA_LOCATION):
             return None  # already external (or ambiguous): parsed as it is
     if raw is None or raw.end - raw.payload < min_bytes:
         return None

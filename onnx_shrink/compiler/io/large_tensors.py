@@ -92,45 +92,35 @@ def write_embedded(model: ir.Model, path: Path, min_bytes: int = LARGE_TENSOR_BY
             handle.write(piece)
 
 
-def _with_raw_data(serialized: bytes, tensors: dict[str, ir.TensorProtocol]) -> list:
+def _with_raw_data(serialized: bytes, tensors: dict[str, ir.TensorProtocol]) -> list[wire.Piece]:
     """``serialized`` (a ModelProto with stand-ins) as pieces, each stand-in initializer
     rewritten as the TensorProto protobuf would write with the tensor's raw data."""
-    model_pieces: list = []
-    for field in wire.fields(serialized, 0, len(serialized)):
-        if field.number != 7 or field.wire != wire.LENGTH_DELIMITED:  # ModelProto.graph
-            model_pieces.append(serialized[field.start : field.end])
-            continue
-        graph_pieces: list = []
-        for inner in wire.fields(serialized, field.payload, field.end):
-            message = serialized[inner.payload : inner.end]
-            tensor = None
-            if inner.number == 5 and inner.wire == wire.LENGTH_DELIMITED:  # initializer
-                proto = onnx.TensorProto.FromString(message)
-                tensor = tensors.get(proto.name) if proto.external_data else None
-            if tensor is None:
-                graph_pieces.append(serialized[inner.start : inner.end])
-            else:
-                graph_pieces += _tensor_field(proto, tensor)
-        length = sum(len(memoryview(p).cast("B")) for p in graph_pieces)
-        model_pieces += [wire.delimited_header(7, length), *graph_pieces]
-    return model_pieces
+
+    def with_raw_data(field: wire.Field) -> list[wire.Piece] | None:
+        proto = onnx.TensorProto.FromString(serialized[field.payload : field.end])
+        tensor = tensors.get(proto.name) if proto.external_data else None
+        return None if tensor is None else _tensor_field(proto, tensor)
+
+    return wire.replace_initializers(serialized, with_raw_data)
 
 
-def _tensor_field(proto: onnx.TensorProto, tensor: ir.TensorProtocol) -> list:
+def _tensor_field(proto: onnx.TensorProto, tensor: ir.TensorProtocol) -> list[wire.Piece]:
     """GraphProto.initializer field of ``proto`` (a stand-in) holding ``tensor``'s raw data,
     its fields in protobuf's order (by number: raw_data, 9, after name, 8)."""
     del proto.external_data[:]
     proto.ClearField("data_location")
     head_and_tail = proto.SerializeToString()
-    split = next(
-        (f.start for f in wire.fields(head_and_tail, 0, len(head_and_tail)) if f.number > 9),
-        len(head_and_tail),
+    after_raw_data = (
+        f.start
+        for f in wire.fields(head_and_tail, 0, len(head_and_tail))
+        if f.number > wire.TENSOR_RAW_DATA
     )
+    split = next(after_raw_data, len(head_and_tail))
     data = _raw_bytes(tensor)
-    raw_header = wire.delimited_header(9, len(data))
+    raw_header = wire.delimited_header(wire.TENSOR_RAW_DATA, len(data))
     length = len(head_and_tail) + len(raw_header) + len(data)
     return [
-        wire.delimited_header(5, length),
+        wire.delimited_header(wire.GRAPH_INITIALIZER, length),
         head_and_tail[:split],
         raw_header,
         data,
@@ -138,7 +128,7 @@ def _tensor_field(proto: onnx.TensorProto, tensor: ir.TensorProtocol) -> list:
     ]
 
 
-def _raw_bytes(tensor: ir.TensorProtocol):
+def _raw_bytes(tensor: ir.TensorProtocol) -> wire.Piece:
     """The tensor's raw data without a copy where numpy holds it as stored (little-endian,
     whole bytes); else ``tobytes()`` (packed 4-bit types)."""
     if tensor.dtype.bitwidth >= 8 and tensor.dtype in _NATIVE_DTYPES:

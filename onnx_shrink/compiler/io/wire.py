@@ -2,19 +2,32 @@
 
 A message is a sequence of fields: a varint tag (field number << 3 | wire type), then a varint
 (type 0), 8 bytes (1), a varint length and that many bytes (2), or 4 bytes (5).
+``replace_initializers`` rewrites a ModelProto's main-graph initializers and copies the rest.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+import mmap
+from collections.abc import Callable, Iterator, Sequence
 from typing import Protocol
 
 LENGTH_DELIMITED = 2
 
+# ONNX's field numbers: ModelProto.graph, GraphProto.initializer, TensorProto.raw_data,
+# TensorProto.external_data and TensorProto.data_location.
+MODEL_GRAPH = 7
+GRAPH_INITIALIZER = 5
+TENSOR_RAW_DATA = 9
+TENSOR_EXTERNAL_DATA = 13
+TENSOR_DATA_LOCATION = 14
+
 
 class Buffer(Protocol):
     def __getitem__(self, index: int) -> int: ...
+
+
+Piece = bytes | memoryview
 
 
 class Malformed(ValueError):
@@ -85,3 +98,29 @@ def encode_varint(value: int) -> bytes:
 def delimited_header(number: int, length: int) -> bytes:
     """The tag and length prefix of a length-delimited field of ``length`` bytes."""
     return encode_varint(number << 3 | LENGTH_DELIMITED) + encode_varint(length)
+
+
+def replace_initializers(
+    data: bytes | mmap.mmap, replace: Callable[[Field], Sequence[Piece] | None]
+) -> list[Piece]:
+    """The ModelProto in ``data`` as pieces to be joined or written in order: each main-graph
+    initializer field (``GraphProto.initializer``, tag and all) becomes the pieces ``replace``
+    returns for it, or stays as it is where it returns None (the graph's length prefix is
+    written anew). The rest of the message is copied as it is.
+
+    Raises:
+        Malformed: as ``fields``.
+    """
+    pieces: list[Piece] = []
+    for field in fields(data, 0, len(data)):
+        if field.number != MODEL_GRAPH or field.wire != LENGTH_DELIMITED:
+            pieces.append(data[field.start : field.end])
+            continue
+        graph: list[Piece] = []
+        for inner in fields(data, field.payload, field.end):
+            replaced = None
+            if inner.number == GRAPH_INITIALIZER and inner.wire == LENGTH_DELIMITED:
+                replaced = replace(inner)
+            graph += [data[inner.start : inner.end]] if replaced is None else replaced
+        pieces += [delimited_header(MODEL_GRAPH, sum(map(len, graph))), *graph]
+    return pieces
