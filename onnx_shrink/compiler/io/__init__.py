@@ -95,7 +95,7 @@ def load(source: ModelSource) -> ir.Model:
         # place, so the clone gets tensor objects of its own (the data stays shared).
         model = source.clone()
         unshare_tensors(model)
-        _validate(serialize_proto(model, keep_external=True), where="the given onnx_ir.Model")
+        _validate(serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model")
         return model
     if isinstance(source, onnx.ModelProto):
         _validate(source, where="the given ModelProto")
@@ -361,15 +361,14 @@ class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like o
 def serialize_proto(
     model: ir.Model,
     *,
-    keep_external: bool = False,
-    keep_in_file: Callable[[ir.ExternalTensor], bool] | None = None,
+    keep_in_file: bool | Callable[[ir.ExternalTensor], bool] = False,
 ) -> onnx.ModelProto:
-    """The model as a ModelProto; tensors are embedded unless ``keep_external`` (all stay
-    references to their files) or ``keep_in_file`` says so of a memory-mapped initializer."""
-    if keep_external:
+    """The model as a ModelProto; memory-mapped initializers are embedded unless
+    ``keep_in_file`` is True (all stay references to their files) or says so of them."""
+    if keep_in_file is True:
         proto = ir.serde.serialize_model(model)
     else:
-        with _embedded_tensors(model, keep_in_file):
+        with _embedded_tensors(model, keep_in_file if callable(keep_in_file) else None):
             proto = ir.serde.serialize_model(model)
     _drop_initializer_value_info(proto.graph)
     # onnx_ir writes the default domain as an explicit "" (two bytes per import); exporters

@@ -65,7 +65,7 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
             t.nbytes for t in walk.all_tensors(model) if isinstance(t, ir.ExternalTensor)
         )
         with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
-            proto = io.serialize_proto(model, keep_external=True)
+            proto = io.serialize_proto(model, keep_in_file=True)
         return _size_with_raw_data(proto, {n: t.nbytes for n, t in swapped.items()}) + external
     with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
         proto = io.serialize_proto(model)  # what is not a stand-in is small: embedded as saved
@@ -78,7 +78,7 @@ def weightless_proto(model: ir.Model, min_bytes: int = 1024) -> onnx.ModelProto:
     references: for what reads only the graph and the tensors' shapes (shape inference), at
     the cost of serializing the graph alone. Small tensors (shape constants) keep their data."""
     with _stand_ins(model, min_bytes, lambda tensor: True):
-        return io.serialize_proto(model, keep_external=True)
+        return io.serialize_proto(model, keep_in_file=True)
 
 
 def write_embedded(model: ir.Model, path: Path, min_bytes: int = LARGE_TENSOR_BYTES) -> None:
