@@ -326,7 +326,7 @@ class _QdqWriter:
     (their outputs name them). Equal activation parameters share one scale and zero point.
     """
 
-    def __init__(self, graph: ir.Graph, narrow_storage: bool = False) -> None:
+    def __init__(self, graph: ir.Graph, narrow_storage: bool) -> None:
         self.graph = graph
         self.narrow_storage = narrow_storage
         self.names = compact.Names(graph)
@@ -360,7 +360,7 @@ class _QdqWriter:
         name: str,
         scale: np.ndarray,
         zero: np.ndarray,
-        reads_dq: Callable[[ir.Node, ir.Value], bool] = lambda node, value: True,
+        reads_dq: Callable[[ir.Node, ir.Value], bool],
     ) -> None:
         """Insert Q -> DQ after ``name`` and route the consumers ``reads_dq`` accepts through
         the DQ output; the others keep reading the float tensor.
