@@ -116,3 +116,14 @@ def test_the_walk_refuses_cut_messages(small_threshold, model_file, tmp_path, cu
     path.write_bytes(model_file.read_bytes()[:cut])
     with pytest.raises(embedded_weights.Malformed):
         embedded_weights.read_model(path)
+
+
+def test_a_mapped_weight_keeps_its_doc_string_and_metadata(small_threshold, tmp_path):
+    proto = builders.build_transformer_encoder(layers=1, d_model=32, heads=2, d_ff=64)
+    weight = max(proto.graph.initializer, key=lambda t: len(t.raw_data))
+    weight.doc_string = "a weight"
+    weight.metadata_props.add(key="k", value="v")
+    path = tmp_path / "model.onnx"
+    onnx.save(proto, str(path))
+    tensor = _mapped(io.load(path))[weight.name]
+    assert (tensor.doc_string, dict(tensor.metadata_props)) == ("a weight", {"k": "v"})

@@ -11,7 +11,8 @@ file, and nothing is copied until a pass needs a weight's values.
 The walk (``wire``) needs only the field numbers of ``ModelProto.graph``,
 ``GraphProto.initializer`` and ``TensorProto``'s ``raw_data``, ``external_data`` and
 ``data_location``. ``checker_view`` shows such a model to onnx.checker, and
-``map_from_file`` points the loaded tensors at the file's real path.
+``map_from_file`` points the loaded tensors at the file's real path (``external_tensor``
+makes such a reference, and ``large_tensors`` its in-memory stand-ins).
 """
 
 from __future__ import annotations
@@ -28,7 +29,14 @@ from onnx_shrink.compiler.io.wire import Malformed
 
 MIN_BYTES = 1 << 20
 
-__all__ = ["MIN_BYTES", "Malformed", "checker_view", "map_from_file", "read_model"]
+__all__ = [
+    "MIN_BYTES",
+    "Malformed",
+    "checker_view",
+    "external_tensor",
+    "map_from_file",
+    "read_model",
+]
 
 
 def read_model(path: Path, min_bytes: int | None = None) -> tuple[onnx.ModelProto, set[str]]:
@@ -130,12 +138,29 @@ def map_from_file(model: ir.Model, names: set[str], path: Path) -> None:
         value = model.graph.initializers[name]
         tensor = value.const_value
         assert isinstance(tensor, ir.ExternalTensor)
-        value.const_value = ir.ExternalTensor(
-            path.name,
-            tensor.offset,
-            tensor.length,
-            tensor.dtype,
-            shape=tensor.shape,
-            name=name,
-            base_dir=path.parent,
+        value.const_value = external_tensor(
+            tensor, name, path.name, tensor.offset, tensor.length, base_dir=path.parent
         )
+
+
+def external_tensor(
+    tensor: ir.TensorProtocol,
+    name: str,
+    location: str,
+    offset: int,
+    length: int,
+    base_dir: str | os.PathLike = "",
+) -> ir.ExternalTensor:
+    """An external-data tensor named ``name`` at ``location`` (in ``base_dir``) that stands
+    for ``tensor``: its type, shape, doc string and metadata, its bytes at ``offset``."""
+    return ir.ExternalTensor(
+        location,
+        offset,
+        length,
+        tensor.dtype,
+        shape=tensor.shape,
+        name=name,
+        doc_string=tensor.doc_string,
+        metadata_props=dict(tensor.metadata_props),
+        base_dir=base_dir,
+    )

@@ -30,7 +30,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, walk
-from onnx_shrink.compiler.io import wire
+from onnx_shrink.compiler.io import embedded_weights, wire
 
 LARGE_TENSOR_BYTES = 1 << 20
 
@@ -215,15 +215,8 @@ def _stand_ins(
         tensor = value.const_value
         if tensor is not None and tensor.nbytes >= min_bytes and eligible(tensor):
             swapped[name] = (value, tensor)
-            value.const_value = ir.ExternalTensor(
-                io.IN_MEMORY_LOCATION,
-                0,
-                tensor.nbytes,
-                tensor.dtype,
-                shape=tensor.shape,
-                name=name,
-                doc_string=tensor.doc_string,
-                metadata_props=dict(tensor.metadata_props),
+            value.const_value = embedded_weights.external_tensor(
+                tensor, name, io.IN_MEMORY_LOCATION, 0, tensor.nbytes
             )
     try:
         yield {name: tensor for name, (_, tensor) in swapped.items()}
