@@ -125,9 +125,9 @@ def scale_rounding(
     return float16_scale if narrow_storage and axis is not None else None
 
 
-def store_narrow(model: ir.Model, graphs: Iterable[ir.Graph] | None = None) -> int:
-    """Store the constants of ``graphs`` (default: every graph of ``model``) in the narrowest
-    type that holds them exactly, read through a Cast back to their type; return how many.
+def store_narrow(model: ir.Model) -> int:
+    """Store the constants of every graph of ``model`` in the narrowest type that holds them
+    exactly, read through a Cast back to their type; return how many.
 
     Rules:
 
@@ -145,7 +145,7 @@ def store_narrow(model: ir.Model, graphs: Iterable[ir.Graph] | None = None) -> i
     """
     names = Names(model.graph)
     count = 0
-    for graph in list(model.graphs()) if graphs is None else graphs:
+    for graph in list(model.graphs()):
         casts: list[ir.Node] = []
         for value in list(graph.initializers.values()):
             tensor = value.const_value
