@@ -42,7 +42,6 @@ _FORMS = {
     ("", "QLinearConv"): ("Conv", 0, 3),
     ("", "ConvTranspose"): ("ConvTranspose", 0, 1),
 }
-MAC_OPS = frozenset(op for _, op in _FORMS)
 
 
 def is_mac_node(node: ir.Node) -> bool:
