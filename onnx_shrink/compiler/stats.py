@@ -47,8 +47,12 @@ _FORMS = {
 def is_mac_node(node: ir.Node) -> bool:
     """Does ``node`` multiply-accumulate: Conv, ConvTranspose, MatMul, Gemm or an integer /
     QLinear / dynamically quantized form of one?"""
-    domain = "" if node.domain == "ai.onnx" else node.domain
-    return (domain, node.op_type) in _FORMS
+    return _form(node) is not None
+
+
+def _form(node: ir.Node) -> tuple[str, int, int] | None:
+    """``_FORMS``' entry for ``node`` (None if it does not multiply-accumulate)."""
+    return _FORMS.get(("" if node.domain == "ai.onnx" else node.domain, node.op_type))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -167,10 +171,11 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
     K and N come from a 2-D weight's shape (known even where shape inference fails); rows
     (output positions) whose count is unknown count once, as symbolic dims do.
     """
-    if not is_mac_node(node):
+    form = _form(node)
+    if form is None:
         return None
+    op, x_index, w_index = form
     shapes = shapes or {}
-    op, x_index, w_index = _FORMS["" if node.domain == "ai.onnx" else node.domain, node.op_type]
     out = _dims(node.outputs[0], shapes)
     first = _dims(node.inputs[x_index], shapes)
     weight = _dims(node.inputs[w_index] if len(node.inputs) > w_index else None, shapes)
