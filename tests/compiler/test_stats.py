@@ -8,7 +8,7 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 
 from onnx_shrink.compiler import io, stats
-from tests.helpers import parse
+from tests.helpers import make_model, parse
 
 
 def _weights_model() -> onnx.ModelProto:
@@ -76,12 +76,12 @@ def _reshaped_model() -> onnx.ModelProto:
     """Inputs reshaped by runtime shapes: shape inference knows h's rank but no dim, and
     neither rank nor dims of u and v (their shape input has a symbolic length)."""
     rng = np.random.default_rng(1)
-    inits = [
-        onh.from_array(rng.standard_normal(shape).astype(np.float32), name)
+    inits = {
+        name: rng.standard_normal(shape).astype(np.float32)
         for name, shape in (("wm", (16, 32)), ("wg", (8, 16)), ("wc", (6, 16, 1, 1)))
-    ]
+    }
     f, i64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT64
-    graph = oh.make_graph(
+    return make_model(
         [
             oh.make_node("Reshape", ["x", "s"], ["h"]),
             oh.make_node("Reshape", ["x", "su"], ["u"]),
@@ -93,7 +93,6 @@ def _reshaped_model() -> onnx.ModelProto:
             oh.make_node("Conv", ["h4", "wc"], ["c"]),
             *(oh.make_node("Relu", [n], [f"r_{n}"]) for n in ("m", "gm", "aa", "c")),
         ],
-        "g",
         [
             oh.make_tensor_value_info("x", f, ["N", 16]),
             oh.make_tensor_value_info("s", i64, [2]),
@@ -104,9 +103,8 @@ def _reshaped_model() -> onnx.ModelProto:
             oh.make_tensor_value_info(f"r_{n}", f, ["a", "b", "c", "d"][:rank])
             for n, rank in (("m", 2), ("gm", 2), ("aa", 2), ("c", 4))
         ],
-        initializer=inits,
+        inits,
     )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
 
 
 def test_weight_nodes_without_inferred_shapes_count_their_macs_per_row():
@@ -126,13 +124,13 @@ def test_observed_shapes_give_the_macs_of_that_run():
 
 def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
     u8 = onnx.TensorProto.UINT8
-    inits = [
-        onh.from_array(np.ones((16, 32), np.uint8), "wq"),
-        onh.from_array(np.ones((4, 3, 3, 3), np.uint8), "cq"),
-        onh.from_array(np.array(0.1, np.float32), "sc"),
-        onh.from_array(np.array(0, np.uint8), "zp"),
-    ]
-    graph = oh.make_graph(
+    inits = {
+        "wq": np.ones((16, 32), np.uint8),
+        "cq": np.ones((4, 3, 3, 3), np.uint8),
+        "sc": np.array(0.1, np.float32),
+        "zp": np.array(0, np.uint8),
+    }
+    model = make_model(
         [
             oh.make_node("MatMulInteger", ["x", "wq"], ["mi"]),
             oh.make_node("QLinearMatMul", ["x", "sc", "zp", "wq", "sc", "zp", "sc", "zp"], ["qm"]),
@@ -143,7 +141,6 @@ def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
                 pads=[1, 1, 1, 1],
             ),  # fmt: skip
         ],
-        "g",
         [
             oh.make_tensor_value_info("x", u8, ["N", 16]),
             oh.make_tensor_value_info("img", u8, ["N", 3, 8, 8]),
@@ -153,9 +150,8 @@ def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
             oh.make_tensor_value_info("qm", u8, ["N", 32]),
             oh.make_tensor_value_info("qc", u8, ["N", 4, 8, 8]),
         ],
-        initializer=inits,
+        inits,
     )
-    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
     s = stats.measure(io.load(model))
     assert s.macs == 2 * 32 * 16 + 4 * 8 * 8 * (3 * 3 * 3)
     assert s.nodes_without_macs == 0
@@ -186,17 +182,16 @@ def test_a_dim_written_as_minus_one_counts_once_and_the_model_is_left_as_it_was(
     """Paddle exports declare unknown dims as -1; they must not make MACs negative."""
     f = onnx.TensorProto.FLOAT
     weight = np.ones((8, 3, 3, 3), np.float32)
-    graph = oh.make_graph(
+    proto = make_model(
         [
             oh.make_node("Conv", ["img", "w"], ["c"], pads=[1, 1, 1, 1]),
             oh.make_node("Relu", ["c"], ["y"]),
         ],
-        "g",
         [oh.make_tensor_value_info("img", f, [-1, 3, 4, 4])],
         [oh.make_tensor_value_info("y", f, [-1, 8, 4, 4])],
-        initializer=[onh.from_array(weight, "w")],
+        {"w": weight},
     )
-    model = io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
+    model = io.load(proto)
     assert stats.measure(model).macs == 8 * 4 * 4 * 27
     conv_output = next(iter(model.graph)).outputs[0]
     assert conv_output.shape is None  # inference ran on a serialized copy of the graph
