@@ -99,6 +99,10 @@ class Exclusions:
             and len(activation_inputs(node)) == 2
         ):
             return True
+        return self.named(node)
+
+    def named(self, node: ir.Node) -> bool:
+        """Whether ``nodes`` names ``node`` (exactly or by regex)."""
         name = node.name or ""
         return any(name == pattern or re.fullmatch(pattern, name) for pattern in self.nodes)
 

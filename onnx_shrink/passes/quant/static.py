@@ -277,10 +277,11 @@ def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
     """Activation tensors (inputs and outputs) of the quantized nodes matching ``patterns``."""
     if not patterns:
         return set()
-    matcher = placement.Exclusions(frozenset(), tuple(patterns))
+    # Names only: what excludes() adds (rule 8's attention MatMuls) is no choice of the user's.
+    matcher = placement.Exclusions(nodes=tuple(patterns))
     result: set[str] = set()
     for node in nodes:
-        if matcher.excludes(node):
+        if matcher.named(node):
             result.update(v.name for v in placement.activation_inputs(node))
             result.update(o.name for o in node.outputs)
     return result

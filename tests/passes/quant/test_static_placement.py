@@ -335,3 +335,32 @@ def test_matmuls_of_two_activations_stay_float_unless_asked(tmp_path, asked):
     quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
     assert ({"q", "kt"} <= quantized) == asked
     assert "x" in quantized  # the projections are quantized either way
+
+
+def test_int16_widens_only_the_named_nodes_tensors_with_attention_matmuls_quantized(tmp_path):
+    d = 8
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["x", "wq"], ["q"], name="mq"),
+            oh.make_node("MatMul", ["x", "wk"], ["k"], name="mk"),
+            oh.make_node("Transpose", ["k"], ["kt"], perm=[1, 0], name="t"),
+            oh.make_node("MatMul", ["q", "kt"], ["scores"], name="attention"),
+            oh.make_node("MatMul", ["scores", "wo"], ["y"], name="mo"),
+        ],
+        [oh.make_tensor_value_info("x", F, [4, d])],
+        [oh.make_tensor_value_info("y", F, [4, d])],
+        {
+            "wq": RNG.standard_normal((d, d)).astype(np.float32),
+            "wk": RNG.standard_normal((d, d)).astype(np.float32),
+            "wo": RNG.standard_normal((4, d)).astype(np.float32),
+        },
+    )
+    x = RNG.standard_normal((6, 4, d)).astype(np.float32)
+    _, model = _quantize(proto, {"x": x}, tmp_path, activation_matmuls=True, int16=("mq",))
+    bits = {
+        n.inputs[0].name: n.inputs[2].const_value.dtype.bitwidth
+        for n in model.graph
+        if n.op_type == "QuantizeLinear"
+    }
+    assert bits["x"] == bits["q"] == 16  # mq's input and output
+    assert bits["scores"] == 8  # the attention MatMul's output: its node is not named
