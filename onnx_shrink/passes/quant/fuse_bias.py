@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN
+from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN, bias_add
 
 
 def try_fuse(model: ir.Model, matmul: ir.Node) -> bool:
@@ -23,21 +23,10 @@ def try_fuse(model: ir.Model, matmul: ir.Node) -> bool:
     if x_dq is None or w_dq is None or not _is_activation_dq(x_dq) or not _is_weight_dq(w_dq):
         return False
     weight = w_dq.inputs[0].const_value
-    out = matmul.outputs[0]
-    uses = out.uses()
-    if weight.dtype != ir.DataType.INT8 or len(uses) != 1 or out.is_graph_output():
+    if weight.dtype != ir.DataType.INT8:
         return False
-    add = uses[0].node
-    if add.op_type != "Add" or len(add.inputs) != 2:
-        return False
-    bias = add.inputs[1 - uses[0].idx]
-    n = weight.shape[1]
-    if (
-        bias is None
-        or bias.const_value is None
-        or bias.const_value.dtype != ir.DataType.FLOAT
-        or bias.const_value.shape.numpy() != (n,)
-    ):
+    add, bias = bias_add(matmul, weight.shape[1])
+    if add is None:
         return False
     a_zero = x_dq.inputs[2] if len(x_dq.inputs) > 2 else None
     b_zero = w_dq.inputs[2] if len(w_dq.inputs) > 2 else None

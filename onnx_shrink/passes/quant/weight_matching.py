@@ -199,7 +199,7 @@ def match_linear(context: WeightContext, node: ir.Node) -> LinearMatch | str:
     assert weight.const_value is not None
     k, n = weight.const_value.shape
     if node.op_type == "MatMul":
-        add, bias = _bias_add(node, n)
+        add, bias = bias_add(node, n)
         replaced = [node] if add is None else [node, add]
         return LinearMatch(activation, weight, False, 1.0, bias, replaced)
     attrs = node.attributes
@@ -223,7 +223,7 @@ def match_linear(context: WeightContext, node: ir.Node) -> LinearMatch | str:
     return LinearMatch(activation, weight, transposed, alpha, np.ascontiguousarray(bias), [node])
 
 
-def _bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
+def bias_add(node: ir.Node, n: int) -> tuple[ir.Node | None, ir.Value | None]:
     """The ``Add`` that alone reads a MatMul's output with a constant float32 [N], if any."""
     output = node.outputs[0]
     uses = output.uses()
