@@ -26,7 +26,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes.quant import placement, static
+from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
@@ -169,11 +169,7 @@ def sensitivity(
         stats = collect_mod.collect(
             base, quant.requests(base), data, provider=provider, progress=progress
         )
-        # As the pass does before planning: per-channel DQ needs opset 13, 16-bit Q/DQ 21.
-        if quant.per_channel:
-            static.ensure_opset(base, 13, "per-channel weights")
-        if quant.int16:
-            static.ensure_opset(base, 21, "16-bit activations")
+        quant.convert_opset(base)  # as the pass does before planning
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]

@@ -147,9 +147,16 @@ class QuantPass(DataAwarePass):
             ]
         return result
 
+    def convert_opset(self, model: ir.Model) -> tuple[bool, bool]:
+        """Convert ``model`` in place to the opset the options need (per-channel DQ: 13,
+        16-bit Q/DQ: 21), as ``apply`` does before planning; (per-channel weights, 16-bit
+        activations) as the model's opset then allows."""
+        per_channel = self.per_channel and _ensure_opset(model, 13, "per-channel weights")
+        sixteen_bit = bool(self.int16) and _ensure_opset(model, 21, "16-bit activations")
+        return per_channel, sixteen_bit
+
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        per_channel = self.per_channel and ensure_opset(model, 13, "per-channel weights")
-        sixteen_bit = bool(self.int16) and ensure_opset(model, 21, "16-bit activations")
+        per_channel, sixteen_bit = self.convert_opset(model)
         placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
@@ -287,7 +294,7 @@ def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
     return result
 
 
-def ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
+def _ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
     """Convert a model older than opset ``target`` to it, in place; False when the converter
     cannot (the caller then does without ``purpose``). Per-channel DequantizeLinear (``axis``)
     needs opset 13; 16-bit QuantizeLinear/DequantizeLinear need 21."""
