@@ -175,11 +175,17 @@ class HistogramAccumulator:
     """
 
     MAX_EXTENSION = 4
-    INDEX_LIMIT = float(1 << 30)  # positions are clipped here before the int32 cast
+    # Bin indices are int16 (the graph computes them with one QuantizeLinear), saturated at
+    # its limits; a saturated index must read as "too far" (``fits`` False), which holds
+    # while MAX_EXTENSION x bins < 2**15.
+    INDEX_TYPE = np.int16
+    MAX_BINS = 8000
 
     def __init__(self, minimum: float, maximum: float, bins: int, stride: int = 1) -> None:
+        if not 1 <= bins <= self.MAX_BINS:
+            raise ValueError(f"histograms have 1 to {self.MAX_BINS} bins, not {bins}")
         # Edges stay inside float32 (the bin arithmetic runs in float32) and span at least a
-        # width whose bins/width scale float32 can hold, whatever the data (subnormals, masks).
+        # width float32 can hold, whatever the data (subnormals, masks).
         limit = float(np.finfo(np.float32).max) / 4
         # Past the limit no extension can follow: those values go into the end bins.
         self._open_low, self._open_high = minimum >= -limit, maximum <= limit
@@ -192,12 +198,27 @@ class HistogramAccumulator:
         self.outside: dict[int, int] = {}
         self.stride = stride
 
+    @classmethod
+    def covering(cls, minimum: float, maximum: float, bins: int, stride: int = 1):
+        """An accumulator whose bins hold every value of [minimum, maximum].
+
+        The bin arithmetic rounds to nearest, so values on an edge are a tie that float32
+        error tips either way: a maximum on the last edge could need one more bin. The edges
+        reach 1/64 of a bin past both ends instead (never across zero, so a one-sided range
+        stays one-sided; zero itself rounds into its bin exactly).
+        """
+        margin = max(maximum - minimum, 0.0) / (64 * bins)
+        low = minimum - margin if minimum < 0 else max(0.0, minimum - margin)
+        high = maximum + margin if maximum > 0 else min(0.0, maximum + margin)
+        return cls(low, high, bins, stride)
+
     def index_constants(self) -> tuple[np.float32, np.float32]:
-        """(low edge, bins per unit) in float32: bin = int32(floor(clip((x - low) * scale,
-        -INDEX_LIMIT, INDEX_LIMIT))). The same arithmetic runs in numpy here and in the graph
-        (collect), so a value lands in the same bin however it was batched or computed."""
-        scale = np.float32(len(self.counts) / (self.edges[-1] - self.edges[0]))
-        return np.float32(self.edges[0]), scale
+        """(centre of the first bin, bin width) in float32: bin = saturate_int16(round_even(
+        (x - centre) / width)), onnxruntime's QuantizeLinear of ``x - centre``. The same
+        arithmetic runs in numpy here and in the graph (collect), so a value lands in the same
+        bin however it was batched or computed."""
+        width = (self.edges[-1] - self.edges[0]) / len(self.counts)
+        return np.float32(self.edges[0] + width / 2), np.float32(width)
 
     def add(self, array: np.ndarray) -> None:
         """Count one sample's tensor (its lattice when ``stride`` > 1), finite values only."""
@@ -207,15 +228,17 @@ class HistogramAccumulator:
         """Count values already on the lattice (finite ones only)."""
         values = np.asarray(values, dtype=np.float32).ravel()
         finite = np.isfinite(values)
-        if not finite.all():
-            values = values[finite]
-        low, scale = self.index_constants()
-        limit = np.float32(self.INDEX_LIMIT)
-        # Values near float32's limits overflow to inf here, which the clip bounds, as the
-        # graph's arithmetic does: the overflow is the intended result.
-        with np.errstate(over="ignore"):
-            position = np.floor(np.clip((values - low) * scale, -limit, limit))
-        self.add_indices(position.astype(np.int32))
+        self.add_indices(self.bin_indices(values if finite.all() else values[finite]))
+
+    def bin_indices(self, values: np.ndarray) -> np.ndarray:
+        """The bin index of each float32 value (see ``index_constants``), as int16."""
+        centre, width = self.index_constants()
+        info = np.iinfo(self.INDEX_TYPE)
+        # Values near float32's limits overflow to inf here, which the saturation bounds, as
+        # the graph's arithmetic does: the overflow is the intended result.
+        with np.errstate(over="ignore", invalid="ignore"):
+            position = np.rint((np.asarray(values, np.float32) - centre) / width)
+            return np.clip(position, info.min, info.max).astype(self.INDEX_TYPE)
 
     def add_indices(self, indices: np.ndarray) -> None:
         """Count precomputed bin indices (already on the lattice); those outside [0, bins)

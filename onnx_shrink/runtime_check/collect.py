@@ -219,7 +219,7 @@ class _Pass:
         self.probe_samples += samples
         self._probed.append(
             {
-                r: np.ascontiguousarray(outputs[self.names[r].lattice][:: self.strides[r]])
+                r: np.ascontiguousarray(outputs[self.names[r].lattice].ravel()[:: self.strides[r]])
                 if first_sample
                 else outputs[self.names[r].lattice]
                 for r in self.requests
@@ -249,8 +249,8 @@ class _Pass:
         feed: dict[str, np.ndarray] = {cg.RUN_SAMPLES: np.array([1], np.int64)}
         for request in self.requests:
             counter = (counters or {}).get(request)
-            low, scale = counter.index_constants() if counter is not None else (0.0, 1.0)
-            feed.update(self.names[request].feed(self.strides.get(request, 1), low, scale))
+            centre, width = counter.index_constants() if counter is not None else (0.0, 1.0)
+            feed.update(self.names[request].feed(self.strides.get(request, 1), centre, width))
         return feed if self.requests else {}
 
     def recount(self, requests, ranges, samples) -> dict[st.StatRequest, st.Histogram]:
@@ -260,7 +260,7 @@ class _Pass:
         exact = {}
         for request in requests:
             minmax = ranges[request.tensor].result()
-            exact[request] = st.HistogramAccumulator(
+            exact[request] = st.HistogramAccumulator.covering(
                 minmax.minimum, minmax.maximum, request.bins, self.strides.get(request, 1)
             )
         as_values = {r for r in requests if _holds_nonfinite(ranges[r.tensor])}

@@ -2,11 +2,12 @@
 
 For ``collect``: every ranged tensor gets its min, max and size reduced inside the graph; raw
 tensors are exposed as they are; every histogram request gets its lattice (every ``stride``-th
-element of each sample's part of the tensor, as float32) and that lattice's bin indices,
-``int32(floor(clip((x - low) * scale, -L, L)))``: the arithmetic of
-``compiler.statistics.HistogramAccumulator``. The stride, low edge and scale of each request
-are graph *inputs*, so one session serves the probe (before edges exist), the counting pass
-and any recount over wider edges. So is the number of samples in the run (``RUN_SAMPLES``):
+element of each sample's part of the tensor, as float32, one row per sample) and that
+lattice's int16 bin indices, ``QuantizeLinear(x - centre, width)`` (onnxruntime's, which
+saturates): the arithmetic of ``compiler.statistics.HistogramAccumulator``, in two nodes.
+The stride, first bin's centre and bin width of each request are graph *inputs*, so one
+session serves the probe (before edges exist), the counting pass and any recount over wider
+edges. So is the number of samples in the run (``RUN_SAMPLES``):
 the tensor is cut into that many equal parts, each sample's where its first axis holds the
 samples, and each part gets its own lattice, so a run of several samples counts what they
 would count one at a time.
@@ -31,22 +32,23 @@ class HistogramIO:
     """The names one histogram request adds to the graph."""
 
     stride: str  # input: int64[1]
-    low: str  # input: float32 scalar
-    scale: str  # input: float32 scalar
-    lattice: str  # output: float32 values on the lattice
-    bins: str  # output: int32 bin indices of the lattice
+    centre: str  # input: float32 scalar, the first bin's centre
+    width: str  # input: float32 scalar, the bins' width
+    lattice: str  # output: float32 values on the lattice, [samples, elements]
+    bins: str  # output: int16 bin indices of the lattice, [samples, elements]
 
     @classmethod
     def of(cls, request: st.StatRequest) -> HistogramIO:
         # One set of names per request: the same tensor may be asked for at two lattices.
         prefix = f"{request.tensor}::hist{request.bins}/{request.per_sample}"
-        return cls(*(f"{prefix}::{part}" for part in ("stride", "low", "scale", "lattice", "bins")))
+        parts = ("stride", "centre", "width", "lattice", "bins")
+        return cls(*(f"{prefix}::{part}" for part in parts))
 
-    def feed(self, stride: int, low: float, scale: float) -> dict[str, np.ndarray]:
+    def feed(self, stride: int, centre: float, width: float) -> dict[str, np.ndarray]:
         return {
             self.stride: np.array([stride], np.int64),
-            self.low: np.array(low, np.float32),
-            self.scale: np.array(scale, np.float32),
+            self.centre: np.array(centre, np.float32),
+            self.width: np.array(width, np.float32),
         }
 
 
@@ -80,6 +82,7 @@ def instrument(
     for name in ranged:
         graph.outputs.extend(_range_nodes(graph, values[name], careful))
     if histograms:
+        clone.opset_imports.setdefault(_ORT_DOMAIN, 1)
         int64 = ir.TensorType(ir.DataType.INT64)
         samples = ir.Value(name=RUN_SAMPLES, type=int64, shape=ir.Shape([1]))
         graph.inputs.append(samples)
@@ -87,6 +90,10 @@ def instrument(
         names = HistogramIO.of(request)
         graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names, samples))
     return clone
+
+
+# onnxruntime's QuantizeLinear, which gives int16 at any opset (ONNX's needs opset 21).
+_ORT_DOMAIN = "com.microsoft"
 
 
 def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
@@ -130,19 +137,21 @@ def _histogram_nodes(
         return value
 
     stride = graph_input(names.stride, ir.DataType.INT64, [1])
-    low = graph_input(names.low, ir.DataType.FLOAT, [])
-    scale = graph_input(names.scale, ir.DataType.FLOAT, [])
+    centre = graph_input(names.centre, ir.DataType.FLOAT, [])
+    width = graph_input(names.width, ir.DataType.FLOAT, [])
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
     minus_one = const(np.array([-1], np.int64))
     rows = tape.op("Reshape", [x, tape.op("Concat", [samples, minus_one], attributes={"axis": 0})])
     ends = const(np.array([np.iinfo(np.int64).max], np.int64))
-    zero, one = const(np.array([0], np.int64)), const(np.array([1], np.int64))
-    lattice = tape.op("Reshape", [tape.op("Slice", [rows, zero, ends, one, stride]), minus_one])
-    limit = np.float32(st.HistogramAccumulator.INDEX_LIMIT)
-    position = tape.op("Mul", [tape.op("Sub", [lattice, low]), scale])
-    clipped = tape.op("Clip", [position, const(np.array(-limit)), const(np.array(limit))])
-    bins = tape.op("Cast", [tape.op("Floor", [clipped])], attributes={"to": ir.DataType.INT32})
+    one = const(np.array([1], np.int64))
+    # Rows stay rows: a Reshape to one dimension would copy the lattice (numpy's ravel won't).
+    lattice = tape.op("Slice", [rows, const(np.array([0], np.int64)), ends, one, stride])
+    # One QuantizeLinear does the division, round-to-even and saturation that took five
+    # nodes (Mul, Clip, Floor, Cast and a Reshape): ~2x faster, and half the bytes out.
+    zero = const(np.zeros((), st.HistogramAccumulator.INDEX_TYPE))
+    shifted = tape.op("Sub", [lattice, centre])
+    bins = tape.op("QuantizeLinear", [shifted, width, zero], domain=_ORT_DOMAIN)
     lattice.name, bins.name = names.lattice, names.bins
     return [lattice, bins]

@@ -310,9 +310,50 @@ def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_pa
     dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
     stats = collect.collect(model, [request], dataset)
     histogram = stats.histogram("y")
-    assert histogram.edges[-1] == pytest.approx(1000.0) and len(histogram.counts) == 64
+    # Over the exact range, the maximum 1/64 of a bin inside the last edge (not on a tie).
+    width = histogram.edges[1] - histogram.edges[0]
+    assert 1000.0 + width / 128 < histogram.edges[-1] < 1000.0 + width / 32
+    assert len(histogram.counts) == 64
     assert histogram.total == x.size and histogram.counts[-1] == 1
     assert counting.samples == [80]  # the same session, a second time over the samples
+
+
+def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
+    """One arithmetic in two places: a value counted in numpy (the probe) and in the graph
+    (every later sample) lands in the same bin, rounding ties and saturation included."""
+    from onnx_shrink.runtime_check import collect_graph as cg
+
+    acc = HistogramAccumulator(-1.0, 3.0, 64)
+    centre, width = acc.index_constants()
+    edges = acc.edges.astype(np.float32)
+    rng = np.random.default_rng(3)
+    x = np.concatenate(
+        [
+            edges,  # on the bin boundaries: ties of the round to nearest
+            (centre + width * np.arange(-70, 140)).astype(np.float32),  # bin centres
+            rng.uniform(-2.0, 4.0, 4000).astype(np.float32),
+            np.array([1e4, -1e4, 3e38, -3e38, np.inf, -np.inf], np.float32),  # saturate
+        ]
+    )
+    x = np.concatenate([np.zeros(-x.size % 64, np.float32), x])  # whole rows of the model's 64
+    request = StatRequest("y", "histogram", bins=64)
+    model = cg.instrument(_identity_model(), [], [], [request])
+    session = collect.sessions.create_session(io.to_bytes(model))
+    names = cg.HistogramIO.of(request)
+    feed = {"x": x.reshape(-1, 64), cg.RUN_SAMPLES: np.array([1], np.int64)}
+    feed.update(names.feed(1, centre, width))
+    graph_bins = session.run([names.bins], feed)[0].ravel()
+    assert graph_bins.dtype == np.int16
+    np.testing.assert_array_equal(graph_bins, acc.bin_indices(x))
+    assert graph_bins[-6:].tolist() == [32767, -32768, 32767, -32768, 32767, -32768]
+
+
+def test_a_saturated_bin_index_never_reads_as_a_fitting_extension():
+    acc = HistogramAccumulator(0.0, 1.0, HistogramAccumulator.MAX_BINS)
+    acc.add_values(np.array([0.5, 1e9], np.float32))
+    assert not acc.fits
+    with pytest.raises(ValueError, match="1 to 8000 bins"):
+        HistogramAccumulator(0.0, 1.0, HistogramAccumulator.MAX_BINS + 1)
 
 
 def test_extension_is_exact_and_bounded():

@@ -13,7 +13,7 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
-from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.compiler.statistics import HistogramAccumulator, Statistics, StatRequest
 from onnx_shrink.passes.quant import calibration, compact, fuse_bias, placement
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import (
@@ -84,7 +84,12 @@ class QuantPass(DataAwarePass):
     percentile: float = option(
         99.999, "kept mass for calibration=percentile", minimum=50.0, maximum=100.0
     )
-    bins: int = option(2048, "histogram bins for percentile/entropy/mse", minimum=128)
+    bins: int = option(
+        2048,
+        "histogram bins for percentile/entropy/mse",
+        minimum=128,
+        maximum=HistogramAccumulator.MAX_BINS,
+    )
     histogram_elements: int = option(
         65536,
         "count about this many elements of each sample per histogram, on a fixed lattice "
