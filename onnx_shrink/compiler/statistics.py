@@ -7,7 +7,7 @@ tested with hand-made statistics.
 
 Every result is exact whatever the batching: min/max and counts are exact, histograms use
 fixed edges decided from a fixed prefix of the samples (extended by bins of the same width when
-later values pass them), and sums accumulate in float64.
+later values pass them) and fixed lattices, and sums accumulate in float64.
 Non-finite values (the -inf of an additive attention mask) are counted, never folded into a
 range.
 """
@@ -35,7 +35,11 @@ class StatRequest:
             of each sample's flattened tensor (``stride`` a prime, chosen from the first
             sample's size). The lattice is the same whatever the batching, so the counts still
             are; min/max stay exact. Counting every element costs ~2 ns each in numpy, more
-            than inference.
+            than inference. With ``later_per_sample`` > 0, the samples after the first ones
+            (those that fix the edges, ``runtime_check.collect``) are counted on a sparser
+            lattice of about that many elements, each weighing (first lattice's size / its
+            size): every sample still weighs the same, and many samples cost little more
+            than few.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
         gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column
@@ -50,6 +54,7 @@ class StatRequest:
     bins: int = 2048
     patch: tuple[int, ...] = ()
     per_sample: int = 0
+    later_per_sample: int = 0
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +68,8 @@ class MinMax:
 @dataclasses.dataclass(frozen=True)
 class Histogram:
     """``counts[i]`` counted elements fell in ``[edges[i], edges[i + 1])`` (the last bin is
-    closed); every ``stride``-th element of each sample was counted."""
+    closed); every ``stride``-th element of each sample was counted (float64: elements of a
+    sparser lattice weigh more, see ``StatRequest``)."""
 
     edges: np.ndarray
     counts: np.ndarray
@@ -71,7 +77,7 @@ class Histogram:
 
     @property
     def total(self) -> int:
-        return int(self.counts.sum())
+        return int(round(float(self.counts.sum())))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -194,8 +200,11 @@ class HistogramAccumulator:
         if maximum - minimum < 1e-30:
             maximum = minimum + max(abs(minimum) * 1e-6, 1e-30)
         self.edges = np.linspace(minimum, maximum, bins + 1, dtype=np.float64)
-        self.counts = np.zeros(bins, dtype=np.int64)
-        self.outside: dict[int, int] = {}
+        self.bins = bins
+        # Integer counts per weight, weighed only in ``result``: sums of floats would depend
+        # on how the samples were grouped into runs.
+        self._counts: dict[float, np.ndarray] = {}
+        self._outside: dict[float, dict[int, int]] = {}
         self.stride = stride
 
     @classmethod
@@ -217,18 +226,18 @@ class HistogramAccumulator:
         (x - centre) / width)), onnxruntime's QuantizeLinear of ``x - centre``. The same
         arithmetic runs in numpy here and in the graph (collect), so a value lands in the same
         bin however it was batched or computed."""
-        width = (self.edges[-1] - self.edges[0]) / len(self.counts)
+        width = (self.edges[-1] - self.edges[0]) / self.bins
         return np.float32(self.edges[0] + width / 2), np.float32(width)
 
     def add(self, array: np.ndarray) -> None:
         """Count one sample's tensor (its lattice when ``stride`` > 1), finite values only."""
         self.add_values(np.asarray(array).ravel()[:: self.stride])
 
-    def add_values(self, values: np.ndarray) -> None:
-        """Count values already on the lattice (finite ones only)."""
+    def add_values(self, values: np.ndarray, weight: float = 1.0) -> None:
+        """Count values already on the lattice (finite ones only), each as ``weight``."""
         values = np.asarray(values, dtype=np.float32).ravel()
         finite = np.isfinite(values)
-        self.add_indices(self.bin_indices(values if finite.all() else values[finite]))
+        self.add_indices(self.bin_indices(values if finite.all() else values[finite]), weight)
 
     def bin_indices(self, values: np.ndarray) -> np.ndarray:
         """The bin index of each float32 value (see ``index_constants``), as int16."""
@@ -240,35 +249,54 @@ class HistogramAccumulator:
             position = np.rint((np.asarray(values, np.float32) - centre) / width)
             return np.clip(position, info.min, info.max).astype(self.INDEX_TYPE)
 
-    def add_indices(self, indices: np.ndarray) -> None:
-        """Count precomputed bin indices (already on the lattice); those outside [0, bins)
-        are kept for the extension."""
+    def add_indices(self, indices: np.ndarray, weight: float = 1.0) -> None:
+        """Count precomputed bin indices (already on the lattice), each as ``weight``
+        elements; those outside [0, bins) are kept for the extension."""
         indices = indices.ravel()
-        bins = len(self.counts)
+        bins = self.bins
+        counted = self._counts.setdefault(weight, np.zeros(bins, dtype=np.int64))
+        outside = self._outside.setdefault(weight, {})
         if not self._open_high:
             indices = np.minimum(indices, bins - 1)
         if not self._open_low:
             indices = np.maximum(indices, 0)
         inside = (indices >= 0) & (indices < bins)
         if inside.all():
-            self.counts += np.bincount(indices, minlength=bins)
+            counted += np.bincount(indices, minlength=bins)
             return
-        self.counts += np.bincount(indices[inside], minlength=bins)
+        counted += np.bincount(indices[inside], minlength=bins)
         beyond, counts = np.unique(indices[~inside], return_counts=True)
         for index, count in zip(beyond.tolist(), counts.tolist(), strict=True):
-            self.outside[index] = self.outside.get(index, 0) + count
+            outside[index] = outside.get(index, 0) + count
+
+    @property
+    def counts(self) -> np.ndarray:
+        """The weighed counts inside the edges (float64)."""
+        total = np.zeros(self.bins, dtype=np.float64)
+        for weight in sorted(self._counts):
+            total += weight * self._counts[weight]
+        return total
+
+    @property
+    def outside(self) -> dict[int, float]:
+        """The weighed counts of bins past the edges, by bin index."""
+        total: dict[int, float] = {}
+        for weight in sorted(self._outside):
+            for index, count in self._outside[weight].items():
+                total[index] = total.get(index, 0.0) + weight * count
+        return total
 
     def _extent(self) -> tuple[int, int]:
-        bins = len(self.counts)
-        return min(0, *self.outside), max(bins - 1, *self.outside)
+        outside = self.outside
+        return min(0, *outside), max(self.bins - 1, *outside)
 
     @property
     def fits(self) -> bool:
         """Can ``result`` cover every counted value within ``MAX_EXTENSION`` x the bins?"""
-        if not self.outside:
+        if not any(self._outside.values()):
             return True
         first, last = self._extent()
-        return last - first + 1 <= self.MAX_EXTENSION * len(self.counts)
+        return last - first + 1 <= self.MAX_EXTENSION * self.bins
 
     def result(self) -> Histogram:
         """The counts over the edges, extended by equal bins to cover every counted value.
@@ -276,16 +304,16 @@ class HistogramAccumulator:
         Raises:
             ValueError: not ``fits``.
         """
-        if not self.outside:
-            return Histogram(self.edges, self.counts.copy(), self.stride)
+        if not any(self._outside.values()):
+            return Histogram(self.edges, self.counts, self.stride)
         if not self.fits:
             raise ValueError("values fell too far beyond the histogram's edges; count again")
         first, last = self._extent()
-        counts = np.zeros(last - first + 1, dtype=np.int64)
-        counts[-first : -first + len(self.counts)] = self.counts
+        counts = np.zeros(last - first + 1, dtype=np.float64)
+        counts[-first : -first + self.bins] = self.counts
         for index, count in self.outside.items():
             counts[index - first] += count
-        width = (self.edges[-1] - self.edges[0]) / len(self.counts)
+        width = (self.edges[-1] - self.edges[0]) / self.bins
         edges = self.edges[0] + width * np.arange(first, last + 2, dtype=np.float64)
         return Histogram(edges, counts, self.stride)
 

@@ -23,6 +23,10 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
   counted again over its exact range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
   element of each sample's part of the tensor, the stride fixed from the first sample's size.
+  The samples after the probe may use a sparser lattice (``later_per_sample``), each of its
+  elements weighing (probe lattice size / its size), so that every sample weighs the same and
+  many samples cost little more than few. Counts are kept per weight, as integers, and only
+  weighed at the end: the result stays independent of how samples share runs.
 * Per-channel and Gram statistics are folded in numpy from the sample's tensor.
 * A one-shot reader is spilled to a temporary folder as it is read, in case a second pass
   (non-finite ranges, a recount) needs the samples again.
@@ -120,7 +124,7 @@ def collect(
             len(histograms),
         )
         if recount:
-            results.update(counting.recount(recount, ranges, counting.grouped(replay, specs)))
+            results.update(counting.recount(recount, ranges, counting.phases(replay, specs)))
     return st.Statistics(
         results={r: results[r] for r in requests},
         samples=counting.samples,
@@ -139,13 +143,16 @@ class _Pass:
         self.others = others
         self.requests = list(histograms)
         self.names = {r: cg.HistogramIO.of(r) for r in histograms}
-        self.strides: dict[st.StatRequest, int] = {}
+        self.strides: dict[st.StatRequest, int] = {}  # the probe's lattices
+        self.later_strides: dict[st.StatRequest, int] = {}  # after the probe
+        self._weights: dict[st.StatRequest, float] = {}  # of a later lattice's elements
         self.histograms: dict[st.StatRequest, st.HistogramAccumulator] = {}
         self.progress = progress
         self.samples = 0
         self.joining: _Joining | None = None  # None: each feed runs as it comes
         self._probed: list[dict[st.StatRequest, np.ndarray]] = []
         self.probe_samples = 0
+        self._probe_items = 0  # single samples the probe took after the first
         counted = {n for io_names in self.names.values() for n in (io_names.lattice, io_names.bins)}
         self._fixed = [o.name for o in session.get_outputs() if o.name not in counted]
 
@@ -166,23 +173,32 @@ class _Pass:
             for batch, outputs in self._runs(self._grouped(samples), []):
                 self._fold(batch, outputs)
             return
-        self.strides = {
-            r: lattice_stride(int(outputs[cg.range_names(r.tensor)[2]]), r.per_sample)
-            for r in self.requests
-        }
+        for request in self.requests:
+            elements = int(outputs[cg.range_names(request.tensor)[2]])
+            self.strides[request] = lattice_stride(elements, request.per_sample)
+            later = request.later_per_sample
+            self.later_strides[request] = (
+                lattice_stride(elements, later) if later > 0 else self.strides[request]
+            )
+            # A later sample weighs what a probe sample does: its lattice's elements each
+            # count for (probe lattice size / its lattice size) elements.
+            self._weights[request] = -(-elements // self.strides[request]) / -(
+                -elements // self.later_strides[request]
+            )
         self._fold(first, outputs)
         self._keep(outputs, first.samples, first_sample=True)
         kept = max(1, sum(array.nbytes for array in self._probed[0].values()))
-        probe = itertools.islice(samples, max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1))
+        self._probe_items = max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1)
+        probe = itertools.islice(samples, self._probe_items)
         for batch, outputs in self._runs(self._grouped(probe), lattices):
             self._fold(batch, outputs)
             self._keep(outputs, batch.samples)
         self._fix_edges()
         bins = [self.names[r].bins for r in self.requests]
-        for batch, outputs in self._runs(self._grouped(samples), bins):
+        for batch, outputs in self._runs(self._grouped(samples), bins, later=True):
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():
-                counter.add_indices(outputs[self.names[request].bins])
+                counter.add_indices(outputs[self.names[request].bins], self.weight(request))
 
     def _samples_per_run(self, outputs: dict[str, np.ndarray]) -> int:
         """``MAX_RUN_SAMPLES``, fewer when one sample's requested tensors (as float32, with
@@ -202,14 +218,26 @@ class _Pass:
 
     def grouped(self, dataset: data_mod.Dataset, specs) -> Iterator[data_mod.Batch]:
         """``dataset``'s samples again, in this pass's runs (the first sample alone)."""
+        probe, later = self.phases(dataset, specs)
+        yield from probe
+        yield from later
+
+    def phases(self, dataset: data_mod.Dataset, specs):
+        """``dataset``'s samples again, in this pass's runs: (the probe's, the later ones).
+        The second iterator continues where the first stopped: read them in that order."""
         samples = sample_batches.single_samples(dataset, specs)
         first = next(samples, None)
-        if first is not None:
-            yield first
-            yield from self._grouped(samples)
+        if first is None:
+            return iter(()), iter(())
+        taken = self._grouped(itertools.islice(samples, self._probe_items))
+        return itertools.chain([first], taken), self._grouped(samples)
 
-    def _runs(self, samples, histogram_outputs):
-        feed = self.histogram_feed(self.histograms)
+    def weight(self, request: st.StatRequest) -> float:
+        """What one element of a later sample's lattice weighs against the probe's."""
+        return self._weights[request]
+
+    def _runs(self, samples, histogram_outputs, later=False):
+        feed = self.histogram_feed(self.histograms, later)
         outputs = self._fixed + histogram_outputs
         return _overlapped_runs(self.session, samples, outputs, feed, self.joining)
 
@@ -242,20 +270,25 @@ class _Pass:
         self._probed.clear()
 
     def histogram_feed(
-        self, counters: dict[st.StatRequest, st.HistogramAccumulator] | None = None
+        self,
+        counters: dict[st.StatRequest, st.HistogramAccumulator] | None = None,
+        later: bool = False,
     ) -> dict[str, np.ndarray]:
-        """The histogram inputs: each request's stride (1 before the strides are fixed) and
-        its counter's edges (placeholders for requests without one)."""
+        """The histogram inputs: each request's stride (the probe's, or ``later`` the later
+        samples'; 1 before the strides are fixed) and its counter's edges (placeholders for
+        requests without one)."""
+        strides = self.later_strides if later else self.strides
         feed: dict[str, np.ndarray] = {cg.RUN_SAMPLES: np.array([1], np.int64)}
         for request in self.requests:
             counter = (counters or {}).get(request)
             centre, width = counter.index_constants() if counter is not None else (0.0, 1.0)
-            feed.update(self.names[request].feed(self.strides.get(request, 1), centre, width))
+            feed.update(self.names[request].feed(strides.get(request, 1), centre, width))
         return feed if self.requests else {}
 
-    def recount(self, requests, ranges, samples) -> dict[st.StatRequest, st.Histogram]:
+    def recount(self, requests, ranges, phases) -> dict[st.StatRequest, st.Histogram]:
         """Count ``requests`` again over each tensor's exact range (``ranges``), in the same
-        session: finite tensors from bin indices computed in the graph, tensors holding inf/NaN
+        session and on the same lattices (``phases``: the samples' runs as ``phases`` gives
+        them): finite tensors from bin indices computed in the graph, tensors holding inf/NaN
         from their lattice values in numpy (which drops the non-finite ones)."""
         exact = {}
         for request in requests:
@@ -266,18 +299,21 @@ class _Pass:
         as_values = {r for r in requests if _holds_nonfinite(ranges[r.tensor])}
         names = self.names
         outputs = [names[r].lattice if r in as_values else names[r].bins for r in requests]
-        feed = self.histogram_feed(exact)
-        runs = _overlapped_runs(self.session, samples, outputs, feed, self.joining)
         done = 0
-        for batch, result in runs:
-            for request, acc in exact.items():
-                if request in as_values:
-                    acc.add_values(result[names[request].lattice])
-                else:
-                    acc.add_indices(result[names[request].bins])
-            done += batch.samples
-            if self.progress is not None:
-                self.progress("histograms", done)
+        for later, samples in zip((False, True), phases, strict=True):
+            feed = self.histogram_feed(exact, later)
+            for batch, result in _overlapped_runs(
+                self.session, samples, outputs, feed, self.joining
+            ):
+                for request, acc in exact.items():
+                    weight = self.weight(request) if later else 1.0
+                    if request in as_values:
+                        acc.add_values(result[names[request].lattice], weight)
+                    else:
+                        acc.add_indices(result[names[request].bins], weight)
+                done += batch.samples
+                if self.progress is not None:
+                    self.progress("histograms", done)
         return {r: acc.result() for r, acc in exact.items()}
 
     def _fold(self, batch: data_mod.Batch, outputs: dict[str, np.ndarray]) -> None:

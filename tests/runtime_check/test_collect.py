@@ -33,6 +33,10 @@ def _requests(model):
         + [StatRequest(n, "histogram", bins=256) for n in names[:4]]
         + [StatRequest(n, "histogram", bins=256, per_sample=100) for n in names[1:3]]
         + [
+            StatRequest(n, "histogram", bins=256, per_sample=300, later_per_sample=40)
+            for n in names[2:4]
+        ]
+        + [
             StatRequest(names[2], "channel_absmax", axis=1),
             StatRequest(names[2], "channel_sqnorm", axis=1),
             StatRequest("image", "gram"),
@@ -157,6 +161,29 @@ def test_a_lattice_histogram_counts_every_strideth_element_of_each_sample(tmp_pa
     np.testing.assert_array_equal(histogram.edges, expected.edges)
     np.testing.assert_array_equal(histogram.counts, expected.counts)
     assert histogram.total == 24 * len(range(0, 1024, 11))
+
+
+def test_samples_after_the_probe_use_the_sparser_lattice_and_weigh_its_stride(tmp_path):
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40]
+    np.savez(tmp_path / "d.npz", image=images)
+    name = model.graph.node(2).outputs[0].name  # the first Relu: 16 x 8 x 8 per image
+    request = StatRequest(name, "histogram", bins=64, per_sample=100, later_per_sample=20)
+    histogram = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
+    histogram = histogram.histogram(name)
+    exposed = io.load(digits.MODEL_PATH)
+    exposed.graph.outputs.append(exposed.graph.node(2).outputs[0])
+    full = run_ort(io.to_bytes(exposed), {"image": images})[-1]
+    # The probe (the first 16 images) every 11th element, the rest every 53rd, each of their
+    # 20 elements weighing 94 / 20, the probe lattice's size over theirs.
+    expected = HistogramAccumulator(histogram.edges[0], histogram.edges[-1], 64)
+    for index, sample in enumerate(full):
+        stride = 11 if index < collect.PROBE_SAMPLES else 53
+        expected.add_values(sample.ravel()[::stride], 1.0 if stride == 11 else 94 / 20)
+    np.testing.assert_array_equal(histogram.edges, expected.edges)
+    np.testing.assert_allclose(histogram.counts, expected.counts, rtol=1e-12)
+    assert histogram.total == 40 * 94  # every sample weighs the same
 
 
 @pytest.mark.parametrize("elements", [1, 7, 64, 1000, 1024, 30030, 10**6 + 3])

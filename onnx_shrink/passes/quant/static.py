@@ -96,6 +96,13 @@ class QuantPass(DataAwarePass):
         "(0: every element; ranges stay exact either way)",
         minimum=0,
     )
+    histogram_elements_later: int = option(
+        8192,
+        "after the first samples (up to 16, which fix the histograms' edges), count about this "
+        "many of each sample, each weighing as many as its lattice skips (0: as "
+        "histogram_elements)",
+        minimum=0,
+    )
     activation_type: Literal["u8", "s8"] = option(
         "u8", "activation integers: u8 asymmetric or s8 symmetric", choices=("u8", "s8")
     )
@@ -147,7 +154,13 @@ class QuantPass(DataAwarePass):
         result = [StatRequest(name, "minmax") for name in names]
         if self.calibration != "minmax":
             result += [
-                StatRequest(name, "histogram", bins=self.bins, per_sample=self.histogram_elements)
+                StatRequest(
+                    name,
+                    "histogram",
+                    bins=self.bins,
+                    per_sample=self.histogram_elements,
+                    later_per_sample=self.histogram_elements_later,
+                )
                 for name in names
             ]
         return result
