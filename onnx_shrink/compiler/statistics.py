@@ -37,9 +37,9 @@ class StatRequest:
             are; min/max stay exact. Counting every element costs ~2 ns each in numpy, more
             than inference. With ``later_per_sample`` > 0, the samples after the first ones
             (those that fix the edges, ``runtime_check.collect``) are counted on a sparser
-            lattice of about that many elements, each weighing (first lattice's size / its
-            size): every sample still weighs the same, and many samples cost little more
-            than few.
+            lattice of about that many elements (never denser; none with ``per_sample`` 0),
+            each weighing (first lattice's size / its size): every sample still weighs the
+            same, and many samples cost little more than few.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
         gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column
@@ -56,6 +56,13 @@ class StatRequest:
     per_sample: int = 0
     later_per_sample: int = 0
 
+    def __post_init__(self) -> None:
+        if self.kind == "histogram" and not 1 <= self.bins <= HistogramAccumulator.MAX_BINS:
+            raise ValueError(
+                f"{self.tensor}: histograms have 1 to {HistogramAccumulator.MAX_BINS} bins, "
+                f"not {self.bins}"
+            )
+
 
 @dataclasses.dataclass(frozen=True)
 class MinMax:
@@ -67,9 +74,10 @@ class MinMax:
 
 @dataclasses.dataclass(frozen=True)
 class Histogram:
-    """``counts[i]`` counted elements fell in ``[edges[i], edges[i + 1])`` (the last bin is
-    closed); every ``stride``-th element of each sample was counted (float64: elements of a
-    sparser lattice weigh more, see ``StatRequest``)."""
+    """``counts[i]`` counted elements fell in ``[edges[i], edges[i + 1])`` (a value on an edge
+    is a tie, rounded to the even bin index); every ``stride``-th element of each of the first
+    samples was counted, and of later ones a sparser lattice's, each of its elements weighing
+    more (float64 counts, see ``StatRequest``)."""
 
     edges: np.ndarray
     counts: np.ndarray
@@ -206,20 +214,14 @@ class HistogramAccumulator:
         self._counts: dict[float, np.ndarray] = {}
         self._outside: dict[float, dict[int, int]] = {}
         self.stride = stride
+        self.nonfinite = 0  # inf/NaN values left out (of the lattice values seen)
 
     @classmethod
     def covering(cls, minimum: float, maximum: float, bins: int, stride: int = 1):
-        """An accumulator whose bins hold every value of [minimum, maximum].
-
-        The bin arithmetic rounds to nearest, so values on an edge are a tie that float32
-        error tips either way: a maximum on the last edge could need one more bin. The edges
-        reach 1/64 of a bin past both ends instead (never across zero, so a one-sided range
-        stays one-sided; zero itself rounds into its bin exactly).
-        """
+        """An accumulator whose bins hold every value of [minimum, maximum]: its edges reach
+        1/64 of a bin past both ends (see ``widened``), so neither end is a rounding tie."""
         margin = max(maximum - minimum, 0.0) / (64 * bins)
-        low = minimum - margin if minimum < 0 else max(0.0, minimum - margin)
-        high = maximum + margin if maximum > 0 else min(0.0, maximum + margin)
-        return cls(low, high, bins, stride)
+        return cls(*widened(minimum, maximum, margin, bins), bins, stride)
 
     def index_constants(self) -> tuple[np.float32, np.float32]:
         """(centre of the first bin, bin width) in float32: bin = saturate_int16(round_even(
@@ -237,7 +239,10 @@ class HistogramAccumulator:
         """Count values already on the lattice (finite ones only), each as ``weight``."""
         values = np.asarray(values, dtype=np.float32).ravel()
         finite = np.isfinite(values)
-        self.add_indices(self.bin_indices(values if finite.all() else values[finite]), weight)
+        if not finite.all():
+            self.nonfinite += int(values.size - finite.sum())
+            values = values[finite]
+        self.add_indices(self.bin_indices(values), weight)
 
     def bin_indices(self, values: np.ndarray) -> np.ndarray:
         """The bin index of each float32 value (see ``index_constants``), as int16."""
@@ -247,6 +252,8 @@ class HistogramAccumulator:
         # the graph's arithmetic does: the overflow is the intended result.
         with np.errstate(over="ignore", invalid="ignore"):
             position = np.rint((np.asarray(values, np.float32) - centre) / width)
+            # NaN saturates low, as onnxruntime's QuantizeLinear gives it.
+            position = np.where(np.isnan(position), info.min, position)
             return np.clip(position, info.min, info.max).astype(self.INDEX_TYPE)
 
     def add_indices(self, indices: np.ndarray, weight: float = 1.0) -> None:
@@ -286,8 +293,7 @@ class HistogramAccumulator:
                 total[index] = total.get(index, 0.0) + weight * count
         return total
 
-    def _extent(self) -> tuple[int, int]:
-        outside = self.outside
+    def _extent(self, outside: dict[int, float]) -> tuple[int, int]:
         return min(0, *outside), max(self.bins - 1, *outside)
 
     @property
@@ -295,7 +301,7 @@ class HistogramAccumulator:
         """Can ``result`` cover every counted value within ``MAX_EXTENSION`` x the bins?"""
         if not any(self._outside.values()):
             return True
-        first, last = self._extent()
+        first, last = self._extent(self.outside)
         return last - first + 1 <= self.MAX_EXTENSION * self.bins
 
     def result(self) -> Histogram:
@@ -308,14 +314,33 @@ class HistogramAccumulator:
             return Histogram(self.edges, self.counts, self.stride)
         if not self.fits:
             raise ValueError("values fell too far beyond the histogram's edges; count again")
-        first, last = self._extent()
+        outside = self.outside
+        first, last = self._extent(outside)
         counts = np.zeros(last - first + 1, dtype=np.float64)
         counts[-first : -first + self.bins] = self.counts
-        for index, count in self.outside.items():
+        for index, count in outside.items():
             counts[index - first] += count
         width = (self.edges[-1] - self.edges[0]) / self.bins
         edges = self.edges[0] + width * np.arange(first, last + 2, dtype=np.float64)
         return Histogram(edges, counts, self.stride)
+
+
+def widened(minimum: float, maximum: float, margin: float, bins: int) -> tuple[float, float]:
+    """[minimum, maximum] widened by ``margin`` on each side, as histogram edges with ``bins``.
+
+    Never across zero: a one-sided range (after ReLU) stays one-sided. Zero itself is an edge
+    then, a rounding tie of the bin arithmetic (``index_constants``): as the low edge it rounds
+    into the first bin, but as the top edge past the last (even index), so a maximum of 0
+    rises 1/64 of a bin instead.
+    """
+    low = minimum - margin if minimum < 0 else max(0.0, minimum - margin)
+    if maximum > 0:
+        high = maximum + margin
+    elif maximum < 0:
+        high = min(0.0, maximum + margin)
+    else:
+        high = max(maximum - low, 1e-30) / (64 * bins)
+    return low, high
 
 
 class ChannelAccumulator:

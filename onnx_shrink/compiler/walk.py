@@ -31,7 +31,8 @@ def constant_node_tensors(model: ir.Model) -> Iterator[tuple[ir.Node, ir.TensorP
     for node in all_nodes(model):
         if node.op_type == "Constant" and node.domain in ("", "ai.onnx"):
             attr = node.attributes.get("value")
-            if attr is not None and attr.type == ir.AttributeType.TENSOR:
+            # A function's Constant may refer to the function's attribute: no tensor here.
+            if attr is not None and attr.type == ir.AttributeType.TENSOR and not attr.is_ref():
                 # attr.value, not as_tensor(): its isinstance check against the tensor
                 # Protocol takes ~0.1 ms, most of accounting's time on a model of constants.
                 yield node, attr.value

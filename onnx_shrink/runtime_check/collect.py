@@ -100,31 +100,18 @@ def collect(
         counting = _Pass(session, ranged, others, histograms, progress)
         counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
         ranges = counting.ranges
-        # Fast reductions let inf/NaN through; only tensors that hold them (attention masks)
-        # are measured again, with the non-finite values counted and kept out of the range.
+        # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold
+        # inf (attention masks) are measured again, the non-finite values counted and kept
+        # out of the range.
         flagged = [name for name, acc in ranges.items() if not acc.finite]
         if flagged:
             samples = counting.grouped(replay, specs)
             ranges.update(_careful_ranges(model, flagged, samples, provider, progress))
         results: dict[st.StatRequest, st.StatResult] = {
-            r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"
+            r: acc.result() for r, acc in others.items()
         }
-        results.update({r: acc.result() for r, acc in others.items()})
-        recount = [
-            r for r in histograms if _needs_recount(counting.histograms.get(r), ranges[r.tensor])
-        ]
-        results.update({r: counting.histograms[r].result() for r in histograms if r not in recount})
-        logger.info(
-            "statistics: %d samples in one pass, up to %d per run; histogram edges from the "
-            "first %d; %d of %d histograms counted again over their exact range",
-            counting.samples,
-            counting.joining.size if counting.joining else 1,
-            counting.probe_samples,
-            len(recount),
-            len(histograms),
-        )
-        if recount:
-            results.update(counting.recount(recount, ranges, counting.phases(replay, specs)))
+        results.update(_histograms(counting, histograms, counting.phases(replay, specs)))
+        results.update({r: ranges[r.tensor].result() for r in requests if r.kind == "minmax"})
     return st.Statistics(
         results={r: results[r] for r in requests},
         samples=counting.samples,
@@ -176,9 +163,10 @@ class _Pass:
         for request in self.requests:
             elements = int(outputs[cg.range_names(request.tensor)[2]])
             self.strides[request] = lattice_stride(elements, request.per_sample)
-            later = request.later_per_sample
-            self.later_strides[request] = (
-                lattice_stride(elements, later) if later > 0 else self.strides[request]
+            # Never denser than the probe's lattice; every element (per_sample 0) stays every.
+            later = request.later_per_sample if request.per_sample > 0 else 0
+            self.later_strides[request] = max(
+                self.strides[request], lattice_stride(elements, later) if later > 0 else 1
             )
             # A later sample weighs what a probe sample does: its lattice's elements each
             # count for (probe lattice size / its lattice size) elements.
@@ -260,9 +248,7 @@ class _Pass:
             acc = self.ranges[request.tensor]
             low, high = (acc.minimum, acc.maximum) if acc.finite else (0.0, 0.0)
             span = max(high - low, abs(high), abs(low), 1e-12)
-            # Widen, but never across zero: a one-sided range (after ReLU) stays one-sided.
-            low = low - PROBE_MARGIN * span if low < 0 else max(0.0, low - PROBE_MARGIN * span)
-            high = high + PROBE_MARGIN * span if high > 0 else min(0.0, high + PROBE_MARGIN * span)
+            low, high = st.widened(low, high, PROBE_MARGIN * span, request.bins)
             counter = st.HistogramAccumulator(low, high, request.bins, self.strides[request])
             for kept in self._probed:
                 counter.add_values(kept[request])
@@ -285,11 +271,12 @@ class _Pass:
             feed.update(self.names[request].feed(strides.get(request, 1), centre, width))
         return feed if self.requests else {}
 
-    def recount(self, requests, ranges, phases) -> dict[st.StatRequest, st.Histogram]:
+    def recount(self, requests, ranges, phases) -> dict[st.StatRequest, st.HistogramAccumulator]:
         """Count ``requests`` again over each tensor's exact range (``ranges``), in the same
         session and on the same lattices (``phases``: the samples' runs as ``phases`` gives
-        them): finite tensors from bin indices computed in the graph, tensors holding inf/NaN
-        from their lattice values in numpy (which drops the non-finite ones)."""
+        them): finite tensors from bin indices computed in the graph, tensors holding inf
+        from their lattice values in numpy (which drops the non-finite ones). Over an exact
+        range only NaN saturates an index low: it is left out and counted as non-finite."""
         exact = {}
         for request in requests:
             minmax = ranges[request.tensor].result()
@@ -309,12 +296,17 @@ class _Pass:
                     weight = self.weight(request) if later else 1.0
                     if request in as_values:
                         acc.add_values(result[names[request].lattice], weight)
-                    else:
-                        acc.add_indices(result[names[request].bins], weight)
+                        continue
+                    indices = result[names[request].bins]
+                    nan = indices == np.iinfo(acc.INDEX_TYPE).min
+                    if nan.any():
+                        acc.nonfinite += int(nan.sum())
+                        indices = indices[~nan]
+                    acc.add_indices(indices, weight)
                 done += batch.samples
                 if self.progress is not None:
                     self.progress("histograms", done)
-        return {r: acc.result() for r, acc in exact.items()}
+        return exact
 
     def _fold(self, batch: data_mod.Batch, outputs: dict[str, np.ndarray]) -> None:
         for name, acc in self.ranges.items():
@@ -325,6 +317,30 @@ class _Pass:
         self.samples += batch.samples
         if self.progress is not None:
             self.progress("statistics", self.samples)
+
+
+def _histograms(counting: _Pass, requests, phases) -> dict[st.StatRequest, st.Histogram]:
+    """Each histogram request's result, counted again over its exact range where needed
+    (``phases``: the samples again, read only then). NaN that a lattice met is added to its
+    tensor's non-finite count: the fast reductions skip NaN, so no careful pass saw it."""
+    ranges = counting.ranges
+    recount = [r for r in requests if _needs_recount(counting.histograms.get(r), ranges[r.tensor])]
+    counters = {r: counting.histograms[r] for r in requests if r not in recount}
+    logger.info(
+        "statistics: %d samples in one pass, up to %d per run; histogram edges from the first "
+        "%d; %d of %d histograms counted again over their exact range",
+        counting.samples,
+        counting.joining.size if counting.joining else 1,
+        counting.probe_samples,
+        len(recount),
+        len(requests),
+    )
+    if recount:
+        counters.update(counting.recount(recount, ranges, phases))
+    for request, counter in counters.items():
+        acc = ranges[request.tensor]
+        acc.nonfinite = max(acc.nonfinite, counter.nonfinite)
+    return {r: counter.result() for r, counter in counters.items()}
 
 
 def _needs_recount(counter: st.HistogramAccumulator | None, acc: st.MinMaxAccumulator) -> bool:

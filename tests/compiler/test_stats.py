@@ -6,6 +6,7 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx.numpy_helper as onh
+import onnx.parser
 
 from onnx_shrink.compiler import io, stats
 from tests.helpers import make_model, parse
@@ -196,3 +197,21 @@ def test_a_dim_written_as_minus_one_counts_once_and_the_model_is_left_as_it_was(
     conv_output = next(iter(model.graph)).outputs[0]
     assert conv_output.shape is None  # inference ran on a serialized copy of the graph
     assert model.graph.initializers["w"].const_value.numpy().sum() == weight.sum()
+
+
+def test_a_function_constant_that_refers_to_an_attribute_holds_no_tensor_to_count():
+    model = io.load(
+        onnx.parser.parse_model("""
+    <ir_version: 8, opset_import: ["" : 17, "local" : 1]>
+    g (float[2] x) => (float[2] y) {
+      y = local.addc <v = float[2] {1.0, 2.0}> (x)
+    }
+    <domain: "local", opset_import: ["" : 17]>
+    addc <v> (x) => (y) {
+      c = Constant <value: tensor = @v> ()
+      y = Add(x, c)
+    }
+    """)
+    )
+    measured = stats.measure(model)
+    assert measured.nodes == 3 and measured.params == 0

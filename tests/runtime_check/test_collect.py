@@ -383,6 +383,49 @@ def test_a_saturated_bin_index_never_reads_as_a_fitting_extension():
         HistogramAccumulator(0.0, 1.0, HistogramAccumulator.MAX_BINS + 1)
 
 
+def test_a_nan_after_the_probe_is_counted_as_non_finite_not_binned(tmp_path):
+    """onnxruntime's fast reductions skip NaN; its saturated bin index sends the histogram to
+    a recount over the exact range, where it is left out and counted."""
+    model = _identity_model()
+    x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
+    x[30, 3] = np.nan
+    np.savez(tmp_path / "d.npz", x=x)
+    requests = [StatRequest("y", "minmax"), StatRequest("y", "histogram", bins=64)]
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    stats = collect.collect(model, requests, dataset)
+    assert stats.minmax("y").nonfinite == 1
+    assert stats.histogram("y").total == x.size - 1 and len(stats.histogram("y").counts) == 64
+
+
+def test_histograms_of_one_tensor_on_different_later_lattices_are_apart(tmp_path):
+    model = _identity_model()
+    x = np.random.default_rng(2).uniform(-1.0, 1.0, (40, 64)).astype(np.float32)
+    np.savez(tmp_path / "d.npz", x=x)
+    sparse = StatRequest("y", "histogram", bins=64, per_sample=32, later_per_sample=8)
+    dense = StatRequest("y", "histogram", bins=64, per_sample=32)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    stats = collect.collect(model, [sparse, dense], dataset)
+    # Strides 3 and 11 (primes not dividing 64): 22 and 6 of each row; both weigh 22 a row.
+    assert stats.results[dense].total == stats.results[sparse].total == 40 * 22
+    assert not np.array_equal(stats.results[dense].counts, stats.results[sparse].counts)
+
+
+def test_a_range_ending_at_zero_keeps_zero_in_its_last_bin():
+    """Zero as the top edge is a rounding tie that an even bin count rounds past the end."""
+    acc = HistogramAccumulator.covering(-1.0, 0.0, 64)
+    acc.add_values(np.array([-1.0, -0.5, 0.0], np.float32))
+    assert acc.fits and len(acc.result().counts) == 64 and acc.counts[-1] == 1
+    low = HistogramAccumulator.covering(0.0, 1.0, 64)
+    assert low.edges[0] == 0.0  # a one-sided range stays one-sided
+
+
+def test_histogram_bins_are_bounded_where_they_are_asked_for():
+    # A saturated int16 index must read as past MAX_EXTENSION x the bins.
+    assert HistogramAccumulator.MAX_EXTENSION * HistogramAccumulator.MAX_BINS < 2**15
+    with pytest.raises(ValueError, match="1 to 8000 bins"):
+        StatRequest("y", "histogram", bins=10_000)
+
+
 def test_extension_is_exact_and_bounded():
     acc = HistogramAccumulator(0.0, 1.0, 10)
     acc.add_values(np.array([0.05, 0.95, 1.25, -0.35], np.float32))

@@ -93,14 +93,14 @@ class QuantPass(DataAwarePass):
     histogram_elements: int = option(
         65536,
         "count about this many elements of each sample per histogram, on a fixed lattice "
-        "(0: every element; ranges stay exact either way)",
+        "(0: every element of every sample; ranges stay exact either way)",
         minimum=0,
     )
     histogram_elements_later: int = option(
         8192,
         "after the first samples (up to 16, which fix the histograms' edges), count about this "
-        "many of each sample, each weighing as many as its lattice skips (0: as "
-        "histogram_elements)",
+        "many of each sample (never more than histogram_elements), each weighing as many as "
+        "its lattice skips (0: as histogram_elements)",
         minimum=0,
     )
     activation_type: Literal["u8", "s8"] = option(
