@@ -142,19 +142,24 @@ def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     np.testing.assert_allclose(sq.values, (full.astype(np.float64) ** 2).sum(axis=(0, 2, 3)))
 
 
-def test_a_lattice_histogram_counts_every_strideth_element_of_each_sample(tmp_path):
+def _first_relu_histogram(tmp_path, images: int, request_options: dict):
+    """(histogram collected over the first ``images`` digits of the first Relu's output, that
+    output as onnxruntime gives it: 16 x 8 x 8 = 1024 elements per image)."""
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24]
-    np.savez(tmp_path / "d.npz", image=images)
-    name = model.graph.node(2).outputs[0].name  # the first Relu: 16 x 8 x 8 per image
-    request = StatRequest(name, "histogram", bins=64, per_sample=100)
-    got = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
-    histogram = got.histogram(name)
-    assert histogram.stride == 11  # the first prime >= 1024 / 100 that does not divide 1024
+    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:images])
+    name = model.graph.node(2).outputs[0].name
+    request = StatRequest(name, "histogram", bins=64, **request_options)
+    histogram = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
     exposed = io.load(digits.MODEL_PATH)
     exposed.graph.outputs.append(exposed.graph.node(2).outputs[0])
-    full = run_ort(io.to_bytes(exposed), {"image": images})[-1]
+    feed = dict(np.load(tmp_path / "d.npz"))
+    return histogram.histogram(name), run_ort(io.to_bytes(exposed), feed)[-1]
+
+
+def test_a_lattice_histogram_counts_every_strideth_element_of_each_sample(tmp_path):
+    histogram, full = _first_relu_histogram(tmp_path, 24, {"per_sample": 100})
+    assert histogram.stride == 11  # the first prime >= 1024 / 100 that does not divide 1024
     expected = HistogramAccumulator(histogram.edges[0], histogram.edges[-1], 64, stride=11)
     for sample in full:
         expected.add(sample)
@@ -164,17 +169,8 @@ def test_a_lattice_histogram_counts_every_strideth_element_of_each_sample(tmp_pa
 
 
 def test_samples_after_the_probe_use_the_sparser_lattice_and_weigh_its_stride(tmp_path):
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40]
-    np.savez(tmp_path / "d.npz", image=images)
-    name = model.graph.node(2).outputs[0].name  # the first Relu: 16 x 8 x 8 per image
-    request = StatRequest(name, "histogram", bins=64, per_sample=100, later_per_sample=20)
-    histogram = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
-    histogram = histogram.histogram(name)
-    exposed = io.load(digits.MODEL_PATH)
-    exposed.graph.outputs.append(exposed.graph.node(2).outputs[0])
-    full = run_ort(io.to_bytes(exposed), {"image": images})[-1]
+    options = {"per_sample": 100, "later_per_sample": 20}
+    histogram, full = _first_relu_histogram(tmp_path, 40, options)
     # The probe (the first 16 images) every 11th element, the rest every 53rd, each of their
     # 20 elements weighing 94 / 20, the probe lattice's size over theirs.
     expected = HistogramAccumulator(histogram.edges[0], histogram.edges[-1], 64)
