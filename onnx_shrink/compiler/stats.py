@@ -76,11 +76,12 @@ Shapes = Mapping[str, Sequence[int]]
 
 def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     """Count what ``model`` holds, its MACs on ``shapes`` where given (a value missing from
-    them falls back to inferred shapes). The model is not modified (shape inference runs on a
-    clone)."""
+    them falls back to inferred shapes). The model is not modified (shape inference runs on
+    a serialized copy of its graph)."""
     nodes = list(walk.all_nodes(model))
     tensors = list(walk.all_tensors(model))
-    macs, unknown = _count_macs(model, _with_inferred_shapes(model, shapes or {}))
+    mac_nodes = [node for node in nodes if is_mac_node(node)]
+    macs, unknown = _count_macs(mac_nodes, _with_inferred_shapes(model, mac_nodes, shapes or {}))
     return ModelStats(
         nodes=len(nodes),
         params=sum(math.prod(t.shape.numpy()) for t in tensors),
@@ -91,13 +92,12 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     )
 
 
-def _with_inferred_shapes(model: ir.Model, shapes: Shapes) -> Shapes:
-    """``shapes``, completed by onnx shape inference when MAC ops lack output shapes (each
-    inferred dim that is not a number counts as 1, as a symbolic dim does). Inference runs on
-    the graph alone, its large weights left as stand-ins: the model is not copied."""
+def _with_inferred_shapes(model: ir.Model, mac_nodes: Sequence[ir.Node], shapes: Shapes) -> Shapes:
+    """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes
+    (each inferred dim that is not a number counts as 1, as a symbolic dim does). Inference
+    runs on the graph alone, its large weights left as stand-ins: the model is not copied."""
     needs_shapes = any(
-        is_mac_node(node) and any(o.shape is None and o.name not in shapes for o in node.outputs)
-        for node in walk.all_nodes(model)
+        o.shape is None and o.name not in shapes for node in mac_nodes for o in node.outputs
     )
     if not needs_shapes:
         return shapes
@@ -128,17 +128,10 @@ def _value_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
     return result
 
 
-def _count_macs(model: ir.Model, shapes: Shapes) -> tuple[int, int]:
-    total, unknown = 0, 0
-    for node in walk.all_nodes(model):
-        if not is_mac_node(node):
-            continue
-        macs = node_macs(node, shapes)
-        if macs is None:
-            unknown += 1
-        else:
-            total += macs
-    return total, unknown
+def _count_macs(mac_nodes: Sequence[ir.Node], shapes: Shapes) -> tuple[int, int]:
+    """Total MACs of ``mac_nodes``, and how many of them have unknown MACs."""
+    known = [m for m in (node_macs(node, shapes) for node in mac_nodes) if m is not None]
+    return sum(known), len(mac_nodes) - len(known)
 
 
 def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
