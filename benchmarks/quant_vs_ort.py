@@ -55,6 +55,7 @@ import logging
 import os
 import shlex
 import signal
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -596,9 +597,8 @@ def _timed_child(job: dict, args, folder: Path) -> dict:
         results.append(run_child(job, args, folder))
     if "error" in results[-1]:
         return results[-1]
-    middle = len(results) // 2
-    seconds = sorted(r["seconds"] for r in results)[middle]
-    peak = sorted(r["peak_bytes"] for r in results)[middle]
+    seconds = statistics.median_high(r["seconds"] for r in results)
+    peak = statistics.median_high(r["peak_bytes"] for r in results)
     return {**results[-1], "seconds": seconds, "peak_bytes": peak}
 
 
