@@ -2,13 +2,14 @@
 
 Serializing a model copies every weight into the protobuf, and protobuf's size computation
 serializes it once more: on a 0.6 GB model each costs seconds and a full copy of the weights.
-Two things need neither:
+These need neither:
 
 * ``saved_bytes(model)``: the exact size ``io.save`` would write, computed from a
   protobuf whose large initializers are stand-ins (the size of a raw-data field is known
   arithmetic: tag, varint length, bytes).
-* ``shape_inference_error(model)``: onnx's strict shape inference, which needs every tensor's
-  type and shape but no large tensor's values.
+* ``weightless_proto(model)``: the graph with stand-ins for its weights, for what needs every
+  tensor's type and shape but no large tensor's values: onnx's shape inference, strict in
+  ``shape_inference_error(model)``.
 * ``session_source(model)``: what onnxruntime needs to open the model in memory: the protobuf
   without its large initializers, plus those as arrays that onnxruntime uses in place
   (``SessionOptions.add_external_initializers``): memory-mapped weights stay mapped, in-memory
@@ -74,9 +75,10 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
 
 def weightless_proto(model: ir.Model, min_bytes: int = 1024) -> onnx.ModelProto:
     """The model as a ModelProto whose main-graph initializers of ``min_bytes`` or more are
-    external-data stand-ins (name, type and shape, no data), and memory-mapped ones stay
-    references: for what reads only the graph and the tensors' shapes (shape inference), at
-    the cost of serializing the graph alone. Small tensors (shape constants) keep their data."""
+    external-data stand-ins (name, type and shape, no data), and smaller memory-mapped ones
+    stay references to their file: for what reads only the graph and the tensors' shapes
+    (shape inference), at the cost of serializing the graph alone. Other small tensors (shape
+    constants) keep their data."""
     with _stand_ins(model, min_bytes, lambda tensor: True):
         return io.serialize_proto(model, keep_in_file=True)
 
