@@ -261,8 +261,10 @@ class HistogramAccumulator:
         elements; those outside [0, bins) are kept for the extension."""
         indices = indices.ravel()
         bins = self.bins
-        counted = self._counts.setdefault(weight, np.zeros(bins, dtype=np.int64))
-        outside = self._outside.setdefault(weight, {})
+        # Called per run and request (collect's hot loop): a weight's counts are made once.
+        counted = self._counts.get(weight)
+        if counted is None:
+            counted = self._counts[weight] = np.zeros(bins, dtype=np.int64)
         if not self._open_high:
             indices = np.minimum(indices, bins - 1)
         if not self._open_low:
@@ -273,6 +275,7 @@ class HistogramAccumulator:
             return
         counted += np.bincount(indices[inside], minlength=bins)
         beyond, counts = np.unique(indices[~inside], return_counts=True)
+        outside = self._outside.setdefault(weight, {})
         for index, count in zip(beyond.tolist(), counts.tolist(), strict=True):
             outside[index] = outside.get(index, 0) + count
 
@@ -299,7 +302,7 @@ class HistogramAccumulator:
     @property
     def fits(self) -> bool:
         """Can ``result`` cover every counted value within ``MAX_EXTENSION`` x the bins?"""
-        if not any(self._outside.values()):
+        if not self._outside:
             return True
         first, last = self._extent(self.outside)
         return last - first + 1 <= self.MAX_EXTENSION * self.bins
@@ -310,7 +313,7 @@ class HistogramAccumulator:
         Raises:
             ValueError: not ``fits``.
         """
-        if not any(self._outside.values()):
+        if not self._outside:
             return Histogram(self.edges, self.counts, self.stride)
         if not self.fits:
             raise ValueError("values fell too far beyond the histogram's edges; count again")
