@@ -94,11 +94,11 @@ def load(name: str, quick: bool, calibration: int) -> quant_data.Task:
 
 def coverage(model, sliced: set[str]) -> tuple[float, int]:
     """Share of weighted-op MACs in the named nodes, and how many such nodes there are."""
-    inferred = stats._with_inferred_shapes(model)
+    shapes = stats.mac_shapes(model)
     total = covered = 0
-    for node in inferred.graph:
+    for node in model.graph:
         if node.op_type in WEIGHTED:
-            macs = stats.node_macs(node) or 0
+            macs = stats.node_macs(node, shapes) or 0
             total += macs
             covered += macs if node.name in sliced else 0
     return covered / max(total, 1), len(sliced)

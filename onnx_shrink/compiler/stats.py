@@ -92,6 +92,13 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     )
 
 
+def mac_shapes(model: ir.Model) -> Shapes:
+    """The dims ``node_macs`` reads for ``model``'s MAC nodes (inferred where the model does
+    not annotate them), as ``measure`` counts them."""
+    mac_nodes = [node for node in walk.all_nodes(model) if is_mac_node(node)]
+    return _with_inferred_shapes(model, mac_nodes, {})
+
+
 def _with_inferred_shapes(model: ir.Model, mac_nodes: Sequence[ir.Node], shapes: Shapes) -> Shapes:
     """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes
     (each inferred dim that is not a number counts as 1, as a symbolic dim does). Inference

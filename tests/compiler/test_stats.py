@@ -8,6 +8,7 @@ import onnx.helper as oh
 import onnx.numpy_helper as onh
 import onnx.parser
 
+from models import digits
 from onnx_shrink.compiler import io, stats
 from tests.helpers import make_model, parse
 
@@ -215,3 +216,10 @@ def test_a_function_constant_that_refers_to_an_attribute_holds_no_tensor_to_coun
     )
     measured = stats.measure(model)
     assert measured.nodes == 3 and measured.params == 0
+
+
+def test_mac_shapes_give_node_macs_what_measure_counts():
+    model = io.load(digits.MODEL_PATH)
+    shapes = stats.mac_shapes(model)
+    per_node = [stats.node_macs(n, shapes) for n in model.graph if stats.is_mac_node(n)]
+    assert None not in per_node and sum(per_node) == stats.measure(model).macs > 0
