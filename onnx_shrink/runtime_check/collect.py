@@ -105,7 +105,7 @@ def collect(
         # out of the range.
         flagged = [name for name, acc in ranges.items() if not acc.finite]
         if flagged:
-            samples = counting.grouped(replay, specs)
+            samples = itertools.chain(*counting.phases(replay, specs))
             ranges.update(_careful_ranges(model, flagged, samples, provider, progress))
         results: dict[st.StatRequest, st.StatResult] = {
             r: acc.result() for r, acc in others.items()
@@ -132,7 +132,8 @@ class _Pass:
         self.names = {r: cg.HistogramIO.of(r) for r in histograms}
         self.strides: dict[st.StatRequest, int] = {}  # the probe's lattices
         self.later_strides: dict[st.StatRequest, int] = {}  # after the probe
-        self._weights: dict[st.StatRequest, float] = {}  # of a later lattice's elements
+        # What one element of a later sample's lattice weighs against the probe's.
+        self.weights: dict[st.StatRequest, float] = {}
         self.histograms: dict[st.StatRequest, st.HistogramAccumulator] = {}
         self.progress = progress
         self.samples = 0
@@ -170,7 +171,7 @@ class _Pass:
             )
             # A later sample weighs what a probe sample does: its lattice's elements each
             # count for (probe lattice size / its lattice size) elements.
-            self._weights[request] = -(-elements // self.strides[request]) / -(
+            self.weights[request] = -(-elements // self.strides[request]) / -(
                 -elements // self.later_strides[request]
             )
         self._fold(first, outputs)
@@ -186,7 +187,7 @@ class _Pass:
         for batch, outputs in self._runs(self._grouped(samples), bins, later=True):
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():
-                counter.add_indices(outputs[self.names[request].bins], self.weight(request))
+                counter.add_indices(outputs[self.names[request].bins], self.weights[request])
 
     def _samples_per_run(self, outputs: dict[str, np.ndarray]) -> int:
         """``MAX_RUN_SAMPLES``, fewer when one sample's requested tensors (as float32, with
@@ -204,12 +205,6 @@ class _Pass:
             return samples
         return sample_batches.grouped_samples(samples, lambda: self.joining.size)
 
-    def grouped(self, dataset: data_mod.Dataset, specs) -> Iterator[data_mod.Batch]:
-        """``dataset``'s samples again, in this pass's runs (the first sample alone)."""
-        probe, later = self.phases(dataset, specs)
-        yield from probe
-        yield from later
-
     def phases(self, dataset: data_mod.Dataset, specs):
         """``dataset``'s samples again, in this pass's runs: (the probe's, the later ones).
         The second iterator continues where the first stopped: read them in that order."""
@@ -219,10 +214,6 @@ class _Pass:
             return iter(()), iter(())
         taken = self._grouped(itertools.islice(samples, self._probe_items))
         return itertools.chain([first], taken), self._grouped(samples)
-
-    def weight(self, request: st.StatRequest) -> float:
-        """What one element of a later sample's lattice weighs against the probe's."""
-        return self._weights[request]
 
     def _runs(self, samples, histogram_outputs, later=False):
         feed = self.histogram_feed(self.histograms, later)
@@ -293,7 +284,7 @@ class _Pass:
                 self.session, samples, outputs, feed, self.joining
             ):
                 for request, acc in exact.items():
-                    weight = self.weight(request) if later else 1.0
+                    weight = self.weights[request] if later else 1.0
                     if request in as_values:
                         acc.add_values(result[names[request].lattice], weight)
                         continue
