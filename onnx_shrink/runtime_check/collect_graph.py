@@ -26,6 +26,9 @@ from onnx_shrink.compiler import statistics as st
 RUN_SAMPLES = "onnx_shrink::run_samples"
 """The input (int64[1]) that holds how many samples a run joins, with histogram requests."""
 
+# onnxruntime's QuantizeLinear, which gives int16 at any opset (ONNX's needs opset 21).
+_ORT_DOMAIN = "com.microsoft"
+
 
 @dataclasses.dataclass(frozen=True)
 class HistogramIO:
@@ -84,17 +87,11 @@ def instrument(
         graph.outputs.extend(_range_nodes(graph, values[name], careful))
     if histograms:
         clone.opset_imports.setdefault(_ORT_DOMAIN, 1)
-        int64 = ir.TensorType(ir.DataType.INT64)
-        samples = ir.Value(name=RUN_SAMPLES, type=int64, shape=ir.Shape([1]))
-        graph.inputs.append(samples)
+        samples = _graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1])
     for request in histograms:
         names = HistogramIO.of(request)
         graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names, samples))
     return clone
-
-
-# onnxruntime's QuantizeLinear, which gives int16 at any opset (ONNX's needs opset 21).
-_ORT_DOMAIN = "com.microsoft"
 
 
 def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
@@ -133,14 +130,9 @@ def _histogram_nodes(
         # ir.Tensor: ir.tensor's Protocol isinstance check would cost ~0.1 ms per constant.
         return tape.op("Constant", [], attributes={"value": ir.Tensor(value)})
 
-    def graph_input(name: str, dtype: ir.DataType, shape: list[int]) -> ir.Value:
-        value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
-        graph.inputs.append(value)
-        return value
-
-    stride = graph_input(names.stride, ir.DataType.INT64, [1])
-    centre = graph_input(names.centre, ir.DataType.FLOAT, [])
-    width = graph_input(names.width, ir.DataType.FLOAT, [])
+    stride = _graph_input(graph, names.stride, ir.DataType.INT64, [1])
+    centre = _graph_input(graph, names.centre, ir.DataType.FLOAT, [])
+    width = _graph_input(graph, names.width, ir.DataType.FLOAT, [])
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
@@ -157,3 +149,9 @@ def _histogram_nodes(
     bins = tape.op("QuantizeLinear", [shifted, width, zero], domain=_ORT_DOMAIN)
     lattice.name, bins.name = names.lattice, names.bins
     return [lattice, bins]
+
+
+def _graph_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list[int]) -> ir.Value:
+    value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
+    graph.inputs.append(value)
+    return value
