@@ -253,14 +253,16 @@ class _Pass:
     ) -> dict[str, np.ndarray]:
         """The histogram inputs: each request's stride (the probe's, or ``later`` the later
         samples'; 1 before the strides are fixed) and its counter's edges (placeholders for
-        requests without one)."""
+        requests without one; none without requests, whose graph has no such inputs)."""
+        if not self.requests:
+            return {}
         strides = self.later_strides if later else self.strides
         feed: dict[str, np.ndarray] = {cg.RUN_SAMPLES: np.array([1], np.int64)}
         for request in self.requests:
             counter = (counters or {}).get(request)
             centre, width = counter.index_constants() if counter is not None else (0.0, 1.0)
             feed.update(self.names[request].feed(strides.get(request, 1), centre, width))
-        return feed if self.requests else {}
+        return feed
 
     def recount(self, requests, ranges, phases) -> dict[st.StatRequest, st.HistogramAccumulator]:
         """Count ``requests`` again over each tensor's exact range (``ranges``), in the same
