@@ -42,6 +42,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+from collections.abc import Sequence
 from typing import Protocol
 
 import onnx_ir as ir
@@ -99,12 +100,13 @@ class Exclusions:
             and len(activation_inputs(node)) == 2
         ):
             return True
-        return self.named(node)
+        return named(node, self.nodes)
 
-    def named(self, node: ir.Node) -> bool:
-        """Whether ``nodes`` names ``node`` (exactly or by regex)."""
-        name = node.name or ""
-        return any(name == pattern or re.fullmatch(pattern, name) for pattern in self.nodes)
+
+def named(node: ir.Node, patterns: Sequence[str]) -> bool:
+    """Whether ``patterns`` name ``node`` (exactly or by regex)."""
+    name = node.name or ""
+    return any(name == pattern or re.fullmatch(pattern, name) for pattern in patterns)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -300,13 +300,9 @@ def _lift_constant_weights(model: ir.Model) -> None:
 
 def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
     """Activation tensors (inputs and outputs) of the quantized nodes matching ``patterns``."""
-    if not patterns:
-        return set()
-    # Names only: what excludes() adds (rule 8's attention MatMuls) is no choice of the user's.
-    matcher = placement.Exclusions(nodes=tuple(patterns))
     result: set[str] = set()
     for node in nodes:
-        if matcher.named(node):
+        if placement.named(node, patterns):
             result.update(v.name for v in placement.activation_inputs(node))
             result.update(o.name for o in node.outputs)
     return result
