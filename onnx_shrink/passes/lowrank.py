@@ -285,7 +285,7 @@ class LowRankPass(DataAwarePass):
         k, n = graph_mod.matrix_shape(node)
         if k * n < self.min_params:
             return f"weight {k}x{n} is under min_params={self.min_params}"
-        if (k * n - 1) // (k + n) < self.rank_multiple:
+        if not _candidate_ranks((k, n), self.rank_multiple):
             return f"no rank of {self.rank_multiple}s below break-even {k * n / (k + n):.1f}"
         return ""
 
