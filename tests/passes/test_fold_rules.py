@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import copy
+
 import pytest
 from onnxscript import rewriter
 
@@ -25,6 +27,18 @@ g (float[N, 4] x) => (float[N, 4] y) {
 """
 
 
+SLICED = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[4, 6] x) => (float[4, 3] a, float[4, 3] b)
+<int64[1] s0 = {0}, int64[1] s3 = {3}, int64[1] s6 = {6}, int64[1] ax = {1}> {
+  a0 = Slice(x, s0, s3, ax)
+  b0 = Slice(x, s3, s6, ax)
+  a = Relu(a0)
+  b = Relu(b0)
+}
+"""
+
+
 def _rewritten(model, rules):
     for _ in range(3):
         rewriter.RewritePass(rules)(model)
@@ -36,6 +50,21 @@ def test_most_rules_get_a_root_op_and_the_shared_rules_stay_untouched():
     assert len(filtered) == len(RULES)
     assert sum(f is not r for f, r in zip(filtered, RULES, strict=True)) >= len(RULES) - 4
     assert all("try_rewrite" not in vars(r) for r in RULES)
+
+
+def test_a_pattern_with_two_output_nodes_is_tried_only_at_its_first_nodes_op():
+    # Unfiltered, SlicesSplit's matcher walks the whole graph at every node it is tried at.
+    (rule,) = [r for r in RULES if getattr(r, "name", None) == "SlicesSplit"]
+    assert len(rule._target_pattern.output_nodes) == 2
+    assert fold_rules._root_op(rule) == ("", "Slice")
+    tried = []
+    spy = copy.copy(rule)  # the shared rule stays untouched
+    spy.try_rewrite = lambda model, graph, node, **kwargs: tried.append(node.op_type)
+    model = io.load(parse(SLICED))
+    filtered = fold_rules.by_root_op([spy])[0]
+    for node in model.graph:
+        filtered.try_rewrite(model, model.graph, node)
+    assert tried == ["Slice", "Slice"]
 
 
 def test_filtered_rules_rewrite_a_small_graph_as_the_rules_do():
