@@ -28,28 +28,28 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
   many samples cost little more than few. Counts are kept per weight, as integers, and only
   weighed at the end: the result stays independent of how samples share runs.
 * Per-channel and Gram statistics are folded in numpy from the sample's tensor.
+* The session's runs (``collect_runs``): two at once on the CPU, while Python folds the run
+  before, their results folded in sample order.
 * A one-shot reader is spilled to a temporary folder as it is read, in case a second pass
   (non-finite ranges, a recount) needs the samples again.
 """
 
 from __future__ import annotations
 
-import concurrent.futures
 import contextlib
-import dataclasses
 import itertools
 import logging
-from collections.abc import Callable, Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import statistics as st
-from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect_graph as cg
+from onnx_shrink.runtime_check import collect_runs as runs
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sample_batches, sessions
+from onnx_shrink.runtime_check import sample_batches
 
 logger = logging.getLogger(__name__)
 
@@ -96,8 +96,10 @@ def collect(
     with contextlib.ExitStack() as stack:
         replay = data_mod.replayable(dataset, stack) if ranged else dataset
         raw = sorted({r.tensor for r in others})
-        session = _session(cg.instrument(model, ranged, raw, histograms), provider)
-        counting = _Pass(session, ranged, others, histograms, progress)
+        session = runs.open_session(cg.instrument(model, ranged, raw, histograms), provider)
+        counting = _Pass(
+            session, ranged, others, histograms, progress, runs.parallel_runs(provider)
+        )
         counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
         ranges = counting.ranges
         # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold
@@ -124,8 +126,9 @@ class _Pass:
     histograms (probe, then counting), and any recount on the same session. State lives here
     between the phases."""
 
-    def __init__(self, session, ranged, others, histograms, progress) -> None:
+    def __init__(self, session, ranged, others, histograms, progress, in_flight=1) -> None:
         self.session = session
+        self.in_flight = in_flight  # runs at once
         self.ranges = {name: st.MinMaxAccumulator() for name in ranged}
         self.others = others
         self.requests = list(histograms)
@@ -137,7 +140,7 @@ class _Pass:
         self.histograms: dict[st.StatRequest, st.HistogramAccumulator] = {}
         self.progress = progress
         self.samples = 0
-        self.joining: _Joining | None = None  # None: each feed runs as it comes
+        self.joining: runs.Joining | None = None  # None: each feed runs as it comes
         self._probed: list[dict[st.StatRequest, np.ndarray]] = []
         self.probe_samples = 0
         self._probe_items = 0  # single samples the probe took after the first
@@ -153,9 +156,9 @@ class _Pass:
         if first is None:
             return
         lattices = [self.names[r].lattice for r in self.requests]
-        outputs = _run(self.session, first.feed, self.histogram_feed(), self._fixed + lattices)
+        outputs = runs.run(self.session, first.feed, self.histogram_feed(), self._fixed + lattices)
         if joinable and first.samples == 1:
-            self.joining = _Joining(self._samples_per_run(outputs))
+            self.joining = runs.Joining(self._samples_per_run(outputs))
         if not self.requests:
             self._fold(first, outputs)
             for batch, outputs in self._runs(self._grouped(samples), []):
@@ -218,7 +221,9 @@ class _Pass:
     def _runs(self, samples, histogram_outputs, later=False):
         feed = self.histogram_feed(self.histograms, later)
         outputs = self._fixed + histogram_outputs
-        return _overlapped_runs(self.session, samples, outputs, feed, self.joining)
+        return runs.overlapped_runs(
+            self.session, samples, outputs, feed, self.joining, self.in_flight
+        )
 
     def _keep(self, outputs: dict[str, np.ndarray], samples: int, first_sample=False) -> None:
         """Keep a probe run's lattice values (the first sample's came whole, with stride 1: a
@@ -282,8 +287,8 @@ class _Pass:
         done = 0
         for later, samples in zip((False, True), phases, strict=True):
             feed = self.histogram_feed(exact, later)
-            for batch, result in _overlapped_runs(
-                self.session, samples, outputs, feed, self.joining
+            for batch, result in runs.overlapped_runs(
+                self.session, samples, outputs, feed, self.joining, self.in_flight
             ):
                 for request, acc in exact.items():
                     weight = self.weights[request] if later else 1.0
@@ -348,11 +353,12 @@ def _holds_nonfinite(acc: st.MinMaxAccumulator) -> bool:
 
 def _careful_ranges(model, tensors, samples, provider, progress):
     """Ranges of tensors holding inf/NaN, with the non-finite elements counted apart."""
-    session = _session(cg.instrument(model, tensors, [], careful=True), provider)
+    session = runs.open_session(cg.instrument(model, tensors, [], careful=True), provider)
     ranges = {name: st.MinMaxAccumulator() for name in tensors}
     names = [o.name for o in session.get_outputs()]
     done = 0
-    for batch, outputs in _overlapped_runs(session, samples, names, {}):
+    in_flight = runs.parallel_runs(provider)
+    for batch, outputs in runs.overlapped_runs(session, samples, names, {}, None, in_flight):
         for name, acc in ranges.items():
             low, high, size = (outputs[n] for n in cg.range_names(name))
             acc.add_reduced(low, high, outputs[cg.nonfinite_name(name)], size)
@@ -381,67 +387,6 @@ def _is_prime(n: int) -> bool:
     return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
-@dataclasses.dataclass
-class _Joining:
-    """How many single samples a run joins (``grouped_samples``); set to 1 for good when
-    the model fails on a joined run."""
-
-    size: int
-
-
-def _overlapped_runs(
-    session,
-    batches: Iterable[data_mod.Batch],
-    outputs: Sequence[str],
-    extra: dict[str, np.ndarray],
-    joining: _Joining | None = None,
-) -> Iterator[tuple[data_mod.Batch, dict[str, np.ndarray]]]:
-    """Yield (batch, outputs), the next batch's run already started while this one's outputs
-    are folded: onnxruntime runs without Python's lock, so its work and numpy's counting
-    overlap instead of taking turns.
-
-    ``joining`` given: each batch is single samples joined by ``grouped_samples`` (their
-    number is fed as ``RUN_SAMPLES``); a batch the model fails on runs again one sample at a
-    time, as does every later batch (yielding each sample). None: each batch runs as it is,
-    one sample as the histograms' lattice sees it.
-    """
-    with concurrent.futures.ThreadPoolExecutor(max_workers=1) as pool:
-        pending = None
-        for batch in batches:
-            running = pool.submit(_run_joined, session, batch, extra, outputs, joining)
-            if pending is not None:
-                yield from pending.result()
-            pending = running
-        if pending is not None:
-            yield from pending.result()
-
-
-def _run_joined(session, batch, extra, outputs, joining: _Joining | None):
-    """[(batch, outputs)], or each of its samples' after a failed joined run."""
-
-    def run(one: data_mod.Batch) -> tuple[data_mod.Batch, dict[str, np.ndarray]]:
-        told = extra
-        if joining is not None and cg.RUN_SAMPLES in extra:  # how many samples it joins
-            told = {**extra, cg.RUN_SAMPLES: np.array([one.samples], np.int64)}
-        return one, _run(session, one.feed, told, outputs)
-
-    single = joining is None or batch.samples == 1
-    if single or joining.size > 1:  # a batch joined before an earlier one failed is not tried
-        try:
-            return [run(batch)]
-        except ShrinkError as e:
-            if single:
-                raise
-            logger.warning(
-                "statistics: the model failed on %d samples joined in one run (%s); running "
-                "every sample alone",
-                batch.samples,
-                str(e.__cause__ or e).splitlines()[0][:200],
-            )
-            joining.size = 1
-    return [run(one) for one in sample_batches.split(batch, set(batch.feed))]
-
-
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:
     produced = {out.name for node in model.graph for out in node.outputs}
     produced |= {v.name for v in model.graph.inputs}
@@ -457,24 +402,3 @@ def _accumulator(request: st.StatRequest):
     if request.kind == "gram":
         return st.GramAccumulator(request.axis, request.patch)
     return st.ChannelAccumulator(request.kind, request.axis)  # type: ignore[arg-type]
-
-
-def _session(model: ir.Model, provider: str):
-    # Weights are handed over in place: no serialized copy, no temporary file, any size; and
-    # not packed, which copies them (a 0.6 GB encoder's calibration peak: 660 -> 290 MiB).
-    source = large_tensors.session_source(model)
-    return sessions.create_session(source, provider=provider, prepack=False)
-
-
-def _run(session, feed, extra, outputs: Sequence[str]) -> dict[str, np.ndarray]:
-    """Run one sample's ``feed`` (with the statistics' own inputs ``extra``)."""
-    names = list(outputs)
-    try:
-        return dict(zip(names, session.run(names, {**feed, **extra}), strict=True))
-    except Exception as e:  # onnxruntime raises several unrelated exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShrinkError(
-            f"the model failed on a calibration sample ({data_mod.describe_feed(feed)}): "
-            f"{first[:300]}. Give samples it accepts (--calibration / --data), or other "
-            "synthetic shapes with --input-shape"
-        ) from e

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import threading
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.compiler.statistics import HistogramAccumulator, StatRequest
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.runtime_check import collect, data
+from onnx_shrink.runtime_check import collect, data, sessions
 from tests.helpers import parse, run_ort
 
 
@@ -265,12 +266,14 @@ def _identity_model():
 
 class _CountingSessions:
     """Wraps sessions.create_session to count, per session, its runs and the samples they
-    held (the first axis of the model's own inputs; the statistics' inputs hold "::")."""
+    held (the first axis of the model's own inputs; the statistics' inputs hold "::"). Two
+    runs may go at once: counted under a lock."""
 
     def __init__(self, monkeypatch):
         self.runs: list[int] = []
         self.samples: list[int] = []
-        original = collect.sessions.create_session
+        original = sessions.create_session
+        lock = threading.Lock()
 
         def create(*args, **kwargs):
             session = original(*args, **kwargs)
@@ -280,14 +283,15 @@ class _CountingSessions:
             run = session.run
 
             def counted(names, feed):
-                self.runs[index] += 1
-                self.samples[index] += next(len(v) for k, v in feed.items() if "::" not in k)
+                with lock:
+                    self.runs[index] += 1
+                    self.samples[index] += next(len(v) for k, v in feed.items() if "::" not in k)
                 return run(names, feed)
 
             session.run = counted
             return session
 
-        monkeypatch.setattr(collect.sessions, "create_session", create)
+        monkeypatch.setattr(sessions, "create_session", create)
 
 
 def test_calibration_runs_every_sample_once_in_one_session(tmp_path, monkeypatch):
@@ -361,7 +365,7 @@ def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
     x = np.concatenate([np.zeros(-x.size % 64, np.float32), x])  # whole rows of the model's 64
     request = StatRequest("y", "histogram", bins=64)
     model = cg.instrument(_identity_model(), [], [], [request])
-    session = collect.sessions.create_session(io.to_bytes(model))
+    session = sessions.create_session(io.to_bytes(model))
     names = cg.HistogramIO.of(request)
     feed = {"x": x.reshape(-1, 64), cg.RUN_SAMPLES: np.array([1], np.int64)}
     feed.update(names.feed(1, centre, width))
