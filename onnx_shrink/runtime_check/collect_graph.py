@@ -87,10 +87,10 @@ def instrument(
         graph.outputs.extend(_range_nodes(graph, values[name], careful))
     if histograms:
         clone.opset_imports.setdefault(_ORT_DOMAIN, 1)
-        samples = _graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1])
+        shared = _LatticeConstants.add(graph)
     for request in histograms:
         names = HistogramIO.of(request)
-        graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names, samples))
+        graph.outputs.extend(_histogram_nodes(graph, values[request.tensor], names, shared))
     return clone
 
 
@@ -119,34 +119,56 @@ def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
     return list(named.values())
 
 
+@dataclasses.dataclass(frozen=True)
+class _LatticeConstants:
+    """What every histogram's nodes share, added once: fewer nodes to build, serialize and
+    hand to onnxruntime (PP-OCRv4 det: 1772 -> 1106), and one Concat a run instead of one
+    per histogram."""
+
+    rows: ir.Value  # [RUN_SAMPLES, -1]: one row per sample
+    start: ir.Value  # [0]
+    end: ir.Value  # [int64 max]
+    axis: ir.Value  # [1]
+    zero: ir.Value  # the bin index's zero point: int16 0
+
+    @classmethod
+    def add(cls, graph: ir.Graph) -> _LatticeConstants:
+        tape = ir.tape.Tape(graph)
+
+        def const(value: np.ndarray) -> ir.Value:
+            # ir.Tensor: ir.tensor's Protocol isinstance check costs ~0.1 ms per constant.
+            return tape.op("Constant", [], attributes={"value": ir.Tensor(value)})
+
+        samples = _graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1])
+        minus_one = const(np.array([-1], np.int64))
+        return cls(
+            rows=tape.op("Concat", [samples, minus_one], attributes={"axis": 0}),
+            start=const(np.array([0], np.int64)),
+            end=const(np.array([np.iinfo(np.int64).max], np.int64)),
+            axis=const(np.array([1], np.int64)),
+            zero=const(np.zeros((), st.HistogramAccumulator.INDEX_TYPE)),
+        )
+
+
 def _histogram_nodes(
-    graph: ir.Graph, x: ir.Value, names: HistogramIO, samples: ir.Value
+    graph: ir.Graph, x: ir.Value, names: HistogramIO, shared: _LatticeConstants
 ) -> list[ir.Value]:
-    """Append the lattice of ``x`` (of each of its ``samples`` parts) and its bin indices;
+    """Append the lattice of ``x`` (of each of its RUN_SAMPLES parts) and its bin indices;
     add the request's three inputs."""
     tape = ir.tape.Tape(graph)
-
-    def const(value: np.ndarray) -> ir.Value:
-        # ir.Tensor: ir.tensor's Protocol isinstance check would cost ~0.1 ms per constant.
-        return tape.op("Constant", [], attributes={"value": ir.Tensor(value)})
-
     stride = _graph_input(graph, names.stride, ir.DataType.INT64, [1])
     centre = _graph_input(graph, names.centre, ir.DataType.FLOAT, [])
     width = _graph_input(graph, names.width, ir.DataType.FLOAT, [])
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
-    minus_one = const(np.array([-1], np.int64))
-    rows = tape.op("Reshape", [x, tape.op("Concat", [samples, minus_one], attributes={"axis": 0})])
-    ends = const(np.array([np.iinfo(np.int64).max], np.int64))
-    one = const(np.array([1], np.int64))
+    rows = tape.op("Reshape", [x, shared.rows])
     # Rows stay rows: a Reshape to one dimension would copy the lattice (numpy's ravel won't).
-    lattice = tape.op("Slice", [rows, const(np.array([0], np.int64)), ends, one, stride])
+    lattice = tape.op("Slice", [rows, shared.start, shared.end, shared.axis, stride])
     # One QuantizeLinear divides, rounds and saturates: fewer, cheaper nodes than doing it
     # with Mul, Floor, Clip and Cast, and int16 indices are half the bytes to hand over.
-    zero = const(np.zeros((), st.HistogramAccumulator.INDEX_TYPE))
     shifted = tape.op("Sub", [lattice, centre])
-    bins = tape.op("QuantizeLinear", [shifted, width, zero], domain=_ORT_DOMAIN)
+    bins = tape.op("QuantizeLinear", [shifted, width, shared.zero], domain=_ORT_DOMAIN)
     lattice.name, bins.name = names.lattice, names.bins
     return [lattice, bins]
 

@@ -445,3 +445,13 @@ def test_values_past_float32s_safe_range_go_into_the_end_bins():
     acc = HistogramAccumulator(float(x.min()), float(x.max()), 1)
     acc.add(x)
     assert acc.fits and acc.result().total == 3
+
+
+def test_histograms_share_their_lattice_constants_in_the_graph():
+    from onnx_shrink.runtime_check import collect_graph as cg
+
+    requests = [StatRequest("y", "histogram", bins=b) for b in (16, 32, 64)]
+    model = cg.instrument(_identity_model(), [], [], requests)
+    ops = [node.op_type for node in model.graph]
+    assert ops.count("Concat") == 1 and ops.count("Constant") == 5
+    assert ops.count("Slice") == ops.count("QuantizeLinear") == 3
