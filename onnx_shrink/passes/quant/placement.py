@@ -150,6 +150,11 @@ def infer_types(model: ir.Model) -> None:
         logger.info("quant: shape inference failed (%s); unannotated tensors stay float", e)
 
 
+def types_known(graph: ir.Graph) -> bool:
+    """Every value ``graph``'s nodes produce has a known type (as after ``infer_types``)."""
+    return all(value.dtype is not None for node in graph for value in node.outputs)
+
+
 def is_sentinel(minmax: MinMax | None) -> bool:
     """Does a tensor hold mask sentinels (non-finite or huge values)? Rule 5."""
     if minmax is None:

@@ -146,6 +146,9 @@ class QuantPass(DataAwarePass):
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         _lift_constant_weights(model)
+        # Converted (if at all) before types are inferred, as apply would: the calibration then
+        # measures the graph apply plans on, and apply need not infer the types again.
+        self.convert_opset(model)
         placement.infer_types(model)
         # Only tensors that can get Q/DQ are measured: a candidate node outside that plan is
         # never accepted whatever its ranges (on PP-OCR rec: 93 of 556 candidate tensors;
@@ -174,8 +177,12 @@ class QuantPass(DataAwarePass):
         return per_channel, sixteen_bit
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        opset = onnx_opset(model)
         per_channel, sixteen_bit = self.convert_opset(model)
-        placement.infer_types(model)
+        if onnx_opset(model) != opset or not placement.types_known(
+            model.graph
+        ):  # else requests did it
+            placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         if decided.nodes:

@@ -177,6 +177,25 @@ def test_opset_11_models_get_per_channel_weights_onnxruntime_loads(tmp_path):
     assert np.isfinite(run_ort(path, {"x": np.ones((1, 3, 16, 16), np.float32)})[0]).all()
 
 
+def test_requests_convert_and_type_the_model_so_apply_infers_types_once(tmp_path, monkeypatch):
+    from onnx_shrink.passes.quant import placement
+
+    proto = _conv_relu_pool()
+    proto.opset_import[0].version = 11
+    model = io.load(proto)
+    inferred = []
+    infer = placement.infer_types
+    monkeypatch.setattr(placement, "infer_types", lambda m: inferred.append(1) or infer(m))
+    quant = QuantPass()
+    requests = quant.requests(model)
+    assert model.opset_imports[""] == 13 and inferred == [1]  # calibrated as apply will see it
+    np.savez(tmp_path / "calib.npz", x=RNG.standard_normal((4, 3, 16, 16)).astype(np.float32))
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
+    quant.bind(collect.collect(model, requests, dataset))(model)
+    assert inferred == [1]
+    assert "DequantizeLinear" in _ops(model)
+
+
 def test_graph_outputs_keep_their_names(tmp_path):
     path, model = _quantize(
         _conv_relu_pool(), {"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)}, tmp_path
