@@ -204,10 +204,15 @@ def run(
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     steps: list[StepRecord] = []
-    current_stats, current_bytes = stats.measure(model), large_tensors.saved_bytes(model)
+    current_stats = stats.measure(model)
+    # The input's size is taken before a pass that may change it (a data-aware pass's
+    # requests may too); after a functional one, from its MeasuredResult if it measured it.
+    current_bytes: int | None = None
     for index, pass_ in enumerate(passes):
         if on_start is not None:
             on_start(index, pass_)
+        if current_bytes is None and (pass_.changes_input or isinstance(pass_, DataAwarePass)):
+            current_bytes = large_tensors.saved_bytes(model)
         calibration_seconds, samples = 0.0, None
         runnable: ir.passes.PassBase = pass_
         if isinstance(pass_, DataAwarePass):
@@ -217,8 +222,12 @@ def run(
             samples = statistics.samples
             runnable = pass_.bind(statistics)
         result, seconds, rolled_back, verdict = _run_one(runnable, model, steps, verify, strict)
+        measured = isinstance(result, large_tensors.MeasuredResult)
+        if current_bytes is None:  # the pass left its input as it was
+            current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
         model = result.model
-        new_stats, new_bytes = stats.measure(model), large_tensors.saved_bytes(model)
+        new_stats = stats.measure(model)
+        new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
             target = Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"

@@ -127,13 +127,13 @@ class FoldPass(ir.passes.FunctionalPass):
                 )
                 break
             logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
-            return ir.passes.PassResult(candidate, modified)
+            return large_tensors.MeasuredResult(candidate, modified, before, after)
         else:
             logger.warning(
                 "fold: every attempt grew the model past %d bytes; keeping the model unchanged",
                 limit,
             )
-        return ir.passes.PassResult(_private_clone(model), False)
+        return large_tensors.MeasuredResult(_private_clone(model), False, before, before)
 
     def _run_pipeline(self, model: ir.Model, allow_growth: bool) -> bool:
         budget = self.expand_budget_bytes if allow_growth else 0

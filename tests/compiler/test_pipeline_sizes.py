@@ -1,0 +1,48 @@
+"""The pipeline's bytes before and after each pass: exact, and not measured twice."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+from models import digits
+from onnx_shrink import FoldPass
+from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.passes.prune import PrunePass
+
+
+def _counting_saved_bytes(monkeypatch) -> list[int]:
+    calls: list[int] = []
+    original = large_tensors.saved_bytes
+    monkeypatch.setattr(
+        large_tensors, "saved_bytes", lambda model, *a: calls.append(1) or original(model, *a)
+    )
+    return calls
+
+
+def test_a_functional_pass_that_measured_its_sizes_is_not_measured_again(monkeypatch):
+    model = io.load(digits.MODEL_PATH)
+    size = len(io.to_bytes(model))
+    calls = _counting_saved_bytes(monkeypatch)
+    result = pipeline.run(model, [FoldPass(), FoldPass()])
+    assert len(calls) == 4  # each fold's input and result; the pipeline's own: none
+    first, second = result.steps
+    assert first.bytes_before == size
+    assert first.bytes_after == second.bytes_before == len(io.to_bytes(_folded(model)))
+    assert second.bytes_after == len(io.to_bytes(result.model))
+
+
+def test_a_pass_that_changes_its_input_is_measured_before_it_runs(monkeypatch):
+    model = io.load(digits.MODEL_PATH)
+    size = len(io.to_bytes(model))
+    calls = _counting_saved_bytes(monkeypatch)
+    prune = PrunePass(sparsity=0.5)
+    assert prune.changes_input
+    result = pipeline.run(model, [prune])
+    (step,) = result.steps
+    assert len(calls) == 2
+    assert step.bytes_before == size and step.bytes_after == len(io.to_bytes(result.model))
+
+
+def _folded(model: ir.Model) -> ir.Model:
+    return FoldPass()(model).model
