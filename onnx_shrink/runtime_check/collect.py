@@ -65,7 +65,8 @@ PROBE_BYTES = 256 << 20
 PROBE_MARGIN = 0.5
 
 # Samples joined per run: per-run overhead dominates small models' calibration, while a run's
-# requested tensors (and onnxruntime's arena behind them) grow with its samples.
+# requested tensors (and onnxruntime's arena behind them) grow with its samples. RUN_BYTES is
+# shared by the runs in flight together.
 MAX_RUN_SAMPLES = 8
 RUN_BYTES = 64 << 20
 
@@ -194,14 +195,16 @@ class _Pass:
 
     def _samples_per_run(self, outputs: dict[str, np.ndarray]) -> int:
         """``MAX_RUN_SAMPLES``, fewer when one sample's requested tensors (as float32, with
-        its raw ones) pass ``RUN_BYTES / MAX_RUN_SAMPLES``: a proxy for the activations
-        onnxruntime holds for it. Joining pays where runs are short (per-run overhead); on
-        a model whose activations are large it would multiply the memory for little time
-        (PP-OCRv4 rec: 43 MB a line; 5 per run took 420-780 MiB against 220-270)."""
+        its raw ones) times the runs in flight pass ``RUN_BYTES / MAX_RUN_SAMPLES``: a proxy
+        for the activations onnxruntime holds for it. Joining pays where runs are short
+        (per-run overhead); on a model whose activations are large it would multiply the
+        memory for little time (PP-OCRv4 rec: 43 MB a line; 5 per run took 420-780 MiB
+        against 220-270; a 0.6 GB encoder, 8 per run and two at once: 787 MiB against 199
+        with one run)."""
         elements = sum(int(outputs[cg.range_names(name)[2]]) for name in self.ranges)
         nbytes = 4 * elements + sum(outputs[r.tensor].nbytes for r in self.others)
         logger.debug("statistics: one sample's requested tensors hold %d bytes", nbytes)
-        return max(1, min(MAX_RUN_SAMPLES, RUN_BYTES // max(nbytes, 1)))
+        return max(1, min(MAX_RUN_SAMPLES, RUN_BYTES // max(self.in_flight * nbytes, 1)))
 
     def _grouped(self, samples: Iterator[data_mod.Batch]) -> Iterator[data_mod.Batch]:
         if self.joining is None:

@@ -1,10 +1,11 @@
 """Running the statistics session over samples: overlapped with Python's folding, two runs
 at once on the CPU, joined samples split again when the model refuses them.
 
-* Two runs go at once on a CPU with two cores or more, each on half the cores
-  (``parallel_runs``): a calibration run is many small kernels, which onnxruntime's intra-op
-  threads share poorly (PP-OCRv4 rec: 26-31 against 19 ms a sample). Results are yielded in
-  sample order, so nothing depends on which run finishes first.
+* Two runs go at once on a CPU with two cores or more (``parallel_runs``), sharing the
+  session's intra-op threads: a calibration run is many small kernels, which onnxruntime's
+  threads share poorly within one run (PP-OCRv4 rec: 26-31 against 19 ms a sample on two
+  cores). Results are yielded in sample order, so nothing depends on which run finishes
+  first.
 * While they run, Python folds the run before: onnxruntime runs without Python's lock.
 """
 
@@ -30,8 +31,8 @@ logger = logging.getLogger(__name__)
 
 
 def parallel_runs(provider: str) -> int:
-    """Runs a statistics session does at once: two on a CPU with two cores or more (each on
-    half of them, ``open_session``), else one."""
+    """Runs a statistics session does at once: two on a CPU with two cores or more, else
+    one."""
     return (
         2 if sessions.resolve_provider(provider) == "CPUExecutionProvider" and _cores() >= 2 else 1
     )
@@ -45,12 +46,16 @@ def _cores() -> int:
 
 
 def open_session(model: ir.Model, provider: str):
-    """A session of the instrumented ``model`` for ``parallel_runs`` runs at once."""
+    """A session of the instrumented ``model`` for ``parallel_runs`` runs at once.
+
+    Concurrent runs share the session's intra-op pool, and each calling thread works in its
+    own run's parallel loops: ``cores - in_flight`` pool threads plus the callers fill the
+    cores (one thread a run on two cores)."""
     # Weights are handed over in place: no serialized copy, no temporary file, any size; and
     # not packed, which copies them (a 0.6 GB encoder's calibration peak: 660 -> 290 MiB).
     source = large_tensors.session_source(model)
     in_flight = parallel_runs(provider)
-    threads = max(1, _cores() // in_flight) if in_flight > 1 else None
+    threads = max(1, _cores() - in_flight + 1) if in_flight > 1 else None
     return sessions.create_session(source, provider=provider, prepack=False, threads=threads)
 
 
@@ -78,22 +83,26 @@ def overlapped_runs(
     ``joining`` given: each batch is single samples joined by ``grouped_samples`` (their
     number is fed as ``RUN_SAMPLES``); a batch the model fails on runs again one sample at a
     time, as does every later batch (yielding each sample). None: each batch runs as it is,
-    one sample as the histograms' lattice sees it. Until a joined run has succeeded, runs go
-    one at a time: a model that refuses joined samples fails once, whatever the timing.
+    one sample as the histograms' lattice sees it. Until a joined run has succeeded, a joined
+    batch runs alone: a model that refuses joined samples fails once, whatever the timing.
+    An error or an early close cancels the runs not yet started.
     """
 
-    def room() -> int:  # runs submitted and not yet yielded: in_flight going, one queued
-        unproven = joining is not None and joining.size > 1 and not joining.proven
-        return 1 if unproven else in_flight + 1
+    def room(batch: data_mod.Batch) -> int:  # submitted, not yet yielded: in_flight + a queued
+        joined = joining is not None and batch.samples > 1 and joining.size > 1
+        return 1 if joined and not joining.proven else in_flight + 1
 
-    with concurrent.futures.ThreadPoolExecutor(max_workers=in_flight) as pool:
-        pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    pool = concurrent.futures.ThreadPoolExecutor(max_workers=in_flight)
+    pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    try:
         for batch in batches:
-            while len(pending) >= room():
+            while len(pending) >= room(batch):
                 yield from pending.popleft().result()
             pending.append(pool.submit(_run_joined, session, batch, extra, outputs, joining))
         while pending:
             yield from pending.popleft().result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_joined(session, batch, extra, outputs, joining: Joining | None):

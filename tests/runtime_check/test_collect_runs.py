@@ -2,30 +2,27 @@
 
 from __future__ import annotations
 
-import random
 import threading
-import time
 
 import numpy as np
 import pytest
 
 from onnx_shrink.compiler import io
+from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect_runs, sessions
 from onnx_shrink.runtime_check.data import Batch
 from tests.helpers import parse
 
 IDENTITY = """
 <ir_version: 8, opset_import: ["" : 17]>
-g (float[N, 4] x) => (float[N, 4] y) {
+g (float[N, M] x) => (float[N, M] y) {
   y = Identity(x)
 }
 """
 
 
-@pytest.mark.parametrize(("cores", "in_flight", "threads"), [(1, 1, None), (2, 2, 1), (16, 2, 8)])
-def test_two_runs_go_at_once_on_a_cpu_each_on_half_the_cores(
-    monkeypatch, cores, in_flight, threads
-):
+@pytest.mark.parametrize(("cores", "in_flight", "threads"), [(1, 1, None), (2, 2, 1), (16, 2, 15)])
+def test_two_runs_go_at_once_on_a_cpu_sharing_its_cores(monkeypatch, cores, in_flight, threads):
     monkeypatch.setattr(collect_runs, "_cores", lambda: cores)
     made = []
     original = sessions.create_session
@@ -37,27 +34,67 @@ def test_two_runs_go_at_once_on_a_cpu_each_on_half_the_cores(
     assert made[0]["threads"] == threads and made[0]["prepack"] is False
 
 
-def test_runs_at_once_are_yielded_in_the_samples_order():
-    """Runs that finish out of order (random delays) still come back in order."""
-    session = sessions.create_session(io.to_bytes(io.load(parse(IDENTITY))))
-    rng = random.Random(0)
-    delays = [rng.uniform(0.0, 0.01) for _ in range(24)]
-    finished: list[int] = []
-    lock = threading.Lock()
-    run = session.run
+class _Session:
+    """A real session whose run of the sample holding ``wait_for[i]`` waits (up to 10 s) until
+    sample ``i``'s run has started: it only returns if the two runs overlap. Records the
+    samples each run started and finished, in order; raises on ``fail_at``."""
 
-    def slow(names, feed):
-        index = int(feed["x"][0, 0])
-        time.sleep(delays[index])
-        with lock:
-            finished.append(index)
-        return run(names, feed)
+    def __init__(self, wait_for=None, fail_at=None):
+        self.session = sessions.create_session(io.to_bytes(io.load(parse(IDENTITY))))
+        self.wait_for = wait_for or {}
+        self.fail_at = fail_at
+        self.started: dict[int, threading.Event] = {}
+        self.finished: list[int] = []
+        self.lock = threading.Lock()
 
-    session.run = slow
-    batches = [Batch({"x": np.full((1, 4), i, np.float32)}, 1, None) for i in range(24)]
-    yielded = [
-        int(outputs["y"][0, 0])
-        for _, outputs in collect_runs.overlapped_runs(session, batches, ["y"], {}, in_flight=2)
-    ]
-    assert yielded == list(range(24))
-    assert finished != sorted(finished)  # the runs did overlap and overtake each other
+    def run(self, names, feed):
+        first = int(feed["x"][0, 0])
+        with self.lock:
+            self.started.setdefault(first, threading.Event()).set()
+        if first in self.wait_for:
+            other = self.wait_for[first]
+            with self.lock:
+                event = self.started.setdefault(other, threading.Event())
+            assert event.wait(10), f"sample {first}'s run waited for {other}'s in vain"
+        if first == self.fail_at:
+            raise RuntimeError("refused")
+        outputs = self.session.run(names, feed)
+        with self.lock:
+            self.finished.append(first)
+        return outputs
+
+
+def _batches(count, width=lambda i: 4):
+    return [Batch({"x": np.full((1, width(i)), i, np.float32)}, 1, None) for i in range(count)]
+
+
+def _first_samples(runs):
+    return [int(outputs["y"][0, 0]) for _, outputs in runs]
+
+
+def test_runs_at_once_finish_out_of_order_and_are_yielded_in_order():
+    session = _Session(wait_for={0: 1})  # sample 0's run finishes after sample 1's started
+    runs = collect_runs.overlapped_runs(session, _batches(12), ["y"], {}, in_flight=2)
+    assert _first_samples(runs) == list(range(12))
+    assert session.finished.index(1) < session.finished.index(0)
+
+
+def test_single_samples_of_unequal_shapes_still_run_two_at_once_while_joining():
+    """Joining asked for, but no two samples share a shape: every batch is one sample, and
+    nothing waits for a joined run to prove itself."""
+    session = _Session(wait_for={0: 1, 2: 3})
+    batches = _batches(8, width=lambda i: 4 + i)
+    joining = collect_runs.Joining(size=8)
+    runs = collect_runs.overlapped_runs(session, batches, ["y"], {}, joining, in_flight=2)
+    assert _first_samples(runs) == list(range(8))
+
+
+def test_a_failed_run_raises_in_order_and_cancels_the_runs_not_started():
+    session = _Session(fail_at=3)
+    runs = collect_runs.overlapped_runs(session, _batches(40), ["y"], {}, in_flight=2)
+    seen = []
+    with pytest.raises(ShrinkError, match="refused"):
+        for _, outputs in runs:
+            seen.append(int(outputs["y"][0, 0]))
+    assert seen == [0, 1, 2]
+    assert max(session.started) <= 6  # in flight and queued at most; none of the rest
