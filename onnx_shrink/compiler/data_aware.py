@@ -45,7 +45,9 @@ class DataAwarePass(ir.passes.InPlacePass):
 
     @abc.abstractmethod
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
-        """The statistics this pass needs for ``model``."""
+        """The statistics this pass needs for ``model``, which it may prepare in place for
+        ``apply`` (quant converts its opset and infers types): statistics are collected on
+        the model as it then is."""
 
     def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
         """Edits of ``model`` whose output error ``apply`` wants in ``stats.probe_errors``

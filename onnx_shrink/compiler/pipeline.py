@@ -20,6 +20,7 @@ from onnx_shrink.compiler import io, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass, Probe
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
+from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
 
@@ -205,24 +206,22 @@ def run(
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     steps: list[StepRecord] = []
     current_stats = stats.measure(model)
-    # The input's size is taken before a pass that may change it (a data-aware pass's
-    # requests may too); after a functional one, from its MeasuredResult if it measured it.
+    # The input's size is taken before a pass that may change it (a data-aware pass, in
+    # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
     for index, pass_ in enumerate(passes):
         if on_start is not None:
             on_start(index, pass_)
-        if current_bytes is None and (pass_.changes_input or isinstance(pass_, DataAwarePass)):
+        if current_bytes is None and pass_.changes_input:
             current_bytes = large_tensors.saved_bytes(model)
-        calibration_seconds, samples = 0.0, None
-        runnable: ir.passes.PassBase = pass_
-        if isinstance(pass_, DataAwarePass):
-            started = time.perf_counter()
-            statistics = _collect(pass_, model, collect, probe)
-            calibration_seconds = time.perf_counter() - started
-            samples = statistics.samples
-            runnable = pass_.bind(statistics)
-        result, seconds, rolled_back, verdict = _run_one(runnable, model, steps, verify, strict)
-        measured = isinstance(result, large_tensors.MeasuredResult)
+        # Taken before a data-aware pass's requests, which may rewrite the model (quant
+        # converts its opset): a rolled-back pass leaves the model as it found it.
+        snapshot = _snapshot(model, pass_) if verify is not None else None
+        runnable, calibration_seconds, samples = _bind(pass_, model, collect, probe)
+        result, seconds, rolled_back, verdict = _run_one(
+            runnable, model, snapshot, steps, verify, strict
+        )
+        measured = isinstance(result, MeasuredResult)
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
         model = result.model
@@ -260,6 +259,18 @@ def run(
     return PipelineResult(model=model, steps=tuple(steps))
 
 
+def _bind(
+    pass_: ir.passes.PassBase, model: ir.Model, collect: Collector | None, probe: Prober | None
+) -> tuple[ir.passes.PassBase, float, int | None]:
+    """(the pass ready to run, calibration seconds, samples): a data-aware pass bound to the
+    statistics collected on ``model``, any other as it is (0 s, None)."""
+    if not isinstance(pass_, DataAwarePass):
+        return pass_, 0.0, None
+    started = time.perf_counter()
+    statistics = _collect(pass_, model, collect, probe)
+    return pass_.bind(statistics), time.perf_counter() - started, statistics.samples
+
+
 def _collect(
     pass_: DataAwarePass, model: ir.Model, collect: Collector | None, probe: Prober | None
 ) -> Statistics:
@@ -285,14 +296,14 @@ def _collect(
 def _run_one(
     pass_: ir.passes.PassBase,
     model: ir.Model,
+    snapshot: ir.Model | None,
     done: Sequence[StepRecord],
     verify: Verifier | None,
     strict: bool,
 ) -> tuple[ir.passes.PassResult, float, bool, str | None]:
-    """Run one pass (and its verification): (result, seconds, rolled back?, verdict)."""
+    """Run one pass (and its verification): (result, seconds, rolled back?, verdict);
+    ``snapshot``: the model to roll back to (with ``verify``)."""
     spec = describe(pass_.inner if isinstance(pass_, BoundPass) else pass_)
-    # An in-place pass rewrites its input: keep a copy to roll back to.
-    snapshot = _snapshot(model, pass_) if verify is not None else None
     started = time.perf_counter()
     try:
         result = pass_(model)
@@ -316,6 +327,8 @@ def _run_one(
 
 
 def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:
+    """The model to roll back to: a copy, unless the pass leaves its input as it was (a
+    data-aware pass is in place: its requests may change the model too)."""
     if not pass_.changes_input:
         return model  # a functional pass leaves its input as it was
     clone = model.clone()

@@ -16,6 +16,7 @@ from onnxscript.optimizer import _constant_folding
 from onnx_shrink.compiler import io, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.passes import fold_rules
 from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
@@ -127,13 +128,13 @@ class FoldPass(ir.passes.FunctionalPass):
                 )
                 break
             logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
-            return large_tensors.MeasuredResult(candidate, modified, before, after)
+            return MeasuredResult(candidate, modified, before, after)
         else:
             logger.warning(
                 "fold: every attempt grew the model past %d bytes; keeping the model unchanged",
                 limit,
             )
-        return large_tensors.MeasuredResult(_private_clone(model), False, before, before)
+        return MeasuredResult(_private_clone(model), False, before, before)
 
     def _run_pipeline(self, model: ir.Model, allow_growth: bool) -> bool:
         budget = self.expand_budget_bytes if allow_growth else 0

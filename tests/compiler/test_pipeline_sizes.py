@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import numpy as np
 import onnx_ir as ir
 
 from models import digits
 from onnx_shrink import FoldPass
 from onnx_shrink.compiler import io, pipeline
-from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.passes.prune import PrunePass
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import collect, data
 
 
 def _counting_saved_bytes(monkeypatch) -> list[int]:
@@ -46,3 +49,25 @@ def test_a_pass_that_changes_its_input_is_measured_before_it_runs(monkeypatch):
 
 def _folded(model: ir.Model) -> ir.Model:
     return FoldPass()(model).model
+
+
+def test_a_rolled_back_data_aware_pass_leaves_the_model_as_its_requests_found_it(tmp_path):
+    """quant's requests convert the opset (16-bit activations need 21): a rollback undoes
+    that too, and the step's size after is its size before."""
+    model = io.load(digits.MODEL_PATH)
+    opset = model.opset_imports[""]
+    assert opset < 21
+    size = len(io.to_bytes(model))
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:8]
+    np.savez(tmp_path / "d.npz", image=images)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    result = pipeline.run(
+        model,
+        [QuantPass(int16=(".*",))],
+        verify=lambda candidate: pipeline.Verdict(False, "rejected by the test"),
+        collect=lambda m, requests: collect.collect(m, requests, dataset),
+    )
+    (step,) = result.steps
+    assert step.rolled_back
+    assert result.model.opset_imports[""] == opset
+    assert step.bytes_before == step.bytes_after == size == len(io.to_bytes(result.model))

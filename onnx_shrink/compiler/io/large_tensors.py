@@ -73,16 +73,6 @@ def saved_bytes(model: ir.Model, min_bytes: int = LARGE_TENSOR_BYTES) -> int:
     return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()})
 
 
-@dataclasses.dataclass
-class MeasuredResult(ir.passes.PassResult):
-    """The result of a functional pass that computed ``saved_bytes`` of its input
-    (``bytes_before``) and of the model it returns (``bytes_after``), which nothing changes
-    in between: a pipeline takes them instead of serializing both models again."""
-
-    bytes_before: int = 0
-    bytes_after: int = 0
-
-
 def weightless_proto(model: ir.Model, min_bytes: int = 1024) -> onnx.ModelProto:
     """The model as a ModelProto whose main-graph initializers of ``min_bytes`` or more are
     external-data stand-ins (name, type and shape, no data), and smaller memory-mapped ones
