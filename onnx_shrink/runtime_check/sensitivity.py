@@ -166,10 +166,10 @@ def sensitivity(
     }
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
+        # requests converts the opset and infers types, as the pass does before planning.
         stats = collect_mod.collect(
             base, quant.requests(base), data, provider=provider, progress=progress
         )
-        quant.convert_opset(base)  # as the pass does before planning
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
@@ -209,7 +209,8 @@ def _quantized_layers(
 ) -> tuple[list[_Target], list[str]]:
     """The nodes the full pass quantizes (its own plan, on the same statistics), split into
     those measurable alone (a unique name in ``base``) and the names of the others."""
-    placement.infer_types(base)
+    if not placement.types_known(base.graph):  # requests inferred them
+        placement.infer_types(base)
     plan = placement.plan(base.graph, stats, quant._exclusions)  # exactly what the pass uses
     position = {node: i for i, node in enumerate(base.graph)}
     counts = collections.Counter(node.name for node in base.graph)

@@ -179,9 +179,8 @@ class QuantPass(DataAwarePass):
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         opset = onnx_opset(model)
         per_channel, sixteen_bit = self.convert_opset(model)
-        if onnx_opset(model) != opset or not placement.types_known(
-            model.graph
-        ):  # else requests did it
+        converted = onnx_opset(model) != opset
+        if converted or not placement.types_known(model.graph):  # else requests inferred them
             placement.infer_types(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
