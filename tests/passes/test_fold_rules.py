@@ -65,6 +65,8 @@ def test_a_pattern_with_two_output_nodes_is_tried_only_at_its_first_nodes_op():
     for node in model.graph:
         filtered.try_rewrite(model, model.graph, node)
     assert tried == ["Slice", "Slice"]
+    filtered_model = _rewritten(io.load(parse(SLICED)), fold_rules.by_root_op([rule]))
+    assert filtered_model == _rewritten(io.load(parse(SLICED)), [rule])
 
 
 def test_filtered_rules_rewrite_a_small_graph_as_the_rules_do():
