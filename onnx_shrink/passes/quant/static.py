@@ -288,10 +288,12 @@ def _scale_for_bias(
 ) -> np.ndarray | None:
     """The smallest weight scale(s) at which a 1-D ``bias`` fits int32 (bias scale = input
     scale x weight scale). It binds only where a channel's weights are all (nearly) zero: their
-    scale is otherwise tiny, and the bias (say a folded BatchNormalization's shift) was lost."""
+    scale is otherwise tiny, and the bias (say a folded BatchNormalization's shift) was lost.
+    The bias then takes half the int32 range, not all of it: float32 rounding of the scale
+    cannot clip it, and the accumulator keeps room for the channel's (nearly zero) products."""
     if bias.ndim != 1:
         return None
-    floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * (2**31 - 1))
+    floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * 2**30)
     return floor if per_channel else np.asarray(floor.max(initial=0.0))
 
 
