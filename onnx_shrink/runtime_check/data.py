@@ -181,6 +181,10 @@ def from_arrays(
             for spec in specs:
                 check_array(spec, feed[spec.name], where)
             yield Batch(feed, stop - start, labels[start:stop] if labels is not None else None)
+            # Read: a memory-mapped file's pages go back (a run still reading them
+            # faults them in again), so a long .npz costs one batch, not its size.
+            for array in feed.values():
+                data_files.release_pages(array)
 
     return Dataset(where, synthetic=False, has_labels=labels is not None, make_batches=make_batches)
 

@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Iterator, Sequence
 
 import numpy as np
 
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.runtime_check.data import Batch, Dataset, InputSpec
 
 logger = logging.getLogger(__name__)
@@ -45,16 +46,16 @@ def single_samples(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[Bat
 
 
 def split(batch: Batch, dynamic: set[str]) -> Iterator[Batch]:
-    """``batch`` one sample at a time (inputs not in ``dynamic`` are passed whole)."""
+    """``batch`` one sample at a time (inputs not in ``dynamic`` are passed whole). Once the
+    next is asked for, a memory-mapped sample's pages go back (``release_pages``)."""
     for i in range(batch.samples):
-        yield Batch(
-            {
-                name: array[i : i + 1] if name in dynamic else array
-                for name, array in batch.feed.items()
-            },
-            1,
-            batch.labels[i : i + 1] if batch.labels is not None else None,
-        )
+        feed = {
+            name: array[i : i + 1] if name in dynamic else array
+            for name, array in batch.feed.items()
+        }
+        yield Batch(feed, 1, batch.labels[i : i + 1] if batch.labels is not None else None)
+        for name in dynamic & feed.keys():
+            data_files.release_pages(feed[name])
 
 
 def grouped_samples(samples: Iterable[Batch], size: Callable[[], int]) -> Iterator[Batch]:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import mmap
+
 import numpy as np
 import pytest
 
@@ -62,3 +64,25 @@ def test_npy_files_are_mapped(tmp_path, arrays):
     loaded = data_files.load_npy(path)
     assert isinstance(loaded, np.memmap)
     np.testing.assert_array_equal(loaded, arrays["image"])
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="needs madvise")
+def test_released_pages_of_a_mapped_npz_leave_the_process_and_read_back_unchanged(tmp_path):
+    values = np.arange(16 << 20, dtype=np.float32).reshape(64, -1)  # 64 MiB
+    data_files.save_npz(tmp_path / "big.npz", {"x": values})
+    mapped = data_files.load_npz(tmp_path / "big.npz")["x"]
+    before = _resident_kib()
+    assert float(mapped.sum(dtype=np.float64)) == float(values.sum(dtype=np.float64))
+    touched = _resident_kib()
+    for row in range(0, 64, 8):
+        data_files.release_pages(mapped[row : row + 8])
+    released = _resident_kib()
+    assert touched - before > 48 << 10  # reading it mapped most of its 64 MiB in
+    assert touched - released > 48 << 10  # and releasing gave them back
+    np.testing.assert_array_equal(mapped[37], values[37])  # faulted back in from the file
+    data_files.release_pages(values[:8])  # not mapped: nothing to do
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
