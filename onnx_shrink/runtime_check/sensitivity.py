@@ -209,8 +209,7 @@ def _quantized_layers(
 ) -> tuple[list[_Target], list[str]]:
     """The nodes the full pass quantizes (its own plan, on the same statistics), split into
     those measurable alone (a unique name in ``base``) and the names of the others."""
-    if not placement.types_known(base.graph):  # requests inferred them
-        placement.infer_types(base)
+    # ``base`` went through quant.requests: its opset converted and its types inferred.
     plan = placement.plan(base.graph, stats, quant._exclusions)  # exactly what the pass uses
     position = {node: i for i, node in enumerate(base.graph)}
     counts = collections.Counter(node.name for node in base.graph)
