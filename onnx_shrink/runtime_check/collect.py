@@ -213,13 +213,17 @@ class _Pass:
 
     def phases(self, dataset: data_mod.Dataset, specs):
         """``dataset``'s samples again, in this pass's runs: (the probe's, the later ones).
-        The second iterator continues where the first stopped: read them in that order."""
+        The second iterator continues where the first stopped: read them in that order.
+        Nothing is read before then: a caller that needs no second pass reads no sample."""
         samples = sample_batches.single_samples(dataset, specs)
-        first = next(samples, None)
-        if first is None:
-            return iter(()), iter(())
-        taken = self._grouped(itertools.islice(samples, self._probe_items))
-        return itertools.chain([first], taken), self._grouped(samples)
+
+        def probe() -> Iterator[data_mod.Batch]:
+            first = next(samples, None)
+            if first is not None:
+                yield first
+                yield from self._grouped(itertools.islice(samples, self._probe_items))
+
+        return probe(), self._grouped(samples)
 
     def _runs(self, samples, histogram_outputs, later=False):
         feed = self.histogram_feed(self.histograms, later)
