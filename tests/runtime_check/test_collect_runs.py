@@ -35,32 +35,37 @@ def test_two_runs_go_at_once_on_a_cpu_sharing_its_cores(monkeypatch, cores, in_f
 
 
 class _Session:
-    """A real session whose run of the sample holding ``wait_for[i]`` waits (up to 10 s) until
-    sample ``i``'s run has started: it only returns if the two runs overlap. Records the
-    samples each run started and finished, in order; raises on ``fail_at``."""
+    """A real session where sample ``i``'s run waits (up to 10 s) until sample
+    ``wait_for[i]``'s run has finished: it only returns if the two runs overlap, and then
+    finishes after it. Records the samples each run started and finished, in order; raises
+    on ``fail_at``."""
 
     def __init__(self, wait_for=None, fail_at=None):
         self.session = sessions.create_session(io.to_bytes(io.load(parse(IDENTITY))))
         self.wait_for = wait_for or {}
         self.fail_at = fail_at
-        self.started: dict[int, threading.Event] = {}
+        self.started: set[int] = set()
+        self.done: dict[int, threading.Event] = {}
         self.finished: list[int] = []
         self.lock = threading.Lock()
+
+    def _done(self, sample: int) -> threading.Event:
+        with self.lock:
+            return self.done.setdefault(sample, threading.Event())
 
     def run(self, names, feed):
         first = int(feed["x"][0, 0])
         with self.lock:
-            self.started.setdefault(first, threading.Event()).set()
+            self.started.add(first)
         if first in self.wait_for:
             other = self.wait_for[first]
-            with self.lock:
-                event = self.started.setdefault(other, threading.Event())
-            assert event.wait(10), f"sample {first}'s run waited for {other}'s in vain"
+            assert self._done(other).wait(10), f"sample {first}'s run waited for {other}'s"
         if first == self.fail_at:
             raise RuntimeError("refused")
         outputs = self.session.run(names, feed)
         with self.lock:
             self.finished.append(first)
+        self._done(first).set()
         return outputs
 
 
@@ -73,7 +78,7 @@ def _first_samples(runs):
 
 
 def test_runs_at_once_finish_out_of_order_and_are_yielded_in_order():
-    session = _Session(wait_for={0: 1})  # sample 0's run finishes after sample 1's started
+    session = _Session(wait_for={0: 1})  # sample 0's run finishes after sample 1's
     runs = collect_runs.overlapped_runs(session, _batches(12), ["y"], {}, in_flight=2)
     assert _first_samples(runs) == list(range(12))
     assert session.finished.index(1) < session.finished.index(0)
