@@ -90,7 +90,8 @@ def quantize(
     table is tens of millions of elements.
     """
     scale, zero_point = _broadcast(scale, x.ndim, axis), _broadcast(zero_point, x.ndim, axis)
-    q = np.divide(x, np.asarray(scale, np.float32), dtype=np.float32)
+    # asarray: numpy gives a 0-d input (a scalar constant) back as a scalar, not an array.
+    q = np.asarray(np.divide(x, np.asarray(scale, np.float32), dtype=np.float32))
     np.rint(q, out=q)
     q += np.asarray(zero_point, np.float32)
     np.clip(q, qtype.qmin, qtype.qmax, out=q)

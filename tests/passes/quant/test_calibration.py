@@ -250,3 +250,11 @@ def test_mse_clipping_error_closed_form_matches_the_sum_over_bins():
     per_bin = np.maximum(x[:, None] - a, 0) ** 3 - np.maximum(x[:, None] - b, 0) ** 3
     expected = (per_bin * counts / (b - a)).sum(axis=1) / 3
     np.testing.assert_allclose(_overshoot(edges, counts)(x), expected, rtol=1e-9, atol=1e-9)
+
+
+def test_a_scalar_constant_quantizes_to_a_scalar():
+    """A 0-d weight (the ``3`` of a decomposed hard-swish) round-trips like any other."""
+    scale = np.asarray(0.05, np.float32)
+    zero = np.asarray(0, np.int8)
+    q = quantize(np.asarray(3.0, np.float32), scale, zero, S8)
+    assert q.shape == () and q.dtype == np.int8 and int(q) == 60
