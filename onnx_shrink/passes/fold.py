@@ -18,6 +18,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.passes import fold_rules
+from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
 from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
 logger = logging.getLogger(__name__)
@@ -51,9 +52,11 @@ class FoldPass(ir.passes.FunctionalPass):
 
     Rules:
 
-    1. onnxscript's constant folder, its default (lossless) rewrite rules, Reshape shapes
-       read from the reshaped tensor made constant (``fold_reshape``) and dead-code removal
-       run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local functions.
+    1. onnxscript's constant folder, its default (lossless) rewrite rules, constant scales
+       and offsets next to a Conv folded into its weights (``fold_conv_affine``), Reshape
+       shapes read from the reshaped tensor made constant (``fold_reshape``) and dead-code
+       removal run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local
+       functions.
     2. Expanding ops (ConstantOfShape, Expand, Tile, ...) fold only when their output is known
        and at most ``expand_budget_bytes``; quantize/dequantize nodes never fold.
     3. ``Constant`` nodes holding tensors are lifted to initializers (subgraph constants to the
@@ -148,6 +151,7 @@ class FoldPass(ir.passes.FunctionalPass):
             [
                 fold,
                 rewriter.RewritePass(fold_rules.DEFAULT_RULES),
+                ConvAffinePass(allow_bias_growth=allow_growth),
                 ReshapeCopiedDimsPass(),
                 common_passes.RemoveUnusedNodesPass(),
                 common_passes.RemoveUnusedFunctionsPass(),

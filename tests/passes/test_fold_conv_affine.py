@@ -1,0 +1,197 @@
+"""fold's Conv rule: constant scales and offsets next to a Conv become part of its weights."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+from onnx import TensorProto, helper
+
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
+from tests.helpers import make_model, run_ort
+
+RNG = np.random.default_rng(0)
+C_IN, C_OUT = 4, 6
+
+
+def _conv_model(
+    before: list[tuple[str, np.ndarray]] = (),
+    after: list[tuple[str, np.ndarray]] = (),
+    *,
+    pads: int = 0,
+    group: int = 1,
+    bias: bool = True,
+    extra_reader: str | None = None,
+) -> onnx.ModelProto:
+    """x -> steps ``before`` -> Conv(3x3) -> steps ``after`` -> y; each step (op, constant)."""
+    inits = {"W": RNG.normal(size=(C_OUT, C_IN // group, 3, 3)).astype(np.float32)}
+    if bias:
+        inits["B"] = RNG.normal(size=C_OUT).astype(np.float32)
+    nodes, current = [], "x"
+    for i, (op, constant) in enumerate(before):
+        inits[f"b{i}"] = constant
+        nodes.append(helper.make_node(op, [current, f"b{i}"], [f"pre{i}"], name=f"pre{i}"))
+        current = f"pre{i}"
+    conv_inputs = [current, "W"] + (["B"] if bias else [])
+    nodes.append(
+        helper.make_node("Conv", conv_inputs, ["conv"], name="conv", pads=[pads] * 4, group=group)
+    )
+    current = "conv"
+    for i, (op, constant) in enumerate(after):
+        inits[f"a{i}"] = constant
+        nodes.append(helper.make_node(op, [current, f"a{i}"], [f"post{i}"], name=f"post{i}"))
+        current = f"post{i}"
+    nodes.append(helper.make_node("Identity", [current], ["y"]))
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])]
+    if extra_reader is not None:
+        nodes.append(helper.make_node("Relu", [extra_reader], ["z"]))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", "c", "h", "w"]))
+    inputs = [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C_IN, 8, 8])]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _fold(model: onnx.ModelProto, **options) -> tuple[bytes, list[str], bool]:
+    """(folded model bytes, its op types, whether the pass changed anything)."""
+    ir_model = io.load(model)
+    modified = ConvAffinePass(**options)(ir_model).modified
+    return io.to_bytes(ir_model), [n.op_type for n in ir_model.graph], modified
+
+
+def _assert_same_outputs(model: onnx.ModelProto, folded: bytes) -> None:
+    feed = {"x": RNG.normal(size=(2, C_IN, 8, 8)).astype(np.float32)}
+    for want, got in zip(
+        run_ort(model.SerializeToString(), feed), run_ort(folded, feed), strict=True
+    ):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def _channel(values) -> np.ndarray:
+    return np.asarray(values, np.float32).reshape(-1, 1, 1)
+
+
+PER_OUT = _channel(RNG.uniform(0.5, 2.0, C_OUT))
+PER_IN = _channel(RNG.uniform(0.5, 2.0, C_IN))
+SCALAR = np.asarray(1.7, np.float32)
+
+
+@pytest.mark.parametrize(
+    "after",
+    [
+        pytest.param([("Mul", SCALAR)], id="mul-scalar"),
+        pytest.param([("Mul", PER_OUT), ("Add", PER_OUT)], id="mul-add-per-channel"),
+        pytest.param([("Div", np.asarray([3.0], np.float32)), ("Sub", SCALAR)], id="div-sub"),
+        pytest.param([("Add", PER_OUT[None])], id="add-rank-4"),
+    ],
+)
+@pytest.mark.parametrize("pads", [0, 1])
+def test_steps_after_a_conv_fold_into_its_weights_and_bias(after, pads):
+    model = _conv_model(after=after, pads=pads)
+    folded, ops, modified = _fold(model)
+    assert modified and ops == ["Conv", "Identity"]
+    _assert_same_outputs(model, folded)
+
+
+@pytest.mark.parametrize(
+    "before",
+    [
+        pytest.param([("Mul", SCALAR)], id="mul-scalar"),
+        pytest.param([("Mul", PER_IN), ("Add", PER_IN)], id="mul-add-per-channel"),
+        pytest.param([("Sub", SCALAR), ("Div", PER_IN)], id="sub-div"),
+    ],
+)
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_chain_before_an_unpadded_conv_folds_into_it_group_by_group(before, group):
+    model = _conv_model(before=before, group=group)
+    folded, ops, modified = _fold(model)
+    assert modified and ops == ["Conv", "Identity"]
+    _assert_same_outputs(model, folded)
+
+
+def test_a_scale_before_a_padded_conv_folds_but_an_offset_stays():
+    scale_only = _conv_model(before=[("Mul", PER_IN)], pads=1)
+    folded, ops, _ = _fold(scale_only)
+    assert ops == ["Conv", "Identity"]
+    _assert_same_outputs(scale_only, folded)
+
+    offset = _conv_model(before=[("Mul", PER_IN), ("Add", SCALAR)], pads=1)
+    _, ops, modified = _fold(offset)
+    assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
+
+
+def test_an_offset_into_a_conv_without_bias_creates_one_only_when_growth_is_allowed():
+    model = _conv_model(after=[("Add", PER_OUT)], bias=False)
+    folded, ops, _ = _fold(model)
+    assert ops == ["Conv", "Identity"]
+    _assert_same_outputs(model, folded)
+    _, ops, modified = _fold(model, allow_bias_growth=False)
+    assert not modified and ops == ["Conv", "Add", "Identity"]
+    # A scale needs no bias.
+    _, ops, _ = _fold(_conv_model(after=[("Mul", PER_OUT)], bias=False), allow_bias_growth=False)
+    assert ops == ["Conv", "Identity"]
+
+
+def test_a_conv_output_read_elsewhere_keeps_the_step_after_it():
+    model = _conv_model(after=[("Mul", PER_OUT)], extra_reader="conv")
+    _, ops, modified = _fold(model)
+    assert not modified and "Mul" in ops
+
+
+def test_a_step_read_elsewhere_is_not_folded_into_the_conv_after_it():
+    model = _conv_model(before=[("Mul", PER_IN)], extra_reader="pre0")
+    _, ops, modified = _fold(model)
+    assert not modified and "Mul" in ops
+
+
+@pytest.mark.parametrize(
+    "constant",
+    [
+        pytest.param(np.asarray([0.0], np.float32), id="division-by-zero"),
+        pytest.param(np.asarray([np.inf], np.float32), id="infinity"),
+        pytest.param(np.asarray([np.nan], np.float32), id="nan"),
+    ],
+)
+def test_nonfinite_constants_and_division_by_zero_are_left_alone(constant):
+    _, ops, modified = _fold(_conv_model(after=[("Div", constant)]))
+    assert not modified and "Div" in ops
+
+
+def test_a_constant_that_would_broadcast_the_output_is_left_alone():
+    # (2, C, 1, 1) against an output of batch 2 keeps the shape, but not for a batch of 1:
+    # only one value per channel is a scale or offset of the Conv.
+    batched = np.ones((2, C_OUT, 1, 1), np.float32)
+    _, ops, modified = _fold(_conv_model(after=[("Mul", batched)]))
+    assert not modified and "Mul" in ops
+    rank_5 = np.ones((1, 1, C_OUT, 1, 1), np.float32)
+    _, ops, modified = _fold(_conv_model(after=[("Mul", rank_5)]))
+    assert not modified and "Mul" in ops
+
+
+def test_a_constant_before_the_conv_first_is_left_alone_for_sub_and_div():
+    # c - x and c / x are not affine steps of x.
+    model = _conv_model()
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(SCALAR, "c"))
+    first = graph.node[0]
+    graph.node.insert(0, helper.make_node("Sub", ["c", "x"], ["flipped"]))
+    first.input[0] = "flipped"
+    _, ops, modified = _fold(model)
+    assert not modified and ops[0] == "Sub"
+
+
+def test_shared_weights_are_not_changed():
+    model = _conv_model(after=[("Mul", PER_OUT)])
+    model.graph.node.append(helper.make_node("Conv", ["x", "W"], ["other"], pads=[0] * 4))
+    model.graph.output.append(
+        helper.make_tensor_value_info("other", TensorProto.FLOAT, ["n", "c", "h", "w"])
+    )
+    _, ops, modified = _fold(model)
+    assert not modified and "Mul" in ops
+
+
+def test_fold_runs_the_rule_and_keeps_outputs_equal():
+    model = _conv_model(before=[("Mul", PER_IN)], after=[("Mul", PER_OUT), ("Add", SCALAR)])
+    result = FoldPass()(io.load(model))
+    assert [n.op_type for n in result.model.graph] == ["Conv"]
+    _assert_same_outputs(model, io.to_bytes(result.model))
