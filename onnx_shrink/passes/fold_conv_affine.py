@@ -33,7 +33,7 @@ class ConvAffinePass(ir.passes.InPlacePass):
        and the Conv's output has no other use.
     2. Before: ``Conv(x * a, W)`` is ``Conv(x, W * a[ic])`` for any padding (a padded zero
        scaled is still zero); ``Conv(x + b, W, B)`` is ``Conv(x, W, B + sum(W * b[ic]))``
-       only without padding, where a border would have seen ``b`` pads as zeros. ``ic`` is
+       only without padding (a padded border reads 0 where the original read ``b``). ``ic`` is
        the input channel each weight reads, group by group. A chain of steps, each result
        read only by the next (``x / 6 * w + b``), is composed into one scale and one offset
        first. Every use of the chain's result must be a Conv's data input that can absorb it,
@@ -41,14 +41,19 @@ class ConvAffinePass(ir.passes.InPlacePass):
     3. Weights and biases are initializers only this Conv uses, so nothing shared changes and
        nothing is copied. A missing bias is created only with ``allow_bias_growth`` (it
        costs ``C`` values; ``fold`` refuses growth on its second attempt).
-    4. Convolutions only (not ConvTranspose or ConvInteger); ``c`` with a NaN or an infinity,
-       or a division by zero, stays as it is.
+    4. Convolutions only (not ConvTranspose or ConvInteger), each in the same graph as the
+       steps it takes (not across an If/Loop body); ``c`` with a NaN or an infinity, a
+       division by zero, or folded weights that overflow the Conv's float type stay as they
+       are. Weights and biases that are graph inputs or outputs are never changed.
+    5. Lossless up to float rounding: ``x / c`` becomes ``x * (1 / c)`` and the weights are
+       rounded once to their type (computed in float64).
     """
 
     allow_bias_growth: bool = True
     """create a zero bias to absorb an offset into a Conv that has none"""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        names = _Names.of(model)
         count = 0
         for graph in model.graphs():
             changed = True
@@ -57,8 +62,8 @@ class ConvAffinePass(ir.passes.InPlacePass):
                 for node in list(graph):
                     if node.graph is not graph:  # removed earlier in this sweep
                         continue
-                    if _try_fold_after(graph, node, self.allow_bias_growth) or _try_fold_before(
-                        graph, node, self.allow_bias_growth
+                    if _try_fold_after(node, self.allow_bias_growth, names) or _try_fold_before(
+                        node, self.allow_bias_growth, names
                     ):
                         count += 1
                         changed = True
@@ -77,6 +82,7 @@ class _Affine:
 
     @property
     def scales(self) -> bool:
+        """A scale (Mul, Div), not an offset (Add, Sub)."""
         return self.node.op_type in ("Mul", "Div")
 
     def per_channel(self, channels: int) -> np.ndarray:
@@ -111,13 +117,16 @@ def _affine(node: ir.Node) -> _Affine | None:
     return None
 
 
-def _try_fold_after(graph: ir.Graph, node: ir.Node, allow_bias_growth: bool) -> bool:
+def _try_fold_after(node: ir.Node, allow_bias_growth: bool, names: _Names) -> bool:
     """Rule 1: fold ``node`` into the Conv that produces its data operand."""
     affine = _affine(node)
     if affine is None:
         return False
     conv = affine.data.producer()
-    weights = _conv_weights(conv) if conv is not None else None
+    # A Conv of an enclosing graph is another graph's node, with its own initializers.
+    if conv is None or conv.graph is not node.graph:
+        return False
+    weights = _conv_weights(conv)
     if weights is None or len(affine.data.uses()) != 1 or affine.data.is_graph_output():
         return False
     weight, bias = weights
@@ -126,53 +135,143 @@ def _try_fold_after(graph: ir.Graph, node: ir.Node, allow_bias_growth: bool) -> 
     if weight.dtype != affine.constant.dtype or not _fits_channels(
         affine.constant, weight.ndim, channels, None
     ):
-        return False
+        return _declined(node, "its constant is not one value per output channel of the Conv")
     if not affine.scales and bias is None and not allow_bias_growth:
-        return False
+        return _declined(node, "the Conv has no bias and fold may not grow the model")
     values = affine.per_channel(channels)
     if affine.scales:
-        _set_weight(conv, weight * values.reshape(-1, *[1] * (weight.ndim - 1)))
-        if bias is not None:
-            _set_bias(graph, conv, bias * values)
+        refit = _Refit.cast(
+            conv,
+            weight * values.reshape(-1, *(1,) * (weight.ndim - 1)),
+            None if bias is None else bias * values,
+        )
     else:
-        _set_bias(graph, conv, (bias if bias is not None else 0.0) + values)
+        refit = _Refit.cast(conv, None, (bias if bias is not None else 0.0) + values)
+    if refit is None:
+        return _declined(node, "the folded weights overflow the Conv's float type")
+    refit.apply(names)
     ir.convenience.replace_nodes_and_values(
-        graph, node, [node], [], [node.outputs[0]], [affine.data]
+        node.graph, node, [node], [], [node.outputs[0]], [affine.data]
     )
     return True
 
 
-def _try_fold_before(graph: ir.Graph, node: ir.Node, allow_bias_growth: bool) -> bool:
+def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> bool:
     """Rule 2: fold the chain of affine steps ending at ``node`` into every Conv that reads it."""
     last = _affine(node)
-    readers = _reading_convs(node.outputs[0]) if last is not None else None
+    readers = _reading_convs(node) if last is not None else None
     if last is None or readers is None:
         return False
-    rank, dtype, channels = readers[0].rank, readers[0].weight.dtype, readers[0].in_channels
+    rank, dtype, channels = (
+        readers[0].rank,
+        readers[0].weight.dtype,
+        readers[0].in_channels,
+    )
     chain = _chain_ending_at(last)
     if any(
         step.constant.dtype != dtype
         or not _fits_channels(step.constant, rank, channels, chain[0].data)
         for step in chain
     ):
-        return False
+        return _declined(node, "a constant is not one value per input channel of the Convs")
     scale, offset = _compose(chain, channels)
     needs_bias = bool(np.any(offset != 0))
     # A padded border reads zeros where the unfolded Conv read the offset.
     if needs_bias and not all(_unpadded(r.conv) for r in readers):
-        return False
+        return _declined(node, "an offset cannot go into a padded Conv")
     if needs_bias and not allow_bias_growth and any(r.bias is None for r in readers):
-        return False
+        return _declined(node, "a Conv has no bias and fold may not grow the model")
+    refits = []
     for reader in readers:
-        _set_weight(reader.conv, reader.weight * reader.per_weight(scale))
+        bias = reader.bias
         if needs_bias:
             shift = reader.weight.astype(np.float64) * reader.per_weight(offset)
-            total = shift.sum(axis=tuple(range(1, rank)))
-            base = reader.bias if reader.bias is not None else 0.0
-            _set_bias(graph, reader.conv, base + total)
+            base = bias if bias is not None else 0.0
+            bias = base + shift.sum(axis=tuple(range(1, rank)))
+        weight = None if np.all(scale == 1) else reader.weight * reader.per_weight(scale)
+        refits.append(_Refit.cast(reader.conv, weight, bias))
+    if any(refit is None for refit in refits):
+        return _declined(node, "the folded weights overflow the Conv's float type")
+    for refit in refits:
+        refit.apply(names)  # type: ignore[union-attr]
     ir.convenience.replace_all_uses_with(node.outputs[0], chain[0].data)
-    graph.remove([step.node for step in chain], safe=True)
+    node.graph.remove([step.node for step in chain], safe=True)  # type: ignore[union-attr]
     return True
+
+
+def _declined(node: ir.Node, reason: str) -> bool:
+    logger.debug("fold: not folding %s (%s) into a Conv: %s", node.name, node.op_type, reason)
+    return False
+
+
+@dataclasses.dataclass(frozen=True)
+class _Refit:
+    """A Conv's new weight and bias, in its float type (None: the Conv keeps its own)."""
+
+    conv: ir.Node
+    weight: np.ndarray | None
+    bias: np.ndarray | None
+
+    @classmethod
+    def cast(
+        cls, conv: ir.Node, weight: np.ndarray | None, bias: np.ndarray | float | None
+    ) -> _Refit | None:
+        """The refit in the Conv weight's dtype; None when a value overflows it to inf."""
+        dtype = conv.inputs[1].const_value.dtype.numpy()  # type: ignore[union-attr]
+        with np.errstate(over="ignore"):  # overflow is checked for below
+            new_weight = None if weight is None else np.asarray(weight).astype(dtype)
+            new_bias = None if bias is None else np.asarray(bias).astype(dtype)
+        if new_weight is not None and not np.all(np.isfinite(new_weight)):
+            return None
+        if new_bias is not None and not np.all(np.isfinite(new_bias)):
+            return None
+        return cls(conv, new_weight, new_bias)
+
+    def apply(self, names: _Names) -> None:
+        """Write the weight (and bias) into the Conv's initializers, creating a bias input."""
+        weight = self.conv.inputs[1]
+        assert weight is not None
+        if self.weight is not None:
+            weight.const_value = ir.tensor(self.weight, name=weight.name)
+        if self.bias is None:
+            return
+        existing = self.conv.inputs[2] if len(self.conv.inputs) > 2 else None
+        if existing is not None:
+            existing.const_value = ir.tensor(self.bias, name=existing.name)
+            return
+        name = names.fresh(f"{weight.name}_bias")
+        value = ir.Value(name=name, const_value=ir.tensor(self.bias, name=name))
+        value.type = ir.TensorType(ir.DataType.from_numpy(self.bias.dtype))
+        value.shape = ir.Shape(self.bias.shape)
+        graph = self.conv.graph
+        assert graph is not None
+        graph.register_initializer(value)
+        self.conv.resize_inputs(3)
+        self.conv.replace_input_with(2, value)
+
+
+@dataclasses.dataclass
+class _Names:
+    """Every value name in the model, main graph and bodies, to give a new bias a fresh one."""
+
+    taken: set[str]
+
+    @classmethod
+    def of(cls, model: ir.Model) -> _Names:
+        taken: set[str] = set()
+        for graph in model.graphs():
+            taken.update(graph.initializers)
+            taken.update(v.name for v in graph.inputs if v.name)
+            taken.update(o.name for n in graph for o in n.outputs if o.name)
+        return cls(taken)
+
+    def fresh(self, base: str) -> str:
+        name, suffix = base, 0
+        while name in self.taken:
+            suffix += 1
+            name = f"{base}_{suffix}"
+        self.taken.add(name)
+        return name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -198,13 +297,15 @@ class _ConvReader:
         return per_channel[self.read].reshape(*self.read.shape, *(1,) * (self.rank - 2))
 
 
-def _reading_convs(value: ir.Value) -> list[_ConvReader] | None:
-    """The Convs reading ``value``, when those are all its uses and each can take a fold."""
+def _reading_convs(node: ir.Node) -> list[_ConvReader] | None:
+    """The Convs reading ``node``'s output, when those are all its uses, all in ``node``'s
+    graph (not an If/Loop body), and each can take a fold."""
+    value = node.outputs[0]
     uses = value.uses()
     if not uses or value.is_graph_output() or any(use.idx != 0 for use in uses):
         return None
     convs = [use.node for use in uses]
-    if len(set(convs)) != len(convs):
+    if len(set(convs)) != len(convs) or any(conv.graph is not node.graph for conv in convs):
         return None
     readers = []
     for conv in convs:
@@ -229,7 +330,8 @@ def _chain_ending_at(last: _Affine) -> list[_Affine]:
     while True:
         data = chain[0].data
         producer = data.producer()
-        step = _affine(producer) if producer is not None else None
+        inside = producer is not None and producer.graph is last.node.graph
+        step = _affine(producer) if inside else None  # type: ignore[arg-type]
         if step is None or len(data.uses()) != 1 or data.is_graph_output():
             return chain
         chain.insert(0, step)
@@ -248,7 +350,8 @@ def _compose(chain: list[_Affine], channels: int) -> tuple[np.ndarray, np.ndarra
 
 
 def _conv_weights(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
-    """(weight, bias) of a Conv whose weight and bias are initializers only it reads."""
+    """(weight, bias) of a Conv whose weight and bias are initializers only it reads and
+    the model neither takes nor gives as an input or output."""
     if conv.op_type != "Conv" or conv.domain not in DEFAULT_DOMAINS or len(conv.inputs) < 2:
         return None
     arrays = []
@@ -256,7 +359,9 @@ def _conv_weights(conv: ir.Node) -> tuple[np.ndarray, np.ndarray | None] | None:
         if value is None:
             arrays.append(None)
             continue
-        if not value.is_initializer() or value.const_value is None or value.is_graph_input():
+        if not value.is_initializer() or value.const_value is None:
+            return None
+        if value.is_graph_input() or value.is_graph_output():  # the model shows it: keep it
             return None
         if len(value.uses()) != 1 or value.dtype not in FOLDABLE_DTYPES:
             return None
@@ -290,45 +395,13 @@ def _fits_channels(constant: np.ndarray, rank: int, channels: int, data: ir.Valu
 
 
 def _known_rank(value: ir.Value) -> int | None:
+    """The rank of ``value`` if its shape is known."""
     return len(value.shape) if value.shape is not None else None
 
 
 def _unpadded(conv: ir.Node) -> bool:
+    """Whether ``conv`` reads no padding (explicit pads all 0, auto_pad NOTSET or VALID)."""
     auto_pad = conv.attributes.get_string("auto_pad", "NOTSET")
     if auto_pad not in ("NOTSET", "VALID"):
         return False
     return not any(conv.attributes.get_ints("pads", []))
-
-
-def _set_weight(conv: ir.Node, weight: np.ndarray) -> None:
-    value = conv.inputs[1]
-    assert value is not None
-    value.const_value = ir.tensor(weight.astype(value.const_value.dtype.numpy()), name=value.name)
-
-
-def _set_bias(graph: ir.Graph, conv: ir.Node, bias: np.ndarray) -> None:
-    weight = conv.inputs[1]
-    assert weight is not None and weight.const_value is not None
-    array = np.asarray(bias, dtype=weight.const_value.dtype.numpy())
-    existing = conv.inputs[2] if len(conv.inputs) > 2 else None
-    if existing is not None:
-        existing.const_value = ir.tensor(array, name=existing.name)
-        return
-    name = _unused_name(graph, f"{weight.name}_bias")
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(weight.const_value.dtype)
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    conv.resize_inputs(3)
-    conv.replace_input_with(2, value)
-
-
-def _unused_name(graph: ir.Graph, base: str) -> str:
-    taken = set(graph.initializers)
-    taken.update(v.name for v in graph.inputs)
-    taken.update(o.name for n in graph for o in n.outputs)
-    name, suffix = base, 0
-    while name in taken:
-        suffix += 1
-        name = f"{base}_{suffix}"
-    return name

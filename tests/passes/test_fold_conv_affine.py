@@ -12,7 +12,6 @@ from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
 from tests.helpers import make_model, run_ort
 
-RNG = np.random.default_rng(0)
 C_IN, C_OUT = 4, 6
 
 
@@ -26,9 +25,10 @@ def _conv_model(
     extra_reader: str | None = None,
 ) -> onnx.ModelProto:
     """x -> steps ``before`` -> Conv(3x3) -> steps ``after`` -> y; each step (op, constant)."""
-    inits = {"W": RNG.normal(size=(C_OUT, C_IN // group, 3, 3)).astype(np.float32)}
+    rng = np.random.default_rng(1)
+    inits = {"W": rng.normal(size=(C_OUT, C_IN // group, 3, 3)).astype(np.float32)}
     if bias:
-        inits["B"] = RNG.normal(size=C_OUT).astype(np.float32)
+        inits["B"] = rng.normal(size=C_OUT).astype(np.float32)
     nodes, current = [], "x"
     for i, (op, constant) in enumerate(before):
         inits[f"b{i}"] = constant
@@ -60,7 +60,7 @@ def _fold(model: onnx.ModelProto, **options) -> tuple[bytes, list[str], bool]:
 
 
 def _assert_same_outputs(model: onnx.ModelProto, folded: bytes) -> None:
-    feed = {"x": RNG.normal(size=(2, C_IN, 8, 8)).astype(np.float32)}
+    feed = {"x": np.random.default_rng(2).normal(size=(2, C_IN, 8, 8)).astype(np.float32)}
     for want, got in zip(
         run_ort(model.SerializeToString(), feed), run_ort(folded, feed), strict=True
     ):
@@ -71,8 +71,8 @@ def _channel(values) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(-1, 1, 1)
 
 
-PER_OUT = _channel(RNG.uniform(0.5, 2.0, C_OUT))
-PER_IN = _channel(RNG.uniform(0.5, 2.0, C_IN))
+PER_OUT = _channel(np.linspace(0.5, 2.0, C_OUT))
+PER_IN = _channel(np.linspace(-1.5, 2.0, C_IN))
 SCALAR = np.asarray(1.7, np.float32)
 
 
@@ -195,3 +195,129 @@ def test_fold_runs_the_rule_and_keeps_outputs_equal():
     result = FoldPass()(io.load(model))
     assert [n.op_type for n in result.model.graph] == ["Conv"]
     _assert_same_outputs(model, io.to_bytes(result.model))
+
+
+def test_a_chain_read_by_two_convs_folds_into_each_one():
+    model = _conv_model(before=[("Mul", PER_IN), ("Add", SCALAR)])
+    rng = np.random.default_rng(3)
+    model.graph.initializer.append(
+        onnx.numpy_helper.from_array(rng.normal(size=(3, C_IN, 1, 1)).astype(np.float32), "W2")
+    )
+    model.graph.node.append(helper.make_node("Conv", ["pre1", "W2"], ["other"]))
+    model.graph.output.append(
+        helper.make_tensor_value_info("other", TensorProto.FLOAT, ["n", "c", "h", "w"])
+    )
+    folded, ops, modified = _fold(model)
+    assert modified and ops.count("Conv") == 2 and "Mul" not in ops and "Add" not in ops
+    _assert_same_outputs(model, folded)
+
+
+def test_a_constant_first_offset_into_a_conv_without_bias_creates_one():
+    model = _conv_model(bias=False)
+    graph = model.graph
+    graph.initializer.append(onnx.numpy_helper.from_array(PER_IN, "c"))
+    graph.node.insert(0, helper.make_node("Add", ["c", "x"], ["shifted"]))
+    graph.node[1].input[0] = "shifted"
+    folded, ops, modified = _fold(model)
+    assert modified and ops == ["Conv", "Identity"]
+    _assert_same_outputs(model, folded)
+
+
+def test_an_offset_before_a_conv_padded_by_auto_pad_stays():
+    model = _conv_model(before=[("Add", SCALAR)])
+    conv = next(n for n in model.graph.node if n.op_type == "Conv")
+    del conv.attribute[:]
+    conv.attribute.append(helper.make_attribute("auto_pad", "SAME_UPPER"))
+    _, ops, modified = _fold(model)
+    assert not modified and ops[0] == "Add"
+
+
+def test_float16_weights_fold_within_float16_rounding():
+    model = _conv_model(after=[("Mul", PER_OUT), ("Add", PER_OUT)])
+    for tensor in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    folded, ops, _ = _fold(model)
+    assert ops == ["Conv", "Identity"]
+    feed = {"x": np.random.default_rng(4).normal(size=(2, C_IN, 8, 8)).astype(np.float16)}
+    (want,) = run_ort(model.SerializeToString(), feed)
+    (got,) = run_ort(folded, feed)
+    np.testing.assert_allclose(got, want, rtol=1e-2, atol=2e-2)
+
+
+def test_folded_weights_that_overflow_the_float_type_are_not_written():
+    # x / 1e-39 is finite for small x; 1 / 1e-39 is not a float32.
+    tiny = np.asarray([1e-39], np.float32)
+    _, ops, modified = _fold(_conv_model(after=[("Div", tiny)]))
+    assert not modified and "Div" in ops
+
+
+def test_a_weight_the_model_also_outputs_is_not_changed():
+    model = _conv_model(after=[("Mul", PER_OUT)])
+    model.graph.output.append(
+        helper.make_tensor_value_info("W", TensorProto.FLOAT, [C_OUT, C_IN, 3, 3])
+    )
+    _, ops, modified = _fold(model)
+    assert not modified and "Mul" in ops
+
+
+def _if_model(outer: str) -> onnx.ModelProto:
+    """A Mul (outer="mul") or a bias-less Conv (outer="conv") in the main graph, read only by
+    an Add in the If's then-branch (that feeds a Conv there for "mul"); the else-branch
+    convolves ``x`` itself."""
+    rng = np.random.default_rng(5)
+    w = rng.normal(size=(C_OUT, C_IN, 1, 1)).astype(np.float32)
+    if outer == "mul":
+        then_nodes = [
+            helper.make_node("Add", ["pre", "b"], ["z"]),
+            helper.make_node("Conv", ["z", "then_W"], ["then_out"]),
+        ]
+        then_inits = [onnx.numpy_helper.from_array(w, "then_W")]
+    else:
+        then_nodes = [helper.make_node("Add", ["conv", "b"], ["then_out"])]
+        then_inits = []
+    then_branch = helper.make_graph(
+        then_nodes,
+        "then",
+        [],
+        [helper.make_tensor_value_info("then_out", TensorProto.FLOAT, None)],
+        initializer=then_inits,
+    )
+    else_branch = helper.make_graph(
+        [helper.make_node("Conv", ["x", "else_W"], ["else_out"])],
+        "else",
+        [],
+        [helper.make_tensor_value_info("else_out", TensorProto.FLOAT, None)],
+        initializer=[onnx.numpy_helper.from_array(-w, "else_W")],
+    )
+    first = (
+        helper.make_node("Mul", ["x", "c"], ["pre"])
+        if outer == "mul"
+        else helper.make_node("Conv", ["x", "W"], ["conv"])
+    )
+    branches = {"then_branch": then_branch, "else_branch": else_branch}
+    nodes = [first, helper.make_node("If", ["cond"], ["y"], **branches)]
+    inputs = [
+        helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, C_IN, 8, 8]),
+        helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+    ]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", "c", "h", "w"])]
+    inits = {"c": np.asarray([1.5], np.float32), "b": np.asarray([0.25], np.float32)}
+    if outer == "conv":
+        inits["W"] = w
+    return make_model(nodes, inputs, outputs, inits)
+
+
+@pytest.mark.parametrize("outer", ["mul", "conv"])
+def test_steps_and_convs_in_different_graphs_stay_apart(outer):
+    model = _if_model(outer)
+    folded, _, _ = _fold(model)
+    onnx.checker.check_model(onnx.load_from_string(folded), full_check=True)
+    x = np.random.default_rng(6).normal(size=(2, C_IN, 8, 8)).astype(np.float32)
+    for cond in (True, False):
+        feed = {"x": x, "cond": np.asarray(cond)}
+        (want,) = run_ort(model.SerializeToString(), feed)
+        (got,) = run_ort(folded, feed)
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
