@@ -33,7 +33,9 @@ class ConvAffinePass(ir.passes.InPlacePass):
        and the Conv's output has no other use.
     2. Before: ``Conv(x * a, W)`` is ``Conv(x, W * a[ic])`` for any padding (a padded zero
        scaled is still zero); ``Conv(x + b, W, B)`` is ``Conv(x, W, B + sum(W * b[ic]))``
-       only without padding (a padded border reads 0 where the original read ``b``). ``ic`` is
+       only without padding (a padded border reads 0 where the original read ``b``); before
+       a padded Conv a chain ``x * s + o`` of two steps or more becomes one ``Add(x, o / s)``
+       and the scale goes in (``s`` without zeros). ``ic`` is
        the input channel each weight reads, group by group. A chain of steps, each result
        read only by the next (``x / 6 * w + b``), is composed into one scale and one offset
        first. Every use of the chain's result must be a Conv's data input that can absorb it,
@@ -176,9 +178,12 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
         return _declined(node, "a constant is not one value per input channel of the Convs")
     scale, offset = _compose(chain, channels)
     needs_bias = bool(np.any(offset != 0))
-    # A padded border reads zeros where the unfolded Conv read the offset.
-    if needs_bias and not all(_unpadded(r.conv) for r in readers):
+    # A padded border reads zeros where the unfolded Conv read the offset: then the offset
+    # stays, as one Add, and only the scale goes in (x * s + o == (x + o / s) * s).
+    keep_offset = needs_bias and not all(_unpadded(r.conv) for r in readers)
+    if keep_offset and (len(chain) < 2 or np.any(scale == 0)):
         return _declined(node, "an offset cannot go into a padded Conv")
+    needs_bias = needs_bias and not keep_offset
     if needs_bias and not allow_bias_growth and any(r.bias is None for r in readers):
         return _declined(node, "a Conv has no bias and fold may not grow the model")
     refits = []
@@ -194,9 +199,33 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
         return _declined(node, "the folded weights overflow the Conv's float type")
     for refit in refits:
         refit.apply(names)  # type: ignore[union-attr]
-    ir.convenience.replace_all_uses_with(node.outputs[0], chain[0].data)
-    node.graph.remove([step.node for step in chain], safe=True)  # type: ignore[union-attr]
+    graph, steps = node.graph, [step.node for step in chain]
+    assert graph is not None
+    if keep_offset:
+        add = _offset_node(chain[0].data, offset / scale, readers[0], names, node.name)
+        graph.register_initializer(add.inputs[1])  # type: ignore[arg-type]
+        ir.convenience.replace_nodes_and_values(
+            graph, node, steps, [add], [node.outputs[0]], [add.outputs[0]]
+        )
+    else:
+        ir.convenience.replace_all_uses_with(node.outputs[0], chain[0].data)
+        graph.remove(steps, safe=True)
     return True
+
+
+def _offset_node(
+    data: ir.Value, offset: np.ndarray, reader: _ConvReader, names: _Names, name: str | None
+) -> ir.Node:
+    """``Add(data, offset)``, the offset one value or one per channel in the Conv's dtype, as
+    a new initializer (not yet registered)."""
+    uniform = bool(np.all(offset == offset[0]))
+    shape = (1,) if uniform else (-1, *(1,) * (reader.rank - 2))
+    array = (offset[:1] if uniform else offset).reshape(shape).astype(reader.weight.dtype)
+    constant_name = names.fresh(f"{name or 'conv_input'}_offset")
+    constant = ir.Value(name=constant_name, const_value=ir.tensor(array, name=constant_name))
+    constant.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    constant.shape = ir.Shape(array.shape)
+    return ir.node("Add", [data, constant], name=name)
 
 
 def _declined(node: ir.Node, reason: str) -> bool:

@@ -109,15 +109,20 @@ def test_a_chain_before_an_unpadded_conv_folds_into_it_group_by_group(before, gr
     _assert_same_outputs(model, folded)
 
 
-def test_a_scale_before_a_padded_conv_folds_but_an_offset_stays():
+def test_a_scale_before_a_padded_conv_folds_and_an_offset_stays_as_one_add():
     scale_only = _conv_model(before=[("Mul", PER_IN)], pads=1)
     folded, ops, _ = _fold(scale_only)
     assert ops == ["Conv", "Identity"]
     _assert_same_outputs(scale_only, folded)
 
-    offset = _conv_model(before=[("Mul", PER_IN), ("Add", SCALAR)], pads=1)
-    _, ops, modified = _fold(offset)
-    assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
+    chain = _conv_model(before=[("Div", PER_IN), ("Mul", SCALAR), ("Add", PER_IN)], pads=1)
+    folded, ops, _ = _fold(chain)
+    assert ops == ["Add", "Conv", "Identity"]
+    _assert_same_outputs(chain, folded)
+
+    one_offset = _conv_model(before=[("Add", SCALAR)], pads=1)
+    _, ops, modified = _fold(one_offset)
+    assert not modified and ops == ["Add", "Conv", "Identity"]
 
 
 def test_an_offset_into_a_conv_without_bias_creates_one_only_when_growth_is_allowed():
@@ -321,3 +326,10 @@ def test_steps_and_convs_in_different_graphs_stay_apart(outer):
         (want,) = run_ort(model.SerializeToString(), feed)
         (got,) = run_ort(folded, feed)
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
+def test_an_offset_before_a_padded_conv_stays_when_the_scale_has_a_zero():
+    zero_scale = _channel([0.0, 1.0, 2.0, 3.0])
+    model = _conv_model(before=[("Mul", zero_scale), ("Add", SCALAR)], pads=1)
+    _, ops, modified = _fold(model)
+    assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
