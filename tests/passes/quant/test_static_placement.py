@@ -383,3 +383,53 @@ def test_int16_widens_only_the_named_nodes_tensors_with_attention_matmuls_quanti
     }
     assert bits["x"] == bits["q"] == 16  # mq's input and output
     assert bits["scores"] == 8  # the attention MatMul's output: its node is not named
+
+
+def _hard_swish_block(offset_after_product: bool):
+    """Conv -> hard-swish as x * Clip(x + 3, 0, 6) -> [Add(c)] -> Conv: the block ``fold``
+    leaves from a PP-LCNet stage whose affine sits before a padded depthwise Conv."""
+    rng = np.random.default_rng(2)
+    nodes = [
+        oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Add", ["c", "three"], ["shifted"]),
+        oh.make_node("Clip", ["shifted", "zero", "six"], ["gate"]),
+        oh.make_node("Mul", ["c", "gate"], ["swish"]),
+    ]
+    last = "swish"
+    if offset_after_product:
+        nodes.append(oh.make_node("Add", ["swish", "offset"], ["moved"]))
+        last = "moved"
+    nodes.append(oh.make_node("Conv", [last, "w2"], ["y"], pads=[1, 1, 1, 1]))
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, 8, 8])],
+        {
+            "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5,
+            "b": rng.standard_normal(4).astype(np.float32) * 0.1,
+            "w2": rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3,
+            "three": np.array(3.0, np.float32),
+            "zero": np.array(0.0, np.float32),
+            "six": np.array(6.0, np.float32),
+            "offset": np.array([-1.5], np.float32),
+        },
+    )
+
+
+@pytest.mark.parametrize("offset_after_product", [False, True])
+def test_a_constant_offset_on_a_glue_result_keeps_the_glue_chain_float(
+    tmp_path, offset_after_product
+):
+    proto = _hard_swish_block(offset_after_product)
+    x = RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    path, _ = _quantize(proto, {"x": x}, tmp_path)
+    ops = _optimized_ops(path, tmp_path)
+    assert ops.count("QLinearConv") == 2
+    if offset_after_product:
+        # Add(3), Mul and the offset would each round again: the chain runs in float.
+        assert "QLinearAdd" not in ops and "QLinearMul" not in ops
+    else:
+        assert "QLinearAdd" in ops and "QLinearMul" in ops
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    got = run_ort(path, {"x": x})[0]
+    assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
