@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect_runs, sessions
 from onnx_shrink.runtime_check.data import Batch
@@ -103,3 +104,28 @@ def test_a_failed_run_raises_in_order_and_cancels_the_runs_not_started():
             seen.append(int(outputs["y"][0, 0]))
     assert seen == [0, 1, 2]
     assert max(session.started) <= 6  # in flight and queued at most; none of the rest
+
+
+def test_a_mapped_samples_pages_go_back_once_its_run_has_read_them(tmp_path, monkeypatch):
+    """Released when the next sample was cut, a sample still being run was faulted in again
+    and stayed resident: two runs at once then held a whole batch of the file."""
+    path = tmp_path / "calib.npz"
+    data_files.save_npz(path, {"x": np.arange(6, dtype=np.float32)[:, None].repeat(4, axis=1)})
+    mapped = data_files.load_npz(path)["x"]
+    assert isinstance(mapped, np.memmap)
+    session = _Session(wait_for={0: 1})
+    released_after_run = {}
+    real_release = data_files.release_pages
+
+    def spy(array):
+        if isinstance(array, np.memmap) and array.shape[0] == 1:
+            sample = int(array[0, 0])
+            released_after_run.setdefault(sample, False)
+            released_after_run[sample] |= sample in session.finished
+        real_release(array)
+
+    monkeypatch.setattr(data_files, "release_pages", spy)
+    batches = [Batch({"x": mapped[i : i + 1]}, 1, None) for i in range(6)]
+    runs = collect_runs.overlapped_runs(session, batches, ["y"], {}, in_flight=2)
+    assert _first_samples(runs) == list(range(6))
+    assert released_after_run == dict.fromkeys(range(6), True)
