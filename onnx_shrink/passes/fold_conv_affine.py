@@ -35,8 +35,8 @@ class ConvAffinePass(ir.passes.InPlacePass):
        scaled is still zero); ``Conv(x + b, W, B)`` is ``Conv(x, W, B + sum(W * b[ic]))``
        only without padding (a padded border reads 0 where the original read ``b``); before
        a padded Conv a chain ``x * s + o`` of two steps or more becomes one ``Add(x, o / s)``
-       and the scale goes in (``s`` without zeros). ``ic`` is
-       the input channel each weight reads, group by group. A chain of steps, each result
+       and the scale goes in (``s`` without zeros). ``ic`` is the input channel each weight
+       reads, group by group. A chain of steps, each result
        read only by the next (``x / 6 * w + b``), is composed into one scale and one offset
        first. Every use of the chain's result must be a Conv's data input that can absorb it,
        and each gets its own weights.
@@ -183,6 +183,12 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
     keep_offset = needs_bias and not all(_unpadded(r.conv) for r in readers)
     if keep_offset and (len(chain) < 2 or np.any(scale == 0)):
         return _declined(node, "an offset cannot go into a padded Conv")
+    moved = None
+    if keep_offset:
+        with np.errstate(over="ignore"):  # checked just below
+            moved = _offset_constant(offset / scale, rank, dtype)
+        if not np.all(np.isfinite(moved)):
+            return _declined(node, "the moved offset overflows the Conv's float type")
     needs_bias = needs_bias and not keep_offset
     if needs_bias and not allow_bias_growth and any(r.bias is None for r in readers):
         return _declined(node, "a Conv has no bias and fold may not grow the model")
@@ -201,9 +207,9 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
         refit.apply(names)  # type: ignore[union-attr]
     graph, steps = node.graph, [step.node for step in chain]
     assert graph is not None
-    if keep_offset:
-        add = _offset_node(chain[0].data, offset / scale, readers[0], names, node.name)
-        graph.register_initializer(add.inputs[1])  # type: ignore[arg-type]
+    if moved is not None:
+        constant = _initializer(graph, moved, names.fresh(f"{node.name or 'conv_input'}_offset"))
+        add = ir.node("Add", [chain[0].data, constant], name=node.name)
         ir.convenience.replace_nodes_and_values(
             graph, node, steps, [add], [node.outputs[0]], [add.outputs[0]]
         )
@@ -213,19 +219,21 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
     return True
 
 
-def _offset_node(
-    data: ir.Value, offset: np.ndarray, reader: _ConvReader, names: _Names, name: str | None
-) -> ir.Node:
-    """``Add(data, offset)``, the offset one value or one per channel in the Conv's dtype, as
-    a new initializer (not yet registered)."""
+def _offset_constant(offset: np.ndarray, rank: int, dtype: np.dtype) -> np.ndarray:
+    """``offset`` (one value per channel) in ``dtype``, shaped to add to a rank-``rank``
+    tensor: ``(1,)`` when every channel's is the same, else ``(C, 1, ...)``."""
     uniform = bool(np.all(offset == offset[0]))
-    shape = (1,) if uniform else (-1, *(1,) * (reader.rank - 2))
-    array = (offset[:1] if uniform else offset).reshape(shape).astype(reader.weight.dtype)
-    constant_name = names.fresh(f"{name or 'conv_input'}_offset")
-    constant = ir.Value(name=constant_name, const_value=ir.tensor(array, name=constant_name))
-    constant.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    constant.shape = ir.Shape(array.shape)
-    return ir.node("Add", [data, constant], name=name)
+    shape = (1,) if uniform else (-1, *(1,) * (rank - 2))
+    return (offset[:1] if uniform else offset).reshape(shape).astype(dtype)
+
+
+def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
+    """``array`` registered in ``graph`` as an initializer called ``name``."""
+    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
+    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
+    value.shape = ir.Shape(array.shape)
+    graph.register_initializer(value)
+    return value
 
 
 def _declined(node: ir.Node, reason: str) -> bool:
@@ -268,13 +276,9 @@ class _Refit:
         if existing is not None:
             existing.const_value = ir.tensor(self.bias, name=existing.name)
             return
-        name = names.fresh(f"{weight.name}_bias")
-        value = ir.Value(name=name, const_value=ir.tensor(self.bias, name=name))
-        value.type = ir.TensorType(ir.DataType.from_numpy(self.bias.dtype))
-        value.shape = ir.Shape(self.bias.shape)
         graph = self.conv.graph
         assert graph is not None
-        graph.register_initializer(value)
+        value = _initializer(graph, self.bias, names.fresh(f"{weight.name}_bias"))
         self.conv.resize_inputs(3)
         self.conv.replace_input_with(2, value)
 

@@ -333,3 +333,40 @@ def test_an_offset_before_a_padded_conv_stays_when_the_scale_has_a_zero():
     model = _conv_model(before=[("Mul", zero_scale), ("Add", SCALAR)], pads=1)
     _, ops, modified = _fold(model)
     assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
+
+
+@pytest.mark.parametrize("group", [1, 2])
+def test_a_uniform_offset_before_two_padded_convs_stays_as_one_scalar_add(group):
+    model = _conv_model(before=[("Mul", SCALAR), ("Add", SCALAR)], pads=1, group=group)
+    rng = np.random.default_rng(7)
+    weight = rng.normal(size=(2, C_IN // group, 3, 3)).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(weight, "W2"))
+    model.graph.node.append(
+        helper.make_node("Conv", ["pre1", "W2"], ["other"], pads=[1] * 4, group=group)
+    )
+    model.graph.output.append(
+        helper.make_tensor_value_info("other", TensorProto.FLOAT, ["n", "c", "h", "w"])
+    )
+    folded, ops, _ = _fold(model)
+    assert ops.count("Add") == 1 and "Mul" not in ops and ops.count("Conv") == 2
+    add = next(n for n in onnx.load_from_string(folded).graph.node if n.op_type == "Add")
+    offset = next(
+        t for t in onnx.load_from_string(folded).graph.initializer if t.name == add.input[1]
+    )
+    assert list(offset.dims) == [1]
+    _assert_same_outputs(model, folded)
+
+
+def test_a_moved_offset_that_overflows_float16_stays_where_it_was():
+    # 1000 / 0.01 = 1e5 is past float16's 65504.
+    model = _conv_model(
+        before=[("Mul", np.asarray(0.01, np.float32)), ("Add", np.asarray(1000.0, np.float32))],
+        pads=1,
+    )
+    for tensor in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    _, ops, modified = _fold(model)
+    assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
