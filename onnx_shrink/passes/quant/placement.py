@@ -22,10 +22,11 @@ QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
    and the output read by one. A residual Add in a CNN runs as QLinearAdd; the bias and
    residual Adds of a transformer, whose residual stream has outliers in the hundreds, stay
    float, and so do MatMul outputs that only feed them (onnxruntime then runs
-   MatMulIntegerToFloat). An Add or Mul of a constant that reads another glue op's result
-   stays float: its integer kernel would round again a tensor just rounded. On PP-OCRv4 rec,
+   MatMulIntegerToFloat). An Add or Mul of a constant that reads the result of another
+   glue op (one that rounds: not MaxPool, Resize or a shape op) stays float: its integer
+   kernel would round again a tensor just rounded. On PP-OCRv4 rec, running as QLinearAdd
    the offsets ``fold`` leaves before padded depthwise Convs (after each hard-swish's
-   product) run as QLinearAdd: strings equal to fp32 fell from 0.865 to 0.62.
+   product) cut strings equal to fp32 from 0.865 to 0.62.
 7. When a float node computes a Q/DQ tensor, only its integer readers read the DQ:
    quantized nodes, and shape ops or Relu/Clip on the way to one. A float reader (a
    transformer's residual Add beside the MatMuls of a LayerNorm output) reads the float
@@ -304,16 +305,19 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
 
 
 def _requantizes(node: ir.Node) -> bool:
-    """An Add or Mul of a constant reading another glue op's result: as an integer kernel it
-    rounds again a tensor that was just rounded, for one elementwise op saved."""
+    """An Add or Mul of a constant reading the result of a glue op that rounds its output
+    (not MaxPool, Resize or a shape op, which keep their input's scale): as an integer
+    kernel it rounds again a tensor that was just rounded, for one elementwise op saved."""
     inputs = activation_inputs(node)
     if node.op_type not in ("Add", "Mul") or len(inputs) != 1:
         return False
+    if not any(v is not None and v.const_value is not None for v in node.inputs):
+        return False  # the other input is of unknown type, not a constant
     producer = _producer(inputs[0])
     return (
         producer is not None
         and producer.op_type in QUANTIZABLE
-        and producer.op_type not in WEIGHTED
+        and producer.op_type not in WEIGHTED | SHARES_INPUT_SCALE
     )
 
 

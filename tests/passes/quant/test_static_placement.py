@@ -433,3 +433,32 @@ def test_a_constant_offset_on_a_glue_result_keeps_the_glue_chain_float(
     reference = run_ort(proto.SerializeToString(), {"x": x})[0]
     got = run_ort(path, {"x": x})[0]
     assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
+
+
+def _after_pool_block(step: str):
+    """Conv -> MaxPool -> ``step`` by a constant -> Conv: MaxPool keeps its input's scale,
+    so the step rounds once, like one right after the Conv."""
+    rng = np.random.default_rng(3)
+    return make_model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("MaxPool", ["c"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
+            oh.make_node(step, ["p", "k"], ["s"]),
+            oh.make_node("Conv", ["s", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, 4, 4])],
+        {
+            "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32) * 0.5,
+            "w2": rng.standard_normal((4, 4, 3, 3)).astype(np.float32) * 0.3,
+            "k": np.array([1.5], np.float32),
+        },
+    )
+
+
+@pytest.mark.parametrize("step", ["Add", "Mul"])
+def test_a_constant_step_after_maxpool_still_runs_in_an_integer_kernel(tmp_path, step):
+    proto = _after_pool_block(step)
+    x = RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    path, _ = _quantize(proto, {"x": x}, tmp_path)
+    assert f"QLinear{step}" in _optimized_ops(path, tmp_path)
