@@ -117,7 +117,8 @@ def _run_joined(session, batch, extra, outputs, joining: Joining | None):
         # back when the next sample was cut, they were faulted in again by this run, still
         # going, and stayed until the end of the dataset's batch (64 samples of det: 77 MB).
         for array in one.feed.values():
-            data_files.release_pages(array)
+            if array.shape[:1] == (one.samples,):  # not an input every run shares whole
+                data_files.release_pages(array)
         return one, result
 
     single = joining is None or batch.samples == 1

@@ -91,6 +91,10 @@ def _joined(samples: list[Batch]) -> Batch:
     if len(samples) == 1:
         return samples[0]
     feed = {name: np.concatenate([s.feed[name] for s in samples]) for name in samples[0].feed}
+    # The copy read the samples' pages again (``split`` had handed them back): again.
+    for sample in samples:
+        for array in sample.feed.values():
+            data_files.release_pages(array)
     labels = None
     if samples[0].labels is not None:
         labels = np.concatenate([np.asarray(s.labels) for s in samples])

@@ -120,8 +120,8 @@ def test_a_mapped_samples_pages_go_back_once_its_run_has_read_them(tmp_path, mon
     def spy(array):
         if isinstance(array, np.memmap) and array.shape[0] == 1:
             sample = int(array[0, 0])
-            released_after_run.setdefault(sample, False)
-            released_after_run[sample] |= sample in session.finished
+            ran = sample in session.finished
+            released_after_run[sample] = released_after_run.get(sample, True) and ran
         real_release(array)
 
     monkeypatch.setattr(data_files, "release_pages", spy)

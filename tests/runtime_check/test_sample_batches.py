@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from onnx_shrink.compiler.io import data_files
+from onnx_shrink.runtime_check import sample_batches
 from onnx_shrink.runtime_check.data import Batch, InputSpec
 from onnx_shrink.runtime_check.sample_batches import grouped_samples, joinable, split
 
@@ -56,3 +58,30 @@ def test_only_models_whose_every_input_has_a_dynamic_first_axis_are_joinable():
     assert not joinable([dynamic, fixed])
     assert not joinable([InputSpec("scalar", np.float32, ())])
     assert not joinable([])
+
+
+def test_joining_hands_back_the_pages_its_copy_read(tmp_path, monkeypatch):
+    """``split`` hands a sample's pages back as the next is cut, but the joined copy reads
+    them again: they go back once copied, or a batch of the file stays resident."""
+    path = tmp_path / "calib.npz"
+    data_files.save_npz(path, {"x": np.arange(8, dtype=np.float32)[:, None].repeat(4, axis=1)})
+    mapped = data_files.load_npz(path)["x"]
+    copied: list[int] = []
+    released_after_copy: list[int] = []
+    real_concatenate, real_release = np.concatenate, data_files.release_pages
+
+    def concatenate(arrays, *args, **kwargs):
+        copied.extend(int(a[0, 0]) for a in arrays if isinstance(a, np.memmap))
+        return real_concatenate(arrays, *args, **kwargs)
+
+    def release(array):
+        if isinstance(array, np.memmap) and array.shape[0] == 1 and int(array[0, 0]) in copied:
+            released_after_copy.append(int(array[0, 0]))
+        real_release(array)
+
+    monkeypatch.setattr(sample_batches.np, "concatenate", concatenate)
+    monkeypatch.setattr(data_files, "release_pages", release)
+    samples = [Batch({"x": mapped[i : i + 1]}, 1, None) for i in range(8)]
+    joined = list(grouped_samples(samples, lambda: 4))
+    assert [b.samples for b in joined] == [4, 4]
+    assert sorted(set(released_after_copy)) == list(range(8))
