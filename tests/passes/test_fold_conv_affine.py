@@ -67,6 +67,12 @@ def _assert_same_outputs(model: onnx.ModelProto, folded: bytes) -> None:
         np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
 
 
+def _assert_folds_into_the_conv(model: onnx.ModelProto) -> None:
+    folded, ops, modified = _fold(model)
+    assert modified and ops == ["Conv", "Identity"]
+    _assert_same_outputs(model, folded)
+
+
 def _channel(values) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(-1, 1, 1)
 
@@ -87,10 +93,7 @@ SCALAR = np.asarray(1.7, np.float32)
 )
 @pytest.mark.parametrize("pads", [0, 1])
 def test_steps_after_a_conv_fold_into_its_weights_and_bias(after, pads):
-    model = _conv_model(after=after, pads=pads)
-    folded, ops, modified = _fold(model)
-    assert modified and ops == ["Conv", "Identity"]
-    _assert_same_outputs(model, folded)
+    _assert_folds_into_the_conv(_conv_model(after=after, pads=pads))
 
 
 @pytest.mark.parametrize(
@@ -103,10 +106,7 @@ def test_steps_after_a_conv_fold_into_its_weights_and_bias(after, pads):
 )
 @pytest.mark.parametrize("group", [1, 2])
 def test_a_chain_before_an_unpadded_conv_folds_into_it_group_by_group(before, group):
-    model = _conv_model(before=before, group=group)
-    folded, ops, modified = _fold(model)
-    assert modified and ops == ["Conv", "Identity"]
-    _assert_same_outputs(model, folded)
+    _assert_folds_into_the_conv(_conv_model(before=before, group=group))
 
 
 def test_a_scale_before_a_padded_conv_folds_and_an_offset_stays_as_one_add():
