@@ -73,6 +73,15 @@ def _assert_folds_into_the_conv(model: onnx.ModelProto) -> None:
     _assert_same_outputs(model, folded)
 
 
+def _to_float16(model: onnx.ModelProto) -> None:
+    """Weights, constants, input and output of ``model`` in float16, in place."""
+    for tensor in model.graph.initializer:
+        array = onnx.numpy_helper.to_array(tensor).astype(np.float16)
+        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
+    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+
+
 def _channel(values) -> np.ndarray:
     return np.asarray(values, np.float32).reshape(-1, 1, 1)
 
@@ -239,11 +248,7 @@ def test_an_offset_before_a_conv_padded_by_auto_pad_stays():
 
 def test_float16_weights_fold_within_float16_rounding():
     model = _conv_model(after=[("Mul", PER_OUT), ("Add", PER_OUT)])
-    for tensor in model.graph.initializer:
-        array = onnx.numpy_helper.to_array(tensor).astype(np.float16)
-        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
-    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    _to_float16(model)
     folded, ops, _ = _fold(model)
     assert ops == ["Conv", "Identity"]
     feed = {"x": np.random.default_rng(4).normal(size=(2, C_IN, 8, 8)).astype(np.float16)}
@@ -363,10 +368,6 @@ def test_a_moved_offset_that_overflows_float16_stays_where_it_was():
         before=[("Mul", np.asarray(0.01, np.float32)), ("Add", np.asarray(1000.0, np.float32))],
         pads=1,
     )
-    for tensor in model.graph.initializer:
-        array = onnx.numpy_helper.to_array(tensor).astype(np.float16)
-        tensor.CopyFrom(onnx.numpy_helper.from_array(array, tensor.name))
-    model.graph.input[0].type.tensor_type.elem_type = TensorProto.FLOAT16
-    model.graph.output[0].type.tensor_type.elem_type = TensorProto.FLOAT16
+    _to_float16(model)
     _, ops, modified = _fold(model)
     assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
