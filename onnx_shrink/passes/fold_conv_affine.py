@@ -8,9 +8,11 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
+from onnx_shrink.passes.fold_reshape import DEFAULT_DOMAINS
+
 logger = logging.getLogger(__name__)
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 AFFINE_OPS = frozenset({"Mul", "Div", "Add", "Sub"})
 FOLDABLE_DTYPES = frozenset({ir.DataType.FLOAT, ir.DataType.DOUBLE, ir.DataType.FLOAT16})
 
@@ -55,7 +57,7 @@ class ConvAffinePass(ir.passes.InPlacePass):
     """create a zero bias to absorb an offset into a Conv that has none"""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        names = _Names.of(model)
+        names = graph_edit.value_names(model.graph)
         count = 0
         for graph in model.graphs():
             changed = True
@@ -119,7 +121,7 @@ def _affine(node: ir.Node) -> _Affine | None:
     return None
 
 
-def _try_fold_after(node: ir.Node, allow_bias_growth: bool, names: _Names) -> bool:
+def _try_fold_after(node: ir.Node, allow_bias_growth: bool, names: set[str]) -> bool:
     """Rule 1: fold ``node`` into the Conv that produces its data operand."""
     affine = _affine(node)
     if affine is None:
@@ -158,7 +160,7 @@ def _try_fold_after(node: ir.Node, allow_bias_growth: bool, names: _Names) -> bo
     return True
 
 
-def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> bool:
+def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: set[str]) -> bool:
     """Rule 2: fold the chain of affine steps ending at ``node`` into every Conv that reads it."""
     last = _affine(node)
     readers = _reading_convs(node) if last is not None else None
@@ -208,7 +210,8 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: _Names) -> b
     graph, steps = node.graph, [step.node for step in chain]
     assert graph is not None
     if moved is not None:
-        constant = _initializer(graph, moved, names.fresh(f"{node.name or 'conv_input'}_offset"))
+        name = graph_edit.fresh_name(f"{node.name or 'conv_input'}_offset", names)
+        constant = graph_edit.add_initializer(graph, name, moved)
         add = ir.node("Add", [chain[0].data, constant], name=node.name)
         ir.convenience.replace_nodes_and_values(
             graph, node, steps, [add], [node.outputs[0]], [add.outputs[0]]
@@ -225,15 +228,6 @@ def _offset_constant(offset: np.ndarray, rank: int, dtype: np.dtype) -> np.ndarr
     uniform = bool(np.all(offset == offset[0]))
     shape = (1,) if uniform else (-1, *(1,) * (rank - 2))
     return (offset[:1] if uniform else offset).reshape(shape).astype(dtype)
-
-
-def _initializer(graph: ir.Graph, array: np.ndarray, name: str) -> ir.Value:
-    """``array`` registered in ``graph`` as an initializer called ``name``."""
-    value = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-    value.type = ir.TensorType(ir.DataType.from_numpy(array.dtype))
-    value.shape = ir.Shape(array.shape)
-    graph.register_initializer(value)
-    return value
 
 
 def _declined(node: ir.Node, reason: str) -> bool:
@@ -264,8 +258,9 @@ class _Refit:
             return None
         return cls(conv, new_weight, new_bias)
 
-    def apply(self, names: _Names) -> None:
-        """Write the weight (and bias) into the Conv's initializers, creating a bias input."""
+    def apply(self, names: set[str]) -> None:
+        """Write the weight (and bias) into the Conv's initializers, creating a bias input
+        (named apart from ``names``, the model's value names)."""
         weight = self.conv.inputs[1]
         assert weight is not None
         if self.weight is not None:
@@ -278,33 +273,10 @@ class _Refit:
             return
         graph = self.conv.graph
         assert graph is not None
-        value = _initializer(graph, self.bias, names.fresh(f"{weight.name}_bias"))
+        name = graph_edit.fresh_name(f"{weight.name}_bias", names)
+        value = graph_edit.add_initializer(graph, name, self.bias)
         self.conv.resize_inputs(3)
         self.conv.replace_input_with(2, value)
-
-
-@dataclasses.dataclass
-class _Names:
-    """Every value name in the model, main graph and bodies, to give a new bias a fresh one."""
-
-    taken: set[str]
-
-    @classmethod
-    def of(cls, model: ir.Model) -> _Names:
-        taken: set[str] = set()
-        for graph in model.graphs():
-            taken.update(graph.initializers)
-            taken.update(v.name for v in graph.inputs if v.name)
-            taken.update(o.name for n in graph for o in n.outputs if o.name)
-        return cls(taken)
-
-    def fresh(self, base: str) -> str:
-        name, suffix = base, 0
-        while name in self.taken:
-            suffix += 1
-            name = f"{base}_{suffix}"
-        self.taken.add(name)
-        return name
 
 
 @dataclasses.dataclass(frozen=True)

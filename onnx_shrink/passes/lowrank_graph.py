@@ -15,6 +15,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import graph_edit
+
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
 
@@ -91,8 +93,12 @@ def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
         first_op = "MatMul"
     if _transposed(node):
         b = b.T
-    a_value = _initializer(graph, f"{base}_lowrank_a", a.astype(dtype))
-    b_value = _initializer(graph, f"{base}_lowrank_b", b.astype(dtype))
+    a_value = graph_edit.add_initializer(
+        graph, f"{base}_lowrank_a", np.ascontiguousarray(a.astype(dtype))
+    )
+    b_value = graph_edit.add_initializer(
+        graph, f"{base}_lowrank_b", np.ascontiguousarray(b.astype(dtype))
+    )
     hidden = ir.Value(name=f"{base}_lowrank_hidden")
     hidden.dtype = weight.const_value.dtype
     first = ir.node(
@@ -103,14 +109,6 @@ def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
     node.replace_input_with(1, b_value)
     if not weight.uses() and weight.name in graph.initializers:
         graph.initializers.pop(weight.name)
-
-
-def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
-    value = ir.Value(name=name, const_value=ir.tensor(np.ascontiguousarray(array), name=name))
-    value.shape = ir.Shape(array.shape)
-    value.dtype = value.const_value.dtype
-    graph.register_initializer(value)
-    return value
 
 
 def matches(node: ir.Node, patterns: Sequence[str]) -> bool:

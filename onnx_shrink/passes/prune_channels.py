@@ -25,6 +25,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
@@ -425,14 +426,7 @@ def _spec(axes: dict[int, set[int]]) -> tuple:
 def _initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     while name in graph.initializers:
         name += "_"
-    value = ir.Value(
-        name=name,
-        shape=ir.Shape(array.shape),
-        type=ir.TensorType(ir.DataType.from_numpy(array.dtype)),
-        const_value=ir.tensor(array, name=name),
-    )
-    graph.register_initializer(value)
-    return value
+    return graph_edit.add_initializer(graph, name, array)
 
 
 def _apply_edits(graph: ir.Graph, edits: collections.Counter) -> None:

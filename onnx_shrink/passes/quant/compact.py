@@ -15,6 +15,8 @@ from collections.abc import Callable, Iterable
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
+
 logger = logging.getLogger(__name__)
 
 FLOAT16_MAX = float(np.finfo(np.float16).max)
@@ -40,12 +42,8 @@ class Names:
     """
 
     def __init__(self, graph: ir.Graph) -> None:
-        self.taken: set[str] = set()
-        self.nodes: set[str] = set()
-        for g in (graph, *graph.subgraphs()):
-            self.taken.update(v.name for v in (*g.inputs, *g.initializers.values()) if v.name)
-            self.taken.update(v.name for node in g for v in node.outputs if v.name)
-            self.nodes.update(node.name for node in g if node.name)
+        self.taken = graph_edit.value_names(graph)
+        self.nodes = {node.name for g in (graph, *graph.subgraphs()) for node in g if node.name}
         self._suffixes = Counter(
             suffix for name in self.taken for suffix in _suffixes(_segments(name))
         )
@@ -66,19 +64,11 @@ class Names:
 
     def fresh(self, name: str) -> str:
         """``name``, or ``name_<i>`` with the first ``i`` not in use; reserved from now on."""
-        return _reserve(name, self.taken)
+        return graph_edit.fresh_name(name, self.taken)
 
     def fresh_node(self, name: str) -> str:
         """A node name like ``fresh``, unique among node names."""
-        return _reserve(name, self.nodes)
-
-
-def _reserve(name: str, taken: set[str]) -> str:
-    candidate, index = name, 1
-    while candidate in taken:
-        candidate, index = f"{name}_{index}", index + 1
-    taken.add(candidate)
-    return candidate
+        return graph_edit.fresh_name(name, self.nodes)
 
 
 def _segments(name: str) -> tuple[str, ...]:
