@@ -71,16 +71,21 @@ def release_pages(array: np.ndarray) -> None:
     again from the file, unchanged. Pages a read touched otherwise stay in the process (and
     its peak RSS) for the mapping's life: an 8 to 128-sample calibration set then costs its
     whole size. Does nothing for an array that is not mapped."""
-    mapping = getattr(array, "_mmap", None)  # np.memmap's mapping; slices share it
-    if (
-        not isinstance(mapping, mmap.mmap)
-        or array.nbytes == 0
-        or not hasattr(mmap, "MADV_DONTNEED")
-    ):
+    mapping = _mapping_of(array)
+    if mapping is None or array.nbytes == 0 or not hasattr(mmap, "MADV_DONTNEED"):
         return
     start = array.ctypes.data - np.frombuffer(mapping, np.uint8).ctypes.data
     first = start // mmap.PAGESIZE * mmap.PAGESIZE  # neighbours' pages fault back in if read
     mapping.madvise(mmap.MADV_DONTNEED, first, start + array.nbytes - first)
+
+
+def _mapping_of(array: np.ndarray) -> mmap.mmap | None:
+    """The file mapping under ``array``: views of a memmap, and plain arrays over one
+    (``np.asarray(mapped[i])``), reach it through their ``base`` chain."""
+    base = array
+    while base is not None and not isinstance(base, mmap.mmap):
+        base = getattr(base, "base", None)
+    return base
 
 
 def _read_npy_header(handle) -> tuple[tuple[int, ...], bool, np.dtype]:
