@@ -130,8 +130,10 @@ def _try_fold_after(node: ir.Node, allow_bias_growth: bool, names: set[str]) -> 
     # A Conv of an enclosing graph is another graph's node, with its own initializers.
     if conv is None or conv.graph is not node.graph:
         return False
-    weights = _conv_weights(conv)
-    if weights is None or len(affine.data.uses()) != 1 or affine.data.is_graph_output():
+    if len(affine.data.uses()) != 1 or affine.data.is_graph_output():
+        return False
+    weights = _conv_weights(conv)  # reads the weights: only once the cheap checks pass
+    if weights is None:
         return False
     weight, bias = weights
     channels = weight.shape[0]
