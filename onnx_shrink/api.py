@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.errors import DataError, ShrinkError
+from onnx_shrink.errors import DataError, RunFailedError, ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
@@ -163,15 +163,20 @@ def shrink(
     candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
     report = None
     if options is not None:
-        report = check_mod.check(
-            reference,
-            candidate,
-            dataset,
-            tolerances=options.tolerances,
-            provider=options.provider,
-            layers=options.layers,
-            latency_runs=options.latency_runs,
-        )
+        try:
+            report = check_mod.check(
+                reference,
+                candidate,
+                dataset,
+                tolerances=options.tolerances,
+                provider=options.provider,
+                layers=options.layers,
+                latency_runs=options.latency_runs,
+            )
+        except RunFailedError as e:
+            if output_path is None:
+                raise
+            raise RunFailedError(f"{e} (the result is saved, unchecked: {output_path})") from e
     return ShrinkResult(
         model=result.model,
         steps=result.steps,

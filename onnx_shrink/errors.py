@@ -25,6 +25,10 @@ class DataError(ShrinkError):
     """Input data (``--data``, ``--input-shape``) does not fit the model's signature."""
 
 
+class RunFailedError(ShrinkError):
+    """onnxruntime loaded a model but failed to run it on the given (or synthetic) inputs."""
+
+
 class PassFailedError(ShrinkError):
     """A pass raised while rewriting the model; the message names the pass."""
 

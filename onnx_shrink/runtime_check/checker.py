@@ -114,24 +114,41 @@ def compare(
 ) -> NumericReport:
     """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
     pair = _open(reference, candidate, data, labels, input_shapes, provider)
-    return _numeric(pair.ref_session, pair.cand_session, pair.dataset, tolerances)
+    return _numeric(pair, tolerances)
 
 
-def _numeric(
-    ref_session: ort.InferenceSession,
-    cand_session: ort.InferenceSession,
-    dataset: data_mod.Dataset,
-    tolerances: Tolerances,
-) -> NumericReport:
-    names = [o.name for o in ref_session.get_outputs()]
+def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
+    dataset = pair.dataset
+    names = [o.name for o in pair.ref_session.get_outputs()]
     samples = 0
+    sample = "a synthetic check sample" if dataset.synthetic else "a check sample"
+    # The reference failing means the inputs do not fit it; the candidate failing where the
+    # reference ran means the candidate is broken, whatever the inputs.
+    ref_hint = (
+        "Give real inputs with --data, or synthetic shapes it accepts with --input-shape NAME=DIMS"
+        if dataset.synthetic
+        else "The check data does not fit the model"
+    )
+    cand_hint = f"The candidate is broken: {pair.ref.label} runs on the same inputs"
 
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
         nonlocal samples
         for batch in dataset.batches():
             samples += batch.samples
-            ref_out = dict(zip(names, ref_session.run(names, batch.feed), strict=True))
-            cand_out = dict(zip(names, cand_session.run(names, batch.feed), strict=True))
+            ref_out = sessions.run(
+                pair.ref_session,
+                batch.feed,
+                names,
+                failed=f"{pair.ref.label} failed on {sample}",
+                hint=ref_hint,
+            )
+            cand_out = sessions.run(
+                pair.cand_session,
+                batch.feed,
+                names,
+                failed=f"{pair.cand.label} failed on {sample}",
+                hint=cand_hint,
+            )
             yield ref_out, cand_out, batch.labels
 
     report = compare_mod.compare_batches(
@@ -158,7 +175,7 @@ def check(
     """Numerics, optional per-layer localization, alternate-run latency and sizes."""
     pair = _open(reference, candidate, data, labels, input_shapes, provider)
     ref, cand, specs, dataset = pair.ref, pair.cand, pair.specs, pair.dataset
-    numeric = _numeric(pair.ref_session, pair.cand_session, dataset, tolerances)
+    numeric = _numeric(pair, tolerances)
     layer_report = None
     if layers:
         layer_report = layers_mod.localize(ref.model, cand.model, dataset, specs, provider=provider)

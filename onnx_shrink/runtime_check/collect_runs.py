@@ -144,13 +144,12 @@ def _run_joined(session, batch, extra, outputs, joining: Joining | None):
 
 def run(session, feed, extra, outputs: Sequence[str]) -> dict[str, np.ndarray]:
     """Run one sample's ``feed`` (with the statistics' own inputs ``extra``)."""
-    names = list(outputs)
-    try:
-        return dict(zip(names, session.run(names, {**feed, **extra}), strict=True))
-    except Exception as e:  # onnxruntime raises several unrelated exception types
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ShrinkError(
-            f"the model failed on a calibration sample ({data_mod.describe_feed(feed)}): "
-            f"{first[:300]}. Give samples it accepts (--calibration / --data), or other "
-            "synthetic shapes with --input-shape"
-        ) from e
+    return sessions.run(
+        session,
+        feed,
+        outputs,
+        extra=extra,
+        failed="the model failed on a calibration sample",
+        hint="Give samples it accepts (--calibration / --data), or other synthetic shapes with "
+        "--input-shape",
+    )

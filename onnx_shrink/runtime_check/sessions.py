@@ -10,10 +10,12 @@ from io import StringIO
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnxruntime as ort
 
 from onnx_shrink.compiler.io import large_tensors
-from onnx_shrink.errors import BadModelError, ShrinkError
+from onnx_shrink.errors import BadModelError, RunFailedError, ShrinkError
+from onnx_shrink.runtime_check import data as data_mod
 
 logger = logging.getLogger(__name__)
 
@@ -102,7 +104,9 @@ def create_session(
     """
     full = resolve_provider(provider)
     options = ort.SessionOptions()
-    options.log_severity_level = 3
+    # Errors too (3) only when debugging: a failed load or run is raised with onnxruntime's
+    # message, and its own log line (in red, with a source path) would say it twice.
+    options.log_severity_level = 3 if logger.isEnabledFor(logging.DEBUG) else 4
     if threads is not None:
         options.intra_op_num_threads = threads
     if not optimize:
@@ -138,6 +142,35 @@ def create_session(
     # onnxruntime reads the arrays for the session's life but holds no reference to them.
     session.onnx_shrink_initializers = initializers
     return session
+
+
+def run(
+    session: ort.InferenceSession,
+    feed: Mapping[str, np.ndarray],
+    outputs: Sequence[str] | None = None,
+    *,
+    failed: str,
+    hint: str = "",
+    extra: Mapping[str, np.ndarray] | None = None,
+) -> dict[str, np.ndarray]:
+    """``session``'s ``outputs`` (None: all) on ``feed`` (and the tool's own inputs ``extra``,
+    left out of the message), by name.
+
+    Raises:
+        RunFailedError: onnxruntime failed; the message is ``failed`` (what failed on what,
+            e.g. "model.onnx failed on a check sample"), the feed's shapes, onnxruntime's first
+            line and ``hint`` (what the user can do).
+    """
+    names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
+    try:
+        arrays = session.run(names, {**feed, **(extra or {})})
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise RunFailedError(
+            f"{failed} ({data_mod.describe_feed(feed)}): {first[:300].rstrip('.')}"
+            + (f". {hint}" if hint else "")
+        ) from e
+    return dict(zip(names, arrays, strict=True))
 
 
 def check_started(requested: str, running: Sequence[str], banner: str = "") -> None:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
 from pathlib import Path
 
 import onnx
@@ -119,3 +121,29 @@ def test_valid_model_with_contrib_domain_is_accepted(tmp_path):
     }
     """)
     assert io.load(save_proto(model, tmp_path / "m.onnx")).graph.node(0).domain == "com.microsoft"
+
+
+def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
+    """Run as a program: onnxruntime's own error log is written to the process's stderr, which
+    only a real process shows. The passes ran and the result is saved; the error says so."""
+    model = parse("""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T] x) => (float[N, T2] y) {
+      pads = Constant <value = int64[4] {0, 40, 0, 40}> ()
+      y = Pad <mode = "reflect"> (x, pads)
+    }
+    """)
+    model_path = save_proto(model, tmp_path / "model.onnx")
+    output = tmp_path / "out.onnx"
+    result = subprocess.run(
+        [sys.executable, "-m", "onnx_shrink", model_path, "--passes", "fold", "-o", output],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    assert result.returncode == 2
+    errors = [line for line in result.stderr.splitlines() if "WARNING" not in line]
+    assert len(errors) == 1, result.stderr  # no traceback, no onnxruntime log line
+    assert errors[0].startswith("onnx-shrink: error: ")
+    assert "failed on a synthetic check sample (x=1x16)" in errors[0]
+    assert f"unchecked: {output}" in errors[0] and output.is_file()

@@ -1,13 +1,17 @@
-"""check(): a model against itself, and against a perturbed copy, on the digits model."""
+"""check(): a model against itself, and against a perturbed copy, on the digits model; models
+that fail to run on the data."""
 
 from __future__ import annotations
 
+import numpy as np
 import pytest
 
 from models import digits
 from models.perturb import perturbed_copy
+from onnx_shrink.errors import RunFailedError
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
+from tests.helpers import parse, save_proto
 
 DATA = digits.TEST_DATA_PATH
 
@@ -52,3 +56,40 @@ def test_compare_returns_a_numeric_report_with_accuracy():
     report = compare(digits.MODEL_PATH, digits.MODEL_PATH, DATA)
     assert report.reference_accuracy == report.candidate_accuracy
     assert report.to_dict()["passed"] is True
+
+
+# A reflect Pad needs more elements than it pads: 4 are too few for 8 (Silero VAD's STFT).
+REFLECT_PAD = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, T] x) => (float[N, T2] y) {
+  pads = Constant <value = int64[4] {0, 8, 0, 8}> ()
+  y = Pad <mode = "reflect"> (x, pads)
+}
+"""
+# The same signature, but the output is a reshape that only 3 elements a row fit.
+RESHAPE_BY_THREE = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, T] x) => (float[N, T2] y) {
+  shape = Constant <value = int64[2] {-1, 3}> ()
+  y = Reshape (x, shape)
+}
+"""
+
+
+def test_a_reference_the_data_does_not_fit_is_one_clear_error(tmp_path):
+    reference = save_proto(parse(REFLECT_PAD), tmp_path / "ref.onnx")
+    np.savez(tmp_path / "short.npz", x=np.ones((1, 4), np.float32))
+    with pytest.raises(RunFailedError, match=r"ref\.onnx failed on a check sample \(x=1x4\)"):
+        compare(reference, reference, tmp_path / "short.npz")
+    # Synthetic inputs: the shapes are ours, so the user is told how to choose others.
+    with pytest.raises(RunFailedError, match=r"synthetic check sample .*--input-shape"):
+        compare(reference, reference, input_shapes={"x": [1, 4]})
+
+
+def test_a_candidate_that_fails_where_the_reference_runs_is_called_broken(tmp_path):
+    reference = save_proto(parse(REFLECT_PAD), tmp_path / "ref.onnx")
+    candidate = save_proto(parse(RESHAPE_BY_THREE), tmp_path / "cand.onnx")
+    np.savez(tmp_path / "long.npz", x=np.ones((1, 16), np.float32))
+    with pytest.raises(RunFailedError, match=r"cand\.onnx failed .*broken") as caught:
+        compare(reference, candidate, tmp_path / "long.npz")
+    assert "ref.onnx" in str(caught.value)  # the reference ran: it is named as the witness
