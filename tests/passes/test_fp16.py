@@ -425,3 +425,82 @@ def test_real_models_keep_their_outputs_in_float16(name):
         cosine = float(ref.ravel() @ out.ravel() / np.linalg.norm(ref) / np.linalg.norm(out))
         assert cosine >= 0.999
     assert large_tensors.saved_bytes(converted) < 0.65 * large_tensors.saved_bytes(original)
+
+
+@pytest.mark.network
+def test_quantized_ppocr_det_still_runs_in_float16(tmp_path):
+    """fold,quant,fp16 on PP-OCRv4 det: its FPN's Resize rois stay float32 (see below), and
+    the model runs with every onnxruntime optimization on, as the quantized one does."""
+    import onnx_shrink
+    from models.fetch import fetch
+    from models.inputs import sample_inputs
+
+    feed = sample_inputs("ppocr-det")
+    np.savez(tmp_path / "calib.npz", **feed)
+    quantized = onnx_shrink.shrink(
+        fetch("ppocr-det"), passes="fold,quant", check=False, calibration=tmp_path / "calib.npz"
+    ).model
+    converted = onnx_shrink.shrink(
+        quantized, passes="fp16", check=False, calibration=tmp_path / "calib.npz"
+    ).model
+    (reference,) = _outputs(quantized, feed)
+    (out,) = _outputs(converted, feed)  # a text probability map, in [0, 1]
+    assert out.shape == reference.shape
+    assert float(np.abs(out - reference).max()) < 1e-3
+
+
+def _upsampler() -> onnx.ModelProto:
+    """Conv, Relu, a nearest Resize with an empty roi, Conv: an FPN's upsampling step."""
+    rng = np.random.default_rng(0)
+    w1 = rng.standard_normal((8, 3, 3, 3)).astype(np.float32)
+    w2 = rng.standard_normal((4, 8, 3, 3)).astype(np.float32)
+    return parse(f"""
+        <ir_version: 8, opset_import: ["" : 13]>
+        g (float[N, 3, 8, 8] x) => (float[N, 4, 16, 16] y) {{
+          w1 = Constant <value = float[8, 3, 3, 3] {{{", ".join(map(str, w1.ravel()))}}}> ()
+          w2 = Constant <value = float[4, 8, 3, 3] {{{", ".join(map(str, w2.ravel()))}}}> ()
+          roi = Constant <value = float[0] {{}}> ()
+          scales = Constant <value = float[4] {{1, 1, 2, 2}}> ()
+          a = Conv <pads = [1, 1, 1, 1]> (x, w1)
+          r = Relu(a)
+          up = Resize <mode = "nearest"> (r, roi, scales)
+          y = Conv <pads = [1, 1, 1, 1]> (up, w2)
+        }}
+        """)
+
+
+def test_resize_roi_stays_float32():
+    """Crop coordinates, not an activation (see also the PP-OCRv4 det test above)."""
+    original = io.load(_upsampler())
+    feed = {"x": np.random.default_rng(1).standard_normal((2, 3, 8, 8)).astype(np.float32)}
+    converted, _ = _convert(original, feed)
+    resize = next(n for n in converted.graph if n.op_type == "Resize")
+    dtypes = _dtypes(converted)
+    assert dtypes[resize.inputs[0].name] == onnx.TensorProto.FLOAT16
+    assert dtypes[resize.inputs[1].name] == dtypes[resize.inputs[2].name] == onnx.TensorProto.FLOAT
+    for ref, out in zip(_outputs(original, feed), _outputs(converted, feed), strict=True):
+        _assert_close(ref, out)
+
+
+def test_quantized_patterns_stay_as_quant_wrote_them(tmp_path):
+    """fp16 after quant: no Cast between a DequantizeLinear and its reader or before a
+    QuantizeLinear, so onnxruntime still fuses them into integer kernels."""
+    import onnx_shrink
+
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    np.savez(tmp_path / "calib.npz", **feed)
+    quantized = onnx_shrink.shrink(
+        _upsampler(), passes="quant", check=False, calibration=tmp_path / "calib.npz"
+    ).model
+    converted = onnx_shrink.shrink(
+        quantized, passes="fp16", check=False, calibration=tmp_path / "calib.npz"
+    ).model
+    for node in converted.graph:
+        if node.op_type == "Cast":
+            producer = node.inputs[0].producer()
+            assert producer is None or producer.op_type != "DequantizeLinear", node.name
+            assert all(u.node.op_type != "QuantizeLinear" for u in node.outputs[0].uses())
+    assert sum(n.op_type == "DequantizeLinear" for n in converted.graph) == sum(
+        n.op_type == "DequantizeLinear" for n in quantized.graph
+    )
+    np.testing.assert_array_equal(_outputs(converted, feed)[0], _outputs(quantized, feed)[0])
