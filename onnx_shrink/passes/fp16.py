@@ -21,6 +21,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes import fp16_islands
 
 logger = logging.getLogger(__name__)
 
@@ -43,8 +44,6 @@ _TYPED_BY_ATTRIBUTE |= _DTYPE_ATTR_OPS
 # roi, cast back up by onnxruntime's CPU provider, makes its NHWC layout transform permute
 # an empty tensor: PP-OCRv4 det after fold,quant,fp16 failed on every run.
 _KEPT_FLOAT_INPUTS = {"Resize": frozenset({1})}
-
-_QUANTIZE, _DEQUANTIZE = "QuantizeLinear", "DequantizeLinear"
 
 
 class _Format(NamedTuple):
@@ -86,7 +85,10 @@ class Float16Pass(DataAwarePass):
        QuantizeLinear, a DequantizeLinear of an activation, a node reading one or feeding a
        QuantizeLinear, and a DequantizeLinear (of a weight) read only by such nodes.
        onnxruntime fuses these into integer kernels; a Cast between would unfuse them (on
-       PP-OCRv4 det after ``quant``: 343 Casts, 1.46x slower and a larger file).
+       PP-OCRv4 det after ``quant``: 343 Casts, 1.46x slower and a larger file); (i) it
+       is in a *weightless run* (``fp16_islands``; off with ``weightless_runs=False``):
+       nodes joined by float32 values that read under 1024 float32 weight elements and
+       would be float32 on every side. Converting one only adds Casts.
     4. Inputs the schema fixes to float32 (Resize scales) stay float32, and so does Resize's
        roi (coordinates; see ``_KEPT_FLOAT_INPUTS``); ``Cast.to``,
        ``ConstantOfShape.value`` and the ``dtype`` of EyeLike/Random*/Bernoulli follow the
@@ -111,6 +113,11 @@ class Float16Pass(DataAwarePass):
     exclude: tuple[str, ...] = option((), "node names or full-match regexes kept in float32")
     max_fraction: float = option(
         0.5, "float32 where calibrated |x| > this x the format's max", minimum=1e-6, maximum=1.0
+    )
+    weightless_runs: bool = option(
+        True,
+        "keep float32 the runs of nodes that hold under 1024 float32 weight elements and are "
+        "float32 on every side (converted, they only add Casts)",
     )
 
     def __post_init__(self) -> None:
@@ -157,7 +164,7 @@ class _Conversion:
                 if (reason := self._island_reason(node, owner)) is not None:
                     self.islands[node] = reason
                     logger.debug("fp16: %s (%s) stays float32: %s", node.name, node.op_type, reason)
-        self._keep_weight_dequantizers()
+        self._structural_islands()
         self._assign_types()
         self._rewire()
         self._convert_attributes_and_weights()
@@ -206,7 +213,7 @@ class _Conversion:
             return f"block_ops: {node.op_type}"
         if (node.domain, node.op_type, node.overload) in self.model.functions:
             return f"function: calls {node.op_type}"
-        if _in_quantized_pattern(node):
+        if fp16_islands.in_quantized_pattern(node):
             return f"quantized: {node.op_type} in a Q/DQ pattern"
         for value in values:
             if value in self.flagged:
@@ -219,14 +226,20 @@ class _Conversion:
         self.signatures[node] = signature
         return None
 
-    def _keep_weight_dequantizers(self) -> None:
-        """Rule 3 (h), last part: a weight's DequantizeLinear whose readers all stay float32
-        stays too (a float16 output would be cast straight back, between it and its reader)."""
+    def _structural_islands(self) -> None:
+        """Rule 3 (h)'s weight dequantizers, then (i)'s weightless runs, once the other
+        rules have chosen their islands (both follow from those)."""
         for graph, _ in self.scopes:
-            for node in graph:
-                uses = node.outputs[0].uses() if node.op_type == _DEQUANTIZE else []
-                if uses and node not in self.islands and all(u.node in self.islands for u in uses):
-                    self.islands[node] = "quantized: a weight's DequantizeLinear for float32 nodes"
+            for node in fp16_islands.weight_dequantizers_for(graph, self.islands):
+                self.islands[node] = "quantized: a weight's DequantizeLinear for float32 nodes"
+        if not self.pass_.weightless_runs:
+            return
+        io_converts = not self.pass_.keep_io_types
+        for run in fp16_islands.weightless_runs(
+            self.model.graph, self.islands, self.orig.get, io_converts
+        ):
+            for node in run:
+                self.islands[node] = f"weightless: a run of {len(run)} between float32 nodes"
 
     def _signature(self, node: ir.Node) -> tuple[list[bool], list[bool]] | str:
         """Which inputs and outputs of ``node`` follow the conversion, or why none can.
@@ -426,26 +439,6 @@ def _formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str
         return params[index].type_str
     variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
     return params[-1].type_str if params and params[-1].option == variadic else None
-
-
-def _in_quantized_pattern(node: ir.Node) -> bool:
-    """Rule 3 (h) but its last part: a QuantizeLinear, a DequantizeLinear of an activation, or
-    a node reading one or feeding a QuantizeLinear (any domain: com.microsoft's too)."""
-
-    def activation_dequantizer(node: ir.Node | None) -> bool:
-        return (
-            node is not None
-            and node.op_type == _DEQUANTIZE
-            and node.inputs[0] is not None
-            and node.inputs[0].const_value is None
-            and not node.inputs[0].is_initializer()
-        )
-
-    if node.op_type == _QUANTIZE or activation_dequantizer(node):
-        return True
-    if any(v is not None and activation_dequantizer(v.producer()) for v in node.inputs):
-        return True
-    return any(use.node.op_type == _QUANTIZE for v in node.outputs for use in v.uses())
 
 
 def _matches(pattern: str, name: str) -> bool:

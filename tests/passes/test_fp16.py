@@ -29,8 +29,11 @@ def _dataset(model: ir.Model, feed: dict[str, np.ndarray]) -> data.Dataset:
 def _convert(
     model: ir.Model, feed: dict[str, np.ndarray] | None, **options
 ) -> tuple[ir.Model, bool]:
-    """A converted copy of ``model``; statistics from one run on ``feed`` (None: no stats)."""
-    pass_ = Float16Pass(**options)
+    """A converted copy of ``model``; statistics from one run on ``feed`` (None: no stats).
+
+    Rule 3 (i) is off unless asked for: these graphs are a few weightless nodes between the
+    (float32) inputs and outputs, which it would keep whole, hiding the rule under test."""
+    pass_ = Float16Pass(**{"weightless_runs": False, **options})
     stats = (
         collect.collect(model, pass_.requests(model), _dataset(model, feed))
         if feed is not None
@@ -161,7 +164,7 @@ def test_statistics_drive_the_islands_and_max_fraction_sets_the_margin():
 
     for absmax, fraction, islands in [(40000.0, 0.5, 2), (40000.0, 0.9, 0), (1e-7, 0.5, 2)]:
         converted = io.load(model)
-        Float16Pass(max_fraction=fraction).bind(stats(absmax))(converted)
+        Float16Pass(max_fraction=fraction, weightless_runs=False).bind(stats(absmax))(converted)
         assert len(_island_ops(converted)) == islands, (absmax, fraction)
 
 
@@ -206,6 +209,38 @@ def test_block_ops_and_exclude_keep_nodes_in_float32():
     assert _island_ops(by_regex) == ["MatMul", "Add"]
     for model in (by_op, by_name, by_regex):
         _assert_close(_outputs(original, feed)[0], _outputs(model, feed)[0])
+
+
+def test_a_weightless_run_between_float32_nodes_stays_float32():
+    """Rule 3 (i): Sigmoid and Neg, between two blocked nodes, would only add Casts; the
+    MatMuls' 4096-element weights are worth converting."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(2))
+    original = io.load(
+        parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 64] y) {{
+          w1 = Constant <value = float[64, 64] {{{", ".join(map(str, w1.ravel()))}}}> ()
+          w2 = Constant <value = float[64, 64] {{{", ".join(map(str, w2.ravel()))}}}> ()
+          a = MatMul(x, w1)
+          b = Relu(a)
+          c = Sigmoid(b)
+          d = Neg(c)
+          e = Exp(d)
+          y = MatMul(e, w2)
+        }}
+        """)
+    )
+    feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    islands = {"weightless_runs": True, "block_ops": ("Relu", "Exp")}
+    converted, _ = _convert(original, feed, **islands)
+    assert _island_ops(converted) == ["Relu", "Sigmoid", "Neg", "Exp"]
+    casts = sum(n.op_type == "Cast" for n in converted.graph)
+    every, _ = _convert(original, feed, **{**islands, "weightless_runs": False})
+    assert _island_ops(every) == ["Relu", "Exp"]
+    assert casts < sum(n.op_type == "Cast" for n in every.graph)
+    for ref, out in zip(_outputs(original, feed), _outputs(converted, feed), strict=True):
+        _assert_close(ref, out)
 
 
 def test_default_block_ops_keep_cumsum_in_float32():
