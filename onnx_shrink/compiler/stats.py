@@ -36,6 +36,8 @@ _FORMS = {
     ("", "QLinearMatMul"): ("MatMul", 0, 3),
     ("com.microsoft", "DynamicQuantizeMatMul"): ("MatMul", 0, 1),
     ("com.microsoft", "MatMulIntegerToFloat"): ("MatMul", 0, 1),
+    # Block-quantized weights (quant-weight): packed [N, blocks, bytes]; K and N are attributes.
+    ("com.microsoft", "MatMulNBits"): ("MatMulNBits", 0, 1),
     ("", "Gemm"): ("Gemm", 0, 1),
     ("", "Conv"): ("Conv", 0, 1),
     ("", "ConvInteger"): ("Conv", 0, 1),
@@ -179,6 +181,10 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
     out = _dims(node.outputs[0], shapes)
     first = _dims(node.inputs[x_index], shapes)
     weight = _dims(node.inputs[w_index] if len(node.inputs) > w_index else None, shapes)
+    if op == "MatMulNBits":
+        k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+        rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
+        return rows * k * n if k > 0 and n > 0 else None
     if op == "MatMul":
         if weight is not None and len(weight) == 2:  # x[..., K] @ W[K, N]: K·N per row
             rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
