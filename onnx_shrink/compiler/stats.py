@@ -84,14 +84,40 @@ def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
     tensors = list(walk.all_tensors(model))
     mac_nodes = [node for node in nodes if is_mac_node(node)]
     macs, unknown = _count_macs(mac_nodes, _with_inferred_shapes(model, mac_nodes, shapes or {}))
+    unpacked = _unpacked_elements(nodes)
     return ModelStats(
         nodes=len(nodes),
-        params=sum(math.prod(t.shape.numpy()) for t in tensors),
+        params=sum(unpacked.get(id(t), math.prod(t.shape.numpy())) for t in tensors),
         tensor_bytes=sum(t.nbytes for t in tensors),
         macs=macs,
         nodes_without_macs=unknown,
         op_types=dict(collections.Counter(n.op_type for n in nodes).most_common()),
     )
+
+
+def _unpacked_elements(nodes: Sequence[ir.Node]) -> dict[int, int]:
+    """Parameters of packed weights by ``id`` of their tensor. onnxruntime's MatMulNBits and
+    GatherBlockQuantized store 4-bit codes two to a uint8: counted as bytes, they read as
+    half the parameters."""
+    result = {}
+    for node in nodes:
+        if node.domain != "com.microsoft":
+            continue
+        if node.op_type == "MatMulNBits" and len(node.inputs) > 1:
+            weight = node.inputs[1]
+            k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
+            elements = k * n
+        elif node.op_type == "GatherBlockQuantized" and node.inputs:
+            weight = node.inputs[0]
+            bits = node.attributes.get_int("bits", 4)
+            packed = weight is not None and weight.dtype == ir.DataType.UINT8 and bits in (2, 4)
+            shape = weight.shape if weight is not None and packed else None
+            elements = math.prod(shape.numpy()) * 8 // bits if shape is not None else 0
+        else:
+            continue
+        if weight is not None and weight.const_value is not None and elements > 0:
+            result[id(weight.const_value)] = elements
+    return result
 
 
 def mac_shapes(model: ir.Model) -> Shapes:

@@ -230,7 +230,8 @@ def test_mac_shapes_give_node_macs_what_measure_counts():
 @pytest.mark.parametrize("layout", ["matmulnbits", "dequantize_linear"])
 def test_weight_only_quantization_keeps_the_macs_it_computes(layout):
     """MatMulNBits holds K and N as attributes and its weight packed: its MACs were not
-    counted, and the summary read 'MACs 5.31M -> 0 (-100%)' on MiniLM after quant-weight."""
+    counted, and the summary read 'MACs 5.31M -> 0 (-100%)' and 'params -47%' on MiniLM after
+    quant-weight."""
     from models.builders import build_mlp
     from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 
@@ -243,3 +244,22 @@ def test_weight_only_quantization_keeps_the_macs_it_computes(layout):
     after = stats.measure(model)
     assert before.macs > 0 and after.macs == before.macs
     assert after.nodes_without_macs == 0
+    # Parameters are counted as parameters, not as the bytes packing them (plus the scales).
+    assert after.params > before.params
+
+
+def test_a_4_bit_embedding_table_counts_its_parameters_not_its_bytes():
+    from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
+
+    table = np.random.default_rng(0).standard_normal((256, 64)).astype(np.float32)
+    proto = make_model(
+        [oh.make_node("Gather", ["table", "ids"], ["y"])],
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        {"table": table},
+    )
+    model = io.load(proto)
+    before = stats.measure(model).params
+    WeightOnlyQuantPass(op_types=("Gather",), min_weight_elements=0)(model)
+    assert any(n.op_type == "GatherBlockQuantized" for n in model.graph)
+    assert before == table.size <= stats.measure(model).params  # codes, plus their scales
