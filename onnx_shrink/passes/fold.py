@@ -13,7 +13,7 @@ import onnx_ir.passes.common as common_passes
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
-from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler import graph_edit, io, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -186,7 +186,9 @@ class FoldPass(ir.passes.FunctionalPass):
             common_passes.CommonSubexpressionEliminationPass(),
             common_passes.OutputFixPass(),
         ]
-        return ir.passes.Sequential(*stages)(model).modified
+        modified = ir.passes.Sequential(*stages)(model).modified
+        graph_edit.drop_dead_uses(model)
+        return modified
 
 
 STACK_TRACE_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})

@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 import pytest
 
 from models import builders
@@ -219,3 +220,32 @@ def test_batchnorm_after_conv_is_fused_and_macs_are_unchanged():
 def test_bad_options_are_rejected(bad):
     with pytest.raises(ValueError):
         FoldPass(**bad)
+
+
+def test_a_folded_if_leaves_no_reader_of_outer_weights_behind():
+    """onnxscript folds an If on a constant into one branch; the other branch's Slice of an
+    outer weight stayed registered as its user (Silero VAD), and fp16 then failed on it."""
+    model = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 2] y) {
+          cond = Constant <value = bool {1}> ()
+          w = Constant <value = float[4] {1.0, 2.0, 3.0, 4.0}> ()
+          start = Constant <value = int64[1] {0}> ()
+          end = Constant <value = int64[1] {2}> ()
+          late = Constant <value = int64[1] {4}> ()
+          h = If (cond) <
+            then_branch = g1 () => (float[2] a) { a = Slice (w, start, end) },
+            else_branch = g2 () => (float[2] b) { b = Slice (w, end, late) }
+          >
+          y = Mul (x, h)
+        }
+        """)
+    )
+    common_passes.LiftConstantsToInitializersPass(lift_all_constants=True, size_limit=0)(model)
+    folded = FoldPass()(model).model
+    assert not any(n.op_type == "If" for n in folded.graph)
+    live = {id(n) for g in folded.graphs() for n in g}
+    for graph in folded.graphs():
+        for value in [*graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
+            assert all(id(use.node) in live for use in value.uses()), value.name
