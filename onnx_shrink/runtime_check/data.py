@@ -8,7 +8,8 @@ Sample conventions for arrays (``.npz`` and folders of ``.npy``), decided per in
 
 * rank = input rank + 1: each entry along axis 0 is one complete value of the input (this is
   how scalars, states and fixed-batch inputs are given);
-* rank = input rank: samples lie along the input's own first (batch) axis.
+* rank = input rank: samples lie along the input's own first (batch) axis;
+* a scalar input given as a scalar: the same value for every sample (a sample rate).
 
 When every input uses the second form, samples are fed in batches of up to ``MAX_BATCH``
 (or the model's fixed batch size); otherwise one sample per run.
@@ -152,21 +153,28 @@ def from_arrays(
             f"{where}: no array for input '{missing[0]}' (arrays: {', '.join(arrays) or 'none'})"
         )
     per_sample = {}
+    shared = set()  # scalar inputs given one scalar: the same value for every sample
     for spec in specs:
         array = arrays[spec.name]
         if array.ndim == len(spec.shape) + 1:
             per_sample[spec.name] = True
         elif array.ndim == len(spec.shape) and array.ndim > 0:
             per_sample[spec.name] = False
+        elif array.ndim == len(spec.shape) == 0:
+            per_sample[spec.name] = False
+            shared.add(spec.name)
         else:
             raise DataError(
                 f"{where}: input '{spec.name}' has shape {_show(array.shape)}; expected "
                 f"{_show(spec.shape)} with samples on the first axis, or N x {_show(spec.shape)}"
             )
-    counts = {len(arrays[s.name]) for s in specs} | ({len(labels)} if labels is not None else set())
+    counted = [s for s in specs if s.name not in shared]
+    counts = {len(arrays[s.name]) for s in counted} | (
+        {len(labels)} if labels is not None else set()
+    )
     if len(counts) > 1:
         raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
-    total = counts.pop() if counts else 0
+    total = counts.pop() if counts else (1 if shared else 0)  # scalars only: one sample
     step = 1 if any(per_sample.values()) else _batch_step(specs)
 
     def make_batches() -> Iterator[Batch]:
@@ -175,6 +183,8 @@ def from_arrays(
             feed = {
                 s.name: np.asarray(arrays[s.name][start])
                 if per_sample[s.name]
+                else np.asarray(arrays[s.name])
+                if s.name in shared
                 else arrays[s.name][start:stop]
                 for s in specs
             }

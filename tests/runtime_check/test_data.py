@@ -40,6 +40,17 @@ def test_scalars_and_fixed_batch_inputs_take_one_sample_per_run(tmp_path):
     assert batches[0].feed["state"].shape == (2, 1, 4)
 
 
+def test_a_scalar_given_once_is_every_samples_value(tmp_path):
+    """Silero VAD's sample rate: one ``sr=16000`` for all samples, not one per sample."""
+    np.savez(tmp_path / "d.npz", image=np.ones((3, 1, 8, 8), np.float32), sr=np.array(16000))
+    batches = list(data.prepare([IMAGE, RATE], tmp_path / "d.npz").batches())
+    assert sum(b.samples for b in batches) == 3
+    assert all(b.feed["sr"].shape == () and b.feed["sr"] == 16000 for b in batches)
+    np.savez(tmp_path / "only.npz", sr=np.array(8000))  # scalars only: one sample
+    (only,) = data.prepare([RATE], tmp_path / "only.npz").batches()
+    assert only.samples == 1 and only.feed["sr"] == 8000
+
+
 def test_folder_of_npy_files(tmp_path):
     images = np.ones((5, 1, 8, 8), np.float32)
     np.save(tmp_path / "image.npy", images)
