@@ -103,6 +103,7 @@ def shrink(
     check: bool | CheckOptions = True,
     data: check_mod.DataSource = None,
     calibration: check_mod.DataSource = None,
+    input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_pass_start: pipeline.StepCallback | None = None,
     on_calibration: collect_mod.Progress | None = None,
     sensitivity: bool = False,
@@ -117,8 +118,10 @@ def shrink(
         sets: ``"pass.option=value"`` overrides, as on the command line.
         check: False to skip the check, True for defaults, or ``CheckOptions``.
         data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check.
-        calibration: inputs for data-aware passes (quant, ...); default: the check's data;
-            without either, synthetic inputs with a loud warning.
+        calibration: inputs for data-aware passes (quant, ...); default: ``data`` (or the
+            check's); without any, synthetic inputs with a loud warning.
+        input_shapes: NAME -> dims of the synthetic inputs made where no data is given, for
+            calibration and for the check (where ``CheckOptions.input_shapes`` wins).
         sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
             output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
@@ -130,7 +133,7 @@ def shrink(
     """
     started = time.perf_counter()
     pass_list = pipeline.parse_spec(passes, sets, recipe)
-    options = _check_options(check, data)
+    options = _check_options(check, data, input_shapes)
     if output is not None and isinstance(model, (str, os.PathLike)):
         _refuse_overwrite(Path(model), Path(output))
     loaded = io.load(model)
@@ -154,6 +157,7 @@ def shrink(
         pass_list,
         _Hooks(on_pass_start, on_calibration),
         source=source,
+        input_shapes=options.input_shapes if options is not None else input_shapes,
         provider=provider,
         verifier=verifier,
         strict=options.strict if options else False,
@@ -205,6 +209,7 @@ def _compile(
     hooks: _Hooks,
     *,
     source: check_mod.DataSource,
+    input_shapes: Mapping[str, Sequence[int]] | None,
     provider: str,
     verifier: pipeline.Verifier | None,
     strict: bool,
@@ -216,7 +221,7 @@ def _compile(
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
-            calib = _calibration_data(loaded, source, stack)
+            calib = _calibration_data(loaded, source, input_shapes, stack)
             collector = functools.partial(
                 _collect, dataset=calib, provider=provider, progress=hooks.on_calibration
             )
@@ -286,12 +291,16 @@ def _sensitivity(
 
 
 def _calibration_data(
-    model: ir.Model, source: check_mod.DataSource, stack: contextlib.ExitStack
+    model: ir.Model,
+    source: check_mod.DataSource,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    stack: contextlib.ExitStack,
 ) -> data_mod.Dataset:
-    """Calibration inputs, checked against the model now and readable once per pass."""
+    """Calibration inputs, checked against the model now and readable once per pass;
+    without a source, synthetic inputs of ``input_shapes``."""
     specs = data_mod.specs_from_model(model)
     if source is None:
-        return data_mod.synthetic(specs)
+        return data_mod.synthetic(specs, input_shapes)
     return data_mod.replayable(data_mod.prepare(specs, source), stack)
 
 
@@ -312,12 +321,18 @@ def _collect(
     return collect_mod.collect(model, requests, dataset, provider=provider, progress=progress)
 
 
-def _check_options(check: bool | CheckOptions, data: check_mod.DataSource) -> CheckOptions | None:
+def _check_options(
+    check: bool | CheckOptions,
+    data: check_mod.DataSource,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> CheckOptions | None:
     if check is False:
         return None
     options = check if isinstance(check, CheckOptions) else CheckOptions()
     if data is not None:
         options = dataclasses.replace(options, data=data)
+    if options.input_shapes is None and input_shapes is not None:
+        options = dataclasses.replace(options, input_shapes=input_shapes)
     if options.verify_each and options.data is not None and hasattr(options.data, "get_next"):
         raise DataError(
             "--verify-each reads the data after every pass; a reader object can be "

@@ -251,7 +251,9 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             dump_dir=args.dump_dir,
             external_data={"auto": None, "yes": True, "no": False}[args.external_data],
             check=False if args.no_check else options,
+            data=args.data,  # calibrates (by default) even without the check
             calibration=args.calibration,
+            input_shapes=options.input_shapes,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
             on_calibration=lambda phase, done: status.update(
                 f"calibrating ({phase}): {done} batches..."

@@ -94,3 +94,21 @@ def test_data_with_wrong_dtype_is_a_clear_error(digits_copy, tmp_path, run_cli):
     assert result.code == 2
     assert "input 'image' is float64, the model expects float32" in result.err
     assert files_in(tmp_path) == before
+
+
+def test_no_check_still_calibrates_on_the_data(digits_copy, run_cli):
+    """--data is the calibration data too; --no-check dropped it and quant calibrated on
+    random inputs. The summary says how many samples it calibrated on."""
+    result = run_cli(
+        digits_copy, "--passes", "quant", "--data", digits.TEST_DATA_PATH, "--no-check"
+    )
+    assert result.code == 0, result.err
+    assert "NO CALIBRATION DATA" not in result.err
+    assert "[calibrated on 450" in result.out  # rich read the brackets as markup and dropped it
+
+
+def test_input_shape_shapes_the_synthetic_calibration_inputs(digits_copy, run_cli):
+    result = run_cli(digits_copy, "--passes", "quant", "--input-shape", "image=3x1x8x8")
+    assert result.code == 0, result.err
+    calibration = next(line for line in result.err.splitlines() if "NO CALIBRATION DATA" in line)
+    assert "image=3x1x8x8" in calibration
