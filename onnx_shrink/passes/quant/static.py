@@ -327,7 +327,15 @@ def _ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
     try:
         from onnxscript.version_converter import ConvertVersionPass
 
-        ConvertVersionPass(target_version=target, fallback=True)(model)
+        # Its own converter takes few opsets; for the others it warns, then converts with
+        # onnx's C API as fallback=True asks. That is the conversion working, logged below.
+        converter_log = logging.getLogger("onnxscript.version_converter")
+        level = converter_log.level
+        converter_log.setLevel(logging.ERROR)
+        try:
+            ConvertVersionPass(target_version=target, fallback=True)(model)
+        finally:
+            converter_log.setLevel(level)
     except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
         logger.warning(
             "quant: cannot convert opset %d to %d (%s); no %s", version, target, e, purpose
