@@ -231,12 +231,20 @@ def benchmark(
 ) -> BenchmarkReport:
     """Latency for every (batch size, threads), session peak memory and size of one model."""
     specs = data_mod.specs_from_model(io.load(model))
-    base = data_mod.prepare(specs, data, input_shapes).first_feed()
+    dataset = data_mod.prepare(specs, data, input_shapes)
+    base = dataset.first_feed()
+    hint = (
+        "Give real inputs with --data, or synthetic shapes it accepts with --input-shape NAME=DIMS"
+        if dataset.synthetic
+        else "The data does not fit the model"
+    )
     grid = []
     for thread_count in threads:
         session = sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
             feed = resize_batch(base, specs, batch)
+            # One untimed run that fails clearly (the timed ones would raise onnxruntime's).
+            sessions.run(session, feed, failed=f"{model} failed on its inputs", hint=hint)
             grid.append(
                 measure_latency(
                     session, feed, runs=runs, warmup=warmup, batch=batch, threads=thread_count
