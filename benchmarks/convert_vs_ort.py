@@ -1,0 +1,268 @@
+"""Side by side: ``fp16`` and ``quant-weight`` against the converters onnxruntime ships.
+
+* ``fp16``: ours (calibrated float islands, rule 3 of ``passes/fp16.py``) against
+  ``onnxruntime.transformers.float16.convert_float_to_float16(keep_io_types=True)`` with its
+  default op block list, the converter ORT's transformer optimizer and most export scripts use.
+* ``quant-weight``: ours (4-bit, blocks of 32, symmetric, MatMul and Gather, MatMulNBits with
+  accuracy_level 4) against ``onnxruntime.quantization.matmul_nbits_quantizer
+  .MatMulNBitsQuantizer`` (RTN) twice: with its defaults (blocks of 128, asymmetric, MatMul
+  only) and with our settings.
+
+Same models (``benchmarks.quant_data`` tasks), same held-out evaluation data and fidelity
+metrics as ``quant_vs_ort.py``. Per row:
+
+* fidelity against fp32 on the evaluation split, and whether onnxruntime CPU runs the model
+  with every optimization on (a failure is reported, not raised);
+* latency x fp32: median of per-pair ratios over interleaved runs on the task's latency input
+  (onnxruntime CPU, default threads); on CPU, float16 runs through Casts around kernels that
+  have no float16 version, so fp16 rows show its cost, not a speed-up;
+* bytes on disk; conversion wall time (in this process, the same for every tool; loading and
+  saving included), median of ``--repeat`` calls; Casts in the saved graph (fp16).
+
+Run from the repository root: ``.venv/bin/python benchmarks/convert_vs_ort.py fp16`` (or
+``quant-weight``, or both); ``--no-write`` leaves RESULTS.md alone. Each writes its section.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import logging
+import shlex
+import statistics
+import sys
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import onnx
+import onnxruntime as ort
+
+ROOT = Path(__file__).resolve().parents[1]
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import quant_data  # noqa: E402
+from benchmarks.results import provenance, publish  # noqa: E402
+from onnx_shrink.compiler import io  # noqa: E402
+from onnx_shrink.runtime_check import bench  # noqa: E402
+
+PACKAGES = ("onnx", "onnx-ir", "onnxscript", "onnxruntime")
+CALIBRATION = 32
+LATENCY_RUNS = 40
+
+
+@dataclasses.dataclass
+class Row:
+    config: str
+    fidelity: dict[str, float] = dataclasses.field(default_factory=dict)
+    latency: float | None = None
+    bytes_on_disk: int | None = None
+    seconds: float | None = None
+    casts: int | None = None
+    note: str = ""
+
+
+Convert = Callable[[Path, Path, Path], None]  # (model, calibration .npz, output)
+
+
+@dataclasses.dataclass(frozen=True)
+class Suite:
+    heading: str
+    models: tuple[str, ...]
+    configs: tuple[tuple[str, Convert], ...]
+    explain: str
+
+
+def ours(passes: str, *sets: str) -> Convert:
+    def convert(model: Path, calib: Path, out: Path) -> None:
+        import onnx_shrink
+
+        onnx_shrink.shrink(
+            str(model), passes=passes, sets=sets, output=str(out), check=False, calibration=calib
+        )
+
+    return convert
+
+
+def ort_fp16(model: Path, calib: Path, out: Path) -> None:
+    from onnxruntime.transformers import float16
+
+    converted = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
+    onnx.save_model(converted, str(out))
+
+
+def ort_nbits(**options) -> Convert:
+    def convert(model: Path, calib: Path, out: Path) -> None:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(model)), **options)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    return convert
+
+
+SUITES = {
+    "fp16": Suite(
+        "## fp16 vs onnxruntime's float16 converter",
+        ("digits", "minilm", "ppocr-rec", "ppocr-det"),
+        (
+            ("ours: fp16", ours("fp16")),
+            ("ours: fold,fp16", ours("fold,fp16")),
+            ("ORT convert_float_to_float16(keep_io_types=True)", ort_fp16),
+        ),
+        "Ours calibrates on the first 32 calibration samples (float islands where values leave "
+        "float16's range); ORT's converter uses none.",
+    ),
+    "quant-weight": Suite(
+        "## quant-weight vs onnxruntime's MatMulNBitsQuantizer",
+        ("minilm", "ppocr-rec"),
+        (
+            ("ours: quant-weight", ours("quant-weight")),
+            ("ours: fold,quant-weight", ours("fold,quant-weight")),
+            ("ORT MatMulNBitsQuantizer, defaults", ort_nbits()),
+            (
+                "ORT MatMulNBitsQuantizer, our settings",
+                ort_nbits(
+                    block_size=32,
+                    is_symmetric=True,
+                    accuracy_level=4,
+                    op_types_to_quantize=("MatMul", "Gather"),
+                ),
+            ),
+        ),
+        "Defaults: 4-bit RTN, blocks of 128, asymmetric, MatMul only. Our settings: blocks of "
+        "32, symmetric, accuracy_level 4, MatMul and Gather (ours' defaults).",
+    ),
+}
+
+
+def session(path: Path) -> ort.InferenceSession:
+    options = ort.SessionOptions()
+    options.log_severity_level = 4
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def first_line(error: BaseException) -> str:
+    text = " ".join(str(error).split()).replace("|", "/")
+    return f"{type(error).__name__}: {text[:200]}"
+
+
+def measure(
+    name: str, convert: Convert, task, calib: Path, out: Path, reference, repeat: int
+) -> Row:
+    row = Row(name)
+    times = []
+    for _ in range(repeat):
+        started = time.perf_counter()
+        convert(task.model, calib, out)
+        times.append(time.perf_counter() - started)
+    row.seconds = statistics.median(times)
+    row.bytes_on_disk = io.file_bytes(out)
+    row.casts = sum(n.op_type == "Cast" for n in onnx.load(str(out)).graph.node)
+    try:
+        candidate = session(out)
+        row.fidelity = task.fidelity(reference, task.predict(candidate))
+        fp32 = session(task.model)
+        row.latency = bench.compare_latency(
+            fp32, candidate, task.latency_feed, runs=LATENCY_RUNS
+        ).ratio
+    except Exception as e:  # noqa: BLE001 - a model onnxruntime cannot run is a result
+        row.note = f"RUN FAILED: {first_line(e)}"
+    return row
+
+
+def bench_model(suite: Suite, name: str, workdir: Path, repeat: int) -> tuple[object, list[Row]]:
+    task = quant_data.load_task(name, CALIBRATION)
+    calib = quant_data.write_calibration(task, CALIBRATION, workdir / name)
+    reference = task.predict(session(task.model))
+    rows = [
+        Row(
+            "fp32",
+            task.fidelity(reference, reference),
+            1.0,
+            io.file_bytes(task.model),
+            casts=sum(n.op_type == "Cast" for n in onnx.load(str(task.model)).graph.node),
+        )
+    ]
+    for config, convert in suite.configs:
+        print(f"  {name}: {config}", file=sys.stderr, flush=True)
+        out = workdir / name / f"{len(rows)}.onnx"
+        try:
+            rows.append(measure(config, convert, task, calib, out, reference, repeat))
+        except Exception as e:  # noqa: BLE001 - a failing tool is a result, not a crash
+            rows.append(Row(config, note=f"FAILED: {first_line(e)}"))
+    return task, rows
+
+
+def _fmt(value: object, spec: str) -> str:
+    return "—" if value is None else format(value, spec)
+
+
+def table(task, rows: list[Row]) -> list[str]:
+    metrics = list(task.metrics)
+    lines = [
+        f"### {task.name}",
+        "",
+        f"Evaluation: {task.split}. Latency input: {task.latency_input}.",
+        "",
+        "| configuration | " + " | ".join(metrics) + " | latency × fp32 | bytes | s | Casts "
+        "| note |",
+        "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | ---: | ---: | --- |",
+    ]
+    for r in rows:
+        values = " | ".join(_fmt(r.fidelity.get(m), ".4f") for m in metrics)
+        lines.append(
+            f"| {r.config} | {values} | {_fmt(r.latency, '.2f')} | {_fmt(r.bytes_on_disk, ',')} "
+            f"| {_fmt(r.seconds, '.2f')} | {_fmt(r.casts, 'd')} | {r.note} |"
+        )
+    return [*lines, ""]
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("suites", nargs="+", choices=sorted(SUITES))
+    parser.add_argument("--models", default="", help="comma-separated subset of the suite's")
+    parser.add_argument("--repeat", type=int, default=3, help="conversions per tool (median)")
+    parser.add_argument("--no-write", action="store_true", help="print only; keep RESULTS.md")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.ERROR)
+    ort.set_default_logger_severity(3)
+    command = " ".join(
+        [
+            ".venv/bin/python",
+            "benchmarks/convert_vs_ort.py",
+            *map(shlex.quote, argv or sys.argv[1:]),
+        ]
+    )
+    for key in args.suites:
+        suite = SUITES[key]
+        wanted = [m for m in args.models.split(",") if m] or list(suite.models)
+        body: list[str] = []
+        with tempfile.TemporaryDirectory(prefix=f"{key}-vs-ort-") as tmp:
+            for name in wanted:
+                print(f"{key}: {name}", file=sys.stderr, flush=True)
+                task, rows = bench_model(suite, name, Path(tmp), args.repeat)
+                body += table(task, rows)
+        text = "\n".join(
+            [
+                suite.heading,
+                "",
+                *provenance(command, PACKAGES),
+                "",
+                f"{suite.explain} Fidelity on the held-out evaluation split (as in the "
+                "quantization section); latency: median of "
+                f"{LATENCY_RUNS} interleaved fp32/candidate pairs, onnxruntime CPU, default "
+                f"threads; s: the conversion call, median of {args.repeat}.",
+                "",
+                *body,
+            ]
+        )
+        publish(suite.heading, text, write=not args.no_write)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
