@@ -25,6 +25,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     check_selection,
     derived_name,
     gather_reason,
+    lift_constant_weights,
     match_linear,
     trimmed,
 )
@@ -95,10 +96,11 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        lifted = lift_constant_weights(model)
         count = self.quantize(model)
         if count and self.narrow_storage:
             compact.store_narrow(model)
-        return ir.passes.PassResult(model, count > 0)
+        return ir.passes.PassResult(model, count > 0 or lifted)
 
     def quantize(self, model: ir.Model) -> int:
         """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes

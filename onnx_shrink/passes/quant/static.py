@@ -25,7 +25,7 @@ from onnx_shrink.passes.quant.numerics import (
     quantize_weight,
     scale_and_zero_point,
 )
-from onnx_shrink.passes.quant.weight_matching import onnx_opset
+from onnx_shrink.passes.quant.weight_matching import lift_constant_weights, onnx_opset
 
 logger = logging.getLogger(__name__)
 
@@ -146,7 +146,7 @@ class QuantPass(DataAwarePass):
         )
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
-        _lift_constant_weights(model)
+        lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
         self.convert_opset(model)
@@ -296,15 +296,6 @@ def _scale_for_bias(
         return None
     floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * 2**30)
     return floor if per_channel else np.asarray(floor.max(initial=0.0))
-
-
-def _lift_constant_weights(model: ir.Model) -> None:
-    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
-    they are quantized like any other weight instead of left float in a growing file."""
-    if model.ir_version >= 4:
-        common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)(
-            model
-        )
 
 
 def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:

@@ -17,6 +17,7 @@ from collections.abc import Callable, Hashable, Mapping
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.passes.quant import compact
 
@@ -44,6 +45,16 @@ def check_selection(
 def onnx_opset(model: ir.Model) -> int:
     """The model's version of the default ONNX domain (1 when it imports none)."""
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+
+
+def lift_constant_weights(model: ir.Model) -> bool:
+    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
+    they are quantized like any other weight instead of left float (PP-OCRv4 rec: without
+    ``fold`` first, quant-weight found no weight at all). Returns whether any was lifted."""
+    if model.ir_version < 4:  # initializers must also be graph inputs there
+        return False
+    lift = common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)
+    return lift(model).modified
 
 
 def derived_name(node: ir.Node, suffix: str) -> str | None:

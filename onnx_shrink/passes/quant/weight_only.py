@@ -29,6 +29,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     check_selection,
     derived_name,
     gather_reason,
+    lift_constant_weights,
     match_linear,
     onnx_opset,
     trimmed,
@@ -115,6 +116,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        lifted = lift_constant_weights(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0
         for node in context.candidates(self.op_types):
@@ -128,7 +130,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             model.ir_version = max(model.ir_version, INT4_IR_VERSION)
         context.drop_dead_weights()
         logger.info("%s: quantized %d nodes", self.name, count)
-        return ir.passes.PassResult(model, count > 0)
+        return ir.passes.PassResult(model, count > 0 or lifted)
 
     def _blocks(self, rows: np.ndarray, bits: int | None = None) -> BlockQuantized:
         return quantize_blocks(

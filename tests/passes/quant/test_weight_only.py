@@ -284,3 +284,28 @@ def test_minilm_int4_block_32_keeps_its_sentence_embeddings():
     )
     assert cosine.min() >= 0.95
     assert len(quantized_bytes) < 0.2 * io.file_bytes(path)
+
+
+@pytest.mark.parametrize("pass_name", ["quant-weight", "quant-dynamic"])
+def test_weights_stored_as_constant_nodes_are_quantized(pass_name):
+    """Paddle exports (PP-OCRv4 rec) keep weights in Constant nodes: without fold first,
+    these passes found no weight and left the model as it was."""
+    from onnx_shrink.compiler.registry import REGISTRY
+
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32)
+    model = io.load(
+        onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 32] y) {{
+          w = Constant <value = float[64, 32] {{{", ".join(map(str, weight.ravel()))}}}> ()
+          y = MatMul(x, w)
+        }}
+        """)
+    )
+    feed = {"x": np.random.default_rng(1).standard_normal((4, 64)).astype(np.float32)}
+    reference = feed["x"] @ weight
+    result = REGISTRY[pass_name](min_weight_elements=0)(model)
+    assert result.modified
+    assert not any(n.op_type in ("Constant", "MatMul") for n in result.model.graph)
+    (out,) = run_ort(io.to_bytes(result.model), feed)
+    assert np.abs(out - reference).max() < 0.2 * np.abs(reference).max()
