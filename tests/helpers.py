@@ -19,6 +19,18 @@ def parse(text: str) -> onnx.ModelProto:
     return model
 
 
+def reflect_pad_model(pad: int) -> onnx.ModelProto:
+    """``y = Pad(x[N, T], reflect, pad on each side of T)``: onnxruntime refuses a row shorter
+    than ``pad`` + 1, as Silero VAD's STFT refuses short audio (synthetic rows have 16)."""
+    return parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, T] x) => (float[N, T2] y) {{
+      pads = Constant <value = int64[4] {{0, {pad}, 0, {pad}}}> ()
+      y = Pad <mode = "reflect"> (x, pads)
+    }}
+    """)
+
+
 def save_proto(model: onnx.ModelProto, path: Path) -> Path:
     path.write_bytes(model.SerializeToString())
     return path

@@ -233,11 +233,7 @@ def benchmark(
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)
     base = dataset.first_feed()
-    hint = (
-        "Give real inputs with --data, or synthetic shapes it accepts with --input-shape NAME=DIMS"
-        if dataset.synthetic
-        else "The data does not fit the model"
-    )
+    hint = data_mod.unfit_hint(dataset)
     grid = []
     for thread_count in threads:
         session = sessions.create_session(model, provider=provider, threads=thread_count)

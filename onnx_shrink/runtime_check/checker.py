@@ -124,30 +124,21 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
     sample = "a synthetic check sample" if dataset.synthetic else "a check sample"
     # The reference failing means the inputs do not fit it; the candidate failing where the
     # reference ran means the candidate is broken, whatever the inputs.
-    ref_hint = (
-        "Give real inputs with --data, or synthetic shapes it accepts with --input-shape NAME=DIMS"
-        if dataset.synthetic
-        else "The check data does not fit the model"
+    broken = f"The candidate is broken: {pair.ref.label} runs on the same inputs"
+    both = (
+        (pair.ref_session, pair.ref.label, data_mod.unfit_hint(dataset)),
+        (pair.cand_session, pair.cand.label, broken),
     )
-    cand_hint = f"The candidate is broken: {pair.ref.label} runs on the same inputs"
 
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
         nonlocal samples
         for batch in dataset.batches():
             samples += batch.samples
-            ref_out = sessions.run(
-                pair.ref_session,
-                batch.feed,
-                names,
-                failed=f"{pair.ref.label} failed on {sample}",
-                hint=ref_hint,
-            )
-            cand_out = sessions.run(
-                pair.cand_session,
-                batch.feed,
-                names,
-                failed=f"{pair.cand.label} failed on {sample}",
-                hint=cand_hint,
+            ref_out, cand_out = (
+                sessions.run(
+                    session, batch.feed, names, failed=f"{label} failed on {sample}", hint=hint
+                )
+                for session, label, hint in both
             )
             yield ref_out, cand_out, batch.labels
 

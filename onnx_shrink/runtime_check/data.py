@@ -459,6 +459,16 @@ def _load_labels(path: str | Path) -> np.ndarray:
     return data_files.load_npy(path)
 
 
+def unfit_hint(dataset: Dataset) -> str:
+    """What to tell a user whose model fails on ``dataset``'s inputs (the error's last part)."""
+    if dataset.synthetic:
+        return (
+            "Give real inputs with --data, or synthetic shapes it accepts with --input-shape "
+            "NAME=DIMS"
+        )
+    return "The data does not fit the model"
+
+
 def describe_feed(feed: Mapping[str, Any]) -> str:
     return ", ".join(f"{k}={_show(np.shape(v))}" for k, v in feed.items())
 

@@ -12,7 +12,7 @@ import pytest
 
 from models import digits
 from onnx_shrink.errors import BadModelError
-from tests.helpers import files_in, parse, save_proto, sha256
+from tests.helpers import files_in, parse, reflect_pad_model, save_proto, sha256
 
 GOOD = """
 <ir_version: 8, opset_import: ["" : 17]>
@@ -126,13 +126,7 @@ def test_valid_model_with_contrib_domain_is_accepted(tmp_path):
 def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     """Run as a program: onnxruntime's own error log is written to the process's stderr, which
     only a real process shows. The passes ran and the result is saved; the error says so."""
-    model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, T] x) => (float[N, T2] y) {
-      pads = Constant <value = int64[4] {0, 40, 0, 40}> ()
-      y = Pad <mode = "reflect"> (x, pads)
-    }
-    """)
+    model = reflect_pad_model(40)
     model_path = save_proto(model, tmp_path / "model.onnx")
     output = tmp_path / "out.onnx"
     result = subprocess.run(

@@ -11,7 +11,7 @@ from models.perturb import perturbed_copy
 from onnx_shrink.errors import RunFailedError
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
-from tests.helpers import parse, save_proto
+from tests.helpers import parse, reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH
 
@@ -58,15 +58,7 @@ def test_compare_returns_a_numeric_report_with_accuracy():
     assert report.to_dict()["passed"] is True
 
 
-# A reflect Pad needs more elements than it pads: 4 are too few for 8 (Silero VAD's STFT).
-REFLECT_PAD = """
-<ir_version: 8, opset_import: ["" : 17]>
-g (float[N, T] x) => (float[N, T2] y) {
-  pads = Constant <value = int64[4] {0, 8, 0, 8}> ()
-  y = Pad <mode = "reflect"> (x, pads)
-}
-"""
-# The same signature, but the output is a reshape that only 3 elements a row fit.
+# reflect_pad_model's signature, but the output is a reshape that only 3 elements a row fit.
 RESHAPE_BY_THREE = """
 <ir_version: 8, opset_import: ["" : 17]>
 g (float[N, T] x) => (float[N, T2] y) {
@@ -77,7 +69,7 @@ g (float[N, T] x) => (float[N, T2] y) {
 
 
 def test_a_reference_the_data_does_not_fit_is_one_clear_error(tmp_path):
-    reference = save_proto(parse(REFLECT_PAD), tmp_path / "ref.onnx")
+    reference = save_proto(reflect_pad_model(8), tmp_path / "ref.onnx")
     np.savez(tmp_path / "short.npz", x=np.ones((1, 4), np.float32))
     with pytest.raises(RunFailedError, match=r"ref\.onnx failed on a check sample \(x=1x4\)"):
         compare(reference, reference, tmp_path / "short.npz")
@@ -87,7 +79,7 @@ def test_a_reference_the_data_does_not_fit_is_one_clear_error(tmp_path):
 
 
 def test_a_candidate_that_fails_where_the_reference_runs_is_called_broken(tmp_path):
-    reference = save_proto(parse(REFLECT_PAD), tmp_path / "ref.onnx")
+    reference = save_proto(reflect_pad_model(8), tmp_path / "ref.onnx")
     candidate = save_proto(parse(RESHAPE_BY_THREE), tmp_path / "cand.onnx")
     np.savez(tmp_path / "long.npz", x=np.ones((1, 16), np.float32))
     with pytest.raises(RunFailedError, match=r"cand\.onnx failed .*broken") as caught:

@@ -6,7 +6,7 @@ import json
 
 from models import digits
 from models.perturb import perturbed_copy
-from tests.helpers import parse, save_proto
+from tests.helpers import reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH
 
@@ -126,13 +126,7 @@ def test_compile_verify_each_reports_per_pass_verdicts(run_cli, digits_copy, tmp
 
 def test_bench_of_a_model_its_inputs_do_not_fit_is_one_clear_error(run_cli, tmp_path):
     """A reflect Pad wider than the synthetic input: onnxruntime's traceback before."""
-    model = parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, T] x) => (float[N, T2] y) {
-      pads = Constant <value = int64[4] {0, 40, 0, 40}> ()
-      y = Pad <mode = "reflect"> (x, pads)
-    }
-    """)
+    model = reflect_pad_model(40)
     path = save_proto(model, tmp_path / "pad.onnx")
     result = run_cli("bench", path, "--runs", "2")
     assert result.code == 2

@@ -14,7 +14,7 @@ from onnx_shrink.compiler.io import data_files
 from onnx_shrink.compiler.statistics import HistogramAccumulator, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect, data, sessions
-from tests.helpers import parse, run_ort
+from tests.helpers import parse, reflect_pad_model, run_ort
 
 
 class OneSampleReader:
@@ -236,15 +236,7 @@ def test_tensors_not_in_the_main_graph_are_an_error():
 
 def test_a_sample_the_model_rejects_is_one_clear_error(tmp_path):
     """Silero VAD's reflect Pad needs more samples than a short synthetic input has."""
-    model = io.load(
-        parse("""
-    <ir_version: 8, opset_import: ["" : 17]>
-    g (float[N, T] x) => (float[N, T2] y) {
-      pads = Constant <value = int64[4] {0, 8, 0, 8}> ()
-      y = Pad <mode = "reflect"> (x, pads)
-    }
-    """)
-    )
+    model = io.load(reflect_pad_model(8))
     np.savez(tmp_path / "short.npz", x=np.ones((1, 4), np.float32))
     dataset = data.prepare(data.specs_from_model(model), tmp_path / "short.npz")
     with pytest.raises(
