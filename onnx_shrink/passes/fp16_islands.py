@@ -29,10 +29,13 @@ def in_quantized_pattern(node: ir.Node) -> bool:
 
 
 def _activation_dequantizer(node: ir.Node | None) -> bool:
+    """A DequantizeLinear of a QuantizeLinear's output (a QDQ pair) or of a graph input; not
+    one of a weight, however stored (initializer, Constant, Gather of a quantized table)."""
     if node is None or node.op_type != DEQUANTIZE or node.inputs[0] is None:
         return False
     x = node.inputs[0]
-    return x.const_value is None and not x.is_initializer()
+    producer = x.producer()
+    return x.is_graph_input() or (producer is not None and producer.op_type == QUANTIZE)
 
 
 def weight_dequantizers_for(graph: ir.Graph, islands: Collection[ir.Node]) -> list[ir.Node]:
@@ -57,7 +60,8 @@ def weightless_runs(
     subgraph, and (``io_converts``: graph inputs and outputs become float16) touch no graph
     input or output. Every value in or out of such a run stays float32 anyway, so it would
     only add Casts: on PP-OCRv4 det after ``quant``, hard-swish's Clip and Div between two
-    quantized patterns (rule h)."""
+    quantized patterns (rule h). ``fp16`` asks for the main graph's only (a body follows its
+    If/Loop/Scan node)."""
     members = [n for n in graph if n not in islands and _converts(n, dtype_of)]
     runs = _connected(members, dtype_of)
     for run in runs.values():
@@ -66,8 +70,8 @@ def weightless_runs(
 
 
 def _converts(node: ir.Node, dtype_of) -> bool:
-    if node.op_type in ("Constant", "ConstantOfShape"):
-        return False  # weights: read by the runs, not part of them
+    if node.op_type == "Constant":
+        return False  # a weight: read by the runs, not part of them
     return any(v is not None and dtype_of(v) == FLOAT for v in (*node.inputs, *node.outputs))
 
 

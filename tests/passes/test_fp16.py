@@ -527,8 +527,13 @@ def test_quantized_patterns_stay_as_quant_wrote_them(tmp_path):
     quantized = onnx_shrink.shrink(
         _upsampler(), passes="quant", check=False, calibration=tmp_path / "calib.npz"
     ).model
+    # Rule 3 (i) off: this small model would stay float32 whole by it, hiding rule (h).
     converted = onnx_shrink.shrink(
-        quantized, passes="fp16", check=False, calibration=tmp_path / "calib.npz"
+        quantized,
+        passes="fp16",
+        sets=["fp16.weightless_runs=false"],
+        check=False,
+        calibration=tmp_path / "calib.npz",
     ).model
     for node in converted.graph:
         if node.op_type == "Cast":
@@ -539,3 +544,59 @@ def test_quantized_patterns_stay_as_quant_wrote_them(tmp_path):
         n.op_type == "DequantizeLinear" for n in quantized.graph
     )
     np.testing.assert_array_equal(_outputs(converted, feed)[0], _outputs(quantized, feed)[0])
+
+
+def test_a_quantized_embedding_table_is_not_a_quantized_pattern(tmp_path):
+    """quant-weight's DequantizeLinear(Gather(codes), Gather(scales)) dequantizes a weight:
+    onnxruntime has no integer kernel to keep there, so what reads it converts."""
+    import onnx_shrink
+
+    rng = np.random.default_rng(0)
+    table, w = rng.standard_normal((256, 64)), rng.standard_normal((64, 64)) / 8
+    text = ", ".join
+    model = parse(f"""
+        <ir_version: 10, opset_import: ["" : 21]>
+        g (int64[N, 8] ids) => (float[N, 8, 64] y) {{
+          table = Constant <value = float[256, 64] {{{text(map(str, table.ravel()))}}}> ()
+          w = Constant <value = float[64, 64] {{{text(map(str, w.ravel()))}}}> ()
+          e = Gather <axis = 0> (table, ids)
+          r = Relu(e)
+          y = MatMul(r, w)
+        }}
+        """)
+    sets = ["format=dequantize_linear", "min_weight_elements=0", "op_types=Gather"]
+    quantized = onnx_shrink.shrink(
+        model, passes="quant-weight", sets=[f"quant-weight.{s}" for s in sets], check=False
+    ).model
+    np.savez(tmp_path / "ids.npz", ids=rng.integers(0, 256, (4, 8)))
+    converted = onnx_shrink.shrink(
+        quantized, passes="fp16", check=False, calibration=tmp_path / "ids.npz"
+    ).model
+    assert _island_ops(converted) == []  # the table's DequantizeLinear converts too
+
+
+def test_constant_of_shape_joins_its_weightless_run():
+    """A ConstantOfShape read by a weightless run stays float32 with it: else it wrote
+    float16 and a Cast took it straight back up."""
+    rng = np.random.default_rng(0)
+    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(2))
+    original = io.load(
+        parse(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 64] y) {{
+          w1 = Constant <value = float[64, 64] {{{", ".join(map(str, w1.ravel()))}}}> ()
+          w2 = Constant <value = float[64, 64] {{{", ".join(map(str, w2.ravel()))}}}> ()
+          a = MatMul(x, w1)
+          b = Relu(a)
+          s = Shape(b)
+          z = ConstantOfShape <value = float[1] {{0.5}}> (s)
+          c = Add(b, z)
+          e = Exp(c)
+          y = MatMul(e, w2)
+        }}
+        """)
+    )
+    feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    converted, _ = _convert(original, feed, weightless_runs=True, block_ops=("Relu", "Exp"))
+    assert _island_ops(converted) == ["Relu", "ConstantOfShape", "Add", "Exp"]
+    assert not any(n.op_type == "Cast" and n.inputs[0].name == "z" for n in converted.graph)
