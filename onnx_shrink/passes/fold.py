@@ -150,6 +150,8 @@ class FoldPass(ir.passes.FunctionalPass):
         fixpoint = ir.passes.PassManager(
             [
                 fold,
+                # Before the cleanups: a folded If's other branch must not keep weights alive.
+                _DropDeadUsesPass(),
                 rewriter.RewritePass(fold_rules.DEFAULT_RULES),
                 ConvAffinePass(allow_bias_growth=allow_growth),
                 ReshapeCopiedDimsPass(),
@@ -186,9 +188,14 @@ class FoldPass(ir.passes.FunctionalPass):
             common_passes.CommonSubexpressionEliminationPass(),
             common_passes.OutputFixPass(),
         ]
-        modified = ir.passes.Sequential(*stages)(model).modified
-        graph_edit.drop_dead_uses(model)
-        return modified
+        return ir.passes.Sequential(*stages)(model).modified
+
+
+class _DropDeadUsesPass(ir.passes.InPlacePass):
+    """``graph_edit.drop_dead_uses``: nodes in no graph stop reading the model's values."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, graph_edit.drop_dead_uses(model) > 0)
 
 
 STACK_TRACE_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})

@@ -249,3 +249,5 @@ def test_a_folded_if_leaves_no_reader_of_outer_weights_behind():
     for graph in folded.graphs():
         for value in [*graph.initializers.values(), *(o for n in graph for o in n.outputs)]:
             assert all(id(use.node) in live for use in value.uses()), value.name
+    # Nor are the weights only the dead branch read kept in the file.
+    assert all(value.uses() for value in folded.graph.initializers.values())
