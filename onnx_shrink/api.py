@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.errors import DataError, RunFailedError, ShrinkError
+from onnx_shrink.errors import CandidateFailedError, DataError, RunFailedError, ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
@@ -345,9 +345,16 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
     tolerances = options.each_pass_tolerances()
 
     def verify(model: ir.Model) -> pipeline.Verdict:
-        report = check_mod.compare(
-            reference, io.to_bytes(model), dataset, tolerances=tolerances, provider=options.provider
-        )
+        try:
+            report = check_mod.compare(
+                reference,
+                io.to_bytes(model),
+                dataset,
+                tolerances=tolerances,
+                provider=options.provider,
+            )
+        except CandidateFailedError as e:  # the pass broke the model: roll it back
+            return pipeline.Verdict(ok=False, summary=str(e))
         worst = min((o.cosine for o in report.outputs), default=1.0)
         summary = "; ".join(report.failures) or f"lowest output cosine {worst:.6f}"
         return pipeline.Verdict(ok=report.passed, summary=summary)

@@ -29,6 +29,11 @@ class RunFailedError(ShrinkError):
     """onnxruntime loaded a model but failed to run it on the given (or synthetic) inputs."""
 
 
+class CandidateFailedError(RunFailedError):
+    """onnxruntime cannot load or run the candidate where it runs the reference: what made the
+    candidate broke it (``--verify-each`` rolls such a pass back)."""
+
+
 class PassFailedError(ShrinkError):
     """A pass raised while rewriting the model; the message names the pass."""
 

@@ -18,6 +18,7 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_shrink.compiler import io, stats
+from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
 from onnx_shrink.runtime_check import bench, sessions
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -92,14 +93,12 @@ def _open(
     ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
     specs = data_mod.specs_from_model(ref.model)
     dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
-    return _Pair(
-        ref,
-        cand,
-        sessions.create_session(ref.source, provider=provider),
-        sessions.create_session(cand.source, provider=provider),
-        specs,
-        dataset,
-    )
+    ref_session = sessions.create_session(ref.source, provider=provider)
+    try:
+        cand_session = sessions.create_session(cand.source, provider=provider)
+    except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
+        raise CandidateFailedError(f"{e} (the reference loads: the candidate is broken)") from e
+    return _Pair(ref, cand, ref_session, cand_session, specs, dataset)
 
 
 def compare(
@@ -126,8 +125,8 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
     # reference ran means the candidate is broken, whatever the inputs.
     broken = f"The candidate is broken: {pair.ref.label} runs on the same inputs"
     both = (
-        (pair.ref_session, pair.ref.label, data_mod.unfit_hint(dataset)),
-        (pair.cand_session, pair.cand.label, broken),
+        (pair.ref_session, pair.ref.label, data_mod.unfit_hint(dataset), RunFailedError),
+        (pair.cand_session, pair.cand.label, broken, CandidateFailedError),
     )
 
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
@@ -136,9 +135,14 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
             samples += batch.samples
             ref_out, cand_out = (
                 sessions.run(
-                    session, batch.feed, names, failed=f"{label} failed on {sample}", hint=hint
+                    session,
+                    batch.feed,
+                    names,
+                    failed=f"{label} failed on {sample}",
+                    hint=hint,
+                    error=error,
                 )
-                for session, label, hint in both
+                for session, label, hint, error in both
             )
             yield ref_out, cand_out, batch.labels
 

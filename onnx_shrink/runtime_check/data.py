@@ -169,12 +169,11 @@ def from_arrays(
                 f"{_show(spec.shape)} with samples on the first axis, or N x {_show(spec.shape)}"
             )
     counted = [s for s in specs if s.name not in shared]
-    counts = {len(arrays[s.name]) for s in counted} | (
-        {len(labels)} if labels is not None else set()
-    )
+    counts = {len(arrays[s.name]) for s in counted} if counted or not shared else {1}
+    counts |= {len(labels)} if labels is not None else set()  # scalars only: one sample
     if len(counts) > 1:
         raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
-    total = counts.pop() if counts else (1 if shared else 0)  # scalars only: one sample
+    total = counts.pop() if counts else 0
     step = 1 if any(per_sample.values()) else _batch_step(specs)
 
     def make_batches() -> Iterator[Batch]:

@@ -104,8 +104,8 @@ def create_session(
     """
     full = resolve_provider(provider)
     options = ort.SessionOptions()
-    # Errors too (3) only when debugging: a failed load or run is raised with onnxruntime's
-    # message, and its own log line (in red, with a source path) would say it twice.
+    # onnxruntime's errors (3) only with DEBUG logging (-vv): a failed load or run is raised
+    # with onnxruntime's message, and its own log line (red, with a source path) says it twice.
     options.log_severity_level = 3 if logger.isEnabledFor(logging.DEBUG) else 4
     if threads is not None:
         options.intra_op_num_threads = threads
@@ -152,21 +152,22 @@ def run(
     failed: str,
     hint: str = "",
     extra: Mapping[str, np.ndarray] | None = None,
+    error: type[RunFailedError] = RunFailedError,
 ) -> dict[str, np.ndarray]:
     """``session``'s ``outputs`` (None: all) on ``feed`` (and the tool's own inputs ``extra``,
     left out of the message), by name.
 
     Raises:
-        RunFailedError: onnxruntime failed; the message is ``failed`` (what failed on what,
-            e.g. "model.onnx failed on a check sample"), the feed's shapes, onnxruntime's first
-            line and ``hint`` (what the user can do).
+        RunFailedError: (``error``) onnxruntime failed; the message is ``failed`` (what failed
+            on what, e.g. "model.onnx failed on a check sample"), the feed's shapes,
+            onnxruntime's first line and ``hint`` (what the user can do).
     """
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
     try:
         arrays = session.run(names, {**feed, **(extra or {})})
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise RunFailedError(
+        raise error(
             f"{failed} ({data_mod.describe_feed(feed)}): {first[:300].rstrip('.')}"
             + (f". {hint}" if hint else "")
         ) from e

@@ -55,3 +55,29 @@ def test_a_pass_breaking_the_tolerances_is_rolled_back_and_the_run_goes_on(caplo
 def test_strict_stops_at_the_pass_that_breaks_the_tolerances():
     with pytest.raises(PassFailedError, match="pass 'scale-weight' broke the tolerances"):
         _run(strict=True)
+
+
+@dataclasses.dataclass(frozen=True)
+class BreakWeightPass(ir.passes.InPlacePass):
+    """A pass writing a model onnxruntime cannot run: one weight loses a row."""
+
+    name: ClassVar[str] = "break-weight"
+    initializer: str = "head.4.weight"
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        value = model.graph.initializers[self.initializer]
+        value.const_value = ir.tensor(value.const_value.numpy()[1:], name=value.name)
+        value.shape = ir.Shape(value.const_value.shape)
+        return ir.passes.PassResult(model, True)
+
+
+def test_a_pass_writing_a_model_onnxruntime_cannot_run_is_rolled_back(caplog):
+    result = shrink(
+        digits.MODEL_PATH,
+        [FoldPass(), BreakWeightPass()],
+        check=CheckOptions(data=digits.TEST_DATA_PATH, verify_each=True, latency_runs=0),
+    )
+    fold_step, broken_step = result.steps
+    assert not fold_step.rolled_back and broken_step.rolled_back
+    assert "candidate is broken" in broken_step.verdict
+    assert result.verification.numeric.outputs[0].max_abs_error < 1e-4

@@ -49,6 +49,9 @@ def test_a_scalar_given_once_is_every_samples_value(tmp_path):
     np.savez(tmp_path / "only.npz", sr=np.array(8000))  # scalars only: one sample
     (only,) = data.prepare([RATE], tmp_path / "only.npz").batches()
     assert only.samples == 1 and only.feed["sr"] == 8000
+    np.savez(tmp_path / "labelled.npz", sr=np.array(8000), labels=np.arange(3))
+    with pytest.raises(DataError, match=r"different numbers of samples: \[1, 3\]"):
+        data.prepare([RATE], tmp_path / "labelled.npz")
 
 
 def test_folder_of_npy_files(tmp_path):
