@@ -135,22 +135,25 @@ def compare_latency(
     candidate: ort.InferenceSession,
     feed: Mapping[str, np.ndarray],
     *,
+    candidate_feed: Mapping[str, np.ndarray] | None = None,
     runs: int = 30,
     warmup: int = 3,
     batch: int = 1,
     threads: int | None = None,
 ) -> LatencyComparison:
-    """Time both sessions alternately ``runs`` times after ``warmup`` runs of each."""
+    """Time both sessions alternately ``runs`` times after ``warmup`` runs of each (the
+    candidate on ``candidate_feed`` when its inputs differ: float16 ones)."""
+    cand_feed = feed if candidate_feed is None else candidate_feed
     for _ in range(warmup):
         time_run(reference, feed)
-        time_run(candidate, feed)
+        time_run(candidate, cand_feed)
     ref_times, cand_times, ratios = [], [], []
     for i in range(runs):
         # Alternate which model goes first so neither always inherits a warm cache.
         if i % 2:
-            cand, ref = time_run(candidate, feed), time_run(reference, feed)
+            cand, ref = time_run(candidate, cand_feed), time_run(reference, feed)
         else:
-            ref, cand = time_run(reference, feed), time_run(candidate, feed)
+            ref, cand = time_run(reference, feed), time_run(candidate, cand_feed)
         ref_times.append(ref)
         cand_times.append(cand)
         ratios.append(cand / ref if ref > 0 else float("nan"))

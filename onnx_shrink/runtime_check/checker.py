@@ -97,7 +97,13 @@ def _open(
     try:
         cand_session = sessions.create_session(cand.source, provider=provider)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
-        raise CandidateFailedError(f"{e} (the reference loads: the candidate is broken)") from e
+        why = (
+            f"onnxruntime's {provider} provider has no kernel for one of its nodes: check it "
+            "with --ep on the provider it is for, or skip the check with --no-check"
+            if "NOT_IMPLEMENTED" in str(e)
+            else "the reference loads: the candidate is broken"
+        )
+        raise CandidateFailedError(f"{e} ({why})") from e
     return _Pair(ref, cand, ref_session, cand_session, specs, dataset)
 
 
@@ -136,7 +142,7 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
             ref_out, cand_out = (
                 sessions.run(
                     session,
-                    batch.feed,
+                    sessions.fitted_feed(session, batch.feed),
                     names,
                     failed=f"{label} failed on {sample}",
                     hint=hint,
@@ -181,6 +187,7 @@ def check(
             pair.ref_session,
             pair.cand_session,
             feed,
+            candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
             batch=data_mod.samples_in(feed, specs),
         )

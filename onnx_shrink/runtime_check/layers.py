@@ -103,7 +103,7 @@ def localize(
     samples = 0
     for feed in (b.feed for b in sample_batches.single_samples(dataset, specs)):
         ref_out = ref_session.run(ref_names, feed)
-        cand_out = cand_session.run(cand_names, feed)
+        cand_out = cand_session.run(cand_names, sessions.fitted_feed(cand_session, feed))
         for name, ref, cand in zip(ref_names, ref_out, cand_out, strict=True):
             ref, cand = np.asarray(ref), np.asarray(cand)
             if np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape:

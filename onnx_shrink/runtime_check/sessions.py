@@ -174,6 +174,28 @@ def run(
     return dict(zip(names, arrays, strict=True))
 
 
+_FLOAT_TYPES = {
+    "tensor(float16)": np.float16,
+    "tensor(float)": np.float32,
+    "tensor(double)": np.float64,
+}
+
+
+def fitted_feed(
+    session: ort.InferenceSession, feed: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``feed`` with each float array cast to the float type ``session`` declares for that
+    input: a candidate converted with ``fp16.keep_io_types=false`` takes float16 where its
+    reference took float32 (other arrays are passed as they are)."""
+    declared = {i.name: _FLOAT_TYPES.get(i.type) for i in session.get_inputs()}
+    fitted = dict(feed)
+    for name, array in feed.items():
+        wanted = declared.get(name)
+        if wanted is not None and array.dtype != wanted and np.issubdtype(array.dtype, np.floating):
+            fitted[name] = array.astype(wanted)
+    return fitted
+
+
 def check_started(requested: str, running: Sequence[str], banner: str = "") -> None:
     """Raise ``ShrinkError`` unless ``requested`` is the session's first provider.
 

@@ -600,3 +600,32 @@ def test_constant_of_shape_joins_its_weightless_run():
     converted, _ = _convert(original, feed, weightless_runs=True, block_ops=("Relu", "Exp"))
     assert _island_ops(converted) == ["Relu", "ConstantOfShape", "Add", "Exp"]
     assert not any(n.op_type == "Cast" and n.inputs[0].name == "z" for n in converted.graph)
+
+
+def test_the_check_feeds_float16_inputs_to_a_model_converted_without_keep_io_types():
+    """The check's data is the reference's float32: the candidate takes float16 inputs."""
+    import onnx_shrink
+
+    result = onnx_shrink.shrink(
+        digits.MODEL_PATH,
+        passes="fold,fp16",
+        sets=["fp16.keep_io_types=false"],
+        data=digits.TEST_DATA_PATH,
+    )
+    assert result.model.graph.inputs[0].dtype == FP16
+    assert result.verification.numeric.candidate_accuracy >= 0.98
+    assert 0 < result.verification.latency.ratio
+
+
+def test_a_model_the_check_provider_has_no_kernels_for_says_so():
+    """bfloat16 on onnxruntime's CPU provider: no kernel, not a broken model."""
+    import onnx_shrink
+    from onnx_shrink.errors import CandidateFailedError
+
+    with pytest.raises(CandidateFailedError, match="has no kernel for one of its nodes.*--ep"):
+        onnx_shrink.shrink(
+            digits.MODEL_PATH,
+            passes="fold,fp16",
+            sets=["fp16.dtype=bfloat16"],
+            data=digits.TEST_DATA_PATH,
+        )
