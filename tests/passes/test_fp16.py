@@ -211,12 +211,12 @@ def test_block_ops_and_exclude_keep_nodes_in_float32():
         _assert_close(_outputs(original, feed)[0], _outputs(model, feed)[0])
 
 
-def test_a_weightless_run_between_float32_nodes_stays_float32():
-    """Rule 3 (i): Sigmoid and Neg, between two blocked nodes, would only add Casts; the
-    MatMuls' 4096-element weights are worth converting."""
+def _between_blocked_matmuls(middle: str) -> ir.Model:
+    """x -> MatMul(64x64) -> Relu -> ``middle`` (from b, giving e) -> Exp -> MatMul -> y: with
+    ``block_ops=("Relu", "Exp")``, ``middle`` lies between two float32 nodes."""
     rng = np.random.default_rng(0)
     w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(2))
-    original = io.load(
+    return io.load(
         parse(f"""
         <ir_version: 8, opset_import: ["" : 17]>
         g (float[N, 64] x) => (float[N, 64] y) {{
@@ -224,13 +224,19 @@ def test_a_weightless_run_between_float32_nodes_stays_float32():
           w2 = Constant <value = float[64, 64] {{{", ".join(map(str, w2.ravel()))}}}> ()
           a = MatMul(x, w1)
           b = Relu(a)
-          c = Sigmoid(b)
-          d = Neg(c)
-          e = Exp(d)
-          y = MatMul(e, w2)
+          {middle}
+          f = Exp(e)
+          y = MatMul(f, w2)
         }}
         """)
     )
+
+
+def test_a_weightless_run_between_float32_nodes_stays_float32():
+    """Rule 3 (i): Sigmoid and Neg, between two blocked nodes, would only add Casts; the
+    MatMuls' 4096-element weights are worth converting."""
+    original = _between_blocked_matmuls("c = Sigmoid(b)\n e = Neg(c)")
+    rng = np.random.default_rng(1)
     feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     islands = {"weightless_runs": True, "block_ops": ("Relu", "Exp")}
     converted, _ = _convert(original, feed, **islands)
@@ -578,24 +584,9 @@ def test_a_quantized_embedding_table_is_not_a_quantized_pattern(tmp_path):
 def test_constant_of_shape_joins_its_weightless_run():
     """A ConstantOfShape read by a weightless run stays float32 with it: else it wrote
     float16 and a Cast took it straight back up."""
-    rng = np.random.default_rng(0)
-    w1, w2 = (rng.standard_normal((64, 64)).astype(np.float32) / 8 for _ in range(2))
-    original = io.load(
-        parse(f"""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 64] x) => (float[N, 64] y) {{
-          w1 = Constant <value = float[64, 64] {{{", ".join(map(str, w1.ravel()))}}}> ()
-          w2 = Constant <value = float[64, 64] {{{", ".join(map(str, w2.ravel()))}}}> ()
-          a = MatMul(x, w1)
-          b = Relu(a)
-          s = Shape(b)
-          z = ConstantOfShape <value = float[1] {{0.5}}> (s)
-          c = Add(b, z)
-          e = Exp(c)
-          y = MatMul(e, w2)
-        }}
-        """)
-    )
+    middle = "s = Shape(b)\n z = ConstantOfShape <value = float[1] {0.5}> (s)\n e = Add(b, z)"
+    original = _between_blocked_matmuls(middle)
+    rng = np.random.default_rng(1)
     feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
     converted, _ = _convert(original, feed, weightless_runs=True, block_ops=("Relu", "Exp"))
     assert _island_ops(converted) == ["Relu", "ConstantOfShape", "Add", "Exp"]
