@@ -104,9 +104,8 @@ def _unpacked_elements(nodes: Sequence[ir.Node]) -> dict[int, int]:
         if node.domain != "com.microsoft":
             continue
         if node.op_type == "MatMulNBits" and len(node.inputs) > 1:
-            weight = node.inputs[1]
-            k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
-            elements = k * n
+            weight, dims = node.inputs[1], _nbits_weight_dims(node)
+            elements = math.prod(dims) if dims else 0
         elif node.op_type == "GatherBlockQuantized" and node.inputs:
             weight = node.inputs[0]
             bits = node.attributes.get_int("bits", 4)
@@ -118,6 +117,12 @@ def _unpacked_elements(nodes: Sequence[ir.Node]) -> dict[int, int]:
         if weight is not None and weight.const_value is not None and elements > 0:
             result[id(weight.const_value)] = elements
     return result
+
+
+def _nbits_weight_dims(node: ir.Node) -> list[int] | None:
+    """[K, N] of a MatMulNBits' packed weight, from its attributes (None if one is missing)."""
+    dims = [node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)]
+    return dims if all(dims) else None
 
 
 def mac_shapes(model: ir.Model) -> Shapes:
@@ -207,10 +212,8 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
     out = _dims(node.outputs[0], shapes)
     first = _dims(node.inputs[x_index], shapes)
     weight = _dims(node.inputs[w_index] if len(node.inputs) > w_index else None, shapes)
-    if op == "MatMulNBits":
-        k, n = node.attributes.get_int("K", 0), node.attributes.get_int("N", 0)
-        rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
-        return rows * k * n if k > 0 and n > 0 else None
+    if op == "MatMulNBits":  # the MatMul of its unpacked [K, N] weight
+        op, weight = "MatMul", _nbits_weight_dims(node)
     if op == "MatMul":
         if weight is not None and len(weight) == 2:  # x[..., K] @ W[K, N]: K·N per row
             rows = math.prod(out[:-1]) if out else (math.prod(first[:-1]) if first else 1)
