@@ -152,41 +152,39 @@ def from_arrays(
         raise DataError(
             f"{where}: no array for input '{missing[0]}' (arrays: {', '.join(arrays) or 'none'})"
         )
-    per_sample = {}
-    shared = set()  # scalar inputs given one scalar: the same value for every sample
+    # Per input: "entries" (one more axis: one value per entry), "batch" (samples along its
+    # own first axis) or "shared" (a scalar given once: every sample's value).
+    layout = {}
     for spec in specs:
-        array = arrays[spec.name]
-        if array.ndim == len(spec.shape) + 1:
-            per_sample[spec.name] = True
-        elif array.ndim == len(spec.shape) and array.ndim > 0:
-            per_sample[spec.name] = False
-        elif array.ndim == len(spec.shape) == 0:
-            per_sample[spec.name] = False
-            shared.add(spec.name)
+        rank, given = len(spec.shape), arrays[spec.name].ndim
+        if given == rank + 1:
+            layout[spec.name] = "entries"
+        elif given == rank:
+            layout[spec.name] = "batch" if rank > 0 else "shared"
         else:
             raise DataError(
-                f"{where}: input '{spec.name}' has shape {_show(array.shape)}; expected "
-                f"{_show(spec.shape)} with samples on the first axis, or N x {_show(spec.shape)}"
+                f"{where}: input '{spec.name}' has shape {_show(arrays[spec.name].shape)}; "
+                f"expected {_show(spec.shape)} with samples on the first axis, or "
+                f"N x {_show(spec.shape)}"
             )
-    counted = [s for s in specs if s.name not in shared]
-    counts = {len(arrays[s.name]) for s in counted} if counted or not shared else {1}
-    counts |= {len(labels)} if labels is not None else set()  # scalars only: one sample
+    counts = {len(arrays[name]) for name, how in layout.items() if how != "shared"}
+    counts = counts or ({1} if layout else set())  # scalars only: one sample
+    counts |= {len(labels)} if labels is not None else set()
     if len(counts) > 1:
         raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
     total = counts.pop() if counts else 0
-    step = 1 if any(per_sample.values()) else _batch_step(specs)
+    step = 1 if "entries" in layout.values() else _batch_step(specs)
+
+    def take(name: str, start: int, stop: int) -> np.ndarray:
+        how, array = layout[name], arrays[name]
+        if how == "batch":
+            return array[start:stop]
+        return np.asarray(array[start] if how == "entries" else array)
 
     def make_batches() -> Iterator[Batch]:
         for start in range(0, total, step):
             stop = min(start + step, total)
-            feed = {
-                s.name: np.asarray(arrays[s.name][start])
-                if per_sample[s.name]
-                else np.asarray(arrays[s.name])
-                if s.name in shared
-                else arrays[s.name][start:stop]
-                for s in specs
-            }
+            feed = {s.name: take(s.name, start, stop) for s in specs}
             for spec in specs:
                 check_array(spec, feed[spec.name], where)
             yield Batch(feed, stop - start, labels[start:stop] if labels is not None else None)
