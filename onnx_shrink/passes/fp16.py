@@ -192,7 +192,11 @@ class _Conversion:
                 self._flag(value, max(-minmax.minimum, minmax.maximum), limit, "activation")
         for graph, _ in self.scopes:
             weights = [(v, v.const_value) for v in graph.initializers.values()]
-            weights += [(n.outputs[0], t) for n in graph if (t := _constant_tensor(n)) is not None]
+            weights += [
+                (n.outputs[0], t)
+                for n in graph
+                if (t := fp16_islands.constant_tensor(n)) is not None
+            ]
             for value, tensor in weights:
                 if tensor is not None and tensor.dtype == FLOAT:
                     array = np.abs(tensor.numpy())
@@ -448,20 +452,6 @@ def _matches(pattern: str, name: str) -> bool:
         return False
 
 
-def _constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
-    """The tensor a Constant or ConstantOfShape node holds, if any."""
-    attrs = node.attributes
-    if node.op_type not in ("Constant", "ConstantOfShape") or node.domain not in ("", "ai.onnx"):
-        return None
-    if "value" in attrs and attrs["value"].type == ir.AttributeType.TENSOR:
-        return attrs["value"].as_tensor()
-    if "value_float" in attrs:
-        return ir.tensor(np.array(attrs["value_float"].as_float(), dtype=np.float32))
-    if "value_floats" in attrs:
-        return ir.tensor(np.array(attrs["value_floats"].as_floats(), dtype=np.float32))
-    return None
-
-
 def _converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:
     """``tensor`` rounded to ``dtype`` (round to nearest even; range checked by rule 2)."""
     array = tensor.numpy().astype(dtype.numpy())
@@ -476,7 +466,7 @@ def _retype_attributes(node: ir.Node, dtype: ir.DataType) -> None:
     if node.op_type == "Cast" and attrs.get_int("to") == FLOAT:
         attrs["to"] = ir.AttrInt64("to", dtype)
     elif node.op_type in ("Constant", "ConstantOfShape"):
-        tensor = _constant_tensor(node)
+        tensor = fp16_islands.constant_tensor(node)
         if tensor is None:  # ConstantOfShape without value: float32 zeros
             tensor = ir.tensor(np.zeros(1, dtype=np.float32))
         for name in ("value", "value_float", "value_floats"):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import math
 from collections.abc import Callable, Collection, Iterator
 
+import numpy as np
 import onnx_ir as ir
 
 FLOAT = ir.DataType.FLOAT
@@ -117,12 +118,25 @@ _BODIES = (ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS)
 
 def _weight_elements(value: ir.Value) -> int:
     """Elements of ``value`` if it is a weight (initializer or Constant), else 0."""
-    if value.const_value is not None:
-        return math.prod(value.const_value.shape.numpy())
     producer = value.producer()
-    if producer is not None and producer.op_type == "Constant":
-        attribute = producer.attributes.get("value")
-        if attribute is not None and attribute.type == ir.AttributeType.TENSOR:
-            return math.prod(attribute.as_tensor().shape.numpy())
-        return 1  # value_float and friends
-    return 0
+    if value.const_value is not None:
+        tensor = value.const_value
+    elif producer is not None and producer.op_type == "Constant":
+        tensor = constant_tensor(producer)
+    else:
+        return 0
+    return math.prod(tensor.shape.numpy()) if tensor is not None else 0
+
+
+def constant_tensor(node: ir.Node) -> ir.TensorProtocol | None:
+    """The tensor a Constant or ConstantOfShape node holds, if any."""
+    attrs = node.attributes
+    if node.op_type not in ("Constant", "ConstantOfShape") or node.domain not in ("", "ai.onnx"):
+        return None
+    if "value" in attrs and attrs["value"].type == ir.AttributeType.TENSOR:
+        return attrs["value"].as_tensor()
+    if "value_float" in attrs:
+        return ir.tensor(np.array(attrs["value_float"].as_float(), dtype=np.float32))
+    if "value_floats" in attrs:
+        return ir.tensor(np.array(attrs["value_floats"].as_floats(), dtype=np.float32))
+    return None
