@@ -242,11 +242,16 @@ def benchmark(
         session = sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
             feed = resize_batch(base, specs, batch)
-            # One untimed run that fails clearly (the timed ones would raise onnxruntime's).
+            # The first warm-up run fails clearly (the timed ones would raise onnxruntime's).
             sessions.run(session, feed, failed=f"{model} failed on its inputs", hint=hint)
             grid.append(
                 measure_latency(
-                    session, feed, runs=runs, warmup=warmup, batch=batch, threads=thread_count
+                    session,
+                    feed,
+                    runs=runs,
+                    warmup=max(warmup - 1, 0),
+                    batch=batch,
+                    threads=thread_count,
                 )
             )
     peak = session_peak_memory(model, base, provider) if memory else None
