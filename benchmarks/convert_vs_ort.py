@@ -44,9 +44,9 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import quant_data  # noqa: E402
-from benchmarks.results import provenance, publish  # noqa: E402
+from benchmarks.results import cell, first_line, provenance, publish  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
-from onnx_shrink.runtime_check import bench  # noqa: E402
+from onnx_shrink.runtime_check import bench, sessions  # noqa: E402
 
 PACKAGES = ("onnx", "onnx-ir", "onnxscript", "onnxruntime")
 CALIBRATION = 32
@@ -139,35 +139,34 @@ SUITES = {
 }
 
 
-def session(path: Path) -> ort.InferenceSession:
-    options = ort.SessionOptions()
-    options.log_severity_level = 4
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+@dataclasses.dataclass(frozen=True)
+class Subject:
+    """One model's task, its calibration file, its fp32 session and predictions."""
+
+    task: quant_data.Task
+    calib: Path
+    fp32: ort.InferenceSession
+    reference: object
 
 
-def first_line(error: BaseException) -> str:
-    text = " ".join(str(error).split()).replace("|", "/")
-    return f"{type(error).__name__}: {text[:200]}"
+def casts(path: Path) -> int:
+    return sum(n.op_type == "Cast" for n in onnx.load(str(path)).graph.node)
 
 
-def measure(
-    name: str, convert: Convert, task, calib: Path, out: Path, reference, repeat: int
-) -> Row:
-    row = Row(name)
-    times = []
+def measure(name: str, convert: Convert, subject: Subject, out: Path, repeat: int) -> Row:
+    task, row, times = subject.task, Row(name), []
     for _ in range(repeat):
         started = time.perf_counter()
-        convert(task.model, calib, out)
+        convert(task.model, subject.calib, out)
         times.append(time.perf_counter() - started)
     row.seconds = statistics.median(times)
     row.bytes_on_disk = io.file_bytes(out)
-    row.casts = sum(n.op_type == "Cast" for n in onnx.load(str(out)).graph.node)
+    row.casts = casts(out)
     try:
-        candidate = session(out)
-        row.fidelity = task.fidelity(reference, task.predict(candidate))
-        fp32 = session(task.model)
+        candidate = sessions.create_session(out)
+        row.fidelity = task.fidelity(subject.reference, task.predict(candidate))
         row.latency = bench.compare_latency(
-            fp32, candidate, task.latency_feed, runs=LATENCY_RUNS
+            subject.fp32, candidate, task.latency_feed, runs=LATENCY_RUNS
         ).ratio
     except Exception as e:  # noqa: BLE001 - a model onnxruntime cannot run is a result
         row.note = f"RUN FAILED: {first_line(e)}"
@@ -177,28 +176,18 @@ def measure(
 def bench_model(suite: Suite, name: str, workdir: Path, repeat: int) -> tuple[object, list[Row]]:
     task = quant_data.load_task(name, CALIBRATION)
     calib = quant_data.write_calibration(task, CALIBRATION, workdir / name)
-    reference = task.predict(session(task.model))
-    rows = [
-        Row(
-            "fp32",
-            task.fidelity(reference, reference),
-            1.0,
-            io.file_bytes(task.model),
-            casts=sum(n.op_type == "Cast" for n in onnx.load(str(task.model)).graph.node),
-        )
-    ]
+    fp32 = sessions.create_session(task.model)
+    subject = Subject(task, calib, fp32, task.predict(fp32))
+    fidelity = task.fidelity(subject.reference, subject.reference)
+    rows = [Row("fp32", fidelity, 1.0, io.file_bytes(task.model), casts=casts(task.model))]
     for config, convert in suite.configs:
         print(f"  {name}: {config}", file=sys.stderr, flush=True)
         out = workdir / name / f"{len(rows)}.onnx"
         try:
-            rows.append(measure(config, convert, task, calib, out, reference, repeat))
+            rows.append(measure(config, convert, subject, out, repeat))
         except Exception as e:  # noqa: BLE001 - a failing tool is a result, not a crash
             rows.append(Row(config, note=f"FAILED: {first_line(e)}"))
     return task, rows
-
-
-def _fmt(value: object, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
 
 
 def table(task, rows: list[Row]) -> list[str]:
@@ -213,10 +202,10 @@ def table(task, rows: list[Row]) -> list[str]:
         "| --- | " + " | ".join("---:" for _ in metrics) + " | ---: | ---: | ---: | ---: | --- |",
     ]
     for r in rows:
-        values = " | ".join(_fmt(r.fidelity.get(m), ".4f") for m in metrics)
+        values = " | ".join(cell(r.fidelity.get(m), ".4f") for m in metrics)
         lines.append(
-            f"| {r.config} | {values} | {_fmt(r.latency, '.2f')} | {_fmt(r.bytes_on_disk, ',')} "
-            f"| {_fmt(r.seconds, '.2f')} | {_fmt(r.casts, 'd')} | {r.note} |"
+            f"| {r.config} | {values} | {cell(r.latency, '.2f')} | {cell(r.bytes_on_disk, ',')} "
+            f"| {cell(r.seconds, '.2f')} | {cell(r.casts, 'd')} | {r.note} |"
         )
     return [*lines, ""]
 

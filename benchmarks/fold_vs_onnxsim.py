@@ -43,7 +43,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import provenance, publish  # noqa: E402
+from benchmarks.results import cell, first_line, provenance, publish  # noqa: E402
 from models.fetch import REAL_MODELS, fetch  # noqa: E402
 from models.inputs import sample_inputs  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
@@ -110,12 +110,6 @@ def describe_file(row: Row, path: Path) -> None:
     row.bytes_on_disk = io.file_bytes(path)
 
 
-def first_line(error: BaseException) -> str:
-    """The error's message on one line (newlines collapsed), cut to fit a table cell."""
-    text = " ".join(str(error).split()).replace("|", "/")
-    return f"{type(error).__name__}: {text[:240]}"
-
-
 def bench_fold(name: str, src: Path, out: Path, repeat: int) -> Row:
     row = Row(name, "fold")
     model = io.load(src)
@@ -167,18 +161,16 @@ def bench_model(name: str, workdir: Path, repeat: int) -> list[Row]:
         try:
             row = bench(name, src, out, repeat)
         except Exception as e:  # noqa: BLE001 - a failing tool is a result, not a crash
-            rows.append(Row(name, tool, note=f"FAILED: {first_line(e)}"))
+            rows.append(Row(name, tool, note=f"FAILED: {first_line(e, limit=240)}"))
             continue
         try:
             row.max_abs_err, row.rel_err = errors(reference, run_model(out, feeds))
         except Exception as e:  # noqa: BLE001
-            row.note = (row.note + "; " if row.note else "") + f"RUN FAILED: {first_line(e)}"
+            row.note = (
+                row.note + "; " if row.note else ""
+            ) + f"RUN FAILED: {first_line(e, limit=240)}"
         rows.append(row)
     return rows
-
-
-def _fmt(value: object, spec: str = "") -> str:
-    return "—" if value is None else format(value, spec)
 
 
 def table(rows: list[Row]) -> str:
@@ -197,9 +189,9 @@ def table(rows: list[Row]) -> str:
         )
         nodes = "—" if r.nodes is None else f"{r.nodes} ({r.main_nodes})"
         lines.append(
-            f"| {r.model} | {r.tool} | {nodes} | {_fmt(r.bytes_on_disk, ',')} | {delta} "
-            f"| {_fmt(r.seconds, '.3f')} | {_fmt(r.max_abs_err, '.3g')} "
-            f"| {_fmt(r.rel_err, '.3g')} | {r.note} |"
+            f"| {r.model} | {r.tool} | {nodes} | {cell(r.bytes_on_disk, ',')} | {delta} "
+            f"| {cell(r.seconds, '.3f')} | {cell(r.max_abs_err, '.3g')} "
+            f"| {cell(r.rel_err, '.3g')} | {r.note} |"
         )
     return "\n".join(lines)
 

@@ -66,6 +66,9 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
+# Standard library only: the measured children import it before their baseline.
+from benchmarks.results import cell, first_line  # noqa: E402
+
 HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 PACKAGES = ("onnx", "onnx-ir", "onnxruntime", "numpy", "Pillow")
@@ -207,12 +210,6 @@ def _child_entry(raw: str) -> int:
         result = {"error": first_line(e)}
     print("RESULT " + json.dumps(result), flush=True)
     return 0
-
-
-def first_line(error: BaseException) -> str:
-    """The error's message on one line (newlines collapsed), cut to fit a table cell."""
-    text = " ".join(str(error).split()).replace("|", "/")
-    return f"{type(error).__name__}: {text[:200]}"
 
 
 def _rss_of(pid: int) -> int:
@@ -623,10 +620,6 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def _fmt(value: float | None, spec: str) -> str:
-    return "—" if value is None else format(value, spec)
-
-
 def _per_samples(row: Row, samples: list[int], values: dict[int, float], spec: str) -> str:
     if not row.config.calibrated and values:
         (only,) = values.values()
@@ -651,9 +644,9 @@ def table(rows: list[Row], samples: list[int], metrics: tuple[str, ...]) -> str:
     lines.append("| --- |" + " ---: |" * (len(header) - 2) + " --- |")
     for r in rows:
         cells = [r.config.label]
-        cells += [_fmt(r.metrics.get(m), ".4f") for m in metrics]
-        cells.append(_fmt(r.latency_ratio, ".2f"))
-        cells.append(_fmt(r.bytes_on_disk, ","))
+        cells += [cell(r.metrics.get(m), ".4f") for m in metrics]
+        cells.append(cell(r.latency_ratio, ".2f"))
+        cells.append(cell(r.bytes_on_disk, ","))
         if r.config.tool == "fp32":
             cells += ["—", "—"]
         else:

@@ -9,8 +9,6 @@ import sys
 from importlib import metadata
 from pathlib import Path
 
-from onnx_shrink.compiler.io import data_files
-
 RESULTS = Path(__file__).resolve().parent / "RESULTS.md"
 
 
@@ -29,6 +27,10 @@ def machine() -> str:
 
 def write_section(heading: str, text: str, path: Path = RESULTS) -> None:
     """Replace the section under ``heading`` in ``path`` (or append it), keeping the rest."""
+    # Imported here: quant_vs_ort's measured children import this module, and nothing else of
+    # onnx-shrink before their baseline.
+    from onnx_shrink.compiler.io import data_files
+
     old = path.read_text(encoding="utf-8") if path.exists() else "# Benchmark results\n\n"
     lines = old.splitlines(keepends=True)
     start = next((i for i, line in enumerate(lines) if line.strip() == heading), None)
@@ -69,3 +71,14 @@ def provenance(command: str, packages: tuple[str, ...]) -> list[str]:
         f"Machine: {machine()}; Python {platform.python_version()}  ",
         f"Versions: {versions}",
     ]
+
+
+def first_line(error: BaseException, limit: int = 200) -> str:
+    """The error's message on one line (newlines collapsed), cut to fit a table cell."""
+    text = " ".join(str(error).split()).replace("|", "/")
+    return f"{type(error).__name__}: {text[:limit]}"
+
+
+def cell(value: object, spec: str = "") -> str:
+    """``value`` formatted for a table cell; "—" for a missing one."""
+    return "—" if value is None else format(value, spec)
