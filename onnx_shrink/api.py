@@ -117,7 +117,8 @@ def shrink(
         output: where to save the result; None keeps it in memory only.
         sets: ``"pass.option=value"`` overrides, as on the command line.
         check: False to skip the check, True for defaults, or ``CheckOptions``.
-        data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check.
+        data: shorthand for ``CheckOptions(data=...)``: inputs (and labels) for the check:
+            a path, a dict of arrays (as an .npz holds them) or a reader with ``get_next()``.
         calibration: inputs for data-aware passes (quant, ...); default: ``data`` (or the
             check's); without any, synthetic inputs with a loud warning.
         input_shapes: NAME -> dims of the synthetic inputs made where no data is given, for

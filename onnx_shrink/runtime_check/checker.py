@@ -13,6 +13,7 @@ import os
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 import onnxruntime as ort
@@ -28,7 +29,9 @@ from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
 logger = logging.getLogger(__name__)
 
 AnyModel = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
-DataSource = str | os.PathLike | data_mod.FeedReader | data_mod.Dataset | None
+DataSource = (
+    str | os.PathLike | Mapping[str, np.ndarray] | data_mod.FeedReader | data_mod.Dataset | None
+)
 
 
 @dataclasses.dataclass(frozen=True)

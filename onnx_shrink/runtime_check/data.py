@@ -4,7 +4,8 @@ Every source becomes a ``Dataset``: a re-iterable (except reader objects, which 
 once) stream of ``Batch``es, each a feed for one ``session.run`` plus the labels of its
 samples. Memory is bounded by one batch whatever the number of samples.
 
-Sample conventions for arrays (``.npz`` and folders of ``.npy``), decided per input:
+Sample conventions for arrays (``.npz``, folders of ``.npy``, or a dict of arrays in memory),
+decided per input:
 
 * rank = input rank + 1: each entry along axis 0 is one complete value of the input (this is
   how scalars, states and fixed-batch inputs are given);
@@ -20,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import logging
+import os
 import re
 import tempfile
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -399,15 +401,15 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
 
 def prepare(
     specs: Sequence[InputSpec],
-    source: str | Path | FeedReader | Dataset | None,
+    source: str | Path | FeedReader | Mapping[str, np.ndarray] | Dataset | None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     labels: str | Path | None = None,
     seed: int = 0,
 ) -> Dataset:
     """The dataset a user means by ``source``: .npz, folder of .npy, test-data folders, a
-    reader object, or (None) seeded synthetic data, with a warning that it proves nothing
-    about accuracy.
+    dict of arrays (an .npz's layout, in memory), a reader object, or (None) seeded synthetic
+    data, with a warning that it proves nothing about accuracy.
 
     Raises:
         DataError: the source does not exist, is of an unknown kind, or does not fit ``specs``.
@@ -428,11 +430,25 @@ def prepare(
 
 
 def _open(
-    source: str | Path | FeedReader, specs: Sequence[InputSpec], labels: np.ndarray | None
+    source: str | Path | FeedReader | Mapping[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    labels: np.ndarray | None,
 ) -> Dataset:
     if hasattr(source, "get_next"):
         return from_reader(source, specs)  # type: ignore[arg-type]
-    path = Path(source)  # type: ignore[arg-type]
+    if isinstance(source, Mapping):  # in memory, laid out as an .npz's arrays
+        arrays = dict(source)
+        stored_labels = arrays.pop("labels", None)
+        given = labels if labels is not None else stored_labels
+        return from_arrays(
+            arrays, specs, labels=None if given is None else np.asarray(given), where="arrays"
+        )
+    if not isinstance(source, str | os.PathLike):
+        raise DataError(
+            f"data of type {type(source).__name__}: give a path (.npz, folder of .npy, "
+            "test_data_set_* folders), a dict of arrays, or a reader with get_next()"
+        )
+    path = Path(source)
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file() and path.suffix == ".npz":

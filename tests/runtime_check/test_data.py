@@ -28,6 +28,27 @@ def test_npz_with_samples_on_the_batch_axis_is_batched(tmp_path):
     np.testing.assert_array_equal(np.concatenate([b.labels for b in batches]), np.arange(100))
 
 
+def test_a_dict_of_arrays_reads_like_the_npz_it_would_be_saved_as(tmp_path):
+    images = np.random.default_rng(0).standard_normal((70, 1, 8, 8)).astype(np.float32)
+    arrays = {"image": images, "sr": np.array(16000), "labels": np.arange(70)}
+    np.savez(tmp_path / "d.npz", **arrays)
+    from_file = data.prepare([IMAGE, RATE], tmp_path / "d.npz")
+    in_memory = data.prepare([IMAGE, RATE], arrays)
+    pairs = zip(from_file.batches(), in_memory.batches(), strict=True)
+    for a, b in pairs:
+        assert a.feed.keys() == b.feed.keys()
+        for name in a.feed:
+            np.testing.assert_array_equal(a.feed[name], b.feed[name])
+        np.testing.assert_array_equal(a.labels, b.labels)
+    with pytest.raises(DataError, match="no array for input 'image'"):
+        data.prepare([IMAGE], {"pixels": images})
+
+
+def test_an_unknown_kind_of_source_is_a_clear_error():
+    with pytest.raises(DataError, match="data of type list: give a path"):
+        data.prepare([IMAGE], [np.zeros((1, 1, 8, 8), np.float32)])
+
+
 def test_scalars_and_fixed_batch_inputs_take_one_sample_per_run(tmp_path):
     np.savez(
         tmp_path / "d.npz",
