@@ -2,31 +2,35 @@
 
 The rules follow the patterns onnxruntime's CPU execution provider fuses into integer kernels
 (QLinearConv, QLinearMatMul / MatMulInteger, QGemm, QLinearAdd, QLinearMul, QLinearConcat,
-QLinearAveragePool, QLinearGlobalAveragePool, MaxPool and Resize on uint8):
+QLinearSigmoid, QLinearAveragePool, QLinearGlobalAveragePool, MaxPool, Resize and Split on
+uint8):
 
 1. A node is *quantized* when its op type is quantizable, it is not excluded (by op type,
    name or regex), and every float activation input has a usable range.
 2. A quantized node's float activation inputs get Q/DQ, and so does its output, unless the
    output's only consumer is a Relu or Clip: that activation is folded into the producer's
    range (onnxruntime fuses Conv+Relu), so the Q/DQ goes after the Relu/Clip instead.
-3. Shape-only ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten), MaxPool and Resize
-   share their input's scale and zero point, so onnxruntime drops the DQ->op->Q round trip
-   (MaxPool and Resize then run on uint8).
+3. Shape-only ops (Reshape, Transpose, Squeeze, Unsqueeze, Flatten), MaxPool, Resize and
+   Split share their input's scale and zero point, so onnxruntime drops the DQ->op->Q round
+   trip (MaxPool, Resize and Split then run on uint8; every output of a Split gets the Q/DQ,
+   or onnxruntime keeps it float). Only their data input is quantized: Resize's roi and
+   scales stay float constants.
 4. Ops known to lose accuracy in int8 stay float unless asked: LayerNormalization, Softmax,
    and the Pow/Sqrt/Div/ReduceMean of a decomposed norm (they are not quantizable here).
 5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
    float32-min of an additive attention mask) is never quantized: one scale cannot hold
    both the sentinel and the data. Its consumers stay float.
 6. Conv/MatMul/Gemm are quantized wherever they can be; "glue" ops (Add, Mul, pools, Concat,
-   Resize) only between integer kernels: every activation input computed by a quantized node
-   and the output read by one. A residual Add in a CNN runs as QLinearAdd; the bias and
-   residual Adds of a transformer, whose residual stream has outliers in the hundreds, stay
-   float, and so do MatMul outputs that only feed them (onnxruntime then runs
-   MatMulIntegerToFloat). An Add or Mul of a constant that reads the result of another
-   glue op (one that rounds: not MaxPool, Resize or a shape op) stays float: its integer
-   kernel would round again a tensor just rounded. On PP-OCRv4 rec, running as QLinearAdd
-   the offsets ``fold`` leaves before padded depthwise Convs (after each hard-swish's
-   product) cut strings equal to fp32 from 0.865 to 0.62.
+   Resize, Split, Sigmoid) only between integer kernels: every activation input computed by
+   a quantized node and the output read by one. SiLU after a Conv (``x * Sigmoid(x)``, in
+   YOLO and EfficientNet) so runs as QLinearSigmoid and QLinearMul, and a residual Add in a
+   CNN as QLinearAdd; the bias and residual Adds of a transformer, whose residual stream has
+   outliers in the hundreds, stay float, and so do MatMul outputs that only feed them
+   (onnxruntime then runs MatMulIntegerToFloat). An Add or Mul of a constant that reads the
+   result of another glue op (one that rounds: not MaxPool, Resize, Split or a shape op)
+   stays float: its integer kernel would round again a tensor just rounded. On PP-OCRv4
+   rec, running as QLinearAdd the offsets ``fold`` leaves before padded depthwise Convs
+   (after each hard-swish's product) cut strings equal to fp32 from 0.865 to 0.62.
 7. When a float node computes a Q/DQ tensor, only its integer readers read the DQ:
    quantized nodes, and shape ops or Relu/Clip on the way to one. A float reader (a
    transformer's residual Add beside the MatMuls of a LayerNorm output) reads the float
@@ -68,6 +72,8 @@ QUANTIZABLE = {
     "GlobalAveragePool": (0,),
     "Concat": None,  # every input
     "Resize": (0,),
+    "Sigmoid": (0,),
+    "Split": (0,),
 }
 WEIGHTED = frozenset({"Conv", "MatMul", "Gemm"})
 OUTPUT_ALWAYS_QUANTIZED = frozenset({"Conv"})
@@ -75,7 +81,7 @@ FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # Ops whose outputs are input values moved around (or a max of them): onnxruntime runs them on
 # uint8 only when output and input share one scale and zero point.
-SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize"}
+SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize", "Split"}
 SENTINEL_MAGNITUDE = 1e20
 REQUANTIZES = "a constant step on a glue op's result (an integer kernel would round twice)"
 
@@ -186,9 +192,9 @@ def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
     for node in quantizable_nodes(graph, exclusions):
         for value in activation_inputs(node):
             names[value.name] = None
-        out = _quantized_output(node)
-        if out is not None and _is_float(out):
-            names[out.name] = None
+        for out in _quantized_outputs(node):
+            if _is_float(out):
+                names[out.name] = None
     return list(names)
 
 
@@ -220,15 +226,27 @@ class _OrdinaryRanges:
         return MinMax(-1.0, 1.0, 0, 1) if tensor in self.ranged else None
 
 
-def _quantized_output(node: ir.Node) -> ir.Value | None:
-    """The tensor after the node, past a fused Relu/Clip when that is its only consumer."""
+def _quantized_outputs(node: ir.Node) -> list[ir.Value]:
+    """The tensors after the node: each of a Split's outputs, or the one output, past a fused
+    Relu/Clip when that is its only consumer."""
+    if node.op_type == "Split":
+        return [out for out in node.outputs if out is not None and out.name]
     out = node.outputs[0]
     users = out.uses()
     if len(users) == 1 and not out.is_graph_output():
         user = users[0].node
         if user.op_type in FUSED_ACTIVATIONS and user.inputs[0] is out:
-            return user.outputs[0]
-    return out
+            return [user.outputs[0]]
+    return [out]
+
+
+def _read_by(outputs: Sequence[ir.Value], nodes: set[ir.Node]) -> bool:
+    """Does one of ``nodes`` read one of ``outputs`` (through shape ops and Relu/Clip)?"""
+    return any(n in nodes for out in outputs for n in _consumers(out))
+
+
+def _is_graph_output(outputs: Sequence[ir.Value]) -> bool:
+    return any(out.is_graph_output() for out in outputs)
 
 
 def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
@@ -252,19 +270,21 @@ def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
     for node in nodes:
         for value in activation_inputs(node):
             tensors[value.name] = None
-        out = _quantized_output(node)
-        out_range = stats.minmax(out.name) if out is not None else None
-        # Conv has no integer kernel with a float output: without Q after it, onnxruntime
-        # runs it in float behind the DQs, slower than the float model. MatMul and Gemm do
-        # (MatMulIntegerToFloat, QGemm), so their outputs stay float unless an integer
-        # kernel reads them.
-        wanted = out is not None and (
-            node.op_type in OUTPUT_ALWAYS_QUANTIZED
-            or out.is_graph_output()
-            or any(n in accepted for n in _consumers(out))
-        )
-        if wanted and out_range is not None and not is_sentinel(out_range):
-            tensors[out.name] = None
+        for out in _quantized_outputs(node):
+            out_range = stats.minmax(out.name)
+            # Conv has no integer kernel with a float output: without Q after it, onnxruntime
+            # runs it in float behind the DQs, slower than the float model. MatMul and Gemm
+            # do (MatMulIntegerToFloat, QGemm), so their outputs stay float unless an integer
+            # kernel reads them. A Split's outputs all share its input's scale, read or not:
+            # onnxruntime runs it on uint8 only when every output has a Q.
+            wanted = (
+                node.op_type in OUTPUT_ALWAYS_QUANTIZED
+                or node.op_type == "Split"
+                or out.is_graph_output()
+                or _read_by([out], accepted)
+            )
+            if wanted and out_range is not None and not is_sentinel(out_range):
+                tensors[out.name] = None
     shared = _share_through_shape_ops(graph, tensors)
     return Plan(tuple(nodes), tuple(tensors), shared, skipped)
 
@@ -281,9 +301,8 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
             if node in accepted:
                 continue
             fed = all(_producer(v) in accepted for v in activation_inputs(node))
-            out = _quantized_output(node)
-            feeds = any(n in candidates for n in _consumers(out))
-            if fed and (feeds or (out is not None and out.is_graph_output())):
+            outs = _quantized_outputs(node)
+            if fed and (_read_by(outs, candidates) or _is_graph_output(outs)):
                 accepted.add(node)
                 changed = True
     # Growing was optimistic (a consumer only had to be a candidate): drop glue whose output
@@ -293,12 +312,8 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
     while changed:
         changed = False
         for node in glue:
-            out = _quantized_output(node)
-            if (
-                node in accepted
-                and not (out is not None and out.is_graph_output())
-                and not any(n in accepted for n in _consumers(out))
-            ):
+            outs = _quantized_outputs(node)
+            if node in accepted and not _is_graph_output(outs) and not _read_by(outs, accepted):
                 accepted.discard(node)
                 changed = True
     return accepted
@@ -372,8 +387,8 @@ def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
         return True
     if node.op_type not in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS or not node.outputs:
         return False
-    out = node.outputs[0]
-    return out.name in decided.tensors or any(n in decided.nodes for n in _consumers(out))
+    outs = [out for out in node.outputs if out is not None]
+    return any(out.name in decided.tensors for out in outs) or _read_by(outs, set(decided.nodes))
 
 
 def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[str, str]:
@@ -384,9 +399,10 @@ def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[
     for node in graph:  # graph order: a chain of shape ops resolves to its first tensor
         if node.op_type not in SHARES_INPUT_SCALE or not node.inputs or node.inputs[0] is None:
             continue
-        source, out = node.inputs[0].name, node.outputs[0].name
-        if source in tensors and out in tensors:
-            shared[out] = shared.get(source, source)
+        source = node.inputs[0].name
+        for out in node.outputs:
+            if source in tensors and out is not None and out.name in tensors:
+                shared[out.name] = shared.get(source, source)
     return shared
 
 

@@ -278,9 +278,13 @@ class QuantPass(DataAwarePass):
                 w_scale = writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis, floor=floor)
                 writer.dq_bias(node, 2, x_params[0], w_scale)
             return
+        # Only data inputs: Resize's roi and scales are constants too, and a scale of 1.0
+        # read back as 1.0039 from uint8 makes every dim past 255 one longer.
+        data_inputs = placement.QUANTIZABLE[node.op_type]
         for index, value in enumerate(node.inputs):
             if (
-                value is not None
+                (data_inputs is None or index in data_inputs)
+                and value is not None
                 and value.const_value is not None
                 and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
             ):

@@ -469,3 +469,65 @@ def test_a_constant_step_after_maxpool_still_runs_in_an_integer_kernel(tmp_path,
     x = RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)
     path, _ = _quantize(proto, {"x": x}, tmp_path)
     assert f"QLinear{step}" in _optimized_ops(path, tmp_path)
+
+
+def test_resize_reads_its_scales_as_float_constants(tmp_path):
+    """Only Resize's data input is quantized: scales of 1.0 read back from uint8 as 1.0039
+    made every dim past 255 one longer (300 channels became 301)."""
+    rng = np.random.default_rng(4)
+    proto = make_model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"]),
+            oh.make_node("Relu", ["c"], ["r"]),
+            oh.make_node("Resize", ["r", "", "scales"], ["u"], mode="nearest"),
+            oh.make_node("Conv", ["u", "w2"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 3, 4, 4])],
+        [oh.make_tensor_value_info("y", F, ["N", 2, 8, 8])],
+        {
+            "w": rng.standard_normal((300, 3, 1, 1)).astype(np.float32),
+            "scales": np.array([1.0, 1.0, 2.0, 2.0], np.float32),
+            "w2": rng.standard_normal((2, 300, 1, 1)).astype(np.float32) * 0.1,
+        },
+    )
+    x = RNG.standard_normal((8, 3, 4, 4)).astype(np.float32)
+    path, model = _quantize(proto, {"x": x}, tmp_path)
+    resize = next(n for n in model.graph if n.op_type == "Resize")
+    assert resize.inputs[0].producer().op_type == "DequantizeLinear"  # it runs on uint8
+    assert resize.inputs[2].const_value is not None  # the scales as they were
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    got = run_ort(path, {"x": x})[0]
+    assert got.shape == reference.shape
+    assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
+
+
+def _silu_block():
+    """Conv -> SiLU (x * Sigmoid(x), as YOLOv5/v8 and EfficientNet export it) -> Conv."""
+    rng = np.random.default_rng(5)
+    return make_model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Sigmoid", ["c"], ["g"]),
+            oh.make_node("Mul", ["c", "g"], ["a"]),
+            oh.make_node("Conv", ["a", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 3, 8, 8])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, 8, 8])],
+        {
+            "w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32) * 0.5,
+            "w2": rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3,
+        },
+    )
+
+
+def test_silu_runs_in_integer_kernels_between_convs(tmp_path):
+    proto = _silu_block()
+    x = RNG.standard_normal((16, 3, 8, 8)).astype(np.float32)
+    path, _ = _quantize(proto, {"x": x}, tmp_path)
+    ops = _optimized_ops(path, tmp_path)
+    assert {"QLinearSigmoid", "QLinearMul"} <= set(ops)
+    assert ops.count("QLinearConv") == 2
+    assert not {"Sigmoid", "Mul", "DequantizeLinear"} & set(ops[1:-1])  # int8 in between
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    got = run_ort(path, {"x": x})[0]
+    assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
