@@ -27,6 +27,15 @@ a quantizer is never scored on the samples it calibrated on:
   Metric: IoU of the map thresholded at 0.3 (rapidocr's ``thresh``) with fp32's thresholded
   map, mean over pages; and IoU with the drawn text boxes.
 
+* ``yolov8n-nudenet`` -- NudeNet's YOLOv8n detector on random crops of scikit-image's sample
+  photographs (``models.photos``, letterboxed to 320x320 as nudenet does; seed 0:
+  calibration, seed 1: evaluation, 160 crops). Its one output ``[N, 22, 2100]`` holds box
+  coordinates in pixels and class scores in [0, 1] side by side. Metrics: F1 of the decoded
+  detections (nudenet's 0.25 threshold and NMS) against fp32's (same class, IoU >= 0.5); the
+  correlation with fp32 of each anchor's best class score, over the anchors where fp32's is at
+  least 0.01 (0 when the candidate's scores are constant: collapsed); the median absolute
+  error of the box coordinates, in pixels.
+
 Calibration with N samples uses the first N of the calibration set, one sample per run. The
 same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
 --data`` takes) and one ``.npy`` per input (what the benchmark's onnxruntime reader streams
@@ -45,7 +54,7 @@ from onnxruntime.quantization import CalibrationDataReader
 from models.fetch import fetch
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det")
+MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet")
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
 DET_PAGE = (320, 320)
@@ -338,6 +347,45 @@ def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> 
     )
 
 
+def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -> Task:
+    from models import photos
+
+    images = photos.photos()
+    calib = photos.crops(calibration, seed=0, images=images)
+    evaluation = photos.crops(evaluation_crops, seed=1, images=images)
+
+    def predict(session) -> np.ndarray:
+        return _run_batches(session, {"images": evaluation}, "output0", 16)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        best_ref, best_got = reference[:, 4:].max(axis=1), candidate[:, 4:].max(axis=1)
+        scored = best_ref >= 0.01  # anchors that see something; the rest is background
+        with np.errstate(invalid="ignore"):  # a collapsed candidate has no variance: nan
+            corr = np.corrcoef(best_ref[scored], best_got[scored])[0, 1]
+        return {
+            "detections F1 vs fp32": photos.detection_f1(
+                [photos.detections(o) for o in reference], [photos.detections(o) for o in candidate]
+            ),
+            "score corr vs fp32": float(np.nan_to_num(corr)),
+            "box err px": float(np.median(np.abs(candidate[:, :4] - reference[:, :4]))),
+        }
+
+    return Task(
+        name="yolov8n-nudenet",
+        model=fetch("yolov8n-nudenet"),
+        calibration={"images": calib},
+        evaluation={"images": evaluation},
+        latency_feed={"images": evaluation[:1]},
+        latency_input="1 photo 3x320x320",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("detections F1 vs fp32", "score corr vs fp32", "box err px"),
+        split=f"random crops of {len(images)} scikit-image photographs (models.photos), "
+        f"letterboxed to 320x320; calibration: seed 0, {calibration}; evaluation: seed 1, "
+        f"{evaluation_crops}",
+    )
+
+
 def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     import onnx
 
@@ -387,6 +435,8 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return rec_task(calibration, 50 if quick else 200)
     if name == "ppocr-det":
         return det_task(calibration, 10 if quick else 40)
+    if name == "yolov8n-nudenet":
+        return yolo_task(calibration, 40 if quick else 160)
     if name == "encoder-600mb":
         return encoder_task(calibration)
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")

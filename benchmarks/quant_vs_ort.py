@@ -38,7 +38,7 @@ Columns:
 Setup and run, from the repository root::
 
     .venv/bin/python -m pip install -r benchmarks/requirements.txt
-    .venv/bin/python benchmarks/quant_vs_ort.py                     # all four models
+    .venv/bin/python benchmarks/quant_vs_ort.py                     # all five models
     .venv/bin/python benchmarks/quant_vs_ort.py --models digits --quick --no-write
 
 The tables go to stdout and, under "## quantization vs onnxruntime.quantization", into
