@@ -238,6 +238,7 @@ def _compile(
             strict=strict,
             collect=collector,
             probe=prober,
+            input_dims=_sample_dims(loaded, calib, input_shapes),
         )
         report = None
         if sensitivity and collector is not None:
@@ -303,6 +304,32 @@ def _calibration_data(
     if source is None:
         return data_mod.synthetic(specs, input_shapes)
     return data_mod.replayable(data_mod.prepare(specs, source), stack)
+
+
+def _sample_dims(
+    model: ir.Model,
+    calib: data_mod.Dataset | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> dict[str, tuple[int, ...]] | None:
+    """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``), else
+    those of the real calibration data's first feed, their batch axes as 1; None (symbolic
+    dims count as 1) otherwise: synthetic data's default dims would make the figure up."""
+    specs = data_mod.specs_from_model(model)
+    if input_shapes:
+        dims = {
+            s.name: data_mod.concrete_shape(s, input_shapes[s.name])
+            for s in specs
+            if s.name in input_shapes
+        }
+    elif calib is not None and not calib.synthetic:
+        dims = {name: tuple(array.shape) for name, array in calib.first_feed().items()}
+    else:
+        return None
+    return {
+        s.name: (1, *dims[s.name][1:]) if s.batch_axis and dims[s.name] else dims[s.name]
+        for s in specs
+        if s.name in dims
+    }
 
 
 def _collect(

@@ -190,11 +190,13 @@ def run(
     strict: bool = False,
     collect: Collector | None = None,
     probe: Prober | None = None,
+    input_dims: stats.Shapes | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
     A data-aware pass gets statistics from ``collect``, run on the model as it is when the
-    pass's turn comes, and the output errors of its ``probes`` from ``probe``. With
+    pass's turn comes, and the output errors of its ``probes`` from ``probe``. MACs are
+    counted per sample of ``input_dims`` (graph input -> dims) where given. With
     ``verify``, the model is judged after every pass; a pass it rejects is rolled back (the
     model before it continues down the pipeline) or, with ``strict``, stops the run.
 
@@ -205,7 +207,7 @@ def run(
     if dump_dir is not None:
         Path(dump_dir).mkdir(parents=True, exist_ok=True)
     steps: list[StepRecord] = []
-    current_stats = stats.measure(model)
+    current_stats = stats.measure(model, input_dims=input_dims)
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
@@ -225,7 +227,7 @@ def run(
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
         model = result.model
-        new_stats = stats.measure(model)
+        new_stats = stats.measure(model, input_dims=input_dims)
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:

@@ -11,6 +11,8 @@ counted in ``nodes_without_macs``, so a reader knows the figure is a lower bound
 
 ``measure(model, shapes)`` counts on the shapes of a real run instead (``shapes``: dims by
 value name, as ``runtime_check.shapes.observed`` records them): the MACs of that workload.
+``measure(model, input_dims=...)`` counts one sample of those input dims (a detector's height
+and width, say, which would otherwise count as 1 each): shape inference propagates them.
 """
 
 from __future__ import annotations
@@ -76,14 +78,18 @@ Shapes = Mapping[str, Sequence[int]]
 """Concrete dims by value name (a real run's, see ``runtime_check.shapes``)."""
 
 
-def measure(model: ir.Model, shapes: Shapes | None = None) -> ModelStats:
+def measure(
+    model: ir.Model, shapes: Shapes | None = None, input_dims: Shapes | None = None
+) -> ModelStats:
     """Count what ``model`` holds, its MACs on ``shapes`` where given (a value missing from
-    them falls back to inferred shapes). The model is not modified (shape inference runs on
-    a serialized copy of its graph)."""
+    them falls back to inferred shapes), inferred from ``input_dims`` (graph input -> dims)
+    where those are given. The model is not modified (shape inference runs on a serialized
+    copy of its graph)."""
     nodes = list(walk.all_nodes(model))
     tensors = list(walk.all_tensors(model))
     mac_nodes = [node for node in nodes if is_mac_node(node)]
-    macs, unknown = _count_macs(mac_nodes, _with_inferred_shapes(model, mac_nodes, shapes or {}))
+    inferred = _with_inferred_shapes(model, mac_nodes, shapes or {}, input_dims or {})
+    macs, unknown = _count_macs(mac_nodes, inferred)
     unpacked = _unpacked_elements(nodes)
     return ModelStats(
         nodes=len(nodes),
@@ -129,25 +135,48 @@ def mac_shapes(model: ir.Model) -> Shapes:
     """The dims ``node_macs`` reads for ``model``'s MAC nodes (inferred where the model does
     not annotate them), as ``measure`` counts them."""
     mac_nodes = [node for node in walk.all_nodes(model) if is_mac_node(node)]
-    return _with_inferred_shapes(model, mac_nodes, {})
+    return _with_inferred_shapes(model, mac_nodes, {}, {})
 
 
-def _with_inferred_shapes(model: ir.Model, mac_nodes: Sequence[ir.Node], shapes: Shapes) -> Shapes:
-    """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes
-    (each inferred dim that is not a number counts as 1, as a symbolic dim does). Inference
-    runs on the graph alone, its large weights left as stand-ins: the model is not copied."""
-    needs_shapes = any(
+def _with_inferred_shapes(
+    model: ir.Model, mac_nodes: Sequence[ir.Node], shapes: Shapes, input_dims: Shapes
+) -> Shapes:
+    """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes or
+    ``input_dims`` fix the graph inputs' dims (each inferred dim that is not a number counts
+    as 1, as a symbolic dim does). Inference runs on the graph alone, its large weights left
+    as stand-ins: the model is not copied."""
+    needs_shapes = bool(input_dims) or any(
         o.shape is None and o.name not in shapes for node in mac_nodes for o in node.outputs
     )
     if not needs_shapes:
         return shapes
     try:
         proto = large_tensors.weightless_proto(model)
+        if input_dims:
+            _fix_input_dims(proto.graph, input_dims)
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - accounting must not fail a run; MACs become a bound
         logger.debug("shape inference for MAC counting failed: %s", e)
         return shapes
     return {**_value_dims(inferred.graph), **shapes}
+
+
+def _fix_input_dims(graph: onnx.GraphProto, input_dims: Shapes) -> None:
+    """Give ``graph``'s inputs named in ``input_dims`` those dims, and drop the annotations
+    inferred from the symbolic ones (value_info, output shapes) so that inference redoes
+    them."""
+    for info in graph.input:
+        dims = input_dims.get(info.name)
+        tensor = info.type.tensor_type
+        if dims is None or not info.type.HasField("tensor_type"):
+            continue
+        tensor.ClearField("shape")
+        for d in dims:
+            tensor.shape.dim.add().dim_value = int(d)
+    del graph.value_info[:]
+    for info in graph.output:
+        if info.type.HasField("tensor_type"):
+            info.type.tensor_type.ClearField("shape")
 
 
 def _value_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:

@@ -126,6 +126,56 @@ def test_observed_shapes_give_the_macs_of_that_run():
     assert s.nodes_without_macs == 0
 
 
+def _detector_like() -> onnx.ModelProto:
+    """Two Convs on an image of symbolic height and width (a detector exported for any size),
+    its annotations symbolic as exporters write them."""
+    rng = np.random.default_rng(0)
+    f = onnx.TensorProto.FLOAT
+    proto = make_model(
+        [
+            oh.make_node("Conv", ["img", "w"], ["c"], strides=[2, 2]),
+            oh.make_node("Conv", ["c", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("img", f, ["N", 3, "H", "W"])],
+        [oh.make_tensor_value_info("y", f, ["N", 4, "H2", "W2"])],
+        {
+            "w": rng.standard_normal((8, 3, 2, 2)).astype(np.float32),
+            "w2": rng.standard_normal((4, 8, 3, 3)).astype(np.float32),
+        },
+    )
+    proto.graph.value_info.append(oh.make_tensor_value_info("c", f, ["N", 8, "H2", "W2"]))
+    return proto
+
+
+def test_input_dims_give_the_macs_of_one_sample_of_that_size():
+    model = io.load(_detector_like())
+    per_position = 8 * 3 * 2 * 2 + 4 * 8 * 3 * 3
+    assert stats.measure(model).macs == per_position  # H and W count as 1
+    s = stats.measure(model, input_dims={"img": (1, 3, 320, 320)})
+    assert s.macs == 160 * 160 * per_position
+    assert str(model.graph.inputs[0].shape[2]) == "H"  # the model is left as it was
+
+
+def test_the_summary_counts_macs_on_the_calibration_data_or_the_requested_shapes():
+    import onnx_shrink
+
+    proto = _detector_like()
+    per_position = 8 * 3 * 2 * 2 + 4 * 8 * 3 * 3
+    images = np.random.default_rng(1).standard_normal((4, 3, 64, 64)).astype(np.float32)
+    calibrated = onnx_shrink.shrink(
+        proto, passes="fold,quant", check=False, calibration={"img": images}
+    )
+    assert [step.before.macs for step in calibrated.steps] == [32 * 32 * per_position] * 2
+    assert calibrated.steps[-1].after.macs == 32 * 32 * per_position  # int8 computes as many
+    asked = onnx_shrink.shrink(
+        proto, passes="fold", check=False, input_shapes={"img": (2, 3, 32, 32)}
+    )
+    assert asked.steps[0].before.macs == 16 * 16 * per_position  # per sample: batch 1
+    # Synthetic inputs' default dims are made up: symbolic dims still count as 1.
+    synthetic = onnx_shrink.shrink(proto, passes="fold,quant", check=False)
+    assert synthetic.steps[0].before.macs == per_position
+
+
 def test_integer_and_qlinear_forms_count_the_macs_of_their_float_op():
     u8 = onnx.TensorProto.UINT8
     inits = {
