@@ -207,10 +207,21 @@ def from_npz(
     path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
 ) -> Dataset:
     """``.npz`` with one array per input and optional ``labels``."""
-    arrays = data_files.load_npz(path)
-    stored_labels = arrays.pop("labels", None)
+    return _from_named_arrays(data_files.load_npz(path), specs, labels, where=str(path))
+
+
+def _from_named_arrays(
+    arrays: Mapping[str, np.ndarray],
+    specs: Sequence[InputSpec],
+    labels: np.ndarray | None,
+    where: str,
+) -> Dataset:
+    """One array per input plus optional ``labels`` among them (``labels`` given wins)."""
+    arrays = dict(arrays)
+    stored = arrays.pop("labels", None)
+    given = labels if labels is not None else stored
     return from_arrays(
-        arrays, specs, labels=labels if labels is not None else stored_labels, where=str(path)
+        arrays, specs, labels=None if given is None else np.asarray(given), where=where
     )
 
 
@@ -437,12 +448,7 @@ def _open(
     if hasattr(source, "get_next"):
         return from_reader(source, specs)  # type: ignore[arg-type]
     if isinstance(source, Mapping):  # in memory, laid out as an .npz's arrays
-        arrays = dict(source)
-        stored_labels = arrays.pop("labels", None)
-        given = labels if labels is not None else stored_labels
-        return from_arrays(
-            arrays, specs, labels=None if given is None else np.asarray(given), where="arrays"
-        )
+        return _from_named_arrays(source, specs, labels, where="arrays")
     if not isinstance(source, str | os.PathLike):
         raise DataError(
             f"data of type {type(source).__name__}: give a path (.npz, folder of .npy, "
