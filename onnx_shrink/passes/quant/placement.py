@@ -50,7 +50,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-from collections.abc import Sequence
+from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
@@ -240,7 +240,7 @@ def _quantized_outputs(node: ir.Node) -> list[ir.Value]:
     return [out]
 
 
-def _read_by(outputs: Sequence[ir.Value], nodes: set[ir.Node]) -> bool:
+def _read_by(outputs: Sequence[ir.Value], nodes: Collection[ir.Node]) -> bool:
     """Does one of ``nodes`` read one of ``outputs`` (through shape ops and Relu/Clip)?"""
     return any(n in nodes for out in outputs for n in _consumers(out))
 
@@ -388,7 +388,7 @@ def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
     if node.op_type not in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS or not node.outputs:
         return False
     outs = [out for out in node.outputs if out is not None]
-    return any(out.name in decided.tensors for out in outs) or _read_by(outs, set(decided.nodes))
+    return any(out.name in decided.tensors for out in outs) or _read_by(outs, decided.nodes)
 
 
 def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[str, str]:
