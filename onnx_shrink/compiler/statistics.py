@@ -238,8 +238,9 @@ class HistogramAccumulator:
     def add_values(self, values: np.ndarray, weight: float = 1.0) -> None:
         """Count values already on the lattice (finite ones only), each as ``weight``."""
         values = np.asarray(values, dtype=np.float32).ravel()
-        finite = np.isfinite(values)
-        if not finite.all():
+        # min/max meet any inf or NaN (NaN propagates): no mask unless one is there.
+        if values.size and not (np.isfinite(values.min()) and np.isfinite(values.max())):
+            finite = np.isfinite(values)
             self.nonfinite += int(values.size - finite.sum())
             values = values[finite]
         self.add_indices(self.bin_indices(values), weight)
@@ -251,10 +252,21 @@ class HistogramAccumulator:
         # Values near float32's limits overflow to inf here, which the saturation bounds, as
         # the graph's arithmetic does: the overflow is the intended result.
         with np.errstate(over="ignore", invalid="ignore"):
-            position = np.rint((np.asarray(values, np.float32) - centre) / width)
-            # NaN saturates low, as onnxruntime's QuantizeLinear gives it.
-            position = np.where(np.isnan(position), info.min, position)
-            return np.clip(position, info.min, info.max).astype(self.INDEX_TYPE)
+            # In place after the first step: the probe's values (collect) pass through here,
+            # millions a histogram, and each temporary costs a pass over them.
+            position = np.subtract(np.asarray(values, np.float32), centre)
+            np.divide(position, width, out=position)
+            np.rint(position, out=position)
+            if not position.size:
+                return position.astype(self.INDEX_TYPE)
+            # min/max propagate NaN: two reductions tell whether the rare fixes are needed.
+            low, high = position.min(), position.max()
+            if np.isnan(low):  # NaN saturates low, as onnxruntime's QuantizeLinear gives it
+                position[np.isnan(position)] = info.min
+                low, high = position.min(), position.max()
+            if low < info.min or high > info.max:
+                np.clip(position, info.min, info.max, out=position)
+            return position.astype(self.INDEX_TYPE)
 
     def add_indices(self, indices: np.ndarray, weight: float = 1.0) -> None:
         """Count precomputed bin indices (already on the lattice), each as ``weight``
@@ -269,10 +281,11 @@ class HistogramAccumulator:
             indices = np.minimum(indices, bins - 1)
         if not self._open_low:
             indices = np.maximum(indices, 0)
-        inside = (indices >= 0) & (indices < bins)
-        if inside.all():
+        # Two reductions find the usual case, every index inside, without a mask's passes.
+        if not indices.size or (indices.min() >= 0 and indices.max() < bins):
             counted += np.bincount(indices, minlength=bins)
             return
+        inside = (indices >= 0) & (indices < bins)
         counted += np.bincount(indices[inside], minlength=bins)
         beyond, counts = np.unique(indices[~inside], return_counts=True)
         outside = self._outside.setdefault(weight, {})

@@ -351,7 +351,7 @@ def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
             edges,  # on the bin boundaries: ties of the round to nearest
             (centre + width * np.arange(-70, 140)).astype(np.float32),  # bin centres
             rng.uniform(-2.0, 4.0, 4000).astype(np.float32),
-            np.array([1e4, -1e4, 3e38, -3e38, np.inf, -np.inf], np.float32),  # saturate
+            np.array([1e4, -1e4, 3e38, -3e38, np.inf, -np.inf, np.nan], np.float32),  # saturate
         ]
     )
     x = np.concatenate([np.zeros(-x.size % 64, np.float32), x])  # whole rows of the model's 64
@@ -364,7 +364,10 @@ def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
     graph_bins = session.run([names.bins], feed)[0].ravel()
     assert graph_bins.dtype == np.int16
     np.testing.assert_array_equal(graph_bins, acc.bin_indices(x))
-    assert graph_bins[-6:].tolist() == [32767, -32768, 32767, -32768, 32767, -32768]
+    assert graph_bins[-7:].tolist() == [32767, -32768, 32767, -32768, 32767, -32768, -32768]
+    # Where nothing saturates, the same bins (numpy skips the saturation there).
+    inside = np.abs(x) < 1e4
+    np.testing.assert_array_equal(acc.bin_indices(x[inside]), graph_bins[inside])
 
 
 def test_a_saturated_bin_index_never_reads_as_a_fitting_extension():
