@@ -170,6 +170,9 @@ def sensitivity(
         stats = collect_mod.collect(
             base, quant.requests(base), data, provider=provider, progress=progress
         )
+        # Completed for the whole pass: a copy quantizing one layer plans fewer tensors, and
+        # would not derive a range from one outside its own plan.
+        stats = quant.completed_statistics(base, stats)
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]

@@ -70,6 +70,7 @@ def test_every_quantized_layer_is_listed_once_with_finite_errors():
     stats = collect.collect(model, QuantPass().requests(model), dataset)
     probe = model.clone()
     placement.infer_types(probe)
+    stats = QuantPass().completed_statistics(probe, stats)  # as the pass plans
     planned = placement.plan(probe.graph, stats, placement.Exclusions()).nodes
     positions = {node: i for i, node in enumerate(probe.graph)}
     assert sorted(layer.position for layer in report.layers) == sorted(

@@ -15,7 +15,7 @@ from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import HistogramAccumulator, Statistics, StatRequest
-from onnx_shrink.passes.quant import calibration, compact, fuse_bias, placement
+from onnx_shrink.passes.quant import calibration, compact, derived, fuse_bias, placement
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import (
     QUANT_TYPES,
@@ -48,7 +48,9 @@ class QuantPass(DataAwarePass):
        through shape ops, float LayerNorm/Softmax, no quantization of mask sentinels).
     2. Activation ranges come from calibration (``calibration``: minmax, percentile, entropy
        or mse over fixed-edge histograms); activations are u8 asymmetric or s8 symmetric,
-       16-bit for the tensors of nodes named in ``int16``.
+       16-bit for the tensors of nodes named in ``int16``. A Sigmoid's output range is the
+       image of its input's, and an output sharing its input's scale takes the input's
+       (``derived``): neither is measured.
     3. Weights of Conv/MatMul/Gemm are s8 symmetric, per output channel unless
        ``per_channel`` is off; biases int32 with scale = input scale x weight scale; constant
        inputs of Add/Mul/Concat per tensor in the activation type. Zero points that are 0 of
@@ -158,6 +160,9 @@ class QuantPass(DataAwarePass):
         # never accepted whatever its ranges (on PP-OCR rec: 93 of 556 candidate tensors;
         # every measured tensor costs reductions in each run, a histogram far more).
         names = placement.planned_tensors(model.graph, self._exclusions)
+        # Ranges that follow from others' are computed, not measured (``derived``).
+        followed = derived.sources(model.graph, names)
+        names = [name for name in names if name not in followed]
         result = [StatRequest(name, "minmax") for name in names]
         if self.calibration != "minmax":
             result += [
@@ -171,6 +176,17 @@ class QuantPass(DataAwarePass):
                 for name in names
             ]
         return result
+
+    def completed_statistics(self, model: ir.Model, stats: Statistics) -> Statistics:
+        """``stats`` with the ranges ``requests`` left to be derived (``derived``), for the
+        plan and the parameters of ``model`` as ``requests`` left it. With ``only``, also
+        those the pass without it derives: sensitivity measures once for the whole pass and
+        then quantizes each layer alone on those statistics."""
+        planned = set(placement.planned_tensors(model.graph, self._exclusions))
+        if self.only:
+            whole = dataclasses.replace(self._exclusions, only=())
+            planned |= set(placement.planned_tensors(model.graph, whole))
+        return derived.complete(model.graph, stats, planned)
 
     def convert_opset(self, model: ir.Model) -> tuple[bool, bool]:
         """Convert ``model`` in place to the opset the options need (per-channel DQ: 13,
@@ -186,6 +202,7 @@ class QuantPass(DataAwarePass):
         converted = onnx_opset(model) != opset
         if converted or not placement.types_known(model.graph):  # else requests inferred them
             placement.infer_types(model)
+        stats = self.completed_statistics(model, stats)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         if decided.nodes:
