@@ -170,8 +170,8 @@ def sensitivity(
         stats = collect_mod.collect(
             base, quant.requests(base), data, provider=provider, progress=progress
         )
-        # Completed for the whole pass: a copy quantizing one layer plans fewer tensors, and
-        # would not derive a range from one outside its own plan.
+        # With the ranges the pass derives instead of measuring: the plan below is the
+        # pass's own, and each copy quantizing one layer alone gets them as they are.
         stats = quant.completed_statistics(base, stats)
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)

@@ -6,13 +6,17 @@
   Split) holds a selection, repetition or interpolation of its input's values: the input's
   range holds it, and the output is quantized with the input's parameters anyway.
 
-Measuring them costs more than the reductions: a requested tensor gets readers in the
-calibration graph, and a Sigmoid output with a second reader keeps onnxruntime from fusing
-``x * Sigmoid(x)`` into one kernel, while each reduction of a Conv's neighbourhood makes it
-convert a blocked (NCHWc) layout back. On YOLOv8n (57 SiLUs) a calibration run of 8 samples
-took 234-247 ms with them measured, 140-152 without (onnxruntime's profile, two threads).
-Sigmoid outputs then get min/max ranges whatever the calibration method: sigmoid bounds
-them to [0, 1], where one uint8 step is 1/255 and clipping has nothing to cut.
+Measuring them costs more than their reductions: a Sigmoid output with a second reader
+keeps onnxruntime from fusing ``x * Sigmoid(x)`` into one kernel in the calibration graph,
+and each reduction of it needs the Conv's blocked (NCHWc) layout converted back. On YOLOv8n
+(57 SiLUs) a calibration run of 8 samples took 234-247 ms with them measured, 140-152
+without (onnxruntime's profile, two threads).
+
+Sigmoid outputs then get min/max ranges whatever the calibration method. Within [0, 1] a
+uint8 step is 1/255 and an MSE clip has little to gain: YOLOv8n's detections F1 against
+fp32 moved 0.828 -> 0.820 at 32 samples and 0.825 -> 0.813 at 128 (of about 50
+detections), its score correlation 0.939 -> 0.945 and 0.949 -> 0.949; PP-OCRv4 rec's
+strings equal to fp32's 0.375 -> 0.380 and 0.865 -> 0.855 (of 200 lines).
 """
 
 from __future__ import annotations
