@@ -39,15 +39,17 @@ def sources(graph: ir.Graph, tensors: Collection[str]) -> dict[str, str]:
     """Which of ``tensors`` follow from another of them: derived tensor -> the tensor its
     range comes from (itself measured, or derived earlier in graph order)."""
     wanted = frozenset(tensors)
+    shared = placement.shared_scale_sources(graph, wanted)
     result: dict[str, str] = {}
-    for node in graph:  # graph order: a chain resolves from its first measured tensor
-        if node.op_type not in INCREASING and node.op_type not in placement.SHARES_INPUT_SCALE:
+    for node in graph:  # graph order: a tensor's source is resolved before it
+        if node.op_type in INCREASING and node.inputs and node.inputs[0] is not None:
+            out, source = node.outputs[0], node.inputs[0].name
+            if source in wanted and out is not None and out.name in wanted:
+                result[out.name] = source
             continue
-        if not node.inputs or node.inputs[0] is None or node.inputs[0].name not in wanted:
-            continue
-        for out in node.outputs[:1] if node.op_type in INCREASING else node.outputs:
-            if out is not None and out.name in wanted:
-                result[out.name] = node.inputs[0].name
+        result.update(
+            (o.name, shared[o.name]) for o in node.outputs if o is not None and o.name in shared
+        )
     return result
 
 

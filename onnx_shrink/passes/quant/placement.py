@@ -285,7 +285,7 @@ def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
             )
             if wanted and out_range is not None and not is_sentinel(out_range):
                 tensors[out.name] = None
-    shared = _share_through_shape_ops(graph, tensors)
+    shared = shared_scale_sources(graph, tensors)
     return Plan(tuple(nodes), tuple(tensors), shared, skipped)
 
 
@@ -391,10 +391,11 @@ def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
     return any(out.name in decided.tensors for out in outs) or _read_by(outs, decided.nodes)
 
 
-def _share_through_shape_ops(graph: ir.Graph, tensors: dict[str, None]) -> dict[str, str]:
-    """Rule 3: when both sides of a shape-only op carry Q/DQ, the output reuses the input's
-    parameters (its values are the input's, so only identical parameters let onnxruntime
-    drop the DQ -> Reshape -> Q round trip)."""
+def shared_scale_sources(graph: ir.Graph, tensors: Collection[str]) -> dict[str, str]:
+    """Rule 3: when both sides of a shape-only op (or MaxPool, Resize, Split) are among
+    ``tensors``, the output reuses the input's parameters (its values are the input's, so
+    only identical parameters let onnxruntime drop the DQ -> Reshape -> Q round trip):
+    output -> the first tensor of its chain, in graph order."""
     shared: dict[str, str] = {}
     for node in graph:  # graph order: a chain of shape ops resolves to its first tensor
         if node.op_type not in SHARES_INPUT_SCALE or not node.inputs or node.inputs[0] is None:
