@@ -484,9 +484,9 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
         log(f"{name}: evaluating {config.label}")
         row.bytes_on_disk = io.file_bytes(row.model_path)
         try:
-            _first_metric_per_count(row, task, reference_out)
             session = create_session(row.model_path)
             row.metrics = task.fidelity(reference_out, task.predict(session))
+            _first_metric_per_count(row, task, reference_out)
             if config.tool != "fp32":
                 comparison = compare_latency(
                     reference, session, task.latency_feed, runs=args.runs, warmup=5
@@ -507,15 +507,20 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
 
 def _first_metric_per_count(row: Row, task, reference_out) -> None:
     """The task's first metric of ``row``'s model at every sample count it was calibrated
-    on: a quantized model can sit on a knife-edge that one count's figure hides."""
+    on: a quantized model can sit on a knife-edge that one count's figure hides. The model
+    ``row.metrics`` came from is not evaluated again."""
     from onnx_shrink.runtime_check.sessions import create_session
 
+    if not row.config.calibrated:
+        return
     metric = task.metrics[0]
     for n, path in sorted(row.outputs.items()):
-        if row.config.calibrated:
-            session = create_session(path)
-            row.first_metric[n] = task.fidelity(reference_out, task.predict(session))[metric]
-            session = None
+        if path == row.model_path:
+            row.first_metric[n] = row.metrics[metric]
+            continue
+        session = create_session(path)
+        row.first_metric[n] = task.fidelity(reference_out, task.predict(session))[metric]
+        session = None
 
 
 def fidelity_per_count(rows: list[Row], samples: list[int], metric: str) -> list[str]:
