@@ -79,6 +79,16 @@ class Task:
         return {k: v[:n] for k, v in self.calibration.items()}
 
 
+def _one_input(name: str, calibration: np.ndarray, evaluation: np.ndarray, latency: int = 1):
+    """A one-input task's feeds (``Task`` keyword arguments): the latency feed is the first
+    ``latency`` evaluation samples."""
+    return {
+        "calibration": {name: calibration},
+        "evaluation": {name: evaluation},
+        "latency_feed": {name: evaluation[:latency]},
+    }
+
+
 def write_calibration(task: Task, n: int, folder: Path) -> Path:
     """``folder/calib.npz`` and ``folder/<input>.npy`` with the first ``n`` samples."""
     folder.mkdir(parents=True, exist_ok=True)
@@ -218,9 +228,7 @@ def digits_task(calibration: int = MAX_CALIBRATION) -> Task:
     return Task(
         name="digits",
         model=digits.MODEL_PATH,
-        calibration={"image": calib},
-        evaluation={"image": evaluation},
-        latency_feed={"image": evaluation[:64]},
+        **_one_input("image", calib, evaluation, latency=64),
         latency_input="batch of 64 images 1x8x8",
         predict=predict,
         fidelity=fidelity,
@@ -297,9 +305,7 @@ def rec_task(calibration: int = MAX_CALIBRATION, evaluation_lines: int = 200) ->
     return Task(
         name="ppocr-rec",
         model=model,
-        calibration={"x": calib},
-        evaluation={"x": evaluation},
-        latency_feed={"x": evaluation[:1]},
+        **_one_input("x", calib, evaluation),
         latency_input="1 line 3x48x320",
         predict=predict,
         fidelity=fidelity,
@@ -335,9 +341,7 @@ def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> 
     return Task(
         name="ppocr-det",
         model=fetch("ppocr-det"),
-        calibration={"x": calib},
-        evaluation={"x": evaluation},
-        latency_feed={"x": evaluation[:1]},
+        **_one_input("x", calib, evaluation),
         latency_input=f"1 page 3x{h}x{w}",
         predict=predict,
         fidelity=fidelity,
@@ -373,9 +377,7 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     return Task(
         name="yolov8n-nudenet",
         model=fetch("yolov8n-nudenet"),
-        calibration={"images": calib},
-        evaluation={"images": evaluation},
-        latency_feed={"images": evaluation[:1]},
+        **_one_input("images", calib, evaluation),
         latency_input="1 photo 3x320x320",
         predict=predict,
         fidelity=fidelity,
@@ -413,9 +415,7 @@ def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     return Task(
         name="encoder-600mb",
         model=path,
-        calibration={"hidden": calib},
-        evaluation={"hidden": evaluation},
-        latency_feed={"hidden": evaluation[:1]},
+        **_one_input("hidden", calib, evaluation),
         latency_input="1 sample, 64 tokens x 1024",
         predict=predict,
         fidelity=fidelity,
