@@ -48,8 +48,8 @@ RUN_SAMPLES = 8
 
 
 def _conv_pairs(quantized: onnx.ModelProto, folded: onnx.ModelProto):
-    """(quantized Conv, its Q's input x, the DQ of x, the folded model's Conv) for every
-    Conv that reads a Q/DQ'd activation and has a dequantized int32 bias."""
+    """(quantized Conv, its Q's input x, the DQ of x, the folded model's Conv, the bias's DQ)
+    for every Conv that reads a Q/DQ'd activation and has a dequantized int32 bias."""
     producers = {out: node for node in quantized.graph.node for out in node.output}
     float_convs = {n.name: n for n in folded.graph.node if n.op_type == "Conv"}
     for conv in quantized.graph.node:
@@ -60,7 +60,7 @@ def _conv_pairs(quantized: onnx.ModelProto, folded: onnx.ModelProto):
             continue
         q = producers.get(dq.input[0])
         if q is not None and q.op_type == "QuantizeLinear" and bias.op_type == "DequantizeLinear":
-            yield conv, q.input[0], dq.output[0], float_convs[conv.name]
+            yield conv, q.input[0], dq.output[0], float_convs[conv.name], bias
 
 
 def _probe_model(quantized, folded, pairs, variant: str) -> onnx.ModelProto:
@@ -70,7 +70,7 @@ def _probe_model(quantized, folded, pairs, variant: str) -> onnx.ModelProto:
     del probe.graph.output[:]
     have = {i.name for i in probe.graph.initializer}
     float_inits = {i.name: i for i in folded.graph.initializer}
-    for conv, x, x_rounded, float_conv in pairs:
+    for conv, x, x_rounded, float_conv, _ in pairs:
         reader = x_rounded if variant == "weights" else x
         weights = conv.input[1:] if variant == "activations" else float_conv.input[1:]
         for name in weights:
@@ -90,12 +90,12 @@ def _probe_model(quantized, folded, pairs, variant: str) -> onnx.ModelProto:
 def corrected(quantized_path: Path, folded_path: Path, feeds: dict, variant: str, out: Path):
     """Write ``quantized_path`` with every pair's int32 bias corrected by its measured mean
     drift over ``feeds`` (arrays with samples on axis 0); returns the number corrected."""
-    import onnxruntime as ort
+    from onnx_shrink.runtime_check.sessions import create_session
 
     quantized, folded = onnx.load(str(quantized_path)), onnx.load(str(folded_path))
     pairs = list(_conv_pairs(quantized, folded))
     probe = _probe_model(quantized, folded, pairs, variant)
-    session = ort.InferenceSession(probe.SerializeToString(), providers=["CPUExecutionProvider"])
+    session = create_session(probe.SerializeToString())
     names = [o.name for o in probe.graph.output]
     samples = len(next(iter(feeds.values())))
     sums: dict[str, np.ndarray] = {}
@@ -106,9 +106,7 @@ def corrected(quantized_path: Path, folded_path: Path, feeds: dict, variant: str
             per_sample = value.astype(np.float64).mean(axis=axes) * value.shape[0]
             sums[name] = sums.get(name, 0) + per_sample
     initializers = {i.name: i for i in quantized.graph.initializer}
-    producers = {out: node for node in quantized.graph.node for out in node.output}
-    for conv, *_ in pairs:
-        dq = producers[conv.input[2]]
+    for conv, *_, dq in pairs:
         stored, scale = initializers[dq.input[0]], initializers[dq.input[1]]
         drift = (sums[conv.output[0]] - sums[conv.output[0] + "::reference"]) / samples
         step = numpy_helper.to_array(scale).astype(np.float64)
