@@ -25,6 +25,7 @@ from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
+from onnx_shrink.runtime_check import sample_batches
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -335,11 +336,15 @@ def _sample_dims(
 def _collect(
     model: ir.Model,
     requests,
+    samples: int = 0,
     *,
     dataset: data_mod.Dataset,
     provider: str,
     progress: collect_mod.Progress | None,
 ):
+    """``pipeline.Collector`` over ``dataset`` (its first ``samples``, when not 0)."""
+    if samples:
+        dataset = sample_batches.first_samples(dataset, data_mod.specs_from_model(model), samples)
     if dataset.synthetic:
         logger.warning(
             "NO CALIBRATION DATA: calibrating on random inputs (%s); the statistics say nothing "

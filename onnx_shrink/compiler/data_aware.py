@@ -10,6 +10,12 @@ given the statistics): the pipeline measures each edit alone on the calibration 
 (``runtime_check.probe``) and hands the errors back in ``Statistics.probe_errors``. An edit
 made from the statistics is judged on the data it was fitted to unless the probe can be
 ``remade`` from statistics of part of the data: then it is measured out of sample.
+
+A pass may also look at the data a second time, after ``apply`` (``Followup``): its result
+then says what to measure on a model it built (its rewritten model with float reference
+nodes beside the rewritten ones, say, while it still had the float weights), and how to
+finish the rewrite from those statistics. Quantization corrects its biases so: the drift of
+a quantized layer is a statistic of the quantized model, not of the float one.
 """
 
 from __future__ import annotations
@@ -17,6 +23,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 from collections.abc import Callable, Sequence
+from typing import Protocol
 
 import onnx_ir as ir
 
@@ -24,6 +31,36 @@ from onnx_shrink.compiler.statistics import Statistics, StatRequest
 
 Edit = Callable[[ir.Model], None]
 """Rewrites, in place, a copy of the model a pass was given."""
+
+
+class Collector(Protocol):
+    """Runs ``model`` over the calibration data (its first ``samples`` only, when not 0) and
+    returns the statistics ``requests`` ask for."""
+
+    def __call__(
+        self, model: ir.Model, requests: Sequence[StatRequest], samples: int = 0
+    ) -> Statistics: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class Followup:
+    """A second look at the calibration data, asked by ``apply``: the pipeline collects
+    ``requests`` on ``model`` (built by the pass, never returned) and calls ``finish`` with
+    the pass's result, which it edits in place, and those statistics (None where nothing can
+    collect them: ``finish`` then completes the result without them)."""
+
+    model: ir.Model
+    requests: tuple[StatRequest, ...]
+    finish: Callable[[ir.Model, Statistics | None], None]
+    samples: int = 0
+    """measure on the first this many calibration samples (0: all of them)"""
+
+
+@dataclasses.dataclass
+class FollowupResult(ir.passes.PassResult):
+    """What ``apply`` returns when it wants a second look at the data (``Followup``)."""
+
+    followup: Followup | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,7 +93,8 @@ class DataAwarePass(ir.passes.InPlacePass):
 
     @abc.abstractmethod
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        """Rewrite ``model`` in place from ``stats``."""
+        """Rewrite ``model`` in place from ``stats``; a ``FollowupResult`` asks for
+        statistics of a model built from the result before the rewrite is finished."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         raise ir.passes.PreconditionError(
@@ -65,17 +103,20 @@ class DataAwarePass(ir.passes.InPlacePass):
             "pass_.bind(statistics)(model)"
         )
 
-    def bind(self, stats: Statistics) -> BoundPass:
-        """This pass with ``stats``, runnable like any in-place pass."""
-        return BoundPass(self, stats)
+    def bind(self, stats: Statistics, collect: Collector | None = None) -> BoundPass:
+        """This pass with ``stats``, runnable like any in-place pass; ``collect`` serves
+        its ``Followup`` (without it, the rewrite is finished without the second look)."""
+        return BoundPass(self, stats, collect)
 
 
 @dataclasses.dataclass(frozen=True)
 class BoundPass(ir.passes.InPlacePass):
-    """A data-aware pass together with the statistics for one run."""
+    """A data-aware pass together with the statistics for one run, and what collects those
+    of its follow-up."""
 
     inner: DataAwarePass
     stats: Statistics
+    collect: Collector | None = None
 
     @property
     def name(self) -> str:
@@ -85,4 +126,12 @@ class BoundPass(ir.passes.InPlacePass):
         self.inner.requires(model)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
-        return self.inner.apply(model, self.stats)
+        result = self.inner.apply(model, self.stats)
+        followup = result.followup if isinstance(result, FollowupResult) else None
+        if followup is None:
+            return result
+        seen = None
+        if self.collect is not None and followup.requests:
+            seen = self.collect(followup.model, followup.requests, samples=followup.samples)
+        followup.finish(result.model, seen)
+        return ir.passes.PassResult(result.model, result.modified)

@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, registry, stats
-from onnx_shrink.compiler.data_aware import BoundPass, DataAwarePass, Probe
+from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Probe
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -175,7 +175,6 @@ class Verdict:
 
 
 Verifier = Callable[[ir.Model], Verdict]
-Collector = Callable[[ir.Model, Sequence[StatRequest]], Statistics]
 Prober = Callable[[ir.Model, Sequence[Probe]], Mapping[str, float]]
 """Measures each probe's edit alone: key -> relative squared error of the model outputs."""
 
@@ -219,10 +218,16 @@ def run(
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
         # converts its opset): a rolled-back pass leaves the model as it found it.
         snapshot = _snapshot(model, pass_) if verify is not None else None
-        runnable, calibration_seconds, samples = _bind(pass_, model, collect, probe)
+        followup_collect = _TimedCollector(collect) if collect is not None else None
+        runnable, calibration_seconds, samples = _bind(
+            pass_, model, collect, probe, followup_collect
+        )
         result, seconds, rolled_back, verdict = _run_one(
             runnable, model, snapshot, steps, verify, strict
         )
+        if followup_collect is not None:  # a follow-up's calibration is calibration time
+            calibration_seconds += followup_collect.seconds
+            seconds -= followup_collect.seconds
         measured = isinstance(result, MeasuredResult)
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
@@ -262,15 +267,38 @@ def run(
 
 
 def _bind(
-    pass_: ir.passes.PassBase, model: ir.Model, collect: Collector | None, probe: Prober | None
+    pass_: ir.passes.PassBase,
+    model: ir.Model,
+    collect: Collector | None,
+    probe: Prober | None,
+    followup_collect: Collector | None,
 ) -> tuple[ir.passes.PassBase, float, int | None]:
     """(the pass ready to run, calibration seconds, samples): a data-aware pass bound to the
-    statistics collected on ``model``, any other as it is (0 s, None)."""
+    statistics collected on ``model`` (and to ``followup_collect`` for its follow-up), any
+    other as it is (0 s, None)."""
     if not isinstance(pass_, DataAwarePass):
         return pass_, 0.0, None
     started = time.perf_counter()
     statistics = _collect(pass_, model, collect, probe)
-    return pass_.bind(statistics), time.perf_counter() - started, statistics.samples
+    seconds = time.perf_counter() - started
+    return pass_.bind(statistics, followup_collect), seconds, statistics.samples
+
+
+class _TimedCollector:
+    """A collector adding up the seconds it spends in the calls it serves."""
+
+    def __init__(self, collect: Collector) -> None:
+        self.collect = collect
+        self.seconds = 0.0
+
+    def __call__(
+        self, model: ir.Model, requests: Sequence[StatRequest], samples: int = 0
+    ) -> Statistics:
+        started = time.perf_counter()
+        try:
+            return self.collect(model, requests, samples)
+        finally:
+            self.seconds += time.perf_counter() - started
 
 
 def _collect(

@@ -20,7 +20,7 @@ from typing import Literal
 
 import numpy as np
 
-StatKind = Literal["minmax", "histogram", "channel_absmax", "channel_sqnorm", "gram"]
+StatKind = Literal["minmax", "histogram", "channel_absmax", "channel_sqnorm", "channel_sum", "gram"]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -42,6 +42,7 @@ class StatRequest:
             same, and many samples cost little more than few.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
+        channel_sum: sum of x per index of ``axis`` and the number of rows summed (a mean).
         gram: X^T X of the tensor flattened to rows of ``axis`` (its channels), the column
             sums and the row count. With ``patch`` (a 2-D Conv's kernel, strides, dilations
             and pads: ``kh, kw, sh, sw, dh, dw, top, left, bottom, right``) the rows are the
@@ -360,9 +361,12 @@ def widened(minimum: float, maximum: float, margin: float, bins: int) -> tuple[f
 
 
 class ChannelAccumulator:
-    """Per-channel max |x| or sum of x^2 along ``axis``."""
+    """Per-channel max |x|, sum of x^2 or sum of x along ``axis`` (non-finite values count
+    as 0)."""
 
-    def __init__(self, kind: Literal["channel_absmax", "channel_sqnorm"], axis: int) -> None:
+    def __init__(
+        self, kind: Literal["channel_absmax", "channel_sqnorm", "channel_sum"], axis: int
+    ) -> None:
         self.kind = kind
         self.axis = axis
         self.values: np.ndarray | None = None
@@ -372,7 +376,10 @@ class ChannelAccumulator:
         moved = np.moveaxis(np.asarray(array, dtype=np.float64), self.axis, -1)
         flat = moved.reshape(-1, moved.shape[-1])
         flat = np.where(np.isfinite(flat), flat, 0.0)
-        part = np.abs(flat).max(axis=0) if self.kind == "channel_absmax" else (flat**2).sum(0)
+        if self.kind == "channel_absmax":
+            part = np.abs(flat).max(axis=0)
+        else:
+            part = (flat**2 if self.kind == "channel_sqnorm" else flat).sum(0)
         if self.values is None:
             self.values = part
         elif self.kind == "channel_absmax":

@@ -56,7 +56,7 @@ logger = logging.getLogger(__name__)
 Progress = Callable[[str, int], None]
 """Called with (phase, samples done) after every run."""
 
-RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "gram"})
+RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "channel_sum", "gram"})
 
 # Histogram edges come from the first samples, widened by this fraction of their span on each
 # open side; values past them extend the histogram (or, far past, are counted again).

@@ -9,6 +9,7 @@ their order and shapes, never on how the source was batched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -43,6 +44,27 @@ def single_samples(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[Bat
             yield batch
             continue
         yield from split(batch, dynamic)
+
+
+def first_samples(dataset: Dataset, specs: Sequence[InputSpec], count: int) -> Dataset:
+    """``dataset`` cut to its first ``count`` samples (a batch that a model without a dynamic
+    first axis takes whole counts whole)."""
+
+    def make_batches() -> Iterator[Batch]:
+        left = count
+        for batch in single_samples(dataset, specs):
+            if left <= 0:
+                return
+            yield batch
+            left -= batch.samples
+
+    return dataclasses.replace(
+        dataset,
+        description=f"the first {count} samples of {dataset.description}",
+        make_batches=make_batches,
+        peek=None,
+        _first={},
+    )
 
 
 def split(batch: Batch, dynamic: set[str]) -> Iterator[Batch]:

@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 
 from onnx_shrink.compiler.io import data_files
-from onnx_shrink.runtime_check import sample_batches
+from onnx_shrink.runtime_check import data, sample_batches
 from onnx_shrink.runtime_check.data import Batch, InputSpec
 from onnx_shrink.runtime_check.sample_batches import grouped_samples, joinable, split
 
@@ -85,3 +85,15 @@ def test_joining_hands_back_the_pages_its_copy_read(tmp_path, monkeypatch):
     joined = list(grouped_samples(samples, lambda: 4))
     assert [b.samples for b in joined] == [4, 4]
     assert sorted(set(released_after_copy)) == list(range(8))
+
+
+def test_first_samples_cuts_the_stream_inside_a_batch_and_replays():
+    x = np.arange(7 * 2, dtype=np.float32).reshape(7, 2)
+    specs = [InputSpec("x", np.float32, ("N", 2))]
+    whole = data.from_arrays({"x": x}, specs, labels=None, where="x.npz")
+    first = sample_batches.first_samples(whole, specs, 5)
+    for _ in range(2):  # read twice, as a second pass over the data would
+        batches = list(first.batches())
+        assert sum(b.samples for b in batches) == 5
+        np.testing.assert_array_equal(np.concatenate([b.feed["x"] for b in batches]), x[:5])
+    assert "first 5 samples" in first.description
