@@ -11,10 +11,17 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import HistogramAccumulator, Statistics, StatRequest
-from onnx_shrink.passes.quant import calibration, compact, derived, fuse_bias, placement
+from onnx_shrink.passes.quant import (
+    bias_correction,
+    calibration,
+    compact,
+    derived,
+    fuse_bias,
+    placement,
+)
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quant_type, scale_and_zero_point
 from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
@@ -60,6 +67,9 @@ class QuantPass(DataAwarePass):
        constant bias [N] becomes ``com.microsoft.MatMulIntegerToFloat`` with that bias:
        onnxruntime's QDQ fusion makes the same kernel without the bias and leaves the Add
        (on MiniLM, 15 Adds of 23; about 5 % of its latency). Off: standard ONNX QDQ only.
+    9. With ``bias_correction``, each quantized Conv's mean output drift per channel,
+       measured on the quantized model in a second run over the calibration data (its first
+       ``bias_correction_samples``), is subtracted from its int32 bias (``bias_correction``).
     """
 
     name: ClassVar[str] = "quant"
@@ -124,6 +134,16 @@ class QuantPass(DataAwarePass):
         "per-channel weight scales rounded up to float16 values, and constants stored in the "
         "narrowest type that holds them exactly (float16, int8/16/32) read through a Cast, "
         "which onnxruntime folds when it loads the model",
+    )
+    bias_correction: bool = option(
+        False,
+        "subtract each quantized Conv's mean output drift per channel, measured in a second "
+        "run over the calibration data, from its int32 bias (not with only)",
+    )
+    bias_correction_samples: int = option(
+        0,
+        "measure the drift on the first this many calibration samples (0: all of them)",
+        minimum=0,
     )
 
     def __post_init__(self) -> None:
@@ -190,6 +210,9 @@ class QuantPass(DataAwarePass):
         stats = self.completed_statistics(model, stats)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
+        references = {}
+        if self.bias_correction and not self.only:
+            references = bias_correction.references(decided.nodes)
         if decided.nodes:
             params = self._activation_params(decided, stats, sixteen_bit)
             writer = QdqWriter(model.graph, narrow_storage=narrow)
@@ -217,6 +240,21 @@ class QuantPass(DataAwarePass):
             logger.warning("quant: no node could be quantized")
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
+        shadows = bias_correction.Shadows(model, references)
+        requests = shadows.add()
+        if not requests:
+            return self._finished(model, modified, narrow)
+
+        def finish(result: ir.Model, seen: Statistics | None) -> None:
+            shadows.finish(seen)
+            self._finished(result, modified, narrow)
+
+        return FollowupResult(
+            model, modified, Followup(model, requests, finish, self.bias_correction_samples)
+        )
+
+    @staticmethod
+    def _finished(model: ir.Model, modified: bool, narrow: bool) -> ir.passes.PassResult:
         if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)

@@ -1,0 +1,140 @@
+"""Empirical bias correction (``quant.bias_correction``): the second look at the data."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+
+import onnx_shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import ChannelAccumulator
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import collect, data, sample_batches
+from tests.helpers import make_model, run_ort
+
+F = onnx.TensorProto.FLOAT
+
+
+def _two_convs() -> onnx.ModelProto:
+    """Conv -> Relu -> Conv, with biases: the second Conv reads a quantized activation."""
+    rng = np.random.default_rng(3)
+    return make_model(
+        [
+            oh.make_node("Conv", ["x", "w1", "b1"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Relu", ["c"], ["r"]),
+            oh.make_node("Conv", ["r", "w2", "b2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 4, 10, 10])],
+        [oh.make_tensor_value_info("y", F, ["N", 6, 10, 10])],
+        {
+            "w1": rng.standard_normal((8, 4, 3, 3)).astype(np.float32) * 0.4,
+            "b1": rng.standard_normal(8).astype(np.float32) * 0.1,
+            "w2": rng.standard_normal((6, 8, 3, 3)).astype(np.float32) * 0.4,
+            "b2": rng.standard_normal(6).astype(np.float32) * 0.1,
+        },
+    )
+
+
+def _clustered_inputs(samples: int) -> np.ndarray:
+    """Values clustered a third of the way between grid steps: rounding them is biased."""
+    rng = np.random.default_rng(11)
+    x = rng.choice([0.37, 1.53, -0.81], size=(samples, 4, 10, 10)).astype(np.float32)
+    x[:, :, 0, 0] = np.array([-3.0, 3.0, -3.0, 3.0], np.float32)  # fixes a coarse range
+    return x + rng.normal(0, 0.005, x.shape).astype(np.float32)
+
+
+def _quantized(proto, calib, **options) -> tuple[ir.Model, bytes]:
+    result = onnx_shrink.shrink(proto, passes=[QuantPass(**options)], data=calib, check=False)
+    return result.model, io.to_bytes(result.model)
+
+
+def _mean_drift(model_bytes: bytes, proto, x: np.ndarray) -> np.ndarray:
+    """Per output channel, the mean of quantized minus float output over ``x``."""
+    got = run_ort(model_bytes, {"x": x})[0]
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    return (got - reference).mean(axis=(0, 2, 3))
+
+
+def test_the_correction_takes_the_mean_drift_out_and_changes_only_biases(tmp_path):
+    proto = _two_convs()
+    x = _clustered_inputs(24)
+    np.savez(tmp_path / "calib.npz", x=x)
+    plain, plain_bytes = _quantized(proto, tmp_path / "calib.npz", calibration="minmax")
+    fixed, fixed_bytes = _quantized(
+        proto, tmp_path / "calib.npz", calibration="minmax", bias_correction=True
+    )
+    # The same graph, every shadow gone: only int32 bias values differ.
+    assert [(n.op_type, n.name) for n in plain.graph] == [(n.op_type, n.name) for n in fixed.graph]
+    assert set(plain.graph.initializers) == set(fixed.graph.initializers)
+    changed = {
+        name
+        for name, value in fixed.graph.initializers.items()
+        if not np.array_equal(
+            value.const_value.numpy(), plain.graph.initializers[name].const_value.numpy()
+        )
+    }
+    assert changed and all(
+        fixed.graph.initializers[name].const_value.dtype == ir.DataType.INT32 for name in changed
+    )
+    held_out = _clustered_inputs(40)[24:]
+    before = np.abs(_mean_drift(plain_bytes, proto, held_out))
+    after = np.abs(_mean_drift(fixed_bytes, proto, held_out))
+    assert before.max() > 0.01  # the data makes a drift worth correcting
+    assert after.max() < 0.35 * before.max()
+    assert after.mean() < 0.35 * before.mean()
+
+
+def test_without_a_collector_the_pass_finishes_as_if_uncorrected(tmp_path):
+    """``bind(stats)`` alone has no second look: the shadows are removed, the rest stands."""
+    proto = _two_convs()
+    np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
+    results = []
+    for corrected in (False, True):
+        model = io.load(proto)
+        quant = QuantPass(calibration="minmax", bias_correction=corrected)
+        requests = quant.requests(model)
+        dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
+        quant.bind(collect.collect(model, requests, dataset))(model)
+        results.append(io.to_bytes(model))
+    assert results[0] == results[1]
+
+
+def test_the_drift_can_be_measured_on_the_first_samples_only(tmp_path):
+    proto = _two_convs()
+    x = _clustered_inputs(24)
+    np.savez(tmp_path / "calib.npz", x=x)
+    seen = []
+
+    def counting(model, requests, samples=0):
+        dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
+        if samples:
+            dataset = sample_batches.first_samples(dataset, data.specs_from_model(model), samples)
+        stats = collect.collect(model, requests, dataset)
+        seen.append(stats.samples)
+        return stats
+
+    model = io.load(proto)
+    quant = QuantPass(calibration="minmax", bias_correction=True, bias_correction_samples=5)
+    quant.bind(counting(model, quant.requests(model)), counting)(model)
+    assert seen == [24, 5]
+
+
+@pytest.mark.parametrize("kind", ["channel_sum", "channel_sqnorm", "channel_absmax"])
+def test_channel_accumulators_fold_batches_like_one(kind):
+    x = np.random.default_rng(0).standard_normal((6, 3, 4)).astype(np.float32)
+    whole, parts = ChannelAccumulator(kind, 1), ChannelAccumulator(kind, 1)
+    whole.add(x)
+    for i in range(0, 6, 4):
+        parts.add(x[i : i + 4])
+    flat = np.moveaxis(x.astype(np.float64), 1, -1).reshape(-1, 3)
+    expected = {
+        "channel_sum": flat.sum(0),
+        "channel_sqnorm": (flat**2).sum(0),
+        "channel_absmax": np.abs(flat).max(0),
+    }[kind]
+    np.testing.assert_allclose(whole.result().values, expected, rtol=1e-12)
+    np.testing.assert_allclose(parts.result().values, expected, rtol=1e-12)
+    assert whole.result().rows == parts.result().rows == 24
