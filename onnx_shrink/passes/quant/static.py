@@ -18,6 +18,7 @@ from onnx_shrink.passes.quant import (
     bias_correction,
     calibration,
     compact,
+    dead_zones,
     derived,
     fuse_bias,
     placement,
@@ -42,7 +43,9 @@ class QuantPass(DataAwarePass):
        or mse over fixed-edge histograms); activations are u8 asymmetric or s8 symmetric,
        16-bit for the tensors of nodes named in ``int16``. A Sigmoid's output range is the
        image of its input's, and an output sharing its input's scale takes the input's
-       (``derived``): neither is measured.
+       (``derived``): neither is measured. With ``dead_zones`` (u8), a tensor every reader
+       maps to one value below a level (a hard-swish below -3) is quantized from that level
+       up, with a grid point on it (``dead_zones``).
     3. Weights of Conv/MatMul/Gemm are s8 symmetric, per output channel unless
        ``per_channel`` is off; biases int32 with scale = input scale x weight scale; constant
        inputs of Add/Mul/Concat per tensor in the activation type. Zero points that are 0 of
@@ -135,6 +138,11 @@ class QuantPass(DataAwarePass):
         "narrowest type that holds them exactly (float16, int8/16/32) read through a Cast, "
         "which onnxruntime folds when it loads the model",
     )
+    dead_zones: bool = option(
+        True,
+        "a tensor whose every reader is flat below a level (hard-swish: -3) is quantized "
+        "from that level up, with a grid point on it",
+    )
     bias_correction: bool = option(
         False,
         "subtract each quantized Conv's mean output drift per channel, measured in a second "
@@ -214,7 +222,7 @@ class QuantPass(DataAwarePass):
         if self.bias_correction and not self.only:
             references = bias_correction.references(decided.nodes)
         if decided.nodes:
-            params = self._activation_params(decided, stats, sixteen_bit)
+            params = self._activation_params(model.graph, decided, stats, sixteen_bit)
             writer = QdqWriter(model.graph, narrow_storage=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(
@@ -280,23 +288,32 @@ class QuantPass(DataAwarePass):
         return count > 0
 
     def _activation_params(
-        self, decided: placement.Plan, stats: Statistics, sixteen_bit: bool
+        self, graph: ir.Graph, decided: placement.Plan, stats: Statistics, sixteen_bit: bool
     ) -> dict[str, Params]:
         """Scale and zero point of each planned tensor from its calibrated range (rule 2); a
         tensor sharing another's parameters (placement rule 3) gets the same arrays; the
         tensors of ``int16`` nodes get 16 bits when ``sixteen_bit`` (the opset allows it)."""
         wide = _tensors_of(decided.nodes, self.int16) if sixteen_bit else set()
         params: dict[str, Params] = {}
+        symmetric = self.activation_type == "s8"
+        floors = (
+            {} if symmetric or not self.dead_zones else dead_zones.floors(graph, decided.tensors)
+        )
         for tensor in decided.tensors:
             if tensor in decided.shared:
                 continue
-            qtype = quant_type(16 if tensor in wide else 8, signed=self.activation_type == "s8")
-            symmetric = qtype.signed
+            qtype = quant_type(16 if tensor in wide else 8, signed=symmetric)
             minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
+            floor = floors.get(tensor)
+            clipped = floor is not None and minmax is not None and minmax.minimum < floor
+            if clipped:
+                minmax, histogram = dead_zones.collapse(floor, minmax, histogram)
             method = self.calibration if histogram is not None else "minmax"
             lo, hi = calibration.tensor_range(
                 method, minmax, histogram, qtype, symmetric=symmetric, percentile=self.percentile
             )
+            if clipped and floor < 0:
+                lo, hi = dead_zones.aligned(floor, hi, qtype)
             params[tensor] = scale_and_zero_point(lo, hi, qtype, symmetric)
         for tensor, source in decided.shared.items():
             if source in params:

@@ -1,0 +1,139 @@
+"""Dead zones (``quant.dead_zones``): a tensor every reader ignores below a level."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+import onnx_shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import Histogram, MinMax
+from onnx_shrink.passes.quant import dead_zones
+from onnx_shrink.passes.quant.numerics import QUANT_TYPES, scale_and_zero_point
+from onnx_shrink.passes.quant.static import QuantPass
+from tests.helpers import make_model, run_ort
+
+F = onnx.TensorProto.FLOAT
+
+
+def _hard_swish_block(readers=()):
+    """Conv -> decomposed hard-swish (x * Clip(x + 3, 0, 6) / 6) -> Conv; ``readers``: more
+    nodes reading the first Conv's output ``c``, with their output's shape when it is a graph
+    output."""
+    rng = np.random.default_rng(5)
+    nodes = [
+        oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+        oh.make_node("Add", ["c", "three"], ["shifted"]),
+        oh.make_node("Clip", ["shifted", "zero", "six"], ["gate"]),
+        oh.make_node("Mul", ["c", "gate"], ["product"]),
+        oh.make_node("Div", ["product", "six"], ["h"]),
+        oh.make_node("Conv", ["h", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        *(r for r, _ in readers),
+    ]
+    outputs = [oh.make_tensor_value_info("y", F, ["N", 4, 6, 6])]
+    outputs += [oh.make_tensor_value_info(r.output[0], F, shape) for r, shape in readers if shape]
+    bias = np.full(8, -6.0, np.float32)  # most of c below -3, a long tail far below
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 3, 6, 6])],
+        outputs,
+        {
+            "w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+            "b": bias,
+            "w2": rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3,
+            "three": np.array(3.0, np.float32),
+            "zero": np.array(0.0, np.float32),
+            "six": np.array(6.0, np.float32),
+        },
+        opset=14,
+    )
+
+
+def _floors(proto, tensors):
+    model = io.load(proto)
+    return dead_zones.floors(model.graph, tensors)
+
+
+def test_a_decomposed_hard_swish_is_flat_below_minus_three():
+    assert _floors(_hard_swish_block(), ["c", "h", "x"]) == {"c": -3.0}
+
+
+def test_one_reader_that_is_not_flat_leaves_no_floor():
+    exp = oh.make_node("Exp", ["c"], ["e"])
+    assert _floors(_hard_swish_block([(exp, ["N", 8, 6, 6])]), ["c"]) == {}
+
+
+def test_the_lowest_reader_floor_counts_and_shape_ops_pass_through():
+    readers = [
+        (oh.make_node("Flatten", ["c"], ["flat"]), None),
+        (oh.make_node("Relu", ["flat"], ["r"]), ["N", 288]),
+        (oh.make_node("Sub", ["c", "three"], ["less"]), None),
+        # flat for c - 3 < -3, that is c < 0
+        (oh.make_node("HardSwish", ["less"], ["hs"]), ["N", 8, 6, 6]),
+    ]
+    # Relu through Flatten: 0; HardSwish after - 3: 0; the hard-swish itself: -3.
+    assert _floors(_hard_swish_block(readers), ["c"]) == {"c": -3.0}
+
+
+def test_relu_and_hard_sigmoid_levels():
+    nodes = [
+        oh.make_node("Relu", ["a"], ["r"]),
+        oh.make_node("HardSigmoid", ["b"], ["s"], alpha=0.25, beta=0.5),
+    ]
+    proto = make_model(
+        nodes,
+        [oh.make_tensor_value_info(n, F, [4]) for n in ("a", "b")],
+        [oh.make_tensor_value_info(n, F, [4]) for n in ("r", "s")],
+        {},
+    )
+    assert _floors(proto, ["a", "b"]) == {"a": 0.0, "b": -2.0}
+
+
+def test_collapse_moves_the_mass_below_the_floor_onto_it():
+    edges = np.linspace(-10.0, 10.0, 21)
+    counts = np.arange(20, dtype=np.float64)
+    minmax, histogram = dead_zones.collapse(
+        -3.5, MinMax(-10.0, 10.0, 0, 190), Histogram(edges, counts)
+    )
+    assert minmax.minimum == -3.5 and minmax.maximum == 10.0
+    assert histogram.edges[0] == -3.5 and histogram.edges[1] == -3.0
+    assert histogram.counts.sum() == counts.sum()
+    assert histogram.counts[0] == counts[:7].sum()  # bins from -10 up to -3 (the floor's)
+    same = dead_zones.collapse(-12.0, MinMax(-10.0, 10.0, 0, 190), Histogram(edges, counts))
+    assert same[0].minimum == -10.0 and same[1].edges[0] == -10.0
+
+
+@pytest.mark.parametrize("floor,hi", [(-3.0, 10.07), (-3.0, 0.4), (-0.01, 50.0), (-7.5, 7.5)])
+def test_aligned_reaches_the_floor_and_the_top_on_a_grid_with_zero(floor, hi):
+    u8 = QUANT_TYPES["u8"]
+    lo, top = dead_zones.aligned(floor, hi, u8)
+    scale, zero = scale_and_zero_point(lo, top, u8, symmetric=False)
+    step = float(scale)
+    lowest, highest = (0 - int(zero)) * step, (255 - int(zero)) * step
+    assert lowest <= floor * (1 - 1e-6) and highest >= hi * (1 - 1e-6)
+    assert lowest >= floor - step * (1 + 1e-6)  # within a step of the floor
+    assert step <= 1.03 * (hi - floor) / 255  # about the plain range's step
+
+
+def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
+    proto = _hard_swish_block()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 3, 6, 6)).astype(np.float32) * 3
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    errors, scales = {}, {}
+    for flag in (False, True):
+        model = onnx_shrink.shrink(
+            proto,
+            passes=[QuantPass(calibration="minmax", dead_zones=flag)],
+            data=tmp_path / "calib.npz",
+            check=False,
+        ).model
+        q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.name == "c")
+        scales[flag] = float(q.inputs[1].const_value.numpy())
+        got = run_ort(io.to_bytes(model), {"x": x[32:]})[0]
+        reference = run_ort(proto.SerializeToString(), {"x": x[32:]})[0]
+        errors[flag] = float(np.sqrt(np.mean((got - reference) ** 2)))
+    assert scales[True] < 0.6 * scales[False]
+    assert errors[True] < 0.95 * errors[False]
