@@ -22,12 +22,16 @@ from __future__ import annotations
 
 import abc
 import dataclasses
+import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.errors import ShrinkError
+
+logger = logging.getLogger(__name__)
 
 Edit = Callable[[ir.Model], None]
 """Rewrites, in place, a copy of the model a pass was given."""
@@ -45,9 +49,10 @@ class Collector(Protocol):
 @dataclasses.dataclass(frozen=True)
 class Followup:
     """A second look at the calibration data, asked by ``apply``: the pipeline collects
-    ``requests`` on ``model`` (built by the pass, never returned) and calls ``finish`` with
-    the pass's result, which it edits in place, and those statistics (None where nothing can
-    collect them: ``finish`` then completes the result without them)."""
+    ``requests`` on ``model`` and calls ``finish`` with the pass's result, which it edits in
+    place, and those statistics (None where nothing can collect them, or the collection
+    failed: ``finish`` then completes the result without them). ``model`` may be the result
+    itself with nodes added for the measurement, which ``finish`` takes out again."""
 
     model: ir.Model
     requests: tuple[StatRequest, ...]
@@ -132,6 +137,9 @@ class BoundPass(ir.passes.InPlacePass):
             return result
         seen = None
         if self.collect is not None and followup.requests:
-            seen = self.collect(followup.model, followup.requests, samples=followup.samples)
+            try:
+                seen = self.collect(followup.model, followup.requests, samples=followup.samples)
+            except ShrinkError as e:  # a refinement: the pass's result stands without it
+                logger.warning("%s: the second look at the data failed (%s)", self.name, e)
         followup.finish(result.model, seen)
         return ir.passes.PassResult(result.model, result.modified)

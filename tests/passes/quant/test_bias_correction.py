@@ -11,6 +11,7 @@ import pytest
 import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelAccumulator
+from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, data, sample_batches
 from tests.helpers import make_model, run_ort
@@ -138,3 +139,22 @@ def test_channel_accumulators_fold_batches_like_one(kind):
     np.testing.assert_allclose(whole.result().values, expected, rtol=1e-12)
     np.testing.assert_allclose(parts.result().values, expected, rtol=1e-12)
     assert whole.result().rows == parts.result().rows == 24
+
+
+def test_a_failed_second_look_leaves_the_uncorrected_result_and_warns(tmp_path, caplog):
+    proto = _two_convs()
+    np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
+    results = []
+    for corrected in (False, True):
+        model = io.load(proto)
+        quant = QuantPass(calibration="minmax", bias_correction=corrected)
+        dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
+        stats = collect.collect(model, quant.requests(model), dataset)
+
+        def failing(model, requests, samples=0):
+            raise ShrinkError("onnxruntime could not run the measurement model")
+
+        quant.bind(stats, failing)(model)
+        results.append(io.to_bytes(model))
+    assert results[0] == results[1]
+    assert "second look at the data failed" in caplog.text
