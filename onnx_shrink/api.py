@@ -337,12 +337,14 @@ def _collect(
     model: ir.Model,
     requests,
     samples: int = 0,
+    run_samples: int = 0,
     *,
     dataset: data_mod.Dataset,
     provider: str,
     progress: collect_mod.Progress | None,
 ):
-    """``pipeline.Collector`` over ``dataset`` (its first ``samples``, when not 0)."""
+    """``pipeline.Collector`` over ``dataset`` (its first ``samples``, when not 0; at most
+    ``run_samples`` in a run, when not 0)."""
     if samples:
         dataset = sample_batches.first_samples(dataset, data_mod.specs_from_model(model), samples)
     if dataset.synthetic:
@@ -351,7 +353,14 @@ def _collect(
             "about real data: give --calibration FILE (or --data)",
             dataset.description,
         )
-    return collect_mod.collect(model, requests, dataset, provider=provider, progress=progress)
+    return collect_mod.collect(
+        model,
+        requests,
+        dataset,
+        provider=provider,
+        progress=progress,
+        run_samples=run_samples or collect_mod.MAX_RUN_SAMPLES,
+    )
 
 
 def _check_options(

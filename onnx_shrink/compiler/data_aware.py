@@ -38,11 +38,16 @@ Edit = Callable[[ir.Model], None]
 
 
 class Collector(Protocol):
-    """Runs ``model`` over the calibration data (its first ``samples`` only, when not 0) and
-    returns the statistics ``requests`` ask for."""
+    """Runs ``model`` over the calibration data (its first ``samples`` only, when not 0; at
+    most ``run_samples`` samples in one run, when not 0) and returns the statistics
+    ``requests`` ask for."""
 
     def __call__(
-        self, model: ir.Model, requests: Sequence[StatRequest], samples: int = 0
+        self,
+        model: ir.Model,
+        requests: Sequence[StatRequest],
+        samples: int = 0,
+        run_samples: int = 0,
     ) -> Statistics: ...
 
 
@@ -59,6 +64,9 @@ class Followup:
     finish: Callable[[ir.Model, Statistics | None], None]
     samples: int = 0
     """measure on the first this many calibration samples (0: all of them)"""
+    run_samples: int = 0
+    """at most this many samples in one run (0: as the collector decides from the requested
+    tensors, which may not show what ``model`` itself holds)"""
 
 
 @dataclasses.dataclass
@@ -138,7 +146,12 @@ class BoundPass(ir.passes.InPlacePass):
         seen = None
         if self.collect is not None and followup.requests:
             try:
-                seen = self.collect(followup.model, followup.requests, samples=followup.samples)
+                seen = self.collect(
+                    followup.model,
+                    followup.requests,
+                    samples=followup.samples,
+                    run_samples=followup.run_samples,
+                )
             except ShrinkError as e:  # a refinement: the pass's result stands without it
                 logger.warning("%s: the second look at the data failed (%s)", self.name, e)
         followup.finish(result.model, seen)

@@ -292,11 +292,15 @@ class _TimedCollector:
         self.seconds = 0.0
 
     def __call__(
-        self, model: ir.Model, requests: Sequence[StatRequest], samples: int = 0
+        self,
+        model: ir.Model,
+        requests: Sequence[StatRequest],
+        samples: int = 0,
+        run_samples: int = 0,
     ) -> Statistics:
         started = time.perf_counter()
         try:
-            return self.collect(model, requests, samples)
+            return self.collect(model, requests, samples, run_samples)
         finally:
             self.seconds += time.perf_counter() - started
 

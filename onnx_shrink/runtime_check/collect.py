@@ -78,8 +78,10 @@ def collect(
     *,
     provider: str = "cpu",
     progress: Progress | None = None,
+    run_samples: int = MAX_RUN_SAMPLES,
 ) -> st.Statistics:
-    """Compute every request over ``dataset`` on ``model`` (which is not modified).
+    """Compute every request over ``dataset`` on ``model`` (which is not modified), with at
+    most ``run_samples`` samples in one run.
 
     Raises:
         ShrinkError: a requested tensor is not produced in the main graph, or the model
@@ -101,6 +103,7 @@ def collect(
         counting = _Pass(
             session, ranged, others, histograms, progress, runs.parallel_runs(provider)
         )
+        counting.max_run = max(1, min(run_samples, MAX_RUN_SAMPLES))
         counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
         ranges = counting.ranges
         # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold
@@ -130,6 +133,7 @@ class _Pass:
     def __init__(self, session, ranged, others, histograms, progress, in_flight=1) -> None:
         self.session = session
         self.in_flight = in_flight  # runs at once
+        self.max_run = MAX_RUN_SAMPLES  # samples a run may join
         self.ranges = {name: st.MinMaxAccumulator() for name in ranged}
         self.others = others
         self.requests = list(histograms)
@@ -204,7 +208,7 @@ class _Pass:
         elements = sum(int(outputs[cg.range_names(name)[2]]) for name in self.ranges)
         nbytes = 4 * elements + sum(outputs[r.tensor].nbytes for r in self.others)
         logger.debug("statistics: one sample's requested tensors hold %d bytes", nbytes)
-        return max(1, min(MAX_RUN_SAMPLES, RUN_BYTES // max(self.in_flight * nbytes, 1)))
+        return max(1, min(self.max_run, RUN_BYTES // max(self.in_flight * nbytes, 1)))
 
     def _grouped(self, samples: Iterator[data_mod.Batch]) -> Iterator[data_mod.Batch]:
         if self.joining is None:

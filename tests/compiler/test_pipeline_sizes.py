@@ -65,7 +65,7 @@ def test_a_rolled_back_data_aware_pass_leaves_the_model_as_its_requests_found_it
         model,
         [QuantPass(int16=(".*",))],
         verify=lambda candidate: pipeline.Verdict(False, "rejected by the test"),
-        collect=lambda m, requests, samples=0: collect.collect(m, requests, dataset),
+        collect=lambda m, requests, *_: collect.collect(m, requests, dataset),
     )
     (step,) = result.steps
     assert step.rolled_back
