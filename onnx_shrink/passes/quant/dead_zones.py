@@ -1,33 +1,36 @@
-"""Dead zones: values below a level that every reader of a tensor maps to the same result.
+"""Dead zones: values past a level that every reader of a tensor maps to the same result.
 
 A hard-swish ``x * Clip(x + 3, 0, 6)`` (MobileNetV3, PP-OCR; ``HardSwish`` or decomposed) is 0
 for every ``x <= -3``: how far below -3 a value lies changes nothing downstream. Quantizing
 ``x`` over its measured range wastes the grid on that tail: on PP-OCRv4 rec a Conv output
 ranging over [-17.6, 10.1] feeds a hard-swish, and all of [-17.6, -3] is one output value.
 Quantized over [-3, 10.1] instead, its step is half as wide, at no cost at all: a value
-below -3 saturates to -3, which the hard-swish maps to 0 as it did the value itself.
+below -3 saturates to -3, which the hard-swish maps to 0 as it did the value itself. A
+hard-sigmoid (the gate of a squeeze-and-excitation block) is flat on both sides: on the
+PP-OCRv4 detector its inputs range up to [-57.5, 26.8], of which [-2.5, 2.5] matters.
 
-``floors`` finds, for a tensor, the level below which *every* reader is flat:
+``zones`` finds, for a tensor, the level below which (its *floor*) and the level above which
+(its *ceiling*) *every* reader is flat:
 
-* ``Relu`` (0), ``Clip`` with a constant min (that min), ``HardSwish`` (-3),
-  ``HardSigmoid`` (``-beta / alpha``);
-* ``Add``/``Sub`` of a constant scalar: the output's floor moved back by it;
+* ``Relu`` (floor 0), ``Clip`` (its constant min and max), ``HardSwish`` (floor -3),
+  ``HardSigmoid`` (``-beta / alpha`` and ``(1 - beta) / alpha``);
+* ``Add``/``Sub`` of a constant scalar: the output's levels moved back by it;
 * ``Mul`` by a factor that is 0 below a level of the same tensor (the ``Clip(x + 3, 0, 6)``
   of a decomposed hard-swish): the product is 0 there whatever the tensor's value;
 * ops that only move values (``placement.SHAPE_ONLY``, ``Split``) or keep a maximum
-  (``MaxPool``): their output's floor.
+  (``MaxPool``): their output's levels.
 
-The floor of a tensor is the lowest of its readers' (below it, all are flat); a graph output
-or any other reader has none. ``collapse`` moves the statistics' mass below the floor onto it
-(the calibration method then chooses the range of what matters), and ``aligned`` puts a grid
-point exactly on the floor, so that a saturated value dequantizes to the floor itself and the
-reader's flat region holds it, whatever the rounding.
+A tensor's floor is the lowest of its readers' and its ceiling the highest (past them, all
+are flat); a graph output or any other reader has none. ``collapse`` moves the statistics'
+mass past the levels onto them (the calibration method then chooses the range of what
+matters), and ``aligned`` puts the grid's ends on or past them with 0 on the grid, so that a
+saturated value stays in the flat region whatever the rounding.
 """
 
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 
 import numpy as np
 import onnx_ir as ir
@@ -41,59 +44,81 @@ TRANSPARENT = placement.SHAPE_ONLY | {"Split", "MaxPool"}
 output's floor either is moved there or loses to a larger one."""
 
 
-def floors(graph: ir.Graph, tensors: Collection[str]) -> dict[str, float]:
-    """For each of ``tensors`` whose every reader is flat below a level, that level."""
+@dataclasses.dataclass(frozen=True)
+class Zone:
+    """Levels past which every reader of a tensor is flat (None: not on that side)."""
+
+    floor: float | None = None
+    ceiling: float | None = None
+
+    def shifted(self, offset: float) -> Zone:
+        """The zone of ``x`` when this is the zone of ``x + offset``."""
+        return Zone(
+            None if self.floor is None else self.floor - offset,
+            None if self.ceiling is None else self.ceiling - offset,
+        )
+
+
+def zones(graph: ir.Graph, tensors: Collection[str]) -> dict[str, Zone]:
+    """For each of ``tensors`` whose every reader is flat past a level, its ``Zone``."""
     values = {v.name: v for node in graph for v in node.outputs if v is not None}
     values.update((v.name, v) for v in graph.inputs)
     result = {}
     for name in tensors:
         value = values.get(name)
-        floor = _floor(value, depth=0) if value is not None else None
-        if floor is not None and np.isfinite(floor):
-            result[name] = floor
+        zone = _zone(value, depth=0) if value is not None else Zone()
+        if zone.floor is not None or zone.ceiling is not None:
+            result[name] = zone
     return result
 
 
 _MAX_DEPTH = 8
+_NONE = Zone()
 
 
-def _floor(value: ir.Value, depth: int) -> float | None:
-    """The level below which every reader of ``value`` gives the same result, or None."""
+def _zone(value: ir.Value, depth: int) -> Zone:
+    """The levels past which every reader of ``value`` gives the same result."""
     if value.is_graph_output() or depth > _MAX_DEPTH:
-        return None
-    uses = list(value.uses())
-    if not uses:
-        return None
-    levels = [_reader_floor(use.node, use.idx, value, depth) for use in uses]
-    return None if any(level is None for level in levels) else min(levels)
+        return _NONE
+    readers = [_reader_zone(use.node, use.idx, value, depth) for use in value.uses()]
+    if not readers:
+        return _NONE
+    floors = [z.floor for z in readers]
+    ceilings = [z.ceiling for z in readers]
+    return Zone(
+        None if None in floors else min(floors),  # type: ignore[type-var]
+        None if None in ceilings else max(ceilings),  # type: ignore[type-var]
+    )
 
 
-def _reader_floor(node: ir.Node, index: int, value: ir.Value, depth: int) -> float | None:
+def _reader_zone(node: ir.Node, index: int, value: ir.Value, depth: int) -> Zone:
     op = node.op_type if node.domain in ("", "ai.onnx") else None
     out = node.outputs[0] if node.outputs else None
     if op == "Relu":
-        return 0.0
+        return Zone(0.0)
     if op == "Clip" and index == 0:
-        return _clip_min(node)
+        return Zone(*_clip_bounds(node))
     if op == "HardSwish":
-        return -3.0
+        return Zone(-3.0)
     if op == "HardSigmoid":
-        alpha = _attribute(node, "alpha", 0.2)
-        return -_attribute(node, "beta", 0.5) / alpha if alpha > 0 else None
-    if op in ("Add", "Sub") and out is not None:
-        constant = _scalar(node.inputs[1 - index]) if len(node.inputs) == 2 else None
+        alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
+        return Zone(-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else _NONE
+    if op in ("Add", "Sub") and out is not None and len(node.inputs) == 2:
+        constant = _scalar(node.inputs[1 - index])
         if constant is None or (op == "Sub" and index == 1):
-            return None
-        floor = _floor(out, depth + 1)
-        if floor is None:
-            return None
-        return floor - constant if op == "Add" else floor + constant
+            return _NONE
+        return _zone(out, depth + 1).shifted(constant if op == "Add" else -constant)
     if op == "Mul" and len(node.inputs) == 2:
-        return _zero_below(node.inputs[1 - index], value)
+        return Zone(_zero_below(node.inputs[1 - index], value))
     if op in TRANSPARENT and index == 0:
-        floors_out = [_floor(o, depth + 1) for o in node.outputs if o is not None]
-        return None if not floors_out or None in floors_out else min(floors_out)
-    return None
+        outputs = [_zone(o, depth + 1) for o in node.outputs if o is not None]
+        floors = [z.floor for z in outputs]
+        ceilings = [z.ceiling for z in outputs]
+        return Zone(
+            None if not outputs or None in floors else min(floors),  # type: ignore[type-var]
+            None if not outputs or None in ceilings else max(ceilings),  # type: ignore[type-var]
+        )
+    return _NONE
 
 
 def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
@@ -102,7 +127,7 @@ def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
     clip = factor.producer() if factor is not None else None
     if clip is None or clip.op_type not in ("Relu", "Clip"):
         return None
-    if clip.op_type == "Clip" and _clip_min(clip) != 0.0:
+    if clip.op_type == "Clip" and _clip_bounds(clip)[0] != 0.0:
         return None
     shifted = clip.inputs[0]
     if shifted is value:
@@ -121,11 +146,16 @@ def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
     return -constant if add.op_type == "Add" else constant
 
 
-def _clip_min(node: ir.Node) -> float | None:
-    if len(node.inputs) > 1:  # opset 11 and later: an optional input
-        return _scalar(node.inputs[1]) if node.inputs[1] is not None else None
-    attribute = node.attributes.get("min")  # before opset 11
-    return float(attribute.value) if attribute is not None else None
+def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
+    """A Clip's constant (min, max), None where it has none."""
+    if len(node.inputs) > 1 or "min" not in node.attributes and "max" not in node.attributes:
+        bounds = [_scalar(v) if v is not None else None for v in list(node.inputs[1:3])]
+        return (bounds + [None, None])[0], (bounds + [None, None])[1]
+    low, high = node.attributes.get("min"), node.attributes.get("max")  # before opset 11
+    return (
+        float(low.value) if low is not None else None,
+        float(high.value) if high is not None else None,
+    )
 
 
 def _attribute(node: ir.Node, name: str, default: float) -> float:
@@ -142,36 +172,79 @@ def _scalar(value: ir.Value | None) -> float | None:
     return float(array.reshape(()))
 
 
+Pick = Callable[[MinMax, "Histogram | None"], tuple[float, float]]
+"""The calibration method: a range from a tensor's statistics."""
+
+
+def chosen_range(
+    zone: Zone, minmax: MinMax, histogram: Histogram | None, pick: Pick, qtype: QuantType
+) -> tuple[float, float]:
+    """The range to quantize a tensor with ``zone`` over: ``pick`` on its statistics with
+    the mass past the zone's levels moved onto them (``collapse``), the ends at the levels
+    where values lay past them, and the grid aligned on them (``aligned``)."""
+    minmax, histogram, applied = collapse(zone, minmax, histogram)
+    lo, hi = pick(minmax, histogram)
+    lo = applied.floor if applied.floor is not None else lo
+    hi = applied.ceiling if applied.ceiling is not None else hi
+    return aligned(
+        lo,
+        hi,
+        qtype,
+        at_floor=applied.floor is not None,
+        at_ceiling=applied.ceiling is not None,
+    )
+
+
 def collapse(
-    floor: float, minmax: MinMax, histogram: Histogram | None
-) -> tuple[MinMax, Histogram | None]:
-    """The statistics with every value below ``floor`` moved onto it (unchanged when none
-    lies below it, or when all do)."""
-    if not minmax.minimum < floor < minmax.maximum:
-        return minmax, histogram
-    moved = dataclasses.replace(minmax, minimum=floor)
+    zone: Zone, minmax: MinMax, histogram: Histogram | None
+) -> tuple[MinMax, Histogram | None, Zone]:
+    """The statistics with every value past the zone's levels moved onto them, and the
+    levels that moved any (a level no value lies past, or past which all do, stays out)."""
+    floor = zone.floor if zone.floor is not None and minmax.minimum < zone.floor else None
+    ceiling = zone.ceiling
+    if ceiling is not None and not ceiling < minmax.maximum:
+        ceiling = None
+    low = floor if floor is not None else minmax.minimum
+    high = ceiling if ceiling is not None else minmax.maximum
+    if not low < high:  # everything in a flat region: nothing to choose
+        return minmax, histogram, Zone()
+    moved = dataclasses.replace(minmax, minimum=low, maximum=high)
+    applied = Zone(floor, ceiling)
     if histogram is None:
-        return moved, None
+        return moved, None, applied
     edges = np.asarray(histogram.edges, dtype=np.float64)
     counts = np.asarray(histogram.counts, dtype=np.float64)
-    first = int(np.clip(np.searchsorted(edges, floor, side="right") - 1, 0, counts.size - 1))
-    kept_edges = np.concatenate(([floor], edges[first + 1 :]))
-    kept_counts = counts[first:].copy()
+    last = counts.size - 1
+    first = int(np.clip(np.searchsorted(edges, low, side="right") - 1, 0, last))
+    top = int(np.clip(np.searchsorted(edges, high, side="left") - 1, first, last))
+    kept_counts = counts[first : top + 1].copy()
     kept_counts[0] += counts[:first].sum()
-    return moved, dataclasses.replace(histogram, edges=kept_edges, counts=kept_counts)
+    kept_counts[-1] += counts[top + 1 :].sum()
+    kept_edges = np.concatenate(([max(low, edges[0])], edges[first + 1 : top + 1], [high]))
+    kept = dataclasses.replace(histogram, edges=kept_edges, counts=kept_counts)
+    return moved, kept, applied
 
 
-def aligned(floor: float, hi: float, qtype: QuantType) -> tuple[float, float]:
-    """[lo, hi'] for a tensor flat below ``floor`` (< 0) whose top is ``hi``, on a grid of
-    ``qtype.levels`` steps with 0 on it: the floor a whole number ``k`` of steps below 0 (a
-    saturated value dequantizes to the floor exactly), ``k`` the largest that still reaches
-    ``hi`` (hi' >= hi, the step at most 1 / k wider than [floor, hi]'s). A floor less than
-    one such step below 0 gets one step below 0, at the top's step."""
+def aligned(
+    lo: float, hi: float, qtype: QuantType, *, at_floor: bool, at_ceiling: bool
+) -> tuple[float, float]:
+    """[lo', hi'] on a grid of ``qtype.levels`` steps with 0 on it, for a range whose ``lo``
+    is a floor (``at_floor``) or whose ``hi`` is a ceiling: that end a whole number ``k`` of
+    steps from 0 (a saturated value dequantizes to the level exactly), ``k`` the largest that
+    still reaches the other end (the step at most 1 / k wider than [lo, hi]'s). A level less
+    than one such step from 0 gets one step, at the other end's step."""
     levels = qtype.levels
-    top = max(hi, 0.0)
-    below = int(np.floor(-floor / ((top - floor) / levels) + 1e-9))
-    if below < 1:
-        step = top / (levels - 1)
-        return -step, top
-    step = -floor / min(below, levels)
-    return floor, (levels - min(below, levels)) * step
+    lo, hi = min(lo, 0.0), max(hi, 0.0)
+    if at_floor and lo < 0:
+        below = int(np.floor(-lo / ((hi - lo) / levels) + 1e-9))
+        if below < 1:
+            return -hi / (levels - 1), hi
+        step = -lo / min(below, levels)
+        return lo, (levels - min(below, levels)) * step
+    if at_ceiling and hi > 0:
+        above = int(np.floor(hi / ((hi - lo) / levels) + 1e-9))
+        if above < 1:
+            return lo, -lo / (levels - 1)
+        step = hi / min(above, levels)
+        return -(levels - min(above, levels)) * step, hi
+    return lo, hi

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from collections.abc import Sequence
 from typing import ClassVar, Literal
@@ -13,7 +14,13 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult
 from onnx_shrink.compiler.options import check_options, option
-from onnx_shrink.compiler.statistics import HistogramAccumulator, Statistics, StatRequest
+from onnx_shrink.compiler.statistics import (
+    Histogram,
+    HistogramAccumulator,
+    MinMax,
+    Statistics,
+    StatRequest,
+)
 from onnx_shrink.passes.quant import (
     bias_correction,
     calibration,
@@ -24,7 +31,12 @@ from onnx_shrink.passes.quant import (
     placement,
 )
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
-from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quant_type, scale_and_zero_point
+from onnx_shrink.passes.quant.numerics import (
+    QUANT_TYPES,
+    QuantType,
+    quant_type,
+    scale_and_zero_point,
+)
 from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
 from onnx_shrink.passes.quant.weight_matching import lift_constant_weights, onnx_opset
 
@@ -298,29 +310,40 @@ class QuantPass(DataAwarePass):
         wide = _tensors_of(decided.nodes, self.int16) if sixteen_bit else set()
         params: dict[str, Params] = {}
         symmetric = self.activation_type == "s8"
-        floors = (
-            {} if symmetric or not self.dead_zones else dead_zones.floors(graph, decided.tensors)
-        )
+        zones = {}
+        if self.dead_zones and not symmetric:
+            zones = dead_zones.zones(graph, decided.tensors)
         for tensor in decided.tensors:
             if tensor in decided.shared:
                 continue
             qtype = quant_type(16 if tensor in wide else 8, signed=symmetric)
+            pick = functools.partial(self._pick_range, qtype=qtype)
             minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
-            floor = floors.get(tensor)
-            clipped = floor is not None and minmax is not None and minmax.minimum < floor
-            if clipped:
-                minmax, histogram = dead_zones.collapse(floor, minmax, histogram)
-            method = self.calibration if histogram is not None else "minmax"
-            lo, hi = calibration.tensor_range(
-                method, minmax, histogram, qtype, symmetric=symmetric, percentile=self.percentile
-            )
-            if clipped and floor < 0:
-                lo, hi = dead_zones.aligned(floor, hi, qtype)
+            zone = zones.get(tensor)
+            if zone is not None and minmax is not None:
+                lo, hi = dead_zones.chosen_range(zone, minmax, histogram, pick, qtype)
+            else:
+                lo, hi = pick(minmax, histogram)
             params[tensor] = scale_and_zero_point(lo, hi, qtype, symmetric)
         for tensor, source in decided.shared.items():
             if source in params:
                 params[tensor] = params[source]
         return params
+
+    def _pick_range(
+        self, minmax: MinMax, histogram: Histogram | None, qtype: QuantType
+    ) -> tuple[float, float]:
+        """The calibration method's range for one tensor (min/max where it has no
+        histogram)."""
+        method = self.calibration if histogram is not None else "minmax"
+        return calibration.tensor_range(
+            method,
+            minmax,
+            histogram,
+            qtype,
+            symmetric=qtype.signed,
+            percentile=self.percentile,
+        )
 
     def _quantize_constants(self, writer: QdqWriter, node: ir.Node, per_channel: bool) -> None:
         act = quant_type(8, signed=self.activation_type == "s8")

@@ -51,18 +51,21 @@ def _hard_swish_block(readers=()):
     )
 
 
-def _floors(proto, tensors):
+def _zones(proto, tensors):
     model = io.load(proto)
-    return dead_zones.floors(model.graph, tensors)
+    return dead_zones.zones(model.graph, tensors)
+
+
+Zone = dead_zones.Zone
 
 
 def test_a_decomposed_hard_swish_is_flat_below_minus_three():
-    assert _floors(_hard_swish_block(), ["c", "h", "x"]) == {"c": -3.0}
+    assert _zones(_hard_swish_block(), ["c", "h", "x"]) == {"c": Zone(-3.0)}
 
 
 def test_one_reader_that_is_not_flat_leaves_no_floor():
     exp = oh.make_node("Exp", ["c"], ["e"])
-    assert _floors(_hard_swish_block([(exp, ["N", 8, 6, 6])]), ["c"]) == {}
+    assert _zones(_hard_swish_block([(exp, ["N", 8, 6, 6])]), ["c"]) == {}
 
 
 def test_the_lowest_reader_floor_counts_and_shape_ops_pass_through():
@@ -74,47 +77,65 @@ def test_the_lowest_reader_floor_counts_and_shape_ops_pass_through():
         (oh.make_node("HardSwish", ["less"], ["hs"]), ["N", 8, 6, 6]),
     ]
     # Relu through Flatten: 0; HardSwish after - 3: 0; the hard-swish itself: -3.
-    assert _floors(_hard_swish_block(readers), ["c"]) == {"c": -3.0}
+    assert _zones(_hard_swish_block(readers), ["c"]) == {"c": Zone(-3.0)}
 
 
-def test_relu_and_hard_sigmoid_levels():
+def test_relu_clip_and_hard_sigmoid_levels():
     nodes = [
         oh.make_node("Relu", ["a"], ["r"]),
         oh.make_node("HardSigmoid", ["b"], ["s"], alpha=0.25, beta=0.5),
+        oh.make_node("Clip", ["c", "", "six"], ["relu6_top"]),  # max only
+        oh.make_node("Add", ["d", "one"], ["d1"]),
+        oh.make_node("Clip", ["d1", "zero", "six"], ["relu6"]),
     ]
     proto = make_model(
         nodes,
-        [oh.make_tensor_value_info(n, F, [4]) for n in ("a", "b")],
-        [oh.make_tensor_value_info(n, F, [4]) for n in ("r", "s")],
-        {},
+        [oh.make_tensor_value_info(n, F, [4]) for n in "abcd"],
+        [oh.make_tensor_value_info(n, F, [4]) for n in ("r", "s", "relu6_top", "relu6")],
+        {n: np.array(v, np.float32) for n, v in (("six", 6.0), ("zero", 0.0), ("one", 1.0))},
     )
-    assert _floors(proto, ["a", "b"]) == {"a": 0.0, "b": -2.0}
+    assert _zones(proto, ["a", "b", "c", "d"]) == {
+        "a": Zone(0.0),
+        "b": Zone(-2.0, 2.0),
+        "c": Zone(None, 6.0),
+        "d": Zone(-1.0, 5.0),
+    }
 
 
-def test_collapse_moves_the_mass_below_the_floor_onto_it():
+def test_collapse_moves_the_mass_past_the_levels_onto_them():
     edges = np.linspace(-10.0, 10.0, 21)
     counts = np.arange(20, dtype=np.float64)
-    minmax, histogram = dead_zones.collapse(
-        -3.5, MinMax(-10.0, 10.0, 0, 190), Histogram(edges, counts)
+    full = MinMax(-10.0, 10.0, 0, 190)
+    minmax, histogram, applied = dead_zones.collapse(
+        Zone(-3.5, 2.5), full, Histogram(edges, counts)
     )
-    assert minmax.minimum == -3.5 and minmax.maximum == 10.0
-    assert histogram.edges[0] == -3.5 and histogram.edges[1] == -3.0
+    assert (minmax.minimum, minmax.maximum) == (-3.5, 2.5) and applied == Zone(-3.5, 2.5)
+    np.testing.assert_array_equal(histogram.edges, [-3.5, -3, -2, -1, 0, 1, 2, 2.5])
     assert histogram.counts.sum() == counts.sum()
-    assert histogram.counts[0] == counts[:7].sum()  # bins from -10 up to -3 (the floor's)
-    same = dead_zones.collapse(-12.0, MinMax(-10.0, 10.0, 0, 190), Histogram(edges, counts))
-    assert same[0].minimum == -10.0 and same[1].edges[0] == -10.0
+    assert histogram.counts[0] == counts[:7].sum()  # the bins from -10 to -3 (the floor's)
+    assert histogram.counts[-1] == counts[12:].sum()  # from 2 (the ceiling's) to 10
+    # A level no value lies past stays out.
+    same = dead_zones.collapse(Zone(-12.0, 11.0), full, Histogram(edges, counts))
+    assert same[0] == full and same[1].edges[0] == -10.0 and same[2] == Zone()
 
 
 @pytest.mark.parametrize("floor,hi", [(-3.0, 10.07), (-3.0, 0.4), (-0.01, 50.0), (-7.5, 7.5)])
 def test_aligned_reaches_the_floor_and_the_top_on_a_grid_with_zero(floor, hi):
     u8 = QUANT_TYPES["u8"]
-    lo, top = dead_zones.aligned(floor, hi, u8)
-    scale, zero = scale_and_zero_point(lo, top, u8, symmetric=False)
-    step = float(scale)
-    lowest, highest = (0 - int(zero)) * step, (255 - int(zero)) * step
-    assert lowest <= floor * (1 - 1e-6) and highest >= hi * (1 - 1e-6)
-    assert lowest >= floor - step * (1 + 1e-6)  # within a step of the floor
-    assert step <= 1.03 * (hi - floor) / 255  # about the plain range's step
+    for lo, top, sides in (
+        (floor, hi, {"at_floor": True, "at_ceiling": False}),
+        (-hi, -floor, {"at_floor": False, "at_ceiling": True}),  # the mirror image
+    ):
+        lo2, top2 = dead_zones.aligned(lo, top, u8, **sides)
+        scale, zero = scale_and_zero_point(lo2, top2, u8, symmetric=False)
+        step = float(scale)
+        lowest, highest = (0 - int(zero)) * step, (255 - int(zero)) * step
+        assert lowest <= lo * (1 - 1e-6) and highest >= top * (1 - 1e-6)
+        if sides["at_floor"]:  # the level's end within a step of it (on it where it binds)
+            assert lowest >= lo - step * (1 + 1e-6)
+        else:
+            assert highest <= top + step * (1 + 1e-6)
+        assert step <= 1.03 * (top - lo) / 255  # about the plain range's step
 
 
 def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
@@ -137,3 +158,34 @@ def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
         errors[flag] = float(np.sqrt(np.mean((got - reference) ** 2)))
     assert scales[True] < 0.6 * scales[False]
     assert errors[True] < 0.95 * errors[False]
+
+
+def test_a_hard_sigmoid_gate_input_is_quantized_between_its_two_levels(tmp_path):
+    rng = np.random.default_rng(2)
+    proto = make_model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"]),
+            oh.make_node("HardSigmoid", ["c"], ["gate"], alpha=0.2, beta=0.5),
+            oh.make_node("Mul", ["x", "gate"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 4, 5, 5])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, 5, 5])],
+        {"w": rng.standard_normal((4, 4, 1, 1)).astype(np.float32) * 6},  # c spans about ±40
+    )
+    x = rng.standard_normal((48, 4, 5, 5)).astype(np.float32)
+    np.savez(tmp_path / "calib.npz", x=x[:32])
+    errors, scales = {}, {}
+    for flag in (False, True):
+        model = onnx_shrink.shrink(
+            proto,
+            passes=[QuantPass(calibration="minmax", dead_zones=flag)],
+            data=tmp_path / "calib.npz",
+            check=False,
+        ).model
+        q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.name == "c")
+        scales[flag] = float(q.inputs[1].const_value.numpy())
+        got = run_ort(io.to_bytes(model), {"x": x[32:]})[0]
+        reference = run_ort(proto.SerializeToString(), {"x": x[32:]})[0]
+        errors[flag] = float(np.sqrt(np.mean((got - reference) ** 2)))
+    assert scales[True] <= 1.03 * 5.0 / 255  # [-2.5, 2.5], not the measured ±40
+    assert errors[True] < 0.75 * errors[False]
