@@ -88,17 +88,22 @@ def test_the_correction_takes_the_mean_drift_out_and_changes_only_biases(tmp_pat
     assert after.mean() < 0.35 * before.mean()
 
 
+def _measured(proto, calib, corrected: bool):
+    """(the model, a minmax quant pass with or without bias correction, its statistics)."""
+    model = io.load(proto)
+    quant = QuantPass(calibration="minmax", bias_correction=corrected)
+    dataset = data.prepare(data.specs_from_model(model), calib)
+    return model, quant, collect.collect(model, quant.requests(model), dataset)
+
+
 def test_without_a_collector_the_pass_finishes_as_if_uncorrected(tmp_path):
     """``bind(stats)`` alone has no second look: the shadows are removed, the rest stands."""
     proto = _two_convs()
     np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
     results = []
     for corrected in (False, True):
-        model = io.load(proto)
-        quant = QuantPass(calibration="minmax", bias_correction=corrected)
-        requests = quant.requests(model)
-        dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
-        quant.bind(collect.collect(model, requests, dataset))(model)
+        model, quant, stats = _measured(proto, tmp_path / "calib.npz", corrected)
+        quant.bind(stats)(model)
         results.append(io.to_bytes(model))
     assert results[0] == results[1]
 
@@ -146,10 +151,7 @@ def test_a_failed_second_look_leaves_the_uncorrected_result_and_warns(tmp_path, 
     np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
     results = []
     for corrected in (False, True):
-        model = io.load(proto)
-        quant = QuantPass(calibration="minmax", bias_correction=corrected)
-        dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
-        stats = collect.collect(model, quant.requests(model), dataset)
+        model, quant, stats = _measured(proto, tmp_path / "calib.npz", corrected)
 
         def failing(model, requests, samples=0, run_samples=0):
             raise ShrinkError("onnxruntime could not run the measurement model")

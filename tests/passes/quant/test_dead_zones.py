@@ -138,17 +138,16 @@ def test_aligned_reaches_the_floor_and_the_top_on_a_grid_with_zero(floor, hi):
         assert step <= 1.03 * (top - lo) / 255  # about the plain range's step
 
 
-def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
-    proto = _hard_swish_block()
-    rng = np.random.default_rng(1)
-    x = rng.standard_normal((64, 3, 6, 6)).astype(np.float32) * 3
-    np.savez(tmp_path / "calib.npz", x=x[:32])
-    errors, scales = {}, {}
+def _scale_and_error_with_and_without(proto, x, folder):
+    """By ``dead_zones`` off/on: the scale of ``c`` and the RMS output error on ``x[32:]``,
+    calibrated (minmax) on ``x[:32]``."""
+    np.savez(folder / "calib.npz", x=x[:32])
+    scales, errors = {}, {}
     for flag in (False, True):
         model = onnx_shrink.shrink(
             proto,
             passes=[QuantPass(calibration="minmax", dead_zones=flag)],
-            data=tmp_path / "calib.npz",
+            data=folder / "calib.npz",
             check=False,
         ).model
         q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.name == "c")
@@ -156,6 +155,14 @@ def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
         got = run_ort(io.to_bytes(model), {"x": x[32:]})[0]
         reference = run_ort(proto.SerializeToString(), {"x": x[32:]})[0]
         errors[flag] = float(np.sqrt(np.mean((got - reference) ** 2)))
+    return scales, errors
+
+
+def test_quantized_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
+    proto = _hard_swish_block()
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((64, 3, 6, 6)).astype(np.float32) * 3
+    scales, errors = _scale_and_error_with_and_without(proto, x, tmp_path)
     assert scales[True] < 0.6 * scales[False]
     assert errors[True] < 0.95 * errors[False]
 
@@ -173,19 +180,6 @@ def test_a_hard_sigmoid_gate_input_is_quantized_between_its_two_levels(tmp_path)
         {"w": rng.standard_normal((4, 4, 1, 1)).astype(np.float32) * 6},  # c spans about ±40
     )
     x = rng.standard_normal((48, 4, 5, 5)).astype(np.float32)
-    np.savez(tmp_path / "calib.npz", x=x[:32])
-    errors, scales = {}, {}
-    for flag in (False, True):
-        model = onnx_shrink.shrink(
-            proto,
-            passes=[QuantPass(calibration="minmax", dead_zones=flag)],
-            data=tmp_path / "calib.npz",
-            check=False,
-        ).model
-        q = next(n for n in model.graph if n.op_type == "QuantizeLinear" and n.name == "c")
-        scales[flag] = float(q.inputs[1].const_value.numpy())
-        got = run_ort(io.to_bytes(model), {"x": x[32:]})[0]
-        reference = run_ort(proto.SerializeToString(), {"x": x[32:]})[0]
-        errors[flag] = float(np.sqrt(np.mean((got - reference) ** 2)))
+    scales, errors = _scale_and_error_with_and_without(proto, x, tmp_path)
     assert scales[True] <= 1.03 * 5.0 / 255  # [-2.5, 2.5], not the measured ±40
     assert errors[True] < 0.75 * errors[False]
