@@ -183,3 +183,14 @@ def test_a_hard_sigmoid_gate_input_is_quantized_between_its_two_levels(tmp_path)
     scales, errors = _scale_and_error_with_and_without(proto, x, tmp_path)
     assert scales[True] <= 1.03 * 5.0 / 255  # [-2.5, 2.5], not the measured ±40
     assert errors[True] < 0.75 * errors[False]
+
+
+def test_an_old_clip_gives_its_levels_by_attribute():
+    proto = make_model(
+        [oh.make_node("Clip", ["a"], ["r"], min=-1.0, max=6.0)],
+        [oh.make_tensor_value_info("a", F, [4])],
+        [oh.make_tensor_value_info("r", F, [4])],
+        {},
+        opset=10,
+    )
+    assert _zones(proto, ["a"]) == {"a": Zone(-1.0, 6.0)}
