@@ -21,7 +21,12 @@ calibration data (``compiler.data_aware.Followup``):
 3. ``Shadows.finish`` removes what ``add`` put in the graph and subtracts each mean drift,
    in units of the bias's scale (input scale x weight scale), from the int32 bias.
 
-Measured (``benchmarks/quant_vs_ort.py``, held-out data): see benchmarks/RESULTS.md.
+Measured by ``benchmarks/quant_vs_ort.py`` on held-out data, calibrated on 8/32/128 samples
+(benchmarks/RESULTS.md): YOLOv8n's detections F1 against fp32 0.88/0.82/0.81 -> 0.92/0.89/0.89,
+PP-OCRv4 rec's strings equal to fp32's 0.74/0.89/0.88 -> 0.88/0.91/0.915, det's map IoU
+0.969/0.978/0.981 -> 0.983/0.981/0.984, for 1.5-2.1x the quantization's wall time (the
+measurement model runs every corrected Conv twice in float): ``quant`` leaves it off by
+default.
 """
 
 from __future__ import annotations
@@ -129,7 +134,7 @@ class Shadows:
         self.nodes: list[ir.Node] = []
         self.initializers: list[str] = []
         self.drifts: dict[str, str] = {}
-        """conv name (or its output's) -> the drift-mean tensor measured for it"""
+        """a corrected Conv's output name -> the drift-mean tensor measured for it"""
 
     def add(self) -> tuple[StatRequest, ...]:
         """Put the reference Convs and drift means in the graph; the requests to measure."""
