@@ -333,18 +333,30 @@ def _sample_dims(
     }
 
 
+def _named_phases(progress: collect_mod.Progress, purpose: str) -> collect_mod.Progress:
+    """``progress`` with each phase named after ``purpose`` ("bias correction: statistics")."""
+
+    def report(phase: str, done: int) -> None:
+        progress(f"{purpose}: {phase}", done)
+
+    return report
+
+
 def _collect(
     model: ir.Model,
     requests,
     samples: int = 0,
     run_samples: int = 0,
+    purpose: str = "",
     *,
     dataset: data_mod.Dataset,
     provider: str,
     progress: collect_mod.Progress | None,
 ):
     """``pipeline.Collector`` over ``dataset`` (its first ``samples``, when not 0; at most
-    ``run_samples`` in a run, when not 0)."""
+    ``run_samples`` in a run, when not 0), its progress phases named after ``purpose``."""
+    if purpose and progress is not None:
+        progress = _named_phases(progress, purpose)
     if samples:
         dataset = sample_batches.first_samples(dataset, data_mod.specs_from_model(model), samples)
     if dataset.synthetic:

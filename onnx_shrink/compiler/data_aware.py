@@ -40,7 +40,7 @@ Edit = Callable[[ir.Model], None]
 class Collector(Protocol):
     """Runs ``model`` over the calibration data (its first ``samples`` only, when not 0; at
     most ``run_samples`` samples in one run, when not 0) and returns the statistics
-    ``requests`` ask for."""
+    ``requests`` ask for; ``purpose`` names the run in progress reports."""
 
     def __call__(
         self,
@@ -48,6 +48,7 @@ class Collector(Protocol):
         requests: Sequence[StatRequest],
         samples: int = 0,
         run_samples: int = 0,
+        purpose: str = "",
     ) -> Statistics: ...
 
 
@@ -67,6 +68,8 @@ class Followup:
     run_samples: int = 0
     """at most this many samples in one run (0: as the collector decides from the requested
     tensors, which may not show what ``model`` itself holds)"""
+    purpose: str = ""
+    """what the second look is for, as progress reports name it ("bias correction")"""
 
 
 @dataclasses.dataclass
@@ -151,6 +154,7 @@ class BoundPass(ir.passes.InPlacePass):
                     followup.requests,
                     samples=followup.samples,
                     run_samples=followup.run_samples,
+                    purpose=followup.purpose,
                 )
             except ShrinkError as e:  # a refinement: the pass's result stands without it
                 logger.warning("%s: the second look at the data failed (%s)", self.name, e)

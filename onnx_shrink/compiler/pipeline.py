@@ -297,10 +297,11 @@ class _TimedCollector:
         requests: Sequence[StatRequest],
         samples: int = 0,
         run_samples: int = 0,
+        purpose: str = "",
     ) -> Statistics:
         started = time.perf_counter()
         try:
-            return self.collect(model, requests, samples, run_samples)
+            return self.collect(model, requests, samples, run_samples, purpose)
         finally:
             self.seconds += time.perf_counter() - started
 

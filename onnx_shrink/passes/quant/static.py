@@ -272,7 +272,9 @@ class QuantPass(DataAwarePass):
         # One sample a run: the measurement model runs each corrected Conv twice in float
         # (on YOLOv8n 122 MiB of activations a sample against 46 for the int8 model), which
         # its tiny requested tensors do not show; joined runs took 1.2-1.7 GiB.
-        followup = Followup(model, requests, finish, self.bias_correction_samples, 1)
+        followup = Followup(
+            model, requests, finish, self.bias_correction_samples, 1, "bias correction"
+        )
         return FollowupResult(model, modified, followup)
 
     @staticmethod

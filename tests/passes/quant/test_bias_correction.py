@@ -114,18 +114,19 @@ def test_the_drift_can_be_measured_on_the_first_samples_only(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     seen = []
 
-    def counting(model, requests, samples=0, run_samples=0):
+    def counting(model, requests, samples=0, run_samples=0, purpose=""):
         dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
         if samples:
             dataset = sample_batches.first_samples(dataset, data.specs_from_model(model), samples)
         stats = collect.collect(model, requests, dataset)
-        seen.append((stats.samples, run_samples))
+        seen.append((stats.samples, run_samples, purpose))
         return stats
 
     model = io.load(proto)
     quant = QuantPass(calibration="minmax", bias_correction=True, bias_correction_samples=5)
     quant.bind(counting(model, quant.requests(model)), counting)(model)
-    assert seen == [(24, 0), (5, 1)]  # the measurement model runs a sample at a time
+    # The measurement model runs a sample at a time, and progress says what for.
+    assert seen == [(24, 0, ""), (5, 1, "bias correction")]
 
 
 @pytest.mark.parametrize("kind", ["channel_sum", "channel_sqnorm", "channel_absmax"])
@@ -153,10 +154,23 @@ def test_a_failed_second_look_leaves_the_uncorrected_result_and_warns(tmp_path, 
     for corrected in (False, True):
         model, quant, stats = _measured(proto, tmp_path / "calib.npz", corrected)
 
-        def failing(model, requests, samples=0, run_samples=0):
+        def failing(model, requests, samples=0, run_samples=0, purpose=""):
             raise ShrinkError("onnxruntime could not run the measurement model")
 
         quant.bind(stats, failing)(model)
         results.append(io.to_bytes(model))
     assert results[0] == results[1]
     assert "second look at the data failed" in caplog.text
+
+
+def test_progress_names_the_second_look(tmp_path):
+    np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
+    phases = set()
+    onnx_shrink.shrink(
+        _two_convs(),
+        passes=[QuantPass(calibration="minmax", bias_correction=True)],
+        data=tmp_path / "calib.npz",
+        check=False,
+        on_calibration=lambda phase, done: phases.add(phase),
+    )
+    assert phases == {"statistics", "bias correction: statistics"}
