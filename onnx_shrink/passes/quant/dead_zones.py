@@ -82,14 +82,17 @@ def _zone(value: ir.Value, depth: int) -> Zone:
     """The levels past which every reader of ``value`` gives the same result."""
     if value.is_graph_output() or depth > _MAX_DEPTH:
         return _NONE
-    readers = [_reader_zone(use.node, use.idx, value, depth) for use in value.uses()]
-    if not readers:
-        return _NONE
-    floors = [z.floor for z in readers]
-    ceilings = [z.ceiling for z in readers]
+    return _shared([_reader_zone(use.node, use.idx, value, depth) for use in value.uses()])
+
+
+def _shared(zones: list[Zone]) -> Zone:
+    """Where all of ``zones`` are flat: below the lowest floor, above the highest ceiling
+    (none on a side where one has none, or where there are no zones)."""
+    floors = [z.floor for z in zones if z.floor is not None]
+    ceilings = [z.ceiling for z in zones if z.ceiling is not None]
     return Zone(
-        None if None in floors else min(floors),  # type: ignore[type-var]
-        None if None in ceilings else max(ceilings),  # type: ignore[type-var]
+        min(floors) if zones and len(floors) == len(zones) else None,
+        max(ceilings) if zones and len(ceilings) == len(zones) else None,
     )
 
 
@@ -113,13 +116,7 @@ def _reader_zone(node: ir.Node, index: int, value: ir.Value, depth: int) -> Zone
     if op == "Mul" and len(node.inputs) == 2:
         return Zone(_zero_below(node.inputs[1 - index], value))
     if op in TRANSPARENT and index == 0:
-        outputs = [_zone(o, depth + 1) for o in node.outputs if o is not None]
-        floors = [z.floor for z in outputs]
-        ceilings = [z.ceiling for z in outputs]
-        return Zone(
-            None if not outputs or None in floors else min(floors),  # type: ignore[type-var]
-            None if not outputs or None in ceilings else max(ceilings),  # type: ignore[type-var]
-        )
+        return _shared([_zone(o, depth + 1) for o in node.outputs if o is not None])
     return _NONE
 
 
@@ -150,7 +147,7 @@ def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
 
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     """A Clip's constant (min, max), None where it has none."""
-    if len(node.inputs) > 1 or "min" not in node.attributes and "max" not in node.attributes:
+    if len(node.inputs) > 1 or ("min" not in node.attributes and "max" not in node.attributes):
         bounds = [_scalar(v) if v is not None else None for v in list(node.inputs[1:3])]
         return (bounds + [None, None])[0], (bounds + [None, None])[1]
     low, high = node.attributes.get("min"), node.attributes.get("max")  # before opset 11
