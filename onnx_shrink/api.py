@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, pipeline
-from onnx_shrink.compiler.data_aware import DataAwarePass
+from onnx_shrink.compiler.data_aware import DataAwarePass, Look
 from onnx_shrink.errors import CandidateFailedError, DataError, RunFailedError, ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
@@ -345,20 +345,19 @@ def _named_phases(progress: collect_mod.Progress, purpose: str) -> collect_mod.P
 def _collect(
     model: ir.Model,
     requests,
-    samples: int = 0,
-    run_samples: int = 0,
-    purpose: str = "",
+    look: Look | None = None,
     *,
     dataset: data_mod.Dataset,
     provider: str,
     progress: collect_mod.Progress | None,
 ):
-    """``pipeline.Collector`` over ``dataset`` (its first ``samples``, when not 0; at most
-    ``run_samples`` in a run, when not 0), its progress phases named after ``purpose``."""
-    if purpose and progress is not None:
-        progress = _named_phases(progress, purpose)
-    if samples:
-        dataset = sample_batches.first_samples(dataset, data_mod.specs_from_model(model), samples)
+    """``pipeline.Collector`` over ``dataset``, read as ``look`` says."""
+    look = look or Look()
+    if look.purpose and progress is not None:
+        progress = _named_phases(progress, look.purpose)
+    if look.samples:
+        specs = data_mod.specs_from_model(model)
+        dataset = sample_batches.first_samples(dataset, specs, look.samples)
     if dataset.synthetic:
         logger.warning(
             "NO CALIBRATION DATA: calibrating on random inputs (%s); the statistics say nothing "
@@ -371,7 +370,7 @@ def _collect(
         dataset,
         provider=provider,
         progress=progress,
-        run_samples=run_samples or collect_mod.MAX_RUN_SAMPLES,
+        run_samples=look.run_samples,
     )
 
 

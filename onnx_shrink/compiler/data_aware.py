@@ -37,18 +37,25 @@ Edit = Callable[[ir.Model], None]
 """Rewrites, in place, a copy of the model a pass was given."""
 
 
+@dataclasses.dataclass(frozen=True)
+class Look:
+    """How one collection reads the calibration data."""
+
+    samples: int = 0
+    """its first this many samples (0: all of them)"""
+    run_samples: int = 0
+    """at most this many samples in one run (0: as the collector decides from the requested
+    tensors, which may not show what the model itself holds)"""
+    purpose: str = ""
+    """what the collection is for, as progress reports name it ("bias correction")"""
+
+
 class Collector(Protocol):
-    """Runs ``model`` over the calibration data (its first ``samples`` only, when not 0; at
-    most ``run_samples`` samples in one run, when not 0) and returns the statistics
-    ``requests`` ask for; ``purpose`` names the run in progress reports."""
+    """Runs ``model`` over the calibration data, read as ``look`` says (None: all of it, as
+    the collector decides), and returns the statistics ``requests`` ask for."""
 
     def __call__(
-        self,
-        model: ir.Model,
-        requests: Sequence[StatRequest],
-        samples: int = 0,
-        run_samples: int = 0,
-        purpose: str = "",
+        self, model: ir.Model, requests: Sequence[StatRequest], look: Look | None = None
     ) -> Statistics: ...
 
 
@@ -63,13 +70,7 @@ class Followup:
     model: ir.Model
     requests: tuple[StatRequest, ...]
     finish: Callable[[ir.Model, Statistics | None], None]
-    samples: int = 0
-    """measure on the first this many calibration samples (0: all of them)"""
-    run_samples: int = 0
-    """at most this many samples in one run (0: as the collector decides from the requested
-    tensors, which may not show what ``model`` itself holds)"""
-    purpose: str = ""
-    """what the second look is for, as progress reports name it ("bias correction")"""
+    look: Look = Look()
 
 
 @dataclasses.dataclass
@@ -149,13 +150,7 @@ class BoundPass(ir.passes.InPlacePass):
         seen = None
         if self.collect is not None and followup.requests:
             try:
-                seen = self.collect(
-                    followup.model,
-                    followup.requests,
-                    samples=followup.samples,
-                    run_samples=followup.run_samples,
-                    purpose=followup.purpose,
-                )
+                seen = self.collect(followup.model, followup.requests, followup.look)
             except ShrinkError as e:  # a refinement: the pass's result stands without it
                 logger.warning("%s: the second look at the data failed (%s)", self.name, e)
         followup.finish(result.model, seen)

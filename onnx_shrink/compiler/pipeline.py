@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, registry, stats
-from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Probe
+from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Probe
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -292,16 +292,11 @@ class _TimedCollector:
         self.seconds = 0.0
 
     def __call__(
-        self,
-        model: ir.Model,
-        requests: Sequence[StatRequest],
-        samples: int = 0,
-        run_samples: int = 0,
-        purpose: str = "",
+        self, model: ir.Model, requests: Sequence[StatRequest], look: Look | None = None
     ) -> Statistics:
         started = time.perf_counter()
         try:
-            return self.collect(model, requests, samples, run_samples, purpose)
+            return self.collect(model, requests, look)
         finally:
             self.seconds += time.perf_counter() - started
 

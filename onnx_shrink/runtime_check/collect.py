@@ -78,10 +78,11 @@ def collect(
     *,
     provider: str = "cpu",
     progress: Progress | None = None,
-    run_samples: int = MAX_RUN_SAMPLES,
+    run_samples: int = 0,
 ) -> st.Statistics:
     """Compute every request over ``dataset`` on ``model`` (which is not modified), with at
-    most ``run_samples`` samples in one run.
+    most ``run_samples`` samples in one run (0: up to ``MAX_RUN_SAMPLES``, as the requested
+    tensors' size allows).
 
     Raises:
         ShrinkError: a requested tensor is not produced in the main graph, or the model
@@ -101,9 +102,14 @@ def collect(
         raw = sorted({r.tensor for r in others})
         session = runs.open_session(cg.instrument(model, ranged, raw, histograms), provider)
         counting = _Pass(
-            session, ranged, others, histograms, progress, runs.parallel_runs(provider)
+            session,
+            ranged,
+            others,
+            histograms,
+            progress,
+            runs.parallel_runs(provider),
+            max_run=min(run_samples, MAX_RUN_SAMPLES) if run_samples > 0 else MAX_RUN_SAMPLES,
         )
-        counting.max_run = max(1, min(run_samples, MAX_RUN_SAMPLES))
         counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
         ranges = counting.ranges
         # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold
@@ -130,10 +136,12 @@ class _Pass:
     histograms (probe, then counting), and any recount on the same session. State lives here
     between the phases."""
 
-    def __init__(self, session, ranged, others, histograms, progress, in_flight=1) -> None:
+    def __init__(
+        self, session, ranged, others, histograms, progress, in_flight=1, max_run=MAX_RUN_SAMPLES
+    ) -> None:
         self.session = session
         self.in_flight = in_flight  # runs at once
-        self.max_run = MAX_RUN_SAMPLES  # samples a run may join
+        self.max_run = max_run  # samples a run may join
         self.ranges = {name: st.MinMaxAccumulator() for name in ranged}
         self.others = others
         self.requests = list(histograms)

@@ -12,7 +12,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult
+from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult, Look
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import (
     Histogram,
@@ -272,9 +272,8 @@ class QuantPass(DataAwarePass):
         # One sample a run: the measurement model runs each corrected Conv twice in float
         # (on YOLOv8n 122 MiB of activations a sample against 46 for the int8 model), which
         # its tiny requested tensors do not show; joined runs took 1.2-1.7 GiB.
-        followup = Followup(
-            model, requests, finish, self.bias_correction_samples, 1, "bias correction"
-        )
+        look = Look(self.bias_correction_samples, 1, "bias correction")
+        followup = Followup(model, requests, finish, look)
         return FollowupResult(model, modified, followup)
 
     @staticmethod

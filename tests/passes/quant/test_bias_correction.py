@@ -10,6 +10,7 @@ import pytest
 
 import onnx_shrink
 from onnx_shrink.compiler import io
+from onnx_shrink.compiler.data_aware import Look
 from onnx_shrink.compiler.statistics import ChannelAccumulator
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
@@ -114,12 +115,14 @@ def test_the_drift_can_be_measured_on_the_first_samples_only(tmp_path):
     np.savez(tmp_path / "calib.npz", x=x)
     seen = []
 
-    def counting(model, requests, samples=0, run_samples=0, purpose=""):
+    def counting(model, requests, look=None):
+        look = look or Look()
         dataset = data.prepare(data.specs_from_model(model), tmp_path / "calib.npz")
-        if samples:
-            dataset = sample_batches.first_samples(dataset, data.specs_from_model(model), samples)
+        if look.samples:
+            specs = data.specs_from_model(model)
+            dataset = sample_batches.first_samples(dataset, specs, look.samples)
         stats = collect.collect(model, requests, dataset)
-        seen.append((stats.samples, run_samples, purpose))
+        seen.append((stats.samples, look.run_samples, look.purpose))
         return stats
 
     model = io.load(proto)
@@ -154,7 +157,7 @@ def test_a_failed_second_look_leaves_the_uncorrected_result_and_warns(tmp_path, 
     for corrected in (False, True):
         model, quant, stats = _measured(proto, tmp_path / "calib.npz", corrected)
 
-        def failing(model, requests, samples=0, run_samples=0, purpose=""):
+        def failing(model, requests, look=None):
             raise ShrinkError("onnxruntime could not run the measurement model")
 
         quant.bind(stats, failing)(model)
