@@ -148,8 +148,8 @@ def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     """A Clip's constant (min, max), None where it has none."""
     if len(node.inputs) > 1 or ("min" not in node.attributes and "max" not in node.attributes):
-        bounds = [_scalar(v) if v is not None else None for v in list(node.inputs[1:3])]
-        return (bounds + [None, None])[0], (bounds + [None, None])[1]
+        bounds = list(node.inputs[1:3]) + [None, None]
+        return _scalar(bounds[0]), _scalar(bounds[1])
     low, high = node.attributes.get("min"), node.attributes.get("max")  # before opset 11
     return (
         float(low.value) if low is not None else None,
@@ -235,15 +235,12 @@ def aligned(
     levels = qtype.levels
     lo, hi = min(lo, 0.0), max(hi, 0.0)
     if at_floor and lo < 0:
-        below = int(np.floor(-lo / ((hi - lo) / levels) + 1e-9))
+        below = min(int(np.floor(-lo / ((hi - lo) / levels) + 1e-9)), levels)
         if below < 1:
             return -hi / (levels - 1), hi
-        step = -lo / min(below, levels)
-        return lo, (levels - min(below, levels)) * step
-    if at_ceiling and hi > 0:
-        above = int(np.floor(hi / ((hi - lo) / levels) + 1e-9))
-        if above < 1:
-            return lo, -lo / (levels - 1)
-        step = hi / min(above, levels)
-        return -(levels - min(above, levels)) * step, hi
+        step = -lo / below
+        return lo, (levels - below) * step
+    if at_ceiling and hi > 0:  # the floor's case, mirrored
+        low, high = aligned(-hi, -lo, qtype, at_floor=True, at_ceiling=False)
+        return -high, -low
     return lo, hi
