@@ -133,8 +133,8 @@ class Shadows:
         self.corrected = _corrected(refs)
         self.nodes: list[ir.Node] = []
         self.initializers: list[str] = []
-        self.drifts: dict[str, str] = {}
-        """a corrected Conv's output name -> the drift-mean tensor measured for it"""
+        self.drifts: list[str] = []
+        """the drift-mean tensor measured for each of ``corrected``, in its order"""
 
     def add(self) -> tuple[StatRequest, ...]:
         """Put the reference Convs and drift means in the graph; the requests to measure."""
@@ -166,7 +166,7 @@ class Shadows:
                 value.dtype = ir.DataType.FLOAT
             graph.insert_after(conv, [reference, difference, mean])
             self.nodes += [reference, difference, mean]
-            self.drifts[key] = mean.outputs[0].name
+            self.drifts.append(mean.outputs[0].name)
             requests.append(StatRequest(mean.outputs[0].name, "channel_sum", axis=1))
         return tuple(requests)
 
@@ -194,15 +194,12 @@ class Shadows:
         if stats is None:
             return 0
         changed = 0
-        for item in self.corrected:
-            drift = stats.get(self.drifts[item.conv.outputs[0].name], "channel_sum", axis=1)
+        for item, name in zip(self.corrected, self.drifts, strict=True):
+            drift = stats.get(name, "channel_sum", axis=1)
             if not isinstance(drift, ChannelValues) or drift.rows == 0:
                 continue
-            mean = drift.values / drift.rows
             stored = item.bias.const_value.numpy().astype(np.int64)
-            if mean.shape != stored.shape:
-                continue
-            step = np.round(mean / np.broadcast_to(item.bias_scale, stored.shape))
+            step = np.round(drift.values / drift.rows / item.bias_scale)
             new = np.clip(stored - step.astype(np.int64), INT32.min, INT32.max).astype(np.int32)
             if np.array_equal(new, stored):
                 continue
