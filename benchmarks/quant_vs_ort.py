@@ -298,6 +298,12 @@ class Row:
     first_metric: dict[int, float] = dataclasses.field(default_factory=dict)
 
 
+def _ours_with(key: str, ours: dict, setting: str) -> Config:
+    """Our configuration ``ours`` with one more ``--set`` option."""
+    changed = {**ours, "sets": [*ours.get("sets", ()), setting]}
+    return Config(key, f"ours: {ours['passes']} --set {setting}", "ours", ours=changed)
+
+
 def configs_for(name: str, ours_static: dict, ours_dynamic: dict) -> list[Config]:
     configs = [Config("fp32", "fp32", "fp32")]
     configs += [
@@ -308,16 +314,9 @@ def configs_for(name: str, ours_static: dict, ours_dynamic: dict) -> list[Config
         Config("ours-static", f"ours: {ours_static['passes']}", "ours", ours=ours_static)
     )
     # The same calibration method as ORT's default, for a like-for-like wall time.
-    minmax = {**ours_static, "sets": [*ours_static.get("sets", ()), "quant.calibration=minmax"]}
-    label = f"ours: {ours_static['passes']} --set quant.calibration=minmax"
-    configs.append(Config("ours-minmax", label, "ours", ours=minmax))
+    configs.append(_ours_with("ours-minmax", ours_static, "quant.calibration=minmax"))
     if name in BIAS_CORRECTED_MODELS:
-        corrected = {
-            **ours_static,
-            "sets": [*ours_static.get("sets", ()), "quant.bias_correction=true"],
-        }
-        label = f"ours: {ours_static['passes']} --set quant.bias_correction=true"
-        configs.append(Config("ours-bias", label, "ours", ours=corrected))
+        configs.append(_ours_with("ours-bias", ours_static, "quant.bias_correction=true"))
     if name in DYNAMIC_MODELS:
         configs.append(Config("ort-dynamic", "ORT quantize_dynamic QInt8", "ort-dynamic"))
         if name in CONV_MODELS:  # ORT's default also turns Conv into ConvInteger
