@@ -1,32 +1,43 @@
-"""Empirical bias correction: each quantized Conv's mean output drift, taken out of its bias.
+"""Bias correction: each quantized Conv's mean output drift, taken out of its bias.
 
 A quantized Conv's output drifts from the float one by a mean per output channel: its input
 is rounded to the activation grid, systematically so where an activation clusters (a page's
-background, a hard-swish's flat zero region), and its weights to theirs. Subtracting that mean
-from the int32 bias removes the systematic part of the error for the price of nothing at
-inference. The drift is *local*: the quantized Conv on DQ(Q(x)) against the float Conv (the
-weights and bias it had before quantization) on the float ``x`` of the same quantized model,
-so that drift from upstream layers, already corrected there, is not counted again (corrected
-against the float model's own outputs instead, PP-OCRv4 rec fell to no string equal to fp32).
+background, a hard-swish's flat zero region) or is clipped, and its weights to theirs.
+Subtracting that mean from the int32 bias removes the systematic part of the error for the
+price of nothing at inference.
 
-It is a statistic of the quantized model, which ``quant`` measures in a second look at the
-calibration data (``compiler.data_aware.Followup``):
+A Conv is linear, so its mean output over positions and samples is its kernel-summed weights
+applied to its input's channel means, plus its bias: exactly so for a 1x1 Conv with stride 1;
+for larger kernels each kernel offset's window is taken to have the whole input's mean (the
+border rows and columns, and any zero padding, make the difference). With ``W`` and ``b``
+the float weight and bias and ``x`` the float input, ``W~`` and ``b~`` the dequantized int8
+weight and int32 bias and ``x~`` the input as the quantized model rounds it, the drift of
+output channel ``c`` is::
 
-1. ``references`` keeps, before quantization, the float weight and bias of every Conv that
-   gets an int32 bias.
-2. ``Shadows.add`` puts beside each such Conv of the quantized model a float reference Conv
-   reading the float ``x``, and the per-sample spatial mean of their difference
-   (``GlobalAveragePool`` of quantized minus reference, [N, C, 1, ...]), whose
-   ``channel_sum`` over samples is requested.
-3. ``Shadows.finish`` removes what ``add`` put in the graph and subtracts each mean drift,
-   in units of the bias's scale (input scale x weight scale), from the int32 bias.
+    drift[c] = sum_k W~[c, i, k] E[x~_i] - sum_k W[c, i, k] E[x_i] + b~[c] - b[c]
+                                                          (over the inputs i of c's group)
 
-Measured by ``benchmarks/quant_vs_ort.py`` on held-out data, calibrated on 8/32/128 samples
-(benchmarks/RESULTS.md): YOLOv8n's detections F1 against fp32 0.88/0.82/0.81 -> 0.92/0.89/0.89,
-PP-OCRv4 rec's strings equal to fp32's 0.74/0.89/0.88 -> 0.88/0.91/0.915, det's map IoU
-0.969/0.978/0.981 -> 0.983/0.981/0.984, for 1.5-2.1x the quantization's wall time (the
-measurement model runs every corrected Conv twice in float): ``quant`` leaves it off by
-default.
+Both means are measured on the *float* model, ``x~`` being the tensor the quantized model
+quantizes for the Conv (``x``, or the input of a Relu folded into its range) through copies
+of its own QuantizeLinear and DequantizeLinear. So the drift is the Conv's local error, not
+the error of every layer above it (a drift measured against the float model's own Conv
+outputs carries that, and had PP-OCRv4 rec fall to no string equal to fp32's). The
+measurement runs the float model with a few reductions beside it: about one fp32 inference
+a sample. (Measuring on the quantized model instead would cost more; it gave a similar
+fidelity in scratch runs on YOLOv8n and PP-OCRv4.)
+
+It is a statistic that needs the quantization parameters, which ``quant`` measures in a
+second look at the calibration data (``compiler.data_aware.Followup``):
+
+1. ``references`` keeps, before quantization, the float weight, bias and input name of
+   every Conv that gets an int32 bias, and the pass keeps a float copy of the model.
+2. ``Measurement.add`` puts in that copy, for each corrected Conv, the per-sample channel
+   means (``GlobalAveragePool``) of its input and of that input's fake-quantized producer,
+   whose ``channel_sum`` over samples is requested.
+3. ``Measurement.finish`` subtracts each drift, in units of the bias's scale (input scale x
+   weight scale), from the int32 bias.
+
+Measured by ``benchmarks/quant_vs_ort.py`` (benchmarks/RESULTS.md).
 """
 
 from __future__ import annotations
@@ -48,158 +59,209 @@ INT32 = np.iinfo(np.int32)
 
 @dataclasses.dataclass(frozen=True)
 class Reference:
-    """A Conv's float weight and bias, as they were before quantization."""
+    """A Conv's float weight and bias, and the name of its float input, as they were
+    before quantization."""
 
     weight: np.ndarray
     bias: np.ndarray
+    input_name: str
 
 
 def references(nodes: Iterable[ir.Node]) -> dict[ir.Node, Reference]:
-    """The float weight and 1-D bias of every Conv in ``nodes`` with constant ones (taken
-    before the pass replaces them by their quantized copies)."""
+    """The float weight, 1-D bias and input name of every Conv in ``nodes`` with constant
+    weight and bias (taken before the pass replaces them by their quantized copies)."""
     result = {}
     for node in nodes:
-        if node.op_type != "Conv" or len(node.inputs) < 3:
+        if node.op_type != "Conv" or len(node.inputs) < 3 or node.inputs[0] is None:
             continue
         weight, bias = node.inputs[1], node.inputs[2]
-        if weight is None or bias is None:
+        if weight is None or bias is None or not node.inputs[0].name:
             continue
         if weight.const_value is None or bias.const_value is None:
             continue
         bias_array = bias.const_value.numpy()
         if bias_array.ndim == 1:
-            result[node] = Reference(weight.const_value.numpy(), bias_array)
+            reference = Reference(weight.const_value.numpy(), bias_array, node.inputs[0].name)
+            result[node] = reference
     return result
 
 
 @dataclasses.dataclass(frozen=True)
 class _Corrected:
-    """A quantized Conv, the float tensor its input was quantized from, its int32 bias."""
+    """A quantized Conv with what its correction needs from the quantized graph."""
 
     conv: ir.Node
-    float_input: ir.Value
+    quantize: ir.Node
+    """the QuantizeLinear whose DequantizeLinear the Conv reads"""
+    dequantize: ir.Node
     bias: ir.Value
     """the int32 initializer its bias's DequantizeLinear reads"""
     bias_scale: np.ndarray
+    weight: np.ndarray
+    """the weight the quantized Conv computes with (dequantized), float64"""
     reference: Reference
 
 
-def _quantized_source(value: ir.Value | None) -> ir.Value | None:
-    """``x`` when ``value`` is DequantizeLinear(QuantizeLinear(x)), else None."""
-    dq = value.producer() if value is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear":
+def _producer(value: ir.Value | None, op_type: str) -> ir.Node | None:
+    node = value.producer() if value is not None else None
+    return node if node is not None and node.op_type == op_type else None
+
+
+def _constant(value: ir.Value | None) -> np.ndarray | None:
+    if value is None or value.const_value is None:
         return None
-    q = dq.inputs[0].producer() if dq.inputs[0] is not None else None
-    if q is None or q.op_type != "QuantizeLinear":
+    return value.const_value.numpy()
+
+
+def _dequantized(dq: ir.Node | None, ndim: int) -> np.ndarray | None:
+    """A constant DequantizeLinear's output (per-tensor or per-axis), float64."""
+    if dq is None or len(dq.inputs) < 2:
         return None
-    return q.inputs[0]
+    stored, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
+    zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
+    if stored is None or scale is None or stored.ndim != ndim or "block_size" in dq.attributes:
+        return None
+    zero = np.zeros(1) if zero is None else zero.astype(np.float64)
+    axis = dq.attributes.get_int("axis", 1) % ndim
+    shape = [1] * ndim
+    if scale.ndim == 1:
+        shape[axis] = -1
+    scale, zero = scale.astype(np.float64).reshape(shape), zero.reshape(shape if zero.ndim else 1)
+    return (stored.astype(np.float64) - zero) * scale
 
 
 def _int32_bias(value: ir.Value | None) -> tuple[ir.Value, np.ndarray] | None:
     """(the int32 initializer, its scale) when ``value`` is DequantizeLinear of one."""
-    dq = value.producer() if value is not None else None
-    if dq is None or dq.op_type != "DequantizeLinear" or len(dq.inputs) < 2:
+    dq = _producer(value, "DequantizeLinear")
+    if dq is None or len(dq.inputs) < 2:
         return None
-    stored, scale = dq.inputs[0], dq.inputs[1]
+    stored, scale = dq.inputs[0], _constant(dq.inputs[1])
     if stored is None or scale is None or stored.const_value is None:
         return None
-    if scale.const_value is None or stored.const_value.dtype != ir.DataType.INT32:
+    if stored.const_value.dtype != ir.DataType.INT32:
         return None
-    return stored, scale.const_value.numpy().astype(np.float64)
+    return stored, scale.astype(np.float64)
 
 
 def _corrected(refs: Mapping[ir.Node, Reference]) -> list[_Corrected]:
-    """The Convs of ``refs`` that quantization left reading a Q/DQ'd activation, with an
-    int32 bias that no other node reads."""
+    """The Convs of ``refs`` that quantization left reading a Q/DQ'd activation through
+    constant quantization parameters, with a dequantized constant weight and an int32 bias
+    that no other node reads."""
     result = []
     for conv, reference in refs.items():
-        if conv.graph is None:
+        if conv.graph is None or len(conv.inputs) < 3:
             continue
-        x = _quantized_source(conv.inputs[0])
-        bias = _int32_bias(conv.inputs[2] if len(conv.inputs) > 2 else None)
-        if x is None or bias is None or len(bias[0].uses()) != 1:
+        dq = _producer(conv.inputs[0], "DequantizeLinear")
+        q = _producer(dq.inputs[0], "QuantizeLinear") if dq is not None else None
+        bias = _int32_bias(conv.inputs[2])
+        weight = _dequantized(_producer(conv.inputs[1], "DequantizeLinear"), reference.weight.ndim)
+        if q is None or bias is None or weight is None or len(bias[0].uses()) != 1:
+            continue
+        if any(_constant(v) is None for v in (*q.inputs[1:], *dq.inputs[1:]) if v is not None):
+            continue
+        if weight.shape != reference.weight.shape:
             continue
         stored, scale = bias
-        result.append(_Corrected(conv, x, stored, scale, reference))
+        result.append(_Corrected(conv, q, dq, stored, scale, weight, reference))
     return result
 
 
-class Shadows:
-    """The reference Convs and drift means ``add`` puts in a quantized graph, the requests
-    that measure them, and ``finish``, which takes them out and corrects the biases."""
+class Measurement:
+    """The float model with the channel means ``add`` puts in it, the requests that measure
+    them, and ``finish``, which corrects the quantized model's biases from them."""
 
-    def __init__(self, model: ir.Model, refs: Mapping[ir.Node, Reference]) -> None:
-        self.model = model
+    def __init__(self, float_model: ir.Model, refs: Mapping[ir.Node, Reference]) -> None:
+        self.model = float_model
+        """the float model, a copy taken before quantization; ``add`` extends it"""
         self.corrected = _corrected(refs)
-        self.nodes: list[ir.Node] = []
-        self.initializers: list[str] = []
-        self.drifts: list[str] = []
-        """the drift-mean tensor measured for each of ``corrected``, in its order"""
+        self.means: list[tuple[str, str]] = []
+        """(float input mean, fake-quantized input mean) for each of ``corrected``"""
 
     def add(self) -> tuple[StatRequest, ...]:
-        """Put the reference Convs and drift means in the graph; the requests to measure."""
+        """Put the channel means in the float model; the requests that measure them."""
         graph = self.model.graph
+        values = {v.name: v for v in graph.inputs}
+        values.update({v.name: v for node in graph for v in node.outputs})
         taken = graph_edit.value_names(graph)
-        requests = []
+        float_means: dict[str, str] = {}
+        quantized_means: dict[ir.Node, str] = {}
+        kept = []
         for item in self.corrected:
-            conv = item.conv
-            key = conv.outputs[0].name
-            weight = self._initializer(graph, f"{key}::float_weight", item.reference.weight, taken)
-            bias = self._initializer(graph, f"{key}::float_bias", item.reference.bias, taken)
-            reference = ir.node(
-                "Conv",
-                [item.float_input, weight, bias],
-                attributes={name: attr.value for name, attr in conv.attributes.items()},
-                outputs=[ir.Value(name=graph_edit.fresh_name(f"{key}::reference", taken))],
-            )
-            difference = ir.node(
-                "Sub",
-                [conv.outputs[0], reference.outputs[0]],
-                outputs=[ir.Value(name=graph_edit.fresh_name(f"{key}::difference", taken))],
-            )
-            mean = ir.node(
-                "GlobalAveragePool",
-                [difference.outputs[0]],
-                outputs=[ir.Value(name=graph_edit.fresh_name(f"{key}::drift", taken))],
-            )
-            for value in (*reference.outputs, *difference.outputs, *mean.outputs):
-                value.dtype = ir.DataType.FLOAT
-            graph.insert_after(conv, [reference, difference, mean])
-            self.nodes += [reference, difference, mean]
-            self.drifts.append(mean.outputs[0].name)
-            requests.append(StatRequest(mean.outputs[0].name, "channel_sum", axis=1))
-        return tuple(requests)
+            x = values.get(item.reference.input_name)
+            source = values.get(item.quantize.inputs[0].name)
+            if x is None or source is None:  # not in the float model's main graph
+                continue
+            if x.name not in float_means:
+                float_means[x.name] = self._mean(graph, x, taken)
+            if item.dequantize not in quantized_means:
+                rounded = self._fake_quantized(graph, source, item, taken)
+                quantized_means[item.dequantize] = self._mean(graph, rounded, taken)
+            kept.append(item)
+            self.means.append((float_means[x.name], quantized_means[item.dequantize]))
+        self.corrected = kept
+        names = [*float_means.values(), *quantized_means.values()]
+        return tuple(StatRequest(name, "channel_sum", axis=1) for name in names)
 
-    def _initializer(
-        self, graph: ir.Graph, name: str, array: np.ndarray, taken: set[str]
+    @staticmethod
+    def _mean(graph: ir.Graph, value: ir.Value, taken: set[str]) -> str:
+        """A per-sample channel mean of ``value`` ([N, C, 1, ...]) at the end of ``graph``."""
+        name = graph_edit.fresh_name(f"{value.name}::channel_mean", taken)
+        node = ir.node("GlobalAveragePool", [value], outputs=[ir.Value(name=name)])
+        if value.dtype is not None:
+            node.outputs[0].dtype = value.dtype
+        graph.append(node)
+        return name
+
+    @staticmethod
+    def _fake_quantized(
+        graph: ir.Graph, source: ir.Value, item: _Corrected, taken: set[str]
     ) -> ir.Value:
-        value = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), array)
-        taken.add(value.name)
-        self.initializers.append(value.name)
-        return value
-
-    def remove(self) -> None:
-        """Take out of the graph everything ``add`` put in."""
-        graph = self.model.graph
-        for node in reversed(self.nodes):
-            graph.remove(node, safe=True)
-        for name in self.initializers:
-            graph.initializers.pop(name)
-        self.nodes, self.initializers = [], []
+        """``source`` through copies of the quantized model's Q and DQ, at the graph's end."""
+        copies = []
+        current = source
+        for original in (item.quantize, item.dequantize):
+            inputs = [current]
+            for parameter in original.inputs[1:]:
+                if parameter is None:
+                    inputs.append(None)
+                    continue
+                name = graph_edit.fresh_name(f"{source.name}::{parameter.name}", taken)
+                inputs.append(graph_edit.add_initializer(graph, name, _constant(parameter)))
+            name = graph_edit.fresh_name(f"{source.name}::{original.op_type}", taken)
+            node = ir.node(
+                original.op_type,
+                inputs,
+                attributes={key: attr.value for key, attr in original.attributes.items()},
+                outputs=[ir.Value(name=name)],
+                domain=original.domain,
+            )
+            if original.outputs[0].dtype is not None:
+                node.outputs[0].dtype = original.outputs[0].dtype
+            copies.append(node)
+            current = node.outputs[0]
+        graph.extend(copies)
+        return current
 
     def finish(self, stats: Statistics | None) -> int:
-        """Remove the shadows and correct every bias from its measured drift (none without
-        ``stats``); returns how many biases changed."""
-        self.remove()
+        """Correct every bias from its measured means (none without ``stats``); returns how
+        many biases changed."""
         if stats is None:
             return 0
         changed = 0
-        for item, name in zip(self.corrected, self.drifts, strict=True):
-            drift = stats.get(name, "channel_sum", axis=1)
-            if not isinstance(drift, ChannelValues) or drift.rows == 0:
+        for item, names in zip(self.corrected, self.means, strict=True):
+            means = [stats.get(name, "channel_sum", axis=1) for name in names]
+            if not all(isinstance(m, ChannelValues) and m.rows > 0 for m in means):
                 continue
+            float_mean, rounded_mean = (m.values / m.rows for m in means)
+            groups = item.conv.attributes.get_int("group", 1)
+            drift = _output_means(item.weight, rounded_mean, groups) - _output_means(
+                item.reference.weight.astype(np.float64), float_mean, groups
+            )
             stored = item.bias.const_value.numpy().astype(np.int64)
-            step = np.round(drift.values / drift.rows / item.bias_scale)
+            drift += stored * item.bias_scale - item.reference.bias.astype(np.float64)
+            step = np.round(drift / item.bias_scale)
+            if not np.all(np.isfinite(step)):
+                continue
             new = np.clip(stored - step.astype(np.int64), INT32.min, INT32.max).astype(np.int32)
             if np.array_equal(new, stored):
                 continue
@@ -207,3 +269,11 @@ class Shadows:
             changed += 1
         logger.info("quant: bias correction changed %d of %d biases", changed, len(self.corrected))
         return changed
+
+
+def _output_means(weight: np.ndarray, input_means: np.ndarray, groups: int) -> np.ndarray:
+    """A Conv's mean output per channel, bias left out, from its input's channel means
+    (each kernel offset's window taken to have the whole input's mean)."""
+    outputs, per_group = weight.shape[:2]
+    summed = weight.sum(axis=tuple(range(2, weight.ndim))).reshape(groups, -1, per_group)
+    return np.einsum("gop,gp->go", summed, input_means.reshape(groups, per_group)).reshape(outputs)

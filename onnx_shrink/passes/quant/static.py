@@ -82,9 +82,10 @@ class QuantPass(DataAwarePass):
        constant bias [N] becomes ``com.microsoft.MatMulIntegerToFloat`` with that bias:
        onnxruntime's QDQ fusion makes the same kernel without the bias and leaves the Add
        (on MiniLM, 15 Adds of 23; about 5 % of its latency). Off: standard ONNX QDQ only.
-    9. With ``bias_correction``, each quantized Conv's mean output drift per channel,
-       measured on the quantized model in a second run over the calibration data (its first
-       ``bias_correction_samples``), is subtracted from its int32 bias (``bias_correction``).
+    9. With ``bias_correction``, each quantized Conv's mean output drift per channel is
+       subtracted from its int32 bias: its weights' and its input's rounding, from channel
+       means measured on the float model in a second run over the calibration data (its
+       first ``bias_correction_samples``; ``bias_correction``).
     """
 
     name: ClassVar[str] = "quant"
@@ -230,9 +231,11 @@ class QuantPass(DataAwarePass):
         stats = self.completed_statistics(model, stats)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
-        references = {}
+        references, float_model = {}, None
         if self.bias_correction and not self.only:
             references = bias_correction.references(decided.nodes)
+            # The float model the drift is measured on (its tensors shared, not copied).
+            float_model = model.clone() if references else None
         if decided.nodes:
             params = self._activation_params(model.graph, decided, stats, sixteen_bit)
             writer = QdqWriter(model.graph, narrow_storage=narrow)
@@ -260,20 +263,21 @@ class QuantPass(DataAwarePass):
             logger.warning("quant: no node could be quantized")
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
-        shadows = bias_correction.Shadows(model, references)
-        requests = shadows.add()
+        if float_model is None:
+            return self._finished(model, modified, narrow)
+        measurement = bias_correction.Measurement(float_model, references)
+        requests = measurement.add()
         if not requests:
             return self._finished(model, modified, narrow)
 
         def finish(result: ir.Model, seen: Statistics | None) -> None:
-            shadows.finish(seen)
+            measurement.finish(seen)
             self._finished(result, modified, narrow)
 
-        # One sample a run: the measurement model runs each corrected Conv twice in float
-        # (on YOLOv8n 122 MiB of activations a sample against 46 for the int8 model), which
-        # its tiny requested tensors do not show; joined runs took 1.2-1.7 GiB.
+        # One sample a run: the requested means are tiny, while the float model holds its
+        # activations (on YOLOv8n about 60 MiB a sample), which joined runs multiply.
         look = Look(self.bias_correction_samples, 1, "bias correction")
-        followup = Followup(model, requests, finish, look)
+        followup = Followup(measurement.model, requests, finish, look)
         return FollowupResult(model, modified, followup)
 
     @staticmethod

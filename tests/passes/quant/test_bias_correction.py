@@ -68,7 +68,7 @@ def test_the_correction_takes_the_mean_drift_out_and_changes_only_biases(tmp_pat
     fixed, fixed_bytes = _quantized(
         proto, tmp_path / "calib.npz", calibration="minmax", bias_correction=True
     )
-    # The same graph, every shadow gone: only int32 bias values differ.
+    # The same graph, nothing of the measurement left: only int32 bias values differ.
     assert [(n.op_type, n.name) for n in plain.graph] == [(n.op_type, n.name) for n in fixed.graph]
     assert set(plain.graph.initializers) == set(fixed.graph.initializers)
     changed = {
@@ -89,6 +89,41 @@ def test_the_correction_takes_the_mean_drift_out_and_changes_only_biases(tmp_pat
     assert after.mean() < 0.35 * before.mean()
 
 
+def test_on_a_pointwise_grouped_conv_the_drift_left_is_under_half_a_bias_step(tmp_path):
+    """For a 1x1 Conv the drift estimate is exact: over the calibration data the corrected
+    model's mean output per channel misses the float one's by the bias's rounding alone."""
+    rng = np.random.default_rng(5)
+    proto = make_model(
+        [oh.make_node("Conv", ["x", "w", "b"], ["y"], group=2)],
+        [oh.make_tensor_value_info("x", F, ["N", 4, 10, 10])],
+        [oh.make_tensor_value_info("y", F, ["N", 6, 10, 10])],
+        {
+            "w": rng.standard_normal((6, 2, 1, 1)).astype(np.float32),
+            "b": rng.standard_normal(6).astype(np.float32) * 0.1,
+        },
+    )
+    x = _clustered_inputs(16)
+    np.savez(tmp_path / "calib.npz", x=x)
+    plain, _ = _quantized(proto, tmp_path / "calib.npz", calibration="minmax")
+    fixed, _ = _quantized(proto, tmp_path / "calib.npz", calibration="minmax", bias_correction=True)
+    conv = next(n for n in fixed.graph if n.op_type == "Conv")
+    step = conv.inputs[2].producer().inputs[1].const_value.numpy().astype(np.float64)
+    # The Conv's own output, before the Q/DQ of the model's output rounds it again.
+    before, after = (
+        np.abs(_mean_drift(_with_output(model, conv.outputs[0].name), proto, x))
+        for model in (plain, fixed)
+    )
+    assert before.max() > 10 * step.max()  # rounding the clustered input drifts it
+    assert np.all(after <= 0.5 * step * 1.001 + 1e-6)
+
+
+def _with_output(model: ir.Model, name: str) -> bytes:
+    """``model`` serialized with ``name`` as its first output (a tensor of its main graph)."""
+    proto = ir.to_proto(model)
+    proto.graph.output.insert(0, onnx.helper.make_empty_tensor_value_info(name))
+    return proto.SerializeToString()
+
+
 def _measured(proto, calib, corrected: bool):
     """(the model, a minmax quant pass with or without bias correction, its statistics)."""
     model = io.load(proto)
@@ -98,7 +133,7 @@ def _measured(proto, calib, corrected: bool):
 
 
 def test_without_a_collector_the_pass_finishes_as_if_uncorrected(tmp_path):
-    """``bind(stats)`` alone has no second look: the shadows are removed, the rest stands."""
+    """``bind(stats)`` alone has no second look: the model is the uncorrected one."""
     proto = _two_convs()
     np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
     results = []
@@ -128,7 +163,7 @@ def test_the_drift_can_be_measured_on_the_first_samples_only(tmp_path):
     model = io.load(proto)
     quant = QuantPass(calibration="minmax", bias_correction=True, bias_correction_samples=5)
     quant.bind(counting(model, quant.requests(model)), counting)(model)
-    # The measurement model runs a sample at a time, and progress says what for.
+    # The float model runs a sample at a time for the means, and progress says what for.
     assert seen == [(24, 0, ""), (5, 1, "bias correction")]
 
 
