@@ -89,7 +89,12 @@ def test_the_correction_takes_the_mean_drift_out_and_changes_only_biases(tmp_pat
     assert after.mean() < 0.35 * before.mean()
 
 
-def test_on_a_pointwise_grouped_conv_the_drift_left_is_under_half_a_bias_step(tmp_path):
+@pytest.mark.parametrize(
+    "options",
+    [{}, {"per_channel": False}, {"activation_type": "s8"}],
+    ids=["per-channel", "per-tensor", "s8"],
+)
+def test_on_a_pointwise_grouped_conv_the_drift_left_is_under_half_a_bias_step(tmp_path, options):
     """For a 1x1 Conv the drift estimate is exact: over the calibration data the corrected
     model's mean output per channel misses the float one's by the bias's rounding alone."""
     rng = np.random.default_rng(5)
@@ -104,8 +109,9 @@ def test_on_a_pointwise_grouped_conv_the_drift_left_is_under_half_a_bias_step(tm
     )
     x = _clustered_inputs(16)
     np.savez(tmp_path / "calib.npz", x=x)
-    plain, _ = _quantized(proto, tmp_path / "calib.npz", calibration="minmax")
-    fixed, _ = _quantized(proto, tmp_path / "calib.npz", calibration="minmax", bias_correction=True)
+    calib = tmp_path / "calib.npz"
+    plain, _ = _quantized(proto, calib, calibration="minmax", **options)
+    fixed, _ = _quantized(proto, calib, calibration="minmax", bias_correction=True, **options)
     conv = next(n for n in fixed.graph if n.op_type == "Conv")
     step = conv.inputs[2].producer().inputs[1].const_value.numpy().astype(np.float64)
     # The Conv's own output, before the Q/DQ of the model's output rounds it again.
