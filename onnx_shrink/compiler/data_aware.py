@@ -12,10 +12,10 @@ made from the statistics is judged on the data it was fitted to unless the probe
 ``remade`` from statistics of part of the data: then it is measured out of sample.
 
 A pass may also look at the data a second time, after ``apply`` (``Followup``): its result
-then says what to measure on a model it built (a float copy of the model it was given with
-the rewrite's own rounding beside it, say), and how to finish the rewrite from those
-statistics. Quantization corrects its biases so: a quantized layer's drift depends on the
-quantization parameters, which exist only once the first statistics are in.
+then says what to measure on a model it built (its rewritten model with reductions beside
+the rewritten nodes, say), and how to finish the rewrite from those statistics.
+Quantization corrects its biases so: the drift of a quantized layer is a statistic of the
+quantized model, not of the float one.
 """
 
 from __future__ import annotations
