@@ -217,6 +217,8 @@ class Measurement:
                 continue
             float_mean, rounded_mean = (m.values / m.rows for m in means)
             groups = item.conv.attributes.get_int("group", 1)
+            if float_mean.size != groups * item.weight.shape[1]:  # not the Conv's channels
+                continue
             drift = _output_means(item.weight, rounded_mean, groups) - _output_means(
                 item.reference.weight.astype(np.float64), float_mean, groups
             )
