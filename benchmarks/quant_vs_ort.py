@@ -538,6 +538,12 @@ def fidelity_per_count(rows: list[Row], samples: list[int], metric: str) -> list
     best static row at the same count (higher is better for every task's first metric)."""
     by_key = {r.config.key: r for r in rows}
     theirs = [r for r in rows if r.config.tool == "ort-static"]
+    versus = {}  # ORT's best static row at each count, the same for each of our rows
+    for n in samples:
+        at_n = [r for r in theirs if n in r.first_metric]
+        best = max(at_n, key=lambda r: r.first_metric[n]) if at_n else None
+        method = best.config.label.rsplit(" ", 1)[-1] if best else ""
+        versus[n] = f"{best.first_metric[n]:.3f} ({method})" if best else "—"
     lines = []
     for key, what in (("ours-static", "ours"), ("ours-bias", "ours bias-corrected")):
         ours = by_key.get(key)
@@ -545,15 +551,8 @@ def fidelity_per_count(rows: list[Row], samples: list[int], metric: str) -> list
             continue
         cells = []
         for n in samples:
-            at_n = [r for r in theirs if n in r.first_metric]
-            best = max(at_n, key=lambda r: r.first_metric[n]) if at_n else None
             mine = f"{ours.first_metric[n]:.3f}" if n in ours.first_metric else "—"
-            versus = (
-                f"{best.first_metric[n]:.3f} ({best.config.label.rsplit(' ', 1)[-1]})"
-                if best
-                else "—"
-            )
-            cells.append(f"{n}: {mine} vs {versus}")
+            cells.append(f"{n}: {mine} vs {versus[n]}")
         lines.append(
             f"- {metric}, {what} vs ORT's best static method at each sample count: "
             + "; ".join(cells)

@@ -56,6 +56,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
+from onnx_shrink.passes.quant import numerics
 
 logger = logging.getLogger(__name__)
 
@@ -117,19 +118,15 @@ def _constant(value: ir.Value | None) -> np.ndarray | None:
 
 def _dequantized(dq: ir.Node | None, ndim: int) -> np.ndarray | None:
     """A constant DequantizeLinear's output (per-tensor or per-axis), float64."""
-    if dq is None or len(dq.inputs) < 2:
+    if dq is None or len(dq.inputs) < 2 or "block_size" in dq.attributes:
         return None
     stored, scale = _constant(dq.inputs[0]), _constant(dq.inputs[1])
     zero = _constant(dq.inputs[2]) if len(dq.inputs) > 2 else None
-    if stored is None or scale is None or stored.ndim != ndim or "block_size" in dq.attributes:
+    if stored is None or scale is None or stored.ndim != ndim:
         return None
-    zero = np.zeros(1) if zero is None else zero.astype(np.float64)
     axis = dq.attributes.get_int("axis", 1) % ndim
-    shape = [1] * ndim
-    if scale.ndim == 1:
-        shape[axis] = -1
-    scale, zero = scale.astype(np.float64).reshape(shape), zero.reshape(shape if zero.ndim else 1)
-    return (stored.astype(np.float64) - zero) * scale
+    zero = np.zeros((), stored.dtype) if zero is None else zero
+    return numerics.dequantize(stored, scale, zero, axis).astype(np.float64)
 
 
 def _int32_bias(value: ir.Value | None) -> tuple[ir.Value, np.ndarray] | None:
@@ -178,6 +175,8 @@ class Measurement:
 
     def add(self) -> tuple[StatRequest, ...]:
         """Put the channel means in the graph; the requests that measure them."""
+        if not self.corrected:  # nothing to measure: the graph is not walked
+            return ()
         graph = self.model.graph
         taken = graph_edit.value_names(graph)
         names: dict[ir.Value, str] = {}  # one mean a tensor, however many Convs read it

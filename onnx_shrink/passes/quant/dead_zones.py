@@ -106,7 +106,10 @@ def _reader_zone(node: ir.Node, index: int, value: ir.Value, depth: int) -> Zone
     if op == "HardSwish":
         return Zone(-3.0)
     if op == "HardSigmoid":
-        alpha, beta = _attribute(node, "alpha", 0.2), _attribute(node, "beta", 0.5)
+        alpha, beta = (
+            node.attributes.get_float("alpha", 0.2),
+            node.attributes.get_float("beta", 0.5),
+        )
         return Zone(-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else _NONE
     if op in ("Add", "Sub") and out is not None and len(node.inputs) == 2:
         constant = _scalar(node.inputs[1 - index])
@@ -150,16 +153,7 @@ def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:
     if len(node.inputs) > 1 or ("min" not in node.attributes and "max" not in node.attributes):
         bounds = list(node.inputs[1:3]) + [None, None]
         return _scalar(bounds[0]), _scalar(bounds[1])
-    low, high = node.attributes.get("min"), node.attributes.get("max")  # before opset 11
-    return (
-        float(low.value) if low is not None else None,
-        float(high.value) if high is not None else None,
-    )
-
-
-def _attribute(node: ir.Node, name: str, default: float) -> float:
-    attribute = node.attributes.get(name)
-    return float(attribute.value) if attribute is not None else default
+    return node.attributes.get_float("min"), node.attributes.get_float("max")  # before opset 11
 
 
 def _scalar(value: ir.Value | None) -> float | None:
