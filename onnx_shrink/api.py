@@ -137,7 +137,7 @@ def shrink(
     pass_list = pipeline.parse_spec(passes, sets, recipe)
     options = _check_options(check, data, input_shapes)
     if output is not None and isinstance(model, (str, os.PathLike)):
-        _refuse_overwrite(Path(model), Path(output))
+        _refuse_overwrite(Path(model), Path(output), external_data)
     loaded = io.load(model)
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
@@ -415,9 +415,23 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
     return verify
 
 
-def _refuse_overwrite(source: Path, output: Path) -> None:
-    if output.exists() and source.exists() and output.resolve() == source.resolve():
+def _refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> None:
+    """Refuse an output that would write over the input model or over a file its weights
+    are in: saving ``out.onnx`` with external data writes ``out.onnx.data``, which may be the
+    very file an input saved as ``in.onnx`` + ``out.onnx.data`` reads its weights from."""
+    if not source.exists():
+        return
+    if output.exists() and output.resolve() == source.resolve():
         raise ShrinkError(f"{output}: refusing to overwrite the input model; choose another -o")
+    data = io.external_data_path(output)
+    # Only an existing file can be the input's; the input is read only then.
+    if external_data is False or not data.exists():
+        return
+    if data.resolve() in {path.resolve() for path in io.model_files(source)[1:]}:
+        raise ShrinkError(
+            f"{output}: refusing to save it: its weights would go to {data}, which holds the "
+            "input model's weights; choose another -o"
+        )
 
 
 def default_output_path(model_path: str | os.PathLike) -> Path:

@@ -63,6 +63,30 @@ def test_refuses_to_overwrite_the_input(digits_copy, run_cli):
     assert sha256(digits_copy) == before
 
 
+def test_refuses_an_output_whose_external_data_is_the_inputs_weights(tmp_path, run_cli):
+    """in.onnx keeps its weights in out.onnx.data: saving out.onnx with external data would
+    write them over (and leave in.onnx unreadable)."""
+    source = tmp_path / "in.onnx"
+    onnx.save(
+        onnx.load(digits.MODEL_PATH),
+        source,
+        save_as_external_data=True,
+        location="out.onnx.data",
+        size_threshold=0,
+    )
+    before = {name: sha256(tmp_path / name) for name in ("in.onnx", "out.onnx.data")}
+    out = tmp_path / "out.onnx"
+    result = run_cli(source, "--passes", "fold", "-o", out, "--external-data", "yes")
+    assert result.code == 2
+    assert "holds the input model's weights" in result.err
+    assert {name: sha256(tmp_path / name) for name in before} == before
+    assert not out.exists()
+    # Embedded, the output writes no data file: nothing of the input's is at risk.
+    result = run_cli(source, "--passes", "fold", "-o", out, "--external-data", "no", "-q")
+    assert result.code == 0, result.err
+    assert {name: sha256(tmp_path / name) for name in before} == before
+
+
 def test_list_passes_documents_every_option(run_cli):
     result = run_cli("--list-passes")
     assert result.code == 0

@@ -312,7 +312,7 @@ def save(
     if not model.producer_name:
         model.producer_name = PRODUCER_NAME
         model.producer_version = __version__
-    data_name = f"{path.name}.data" if external_data else None
+    data_name = external_data_path(path).name if external_data else None
     staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
     try:
         if external_data:
@@ -330,6 +330,12 @@ def save(
     size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
     logger.info("saved %s (%d bytes)", path, size)
     return SavedModel(path=path, external_data_path=data_path, bytes_on_disk=size)
+
+
+def external_data_path(path: str | os.PathLike) -> Path:
+    """Where ``save`` puts the tensors of a model saved to ``path`` with external data."""
+    path = Path(path)
+    return path.with_name(f"{path.name}.data")
 
 
 class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
