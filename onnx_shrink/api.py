@@ -142,47 +142,41 @@ def shrink(
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
-    dataset = None
-    if options is not None:  # bad data is bad input: reject it before any work is done
-        specs = data_mod.specs_from_model(loaded)
-        dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
-    verifier = None
-    if options is not None and options.verify_each:
-        verifier = _each_pass_verifier(reference, dataset, options)
-    source = next(
-        (s for s in (calibration, data, options.data if options else None) if s is not None), None
-    )
-    provider = options.provider if options else "cpu"
-    result, sensitivity_report = _compile(
-        model,
-        loaded,
-        pass_list,
-        _Hooks(on_pass_start, on_calibration),
-        source=source,
-        input_shapes=options.input_shapes if options is not None else input_shapes,
-        provider=provider,
-        verifier=verifier,
-        strict=options.strict if options else False,
-        dump_dir=dump_dir,
-        sensitivity=sensitivity,
-    )
-    candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
-    report = None
-    if options is not None:
-        try:
-            report = check_mod.check(
-                reference,
-                candidate,
-                dataset,
-                tolerances=options.tolerances,
-                provider=options.provider,
-                layers=options.layers,
-                latency_runs=options.latency_runs,
+    with contextlib.ExitStack() as stack:
+        dataset = None
+        if options is not None:  # bad data is bad input: reject it before any work is done
+            specs = data_mod.specs_from_model(loaded)
+            dataset = data_mod.prepare(
+                specs, options.data, options.input_shapes, labels=options.labels
             )
-        except RunFailedError as e:
-            if output_path is None:
-                raise
-            raise RunFailedError(f"{e} (the result is saved, unchecked: {output_path})") from e
+        source = next(
+            (s for s in (calibration, data, options.data if options else None) if s is not None),
+            None,
+        )
+        if dataset is not None and dataset.peek is not None and source is options.data:
+            # One reader for calibration and the check: read once, spilled as calibration
+            # reads it and replayed for the check, so both see every sample.
+            dataset = source = data_mod.replayable(dataset, stack)
+        verifier = None
+        if options is not None and options.verify_each:
+            verifier = _each_pass_verifier(reference, dataset, options)
+        result, sensitivity_report = _compile(
+            model,
+            loaded,
+            pass_list,
+            _Hooks(on_pass_start, on_calibration),
+            source=source,
+            input_shapes=options.input_shapes if options is not None else input_shapes,
+            provider=options.provider if options else "cpu",
+            verifier=verifier,
+            strict=options.strict if options else False,
+            dump_dir=dump_dir,
+            sensitivity=sensitivity,
+        )
+        candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
+        report = None
+        if options is not None:
+            report = _check_candidate(reference, candidate, dataset, options, output_path)
     return ShrinkResult(
         model=result.model,
         steps=result.steps,
@@ -255,6 +249,31 @@ def _compile(
         elif sensitivity:
             logger.warning(_NO_QUANT)
     return result, report
+
+
+def _check_candidate(
+    reference: Path | bytes,
+    candidate: Path | bytes,
+    dataset: data_mod.Dataset,
+    options: CheckOptions,
+    output_path: Path | None,
+) -> check_mod.CheckReport:
+    """The check of the result against the input; a run that fails says where the (saved,
+    unchecked) result is."""
+    try:
+        return check_mod.check(
+            reference,
+            candidate,
+            dataset,
+            tolerances=options.tolerances,
+            provider=options.provider,
+            layers=options.layers,
+            latency_runs=options.latency_runs,
+        )
+    except RunFailedError as e:
+        if output_path is None:
+            raise
+        raise RunFailedError(f"{e} (the result is saved, unchecked: {output_path})") from e
 
 
 def _save_candidate(

@@ -157,3 +157,27 @@ def test_model_specs_come_from_the_graph():
     (spec,) = data.specs_from_model(io.load(digits.MODEL_PATH))
     assert spec.name == "image" and spec.dtype is np.float32
     assert spec.shape[1:] == (1, 8, 8) and isinstance(spec.shape[0], str)
+
+
+class ImageReader:
+    """A one-shot reader of one digit per get_next(), as a user's calibration reader is."""
+
+    def __init__(self, images: np.ndarray) -> None:
+        self.images = list(images)
+        self.calls = 0
+
+    def get_next(self):
+        self.calls += 1
+        return {"image": self.images.pop(0)[np.newaxis]} if self.images else None
+
+
+def test_one_reader_given_as_data_serves_calibration_and_the_check_with_every_sample():
+    import onnx_shrink
+    from models import digits
+    from onnx_shrink.compiler.io import data_files
+
+    reader = ImageReader(data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24])
+    result = onnx_shrink.shrink(digits.MODEL_PATH, "quant", data=reader)
+    assert result.steps[0].calibration_samples == 24
+    assert result.verification.numeric.samples == 24
+    assert reader.calls == 25  # read once: 24 feeds and the None that ends them
