@@ -8,6 +8,7 @@ and ``check_options`` rejects out-of-range values in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from collections.abc import Sequence
 from typing import Any
@@ -22,9 +23,12 @@ def option(
     minimum: float | None = None,
     maximum: float | None = None,
     choices: Sequence[Any] | None = None,
+    patterns: bool = False,
 ) -> Any:
-    """Declare a pass option: a dataclass field whose metadata carries its doc and bounds."""
+    """Declare a pass option: a dataclass field whose metadata carries its doc and bounds;
+    ``patterns``: its items are node names or regular expressions, each checked to compile."""
     metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
+    metadata["patterns"] = patterns
     if isinstance(default, (list, dict, set)):
         raise TypeError("pass options must be immutable; use a tuple or frozenset")
     return dataclasses.field(default=default, metadata=metadata)
@@ -79,6 +83,20 @@ def check_options(instance: Any) -> None:
             raise ValueError(f"{f.name}={value!r} is below the minimum {lo}")
         if hi is not None and value > hi:
             raise ValueError(f"{f.name}={value!r} is above the maximum {hi}")
+        for pattern in value if f.metadata.get("patterns") else ():
+            _check_pattern(f.name, pattern)
+
+
+def _check_pattern(option_name: str, pattern: str) -> None:
+    """A name-or-regex option's item must compile: a typo such as ``[`` would otherwise
+    fail deep inside the pass, or quietly match nothing."""
+    try:
+        re.compile(pattern)
+    except re.error as e:
+        raise ValueError(
+            f"{option_name}: {pattern!r} is not a regular expression ({e}); to match a name "
+            f"as written, escape it: {re.escape(pattern)}"
+        ) from e
 
 
 def coerce(pass_class: type, name: str, raw: Any) -> Any:

@@ -110,7 +110,9 @@ class Float16Pass(DataAwarePass):
     )
     keep_io_types: bool = option(True, "graph inputs and outputs stay float32 (Casts at edges)")
     block_ops: tuple[str, ...] = option(DEFAULT_BLOCK_OPS, "op types always kept in float32")
-    exclude: tuple[str, ...] = option((), "node names or full-match regexes kept in float32")
+    exclude: tuple[str, ...] = option(
+        (), "node names or full-match regexes kept in float32", patterns=True
+    )
     max_fraction: float = option(
         0.5, "float32 where calibrated |x| > this x the format's max", minimum=1e-6, maximum=1.0
     )
@@ -446,10 +448,8 @@ def _formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str
 
 
 def _matches(pattern: str, name: str) -> bool:
-    try:
-        return pattern == name or re.fullmatch(pattern, name) is not None
-    except re.error:  # not a regular expression: a plain name
-        return False
+    """``pattern`` (checked to compile with the options) names ``name``."""
+    return pattern == name or re.fullmatch(pattern, name) is not None
 
 
 def _converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:

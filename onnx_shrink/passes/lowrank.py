@@ -167,8 +167,8 @@ class LowRankPass(DataAwarePass):
     )
     op_types: tuple[str, ...] = option(("MatMul", "Gemm", "Conv"), "op types to split")
     min_params: int = option(4096, "weights with fewer elements stay dense", minimum=0)
-    exclude: tuple[str, ...] = option((), "node names or regexes kept dense")
-    only: tuple[str, ...] = option((), "split just these nodes (names or regexes)")
+    exclude: tuple[str, ...] = option((), "node names or regexes kept dense", patterns=True)
+    only: tuple[str, ...] = option((), "split just these nodes (names or regexes)", patterns=True)
 
     def __post_init__(self) -> None:
         check_options(self)

@@ -222,7 +222,9 @@ class PrunePass(DataAwarePass):
     ridge: float = option(refitting.DEFAULT_RIDGE, "refit dampening x mean diag(G)", minimum=0)
     min_elements: int = option(1024, "layers with fewer weights are kept dense", minimum=0)
     exclude_op_types: tuple[str, ...] = option((), "op types kept dense")
-    exclude: tuple[str, ...] = option((), "node or weight names, or regexes, kept dense")
+    exclude: tuple[str, ...] = option(
+        (), "node or weight names, or regexes, kept dense", patterns=True
+    )
     storage: Literal["dense", "sparse", "auto"] = option(
         "dense", "weight storage (see rule 6)", choices=("dense", "sparse", "auto")
     )

@@ -115,7 +115,9 @@ class PruneChannelsPass(DataAwarePass):
         minimum=1,
     )
     min_channels: int = option(1, "fewest channels a group keeps", minimum=1)
-    exclude: tuple[str, ...] = option((), "producer node names or regexes left unpruned")
+    exclude: tuple[str, ...] = option(
+        (), "producer node names or regexes left unpruned", patterns=True
+    )
     heads: bool = option(True, "prune whole attention heads through Reshape/Transpose")
     reconstruct: Literal["auto", "on", "off"] = option(
         "auto",

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import dataclasses
+import re
+
 import pytest
 
 from onnx_shrink.compiler import pipeline
@@ -80,3 +83,40 @@ def test_pass_repr_is_its_full_configuration():
 def test_passes_are_frozen():
     with pytest.raises(AttributeError):
         FoldPass().iterations = 9  # type: ignore[misc]
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "quant.exclude",
+        "quant.int16",
+        "quant-dynamic.exclude",
+        "quant-weight.exclude",
+        "fp16.exclude",
+        "prune.exclude",
+        "prune-channels.exclude",
+        "lowrank.exclude",
+        "lowrank.only",
+    ],
+)
+@pytest.mark.parametrize("pattern", ["[", "conv(1"])
+def test_a_name_or_regex_option_that_does_not_compile_is_a_spec_error(option, pattern):
+    """Every option of node names or regexes is checked when the pipeline is parsed, with the
+    escaped form that would match the name as written."""
+    pass_name = option.split(".")[0]
+    with pytest.raises(PipelineSpecError) as info:
+        pipeline.parse_spec(pass_name, [f"{option}={pattern}"])
+    message = str(info.value)
+    assert f"{pattern!r} is not a regular expression" in message
+    assert f"escape it: {re.escape(pattern)}" in message
+
+
+def test_every_name_or_regex_option_is_checked():
+    """An option whose doc says it takes regexes is declared with patterns=True."""
+    from onnx_shrink.compiler.registry import REGISTRY
+
+    for name, pass_class in REGISTRY.items():
+        for field in dataclasses.fields(pass_class):
+            doc = field.metadata.get("doc", "")
+            if "regex" in doc or "regular expression" in doc:
+                assert field.metadata.get("patterns"), f"{name}.{field.name}"

@@ -71,7 +71,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
     )
     exclude: tuple[str, ...] = option(
-        (), "node names or regular expressions (full match) to leave in float"
+        (), "node names or regular expressions (full match) to leave in float", patterns=True
     )
     per_channel: bool = option(True, "one scale per output column (MatMul/Gemm) or embedding dim")
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
@@ -93,7 +93,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     def __post_init__(self) -> None:
         check_options(self)
-        check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
+        check_selection(self.op_types, SUPPORTED_OPS)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         lifted = lift_constant_weights(model)

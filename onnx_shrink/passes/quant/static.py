@@ -125,11 +125,13 @@ class QuantPass(DataAwarePass):
     )
     per_channel: bool = option(True, "one weight scale per output channel")
     exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
-    exclude: tuple[str, ...] = option((), "node names or regexes kept in float")
+    exclude: tuple[str, ...] = option((), "node names or regexes kept in float", patterns=True)
     activation_matmuls: bool = option(
         False, "quantize MatMuls of two activations too (attention scores and context)"
     )
-    int16: tuple[str, ...] = option((), "node names or regexes whose activations use 16 bits")
+    int16: tuple[str, ...] = option(
+        (), "node names or regexes whose activations use 16 bits", patterns=True
+    )
     subgraphs: bool = option(
         True, "int8 weights (dynamic quantization) for MatMul/Gemm inside If/Loop/Scan bodies"
     )

@@ -98,13 +98,13 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
     )
     exclude: tuple[str, ...] = option(
-        (), "node names or regular expressions (full match) to leave in float"
+        (), "node names or regular expressions (full match) to leave in float", patterns=True
     )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
 
     def __post_init__(self) -> None:
         check_options(self)
-        check_selection(self.op_types, SUPPORTED_OPS, self.exclude)
+        check_selection(self.op_types, SUPPORTED_OPS)
 
     def requires(self, model: ir.Model) -> None:
         opset = onnx_opset(model)
