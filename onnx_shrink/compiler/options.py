@@ -8,12 +8,15 @@ and ``check_options`` rejects out-of-range values in ``__post_init__``.
 from __future__ import annotations
 
 import dataclasses
+import logging
 import re
 import typing
 from collections.abc import Sequence
 from typing import Any
 
 from onnx_shrink.errors import PipelineSpecError
+
+logger = logging.getLogger(__name__)
 
 
 def option(
@@ -97,6 +100,27 @@ def _check_pattern(option_name: str, pattern: str) -> None:
             f"{option_name}: {pattern!r} is not a regular expression ({e}); to match a name "
             f"as written, escape it: {re.escape(pattern)}"
         ) from e
+
+
+def warn_unmatched(
+    option_name: str, patterns: Sequence[str], names: Sequence[str], what: str = "node name"
+) -> None:
+    """Warn about each item of a name-or-regex option (``pass.option``) that names none of
+    ``names`` (the model's, in graph order): a typo would otherwise run as if the option had
+    not been given."""
+    present = [name for name in dict.fromkeys(names) if name]
+    for pattern in patterns:
+        if any(name == pattern or re.fullmatch(pattern, name) for name in present):
+            continue
+        shown = ", ".join(repr(name) for name in present[:3])
+        logger.warning(
+            "%s: %r matches no %s of the model (%s%s), so it changes nothing",
+            option_name,
+            pattern,
+            what,
+            f"those look like {shown}" if present else "it has none",
+            ", ..." if len(present) > 3 else "",
+        )
 
 
 def coerce(pass_class: type, name: str, raw: Any) -> Any:

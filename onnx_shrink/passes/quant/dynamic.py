@@ -28,6 +28,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     lift_constant_weights,
     match_linear,
     trimmed,
+    warn_unmatched_exclusions,
 )
 
 logger = logging.getLogger(__name__)
@@ -96,6 +97,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         check_selection(self.op_types, SUPPORTED_OPS)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
         count = self.quantize(model)
         if count and self.narrow_storage:

@@ -13,7 +13,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult, Look
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, warn_unmatched
 from onnx_shrink.compiler.statistics import (
     Histogram,
     HistogramAccumulator,
@@ -38,7 +38,11 @@ from onnx_shrink.passes.quant.numerics import (
     scale_and_zero_point,
 )
 from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
-from onnx_shrink.passes.quant.weight_matching import lift_constant_weights, onnx_opset
+from onnx_shrink.passes.quant.weight_matching import (
+    lift_constant_weights,
+    onnx_opset,
+    warn_unmatched_exclusions,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -179,6 +183,8 @@ class QuantPass(DataAwarePass):
         )
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        # Here, not in apply: sensitivity applies the pass once per layer on one measurement.
+        self._warn_unmatched(model)
         lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
@@ -278,6 +284,16 @@ class QuantPass(DataAwarePass):
         look = Look(self.bias_correction_samples, 1, "bias correction")
         followup = Followup(model, requests, finish, look)
         return FollowupResult(model, modified, followup)
+
+    def _warn_unmatched(self, model: ir.Model) -> None:
+        """A name, regex or op type of the options that names nothing is a warning."""
+        warn_unmatched_exclusions(model, self.name, self.exclude)
+        nodes = list(model.graph)
+        names = [node.name or "" for node in nodes]
+        warn_unmatched(f"{self.name}.int16", self.int16, names)
+        warn_unmatched(f"{self.name}.only", self.only, names)
+        op_types = [node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)]
+        warn_unmatched(f"{self.name}.exclude_op_types", self.exclude_op_types, op_types, "op type")
 
     @staticmethod
     def _finished(model: ir.Model, modified: bool, narrow: bool) -> ir.passes.PassResult:

@@ -33,6 +33,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     onnx_opset,
     trimmed,
+    warn_unmatched_exclusions,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,6 +117,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0

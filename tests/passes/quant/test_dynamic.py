@@ -231,6 +231,16 @@ def test_excluded_nodes_stay_float(pattern, left_float):
     assert ops(result).count("DynamicQuantizeMatMul") == 2 - len(left_float)
 
 
+def test_an_exclusion_that_names_no_node_is_warned_about(caplog):
+    model = with_weights(TWO_MATMULS, w=weight())
+    model.graph.node[0].name, model.graph.node[1].name = "mm_a", "mm_b"
+    with caplog.at_level(logging.WARNING):
+        quantized(model, exclude=("mm_a", "mm_c"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 1
+    assert "quant-dynamic.exclude: 'mm_c' matches no node name" in warned[0]
+
+
 def test_tiny_weights_and_graph_input_weights_are_skipped(caplog):
     text = """
     <ir_version: 9, opset_import: ["" : 17]>

@@ -169,6 +169,24 @@ def test_exclusions_by_op_type_name_and_regex(tmp_path):
         )
 
 
+def test_exclusions_that_name_nothing_are_warned_about_and_those_that_match_are_not(
+    tmp_path, caplog
+):
+    proto = _conv_relu_pool()
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"conv_{i}" if node.op_type == "Conv" else f"n{i}"
+    feeds = {"x": RNG.standard_normal((4, 3, 16, 16)).astype(np.float32)}
+    options = {"exclude": ("n[12]", "nomatch"), "exclude_op_types": ("MaxPool", "Gemmm")}
+    with caplog.at_level(logging.WARNING):
+        _quantize(proto, feeds, tmp_path, **options, int16=("n1", "nope"))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warned) == 3, warned
+    assert "quant.exclude: 'nomatch' matches no node name" in warned[0]
+    assert "'conv_0'" in warned[0]  # what the model's names look like
+    assert "quant.int16: 'nope' matches no node name" in warned[1]
+    assert "quant.exclude_op_types: 'Gemmm' matches no op type" in warned[2]
+
+
 def test_opset_11_models_get_per_channel_weights_onnxruntime_loads(tmp_path, caplog):
     proto = _conv_relu_pool()
     proto.opset_import[0].version = 11  # Conv, Relu, MaxPool and Add read the same in 11
