@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -30,6 +30,9 @@ from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
 logger = logging.getLogger(__name__)
+
+CalibrationProgress = Callable[[str, int, int | None], None]
+"""``shrink``'s ``on_calibration``: (phase, samples done, samples in all or None)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -106,7 +109,7 @@ def shrink(
     calibration: check_mod.DataSource = None,
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     on_pass_start: pipeline.StepCallback | None = None,
-    on_calibration: collect_mod.Progress | None = None,
+    on_calibration: CalibrationProgress | None = None,
     sensitivity: bool = False,
 ) -> ShrinkResult:
     """Compress ``model`` with ``passes`` and, unless ``check=False``, check the result.
@@ -124,6 +127,9 @@ def shrink(
             check's); without any, synthetic inputs with a loud warning.
         input_shapes: NAME -> dims of the synthetic inputs made where no data is given, for
             calibration and for the check (where ``CheckOptions.input_shapes`` wins).
+        on_pass_start: called with (index, pass) as each pass starts.
+        on_calibration: called as calibration runs, with (phase, samples done, samples in
+            all or None where the data does not say: a reader object's).
         sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
             output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
@@ -195,7 +201,7 @@ _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
 @dataclasses.dataclass(frozen=True)
 class _Hooks:
     on_pass_start: pipeline.StepCallback | None
-    on_calibration: collect_mod.Progress | None
+    on_calibration: CalibrationProgress | None
 
 
 def _compile(
@@ -222,7 +228,10 @@ def _compile(
                 _collect, dataset=calib, provider=provider, progress=hooks.on_calibration
             )
             prober = functools.partial(
-                probe_mod.measure, dataset=calib, provider=provider, progress=hooks.on_calibration
+                probe_mod.measure,
+                dataset=calib,
+                provider=provider,
+                progress=_reporting(hooks.on_calibration, None),
             )
         result = pipeline.run(
             loaded,
@@ -244,7 +253,7 @@ def _compile(
                 collector,
                 calib,
                 provider,
-                hooks.on_calibration,
+                _reporting(hooks.on_calibration, calib.samples),
             )
         elif sensitivity:
             logger.warning(_NO_QUANT)
@@ -352,11 +361,17 @@ def _sample_dims(
     }
 
 
-def _named_phases(progress: collect_mod.Progress, purpose: str) -> collect_mod.Progress:
-    """``progress`` with each phase named after ``purpose`` ("bias correction: statistics")."""
+def _reporting(
+    progress: CalibrationProgress | None, total: int | None, purpose: str = ""
+) -> collect_mod.Progress | None:
+    """The engine's (phase, samples done) reports as ``progress`` takes them: with the
+    samples in all (``total``), each phase named after ``purpose`` where there is one
+    ("bias correction: statistics")."""
+    if progress is None:
+        return None
 
     def report(phase: str, done: int) -> None:
-        progress(f"{purpose}: {phase}", done)
+        progress(f"{purpose}: {phase}" if purpose else phase, done, total)
 
     return report
 
@@ -368,12 +383,10 @@ def _collect(
     *,
     dataset: data_mod.Dataset,
     provider: str,
-    progress: collect_mod.Progress | None,
+    progress: CalibrationProgress | None,
 ):
     """``pipeline.Collector`` over ``dataset``, read as ``look`` says."""
     look = look or Look()
-    if look.purpose and progress is not None:
-        progress = _named_phases(progress, look.purpose)
     if look.samples:
         specs = data_mod.specs_from_model(model)
         dataset = sample_batches.first_samples(dataset, specs, look.samples)
@@ -388,7 +401,7 @@ def _collect(
         requests,
         dataset,
         provider=provider,
-        progress=progress,
+        progress=_reporting(progress, dataset.samples, look.purpose),
         run_samples=look.run_samples,
     )
 

@@ -255,8 +255,8 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             calibration=args.calibration,
             input_shapes=options.input_shapes,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
-            on_calibration=lambda phase, done: status.update(
-                f"calibrating ({phase}): {done} batches..."
+            on_calibration=lambda phase, done, total: status.update(
+                console.calibration_status(phase, done, total)
             ),
             sensitivity=args.sensitivity,
         )

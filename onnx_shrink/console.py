@@ -45,6 +45,16 @@ def _arrow(before: float, after: float, fmt=human_count) -> str:
     return f"{fmt(before)} → {fmt(after)}{change}"
 
 
+def calibration_status(phase: str, done: int, total: int | None, width: int = 24) -> str:
+    """The status line of a calibration phase: a bar of samples done out of ``total``, or the
+    count alone where the total is not known (a reader object) or the phase reads others."""
+    if total is None or total <= 0 or done > total:
+        return f"calibrating ({phase}): {done} samples..."
+    filled = round(width * done / total)
+    bar = "━" * filled + "─" * (width - filled)
+    return f"calibrating ({phase}) {bar} {done}/{total} samples"
+
+
 def summary_table(result: ShrinkResult) -> Table:
     """Per pass and total: time, nodes, params, MACs, bytes before -> after."""
     table = Table(title="onnx-shrink summary", title_justify="left")

@@ -84,6 +84,8 @@ class Dataset:
     make_batches: Callable[[], Iterator[Batch]]
     peek: Callable[[], Batch | None] | None = None
     """the first batch without consuming it (one-shot sources); None: read batches()"""
+    samples: int | None = None
+    """how many samples it holds, where that is known without reading them (None: a reader's)"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def batches(self) -> Iterator[Batch]:
@@ -195,7 +197,13 @@ def from_arrays(
             for array in feed.values():
                 data_files.release_pages(array)
 
-    return Dataset(where, synthetic=False, has_labels=labels is not None, make_batches=make_batches)
+    return Dataset(
+        where,
+        synthetic=False,
+        has_labels=labels is not None,
+        make_batches=make_batches,
+        samples=total,
+    )
 
 
 def _batch_step(specs: Sequence[InputSpec]) -> int:
@@ -262,7 +270,9 @@ def from_test_data_sets(path: str | Path, specs: Sequence[InputSpec]) -> Dataset
                 feed[spec.name] = array
             yield Batch(feed, 1, None)
 
-    return Dataset(str(root), synthetic=False, has_labels=False, make_batches=make_batches)
+    return Dataset(
+        str(root), synthetic=False, has_labels=False, make_batches=make_batches, samples=len(sets)
+    )
 
 
 def _natural_key(name: str) -> list[object]:
@@ -393,6 +403,7 @@ def synthetic(
         synthetic=True,
         has_labels=False,
         make_batches=lambda: iter([Batch(feed, samples_in(feed, specs), None)]),
+        samples=samples_in(feed, specs),
     )
 
 
@@ -531,4 +542,10 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
             state["spilled"] = True
             yield from spill()
 
-    return Dataset(dataset.description, dataset.synthetic, dataset.has_labels, make_batches)
+    return Dataset(
+        dataset.description,
+        dataset.synthetic,
+        dataset.has_labels,
+        make_batches,
+        samples=dataset.samples,
+    )

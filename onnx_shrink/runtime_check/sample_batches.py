@@ -63,6 +63,7 @@ def first_samples(dataset: Dataset, specs: Sequence[InputSpec], count: int) -> D
         description=f"the first {count} samples of {dataset.description}",
         make_batches=make_batches,
         peek=None,
+        samples=None if dataset.samples is None else min(count, dataset.samples),
         _first={},
     )
 

@@ -136,3 +136,13 @@ def test_input_shape_shapes_the_synthetic_calibration_inputs(digits_copy, run_cl
     assert result.code == 0, result.err
     calibration = next(line for line in result.err.splitlines() if "NO CALIBRATION DATA" in line)
     assert "image=3x1x8x8" in calibration
+
+
+def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
+    from onnx_shrink import console
+
+    bar = console.calibration_status("statistics", 8, 32, width=8)
+    assert bar == "calibrating (statistics) ━━────── 8/32 samples"
+    assert console.calibration_status("statistics", 5, None) == (
+        "calibrating (statistics): 5 samples..."
+    )

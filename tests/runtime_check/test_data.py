@@ -181,3 +181,17 @@ def test_one_reader_given_as_data_serves_calibration_and_the_check_with_every_sa
     assert result.steps[0].calibration_samples == 24
     assert result.verification.numeric.samples == 24
     assert reader.calls == 25  # read once: 24 feeds and the None that ends them
+
+
+def test_a_dataset_knows_its_samples_where_that_costs_no_read(tmp_path):
+    from onnx_shrink.runtime_check import sample_batches
+
+    np.savez(tmp_path / "d.npz", image=np.zeros((5, 1, 8, 8), np.float32))
+    arrays = data.prepare([IMAGE], tmp_path / "d.npz")
+    assert arrays.samples == 5
+    assert sample_batches.first_samples(arrays, [IMAGE], 3).samples == 3
+    assert sample_batches.first_samples(arrays, [IMAGE], 9).samples == 5
+    assert data.synthetic([IMAGE]).samples == 1
+    reader = data.prepare([IMAGE], Reader(3))
+    assert reader.samples is None
+    assert sample_batches.first_samples(reader, [IMAGE], 2).samples is None

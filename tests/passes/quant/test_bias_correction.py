@@ -207,14 +207,15 @@ def test_a_failed_second_look_leaves_the_uncorrected_result_and_warns(tmp_path, 
     assert "second look at the data failed" in caplog.text
 
 
-def test_progress_names_the_second_look(tmp_path):
+def test_progress_names_the_second_look_and_counts_its_samples_out_of_its_total(tmp_path):
     np.savez(tmp_path / "calib.npz", x=_clustered_inputs(8))
-    phases = set()
+    reports = []
     onnx_shrink.shrink(
         _two_convs(),
-        passes=[QuantPass(calibration="minmax", bias_correction=True)],
+        passes=[QuantPass(calibration="minmax", bias_correction=True, bias_correction_samples=3)],
         data=tmp_path / "calib.npz",
         check=False,
-        on_calibration=lambda phase, done: phases.add(phase),
+        on_calibration=lambda phase, done, total: reports.append((phase, done, total)),
     )
-    assert phases == {"statistics", "bias correction: statistics"}
+    last = {phase: (done, total) for phase, done, total in reports}
+    assert last == {"statistics": (8, 8), "bias correction: statistics": (3, 3)}
