@@ -39,6 +39,7 @@ from onnx_shrink.passes.quant.numerics import (
 )
 from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
 from onnx_shrink.passes.quant.weight_matching import (
+    ensure_opset,
     lift_constant_weights,
     onnx_opset,
     warn_unmatched_exclusions,
@@ -226,8 +227,8 @@ class QuantPass(DataAwarePass):
         """Convert ``model`` in place to the opset the options need (per-channel DQ: 13,
         16-bit Q/DQ: 21), as ``apply`` does before planning; (per-channel weights, 16-bit
         activations) as the model's opset then allows."""
-        per_channel = self.per_channel and _ensure_opset(model, 13, "per-channel weights")
-        sixteen_bit = bool(self.int16) and _ensure_opset(model, 21, "16-bit activations")
+        per_channel = self.per_channel and ensure_opset(model, 13, "per-channel weights", self.name)
+        sixteen_bit = bool(self.int16) and ensure_opset(model, 21, "16-bit activations", self.name)
         return per_channel, sixteen_bit
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
@@ -415,34 +416,6 @@ def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
             result.update(v.name for v in placement.activation_inputs(node))
             result.update(o.name for o in node.outputs)
     return result
-
-
-def _ensure_opset(model: ir.Model, target: int, purpose: str) -> bool:
-    """Convert a model older than opset ``target`` to it, in place; False when the converter
-    cannot (the caller then does without ``purpose``). Per-channel DequantizeLinear (``axis``)
-    needs opset 13; 16-bit QuantizeLinear/DequantizeLinear need 21."""
-    version = onnx_opset(model)
-    if version >= target:
-        return True
-    try:
-        from onnxscript.version_converter import ConvertVersionPass
-
-        # Its own converter takes few opsets; for the others it warns, then converts with
-        # onnx's C API as fallback=True asks. That is the conversion working, logged below.
-        converter_log = logging.getLogger("onnxscript.version_converter")
-        level = converter_log.level
-        converter_log.setLevel(logging.ERROR)
-        try:
-            ConvertVersionPass(target_version=target, fallback=True)(model)
-        finally:
-            converter_log.setLevel(level)
-    except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
-        logger.warning(
-            "quant: cannot convert opset %d to %d (%s); no %s", version, target, e, purpose
-        )
-        return False
-    logger.info("quant: converted the model from opset %d to %d for %s", version, target, purpose)
-    return True
 
 
 def _report_subgraphs(model: ir.Model) -> None:

@@ -49,6 +49,36 @@ def onnx_opset(model: ir.Model) -> int:
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
+def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> bool:
+    """Convert a model older than opset ``target`` to it, in place; False when the converter
+    cannot (the caller then does without ``purpose``, or refuses). Per-channel
+    DequantizeLinear (``axis``) needs opset 13; 16-bit and blocked Q/DQ need 21."""
+    version = onnx_opset(model)
+    if version >= target:
+        return True
+    try:
+        from onnxscript.version_converter import ConvertVersionPass
+
+        # Its own converter takes few opsets; for the others it warns, then converts with
+        # onnx's C API as fallback=True asks. That is the conversion working, logged below.
+        converter_log = logging.getLogger("onnxscript.version_converter")
+        level = converter_log.level
+        converter_log.setLevel(logging.ERROR)
+        try:
+            ConvertVersionPass(target_version=target, fallback=True)(model)
+        finally:
+            converter_log.setLevel(level)
+    except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
+        logger.warning(
+            "%s: cannot convert opset %d to %d (%s); no %s", pass_name, version, target, e, purpose
+        )
+        return False
+    logger.info(
+        "%s: converted the model from opset %d to %d for %s", pass_name, version, target, purpose
+    )
+    return True
+
+
 def lift_constant_weights(model: ir.Model) -> bool:
     """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
     they are quantized like any other weight instead of left float (PP-OCRv4 rec: without

@@ -28,6 +28,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     WeightContext,
     check_selection,
     derived_name,
+    ensure_opset,
     gather_reason,
     lift_constant_weights,
     match_linear,
@@ -60,8 +61,9 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
     2. ``Gather(W, ids, axis=0)`` of a table [V, H] becomes ``com.microsoft.
        GatherBlockQuantized(data, ids, scales[, zero_points])`` with blocks along H
        (``quantize_axis=1``): ``data`` is uint8 [V, ceil(H * bits / 8)], packed the same way.
-    3. ``format=dequantize_linear`` writes standard ONNX and needs opset >= 21 (a
-       precondition, checked before anything changes; the model's opset is never converted):
+    3. ``format=dequantize_linear`` writes standard ONNX and needs opset >= 21: an older
+       model is converted first, as ``quant`` converts for its Q/DQ (the pass fails, naming
+       the converter's error, when it cannot be):
        ``MatMul(A, DequantizeLinear(Wq, s, axis=0, block_size=B))`` with ``Wq`` int4/int8
        [K, N] and ``s`` [n_blocks, N] (onnxruntime fuses it into MatMulNBits at load), and
        ``DequantizeLinear(Gather(Wq, ids), Gather(s, ids), axis=-1, block_size=B)`` for
@@ -107,17 +109,17 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         check_options(self)
         check_selection(self.op_types, SUPPORTED_OPS)
 
-    def requires(self, model: ir.Model) -> None:
-        opset = onnx_opset(model)
-        if self.format == "dequantize_linear" and opset < BLOCKED_DQ_OPSET:
-            raise ir.passes.PreconditionError(
-                f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
-                f"(blocked DequantizeLinear); the model has opset {opset}. "
-                "Use format=matmulnbits, or convert the model's opset first."
-            )
-
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
+        opset = onnx_opset(model)
+        if self.format == "dequantize_linear" and not ensure_opset(
+            model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name
+        ):
+            raise ir.passes.PreconditionError(
+                f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
+                f"(blocked DequantizeLinear), and the model's opset {opset} could not be "
+                "converted (see the warning above); use format=matmulnbits"
+            )
         lifted = lift_constant_weights(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0

@@ -191,11 +191,35 @@ def test_dequantize_linear_format_writes_blocked_int4_before_the_float_ops(symme
     assert np.all(np.abs(e - table[ids]) <= half_steps(table, 8, 32, symmetric)[ids] + 1e-6)
 
 
-def test_dequantize_linear_format_refuses_models_below_opset_21():
+def test_dequantize_linear_format_converts_models_below_opset_21(caplog):
+    proto = with_weights(
+        MATMUL_BIAS,
+        w=RNG.standard_normal((K, N)).astype(np.float32) * 0.1,
+        b=np.ones(N, np.float32),
+    )
+    assert proto.opset_import[0].version < 21
+    with caplog.at_level(logging.INFO):
+        result = pipeline.run(io.load(proto), [WeightOnlyQuantPass(format="dequantize_linear")])
+    assert result.model.opset_imports[""] == 21
+    assert "converted the model from opset" in caplog.text
+    assert "DequantizeLinear" in [n.op_type for n in result.model.graph]
+    # The same codes as the MatMulNBits form of the unconverted model: the same outputs.
+    nbits = pipeline.run(io.load(proto), [WeightOnlyQuantPass()]).model
+    x = RNG.standard_normal((2, 3, K)).astype(np.float32)
+    got = run_ort(io.to_bytes(result.model), {"x": x})[0]
+    np.testing.assert_allclose(got, run_ort(io.to_bytes(nbits), {"x": x})[0], rtol=1e-5, atol=1e-5)
+
+
+def test_dequantize_linear_format_fails_clearly_when_the_opset_cannot_be_converted(
+    monkeypatch,
+):
+    from onnx_shrink.passes.quant import weight_only
+
+    monkeypatch.setattr(weight_only, "ensure_opset", lambda *args: False)
     model = io.load(
         with_weights(MATMUL_BIAS, w=np.ones((K, N), np.float32), b=np.ones(N, np.float32))
     )
-    with pytest.raises(PassFailedError, match="opset >= 21"):
+    with pytest.raises(PassFailedError, match="could not be converted"):
         pipeline.run(model, [WeightOnlyQuantPass(format="dequantize_linear")])
 
 
