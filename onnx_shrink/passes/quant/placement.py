@@ -15,8 +15,12 @@ uint8):
    trip (MaxPool, Resize and Split then run on uint8; every output of a Split gets the Q/DQ,
    or onnxruntime keeps it float). Only their data input is quantized: Resize's roi and
    scales stay float constants.
-4. Ops known to lose accuracy in int8 stay float unless asked: LayerNormalization, Softmax,
-   and the Pow/Sqrt/Div/ReduceMean of a decomposed norm (they are not quantizable here).
+4. Ops known to lose accuracy in int8 stay float unless asked (``Exclusions.sensitive``):
+   LayerNormalization, Softmax, and the Pow/Sqrt/Div/ReduceMean of a decomposed norm. Asked,
+   they are quantized wherever their ranges allow, like Conv (their activation inputs and
+   output get Q/DQ; constants such as a LayerNormalization's scale stay float), for
+   accelerators that take QDQ norms; onnxruntime's CPU runs a Softmax between Q/DQ as
+   QLinearSoftmax and the others as float kernels between a DQ and a Q.
 5. A tensor carrying sentinel values (non-finite, or |x| >= 1e20, like the -inf or
    float32-min of an additive attention mask) is never quantized: one scale cannot hold
    both the sentinel and the data. Its consumers stay float.
@@ -74,9 +78,19 @@ QUANTIZABLE = {
     "Resize": (0,),
     "Sigmoid": (0,),
     "Split": (0,),
+    # Rule 4: only when asked.
+    "LayerNormalization": (0,),
+    "Softmax": (0,),
+    "Pow": (0,),
+    "Sqrt": (0,),
+    "Div": (0, 1),
+    "ReduceMean": (0,),
 }
 WEIGHTED = frozenset({"Conv", "MatMul", "Gemm"})
-OUTPUT_ALWAYS_QUANTIZED = frozenset({"Conv"})
+SENSITIVE = frozenset({"LayerNormalization", "Softmax", "Pow", "Sqrt", "Div", "ReduceMean"})
+# Compute nodes rule 6 accepts wherever they can run; glue only between them.
+ANCHORS = WEIGHTED | SENSITIVE
+OUTPUT_ALWAYS_QUANTIZED = frozenset({"Conv"}) | SENSITIVE
 FUSED_ACTIVATIONS = frozenset({"Relu", "Clip"})
 SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten"})
 # Ops whose outputs are input values moved around (or a max of them): onnxruntime runs them on
@@ -98,11 +112,15 @@ class Exclusions:
     only: tuple[str, ...] = ()
     activation_matmuls: bool = False
     """quantize MatMuls whose both inputs are activations (rule 8)"""
+    sensitive: bool = False
+    """quantize the ops rule 4 keeps float"""
 
     def excludes(self, node: ir.Node) -> bool:
         if self.only and (node.name or "") not in self.only:
             return True
         if node.op_type in self.op_types:
+            return True
+        if node.op_type in SENSITIVE and not self.sensitive:
             return True
         if (
             not self.only
@@ -290,9 +308,10 @@ def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
 
 
 def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
-    """Rule 6: compute nodes always; glue only between integer kernels, grown to a fixpoint."""
-    accepted = {n for n in eligible if n.op_type in WEIGHTED}
-    glue = [n for n in eligible if n.op_type not in WEIGHTED and not _requantizes(n)]
+    """Rule 6: compute nodes (and asked rule-4 ops) always; glue only between integer
+    kernels, grown to a fixpoint."""
+    accepted = {n for n in eligible if n.op_type in ANCHORS}
+    glue = [n for n in eligible if n.op_type not in ANCHORS and not _requantizes(n)]
     candidates = accepted | set(glue)
     changed = True
     while changed:
@@ -332,7 +351,7 @@ def _requantizes(node: ir.Node) -> bool:
     return (
         producer is not None
         and producer.op_type in QUANTIZABLE
-        and producer.op_type not in WEIGHTED | SHARES_INPUT_SCALE
+        and producer.op_type not in ANCHORS | SHARES_INPUT_SCALE
     )
 
 

@@ -134,6 +134,12 @@ class QuantPass(DataAwarePass):
     activation_matmuls: bool = option(
         False, "quantize MatMuls of two activations too (attention scores and context)"
     )
+    sensitive_ops: bool = option(
+        False,
+        "also quantize LayerNormalization, Softmax and a decomposed norm's Pow/Sqrt/Div/"
+        "ReduceMean, kept float by default (int8 costs them accuracy): for accelerators that "
+        "take QDQ norms; onnxruntime's CPU runs such a Softmax as QLinearSoftmax",
+    )
     int16: tuple[str, ...] = option(
         (), "node names or regexes whose activations use 16 bits", patterns=True
     )
@@ -180,7 +186,11 @@ class QuantPass(DataAwarePass):
     @property
     def _exclusions(self) -> placement.Exclusions:
         return placement.Exclusions(
-            frozenset(self.exclude_op_types), self.exclude, self.only, self.activation_matmuls
+            frozenset(self.exclude_op_types),
+            self.exclude,
+            self.only,
+            self.activation_matmuls,
+            self.sensitive_ops,
         )
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
@@ -423,7 +433,7 @@ def _report_subgraphs(model: ir.Model) -> None:
         1
         for graph in model.graph.subgraphs()
         for node in graph
-        if node.op_type in placement.QUANTIZABLE
+        if node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE
     )
     if count:
         logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", count)

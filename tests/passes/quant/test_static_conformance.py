@@ -122,3 +122,63 @@ def test_each_placement_rule_runs_in_integer_kernels_and_stays_close(tmp_path, c
     reference = run_ort(proto.SerializeToString(), {"x": x})[0]
     got = run_ort(path, {"x": x})[0]
     assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
+
+
+def _attention_and_norms(masked: bool):
+    """Softmax, LayerNormalization and a decomposed RMS norm (Pow, ReduceMean, Sqrt, Div)
+    between MatMuls; ``masked``: the scores get an additive mask of float32-min first."""
+    d = 8
+    weights = _weights(6, (d, d), (d, d), (d, d))
+    scores = ["q"]
+    nodes = [oh.make_node("MatMul", ["x", "wq"], ["q"])]
+    if masked:
+        nodes.append(oh.make_node("Add", ["q", "mask"], ["masked"]))
+        scores = ["masked"]
+    nodes += [
+        oh.make_node("Softmax", scores, ["probs"], axis=-1),
+        oh.make_node("MatMul", ["probs", "wv"], ["v"]),
+        oh.make_node("LayerNormalization", ["v", "g", "b"], ["n"], axis=-1),
+        oh.make_node("MatMul", ["n", "wo"], ["o"]),
+        oh.make_node("Pow", ["o", "two"], ["squares"]),
+        oh.make_node("ReduceMean", ["squares"], ["mean"], axes=[-1]),
+        oh.make_node("Sqrt", ["mean"], ["rms"]),
+        oh.make_node("Div", ["o", "rms"], ["y"]),
+    ]
+    constants = {"g": np.full(d, 1.5, np.float32), "b": np.full(d, 0.1, np.float32)}
+    constants["two"] = np.array(2.0, np.float32)
+    if masked:
+        constants["mask"] = np.where(np.triu(np.ones((4, d)), 1), np.finfo(np.float32).min, 0)
+        constants["mask"] = constants["mask"].astype(np.float32)
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, [4, d])],
+        [oh.make_tensor_value_info("y", F, [4, d])],
+        {"wq": weights[0], "wv": weights[1], "wo": weights[2], **constants},
+    )
+
+
+def test_sensitive_ops_are_quantized_when_asked_and_softmax_runs_as_qlinearsoftmax(tmp_path):
+    proto = _attention_and_norms(masked=False)
+    x = np.random.default_rng(7).standard_normal((16, 4, 8)).astype(np.float32)
+    path, model = _quantize(proto, {"x": x}, tmp_path, sensitive_ops=True)
+
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert {"q", "probs", "v", "n", "o", "squares", "mean", "rms"} <= quantized
+    last = [n.op_type for n in model.graph][-3:]
+    assert last == ["Div", "QuantizeLinear", "DequantizeLinear"]  # the output keeps its name
+    norm = next(n for n in model.graph if n.op_type == "LayerNormalization")
+    assert [v.name for v in norm.inputs[1:]] == ["g", "b"]  # its scale and bias stay float
+    ops = _optimized_ops(path, tmp_path)
+    assert {"QLinearSoftmax", "QLinearMatMul"} <= set(ops) and "Softmax" not in ops
+    reference = run_ort(proto.SerializeToString(), {"x": x[0]})[0]
+    got = run_ort(path, {"x": x[0]})[0]
+    assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
+
+
+def test_asked_or_not_a_softmax_reading_mask_sentinels_stays_float(tmp_path):
+    proto = _attention_and_norms(masked=True)
+    x = np.random.default_rng(7).standard_normal((16, 4, 8)).astype(np.float32)
+    _, model = _quantize(proto, {"x": x}, tmp_path, sensitive_ops=True)
+    quantized = {n.inputs[0].name for n in model.graph if n.op_type == "QuantizeLinear"}
+    assert "masked" not in quantized
+    assert "n" in quantized  # the rest of the request still holds
