@@ -282,7 +282,7 @@ def _check_candidate(
     except RunFailedError as e:
         if output_path is None:
             raise
-        raise RunFailedError(f"{e} (the result is saved, unchecked: {output_path})") from e
+        raise type(e)(f"{e} (the result is saved, unchecked: {output_path})") from e
 
 
 def _save_candidate(

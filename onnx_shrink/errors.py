@@ -1,7 +1,8 @@
 """The project's exception hierarchy: every error a user can cause, with a one-line message.
 
-The CLI turns any ``ShrinkError`` into that line and exit code 2 (``CheckFailed``: exit 1);
-anything else is a bug and keeps its traceback.
+The CLI turns any ``ShrinkError`` into that line and exit code 2 (``CheckFailed``: exit 1;
+``CandidateFailedError``: exit 3, the result written but unchecked); anything else is a bug
+and keeps its traceback.
 """
 
 from __future__ import annotations
@@ -31,7 +32,10 @@ class RunFailedError(ShrinkError):
 
 class CandidateFailedError(RunFailedError):
     """onnxruntime cannot load or run the candidate where it runs the reference: what made the
-    candidate broke it (``--verify-each`` rolls such a pass back)."""
+    candidate broke it (``--verify-each`` rolls such a pass back), or the check's provider has
+    no kernel for it (bfloat16 on the CPU). Not bad input: the result is written, unchecked."""
+
+    exit_code = 3
 
 
 class PassFailedError(ShrinkError):

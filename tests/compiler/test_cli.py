@@ -146,3 +146,15 @@ def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
     assert console.calibration_status("statistics", 5, None) == (
         "calibrating (statistics): 5 samples..."
     )
+
+
+def test_a_result_the_check_provider_cannot_run_is_written_and_exits_3(digits_copy, run_cli):
+    """bfloat16 has no kernels on onnxruntime's CPU provider: not bad input (2), not a failed
+    check (1), but a result saved unchecked."""
+    out = digits_copy.parent / "bf16.onnx"
+    result = run_cli(
+        digits_copy, "--passes", "fold,fp16", "--set", "fp16.dtype=bfloat16", "-o", out
+    )
+    assert result.code == 3, result.err
+    assert "saved, unchecked" in result.err and "--ep" in result.err
+    onnx.checker.check_model(str(out))
