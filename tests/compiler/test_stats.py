@@ -313,3 +313,43 @@ def test_a_4_bit_embedding_table_counts_its_parameters_not_its_bytes():
     WeightOnlyQuantPass(op_types=("Gather",), min_weight_elements=0)(model)
     assert any(n.op_type == "GatherBlockQuantized" for n in model.graph)
     assert before == table.size <= stats.measure(model).params  # codes, plus their scales
+
+
+@pytest.mark.parametrize("pass_name", ["quant", "quant-dynamic", "quant-weight"])
+def test_quantized_matmuls_and_tables_keep_the_macs_of_the_requested_input_dims(pass_name):
+    """onnx infers no output shape for MatMulIntegerToFloat, DynamicQuantizeMatMul,
+    MatMulNBits or GatherBlockQuantized, nor then for anything after them: each MatMul's rows
+    must still follow the input dims (MiniLM at 1x128 read 717M MACs -> 5.3M)."""
+    from onnx_shrink.compiler import pipeline
+    from onnx_shrink.compiler.statistics import MinMax, Statistics
+
+    rng = np.random.default_rng(0)
+    proto = make_model(
+        [
+            oh.make_node("Gather", ["table", "ids"], ["e"]),
+            oh.make_node("MatMul", ["e", "w1"], ["h"]),
+            oh.make_node("Relu", ["h"], ["r"]),
+            oh.make_node("MatMul", ["r", "w2"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["batch", "sequence"])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["batch", "sequence", 64])],
+        {
+            "table": rng.standard_normal((100, 64)).astype(np.float32),
+            "w1": rng.standard_normal((64, 128)).astype(np.float32),
+            "w2": rng.standard_normal((128, 64)).astype(np.float32),
+        },
+    )
+    dims = {"ids": (1, 32)}
+    before = stats.measure(io.load(proto), input_dims=dims).macs
+    sets = [] if pass_name == "quant" else [f"{pass_name}.min_weight_elements=0"]
+    (quantizer,) = pipeline.parse_spec(pass_name, sets)
+    model = io.load(proto)
+    if pass_name == "quant":  # ordinary ranges for what it measures
+        requests = quantizer.requests(model)
+        results = {r: MinMax(-4.0, 4.0, 0, 1) for r in requests if r.kind == "minmax"}
+        quantizer = quantizer.bind(Statistics(results=results, samples=1, source="made up"))
+    after = quantizer(model).model
+    assert before == 32 * (64 * 128 + 128 * 64)
+    if pass_name != "quant":  # quant's MatMuls here are QDQ (MiniLM's get MatMulIntegerToFloat)
+        assert "com.microsoft" in {n.domain for n in after.graph}
+    assert stats.measure(after, input_dims=dims).macs == before
