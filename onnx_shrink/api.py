@@ -142,8 +142,10 @@ def shrink(
     started = time.perf_counter()
     pass_list = pipeline.parse_spec(passes, sets, recipe)
     options = _check_options(check, data, input_shapes)
-    if output is not None and isinstance(model, (str, os.PathLike)):
-        _refuse_overwrite(Path(model), Path(output), external_data)
+    if output is not None:
+        io.check_writable(output)
+        if isinstance(model, (str, os.PathLike)):
+            _refuse_overwrite(Path(model), Path(output), external_data)
     loaded = io.load(model)
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)

@@ -21,7 +21,7 @@ from rich.console import Console
 
 from onnx_shrink import __version__, console
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
-from onnx_shrink.compiler import pipeline, registry
+from onnx_shrink.compiler import io, pipeline, registry
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
@@ -195,6 +195,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not out.is_terminal:
         out.width = 120  # logs and CI captures: wide enough that table cells don't wrap
     try:
+        _check_report_paths(args)
         return command(args, out)
     except CheckFailed as e:
         print(f"onnx-shrink: check failed: {e}", file=sys.stderr)
@@ -326,11 +327,26 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
+def _check_report_paths(args: argparse.Namespace) -> None:
+    """Report files must be writable before any work is done (a typo costs nothing)."""
+    for flag in ("report", "html"):
+        if getattr(args, flag, None):
+            io.check_writable(getattr(args, flag), f"--{flag}")
+
+
 def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:
-    if getattr(args, "report", None):
-        data_files.write_text(args.report, json.dumps(_strict_json(figures), indent=2) + "\n")
-    if getattr(args, "html", None):
-        data_files.write_text(args.html, html())
+    writers = {
+        "report": lambda: json.dumps(_strict_json(figures), indent=2) + "\n",
+        "html": html,
+    }
+    for flag, text in writers.items():
+        path = getattr(args, flag, None)
+        if not path:
+            continue
+        try:
+            data_files.write_text(path, text())
+        except OSError as e:  # the folder went away or read-only since the start
+            raise ShrinkError(f"{path}: cannot write the --{flag} file ({e.strerror})") from e
 
 
 def _strict_json(value: object) -> object:

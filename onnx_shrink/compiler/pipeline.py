@@ -204,7 +204,10 @@ def run(
             names the pass and those before it.
     """
     if dump_dir is not None:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        try:
+            Path(dump_dir).mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise ShrinkError(f"{dump_dir}: cannot create the dump folder ({e.strerror})") from e
     steps: list[StepRecord] = []
     current_stats = stats.measure(model, input_dims=input_dims)
     # The input's size is taken before a pass that may change it (a data-aware pass, in

@@ -158,3 +158,29 @@ def test_a_result_the_check_provider_cannot_run_is_written_and_exits_3(digits_co
     assert result.code == 3, result.err
     assert "saved, unchecked" in result.err and "--ep" in result.err
     onnx.checker.check_model(str(out))
+
+
+def test_a_report_into_a_missing_folder_is_refused_before_any_work(digits_copy, run_cli):
+    out = digits_copy.parent / "small.onnx"
+    missing = digits_copy.parent / "missing" / "report.json"
+    result = run_cli(digits_copy, "--passes", "fold", "-o", out, "--report", missing)
+    assert result.code == 2
+    assert "the --report folder does not exist" in result.err
+    assert not out.exists()
+
+
+def test_a_model_that_cannot_be_written_is_one_line_and_exit_2(digits_copy, run_cli, monkeypatch):
+    """A full disk (or a folder gone read-only) while saving: no traceback, no leftovers."""
+    import errno
+
+    from onnx_shrink.compiler import io
+
+    def full_disk(*args):
+        raise OSError(errno.ENOSPC, "No space left on device")
+
+    monkeypatch.setattr(io.os, "replace", full_disk)
+    out = digits_copy.parent / "small.onnx"
+    result = run_cli(digits_copy, "--passes", "fold", "-o", out, "--no-check")
+    assert result.code == 2
+    assert "cannot write the model (No space left on device)" in result.err
+    assert files_in(digits_copy.parent) == {digits_copy.name}

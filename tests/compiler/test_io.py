@@ -13,6 +13,7 @@ from models import digits
 from onnx_shrink import __version__
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.errors import ShrinkError
 from tests.helpers import files_in, parse, run_ort, sha256
 
 MLP_TEXT = """
@@ -83,7 +84,7 @@ def test_failed_save_leaves_the_previous_file_untouched(tmp_path, monkeypatch):
         raise OSError("disk full")
 
     monkeypatch.setattr(large_tensors, "write_embedded", explode)
-    with pytest.raises(OSError):
+    with pytest.raises(ShrinkError, match="cannot write the model \\(disk full\\)"):
         io.save(io.load(digits.MODEL_PATH), target)
     assert target.read_bytes() == b"previous"
     assert files_in(tmp_path) == {"out.onnx"}

@@ -300,10 +300,7 @@ def save(
             them, None to decide by size (external above ``EXTERNAL_DATA_THRESHOLD_BYTES``).
     """
     path = Path(path)
-    if path.is_dir():
-        raise ShrinkError(f"{path}: is a directory; give the output a file name")
-    if not path.parent.exists():
-        raise ShrinkError(f"{path.parent}: the output folder does not exist")
+    check_writable(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
     # An exporter's name is provenance worth keeping and costs no byte; only an unnamed model
@@ -313,7 +310,10 @@ def save(
         model.producer_name = PRODUCER_NAME
         model.producer_version = __version__
     data_name = external_data_path(path).name if external_data else None
-    staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    try:
+        staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
+    except OSError as e:
+        raise ShrinkError(f"{path}: cannot write the model there ({e.strerror})") from e
     try:
         if external_data:
             ir.save(model, staging / path.name, external_data=data_name)
@@ -324,12 +324,27 @@ def save(
         if data_name is not None:
             os.replace(staging / data_name, path.parent / data_name)
         os.replace(staging / path.name, path)
+    except OSError as e:  # a full disk, a folder turned read-only: a line, not a traceback
+        raise ShrinkError(f"{path}: cannot write the model ({e.strerror or e})") from e
     finally:
         shutil.rmtree(staging, ignore_errors=True)
     data_path = path.parent / data_name if data_name else None
     size = path.stat().st_size + (data_path.stat().st_size if data_path else 0)
     logger.info("saved %s (%d bytes)", path, size)
     return SavedModel(path=path, external_data_path=data_path, bytes_on_disk=size)
+
+
+def check_writable(path: str | os.PathLike, what: str = "output") -> None:
+    """Raise ``ShrinkError`` unless a file can be created at ``path``: not a folder, in a
+    folder that exists and that this process may write. Callers check before any work, so a
+    typo costs nothing; writing still turns an ``OSError`` into a ``ShrinkError``."""
+    path = Path(path)
+    if path.is_dir():
+        raise ShrinkError(f"{path}: is a directory; give the {what} a file name")
+    if not path.parent.is_dir():
+        raise ShrinkError(f"{path.parent}: the {what} folder does not exist")
+    if not os.access(path.parent, os.W_OK):
+        raise ShrinkError(f"{path.parent}: the {what} folder is not writable")
 
 
 def external_data_path(path: str | os.PathLike) -> Path:
