@@ -177,7 +177,13 @@ def from_arrays(
     if len(counts) > 1:
         raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
     total = counts.pop() if counts else 0
+    fixed = _fixed_batch_input(specs)
     step = 1 if "entries" in layout.values() else _batch_step(specs)
+    if fixed is not None and total % step:  # the model fixes the batch: every run is full
+        raise DataError(
+            f"{where}: {total} samples do not fill batches of {step}, the batch size the model "
+            f"fixes (input '{fixed.name}' is {_show(fixed.shape)}): give a multiple of {step}"
+        )
 
     def take(name: str, start: int, stop: int) -> np.ndarray:
         how, array = layout[name], arrays[name]
@@ -207,8 +213,13 @@ def from_arrays(
 
 
 def _batch_step(specs: Sequence[InputSpec]) -> int:
-    fixed = [s.shape[0] for s in specs if s.shape and not s.batch_axis]
-    return fixed[0] if fixed else MAX_BATCH
+    fixed = _fixed_batch_input(specs)
+    return fixed.shape[0] if fixed is not None else MAX_BATCH  # type: ignore[return-value]
+
+
+def _fixed_batch_input(specs: Sequence[InputSpec]) -> InputSpec | None:
+    """The first input whose first dim the model fixes (None: every batch axis is dynamic)."""
+    return next((s for s in specs if s.shape and not s.batch_axis), None)
 
 
 def from_npz(

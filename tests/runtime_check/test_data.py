@@ -195,3 +195,12 @@ def test_a_dataset_knows_its_samples_where_that_costs_no_read(tmp_path):
     reader = data.prepare([IMAGE], Reader(3))
     assert reader.samples is None
     assert sample_batches.first_samples(reader, [IMAGE], 2).samples is None
+
+
+def test_samples_that_do_not_fill_the_models_fixed_batch_are_one_clear_error(tmp_path):
+    fixed = data.InputSpec("image", np.float32, (4, 1, 8, 8))
+    np.savez(tmp_path / "eight.npz", image=np.zeros((8, 1, 8, 8), np.float32))
+    assert [b.samples for b in data.prepare([fixed], tmp_path / "eight.npz").batches()] == [4, 4]
+    np.savez(tmp_path / "ten.npz", image=np.zeros((10, 1, 8, 8), np.float32))
+    with pytest.raises(DataError, match="10 samples do not fill batches of 4, the batch size"):
+        data.prepare([fixed], tmp_path / "ten.npz")
