@@ -18,7 +18,10 @@ Non-finite values are already excluded from both statistics and play no part her
   ``nq = levels // 2 + 1`` (128 for 8 bits), or ``levels + 1`` for one-sided asymmetric data
   (all >= 0 or all <= 0: lo = 0 or hi = 0, all levels on one side). A histogram with fewer
   than ``8 * nq`` |x| bins is first resampled to that many, density linear inside each bin, so
-  candidates always start below the max (onnxruntime's 128-bin default never does). A point
+  candidates always start below the max (onnxruntime's 128-bin default never does). That is
+  an approximation: a resampled tail is smooth, which lowers the divergence of wide
+  thresholds (one-sided u8 data with a few far outliers kept its full range below about 240
+  bins), so ``quant`` counts entropy's histograms with at least ``ENTROPY_MIN_BINS``. A point
   mass at 0 (ReLU's zeros: the first bin's excess over ``h1^2 / h2``) is exact at every
   threshold and is left out of P and Q, else it would dominate the divergence. 16-bit types
   (``nq > 512``) keep the full range: their grid is finer than any histogram.
@@ -45,6 +48,8 @@ METHODS: tuple[str, ...] = get_args(Method)
 _KL_EPSILON = 1e-4  # counts given to an empty quantized group (TensorRT's smoothing)
 _KL_MAX_QUANTIZED_BINS = 512  # beyond this (16-bit types) entropy keeps the full range
 _KL_BINS_PER_QUANTIZED_BIN = 8  # histograms coarser than this are resampled
+# The bins an 8-bit entropy calibration should count: 8 per level of one-sided u8 (nq 256).
+ENTROPY_MIN_BINS = _KL_BINS_PER_QUANTIZED_BIN * 256
 _GRID_POINTS = 129
 _GRID_ROUNDS = 3
 

@@ -105,7 +105,8 @@ class QuantPass(DataAwarePass):
     )
     bins: int = option(
         2048,
-        "histogram bins for percentile/entropy/mse",
+        "histogram bins for percentile/entropy/mse (entropy counts at least 2048: its KL "
+        "divergence needs 8 bins per 8-bit level)",
         minimum=128,
         maximum=HistogramAccumulator.MAX_BINS,
     )
@@ -214,13 +215,21 @@ class QuantPass(DataAwarePass):
                 StatRequest(
                     name,
                     "histogram",
-                    bins=self.bins,
+                    bins=self._histogram_bins,
                     per_sample=self.histogram_elements,
                     later_per_sample=self.histogram_elements_later,
                 )
                 for name in names
             ]
         return result
+
+    @property
+    def _histogram_bins(self) -> int:
+        """``bins``, raised for entropy to the resolution its divergence needs (coarser
+        histograms are resampled smooth, which favours the full range: see ``calibration``)."""
+        if self.calibration == "entropy":
+            return max(self.bins, calibration.ENTROPY_MIN_BINS)
+        return self.bins
 
     def completed_statistics(self, model: ir.Model, stats: Statistics) -> Statistics:
         """``stats`` with the ranges ``requests`` left to be derived (``derived``), for the

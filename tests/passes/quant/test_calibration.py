@@ -258,3 +258,23 @@ def test_a_scalar_constant_quantizes_to_a_scalar():
     zero = np.asarray(0, np.int8)
     q = quantize(np.asarray(3.0, np.float32), scale, zero, S8)
     assert q.shape == () and q.dtype == np.int8 and int(q) == 60
+
+
+@pytest.mark.parametrize(("method", "bins", "counted"), [("entropy", 128, 2048), ("mse", 128, 128)])
+def test_entropy_counts_histograms_fine_enough_for_its_divergence(method, bins, counted):
+    """Resampled from 128 bins, a one-sided u8 tensor with a few far outliers kept its whole
+    range (its smooth tail has the lowest divergence): entropy counts at least 2048 bins."""
+    from onnx_shrink.compiler import io
+    from onnx_shrink.passes.quant.static import QuantPass
+    from tests.passes.quant.test_static_placement import _conv_relu_pool
+
+    requests = QuantPass(calibration=method, bins=bins).requests(io.load(_conv_relu_pool()))
+    assert {r.bins for r in requests if r.kind == "histogram"} == {counted}
+
+
+def test_entropy_clips_far_outliers_of_one_sided_u8_data_at_the_bins_quant_counts():
+    x = post_relu().copy()  # the cached array is shared
+    x[:5] = 15 * x.max()
+    minmax, histogram = statistics([x], 2048)
+    lo, hi = tensor_range("entropy", minmax, histogram, U8, symmetric=False)
+    assert lo == 0.0 and hi < 0.2 * minmax.maximum
