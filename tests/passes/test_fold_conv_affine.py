@@ -128,6 +128,9 @@ def test_a_scale_before_a_padded_conv_folds_and_an_offset_stays_as_one_add():
     folded, ops, _ = _fold(chain)
     assert ops == ["Add", "Conv", "Identity"]
     _assert_same_outputs(chain, folded)
+    # The Add holds (x * s + o) / s, not pre2: a per-layer comparison must not match them.
+    values = {out for node in onnx.load_from_string(folded).graph.node for out in node.output}
+    assert "pre2" not in values and "pre2_unscaled" in values
 
     one_offset = _conv_model(before=[("Add", SCALAR)], pads=1)
     _, ops, modified = _fold(one_offset)
