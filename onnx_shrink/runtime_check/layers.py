@@ -74,7 +74,6 @@ class _Tensor:
     op_type: str
     node: str
     position: int
-    inputs: tuple[str, ...]
 
 
 def localize(
@@ -109,24 +108,32 @@ def localize(
             if np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape:
                 accumulators[name].add(ref, cand)
         samples += 1
-    return _report(tensors, accumulators, samples, unmatched, jump_threshold, jump_factor)
+    inputs_of = {
+        out.name: tuple(i.name for i in node.inputs if i is not None and i.name)
+        for node in reference.graph
+        for out in node.outputs
+        if out.name
+    }
+    report = (tensors, accumulators, samples, unmatched, inputs_of)
+    return _report(*report, jump_threshold, jump_factor)
 
 
-def _report(tensors, accumulators, samples, unmatched, jump_threshold, jump_factor) -> LayerReport:
+def _report(
+    tensors, accumulators, samples, unmatched, inputs_of, jump_threshold, jump_factor
+) -> LayerReport:
+    """``inputs_of``: every reference tensor's producer's inputs, matched in the candidate or
+    not, so that the upstream error walks past tensors a pass removed (a BatchNormalization
+    folded into its Conv) to the matched ones before them."""
     errors = {name: acc.result() for name, acc in accumulators.items() if acc.count}
     upstream_cache: dict[str, float] = {}
-    by_name = {t.name: t for t in tensors}
 
     def upstream(name: str) -> float:
-        # Largest error among matched tensors feeding the producer of ``name``.
+        # Largest error among the nearest matched tensors feeding the producer of ``name``.
         if name not in upstream_cache:
             upstream_cache[name] = 0.0  # guards against cycles through odd graphs
             worst = 0.0
-            for inp in by_name[name].inputs if name in by_name else ():
-                if inp in errors:
-                    worst = max(worst, errors[inp].relative_error)
-                elif inp in by_name:
-                    worst = max(worst, upstream(inp))
+            for inp in inputs_of.get(name, ()):
+                worst = max(worst, errors[inp].relative_error if inp in errors else upstream(inp))
             upstream_cache[name] = worst
         return upstream_cache[name]
 
@@ -191,7 +198,6 @@ def match_tensors(reference: ir.Model, candidate: ir.Model) -> tuple[list[_Tenso
                     op_type=node.op_type,
                     node=node.name or "",
                     position=position,
-                    inputs=tuple(i.name for i in node.inputs if i is not None and i.name),
                 )
             )
     return tensors, unmatched
