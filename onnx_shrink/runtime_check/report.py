@@ -20,6 +20,7 @@ from onnx_shrink.runtime_check.layers import LayerReport
 
 if TYPE_CHECKING:
     from onnx_shrink.api import ShrinkResult
+    from onnx_shrink.runtime_check.sensitivity import SensitivityReport
 
 """``layers.localize``'s default jump threshold, drawn on the per-layer plot."""
 TOP_TENSORS = 15
@@ -62,6 +63,8 @@ def html_report(
     body = [_header(shrink, check, bench)]
     if shrink is not None:
         body.append(_shrink_section(shrink))
+        if shrink.sensitivity is not None:
+            body.append(_sensitivity_section(shrink.sensitivity))
     if check is not None:
         body += _check_sections(check)
     if bench is not None:
@@ -194,6 +197,39 @@ def _shrink_section(shrink: ShrinkResult) -> str:
         )
     header = ["pass", "result", "time", "nodes", "params", "MACs", "bytes on disk"]
     return "<section>\n<h2>Passes</h2>\n" + _table(header, rows, names=2) + "\n</section>"
+
+
+def _sensitivity_section(report: SensitivityReport, top: int = TOP_TENSORS, hint: int = 3) -> str:
+    """What the console prints for ``--sensitivity``: the layers worst first, the hint."""
+    runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
+    intro = (
+        f"{len(report.layers)} layers, each quantized alone, compared at the model's outputs "
+        f"({report.samples} samples, {_e(report.data)}, {runs}, {report.seconds:.1f} s)."
+    )
+    rows = [
+        [
+            str(rank),
+            f"<code>{_e(layer.label)}</code>",
+            _e(layer.op_type),
+            _num(layer.relative_error),
+            _num(layer.cosine, 6),
+            _num(layer.snr_db, 3),
+            _e(layer.output + (f" ({layer.nonfinite} NaN/Inf)" if layer.nonfinite else "")),
+        ]
+        for rank, layer in enumerate(report.layers[:top], 1)
+    ]
+    header = ["#", "node", "op", "relative", "cosine", "SNR dB", "worst output"]
+    k = min(hint, len(report.layers))
+    text = report.exclude_hint(k) if k else None
+    notes = [f"To keep the {k} worst in float: <code>{_e(text)}</code>"] if text else []
+    notes += [_e(note) for note in report.hint_notes(k)]
+    if report.unmeasured:
+        notes.append(f"Not measured (name shared): {_e(', '.join(report.unmeasured))}")
+    paragraphs = "".join(f"<p>{note}</p>\n" for note in notes)
+    return (
+        f"<section>\n<h2>Quantization sensitivity</h2>\n<p>{intro}</p>\n"
+        f"{_table(header, rows, names=3)}\n{paragraphs}</section>"
+    )
 
 
 def _check_sections(check: CheckReport) -> list[str]:

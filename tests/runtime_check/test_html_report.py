@@ -7,6 +7,7 @@ rendering in headless Chromium, which is skipped only where no Chromium can be f
 from __future__ import annotations
 
 import dataclasses
+import html
 import html.parser
 import re
 import shutil
@@ -177,6 +178,19 @@ def test_a_shrink_report_has_the_pass_table_and_its_verification(tmp_path):
     titles = _chart_titles(charts)
     assert len(titles) == 2  # no per-layer plot: the shrink check does not localize layers
     assert all(t.startswith(e) for t, e in zip(titles, PLOT_TITLES[1:], strict=True)), titles
+
+
+def test_a_shrink_report_with_sensitivity_shows_the_ranking_and_the_hint():
+    result = onnx_shrink.shrink(
+        digits.MODEL_PATH, "fold,quant", data=digits.TEST_DATA_PATH, check=False, sensitivity=True
+    )
+    page = html_report(shrink=result)
+    _assert_well_formed(page)
+    _assert_self_contained(page)
+    report = result.sensitivity
+    assert "<h2>Quantization sensitivity</h2>" in page
+    assert f"<code>{report.layers[0].label}</code>" in page  # the worst layer, ranked first
+    assert html.escape(report.exclude_hint(3)) in page
 
 
 def test_a_report_of_nothing_is_refused():
