@@ -147,7 +147,10 @@ def store_narrow(model: ir.Model) -> int:
             output = ir.Value(name=names.fresh(f"cast{count + len(casts)}"))
             value.replace_all_uses_with(output)
             value.const_value = ir.tensor(narrow, name=value.name)
-            value.dtype = value.const_value.dtype
+            # A new type object: onnx_ir's dtype setter changes the old one in place, and
+            # ir.Model.clone shares type objects, so quantizing a clone (sensitivity's check
+            # of its hint) retyped the original's position ids as int8.
+            value.type = ir.TensorType(value.const_value.dtype)
             casts.append(ir.node("Cast", [value], {"to": tensor.dtype}, outputs=[output], name=""))
         if casts:
             graph.insert_before(graph.node(0), casts)

@@ -151,6 +151,18 @@ def test_narrow_storage_changes_no_value_and_onnxruntime_folds_its_casts(tmp_pat
     assert "Cast" not in _optimized_ops(saved.path, tmp_path)
 
 
+def test_narrowing_a_clone_leaves_the_originals_types_alone():
+    """ir.Model.clone shares type objects and onnx_ir's dtype setter changes them in place:
+    narrowing a clone retyped the original's int64 ids as int16 (with int64 data)."""
+    original = io.load(_constants_model())
+    clone = original.clone()
+    io.unshare_tensors(clone)
+    compact.store_narrow(clone)
+    assert clone.graph.initializers["ids"].dtype.name == "INT16"
+    for value in original.graph.initializers.values():
+        assert value.dtype == value.const_value.dtype, value.name
+
+
 def test_graph_inputs_are_never_narrowed():
     proto = _constants_model()
     proto.graph.input.append(oh.make_tensor_value_info("exact", F, [1, 512]))
