@@ -198,6 +198,8 @@ def sensitivity_lines(report: SensitivityReport, top: int = 10, hint: int = 3) -
     text = report.exclude_hint(k) if k else None
     if text is not None:
         lines.append(Text(f"to keep the {k} worst in float: {text}"))
+        if report.hint_effect is not None:
+            lines.append(Text(report.hint_effect.summary()))
     lines += [Text(f"note: {note}") for note in report.hint_notes(k)]
     if report.unmeasured:
         lines.append(Text(f"not measured (name shared): {', '.join(report.unmeasured)}"))

@@ -222,6 +222,8 @@ def _sensitivity_section(report: SensitivityReport, top: int = TOP_TENSORS, hint
     k = min(hint, len(report.layers))
     text = report.exclude_hint(k) if k else None
     notes = [f"To keep the {k} worst in float: <code>{_e(text)}</code>"] if text else []
+    if text and report.hint_effect is not None:
+        notes.append(_e(report.hint_effect.summary().capitalize()))
     notes += [_e(note) for note in report.hint_notes(k)]
     if report.unmeasured:
         notes.append(f"Not measured (name shared): {_e(', '.join(report.unmeasured))}")

@@ -28,6 +28,7 @@ from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -64,6 +65,39 @@ class LayerSensitivity:
 
 
 @dataclasses.dataclass(frozen=True)
+class HintEffect:
+    """The hint measured: the worst output's relative error of the whole pass, and of the
+    pass with the hint's layers in float, on the same samples. Layers' errors interact, so
+    keeping the worst ones float alone can help less than their ranks say, or not at all."""
+
+    layers: int
+    whole: float
+    hinted: float
+    without_bias_correction: bool
+    """the pass asked for bias correction, which needs its own look at the data: both
+    figures are without it"""
+
+    @property
+    def helps(self) -> bool:
+        return self.hinted < self.whole
+
+    def summary(self) -> str:
+        """One line for the console and the HTML report."""
+        line = (
+            f"measured: the worst output's relative error is {self.whole:.3g} with the whole "
+            f"pass, {self.hinted:.3g} with these {self.layers} in float"
+        )
+        if self.without_bias_correction:
+            line += " (both without bias correction)"
+        if not self.helps:
+            line += (
+                "; keeping them float does not help here: layers' errors interact, so try "
+                "them one at a time"
+            )
+        return line
+
+
+@dataclasses.dataclass(frozen=True)
 class SensitivityReport:
     """Every layer the quant pass quantizes, worst first, and how to keep the worst in float."""
 
@@ -72,12 +106,14 @@ class SensitivityReport:
     data: str
     synthetic: bool
     runs: int
-    """streaming passes over the data (one per batch of layers)"""
+    """streaming passes over the data (one per batch of layers, ``HINT_RUNS`` for the hint)"""
     seconds: float
     unmeasured: tuple[str, ...]
     """quantized nodes that cannot be quantized alone (their name is shared by another)"""
     excluded: tuple[str, ...] = ()
     """the pass's own ``exclude`` patterns, kept in the hint (``--set`` replaces a list)"""
+    hint_effect: HintEffect | None = None
+    """the 3 worst layers' hint, measured (None when no layer has a name to exclude)"""
 
     def exclude_patterns(self, k: int) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
@@ -179,16 +215,60 @@ def sensitivity(
         measured: list[LayerSensitivity] = []
         for index, group in enumerate(groups, 1):
             measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
-    return SensitivityReport(
-        layers=tuple(sorted(measured, key=_severity, reverse=True)),
-        samples=runner.samples,
-        data=dataset.description,
-        synthetic=dataset.synthetic,
-        runs=len(groups),
+        report = SensitivityReport(
+            layers=tuple(sorted(measured, key=_severity, reverse=True)),
+            samples=runner.samples,
+            data=dataset.description,
+            synthetic=dataset.synthetic,
+            runs=len(groups),
+            seconds=0.0,
+            unmeasured=tuple(unmeasured),
+            excluded=quant.exclude,
+        )
+        effect = _hint_effect(base, quant, stats, data, provider, report, progress)
+    return dataclasses.replace(
+        report,
+        runs=report.runs + HINT_RUNS * (effect is not None),
         seconds=time.perf_counter() - started,
-        unmeasured=tuple(unmeasured),
-        excluded=quant.exclude,
+        hint_effect=effect,
     )
+
+
+HINT_LAYERS = 3  # the worst layers the hint keeps in float
+HINT_RUNS = 3  # measuring the hint: its calibration, then each pass against the float model
+
+
+def _hint_effect(
+    base: ir.Model,
+    quant: QuantPass,
+    stats: Statistics,
+    data: data_mod.Dataset,
+    provider: str,
+    report: SensitivityReport,
+    progress: Progress | None,
+) -> HintEffect | None:
+    """The whole pass and the pass with the hint applied, each run against the float model
+    over ``data``, each on its own statistics as a run with those options would measure them
+    (the hint's: one more calibration). Not copies in the combined model: the whole pass
+    rewrites shared constants (narrow storage, embedding tables)."""
+    k = min(HINT_LAYERS, len(report.layers))
+    patterns = report.exclude_patterns(k)
+    if len(patterns) == len(report.excluded):  # none of the worst has a name
+        return None
+    whole = dataclasses.replace(quant, bias_correction=False)
+    worst = []
+    for config in (whole, dataclasses.replace(whole, exclude=patterns)):
+        copy = base.clone()
+        io.unshare_tensors(copy)
+        if config is not whole:
+            measured = collect_mod.collect(
+                copy, config.requests(copy), data, provider=provider, progress=progress
+            )
+            stats = config.completed_statistics(copy, measured)
+        quantized = config.bind(stats)(copy).model
+        numeric = checker.compare(base, quantized, data, provider=provider)
+        worst.append(max(output.relative_error for output in numeric.outputs))
+    return HintEffect(k, worst[0], worst[1], quant.bias_correction)
 
 
 def _severity(layer: LayerSensitivity) -> tuple[bool, float]:
@@ -252,11 +332,18 @@ class _Runner:
         self.samples = 0
 
     def measure(self, group: Sequence[_Target], phase: str) -> list[LayerSensitivity]:
-        """One streaming run of the combined model of ``group``: per copy and output an
-        ``ErrorAccumulator`` of the copy's output against the float one."""
-        combined = self.combined([target.key for target in group])
+        """One streaming run of the combined model of ``group``: each layer's error alone."""
+        passes = [dataclasses.replace(self.quant, only=(target.key,)) for target in group]
+        compared = self.compare(passes, phase)
+        return [_layer(target, rows) for target, rows in zip(group, compared, strict=True)]
+
+    def compare(self, passes: Sequence[QuantPass], phase: str) -> list[list[OutputComparison]]:
+        """One streaming run of the float graph (outputs ``<out>``) beside a copy quantized
+        by each of ``passes`` (outputs ``<out><sep>i``), sharing inputs and float
+        initializers: per copy, each output against the float one."""
+        combined = self.combined(passes)
         references = [v.name or "" for v in combined.graph.outputs[: len(self.outputs)]]
-        accumulators = [[ErrorAccumulator(name) for name in references] for _ in group]
+        accumulators = [[ErrorAccumulator(name) for name in references] for _ in passes]
         self.samples = 0
         runs = combined_mod.stream(combined, self.data, self.provider, self.progress, phase)
         for batch, result in runs:
@@ -264,26 +351,22 @@ class _Runner:
                 for acc in row:
                     acc.add(result[acc.name], result[f"{acc.name}{self.sep}{index}"])
             self.samples += batch.samples
-        return [
-            _layer(target, [acc.result() for acc in row])
-            for target, row in zip(group, accumulators, strict=True)
-        ]
+        return [[acc.result() for acc in row] for row in accumulators]
 
-    def combined(self, keys: Sequence[str]) -> ir.Model:
-        """The float graph (outputs ``<out>``) plus, per layer i, a copy with only that layer
-        quantized (outputs ``<out><sep>i``), sharing inputs and float initializers."""
-
-        def quantize_only(key: str):
-            def edit(copy: ir.Model) -> ir.Model:
-                result = dataclasses.replace(self.quant, only=(key,)).bind(self.stats)(copy)
-                if not result.modified:
-                    raise ShrinkError(f"sensitivity: node '{key}' could not be quantized alone")
-                return result.model
-
-            return edit
-
-        edits = [quantize_only(key) for key in keys]
+    def combined(self, passes: Sequence[QuantPass]) -> ir.Model:
+        """The float graph plus a copy quantized by each of ``passes`` (see ``compare``)."""
+        edits = [self._quantized_by(quant) for quant in passes]
         return combined_mod.build(self.base, edits, self.outputs, self.sep, "sensitivity")
+
+    def _quantized_by(self, quant: QuantPass):
+        def edit(copy: ir.Model) -> ir.Model:
+            result = quant.bind(self.stats)(copy)
+            if not result.modified:
+                what = f"node '{quant.only[0]}'" if quant.only else "the model"
+                raise ShrinkError(f"sensitivity: {what} could not be quantized")
+            return result.model
+
+        return edit
 
 
 def _layer(target: _Target, results: Sequence[OutputComparison]) -> LayerSensitivity:

@@ -76,7 +76,9 @@ def test_every_quantized_layer_is_listed_once_with_finite_errors():
     assert sorted(layer.position for layer in report.layers) == sorted(
         positions[n] for n in planned
     )
-    assert report.runs == math.ceil(len(planned) / 3) and report.samples == 450
+    # one run per batch of layers, and those measuring the hint
+    assert report.runs == math.ceil(len(planned) / 3) + sens.HINT_RUNS
+    assert report.samples == 450
     assert not report.unmeasured
     for layer in report.layers:
         assert math.isfinite(layer.relative_error) and layer.relative_error >= 0, layer
@@ -85,7 +87,7 @@ def test_every_quantized_layer_is_listed_once_with_finite_errors():
     assert errors == sorted(errors, reverse=True)
     # how layers are batched into combined models changes nothing
     one_run = layer_sensitivity(model, QuantPass(), dataset, batch_layers=100)
-    assert one_run.runs == 1
+    assert one_run.runs == 1 + sens.HINT_RUNS
     assert [x.relative_error for x in one_run.layers] == pytest.approx(errors, rel=1e-9)
 
 
@@ -107,13 +109,31 @@ def test_a_copy_in_the_combined_model_measures_what_a_separate_run_measures():
         assert layer.snr_db == pytest.approx(separate.snr_db, rel=1e-6), key
 
 
+def test_the_hint_is_measured_against_the_whole_pass_on_the_same_samples():
+    """Single-layer errors do not add up (on PP-OCRv4 rec keeping the three worst float made
+    the error worse): the report says what the hint does, as the two models really give it."""
+    model = _folded()
+    dataset = _dataset(model)
+    quant = QuantPass()
+    report = layer_sensitivity(model, quant, dataset)
+    effect = report.hint_effect
+    assert effect is not None and effect.layers == 3 and not effect.without_bias_correction
+    hinted = dataclasses.replace(quant, exclude=report.exclude_patterns(3))
+    for candidate, expected in ((quant, effect.whole), (hinted, effect.hinted)):
+        error = _error(model, _quantized(model, candidate, dataset), dataset).relative_error
+        assert error == pytest.approx(expected, rel=1e-6)
+    assert effect.helps and "with these 3 in float" in effect.summary()
+    assert "does not help" in dataclasses.replace(effect, hinted=effect.whole).summary()
+
+
 def test_the_combined_model_shares_the_float_weights_and_names_quantized_ones_apart():
     base = _folded().clone()
     dataset = _dataset(base)
     quant = QuantPass()
     stats = collect.collect(base, quant.requests(base), dataset)
     keys = ["/head/head.1/Gemm", "/head/head.4/Gemm", base.graph.node(0).name]
-    combined = sens._Runner(base, quant, stats, dataset, "cpu", None).combined(keys)
+    alone = [dataclasses.replace(quant, only=(key,)) for key in keys]
+    combined = sens._Runner(base, quant, stats, dataset, "cpu", None).combined(alone)
     initializers = combined.graph.initializers
     for name, value in base.graph.initializers.items():
         assert initializers[name].const_value is value.const_value  # shared, not copied
