@@ -178,7 +178,7 @@ def from_arrays(
         raise DataError(f"{where}: arrays hold different numbers of samples: {sorted(counts)}")
     total = counts.pop() if counts else 0
     fixed = _fixed_batch_input(specs)
-    step = 1 if "entries" in layout.values() else _batch_step(specs)
+    step = 1 if "entries" in layout.values() else _batch_step(fixed)
     if fixed is not None and total % step:  # the model fixes the batch: every run is full
         raise DataError(
             f"{where}: {total} samples do not fill batches of {step}, the batch size the model "
@@ -212,8 +212,9 @@ def from_arrays(
     )
 
 
-def _batch_step(specs: Sequence[InputSpec]) -> int:
-    fixed = _fixed_batch_input(specs)
+def _batch_step(fixed: InputSpec | None) -> int:
+    """Samples a batch holds: the model's fixed batch (``_fixed_batch_input``), else up to
+    ``MAX_BATCH``."""
     return fixed.shape[0] if fixed is not None else MAX_BATCH  # type: ignore[return-value]
 
 
