@@ -27,7 +27,9 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
+    nodes_of,
     trimmed,
+    warn_half_precision,
     warn_unmatched_exclusions,
 )
 
@@ -100,6 +102,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
         count = self.quantize(model)
+        if not count:
+            warn_half_precision(self.name, nodes_of(model, self.op_types))
         if count and self.narrow_storage:
             compact.store_narrow(model)
         return ir.passes.PassResult(model, count > 0 or lifted)

@@ -99,7 +99,10 @@ SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize", "Split"}
 SENTINEL_MAGNITUDE = 1e20
 REQUANTIZES = "a constant step on a glue op's result (an integer kernel would round twice)"
 
-FLOAT_TYPES = frozenset({ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+# Q/DQ reads and writes float32 only: QuantizeLinear takes float16 input from opset 19 with a
+# float16 scale, which the writer does not make; a float16 model (after ``fp16``) stays as it is.
+QDQ_FLOAT = ir.DataType.FLOAT
+_INFERRED = "onnx_shrink.quant.inferred_type"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -162,8 +165,8 @@ def activation_inputs(node: ir.Node) -> list[ir.Value]:
 
 
 def _is_float(value: ir.Value) -> bool:
-    """Known to be float: a value of unknown type is left alone (see ``infer_types``)."""
-    return value.dtype in FLOAT_TYPES
+    """Known to be float32: a value of unknown type is left alone (see ``infer_types``)."""
+    return value.dtype == QDQ_FLOAT
 
 
 def infer_types(model: ir.Model) -> None:
@@ -173,10 +176,40 @@ def infer_types(model: ir.Model) -> None:
     it cannot infer itself use them (on MiniLM, without them SkipLayerNormalization is not
     fused and the Shape chains before each Reshape are kept, reading dequantized tensors).
     """
+    untyped = [value for value in _node_outputs(model) if value.type is None]
+    order = {graph: list(graph.initializers) for graph in model.graphs()}
     try:
         common_passes.ShapeInferencePass(strict_mode=False)(model)
     except Exception as e:  # noqa: BLE001 - placement then quantizes only annotated floats
         logger.info("quant: shape inference failed (%s); unannotated tensors stay float", e)
+    # The pass takes large initializers out while it serializes and puts them back last.
+    for graph, names in order.items():
+        _reorder_initializers(graph, names)
+    for value in untyped:
+        if value.type is not None:
+            value.meta[_INFERRED] = True
+
+
+def settle_inferred_types(model: ir.Model, keep: bool) -> None:
+    """End of a pass: keep the types and shapes ``infer_types`` added, or drop them, so that
+    a pass which quantized nothing leaves the model as it found it (no new value_info)."""
+    for value in _node_outputs(model):
+        if value.meta.pop(_INFERRED, False) and not keep:
+            value.type = None
+            value.shape = None
+
+
+def _reorder_initializers(graph: ir.Graph, names: Sequence[str]) -> None:
+    """Put ``graph``'s initializers back in the order of ``names`` (others after them)."""
+    held = graph.initializers.data  # the plain dict behind it: same values, new order
+    ordered = {name: held[name] for name in names if name in held}
+    ordered.update(held)
+    held.clear()
+    held.update(ordered)
+
+
+def _node_outputs(model: ir.Model) -> list[ir.Value]:
+    return [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
 
 
 def types_known(graph: ir.Graph) -> bool:

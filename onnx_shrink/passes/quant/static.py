@@ -41,7 +41,9 @@ from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
 from onnx_shrink.passes.quant.weight_matching import (
     ensure_opset,
     lift_constant_weights,
+    nodes_of,
     onnx_opset,
+    warn_half_precision,
     warn_unmatched_exclusions,
 )
 
@@ -197,6 +199,8 @@ class QuantPass(DataAwarePass):
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         # Here, not in apply: sensitivity applies the pass once per layer on one measurement.
         self._warn_unmatched(model)
+        if not self._has_candidates(model):
+            return []  # and apply leaves the model as it is, opset and all
         lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
@@ -251,6 +255,9 @@ class QuantPass(DataAwarePass):
         return per_channel, sixteen_bit
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        if not self._has_candidates(model):
+            logger.warning("quant: no node could be quantized (none of a quantizable op type)")
+            return ir.passes.PassResult(model, False)
         opset = onnx_opset(model)
         per_channel, sixteen_bit = self.convert_opset(model)
         converted = onnx_opset(model) != opset
@@ -287,6 +294,11 @@ class QuantPass(DataAwarePass):
         modified = bool(decided.nodes) or dynamic
         if not modified:
             logger.warning("quant: no node could be quantized")
+            candidates = placement.quantizable_nodes(model.graph, self._exclusions)
+            warn_half_precision(self.name, candidates)
+            placement.settle_inferred_types(model, keep=False)
+            return ir.passes.PassResult(model, False)
+        placement.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
         measurement = bias_correction.Measurement(model, references)
@@ -304,6 +316,17 @@ class QuantPass(DataAwarePass):
         look = Look(self.bias_correction_samples, 1, "bias correction")
         followup = Followup(model, requests, finish, look)
         return FollowupResult(model, modified, followup)
+
+    def _has_candidates(self, model: ir.Model) -> bool:
+        """Whether any node is of a type the options let the pass quantize: without one,
+        neither ``requests`` nor ``apply`` touches the model (no opset conversion)."""
+        if placement.quantizable_nodes(model.graph, self._exclusions):
+            return True
+        if self.only:
+            return False
+        if self.gather and nodes_of(model, ("Gather",)):
+            return True
+        return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
     def _warn_unmatched(self, model: ir.Model) -> None:
         """A name, regex or op type of the options that names nothing is a warning."""

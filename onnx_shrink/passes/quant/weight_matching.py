@@ -44,6 +44,36 @@ def warn_unmatched_exclusions(model: ir.Model, pass_name: str, exclude: Sequence
         warn_unmatched(f"{pass_name}.exclude", exclude, names)
 
 
+HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+
+
+def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
+    """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
+    the quantization passes quantize float32 models, so their place is before ``fp16``."""
+    half = [n for n in nodes if any(v is not None and v.dtype in HALF_TYPES for v in n.inputs)]
+    if half:
+        ops = ", ".join(sorted({n.op_type for n in half}))
+        logger.warning(
+            "%s: %d %s nodes compute in float16/bfloat16 and stay as they are (%s quantizes "
+            "float32 models); put it before fp16, e.g. --passes fold,%s,fp16",
+            pass_name,
+            len(half),
+            ops,
+            pass_name,
+            pass_name,
+        )
+
+
+def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
+    """The standard-domain nodes of ``op_types`` in ``model``'s graph and subgraphs."""
+    return [
+        node
+        for graph in model.graphs()
+        for node in graph
+        if node.domain in ("", "ai.onnx") and node.op_type in op_types
+    ]
+
+
 def onnx_opset(model: ir.Model) -> int:
     """The model's version of the default ONNX domain (1 when it imports none)."""
     return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))

@@ -32,8 +32,10 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
+    nodes_of,
     onnx_opset,
     trimmed,
+    warn_half_precision,
     warn_unmatched_exclusions,
 )
 
@@ -134,6 +136,8 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             model.ir_version = max(model.ir_version, INT4_IR_VERSION)
         context.drop_dead_weights()
         logger.info("%s: quantized %d nodes", self.name, count)
+        if not count:
+            warn_half_precision(self.name, nodes_of(model, self.op_types))
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def _blocks(self, rows: np.ndarray, bits: int | None = None) -> BlockQuantized:

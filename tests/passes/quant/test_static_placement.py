@@ -11,6 +11,7 @@ import onnxruntime as ort
 import pytest
 
 from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, data
 from tests.helpers import make_model, run_ort
@@ -549,3 +550,55 @@ def test_silu_runs_in_integer_kernels_between_convs(tmp_path):
     reference = run_ort(proto.SerializeToString(), {"x": x})[0]
     got = run_ort(path, {"x": x})[0]
     assert np.abs(got - reference).max() < 8 * np.abs(reference).max() / 255
+
+
+@pytest.mark.parametrize("quant_pass", ["quant", "quant-dynamic"])
+def test_a_float16_model_is_left_as_it_is_with_a_warning_to_quantize_before_fp16(
+    tmp_path, caplog, quant_pass
+):
+    # QuantizeLinear reads float32 below opset 19: quantizing fp16's output wrote a model
+    # onnxruntime refused (INVALID_GRAPH).
+    import onnx_shrink
+    from models import digits
+
+    feeds = {"image": np.load(digits.TEST_DATA_PATH)["image"][:32]}
+    with caplog.at_level(logging.WARNING):
+        result = onnx_shrink.shrink(
+            digits.MODEL_PATH,
+            f"fold,fp16,{quant_pass}",
+            output=tmp_path / "q.onnx",
+            data=feeds,
+            check=False,
+        )
+    assert not result.steps[-1].modified
+    assert "float16" in caplog.text and f"--passes fold,{quant_pass},fp16" in caplog.text
+    saved = onnx.load(str(tmp_path / "q.onnx"))
+    assert not {"QuantizeLinear", "DynamicQuantizeMatMul"} & {n.op_type for n in saved.graph.node}
+    run_ort(str(tmp_path / "q.onnx"), feeds)
+
+
+def test_a_pass_that_can_quantize_nothing_leaves_the_model_untouched(tmp_path, caplog):
+    proto = _conv_relu_pool()
+    proto.opset_import[0].version = 11  # apply would convert it to 13 for per-channel weights
+    for i, node in enumerate(proto.graph.node):
+        node.name = f"n{i}"
+    model = io.load(proto)
+    before = io.to_bytes(model)
+    quant = QuantPass(only=("n1",))  # a Relu: nothing of a quantizable op type is named
+    with caplog.at_level(logging.WARNING):
+        assert quant.requests(model) == []
+        result = quant.bind(Statistics({}, 0, "none"))(model)
+    assert not result.modified and "no node could be quantized" in caplog.text
+    assert io.to_bytes(result.model) == before
+
+
+def test_quantizing_twice_changes_nothing_the_second_time(tmp_path):
+    # The second pass finds every candidate already quantized; its type inference must not
+    # leave new value_info (or a new initializer order) in a model it reports unchanged.
+    import onnx_shrink
+
+    feeds = {"x": RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)}
+    once = onnx_shrink.shrink(_conv_relu_pool(), "quant", data=feeds, check=False)
+    twice = onnx_shrink.shrink(once.model, "quant", data=feeds, check=False)
+    assert not twice.steps[-1].modified
+    assert io.to_bytes(twice.model) == io.to_bytes(once.model)
