@@ -85,6 +85,10 @@ class CheckOptions:
     strict: bool = False
     """with verify_each: stop at the first pass that breaks the tolerances instead"""
 
+    def __post_init__(self) -> None:
+        if self.strict and not self.verify_each:
+            raise ShrinkError("CheckOptions: strict=True works with verify_each=True only")
+
     def each_pass_tolerances(self) -> Tolerances:
         """The tolerances for --verify-each; without any given, cosine 0.999 and 1% accuracy."""
         if self.tolerances != Tolerances():

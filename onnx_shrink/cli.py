@@ -28,6 +28,8 @@ from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
+DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
+
 logger = logging.getLogger("onnx_shrink")
 
 # `check` exists to give a verdict: without tolerances it uses these (printed in --help).
@@ -50,14 +52,16 @@ def _add_common(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--debug", action="store_true", help="show tracebacks")
 
 
-def _add_data(parser: argparse.ArgumentParser) -> None:
+def _add_data(parser: argparse.ArgumentParser, labels: bool = True) -> None:
+    """The input options; ``labels`` only where accuracy is measured (not ``bench``)."""
     group = parser.add_argument_group("inputs")
     group.add_argument(
         "--data",
         help=".npz (input name -> samples on axis 0, optional 'labels'), a folder of .npy, or "
         "a folder of test_data_set_*/input_*.pb; default: seeded synthetic inputs",
     )
-    group.add_argument("--labels", help=".npy or .npz with 'labels' for task accuracy")
+    if labels:
+        group.add_argument("--labels", help=".npy or .npz with 'labels' for task accuracy")
     group.add_argument(
         "--input-shape",
         action="append",
@@ -83,7 +87,9 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
         "--max-accuracy-drop", type=float, help="largest acceptable accuracy drop (0.01 = 1%%)"
     )
     group.add_argument("--layers", action="store_true", help="localize error per layer")
-    group.add_argument("--runs", type=int, default=30, help="latency runs of each model")
+    group.add_argument(
+        "--runs", type=int, help=f"latency runs of each model (default {DEFAULT_LATENCY_RUNS})"
+    )
     group.add_argument("--report", help="write the figures as JSON to this file")
     group.add_argument("--html", help="write a self-contained HTML report to this file")
 
@@ -176,7 +182,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
     parser.add_argument("--report", help="write the figures as JSON to this file")
     parser.add_argument("--html", help="write a self-contained HTML report to this file")
-    _add_data(parser)
+    _add_data(parser, labels=False)
     _add_common(parser)
     return parser
 
@@ -230,6 +236,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
     if args.passes is None and args.recipe is None:
         raise ShrinkError("no passes given; use --passes NAME[,NAME...] or --recipe FILE")
     # Validate everything cheap before the model is touched: a typo must cost nothing.
+    _refuse_idle_flags(args)
     pipeline.parse_spec(args.passes, args.sets, args.recipe)
     options = CheckOptions(
         data=args.data,
@@ -238,7 +245,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         tolerances=_tolerances(args),
         provider=args.ep,
         layers=args.layers,
-        latency_runs=args.runs,
+        latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
         verify_each=args.verify_each,
         strict=args.strict,
     )
@@ -288,7 +295,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             tolerances=_tolerances(args, default=CHECK_DEFAULT),
             provider=args.ep,
             layers=args.layers,
-            latency_runs=args.runs,
+            latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
@@ -325,6 +332,34 @@ def _int_list(text: str, option: str) -> list[int]:
     if any(v < 1 for v in values):
         raise ShrinkError(f"{option} values must be at least 1, got {text!r}")
     return values
+
+
+def _refuse_idle_flags(args: argparse.Namespace) -> None:
+    """Flags that would do nothing are errors, not silence: the user meant something."""
+    if args.strict and not args.verify_each:
+        raise ShrinkError(
+            "--strict stops at the first pass that breaks the tolerances under --verify-each; "
+            "add --verify-each (or drop --strict)"
+        )
+    if not args.no_check:
+        return
+    given = {
+        "--verify-each": args.verify_each,
+        "--strict": args.strict,
+        "--labels": args.labels is not None,
+        "--atol": args.atol is not None,
+        "--rtol": args.rtol is not None,
+        "--min-cosine": args.min_cosine is not None,
+        "--max-accuracy-drop": args.max_accuracy_drop is not None,
+        "--layers": args.layers,
+        "--runs": args.runs is not None,
+    }
+    idle = [flag for flag, on in given.items() if on]
+    if idle:
+        raise ShrinkError(
+            f"--no-check skips the check, so {', '.join(idle)} would do nothing; drop "
+            f"{'them' if len(idle) > 1 else 'it'} or --no-check"
+        )
 
 
 def _check_report_paths(args: argparse.Namespace) -> None:

@@ -451,6 +451,8 @@ def prepare(
     if isinstance(source, Dataset):
         return source
     label_array = _load_labels(labels) if labels is not None else None
+    if label_array is not None:
+        _check_labels_fit(source, specs, label_array, str(labels))
     if source is None:
         dataset = synthetic(specs, input_shapes, seed=seed)
         logger.warning(
@@ -489,6 +491,35 @@ def _open(
     raise DataError(
         f"{path}: not an .npz, a folder of .npy files, or a folder of test_data_set_* folders"
     )
+
+
+def _check_labels_fit(
+    source: str | Path | FeedReader | Mapping[str, np.ndarray] | None,
+    specs: Sequence[InputSpec],
+    labels: np.ndarray,
+    where: str,
+) -> None:
+    """Labels follow the samples of array data (.npz, .npy folder, dict) in order, one each:
+    any other source cannot take them, and the counts must agree.
+
+    Raises:
+        DataError: naming the labels file, not the data's.
+    """
+    if source is None:
+        raise DataError(
+            f"{where}: labels without data: synthetic inputs have none; give the inputs they "
+            "label (--data)"
+        )
+    path = Path(source) if isinstance(source, str | os.PathLike) else None
+    if hasattr(source, "get_next") or (path is not None and any(path.glob("test_data_set_*"))):
+        raise DataError(
+            f"{where}: labels go with array data (.npz, a folder of .npy, a dict of arrays), "
+            "whose samples they follow in order; put them in the data as a 'labels' array"
+        )
+    samples = _open(source, specs, None).samples  # type: ignore[arg-type]
+    if samples is not None and samples != len(labels):
+        data = "the arrays" if isinstance(source, Mapping) else str(source)
+        raise DataError(f"{where}: {len(labels)} labels for the {samples} samples of {data}")
 
 
 def _load_labels(path: str | Path) -> np.ndarray:

@@ -184,3 +184,33 @@ def test_a_model_that_cannot_be_written_is_one_line_and_exit_2(digits_copy, run_
     assert result.code == 2
     assert "cannot write the model (No space left on device)" in result.err
     assert files_in(digits_copy.parent) == {digits_copy.name}
+
+
+def test_flags_that_would_do_nothing_are_errors_before_any_work(digits_copy, run_cli):
+    parent = digits_copy.parent
+    result = run_cli(digits_copy, "--passes", "fold", "--no-check", "--verify-each", "--runs", 3)
+    assert result.code == 2
+    assert "--no-check skips the check, so --verify-each, --runs would do nothing" in result.err
+    result = run_cli(digits_copy, "--passes", "fold", "--strict")
+    assert result.code == 2 and "add --verify-each" in result.err
+    assert files_in(parent) == {digits_copy.name}
+    from onnx_shrink import cli
+
+    bench_flags = {flag for a in cli.build_bench_parser()._actions for flag in a.option_strings}
+    assert "--labels" not in bench_flags  # bench measures no accuracy: it used to ignore them
+
+
+def test_labels_that_cannot_label_the_data_name_the_labels_file(digits_copy, tmp_path, run_cli):
+    import numpy as np
+
+    labels = np.load(digits.TEST_DATA_PATH)["labels"]
+    np.save(tmp_path / "all.npy", labels)
+    np.save(tmp_path / "short.npy", labels[:100])
+    check = ("check", digits_copy, digits_copy, "-q")
+    result = run_cli(*check, "--labels", tmp_path / "all.npy")
+    assert result.code == 2 and "all.npy: labels without data" in result.err
+    result = run_cli(*check, "--labels", tmp_path / "short.npy", "--data", digits.TEST_DATA_PATH)
+    assert result.code == 2
+    assert f"short.npy: 100 labels for the {len(labels)} samples of" in result.err
+    result = run_cli(*check, "--labels", tmp_path / "all.npy", "--data", digits.TEST_DATA_PATH)
+    assert result.code == 0, result.err
