@@ -153,6 +153,8 @@ def _convert(hint: Any, raw: Any) -> Any:
             raise ValueError(raw)
         return raw
     if origin is tuple:
+        if not isinstance(raw, str | list | tuple):  # a TOML table would give its keys
+            raise TypeError(raw)
         items = raw.split(",") if isinstance(raw, str) else list(raw)
         item_type = typing.get_args(hint)[0]
         return tuple(

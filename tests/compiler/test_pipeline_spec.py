@@ -8,7 +8,7 @@ import re
 import pytest
 
 from onnx_shrink.compiler import pipeline
-from onnx_shrink.errors import PipelineSpecError
+from onnx_shrink.errors import PipelineSpecError, ShrinkError
 from onnx_shrink.passes.fold import FoldPass
 
 
@@ -60,6 +60,7 @@ def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
         ('passes = ["fold"]\nverbose = true', "unexpected top-level key 'verbose'"),
         ('passes = ["fold"]\n[fold]\nmax_growth_bytes = "big"', "expected int, got 'big'"),
         ('passes = ["fold"]\n[sparsify]\nsparsity = 0.5', "unknown pass 'sparsify'"),
+        ('passes = ["quant"]\n[quant.exclude]\nConv = 1', "expected list of str, got {'Conv': 1}"),
     ],
 )
 def test_bad_recipes_are_rejected(tmp_path, text, message):
@@ -68,6 +69,17 @@ def test_bad_recipes_are_rejected(tmp_path, text, message):
     with pytest.raises(PipelineSpecError) as info:
         pipeline.parse_spec(None, [], recipe)
     assert message in str(info.value)
+
+
+def test_recipes_in_utf8_with_a_byte_order_mark_are_read_and_other_encodings_are_one_line(
+    tmp_path,
+):
+    recipe = tmp_path / "recipe.toml"
+    recipe.write_bytes(b'\xef\xbb\xbfpasses = ["fold"]\n')  # as Windows Notepad saves it
+    assert pipeline.parse_spec(None, [], recipe) == (FoldPass(),)
+    recipe.write_bytes('passes = ["fold"]  # café\n'.encode("latin-1"))
+    with pytest.raises(ShrinkError, match=r"recipe.toml: not UTF-8 text \(byte 24 is 0xe9\)"):
+        pipeline.parse_spec(None, [], recipe)
 
 
 def test_describe_shows_only_changed_options():

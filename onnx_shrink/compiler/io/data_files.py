@@ -120,11 +120,16 @@ def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
 
 
 def read_text(path: str | os.PathLike) -> str:
-    """Read a small text file (recipes); errors become one clear line."""
+    """Read a small UTF-8 text file (recipes), with or without a byte-order mark (Windows
+    editors write one); errors become one clear line."""
     try:
-        return Path(path).read_text(encoding="utf-8")
+        return Path(path).read_text(encoding="utf-8-sig")
     except OSError as e:
         raise ShrinkError(f"{path}: cannot be read ({e.strerror or e})") from e
+    except UnicodeDecodeError as e:
+        raise ShrinkError(
+            f"{path}: not UTF-8 text (byte {e.start} is {e.object[e.start]:#04x}); save it as UTF-8"
+        ) from e
 
 
 def write_text(path: str | os.PathLike, text: str) -> None:
