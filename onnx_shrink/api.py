@@ -248,7 +248,7 @@ def _compile(
             strict=strict,
             collect=collector,
             probe=prober,
-            input_dims=_sample_dims(loaded, calib, input_shapes),
+            input_dims=_sample_dims(loaded, _first_real_feed(loaded, calib, source), input_shapes),
         )
         report = None
         if sensitivity and collector is not None:
@@ -341,14 +341,27 @@ def _calibration_data(
     return data_mod.replayable(data_mod.prepare(specs, source), stack)
 
 
+def _first_real_feed(
+    model: ir.Model, calib: data_mod.Dataset | None, source: check_mod.DataSource
+) -> data_mod.Feed | None:
+    """The first feed of the real data (calibration's, else the check's, opened for it
+    alone), whose dims the MACs count whether or not a pass calibrates; None without real
+    data, or for a one-shot reader, which would lose that feed to the check."""
+    if calib is not None:
+        return None if calib.synthetic else calib.first_feed()
+    if source is None or hasattr(source, "get_next") or isinstance(source, data_mod.Dataset):
+        return None
+    return data_mod.prepare(data_mod.specs_from_model(model), source).first_feed()
+
+
 def _sample_dims(
     model: ir.Model,
-    calib: data_mod.Dataset | None,
+    first_feed: data_mod.Feed | None,
     input_shapes: Mapping[str, Sequence[int]] | None,
 ) -> dict[str, tuple[int, ...]] | None:
     """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``), else
-    those of the real calibration data's first feed, their batch axes as 1; None (symbolic
-    dims count as 1) otherwise: synthetic data's default dims would make the figure up."""
+    those of the real data's ``first_feed``, their batch axes as 1; None (symbolic dims count
+    as 1) otherwise: synthetic data's default dims would make the figure up."""
     specs = data_mod.specs_from_model(model)
     if input_shapes:
         dims = {
@@ -356,8 +369,8 @@ def _sample_dims(
             for s in specs
             if s.name in input_shapes
         }
-    elif calib is not None and not calib.synthetic:
-        dims = {name: tuple(array.shape) for name, array in calib.first_feed().items()}
+    elif first_feed is not None:
+        dims = {name: tuple(array.shape) for name, array in first_feed.items()}
     else:
         return None
     return {

@@ -167,6 +167,9 @@ def test_the_summary_counts_macs_on_the_calibration_data_or_the_requested_shapes
     )
     assert [step.before.macs for step in calibrated.steps] == [32 * 32 * per_position] * 2
     assert calibrated.steps[-1].after.macs == 32 * 32 * per_position  # int8 computes as many
+    # No pass calibrates: the check's data gives the dims all the same.
+    checked = onnx_shrink.shrink(proto, passes="fold", data={"img": images})
+    assert checked.steps[0].before.macs == 32 * 32 * per_position
     asked = onnx_shrink.shrink(
         proto, passes="fold", check=False, input_shapes={"img": (2, 3, 32, 32)}
     )
