@@ -333,7 +333,10 @@ class _Runner:
 
     def measure(self, group: Sequence[_Target], phase: str) -> list[LayerSensitivity]:
         """One streaming run of the combined model of ``group``: each layer's error alone."""
-        passes = [dataclasses.replace(self.quant, only=(target.key,)) for target in group]
+        passes = [
+            dataclasses.replace(self.quant, only=(target.key,), bias_correction=False)
+            for target in group
+        ]
         compared = self.compare(passes, phase)
         return [_layer(target, rows) for target, rows in zip(group, compared, strict=True)]
 

@@ -185,6 +185,12 @@ class QuantPass(DataAwarePass):
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.only and self.bias_correction:
+            logger.warning(
+                "%s: bias_correction does nothing with only (one layer's sensitivity is "
+                "measured without it)",
+                self.name,
+            )
 
     @property
     def _exclusions(self) -> placement.Exclusions:

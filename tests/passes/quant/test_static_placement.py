@@ -602,3 +602,12 @@ def test_quantizing_twice_changes_nothing_the_second_time(tmp_path):
     twice = onnx_shrink.shrink(once.model, "quant", data=feeds, check=False)
     assert not twice.steps[-1].modified
     assert io.to_bytes(twice.model) == io.to_bytes(once.model)
+
+
+def test_bias_correction_with_only_is_warned_about(caplog):
+    with caplog.at_level(logging.WARNING):
+        QuantPass(only=("conv1",))
+        QuantPass(bias_correction=True)
+        assert not caplog.records
+        QuantPass(only=("conv1",), bias_correction=True)
+    assert "bias_correction does nothing with only" in caplog.text
