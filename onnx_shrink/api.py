@@ -191,7 +191,7 @@ def shrink(
             report = _check_candidate(reference, candidate, dataset, options, output_path)
     return ShrinkResult(
         model=result.model,
-        steps=result.steps,
+        steps=_on_disk(result.steps, input_bytes, output_bytes),
         input_bytes=input_bytes,
         output_bytes=output_bytes,
         output_path=output_path,
@@ -339,6 +339,19 @@ def _calibration_data(
     if source is None:
         return data_mod.synthetic(specs, input_shapes)
     return data_mod.replayable(data_mod.prepare(specs, source), stack)
+
+
+def _on_disk(
+    steps: tuple[pipeline.StepRecord, ...], input_bytes: int, output_bytes: int
+) -> tuple[pipeline.StepRecord, ...]:
+    """``steps`` with the first pass's bytes before and the last's after as the files take
+    them on disk, as the total shows them: between passes, sizes are the model serialized
+    (external data adds its own layout, from tens of bytes to kilobytes)."""
+    if not steps:
+        return steps
+    first = dataclasses.replace(steps[0], bytes_before=input_bytes)
+    steps = (first, *steps[1:])
+    return (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
 
 
 def _first_real_feed(

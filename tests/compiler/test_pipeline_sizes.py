@@ -71,3 +71,18 @@ def test_a_rolled_back_data_aware_pass_leaves_the_model_as_its_requests_found_it
     assert step.rolled_back
     assert result.model.opset_imports[""] == opset
     assert step.bytes_before == step.bytes_after == size == len(io.to_bytes(result.model))
+
+
+def test_the_summary_ends_with_the_sizes_of_the_files_on_disk(tmp_path):
+    # External data lays tensors out its own way: the last pass's "after" is what was written,
+    # as the total shows it, not the model serialized inline.
+    import onnx_shrink
+
+    out = tmp_path / "folded.onnx"
+    result = onnx_shrink.shrink(
+        digits.MODEL_PATH, "fold,fold", output=out, external_data=True, check=False
+    )
+    on_disk = out.stat().st_size + io.external_data_path(out).stat().st_size
+    assert result.steps[-1].bytes_after == result.output_bytes == on_disk
+    assert result.steps[0].bytes_before == result.input_bytes == digits.MODEL_PATH.stat().st_size
+    assert result.steps[0].bytes_after == result.steps[1].bytes_before
