@@ -150,6 +150,14 @@ def shrink(
         io.check_writable(output)
         if isinstance(model, (str, os.PathLike)):
             _refuse_overwrite(Path(model), Path(output), external_data)
+        given = (options.data, options.labels) if options else ()
+        read = (data, calibration, *given)
+        for source in read:
+            if (
+                isinstance(source, (str, os.PathLike))
+                and Path(source).resolve() == Path(output).resolve()
+            ):
+                raise ShrinkError(f"{output}: refusing to write the result over its input data")
     loaded = io.load(model)
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)

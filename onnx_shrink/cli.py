@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -362,11 +363,43 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
         )
 
 
+# What a command reads, by flag (the attribute argparse gives it): never written over.
+_READ_FLAGS = {
+    "model": "the input model",
+    "reference": "the reference model",
+    "candidate": "the candidate model",
+    "data": "--data",
+    "calibration": "--calibration",
+    "labels": "--labels",
+    "recipe": "--recipe",
+}
+
+
 def _check_report_paths(args: argparse.Namespace) -> None:
-    """Report files must be writable before any work is done (a typo costs nothing)."""
+    """Report files must be writable before any work is done (a typo costs nothing), and no
+    file the run writes may be one it reads or another it writes."""
+    writes: dict[str, str] = {}
     for flag in ("report", "html"):
         if getattr(args, flag, None):
             io.check_writable(getattr(args, flag), f"--{flag}")
+            writes[f"--{flag}"] = getattr(args, flag)
+    if getattr(args, "passes", None) is not None or getattr(args, "recipe", None) is not None:
+        if args.model is not None:  # the compile command writes its result too
+            writes["-o"] = args.output or str(default_output_path(args.model))
+    reads = {
+        what: getattr(args, name)
+        for name, what in _READ_FLAGS.items()
+        if getattr(args, name, None) is not None
+    }
+    seen: dict[Path, str] = {}
+    for flag, path in writes.items():
+        where = Path(path).resolve()
+        for what, read in reads.items():
+            if Path(read).resolve() == where:
+                raise ShrinkError(f"{path}: {flag} would write over {what}; choose another path")
+        if where in seen:
+            raise ShrinkError(f"{path}: {flag} and {seen[where]} would write the same file")
+        seen[where] = flag
 
 
 def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:

@@ -59,7 +59,7 @@ def test_refuses_to_overwrite_the_input(digits_copy, run_cli):
     before = sha256(digits_copy)
     result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy)
     assert result.code == 2
-    assert "refusing to overwrite the input" in result.err
+    assert "-o would write over the input model" in result.err
     assert sha256(digits_copy) == before
 
 
@@ -214,3 +214,36 @@ def test_labels_that_cannot_label_the_data_name_the_labels_file(digits_copy, tmp
     assert f"short.npy: 100 labels for the {len(labels)} samples of" in result.err
     result = run_cli(*check, "--labels", tmp_path / "all.npy", "--data", digits.TEST_DATA_PATH)
     assert result.code == 0, result.err
+
+
+def test_no_file_the_run_writes_may_be_one_it_reads_or_another_it_writes(
+    digits_copy, tmp_path, run_cli
+):
+    import shutil
+
+    data = shutil.copy(digits.TEST_DATA_PATH, tmp_path / "data.npz")
+    before = {p: sha256(p) for p in (digits_copy, data)}
+    out = tmp_path / "out.onnx"
+    cases = [
+        (("check", digits_copy, digits_copy, "--report", digits_copy), "would write over"),
+        ((digits_copy, "--passes", "fold", "-o", out, "--report", out), "the same file"),
+        ((digits_copy, "--passes", "fold", "--data", data, "-o", data), "write over --data"),
+        ((digits_copy, "--passes", "fold", "--html", out, "--report", out), "the same file"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.code == 2 and message in result.err, (args, result.err)
+    assert {p: sha256(p) for p in before} == before and not out.exists()
+
+
+def test_the_api_refuses_to_write_the_result_over_its_data(tmp_path):
+    import shutil
+
+    import pytest
+
+    import onnx_shrink
+    from onnx_shrink.errors import ShrinkError
+
+    data = shutil.copy(digits.TEST_DATA_PATH, tmp_path / "data.npz")
+    with pytest.raises(ShrinkError, match="over its input data"):
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold", output=data, calibration=data, check=False)
