@@ -27,7 +27,7 @@ from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
 
 DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
 
@@ -271,9 +271,23 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         )
     _print_compile(out, result)
     _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))
-    if result.verification is not None and not result.verification.passed:
-        raise CheckFailed("; ".join(result.verification.numeric.failures))
+    if result.verification is not None:
+        _judge(args, result.verification.numeric)
     return 0
+
+
+def _judge(args: argparse.Namespace, numeric: NumericReport) -> None:
+    """Exit 1 on a broken tolerance, or on --max-accuracy-drop where no accuracy was measured
+    (the data had no labels): a criterion the user set never passes unchecked."""
+    failures = list(numeric.failures)
+    if args.max_accuracy_drop is not None and numeric.reference_accuracy is None:
+        if not numeric.labelled:
+            failures.append(
+                "--max-accuracy-drop: no accuracy was measured: the data has no labels "
+                "(--labels, or a 'labels' array in the .npz)"
+            )
+    if failures:
+        raise CheckFailed("; ".join(failures))
 
 
 def _print_compile(out: Console, result: ShrinkResult) -> None:
@@ -300,8 +314,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
-    if not result.passed:
-        raise CheckFailed("; ".join(result.numeric.failures))
+    _judge(args, result.numeric)
     return 0
 
 

@@ -105,7 +105,7 @@ def check_tables(report: CheckReport) -> list[Table]:
 
 def numeric_table(numeric: NumericReport, provider: str) -> Table:
     """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict."""
-    verdict = "PASS" if numeric.passed else "FAIL"
+    verdict = numeric.verdict
     title = escape(f"check on {provider} ({numeric.samples} samples, {numeric.data}): {verdict}")
     table = Table(title=title, title_justify="left")
     columns = (

@@ -56,6 +56,7 @@ class CheckReport:
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
         result["passed"] = self.passed
+        result["verdict"] = self.numeric.verdict
         return result
 
 

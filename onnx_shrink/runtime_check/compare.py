@@ -15,6 +15,8 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from onnx_shrink.errors import ShrinkError
+
 
 @dataclasses.dataclass(frozen=True)
 class Tolerances:
@@ -25,9 +27,25 @@ class Tolerances:
     min_cosine: float | None = None
     max_accuracy_drop: float | None = None
 
+    def __post_init__(self) -> None:
+        bounds = {
+            "atol": (self.atol, 0.0, math.inf),
+            "rtol": (self.rtol, 0.0, math.inf),
+            "min_cosine": (self.min_cosine, -1.0, 1.0),
+            "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 1.0),
+        }
+        for name, (value, low, high) in bounds.items():
+            if value is not None and not low <= value <= high:  # NaN fails this too
+                raise ShrinkError(f"{name} must be in [{low:g}, {high:g}], not {value!r}")
+
     @property
     def elementwise(self) -> bool:
         return self.atol is not None or self.rtol is not None
+
+    @property
+    def any(self) -> bool:
+        """Whether any criterion is set (else the check measures, and judges only NaN/Inf)."""
+        return self != Tolerances()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,13 +82,29 @@ class NumericReport:
     tolerances: Tolerances
     failures: tuple[str, ...]
 
+    labelled: bool = False
+    """labels came with the data (accuracy is None where no output could be scored on them)"""
+
     @property
     def passed(self) -> bool:
         return not self.failures
 
+    @property
+    def verdict(self) -> str:
+        """PASS or FAIL under the tolerances; without any, what was measured is no verdict
+        (only NaN/Inf where the reference is finite fail)."""
+        if self.failures:
+            return "FAIL"
+        if not self.tolerances.any:
+            return "measured, no tolerances given"
+        if self.tolerances.max_accuracy_drop is not None and self.reference_accuracy is None:
+            return "PASS (accuracy not measured: no labels)"
+        return "PASS"
+
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
         result["passed"] = self.passed
+        result["verdict"] = self.verdict
         return result
 
 
@@ -194,6 +228,15 @@ class AccuracyAccumulator:
         return self.correct_ref / self.total, self.correct_cand / self.total
 
 
+def class_labels(labels: np.ndarray) -> np.ndarray:
+    """One class index per sample: labels as given ``[samples]`` (or ``[samples, 1]``), or
+    one-hot / probability rows ``[samples, classes]`` reduced to their argmax."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return labels.argmax(axis=1)
+    return labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.reshape(-1)
+
+
 def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
     """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
     for name, array in outputs.items():
@@ -230,13 +273,19 @@ def compare_batches(
                 ref, cand_out[name]
             )
         if labels is not None:
-            labels = np.asarray(labels).reshape(-1)
+            labels = class_labels(labels)
             seen += len(labels)
             target = classifier_output(ref_out, len(labels))
             if target is not None:
                 accuracy.add(ref_out[target], cand_out[target], labels)
     outputs = tuple(a.result() for a in accumulators.values())
     ref_acc, cand_acc = accuracy.result()
+    failures = judge(outputs, ref_acc, cand_acc, tolerances)
+    if seen and ref_acc is None and tolerances.max_accuracy_drop is not None:
+        failures.append(
+            "labels were given, but no output holds per-sample class scores [samples, classes] "
+            "to score them on: the accuracy tolerance cannot be checked"
+        )
     return NumericReport(
         outputs=outputs,
         samples=samples if samples is not None else seen,
@@ -245,7 +294,8 @@ def compare_batches(
         reference_accuracy=ref_acc,
         candidate_accuracy=cand_acc,
         tolerances=tolerances,
-        failures=tuple(judge(outputs, ref_acc, cand_acc, tolerances)),
+        failures=tuple(failures),
+        labelled=bool(seen),
     )
 
 

@@ -39,7 +39,7 @@ code { font-size: 12.5px; background: #f3f3f3; padding: 1px 4px; border-radius: 
   word-break: break-all; }
 .badge { display: inline-block; padding: 3px 12px; border-radius: 12px; color: #fff;
   font-weight: 700; letter-spacing: .5px; vertical-align: middle; margin-left: 8px; }
-.pass { background: #2e7d32; } .fail { background: #c62828; }
+.pass { background: #2e7d32; } .fail { background: #c62828; } .measured { background: #616161; }
 .failures { color: #c62828; } .muted { color: #666; }
 svg { display: block; max-width: 100%; height: auto; margin: 8px 0; }
 """
@@ -140,8 +140,9 @@ def _header(
     parts = ["<header>"]
     badge = ""
     if check is not None:
-        verdict = "PASS" if check.passed else "FAIL"
-        badge = f'<span class="badge {verdict.lower()}">{verdict}</span>'
+        verdict = check.numeric.verdict
+        kind = verdict.split()[0].lower()  # pass, fail, or measured (no tolerances)
+        badge = f'<span class="badge {kind}">{_e(verdict)}</span>'
     parts.append(f"<h1>onnx-shrink report{badge}</h1>")
     if shrink is not None:
         specs = ", ".join(step.spec for step in shrink.steps) or "no passes"
@@ -173,8 +174,15 @@ def _compared(check: CheckReport) -> str:
     if numeric.failures:
         items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)
         text += f'<ul class="failures">{items}</ul>'
+    elif not numeric.tolerances.any:
+        text += (
+            '<p class="muted">No tolerances were given: these are measurements, not a verdict '
+            "(only NaN/Inf where the reference is finite would fail).</p>"
+        )
     else:
         text += '<p class="muted">Every output is within the tolerances.</p>'
+        if numeric.tolerances.max_accuracy_drop is not None and numeric.reference_accuracy is None:
+            text += '<p class="muted">Accuracy was not measured: the data has no labels.</p>'
     return text
 
 

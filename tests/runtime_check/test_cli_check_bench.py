@@ -132,3 +132,50 @@ def test_bench_of_a_model_its_inputs_do_not_fit_is_one_clear_error(run_cli, tmp_
     assert result.code == 2
     assert "failed on its inputs (x=1x16)" in result.err and "--input-shape" in result.err
     assert run_cli("bench", path, "--runs", "2", "--input-shape", "x=1x64").code == 0
+
+
+def test_accuracy_needs_labels_it_can_score_and_one_hot_labels_count(run_cli, tmp_path):
+    import numpy as np
+
+    arrays = np.load(DATA)
+    broken = perturbed_copy(digits.MODEL_PATH, tmp_path / "bad.onnx", "head.1.weight", scale=3.0)
+    np.savez(tmp_path / "nolabels.npz", image=arrays["image"])
+    np.savez(tmp_path / "onehot.npz", image=arrays["image"], labels=np.eye(10)[arrays["labels"]])
+    check = ("check", digits.MODEL_PATH, broken, "--runs", "0", "--report", tmp_path / "r.json")
+    # One-hot rows are read as their argmax (they were flattened: no accuracy, and a pass).
+    result = run_cli(*check, "--data", tmp_path / "onehot.npz", "--min-cosine", "-1")
+    numeric = json.loads((tmp_path / "r.json").read_text())["numeric"]
+    assert result.code in (0, 1) and numeric["reference_accuracy"] > 0.95
+    assert numeric["candidate_accuracy"] is not None
+    # Asked for explicitly, an accuracy tolerance without labels is a failure, not a pass.
+    result = run_cli(*check, "--data", tmp_path / "nolabels.npz", "--max-accuracy-drop", "0.01")
+    assert result.code == 1 and "no accuracy was measured" in result.err
+    # By default (check's tolerances) it says so in the verdict.
+    result = run_cli(*check[:2], digits.MODEL_PATH, *check[3:], "--data", tmp_path / "nolabels.npz")
+    figures = json.loads((tmp_path / "r.json").read_text())
+    assert result.code == 0 and figures["verdict"] == "PASS (accuracy not measured: no labels)"
+
+
+def test_a_compile_check_without_tolerances_measures_and_gives_no_verdict(run_cli, tmp_path):
+    result = run_cli(
+        digits.MODEL_PATH,
+        "--passes",
+        "fold",
+        "-o",
+        tmp_path / "f.onnx",
+        "--data",
+        DATA,
+        "--runs",
+        "0",
+        "--html",
+        tmp_path / "r.html",
+    )
+    assert result.code == 0 and "measured, no tolerances given" in result.out
+    assert "PASS" not in result.out
+    assert "No tolerances were given" in (tmp_path / "r.html").read_text()
+
+
+def test_tolerances_out_of_range_are_errors(run_cli):
+    for flag, value in (("--min-cosine", "2"), ("--atol", "nan"), ("--max-accuracy-drop", "-1")):
+        result = run_cli("check", digits.MODEL_PATH, digits.MODEL_PATH, flag, value)
+        assert result.code == 2 and "must be in" in result.err, (flag, result.err)

@@ -91,3 +91,15 @@ def test_accuracy_drop_and_cosine_tolerances():
     assert report.outputs[0].top1_agreement == 0.5
     assert len(report.failures) == 2
     assert any("accuracy dropped 50.00%" in f for f in report.failures)
+
+
+def test_labels_no_output_can_be_scored_on_fail_an_accuracy_tolerance():
+    import numpy as np
+
+    from onnx_shrink.runtime_check.compare import Tolerances, compare_batches
+
+    out = {"boxes": np.ones((4, 1), np.float32)}  # no [samples, classes] output
+    batches = [(out, out, np.arange(4))]
+    report = compare_batches(batches, tolerances=Tolerances(max_accuracy_drop=0.01))
+    assert not report.passed and "cannot be checked" in report.failures[0]
+    assert compare_batches(batches).verdict == "measured, no tolerances given"
