@@ -293,7 +293,7 @@ def _check_candidate(
             layers=options.layers,
             latency_runs=options.latency_runs,
         )
-    except RunFailedError as e:
+    except (RunFailedError, DataError) as e:  # DataError: a later sample that does not fit
         if output_path is None:
             raise
         raise type(e)(f"{e} (the result is saved, unchecked: {output_path})") from e

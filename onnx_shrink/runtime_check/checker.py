@@ -108,6 +108,13 @@ def _open(
             else "the reference loads: the candidate is broken"
         )
         raise CandidateFailedError(f"{e} ({why})") from e
+    theirs = [o.name for o in cand_session.get_outputs()]
+    missing = [o.name for o in ref_session.get_outputs() if o.name not in theirs]
+    if missing:
+        raise CandidateFailedError(
+            f"{cand.label} has no output {missing[0]!r} of {ref.label}'s (its outputs: "
+            f"{', '.join(theirs)}): outputs are compared by name"
+        )
     return _Pair(ref, cand, ref_session, cand_session, specs, dataset)
 
 

@@ -15,7 +15,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from onnx_shrink.errors import ShrinkError
+from onnx_shrink.errors import CandidateFailedError, ShrinkError
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,9 +131,9 @@ class ErrorAccumulator:
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
-            raise ValueError(
-                f"'{self.name}': shapes differ (reference {reference.shape}, "
-                f"candidate {candidate.shape})"
+            raise CandidateFailedError(
+                f"output '{self.name}': the candidate's shape {candidate.shape} is not the "
+                f"reference's {reference.shape} on the same inputs"
             )
         if not (np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_):
             return
@@ -267,7 +267,7 @@ def compare_batches(
     for ref_out, cand_out, labels in batches:
         missing = set(ref_out) - set(cand_out)
         if missing:
-            raise ValueError(f"the candidate has no output {sorted(missing)[0]!r}")
+            raise CandidateFailedError(f"the candidate has no output {sorted(missing)[0]!r}")
         for name, ref in ref_out.items():
             accumulators.setdefault(name, ErrorAccumulator(name, tolerances)).add(
                 ref, cand_out[name]

@@ -85,3 +85,30 @@ def test_a_candidate_that_fails_where_the_reference_runs_is_called_broken(tmp_pa
     with pytest.raises(RunFailedError, match=r"cand\.onnx failed .*broken") as caught:
         compare(reference, candidate, tmp_path / "long.npz")
     assert "ref.onnx" in str(caught.value)  # the reference ran: it is named as the witness
+
+
+def test_a_candidate_whose_outputs_differ_in_name_or_shape_is_one_clear_error(tmp_path):
+    import onnx
+
+    from onnx_shrink.errors import CandidateFailedError
+
+    renamed = onnx.load(str(digits.MODEL_PATH))
+    old = renamed.graph.output[0].name
+    for node in renamed.graph.node:
+        node.output[:] = ["scores" if o == old else o for o in node.output]
+    renamed.graph.output[0].name = "scores"
+    with pytest.raises(CandidateFailedError, match="has no output 'logits'.*its outputs: scores"):
+        compare(digits.MODEL_PATH, save_proto(renamed, tmp_path / "renamed.onnx"))
+    wider = parse(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) '
+        "{ y = Identity(x) }"
+    )
+    padded = parse(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 5] y) '
+        "{ pads = Constant <value_ints = [0, 0, 0, 1]> () \n y = Pad(x, pads) }"
+    )
+    data = {"x": np.ones((2, 4), np.float32)}
+    with pytest.raises(CandidateFailedError, match=r"output 'y': the candidate's shape \(2, 5\)"):
+        compare(
+            save_proto(wider, tmp_path / "a.onnx"), save_proto(padded, tmp_path / "b.onnx"), data
+        )

@@ -114,15 +114,18 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         opset = onnx_opset(model)
-        if self.format == "dequantize_linear" and not ensure_opset(
-            model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name
+        lifted = lift_constant_weights(model)
+        # Converted only for weights it will quantize: a model without any keeps its opset.
+        if (
+            self.format == "dequantize_linear"
+            and self._has_weights(model)
+            and not ensure_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name)
         ):
             raise ir.passes.PreconditionError(
                 f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
                 f"(blocked DequantizeLinear), and the model's opset {opset} could not be "
                 "converted (see the warning above); use format=matmulnbits"
             )
-        lifted = lift_constant_weights(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0
         for node in context.candidates(self.op_types):
@@ -139,6 +142,16 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         if not count:
             warn_half_precision(self.name, nodes_of(model, self.op_types))
         return ir.passes.PassResult(model, count > 0 or lifted)
+
+    def _has_weights(self, model: ir.Model) -> bool:
+        """Whether any candidate node has a weight this pass would quantize."""
+        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        return any(
+            gather_reason(context, node) is None
+            if node.op_type == "Gather"
+            else not isinstance(match_linear(context, node), str)
+            for node in context.candidates(self.op_types)
+        )
 
     def _blocks(self, rows: np.ndarray, bits: int | None = None) -> BlockQuantized:
         return quantize_blocks(
@@ -218,6 +231,11 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         if self.format == "dequantize_linear":
             context.replace([node], self._gather_then_dequantize(context, node, table, ids))
             return True
+        width = table.const_value.shape[1] if table.const_value is not None else 0
+        if self.bits == 4 and width % 2:
+            # GatherBlockQuantized reads two codes per byte and a row's width from its bytes:
+            # an odd width would come back one column wider.
+            return context.skip(node, f"4-bit rows of odd width {width} cannot be packed")
         data, scales, zero_points = context.weights(
             table, self._key("nbits-rows"), self._packed_rows
         )

@@ -333,3 +333,23 @@ def test_weights_stored_as_constant_nodes_are_quantized(pass_name):
     assert not any(n.op_type in ("Constant", "MatMul") for n in result.model.graph)
     (out,) = run_ort(io.to_bytes(result.model), feed)
     assert np.abs(out - reference).max() < 0.2 * np.abs(reference).max()
+
+
+def test_four_bit_tables_of_odd_width_stay_float():
+    # GatherBlockQuantized reads a row's width from its bytes: 51 codes in 26 bytes came
+    # back as 52 columns.
+    table = RNG.standard_normal((200, 51)).astype(np.float32)
+    text = EMBEDDING.replace("float[2, 5, 48] y", "float[2, 5, 51] y")
+    result, modified = quantized(with_weights(text, table=table), bits=4)
+    assert not modified and ops(result.graph) == ["Gather"]
+    result, modified = quantized(with_weights(text, table=table), bits=8)
+    assert modified and ops(result.graph) == ["GatherBlockQuantized"]
+
+
+def test_dequantize_linear_format_converts_only_a_model_it_will_quantize():
+    proto = with_weights(MATMUL_BIAS, w=np.ones((K, N), np.float32), b=np.ones(N, np.float32))
+    opset = proto.opset_import[0].version
+    result = pipeline.run(
+        io.load(proto), [WeightOnlyQuantPass(format="dequantize_linear", exclude=(".*",))]
+    )
+    assert not result.steps[0].modified and result.model.opset_imports[""] == opset
