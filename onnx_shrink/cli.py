@@ -238,6 +238,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         raise ShrinkError("no passes given; use --passes NAME[,NAME...] or --recipe FILE")
     # Validate everything cheap before the model is touched: a typo must cost nothing.
     _refuse_idle_flags(args)
+    _at_least(0, runs=args.runs)  # 0: no latency
     pipeline.parse_spec(args.passes, args.sets, args.recipe)
     options = CheckOptions(
         data=args.data,
@@ -299,7 +300,15 @@ def _print_compile(out: Console, result: ShrinkResult) -> None:
     out.print(f"wrote {result.output_path}")
 
 
+def _at_least(low: int, **counts: int | None) -> None:
+    """Counts given on the command line must be at least ``low``."""
+    for flag, value in counts.items():
+        if value is not None and value < low:
+            raise ShrinkError(f"--{flag} must be at least {low}, not {value}")
+
+
 def _run_check(args: argparse.Namespace, out: Console) -> int:
+    _at_least(0, runs=args.runs)  # 0: no latency
     with out.status("checking..."):
         result = checker.check(
             args.reference,
@@ -319,6 +328,8 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
 
 
 def _run_bench(args: argparse.Namespace, out: Console) -> int:
+    _at_least(1, runs=args.runs)
+    _at_least(0, warmup=args.warmup)
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") or [1]
     threads: list[int | None] = list(_int_list(args.threads, "--threads")) or [None]
     with out.status("benchmarking..."):

@@ -14,6 +14,8 @@ import typing
 from collections.abc import Sequence
 from typing import Any
 
+import onnx_ir as ir
+
 from onnx_shrink.errors import PipelineSpecError
 
 logger = logging.getLogger(__name__)
@@ -184,3 +186,10 @@ def _convert(hint: Any, raw: Any) -> Any:
             raise TypeError(raw)
         return raw
     raise TypeError(f"unsupported option type {hint}")
+
+
+def warn_unmatched_exclusions(model: ir.Model, pass_name: str, exclude: Sequence[str]) -> None:
+    """Warn about ``exclude`` patterns that name no node of ``model`` (subgraphs included)."""
+    if exclude:
+        names = [node.name or "" for node in ir.traversal.RecursiveGraphIterator(model.graph)]
+        warn_unmatched(f"{pass_name}.exclude", exclude, names)

@@ -44,7 +44,8 @@ def parse_spec(
     Args:
         passes: ``"fold,quant"``, a list of names and/or pass instances, or None to take the
             list from the recipe.
-        sets: ``"pass.option=value"`` strings; they override the recipe's options.
+        sets: ``"pass.option=value"`` strings (one such string alone too); they override
+            the recipe's options.
         recipe: a TOML file with ``passes = [...]`` and one ``[pass-name]`` table of options
             per pass.
 
@@ -52,6 +53,12 @@ def parse_spec(
         PipelineSpecError: unknown pass or option, wrong type, out-of-range value, bad recipe.
     """
     recipe_passes, options = _read_recipe(recipe) if recipe is not None else (None, {})
+    if isinstance(sets, str):  # one assignment, not its characters
+        sets = [sets]
+    if not isinstance(sets, list | tuple) or not all(isinstance(item, str) for item in sets):
+        raise PipelineSpecError(
+            f"sets: expected a list of 'pass.option=value' strings, got {sets!r}"
+        )
     for assignment in sets:
         pass_name, key, raw = _split_assignment(assignment)
         options.setdefault(pass_name, {})[key] = raw

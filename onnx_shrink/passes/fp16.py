@@ -18,7 +18,12 @@ from onnx_ir.passes.common import _c_api_utils
 
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.io import large_tensors
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import (
+    check_options,
+    option,
+    warn_unmatched,
+    warn_unmatched_exclusions,
+)
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes import fp16_islands
@@ -126,6 +131,11 @@ class Float16Pass(DataAwarePass):
         check_options(self)
 
     def requests(self, model: ir.Model) -> list[StatRequest]:
+        # Here, not in apply: requests see the model as the pipeline hands it over.
+        warn_unmatched_exclusions(model, self.name, self.exclude)
+        asked = [op for op in self.block_ops if op not in DEFAULT_BLOCK_OPS]
+        op_types = [n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)]
+        warn_unmatched(f"{self.name}.block_ops", asked, op_types, "op type")
         dtypes = _tensor_dtypes(model)
         values = [v for v in _values(model.graph) if not v.is_initializer()]
         values = [v for v in values if (p := v.producer()) is None or p.op_type != "Constant"]

@@ -7,6 +7,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import os
@@ -185,12 +186,17 @@ def check(
     latency_runs: int = 30,
 ) -> CheckReport:
     """Numerics, optional per-layer localization, alternate-run latency and sizes."""
-    pair = _open(reference, candidate, data, labels, input_shapes, provider)
+    with contextlib.ExitStack() as stack:
+        pair = _open(reference, candidate, data, labels, input_shapes, provider)
+        if layers:  # read twice: a one-shot reader is spilled as the numerics read it
+            pair = dataclasses.replace(pair, dataset=data_mod.replayable(pair.dataset, stack))
+        numeric = _numeric(pair, tolerances)
+        layer_report = None
+        if layers:
+            layer_report = layers_mod.localize(
+                pair.ref.model, pair.cand.model, pair.dataset, pair.specs, provider=provider
+            )
     ref, cand, specs, dataset = pair.ref, pair.cand, pair.specs, pair.dataset
-    numeric = _numeric(pair, tolerances)
-    layer_report = None
-    if layers:
-        layer_report = layers_mod.localize(ref.model, cand.model, dataset, specs, provider=provider)
     latency = None
     if latency_runs > 0:
         feed = dataset.first_feed()

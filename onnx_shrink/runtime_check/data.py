@@ -280,11 +280,10 @@ def from_test_data_sets(path: str | Path, specs: Sequence[InputSpec]) -> Dataset
                 spec = next((s for s in specs if s.name == name), specs[index])
                 check_array(spec, array, str(folder))
                 feed[spec.name] = array
-            yield Batch(feed, 1, None)
+            yield Batch(feed, samples_in(feed, specs), None)
 
-    return Dataset(
-        str(root), synthetic=False, has_labels=False, make_batches=make_batches, samples=len(sets)
-    )
+    # Each folder holds one feed, which may be a batch: counted as the feeds are read.
+    return Dataset(str(root), synthetic=False, has_labels=False, make_batches=make_batches)
 
 
 def _natural_key(name: str) -> list[object]:
@@ -352,6 +351,8 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
         if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
             raise DataError(f"--input-shape expects NAME=1x128 (dims joined by x), got {item!r}")
         shapes[name.strip()] = tuple(int(d) for d in dims.strip().split("x"))
+        if 0 in shapes[name.strip()]:  # no sample to check on: every check would pass
+            raise DataError(f"--input-shape {item!r}: dims must be positive")
     return shapes
 
 
@@ -423,7 +424,7 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
     if np.issubdtype(spec.dtype, np.floating):
         return rng.standard_normal(shape).astype(spec.dtype)
     if spec.dtype is np.bool_:
-        return rng.random(shape) < 0.5
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar otherwise
     if "mask" in spec.name.lower():
         return np.ones(shape, dtype=spec.dtype)
     # Small non-negative integers are valid ids, indices and token ids for most models.
@@ -456,7 +457,7 @@ def prepare(
     if source is None:
         dataset = synthetic(specs, input_shapes, seed=seed)
         logger.warning(
-            "no --data given: checking on %s; synthetic inputs say nothing about accuracy",
+            "no --data given: running on %s; synthetic inputs say nothing about accuracy",
             dataset.description,
         )
         return dataset

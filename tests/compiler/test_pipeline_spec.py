@@ -132,3 +132,10 @@ def test_every_name_or_regex_option_is_checked():
             doc = field.metadata.get("doc", "")
             if "regex" in doc or "regular expression" in doc:
                 assert field.metadata.get("patterns"), f"{name}.{field.name}"
+
+
+def test_sets_may_be_one_string_and_must_be_strings():
+    (fold,) = pipeline.parse_spec("fold", "fold.iterations=6")
+    assert fold == FoldPass(iterations=6)
+    with pytest.raises(PipelineSpecError, match="expected a list of 'pass.option=value'"):
+        pipeline.parse_spec("fold", {"fold.iterations": 6})  # type: ignore[arg-type]

@@ -620,3 +620,13 @@ def test_a_model_the_check_provider_has_no_kernels_for_says_so():
             sets=["fp16.dtype=bfloat16"],
             data=digits.TEST_DATA_PATH,
         )
+
+
+def test_exclusions_and_block_ops_that_name_nothing_are_warned_about(caplog):
+    model = io.load(digits.MODEL_PATH)
+    fp16 = Float16Pass(exclude=("/conv1/conv1.0/Conv", "nothing.*"), block_ops=("Conv", "Gemmm"))
+    with caplog.at_level(logging.WARNING):
+        fp16.requests(model)
+    text = caplog.text
+    assert "'nothing.*' matches no node name" in text and "'Gemmm' matches no op type" in text
+    assert "'/conv1/conv1.0/Conv' matches" not in text and "'Conv' matches" not in text

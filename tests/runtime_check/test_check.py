@@ -112,3 +112,18 @@ def test_a_candidate_whose_outputs_differ_in_name_or_shape_is_one_clear_error(tm
         compare(
             save_proto(wider, tmp_path / "a.onnx"), save_proto(padded, tmp_path / "b.onnx"), data
         )
+
+
+def test_a_reader_serves_the_numerics_and_the_layers(tmp_path):
+    images = np.load(digits.TEST_DATA_PATH)["image"][:20]
+
+    class Reader:
+        def __init__(self):
+            self.feeds = iter({"image": images[i : i + 5]} for i in range(0, 20, 5))
+
+        def get_next(self):
+            return next(self.feeds, None)
+
+    report = check(digits.MODEL_PATH, digits.MODEL_PATH, Reader(), layers=True, latency_runs=2)
+    assert report.numeric.samples == 20 and report.layers is not None
+    assert report.latency is not None

@@ -179,3 +179,10 @@ def test_tolerances_out_of_range_are_errors(run_cli):
     for flag, value in (("--min-cosine", "2"), ("--atol", "nan"), ("--max-accuracy-drop", "-1")):
         result = run_cli("check", digits.MODEL_PATH, digits.MODEL_PATH, flag, value)
         assert result.code == 2 and "must be in" in result.err, (flag, result.err)
+
+
+def test_counts_below_their_floor_are_errors(run_cli):
+    result = run_cli("bench", digits.MODEL_PATH, "--runs", "0")
+    assert result.code == 2 and "--runs must be at least 1" in result.err
+    result = run_cli("check", digits.MODEL_PATH, digits.MODEL_PATH, "--runs", "-5")
+    assert result.code == 2 and "--runs must be at least 0" in result.err

@@ -88,10 +88,11 @@ def test_onnxruntime_test_data_layout(tmp_path):
     for i in range(3):
         folder = tmp_path / f"test_data_set_{i}"
         folder.mkdir()
-        tensor = numpy_helper.from_array(np.full((1, 1, 8, 8), i, np.float32), "image")
+        tensor = numpy_helper.from_array(np.full((i + 1, 1, 8, 8), i, np.float32), "image")
         (folder / "input_0.pb").write_bytes(tensor.SerializeToString())
-    feeds = [b.feed["image"][0, 0, 0, 0] for b in data.prepare([IMAGE], tmp_path).batches()]
-    assert feeds == [0, 1, 2]
+    batches = list(data.prepare([IMAGE], tmp_path).batches())
+    assert [b.feed["image"][0, 0, 0, 0] for b in batches] == [0, 1, 2]
+    assert [b.samples for b in batches] == [1, 2, 3]  # a folder may hold a batch
 
 
 class Reader:
@@ -204,3 +205,11 @@ def test_samples_that_do_not_fill_the_models_fixed_batch_are_one_clear_error(tmp
     np.savez(tmp_path / "ten.npz", image=np.zeros((10, 1, 8, 8), np.float32))
     with pytest.raises(DataError, match="10 samples do not fill batches of 4, the batch size"):
         data.prepare([fixed], tmp_path / "ten.npz")
+
+
+def test_synthetic_inputs_cover_scalar_bools_and_refuse_empty_shapes():
+    flag = data.InputSpec("c", np.bool_, ())
+    feed = data.synthetic([flag, IMAGE]).first_feed()
+    assert isinstance(feed["c"], np.ndarray) and feed["c"].dtype == np.bool_
+    with pytest.raises(DataError, match="dims must be positive"):
+        data.parse_input_shapes(["image=0x1x8x8"])

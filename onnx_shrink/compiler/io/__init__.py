@@ -341,6 +341,8 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
     path = Path(path)
     if path.is_dir():
         raise ShrinkError(f"{path}: is a directory; give the {what} a file name")
+    if path.parent.exists() and not path.parent.is_dir():
+        raise ShrinkError(f"{path.parent}: is a file, not a folder; the {what} cannot go in it")
     if not path.parent.is_dir():
         raise ShrinkError(f"{path.parent}: the {what} folder does not exist")
     if not os.access(path.parent, os.W_OK):

@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.passes.quant import compact
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
@@ -30,7 +30,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     nodes_of,
     trimmed,
     warn_half_precision,
-    warn_unmatched_exclusions,
 )
 
 logger = logging.getLogger(__name__)

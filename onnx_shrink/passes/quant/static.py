@@ -13,7 +13,12 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult, Look
-from onnx_shrink.compiler.options import check_options, option, warn_unmatched
+from onnx_shrink.compiler.options import (
+    check_options,
+    option,
+    warn_unmatched,
+    warn_unmatched_exclusions,
+)
 from onnx_shrink.compiler.statistics import (
     Histogram,
     HistogramAccumulator,
@@ -44,7 +49,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     nodes_of,
     onnx_opset,
     warn_half_precision,
-    warn_unmatched_exclusions,
 )
 
 logger = logging.getLogger(__name__)

@@ -19,7 +19,6 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.options import warn_unmatched
 from onnx_shrink.passes.quant import compact
 
 logger = logging.getLogger(__name__)
@@ -35,13 +34,6 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
     unknown = sorted(set(op_types) - set(supported))
     if unknown:
         raise ValueError(f"op_types: {', '.join(unknown)} not one of {', '.join(supported)}")
-
-
-def warn_unmatched_exclusions(model: ir.Model, pass_name: str, exclude: Sequence[str]) -> None:
-    """Warn about ``exclude`` patterns that name no node of ``model`` (subgraphs included)."""
-    if exclude:
-        names = [node.name or "" for node in ir.traversal.RecursiveGraphIterator(model.graph)]
-        warn_unmatched(f"{pass_name}.exclude", exclude, names)
 
 
 HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})

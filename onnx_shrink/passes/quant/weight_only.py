@@ -16,7 +16,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,
@@ -36,7 +36,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     onnx_opset,
     trimmed,
     warn_half_precision,
-    warn_unmatched_exclusions,
 )
 
 logger = logging.getLogger(__name__)
