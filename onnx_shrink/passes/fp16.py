@@ -420,8 +420,10 @@ def _tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
     infer = functools.partial(
         onnx.shape_inference.infer_shapes, check_type=False, strict_mode=False, data_prop=False
     )
+    clone = model.clone()
+    _type_contrib_outputs(clone)
     try:
-        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, model.clone()))
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, clone))
     except Exception as e:  # onnx raises several types; the declared types remain
         logger.warning("fp16: onnx type inference failed (%s); using declared types", e)
         inferred = model
@@ -440,6 +442,31 @@ def _tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
             elif known is None and value.const_value is not None:
                 dtypes[value] = value.const_value.dtype
     return dtypes
+
+
+# com.microsoft ops onnx's inference does not know (what quant, quant-dynamic and quant-weight
+# write), by the input whose element type their output has: a scale, an initializer whose type
+# is known before inference. Typed, they no longer stop inference of every node after them.
+_CONTRIB_OUTPUT_TYPE_FROM = {
+    "MatMulNBits": 2,
+    "GatherBlockQuantized": 2,
+    "DynamicQuantizeMatMul": 2,
+    "MatMulIntegerToFloat": 2,
+}
+
+
+def _type_contrib_outputs(model: ir.Model) -> None:
+    """Give the outputs of ``_CONTRIB_OUTPUT_TYPE_FROM``'s ops their type, in place."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        index = _CONTRIB_OUTPUT_TYPE_FROM.get(node.op_type)
+        if node.domain != "com.microsoft" or index is None or index >= len(node.inputs):
+            continue
+        source, out = node.inputs[index], node.outputs[0]
+        if source is None or out.type is not None:
+            continue
+        dtype = source.dtype or (source.const_value.dtype if source.const_value else None)
+        if dtype is not None:
+            out.type = ir.TensorType(dtype)
 
 
 @functools.cache

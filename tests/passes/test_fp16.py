@@ -630,3 +630,30 @@ def test_exclusions_and_block_ops_that_name_nothing_are_warned_about(caplog):
     text = caplog.text
     assert "'nothing.*' matches no node name" in text and "'Gemmm' matches no op type" in text
     assert "'/conv1/conv1.0/Conv' matches" not in text and "'Conv' matches" not in text
+
+
+def test_nodes_after_onnxruntime_contrib_ops_are_converted(tmp_path):
+    # onnx's inference stops at com.microsoft ops (MatMulNBits, ...): every node after the
+    # first was of unknown type and stayed float32, so quant-weight,fp16 changed nothing.
+    import onnx_shrink
+
+    proto = build_transformer_block()
+    feed = {
+        i.name: np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
+        for i in proto.graph.input
+    }
+    weights = onnx_shrink.shrink(proto, "quant-weight", check=False, calibration=feed)
+    assert "MatMulNBits" in [n.op_type for n in weights.model.graph]
+    result = onnx_shrink.shrink(
+        weights.model, "fp16", sets=["fp16.weightless_runs=false"], check=False, calibration=feed
+    )
+    assert result.steps[0].modified
+    # Each of the 6 MatMulNBits' results goes to float16 for the nodes after it.
+    to_half = [
+        n
+        for n in result.model.graph
+        if n.op_type == "Cast" and n.outputs[0].dtype == ir.DataType.FLOAT16
+    ]
+    assert len(to_half) >= 6
+    got = run_ort(io.to_bytes(result.model), feed)[0]
+    _assert_close(run_ort(io.to_bytes(weights.model), feed)[0], got, rel=2e-2)
