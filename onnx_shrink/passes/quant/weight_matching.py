@@ -229,11 +229,26 @@ class WeightContext:
         ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, old, new)
 
     def drop_dead_weights(self) -> None:
-        """Remove float weights that no node or graph output reads any more."""
-        for value in self.sources:
+        """Remove float weights that no node or graph output reads any more; warn about those
+        still read (a weight tied to a node left float is then stored twice: float and not)."""
+        kept = []
+        for value in dict.fromkeys(self.sources):  # once each, however many layouts it got
             if not value.uses() and not value.is_graph_output() and value.graph is not None:
                 assert value.name is not None
                 del value.graph.initializers[value.name]
+            elif value.const_value is not None:
+                kept.append(value)
+        if kept:
+            readers = sorted({use.node.op_type for value in kept for use in value.uses()})
+            logger.warning(
+                "%s: %d quantized weight(s) are also read as float (by %s), so the model keeps "
+                "both copies (%d float bytes): %s",
+                self.pass_name,
+                len(kept),
+                ", ".join(readers) or "graph outputs",
+                sum(value.const_value.nbytes for value in kept),
+                ", ".join(str(value.name) for value in kept[:5]),
+            )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -353,3 +353,20 @@ def test_dequantize_linear_format_converts_only_a_model_it_will_quantize():
         io.load(proto), [WeightOnlyQuantPass(format="dequantize_linear", exclude=(".*",))]
     )
     assert not result.steps[0].modified and result.model.opset_imports[""] == opset
+
+
+def test_a_weight_also_read_as_float_is_kept_with_a_warning(caplog):
+    # A table tied to a node the pass leaves float (here a Transpose for an output projection)
+    # stays in float beside its codes: the model grows, and the user is told so.
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (int64[2, 5] ids) => (float[2, 5, 48] y, float[48, 200] t) {
+      y = Gather <axis = 0> (table, ids)
+      t = Transpose <perm = [1, 0]> (table)
+    }
+    """
+    table = RNG.standard_normal((200, 48)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        result, modified = quantized(with_weights(text, table=table), bits=4)
+    assert modified and "table" in result.graph.initializers
+    assert "1 quantized weight(s) are also read as float (by Transpose)" in caplog.text
