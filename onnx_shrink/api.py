@@ -145,6 +145,8 @@ def shrink(
     """
     started = time.perf_counter()
     pass_list = pipeline.parse_spec(passes, sets, recipe)
+    if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
+        raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     options = _check_options(check, data, input_shapes)
     if output is not None:
         io.check_writable(output)

@@ -395,6 +395,22 @@ def synthetic_feed(
             f"--input-shape names {', '.join(sorted(unknown))}, which the model does not have "
             f"(inputs: {', '.join(s.name for s in specs)})"
         )
+    # A symbolic dim given for one input is that dim everywhere: input_ids=2x64 makes
+    # attention_mask [batch_size, sequence_length] 2x64 too, not 1x16 (onnxruntime fails).
+    bound = {
+        dim: given
+        for spec in specs
+        if spec.name in shapes
+        for dim, given in zip(spec.shape, shapes[spec.name], strict=False)
+        if isinstance(dim, str) and dim
+    }
+    for spec in specs:
+        if spec.name not in shapes and any(d in bound for d in spec.shape if isinstance(d, str)):
+            default = concrete_shape(spec, None, batch)
+            shapes[spec.name] = tuple(
+                bound.get(d, x) if isinstance(d, str) else x
+                for d, x in zip(spec.shape, default, strict=True)
+            )
     rng = np.random.default_rng(seed)
     return {
         spec.name: _random_array(rng, spec, concrete_shape(spec, shapes.get(spec.name), batch))

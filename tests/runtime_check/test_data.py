@@ -213,3 +213,10 @@ def test_synthetic_inputs_cover_scalar_bools_and_refuse_empty_shapes():
     assert isinstance(feed["c"], np.ndarray) and feed["c"].dtype == np.bool_
     with pytest.raises(DataError, match="dims must be positive"):
         data.parse_input_shapes(["image=0x1x8x8"])
+
+
+def test_a_symbolic_dim_given_for_one_input_shapes_every_input_that_names_it():
+    ids = data.InputSpec("input_ids", np.int64, ("batch_size", "sequence_length"))
+    mask = data.InputSpec("attention_mask", np.int64, ("batch_size", "sequence_length"))
+    feed = data.synthetic([ids, mask], {"input_ids": (2, 64)}).first_feed()
+    assert feed["attention_mask"].shape == (2, 64)

@@ -15,6 +15,7 @@ import pytest
 from models import digits
 from onnx_shrink import FoldPass, shrink
 from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
@@ -217,8 +218,9 @@ def test_shrink_reports_the_sensitivity_of_the_model_before_quant():
     )
     figures = result.to_dict()["sensitivity"]
     assert figures["exclude_hint"].startswith("--set quant.exclude=")
-    no_quant = shrink(digits.MODEL_PATH, "fold", check=False, sensitivity=True)
-    assert no_quant.sensitivity is None and no_quant.to_dict()["sensitivity"] is None
+    assert shrink(digits.MODEL_PATH, "fold", check=False).to_dict()["sensitivity"] is None
+    with pytest.raises(ShrinkError, match="no quant pass; nothing to measure"):
+        shrink(digits.MODEL_PATH, "fold", check=False, sensitivity=True)
 
 
 def test_cli_prints_the_ranking_and_the_hint(run_cli, digits_copy, tmp_path):
