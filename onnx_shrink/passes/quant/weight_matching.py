@@ -226,7 +226,14 @@ class WeightContext:
         graph, last = old_nodes[0].graph, old_nodes[-1]
         assert graph is not None
         old, new = [last.outputs[0]], [new_nodes[-1].outputs[0]]
+        read = {v for n in old_nodes for v in n.inputs if v is not None and v.is_initializer()}
         ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, old, new)
+        # Constants only the old nodes read (a Gemm's C, now a scaled copy) go with them;
+        # the weights themselves go in drop_dead_weights.
+        for value in read - set(self.sources):
+            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
+                assert value.name is not None and value.graph is not None
+                del value.graph.initializers[value.name]
 
     def drop_dead_weights(self) -> None:
         """Remove float weights that no node or graph output reads any more; warn about those
