@@ -16,6 +16,7 @@ from rich.text import Text
 
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
+from onnx_shrink.compiler.stats import ModelStats
 from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
@@ -43,6 +44,19 @@ def _arrow(before: float, after: float, fmt=human_count) -> str:
     if before == after:
         return fmt(before)
     change = f" ({(after - before) / before:+.0%})" if before else ""
+    return f"{fmt(before)} → {fmt(after)}{change}"
+
+
+def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
+    """MACs before -> after; "≥" marks a count that left out nodes of unknown cost (a
+    change of opset or of op can make them countable: the change is then not all real)."""
+
+    def fmt(stats: ModelStats) -> str:
+        return ("≥" if stats.nodes_without_macs else "") + human_count(stats.macs)
+
+    if before.macs == after.macs and before.nodes_without_macs == after.nodes_without_macs:
+        return fmt(before)
+    change = f" ({(after.macs - before.macs) / before.macs:+.0%})" if before.macs else ""
     return f"{fmt(before)} → {fmt(after)}{change}"
 
 
@@ -74,7 +88,7 @@ def summary_table(result: ShrinkResult) -> Table:
             f"{step.seconds:.2f}s",
             _arrow(b.nodes, a.nodes, str),
             _arrow(b.params, a.params),
-            _arrow(b.macs, a.macs),
+            _macs_arrow(b, a),
             _arrow(step.bytes_before, step.bytes_after, human_bytes),
         )
     first, last = result.steps[0].before, result.steps[-1].after
@@ -84,7 +98,7 @@ def summary_table(result: ShrinkResult) -> Table:
         f"{result.seconds:.2f}s",
         _arrow(first.nodes, last.nodes, str),
         _arrow(first.params, last.params),
-        _arrow(first.macs, last.macs),
+        _macs_arrow(first, last),
         _arrow(result.input_bytes, result.output_bytes, human_bytes),
         style="bold",
     )
