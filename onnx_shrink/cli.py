@@ -117,7 +117,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--recipe", help="TOML file: passes = [...] and a [pass] table each")
     parser.add_argument("--list-passes", action="store_true", help="list passes and options")
-    parser.add_argument("--dump-dir", help="save the model after each pass into this folder")
+    parser.add_argument(
+        "--dump-dir",
+        help="save the model after each pass into this folder (with --verify-each, a "
+        "rolled-back pass's output too, as NN-PASS.rolled-back.onnx)",
+    )
     parser.add_argument(
         "--external-data",
         choices=("auto", "yes", "no"),

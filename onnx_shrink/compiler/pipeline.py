@@ -232,9 +232,10 @@ def run(
         runnable, calibration_seconds, samples = _bind(
             pass_, model, collect, probe, followup_collect
         )
-        result, seconds, rolled_back, verdict = _run_one(
+        result, seconds, rejected, verdict = _run_one(
             runnable, model, snapshot, steps, verify, strict
         )
+        rolled_back = rejected is not None
         if followup_collect is not None:  # a follow-up's calibration is calibration time
             calibration_seconds += followup_collect.seconds
             seconds -= followup_collect.seconds
@@ -248,6 +249,8 @@ def run(
         if dump_dir is not None:
             target = Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"
             dump_path = str(io.save(model, target).path)
+            if rejected is not None:  # what broke the tolerances, to look at
+                io.save(rejected, target.with_name(f"{target.stem}.rolled-back.onnx"))
         steps.append(
             StepRecord(
                 index=index,
@@ -340,9 +343,10 @@ def _run_one(
     done: Sequence[StepRecord],
     verify: Verifier | None,
     strict: bool,
-) -> tuple[ir.passes.PassResult, float, bool, str | None]:
-    """Run one pass (and its verification): (result, seconds, rolled back?, verdict);
-    ``snapshot``: the model to roll back to (with ``verify``)."""
+) -> tuple[ir.passes.PassResult, float, ir.Model | None, str | None]:
+    """Run one pass (and its verification): (result, seconds, the pass's output where it was
+    rolled back else None, verdict); ``snapshot``: the model to roll back to (with
+    ``verify``)."""
     spec = describe(pass_.inner if isinstance(pass_, BoundPass) else pass_)
     started = time.perf_counter()
     try:
@@ -356,14 +360,14 @@ def _run_one(
         ) from e
     seconds = time.perf_counter() - started
     if verify is None or not result.modified:
-        return result, seconds, False, None
+        return result, seconds, None, None
     judged = verify(result.model)
     if judged.ok:
-        return result, seconds, False, judged.summary
+        return result, seconds, None, judged.summary
     if strict:
         raise PassFailedError(f"pass '{spec}' broke the tolerances: {judged.summary}")
     logger.warning("pass '%s' broke the tolerances (%s); rolled back", spec, judged.summary)
-    return ir.passes.PassResult(snapshot, False), seconds, True, judged.summary
+    return ir.passes.PassResult(snapshot, False), seconds, result.model, judged.summary
 
 
 def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:

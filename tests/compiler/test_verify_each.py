@@ -81,3 +81,27 @@ def test_a_pass_writing_a_model_onnxruntime_cannot_run_is_rolled_back(caplog):
     assert not fold_step.rolled_back and broken_step.rolled_back
     assert "candidate is broken" in broken_step.verdict
     assert result.verification.numeric.outputs[0].max_abs_error < 1e-4
+
+
+def test_the_dump_keeps_what_a_rolled_back_pass_wrote_beside_what_went_on(tmp_path):
+    result = shrink(
+        digits.MODEL_PATH,
+        [FoldPass(), ScaleWeightPass()],
+        dump_dir=tmp_path,
+        check=CheckOptions(data=digits.TEST_DATA_PATH, verify_each=True, latency_runs=0),
+    )
+    assert result.steps[1].rolled_back
+    assert sorted(p.name for p in tmp_path.iterdir()) == [
+        "01-fold.onnx",
+        "02-scale-weight.onnx",
+        "02-scale-weight.rolled-back.onnx",
+    ]
+
+    def weight(name: str) -> np.ndarray:
+        model = io.load(tmp_path / name)
+        return model.graph.initializers["head.4.weight"].const_value.numpy()
+
+    np.testing.assert_array_equal(weight("02-scale-weight.onnx"), weight("01-fold.onnx"))
+    np.testing.assert_array_equal(
+        weight("02-scale-weight.rolled-back.onnx"), -weight("01-fold.onnx")
+    )
