@@ -140,6 +140,14 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         logger.info("%s: quantized %d nodes", self.name, count)
         if not count:
             warn_half_precision(self.name, nodes_of(model, self.op_types))
+        gemms = nodes_of(model, ("Gemm",))
+        if gemms:
+            logger.warning(
+                "%s: the model's %d Gemm nodes stay float: it takes MatMul and Gather "
+                "(quant-dynamic and quant take Gemm)",
+                self.name,
+                len(gemms),
+            )
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def _has_weights(self, model: ir.Model) -> bool:

@@ -370,3 +370,13 @@ def test_a_weight_also_read_as_float_is_kept_with_a_warning(caplog):
         result, modified = quantized(with_weights(text, table=table), bits=4)
     assert modified and "table" in result.graph.initializers
     assert "1 quantized weight(s) are also read as float (by Transpose)" in caplog.text
+
+
+def test_a_model_of_gemms_is_told_which_passes_take_them(caplog):
+    from models.builders import build_mlp
+
+    with caplog.at_level(logging.WARNING):
+        proto = build_mlp()
+        result = pipeline.run(io.load(proto), [WeightOnlyQuantPass()])
+    assert "Gemm" in [n.op_type for n in result.model.graph]
+    assert "2 Gemm nodes stay float: it takes MatMul and Gather" in caplog.text
