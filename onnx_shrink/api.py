@@ -12,7 +12,7 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -91,12 +91,12 @@ class CheckOptions:
 
     def each_pass_tolerances(self) -> Tolerances:
         """The tolerances for --verify-each; without any given, cosine 0.999 and 1% accuracy."""
-        if self.tolerances != Tolerances():
+        if self.tolerances.any:
             return self.tolerances
         return VERIFY_EACH_DEFAULT
 
 
-VERIFY_EACH_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01)
+VERIFY_EACH_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01).as_default()
 
 
 def shrink(
@@ -104,7 +104,7 @@ def shrink(
     passes: str | Sequence[pipeline.PassLike] | None = "fold",
     *,
     output: str | os.PathLike | None = None,
-    sets: Sequence[str] = (),
+    sets: str | Iterable[str] = (),
     recipe: str | os.PathLike | None = None,
     dump_dir: str | os.PathLike | None = None,
     external_data: bool | None = None,
@@ -152,14 +152,17 @@ def shrink(
         io.check_writable(output)
         if isinstance(model, (str, os.PathLike)):
             _refuse_overwrite(Path(model), Path(output), external_data)
-        given = (options.data, options.labels) if options else ()
-        read = (data, calibration, *given)
-        for source in read:
-            if (
-                isinstance(source, (str, os.PathLike))
-                and Path(source).resolve() == Path(output).resolve()
-            ):
-                raise ShrinkError(f"{output}: refusing to write the result over its input data")
+        read = {
+            "the data": data,
+            "the calibration data": calibration,
+            "the check's data": options.data if options else None,
+            "the labels": options.labels if options else None,
+            "the recipe": recipe,
+        }
+        io.refuse_clashes(
+            {"the result": output},
+            {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))},
+        )
     loaded = io.load(model)
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
@@ -261,7 +264,8 @@ def _compile(
             input_dims=_sample_dims(loaded, _first_real_feed(loaded, calib, source), input_shapes),
         )
         report = None
-        if sensitivity and collector is not None:
+        if sensitivity:  # with a quant pass (shrink checked): a collector too
+            assert collector is not None and calib is not None
             report = _sensitivity(
                 source_model,
                 pass_list,
@@ -271,8 +275,6 @@ def _compile(
                 provider,
                 _reporting(hooks.on_calibration, calib.samples),
             )
-        elif sensitivity:
-            logger.warning(_NO_QUANT)
     return result, report
 
 
@@ -320,13 +322,10 @@ def _sensitivity(
     dataset: data_mod.Dataset,
     provider: str,
     progress: collect_mod.Progress | None,
-) -> sensitivity_mod.SensitivityReport | None:
+) -> sensitivity_mod.SensitivityReport:
     """The sensitivity report of the first quant pass, on the model as it was before it: the
     passes before it (deterministic; those rolled back left out) re-run on a fresh load."""
-    index = next((i for i, p in enumerate(pass_list) if isinstance(p, QuantPass)), None)
-    if index is None:
-        logger.warning(_NO_QUANT)
-        return None
+    index = next(i for i, p in enumerate(pass_list) if isinstance(p, QuantPass))
     quant = pass_list[index]
     assert isinstance(quant, QuantPass)
     kept = [not step.rolled_back for step in steps[:index]]
@@ -357,11 +356,17 @@ def _on_disk(
     """``steps`` with the first pass's bytes before and the last's after as the files take
     them on disk, as the total shows them: between passes, sizes are the model serialized
     (external data adds its own layout, from tens of bytes to kilobytes)."""
+
+    def changed(step: pipeline.StepRecord) -> bool:  # else its sizes stay equal
+        return step.modified and not step.rolled_back
+
     if not steps:
         return steps
-    first = dataclasses.replace(steps[0], bytes_before=input_bytes)
-    steps = (first, *steps[1:])
-    return (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
+    if changed(steps[0]):
+        steps = (dataclasses.replace(steps[0], bytes_before=input_bytes), *steps[1:])
+    if changed(steps[-1]):
+        steps = (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
+    return steps
 
 
 def _first_real_feed(

@@ -10,7 +10,7 @@ import dataclasses
 import logging
 import sys
 import time
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -36,7 +36,7 @@ PassLike = str | ir.passes.PassBase
 
 def parse_spec(
     passes: str | Sequence[PassLike] | None,
-    sets: Sequence[str] = (),
+    sets: str | Iterable[str] = (),
     recipe: str | Path | None = None,
 ) -> tuple[ir.passes.PassBase, ...]:
     """Build the pass instances a spec describes.
@@ -55,9 +55,11 @@ def parse_spec(
     recipe_passes, options = _read_recipe(recipe) if recipe is not None else (None, {})
     if isinstance(sets, str):  # one assignment, not its characters
         sets = [sets]
-    if not isinstance(sets, list | tuple) or not all(isinstance(item, str) for item in sets):
+    given = sets
+    sets = [] if isinstance(given, Mapping) else list(given)
+    if isinstance(given, Mapping) or not all(isinstance(item, str) for item in sets):
         raise PipelineSpecError(
-            f"sets: expected a list of 'pass.option=value' strings, got {sets!r}"
+            f"sets: expected a list of 'pass.option=value' strings, got {given!r}"
         )
     for assignment in sets:
         pass_name, key, raw = _split_assignment(assignment)
@@ -111,6 +113,10 @@ def _instantiate(name: str, raw_options: Mapping[str, Any]) -> ir.passes.PassBas
 def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     try:
         data = tomllib.loads(data_files.read_text(path))
+    except PipelineSpecError:
+        raise
+    except ShrinkError as e:  # unreadable, or not UTF-8: a bad recipe all the same
+        raise PipelineSpecError(str(e)) from e
     except tomllib.TOMLDecodeError as e:
         raise PipelineSpecError(f"{path}: not valid TOML ({e})") from e
     passes = data.pop("passes", None)

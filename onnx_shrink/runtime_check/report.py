@@ -140,9 +140,9 @@ def _header(
     parts = ["<header>"]
     badge = ""
     if check is not None:
-        verdict = check.numeric.verdict
-        kind = verdict.split()[0].lower()  # pass, fail, or measured (no tolerances)
-        badge = f'<span class="badge {kind}">{_e(verdict)}</span>'
+        numeric = check.numeric
+        kind = "fail" if numeric.failures else "pass" if numeric.tolerances.any else "measured"
+        badge = f'<span class="badge {kind}">{_e(numeric.verdict)}</span>'
     parts.append(f"<h1>onnx-shrink report{badge}</h1>")
     if shrink is not None:
         specs = ", ".join(step.spec for step in shrink.steps) or "no passes"
@@ -182,7 +182,10 @@ def _compared(check: CheckReport) -> str:
     else:
         text += '<p class="muted">Every output is within the tolerances.</p>'
         if numeric.tolerances.max_accuracy_drop is not None and numeric.reference_accuracy is None:
-            text += '<p class="muted">Accuracy was not measured: the data has no labels.</p>'
+            text += (
+                '<p class="muted">Accuracy was not measured: no labels an output could be '
+                "scored on.</p>"
+            )
     return text
 
 

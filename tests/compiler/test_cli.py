@@ -245,5 +245,21 @@ def test_the_api_refuses_to_write_the_result_over_its_data(tmp_path):
     from onnx_shrink.errors import ShrinkError
 
     data = shutil.copy(digits.TEST_DATA_PATH, tmp_path / "data.npz")
-    with pytest.raises(ShrinkError, match="over its input data"):
+    with pytest.raises(ShrinkError, match="the result would write over the calibration data"):
         onnx_shrink.shrink(digits.MODEL_PATH, "fold", output=data, calibration=data, check=False)
+
+
+def test_an_output_inside_a_file_is_named_as_such(digits_copy, run_cli):
+    result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy / "x.onnx")
+    assert result.code == 2 and "is a file, not a folder" in result.err
+
+
+def test_macs_that_left_out_nodes_of_unknown_cost_are_marked():
+    from onnx_shrink import console
+    from onnx_shrink.compiler.stats import ModelStats
+
+    fields = {f: 0 for f in ModelStats.__dataclass_fields__}
+    before = ModelStats(**{**fields, "macs": 100, "nodes_without_macs": 2})
+    after = ModelStats(**{**fields, "macs": 150})
+    assert console._macs_arrow(before, after) == "≥100 → 150 (+50%)"
+    assert console._macs_arrow(after, after) == "150"

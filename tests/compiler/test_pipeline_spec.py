@@ -8,7 +8,7 @@ import re
 import pytest
 
 from onnx_shrink.compiler import pipeline
-from onnx_shrink.errors import PipelineSpecError, ShrinkError
+from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
 
 
@@ -78,7 +78,7 @@ def test_recipes_in_utf8_with_a_byte_order_mark_are_read_and_other_encodings_are
     recipe.write_bytes(b'\xef\xbb\xbfpasses = ["fold"]\n')  # as Windows Notepad saves it
     assert pipeline.parse_spec(None, [], recipe) == (FoldPass(),)
     recipe.write_bytes('passes = ["fold"]  # café\n'.encode("latin-1"))
-    with pytest.raises(ShrinkError, match=r"recipe.toml: not UTF-8 text \(byte 24 is 0xe9\)"):
+    with pytest.raises(PipelineSpecError, match=r"recipe.toml: not UTF-8 text \(byte 24 is 0xe9\)"):
         pipeline.parse_spec(None, [], recipe)
 
 

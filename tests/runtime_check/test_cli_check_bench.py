@@ -153,7 +153,7 @@ def test_accuracy_needs_labels_it_can_score_and_one_hot_labels_count(run_cli, tm
     # By default (check's tolerances) it says so in the verdict.
     result = run_cli(*check[:2], digits.MODEL_PATH, *check[3:], "--data", tmp_path / "nolabels.npz")
     figures = json.loads((tmp_path / "r.json").read_text())
-    assert result.code == 0 and figures["verdict"] == "PASS (accuracy not measured: no labels)"
+    assert result.code == 0 and figures["verdict"] == "PASS (accuracy not measured)"
 
 
 def test_a_compile_check_without_tolerances_measures_and_gives_no_verdict(run_cli, tmp_path):
@@ -172,7 +172,11 @@ def test_a_compile_check_without_tolerances_measures_and_gives_no_verdict(run_cl
     )
     assert result.code == 0 and "measured, no tolerances given" in result.out
     assert "PASS" not in result.out
-    assert "No tolerances were given" in (tmp_path / "r.html").read_text()
+    html = (tmp_path / "r.html").read_text()
+    assert "No tolerances were given" in html and 'class="badge measured"' in html
+    # An accuracy tolerance on synthetic inputs (no labels) cannot hold: refused up front.
+    result = run_cli(digits.MODEL_PATH, "--passes", "fold", "--max-accuracy-drop", "0.01")
+    assert result.code == 2 and "needs labelled --data" in result.err
 
 
 def test_tolerances_out_of_range_are_errors(run_cli):

@@ -28,7 +28,7 @@ import os
 import shutil
 import tempfile
 import zlib
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import google.protobuf.message
@@ -347,6 +347,22 @@ def check_writable(path: str | os.PathLike, what: str = "output") -> None:
         raise ShrinkError(f"{path.parent}: the {what} folder does not exist")
     if not os.access(path.parent, os.W_OK):
         raise ShrinkError(f"{path.parent}: the {what} folder is not writable")
+
+
+def refuse_clashes(
+    writes: Mapping[str, str | os.PathLike], reads: Mapping[str, str | os.PathLike]
+) -> None:
+    """Raise ``ShrinkError`` where a file a run writes (by what names it: ``"--report"``) is
+    one it reads, or another it writes: checked before any work, so nothing is lost."""
+    seen: dict[Path, str] = {}
+    for flag, path in writes.items():
+        where = Path(path).resolve()
+        for what, read in reads.items():
+            if Path(read).resolve() == where:
+                raise ShrinkError(f"{path}: {flag} would write over {what}; choose another path")
+        if where in seen:
+            raise ShrinkError(f"{path}: {flag} and {seen[where]} would write the same file")
+        seen[where] = flag
 
 
 def external_data_path(path: str | os.PathLike) -> Path:

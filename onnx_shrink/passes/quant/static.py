@@ -189,12 +189,6 @@ class QuantPass(DataAwarePass):
 
     def __post_init__(self) -> None:
         check_options(self)
-        if self.only and self.bias_correction:
-            logger.warning(
-                "%s: bias_correction does nothing with only (one layer's sensitivity is "
-                "measured without it)",
-                self.name,
-            )
 
     @property
     def _exclusions(self) -> placement.Exclusions:
@@ -209,7 +203,10 @@ class QuantPass(DataAwarePass):
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         # Here, not in apply: sensitivity applies the pass once per layer on one measurement.
         self._warn_unmatched(model)
+        if self.only and self.bias_correction:
+            logger.warning("%s: bias_correction does nothing with only: it is off", self.name)
         if not self._has_candidates(model):
+            placement.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
         lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
@@ -266,7 +263,11 @@ class QuantPass(DataAwarePass):
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         if not self._has_candidates(model):
-            logger.warning("quant: no node could be quantized (none of a quantizable op type)")
+            logger.warning("quant: no node could be quantized")
+            warn_half_precision(
+                self.name, placement.quantizable_nodes(model.graph, self._exclusions)
+            )
+            placement.settle_inferred_types(model, keep=False)
             return ir.passes.PassResult(model, False)
         opset = onnx_opset(model)
         per_channel, sixteen_bit = self.convert_opset(model)
@@ -330,7 +331,12 @@ class QuantPass(DataAwarePass):
     def _has_candidates(self, model: ir.Model) -> bool:
         """Whether any node is of a type the options let the pass quantize: without one,
         neither ``requests`` nor ``apply`` touches the model (no opset conversion)."""
-        if placement.quantizable_nodes(model.graph, self._exclusions):
+        # A node known to compute in float16 (after fp16) is no candidate: Q/DQ reads float32.
+        # Types are inferred for that only where the model may hold float16 (settled later).
+        candidates = placement.quantizable_nodes(model.graph, self._exclusions)
+        if candidates and not placement.types_known(model.graph) and placement.may_hold_half(model):
+            placement.infer_types(model)
+        if any(not placement.computes_in_half(node) for node in candidates):
             return True
         if self.only:
             return False

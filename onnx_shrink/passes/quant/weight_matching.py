@@ -20,6 +20,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.passes.quant import compact
+from onnx_shrink.passes.quant.placement import HALF_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -34,9 +35,6 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
     unknown = sorted(set(op_types) - set(supported))
     if unknown:
         raise ValueError(f"op_types: {', '.join(unknown)} not one of {', '.join(supported)}")
-
-
-HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 
 
 def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:

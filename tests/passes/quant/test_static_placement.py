@@ -605,9 +605,30 @@ def test_quantizing_twice_changes_nothing_the_second_time(tmp_path):
 
 
 def test_bias_correction_with_only_is_warned_about(caplog):
+    model = io.load(_conv_relu_pool())
     with caplog.at_level(logging.WARNING):
-        QuantPass(only=("conv1",))
-        QuantPass(bias_correction=True)
-        assert not caplog.records
-        QuantPass(only=("conv1",), bias_correction=True)
+        QuantPass(only=("conv1",)).requests(model)
+        QuantPass(bias_correction=True).requests(model)
+        assert "bias_correction" not in caplog.text
+        QuantPass(only=("conv1",), bias_correction=True).requests(model)
     assert "bias_correction does nothing with only" in caplog.text
+
+
+def test_a_float16_model_from_a_file_keeps_its_opset(tmp_path, caplog):
+    # Read back from a file, its types are unknown: quant infers them to see float16 before
+    # it converts the opset (int16 asks for 21), and leaves the model as it was.
+    import onnx_shrink
+    from models import digits
+
+    half = onnx_shrink.shrink(
+        digits.MODEL_PATH, "fold,fp16", check=False, output=tmp_path / "h.onnx"
+    )
+    assert half.steps[-1].modified
+    before = io.to_bytes(io.load(tmp_path / "h.onnx"))
+    feeds = {"image": np.load(digits.TEST_DATA_PATH)["image"][:16]}
+    with caplog.at_level(logging.WARNING):
+        result = onnx_shrink.shrink(
+            tmp_path / "h.onnx", "quant", sets=["quant.int16=.*"], data=feeds, check=False
+        )
+    assert not result.steps[0].modified and "before fp16" in caplog.text
+    assert io.to_bytes(result.model) == before
