@@ -78,6 +78,8 @@ def summary_table(result: ShrinkResult) -> Table:
     for step in result.steps:
         b, a = step.before, step.after
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
+        if step.note:
+            note += f" [{step.note}]"
         if step.calibration_samples:  # not a data-aware pass that asked for nothing
             note += (
                 f" [calibrated on {step.calibration_samples} samples in "

@@ -15,3 +15,11 @@ class MeasuredResult(ir.passes.PassResult):
 
     bytes_before: int
     bytes_after: int
+
+
+@dataclasses.dataclass
+class NotedResult(ir.passes.PassResult):
+    """A pass result with a note for the summary: what the pass did that the counts and sizes
+    do not show (``prune``'s zeros, stored dense, change neither)."""
+
+    note: str

@@ -165,6 +165,8 @@ class StepRecord:
     verdict: str | None = None
     calibration_seconds: float = 0.0
     calibration_samples: int | None = None
+    note: str = ""
+    """what the pass says it did where counts and sizes do not show it (``NotedResult``)"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -272,6 +274,7 @@ def run(
                 verdict=verdict,
                 calibration_seconds=calibration_seconds,
                 calibration_samples=samples,
+                note="" if rolled_back else getattr(result, "note", ""),
             )
         )
         logger.info(

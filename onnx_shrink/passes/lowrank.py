@@ -27,7 +27,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
@@ -172,6 +172,20 @@ class LowRankPass(DataAwarePass):
 
     def __post_init__(self) -> None:
         check_options(self)
+        budget = self.selection == "budget"
+        try:
+            refuse_inapplicable(
+                self,
+                {
+                    "energy": self.selection == "energy",
+                    "max_error": self.selection == "error",
+                    "reduction": budget,
+                    "budget_unit": budget,
+                    "budget_metric": budget,
+                },
+            )
+        except ValueError as e:
+            raise ValueError(f"{e}: selection={self.selection!r} does not read it") from e
         unknown = set(self.op_types) - {"MatMul", "Gemm", "Conv"}
         if unknown:
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")

@@ -27,7 +27,8 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable
+from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct as refitting
 
@@ -231,6 +232,12 @@ class PrunePass(DataAwarePass):
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.sparsity >= 1:
+            raise ValueError("sparsity=1 zeroes every weight: give a fraction below 1")
+        try:
+            refuse_inapplicable(self, {"sparsity": not self.nm})
+        except ValueError as e:
+            raise ValueError(f"{e}: nm={self.nm!r} fixes the sparsity of every group") from e
         if self.nm:
             n, m = self.pattern
             if not 0 < n < m:
@@ -295,7 +302,9 @@ class PrunePass(DataAwarePass):
                 rows_report.append(row)
         _log_table(rows_report)
         self._log_storage(rows_report)
-        return ir.passes.PassResult(model, bool(rows_report))
+        if not rows_report:
+            return ir.passes.PassResult(model, False)
+        return NotedResult(model, True, note=_zeroed_note(rows_report))
 
     def _global_masks(self, layers: Sequence[Layer]) -> dict[int, np.ndarray]:
         scores = [np.abs(_array(layer).astype(np.float64)).ravel() for layer in layers]
@@ -415,6 +424,14 @@ def _gram(layer: Layer, stats: Statistics) -> np.ndarray | None:
     if any(not isinstance(p, Gram) or p.rows == 0 for p in parts):
         return None
     return sum(p.matrix for p in parts)
+
+
+def _zeroed_note(reports: Sequence[_Report]) -> str:
+    """The summary's line: weights zeroed, as a share of the pruned layers' (stored dense,
+    they change no count or size on disk, only the zipped size)."""
+    total = sum(math.prod(r.shape) for r in reports)
+    zeroed = sum(math.prod(r.shape) * r.after for r in reports)
+    return f"{zeroed / total:.0%} of {total:,} weights in {len(reports)} layers are zero"
 
 
 def _log_table(reports: Sequence[_Report]) -> None:

@@ -195,6 +195,8 @@ def _shrink_section(shrink: ShrinkResult) -> str:
         status = "rolled back" if step.rolled_back else "changed" if step.modified else "no change"
         if step.verdict:
             status += f": {step.verdict}"
+        if step.note:
+            status += f" ({step.note})"
         rows.append(
             [
                 f"<code>{_e(step.spec)}</code>",

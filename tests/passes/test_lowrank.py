@@ -484,3 +484,12 @@ def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
     result = shrink(path, [lowrank], calibration=calib, check=False)
     (step,) = result.steps
     assert step.modified and step.after.params <= 0.7 * step.before.params
+
+
+@pytest.mark.parametrize(
+    "options",
+    [{"energy": 0.5}, {"selection": "energy", "reduction": 0.5}, {"max_error": 0.2}],
+)
+def test_an_option_the_selection_does_not_read_is_refused(options):
+    with pytest.raises(ValueError, match="does not read it"):
+        LowRankPass(**options)

@@ -396,3 +396,26 @@ def test_refit_lowers_the_digits_output_error(tmp_path: Path):
         return float(np.linalg.norm(logits - reference) / np.linalg.norm(reference))
 
     assert error("on") < 0.5 * error("off")
+
+
+@pytest.mark.parametrize(
+    ("options", "message"),
+    [
+        ({"nm": "2:4", "sparsity": 0.9}, "nm='2:4' fixes the sparsity"),
+        ({"sparsity": 1.0}, "zeroes every weight"),
+    ],
+)
+def test_options_that_would_be_ignored_or_zero_everything_are_refused(options, message):
+    with pytest.raises(ValueError, match=message):
+        PrunePass(**options)
+
+
+def test_the_summary_says_how_many_weights_pruning_zeroed():
+    # Stored dense, zeros change no count or size: without the note the step read as a no-op.
+    import onnx_shrink
+    from models import digits
+
+    result = onnx_shrink.shrink(digits.MODEL_PATH, "fold,prune", check=False)
+    step = result.steps[-1]
+    assert step.modified and step.note.startswith("50% of ") and "layers are zero" in step.note
+    assert result.to_dict()["passes"][-1]["note"] == step.note
