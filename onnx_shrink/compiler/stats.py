@@ -317,11 +317,10 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
             rows = first[1 if node.attributes.get_int("transA", 0) else 0]
         return rows * weight[0] * weight[1]
     if op == "Conv":
-        if weight is None:
+        if weight is None or out is None:  # unknown positions: unknown, not one
             return None
         # Each output element sums over (Cin / group) * kernel taps: weight.shape[1:].
-        positions = math.prod(out[:1] + out[2:]) if out is not None else 1
-        return positions * math.prod(weight)
+        return math.prod(out[:1] + out[2:]) * math.prod(weight)
     if first is None or weight is None:  # ConvTranspose: each input element feeds Cout/g·k
         return None
     return math.prod(first) * math.prod(weight[1:])
