@@ -90,6 +90,10 @@ class _Layer:
         return _candidate_ranks(self.shape, multiple)
 
 
+# A weight with at most this share of non-zeros was pruned: factorizing it loses its zeros.
+SPARSE_SHARE = 0.75
+
+
 @dataclasses.dataclass(frozen=True)
 class LowRankPass(DataAwarePass):
     """Replace constant 2-D weights by low-rank products x·A·B where that saves MACs and bytes.
@@ -230,9 +234,19 @@ class LowRankPass(DataAwarePass):
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         graph_mod.lift_constant_weights(model)
         layers, plans = self._plan(model, stats)
+        sparse = []
         for layer, plan in zip(layers, plans, strict=False):
             if plan.rank is not None:
+                if np.count_nonzero(layer.weight) <= SPARSE_SHARE * layer.weight.size:
+                    sparse.append(layer.node.name or layer.node.op_type)
                 graph_mod.split(model.graph, layer.node, *self._factors(layer, plan.rank))
+        if sparse:  # prune before lowrank: its zeros are gone in the dense factors
+            logger.warning(
+                "lowrank: %d split weight(s) were mostly zeros (pruned?), and their factors are "
+                "dense: %s; put prune after lowrank to keep sparsity",
+                len(sparse),
+                ", ".join(sparse[:5]),
+            )
         _log_table(plans)
         modified = any(p.rank is not None for p in plans)
         if modified:

@@ -493,3 +493,22 @@ def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
 def test_an_option_the_selection_does_not_read_is_refused(options):
     with pytest.raises(ValueError, match="does not read it"):
         LowRankPass(**options)
+
+
+def test_splitting_a_pruned_weight_warns_that_its_zeros_are_lost(caplog):
+    from models import digits
+
+    with caplog.at_level(logging.WARNING):
+        shrink(
+            digits.MODEL_PATH,
+            "fold,prune,lowrank",
+            sets=["prune.sparsity=0.8", "lowrank.activation_aware=false"],
+            check=False,
+        )
+    assert "were mostly zeros (pruned?)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        shrink(
+            digits.MODEL_PATH, "fold,lowrank", sets=["lowrank.activation_aware=false"], check=False
+        )
+    assert "mostly zeros" not in caplog.text
