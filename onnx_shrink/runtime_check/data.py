@@ -19,126 +19,67 @@ When every input uses the second form, samples are fed in batches of up to ``MAX
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
 import tempfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
-import onnx_ir as ir
 
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import DataError
+from onnx_shrink.runtime_check.data_types import (
+    DEFAULT_BATCH,
+    DEFAULT_DIM,
+    MAX_BATCH,
+    Batch,
+    Dataset,
+    Feed,
+    FeedReader,
+    InputSpec,
+    check_array,
+    samples_in,
+    show_shape,
+    specs_from_model,
+)
+from onnx_shrink.runtime_check.synthetic import (
+    concrete_shape,
+    parse_input_shapes,
+    synthetic,
+    synthetic_feed,
+)
+
+__all__ = [
+    "DEFAULT_BATCH",
+    "DEFAULT_DIM",
+    "MAX_BATCH",
+    "Batch",
+    "Dataset",
+    "Feed",
+    "FeedReader",
+    "InputSpec",
+    "check_array",
+    "concrete_shape",
+    "describe_feed",
+    "from_arrays",
+    "from_npy_folder",
+    "from_npz",
+    "from_reader",
+    "from_test_data_sets",
+    "parse_input_shapes",
+    "prepare",
+    "replayable",
+    "samples_in",
+    "specs_from_model",
+    "synthetic",
+    "synthetic_feed",
+    "unfit_hint",
+]
 
 logger = logging.getLogger(__name__)
-
-# Symbolic dims without --input-shape: the first (batch) is 1, any other is 16. Printed when
-# used, so nobody mistakes the numbers for their real workload.
-DEFAULT_BATCH = 1
-DEFAULT_DIM = 16
-MAX_BATCH = 64
-
-Feed = dict[str, np.ndarray]
-
-
-class FeedReader(Protocol):
-    """Anything with ``get_next() -> dict | None``, like onnxruntime's CalibrationDataReader."""
-
-    def get_next(self) -> Mapping[str, np.ndarray] | None: ...
-
-
-@dataclasses.dataclass(frozen=True)
-class InputSpec:
-    """One model input: name, numpy dtype, and dims (int, symbolic name, or None)."""
-
-    name: str
-    dtype: type
-    shape: tuple[int | str | None, ...]
-
-    @property
-    def batch_axis(self) -> bool:
-        """Whether samples lie along the first axis: it exists and is not a fixed size > 0."""
-        return bool(self.shape) and not (isinstance(self.shape[0], int) and self.shape[0] > 0)
-
-
-@dataclasses.dataclass(frozen=True)
-class Batch:
-    """One feed and the labels of the samples it holds (None without labels)."""
-
-    feed: Feed
-    samples: int
-    labels: np.ndarray | None
-
-
-@dataclasses.dataclass(frozen=True)
-class Dataset:
-    """A stream of batches and where it came from. ``batches()`` starts from the beginning."""
-
-    description: str
-    synthetic: bool
-    has_labels: bool
-    make_batches: Callable[[], Iterator[Batch]]
-    peek: Callable[[], Batch | None] | None = None
-    """the first batch without consuming it (one-shot sources); None: read batches()"""
-    samples: int | None = None
-    """how many samples it holds, where that is known without reading them (None: a reader's)"""
-    _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
-
-    def batches(self) -> Iterator[Batch]:
-        for batch in self.make_batches():
-            self._first.setdefault("feed", batch.feed)
-            yield batch
-
-    def first_feed(self) -> Feed:
-        """The first batch's feed, checked against the model's inputs; kept once read."""
-        if "feed" not in self._first:
-            first = self.peek() if self.peek is not None else next(self.batches(), None)
-            if first is None:
-                raise DataError(f"{self.description}: holds no samples")
-            self._first["feed"] = first.feed
-        return self._first["feed"]
-
-
-def specs_from_model(model: ir.Model) -> list[InputSpec]:
-    """Input specs from a model's graph inputs (initializers that are also inputs excluded)."""
-    specs = []
-    for value in model.graph.inputs:
-        if value.name in model.graph.initializers:
-            continue
-        if value.dtype is None or value.shape is None:
-            raise DataError(f"input '{value.name}' has no declared type or shape")
-        dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
-        specs.append(InputSpec(name=value.name, dtype=value.dtype.numpy().type, shape=dims))
-    return specs
-
-
-def _show(shape: Sequence[object]) -> str:
-    return "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "scalar"
-
-
-def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
-    """Raise ``DataError`` when a fed array's dtype, rank or fixed dims do not fit the input."""
-    if array.dtype != np.dtype(spec.dtype):
-        raise DataError(
-            f"{where}: input '{spec.name}' is {array.dtype}, the model expects "
-            f"{np.dtype(spec.dtype).name}"
-        )
-    if array.ndim != len(spec.shape):
-        raise DataError(
-            f"{where}: input '{spec.name}' has shape {_show(array.shape)}, the model expects "
-            f"{_show(spec.shape)}"
-        )
-    for axis, (got, declared) in enumerate(zip(array.shape, spec.shape, strict=True)):
-        if isinstance(declared, int) and declared > 0 and got != declared:
-            raise DataError(
-                f"{where}: input '{spec.name}' has {got} on axis {axis}, the model fixes it to "
-                f"{declared} (shape {_show(spec.shape)})"
-            )
-
 
 # ---- arrays (.npz, folders of .npy) -------------------------------------------------------
 
@@ -167,9 +108,9 @@ def from_arrays(
             layout[spec.name] = "batch" if rank > 0 else "shared"
         else:
             raise DataError(
-                f"{where}: input '{spec.name}' has shape {_show(arrays[spec.name].shape)}; "
-                f"expected {_show(spec.shape)} with samples on the first axis, or "
-                f"N x {_show(spec.shape)}"
+                f"{where}: input '{spec.name}' has shape {show_shape(arrays[spec.name].shape)}; "
+                f"expected {show_shape(spec.shape)} with samples on the first axis, or "
+                f"N x {show_shape(spec.shape)}"
             )
     counts = {len(arrays[name]) for name, how in layout.items() if how != "shared"}
     counts = counts or ({1} if layout else set())  # scalars only: one sample
@@ -182,7 +123,7 @@ def from_arrays(
     if fixed is not None and total % step:  # the model fixes the batch: every run is full
         raise DataError(
             f"{where}: {total} samples do not fill batches of {step}, the batch size the model "
-            f"fixes (input '{fixed.name}' is {_show(fixed.shape)}): give a multiple of {step}"
+            f"fixes (input '{fixed.name}' is {show_shape(fixed.shape)}): give a multiple of {step}"
         )
 
     def take(name: str, start: int, stop: int) -> np.ndarray:
@@ -328,125 +269,6 @@ def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
     return Dataset(where, synthetic=False, has_labels=False, make_batches=make_batches, peek=peek)
 
 
-def samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
-    """Samples in a feed: the first dynamic axis's length (1 when every shape is fixed)."""
-    for spec in specs:
-        if spec.batch_axis:
-            return int(feed[spec.name].shape[0])
-    return 1
-
-
-# ---- synthetic -------------------------------------------------------------------------------
-
-
-def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
-    """Parse ``name=1x128`` strings into shapes.
-
-    Raises:
-        DataError: the text is not ``NAME=DxDx...`` with positive integers.
-    """
-    shapes: dict[str, tuple[int, ...]] = {}
-    for item in items:
-        name, sep, dims = item.partition("=")
-        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
-            raise DataError(f"--input-shape expects NAME=1x128 (dims joined by x), got {item!r}")
-        shapes[name.strip()] = tuple(int(d) for d in dims.strip().split("x"))
-        if 0 in shapes[name.strip()]:  # no sample to check on: every check would pass
-            raise DataError(f"--input-shape {item!r}: dims must be positive")
-    return shapes
-
-
-def concrete_shape(
-    spec: InputSpec, override: Sequence[int] | None, batch: int | None = None
-) -> tuple[int, ...]:
-    """The shape to generate for one input: the override, else static dims with defaults."""
-    if override is not None:
-        if len(override) != len(spec.shape):
-            raise DataError(
-                f"--input-shape for '{spec.name}' has {len(override)} dims, the model expects "
-                f"{len(spec.shape)} ({_show(spec.shape)})"
-            )
-        for given, declared in zip(override, spec.shape, strict=True):
-            if isinstance(declared, int) and declared > 0 and given != declared:
-                raise DataError(
-                    f"--input-shape for '{spec.name}' is {_show(override)}, but the model fixes "
-                    f"it to {_show(spec.shape)}"
-                )
-        return tuple(override)
-    first = batch if batch is not None else DEFAULT_BATCH
-    return tuple(
-        d if isinstance(d, int) and d > 0 else (first if i == 0 else DEFAULT_DIM)
-        for i, d in enumerate(spec.shape)
-    )
-
-
-def synthetic_feed(
-    specs: Sequence[InputSpec],
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    *,
-    seed: int = 0,
-    batch: int | None = None,
-) -> Feed:
-    """One seeded random feed from the signature; ``batch`` sets every dynamic first dim."""
-    shapes = dict(shapes or {})
-    unknown = set(shapes) - {s.name for s in specs}
-    if unknown:
-        raise DataError(
-            f"--input-shape names {', '.join(sorted(unknown))}, which the model does not have "
-            f"(inputs: {', '.join(s.name for s in specs)})"
-        )
-    # A symbolic dim given for one input is that dim everywhere: input_ids=2x64 makes
-    # attention_mask [batch_size, sequence_length] 2x64 too, not 1x16 (onnxruntime fails).
-    bound = {
-        dim: given
-        for spec in specs
-        if spec.name in shapes
-        for dim, given in zip(spec.shape, shapes[spec.name], strict=False)
-        if isinstance(dim, str) and dim
-    }
-    for spec in specs:
-        if spec.name not in shapes and any(d in bound for d in spec.shape if isinstance(d, str)):
-            default = concrete_shape(spec, None, batch)
-            shapes[spec.name] = tuple(
-                bound.get(d, x) if isinstance(d, str) else x
-                for d, x in zip(spec.shape, default, strict=True)
-            )
-    rng = np.random.default_rng(seed)
-    return {
-        spec.name: _random_array(rng, spec, concrete_shape(spec, shapes.get(spec.name), batch))
-        for spec in specs
-    }
-
-
-def synthetic(
-    specs: Sequence[InputSpec],
-    shapes: Mapping[str, Sequence[int]] | None = None,
-    *,
-    seed: int = 0,
-) -> Dataset:
-    """A one-batch dataset of seeded random inputs. Says nothing about accuracy."""
-    feed = synthetic_feed(specs, shapes, seed=seed)
-    shown = ", ".join(f"{name}={_show(array.shape)}" for name, array in feed.items())
-    return Dataset(
-        description=f"synthetic, seed {seed}: {shown}",
-        synthetic=True,
-        has_labels=False,
-        make_batches=lambda: iter([Batch(feed, samples_in(feed, specs), None)]),
-        samples=samples_in(feed, specs),
-    )
-
-
-def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
-    if np.issubdtype(spec.dtype, np.floating):
-        return rng.standard_normal(shape).astype(spec.dtype)
-    if spec.dtype is np.bool_:
-        return np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar otherwise
-    if "mask" in spec.name.lower():
-        return np.ones(shape, dtype=spec.dtype)
-    # Small non-negative integers are valid ids, indices and token ids for most models.
-    return rng.integers(0, 100, size=shape).astype(spec.dtype)
-
-
 # ---- choosing a source -----------------------------------------------------------------------
 
 
@@ -560,7 +382,7 @@ def unfit_hint(dataset: Dataset) -> str:
 
 
 def describe_feed(feed: Mapping[str, Any]) -> str:
-    return ", ".join(f"{k}={_show(np.shape(v))}" for k, v in feed.items())
+    return ", ".join(f"{k}={show_shape(np.shape(v))}" for k, v in feed.items())
 
 
 def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:

@@ -1,0 +1,124 @@
+"""The shapes of model inputs and of the data fed to them: ``InputSpec``, ``Batch``,
+``Dataset`` and the checks every data source shares (see ``data`` for the sources)."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from typing import Protocol
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.errors import DataError
+
+# Symbolic dims without --input-shape: the first (batch) is 1, any other is 16. Printed when
+# used, so nobody mistakes the numbers for their real workload.
+DEFAULT_BATCH = 1
+DEFAULT_DIM = 16
+MAX_BATCH = 64
+
+Feed = dict[str, np.ndarray]
+
+
+class FeedReader(Protocol):
+    """Anything with ``get_next() -> dict | None``, like onnxruntime's CalibrationDataReader."""
+
+    def get_next(self) -> Mapping[str, np.ndarray] | None: ...
+
+
+@dataclasses.dataclass(frozen=True)
+class InputSpec:
+    """One model input: name, numpy dtype, and dims (int, symbolic name, or None)."""
+
+    name: str
+    dtype: type
+    shape: tuple[int | str | None, ...]
+
+    @property
+    def batch_axis(self) -> bool:
+        """Whether samples lie along the first axis: it exists and is not a fixed size > 0."""
+        return bool(self.shape) and not (isinstance(self.shape[0], int) and self.shape[0] > 0)
+
+
+@dataclasses.dataclass(frozen=True)
+class Batch:
+    """One feed and the labels of the samples it holds (None without labels)."""
+
+    feed: Feed
+    samples: int
+    labels: np.ndarray | None
+
+
+@dataclasses.dataclass(frozen=True)
+class Dataset:
+    """A stream of batches and where it came from. ``batches()`` starts from the beginning."""
+
+    description: str
+    synthetic: bool
+    has_labels: bool
+    make_batches: Callable[[], Iterator[Batch]]
+    peek: Callable[[], Batch | None] | None = None
+    """the first batch without consuming it (one-shot sources); None: read batches()"""
+    samples: int | None = None
+    """how many samples it holds, where that is known without reading them (None: a reader's)"""
+    _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
+
+    def batches(self) -> Iterator[Batch]:
+        for batch in self.make_batches():
+            self._first.setdefault("feed", batch.feed)
+            yield batch
+
+    def first_feed(self) -> Feed:
+        """The first batch's feed, checked against the model's inputs; kept once read."""
+        if "feed" not in self._first:
+            first = self.peek() if self.peek is not None else next(self.batches(), None)
+            if first is None:
+                raise DataError(f"{self.description}: holds no samples")
+            self._first["feed"] = first.feed
+        return self._first["feed"]
+
+
+def specs_from_model(model: ir.Model) -> list[InputSpec]:
+    """Input specs from a model's graph inputs (initializers that are also inputs excluded)."""
+    specs = []
+    for value in model.graph.inputs:
+        if value.name in model.graph.initializers:
+            continue
+        if value.dtype is None or value.shape is None:
+            raise DataError(f"input '{value.name}' has no declared type or shape")
+        dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+        specs.append(InputSpec(name=value.name, dtype=value.dtype.numpy().type, shape=dims))
+    return specs
+
+
+def show_shape(shape: Sequence[object]) -> str:
+    return "x".join("?" if d is None or isinstance(d, str) else str(d) for d in shape) or "scalar"
+
+
+def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
+    """Raise ``DataError`` when a fed array's dtype, rank or fixed dims do not fit the input."""
+    if array.dtype != np.dtype(spec.dtype):
+        raise DataError(
+            f"{where}: input '{spec.name}' is {array.dtype}, the model expects "
+            f"{np.dtype(spec.dtype).name}"
+        )
+    if array.ndim != len(spec.shape):
+        raise DataError(
+            f"{where}: input '{spec.name}' has shape {show_shape(array.shape)}, the model expects "
+            f"{show_shape(spec.shape)}"
+        )
+    for axis, (got, declared) in enumerate(zip(array.shape, spec.shape, strict=True)):
+        if isinstance(declared, int) and declared > 0 and got != declared:
+            raise DataError(
+                f"{where}: input '{spec.name}' has {got} on axis {axis}, the model fixes it to "
+                f"{declared} (shape {show_shape(spec.shape)})"
+            )
+
+
+def samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
+    """Samples in a feed: the first dynamic axis's length (1 when every shape is fixed)."""
+    for spec in specs:
+        if spec.batch_axis:
+            return int(feed[spec.name].shape[0])
+    return 1

@@ -1,0 +1,129 @@
+"""Seeded synthetic inputs from a model's signature, and ``--input-shape`` parsing. They
+say nothing about accuracy, and ``data.prepare`` says so when it makes them."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+
+from onnx_shrink.errors import DataError
+from onnx_shrink.runtime_check.data_types import (
+    DEFAULT_BATCH,
+    DEFAULT_DIM,
+    Batch,
+    Dataset,
+    Feed,
+    InputSpec,
+    samples_in,
+    show_shape,
+)
+
+
+def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
+    """Parse ``name=1x128`` strings into shapes.
+
+    Raises:
+        DataError: the text is not ``NAME=DxDx...`` with positive integers.
+    """
+    shapes: dict[str, tuple[int, ...]] = {}
+    for item in items:
+        name, sep, dims = item.partition("=")
+        if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
+            raise DataError(f"--input-shape expects NAME=1x128 (dims joined by x), got {item!r}")
+        shapes[name.strip()] = tuple(int(d) for d in dims.strip().split("x"))
+        if 0 in shapes[name.strip()]:  # no sample to check on: every check would pass
+            raise DataError(f"--input-shape {item!r}: dims must be positive")
+    return shapes
+
+
+def concrete_shape(
+    spec: InputSpec, override: Sequence[int] | None, batch: int | None = None
+) -> tuple[int, ...]:
+    """The shape to generate for one input: the override, else static dims with defaults."""
+    if override is not None:
+        if len(override) != len(spec.shape):
+            raise DataError(
+                f"--input-shape for '{spec.name}' has {len(override)} dims, the model expects "
+                f"{len(spec.shape)} ({show_shape(spec.shape)})"
+            )
+        for given, declared in zip(override, spec.shape, strict=True):
+            if isinstance(declared, int) and declared > 0 and given != declared:
+                raise DataError(
+                    f"--input-shape for '{spec.name}' is {show_shape(override)}, but the model "
+                    f"fixes it to {show_shape(spec.shape)}"
+                )
+        return tuple(override)
+    first = batch if batch is not None else DEFAULT_BATCH
+    return tuple(
+        d if isinstance(d, int) and d > 0 else (first if i == 0 else DEFAULT_DIM)
+        for i, d in enumerate(spec.shape)
+    )
+
+
+def synthetic_feed(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+    batch: int | None = None,
+) -> Feed:
+    """One seeded random feed from the signature; ``batch`` sets every dynamic first dim."""
+    shapes = dict(shapes or {})
+    unknown = set(shapes) - {s.name for s in specs}
+    if unknown:
+        raise DataError(
+            f"--input-shape names {', '.join(sorted(unknown))}, which the model does not have "
+            f"(inputs: {', '.join(s.name for s in specs)})"
+        )
+    # A symbolic dim given for one input is that dim everywhere: input_ids=2x64 makes
+    # attention_mask [batch_size, sequence_length] 2x64 too, not 1x16 (onnxruntime fails).
+    bound = {
+        dim: given
+        for spec in specs
+        if spec.name in shapes
+        for dim, given in zip(spec.shape, shapes[spec.name], strict=False)
+        if isinstance(dim, str) and dim
+    }
+    for spec in specs:
+        if spec.name not in shapes and any(d in bound for d in spec.shape if isinstance(d, str)):
+            default = concrete_shape(spec, None, batch)
+            shapes[spec.name] = tuple(
+                bound.get(d, x) if isinstance(d, str) else x
+                for d, x in zip(spec.shape, default, strict=True)
+            )
+    rng = np.random.default_rng(seed)
+    return {
+        spec.name: _random_array(rng, spec, concrete_shape(spec, shapes.get(spec.name), batch))
+        for spec in specs
+    }
+
+
+def synthetic(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+) -> Dataset:
+    """A one-batch dataset of seeded random inputs. Says nothing about accuracy."""
+    feed = synthetic_feed(specs, shapes, seed=seed)
+    shown = ", ".join(f"{name}={show_shape(array.shape)}" for name, array in feed.items())
+    return Dataset(
+        description=f"synthetic, seed {seed}: {shown}",
+        synthetic=True,
+        has_labels=False,
+        make_batches=lambda: iter([Batch(feed, samples_in(feed, specs), None)]),
+        samples=samples_in(feed, specs),
+    )
+
+
+def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
+    if np.issubdtype(spec.dtype, np.floating):
+        return rng.standard_normal(shape).astype(spec.dtype)
+    if spec.dtype is np.bool_:
+        return np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar otherwise
+    if "mask" in spec.name.lower():
+        return np.ones(shape, dtype=spec.dtype)
+    # Small non-negative integers are valid ids, indices and token ids for most models.
+    return rng.integers(0, 100, size=shape).astype(spec.dtype)
