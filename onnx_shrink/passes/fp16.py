@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 import re
 from collections import Counter
@@ -12,9 +11,7 @@ from itertools import count
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
-import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import _c_api_utils
 
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.io import large_tensors
@@ -26,7 +23,7 @@ from onnx_shrink.compiler.options import (
 )
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes import fp16_islands
+from onnx_shrink.passes import fp16_islands, fp16_types
 
 logger = logging.getLogger(__name__)
 
@@ -136,7 +133,7 @@ class Float16Pass(DataAwarePass):
         asked = [op for op in self.block_ops if op not in DEFAULT_BLOCK_OPS]
         op_types = [n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)]
         warn_unmatched(f"{self.name}.block_ops", asked, op_types, "op type")
-        dtypes = _tensor_dtypes(model)
+        dtypes = fp16_types.tensor_dtypes(model)
         values = [v for v in _values(model.graph) if not v.is_initializer()]
         values = [v for v in values if (p := v.producer()) is None or p.op_type != "Constant"]
         return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
@@ -158,7 +155,7 @@ class _Conversion:
         self.model = model
         self.fmt = FORMATS[pass_.dtype]
         self.target = self.fmt.dtype
-        self.orig = _tensor_dtypes(model)
+        self.orig = fp16_types.tensor_dtypes(model)
         self.scopes = list(_scopes(model.graph, None))
         self.islands: dict[ir.Node, str] = {}
         self.signatures: dict[ir.Node, tuple[list[bool], list[bool]]] = {}
@@ -265,14 +262,16 @@ class _Conversion:
         """
         domain = "" if node.domain == "ai.onnx" else node.domain
         version = self.model.opset_imports.get(domain, self.model.opset_imports.get("ai.onnx"))
-        schema = _get_schema(node.op_type, domain, version) if version is not None else None
+        schema = fp16_types.schema(node.op_type, domain, version) if version is not None else None
         if schema is None:
             return f"schema: none for {domain or 'ai.onnx'}::{node.op_type}"
         constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}
         bound = {p.type_str for p in schema.inputs}
         bound = None if node.op_type in _TYPED_BY_ATTRIBUTE else bound
-        params = [(_formal(schema.inputs, i), v, True) for i, v in enumerate(node.inputs)]
-        params += [(_formal(schema.outputs, i), v, False) for i, v in enumerate(node.outputs)]
+        params = [(fp16_types.formal(schema.inputs, i), v, True) for i, v in enumerate(node.inputs)]
+        params += [
+            (fp16_types.formal(schema.outputs, i), v, False) for i, v in enumerate(node.outputs)
+        ]
         converts: list[bool] = []
         kept = _KEPT_FLOAT_INPUTS.get(node.op_type, frozenset()) if not domain else frozenset()
         for position, (formal, value, is_input) in enumerate(params):
@@ -410,78 +409,6 @@ def _values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.inputs
     yield from graph.initializers.values()
     yield from (output for node in graph for output in node.outputs)
-
-
-def _tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
-    """Element types of tensor values (main graph, bodies) by non-strict onnx inference.
-
-    Read from the inferred model: onnx_ir's ShapeInferencePass merges sequences as tensors.
-    """
-    infer = functools.partial(
-        onnx.shape_inference.infer_shapes, check_type=False, strict_mode=False, data_prop=False
-    )
-    clone = model.clone()
-    _type_contrib_outputs(clone)
-    try:
-        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, clone))
-    except Exception as e:  # onnx raises several types; the declared types remain
-        logger.warning("fp16: onnx type inference failed (%s); using declared types", e)
-        inferred = model
-    dtypes: dict[ir.Value, ir.DataType] = {}
-    for original, twin_graph in zip(model.graphs(), inferred.graphs(), strict=True):
-        named = {v.name: v for v in (*twin_graph.inputs, *twin_graph.initializers.values())}
-        pairs = [
-            (v, named.get(v.name, v)) for v in (*original.inputs, *original.initializers.values())
-        ]
-        for node, twin in zip(original, twin_graph, strict=True):
-            pairs += zip(node.outputs, twin.outputs, strict=True)
-        for value, twin in pairs:
-            known = twin.type if twin.type is not None else value.type
-            if isinstance(known, ir.TensorType):
-                dtypes[value] = known.dtype
-            elif known is None and value.const_value is not None:
-                dtypes[value] = value.const_value.dtype
-    return dtypes
-
-
-# com.microsoft ops onnx's inference does not know (what quant, quant-dynamic and quant-weight
-# write), by the input whose element type their output has: a scale, an initializer whose type
-# is known before inference. Typed, they no longer stop inference of every node after them.
-_CONTRIB_OUTPUT_TYPE_FROM = {
-    "MatMulNBits": 2,
-    "GatherBlockQuantized": 2,
-    "DynamicQuantizeMatMul": 2,
-    "MatMulIntegerToFloat": 2,
-}
-
-
-def _type_contrib_outputs(model: ir.Model) -> None:
-    """Give the outputs of ``_CONTRIB_OUTPUT_TYPE_FROM``'s ops their type, in place."""
-    for node in ir.traversal.RecursiveGraphIterator(model.graph):
-        index = _CONTRIB_OUTPUT_TYPE_FROM.get(node.op_type)
-        if node.domain != "com.microsoft" or index is None or index >= len(node.inputs):
-            continue
-        source, out = node.inputs[index], node.outputs[0]
-        if source is None or out.type is not None:
-            continue
-        dtype = source.dtype or (source.const_value.dtype if source.const_value else None)
-        if dtype is not None:
-            out.type = ir.TensorType(dtype)
-
-
-@functools.cache
-def _get_schema(op_type: str, domain: str, version: int) -> onnx.defs.OpSchema | None:
-    try:
-        return onnx.defs.get_schema(op_type, max_inclusive_version=version, domain=domain)
-    except onnx.defs.SchemaError:
-        return None
-
-
-def _formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str | None:
-    if index < len(params):
-        return params[index].type_str
-    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
-    return params[-1].type_str if params and params[-1].option == variadic else None
 
 
 def _matches(pattern: str, name: str) -> bool:

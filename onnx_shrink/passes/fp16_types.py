@@ -1,0 +1,85 @@
+"""What ``fp16`` knows of types: every tensor's element type by onnx's inference (seeing past
+onnxruntime's contrib ops), and the ONNX schemas that say which types an op takes."""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import onnx
+import onnx_ir as ir
+from onnx_ir.passes.common import _c_api_utils
+
+logger = logging.getLogger("onnx_shrink.passes.fp16")
+
+
+def tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
+    """Element types of tensor values (main graph, bodies) by non-strict onnx inference.
+
+    Read from the inferred model: onnx_ir's ShapeInferencePass merges sequences as tensors.
+    """
+    infer = functools.partial(
+        onnx.shape_inference.infer_shapes, check_type=False, strict_mode=False, data_prop=False
+    )
+    clone = model.clone()
+    _type_contrib_outputs(clone)
+    try:
+        inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, clone))
+    except Exception as e:  # onnx raises several types; the declared types remain
+        logger.warning("fp16: onnx type inference failed (%s); using declared types", e)
+        inferred = model
+    dtypes: dict[ir.Value, ir.DataType] = {}
+    for original, twin_graph in zip(model.graphs(), inferred.graphs(), strict=True):
+        named = {v.name: v for v in (*twin_graph.inputs, *twin_graph.initializers.values())}
+        pairs = [
+            (v, named.get(v.name, v)) for v in (*original.inputs, *original.initializers.values())
+        ]
+        for node, twin in zip(original, twin_graph, strict=True):
+            pairs += zip(node.outputs, twin.outputs, strict=True)
+        for value, twin in pairs:
+            known = twin.type if twin.type is not None else value.type
+            if isinstance(known, ir.TensorType):
+                dtypes[value] = known.dtype
+            elif known is None and value.const_value is not None:
+                dtypes[value] = value.const_value.dtype
+    return dtypes
+
+
+# com.microsoft ops onnx's inference does not know (what quant, quant-dynamic and quant-weight
+# write), by the input whose element type their output has: a scale, an initializer whose type
+# is known before inference. Typed, they no longer stop inference of every node after them.
+_CONTRIB_OUTPUT_TYPE_FROM = {
+    "MatMulNBits": 2,
+    "GatherBlockQuantized": 2,
+    "DynamicQuantizeMatMul": 2,
+    "MatMulIntegerToFloat": 2,
+}
+
+
+def _type_contrib_outputs(model: ir.Model) -> None:
+    """Give the outputs of ``_CONTRIB_OUTPUT_TYPE_FROM``'s ops their type, in place."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        index = _CONTRIB_OUTPUT_TYPE_FROM.get(node.op_type)
+        if node.domain != "com.microsoft" or index is None or index >= len(node.inputs):
+            continue
+        source, out = node.inputs[index], node.outputs[0]
+        if source is None or out.type is not None:
+            continue
+        dtype = source.dtype or (source.const_value.dtype if source.const_value else None)
+        if dtype is not None:
+            out.type = ir.TensorType(dtype)
+
+
+@functools.cache
+def schema(op_type: str, domain: str, version: int) -> onnx.defs.OpSchema | None:
+    try:
+        return onnx.defs.get_schema(op_type, max_inclusive_version=version, domain=domain)
+    except onnx.defs.SchemaError:
+        return None
+
+
+def formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str | None:
+    if index < len(params):
+        return params[index].type_str
+    variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
+    return params[-1].type_str if params and params[-1].option == variadic else None
