@@ -25,7 +25,7 @@ from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
-from onnx_shrink.runtime_check import sample_batches
+from onnx_shrink.runtime_check import sample_batches, shapes
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -261,7 +261,9 @@ def _compile(
             strict=strict,
             collect=collector,
             probe=prober,
-            input_dims=_sample_dims(loaded, _first_real_feed(loaded, calib, source), input_shapes),
+            input_dims=shapes.sample_dims(
+                loaded, shapes.first_real_feed(loaded, calib, source), input_shapes
+            ),
         )
         report = None
         if sensitivity:  # with a quant pass (shrink checked): a collector too
@@ -367,45 +369,6 @@ def _on_disk(
     if changed(steps[-1]):
         steps = (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
     return steps
-
-
-def _first_real_feed(
-    model: ir.Model, calib: data_mod.Dataset | None, source: check_mod.DataSource
-) -> data_mod.Feed | None:
-    """The first feed of the real data (calibration's, else the check's, opened for it
-    alone), whose dims the MACs count whether or not a pass calibrates; None without real
-    data, or for a one-shot reader, which would lose that feed to the check."""
-    if calib is not None:
-        return None if calib.synthetic else calib.first_feed()
-    if source is None or hasattr(source, "get_next") or isinstance(source, data_mod.Dataset):
-        return None
-    return data_mod.prepare(data_mod.specs_from_model(model), source).first_feed()
-
-
-def _sample_dims(
-    model: ir.Model,
-    first_feed: data_mod.Feed | None,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-) -> dict[str, tuple[int, ...]] | None:
-    """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``), else
-    those of the real data's ``first_feed``, their batch axes as 1; None (symbolic dims count
-    as 1) otherwise: synthetic data's default dims would make the figure up."""
-    specs = data_mod.specs_from_model(model)
-    if input_shapes:
-        dims = {
-            s.name: data_mod.concrete_shape(s, input_shapes[s.name])
-            for s in specs
-            if s.name in input_shapes
-        }
-    elif first_feed is not None:
-        dims = {name: tuple(array.shape) for name, array in first_feed.items()}
-    else:
-        return None
-    return {
-        s.name: (1, *dims[s.name][1:]) if s.batch_axis and dims[s.name] else dims[s.name]
-        for s in specs
-        if s.name in dims
-    }
 
 
 def _reporting(

@@ -8,13 +8,14 @@ computed on ``feed``.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import stats
 from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.layers import with_outputs
 
@@ -44,3 +45,42 @@ def observed(
     result = {name: tuple(np.shape(array)) for name, array in zip(names, arrays, strict=True)}
     result.update({name: tuple(np.shape(array)) for name, array in given.items()})
     return result
+
+
+def first_real_feed(
+    model: ir.Model, calib: data_mod.Dataset | None, source: object
+) -> data_mod.Feed | None:
+    """The first feed of the real data (calibration's, else the check's, opened for it
+    alone), whose dims the MACs count whether or not a pass calibrates; None without real
+    data, or for a one-shot reader, which would lose that feed to the check."""
+    if calib is not None:
+        return None if calib.synthetic else calib.first_feed()
+    if source is None or hasattr(source, "get_next") or isinstance(source, data_mod.Dataset):
+        return None
+    return data_mod.prepare(data_mod.specs_from_model(model), source).first_feed()
+
+
+def sample_dims(
+    model: ir.Model,
+    first_feed: data_mod.Feed | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+) -> dict[str, tuple[int, ...]] | None:
+    """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``), else
+    those of the real data's ``first_feed``, their batch axes as 1; None (symbolic dims count
+    as 1) otherwise: synthetic data's default dims would make the figure up."""
+    specs = data_mod.specs_from_model(model)
+    if input_shapes:
+        dims = {
+            s.name: data_mod.concrete_shape(s, input_shapes[s.name])
+            for s in specs
+            if s.name in input_shapes
+        }
+    elif first_feed is not None:
+        dims = {name: tuple(array.shape) for name, array in first_feed.items()}
+    else:
+        return None
+    return {
+        s.name: (1, *dims[s.name][1:]) if s.batch_axis and dims[s.name] else dims[s.name]
+        for s in specs
+        if s.name in dims
+    }
