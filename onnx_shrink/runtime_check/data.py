@@ -399,6 +399,8 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
         data_files.save_npz(path, batch.feed)
         written.append((path, batch.samples))
 
+    state: dict[str, Any] = {"spilled": False, "error": None}
+
     def spill() -> Iterator[Batch]:
         source = dataset.batches()
         try:
@@ -407,27 +409,35 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
                 yield batch
         finally:
             # A reader stopped early (a probe of the first samples) still has to be copied
-            # whole: it cannot be read a second time.
-            for batch in source:
-                keep(batch)
+            # whole: it cannot be read a second time. What it raises here, as the generator
+            # closes, Python would only print: it is kept and raised by the next read.
+            try:
+                for batch in source:
+                    keep(batch)
+            except Exception as e:  # noqa: BLE001 - re-raised by make_batches
+                state["error"] = e
 
     def replay() -> Iterator[Batch]:
         for path, samples in written:
             yield Batch(data_files.load_npz(path), samples, None)
 
-    state = {"spilled": False}
-
     def make_batches() -> Iterator[Batch]:
+        if state["error"] is not None:
+            raise state["error"]
         if state["spilled"]:
             yield from replay()
         else:
             state["spilled"] = True
             yield from spill()
 
-    return Dataset(
+    copy = Dataset(
         dataset.description,
         dataset.synthetic,
         dataset.has_labels,
         make_batches,
         samples=dataset.samples,
     )
+    # The first feed from the reader's own peek (read already by ``prepare``): asking the
+    # copy would start a spill and leave it half done.
+    copy.knows_first_feed(dataset.first_feed())
+    return copy

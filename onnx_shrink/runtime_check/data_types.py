@@ -69,6 +69,11 @@ class Dataset:
             self._first.setdefault("feed", batch.feed)
             yield batch
 
+    def knows_first_feed(self, feed: Feed) -> None:
+        """Take ``feed`` as the first batch's (a copy of a one-shot source, whose own peek
+        read it), so that ``first_feed`` reads nothing."""
+        self._first["feed"] = feed
+
     def first_feed(self) -> Feed:
         """The first batch's feed, checked against the model's inputs; kept once read."""
         if "feed" not in self._first:

@@ -220,3 +220,27 @@ def test_a_symbolic_dim_given_for_one_input_shapes_every_input_that_names_it():
     mask = data.InputSpec("attention_mask", np.int64, ("batch_size", "sequence_length"))
     feed = data.synthetic([ids, mask], {"input_ids": (2, 64)}).first_feed()
     assert feed["attention_mask"].shape == (2, 64)
+
+
+def test_a_reader_that_fails_after_its_first_feed_fails_the_run():
+    # Its error was raised while a half-read spill closed: Python printed it ("Exception
+    # ignored") and the run went on with the samples read before.
+    import onnx_shrink
+    from models import digits
+    from onnx_shrink.errors import DataError
+
+    images = np.load(digits.TEST_DATA_PATH)["image"]
+
+    class BadLater:
+        def __init__(self):
+            self.index = 0
+
+        def get_next(self):
+            self.index += 1
+            if self.index > 60:
+                return None
+            image = images[self.index : self.index + 1]
+            return {"image": image.astype(np.float64) if self.index == 30 else image}
+
+    with pytest.raises(DataError, match="float64"):
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold,quant", calibration=BadLater(), check=False)
