@@ -56,13 +56,23 @@ def option_infos(pass_class: type) -> list[OptionInfo]:
     return [
         OptionInfo(
             name=f.name,
-            type_name=_type_name(hints[f.name]),
+            type_name=_type_name(hints[f.name]) + _range(f.metadata),
             default=f.default,
             doc=f.metadata.get("doc", ""),
             choices=f.metadata.get("choices"),
         )
         for f in dataclasses.fields(pass_class)
     ]
+
+
+def _range(metadata: typing.Mapping[str, Any]) -> str:
+    """An option's bounds as ``--list-passes`` shows them after its type."""
+    low, high = metadata.get("minimum"), metadata.get("maximum")
+    if low is not None and high is not None:
+        return f" in [{low:g}, {high:g}]"
+    if low is not None:
+        return f" >= {low:g}"
+    return f" <= {high:g}" if high is not None else ""
 
 
 def _type_name(hint: Any) -> str:

@@ -61,8 +61,14 @@ def parse_spec(
         raise PipelineSpecError(
             f"sets: expected a list of 'pass.option=value' strings, got {given!r}"
         )
+    seen: set[tuple[str, str]] = set()
     for assignment in sets:
         pass_name, key, raw = _split_assignment(assignment)
+        if (pass_name, key) in seen:  # the last would silently win (a list is not extended)
+            raise PipelineSpecError(
+                f"{pass_name}.{key} is set twice; give it once (a list as a,b,c)"
+            )
+        seen.add((pass_name, key))
         options.setdefault(pass_name, {})[key] = raw
     items = _as_list(passes) if passes is not None else recipe_passes
     if not items:

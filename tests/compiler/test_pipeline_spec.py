@@ -139,3 +139,16 @@ def test_sets_may_be_one_string_and_must_be_strings():
     assert fold == FoldPass(iterations=6)
     with pytest.raises(PipelineSpecError, match="expected a list of 'pass.option=value'"):
         pipeline.parse_spec("fold", {"fold.iterations": 6})  # type: ignore[arg-type]
+
+
+def test_an_option_set_twice_is_refused_rather_than_the_last_winning():
+    with pytest.raises(PipelineSpecError, match="quant.exclude is set twice"):
+        pipeline.parse_spec("quant", ["quant.exclude=a", "quant.exclude=b"])
+
+
+def test_list_passes_shows_each_options_bounds():
+    from onnx_shrink.compiler.options import option_infos
+    from onnx_shrink.passes.quant.static import QuantPass
+
+    bins = next(i for i in option_infos(QuantPass) if i.name == "bins")
+    assert bins.type_name == "int in [128, 8000]"

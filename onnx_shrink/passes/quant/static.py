@@ -275,11 +275,14 @@ class QuantPass(DataAwarePass):
         if converted or not placement.types_known(model.graph):  # else requests inferred them
             placement.infer_types(model)
         stats = self.completed_statistics(model, stats)
+        _warn_nonfinite_inputs(model, stats)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         references = {}
         if self.bias_correction and not self.only:
             references = bias_correction.references(decided.nodes)
+            if not references and decided.nodes:
+                logger.warning("quant: bias_correction found no quantized Conv to correct")
         if decided.nodes:
             params = self._activation_params(model.graph, decided, stats, sixteen_bit)
             writer = QdqWriter(model.graph, narrow_storage=narrow)
@@ -450,6 +453,21 @@ class QuantPass(DataAwarePass):
                 and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
             ):
                 writer.dq_weight(node, index, act, None, symmetric=act.signed)
+
+
+def _warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
+    """Name the graph inputs whose calibration values hold NaN/Inf: every tensor they reach
+    is then non-finite too, and rule 5 keeps it float (the pass would quantize nothing, and
+    say only that)."""
+    for value in model.graph.inputs:
+        minmax = stats.get(value.name or "", "minmax")
+        if isinstance(minmax, MinMax) and minmax.nonfinite:
+            logger.warning(
+                "quant: calibration input '%s' holds %d NaN/Inf values: the tensors it reaches "
+                "stay float; check the calibration data",
+                value.name,
+                minmax.nonfinite,
+            )
 
 
 def _scale_for_bias(

@@ -219,3 +219,18 @@ def test_progress_names_the_second_look_and_counts_its_samples_out_of_its_total(
     )
     last = {phase: (done, total) for phase, done, total in reports}
     assert last == {"statistics": (8, 8), "bias correction: statistics": (3, 3)}
+
+
+def test_a_model_without_conv_is_told_bias_correction_has_nothing_to_correct(caplog):
+    import logging
+
+    import onnx_shrink
+    from models.builders import build_mlp
+
+    proto = build_mlp()
+    feeds = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
+    with caplog.at_level(logging.WARNING):
+        onnx_shrink.shrink(
+            proto, "quant", sets=["quant.bias_correction=true"], data=feeds, check=False
+        )
+    assert "bias_correction found no quantized Conv to correct" in caplog.text

@@ -632,3 +632,11 @@ def test_a_float16_model_from_a_file_keeps_its_opset(tmp_path, caplog):
         )
     assert not result.steps[0].modified and "before fp16" in caplog.text
     assert io.to_bytes(result.model) == before
+
+
+def test_calibration_inputs_holding_nan_are_named(tmp_path, caplog):
+    x = RNG.standard_normal((8, 3, 16, 16)).astype(np.float32)
+    x[3, 0, 2, 2] = np.nan
+    with caplog.at_level(logging.WARNING):
+        _quantize(_conv_relu_pool(), {"x": x}, tmp_path)
+    assert "calibration input 'x' holds 1 NaN/Inf values" in caplog.text
