@@ -55,6 +55,9 @@ class LayerSensitivity:
     max_abs_error: float
     nonfinite: int
     """NaN/Inf values where the float model is finite (ranked above any finite error)"""
+    inert: bool = False
+    """keeping it float in the whole pass changes nothing (no weights of its own, and its
+    neighbours keep the Q/DQ around it): no use in the hint"""
 
     @property
     def label(self) -> str:
@@ -118,8 +121,13 @@ class SensitivityReport:
     def exclude_patterns(self, k: int) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
         (see ``_pattern``), after the pass's own."""
-        worst = [layer.node for layer in self.layers[:k] if layer.node]
+        worst = [layer.node for layer in self._worst(k) if layer.node]
         return self.excluded + tuple(_pattern(name, self._names) for name in worst)
+
+    def _worst(self, k: int) -> list[LayerSensitivity]:
+        """The ``k`` worst layers that keeping float would change (inert ones skipped; an
+        unnamed one counts, though the hint cannot name it)."""
+        return [layer for layer in self.layers if not layer.inert][:k]
 
     @property
     def _names(self) -> list[str]:
@@ -135,10 +143,17 @@ class SensitivityReport:
 
     def hint_notes(self, k: int = 3) -> tuple[str, ...]:
         """What the hint cannot say plainly: names written as regexes, unnamed layers."""
-        worst = self.layers[:k]
+        worst = self._worst(k)
         odd = [repr(x.node) for x in worst if x.node and _pattern(x.node, self._names) != x.node]
         unnamed = [x.label for x in worst if not x.node]
+        last = self.layers.index(worst[-1]) if worst else -1
+        inert = [x.label for x in self.layers[:last] if x.inert]
         notes = []
+        if inert:
+            notes.append(
+                f"{', '.join(inert)}: left out, as float they change nothing (no weights, and "
+                "the nodes around them keep their Q/DQ)"
+            )
         if odd:
             notes.append(
                 f"{', '.join(odd)} written as escaped regexes (a comma in a name is matched by "
@@ -215,8 +230,9 @@ def sensitivity(
         measured: list[LayerSensitivity] = []
         for index, group in enumerate(groups, 1):
             measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
+        ranked = sorted(measured, key=_severity, reverse=True)
         report = SensitivityReport(
-            layers=tuple(sorted(measured, key=_severity, reverse=True)),
+            layers=_mark_inert(ranked, targets, base, quant, stats),
             samples=runner.samples,
             data=dataset.description,
             synthetic=dataset.synthetic,
@@ -311,6 +327,48 @@ def _quantized_layers(
             ", ".join(unmeasured[:5]),
         )
     return targets, unmeasured
+
+
+def _mark_inert(
+    layers: Sequence[LayerSensitivity],
+    targets: Sequence[_Target],
+    base: ir.Model,
+    quant: QuantPass,
+    stats: Statistics,
+) -> tuple[LayerSensitivity, ...]:
+    """``layers`` (worst first) with those the hint would take to no effect marked inert:
+    taken in order, a layer without constants (weights, bias) whose exclusion, after those
+    taken before it, leaves Q/DQ on the same tensors changes nothing (an Add whose
+    neighbours keep its Q/DQ). Plans only, no runs; up to ``HINT_LAYERS`` taken."""
+    by_position = {target.position: target for target in targets}
+    nodes = {node.name: node for node in base.graph}
+    exclusions = quant._exclusions
+    taken: list[str] = []
+    slots = 0
+
+    def placed(exclusions: placement.Exclusions) -> tuple[set[str], dict[str, str]]:
+        plan = placement.plan(base.graph, stats, exclusions)  # Q/DQ'd tensors, shared scales
+        return set(plan.tensors), dict(plan.shared)
+
+    current = placed(exclusions)
+    result = []
+    for layer in layers:
+        target = by_position.get(layer.position)
+        if slots < HINT_LAYERS and not layer.node:
+            slots += 1  # the hint cannot name it, but it is one of the worst
+        elif slots < HINT_LAYERS and target is not None:
+            trial = dataclasses.replace(exclusions, nodes=(*exclusions.nodes, *taken, target.key))
+            tried = placed(trial)
+            node = nodes[target.key]
+            weighted = any(v is not None and v.const_value is not None for v in node.inputs)
+            if not weighted and tried == current:
+                layer = dataclasses.replace(layer, inert=True)
+            else:
+                taken.append(target.key)
+                current = tried
+                slots += 1
+        result.append(layer)
+    return tuple(result)
 
 
 class _Runner:

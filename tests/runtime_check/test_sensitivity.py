@@ -258,3 +258,35 @@ def test_minilm_excluding_the_three_worst_layers_improves_the_sentence_embedding
         return next(o for o in outputs if o.elements == 32 * 384).cosine
 
     assert embedding_cosine(worst) > embedding_cosine(quant)
+
+
+def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
+    # With the head's Gemm already float, the Add between quantized Convs ranked in the top
+    # three, yet excluding it left the file byte-identical: its neighbours keep its Q/DQ.
+    result = shrink(
+        digits.MODEL_PATH,
+        "fold,quant",
+        sets=["quant.exclude=/head/head.4/Gemm"],
+        check=False,
+        calibration=digits.TEST_DATA_PATH,
+        sensitivity=True,
+    )
+    report = result.sensitivity
+    inert = [x.node for x in report.layers if x.inert]
+    assert "/Add" in inert
+    hint = report.exclude_hint()
+    assert "/Add" not in hint and hint.count(",") == 3  # the user's exclusion and 3 layers
+    assert any("/Add" in note and "change nothing" in note for note in report.hint_notes())
+
+    def quantized(patterns: str) -> bytes:
+        run = shrink(
+            digits.MODEL_PATH,
+            "fold,quant",
+            sets=[f"quant.exclude={patterns}"],
+            check=False,
+            calibration=digits.TEST_DATA_PATH,
+        )
+        return io.to_bytes(run.model)
+
+    patterns = shlex.split(hint)[1].split("=", 1)[1]
+    assert quantized(patterns) == quantized(patterns + ",/Add")
