@@ -457,7 +457,7 @@ def _log_table(plans: Sequence[LayerPlan]) -> None:
         if p.reason != "weight is not a constant":
             error = "" if p.error is None else f", error {p.error:.4f}"
             what = f"rank {p.rank}{error}" if p.rank is not None else f"dense: {p.reason}"
-            size = f"{p.op_type} {p.shape[0]}x{p.shape[1]}"
+            size = f"{p.op_type} {p.shape[0]}x{p.shape[1]}" if p.shape[0] else p.op_type
             logger.info(f"lowrank: {p.node} ({size}) {p.params_before} -> {p.params_after}, {what}")
     split = [p for p in plans if p.rank is not None]
     before, after = sum(p.params_before for p in split), sum(p.params_after for p in split)
