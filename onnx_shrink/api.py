@@ -178,9 +178,9 @@ def shrink(
             (s for s in (calibration, data, options.data if options else None) if s is not None),
             None,
         )
-        if dataset is not None and dataset.peek is not None and source is options.data:
-            # One reader for calibration and the check: read once, spilled as calibration
-            # reads it and replayed for the check, so both see every sample.
+        if dataset is not None and source is not None and source is options.data:
+            # One source for calibration, the check and the MACs, opened once; a reader is
+            # read once, spilled as calibration reads it and replayed for the check.
             dataset = source = data_mod.replayable(dataset, stack)
         verifier = None
         if options is not None and options.verify_each:

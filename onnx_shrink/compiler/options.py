@@ -205,11 +205,12 @@ def warn_unmatched_exclusions(model: ir.Model, pass_name: str, exclude: Sequence
         warn_unmatched(f"{pass_name}.exclude", exclude, names)
 
 
-def refuse_inapplicable(config: Any, applies: dict[str, bool]) -> None:
+def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None:
     """Raise ``ValueError`` for an option set away from its default where it does not apply
-    (``applies``: option name -> whether it applies with the others as set): it would be
-    silently ignored, and the run would not be what was asked."""
+    (``applies``: option name -> whether it applies with the others as set; ``why``: the
+    reason, after the message): it would be silently ignored, and the run would not be what
+    was asked."""
     defaults = {f.name: f.default for f in dataclasses.fields(config)}
     for name, applicable in applies.items():
         if not applicable and getattr(config, name) != defaults[name]:
-            raise ValueError(f"{name}={getattr(config, name)!r} does not apply here")
+            raise ValueError(f"{name}={getattr(config, name)!r} does not apply here: {why}")

@@ -177,19 +177,17 @@ class LowRankPass(DataAwarePass):
     def __post_init__(self) -> None:
         check_options(self)
         budget = self.selection == "budget"
-        try:
-            refuse_inapplicable(
-                self,
-                {
-                    "energy": self.selection == "energy",
-                    "max_error": self.selection == "error",
-                    "reduction": budget,
-                    "budget_unit": budget,
-                    "budget_metric": budget,
-                },
-            )
-        except ValueError as e:
-            raise ValueError(f"{e}: selection={self.selection!r} does not read it") from e
+        refuse_inapplicable(
+            self,
+            {
+                "energy": self.selection == "energy",
+                "max_error": self.selection == "error",
+                "reduction": budget,
+                "budget_unit": budget,
+                "budget_metric": budget,
+            },
+            f"selection={self.selection!r} does not read it",
+        )
         unknown = set(self.op_types) - {"MatMul", "Gemm", "Conv"}
         if unknown:
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")

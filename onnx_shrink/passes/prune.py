@@ -234,10 +234,9 @@ class PrunePass(DataAwarePass):
         check_options(self)
         if self.sparsity >= 1:
             raise ValueError("sparsity=1 zeroes every weight: give a fraction below 1")
-        try:
-            refuse_inapplicable(self, {"sparsity": not self.nm})
-        except ValueError as e:
-            raise ValueError(f"{e}: nm={self.nm!r} fixes the sparsity of every group") from e
+        refuse_inapplicable(
+            self, {"sparsity": not self.nm}, f"nm={self.nm!r} fixes the sparsity of every group"
+        )
         if self.nm:
             n, m = self.pattern
             if not 0 < n < m:

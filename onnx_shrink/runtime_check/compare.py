@@ -94,9 +94,6 @@ class NumericReport:
     tolerances: Tolerances
     failures: tuple[str, ...]
 
-    labelled: bool = False
-    """labels came with the data (accuracy is None where no output could be scored on them)"""
-
     @property
     def passed(self) -> bool:
         return not self.failures
@@ -313,7 +310,6 @@ def compare_batches(
         candidate_accuracy=cand_acc,
         tolerances=tolerances,
         failures=tuple(failures),
-        labelled=bool(seen),
     )
 
 

@@ -289,9 +289,8 @@ def prepare(
     """
     if isinstance(source, Dataset):
         return source
-    label_array = _load_labels(labels) if labels is not None else None
-    if label_array is not None:
-        _check_labels_fit(source, specs, label_array, str(labels))
+    if labels is not None:
+        _check_labels_source(source, str(labels))
     if source is None:
         dataset = synthetic(specs, input_shapes, seed=seed)
         logger.warning(
@@ -299,20 +298,20 @@ def prepare(
             dataset.description,
         )
         return dataset
-    dataset = _open(source, specs, label_array)
+    dataset = _open(source, specs)
+    if labels is not None:
+        dataset = _with_labels(dataset, _load_labels(labels), str(labels), source)
     dataset.first_feed()  # a bad dtype or shape is an error now, before any work is done
     return dataset
 
 
 def _open(
-    source: str | Path | FeedReader | Mapping[str, np.ndarray],
-    specs: Sequence[InputSpec],
-    labels: np.ndarray | None,
+    source: str | Path | FeedReader | Mapping[str, np.ndarray], specs: Sequence[InputSpec]
 ) -> Dataset:
     if hasattr(source, "get_next"):
         return from_reader(source, specs)  # type: ignore[arg-type]
     if isinstance(source, Mapping):  # in memory, laid out as an .npz's arrays
-        return _from_named_arrays(source, specs, labels, where="arrays")
+        return _from_named_arrays(source, specs, None, where="arrays")
     if not isinstance(source, str | os.PathLike):
         raise DataError(
             f"data of type {type(source).__name__}: give a path (.npz, folder of .npy, "
@@ -322,24 +321,21 @@ def _open(
     if not path.exists():
         raise DataError(f"{path}: no such file or folder")
     if path.is_file() and path.suffix == ".npz":
-        return from_npz(path, specs, labels)
+        return from_npz(path, specs)
     if path.is_dir() and any(path.glob("test_data_set_*")):
         return from_test_data_sets(path, specs)
     if path.is_dir() and any(path.glob("*.npy")):
-        return from_npy_folder(path, specs, labels)
+        return from_npy_folder(path, specs)
     raise DataError(
         f"{path}: not an .npz, a folder of .npy files, or a folder of test_data_set_* folders"
     )
 
 
-def _check_labels_fit(
-    source: str | Path | FeedReader | Mapping[str, np.ndarray] | None,
-    specs: Sequence[InputSpec],
-    labels: np.ndarray,
-    where: str,
+def _check_labels_source(
+    source: str | Path | FeedReader | Mapping[str, np.ndarray] | None, where: str
 ) -> None:
     """Labels follow the samples of array data (.npz, .npy folder, dict) in order, one each:
-    any other source cannot take them, and the counts must agree.
+    any other source cannot take them.
 
     Raises:
         DataError: naming the labels file, not the data's.
@@ -355,10 +351,28 @@ def _check_labels_fit(
             f"{where}: labels go with array data (.npz, a folder of .npy, a dict of arrays), "
             "whose samples they follow in order; put them in the data as a 'labels' array"
         )
-    samples = _open(source, specs, None).samples  # type: ignore[arg-type]
-    if samples is not None and samples != len(labels):
+
+
+def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: object) -> Dataset:
+    """``dataset`` (array data, whose sample count is known) with ``labels`` in place of any
+    it holds, each batch taking the next ones in order.
+
+    Raises:
+        DataError: the counts differ, naming the labels file.
+    """
+    if dataset.samples is not None and dataset.samples != len(labels):
         data = "the arrays" if isinstance(source, Mapping) else str(source)
-        raise DataError(f"{where}: {len(labels)} labels for the {samples} samples of {data}")
+        raise DataError(
+            f"{where}: {len(labels)} labels for the {dataset.samples} samples of {data}"
+        )
+
+    def make_batches() -> Iterator[Batch]:
+        start = 0
+        for batch in dataset.batches():
+            yield Batch(batch.feed, batch.samples, labels[start : start + batch.samples])
+            start += batch.samples
+
+    return Dataset(dataset.description, False, True, make_batches, samples=dataset.samples)
 
 
 def _load_labels(path: str | Path) -> np.ndarray:

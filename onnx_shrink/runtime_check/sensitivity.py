@@ -422,9 +422,8 @@ class _Runner:
     def _quantized_by(self, quant: QuantPass):
         def edit(copy: ir.Model) -> ir.Model:
             result = quant.bind(self.stats)(copy)
-            if not result.modified:
-                what = f"node '{quant.only[0]}'" if quant.only else "the model"
-                raise ShrinkError(f"sensitivity: {what} could not be quantized")
+            if not result.modified:  # each pass quantizes one layer (``only``)
+                raise ShrinkError(f"sensitivity: node '{quant.only[0]}' could not be quantized")
             return result.model
 
         return edit

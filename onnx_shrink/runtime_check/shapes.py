@@ -51,11 +51,13 @@ def first_real_feed(
     model: ir.Model, calib: data_mod.Dataset | None, source: object
 ) -> data_mod.Feed | None:
     """The first feed of the real data (calibration's, else the check's, opened for it
-    alone), whose dims the MACs count whether or not a pass calibrates; None without real
-    data, or for a one-shot reader, which would lose that feed to the check."""
-    if calib is not None:
-        return None if calib.synthetic else calib.first_feed()
-    if source is None or hasattr(source, "get_next") or isinstance(source, data_mod.Dataset):
+    alone where it is not open yet), whose dims the MACs count whether or not a pass
+    calibrates; None without real data, or for a reader not yet opened, which would lose
+    that feed to the check (an open one's first feed is peeked, or replayed)."""
+    opened = calib if calib is not None else source
+    if isinstance(opened, data_mod.Dataset):
+        return None if opened.synthetic else opened.first_feed()
+    if source is None or hasattr(source, "get_next"):
         return None
     return data_mod.prepare(data_mod.specs_from_model(model), source).first_feed()
 

@@ -263,12 +263,7 @@ class QuantPass(DataAwarePass):
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         if not self._has_candidates(model):
-            logger.warning("quant: no node could be quantized")
-            warn_half_precision(
-                self.name, placement.quantizable_nodes(model.graph, self._exclusions)
-            )
-            placement.settle_inferred_types(model, keep=False)
-            return ir.passes.PassResult(model, False)
+            return self._unchanged(model)
         opset = onnx_opset(model)
         per_channel, sixteen_bit = self.convert_opset(model)
         converted = onnx_opset(model) != opset
@@ -307,11 +302,7 @@ class QuantPass(DataAwarePass):
         dynamic = not self.only and self._quantize_without_statistics(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
-            logger.warning("quant: no node could be quantized")
-            candidates = placement.quantizable_nodes(model.graph, self._exclusions)
-            warn_half_precision(self.name, candidates)
-            placement.settle_inferred_types(model, keep=False)
-            return ir.passes.PassResult(model, False)
+            return self._unchanged(model)
         placement.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
@@ -330,6 +321,14 @@ class QuantPass(DataAwarePass):
         look = Look(self.bias_correction_samples, 1, "bias correction")
         followup = Followup(model, requests, finish, look)
         return FollowupResult(model, modified, followup)
+
+    def _unchanged(self, model: ir.Model) -> ir.passes.PassResult:
+        """Nothing quantized: say why where it can (float16), and take back the types and
+        shapes the pass inferred, so that the model is as the pass found it."""
+        logger.warning("quant: no node could be quantized")
+        warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
+        placement.settle_inferred_types(model, keep=False)
+        return ir.passes.PassResult(model, False)
 
     def _has_candidates(self, model: ir.Model) -> bool:
         """Whether any node is of a type the options let the pass quantize: without one,
