@@ -21,7 +21,7 @@ from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
-from onnx_shrink.runtime_check.sensitivity import SensitivityReport
+from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
 
 
 def human_bytes(n: float) -> str:
@@ -190,7 +190,9 @@ def layers_table(layers: LayerReport, top: int = 10) -> Table:
     return table
 
 
-def sensitivity_lines(report: SensitivityReport, top: int = 10, hint: int = 3) -> list[object]:
+def sensitivity_lines(
+    report: SensitivityReport, top: int = 10, hint: int = HINT_LAYERS
+) -> list[object]:
     """The layers that hurt most when quantized alone, worst first, then the exclusion hint."""
     runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
     title = (

@@ -17,10 +17,10 @@ from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, 
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
 
 if TYPE_CHECKING:
     from onnx_shrink.api import ShrinkResult
-    from onnx_shrink.runtime_check.sensitivity import SensitivityReport
 
 """``layers.localize``'s default jump threshold, drawn on the per-layer plot."""
 TOP_TENSORS = 15
@@ -212,7 +212,9 @@ def _shrink_section(shrink: ShrinkResult) -> str:
     return "<section>\n<h2>Passes</h2>\n" + _table(header, rows, names=2) + "\n</section>"
 
 
-def _sensitivity_section(report: SensitivityReport, top: int = TOP_TENSORS, hint: int = 3) -> str:
+def _sensitivity_section(
+    report: SensitivityReport, top: int = TOP_TENSORS, hint: int = HINT_LAYERS
+) -> str:
     """What the console prints for ``--sensitivity``: the layers worst first, the hint."""
     runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
     intro = (
