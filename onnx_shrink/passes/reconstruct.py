@@ -14,7 +14,8 @@ collinear (the 1% dampening SparseGPT uses).
 The API works on *rows*: ``rows[j]`` holds output j's weights over the K inputs, in the
 order of G's axes (``W.T`` for a MatMul weight ``W [K, N]``; a Gemm weight with
 ``transB=1`` as it is). ``keep`` is a same-shaped boolean mask. Structured (channel) pruning
-is the case where every row keeps the same S, which is solved as one batch.
+is the case where every row keeps the same S, solved as one system with a right-hand
+side per row.
 """
 
 from __future__ import annotations
@@ -46,15 +47,39 @@ def refit(
     damp = damp if damp > 0 else 1e-8
     target = rows @ gram  # row j: G_{:,:} w_j, restricted to S_j below
     result = np.zeros_like(rows)
+    shared, alone = _rows_by_pattern(keep)
+    for members in shared:
+        _solve_shared(members, keep, gram, target, damp, result)
     by_count: dict[int, list[int]] = defaultdict(list)
-    for j, count in enumerate(keep.sum(axis=1)):
-        if count:
-            by_count[int(count)].append(j)
+    for j in alone:
+        by_count[int(keep[j].sum())].append(j)
     for count, members in by_count.items():
         chunk = max(1, _BATCH_BYTES // (8 * count * count))
         for start in range(0, len(members), chunk):
             _solve_rows(members[start : start + chunk], keep, gram, target, damp, result)
     return result
+
+
+def _rows_by_pattern(keep: np.ndarray) -> tuple[list[list[int]], list[int]]:
+    """Rows that keep anything, as (groups of two or more rows keeping the same inputs, rows
+    keeping inputs no other row keeps). A group shares one system: channel pruning gives a
+    layer one group, where a system per row cost YOLOv8n's refit 100 s instead of 1."""
+    groups: dict[bytes, list[int]] = defaultdict(list)
+    packed = np.packbits(keep, axis=1)
+    for j in np.flatnonzero(keep.any(axis=1)):
+        groups[packed[j].tobytes()].append(int(j))
+    shared = [members for members in groups.values() if len(members) > 1]
+    alone = [members[0] for members in groups.values() if len(members) == 1]
+    return shared, alone
+
+
+def _solve_shared(members, keep, gram, target, damp, result) -> None:
+    """Solve ``(G_SS + damp I) V = (G W)_S`` once for rows that all keep the same inputs S."""
+    index = np.flatnonzero(keep[members[0]])
+    system = gram[np.ix_(index, index)]
+    system[np.arange(index.size), np.arange(index.size)] += damp
+    rhs = target[np.ix_(members, index)].T  # [s, rows]
+    result[np.ix_(members, index)] = np.linalg.solve(system, rhs).T
 
 
 def _solve_rows(members, keep, gram, target, damp, result) -> None:
@@ -73,6 +98,8 @@ def output_error(original: np.ndarray, candidate: np.ndarray, gram: np.ndarray) 
     ``||X (W - W')||^2 / ||X W||^2 = tr(D G D^T) / tr(W G W^T)`` with rows as above."""
     original = np.asarray(original, np.float64)
     delta = np.asarray(candidate, np.float64) - original
-    energy = float(np.einsum("ik,kl,il->", original, gram, original))
-    error = float(np.einsum("ik,kl,il->", delta, gram, delta))
+    # (A @ G) * A summed: one matrix product each (a three-operand einsum loops in C without
+    # BLAS, 10 s of YOLOv8n's prune-channels).
+    energy = float(np.sum((original @ gram) * original))
+    error = float(np.sum((delta @ gram) * delta))
     return error / energy if energy > 0 else 0.0

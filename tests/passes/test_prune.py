@@ -345,6 +345,33 @@ def test_refit_is_the_least_squares_solution_per_output():
     )
 
 
+def test_refit_rows_sharing_their_kept_inputs_get_the_per_row_solution():
+    # Channel pruning: most rows keep the same inputs (one shared system), one row keeps
+    # others and one keeps nothing; each row is still its own least-squares solution.
+    rng = np.random.default_rng(7)
+    x = rng.normal(size=(300, 10)) @ rng.normal(size=(10, 10))
+    rows = rng.normal(size=(6, 10))
+    keep = np.zeros((6, 10), bool)
+    keep[:4, [0, 2, 3, 7, 9]] = True
+    keep[4, [1, 5]] = True
+    gram = x.T @ x
+    refit = reconstruct.refit(rows, keep, gram, ridge=0.0)
+    for j in range(5):
+        s = keep[j]
+        expected, *_ = np.linalg.lstsq(x[:, s], x @ rows[j], rcond=None)
+        np.testing.assert_allclose(refit[j, s], expected, rtol=1e-6, atol=1e-8)
+        assert (refit[j, ~s] == 0).all()
+    assert (refit[5] == 0).all()
+
+
+def test_output_error_is_the_relative_error_on_the_rows():
+    rng = np.random.default_rng(8)
+    x, rows = rng.normal(size=(50, 6)), rng.normal(size=(3, 6))
+    candidate = rows + rng.normal(scale=0.1, size=rows.shape)
+    expected = np.sum((x @ (rows - candidate).T) ** 2) / np.sum((x @ rows.T) ** 2)
+    assert reconstruct.output_error(rows, candidate, x.T @ x) == pytest.approx(expected)
+
+
 # ---- real models ---------------------------------------------------------------------------
 
 
