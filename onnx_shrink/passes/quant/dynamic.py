@@ -100,18 +100,23 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
-        count = self.quantize(model)
+        context = self.context(model)
+        count = self.quantize(model, context)
         if not count:
             warn_half_precision(self.name, nodes_of(model, self.op_types))
+            context.warn_nothing_quantized(self.op_types)
         if count and self.narrow_storage:
             compact.store_narrow(model)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
-    def quantize(self, model: ir.Model) -> int:
+    def context(self, model: ir.Model) -> WeightContext:
+        return WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+
+    def quantize(self, model: ir.Model, context: WeightContext | None = None) -> int:
         """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes
         quantized. ``quant`` quantizes what its statistics cannot reach with this, then stores
         the whole model narrow once."""
-        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        context = context or self.context(model)
         count = 0
         for node in context.candidates(self.op_types):
             if self.graphs == "subgraphs" and node.graph is model.graph:

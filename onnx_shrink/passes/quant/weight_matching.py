@@ -10,6 +10,7 @@ float weights to drop once nothing reads them.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import re
@@ -40,7 +41,7 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
 def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
     """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
     the quantization passes quantize float32 models, so their place is before ``fp16``."""
-    half = [n for n in nodes if any(v is not None and v.dtype in HALF_TYPES for v in n.inputs)]
+    half = [n for n in nodes if _computes_in_half(n)]
     if half:
         ops = ", ".join(sorted({n.op_type for n in half}))
         logger.warning(
@@ -52,6 +53,10 @@ def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
             pass_name,
             pass_name,
         )
+
+
+def _computes_in_half(node: ir.Node) -> bool:
+    return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
 
 
 def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
@@ -133,6 +138,7 @@ class WeightContext:
     names: compact.Names
     quantized: dict[tuple[int, Hashable], tuple[ir.Value | None, ...]]
     sources: list[ir.Value]
+    skipped: list[tuple[ir.Node, str]] = dataclasses.field(default_factory=list)
 
     @classmethod
     def of(
@@ -164,7 +170,36 @@ class WeightContext:
 
     def skip(self, node: ir.Node, reason: str) -> bool:
         logger.debug("%s: skipping %s (%s): %s", self.pass_name, node.name, node.op_type, reason)
+        self.skipped.append((node, reason))
         return False
+
+    def warn_nothing_quantized(self, op_types: Sequence[str]) -> None:
+        """Say why the pass quantized nothing, where the summary would only say "no change":
+        what it skipped, by op type, with one reason (``-vv`` logs each), and the model's Conv
+        nodes, which are ``quant``'s. Candidates computing in half precision are left to
+        ``warn_half_precision``."""
+        skipped = [(n, why) for n, why in self.skipped if not _computes_in_half(n)]
+        if not skipped and nodes_of(self.model, op_types):
+            return
+        kinds = "/".join(op_types)
+        if skipped:
+            counts = collections.Counter(n.op_type for n, _ in skipped)
+            node, why = next(
+                ((n, w) for n, w in skipped if n.op_type != "Gather"), skipped[0]
+            )  # a Gather is most often shape arithmetic: a MatMul's reason says more
+            split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
+            found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
+        else:
+            found = "the model has none"
+        convs = len(nodes_of(self.model, ("Conv", "ConvTranspose")))
+        hint = f"; its {convs} Conv nodes are quant's (static, calibrated)" if convs else ""
+        logger.warning(
+            "%s: nothing quantized: no %s with a constant float weight (%s)%s",
+            self.pass_name,
+            kinds,
+            found,
+            hint,
+        )
 
     def weight_reason(self, value: ir.Value | None) -> str | None:
         """Why ``value`` is not a quantizable weight (2-D float32 constant initializer), or None."""

@@ -140,6 +140,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         logger.info("%s: quantized %d nodes", self.name, count)
         if not count:
             warn_half_precision(self.name, nodes_of(model, self.op_types))
+            context.warn_nothing_quantized(self.op_types)
         gemms = nodes_of(model, ("Gemm",))
         if gemms:
             logger.warning(

@@ -261,6 +261,41 @@ def test_tiny_weights_and_graph_input_weights_are_skipped(caplog):
     assert "'w_in' is a graph input" in caplog.text
 
 
+def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
+    # The summary only says "no change": the warning names what was skipped and why, and
+    # points a Conv model to quant.
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[1, 3, 8, 8] x, float[3, 8] a, float[8, 8] w_in) => (float[1, 4, 6, 6] y, float[3, 8] z) {
+      y = Conv(x, cw)
+      z = MatMul(a, w_in)
+    }
+    """
+    model = onnx.parser.parse_model(text)
+    cw = (RNG.standard_normal((4, 3, 3, 3))).astype(np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model)
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    assert not modified and len(warned) == 1, warned
+    assert "quant-dynamic: nothing quantized" in warned[0]
+    assert "skipped 1 MatMul" in warned[0] and "'w_in' is not an initializer" in warned[0]
+    assert "its 1 Conv nodes are quant's" in warned[0]
+    caplog.clear()
+    conv_only = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) { y = Conv(x, cw) }
+        """
+    )
+    conv_only.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
+    with caplog.at_level(logging.WARNING):
+        quantized(conv_only)
+    assert "no MatMul/Gemm/Gather with a constant float weight (the model has none)" in (
+        caplog.text
+    )
+
+
 def test_model_local_functions_are_skipped_with_a_reason(caplog):
     text = """
     <ir_version: 9, opset_import: ["" : 17, "local" : 1]>

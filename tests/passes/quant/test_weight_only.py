@@ -380,3 +380,19 @@ def test_a_model_of_gemms_is_told_which_passes_take_them(caplog):
         result = pipeline.run(io.load(proto), [WeightOnlyQuantPass()])
     assert "Gemm" in [n.op_type for n in result.model.graph]
     assert "2 Gemm nodes stay float: it takes MatMul and Gather" in caplog.text
+
+
+def test_a_conv_model_is_told_that_conv_is_quants(caplog):
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) { y = Conv(x, cw) }
+        """
+    )
+    cw = np.ones((4, 3, 3, 3), np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model)
+    assert not modified
+    assert "quant-weight: nothing quantized: no MatMul/Gather" in caplog.text
+    assert "its 1 Conv nodes are quant's" in caplog.text
