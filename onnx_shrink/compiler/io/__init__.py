@@ -36,7 +36,6 @@ import onnx
 import onnx.numpy_helper
 import onnx_ir as ir
 
-from onnx_shrink import __version__
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.io import embedded_weights
 from onnx_shrink.errors import BadModelError, ShrinkError
@@ -66,7 +65,6 @@ KNOWN_DOMAINS = frozenset(
     }
 )
 
-PRODUCER_NAME = "onnx-shrink"
 
 # The external-data location of a stand-in for a tensor handed to onnxruntime in memory
 # (compiler.io.large_tensors): serialization keeps it a reference, never reads it.
@@ -303,12 +301,9 @@ def save(
     check_writable(path)
     if external_data is None:
         external_data = tensor_bytes(model) > EXTERNAL_DATA_THRESHOLD_BYTES
-    # An exporter's name is provenance worth keeping and costs no byte; only an unnamed model
-    # is named ours. (Renaming every model made outputs of size-neutral passes a few bytes
-    # larger than their inputs.)
-    if not model.producer_name:
-        model.producer_name = PRODUCER_NAME
-        model.producer_version = __version__
+    # The producer is left as the exporter wrote it, even where none is named: naming
+    # onnx-shrink made the output of a pass that changed nothing 17 bytes larger than its
+    # input (fold promises never larger), and saving wrote into the caller's model.
     data_name = external_data_path(path).name if external_data else None
     try:
         staging = Path(tempfile.mkdtemp(prefix=f".{path.name}.", dir=path.parent))
@@ -464,6 +459,18 @@ def model_files(path: str | os.PathLike) -> list[Path]:
         }
     )
     return [path, *(path.parent / loc for loc in locations if (path.parent / loc).is_file())]
+
+
+def model_reads(what: str, path: str | os.PathLike) -> dict[str, Path]:
+    """``{what: path}`` and each external-data file the model at ``path`` reads its weights
+    from, for ``refuse_clashes`` (a report written over ``model.onnx.data`` destroys the
+    model as surely as one written over ``model.onnx``). A path that holds no readable model
+    gives itself alone: loading it reports the problem."""
+    try:
+        files = model_files(path)
+    except (BadModelError, OSError):
+        return {what: Path(path)}
+    return {what: files[0], **{f"{what}'s weights ({p.name})": p for p in files[1:]}}
 
 
 def zipped_bytes(paths: list[Path], level: int = 1) -> int:
