@@ -148,6 +148,8 @@ def shrink(
     if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     options = _check_options(check, data, input_shapes)
+    if dump_dir is not None:
+        _check_dump_dir(Path(dump_dir), pass_list, model, output)
     if output is not None:
         io.check_writable(output)
         if isinstance(model, (str, os.PathLike)):
@@ -159,10 +161,10 @@ def shrink(
             "the labels": options.labels if options else None,
             "the recipe": recipe,
         }
-        io.refuse_clashes(
-            {"the result": output},
-            {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))},
-        )
+        reads = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))}
+        if isinstance(model, (str, os.PathLike)):
+            reads.update(io.model_reads("the input model", model))
+        io.refuse_clashes({"the result": output}, reads)
     loaded = io.load(model)
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
@@ -455,6 +457,22 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
         return pipeline.Verdict(ok=report.passed, summary=summary)
 
     return verify
+
+
+def _check_dump_dir(
+    dump_dir: Path, pass_list: Sequence[ir.passes.PassBase], model: io.ModelSource, output
+) -> None:
+    """Refuse, before any work, a dump folder that is a file, or whose dumps would write over
+    the input model (its weights too) or the result."""
+    if dump_dir.exists() and not dump_dir.is_dir():
+        raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
+    reads = {}
+    if isinstance(model, (str, os.PathLike)):
+        reads.update(io.model_reads("the input model", model))
+    if output is not None:
+        reads["the result"] = output
+    dumps = pipeline.dump_files(dump_dir, pass_list)
+    io.refuse_clashes({f"the dump folder's {path.name}": path for path in dumps}, reads)
 
 
 def _refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> None:

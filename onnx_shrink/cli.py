@@ -16,6 +16,7 @@ import logging
 import math
 import sys
 from collections.abc import Callable, Sequence
+from pathlib import Path
 
 from rich.console import Console
 
@@ -387,6 +388,7 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
 
 
 # What a command reads, by flag (the attribute argparse gives it): never written over.
+_MODEL_FLAGS = ("model", "reference", "candidate")
 _READ_FLAGS = {
     "model": "the input model",
     "reference": "the reference model",
@@ -409,11 +411,11 @@ def _check_report_paths(args: argparse.Namespace) -> None:
     if getattr(args, "passes", None) is not None or getattr(args, "recipe", None) is not None:
         if args.model is not None:  # the compile command writes its result too
             writes["-o"] = args.output or str(default_output_path(args.model))
-    reads = {
-        what: getattr(args, name)
-        for name, what in _READ_FLAGS.items()
-        if getattr(args, name, None) is not None
-    }
+    reads: dict[str, str | Path] = {}
+    for name, what in _READ_FLAGS.items():
+        path = getattr(args, name, None)
+        if path is not None:
+            reads.update(io.model_reads(what, path) if name in _MODEL_FLAGS else {what: path})
     io.refuse_clashes(writes, reads)
 
 

@@ -261,10 +261,10 @@ def run(
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
-            target = Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"
+            target = _dump_target(dump_dir, index, pass_)
             dump_path = str(io.save(model, target).path)
             if rejected is not None:  # what broke the tolerances, to look at
-                io.save(rejected, target.with_name(f"{target.stem}.rolled-back.onnx"))
+                io.save(rejected, _rolled_back(target))
         steps.append(
             StepRecord(
                 index=index,
@@ -292,6 +292,26 @@ def run(
         )
         current_stats, current_bytes = new_stats, new_bytes
     return PipelineResult(model=model, steps=tuple(steps))
+
+
+def dump_files(dump_dir: str | Path, passes: Sequence[ir.passes.PassBase]) -> list[Path]:
+    """Every file ``run`` may write to ``dump_dir`` for ``passes``: each pass's result, its
+    rolled-back candidate, and their external-data files; for refusing, before any work, a
+    dump that would write over a file the run reads."""
+    files = []
+    for index, pass_ in enumerate(passes):
+        target = _dump_target(dump_dir, index, pass_)
+        for path in (target, _rolled_back(target)):
+            files += [path, io.external_data_path(path)]
+    return files
+
+
+def _dump_target(dump_dir: str | Path, index: int, pass_: ir.passes.PassBase) -> Path:
+    return Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"
+
+
+def _rolled_back(target: Path) -> Path:
+    return target.with_name(f"{target.stem}.rolled-back.onnx")
 
 
 def _bind(

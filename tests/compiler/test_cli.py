@@ -236,6 +236,39 @@ def test_no_file_the_run_writes_may_be_one_it_reads_or_another_it_writes(
     assert {p: sha256(p) for p in before} == before and not out.exists()
 
 
+def test_no_file_the_run_writes_may_be_a_model_s_external_weights_or_a_dump_over_a_read(
+    tmp_path, run_cli
+):
+    # A report written over model.onnx.data destroys the model as surely as one written over
+    # model.onnx; so does a dump named like the input, in the input's folder.
+    from onnx_shrink.compiler import io
+
+    model = tmp_path / "ext.onnx"
+    io.save(io.load(digits.MODEL_PATH), model, external_data=True)
+    weights = io.external_data_path(model)
+    steps = tmp_path / "steps"
+    steps.mkdir()
+    dumped = steps / "01-fold.onnx"
+    dumped.write_bytes(digits.MODEL_PATH.read_bytes())
+    files = (model, weights, dumped)
+    before = {p: sha256(p) for p in files}
+    out = tmp_path / "out.onnx"
+    fold = (model, "--passes", "fold", "--no-check")
+    cases = [
+        ((*fold, "-o", out, "--report", weights), "input model's weights"),
+        ((*fold, "-o", weights), "input model's weights"),
+        (("check", model, model, "--html", weights), "reference model's weights"),
+        (("bench", model, "--report", weights), "input model's weights"),
+        ((dumped, "--passes", "fold", "--dump-dir", steps, "-o", out), "over the input model"),
+        ((*fold, "--dump-dir", steps, "-o", steps / "01-fold.onnx"), "over the result"),
+        ((*fold, "--dump-dir", model, "-o", out), "dump folder is a file"),
+    ]
+    for args, message in cases:
+        result = run_cli(*args)
+        assert result.code == 2 and message in result.err, (args, result.err)
+    assert {p: sha256(p) for p in files} == before and not out.exists()
+
+
 def test_the_api_refuses_to_write_the_result_over_its_data(tmp_path):
     import shutil
 

@@ -266,7 +266,8 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
     # points a Conv model to quant.
     text = """
     <ir_version: 9, opset_import: ["" : 17]>
-    g (float[1, 3, 8, 8] x, float[3, 8] a, float[8, 8] w_in) => (float[1, 4, 6, 6] y, float[3, 8] z) {
+    g (float[1, 3, 8, 8] x, float[3, 8] a, float[8, 8] w_in)
+      => (float[1, 4, 6, 6] y, float[3, 8] z) {
       y = Conv(x, cw)
       z = MatMul(a, w_in)
     }
