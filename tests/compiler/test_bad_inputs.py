@@ -106,6 +106,64 @@ def test_bad_input_gives_one_line_exit_2_and_writes_nothing(case, tmp_path, run_
     assert {p: sha256(p) for p in hashes} == hashes
 
 
+def _with_weights_at(path: Path, location: str) -> None:
+    """Save the digits model to ``path`` with its weights in ``location`` (relative to the
+    model's folder, or absolute), the file written where the location points."""
+    model = onnx.load(str(digits.MODEL_PATH))
+    onnx.save_model(
+        model, str(path), save_as_external_data=True, location="w.bin", size_threshold=0
+    )
+    target = (path.parent / location).resolve()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    (path.parent / "w.bin").rename(target)
+    proto = onnx.load(str(path), load_external_data=False)
+    for tensor in proto.graph.initializer:
+        for entry in tensor.external_data:
+            if entry.key == "location":
+                entry.value = location
+    onnx.save_model(proto, str(path))
+
+
+@pytest.mark.parametrize("where", ["up", "absolute"])
+def test_weights_outside_the_model_s_folder_are_refused_as_onnxruntime_does(
+    where, tmp_path, run_cli
+):
+    model_path = tmp_path / "model" / "m.onnx"
+    model_path.parent.mkdir()
+    location = "../w.bin" if where == "up" else str(tmp_path / "w.bin")
+    _with_weights_at(model_path, location)
+    before = files_in(tmp_path)
+    result = run_cli(model_path, "--passes", "fold", "-o", tmp_path / "out.onnx")
+    assert result.code == 2 and "outside the model's folder" in result.err, result.err
+    assert "Traceback" not in result.err and files_in(tmp_path) == before
+
+
+def test_weights_linked_from_elsewhere_as_in_hugging_face_s_cache_are_read(tmp_path, run_cli):
+    # snapshots/abc/model.onnx and model.onnx.data are links into blobs/, outside the
+    # snapshot's folder: onnxruntime reads them, and so must every pass.
+    blobs, snapshot = tmp_path / "blobs", tmp_path / "snapshots" / "abc"
+    blobs.mkdir()
+    snapshot.mkdir(parents=True)
+    model = onnx.load(str(digits.MODEL_PATH))
+    onnx.save_model(
+        model,
+        str(blobs / "m"),
+        save_as_external_data=True,
+        location="model.onnx.data",
+        size_threshold=0,
+    )
+    (blobs / "model.onnx.data").rename(blobs / "d")
+    (snapshot / "model.onnx").symlink_to(blobs / "m")
+    (snapshot / "model.onnx.data").symlink_to(blobs / "d")
+    hashes = {p: sha256(p) for p in blobs.iterdir()}
+    for passes in ("fold", "quant-dynamic", "prune"):
+        out = tmp_path / f"{passes}.onnx"
+        result = run_cli(snapshot / "model.onnx", "--passes", passes, "-o", out, "-q")
+        assert result.code == 0, result.err
+        assert out.exists()
+    assert {p: sha256(p) for p in blobs.iterdir()} == hashes
+
+
 def test_debug_shows_the_traceback(tmp_path, run_cli):
     with pytest.raises(BadModelError, match="no such file"):
         run_cli(tmp_path / "absent.onnx", "--passes", "fold", "--debug")

@@ -1,4 +1,4 @@
-"""Model I/O: metadata kept, producer set, atomic writes, external data, inputs untouched."""
+"""Model I/O: metadata kept, atomic writes, external data, inputs untouched."""
 
 from __future__ import annotations
 

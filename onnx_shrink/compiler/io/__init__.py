@@ -123,6 +123,7 @@ def _load_file(path: Path) -> ir.Model:
     for function in model.functions.values():
         for graph in function.subgraphs():
             ir.external_data.set_base_dir(graph, path.parent)
+    _follow_linked_data(model)
     embedded_weights.map_from_file(model, mapped, path.resolve())
     return model
 
@@ -212,9 +213,20 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> 
         info = {entry.key: entry.value for entry in tensor.external_data}
         location = info.get("location", "")
         data_path = base_dir / location
+        if location and not _names_a_file_inside(base_dir, location):
+            raise BadModelError(
+                f"{where}: tensor '{tensor.name}' keeps its weights at '{location}', outside "
+                "the model's folder, where onnxruntime refuses to read; move the file beside "
+                "the model and name it by its file name"
+            )
         if not location or not data_path.is_file():
             raise BadModelError(
                 f"{where}: external data file '{location}' of tensor '{tensor.name}' is missing"
+            )
+        if not os.access(data_path, os.R_OK):
+            raise BadModelError(
+                f"{where}: external data file '{location}' of tensor '{tensor.name}' cannot be "
+                "read (permission denied)"
             )
         end = int(info.get("offset", 0)) + int(info.get("length", 0))
         size = data_path.stat().st_size
@@ -229,6 +241,50 @@ def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> 
                 f"{where}: tensor '{tensor.name}' holds {info['length']} bytes of data; its "
                 f"shape and type need {needed}"
             )
+
+
+def _names_a_file_inside(base_dir: Path, location: str) -> bool:
+    """Whether ``location`` names a path inside ``base_dir`` by its words (neither absolute
+    nor climbing out with ``..``), as onnxruntime requires; a symbolic link inside may point
+    anywhere (``_follow_linked_data``)."""
+    if os.path.isabs(location):
+        return False
+    base = os.path.normpath(os.path.abspath(base_dir))
+    path = os.path.normpath(os.path.join(base, location))
+    return path.startswith(base + os.sep)
+
+
+def _follow_linked_data(model: ir.Model) -> None:
+    """Point every external tensor read through a symbolic link at the file the link names.
+
+    Hugging Face's cache keeps ``model.onnx.data`` as a link into a ``blobs`` folder beside
+    the snapshot's: onnxruntime reads it, but onnx_ir refuses a link that leaves the model's
+    folder. The link itself is inside the folder (``_names_a_file_inside``), which is what
+    onnxruntime checks too."""
+    tensors = [*walk.initializer_tensors(model)]
+    tensors += [(node, tensor) for node, tensor in walk.constant_node_tensors(model)]
+    for owner, tensor in tensors:
+        if not isinstance(tensor, ir.ExternalTensor) or not tensor.base_dir:
+            continue
+        linked = Path(tensor.base_dir) / tensor.location
+        real = linked.resolve()
+        if real == linked.absolute() or not real.is_file():
+            continue
+        followed = ir.ExternalTensor(
+            real.name,
+            tensor.offset,
+            tensor.length,
+            tensor.dtype,
+            shape=tensor.shape,
+            name=tensor.name,
+            doc_string=tensor.doc_string,
+            metadata_props=dict(tensor.metadata_props),
+            base_dir=real.parent,
+        )
+        if isinstance(owner, ir.Value):
+            owner.const_value = followed
+        else:
+            owner.attributes["value"] = ir.AttrTensor("value", followed)
 
 
 def _fixed_size_bytes(tensor: onnx.TensorProto) -> int | None:
