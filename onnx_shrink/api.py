@@ -17,15 +17,21 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass, Look
-from onnx_shrink.errors import CandidateFailedError, DataError, RunFailedError, ShrinkError
+from onnx_shrink.errors import (
+    BadModelError,
+    CandidateFailedError,
+    DataError,
+    RunFailedError,
+    ShrinkError,
+)
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
-from onnx_shrink.runtime_check import sample_batches, shapes
+from onnx_shrink.runtime_check import sample_batches, sessions, shapes
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -169,13 +175,17 @@ def shrink(
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
+    _unlist_weight_inputs(loaded)
     with contextlib.ExitStack() as stack:
         dataset = None
-        if options is not None:  # bad data is bad input: reject it before any work is done
+        if options is not None:  # bad input, model or data: rejected before any work is done
+            probe = _reference_session(reference, options.provider)
             specs = data_mod.specs_from_model(loaded)
             dataset = data_mod.prepare(
                 specs, options.data, options.input_shapes, labels=options.labels
             )
+            _run_first_sample(probe, dataset)
+            del probe  # kept through the compile, it would add the model's size to the peak
         source = next(
             (s for s in (calibration, data, options.data if options else None) if s is not None),
             None,
@@ -435,7 +445,52 @@ def _check_options(
             "--verify-each reads the data after every pass; a reader object can be "
             "read only once: give a file or folder"
         )
+    sessions.resolve_provider(options.provider)  # a misspelt --ep, before the compile
     return options
+
+
+def _unlist_weight_inputs(loaded: ir.Model) -> None:
+    """Weights an old exporter also listed as graph inputs become plain constants, which the
+    passes compress: left inputs, they were skipped (prune, lowrank, quant-dynamic...) or
+    kept in float beside their int8 copies (quant: the file grew)."""
+    version = loaded.ir_version
+    count = graph_edit.unlist_weight_inputs(loaded)
+    if count:
+        why = (
+            f"as IR {version} requires"
+            if version < graph_edit.NO_DEFAULT_INPUTS_IR_VERSION
+            else "as exporters with keep_initializers_as_inputs do"
+        )
+        logger.warning(
+            "the model lists its %d weights as graph inputs too (%s): the result keeps them "
+            "as constants only, so the passes can compress them, and a caller can no longer "
+            "feed them",
+            count,
+            why,
+        )
+
+
+def _reference_session(reference: Path | bytes, provider: str):
+    """The input in an onnxruntime session, opened before any work (with
+    ``_run_first_sample``): an input the check cannot load or run is bad input (exit 2,
+    nothing written), not a result written and then found unchecked."""
+    try:
+        return sessions.create_session(reference, provider=provider)
+    except BadModelError as e:
+        raise BadModelError(
+            f"{e} (the check runs the input in onnxruntime: skip it with --no-check, or check "
+            "on a provider that runs it with --ep)"
+        ) from e
+
+
+def _run_first_sample(session, dataset: data_mod.Dataset) -> None:
+    sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
+    sessions.run(
+        session,
+        sessions.fitted_feed(session, dataset.first_feed()),
+        failed=f"the input model failed on {sample}",
+        hint=data_mod.unfit_hint(dataset),
+    )
 
 
 def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.Verifier:

@@ -57,3 +57,32 @@ def drop_dead_uses(model: ir.Model) -> int:
                     use.node.replace_input_with(use.idx, None)
                     dropped += 1
     return dropped
+
+
+NO_DEFAULT_INPUTS_IR_VERSION = 4  # from IR 4 on, an initializer need not be a graph input
+
+
+def weights_listed_as_inputs(model: ir.Model) -> list[ir.Value]:
+    """The main graph's initializers that are also graph inputs where the listing says
+    nothing about a caller feeding them, so they are weights like any other: every
+    initializer is listed, as IR 3 requires and old exporters kept doing
+    (``torch.onnx.export(keep_initializers_as_inputs=True)``). Where only some are listed,
+    those are defaults a caller may override, and stay inputs."""
+    graph = model.graph
+    listed = [v for v in graph.inputs if v.name in graph.initializers]
+    if not listed or len(listed) < len(graph.initializers):
+        return []
+    return listed
+
+
+def unlist_weight_inputs(model: ir.Model) -> int:
+    """Drop ``weights_listed_as_inputs`` from the graph inputs (raising an IR 3 model to
+    IR 4, which allows that), so the passes see them as the constants they are; how many."""
+    listed = weights_listed_as_inputs(model)
+    if listed:
+        dropped = {id(v) for v in listed}
+        kept = [v for v in model.graph.inputs if id(v) not in dropped]
+        model.graph.inputs.clear()
+        model.graph.inputs.extend(kept)
+        model.ir_version = max(model.ir_version, NO_DEFAULT_INPUTS_IR_VERSION)
+    return len(listed)

@@ -67,6 +67,20 @@ def _write_short_external_data(path: Path) -> None:
     data.write_bytes(data.read_bytes()[:1000])
 
 
+def _write_duplicate_node_names(path: Path) -> None:
+    """onnx.checker passes it; onnxruntime refuses to load it."""
+    graph = oh.make_graph(
+        [
+            oh.make_node("Relu", ["x"], ["h"], name="same"),
+            oh.make_node("Relu", ["h"], ["y"], name="same"),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2])],
+    )
+    save_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(digits.MODEL_PATH.read_bytes()[:50_000])
 
@@ -84,6 +98,7 @@ BAD_INPUTS = {
     "opset too new": (lambda p: save_proto(_model_with(opset=99), p), "opset 99"),
     "opset too old": (lambda p: save_proto(_model_with(opset=5), p), "opset 5"),
     "unknown custom domain": (_write_custom_domain, "unknown custom domain 'my.company.ops'"),
+    "onnxruntime cannot load it": (_write_duplicate_node_names, "onnxruntime cannot load it"),
 }
 
 
@@ -164,6 +179,13 @@ def test_weights_linked_from_elsewhere_as_in_hugging_face_s_cache_are_read(tmp_p
     assert {p: sha256(p) for p in blobs.iterdir()} == hashes
 
 
+def test_an_unavailable_execution_provider_is_refused_before_any_work(digits_copy, run_cli):
+    out = digits_copy.with_name("out.onnx")
+    result = run_cli(digits_copy, "--passes", "fold", "--ep", "bogus", "-o", out)
+    assert result.code == 2 and "execution provider 'bogus' is not available" in result.err
+    assert not out.exists()
+
+
 def test_debug_shows_the_traceback(tmp_path, run_cli):
     with pytest.raises(BadModelError, match="no such file"):
         run_cli(tmp_path / "absent.onnx", "--passes", "fold", "--debug")
@@ -183,7 +205,8 @@ def test_valid_model_with_contrib_domain_is_accepted(tmp_path):
 
 def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     """Run as a program: onnxruntime's own error log is written to the process's stderr, which
-    only a real process shows. The passes ran and the result is saved; the error says so."""
+    only a real process shows. The input is run on the first check sample before any pass:
+    nothing is written."""
     model = reflect_pad_model(40)
     model_path = save_proto(model, tmp_path / "model.onnx")
     output = tmp_path / "out.onnx"
@@ -198,4 +221,4 @@ def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     assert len(errors) == 1, result.stderr  # no traceback, no onnxruntime log line
     assert errors[0].startswith("onnx-shrink: error: ")
     assert "failed on a synthetic check sample (x=1x16)" in errors[0]
-    assert f"unchecked: {output}" in errors[0] and output.is_file()
+    assert "the input model failed" in errors[0] and not output.exists()
