@@ -346,6 +346,10 @@ def _relate(ctx: Context, table: dict[str, Callable], node: ir.Node, key: Key) -
         value = param.node.inputs[param.index]
         if value is None or not value.is_initializer():
             raise Decline(f"{node.name}: constant input {param.index} is not an initializer")
+        if value.is_graph_input() or value.is_graph_output():
+            # A caller feeds or reads it at its declared shape.
+            side = "input" if value.is_graph_input() else "output"
+            raise Decline(f"{node.name}: its constant {value.name} is also a graph {side}")
     return relation
 
 

@@ -122,6 +122,8 @@ class Exclusions:
     def excludes(self, node: ir.Node) -> bool:
         if self.only and (node.name or "") not in self.only:
             return True
+        if reads_overridable_constant(node):
+            return True
         if node.op_type in self.op_types:
             return True
         if node.op_type in SENSITIVE and not self.sensitive:
@@ -134,6 +136,15 @@ class Exclusions:
         ):
             return True
         return named(node, self.nodes)
+
+
+def reads_overridable_constant(node: ir.Node) -> bool:
+    """Whether ``node`` reads an initializer that is also a graph input: a default a caller
+    may replace at run time, so no quantized copy may stand in for it (the node stays
+    float). Weights an exporter merely listed as inputs are unlisted before the passes."""
+    return any(
+        v is not None and v.const_value is not None and v.is_graph_input() for v in node.inputs
+    )
 
 
 def named(node: ir.Node, patterns: Sequence[str]) -> bool:

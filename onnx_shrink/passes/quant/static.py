@@ -271,6 +271,7 @@ class QuantPass(DataAwarePass):
             placement.infer_types(model)
         stats = self.completed_statistics(model, stats)
         _warn_nonfinite_inputs(model, stats)
+        _warn_overridable_constants(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         references = {}
@@ -452,6 +453,26 @@ class QuantPass(DataAwarePass):
                 and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
             ):
                 writer.dq_weight(node, index, act, None, symmetric=act.signed)
+
+
+def _warn_overridable_constants(model: ir.Model) -> None:
+    """Name the graph inputs with defaults (initializers) whose readers stay float."""
+    readers = [n for n in model.graph if placement.reads_overridable_constant(n)]
+    if readers:
+        inputs = sorted(
+            {
+                v.name or ""
+                for n in readers
+                for v in n.inputs
+                if v is not None and v.const_value is not None and v.is_graph_input()
+            }
+        )
+        logger.warning(
+            "quant: %d node(s) stay float: they read %s, graph inputs with a default that a "
+            "caller may replace (a quantized copy would ignore what the caller feeds)",
+            len(readers),
+            ", ".join(repr(name) for name in inputs[:5]) + (" ..." if len(inputs) > 5 else ""),
+        )
 
 
 def _warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
