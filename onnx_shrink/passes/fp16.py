@@ -333,12 +333,16 @@ class _Conversion:
                     needed = self._required(node, index)
                     if needed is not None and self._type(value) != needed:
                         node.replace_input_with(index, self._cast(value, needed, value.graph))
+            converted: dict[ir.Value, ir.Value] = {}  # an output listed twice is cast once
             for index, value in enumerate(graph.outputs):
+                if value in converted:
+                    graph.outputs[index] = converted[value]
+                    continue
                 needed = self._io_type(value, owner)
                 if self.orig.get(value) != FLOAT or self._type(value) == needed:
                     continue
                 if owner is not None:
-                    graph.outputs[index] = self._cast(value, needed, graph)
+                    graph.outputs[index] = converted[value] = self._cast(value, needed, graph)
                     continue
                 # Main graph: the Cast takes the output's name, so callers see no change.
                 cast = self._cast(value, needed, value.graph)
@@ -346,7 +350,7 @@ class _Conversion:
                     name, value.name = value.name, self._fresh(f"{value.name}_{self.pass_.dtype}")
                     cast.name = name
                     cast.shape = value.shape.copy() if value.shape is not None else None
-                graph.outputs[index] = cast
+                graph.outputs[index] = converted[value] = cast
 
     def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
         """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""

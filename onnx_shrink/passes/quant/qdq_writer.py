@@ -71,8 +71,11 @@ class QdqWriter:
         prefix = self.names.next_tensor()
         s, z = self._scale_and_zero(prefix, scale, zero)
         uses = [use for use in value.uses() if reads_dq(use.node, value)]
-        output_index = next((i for i, v in enumerate(self.graph.outputs) if v is value), None)
-        if output_index is None:
+        # An input that is also an output keeps its name: the output passes it through.
+        output_indices = [
+            i for i, v in enumerate(self.graph.outputs) if v is value and not v.is_graph_input()
+        ]
+        if not output_indices:
             dq_output = ir.Value(name=self.names.fresh(f"{prefix}_dequantized"))
         else:
             dq_output = ir.Value(name=name, type=value.type, shape=value.shape)
@@ -88,8 +91,8 @@ class QdqWriter:
             self.graph.insert_after(producer, [q, dq])
         for use in uses:
             use.node.replace_input_with(use.idx, dq_output)
-        if output_index is not None:
-            self.graph.outputs[output_index] = dq_output
+        for index in output_indices:  # an output listed twice is the DQ output twice
+            self.graph.outputs[index] = dq_output
         self.dequantized[dq_output.name] = (scale, zero)
 
     def dq_weight(
