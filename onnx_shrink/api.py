@@ -176,6 +176,7 @@ def shrink(
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
     _unlist_weight_inputs(loaded)
+    _refuse_unrunnable_qdq(loaded, pass_list)
     with contextlib.ExitStack() as stack:
         dataset = None
         if options is not None:  # bad input, model or data: rejected before any work is done
@@ -447,6 +448,20 @@ def _check_options(
         )
     sessions.resolve_provider(options.provider)  # a misspelt --ep, before the compile
     return options
+
+
+def _refuse_unrunnable_qdq(loaded: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
+    """Refuse, before any work, a pass that would write Q/DQ at an opset this onnxruntime has
+    no kernel for (onnx's newest): its result would not load, found only by the check."""
+    writers = [p for p in pass_list if getattr(p, "writes_qdq", False)]
+    opset = loaded.opset_imports.get("", loaded.opset_imports.get("ai.onnx", 1))
+    # Every onnxruntime this package allows (>= 1.20) runs Q/DQ up to opset 21: no probe.
+    if writers and opset > 21 and not sessions.runs_qdq(opset, loaded.ir_version):
+        raise ShrinkError(
+            f"{writers[0].name}: this onnxruntime has no kernel for QuantizeLinear at opset "
+            f"{opset}, the model's; convert the model to an older opset first "
+            "(onnx.version_converter)"
+        )
 
 
 def _unlist_weight_inputs(loaded: ir.Model) -> None:

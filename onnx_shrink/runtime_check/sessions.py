@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import contextlib
+import functools
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -11,6 +12,8 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx
+import onnx.helper as oh
 import onnxruntime as ort
 
 from onnx_shrink.compiler.io import large_tensors
@@ -212,3 +215,31 @@ def check_started(requested: str, running: Sequence[str], banner: str = "") -> N
         + f"; the session would run on {', '.join(running) or 'nothing'}. Check the provider's "
         "options and libraries, or choose another with --ep"
     )
+
+
+@functools.cache
+def runs_qdq(opset: int, ir_version: int) -> bool:
+    """Whether this onnxruntime loads QuantizeLinear -> DequantizeLinear at ``opset`` on the
+    CPU: onnx's newest opsets run ahead of onnxruntime's kernels. A failure other than a
+    missing kernel is not this probe's to judge (True)."""
+    graph = oh.make_graph(
+        [
+            oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
+            oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
+        ],
+        "qdq",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
+        [
+            oh.make_tensor("s", onnx.TensorProto.FLOAT, [], [1.0]),
+            oh.make_tensor("z", onnx.TensorProto.UINT8, [], [0]),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    try:
+        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+    except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
+        return "NOT_IMPLEMENTED" not in str(e)
+    return True

@@ -113,3 +113,22 @@ def test_a_constant_that_is_an_output_keeps_its_shape():
     result = shrunk(model, "prune-channels")
     (b1,) = [o for o in result.graph.output if o.name == "b1"]
     assert [d.dim_value for d in b1.type.tensor_type.shape.dim] == [128]
+
+
+def test_q_dq_at_an_opset_onnxruntime_cannot_run_is_refused_before_any_work(monkeypatch):
+    # onnx's newest opset can run ahead of onnxruntime's kernels (onnx 1.23: QuantizeLinear
+    # 28; onnxruntime 1.32 has none): the result would not load.
+    from onnx_shrink.errors import ShrinkError
+    from onnx_shrink.runtime_check import sessions
+
+    newest = mlp(opset=onnx.defs.onnx_opset_version(), ir_version=onnx.IR_VERSION)
+    if sessions.runs_qdq(onnx.defs.onnx_opset_version(), onnx.IR_VERSION):
+        pytest.skip("this onnxruntime runs Q/DQ at onnx's newest opset")
+    for passes in ("quant", "quant-dynamic", "quant-weight"):
+        sets = {
+            "quant-dynamic": "quant-dynamic.fused=false",
+            "quant-weight": "quant-weight.format=dequantize_linear",
+        }.get(passes, ())
+        with pytest.raises(ShrinkError, match="no kernel for QuantizeLinear at opset"):
+            onnx_shrink.shrink(newest, passes, sets=sets, check=False)
+    onnx_shrink.shrink(newest, "quant-dynamic", check=False)  # fused: no Q/DQ written

@@ -93,6 +93,12 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         "narrowest type that holds them exactly read through a Cast (quant's rule 7)",
     )
 
+    @property
+    def writes_qdq(self) -> bool:
+        """Whether the result holds standard Q/DQ nodes at the model's opset (fused=False):
+        ``shrink`` asks onnxruntime beforehand whether it runs them there."""
+        return not self.fused
+
     def __post_init__(self) -> None:
         check_options(self)
         check_selection(self.op_types, SUPPORTED_OPS)

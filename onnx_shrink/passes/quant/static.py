@@ -187,6 +187,12 @@ class QuantPass(DataAwarePass):
         minimum=0,
     )
 
+    @property
+    def writes_qdq(self) -> bool:
+        """Whether the result holds standard Q/DQ nodes at the model's opset (always):
+        ``shrink`` asks onnxruntime beforehand whether it runs them there."""
+        return True
+
     def __post_init__(self) -> None:
         check_options(self)
 

@@ -106,6 +106,13 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
     )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
 
+    @property
+    def writes_qdq(self) -> bool:
+        """Whether the result holds standard Q/DQ nodes at the model's opset
+        (format=dequantize_linear): ``shrink`` asks onnxruntime beforehand whether it runs
+        them there."""
+        return self.format == "dequantize_linear"
+
     def __post_init__(self) -> None:
         check_options(self)
         check_selection(self.op_types, SUPPORTED_OPS)
