@@ -109,6 +109,13 @@ def _open(
             else "the reference loads: the candidate is broken"
         )
         raise CandidateFailedError(f"{e} ({why})") from e
+    fed = {i.name for i in cand_session.get_inputs()}
+    needed = [spec.name for spec in specs if spec.name not in fed]  # what the data feeds
+    if needed:
+        raise CandidateFailedError(
+            f"{cand.label} has no input {needed[0]!r} of {ref.label}'s (its inputs: "
+            f"{', '.join(sorted(fed))}): both are fed the same inputs, by name"
+        )
     theirs = [o.name for o in cand_session.get_outputs()]
     missing = [o.name for o in ref_session.get_outputs() if o.name not in theirs]
     if missing:

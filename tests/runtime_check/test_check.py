@@ -87,6 +87,25 @@ def test_a_candidate_that_fails_where_the_reference_runs_is_called_broken(tmp_pa
     assert "ref.onnx" in str(caught.value)  # the reference ran: it is named as the witness
 
 
+def test_a_candidate_whose_inputs_are_named_otherwise_is_named_as_such(tmp_path):
+    # It read "the candidate is broken": the models differ in their interface, not in whether
+    # the candidate runs.
+    from onnx_shrink.errors import CandidateFailedError
+
+    reference = parse(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) '
+        "{ y = Relu(x) }"
+    )
+    candidate = parse(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] inp) => (float[N, 4] y) '
+        "{ y = Relu(inp) }"
+    )
+    with pytest.raises(CandidateFailedError, match="has no input 'x'.*its inputs: inp"):
+        compare(
+            save_proto(reference, tmp_path / "a.onnx"), save_proto(candidate, tmp_path / "b.onnx")
+        )
+
+
 def test_a_candidate_whose_outputs_differ_in_name_or_shape_is_one_clear_error(tmp_path):
     import onnx
 
