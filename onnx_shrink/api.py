@@ -143,11 +143,19 @@ def shrink(
         sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
             output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
-    Raises:
+    Raises (all ``ShrinkError``s; a check that breaks its tolerances is no error: see
+    ``ShrinkResult.verification.passed``):
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
-        BadModelError: the model cannot be read or is invalid.
+        BadModelError: the model cannot be read or is invalid, or onnxruntime cannot load
+            it for the check (raised before any pass runs).
         DataError: the check data does not fit the model (raised before any pass runs).
+        RunFailedError: the model fails on the check's first sample (before any pass runs),
+            or on a later one.
+        CandidateFailedError: the result fails where the input runs, or its outputs are not
+            the input's; where ``output`` is given, it is saved.
         PassFailedError: a pass failed, or broke the tolerances under ``strict``.
+        ShrinkError: options that do not fit together, a file the run would write over one
+            it reads, an unavailable execution provider.
     """
     started = time.perf_counter()
     pass_list = pipeline.parse_spec(passes, sets, recipe)
@@ -155,7 +163,7 @@ def shrink(
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     options = _check_options(check, data, input_shapes)
     if dump_dir is not None:
-        _check_dump_dir(Path(dump_dir), pass_list, model, output)
+        _check_dump_dir(Path(dump_dir), pass_list, model, output, (data, calibration, recipe))
     if output is not None:
         io.check_writable(output)
         if isinstance(model, (str, os.PathLike)):
@@ -185,7 +193,7 @@ def shrink(
             dataset = data_mod.prepare(
                 specs, options.data, options.input_shapes, labels=options.labels
             )
-            _run_first_sample(probe, dataset)
+            _run_first_sample(probe, dataset, str(model) if from_file else "the input model")
             del probe  # kept through the compile, it would add the model's size to the peak
         source = next(
             (s for s in (calibration, data, options.data if options else None) if s is not None),
@@ -345,7 +353,9 @@ def _sensitivity(
     assert isinstance(quant, QuantPass)
     kept = [not step.rolled_back for step in steps[:index]]
     before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
-    float_model = pipeline.run(io.load(source), before, collect=collector).model
+    fresh = io.load(source)
+    graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
+    float_model = pipeline.run(fresh, before, collect=collector).model
     return sensitivity_mod.sensitivity(
         float_model, quant, dataset, provider=provider, progress=progress
     )
@@ -477,10 +487,11 @@ def _unlist_weight_inputs(loaded: ir.Model) -> None:
             else "as exporters with keep_initializers_as_inputs do"
         )
         logger.warning(
-            "the model lists its %d weights as graph inputs too (%s): the result keeps them "
-            "as constants only, so the passes can compress them, and a caller can no longer "
-            "feed them",
+            "the model lists its %d initializer%s as graph inputs too (%s): the result keeps "
+            "them as constants only, so the passes can compress them, and a caller can no "
+            "longer feed them",
             count,
+            "" if count == 1 else "s",
             why,
         )
 
@@ -490,7 +501,8 @@ def _reference_session(reference: Path | bytes, provider: str):
     ``_run_first_sample``): an input the check cannot load or run is bad input (exit 2,
     nothing written), not a result written and then found unchecked."""
     try:
-        return sessions.create_session(reference, provider=provider)
+        # prepack=False: onnxruntime need not copy the weights into its kernels for one run.
+        return sessions.create_session(reference, provider=provider, prepack=False)
     except BadModelError as e:
         raise BadModelError(
             f"{e} (the check runs the input in onnxruntime: skip it with --no-check, or check "
@@ -498,12 +510,12 @@ def _reference_session(reference: Path | bytes, provider: str):
         ) from e
 
 
-def _run_first_sample(session, dataset: data_mod.Dataset) -> None:
+def _run_first_sample(session, dataset: data_mod.Dataset, label: str) -> None:
     sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
     sessions.run(
         session,
         sessions.fitted_feed(session, dataset.first_feed()),
-        failed=f"the input model failed on {sample}",
+        failed=f"{label} failed on {sample}",
         hint=data_mod.unfit_hint(dataset),
     )
 
@@ -530,13 +542,22 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
 
 
 def _check_dump_dir(
-    dump_dir: Path, pass_list: Sequence[ir.passes.PassBase], model: io.ModelSource, output
+    dump_dir: Path,
+    pass_list: Sequence[ir.passes.PassBase],
+    model: io.ModelSource,
+    output,
+    other_reads: Sequence[object],
 ) -> None:
     """Refuse, before any work, a dump folder that is a file, or whose dumps would write over
-    the input model (its weights too) or the result."""
+    the input model (its weights too), the result, or another file the run reads (data,
+    recipe)."""
     if dump_dir.exists() and not dump_dir.is_dir():
         raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
-    reads = {}
+    reads = {
+        f"a file the run reads ({Path(path).name})": path
+        for path in other_reads
+        if isinstance(path, (str, os.PathLike))
+    }
     if isinstance(model, (str, os.PathLike)):
         reads.update(io.model_reads("the input model", model))
     if output is not None:

@@ -62,17 +62,34 @@ def drop_dead_uses(model: ir.Model) -> int:
 NO_DEFAULT_INPUTS_IR_VERSION = 4  # from IR 4 on, an initializer need not be a graph input
 
 
+WEIGHT_INPUTS = {"Conv": 1, "ConvTranspose": 1, "MatMul": 1, "Gemm": 1, "Gather": 0}
+"""The input of these ops that holds a layer's weight (a Gather's: its table)."""
+
+
 def weights_listed_as_inputs(model: ir.Model) -> list[ir.Value]:
     """The main graph's initializers that are also graph inputs where the listing says
-    nothing about a caller feeding them, so they are weights like any other: every
-    initializer is listed, as IR 3 requires and old exporters kept doing
-    (``torch.onnx.export(keep_initializers_as_inputs=True)``). Where only some are listed,
-    those are defaults a caller may override, and stay inputs."""
+    nothing about a caller feeding them: IR 3 requires every initializer to be listed, and
+    old exporters kept listing them all (``torch.onnx.export(keep_initializers_as_inputs=
+    True)``), layer weights included. A model of IR 4 on is taken to list them only out of
+    that habit where every initializer is listed and one of them is a layer's weight (a
+    matrix or kernel read by Conv, MatMul, Gemm or Gather); otherwise what it lists are
+    defaults a caller may override, and they stay inputs (``y = x * scale``)."""
     graph = model.graph
     listed = [v for v in graph.inputs if v.name in graph.initializers]
-    if not listed or len(listed) < len(graph.initializers):
+    if not listed:
+        return []
+    if model.ir_version < NO_DEFAULT_INPUTS_IR_VERSION:
+        return listed
+    if len(listed) < len(graph.initializers) or not any(_is_layer_weight(v) for v in listed):
         return []
     return listed
+
+
+def _is_layer_weight(value: ir.Value) -> bool:
+    tensor = value.const_value
+    if tensor is None or len(tensor.shape) < 2:
+        return False
+    return any(WEIGHT_INPUTS.get(use.node.op_type) == use.idx for use in value.uses())
 
 
 def unlist_weight_inputs(model: ir.Model) -> int:

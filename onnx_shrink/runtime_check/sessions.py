@@ -12,10 +12,10 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
-import onnx.helper as oh
+import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, RunFailedError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
@@ -222,24 +222,21 @@ def runs_qdq(opset: int, ir_version: int) -> bool:
     """Whether this onnxruntime loads QuantizeLinear -> DequantizeLinear at ``opset`` on the
     CPU: onnx's newest opsets run ahead of onnxruntime's kernels. A failure other than a
     missing kernel is not this probe's to judge (True)."""
-    graph = oh.make_graph(
-        [
-            oh.make_node("QuantizeLinear", ["x", "s", "z"], ["q"]),
-            oh.make_node("DequantizeLinear", ["q", "s", "z"], ["y"]),
-        ],
-        "qdq",
-        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1])],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1])],
-        [
-            oh.make_tensor("s", onnx.TensorProto.FLOAT, [], [1.0]),
-            oh.make_tensor("z", onnx.TensorProto.UINT8, [], [0]),
-        ],
+    x = ir.Value(name="x", type=ir.TensorType(ir.DataType.FLOAT), shape=ir.Shape([1]))
+    scale = ir.Value(name="s", const_value=ir.tensor(np.array(1.0, np.float32), name="s"))
+    zero = ir.Value(name="z", const_value=ir.tensor(np.array(0, np.uint8), name="z"))
+    q = ir.node("QuantizeLinear", [x, scale, zero])
+    dq = ir.node("DequantizeLinear", [q.outputs[0], scale, zero])
+    dq.outputs[0].name, dq.outputs[0].type = "y", ir.TensorType(ir.DataType.FLOAT)
+    dq.outputs[0].shape = ir.Shape([1])
+    graph = ir.Graph(
+        [x], dq.outputs, nodes=[q, dq], initializers=[scale, zero], opset_imports={"": opset}
     )
-    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", opset)], ir_version=ir_version)
     options = ort.SessionOptions()
     options.log_severity_level = 3
     try:
-        ort.InferenceSession(proto.SerializeToString(), options, providers=["CPUExecutionProvider"])
+        model = io.to_bytes(ir.Model(graph, ir_version=ir_version))
+        ort.InferenceSession(model, options, providers=["CPUExecutionProvider"])
     except Exception as e:  # noqa: BLE001 - onnxruntime raises several unrelated types
         return "NOT_IMPLEMENTED" not in str(e)
     return True

@@ -221,4 +221,4 @@ def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     assert len(errors) == 1, result.stderr  # no traceback, no onnxruntime log line
     assert errors[0].startswith("onnx-shrink: error: ")
     assert "failed on a synthetic check sample (x=1x16)" in errors[0]
-    assert "the input model failed" in errors[0] and not output.exists()
+    assert f"{model_path} failed" in errors[0] and not output.exists()

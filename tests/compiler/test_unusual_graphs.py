@@ -63,7 +63,7 @@ def test_weights_an_exporter_listed_as_inputs_become_constants_and_are_compresse
     model = listing(mlp(ir_version=ir_version, opset=11), SHAPES)
     with caplog.at_level(logging.WARNING):
         result = shrunk(model, "quant-dynamic")
-    assert "lists its 3 weights as graph inputs too" in caplog.text
+    assert "lists its 3 initializers as graph inputs too" in caplog.text
     assert [i.name for i in result.graph.input] == ["x"] and result.ir_version >= 4
     assert result.ByteSize() < model.ByteSize() / 2  # before: nothing quantized at all
 
@@ -131,4 +131,59 @@ def test_q_dq_at_an_opset_onnxruntime_cannot_run_is_refused_before_any_work(monk
         }.get(passes, ())
         with pytest.raises(ShrinkError, match="no kernel for QuantizeLinear at opset"):
             onnx_shrink.shrink(newest, passes, sets=sets, check=False)
-    onnx_shrink.shrink(newest, "quant-dynamic", check=False)  # fused: no Q/DQ written
+    # Fused MatMuls only: no standard Q/DQ written, nothing to refuse.
+    onnx_shrink.shrink(newest, "quant-dynamic", sets="quant-dynamic.op_types=MatMul", check=False)
+
+
+def test_a_model_whose_only_initializer_is_a_default_keeps_it_an_input():
+    # Every initializer is listed, but none is a layer's weight: it is a default a caller
+    # may feed (y = x * scale), not an exporter's habit.
+    model = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("Mul", ["x", "scale"], ["y"])],
+            "g",
+            [
+                oh.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4]),
+                oh.make_tensor_value_info("scale", TensorProto.FLOAT, []),
+            ],
+            [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4])],
+            [oh.make_tensor("scale", TensorProto.FLOAT, [], [2.0])],
+        ),
+        opset_imports=[oh.make_opsetid("", 17)],
+        ir_version=8,
+    )
+    for passes in ("fold", "quant"):
+        data = {"x": RNG.standard_normal((4, 4)).astype(np.float32)}
+        result = onnx_shrink.shrink(model, passes, data=data)
+        assert [v.name for v in result.model.graph.inputs] == ["x", "scale"]
+
+
+def test_sensitivity_measures_a_model_whose_weights_were_listed_as_inputs():
+    data = {"x": RNG.standard_normal((8, 64)).astype(np.float32)}
+    result = onnx_shrink.shrink(
+        listing(mlp(), SHAPES), "quant", data=data, sensitivity=True, check=False
+    )
+    assert {layer.node for layer in result.sensitivity.layers} >= {"mm1", "mm2"}
+
+
+def test_a_gather_s_dequantize_linear_counts_as_q_dq_for_the_opset_probe():
+    from onnx_shrink.errors import ShrinkError
+    from onnx_shrink.runtime_check import sessions
+
+    newest, ir_version = onnx.defs.onnx_opset_version(), onnx.IR_VERSION
+    if sessions.runs_qdq(newest, ir_version):
+        pytest.skip("this onnxruntime runs Q/DQ at onnx's newest opset")
+    table = onnx.numpy_helper.from_array(RNG.standard_normal((100, 64)).astype(np.float32), "t")
+    model = oh.make_model(
+        oh.make_graph(
+            [oh.make_node("Gather", ["t", "ids"], ["y"])],
+            "g",
+            [oh.make_tensor_value_info("ids", TensorProto.INT64, ["N"])],
+            [oh.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])],
+            [table],
+        ),
+        opset_imports=[oh.make_opsetid("", newest)],
+        ir_version=ir_version,
+    )
+    with pytest.raises(ShrinkError, match="no kernel for QuantizeLinear at opset"):
+        onnx_shrink.shrink(model, "quant-dynamic", check=False)  # fused, but a Gather

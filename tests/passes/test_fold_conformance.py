@@ -50,7 +50,7 @@ def test_fold_reproduces_expected_outputs_and_never_grows(name: str, tmp_path: P
         reason = conformance.outputs_mismatch(case, folded, reference=original_session)
         if reason is not None:
             pytest.fail(f"folded model differs from the original on onnxruntime: {reason}")
-    # The only bytes fold may not account for are io.save's producer stamp.
+    # Fold never grows a model: the saved file is at most the input's size.
     assert saved.bytes_on_disk <= len(original), (
         f"saved {saved.bytes_on_disk} bytes from an input of {len(original)}"
     )

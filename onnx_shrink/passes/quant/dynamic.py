@@ -95,9 +95,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     @property
     def writes_qdq(self) -> bool:
-        """Whether the result holds standard Q/DQ nodes at the model's opset (fused=False):
-        ``shrink`` asks onnxruntime beforehand whether it runs them there."""
-        return not self.fused
+        """Whether the result holds standard Q/DQ nodes at the model's opset (fused=False,
+        and a Gather's DequantizeLinear either way): ``shrink`` asks onnxruntime beforehand
+        whether it runs them there."""
+        return not self.fused or "Gather" in self.op_types
 
     def __post_init__(self) -> None:
         check_options(self)

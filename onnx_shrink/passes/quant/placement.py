@@ -138,13 +138,23 @@ class Exclusions:
         return named(node, self.nodes)
 
 
+def overridable_constants(node: ir.Node) -> list[ir.Value]:
+    """The float initializers ``node`` reads that are also graph inputs: defaults a caller
+    may replace at run time, so no quantized copy may stand in for them (the node stays
+    float). ``shrink`` unlists the weights an exporter merely listed as inputs beforehand
+    (``graph_edit.unlist_weight_inputs``)."""
+    return [
+        v
+        for v in node.inputs
+        if v is not None
+        and v.const_value is not None
+        and v.is_graph_input()
+        and v.const_value.dtype.is_floating_point()
+    ]
+
+
 def reads_overridable_constant(node: ir.Node) -> bool:
-    """Whether ``node`` reads an initializer that is also a graph input: a default a caller
-    may replace at run time, so no quantized copy may stand in for it (the node stays
-    float). Weights an exporter merely listed as inputs are unlisted before the passes."""
-    return any(
-        v is not None and v.const_value is not None and v.is_graph_input() for v in node.inputs
-    )
+    return bool(overridable_constants(node))
 
 
 def named(node: ir.Node, patterns: Sequence[str]) -> bool:

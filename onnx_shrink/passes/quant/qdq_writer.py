@@ -65,7 +65,8 @@ class QdqWriter:
 
         A graph output keeps its name (and type) on the DQ output (the float tensor before it
         is renamed ``<name>_float``), so an integer kernel can write it: onnxruntime fuses
-        ``DQ -> op -> Q`` only.
+        ``DQ -> op -> Q`` only. An output listed twice is the DQ output twice; a graph input
+        that is also an output keeps its name, the output passing it through.
         """
         value = self.values[name]
         prefix = self.names.next_tensor()

@@ -465,14 +465,7 @@ def _warn_overridable_constants(model: ir.Model) -> None:
     """Name the graph inputs with defaults (initializers) whose readers stay float."""
     readers = [n for n in model.graph if placement.reads_overridable_constant(n)]
     if readers:
-        inputs = sorted(
-            {
-                v.name or ""
-                for n in readers
-                for v in n.inputs
-                if v is not None and v.const_value is not None and v.is_graph_input()
-            }
-        )
+        inputs = sorted({v.name or "" for n in readers for v in placement.overridable_constants(n)})
         logger.warning(
             "quant: %d node(s) stay float: they read %s, graph inputs with a default that a "
             "caller may replace (a quantized copy would ignore what the caller feeds)",

@@ -190,7 +190,16 @@ class WeightContext:
             split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
             found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
         else:
-            found = "the model has none"
+            in_functions = sum(
+                n.op_type in op_types
+                for f in self.model.functions.values()
+                for n in ir.traversal.RecursiveGraphIterator(f)
+            )
+            found = (
+                f"its {in_functions} are inside model-local functions, which hold no weights"
+                if in_functions
+                else "the model has none"
+            )
         convs = len(nodes_of(self.model, ("Conv", "ConvTranspose")))
         hint = f"; its {convs} Conv nodes are quant's (static, calibrated)" if convs else ""
         logger.warning(
