@@ -223,6 +223,7 @@ def shrink(
         report = None
         if options is not None:
             report = _check_candidate(reference, candidate, dataset, options, output_path)
+    io.detach_from_files(result.model)  # the caller may serialize it with any tool
     return ShrinkResult(
         model=result.model,
         steps=_on_disk(result.steps, input_bytes, output_bytes),

@@ -129,3 +129,48 @@ def _initializers(model):
     for graph in model.graphs():
         for value in graph.initializers.values():
             yield value, value.const_value
+
+
+def test_shrink_s_result_is_self_contained_whatever_saves_it(tmp_path):
+    # The loader leaves weights of 1 MiB or more in the input file; the result handed back
+    # must not point there: serialized by onnx_ir or onnx, it loads from anywhere, and after
+    # the input is gone.
+    import onnx_shrink
+
+    model = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[2, 512] x) => (float[2, 512] y) '
+        "{ y = MatMul(x, w) }"
+    )
+    w = np.random.default_rng(0).standard_normal((512, 512)).astype(np.float32)  # 1 MiB
+    model.graph.initializer.append(onnx.numpy_helper.from_array(w, "w"))
+    source = tmp_path / "in.onnx"
+    source.write_bytes(model.SerializeToString())
+    result = onnx_shrink.shrink(source, "fold", check=False)
+    source.unlink()
+    elsewhere = tmp_path / "sub"
+    elsewhere.mkdir()
+    ir.save(result.model, elsewhere / "out.onnx")
+    x = np.ones((2, 512), np.float32)
+    for saved in (elsewhere / "out.onnx", ir.to_proto(result.model).SerializeToString()):
+        (y,) = run_ort(saved, {"x": x})
+        np.testing.assert_allclose(y, x @ w, rtol=1e-4, atol=1e-4)
+
+
+def test_saving_with_external_data_a_model_loaded_from_external_data(tmp_path):
+    # onnx_ir closed the mapping of each small external tensor as it saved, which raised
+    # BufferError while fold still held a view of one.
+    import onnx_shrink
+
+    source = tmp_path / "m.onnx"
+    onnx.save_model(
+        onnx.load(str(digits.MODEL_PATH)),
+        str(source),
+        save_as_external_data=True,
+        location="m.data",
+        size_threshold=0,
+    )
+    out = tmp_path / "out.onnx"
+    onnx_shrink.shrink(source, "fold", output=out, external_data=True, check=False)
+    assert (tmp_path / "out.onnx.data").is_file()
+    feed = {"image": np.zeros((1, 1, 8, 8), np.float32)}
+    np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(digits.MODEL_PATH, feed)[0])

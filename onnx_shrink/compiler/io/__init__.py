@@ -367,7 +367,11 @@ def save(
         raise ShrinkError(f"{path}: cannot write the model there ({e.strerror})") from e
     try:
         if external_data:
-            ir.save(model, staging / path.name, external_data=data_name)
+            # onnx_ir copies each external tensor under its size threshold into memory and
+            # closes its mapping, which raises BufferError while a pass's view of it lives:
+            # embedded first as copies (small: at most 256 bytes each), nothing is closed.
+            with _embedded_tensors(model, keep=_over_ir_threshold, copy=True):
+                ir.save(model, staging / path.name, external_data=data_name)
         else:
             from onnx_shrink.compiler.io import large_tensors  # it builds on this module
 
@@ -422,18 +426,29 @@ def external_data_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.data")
 
 
+IR_SAVE_THRESHOLD_BYTES = 256  # ir.save's size_threshold_bytes default
+
+
+def _over_ir_threshold(tensor: ir.ExternalTensor) -> bool:
+    return tensor.nbytes > IR_SAVE_THRESHOLD_BYTES
+
+
 class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
     """Temporarily replace memory-mapped initializers with in-memory views so they embed
     (except those ``keep`` says stay in their file)."""
 
     def __init__(
-        self, model: ir.Model, keep: Callable[[ir.ExternalTensor], bool] | None = None
+        self,
+        model: ir.Model,
+        keep: Callable[[ir.ExternalTensor], bool] | None = None,
+        copy: bool = False,
     ) -> None:
         self._swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
         self._model = model
         self._keep = keep
+        self._copy = copy
 
-    def __enter__(self) -> None:
+    def __enter__(self) -> _embedded_tensors:
         for value, tensor in walk.initializer_tensors(self._model):
             if (
                 isinstance(tensor, ir.ExternalTensor)
@@ -441,11 +456,27 @@ class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like o
                 and not (self._keep is not None and self._keep(tensor))
             ):
                 self._swapped.append((value, tensor))
-                value.const_value = ir.Tensor(tensor.numpy(), name=tensor.name)
+                array = tensor.numpy().copy() if self._copy else tensor.numpy()
+                value.const_value = ir.Tensor(array, name=tensor.name)
+        return self
+
+    def keep(self) -> None:
+        """Leave the in-memory views in place on exit."""
+        self._swapped.clear()
 
     def __exit__(self, *exc: object) -> None:
         for value, tensor in self._swapped:
             value.const_value = tensor
+
+
+def detach_from_files(model: ir.Model) -> None:
+    """Make ``model`` self-contained: every initializer still read from a file (weights the
+    loader left in the input file, external data) becomes a tensor of its own, memory-mapped
+    until used. ``shrink`` returns its result so: serialized with any tool (``ir.save``,
+    ``ir.to_proto``), a model holding file references pointed at the input's file, by an
+    offset, from wherever it was written."""
+    with _embedded_tensors(model) as swap:
+        swap.keep()
 
 
 def serialize_proto(
