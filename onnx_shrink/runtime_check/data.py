@@ -231,6 +231,20 @@ def _natural_key(name: str) -> list[object]:
     return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name)]
 
 
+def _owned(feed: Mapping[str, object], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
+    """A reader's feed as arrays of its own: copied, since readers may refill one buffer
+    for every ``get_next()`` (fine for onnxruntime, which uses each feed at once, while
+    runs here join several samples); lists, which onnxruntime takes, made the input's type
+    (numpy would make Python floats float64)."""
+    dtypes = {spec.name: spec.dtype for spec in specs}
+    return {
+        name: value.copy()
+        if isinstance(value, np.ndarray)
+        else np.array(value, dtype=dtypes.get(name))
+        for name, value in feed.items()
+    }
+
+
 def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
     """An object with ``get_next()``; each result is one feed. It is read only once: feeds
     already taken (by ``first_feed``) are replayed, and a second full pass is an error."""
@@ -243,7 +257,7 @@ def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
         if feed is None:
             state["finished"] = True
             return None
-        feed = {name: np.asarray(value) for name, value in feed.items()}
+        feed = _owned(feed, specs)
         for spec in specs:
             if spec.name not in feed:
                 raise DataError(f"{where}: a feed has no input '{spec.name}'")

@@ -184,6 +184,41 @@ def test_one_reader_given_as_data_serves_calibration_and_the_check_with_every_sa
     assert reader.calls == 25  # read once: 24 feeds and the None that ends them
 
 
+class BufferReader:
+    """A reader that refills one array for every get_next(), as onnxruntime allows."""
+
+    def __init__(self, images: np.ndarray, as_lists: bool = False) -> None:
+        self.images, self.index, self.as_lists = images, 0, as_lists
+        self.buffer = np.empty((1, *images.shape[1:]), images.dtype)
+
+    def get_next(self):
+        if self.index == len(self.images):
+            return None
+        self.buffer[...] = self.images[self.index : self.index + 1]
+        self.index += 1
+        return {"image": self.buffer.tolist() if self.as_lists else self.buffer}
+
+
+@pytest.mark.parametrize("as_lists", [False, True], ids=["one buffer", "lists"])
+def test_a_reader_refilling_one_buffer_or_giving_lists_calibrates_on_its_samples(as_lists):
+    # Runs join samples: feeds held by reference were overwritten by the next get_next()
+    # (64 samples calibrated as 9 distinct ones); lists became float64 and were refused.
+    import onnx_shrink
+    from models import digits
+    from onnx_shrink.compiler.io import data_files
+
+    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:64]
+    expected = onnx_shrink.shrink(
+        digits.MODEL_PATH, "quant", calibration={"image": images}, check=False
+    )
+    got = onnx_shrink.shrink(
+        digits.MODEL_PATH, "quant", calibration=BufferReader(images, as_lists), check=False
+    )
+    from onnx_shrink.compiler import io
+
+    assert io.to_bytes(got.model) == io.to_bytes(expected.model)
+
+
 def test_a_dataset_knows_its_samples_where_that_costs_no_read(tmp_path):
     from onnx_shrink.runtime_check import sample_batches
 
