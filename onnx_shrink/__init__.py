@@ -12,10 +12,12 @@ from onnx_shrink.api import CheckOptions, ShrinkResult, shrink  # noqa: E402
 from onnx_shrink.compiler.io import load, save  # noqa: E402
 from onnx_shrink.errors import (  # noqa: E402
     BadModelError,
+    CandidateFailedError,
     CheckFailed,
     DataError,
     PassFailedError,
     PipelineSpecError,
+    RunFailedError,
     ShrinkError,
 )
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
@@ -30,6 +32,7 @@ from onnx_shrink.runtime_check.compare import Tolerances  # noqa: E402
 
 __all__ = [
     "BadModelError",
+    "CandidateFailedError",
     "CheckFailed",
     "CheckOptions",
     "DataError",
@@ -40,6 +43,7 @@ __all__ = [
     "PipelineSpecError",
     "PruneChannelsPass",
     "PrunePass",
+    "RunFailedError",
     "QuantDynamicPass",
     "QuantPass",
     "ShrinkError",

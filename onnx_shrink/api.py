@@ -125,7 +125,8 @@ def shrink(
     """Compress ``model`` with ``passes`` and, unless ``check=False``, check the result.
 
     Args:
-        model: a path to an .onnx file, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+        model: a path to an .onnx file, its bytes, an ``onnx.ModelProto`` or an
+            ``onnx_ir.Model``.
         passes: ``"fold,quant"``, or a list of pass names and pass instances; None takes the
             list from ``recipe``.
         output: where to save the result; None keeps it in memory only.
@@ -152,7 +153,8 @@ def shrink(
         RunFailedError: the model fails on the check's first sample (before any pass runs),
             or on a later one.
         CandidateFailedError: the result fails where the input runs, or its outputs are not
-            the input's; where ``output`` is given, it is saved.
+            the input's; where ``output`` is given, it is saved, and the error's ``model``
+            holds it either way (as does a ``RunFailedError`` raised by the check).
         PassFailedError: a pass failed, or broke the tolerances under ``strict``.
         ShrinkError: options that do not fit together, a file the run would write over one
             it reads, an unavailable execution provider.
@@ -222,7 +224,12 @@ def shrink(
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
         report = None
         if options is not None:
-            report = _check_candidate(reference, candidate, dataset, options, output_path)
+            try:
+                report = _check_candidate(reference, candidate, dataset, options, output_path)
+            except RunFailedError as e:
+                io.detach_from_files(result.model)
+                e.model = result.model  # the unchecked result, kept where no file holds it
+                raise
     io.detach_from_files(result.model)  # the caller may serialize it with any tool
     return ShrinkResult(
         model=result.model,
@@ -448,6 +455,11 @@ def _check_options(
     if check is False:
         return None
     options = check if isinstance(check, CheckOptions) else CheckOptions()
+    if data is not None and options.data is not None and data is not options.data:
+        raise ShrinkError(
+            "data= and CheckOptions(data=...) name two sources for the check: give the check's "
+            "in CheckOptions and the calibration's as calibration="
+        )
     if data is not None:
         options = dataclasses.replace(options, data=data)
     if options.input_shapes is None and input_shapes is not None:

@@ -29,6 +29,9 @@ class DataError(ShrinkError):
 class RunFailedError(ShrinkError):
     """onnxruntime loaded a model but failed to run it on the given (or synthetic) inputs."""
 
+    model: object | None = None
+    """Raised by ``shrink``'s check of its result: that result (an ``onnx_ir.Model``)."""
+
 
 class CandidateFailedError(RunFailedError):
     """onnxruntime cannot load or run the candidate where it runs the reference: what made the

@@ -335,7 +335,7 @@ def judge(
             )
         if tolerances.min_cosine is not None and out.cosine < tolerances.min_cosine:
             failures.append(
-                f"output '{out.name}': cosine {out.cosine:.6f} < min {tolerances.min_cosine:g}"
+                f"output '{out.name}': cosine {out.cosine:.6f} < min {tolerances.min_cosine:.10g}"
             )
     if (
         tolerances.max_accuracy_drop is not None

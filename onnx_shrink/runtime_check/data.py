@@ -235,13 +235,13 @@ def _owned(feed: Mapping[str, object], specs: Sequence[InputSpec]) -> dict[str, 
     """A reader's feed as arrays of its own: copied, since readers may refill one buffer
     for every ``get_next()`` (fine for onnxruntime, which uses each feed at once, while
     runs here join several samples); lists, which onnxruntime takes, made the input's type
-    (numpy would make Python floats float64)."""
+    (numpy would make Python floats float64); keys the model has no input for left out (a
+    tokenizer's token_type_ids for a model without them), as a dict's are."""
     dtypes = {spec.name: spec.dtype for spec in specs}
-    return {
-        name: value.copy()
-        if isinstance(value, np.ndarray)
-        else np.array(value, dtype=dtypes.get(name))
+    return {  # keys the model has no input for are left out, as a dict's are
+        name: value.copy() if isinstance(value, np.ndarray) else np.array(value, dtypes[name])
         for name, value in feed.items()
+        if name in dtypes
     }
 
 
@@ -325,7 +325,12 @@ def _open(
     if hasattr(source, "get_next"):
         return from_reader(source, specs)  # type: ignore[arg-type]
     if isinstance(source, Mapping):  # in memory, laid out as an .npz's arrays
-        return _from_named_arrays(source, specs, None, where="arrays")
+        dtypes = {spec.name: spec.dtype for spec in specs}
+        arrays = {  # lists, as onnxruntime takes them, made the input's type
+            name: value if isinstance(value, np.ndarray) else np.array(value, dtypes.get(name))
+            for name, value in source.items()
+        }
+        return _from_named_arrays(arrays, specs, None, where="arrays")
     if not isinstance(source, str | os.PathLike):
         raise DataError(
             f"data of type {type(source).__name__}: give a path (.npz, folder of .npy, "

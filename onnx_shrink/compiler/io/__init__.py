@@ -42,7 +42,7 @@ from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
 
-ModelSource = str | os.PathLike | onnx.ModelProto | ir.Model
+ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
 # onnxruntime only guarantees opset 7 and later of the default domain; its upper bounds match
 # the onnx release it is built with, which is the one installed beside it.
@@ -81,7 +81,8 @@ class SavedModel:
 
 
 def load(source: ModelSource) -> ir.Model:
-    """Load and validate a model from a path, an ``onnx.ModelProto`` or an ``onnx_ir.Model``.
+    """Load and validate a model from a path, serialized bytes, an ``onnx.ModelProto`` or an
+    ``onnx_ir.Model``.
 
     Raises:
         BadModelError: the file is missing, unreadable, not ONNX, truncated, rejected by
@@ -95,14 +96,28 @@ def load(source: ModelSource) -> ir.Model:
         unshare_tensors(model)
         _validate(serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model")
         return model
+    if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
+        return load(parse_bytes(bytes(source)))
     if isinstance(source, onnx.ModelProto):
         _validate(source, where="the given ModelProto")
+        external = _external_tensors(source)
+        if external:  # onnx_ir would look for them in the working directory
+            raise BadModelError(
+                f"the given ModelProto keeps tensor '{external[0].name}' in an external file, "
+                "and a ModelProto does not say where it lives: give the model's path, or "
+                "load it with its data (onnx.load(path))"
+            )
         # onnx_ir wraps the TensorProto messages it is given, and renaming such a tensor
         # writes into the message: without a copy, folding renamed tensors of the caller's
         # ModelProto (and made it larger).
         copied = onnx.ModelProto()
         copied.CopyFrom(source)
         return ir.serde.deserialize_model(copied)
+    if not isinstance(source, (str, os.PathLike)):
+        raise BadModelError(
+            f"expected a path, bytes, an onnx.ModelProto or an onnx_ir.Model, not "
+            f"{type(source).__name__}"
+        )
     return _load_file(Path(source))
 
 

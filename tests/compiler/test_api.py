@@ -1,0 +1,72 @@
+"""``shrink`` inside an export pipeline: the model and data forms it takes, and the errors it
+raises, as its docstring states them."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import pytest
+
+import onnx_shrink
+from models import digits
+from onnx_shrink.compiler import io
+from onnx_shrink.compiler.io import data_files
+
+
+def images(count: int = 16) -> np.ndarray:
+    return data_files.load_npz(digits.TEST_DATA_PATH)["image"][:count]
+
+
+def test_a_model_given_as_bytes_is_taken_and_other_objects_are_a_bad_model_error():
+    result = onnx_shrink.shrink(digits.MODEL_PATH.read_bytes(), "fold", check=False)
+    assert result.model.graph.outputs
+    for bad in (None, 42):
+        with pytest.raises(onnx_shrink.BadModelError, match="expected a path, bytes"):
+            onnx_shrink.shrink(bad, "fold", check=False)
+
+
+def test_a_model_proto_whose_weights_are_external_and_not_loaded_is_a_clear_error(tmp_path):
+    path = tmp_path / "m.onnx"
+    model = onnx.load(str(digits.MODEL_PATH))
+    onnx.save_model(model, str(path), save_as_external_data=True, size_threshold=0)
+    unloaded = onnx.load(str(path), load_external_data=False)
+    with pytest.raises(onnx_shrink.BadModelError, match="external file"):
+        onnx_shrink.shrink(unloaded, "fold", check=False)
+
+
+def test_two_sources_for_the_check_are_refused_not_one_silently_dropped():
+    check = onnx_shrink.CheckOptions(data=digits.TEST_DATA_PATH)
+    with pytest.raises(onnx_shrink.ShrinkError, match="two sources for the check"):
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold", data={"image": images()}, check=check)
+
+
+def test_a_result_that_fails_its_check_is_kept_on_the_error():
+    # bfloat16 has no CPU kernels: the check cannot run the result, which output=None would
+    # otherwise lose.
+    with pytest.raises(onnx_shrink.CandidateFailedError) as caught:
+        onnx_shrink.shrink(
+            digits.MODEL_PATH, "fold,fp16", sets="fp16.dtype=bfloat16", data={"image": images()}
+        )
+    kept = caught.value.model
+    assert any(n.op_type == "Cast" for n in kept.graph)
+    assert io.to_bytes(kept)  # whole, serializable
+
+
+def test_lists_and_keys_the_model_has_no_input_for_are_taken_from_dicts_and_readers():
+    rows = images(8)
+
+    class Reader:
+        def __init__(self) -> None:
+            self.left = list(rows)
+
+        def get_next(self):
+            if not self.left:
+                return None
+            return {"image": self.left.pop(0)[np.newaxis].tolist(), "token_type_ids": [0]}
+
+    expected = onnx_shrink.shrink(
+        digits.MODEL_PATH, "quant", calibration={"image": rows}, check=False
+    )
+    for calibration in ({"image": rows.tolist(), "extra": [1, 2]}, Reader()):
+        got = onnx_shrink.shrink(digits.MODEL_PATH, "quant", calibration=calibration, check=False)
+        assert io.to_bytes(got.model) == io.to_bytes(expected.model)
