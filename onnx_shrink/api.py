@@ -31,7 +31,7 @@ from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
-from onnx_shrink.runtime_check import sample_batches, sessions, shapes
+from onnx_shrink.runtime_check import sample_batches, sessions, shapes, synthetic
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -117,7 +117,7 @@ def shrink(
     check: bool | CheckOptions = True,
     data: check_mod.DataSource = None,
     calibration: check_mod.DataSource = None,
-    input_shapes: Mapping[str, Sequence[int]] | None = None,
+    input_shapes: Mapping[str, Sequence[int] | str] | None = None,
     on_pass_start: pipeline.StepCallback | None = None,
     on_calibration: CalibrationProgress | None = None,
     sensitivity: bool = False,
@@ -136,8 +136,9 @@ def shrink(
             a path, a dict of arrays (as an .npz holds them) or a reader with ``get_next()``.
         calibration: inputs for data-aware passes (quant, ...); default: ``data`` (or the
             check's); without any, synthetic inputs with a loud warning.
-        input_shapes: NAME -> dims of the synthetic inputs made where no data is given, for
-            calibration and for the check (where ``CheckOptions.input_shapes`` wins).
+        input_shapes: NAME -> dims (or text: ``"1x3x224x224"``) of the synthetic inputs
+            made where no data is given, for calibration and for the check (where
+            ``CheckOptions.input_shapes`` wins).
         on_pass_start: called with (index, pass) as each pass starts.
         on_calibration: called as calibration runs, with (phase, samples done, samples in
             all or None where the data does not say: a reader object's).
@@ -163,6 +164,7 @@ def shrink(
     pass_list = pipeline.parse_spec(passes, sets, recipe)
     if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
+    input_shapes = _shapes(input_shapes)
     options = _check_options(check, data, input_shapes)
     if dump_dir is not None:
         _check_dump_dir(Path(dump_dir), pass_list, model, output, (data, calibration, recipe))
@@ -445,6 +447,21 @@ def _collect(
         progress=_reporting(progress, dataset.samples, look.purpose),
         run_samples=look.run_samples,
     )
+
+
+def _shapes(
+    input_shapes: Mapping[str, Sequence[int] | str] | None,
+) -> dict[str, tuple[int, ...]] | None:
+    """``input_shapes`` with dims given as text (``"1x3x320x320"``, as ``--input-shape``
+    takes them) parsed; a string read as a sequence made one dim of each character."""
+    if input_shapes is None:
+        return None
+    return {
+        name: synthetic.parse_input_shapes([f"{name}={dims}"])[name]
+        if isinstance(dims, str)
+        else tuple(dims)
+        for name, dims in input_shapes.items()
+    }
 
 
 def _check_options(

@@ -70,3 +70,11 @@ def test_lists_and_keys_the_model_has_no_input_for_are_taken_from_dicts_and_read
     for calibration in ({"image": rows.tolist(), "extra": [1, 2]}, Reader()):
         got = onnx_shrink.shrink(digits.MODEL_PATH, "quant", calibration=calibration, check=False)
         assert io.to_bytes(got.model) == io.to_bytes(expected.model)
+
+
+def test_input_shapes_may_be_given_as_text_as_on_the_command_line():
+    as_text = onnx_shrink.shrink(digits.MODEL_PATH, "quant", input_shapes={"image": "2x1x8x8"})
+    as_dims = onnx_shrink.shrink(digits.MODEL_PATH, "quant", input_shapes={"image": (2, 1, 8, 8)})
+    assert io.to_bytes(as_text.model) == io.to_bytes(as_dims.model)
+    with pytest.raises(onnx_shrink.DataError, match="NAME=1x128"):
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold", input_shapes={"image": "2 by 8"})
