@@ -327,6 +327,16 @@ def test_sparse_storage_breaks_even_at_two_thirds_for_float32():
 # ---- least-squares refit -------------------------------------------------------------------
 
 
+def assert_least_squares_rows(x, rows, keep, refit, which) -> None:
+    """Each of rows ``which`` of ``refit`` is the least-squares fit of the original row's
+    outputs on ``x`` from its kept inputs alone, zero elsewhere."""
+    for j in which:
+        s = keep[j]
+        expected, *_ = np.linalg.lstsq(x[:, s], x @ rows[j], rcond=None)
+        np.testing.assert_allclose(refit[j, s], expected, rtol=1e-5, atol=1e-6)
+        assert (refit[j, ~s] == 0).all()
+
+
 def test_refit_is_the_least_squares_solution_per_output():
     rng = np.random.default_rng(5)
     x = rng.normal(size=(200, 12)) @ rng.normal(size=(12, 12))  # correlated inputs
@@ -334,11 +344,7 @@ def test_refit_is_the_least_squares_solution_per_output():
     keep = nm_keep(np.abs(rows), 2, 4)
     gram = x.T @ x
     refit = reconstruct.refit(rows, keep, gram, ridge=0.0)
-    for j in range(5):
-        s = keep[j]
-        expected, *_ = np.linalg.lstsq(x[:, s], x @ rows[j], rcond=None)
-        np.testing.assert_allclose(refit[j, s], expected, rtol=1e-5, atol=1e-6)
-        assert (refit[j, ~s] == 0).all()
+    assert_least_squares_rows(x, rows, keep, refit, range(5))
     pruned = np.where(keep, rows, 0)
     assert reconstruct.output_error(rows, refit, gram) < reconstruct.output_error(
         rows, pruned, gram
@@ -354,13 +360,8 @@ def test_refit_rows_sharing_their_kept_inputs_get_the_per_row_solution():
     keep = np.zeros((6, 10), bool)
     keep[:4, [0, 2, 3, 7, 9]] = True
     keep[4, [1, 5]] = True
-    gram = x.T @ x
-    refit = reconstruct.refit(rows, keep, gram, ridge=0.0)
-    for j in range(5):
-        s = keep[j]
-        expected, *_ = np.linalg.lstsq(x[:, s], x @ rows[j], rcond=None)
-        np.testing.assert_allclose(refit[j, s], expected, rtol=1e-6, atol=1e-8)
-        assert (refit[j, ~s] == 0).all()
+    refit = reconstruct.refit(rows, keep, x.T @ x, ridge=0.0)
+    assert_least_squares_rows(x, rows, keep, refit, range(5))
     assert (refit[5] == 0).all()
 
 
