@@ -120,8 +120,10 @@ class SensitivityReport:
 
     def exclude_patterns(self, k: int) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
-        (see ``_pattern``), after the pass's own."""
+        (see ``_pattern``), after the pass's own; never every layer: a hint that keeps them
+        all float quantizes nothing."""
         worst = [layer.node for layer in self._worst(k) if layer.node]
+        worst = worst[: len(self.layers) - 1]
         return self.excluded + tuple(_pattern(name, self._names) for name in worst)
 
     def _worst(self, k: int) -> list[LayerSensitivity]:

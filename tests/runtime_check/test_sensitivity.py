@@ -185,8 +185,9 @@ def test_the_hint_excludes_exactly_the_worst_names_whatever_they_contain():
     assert _excluded_by(hint, names) == names[:4]
     notes = " ".join(report.hint_notes(4))
     assert "a/b,c" in notes and "regex" in notes
-    assert report.exclude_hint(6).count(",") == 5
-    assert _excluded_by(report.exclude_hint(6), names) == names
+    # Never all six: keeping every layer float would quantize nothing.
+    assert report.exclude_hint(6).count(",") == 4
+    assert _excluded_by(report.exclude_hint(6), names) == names[:5]
     plain = _report(["/a/b.c", "/d/e"], excluded=("/keep/.*",))
     assert plain.exclude_hint(1) == "--set 'quant.exclude=/keep/.*,/a/b.c'"  # '*': quoted
     assert plain.hint_notes(1) == ()
