@@ -24,6 +24,11 @@ from onnx_shrink.runtime_check.layers import LayerReport
 from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
 
 
+def zipped(size) -> str:
+    """A ``ModelSize``'s zipped bytes, marked ≈ where they come from a sample."""
+    return ("≈ " if size.zipped_estimated else "") + human_bytes(size.zipped_bytes)
+
+
 def human_bytes(n: float) -> str:
     """Binary units, named as such (the HTML report's plots use decimal kB/MB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -250,8 +255,8 @@ def speed_table(report: CheckReport) -> Table:
     )
     table.add_row(
         "bytes zipped",
-        human_bytes(rs.zipped_bytes),
-        human_bytes(cs.zipped_bytes),
+        zipped(rs),
+        zipped(cs),
         f"{cs.zipped_bytes / rs.zipped_bytes:.2f}x",
     )
     return table
@@ -278,7 +283,7 @@ def benchmark_table(report: BenchmarkReport) -> Table:
     if report.peak_memory_bytes is not None:
         table.add_row("session peak memory", "", human_bytes(report.peak_memory_bytes))
     table.add_row("bytes on disk", "", human_bytes(report.size.bytes_on_disk))
-    table.add_row("bytes zipped", "", human_bytes(report.size.zipped_bytes))
+    table.add_row("bytes zipped", "", zipped(report.size))
     return table
 
 

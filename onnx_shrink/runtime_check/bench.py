@@ -16,7 +16,6 @@ import statistics
 import subprocess
 import sys
 import time
-import zlib
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -84,6 +83,8 @@ class ModelSize:
 
     bytes_on_disk: int
     zipped_bytes: int
+    zipped_estimated: bool = False
+    """past ``io.ZIP_EXACT_BYTES``, ``zipped_bytes`` comes from a sample (shown with ≈)"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -181,9 +182,9 @@ def resize_batch(
 def model_size(model: sessions.ModelBytesOrPath) -> ModelSize:
     """Bytes on disk and zlib-compressed bytes of a model file (with external data) or bytes."""
     if isinstance(model, bytes):
-        return ModelSize(len(model), len(zlib.compress(model, ZIP_LEVEL)))
+        return ModelSize(len(model), *io.zipped_size(model, ZIP_LEVEL))
     files = io.model_files(model)
-    return ModelSize(sum(os.path.getsize(p) for p in files), io.zipped_bytes(files, ZIP_LEVEL))
+    return ModelSize(sum(os.path.getsize(p) for p in files), *io.zipped_size(files, ZIP_LEVEL))
 
 
 def session_peak_memory(

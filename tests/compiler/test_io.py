@@ -174,3 +174,19 @@ def test_saving_with_external_data_a_model_loaded_from_external_data(tmp_path):
     assert (tmp_path / "out.onnx.data").is_file()
     feed = {"image": np.zeros((1, 1, 8, 8), np.float32)}
     np.testing.assert_allclose(run_ort(out, feed)[0], run_ort(digits.MODEL_PATH, feed)[0])
+
+
+def test_zipped_size_is_exact_up_to_its_limit_and_a_close_estimate_past_it(tmp_path, monkeypatch):
+    rng = np.random.default_rng(0)
+    half = rng.standard_normal(300_000).astype(np.float32)
+    half[rng.random(half.size) < 0.5] = 0  # pruned: zeros compress
+    data = half.tobytes() * 4
+    path = tmp_path / "m.bin"
+    path.write_bytes(data)
+    exact, estimated = io.zipped_size([path])
+    assert not estimated and exact == io.zipped_bytes([path])
+    monkeypatch.setattr(io, "ZIP_EXACT_BYTES", 1 << 20)
+    monkeypatch.setattr(io, "ZIP_SAMPLE_BYTES", 64 << 10)
+    for source in ([path], data):
+        sampled, estimated = io.zipped_size(source)
+        assert estimated and abs(sampled - exact) / exact < 0.05
