@@ -17,10 +17,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
+from onnx_shrink import preflight
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass, Look
 from onnx_shrink.errors import (
-    BadModelError,
     CandidateFailedError,
     DataError,
     RunFailedError,
@@ -31,7 +31,7 @@ from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
-from onnx_shrink.runtime_check import sample_batches, sessions, shapes, synthetic
+from onnx_shrink.runtime_check import sample_batches, sessions, shapes
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
@@ -164,14 +164,16 @@ def shrink(
     pass_list = pipeline.parse_spec(passes, sets, recipe)
     if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
-    input_shapes = _shapes(input_shapes)
+    input_shapes = preflight.parse_shapes(input_shapes)
     options = _check_options(check, data, input_shapes)
     if dump_dir is not None:
-        _check_dump_dir(Path(dump_dir), pass_list, model, output, (data, calibration, recipe))
+        preflight.check_dump_dir(
+            Path(dump_dir), pass_list, model, output, (data, calibration, recipe)
+        )
     if output is not None:
         io.check_writable(output)
         if isinstance(model, (str, os.PathLike)):
-            _refuse_overwrite(Path(model), Path(output), external_data)
+            preflight.refuse_overwrite(Path(model), Path(output), external_data)
         read = {
             "the data": data,
             "the calibration data": calibration,
@@ -187,17 +189,19 @@ def shrink(
     from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = io.file_bytes(model) if from_file else len(reference)
-    _unlist_weight_inputs(loaded)
-    _refuse_unrunnable_qdq(loaded, pass_list)
+    preflight.unlist_weight_inputs(loaded)
+    preflight.refuse_unrunnable_qdq(loaded, pass_list)
     with contextlib.ExitStack() as stack:
         dataset = None
         if options is not None:  # bad input, model or data: rejected before any work is done
-            probe = _reference_session(reference, options.provider)
+            probe = preflight.reference_session(reference, options.provider)
             specs = data_mod.specs_from_model(loaded)
             dataset = data_mod.prepare(
                 specs, options.data, options.input_shapes, labels=options.labels
             )
-            _run_first_sample(probe, dataset, str(model) if from_file else "the input model")
+            preflight.run_first_sample(
+                probe, dataset, str(model) if from_file else "the input model"
+            )
             del probe  # kept through the compile, it would add the model's size to the peak
         source = next(
             (s for s in (calibration, data, options.data if options else None) if s is not None),
@@ -449,21 +453,6 @@ def _collect(
     )
 
 
-def _shapes(
-    input_shapes: Mapping[str, Sequence[int] | str] | None,
-) -> dict[str, tuple[int, ...]] | None:
-    """``input_shapes`` with dims given as text (``"1x3x320x320"``, as ``--input-shape``
-    takes them) parsed; a string read as a sequence made one dim of each character."""
-    if input_shapes is None:
-        return None
-    return {
-        name: synthetic.parse_input_shapes([f"{name}={dims}"])[name]
-        if isinstance(dims, str)
-        else tuple(dims)
-        for name, dims in input_shapes.items()
-    }
-
-
 def _check_options(
     check: bool | CheckOptions,
     data: check_mod.DataSource,
@@ -490,66 +479,6 @@ def _check_options(
     return options
 
 
-def _refuse_unrunnable_qdq(loaded: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
-    """Refuse, before any work, a pass that would write Q/DQ at an opset this onnxruntime has
-    no kernel for (onnx's newest): its result would not load, found only by the check."""
-    writers = [p for p in pass_list if getattr(p, "writes_qdq", False)]
-    opset = loaded.opset_imports.get("", loaded.opset_imports.get("ai.onnx", 1))
-    # Every onnxruntime this package allows (>= 1.20) runs Q/DQ up to opset 21: no probe.
-    if writers and opset > 21 and not sessions.runs_qdq(opset, loaded.ir_version):
-        raise ShrinkError(
-            f"{writers[0].name}: this onnxruntime has no kernel for QuantizeLinear at opset "
-            f"{opset}, the model's; convert the model to an older opset first "
-            "(onnx.version_converter)"
-        )
-
-
-def _unlist_weight_inputs(loaded: ir.Model) -> None:
-    """Weights an old exporter also listed as graph inputs become plain constants, which the
-    passes compress: left inputs, they were skipped (prune, lowrank, quant-dynamic...) or
-    kept in float beside their int8 copies (quant: the file grew)."""
-    version = loaded.ir_version
-    count = graph_edit.unlist_weight_inputs(loaded)
-    if count:
-        why = (
-            f"as IR {version} requires"
-            if version < graph_edit.NO_DEFAULT_INPUTS_IR_VERSION
-            else "as exporters with keep_initializers_as_inputs do"
-        )
-        logger.warning(
-            "the model lists its %d initializer%s as graph inputs too (%s): the result keeps "
-            "them as constants only, so the passes can compress them, and a caller can no "
-            "longer feed them",
-            count,
-            "" if count == 1 else "s",
-            why,
-        )
-
-
-def _reference_session(reference: Path | bytes, provider: str):
-    """The input in an onnxruntime session, opened before any work (with
-    ``_run_first_sample``): an input the check cannot load or run is bad input (exit 2,
-    nothing written), not a result written and then found unchecked."""
-    try:
-        # prepack=False: onnxruntime need not copy the weights into its kernels for one run.
-        return sessions.create_session(reference, provider=provider, prepack=False)
-    except BadModelError as e:
-        raise BadModelError(
-            f"{e} (the check runs the input in onnxruntime: skip it with --no-check, or check "
-            "on a provider that runs it with --ep)"
-        ) from e
-
-
-def _run_first_sample(session, dataset: data_mod.Dataset, label: str) -> None:
-    sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
-    sessions.run(
-        session,
-        sessions.fitted_feed(session, dataset.first_feed()),
-        failed=f"{label} failed on {sample}",
-        hint=data_mod.unfit_hint(dataset),
-    )
-
-
 def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.Verifier:
     tolerances = options.each_pass_tolerances()
 
@@ -569,50 +498,6 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
         return pipeline.Verdict(ok=report.passed, summary=summary)
 
     return verify
-
-
-def _check_dump_dir(
-    dump_dir: Path,
-    pass_list: Sequence[ir.passes.PassBase],
-    model: io.ModelSource,
-    output,
-    other_reads: Sequence[object],
-) -> None:
-    """Refuse, before any work, a dump folder that is a file, or whose dumps would write over
-    the input model (its weights too), the result, or another file the run reads (data,
-    recipe)."""
-    if dump_dir.exists() and not dump_dir.is_dir():
-        raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
-    reads = {
-        f"a file the run reads ({Path(path).name})": path
-        for path in other_reads
-        if isinstance(path, (str, os.PathLike))
-    }
-    if isinstance(model, (str, os.PathLike)):
-        reads.update(io.model_reads("the input model", model))
-    if output is not None:
-        reads["the result"] = output
-    dumps = pipeline.dump_files(dump_dir, pass_list)
-    io.refuse_clashes({f"the dump folder's {path.name}": path for path in dumps}, reads)
-
-
-def _refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> None:
-    """Refuse an output that would write over the input model or over a file its weights
-    are in: saving ``out.onnx`` with external data writes ``out.onnx.data``, which may be the
-    very file an input saved as ``in.onnx`` + ``out.onnx.data`` reads its weights from."""
-    if not source.exists():
-        return
-    if output.exists() and output.resolve() == source.resolve():
-        raise ShrinkError(f"{output}: refusing to overwrite the input model; choose another -o")
-    data = io.external_data_path(output)
-    # Only an existing file can be the input's; the input is read only then.
-    if external_data is False or not data.exists():
-        return
-    if data.resolve() in {path.resolve() for path in io.model_files(source)[1:]}:
-        raise ShrinkError(
-            f"{output}: refusing to save it: its weights would go to {data}, which holds the "
-            "input model's weights; choose another -o"
-        )
 
 
 def default_output_path(model_path: str | os.PathLike) -> Path:

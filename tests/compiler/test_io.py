@@ -11,7 +11,7 @@ import pytest
 
 from models import digits
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.compiler.io import large_tensors, zipped
 from onnx_shrink.errors import ShrinkError
 from tests.helpers import files_in, parse, run_ort, sha256
 
@@ -185,8 +185,8 @@ def test_zipped_size_is_exact_up_to_its_limit_and_a_close_estimate_past_it(tmp_p
     path.write_bytes(data)
     exact, estimated = io.zipped_size([path])
     assert not estimated and exact == io.zipped_bytes([path])
-    monkeypatch.setattr(io, "ZIP_EXACT_BYTES", 1 << 20)
-    monkeypatch.setattr(io, "ZIP_SAMPLE_BYTES", 64 << 10)
+    monkeypatch.setattr(zipped, "ZIP_EXACT_BYTES", 1 << 20)
+    monkeypatch.setattr(zipped, "ZIP_SAMPLE_BYTES", 64 << 10)
     for source in ([path], data):
         sampled, estimated = io.zipped_size(source)
         assert estimated and abs(sampled - exact) / exact < 0.05

@@ -23,11 +23,9 @@ import contextlib
 import copy
 import dataclasses
 import logging
-import math
 import os
 import shutil
 import tempfile
-import zlib
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -37,7 +35,8 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
-from onnx_shrink.compiler.io import embedded_weights
+from onnx_shrink.compiler.io import embedded_weights, external
+from onnx_shrink.compiler.io.zipped import ZIP_EXACT_BYTES, zipped_bytes, zipped_size  # noqa: F401
 from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
@@ -100,10 +99,10 @@ def load(source: ModelSource) -> ir.Model:
         return load(parse_bytes(bytes(source)))
     if isinstance(source, onnx.ModelProto):
         _validate(source, where="the given ModelProto")
-        external = _external_tensors(source)
-        if external:  # onnx_ir would look for them in the working directory
+        outside = external.external_tensors(source)
+        if outside:  # onnx_ir would look for them in the working directory
             raise BadModelError(
-                f"the given ModelProto keeps tensor '{external[0].name}' in an external file, "
+                f"the given ModelProto keeps tensor '{outside[0].name}' in an external file, "
                 "and a ModelProto does not say where it lives: give the model's path, or "
                 "load it with its data (onnx.load(path))"
             )
@@ -131,14 +130,14 @@ def _load_file(path: Path) -> ir.Model:
         raise BadModelError(f"{where}: the file is empty")
     proto, mapped = _read_proto(path, where)
     _check_header(proto, where)
-    _check_external_data(proto, path.parent, where)
+    external.check_external_data(proto, path.parent, where)
     _run_checker(embedded_weights.checker_view(proto), where)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():
         for graph in function.subgraphs():
             ir.external_data.set_base_dir(graph, path.parent)
-    _follow_linked_data(model)
+    external.follow_linked_data(model)
     embedded_weights.map_from_file(model, mapped, path.resolve())
     return model
 
@@ -213,102 +212,6 @@ def _check_domains(proto: onnx.ModelProto, where: str) -> None:
                 if attr.HasField("g"):
                     stack.append(attr.g.node)
                 stack.extend(g.node for g in attr.graphs)
-
-
-def _external_tensors(proto: onnx.ModelProto) -> list[onnx.TensorProto]:
-    return [
-        t
-        for t in onnx.external_data_helper._get_all_tensors(proto)
-        if t.data_location == onnx.TensorProto.EXTERNAL
-    ]
-
-
-def _check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> None:
-    for tensor in _external_tensors(proto):
-        info = {entry.key: entry.value for entry in tensor.external_data}
-        location = info.get("location", "")
-        data_path = base_dir / location
-        if location and not _names_a_file_inside(base_dir, location):
-            raise BadModelError(
-                f"{where}: tensor '{tensor.name}' keeps its weights at '{location}', outside "
-                "the model's folder, where onnxruntime refuses to read; move the file beside "
-                "the model and name it by its file name"
-            )
-        if not location or not data_path.is_file():
-            raise BadModelError(
-                f"{where}: external data file '{location}' of tensor '{tensor.name}' is missing"
-            )
-        if not os.access(data_path, os.R_OK):
-            raise BadModelError(
-                f"{where}: external data file '{location}' of tensor '{tensor.name}' cannot be "
-                "read (permission denied)"
-            )
-        end = int(info.get("offset", 0)) + int(info.get("length", 0))
-        size = data_path.stat().st_size
-        if end > size:
-            raise BadModelError(
-                f"{where}: external data file '{location}' is shorter than tensor "
-                f"'{tensor.name}' needs ({size} < {end} bytes)"
-            )
-        needed = _fixed_size_bytes(tensor)
-        if "length" in info and needed is not None and int(info["length"]) != needed:
-            raise BadModelError(
-                f"{where}: tensor '{tensor.name}' holds {info['length']} bytes of data; its "
-                f"shape and type need {needed}"
-            )
-
-
-def _names_a_file_inside(base_dir: Path, location: str) -> bool:
-    """Whether ``location`` names a path inside ``base_dir`` by its words (neither absolute
-    nor climbing out with ``..``), as onnxruntime requires; a symbolic link inside may point
-    anywhere (``_follow_linked_data``)."""
-    if os.path.isabs(location):
-        return False
-    base = os.path.normpath(os.path.abspath(base_dir))
-    path = os.path.normpath(os.path.join(base, location))
-    return path.startswith(base + os.sep)
-
-
-def _follow_linked_data(model: ir.Model) -> None:
-    """Point every external tensor read through a symbolic link at the file the link names.
-
-    Hugging Face's cache keeps ``model.onnx.data`` as a link into a ``blobs`` folder beside
-    the snapshot's: onnxruntime reads it, but onnx_ir refuses a link that leaves the model's
-    folder. The link itself is inside the folder (``_names_a_file_inside``), which is what
-    onnxruntime checks too."""
-    tensors = [*walk.initializer_tensors(model)]
-    tensors += [(node, tensor) for node, tensor in walk.constant_node_tensors(model)]
-    for owner, tensor in tensors:
-        if not isinstance(tensor, ir.ExternalTensor) or not tensor.base_dir:
-            continue
-        linked = Path(tensor.base_dir) / tensor.location
-        real = linked.resolve()
-        if real == linked.absolute() or not real.is_file():
-            continue
-        followed = ir.ExternalTensor(
-            real.name,
-            tensor.offset,
-            tensor.length,
-            tensor.dtype,
-            shape=tensor.shape,
-            name=tensor.name,
-            doc_string=tensor.doc_string,
-            metadata_props=dict(tensor.metadata_props),
-            base_dir=real.parent,
-        )
-        if isinstance(owner, ir.Value):
-            owner.const_value = followed
-        else:
-            owner.attributes["value"] = ir.AttrTensor("value", followed)
-
-
-def _fixed_size_bytes(tensor: onnx.TensorProto) -> int | None:
-    """Bytes of a tensor of a whole-byte type (None for strings, packed and unknown types)."""
-    try:
-        bits = ir.DataType(tensor.data_type).bitwidth
-    except (ValueError, TypeError):  # not a type onnx_ir knows, or STRING (no bit width)
-        return None
-    return math.prod(tensor.dims) * bits // 8 if bits % 8 == 0 else None
 
 
 def unshare_tensors(model: ir.Model) -> None:
@@ -555,7 +458,7 @@ def model_files(path: str | os.PathLike) -> list[Path]:
     locations = sorted(
         {
             entry.value
-            for tensor in _external_tensors(proto)
+            for tensor in external.external_tensors(proto)
             for entry in tensor.external_data
             if entry.key == "location" and entry.value != path.name  # weights left in the file
         }
@@ -573,67 +476,6 @@ def model_reads(what: str, path: str | os.PathLike) -> dict[str, Path]:
     except (BadModelError, OSError):
         return {what: Path(path)}
     return {what: files[0], **{f"{what}'s weights ({p.name})": p for p in files[1:]}}
-
-
-ZIP_EXACT_BYTES = 128 << 20
-"""Up to this many bytes, ``zipped_size`` compresses everything; past it, a sample: zipping
-a 0.6 GB encoder twice took half of its default check's minute."""
-ZIP_SAMPLES = 32
-ZIP_SAMPLE_BYTES = 1 << 20
-
-
-def zipped_bytes(paths: list[Path], level: int = 1) -> int:
-    """Size of the files' contents compressed as one zlib stream (read in 4 MiB chunks)."""
-    compressor = zlib.compressobj(level)
-    total = 0
-    for path in paths:
-        with open(path, "rb") as handle:
-            while chunk := handle.read(1 << 22):
-                total += len(compressor.compress(chunk))
-    return total + len(compressor.flush())
-
-
-def zipped_size(source: list[Path] | bytes, level: int = 1) -> tuple[int, bool]:
-    """(zlib-compressed size of the files' contents, or of the bytes; whether it is an
-    estimate): exact up to ``ZIP_EXACT_BYTES``; past it, ``ZIP_SAMPLES`` evenly spaced
-    pieces of ``ZIP_SAMPLE_BYTES`` are compressed and their ratio scaled to the whole (zlib
-    looks back 32 KiB only, so a piece compresses as it would in the stream, near enough)."""
-    if isinstance(source, bytes):
-        total = len(source)
-        if total <= ZIP_EXACT_BYTES:
-            return len(zlib.compress(source, level)), False
-
-        def read(offset: int, length: int) -> bytes:
-            return source[offset : offset + length]
-    else:
-        sizes = [p.stat().st_size for p in source]
-        total = sum(sizes)
-        if total <= ZIP_EXACT_BYTES:
-            return zipped_bytes(source, level), False
-
-        def read(offset: int, length: int) -> bytes:
-            return _read_across(source, sizes, offset, length)
-
-    step = total // ZIP_SAMPLES
-    pieces = [read(offset, ZIP_SAMPLE_BYTES) for offset in range(0, step * ZIP_SAMPLES, step)]
-    packed = sum(len(zlib.compress(piece, level)) for piece in pieces)
-    return round(total * packed / sum(map(len, pieces))), True
-
-
-def _read_across(paths: list[Path], sizes: list[int], offset: int, length: int) -> bytes:
-    """``length`` bytes from ``offset`` of the files' contents taken end to end."""
-    pieces = []
-    for path, size in zip(paths, sizes, strict=True):
-        if offset >= size:
-            offset -= size
-            continue
-        with open(path, "rb") as handle:
-            handle.seek(offset)
-            pieces.append(handle.read(length - sum(map(len, pieces))))
-        offset = 0
-        if sum(map(len, pieces)) >= length:
-            break
-    return b"".join(pieces)
 
 
 def file_bytes(path: str | os.PathLike) -> int:

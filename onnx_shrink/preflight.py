@@ -1,0 +1,139 @@
+"""What ``shrink`` checks and settles before any pass runs, so that bad input costs nothing
+and leaves nothing behind: files it would write over, the input in onnxruntime on the
+check's first sample, Q/DQ at an opset onnxruntime cannot run, and weights an exporter listed
+as graph inputs."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+import onnx_ir as ir
+
+from onnx_shrink.compiler import graph_edit, io, pipeline
+from onnx_shrink.errors import BadModelError, ShrinkError
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sessions, synthetic
+
+logger = logging.getLogger(__name__)
+
+
+def parse_shapes(
+    input_shapes: Mapping[str, Sequence[int] | str] | None,
+) -> dict[str, tuple[int, ...]] | None:
+    """``input_shapes`` with dims given as text (``"1x3x320x320"``, as ``--input-shape``
+    takes them) parsed; a string read as a sequence made one dim of each character."""
+    if input_shapes is None:
+        return None
+    return {
+        name: synthetic.parse_input_shapes([f"{name}={dims}"])[name]
+        if isinstance(dims, str)
+        else tuple(dims)
+        for name, dims in input_shapes.items()
+    }
+
+
+def refuse_unrunnable_qdq(loaded: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:
+    """Refuse, before any work, a pass that would write Q/DQ at an opset this onnxruntime has
+    no kernel for (onnx's newest): its result would not load, found only by the check."""
+    writers = [p for p in pass_list if getattr(p, "writes_qdq", False)]
+    opset = loaded.opset_imports.get("", loaded.opset_imports.get("ai.onnx", 1))
+    # Every onnxruntime this package allows (>= 1.20) runs Q/DQ up to opset 21: no probe.
+    if writers and opset > 21 and not sessions.runs_qdq(opset, loaded.ir_version):
+        raise ShrinkError(
+            f"{writers[0].name}: this onnxruntime has no kernel for QuantizeLinear at opset "
+            f"{opset}, the model's; convert the model to an older opset first "
+            "(onnx.version_converter)"
+        )
+
+
+def unlist_weight_inputs(loaded: ir.Model) -> None:
+    """Weights an old exporter also listed as graph inputs become plain constants, which the
+    passes compress: left inputs, they were skipped (prune, lowrank, quant-dynamic...) or
+    kept in float beside their int8 copies (quant: the file grew)."""
+    version = loaded.ir_version
+    count = graph_edit.unlist_weight_inputs(loaded)
+    if count:
+        why = (
+            f"as IR {version} requires"
+            if version < graph_edit.NO_DEFAULT_INPUTS_IR_VERSION
+            else "as exporters with keep_initializers_as_inputs do"
+        )
+        logger.warning(
+            "the model lists its %d initializer%s as graph inputs too (%s): the result keeps "
+            "them as constants only, so the passes can compress them, and a caller can no "
+            "longer feed them",
+            count,
+            "" if count == 1 else "s",
+            why,
+        )
+
+
+def reference_session(reference: Path | bytes, provider: str):
+    """The input in an onnxruntime session, opened before any work (with
+    ``run_first_sample``): an input the check cannot load or run is bad input (exit 2,
+    nothing written), not a result written and then found unchecked."""
+    try:
+        # prepack=False: onnxruntime need not copy the weights into its kernels for one run.
+        return sessions.create_session(reference, provider=provider, prepack=False)
+    except BadModelError as e:
+        raise BadModelError(
+            f"{e} (the check runs the input in onnxruntime: skip it with --no-check, or check "
+            "on a provider that runs it with --ep)"
+        ) from e
+
+
+def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> None:
+    sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
+    sessions.run(
+        session,
+        sessions.fitted_feed(session, dataset.first_feed()),
+        failed=f"{label} failed on {sample}",
+        hint=data_mod.unfit_hint(dataset),
+    )
+
+
+def check_dump_dir(
+    dump_dir: Path,
+    pass_list: Sequence[ir.passes.PassBase],
+    model: io.ModelSource,
+    output,
+    other_reads: Sequence[object],
+) -> None:
+    """Refuse, before any work, a dump folder that is a file, or whose dumps would write over
+    the input model (its weights too), the result, or another file the run reads (data,
+    recipe)."""
+    if dump_dir.exists() and not dump_dir.is_dir():
+        raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
+    reads = {
+        f"a file the run reads ({Path(path).name})": path
+        for path in other_reads
+        if isinstance(path, (str, os.PathLike))
+    }
+    if isinstance(model, (str, os.PathLike)):
+        reads.update(io.model_reads("the input model", model))
+    if output is not None:
+        reads["the result"] = output
+    dumps = pipeline.dump_files(dump_dir, pass_list)
+    io.refuse_clashes({f"the dump folder's {path.name}": path for path in dumps}, reads)
+
+
+def refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> None:
+    """Refuse an output that would write over the input model or over a file its weights
+    are in: saving ``out.onnx`` with external data writes ``out.onnx.data``, which may be the
+    very file an input saved as ``in.onnx`` + ``out.onnx.data`` reads its weights from."""
+    if not source.exists():
+        return
+    if output.exists() and output.resolve() == source.resolve():
+        raise ShrinkError(f"{output}: refusing to overwrite the input model; choose another -o")
+    data = io.external_data_path(output)
+    # Only an existing file can be the input's; the input is read only then.
+    if external_data is False or not data.exists():
+        return
+    if data.resolve() in {path.resolve() for path in io.model_files(source)[1:]}:
+        raise ShrinkError(
+            f"{output}: refusing to save it: its weights would go to {data}, which holds the "
+            "input model's weights; choose another -o"
+        )
