@@ -18,6 +18,7 @@ import dataclasses
 import logging
 import math
 import re
+import time
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
@@ -233,6 +234,13 @@ class PrunePass(DataAwarePass):
         choices=("auto", "on", "off"),
     )
     ridge: float = option(refitting.DEFAULT_RIDGE, "refit dampening x mean diag(G)", minimum=0)
+    refit_seconds: float = option(
+        300.0,
+        "time the refit may take in all: a layer whose refit would pass it stays pruned "
+        "without one, with a warning (it solves a system per output row: hours on large "
+        "layers)",
+        minimum=0,
+    )
     min_elements: int = option(1024, "layers with fewer weights are kept dense", minimum=0)
     exclude_op_types: tuple[str, ...] = option((), "op types kept dense")
     exclude: tuple[str, ...] = option(
@@ -248,6 +256,11 @@ class PrunePass(DataAwarePass):
             raise ValueError("sparsity=1 zeroes every weight: give a fraction below 1")
         refuse_inapplicable(
             self, {"sparsity": not self.nm}, f"nm={self.nm!r} fixes the sparsity of every group"
+        )
+        refuse_inapplicable(
+            self,
+            {"refit_seconds": self.refits, "ridge": self.refits},
+            "there is no refit (reconstruct=on, or auto with method=wanda)",
         )
         if self.nm:
             n, m = self.pattern
@@ -307,10 +320,24 @@ class PrunePass(DataAwarePass):
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []
+        clock = refitting.RefitClock() if self.refits else None
+        unrefit: list[tuple[str, float]] = []
         for layer in layers:
-            row = self._prune_layer(model, layer, stats, global_keep.get(id(layer)))
+            keep = global_keep.get(id(layer))
+            row = self._prune_layer(model, layer, stats, keep, clock, unrefit)
             if row is not None:
                 rows_report.append(row)
+        if unrefit:
+            more = sum(seconds for _, seconds in unrefit)
+            logger.warning(
+                "prune: %d layers left unrefit (%s): their least-squares refit would take "
+                "about %s more than refit_seconds=%g allows; raise prune.refit_seconds to "
+                "refit them",
+                len(unrefit),
+                ", ".join(name for name, _ in unrefit[:3]) + (" ..." if len(unrefit) > 3 else ""),
+                f"{more:.0f} s" if more >= 1 else "a second",
+                self.refit_seconds,
+            )
         _log_table(rows_report)
         self._log_storage(rows_report)
         if not rows_report:
@@ -327,7 +354,9 @@ class PrunePass(DataAwarePass):
             start += score.size
         return masks
 
-    def _prune_layer(self, model, layer: Layer, stats: Statistics, keep) -> _Report | None:
+    def _prune_layer(
+        self, model, layer: Layer, stats: Statistics, keep, clock, unrefit
+    ) -> _Report | None:
         original = _array(layer)
         rows = layer.rows(original.astype(np.float64))
         method, scale = self.method, None
@@ -346,10 +375,17 @@ class PrunePass(DataAwarePass):
         new_rows = np.where(keep, rows, 0.0)
         error = refit_error = None
         gram = _gram(layer, stats) if self.refits and layer.layout != "conv" else None
+        units = refitting.solve_units(keep) if gram is not None else 0.0
+        if gram is not None and clock.seconds + clock.projected(units) > self.refit_seconds:
+            unrefit.append((layer.name, clock.projected(units)))
+            gram = None
         if gram is not None:
-            error = refitting.output_error(rows, new_rows, gram)
+            started = time.perf_counter()
+            energy = refitting.output_energy(rows, gram)
+            error = refitting.output_error(rows, new_rows, gram, energy)
             new_rows = refitting.refit(rows, keep, gram, self.ridge)
-            refit_error = refitting.output_error(rows, new_rows, gram)
+            refit_error = refitting.output_error(rows, new_rows, gram, energy)
+            clock.add(units, time.perf_counter() - started)
         pruned = layer.unrows(new_rows, original.shape).astype(original.dtype)
         layer.weight.const_value = ir.tensor(pruned, name=layer.weight.name)
         return _Report(

@@ -382,6 +382,12 @@ def test_output_error_is_the_relative_error_on_the_rows():
     candidate = rows + rng.normal(scale=0.1, size=rows.shape)
     expected = np.sum((x @ (rows - candidate).T) ** 2) / np.sum((x @ rows.T) ** 2)
     assert reconstruct.output_error(rows, candidate, x.T @ x) == pytest.approx(expected)
+    # A change in two columns only (removed channels) reads G where they are.
+    few = rows.copy()
+    few[:, [1, 4]] = 0
+    expected = np.sum((x @ (rows - few).T) ** 2) / np.sum((x @ rows.T) ** 2)
+    energy = reconstruct.output_energy(rows, x.T @ x)
+    assert reconstruct.output_error(rows, few, x.T @ x, energy) == pytest.approx(expected)
 
 
 # ---- real models ---------------------------------------------------------------------------
@@ -458,3 +464,30 @@ def test_the_summary_says_how_many_weights_pruning_zeroed():
     step = result.steps[-1]
     assert step.modified and step.note.startswith("50% of ") and "layers are zero" in step.note
     assert result.to_dict()["passes"][-1]["note"] == step.note
+
+
+def test_a_refit_past_its_time_budget_is_skipped_with_a_warning(caplog):
+    # One system per output row: on a large layer, hours. Past refit_seconds the layers stay
+    # magnitude-pruned, unrefit, and the warning says how to refit them.
+    import onnx_shrink
+    from tests.compiler.test_unusual_graphs import mlp
+
+    data = {"x": np.random.default_rng(0).standard_normal((16, 64)).astype(np.float32)}
+
+    model = mlp()
+
+    def pruned(*sets):
+        sets = ("prune.reconstruct=on", *sets)
+        return onnx_shrink.shrink(model, "prune", sets=sets, calibration=data, check=False)
+
+    with caplog.at_level(logging.WARNING):
+        unrefit = pruned("prune.refit_seconds=0")
+    assert "2 layers left unrefit (mm1, mm2)" in caplog.text
+    assert "raise prune.refit_seconds" in caplog.text
+    from onnx_shrink.compiler import io
+
+    plain = onnx_shrink.shrink(model, "prune", check=False)  # magnitude, no refit
+    assert io.to_bytes(unrefit.model) == io.to_bytes(plain.model)
+    assert io.to_bytes(pruned().model) != io.to_bytes(plain.model)  # within the budget
+    with pytest.raises(onnx_shrink.PipelineSpecError, match="refit_seconds"):
+        onnx_shrink.shrink(model, "prune", sets="prune.refit_seconds=5", check=False)
