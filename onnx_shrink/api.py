@@ -166,29 +166,30 @@ def shrink(
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     input_shapes = preflight.parse_shapes(input_shapes)
     options = _check_options(check, data, input_shapes)
+    from_file = isinstance(model, (str, os.PathLike))
+    # The input and its weight files, read once: every clash check and the input's size.
+    model_files = io.model_reads("the input model", model) if from_file else {}
+    read = {
+        "the data": data,
+        "the calibration data": calibration,
+        "the check's data": options.data if options else None,
+        "the labels": options.labels if options else None,
+        "the recipe": recipe,
+    }
+    reads = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))} | model_files
     if dump_dir is not None:
-        preflight.check_dump_dir(
-            Path(dump_dir), pass_list, model, output, (data, calibration, recipe)
-        )
+        preflight.check_dump_dir(Path(dump_dir), pass_list, reads, output)
     if output is not None:
         io.check_writable(output)
-        if isinstance(model, (str, os.PathLike)):
-            preflight.refuse_overwrite(Path(model), Path(output), external_data)
-        read = {
-            "the data": data,
-            "the calibration data": calibration,
-            "the check's data": options.data if options else None,
-            "the labels": options.labels if options else None,
-            "the recipe": recipe,
-        }
-        reads = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))}
-        if isinstance(model, (str, os.PathLike)):
-            reads.update(io.model_reads("the input model", model))
+        if from_file:
+            weights = list(model_files.values())[1:]
+            preflight.refuse_overwrite(Path(model), Path(output), external_data, weights)
         io.refuse_clashes({"the result": output}, reads)
     loaded = io.load(model)
-    from_file = isinstance(model, (str, os.PathLike))
     reference = Path(model) if from_file else io.to_bytes(loaded)
-    input_bytes = io.file_bytes(model) if from_file else len(reference)
+    input_bytes = (
+        sum(p.stat().st_size for p in model_files.values()) if from_file else len(reference)
+    )
     preflight.unlist_weight_inputs(loaded)
     preflight.refuse_unrunnable_qdq(loaded, pass_list)
     with contextlib.ExitStack() as stack:
@@ -228,15 +229,14 @@ def shrink(
             sensitivity=sensitivity,
         )
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
+        io.detach_from_files(result.model)  # the caller may serialize it with any tool
         report = None
         if options is not None:
             try:
                 report = _check_candidate(reference, candidate, dataset, options, output_path)
             except RunFailedError as e:
-                io.detach_from_files(result.model)
                 e.model = result.model  # the unchecked result, kept where no file holds it
                 raise
-    io.detach_from_files(result.model)  # the caller may serialize it with any tool
     return ShrinkResult(
         model=result.model,
         steps=_on_disk(result.steps, input_bytes, output_bytes),

@@ -14,6 +14,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.errors import BadModelError, ShrinkError
+from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions, synthetic
 
@@ -39,7 +40,7 @@ def refuse_unrunnable_qdq(loaded: ir.Model, pass_list: Sequence[ir.passes.PassBa
     """Refuse, before any work, a pass that would write Q/DQ at an opset this onnxruntime has
     no kernel for (onnx's newest): its result would not load, found only by the check."""
     writers = [p for p in pass_list if getattr(p, "writes_qdq", False)]
-    opset = loaded.opset_imports.get("", loaded.opset_imports.get("ai.onnx", 1))
+    opset = onnx_opset(loaded)
     # Every onnxruntime this package allows (>= 1.20) runs Q/DQ up to opset 21: no probe.
     if writers and opset > 21 and not sessions.runs_qdq(opset, loaded.ir_version):
         raise ShrinkError(
@@ -98,32 +99,27 @@ def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> None:
 def check_dump_dir(
     dump_dir: Path,
     pass_list: Sequence[ir.passes.PassBase],
-    model: io.ModelSource,
+    reads: Mapping[str, str | os.PathLike],
     output,
-    other_reads: Sequence[object],
 ) -> None:
     """Refuse, before any work, a dump folder that is a file, or whose dumps would write over
-    the input model (its weights too), the result, or another file the run reads (data,
-    recipe)."""
+    a file the run reads (``reads``: the input model and its weights, data, recipe) or the
+    result."""
     if dump_dir.exists() and not dump_dir.is_dir():
         raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
-    reads = {
-        f"a file the run reads ({Path(path).name})": path
-        for path in other_reads
-        if isinstance(path, (str, os.PathLike))
-    }
-    if isinstance(model, (str, os.PathLike)):
-        reads.update(io.model_reads("the input model", model))
     if output is not None:
-        reads["the result"] = output
+        reads = {**reads, "the result": output}
     dumps = pipeline.dump_files(dump_dir, pass_list)
     io.refuse_clashes({f"the dump folder's {path.name}": path for path in dumps}, reads)
 
 
-def refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> None:
+def refuse_overwrite(
+    source: Path, output: Path, external_data: bool | None, weights: Sequence[Path]
+) -> None:
     """Refuse an output that would write over the input model or over a file its weights
-    are in: saving ``out.onnx`` with external data writes ``out.onnx.data``, which may be the
-    very file an input saved as ``in.onnx`` + ``out.onnx.data`` reads its weights from."""
+    are in (``weights``): saving ``out.onnx`` with external data writes ``out.onnx.data``,
+    which may be the very file an input saved as ``in.onnx`` + ``out.onnx.data`` reads its
+    weights from."""
     if not source.exists():
         return
     if output.exists() and output.resolve() == source.resolve():
@@ -132,7 +128,7 @@ def refuse_overwrite(source: Path, output: Path, external_data: bool | None) -> 
     # Only an existing file can be the input's; the input is read only then.
     if external_data is False or not data.exists():
         return
-    if data.resolve() in {path.resolve() for path in io.model_files(source)[1:]}:
+    if data.resolve() in {path.resolve() for path in weights}:
         raise ShrinkError(
             f"{output}: refusing to save it: its weights would go to {data}, which holds the "
             "input model's weights; choose another -o"
