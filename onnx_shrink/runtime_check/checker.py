@@ -105,7 +105,7 @@ def _open(
         why = (
             f"onnxruntime's {provider} provider has no kernel for one of its nodes: check it "
             "with --ep on the provider it is for, or skip the check with --no-check"
-            if "NOT_IMPLEMENTED" in str(e)
+            if sessions.missing_kernel(e)
             else "the reference loads: the candidate is broken"
         )
         raise CandidateFailedError(f"{e} ({why})") from e

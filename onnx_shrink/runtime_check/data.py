@@ -164,38 +164,25 @@ def _fixed_batch_input(specs: Sequence[InputSpec]) -> InputSpec | None:
     return next((s for s in specs if s.shape and not s.batch_axis), None)
 
 
-def from_npz(
-    path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
-) -> Dataset:
+def from_npz(path: str | Path, specs: Sequence[InputSpec]) -> Dataset:
     """``.npz`` with one array per input and optional ``labels``."""
-    return _from_named_arrays(data_files.load_npz(path), specs, labels, where=str(path))
+    return _from_named_arrays(data_files.load_npz(path), specs, where=str(path))
 
 
 def _from_named_arrays(
-    arrays: Mapping[str, np.ndarray],
-    specs: Sequence[InputSpec],
-    labels: np.ndarray | None,
-    where: str,
+    arrays: Mapping[str, object], specs: Sequence[InputSpec], where: str
 ) -> Dataset:
-    """One array per input plus optional ``labels`` among them (``labels`` given wins)."""
-    arrays = dict(arrays)
-    stored = arrays.pop("labels", None)
-    given = labels if labels is not None else stored
-    return from_arrays(
-        arrays, specs, labels=None if given is None else np.asarray(given), where=where
-    )
+    """One array (or list) per input plus optional ``labels`` among them."""
+    arrays = {name: _as_input(value, specs, name, copy=False) for name, value in arrays.items()}
+    labels = arrays.pop("labels", None)
+    return from_arrays(arrays, specs, labels=labels, where=where)
 
 
-def from_npy_folder(
-    path: str | Path, specs: Sequence[InputSpec], labels: np.ndarray | None = None
-) -> Dataset:
+def from_npy_folder(path: str | Path, specs: Sequence[InputSpec]) -> Dataset:
     """A folder holding ``<input name>.npy`` per input and optional ``labels.npy``."""
     folder = Path(path)
     arrays = {p.stem: data_files.load_npy(p) for p in sorted(folder.glob("*.npy"))}
-    stored_labels = arrays.pop("labels", None)
-    return from_arrays(
-        arrays, specs, labels=labels if labels is not None else stored_labels, where=str(folder)
-    )
+    return _from_named_arrays(arrays, specs, where=str(folder))
 
 
 # ---- onnxruntime's test layout, reader objects ----------------------------------------------
@@ -234,15 +221,23 @@ def _natural_key(name: str) -> list[object]:
 def _owned(feed: Mapping[str, object], specs: Sequence[InputSpec]) -> dict[str, np.ndarray]:
     """A reader's feed as arrays of its own: copied, since readers may refill one buffer
     for every ``get_next()`` (fine for onnxruntime, which uses each feed at once, while
-    runs here join several samples); lists, which onnxruntime takes, made the input's type
-    (numpy would make Python floats float64); keys the model has no input for left out (a
+    runs here join several samples); keys the model has no input for left out (a
     tokenizer's token_type_ids for a model without them), as a dict's are."""
-    dtypes = {spec.name: spec.dtype for spec in specs}
-    return {  # keys the model has no input for are left out, as a dict's are
-        name: value.copy() if isinstance(value, np.ndarray) else np.array(value, dtypes[name])
+    names = {spec.name for spec in specs}
+    return {
+        name: _as_input(value, specs, name, copy=True)
         for name, value in feed.items()
-        if name in dtypes
+        if name in names
     }
+
+
+def _as_input(value: object, specs: Sequence[InputSpec], name: str, copy: bool) -> np.ndarray:
+    """``value`` as an array: a list, which onnxruntime takes, made the input's type (numpy
+    would make Python floats float64); an array as it is, or a copy of it."""
+    if isinstance(value, np.ndarray):
+        return value.copy() if copy else value
+    dtype = next((spec.dtype for spec in specs if spec.name == name), None)
+    return np.array(value, dtype)
 
 
 def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
@@ -325,12 +320,7 @@ def _open(
     if hasattr(source, "get_next"):
         return from_reader(source, specs)  # type: ignore[arg-type]
     if isinstance(source, Mapping):  # in memory, laid out as an .npz's arrays
-        dtypes = {spec.name: spec.dtype for spec in specs}
-        arrays = {  # lists, as onnxruntime takes them, made the input's type
-            name: value if isinstance(value, np.ndarray) else np.array(value, dtypes.get(name))
-            for name, value in source.items()
-        }
-        return _from_named_arrays(arrays, specs, None, where="arrays")
+        return _from_named_arrays(source, specs, where="arrays")
     if not isinstance(source, str | os.PathLike):
         raise DataError(
             f"data of type {type(source).__name__}: give a path (.npz, folder of .npy, "
