@@ -27,9 +27,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
-    nodes_of,
     trimmed,
-    warn_half_precision,
 )
 
 logger = logging.getLogger(__name__)
@@ -110,7 +108,6 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         context = self.context(model)
         count = self.quantize(model, context)
         if not count:
-            warn_half_precision(self.name, nodes_of(model, self.op_types))
             context.warn_nothing_quantized(self.op_types)
         if count and self.narrow_storage:
             compact.store_narrow(model)

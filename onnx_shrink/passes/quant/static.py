@@ -217,8 +217,7 @@ class QuantPass(DataAwarePass):
         lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
-        self.convert_opset(model)
-        placement.infer_types(model)
+        self._converted_and_typed(model)
         # Only tensors that can get Q/DQ are measured: a candidate node outside that plan is
         # never accepted whatever its ranges (on PP-OCR rec: 93 of 556 candidate tensors;
         # every measured tensor costs reductions in each run, a histogram far more).
@@ -270,11 +269,7 @@ class QuantPass(DataAwarePass):
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         if not self._has_candidates(model):
             return self._unchanged(model)
-        opset = onnx_opset(model)
-        per_channel, sixteen_bit = self.convert_opset(model)
-        converted = onnx_opset(model) != opset
-        if converted or not placement.types_known(model.graph):  # else requests inferred them
-            placement.infer_types(model)
+        per_channel, sixteen_bit = self._converted_and_typed(model)
         stats = self.completed_statistics(model, stats)
         _warn_nonfinite_inputs(model, stats)
         _warn_overridable_constants(model)
@@ -336,6 +331,16 @@ class QuantPass(DataAwarePass):
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
         placement.settle_inferred_types(model, keep=False)
         return ir.passes.PassResult(model, False)
+
+    def _converted_and_typed(self, model: ir.Model) -> tuple[bool, bool]:
+        """``convert_opset``, then types inferred unless they are known and the opset stayed
+        (``requests``, or ``_has_candidates`` on a model that may hold float16, inferred them:
+        each inference serializes the whole model)."""
+        opset = onnx_opset(model)
+        result = self.convert_opset(model)
+        if onnx_opset(model) != opset or not placement.types_known(model.graph):
+            placement.infer_types(model)
+        return result
 
     def _has_candidates(self, model: ir.Model) -> bool:
         """Whether any node is of a type the options let the pass quantize: without one,

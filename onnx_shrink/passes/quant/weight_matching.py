@@ -139,6 +139,9 @@ class WeightContext:
     quantized: dict[tuple[int, Hashable], tuple[ir.Value | None, ...]]
     sources: list[ir.Value]
     skipped: list[tuple[ir.Node, str]] = dataclasses.field(default_factory=list)
+    orphans: set[ir.Value] = dataclasses.field(default_factory=set)
+    """constants replaced nodes read besides their weight (a Gemm's C): dropped with the
+    weights where nothing reads them any more"""
 
     @classmethod
     def of(
@@ -158,14 +161,11 @@ class WeightContext:
                 name = f"{function.domain}::{function.name}"
                 logger.debug("%s: skipping function %s: no initializers", self.pass_name, name)
         nodes = []
-        for graph in list(self.model.graphs()):
-            for node in graph:
-                if node.domain not in ("", "ai.onnx") or node.op_type not in op_types:
-                    continue
-                if any(p.fullmatch(node.name or "") for p in self.exclude):
-                    self.skip(node, "excluded")
-                else:
-                    nodes.append(node)
+        for node in nodes_of(self.model, op_types):
+            if any(p.fullmatch(node.name or "") for p in self.exclude):
+                self.skip(node, "excluded")
+            else:
+                nodes.append(node)
         return nodes
 
     def skip(self, node: ir.Node, reason: str) -> bool:
@@ -175,11 +175,13 @@ class WeightContext:
 
     def warn_nothing_quantized(self, op_types: Sequence[str]) -> None:
         """Say why the pass quantized nothing, where the summary would only say "no change":
-        what it skipped, by op type, with one reason (``-vv`` logs each), and the model's Conv
-        nodes, which are ``quant``'s. Candidates computing in half precision are left to
-        ``warn_half_precision``."""
+        candidates computing in half precision (``warn_half_precision``), then what it skipped
+        otherwise, by op type, with one reason (``-vv`` logs each), and the model's Conv
+        nodes, which are ``quant``'s."""
+        candidates = nodes_of(self.model, op_types)
+        warn_half_precision(self.pass_name, candidates)
         skipped = [(n, why) for n, why in self.skipped if not _computes_in_half(n)]
-        if not skipped and nodes_of(self.model, op_types):
+        if not skipped and candidates:
             return
         kinds = "/".join(op_types)
         if skipped:
@@ -268,18 +270,19 @@ class WeightContext:
         graph, last = old_nodes[0].graph, old_nodes[-1]
         assert graph is not None
         old, new = [last.outputs[0]], [new_nodes[-1].outputs[0]]
-        read = {v for n in old_nodes for v in n.inputs if v is not None and v.is_initializer()}
+        self.orphans.update(
+            v for n in old_nodes for v in n.inputs if v is not None and v.is_initializer()
+        )
         ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, old, new)
-        # Constants only the old nodes read (a Gemm's C, now a scaled copy) go with them;
-        # the weights themselves go in drop_dead_weights.
-        for value in read - set(self.sources):
+
+    def drop_dead_weights(self) -> None:
+        """Remove float weights, and the other constants replaced nodes read (a Gemm's C, now
+        a scaled copy), that no node or graph output reads any more; warn about weights still
+        read (a weight tied to a node left float is then stored twice: float and not)."""
+        for value in self.orphans - set(self.sources):
             if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
                 assert value.name is not None and value.graph is not None
                 del value.graph.initializers[value.name]
-
-    def drop_dead_weights(self) -> None:
-        """Remove float weights that no node or graph output reads any more; warn about those
-        still read (a weight tied to a node left float is then stored twice: float and not)."""
         kept = []
         for value in dict.fromkeys(self.sources):  # once each, however many layouts it got
             if not value.uses() and not value.is_graph_output() and value.graph is not None:

@@ -35,7 +35,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     nodes_of,
     onnx_opset,
     trimmed,
-    warn_half_precision,
 )
 
 logger = logging.getLogger(__name__)
@@ -124,6 +123,7 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         # Converted only for weights it will quantize: a model without any keeps its opset.
         if (
             self.format == "dequantize_linear"
+            and opset < BLOCKED_DQ_OPSET  # else nothing to convert: no need to look
             and self._has_weights(model)
             and not ensure_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name)
         ):
@@ -146,7 +146,6 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         context.drop_dead_weights()
         logger.info("%s: quantized %d nodes", self.name, count)
         if not count:
-            warn_half_precision(self.name, nodes_of(model, self.op_types))
             context.warn_nothing_quantized(self.op_types)
         gemms = nodes_of(model, ("Gemm",))
         if gemms:
