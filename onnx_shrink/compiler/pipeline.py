@@ -119,8 +119,6 @@ def _instantiate(name: str, raw_options: Mapping[str, Any]) -> ir.passes.PassBas
 def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
     try:
         data = tomllib.loads(data_files.read_text(path))
-    except PipelineSpecError:
-        raise
     except ShrinkError as e:  # unreadable, or not UTF-8: a bad recipe all the same
         raise PipelineSpecError(str(e)) from e
     except tomllib.TOMLDecodeError as e:
@@ -280,7 +278,7 @@ def run(
                 verdict=verdict,
                 calibration_seconds=calibration_seconds,
                 calibration_samples=samples,
-                note="" if rolled_back else getattr(result, "note", ""),
+                note=getattr(result, "note", ""),  # a rolled-back pass's result has none
             )
         )
         logger.info(

@@ -376,8 +376,9 @@ class PrunePass(DataAwarePass):
         error = refit_error = None
         gram = _gram(layer, stats) if self.refits and layer.layout != "conv" else None
         units = refitting.solve_units(keep) if gram is not None else 0.0
-        if gram is not None and clock.seconds + clock.projected(units) > self.refit_seconds:
-            unrefit.append((layer.name, clock.projected(units)))
+        projected = clock.projected(units) if gram is not None else 0.0
+        if gram is not None and clock.seconds + projected > self.refit_seconds:
+            unrefit.append((layer.name, projected))
             gram = None
         if gram is not None:
             started = time.perf_counter()

@@ -84,7 +84,7 @@ class ModelSize:
     bytes_on_disk: int
     zipped_bytes: int
     zipped_estimated: bool = False
-    """past ``io.ZIP_EXACT_BYTES``, ``zipped_bytes`` comes from a sample (shown with ≈)"""
+    """past ``zipped.ZIP_EXACT_BYTES``, ``zipped_bytes`` comes from a sample (shown with ≈)"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

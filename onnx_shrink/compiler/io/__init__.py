@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.io import embedded_weights, external
-from onnx_shrink.compiler.io.zipped import ZIP_EXACT_BYTES, zipped_bytes, zipped_size  # noqa: F401
+from onnx_shrink.compiler.io.zipped import zipped_bytes, zipped_size  # noqa: F401
 from onnx_shrink.errors import BadModelError, ShrinkError
 
 logger = logging.getLogger(__name__)
@@ -96,28 +96,35 @@ def load(source: ModelSource) -> ir.Model:
         _validate(serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model")
         return model
     if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
-        return load(parse_bytes(bytes(source)))
+        return _load_proto(parse_bytes(bytes(source)), owned=True)
     if isinstance(source, onnx.ModelProto):
-        _validate(source, where="the given ModelProto")
-        outside = external.external_tensors(source)
-        if outside:  # onnx_ir would look for them in the working directory
-            raise BadModelError(
-                f"the given ModelProto keeps tensor '{outside[0].name}' in an external file, "
-                "and a ModelProto does not say where it lives: give the model's path, or "
-                "load it with its data (onnx.load(path))"
-            )
-        # onnx_ir wraps the TensorProto messages it is given, and renaming such a tensor
-        # writes into the message: without a copy, folding renamed tensors of the caller's
-        # ModelProto (and made it larger).
-        copied = onnx.ModelProto()
-        copied.CopyFrom(source)
-        return ir.serde.deserialize_model(copied)
+        return _load_proto(source, owned=False)
     if not isinstance(source, (str, os.PathLike)):
         raise BadModelError(
             f"expected a path, bytes, an onnx.ModelProto or an onnx_ir.Model, not "
             f"{type(source).__name__}"
         )
     return _load_file(Path(source))
+
+
+def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
+    """A validated ModelProto as an onnx_ir model; copied first unless ``owned`` (parsed here
+    from bytes): onnx_ir wraps the TensorProto messages it is given, and renaming such a
+    tensor writes into the message, so folding renamed tensors of the caller's ModelProto
+    (and made it larger)."""
+    _validate(proto, where="the given ModelProto")
+    outside = external.external_tensors(proto)
+    if outside:  # onnx_ir would look for them in the working directory
+        raise BadModelError(
+            f"the given ModelProto keeps tensor '{outside[0].name}' in an external file, "
+            "and a ModelProto does not say where it lives: give the model's path, or "
+            "load it with its data (onnx.load(path))"
+        )
+    if not owned:
+        copied = onnx.ModelProto()
+        copied.CopyFrom(proto)
+        proto = copied
+    return ir.serde.deserialize_model(proto)
 
 
 def _load_file(path: Path) -> ir.Model:
@@ -289,7 +296,12 @@ def save(
             # closes its mapping, which raises BufferError while a pass's view of it lives:
             # embedded first as copies (small: at most 256 bytes each), nothing is closed.
             with _embedded_tensors(model, keep=_over_ir_threshold, copy=True):
-                ir.save(model, staging / path.name, external_data=data_name)
+                ir.save(
+                    model,
+                    staging / path.name,
+                    external_data=data_name,
+                    size_threshold_bytes=IR_SAVE_THRESHOLD_BYTES,
+                )
         else:
             from onnx_shrink.compiler.io import large_tensors  # it builds on this module
 
@@ -344,11 +356,31 @@ def external_data_path(path: str | os.PathLike) -> Path:
     return path.with_name(f"{path.name}.data")
 
 
-IR_SAVE_THRESHOLD_BYTES = 256  # ir.save's size_threshold_bytes default
+IR_SAVE_THRESHOLD_BYTES = 256  # smaller external tensors are embedded by io.save
 
 
 def _over_ir_threshold(tensor: ir.ExternalTensor) -> bool:
     return tensor.nbytes > IR_SAVE_THRESHOLD_BYTES
+
+
+def _embed(
+    model: ir.Model,
+    keep: Callable[[ir.ExternalTensor], bool] | None = None,
+    copy: bool = False,
+) -> list[tuple[ir.Value, ir.TensorProtocol]]:
+    """Replace memory-mapped initializers (but those ``keep`` says stay in their file) with
+    in-memory views, or copies; the (value, tensor) pairs replaced."""
+    swapped = []
+    for value, tensor in walk.initializer_tensors(model):
+        if (
+            isinstance(tensor, ir.ExternalTensor)
+            and tensor.location != IN_MEMORY_LOCATION
+            and not (keep is not None and keep(tensor))
+        ):
+            swapped.append((value, tensor))
+            array = tensor.numpy().copy() if copy else tensor.numpy()
+            value.const_value = ir.Tensor(array, name=tensor.name)
+    return swapped
 
 
 class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
@@ -366,21 +398,8 @@ class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like o
         self._keep = keep
         self._copy = copy
 
-    def __enter__(self) -> _embedded_tensors:
-        for value, tensor in walk.initializer_tensors(self._model):
-            if (
-                isinstance(tensor, ir.ExternalTensor)
-                and tensor.location != IN_MEMORY_LOCATION
-                and not (self._keep is not None and self._keep(tensor))
-            ):
-                self._swapped.append((value, tensor))
-                array = tensor.numpy().copy() if self._copy else tensor.numpy()
-                value.const_value = ir.Tensor(array, name=tensor.name)
-        return self
-
-    def keep(self) -> None:
-        """Leave the in-memory views in place on exit."""
-        self._swapped.clear()
+    def __enter__(self) -> None:
+        self._swapped = _embed(self._model, self._keep, self._copy)
 
     def __exit__(self, *exc: object) -> None:
         for value, tensor in self._swapped:
@@ -393,8 +412,7 @@ def detach_from_files(model: ir.Model) -> None:
     until used. ``shrink`` returns its result so: serialized with any tool (``ir.save``,
     ``ir.to_proto``), a model holding file references pointed at the input's file, by an
     offset, from wherever it was written."""
-    with _embedded_tensors(model) as swap:
-        swap.keep()
+    _embed(model)
 
 
 def serialize_proto(

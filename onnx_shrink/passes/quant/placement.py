@@ -122,7 +122,7 @@ class Exclusions:
     def excludes(self, node: ir.Node) -> bool:
         if self.only and (node.name or "") not in self.only:
             return True
-        if reads_overridable_constant(node):
+        if overridable_constants(node):
             return True
         if node.op_type in self.op_types:
             return True
@@ -151,10 +151,6 @@ def overridable_constants(node: ir.Node) -> list[ir.Value]:
         and v.is_graph_input()
         and v.const_value.dtype.is_floating_point()
     ]
-
-
-def reads_overridable_constant(node: ir.Node) -> bool:
-    return bool(overridable_constants(node))
 
 
 def named(node: ir.Node, patterns: Sequence[str]) -> bool:

@@ -468,9 +468,10 @@ class QuantPass(DataAwarePass):
 
 def _warn_overridable_constants(model: ir.Model) -> None:
     """Name the graph inputs with defaults (initializers) whose readers stay float."""
-    readers = [n for n in model.graph if placement.reads_overridable_constant(n)]
+    read = {n: placement.overridable_constants(n) for n in model.graph}
+    readers = [n for n, values in read.items() if values]
     if readers:
-        inputs = sorted({v.name or "" for n in readers for v in placement.overridable_constants(n)})
+        inputs = sorted({v.name or "" for n in readers for v in read[n]})
         logger.warning(
             "quant: %d node(s) stay float: they read %s, graph inputs with a default that a "
             "caller may replace (a quantized copy would ignore what the caller feeds)",
