@@ -205,6 +205,14 @@ def warn_unmatched_exclusions(model: ir.Model, pass_name: str, exclude: Sequence
         warn_unmatched(f"{pass_name}.exclude", exclude, names)
 
 
+def warn_unmatched_op_types(model: ir.Model, option: str, asked: Sequence[str]) -> None:
+    """Warn about op types in ``asked`` (option ``option``) that no node of ``model`` has
+    (subgraphs included)."""
+    if asked:
+        op_types = [node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)]
+        warn_unmatched(option, asked, op_types, "op type")
+
+
 def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None:
     """Raise ``ValueError`` for an option set away from its default where it does not apply
     (``applies``: option name -> whether it applies with the others as set; ``why``: the

@@ -18,8 +18,8 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import (
     check_options,
     option,
-    warn_unmatched,
     warn_unmatched_exclusions,
+    warn_unmatched_op_types,
 )
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
@@ -131,8 +131,7 @@ class Float16Pass(DataAwarePass):
         # Here, not in apply: requests see the model as the pipeline hands it over.
         warn_unmatched_exclusions(model, self.name, self.exclude)
         asked = [op for op in self.block_ops if op not in DEFAULT_BLOCK_OPS]
-        op_types = [n.op_type for n in ir.traversal.RecursiveGraphIterator(model.graph)]
-        warn_unmatched(f"{self.name}.block_ops", asked, op_types, "op type")
+        warn_unmatched_op_types(model, f"{self.name}.block_ops", asked)
         dtypes = fp16_types.tensor_dtypes(model)
         values = [v for v in _values(model.graph) if not v.is_initializer()]
         values = [v for v in values if (p := v.producer()) is None or p.op_type != "Constant"]

@@ -106,9 +106,14 @@ class NumericReport:
             return "FAIL"
         if not self.tolerances.any:
             return "measured, no tolerances given"
-        if self.tolerances.max_accuracy_drop is not None and self.reference_accuracy is None:
+        if self.accuracy_unmeasured:
             return "PASS (accuracy not measured)"
         return "PASS"
+
+    @property
+    def accuracy_unmeasured(self) -> bool:
+        """An accuracy tolerance was given, and no accuracy could be measured."""
+        return self.tolerances.max_accuracy_drop is not None and self.reference_accuracy is None
 
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)

@@ -181,7 +181,7 @@ def _compared(check: CheckReport) -> str:
         )
     else:
         text += '<p class="muted">Every output is within the tolerances.</p>'
-        if numeric.tolerances.max_accuracy_drop is not None and numeric.reference_accuracy is None:
+        if numeric.accuracy_unmeasured:
             text += (
                 '<p class="muted">Accuracy was not measured: no labels an output could be '
                 "scored on.</p>"

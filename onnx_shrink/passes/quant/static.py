@@ -18,6 +18,7 @@ from onnx_shrink.compiler.options import (
     option,
     warn_unmatched,
     warn_unmatched_exclusions,
+    warn_unmatched_op_types,
 )
 from onnx_shrink.compiler.statistics import (
     Histogram,
@@ -365,8 +366,7 @@ class QuantPass(DataAwarePass):
         names = [node.name or "" for node in nodes]
         warn_unmatched(f"{self.name}.int16", self.int16, names)
         warn_unmatched(f"{self.name}.only", self.only, names)
-        op_types = [node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)]
-        warn_unmatched(f"{self.name}.exclude_op_types", self.exclude_op_types, op_types, "op type")
+        warn_unmatched_op_types(model, f"{self.name}.exclude_op_types", self.exclude_op_types)
 
     @staticmethod
     def _finished(model: ir.Model, modified: bool, narrow: bool) -> ir.passes.PassResult:
