@@ -92,6 +92,9 @@ class Probe:
     that it can be measured on the rest (held out); None: ``edit`` is measured as it is"""
     requests: tuple[StatRequest, ...] = ()
     """what ``remade`` reads"""
+    nodes: tuple[str, ...] = ()
+    """the names of the nodes the edits rewrite, if known: the copy they are made on may then
+    hold only those nodes and the ones downstream of them (``runtime_check.combined``)"""
 
 
 class DataAwarePass(ir.passes.InPlacePass):

@@ -222,11 +222,12 @@ class LowRankPass(DataAwarePass):
             ranks = _candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
             for rank in ranks_mod.probe_grid(ranks, self.probe_ranks):
                 edit = functools.partial(factors.split, node=node, stats=stats, rank=rank)
+                key = _probe_key(name, rank)
                 if request is None:
-                    result.append(Probe(_probe_key(name, rank), edit))
+                    result.append(Probe(key, edit, nodes=(name,)))
                     continue
                 remade = functools.partial(factors.edit, node, rank=rank)
-                result.append(Probe(_probe_key(name, rank), edit, remade, (request,)))
+                result.append(Probe(key, edit, remade, (request,), (name,)))
         return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:

@@ -8,12 +8,17 @@ than one full run per change, the copies run beside the unedited graph in one co
 * graph inputs are shared, and so is every initializer a copy did not change (checked to hold
   the same data), so memory is one model's weights plus each copy's activations and what its
   edit added (renamed with the copy's suffix);
-* ``sep`` is a separator no name of the model contains, so every suffixed name is new.
+* ``sep`` is a separator no name of the model contains, so every suffixed name is new;
+* what an edit left unchanged runs once: a copy's node that repeats an unedited node (same
+  op, attributes and inputs) is dropped for it, so a copy computes only what its edit changed
+  and the nodes downstream of that. An edit near the outputs (PP-OCRv4 rec's low-rank layers
+  after its CNN backbone) costs a few nodes, not a model, to build, load and run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+import collections
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -60,18 +65,25 @@ def build(
     outputs: Sequence[int],
     sep: str,
     who: str,
+    anchors: Sequence[Sequence[str]] = (),
 ) -> ir.Model:
     """The unedited ``base`` plus, per edit i, ``edits[i](clone of base)`` merged in with
-    outputs ``<out><sep>i``. ``base`` should hold unshared tensors (``io.unshare_tensors``):
-    serializing names each initializer after its value, so a tensor an edit renames harms
-    neither ``base`` nor the caller's model."""
+    outputs ``<out><sep>i``. ``anchors[i]`` (optional) names the nodes edit i rewrites: its
+    copy then holds only those nodes and the ones downstream of them (``_Downstream``), which
+    is all the edit can change. ``base`` should hold unshared tensors
+    (``io.unshare_tensors``): serializing names each initializer after its value, so a tensor
+    an edit renames harms neither ``base`` nor the caller's model."""
     combined = base.clone()  # nothing of the unedited graph is renamed: tensors stay shared
     kept = [combined.graph.outputs[i] for i in outputs]
     combined.graph.outputs.clear()
     combined.graph.outputs.extend(kept)
+    unedited = _Unedited(combined.graph)
+    downstream = _Downstream(base)
     for index, edit in enumerate(edits):
+        names = anchors[index] if index < len(anchors) else ()
         # The copy shares its tensors with ``base``: one model's weights in memory.
-        _merge(combined, edit(base.clone()), outputs, f"{sep}{index}", who)
+        copy = downstream.copy(names) if names else base.clone()
+        _merge(combined, edit(copy), outputs, f"{sep}{index}", who, unedited)
     return combined
 
 
@@ -92,16 +104,24 @@ def stream(
 
 
 def _merge(
-    combined: ir.Model, copy: ir.Model, outputs: Sequence[int], suffix: str, who: str
+    combined: ir.Model,
+    copy: ir.Model,
+    outputs: Sequence[int],
+    suffix: str,
+    who: str,
+    unedited: _Unedited,
 ) -> None:
-    """Move the nodes of ``copy`` into ``combined``: its inputs and unchanged initializers
-    become the combined graph's, every other value and every node name gets ``suffix``."""
+    """Move the nodes of ``copy`` into ``combined``: its inputs (graph inputs, or the values
+    a partial copy reads from upstream) and unchanged initializers become the combined
+    graph's, and so do the outputs of the nodes that repeat an unedited one; every other
+    value and every node name gets ``suffix``."""
     graph, source = combined.graph, copy.graph
     copy_outputs = [source.outputs[i] for i in outputs]
     source.outputs.clear()
-    inputs = {v.name: v for v in graph.inputs}
+    shared: dict[ir.Value, ir.Value] = {}
     for value in source.inputs:
-        value.replace_all_uses_with(inputs[value.name])
+        shared[value] = unedited.values[value.name or ""]
+        value.replace_all_uses_with(shared[value])
     added = []
     for name in list(source.initializers):
         value = source.initializers.pop(name)
@@ -112,6 +132,12 @@ def _merge(
         else:  # made by the edit (quantized weight, scale, factors): this copy's own
             value.name = name + suffix
             added.append(value)
+    shared.update(_share_unchanged(source, unedited.producers))
+    for position, value in enumerate(copy_outputs):
+        if value in shared:  # computed by an unedited node: the copy echoes it
+            echoed = ir.Value(name=value.name, type=value.type, shape=value.shape)
+            source.append(ir.node("Identity", [shared[value]], outputs=[echoed]))
+            copy_outputs[position] = echoed
     nodes = list(source)
     for node in nodes:
         if node.name:
@@ -129,6 +155,146 @@ def _merge(
     for domain, version in copy.opset_imports.items():
         if combined.opset_imports.setdefault(domain, version) != version:
             raise ShrinkError(f"{who}: the edited copy changed opset '{domain}'")
+
+
+class _Unedited:
+    """The unedited graph's values and nodes by name (graph inputs and node outputs)."""
+
+    def __init__(self, graph: ir.Graph) -> None:
+        self.values: dict[str, ir.Value] = {v.name or "": v for v in graph.inputs}
+        self.producers: dict[str, ir.Node] = {}
+        for node in graph:
+            for out in node.outputs:
+                if out.name:
+                    self.values[out.name] = out
+                    self.producers[out.name] = node
+
+
+class _Downstream:
+    """Partial copies of a model: some nodes (by name) and every node downstream of them,
+    with the values they read from upstream as graph inputs of the same names, every
+    initializer, and the graph outputs (those computed upstream as inputs too). Where that
+    cannot be cut cleanly (a name missing or repeated, a subgraph on the way, a value read
+    inside one), the copy is whole."""
+
+    def __init__(self, model: ir.Model) -> None:
+        self.model = model
+        graph = model.graph
+        self.order = {node: index for index, node in enumerate(graph)}
+        names = collections.Counter(node.name for node in graph)
+        self.by_name = {node.name: node for node in graph if node.name and names[node.name] == 1}
+
+    def copy(self, names: Sequence[str]) -> ir.Model:
+        cone = self._cone(names)
+        if cone is None:
+            return self.model.clone()
+        graph = self.model.graph
+        initializers = set(graph.initializers.values())
+        produced = {out for node in cone for out in node.outputs}
+        read = [v for node in cone for v in node.inputs if v is not None]
+        upstream = [
+            v for v in (*read, *graph.outputs) if v not in produced and v not in initializers
+        ]
+        view = ir.GraphView(
+            list(dict.fromkeys(upstream)),
+            list(graph.outputs),
+            nodes=cone,
+            initializers=list(graph.initializers.values()),
+            opset_imports=dict(graph.opset_imports),
+        )
+        return ir.Model(
+            view.clone(),
+            ir_version=self.model.ir_version,
+            functions=list(self.model.functions.values()),
+        )
+
+    def _cone(self, names: Sequence[str]) -> list[ir.Node] | None:
+        """The nodes ``names`` and those downstream of them, in graph order; None when the
+        copy must be whole."""
+        pending = [self.by_name.get(name) for name in names]
+        if not pending or any(node is None for node in pending):
+            return None
+        cone: set[ir.Node] = set()
+        while pending:
+            node = pending.pop()
+            if node in cone:
+                continue
+            if any(a.type in _SUBGRAPHS for a in node.attributes.values()):
+                return None
+            cone.add(node)
+            for out in node.outputs:
+                for use in out.uses():
+                    if use.node.graph is not self.model.graph:  # read inside a subgraph
+                        return None
+                    pending.append(use.node)
+        return sorted(cone, key=self.order.__getitem__)
+
+
+_SUBGRAPHS = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
+
+
+def _share_unchanged(
+    source: ir.Graph, producers: Mapping[str, ir.Node]
+) -> dict[ir.Value, ir.Value]:
+    """Drop each node of ``source`` (in order) that repeats its unedited twin in
+    ``producers``, its outputs' uses replaced by the twin's; returns {dropped output: the
+    twin's}."""
+    shared: dict[ir.Value, ir.Value] = {}
+    for node in list(source):
+        twin = _twin(node, producers)
+        if twin is None:
+            continue
+        for out, replacement in zip(node.outputs, twin.outputs, strict=True):
+            out.replace_all_uses_with(replacement)
+            shared[out] = replacement
+        source.remove(node)
+    return shared
+
+
+def _twin(node: ir.Node, producers: Mapping[str, ir.Node]) -> ir.Node | None:
+    """The unedited node ``node`` repeats: it has the same outputs' names, op, attributes and
+    input values (graph inputs, shared initializers, outputs of nodes already shared). Nodes
+    with subgraphs never repeat one: a body's reads of outer values are not compared."""
+    named = next((out.name for out in node.outputs if out.name), None)
+    twin = producers.get(named) if named else None
+    if (
+        twin is None
+        or (twin.domain, twin.op_type, twin.overload) != (node.domain, node.op_type, node.overload)
+        or [o.name for o in twin.outputs] != [o.name for o in node.outputs]
+        or len(twin.inputs) != len(node.inputs)
+        or any(a is not b for a, b in zip(twin.inputs, node.inputs, strict=True))
+        or twin.attributes.keys() != node.attributes.keys()
+    ):
+        return None
+    for name, attr in node.attributes.items():
+        if not _same_attribute(attr, twin.attributes[name]):
+            return None
+    return twin
+
+
+def _same_attribute(a: ir.Attr, b: ir.Attr) -> bool:
+    if a.type != b.type or a.is_ref() != b.is_ref():
+        return False
+    if a.is_ref():
+        return a.ref_attr_name == b.ref_attr_name
+    if a.type == ir.AttributeType.TENSOR:
+        x, y = a.value, b.value
+        return x is y or (x.dtype == y.dtype and np.array_equal(x.numpy(), y.numpy()))
+    if a.type in _PLAIN_ATTRIBUTES:
+        return a.value == b.value
+    return False  # graphs, sparse tensors, type protos, tensor lists: taken as changed
+
+
+_PLAIN_ATTRIBUTES = frozenset(
+    {
+        ir.AttributeType.INT,
+        ir.AttributeType.FLOAT,
+        ir.AttributeType.STRING,
+        ir.AttributeType.INTS,
+        ir.AttributeType.FLOATS,
+        ir.AttributeType.STRINGS,
+    }
+)
 
 
 def _check_same_tensor(original: ir.Value, value: ir.Value, who: str) -> None:

@@ -106,14 +106,14 @@ def measure(
             logger.info("probe: under %d samples; remade edits are measured in sample", folds)
             held_out = []
         held_keys = {p.key for p in held_out}
-        in_sample = [(p.key, p.edit) for p in probes if p.key not in held_keys]
+        in_sample = [(p.key, p.edit, p.nodes) for p in probes if p.key not in held_keys]
         _measure_edits(setting, in_sample, data, "probe", sums)
         requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
         for index, (fitted, tested) in enumerate(blocks, 1):
             stats = collect_mod.collect(
                 model, requests, fitted, provider=provider, progress=progress
             )
-            edits = [(p.key, p.remade(stats)) for p in held_out]
+            edits = [(p.key, p.remade(stats), p.nodes) for p in held_out]
             _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums)
     runs = (len(in_sample) + len(held_out) * len(blocks) + batch - 1) // batch
     logger.info("probe: %d edits measured in %d runs", len(probes), runs)
@@ -153,19 +153,21 @@ def _blocks(
 
 def _measure_edits(
     setting: _Setting,
-    edits: Sequence[tuple[str, Edit]],
+    edits: Sequence[tuple[str, Edit, tuple[str, ...]]],
     data: data_mod.Dataset,
     phase: str,
     sums: dict[str, _Sums],
 ) -> None:
     """Add each edit's per-output sums over ``data`` to ``sums[key]``, ``batch`` edits per
-    combined model."""
+    combined model (each edit: key, edit, the nodes it rewrites)."""
     groups = [edits[i : i + setting.batch] for i in range(0, len(edits), setting.batch)]
     for index, group in enumerate(groups, 1):
-        applied = [_applied(edit) for _, edit in group]
-        combined = combined_mod.build(setting.base, applied, setting.outputs, setting.sep, "probe")
+        applied = [_applied(edit) for _, edit, _ in group]
+        combined = combined_mod.build(
+            setting.base, applied, setting.outputs, setting.sep, "probe", [n for *_, n in group]
+        )
         diff, ref = _stream(combined, len(group), setting, data, f"{phase} {index}/{len(groups)}")
-        for (key, _), row in zip(group, diff, strict=True):
+        for (key, *_), row in zip(group, diff, strict=True):
             if key in sums:
                 sums[key].diff += row
                 sums[key].ref += ref

@@ -1,0 +1,124 @@
+"""Combined models: each edited copy computes only what its edit changed (the rest is the
+unedited graph's, shared), whether the copy is whole or cut below the edited nodes; its
+outputs equal a separate run of the edited model."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+
+from onnx_shrink.compiler import io
+from onnx_shrink.runtime_check import combined as combined_mod
+from tests.helpers import make_model, run_ort
+
+RNG = np.random.default_rng(5)
+F = onnx.TensorProto.FLOAT
+K = 8
+
+
+def _chain() -> onnx.ModelProto:
+    """x -> Relu -> MatMul(w) -> LeakyRelu -> y, and z = Sigmoid(Relu(x)) beside it."""
+    return make_model(
+        [
+            oh.make_node("Relu", ["x"], ["r"], name="relu"),
+            oh.make_node("Sigmoid", ["r"], ["z"], name="sigmoid"),
+            oh.make_node("MatMul", ["r", "w"], ["h"], name="mm"),
+            oh.make_node("LeakyRelu", ["h"], ["y"], name="leaky", alpha=0.1),
+        ],
+        [oh.make_tensor_value_info("x", F, ["n", K])],
+        [oh.make_tensor_value_info("y", F, ["n", K]), oh.make_tensor_value_info("z", F, ["n", K])],
+        {"w": RNG.standard_normal((K, K)).astype(np.float32)},
+    )
+
+
+def _new_weight(model: ir.Model) -> ir.Model:
+    """Replace the MatMul's weight by a new initializer (as lowrank and quant edits do)."""
+    node = next(n for n in model.graph if n.name == "mm")
+    value = ir.Value(name="w_new", const_value=ir.tensor(np.eye(K, dtype=np.float32)))
+    model.graph.register_initializer(value)
+    node.replace_input_with(1, value)
+    model.graph.initializers.pop("w")
+    return model
+
+
+def _new_alpha(model: ir.Model) -> ir.Model:
+    """Change an attribute in place: the node keeps its inputs and outputs."""
+    node = next(n for n in model.graph if n.name == "leaky")
+    node.attributes["alpha"] = ir.AttrFloat32("alpha", 0.5)
+    return model
+
+
+def _run(model: ir.Model, x: np.ndarray) -> dict[str, np.ndarray]:
+    session_outputs = run_ort(io.to_bytes(model), {"x": x})
+    return dict(zip([v.name for v in model.graph.outputs], session_outputs, strict=True))
+
+
+@pytest.mark.parametrize("anchors", [(), (("mm",), ("leaky",))], ids=["whole", "downstream"])
+def test_a_copy_runs_only_what_its_edit_changed_and_equals_the_edited_model(anchors):
+    proto = _chain()
+    base = io.load(proto)
+    edits = [_new_weight, _new_alpha]
+    combined = combined_mod.build(base, edits, [0, 1], "#", "test", anchors)
+    ops = [n.op_type for n in combined.graph]
+    # The unedited four, then each copy's changed nodes, and z echoed (computed once).
+    unedited = [n.op_type for n in base.graph]
+    assert ops == [*unedited, "MatMul", "LeakyRelu", "Identity", "LeakyRelu", "Identity"]
+    x = RNG.standard_normal((5, K)).astype(np.float32)
+    got = _run(combined, x)
+    for index, edit in enumerate(edits):
+        expected = _run(edit(io.load(proto)), x)
+        for name in ("y", "z"):
+            np.testing.assert_allclose(got[f"{name}#{index}"], expected[name], rtol=1e-6)
+    assert not np.allclose(got["y#1"], got["y"])  # the changed attribute was not shared
+
+
+def test_a_downstream_copy_holds_the_edited_nodes_and_what_follows_them():
+    seen = []
+
+    def edit(model: ir.Model) -> ir.Model:
+        seen.append([n.name for n in model.graph])
+        return _new_weight(model)
+
+    base = io.load(_chain())
+    combined_mod.build(base, [edit, edit], [0, 1], "#", "test", [("mm",), ("nowhere",)])
+    # Named: the MatMul and the LeakyRelu after it; a name the graph lacks: the whole model.
+    assert seen == [["mm", "leaky"], ["relu", "sigmoid", "mm", "leaky"]]
+
+
+def test_a_subgraph_downstream_of_the_edit_takes_the_whole_copy():
+    then_branch = oh.make_graph(
+        [oh.make_node("Neg", ["h"], ["out"])],  # reads the MatMul's output from outside
+        "then",
+        [],
+        [oh.make_tensor_value_info("out", F, ["n", K])],
+    )
+    else_branch = oh.make_graph(
+        [oh.make_node("Identity", ["h"], ["out"])],
+        "else",
+        [],
+        [oh.make_tensor_value_info("out", F, ["n", K])],
+    )
+    proto = make_model(
+        [
+            oh.make_node("Relu", ["x"], ["r"], name="relu"),
+            oh.make_node("MatMul", ["r", "w"], ["h"], name="mm"),
+            oh.make_node("If", ["flag"], ["y"], then_branch=then_branch, else_branch=else_branch),
+        ],
+        [oh.make_tensor_value_info("x", F, ["n", K])],
+        [oh.make_tensor_value_info("y", F, ["n", K])],
+        {"w": RNG.standard_normal((K, K)).astype(np.float32), "flag": np.array(True)},
+    )
+    seen = []
+
+    def edit(model: ir.Model) -> ir.Model:
+        seen.append(len(list(model.graph)))
+        return _new_weight(model)
+
+    combined = combined_mod.build(io.load(proto), [edit], [0], "#", "test", [("mm",)])
+    assert seen == [3]
+    x = RNG.standard_normal((5, K)).astype(np.float32)
+    got = _run(combined, x)
+    np.testing.assert_allclose(got["y#0"], _run(_new_weight(io.load(proto)), x)["y"], rtol=1e-6)
