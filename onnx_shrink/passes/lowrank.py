@@ -31,7 +31,7 @@ from onnx_shrink.compiler.options import check_options, option, refuse_inapplica
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
-from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit, whitener
+from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit
 
 logger = logging.getLogger(__name__)
 
@@ -83,7 +83,7 @@ class _Layer:
     def weight_tail(self) -> np.ndarray:
         """Tail energies of W's own spectrum (plain SVD's errors), computed when first read."""
         f = self.factorization
-        spectrum = f.s if f.whitener is None else np.linalg.svd(self.weight, compute_uv=False)
+        spectrum = f.s if not f.aware else np.linalg.svd(self.weight, compute_uv=False)
         return ranks_mod.tail_energy(spectrum)
 
     def ranks(self, multiple: int) -> list[int]:
@@ -334,11 +334,10 @@ class LowRankPass(DataAwarePass):
             gram = np.diag(stat.values)
         if (self.activation_aware or self.refit) and gram is None:
             logger.warning("lowrank: no input statistics for %s; plain SVD", node.name)
-        white = whitener(gram, self.damping) if gram is not None and self.activation_aware else None
         rows = (
             stat.rows / max(stats.samples, 1) if stat is not None else graph_mod.static_rows(node)
         )
-        f = factorize(weight, white)
+        f = factorize(weight, gram if self.activation_aware else None, self.damping)
         return _Layer(node, weight, f, gram, rows)
 
     def _ranks(self, layers: Sequence[_Layer], measured: Mapping[str, float]) -> list[int | None]:
@@ -366,7 +365,7 @@ class LowRankPass(DataAwarePass):
         reason = "" if rank is not None else f"needed rank reaches break-even {k * n / (k + n):.1f}"
         if rank is None and self.selection == "budget":
             reason = "the budget left it dense"
-        aware = layer.factorization.whitener is not None
+        aware = layer.factorization.aware
         error = math.sqrt(layer.error(rank))
         name, op, params = layer.node.name or "", layer.node.op_type, layer.params(rank)
         return LayerPlan(name, op, (k, n), rank, layer.dense, params, error, aware, reason)

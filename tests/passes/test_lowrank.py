@@ -17,8 +17,10 @@ from hypothesis.extra import numpy as hnp
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import lowrank_svd
 from onnx_shrink.passes.fold import FoldPass
-from onnx_shrink.passes.lowrank import LowRankPass, factorize, factors, refit, whitener
+from onnx_shrink.passes.lowrank import LowRankPass, factorize, factors, refit
+from onnx_shrink.passes.lowrank_svd import whitener
 from onnx_shrink.passes.quant.static import QuantPass
 from tests.helpers import make_model, run_ort
 
@@ -68,13 +70,34 @@ def test_whitened_truncation_error_is_the_output_error_on_the_calibration_inputs
 ):
     rows = np.random.default_rng(seed).standard_normal((40, weight.shape[0]))
     rows *= np.logspace(0, 2, weight.shape[0])  # channels of very different scales
-    s = whitener(rows.T @ rows, damping=0.0)
-    f = factorize(weight, s)
+    f = factorize(weight, rows.T @ rows, damping=0.0)
     rank = min(rank, len(f.s))
     a, b = factors(f, rank)
     error = np.linalg.norm(rows @ weight - rows @ a @ b)
     expected = np.sqrt(np.sum(f.s[rank:] ** 2))
     assert error == pytest.approx(expected, rel=1e-6, abs=1e-6 * (1 + f.s.sum()))
+
+
+@pytest.mark.parametrize("shape", [(320, 256), (256, 320)], ids=["tall", "wide"])
+@pytest.mark.parametrize("with_data", [False, True], ids=["plain", "whitened"])
+def test_large_matrices_through_the_gram_eigendecomposition_match_the_svd(shape, with_data):
+    """From ``EIGEN_MIN_DIM`` up, factors come from the eigendecomposition of the smaller Gram
+    (without the whitener's Cholesky and solve where W is tall): the truncation error on the
+    calibration inputs is the optimum the SVD gives, and the spectrum is the SVD's."""
+    assert min(shape) >= lowrank_svd.EIGEN_MIN_DIM
+    k, n = shape
+    weight = RNG.standard_normal(shape) * np.logspace(0, -3, n)  # a decaying spectrum
+    rows = RNG.standard_normal((2 * k, k)) * np.logspace(0, 1, k)
+    gram = rows.T @ rows if with_data else None
+    f = factorize(weight, gram, damping=1e-4)
+    s = lowrank_svd.whitener(gram, 1e-4) if with_data else np.eye(k)
+    exact = np.linalg.svd(s @ weight, compute_uv=False)
+    np.testing.assert_allclose(f.s[:100], exact[:100], rtol=1e-9)
+    assert f.aware == with_data
+    for rank in (8, 100, 200):
+        a, b = factors(f, rank)
+        error = np.linalg.norm(s @ (weight - a @ b))
+        assert error == pytest.approx(np.sqrt(np.sum(exact[rank:] ** 2)), rel=1e-7)
 
 
 def test_refit_never_increases_the_calibration_error_of_a_plain_svd():
