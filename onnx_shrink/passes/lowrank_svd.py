@@ -16,21 +16,21 @@ from onnx_shrink.passes import lowrank_ranks as ranks_mod
 
 @dataclasses.dataclass(frozen=True)
 class Factorization:
-    """The SVD U·Σ·Vᵀ of S·W (S = I without data), with S⁻¹U made when first read."""
+    """The SVD U·Σ·Vᵀ of S·W (S = I without data). Only σ is kept as numbers: the leading
+    columns of S⁻¹U and rows of Vᵀ are made for each rank asked (``factors``), so that a pass
+    holding every layer's factorization to choose ranks holds no layer's vectors twice (the
+    0.6 GB encoder's 72 layers: 3.7 GB without data)."""
 
     s: np.ndarray
-    vt: np.ndarray
     aware: bool  # whitened by input statistics
-    _left: Callable[[], np.ndarray] = dataclasses.field(repr=False, compare=False)
+    left: Callable[[int], np.ndarray] = dataclasses.field(repr=False, compare=False)
+    """rank -> the first ``rank`` columns of S⁻¹U (U without data)"""
+    right: Callable[[int], np.ndarray] = dataclasses.field(repr=False, compare=False)
+    """rank -> the first ``rank`` rows of Vᵀ"""
 
     def tail_energy(self) -> np.ndarray:
         """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
         return ranks_mod.tail_energy(self.s)
-
-    @functools.cached_property
-    def left(self) -> np.ndarray:
-        """S⁻¹U (U without data), made once for every rank's A."""
-        return self._left()
 
 
 EIGEN_MIN_DIM = 256
@@ -55,7 +55,7 @@ def factorize(
     # K >= N: (SW)ᵀ(SW) = Wᵀ(G + λI)W needs no S, and S⁻¹U = W·V·Σ⁻¹ (as S·W·V = U·Σ).
     damped = gram + damping * _gram_scale(gram) * np.eye(k)
     s, v = _eigen(weight.T @ (damped @ weight))
-    return Factorization(s, v.T, True, lambda: weight @ v / _nonzero(s))
+    return Factorization(s, True, _columns_of(weight, v, s), lambda rank: v[:, :rank].T)
 
 
 def _factorize(target: np.ndarray, white: np.ndarray | None, aware: bool) -> Factorization:
@@ -63,15 +63,28 @@ def _factorize(target: np.ndarray, white: np.ndarray | None, aware: bool) -> Fac
     k, n = target.shape
     if min(k, n) < EIGEN_MIN_DIM:
         u, s, vt = np.linalg.svd(target, full_matrices=False)
+        columns = functools.partial(_leading_columns, u)
+        rows = functools.partial(_leading_columns, vt.T)
     elif n <= k:
         s, v = _eigen(target.T @ target)
-        u, vt = target @ v / _nonzero(s), v.T
+        columns, rows = _columns_of(target, v, s), functools.partial(_leading_columns, v)
     else:
         s, u = _eigen(target @ target.T)
-        vt = (u.T @ target) / _nonzero(s)[:, None]
+        columns, rows = functools.partial(_leading_columns, u), _columns_of(target.T, u, s)
     if white is None:
-        return Factorization(s, vt, aware, lambda: u)
-    return Factorization(s, vt, aware, lambda: np.linalg.solve(white, u))
+        return Factorization(s, aware, columns, lambda rank: rows(rank).T)
+    return Factorization(
+        s, aware, lambda rank: np.linalg.solve(white, columns(rank)), lambda rank: rows(rank).T
+    )
+
+
+def _leading_columns(matrix: np.ndarray, rank: int) -> np.ndarray:
+    return matrix[:, :rank]
+
+
+def _columns_of(matrix: np.ndarray, vectors: np.ndarray, s: np.ndarray) -> Callable:
+    """rank -> matrix·vectors[:, :rank]·Σ⁻¹: the other side's singular vectors (M·v = σ·u)."""
+    return lambda rank: matrix @ vectors[:, :rank] / _nonzero(s[:rank])
 
 
 def _eigen(gram: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
@@ -89,7 +102,7 @@ def _nonzero(s: np.ndarray) -> np.ndarray:
 def factors(f: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """A (K x r), B (r x N) with S·A·B the rank-``rank`` truncation of S·W, Σ split evenly."""
     root = np.sqrt(f.s[:rank])
-    return f.left[:, :rank] * root, root[:, None] * f.vt[:rank]
+    return f.left(rank) * root, root[:, None] * f.right(rank)
 
 
 def refit(weight: np.ndarray, a: np.ndarray, gram: np.ndarray) -> np.ndarray:

@@ -95,7 +95,10 @@ def stream(
     phase: str = "",
 ) -> Iterator[tuple[data_mod.Batch, dict[str, np.ndarray]]]:
     """Run ``combined`` over ``data``: yield each batch and its outputs by name."""
-    session = sessions.create_session(large_tensors.session_source(combined), provider=provider)
+    # Unpacked weights: a copy shares the unedited weights it reads, which prepacking would
+    # copy into each of its kernels (16 copies of a 0.6 GB encoder's downstream: 5 GB).
+    source = large_tensors.session_source(combined)
+    session = sessions.create_session(source, provider=provider, prepack=False)
     names = [o.name for o in session.get_outputs()]
     for done, batch in enumerate(data.batches(), 1):
         yield batch, dict(zip(names, session.run(names, batch.feed), strict=True))
