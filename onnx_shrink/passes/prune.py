@@ -375,7 +375,7 @@ class PrunePass(DataAwarePass):
         new_rows = np.where(keep, rows, 0.0)
         error = refit_error = None
         gram = _gram(layer, stats) if self.refits and layer.layout != "conv" else None
-        units = refitting.solve_units(keep) if gram is not None else 0.0
+        units = clock.estimate(keep) if gram is not None else 0.0
         projected = clock.projected(units) if gram is not None else 0.0
         if gram is not None and clock.seconds + projected > self.refit_seconds:
             unrefit.append((layer.name, projected))

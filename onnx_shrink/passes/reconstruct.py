@@ -11,22 +11,36 @@ so only G (a ``StatRequest(input, "gram")``) is needed, never the rows themselve
 ``lambda = ridge * mean(diag G)`` keeps the system solvable when inputs are dead or
 collinear (the 1% dampening SparseGPT uses).
 
-The API works on *rows*: ``rows[j]`` holds output j's weights over the K inputs, in the
-order of G's axes (``W.T`` for a MatMul weight ``W [K, N]``; a Gemm weight with
-``transB=1`` as it is). ``keep`` is a same-shaped boolean mask. Structured (channel) pruning
-is the case where every row keeps the same S, solved as one system with a right-hand
-side per row.
+Rows keeping inputs of their own (unstructured and N:M masks) each need their own system:
+a cube of the kept count per row, solved directly. Where that costs more than
+``ITERATIVE_BREAK_EVEN`` ``[rows, K] x [K, K]`` products, the rows are solved all at once by
+preconditioned conjugate gradients in matrix form (``_solve_iteratively``), two such products
+an iteration. The preconditioner is ``(G + lambda I)^-1`` restricted to each row's inputs:
+against the diagonal (Jacobi) it cut MiniLM's refits from 180-630 iterations to 60-130.
+Started from the pruned weights, each iteration lowers every row's least-squares objective;
+they run until the residual is ``ITERATIVE_TOLERANCE`` of the right-hand side, where the
+output error is the direct solves' to 5-6 digits. MiniLM's 1536 -> 384 layer: 5.2 s against
+6.7 s; a 4096 -> 1024 layer at 50 %: about a minute against an hour.
 """
 
 from __future__ import annotations
 
+import logging
 import time
 from collections import defaultdict
 
 import numpy as np
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_RIDGE = 0.01
-_BATCH_BYTES = 1 << 28  # at most 256 MiB of stacked G_SS matrices per solve
+_BATCH_BYTES = 1 << 28  # at most 256 MiB of stacked G_SS matrices per solve (or CG's arrays)
+# Direct solves' cubes against CG's products: a batched solve does about 3.4 multiply-adds'
+# work per cube (MiniLM, this machine), and a refit takes up to ~130 iterations of 2 products.
+ITERATIVE_BREAK_EVEN = 90.0
+ITERATIVE_TOLERANCE = 1e-6
+ITERATIVE_MAX_ITERATIONS = 1000
+_EXPECTED_ITERATIONS = 130  # what a refit's time estimate counts
 
 
 def refit(
@@ -51,9 +65,17 @@ def refit(
     shared, alone = _rows_by_pattern(keep)
     for members in shared:
         _solve_shared(members, keep, gram, target, damp, result)
+    counts = keep[alone].sum(axis=1) if alone else np.zeros(0, int)
+    if _iterative_pays(counts, rows.shape[1]):
+        inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
+        chunk = max(1, _BATCH_BYTES // (7 * 8 * rows.shape[1]))  # CG's [rows, K] arrays
+        for start in range(0, len(alone), chunk):
+            members = alone[start : start + chunk]
+            _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
+        return result
     by_count: dict[int, list[int]] = defaultdict(list)
-    for j in alone:
-        by_count[int(keep[j].sum())].append(j)
+    for j, count in zip(alone, counts, strict=True):
+        by_count[int(count)].append(j)
     for count, members in by_count.items():
         chunk = max(1, _BATCH_BYTES // (8 * count * count))
         for start in range(0, len(members), chunk):
@@ -61,37 +83,57 @@ def refit(
     return result
 
 
-def solve_units(keep: np.ndarray) -> float:
-    """The refit's cost in cubed system sizes: one system per kept-input pattern (``refit``
-    shares a pattern's), ``s^3`` each. Unstructured masks give every row its own: a 4096 x
-    1024 layer at 50% is a thousand systems of 2048 unknowns, about an hour."""
+def solve_costs(keep: np.ndarray) -> tuple[float, float]:
+    """The refit's work, about: (cubes of the kept counts of the systems solved directly: one
+    per kept-input pattern rows share, one per row keeping inputs of its own unless those go
+    to conjugate gradients; their multiply-adds: the preconditioner's inverse, two
+    ``rows x K^2`` products an iteration)."""
     shared, alone = _rows_by_pattern(keep)
-    sizes = [keep[members[0]].sum() for members in shared] + [keep[j].sum() for j in alone]
-    return float(np.sum(np.asarray(sizes, np.float64) ** 3))
+    cubes = float(sum(float(keep[members[0]].sum()) ** 3 for members in shared))
+    counts = keep[alone].sum(axis=1).astype(np.float64) if alone else np.zeros(0)
+    k = float(keep.shape[1])
+    if _iterative_pays(counts, keep.shape[1]):
+        return cubes, k**3 + 2 * _EXPECTED_ITERATIONS * len(alone) * k**2
+    return cubes + float(np.sum(counts**3)), 0.0
+
+
+def _iterative_pays(counts: np.ndarray, k: int) -> bool:
+    """Do direct solves of these kept counts cost more than conjugate gradients?"""
+    cubes = float(np.sum(np.asarray(counts, np.float64) ** 3))
+    return len(counts) > 0 and cubes > ITERATIVE_BREAK_EVEN * len(counts) * float(k) ** 2
 
 
 class RefitClock:
-    """Seconds the refits of one pass have taken and will take: a rate per ``solve_units``
-    from a small timed solve at first, from the refits done since."""
+    """Seconds the refits of one pass have taken and will take: estimated from a small timed
+    direct solve and a timed matrix product, then corrected by how the refits done since
+    compared with their estimates."""
 
     PROBE_SIZE = 256
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.units = 0.0
+        self.estimated = 0.0
         rng = np.random.default_rng(0)
         a = rng.standard_normal((self.PROBE_SIZE, self.PROBE_SIZE))
         system = a @ a.T + np.eye(self.PROBE_SIZE)
         started = time.perf_counter()
         np.linalg.solve(system[None].repeat(4, axis=0), np.ones((4, self.PROBE_SIZE, 1)))
-        self._probe_rate = (time.perf_counter() - started) / (4 * self.PROBE_SIZE**3)
+        self._cube_rate = (time.perf_counter() - started) / (4 * self.PROBE_SIZE**3)
+        started = time.perf_counter()
+        np.dot(system, system)
+        self._product_rate = (time.perf_counter() - started) / self.PROBE_SIZE**3
 
-    def projected(self, units: float) -> float:
-        rate = self.seconds / self.units if self.units else self._probe_rate
-        return units * rate
+    def estimate(self, keep: np.ndarray) -> float:
+        """Seconds a refit of mask ``keep`` should take, by the timed probes."""
+        cubes, products = solve_costs(keep)
+        return cubes * self._cube_rate + products * self._product_rate
 
-    def add(self, units: float, seconds: float) -> None:
-        self.units += units
+    def projected(self, estimate: float) -> float:
+        """``estimate`` corrected by how the refits done so far compared with theirs."""
+        return estimate * (self.seconds / self.estimated if self.estimated else 1.0)
+
+    def add(self, estimate: float, seconds: float) -> None:
+        self.estimated += estimate
         self.seconds += seconds
 
 
@@ -115,6 +157,59 @@ def _solve_shared(members, keep, gram, target, damp, result) -> None:
     system[np.arange(index.size), np.arange(index.size)] += damp
     rhs = target[np.ix_(members, index)].T  # [s, rows]
     result[np.ix_(members, index)] = np.linalg.solve(system, rhs).T
+
+
+def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result) -> None:
+    """Solve ``(G_SS + damp I) v = (G w)_S`` for each of rows ``members`` (each its own S) by
+    preconditioned conjugate gradients, all rows in step: ``V (G + damp I)`` masked to each
+    row's S is the operator, ``R inverse`` masked the preconditioner (``inverse``:
+    ``(G + damp I)^-1``). A row stops moving once its residual is within
+    ``ITERATIVE_TOLERANCE`` of its right-hand side."""
+    mask = keep[members].astype(np.float64)
+    rhs = target[members] * mask
+    x = rows[members] * mask  # the pruned weights: the refit only improves on them
+
+    def operator(v: np.ndarray) -> np.ndarray:
+        product = v @ gram
+        product += damp * v
+        product *= mask
+        return product
+
+    def preconditioned(r: np.ndarray) -> np.ndarray:
+        product = r @ inverse
+        product *= mask
+        return product
+
+    residual = rhs - operator(x)
+    z = preconditioned(residual)
+    direction = z.copy()
+    rz = np.einsum("ij,ij->i", residual, z)
+    limit = ITERATIVE_TOLERANCE * np.linalg.norm(rhs, axis=1)
+    iteration = 0
+    for iteration in range(ITERATIVE_MAX_ITERATIONS):  # noqa: B007 - logged below
+        active = np.linalg.norm(residual, axis=1) > limit
+        if not active.any():
+            break
+        applied = operator(direction)
+        curvature = np.einsum("ij,ij->i", direction, applied)
+        alpha = np.where(active & (curvature > 0), rz / np.where(curvature > 0, curvature, 1), 0)
+        x += alpha[:, None] * direction
+        residual -= alpha[:, None] * applied
+        z = preconditioned(residual)
+        rz_next = np.einsum("ij,ij->i", residual, z)
+        beta = np.where(rz > 0, rz_next / np.where(rz > 0, rz, 1), 0)
+        direction *= beta[:, None]
+        direction += z
+        rz = rz_next
+    relative = np.linalg.norm(residual, axis=1) / np.maximum(np.linalg.norm(rhs, axis=1), 1e-300)
+    logger.debug(
+        "refit: %d rows of %d inputs: %d conjugate-gradient iterations, residual %.1e",
+        len(members),
+        rows.shape[1],
+        iteration,
+        float(relative.max()) if relative.size else 0.0,
+    )
+    result[members] = x
 
 
 def _solve_rows(members, keep, gram, target, damp, result) -> None:

@@ -20,7 +20,13 @@ from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct
-from onnx_shrink.passes.prune import PrunePass, magnitude_keep, nm_keep, sparse_break_even
+from onnx_shrink.passes.prune import (
+    PrunePass,
+    magnitude_keep,
+    nm_keep,
+    row_keep,
+    sparse_break_even,
+)
 from tests.helpers import run_ort
 
 
@@ -374,6 +380,34 @@ def test_refit_rows_sharing_their_kept_inputs_get_the_per_row_solution():
     refit = reconstruct.refit(rows, keep, x.T @ x, ridge=0.0)
     assert_least_squares_rows(x, rows, keep, refit, range(5))
     assert (refit[5] == 0).all()
+
+
+def test_rows_keeping_many_inputs_are_refit_iteratively_to_the_direct_solution(monkeypatch, caplog):
+    # Unstructured 50% of 300 inputs: every row keeps 150 of its own. Conjugate gradients
+    # (forced here; by cost they take layers of ~1000 inputs and more) refit them all at once.
+    rng = np.random.default_rng(9)
+    x = rng.normal(size=(1200, 300)) @ rng.normal(size=(300, 300)) * np.exp(rng.normal(size=300))
+    rows = rng.normal(size=(40, 300))
+    keep = row_keep(np.abs(rows) * np.linalg.norm(x, axis=0), 0.5)
+    gram = x.T @ x
+    direct = reconstruct.refit(rows, keep, gram)
+    monkeypatch.setattr(reconstruct, "ITERATIVE_BREAK_EVEN", 0.0)
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink.passes.reconstruct"):
+        iterative = reconstruct.refit(rows, keep, gram)
+    assert "40 rows of 300 inputs" in caplog.text and "conjugate-gradient" in caplog.text
+    assert (iterative[~keep] == 0).all()
+    error = reconstruct.output_error(rows, iterative, gram)
+    assert error == pytest.approx(reconstruct.output_error(rows, direct, gram), rel=1e-5)
+    assert error < 0.8 * reconstruct.output_error(rows, np.where(keep, rows, 0), gram)
+    np.testing.assert_allclose(iterative, direct, atol=1e-3 * np.abs(direct).max())
+
+
+def test_conjugate_gradients_take_the_layers_where_direct_solves_cost_more():
+    # MiniLM's 384-wide layers at 50% solve directly; a 1536-wide one and an encoder's
+    # 4096 -> 1024 (an hour of direct solves) go to conjugate gradients.
+    assert not reconstruct._iterative_pays(np.full(384, 192), 384)
+    assert reconstruct._iterative_pays(np.full(384, 768), 1536)
+    assert reconstruct._iterative_pays(np.full(1024, 2048), 4096)
 
 
 def test_output_error_is_the_relative_error_on_the_rows():
