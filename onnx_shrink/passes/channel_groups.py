@@ -31,7 +31,7 @@ class Decline(Exception):  # noqa: N818 - a verdict, not an error
     """A group cannot be pruned; the message says why."""
 
 
-def _who(node: ir.Node) -> str:
+def who(node: ir.Node) -> str:
     """A node as a decline names it: its name, or its op type where it has none."""
     return node.name or f"<unnamed {node.op_type}>"
 
@@ -165,19 +165,19 @@ SPATIAL = frozenset(
 def _only(node: ir.Node, key: Key, index: int = 0) -> None:
     """Decline unless ``key`` is on input ``index`` or output 0 and no other output is used."""
     if key.value is not node.inputs[index] and key.value is not node.outputs[0]:
-        raise Decline(f"{_who(node)}: channels reach a secondary input of {node.op_type}")
+        raise Decline(f"{who(node)}: channels reach a secondary input of {node.op_type}")
     if any(out.uses() or out.is_graph_output() for out in node.outputs[1:]):
-        raise Decline(f"{_who(node)}: secondary output of {node.op_type} is used")
+        raise Decline(f"{who(node)}: secondary output of {node.op_type} is used")
 
 
 def _across(node: ir.Node, key: Key, axis_in: int, axis_out: int) -> Relation:
     """Input 0's ``axis_in`` is the output's ``axis_out``; relate the other side."""
     if key.value is node.outputs[0]:
         if key.axis != axis_out:
-            raise Decline(f"{_who(node)}: channel axis {key.axis} of {node.op_type}'s output")
+            raise Decline(f"{who(node)}: channel axis {key.axis} of {node.op_type}'s output")
         return Relation([key.on(node.inputs[0], axis_in)])
     if key.axis != axis_in:
-        raise Decline(f"{_who(node)}: channel axis {key.axis} of {node.op_type}'s input")
+        raise Decline(f"{who(node)}: channel axis {key.axis} of {node.op_type}'s input")
     return Relation([key.on(node.outputs[0], axis_out)])
 
 
@@ -189,7 +189,7 @@ def unary(ctx: Context, node: ir.Node, key: Key) -> Relation:
 def spatial(ctx: Context, node: ir.Node, key: Key) -> Relation:
     _only(node, key)
     if node.op_type == "Resize" and len(node.inputs) > 3 and node.inputs[3] is not None:
-        raise Decline(f"{_who(node)}: Resize with explicit sizes")
+        raise Decline(f"{who(node)}: Resize with explicit sizes")
     return _across(node, key, 1, 1)
 
 
@@ -224,20 +224,20 @@ def conv(ctx: Context, node: ir.Node, key: Key) -> Relation:
     """Conv: output channels are a source, input channels a sink; depthwise passes through."""
     weight = constant(node.inputs[1])
     if weight is None:
-        raise Decline(f"{_who(node)}: Conv weight is not constant")
+        raise Decline(f"{who(node)}: Conv weight is not constant")
     group = attr_int(node, "group", 1)
     transpose = node.op_type == "ConvTranspose"
     out_axis, in_axis = (1, 0) if transpose else (0, 1)
     bias = [ParamSlice(node, 2, 0, key.start, key.unit)] if len(node.inputs) > 2 else []
     if key.value is node.inputs[1] or key.axis != 1:
-        raise Decline(f"{_who(node)}: channels on axis {key.axis} of a Conv")
+        raise Decline(f"{who(node)}: channels on axis {key.axis} of a Conv")
     if group == 1:
         if key.value is node.outputs[0]:
             w = ParamSlice(node, 1, out_axis, key.start, key.unit, source=True)
             return Relation(params=[w, *bias], source=True)
         return Relation(params=[ParamSlice(node, 1, in_axis, key.start, key.unit)])
     if transpose or weight.shape[0] != group or weight.shape[1] != 1:
-        raise Decline(f"{_who(node)}: grouped Conv (group={group}) that is not depthwise")
+        raise Decline(f"{who(node)}: grouped Conv (group={group}) that is not depthwise")
     relation = _across(node, key, 1, 1)
     relation.params = [ParamSlice(node, 1, 0, key.start, key.unit), *bias]
     relation.edits = [Edit(node, "group", 0, key.unit)]
@@ -247,19 +247,19 @@ def conv(ctx: Context, node: ir.Node, key: Key) -> Relation:
 def gemm(ctx: Context, node: ir.Node, key: Key) -> Relation:
     trans_a, trans_b = attr_int(node, "transA", 0), attr_int(node, "transB", 0)
     if constant(node.inputs[1]) is None:
-        raise Decline(f"{_who(node)}: Gemm weight is not constant")
+        raise Decline(f"{who(node)}: Gemm weight is not constant")
     if key.value is node.outputs[0] and key.axis == 1:
         params = [ParamSlice(node, 1, 0 if trans_b else 1, key.start, key.unit, source=True)]
         relation = Relation(params=params, source=True)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None and ctx.dims(bias) and ctx.dims(bias)[-1] != 1:
             if bias.const_value is None:
-                raise Decline(f"{_who(node)}: Gemm bias is computed")
+                raise Decline(f"{who(node)}: Gemm bias is computed")
             relation.params.append(ParamSlice(node, 2, ctx.rank(bias) - 1, key.start, key.unit))
         return relation
     if key.value is node.inputs[0] and key.axis == (0 if trans_a else 1):
         return Relation(params=[ParamSlice(node, 1, 1 if trans_b else 0, key.start, key.unit)])
-    raise Decline(f"{_who(node)}: channels on the rows of a Gemm")
+    raise Decline(f"{who(node)}: channels on the rows of a Gemm")
 
 
 def matmul(ctx: Context, node: ir.Node, key: Key) -> Relation:
@@ -268,7 +268,7 @@ def matmul(ctx: Context, node: ir.Node, key: Key) -> Relation:
     a, b, out = node.inputs[0], node.inputs[1], node.outputs[0]
     ra, rb, ro = ctx.rank(a), ctx.rank(b), ctx.rank(out)
     if a is b or ra < 2 or rb < 2:
-        raise Decline(f"{_who(node)}: MatMul with a vector or squared operand")
+        raise Decline(f"{who(node)}: MatMul with a vector or squared operand")
     side = {id(a): ("a", ra), id(b): ("b", rb), id(out): ("out", ro)}[id(key.value)]
     role, rank = side
     axis = key.axis - rank  # negative: -1 last, -2 second to last, less: batch
@@ -278,7 +278,7 @@ def matmul(ctx: Context, node: ir.Node, key: Key) -> Relation:
             local = r + axis
             if value is not key.value and local >= 0 and ctx.dims(value)[local] != 1:
                 if value.const_value is not None:
-                    raise Decline(f"{_who(node)}: batched MatMul with a constant operand")
+                    raise Decline(f"{who(node)}: batched MatMul with a constant operand")
                 relation.keys.append(key.on(value, local))
         return relation
     if (role, axis) == ("out", -2) or (role, axis) == ("a", -2):
@@ -312,7 +312,7 @@ def reshape(ctx: Context, node: ir.Node, key: Key) -> Relation:
     before, after = (ctx.dims(src), ctx.dims(dst)) if forward else (ctx.dims(dst), ctx.dims(src))
     a = key.axis
     if None in before[: a + 1] or tuple(before[:a]) != tuple(after[:a]) or len(after) <= a:
-        raise Decline(f"{_who(node)}: Reshape moves the dims before the channel axis")
+        raise Decline(f"{who(node)}: Reshape moves the dims before the channel axis")
     merged = _span(before[a:], after[a])  # before[a:a+k] -> after[a]
     split = _span(after[a:], before[a])  # before[a] -> after[a:a+k]
     if merged is not None:
@@ -327,14 +327,14 @@ def reshape(ctx: Context, node: ir.Node, key: Key) -> Relation:
     elif split is not None:
         inner = int(np.prod(after[a + 1 : a + split]))
         if key.start != 0 or key.length != before[a]:
-            raise Decline(f"{_who(node)}: Reshape splits a channel segment")
+            raise Decline(f"{who(node)}: Reshape splits a channel segment")
         if key.unit % inner:
             if not ctx.heads:
-                raise Decline(f"{_who(node)}: Reshape splits channels into heads (heads=False)")
+                raise Decline(f"{who(node)}: Reshape splits channels into heads (heads=False)")
             raise Restart(inner // math.gcd(inner, key.unit))
         new = Key(dst if forward else src, a, 0, after[a], key.unit // inner)
     else:
-        raise Decline(f"{_who(node)}: Reshape regroups the channel axis")
+        raise Decline(f"{who(node)}: Reshape regroups the channel axis")
     out_key = new if forward else key
     return Relation([new], edits=_shape_edit(node, out_key))
 
@@ -360,12 +360,12 @@ def _shape_edit(node: ir.Node, out_key: Key) -> list[Edit]:
         return []
     shape = constant(node.inputs[1])
     if shape is None:
-        raise Decline(f"{_who(node)}: Reshape shape is computed")
+        raise Decline(f"{who(node)}: Reshape shape is computed")
     wanted = shape[out_key.axis]
     if wanted == -1:
         return []
     if wanted == 0:
-        raise Decline(f"{_who(node)}: Reshape copies a changed dim (0 in its shape)")
+        raise Decline(f"{who(node)}: Reshape copies a changed dim (0 in its shape)")
     return [Edit(node, "shape", out_key.axis, out_key.unit)]
 
 
@@ -378,30 +378,30 @@ def concat(ctx: Context, node: ir.Node, key: Key) -> Relation:
     if key.value is not out:
         index = next(i for i, v in enumerate(node.inputs) if v is key.value)
         if node.inputs.count(key.value) > 1:
-            raise Decline(f"{_who(node)}: the same tensor is concatenated twice")
+            raise Decline(f"{who(node)}: the same tensor is concatenated twice")
         return Relation([key.on(out, axis, int(offsets[index]))])
     for index, value in enumerate(node.inputs):
         if offsets[index] <= key.start and key.start + key.length <= offsets[index + 1]:
             return Relation([key.on(value, axis, -int(offsets[index]))])
-    raise Decline(f"{_who(node)}: channels span several Concat inputs")
+    raise Decline(f"{who(node)}: channels span several Concat inputs")
 
 
 def split(ctx: Context, node: ir.Node, key: Key) -> Relation:
     src = node.inputs[0]
     axis = attr_int(node, "axis", 0) % ctx.rank(src)
     if key.value is not src and key.value not in node.outputs:
-        raise Decline(f"{_who(node)}: channels reach Split's sizes")
+        raise Decline(f"{who(node)}: channels reach Split's sizes")
     if key.axis != axis:
         return Relation([key.on(v, key.axis) for v in (src, *node.outputs) if v is not key.value])
     if len(node.inputs) < 2 or constant(node.inputs[1]) is None:
-        raise Decline(f"{_who(node)}: Split along the channel axis without constant sizes")
+        raise Decline(f"{who(node)}: Split along the channel axis without constant sizes")
     offsets = np.cumsum([0] + [ctx.dim(v, axis) for v in node.outputs])
     if key.value is src:
         for index, value in enumerate(node.outputs):
             if offsets[index] <= key.start and key.start + key.length <= offsets[index + 1]:
                 moved = key.on(value, axis, -int(offsets[index]))
                 return Relation([moved], edits=[Edit(node, "split", index, key.unit)])
-        raise Decline(f"{_who(node)}: channels span several Split outputs")
+        raise Decline(f"{who(node)}: channels span several Split outputs")
     index = list(node.outputs).index(key.value)
     return Relation(
         [key.on(src, axis, int(offsets[index]))], edits=[Edit(node, "split", index, key.unit)]
@@ -413,7 +413,7 @@ def _axes(ctx: Context, node: ir.Node, rank: int) -> list[int] | None:
     if axes is None and len(node.inputs) > 1 and node.inputs[1] is not None:
         given = constant(node.inputs[1])
         if given is None:
-            raise Decline(f"{_who(node)}: {node.op_type} axes are computed")
+            raise Decline(f"{who(node)}: {node.op_type} axes are computed")
         axes = given.tolist()
     return None if axes is None else [int(a) % rank for a in axes]
 
@@ -431,14 +431,14 @@ def reduce_or_squeeze(ctx: Context, node: ir.Node, key: Key) -> Relation:
         elif attr_int(node, "noop_with_empty_axes", 0):
             return unary(ctx, node, key)
         else:
-            raise Decline(f"{_who(node)}: {node.op_type} over every axis")
+            raise Decline(f"{who(node)}: {node.op_type} over every axis")
     if node.op_type.startswith("Reduce") and attr_int(node, "keepdims", 1):
         if key.axis in axes:
-            raise Decline(f"{_who(node)}: {node.op_type} over the channel axis")
+            raise Decline(f"{who(node)}: {node.op_type} over the channel axis")
         return _across(node, key, key.axis, key.axis)
     wide_axis = key.axis if key.value is wide else _widen(key.axis, axes)
     if wide_axis in axes:
-        raise Decline(f"{_who(node)}: {node.op_type} over the channel axis")
+        raise Decline(f"{who(node)}: {node.op_type} over the channel axis")
     narrow_axis = wide_axis - sum(a < wide_axis for a in axes)
     axis_in, axis_out = (narrow_axis, wide_axis) if unsqueeze else (wide_axis, narrow_axis)
     return _across(node, key, axis_in, axis_out)
@@ -464,7 +464,7 @@ def normalize(ctx: Context, node: ir.Node, key: Key) -> Relation:
         axis = attr_int(node, "axis", default) % rank
         touched = [axis] if ctx.opset >= 13 else list(range(axis, rank))
     if key.axis in touched:
-        raise Decline(f"{_who(node)}: {node.op_type} works on the channel axis")
+        raise Decline(f"{who(node)}: {node.op_type} works on the channel axis")
     return _across(node, key, key.axis, key.axis)
 
 
@@ -473,7 +473,7 @@ def _axes_input(node: ir.Node, index: int, rank: int) -> list[int]:
         return list(range(rank))
     axes = constant(node.inputs[index])
     if axes is None:
-        raise Decline(f"{_who(node)}: Slice axes are computed")
+        raise Decline(f"{who(node)}: Slice axes are computed")
     return [int(a) % rank for a in axes]
 
 

@@ -42,6 +42,7 @@ from onnx_shrink.passes.channel_groups import (
     Relation,
     Restart,
     constant,
+    who,
 )
 
 logger = logging.getLogger(__name__)
@@ -338,18 +339,19 @@ def _relate(ctx: Context, table: dict[str, Callable], node: ir.Node, key: Key) -
         raise Decline(f"{key.value.name} is used inside a subgraph")
     rule = table.get(node.op_type) if node.domain in ("", "ai.onnx") else None
     if node.op_type == "Shape":
-        raise Decline(f"{key.value.name} has a Shape consumer ({node.name})")
+        raise Decline(f"{key.value.name} has a Shape consumer ({who(node)})")
     if rule is None:
-        raise Decline(f"unknown op {node.op_type} ({node.name}) on the path")
+        named = f" ({node.name})" if node.name else ""
+        raise Decline(f"unknown op {node.op_type}{named} on the path")
     relation = rule(ctx, node, key)
     for param in relation.params:
         value = param.node.inputs[param.index]
         if value is None or not value.is_initializer():
-            raise Decline(f"{node.name}: constant input {param.index} is not an initializer")
+            raise Decline(f"{who(node)}: constant input {param.index} is not an initializer")
         if value.is_graph_input() or value.is_graph_output():
             # A caller feeds or reads it at its declared shape.
             side = "input" if value.is_graph_input() else "output"
-            raise Decline(f"{node.name}: its constant {value.name} is also a graph {side}")
+            raise Decline(f"{who(node)}: its constant {value.name} is also a graph {side}")
     return relation
 
 
