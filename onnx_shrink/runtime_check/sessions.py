@@ -142,9 +142,32 @@ def create_session(
         where = str(model) if isinstance(model, str | os.PathLike) else "the model"
         raise BadModelError(f"{where}: onnxruntime cannot load it: {first[:300]}") from e
     check_started(full, session.get_providers(), banner.getvalue())
+    warn_ignored_options(full, providers[0][1], session.get_provider_options().get(full, {}))
     # onnxruntime reads the arrays for the session's life but holds no reference to them.
     session.onnx_shrink_initializers = initializers
     return session
+
+
+_WARNED_OPTIONS: set[tuple[str, str]] = set()
+
+
+def warn_ignored_options(
+    provider: str, requested: Mapping[str, Any], effective: Mapping[str, Any]
+) -> None:
+    """Warn (once per provider and option) about the provider options onnxruntime dropped
+    without a word: its CPU provider takes none, and a misspelt CUDA option is ignored."""
+    ignored = sorted(key for key in requested if key not in effective)
+    fresh = [key for key in ignored if (provider, key) not in _WARNED_OPTIONS]
+    if not fresh:
+        return
+    _WARNED_OPTIONS.update((provider, key) for key in fresh)
+    known = ", ".join(sorted(effective)) or "none"
+    logger.warning(
+        "onnxruntime ignored %s option(s) %s (the options it takes: %s)",
+        provider,
+        ", ".join(fresh),
+        known,
+    )
 
 
 def run(

@@ -37,3 +37,17 @@ def test_a_cpu_session_on_this_build_starts_as_asked():
 
     session = sessions.create_session(digits.MODEL_PATH, provider="cpu")
     assert session.get_providers() == ["CPUExecutionProvider"]
+
+
+def test_provider_options_onnxruntime_drops_are_named_once(caplog, monkeypatch):
+    # onnxruntime's CPU provider takes no options and ignores any without a word.
+    from models import digits
+
+    monkeypatch.setattr(sessions, "_WARNED_OPTIONS", set())
+    with caplog.at_level("WARNING", logger="onnx_shrink.runtime_check.sessions"):
+        sessions.create_session(digits.MODEL_PATH, provider="cpu:bogus=1")
+        sessions.create_session(digits.MODEL_PATH, provider="cpu:bogus=1")
+    warnings = [r.getMessage() for r in caplog.records]
+    assert warnings == [
+        "onnxruntime ignored CPUExecutionProvider option(s) bogus (the options it takes: none)"
+    ]
