@@ -179,10 +179,9 @@ def _refit(view: Consumer, removed: set[int], stats: Statistics, ridge: float) -
         matrix = np.block([[gram.matrix, gram.sums[:, None]], [gram.sums[None, :], gram.rows]])
     else:
         bias, matrix = None, gram.matrix
-    energy = reconstruct.output_energy(rows, matrix)
-    error = reconstruct.output_error(rows, np.where(keep, rows, 0.0), matrix, energy)
-    fitted = reconstruct.refit(rows, keep, matrix, ridge)
-    refit_error = reconstruct.output_error(rows, fitted, matrix, energy)
+    refitted = reconstruct.refit_measured(rows, keep, matrix, ridge)
+    fitted, refit_error = refitted.rows, refitted.error
+    error = reconstruct.output_error(rows, np.where(keep, rows, 0.0), matrix, refitted.energy)
     if refit_error >= error:  # dampening can lose on tiny data: never make a layer worse
         return RefitReport(label, len(removed), inputs, error, error, "refit did not help")
     if bias is not None:

@@ -382,10 +382,9 @@ class PrunePass(DataAwarePass):
             gram = None
         if gram is not None:
             started = time.perf_counter()
-            energy = refitting.output_energy(rows, gram)
-            error = refitting.output_error(rows, new_rows, gram, energy)
-            new_rows = refitting.refit(rows, keep, gram, self.ridge)
-            refit_error = refitting.output_error(rows, new_rows, gram, energy)
+            refitted = refitting.refit_measured(rows, keep, gram, self.ridge)
+            error = refitting.output_error(rows, new_rows, gram, refitted.energy)
+            new_rows, refit_error = refitted.rows, refitted.error
             clock.add(units, time.perf_counter() - started)
         pruned = layer.unrows(new_rows, original.shape).astype(original.dtype)
         layer.weight.const_value = ir.tensor(pruned, name=layer.weight.name)

@@ -402,6 +402,26 @@ def test_rows_keeping_many_inputs_are_refit_iteratively_to_the_direct_solution(m
     np.testing.assert_allclose(iterative, direct, atol=1e-3 * np.abs(direct).max())
 
 
+@pytest.mark.parametrize("solver", ["direct", "iterative", "shared"])
+def test_a_refit_reads_its_error_off_the_solve(monkeypatch, solver):
+    # w.t - v.t - damp |v|^2 - v.r: the energy and the refit rows' output error without the
+    # two products output_energy and output_error cost.
+    rng = np.random.default_rng(11)
+    x = rng.normal(size=(600, 200)) @ rng.normal(size=(200, 200)) * np.exp(rng.normal(size=200))
+    rows, gram = rng.normal(size=(30, 200)), x.T @ x
+    keep = row_keep(np.abs(rows), 0.5)
+    if solver == "shared":
+        keep = np.ones_like(keep)
+        keep[:, ::7] = False
+    if solver == "iterative":
+        monkeypatch.setattr(reconstruct, "ITERATIVE_BREAK_EVEN", 0.0)
+    refitted = reconstruct.refit_measured(rows, keep, gram)
+    assert refitted.energy == pytest.approx(reconstruct.output_energy(rows, gram), rel=1e-12)
+    expected = reconstruct.output_error(rows, refitted.rows, gram)
+    assert refitted.error == pytest.approx(expected, rel=1e-9)
+    assert refitted.error < reconstruct.output_error(rows, np.where(keep, rows, 0), gram)
+
+
 def test_conjugate_gradients_take_the_layers_where_direct_solves_cost_more():
     # MiniLM's 384-wide layers at 50% solve directly; a 1536-wide one and an encoder's
     # 4096 -> 1024 (an hour of direct solves) go to conjugate gradients.
