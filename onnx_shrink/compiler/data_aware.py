@@ -95,6 +95,17 @@ class Probe:
     nodes: tuple[str, ...] = ()
     """the names of the nodes the edits rewrite, if known: the copy they are made on may then
     hold only those nodes and the ones downstream of them (``runtime_check.combined``)"""
+    priority: int = 0
+    """probes are measured lowest first: where the pass's ``ProbeBudget`` cannot cover them
+    all, the first ones in that order are measured and the others left out"""
+
+
+@dataclasses.dataclass(frozen=True)
+class ProbeBudget:
+    """How long a pass's probes may take, and the option that says so (for the warning)."""
+
+    seconds: float
+    option: str
 
 
 class DataAwarePass(ir.passes.InPlacePass):
@@ -108,8 +119,12 @@ class DataAwarePass(ir.passes.InPlacePass):
 
     def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
         """Edits of ``model`` whose output error ``apply`` wants in ``stats.probe_errors``
-        (none by default)."""
+        (none by default). Some may be left out of the measurements (``probe_budget``)."""
         return ()
+
+    def probe_budget(self) -> ProbeBudget | None:
+        """The time the probes may take (None: no limit)."""
+        return None
 
     @abc.abstractmethod
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:

@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, registry, stats
-from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Probe
+from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -194,8 +194,10 @@ class Verdict:
 
 
 Verifier = Callable[[ir.Model], Verdict]
-Prober = Callable[[ir.Model, Sequence[Probe]], Mapping[str, float]]
-"""Measures each probe's edit alone: key -> relative squared error of the model outputs."""
+Prober = Callable[..., Mapping[str, float]]
+"""``(model, probes, budget=ProbeBudget | None)``: measures each probe's edit alone (the
+first ones by priority, where the budget cannot cover them all): key -> relative squared
+error of the model outputs."""
 
 
 def run(
@@ -366,7 +368,8 @@ def _collect(
             f"pass '{describe(pass_)}' measures model outputs on calibration data, and this "
             "pipeline cannot run the model (give run() a probe)"
         )
-    return dataclasses.replace(statistics, probe_errors=dict(probe(model, probes)))
+    errors = probe(model, probes, budget=pass_.probe_budget())
+    return dataclasses.replace(statistics, probe_errors=dict(errors))
 
 
 def _run_one(

@@ -26,7 +26,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe
+from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe, ProbeBudget
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_graph as graph_mod
@@ -125,6 +125,9 @@ class LowRankPass(DataAwarePass):
        factorization looks up to 10x better than on new ones (MiniLM's attention output
        projections), and a budget spent on those in-sample errors cuts exactly the layers
        that overfit most.
+       The measurements take at most ``probe_seconds`` (projected from the runs done): past
+       it, each layer keeps the middle rank of its grid, then its ends, and the curves are
+       rescaled through the points measured, with a warning.
     4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
        (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
        error; without it (or without statistics for a layer) plain SVD of W. ``refit``
@@ -155,6 +158,12 @@ class LowRankPass(DataAwarePass):
     )
     probe_ranks: int = option(
         6, "budget_metric=model-output: ranks measured per layer (a geometric grid)", minimum=1
+    )
+    probe_seconds: float = option(
+        300.0,
+        "budget_metric=model-output: time the measurements may take; past it, fewer ranks "
+        "per layer are measured (the middle of each layer's grid first, then its ends)",
+        minimum=0.0,
     )
     held_out: bool = option(
         True,
@@ -220,15 +229,19 @@ class LowRankPass(DataAwarePass):
                 continue
             request = self._stat_request(node) if self.held_out else None
             ranks = _candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
-            for rank in ranks_mod.probe_grid(ranks, self.probe_ranks):
+            grid = ranks_mod.probe_grid(ranks, self.probe_ranks)
+            for rank, priority in zip(grid, _grid_priorities(len(grid)), strict=True):
                 edit = functools.partial(factors.split, node=node, stats=stats, rank=rank)
                 key = _probe_key(name, rank)
-                if request is None:
-                    result.append(Probe(key, edit, nodes=(name,)))
-                    continue
-                remade = functools.partial(factors.edit, node, rank=rank)
-                result.append(Probe(key, edit, remade, (request,), (name,)))
+                remade = functools.partial(factors.edit, node, rank=rank) if request else None
+                requests = (request,) if request else ()
+                result.append(Probe(key, edit, remade, requests, (name,), priority))
         return result
+
+    def probe_budget(self) -> ProbeBudget | None:
+        if not self._measures_model():
+            return None
+        return ProbeBudget(self.probe_seconds, "lowrank.probe_seconds")
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         graph_mod.lift_constant_weights(model)
@@ -390,6 +403,14 @@ class _ProbeFactors:
 
     def split(self, model: ir.Model, node: ir.Node, stats: Statistics, rank: int) -> None:
         self.edit(node, stats, rank)(model)
+
+
+def _grid_priorities(count: int) -> list[int]:
+    """Measuring order of a layer's probe grid (ascending ranks): its middle, its two ends,
+    then the rest, so that a budget that cuts leaves every layer a point, then its span."""
+    order = list(dict.fromkeys([count // 2, 0, count - 1, *range(count)])) if count else []
+    priority = {index: rank for rank, index in enumerate(order)}
+    return [priority[index] for index in range(count)]
 
 
 def _candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:

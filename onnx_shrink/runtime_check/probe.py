@@ -29,13 +29,15 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
+import time
 from collections.abc import Callable, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.data_aware import Edit, Probe
+from onnx_shrink.compiler.data_aware import Edit, Probe, ProbeBudget
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
@@ -81,10 +83,15 @@ def measure(
     batch: int = 16,
     progress: Progress | None = None,
     folds: int = FOLDS,
+    budget: ProbeBudget | None = None,
 ) -> dict[str, float]:
     """Relative squared output error of each probe's edit alone, by ``Probe.key``; probes
     with ``remade`` out of sample over ``folds`` blocks (in sample, with their ``edit``, when
     ``folds`` < 2 or the data holds fewer samples than that). ``model`` is not modified.
+
+    Probes are measured in ``Probe.priority`` order. Where ``budget`` cannot cover them all
+    (projected from the runs done), only the first share of each phase's list that fits is
+    measured, the others are left out of the result, and a warning names the option.
 
     Raises:
         ShrinkError: two probes share a key, or the model has no float output it computes.
@@ -99,6 +106,7 @@ def measure(
     outputs = combined_mod.compared_outputs(base, "probe")
     setting = _Setting(base, outputs, combined_mod.separator(base), provider, batch, progress)
     sums: dict[str, _Sums] = {}
+    probes = sorted(probes, key=lambda p: p.priority)  # stable: the caller's order within
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
         held_out = [p for p in probes if p.remade is not None]
@@ -110,17 +118,66 @@ def measure(
         # Edits are made as their combined model is built: a block's remade edits all at once
         # would hold every layer's factors at every probed rank (GBs on a 0.6 GB encoder).
         in_sample = [(p.key, _made(p.edit), p.nodes) for p in probes if p.key not in held_keys]
-        _measure_edits(setting, in_sample, data, "probe", sums)
+        clock = _Clock(budget, len(in_sample) + len(held_out) * len(blocks))
+        _measure_edits(setting, in_sample, data, "probe", sums, clock)
         requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
         for index, (fitted, tested) in enumerate(blocks, 1):
             stats = collect_mod.collect(
                 model, requests, fitted, provider=provider, progress=progress
             )
             edits = [(p.key, functools.partial(p.remade, stats), p.nodes) for p in held_out]
-            _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums)
-    runs = (len(in_sample) + len(held_out) * len(blocks) + batch - 1) // batch
-    logger.info("probe: %d edits measured in %d runs", len(probes), runs)
-    return {key: sums[key].error() for key in keys}
+            _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums, clock)
+    logger.info("probe: %d edits measured in %d runs", clock.done, clock.runs)
+    clock.warn(len(sums), len(keys))
+    return {key: sums[key].error() for key in keys if key in sums}
+
+
+class _Clock:
+    """The probes' time against their budget: after each run, the time all ``total``
+    measurements would take is projected from those done; past the budget, each list of
+    edits is cut to the share that fits, never below what the list being measured then had
+    done (held-out blocks measure the same list: each measures the same probes)."""
+
+    def __init__(self, budget: ProbeBudget | None, total: int) -> None:
+        self.budget, self.total = budget, total
+        self.started = time.perf_counter()
+        self.done = self.runs = 0
+        self.share: float | None = None  # of each list, once the budget cuts
+        self.minimum = 0  # edits of each list, once the budget cuts
+        self.projected = 0.0
+
+    def kept(self, count: int, measured: int) -> int:
+        """How many of a list of ``count`` edits to measure, ``measured`` of them done."""
+        if self.share is None:
+            return count
+        return min(count, max(measured, self.minimum, math.ceil(self.share * count)))
+
+    def ran(self, edits: int, in_list: int) -> None:
+        """``edits`` more measured, ``in_list`` of the current list so far."""
+        self.done += edits
+        self.runs += 1
+        if self.budget is None or self.share is not None or self.done >= self.total:
+            return
+        elapsed = time.perf_counter() - self.started
+        projected = elapsed / self.done * self.total
+        if projected > self.budget.seconds:
+            self.share, self.projected = self.budget.seconds / projected, projected
+            self.minimum = in_list
+
+    def warn(self, measured: int, probes: int) -> None:
+        if self.budget is None or measured >= probes:
+            return
+        logger.warning(
+            "%s: measured %d of %d probes within its %g s (all would take about %.0f s); "
+            "the others are left out, their curves read from the ones measured (raise %s "
+            "to measure them)",
+            self.budget.option.split(".")[0],
+            measured,
+            probes,
+            self.budget.seconds,
+            self.projected,
+            self.budget.option,
+        )
 
 
 def _blocks(
@@ -160,22 +217,28 @@ def _measure_edits(
     data: data_mod.Dataset,
     phase: str,
     sums: dict[str, _Sums],
+    clock: _Clock,
 ) -> None:
     """Add each edit's per-output sums over ``data`` to ``sums[key]``, ``batch`` edits per
-    combined model (each edit: key, what makes it, the nodes it rewrites)."""
-    groups = [edits[i : i + setting.batch] for i in range(0, len(edits), setting.batch)]
-    for index, group in enumerate(groups, 1):
+    combined model (each edit: key, what makes it, the nodes it rewrites), as many of them as
+    ``clock`` keeps."""
+    done = 0
+    while done < (kept := clock.kept(len(edits), done)):
+        group = edits[done : min(done + setting.batch, kept)]
+        label = f"{phase} {done // setting.batch + 1}/{math.ceil(kept / setting.batch)}"
         applied = [_applied(make()) for _, make, _ in group]
         combined = combined_mod.build(
             setting.base, applied, setting.outputs, setting.sep, "probe", [n for *_, n in group]
         )
-        diff, ref = _stream(combined, len(group), setting, data, f"{phase} {index}/{len(groups)}")
+        diff, ref = _stream(combined, len(group), setting, data, label)
         for (key, *_), row in zip(group, diff, strict=True):
             if key in sums:
                 sums[key].diff += row
                 sums[key].ref += ref
             else:
                 sums[key] = _Sums(row, ref.copy())
+        done += len(group)
+        clock.ran(len(group), done)
 
 
 def _made(edit: Edit) -> Callable[[], Edit]:

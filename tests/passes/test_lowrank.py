@@ -509,6 +509,26 @@ def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
     assert step.modified and step.after.params <= 0.7 * step.before.params
 
 
+def test_probe_seconds_bounds_the_measurements_and_says_so(tmp_path, caplog):
+    # 0 s: the first run's projection is past it, and each held-out block measures that
+    # run's 16 probes of 18: the middle rank of all 6 layers first, then grid ends.
+    path, calib = _stack_files(tmp_path, 16)
+    path.write_bytes(_stack(6).SerializeToString())
+    with caplog.at_level(logging.WARNING):
+        result = shrink(
+            path,
+            "lowrank",
+            sets=["lowrank.reduction=0.3", "lowrank.probe_ranks=3", "lowrank.probe_seconds=0"],
+            calibration=calib,
+            check=False,
+        )
+    assert "lowrank: measured 16 of 18 probes within its 0 s" in caplog.text
+    assert "raise lowrank.probe_seconds to measure them" in caplog.text
+    assert "no measured curve" not in caplog.text
+    (step,) = result.steps
+    assert step.modified and step.after.params <= 0.7 * step.before.params
+
+
 @pytest.mark.parametrize(
     "options",
     [{"energy": 0.5}, {"selection": "energy", "reduction": 0.5}, {"max_error": 0.2}],

@@ -11,9 +11,10 @@ import onnx.numpy_helper
 import pytest
 
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.data_aware import Probe
+from onnx_shrink.compiler.data_aware import Probe, ProbeBudget
 from onnx_shrink.compiler.statistics import Gram, Statistics
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes import lowrank as lowrank_mod
 from onnx_shrink.passes.lowrank import LowRankPass
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
@@ -137,3 +138,31 @@ def test_every_output_counts_alike_whatever_its_scale(tmp_path):
         )
         expected = np.sum((y - y0).astype(np.float64) ** 2) / np.sum(y0.astype(np.float64) ** 2)
         assert measured[probe.key] == pytest.approx(expected / 2, rel=1e-5)
+
+
+@pytest.mark.parametrize("held_out", [False, True], ids=["in-sample", "held-out"])
+def test_past_its_budget_the_first_probes_by_priority_are_measured(tmp_path, caplog, held_out):
+    # A budget of 0 s: the first run's projection is past it, so each list stops at the run
+    # done. Lowrank gives each layer's middle rank the first priority: one point per layer.
+    proto = _two_layers()
+    x = RNG.standard_normal((8, K)).astype(np.float32)
+    probes = _probes(proto, held_out=held_out)
+    budget = ProbeBudget(0.0, "lowrank.probe_seconds")
+    with caplog.at_level("WARNING", logger="onnx_shrink.runtime_check.probe"):
+        measured = probe_mod.measure(
+            io.load(proto), probes, _dataset(proto, tmp_path, x), batch=2, budget=budget
+        )
+    middle = [p.key for p in probes if p.priority == 0]
+    assert sorted(measured) == sorted(middle) and len(middle) == 2
+    assert "lowrank: measured 2 of 6 probes within its 0 s" in caplog.text
+    assert "raise lowrank.probe_seconds" in caplog.text
+    # Unlimited, every probe; the ones measured under the budget read the same.
+    everything = probe_mod.measure(io.load(proto), probes, _dataset(proto, tmp_path, x), batch=2)
+    assert len(everything) == 6
+    assert measured == pytest.approx({k: everything[k] for k in measured}, rel=1e-6)
+
+
+def test_a_layers_grid_is_measured_middle_first_then_its_ends():
+    assert lowrank_mod._grid_priorities(6) == [1, 3, 4, 0, 5, 2]  # ranks 3, 0, 5, 1, 2, 4
+    assert lowrank_mod._grid_priorities(1) == [0]
+    assert lowrank_mod._grid_priorities(0) == []
