@@ -96,8 +96,8 @@ class Probe:
     """the names of the nodes the edits rewrite, if known: the copy they are made on may then
     hold only those nodes and the ones downstream of them (``runtime_check.combined``)"""
     priority: int = 0
-    """probes are measured lowest first: where the pass's ``ProbeBudget`` cannot cover them
-    all, the first ones in that order are measured and the others left out"""
+    """where the pass's ``ProbeBudget`` cannot cover every probe, those not yet measured keep
+    the lowest priorities that fit (0 at least), and the others are left out"""
 
 
 @dataclasses.dataclass(frozen=True)

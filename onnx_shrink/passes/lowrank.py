@@ -125,9 +125,10 @@ class LowRankPass(DataAwarePass):
        factorization looks up to 10x better than on new ones (MiniLM's attention output
        projections), and a budget spent on those in-sample errors cuts exactly the layers
        that overfit most.
-       The measurements take at most ``probe_seconds`` (projected from the runs done): past
-       it, each layer keeps the middle rank of its grid, then its ends, and the curves are
-       rescaled through the points measured, with a warning.
+       The measurements take about ``probe_seconds`` at most (projected from the first
+       runs): past it, the layers not yet measured keep the middle rank of their grid (at
+       least), then its ends, and the curves are rescaled through the points measured, with
+       a warning.
     4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
        (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
        error; without it (or without statistics for a layer) plain SVD of W. ``refit``
@@ -161,8 +162,9 @@ class LowRankPass(DataAwarePass):
     )
     probe_seconds: float = option(
         300.0,
-        "budget_metric=model-output: time the measurements may take; past it, fewer ranks "
-        "per layer are measured (the middle of each layer's grid first, then its ends)",
+        "budget_metric=model-output: about the time the measurements may take; past it, "
+        "fewer ranks per layer are measured (each layer's middle rank at least, then its "
+        "grid's ends)",
         minimum=0.0,
     )
     held_out: bool = option(
@@ -406,8 +408,8 @@ class _ProbeFactors:
 
 
 def _grid_priorities(count: int) -> list[int]:
-    """Measuring order of a layer's probe grid (ascending ranks): its middle, its two ends,
-    then the rest, so that a budget that cuts leaves every layer a point, then its span."""
+    """Priorities of a layer's probe grid (ascending ranks): its middle, its two ends, then
+    the rest, so that a budget that cuts leaves every layer a point, then its span."""
     order = list(dict.fromkeys([count // 2, 0, count - 1, *range(count)])) if count else []
     priority = {index: rank for rank, index in enumerate(order)}
     return [priority[index] for index in range(count)]

@@ -89,9 +89,11 @@ def measure(
     with ``remade`` out of sample over ``folds`` blocks (in sample, with their ``edit``, when
     ``folds`` < 2 or the data holds fewer samples than that). ``model`` is not modified.
 
-    Probes are measured in ``Probe.priority`` order. Where ``budget`` cannot cover them all
-    (projected from the runs done), only the first share of each phase's list that fits is
-    measured, the others are left out of the result, and a warning names the option.
+    Probes are measured in the order given (a pass keeps a layer's together: it factorizes
+    once for them). Where ``budget`` cannot cover them all (projected from the first list's
+    runs), the rest of the list keeps the probes of the lowest ``Probe.priority`` values that
+    fit (those of priority 0 at least); later lists measure the same probes, the others are
+    left out of the result, and a warning names the option.
 
     Raises:
         ShrinkError: two probes share a key, or the model has no float output it computes.
@@ -106,7 +108,6 @@ def measure(
     outputs = combined_mod.compared_outputs(base, "probe")
     setting = _Setting(base, outputs, combined_mod.separator(base), provider, batch, progress)
     sums: dict[str, _Sums] = {}
-    probes = sorted(probes, key=lambda p: p.priority)  # stable: the caller's order within
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
         held_out = [p for p in probes if p.remade is not None]
@@ -117,7 +118,11 @@ def measure(
         held_keys = {p.key for p in held_out}
         # Edits are made as their combined model is built: a block's remade edits all at once
         # would hold every layer's factors at every probed rank (GBs on a 0.6 GB encoder).
-        in_sample = [(p.key, _made(p.edit), p.nodes) for p in probes if p.key not in held_keys]
+        in_sample = [
+            _Edit(p.key, _made(p.edit), p.nodes, p.priority)
+            for p in probes
+            if p.key not in held_keys
+        ]
         clock = _Clock(budget, len(in_sample) + len(held_out) * len(blocks))
         _measure_edits(setting, in_sample, data, "probe", sums, clock)
         requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
@@ -125,44 +130,69 @@ def measure(
             stats = collect_mod.collect(
                 model, requests, fitted, provider=provider, progress=progress
             )
-            edits = [(p.key, functools.partial(p.remade, stats), p.nodes) for p in held_out]
+            edits = [
+                _Edit(p.key, functools.partial(p.remade, stats), p.nodes, p.priority)
+                for p in held_out
+            ]
             _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums, clock)
     logger.info("probe: %d edits measured in %d runs", clock.done, clock.runs)
     clock.warn(len(sums), len(keys))
     return {key: sums[key].error() for key in keys if key in sums}
 
 
+@dataclasses.dataclass(frozen=True)
+class _Edit:
+    key: str
+    make: Callable[[], Edit]
+    nodes: tuple[str, ...]
+    priority: int
+
+
 class _Clock:
-    """The probes' time against their budget: after each run, the time all ``total``
-    measurements would take is projected from those done; past the budget, each list of
-    edits is cut to the share that fits, never below what the list being measured then had
-    done (held-out blocks measure the same list: each measures the same probes)."""
+    """The probes' time against their budget. Each list of edits (in sample, or a held-out
+    block's) gets the budget's share of its size. After each run of the first list, the
+    edits that share allows are projected from the list's runs so far; past it, the rest of
+    the list keeps the lowest priorities that fit (priority 0 at least). Every later list
+    measures the probes the first one did: held-out blocks measure the same."""
 
     def __init__(self, budget: ProbeBudget | None, total: int) -> None:
         self.budget, self.total = budget, total
-        self.started = time.perf_counter()
         self.done = self.runs = 0
-        self.share: float | None = None  # of each list, once the budget cuts
-        self.minimum = 0  # edits of each list, once the budget cuts
+        self.keys: set[str] | None = None  # what every list measures, once one was cut
+        self.cut = False
         self.projected = 0.0
+        self.list_started = time.perf_counter()
 
-    def kept(self, count: int, measured: int) -> int:
-        """How many of a list of ``count`` edits to measure, ``measured`` of them done."""
-        if self.share is None:
-            return count
-        return min(count, max(measured, self.minimum, math.ceil(self.share * count)))
+    def start(self, edits: Sequence[_Edit]) -> list[_Edit]:
+        """A list's edits to measure, as far as known before its first run."""
+        self.list_started = time.perf_counter()
+        if self.keys is None:
+            return list(edits)
+        return [edit for edit in edits if edit.key in self.keys]
 
-    def ran(self, edits: int, in_list: int) -> None:
-        """``edits`` more measured, ``in_list`` of the current list so far."""
+    def rest(self, rest: list[_Edit], measured: int) -> list[_Edit]:
+        """The list's edits after its first ``measured``, cut to what the budget allows."""
+        if self.budget is None or self.keys is not None or self.cut or not rest:
+            return rest
+        rate = (time.perf_counter() - self.list_started) / measured
+        count = measured + len(rest)
+        allowed = int(self.budget.seconds * count / max(self.total, 1) / max(rate, 1e-9))
+        if allowed >= count:
+            return rest
+        self.cut, self.projected = True, rate * self.total
+        threshold = 1  # priority 0 at least
+        for tier in sorted({edit.priority for edit in rest}):
+            if sum(edit.priority <= tier for edit in rest) <= allowed - measured:
+                threshold = max(threshold, tier + 1)
+        return [edit for edit in rest if edit.priority < threshold]
+
+    def ran(self, edits: int) -> None:
         self.done += edits
         self.runs += 1
-        if self.budget is None or self.share is not None or self.done >= self.total:
-            return
-        elapsed = time.perf_counter() - self.started
-        projected = elapsed / self.done * self.total
-        if projected > self.budget.seconds:
-            self.share, self.projected = self.budget.seconds / projected, projected
-            self.minimum = in_list
+
+    def finished(self, measured: Sequence[_Edit]) -> None:
+        if self.cut and self.keys is None:
+            self.keys = {edit.key for edit in measured}
 
     def warn(self, measured: int, probes: int) -> None:
         if self.budget is None or measured >= probes:
@@ -213,32 +243,34 @@ def _blocks(
 
 def _measure_edits(
     setting: _Setting,
-    edits: Sequence[tuple[str, Callable[[], Edit], tuple[str, ...]]],
+    edits: Sequence[_Edit],
     data: data_mod.Dataset,
     phase: str,
     sums: dict[str, _Sums],
     clock: _Clock,
 ) -> None:
     """Add each edit's per-output sums over ``data`` to ``sums[key]``, ``batch`` edits per
-    combined model (each edit: key, what makes it, the nodes it rewrites), as many of them as
-    ``clock`` keeps."""
+    combined model, as many of them as ``clock`` keeps."""
+    pending = clock.start(edits)
     done = 0
-    while done < (kept := clock.kept(len(edits), done)):
-        group = edits[done : min(done + setting.batch, kept)]
-        label = f"{phase} {done // setting.batch + 1}/{math.ceil(kept / setting.batch)}"
-        applied = [_applied(make()) for _, make, _ in group]
+    while done < len(pending):
+        group = pending[done : done + setting.batch]
+        label = f"{phase} {done // setting.batch + 1}/{math.ceil(len(pending) / setting.batch)}"
+        applied = [_applied(edit.make()) for edit in group]
         combined = combined_mod.build(
-            setting.base, applied, setting.outputs, setting.sep, "probe", [n for *_, n in group]
+            setting.base, applied, setting.outputs, setting.sep, "probe", [e.nodes for e in group]
         )
         diff, ref = _stream(combined, len(group), setting, data, label)
-        for (key, *_), row in zip(group, diff, strict=True):
-            if key in sums:
-                sums[key].diff += row
-                sums[key].ref += ref
+        for edit, row in zip(group, diff, strict=True):
+            if edit.key in sums:
+                sums[edit.key].diff += row
+                sums[edit.key].ref += ref
             else:
-                sums[key] = _Sums(row, ref.copy())
+                sums[edit.key] = _Sums(row, ref.copy())
         done += len(group)
-        clock.ran(len(group), done)
+        clock.ran(len(group))
+        pending = pending[:done] + clock.rest(pending[done:], done)
+    clock.finished(pending)
 
 
 def _made(edit: Edit) -> Callable[[], Edit]:

@@ -510,8 +510,9 @@ def test_shrink_measures_the_model_output_probes_on_calibration_data(tmp_path):
 
 
 def test_probe_seconds_bounds_the_measurements_and_says_so(tmp_path, caplog):
-    # 0 s: the first run's projection is past it, and each held-out block measures that
-    # run's 16 probes of 18: the middle rank of all 6 layers first, then grid ends.
+    # 0 s: the first run's projection is past it. Its 16 probes (layers 0-4 whole, layer 5's
+    # lowest rank) are kept, and of the rest layer 5's middle rank: each held-out block
+    # measures those 17 of 18.
     path, calib = _stack_files(tmp_path, 16)
     path.write_bytes(_stack(6).SerializeToString())
     with caplog.at_level(logging.WARNING):
@@ -522,7 +523,7 @@ def test_probe_seconds_bounds_the_measurements_and_says_so(tmp_path, caplog):
             calibration=calib,
             check=False,
         )
-    assert "lowrank: measured 16 of 18 probes within its 0 s" in caplog.text
+    assert "lowrank: measured 17 of 18 probes within its 0 s" in caplog.text
     assert "raise lowrank.probe_seconds to measure them" in caplog.text
     assert "no measured curve" not in caplog.text
     (step,) = result.steps
