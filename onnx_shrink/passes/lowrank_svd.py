@@ -49,7 +49,9 @@ def factorize(
     k, n = weight.shape
     if gram is None or _gram_scale(gram) is None:
         return _factorize(weight, None, aware=False)
-    if min(k, n) < EIGEN_MIN_DIM or n > k:
+    if min(k, n) < EIGEN_MIN_DIM or n > k or damping <= 0:
+        # Undamped, a singular Gram fails the whitener's Cholesky: plain SVD, whatever the
+        # shape (the eigendecomposition below would whiten by it).
         white = whitener(gram, damping)
         return _factorize(weight if white is None else white @ weight, white, white is not None)
     # K >= N: (SW)ᵀ(SW) = Wᵀ(G + λI)W needs no S, and S⁻¹U = W·V·Σ⁻¹ (as S·W·V = U·Σ).

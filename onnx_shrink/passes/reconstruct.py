@@ -35,6 +35,7 @@ import numpy as np
 logger = logging.getLogger(__name__)
 
 DEFAULT_RIDGE = 0.01
+MIN_RIDGE = 1e-10
 _BATCH_BYTES = 1 << 28  # at most 256 MiB of stacked G_SS matrices per solve (or CG's arrays)
 # Direct solves' cubes against CG's products: a batched solve does about 3.4 multiply-adds'
 # work per cube (MiniLM, this machine), and a refit takes up to ~130 iterations of 2 products.
@@ -78,8 +79,10 @@ def refit_measured(
     gram = np.asarray(gram, np.float64)
     if gram.shape != (rows.shape[1], rows.shape[1]) or keep.shape != rows.shape:
         raise ValueError(f"shapes do not fit: rows {rows.shape}, keep {keep.shape}, {gram.shape}")
-    damp = ridge * float(np.mean(np.diag(gram))) if gram.size else 0.0
-    damp = damp if damp > 0 else 1e-8
+    scale = float(np.mean(np.diag(gram))) if gram.size else 0.0
+    # ridge 0 still damps a little, relative to G: an absolute floor is nothing against a
+    # rank-deficient Gram of large scale, whose inverse conjugate gradients then cannot use.
+    damp = max(ridge, MIN_RIDGE) * scale if scale > 0 else 1e-8
     target = rows @ gram  # row j: G_{:,:} w_j, restricted to S_j below
     result = np.zeros_like(rows)
     leftover = _solve_all(rows, keep, gram, target, damp, result)
@@ -103,14 +106,20 @@ def _solve_all(rows, keep, gram, target, damp, result) -> float:
             members = alone[start : start + chunk]
             leftover += _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
         return leftover
-    by_count: dict[int, list[int]] = defaultdict(list)
-    for j, count in zip(alone, counts, strict=True):
-        by_count[int(count)].append(j)
-    for count, members in by_count.items():
-        chunk = max(1, _BATCH_BYTES // (8 * count * count))
-        for start in range(0, len(members), chunk):
-            _solve_rows(members[start : start + chunk], keep, gram, target, damp, result)
+    _solve_directly(alone, keep, gram, target, damp, result)
     return 0.0
+
+
+def _solve_directly(members, keep, gram, target, damp, result) -> None:
+    """Each of rows ``members`` by a direct solve of its own system, rows of equal kept
+    counts batched."""
+    by_count: dict[int, list[int]] = defaultdict(list)
+    for j in members:
+        by_count[int(keep[j].sum())].append(j)
+    for count, rows in by_count.items():
+        chunk = max(1, _BATCH_BYTES // (8 * count * count))
+        for start in range(0, len(rows), chunk):
+            _solve_rows(rows[start : start + chunk], keep, gram, target, damp, result)
 
 
 def solve_costs(keep: np.ndarray) -> tuple[float, float]:
@@ -241,6 +250,11 @@ def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
         float(relative.max()) if relative.size else 0.0,
     )
     result[members] = x
+    stalled = np.flatnonzero(np.linalg.norm(residual, axis=1) > limit)
+    if stalled.size:  # ill-conditioned past what the iterations reach: solved directly
+        logger.debug("refit: %d rows did not converge; solved directly", stalled.size)
+        residual[stalled] = 0.0
+        _solve_directly([members[i] for i in stalled], keep, gram, target, damp, result)
     return float(np.sum(x * residual))
 
 

@@ -136,11 +136,13 @@ def _merge(
             value.name = name + suffix
             added.append(value)
     shared.update(_share_unchanged(source, unedited.producers))
+    echoes: dict[ir.Value, ir.Value] = {}  # one per value: an output may be listed twice
     for position, value in enumerate(copy_outputs):
         if value in shared:  # computed by an unedited node: the copy echoes it
-            echoed = ir.Value(name=value.name, type=value.type, shape=value.shape)
-            source.append(ir.node("Identity", [shared[value]], outputs=[echoed]))
-            copy_outputs[position] = echoed
+            if value not in echoes:
+                echoes[value] = ir.Value(name=value.name, type=value.type, shape=value.shape)
+                source.append(ir.node("Identity", [shared[value]], outputs=[echoes[value]]))
+            copy_outputs[position] = echoes[value]
     nodes = list(source)
     for node in nodes:
         if node.name:

@@ -150,36 +150,39 @@ class _Edit:
 
 class _Clock:
     """The probes' time against their budget. Each list of edits (in sample, or a held-out
-    block's) gets the budget's share of its size. After each run of the first list, the
-    edits that share allows are projected from the list's runs so far; past it, the rest of
-    the list keeps the lowest priorities that fit (priority 0 at least). Every later list
-    measures the probes the first one did: held-out blocks measure the same."""
+    block's) gets the budget's share of its size. The first time a list of probes is
+    measured, the edits that share allows are projected after each run from the runs so far;
+    past it, the rest of the list keeps the lowest priorities that fit (priority 0 at least).
+    A list of the same probes measured again (the next held-out block) measures exactly the
+    ones measured the first time, cut or not: every probe's error covers every block."""
 
     def __init__(self, budget: ProbeBudget | None, total: int) -> None:
         self.budget, self.total = budget, total
         self.done = self.runs = 0
-        self.keys: set[str] | None = None  # what every list measures, once one was cut
-        self.cut = False
+        self.decided: dict[tuple[str, ...], set[str]] = {}  # list's probes -> those measured
+        self.cutting = False  # the list being measured may still be cut
+        self.cut = False  # some list was
         self.projected = 0.0
         self.list_started = time.perf_counter()
 
     def start(self, edits: Sequence[_Edit]) -> list[_Edit]:
         """A list's edits to measure, as far as known before its first run."""
         self.list_started = time.perf_counter()
-        if self.keys is None:
-            return list(edits)
-        return [edit for edit in edits if edit.key in self.keys]
+        kept = self.decided.get(_signature(edits))
+        self.cutting = kept is None and self.budget is not None
+        return list(edits) if kept is None else [edit for edit in edits if edit.key in kept]
 
     def rest(self, rest: list[_Edit], measured: int) -> list[_Edit]:
         """The list's edits after its first ``measured``, cut to what the budget allows."""
-        if self.budget is None or self.keys is not None or self.cut or not rest:
+        if not self.cutting or not rest or self.budget is None:
             return rest
         rate = (time.perf_counter() - self.list_started) / measured
         count = measured + len(rest)
         allowed = int(self.budget.seconds * count / max(self.total, 1) / max(rate, 1e-9))
         if allowed >= count:
             return rest
-        self.cut, self.projected = True, rate * self.total
+        self.cutting, self.cut = False, True
+        self.projected = max(self.projected, rate * self.total)
         threshold = 1  # priority 0 at least
         for tier in sorted({edit.priority for edit in rest}):
             if sum(edit.priority <= tier for edit in rest) <= allowed - measured:
@@ -190,9 +193,9 @@ class _Clock:
         self.done += edits
         self.runs += 1
 
-    def finished(self, measured: Sequence[_Edit]) -> None:
-        if self.cut and self.keys is None:
-            self.keys = {edit.key for edit in measured}
+    def finished(self, edits: Sequence[_Edit], measured: Sequence[_Edit]) -> None:
+        self.decided.setdefault(_signature(edits), {edit.key for edit in measured})
+        self.cutting = False
 
     def warn(self, measured: int, probes: int) -> None:
         if self.budget is None or measured >= probes:
@@ -270,7 +273,11 @@ def _measure_edits(
         done += len(group)
         clock.ran(len(group))
         pending = pending[:done] + clock.rest(pending[done:], done)
-    clock.finished(pending)
+    clock.finished(edits, pending)
+
+
+def _signature(edits: Sequence[_Edit]) -> tuple[str, ...]:
+    return tuple(edit.key for edit in edits)
 
 
 def _made(edit: Edit) -> Callable[[], Edit]:

@@ -155,7 +155,10 @@ def warn_ignored_options(
     provider: str, requested: Mapping[str, Any], effective: Mapping[str, Any]
 ) -> None:
     """Warn (once per provider and option) about the provider options onnxruntime dropped
-    without a word: its CPU provider takes none, and a misspelt CUDA option is ignored."""
+    without a word: its CPU provider takes none, and a misspelt CUDA option is ignored. A
+    provider other than CPU that reports no options at all says nothing either way."""
+    if not effective and provider != "CPUExecutionProvider":
+        return
     ignored = sorted(key for key in requested if key not in effective)
     fresh = [key for key in ignored if (provider, key) not in _WARNED_OPTIONS]
     if not fresh:

@@ -100,6 +100,17 @@ def test_large_matrices_through_the_gram_eigendecomposition_match_the_svd(shape,
         assert error == pytest.approx(np.sqrt(np.sum(exact[rank:] ** 2)), rel=1e-7)
 
 
+def test_undamped_a_singular_gram_gives_plain_svd_whatever_the_shape():
+    # Found in review: at damping 0 tall large layers were whitened by a singular Gram while
+    # every other shape fell back to plain SVD (the whitener's Cholesky fails).
+    rows = RNG.standard_normal((100, 320))  # rank 100 of 320 (and 8 of 16 below)
+    for shape in ((320, 256), (320, 400), (16, 8)):
+        x = rows[: min(100, shape[0] // 2), : shape[0]]
+        weight = RNG.standard_normal(shape)
+        f = factorize(weight, x.T @ x, damping=0.0)
+        assert not f.aware, shape
+
+
 def test_refit_never_increases_the_calibration_error_of_a_plain_svd():
     x = RNG.standard_normal((500, 32)) * np.logspace(0, 2, 32)
     weight = RNG.standard_normal((32, 24))

@@ -422,6 +422,31 @@ def test_a_refit_reads_its_error_off_the_solve(monkeypatch, solver):
     assert refitted.error < reconstruct.output_error(rows, np.where(keep, rows, 0), gram)
 
 
+def test_rows_conjugate_gradients_leave_unconverged_are_solved_directly(monkeypatch):
+    rng = np.random.default_rng(12)
+    x = rng.normal(size=(400, 120)) @ rng.normal(size=(120, 120))
+    rows, gram = rng.normal(size=(10, 120)), x.T @ x
+    keep = row_keep(np.abs(rows), 0.5)
+    direct = reconstruct.refit_measured(rows, keep, gram)
+    monkeypatch.setattr(reconstruct, "ITERATIVE_BREAK_EVEN", 0.0)
+    monkeypatch.setattr(reconstruct, "ITERATIVE_MAX_ITERATIONS", 1)
+    stalled = reconstruct.refit_measured(rows, keep, gram)
+    np.testing.assert_allclose(stalled.rows, direct.rows, rtol=1e-9, atol=1e-12)
+    assert stalled.error == pytest.approx(direct.error, rel=1e-9)
+
+
+def test_a_refit_without_ridge_damps_relative_to_the_gram(monkeypatch):
+    # Found in review: ridge=0 damped by an absolute 1e-8, nothing against a rank-deficient
+    # Gram of large scale; conjugate gradients ran 1000 iterations and stopped far off.
+    rng = np.random.default_rng(1)
+    x = rng.standard_normal((50, 200)) * 1e3  # 50 rows: rank 50 of 200
+    rows, gram = rng.standard_normal((30, 200)), x.T @ x
+    keep = rng.random((30, 200)) < 0.95
+    monkeypatch.setattr(reconstruct, "ITERATIVE_BREAK_EVEN", 0.0)
+    refitted = reconstruct.refit_measured(rows, keep, gram, ridge=0.0)
+    assert refitted.error < 1e-9  # 190 kept inputs reproduce 50 rows exactly
+
+
 def test_conjugate_gradients_take_the_layers_where_direct_solves_cost_more():
     # MiniLM's 384-wide layers at 50% solve directly; a 1536-wide one and an encoder's
     # 4096 -> 1024 (an hour of direct solves) go to conjugate gradients.

@@ -122,3 +122,17 @@ def test_a_subgraph_downstream_of_the_edit_takes_the_whole_copy():
     x = RNG.standard_normal((5, K)).astype(np.float32)
     got = _run(combined, x)
     np.testing.assert_allclose(got["y#0"], _run(_new_weight(io.load(proto)), x)["y"], rtol=1e-6)
+
+
+def test_an_unchanged_output_listed_twice_is_echoed_once():
+    # Found in review: two Identity nodes wrote the same name, which onnxruntime refuses.
+    proto = _chain()
+    proto.graph.output.append(proto.graph.output[1])  # z twice
+    base = io.load(proto)
+    for anchors in ((), (("mm",),)):
+        combined = combined_mod.build(base, [_new_weight], [0, 1, 2], "#", "test", anchors)
+        x = RNG.standard_normal((5, K)).astype(np.float32)
+        got = run_ort(io.to_bytes(combined), {"x": x})
+        names = [v.name for v in combined.graph.outputs]
+        assert names == ["y", "z", "z", "y#0", "z#0", "z#0"]
+        np.testing.assert_array_equal(got[4], got[1])

@@ -166,3 +166,46 @@ def test_a_layers_grid_keeps_its_middle_first_then_its_ends():
     assert lowrank_mod._grid_priorities(6) == [1, 3, 4, 0, 5, 2]  # ranks 3, 0, 5, 1, 2, 4
     assert lowrank_mod._grid_priorities(1) == [0]
     assert lowrank_mod._grid_priorities(0) == []
+
+
+def _fake_run(monkeypatch, seconds_per_edit: dict[str, float]):
+    """Measure without onnxruntime: each edit "takes" its list's seconds on a fake clock."""
+    now = [0.0]
+    monkeypatch.setattr(probe_mod.time, "perf_counter", lambda: now[0])
+
+    def stream(combined, count, setting, data, label):
+        now[0] += seconds_per_edit["now"] * count
+        return np.ones((count, 1)), np.ones(1)
+
+    monkeypatch.setattr(probe_mod, "_stream", stream)
+    monkeypatch.setattr(probe_mod.combined_mod, "build", lambda *a, **k: None)
+    return probe_mod._Setting(None, [0], "#", "cpu", 4, None)
+
+
+def _edits(prefix: str, count: int):
+    return [probe_mod._Edit(f"{prefix}{i}", lambda: None, (), i % 3) for i in range(count)]
+
+
+def test_a_cut_list_leaves_other_lists_alone_and_blocks_measure_the_same(monkeypatch):
+    # Found in review: once the in-sample list was cut, every held-out probe was dropped;
+    # and a second block running slower could be cut on its own, leaving some probes
+    # measured on one block only.
+    cost = {"now": 1.0}
+    setting = _fake_run(monkeypatch, cost)
+    sums = {}
+    clock = probe_mod._Clock(ProbeBudget(20.0, "lowrank.probe_seconds"), 12 + 2 * 12)
+    probe_mod._measure_edits(setting, _edits("in", 12), None, "probe", sums, clock)
+    for block, seconds in ((1, 1.0), (2, 1.5)):
+        cost["now"] = seconds
+        probe_mod._measure_edits(setting, _edits("held", 12), None, f"block {block}", sums, clock)
+    held = [key for key in sums if key.startswith("held")]
+    assert held and clock.cut
+    assert all(sums[key].ref[0] == 2.0 for key in held)  # every held-out probe: both blocks
+    # Unlimited time for block 1: block 2, slower, still measures every probe.
+    setting = _fake_run(monkeypatch, cost)
+    sums = {}
+    clock = probe_mod._Clock(ProbeBudget(24.0, "lowrank.probe_seconds"), 2 * 12)
+    for seconds in (1.0, 1.5):
+        cost["now"] = seconds
+        probe_mod._measure_edits(setting, _edits("held", 12), None, "block", sums, clock)
+    assert len(sums) == 12 and all(v.ref[0] == 2.0 for v in sums.values())

@@ -51,3 +51,17 @@ def test_provider_options_onnxruntime_drops_are_named_once(caplog, monkeypatch):
     assert warnings == [
         "onnxruntime ignored CPUExecutionProvider option(s) bogus (the options it takes: none)"
     ]
+
+
+def test_a_provider_reporting_no_options_is_not_said_to_ignore_them(caplog, monkeypatch):
+    # Found in review: some providers report no options back at all; nothing can be told.
+    monkeypatch.setattr(sessions, "_WARNED_OPTIONS", set())
+    with caplog.at_level("WARNING", logger="onnx_shrink.runtime_check.sessions"):
+        sessions.warn_ignored_options("CoreMLExecutionProvider", {"flags": "1"}, {})
+        sessions.warn_ignored_options(
+            "CUDAExecutionProvider", {"devce_id": "0"}, {"device_id": "0"}
+        )
+    assert [r.getMessage() for r in caplog.records] == [
+        "onnxruntime ignored CUDAExecutionProvider option(s) devce_id (the options it takes: "
+        "device_id)"
+    ]
