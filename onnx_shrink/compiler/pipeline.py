@@ -195,9 +195,9 @@ class Verdict:
 
 Verifier = Callable[[ir.Model], Verdict]
 Prober = Callable[..., Mapping[str, float]]
-"""``(model, probes, budget=ProbeBudget | None)``: measures each probe's edit alone (the
-first ones by priority, where the budget cannot cover them all): key -> relative squared
-error of the model outputs."""
+"""``(model, probes, budget=ProbeBudget | None)``: measures each probe's edit alone (where
+the budget cannot cover them all, some of those of the highest ``Probe.priority`` values are
+left out): key -> relative squared error of the model outputs."""
 
 
 def run(

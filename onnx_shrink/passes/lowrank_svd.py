@@ -26,7 +26,7 @@ class Factorization:
     left: Callable[[int], np.ndarray] = dataclasses.field(repr=False, compare=False)
     """rank -> the first ``rank`` columns of S⁻¹U (U without data)"""
     right: Callable[[int], np.ndarray] = dataclasses.field(repr=False, compare=False)
-    """rank -> the first ``rank`` rows of Vᵀ"""
+    """rank -> the first ``rank`` columns of V"""
 
     def tail_energy(self) -> np.ndarray:
         """``tail[r]`` = Σ_{i>=r} σ_i², the squared error of rank r, for r = 0..len(s)."""
@@ -47,7 +47,8 @@ def factorize(
     """SVD of S·``weight`` with SᵀS = ``gram`` + λ·mean(diag ``gram``)·I (``whitener``), or
     of ``weight`` itself without a gram (or one that carries no signal)."""
     k, n = weight.shape
-    if gram is None or _gram_scale(gram) is None:
+    scale = _gram_scale(gram) if gram is not None else None
+    if scale is None:
         return _factorize(weight, None, aware=False)
     if min(k, n) < EIGEN_MIN_DIM or n > k or damping <= 0:
         # Undamped, a singular Gram fails the whitener's Cholesky: plain SVD, whatever the
@@ -55,9 +56,9 @@ def factorize(
         white = whitener(gram, damping)
         return _factorize(weight if white is None else white @ weight, white, white is not None)
     # K >= N: (SW)ᵀ(SW) = Wᵀ(G + λI)W needs no S, and S⁻¹U = W·V·Σ⁻¹ (as S·W·V = U·Σ).
-    damped = gram + damping * _gram_scale(gram) * np.eye(k)
+    damped = gram + damping * scale * np.eye(k)
     s, v = _eigen(weight.T @ (damped @ weight))
-    return Factorization(s, True, _columns_of(weight, v, s), lambda rank: v[:, :rank].T)
+    return Factorization(s, True, _columns_of(weight, v, s), functools.partial(_leading_columns, v))
 
 
 def _factorize(target: np.ndarray, white: np.ndarray | None, aware: bool) -> Factorization:
@@ -74,10 +75,8 @@ def _factorize(target: np.ndarray, white: np.ndarray | None, aware: bool) -> Fac
         s, u = _eigen(target @ target.T)
         columns, rows = functools.partial(_leading_columns, u), _columns_of(target.T, u, s)
     if white is None:
-        return Factorization(s, aware, columns, lambda rank: rows(rank).T)
-    return Factorization(
-        s, aware, lambda rank: np.linalg.solve(white, columns(rank)), lambda rank: rows(rank).T
-    )
+        return Factorization(s, aware, columns, rows)
+    return Factorization(s, aware, lambda rank: np.linalg.solve(white, columns(rank)), rows)
 
 
 def _leading_columns(matrix: np.ndarray, rank: int) -> np.ndarray:
@@ -104,7 +103,7 @@ def _nonzero(s: np.ndarray) -> np.ndarray:
 def factors(f: Factorization, rank: int) -> tuple[np.ndarray, np.ndarray]:
     """A (K x r), B (r x N) with S·A·B the rank-``rank`` truncation of S·W, Σ split evenly."""
     root = np.sqrt(f.s[:rank])
-    return f.left(rank) * root, root[:, None] * f.right(rank)
+    return f.left(rank) * root, root[:, None] * f.right(rank).T
 
 
 def refit(weight: np.ndarray, a: np.ndarray, gram: np.ndarray) -> np.ndarray:

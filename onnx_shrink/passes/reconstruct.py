@@ -224,7 +224,8 @@ def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
     z = preconditioned(residual)
     direction = z.copy()
     rz = np.einsum("ij,ij->i", residual, z)
-    limit = ITERATIVE_TOLERANCE * np.linalg.norm(rhs, axis=1)
+    rhs_norms = np.linalg.norm(rhs, axis=1)
+    limit = ITERATIVE_TOLERANCE * rhs_norms
     iteration = 0
     for iteration in range(ITERATIVE_MAX_ITERATIONS):  # noqa: B007 - logged below
         active = np.linalg.norm(residual, axis=1) > limit
@@ -241,16 +242,16 @@ def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
         direction *= beta[:, None]
         direction += z
         rz = rz_next
-    relative = np.linalg.norm(residual, axis=1) / np.maximum(np.linalg.norm(rhs, axis=1), 1e-300)
+    norms = np.linalg.norm(residual, axis=1)
     logger.debug(
         "refit: %d rows of %d inputs: %d conjugate-gradient iterations, residual %.1e",
         len(members),
         rows.shape[1],
         iteration,
-        float(relative.max()) if relative.size else 0.0,
+        float(np.max(norms / np.maximum(rhs_norms, 1e-300), initial=0.0)),
     )
     result[members] = x
-    stalled = np.flatnonzero(np.linalg.norm(residual, axis=1) > limit)
+    stalled = np.flatnonzero(norms > limit)
     if stalled.size:  # ill-conditioned past what the iterations reach: solved directly
         logger.debug("refit: %d rows did not converge; solved directly", stalled.size)
         residual[stalled] = 0.0

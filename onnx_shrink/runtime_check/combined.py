@@ -188,29 +188,40 @@ class _Downstream:
         self.order = {node: index for index, node in enumerate(graph)}
         names = collections.Counter(node.name for node in graph)
         self.by_name = {node.name: node for node in graph if node.name and names[node.name] == 1}
+        self.initializers = list(graph.initializers.values())
+        # A pass probes one layer at several ranks in a row: its view is made once.
+        self._last: tuple[tuple[str, ...], ir.GraphView | None] | None = None
 
     def copy(self, names: Sequence[str]) -> ir.Model:
+        if self._last is None or self._last[0] != tuple(names):
+            self._last = (tuple(names), self._view(names))
+        view = self._last[1]
+        if view is None:
+            return self.model.clone()
+        return ir.Model(
+            view.clone(),
+            ir_version=self.model.ir_version,
+            functions=list(self.model.functions.values()),
+        )
+
+    def _view(self, names: Sequence[str]) -> ir.GraphView | None:
+        """The nodes ``names`` and downstream as a view to clone; None: copy it whole."""
         cone = self._cone(names)
         if cone is None:
-            return self.model.clone()
+            return None
         graph = self.model.graph
-        initializers = set(graph.initializers.values())
+        initializers = set(self.initializers)
         produced = {out for node in cone for out in node.outputs}
         read = [v for node in cone for v in node.inputs if v is not None]
         upstream = [
             v for v in (*read, *graph.outputs) if v not in produced and v not in initializers
         ]
-        view = ir.GraphView(
+        return ir.GraphView(
             list(dict.fromkeys(upstream)),
             list(graph.outputs),
             nodes=cone,
-            initializers=list(graph.initializers.values()),
+            initializers=self.initializers,
             opset_imports=dict(graph.opset_imports),
-        )
-        return ir.Model(
-            view.clone(),
-            ir_version=self.model.ir_version,
-            functions=list(self.model.functions.values()),
         )
 
     def _cone(self, names: Sequence[str]) -> list[ir.Node] | None:
