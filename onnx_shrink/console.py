@@ -24,11 +24,6 @@ from onnx_shrink.runtime_check.layers import LayerReport
 from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
 
 
-def zipped(size) -> str:
-    """A ``ModelSize``'s zipped bytes, marked ≈ where they come from a sample."""
-    return ("≈ " if size.zipped_estimated else "") + human_bytes(size.zipped_bytes)
-
-
 def human_bytes(n: float) -> str:
     """Binary units, named as such (the HTML report's plots use decimal kB/MB)."""
     for unit in ("B", "KiB", "MiB", "GiB"):
@@ -255,8 +250,8 @@ def speed_table(report: CheckReport) -> Table:
     )
     table.add_row(
         "bytes zipped",
-        zipped(rs),
-        zipped(cs),
+        rs.zipped_text(human_bytes),
+        cs.zipped_text(human_bytes),
         f"{cs.zipped_bytes / rs.zipped_bytes:.2f}x",
     )
     return table
@@ -283,7 +278,7 @@ def benchmark_table(report: BenchmarkReport) -> Table:
     if report.peak_memory_bytes is not None:
         table.add_row("session peak memory", "", human_bytes(report.peak_memory_bytes))
     table.add_row("bytes on disk", "", human_bytes(report.size.bytes_on_disk))
-    table.add_row("bytes zipped", "", zipped(report.size))
+    table.add_row("bytes zipped", "", report.size.zipped_text(human_bytes))
     return table
 
 

@@ -375,11 +375,12 @@ class PrunePass(DataAwarePass):
         new_rows = np.where(keep, rows, 0.0)
         error = refit_error = None
         gram = _gram(layer, stats) if self.refits and layer.layout != "conv" else None
-        units = clock.estimate(keep) if gram is not None else 0.0
-        projected = clock.projected(units) if gram is not None else 0.0
-        if gram is not None and clock.seconds + projected > self.refit_seconds:
-            unrefit.append((layer.name, projected))
-            gram = None
+        if gram is not None:
+            units = clock.estimate(keep)
+            projected = clock.projected(units)
+            if clock.seconds + projected > self.refit_seconds:
+                unrefit.append((layer.name, projected))
+                gram = None
         if gram is not None:
             started = time.perf_counter()
             refitted = refitting.refit_measured(rows, keep, gram, self.ridge)

@@ -16,7 +16,7 @@ import statistics
 import subprocess
 import sys
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 
 import numpy as np
@@ -88,6 +88,10 @@ class ModelSize:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+    def zipped_text(self, fmt: Callable[[float], str]) -> str:
+        """The zipped bytes as ``fmt`` writes them, marked ≈ where they come from a sample."""
+        return ("≈ " if self.zipped_estimated else "") + fmt(self.zipped_bytes)
 
 
 @dataclasses.dataclass(frozen=True)

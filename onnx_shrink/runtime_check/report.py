@@ -417,16 +417,11 @@ def _bytes_section(check: CheckReport) -> str:
         fmt=_bytes,
     )
     sizes = [
-        [_e(name), _bytes(size.bytes_on_disk), _zipped(size)]
+        [_e(name), _bytes(size.bytes_on_disk), size.zipped_text(_bytes)]
         for name, size in (("reference", check.reference_size), ("candidate", check.candidate_size))
     ]
     table = _table(["model", "on disk", "zipped"], sizes)
     return f"<section>\n<h2>Size</h2>\n{chart}\n{table}\n</section>"
-
-
-def _zipped(size) -> str:
-    """Zipped bytes, marked ≈ where they come from a sample."""
-    return ("≈ " if size.zipped_estimated else "") + _bytes(size.zipped_bytes)
 
 
 def _bench_section(bench: BenchmarkReport) -> str:
@@ -446,5 +441,5 @@ def _bench_section(bench: BenchmarkReport) -> str:
     return (
         f"<section>\n<h2>Benchmark</h2>\n{_table(header, rows, names=0)}\n{chart}\n"
         f"<p>Session peak memory: {memory}. Size: {_bytes(bench.size.bytes_on_disk)} on disk, "
-        f"{_zipped(bench.size)} zipped.</p>\n</section>"
+        f"{bench.size.zipped_text(_bytes)} zipped.</p>\n</section>"
     )

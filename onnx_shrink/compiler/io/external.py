@@ -12,6 +12,7 @@ import onnx
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
+from onnx_shrink.compiler.io import embedded_weights
 from onnx_shrink.errors import BadModelError
 
 
@@ -61,7 +62,7 @@ def check_external_data(proto: onnx.ModelProto, base_dir: Path, where: str) -> N
 def _names_a_file_inside(base_dir: Path, location: str) -> bool:
     """Whether ``location`` names a path inside ``base_dir`` by its words (neither absolute
     nor climbing out with ``..``), as onnxruntime requires; a symbolic link inside may point
-    anywhere (``_follow_linked_data``)."""
+    anywhere (``follow_linked_data``)."""
     if os.path.isabs(location):
         return False
     base = os.path.normpath(os.path.abspath(base_dir))
@@ -76,8 +77,7 @@ def follow_linked_data(model: ir.Model) -> None:
     the snapshot's: onnxruntime reads it, but onnx_ir refuses a link that leaves the model's
     folder. The link itself is inside the folder (``_names_a_file_inside``), which is what
     onnxruntime checks too."""
-    tensors = [*walk.initializer_tensors(model)]
-    tensors += [(node, tensor) for node, tensor in walk.constant_node_tensors(model)]
+    tensors = [*walk.initializer_tensors(model), *walk.constant_node_tensors(model)]
     for owner, tensor in tensors:
         if not isinstance(tensor, ir.ExternalTensor) or not tensor.base_dir:
             continue
@@ -85,16 +85,8 @@ def follow_linked_data(model: ir.Model) -> None:
         real = linked.resolve()
         if real == linked.absolute() or not real.is_file():
             continue
-        followed = ir.ExternalTensor(
-            real.name,
-            tensor.offset,
-            tensor.length,
-            tensor.dtype,
-            shape=tensor.shape,
-            name=tensor.name,
-            doc_string=tensor.doc_string,
-            metadata_props=dict(tensor.metadata_props),
-            base_dir=real.parent,
+        followed = embedded_weights.external_tensor(
+            tensor, tensor.name, real.name, tensor.offset, tensor.length, base_dir=real.parent
         )
         if isinstance(owner, ir.Value):
             owner.const_value = followed
