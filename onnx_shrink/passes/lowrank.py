@@ -19,6 +19,7 @@ import dataclasses
 import functools
 import logging
 import math
+import weakref
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -390,16 +391,18 @@ class _ProbeFactors:
     """The probes' edits, each factorized when it is made (``Probe.edit`` from the pass's
     statistics, ``Probe.remade`` from a block's): the last layer's factorization is kept for
     its other ranks, so probing holds one layer's at a time, and with ``held_out`` the full
-    statistics' are made only by ``apply``."""
+    statistics' are made only by ``apply``. The statistics it came from are referenced
+    weakly: a held-out block's (1.8 GB of Grams on a 0.6 GB encoder) are freed when the
+    block is done, not kept until the next block's are collected."""
 
     def __init__(self, pass_: LowRankPass) -> None:
         self._pass = pass_
-        self._last: tuple[ir.Node, Statistics, _Layer] | None = None
+        self._last: tuple[ir.Node, weakref.ref[Statistics], _Layer] | None = None
 
     def edit(self, node: ir.Node, stats: Statistics, rank: int) -> Edit:
         last = self._last
-        if last is None or last[0] is not node or last[1] is not stats:
-            last = self._last = (node, stats, self._pass._layer(node, stats))
+        if last is None or last[0] is not node or last[1]() is not stats:
+            last = self._last = (node, weakref.ref(stats), self._pass._layer(node, stats))
         a, b = self._pass._factors(last[2], rank)
         return functools.partial(graph_mod.split_named, name=node.name, a=a, b=b)
 

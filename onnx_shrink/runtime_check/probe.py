@@ -135,6 +135,9 @@ def measure(
                 for p in held_out
             ]
             _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums, clock)
+            # Freed before the next block's are collected: two blocks' statistics at once
+            # were the peak (Grams: 1.8 GB a set on a 0.6 GB encoder).
+            del stats, edits
     logger.info("probe: %d edits measured in %d runs", clock.done, clock.runs)
     clock.warn(len(sums), len(keys))
     return {key: sums[key].error() for key in keys if key in sums}
