@@ -10,6 +10,7 @@ import contextlib
 import dataclasses
 import functools
 import logging
+import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -493,11 +494,16 @@ def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.V
             )
         except CandidateFailedError as e:  # the pass broke the model: roll it back
             return pipeline.Verdict(ok=False, summary=str(e))
-        worst = min((o.cosine for o in report.outputs), default=1.0)
+        worst = min((o.cosine for o in report.outputs), default=1.0, key=_nan_lowest)
         summary = "; ".join(report.failures) or f"lowest output cosine {worst:.6f}"
         return pipeline.Verdict(ok=report.passed, summary=summary)
 
     return verify
+
+
+def _nan_lowest(cosine: float) -> float:
+    """Sort key: a NaN cosine (NaN/Inf outputs, not comparable) is the lowest."""
+    return -math.inf if math.isnan(cosine) else cosine
 
 
 def default_output_path(model_path: str | os.PathLike) -> Path:

@@ -188,6 +188,11 @@ class ErrorAccumulator:
         self.top1_rows += reference.shape[0]
 
     def result(self) -> OutputComparison:
+        """The figures over the elements finite in both; where the candidate has NaN or Inf
+        the reference has not, they are not comparable, and say so: errors ∞, SNR −∞,
+        cosine NaN (the finite rest of an all-NaN output would read as a perfect match)."""
+        if self.nan or self.inf:
+            return self._comparison(math.inf, math.inf, math.inf, math.nan, -math.inf)
         norms = math.sqrt(self.ref_sq) * math.sqrt(self.cand_sq)
         if norms > 0:
             cosine = self.dot / norms
@@ -204,10 +209,16 @@ class ErrorAccumulator:
             if self.ref_sq
             else (0.0 if self.diff_sq == 0 else math.inf)
         )
+        mean = self.sum_abs / self.count if self.count else 0.0
+        return self._comparison(self.max_abs, mean, relative, cosine, snr)
+
+    def _comparison(
+        self, max_abs: float, mean_abs: float, relative: float, cosine: float, snr: float
+    ) -> OutputComparison:
         return OutputComparison(
             name=self.name,
-            max_abs_error=self.max_abs,
-            mean_abs_error=self.sum_abs / self.count if self.count else 0.0,
+            max_abs_error=max_abs,
+            mean_abs_error=mean_abs,
             relative_error=relative,
             cosine=cosine,
             snr_db=snr,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -162,6 +163,8 @@ def _report(
             for layer in layers
             if layer.relative_error >= jump_threshold
             and layer.relative_error >= jump_factor * layer.upstream_relative_error
+            # past a NaN/Inf (error ∞) upstream, nothing downstream jumps
+            and math.isfinite(layer.upstream_relative_error)
         ),
         None,
     )

@@ -3,6 +3,8 @@ that fail to run on the data."""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 
@@ -50,6 +52,25 @@ def test_a_perturbed_layer_fails_and_is_named_first(tmp_path):
     assert report.layers.first_jump.op_type == "Conv"
     errors = {layer.tensor: layer.relative_error for layer in report.layers.layers}
     assert errors["/conv1/conv1.2/Relu_output_0"] == 0  # upstream of the perturbation
+
+
+def test_the_first_layer_to_produce_nan_is_named_as_the_jump(tmp_path):
+    """A NaN weight in the head: its output is the jump (error ∞ from 0 upstream), not the
+    layers after it, and no layer reads as error-free."""
+    import onnx
+    import onnx.numpy_helper as nh
+
+    model = onnx.load(str(digits.MODEL_PATH))
+    weight = next(t for t in model.graph.initializer if t.name == "head.1.weight")
+    array = nh.to_array(weight).copy()
+    array[0, 0] = np.nan
+    weight.CopyFrom(nh.from_array(array, weight.name))
+    bad = save_proto(model, tmp_path / "nan.onnx")
+    report = check(digits.MODEL_PATH, bad, DATA, layers=True, latency_runs=0)
+    assert not report.passed
+    assert report.layers.first_jump.tensor == "/head/head.1/Gemm_output_0"
+    (logits,) = report.numeric.outputs
+    assert logits.relative_error == math.inf and math.isnan(logits.cosine)
 
 
 def test_compare_returns_a_numeric_report_with_accuracy():

@@ -69,6 +69,18 @@ def test_nan_and_inf_in_the_candidate_are_counted_and_fail():
     assert "1 NaN and 1 Inf" in report.failures[0]
 
 
+def test_an_all_nan_candidate_does_not_read_as_a_perfect_match():
+    """The figures were taken over the elements finite in both: none, so error 0 and cosine
+    1.0 beside 4 NaN. Where the candidate has NaN/Inf the reference has not, they say so."""
+    ref = np.ones((1, 4), np.float32)
+    report = compare_batches([({"y": ref}, {"y": np.full((1, 4), np.nan, np.float32)}, None)])
+    (out,) = report.outputs
+    assert out.nan_count == 4
+    assert (out.max_abs_error, out.mean_abs_error, out.relative_error) == (math.inf,) * 3
+    assert math.isnan(out.cosine) and out.snr_db == -math.inf
+    assert not report.passed
+
+
 def test_elementwise_tolerances_count_violations_like_allclose():
     ref = np.array([1.0, 10.0, 100.0], np.float32)
     cand = np.array([1.05, 10.5, 101.0], np.float32)
