@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 import re
 import typing
 from collections.abc import Sequence
@@ -29,11 +30,15 @@ def option(
     maximum: float | None = None,
     choices: Sequence[Any] | None = None,
     patterns: bool = False,
+    infinite: bool = False,
 ) -> Any:
     """Declare a pass option: a dataclass field whose metadata carries its doc and bounds;
-    ``patterns``: its items are node names or regular expressions, each checked to compile."""
+    ``patterns``: its items are node names or regular expressions, each checked to compile;
+    ``infinite``: a float option that may be ``inf`` (a time budget: no limit). NaN is never
+    a value."""
     metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
     metadata["patterns"] = patterns
+    metadata["infinite"] = infinite
     if isinstance(default, (list, dict, set)):
         raise TypeError("pass options must be immutable; use a tuple or frozenset")
     return dataclasses.field(default=default, metadata=metadata)
@@ -94,6 +99,12 @@ def check_options(instance: Any) -> None:
         )
         if choices is not None and value not in choices:
             raise ValueError(f"{f.name}={value!r} is not one of {', '.join(map(str, choices))}")
+        # Range checks are False for NaN; inf would pass a missing maximum (ridge=inf zeroes
+        # every refit weight).
+        if isinstance(value, float) and math.isnan(value):
+            raise ValueError(f"{f.name}=nan is not a number")
+        if isinstance(value, float) and math.isinf(value) and not f.metadata.get("infinite"):
+            raise ValueError(f"{f.name}={value!r} must be finite")
         if lo is not None and value < lo:
             raise ValueError(f"{f.name}={value!r} is below the minimum {lo}")
         if hi is not None and value > hi:

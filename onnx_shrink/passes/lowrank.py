@@ -165,8 +165,9 @@ class LowRankPass(DataAwarePass):
         300.0,
         "budget_metric=model-output: about the time the measurements may take; past it, "
         "fewer ranks per layer are measured (each layer's middle rank at least, then its "
-        "grid's ends)",
+        "grid's ends; inf: no limit)",
         minimum=0.0,
+        infinite=True,
     )
     held_out: bool = option(
         True,
@@ -242,7 +243,7 @@ class LowRankPass(DataAwarePass):
         return result
 
     def probe_budget(self) -> ProbeBudget | None:
-        if not self._measures_model():
+        if not self._measures_model() or math.isinf(self.probe_seconds):
             return None
         return ProbeBudget(self.probe_seconds, "lowrank.probe_seconds")
 

@@ -238,8 +238,9 @@ class PrunePass(DataAwarePass):
         300.0,
         "time the refit may take in all: a layer whose refit would pass it stays pruned "
         "without one, with a warning (it solves a system per output row: hours on large "
-        "layers)",
+        "layers; inf: no limit)",
         minimum=0,
+        infinite=True,
     )
     min_elements: int = option(1024, "layers with fewer weights are kept dense", minimum=0)
     exclude_op_types: tuple[str, ...] = option((), "op types kept dense")

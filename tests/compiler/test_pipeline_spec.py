@@ -45,6 +45,34 @@ def test_bad_specs_name_the_problem_and_the_choices(passes, sets, message):
     assert message in str(info.value)
 
 
+@pytest.mark.parametrize(
+    ("passes", "setting", "message"),
+    [
+        ("prune", "prune.ridge=nan", "ridge=nan is not a number"),
+        ("prune-channels", "prune-channels.ratio=nan", "ratio=nan is not a number"),
+        ("quant", "quant.percentile=NaN", "percentile=nan is not a number"),
+        ("lowrank", "lowrank.damping=nan", "damping=nan is not a number"),
+        ("prune", "prune.ridge=inf", "ridge=inf must be finite"),
+        ("lowrank", "lowrank.max_error=inf", "max_error=inf must be finite"),
+    ],
+)
+def test_nan_and_inf_are_refused_where_they_mean_nothing(passes, setting, message):
+    """Range checks are False for NaN, and inf passed a missing maximum: prune.ridge=nan
+    wrote NaN weights, lowrank.damping=nan failed deep in an SVD."""
+    with pytest.raises(PipelineSpecError) as info:
+        pipeline.parse_spec(passes, [setting])
+    assert message in str(info.value)
+
+
+def test_a_time_budget_may_be_infinite():
+    prune, lowrank = pipeline.parse_spec(
+        "prune,lowrank",
+        ["prune.reconstruct=on", "prune.refit_seconds=inf", "lowrank.probe_seconds=inf"],
+    )
+    assert prune.refit_seconds == lowrank.probe_seconds == float("inf")
+    assert lowrank.probe_budget() is None  # measured whole, as with no budget
+
+
 def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('passes = ["fold"]\n[fold]\nmax_growth_bytes = 100\niterations = 4\n')
