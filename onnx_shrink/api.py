@@ -55,6 +55,9 @@ class ShrinkResult:
     verification: check_mod.CheckReport | None
     sensitivity: sensitivity_mod.SensitivityReport | None = None
     """per quantized layer, the output error it causes alone (``shrink(sensitivity=True)``)"""
+    unchecked: str = ""
+    """why the check asked for could not run on the result (the error ``shrink`` raised,
+    which carries this result); empty otherwise"""
 
     def to_dict(self) -> dict[str, object]:
         """Everything except the model, as JSON-ready data (the ``--report`` file)."""
@@ -71,6 +74,7 @@ class ShrinkResult:
                 "bytes_on_disk": [self.input_bytes, self.output_bytes],
             },
             "verification": self.verification.to_dict() if self.verification else None,
+            "unchecked": self.unchecked or None,
             "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
         }
 
@@ -156,7 +160,8 @@ def shrink(
             or on a later one.
         CandidateFailedError: the result fails where the input runs, or its outputs are not
             the input's; where ``output`` is given, it is saved, and the error's ``model``
-            holds it either way (as does a ``RunFailedError`` raised by the check).
+            holds it either way (as does a ``RunFailedError`` raised by the check). An error
+            the check raises carries the whole unchecked ``ShrinkResult`` as ``result``.
         PassFailedError: a pass failed, or broke the tolerances under ``strict``.
         ShrinkError: options that do not fit together, a file the run would write over one
             it reads, an unavailable execution provider.
@@ -231,23 +236,27 @@ def shrink(
         )
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
         io.detach_from_files(result.model)  # the caller may serialize it with any tool
+        finished = functools.partial(
+            ShrinkResult,
+            model=result.model,
+            steps=_on_disk(result.steps, input_bytes, output_bytes),
+            input_bytes=input_bytes,
+            output_bytes=output_bytes,
+            output_path=output_path,
+            sensitivity=sensitivity_report,
+        )
         report = None
         if options is not None:
             try:
                 report = _check_candidate(reference, candidate, dataset, options, output_path)
-            except RunFailedError as e:
+            except (RunFailedError, DataError) as e:
                 e.model = result.model  # the unchecked result, kept where no file holds it
+                # What was gained is known: the CLI still prints it and writes the reports.
+                e.result = finished(
+                    seconds=time.perf_counter() - started, verification=None, unchecked=str(e)
+                )
                 raise
-    return ShrinkResult(
-        model=result.model,
-        steps=_on_disk(result.steps, input_bytes, output_bytes),
-        input_bytes=input_bytes,
-        output_bytes=output_bytes,
-        output_path=output_path,
-        seconds=time.perf_counter() - started,
-        verification=report,
-        sensitivity=sensitivity_report,
-    )
+    return finished(seconds=time.perf_counter() - started, verification=report)
 
 
 _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"

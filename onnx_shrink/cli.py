@@ -11,11 +11,13 @@ Exit codes: 0 done; 1 a check broke a tolerance (reports are still written); 2 b
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import math
 import sys
-from collections.abc import Callable, Sequence
+import traceback
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
@@ -213,12 +215,30 @@ def main(argv: Sequence[str] | None = None) -> int:
         return e.exit_code
     except ShrinkError as e:
         if args.debug:
-            raise
+            traceback.print_exc()
         print(f"onnx-shrink: error: {e}", file=sys.stderr)
         return e.exit_code
     except KeyboardInterrupt:
         print("onnx-shrink: interrupted", file=sys.stderr)
         return 130
+    except MemoryError as e:  # a size asked for (an --input-shape) or a model too large
+        if args.debug:
+            traceback.print_exc()
+        print(f"onnx-shrink: out of memory: {e or 'MemoryError'}", file=sys.stderr)
+        return EXIT_INTERNAL
+    except Exception as e:  # a bug: never exit 1, which scripts read as a failed check
+        traceback.print_exc()
+        print(
+            f"onnx-shrink: internal error: {type(e).__name__}: {e} (a bug in onnx-shrink; "
+            "please report it with the traceback above)",
+            file=sys.stderr,
+        )
+        return EXIT_INTERNAL
+
+
+EXIT_INTERNAL = 4
+"""Exit code of a bug (an error onnx-shrink did not raise on purpose) or of running out of
+memory: 1 is a broken tolerance, 2 bad input, 3 a result that could not be checked."""
 
 
 def _tolerances(args: argparse.Namespace, default: Tolerances = Tolerances()) -> Tolerances:
@@ -255,7 +275,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         verify_each=args.verify_each,
         strict=args.strict,
     )
-    with out.status("compiling...") as status:
+    with _shown_if_unchecked(args, out), out.status("compiling...") as status:
         result = shrink(
             args.model,
             args.passes,
@@ -274,11 +294,28 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             ),
             sensitivity=args.sensitivity,
         )
-    _print_compile(out, result)
-    _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))
+    _show(args, out, result)
     if result.verification is not None:
         _judge(result.verification.numeric)
     return 0
+
+
+def _show(args: argparse.Namespace, out: Console, result: ShrinkResult) -> None:
+    """The summary on the console and the ``--report`` / ``--html`` files."""
+    _print_compile(out, result)
+    _write_reports(args, result.to_dict(), lambda: report.html_report(shrink=result))
+
+
+@contextlib.contextmanager
+def _shown_if_unchecked(args: argparse.Namespace, out: Console) -> Iterator[None]:
+    """A check that cannot run on the saved result (exit 3, or a later sample that does not
+    fit: exit 2) still shows what was gained and writes the reports, before its error."""
+    try:
+        yield
+    except ShrinkError as e:
+        if isinstance(e.result, ShrinkResult):
+            _show(args, out, e.result)
+        raise
 
 
 def _judge(numeric: NumericReport) -> None:

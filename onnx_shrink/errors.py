@@ -1,8 +1,8 @@
 """The project's exception hierarchy: every error a user can cause, with a one-line message.
 
 The CLI turns any ``ShrinkError`` into that line and exit code 2 (``CheckFailed``: exit 1;
-``CandidateFailedError``: exit 3, the result written but unchecked); anything else is a bug
-and keeps its traceback.
+``CandidateFailedError``: exit 3, the result written but unchecked); anything else is a bug:
+its traceback, and exit code 4.
 """
 
 from __future__ import annotations
@@ -12,6 +12,9 @@ class ShrinkError(Exception):
     """Base of every error onnx-shrink raises on purpose. ``str(e)`` is the user's message."""
 
     exit_code = 2
+    result: object | None = None
+    """Raised by ``shrink``'s check of its saved result: that run's ``ShrinkResult`` (its
+    ``unchecked`` says why), so that what was gained is still shown and reported."""
 
 
 class BadModelError(ShrinkError):
@@ -49,3 +52,9 @@ class CheckFailed(ShrinkError):
     """Verification ran and the candidate broke a tolerance (exit code 1, report still written)."""
 
     exit_code = 1
+
+
+class ToleranceStopError(PassFailedError, CheckFailed):
+    """Under ``--verify-each --strict``, a pass broke the tolerances and the run stopped: a
+    ``PassFailedError`` to callers of ``shrink``, exit code 1 (a broken tolerance, not bad
+    input) on the command line; nothing is written."""

@@ -22,7 +22,12 @@ from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
+from onnx_shrink.errors import (
+    PassFailedError,
+    PipelineSpecError,
+    ShrinkError,
+    ToleranceStopError,
+)
 
 if sys.version_info >= (3, 11):
     import tomllib
@@ -401,7 +406,7 @@ def _run_one(
     if judged.ok:
         return result, seconds, None, judged.summary
     if strict:
-        raise PassFailedError(f"pass '{spec}' broke the tolerances: {judged.summary}")
+        raise ToleranceStopError(f"pass '{spec}' broke the tolerances: {judged.summary}")
     logger.warning("pass '%s' broke the tolerances (%s); rolled back", spec, judged.summary)
     return ir.passes.PassResult(snapshot, False), seconds, result.model, judged.summary
 

@@ -11,7 +11,6 @@ import onnx.helper as oh
 import pytest
 
 from models import digits
-from onnx_shrink.errors import BadModelError
 from tests.helpers import files_in, parse, reflect_pad_model, save_proto, sha256
 
 GOOD = """
@@ -186,9 +185,11 @@ def test_an_unavailable_execution_provider_is_refused_before_any_work(digits_cop
     assert not out.exists()
 
 
-def test_debug_shows_the_traceback(tmp_path, run_cli):
-    with pytest.raises(BadModelError, match="no such file"):
-        run_cli(tmp_path / "absent.onnx", "--passes", "fold", "--debug")
+def test_debug_shows_the_traceback_and_keeps_the_exit_code(tmp_path, run_cli):
+    """--debug re-raised, so bad input exited 1, a failed check's code."""
+    result = run_cli(tmp_path / "absent.onnx", "--passes", "fold", "--debug")
+    assert result.code == 2
+    assert "Traceback" in result.err and "no such file" in result.err
 
 
 def test_valid_model_with_contrib_domain_is_accepted(tmp_path):

@@ -160,6 +160,53 @@ def test_a_result_the_check_provider_cannot_run_is_written_and_exits_3(digits_co
     onnx.checker.check_model(str(out))
 
 
+def test_an_unchecked_result_still_gets_its_summary_and_reports(digits_copy, run_cli):
+    """Exit 3 printed nothing on stdout and wrote neither report, though the result was
+    saved and what was gained was known."""
+    folder = digits_copy.parent
+    result = run_cli(
+        digits_copy, "--passes", "fold,fp16", "--set", "fp16.dtype=bfloat16",
+        "-o", folder / "bf16.onnx", "--report", folder / "r.json", "--html", folder / "r.html",
+    )  # fmt: skip
+    assert result.code == 3, result.err
+    assert "onnx-shrink summary" in result.out and "wrote" in result.out
+    written = json.loads((folder / "r.json").read_text())
+    assert written["verification"] is None and "cannot load it" in written["unchecked"]
+    assert written["total"]["bytes_on_disk"][1] == (folder / "bf16.onnx").stat().st_size
+    assert (folder / "r.html").stat().st_size > 0
+
+
+def test_strict_stopping_at_a_broken_tolerance_exits_1_not_2(digits_copy, run_cli):
+    """A broken tolerance is exit 1 (as for the final check), not 2, which says bad input."""
+    out = digits_copy.parent / "small.onnx"
+    sets = ("--set", "prune.sparsity=0.95", "--set", "prune.min_elements=0")
+    data = ("--data", digits.TEST_DATA_PATH)
+    result = run_cli(digits_copy, "--passes", "prune", *sets, *data, "--verify-each", "--strict")
+    assert result.code == 1, result.err
+    assert "check failed: pass 'prune" in result.err and "broke the tolerances" in result.err
+    assert not out.exists()
+
+
+def test_a_bug_exits_4_with_its_traceback_not_1(digits_copy, run_cli, monkeypatch):
+    """Exit 1 is a broken tolerance: a script must be able to tell a crash from it."""
+    from onnx_shrink import cli
+
+    def broken(*args, **kwargs):
+        raise KeyError("oops")
+
+    monkeypatch.setattr(cli, "shrink", broken)
+    result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy.parent / "o.onnx")
+    assert result.code == cli.EXIT_INTERNAL == 4
+    assert "Traceback" in result.err and "internal error: KeyError: 'oops'" in result.err
+
+
+def test_running_out_of_memory_is_one_line_and_exit_4(digits_copy, run_cli):
+    shape = ("--input-shape", "image=100000000000x1x8x8")
+    result = run_cli(digits_copy, "--passes", "fold", *shape, "-o", digits_copy.parent / "o.onnx")
+    assert result.code == 4, result.err
+    assert "out of memory" in result.err and "Traceback" not in result.err
+
+
 def test_a_report_into_a_missing_folder_is_refused_before_any_work(digits_copy, run_cli):
     out = digits_copy.parent / "small.onnx"
     missing = digits_copy.parent / "missing" / "report.json"

@@ -103,9 +103,7 @@ def test_a_remade_probe_is_fitted_on_one_block_and_measured_on_the_other(tmp_pat
         assert measured[probe.key] == pytest.approx(diff / ref, rel=1e-4)
 
 
-def test_a_blocks_statistics_are_freed_before_the_next_blocks_are_collected(
-    tmp_path, monkeypatch
-):
+def test_a_blocks_statistics_are_freed_before_the_next_blocks_are_collected(tmp_path, monkeypatch):
     """Two blocks' statistics at once were lowrank's peak memory (1.8 GB of Grams a set on a
     0.6 GB encoder): the first block's must be gone when the second's are collected."""
     import gc
