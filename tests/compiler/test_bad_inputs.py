@@ -90,7 +90,8 @@ BAD_INPUTS = {
     "empty file": (lambda p: p.write_bytes(b""), "the file is empty"),
     "not protobuf": (lambda p: p.write_text("def f():\n  return 1\n"), "not an ONNX model"),
     "truncated": (_truncate, "truncated"),
-    "checker rejects": (_write_missing_node_input, "onnx.checker rejects the model"),
+    # the checker's whole sentence, on one line (its first line stopped at "of node:")
+    "checker rejects": (_write_missing_node_input, "is not output of any previous nodes"),
     "missing external data": (_write_missing_external_data, "'weights.bin'"),
     "short external data": (_write_short_external_data, "is shorter than tensor"),
     "IR version too new": (lambda p: save_proto(_model_with(ir_version=99), p), "IR version 99"),

@@ -197,7 +197,7 @@ def _run_checker(model: onnx.ModelProto | str, where: str) -> None:
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
-        raise BadModelError(f"{where}: onnx.checker rejects the model: {first_line(e)}") from e
+        raise BadModelError(f"{where}: onnx.checker rejects the model: {one_line(e)}") from e
 
 
 def _check_domains(proto: onnx.ModelProto, where: str) -> None:
@@ -256,6 +256,13 @@ def unshare_tensors(model: ir.Model) -> None:
         for value in node.outputs:
             if value.const_value is not None:
                 value.const_value = own(value.const_value)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's text on one line (at most 300 characters): onnx.checker breaks its
+    sentences over lines ("input 'x' of node:", then the node, then the rest)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
 
 
 def first_line(error: BaseException) -> str:
