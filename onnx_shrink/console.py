@@ -22,6 +22,7 @@ from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
 from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
+from onnx_shrink.wording import counted
 
 
 def human_bytes(n: float) -> str:
@@ -64,7 +65,7 @@ def calibration_status(phase: str, done: int, total: int | None, width: int = 24
     """The status line of a calibration phase: a bar of samples done out of ``total``, or the
     count alone where the total is not known (a reader object) or the phase reads others."""
     if total is None or total <= 0 or done > total:
-        return f"calibrating ({phase}): {done} samples..."
+        return f"calibrating ({phase}): {counted(done, 'sample')}..."
     filled = round(width * done / total)
     bar = "━" * filled + "─" * (width - filled)
     return f"calibrating ({phase}) {bar} {done}/{total} samples"
@@ -82,7 +83,7 @@ def summary_table(result: ShrinkResult) -> Table:
             note += f" [{step.note}]"
         if step.calibration_samples:  # not a data-aware pass that asked for nothing
             note += (
-                f" [calibrated on {step.calibration_samples} samples in "
+                f" [calibrated on {counted(step.calibration_samples, 'sample')} in "
                 f"{step.calibration_seconds:.1f}s]"
             )
         table.add_row(
@@ -123,7 +124,9 @@ def check_tables(report: CheckReport) -> list[Table]:
 def numeric_table(numeric: NumericReport, provider: str) -> Table:
     """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict."""
     verdict = numeric.verdict
-    title = escape(f"check on {provider} ({numeric.samples} samples, {numeric.data}): {verdict}")
+    title = escape(
+        f"check on {provider} ({counted(numeric.samples, 'sample')}, {numeric.data}): {verdict}"
+    )
     table = Table(title=title, title_justify="left")
     columns = (
         "output",
@@ -170,7 +173,7 @@ def layers_table(layers: LayerReport, top: int = 10) -> Table:
         else "no error jump above the threshold"
     )
     table = Table(
-        title=escape(f"per-layer error over {layers.samples} samples; {head}"),
+        title=escape(f"per-layer error over {counted(layers.samples, 'sample')}; {head}"),
         title_justify="left",
     )
     for column in ("#", "tensor", "op", "rel err", "upstream", "cosine", "SNR dB"):
@@ -194,10 +197,10 @@ def sensitivity_lines(
     report: SensitivityReport, top: int = 10, hint: int = HINT_LAYERS
 ) -> list[object]:
     """The layers that hurt most when quantized alone, worst first, then the exclusion hint."""
-    runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
+    runs = counted(report.runs, "run")
     title = (
         f"quantization sensitivity: {len(report.layers)} layers, each quantized alone "
-        f"({report.samples} samples, {report.data}, {runs}, {report.seconds:.1f}s)"
+        f"({counted(report.samples, 'sample')}, {report.data}, {runs}, {report.seconds:.1f}s)"
     )
     table = Table(title=escape(title), title_justify="left")
     for column in ("#", "node", "op", "rel err", "cosine", "SNR dB", "worst output"):

@@ -18,6 +18,7 @@ from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
 from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
+from onnx_shrink.wording import counted
 
 if TYPE_CHECKING:
     from onnx_shrink.api import ShrinkResult
@@ -169,7 +170,7 @@ def _compared(check: CheckReport) -> str:
     text = (
         f"<p>Candidate <code>{_e(check.candidate)}</code> against reference "
         f"<code>{_e(check.reference)}</code> on {_e(check.provider)}, "
-        f"{numeric.samples} samples from {data}.</p>"
+        f"{counted(numeric.samples, 'sample')} from {data}.</p>"
     )
     if numeric.failures:
         items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)
@@ -216,10 +217,10 @@ def _sensitivity_section(
     report: SensitivityReport, top: int = TOP_TENSORS, hint: int = HINT_LAYERS
 ) -> str:
     """What the console prints for ``--sensitivity``: the layers worst first, the hint."""
-    runs = f"{report.runs} run{'s' if report.runs != 1 else ''}"
+    runs = counted(report.runs, "run")
     intro = (
         f"{len(report.layers)} layers, each quantized alone, compared at the model's outputs "
-        f"({report.samples} samples, {_e(report.data)}, {runs}, {report.seconds:.1f} s)."
+        f"({counted(report.samples, 'sample')}, {_e(report.data)}, {runs}, {report.seconds:.1f} s)."
     )
     rows = [
         [
@@ -316,7 +317,7 @@ def _layers_section(report: LayerReport) -> str:
     ]
     header = ["tensor", "op", "position", "relative", "upstream", "cosine", "SNR dB"]
     return (
-        f"<section>\n<h2>Per-layer error</h2>\n<p>{where} {report.samples} samples, "
+        f"<section>\n<h2>Per-layer error</h2>\n<p>{where} {counted(report.samples, 'sample')}, "
         f"{len(report.layers)} tensors compared, {report.unmatched} unmatched.</p>\n"
         f"{_layer_chart(report)}\n<h3>Top {len(ranked)} tensors by error</h3>\n"
         f"{_table(header, rows, names=2)}\n</section>"

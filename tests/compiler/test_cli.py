@@ -146,6 +146,19 @@ def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
     assert console.calibration_status("statistics", 5, None) == (
         "calibrating (statistics): 5 samples..."
     )
+    assert console.calibration_status("statistics", 1, None) == (
+        "calibrating (statistics): 1 sample..."
+    )
+
+
+def test_one_sample_is_not_said_as_samples(digits_copy, run_cli, tmp_path):
+    import numpy as np
+
+    one = tmp_path / "one.npz"
+    np.savez(one, image=np.load(digits.TEST_DATA_PATH)["image"][:1])
+    result = run_cli(digits_copy, "--passes", "fold", "--data", one, "--runs", 2, "--layers")
+    assert result.code == 0, result.err
+    assert "1 sample," in result.out and "1 samples" not in result.out
 
 
 def test_a_result_the_check_provider_cannot_run_is_written_and_exits_3(digits_copy, run_cli):
