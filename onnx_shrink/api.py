@@ -182,7 +182,9 @@ def shrink(
         "the labels": options.labels if options else None,
         "the recipe": recipe,
     }
-    reads = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))} | model_files
+    named = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))}
+    preflight.refuse_missing(named)  # before any work or warning (--calibration is read late)
+    reads = named | model_files
     if dump_dir is not None:
         preflight.check_dump_dir(Path(dump_dir), pass_list, reads, output)
     if output is not None:

@@ -13,7 +13,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io, pipeline
-from onnx_shrink.errors import BadModelError, ShrinkError
+from onnx_shrink.errors import BadModelError, DataError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions, synthetic
@@ -34,6 +34,14 @@ def parse_shapes(
         else tuple(dims)
         for name, dims in input_shapes.items()
     }
+
+
+def refuse_missing(paths: Mapping[str, str | os.PathLike]) -> None:
+    """Every file or folder named (the data, labels, recipe: what -> path) must exist: one
+    read only at calibration would fail after the check's preparations and warnings."""
+    for path in paths.values():
+        if not Path(path).exists():
+            raise DataError(f"{path}: no such file or folder")
 
 
 def refuse_unrunnable_qdq(loaded: ir.Model, pass_list: Sequence[ir.passes.PassBase]) -> None:

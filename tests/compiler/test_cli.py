@@ -138,6 +138,16 @@ def test_input_shape_shapes_the_synthetic_calibration_inputs(digits_copy, run_cl
     assert "image=3x1x8x8" in calibration
 
 
+def test_a_missing_calibration_file_is_the_only_line_and_nothing_is_done(digits_copy, run_cli):
+    """It was read only at calibration: the check's synthetic-data warning came first."""
+    out = digits_copy.parent / "q.onnx"
+    missing = digits_copy.parent / "nope.npz"
+    result = run_cli(digits_copy, "--passes", "quant", "--calibration", missing, "-o", out)
+    assert result.code == 2
+    assert result.err.strip() == f"onnx-shrink: error: {missing}: no such file or folder"
+    assert not out.exists()
+
+
 def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
     from onnx_shrink import console
 
