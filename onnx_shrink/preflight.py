@@ -137,7 +137,11 @@ def refuse_overwrite(
     if external_data is False or not data.exists():
         return
     if data.resolve() in {path.resolve() for path in weights}:
+        # Under auto the result's size is not known yet: it may stay embedded.
+        limit = f"{io.EXTERNAL_DATA_THRESHOLD_BYTES / 1e9:g} GB"
+        would = "would go" if external_data else f"could go (--external-data auto, past {limit})"
         raise ShrinkError(
-            f"{output}: refusing to save it: its weights would go to {data}, which holds the "
+            f"{output}: refusing to save it: its weights {would} to {data}, which holds the "
             "input model's weights; choose another -o"
+            + ("" if external_data else ", or embed them with --external-data no")
         )

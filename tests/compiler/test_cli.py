@@ -78,9 +78,15 @@ def test_refuses_an_output_whose_external_data_is_the_inputs_weights(tmp_path, r
     out = tmp_path / "out.onnx"
     result = run_cli(source, "--passes", "fold", "-o", out, "--external-data", "yes")
     assert result.code == 2
-    assert "holds the input model's weights" in result.err
+    assert "would go to" in result.err and "holds the input model's weights" in result.err
     assert {name: sha256(tmp_path / name) for name in before} == before
     assert not out.exists()
+    # Under auto a small result stays embedded: refused all the same (its size is not known
+    # yet), and the line says it could go there and how to embed it.
+    result = run_cli(source, "--passes", "fold", "-o", out)
+    assert result.code == 2
+    assert "could go (--external-data auto, past 1.8 GB)" in result.err
+    assert "--external-data no" in result.err
     # Embedded, the output writes no data file: nothing of the input's is at risk.
     result = run_cli(source, "--passes", "fold", "-o", out, "--external-data", "no", "-q")
     assert result.code == 0, result.err
