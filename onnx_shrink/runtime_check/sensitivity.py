@@ -212,11 +212,12 @@ def sensitivity(
     if batch_layers < 1:
         raise ValueError(f"batch_layers must be at least 1, got {batch_layers}")
     started = time.perf_counter()
-    base = model.clone()  # the clone names unnamed nodes: ``only`` can single them out
+    base = model.clone()
     io.unshare_tensors(base)
     names = {
         copy: original.name or "" for original, copy in zip(model.graph, base.graph, strict=True)
     }
+    _name_unnamed(base)  # ``only`` singles a layer out by name
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
         # requests converts the opset and infers types, as the pass does before planning.
@@ -294,6 +295,21 @@ def _severity(layer: LayerSensitivity) -> tuple[bool, float]:
     return layer.nonfinite > 0, error if not math.isnan(error) else math.inf
 
 
+def _name_unnamed(model: ir.Model) -> None:
+    """Give the main graph's unnamed nodes names of their own (in this private copy), so
+    that they are measured too; their rows still say ``<unnamed OP #i>`` and stay out of
+    the hint (``names`` keeps the caller's "")."""
+    taken = {node.name for node in model.graph if node.name}
+    for index, node in enumerate(model.graph):
+        if node.name:
+            continue
+        name = f"unnamed_{node.op_type}_{index}"
+        while name in taken:
+            name += "_"
+        node.name = name
+        taken.add(name)
+
+
 @dataclasses.dataclass(frozen=True)
 class _Target:
     """A layer to measure: its name in the cloned float model (for ``only``), and its name in
@@ -324,7 +340,7 @@ def _quantized_layers(
     if unmeasured:
         logger.warning(
             "sensitivity: %d quantized nodes share their name with another node and are not "
-            "measured: %s",
+            "measured (a layer is measured and excluded by its name): %s",
             len(unmeasured),
             ", ".join(unmeasured[:5]),
         )

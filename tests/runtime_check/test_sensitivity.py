@@ -202,6 +202,25 @@ def test_unnamed_layers_are_measured_but_left_out_of_the_hint_with_a_note():
     assert json.dumps(report.to_dict())
 
 
+def test_unnamed_nodes_are_measured_like_named_ones():
+    """Unnamed nodes went unmeasured ("share their name"): the clone does not name them. The
+    same model with and without names gives the same errors, the unnamed ones so labelled,
+    and the caller's model keeps its empty names."""
+    named = _folded()
+    dataset = _dataset(named)
+    expected = {
+        x.position: x.relative_error for x in layer_sensitivity(named, QuantPass(), dataset).layers
+    }
+    unnamed = _folded()
+    for node in unnamed.graph:
+        node.name = ""
+    report = layer_sensitivity(unnamed, QuantPass(), dataset)
+    assert not report.unmeasured and all(not node.name for node in unnamed.graph)
+    assert {x.position: x.relative_error for x in report.layers} == pytest.approx(expected)
+    assert all(x.label.startswith("<unnamed ") for x in report.layers)
+    assert report.exclude_hint(1) is None
+
+
 def test_shrink_reports_the_sensitivity_of_the_model_before_quant():
     result = shrink(
         digits.MODEL_PATH,
