@@ -79,12 +79,18 @@ def parse_spec(
     if not items:
         raise PipelineSpecError("no passes given; use --passes NAME[,NAME...] or a recipe file")
     names_in_pipeline = {i for i in items if isinstance(i, str)}
+    # --passes replaces a recipe's list, not its option tables: say so where that is why.
+    replaced = (
+        "; --passes replaces the recipe's passes"
+        if passes is not None and recipe_passes is not None and list(recipe_passes) != items
+        else ""
+    )
     for pass_name in options:
         registry.pass_class(pass_name)  # an unknown name in --set or a recipe is an error too
         if pass_name not in names_in_pipeline:
             raise PipelineSpecError(
                 f"options are given for pass '{pass_name}', which is not in the pipeline "
-                f"({', '.join(map(str, items))})"
+                f"({', '.join(map(str, items))}){replaced}"
             )
     return tuple(
         _instantiate(item, options.get(item, {})) if isinstance(item, str) else item

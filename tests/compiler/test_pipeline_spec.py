@@ -78,6 +78,9 @@ def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
     recipe.write_text('passes = ["fold"]\n[fold]\nmax_growth_bytes = 100\niterations = 4\n')
     (fold,) = pipeline.parse_spec(None, ["fold.iterations=6"], recipe)
     assert fold == FoldPass(max_growth_bytes=100, iterations=6)
+    # --passes replaces the recipe's list; its [fold] table then names a pass not run
+    with pytest.raises(PipelineSpecError, match="--passes replaces the recipe's passes"):
+        pipeline.parse_spec("quant-dynamic", [], recipe)
 
 
 @pytest.mark.parametrize(
