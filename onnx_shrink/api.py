@@ -86,7 +86,8 @@ class CheckOptions:
     data: check_mod.DataSource = None
     """.npz, folder of .npy, test_data_set_* folders, a reader object; None: synthetic"""
     labels: str | os.PathLike | None = None
-    input_shapes: Mapping[str, Sequence[int]] | None = None
+    input_shapes: Mapping[str, Sequence[int] | str] | None = None
+    """NAME -> dims (or text: ``"1x3x224x224"``) of synthetic inputs, as ``shrink`` takes them"""
     tolerances: Tolerances = Tolerances()
     provider: str = "cpu"
     layers: bool = False
@@ -99,6 +100,9 @@ class CheckOptions:
     def __post_init__(self) -> None:
         if self.strict and not self.verify_each:
             raise ShrinkError("CheckOptions: strict=True works with verify_each=True only")
+        # The command line's checks of --runs and --input-shape, for callers of the library.
+        preflight.at_least(0, latency_runs=self.latency_runs)  # 0: no latency
+        object.__setattr__(self, "input_shapes", preflight.parse_shapes(self.input_shapes))
 
     def each_pass_tolerances(self) -> Tolerances:
         """The tolerances for --verify-each; without any given, cosine 0.999 and 1% accuracy."""

@@ -22,7 +22,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from onnx_shrink import __version__, console
+from onnx_shrink import __version__, console, preflight
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
 from onnx_shrink.compiler import io, pipeline, registry
 from onnx_shrink.compiler.io import data_files
@@ -334,10 +334,8 @@ def _print_compile(out: Console, result: ShrinkResult) -> None:
 
 
 def _at_least(low: int, **counts: int | None) -> None:
-    """Counts given on the command line must be at least ``low``."""
-    for flag, value in counts.items():
-        if value is not None and value < low:
-            raise ShrinkError(f"--{flag} must be at least {low}, not {value}")
+    """Counts given on the command line must be at least ``low`` (named by their flags)."""
+    preflight.at_least(low, **{f"--{flag}": value for flag, value in counts.items()})
 
 
 def _run_check(args: argparse.Namespace, out: Console) -> int:

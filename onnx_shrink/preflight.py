@@ -21,17 +21,33 @@ from onnx_shrink.runtime_check import sessions, synthetic
 logger = logging.getLogger(__name__)
 
 
+def at_least(low: int, **counts: int | None) -> None:
+    """Counts a user gave, each named as they named it (``--runs`` on the command line,
+    ``latency_runs`` in ``CheckOptions``), must be at least ``low``; None is not given.
+
+    Raises:
+        ShrinkError: naming the first count below ``low`` and its value.
+    """
+    for name, value in counts.items():
+        if value is not None and value < low:
+            raise ShrinkError(f"{name} must be at least {low}, not {value}")
+
+
 def parse_shapes(
     input_shapes: Mapping[str, Sequence[int] | str] | None,
 ) -> dict[str, tuple[int, ...]] | None:
     """``input_shapes`` with dims given as text (``"1x3x320x320"``, as ``--input-shape``
-    takes them) parsed; a string read as a sequence made one dim of each character."""
+    takes them) parsed; a string read as a sequence made one dim of each character.
+
+    Raises:
+        DataError: as ``--input-shape`` would: text not ``DxDx...``, a dim not positive.
+    """
     if input_shapes is None:
         return None
     return {
         name: synthetic.parse_input_shapes([f"{name}={dims}"])[name]
         if isinstance(dims, str)
-        else tuple(dims)
+        else synthetic.checked_dims(name, dims)
         for name, dims in input_shapes.items()
     }
 

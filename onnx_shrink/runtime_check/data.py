@@ -252,6 +252,11 @@ def from_reader(reader: FeedReader, specs: Sequence[InputSpec]) -> Dataset:
         if feed is None:
             state["finished"] = True
             return None
+        if not isinstance(feed, Mapping):  # onnxruntime's readers give dicts; a list has no names
+            raise DataError(
+                f"{where}: get_next() returned {type(feed).__name__}: a reader must return a "
+                "dict of input name -> array (or None at the end)"
+            )
         feed = _owned(feed, specs)
         for spec in specs:
             if spec.name not in feed:

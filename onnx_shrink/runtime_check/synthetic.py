@@ -4,7 +4,7 @@ say nothing about accuracy, and ``data.prepare`` says so when it makes them."""
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import numpy as np
 
@@ -32,10 +32,25 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
         name, sep, dims = item.partition("=")
         if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
             raise DataError(f"--input-shape expects NAME=1x128 (dims joined by x), got {item!r}")
-        shapes[name.strip()] = tuple(int(d) for d in dims.strip().split("x"))
-        if 0 in shapes[name.strip()]:  # no sample to check on: every check would pass
-            raise DataError(f"--input-shape {item!r}: dims must be positive")
+        shapes[name.strip()] = checked_dims(name.strip(), [int(d) for d in dims.strip().split("x")])
     return shapes
+
+
+def checked_dims(name: str, dims: Iterable[object]) -> tuple[int, ...]:
+    """``dims`` of input ``name`` as a shape to make inputs of: positive integers, as
+    ``--input-shape`` takes them (the library's ``input_shapes`` too).
+
+    Raises:
+        DataError: a dim is not an integer, or is not positive.
+    """
+    given = tuple(dims) if isinstance(dims, Iterable) else (None,)
+    if not all(isinstance(d, int | np.integer) and not isinstance(d, bool) for d in given):
+        raise DataError(f"--input-shape for '{name}' is {dims!r}: give a list of integer dims")
+    shape = tuple(int(d) for d in given)  # type: ignore[arg-type]
+    if any(d <= 0 for d in shape):  # 0: no sample to check on, every check would pass
+        shown = "x".join(str(d) for d in shape)
+        raise DataError(f"--input-shape '{name}={shown}': dims must be positive")
+    return shape
 
 
 def concrete_shape(

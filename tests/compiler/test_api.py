@@ -78,3 +78,17 @@ def test_input_shapes_may_be_given_as_text_as_on_the_command_line():
     assert io.to_bytes(as_text.model) == io.to_bytes(as_dims.model)
     with pytest.raises(onnx_shrink.DataError, match="NAME=1x128"):
         onnx_shrink.shrink(digits.MODEL_PATH, "fold", input_shapes={"image": "2 by 8"})
+
+
+@pytest.mark.parametrize("dims", [[-1, 1, 8, 8], [0, 1, 8, 8], [1.5, 1, 8, 8]])
+def test_input_shapes_the_command_line_refuses_are_refused_here_too(dims):
+    with pytest.raises(onnx_shrink.DataError, match="dims"):
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold", input_shapes={"image": dims})
+    with pytest.raises(onnx_shrink.DataError, match="dims"):
+        onnx_shrink.CheckOptions(input_shapes={"image": dims})
+
+
+def test_latency_runs_below_zero_are_refused_as_the_command_lines_runs_are():
+    with pytest.raises(onnx_shrink.ShrinkError, match="latency_runs must be at least 0, not -3"):
+        onnx_shrink.CheckOptions(latency_runs=-3)
+    assert onnx_shrink.CheckOptions(latency_runs=0).latency_runs == 0  # 0: no latency

@@ -116,6 +116,19 @@ def test_reader_objects_are_read_once_with_the_checked_first_feed_replayed():
         list(dataset.batches())
 
 
+@pytest.mark.parametrize("feed", [[np.zeros((2, 1, 8, 8), np.float32)], np.zeros((2, 1, 8, 8))])
+def test_a_reader_giving_anything_but_a_dict_is_one_clear_error(feed):
+    class Positional:  # the arrays in input order, as onnxruntime's run() would take them
+        def get_next(self):
+            return feed
+
+    message = (
+        rf"Positional: get_next\(\) returned {type(feed).__name__}: a reader must return a dict"
+    )
+    with pytest.raises(DataError, match=message):
+        data.prepare([IMAGE], Positional())
+
+
 @pytest.mark.parametrize(
     ("arrays", "message"),
     [
