@@ -212,9 +212,12 @@ def shrink(
             dataset = data_mod.prepare(
                 specs, options.data, options.input_shapes, labels=options.labels
             )
-            preflight.run_first_sample(
+            outputs = preflight.run_first_sample(
                 probe, dataset, str(model) if from_file else "the input model"
             )
+            samples = data_mod.samples_in(dataset.first_feed(), specs)
+            preflight.refuse_labels_outside(dataset, outputs, samples)
+            del outputs
             del probe  # kept through the compile, it would add the model's size to the peak
         source = next(
             (s for s in (calibration, data, options.data if options else None) if s is not None),

@@ -10,13 +10,17 @@ import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
+import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.errors import BadModelError, DataError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions, synthetic
+from onnx_shrink.runtime_check import labels, sessions, synthetic
+
+# By name: the package's ``compare`` is checker's function, which hides the module.
+from onnx_shrink.runtime_check.compare import classifier_output
 
 logger = logging.getLogger(__name__)
 
@@ -110,14 +114,30 @@ def reference_session(reference: Path | bytes, provider: str):
         ) from e
 
 
-def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> None:
+def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> dict[str, np.ndarray]:
+    """The input's outputs on the check's first batch; a failure is bad input (exit 2)."""
     sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
-    sessions.run(
+    return sessions.run(
         session,
         sessions.fitted_feed(session, dataset.first_feed()),
         failed=f"{label} failed on {sample}",
         hint=data_mod.unfit_hint(dataset),
     )
+
+
+def refuse_labels_outside(
+    dataset: data_mod.Dataset, outputs: Mapping[str, np.ndarray], samples: int
+) -> None:
+    """Refuse, before any work, labels naming a class the output that accuracy is scored on
+    has not: that output found in ``outputs``, the input's on the first batch of ``samples``
+    samples, as the check will find it (labels a source does not hold at hand are checked
+    by the check, batch by batch)."""
+    if dataset.labels is None:
+        return
+    target = classifier_output(outputs, samples)
+    if target is not None:  # else no accuracy: the check says why
+        classes = outputs[target].size // samples
+        labels.check_classes(dataset.labels, target, classes)
 
 
 def check_dump_dir(

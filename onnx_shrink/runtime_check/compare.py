@@ -17,6 +17,7 @@ from collections.abc import Iterable, Mapping
 import numpy as np
 
 from onnx_shrink.errors import CandidateFailedError, ShrinkError
+from onnx_shrink.runtime_check import labels as labels_mod
 
 logger = logging.getLogger(__name__)
 
@@ -253,15 +254,6 @@ class AccuracyAccumulator:
         return self.correct_ref / self.total, self.correct_cand / self.total
 
 
-def class_labels(labels: np.ndarray) -> np.ndarray:
-    """One class index per sample: labels as given ``[samples]`` (or ``[samples, 1]``), or
-    one-hot / probability rows ``[samples, classes]`` reduced to their argmax."""
-    labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        return labels.argmax(axis=1)
-    return labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.reshape(-1)
-
-
 def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
     """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
     for name, array in outputs.items():
@@ -285,7 +277,12 @@ def compare_batches(
     data: str = "",
     synthetic: bool = False,
 ) -> NumericReport:
-    """Fold (reference outputs, candidate outputs, labels) batches into a ``NumericReport``."""
+    """Fold (reference outputs, candidate outputs, labels) batches into a ``NumericReport``.
+
+    Raises:
+        CandidateFailedError: the candidate lacks an output, or gives one of another shape.
+        DataError: labels name a class the scored output has not (``labels.check_classes``).
+    """
     accumulators: dict[str, ErrorAccumulator] = {}
     accuracy = AccuracyAccumulator()
     seen = 0
@@ -298,11 +295,12 @@ def compare_batches(
                 ref, cand_out[name]
             )
         if labels is not None:
-            labels = class_labels(labels)
-            seen += len(labels)
             target = classifier_output(ref_out, len(labels))
-            if target is not None:
-                accuracy.add(ref_out[target], cand_out[target], labels)
+            if target is not None:  # labels naming classes it has not would read as 0%
+                classes = ref_out[target].size // len(labels)
+                labels_mod.check_classes(labels, target, classes, first=seen)
+                accuracy.add(ref_out[target], cand_out[target], labels_mod.class_indices(labels))
+            seen += len(labels)
     outputs = tuple(a.result() for a in accumulators.values())
     ref_acc, cand_acc = accuracy.result()
     failures = judge(outputs, ref_acc, cand_acc, tolerances)

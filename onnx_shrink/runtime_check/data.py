@@ -31,6 +31,7 @@ import numpy as np
 
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import DataError
+from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check.data_types import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
@@ -91,7 +92,14 @@ def from_arrays(
     labels: np.ndarray | None,
     where: str,
 ) -> Dataset:
-    """A dataset over in-memory arrays with samples on axis 0 (see the module docstring)."""
+    """A dataset over in-memory arrays with samples on axis 0 (see the module docstring).
+
+    Raises:
+        DataError: an array does not fit its input, the counts differ, or ``labels`` cannot
+            label samples (``labels.checked``).
+    """
+    if labels is not None:
+        labels = labels_mod.checked(labels, where)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
@@ -150,6 +158,7 @@ def from_arrays(
         has_labels=labels is not None,
         make_batches=make_batches,
         samples=total,
+        labels=labels,
     )
 
 
@@ -386,17 +395,21 @@ def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: objec
             yield Batch(batch.feed, batch.samples, labels[start : start + batch.samples])
             start += batch.samples
 
-    return Dataset(dataset.description, False, True, make_batches, samples=dataset.samples)
+    return Dataset(
+        dataset.description, False, True, make_batches, samples=dataset.samples, labels=labels
+    )
 
 
 def _load_labels(path: str | Path) -> np.ndarray:
+    """The labels in ``path`` (.npy, or .npz with a 'labels' array), once they can label
+    samples (``labels.checked``)."""
     path = Path(path)
     if path.suffix == ".npz":
         arrays = data_files.load_npz(path)
         if "labels" not in arrays:
             raise DataError(f"{path}: has no 'labels' array")
-        return arrays["labels"]
-    return data_files.load_npy(path)
+        return labels_mod.checked(arrays["labels"], str(path))
+    return labels_mod.checked(data_files.load_npy(path), str(path))
 
 
 def unfit_hint(dataset: Dataset) -> str:
@@ -464,6 +477,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
         dataset.has_labels,
         make_batches,
         samples=dataset.samples,
+        labels=dataset.labels,
     )
     # The first feed from the reader's own peek (read already by ``prepare``): asking the
     # copy would start a spill and leave it half done.

@@ -62,6 +62,9 @@ class Dataset:
     """the first batch without consuming it (one-shot sources); None: read batches()"""
     samples: int | None = None
     """how many samples it holds, where that is known without reading them (None: a reader's)"""
+    labels: np.ndarray | None = None
+    """every sample's label, in order, where the source holds them all at hand (array data,
+    ``labels.checked``); None elsewhere, where ``has_labels`` says whether batches carry any"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def batches(self) -> Iterator[Batch]:

@@ -58,12 +58,14 @@ def first_samples(dataset: Dataset, specs: Sequence[InputSpec], count: int) -> D
             yield batch
             left -= batch.samples
 
+    samples = None if dataset.samples is None else min(count, dataset.samples)
     return dataclasses.replace(
         dataset,
         description=f"the first {count} samples of {dataset.description}",
         make_batches=make_batches,
         peek=None,
-        samples=None if dataset.samples is None else min(count, dataset.samples),
+        samples=samples,
+        labels=None if dataset.labels is None else dataset.labels[:samples],
         _first={},
     )
 

@@ -292,6 +292,24 @@ def test_labels_that_cannot_label_the_data_name_the_labels_file(digits_copy, tmp
     assert result.code == 0, result.err
 
 
+def test_labels_outside_the_classifiers_classes_are_refused_before_any_pass(
+    digits_copy, tmp_path, run_cli
+):
+    """Labels 1-10 for 10 classes: they were scored (the 10s as misses) and the run passed."""
+    import numpy as np
+
+    arrays = np.load(digits.TEST_DATA_PATH)
+    np.savez(tmp_path / "d.npz", image=arrays["image"], labels=arrays["labels"] + 1)
+    output = tmp_path / "out.onnx"
+    args = ("--data", tmp_path / "d.npz", "--max-accuracy-drop", "0.01", "--runs", "0")
+    result = run_cli(digits_copy, "--passes", "fold", "-o", output, *args)
+    assert result.code == 2 and not output.exists()
+    assert "is outside [0, 10), the classes of the scored output 'logits'" in result.err
+    assert "running pass" not in result.err  # refused before any work
+    result = run_cli("check", digits_copy, digits_copy, *args)
+    assert result.code == 2 and "is outside [0, 10)" in result.err
+
+
 def test_no_file_the_run_writes_may_be_one_it_reads_or_another_it_writes(
     digits_copy, tmp_path, run_cli
 ):

@@ -119,3 +119,18 @@ def test_labels_no_output_can_be_scored_on_fail_an_accuracy_tolerance():
     report = compare_batches(batches, tolerances=asked.as_default())
     assert report.passed and report.verdict == "PASS (accuracy not measured)"
     assert compare_batches(batches).verdict == "measured, no tolerances given"
+
+
+def test_labels_naming_a_class_the_scored_output_has_not_are_a_data_error():
+    import pytest
+
+    from onnx_shrink.errors import DataError
+
+    logits = np.zeros((2, 3), np.float32)
+    outputs = {"logits": logits}
+    batches = [(outputs, outputs, np.array([0, 2])), (outputs, outputs, np.array([1, 3]))]
+    with pytest.raises(DataError, match=r"label 3 \(sample 3\) is outside \[0, 3\)"):
+        compare_batches(batches, tolerances=Tolerances(max_accuracy_drop=0.01))
+    rows = np.eye(4)[[0, 1]]  # one-hot over 4 classes for a 3-class output
+    with pytest.raises(DataError, match="rows of 4 classes, but the scored output 'logits' has 3"):
+        compare_batches([(outputs, outputs, rows)])

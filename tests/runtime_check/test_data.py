@@ -150,6 +150,51 @@ def test_labels_of_another_length_are_rejected(tmp_path):
         data.prepare([IMAGE], tmp_path / "d.npz")
 
 
+GOOD_LABELS = {
+    "indices": np.array([0, 3, 9, 1]),
+    "indices as a column": np.array([[0], [3], [9], [1]]),
+    "floats holding integers": np.array([0.0, 3.0, 9.0, 1.0], np.float32),
+    "one-hot rows": np.eye(10, dtype=np.uint8)[[0, 3, 9, 1]],
+    "probability rows": np.full((4, 4), 0.25, np.float16),
+}
+BAD_LABELS = {
+    "strings": (np.array(["cat"] * 4), "labels are strings"),
+    "non-integers": (np.array([0.0, 3.5, 9.0, 1.0]), r"labels are not integers \(sample 1: 3.5\)"),
+    "NaN": (np.array([0.0, 3.0, np.nan, 1.0]), r"labels are not integers \(sample 2: nan\)"),
+    "negative": (np.array([0, 3, -1, 1]), r"label -1 \(sample 2\) is negative"),
+    "repeated indices": (
+        np.stack([np.array([0, 3, 9, 1])] * 3, 1),
+        "labels of shape 4x3 are not one-hot",
+    ),
+    "one value": (np.array(3), "labels have shape scalar"),
+}
+
+
+@pytest.mark.parametrize("labels", GOOD_LABELS.values(), ids=GOOD_LABELS)
+def test_class_indices_and_one_hot_or_probability_rows_label_the_samples(tmp_path, labels):
+    images = np.zeros((4, 1, 8, 8), np.float32)
+    np.savez(tmp_path / "d.npz", image=images, labels=labels)
+    np.save(tmp_path / "labels.npy", labels)
+    for dataset in (
+        data.prepare([IMAGE], tmp_path / "d.npz"),
+        data.prepare([IMAGE], {"image": images}, labels=tmp_path / "labels.npy"),
+    ):
+        np.testing.assert_array_equal(next(dataset.batches()).labels, labels)
+
+
+@pytest.mark.parametrize(("labels", "message"), BAD_LABELS.values(), ids=BAD_LABELS)
+def test_labels_that_are_no_class_indices_are_refused_as_the_data_is_read(
+    tmp_path, labels, message
+):
+    """They were scored anyway: 0% for both models, and an accuracy tolerance passed."""
+    images = np.zeros((4, 1, 8, 8), np.float32)
+    np.save(tmp_path / "labels.npy", labels)
+    with pytest.raises(DataError, match=message):
+        data.prepare([IMAGE], {"image": images, "labels": labels})
+    with pytest.raises(DataError, match=f"labels.npy: {message}"):
+        data.prepare([IMAGE], {"image": images}, labels=tmp_path / "labels.npy")
+
+
 def test_synthetic_data_is_seeded_and_warns(caplog):
     a = data.prepare([IMAGE], None).first_feed()["image"]
     b = data.prepare([IMAGE], None).first_feed()["image"]

@@ -1,0 +1,120 @@
+"""Labels for task accuracy: what can label a sample, and the class each one names.
+
+A label is one class index per sample (``[N]`` or ``[N, 1]``: integers, or floats that hold
+integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1] summing to
+1), read as its argmax. Anything else (strings, 2.5, class 110 of 10, rows of repeated
+indices) still gives an argmax to compare with, so it would be scored: 0% for both models,
+no drop, and an accuracy tolerance passes on nothing. Such labels are refused instead: what
+they are wrong in as the data is read (``checked``), the classes they name once the scored
+output's width is known (``check_classes``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from onnx_shrink.errors import DataError
+from onnx_shrink.runtime_check.data_types import show_shape
+
+ROW_SUM_TOLERANCE = 1e-3
+"""how far from 1 a probability row may sum (float16 softmax rows are off by ~1e-4)"""
+
+_NOT_NUMBERS = {"U": "strings", "S": "bytes", "O": "Python objects", "c": "complex numbers"}
+_GIVE = "give class indices (integers from 0) or one-hot / probability rows"
+
+
+def checked(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels``, once they can label samples as the module docstring says.
+
+    Raises:
+        DataError: one line naming what is wrong (dtype, shape, not integers, a negative
+            index, a row that is no probability row) and the first sample it is wrong at.
+    """
+    labels = np.asarray(labels)
+    kind = labels.dtype.kind
+    if kind not in "biuf":
+        what = _NOT_NUMBERS.get(kind, f"of dtype {labels.dtype}")
+        raise DataError(f"{where}: labels are {what} ({labels.dtype}): {_GIVE}")
+    if labels.ndim not in (1, 2):
+        raise DataError(
+            f"{where}: labels have shape {show_shape(labels.shape)}: give one class index per "
+            "sample [N], or one one-hot / probability row per sample [N, C]"
+        )
+    if not labels.size:
+        return labels
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        _check_rows(labels, where)
+        return labels
+    indices = labels.reshape(-1)
+    if kind == "f":
+        wrong = np.flatnonzero(~np.isfinite(indices) | (indices != np.round(indices)))
+        if wrong.size:
+            first = wrong[0]
+            value = float(indices[first])
+            raise DataError(
+                f"{where}: labels are not integers (sample {first}: {value:g}): {_GIVE}"
+            )
+    negative = np.flatnonzero(indices < 0)
+    if negative.size:
+        first = negative[0]
+        raise DataError(
+            f"{where}: label {float(indices[first]):g} (sample {first}) is negative: class indices "
+            "count from 0"
+        )
+    return labels
+
+
+def _check_rows(rows: np.ndarray, where: str) -> None:
+    """Every row is a probability row: finite values in [0, 1] that sum to 1."""
+    values = rows.astype(np.float64)
+    sums = values.sum(axis=1)
+    bad = ~np.all((values >= 0) & (values <= 1), axis=1)  # NaN is outside too
+    bad |= ~(np.abs(sums - 1) <= ROW_SUM_TOLERANCE)
+    wrong = np.flatnonzero(bad)
+    if wrong.size:
+        first = wrong[0]
+        shown = " ".join(f"{v:g}" for v in values[first][:6]) + (
+            " ..." if rows.shape[1] > 6 else ""
+        )
+        raise DataError(
+            f"{where}: labels of shape {show_shape(rows.shape)} are not one-hot or probability "
+            f"rows (sample {first}: [{shown}]): give one class index per sample, or rows of "
+            "values in [0, 1] that sum to 1"
+        )
+
+
+def class_indices(labels: np.ndarray) -> np.ndarray:
+    """One class index per sample: labels as given ``[samples]`` (or ``[samples, 1]``), or
+    one-hot / probability rows ``[samples, classes]`` reduced to their argmax."""
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        return labels.argmax(axis=1)
+    return labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.reshape(-1)
+
+
+def check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0) -> None:
+    """Refuse ``labels`` (``checked`` ones, of the samples from ``first`` on) that name a class
+    the scored ``output``, ``classes`` scores a sample, does not have: index ``classes`` or
+    more, or rows of another width.
+
+    Raises:
+        DataError: naming the first such label, its sample, and the output.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 2 and labels.shape[1] > 1:
+        if labels.shape[1] != classes:
+            raise DataError(
+                f"labels are rows of {labels.shape[1]} classes, but the scored output "
+                f"'{output}' has {classes} scores a sample: give rows of {classes}, or class "
+                "indices"
+            )
+        return
+    indices = class_indices(labels)
+    outside = np.flatnonzero((indices < 0) | (indices >= classes))
+    if outside.size:
+        at = outside[0]
+        raise DataError(
+            f"label {float(indices[at]):g} (sample {first + at}) is outside [0, {classes}), the "
+            f"classes of the scored output '{output}' ({classes} scores a sample): give class "
+            f"indices from 0 to {classes - 1}"
+        )
