@@ -159,7 +159,8 @@ def shrink(
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
         BadModelError: the model cannot be read or is invalid, or onnxruntime cannot load
             it for the check (raised before any pass runs).
-        DataError: the check data does not fit the model (raised before any pass runs).
+        DataError: the check data does not fit the model, its labels are no class indices,
+            or it has none and ``max_accuracy_drop`` was given (raised before any pass runs).
         RunFailedError: the model fails on the check's first sample (before any pass runs),
             or on a later one.
         CandidateFailedError: the result fails where the input runs, or its outputs are not
@@ -212,6 +213,7 @@ def shrink(
             dataset = data_mod.prepare(
                 specs, options.data, options.input_shapes, labels=options.labels
             )
+            preflight.refuse_unmeasurable_accuracy(options.tolerances, dataset)
             outputs = preflight.run_first_sample(
                 probe, dataset, str(model) if from_file else "the input model"
             )

@@ -397,6 +397,8 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
             "--strict stops at the first pass that breaks the tolerances under --verify-each; "
             "add --verify-each (or drop --strict)"
         )
+    # Data without labels is refused by shrink as it opens the data, also before any work
+    # (preflight.refuse_unmeasurable_accuracy); no data at all costs not even the model's load.
     if args.max_accuracy_drop is not None and args.data is None and not args.no_check:
         raise ShrinkError(
             "--max-accuracy-drop needs labelled --data: synthetic inputs have no labels"

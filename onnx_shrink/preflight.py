@@ -20,7 +20,7 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels, sessions, synthetic
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
-from onnx_shrink.runtime_check.compare import classifier_output
+from onnx_shrink.runtime_check.compare import Tolerances, classifier_output
 
 logger = logging.getLogger(__name__)
 
@@ -123,6 +123,29 @@ def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> dict[str
         failed=f"{label} failed on {sample}",
         hint=data_mod.unfit_hint(dataset),
     )
+
+
+def refuse_unmeasurable_accuracy(tolerances: Tolerances, dataset: data_mod.Dataset) -> None:
+    """Refuse, before any work, an accuracy tolerance the user gave (not a default, which
+    judges accuracy where it can) on data without labels: every pass would be judged on an
+    accuracy never measured (``--verify-each`` rolls each back) and the run fail at the end.
+
+    Raises:
+        DataError: naming the data and where labels go.
+    """
+    if tolerances.max_accuracy_drop is None or not tolerances.accuracy_required:
+        return
+    if dataset.has_labels:
+        return
+    if dataset.synthetic:
+        what, fix = "synthetic inputs have none", "give labelled --data"
+    elif dataset.samples is None:  # a reader, test_data_set_* folders: no place for labels
+        what = f"{dataset.description} carries none"
+        fix = "give array data with labels (.npz, a folder of .npy, a dict of arrays)"
+    else:
+        what = f"{dataset.description} has none"
+        fix = "add a 'labels' array to it or give --labels FILE"
+    raise DataError(f"--max-accuracy-drop needs labels, and {what}: {fix}, or drop the tolerance")
 
 
 def refuse_labels_outside(

@@ -310,6 +310,23 @@ def test_labels_outside_the_classifiers_classes_are_refused_before_any_pass(
     assert result.code == 2 and "is outside [0, 10)" in result.err
 
 
+def test_max_accuracy_drop_on_data_without_labels_is_refused_before_any_pass(
+    digits_copy, tmp_path, run_cli
+):
+    """It ran every pass, rolled each back as breaking the tolerance, and exited 1."""
+    import numpy as np
+
+    np.savez(tmp_path / "nolabels.npz", image=np.load(digits.TEST_DATA_PATH)["image"][:64])
+    output = tmp_path / "out.onnx"
+    run = (digits_copy, "--passes", "fold,quant", "-o", output, "--runs", "0", "--verify-each")
+    result = run_cli(*run, "--data", tmp_path / "nolabels.npz", "--max-accuracy-drop", "0.01")
+    assert result.code == 2 and not output.exists()
+    assert "--max-accuracy-drop needs labels, and " in result.err
+    assert "nolabels.npz has none: add a 'labels' array" in result.err
+    result = run_cli(*run, "--data", tmp_path / "nolabels.npz")  # defaults: where measurable
+    assert result.code == 0, result.err
+
+
 def test_no_file_the_run_writes_may_be_one_it_reads_or_another_it_writes(
     digits_copy, tmp_path, run_cli
 ):

@@ -10,7 +10,7 @@ import onnx_ir as ir
 import pytest
 
 from models import digits
-from onnx_shrink import FoldPass, PassFailedError, shrink
+from onnx_shrink import DataError, FoldPass, PassFailedError, Tolerances, shrink
 from onnx_shrink.api import CheckOptions
 from onnx_shrink.compiler import io
 
@@ -105,3 +105,25 @@ def test_the_dump_keeps_what_a_rolled_back_pass_wrote_beside_what_went_on(tmp_pa
     np.testing.assert_array_equal(
         weight("02-scale-weight.rolled-back.onnx"), -weight("01-fold.onnx")
     )
+
+
+def test_an_accuracy_tolerance_given_for_data_without_labels_is_refused_before_any_pass():
+    """Every pass was run and rolled back as breaking an accuracy never measured."""
+    images = {"image": np.load(digits.TEST_DATA_PATH)["image"][:64]}
+    started = []
+    asked = Tolerances(max_accuracy_drop=0.01)
+    with pytest.raises(DataError, match="--max-accuracy-drop needs labels, and arrays has none"):
+        shrink(
+            digits.MODEL_PATH,
+            [FoldPass(), ScaleWeightPass(factor=1.0)],
+            check=CheckOptions(data=images, verify_each=True, tolerances=asked, latency_runs=0),
+            on_pass_start=lambda index, p: started.append(p.name),
+        )
+    assert started == []
+    # The defaults judge accuracy where they can: without labels, the cosine alone.
+    result = shrink(
+        digits.MODEL_PATH,
+        [FoldPass(), ScaleWeightPass(factor=1.0)],
+        check=CheckOptions(data=images, verify_each=True, latency_runs=0),
+    )
+    assert not any(step.rolled_back for step in result.steps)
