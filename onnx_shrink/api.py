@@ -218,7 +218,7 @@ def shrink(
                 probe, dataset, str(model) if from_file else "the input model"
             )
             samples = data_mod.samples_in(dataset.first_feed(), specs)
-            preflight.refuse_labels_outside(dataset, outputs, samples)
+            preflight.refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
             del outputs
             del probe  # kept through the compile, it would add the model's size to the peak
         source = next(

@@ -148,19 +148,25 @@ def refuse_unmeasurable_accuracy(tolerances: Tolerances, dataset: data_mod.Datas
     raise DataError(f"--max-accuracy-drop needs labels, and {what}: {fix}, or drop the tolerance")
 
 
-def refuse_labels_outside(
-    dataset: data_mod.Dataset, outputs: Mapping[str, np.ndarray], samples: int
+def refuse_unusable_labels(
+    tolerances: Tolerances,
+    dataset: data_mod.Dataset,
+    outputs: Mapping[str, np.ndarray],
+    samples: int,
 ) -> None:
-    """Refuse, before any work, labels naming a class the output that accuracy is scored on
-    has not: that output found in ``outputs``, the input's on the first batch of ``samples``
-    samples, as the check will find it (labels a source does not hold at hand are checked
-    by the check, batch by batch)."""
-    if dataset.labels is None:
+    """Under an accuracy tolerance the user gave, refuse before any work labels that cannot
+    score accuracy (``labels.checked``) or name a class the scored output has not: that
+    output found in ``outputs``, the input's on the first batch of ``samples`` samples, as
+    the check will find it (labels a source does not hold at hand are checked by the check,
+    batch by batch; without such a tolerance the check leaves accuracy unmeasured)."""
+    if dataset.labels is None or not tolerances.accuracy_required:
+        return
+    if tolerances.max_accuracy_drop is None:
         return
     target = classifier_output(outputs, samples)
     if target is not None:  # else no accuracy: the check says why
-        classes = outputs[target].size // samples
-        labels.check_classes(dataset.labels, target, classes)
+        checked = labels.checked(dataset.labels, dataset.description)
+        labels.check_classes(checked, target, outputs[target].size // samples)
 
 
 def check_dump_dir(

@@ -16,7 +16,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from onnx_shrink.errors import CandidateFailedError, ShrinkError
+from onnx_shrink.errors import CandidateFailedError, DataError, ShrinkError
 from onnx_shrink.runtime_check import labels as labels_mod
 
 logger = logging.getLogger(__name__)
@@ -234,6 +234,24 @@ class ErrorAccumulator:
         )
 
 
+def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
+    """``accuracy`` with this batch's labels scored, or None where they cannot be (and
+    accuracy is not asked for: then they are a ``DataError``)."""
+    target = classifier_output(ref_out, len(labels))
+    if target is None:  # no output to score them on: the report says why
+        return accuracy
+    try:  # labels that are no class indices, or name classes it has not, would read as 0%
+        labels = labels_mod.checked(labels, data or "the labels", first)
+        labels_mod.check_classes(labels, target, ref_out[target].size // len(labels), first)
+    except DataError as e:
+        if tolerances.max_accuracy_drop is not None and tolerances.accuracy_required:
+            raise
+        logger.warning("%s; accuracy is not measured", e)
+        return None
+    accuracy.add(ref_out[target], cand_out[target], labels_mod.class_indices(labels))
+    return accuracy
+
+
 class AccuracyAccumulator:
     """Top-1 accuracy of a classifier output against labels, for reference and candidate."""
 
@@ -281,10 +299,12 @@ def compare_batches(
 
     Raises:
         CandidateFailedError: the candidate lacks an output, or gives one of another shape.
-        DataError: labels name a class the scored output has not (``labels.check_classes``).
+        DataError: under an accuracy tolerance, labels that cannot score accuracy (not class
+            indices or probability rows, or naming a class the scored output has not);
+            without one, accuracy is left unmeasured, with a warning.
     """
     accumulators: dict[str, ErrorAccumulator] = {}
-    accuracy = AccuracyAccumulator()
+    accuracy: AccuracyAccumulator | None = AccuracyAccumulator()
     seen = 0
     for ref_out, cand_out, labels in batches:
         missing = set(ref_out) - set(cand_out)
@@ -294,13 +314,10 @@ def compare_batches(
             accumulators.setdefault(name, ErrorAccumulator(name, tolerances)).add(
                 ref, cand_out[name]
             )
-        if labels is not None:
-            target = classifier_output(ref_out, len(labels))
-            if target is not None:  # labels naming classes it has not would read as 0%
-                classes = ref_out[target].size // len(labels)
-                labels_mod.check_classes(labels, target, classes, first=seen)
-                accuracy.add(ref_out[target], cand_out[target], labels_mod.class_indices(labels))
-            seen += len(labels)
+        if labels is not None and accuracy is not None:
+            accuracy = _scored(accuracy, ref_out, cand_out, labels, seen, tolerances, data)
+        seen += len(labels) if labels is not None else 0
+    accuracy = accuracy or AccuracyAccumulator()
     outputs = tuple(a.result() for a in accumulators.values())
     ref_acc, cand_acc = accuracy.result()
     failures = judge(outputs, ref_acc, cand_acc, tolerances)

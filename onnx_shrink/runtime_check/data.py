@@ -95,11 +95,12 @@ def from_arrays(
     """A dataset over in-memory arrays with samples on axis 0 (see the module docstring).
 
     Raises:
-        DataError: an array does not fit its input, the counts differ, or ``labels`` cannot
-            label samples (``labels.checked``).
+        DataError: an array does not fit its input, the counts differ, or ``labels`` is one
+            value, not one per sample. Whether labels can score accuracy is the check's to
+            say (``labels.checked``): calibration reads none.
     """
     if labels is not None:
-        labels = labels_mod.checked(labels, where)
+        labels = labels_mod.per_sample(labels, where)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
@@ -401,15 +402,14 @@ def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: objec
 
 
 def _load_labels(path: str | Path) -> np.ndarray:
-    """The labels in ``path`` (.npy, or .npz with a 'labels' array), once they can label
-    samples (``labels.checked``)."""
+    """The labels in ``path`` (.npy, or .npz with a 'labels' array), one per sample."""
     path = Path(path)
     if path.suffix == ".npz":
         arrays = data_files.load_npz(path)
         if "labels" not in arrays:
             raise DataError(f"{path}: has no 'labels' array")
-        return labels_mod.checked(arrays["labels"], str(path))
-    return labels_mod.checked(data_files.load_npy(path), str(path))
+        return labels_mod.per_sample(arrays["labels"], str(path))
+    return labels_mod.per_sample(data_files.load_npy(path), str(path))
 
 
 def unfit_hint(dataset: Dataset) -> str:

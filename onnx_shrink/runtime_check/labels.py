@@ -4,9 +4,12 @@ A label is one class index per sample (``[N]`` or ``[N, 1]``: integers, or float
 integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1] summing to
 1), read as its argmax. Anything else (strings, 2.5, class 110 of 10, rows of repeated
 indices) still gives an argmax to compare with, so it would be scored: 0% for both models,
-no drop, and an accuracy tolerance passes on nothing. Such labels are refused instead: what
-they are wrong in as the data is read (``checked``), the classes they name once the scored
-output's width is known (``check_classes``).
+no drop, and an accuracy tolerance passes on nothing. Where accuracy is asked for (an
+accuracy tolerance), such labels are refused: what they are wrong in (``checked``), and the
+classes they name once the scored output's width is known (``check_classes``); elsewhere
+accuracy is left unmeasured, with a warning. Reading data checks only that there is a label
+per sample (``per_sample``): a calibration run does not read them, and data may carry labels
+for another task (segmentation masks, token ids).
 """
 
 from __future__ import annotations
@@ -23,8 +26,21 @@ _NOT_NUMBERS = {"U": "strings", "S": "bytes", "O": "Python objects", "c": "compl
 _GIVE = "give class indices (integers from 0) or one-hot / probability rows"
 
 
-def checked(labels: np.ndarray, where: str) -> np.ndarray:
-    """``labels``, once they can label samples as the module docstring says.
+def per_sample(labels: np.ndarray, where: str) -> np.ndarray:
+    """``labels``, when they hold a label per sample (an array of one dimension or more).
+
+    Raises:
+        DataError: one value, not one per sample.
+    """
+    labels = np.asarray(labels)
+    if labels.ndim == 0:
+        raise DataError(f"{where}: labels are one value, not one per sample: {_GIVE}")
+    return labels
+
+
+def checked(labels: np.ndarray, where: str, first: int = 0) -> np.ndarray:
+    """``labels`` (of the samples from ``first`` on), once they can label samples as the
+    module docstring says.
 
     Raises:
         DataError: one line naming what is wrong (dtype, shape, not integers, a negative
@@ -43,28 +59,28 @@ def checked(labels: np.ndarray, where: str) -> np.ndarray:
     if not labels.size:
         return labels
     if labels.ndim == 2 and labels.shape[1] > 1:
-        _check_rows(labels, where)
+        _check_rows(labels, where, first)
         return labels
     indices = labels.reshape(-1)
     if kind == "f":
         wrong = np.flatnonzero(~np.isfinite(indices) | (indices != np.round(indices)))
         if wrong.size:
-            first = wrong[0]
-            value = float(indices[first])
+            at = wrong[0]
+            value = float(indices[at])
             raise DataError(
-                f"{where}: labels are not integers (sample {first}: {value:g}): {_GIVE}"
+                f"{where}: labels are not integers (sample {first + at}: {value:g}): {_GIVE}"
             )
     negative = np.flatnonzero(indices < 0)
     if negative.size:
-        first = negative[0]
+        at = negative[0]
         raise DataError(
-            f"{where}: label {float(indices[first]):g} (sample {first}) is negative: class indices "
-            "count from 0"
+            f"{where}: label {float(indices[at]):g} (sample {first + at}) is negative: class "
+            "indices count from 0"
         )
     return labels
 
 
-def _check_rows(rows: np.ndarray, where: str) -> None:
+def _check_rows(rows: np.ndarray, where: str, first: int) -> None:
     """Every row is a probability row: finite values in [0, 1] that sum to 1."""
     values = rows.astype(np.float64)
     sums = values.sum(axis=1)
@@ -72,13 +88,11 @@ def _check_rows(rows: np.ndarray, where: str) -> None:
     bad |= ~(np.abs(sums - 1) <= ROW_SUM_TOLERANCE)
     wrong = np.flatnonzero(bad)
     if wrong.size:
-        first = wrong[0]
-        shown = " ".join(f"{v:g}" for v in values[first][:6]) + (
-            " ..." if rows.shape[1] > 6 else ""
-        )
+        at = wrong[0]
+        shown = " ".join(f"{v:g}" for v in values[at][:6]) + (" ..." if rows.shape[1] > 6 else "")
         raise DataError(
             f"{where}: labels of shape {show_shape(rows.shape)} are not one-hot or probability "
-            f"rows (sample {first}: [{shown}]): give one class index per sample, or rows of "
+            f"rows (sample {first + at}: [{shown}]): give one class index per sample, or rows of "
             "values in [0, 1] that sum to 1"
         )
 

@@ -310,6 +310,33 @@ def test_labels_outside_the_classifiers_classes_are_refused_before_any_pass(
     assert result.code == 2 and "is outside [0, 10)" in result.err
 
 
+def test_labels_for_another_task_are_refused_only_where_accuracy_is_asked_for(
+    digits_copy, tmp_path, run_cli
+):
+    """Found in review: labels were validated as the data was read, so data carrying
+    segmentation masks could not even calibrate, and --labels could not replace them."""
+    import numpy as np
+
+    arrays = np.load(digits.TEST_DATA_PATH)
+    masks = np.zeros((len(arrays["image"]), 8, 8), np.int64)
+    np.savez(tmp_path / "d.npz", image=arrays["image"], labels=masks)
+    np.save(tmp_path / "good.npy", arrays["labels"])
+    out = ("-o", tmp_path / "out.onnx", "--runs", "0")
+    data = ("--data", tmp_path / "d.npz")
+    calibration = ("--calibration", data[1], "--no-check", "-o", tmp_path / "out.onnx")
+    calibrated = run_cli(digits_copy, "--passes", "quant", *calibration)
+    assert calibrated.code == 0, calibrated.err
+    checked = run_cli(digits_copy, "--passes", "fold", *data, *out)
+    assert checked.code == 0 and "accuracy is not measured" in checked.err
+    replaced = run_cli(
+        digits_copy, "--passes", "fold", *data, "--labels", tmp_path / "good.npy", *out
+    )
+    assert replaced.code == 0 and "accuracy is not measured" not in replaced.err
+    assert "99.11%" in replaced.out
+    asked = run_cli(digits_copy, "--passes", "fold", *data, "--max-accuracy-drop", "0.01", *out)
+    assert asked.code == 2 and "labels have shape 450x8x8" in asked.err
+
+
 def test_max_accuracy_drop_on_data_without_labels_is_refused_before_any_pass(
     digits_copy, tmp_path, run_cli
 ):

@@ -5,10 +5,12 @@ from __future__ import annotations
 import math
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
+from onnx_shrink.errors import DataError
 from onnx_shrink.runtime_check.compare import (
     ErrorAccumulator,
     Tolerances,
@@ -121,16 +123,26 @@ def test_labels_no_output_can_be_scored_on_fail_an_accuracy_tolerance():
     assert compare_batches(batches).verdict == "measured, no tolerances given"
 
 
-def test_labels_naming_a_class_the_scored_output_has_not_are_a_data_error():
-    import pytest
+BAD_LABELS = {
+    "strings": (np.array(["cat"] * 4), "labels are strings"),
+    "non-integers": (np.array([0.0, 2.5, 1.0, 1.0]), r"labels are not integers \(sample 1: 2.5\)"),
+    "NaN": (np.array([0.0, 2.0, np.nan, 1.0]), r"labels are not integers \(sample 2: nan\)"),
+    "negative": (np.array([0, 2, -1, 1]), r"label -1 \(sample 2\) is negative"),
+    "repeated indices": (np.stack([np.array([0, 2, 1, 1])] * 3, 1), "labels of shape 2x3 are not"),
+    "outside the classes": (np.array([0, 2, 1, 3]), r"label 3 \(sample 3\) is outside \[0, 3\)"),
+    "rows of other classes": (np.eye(4)[[0, 1, 2, 3]], "rows of 4 classes, but the scored output"),
+}
 
-    from onnx_shrink.errors import DataError
 
-    logits = np.zeros((2, 3), np.float32)
+@pytest.mark.parametrize(("labels", "message"), BAD_LABELS.values(), ids=BAD_LABELS)
+def test_labels_that_cannot_score_accuracy_fail_an_accuracy_tolerance(labels, message, caplog):
+    """They were scored anyway (0% for both models, no drop: the tolerance passed). Under an
+    accuracy tolerance they are a DataError; without one, accuracy is left unmeasured."""
+    logits = np.eye(3, dtype=np.float32)[[0, 2]]
     outputs = {"logits": logits}
-    batches = [(outputs, outputs, np.array([0, 2])), (outputs, outputs, np.array([1, 3]))]
-    with pytest.raises(DataError, match=r"label 3 \(sample 3\) is outside \[0, 3\)"):
-        compare_batches(batches, tolerances=Tolerances(max_accuracy_drop=0.01))
-    rows = np.eye(4)[[0, 1]]  # one-hot over 4 classes for a 3-class output
-    with pytest.raises(DataError, match="rows of 4 classes, but the scored output 'logits' has 3"):
-        compare_batches([(outputs, outputs, rows)])
+    batches = [(outputs, outputs, labels[:2]), (outputs, outputs, labels[2:])]
+    with pytest.raises(DataError, match=message):
+        compare_batches(batches, tolerances=Tolerances(max_accuracy_drop=0.01), data="d.npz")
+    report = compare_batches(batches, data="d.npz")
+    assert report.reference_accuracy is None and report.passed
+    assert "accuracy is not measured" in caplog.text
