@@ -217,7 +217,6 @@ def sensitivity(
     names = {
         copy: original.name or "" for original, copy in zip(model.graph, base.graph, strict=True)
     }
-    _name_unnamed(base)  # ``only`` singles a layer out by name
     with contextlib.ExitStack() as stack:
         data = data_mod.replayable(dataset, stack)
         # requests converts the opset and infers types, as the pass does before planning.
@@ -295,19 +294,17 @@ def _severity(layer: LayerSensitivity) -> tuple[bool, float]:
     return layer.nonfinite > 0, error if not math.isnan(error) else math.inf
 
 
-def _name_unnamed(model: ir.Model) -> None:
-    """Give the main graph's unnamed nodes names of their own (in this private copy), so
-    that they are measured too; their rows still say ``<unnamed OP #i>`` and stay out of
-    the hint (``names`` keeps the caller's "")."""
-    taken = {node.name for node in model.graph if node.name}
-    for index, node in enumerate(model.graph):
-        if node.name:
-            continue
-        name = f"unnamed_{node.op_type}_{index}"
+def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str:
+    """A name for unnamed node ``index`` that no node has and no ``exclude`` pattern matches
+    (the pass matches its "" against them), or "" where every try is matched."""
+    for form in ("unnamed_{}", "_{}_", "~{}", "#{}", "{}"):
+        name = form.format(index)
         while name in taken:
             name += "_"
-        node.name = name
-        taken.add(name)
+        if not any(name == p or re.fullmatch(p, name) for p in patterns):
+            taken.add(name)
+            return name
+    return ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -325,15 +322,21 @@ def _quantized_layers(
     base: ir.Model, quant: QuantPass, stats: Statistics, names: dict[ir.Node, str]
 ) -> tuple[list[_Target], list[str]]:
     """The nodes the full pass quantizes (its own plan, on the same statistics), split into
-    those measurable alone (a unique name in ``base``) and the names of the others."""
-    # ``base`` went through quant.requests: its opset converted and its types inferred.
+    those measurable alone (a unique name in ``base``) and the names of the others. Unnamed
+    ones are named here, in ``base``, after the plan (``only`` singles a layer out by name),
+    with names no ``exclude`` pattern matches: the plan stays the pass's own."""
+    # ``base`` went through quant.requests: its opset converted (nodes replaced: ``names``
+    # then misses, and a node's own name is the caller's) and its types inferred.
     plan = placement.plan(base.graph, stats, quant._exclusions)  # exactly what the pass uses
     position = {node: i for i, node in enumerate(base.graph)}
     counts = collections.Counter(node.name for node in base.graph)
+    taken = set(counts)
     targets, unmeasured = [], []
     for node in plan.nodes:
         name = names.get(node, node.name or "")
-        if node.name and counts[node.name] == 1:
+        if not node.name:
+            node.name = _unmatched_name(position[node], taken, quant.exclude)
+        if node.name and (counts[node.name] == 1 or node.name not in counts):
             targets.append(_Target(node.name, name, node.op_type, position[node]))
         else:
             unmeasured.append(name or f"<unnamed {node.op_type} #{position[node]}>")
