@@ -10,7 +10,6 @@ import contextlib
 import dataclasses
 import functools
 import logging
-import math
 import os
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,11 +17,10 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink import preflight
+from onnx_shrink import each_pass, preflight
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass, Look
 from onnx_shrink.errors import (
-    CandidateFailedError,
     DataError,
     RunFailedError,
     ShrinkError,
@@ -231,7 +229,9 @@ def shrink(
             dataset = source = data_mod.replayable(dataset, stack)
         verifier = None
         if options is not None and options.verify_each:
-            verifier = _each_pass_verifier(reference, dataset, options)
+            verifier = each_pass.verifier(
+                reference, dataset, options.each_pass_tolerances(), options.provider
+            )
         result, sensitivity_report = _compile(
             model,
             loaded,
@@ -498,32 +498,6 @@ def _check_options(
         )
     sessions.resolve_provider(options.provider)  # a misspelt --ep, before the compile
     return options
-
-
-def _each_pass_verifier(reference, dataset, options: CheckOptions) -> pipeline.Verifier:
-    tolerances = options.each_pass_tolerances()
-
-    def verify(model: ir.Model) -> pipeline.Verdict:
-        try:
-            report = check_mod.compare(
-                reference,
-                io.to_bytes(model),
-                dataset,
-                tolerances=tolerances,
-                provider=options.provider,
-            )
-        except CandidateFailedError as e:  # the pass broke the model: roll it back
-            return pipeline.Verdict(ok=False, summary=str(e))
-        worst = min((o.cosine for o in report.outputs), default=1.0, key=_nan_lowest)
-        summary = "; ".join(report.failures) or f"lowest output cosine {worst:.6f}"
-        return pipeline.Verdict(ok=report.passed, summary=summary)
-
-    return verify
-
-
-def _nan_lowest(cosine: float) -> float:
-    """Sort key: a NaN cosine (NaN/Inf outputs, not comparable) is the lowest."""
-    return -math.inf if math.isnan(cosine) else cosine
 
 
 def default_output_path(model_path: str | os.PathLike) -> Path:

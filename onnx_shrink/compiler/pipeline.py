@@ -398,7 +398,7 @@ def _run_one(
     started = time.perf_counter()
     try:
         result = pass_(model)
-    except ShrinkError:
+    except (ShrinkError, MemoryError):  # out of memory is no failure of the pass's logic
         raise
     except Exception as e:
         before = ", ".join(s.spec for s in done) or "none"

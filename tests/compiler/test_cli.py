@@ -229,6 +229,20 @@ def test_a_bug_exits_4_with_its_traceback_not_1(digits_copy, run_cli, monkeypatc
     assert "Traceback" in result.err and "internal error: KeyError: 'oops'" in result.err
 
 
+def test_a_pass_running_out_of_memory_exits_4_not_as_a_failed_pass(
+    digits_copy, run_cli, monkeypatch
+):
+    from onnx_shrink.passes.fold import FoldPass
+
+    def exhausted(self, model):
+        raise MemoryError("Unable to allocate 64.0 GiB")
+
+    monkeypatch.setattr(FoldPass, "call", exhausted)
+    result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy.parent / "o.onnx")
+    assert result.code == 4, result.err
+    assert "out of memory: Unable to allocate 64.0 GiB" in result.err
+
+
 def test_running_out_of_memory_is_one_line_and_exit_4(digits_copy, run_cli):
     shape = ("--input-shape", "image=100000000000x1x8x8")
     result = run_cli(digits_copy, "--passes", "fold", *shape, "-o", digits_copy.parent / "o.onnx")
