@@ -32,6 +32,8 @@ from onnx_shrink.compiler.options import check_options, option, refuse_inapplica
 from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct as refitting
+from onnx_shrink.passes import refit_budget
+from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
 
 logger = logging.getLogger(__name__)
 
@@ -47,49 +49,6 @@ def sparse_break_even(itemsize: int) -> float:
     """Sparsity above which COO storage is smaller than dense: a nonzero costs
     ``itemsize + 8`` bytes, a dense element ``itemsize``; fp32 2/3, fp16 0.8."""
     return 1.0 - itemsize / (itemsize + SPARSE_INDEX_BYTES)
-
-
-# ---- masks: pure numpy, ``True`` = keep --------------------------------------------------
-
-
-def magnitude_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """Zero exactly ``round(sparsity * size)`` lowest scores (ties: lower flat index first)."""
-    flat = np.asarray(scores).ravel()
-    drop = round(sparsity * flat.size)
-    keep = np.ones(flat.size, dtype=bool)
-    if drop <= 0:
-        return keep.reshape(np.shape(scores))
-    # The drop-th lowest score by selection, not a sort: a 0.6 GB encoder's layers took 24 s
-    # to argsort. Everything below it goes, then its ties in flat order, as a stable sort
-    # would have them.
-    threshold = np.partition(flat, drop - 1)[drop - 1]
-    if np.isnan(threshold):  # NaN sorts last: more drops than finite scores
-        keep[np.argsort(flat, kind="stable")[:drop]] = False
-        return keep.reshape(np.shape(scores))
-    below = flat < threshold
-    keep[below] = False
-    ties = np.flatnonzero(flat == threshold)
-    keep[ties[: drop - int(below.sum())]] = False
-    return keep.reshape(np.shape(scores))
-
-
-def row_keep(scores: np.ndarray, sparsity: float) -> np.ndarray:
-    """``magnitude_keep`` within each row of ``scores [rows, K]`` (Wanda's comparison group)."""
-    drop = round(sparsity * scores.shape[1])
-    keep = np.ones(scores.shape, dtype=bool)
-    order = np.argsort(scores, axis=1, kind="stable")[:, :drop]
-    np.put_along_axis(keep, order, False, axis=1)
-    return keep
-
-
-def nm_keep(scores: np.ndarray, n: int, m: int) -> np.ndarray:
-    """Keep the ``n`` highest scores of every ``m`` consecutive entries of each row."""
-    rows, width = scores.shape
-    groups = scores.reshape(rows, width // m, m)
-    order = np.argsort(groups, axis=2, kind="stable")[:, :, : m - n]
-    keep = np.ones(groups.shape, dtype=bool)
-    np.put_along_axis(keep, order, False, axis=2)
-    return keep.reshape(rows, width)
 
 
 # ---- layers --------------------------------------------------------------------------------
@@ -236,9 +195,10 @@ class PrunePass(DataAwarePass):
     ridge: float = option(refitting.DEFAULT_RIDGE, "refit dampening x mean diag(G)", minimum=0)
     refit_seconds: float = option(
         300.0,
-        "time the refit may take in all: a layer whose refit would pass it stays pruned "
-        "without one, with a warning (it solves a system per output row: hours on large "
-        "layers; inf: no limit)",
+        "time the refit may take in all (it solves a system per output row: hours on large "
+        "layers), shared among them: a wide layer's iterations are cut to its share, a layer "
+        "whose share pays for too few stays pruned without a refit, with a warning "
+        "(inf: no limit)",
         minimum=0,
         infinite=True,
     )
@@ -321,24 +281,14 @@ class PrunePass(DataAwarePass):
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []
-        clock = refitting.RefitClock() if self.refits else None
-        unrefit: list[tuple[str, float]] = []
+        budget = self._refit_budget(layers, stats) if self.refits else None
         for layer in layers:
             keep = global_keep.get(id(layer))
-            row = self._prune_layer(model, layer, stats, keep, clock, unrefit)
+            row = self._prune_layer(model, layer, stats, keep, budget)
             if row is not None:
                 rows_report.append(row)
-        if unrefit:
-            more = sum(seconds for _, seconds in unrefit)
-            logger.warning(
-                "prune: %d layers left unrefit (%s): their least-squares refit would take "
-                "about %s more than refit_seconds=%g allows; raise prune.refit_seconds to "
-                "refit them",
-                len(unrefit),
-                ", ".join(name for name, _ in unrefit[:3]) + (" ..." if len(unrefit) > 3 else ""),
-                f"{more:.0f} s" if more >= 1 else "a second",
-                self.refit_seconds,
-            )
+        if budget is not None:
+            budget.warn()
         _log_table(rows_report)
         self._log_storage(rows_report)
         if not rows_report:
@@ -355,9 +305,20 @@ class PrunePass(DataAwarePass):
             start += score.size
         return masks
 
-    def _prune_layer(
-        self, model, layer: Layer, stats: Statistics, keep, clock, unrefit
-    ) -> _Report | None:
+    def _refit_budget(self, layers: Sequence[Layer], stats: Statistics) -> refit_budget.RefitBudget:
+        """``refit_seconds`` over the layers that will be refit, each expected from its shape
+        and the share of inputs its rows keep."""
+        shapes = {}
+        for layer in layers:
+            if layer.layout == "conv" or _gram_parts(layer, stats) is None:
+                continue
+            shape = layer.weight.const_value.shape.numpy()
+            outputs, k = (shape[1], shape[0]) if layer.layout == "kn" else (shape[0], shape[1])
+            n, m = self.pattern if self.nm else (1.0 - self.sparsity, 1)
+            shapes[id(layer)] = (outputs, k, max(1, round(k * n / m)))
+        return refit_budget.RefitBudget(self.refit_seconds, shapes)
+
+    def _prune_layer(self, model, layer: Layer, stats: Statistics, keep, budget) -> _Report | None:
         original = _array(layer)
         rows = layer.rows(original.astype(np.float64))
         method, scale = self.method, None
@@ -376,18 +337,15 @@ class PrunePass(DataAwarePass):
         new_rows = np.where(keep, rows, 0.0)
         error = refit_error = None
         gram = _gram(layer, stats) if self.refits and layer.layout != "conv" else None
-        if gram is not None:
-            units = clock.estimate(keep)
-            projected = clock.projected(units)
-            if clock.seconds + projected > self.refit_seconds:
-                unrefit.append((layer.name, projected))
-                gram = None
-        if gram is not None:
+        allotment = budget.allot(id(layer), layer.name, keep) if gram is not None else None
+        if allotment is not None:
             started = time.perf_counter()
-            refitted = refitting.refit_measured(rows, keep, gram, self.ridge)
+            refitted = refitting.refit_measured(
+                rows, keep, gram, self.ridge, iterations=allotment.iterations
+            )
             error = refitting.output_error(rows, new_rows, gram, refitted.energy)
             new_rows, refit_error = refitted.rows, refitted.error
-            clock.add(units, time.perf_counter() - started)
+            budget.spent(allotment, time.perf_counter() - started)
         pruned = layer.unrows(new_rows, original.shape).astype(original.dtype)
         layer.weight.const_value = ir.tensor(pruned, name=layer.weight.name)
         return _Report(
@@ -469,10 +427,16 @@ def _activation_scale(layer: Layer, stats: Statistics, shape) -> np.ndarray | No
 
 
 def _gram(layer: Layer, stats: Statistics) -> np.ndarray | None:
+    parts = _gram_parts(layer, stats)
+    return None if parts is None else sum(p.matrix for p in parts)
+
+
+def _gram_parts(layer: Layer, stats: Statistics) -> list[Gram] | None:
+    """The Grams of the layer's nodes' inputs (a shared weight: several), None without one."""
     parts = [stats.get(n.inputs[0].name, "gram") for n in layer.nodes]
     if any(not isinstance(p, Gram) or p.rows == 0 for p in parts):
         return None
-    return sum(p.matrix for p in parts)
+    return parts
 
 
 def _zeroed_note(reports: Sequence[_Report]) -> str:

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import time
 from collections import defaultdict
 
 import numpy as np
@@ -42,7 +41,7 @@ _BATCH_BYTES = 1 << 28  # at most 256 MiB of stacked G_SS matrices per solve (or
 ITERATIVE_BREAK_EVEN = 90.0
 ITERATIVE_TOLERANCE = 1e-6
 ITERATIVE_MAX_ITERATIONS = 1000
-_EXPECTED_ITERATIONS = 130  # what a refit's time estimate counts
+EXPECTED_ITERATIONS = 130  # what a refit's time estimate counts
 
 
 def refit(
@@ -66,15 +65,24 @@ class Refitted:
     rows: np.ndarray
     energy: float  # tr(W G W^T), ``output_energy``
     error: float  # ``output_error`` of ``rows``
+    complete: bool = True  # False: conjugate gradients stopped at ``iterations``, unconverged
 
 
 def refit_measured(
-    rows: np.ndarray, keep: np.ndarray, gram: np.ndarray, ridge: float = DEFAULT_RIDGE
+    rows: np.ndarray,
+    keep: np.ndarray,
+    gram: np.ndarray,
+    ridge: float = DEFAULT_RIDGE,
+    iterations: int | None = None,
 ) -> Refitted:
     """``refit``, with the output energy and the refit rows' relative output error read off
     the solve instead of two more ``[rows, K] x [K, K]`` products: with T = W G and each
     refit row v solving ``(G_SS + damp I) v_S = t_S`` (up to the residual r_S a conjugate-
-    gradient solve leaves), ``||X(w - v)||^2 = w.t - v.t - damp |v|^2 - v.r``."""
+    gradient solve leaves), ``||X(w - v)||^2 = w.t - v.t - damp |v|^2 - v.r``.
+
+    ``iterations``: at most this many conjugate-gradient iterations (a time budget's share);
+    rows they leave unconverged keep where the iterations took them, which lowered their
+    error every step (the identity above holds for any v). None: until converged."""
     rows = np.asarray(rows, np.float64)
     gram = np.asarray(gram, np.float64)
     if gram.shape != (rows.shape[1], rows.shape[1]) or keep.shape != rows.shape:
@@ -85,15 +93,17 @@ def refit_measured(
     damp = max(ridge, MIN_RIDGE) * scale if scale > 0 else 1e-8
     target = rows @ gram  # row j: G_{:,:} w_j, restricted to S_j below
     result = np.zeros_like(rows)
-    leftover = _solve_all(rows, keep, gram, target, damp, result)
+    leftover, complete = _solve_all(rows, keep, gram, target, damp, result, iterations)
     energy = float(np.sum(rows * target))
     error = energy - float(np.sum(result * target)) - damp * float(np.sum(result**2)) - leftover
-    return Refitted(result, energy, max(error, 0.0) / energy if energy > 0 else 0.0)
+    relative = max(error, 0.0) / energy if energy > 0 else 0.0
+    return Refitted(result, energy, relative, complete)
 
 
-def _solve_all(rows, keep, gram, target, damp, result) -> float:
-    """Fill ``result`` with every row's solution; returns Σ v.r over the rows solved by
-    conjugate gradients (their residual's share of the error identity)."""
+def _solve_all(rows, keep, gram, target, damp, result, iterations=None) -> tuple[float, bool]:
+    """Fill ``result`` with every row's solution; returns (Σ v.r over the rows solved by
+    conjugate gradients: their residual's share of the error identity, whether every row
+    converged)."""
     shared, alone = _rows_by_pattern(keep)
     for members in shared:
         _solve_shared(members, keep, gram, target, damp, result)
@@ -101,13 +111,16 @@ def _solve_all(rows, keep, gram, target, damp, result) -> float:
     if _iterative_pays(counts, rows.shape[1]):
         inverse = np.linalg.inv(gram + damp * np.eye(len(gram)))
         chunk = max(1, _BATCH_BYTES // (7 * 8 * rows.shape[1]))  # CG's [rows, K] arrays
-        leftover = 0.0
+        leftover, complete = 0.0, True
         for start in range(0, len(alone), chunk):
             members = alone[start : start + chunk]
-            leftover += _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
-        return leftover
+            part, done = _solve_iteratively(
+                members, rows, keep, gram, inverse, target, damp, result, iterations
+            )
+            leftover, complete = leftover + part, complete and done
+        return leftover, complete
     _solve_directly(alone, keep, gram, target, damp, result)
-    return 0.0
+    return 0.0, True
 
 
 def _solve_directly(members, keep, gram, target, damp, result) -> None:
@@ -122,58 +135,45 @@ def _solve_directly(members, keep, gram, target, damp, result) -> None:
             _solve_rows(rows[start : start + chunk], keep, gram, target, damp, result)
 
 
-def solve_costs(keep: np.ndarray) -> tuple[float, float]:
-    """The refit's work, about: (cubes of the kept counts of the systems solved directly: one
+@dataclasses.dataclass(frozen=True)
+class SolveCosts:
+    """A refit's work, about: ``cubes`` of the kept counts of the systems solved directly (one
     per kept-input pattern rows share, one per row keeping inputs of its own unless those go
-    to conjugate gradients; their multiply-adds: the preconditioner's inverse, two
-    ``rows x K^2`` products an iteration)."""
+    to conjugate gradients), and the multiply-adds of conjugate gradients: ``fixed`` (the
+    preconditioner's inverse) and ``per_iteration`` (two ``rows x K^2`` products)."""
+
+    cubes: float
+    fixed: float = 0.0
+    per_iteration: float = 0.0
+
+    def products(self, iterations: int = EXPECTED_ITERATIONS) -> float:
+        return self.fixed + iterations * self.per_iteration
+
+
+def solve_costs(keep: np.ndarray) -> SolveCosts:
+    """The work of refitting mask ``keep``."""
     shared, alone = _rows_by_pattern(keep)
     cubes = float(sum(float(keep[members[0]].sum()) ** 3 for members in shared))
     counts = keep[alone].sum(axis=1).astype(np.float64) if alone else np.zeros(0)
-    k = float(keep.shape[1])
-    if _iterative_pays(counts, keep.shape[1]):
-        return cubes, k**3 + 2 * _EXPECTED_ITERATIONS * len(alone) * k**2
-    return cubes + float(np.sum(counts**3)), 0.0
+    return _costs(cubes, counts, keep.shape[1])
+
+
+def uniform_costs(rows: int, k: int, kept: int) -> SolveCosts:
+    """The work of refitting ``rows`` rows of ``k`` inputs that each keep ``kept`` inputs of
+    their own (unstructured and N:M masks), before the mask is known."""
+    return _costs(0.0, np.full(rows, float(kept)), k)
+
+
+def _costs(cubes: float, counts: np.ndarray, k: int) -> SolveCosts:
+    if _iterative_pays(counts, k):
+        return SolveCosts(cubes, float(k) ** 3, 2 * len(counts) * float(k) ** 2)
+    return SolveCosts(cubes + float(np.sum(counts**3)))
 
 
 def _iterative_pays(counts: np.ndarray, k: int) -> bool:
     """Do direct solves of these kept counts cost more than conjugate gradients?"""
     cubes = float(np.sum(np.asarray(counts, np.float64) ** 3))
     return len(counts) > 0 and cubes > ITERATIVE_BREAK_EVEN * len(counts) * float(k) ** 2
-
-
-class RefitClock:
-    """Seconds the refits of one pass have taken and will take: estimated from a small timed
-    direct solve and a timed matrix product, then corrected by how the refits done since
-    compared with their estimates."""
-
-    PROBE_SIZE = 256
-
-    def __init__(self) -> None:
-        self.seconds = 0.0
-        self.estimated = 0.0
-        rng = np.random.default_rng(0)
-        a = rng.standard_normal((self.PROBE_SIZE, self.PROBE_SIZE))
-        system = a @ a.T + np.eye(self.PROBE_SIZE)
-        started = time.perf_counter()
-        np.linalg.solve(system[None].repeat(4, axis=0), np.ones((4, self.PROBE_SIZE, 1)))
-        self._cube_rate = (time.perf_counter() - started) / (4 * self.PROBE_SIZE**3)
-        started = time.perf_counter()
-        np.dot(system, system)
-        self._product_rate = (time.perf_counter() - started) / self.PROBE_SIZE**3
-
-    def estimate(self, keep: np.ndarray) -> float:
-        """Seconds a refit of mask ``keep`` should take, by the timed probes."""
-        cubes, products = solve_costs(keep)
-        return cubes * self._cube_rate + products * self._product_rate
-
-    def projected(self, estimate: float) -> float:
-        """``estimate`` corrected by how the refits done so far compared with theirs."""
-        return estimate * (self.seconds / self.estimated if self.estimated else 1.0)
-
-    def add(self, estimate: float, seconds: float) -> None:
-        self.estimated += estimate
-        self.seconds += seconds
 
 
 def _rows_by_pattern(keep: np.ndarray) -> tuple[list[list[int]], list[int]]:
@@ -198,13 +198,16 @@ def _solve_shared(members, keep, gram, target, damp, result) -> None:
     result[np.ix_(members, index)] = np.linalg.solve(system, rhs).T
 
 
-def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result) -> float:
+def _solve_iteratively(
+    members, rows, keep, gram, inverse, target, damp, result, iterations=None
+) -> tuple[float, bool]:
     """Solve ``(G_SS + damp I) v = (G w)_S`` for each of rows ``members`` (each its own S) by
     preconditioned conjugate gradients, all rows in step: ``V (G + damp I)`` masked to each
     row's S is the operator, ``R inverse`` masked the preconditioner (``inverse``:
     ``(G + damp I)^-1``). A row stops moving once its residual is within
-    ``ITERATIVE_TOLERANCE`` of its right-hand side. Returns Σ v.r: the solutions against the
-    residual they leave."""
+    ``ITERATIVE_TOLERANCE`` of its right-hand side; past ``iterations`` (a budget) every row
+    stops, where it is. Returns (Σ v.r: the solutions against the residual they leave,
+    whether every row converged)."""
     mask = keep[members].astype(np.float64)
     rhs = target[members] * mask
     x = rows[members] * mask  # the pruned weights: the refit only improves on them
@@ -227,7 +230,8 @@ def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
     rhs_norms = np.linalg.norm(rhs, axis=1)
     limit = ITERATIVE_TOLERANCE * rhs_norms
     iteration = 0
-    for iteration in range(ITERATIVE_MAX_ITERATIONS):  # noqa: B007 - logged below
+    budgeted = iterations is not None and iterations < ITERATIVE_MAX_ITERATIONS
+    for iteration in range(iterations if budgeted else ITERATIVE_MAX_ITERATIONS):  # noqa: B007
         active = np.linalg.norm(residual, axis=1) > limit
         if not active.any():
             break
@@ -252,11 +256,13 @@ def _solve_iteratively(members, rows, keep, gram, inverse, target, damp, result)
     )
     result[members] = x
     stalled = np.flatnonzero(norms > limit)
+    if stalled.size and budgeted:  # the budget's share is spent: they stay where they are
+        return float(np.sum(x * residual)), False
     if stalled.size:  # ill-conditioned past what the iterations reach: solved directly
         logger.debug("refit: %d rows did not converge; solved directly", stalled.size)
         residual[stalled] = 0.0
         _solve_directly([members[i] for i in stalled], keep, gram, target, damp, result)
-    return float(np.sum(x * residual))
+    return float(np.sum(x * residual)), True
 
 
 def _solve_rows(members, keep, gram, target, damp, result) -> None:

@@ -20,13 +20,8 @@ from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct
-from onnx_shrink.passes.prune import (
-    PrunePass,
-    magnitude_keep,
-    nm_keep,
-    row_keep,
-    sparse_break_even,
-)
+from onnx_shrink.passes.prune import PrunePass, sparse_break_even
+from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
 from tests.helpers import run_ort
 
 
