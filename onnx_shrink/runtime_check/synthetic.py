@@ -25,13 +25,16 @@ def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
     """Parse ``name=1x128`` strings into shapes.
 
     Raises:
-        DataError: the text is not ``NAME=DxDx...`` with positive integers.
+        DataError: the text is not ``NAME=DxDx...`` with positive integers, or names an
+            input twice (the last would silently win, as for ``--set``).
     """
     shapes: dict[str, tuple[int, ...]] = {}
     for item in items:
         name, sep, dims = item.partition("=")
         if not sep or not name or not re.fullmatch(r"\d+(x\d+)*", dims.strip()):
             raise DataError(f"--input-shape expects NAME=1x128 (dims joined by x), got {item!r}")
+        if name.strip() in shapes:
+            raise DataError(f"--input-shape gives '{name.strip()}' twice; give it once")
         shapes[name.strip()] = checked_dims(name.strip(), [int(d) for d in dims.strip().split("x")])
     return shapes
 

@@ -112,6 +112,9 @@ def test_bad_input_shape_is_a_clear_error(digits_copy, run_cli):
     assert not digits_copy.with_name("digits.shrunk.onnx").exists()
     assert result.code == 2
     assert "has 3 dims, the model expects 4" in result.err
+    twice = ("--input-shape", "image=1x1x8x8", "--input-shape", "image=4x1x8x8")
+    result = run_cli(digits_copy, "--passes", "fold", *twice)  # the last won, silently
+    assert result.code == 2 and "--input-shape gives 'image' twice" in result.err
 
 
 def test_data_with_wrong_dtype_is_a_clear_error(digits_copy, tmp_path, run_cli):
