@@ -157,8 +157,9 @@ def shrink(
         PipelineSpecError: the pass spec is wrong (raised before the model is loaded).
         BadModelError: the model cannot be read or is invalid, or onnxruntime cannot load
             it for the check (raised before any pass runs).
-        DataError: the check data does not fit the model, its labels are no class indices,
-            or it has none and ``max_accuracy_drop`` was given (raised before any pass runs).
+        DataError: the check data does not fit the model, or ``max_accuracy_drop`` was
+            given and its labels cannot score accuracy or it has none (raised before any
+            pass runs).
         RunFailedError: the model fails on the check's first sample (before any pass runs),
             or on a later one.
         CandidateFailedError: the result fails where the input runs, or its outputs are not

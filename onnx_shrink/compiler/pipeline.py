@@ -401,6 +401,9 @@ def _run_one(
     except (ShrinkError, MemoryError):  # out of memory is no failure of the pass's logic
         raise
     except Exception as e:
+        memory = _memory_error(e)  # onnx_ir's pass managers wrap what their passes raise
+        if memory is not None:
+            raise memory from e
         before = ", ".join(s.spec for s in done) or "none"
         raise PassFailedError(
             f"pass '{spec}' failed (passes before it: {before}): {_root_message(e)}"
@@ -425,6 +428,17 @@ def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:
     clone = model.clone()
     io.unshare_tensors(clone)
     return clone
+
+
+def _memory_error(error: BaseException | None) -> MemoryError | None:
+    """The ``MemoryError`` ``error`` wraps, if any."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        if isinstance(error, MemoryError):
+            return error
+        seen.add(id(error))
+        error = error.__cause__ or error.__context__
+    return None
 
 
 def _root_message(error: BaseException) -> str:

@@ -281,7 +281,7 @@ class PrunePass(DataAwarePass):
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []
-        budget = self._refit_budget(layers, stats) if self.refits else None
+        budget = self._refit_budget(layers, stats, global_keep) if self.refits else None
         for layer in layers:
             keep = global_keep.get(id(layer))
             row = self._prune_layer(model, layer, stats, keep, budget)
@@ -305,18 +305,22 @@ class PrunePass(DataAwarePass):
             start += score.size
         return masks
 
-    def _refit_budget(self, layers: Sequence[Layer], stats: Statistics) -> refit_budget.RefitBudget:
-        """``refit_seconds`` over the layers that will be refit, each expected from its shape
-        and the share of inputs its rows keep."""
-        shapes = {}
+    def _refit_budget(self, layers, stats, masks) -> refit_budget.RefitBudget:
+        """``refit_seconds`` over the layers that will be refit, each expected from its mask
+        where known (``masks``: scope=global), else from its shape and the share of inputs
+        its rows keep (an N:M layer kept dense is none of them)."""
+        expected = {}
         for layer in layers:
             if layer.layout == "conv" or _gram_parts(layer, stats) is None:
                 continue
             shape = layer.weight.const_value.shape.numpy()
             outputs, k = (shape[1], shape[0]) if layer.layout == "kn" else (shape[0], shape[1])
             n, m = self.pattern if self.nm else (1.0 - self.sparsity, 1)
-            shapes[id(layer)] = (outputs, k, max(1, round(k * n / m)))
-        return refit_budget.RefitBudget(self.refit_seconds, shapes)
+            if id(layer) in masks:
+                expected[id(layer)] = refitting.solve_costs(masks[id(layer)])
+            elif k % m == 0:
+                expected[id(layer)] = refitting.uniform_costs(outputs, k, max(1, round(k * n / m)))
+        return refit_budget.RefitBudget(self.refit_seconds, expected)
 
     def _prune_layer(self, model, layer: Layer, stats: Statistics, keep, budget) -> _Report | None:
         original = _array(layer)

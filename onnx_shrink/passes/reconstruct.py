@@ -224,28 +224,11 @@ def _solve_iteratively(
         return product
 
     residual = rhs - operator(x)
-    z = preconditioned(residual)
-    direction = z.copy()
-    rz = np.einsum("ij,ij->i", residual, z)
     rhs_norms = np.linalg.norm(rhs, axis=1)
     limit = ITERATIVE_TOLERANCE * rhs_norms
-    iteration = 0
     budgeted = iterations is not None and iterations < ITERATIVE_MAX_ITERATIONS
-    for iteration in range(iterations if budgeted else ITERATIVE_MAX_ITERATIONS):  # noqa: B007
-        active = np.linalg.norm(residual, axis=1) > limit
-        if not active.any():
-            break
-        applied = operator(direction)
-        curvature = np.einsum("ij,ij->i", direction, applied)
-        alpha = np.where(active & (curvature > 0), rz / np.where(curvature > 0, curvature, 1), 0)
-        x += alpha[:, None] * direction
-        residual -= alpha[:, None] * applied
-        z = preconditioned(residual)
-        rz_next = np.einsum("ij,ij->i", residual, z)
-        beta = np.where(rz > 0, rz_next / np.where(rz > 0, rz, 1), 0)
-        direction *= beta[:, None]
-        direction += z
-        rz = rz_next
+    most = iterations if budgeted else ITERATIVE_MAX_ITERATIONS
+    iteration = _iterate(x, residual, limit, operator, preconditioned, most)
     norms = np.linalg.norm(residual, axis=1)
     logger.debug(
         "refit: %d rows of %d inputs: %d conjugate-gradient iterations, residual %.1e",
@@ -263,6 +246,32 @@ def _solve_iteratively(
         residual[stalled] = 0.0
         _solve_directly([members[i] for i in stalled], keep, gram, target, damp, result)
     return float(np.sum(x * residual)), True
+
+
+def _iterate(x, residual, limit, operator, preconditioned, most: int) -> int:
+    """Preconditioned conjugate gradients on every row at once, ``x`` and ``residual``
+    updated in place, until each row's residual norm is within ``limit`` (a row that is
+    stops moving) or ``most`` iterations; returns the iterations run."""
+    z = preconditioned(residual)
+    direction = z.copy()
+    rz = np.einsum("ij,ij->i", residual, z)
+    iteration = 0
+    for iteration in range(most):  # noqa: B007 - returned
+        active = np.linalg.norm(residual, axis=1) > limit
+        if not active.any():
+            break
+        applied = operator(direction)
+        curvature = np.einsum("ij,ij->i", direction, applied)
+        alpha = np.where(active & (curvature > 0), rz / np.where(curvature > 0, curvature, 1), 0)
+        x += alpha[:, None] * direction
+        residual -= alpha[:, None] * applied
+        z = preconditioned(residual)
+        rz_next = np.einsum("ij,ij->i", residual, z)
+        beta = np.where(rz > 0, rz_next / np.where(rz > 0, rz, 1), 0)
+        direction *= beta[:, None]
+        direction += z
+        rz = rz_next
+    return iteration
 
 
 def _solve_rows(members, keep, gram, target, damp, result) -> None:

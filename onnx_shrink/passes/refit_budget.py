@@ -3,11 +3,12 @@
 Refits cost from milliseconds (MiniLM's 384-wide layers) to minutes (a 4096 -> 1024 layer:
 conjugate gradients over 1024 rows). Spent first come, first served, a budget refit the first
 layers in full and left the last ones with nothing (a 0.6 GB encoder: 41 of 72 refit, the
-last 31 not at all). Here each layer gets the part of what is left that its expected cost is
-of the expected cost of it and the layers after it. A layer solved directly either fits its
-share or stays unrefit; one solved by conjugate gradients, whose every iteration lowers its
-error, runs as many iterations as its share pays for (at least ``MIN_ITERATIONS``). Where
-everything fits, every layer is refit in full, exactly as without a budget.
+last 31 not at all). Here a layer solved directly (all or nothing, cheap next to conjugate
+gradients) is refit where it fits in what is left; one solved by conjugate gradients, whose
+every iteration lowers its error, gets the part of what the later direct solves leave that
+its expected cost is of its own and the later conjugate-gradient layers', and runs as many
+iterations as that pays for (at least ``MIN_ITERATIONS``). Where everything fits, every
+layer is refit in full, exactly as without a budget.
 """
 
 from __future__ import annotations
@@ -22,7 +23,6 @@ from onnx_shrink.passes.reconstruct import (
     EXPECTED_ITERATIONS,
     SolveCosts,
     solve_costs,
-    uniform_costs,
 )
 from onnx_shrink.wording import counted
 
@@ -85,18 +85,18 @@ class Allotment:
 
 
 class RefitBudget:
-    """``seconds`` shared among the refits of the layers ``shapes`` names (key -> (rows,
-    inputs, inputs each row keeps): what its refit is expected to cost before its mask is
-    known), asked about in that order.
+    """``seconds`` shared among the refits of the layers ``expected`` names (key -> what its
+    refit is expected to cost: ``solve_costs`` of its mask, or ``uniform_costs`` of its
+    shape before the mask is known), asked about in that order.
 
     Direct solves (all or nothing, and cheap next to conjugate gradients on the same layers)
     come first: one is refit where it fits in what is left. Conjugate-gradient layers share
     what the later direct solves leave, each in proportion to its cost in full."""
 
-    def __init__(self, seconds: float, shapes: dict[object, tuple[int, int, int]]) -> None:
+    def __init__(self, seconds: float, expected: dict[object, SolveCosts]) -> None:
         self.seconds = seconds
         self.clock = RefitClock()
-        self._expected = {key: uniform_costs(*shape) for key, shape in shapes.items()}
+        self._expected = dict(expected)
         self.partial: list[tuple[str, float]] = []  # (layer, projected seconds of the rest)
         self.unrefit: list[tuple[str, float]] = []  # (layer, projected seconds in full)
 
@@ -109,8 +109,8 @@ class RefitBudget:
         costs = solve_costs(keep)
         full = self.clock.estimate(costs)
         projected = self.clock.projected(full)
-        direct, iterative = self._later()
         available = self.seconds - self.clock.seconds
+        direct, iterative = self._later(available - projected)
         if projected + direct + iterative <= available:
             return Allotment(None, full)
         if costs.per_iteration <= 0:  # all or nothing
@@ -130,15 +130,16 @@ class RefitBudget:
         self.unrefit.append((name, projected))
         return None
 
-    def _later(self) -> tuple[float, float]:
-        """Projected seconds of the layers still to come, in full: (their direct solves,
-        their conjugate gradients)."""
+    def _later(self, available: float) -> tuple[float, float]:
+        """Projected seconds of the layers still to come, in full: (their direct solves that
+        will fit in ``available``, taken in order as they will be, their conjugate
+        gradients). A direct solve past what is left would reserve time it never uses."""
         direct = iterative = 0.0
         for costs in self._expected.values():
             seconds = self.clock.projected(self.clock.estimate(costs))
             if costs.per_iteration > 0:
                 iterative += seconds
-            else:
+            elif direct + seconds <= available:
                 direct += seconds
         return direct, iterative
 

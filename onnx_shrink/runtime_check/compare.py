@@ -317,14 +317,16 @@ def compare_batches(
         if labels is not None and accuracy is not None:
             accuracy = _scored(accuracy, ref_out, cand_out, labels, seen, tolerances, data)
         seen += len(labels) if labels is not None else 0
-    accuracy = accuracy or AccuracyAccumulator()
+    unusable = accuracy is None  # labels that cannot score accuracy (warned above)
     outputs = tuple(a.result() for a in accumulators.values())
-    ref_acc, cand_acc = accuracy.result()
+    ref_acc, cand_acc = (accuracy or AccuracyAccumulator()).result()
     failures = judge(outputs, ref_acc, cand_acc, tolerances)
     if ref_acc is None and tolerances.max_accuracy_drop is not None:
         why = (
-            "labels were given, but no output holds per-sample class scores [samples, classes] "
-            "to score them on"
+            "the labels cannot score it (as warned)"
+            if unusable
+            else "labels were given, but no output holds per-sample class scores [samples, "
+            "classes] to score them on"
             if seen
             else "the data has no labels (--labels, or a 'labels' array in the .npz)"
         )

@@ -64,7 +64,8 @@ class Dataset:
     """how many samples it holds, where that is known without reading them (None: a reader's)"""
     labels: np.ndarray | None = None
     """every sample's label, in order, where the source holds them all at hand (array data,
-    ``labels.checked``); None elsewhere, where ``has_labels`` says whether batches carry any"""
+    one per sample: ``labels.per_sample``; whether they can score accuracy is the check's to
+    say); None elsewhere, where ``has_labels`` says whether batches carry any"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def batches(self) -> Iterator[Batch]:

@@ -342,8 +342,9 @@ def _quantized_layers(
             unmeasured.append(name or f"<unnamed {node.op_type} #{position[node]}>")
     if unmeasured:
         logger.warning(
-            "sensitivity: %d quantized nodes share their name with another node and are not "
-            "measured (a layer is measured and excluded by its name): %s",
+            "sensitivity: %d quantized nodes share their name with another node (or, unnamed, "
+            "every name tried for them matches an exclude pattern) and are not measured (a "
+            "layer is measured and excluded by its name): %s",
             len(unmeasured),
             ", ".join(unmeasured[:5]),
         )

@@ -244,6 +244,13 @@ def test_a_pass_running_out_of_memory_exits_4_not_as_a_failed_pass(
     result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy.parent / "o.onnx")
     assert result.code == 4, result.err
     assert "out of memory: Unable to allocate 64.0 GiB" in result.err
+    # Found in review: inside fold's own pass manager, onnx_ir wraps it in a PassError.
+    from onnx_shrink.passes import fold
+
+    monkeypatch.undo()
+    monkeypatch.setattr(fold._DropDeadUsesPass, "call", exhausted)
+    result = run_cli(digits_copy, "--passes", "fold", "-o", digits_copy.parent / "o.onnx")
+    assert result.code == 4 and "out of memory" in result.err, result.err
 
 
 def test_running_out_of_memory_is_one_line_and_exit_4(digits_copy, run_cli):

@@ -23,7 +23,8 @@ def _keep(shape: tuple[int, int, int]) -> np.ndarray:
 
 def _budget(seconds: float, shapes: dict[str, tuple[int, int, int]]) -> refit_budget.RefitBudget:
     """A budget whose clock counts 1 ns a multiply-add and a cube unit (not timed)."""
-    budget = refit_budget.RefitBudget(seconds, shapes)
+    expected = {key: reconstruct.uniform_costs(*shape) for key, shape in shapes.items()}
+    budget = refit_budget.RefitBudget(seconds, expected)
     budget.clock._cube_rate = budget.clock._product_rate = 1e-9
     return budget
 
@@ -75,6 +76,15 @@ def test_a_share_too_small_for_the_least_iterations_leaves_the_layer_unrefit(cap
         budget.warn()
     assert "1 layer left unrefit (b)" in caplog.text
     assert _run(_budget(0.0, shapes), shapes) == dict.fromkeys(shapes, "unrefit")
+
+
+def test_a_later_direct_solve_that_cannot_fit_reserves_nothing():
+    """Found in review: a direct solve costing more than the whole budget was set aside in
+    full, so the layer before it got nothing and then it was refused too: nothing refit."""
+    huge = (30000, 700, 350)  # a direct solve of about 1286 s
+    shapes = {"b": LARGE, "head": huge}
+    budget = _budget(300.0, shapes)
+    assert _run(budget, shapes) == {"b": None, "head": "unrefit"}
 
 
 def test_a_refit_cut_short_lowers_the_error_and_reads_it_exactly(monkeypatch):
