@@ -246,10 +246,21 @@ def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
     except DataError as e:
         if tolerances.max_accuracy_drop is not None and tolerances.accuracy_required:
             raise
-        logger.warning("%s; accuracy is not measured", e)
+        _warn_once(f"{e}; accuracy is not measured")
         return None
     accuracy.add(ref_out[target], cand_out[target], labels_mod.class_indices(labels))
     return accuracy
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(message: str) -> None:
+    """Warn of ``message`` once a process: ``--verify-each`` checks the same data after
+    every pass, and said it once a pass."""
+    if message not in _WARNED:
+        _WARNED.add(message)
+        logger.warning("%s", message)
 
 
 class AccuracyAccumulator:
