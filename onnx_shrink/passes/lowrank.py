@@ -55,7 +55,7 @@ class LayerPlan:
 @dataclasses.dataclass(frozen=True)
 class _Layer:
     node: ir.Node
-    weight: np.ndarray  # K x N, float64
+    weight: np.ndarray  # K x N, as stored (float32 mostly: cast where computed with)
     factorization: Factorization
     gram: np.ndarray | None  # undamped XᵀX (for refit)
     rows: float  # rows of x per sample (the MAC weight of the layer)
@@ -84,7 +84,8 @@ class _Layer:
     def weight_tail(self) -> np.ndarray:
         """Tail energies of W's own spectrum (plain SVD's errors), computed when first read."""
         f = self.factorization
-        spectrum = f.s if not f.aware else np.linalg.svd(self.weight, compute_uv=False)
+        weight = np.asarray(self.weight, np.float64)
+        spectrum = f.s if not f.aware else np.linalg.svd(weight, compute_uv=False)
         return ranks_mod.tail_energy(spectrum)
 
     def ranks(self, multiple: int) -> list[int]:
@@ -285,7 +286,7 @@ class LowRankPass(DataAwarePass):
     def _factors(self, layer: _Layer, rank: int) -> tuple[np.ndarray, np.ndarray]:
         a, b = factors(layer.factorization, rank)
         if self.refit and layer.gram is not None:
-            b = refit(layer.weight, a, layer.gram)
+            b = refit(np.asarray(layer.weight, np.float64), a, layer.gram)
         return a, b
 
     def _plan(self, model: ir.Model, stats: Statistics) -> tuple[list[_Layer], list[LayerPlan]]:
@@ -341,7 +342,7 @@ class LowRankPass(DataAwarePass):
         return StatRequest(node.inputs[0].name, "gram")
 
     def _layer(self, node: ir.Node, stats: Statistics) -> _Layer:
-        weight = graph_mod.weight_matrix(node)
+        weight = graph_mod.weight_matrix(node, dtype=None)
         request = self._stat_request(node) if (self.activation_aware or self.refit) else None
         stat = stats.get(request.tensor, request.kind, axis=request.axis) if request else None
         gram = None

@@ -53,9 +53,11 @@ def check(node: ir.Node, opset: int) -> str:
     return ""
 
 
-def weight_matrix(node: ir.Node) -> np.ndarray:
-    """The weight as W (K x N) with y = x·W (Gemm transB and Conv [N, K, 1, 1] transposed)."""
-    array = node.inputs[1].const_value.numpy().astype(np.float64)
+def weight_matrix(node: ir.Node, dtype: np.dtype | None = np.float64) -> np.ndarray:
+    """The weight as W (K x N) with y = x·W (Gemm transB and Conv [N, K, 1, 1] transposed),
+    as ``dtype`` (None: as stored, a view where it can be)."""
+    array = node.inputs[1].const_value.numpy()
+    array = array if dtype is None else array.astype(dtype)
     if node.op_type == "Conv":
         return array.reshape(array.shape[0], array.shape[1]).T
     return array.T if _transposed(node) else array
