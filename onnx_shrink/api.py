@@ -186,17 +186,7 @@ def shrink(
         "the labels": options.labels if options else None,
         "the recipe": recipe,
     }
-    named = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))}
-    preflight.refuse_missing(named)  # before any work or warning (--calibration is read late)
-    reads = named | model_files
-    if dump_dir is not None:
-        preflight.check_dump_dir(Path(dump_dir), pass_list, reads, output)
-    if output is not None:
-        io.check_writable(output)
-        if from_file:
-            weights = list(model_files.values())[1:]
-            preflight.refuse_overwrite(Path(model), Path(output), external_data, weights)
-        io.refuse_clashes({"the result": output}, reads)
+    preflight.refuse_bad_files(read, model_files, pass_list, dump_dir, output, external_data)
     loaded = io.load(model)
     reference = Path(model) if from_file else io.to_bytes(loaded)
     input_bytes = (
@@ -207,19 +197,8 @@ def shrink(
     with contextlib.ExitStack() as stack:
         dataset = None
         if options is not None:  # bad input, model or data: rejected before any work is done
-            probe = preflight.reference_session(reference, options.provider)
-            specs = data_mod.specs_from_model(loaded)
-            dataset = data_mod.prepare(
-                specs, options.data, options.input_shapes, labels=options.labels
-            )
-            preflight.refuse_unmeasurable_accuracy(options.tolerances, dataset)
-            outputs = preflight.run_first_sample(
-                probe, dataset, str(model) if from_file else "the input model"
-            )
-            samples = data_mod.samples_in(dataset.first_feed(), specs)
-            preflight.refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
-            del outputs
-            del probe  # kept through the compile, it would add the model's size to the peak
+            where = str(model) if from_file else "the input model"
+            dataset = preflight.checked_dataset(reference, loaded, where, options)
         source = next(
             (s for s in (calibration, data, options.data if options else None) if s is not None),
             None,

@@ -9,6 +9,7 @@ import logging
 import os
 from collections.abc import Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -21,6 +22,9 @@ from onnx_shrink.runtime_check import labels, sessions, synthetic
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
 from onnx_shrink.runtime_check.compare import Tolerances, classifier_output
+
+if TYPE_CHECKING:
+    from onnx_shrink.api import CheckOptions
 
 logger = logging.getLogger(__name__)
 
@@ -54,6 +58,49 @@ def parse_shapes(
         else synthetic.checked_dims(name, dims)
         for name, dims in input_shapes.items()
     }
+
+
+def refuse_bad_files(
+    read: Mapping[str, object],
+    model_files: Mapping[str, Path],
+    pass_list: Sequence[ir.passes.PassBase],
+    dump_dir: str | os.PathLike | None,
+    output: str | os.PathLike | None,
+    external_data: bool | None,
+) -> None:
+    """Before any work: every file named in ``read`` (what -> source; paths only) exists,
+    and nothing the run writes (``output``, its weights, a dump) is a file it reads
+    (``read``'s, or ``model_files``: the input model's, the model first)."""
+    named = {k: v for k, v in read.items() if isinstance(v, (str, os.PathLike))}
+    refuse_missing(named)  # before any work or warning (--calibration is read late)
+    reads = named | dict(model_files)
+    if dump_dir is not None:
+        check_dump_dir(Path(dump_dir), pass_list, reads, output)
+    if output is not None:
+        io.check_writable(output)
+        if model_files:
+            model, *weights = model_files.values()
+            refuse_overwrite(model, Path(output), external_data, weights)
+        io.refuse_clashes({"the result": output}, reads)
+
+
+def checked_dataset(
+    reference: Path | bytes, loaded: ir.Model, where: str, options: CheckOptions
+) -> data_mod.Dataset:
+    """The check's data, once it, the model (on onnxruntime) and the labels where accuracy
+    is asked for are known to work together: run on the first sample, before any pass.
+
+    Raises:
+        BadModelError, DataError, RunFailedError: as ``shrink`` documents them.
+    """
+    probe = reference_session(reference, options.provider)
+    specs = data_mod.specs_from_model(loaded)
+    dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
+    refuse_unmeasurable_accuracy(options.tolerances, dataset)
+    outputs = run_first_sample(probe, dataset, where)
+    samples = data_mod.samples_in(dataset.first_feed(), specs)
+    refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
+    return dataset  # the session goes: kept through the compile, it would add the model's size
 
 
 def refuse_missing(paths: Mapping[str, str | os.PathLike]) -> None:
