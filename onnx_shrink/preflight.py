@@ -180,9 +180,7 @@ def refuse_unmeasurable_accuracy(tolerances: Tolerances, dataset: data_mod.Datas
     Raises:
         DataError: naming the data and where labels go.
     """
-    if tolerances.max_accuracy_drop is None or not tolerances.accuracy_required:
-        return
-    if dataset.has_labels:
+    if not tolerances.accuracy_asked or dataset.has_labels:
         return
     if dataset.synthetic:
         what, fix = "synthetic inputs have none", "give labelled --data"
@@ -202,18 +200,16 @@ def refuse_unusable_labels(
     samples: int,
 ) -> None:
     """Under an accuracy tolerance the user gave, refuse before any work labels that cannot
-    score accuracy (``labels.checked``) or name a class the scored output has not: that
+    score accuracy (``labels.scored_classes``) or name a class the scored output has not: that
     output found in ``outputs``, the input's on the first batch of ``samples`` samples, as
     the check will find it (labels a source does not hold at hand are checked by the check,
     batch by batch; without such a tolerance the check leaves accuracy unmeasured)."""
-    if dataset.labels is None or not tolerances.accuracy_required:
-        return
-    if tolerances.max_accuracy_drop is None:
+    if dataset.labels is None or not tolerances.accuracy_asked:
         return
     target = classifier_output(outputs, samples)
     if target is not None:  # else no accuracy: the check says why
-        checked = labels.checked(dataset.labels, dataset.description)
-        labels.check_classes(checked, target, outputs[target].size // samples)
+        classes = outputs[target].size // samples
+        labels.scored_classes(dataset.labels, dataset.description, target, classes)
 
 
 def check_dump_dir(

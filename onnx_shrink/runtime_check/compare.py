@@ -46,6 +46,12 @@ class Tolerances:
                 raise ShrinkError(f"{name} must be in [{low:g}, {high:g}], not {value!r}")
 
     @property
+    def accuracy_asked(self) -> bool:
+        """An accuracy tolerance the user gave: accuracy must be measured (a default judges
+        it only where it can)."""
+        return self.max_accuracy_drop is not None and self.accuracy_required
+
+    @property
     def elementwise(self) -> bool:
         return self.atol is not None or self.rtol is not None
 
@@ -240,15 +246,15 @@ def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
     target = classifier_output(ref_out, len(labels))
     if target is None:  # no output to score them on: the report says why
         return accuracy
+    classes = ref_out[target].size // len(labels)
     try:  # labels that are no class indices, or name classes it has not, would read as 0%
-        labels = labels_mod.checked(labels, data or "the labels", first)
-        labels_mod.check_classes(labels, target, ref_out[target].size // len(labels), first)
+        indices = labels_mod.scored_classes(labels, data or "the labels", target, classes, first)
     except DataError as e:
-        if tolerances.max_accuracy_drop is not None and tolerances.accuracy_required:
+        if tolerances.accuracy_asked:
             raise
         _warn_once(f"{e}; accuracy is not measured")
         return None
-    accuracy.add(ref_out[target], cand_out[target], labels_mod.class_indices(labels))
+    accuracy.add(ref_out[target], cand_out[target], indices)
     return accuracy
 
 

@@ -97,7 +97,7 @@ def from_arrays(
     Raises:
         DataError: an array does not fit its input, the counts differ, or ``labels`` is one
             value, not one per sample. Whether labels can score accuracy is the check's to
-            say (``labels.checked``): calibration reads none.
+            say (``labels.scored_classes``): calibration reads none.
     """
     if labels is not None:
         labels = labels_mod.per_sample(labels, where)

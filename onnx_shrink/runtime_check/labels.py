@@ -5,8 +5,8 @@ integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1
 1), read as its argmax. Anything else (strings, 2.5, class 110 of 10, rows of repeated
 indices) still gives an argmax to compare with, so it would be scored: 0% for both models,
 no drop, and an accuracy tolerance passes on nothing. Where accuracy is asked for (an
-accuracy tolerance), such labels are refused: what they are wrong in (``checked``), and the
-classes they name once the scored output's width is known (``check_classes``); elsewhere
+accuracy tolerance), such labels are refused (``scored_classes``): what they are wrong in,
+and the classes they name once the scored output's width is known; elsewhere
 accuracy is left unmeasured, with a warning. Reading data checks only that there is a label
 per sample (``per_sample``): a calibration run does not read them, and data may carry labels
 for another task (segmentation masks, token ids).
@@ -106,23 +106,29 @@ def class_indices(labels: np.ndarray) -> np.ndarray:
     return labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.reshape(-1)
 
 
-def check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0) -> None:
-    """Refuse ``labels`` (``checked`` ones, of the samples from ``first`` on) that name a class
-    the scored ``output``, ``classes`` scores a sample, does not have: index ``classes`` or
-    more, or rows of another width.
+def scored_classes(
+    labels: np.ndarray, where: str, output: str, classes: int, first: int = 0
+) -> np.ndarray:
+    """The class each of ``labels`` (of the samples from ``first`` on) names, once they can
+    score ``output``, ``classes`` scores a sample (``checked``, then ``_check_classes``)."""
+    return _check_classes(checked(labels, where, first), output, classes, first)
+
+
+def _check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0) -> np.ndarray:
+    """The class each of ``labels`` (``checked`` ones, of the samples from ``first`` on)
+    names, refusing one the scored ``output``, ``classes`` scores a sample, does not have:
+    index ``classes`` or more, or rows of another width.
 
     Raises:
         DataError: naming the first such label, its sample, and the output.
     """
     labels = np.asarray(labels)
-    if labels.ndim == 2 and labels.shape[1] > 1:
-        if labels.shape[1] != classes:
-            raise DataError(
-                f"labels are rows of {labels.shape[1]} classes, but the scored output "
-                f"'{output}' has {classes} scores a sample: give rows of {classes}, or class "
-                "indices"
-            )
-        return
+    if labels.ndim == 2 and labels.shape[1] > 1 and labels.shape[1] != classes:
+        raise DataError(
+            f"labels are rows of {labels.shape[1]} classes, but the scored output "
+            f"'{output}' has {classes} scores a sample: give rows of {classes}, or class "
+            "indices"
+        )
     indices = class_indices(labels)
     outside = np.flatnonzero((indices < 0) | (indices >= classes))
     if outside.size:
@@ -132,3 +138,4 @@ def check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0)
             f"classes of the scored output '{output}' ({classes} scores a sample): give class "
             f"indices from 0 to {classes - 1}"
         )
+    return indices
