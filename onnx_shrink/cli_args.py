@@ -71,8 +71,20 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--runs", type=int, help=f"latency runs of each model (default {DEFAULT_LATENCY_RUNS})"
     )
-    group.add_argument("--report", help="write the figures as JSON to this file")
-    group.add_argument("--html", help="write a self-contained HTML report to this file")
+    _add_reports(group)
+
+
+def _add_reports(parser: argparse.ArgumentParser | argparse._ArgumentGroup) -> None:
+    parser.add_argument("--report", help="write the figures as JSON to this file")
+    parser.add_argument("--html", help="write a self-contained HTML report to this file")
+
+
+def _with_check_args(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
+    """``parser`` with what every command that checks takes: inputs, tolerances, verbosity."""
+    _add_data(parser)
+    _add_tolerances(parser)
+    _add_common(parser)
+    return parser
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -130,10 +142,7 @@ def build_parser() -> argparse.ArgumentParser:
         "keeps the worst in float",
     )
     parser.add_argument("--version", action="version", version=f"onnx-shrink {__version__}")
-    _add_data(parser)
-    _add_tolerances(parser)
-    _add_common(parser)
-    return parser
+    return _with_check_args(parser)
 
 
 def build_check_parser() -> argparse.ArgumentParser:
@@ -148,10 +157,7 @@ def build_check_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("reference", help="the original .onnx")
     parser.add_argument("candidate", help="the compressed .onnx")
-    _add_data(parser)
-    _add_tolerances(parser)
-    _add_common(parser)
-    return parser
+    return _with_check_args(parser)
 
 
 def build_bench_parser() -> argparse.ArgumentParser:
@@ -165,8 +171,7 @@ def build_bench_parser() -> argparse.ArgumentParser:
     parser.add_argument("--runs", type=int, default=50, help="timed runs per setting (50)")
     parser.add_argument("--warmup", type=int, default=5, help="untimed runs first (5)")
     parser.add_argument("--no-memory", action="store_true", help="skip the memory probe")
-    parser.add_argument("--report", help="write the figures as JSON to this file")
-    parser.add_argument("--html", help="write a self-contained HTML report to this file")
+    _add_reports(parser)
     _add_data(parser, labels=False)
     _add_common(parser)
     return parser

@@ -310,12 +310,12 @@ class PrunePass(DataAwarePass):
         where known (``masks``: scope=global), else from its shape and the share of inputs
         its rows keep (an N:M layer kept dense is none of them)."""
         expected = {}
+        n, m = self.pattern if self.nm else (1.0 - self.sparsity, 1)
         for layer in layers:
             if layer.layout == "conv" or _gram_parts(layer, stats) is None:
                 continue
             shape = layer.weight.const_value.shape.numpy()
             outputs, k = (shape[1], shape[0]) if layer.layout == "kn" else (shape[0], shape[1])
-            n, m = self.pattern if self.nm else (1.0 - self.sparsity, 1)
             if id(layer) in masks:
                 expected[id(layer)] = refitting.solve_costs(masks[id(layer)])
             elif k % m == 0:
