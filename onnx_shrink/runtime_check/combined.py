@@ -77,7 +77,8 @@ def build(
     kept = [combined.graph.outputs[i] for i in outputs]
     combined.graph.outputs.clear()
     combined.graph.outputs.extend(kept)
-    unedited = _Unedited(combined.graph)
+    # The unedited graph's values by name (node outputs and what they read).
+    unedited = ir.convenience.create_value_mapping(combined.graph, include_subgraphs=False)
     downstream = _Downstream(base)
     for index, edit in enumerate(edits):
         names = anchors[index] if index < len(anchors) else ()
@@ -112,7 +113,7 @@ def _merge(
     outputs: Sequence[int],
     suffix: str,
     who: str,
-    unedited: _Unedited,
+    unedited: Mapping[str, ir.Value],
 ) -> None:
     """Move the nodes of ``copy`` into ``combined``: its inputs (graph inputs, or the values
     a partial copy reads from upstream) and unchanged initializers become the combined
@@ -123,7 +124,7 @@ def _merge(
     source.outputs.clear()
     shared: dict[ir.Value, ir.Value] = {}
     for value in source.inputs:
-        shared[value] = unedited.values[value.name or ""]
+        shared[value] = unedited[value.name or ""]
         value.replace_all_uses_with(shared[value])
     added = []
     for name in list(source.initializers):
@@ -135,7 +136,7 @@ def _merge(
         else:  # made by the edit (quantized weight, scale, factors): this copy's own
             value.name = name + suffix
             added.append(value)
-    shared.update(_share_unchanged(source, unedited.producers))
+    shared.update(_share_unchanged(source, unedited))
     echoes: dict[ir.Value, ir.Value] = {}  # one per value: an output may be listed twice
     for position, value in enumerate(copy_outputs):
         if value in shared:  # computed by an unedited node: the copy echoes it
@@ -160,19 +161,6 @@ def _merge(
     for domain, version in copy.opset_imports.items():
         if combined.opset_imports.setdefault(domain, version) != version:
             raise ShrinkError(f"{who}: the edited copy changed opset '{domain}'")
-
-
-class _Unedited:
-    """The unedited graph's values and nodes by name (graph inputs and node outputs)."""
-
-    def __init__(self, graph: ir.Graph) -> None:
-        self.values: dict[str, ir.Value] = {v.name or "": v for v in graph.inputs}
-        self.producers: dict[str, ir.Node] = {}
-        for node in graph:
-            for out in node.outputs:
-                if out.name:
-                    self.values[out.name] = out
-                    self.producers[out.name] = node
 
 
 class _Downstream:
@@ -250,14 +238,14 @@ _SUBGRAPHS = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
 
 
 def _share_unchanged(
-    source: ir.Graph, producers: Mapping[str, ir.Node]
+    source: ir.Graph, unedited: Mapping[str, ir.Value]
 ) -> dict[ir.Value, ir.Value]:
-    """Drop each node of ``source`` (in order) that repeats its unedited twin in
-    ``producers``, its outputs' uses replaced by the twin's; returns {dropped output: the
-    twin's}."""
+    """Drop each node of ``source`` (in order) that repeats its unedited twin (the producer
+    of the ``unedited`` value of its output's name), its outputs' uses replaced by the
+    twin's; returns {dropped output: the twin's}."""
     shared: dict[ir.Value, ir.Value] = {}
     for node in list(source):
-        twin = _twin(node, producers)
+        twin = _twin(node, unedited)
         if twin is None:
             continue
         for out, replacement in zip(node.outputs, twin.outputs, strict=True):
@@ -267,12 +255,13 @@ def _share_unchanged(
     return shared
 
 
-def _twin(node: ir.Node, producers: Mapping[str, ir.Node]) -> ir.Node | None:
+def _twin(node: ir.Node, unedited: Mapping[str, ir.Value]) -> ir.Node | None:
     """The unedited node ``node`` repeats: it has the same outputs' names, op, attributes and
     input values (graph inputs, shared initializers, outputs of nodes already shared). Nodes
     with subgraphs never repeat one: a body's reads of outer values are not compared."""
     named = next((out.name for out in node.outputs if out.name), None)
-    twin = producers.get(named) if named else None
+    value = unedited.get(named) if named else None
+    twin = value.producer() if value is not None else None
     if (
         twin is None
         or (twin.domain, twin.op_type, twin.overload) != (node.domain, node.op_type, node.overload)
