@@ -26,7 +26,7 @@ import logging
 import os
 import shutil
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 
 import google.protobuf.message
@@ -390,26 +390,19 @@ def _embed(
     return swapped
 
 
-class _embedded_tensors:  # noqa: N801 - used as a context manager, reads like one
+@contextlib.contextmanager
+def _embedded_tensors(
+    model: ir.Model,
+    keep: Callable[[ir.ExternalTensor], bool] | None = None,
+    copy: bool = False,
+) -> Iterator[None]:
     """Temporarily replace memory-mapped initializers with in-memory views so they embed
     (except those ``keep`` says stay in their file)."""
-
-    def __init__(
-        self,
-        model: ir.Model,
-        keep: Callable[[ir.ExternalTensor], bool] | None = None,
-        copy: bool = False,
-    ) -> None:
-        self._swapped: list[tuple[ir.Value, ir.TensorProtocol]] = []
-        self._model = model
-        self._keep = keep
-        self._copy = copy
-
-    def __enter__(self) -> None:
-        self._swapped = _embed(self._model, self._keep, self._copy)
-
-    def __exit__(self, *exc: object) -> None:
-        for value, tensor in self._swapped:
+    swapped = _embed(model, keep, copy)
+    try:
+        yield
+    finally:
+        for value, tensor in swapped:
             value.const_value = tensor
 
 
