@@ -23,7 +23,7 @@ from __future__ import annotations
 import abc
 import dataclasses
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
@@ -57,6 +57,16 @@ class Collector(Protocol):
     def __call__(
         self, model: ir.Model, requests: Sequence[StatRequest], look: Look | None = None
     ) -> Statistics: ...
+
+
+class Prober(Protocol):
+    """Measures each probe's edit of ``model`` alone (where ``budget`` cannot cover them all,
+    some of those of the highest ``Probe.priority`` values are left out): key -> relative
+    squared error of the model outputs."""
+
+    def __call__(
+        self, model: ir.Model, probes: Sequence[Probe], *, budget: ProbeBudget | None
+    ) -> Mapping[str, float]: ...
 
 
 @dataclasses.dataclass(frozen=True)

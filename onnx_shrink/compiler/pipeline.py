@@ -17,7 +17,7 @@ from typing import Any
 import onnx_ir as ir
 
 from onnx_shrink.compiler import io, registry, stats
-from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look
+from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -205,10 +205,6 @@ class Verdict:
 
 
 Verifier = Callable[[ir.Model], Verdict]
-Prober = Callable[..., Mapping[str, float]]
-"""``(model, probes, budget=ProbeBudget | None)``: measures each probe's edit alone (where
-the budget cannot cover them all, some of those of the highest ``Probe.priority`` values are
-left out): key -> relative squared error of the model outputs."""
 
 
 def run(

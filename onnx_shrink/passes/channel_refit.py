@@ -180,8 +180,7 @@ def _refit(view: Consumer, removed: set[int], stats: Statistics, ridge: float) -
     else:
         bias, matrix = None, gram.matrix
     refitted = reconstruct.refit_measured(rows, keep, matrix, ridge)
-    fitted, refit_error = refitted.rows, refitted.error
-    error = reconstruct.output_error(rows, np.where(keep, rows, 0.0), matrix, refitted.energy)
+    fitted, refit_error, error = refitted.rows, refitted.error, refitted.pruned_error
     if refit_error >= error:  # dampening can lose on tiny data: never make a layer worse
         return RefitReport(label, len(removed), inputs, error, error, "refit did not help")
     if bias is not None:

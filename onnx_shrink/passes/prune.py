@@ -347,8 +347,7 @@ class PrunePass(DataAwarePass):
             refitted = refitting.refit_measured(
                 rows, keep, gram, self.ridge, iterations=allotment.iterations
             )
-            error = refitting.output_error(rows, new_rows, gram, refitted.energy)
-            new_rows, refit_error = refitted.rows, refitted.error
+            new_rows, refit_error, error = refitted.rows, refitted.error, refitted.pruned_error
             budget.spent(allotment, time.perf_counter() - started)
         pruned = layer.unrows(new_rows, original.shape).astype(original.dtype)
         layer.weight.const_value = ir.tensor(pruned, name=layer.weight.name)

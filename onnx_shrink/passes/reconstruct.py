@@ -65,6 +65,7 @@ class Refitted:
     rows: np.ndarray
     energy: float  # tr(W G W^T), ``output_energy``
     error: float  # ``output_error`` of ``rows``
+    pruned_error: float  # ``output_error`` of the pruned weights unrefit, for comparison
     complete: bool = True  # False: conjugate gradients stopped at ``iterations``, unconverged
 
 
@@ -97,7 +98,8 @@ def refit_measured(
     energy = float(np.sum(rows * target))
     error = energy - float(np.sum(result * target)) - damp * float(np.sum(result**2)) - leftover
     relative = max(error, 0.0) / energy if energy > 0 else 0.0
-    return Refitted(result, energy, relative, complete)
+    pruned = output_error(rows, np.where(keep, rows, 0.0), gram, energy)
+    return Refitted(result, energy, relative, pruned, complete)
 
 
 def _solve_all(rows, keep, gram, target, damp, result, iterations=None) -> tuple[float, bool]:

@@ -280,15 +280,10 @@ class WeightContext:
         a scaled copy), that no node or graph output reads any more; warn about weights still
         read (a weight tied to a node left float is then stored twice: float and not)."""
         for value in self.orphans - set(self.sources):
-            if not value.uses() and not value.is_graph_output() and not value.is_graph_input():
-                assert value.name is not None and value.graph is not None
-                del value.graph.initializers[value.name]
+            _drop_if_unread(value)
         kept = []
         for value in dict.fromkeys(self.sources):  # once each, however many layouts it got
-            if not value.uses() and not value.is_graph_output() and value.graph is not None:
-                assert value.name is not None
-                del value.graph.initializers[value.name]
-            elif value.const_value is not None:
+            if not _drop_if_unread(value) and value.const_value is not None:
                 kept.append(value)
         if kept:
             readers = sorted({use.node.op_type for value in kept for use in value.uses()})
@@ -318,6 +313,17 @@ class LinearMatch:
         """``alpha * op(W)`` as [K, N]: alpha * A @ B == A @ (alpha * B)."""
         w = w.T if self.transposed else w
         return w * np.float32(self.alpha) if self.alpha != 1.0 else w
+
+
+def _drop_if_unread(value: ir.Value) -> bool:
+    """Remove initializer ``value`` where no node, graph output or caller (a graph input:
+    a default it may feed) reads it; whether it went. Quantized weights are never graph
+    inputs (``placement.overridable_constants`` keeps those nodes float)."""
+    if value.uses() or value.is_graph_output() or value.is_graph_input() or value.graph is None:
+        return False
+    assert value.name is not None
+    del value.graph.initializers[value.name]
+    return True
 
 
 def match_linear(context: WeightContext, node: ir.Node) -> LinearMatch | str:
