@@ -16,7 +16,7 @@ from models import digits
 from onnx_shrink import FoldPass, shrink
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes.quant import placement
+from onnx_shrink.passes.quant import placement, value_types
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
 from onnx_shrink.runtime_check import data as data_mod
@@ -70,7 +70,7 @@ def test_every_quantized_layer_is_listed_once_with_finite_errors():
     assert io.to_bytes(model) == before  # the caller's model is not touched
     stats = collect.collect(model, QuantPass().requests(model), dataset)
     probe = model.clone()
-    placement.infer_types(probe)
+    value_types.infer_types(probe)
     stats = QuantPass().completed_statistics(probe, stats)  # as the pass plans
     planned = placement.plan(probe.graph, stats, placement.Exclusions()).nodes
     positions = {node: i for i, node in enumerate(probe.graph)}

@@ -58,9 +58,9 @@ from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.statistics import MinMax
+from onnx_shrink.passes.quant import value_types
 
 logger = logging.getLogger(__name__)
 
@@ -98,12 +98,6 @@ SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten
 SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize", "Split"}
 SENTINEL_MAGNITUDE = 1e20
 REQUANTIZES = "a constant step on a glue op's result (an integer kernel would round twice)"
-
-# Q/DQ reads and writes float32 only: QuantizeLinear takes float16 input from opset 19 with a
-# float16 scale, which the writer does not make; a float16 model (after ``fp16``) stays as it is.
-QDQ_FLOAT = ir.DataType.FLOAT
-HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
-_INFERRED = "onnx_shrink.quant.inferred_type"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -179,85 +173,9 @@ def activation_inputs(node: ir.Node) -> list[ir.Value]:
         if indices is None
         else [node.inputs[i] for i in indices if i < len(node.inputs)]
     )
-    return [v for v in inputs if v is not None and v.const_value is None and _is_float(v)]
-
-
-def may_hold_half(model: ir.Model) -> bool:
-    """Whether ``model`` holds float16/bfloat16 anywhere a cheap look finds it: an initializer,
-    a graph input or a Cast to it (as ``fp16`` leaves a model)."""
-    half = {int(t) for t in HALF_TYPES}
-    return (
-        any(v.dtype in HALF_TYPES for v in model.graph.initializers.values())
-        or any(v.dtype in HALF_TYPES for v in model.graph.inputs)
-        or any(
-            node.op_type == "Cast" and node.attributes.get_int("to", 0) in half
-            for node in ir.traversal.RecursiveGraphIterator(model.graph)
-        )
-    )
-
-
-def computes_in_half(node: ir.Node) -> bool:
-    """Whether every non-constant input of ``node`` is known to be float16 or bfloat16 (a
-    value of unknown type might be float32: not known)."""
-    inputs = [v for v in node.inputs if v is not None and v.const_value is None]
-    return bool(inputs) and all(v.dtype in HALF_TYPES for v in inputs)
-
-
-def _is_float(value: ir.Value) -> bool:
-    """Known to be float32: a value of unknown type is left alone (see ``infer_types``)."""
-    return value.dtype == QDQ_FLOAT
-
-
-def infer_types(model: ir.Model) -> None:
-    """Annotate value types with onnx shape inference so placement can tell floats apart.
-
-    The annotations stay and are saved as value_info: onnxruntime's fusions that need shapes
-    it cannot infer itself use them (on MiniLM, without them SkipLayerNormalization is not
-    fused and the Shape chains before each Reshape are kept, reading dequantized tensors).
-    """
-    # What inference may add, to take back where nothing is quantized: a type, or a shape.
-    unknown = [
-        (v, v.type is not None) for v in _node_outputs(model) if v.type is None or v.shape is None
+    return [
+        v for v in inputs if v is not None and v.const_value is None and value_types.is_float(v)
     ]
-    order = {graph: list(graph.initializers) for graph in model.graphs()}
-    try:
-        common_passes.ShapeInferencePass(strict_mode=False)(model)
-    except Exception as e:  # noqa: BLE001 - placement then quantizes only annotated floats
-        logger.info("quant: shape inference failed (%s); unannotated tensors stay float", e)
-    # The pass takes large initializers out while it serializes and puts them back last.
-    for graph, names in order.items():
-        _reorder_initializers(graph, names)
-    for value, had_type in unknown:
-        value.meta[_INFERRED] = "shape" if had_type else "type"
-
-
-def settle_inferred_types(model: ir.Model, keep: bool) -> None:
-    """End of a pass: keep the types and shapes ``infer_types`` added, or drop them, so that
-    a pass which quantized nothing leaves the model as it found it (no new value_info)."""
-    for value in _node_outputs(model):
-        added = value.meta.pop(_INFERRED, None)
-        if added is not None and not keep:
-            value.shape = None
-            if added == "type":
-                value.type = None
-
-
-def _reorder_initializers(graph: ir.Graph, names: Sequence[str]) -> None:
-    """Put ``graph``'s initializers back in the order of ``names`` (others after them)."""
-    held = graph.initializers.data  # the plain dict behind it: same values, new order
-    ordered = {name: held[name] for name in names if name in held}
-    ordered.update(held)
-    held.clear()
-    held.update(ordered)
-
-
-def _node_outputs(model: ir.Model) -> list[ir.Value]:
-    return [v for node in ir.traversal.RecursiveGraphIterator(model.graph) for v in node.outputs]
-
-
-def types_known(graph: ir.Graph) -> bool:
-    """Every value ``graph``'s nodes produce has a known type (as after ``infer_types``)."""
-    return all(value.dtype is not None for node in graph for value in node.outputs)
 
 
 def is_sentinel(minmax: MinMax | None) -> bool:
@@ -287,7 +205,7 @@ def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
         for value in activation_inputs(node):
             names[value.name] = None
         for out in _quantized_outputs(node):
-            if _is_float(out):
+            if value_types.is_float(out):
                 names[out.name] = None
     return list(names)
 

@@ -3,12 +3,10 @@
 from __future__ import annotations
 
 import dataclasses
-import functools
 import logging
 from collections.abc import Sequence
 from typing import ClassVar, Literal
 
-import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
@@ -21,7 +19,6 @@ from onnx_shrink.compiler.options import (
     warn_unmatched_op_types,
 )
 from onnx_shrink.compiler.statistics import (
-    Histogram,
     HistogramAccumulator,
     MinMax,
     Statistics,
@@ -31,19 +28,15 @@ from onnx_shrink.passes.quant import (
     bias_correction,
     calibration,
     compact,
-    dead_zones,
     derived,
     fuse_bias,
+    parameters,
     placement,
+    value_types,
 )
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
-from onnx_shrink.passes.quant.numerics import (
-    QUANT_TYPES,
-    QuantType,
-    quant_type,
-    scale_and_zero_point,
-)
-from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
+from onnx_shrink.passes.quant.numerics import quant_type
+from onnx_shrink.passes.quant.qdq_writer import QdqWriter
 from onnx_shrink.passes.quant.weight_matching import (
     ensure_opset,
     lift_constant_weights,
@@ -207,13 +200,20 @@ class QuantPass(DataAwarePass):
             self.sensitive_ops,
         )
 
+    @property
+    def _ranging(self) -> parameters.Ranging:
+        symmetric = self.activation_type == "s8"
+        return parameters.Ranging(
+            self.calibration, self.percentile, symmetric, self.dead_zones, self.int16
+        )
+
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         # Here, not in apply: sensitivity applies the pass once per layer on one measurement.
         self._warn_unmatched(model)
         if self.only and self.bias_correction:
             logger.warning("%s: bias_correction does nothing with only: it is off", self.name)
         if not self._has_candidates(model):
-            placement.settle_inferred_types(model, keep=False)
+            value_types.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
         lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
@@ -282,7 +282,9 @@ class QuantPass(DataAwarePass):
             if not references and decided.nodes:
                 logger.warning("quant: bias_correction found no quantized Conv to correct")
         if decided.nodes:
-            params = self._activation_params(model.graph, decided, stats, sixteen_bit)
+            params = parameters.activation_params(
+                model.graph, decided, stats, self._ranging, sixteen_bit
+            )
             writer = QdqWriter(model.graph, narrow_storage=narrow)
             for tensor, (scale, zero) in params.items():
                 writer.qdq_tensor(
@@ -291,8 +293,9 @@ class QuantPass(DataAwarePass):
                     zero,
                     lambda node, value: placement.reads_dequantized(node, value, decided),
                 )
+            activation = quant_type(8, signed=self._ranging.symmetric)
             for node in decided.nodes:
-                self._quantize_constants(writer, node, per_channel)
+                parameters.quantize_constants(writer, node, per_channel, activation)
             if self.fused:
                 fused = sum(fuse_bias.try_fuse(model, node) for node in decided.nodes)
                 logger.info("quant: %d MatMul+bias pairs as MatMulIntegerToFloat", fused)
@@ -306,7 +309,7 @@ class QuantPass(DataAwarePass):
         modified = bool(decided.nodes) or dynamic
         if not modified:
             return self._unchanged(model)
-        placement.settle_inferred_types(model, keep=True)
+        value_types.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
         measurement = bias_correction.Measurement(model, references)
@@ -330,7 +333,7 @@ class QuantPass(DataAwarePass):
         shapes the pass inferred, so that the model is as the pass found it."""
         logger.warning("quant: no node could be quantized")
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
-        placement.settle_inferred_types(model, keep=False)
+        value_types.settle_inferred_types(model, keep=False)
         return ir.passes.PassResult(model, False)
 
     def _converted_and_typed(self, model: ir.Model) -> tuple[bool, bool]:
@@ -339,8 +342,8 @@ class QuantPass(DataAwarePass):
         each inference serializes the whole model)."""
         opset = onnx_opset(model)
         result = self.convert_opset(model)
-        if onnx_opset(model) != opset or not placement.types_known(model.graph):
-            placement.infer_types(model)
+        if onnx_opset(model) != opset or not value_types.types_known(model.graph):
+            value_types.infer_types(model)
         return result
 
     def _has_candidates(self, model: ir.Model) -> bool:
@@ -349,9 +352,10 @@ class QuantPass(DataAwarePass):
         # A node known to compute in float16 (after fp16) is no candidate: Q/DQ reads float32.
         # Types are inferred for that only where the model may hold float16 (settled later).
         candidates = placement.quantizable_nodes(model.graph, self._exclusions)
-        if candidates and not placement.types_known(model.graph) and placement.may_hold_half(model):
-            placement.infer_types(model)
-        if any(not placement.computes_in_half(node) for node in candidates):
+        untyped = not value_types.types_known(model.graph)
+        if candidates and untyped and value_types.may_hold_half(model):
+            value_types.infer_types(model)
+        if any(not value_types.computes_in_half(node) for node in candidates):
             return True
         if self.only:
             return False
@@ -394,77 +398,6 @@ class QuantPass(DataAwarePass):
             ).quantize(model)
         return count > 0
 
-    def _activation_params(
-        self, graph: ir.Graph, decided: placement.Plan, stats: Statistics, sixteen_bit: bool
-    ) -> dict[str, Params]:
-        """Scale and zero point of each planned tensor from its calibrated range (rule 2); a
-        tensor sharing another's parameters (placement rule 3) gets the same arrays; the
-        tensors of ``int16`` nodes get 16 bits when ``sixteen_bit`` (the opset allows it)."""
-        wide = _tensors_of(decided.nodes, self.int16) if sixteen_bit else set()
-        params: dict[str, Params] = {}
-        symmetric = self.activation_type == "s8"
-        zones = {}
-        if self.dead_zones and not symmetric:
-            zones = dead_zones.zones(graph, decided.tensors)
-        for tensor in decided.tensors:
-            if tensor in decided.shared:
-                continue
-            qtype = quant_type(16 if tensor in wide else 8, signed=symmetric)
-            pick = functools.partial(self._pick_range, qtype=qtype)
-            minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
-            zone = zones.get(tensor)
-            if zone is not None and minmax is not None:
-                lo, hi = dead_zones.chosen_range(zone, minmax, histogram, pick, qtype)
-            else:
-                lo, hi = pick(minmax, histogram)
-            params[tensor] = scale_and_zero_point(lo, hi, qtype, symmetric)
-        for tensor, source in decided.shared.items():
-            if source in params:
-                params[tensor] = params[source]
-        return params
-
-    def _pick_range(
-        self, minmax: MinMax, histogram: Histogram | None, qtype: QuantType
-    ) -> tuple[float, float]:
-        """The calibration method's range for one tensor (min/max where it has no
-        histogram)."""
-        method = self.calibration if histogram is not None else "minmax"
-        return calibration.tensor_range(
-            method,
-            minmax,
-            histogram,
-            qtype,
-            symmetric=qtype.signed,
-            percentile=self.percentile,
-        )
-
-    def _quantize_constants(self, writer: QdqWriter, node: ir.Node, per_channel: bool) -> None:
-        act = quant_type(8, signed=self.activation_type == "s8")
-        if node.op_type in placement.WEIGHTED:
-            weight = node.inputs[1]
-            if weight is not None and weight.const_value is not None:
-                axis = placement.weight_axis(node) if per_channel else None
-                x, bias = node.inputs[0], node.inputs[2] if len(node.inputs) > 2 else None
-                x_params = writer.dequantized.get(x.name) if x is not None else None
-                if bias is None or bias.const_value is None or x_params is None:
-                    writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis)
-                    return
-                floor = _scale_for_bias(bias.const_value.numpy(), x_params[0], axis is not None)
-                w_scale = writer.dq_weight(node, 1, QUANT_TYPES["s8"], axis, floor=floor)
-                writer.dq_bias(node, 2, x_params[0], w_scale)
-            return
-        # Only data inputs: Resize's roi and scales are constants too, and a scale of 1.0
-        # read back as 1.0039 from uint8 makes every dim past 255 one longer.
-        data_inputs = placement.QUANTIZABLE[node.op_type]
-        for index, value in enumerate(node.inputs):
-            if (
-                (data_inputs is None or index in data_inputs)
-                and value is not None
-                and value.const_value is not None
-                and np.issubdtype(value.const_value.dtype.numpy(), np.floating)
-            ):
-                writer.dq_weight(node, index, act, None, symmetric=act.signed)
-
 
 def _warn_overridable_constants(model: ir.Model) -> None:
     """Name the graph inputs with defaults (initializers) whose readers stay float."""
@@ -493,30 +426,6 @@ def _warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
                 value.name,
                 minmax.nonfinite,
             )
-
-
-def _scale_for_bias(
-    bias: np.ndarray, input_scale: np.ndarray, per_channel: bool
-) -> np.ndarray | None:
-    """The smallest weight scale(s) at which a 1-D ``bias`` fits int32 (bias scale = input
-    scale x weight scale). It binds only where a channel's weights are all (nearly) zero: their
-    scale is otherwise tiny, and the bias (say a folded BatchNormalization's shift) was lost.
-    The bias then takes half the int32 range, not all of it: float32 rounding of the scale
-    cannot clip it, and the accumulator keeps room for the channel's (nearly zero) products."""
-    if bias.ndim != 1:
-        return None
-    floor = np.abs(bias.astype(np.float64)) / (float(input_scale) * 2**30)
-    return floor if per_channel else np.asarray(floor.max(initial=0.0))
-
-
-def _tensors_of(nodes: Sequence[ir.Node], patterns: Sequence[str]) -> set[str]:
-    """Activation tensors (inputs and outputs) of the quantized nodes matching ``patterns``."""
-    result: set[str] = set()
-    for node in nodes:
-        if placement.named(node, patterns):
-            result.update(v.name for v in placement.activation_inputs(node))
-            result.update(o.name for o in node.outputs)
-    return result
 
 
 def _report_subgraphs(model: ir.Model) -> None:

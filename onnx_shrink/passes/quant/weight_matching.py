@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.passes.quant import compact
-from onnx_shrink.passes.quant.placement import HALF_TYPES
+from onnx_shrink.passes.quant.value_types import HALF_TYPES
 
 logger = logging.getLogger(__name__)
 

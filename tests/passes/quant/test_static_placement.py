@@ -204,14 +204,14 @@ def test_opset_11_models_get_per_channel_weights_onnxruntime_loads(tmp_path, cap
 
 
 def test_requests_convert_and_type_the_model_so_apply_infers_types_once(tmp_path, monkeypatch):
-    from onnx_shrink.passes.quant import placement
+    from onnx_shrink.passes.quant import value_types
 
     proto = _conv_relu_pool()
     proto.opset_import[0].version = 11
     model = io.load(proto)
     inferred = []
-    infer = placement.infer_types
-    monkeypatch.setattr(placement, "infer_types", lambda m: inferred.append(1) or infer(m))
+    infer = value_types.infer_types
+    monkeypatch.setattr(value_types, "infer_types", lambda m: inferred.append(1) or infer(m))
     quant = QuantPass()
     requests = quant.requests(model)
     assert model.opset_imports[""] == 13 and inferred == [1]  # calibrated as apply will see it
