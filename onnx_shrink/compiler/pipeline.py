@@ -232,10 +232,7 @@ def run(
             names the pass and those before it.
     """
     if dump_dir is not None:
-        try:
-            Path(dump_dir).mkdir(parents=True, exist_ok=True)
-        except OSError as e:
-            raise ShrinkError(f"{dump_dir}: cannot create the dump folder ({e.strerror})") from e
+        _make_dump_dir(dump_dir)
     steps: list[StepRecord] = []
     current_stats = stats.measure(model, input_dims=input_dims)
     # The input's size is taken before a pass that may change it (a data-aware pass, in
@@ -268,10 +265,7 @@ def run(
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
-            target = _dump_target(dump_dir, index, pass_)
-            dump_path = str(io.save(model, target).path)
-            if rejected is not None:  # what broke the tolerances, to look at
-                io.save(rejected, _rolled_back(target))
+            dump_path = _dump(Path(dump_dir), index, pass_, model, rejected)
         steps.append(
             StepRecord(
                 index=index,
@@ -311,6 +305,29 @@ def dump_files(dump_dir: str | Path, passes: Sequence[ir.passes.PassBase]) -> li
         for path in (target, _rolled_back(target)):
             files += [path, io.external_data_path(path)]
     return files
+
+
+def _make_dump_dir(dump_dir: str | Path) -> None:
+    try:
+        Path(dump_dir).mkdir(parents=True, exist_ok=True)
+    except OSError as e:
+        raise ShrinkError(f"{dump_dir}: cannot create the dump folder ({e.strerror})") from e
+
+
+def _dump(
+    dump_dir: Path,
+    index: int,
+    pass_: ir.passes.PassBase,
+    model: ir.Model,
+    rejected: ir.Model | None,
+) -> str:
+    """Save the model after pass ``index`` (and the candidate a verifier rolled back, to
+    look at what broke the tolerances); the saved model's path."""
+    target = _dump_target(dump_dir, index, pass_)
+    path = str(io.save(model, target).path)
+    if rejected is not None:
+        io.save(rejected, _rolled_back(target))
+    return path
 
 
 def _dump_target(dump_dir: str | Path, index: int, pass_: ir.passes.PassBase) -> Path:
