@@ -35,7 +35,8 @@ import onnx.numpy_helper
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
-from onnx_shrink.compiler.io import embedded_weights, external
+from onnx_shrink.compiler.io import embedded_weights, external, validation
+from onnx_shrink.compiler.io.validation import first_line, one_line  # noqa: F401 (io.*)
 from onnx_shrink.compiler.io.zipped import zipped_bytes, zipped_size  # noqa: F401
 from onnx_shrink.errors import BadModelError, ShrinkError
 
@@ -43,26 +44,9 @@ logger = logging.getLogger(__name__)
 
 ModelSource = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
 
-# onnxruntime only guarantees opset 7 and later of the default domain; its upper bounds match
-# the onnx release it is built with, which is the one installed beside it.
-MIN_DEFAULT_OPSET = 7
-MIN_IR_VERSION = 3
 
 # Protobuf refuses to serialize messages of 2 GiB or more; keep a margin for the graph itself.
 EXTERNAL_DATA_THRESHOLD_BYTES = 1_800_000_000
-
-# Domains onnxruntime's standard build implements. Anything else needs a custom-op library.
-KNOWN_DOMAINS = frozenset(
-    {
-        "",
-        "ai.onnx",
-        "ai.onnx.ml",
-        "ai.onnx.preview.training",
-        "com.microsoft",
-        "com.microsoft.nchwc",
-        "com.ms.internal.nhwc",
-    }
-)
 
 
 # The external-data location of a stand-in for a tensor handed to onnxruntime in memory
@@ -93,7 +77,9 @@ def load(source: ModelSource) -> ir.Model:
         # place, so the clone gets tensor objects of its own (the data stays shared).
         model = source.clone()
         unshare_tensors(model)
-        _validate(serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model")
+        validation.validate(
+            serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model"
+        )
         return model
     if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
         return _load_proto(parse_bytes(bytes(source)), owned=True)
@@ -112,7 +98,7 @@ def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
     from bytes): onnx_ir wraps the TensorProto messages it is given, and renaming such a
     tensor writes into the message, so folding renamed tensors of the caller's ModelProto
     (and made it larger)."""
-    _validate(proto, where="the given ModelProto")
+    validation.validate(proto, where="the given ModelProto")
     outside = external.external_tensors(proto)
     if outside:  # onnx_ir would look for them in the working directory
         raise BadModelError(
@@ -136,9 +122,9 @@ def _load_file(path: Path) -> ir.Model:
     if path.stat().st_size == 0:
         raise BadModelError(f"{where}: the file is empty")
     proto, mapped = _read_proto(path, where)
-    _check_header(proto, where)
+    validation.check_header(proto, where)
     external.check_external_data(proto, path.parent, where)
-    _run_checker(embedded_weights.checker_view(proto), where)
+    validation.run_checker(embedded_weights.checker_view(proto), where)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():
@@ -165,60 +151,6 @@ def _read_proto(path: Path, where: str) -> tuple[onnx.ModelProto, set[str]]:
         ) from e
     except OSError as e:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
-
-
-def _validate(proto: onnx.ModelProto, where: str) -> None:
-    """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
-    _check_header(proto, where)
-    _run_checker(embedded_weights.checker_view(proto), where)
-
-
-def _check_header(proto: onnx.ModelProto, where: str) -> None:
-    """Graph present, IR and opset versions in onnxruntime's range, only known domains."""
-    if not proto.HasField("graph") or not proto.graph.output:
-        raise BadModelError(f"{where}: the model has no graph or no graph outputs (truncated?)")
-    if proto.ir_version < MIN_IR_VERSION or proto.ir_version > onnx.IR_VERSION:
-        raise BadModelError(
-            f"{where}: IR version {proto.ir_version} is outside what onnxruntime supports "
-            f"({MIN_IR_VERSION}..{onnx.IR_VERSION})"
-        )
-    max_opset = onnx.defs.onnx_opset_version()
-    for opset in proto.opset_import:
-        if opset.domain in ("", "ai.onnx") and not MIN_DEFAULT_OPSET <= opset.version <= max_opset:
-            raise BadModelError(
-                f"{where}: opset {opset.version} of the default domain is outside what "
-                f"onnxruntime supports ({MIN_DEFAULT_OPSET}..{max_opset}); convert it with "
-                "onnx.version_converter"
-            )
-    _check_domains(proto, where)
-
-
-def _run_checker(model: onnx.ModelProto | str, where: str) -> None:
-    try:
-        onnx.checker.check_model(model)
-    except (onnx.checker.ValidationError, ValueError) as e:
-        raise BadModelError(f"{where}: onnx.checker rejects the model: {one_line(e)}") from e
-
-
-def _check_domains(proto: onnx.ModelProto, where: str) -> None:
-    local_functions = {(f.domain, f.name) for f in proto.functions}
-    node_lists = [proto.graph.node, *(f.node for f in proto.functions)]
-    stack = list(node_lists)
-    while stack:
-        for node in stack.pop():
-            if (
-                node.domain not in KNOWN_DOMAINS
-                and (node.domain, node.op_type) not in local_functions
-            ):
-                raise BadModelError(
-                    f"{where}: node '{node.name or node.op_type}' uses op {node.op_type} from the "
-                    f"unknown custom domain '{node.domain}'; onnxruntime cannot run it without "
-                    "its custom-op library"
-                )
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g.node)
-                stack.extend(g.node for g in attr.graphs)
 
 
 def unshare_tensors(model: ir.Model) -> None:
@@ -256,19 +188,6 @@ def unshare_tensors(model: ir.Model) -> None:
         for value in node.outputs:
             if value.const_value is not None:
                 value.const_value = own(value.const_value)
-
-
-def one_line(error: BaseException) -> str:
-    """The error's text on one line (at most 300 characters): onnx.checker breaks its
-    sentences over lines ("input 'x' of node:", then the node, then the rest)."""
-    text = " ".join(str(error).split()) or type(error).__name__
-    return text if len(text) <= 300 else text[:299] + "…"
-
-
-def first_line(error: BaseException) -> str:
-    """The error's first line (at most 300 characters), or its type's name."""
-    text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
 
 
 def tensor_bytes(model: ir.Model) -> int:

@@ -23,6 +23,7 @@ import numpy as np
 import onnx
 import onnx.numpy_helper
 
+from onnx_shrink.compiler.io.validation import first_line
 from onnx_shrink.errors import ShrinkError
 
 # A zip local file header: signature, versions, flags, method, times, crc, sizes, then the
@@ -46,7 +47,7 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 arrays[key] = mapped
             return arrays
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
-        raise ShrinkError(f"{path}: cannot read as .npz ({_first_line(e)})") from e
+        raise ShrinkError(f"{path}: cannot read as .npz ({first_line(e)})") from e
 
 
 def _map_member(path, raw, info: zipfile.ZipInfo) -> np.ndarray | None:
@@ -106,7 +107,7 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ShrinkError(f"{path}: cannot read as .npy ({_first_line(e)})") from e
+        raise ShrinkError(f"{path}: cannot read as .npy ({first_line(e)})") from e
 
 
 def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
@@ -116,7 +117,7 @@ def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
         tensor.ParseFromString(Path(path).read_bytes())
         return tensor.name, onnx.numpy_helper.to_array(tensor)
     except (OSError, google.protobuf.message.DecodeError, ValueError) as e:
-        raise ShrinkError(f"{path}: not a serialized TensorProto ({_first_line(e)})") from e
+        raise ShrinkError(f"{path}: not a serialized TensorProto ({first_line(e)})") from e
 
 
 def read_text(path: str | os.PathLike) -> str:
@@ -146,8 +147,3 @@ def write_text(path: str | os.PathLike, text: str) -> None:
     except BaseException:
         Path(tmp).unlink(missing_ok=True)
         raise
-
-
-def _first_line(error: BaseException) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__

@@ -1,0 +1,95 @@
+"""What ``io.load`` refuses before a pass sees a model: a missing graph, IR and opset
+versions outside onnxruntime's range, ops of unknown custom domains, and what onnx.checker
+rejects; and the one-line messages errors are reported with."""
+
+from __future__ import annotations
+
+import onnx
+
+from onnx_shrink.compiler.io import embedded_weights
+from onnx_shrink.errors import BadModelError
+
+# onnxruntime only guarantees opset 7 and later of the default domain; its upper bounds match
+# the onnx release it is built with, which is the one installed beside it.
+MIN_DEFAULT_OPSET = 7
+MIN_IR_VERSION = 3
+
+# Domains onnxruntime's standard build implements. Anything else needs a custom-op library.
+KNOWN_DOMAINS = frozenset(
+    {
+        "",
+        "ai.onnx",
+        "ai.onnx.ml",
+        "ai.onnx.preview.training",
+        "com.microsoft",
+        "com.microsoft.nchwc",
+        "com.ms.internal.nhwc",
+    }
+)
+
+
+def validate(proto: onnx.ModelProto, where: str) -> None:
+    """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
+    check_header(proto, where)
+    run_checker(embedded_weights.checker_view(proto), where)
+
+
+def check_header(proto: onnx.ModelProto, where: str) -> None:
+    """Graph present, IR and opset versions in onnxruntime's range, only known domains."""
+    if not proto.HasField("graph") or not proto.graph.output:
+        raise BadModelError(f"{where}: the model has no graph or no graph outputs (truncated?)")
+    if proto.ir_version < MIN_IR_VERSION or proto.ir_version > onnx.IR_VERSION:
+        raise BadModelError(
+            f"{where}: IR version {proto.ir_version} is outside what onnxruntime supports "
+            f"({MIN_IR_VERSION}..{onnx.IR_VERSION})"
+        )
+    max_opset = onnx.defs.onnx_opset_version()
+    for opset in proto.opset_import:
+        if opset.domain in ("", "ai.onnx") and not MIN_DEFAULT_OPSET <= opset.version <= max_opset:
+            raise BadModelError(
+                f"{where}: opset {opset.version} of the default domain is outside what "
+                f"onnxruntime supports ({MIN_DEFAULT_OPSET}..{max_opset}); convert it with "
+                "onnx.version_converter"
+            )
+    _check_domains(proto, where)
+
+
+def run_checker(model: onnx.ModelProto | str, where: str) -> None:
+    try:
+        onnx.checker.check_model(model)
+    except (onnx.checker.ValidationError, ValueError) as e:
+        raise BadModelError(f"{where}: onnx.checker rejects the model: {one_line(e)}") from e
+
+
+def _check_domains(proto: onnx.ModelProto, where: str) -> None:
+    local_functions = {(f.domain, f.name) for f in proto.functions}
+    node_lists = [proto.graph.node, *(f.node for f in proto.functions)]
+    stack = list(node_lists)
+    while stack:
+        for node in stack.pop():
+            if (
+                node.domain not in KNOWN_DOMAINS
+                and (node.domain, node.op_type) not in local_functions
+            ):
+                raise BadModelError(
+                    f"{where}: node '{node.name or node.op_type}' uses op {node.op_type} from the "
+                    f"unknown custom domain '{node.domain}'; onnxruntime cannot run it without "
+                    "its custom-op library"
+                )
+            for attr in node.attribute:
+                if attr.HasField("g"):
+                    stack.append(attr.g.node)
+                stack.extend(g.node for g in attr.graphs)
+
+
+def one_line(error: BaseException) -> str:
+    """The error's text on one line (at most 300 characters): onnx.checker breaks its
+    sentences over lines ("input 'x' of node:", then the node, then the rest)."""
+    text = " ".join(str(error).split()) or type(error).__name__
+    return text if len(text) <= 300 else text[:299] + "…"
+
+
+def first_line(error: BaseException) -> str:
+    """The error's first line (at most 300 characters), or its type's name."""
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0][:300]
