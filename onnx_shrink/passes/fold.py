@@ -69,7 +69,7 @@ class FoldPass(ir.passes.FunctionalPass):
     6. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
        If a run grows the model more, it is repeated without any growing fold; if that still
        grows it, the input is returned unchanged (``modified=False``) with a warning. So is
-       it when the result fails strict shape inference that the input passed.
+       it when the result fails strict shape inference, or onnx.checker, that the input passed.
 
     The pass is functional: it rewrites a clone, so a rolled-back attempt costs nothing.
     """
@@ -126,7 +126,7 @@ class FoldPass(ir.passes.FunctionalPass):
             error = large_tensors.shape_inference_error(candidate) if modified else None
             if error is not None and large_tensors.shape_inference_error(model) is None:
                 logger.warning(
-                    "fold: the folded model fails shape inference (%s); keeping it unchanged",
+                    "fold: the folded model fails onnx's checks (%s); keeping it unchanged",
                     error,
                 )
                 break

@@ -31,7 +31,12 @@ class ReshapeCopiedDimsPass(ir.passes.InPlacePass):
        ``Concat`` along axis 0 of parts that are each a constant 1-D int64, or
        ``Shape(x)[i]`` of the Reshape's input ``x`` taken at the part's own position ``i``:
        ``Unsqueeze(Gather(Shape(x), i), [0])`` or ``Gather(Shape(x), [i])``, with ``Shape``
-       reading from the start (no ``start`` attribute, or 0) and ``i`` non-negative.
+       reading from the start (no ``start`` attribute, or 0) and ``i`` non-negative; or
+       ``Shape(x)[i:j]`` starting at the part's own position, ``Slice(Shape(x), [i], [j])``
+       (axes [0], steps [1] or absent), where the rank of ``x`` is known, so that the dims
+       it copies are counted (Paddle's ``flatten``: ``Reshape(x, Concat(Shape(x)[0:2],
+       [-1]))``, which onnx shape inference cannot follow at opset 12, so that the MACs of
+       every MatMul after it counted one row of 40 on PP-OCRv4 rec).
     2. Anything else is left alone.
     """
 
@@ -71,7 +76,10 @@ def _copied_dims_shape(node: ir.Node) -> np.ndarray | None:
         elif _reads_own_dim(part, data, len(dims)):
             dims.append(0)
         else:
-            return None
+            copied = _own_dims_sliced(part, data, len(dims))
+            if copied is None:
+                return None
+            dims.extend([0] * copied)
     if 0 not in dims:
         return None
     return np.array(dims, np.int64)
@@ -104,13 +112,43 @@ def _reads_own_dim(part: ir.Value | None, data: ir.Value, position: int) -> bool
         or index.reshape(-1).tolist() != [position]
     ):
         return False
-    shape = gather.inputs[0].producer() if gather.inputs[0] is not None else None
+    return _reads_shape_of(gather.inputs[0], data)
+
+
+def _own_dims_sliced(part: ir.Value | None, data: ir.Value, position: int) -> int | None:
+    """How many dims ``part`` copies if it is ``Shape(data)[position:j]`` (rule 1), else None."""
+    node = part.producer() if part is not None else None
+    if node is None or node.op_type != "Slice" or node.domain not in DEFAULT_DOMAINS:
+        return None
+    if len(node.inputs) < 3 or not _reads_shape_of(node.inputs[0], data, whole=True):
+        return None
+    starts, ends = _int64_constant(node.inputs[1]), _int64_constant(node.inputs[2])
+    optional = [node.inputs[i] if len(node.inputs) > i else None for i in (3, 4)]
+    axes, steps = (_int64_constant(v) if v is not None else None for v in optional)
+    if (
+        starts is None
+        or ends is None
+        or starts.reshape(-1).tolist() != [position]
+        or ends.size != 1
+        or (optional[0] is not None and (axes is None or axes.reshape(-1).tolist() != [0]))
+        or (optional[1] is not None and (steps is None or steps.reshape(-1).tolist() != [1]))
+        or data.shape is None
+    ):
+        return None
+    copied = min(int(ends.reshape(-1)[0]), len(data.shape)) - position
+    return copied if copied > 0 else None
+
+
+def _reads_shape_of(value: ir.Value | None, data: ir.Value, whole: bool = False) -> bool:
+    """Is ``value`` ``Shape(data)`` from its first dim (to its last with ``whole``)?"""
+    shape = value.producer() if value is not None else None
     return (
         shape is not None
         and shape.op_type == "Shape"
         and shape.domain in DEFAULT_DOMAINS
         and shape.inputs[0] is data
         and shape.attributes.get_int("start", 0) == 0
+        and not (whole and "end" in shape.attributes)
     )
 
 

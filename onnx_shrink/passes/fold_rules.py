@@ -7,7 +7,8 @@ match a node of that op, so ``by_root_op`` gives each such rule a copy whose ``t
 returns at once elsewhere. A pattern with several output nodes matches the node it is tried
 at against its first one (and searches the whole graph for the others, so each try costs a
 pass over every node: quadratic, 0.2 s of det's fold): it is filtered by that first node's op.
-The rules, their order and so every rewrite are unchanged.
+The rules, their order and so every rewrite are unchanged, except where a rule's rewrite
+is invalid at the model's opset (``MIN_OPSETS``).
 """
 
 from __future__ import annotations
@@ -19,6 +20,11 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
+
+MIN_OPSETS = {"MaterializeReshapeShape": 14}
+"""Rules whose rewrite is valid only from a default-domain opset: onnxscript 0.7.2's
+MaterializeReshapeShape writes ``Reshape(..., allowzero=1)``, an attribute of Reshape-14,
+into any model, and onnxruntime refuses an opset-12 or 13 model that has it."""
 
 
 def by_root_op(rules: Sequence[pattern.RewriteRule]) -> list[pattern.RewriteRule]:
@@ -32,10 +38,13 @@ def _filtered(rule: pattern.RewriteRule) -> pattern.RewriteRule:
         return rule
     fast = copy.copy(rule)  # the shared default rule stays as onnxscript made it
     try_rewrite = rule.try_rewrite
+    min_opset = MIN_OPSETS.get(rule.name, 0)
 
     @functools.wraps(try_rewrite)
     def try_where_it_can_match(model, graph_or_function, node: ir.Node, **kwargs):
         if node.op_type != root[1] or _domain(node.domain) != root[0]:
+            return None
+        if min_opset and model.opset_imports.get("", min_opset) < min_opset:
             return None
         return try_rewrite(model, graph_or_function, node, **kwargs)
 

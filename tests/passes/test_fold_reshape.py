@@ -83,3 +83,78 @@ def test_fold_drops_the_shape_chain_and_keeps_outputs_equal():
     (expected,) = run_ort(io.to_bytes(original), feed)
     (got,) = run_ort(io.to_bytes(folded), feed)
     np.testing.assert_array_equal(got, expected)
+
+
+# Paddle's flatten: Reshape(x, Concat(Shape(x)[0:2], [-1])).
+FLATTEN = """
+<ir_version: 7, opset_import: ["" : 12]>
+g (float[N, 6, 1, 5] x) => (float[N, 6, 5] y) {
+  shape = Shape(x)
+  starts = Constant <value = int64[1] {START}> ()
+  ends = Constant <value = int64[1] {END}> ()
+  axes = Constant <value = int64[1] {0}> ()
+  head = Slice(shape, starts, ends, axes)
+  rest = Constant <value = int64[1] {-1}> ()
+  target = Concat <axis = 0> (LEADING head, rest)
+  y = Reshape(x, target)
+}
+"""
+
+
+def _flatten(start: int = 0, end: int = 2, leading: str = "") -> str:
+    text = FLATTEN.replace("START", str(start)).replace("END", str(end))
+    return text.replace("LEADING ", leading)
+
+
+@pytest.mark.parametrize(("end", "expected"), [(2, [0, 0, -1]), (9223372036854775807, None)])
+def test_a_slice_of_the_inputs_own_shape_from_its_position_becomes_zeros(end, expected):
+    # Ends past the rank copy every dim from the start: [0, 0, 0, 0, -1] is no flatten, but
+    # still the same reshape. It is rewritten too; only the count of zeros differs.
+    shape = _rewritten_shape(_flatten(end=end))
+    np.testing.assert_array_equal(shape, expected if expected else [0, 0, 0, 0, -1])
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        _flatten(start=1, end=3),  # dims 1..2 at positions 0..1: no copy
+        _flatten(leading="rest, "),  # dims 0..1 at positions 1..2
+        _flatten().replace("float[N, 6, 1, 5] x", "float x"),  # rank unknown: count unknown
+    ],
+    ids=["shifted", "after-a-part", "unknown-rank"],
+)
+def test_a_slice_that_is_no_copy_of_its_own_dims_is_left_alone(text):
+    assert _rewritten_shape(text) is None
+
+
+def test_fold_makes_a_paddle_flatten_constant_so_shape_inference_follows_it():
+    """onnx infers nothing past the opset-12 flatten (its Slice has no data propagation), so
+    the MACs of every MatMul after it counted one row (PP-OCRv4 rec)."""
+    original = io.load(parse(_flatten()))
+    folded = FoldPass()(original).model
+    assert [n.op_type for n in folded.graph] == ["Reshape"]
+    x = np.random.default_rng(0).standard_normal((3, 6, 1, 5)).astype(np.float32)
+    (expected,) = run_ort(io.to_bytes(original), {"x": x})
+    (got,) = run_ort(io.to_bytes(folded), {"x": x})
+    np.testing.assert_array_equal(got, expected)
+    assert list(folded.graph.outputs[0].shape)[1:] == [6, 5]
+
+
+@pytest.mark.parametrize("opset", [12, 13])
+def test_below_opset_14_fold_writes_no_reshape_attribute_onnxruntime_refuses(opset, monkeypatch):
+    """onnxscript's MaterializeReshapeShape wrote Reshape(..., allowzero=1) into any model, an
+    attribute of Reshape-14: onnxruntime refused the folded opset-12 model. The rule now waits
+    for opset 14; and were a rule to write such a node, fold keeps the model as it was."""
+    from onnx_shrink.passes import fold_rules
+
+    text = _flatten().replace('"" : 12', f'"" : {opset}')
+    folded = FoldPass()(io.load(parse(text))).model
+    assert all("allowzero" not in n.attributes for n in folded.graph)
+    run_ort(io.to_bytes(folded), {"x": np.zeros((2, 6, 1, 5), np.float32)})  # loads, runs
+
+    monkeypatch.setattr(fold_rules, "MIN_OPSETS", {})  # the rule as onnxscript has it
+    unguarded = fold_rules.by_root_op(fold_rules.rewriter._DEFAULT_REWRITE_RULES)
+    monkeypatch.setattr(fold_rules, "DEFAULT_RULES", unguarded)
+    result = FoldPass()(io.load(parse(text)))
+    assert not result.modified
+    run_ort(io.to_bytes(result.model), {"x": np.zeros((2, 6, 1, 5), np.float32)})
