@@ -50,6 +50,9 @@ class ShrinkResult:
     output_bytes: int
     output_path: Path | None
     seconds: float
+    """the whole run: the compile, the check and the sensitivity report"""
+    compile_seconds: float
+    """the compile alone: load, passes with their calibration, accounting and save"""
     verification: check_mod.CheckReport | None
     sensitivity: sensitivity_mod.SensitivityReport | None = None
     """per quantized layer, the output error it causes alone (``shrink(sensitivity=True)``)"""
@@ -63,12 +66,18 @@ class ShrinkResult:
         return {
             "output_path": str(self.output_path) if self.output_path else None,
             "seconds": self.seconds,
+            "compile_seconds": self.compile_seconds,
             "passes": [step.to_dict() for step in self.steps],
             "total": {
                 "nodes": [first.before.nodes, last.after.nodes],
                 "params": [first.before.params, last.after.params],
                 "tensor_bytes": [first.before.tensor_bytes, last.after.tensor_bytes],
                 "macs": [first.before.macs, last.after.macs],
+                # > 0: that side's MACs are a lower bound
+                "nodes_without_macs": [
+                    first.before.nodes_without_macs,
+                    last.after.nodes_without_macs,
+                ],
                 "bytes_on_disk": [self.input_bytes, self.output_bytes],
             },
             "verification": self.verification.to_dict() if self.verification else None,
@@ -206,6 +215,9 @@ def shrink(
             sensitivity=sensitivity,
         )
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
+        compiled = time.perf_counter() - started
+        if sensitivity_report is not None:
+            compiled -= sensitivity_report.seconds
         io.detach_from_files(result.model)  # the caller may serialize it with any tool
         finished = functools.partial(
             ShrinkResult,
@@ -214,6 +226,7 @@ def shrink(
             input_bytes=input_bytes,
             output_bytes=output_bytes,
             output_path=output_path,
+            compile_seconds=compiled,
             sensitivity=sensitivity_report,
         )
         report = None
@@ -325,6 +338,7 @@ def _compile(
                 provider=provider,
                 progress=_reporting(hooks.on_calibration, None),
             )
+        first_feed = shapes.first_real_feed(loaded, calib, source)
         result = pipeline.run(
             loaded,
             pass_list,
@@ -334,9 +348,8 @@ def _compile(
             strict=strict,
             collect=collector,
             probe=prober,
-            input_dims=shapes.sample_dims(
-                loaded, shapes.first_real_feed(loaded, calib, source), input_shapes
-            ),
+            input_dims=shapes.sample_dims(loaded, first_feed, input_shapes),
+            observe=shapes.observer(loaded, first_feed, input_shapes, provider),
         )
         report = None
         if sensitivity:  # with a quant pass (shrink checked): a collector too

@@ -49,16 +49,18 @@ def _arrow(before: float, after: float, fmt=human_count) -> str:
 
 
 def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
-    """MACs before -> after; "≥" marks a count that left out nodes of unknown cost (a
-    change of opset or of op can make them countable: the change is then not all real)."""
+    """MACs before -> after; "≥" marks a count that is a lower bound (nodes of unknown cost
+    left out, or counted on a dim no inference or run could fix), and a change with a bound
+    on either side has no percentage: it would compare a bound with a count."""
 
     def fmt(stats: ModelStats) -> str:
         return ("≥" if stats.nodes_without_macs else "") + human_count(stats.macs)
 
     if before.macs == after.macs and before.nodes_without_macs == after.nodes_without_macs:
         return fmt(before)
-    change = f" ({(after.macs - before.macs) / before.macs:+.0%})" if before.macs else ""
-    return f"{fmt(before)} → {fmt(after)}{change}"
+    exact = not before.nodes_without_macs and not after.nodes_without_macs
+    change = (after.macs - before.macs) / before.macs if before.macs and exact else None
+    return f"{fmt(before)} → {fmt(after)}" + (f" ({change:+.0%})" if change is not None else "")
 
 
 def calibration_status(phase: str, done: int, total: int | None, width: int = 24) -> str:
@@ -72,7 +74,9 @@ def calibration_status(phase: str, done: int, total: int | None, width: int = 24
 
 
 def summary_table(result: ShrinkResult) -> Table:
-    """Per pass and total: time, nodes, params, MACs, bytes before -> after."""
+    """Per pass and total: time, nodes, params, MACs, bytes before -> after. The total's time
+    is the compile's (load, passes, calibration, accounting, save): the check and the
+    sensitivity report give their own."""
     table = Table(title="onnx-shrink summary", title_justify="left")
     for column in ("pass", "time", "nodes", "params", "MACs/sample", "bytes"):
         table.add_column(column, justify="left" if column == "pass" else "right")
@@ -98,7 +102,7 @@ def summary_table(result: ShrinkResult) -> Table:
     table.add_section()
     table.add_row(
         "total",
-        f"{result.seconds:.2f}s",
+        f"{result.compile_seconds:.2f}s",
         _arrow(first.nodes, last.nodes, str),
         _arrow(first.params, last.params),
         _macs_arrow(first, last),
@@ -114,18 +118,21 @@ def _num(x: float) -> str:
 
 def check_tables(report: CheckReport) -> list[Table]:
     """The numerics table, the per-layer table (with --layers) and the speed/size table."""
-    tables = [numeric_table(report.numeric, report.provider)]
+    tables = [numeric_table(report.numeric, report.provider, report.seconds)]
     if report.layers is not None:
         tables.append(layers_table(report.layers))
     tables.append(speed_table(report))
     return tables
 
 
-def numeric_table(numeric: NumericReport, provider: str) -> Table:
-    """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict."""
+def numeric_table(numeric: NumericReport, provider: str, seconds: float | None = None) -> Table:
+    """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict; the
+    check's time where given."""
     verdict = numeric.verdict
+    took = f", {seconds:.1f}s" if seconds else ""
     title = escape(
-        f"check on {provider} ({counted(numeric.samples, 'sample')}, {numeric.data}): {verdict}"
+        f"check on {provider} ({counted(numeric.samples, 'sample')}, {numeric.data}{took}): "
+        f"{verdict}"
     )
     table = Table(title=title, title_justify="left")
     columns = (
@@ -279,7 +286,8 @@ def benchmark_table(report: BenchmarkReport) -> Table:
         )
     table.add_section()
     if report.peak_memory_bytes is not None:
-        table.add_row("session peak memory", "", human_bytes(report.peak_memory_bytes))
+        at = f" (batch {report.peak_memory_batch})" if report.peak_memory_batch else ""
+        table.add_row(f"session peak memory{at}", "", human_bytes(report.peak_memory_bytes))
     table.add_row("bytes on disk", "", human_bytes(report.size.bytes_on_disk))
     table.add_row("bytes zipped", "", report.size.zipped_text(human_bytes))
     return table

@@ -206,6 +206,10 @@ class Verdict:
 
 Verifier = Callable[[ir.Model], Verdict]
 
+ShapeObserver = Callable[[ir.Model], stats.Shapes | None]
+"""The dims of one sample's real run of a model (``runtime_check.shapes.observer``), or None
+where it cannot run."""
+
 
 def run(
     model: ir.Model,
@@ -218,12 +222,14 @@ def run(
     collect: Collector | None = None,
     probe: Prober | None = None,
     input_dims: stats.Shapes | None = None,
+    observe: ShapeObserver | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
     A data-aware pass gets statistics from ``collect``, run on the model as it is when the
     pass's turn comes, and the output errors of its ``probes`` from ``probe``. MACs are
-    counted per sample of ``input_dims`` (graph input -> dims) where given. With
+    counted per sample of ``input_dims`` (graph input -> dims) where given, on the dims of a
+    real run (``observe``) where inferred shapes leave the count a bound. With
     ``verify``, the model is judged after every pass; a pass it rejects is rolled back (the
     model before it continues down the pipeline) or, with ``strict``, stops the run.
 
@@ -234,7 +240,7 @@ def run(
     if dump_dir is not None:
         _make_dump_dir(dump_dir)
     steps: list[StepRecord] = []
-    current_stats = stats.measure(model, input_dims=input_dims)
+    current_stats = _measure(model, input_dims, observe)
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
@@ -261,7 +267,7 @@ def run(
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
         model = result.model
-        new_stats = stats.measure(model, input_dims=input_dims)
+        new_stats = _measure(model, input_dims, observe)
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
@@ -293,6 +299,21 @@ def run(
         )
         current_stats, current_bytes = new_stats, new_bytes
     return PipelineResult(model=model, steps=tuple(steps))
+
+
+def _measure(
+    model: ir.Model,
+    input_dims: stats.Shapes | None,
+    observe: ShapeObserver | None,
+) -> stats.ModelStats:
+    """``stats.measure``, counted again on a real run's dims where inferred shapes leave
+    MAC nodes uncounted or counted on a dim inference could not fix (a Paddle Reshape's)."""
+    measured = stats.measure(model, input_dims=input_dims)
+    if measured.nodes_without_macs and observe is not None:
+        real = observe(model)
+        if real:
+            measured = stats.measure(model, real, input_dims)
+    return measured
 
 
 def dump_files(dump_dir: str | Path, passes: Sequence[ir.passes.PassBase]) -> list[Path]:

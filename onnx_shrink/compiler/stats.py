@@ -89,8 +89,16 @@ def measure(
     nodes = list(walk.all_nodes(model))
     tensors = list(walk.all_tensors(model))
     mac_nodes = [node for node in nodes if is_mac_node(node)]
-    inferred = _with_inferred_shapes(model, mac_nodes, shapes or {}, input_dims or {})
+    symbolic: set[str] = set()
+    inferred = _with_inferred_shapes(model, mac_nodes, shapes or {}, input_dims or {}, symbolic)
     macs, unknown = _count_macs(mac_nodes, inferred)
+    if shapes or input_dims:
+        # A workload's MACs: a dim inference could not fix makes the node's count a bound.
+        unknown += sum(
+            1
+            for node in mac_nodes
+            if node_macs(node, inferred) is not None and not _exact(node, inferred, symbolic)
+        )
     unpacked = _unpacked_elements(nodes)
     return ModelStats(
         nodes=len(nodes),
@@ -140,12 +148,17 @@ def mac_shapes(model: ir.Model) -> Shapes:
 
 
 def _with_inferred_shapes(
-    model: ir.Model, mac_nodes: Sequence[ir.Node], shapes: Shapes, input_dims: Shapes
+    model: ir.Model,
+    mac_nodes: Sequence[ir.Node],
+    shapes: Shapes,
+    input_dims: Shapes,
+    symbolic: set[str] | None = None,
 ) -> Shapes:
     """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes or
     ``input_dims`` fix the graph inputs' dims (each inferred dim that is not a number counts
-    as 1, as a symbolic dim does). Inference runs on the graph alone, its large weights left
-    as stand-ins: the model is not copied."""
+    as 1, as a symbolic dim does; the names of the values that have one past the batch axis
+    are added to ``symbolic``). Inference runs on the graph alone, its large weights left as
+    stand-ins: the model is not copied."""
     needs_shapes = bool(input_dims) or any(
         o.shape is None and o.name not in shapes for node in mac_nodes for o in node.outputs
     )
@@ -160,7 +173,10 @@ def _with_inferred_shapes(
     except Exception as e:  # noqa: BLE001 - accounting must not fail a run; MACs become a bound
         logger.debug("shape inference for MAC counting failed: %s", e)
         return shapes
-    return {**_value_dims(inferred.graph), **shapes}
+    inferred_dims = _value_dims(inferred.graph, symbolic)
+    if symbolic is not None:
+        symbolic.difference_update(shapes)
+    return {**inferred_dims, **shapes}
 
 
 def _standard_stand_ins(graph: onnx.GraphProto) -> None:
@@ -229,9 +245,10 @@ def _fix_input_dims(graph: onnx.GraphProto, input_dims: Shapes) -> None:
             info.type.tensor_type.ClearField("shape")
 
 
-def _value_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
+def _value_dims(graph: onnx.GraphProto, symbolic: set[str] | None = None) -> dict[str, list[int]]:
     """Dims of every typed tensor value of ``graph`` and its subgraphs, symbolic or unknown
-    dims (and -1, as Paddle exports write them) as 1; values whose rank is unknown are left
+    dims (and -1, as Paddle exports write them) as 1, the names of the values that have one
+    past the first (batch) axis added to ``symbolic``; values whose rank is unknown are left
     out."""
     result: dict[str, list[int]] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
@@ -239,12 +256,35 @@ def _value_dims(graph: onnx.GraphProto) -> dict[str, list[int]]:
         if info.type.HasField("tensor_type") and tensor.HasField("shape"):
             dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
             result[info.name] = dims
+            # The first axis is the batch, one sample whatever inference made of it.
+            if symbolic is not None and any(d.dim_value <= 0 for d in tensor.shape.dim[1:]):
+                symbolic.add(info.name)
     for node in graph.node:
         for attribute in node.attribute:
             single = [attribute.g] if attribute.HasField("g") else []
             for subgraph in [*single, *attribute.graphs]:
-                result.update(_value_dims(subgraph))
+                result.update(_value_dims(subgraph, symbolic))
     return result
+
+
+def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
+    """Whether ``node_macs`` counts ``node`` on concrete dims: those of the activation its
+    count rests on (a Conv's output, a ConvTranspose's input, the output or the input of a
+    MatMul or Gemm, whose rows are the larger of the two) are known, none symbolic."""
+    form = _form(node)
+    assert form is not None  # a MAC node
+    op, x_index = form[0], form[1]
+    x = node.inputs[x_index] if len(node.inputs) > x_index else None
+    out = node.outputs[0]
+
+    def concrete(value: ir.Value | None) -> bool:
+        return value is not None and value.name in shapes and value.name not in symbolic
+
+    if op == "Conv":
+        return concrete(out)
+    if op == "ConvTranspose":
+        return concrete(x)
+    return concrete(out) or concrete(x)
 
 
 def _count_macs(mac_nodes: Sequence[ir.Node], shapes: Shapes) -> tuple[int, int]:

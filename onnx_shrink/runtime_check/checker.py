@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
 
@@ -49,6 +50,8 @@ class CheckReport:
     candidate_size: bench.ModelSize
     reference_bytes_by_op: dict[str, int]
     candidate_bytes_by_op: dict[str, int]
+    seconds: float = 0.0
+    """the check's wall time: loading, numerics, layers, latency, sizes"""
 
     @property
     def passed(self) -> bool:
@@ -193,6 +196,7 @@ def check(
     latency_runs: int = 30,
 ) -> CheckReport:
     """Numerics, optional per-layer localization, alternate-run latency and sizes."""
+    started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pair = _open(reference, candidate, data, labels, input_shapes, provider)
         if layers:  # read twice: a one-shot reader is spilled as the numerics read it
@@ -226,4 +230,5 @@ def check(
         candidate_size=bench.model_size(cand.source),
         reference_bytes_by_op=stats.bytes_by_op_type(ref.model),
         candidate_bytes_by_op=stats.bytes_by_op_type(cand.model),
+        seconds=time.perf_counter() - started,
     )

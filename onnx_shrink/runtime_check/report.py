@@ -10,7 +10,7 @@ from __future__ import annotations
 import html
 import math
 from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from onnx_shrink.runtime_check import svg
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
@@ -22,6 +22,7 @@ from onnx_shrink.wording import counted
 
 if TYPE_CHECKING:
     from onnx_shrink.api import ShrinkResult
+    from onnx_shrink.compiler.stats import ModelStats
 
 """``layers.localize``'s default jump threshold, drawn on the per-layer plot."""
 TOP_TENSORS = 15
@@ -117,8 +118,13 @@ def _pct(value: float | None) -> str:
     return "—" if value is None else f"{100 * value:.2f} %"
 
 
-def _change(before: float, after: float, fmt: Callable[[float], str] = _count) -> str:
+def _change(before: Any, after: Any, fmt: Callable[[Any], str] = _count) -> str:
     return f"{fmt(before)} → {fmt(after)}"
+
+
+def _macs(stats: ModelStats) -> str:
+    """MACs, "≥" where the count is a lower bound (``ModelStats.nodes_without_macs``)."""
+    return ("≥" if stats.nodes_without_macs else "") + _count(stats.macs)
 
 
 def _table(header: Sequence[str], rows: Iterable[Sequence[str]], names: int = 1) -> str:
@@ -148,7 +154,7 @@ def _header(
     if shrink is not None:
         specs = ", ".join(step.spec for step in shrink.steps) or "no passes"
         parts.append(
-            f"<p>Passes <code>{_e(specs)}</code> in {shrink.seconds:.2f} s: "
+            f"<p>Passes <code>{_e(specs)}</code> in {shrink.compile_seconds:.2f} s: "
             f"{_bytes(shrink.input_bytes)} → {_bytes(shrink.output_bytes)} on disk"
             + (f", written to <code>{_e(shrink.output_path)}</code>" if shrink.output_path else "")
             + ".</p>"
@@ -205,7 +211,7 @@ def _shrink_section(shrink: ShrinkResult) -> str:
                 f"{step.seconds:.3f} s",
                 _change(step.before.nodes, step.after.nodes),
                 _change(step.before.params, step.after.params),
-                _change(step.before.macs, step.after.macs),
+                _change(step.before, step.after, _macs),
                 _change(step.bytes_before, step.bytes_after, _bytes),
             ]
         )
@@ -439,6 +445,8 @@ def _bench_section(bench: BenchmarkReport) -> str:
         fmt=_ms,
     )
     memory = "not measured" if bench.peak_memory_bytes is None else _bytes(bench.peak_memory_bytes)
+    if bench.peak_memory_batch:
+        memory += f" at batch {bench.peak_memory_batch}"
     return (
         f"<section>\n<h2>Benchmark</h2>\n{_table(header, rows, names=0)}\n{chart}\n"
         f"<p>Session peak memory: {memory}. Size: {_bytes(bench.size.bytes_on_disk)} on disk, "

@@ -8,16 +8,20 @@ computed on ``feed``.
 
 from __future__ import annotations
 
+import logging
 from collections.abc import Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import stats
+from onnx_shrink.compiler import pipeline, stats
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.layers import with_outputs
+from onnx_shrink.runtime_check.synthetic import synthetic_feed
+
+logger = logging.getLogger(__name__)
 
 
 def observed(
@@ -86,3 +90,36 @@ def sample_dims(
         for s in specs
         if s.name in dims
     }
+
+
+def observer(
+    model: ir.Model,
+    first_feed: data_mod.Feed | None,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    provider: str = "cpu",
+) -> pipeline.ShapeObserver | None:
+    """What ``pipeline.run`` asks for the dims of a run where inferred shapes leave a MAC
+    count a bound (``stats.ModelStats.nodes_without_macs``): one sample of the dims
+    ``sample_dims`` counts (a synthetic one of ``input_shapes``, else the first sample of
+    ``first_feed``), run through ``observed``; None where neither is given: symbolic dims
+    then count as 1 by definition. A model that cannot run where it is checked (bfloat16 on
+    the CPU) keeps its bound."""
+    specs = data_mod.specs_from_model(model)
+    if input_shapes:
+        feed = synthetic_feed(specs, sample_dims(model, None, input_shapes))
+    elif first_feed is not None:
+        batched = {s.name for s in specs if s.batch_axis}
+        feed = {k: v[:1] if k in batched else v for k, v in first_feed.items()}
+    else:
+        return None
+
+    def observe(candidate: ir.Model) -> dict[str, tuple[int, ...]] | None:
+        try:
+            return observed(candidate, feed, provider)
+        except MemoryError:
+            raise
+        except Exception as e:  # noqa: BLE001 - accounting must not fail a run: a bound stays
+            logger.debug("no real run to count MACs on: %s", e)
+            return None
+
+    return observe

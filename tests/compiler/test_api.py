@@ -92,3 +92,24 @@ def test_latency_runs_below_zero_are_refused_as_the_command_lines_runs_are():
     with pytest.raises(onnx_shrink.ShrinkError, match="latency_runs must be at least 0, not -3"):
         onnx_shrink.CheckOptions(latency_runs=-3)
     assert onnx_shrink.CheckOptions(latency_runs=0).latency_runs == 0  # 0: no latency
+
+
+def test_the_total_time_is_the_compiles_and_the_check_gives_its_own():
+    """The summary's total read the whole run: PP-OCRv4 rec's passes and calibration took
+    5.2 s and its total said 114 s, the check's latency and layers included."""
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check import report
+
+    check = onnx_shrink.CheckOptions(data={"image": images()}, layers=True, latency_runs=20)
+    result = onnx_shrink.shrink(digits.MODEL_PATH, "fold", check=check)
+    check_seconds = result.verification.seconds
+    assert 0 < result.compile_seconds and 0 < check_seconds
+    assert result.compile_seconds + check_seconds <= result.seconds
+    assert result.to_dict()["compile_seconds"] == result.compile_seconds
+    table = console.summary_table(result)
+    assert table.columns[1]._cells[-1] == f"{result.compile_seconds:.2f}s"
+    assert f"{check_seconds:.1f}s" in str(
+        console.numeric_table(result.verification.numeric, "cpu", check_seconds).title
+    )
+    page = report.html_report(shrink=result, check=result.verification)
+    assert f"in {result.compile_seconds:.2f} s" in page

@@ -460,5 +460,19 @@ def test_macs_that_left_out_nodes_of_unknown_cost_are_marked():
     fields = {f: 0 for f in ModelStats.__dataclass_fields__}
     before = ModelStats(**{**fields, "macs": 100, "nodes_without_macs": 2})
     after = ModelStats(**{**fields, "macs": 150})
-    assert console._macs_arrow(before, after) == "≥100 → 150 (+50%)"
+    # No percentage against a bound: silero-vad's lossless fold read "≥177k -> 548k (+210%)".
+    assert console._macs_arrow(before, after) == "≥100 → 150"
     assert console._macs_arrow(after, after) == "150"
+    exact = ModelStats(**{**fields, "macs": 120})
+    assert console._macs_arrow(after, exact) == "150 → 120 (-20%)"
+
+
+def test_the_html_marks_a_bound_of_macs_as_the_console_does():
+    from onnx_shrink.compiler.stats import ModelStats
+    from onnx_shrink.runtime_check import report
+
+    fields = {f: 0 for f in ModelStats.__dataclass_fields__}
+    bound = ModelStats(**{**fields, "macs": 177_020, "nodes_without_macs": 6})
+    assert report._change(bound, ModelStats(**{**fields, "macs": 548_480}), report._macs) == (
+        f"≥{report._count(177_020)} → {report._count(548_480)}"
+    )

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import json
 
+import numpy as np
+
 from models import digits
 from models.perturb import perturbed_copy
+from onnx_shrink import console
 from tests.helpers import reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH
@@ -195,3 +198,17 @@ def test_counts_below_their_floor_are_errors(run_cli):
     assert result.code == 2 and "--runs must be at least 1" in result.err
     result = run_cli("check", digits.MODEL_PATH, digits.MODEL_PATH, "--runs", "-5")
     assert result.code == 2 and "--runs must be at least 0" in result.err
+
+
+def test_bench_measures_session_memory_at_the_largest_batch_asked_and_says_so(monkeypatch):
+    """The memory was measured on the data's whole first feed whatever --batch-sizes said
+    (YOLOv8n: 66 MiB with a 16-sample .npz, 25 MiB with one, beside batch-1 rows only)."""
+    from onnx_shrink.runtime_check import bench
+
+    fed = []
+    monkeypatch.setattr(bench, "session_peak_memory", lambda m, feed, p: fed.append(feed) or 1)
+    images = {"image": np.zeros((40, 1, 8, 8), np.float32)}
+    report = bench.benchmark(digits.MODEL_PATH, data=images, batch_sizes=(1, 4), runs=2)
+    assert [f["image"].shape[0] for f in fed] == [4]
+    assert report.peak_memory_batch == 4
+    assert "batch 4" in str(console.benchmark_table(report).columns[0]._cells)
