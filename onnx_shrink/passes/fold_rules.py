@@ -7,8 +7,7 @@ match a node of that op, so ``by_root_op`` gives each such rule a copy whose ``t
 returns at once elsewhere. A pattern with several output nodes matches the node it is tried
 at against its first one (and searches the whole graph for the others, so each try costs a
 pass over every node: quadratic, 0.2 s of det's fold): it is filtered by that first node's op.
-The rules, their order and so every rewrite are unchanged, except where a rule's rewrite
-is invalid at the model's opset (``MIN_OPSETS``).
+The rules, their order and so every rewrite are unchanged; ``UNSAFE`` ones are left out.
 """
 
 from __future__ import annotations
@@ -20,11 +19,6 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
-
-MIN_OPSETS = {"MaterializeReshapeShape": 14}
-"""Rules whose rewrite is valid only from a default-domain opset: onnxscript 0.7.2's
-MaterializeReshapeShape writes ``Reshape(..., allowzero=1)``, an attribute of Reshape-14,
-into any model, and onnxruntime refuses an opset-12 or 13 model that has it."""
 
 
 def by_root_op(rules: Sequence[pattern.RewriteRule]) -> list[pattern.RewriteRule]:
@@ -38,13 +32,10 @@ def _filtered(rule: pattern.RewriteRule) -> pattern.RewriteRule:
         return rule
     fast = copy.copy(rule)  # the shared default rule stays as onnxscript made it
     try_rewrite = rule.try_rewrite
-    min_opset = MIN_OPSETS.get(rule.name, 0)
 
     @functools.wraps(try_rewrite)
     def try_where_it_can_match(model, graph_or_function, node: ir.Node, **kwargs):
         if node.op_type != root[1] or _domain(node.domain) != root[0]:
-            return None
-        if min_opset and model.opset_imports.get("", min_opset) < min_opset:
             return None
         return try_rewrite(model, graph_or_function, node, **kwargs)
 
@@ -69,5 +60,13 @@ def _domain(domain: str) -> str:
     return "" if domain == "ai.onnx" else domain
 
 
-DEFAULT_RULES = by_root_op(rewriter._DEFAULT_REWRITE_RULES)
+UNSAFE = frozenset({"MaterializeReshapeShape"})
+"""onnxscript 0.7.2 default rules fold leaves out. MaterializeReshapeShape makes a computed
+Reshape shape the constant of its output's shape as annotated, and a graph output's
+annotation is the exporter's word, sometimes stale: ddddocr 1.6.1's OCR output (20, 1, 8210)
+became (1, 164200). It also writes ``allowzero=1``, an attribute of Reshape-14, into any
+opset: onnxruntime refused the folded opset-12 model. ``fold_reshape`` makes constant the
+shapes it can prove; onnxruntime folds the rest when it loads the model."""
+
+DEFAULT_RULES = by_root_op([r for r in rewriter._DEFAULT_REWRITE_RULES if r.name not in UNSAFE])
 """onnxscript's default rules, filtered once (rules keep no state between applications)."""

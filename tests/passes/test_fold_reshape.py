@@ -143,8 +143,8 @@ def test_fold_makes_a_paddle_flatten_constant_so_shape_inference_follows_it():
 @pytest.mark.parametrize("opset", [12, 13])
 def test_below_opset_14_fold_writes_no_reshape_attribute_onnxruntime_refuses(opset, monkeypatch):
     """onnxscript's MaterializeReshapeShape wrote Reshape(..., allowzero=1) into any model, an
-    attribute of Reshape-14: onnxruntime refused the folded opset-12 model. The rule now waits
-    for opset 14; and were a rule to write such a node, fold keeps the model as it was."""
+    attribute of Reshape-14: onnxruntime refused the folded opset-12 model. fold leaves the
+    rule out; and were a rule to write such a node, fold keeps the model as it was."""
     from onnx_shrink.passes import fold_rules
 
     text = _flatten().replace('"" : 12', f'"" : {opset}')
@@ -152,9 +152,34 @@ def test_below_opset_14_fold_writes_no_reshape_attribute_onnxruntime_refuses(ops
     assert all("allowzero" not in n.attributes for n in folded.graph)
     run_ort(io.to_bytes(folded), {"x": np.zeros((2, 6, 1, 5), np.float32)})  # loads, runs
 
-    monkeypatch.setattr(fold_rules, "MIN_OPSETS", {})  # the rule as onnxscript has it
     unguarded = fold_rules.by_root_op(fold_rules.rewriter._DEFAULT_REWRITE_RULES)
     monkeypatch.setattr(fold_rules, "DEFAULT_RULES", unguarded)
     result = FoldPass()(io.load(parse(text)))
     assert not result.modified
     run_ort(io.to_bytes(result.model), {"x": np.zeros((2, 6, 1, 5), np.float32)})
+
+
+def test_a_stale_output_annotation_never_decides_a_reshape():
+    """A graph output's declared shape is the exporter's word: ddddocr's OCR model declares
+    [1, N] for an output of (20, 1, 8210), and onnxscript's MaterializeReshapeShape made the
+    Reshape's shape [1, -1] from it, so the folded model computed (1, 164200)."""
+    text = """
+    <ir_version: 8, opset_import: ["" : 14]>
+    g (float[1, W, 8] x) => (float[1, N] y) {
+      s = Shape(x)
+      i1 = Constant <value = int64 {1}> ()
+      ax0 = Constant <value = int64[1] {0}> ()
+      d1 = Gather <axis = 0> (s, i1)
+      d1u = Unsqueeze(d1, ax0)
+      m1 = Constant <value = int64[1] {-1}> ()
+      shape = Concat <axis = 0> (d1u, m1)
+      y = Reshape(x, shape)
+    }
+    """
+    original = io.load(parse(text))
+    folded = FoldPass()(original).model
+    x = np.random.default_rng(0).standard_normal((1, 5, 8)).astype(np.float32)
+    (expected,) = run_ort(io.to_bytes(original), {"x": x})
+    (got,) = run_ort(io.to_bytes(folded), {"x": x})
+    assert expected.shape == (5, 8)
+    np.testing.assert_array_equal(got, expected)
