@@ -374,3 +374,44 @@ def test_a_moved_offset_that_overflows_float16_stays_where_it_was():
     _to_float16(model)
     _, ops, modified = _fold(model)
     assert not modified and ops == ["Mul", "Add", "Conv", "Identity"]
+
+
+def test_the_half_that_ends_an_erf_gelu_stays_for_onnxruntime_to_fuse_it(tmp_path):
+    """Moved into the next Conv, the 0.5 of x * (1 + erf(x / √2)) * 0.5 left onnxruntime a
+    Div, Erf, Add and Mul to run instead of one Gelu: PP-OCRv6 rec's fold made it 1.27x
+    slower."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(0)
+    inits = [
+        onnx.numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype(np.float32), "w1"),
+        onnx.numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
+        onnx.numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
+        onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"),
+        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
+    ]
+    nodes = [
+        helper.make_node("Conv", ["x", "w1"], ["c1"]),
+        helper.make_node("Div", ["c1", "sqrt2"], ["dv"]),
+        helper.make_node("Erf", ["dv"], ["er"]),
+        helper.make_node("Add", ["er", "one"], ["ad"]),
+        helper.make_node("Mul", ["c1", "ad"], ["mu"]),
+        helper.make_node("Mul", ["mu", "half"], ["gelu"]),
+        helper.make_node("Conv", ["gelu", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 1, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 16])],
+        inits,
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    assert not ConvAffinePass()(io.load(proto)).modified
+    folded = FoldPass()(io.load(proto)).model
+    assert [n.op_type for n in folded.graph].count("Mul") == 2
+    optimized = tmp_path / "optimized.onnx"
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(optimized)
+    ort.InferenceSession(io.to_bytes(folded), options, providers=["CPUExecutionProvider"])
+    assert "Gelu" in {n.op_type for n in onnx.load(str(optimized)).graph.node}
