@@ -192,10 +192,10 @@ def shrink(
         "the labels": options.labels if options else None,
         "the recipe": recipe,
     }
-    given = _read_input(model, read, pass_list, dump_dir, output, external_data)
+    given = preflight.read_input(model, read, pass_list, dump_dir, output, external_data)
     loaded, reference, input_bytes = given.model, given.reference, given.input_bytes
     with contextlib.ExitStack() as stack:
-        dataset, source = _data_sources(given, options, calibration, data, stack)
+        dataset, source = preflight.data_sources(given, options, calibration, data, stack)
         verifier = None
         if options is not None and options.verify_each:
             verifier = each_pass.verifier(
@@ -231,6 +231,7 @@ def shrink(
         )
         report = None
         if options is not None:
+            _warn_in_sample(result.steps, pass_list, calibration, options.data)
             try:
                 report = _check_candidate(reference, candidate, dataset, options, output_path)
             except (RunFailedError, DataError) as e:
@@ -246,61 +247,36 @@ def shrink(
 _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
 
 
-@dataclasses.dataclass(frozen=True)
-class _Input:
-    """The model ``shrink`` was given, loaded and vetted."""
-
-    model: ir.Model
-    reference: Path | bytes  # what the check runs as the original: the file, or its bytes
-    input_bytes: int  # on disk, weight files included
-    where: str  # how messages name it
+FIT_TO_DATA = ("lowrank", "prune", "prune-channels")
+"""Passes that fit weights to the calibration data by least squares (lowrank's whitening,
+the refits): checked on those same samples, they read better than on new ones."""
 
 
-def _read_input(
-    model: io.ModelSource,
-    read: Mapping[str, object],
+def _warn_in_sample(
+    steps: Sequence[pipeline.StepRecord],
     pass_list: Sequence[ir.passes.PassBase],
-    dump_dir: str | os.PathLike | None,
-    output: str | os.PathLike | None,
-    external_data: bool | None,
-) -> _Input:
-    """Load ``model`` once every file the run reads (``read``, by role) and writes has been
-    vetted (``preflight.refuse_bad_files``), then make its listed weights plain constants
-    and refuse Q/DQ onnxruntime will not run (``preflight``)."""
-    from_file = isinstance(model, (str, os.PathLike))
-    # The input and its weight files, read once: every clash check and the input's size.
-    model_files = io.model_reads("the input model", model) if from_file else {}
-    preflight.refuse_bad_files(read, model_files, pass_list, dump_dir, output, external_data)
-    loaded = io.load(model)
-    reference = Path(model) if from_file else io.to_bytes(loaded)
-    input_bytes = (
-        sum(p.stat().st_size for p in model_files.values()) if from_file else len(reference)
-    )
-    preflight.unlist_weight_inputs(loaded)
-    preflight.refuse_unrunnable_qdq(loaded, pass_list)
-    where = str(model) if from_file else "the input model"
-    return _Input(loaded, reference, input_bytes, where)
-
-
-def _data_sources(
-    given: _Input,
-    options: CheckOptions | None,
     calibration: check_mod.DataSource,
-    data: check_mod.DataSource,
-    stack: contextlib.ExitStack,
-) -> tuple[data_mod.Dataset | None, check_mod.DataSource]:
-    """(the check's dataset, vetted on its first sample; calibration's source). Bad data is
-    rejected here, before any work is done."""
-    dataset = None
-    if options is not None:
-        dataset = preflight.checked_dataset(given.reference, given.model, given.where, options)
-    check_data = options.data if options else None
-    source = next((s for s in (calibration, data, check_data) if s is not None), None)
-    if dataset is not None and source is not None and source is check_data:
-        # One source for calibration, the check and the MACs, opened once; a reader is
-        # read once, spilled as calibration reads it and replayed for the check.
-        dataset = source = data_mod.replayable(dataset, stack)
-    return dataset, source
+    check_data: check_mod.DataSource,
+) -> None:
+    """Warn where the check runs on the data a pass fit weights to: lowrank on 64 crops of
+    a 1152-wide layer read error 4.5e-6 there, 0.062 on other crops."""
+    same = calibration is None or calibration is check_data
+    if not same and isinstance(calibration, (str, os.PathLike)):
+        same = isinstance(check_data, (str, os.PathLike)) and (
+            Path(calibration).resolve() == Path(check_data).resolve()
+        )
+    fitted = [
+        p.name
+        for p, step in zip(pass_list, steps, strict=False)
+        if p.name in FIT_TO_DATA and step.modified and step.calibration_samples
+    ]
+    if same and check_data is not None and fitted:
+        logger.warning(
+            "the check runs on the calibration data, which %s fit weights to: its figures "
+            "can be better there than on new samples (give --data other samples than "
+            "--calibration)",
+            " and ".join(dict.fromkeys(fitted)),
+        )
 
 
 @dataclasses.dataclass(frozen=True)

@@ -235,6 +235,11 @@ def sensitivity_lines(
     return lines
 
 
+SLOWER_RATIO = 1.10
+"""A paired latency ratio from which the check says the candidate is slower (below it, a
+2-core machine's noise can give a ratio of 1.05 to a model no slower)."""
+
+
 def speed_table(report: CheckReport) -> Table:
     """Latency of both models (timed alternately) and their sizes on disk and zipped."""
     table = Table(title="speed and size", title_justify="left")
@@ -251,6 +256,12 @@ def speed_table(report: CheckReport) -> Table:
             f"{report.latency.ratio:.2f}x paired",
         )
         table.add_row("latency p90", f"{ref.p90_ms:.3f} ms", f"{cand.p90_ms:.3f} ms", "")
+        if report.latency.ratio >= SLOWER_RATIO:
+            table.caption = (
+                f"the candidate is slower here ({report.latency.ratio:.2f}x the reference's "
+                "latency): a compressed model does not run faster everywhere (integer kernels "
+                "on small layers, a lost fusion); measure it where it will run"
+            )
     rs, cs = report.reference_size, report.candidate_size
     table.add_row(
         "bytes on disk",

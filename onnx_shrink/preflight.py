@@ -5,6 +5,8 @@ as graph inputs."""
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import logging
 import os
 from collections.abc import Mapping, Sequence
@@ -25,8 +27,66 @@ from onnx_shrink.runtime_check.compare import Tolerances, classifier_output
 
 if TYPE_CHECKING:
     from onnx_shrink.api import CheckOptions
+    from onnx_shrink.runtime_check.checker import DataSource
 
 logger = logging.getLogger(__name__)
+
+
+@dataclasses.dataclass(frozen=True)
+class Input:
+    """The model ``shrink`` was given, loaded and vetted."""
+
+    model: ir.Model
+    reference: Path | bytes  # what the check runs as the original: the file, or its bytes
+    input_bytes: int  # on disk, weight files included
+    where: str  # how messages name it
+
+
+def read_input(
+    model: io.ModelSource,
+    read: Mapping[str, object],
+    pass_list: Sequence[ir.passes.PassBase],
+    dump_dir: str | os.PathLike | None,
+    output: str | os.PathLike | None,
+    external_data: bool | None,
+) -> Input:
+    """Load ``model`` once every file the run reads (``read``, by role) and writes has been
+    vetted (``preflight.refuse_bad_files``), then make its listed weights plain constants
+    and refuse Q/DQ onnxruntime will not run (below)."""
+    from_file = isinstance(model, (str, os.PathLike))
+    # The input and its weight files, read once: every clash check and the input's size.
+    model_files = io.model_reads("the input model", model) if from_file else {}
+    refuse_bad_files(read, model_files, pass_list, dump_dir, output, external_data)
+    loaded = io.load(model)
+    reference = Path(model) if from_file else io.to_bytes(loaded)
+    input_bytes = (
+        sum(p.stat().st_size for p in model_files.values()) if from_file else len(reference)
+    )
+    unlist_weight_inputs(loaded)
+    refuse_unrunnable_qdq(loaded, pass_list)
+    where = str(model) if from_file else "the input model"
+    return Input(loaded, reference, input_bytes, where)
+
+
+def data_sources(
+    given: Input,
+    options: CheckOptions | None,
+    calibration: DataSource,
+    data: DataSource,
+    stack: contextlib.ExitStack,
+) -> tuple[data_mod.Dataset | None, DataSource]:
+    """(the check's dataset, vetted on its first sample; calibration's source). Bad data is
+    rejected here, before any work is done."""
+    dataset = None
+    if options is not None:
+        dataset = checked_dataset(given.reference, given.model, given.where, options)
+    check_data = options.data if options else None
+    source = next((s for s in (calibration, data, check_data) if s is not None), None)
+    if dataset is not None and source is not None and source is check_data:
+        # One source for calibration, the check and the MACs, opened once; a reader is
+        # read once, spilled as calibration reads it and replayed for the check.
+        dataset = source = data_mod.replayable(dataset, stack)
+    return dataset, source
 
 
 def at_least(low: int, **counts: int | None) -> None:

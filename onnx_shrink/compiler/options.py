@@ -233,3 +233,14 @@ def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None
     for name, applicable in applies.items():
         if not applicable and getattr(config, name) != defaults[name]:
             raise ValueError(f"{name}={getattr(config, name)!r} does not apply here: {why}")
+
+
+def warn_no_change(pass_name: str, what: str, reasons: Sequence[str]) -> None:
+    """One warning that ``pass_name`` changed nothing, with why, counted by reason (each
+    layer's own line is INFO, for -v): "no change" in the summary said nothing of it."""
+    counts: dict[str, int] = {}
+    for reason in reasons:
+        counts[reason or "no reason given"] = counts.get(reason or "no reason given", 0) + 1
+    ranked = sorted(counts.items(), key=lambda item: -item[1])
+    why = "; ".join(f"{reason}: {count}" for reason, count in ranked) or "nothing it handles"
+    logger.warning("%s: no %s changed (%s; -v for each)", pass_name, what, why)

@@ -250,8 +250,9 @@ def run(
         if current_bytes is None and pass_.changes_input:
             current_bytes = large_tensors.saved_bytes(model)
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
-        # converts its opset): a rolled-back pass leaves the model as it found it.
-        snapshot = _snapshot(model, pass_) if verify is not None else None
+        # converts its opset and infers types before it knows whether it will quantize): a
+        # rolled-back pass, or one that changed nothing, leaves the model as it found it.
+        snapshot = _snapshot(model, pass_) if verify is not None or pass_.changes_input else None
         followup_collect = _TimedCollector(collect) if collect is not None else None
         runnable, calibration_seconds, samples = _bind(
             pass_, model, collect, probe, followup_collect
@@ -267,6 +268,8 @@ def run(
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
         model = result.model
+        if not result.modified and snapshot is not None:
+            model = snapshot  # an already-int8 model's quant raised its opset, said no change
         new_stats = _measure(model, input_dims, observe)
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None

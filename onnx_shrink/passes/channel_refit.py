@@ -20,6 +20,7 @@ Grouped Convs, other ranks and shared weights are reported as not refit.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Iterable, Mapping, Sequence
@@ -210,3 +211,15 @@ def log_table(reports: Sequence[RefitReport]) -> None:
             f"{r.error:.2e} -> {r.refit_error:.2e}{note}"
         )
     logger.info("prune-channels: reconstruction\n%s", "\n".join(lines))
+    skipped = collections.Counter(r.reason for r in reports if r.error is None)
+    if skipped:
+        # Said once, at warning level: on silero-vad v6 every consumer was a 1-D Conv, and the
+        # refit asked for (the default with data) did nothing, said only under -v.
+        reasons = ", ".join(f"{reason}: {count}" for reason, count in skipped.most_common())
+        logger.warning(
+            "prune-channels: %d of %d layers reading pruned channels are not refit (%s); "
+            "their error is the pruning's (-v lists them)",
+            sum(skipped.values()),
+            len(reports),
+            reasons,
+        )

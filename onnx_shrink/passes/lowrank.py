@@ -28,10 +28,11 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe, ProbeBudget
-from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable
+from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
+from onnx_shrink.passes import lowrank_report
 from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit
 
 logger = logging.getLogger(__name__)
@@ -264,10 +265,12 @@ class LowRankPass(DataAwarePass):
                 len(sparse),
                 ", ".join(sparse[:5]),
             )
-        _log_table(plans)
+        lowrank_report.log_table(plans)
         modified = any(p.rank is not None for p in plans)
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
+        else:
+            warn_no_change(self.name, "layer", [p.reason for p in plans])
         return ir.passes.PassResult(model, modified)
 
     def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:
@@ -304,6 +307,8 @@ class LowRankPass(DataAwarePass):
                 skipped.append(_dense_plan(node, reason))
                 continue
             layers.append(self._layer(node, stats))
+        if self.activation_aware:
+            lowrank_report.warn_few_rows(layers, stats, self._stat_request)
         return layers, skipped
 
     def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, str]]:
@@ -474,20 +479,4 @@ def _dense_plan(node: ir.Node, reason: str) -> LayerPlan:
     shape = graph_mod.matrix_shape(node) if valid else (0, 0)
     return LayerPlan(
         node.name or "", node.op_type, shape, None, params, params, None, False, reason
-    )
-
-
-def _log_table(plans: Sequence[LayerPlan]) -> None:
-    """One INFO line per layer (activation x activation MatMuls left out), then the totals."""
-    for p in plans:
-        if p.reason != "weight is not a constant":
-            error = "" if p.error is None else f", error {p.error:.4f}"
-            what = f"rank {p.rank}{error}" if p.rank is not None else f"dense: {p.reason}"
-            size = f"{p.op_type} {p.shape[0]}x{p.shape[1]}" if p.shape[0] else p.op_type
-            logger.info(f"lowrank: {p.node} ({size}) {p.params_before} -> {p.params_after}, {what}")
-    split = [p for p in plans if p.rank is not None]
-    before, after = sum(p.params_before for p in split), sum(p.params_after for p in split)
-    saved = 100.0 * (1 - after / before) if before else 0.0
-    logger.info(
-        f"lowrank: {len(split)} of {len(plans)} layers split: {before} -> {after} (-{saved:.1f}%)"
     )

@@ -28,7 +28,7 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable
+from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct as refitting
@@ -277,7 +277,7 @@ class PrunePass(DataAwarePass):
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         layers = self._layers(model)
         if not layers:
-            logger.info("prune: no layer to prune")
+            warn_no_change(self.name, "layer", ["no MatMul, Gemm or Conv with a constant weight"])
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

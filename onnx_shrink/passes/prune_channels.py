@@ -27,7 +27,7 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.compiler.options import check_options, option
+from onnx_shrink.compiler.options import check_options, option, warn_no_change
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
 from onnx_shrink.passes import channel_refit
 from onnx_shrink.passes import reconstruct as refitting
@@ -150,9 +150,10 @@ class PruneChannelsPass(DataAwarePass):
         return self.apply(model, None)
 
     def apply(self, model: ir.Model, stats: Statistics | None) -> ir.passes.PassResult:
-        plans = []
+        plans, declined = [], []
         for group in self.groups(model):
             if group.reason is not None:
+                declined.append(group.reason)
                 logger.info("prune-channels: declined group of %s: %s", group.label, group.reason)
                 continue
             keep = self._keep(group)
@@ -163,6 +164,7 @@ class PruneChannelsPass(DataAwarePass):
             logger.debug("prune-channels: %s: %d -> %d", group.label, group.channels, keep)
             plans.append((group, removed))
         if not plans:
+            warn_no_change(self.name, "channel group", declined or ["none at the asked amount"])
             return ir.passes.PassResult(model, False)
         if stats is not None and self.reconstruct != "off":
             found = channel_refit.consumers(_consumer_nodes([g for g, _ in plans]))

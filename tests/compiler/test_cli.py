@@ -476,3 +476,22 @@ def test_the_html_marks_a_bound_of_macs_as_the_console_does():
     assert report._change(bound, ModelStats(**{**fields, "macs": 548_480}), report._macs) == (
         f"≥{report._count(177_020)} → {report._count(548_480)}"
     )
+
+
+def test_a_candidate_slower_than_its_reference_is_said_so_under_the_speed_table():
+    """MTCNN's pnet ran 1.30x slower after quant, and nothing said so but the ratio."""
+    import types
+
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check.bench import LatencyComparison, LatencyStats, ModelSize
+
+    stats = LatencyStats(**{f: 1 for f in LatencyStats.__dataclass_fields__})
+    size = ModelSize(100, 50)
+    for ratio, said in ((1.30, True), (1.02, False)):
+        report = types.SimpleNamespace(
+            latency=LatencyComparison(stats, stats, ratio),
+            reference_size=size,
+            candidate_size=size,
+        )
+        caption = console.speed_table(report).caption
+        assert bool(caption and f"{ratio:.2f}x" in caption) == said

@@ -355,3 +355,22 @@ def test_reconstruction_is_data_aware_only_when_asked():
     assert PruneChannelsPass(ratio=0.5)(model).modified  # auto: called alone, no refit
     with pytest.raises(ir.passes.PreconditionError):
         PruneChannelsPass(ratio=0.5, reconstruct="on")(io.load(_chain(w, [1, 3, 4, 4])))
+
+
+def test_layers_left_unrefit_are_one_warning_not_only_a_verbose_table(caplog):
+    """On silero-vad v6 every layer reading pruned channels was a 1-D Conv: the refit asked
+    for did nothing, said only under -v."""
+    import logging
+
+    from onnx_shrink.passes import channel_refit
+
+    reports = [
+        channel_refit.RefitReport("a", 0, 0, None, None, "Conv that is not 2-D"),
+        channel_refit.RefitReport("b", 0, 0, None, None, "Conv that is not 2-D"),
+        channel_refit.RefitReport("c", 2, 8, 0.1, 0.01),
+    ]
+    with caplog.at_level(logging.WARNING):
+        channel_refit.log_table(reports)
+    (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert "2 of 3 layers" in record.getMessage()
+    assert "Conv that is not 2-D: 2" in record.getMessage()
