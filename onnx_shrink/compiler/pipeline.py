@@ -240,7 +240,10 @@ def run(
     if dump_dir is not None:
         _make_dump_dir(dump_dir)
     steps: list[StepRecord] = []
-    current_stats = _measure(model, input_dims, observe)
+    # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
+    # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
+    observed: dict[str, Sequence[int]] = {}
+    current_stats = _measure(model, input_dims, observe, observed)
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
@@ -270,7 +273,9 @@ def run(
         model = result.model
         if not result.modified and snapshot is not None:
             model = snapshot  # an already-int8 model's quant raised its opset, said no change
-        new_stats = _measure(model, input_dims, observe)
+        if getattr(pass_, "changes_shapes", False) and result.modified:
+            observed.clear()
+        new_stats = _measure(model, input_dims, observe, observed)
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
@@ -308,14 +313,17 @@ def _measure(
     model: ir.Model,
     input_dims: stats.Shapes | None,
     observe: ShapeObserver | None,
+    observed: dict[str, Sequence[int]],
 ) -> stats.ModelStats:
-    """``stats.measure``, counted again on a real run's dims where inferred shapes leave
-    MAC nodes uncounted or counted on a dim inference could not fix (a Paddle Reshape's)."""
-    measured = stats.measure(model, input_dims=input_dims)
+    """``stats.measure`` on inferred shapes and the dims of runs so far (``observed``),
+    counted again on a new run's dims (added to ``observed``) where they leave MAC nodes
+    uncounted or counted on a dim inference could not fix (a Paddle Reshape's)."""
+    measured = stats.measure(model, observed or None, input_dims)
     if measured.nodes_without_macs and observe is not None:
         real = observe(model)
         if real:
-            measured = stats.measure(model, real, input_dims)
+            observed.update(real)
+            measured = stats.measure(model, observed, input_dims)
     return measured
 
 

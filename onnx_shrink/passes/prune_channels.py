@@ -101,6 +101,7 @@ class PruneChannelsPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "prune-channels"
+    changes_shapes: ClassVar[bool] = True  # tensors keep their names, not their channels
 
     ratio: float = option(
         0.3, "fraction of each group's channels removed", minimum=0.0, maximum=0.95

@@ -27,15 +27,19 @@ logger = logging.getLogger(__name__)
 def observed(
     model: ir.Model, feed: Mapping[str, np.ndarray], provider: str = "cpu"
 ) -> dict[str, tuple[int, ...]]:
-    """Dims by value name of the graph inputs in ``feed`` and of every main-graph value that
-    a node counted for MACs (``stats.is_mac_node``) reads or writes, from one run on ``feed``
-    (``model`` is not modified; subgraph values are not recorded)."""
+    """Dims by value name of the graph inputs in ``feed``, of every main-graph value that a
+    node counted for MACs (``stats.is_mac_node``) reads or writes, and of the first output
+    of each node reading one, from one run on ``feed`` (``model`` is not modified; subgraph
+    values are not recorded)."""
     inputs = {v.name for v in model.graph.inputs}
     wanted = []
     for node in model.graph:
         if not stats.is_mac_node(node):
             continue
-        for value in (*node.inputs, *node.outputs[:1]):
+        # And what reads a MAC node's output: after ``fold`` a Conv writes the value of the
+        # BatchNormalization or scale it absorbed, and a later pass counts it by that name.
+        readers = [use.node.outputs[0] for use in node.outputs[0].uses() if use.node.outputs]
+        for value in (*node.inputs, *node.outputs[:1], *readers):
             if value is None or not value.name or value.name in inputs:
                 continue
             if value.const_value is None and not value.is_initializer():
