@@ -298,7 +298,7 @@ def refuse_overwrite(
     weights from."""
     if not source.exists():
         return
-    if output.exists() and output.resolve() == source.resolve():
+    if output.exists() and io.same_file(output, source):
         raise ShrinkError(f"{output}: refusing to overwrite the input model; choose another -o")
     data = io.external_data_path(output)
     # Only an existing file can be the input's; the input is read only then.

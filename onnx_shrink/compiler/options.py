@@ -7,6 +7,7 @@ and ``check_options`` rejects out-of-range values in ``__post_init__``.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 import math
@@ -238,9 +239,6 @@ def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None
 def warn_no_change(pass_name: str, what: str, reasons: Sequence[str]) -> None:
     """One warning that ``pass_name`` changed nothing, with why, counted by reason (each
     layer's own line is INFO, for -v): "no change" in the summary said nothing of it."""
-    counts: dict[str, int] = {}
-    for reason in reasons:
-        counts[reason or "no reason given"] = counts.get(reason or "no reason given", 0) + 1
-    ranked = sorted(counts.items(), key=lambda item: -item[1])
-    why = "; ".join(f"{reason}: {count}" for reason, count in ranked) or "nothing it handles"
+    counts = collections.Counter(reason or "no reason given" for reason in reasons)
+    why = "; ".join(f"{r}: {n}" for r, n in counts.most_common()) or "nothing it handles"
     logger.warning("%s: no %s changed (%s; -v for each)", pass_name, what, why)

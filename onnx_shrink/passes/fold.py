@@ -123,8 +123,8 @@ class FoldPass(ir.passes.FunctionalPass):
             # Folding can expose shapes the input hid behind an If: onnx's AffineGrid body
             # feeds Range 1-element tensors where the spec wants scalars, which shape inference
             # only sees once the If is folded away, and onnxruntime then refuses the model.
-            error = large_tensors.shape_inference_error(candidate) if modified else None
-            if error is not None and large_tensors.shape_inference_error(model) is None:
+            error = large_tensors.load_error(candidate) if modified else None
+            if error is not None and large_tensors.load_error(model) is None:
                 logger.warning(
                     "fold: the folded model fails onnx's checks (%s); keeping it unchanged",
                     error,

@@ -138,9 +138,9 @@ class Float16Pass(DataAwarePass):
         return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        error_before = large_tensors.shape_inference_error(model)
+        error_before = large_tensors.load_error(model)
         modified = _Conversion(self, model).run(stats)
-        error = large_tensors.shape_inference_error(model) if modified else None
+        error = large_tensors.load_error(model) if modified else None
         if error is not None and error_before is None:
             raise ShrinkError(f"fp16: the converted model fails type inference: {error}")
         return ir.passes.PassResult(model, modified)

@@ -60,6 +60,7 @@ class _Layer:
     factorization: Factorization
     gram: np.ndarray | None  # undamped XᵀX (for refit)
     rows: float  # rows of x per sample (the MAC weight of the layer)
+    gram_rows: int | None = None  # the calibration rows XᵀX sums (None: no full Gram)
 
     @property
     def shape(self) -> tuple[int, int]:
@@ -308,7 +309,7 @@ class LowRankPass(DataAwarePass):
                 continue
             layers.append(self._layer(node, stats))
         if self.activation_aware:
-            lowrank_report.warn_few_rows(layers, stats, self._stat_request)
+            lowrank_report.warn_few_rows(layers)
         return layers, skipped
 
     def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, str]]:
@@ -361,7 +362,8 @@ class LowRankPass(DataAwarePass):
             stat.rows / max(stats.samples, 1) if stat is not None else graph_mod.static_rows(node)
         )
         f = factorize(weight, gram if self.activation_aware else None, self.damping)
-        return _Layer(node, weight, f, gram, rows)
+        gram_rows = stat.rows if isinstance(stat, Gram) and stat.matrix is gram else None
+        return _Layer(node, weight, f, gram, rows, gram_rows)
 
     def _ranks(self, layers: Sequence[_Layer], measured: Mapping[str, float]) -> list[int | None]:
         if self.selection == "budget":

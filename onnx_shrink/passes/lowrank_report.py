@@ -4,12 +4,8 @@ follows too few calibration rows (a warning)."""
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import TYPE_CHECKING
-
-import onnx_ir as ir
-
-from onnx_shrink.compiler.statistics import Gram, Statistics, StatRequest
 
 if TYPE_CHECKING:
     from onnx_shrink.passes.lowrank import LayerPlan, _Layer
@@ -17,20 +13,15 @@ if TYPE_CHECKING:
 logger = logging.getLogger("onnx_shrink.passes.lowrank")  # the pass's own lines
 
 
-def warn_few_rows(
-    layers: Sequence[_Layer],
-    stats: Statistics,
-    request_of: Callable[[ir.Node], StatRequest | None],
-) -> None:
+def warn_few_rows(layers: Sequence[_Layer]) -> None:
     """One warning for the layers whose Gram comes from fewer input rows than the layer has
     inputs: their whitening follows the calibration samples (MTCNN's onet, 64 crops for a
     1152-wide Gemm: error 4.5e-6 on those crops, 0.062 on others)."""
-    few = []
-    for layer in layers:
-        request = request_of(layer.node)
-        stat = stats.get(request.tensor, request.kind, axis=request.axis) if request else None
-        if isinstance(stat, Gram) and stat.rows < layer.shape[0]:
-            few.append(f"{layer.node.name or layer.node.op_type} ({stat.rows} < {layer.shape[0]})")
+    few = [
+        f"{layer.node.name or layer.node.op_type} ({layer.gram_rows} < {layer.shape[0]})"
+        for layer in layers
+        if layer.gram_rows is not None and layer.gram_rows < layer.shape[0]
+    ]
     if few:
         logger.warning(
             "lowrank: %d layer(s) saw fewer calibration rows than they have inputs, e.g. %s: "

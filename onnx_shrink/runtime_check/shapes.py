@@ -10,16 +10,20 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import pipeline, stats
+from onnx_shrink.compiler import stats
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.layers import with_outputs
 from onnx_shrink.runtime_check.synthetic import synthetic_feed
+
+if TYPE_CHECKING:
+    from onnx_shrink.compiler.pipeline import ShapeObserver
 
 logger = logging.getLogger(__name__)
 
@@ -105,7 +109,7 @@ def observer(
     first_feed: data_mod.Feed | None,
     input_shapes: Mapping[str, Sequence[int]] | None,
     provider: str = "cpu",
-) -> pipeline.ShapeObserver | None:
+) -> ShapeObserver | None:
     """What ``pipeline.run`` asks for the dims of a run where inferred shapes leave a MAC
     count a bound (``stats.ModelStats.nodes_without_macs``): one sample of the dims
     ``sample_dims`` counts (a synthetic one of ``input_shapes``, else the first sample of
@@ -116,7 +120,7 @@ def observer(
     if input_shapes:
         feed = synthetic_feed(specs, sample_dims(model, None, input_shapes))
     elif first_feed is not None:
-        batched = {s.name for s in specs if s.batch_axis}
+        batched = sample_batches.dynamic_inputs(specs)
         feed = {k: v[:1] if k in batched else v for k, v in first_feed.items()}
     else:
         return None

@@ -634,22 +634,12 @@ def test_layers_fit_to_fewer_rows_than_inputs_are_one_warning(caplog):
 
     from onnx_shrink.passes import lowrank_report
 
-    def layer(name, k):
-        return types.SimpleNamespace(node=types.SimpleNamespace(name=name), shape=(k, 16))
+    def layer(name, k, rows):
+        node = types.SimpleNamespace(name=name)
+        return types.SimpleNamespace(node=node, shape=(k, 16), gram_rows=rows)
 
-    requests = {n: StatRequest(f"{n}_x", "gram") for n in ("wide", "narrow")}
-    stats = Statistics(
-        results={
-            requests["wide"]: Gram(np.eye(1152), rows=64),
-            requests["narrow"]: Gram(np.eye(32), rows=64),
-        },
-        samples=64,
-        source="test",
-    )
     with caplog.at_level(logging.WARNING):
-        lowrank_report.warn_few_rows(
-            [layer("wide", 1152), layer("narrow", 32)], stats, lambda n: requests[n.name]
-        )
+        lowrank_report.warn_few_rows([layer("wide", 1152, 64), layer("narrow", 32, 64)])
     (record,) = caplog.records
     assert "1 layer(s) saw fewer calibration rows" in record.getMessage()
     assert "wide (64 < 1152)" in record.getMessage()

@@ -269,11 +269,16 @@ def refuse_clashes(
     for flag, path in writes.items():
         where = Path(path).resolve()
         for what, read in reads.items():
-            if Path(read).resolve() == where:
+            if same_file(read, where):
                 raise ShrinkError(f"{path}: {flag} would write over {what}; choose another path")
         if where in seen:
             raise ShrinkError(f"{path}: {flag} and {seen[where]} would write the same file")
         seen[where] = flag
+
+
+def same_file(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Whether two paths name one file (after symbolic links and ``..``)."""
+    return Path(a).resolve() == Path(b).resolve()
 
 
 def external_data_path(path: str | os.PathLike) -> Path:

@@ -8,8 +8,8 @@ These need neither:
   protobuf whose large initializers are stand-ins (the size of a raw-data field is known
   arithmetic: tag, varint length, bytes).
 * ``weightless_proto(model)``: the graph with stand-ins for its weights, for what needs every
-  tensor's type and shape but no large tensor's values: onnx's shape inference, strict in
-  ``shape_inference_error(model)``.
+  tensor's type and shape but no large tensor's values: onnx's shape inference and checker,
+  as onnxruntime runs them on loading, in ``load_error(model)``.
 * ``session_source(model)``: what onnxruntime needs to open the model in memory: the protobuf
   without its large initializers, plus those as arrays that onnxruntime uses in place
   (``SessionOptions.add_external_initializers``): memory-mapped weights stay mapped, in-memory
@@ -152,9 +152,10 @@ def _raw_bytes(tensor: ir.TensorProtocol) -> wire.Piece:
     return tensor.tobytes()
 
 
-def shape_inference_error(model: ir.Model, min_bytes: int = SHAPES_ONLY_BYTES) -> str | None:
-    """The first error of onnx's strict shape inference on ``model``, or of its checker on
-    the nodes (an attribute the op does not have at the model's opset), None if both pass.
+def load_error(model: ir.Model, min_bytes: int = SHAPES_ONLY_BYTES) -> str | None:
+    """What onnxruntime would refuse on loading ``model``, as onnx finds it: the first error
+    of its strict shape inference, or of its checker on the nodes (an attribute the op does
+    not have at the model's opset); None if both pass.
 
     onnxruntime runs the same inference and checks when it loads a model. Tensors of
     ``min_bytes`` or more are stand-ins: copying a CNN's many sub-megabyte weights into the
