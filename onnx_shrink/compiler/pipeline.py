@@ -255,7 +255,7 @@ def run(
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
         # converts its opset and infers types before it knows whether it will quantize): a
         # rolled-back pass, or one that changed nothing, leaves the model as it found it.
-        snapshot = _snapshot(model, pass_) if verify is not None or pass_.changes_input else None
+        snapshot = _snapshot(model, pass_)  # the model itself where the pass is functional
         followup_collect = _TimedCollector(collect) if collect is not None else None
         runnable, calibration_seconds, samples = _bind(
             pass_, model, collect, probe, followup_collect
@@ -270,12 +270,15 @@ def run(
         measured = isinstance(result, MeasuredResult)
         if current_bytes is None:  # the pass left its input as it was
             current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
-        model = result.model
-        if not result.modified and snapshot is not None:
-            model = snapshot  # an already-int8 model's quant raised its opset, said no change
-        if getattr(pass_, "changes_shapes", False) and result.modified:
+        # Unchanged, the model goes on as it was: quant on an already-int8 model raised its
+        # opset and inferred types, then said no change.
+        model = result.model if result.modified else snapshot
+        if result.modified and getattr(pass_, "changes_shapes", False):
             observed.clear()
-        new_stats = _measure(model, input_dims, observe, observed)
+        # Unchanged, it measures as it did (and a bound left is not run for again).
+        new_stats = (
+            _measure(model, input_dims, observe, observed) if result.modified else current_stats
+        )
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
@@ -431,14 +434,13 @@ def _collect(
 def _run_one(
     pass_: ir.passes.PassBase,
     model: ir.Model,
-    snapshot: ir.Model | None,
+    snapshot: ir.Model,
     done: Sequence[StepRecord],
     verify: Verifier | None,
     strict: bool,
 ) -> tuple[ir.passes.PassResult, float, ir.Model | None, str | None]:
     """Run one pass (and its verification): (result, seconds, the pass's output where it was
-    rolled back else None, verdict); ``snapshot``: the model to roll back to (with
-    ``verify``)."""
+    rolled back else None, verdict); ``snapshot``: the model to roll back to."""
     spec = describe(pass_.inner if isinstance(pass_, BoundPass) else pass_)
     started = time.perf_counter()
     try:

@@ -270,7 +270,8 @@ def _value_dims(graph: onnx.GraphProto, symbolic: set[str] | None = None) -> dic
 def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
     """Whether ``node_macs`` counts ``node`` on concrete dims: those of the activation its
     count rests on (a Conv's output, a ConvTranspose's input, the output or the input of a
-    MatMul or Gemm, whose rows are the larger of the two) are known, none symbolic."""
+    MatMul or Gemm by a weight, whose rows are the larger of the two, both of a MatMul of two
+    activations) are known, none symbolic."""
     form = _form(node)
     assert form is not None  # a MAC node
     op, x_index = form[0], form[1]
@@ -284,6 +285,9 @@ def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
         return concrete(out)
     if op == "ConvTranspose":
         return concrete(x)
+    weight = node.inputs[form[2]] if len(node.inputs) > form[2] else None
+    if op == "MatMul" and (weight is None or weight.const_value is None):
+        return concrete(out) and concrete(x)  # activation x activation: out times x's K
     return concrete(out) or concrete(x)
 
 

@@ -174,9 +174,9 @@ def _try_fold_before(node: ir.Node, allow_bias_growth: bool, names: set[str]) ->
         readers[0].weight.dtype,
         readers[0].in_channels,
     )
-    chain = _chain_ending_at(last)
-    if _completes_an_erf_gelu(chain[0]):
+    if _completes_an_erf_gelu(last):
         return _declined(node, "it is the 0.5 of a GELU, which onnxruntime fuses only whole")
+    chain = _chain_ending_at(last)
     if any(
         step.constant.dtype != dtype
         or not _fits_channels(step.constant, rank, channels, chain[0].data)
@@ -366,6 +366,8 @@ def _chain_ending_at(last: _Affine) -> list[_Affine]:
         inside = producer is not None and producer.graph is last.node.graph
         step = _affine(producer) if inside else None  # type: ignore[arg-type]
         if step is None or len(data.uses()) != 1 or data.is_graph_output():
+            return chain
+        if _completes_an_erf_gelu(step):  # it stays; the steps after it may still fold
             return chain
         chain.insert(0, step)
 

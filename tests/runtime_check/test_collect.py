@@ -474,3 +474,18 @@ def test_each_statistic_runs_right_after_the_tensor_it_reads():
         ]
         # Size, ReduceMin, ReduceMax and the histogram's Reshape: before the next node.
         assert len(readers) == 4 and all(at < i < after for i in readers)
+
+
+def test_the_instrumented_graph_is_in_order_with_a_histogram_of_an_input():
+    """A histogram of a graph input goes at the start, where it read the shared lattice
+    constants before they were made (onnxruntime sorts the graph again, onnx requires order)."""
+    from onnx_shrink.runtime_check import collect_graph
+
+    model = io.load(digits.MODEL_PATH)
+    first = model.graph.inputs[0].name
+    requests = [StatRequest(first, "histogram", bins=128)]
+    graph = collect_graph.instrument(model, [first], [], requests).graph
+    known = {v.name for v in graph.inputs} | set(graph.initializers)
+    for node in graph:
+        assert all(v is None or v.name in known for v in node.inputs), node
+        known.update(v.name for v in node.outputs)
