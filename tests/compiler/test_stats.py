@@ -436,3 +436,30 @@ def test_one_real_run_serves_every_pass_that_keeps_tensor_shapes():
     again = pipeline._measure(model, dims, observe, observed)
     assert (first.macs, again.macs, again.nodes_without_macs, len(runs)) == (120, 120, 0, 1)
     assert PruneChannelsPass.changes_shapes  # the pipeline forgets the dims after it
+
+
+def test_a_pass_that_changes_nothing_is_not_measured_or_run_again():
+    """A bound no run settles was run for again after every pass, changed or not."""
+    from onnx_shrink.compiler import pipeline
+    from onnx_shrink.passes.fold import FoldPass
+
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 30] x, int64[3] s) => (float[A, B, 4] y) {
+      flat = Reshape(x, s)
+      half = Constant <value = float[5, 4] {1., 2., 3., 4., 5., 6., 7., 8., 9., 10.,
+                                           11., 12., 13., 14., 15., 16., 17., 18., 19., 20.}> ()
+      w = Add(half, half)
+      y = MatMul(flat, w)
+    }
+    """
+    runs = []
+    result = pipeline.run(
+        io.load(parse(text)),
+        [FoldPass(), FoldPass(), FoldPass()],
+        input_dims={"x": (1, 30), "s": (3,)},
+        observe=lambda model: runs.append(1),  # no run to be had: the bound stays
+    )
+    assert [step.modified for step in result.steps] == [True, False, False]
+    assert result.steps[2].after.nodes_without_macs == 1
+    assert len(runs) == 2  # the input and the first fold's result; not the unchanged ones
