@@ -382,31 +382,7 @@ def test_the_half_that_ends_an_erf_gelu_stays_for_onnxruntime_to_fuse_it(tmp_pat
     slower."""
     import onnxruntime as ort
 
-    rng = np.random.default_rng(0)
-    inits = [
-        onnx.numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype(np.float32), "w1"),
-        onnx.numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
-        onnx.numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
-        onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-    ]
-    nodes = [
-        helper.make_node("Conv", ["x", "w1"], ["c1"]),
-        helper.make_node("Div", ["c1", "sqrt2"], ["dv"]),
-        helper.make_node("Erf", ["dv"], ["er"]),
-        helper.make_node("Add", ["er", "one"], ["ad"]),
-        helper.make_node("Mul", ["c1", "ad"], ["mu"]),
-        helper.make_node("Mul", ["mu", "half"], ["gelu"]),
-        helper.make_node("Conv", ["gelu", "w2"], ["y"]),
-    ]
-    graph = helper.make_graph(
-        nodes,
-        "g",
-        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 1, 16])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 16])],
-        inits,
-    )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
+    proto = _gelu_then_conv(scale=None)
     assert not ConvAffinePass()(io.load(proto)).modified
     folded = FoldPass()(io.load(proto)).model
     assert [n.op_type for n in folded.graph].count("Mul") == 2
@@ -419,15 +395,26 @@ def test_the_half_that_ends_an_erf_gelu_stays_for_onnxruntime_to_fuse_it(tmp_pat
 
 def test_a_step_after_a_gelu_still_folds_with_the_half_left_in_place():
     """Only the GELU's 0.5 must stay: a layer scale after it still goes into the Conv."""
+    proto = _gelu_then_conv(scale=0.7)
+    model = io.load(proto)
+    assert ConvAffinePass()(model).modified
+    assert [n.op_type for n in model.graph].count("Mul") == 2  # x * (1 + erf) and the half
+    x = np.random.default_rng(0).standard_normal((2, 4, 1, 16)).astype(np.float32)
+    (expected,) = run_ort(proto.SerializeToString(), {"x": x})
+    (got,) = run_ort(io.to_bytes(model), {"x": x})
+    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+
+
+def _gelu_then_conv(scale: float | None) -> onnx.ModelProto:
+    """Conv -> erf GELU (x * (1 + erf(x / √2)) * 0.5) -> [* scale] -> Conv, 4 -> 8 -> 4."""
     rng = np.random.default_rng(0)
-    inits = [
-        onnx.numpy_helper.from_array(rng.standard_normal((8, 4, 1, 1)).astype(np.float32), "w1"),
-        onnx.numpy_helper.from_array(rng.standard_normal((4, 8, 1, 1)).astype(np.float32), "w2"),
-        onnx.numpy_helper.from_array(np.array(1.4142135, np.float32), "sqrt2"),
-        onnx.numpy_helper.from_array(np.array(1.0, np.float32), "one"),
-        onnx.numpy_helper.from_array(np.array(0.5, np.float32), "half"),
-        onnx.numpy_helper.from_array(np.array([0.7], np.float32), "gamma"),
-    ]
+    constants = {
+        "w1": rng.standard_normal((8, 4, 1, 1)),
+        "w2": rng.standard_normal((4, 8, 1, 1)),
+        "sqrt2": np.array(1.4142135),
+        "one": np.array(1.0),
+        "half": np.array(0.5),
+    }
     nodes = [
         helper.make_node("Conv", ["x", "w1"], ["c1"]),
         helper.make_node("Div", ["c1", "sqrt2"], ["dv"]),
@@ -435,21 +422,16 @@ def test_a_step_after_a_gelu_still_folds_with_the_half_left_in_place():
         helper.make_node("Add", ["er", "one"], ["ad"]),
         helper.make_node("Mul", ["c1", "ad"], ["mu"]),
         helper.make_node("Mul", ["mu", "half"], ["gelu"]),
-        helper.make_node("Mul", ["gelu", "gamma"], ["scaled"]),
-        helper.make_node("Conv", ["scaled", "w2"], ["y"]),
     ]
+    if scale is not None:
+        constants["gamma"] = np.array([scale])
+        nodes.append(helper.make_node("Mul", ["gelu", "gamma"], ["scaled"]))
+    nodes.append(helper.make_node("Conv", [nodes[-1].output[0], "w2"], ["y"]))
     graph = helper.make_graph(
         nodes,
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 4, 1, 16])],
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 4, 1, 16])],
-        inits,
+        [onnx.numpy_helper.from_array(v.astype(np.float32), k) for k, v in constants.items()],
     )
-    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
-    model = io.load(proto)
-    assert ConvAffinePass()(model).modified
-    assert [n.op_type for n in model.graph].count("Mul") == 2  # x * (1 + erf) and the half
-    x = rng.standard_normal((2, 4, 1, 16)).astype(np.float32)
-    (expected,) = run_ort(proto.SerializeToString(), {"x": x})
-    (got,) = run_ort(io.to_bytes(model), {"x": x})
-    np.testing.assert_allclose(got, expected, rtol=1e-5, atol=1e-5)
+    return helper.make_model(graph, opset_imports=[helper.make_opsetid("", 13)])
