@@ -247,11 +247,6 @@ def shrink(
 _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
 
 
-FIT_TO_DATA = ("lowrank", "prune", "prune-channels")
-"""Passes that fit weights to the calibration data by least squares (lowrank's whitening,
-the refits): checked on those same samples, they read better than on new ones."""
-
-
 def _warn_in_sample(
     steps: Sequence[pipeline.StepRecord],
     pass_list: Sequence[ir.passes.PassBase],
@@ -266,7 +261,7 @@ def _warn_in_sample(
     fitted = [
         p.name
         for p, step in zip(pass_list, steps, strict=False)
-        if p.name in FIT_TO_DATA and step.modified and step.calibration_samples
+        if getattr(p, "fits_weights_to_data", False) and step.modified and step.calibration_samples
     ]
     if same and check_data is not None and fitted:
         logger.warning(

@@ -24,7 +24,7 @@ import abc
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import Protocol
+from typing import ClassVar, Protocol
 
 import onnx_ir as ir
 
@@ -120,6 +120,17 @@ class ProbeBudget:
 
 class DataAwarePass(ir.passes.InPlacePass):
     """Base of passes that need tensor statistics (see module docstring)."""
+
+    changes_shapes: ClassVar[bool] = False
+    """The pass may change tensors' shapes under their names: dims a run gave before it do
+    not hold after it."""
+
+    @property
+    def fits_weights_to_data(self) -> bool:
+        """With its options, the pass fits weights to its calibration data, so a check on
+        that same data is in-sample (calibrated ranges alone are not counted: a few numbers
+        a tensor)."""
+        return False
 
     @abc.abstractmethod
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:

@@ -273,7 +273,7 @@ def run(
         # Unchanged, the model goes on as it was: quant on an already-int8 model raised its
         # opset and inferred types, then said no change.
         model = result.model if result.modified else snapshot
-        if result.modified and getattr(pass_, "changes_shapes", False):
+        if result.modified and isinstance(pass_, DataAwarePass) and pass_.changes_shapes:
             observed.clear()
         # Unchanged, it measures as it did (and a bound left is not run for again).
         new_stats = (

@@ -142,6 +142,7 @@ class LowRankPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "lowrank"
+    fits_weights_to_data: ClassVar[bool] = True  # factors fit to the data's Gram
 
     selection: Literal["energy", "error", "budget"] = option(
         "budget", "how ranks are chosen", choices=("energy", "error", "budget")

@@ -176,6 +176,7 @@ class PrunePass(DataAwarePass):
     """
 
     name: ClassVar[str] = "prune"
+    fits_weights_to_data: ClassVar[bool] = True  # wanda's choice, reconstruct's refit
 
     method: Literal["magnitude", "wanda"] = option(
         "magnitude",

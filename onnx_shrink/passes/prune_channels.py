@@ -102,6 +102,7 @@ class PruneChannelsPass(DataAwarePass):
 
     name: ClassVar[str] = "prune-channels"
     changes_shapes: ClassVar[bool] = True  # tensors keep their names, not their channels
+    fits_weights_to_data: ClassVar[bool] = True  # channels chosen, layers refit on data
 
     ratio: float = option(
         0.3, "fraction of each group's channels removed", minimum=0.0, maximum=0.95

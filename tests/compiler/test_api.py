@@ -146,8 +146,10 @@ def test_a_check_on_the_data_a_pass_fit_weights_to_is_said_to_be_in_sample(caplo
     import types
 
     from onnx_shrink import api
+    from onnx_shrink.passes.lowrank import LowRankPass
+    from onnx_shrink.passes.quant.static import QuantPass
 
-    fitted = [types.SimpleNamespace(name="lowrank"), types.SimpleNamespace(name="quant")]
+    fitted = [LowRankPass(), QuantPass()]
     steps = [types.SimpleNamespace(modified=True, calibration_samples=64)] * 2
     path = tmp_path / "d.npz"
     cases = [(None, path, True), (path, path, True), (str(path), path, True)]
@@ -161,3 +163,6 @@ def test_a_check_on_the_data_a_pass_fit_weights_to_is_said_to_be_in_sample(caplo
     with caplog.at_level(logging.WARNING):  # quant alone calibrates ranges, fits no weights
         api._warn_in_sample(steps[1:], fitted[1:], None, path)
     assert not caplog.text
+    with caplog.at_level(logging.WARNING):  # bias correction fits Conv biases to the data
+        api._warn_in_sample(steps[1:], [QuantPass(bias_correction=True)], None, path)
+    assert "calibration data, which quant fit weights to" in caplog.text

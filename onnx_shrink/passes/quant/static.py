@@ -182,6 +182,11 @@ class QuantPass(DataAwarePass):
     )
 
     @property
+    def fits_weights_to_data(self) -> bool:
+        """Bias correction fits each quantized Conv's bias to the calibration data."""
+        return self.bias_correction and not self.only
+
+    @property
     def writes_qdq(self) -> bool:
         """Whether the result holds standard Q/DQ nodes at the model's opset (always):
         ``shrink`` asks onnxruntime beforehand whether it runs them there."""
