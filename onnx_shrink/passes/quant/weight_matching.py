@@ -202,8 +202,12 @@ class WeightContext:
                 if in_functions
                 else "the model has none"
             )
-        convs = len(nodes_of(self.model, ("Conv", "ConvTranspose")))
-        hint = f"; its {convs} Conv nodes are quant's (static, calibrated)" if convs else ""
+        # Only Convs with float weights: a Conv reading a DequantizeLinear is quantized already.
+        convs = sum(
+            len(n.inputs) > 1 and _float_constant(n.inputs[1])
+            for n in nodes_of(self.model, ("Conv", "ConvTranspose"))
+        )
+        hint = f"; its {convs} float Conv nodes are quant's (static, calibrated)" if convs else ""
         logger.warning(
             "%s: nothing quantized: no %s with a constant float weight (%s)%s",
             self.pass_name,
@@ -392,3 +396,9 @@ def gather_reason(context: WeightContext, node: ir.Node) -> str | None:
         return reason
     axis = node.attributes.get_int("axis", 0)
     return None if axis in (0, -2) else f"gathers along axis {axis}, not rows"
+
+
+def _float_constant(value: ir.Value | None) -> bool:
+    """``value`` is a constant float32 initializer (a weight a pass may quantize)."""
+    tensor = value.const_value if value is not None and value.is_initializer() else None
+    return tensor is not None and tensor.dtype == ir.DataType.FLOAT

@@ -281,7 +281,7 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
     assert not modified and len(warned) == 1, warned
     assert "quant-dynamic: nothing quantized" in warned[0]
     assert "skipped 1 MatMul" in warned[0] and "'w_in' is not an initializer" in warned[0]
-    assert "its 1 Conv nodes are quant's" in warned[0]
+    assert "its 1 float Conv nodes are quant's" in warned[0]
     caplog.clear()
     conv_only = onnx.parser.parse_model(
         """
@@ -295,6 +295,26 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
     assert "no MatMul/Gemm/Gather with a constant float weight (the model has none)" in (
         caplog.text
     )
+    caplog.clear()
+    # A Conv already quantized (its weight a DequantizeLinear's output) is not pointed to quant.
+    int8_conv = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) {
+          w = DequantizeLinear(qw, s)
+          y = Conv(x, w)
+        }
+        """
+    )
+    int8_conv.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.int8), "qw"),
+            onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        quantized(int8_conv)
+    assert "nothing quantized" in caplog.text and "quant's" not in caplog.text
 
 
 def test_model_local_functions_are_skipped_with_a_reason(caplog):

@@ -395,4 +395,4 @@ def test_a_conv_model_is_told_that_conv_is_quants(caplog):
         _, modified = quantized(model)
     assert not modified
     assert "quant-weight: nothing quantized: no MatMul/Gather" in caplog.text
-    assert "its 1 Conv nodes are quant's" in caplog.text
+    assert "its 1 float Conv nodes are quant's" in caplog.text
