@@ -133,9 +133,14 @@ class FoldPass(ir.passes.FunctionalPass):
             logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
             return MeasuredResult(candidate, modified, before, after)
         else:
+            # The input's size as serialized here, which may differ from its file's by a few
+            # bytes (field order, packing): say so, or the figure looks wrong.
             logger.warning(
-                "fold: every attempt grew the model past %d bytes; keeping the model unchanged",
+                "fold: every attempt grew the model past %d bytes (the input re-serialized, "
+                "%d, + max_growth_bytes %d); keeping the model unchanged",
                 limit,
+                before,
+                self.max_growth_bytes,
             )
         return MeasuredResult(_private_clone(model), False, before, before)
 

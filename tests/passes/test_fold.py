@@ -185,6 +185,12 @@ def test_a_run_that_grows_the_model_is_rolled_back(monkeypatch, caplog):
     assert result.model is not original
     assert io.to_bytes(result.model) == io.to_bytes(original)
     assert "keeping the model unchanged" in caplog.text
+    # The figure it quotes is the input as serialized here, which is said (a file may differ
+    # by a few bytes).
+    size = large_tensors.saved_bytes(original)
+    assert f"past {size} bytes (the input re-serialized, {size}, + max_growth_bytes 0)" in (
+        caplog.text
+    )
 
 
 def test_quantize_dequantize_pairs_are_never_folded():
