@@ -156,7 +156,7 @@ def _with_inferred_shapes(
 ) -> Shapes:
     """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes or
     ``input_dims`` fix the graph inputs' dims (each inferred dim that is not a number counts
-    as 1, as a symbolic dim does; the names of the values that have one past the batch axis
+    as 1, as a symbolic dim does; the names of the values that have one
     are added to ``symbolic``). Inference runs on the graph alone, its large weights left as
     stand-ins: the model is not copied."""
     needs_shapes = bool(input_dims) or any(
@@ -248,16 +248,17 @@ def _fix_input_dims(graph: onnx.GraphProto, input_dims: Shapes) -> None:
 def _value_dims(graph: onnx.GraphProto, symbolic: set[str] | None = None) -> dict[str, list[int]]:
     """Dims of every typed tensor value of ``graph`` and its subgraphs, symbolic or unknown
     dims (and -1, as Paddle exports write them) as 1, the names of the values that have one
-    past the first (batch) axis added to ``symbolic``; values whose rank is unknown are left
-    out."""
+    added to ``symbolic``; values whose rank is unknown are left out."""
     result: dict[str, list[int]] = {}
     for info in [*graph.input, *graph.value_info, *graph.output]:
         tensor = info.type.tensor_type
         if info.type.HasField("tensor_type") and tensor.HasField("shape"):
             dims = [d.dim_value if d.dim_value > 0 else 1 for d in tensor.shape.dim]
             result[info.name] = dims
-            # The first axis is the batch, one sample whatever inference made of it.
-            if symbolic is not None and any(d.dim_value <= 0 for d in tensor.shape.dim[1:]):
+            # The first axis too: with the inputs' dims fixed, a symbolic one is a dim that
+            # inference lost, not the batch; it may hold a flatten's batch x sequence rows
+            # (a Reshape to [-1, H] whose target inference cannot follow: 1 row counted of 6).
+            if symbolic is not None and any(d.dim_value <= 0 for d in tensor.shape.dim):
                 symbolic.add(info.name)
     for node in graph.node:
         for attribute in node.attribute:

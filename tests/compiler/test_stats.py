@@ -213,6 +213,38 @@ def test_a_workloads_count_on_a_dim_inference_could_not_fix_is_a_bound():
     assert exact.nodes_without_macs == 0  # every dim fixed but the batch's
 
 
+ROWS_FLATTENED_MATMUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6, 5] x) => (float[M, 4] y) {
+  shape = Shape(x)
+  start = Constant <value = int64[1] {0}> ()
+  end = Constant <value = int64[1] {2}> ()
+  dims = Slice(shape, start, end)
+  rows = ReduceProd <keepdims = 1> (dims)
+  five = Constant <value = int64[1] {5}> ()
+  target = Concat <axis = 0> (rows, five)
+  flat = Reshape(x, target)
+  w = Constant <value = float[5, 4] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0,
+                                     11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0}> ()
+  y = MatMul(flat, w)
+}
+"""
+
+
+def test_a_first_axis_inference_lost_is_not_taken_for_the_batch():
+    """A flatten to [batch x sequence, H] whose target inference cannot follow leaves the
+    first axis symbolic: counted as one sample, the MatMul read 20 MACs, exact, where a run
+    gives 120."""
+    import onnx_shrink
+
+    model = io.load(parse(ROWS_FLATTENED_MATMUL))
+    bound = stats.measure(model, input_dims={"x": (1, 6, 5)})
+    assert (bound.macs, bound.nodes_without_macs) == (1 * 5 * 4, 1)
+    x = np.random.default_rng(0).standard_normal((2, 6, 5)).astype(np.float32)
+    step = onnx_shrink.shrink(parse(ROWS_FLATTENED_MATMUL), "fold", data={"x": x}).steps[0]
+    assert (step.before.macs, step.before.nodes_without_macs) == (6 * 5 * 4, 0)
+
+
 def test_the_summary_counts_a_bound_again_on_a_real_run():
     """Where inferred shapes leave a count a bound, the summary counts it on the dims of one
     sample's run: PP-OCRv4 rec read "≥652M -> ≥360M (-45%)" after prune-channels, where a run
