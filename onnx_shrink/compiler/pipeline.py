@@ -206,9 +206,10 @@ class Verdict:
 
 Verifier = Callable[[ir.Model], Verdict]
 
-ShapeObserver = Callable[[ir.Model], stats.Shapes | None]
-"""The dims of one sample's real run of a model (``runtime_check.shapes.observer``), or None
-where it cannot run."""
+ShapeObserver = Callable[[ir.Model], Callable[[], stats.Shapes | None]]
+"""Starts one sample's real run of a model (``runtime_check.shapes.observer``) and returns
+what waits for its dims (None where it cannot run). The model is read before it returns: the
+run may go on while the model changes."""
 
 
 def run(
@@ -243,7 +244,9 @@ def run(
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
     observed: dict[str, Sequence[int]] = {}
-    current_stats = _measure(model, input_dims, observe, observed)
+    # The input's figures are final after the first pass: a run for its dims goes on beside it.
+    input_figures = _Figures.start(model, input_dims, observe, observed)
+    current_stats: stats.ModelStats | None = None
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
@@ -264,6 +267,8 @@ def run(
             runnable, model, snapshot, steps, verify, strict
         )
         rolled_back = rejected is not None
+        if current_stats is None:  # the snapshot is the input, as it was measured
+            current_stats = input_figures.final(snapshot, input_dims, observed)
         if followup_collect is not None:  # a follow-up's calibration is calibration time
             calibration_seconds += followup_collect.seconds
             seconds -= followup_collect.seconds
@@ -321,13 +326,42 @@ def _measure(
     """``stats.measure`` on inferred shapes and the dims of runs so far (``observed``),
     counted again on a new run's dims (added to ``observed``) where they leave MAC nodes
     uncounted or counted on a dim inference could not fix (a Paddle Reshape's)."""
-    measured = stats.measure(model, observed or None, input_dims)
-    if measured.nodes_without_macs and observe is not None:
-        real = observe(model)
-        if real:
-            observed.update(real)
-            measured = stats.measure(model, observed, input_dims)
-    return measured
+    return _Figures.start(model, input_dims, observe, observed).final(model, input_dims, observed)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Figures:
+    """A model's figures, waiting (``dims``) for a real run ``observe`` started where
+    inferred shapes leave a bound; ``final`` counts again on its dims."""
+
+    measured: stats.ModelStats
+    dims: Callable[[], stats.Shapes | None] | None
+
+    @classmethod
+    def start(
+        cls,
+        model: ir.Model,
+        input_dims: stats.Shapes | None,
+        observe: ShapeObserver | None,
+        observed: dict[str, Sequence[int]],
+    ) -> _Figures:
+        measured = stats.measure(model, observed or None, input_dims)
+        bound = measured.nodes_without_macs and observe is not None
+        return cls(measured, observe(model) if bound else None)
+
+    def final(
+        self,
+        model: ir.Model,
+        input_dims: stats.Shapes | None,
+        observed: dict[str, Sequence[int]],
+    ) -> stats.ModelStats:
+        """The figures, counted again on the run's dims (added to ``observed``) if it gave
+        any; ``model``: the one ``start`` measured, as it was then."""
+        real = self.dims() if self.dims is not None else None
+        if not real:
+            return self.measured
+        observed.update(real)
+        return stats.measure(model, observed, input_dims)
 
 
 def dump_files(dump_dir: str | Path, passes: Sequence[ir.passes.PassBase]) -> list[Path]:

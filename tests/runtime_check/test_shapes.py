@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
 
 from onnx_shrink.compiler import io, stats
 from onnx_shrink.runtime_check import shapes
@@ -34,3 +35,22 @@ def test_macs_on_observed_shapes_are_those_of_the_run():
     assert stats.measure(model, seen).macs == 6 * 16 * 32
     assert stats.measure(model).macs == 16 * 32  # inferred: unknown rows count once
     assert [v.name for v in model.graph.outputs] == ["y"]  # the model is not modified
+
+
+def test_the_observer_reads_the_model_at_once_and_runs_beside_what_follows():
+    """The observer's run goes on in a thread while the pipeline's next pass changes the
+    model: what it counts is the model as it was when asked."""
+    proto = make_model(
+        [oh.make_node("Reshape", ["x", "s"], ["h"]), oh.make_node("MatMul", ["h", "w"], ["y"])],
+        [oh.make_tensor_value_info("x", F, ["N", 16])],
+        [oh.make_tensor_value_info("y", F, ["a", "b", "c"])],
+        {"w": np.ones((8, 32), np.float32), "s": np.array([1, 2, 8], np.int64)},
+    )
+    model = io.load(proto)
+    feed = {"x": np.ones((6, 16), np.float32)}  # the observer runs one sample of it
+    observe = shapes.observer(model, feed, None)
+    dims = observe(model)
+    # What a pass may do next, in place: a weight replaced, a node's input rewired.
+    model.graph.initializers["s"].const_value = ir.tensor(np.array([4, 4], np.int64))
+    model.graph.node(1).replace_input_with(1, model.graph.inputs[0])
+    assert dims() == {"h": (1, 2, 8), "y": (1, 2, 32), "x": (1, 16)}
