@@ -151,9 +151,10 @@ def observer(
         except Exception as e:  # noqa: BLE001 - accounting must not fail a run: a bound stays
             logger.debug("no real run to count MACs on: %s", e)
             return lambda: None
-        # The session is made and run in a thread, while the pipeline's next pass runs
-        # (onnxruntime lets go of Python's lock): PP-OCRv4 rec's 0.07-0.10 s and MiniLM's
-        # ~0.1 s run beside fold instead of before it.
+        # The session is made and run in a thread, while the pipeline's next pass runs:
+        # PP-OCRv4 rec's 0.07-0.10 s and MiniLM's ~0.1 s go on beside fold instead of before
+        # it (a run lets go of Python's lock; making the session may hold it, onnxruntime
+        # issue 27063).
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onnx-shrink-dims")
         future = pool.submit(run, provider)
         pool.shutdown(wait=False)
