@@ -180,9 +180,17 @@ def test_the_summary_counts_macs_on_the_calibration_data_or_the_requested_shapes
     assert synthetic.steps[0].before.macs == per_position
 
 
+# The MatMul that ends each flatten below.
+_BY_W = """
+  w = Constant <value = float[5, 4] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0,
+                                     11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0}> ()
+  y = MatMul(flat, w)
+}
+"""
 # Paddle's flatten at opset 12 (PP-OCRv4 rec): onnx's shape inference cannot follow a Slice
 # of a Shape, so nothing after the Reshape has a shape: the MatMul's 6 rows count as 1.
-FLATTENED_MATMUL = """
+FLATTENED_MATMUL = (
+    """
 <ir_version: 7, opset_import: ["" : 12]>
 g (float[N, 6, 1, 5] x) => (float[N, M, 4] y) {
   shape = Shape(x)
@@ -192,12 +200,9 @@ g (float[N, 6, 1, 5] x) => (float[N, M, 4] y) {
   head = Slice(shape, starts, ends, axes)
   rest = Constant <value = int64[1] {-1}> ()
   target = Concat <axis = 0> (head, rest)
-  flat = Reshape(x, target)
-  w = Constant <value = float[5, 4] {1.0, 2.0, 3.0, 4.0, 5.0, 6.0, 7.0, 8.0, 9.0, 10.0,
-                                     11.0, 12.0, 13.0, 14.0, 15.0, 16.0, 17.0, 18.0, 19.0, 20.0}> ()
-  y = MatMul(flat, w)
-}
-"""
+  flat = Reshape(x, target)"""
+    + _BY_W
+)
 
 
 def test_a_workloads_count_on_a_dim_inference_could_not_fix_is_a_bound():
@@ -213,13 +218,20 @@ def test_a_workloads_count_on_a_dim_inference_could_not_fix_is_a_bound():
     assert exact.nodes_without_macs == 0  # every dim fixed but the batch's
 
 
-# The same MatMul on rows a flatten makes: a target inference cannot follow (ReduceProd).
-ROWS_FLATTENED_MATMUL = FLATTENED_MATMUL.replace(
-    "float[N, 6, 1, 5] x) => (float[N, M, 4] y)", "float[N, 6, 5] x) => (float[M, 4] y)"
-).replace(
-    "head = Slice(shape, starts, ends, axes)\n  rest = Constant <value = int64[1] {-1}> ()",
-    "dims = Slice(shape, starts, ends, axes)\n  head = ReduceProd <keepdims = 1> (dims)\n"
-    "  rest = Constant <value = int64[1] {5}> ()",
+# A flatten to [batch x sequence, 5] at opset 17: inference cannot follow ReduceProd.
+ROWS_FLATTENED_MATMUL = (
+    """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 6, 5] x) => (float[M, 4] y) {
+  shape = Shape(x)
+  start = Constant <value = int64[1] {0}> ()
+  end = Constant <value = int64[1] {2}> ()
+  dims = Slice(shape, start, end)
+  rows = ReduceProd <keepdims = 1> (dims)
+  five = Constant <value = int64[1] {5}> ()
+  target = Concat <axis = 0> (rows, five)
+  flat = Reshape(x, target)"""
+    + _BY_W
 )
 
 
