@@ -46,12 +46,17 @@ _FORMS = {
     ("", "ConvInteger"): ("Conv", 0, 1),
     ("", "QLinearConv"): ("Conv", 0, 3),
     ("", "ConvTranspose"): ("ConvTranspose", 0, 1),
+    # Recurrent layers: X [steps, batch, in] (layout 1: [batch, steps, in]), W and R at 1, 2.
+    ("", "LSTM"): ("Recurrent", 0, 1),
+    ("", "GRU"): ("Recurrent", 0, 1),
+    ("", "RNN"): ("Recurrent", 0, 1),
+    ("com.microsoft", "DynamicQuantizeLSTM"): ("Recurrent", 0, 1),
 }
 
 
 def is_mac_node(node: ir.Node) -> bool:
-    """Does ``node`` multiply-accumulate: Conv, ConvTranspose, MatMul, Gemm or an integer /
-    QLinear / dynamically quantized form of one?"""
+    """Does ``node`` multiply-accumulate: Conv, ConvTranspose, MatMul, Gemm, LSTM, GRU, RNN
+    or an integer / QLinear / dynamically quantized form of one?"""
     return _form(node) is not None
 
 
@@ -284,7 +289,7 @@ def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
 
     if op == "Conv":
         return concrete(out)
-    if op == "ConvTranspose":
+    if op in ("ConvTranspose", "Recurrent"):
         return concrete(x)
     weight = node.inputs[form[2]] if len(node.inputs) > form[2] else None
     if op == "MatMul" and (weight is None or weight.const_value is None):
@@ -322,8 +327,8 @@ def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
 
 
 def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
-    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm node (or integer, QLinear or
-    dynamically quantized form of one), or None if unknown.
+    """Multiply-accumulates of one Conv/ConvTranspose/MatMul/Gemm/LSTM/GRU/RNN node (or
+    integer, QLinear or dynamically quantized form of one), or None if unknown.
 
     K and N come from a 2-D weight's shape (known even where shape inference fails); rows
     (output positions) whose count is unknown count once, as symbolic dims do.
@@ -336,6 +341,8 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
     out = _dims(node.outputs[0], shapes)
     first = _dims(node.inputs[x_index], shapes)
     weight = _dims(node.inputs[w_index] if len(node.inputs) > w_index else None, shapes)
+    if op == "Recurrent":
+        return _recurrent_macs(node, first, weight, shapes)
     if op == "MatMulNBits":  # the MatMul of its unpacked [K, N] weight
         op, weight = "MatMul", _nbits_weight_dims(node)
     if op == "MatMul":
@@ -369,6 +376,19 @@ def node_macs(node: ir.Node, shapes: Shapes | None = None) -> int | None:
     if first is None or weight is None:  # ConvTranspose: each input element feeds Cout/g·k
         return None
     return math.prod(first) * math.prod(weight[1:])
+
+
+def _recurrent_macs(
+    node: ir.Node, x: list[int] | None, w: list[int] | None, shapes: Shapes
+) -> int | None:
+    """An LSTM, GRU or RNN: every step of every sequence multiplies its input by W and its
+    hidden state by R, in every direction and for every gate (W: [directions, gates x hidden,
+    in], R: [directions, gates x hidden, hidden]; a DynamicQuantizeLSTM's are transposed, of
+    as many elements). Steps and batch are X's first two axes in either layout."""
+    r = _dims(node.inputs[2] if len(node.inputs) > 2 else None, shapes)
+    if x is None or len(x) != 3 or w is None or r is None:
+        return None
+    return x[0] * x[1] * (math.prod(w) + math.prod(r))
 
 
 def bytes_by_op_type(model: ir.Model) -> dict[str, int]:
