@@ -112,10 +112,10 @@ def _last_nodes(graph: ir.Graph, count: int) -> list[ir.Node]:
 @contextlib.contextmanager
 def _beside(graph: ir.Graph, value: ir.Value) -> Iterator[None]:
     """Move the nodes added inside to just after ``value``'s producer (the graph's start for
-    an input). onnxruntime runs ready nodes in the graph's order: appended at its end, every
-    statistic waited for the whole model, and every tensor it reads stayed alive until then
-    (PicoDet at 800x608: calibration took 2.8 GB and 8.0 s, now 1.8 GB and 4.1 s; a plain run
-    takes 0.24 GB)."""
+    an input). In onnxruntime's priority order (``collect_runs.open_session``) ready nodes
+    run earlier ones first: appended at the graph's end, a statistic waited for the rest of
+    the model, and the tensor it reads stayed alive until then (its default order ignores the
+    graph's: there, statistics ran late wherever they were)."""
     before = len(graph)
     yield
     added = _last_nodes(graph, len(graph) - before)

@@ -56,7 +56,13 @@ def open_session(model: ir.Model, provider: str):
     source = large_tensors.session_source(model)
     in_flight = parallel_runs(provider)
     threads = max(1, _cores() - in_flight + 1) if in_flight > 1 else None
-    return sessions.create_session(source, provider=provider, prepack=False, threads=threads)
+    # Each statistic's nodes read a tensor right after it is made (``collect_graph._beside``)
+    # and run then in the priority order; in onnxruntime's default order they ran late, and
+    # every tensor they read lived until then (PicoDet at 800x608, ranges only, two runs at
+    # once: 1.46 GB over the session, 0.16 GB in priority order).
+    return sessions.create_session(
+        source, provider=provider, prepack=False, threads=threads, priority_order=True
+    )
 
 
 @dataclasses.dataclass

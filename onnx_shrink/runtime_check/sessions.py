@@ -88,6 +88,7 @@ def create_session(
     threads: int | None = None,
     optimize: bool = True,
     prepack: bool = True,
+    priority_order: bool = False,
 ) -> ort.InferenceSession:
     """Create a session for a model file, serialized model bytes, or a ``SessionSource``
     (``compiler.io.large_tensors``: its arrays are used in place and kept alive with the session).
@@ -101,6 +102,10 @@ def create_session(
         prepack: False keeps onnxruntime from copying constant weights into its kernels'
             packed layouts: a session run over a few samples (calibration) then does not hold
             a second copy of the weights.
+        priority_order: run nodes in onnxruntime's priority order (a ready node as soon as
+            it can, the graph's earlier nodes first) instead of its default depth-first order,
+            which runs a node nothing reads (a statistic's reduction) only after everything
+            else its tensor's producer leads to: that tensor stays alive until then.
 
     Raises:
         BadModelError: onnxruntime refuses the model; the message is its first line.
@@ -116,6 +121,8 @@ def create_session(
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     if not prepack:
         options.add_session_config_entry("session.disable_prepacking", "1")
+    if priority_order:
+        options.execution_order = ort.ExecutionOrder.PRIORITY_BASED
     providers: list[Any] = [(full, {**parse_provider(provider)[1], **(provider_options or {})})]
     if full != "CPUExecutionProvider":
         providers.append("CPUExecutionProvider")

@@ -35,6 +35,16 @@ def test_two_runs_go_at_once_on_a_cpu_sharing_its_cores(monkeypatch, cores, in_f
     assert made[0]["threads"] == threads and made[0]["prepack"] is False
 
 
+def test_statistics_run_in_priority_order():
+    """In onnxruntime's default order a statistic ran long after its tensor was made, which
+    stayed alive until then: PicoDet at 800x608 held 1.46 GB over its session, 0.16 GB in
+    priority order; YOLOv8n's calibration on 32 samples took 435 MiB, now 306."""
+    import onnxruntime as ort
+
+    session = collect_runs.open_session(io.load(parse(IDENTITY)), "cpu")
+    assert session.get_session_options().execution_order == ort.ExecutionOrder.PRIORITY_BASED
+
+
 class _Session:
     """A real session where sample ``i``'s run waits (up to 10 s) until sample
     ``wait_for[i]``'s run has finished: it only returns if the two runs overlap, and then
