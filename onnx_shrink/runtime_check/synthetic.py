@@ -95,15 +95,25 @@ def synthetic_feed(
             f"--input-shape names {', '.join(sorted(unknown))}, which the model does not have "
             f"(inputs: {', '.join(s.name for s in specs)})"
         )
-    # A symbolic dim given for one input is that dim everywhere: input_ids=2x64 makes
-    # attention_mask [batch_size, sequence_length] 2x64 too, not 1x16 (onnxruntime fails).
+    # A named dim is one size in every input: the batch's where it is any input's first
+    # axis (voicefilter's stacked_logmel [batch, time, 512] and h0 [3, batch, 512] got 1 and
+    # 16, and onnxruntime refused the sample); and a dim given for one input is that dim
+    # everywhere: input_ids=2x64 makes attention_mask [batch_size, sequence_length] 2x64.
+    first = batch if batch is not None else DEFAULT_BATCH
+    batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
     bound = {
-        dim: given
+        dim: first if dim in batch_names else DEFAULT_DIM
+        for spec in specs
+        for dim in spec.shape
+        if isinstance(dim, str) and dim
+    }
+    bound.update(
+        (dim, given)
         for spec in specs
         if spec.name in shapes
         for dim, given in zip(spec.shape, shapes[spec.name], strict=False)
         if isinstance(dim, str) and dim
-    }
+    )
     for spec in specs:
         if spec.name not in shapes and any(d in bound for d in spec.shape if isinstance(d, str)):
             default = concrete_shape(spec, None, batch)

@@ -306,6 +306,19 @@ def test_a_symbolic_dim_given_for_one_input_shapes_every_input_that_names_it():
     assert feed["attention_mask"].shape == (2, 64)
 
 
+def test_a_named_dim_is_one_size_in_every_synthetic_input():
+    """voicefilter's stacked_logmel [batch, time, 512] and h0 [3, batch, 512] got batch 1
+    and 16: onnxruntime refused the tool's own sample and the run blamed the model."""
+    mel = data.InputSpec("stacked_logmel", np.float32, ("batch", "time", 512))
+    state = data.InputSpec("h0", np.float32, (3, "batch", 512))
+    other = data.InputSpec("extra", np.float32, ("n", "time"))
+    feed = data.synthetic([mel, state, other]).first_feed()
+    assert (feed["stacked_logmel"].shape, feed["h0"].shape) == ((1, 16, 512), (3, 1, 512))
+    assert feed["extra"].shape == (1, 16)  # its own first axis is a batch too
+    given = data.synthetic([mel, state], {"stacked_logmel": (2, 5, 512)}).first_feed()
+    assert given["h0"].shape == (3, 2, 512)
+
+
 def test_a_reader_that_fails_after_its_first_feed_fails_the_run():
     # Its error was raised while a half-read spill closed: Python printed it ("Exception
     # ignored") and the run went on with the samples read before.
