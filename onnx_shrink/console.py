@@ -224,9 +224,9 @@ def sensitivity_lines(
         )
     lines: list[object] = [table]
     k = min(hint, len(report.layers))
-    text = report.exclude_hint(k) if k else None
-    if text is not None:
-        lines.append(Text(f"to keep the {k} worst in float: {text}"))
+    caption = report.hint_caption(k) if k else None
+    if caption is not None:
+        lines.append(Text(caption))
         if report.hint_effect is not None:
             lines.append(Text(report.hint_effect.summary()))
     lines += [Text(f"note: {note}") for note in report.hint_notes(k)]

@@ -242,9 +242,12 @@ def _sensitivity_section(
     ]
     header = ["#", "node", "op", "relative", "cosine", "SNR dB", "worst output"]
     k = min(hint, len(report.layers))
-    text = report.exclude_hint(k) if k else None
-    notes = [f"To keep the {k} worst in float: <code>{_e(text)}</code>"] if text else []
-    if text and report.hint_effect is not None:
+    caption = report.hint_caption(k) if k else None
+    notes = []
+    if caption is not None:
+        words, hint_text = caption.split(": ", 1)
+        notes.append(f"{_e(words.capitalize())}: <code>{_e(hint_text)}</code>")
+    if caption and report.hint_effect is not None:
         notes.append(_e(report.hint_effect.summary().capitalize()))
     notes += [_e(note) for note in report.hint_notes(k)]
     if report.unmeasured:

@@ -19,7 +19,7 @@ import math
 import re
 import shlex
 import time
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import onnx_ir as ir
 
@@ -88,7 +88,8 @@ class HintEffect:
         """One line for the console and the HTML report."""
         line = (
             f"measured: the worst output's relative error is {self.whole:.3g} with the whole "
-            f"pass, {self.hinted:.3g} with these {self.layers} in float"
+            f"pass, {self.hinted:.3g} with "
+            f"{'this one' if self.layers == 1 else f'these {self.layers}'} in float"
         )
         if self.without_bias_correction:
             line += " (both without bias correction)"
@@ -123,8 +124,25 @@ class SensitivityReport:
         (see ``_pattern``), after the pass's own; never every layer: a hint that keeps them
         all float quantizes nothing."""
         worst = [layer.node for layer in self._worst(k) if layer.node]
-        worst = worst[: len(self.layers) - 1]
+        # Inert layers quantize nothing of their own: with every other one float, nothing is.
+        worst = worst[: sum(not layer.inert for layer in self.layers) - 1]
         return self.excluded + tuple(_pattern(name, self._names) for name in worst)
+
+    def hinted(self, k: int) -> int:
+        """How many layers the hint for the ``k`` worst keeps in float: those with a name,
+        never every one."""
+        return len(self.exclude_patterns(k)) - len(self.excluded)
+
+    def hint_caption(self, k: int) -> str | None:
+        """The hint for the ``k`` worst with what it keeps in float ("the 2 worst", "2 of
+        the 3 worst" where some cannot be in it), for the console and the HTML report; None
+        without a hint."""
+        text = self.exclude_hint(k)
+        if text is None:
+            return None
+        hinted, worst = self.hinted(k), len(self._worst(k))
+        which = f"the {hinted} worst" if hinted == worst else f"{hinted} of the {worst} worst"
+        return f"to keep {which} in float: {text}"
 
     def _worst(self, k: int) -> list[LayerSensitivity]:
         """The ``k`` worst layers that keeping float would change (inert ones skipped; an
@@ -203,7 +221,8 @@ def sensitivity(
     before the pass, not modified), the output error of quantizing that node alone.
 
     Statistics are collected once; then one combined model and one pass over ``dataset`` per
-    ``batch_layers`` layers.
+    ``batch_layers`` layers. The pass's and the statistics' warnings are not repeated here
+    (``QUIET``): the pass's own run gives them.
 
     Raises:
         ShrinkError: the model has no float output computed by its graph, or a layer cannot
@@ -218,6 +237,7 @@ def sensitivity(
         copy: original.name or "" for original, copy in zip(model.graph, base.graph, strict=True)
     }
     with contextlib.ExitStack() as stack:
+        stack.enter_context(_quiet(*QUIET))
         data = data_mod.replayable(dataset, stack)
         # requests converts the opset and infers types, as the pass does before planning.
         stats = collect_mod.collect(
@@ -253,6 +273,8 @@ def sensitivity(
 
 
 HINT_LAYERS = 3  # the worst layers the hint keeps in float
+QUIET = ("onnx_shrink.passes", "onnx_shrink.compiler.options", "onnx_shrink.runtime_check.collect")
+"""Loggers kept to errors while measuring: the pass's own run says what they would."""
 HINT_RUNS = 3  # measuring the hint: its calibration, then each pass against the float model
 
 
@@ -276,17 +298,39 @@ def _hint_effect(
     whole = dataclasses.replace(quant, bias_correction=False)
     worst = []
     for config in (whole, dataclasses.replace(whole, exclude=patterns)):
-        copy = base.clone()
-        io.unshare_tensors(copy)
-        if config is not whole:
-            measured = collect_mod.collect(
-                copy, config.requests(copy), data, provider=provider, progress=progress
-            )
-            stats = config.completed_statistics(copy, measured)
-        quantized = config.bind(stats)(copy).model
-        numeric = checker.compare(base, quantized, data, provider=provider)
-        worst.append(max(output.relative_error for output in numeric.outputs))
-    return HintEffect(k, worst[0], worst[1], quant.bias_correction)
+        worst.append(_worst_error(base, config, whole, stats, data, provider, progress))
+    return HintEffect(report.hinted(k), worst[0], worst[1], quant.bias_correction)
+
+
+@contextlib.contextmanager
+def _quiet(*names: str) -> Iterator[None]:
+    """Only errors from the loggers ``names`` inside: the measuring runs said again what the
+    user's run of the pass says, and the hint's things of its own ("quant: no node could be
+    quantized") as if of the run."""
+    loggers = [logging.getLogger(name) for name in names]
+    levels = [one.level for one in loggers]
+    for one in loggers:
+        one.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        for one, level in zip(loggers, levels, strict=True):
+            one.setLevel(level)
+
+
+def _worst_error(base, config, whole, stats, data, provider, progress) -> float:
+    """The worst output's relative error of ``config`` against the float ``base``, on its
+    own statistics (``stats`` serve the ``whole`` pass)."""
+    copy = base.clone()
+    io.unshare_tensors(copy)
+    if config is not whole:
+        measured = collect_mod.collect(
+            copy, config.requests(copy), data, provider=provider, progress=progress
+        )
+        stats = config.completed_statistics(copy, measured)
+    quantized = config.bind(stats)(copy).model
+    numeric = checker.compare(base, quantized, data, provider=provider)
+    return max(output.relative_error for output in numeric.outputs)
 
 
 def _severity(layer: LayerSensitivity) -> tuple[bool, float]:

@@ -193,6 +193,28 @@ def test_the_hint_excludes_exactly_the_worst_names_whatever_they_contain():
     assert plain.hint_notes(1) == ()
 
 
+def test_the_hint_never_keeps_every_layer_that_matters_float_and_says_how_many_it_keeps():
+    """DTLN: of 3 layers, one inert; the hint kept the other two float, so the pass it
+    measured quantized nothing ("quant: no node could be quantized" reached the console).
+    openWakeWord's mel model: "to keep the 3 worst in float" named 2."""
+    layers = _report(["/a", "/b", "/c"]).layers
+    inert = SensitivityReport(
+        (layers[0], layers[1], dataclasses.replace(layers[2], inert=True)),
+        1,
+        "d",
+        False,
+        1,
+        0.0,
+        (),
+    )
+    assert inert.exclude_hint(3) == "--set quant.exclude=/a"
+    assert inert.hint_caption(3) == "to keep 1 of the 2 worst in float: --set quant.exclude=/a"
+    three = _report(["/a", "/b", "/c"])
+    assert three.hinted(3) == 2
+    assert three.hint_caption(3).startswith("to keep 2 of the 3 worst in float: ")
+    assert three.hint_caption(2) == "to keep the 2 worst in float: --set quant.exclude=/a,/b"
+
+
 def test_unnamed_layers_are_measured_but_left_out_of_the_hint_with_a_note():
     report = _report(["", "/named"])
     assert report.layers[0].label == "<unnamed MatMul #0>"
@@ -327,3 +349,21 @@ def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
 
     patterns = shlex.split(hint)[1].split("=", 1)[1]
     assert quantized(patterns) == quantized(patterns + ",/Add")
+
+
+def test_the_hints_measuring_runs_say_nothing_the_run_did_not(caplog):
+    """Their passes said again what the user's run had said, and things of their own
+    ("quant: no node could be quantized") as if of the run."""
+    import logging
+
+    with caplog.at_level(logging.WARNING):
+        result = shrink(
+            digits.MODEL_PATH,
+            "fold,quant",
+            sets=["quant.exclude=/no/such/node"],
+            check=False,
+            calibration=digits.TEST_DATA_PATH,
+            sensitivity=True,
+        )
+    assert result.sensitivity.hint_effect is not None
+    assert caplog.text.count("/no/such/node") == 1, caplog.text
