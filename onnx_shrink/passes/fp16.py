@@ -18,6 +18,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import (
     check_options,
     option,
+    warn_no_change,
     warn_unmatched_exclusions,
     warn_unmatched_op_types,
 )
@@ -183,7 +184,11 @@ class _Conversion:
         self._drop_identity_casts()
         kinds = Counter(reason.split(":")[0] for reason in self.islands.values())
         logger.info("fp16: %d Casts; float islands: %s", len(self.casts), dict(kinds) or "none")
-        return bool(changed or self.casts)
+        modified = bool(changed or self.casts)
+        if not modified:  # "(no change)" in the summary said nothing of why (-v did)
+            reasons = [reason.split(":")[0] for reason in self.islands.values()]
+            warn_no_change(self.pass_.name, "node", reasons)
+        return modified
 
     def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:
         if absmax > limit:

@@ -657,3 +657,24 @@ def test_nodes_after_onnxruntime_contrib_ops_are_converted(tmp_path):
     assert len(to_half) >= 6
     got = run_ort(io.to_bytes(result.model), feed)[0]
     _assert_close(run_ort(io.to_bytes(weights.model), feed)[0], got, rel=2e-2)
+
+
+def test_a_conversion_that_changes_nothing_says_why(caplog):
+    """openWakeWord's mel model: every node a float island, "(no change)" in the summary and
+    the reasons only at -v."""
+    import logging
+
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4, 8] x) => (float[4, 8] y) {
+          s = Sigmoid(x)
+          y = Neg(s)
+        }
+    """)
+    )
+    feed = {"x": np.ones((4, 8), np.float32)}
+    with caplog.at_level(logging.WARNING):
+        _, modified = _convert(original, feed, weightless_runs=True)
+    assert not modified
+    assert "fp16: no node changed (weightless: 2" in caplog.text
