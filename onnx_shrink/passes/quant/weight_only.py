@@ -48,7 +48,10 @@ INT4_IR_VERSION = 10
 
 @dataclasses.dataclass(frozen=True)
 class WeightOnlyQuantPass(ir.passes.InPlacePass):
-    """Quantize constant MatMul and Gather weights block-wise to ``bits``; activations stay float.
+    """Quantize constant MatMul and Gather weights block-wise to ``bits``. Activations stay
+    float in the file; MatMulNBits' ``accuracy_level`` 4 (the default) has onnxruntime's CPU
+    provider quantize them to int8 per block at run time (fastest; on openWakeWord's mel
+    filterbank, a power spectrum up to ~1e10, SNR 20.6 dB against 48.7 dB at level 1).
 
     Rules:
 
