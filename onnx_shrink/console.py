@@ -167,15 +167,18 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
         )
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
+    notes = [f"not checked: {line}" for line in numeric.untested_branches]
     worst = min(numeric.outputs, key=lambda out: out.snr_db, default=None)
     if worst is not None and worst.snr_db < LOW_SNR_DB:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
         # filterbank quantized: 6.7 dB, cosine 0.89) read like any other.
-        table.caption = escape(
+        notes.append(
             f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
             f"{worst.cosine:.4f}); --layers shows where the error first jumps, and for quant "
             "--sensitivity ranks the layers that cost it"
         )
+    if notes:
+        table.caption = escape("\n".join(notes))
     return table
 
 

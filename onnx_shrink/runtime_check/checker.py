@@ -21,8 +21,10 @@ import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_shrink.compiler import io, stats
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
 from onnx_shrink.runtime_check import bench, sessions
+from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import layers as layers_mod
@@ -93,6 +95,8 @@ class _Pair:
     cand_session: ort.InferenceSession
     specs: list[data_mod.InputSpec]
     dataset: data_mod.Dataset
+    branches: branches_mod.BranchWatch | None = None
+    """If branches the candidate rewrote: their conditions are read from the reference's runs"""
 
 
 def _open(
@@ -101,7 +105,13 @@ def _open(
     ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
     specs = data_mod.specs_from_model(ref.model)
     dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
-    ref_session = sessions.create_session(ref.source, provider=provider)
+    watch = branches_mod.BranchWatch.of(ref.model, cand.model)
+    ref_source = ref.source
+    if watch is not None and watch.outputs({s.name for s in specs}):
+        # The conditions as extra outputs; the weights shared, not copied.
+        conditions = watch.outputs({s.name for s in specs})
+        ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, conditions))
+    ref_session = sessions.create_session(ref_source, provider=provider)
     try:
         cand_session = sessions.create_session(cand.source, provider=provider)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
@@ -120,13 +130,13 @@ def _open(
             f"{', '.join(sorted(fed))}): both are fed the same inputs, by name"
         )
     theirs = [o.name for o in cand_session.get_outputs()]
-    missing = [o.name for o in ref_session.get_outputs() if o.name not in theirs]
+    missing = [v.name for v in ref.model.graph.outputs if v.name not in theirs]
     if missing:
         raise CandidateFailedError(
             f"{cand.label} has no output {missing[0]!r} of {ref.label}'s (its outputs: "
             f"{', '.join(theirs)}): outputs are compared by name"
         )
-    return _Pair(ref, cand, ref_session, cand_session, specs, dataset)
+    return _Pair(ref, cand, ref_session, cand_session, specs, dataset, watch)
 
 
 def compare(
@@ -146,7 +156,7 @@ def compare(
 
 def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
     dataset = pair.dataset
-    names = [o.name for o in pair.ref_session.get_outputs()]
+    names = [v.name for v in pair.ref.model.graph.outputs]  # not the If conditions read
     samples = 0
     sample = "a synthetic check sample" if dataset.synthetic else "a check sample"
     # The reference failing means the inputs do not fit it; the candidate failing where the
@@ -157,6 +167,9 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
         (pair.cand_session, pair.cand.label, broken, CandidateFailedError),
     )
 
+    watch = pair.branches
+    conditions = watch.outputs({s.name for s in pair.specs}) if watch is not None else []
+
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
         nonlocal samples
         for batch in dataset.batches():
@@ -165,13 +178,16 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
                 sessions.run(
                     session,
                     sessions.fitted_feed(session, batch.feed),
-                    names,
+                    names + (conditions if session is pair.ref_session else []),
                     failed=f"{label} failed on {sample}",
                     hint=hint,
                     error=error,
                 )
                 for session, label, hint, error in both
             )
+            if watch is not None:
+                watch.add({**batch.feed, **ref_out})
+                ref_out = {name: ref_out[name] for name in names}
             yield ref_out, cand_out, batch.labels
 
     report = compare_mod.compare_batches(
@@ -180,7 +196,8 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
         data=dataset.description,
         synthetic=dataset.synthetic,
     )
-    return dataclasses.replace(report, samples=samples)
+    untested = watch.untested() if watch is not None else ()
+    return dataclasses.replace(report, samples=samples, untested_branches=untested)
 
 
 def check(

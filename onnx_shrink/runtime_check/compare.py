@@ -100,6 +100,8 @@ class NumericReport:
     candidate_accuracy: float | None
     tolerances: Tolerances
     failures: tuple[str, ...]
+    untested_branches: tuple[str, ...] = ()
+    """If branches the passes rewrote that no sample took: not checked (``branches``)"""
 
     @property
     def passed(self) -> bool:

@@ -178,6 +178,9 @@ def _compared(check: CheckReport) -> str:
         f"<code>{_e(check.reference)}</code> on {_e(check.provider)}, "
         f"{counted(numeric.samples, 'sample')} from {data}.</p>"
     )
+    if numeric.untested_branches:  # rewritten, and never run: whatever the verdict says
+        items = "".join(f"<li>Not checked: {_e(line)}</li>" for line in numeric.untested_branches)
+        text += f'<ul class="failures">{items}</ul>'
     if numeric.failures:
         items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)
         text += f'<ul class="failures">{items}</ul>'

@@ -167,3 +167,60 @@ def test_a_reader_serves_the_numerics_and_the_layers(tmp_path):
     report = check(digits.MODEL_PATH, digits.MODEL_PATH, Reader(), layers=True, latency_runs=2)
     assert report.numeric.samples == 20 and report.layers is not None
     assert report.latency is not None
+
+
+def _gated(scale: float):
+    """y = If(sum(x) > 100, then: x @ w * scale, else: x): a second stage that runs only on
+    some samples (openWakeWord's verifier after its detector)."""
+    import onnx
+    import onnx.helper as oh
+
+    from onnx_shrink.compiler import io
+
+    F = onnx.TensorProto.FLOAT
+    w = oh.make_tensor("w", F, [4, 4], (np.eye(4) * scale).astype(np.float32).ravel().tolist())
+    then = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["t"])],
+        "then",
+        [],
+        [oh.make_tensor_value_info("t", F, ["N", 4])],
+        [w],
+    )
+    other = oh.make_graph(
+        [oh.make_node("Identity", ["x"], ["e"])],
+        "else",
+        [],
+        [oh.make_tensor_value_info("e", F, ["N", 4])],
+    )
+    limit = oh.make_tensor("limit", F, [], [100.0])
+    graph = oh.make_graph(
+        [
+            oh.make_node("ReduceSum", ["x"], ["total"], keepdims=0),
+            oh.make_node("Greater", ["total", "limit"], ["gate"]),
+            oh.make_node("If", ["gate"], ["y"], name="stage2", then_branch=then, else_branch=other),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", F, ["N", 4])],
+        [oh.make_tensor_value_info("y", F, ["N", 4])],
+        [limit],
+    )
+    return io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
+
+
+def test_a_rewritten_branch_no_sample_takes_is_said_to_be_unchecked():
+    """openWakeWord's hey_jarvis: prune rewrote the verifier in an If's then-branch; on data
+    without the wake word the check read cosine 0.995 (0.888 through that branch) and said
+    nothing of the branch it never ran."""
+    quiet = {"x": np.ones((6, 4), np.float32)}
+    loud = {"x": np.full((6, 4), 10.0, np.float32)}
+    report = compare(_gated(1.0), _gated(0.5), quiet)
+    (line,) = report.untested_branches
+    assert "If 'stage2': its then_branch (1 nodes)" in line and "never true" in line
+    assert report.outputs[0].max_abs_error == 0  # the else branch: nothing to see
+    both = compare(_gated(1.0), _gated(0.5), {"x": np.concatenate([quiet["x"], loud["x"]])})
+    assert both.untested_branches == ()
+    assert compare(_gated(1.0), _gated(1.0), quiet).untested_branches == ()  # not rewritten
+    from onnx_shrink.runtime_check.report import html_report
+
+    page = html_report(check=check(_gated(1.0), _gated(0.5), quiet, latency_runs=0))
+    assert "Not checked: If &#x27;stage2&#x27;: its then_branch" in page

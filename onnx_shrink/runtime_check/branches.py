@@ -1,0 +1,99 @@
+"""The If branches a check runs: which branches the passes rewrote, and which of those the
+check's data never took.
+
+A branch the data never takes is not checked, however the passes changed it: openWakeWord's
+hey_jarvis ends in ``If(score >= 0.5)``, whose then-branch runs on every real detection; on
+data without the wake word ``fold,prune``'s check read cosine 0.995, and 0.888 forced through
+the pruned branch. The check reads each such If's condition beside the reference's outputs
+(a scalar) and says which rewritten branch no sample took.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+import numpy as np
+import onnx_ir as ir
+
+BRANCHES = ("then_branch", "else_branch")
+
+
+@dataclasses.dataclass
+class BranchWatch:
+    """The main graph's If nodes whose branches the candidate rewrote, and the conditions
+    seen so far."""
+
+    changed: dict[str, tuple[str, list[str]]]
+    """condition value name -> (the If's label, its rewritten branches)"""
+    nodes: dict[tuple[str, str], int]
+    """(the If's label, branch) -> the reference branch's node count"""
+    seen: dict[str, set[bool]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def of(cls, reference: ir.Model, candidate: ir.Model) -> BranchWatch | None:
+        """The watch for ``reference`` against ``candidate`` (If nodes matched by name, else
+        by order), None where no If branch differs."""
+        ours, theirs = _if_nodes(reference), _if_nodes(candidate)
+        changed: dict[str, tuple[str, list[str]]] = {}
+        nodes: dict[tuple[str, str], int] = {}
+        for index, node in enumerate(ours):
+            other = _match(node, index, ours, theirs)
+            cond = node.inputs[0] if node.inputs else None
+            if other is None or cond is None or not cond.name or cond.const_value is not None:
+                continue  # folded away, or a constant condition: one branch by design
+            label = node.name or f"<unnamed If #{index}>"
+            rewritten = [b for b in BRANCHES if _branch_bytes(node, b) != _branch_bytes(other, b)]
+            if rewritten:
+                changed[cond.name] = (label, rewritten)
+                for branch in rewritten:
+                    nodes[(label, branch)] = len(
+                        list(
+                            ir.traversal.RecursiveGraphIterator(node.attributes[branch].as_graph())
+                        )
+                    )
+        return cls(changed, nodes) if changed else None
+
+    def outputs(self, graph_inputs: set[str]) -> list[str]:
+        """The conditions to read from the reference's run (those not fed as inputs)."""
+        return [name for name in self.changed if name not in graph_inputs]
+
+    def add(self, values: Mapping[str, np.ndarray]) -> None:
+        """Record the conditions among ``values`` (a run's outputs and feed)."""
+        for name in self.changed:
+            if name in values:
+                taken = np.unique(np.asarray(values[name]).astype(bool)).tolist()
+                self.seen.setdefault(name, set()).update(taken)
+
+    def untested(self) -> tuple[str, ...]:
+        """One line per rewritten branch no sample took."""
+        lines = []
+        for name, (label, rewritten) in self.changed.items():
+            seen = self.seen.get(name, set())
+            for branch in rewritten:
+                if (branch == "then_branch") in seen:
+                    continue
+                lines.append(
+                    f"If '{label}': its {branch} ({self.nodes[(label, branch)]} nodes), which "
+                    f"the passes rewrote, never ran on the check's data ('{name}' was "
+                    f"{'never true' if branch == 'then_branch' else 'never false'}): give "
+                    "samples that take it"
+                )
+        return tuple(lines)
+
+
+def _if_nodes(model: ir.Model) -> list[ir.Node]:
+    return [node for node in model.graph if node.op_type == "If" and node.domain in ("", "ai.onnx")]
+
+
+def _match(node: ir.Node, index: int, ours: list[ir.Node], theirs: list[ir.Node]):
+    if node.name:
+        return next((other for other in theirs if other.name == node.name), None)
+    return theirs[index] if len(ours) == len(theirs) else None
+
+
+def _branch_bytes(node: ir.Node, branch: str) -> bytes:
+    attribute = node.attributes.get(branch)
+    if attribute is None:
+        return b""
+    return ir.serde.serialize_graph(attribute.as_graph()).SerializeToString()
