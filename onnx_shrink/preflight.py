@@ -16,7 +16,8 @@ from typing import TYPE_CHECKING
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import graph_edit, io, pipeline
+from onnx_shrink.compiler import graph_edit, io
+from onnx_shrink.compiler.dumps import dump_files
 from onnx_shrink.errors import BadModelError, DataError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
@@ -285,7 +286,7 @@ def check_dump_dir(
         raise ShrinkError(f"{dump_dir}: the dump folder is a file; choose another --dump-dir")
     if output is not None:
         reads = {**reads, "the result": output}
-    dumps = pipeline.dump_files(dump_dir, pass_list)
+    dumps = dump_files(dump_dir, pass_list)
     io.refuse_clashes({f"the dump folder's {path.name}": path for path in dumps}, reads)
 
 

@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, registry, stats
+from onnx_shrink.compiler import dumps, io, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
@@ -239,7 +239,7 @@ def run(
             names the pass and those before it.
     """
     if dump_dir is not None:
-        _make_dump_dir(dump_dir)
+        dumps.make_dump_dir(dump_dir)
     steps: list[StepRecord] = []
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
@@ -287,7 +287,7 @@ def run(
         new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
         dump_path = None
         if dump_dir is not None:
-            dump_path = _dump(Path(dump_dir), index, pass_, model, rejected)
+            dump_path = dumps.dump(Path(dump_dir), index, pass_, model, rejected)
         steps.append(
             StepRecord(
                 index=index,
@@ -362,49 +362,6 @@ class _Figures:
             return self.measured
         observed.update(real)
         return stats.measure(model, observed, input_dims)
-
-
-def dump_files(dump_dir: str | Path, passes: Sequence[ir.passes.PassBase]) -> list[Path]:
-    """Every file ``run`` may write to ``dump_dir`` for ``passes``: each pass's result, its
-    rolled-back candidate, and their external-data files; for refusing, before any work, a
-    dump that would write over a file the run reads."""
-    files = []
-    for index, pass_ in enumerate(passes):
-        target = _dump_target(dump_dir, index, pass_)
-        for path in (target, _rolled_back(target)):
-            files += [path, io.external_data_path(path)]
-    return files
-
-
-def _make_dump_dir(dump_dir: str | Path) -> None:
-    try:
-        Path(dump_dir).mkdir(parents=True, exist_ok=True)
-    except OSError as e:
-        raise ShrinkError(f"{dump_dir}: cannot create the dump folder ({e.strerror})") from e
-
-
-def _dump(
-    dump_dir: Path,
-    index: int,
-    pass_: ir.passes.PassBase,
-    model: ir.Model,
-    rejected: ir.Model | None,
-) -> str:
-    """Save the model after pass ``index`` (and the candidate a verifier rolled back, to
-    look at what broke the tolerances); the saved model's path."""
-    target = _dump_target(dump_dir, index, pass_)
-    path = str(io.save(model, target).path)
-    if rejected is not None:
-        io.save(rejected, _rolled_back(target))
-    return path
-
-
-def _dump_target(dump_dir: str | Path, index: int, pass_: ir.passes.PassBase) -> Path:
-    return Path(dump_dir) / f"{index + 1:02d}-{pass_.name}.onnx"
-
-
-def _rolled_back(target: Path) -> Path:
-    return target.with_name(f"{target.stem}.rolled-back.onnx")
 
 
 def _bind(

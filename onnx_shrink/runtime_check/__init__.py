@@ -10,8 +10,8 @@ from __future__ import annotations
 from onnx_shrink.runtime_check.bench import BenchmarkReport, benchmark
 from onnx_shrink.runtime_check.checker import CheckReport, check, compare
 from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
-from onnx_shrink.runtime_check.sensitivity import SensitivityReport
 from onnx_shrink.runtime_check.sensitivity import sensitivity as layer_sensitivity
+from onnx_shrink.runtime_check.sensitivity_report import SensitivityReport
 
 __all__ = [
     "BenchmarkReport",

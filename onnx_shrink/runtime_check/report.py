@@ -17,7 +17,7 @@ from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, 
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
-from onnx_shrink.runtime_check.sensitivity import HINT_LAYERS, SensitivityReport
+from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
 from onnx_shrink.wording import counted
 
 if TYPE_CHECKING:

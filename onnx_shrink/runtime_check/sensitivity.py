@@ -17,7 +17,6 @@ import dataclasses
 import logging
 import math
 import re
-import shlex
 import time
 from collections.abc import Iterator, Sequence
 
@@ -33,179 +32,16 @@ from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
+from onnx_shrink.runtime_check.sensitivity_report import (
+    HINT_LAYERS,
+    HintEffect,
+    LayerSensitivity,
+    SensitivityReport,
+)
 
 logger = logging.getLogger(__name__)
 
 Progress = collect_mod.Progress
-
-
-@dataclasses.dataclass(frozen=True)
-class LayerSensitivity:
-    """The error at the model's outputs when one node alone is quantized (its worst output)."""
-
-    node: str
-    """the node's name; "" when it has none (it cannot be excluded by name then)"""
-    op_type: str
-    position: int
-    """index of the node in the float graph"""
-    output: str
-    relative_error: float
-    cosine: float
-    snr_db: float
-    max_abs_error: float
-    nonfinite: int
-    """NaN/Inf values where the float model is finite (ranked above any finite error)"""
-    inert: bool = False
-    """keeping it float in the whole pass changes nothing (no weights of its own, and its
-    neighbours keep the Q/DQ around it): no use in the hint"""
-
-    @property
-    def label(self) -> str:
-        return self.node or f"<unnamed {self.op_type} #{self.position}>"
-
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
-
-@dataclasses.dataclass(frozen=True)
-class HintEffect:
-    """The hint measured: the worst output's relative error of the whole pass, and of the
-    pass with the hint's layers in float, on the same samples. Layers' errors interact, so
-    keeping the worst ones float alone can help less than their ranks say, or not at all."""
-
-    layers: int
-    whole: float
-    hinted: float
-    without_bias_correction: bool
-    """the pass asked for bias correction, which needs its own look at the data: both
-    figures are without it"""
-
-    @property
-    def helps(self) -> bool:
-        return self.hinted < self.whole
-
-    def summary(self) -> str:
-        """One line for the console and the HTML report."""
-        line = (
-            f"measured: the worst output's relative error is {self.whole:.3g} with the whole "
-            f"pass, {self.hinted:.3g} with "
-            f"{'this one' if self.layers == 1 else f'these {self.layers}'} in float"
-        )
-        if self.without_bias_correction:
-            line += " (both without bias correction)"
-        if not self.helps:
-            line += (
-                "; keeping them float does not help here: layers' errors interact, so try "
-                "them one at a time"
-            )
-        return line
-
-
-@dataclasses.dataclass(frozen=True)
-class SensitivityReport:
-    """Every layer the quant pass quantizes, worst first, and how to keep the worst in float."""
-
-    layers: tuple[LayerSensitivity, ...]
-    samples: int
-    data: str
-    synthetic: bool
-    runs: int
-    """streaming passes over the data (one per batch of layers, ``HINT_RUNS`` for the hint)"""
-    seconds: float
-    unmeasured: tuple[str, ...]
-    """quantized nodes that cannot be quantized alone (their name is shared by another)"""
-    excluded: tuple[str, ...] = ()
-    """the pass's own ``exclude`` patterns, kept in the hint (``--set`` replaces a list)"""
-    hint_effect: HintEffect | None = None
-    """the 3 worst layers' hint, measured (None when no layer has a name to exclude)"""
-
-    def exclude_patterns(self, k: int) -> tuple[str, ...]:
-        """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
-        (see ``_pattern``), after the pass's own; never every layer: a hint that keeps them
-        all float quantizes nothing."""
-        worst = [layer.node for layer in self._worst(k) if layer.node]
-        # Inert layers quantize nothing of their own: with every other one float, nothing is.
-        worst = worst[: sum(not layer.inert for layer in self.layers) - 1]
-        return self.excluded + tuple(_pattern(name, self._names) for name in worst)
-
-    def hinted(self, k: int) -> int:
-        """How many layers the hint for the ``k`` worst keeps in float: those with a name,
-        never every one."""
-        return len(self.exclude_patterns(k)) - len(self.excluded)
-
-    def hint_caption(self, k: int) -> str | None:
-        """The hint for the ``k`` worst with what it keeps in float ("the 2 worst", "2 of
-        the 3 worst" where some cannot be in it), for the console and the HTML report; None
-        without a hint."""
-        text = self.exclude_hint(k)
-        if text is None:
-            return None
-        hinted, worst = self.hinted(k), len(self._worst(k))
-        which = f"the {hinted} worst" if hinted == worst else f"{hinted} of the {worst} worst"
-        return f"to keep {which} in float: {text}"
-
-    def _worst(self, k: int) -> list[LayerSensitivity]:
-        """The ``k`` worst layers that keeping float would change (inert ones skipped; an
-        unnamed one counts, though the hint cannot name it)."""
-        return [layer for layer in self.layers if not layer.inert][:k]
-
-    @property
-    def _names(self) -> list[str]:
-        return [layer.node for layer in self.layers if layer.node] + list(self.unmeasured)
-
-    def exclude_hint(self, k: int = 3) -> str | None:
-        """The command-line text that keeps the ``k`` worst layers in float (those with a
-        name); None when none of them has one."""
-        patterns = self.exclude_patterns(k)
-        if len(patterns) == len(self.excluded):
-            return None
-        return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
-
-    def hint_notes(self, k: int = 3) -> tuple[str, ...]:
-        """What the hint cannot say plainly: names written as regexes, unnamed layers."""
-        worst = self._worst(k)
-        odd = [repr(x.node) for x in worst if x.node and _pattern(x.node, self._names) != x.node]
-        unnamed = [x.label for x in worst if not x.node]
-        last = self.layers.index(worst[-1]) if worst else -1
-        inert = [x.label for x in self.layers[:last] if x.inert]
-        notes = []
-        if inert:
-            notes.append(
-                f"{', '.join(inert)}: left out, as float they change nothing (no weights, and "
-                "the nodes around them keep their Q/DQ)"
-            )
-        if odd:
-            notes.append(
-                f"{', '.join(odd)} written as escaped regexes (a comma in a name is matched by "
-                "'.', since --set splits the list on commas)"
-            )
-        if unnamed:
-            notes.append(
-                f"{', '.join(unnamed)}: no name, so not in the hint (name the nodes, or keep "
-                "the op type float with quant.exclude_op_types)"
-            )
-        return tuple(notes)
-
-    def to_dict(self) -> dict[str, object]:
-        result = dataclasses.asdict(self)
-        k = min(3, len(self.layers))
-        result["exclude_hint"] = self.exclude_hint(k)
-        result["hint_notes"] = list(self.hint_notes(k))
-        return result
-
-
-def _pattern(name: str, names: Sequence[str]) -> str:
-    """``name`` itself when ``quant.exclude`` would match exactly that node with it (quant
-    tests equality, then ``re.fullmatch``), else an escaped regex with '.' for each comma."""
-    plain = "," not in name and name == name.strip()
-    if plain:
-        try:
-            regex = re.compile(name)
-        except re.error:
-            plain = False
-        else:
-            plain = not any(other != name and regex.fullmatch(other) for other in names)
-    return name if plain else re.escape(name).replace(",", ".")
 
 
 def sensitivity(
@@ -272,7 +108,6 @@ def sensitivity(
     )
 
 
-HINT_LAYERS = 3  # the worst layers the hint keeps in float
 QUIET = ("onnx_shrink.passes", "onnx_shrink.compiler.options", "onnx_shrink.runtime_check.collect")
 """Loggers kept to errors while measuring: the pass's own run says what they would."""
 HINT_RUNS = 3  # measuring the hint: its calibration, then each pass against the float model

@@ -21,7 +21,7 @@ from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sens
-from onnx_shrink.runtime_check.sensitivity import LayerSensitivity, SensitivityReport
+from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity, SensitivityReport
 
 HARD = "/head/head.1/Gemm"
 
