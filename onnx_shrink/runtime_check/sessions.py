@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import threading
 from collections.abc import Mapping, Sequence
 from io import StringIO
 from pathlib import Path
@@ -21,6 +22,8 @@ from onnx_shrink.errors import BadModelError, RunFailedError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
 
 logger = logging.getLogger(__name__)
+
+_STDOUT = threading.Lock()  # held while sys.stdout is swapped (create_session)
 
 ModelBytesOrPath = bytes | str | os.PathLike | large_tensors.SessionSource
 
@@ -142,8 +145,13 @@ def create_session(
     try:
         # A provider that fails to start makes onnxruntime print a banner and quietly retry on
         # CPU; the banner is kept for the error below instead of going to the user's stdout.
-        with contextlib.redirect_stdout(banner):
-            session = ort.InferenceSession(source, sess_options=options, providers=providers)
+        # redirect_stdout swaps the process's sys.stdout: one thread at a time (shapes.observer
+        # makes a session beside the pipeline's), or the last to finish restored the other's
+        # StringIO; and only for other providers than the CPU's, which prints no banner.
+        redirect = full != "CPUExecutionProvider"
+        with _STDOUT if redirect else contextlib.nullcontext():
+            with contextlib.redirect_stdout(banner) if redirect else contextlib.nullcontext():
+                session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = str(model) if isinstance(model, str | os.PathLike) else "the model"

@@ -65,3 +65,46 @@ def test_a_provider_reporting_no_options_is_not_said_to_ignore_them(caplog, monk
         "onnxruntime ignored CUDAExecutionProvider option(s) devce_id (the options it takes: "
         "device_id)"
     ]
+
+
+def test_sessions_made_at_once_leave_stdout_as_it_was(monkeypatch):
+    """shapes.observer makes a session in a thread beside the pipeline's: each swapped
+    sys.stdout for the banner, and the last to finish restored the other's StringIO
+    (stdout stayed captured after shrink() in 8 of 20 calls)."""
+    import sys
+    import threading
+    import time
+
+    from onnx_shrink.compiler import io
+    from tests.helpers import parse
+
+    made = sessions.ort.InferenceSession
+    entered: list[int] = []
+    both_in = threading.Barrier(2, timeout=5)
+
+    def overlapping(*args, **kwargs):
+        # Both creations inside at once, the first in leaving first: the order that left the
+        # second's saved stdout (the first's StringIO) in place.
+        entered.append(threading.get_ident())
+        session = made(*args, **kwargs)
+        try:
+            both_in.wait()
+        except threading.BrokenBarrierError:  # serialized (a lock): nothing to interleave
+            return session
+        if entered[0] != threading.get_ident():
+            time.sleep(0.05)
+        return session
+
+    monkeypatch.setattr(sessions.ort, "InferenceSession", overlapping)
+    model = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N] x) => (float[N] y) { y = Identity(x) }
+    """
+    source = io.to_bytes(io.load(parse(model)))
+    real = sys.stdout
+    threads = [threading.Thread(target=sessions.create_session, args=(source,)) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sys.stdout is real
