@@ -244,8 +244,9 @@ def run(
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
     observed: dict[str, Sequence[int]] = {}
-    # The input's figures are final after the first pass: a run for its dims goes on beside it.
-    input_figures = _Figures.start(model, input_dims, observe, observed)
+    # The input's figures are final after the first pass: a run for its dims goes on beside it
+    # (none without a pass, which would not wait for it).
+    input_figures = _Figures.start(model, input_dims, observe if passes else None, observed)
     current_stats: stats.ModelStats | None = None
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.

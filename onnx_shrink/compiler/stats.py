@@ -250,7 +250,9 @@ def _fix_input_dims(graph: onnx.GraphProto, input_dims: Shapes) -> None:
             info.type.tensor_type.ClearField("shape")
 
 
-def _value_dims(graph: onnx.GraphProto, symbolic: set[str] | None = None) -> dict[str, list[int]]:
+def _value_dims(
+    graph: onnx.GraphProto, symbolic: set[str] | None = None, main: bool = True
+) -> dict[str, list[int]]:
     """Dims of every typed tensor value of ``graph`` and its subgraphs, symbolic or unknown
     dims (and -1, as Paddle exports write them) as 1, the names of the values that have one
     added to ``symbolic``; values whose rank is unknown are left out."""
@@ -263,13 +265,16 @@ def _value_dims(graph: onnx.GraphProto, symbolic: set[str] | None = None) -> dic
             # The first axis too: with the inputs' dims fixed, a symbolic one is a dim that
             # inference lost, not the batch; it may hold a flatten's batch x sequence rows
             # (a Reshape to [-1, H] whose target inference cannot follow: 1 row counted of 6).
-            if symbolic is not None and any(d.dim_value <= 0 for d in tensor.shape.dim):
+            # Not in a body: no run records its values, so the bound would stay for good, and
+            # a Loop's iteration axis is symbolic by nature.
+            dims_checked = tensor.shape.dim if main else tensor.shape.dim[1:]
+            if symbolic is not None and any(d.dim_value <= 0 for d in dims_checked):
                 symbolic.add(info.name)
     for node in graph.node:
         for attribute in node.attribute:
             single = [attribute.g] if attribute.HasField("g") else []
             for subgraph in [*single, *attribute.graphs]:
-                result.update(_value_dims(subgraph, symbolic))
+                result.update(_value_dims(subgraph, symbolic, main=False))
     return result
 
 

@@ -555,3 +555,42 @@ def test_recurrent_layers_count_their_steps_gates_and_directions():
         assert (counted.macs, counted.nodes_without_macs) == (expected, 0), op
         # Without the input's dims, its symbolic steps and batch count once, as anywhere.
         assert stats.measure(model).macs == 2 * gates * hidden * (width + hidden), op
+
+
+def test_a_bodys_symbolic_first_axis_is_not_a_bound():
+    """No run records a body's values: a bound there stayed for good, and every pass that
+    changed the model ran the model again for it (4 runs over 3 passes)."""
+    from onnx_shrink.compiler import pipeline
+
+    body = oh.make_graph(
+        [
+            oh.make_node("Identity", ["cond_in"], ["cond_out"]),
+            oh.make_node("MatMul", ["s_in", "w"], ["s_out"]),
+        ],
+        "body",
+        [
+            oh.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            oh.make_tensor_value_info("cond_in", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("s_in", onnx.TensorProto.FLOAT, ["N", 64]),
+        ],
+        [
+            oh.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("s_out", onnx.TensorProto.FLOAT, ["N", 64]),
+        ],
+    )
+    model = make_model(
+        [oh.make_node("Loop", ["trip", "", "x"], ["y"], body=body)],
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        {"w": np.ones((64, 64), np.float32), "trip": np.array(3, np.int64)},
+    )
+    counted = stats.measure(io.load(model), input_dims={"x": (1, 64)})
+    assert (counted.macs, counted.nodes_without_macs) == (64 * 64, 0)
+    runs = []
+    pipeline.run(
+        io.load(model),
+        [],
+        input_dims={"x": (1, 64)},
+        observe=lambda _model: runs.append(1) or (lambda: None),
+    )
+    assert runs == []
