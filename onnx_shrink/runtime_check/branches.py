@@ -14,6 +14,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 BRANCHES = ("then_branch", "else_branch")
@@ -93,7 +94,23 @@ def _match(node: ir.Node, index: int, ours: list[ir.Node], theirs: list[ir.Node]
 
 
 def _branch_bytes(node: ir.Node, branch: str) -> bytes:
+    """The branch as computed: without what a cleanup changes and a run ignores (doc strings,
+    metadata such as exporters' stack traces, value annotations)."""
     attribute = node.attributes.get(branch)
     if attribute is None:
         return b""
-    return ir.serde.serialize_graph(attribute.as_graph()).SerializeToString()
+    proto = ir.serde.serialize_graph(attribute.as_graph())
+    _strip(proto)
+    return proto.SerializeToString()
+
+
+def _strip(graph: onnx.GraphProto) -> None:
+    graph.ClearField("doc_string")
+    graph.ClearField("value_info")
+    del graph.metadata_props[:]
+    for node in graph.node:
+        node.ClearField("doc_string")
+        del node.metadata_props[:]
+        for attribute in node.attribute:
+            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
+                _strip(body)

@@ -220,6 +220,12 @@ def test_a_rewritten_branch_no_sample_takes_is_said_to_be_unchecked():
     both = compare(_gated(1.0), _gated(0.5), {"x": np.concatenate([quiet["x"], loud["x"]])})
     assert both.untested_branches == ()
     assert compare(_gated(1.0), _gated(1.0), quiet).untested_branches == ()  # not rewritten
+    # A cleanup is no rewrite: fold strips doc strings and exporters' stack traces.
+    traced = _gated(1.0)
+    branch = traced.graph.node(2).attributes["then_branch"].as_graph()
+    branch.node(0).doc_string = "File model.py, line 12"
+    branch.node(0).metadata_props["pkg.torch.onnx.stack_trace"] = "model.py:12"
+    assert compare(traced, _gated(1.0), quiet).untested_branches == ()
     from onnx_shrink.runtime_check.report import html_report
 
     page = html_report(check=check(_gated(1.0), _gated(0.5), quiet, latency_runs=0))
