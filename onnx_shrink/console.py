@@ -168,7 +168,12 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
     notes = [f"not checked: {line}" for line in numeric.untested_branches]
-    worst = min(numeric.outputs, key=lambda out: out.snr_db, default=None)
+    # SNR means nothing on an all-zero reference (-inf at any difference), and NaN/Inf have
+    # their own column and failure.
+    finite = [
+        o for o in numeric.outputs if o.reference_max_abs > 0 and not o.nan_count + o.inf_count
+    ]
+    worst = min(finite, key=lambda out: out.snr_db, default=None)
     if worst is not None and worst.snr_db < LOW_SNR_DB:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
         # filterbank quantized: 6.7 dB, cosine 0.89) read like any other.

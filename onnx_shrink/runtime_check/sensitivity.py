@@ -108,7 +108,13 @@ def sensitivity(
     )
 
 
-QUIET = ("onnx_shrink.passes", "onnx_shrink.compiler.options", "onnx_shrink.runtime_check.collect")
+QUIET = (
+    "onnx_shrink.passes",
+    "onnx_shrink.compiler.options",
+    "onnx_shrink.runtime_check.collect",
+    "onnx_shrink.runtime_check.collect_runs",
+    "onnx_shrink.runtime_check.collect_graph",
+)
 """Loggers kept to errors while measuring: the pass's own run says what they would."""
 HINT_RUNS = 3  # measuring the hint: its calibration, then each pass against the float model
 

@@ -172,6 +172,7 @@ def test_a_large_error_is_said_under_the_check_table():
     """Without tolerances the verdict says "measured": openWakeWord's mel filterbank
     quantized kept 6.7 dB SNR (cosine 0.89) and read like any other result."""
     import dataclasses
+    import math
 
     from onnx_shrink import console
 
@@ -183,3 +184,8 @@ def test_a_large_error_is_said_under_the_check_table():
     caption = str(console.numeric_table(lossy, "cpu").caption)
     assert f"'{output.name}' keeps 6.7 dB SNR (cosine 0.8915)" in caption
     assert "--sensitivity" in caption
+    # An all-zero reference (a mask) gives -inf dB at any difference: nothing to say.
+    zero = dataclasses.replace(output, snr_db=-math.inf, cosine=0.0, reference_max_abs=0.0)
+    assert (
+        console.numeric_table(dataclasses.replace(numeric, outputs=(zero,)), "cpu").caption is None
+    )

@@ -367,3 +367,16 @@ def test_the_hints_measuring_runs_say_nothing_the_run_did_not(caplog):
         )
     assert result.sensitivity.hint_effect is not None
     assert caplog.text.count("/no/such/node") == 1, caplog.text
+
+
+def test_every_statistics_logger_is_quiet_while_measuring():
+    """Logger names nest on dots: collect_runs and collect_graph are collect's siblings, and
+    collect_runs' "failed on N samples joined" came again during sensitivity."""
+    import logging
+
+    from onnx_shrink.runtime_check import collect_graph, collect_runs, sensitivity
+
+    with sensitivity._quiet(*sensitivity.QUIET):
+        for module in (collect_runs, collect_graph, sensitivity.collect_mod):
+            assert logging.getLogger(module.__name__).getEffectiveLevel() == logging.ERROR
+    assert logging.getLogger(collect_runs.__name__).getEffectiveLevel() < logging.ERROR
