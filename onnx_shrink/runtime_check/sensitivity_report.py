@@ -162,7 +162,7 @@ class SensitivityReport:
 
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
-        k = min(3, len(self.layers))
+        k = min(HINT_LAYERS, len(self.layers))
         result["exclude_hint"] = self.exclude_hint(k)
         result["hint_notes"] = list(self.hint_notes(k))
         return result
