@@ -319,18 +319,22 @@ def test_minilm_excluding_the_three_worst_layers_improves_the_sentence_embedding
     assert embedding_cosine(worst) > embedding_cosine(quant)
 
 
-def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
-    # With the head's Gemm already float, the Add between quantized Convs ranked in the top
-    # three, yet excluding it left the file byte-identical: its neighbours keep its Q/DQ.
-    result = shrink(
+def _digits_sensitivity(exclude: str):
+    """``fold,quant`` of the digits CNN with ``quant.exclude=exclude`` and its sensitivity."""
+    return shrink(
         digits.MODEL_PATH,
         "fold,quant",
-        sets=["quant.exclude=/head/head.4/Gemm"],
+        sets=[f"quant.exclude={exclude}"],
         check=False,
         calibration=digits.TEST_DATA_PATH,
         sensitivity=True,
     )
-    report = result.sensitivity
+
+
+def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
+    # With the head's Gemm already float, the Add between quantized Convs ranked in the top
+    # three, yet excluding it left the file byte-identical: its neighbours keep its Q/DQ.
+    report = _digits_sensitivity("/head/head.4/Gemm").sensitivity
     inert = [x.node for x in report.layers if x.inert]
     assert "/Add" in inert
     hint = report.exclude_hint()
@@ -357,14 +361,7 @@ def test_the_hints_measuring_runs_say_nothing_the_run_did_not(caplog):
     import logging
 
     with caplog.at_level(logging.WARNING):
-        result = shrink(
-            digits.MODEL_PATH,
-            "fold,quant",
-            sets=["quant.exclude=/no/such/node"],
-            check=False,
-            calibration=digits.TEST_DATA_PATH,
-            sensitivity=True,
-        )
+        result = _digits_sensitivity("/no/such/node")
     assert result.sensitivity.hint_effect is not None
     assert caplog.text.count("/no/such/node") == 1, caplog.text
 
