@@ -261,7 +261,8 @@ def _warn_in_sample(
     fitted = [
         p.name
         for p, step in zip(pass_list, steps, strict=False)
-        if getattr(p, "fits_weights_to_data", False) and step.modified and step.calibration_samples
+        if isinstance(p, DataAwarePass) and p.fits_weights_to_data
+        if step.modified and step.calibration_samples
     ]
     if same and check_data is not None and fitted:
         logger.warning(

@@ -161,9 +161,9 @@ def _with_inferred_shapes(
 ) -> Shapes:
     """``shapes``, completed by onnx shape inference when ``mac_nodes`` lack output shapes or
     ``input_dims`` fix the graph inputs' dims (each inferred dim that is not a number counts
-    as 1, as a symbolic dim does; the names of the values that have one
-    are added to ``symbolic``). Inference runs on the graph alone, its large weights left as
-    stand-ins: the model is not copied."""
+    as 1, as a symbolic dim does; the names of the values that have one are added to
+    ``symbolic``, as ``_value_dims`` says). Inference runs on the graph alone, its large
+    weights left as stand-ins: the model is not copied."""
     needs_shapes = bool(input_dims) or any(
         o.shape is None and o.name not in shapes for node in mac_nodes for o in node.outputs
     )

@@ -29,6 +29,8 @@ class BranchWatch:
     """condition value name -> (the If's label, its rewritten branches)"""
     nodes: dict[tuple[str, str], int]
     """(the If's label, branch) -> the reference branch's node count"""
+    read: list[str]
+    """the conditions to read from the reference's runs (those not fed as graph inputs)"""
     seen: dict[str, set[bool]] = dataclasses.field(default_factory=dict)
 
     @classmethod
@@ -53,11 +55,10 @@ class BranchWatch:
                             ir.traversal.RecursiveGraphIterator(node.attributes[branch].as_graph())
                         )
                     )
-        return cls(changed, nodes) if changed else None
-
-    def outputs(self, graph_inputs: set[str]) -> list[str]:
-        """The conditions to read from the reference's run (those not fed as inputs)."""
-        return [name for name in self.changed if name not in graph_inputs]
+        if not changed:
+            return None
+        fed = {value.name for value in reference.graph.inputs}
+        return cls(changed, nodes, [name for name in changed if name not in fed])
 
     def add(self, values: Mapping[str, np.ndarray]) -> None:
         """Record the conditions among ``values`` (a run's outputs and feed)."""

@@ -107,10 +107,9 @@ def _open(
     dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
     watch = branches_mod.BranchWatch.of(ref.model, cand.model)
     ref_source = ref.source
-    if watch is not None and watch.outputs({s.name for s in specs}):
+    if watch is not None and watch.read:
         # The conditions as extra outputs; the weights shared, not copied.
-        conditions = watch.outputs({s.name for s in specs})
-        ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, conditions))
+        ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
     ref_session = sessions.create_session(ref_source, provider=provider)
     try:
         cand_session = sessions.create_session(cand.source, provider=provider)
@@ -168,7 +167,7 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
     )
 
     watch = pair.branches
-    conditions = watch.outputs({s.name for s in pair.specs}) if watch is not None else []
+    conditions = watch.read if watch is not None else []
 
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
         nonlocal samples

@@ -245,12 +245,11 @@ def _sensitivity_section(
     ]
     header = ["#", "node", "op", "relative", "cosine", "SNR dB", "worst output"]
     k = min(hint, len(report.layers))
-    caption = report.hint_caption(k) if k else None
+    words = report.hint_words(k) if k else None
     notes = []
-    if caption is not None:
-        words, hint_text = caption.split(": ", 1)
-        notes.append(f"{_e(words.capitalize())}: <code>{_e(hint_text)}</code>")
-    if caption and report.hint_effect is not None:
+    if words is not None:
+        notes.append(f"{_e(words.capitalize())}: <code>{_e(report.exclude_hint(k))}</code>")
+    if words is not None and report.hint_effect is not None:
         notes.append(_e(report.hint_effect.summary().capitalize()))
     notes += [_e(note) for note in report.hint_notes(k)]
     if report.unmeasured:

@@ -89,11 +89,12 @@ class SensitivityReport:
     excluded: tuple[str, ...] = ()
     """the pass's own ``exclude`` patterns, kept in the hint (``--set`` replaces a list)"""
     hint_effect: HintEffect | None = None
-    """the 3 worst layers' hint, measured (None when no layer has a name to exclude)"""
+    """the ``HINT_LAYERS`` worst layers' hint, measured (None when no layer has a name to
+    exclude)"""
 
     def exclude_patterns(self, k: int) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
-        (see ``_pattern``), after the pass's own; never every layer: a hint that keeps them
+        (see ``exclude_pattern``), after the pass's own; never every layer: a hint that keeps them
         all float quantizes nothing."""
         worst = [layer.node for layer in self._worst(k) if layer.node]
         # Inert layers quantize nothing of their own: with every other one float, nothing is.
@@ -105,16 +106,20 @@ class SensitivityReport:
         never every one."""
         return len(self.exclude_patterns(k)) - len(self.excluded)
 
-    def hint_caption(self, k: int) -> str | None:
-        """The hint for the ``k`` worst with what it keeps in float ("the 2 worst", "2 of
-        the 3 worst" where some cannot be in it), for the console and the HTML report; None
-        without a hint."""
-        text = self.exclude_hint(k)
-        if text is None:
+    def hint_words(self, k: int) -> str | None:
+        """What the hint for the ``k`` worst keeps in float ("to keep the 2 worst in float",
+        "to keep 2 of the 3 worst in float" where some cannot be in it), for the console and
+        the HTML report; None without a hint."""
+        if self.exclude_hint(k) is None:
             return None
         hinted, worst = self.hinted(k), len(self._worst(k))
         which = f"the {hinted} worst" if hinted == worst else f"{hinted} of the {worst} worst"
-        return f"to keep {which} in float: {text}"
+        return f"to keep {which} in float"
+
+    def hint_caption(self, k: int) -> str | None:
+        """``hint_words`` and the hint, as the console prints them; None without a hint."""
+        words = self.hint_words(k)
+        return None if words is None else f"{words}: {self.exclude_hint(k)}"
 
     def _worst(self, k: int) -> list[LayerSensitivity]:
         """The ``k`` worst layers that keeping float would change (inert ones skipped; an

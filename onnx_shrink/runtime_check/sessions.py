@@ -7,7 +7,7 @@ import functools
 import logging
 import os
 import threading
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from io import StringIO
 from pathlib import Path
 from typing import Any
@@ -83,6 +83,19 @@ def resolve_provider(name: str) -> str:
     return full
 
 
+@contextlib.contextmanager
+def _banner_kept(banner: StringIO, provider: str) -> Iterator[None]:
+    """``sys.stdout`` into ``banner`` inside, for a provider other than the CPU's (which
+    prints none). redirect_stdout swaps the process's stdout: one thread at a time
+    (shapes.observer makes a session beside the pipeline's), or the last to finish restored
+    the other's StringIO."""
+    if provider == "CPUExecutionProvider":
+        yield
+        return
+    with _STDOUT, contextlib.redirect_stdout(banner):
+        yield
+
+
 def create_session(
     model: ModelBytesOrPath,
     *,
@@ -145,13 +158,8 @@ def create_session(
     try:
         # A provider that fails to start makes onnxruntime print a banner and quietly retry on
         # CPU; the banner is kept for the error below instead of going to the user's stdout.
-        # redirect_stdout swaps the process's sys.stdout: one thread at a time (shapes.observer
-        # makes a session beside the pipeline's), or the last to finish restored the other's
-        # StringIO; and only for other providers than the CPU's, which prints no banner.
-        redirect = full != "CPUExecutionProvider"
-        with _STDOUT if redirect else contextlib.nullcontext():
-            with contextlib.redirect_stdout(banner) if redirect else contextlib.nullcontext():
-                session = ort.InferenceSession(source, sess_options=options, providers=providers)
+        with _banner_kept(banner, full):
+            session = ort.InferenceSession(source, sess_options=options, providers=providers)
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         where = str(model) if isinstance(model, str | os.PathLike) else "the model"

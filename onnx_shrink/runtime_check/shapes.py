@@ -12,7 +12,7 @@ import concurrent.futures
 import dataclasses
 import logging
 from collections.abc import Callable, Mapping, Sequence
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 import numpy as np
 import onnx_ir as ir
@@ -28,6 +28,8 @@ if TYPE_CHECKING:
     from onnx_shrink.compiler.pipeline import ShapeObserver
 
 logger = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 
 def observed(
@@ -144,12 +146,8 @@ def observer(
         return None
 
     def observe(candidate: ir.Model) -> Callable[[], stats.Shapes | None]:
-        try:
-            run = _Run.of(candidate, feed)  # here: ``candidate`` may change once this returns
-        except MemoryError:
-            raise
-        except Exception as e:  # noqa: BLE001 - accounting must not fail a run: a bound stays
-            logger.debug("no real run to count MACs on: %s", e)
+        run = _or_bound(lambda: _Run.of(candidate, feed))  # ``candidate`` may change after
+        if run is None:
             return lambda: None
         # The session is made and run in a thread, while the pipeline's next pass runs:
         # PP-OCRv4 rec's 0.07-0.10 s and MiniLM's ~0.1 s go on beside fold instead of before
@@ -158,16 +156,17 @@ def observer(
         pool = concurrent.futures.ThreadPoolExecutor(1, thread_name_prefix="onnx-shrink-dims")
         future = pool.submit(run, provider)
         pool.shutdown(wait=False)
-
-        def dims() -> stats.Shapes | None:
-            try:
-                return future.result()
-            except MemoryError:
-                raise
-            except Exception as e:  # noqa: BLE001 - as above: the bound stays
-                logger.debug("no real run to count MACs on: %s", e)
-                return None
-
-        return dims
+        return lambda: _or_bound(future.result)
 
     return observe
+
+
+def _or_bound(call: Callable[[], T]) -> T | None:
+    """``call()``, or None where it fails: accounting must not fail a run, a bound stays."""
+    try:
+        return call()
+    except MemoryError:
+        raise
+    except Exception as e:  # noqa: BLE001 - see above
+        logger.debug("no real run to count MACs on: %s", e)
+        return None
