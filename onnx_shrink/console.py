@@ -168,13 +168,8 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
     notes = [f"not checked: {line}" for line in numeric.untested_branches]
-    # SNR means nothing on an all-zero reference (-inf at any difference), and NaN/Inf have
-    # their own column and failure.
-    finite = [
-        o for o in numeric.outputs if o.reference_max_abs > 0 and not o.nan_count + o.inf_count
-    ]
-    worst = min(finite, key=lambda out: out.snr_db, default=None)
-    if worst is not None and worst.snr_db < LOW_SNR_DB:
+    worst = numeric.large_error
+    if worst is not None:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
         # filterbank quantized: 6.7 dB, cosine 0.89) read like any other.
         notes.append(
@@ -185,11 +180,6 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
     if notes:
         table.caption = escape("\n".join(notes))
     return table
-
-
-LOW_SNR_DB = 20.0
-"""A worst output's SNR under which the check's table says the error is large (20 dB: an
-error of a tenth of the signal's amplitude)."""
 
 
 def layers_table(layers: LayerReport, top: int = 10) -> Table:

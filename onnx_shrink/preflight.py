@@ -305,7 +305,7 @@ def refuse_overwrite(
     # Only an existing file can be the input's; the input is read only then.
     if external_data is False or not data.exists():
         return
-    if data.resolve() in {path.resolve() for path in weights}:
+    if any(io.same_file(data, path) for path in weights):
         # Under auto the result's size is not known yet: it may stay embedded.
         limit = f"{io.EXTERNAL_DATA_THRESHOLD_BYTES / 1e9:g} GB"
         would = "would go" if external_data else f"could go (--external-data auto, past {limit})"

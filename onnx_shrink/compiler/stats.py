@@ -96,20 +96,18 @@ def measure(
     mac_nodes = [node for node in nodes if is_mac_node(node)]
     symbolic: set[str] = set()
     inferred = _with_inferred_shapes(model, mac_nodes, shapes or {}, input_dims or {}, symbolic)
-    macs, unknown = _count_macs(mac_nodes, inferred)
+    counts = {node: node_macs(node, inferred) for node in mac_nodes}
+    known = {node: count for node, count in counts.items() if count is not None}
+    unknown = len(counts) - len(known)
     if shapes or input_dims:
         # A workload's MACs: a dim inference could not fix makes the node's count a bound.
-        unknown += sum(
-            1
-            for node in mac_nodes
-            if node_macs(node, inferred) is not None and not _exact(node, inferred, symbolic)
-        )
+        unknown += sum(not _exact(node, inferred, symbolic) for node in known)
     unpacked = _unpacked_elements(nodes)
     return ModelStats(
         nodes=len(nodes),
         params=sum(unpacked.get(id(t), math.prod(t.shape.numpy())) for t in tensors),
         tensor_bytes=sum(t.nbytes for t in tensors),
-        macs=macs,
+        macs=sum(known.values()),
         nodes_without_macs=unknown,
         op_types=dict(collections.Counter(n.op_type for n in nodes).most_common()),
     )
@@ -300,12 +298,6 @@ def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
     if op == "MatMul" and (weight is None or weight.const_value is None):
         return concrete(out) and concrete(x)  # activation x activation: out times x's K
     return concrete(out) or concrete(x)
-
-
-def _count_macs(mac_nodes: Sequence[ir.Node], shapes: Shapes) -> tuple[int, int]:
-    """Total MACs of ``mac_nodes``, and how many of them have unknown MACs."""
-    known = [m for m in (node_macs(node, shapes) for node in mac_nodes) if m is not None]
-    return sum(known), len(mac_nodes) - len(known)
 
 
 def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:

@@ -182,12 +182,13 @@ class _Conversion:
             if value.type is not None or value.is_graph_input() or value.is_graph_output():
                 value.type = ir.TensorType(self.new[value])
         self._drop_identity_casts()
-        kinds = Counter(reason.split(":")[0] for reason in self.islands.values())
-        logger.info("fp16: %d Casts; float islands: %s", len(self.casts), dict(kinds) or "none")
+        kinds = [reason.split(":")[0] for reason in self.islands.values()]
+        logger.info(
+            "fp16: %d Casts; float islands: %s", len(self.casts), dict(Counter(kinds)) or "none"
+        )
         modified = bool(changed or self.casts)
         if not modified:  # "(no change)" in the summary said nothing of why (-v did)
-            reasons = [reason.split(":")[0] for reason in self.islands.values()]
-            warn_no_change(self.pass_.name, "node", reasons)
+            warn_no_change(self.pass_.name, "node", kinds)
         return modified
 
     def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:

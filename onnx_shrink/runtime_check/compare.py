@@ -88,6 +88,11 @@ class OutputComparison:
         return dataclasses.asdict(self)
 
 
+LOW_SNR_DB = 20.0
+"""A worst output's SNR under which the check says the error is large (20 dB: an error of a
+tenth of the signal's amplitude)."""
+
+
 @dataclasses.dataclass(frozen=True)
 class NumericReport:
     """Per-output comparison, accuracy with labels, and the verdict under the tolerances."""
@@ -118,6 +123,17 @@ class NumericReport:
         if self.accuracy_unmeasured:
             return "PASS (accuracy not measured)"
         return "PASS"
+
+    @property
+    def large_error(self) -> OutputComparison | None:
+        """The output with the lowest SNR where it is under ``LOW_SNR_DB``, else None. SNR
+        means nothing on an all-zero reference (-inf at any difference), and NaN/Inf have
+        their own count and failure: those outputs are left out."""
+        finite = [
+            o for o in self.outputs if o.reference_max_abs > 0 and not o.nan_count + o.inf_count
+        ]
+        worst = min(finite, key=lambda out: out.snr_db, default=None)
+        return worst if worst is not None and worst.snr_db < LOW_SNR_DB else None
 
     @property
     def accuracy_unmeasured(self) -> bool:

@@ -36,7 +36,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.io import embedded_weights, external, validation
-from onnx_shrink.compiler.io.validation import first_line, one_line  # noqa: F401 (io.*)
+from onnx_shrink.compiler.io.validation import first_line
 from onnx_shrink.compiler.io.zipped import zipped_bytes, zipped_size  # noqa: F401
 from onnx_shrink.errors import BadModelError, ShrinkError
 

@@ -166,26 +166,11 @@ def load_error(model: ir.Model, min_bytes: int = SHAPES_ONLY_BYTES) -> str | Non
         return None  # past protobuf's limit even without large tensors; onnxruntime checks it
     try:
         onnx.shape_inference.infer_shapes(proto, check_type=True, strict_mode=True)
-        onnx.checker.check_model(_initializers_as_inputs(proto))
+        # The stand-ins as typed inputs: the checker judges the nodes without their data.
+        onnx.checker.check_model(embedded_weights.checker_view(proto))
     except (onnx.shape_inference.InferenceError, onnx.checker.ValidationError) as e:
         return io.first_line(e)
     return None
-
-
-def _initializers_as_inputs(proto: onnx.ModelProto) -> onnx.ModelProto:
-    """``proto`` (modified) with its main graph's initializers as typed graph inputs: the
-    checker then judges the nodes without looking for the stand-ins' data."""
-    graph = proto.graph
-    listed = {value.name for value in graph.input}
-    for tensor in graph.initializer:
-        if tensor.name not in listed:
-            graph.input.append(
-                onnx.helper.make_tensor_value_info(tensor.name, tensor.data_type, tensor.dims)
-            )
-    del graph.initializer[:]
-    # Inputs listed as initializers are allowed from IR 4 only; below, they already were.
-    proto.ir_version = max(proto.ir_version, 4)
-    return proto
 
 
 @dataclasses.dataclass(frozen=True)

@@ -357,8 +357,12 @@ class QuantPass(DataAwarePass):
         # A node known to compute in float16 (after fp16) is no candidate: Q/DQ reads float32.
         # Types are inferred for that only where the model may hold float16 (settled later).
         candidates = placement.quantizable_nodes(model.graph, self._exclusions)
-        untyped = not value_types.types_known(model.graph)
-        if candidates and untyped and value_types.may_hold_half(model):
+        # types_known walks every node: only where there is a candidate to settle.
+        if (
+            candidates
+            and not value_types.types_known(model.graph)
+            and value_types.may_hold_half(model)
+        ):
             value_types.infer_types(model)
         if any(not value_types.computes_in_half(node) for node in candidates):
             return True
