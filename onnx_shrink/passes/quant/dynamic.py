@@ -1,4 +1,5 @@
-"""Dynamic quantization: int8 MatMul/Gemm/Gather weights, activations quantized at run time.
+"""Dynamic quantization: int8 MatMul/Gemm/Gather/LSTM weights, activations quantized at run
+time.
 
 Weights are quantized symmetrically, per output column ``n`` (or per tensor):
 ``s[n] = max_k |W[k, n]| / 127``, ``Wq = round(W / s)`` in [-127, 127], ``W ~ Wq * s``.
@@ -17,7 +18,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
-from onnx_shrink.passes.quant import compact
+from onnx_shrink.passes.quant import compact, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -27,18 +28,20 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
+    nodes_of,
     trimmed,
 )
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_OPS = ("MatMul", "Gemm", "Gather")
+SUPPORTED_OPS = ("MatMul", "Gemm", "Gather", "LSTM")
 INT8 = QUANT_TYPES["s8"]
 
 
 @dataclasses.dataclass(frozen=True)
 class QuantDynamicPass(ir.passes.InPlacePass):
-    """Quantize constant MatMul/Gemm/Gather weights to int8 for dynamic (run-time) quantization.
+    """Quantize constant MatMul/Gemm/Gather/LSTM weights to int8 for dynamic (run-time)
+    quantization.
 
     Rules:
 
@@ -53,6 +56,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     4. With ``fused=False`` rules 1-2 emit standard ONNX instead (opset >= 11), which
        onnxruntime fuses back into rule 1's kernel when it loads the model:
        ``DynamicQuantizeLinear(A) -> MatMulInteger -> Cast -> Mul(sa * s) [-> Add(bias)]``.
+       LSTMs (rule 9) then stay float: standard ONNX has no integer LSTM.
     5. Skipped, with a debug log: nodes matched by ``exclude``, weights that are not float32
        initializers (or are graph inputs, so callers may override them), weights under
        ``min_weight_elements``. Model-local functions hold no initializers: skipped, logged.
@@ -63,6 +67,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     8. With ``narrow_storage``, per-channel scales are rounded up to float16 values before the
        weights are quantized, and every graph's constants are stored in the narrowest type
        that holds them exactly (``compact.store_narrow``).
+    9. ``LSTM`` with constant W and R becomes ``com.microsoft.DynamicQuantizeLSTM``, its
+       weights int8 per gate row (``recurrent``; ``layout=1`` stays float). GRU and RNN stay
+       float, logged: onnxruntime has no integer kernel for them.
     """
 
     name: ClassVar[str] = "quant-dynamic"
@@ -73,7 +80,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     exclude: tuple[str, ...] = option(
         (), "node names or regular expressions (full match) to leave in float", patterns=True
     )
-    per_channel: bool = option(True, "one scale per output column (MatMul/Gemm) or embedding dim")
+    per_channel: bool = option(
+        True, "one scale per output column (MatMul/Gemm), embedding dim or LSTM gate row"
+    )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
     graphs: Literal["all", "subgraphs"] = option(
         "all",
@@ -127,10 +136,14 @@ class QuantDynamicPass(ir.passes.InPlacePass):
                 continue
             if node.op_type == "Gather":
                 count += self._try_quantize_gather(context, node)
+            elif node.op_type == "LSTM":
+                count += self._try_quantize_lstm(context, node)
             else:
                 count += self._try_quantize_linear(context, node)
         if count and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
+        if "LSTM" in self.op_types:
+            recurrent.log_float_only(self.name, nodes_of(model, recurrent.FLOAT_ONLY))
         context.drop_dead_weights()
         logger.info("%s: quantized %d nodes", self.name, count)
         return count
@@ -156,6 +169,13 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             nodes = _integer_matmul(node, match.activation, codes, scale, bias)
         context.replace(match.replaced, nodes)
         return True
+
+    def _try_quantize_lstm(self, context: WeightContext, node: ir.Node) -> bool:
+        if not self.fused:
+            return context.skip(node, "fused=False: standard ONNX has no integer LSTM")
+        return recurrent.quantize_lstm(
+            context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage
+        )
 
     def _int8(self, w: np.ndarray, axis: int | None) -> dict[str, np.ndarray]:
         """int8 codes of ``w`` and its scales (one per slice along ``axis``, or one)."""

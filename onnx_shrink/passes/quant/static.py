@@ -91,6 +91,9 @@ class QuantPass(DataAwarePass):
        subtracted from its int32 bias: its weights' and its input's rounding, from channel
        means measured on the quantized model in a second run over the calibration data (its
        first ``bias_correction_samples``; ``bias_correction``).
+    10. With ``lstm``, an LSTM on constant weights becomes ``quant-dynamic``'s
+        ``com.microsoft.DynamicQuantizeLSTM`` (its rule 9): onnxruntime has no QDQ LSTM
+        kernel, and its own static quantizer leaves LSTMs float.
     """
 
     name: ClassVar[str] = "quant"
@@ -149,6 +152,11 @@ class QuantPass(DataAwarePass):
     )
     gather: bool = option(
         True, "store embedding tables (Gather) as int8 rows, dequantized on lookup"
+    )
+    lstm: bool = option(
+        True,
+        "int8 LSTM weights as onnxruntime's com.microsoft.DynamicQuantizeLSTM (no QDQ LSTM "
+        "kernel exists; not with fused=false)",
     )
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
@@ -370,6 +378,8 @@ class QuantPass(DataAwarePass):
             return False
         if self.gather and nodes_of(model, ("Gather",)):
             return True
+        if self.lstm and nodes_of(model, ("LSTM",)):
+            return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
     def _warn_unmatched(self, model: ir.Model) -> None:
@@ -388,16 +398,21 @@ class QuantPass(DataAwarePass):
         return ir.passes.PassResult(model, modified)
 
     def _quantize_without_statistics(self, model: ir.Model, narrow: bool) -> bool:
-        """Weights calibration cannot reach: embedding tables (rule 6) and If/Loop/Scan
-        bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of staying float
-        (with float16 scales when ``narrow``; ``apply`` stores them). Returns whether any was
-        quantized."""
+        """Weights calibration cannot reach: embedding tables (rule 6), LSTMs (rule 10) and
+        If/Loop/Scan bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of
+        staying float (with float16 scales when ``narrow``; ``apply`` stores them). Returns
+        whether any was quantized."""
         count = 0
         if self.gather:
             gather = QuantDynamicPass(
                 op_types=("Gather",), exclude=self.exclude, narrow_storage=narrow
             )
             count += gather.quantize(model)
+        if self.lstm:
+            lstm = QuantDynamicPass(
+                op_types=("LSTM",), exclude=self.exclude, fused=self.fused, narrow_storage=narrow
+            )
+            count += lstm.quantize(model)
         if self.subgraphs and any(True for _ in model.graph.subgraphs()):
             count += QuantDynamicPass(
                 op_types=("MatMul", "Gemm", "Gather"),

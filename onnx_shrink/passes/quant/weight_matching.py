@@ -142,6 +142,10 @@ class WeightContext:
     orphans: set[ir.Value] = dataclasses.field(default_factory=set)
     """constants replaced nodes read besides their weight (a Gemm's C): dropped with the
     weights where nothing reads them any more"""
+    zeros: dict[tuple[int, str, tuple[int, ...]], ir.Value] = dataclasses.field(
+        default_factory=dict
+    )
+    """zero points written once per graph, type and shape (``zero_point``)"""
 
     @classmethod
     def of(
@@ -216,8 +220,11 @@ class WeightContext:
             hint,
         )
 
-    def weight_reason(self, value: ir.Value | None) -> str | None:
-        """Why ``value`` is not a quantizable weight (2-D float32 constant initializer), or None."""
+    def weight_reason(
+        self, value: ir.Value | None, *, rank: int = 2, min_elements: int | None = None
+    ) -> str | None:
+        """Why ``value`` is not a quantizable weight (a float32 constant initializer of
+        ``rank``, with at least ``min_elements``, by default the pass's), or None."""
         if value is None or not value.is_initializer() or value.const_value is None:
             return f"weight {value.name if value else None!r} is not an initializer"
         if value.is_graph_input():
@@ -225,10 +232,11 @@ class WeightContext:
         tensor = value.const_value
         if tensor.dtype != ir.DataType.FLOAT:
             return f"weight {value.name!r} is {tensor.dtype.name}, not FLOAT"
-        if len(tensor.shape) != 2:
-            return f"weight {value.name!r} has rank {len(tensor.shape)}, not 2"
-        if tensor.size < self.min_elements:
-            return f"weight {value.name!r} has {tensor.size} < {self.min_elements} elements"
+        if len(tensor.shape) != rank:
+            return f"weight {value.name!r} has rank {len(tensor.shape)}, not {rank}"
+        least = self.min_elements if min_elements is None else min_elements
+        if tensor.size < least:
+            return f"weight {value.name!r} has {tensor.size} < {least} elements"
         return None
 
     def weights(
@@ -259,6 +267,14 @@ class WeightContext:
         assert isinstance(node.graph, ir.Graph)
         return self._initializer(node.graph, f"{node.name or node.op_type}_{suffix}", value)
 
+    def zero_point(self, graph: ir.Graph, dtype: type, shape: tuple[int, ...]) -> ir.Value:
+        """An initializer of zeros in ``graph``, one per type and shape however many nodes
+        read it (an op that takes zero points even for symmetric weights: the LSTM's)."""
+        key = (id(graph), np.dtype(dtype).name, shape)
+        if key not in self.zeros:
+            self.zeros[key] = self._initializer(graph, "zero_point", np.zeros(shape, dtype))
+        return self.zeros[key]
+
     def _initializer(self, graph: ir.Graph, base: str, array: np.ndarray | ir.Tensor) -> ir.Value:
         name = self.names.fresh(base)
         tensor = array if isinstance(array, ir.Tensor) else ir.Tensor(array)
@@ -270,10 +286,12 @@ class WeightContext:
         return value
 
     def replace(self, old_nodes: list[ir.Node], new_nodes: list[ir.Node]) -> None:
-        """Put ``new_nodes`` where ``old_nodes`` were; the last output of each list is the same."""
+        """Put ``new_nodes`` where ``old_nodes`` were; the last node of each list has the same
+        outputs (an LSTM's three, a MatMul's one)."""
         graph, last = old_nodes[0].graph, old_nodes[-1]
         assert graph is not None
-        old, new = [last.outputs[0]], [new_nodes[-1].outputs[0]]
+        old, new = list(last.outputs), list(new_nodes[-1].outputs)
+        assert len(old) == len(new), (last.op_type, new_nodes[-1].op_type)
         self.orphans.update(
             v for n in old_nodes for v in n.inputs if v is not None and v.is_initializer()
         )

@@ -1,0 +1,268 @@
+"""LSTM weights as int8 (com.microsoft.DynamicQuantizeLSTM), in quant-dynamic and quant, run
+on onnxruntime's CPU provider; GRU and RNN stay float."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx.numpy_helper as onh
+import onnx_ir as ir
+import pytest
+
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import collect, data
+from tests.helpers import run_ort
+
+SEQ, BATCH, INPUT, HIDDEN = 7, 3, 24, 16
+FLOAT = onnx.TensorProto.FLOAT
+
+
+def lstm_model(
+    directions: int = 2, *, layout: int = 0, peepholes: bool = True, op: str = "LSTM"
+) -> onnx.ModelProto:
+    """``X -> LSTM`` with every optional input but sequence_lens; Y feeds a Relu, and Y_h
+    and Y_c are graph outputs themselves (each of the three outputs has a reader)."""
+    rng = np.random.default_rng(0)
+    gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
+    shape_x = (BATCH, SEQ, INPUT) if layout else (SEQ, BATCH, INPUT)
+    state = (BATCH, directions, HIDDEN) if layout else (directions, BATCH, HIDDEN)
+    arrays = {
+        "W": rng.standard_normal((directions, gates * HIDDEN, INPUT)) * 0.3,
+        "R": rng.standard_normal((directions, gates * HIDDEN, HIDDEN)) * 0.3,
+        "B": rng.standard_normal((directions, 2 * gates * HIDDEN)) * 0.1,
+        "h0": rng.standard_normal(state) * 0.5,
+    }
+    inputs = ["X", "W", "R", "B", "", "h0"]
+    outputs = ["Y", "Y_h"]
+    if op == "LSTM":
+        arrays["c0"] = rng.standard_normal(state) * 0.5
+        inputs.append("c0")
+        outputs.append("Y_c")
+        if peepholes:
+            arrays["P"] = rng.standard_normal((directions, 3 * HIDDEN)) * 0.2
+            inputs.append("P")
+    sequence = (BATCH, SEQ, directions, HIDDEN) if layout else (SEQ, directions, BATCH, HIDDEN)
+    shapes = {"y": sequence, "Y_h": state, "Y_c": state}
+    direction = "bidirectional" if directions == 2 else "forward"
+    attributes = {"hidden_size": HIDDEN, "direction": direction}
+    if layout:
+        attributes["layout"] = layout
+    nodes = [
+        oh.make_node(op, inputs, outputs, name="rnn", **attributes),
+        oh.make_node("Relu", ["Y"], ["y"]),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("X", FLOAT, shape_x)],
+        [oh.make_tensor_value_info(name, FLOAT, shapes[name]) for name in ["y", *outputs[1:]]],
+        [onh.from_array(a.astype(np.float32), name) for name, a in arrays.items()],
+    )
+    model = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    return model
+
+
+def inputs(layout: int = 0) -> dict[str, np.ndarray]:
+    shape = (BATCH, SEQ, INPUT) if layout else (SEQ, BATCH, INPUT)
+    return {"X": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+
+
+def quantized(model: onnx.ModelProto, **options) -> tuple[ir.Model, bool]:
+    options.setdefault("narrow_storage", False)
+    options.setdefault("min_weight_elements", 0)  # the toy LSTMs are small
+    result = QuantDynamicPass(**options)(io.load(model))
+    onnx.checker.check_model(io.serialize_proto(result.model), full_check=True)
+    return result.model, result.modified
+
+
+def initializer(model: ir.Model, name: str | None) -> np.ndarray:
+    value = model.graph.initializers[name]
+    assert value.const_value is not None
+    return value.const_value.numpy()
+
+
+@pytest.mark.parametrize("directions", [1, 2])
+def test_an_lstm_becomes_dynamic_quantize_lstm_with_int8_weights_per_gate_row(directions):
+    proto = lstm_model(directions)
+    model, modified = quantized(proto)
+    assert modified
+    (node,) = [n for n in model.graph if n.op_type != "Relu"]
+    assert (node.op_type, node.domain) == ("DynamicQuantizeLSTM", "com.microsoft")
+    assert node.attributes.get_int("hidden_size") == HIDDEN
+    floats = {t.name: onh.to_array(t) for t in proto.graph.initializer}
+    for position, source in ((1, "W"), (2, "R")):
+        codes = initializer(model, node.inputs[position].name)
+        scale = initializer(model, node.inputs[6 + 2 * position].name)
+        zero = initializer(model, node.inputs[7 + 2 * position].name)
+        w = floats[source]
+        # The kernel's layout: [D, K, 4H], one symmetric scale per gate row.
+        assert codes.dtype == np.int8 and codes.shape == (directions, w.shape[2], 4 * HIDDEN)
+        assert scale.shape == zero.shape == (directions, 4 * HIDDEN) and not zero.any()
+        np.testing.assert_allclose(scale, np.abs(w).max(axis=2) / 127, rtol=1e-6)
+        dequantized = codes.transpose(0, 2, 1) * scale[:, :, None]
+        assert np.all(np.abs(dequantized - w) <= scale[:, :, None] / 2 + 1e-7)
+    # W and R share one zero point; B, h0, c0 and P are the float originals.
+    assert node.inputs[9] is node.inputs[11]
+    assert [v.name if v else None for v in node.inputs[3:8]] == ["B", None, "h0", "c0", "P"]
+    feed = inputs()
+    reference = run_ort(proto.SerializeToString(), feed)
+    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    assert len(got) == 3
+    for want, have in zip(reference, got, strict=True):
+        assert want.shape == have.shape
+        assert np.abs(want - have).max() < 0.03  # tanh-bounded outputs: |y| < 1
+
+
+def test_per_tensor_lstm_weights_get_one_scale_per_direction():
+    model, _ = quantized(lstm_model(2), per_channel=False)
+    node = next(n for n in model.graph if n.op_type == "DynamicQuantizeLSTM")
+    assert initializer(model, node.inputs[8].name).shape == (2,)
+    assert initializer(model, node.inputs[10].name).shape == (2,)
+    feed = inputs()
+    reference = run_ort(lstm_model(2).SerializeToString(), feed)
+    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.05
+
+
+def test_narrow_storage_keeps_the_lstm_loadable_and_a_quarter_of_the_bytes(tmp_path):
+    proto = lstm_model(2, peepholes=False)
+    model, _ = quantized(proto, narrow_storage=True)
+    saved = io.save(model, tmp_path / "q.onnx")
+    weights = sum(t.ByteSize() for t in proto.graph.initializer if t.name in ("W", "R"))
+    assert saved.bytes_on_disk < len(proto.SerializeToString()) - 0.7 * weights
+    feed = inputs()
+    reference = run_ort(proto.SerializeToString(), feed)
+    got = run_ort(saved.path, feed)
+    assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.03
+
+
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [
+        ({"fused": False}, "standard ONNX has no integer LSTM"),
+        ({"min_weight_elements": 10**6}, "W and R hold"),
+    ],
+)
+def test_lstms_the_options_rule_out_stay_float_with_the_reason(caplog, options, reason):
+    with caplog.at_level(logging.WARNING):
+        model, modified = quantized(lstm_model(1), op_types=("LSTM",), **options)
+    assert not modified and "LSTM" in [n.op_type for n in model.graph]
+    assert reason in caplog.text
+
+
+def test_a_batch_first_lstm_stays_float_since_the_contrib_op_has_no_layout(caplog):
+    proto = lstm_model(1, layout=1)
+    with caplog.at_level(logging.WARNING):
+        model, modified = quantized(proto, op_types=("LSTM",))
+    assert not modified
+    assert [n.op_type for n in model.graph] == ["LSTM", "Relu"]
+    assert "layout=1" in caplog.text
+
+
+def test_an_lstm_whose_weight_is_a_graph_input_stays_float(caplog):
+    proto = lstm_model(1)
+    proto.graph.input.append(oh.make_tensor_value_info("R", FLOAT, [1, 4 * HIDDEN, HIDDEN]))
+    with caplog.at_level(logging.DEBUG):
+        model, modified = quantized(proto, op_types=("LSTM",))
+    assert not modified
+    assert "graph input" in caplog.text
+
+
+@pytest.mark.parametrize("op", ["GRU", "RNN"])
+def test_gru_and_rnn_stay_float_and_the_log_says_why(caplog, op):
+    proto = lstm_model(1, op=op)
+    with caplog.at_level(logging.INFO):
+        model, modified = quantized(proto)
+    assert not modified and op in [n.op_type for n in model.graph]
+    assert f"1 {op} stay float: onnxruntime has no integer kernel" in caplog.text
+
+
+def _matmul_then_lstm() -> onnx.ModelProto:
+    """A MatMul (static QDQ's) feeding an LSTM (dynamic's; 5,120 weights, past quant's
+    4,096-element floor)."""
+    proto = lstm_model(2, peepholes=False)
+    rng = np.random.default_rng(2)
+    proto.graph.node.insert(0, oh.make_node("MatMul", ["X0", "M"], ["X"]))
+    proto.graph.initializer.append(
+        onh.from_array((rng.standard_normal((32, INPUT)) * 0.2).astype(np.float32), "M")
+    )
+    proto.graph.input[0].CopyFrom(oh.make_tensor_value_info("X0", FLOAT, [SEQ, BATCH, 32]))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+@pytest.mark.parametrize("lstm", [True, False])
+def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(lstm):
+    proto = _matmul_then_lstm()
+    model = io.load(proto)
+    quant = QuantPass(lstm=lstm)
+    dataset = data.prepare(data.specs_from_model(model), None)
+    quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
+    op_types = [n.op_type for n in model.graph]
+    assert ("DynamicQuantizeLSTM" in op_types) is lstm
+    assert ("LSTM" in op_types) is not lstm
+    assert "QuantizeLinear" in op_types  # the MatMul's input, either way
+    feed = {"X0": np.random.default_rng(3).standard_normal((SEQ, BATCH, 32)).astype(np.float32)}
+    reference = run_ort(proto.SerializeToString(), feed)
+    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    # The MatMul's QDQ and the LSTM's int8 weights together, on tanh-bounded outputs.
+    assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.08
+
+
+def _dtln_frames(path: str, count: int = 24) -> list[dict[str, np.ndarray]]:
+    """DTLN stage 1's inputs over a voiced signal in noise: |rfft| of 512-sample frames (hop
+    128 at 16 kHz) and the LSTM states the float model carried to each."""
+    rate, hop = 16000, 128
+    t = np.arange(rate) / rate
+    pitch = 2 * np.pi * np.cumsum(140 + 40 * np.sin(2 * np.pi * 3 * t)) / rate
+    voice = sum(np.sin(k * pitch) / k for k in range(1, 12)) * (0.6 + 0.4 * np.sin(7 * t))
+    noise = np.random.default_rng(4).standard_normal(rate) * 0.08
+    audio = (0.3 * voice + noise).astype(np.float32)
+    state = np.zeros((1, 2, 128, 2), np.float32)
+    frames = []
+    for start in range(0, (count * 5) * hop, hop):
+        feed = {
+            "input_2": np.abs(np.fft.rfft(audio[start : start + 512]))[None, None].astype(
+                np.float32
+            ),
+            "input_3": state,
+        }
+        if start // hop % 5 == 4:
+            frames.append(feed)
+        state = run_ort(path, feed)[1]
+    return frames
+
+
+def _mask_cosine(path: str, candidate: bytes | str, frames) -> float:
+    reference = np.concatenate([run_ort(path, f)[0].ravel() for f in frames])
+    got = np.concatenate([run_ort(candidate, f)[0].ravel() for f in frames])
+    return float(reference @ got / (np.linalg.norm(reference) * np.linalg.norm(got)))
+
+
+@pytest.mark.network
+@pytest.mark.slow
+def test_dtln_lstms_shrink_4x_and_keep_the_mask_closer_than_onnxruntimes_quantizer(tmp_path):
+    """Both LSTMs of a real speech enhancer become DynamicQuantizeLSTM; per gate row, the
+    mask stays closer to float than with onnxruntime's quantize_dynamic (per direction)."""
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+
+    from models.fetch import fetch
+
+    path = str(fetch("dtln-1"))
+    result = QuantDynamicPass()(io.load(path))
+    ours = io.save(result.model, tmp_path / "ours.onnx")
+    op_types = [n.op_type for n in result.model.graph]
+    assert op_types.count("DynamicQuantizeLSTM") == 2 and "LSTM" not in op_types
+    assert ours.bytes_on_disk < 0.3 * io.file_bytes(path)
+    quantize_dynamic(path, tmp_path / "ort.onnx", weight_type=QuantType.QInt8)
+    frames = _dtln_frames(path)
+    ours_cosine = _mask_cosine(path, str(ours.path), frames)
+    ort_cosine = _mask_cosine(path, str(tmp_path / "ort.onnx"), frames)
+    assert ours_cosine > 0.999
+    assert 1 - ours_cosine < 1 - ort_cosine
