@@ -20,6 +20,9 @@ Contract:
         64 samples of context plus a 512-sample chunk at 16 kHz), ``state`` zeros
         [2, 1, 128], ``sr`` int64 scalar 16000. The signal is a voiced-like mix of harmonics
         with noise.
+      - dtln-1: ``input_2`` float32 [1, 1, 257], the |rfft| of a 512-sample frame of the same
+        kind of signal (DTLN's own framing at 16 kHz), ``input_3`` [1, 2, 128, 2] LSTM
+        states drawn small (a running stream's are about +-1 on h, larger on c).
 
 Only numpy; nothing here runs a model.
 """
@@ -72,6 +75,16 @@ def _silero(rng: np.random.Generator) -> dict[str, np.ndarray]:
     }
 
 
+def _dtln(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    t = np.arange(512) / SILERO_SR
+    f0 = rng.uniform(100.0, 220.0)
+    voiced = sum(np.sin(2 * np.pi * f0 * k * t) / k for k in range(1, 8))
+    frame = 0.3 * voiced + 0.05 * rng.standard_normal(512)
+    magnitude = np.abs(np.fft.rfft(frame)).astype(np.float32)
+    states = (rng.standard_normal((1, 2, 128, 2)) * 0.5).astype(np.float32)
+    return {"input_2": magnitude[None, None], "input_3": states}
+
+
 def _photo(rng: np.random.Generator, size: int = 64) -> dict[str, np.ndarray]:
     """Blocks of colour (an 8x8 grid blown up) plus pixel noise, RGB in [0, 1]."""
     coarse = rng.uniform(0.1, 0.9, size=(3, 8, 8))
@@ -88,6 +101,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "silero-vad-ifless": _silero,
     "silero-vad-op15": _silero,
     "yolov8n-nudenet": _photo,
+    "dtln-1": _dtln,
 }
 
 

@@ -18,6 +18,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.passes import fold_rules
+from onnx_shrink.passes.fold_cones import FoldWeightConesPass
 from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
 from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
@@ -52,8 +53,10 @@ class FoldPass(ir.passes.FunctionalPass):
 
     Rules:
 
-    1. onnxscript's constant folder, its default (lossless) rewrite rules, constant scales
-       and offsets next to a Conv folded into its weights (``fold_conv_affine``), Reshape
+    1. onnxscript's constant folder, constant expressions over weights they alone read
+       folded whole where the folder declines node by node (``fold_cones``: a torch LSTM's
+       gate reorder, weight normalization), its default (lossless) rewrite rules, constant
+       scales and offsets next to a Conv folded into its weights (``fold_conv_affine``), Reshape
        shapes read from the reshaped tensor made constant (``fold_reshape``) and dead-code
        removal run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local
        functions.
@@ -155,6 +158,7 @@ class FoldPass(ir.passes.FunctionalPass):
         fixpoint = ir.passes.PassManager(
             [
                 fold,
+                FoldWeightConesPass(self.input_size_limit),
                 # Before the cleanups: a folded If's other branch must not keep weights alive.
                 _DropDeadUsesPass(),
                 rewriter.RewritePass(fold_rules.DEFAULT_RULES),
