@@ -240,82 +240,111 @@ def run(
     """
     if dump_dir is not None:
         dumps.make_dump_dir(dump_dir)
-    steps: list[StepRecord] = []
-    # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
-    # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
-    observed: dict[str, Sequence[int]] = {}
+    pipeline = _Pipeline(dump_dir, on_start, verify, strict, collect, probe, input_dims, observe)
     # The input's figures are final after the first pass: a run for its dims goes on beside it
     # (none without a pass, which would not wait for it).
-    input_figures = _Figures.start(model, input_dims, observe if passes else None, observed)
-    current_stats: stats.ModelStats | None = None
+    input_figures = _Figures.start(
+        model, input_dims, observe if passes else None, pipeline.observed
+    )
+    try:
+        return pipeline.run(model, passes, input_figures)
+    except BaseException:
+        input_figures.abandon()
+        raise
+
+
+@dataclasses.dataclass
+class _Pipeline:
+    """``run``'s options, and what it carries from one pass to the next."""
+
+    dump_dir: str | Path | None
+    on_start: StepCallback | None
+    verify: Verifier | None
+    strict: bool
+    collect: Collector | None
+    probe: Prober | None
+    input_dims: stats.Shapes | None
+    observe: ShapeObserver | None
+    # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
+    # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
+    observed: dict[str, Sequence[int]] = dataclasses.field(default_factory=dict)
+    steps: list[StepRecord] = dataclasses.field(default_factory=list)
+    current_stats: stats.ModelStats | None = None  # the model's before the next pass
     # The input's size is taken before a pass that may change it (a data-aware pass, in
     # place, from before its requests); after a functional one, from its MeasuredResult.
     current_bytes: int | None = None
-    for index, pass_ in enumerate(passes):
-        if on_start is not None:
-            on_start(index, pass_)
-        if current_bytes is None and pass_.changes_input:
-            current_bytes = large_tensors.saved_bytes(model)
+
+    def run(
+        self, model: ir.Model, passes: Sequence[ir.passes.PassBase], input_figures: _Figures
+    ) -> PipelineResult:
+        for index, pass_ in enumerate(passes):
+            model = self._step(index, pass_, model, input_figures)
+        return PipelineResult(model=model, steps=tuple(self.steps))
+
+    def _step(
+        self, index: int, pass_: ir.passes.PassBase, model: ir.Model, input_figures: _Figures
+    ) -> ir.Model:
+        """Run one pass and record its step; the model the next pass gets."""
+        if self.on_start is not None:
+            self.on_start(index, pass_)
+        if self.current_bytes is None and pass_.changes_input:
+            self.current_bytes = large_tensors.saved_bytes(model)
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
         # converts its opset and infers types before it knows whether it will quantize): a
         # rolled-back pass, or one that changed nothing, leaves the model as it found it.
         snapshot = _snapshot(model, pass_)  # the model itself where the pass is functional
-        followup_collect = _TimedCollector(collect) if collect is not None else None
+        followup_collect = _TimedCollector(self.collect) if self.collect is not None else None
         runnable, calibration_seconds, samples = _bind(
-            pass_, model, collect, probe, followup_collect
+            pass_, model, self.collect, self.probe, followup_collect
         )
         result, seconds, rejected, verdict = _run_one(
-            runnable, model, snapshot, steps, verify, strict
+            runnable, model, snapshot, self.steps, self.verify, self.strict
         )
-        rolled_back = rejected is not None
-        if current_stats is None:  # the snapshot is the input, as it was measured
-            current_stats = input_figures.final(snapshot, input_dims, observed)
+        if self.current_stats is None:  # the snapshot is the input, as it was measured
+            self.current_stats = input_figures.final(snapshot, self.input_dims, self.observed)
         if followup_collect is not None:  # a follow-up's calibration is calibration time
             calibration_seconds += followup_collect.seconds
             seconds -= followup_collect.seconds
         measured = isinstance(result, MeasuredResult)
-        if current_bytes is None:  # the pass left its input as it was
-            current_bytes = result.bytes_before if measured else large_tensors.saved_bytes(model)
+        if self.current_bytes is None:  # the pass left its input as it was
+            self.current_bytes = (
+                result.bytes_before if measured else large_tensors.saved_bytes(model)
+            )
         # Unchanged, the model goes on as it was: quant on an already-int8 model raised its
         # opset and inferred types, then said no change.
         model = result.model if result.modified else snapshot
         if result.modified and isinstance(pass_, DataAwarePass) and pass_.changes_shapes:
-            observed.clear()
+            self.observed.clear()
         # Unchanged, it measures as it did (and a bound left is not run for again).
-        new_stats = (
-            _measure(model, input_dims, observe, observed) if result.modified else current_stats
+        after = self._measure(model) if result.modified else self.current_stats
+        step = StepRecord(
+            index=index,
+            spec=describe(pass_),
+            seconds=seconds,
+            modified=result.modified,
+            before=self.current_stats,
+            after=after,
+            bytes_before=self.current_bytes,
+            bytes_after=result.bytes_after if measured else large_tensors.saved_bytes(model),
+            dump_path=self._dump(index, pass_, model, rejected),
+            rolled_back=rejected is not None,
+            verdict=verdict,
+            calibration_seconds=calibration_seconds,
+            calibration_samples=samples,
+            note=getattr(result, "note", ""),  # a rolled-back pass's result has none
         )
-        new_bytes = result.bytes_after if measured else large_tensors.saved_bytes(model)
-        dump_path = None
-        if dump_dir is not None:
-            dump_path = dumps.dump(Path(dump_dir), index, pass_, model, rejected)
-        steps.append(
-            StepRecord(
-                index=index,
-                spec=describe(pass_),
-                seconds=seconds,
-                modified=result.modified,
-                before=current_stats,
-                after=new_stats,
-                bytes_before=current_bytes,
-                bytes_after=new_bytes,
-                dump_path=dump_path,
-                rolled_back=rolled_back,
-                verdict=verdict,
-                calibration_seconds=calibration_seconds,
-                calibration_samples=samples,
-                note=getattr(result, "note", ""),  # a rolled-back pass's result has none
-            )
-        )
-        logger.info(
-            "%s: %.2fs, %d -> %d nodes",
-            describe(pass_),
-            seconds,
-            current_stats.nodes,
-            new_stats.nodes,
-        )
-        current_stats, current_bytes = new_stats, new_bytes
-    return PipelineResult(model=model, steps=tuple(steps))
+        self.steps.append(step)
+        logger.info("%s: %.2fs, %d -> %d nodes", step.spec, seconds, step.before.nodes, after.nodes)
+        self.current_stats, self.current_bytes = after, step.bytes_after
+        return model
+
+    def _measure(self, model: ir.Model) -> stats.ModelStats:
+        return _measure(model, self.input_dims, self.observe, self.observed)
+
+    def _dump(self, index, pass_, model, rejected) -> Path | None:
+        if self.dump_dir is None:
+            return None
+        return dumps.dump(Path(self.dump_dir), index, pass_, model, rejected)
 
 
 def _measure(
@@ -363,6 +392,13 @@ class _Figures:
             return self.measured
         observed.update(real)
         return stats.measure(model, observed, input_dims)
+
+    def abandon(self) -> None:
+        """Wait for the run, its dims unused: a pass raised, and no run may outlive the
+        call that started it (a library caller that catches the error goes on without a
+        session still running, holding memory, beside it)."""
+        if self.dims is not None:
+            self.dims()
 
 
 def _bind(

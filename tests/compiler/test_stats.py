@@ -528,6 +528,29 @@ def test_the_inputs_real_run_goes_on_beside_the_first_pass():
     assert (result.steps[0].before.macs, result.steps[0].before.nodes_without_macs) == (120, 0)
 
 
+def test_a_pass_that_raises_still_waits_for_the_inputs_run():
+    """No run may outlive the call that started it: a library caller catching the pass's
+    error would otherwise go on beside a session still running and holding memory."""
+    from onnx_shrink.compiler import pipeline
+    from onnx_shrink.errors import PassFailedError
+
+    events = []
+
+    class Fails(ir.passes.InPlacePass):
+        def call(self, model):
+            events.append("pass")
+            raise ValueError("broken")
+
+    def observe(_model):
+        events.append("run started")
+        return lambda: events.append("dims") and None
+
+    model = io.load(parse(FLATTENED_MATMUL))
+    with pytest.raises(PassFailedError, match="broken"):
+        pipeline.run(model, [Fails()], input_dims={"x": (1, 6, 1, 5)}, observe=observe)
+    assert events == ["run started", "pass", "dims"]
+
+
 def test_recurrent_layers_count_their_steps_gates_and_directions():
     """LSTM, GRU and RNN multiply every step's input by W and hidden state by R: openWakeWord's
     LSTM model read 64 MACs (its LSTMs do 1,966,080), a GRU encoder 65,536 of 7.7M."""
