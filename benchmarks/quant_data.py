@@ -35,6 +35,12 @@ a quantizer is never scored on the samples it calibrated on:
   correlation with fp32 of each anchor's best class score, over the anchors where fp32's is at
   least 0.01 (0 when the candidate's scores are constant: collapsed); the median absolute
   error of the box coordinates, in pixels.
+* ``dtln-1`` -- DTLN speech enhancement, stage 1 (two stacked LSTMs, the model users quantize
+  with ``quantize_dynamic``'s DynamicQuantizeLSTM): streaming frames of speech-like audio in
+  noise (``models.speech``: |rfft| of 512-sample frames, hop 128, the float model's LSTM
+  states carried from frame to frame, every 5th frame kept; seed 0: calibration, seed 1:
+  evaluation, 200 frames). Metrics: mean and worst cosine of each frame's mask to fp32's,
+  and mean cosine of the next states (what the following frame starts from).
 
 Calibration with N samples uses the first N of the calibration set, one sample per run. The
 same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
@@ -51,10 +57,11 @@ from pathlib import Path
 import numpy as np
 from onnxruntime.quantization import CalibrationDataReader
 
+from benchmarks.quant_metrics import cosine_rows, pairwise_cosines, spearman
 from models.fetch import fetch
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet")
+MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet", "dtln-1")
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
 DET_PAGE = (320, 320)
@@ -150,50 +157,6 @@ class NpyStreamReader(CalibrationDataReader):
 
     def __len__(self) -> int:
         return self._count or 0
-
-
-# ---- metrics -------------------------------------------------------------------------------
-
-
-def cosine_rows(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Cosine similarity of each row of ``a`` with the same row of ``b`` (float64)."""
-    a, b = np.asarray(a, np.float64), np.asarray(b, np.float64)
-    norms = np.linalg.norm(a, axis=1) * np.linalg.norm(b, axis=1)
-    dots = np.einsum("ij,ij->i", a, b)
-    return np.where(norms > 0, dots / np.where(norms > 0, norms, 1.0), 0.0)
-
-
-def pairwise_cosines(embeddings: np.ndarray) -> np.ndarray:
-    """The cosine similarity of every unordered pair of rows (upper triangle, flattened)."""
-    x = np.asarray(embeddings, np.float64)
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    x = x / np.where(norms > 0, norms, 1.0)
-    sims = x @ x.T
-    return sims[np.triu_indices(len(x), k=1)]
-
-
-def rankdata(values: np.ndarray) -> np.ndarray:
-    """Ranks 1..n, ties given their average rank (scipy.stats.rankdata's "average")."""
-    values = np.asarray(values)
-    order = np.argsort(values, kind="mergesort")
-    sorted_values = values[order]
-    starts = np.r_[True, sorted_values[1:] != sorted_values[:-1]]
-    group = np.cumsum(starts) - 1
-    first = np.flatnonzero(starts)
-    last = np.r_[first[1:], len(values)] - 1
-    average = (first + last) / 2.0 + 1.0
-    ranks = np.empty(len(values), dtype=np.float64)
-    ranks[order] = average[group]
-    return ranks
-
-
-def spearman(a: np.ndarray, b: np.ndarray) -> float:
-    """Spearman rank correlation (Pearson correlation of the average ranks)."""
-    ra, rb = rankdata(a), rankdata(b)
-    ra -= ra.mean()
-    rb -= rb.mean()
-    denominator = np.sqrt((ra * ra).sum() * (rb * rb).sum())
-    return float((ra * rb).sum() / denominator) if denominator > 0 else float("nan")
 
 
 # ---- tasks ---------------------------------------------------------------------------------
@@ -388,6 +351,57 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     )
 
 
+def dtln_task(calibration: int = MAX_CALIBRATION, evaluation_frames: int = 200) -> Task:
+    """DTLN stage 1 (two LSTMs) on streamed frames of speech-like audio, states carried."""
+    import onnxruntime as ort
+
+    from models import speech
+
+    path = fetch("dtln-1")
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+
+    def frames(count: int, seed: int) -> Feed:
+        audio = speech.voiced(1.0 + count * 5 * speech.HOP / speech.RATE, seed)
+        return speech.dtln_frames(audio, lambda feed: session.run(None, feed), count)
+
+    calib, evaluation = frames(calibration, 0), frames(evaluation_frames, 1)
+
+    def predict(candidate) -> np.ndarray:  # batch 1: one run a frame
+        return np.concatenate(
+            [
+                np.concatenate([o.reshape(1, -1) for o in candidate.run(None, _frame(i))], 1)
+                for i in range(evaluation_frames)
+            ]
+        )
+
+    def _frame(i: int) -> Feed:
+        return {k: v[i : i + 1] for k, v in evaluation.items()}
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        masks = cosine_rows(reference[:, :257], candidate[:, :257])
+        states = cosine_rows(reference[:, 257:], candidate[:, 257:])
+        return {
+            "mask cosine": float(masks.mean()),
+            "min mask cosine": float(masks.min()),
+            "state cosine": float(states.mean()),
+        }
+
+    return Task(
+        name="dtln-1",
+        model=path,
+        calibration=calib,
+        evaluation=evaluation,
+        latency_feed=_frame(0),
+        latency_input="1 frame: |rfft| [1, 1, 257] and states [1, 2, 128, 2]",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("mask cosine", "min mask cosine", "state cosine"),
+        split="DTLN's streaming frames (models.speech: 512-sample |rfft|, hop 128, the float "
+        f"model's states carried) of speech-like audio in noise, every 5th frame; calibration: "
+        f"seed 0, {calibration}; evaluation: seed 1, {evaluation_frames}",
+    )
+
+
 def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     import onnx
 
@@ -437,6 +451,8 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return det_task(calibration, 10 if quick else 40)
     if name == "yolov8n-nudenet":
         return yolo_task(calibration, 40 if quick else 160)
+    if name == "dtln-1":
+        return dtln_task(calibration, 50 if quick else 200)
     if name == "encoder-600mb":
         return encoder_task(calibration)
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")

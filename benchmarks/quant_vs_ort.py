@@ -7,8 +7,9 @@ Same models, same calibration and evaluation data (``benchmarks/quant_data.py``)
   ``reduce_range=False`` (what its docstring recommends for x86 CPUs with VNNI, which this
   machine has), once per ``CalibrationMethod`` (MinMax, Entropy, Percentile) with ORT's
   default options for each; a method that raises is a row with its error;
-* ORT ``quantize_dynamic``: QInt8 weights, defaults (for MiniLM and the OCR recognizer; ORT's
-  docs recommend dynamic quantization for transformer-like models, static for CNNs);
+* ORT ``quantize_dynamic``: QInt8 weights, defaults (for MiniLM, the OCR recognizer and
+  DTLN's LSTMs; ORT's docs recommend dynamic quantization for transformer-like and recurrent
+  models, static for CNNs);
 * ours: ``onnx_shrink.shrink(model, passes=..., data=calib.npz, check=False)``, static
   ("quant") and dynamic ("quant-dynamic") where ORT has the same; a row says "pass not
   available" while the pass is not registered yet. Also our static pass with ORT's default
@@ -41,7 +42,7 @@ metrics).
 Setup and run, from the repository root::
 
     .venv/bin/python -m pip install -r benchmarks/requirements.txt
-    .venv/bin/python benchmarks/quant_vs_ort.py                     # all five models
+    .venv/bin/python benchmarks/quant_vs_ort.py                     # all six models
     .venv/bin/python benchmarks/quant_vs_ort.py --models digits --quick --no-write
 
 The tables go to stdout and, under "## quantization vs onnxruntime.quantization", into
@@ -71,7 +72,7 @@ from benchmarks.results import first_line  # noqa: E402
 HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
-DYNAMIC_MODELS = ("minilm", "ppocr-rec")
+DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1")
 CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det")
 # Models whose quantized Convs bias correction (quant.bias_correction) can correct.
 BIAS_CORRECTED_MODELS = (*CONV_MODELS, "yolov8n-nudenet")

@@ -215,33 +215,18 @@ def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(lstm)
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.08
 
 
-def _dtln_frames(path: str, count: int = 24) -> list[dict[str, np.ndarray]]:
-    """DTLN stage 1's inputs over a voiced signal in noise: |rfft| of 512-sample frames (hop
-    128 at 16 kHz) and the LSTM states the float model carried to each."""
-    rate, hop = 16000, 128
-    t = np.arange(rate) / rate
-    pitch = 2 * np.pi * np.cumsum(140 + 40 * np.sin(2 * np.pi * 3 * t)) / rate
-    voice = sum(np.sin(k * pitch) / k for k in range(1, 12)) * (0.6 + 0.4 * np.sin(7 * t))
-    noise = np.random.default_rng(4).standard_normal(rate) * 0.08
-    audio = (0.3 * voice + noise).astype(np.float32)
-    state = np.zeros((1, 2, 128, 2), np.float32)
-    frames = []
-    for start in range(0, (count * 5) * hop, hop):
-        feed = {
-            "input_2": np.abs(np.fft.rfft(audio[start : start + 512]))[None, None].astype(
-                np.float32
-            ),
-            "input_3": state,
-        }
-        if start // hop % 5 == 4:
-            frames.append(feed)
-        state = run_ort(path, feed)[1]
-    return frames
-
-
-def _mask_cosine(path: str, candidate: bytes | str, frames) -> float:
-    reference = np.concatenate([run_ort(path, f)[0].ravel() for f in frames])
-    got = np.concatenate([run_ort(candidate, f)[0].ravel() for f in frames])
+def _mask_cosine(path: str, candidate: str, frames: dict[str, np.ndarray]) -> float:
+    """Cosine of the masks of all frames (one run each: the model takes batch 1)."""
+    count = len(frames["input_2"])
+    reference, got = (
+        np.concatenate(
+            [
+                run_ort(p, {k: v[i : i + 1] for k, v in frames.items()})[0].ravel()
+                for i in range(count)
+            ]
+        )
+        for p in (path, candidate)
+    )
     return float(reference @ got / (np.linalg.norm(reference) * np.linalg.norm(got)))
 
 
@@ -252,6 +237,7 @@ def test_dtln_lstms_shrink_4x_and_keep_the_mask_closer_than_onnxruntimes_quantiz
     mask stays closer to float than with onnxruntime's quantize_dynamic (per direction)."""
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
+    from models import speech
     from models.fetch import fetch
 
     path = str(fetch("dtln-1"))
@@ -261,7 +247,7 @@ def test_dtln_lstms_shrink_4x_and_keep_the_mask_closer_than_onnxruntimes_quantiz
     assert op_types.count("DynamicQuantizeLSTM") == 2 and "LSTM" not in op_types
     assert ours.bytes_on_disk < 0.3 * io.file_bytes(path)
     quantize_dynamic(path, tmp_path / "ort.onnx", weight_type=QuantType.QInt8)
-    frames = _dtln_frames(path)
+    frames = speech.dtln_frames(speech.voiced(1.0, seed=4), lambda f: run_ort(path, f), 24)
     ours_cosine = _mask_cosine(path, str(ours.path), frames)
     ort_cosine = _mask_cosine(path, str(tmp_path / "ort.onnx"), frames)
     assert ours_cosine > 0.999
