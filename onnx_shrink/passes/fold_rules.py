@@ -7,7 +7,9 @@ match a node of that op, so ``by_root_op`` gives each such rule a copy whose ``t
 returns at once elsewhere. A pattern with several output nodes matches the node it is tried
 at against its first one (and searches the whole graph for the others, so each try costs a
 pass over every node: quadratic, 0.2 s of det's fold): it is filtered by that first node's op.
-The rules, their order and so every rewrite are unchanged; ``UNSAFE`` ones are left out.
+The rules, their order and so every rewrite are unchanged; ``UNSAFE`` ones are left out, and
+the no-op rules (``x * 1``, ``x + 0``, ...) are exact ones (``EXACT_NO_OPS``), not onnxscript's
+tolerant ones.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
+from onnxscript.rewriter.rules.common import _no_op as no_op_rules
 
 
 def by_root_op(rules: Sequence[pattern.RewriteRule]) -> list[pattern.RewriteRule]:
@@ -68,5 +71,48 @@ became (1, 164200). It also writes ``allowzero=1``, an attribute of Reshape-14, 
 opset: onnxruntime refused the folded opset-12 model. ``fold_reshape`` makes constant the
 shapes it can prove; onnxruntime folds the rest when it loads the model."""
 
-DEFAULT_RULES = by_root_op([r for r in rewriter._DEFAULT_REWRITE_RULES if r.name not in UNSAFE])
-"""onnxscript's default rules, filtered once (rules keep no state between applications)."""
+
+def _identity(op, x, **_):
+    return op.Identity(x)
+
+
+def _exactly(expected: float):
+    """A condition: ``c`` is a scalar constant equal to ``expected``, exactly."""
+
+    def condition(_context, c, **_) -> bool:
+        tensor = c.const_value
+        if tensor is None:
+            return False
+        array = tensor.numpy()
+        return array.ndim == 0 and array.dtype.kind in "fiu" and array.item() == expected
+
+    return condition
+
+
+def _rule(target, expected: float) -> pattern.RewriteRule:
+    return pattern.RewriteRule(target, _identity, _exactly(expected))
+
+
+EXACT_NO_OPS = [
+    _rule(lambda op, x, c: op.Mul(x, c), 1),
+    _rule(lambda op, x, c: op.Mul(c, x), 1),
+    _rule(lambda op, x, c: op.Add(x, c), 0),
+    _rule(lambda op, x, c: op.Add(c, x), 0),
+    _rule(lambda op, x, c: op.Sub(x, c), 0),
+    _rule(lambda op, x, c: op.Div(x, c), 1),
+]
+"""``x * 1``, ``x + 0``, ``x - 0`` and ``x / 1`` become ``x`` only where the scalar constant is
+exactly 1 or 0. onnxscript 0.7.2's own no-op rules match it within rel_tol 1e-5 and abs_tol
+1e-8: they dropped basic-pitch's ``Log(x * x + 1e-10)`` epsilon (its folded model gave NaN on
+silence) and a decomposed LayerNorm's 1e-12, and would drop a scale of 1.00001."""
+
+_INEXACT = {id(r) for r in no_op_rules.rules.rules if r is not None} - {
+    id(r) for r in (no_op_rules.dropout_zero_rule, no_op_rules.dropout_inference_rule)
+}
+
+DEFAULT_RULES = by_root_op(
+    EXACT_NO_OPS
+    + [r for r in rewriter._DEFAULT_REWRITE_RULES if r.name not in UNSAFE and id(r) not in _INEXACT]
+)
+"""onnxscript's default rules, its tolerant no-op rules replaced by ``EXACT_NO_OPS``,
+filtered once (rules keep no state between applications)."""

@@ -82,3 +82,54 @@ def test_filtered_rules_rewrite_real_models_byte_for_byte_as_the_rules_do(name):
     assert _rewritten(io.load(path), fold_rules.by_root_op(RULES)) == _rewritten(
         io.load(path), RULES
     )
+
+
+NO_OPS = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[2, 3] x) => (float[2, 3] y)
+<float one = {1.0}, float zero = {0.0}, float tiny = {TINY}, float near_one = {1.000001},
+ float minus_zero = {-0.0}> {
+  a = Mul(x, one)
+  b = Add(zero, a)
+  c = Sub(b, zero)
+  d = Div(c, one)
+  e = Add(d, tiny)
+  f = Mul(near_one, e)
+  y = Sub(f, minus_zero)
+}
+"""
+
+
+@pytest.mark.parametrize("tiny", ["1e-10", "1e-12"])
+def test_no_op_rules_drop_only_exact_zeros_and_ones(tiny):
+    """onnxscript's own no-op rules match within rel_tol 1e-5 and abs_tol 1e-8: they dropped
+    basic-pitch's Log(x * x + 1e-10) epsilon, so its folded model gave NaN on silence."""
+    model = io.load(parse(NO_OPS.replace("TINY", tiny)))
+    for _ in range(2):
+        rewriter.RewritePass(fold_rules.DEFAULT_RULES)(model)
+    kept = [(n.op_type, [v.name for v in n.inputs]) for n in model.graph if n.op_type != "Identity"]
+    assert [op for op, _ in kept] == ["Add", "Mul"]
+    assert "tiny" in kept[0][1] and "near_one" in kept[1][1]
+
+
+def test_fold_keeps_a_log_epsilon_so_silence_stays_finite():
+    import numpy as np
+
+    from onnx_shrink.passes.fold import FoldPass
+    from tests.helpers import run_ort
+
+    proto = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 15]>
+        g (float[1, 4] x) => (float[1, 4] y) <float eps = {1e-10}> {
+          sq = Mul(x, x)
+          s = Add(sq, eps)
+          y = Log(s)
+        }
+        """
+    )
+    folded = io.serialize_proto(FoldPass()(io.load(proto)).model)
+    x = {"x": np.array([[0.0, 1e-6, 0.5, 1.0]], np.float32)}
+    got = run_ort(folded.SerializeToString(), x)[0]
+    assert np.isfinite(got).all()
+    np.testing.assert_array_equal(got, run_ort(proto.SerializeToString(), x)[0])
