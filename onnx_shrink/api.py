@@ -308,7 +308,7 @@ def _compile(
                 provider=provider,
                 progress=_reporting(hooks.on_calibration, None),
             )
-        first_feed = shapes.first_real_feed(loaded, calib, source)
+        first_sample = shapes.first_real_sample(loaded, calib, source)
         result = pipeline.run(
             loaded,
             pass_list,
@@ -318,8 +318,8 @@ def _compile(
             strict=strict,
             collect=collector,
             probe=prober,
-            input_dims=shapes.sample_dims(loaded, first_feed, input_shapes),
-            observe=shapes.observer(loaded, first_feed, input_shapes, provider),
+            input_dims=shapes.sample_dims(loaded, first_sample, input_shapes),
+            observe=shapes.observer(loaded, first_sample, input_shapes, provider),
         )
         report = None
         if sensitivity:  # with a quant pass (shrink checked): a collector too

@@ -159,7 +159,7 @@ def checked_dataset(
     dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
     refuse_unmeasurable_accuracy(options.tolerances, dataset)
     outputs = run_first_sample(probe, dataset, where)
-    samples = data_mod.samples_in(dataset.first_feed(), specs)
+    samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
     return dataset  # the session goes: kept through the compile, it would add the model's size
 

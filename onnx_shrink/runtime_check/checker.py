@@ -233,7 +233,7 @@ def check(
             feed,
             candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
-            batch=data_mod.samples_in(feed, specs),
+            batch=dataset.samples_in(feed, specs),
         )
     return CheckReport(
         reference=ref.label,

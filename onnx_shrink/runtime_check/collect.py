@@ -6,7 +6,9 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
 
 * Runs: the source's batches are cut into single samples, and consecutive samples of equal
   shapes are joined again into runs of up to ``MAX_RUN_SAMPLES`` (fewer when one sample's
-  requested tensors are large: ``RUN_BYTES``) where every input has a dynamic first axis. The
+  requested tensors are large: ``RUN_BYTES``) where every input has a dynamic first axis
+  and the data gives samples along it (not ``Dataset.whole_samples``, whose first axis may
+  be time). The
   first sample runs alone and fixes that size, so runs, and every result, depend only on the
   samples and their order, never on the source's batching. A model that fails on a joined run
   runs that run's samples, and all later ones, one at a time.
@@ -110,7 +112,8 @@ def collect(
             runs.parallel_runs(provider),
             max_run=min(run_samples, MAX_RUN_SAMPLES) if run_samples > 0 else MAX_RUN_SAMPLES,
         )
-        counting.run(sample_batches.single_samples(replay, specs), sample_batches.joinable(specs))
+        joinable = sample_batches.joinable(specs) and not dataset.whole_samples
+        counting.run(sample_batches.single_samples(replay, specs), joinable)
         ranges = counting.ranges
         # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold
         # inf (attention masks) are measured again, the non-finite values counted and kept

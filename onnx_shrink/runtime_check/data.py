@@ -8,7 +8,9 @@ Sample conventions for arrays (``.npz``, folders of ``.npy``, or a dict of array
 decided per input:
 
 * rank = input rank + 1: each entry along axis 0 is one complete value of the input (this is
-  how scalars, states and fixed-batch inputs are given);
+  how scalars, states, fixed-batch inputs and inputs without a batch axis, frames x features,
+  are given); such a sample's own first axis is never taken for a batch
+  (``Dataset.whole_samples``);
 * rank = input rank: samples lie along the input's own first (batch) axis;
 * a scalar input given as a scalar: the same value for every sample (a sample rate).
 
@@ -160,6 +162,7 @@ def from_arrays(
         make_batches=make_batches,
         samples=total,
         labels=labels,
+        whole_samples="entries" in layout.values(),
     )
 
 
@@ -397,7 +400,13 @@ def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: objec
             start += batch.samples
 
     return Dataset(
-        dataset.description, False, True, make_batches, samples=dataset.samples, labels=labels
+        dataset.description,
+        False,
+        True,
+        make_batches,
+        samples=dataset.samples,
+        labels=labels,
+        whole_samples=dataset.whole_samples,
     )
 
 
@@ -478,6 +487,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
         make_batches,
         samples=dataset.samples,
         labels=dataset.labels,
+        whole_samples=dataset.whole_samples,
     )
     # The first feed from the reader's own peek (read already by ``prepare``): asking the
     # copy would start a spill and leave it half done.

@@ -66,6 +66,10 @@ class Dataset:
     """every sample's label, in order, where the source holds them all at hand (array data,
     one per sample: ``labels.per_sample``; whether they can score accuracy is the check's to
     say); None elsewhere, where ``has_labels`` says whether batches carry any"""
+    whole_samples: bool = False
+    """each batch is one sample given whole (arrays with one more axis than their inputs): an
+    input's first axis is then the sample's own, which may be time or frames, not a batch,
+    so samples are never joined along it, nor is it counted as 1 per sample"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def batches(self) -> Iterator[Batch]:
@@ -77,6 +81,19 @@ class Dataset:
         """Take ``feed`` as the first batch's (a copy of a one-shot source, whose own peek
         read it), so that ``first_feed`` reads nothing."""
         self._first["feed"] = feed
+
+    def samples_in(self, feed: Feed, specs: Sequence[InputSpec]) -> int:
+        """Samples in one of this dataset's feeds (``samples_in``; 1 for whole samples)."""
+        return 1 if self.whole_samples else samples_in(feed, specs)
+
+    def first_sample(self, specs: Sequence[InputSpec]) -> Feed:
+        """The first feed cut to its first sample: batch axes sliced to 1, whole samples as
+        they are."""
+        feed = self.first_feed()
+        if self.whole_samples:
+            return feed
+        batched = {s.name for s in specs if s.batch_axis}
+        return {k: v[:1] if k in batched else v for k, v in feed.items()}
 
     def first_feed(self) -> Feed:
         """The first batch's feed, checked against the model's inputs; kept once read."""

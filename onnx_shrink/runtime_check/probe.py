@@ -233,7 +233,9 @@ def _blocks(
                     yield sample
 
         description = f"{data.description} ({what})"
-        return data_mod.Dataset(description, data.synthetic, data.has_labels, batches)
+        return data_mod.Dataset(
+            description, data.synthetic, data.has_labels, batches, whole_samples=data.whole_samples
+        )
 
     result = []
     for low, high in zip(edges, edges[1:], strict=False):

@@ -20,7 +20,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler import stats
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sample_batches, sessions
+from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.layers import with_outputs
 from onnx_shrink.runtime_check.synthetic import synthetic_feed
 
@@ -82,40 +82,42 @@ class _Run:
         return result
 
 
-def first_real_feed(
+def first_real_sample(
     model: ir.Model, calib: data_mod.Dataset | None, source: object
 ) -> data_mod.Feed | None:
-    """The first feed of the real data (calibration's, else the check's, opened for it
-    alone where it is not open yet), whose dims the MACs count whether or not a pass
-    calibrates; None without real data, or for a reader not yet opened, which would lose
-    that feed to the check (an open one's first feed is peeked, or replayed)."""
+    """The first sample of the real data (calibration's, else the check's, opened for it
+    alone where it is not open yet; ``Dataset.first_sample``), whose dims the MACs count
+    whether or not a pass calibrates; None without real data, or for a reader not yet
+    opened, which would lose that feed to the check (an open one's first feed is peeked, or
+    replayed)."""
+    specs = data_mod.specs_from_model(model)
     opened = calib if calib is not None else source
     if isinstance(opened, data_mod.Dataset):
-        return None if opened.synthetic else opened.first_feed()
+        return None if opened.synthetic else opened.first_sample(specs)
     if source is None or hasattr(source, "get_next"):
         return None
-    return data_mod.prepare(data_mod.specs_from_model(model), source).first_feed()
+    return data_mod.prepare(specs, source).first_sample(specs)
 
 
 def sample_dims(
     model: ir.Model,
-    first_feed: data_mod.Feed | None,
+    first_sample: data_mod.Feed | None,
     input_shapes: Mapping[str, Sequence[int]] | None,
 ) -> dict[str, tuple[int, ...]] | None:
-    """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``), else
-    those of the real data's ``first_feed``, their batch axes as 1; None (symbolic dims count
-    as 1) otherwise: synthetic data's default dims would make the figure up."""
+    """The dims of one sample for counting MACs: the shapes asked for (``input_shapes``),
+    their batch axes as 1, else those of the real data's ``first_sample`` as they are (a
+    model without a batch axis keeps its frames); None (symbolic dims count as 1) otherwise:
+    synthetic data's default dims would make the figure up."""
     specs = data_mod.specs_from_model(model)
-    if input_shapes:
-        dims = {
-            s.name: data_mod.concrete_shape(s, input_shapes[s.name])
-            for s in specs
-            if s.name in input_shapes
-        }
-    elif first_feed is not None:
-        dims = {name: tuple(array.shape) for name, array in first_feed.items()}
-    else:
+    if first_sample is not None and not input_shapes:
+        return {name: tuple(array.shape) for name, array in first_sample.items()}
+    if not input_shapes:
         return None
+    dims = {
+        s.name: data_mod.concrete_shape(s, input_shapes[s.name])
+        for s in specs
+        if s.name in input_shapes
+    }
     return {
         s.name: (1, *dims[s.name][1:]) if s.batch_axis and dims[s.name] else dims[s.name]
         for s in specs
@@ -125,23 +127,22 @@ def sample_dims(
 
 def observer(
     model: ir.Model,
-    first_feed: data_mod.Feed | None,
+    first_sample: data_mod.Feed | None,
     input_shapes: Mapping[str, Sequence[int]] | None,
     provider: str = "cpu",
 ) -> ShapeObserver | None:
     """What ``pipeline.run`` asks for the dims of a run where inferred shapes leave a MAC
     count a bound (``stats.ModelStats.nodes_without_macs``): one sample of the dims
-    ``sample_dims`` counts (a synthetic one of ``input_shapes``, else the first sample of
-    ``first_feed``), run as ``observed`` runs it, in a thread: the observer reads the model
-    at once and returns what waits for the dims. None where neither is given: symbolic dims
+    ``sample_dims`` counts (a synthetic one of ``input_shapes``, else ``first_sample``), run
+    as ``observed`` runs it, in a thread: the observer reads the model at once and returns
+    what waits for the dims. None where neither is given: symbolic dims
     then count as 1 by definition. A model that cannot run where it is checked (bfloat16 on
     the CPU) keeps its bound."""
     specs = data_mod.specs_from_model(model)
     if input_shapes:
         feed = synthetic_feed(specs, sample_dims(model, None, input_shapes))
-    elif first_feed is not None:
-        batched = sample_batches.dynamic_inputs(specs)
-        feed = {k: v[:1] if k in batched else v for k, v in first_feed.items()}
+    elif first_sample is not None:
+        feed = dict(first_sample)
     else:
         return None
 

@@ -189,3 +189,26 @@ def test_a_large_error_is_said_under_the_check_table():
     assert (
         console.numeric_table(dataclasses.replace(numeric, outputs=(zero,)), "cpu").caption is None
     )
+
+
+def test_a_model_without_a_batch_axis_counts_each_whole_sample_and_runs_it_as_one():
+    """madmom's beat models take [frames, features]: with samples given whole (N x T x F),
+    the frames axis was taken for a batch, so MACs read one frame's (88.25k of 17.65M) and
+    the latency row "batch 200"."""
+    from tests.helpers import parse
+
+    proto = parse(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[T, 16] frames) => (float[T, 8] y) {
+          y = MatMul(frames, w)
+        }
+        """.replace("{", "<float[16, 8] w = {" + ", ".join(["0.5"] * 128) + "}> {", 1)
+    )
+    frames = np.random.default_rng(0).normal(size=(4, 50, 16)).astype(np.float32)
+    check = onnx_shrink.CheckOptions(data={"frames": frames}, latency_runs=3)
+    result = onnx_shrink.shrink(proto, "fold", check=check)
+    assert result.steps[0].before.macs == 50 * 16 * 8
+    assert result.steps[0].before.nodes_without_macs == 0
+    assert result.verification.latency.reference.batch == 1
+    assert result.verification.numeric.samples == 4

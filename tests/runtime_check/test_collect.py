@@ -116,6 +116,34 @@ def test_a_model_that_fails_on_joined_samples_runs_them_one_at_a_time(
     assert np.abs(expected - histogram.counts).sum() <= 2  # float32 bin arithmetic at edges
 
 
+BATCHLESS = """
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[T, 8] frames) => (float[T, 8] y) <int64[1] axes = {0}> {
+  mean = ReduceMean <keepdims = 1> (frames, axes)
+  y = Sub(frames, mean)
+}
+"""
+
+
+def test_a_model_without_a_batch_axis_runs_each_whole_sample_alone(tmp_path, monkeypatch):
+    """[frames, features] with samples given whole, N x T x 8: joining them along the first
+    axis would join frames (madmom's beat TCN then failed, and the fallback cut the join into
+    single frames). Each sample is one run, and its statistics are its own."""
+    model = io.load(parse(BATCHLESS))
+    rng = np.random.default_rng(3)
+    frames = (rng.normal(size=(6, 50, 8)) + rng.normal(size=(6, 1, 8)) * 4).astype(np.float32)
+    np.savez(tmp_path / "d.npz", frames=frames)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    assert dataset.whole_samples
+    counting = _CountingSessions(monkeypatch)
+    stats = collect.collect(model, [StatRequest("y", "minmax")], dataset)
+    assert stats.samples == 6 and counting.runs == [6] and counting.samples == [6 * 50]
+    centred = frames - frames.mean(axis=1, keepdims=True)
+    minmax = stats.minmax("y")
+    assert minmax.minimum == pytest.approx(centred.min(), rel=1e-5)
+    assert minmax.maximum == pytest.approx(centred.max(), rel=1e-5)
+
+
 def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)

@@ -47,7 +47,7 @@ def test_the_observer_reads_the_model_at_once_and_runs_beside_what_follows():
         {"w": np.ones((8, 32), np.float32), "s": np.array([1, 2, 8], np.int64)},
     )
     model = io.load(proto)
-    feed = {"x": np.ones((6, 16), np.float32)}  # the observer runs one sample of it
+    feed = {"x": np.ones((1, 16), np.float32)}  # one sample (``Dataset.first_sample``)
     observe = shapes.observer(model, feed, None)
     dims = observe(model)
     # What a pass may do next, in place: a weight replaced, a node's input rewired.
