@@ -31,7 +31,9 @@ from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sensitivity_hint as hint_mod
 from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
+from onnx_shrink.runtime_check.sensitivity_hint import Target
 from onnx_shrink.runtime_check.sensitivity_report import (
     HINT_LAYERS,
     HintEffect,
@@ -82,6 +84,8 @@ def sensitivity(
         # With the ranges the pass derives instead of measuring: the plan below is the
         # pass's own, and each copy quantizing one layer alone gets them as they are.
         stats = quant.completed_statistics(base, stats)
+        # Each node's name in the caller's model, before unnamed ones get one here.
+        caller = {node: names.get(node, node.name or "") for node in base.graph}
         targets, unmeasured = _quantized_layers(base, quant, stats, names)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
@@ -90,7 +94,7 @@ def sensitivity(
             measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
         ranked = sorted(measured, key=_severity, reverse=True)
         report = SensitivityReport(
-            layers=_mark_inert(ranked, targets, base, quant, stats),
+            layers=hint_mod.plan_hint(ranked, targets, base, quant, stats, caller),
             samples=runner.samples,
             data=dataset.description,
             synthetic=dataset.synthetic,
@@ -140,7 +144,8 @@ def _hint_effect(
     worst = []
     for config in (whole, dataclasses.replace(whole, exclude=patterns)):
         worst.append(_worst_error(base, config, whole, stats, data, provider, progress))
-    return HintEffect(report.hinted(k), worst[0], worst[1], quant.bias_correction)
+    kept = len(patterns) - len(report.excluded)
+    return HintEffect(kept, worst[0], worst[1], quant.bias_correction)
 
 
 @contextlib.contextmanager
@@ -192,20 +197,9 @@ def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str
     return ""
 
 
-@dataclasses.dataclass(frozen=True)
-class _Target:
-    """A layer to measure: its name in the cloned float model (for ``only``), and its name in
-    the caller's model ("" when it has none there)."""
-
-    key: str
-    name: str
-    op_type: str
-    position: int
-
-
 def _quantized_layers(
     base: ir.Model, quant: QuantPass, stats: Statistics, names: dict[ir.Node, str]
-) -> tuple[list[_Target], list[str]]:
+) -> tuple[list[Target], list[str]]:
     """The nodes the full pass quantizes (its own plan, on the same statistics), split into
     those measurable alone (a unique name in ``base``) and the names of the others. Unnamed
     ones are named here, in ``base``, after the plan (``only`` singles a layer out by name),
@@ -222,7 +216,7 @@ def _quantized_layers(
         if not node.name:
             node.name = _unmatched_name(position[node], taken, quant.exclude)
         if node.name and (counts[node.name] == 1 or node.name not in counts):
-            targets.append(_Target(node.name, name, node.op_type, position[node]))
+            targets.append(Target(node.name, name, node.op_type, position[node]))
         else:
             unmeasured.append(name or f"<unnamed {node.op_type} #{position[node]}>")
     if unmeasured:
@@ -234,48 +228,6 @@ def _quantized_layers(
             ", ".join(unmeasured[:5]),
         )
     return targets, unmeasured
-
-
-def _mark_inert(
-    layers: Sequence[LayerSensitivity],
-    targets: Sequence[_Target],
-    base: ir.Model,
-    quant: QuantPass,
-    stats: Statistics,
-) -> tuple[LayerSensitivity, ...]:
-    """``layers`` (worst first) with those the hint would take to no effect marked inert:
-    taken in order, a layer without constants (weights, bias) whose exclusion, after those
-    taken before it, leaves Q/DQ on the same tensors changes nothing (an Add whose
-    neighbours keep its Q/DQ). Plans only, no runs; up to ``HINT_LAYERS`` taken."""
-    by_position = {target.position: target for target in targets}
-    nodes = {node.name: node for node in base.graph}
-    exclusions = quant._exclusions
-    taken: list[str] = []
-    slots = 0
-
-    def placed(exclusions: placement.Exclusions) -> tuple[set[str], dict[str, str]]:
-        plan = placement.plan(base.graph, stats, exclusions)  # Q/DQ'd tensors, shared scales
-        return set(plan.tensors), dict(plan.shared)
-
-    current = placed(exclusions)
-    result = []
-    for layer in layers:
-        target = by_position.get(layer.position)
-        if slots < HINT_LAYERS and not layer.node:
-            slots += 1  # the hint cannot name it, but it is one of the worst
-        elif slots < HINT_LAYERS and target is not None:
-            trial = dataclasses.replace(exclusions, nodes=(*exclusions.nodes, *taken, target.key))
-            tried = placed(trial)
-            node = nodes[target.key]
-            weighted = any(v is not None and v.const_value is not None for v in node.inputs)
-            if not weighted and tried == current:
-                layer = dataclasses.replace(layer, inert=True)
-            else:
-                taken.append(target.key)
-                current = tried
-                slots += 1
-        result.append(layer)
-    return tuple(result)
 
 
 class _Runner:
@@ -296,7 +248,7 @@ class _Runner:
         self.sep = combined_mod.separator(base)
         self.samples = 0
 
-    def measure(self, group: Sequence[_Target], phase: str) -> list[LayerSensitivity]:
+    def measure(self, group: Sequence[Target], phase: str) -> list[LayerSensitivity]:
         """One streaming run of the combined model of ``group``: each layer's error alone."""
         passes = [
             dataclasses.replace(self.quant, only=(target.key,), bias_correction=False)
@@ -336,7 +288,7 @@ class _Runner:
         return edit
 
 
-def _layer(target: _Target, results: Sequence[OutputComparison]) -> LayerSensitivity:
+def _layer(target: Target, results: Sequence[OutputComparison]) -> LayerSensitivity:
     worst = max(results, key=lambda r: (r.nan_count + r.inf_count > 0, r.relative_error))
     return LayerSensitivity(
         node=target.name,

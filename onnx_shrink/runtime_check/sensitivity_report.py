@@ -30,6 +30,9 @@ class LayerSensitivity:
     inert: bool = False
     """keeping it float in the whole pass changes nothing (no weights of its own, and its
     neighbours keep the Q/DQ around it): no use in the hint"""
+    companions: tuple[str, ...] = ()
+    """the quantized nodes that would keep its input quantized were it float alone (the
+    other readers of the tensor, its quantized producer): the hint keeps them float too"""
 
     @property
     def label(self) -> str:
@@ -94,17 +97,36 @@ class SensitivityReport:
 
     def exclude_patterns(self, k: int) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
-        (see ``exclude_pattern``), after the pass's own; never every layer: a hint that keeps them
-        all float quantizes nothing."""
-        worst = [layer.node for layer in self._worst(k) if layer.node]
-        # Inert layers quantize nothing of their own: with every other one float, nothing is.
-        worst = worst[: sum(not layer.inert for layer in self.layers) - 1]
-        return self.excluded + tuple(exclude_pattern(name, self._names) for name in worst)
+        and their companions (see ``exclude_pattern``), after the pass's own; never every
+        layer: a hint that keeps them all float quantizes nothing."""
+        names = self._hinted_names(k)
+        return self.excluded + tuple(exclude_pattern(name, self._names) for name in names)
 
     def hinted(self, k: int) -> int:
-        """How many layers the hint for the ``k`` worst keeps in float: those with a name,
+        """How many of the ``k`` worst layers the hint keeps in float: those with a name,
         never every one."""
-        return len(self.exclude_patterns(k)) - len(self.excluded)
+        worst = {layer.node for layer in self._worst(k) if layer.node}
+        return sum(name in worst for name in self._hinted_names(k))
+
+    def companions(self, k: int) -> int:
+        """How many more nodes the hint for the ``k`` worst keeps in float, so that their
+        inputs are float too (``LayerSensitivity.companions``)."""
+        return len(self._hinted_names(k)) - self.hinted(k)
+
+    def _hinted_names(self, k: int) -> list[str]:
+        """The names the hint for the ``k`` worst keeps float: each named layer, then its
+        companions, once each; fewer than all the layers that change something."""
+        # Inert layers quantize nothing of their own: with every other one float, nothing is.
+        most = sum(not layer.inert for layer in self.layers) - 1
+        names: dict[str, None] = {}
+        for layer in self._worst(k):
+            if not layer.node:
+                continue
+            more = dict.fromkeys((layer.node, *layer.companions))
+            if len(names | more) > most:  # a layer without its companions helps nothing
+                break
+            names |= more
+        return list(names)
 
     def hint_words(self, k: int) -> str | None:
         """What the hint for the ``k`` worst keeps in float ("to keep the 2 worst in float",
@@ -114,7 +136,9 @@ class SensitivityReport:
             return None
         hinted, worst = self.hinted(k), len(self._worst(k))
         which = f"the {hinted} worst" if hinted == worst else f"{hinted} of the {worst} worst"
-        return f"to keep {which} in float"
+        more = self.companions(k)
+        with_inputs = f" with their inputs ({more} more node{'s' * (more != 1)})" if more else ""
+        return f"to keep {which} in float{with_inputs}"
 
     def hint_caption(self, k: int) -> str | None:
         """``hint_words`` and the hint, as the console prints them; None without a hint."""
@@ -147,7 +171,14 @@ class SensitivityReport:
         unnamed = [x.label for x in worst if not x.node]
         last = self.layers.index(worst[-1]) if worst else -1
         inert = [x.label for x in self.layers[:last] if x.inert]
+        shared = [x.label for x in worst if x.companions]
         notes = []
+        if shared:
+            notes.append(
+                f"{', '.join(shared)}: kept float alone, would still read a quantized input "
+                "(other quantized nodes read the same tensor, or its producer is quantized): "
+                "those nodes are in the hint too"
+            )
         if inert:
             notes.append(
                 f"{', '.join(inert)}: left out, as float they change nothing (no weights, and "

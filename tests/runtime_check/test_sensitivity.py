@@ -404,3 +404,73 @@ def test_every_statistics_logger_is_quiet_while_measuring():
         for module in (collect_runs, collect_graph, sensitivity.collect_mod):
             assert logging.getLogger(module.__name__).getEffectiveLevel() == logging.ERROR
     assert logging.getLogger(collect_runs.__name__).getEffectiveLevel() < logging.ERROR
+
+
+def _shared_input_model() -> onnx.ModelProto:
+    """Two Convs read one spiky input (audio-like: quiet, with rare loud samples, which u8
+    rounds to zero), three more follow their sum."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "wa": rng.normal(size=(4, 1, 5)).astype(np.float32),
+        "wb": rng.normal(size=(4, 1, 5)).astype(np.float32),
+        "wc": rng.normal(size=(4, 4, 3)).astype(np.float32),
+        "wd": rng.normal(size=(4, 4, 3)).astype(np.float32),
+        "we": rng.normal(size=(2, 4, 3)).astype(np.float32),
+    }
+    text = """
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 1, 64] x) => (float[N, 2, 54] y) {
+      a = Conv <pads = [0, 0]> (x, wa)
+      b = Conv <pads = [0, 0]> (x, wb)
+      s = Add(a, b)
+      c = Conv <pads = [0, 0]> (s, wc)
+      d = Conv <pads = [0, 0]> (c, wd)
+      y = Conv <pads = [0, 0]> (d, we)
+    }
+    """
+    proto = onnx.parser.parse_model(text)
+    names = ("/a", "/b", "/add", "/c", "/d", "/e")
+    for node, name in zip(proto.graph.node, names, strict=True):
+        node.name = name
+    proto.graph.initializer.extend(onnx.numpy_helper.from_array(v, k) for k, v in weights.items())
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_the_hint_keeps_the_inputs_of_its_layers_float_with_the_nodes_sharing_them():
+    """basic-pitch's CQT reads the padded audio with pairs of Convs: the hint excluded the
+    worst one, whose input stayed quantized for its twin, and changed nothing (output cosine
+    0.8036 both ways). The twin comes into the hint; so does a quantized Conv producing a
+    hinted layer's input (its output is always quantized)."""
+    from onnx_shrink.runtime_check import sensitivity_hint
+
+    proto = _shared_input_model()
+    base = io.load(proto)
+    quant = QuantPass()
+    dataset = data_mod.synthetic(data_mod.specs_from_model(base), {"x": (4, 1, 64)})
+    stats = quant.completed_statistics(base, collect.collect(base, quant.requests(base), dataset))
+    nodes = {node.name: (i, node) for i, node in enumerate(base.graph)}
+
+    def layer(name: str) -> LayerSensitivity:
+        position, node = nodes[name]
+        return LayerSensitivity(name, node.op_type, position, "y", 0.1, 0.9, 10.0, 1.0, 0)
+
+    ranked = [layer(name) for name in ("/a", "/e", "/c", "/b", "/d")]  # worst first
+    targets = [sensitivity_hint.Target(x.node, x.node, x.op_type, x.position) for x in ranked]
+    caller = {node: node.name for _, node in nodes.values()}
+    planned = sensitivity_hint.plan_hint(ranked, targets, base, quant, stats, caller)
+    assert [(x.node, x.companions) for x in planned[:3]] == [
+        ("/a", ("/b",)),  # reads x with /b
+        ("/e", ("/d",)),  # reads /d's output, quantized while /d is
+        ("/c", ()),  # reads the Add of /a and /b, float once both are
+    ]
+    report = SensitivityReport(planned, 4, "synthetic", True, 1, 0.0, ())
+    # With /c too, every layer would be float: the hint stops before it.
+    assert report.exclude_patterns(3) == ("/a", "/b", "/e", "/d")
+    words = "to keep 2 of the 3 worst in float with their inputs (2 more nodes)"
+    assert report.hint_words(3) == words
+    for patterns, float_input in ((["/a"], False), (["/a", "/b"], True)):
+        hinted = shrink(proto, "quant", sets=[f"quant.exclude={','.join(patterns)}"], check=False)
+        q = {n.inputs[0].name for n in hinted.model.graph if n.op_type == "QuantizeLinear"}
+        assert ("x" not in q) is float_input
+    assert any("/a" in note and "quantized input" in note for note in report.hint_notes(3))

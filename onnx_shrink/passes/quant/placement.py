@@ -204,7 +204,7 @@ def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:
     for node in quantizable_nodes(graph, exclusions):
         for value in activation_inputs(node):
             names[value.name] = None
-        for out in _quantized_outputs(node):
+        for out in quantized_outputs(node):
             if value_types.is_float(out):
                 names[out.name] = None
     return list(names)
@@ -238,7 +238,7 @@ class _OrdinaryRanges:
         return MinMax(-1.0, 1.0, 0, 1) if tensor in self.ranged else None
 
 
-def _quantized_outputs(node: ir.Node) -> list[ir.Value]:
+def quantized_outputs(node: ir.Node) -> list[ir.Value]:
     """The tensors after the node: each of a Split's outputs, or the one output, past a fused
     Relu/Clip when that is its only consumer."""
     if node.op_type == "Split":
@@ -282,7 +282,7 @@ def plan(graph: ir.Graph, stats: Ranges, exclusions: Exclusions) -> Plan:
     for node in nodes:
         for value in activation_inputs(node):
             tensors[value.name] = None
-        for out in _quantized_outputs(node):
+        for out in quantized_outputs(node):
             out_range = stats.minmax(out.name)
             # Conv has no integer kernel with a float output: without Q after it, onnxruntime
             # runs it in float behind the DQs, slower than the float model. MatMul and Gemm
@@ -314,7 +314,7 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
             if node in accepted:
                 continue
             fed = all(_producer(v) in accepted for v in activation_inputs(node))
-            outs = _quantized_outputs(node)
+            outs = quantized_outputs(node)
             if fed and (_read_by(outs, candidates) or _is_graph_output(outs)):
                 accepted.add(node)
                 changed = True
@@ -325,7 +325,7 @@ def _accept_glue(eligible: list[ir.Node]) -> set[ir.Node]:
     while changed:
         changed = False
         for node in glue:
-            outs = _quantized_outputs(node)
+            outs = quantized_outputs(node)
             if node in accepted and not _is_graph_output(outs) and not _read_by(outs, accepted):
                 accepted.discard(node)
                 changed = True
