@@ -644,9 +644,9 @@ def test_nodes_after_onnxruntime_contrib_ops_are_converted(tmp_path):
     }
     weights = onnx_shrink.shrink(proto, "quant-weight", check=False, calibration=feed)
     assert "MatMulNBits" in [n.op_type for n in weights.model.graph]
-    result = onnx_shrink.shrink(
-        weights.model, "fp16", sets=["fp16.weightless_runs=false"], check=False, calibration=feed
-    )
+    # Its weights are int4 now: only activations would go to float16 (rule 7 asks first).
+    sets = ["fp16.weightless_runs=false", "fp16.activations_only=true"]
+    result = onnx_shrink.shrink(weights.model, "fp16", sets=sets, check=False, calibration=feed)
     assert result.steps[0].modified
     # Each of the 6 MatMulNBits' results goes to float16 for the nodes after it.
     to_half = [
@@ -678,3 +678,28 @@ def test_a_conversion_that_changes_nothing_says_why(caplog):
         _, modified = _convert(original, feed, weightless_runs=True)
     assert not modified
     assert "fp16: no node changed (weightless: 2" in caplog.text
+
+
+def test_a_model_whose_weights_are_quantized_already_is_left_as_it_is(caplog):
+    """An int8 T5 encoder (onnxruntime's dynamic quantization): fp16 put only its RMSNorms
+    and residual Adds in float16; the file grew 150 bytes and the output fell to cosine
+    0.93. Unless asked (activations_only), no change, and the warning says why."""
+    import logging
+
+    import onnx_shrink
+
+    proto = build_transformer_block()
+    feed = {
+        i.name: np.random.default_rng(0).standard_normal((2, 8, 64)).astype(np.float32)
+        for i in proto.graph.input
+    }
+    quantized = onnx_shrink.shrink(proto, "quant-dynamic", check=False).model
+    with caplog.at_level(logging.WARNING):
+        result = onnx_shrink.shrink(quantized, "fp16", check=False, calibration=feed)
+    assert not result.steps[0].modified
+    assert "no change: only" in caplog.text and "activations_only=true" in caplog.text
+    sets = ["fp16.activations_only=true", "fp16.weightless_runs=false"]
+    forced = onnx_shrink.shrink(quantized, "fp16", sets=sets, check=False, calibration=feed)
+    assert forced.steps[0].modified
+    # A float model is converted as before.
+    assert onnx_shrink.shrink(proto, "fp16", check=False, calibration=feed).steps[0].modified
