@@ -42,6 +42,9 @@ EXPANDING_OPS = frozenset(
     }
 )
 
+SMALL_GROWTH_BYTES = 1024  # a result this much larger is rewrites that do not pay, no budget
+REWRITE_PROVENANCE = "pkg.onnxscript.rewriter.rule_name"  # a rewritten node's rule, in metadata
+
 # Quantization boundaries stay as they are: folding DequantizeLinear(int8 weight) would store
 # the weight as float32 again (4x larger) and hide the quantization from onnxruntime.
 NEVER_FOLD = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -108,6 +111,7 @@ class FoldPass(ir.passes.FunctionalPass):
         before = large_tensors.saved_bytes(model)
         limit = before + self.max_growth_bytes
         annotations = _Annotations.of(model)
+        growth = []
         for allow_growth in (True, False):
             candidate = _private_clone(model)
             modified = self._run_pipeline(candidate, allow_growth)
@@ -116,6 +120,7 @@ class FoldPass(ir.passes.FunctionalPass):
             # onnxscript's rewriter deletes dead initializers without reporting a change.
             modified = modified or after != before
             if after > limit:
+                growth.append(after - before)
                 logger.info(
                     "fold: result of %d bytes exceeds the limit of %d (allow_growth=%s); retrying",
                     after,
@@ -137,13 +142,19 @@ class FoldPass(ir.passes.FunctionalPass):
             return MeasuredResult(candidate, modified, before, after)
         else:
             # The input's size as serialized here, which may differ from its file's by a few
-            # bytes (field order, packing): say so, or the figure looks wrong.
-            logger.warning(
-                "fold: every attempt grew the model past %d bytes (the input re-serialized, "
-                "%d, + max_growth_bytes %d); keeping the model unchanged",
+            # bytes (field order, packing): say so, or the figure looks wrong. A few bytes'
+            # growth is rewrites that do not pay (Flatten as a Reshape and its shape), not a
+            # budget problem: said, not warned.
+            level = logging.INFO if min(growth) <= SMALL_GROWTH_BYTES else logging.WARNING
+            logger.log(
+                level,
+                "fold: no change: every attempt grew the model past %d bytes (the input "
+                "re-serialized, %d, + max_growth_bytes %d; by %d bytes at least); keeping the "
+                "model unchanged",
                 limit,
                 before,
                 self.max_growth_bytes,
+                min(growth),
             )
         return MeasuredResult(_private_clone(model), False, before, before)
 
@@ -306,6 +317,8 @@ class _Annotations:
     """Node names and annotated value names of the input, to tell them from invented ones."""
 
     node_names: frozenset[str]
+    node_metadata: dict[str, frozenset[str]]
+    """node name -> the metadata keys the input's node had"""
     typed_values: frozenset[str]
     producer_names: dict[str, str]
     """output value name -> name of the input's node that produced it"""
@@ -315,6 +328,7 @@ class _Annotations:
         nodes = list(walk.all_nodes(model))
         return cls(
             node_names=frozenset(n.name for n in nodes if n.name),
+            node_metadata={n.name: frozenset(n.metadata_props) for n in nodes if n.name},
             producer_names={o.name: n.name for n in nodes if n.name for o in n.outputs if o.name},
             typed_values=frozenset(
                 out.name
@@ -328,11 +342,12 @@ class _Annotations:
         """Drop node names and value types/shapes the input did not have.
 
         onnxscript names every node it touches, records provenance in each folded value's
-        metadata, and shape inference types every value; saved, that is bytes the input did not
-        hold, which on small graphs outweighs what folding saved. Graph outputs keep their
-        types. A node that took over an input node's output (Conv+BatchNormalization fused
-        into one Conv writes the BatchNormalization's output) takes over that node's name, so
-        ``--set quant.exclude=NAME`` and per-layer reports can still name it.
+        and rewritten node's metadata, and shape inference types every value; saved, that is
+        bytes the input did not hold, which on small graphs outweighs what folding saved.
+        Graph outputs keep their types. A node that took over an input node's output
+        (Conv+BatchNormalization fused into one Conv writes the BatchNormalization's output)
+        takes over that node's name, so ``--set quant.exclude=NAME`` and per-layer reports
+        can still name it.
         """
         used = {n.name for n in walk.all_nodes(model) if n.name in self.node_names}
         for node in walk.all_nodes(model):
@@ -340,6 +355,8 @@ class _Annotations:
                 node.name = self._inherited_name(node, used)
                 if node.name:
                     used.add(node.name)
+            if REWRITE_PROVENANCE not in self.node_metadata.get(node.name or "", ()):
+                node.metadata_props.pop(REWRITE_PROVENANCE, None)
             # Every node, renamed or not: shape inference typed the outputs of kept nodes too.
             for out in node.outputs:
                 out.metadata_props.pop(_constant_folding.FOLDED_FROM_KEY, None)

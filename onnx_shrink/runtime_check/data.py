@@ -103,6 +103,7 @@ def from_arrays(
     """
     if labels is not None:
         labels = labels_mod.per_sample(labels, where)
+    _warn_unread(arrays, specs, where)
     missing = [s.name for s in specs if s.name not in arrays]
     if missing:
         raise DataError(
@@ -164,6 +165,27 @@ def from_arrays(
         labels=labels,
         whole_samples="entries" in layout.values(),
     )
+
+
+_WARNED_UNREAD: set[tuple[str, tuple[str, ...]]] = set()
+
+
+def _warn_unread(arrays: Mapping[str, object], specs: Sequence[InputSpec], where: str) -> None:
+    """Arrays named after no input are not fed: a misspelt name of an input with a default
+    value would silently run on the default. Said once per source (calibration and the
+    check may read the same file)."""
+    unread = tuple(sorted(set(arrays) - {s.name for s in specs}))
+    if unread and (where, unread) not in _WARNED_UNREAD:
+        _WARNED_UNREAD.add((where, unread))
+        logger.warning(
+            "%s: array%s %s name%s no input of the model and %s not fed (inputs: %s)",
+            where,
+            "s" if len(unread) > 1 else "",
+            ", ".join(f"'{n}'" for n in unread),
+            "" if len(unread) > 1 else "s",
+            "are" if len(unread) > 1 else "is",
+            ", ".join(s.name for s in specs),
+        )
 
 
 def _batch_step(fixed: InputSpec | None) -> int:

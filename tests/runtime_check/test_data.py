@@ -341,3 +341,18 @@ def test_a_reader_that_fails_after_its_first_feed_fails_the_run():
 
     with pytest.raises(DataError, match="float64"):
         onnx_shrink.shrink(digits.MODEL_PATH, "fold,quant", calibration=BadLater(), check=False)
+
+
+def test_an_array_named_after_no_input_is_warned_about_once(tmp_path, caplog):
+    """A misspelt name of an input with a default value would silently run on the default."""
+    import logging
+
+    path = tmp_path / "d.npz"
+    np.savez(path, x=np.ones((4, 3), np.float32), mask=np.ones((4, 3)), labels=np.arange(4))
+    specs = [data.InputSpec("x", np.float32, ("N", 3))]
+    with caplog.at_level(logging.WARNING):
+        for _ in range(2):  # calibration and the check read the same file
+            assert data.prepare(specs, path).samples == 4
+    warned = [r.getMessage() for r in caplog.records if "names no input" in r.getMessage()]
+    message = f"{path}: array 'mask' names no input of the model and is not fed (inputs: x)"
+    assert warned == [message]
