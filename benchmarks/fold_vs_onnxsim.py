@@ -1,7 +1,7 @@
 """Side by side: onnx-shrink's ``fold`` pass against onnxsim 0.8.1 on the real models.
 
 For every model registered in ``models.fetch.REAL_MODELS`` (MiniLM, PP-OCR det/rec/cls, both
-Silero VAD exports) this measures, for the original file, our ``fold`` and
+Silero VAD exports, YOLOv8n, DTLN stage 1) this measures, for the original file, our ``fold`` and
 ``onnxsim.simplify(model)`` with its defaults:
 
 * nodes: every node, If/Loop/Scan bodies included (main-graph nodes in parentheses);
