@@ -262,13 +262,7 @@ def test_unnamed_nodes_keep_their_label_when_quant_converts_the_opset():
 
 
 def test_shrink_reports_the_sensitivity_of_the_model_before_quant():
-    result = shrink(
-        digits.MODEL_PATH,
-        "fold,quant",
-        check=False,
-        calibration=digits.TEST_DATA_PATH,
-        sensitivity=True,
-    )
+    result = _digits_sensitivity()
     model = _folded()
     direct = layer_sensitivity(model, QuantPass(), _dataset(model))
     got = result.sensitivity
@@ -297,13 +291,7 @@ def test_the_reports_rerun_of_the_passes_before_quant_is_its_time_not_the_compil
         return unlist(model)
 
     monkeypatch.setattr(api.graph_edit, "unlist_weight_inputs", slow_unlist)
-    result = shrink(
-        digits.MODEL_PATH,
-        "fold,quant",
-        check=False,
-        calibration=digits.TEST_DATA_PATH,
-        sensitivity=True,
-    )
+    result = _digits_sensitivity()
     assert result.sensitivity is not None and result.sensitivity.seconds >= 0.5
     assert result.compile_seconds + result.sensitivity.seconds <= result.seconds
     assert result.compile_seconds < result.seconds - 0.5
@@ -346,12 +334,12 @@ def test_minilm_excluding_the_three_worst_layers_improves_the_sentence_embedding
     assert embedding_cosine(worst) > embedding_cosine(quant)
 
 
-def _digits_sensitivity(exclude: str):
-    """``fold,quant`` of the digits CNN with ``quant.exclude=exclude`` and its sensitivity."""
+def _digits_sensitivity(exclude: str | None = None):
+    """``fold,quant`` of the digits CNN (with ``quant.exclude=exclude``) and its sensitivity."""
     return shrink(
         digits.MODEL_PATH,
         "fold,quant",
-        sets=[f"quant.exclude={exclude}"],
+        sets=[f"quant.exclude={exclude}"] if exclude else [],
         check=False,
         calibration=digits.TEST_DATA_PATH,
         sensitivity=True,
