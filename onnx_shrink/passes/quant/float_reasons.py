@@ -35,6 +35,10 @@ def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[
         reason = _reason(node, exclusions)
         if reason is None and (found := skipped.get(node.name or node.op_type)):
             reason = _TENSOR.sub("", found)
+            if reason.startswith("no range measured") and node.op_type not in placement.ANCHORS:
+                # Its range was never asked for: glue the plan could not accept even with
+                # every range at hand (what the statistics' requests assume).
+                reason = "not between integer kernels"
         if reason:
             counts[(node.op_type, reason)] += 1
     if not counts:

@@ -66,3 +66,16 @@ def test_prune_counts_weights_the_graph_computes(caplog):
         result = PrunePass()(io.load(_cast_scaled()))
     assert not result.modified
     assert "MatMul weight computed in the graph, not a constant: 1" in caplog.text
+
+
+def test_glue_the_plan_never_measured_is_said_to_lie_outside_integer_kernels(caplog):
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y) { y = Sigmoid(x) }
+        """
+    )
+    x = np.ones((2, 4), np.float32)
+    with caplog.at_level(logging.WARNING):
+        shrink(proto, "quant", check=False, calibration={"x": x})
+    assert "1 Sigmoid: not between integer kernels" in caplog.text
