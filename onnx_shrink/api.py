@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink import each_pass, preflight
-from onnx_shrink.compiler import graph_edit, io, pipeline
+from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass, Look
 from onnx_shrink.errors import (
     DataError,
@@ -324,7 +324,7 @@ def _compile(
         report = None
         if sensitivity:  # with a quant pass (shrink checked): a collector too
             assert collector is not None and calib is not None
-            report = _sensitivity(
+            report = sensitivity_mod.before_quant(
                 source_model,
                 pass_list,
                 result.steps,
@@ -370,33 +370,6 @@ def _save_candidate(
         return candidate, len(candidate), None
     saved = io.save(model, output, external_data=external_data)
     return saved.path, saved.bytes_on_disk, saved.path
-
-
-def _sensitivity(
-    source: io.ModelSource,
-    pass_list: Sequence[ir.passes.PassBase],
-    steps: Sequence[pipeline.StepRecord],
-    collector: pipeline.Collector,
-    dataset: data_mod.Dataset,
-    provider: str,
-    progress: collect_mod.Progress | None,
-) -> sensitivity_mod.SensitivityReport:
-    """The sensitivity report of the first quant pass, on the model as it was before it: the
-    passes before it (deterministic; those rolled back left out) re-run on a fresh load. Its
-    ``seconds`` count that reload and re-run too: the report costs them, the compile not."""
-    started = time.perf_counter()
-    index = next(i for i, p in enumerate(pass_list) if isinstance(p, QuantPass))
-    quant = pass_list[index]
-    assert isinstance(quant, QuantPass)
-    kept = [not step.rolled_back for step in steps[:index]]
-    before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
-    fresh = io.load(source)
-    graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
-    float_model = pipeline.run(fresh, before, collect=collector).model
-    report = sensitivity_mod.sensitivity(
-        float_model, quant, dataset, provider=provider, progress=progress
-    )
-    return dataclasses.replace(report, seconds=time.perf_counter() - started)
 
 
 def _calibration_data(

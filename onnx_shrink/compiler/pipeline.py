@@ -16,7 +16,7 @@ from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import dumps, io, registry, stats
+from onnx_shrink.compiler import dumps, figures, io, registry, stats
 from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.options import coerce
@@ -206,11 +206,6 @@ class Verdict:
 
 Verifier = Callable[[ir.Model], Verdict]
 
-ShapeObserver = Callable[[ir.Model], Callable[[], stats.Shapes | None]]
-"""Starts one sample's real run of a model (``runtime_check.shapes.observer``) and returns
-what waits for its dims (None where it cannot run). The model is read before it returns: the
-run may go on while the model changes."""
-
 
 def run(
     model: ir.Model,
@@ -223,7 +218,7 @@ def run(
     collect: Collector | None = None,
     probe: Prober | None = None,
     input_dims: stats.Shapes | None = None,
-    observe: ShapeObserver | None = None,
+    observe: figures.ShapeObserver | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
@@ -243,12 +238,12 @@ def run(
     pipeline = _Pipeline(dump_dir, on_start, verify, strict, collect, probe, input_dims, observe)
     # The input's figures are final after the first pass: a run for its dims goes on beside it
     # (none without a pass, which would not wait for it).
-    input_figures = _Figures.start(
+    input_figures = figures.Figures.start(
         model, input_dims, observe if passes else None, pipeline.observed
     )
     try:
         return pipeline.run(model, passes, input_figures)
-    except BaseException:
+    except Exception:  # not on Ctrl-C: the run for dims is not waited for then
         input_figures.abandon()
         raise
 
@@ -264,7 +259,7 @@ class _Pipeline:
     collect: Collector | None
     probe: Prober | None
     input_dims: stats.Shapes | None
-    observe: ShapeObserver | None
+    observe: figures.ShapeObserver | None
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
     observed: dict[str, Sequence[int]] = dataclasses.field(default_factory=dict)
@@ -275,14 +270,14 @@ class _Pipeline:
     current_bytes: int | None = None
 
     def run(
-        self, model: ir.Model, passes: Sequence[ir.passes.PassBase], input_figures: _Figures
+        self, model: ir.Model, passes: Sequence[ir.passes.PassBase], input_figures: figures.Figures
     ) -> PipelineResult:
         for index, pass_ in enumerate(passes):
             model = self._step(index, pass_, model, input_figures)
         return PipelineResult(model=model, steps=tuple(self.steps))
 
     def _step(
-        self, index: int, pass_: ir.passes.PassBase, model: ir.Model, input_figures: _Figures
+        self, index: int, pass_: ir.passes.PassBase, model: ir.Model, input_figures: figures.Figures
     ) -> ir.Model:
         """Run one pass and record its step; the model the next pass gets."""
         if self.on_start is not None:
@@ -339,66 +334,12 @@ class _Pipeline:
         return model
 
     def _measure(self, model: ir.Model) -> stats.ModelStats:
-        return _measure(model, self.input_dims, self.observe, self.observed)
+        return figures.measure(model, self.input_dims, self.observe, self.observed)
 
     def _dump(self, index, pass_, model, rejected) -> Path | None:
         if self.dump_dir is None:
             return None
         return dumps.dump(Path(self.dump_dir), index, pass_, model, rejected)
-
-
-def _measure(
-    model: ir.Model,
-    input_dims: stats.Shapes | None,
-    observe: ShapeObserver | None,
-    observed: dict[str, Sequence[int]],
-) -> stats.ModelStats:
-    """``stats.measure`` on inferred shapes and the dims of runs so far (``observed``),
-    counted again on a new run's dims (added to ``observed``) where they leave MAC nodes
-    uncounted or counted on a dim inference could not fix (a Paddle Reshape's)."""
-    return _Figures.start(model, input_dims, observe, observed).final(model, input_dims, observed)
-
-
-@dataclasses.dataclass(frozen=True)
-class _Figures:
-    """A model's figures, waiting (``dims``) for a real run ``observe`` started where
-    inferred shapes leave a bound; ``final`` counts again on its dims."""
-
-    measured: stats.ModelStats
-    dims: Callable[[], stats.Shapes | None] | None
-
-    @classmethod
-    def start(
-        cls,
-        model: ir.Model,
-        input_dims: stats.Shapes | None,
-        observe: ShapeObserver | None,
-        observed: dict[str, Sequence[int]],
-    ) -> _Figures:
-        measured = stats.measure(model, observed or None, input_dims)
-        bound = measured.nodes_without_macs and observe is not None
-        return cls(measured, observe(model) if bound else None)
-
-    def final(
-        self,
-        model: ir.Model,
-        input_dims: stats.Shapes | None,
-        observed: dict[str, Sequence[int]],
-    ) -> stats.ModelStats:
-        """The figures, counted again on the run's dims (added to ``observed``) if it gave
-        any; ``model``: the one ``start`` measured, as it was then."""
-        real = self.dims() if self.dims is not None else None
-        if not real:
-            return self.measured
-        observed.update(real)
-        return stats.measure(model, observed, input_dims)
-
-    def abandon(self) -> None:
-        """Wait for the run, its dims unused: a pass raised, and no run may outlive the
-        call that started it (a library caller that catches the error goes on without a
-        session still running, holding memory, beside it)."""
-        if self.dims is not None:
-            self.dims()
 
 
 def _bind(

@@ -18,6 +18,7 @@ import copy
 import functools
 from collections.abc import Sequence
 
+import numpy as np
 import onnx_ir as ir
 from onnxscript import rewriter
 from onnxscript.rewriter import pattern
@@ -76,35 +77,40 @@ def _identity(op, x, **_):
     return op.Identity(x)
 
 
-def _exactly(expected: float):
-    """A condition: ``c`` is a scalar constant equal to ``expected``, exactly."""
+def _exactly(expected: float, negative_zero: bool = False):
+    """A condition: ``c`` is a scalar constant equal to ``expected``, exactly; a float zero
+    also of the sign ``negative_zero`` asks (integers have one zero)."""
 
     def condition(_context, c, **_) -> bool:
         tensor = c.const_value
         if tensor is None:
             return False
         array = tensor.numpy()
-        return array.ndim == 0 and array.dtype.kind in "fiu" and array.item() == expected
+        if array.ndim != 0 or array.dtype.kind not in "fiu" or array.item() != expected:
+            return False
+        return array.dtype.kind != "f" or expected != 0 or bool(np.signbit(array)) == negative_zero
 
     return condition
 
 
-def _rule(target, expected: float) -> pattern.RewriteRule:
-    return pattern.RewriteRule(target, _identity, _exactly(expected))
+def _rule(target, expected: float, negative_zero: bool = False) -> pattern.RewriteRule:
+    return pattern.RewriteRule(target, _identity, _exactly(expected, negative_zero))
 
 
 EXACT_NO_OPS = [
     _rule(lambda op, x, c: op.Mul(x, c), 1),
     _rule(lambda op, x, c: op.Mul(c, x), 1),
-    _rule(lambda op, x, c: op.Add(x, c), 0),
-    _rule(lambda op, x, c: op.Add(c, x), 0),
+    _rule(lambda op, x, c: op.Add(x, c), 0, negative_zero=True),
+    _rule(lambda op, x, c: op.Add(c, x), 0, negative_zero=True),
     _rule(lambda op, x, c: op.Sub(x, c), 0),
     _rule(lambda op, x, c: op.Div(x, c), 1),
 ]
-"""``x * 1``, ``x + 0``, ``x - 0`` and ``x / 1`` become ``x`` only where the scalar constant is
-exactly 1 or 0. onnxscript 0.7.2's own no-op rules match it within rel_tol 1e-5 and abs_tol
-1e-8: they dropped basic-pitch's ``Log(x * x + 1e-10)`` epsilon (its folded model gave NaN on
-silence) and a decomposed LayerNorm's 1e-12, and would drop a scale of 1.00001."""
+"""``x * 1``, ``x + (-0.0)``, ``x - (+0.0)`` and ``x / 1`` become ``x`` only where the scalar
+constant is exactly that (for integers, 0 or 1): bit for bit the identity. ``x + (+0.0)``
+turns ``-0.0`` into ``+0.0`` (a Reciprocal after it gives +inf for -inf) and stays.
+onnxscript 0.7.2's own no-op rules match within rel_tol 1e-5 and abs_tol 1e-8: they dropped
+basic-pitch's ``Log(x * x + 1e-10)`` epsilon (its folded model gave NaN on silence) and a
+decomposed LayerNorm's 1e-12, and would drop a scale of 1.00001."""
 
 _INEXACT = {id(r) for r in no_op_rules.rules.rules if r is not None} - {
     id(r) for r in (no_op_rules.dropout_zero_rule, no_op_rules.dropout_inference_rule)

@@ -26,21 +26,17 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import reconstruct as refitting
 from onnx_shrink.passes import refit_budget
+from onnx_shrink.passes.prune_layers import Layer, find_layers
 from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
 
 logger = logging.getLogger(__name__)
 
-PRUNABLE = frozenset({"MatMul", "Gemm", "Conv"})
-FLOAT_TYPES = frozenset(
-    {ir.DataType.FLOAT, ir.DataType.FLOAT16, ir.DataType.BFLOAT16, ir.DataType.DOUBLE}
-)
 SPARSE_INDEX_BYTES = 8
 """ONNX sparse_initializer (COO) stores an int64 linear index per nonzero."""
 
@@ -49,120 +45,6 @@ def sparse_break_even(itemsize: int) -> float:
     """Sparsity above which COO storage is smaller than dense: a nonzero costs
     ``itemsize + 8`` bytes, a dense element ``itemsize``; fp32 2/3, fp16 0.8."""
     return 1.0 - itemsize / (itemsize + SPARSE_INDEX_BYTES)
-
-
-# ---- layers --------------------------------------------------------------------------------
-
-
-@dataclasses.dataclass(frozen=True)
-class Layer:
-    """One weight (possibly shared by several nodes) in its row view."""
-
-    weight: ir.Value
-    nodes: tuple[ir.Node, ...]
-    layout: str  # "kn" (MatMul, Gemm transB=0), "nk" (Gemm transB=1), "conv"
-
-    @property
-    def name(self) -> str:
-        return self.nodes[0].name or self.weight.name or "?"
-
-    def rows(self, array: np.ndarray) -> np.ndarray:
-        if self.layout == "kn":
-            return array.T
-        if self.layout == "nk":
-            return array
-        return np.moveaxis(array, 1, -1).reshape(array.shape[0], -1)
-
-    def unrows(self, rows: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
-        if self.layout == "kn":
-            return rows.T
-        if self.layout == "nk":
-            return rows
-        moved = rows.reshape(shape[0], *shape[2:], shape[1])
-        return np.moveaxis(moved, -1, 1)
-
-    def in_main_graph(self, model: ir.Model) -> bool:
-        return all(node.graph is model.graph for node in self.nodes)
-
-    def stat_request(self, kind: str) -> list[StatRequest]:
-        """One request per node input (a shared weight sums its inputs' statistics)."""
-        axis = 1 if self.layout == "conv" else -1
-        if kind == "gram":
-            return [StatRequest(n.inputs[0].name, "gram") for n in self.nodes]
-        return [StatRequest(n.inputs[0].name, "channel_sqnorm", axis=axis) for n in self.nodes]
-
-
-def _layout(node: ir.Node) -> str | None:
-    """The row-view layout of input 1 of ``node``, or None when it is not a plain weight."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is None or weight.const_value is None or node.domain not in ("", "ai.onnx"):
-        return None
-    rank = len(weight.const_value.shape)
-    if node.op_type == "MatMul" and rank == 2:
-        return "kn"
-    if node.op_type == "Gemm" and rank == 2:
-        if node.attributes.get_int("transA", 0):
-            return None  # the input's channels lie on axis 0: no per-channel statistics here
-        return "nk" if node.attributes.get_int("transB", 0) else "kn"
-    if node.op_type == "Conv" and rank >= 3:
-        return "conv"
-    return None
-
-
-def _no_layout_reason(node: ir.Node) -> str:
-    """Why ``_layout`` found no plain weight in ``node``."""
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    if weight is None or weight.const_value is None:
-        return f"{node.op_type} weight computed in the graph, not a constant"
-    if node.domain not in ("", "ai.onnx"):
-        return f"{node.domain} domain"
-    return f"{node.op_type} weight of rank {len(weight.const_value.shape)} or transposed input"
-
-
-def find_layers(
-    model: ir.Model, excluded, min_elements: int, skipped: list[str] | None = None
-) -> list[Layer]:
-    """Prunable weights: float initializers every use of which is a MatMul/Gemm/Conv weight
-    slot with one layout. Shared weights appear once. Why each other weight slot was left
-    goes to ``skipped`` (and to the log, at -v)."""
-    by_weight: dict[int, list[tuple[ir.Node, str]]] = {}
-    for node in walk.all_nodes(model):
-        if node.op_type not in PRUNABLE:
-            continue
-        if (layout := _layout(node)) is not None:
-            by_weight.setdefault(id(node.inputs[1]), []).append((node, layout))
-        else:
-            reason = _no_layout_reason(node)
-            logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
-            if skipped is not None:
-                skipped.append(reason)
-    layers = []
-    for uses in by_weight.values():
-        node, layout = uses[0]
-        weight = node.inputs[1]
-        reason = _skip_reason(weight, uses, excluded, min_elements)
-        if reason:
-            logger.info("prune: skipping %s (%s): %s", node.name, weight.name, reason)
-            if skipped is not None:
-                skipped.append(reason)
-            continue
-        layers.append(Layer(weight, tuple(n for n, _ in uses), layout))
-    return layers
-
-
-def _skip_reason(weight: ir.Value, uses, excluded, min_elements: int) -> str | None:
-    tensor = weight.const_value
-    if not weight.is_initializer() or weight.is_graph_input():
-        return "not an initializer (or overridable as a graph input)"
-    if tensor.dtype not in FLOAT_TYPES:
-        return f"{tensor.dtype} weight"
-    if tensor.size < min_elements:
-        return f"{tensor.size} elements < min_elements={min_elements}"
-    if len({layout for _, layout in uses}) > 1 or len(weight.uses()) != len(uses):
-        return "shared with a use that reads it in another layout"
-    if any(excluded(node) for node, _ in uses):
-        return "excluded"
-    return None
 
 
 # ---- the pass ------------------------------------------------------------------------------

@@ -23,7 +23,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnx_shrink.compiler import io
-from onnx_shrink.errors import ShrinkError
+from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 
@@ -243,12 +243,22 @@ def benchmark(
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)
     base = dataset.first_feed()
+    if dataset.whole_samples and set(batch_sizes) != {1}:
+        raise DataError(
+            f"{dataset.description}: samples given whole (one more axis than the model's "
+            "input) leave the input's first axis the sample's own, not a batch: only batch "
+            "size 1 can be run (give samples on the input's first axis to time batches)"
+        )
+
+    def batched(batch: int) -> dict[str, np.ndarray]:
+        return dict(base) if dataset.whole_samples else resize_batch(base, specs, batch)
+
     hint = data_mod.unfit_hint(dataset)
     grid = []
     for thread_count in threads:
         session = sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
-            feed = resize_batch(base, specs, batch)
+            feed = batched(batch)
             # The first warm-up run fails clearly (the timed ones would raise onnxruntime's).
             sessions.run(session, feed, failed=f"{model} failed on its inputs", hint=hint)
             grid.append(
@@ -265,7 +275,7 @@ def benchmark(
     largest = max(batch_sizes)
     peak = None
     if memory:
-        peak = session_peak_memory(model, resize_batch(base, specs, largest), provider)
+        peak = session_peak_memory(model, batched(largest), provider)
     return BenchmarkReport(
         model=str(model),
         provider=provider,

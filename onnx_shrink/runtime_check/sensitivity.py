@@ -22,7 +22,7 @@ from collections.abc import Iterator, Sequence
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
@@ -301,3 +301,29 @@ def _layer(target: Target, results: Sequence[OutputComparison]) -> LayerSensitiv
         max_abs_error=worst.max_abs_error,
         nonfinite=worst.nan_count + worst.inf_count,
     )
+
+
+def before_quant(
+    source: io.ModelSource,
+    pass_list: Sequence[ir.passes.PassBase],
+    steps: Sequence[pipeline.StepRecord],
+    collector: pipeline.Collector,
+    dataset: data_mod.Dataset,
+    provider: str,
+    progress: collect_mod.Progress | None,
+) -> SensitivityReport:
+    """``shrink``'s report: the sensitivity of the first quant pass of ``pass_list``, on the
+    model as it was before it: the passes before it (deterministic; those rolled back, as
+    ``steps`` say, left out) re-run on a fresh load of ``source``. Its ``seconds`` count that
+    reload and re-run too: the report costs them, the compile not."""
+    started = time.perf_counter()
+    index = next(i for i, p in enumerate(pass_list) if isinstance(p, QuantPass))
+    quant = pass_list[index]
+    assert isinstance(quant, QuantPass)
+    kept = [not step.rolled_back for step in steps[:index]]
+    before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
+    fresh = io.load(source)
+    graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
+    float_model = pipeline.run(fresh, before, collect=collector).model
+    report = sensitivity(float_model, quant, dataset, provider=provider, progress=progress)
+    return dataclasses.replace(report, seconds=time.perf_counter() - started)

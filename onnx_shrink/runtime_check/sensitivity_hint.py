@@ -66,10 +66,12 @@ def plan_hint(
             if not weighted and not planner.changes(node, []):
                 layer = dataclasses.replace(layer, inert=True)
             else:
-                companions = planner.companions(node)
+                # Only what the hint can name: a companion unnamed in the caller's model
+                # stays quantized, and later layers are planned with it so.
+                companions = [c for c in planner.companions(node) if caller_names.get(c)]
                 planner.take(node, companions)
-                names = (caller_names.get(c, "") for c in companions)
-                layer = dataclasses.replace(layer, companions=tuple(n for n in names if n))
+                names = tuple(caller_names[c] for c in companions)
+                layer = dataclasses.replace(layer, companions=names)
                 slots += 1
         result.append(layer)
     return tuple(result)

@@ -163,7 +163,8 @@ class SensitivityReport:
         return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
 
     def hint_notes(self, k: int = 3) -> tuple[str, ...]:
-        """What the hint cannot say plainly: names written as regexes, unnamed layers."""
+        """What the hint cannot say plainly: companions, layers left out (inert, unnamed, or
+        past the cap with their companions), names written as regexes."""
         worst = self._worst(k)
         odd = [
             repr(x.node) for x in worst if x.node and exclude_pattern(x.node, self._names) != x.node
@@ -171,8 +172,15 @@ class SensitivityReport:
         unnamed = [x.label for x in worst if not x.node]
         last = self.layers.index(worst[-1]) if worst else -1
         inert = [x.label for x in self.layers[:last] if x.inert]
-        shared = [x.label for x in worst if x.companions]
-        notes = []
+        hinted = set(self._hinted_names(k))
+        shared = [x.label for x in worst if x.companions and x.node in hinted]
+        capped = [x for x in worst if x.node and x.node not in hinted]
+        notes = [
+            f"{x.label}: not in the hint: with it"
+            + (" and the nodes that keep its input quantized" if x.companions else "")
+            + ", every layer would be float"
+            for x in capped
+        ]
         if shared:
             notes.append(
                 f"{', '.join(shared)}: kept float alone, would still read a quantized input "

@@ -25,7 +25,7 @@ from onnx_shrink.runtime_check.layers import with_outputs
 from onnx_shrink.runtime_check.synthetic import synthetic_feed
 
 if TYPE_CHECKING:
-    from onnx_shrink.compiler.pipeline import ShapeObserver
+    from onnx_shrink.compiler.figures import ShapeObserver
 
 logger = logging.getLogger(__name__)
 

@@ -456,7 +456,7 @@ def test_a_conv_of_unknown_output_shape_has_unknown_macs_not_one_position():
 def test_one_real_run_serves_every_pass_that_keeps_tensor_shapes():
     """The bound's real run cost PP-OCRv4 rec 0.15 s a model: three in fold,quant. Its dims
     serve every later model but after a pass that changes tensors' shapes."""
-    from onnx_shrink.compiler import pipeline
+    from onnx_shrink.compiler import figures
     from onnx_shrink.passes.prune_channels import PruneChannelsPass
 
     model = io.load(parse(FLATTENED_MATMUL))
@@ -468,8 +468,8 @@ def test_one_real_run_serves_every_pass_that_keeps_tensor_shapes():
 
     observed: dict = {}
     dims = {"x": (1, 6, 1, 5)}
-    first = pipeline._measure(model, dims, observe, observed)
-    again = pipeline._measure(model, dims, observe, observed)
+    first = figures.measure(model, dims, observe, observed)
+    again = figures.measure(model, dims, observe, observed)
     assert (first.macs, again.macs, again.nodes_without_macs, len(runs)) == (120, 120, 0, 1)
     assert PruneChannelsPass.changes_shapes  # the pipeline forgets the dims after it
 

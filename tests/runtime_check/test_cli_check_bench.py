@@ -212,3 +212,38 @@ def test_bench_measures_session_memory_at_the_largest_batch_asked_and_says_so(mo
     assert [f["image"].shape[0] for f in fed] == [4]
     assert report.peak_memory_batch == 4
     assert "batch 4" in str(console.benchmark_table(report).columns[0]._cells)
+
+
+def test_bench_runs_whole_samples_as_they_are_and_refuses_other_batches(tmp_path, monkeypatch):
+    """[frames, features] given N x frames x features: bench cut the sample to one frame (and
+    to 8 for "batch 8") while its report said the input was 200 frames."""
+    import numpy as np
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+    import pytest
+
+    from onnx_shrink.errors import DataError
+    from onnx_shrink.runtime_check import bench
+
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "w"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["frames", 4])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["frames", 3])],
+        [onh.from_array(np.ones((4, 3), np.float32), "w")],
+    )
+    onnx.save(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)]), tmp_path / "m.onnx")
+    np.savez(tmp_path / "d.npz", x=np.random.rand(3, 200, 4).astype(np.float32))
+    timed = []
+    measure = bench.measure_latency
+    monkeypatch.setattr(
+        bench,
+        "measure_latency",
+        lambda session, feed, **kw: timed.append(feed["x"].shape) or measure(session, feed, **kw),
+    )
+    report = bench.benchmark(tmp_path / "m.onnx", data=tmp_path / "d.npz", runs=2, memory=False)
+    assert report.inputs == "x=200x4" and [row.batch for row in report.latency] == [1]
+    assert timed == [(200, 4)]
+    with pytest.raises(DataError, match="only batch size 1"):
+        bench.benchmark(tmp_path / "m.onnx", data=tmp_path / "d.npz", batch_sizes=(1, 8))

@@ -282,15 +282,15 @@ def test_the_reports_rerun_of_the_passes_before_quant_is_its_time_not_the_compil
 ):
     """The report reloads the model and re-runs the passes before quant: that was counted in
     compile_seconds. A slow reload (0.5 s here) now shows in the report's seconds alone."""
-    from onnx_shrink import api
+    from onnx_shrink.runtime_check import sensitivity
 
-    unlist = api.graph_edit.unlist_weight_inputs
+    unlist = sensitivity.graph_edit.unlist_weight_inputs
 
     def slow_unlist(model):  # called by the report's reload only (preflight has its own)
         time.sleep(0.5)
         return unlist(model)
 
-    monkeypatch.setattr(api.graph_edit, "unlist_weight_inputs", slow_unlist)
+    monkeypatch.setattr(sensitivity.graph_edit, "unlist_weight_inputs", slow_unlist)
     result = _digits_sensitivity()
     assert result.sensitivity is not None and result.sensitivity.seconds >= 0.5
     assert result.compile_seconds + result.sensitivity.seconds <= result.seconds
@@ -461,4 +461,7 @@ def test_the_hint_keeps_the_inputs_of_its_layers_float_with_the_nodes_sharing_th
         hinted = shrink(proto, "quant", sets=[f"quant.exclude={','.join(patterns)}"], check=False)
         q = {n.inputs[0].name for n in hinted.model.graph if n.op_type == "QuantizeLinear"}
         assert ("x" not in q) is float_input
-    assert any("/a" in note and "quantized input" in note for note in report.hint_notes(3))
+    notes = report.hint_notes(3)
+    assert any("/a" in note and "quantized input" in note for note in notes)
+    assert "/c: not in the hint: with it, every layer would be float" in notes
+    assert not any(note.startswith("/c") and "in the hint too" in note for note in notes)

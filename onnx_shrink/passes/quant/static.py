@@ -381,9 +381,9 @@ class QuantPass(DataAwarePass):
             return True
         if self.only:
             return False
-        if self.gather and nodes_of(model, ("Gather",)):
+        if self.gather and "Gather" not in self.exclude_op_types and nodes_of(model, ("Gather",)):
             return True
-        if self.lstm and nodes_of(model, ("LSTM",)):
+        if self.lstm and "LSTM" not in self.exclude_op_types and nodes_of(model, ("LSTM",)):
             return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
@@ -407,20 +407,25 @@ class QuantPass(DataAwarePass):
         If/Loop/Scan bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of
         staying float (with float16 scales when ``narrow``; ``apply`` stores them). Returns
         whether any was quantized."""
+
+        def allowed(*op_types: str) -> tuple[str, ...]:  # exclude_op_types holds here too
+            return tuple(op for op in op_types if op not in self.exclude_op_types)
+
         count = 0
-        if self.gather:
+        if self.gather and allowed("Gather"):
             gather = QuantDynamicPass(
                 op_types=("Gather",), exclude=self.exclude, narrow_storage=narrow
             )
             count += gather.quantize(model)
-        if self.lstm:
+        if self.lstm and allowed("LSTM"):
             lstm = QuantDynamicPass(
                 op_types=("LSTM",), exclude=self.exclude, fused=self.fused, narrow_storage=narrow
             )
             count += lstm.quantize(model)
-        if self.subgraphs and any(True for _ in model.graph.subgraphs()):
+        in_bodies = allowed("MatMul", "Gemm", "Gather")
+        if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
             count += QuantDynamicPass(
-                op_types=("MatMul", "Gemm", "Gather"),
+                op_types=in_bodies,
                 exclude=self.exclude,
                 graphs="subgraphs",
                 narrow_storage=narrow,

@@ -65,7 +65,19 @@ def test_prune_counts_weights_the_graph_computes(caplog):
     with caplog.at_level(logging.WARNING):
         result = PrunePass()(io.load(_cast_scaled()))
     assert not result.modified
-    assert "MatMul weight computed in the graph, not a constant: 1" in caplog.text
+    assert "MatMul weight computed in the graph from constants, not stored: 1" in caplog.text
+
+
+def test_prune_tells_weightless_matmuls_apart(caplog):
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[4, 8] q, float[8, 4] k) => (float[4, 4] s) { s = MatMul(q, k) }
+        """
+    )
+    with caplog.at_level(logging.WARNING):
+        PrunePass()(io.load(proto))
+    assert "MatMul of two activations (no weight): 1" in caplog.text
 
 
 def test_glue_the_plan_never_measured_is_said_to_lie_outside_integer_kernels(caplog):

@@ -197,11 +197,14 @@ def _matmul_then_lstm() -> onnx.ModelProto:
     return proto
 
 
-@pytest.mark.parametrize("lstm", [True, False])
-def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(lstm):
+@pytest.mark.parametrize(
+    ("options", "lstm"),
+    [({}, True), ({"lstm": False}, False), ({"exclude_op_types": ("LSTM",)}, False)],
+)
+def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(options, lstm):
     proto = _matmul_then_lstm()
     model = io.load(proto)
-    quant = QuantPass(lstm=lstm)
+    quant = QuantPass(**options)
     dataset = data.prepare(data.specs_from_model(model), None)
     quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
     op_types = [n.op_type for n in model.graph]
