@@ -320,7 +320,7 @@ class _Pipeline:
             before=self.current_stats,
             after=after,
             bytes_before=self.current_bytes,
-            bytes_after=result.bytes_after if measured else large_tensors.saved_bytes(model),
+            bytes_after=self._bytes_after(result, model),
             dump_path=self._dump(index, pass_, model, rejected),
             rolled_back=rejected is not None,
             verdict=verdict,
@@ -332,6 +332,16 @@ class _Pipeline:
         logger.info("%s: %.2fs, %d -> %d nodes", step.spec, seconds, step.before.nodes, after.nodes)
         self.current_stats, self.current_bytes = after, step.bytes_after
         return model
+
+    def _bytes_after(self, result: ir.passes.PassResult, model: ir.Model) -> int:
+        """The step's result's size: a functional pass measured it; unchanged, the model is
+        the one measured before the step (no second serialization)."""
+        if isinstance(result, MeasuredResult):
+            return result.bytes_after
+        if not result.modified:
+            assert self.current_bytes is not None
+            return self.current_bytes
+        return large_tensors.saved_bytes(model)
 
     def _measure(self, model: ir.Model) -> stats.ModelStats:
         return figures.measure(model, self.input_dims, self.observe, self.observed)

@@ -317,8 +317,8 @@ class _Annotations:
     """Node names and annotated value names of the input, to tell them from invented ones."""
 
     node_names: frozenset[str]
-    node_metadata: dict[str, frozenset[str]]
-    """node name -> the metadata keys the input's node had"""
+    rewritten_names: frozenset[str]
+    """names of the input's nodes that carried a rewriter's provenance already"""
     typed_values: frozenset[str]
     producer_names: dict[str, str]
     """output value name -> name of the input's node that produced it"""
@@ -328,7 +328,9 @@ class _Annotations:
         nodes = list(walk.all_nodes(model))
         return cls(
             node_names=frozenset(n.name for n in nodes if n.name),
-            node_metadata={n.name: frozenset(n.metadata_props) for n in nodes if n.name},
+            rewritten_names=frozenset(
+                n.name for n in nodes if n.name and REWRITE_PROVENANCE in n.metadata_props
+            ),
             producer_names={o.name: n.name for n in nodes if n.name for o in n.outputs if o.name},
             typed_values=frozenset(
                 out.name
@@ -355,7 +357,7 @@ class _Annotations:
                 node.name = self._inherited_name(node, used)
                 if node.name:
                     used.add(node.name)
-            if REWRITE_PROVENANCE not in self.node_metadata.get(node.name or "", ()):
+            if node.name not in self.rewritten_names:
                 node.metadata_props.pop(REWRITE_PROVENANCE, None)
             # Every node, renamed or not: shape inference typed the outputs of kept nodes too.
             for out in node.outputs:

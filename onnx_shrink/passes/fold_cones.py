@@ -34,6 +34,8 @@ import onnx
 import onnx.reference
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
+
 logger = logging.getLogger(__name__)
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -132,9 +134,7 @@ def _fold_if_it_pays(model: ir.Model, graph: ir.Graph, cone: list[ir.Node], limi
         name = value.name
         assert name is not None
         value.name = f"{name}__folded_cone"
-        folded = ir.Value(name=name, const_value=ir.tensor(array, name=name))
-        folded.shape, folded.dtype = ir.Shape(array.shape), ir.DataType.from_numpy(array.dtype)
-        graph.register_initializer(folded)
+        folded = graph_edit.add_initializer(graph, name, array)
         ir.convenience.replace_all_uses_with(value, folded)
     return True
 

@@ -14,21 +14,13 @@ from collections.abc import Collection, Mapping, Sequence
 import onnx_ir as ir
 
 from onnx_shrink.passes import fp16_islands
+from onnx_shrink.passes.quant.numerics import QUANT_TYPES
 
 logger = logging.getLogger("onnx_shrink.passes.fp16")
 
 MIN_HALVED_SHARE = 0.1  # of all weight bytes, for a conversion to be worth making
 # Weights in these are quantized (shapes and indices are int64, biases int32).
-QUANTIZED_TYPES = frozenset(
-    {
-        ir.DataType.INT8,
-        ir.DataType.UINT8,
-        ir.DataType.INT4,
-        ir.DataType.UINT4,
-        ir.DataType.INT16,
-        ir.DataType.UINT16,
-    }
-)
+QUANTIZED_TYPES = frozenset(q.onnx for q in QUANT_TYPES.values())
 
 
 def halves_weights(

@@ -21,6 +21,7 @@ When every input uses the second form, samples are fed in batches of up to ``MAX
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import re
@@ -283,14 +284,14 @@ def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: objec
             yield Batch(batch.feed, batch.samples, labels[start : start + batch.samples])
             start += batch.samples
 
-    return Dataset(
-        dataset.description,
-        False,
-        True,
-        make_batches,
-        samples=dataset.samples,
+    return dataclasses.replace(
+        dataset,
+        synthetic=False,
+        has_labels=True,
+        make_batches=make_batches,
+        peek=None,
         labels=labels,
-        whole_samples=dataset.whole_samples,
+        _first={},
     )
 
 
@@ -364,15 +365,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
             state["spilled"] = True
             yield from spill()
 
-    copy = Dataset(
-        dataset.description,
-        dataset.synthetic,
-        dataset.has_labels,
-        make_batches,
-        samples=dataset.samples,
-        labels=dataset.labels,
-        whole_samples=dataset.whole_samples,
-    )
+    copy = dataclasses.replace(dataset, make_batches=make_batches, peek=None, _first={})
     # The first feed from the reader's own peek (read already by ``prepare``): asking the
     # copy would start a spill and leave it half done.
     copy.knows_first_feed(dataset.first_feed())

@@ -233,8 +233,14 @@ def _blocks(
                     yield sample
 
         description = f"{data.description} ({what})"
-        return data_mod.Dataset(
-            description, data.synthetic, data.has_labels, batches, whole_samples=data.whole_samples
+        return dataclasses.replace(
+            data,
+            description=description,
+            make_batches=batches,
+            peek=None,
+            samples=None,
+            labels=None,
+            _first={},
         )
 
     result = []

@@ -84,9 +84,11 @@ def sensitivity(
         # With the ranges the pass derives instead of measuring: the plan below is the
         # pass's own, and each copy quantizing one layer alone gets them as they are.
         stats = quant.completed_statistics(base, stats)
-        # Each node's name in the caller's model, before unnamed ones get one here.
+        # Each node's name in the caller's model, before unnamed ones get one here. ``base``
+        # went through quant.requests: its opset converted (nodes replaced: ``names`` then
+        # misses, and a node's own name is the caller's) and its types inferred.
         caller = {node: names.get(node, node.name or "") for node in base.graph}
-        targets, unmeasured = _quantized_layers(base, quant, stats, names)
+        targets, unmeasured, plan = _quantized_layers(base, quant, stats, caller)
         runner = _Runner(base, quant, stats, data, provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
         measured: list[LayerSensitivity] = []
@@ -94,7 +96,7 @@ def sensitivity(
             measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
         ranked = sorted(measured, key=_severity, reverse=True)
         report = SensitivityReport(
-            layers=hint_mod.plan_hint(ranked, targets, base, quant, stats, caller),
+            layers=hint_mod.plan_hint(ranked, targets, base, quant, stats, caller, plan),
             samples=runner.samples,
             data=dataset.description,
             synthetic=dataset.synthetic,
@@ -198,21 +200,20 @@ def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str
 
 
 def _quantized_layers(
-    base: ir.Model, quant: QuantPass, stats: Statistics, names: dict[ir.Node, str]
-) -> tuple[list[Target], list[str]]:
+    base: ir.Model, quant: QuantPass, stats: Statistics, caller: dict[ir.Node, str]
+) -> tuple[list[Target], list[str], placement.Plan]:
     """The nodes the full pass quantizes (its own plan, on the same statistics), split into
-    those measurable alone (a unique name in ``base``) and the names of the others. Unnamed
+    those measurable alone (a unique name in ``base``) and the names of the others (as
+    ``caller``, each node's name in the caller's model, gives them), and the plan. Unnamed
     ones are named here, in ``base``, after the plan (``only`` singles a layer out by name),
     with names no ``exclude`` pattern matches: the plan stays the pass's own."""
-    # ``base`` went through quant.requests: its opset converted (nodes replaced: ``names``
-    # then misses, and a node's own name is the caller's) and its types inferred.
     plan = placement.plan(base.graph, stats, quant._exclusions)  # exactly what the pass uses
     position = {node: i for i, node in enumerate(base.graph)}
     counts = collections.Counter(node.name for node in base.graph)
     taken = set(counts)
     targets, unmeasured = [], []
     for node in plan.nodes:
-        name = names.get(node, node.name or "")
+        name = caller[node]
         if not node.name:
             node.name = _unmatched_name(position[node], taken, quant.exclude)
         if node.name and (counts[node.name] == 1 or node.name not in counts):
@@ -227,7 +228,7 @@ def _quantized_layers(
             len(unmeasured),
             ", ".join(unmeasured[:5]),
         )
-    return targets, unmeasured
+    return targets, unmeasured, plan
 
 
 class _Runner:

@@ -48,13 +48,17 @@ def plan_hint(
     quant: QuantPass,
     stats: Statistics,
     caller_names: Mapping[ir.Node, str],
+    plan: placement.Plan | None = None,
 ) -> tuple[LayerSensitivity, ...]:
     """``layers`` (worst first) with the first ``HINT_LAYERS`` the hint can take given their
     companions (by their names in the caller's model, ``caller_names``; unnamed ones there
-    cannot be in the hint) and the others among them marked inert. Plans only, no runs."""
+    cannot be in the hint) and the others among them marked inert; ``plan``: the pass's own
+    where the caller has it. Plans only, no runs."""
     by_position = {target.position: target for target in targets}
     nodes = {node.name: node for node in base.graph if node.name}
-    planner = _Planner(base.graph, stats, quant._exclusions)
+    exclusions = quant._exclusions
+    plan = plan or placement.plan(base.graph, stats, exclusions)
+    planner = _Planner(base.graph, stats, exclusions, plan)
     result, slots = [], 0
     for layer in layers:
         target = by_position.get(layer.position)
@@ -80,20 +84,32 @@ def plan_hint(
 class _Planner:
     """The plan with the layers taken so far in float."""
 
-    def __init__(self, graph: ir.Graph, stats: Statistics, exclusions: placement.Exclusions):
+    def __init__(
+        self,
+        graph: ir.Graph,
+        stats: Statistics,
+        exclusions: placement.Exclusions,
+        plan: placement.Plan,
+    ):
+        """``plan``: the pass's own, under ``exclusions``."""
         self.graph, self.stats, self.exclusions = graph, stats, exclusions
-        self.plan = self._plan(())
+        # Plans by the names kept float: take() asks for the one companions() ended on.
+        self._plans = {exclusions.nodes: plan}
+        self.plan = plan
 
     def _plan(self, names: Sequence[str]) -> placement.Plan:
-        exclusions = dataclasses.replace(self.exclusions, nodes=(*self.exclusions.nodes, *names))
-        return placement.plan(self.graph, self.stats, exclusions)
+        nodes = (*self.exclusions.nodes, *names)
+        if nodes not in self._plans:
+            exclusions = dataclasses.replace(self.exclusions, nodes=nodes)
+            self._plans[nodes] = placement.plan(self.graph, self.stats, exclusions)
+        return self._plans[nodes]
 
     def take(self, node: ir.Node, companions: Sequence[ir.Node]) -> None:
+        names = [node.name or "", *(c.name or "" for c in companions)]
+        self.plan = self._plan(names)
         self.exclusions = dataclasses.replace(
-            self.exclusions,
-            nodes=(*self.exclusions.nodes, node.name or "", *(c.name or "" for c in companions)),
+            self.exclusions, nodes=(*self.exclusions.nodes, *names)
         )
-        self.plan = self._plan(())
 
     def changes(self, node: ir.Node, companions: Sequence[ir.Node]) -> bool:
         """Whether taking ``node`` (and ``companions``) changes which tensors get Q/DQ."""

@@ -154,7 +154,7 @@ class SensitivityReport:
     def _names(self) -> list[str]:
         return [layer.node for layer in self.layers if layer.node] + list(self.unmeasured)
 
-    def exclude_hint(self, k: int = 3) -> str | None:
+    def exclude_hint(self, k: int = HINT_LAYERS) -> str | None:
         """The command-line text that keeps the ``k`` worst layers in float (those with a
         name); None when none of them has one."""
         patterns = self.exclude_patterns(k)
@@ -162,7 +162,7 @@ class SensitivityReport:
             return None
         return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
 
-    def hint_notes(self, k: int = 3) -> tuple[str, ...]:
+    def hint_notes(self, k: int = HINT_LAYERS) -> tuple[str, ...]:
         """What the hint cannot say plainly: companions, layers left out (inert, unnamed, or
         past the cap with their companions), names written as regexes."""
         worst = self._worst(k)

@@ -17,10 +17,9 @@ from collections.abc import Mapping
 import onnx_ir as ir
 
 from onnx_shrink.passes.quant import placement
+from onnx_shrink.passes.quant.numerics import QUANT_TYPES
 
-INTEGER_WEIGHTS = frozenset(
-    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4}
-)
+INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4", "u4"))
 SHOWN = 3  # reasons named in the line
 # The plan's reasons name a tensor ("no range measured for input x"): counted without it.
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
@@ -51,25 +50,14 @@ def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[
 
 
 def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
-    if exclusions.only and (node.name or "") not in exclusions.only:
-        return None  # the user asked for other nodes: not worth a line
-    if placement.overridable_constants(node):
-        return "reads initializers that are also graph inputs (callers may override them)"
-    if node.op_type in exclusions.op_types:
-        return "excluded by quant.exclude_op_types"
-    if node.op_type in placement.SENSITIVE and not exclusions.sensitive:
-        return "kept float by default (quant.sensitive_ops=true quantizes it)"
-    if (
-        not exclusions.activation_matmuls
-        and node.op_type == "MatMul"
-        and len(placement.activation_inputs(node)) == 2
-    ):
-        if any(_integer_weight(v) for v in node.inputs):
-            return "its weight is int8 already (an integer constant cast and scaled in the graph)"
-        return "both inputs computed (activation x activation: quant.activation_matmuls=true)"
-    if placement.named(node, exclusions.nodes):
-        return "excluded by quant.exclude"
-    return None
+    """The exclusion's reason (``Exclusions.reason``), a MatMul's computed weight named for
+    what it is; None for nodes ``only`` leaves out (the user asked for others)."""
+    reason = exclusions.reason(node)
+    if reason == placement.NOT_ONLY:
+        return None
+    if reason == placement.TWO_ACTIVATIONS and any(_integer_weight(v) for v in node.inputs):
+        return "its weight is int8 already (an integer constant cast and scaled in the graph)"
+    return reason
 
 
 def _integer_weight(value: ir.Value | None) -> bool:

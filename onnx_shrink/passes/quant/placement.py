@@ -114,22 +114,31 @@ class Exclusions:
     """quantize the ops rule 4 keeps float"""
 
     def excludes(self, node: ir.Node) -> bool:
+        return self.reason(node) is not None
+
+    def reason(self, node: ir.Node) -> str | None:
+        """Why ``node`` stays float by these exclusions (``NOT_ONLY``, ``TWO_ACTIVATIONS``,
+        ...), or None."""
         if self.only and (node.name or "") not in self.only:
-            return True
+            return NOT_ONLY
         if overridable_constants(node):
-            return True
+            return "reads initializers that are also graph inputs (callers may override them)"
         if node.op_type in self.op_types:
-            return True
+            return "excluded by quant.exclude_op_types"
         if node.op_type in SENSITIVE and not self.sensitive:
-            return True
+            return "kept float by default (quant.sensitive_ops=true quantizes it)"
         if (
             not self.only
             and not self.activation_matmuls
             and node.op_type == "MatMul"
             and len(activation_inputs(node)) == 2
         ):
-            return True
-        return named(node, self.nodes)
+            return TWO_ACTIVATIONS
+        return "excluded by quant.exclude" if named(node, self.nodes) else None
+
+
+NOT_ONLY = "not among quant.only"
+TWO_ACTIVATIONS = "both inputs computed (activation x activation: quant.activation_matmuls=true)"
 
 
 def overridable_constants(node: ir.Node) -> list[ir.Value]:

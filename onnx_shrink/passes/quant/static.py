@@ -291,7 +291,7 @@ class QuantPass(DataAwarePass):
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         references = {}
-        if self.bias_correction and not self.only:
+        if self.fits_weights_to_data:
             references = bias_correction.references(decided.nodes)
             if not references and decided.nodes:
                 logger.warning("quant: bias_correction found no quantized Conv to correct")
@@ -381,11 +381,16 @@ class QuantPass(DataAwarePass):
             return True
         if self.only:
             return False
-        if self.gather and "Gather" not in self.exclude_op_types and nodes_of(model, ("Gather",)):
-            return True
-        if self.lstm and "LSTM" not in self.exclude_op_types and nodes_of(model, ("LSTM",)):
+        if nodes_of(model, self._main_graph_dynamic_ops):
             return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
+
+    @property
+    def _main_graph_dynamic_ops(self) -> tuple[str, ...]:
+        """Op types rules 6 and 10 give quant-dynamic's int8 weights in the main graph, as
+        the options allow (``exclude_op_types`` holds there too)."""
+        wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm
+        return tuple(op for op in wanted if op not in self.exclude_op_types)
 
     def _warn_unmatched(self, model: ir.Model) -> None:
         """A name, regex or op type of the options that names nothing is a warning."""
@@ -408,21 +413,16 @@ class QuantPass(DataAwarePass):
         staying float (with float16 scales when ``narrow``; ``apply`` stores them). Returns
         whether any was quantized."""
 
-        def allowed(*op_types: str) -> tuple[str, ...]:  # exclude_op_types holds here too
-            return tuple(op for op in op_types if op not in self.exclude_op_types)
-
         count = 0
-        if self.gather and allowed("Gather"):
-            gather = QuantDynamicPass(
-                op_types=("Gather",), exclude=self.exclude, narrow_storage=narrow
-            )
-            count += gather.quantize(model)
-        if self.lstm and allowed("LSTM"):
-            lstm = QuantDynamicPass(
-                op_types=("LSTM",), exclude=self.exclude, fused=self.fused, narrow_storage=narrow
-            )
-            count += lstm.quantize(model)
-        in_bodies = allowed("MatMul", "Gemm", "Gather")
+        for op_type in self._main_graph_dynamic_ops:
+            # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
+            fused = self.fused if op_type == "LSTM" else True
+            count += QuantDynamicPass(
+                op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
+            ).quantize(model)
+        in_bodies = tuple(
+            op for op in ("MatMul", "Gemm", "Gather") if op not in self.exclude_op_types
+        )
         if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
             count += QuantDynamicPass(
                 op_types=in_bodies,
