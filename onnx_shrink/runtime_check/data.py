@@ -21,7 +21,6 @@ When every input uses the second form, samples are fed in batches of up to ``MAX
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import logging
 import os
 import re
@@ -284,15 +283,7 @@ def _with_labels(dataset: Dataset, labels: np.ndarray, where: str, source: objec
             yield Batch(batch.feed, batch.samples, labels[start : start + batch.samples])
             start += batch.samples
 
-    return dataclasses.replace(
-        dataset,
-        synthetic=False,
-        has_labels=True,
-        make_batches=make_batches,
-        peek=None,
-        labels=labels,
-        _first={},
-    )
+    return dataset.restreamed(make_batches, synthetic=False, has_labels=True, labels=labels)
 
 
 def _load_labels(path: str | Path) -> np.ndarray:
@@ -365,7 +356,7 @@ def replayable(dataset: Dataset, stack: contextlib.ExitStack) -> Dataset:
             state["spilled"] = True
             yield from spill()
 
-    copy = dataclasses.replace(dataset, make_batches=make_batches, peek=None, _first={})
+    copy = dataset.restreamed(make_batches)
     # The first feed from the reader's own peek (read already by ``prepare``): asking the
     # copy would start a spill and leave it half done.
     copy.knows_first_feed(dataset.first_feed())

@@ -72,6 +72,11 @@ class Dataset:
     so samples are never joined along it, nor is it counted as 1 per sample"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
+    def restreamed(self, make_batches: Callable[[], Iterator[Batch]], **changes) -> Dataset:
+        """This dataset over other batches (``changes``: fields that differ too): no peek and
+        no first feed of its own, and every other field, new ones included, carried over."""
+        return dataclasses.replace(self, make_batches=make_batches, peek=None, _first={}, **changes)
+
     def batches(self) -> Iterator[Batch]:
         for batch in self.make_batches():
             self._first.setdefault("feed", batch.feed)

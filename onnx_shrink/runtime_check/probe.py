@@ -233,15 +233,7 @@ def _blocks(
                     yield sample
 
         description = f"{data.description} ({what})"
-        return dataclasses.replace(
-            data,
-            description=description,
-            make_batches=batches,
-            peek=None,
-            samples=None,
-            labels=None,
-            _first={},
-        )
+        return data.restreamed(batches, description=description, samples=None, labels=None)
 
     result = []
     for low, high in zip(edges, edges[1:], strict=False):

@@ -9,7 +9,6 @@ their order and shapes, never on how the source was batched.
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 
@@ -59,14 +58,11 @@ def first_samples(dataset: Dataset, specs: Sequence[InputSpec], count: int) -> D
             left -= batch.samples
 
     samples = None if dataset.samples is None else min(count, dataset.samples)
-    return dataclasses.replace(
-        dataset,
+    return dataset.restreamed(
+        make_batches,
         description=f"the first {count} samples of {dataset.description}",
-        make_batches=make_batches,
-        peek=None,
         samples=samples,
         labels=None if dataset.labels is None else dataset.labels[:samples],
-        _first={},
     )
 
 
