@@ -1,7 +1,8 @@
 """Quantization sensitivity: the output error each quantized layer causes on its own.
 
-For every node the ``quant`` pass quantizes, a copy of the float graph in which only that node
-is quantized (``QuantPass(only=(node,))``) runs beside the float graph in one combined model.
+For every node the ``quant`` pass quantizes (its plan's, and the embedding tables and LSTMs it
+quantizes without statistics), a copy of the float graph in which only that node is quantized
+(``QuantPass(only=(node,))``) runs beside the float graph in one combined model.
 The copies share the graph inputs and the float initializers (only what the pass adds, the
 quantized weights and the scales, is their own, under suffixed names), so a batch of k layers
 costs about one model's weights plus k copies of activations, and one streaming pass over the
@@ -202,7 +203,8 @@ def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str
 def _quantized_layers(
     base: ir.Model, quant: QuantPass, stats: Statistics, caller: dict[ir.Node, str]
 ) -> tuple[list[Target], list[str], placement.Plan]:
-    """The nodes the full pass quantizes (its own plan, on the same statistics), split into
+    """The nodes the full pass quantizes (its own plan, on the same statistics, and the
+    embedding tables and LSTMs it quantizes without statistics), in graph order, split into
     those measurable alone (a unique name in ``base``) and the names of the others (as
     ``caller``, each node's name in the caller's model, gives them), and the plan. Unnamed
     ones are named here, in ``base``, after the plan (``only`` singles a layer out by name),
@@ -212,7 +214,8 @@ def _quantized_layers(
     counts = collections.Counter(node.name for node in base.graph)
     taken = set(counts)
     targets, unmeasured = [], []
-    for node in plan.nodes:
+    layers = sorted({*plan.nodes, *quant.dynamic_layers(base)}, key=position.__getitem__)
+    for node in layers:
         name = caller[node]
         if not node.name:
             node.name = _unmatched_name(position[node], taken, quant.exclude)

@@ -59,6 +59,7 @@ def plan_hint(
     exclusions = quant._exclusions
     plan = plan or placement.plan(base.graph, stats, exclusions)
     planner = _Planner(base.graph, stats, exclusions, plan)
+    planned = set(plan.nodes)
     result, slots = [], 0
     for layer in layers:
         target = by_position.get(layer.position)
@@ -67,7 +68,12 @@ def plan_hint(
         elif slots < HINT_LAYERS and target is not None:
             node = nodes[target.key]
             weighted = any(v is not None and v.const_value is not None for v in node.inputs)
-            if not weighted and not planner.changes(node, []):
+            if node not in planned:
+                # An embedding table or LSTM (quantized without statistics): its inputs
+                # stay float whatever the plan, and excluding it takes nothing else.
+                planner.take(node, [])
+                slots += 1
+            elif not weighted and not planner.changes(node, []):
                 layer = dataclasses.replace(layer, inert=True)
             else:
                 # Only what the hint can name: a companion unnamed in the caller's model

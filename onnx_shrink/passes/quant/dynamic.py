@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+from collections.abc import Collection
 from typing import ClassVar, Literal
 
 import numpy as np
@@ -22,6 +23,7 @@ from onnx_shrink.passes.quant import compact, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
+    LinearMatch,
     WeightContext,
     check_selection,
     derived_name,
@@ -125,15 +127,19 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def context(self, model: ir.Model) -> WeightContext:
         return WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
 
-    def quantize(self, model: ir.Model, context: WeightContext | None = None) -> int:
+    def quantize(
+        self,
+        model: ir.Model,
+        context: WeightContext | None = None,
+        names: Collection[str] | None = None,
+    ) -> int:
         """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes
         quantized. ``quant`` quantizes what its statistics cannot reach with this, then stores
-        the whole model narrow once."""
+        the whole model narrow once; with ``names``, only the nodes so named (``quant.only``:
+        the sensitivity report measures such a node alone)."""
         context = context or self.context(model)
         count = 0
-        for node in context.candidates(self.op_types):
-            if self.graphs == "subgraphs" and node.graph is model.graph:
-                continue
+        for node in self._selected(model, context, names):
             if node.op_type == "Gather":
                 count += self._try_quantize_gather(context, node)
             elif node.op_type == "LSTM":
@@ -148,10 +154,48 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         logger.info("%s: quantized %d nodes", self.name, count)
         return count
 
-    def _try_quantize_linear(self, context: WeightContext, node: ir.Node) -> bool:
+    def _selected(
+        self, model: ir.Model, context: WeightContext, names: Collection[str] | None
+    ) -> list[ir.Node]:
+        """The candidates in the graphs ``graphs`` selects, named in ``names`` (if given)."""
+        return [
+            node
+            for node in context.candidates(self.op_types)
+            if not (self.graphs == "subgraphs" and node.graph is model.graph)
+            and (names is None or (node.name or "") in names)
+        ]
+
+    def layers(self, model: ir.Model) -> list[ir.Node]:
+        """The nodes ``quantize`` would rewrite; reads ``model`` only."""
+        context = self.context(model)
+        return [
+            node
+            for node in self._selected(model, context, None)
+            if self._reason(context, node) is None
+        ]
+
+    def _reason(self, context: WeightContext, node: ir.Node) -> str | None:
+        """Why ``node``, a candidate, stays float (what each rule checks before it
+        rewrites), or None."""
+        if node.op_type == "Gather":
+            reason = gather_reason(context, node)
+            if reason is None and context.opset < 10:
+                reason = f"DequantizeLinear needs opset >= 10, not {context.opset}"
+            return reason
+        if node.op_type == "LSTM":
+            if not self.fused:
+                return "fused=False: standard ONNX has no integer LSTM"
+            return recurrent.lstm_reason(context, node)
+        match = self._linear_match(context, node)
+        return match if isinstance(match, str) else None
+
+    def _linear_match(self, context: WeightContext, node: ir.Node) -> LinearMatch | str:
         if not self.fused and context.opset < 11:
-            return context.skip(node, f"fused=False needs opset >= 11, not {context.opset}")
-        match = match_linear(context, node)
+            return f"fused=False needs opset >= 11, not {context.opset}"
+        return match_linear(context, node)
+
+    def _try_quantize_linear(self, context: WeightContext, node: ir.Node) -> bool:
+        match = self._linear_match(context, node)
         if isinstance(match, str):
             return context.skip(node, match)
         key = ("int8", match.transposed, match.alpha, self.per_channel)
@@ -172,7 +216,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     def _try_quantize_lstm(self, context: WeightContext, node: ir.Node) -> bool:
         if not self.fused:
-            return context.skip(node, "fused=False: standard ONNX has no integer LSTM")
+            return context.skip(node, self._reason(context, node) or "")
         return recurrent.quantize_lstm(
             context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage
         )
@@ -184,11 +228,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         return {"int8": q.values, "scale": q.scale}
 
     def _try_quantize_gather(self, context: WeightContext, node: ir.Node) -> bool:
-        reason = gather_reason(context, node)
+        reason = self._reason(context, node)
         if reason is not None:
             return context.skip(node, reason)
-        if context.opset < 10:
-            return context.skip(node, f"DequantizeLinear needs opset >= 10, not {context.opset}")
         # Per-axis DequantizeLinear (and a negative axis) exists from opset 13 on.
         per_channel = self.per_channel and context.opset >= 13
         axis = -1 if per_channel else None

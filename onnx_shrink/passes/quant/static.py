@@ -95,6 +95,8 @@ class QuantPass(DataAwarePass):
     10. With ``lstm``, an LSTM on constant weights becomes ``quant-dynamic``'s
         ``com.microsoft.DynamicQuantizeLSTM`` (its rule 9): onnxruntime has no QDQ LSTM
         kernel, and its own static quantizer leaves LSTMs float.
+
+    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, and rule 5 none.
     """
 
     name: ClassVar[str] = "quant"
@@ -319,7 +321,7 @@ class QuantPass(DataAwarePass):
                 len(params),
                 len(decided.skipped),
             )
-        dynamic = not self.only and self._quantize_without_statistics(model, narrow)
+        dynamic = self._quantize_without_statistics(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
             return self._unchanged(model, decided.skipped)
@@ -380,10 +382,29 @@ class QuantPass(DataAwarePass):
         if any(not value_types.computes_in_half(node) for node in candidates):
             return True
         if self.only:
-            return False
+            return bool(self.dynamic_layers(model))
         if nodes_of(model, self._main_graph_dynamic_ops):
             return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
+
+    def dynamic_layers(self, model: ir.Model) -> list[ir.Node]:
+        """The main-graph nodes rules 6 and 10 quantize without statistics (embedding tables,
+        LSTMs), among ``only`` where it is given; reads ``model`` only. The sensitivity report
+        measures each alone, as it does the plan's nodes."""
+        return [
+            node
+            for op_type in self._main_graph_dynamic_ops
+            for node in self._dynamic(op_type, narrow=False).layers(model)
+            if node.graph is model.graph and (not self.only or (node.name or "") in self.only)
+        ]
+
+    def _dynamic(self, op_type: str, narrow: bool) -> QuantDynamicPass:
+        """Rule 6's or rule 10's quant-dynamic, for ``op_type``."""
+        # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
+        fused = self.fused if op_type == "LSTM" else True
+        return QuantDynamicPass(
+            op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
+        )
 
     @property
     def _main_graph_dynamic_ops(self) -> tuple[str, ...]:
@@ -410,19 +431,17 @@ class QuantPass(DataAwarePass):
     def _quantize_without_statistics(self, model: ir.Model, narrow: bool) -> bool:
         """Weights calibration cannot reach: embedding tables (rule 6), LSTMs (rule 10) and
         If/Loop/Scan bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of
-        staying float (with float16 scales when ``narrow``; ``apply`` stores them). Returns
-        whether any was quantized."""
-
+        staying float (with float16 scales when ``narrow``; ``apply`` stores them). With
+        ``only``, only the main-graph nodes it names. Returns whether any was quantized."""
         count = 0
+        names = set(self.only) if self.only else None
         for op_type in self._main_graph_dynamic_ops:
-            # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
-            fused = self.fused if op_type == "LSTM" else True
-            count += QuantDynamicPass(
-                op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
-            ).quantize(model)
+            count += self._dynamic(op_type, narrow).quantize(model, names=names)
         in_bodies = tuple(
             op for op in ("MatMul", "Gemm", "Gather") if op not in self.exclude_op_types
         )
+        if self.only:
+            return count > 0
         if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
             count += QuantDynamicPass(
                 op_types=in_bodies,

@@ -218,6 +218,49 @@ def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(optio
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.08
 
 
+def test_quant_only_quantizes_the_lstm_it_names_and_nothing_else():
+    """The sensitivity report measures an LSTM alone with ``only``: just that node becomes
+    DynamicQuantizeLSTM (no Q/DQ around the MatMul), and naming the MatMul leaves it float."""
+    proto = _matmul_then_lstm()
+    model = io.load(proto)
+    model.graph.node(0).name = "matmul"
+    dataset = data.prepare(data.specs_from_model(model), None)
+    stats = collect.collect(model, QuantPass().requests(model), dataset)
+    for only, expected in ((("rnn",), "DynamicQuantizeLSTM"), (("matmul",), "LSTM")):
+        copy = model.clone()
+        io.unshare_tensors(copy)
+        result = QuantPass(only=only).bind(stats)(copy)
+        op_types = [n.op_type for n in result.model.graph]
+        assert result.modified and expected in op_types
+        assert ("QuantizeLinear" in op_types) is (only == ("matmul",)), op_types
+
+
+def test_sensitivity_ranks_lstms_and_the_hint_can_keep_them_float():
+    """An LSTM is a quantized layer too (rule 10): it is measured alone, ranked with the
+    plan's nodes, and the hint names it, measured to help."""
+    from onnx_shrink.runtime_check import sensitivity
+
+    proto = _matmul_then_lstm()
+    proto.graph.node[0].name = "matmul"
+    # An outlier in each of W's gate rows: one scale per row then rounds the rest coarsely,
+    # so the LSTM is the worst layer.
+    w = next(t for t in proto.graph.initializer if t.name == "W")
+    outlying = onh.to_array(w).copy()
+    outlying[:, :, 0] = 40.0
+    w.CopyFrom(onh.from_array(outlying, "W"))
+    model = io.load(proto)
+    feed = np.random.default_rng(3).standard_normal((16, SEQ, BATCH, 32)).astype(np.float32)
+    dataset = data.prepare(data.specs_from_model(model), {"X0": feed})
+    report = sensitivity.sensitivity(model, QuantPass(), dataset)
+    ranked = {layer.node: layer for layer in report.layers}
+    assert set(ranked) == {"matmul", "rnn"}
+    assert ranked["rnn"].op_type == "LSTM" and ranked["rnn"].relative_error > 0
+    assert report.layers[0].node == "rnn" and not ranked["rnn"].companions
+    assert report.exclude_patterns(2) == ("rnn",)
+    effect = report.hint_effect
+    assert effect is not None and effect.hinted < effect.whole
+
+
 def _mask_cosine(path: str, candidate: str, frames: dict[str, np.ndarray]) -> float:
     """Cosine of the masks of all frames (one run each: the model takes batch 1)."""
     count = len(frames["input_2"])
