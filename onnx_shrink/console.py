@@ -22,16 +22,7 @@ from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
 from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
-from onnx_shrink.wording import counted
-
-
-def human_bytes(n: float) -> str:
-    """Binary units, named as such (the HTML report's plots use decimal kB/MB)."""
-    for unit in ("B", "KiB", "MiB", "GiB"):
-        if abs(n) < 1024 or unit == "GiB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1024
-    return f"{n:.1f} GiB"
+from onnx_shrink.wording import counted, human_bytes
 
 
 def human_count(n: float) -> str:

@@ -24,6 +24,7 @@ from collections.abc import Iterator, Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io, pipeline
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
@@ -144,11 +145,13 @@ def _hint_effect(
     if len(patterns) == len(report.excluded):  # none of the worst has a name
         return None
     whole = dataclasses.replace(quant, bias_correction=False)
-    worst = []
+    worst, sizes = [], []
     for config in (whole, dataclasses.replace(whole, exclude=patterns)):
-        worst.append(_worst_error(base, config, whole, stats, data, provider, progress))
+        error, size = _worst_error(base, config, whole, stats, data, provider, progress)
+        worst.append(error)
+        sizes.append(size)
     kept = len(patterns) - len(report.excluded)
-    return HintEffect(kept, worst[0], worst[1], quant.bias_correction)
+    return HintEffect(kept, worst[0], worst[1], quant.bias_correction, *sizes)
 
 
 @contextlib.contextmanager
@@ -167,9 +170,9 @@ def _quiet(*names: str) -> Iterator[None]:
             one.setLevel(level)
 
 
-def _worst_error(base, config, whole, stats, data, provider, progress) -> float:
+def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[float, int]:
     """The worst output's relative error of ``config`` against the float ``base``, on its
-    own statistics (``stats`` serve the ``whole`` pass)."""
+    own statistics (``stats`` serve the ``whole`` pass), and the bytes its model takes."""
     copy = base.clone()
     io.unshare_tensors(copy)
     if config is not whole:
@@ -179,7 +182,8 @@ def _worst_error(base, config, whole, stats, data, provider, progress) -> float:
         stats = config.completed_statistics(copy, measured)
     quantized = config.bind(stats)(copy).model
     numeric = checker.compare(base, quantized, data, provider=provider)
-    return max(output.relative_error for output in numeric.outputs)
+    error = max(output.relative_error for output in numeric.outputs)
+    return error, large_tensors.saved_bytes(quantized)
 
 
 def _severity(layer: LayerSensitivity) -> tuple[bool, float]:

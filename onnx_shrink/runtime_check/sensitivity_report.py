@@ -8,6 +8,8 @@ import re
 import shlex
 from collections.abc import Sequence
 
+from onnx_shrink.wording import human_bytes
+
 HINT_LAYERS = 3  # the worst layers the hint keeps in float
 
 
@@ -54,6 +56,9 @@ class HintEffect:
     without_bias_correction: bool
     """the pass asked for bias correction, which needs its own look at the data: both
     figures are without it"""
+    whole_bytes: int | None = None
+    hinted_bytes: int | None = None
+    """the bytes each model takes saved: what keeping the layers float costs"""
 
     @property
     def helps(self) -> bool:
@@ -61,10 +66,13 @@ class HintEffect:
 
     def summary(self) -> str:
         """One line for the console and the HTML report."""
+        sizes = ("", "")
+        if self.whole_bytes is not None and self.hinted_bytes is not None:
+            sizes = (f" ({human_bytes(self.whole_bytes)})", f" ({human_bytes(self.hinted_bytes)})")
         line = (
             f"measured: the worst output's relative error is {self.whole:.3g} with the whole "
-            f"pass, {self.hinted:.3g} with "
-            f"{'this one' if self.layers == 1 else f'these {self.layers}'} in float"
+            f"pass{sizes[0]}, {self.hinted:.3g} with "
+            f"{'this one' if self.layers == 1 else f'these {self.layers}'} in float{sizes[1]}"
         )
         if self.without_bias_correction:
             line += " (both without bias correction)"

@@ -23,6 +23,7 @@ from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sens
 from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity, SensitivityReport
+from onnx_shrink.wording import human_bytes
 
 HARD = "/head/head.1/Gemm"
 
@@ -121,10 +122,17 @@ def test_the_hint_is_measured_against_the_whole_pass_on_the_same_samples():
     effect = report.hint_effect
     assert effect is not None and effect.layers == 3 and not effect.without_bias_correction
     hinted = dataclasses.replace(quant, exclude=report.exclude_patterns(3))
-    for candidate, expected in ((quant, effect.whole), (hinted, effect.hinted)):
-        error = _error(model, _quantized(model, candidate, dataset), dataset).relative_error
+    for candidate, expected, size in (
+        (quant, effect.whole, effect.whole_bytes),
+        (hinted, effect.hinted, effect.hinted_bytes),
+    ):
+        quantized = _quantized(model, candidate, dataset)
+        error = _error(model, quantized, dataset).relative_error
         assert error == pytest.approx(expected, rel=1e-6)
-    assert effect.helps and "with these 3 in float" in effect.summary()
+        assert size == len(io.to_bytes(quantized))  # what keeping them float costs
+    assert effect.whole_bytes < effect.hinted_bytes
+    assert effect.helps and "with these 3 in float (" in effect.summary()
+    assert human_bytes(effect.hinted_bytes) in effect.summary()
     assert "does not help" in dataclasses.replace(effect, hinted=effect.whole).summary()
 
 
