@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import faulthandler
 import json
 import logging
 import math
@@ -54,6 +55,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, command = build_parser().parse_args(argv), _run_compile
     _configure_logging(args)
+    # onnxruntime can crash the process outright (a float16 FusedMatMul's session: SIGSEGV):
+    # then at least the Python stack says what was running, not an empty log.
+    if sys.__stderr__ is not None:
+        faulthandler.enable(sys.__stderr__)
     out = Console(quiet=args.quiet, highlight=False)
     if not out.is_terminal:
         out.width = 120  # logs and CI captures: wide enough that table cells don't wrap

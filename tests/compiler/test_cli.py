@@ -495,3 +495,22 @@ def test_a_candidate_slower_than_its_reference_is_said_so_under_the_speed_table(
         )
         caption = console.speed_table(report).caption
         assert bool(caption and f"{ratio:.2f}x" in caption) == said
+
+
+def test_a_crash_inside_onnxruntime_still_says_where_it_happened(digits_copy):
+    """onnxruntime can kill the process (SIGSEGV on a float16 FusedMatMul's session, 1.32):
+    the CLI then prints the Python stack that was running rather than exiting silently."""
+    import subprocess
+    import sys
+
+    crashing = (
+        "import ctypes, sys, onnxruntime\n"
+        "def crash(*args, **kwargs): ctypes.string_at(0)\n"
+        "onnxruntime.InferenceSession.__init__ = crash\n"
+        "from onnx_shrink import cli\n"
+        f"sys.exit(cli.main([{str(digits_copy)!r}, '--passes', 'fold']))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", crashing], capture_output=True, text=True)
+    assert result.returncode != 0
+    assert "Segmentation fault" in result.stderr
+    assert "crash" in result.stderr and "sessions.py" in result.stderr
