@@ -23,6 +23,7 @@ def tensor_dtypes(model: ir.Model) -> dict[ir.Value, ir.DataType]:
     )
     clone = model.clone()
     _type_contrib_outputs(clone)
+    _type_fixed_outputs(clone)
     try:
         inferred = ir.serde.deserialize_model(_c_api_utils.call_onnx_api(infer, clone))
     except Exception as e:  # onnx raises several types; the declared types remain
@@ -68,6 +69,34 @@ def _type_contrib_outputs(model: ir.Model) -> None:
         dtype = source.dtype or (source.const_value.dtype if source.const_value else None)
         if dtype is not None:
             out.type = ir.TensorType(dtype)
+
+
+def _type_fixed_outputs(model: ir.Model) -> None:
+    """Give untyped outputs whose schema fixes their type (``tensor(float)``, not a type
+    variable) that type, in place. onnx's inference types no output of some ai.onnx.ml ops
+    (Scaler): once ``fold`` drops the Cast that followed one (float to float, an identity),
+    nothing after it had a type, and fp16 kept every node float32 (sklearn's MLPs)."""
+    for node in ir.traversal.RecursiveGraphIterator(model.graph):
+        if all(out.type is not None for out in node.outputs):
+            continue
+        domain = node.domain or ""
+        version = model.opset_imports.get(domain)
+        found = schema(node.op_type, domain, version) if version is not None else None
+        if found is None:
+            continue
+        for index, out in enumerate(node.outputs):
+            fixed = formal(found.outputs, index)
+            if out.type is None and fixed in _FIXED_TYPES:
+                out.type = ir.TensorType(_FIXED_TYPES[fixed])
+
+
+_FIXED_TYPES = {
+    "tensor(float)": ir.DataType.FLOAT,
+    "tensor(double)": ir.DataType.DOUBLE,
+    "tensor(int64)": ir.DataType.INT64,
+    "tensor(int32)": ir.DataType.INT32,
+    "tensor(bool)": ir.DataType.BOOL,
+}
 
 
 @functools.cache

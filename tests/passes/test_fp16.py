@@ -758,3 +758,37 @@ def test_a_batch_transpose_into_a_weighted_matmul_stays_float32_so_onnxruntime_l
     )
     assert opened.returncode == 0, opened.stderr[-500:]
     _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
+
+
+def test_an_op_whose_schema_fixes_its_output_type_types_what_follows_it():
+    """onnx's inference leaves ai.onnx.ml's Scaler output untyped; sklearn MLPs read it
+    through a Cast to float, which ``fold`` drops as an identity. The schema's fixed
+    ``tensor(float)`` types it, so the MLP after it is converted, not kept float32 as
+    "unknown type" (the audit's skl2onnx surrogate: fold,fp16 changed nothing)."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as onh
+
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [
+            oh.make_node(
+                "Scaler", ["x"], ["s"], domain="ai.onnx.ml", offset=[0.5] * 6, scale=[2.0] * 6
+            ),
+            oh.make_node("MatMul", ["s", "W"], ["m"]),
+            oh.make_node("Relu", ["m"], ["y"]),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 6])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 256])],
+        [onh.from_array(rng.standard_normal((6, 256)).astype(np.float32), "W")],
+    )
+    proto = oh.make_model(
+        graph,
+        opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.onnx.ml", 1)],
+        ir_version=8,
+    )
+    feed = {"x": rng.standard_normal((5, 6)).astype(np.float32)}
+    model, modified = _convert(io.load(proto), feed)
+    assert modified and not {"MatMul", "Relu"} & set(_island_ops(model))
+    assert _dtypes(model)["W"] == onnx.TensorProto.FLOAT16
+    _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
