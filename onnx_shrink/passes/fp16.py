@@ -90,10 +90,11 @@ class Float16Pass(DataAwarePass):
        PP-OCRv4 det after ``quant``: 343 Casts, 1.46x slower and a larger file); (i) it
        is in a *weightless run* (``fp16_islands``; off with ``weightless_runs=False``):
        nodes joined by float32 values that read under 1024 float32 weight elements and
-       would be float32 on every side. Converting one only adds Casts; (j) it is a MatMul on
-       a constant weight reading a Transpose that moves axis 0 to -2, or that Transpose
-       (``fp16_islands.batch_transposed_matmul``): onnxruntime's CPU session crashes on the
-       pair in float16.
+       would be float32 on every side. Converting one only adds Casts; (j) onnxruntime's
+       CPU provider cannot run it in float16 (``fp16_islands.onnxruntime_refuses``): a
+       ScatterElements/ScatterND with a reduction (no kernel), or a MatMul on a constant
+       weight reading a Transpose that moves axis 0 to -2, and that Transpose (the session
+       crashes on the pair).
     4. Inputs the schema fixes to float32 (Resize scales) stay float32, and so does Resize's
        roi (coordinates; see ``_KEPT_FLOAT_INPUTS``); ``Cast.to``,
        ``ConstantOfShape.value`` and the ``dtype`` of EyeLike/Random*/Bernoulli follow the
@@ -250,8 +251,8 @@ class _Conversion:
             return f"function: calls {node.op_type}"
         if fp16_islands.in_quantized_pattern(node):
             return f"quantized: {node.op_type} in a Q/DQ pattern"
-        if fp16_islands.batch_transposed_matmul(node):
-            return "onnxruntime: a batch Transpose into a MatMul crashes its CPU session in float16"
+        if (refused := fp16_islands.onnxruntime_refuses(node)) is not None:
+            return f"onnxruntime: {refused}"
         for value in values:
             if value in self.flagged:
                 return self.flagged[value]

