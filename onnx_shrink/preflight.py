@@ -21,7 +21,7 @@ from onnx_shrink.compiler.dumps import dump_files
 from onnx_shrink.errors import BadModelError, DataError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import labels, sessions, synthetic
+from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
 from onnx_shrink.runtime_check.compare import Tolerances, classifier_output
@@ -158,7 +158,7 @@ def checked_dataset(
     specs = data_mod.specs_from_model(loaded)
     dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
     refuse_unmeasurable_accuracy(options.tolerances, dataset)
-    outputs = run_first_sample(probe, dataset, where)
+    outputs, dataset = run_first_sample(probe, dataset, where, specs)
     samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
     return dataset  # the session goes: kept through the compile, it would add the model's size
@@ -222,15 +222,31 @@ def reference_session(reference: Path | bytes, provider: str):
         ) from e
 
 
-def run_first_sample(session, dataset: data_mod.Dataset, label: str) -> dict[str, np.ndarray]:
-    """The input's outputs on the check's first batch; a failure is bad input (exit 2)."""
-    sample = "a synthetic check sample" if dataset.synthetic else "the first check sample"
-    return sessions.run(
-        session,
-        sessions.fitted_feed(session, dataset.first_feed()),
-        failed=f"{label} failed on {sample}",
-        hint=data_mod.unfit_hint(dataset),
-    )
+def run_first_sample(
+    session, dataset: data_mod.Dataset, label: str, specs: Sequence[data_mod.InputSpec]
+) -> tuple[dict[str, np.ndarray], data_mod.Dataset]:
+    """The input's outputs on the check's first batch, and the dataset to check with; a
+    failure is bad input (exit 2). Where the model fails on a first batch of several samples
+    but runs its first sample alone, the outputs are that sample's and the dataset runs one
+    sample at a time (the check's ``alone_after_failure``, said once, here)."""
+    feed = dataset.first_feed()
+    joined = dataset.samples_in(feed, specs)
+
+    def run(feed: data_mod.Feed, what: str) -> dict[str, np.ndarray]:
+        where = "a synthetic check sample" if dataset.synthetic else f"the first check {what}"
+        fitted = sessions.fitted_feed(session, feed)
+        failed = f"{label} failed on {where}"
+        return sessions.run(session, fitted, failed=failed, hint=data_mod.unfit_hint(dataset))
+
+    try:
+        return run(feed, "sample" if joined == 1 else f"batch of {joined}"), dataset
+    except ShrinkError as e:
+        if joined <= 1 or not sample_batches.joinable(specs):
+            raise
+        outputs = run(dataset.first_sample(specs), "sample")
+        sample_batches.warn_alone("check", joined, e)
+    alone = dataset.restreamed(lambda: sample_batches.single_samples(dataset, specs))
+    return outputs, alone
 
 
 def refuse_unmeasurable_accuracy(tolerances: Tolerances, dataset: data_mod.Dataset) -> None:

@@ -23,7 +23,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import bench, sessions
+from onnx_shrink.runtime_check import bench, sample_batches, sessions
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -161,28 +161,30 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
     # The reference failing means the inputs do not fit it; the candidate failing where the
     # reference ran means the candidate is broken, whatever the inputs.
     broken = f"The candidate is broken: {pair.ref.label} runs on the same inputs"
-    both = (
-        (pair.ref_session, pair.ref.label, data_mod.unfit_hint(dataset), RunFailedError),
-        (pair.cand_session, pair.cand.label, broken, CandidateFailedError),
-    )
-
     watch = pair.branches
     conditions = watch.read if watch is not None else []
 
+    def run(session, label: str, batch: data_mod.Batch, outputs, hint: str, error):
+        feed = sessions.fitted_feed(session, batch.feed)
+        failed = f"{label} failed on {sample}"
+        return sessions.run(session, feed, outputs, failed=failed, hint=hint, error=error)
+
+    def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
+        unfit = data_mod.unfit_hint(dataset)
+        outputs = names + conditions
+        return run(pair.ref_session, pair.ref.label, batch, outputs, unfit, RunFailedError)
+
     def output_batches() -> Iterator[compare_mod.OutputBatch]:
         nonlocal samples
-        for batch in dataset.batches():
+        # Only the reference's failure splits a batch: the candidate failing where the
+        # reference ran is the candidate's fault.
+        runs = sample_batches.alone_after_failure(
+            dataset.batches(), pair.specs, run_reference, "check"
+        )
+        for batch, ref_out in runs:
             samples += batch.samples
-            ref_out, cand_out = (
-                sessions.run(
-                    session,
-                    sessions.fitted_feed(session, batch.feed),
-                    names + (conditions if session is pair.ref_session else []),
-                    failed=f"{label} failed on {sample}",
-                    hint=hint,
-                    error=error,
-                )
-                for session, label, hint, error in both
+            cand_out = run(
+                pair.cand_session, pair.cand.label, batch, names, broken, CandidateFailedError
             )
             if watch is not None:
                 watch.add({**batch.feed, **ref_out})

@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
+from typing import TypeVar
 
 import numpy as np
 
 from onnx_shrink.compiler.io import data_files
+from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check.data import Batch, Dataset, InputSpec
 
 logger = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 def dynamic_inputs(specs: Sequence[InputSpec]) -> set[str]:
@@ -63,6 +66,44 @@ def first_samples(dataset: Dataset, specs: Sequence[InputSpec], count: int) -> D
         description=f"the first {count} samples of {dataset.description}",
         samples=samples,
         labels=None if dataset.labels is None else dataset.labels[:samples],
+    )
+
+
+def alone_after_failure(
+    batches: Iterable[Batch],
+    specs: Sequence[InputSpec],
+    run: Callable[[Batch], T],
+    who: str,
+) -> Iterator[tuple[Batch, T]]:
+    """``run`` on each batch, as (batch, result). Where a batch of several samples fails
+    (``ShrinkError``) and every input has a dynamic first axis, that batch and every later
+    one run one sample at a time, said once: a model may declare a dynamic batch axis and
+    take one sample (a torch export's Reshape with batch 1 written in; khmersm). A single
+    sample's failure is raised."""
+    alone = False
+    for batch in batches:
+        if not alone:
+            try:
+                result = run(batch)
+            except ShrinkError as e:
+                if batch.samples <= 1 or not joinable(specs):
+                    raise
+                warn_alone(who, batch.samples, e)
+                alone = True
+            else:
+                yield batch, result
+                continue
+        for one in split(batch, dynamic_inputs(specs)):
+            yield one, run(one)
+
+
+def warn_alone(who: str, samples: int, error: Exception) -> None:
+    """Say that ``who`` runs every sample alone, the model having failed on ``samples``."""
+    logger.warning(
+        "%s: the model failed on %d samples in one run (%s); running every sample alone",
+        who,
+        samples,
+        str(error.__cause__ or error).splitlines()[0][:200],
     )
 
 

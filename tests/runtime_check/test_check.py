@@ -230,3 +230,35 @@ def test_a_rewritten_branch_no_sample_takes_is_said_to_be_unchecked():
 
     page = html_report(check=check(_gated(1.0), _gated(0.5), quiet, latency_runs=0))
     assert "Not checked: If &#x27;stage2&#x27;: its then_branch" in page
+
+
+ONE_AT_A_TIME = """
+<ir_version: 8, opset_import: ["" : 17]>
+one (float[N, 4] x) => (float[1, 3] y) {
+    shape = Constant <value = int64[2] {1, 4}> ()
+    row = Reshape (x, shape)
+    w = Constant <value = float[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+    y = MatMul (row, w)
+}
+"""
+"""A dynamic batch axis declared, batch 1 written into a Reshape (khmersm's torch export)."""
+
+
+def test_a_model_that_takes_one_sample_a_run_is_checked_one_sample_at_a_time(
+    tmp_path, caplog, run_cli
+):
+    """Samples on axis 0 fill batches the model fails on: the check runs every sample alone
+    (as calibration does), says so once, and counts every sample; only the reference's
+    failure does that (the candidate failing where the reference ran is broken)."""
+    model = save_proto(parse(ONE_AT_A_TIME), tmp_path / "one.onnx")
+    np.savez(tmp_path / "rows.npz", x=np.arange(32, dtype=np.float32).reshape(8, 4))
+    with caplog.at_level("WARNING"):
+        report = compare(model, model, tmp_path / "rows.npz")
+    assert report.samples == 8 and report.passed
+    assert caplog.text.count("running every sample alone") == 1
+    run = run_cli(
+        model, "--passes", "fold", "--data", tmp_path / "rows.npz", "--report", tmp_path / "r.json"
+    )
+    assert run.code == 0, run.err
+    assert run.err.count("failed on 8 samples in one run") == 1
+    assert '"samples": 8' in (tmp_path / "r.json").read_text()
