@@ -128,8 +128,11 @@ def show_shape(shape: Sequence[object]) -> str:
 
 
 def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
-    """Raise ``DataError`` when a fed array's dtype, rank or fixed dims do not fit the input."""
-    if array.dtype != np.dtype(spec.dtype):
+    """Raise ``DataError`` when a fed array's dtype, rank or fixed dims do not fit the input.
+    A string input takes numpy's str arrays (what ``np.savez`` stores without pickling) as
+    onnxruntime does, or object arrays."""
+    strings = np.dtype(spec.dtype) == np.dtype(object) and array.dtype.kind == "U"
+    if array.dtype != np.dtype(spec.dtype) and not strings:
         raise DataError(
             f"{where}: input '{spec.name}' is {array.dtype}, the model expects "
             f"{np.dtype(spec.dtype).name}"

