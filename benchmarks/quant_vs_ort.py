@@ -76,6 +76,9 @@ DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1")
 CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det")
 # Models whose quantized Convs bias correction (quant.bias_correction) can correct.
 BIAS_CORRECTED_MODELS = (*CONV_MODELS, "yolov8n-nudenet")
+# Models whose row "the sensitivity report's worst layer float" shows the report's first
+# suggestion followed (DTLN: an LSTM, which onnxruntime's static quantizer leaves float).
+SENSITIVITY_MODELS = ("dtln-1",)
 OURS_STATIC = {"passes": "fold,quant"}
 OURS_DYNAMIC = {"passes": "fold,quant-dynamic"}
 REPEATS = 5  # of the direct latency comparison with ORT's best configuration
@@ -125,7 +128,11 @@ def _ours_with(key: str, ours: dict, setting: str) -> Config:
     return Config(key, f"ours: {ours['passes']} --set {setting}", "ours", ours=changed)
 
 
-def configs_for(name: str, ours_static: dict, ours_dynamic: dict) -> list[Config]:
+def configs_for(
+    name: str, ours_static: dict, ours_dynamic: dict, worst: str | None = None
+) -> list[Config]:
+    """The rows of ``name``'s table; ``worst``: the sensitivity report's worst layer, kept
+    float in a row of its own."""
     configs = [Config("fp32", "fp32", "fp32")]
     configs += [
         Config(f"ort-{m.lower()}", f"ORT static QDQ per-channel {m}", "ort-static", method=m)
@@ -138,6 +145,8 @@ def configs_for(name: str, ours_static: dict, ours_dynamic: dict) -> list[Config
     configs.append(_ours_with("ours-minmax", ours_static, "quant.calibration=minmax"))
     if name in BIAS_CORRECTED_MODELS:
         configs.append(_ours_with("ours-bias", ours_static, "quant.bias_correction=true"))
+    if worst is not None:
+        configs.append(_ours_with("ours-worst-float", ours_static, f"quant.exclude={worst}"))
     if name in DYNAMIC_MODELS:
         configs.append(Config("ort-dynamic", "ORT quantize_dynamic QInt8", "ort-dynamic"))
         if name in CONV_MODELS:  # ORT's default also turns Conv into ConvInteger
@@ -174,9 +183,16 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     reference = create_session(task.model)
     reference_out = task.predict(reference)
     rows = []
-    for config in configs_for(name, args.ours_static, args.ours_dynamic):
+    worst = None
+    if name in SENSITIVITY_MODELS:
+        log(f"{name}: sensitivity report")
+        worst = worst_layer(task.model, calib[max(samples)], args.ours_static, folder)
+        info["worst"] = worst
+    for config in configs_for(name, args.ours_static, args.ours_dynamic, worst):
         row = Row(config)
         rows.append(row)
+        if config.key == "ours-worst-float":
+            row.notes.append("the sensitivity report's worst layer kept float")
         if config.tool == "fp32":
             row.model_path = task.model
         else:
@@ -205,6 +221,25 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     reference = None  # no session of this process competes with the direct comparison
     info["versus_best"] = _versus_best(rows, task, args, folder)
     return rows, info
+
+
+def worst_layer(model: Path, calib_npz: Path, ours: dict, folder: Path) -> str | None:
+    """The worst named layer (one whose exclusion changes something) of our sensitivity
+    report for ``ours`` on ``calib_npz``: the first layer the report suggests keeping float."""
+    import onnx_shrink
+
+    result = onnx_shrink.shrink(
+        str(model),
+        passes=ours["passes"],
+        sets=tuple(ours.get("sets", ())),
+        output=str(folder / "sensitivity.onnx"),
+        check=False,
+        data=str(calib_npz),
+        sensitivity=True,
+    )
+    assert result.sensitivity is not None
+    named = [layer.node for layer in result.sensitivity.layers if layer.node and not layer.inert]
+    return named[0] if named else None
 
 
 def _first_metric_per_count(row: Row, task, reference_out) -> None:
