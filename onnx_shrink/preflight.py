@@ -228,7 +228,10 @@ def run_first_sample(
     """The input's outputs on the check's first batch, and the dataset to check with; a
     failure is bad input (exit 2). Where the model fails on a first batch of several samples
     but runs its first sample alone, the outputs are that sample's and the dataset runs one
-    sample at a time (the check's ``alone_after_failure``, said once, here)."""
+    sample at a time (the check's ``alone_after_failure``, said once, here). Where it is the
+    other way round, and the data are feeds as given (a reader, test_data_set folders), the
+    first axis is no batch axis (a model of [T] frames): each feed is one whole sample,
+    never cut, as onnxruntime's quantizer feeds a reader's."""
     feed = dataset.first_feed()
     joined = dataset.samples_in(feed, specs)
 
@@ -239,14 +242,30 @@ def run_first_sample(
         return sessions.run(session, fitted, failed=failed, hint=data_mod.unfit_hint(dataset))
 
     try:
-        return run(feed, "sample" if joined == 1 else f"batch of {joined}"), dataset
+        outputs = run(feed, "sample" if joined == 1 else f"batch of {joined}")
     except ShrinkError as e:
         if joined <= 1 or not sample_batches.joinable(specs):
             raise
         outputs = run(dataset.first_sample(specs), "sample")
         sample_batches.warn_alone("check", joined, e)
-    alone = dataset.restreamed(lambda: sample_batches.single_samples(dataset, specs))
-    return outputs, alone
+        alone = sample_batches.restreamed_once(
+            dataset,
+            lambda: sample_batches.single_samples(dataset, specs),
+            dataset.first_sample(specs),
+        )
+        return outputs, alone
+    if joined > 1 and dataset.samples is None and sample_batches.joinable(specs):
+        try:
+            run(dataset.first_sample(specs), "sample")
+        except ShrinkError as e:
+            logger.warning(
+                "%s: the model runs a whole feed but not its first row alone (%s): its first "
+                "axis is no batch axis, so each feed is one sample",
+                dataset.description,
+                str(e.__cause__ or e).splitlines()[0][:160],
+            )
+            return outputs, sample_batches.whole_feeds(dataset)
+    return outputs, dataset
 
 
 def refuse_unmeasurable_accuracy(tolerances: Tolerances, dataset: data_mod.Dataset) -> None:

@@ -9,6 +9,7 @@ their order and shapes, never on how the source was batched.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from typing import TypeVar
@@ -17,7 +18,7 @@ import numpy as np
 
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.runtime_check.data import Batch, Dataset, InputSpec
+from onnx_shrink.runtime_check.data import Batch, Dataset, Feed, InputSpec
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -105,6 +106,29 @@ def warn_alone(who: str, samples: int, error: Exception) -> None:
         samples,
         str(error.__cause__ or error).splitlines()[0][:200],
     )
+
+
+def whole_feeds(dataset: Dataset) -> Dataset:
+    """``dataset`` with each feed one whole sample (``whole_samples``): never cut along its
+    first axis nor joined, each counted as one sample."""
+
+    def make_batches() -> Iterator[Batch]:
+        return (Batch(b.feed, 1, b.labels) for b in dataset.batches())
+
+    return restreamed_once(dataset, make_batches, dataset.first_feed(), whole_samples=True)
+
+
+def restreamed_once(
+    dataset: Dataset, make_batches: Callable[[], Iterator[Batch]], first: Feed, **changes
+) -> Dataset:
+    """``dataset.restreamed``, its first feed ``first`` known (a reader's is read once). A
+    one-shot source's copy stays one-shot (it has a ``peek``), so ``replayable`` still spills
+    it for the reads after the first."""
+    copy = dataset.restreamed(make_batches, **changes)
+    if dataset.peek is not None:
+        copy = dataclasses.replace(copy, peek=lambda: Batch(first, 1, None))
+    copy.knows_first_feed(first)
+    return copy
 
 
 def split(batch: Batch, dynamic: set[str]) -> Iterator[Batch]:

@@ -262,3 +262,65 @@ def test_a_model_that_takes_one_sample_a_run_is_checked_one_sample_at_a_time(
     assert run.code == 0, run.err
     assert run.err.count("failed on 8 samples in one run") == 1
     assert '"samples": 8' in (tmp_path / "r.json").read_text()
+
+
+FRAMES = """
+<ir_version: 8, opset_import: ["" : 17]>
+frames (float[T] x) => (float[N, 8] y) {
+    shape = Constant <value = int64[2] {-1, 8}> ()
+    rows = Reshape (x, shape)
+    w = Constant <value = float[8, 8] {
+        1, 0, 0, 0, 0, 0, 0, 0,  0, 1, 0, 0, 0, 0, 0, 0,  0, 0, 1, 0, 0, 0, 0, 0,
+        0, 0, 0, 1, 0, 0, 0, 0,  0, 0, 0, 0, 1, 0, 0, 0,  0, 0, 0, 0, 0, 1, 0, 0,
+        0, 0, 0, 0, 0, 0, 1, 0,  0, 0, 0, 0, 0, 0, 0, 2}> ()
+    y = MatMul (rows, w)
+}
+"""
+"""No batch axis: [T] values read as frames of 8 (a row of x alone cannot be reshaped)."""
+
+
+def test_a_readers_feeds_for_a_model_without_a_batch_axis_are_whole_samples(tmp_path, caplog):
+    """An onnxruntime CalibrationDataReader hands over whole feeds: where the model runs a
+    feed but not one row of it, each feed is one sample, never cut (calibration cut them
+    into 1-element samples the model refused: exit 2 blaming the data)."""
+    from onnx_shrink import shrink
+
+    model = save_proto(parse(FRAMES), tmp_path / "frames.onnx")
+    rng = np.random.default_rng(0)
+    feeds = [{"x": rng.standard_normal(64).astype(np.float32)} for _ in range(4)]
+
+    class Reader:  # onnxruntime.quantization.CalibrationDataReader's protocol
+        def __init__(self):
+            self.left = iter(feeds)
+
+        def get_next(self):
+            return next(self.left, None)
+
+    with caplog.at_level("WARNING"):
+        result = shrink(model, passes="quant", data=Reader(), output=tmp_path / "q.onnx")
+    assert "first axis is no batch axis" in caplog.text
+    assert result.verification is not None
+    assert result.verification.numeric.samples == 4  # one per feed, not 256 values
+    assert result.verification.latency.reference.batch == 1
+
+
+def test_a_readers_joined_feeds_run_one_sample_at_a_time_and_the_reader_is_read_once(
+    tmp_path,
+):
+    """The one-sample-a-run fallback over a one-shot reader: calibration and the check both
+    read it (spilled once), each sample alone."""
+    from onnx_shrink import shrink
+
+    model = save_proto(parse(ONE_AT_A_TIME), tmp_path / "one.onnx")
+    rows = np.arange(32, dtype=np.float32).reshape(8, 4)
+
+    class Reader:
+        def __init__(self):
+            self.left = iter([{"x": rows[:4]}, {"x": rows[4:]}])
+
+        def get_next(self):
+            return next(self.left, None)
+
+    result = shrink(model, passes="quant", data=Reader(), output=tmp_path / "q.onnx")
+    assert result.verification is not None
+    assert result.verification.numeric.samples == 8
