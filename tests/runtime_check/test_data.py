@@ -392,3 +392,13 @@ def test_a_string_input_takes_numpy_str_arrays_as_onnxruntime_does(tmp_path):
     np.savez(tmp_path / "words.npz", words=np.array(["a", "b", "c", "a"]))
     report = compare(path, path, tmp_path / "words.npz")
     assert report.samples == 4 and report.passed
+
+
+def test_object_arrays_are_refused_with_the_str_array_to_use_instead(tmp_path):
+    np.savez(tmp_path / "o.npz", words=np.array(["a", "b"], dtype=object))
+    np.save(tmp_path / "o.npy", np.array(["a", "b"], dtype=object))
+    from onnx_shrink.compiler.io import data_files
+
+    for read, path in ((data_files.load_npz, "o.npz"), (data_files.load_npy, "o.npy")):
+        with pytest.raises(Exception, match=r"[Oo]bject.*store strings as str arrays"):
+            read(tmp_path / path)

@@ -47,7 +47,15 @@ def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
                 arrays[key] = mapped
             return arrays
     except (OSError, ValueError, zipfile.BadZipFile, struct.error) as e:
-        raise ShrinkError(f"{path}: cannot read as .npz ({first_line(e)})") from e
+        raise ShrinkError(f"{path}: cannot read as .npz ({first_line(e)}{_hint(e)})") from e
+
+
+def _hint(error: Exception) -> str:
+    """What to do instead of storing object arrays, which are pickles (never loaded: a pickle
+    runs code): strings go in as str arrays, which onnxruntime takes for string inputs."""
+    if "Object arrays" not in str(error) and "Python objects" not in str(error):
+        return ""
+    return "; store strings as str arrays (np.array(words, dtype=str)), not dtype=object"
 
 
 def _map_member(path, raw, info: zipfile.ZipInfo) -> np.ndarray | None:
@@ -107,7 +115,7 @@ def load_npy(path: str | os.PathLike) -> np.ndarray:
     try:
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
-        raise ShrinkError(f"{path}: cannot read as .npy ({first_line(e)})") from e
+        raise ShrinkError(f"{path}: cannot read as .npy ({first_line(e)}{_hint(e)})") from e
 
 
 def load_tensor_pb(path: str | os.PathLike) -> tuple[str, np.ndarray]:
