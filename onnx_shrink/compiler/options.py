@@ -127,14 +127,19 @@ def _check_pattern(option_name: str, pattern: str) -> None:
 
 
 def warn_unmatched(
-    option_name: str, patterns: Sequence[str], names: Sequence[str], what: str = "node name"
+    option_name: str,
+    patterns: Sequence[str],
+    names: Sequence[str],
+    what: str = "node name",
+    regex: bool = True,
 ) -> None:
     """Warn about each item of a name-or-regex option (``pass.option``) that names none of
     ``names`` (the model's, in graph order): a typo would otherwise run as if the option had
-    not been given."""
+    not been given. ``regex`` off: the items are exact names (op types, ``quant.only``),
+    matched as the pass matches them (``["CumSum"`` is then a typo, not a bad regex)."""
     present = [name for name in dict.fromkeys(names) if name]
     for pattern in patterns:
-        if any(name == pattern or re.fullmatch(pattern, name) for name in present):
+        if any(name == pattern or (regex and re.fullmatch(pattern, name)) for name in present):
             continue
         shown = ", ".join(repr(name) for name in present[:3])
         logger.warning(
@@ -222,7 +227,7 @@ def warn_unmatched_op_types(model: ir.Model, option: str, asked: Sequence[str]) 
     (subgraphs included)."""
     if asked:
         op_types = [node.op_type for node in ir.traversal.RecursiveGraphIterator(model.graph)]
-        warn_unmatched(option, asked, op_types, "op type")
+        warn_unmatched(option, asked, op_types, "op type", regex=False)
 
 
 def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None:

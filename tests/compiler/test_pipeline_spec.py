@@ -10,6 +10,7 @@ import pytest
 from onnx_shrink.compiler import pipeline
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
+from tests.helpers import parse
 
 
 def test_names_and_sets_build_configured_passes():
@@ -163,6 +164,34 @@ def test_every_name_or_regex_option_is_checked():
             doc = field.metadata.get("doc", "")
             if "regex" in doc or "regular expression" in doc:
                 assert field.metadata.get("patterns"), f"{name}.{field.name}"
+
+
+MATMUL = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4] x) => (float[N, 3] y) {
+    w = Constant <value = float[4, 3] {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12}> ()
+    y = MatMul (x, w)
+}
+"""
+
+
+@pytest.mark.parametrize(
+    "setting",
+    ['fp16.block_ops=["CumSum"', "quant.exclude_op_types=Conv(", "quant.only=dense(1"],
+)
+def test_exact_name_options_take_any_text_and_a_typo_is_a_warning(setting, caplog):
+    """Op types and quant.only match names exactly: an item that is no regex is a name that
+    matches nothing, said as such (it was an internal error, exit 4)."""
+    from onnx_shrink.compiler import io
+    from onnx_shrink.runtime_check import collect, data
+
+    model = io.load(parse(MATMUL))
+    (pass_,) = pipeline.parse_spec(setting.split(".")[0], [setting])
+    dataset = data.prepare(data.specs_from_model(model), None)
+    with caplog.at_level("WARNING"):
+        pass_.bind(collect.collect(model, pass_.requests(model), dataset))(model)
+    item = setting.split("=", 1)[1]
+    assert f"{item!r} matches no" in caplog.text
 
 
 def test_sets_may_be_one_string_and_must_be_strings():

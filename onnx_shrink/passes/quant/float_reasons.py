@@ -40,6 +40,8 @@ def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[
                 reason = "not between integer kernels"
         if reason:
             counts[(node.op_type, reason)] += 1
+    if not counts and exclusions.only:
+        return f" (quant.only names no node it quantizes: {', '.join(exclusions.only)})"
     if not counts:
         return " (the model has no node of a type it quantizes)"
     # Layers with weights first: their reasons are the ones a user acts on.

@@ -419,7 +419,7 @@ class QuantPass(DataAwarePass):
         nodes = list(model.graph)
         names = [node.name or "" for node in nodes]
         warn_unmatched(f"{self.name}.int16", self.int16, names)
-        warn_unmatched(f"{self.name}.only", self.only, names)
+        warn_unmatched(f"{self.name}.only", self.only, names, regex=False)
         warn_unmatched_op_types(model, f"{self.name}.exclude_op_types", self.exclude_op_types)
 
     @staticmethod
