@@ -206,7 +206,8 @@ class _Conversion:
         )
         modified = bool(changed or self.casts)
         if not modified:  # "(no change)" in the summary said nothing of why (-v did)
-            warn_no_change(self.pass_.name, "node", kinds)
+            # Each node's reason is a debug line: a model's float islands can be thousands.
+            warn_no_change(self.pass_.name, "node", kinds, each="-vv")
         return modified
 
     def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:

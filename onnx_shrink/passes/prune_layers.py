@@ -110,7 +110,8 @@ def find_layers(
 ) -> list[Layer]:
     """Prunable weights: float initializers every use of which is a MatMul/Gemm/Conv weight
     slot with one layout. Shared weights appear once. Why each other weight slot was left
-    goes to ``skipped`` (and to the log, at -v)."""
+    goes to ``skipped`` and to the log, at -v, where ``skipped`` is given (the pass's apply;
+    its requests find the same layers, and said nothing twice)."""
     by_weight: dict[int, list[tuple[ir.Node, str]]] = {}
     for node in walk.all_nodes(model):
         if node.op_type not in PRUNABLE:
@@ -118,9 +119,9 @@ def find_layers(
         if (layout := _layout(node)) is not None:
             by_weight.setdefault(id(node.inputs[1]), []).append((node, layout))
         else:
-            reason = _no_layout_reason(node)
-            logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
             if skipped is not None:
+                reason = _no_layout_reason(node)
+                logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
                 skipped.append(reason)
     layers = []
     for uses in by_weight.values():
@@ -128,8 +129,8 @@ def find_layers(
         weight = node.inputs[1]
         reason = _skip_reason(weight, uses, excluded, min_elements)
         if reason:
-            logger.info("prune: skipping %s (%s): %s", node.name, weight.name, reason)
             if skipped is not None:
+                logger.info("prune: skipping %s (%s): %s", node.name, weight.name, reason)
                 skipped.append(reason)
             continue
         layers.append(Layer(weight, tuple(n for n, _ in uses), layout))

@@ -565,3 +565,29 @@ def test_a_refit_past_its_time_budget_is_skipped_with_a_warning(caplog):
     assert io.to_bytes(pruned().model) != io.to_bytes(plain.model)  # within the budget
     with pytest.raises(onnx_shrink.PipelineSpecError, match="refit_seconds"):
         onnx_shrink.shrink(model, "prune", sets="prune.refit_seconds=5", check=False)
+
+
+def test_each_skipped_layer_is_said_once(caplog):
+    """The pass's requests and its apply both find the layers: only apply says why each
+    one was left (``-v`` printed every skip line twice)."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as onh
+
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "W"], ["m"], name="small"),
+            oh.make_node("MatMul", ["m", "V"], ["y"], name="big"),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 256])],
+        [
+            onh.from_array(rng.standard_normal((8, 64)).astype(np.float32), "W"),
+            onh.from_array(rng.standard_normal((64, 256)).astype(np.float32), "V"),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    with caplog.at_level(logging.INFO):
+        PrunePass()(io.load(proto))
+    assert caplog.text.count("prune: skipping small (W)") == 1
