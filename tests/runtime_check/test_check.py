@@ -324,3 +324,43 @@ def test_a_readers_joined_feeds_run_one_sample_at_a_time_and_the_reader_is_read_
     result = shrink(model, passes="quant", data=Reader(), output=tmp_path / "q.onnx")
     assert result.verification is not None
     assert result.verification.numeric.samples == 8
+
+
+def test_a_candidate_quantizing_activations_at_run_time_is_checked_one_sample_a_run(tmp_path):
+    """DynamicQuantizeMatMul takes one activation scale per run: in a run of 8 samples, one
+    loud sample coarsens the others' grids. The check's figures are each sample's own."""
+    import onnx
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+    import onnxruntime as ort
+
+    from onnx_shrink.compiler import io
+    from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [oh.make_node("MatMul", ["x", "W"], ["y"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 64])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 64])],
+        [onh.from_array(rng.standard_normal((64, 64)).astype(np.float32), "W")],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    reference = save_proto(proto, tmp_path / "ref.onnx")
+    candidate = tmp_path / "dyn.onnx"
+    io.save(QuantDynamicPass(min_weight_elements=0)(io.load(proto)).model, candidate)
+    x = rng.standard_normal((8, 64)).astype(np.float32)
+    x[3] *= 100  # one loud sample
+    np.savez(tmp_path / "x.npz", x=x)
+
+    def outputs(path, runs):
+        session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        return np.concatenate([session.run(None, {"x": part})[0] for part in runs])
+
+    alone, joined = [x[i : i + 1] for i in range(8)], [x]
+    want = np.abs(outputs(reference, alone) - outputs(candidate, alone)).mean()
+    mixed = np.abs(outputs(reference, joined) - outputs(candidate, joined)).mean()
+    assert mixed > 1.5 * want  # the premise: joined runs change the figure
+    report = compare(reference, candidate, tmp_path / "x.npz")
+    assert report.samples == 8
+    assert report.outputs[0].mean_abs_error == pytest.approx(want, rel=1e-4)
