@@ -53,8 +53,10 @@ def checked(labels: np.ndarray, where: str, first: int = 0) -> np.ndarray:
         raise DataError(f"{where}: labels are {what} ({labels.dtype}): {_GIVE}")
     if labels.ndim not in (1, 2):
         raise DataError(
-            f"{where}: labels have shape {show_shape(labels.shape)}: give one class index per "
-            "sample [N], or one one-hot / probability row per sample [N, C]"
+            # Per sample, not the batch's: the check may score the labels in batches of
+            # any size (one sample a run after quant-dynamic), and says this once.
+            f"{where}: labels have shape {show_shape(labels.shape[1:])} per sample: give one "
+            "class index per sample [N], or one one-hot / probability row per sample [N, C]"
         )
     if not labels.size:
         return labels
