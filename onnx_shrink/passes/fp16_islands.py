@@ -33,9 +33,10 @@ def onnxruntime_refuses(node: ir.Node) -> str | None:
     """Rule 3 (j): why onnxruntime's CPU provider cannot run ``node`` in float16, or None."""
     if batch_transposed_matmul(node):
         return "a batch Transpose into a MatMul crashes its CPU session in float16"
-    reduction = node.attributes.get_string("reduction", "none")
-    if node.op_type in _SCATTERS and node.domain in ("", "ai.onnx") and reduction != "none":
-        return f"no float16 CPU kernel for {node.op_type} with reduction={reduction}"
+    if node.op_type in _SCATTERS and node.domain in ("", "ai.onnx"):
+        reduction = node.attributes.get_string("reduction", "none")
+        if reduction != "none":
+            return f"no float16 CPU kernel for {node.op_type} with reduction={reduction}"
     return None
 
 
@@ -51,7 +52,7 @@ def batch_transposed_matmul(node: ir.Node) -> bool:
     a FusedMatMul with ``transBatchA``, and in float16 (or with a Cast between, float16 to
     float32) creating the session crashes the process (SIGSEGV); both in float32 it runs."""
     if node.op_type == "Transpose":
-        return any(
+        return _moves_batch(node) and any(
             use.idx == 0 and _weighted_matmul(use.node) for v in node.outputs for use in v.uses()
         )
     if not _weighted_matmul(node) or node.inputs[0] is None:

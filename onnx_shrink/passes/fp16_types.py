@@ -79,8 +79,8 @@ def _type_fixed_outputs(model: ir.Model) -> None:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if all(out.type is not None for out in node.outputs):
             continue
-        domain = node.domain or ""
-        version = model.opset_imports.get(domain)
+        domain = "" if node.domain == "ai.onnx" else node.domain
+        version = model.opset_imports.get(domain, model.opset_imports.get("ai.onnx"))
         found = schema(node.op_type, domain, version) if version is not None else None
         if found is None:
             continue
