@@ -245,13 +245,16 @@ def _unsorted(extra_fault: bool = False) -> onnx.ModelProto:
 
 
 def test_nodes_out_of_order_are_sorted_as_onnxruntime_does(tmp_path, caplog, run_cli):
+    import onnx_ir
+
     from onnx_shrink.compiler import io
 
     proto = _unsorted()
     path = save_proto(proto, tmp_path / "unsorted.onnx")
-    for source in (path, proto, io.load(path)):
+    unsorted_ir = onnx_ir.serde.deserialize_model(proto)  # as the caller built it
+    for source in (path, proto, unsorted_ir):
         assert [n.op_type for n in io.load(source).graph] == ["Relu", "Add"]
-    assert caplog.text.count("not in topological order") == 2  # the file once, the proto
+    assert caplog.text.count("not in topological order") == 3  # the file once, each object
     np.savez(tmp_path / "x.npz", x=np.linspace(-1, 1, 24, dtype=np.float32).reshape(4, 2, 3))
     run = run_cli(path, "--passes", "fold", "--data", tmp_path / "x.npz", "-o", tmp_path / "o.onnx")
     assert run.code == 0, run.err
@@ -264,3 +267,20 @@ def test_a_sorted_model_is_checked_again_for_what_the_order_hid(tmp_path):
 
     with pytest.raises(BadModelError, match="onnx.checker rejects the model: .*alpha"):
         io.load(save_proto(_unsorted(extra_fault=True), tmp_path / "bad.onnx"))
+
+
+def test_a_cycle_is_refused_as_a_bad_model(tmp_path):
+    """onnx.checker calls a cycle nodes out of order; sorting cannot order it: a bad model
+    (exit 2), not an internal error."""
+    from onnx_shrink.compiler import io
+    from onnx_shrink.errors import BadModelError
+
+    graph = oh.make_graph(
+        [oh.make_node("Add", ["x", "b"], ["a"]), oh.make_node("Relu", ["a"], ["b"])],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2])],
+        [oh.make_tensor_value_info("b", onnx.TensorProto.FLOAT, [2])],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
+    with pytest.raises(BadModelError, match="cannot be ordered"):
+        io.load(save_proto(proto, tmp_path / "cycle.onnx"))

@@ -75,11 +75,16 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, ir.Model):
         # Passes never write tensor data, but onnx_ir and onnxscript do rename tensors in
         # place, so the clone gets tensor objects of its own (the data stays shared).
+        where = "the given onnx_ir.Model"
+        proto = serialize_proto(source, keep_in_file=True)
+        if validation.validate(proto, where, allow_unsorted=True):
+            # onnx_ir cannot clone a graph whose nodes read values written later: a copy
+            # from its protobuf is sorted instead (the caller's model stays as it is).
+            model = ir.serde.deserialize_model(proto)
+            _sort(model, where)
+            return model
         model = source.clone()
         unshare_tensors(model)
-        where = "the given onnx_ir.Model"
-        if validation.validate(serialize_proto(model, keep_in_file=True), where, True):
-            _sort(model, where)
         return model
     if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
         return _load_proto(parse_bytes(bytes(source)), owned=True)
@@ -121,9 +126,12 @@ def _sort(model: ir.Model, where: str, once: bool = False) -> None:
     """Put the nodes of every graph in topological order, as onnxruntime does when it loads a
     model, and check the model again (onnx.checker stopped at the order). ``once``: ``where``
     is a file, which a run loads more than once: said the first time only."""
-    model.graph.sort()
-    for function in model.functions.values():
-        function.sort()
+    try:
+        model.graph.sort()
+        for function in model.functions.values():
+            function.sort()
+    except ValueError as e:  # onnx.checker reports a cycle as nodes out of order
+        raise BadModelError(f"{where}: the nodes cannot be ordered: {first_line(e)}") from e
     validation.run_checker(
         embedded_weights.checker_view(serialize_proto(model, keep_in_file=True)), where
     )

@@ -81,6 +81,7 @@ def _only_out_of_order(model: onnx.ModelProto | str) -> bool:
         return False
     graph = model.graph
     written = {v.name for v in graph.input} | {t.name for t in graph.initializer}
+    written |= {t.values.name for t in graph.sparse_initializer}
     written |= {name for node in graph.node for name in node.output}
     return all(name in written for node in graph.node for name in node.input if name)
 
