@@ -29,7 +29,7 @@ from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import checker
+from onnx_shrink.runtime_check import checker, sample_batches
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -91,7 +91,7 @@ def sensitivity(
         # misses, and a node's own name is the caller's) and its types inferred.
         caller = {node: names.get(node, node.name or "") for node in base.graph}
         targets, unmeasured, plan = _quantized_layers(base, quant, stats, caller)
-        runner = _Runner(base, quant, stats, data, provider, progress)
+        runner = _Runner(base, quant, stats, _per_sample(data, base, targets), provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
         measured: list[LayerSensitivity] = []
         for index, group in enumerate(groups, 1):
@@ -184,6 +184,18 @@ def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[
     numeric = checker.compare(base, quantized, data, provider=provider)
     error = max(output.relative_error for output in numeric.outputs)
     return error, large_tensors.saved_bytes(quantized)
+
+
+def _per_sample(
+    data: data_mod.Dataset, base: ir.Model, targets: Sequence[Target]
+) -> data_mod.Dataset:
+    """``data`` one sample a run where a layer quantizes its activations at run time (an
+    LSTM: DynamicQuantizeLSTM takes one scale per run), as the check measures such a
+    model: a joined run's scale would make each sample's error depend on its batch-mates."""
+    specs = data_mod.specs_from_model(base)
+    if not any(t.op_type == "LSTM" for t in targets) or not sample_batches.joinable(specs):
+        return data
+    return data.restreamed(lambda: sample_batches.single_samples(data, specs))
 
 
 def _severity(layer: LayerSensitivity) -> tuple[bool, float]:

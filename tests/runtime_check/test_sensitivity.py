@@ -473,3 +473,32 @@ def test_the_hint_keeps_the_inputs_of_its_layers_float_with_the_nodes_sharing_th
     assert any("/a" in note and "quantized input" in note for note in notes)
     assert "/c: not in the hint: with it, every layer would be float" in notes
     assert not any(note.startswith("/c") and "in the hint too" in note for note in notes)
+
+
+def test_embedding_tables_are_ranked_like_the_plans_layers():
+    """A Gather quant stores as int8 rows (rule 6) is a quantized layer of its own: measured
+    alone and ranked, with the MatMul the plan quantizes."""
+    import onnx.helper as oh
+    import onnx.numpy_helper as onh
+
+    rng = np.random.default_rng(0)
+    graph = oh.make_graph(
+        [
+            oh.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+            oh.make_node("MatMul", ["e", "W"], ["y"], name="dense"),
+        ],
+        "g",
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 64])],
+        [
+            onh.from_array(rng.standard_normal((256, 32)).astype(np.float32), "table"),
+            onh.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W"),
+        ],
+    )
+    model = io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
+    ids = rng.integers(0, 256, (16, 5)).astype(np.int64)
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), {"ids": ids})
+    report = layer_sensitivity(model, QuantPass(), dataset)
+    ranked = {layer.node: layer for layer in report.layers}
+    assert set(ranked) == {"embed", "dense"}
+    assert ranked["embed"].op_type == "Gather" and ranked["embed"].relative_error > 0

@@ -131,15 +131,15 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         self,
         model: ir.Model,
         context: WeightContext | None = None,
-        names: Collection[str] | None = None,
+        nodes: Collection[ir.Node] | None = None,
     ) -> int:
         """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes
         quantized. ``quant`` quantizes what its statistics cannot reach with this, then stores
-        the whole model narrow once; with ``names``, only the nodes so named (``quant.only``:
-        the sensitivity report measures such a node alone)."""
+        the whole model narrow once; with ``nodes``, only those (``quant.only``: the
+        sensitivity report measures such a node alone)."""
         context = context or self.context(model)
         count = 0
-        for node in self._selected(model, context, names):
+        for node in self._selected(model, context, nodes):
             if node.op_type == "Gather":
                 count += self._try_quantize_gather(context, node)
             elif node.op_type == "LSTM":
@@ -155,14 +155,14 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         return count
 
     def _selected(
-        self, model: ir.Model, context: WeightContext, names: Collection[str] | None
+        self, model: ir.Model, context: WeightContext, nodes: Collection[ir.Node] | None
     ) -> list[ir.Node]:
-        """The candidates in the graphs ``graphs`` selects, named in ``names`` (if given)."""
+        """The candidates in the graphs ``graphs`` selects, among ``nodes`` (if given)."""
         return [
             node
             for node in context.candidates(self.op_types)
             if not (self.graphs == "subgraphs" and node.graph is model.graph)
-            and (names is None or (node.name or "") in names)
+            and (nodes is None or node in nodes)
         ]
 
     def layers(self, model: ir.Model) -> list[ir.Node]:

@@ -228,6 +228,8 @@ class QuantPass(DataAwarePass):
         self._warn_unmatched(model)
         if self.only and self.bias_correction:
             logger.warning("%s: bias_correction does nothing with only: it is off", self.name)
+        if self.only:  # a table or LSTM it names may hold Constant weights, not yet lifted
+            lift_constant_weights(model)
         if not self._has_candidates(model):
             value_types.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
@@ -434,9 +436,11 @@ class QuantPass(DataAwarePass):
         staying float (with float16 scales when ``narrow``; ``apply`` stores them). With
         ``only``, only the main-graph nodes it names. Returns whether any was quantized."""
         count = 0
-        names = set(self.only) if self.only else None
+        # With only: the main-graph nodes it names, as dynamic_layers (and the warning about
+        # names matching nothing) see them; a body's node of the same name stays float.
+        chosen = set(self.dynamic_layers(model)) if self.only else None
         for op_type in self._main_graph_dynamic_ops:
-            count += self._dynamic(op_type, narrow).quantize(model, names=names)
+            count += self._dynamic(op_type, narrow).quantize(model, nodes=chosen)
         in_bodies = tuple(
             op for op in ("MatMul", "Gemm", "Gather") if op not in self.exclude_op_types
         )
