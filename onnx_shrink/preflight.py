@@ -254,7 +254,8 @@ def run_first_sample(
             dataset.first_sample(specs),
         )
         return outputs, alone
-    if joined > 1 and dataset.samples is None and sample_batches.joinable(specs):
+    # Calibration cuts a feed along every dynamic first axis (inputs without one whole).
+    if joined > 1 and dataset.samples is None and sample_batches.dynamic_inputs(specs):
         try:
             run(dataset.first_sample(specs), "sample")
         except ShrinkError as e:
@@ -262,7 +263,7 @@ def run_first_sample(
                 "%s: the model runs a whole feed but not its first row alone (%s): its first "
                 "axis is no batch axis, so each feed is one sample",
                 dataset.description,
-                str(e.__cause__ or e).splitlines()[0][:160],
+                io.first_line(e.__cause__ or e)[:160],
             )
             return outputs, sample_batches.whole_feeds(dataset)
     return outputs, dataset

@@ -150,11 +150,14 @@ def compare(
 ) -> NumericReport:
     """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
     pair = _open(reference, candidate, data, labels, input_shapes, provider)
-    return _numeric(pair, tolerances)
+    return _numeric(pair, tolerances)[0]
 
 
-def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
+def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_mod.Batch]:
+    """The numeric comparison, and the first batch it ran (one sample where the data's
+    batch could not run joined): the latency is timed on it."""
     dataset = pair.dataset
+    first: list[data_mod.Batch] = []
     names = [v.name for v in pair.ref.model.graph.outputs]  # not the If conditions read
     samples = 0
     sample = "a synthetic check sample" if dataset.synthetic else "a check sample"
@@ -183,6 +186,7 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
         )
         for batch, ref_out in runs:
             samples += batch.samples
+            first[:] = first or [batch]
             cand_out = run(
                 pair.cand_session, pair.cand.label, batch, names, broken, CandidateFailedError
             )
@@ -198,7 +202,10 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> NumericReport:
         synthetic=dataset.synthetic,
     )
     untested = watch.untested() if watch is not None else ()
-    return dataclasses.replace(report, samples=samples, untested_branches=untested)
+    report = dataclasses.replace(report, samples=samples, untested_branches=untested)
+    if not first:  # no batch at all: what the data's first feed check says
+        first.append(data_mod.Batch(dataset.first_feed(), 1, None))
+    return report, first[0]
 
 
 RUN_TIME_SCALES = frozenset(
@@ -242,23 +249,23 @@ def check(
         pair = _open(reference, candidate, data, labels, input_shapes, provider)
         if layers:  # read twice: a one-shot reader is spilled as the numerics read it
             pair = dataclasses.replace(pair, dataset=data_mod.replayable(pair.dataset, stack))
-        numeric = _numeric(pair, tolerances)
+        numeric, timed = _numeric(pair, tolerances)
         layer_report = None
         if layers:
             layer_report = layers_mod.localize(
                 pair.ref.model, pair.cand.model, pair.dataset, pair.specs, provider=provider
             )
-    ref, cand, specs, dataset = pair.ref, pair.cand, pair.specs, pair.dataset
+    ref, cand = pair.ref, pair.cand
     latency = None
     if latency_runs > 0:
-        feed = dataset.first_feed()
+        feed = timed.feed
         latency = bench.compare_latency(
             pair.ref_session,
             pair.cand_session,
             feed,
             candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
-            batch=dataset.samples_in(feed, specs),
+            batch=timed.samples,
         )
     return CheckReport(
         reference=ref.label,

@@ -134,12 +134,7 @@ def _run_joined(session, batch, extra, outputs, joining: Joining | None):
         except ShrinkError as e:
             if single:
                 raise
-            logger.warning(
-                "statistics: the model failed on %d samples joined in one run (%s); running "
-                "every sample alone",
-                batch.samples,
-                str(e.__cause__ or e).splitlines()[0][:200],
-            )
+            sample_batches.warn_alone("statistics", batch.samples, e)
             joining.size = 1
         else:
             if not single:

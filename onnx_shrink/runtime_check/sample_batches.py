@@ -17,6 +17,7 @@ from typing import TypeVar
 import numpy as np
 
 from onnx_shrink.compiler.io import data_files
+from onnx_shrink.compiler.io.validation import first_line
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check.data import Batch, Dataset, Feed, InputSpec
 
@@ -104,7 +105,7 @@ def warn_alone(who: str, samples: int, error: Exception) -> None:
         "%s: the model failed on %d samples in one run (%s); running every sample alone",
         who,
         samples,
-        str(error.__cause__ or error).splitlines()[0][:200],
+        first_line(error.__cause__ or error)[:200],
     )
 
 

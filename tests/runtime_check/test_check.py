@@ -256,6 +256,8 @@ def test_a_model_that_takes_one_sample_a_run_is_checked_one_sample_at_a_time(
         report = compare(model, model, tmp_path / "rows.npz")
     assert report.samples == 8 and report.passed
     assert caplog.text.count("running every sample alone") == 1
+    whole = check(model, model, tmp_path / "rows.npz", latency_runs=3)  # `onnx-shrink check`
+    assert whole.latency is not None and whole.latency.reference.batch == 1  # the sample run
     run = run_cli(
         model, "--passes", "fold", "--data", tmp_path / "rows.npz", "--report", tmp_path / "r.json"
     )

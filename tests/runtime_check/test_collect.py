@@ -107,8 +107,8 @@ def test_a_model_that_fails_on_joined_samples_runs_them_one_at_a_time(
     dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
     with caplog.at_level(logging.WARNING):
         stats = collect.collect(model, requests, dataset)
-    assert "failed on 8 samples joined in one run" in caplog.text
-    assert caplog.text.count("joined in one run") == 1  # later runs are not tried joined
+    assert "statistics: the model failed on 8 samples in one run" in caplog.text
+    assert caplog.text.count("samples in one run") == 1  # later runs are not tried joined
     assert stats.samples == 40 and counting.samples == [40 + 8]  # the failed run, again
     minmax, histogram = stats.minmax("y"), stats.histogram("y")
     assert (minmax.minimum, minmax.maximum) == (float(x.min()), float(x.max()))
