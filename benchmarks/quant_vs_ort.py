@@ -224,8 +224,8 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
 
 
 def worst_layer(model: Path, calib_npz: Path, ours: dict, folder: Path) -> str | None:
-    """The worst named layer (one whose exclusion changes something) of our sensitivity
-    report for ``ours`` on ``calib_npz``: the first layer the report suggests keeping float."""
+    """The ``quant.exclude`` pattern of the worst layer of our sensitivity report for ``ours``
+    on ``calib_npz`` (as its hint writes it): the first layer it suggests keeping float."""
     import onnx_shrink
 
     result = onnx_shrink.shrink(
@@ -237,9 +237,11 @@ def worst_layer(model: Path, calib_npz: Path, ours: dict, folder: Path) -> str |
         data=str(calib_npz),
         sensitivity=True,
     )
-    assert result.sensitivity is not None
-    named = [layer.node for layer in result.sensitivity.layers if layer.node and not layer.inert]
-    return named[0] if named else None
+    report = result.sensitivity
+    assert report is not None
+    # The hint's own patterns for that one layer (escaped, with its companions).
+    patterns = report.exclude_patterns(1)[len(report.excluded) :]
+    return ",".join(patterns) if patterns else None
 
 
 def _first_metric_per_count(row: Row, task, reference_out) -> None:
