@@ -353,12 +353,11 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
 
 def dtln_task(calibration: int = MAX_CALIBRATION, evaluation_frames: int = 200) -> Task:
     """DTLN stage 1 (two LSTMs) on streamed frames of speech-like audio, states carried."""
-    import onnxruntime as ort
-
     from models import speech
+    from onnx_shrink.runtime_check.sessions import create_session
 
     path = fetch("dtln-1")
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = create_session(path)
 
     def frames(count: int, seed: int) -> Feed:
         audio = speech.voiced(1.0 + count * 5 * speech.HOP / speech.RATE, seed)

@@ -248,12 +248,7 @@ def run_first_sample(
             raise
         outputs = run(dataset.first_sample(specs), "sample")
         sample_batches.warn_alone("check", joined, e)
-        alone = sample_batches.restreamed_once(
-            dataset,
-            lambda: sample_batches.single_samples(dataset, specs),
-            dataset.first_sample(specs),
-        )
-        return outputs, alone
+        return outputs, sample_batches.one_sample_a_run(dataset, specs)
     # Calibration cuts a feed along every dynamic first axis (inputs without one whole).
     if joined > 1 and dataset.samples is None and sample_batches.dynamic_inputs(specs):
         try:

@@ -35,10 +35,10 @@ import onnx.reference
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
+from onnx_shrink.passes.fold_reshape import DEFAULT_DOMAINS
 
 logger = logging.getLogger(__name__)
 
-DEFAULT_DOMAINS = ("", "ai.onnx")
 # Data movement and arithmetic an exporter puts between a weight and its reader.
 CONE_OPS = frozenset(
     {

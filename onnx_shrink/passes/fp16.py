@@ -287,8 +287,7 @@ class _Conversion:
         (``tensor(float)``) do not, nor do outputs typed by attributes rule 4 leaves alone.
         """
         domain = "" if node.domain == "ai.onnx" else node.domain
-        version = self.model.opset_imports.get(domain, self.model.opset_imports.get("ai.onnx"))
-        schema = fp16_types.schema(node.op_type, domain, version) if version is not None else None
+        schema = fp16_types.node_schema(self.model, node)
         if schema is None:
             return f"schema: none for {domain or 'ai.onnx'}::{node.op_type}"
         constraints = {c.type_param_str: c.allowed_type_strs for c in schema.type_constraints}

@@ -79,9 +79,7 @@ def _type_fixed_outputs(model: ir.Model) -> None:
     for node in ir.traversal.RecursiveGraphIterator(model.graph):
         if all(out.type is not None for out in node.outputs):
             continue
-        domain = "" if node.domain == "ai.onnx" else node.domain
-        version = model.opset_imports.get(domain, model.opset_imports.get("ai.onnx"))
-        found = schema(node.op_type, domain, version) if version is not None else None
+        found = node_schema(model, node)
         if found is None:
             continue
         for index, out in enumerate(node.outputs):
@@ -97,6 +95,13 @@ _FIXED_TYPES = {
     "tensor(int32)": ir.DataType.INT32,
     "tensor(bool)": ir.DataType.BOOL,
 }
+
+
+def node_schema(model: ir.Model, node: ir.Node) -> onnx.defs.OpSchema | None:
+    """``node``'s schema at the model's opset of its domain ("ai.onnx" read as ""), if any."""
+    domain = "" if node.domain == "ai.onnx" else node.domain
+    version = model.opset_imports.get(domain, model.opset_imports.get("ai.onnx"))
+    return schema(node.op_type, domain, version) if version is not None else None
 
 
 @functools.cache

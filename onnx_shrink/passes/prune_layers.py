@@ -118,11 +118,10 @@ def find_layers(
             continue
         if (layout := _layout(node)) is not None:
             by_weight.setdefault(id(node.inputs[1]), []).append((node, layout))
-        else:
-            if skipped is not None:
-                reason = _no_layout_reason(node)
-                logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
-                skipped.append(reason)
+        elif skipped is not None:
+            reason = _no_layout_reason(node)
+            logger.info("prune: skipping %s (%s): %s", node.name, node.op_type, reason)
+            skipped.append(reason)
     layers = []
     for uses in by_weight.values():
         node, layout = uses[0]

@@ -172,8 +172,9 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
         failed = f"{label} failed on {sample}"
         return sessions.run(session, feed, outputs, failed=failed, hint=hint, error=error)
 
+    unfit = data_mod.unfit_hint(dataset)
+
     def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
-        unfit = data_mod.unfit_hint(dataset)
         outputs = names + conditions
         return run(pair.ref_session, pair.ref.label, batch, outputs, unfit, RunFailedError)
 
@@ -186,7 +187,8 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
         )
         for batch, ref_out in runs:
             samples += batch.samples
-            first[:] = first or [batch]
+            if not first:
+                first.append(batch)
             cand_out = run(
                 pair.cand_session, pair.cand.label, batch, names, broken, CandidateFailedError
             )
@@ -228,7 +230,7 @@ def _batches(pair: _Pair) -> Iterator[data_mod.Batch]:
         "check: each sample runs alone: the candidate quantizes activations at run time (%s)",
         ", ".join(sorted(dynamic)),
     )
-    return sample_batches.single_samples(dataset, pair.specs)
+    return sample_batches.one_sample_a_run(dataset, pair.specs).batches()
 
 
 def check(

@@ -109,6 +109,14 @@ def warn_alone(who: str, samples: int, error: Exception) -> None:
     )
 
 
+def one_sample_a_run(dataset: Dataset, specs: Sequence[InputSpec]) -> Dataset:
+    """``dataset`` with every batch cut into single samples (``single_samples``), as a
+    dataset: its first feed the first sample, a one-shot source's copy still one-shot."""
+    return restreamed_once(
+        dataset, lambda: single_samples(dataset, specs), dataset.first_sample(specs)
+    )
+
+
 def whole_feeds(dataset: Dataset) -> Dataset:
     """``dataset`` with each feed one whole sample (``whole_samples``): never cut along its
     first axis nor joined, each counted as one sample."""

@@ -195,7 +195,7 @@ def _per_sample(
     specs = data_mod.specs_from_model(base)
     if not any(t.op_type == "LSTM" for t in targets) or not sample_batches.joinable(specs):
         return data
-    return data.restreamed(lambda: sample_batches.single_samples(data, specs))
+    return sample_batches.one_sample_a_run(data, specs)
 
 
 def _severity(layer: LayerSensitivity) -> tuple[bool, float]:

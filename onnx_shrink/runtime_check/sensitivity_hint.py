@@ -111,7 +111,7 @@ class _Planner:
         return self._plans[nodes]
 
     def take(self, node: ir.Node, companions: Sequence[ir.Node]) -> None:
-        names = [node.name or "", *(c.name or "" for c in companions)]
+        names = _names(node, companions)
         self.plan = self._plan(names)
         self.exclusions = dataclasses.replace(
             self.exclusions, nodes=(*self.exclusions.nodes, *names)
@@ -119,7 +119,7 @@ class _Planner:
 
     def changes(self, node: ir.Node, companions: Sequence[ir.Node]) -> bool:
         """Whether taking ``node`` (and ``companions``) changes which tensors get Q/DQ."""
-        tried = self._plan([node.name or "", *(c.name or "" for c in companions)])
+        tried = self._plan(_names(node, companions))
         return (set(tried.tensors), dict(tried.shared)) != (
             set(self.plan.tensors),
             dict(self.plan.shared),
@@ -130,7 +130,7 @@ class _Planner:
         float in the plan, as far as named nodes and ``COMPANION_LIMIT`` allow."""
         taken: list[ir.Node] = []
         while len(taken) < COMPANION_LIMIT:
-            plan = self._plan([node.name or "", *(c.name or "" for c in taken)])
+            plan = self._plan(_names(node, taken))
             quantized = [v for v in _reads(node) if v.name in plan.tensors]
             keeping = [n for n in _keepers(quantized, plan) if n is not node and n not in taken]
             named = [n for n in keeping if n.name][: COMPANION_LIMIT - len(taken)]
@@ -138,6 +138,10 @@ class _Planner:
                 break
             taken += named
         return taken
+
+
+def _names(node: ir.Node, companions: Sequence[ir.Node]) -> list[str]:
+    return [node.name or "", *(c.name or "" for c in companions)]
 
 
 def _reads(node: ir.Node) -> list[ir.Value]:

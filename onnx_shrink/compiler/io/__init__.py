@@ -77,7 +77,7 @@ def load(source: ModelSource) -> ir.Model:
         # place, so the clone gets tensor objects of its own (the data stays shared).
         where = "the given onnx_ir.Model"
         proto = serialize_proto(source, keep_in_file=True)
-        if validation.validate(proto, where, allow_unsorted=True):
+        if validation.validate(proto, where):
             # onnx_ir cannot clone a graph whose nodes read values written later: a copy
             # from its protobuf is sorted instead (the caller's model stays as it is).
             model = ir.serde.deserialize_model(proto)
@@ -104,7 +104,7 @@ def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
     tensor writes into the message, so folding renamed tensors of the caller's ModelProto
     (and made it larger)."""
     where = "the given ModelProto"
-    unsorted = validation.validate(proto, where, allow_unsorted=True)
+    unsorted = validation.validate(proto, where)
     outside = external.external_tensors(proto)
     if outside:  # onnx_ir would look for them in the working directory
         raise BadModelError(
@@ -158,7 +158,9 @@ def _load_file(path: Path) -> ir.Model:
     proto, mapped = _read_proto(path, where)
     validation.check_header(proto, where)
     external.check_external_data(proto, path.parent, where)
-    unsorted = validation.run_checker(embedded_weights.checker_view(proto), where, True)
+    unsorted = validation.run_checker(
+        embedded_weights.checker_view(proto), where, allow_unsorted=True
+    )
     model = ir.serde.deserialize_model(proto)
     ir.external_data.set_base_dir(model.graph, path.parent)
     for function in model.functions.values():

@@ -28,11 +28,11 @@ KNOWN_DOMAINS = frozenset(
 )
 
 
-def validate(proto: onnx.ModelProto, where: str, allow_unsorted: bool = False) -> bool:
+def validate(proto: onnx.ModelProto, where: str) -> bool:
     """Raise ``BadModelError`` for anything onnxruntime would refuse or a pass could corrupt;
-    with ``allow_unsorted``, return whether the nodes are out of order (``run_checker``)."""
+    return whether the nodes are out of order, which the caller sorts (``run_checker``)."""
     check_header(proto, where)
-    return run_checker(embedded_weights.checker_view(proto), where, allow_unsorted)
+    return run_checker(embedded_weights.checker_view(proto), where, allow_unsorted=True)
 
 
 def check_header(proto: onnx.ModelProto, where: str) -> None:

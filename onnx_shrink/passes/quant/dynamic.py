@@ -165,12 +165,13 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             and (nodes is None or node in nodes)
         ]
 
-    def layers(self, model: ir.Model) -> list[ir.Node]:
-        """The nodes ``quantize`` would rewrite; reads ``model`` only."""
+    def layers(self, model: ir.Model, nodes: Collection[ir.Node] | None = None) -> list[ir.Node]:
+        """The nodes ``quantize`` would rewrite (among ``nodes``, if given); reads ``model``
+        only."""
         context = self.context(model)
         return [
             node
-            for node in self._selected(model, context, None)
+            for node in self._selected(model, context, nodes)
             if self._reason(context, node) is None
         ]
 
@@ -215,11 +216,13 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         return True
 
     def _try_quantize_lstm(self, context: WeightContext, node: ir.Node) -> bool:
-        if not self.fused:
-            return context.skip(node, self._reason(context, node) or "")
-        return recurrent.quantize_lstm(
+        reason = self._reason(context, node)
+        if reason is not None:
+            return context.skip(node, reason)
+        recurrent.quantize_lstm(
             context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage
         )
+        return True
 
     def _int8(self, w: np.ndarray, axis: int | None) -> dict[str, np.ndarray]:
         """int8 codes of ``w`` and its scales (one per slice along ``axis``, or one)."""

@@ -12,7 +12,7 @@ Left float, with the reason logged: ``layout=1`` (batch first: the contrib op ha
 attribute; onnxruntime's own quantizer drops it, and its CPU LSTM refuses the layout anyway),
 weights that are not constant float32 [D, 4H, *] initializers, and nodes whose two weights
 hold fewer than ``min_weight_elements`` elements together. GRU and RNN have no integer kernel
-in onnxruntime: they stay float (``stay_float``).
+in onnxruntime: they stay float (``FLOAT_ONLY``, ``log_float_only``).
 """
 
 from __future__ import annotations
@@ -54,10 +54,7 @@ def lstm_reason(context: WeightContext, node: ir.Node) -> str | None:
 def quantize_lstm(
     context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
 ) -> bool:
-    """Replace LSTM ``node`` by ``DynamicQuantizeLSTM``; whether it did (else logged)."""
-    reason = lstm_reason(context, node)
-    if reason is not None:
-        return context.skip(node, reason)
+    """Replace LSTM ``node``, which ``lstm_reason`` passes, by ``DynamicQuantizeLSTM``."""
     codes, scales = [], []
     for value in node.inputs[1:3]:
         assert value is not None

@@ -233,7 +233,8 @@ class QuantPass(DataAwarePass):
         if not self._has_candidates(model):
             value_types.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
-        lift_constant_weights(model)
+        if not self.only:  # lifted above with only
+            lift_constant_weights(model)
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
         self._converted_and_typed(model)
@@ -393,11 +394,18 @@ class QuantPass(DataAwarePass):
         """The main-graph nodes rules 6 and 10 quantize without statistics (embedding tables,
         LSTMs), among ``only`` where it is given; reads ``model`` only. The sensitivity report
         measures each alone, as it does the plan's nodes."""
+        ops = self._main_graph_dynamic_ops
+        main = {
+            n
+            for n in model.graph
+            if n.op_type in ops and (not self.only or (n.name or "") in self.only)
+        }
+        if not main:  # with only, mostly a plan's node: no table or LSTM to look at
+            return []
         return [
             node
             for op_type in self._main_graph_dynamic_ops
-            for node in self._dynamic(op_type, narrow=False).layers(model)
-            if node.graph is model.graph and (not self.only or (node.name or "") in self.only)
+            for node in self._dynamic(op_type, narrow=False).layers(model, main)
         ]
 
     def _dynamic(self, op_type: str, narrow: bool) -> QuantDynamicPass:
@@ -439,13 +447,15 @@ class QuantPass(DataAwarePass):
         # With only: the main-graph nodes it names, as dynamic_layers (and the warning about
         # names matching nothing) see them; a body's node of the same name stays float.
         chosen = set(self.dynamic_layers(model)) if self.only else None
+        if chosen is not None and not chosen:
+            return False
         for op_type in self._main_graph_dynamic_ops:
             count += self._dynamic(op_type, narrow).quantize(model, nodes=chosen)
+        if self.only:
+            return count > 0
         in_bodies = tuple(
             op for op in ("MatMul", "Gemm", "Gather") if op not in self.exclude_op_types
         )
-        if self.only:
-            return count > 0
         if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
             count += QuantDynamicPass(
                 op_types=in_bodies,
