@@ -31,15 +31,16 @@ class StatRequest:
         minmax: finite min and max over all elements, and the count of non-finite ones.
         histogram: counts over equal bins (about ``bins`` of them) covering the tensor's
             finite [min, max]. With ``per_sample`` > 0, a tensor holding more elements than
-            that per sample is counted on a fixed lattice of them: every ``stride``-th element
-            of each sample's flattened tensor (``stride`` a prime, chosen from the first
-            sample's size). The lattice is the same whatever the batching, so the counts still
-            are; min/max stay exact. Counting every element costs ~2 ns each in numpy, more
-            than inference. With ``later_per_sample`` > 0, the samples after the first ones
-            (those that fix the edges, ``runtime_check.collect``) are counted on a sparser
-            lattice of about that many elements (never denser; none with ``per_sample`` 0),
-            each weighing (first lattice's size / its size): every sample still weighs the
-            same, and many samples cost little more than few.
+            that per sample is counted on a lattice of them: every ``stride``-th element of
+            the samples' flattened tensors laid end to end (``stride`` a prime, chosen from
+            the first sample's size), so each sample's lattice starts elsewhere. The lattice
+            is the same whatever the batching, so the counts still are; min/max stay exact.
+            Counting every element costs ~2 ns each in numpy, more than inference. With
+            ``later_per_sample`` > 0, the samples after the first ones (those that fix the
+            edges, ``runtime_check.collect``) are counted on a sparser lattice of about that
+            many elements (never denser; none with ``per_sample`` 0), each weighing (its
+            stride / the first lattice's): every sample still weighs the same, and many
+            samples cost little more than few.
         channel_absmax: max |x| per index of ``axis`` (negative axes count from the end).
         channel_sqnorm: sum of x^2 per index of ``axis`` and the number of rows summed.
         channel_sum: sum of x per index of ``axis`` and the number of rows summed (a mean).

@@ -24,11 +24,12 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
   the samples are batched. A tensor that leaves its edges too far (or holds inf/NaN) is
   counted again over its exact range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
-  element of each sample's part of the tensor, the stride fixed from the first sample's size.
-  The samples after the probe may use a sparser lattice (``later_per_sample``), each of its
-  elements weighing (probe lattice size / its size), so that every sample weighs the same and
-  many samples cost little more than few. Counts are kept per weight, as integers, and only
-  weighed at the end: the result stays independent of how samples share runs.
+  element of each sample's part of the tensor, the stride fixed from the first sample's size,
+  the start shifting from sample to sample (``collect_graph``). The samples after the probe
+  may use a sparser lattice (``later_per_sample``), each of its elements weighing (its stride
+  / the probe's), so that every sample weighs the same and many samples cost little more than
+  few. Counts are kept per weight, as integers, and only weighed at the end: the result stays
+  independent of how samples share runs.
 * Per-channel and Gram statistics are folded in numpy from the sample's tensor.
 * The session's runs (``collect_runs``): two at once on the CPU, while Python folds the run
   before, their results folded in sample order.
@@ -188,22 +189,21 @@ class _Pass:
             self.later_strides[request] = max(
                 self.strides[request], lattice_stride(elements, later) if later > 0 else 1
             )
-            # A later sample weighs what a probe sample does: its lattice's elements each
-            # count for (probe lattice size / its lattice size) elements.
-            self.weights[request] = -(-elements // self.strides[request]) / -(
-                -elements // self.later_strides[request]
-            )
+            # A later sample weighs what a probe sample does: a lattice element stands for
+            # its stride's elements (the lattice shifts: on average, exactly).
+            self.weights[request] = self.later_strides[request] / self.strides[request]
         self._fold(first, outputs)
         self._keep(outputs, first.samples, first_sample=True)
         kept = max(1, sum(array.nbytes for array in self._probed[0].values()))
         self._probe_items = max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1)
         probe = itertools.islice(samples, self._probe_items)
-        for batch, outputs in self._runs(self._grouped(probe), lattices):
+        for batch, outputs in self._runs(self._grouped(probe), lattices, first_sample=1):
             self._fold(batch, outputs)
             self._keep(outputs, batch.samples)
         self._fix_edges()
         bins = [self.names[r].bins for r in self.requests]
-        for batch, outputs in self._runs(self._grouped(samples), bins, later=True):
+        counting = self._runs(self._grouped(samples), bins, True, self.probe_samples)
+        for batch, outputs in counting:
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():
                 counter.add_indices(outputs[self.names[request].bins], self.weights[request])
@@ -240,11 +240,11 @@ class _Pass:
 
         return probe(), self._grouped(samples)
 
-    def _runs(self, samples, histogram_outputs, later=False):
+    def _runs(self, samples, histogram_outputs, later=False, first_sample=0):
         feed = self.histogram_feed(self.histograms, later)
         outputs = self._fixed + histogram_outputs
         return runs.overlapped_runs(
-            self.session, samples, outputs, feed, self.joining, self.in_flight
+            self.session, samples, outputs, feed, self.joining, self.in_flight, first_sample
         )
 
     def _keep(self, outputs: dict[str, np.ndarray], samples: int, first_sample=False) -> None:
@@ -285,7 +285,10 @@ class _Pass:
         if not self.requests:
             return {}
         strides = self.later_strides if later else self.strides
-        feed: dict[str, np.ndarray] = {cg.RUN_SAMPLES: np.array([1], np.int64)}
+        feed: dict[str, np.ndarray] = {
+            cg.RUN_SAMPLES: np.array([1], np.int64),
+            cg.MINUS_FIRST_SAMPLE: np.array([0], np.int64),
+        }
         for request in self.requests:
             counter = (counters or {}).get(request)
             centre, width = counter.index_constants() if counter is not None else (0.0, 1.0)
@@ -311,7 +314,7 @@ class _Pass:
         for later, samples in zip((False, True), phases, strict=True):
             feed = self.histogram_feed(exact, later)
             for batch, result in runs.overlapped_runs(
-                self.session, samples, outputs, feed, self.joining, self.in_flight
+                self.session, samples, outputs, feed, self.joining, self.in_flight, done
             ):
                 for request, acc in exact.items():
                     weight = self.weights[request] if later else 1.0

@@ -2,14 +2,22 @@
 
 For ``collect``: every ranged tensor gets its min, max and size reduced inside the graph; raw
 tensors are exposed as they are; every histogram request gets its lattice (every ``stride``-th
-element of each sample's part of the tensor, as float32, one row per sample) and that
-lattice's int16 bin indices, ``QuantizeLinear(x - centre, width)`` (onnxruntime's, which
-saturates): the arithmetic of ``compiler.statistics.HistogramAccumulator``, in two nodes.
-The stride, first bin's centre and bin width of each request are graph *inputs*, so one
-session serves the probe (before edges exist), the counting pass and any recount over wider
-edges. So is the number of samples in the run (``RUN_SAMPLES``):
-the tensor is cut into that many equal parts, each sample's where its first axis holds the
-samples, and each part gets its own lattice, so a run of several samples counts what they
+element of the tensor, as float32) and that lattice's int16 bin indices,
+``QuantizeLinear(x - centre, width)`` (onnxruntime's, which saturates): the arithmetic of
+``compiler.statistics.HistogramAccumulator``, in two nodes. The stride, first bin's centre and
+bin width of each request are graph *inputs*, so one session serves the probe (before edges
+exist), the counting pass and any recount over wider edges.
+
+The lattice shifts from sample to sample. Sample ``k``'s part (``elements`` of them) starts at
+``(-k * elements) mod stride``: the lattice of all samples laid end to end, every
+``stride``-th element from the first sample's first. A fixed lattice visited the same
+positions in every sample, so a value that sits at one position in every sample (a
+transformer's massive activation: one channel of the class token) was counted in every
+sample or in none; the stride is a prime that does not divide ``elements``, so the shift
+takes every value from 0 to stride - 1 over any ``stride`` consecutive samples. The graph
+computes the start from two more inputs, the number of samples in the run (``RUN_SAMPLES``,
+each ``elements`` = size / RUN_SAMPLES: the first axis holds the samples) and the run's first
+sample's index, negated (``MINUS_FIRST_SAMPLE``): a run of several samples counts what they
 would count one at a time.
 """
 
@@ -27,6 +35,8 @@ from onnx_shrink.compiler import statistics as st
 
 RUN_SAMPLES = "onnx_shrink::run_samples"
 """The input (int64[1]) that holds how many samples a run joins, with histogram requests."""
+MINUS_FIRST_SAMPLE = "onnx_shrink::minus_first_sample"
+"""The input (int64[1]) that holds minus the index of a run's first sample in the pass."""
 
 # onnxruntime's QuantizeLinear, which gives int16 at any opset (ONNX's needs opset 21).
 _ORT_DOMAIN = "com.microsoft"
@@ -39,8 +49,8 @@ class HistogramIO:
     stride: str  # input: int64[1]
     centre: str  # input: float32 scalar, the first bin's centre
     width: str  # input: float32 scalar, the bins' width
-    lattice: str  # output: float32 values on the lattice, [samples, elements]
-    bins: str  # output: int16 bin indices of the lattice, [samples, elements]
+    lattice: str  # output: float32 values on the lattice, 1-D
+    bins: str  # output: int16 bin indices of the lattice, 1-D
 
     @classmethod
     def of(cls, request: st.StatRequest) -> HistogramIO:
@@ -157,13 +167,13 @@ def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
 @dataclasses.dataclass(frozen=True)
 class _LatticeConstants:
     """What every histogram's nodes share, added once: fewer nodes to build, serialize and
-    hand to onnxruntime (PP-OCRv4 det: 1772 -> 1106), and one Concat a run instead of one
-    per histogram."""
+    hand to onnxruntime (PP-OCRv4 det: 1772 -> 1106)."""
 
-    rows: ir.Value  # [RUN_SAMPLES, -1]: one row per sample
-    start: ir.Value  # [0]
+    samples: ir.Value  # RUN_SAMPLES
+    minus_first: ir.Value  # MINUS_FIRST_SAMPLE
+    flat: ir.Value  # [-1]
     end: ir.Value  # [int64 max]
-    axis: ir.Value  # [1]
+    axis: ir.Value  # [0]
     zero: ir.Value  # the bin index's zero point: int16 0
 
     @classmethod
@@ -174,13 +184,12 @@ class _LatticeConstants:
             # ir.Tensor: ir.tensor's Protocol isinstance check costs ~0.1 ms per constant.
             return tape.op("Constant", [], attributes={"value": ir.Tensor(value)})
 
-        samples = _graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1])
-        minus_one = const(np.array([-1], np.int64))
         return cls(
-            rows=tape.op("Concat", [samples, minus_one], attributes={"axis": 0}),
-            start=const(np.array([0], np.int64)),
+            samples=_graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1]),
+            minus_first=_graph_input(graph, MINUS_FIRST_SAMPLE, ir.DataType.INT64, [1]),
+            flat=const(np.array([-1], np.int64)),
             end=const(np.array([np.iinfo(np.int64).max], np.int64)),
-            axis=const(np.array([1], np.int64)),
+            axis=const(np.array([0], np.int64)),
             zero=const(np.zeros((), st.HistogramAccumulator.INDEX_TYPE)),
         )
 
@@ -188,8 +197,8 @@ class _LatticeConstants:
 def _histogram_nodes(
     graph: ir.Graph, x: ir.Value, names: HistogramIO, shared: _LatticeConstants
 ) -> list[ir.Value]:
-    """Append the lattice of ``x`` (of each of its RUN_SAMPLES parts) and its bin indices;
-    add the request's three inputs."""
+    """Append the lattice of ``x`` (shifted for each of its RUN_SAMPLES parts: see the module
+    doc) and its bin indices; add the request's three inputs."""
     tape = ir.tape.Tape(graph)
     stride = _graph_input(graph, names.stride, ir.DataType.INT64, [1])
     centre = _graph_input(graph, names.centre, ir.DataType.FLOAT, [])
@@ -197,9 +206,11 @@ def _histogram_nodes(
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
-    rows = tape.op("Reshape", [x, shared.rows])
-    # Rows stay rows: a Reshape to one dimension would copy the lattice (numpy's ravel won't).
-    lattice = tape.op("Slice", [rows, shared.start, shared.end, shared.axis, stride])
+    flat = tape.op("Reshape", [x, shared.flat])
+    # (-first * elements) mod stride; ONNX's integer Mod takes the divisor's sign.
+    elements = tape.op("Div", [tape.op("Size", [flat]), shared.samples])
+    start = tape.op("Mod", [tape.op("Mul", [elements, shared.minus_first]), stride])
+    lattice = tape.op("Slice", [flat, start, shared.end, shared.axis, stride])
     # One QuantizeLinear divides, rounds and saturates: fewer, cheaper nodes than doing it
     # with Mul, Floor, Clip and Cast, and int16 indices are half the bytes to hand over.
     shifted = tape.op("Sub", [lattice, centre])

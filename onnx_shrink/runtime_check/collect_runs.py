@@ -14,6 +14,7 @@ from __future__ import annotations
 import collections
 import concurrent.futures
 import dataclasses
+import functools
 import logging
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -81,6 +82,7 @@ def overlapped_runs(
     extra: dict[str, np.ndarray],
     joining: Joining | None = None,
     in_flight: int = 1,
+    first_sample: int = 0,
 ) -> Iterator[tuple[data_mod.Batch, dict[str, np.ndarray]]]:
     """Yield (batch, outputs) in the batches' order, the next ``in_flight`` batches' runs
     already going while this one's outputs are folded: onnxruntime runs without Python's
@@ -91,7 +93,9 @@ def overlapped_runs(
     time, as does every later batch (yielding each sample). None: each batch runs as it is,
     one sample as the histograms' lattice sees it. Until a joined run has succeeded, a joined
     batch runs alone: a model that refuses joined samples fails once, whatever the timing.
-    An error or an early close cancels the runs not yet started.
+    An error or an early close cancels the runs not yet started. ``first_sample``: the index
+    of the batches' first sample in the pass (fed, negated, as ``MINUS_FIRST_SAMPLE`` where
+    ``extra`` has it, each run its own first sample's).
     """
 
     def room(batch: data_mod.Batch) -> int:  # submitted, not yet yielded: in_flight + a queued
@@ -100,24 +104,32 @@ def overlapped_runs(
 
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=in_flight)
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
+    first = first_sample
     try:
         for batch in batches:
             while len(pending) >= room(batch):
                 yield from pending.popleft().result()
-            pending.append(pool.submit(_run_joined, session, batch, extra, outputs, joining))
+            run = functools.partial(_run_joined, session, batch, extra, outputs, joining, first)
+            pending.append(pool.submit(run))
+            first += batch.samples
         while pending:
             yield from pending.popleft().result()
     finally:
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_joined(session, batch, extra, outputs, joining: Joining | None):
-    """[(batch, outputs)], or each of its samples' after a failed joined run."""
+def _run_joined(session, batch, extra, outputs, joining: Joining | None, first: int = 0):
+    """[(batch, outputs)], or each of its samples' after a failed joined run (``first``: the
+    index of the batch's first sample)."""
 
-    def run_one(one: data_mod.Batch) -> tuple[data_mod.Batch, dict[str, np.ndarray]]:
+    def run_one(
+        one: data_mod.Batch, first: int = first
+    ) -> tuple[data_mod.Batch, dict[str, np.ndarray]]:
         told = extra
-        if joining is not None and cg.RUN_SAMPLES in extra:  # how many samples it joins
-            told = {**extra, cg.RUN_SAMPLES: np.array([one.samples], np.int64)}
+        if cg.RUN_SAMPLES in extra:  # where its samples start, and how many it joins
+            told = {**extra, cg.MINUS_FIRST_SAMPLE: np.array([-first], np.int64)}
+            if joining is not None:
+                told[cg.RUN_SAMPLES] = np.array([one.samples], np.int64)
         result = run(session, one.feed, told, outputs)
         # The run has read its inputs: a memory-mapped sample's pages go back now. Handed
         # back when the next sample was cut, they were faulted in again by this run, still
@@ -140,7 +152,8 @@ def _run_joined(session, batch, extra, outputs, joining: Joining | None):
             if not single:
                 joining.proven = True
             return result
-    return [run_one(one) for one in sample_batches.split(batch, set(batch.feed))]
+    alone = sample_batches.split(batch, set(batch.feed))
+    return [run_one(one, first + index) for index, one in enumerate(alone)]
 
 
 def run(session, feed, extra, outputs: Sequence[str]) -> dict[str, np.ndarray]:
