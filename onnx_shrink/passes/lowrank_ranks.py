@@ -54,6 +54,8 @@ def allocate(
     the budget; a greedy pass then spends what is left on the best error drop per cost. When
     even the cheapest options overrun the budget, every layer gets its cheapest option.
     """
+    # An error that could not be measured (NaN) is no reason to choose an option.
+    errors = [np.where(np.isnan(e), np.inf, e) for e in errors]
     total = sum(float(c[-1]) for c in costs)
     # A relative hair of slack: (1 - 0.3) * 90 is 62.99999999999999, which would turn away
     # an option costing exactly 63 - 52 from a budget with 11 left.

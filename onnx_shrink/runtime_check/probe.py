@@ -298,7 +298,11 @@ def _applied(edit: Edit):
 def _stream(
     combined: ir.Model, count: int, setting: _Setting, data: data_mod.Dataset, phase: str
 ) -> tuple[np.ndarray, np.ndarray]:
-    """One pass over ``data``: (Σ‖y' - y‖² per copy and output, Σ‖y‖² per output), float64."""
+    """One pass over ``data``: (Σ‖y' - y‖² per copy and output, Σ‖y‖² per output), float64.
+
+    Only elements the reference holds finite count (a model may output NaN by design: caustic
+    -nmr's absent atoms); a copy non-finite where the reference is not has an infinite error.
+    """
     graph_outputs = combined.graph.outputs[: len(setting.outputs)]
     references = [v.name or "" for v in graph_outputs]
     diff_sq = np.zeros((count, len(references)))
@@ -307,8 +311,14 @@ def _stream(
     for _, result in stream:
         for j, name in enumerate(references):
             ref = result[name].astype(np.float64)
+            finite = np.isfinite(ref)
+            whole = bool(finite.all())
+            if not whole:
+                ref = ref[finite]
             ref_sq[j] += float(np.sum(ref * ref))
             for i in range(count):
-                diff = result[f"{name}{setting.sep}{i}"].astype(np.float64) - ref
-                diff_sq[i, j] += float(np.sum(diff * diff))
+                copy = result[f"{name}{setting.sep}{i}"].astype(np.float64)
+                diff = (copy if whole else copy[finite]) - ref
+                error = float(np.sum(diff * diff))
+                diff_sq[i, j] += error if not np.isnan(error) else np.inf
     return diff_sq, ref_sq

@@ -69,3 +69,12 @@ def test_allocation_is_optimal_on_a_small_exhaustive_case():
         if sum(c[i] for c, i in zip(costs, combo, strict=True)) <= target
     )
     assert sum(e[i] for e, i in zip(errors, choice, strict=True)) == pytest.approx(best)
+
+
+def test_an_unmeasured_error_is_never_the_cheapest_choice():
+    """A NaN error (a probe that could not measure) used to win np.argmin: every layer got
+    its smallest rank (caustic-nmr: -87 % of the parameters when -30 % was asked)."""
+    costs = [np.array([1.0, 2.0, 4.0]), np.array([1.0, 2.0, 4.0])]
+    errors = [np.array([np.nan, np.nan, 0.0]), np.array([0.5, 0.1, 0.0])]
+    choice = allocate(costs, errors, reduction=0.25)  # 8 -> 6
+    assert choice == [2, 1]

@@ -235,3 +235,27 @@ def test_a_cut_list_leaves_other_lists_alone_and_blocks_measure_the_same(monkeyp
         cost["now"] = seconds
         probe_mod._measure_edits(setting, _edits("held", 12), None, "block", sums, clock)
     assert len(sums) == 12 and all(v.ref[0] == 2.0 for v in sums.values())
+
+
+def test_an_output_the_model_leaves_nan_counts_only_where_the_reference_is_finite(tmp_path):
+    """caustic-nmr outputs NaN for absent atoms: every probe measured NaN, and lowrank gave
+    every layer its smallest rank. Errors count over the reference's finite elements."""
+    proto = _two_layers()
+    proto.graph.node[-1].output[0] = "y0"
+    proto.graph.node.append(oh.make_node("Where", ["keep", "y0", "nan"], ["y"]))
+    proto.graph.input.append(oh.make_tensor_value_info("keep", onnx.TensorProto.BOOL, ["n", K]))
+    proto.graph.initializer.append(onnx.numpy_helper.from_array(np.float32(np.nan), "nan"))
+    x = RNG.standard_normal((40, K)).astype(np.float32)
+    keep = RNG.random((40, K)) > 0.1
+    np.savez(tmp_path / "x.npz", x=x, keep=keep)
+    dataset = data_mod.prepare(data_mod.specs_from_model(io.load(proto)), tmp_path / "x.npz")
+    probes = _probes(proto)
+    measured = probe_mod.measure(io.load(proto), probes, dataset, batch=4)
+    (reference,) = run_ort(io.to_bytes(io.load(proto)), {"x": x, "keep": keep})
+    reference = reference.astype(np.float64)[keep]
+    for probe in probes:
+        edited = io.load(proto)
+        probe.edit(edited)
+        (y,) = run_ort(io.to_bytes(edited), {"x": x, "keep": keep})
+        expected = np.sum((y[keep] - reference) ** 2) / np.sum(reference**2)
+        assert measured[probe.key] == pytest.approx(expected, rel=1e-5)
