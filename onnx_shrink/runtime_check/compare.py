@@ -191,7 +191,7 @@ class ErrorAccumulator:
             self.max_abs = max(self.max_abs, float(diff.max()))
             self.ref_max = max(self.ref_max, float(np.abs(ref_f).max()))
         self.sum_abs += float(diff.sum())
-        self.count += ref.size
+        self.count += diff.size  # the mean is over the elements compared
         self.dot += float(ref_f @ cand_f)
         self.ref_sq += float(ref_f @ ref_f)
         self.cand_sq += float(cand_f @ cand_f)
@@ -209,8 +209,11 @@ class ErrorAccumulator:
         ):
             self.classifier_like = False
             return
-        self.top1_same += int(np.sum(reference.argmax(-1) == candidate.argmax(-1)))
-        self.top1_rows += reference.shape[0]
+        # A row holding NaN or Inf has no meaningful argmax (numpy's is the first NaN).
+        rows = np.isfinite(reference).all(-1) & np.isfinite(candidate).all(-1)
+        same = reference[rows].argmax(-1) == candidate[rows].argmax(-1)
+        self.top1_same += int(np.sum(same))
+        self.top1_rows += int(rows.sum())
 
     def result(self) -> OutputComparison:
         """The figures over the elements finite in both; where the candidate has NaN or Inf

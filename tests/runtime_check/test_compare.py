@@ -146,3 +146,20 @@ def test_labels_that_cannot_score_accuracy_fail_an_accuracy_tolerance(labels, me
     report = compare_batches(batches, data="d.npz")
     assert report.reference_accuracy is None and report.passed
     assert "accuracy is not measured" in caplog.text
+
+
+def test_nan_both_models_hold_is_left_out_of_the_mean_and_of_top1():
+    """caustic-nmr outputs NaN for absent atoms, in both models: the mean abs error counted
+    those elements (0.25 where every comparable element is off by 1), and top-1 counted rows
+    of NaN as agreeing (numpy's argmax is the first NaN)."""
+    reference = np.full((16, 4), np.nan, np.float32)
+    reference[:, 0] = 0.0
+    reference[8:, 1:] = np.arange(3)  # rows 8..15: finite, argmax at column 3
+    candidate = reference + 1.0
+    candidate[8:, 1] = 10.0  # its argmax moves to column 1
+    acc = ErrorAccumulator("y")
+    acc.add(reference, candidate)
+    result = acc.result()
+    assert result.mean_abs_error == pytest.approx((8 * 1.0 + 8 * (1 + 10 + 1 + 1)) / (8 + 32))
+    assert result.elements == 8 + 32
+    assert result.top1_agreement == 0.0  # 8 comparable rows, none agree
