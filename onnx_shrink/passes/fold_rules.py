@@ -64,13 +64,20 @@ def _domain(domain: str) -> str:
     return "" if domain == "ai.onnx" else domain
 
 
-UNSAFE = frozenset({"MaterializeReshapeShape"})
-"""onnxscript 0.7.2 default rules fold leaves out. MaterializeReshapeShape makes a computed
-Reshape shape the constant of its output's shape as annotated, and a graph output's
-annotation is the exporter's word, sometimes stale: ddddocr 1.6.1's OCR output (20, 1, 8210)
-became (1, 164200). It also writes ``allowzero=1``, an attribute of Reshape-14, into any
-opset: onnxruntime refused the folded opset-12 model. ``fold_reshape`` makes constant the
-shapes it can prove; onnxruntime folds the rest when it loads the model."""
+UNSAFE = frozenset({"MaterializeReshapeShape", "SlicesSplit"})
+"""onnxscript 0.7.2 default rules fold leaves out.
+
+* MaterializeReshapeShape makes a computed Reshape shape the constant of its output's shape
+  as annotated, and a graph output's annotation is the exporter's word, sometimes stale:
+  ddddocr 1.6.1's OCR output (20, 1, 8210) became (1, 164200). It also writes
+  ``allowzero=1``, an attribute of Reshape-14, into any opset: onnxruntime refused the folded
+  opset-12 model. ``fold_reshape`` makes constant the shapes it can prove; onnxruntime folds
+  the rest when it loads the model.
+* SlicesSplit turns ``x[0:h]`` and ``x[h:2h]`` into one Split where the first Slice was: where
+  the second half's Slice and its readers come first (tf2onnx's SpaceToBatch code in afis
+  1.2.7's LEADER), they then read the Split before it is made, and it writes ``num_outputs``,
+  an attribute of Split-18, into any opset. The fold's checks refused every such graph and
+  kept the model unfolded."""
 
 
 def _identity(op, x, **_):

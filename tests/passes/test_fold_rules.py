@@ -141,3 +141,31 @@ def test_fold_keeps_a_log_epsilon_so_silence_stays_finite():
     got = run_ort(folded.SerializeToString(), x)[0]
     assert np.isfinite(got).all()
     np.testing.assert_array_equal(got, run_ort(proto.SerializeToString(), x)[0])
+
+
+@pytest.mark.parametrize("opset", [17, 18])
+def test_fold_keeps_its_work_where_the_second_half_slice_comes_first(opset):
+    """onnxscript's SlicesSplit put one Split where the first half's Slice was, after the
+    second half's readers (afis 1.2.7's LEADER, from tf2onnx), and wrote Split-18's
+    ``num_outputs`` at opset 17: fold's checks refused the graph and kept it unfolded."""
+    import onnx
+
+    from onnx_shrink.passes.fold import FoldPass
+
+    text = f"""
+    <ir_version: 8, opset_import: ["" : {opset}]>
+    g (float[1, 3, 8] x) => (float[1, 3, 4] y)
+    <int64[1] s0 = {{0}}, int64[1] s4 = {{4}}, int64[1] s8 = {{8}}, int64[1] ax = {{-1}},
+     float one = {{1.0}}> {{
+      b = Slice(x, s4, s8, ax)
+      sb = Sigmoid(b)
+      a = Slice(x, s0, s4, ax)
+      ra = Relu(a)
+      m = Mul(ra, sb)
+      y = Mul(m, one)
+    }}
+    """
+    result = FoldPass()(io.load(parse(text)))
+    assert result.modified  # x * 1 is gone
+    assert [n.op_type for n in result.model.graph] == ["Slice", "Sigmoid", "Slice", "Relu", "Mul"]
+    onnx.checker.check_model(onnx.load_from_string(io.to_bytes(result.model)), full_check=True)
