@@ -169,7 +169,8 @@ class LowRankPass(DataAwarePass):
         300.0,
         "budget_metric=model-output: about the time the measurements may take; past it, "
         "fewer ranks per layer are measured (each layer's middle rank at least, then its "
-        "grid's ends; inf: no limit)",
+        "grid's ends; inf: no limit). The statistics held_out needs, one collection per half "
+        "of the samples, come on top",
         minimum=0.0,
         infinite=True,
     )
