@@ -7,7 +7,8 @@ tested with hand-made statistics.
 
 Every result is exact whatever the batching: min/max and counts are exact, histograms use
 fixed edges decided from a fixed prefix of the samples (extended by bins of the same width when
-later values pass them) and fixed lattices, and sums accumulate in float64.
+later values pass them) and lattices fixed by each sample's place in the data, and sums
+accumulate in float64.
 Non-finite values (the -inf of an additive attention mask) are counted, never folded into a
 range.
 """
@@ -234,7 +235,8 @@ class HistogramAccumulator:
         return np.float32(self.edges[0] + width / 2), np.float32(width)
 
     def add(self, array: np.ndarray) -> None:
-        """Count one sample's tensor (its lattice when ``stride`` > 1), finite values only."""
+        """Count one tensor's finite values, every ``stride``-th from its first: the lattice of
+        the first sample (``collect`` shifts the later samples')."""
         self.add_values(np.asarray(array).ravel()[:: self.stride])
 
     def add_values(self, values: np.ndarray, weight: float = 1.0) -> None:

@@ -197,12 +197,13 @@ class _Pass:
         kept = max(1, sum(array.nbytes for array in self._probed[0].values()))
         self._probe_items = max(0, min(PROBE_SAMPLES, PROBE_BYTES // kept) - 1)
         probe = itertools.islice(samples, self._probe_items)
-        for batch, outputs in self._runs(self._grouped(probe), lattices, first_sample=1):
+        probing = self._runs(self._grouped(probe), lattices, first_sample=first.samples)
+        for batch, outputs in probing:
             self._fold(batch, outputs)
             self._keep(outputs, batch.samples)
         self._fix_edges()
         bins = [self.names[r].bins for r in self.requests]
-        counting = self._runs(self._grouped(samples), bins, True, self.probe_samples)
+        counting = self._runs(self._grouped(samples), bins, True, first_sample=self.probe_samples)
         for batch, outputs in counting:
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():

@@ -9,16 +9,19 @@ bin width of each request are graph *inputs*, so one session serves the probe (b
 exist), the counting pass and any recount over wider edges.
 
 The lattice shifts from sample to sample. Sample ``k``'s part (``elements`` of them) starts at
-``(-k * elements) mod stride``: the lattice of all samples laid end to end, every
-``stride``-th element from the first sample's first. A fixed lattice visited the same
-positions in every sample, so a value that sits at one position in every sample (a
-transformer's massive activation: one channel of the class token) was counted in every
-sample or in none; the stride is a prime that does not divide ``elements``, so the shift
-takes every value from 0 to stride - 1 over any ``stride`` consecutive samples. The graph
-computes the start from two more inputs, the number of samples in the run (``RUN_SAMPLES``,
-each ``elements`` = size / RUN_SAMPLES: the first axis holds the samples) and the run's first
-sample's index, negated (``MINUS_FIRST_SAMPLE``): a run of several samples counts what they
-would count one at a time.
+``(-k * elements) mod stride``: where samples have one size, the lattice of all samples laid end
+to end, every ``stride``-th element from the first sample's first. A fixed lattice visited the
+same positions in every sample, so a value that sits at one position in every sample (a
+transformer's massive activation: one channel of the class token) was counted in every sample or
+in none; the stride is a prime that does not divide the first sample's size, so over any
+``stride`` consecutive samples of that size the shift takes every value from 0 to stride - 1 (a
+sample of a size the stride divides starts at 0). The graph computes the start from two more
+inputs, the number of samples in the run (``RUN_SAMPLES``, each ``elements`` = size /
+RUN_SAMPLES: the first axis holds the samples) and the run's first sample's index, negated
+(``MINUS_FIRST_SAMPLE``): a run of several samples counts what they would count one at a time.
+The tensor is first cut into RUN_SAMPLES rows, so a tensor that does not grow with the run (a
+constant, a position table) fails the joined run, whose samples then run one at a time, instead
+of being counted once for all of them.
 """
 
 from __future__ import annotations
@@ -167,9 +170,10 @@ def _range_nodes(graph: ir.Graph, x: ir.Value, careful: bool) -> list[ir.Value]:
 @dataclasses.dataclass(frozen=True)
 class _LatticeConstants:
     """What every histogram's nodes share, added once: fewer nodes to build, serialize and
-    hand to onnxruntime (PP-OCRv4 det: 1772 -> 1106)."""
+    hand to onnxruntime."""
 
     samples: ir.Value  # RUN_SAMPLES
+    rows: ir.Value  # [RUN_SAMPLES, -1]: one row per sample
     minus_first: ir.Value  # MINUS_FIRST_SAMPLE
     flat: ir.Value  # [-1]
     end: ir.Value  # [int64 max]
@@ -184,10 +188,13 @@ class _LatticeConstants:
             # ir.Tensor: ir.tensor's Protocol isinstance check costs ~0.1 ms per constant.
             return tape.op("Constant", [], attributes={"value": ir.Tensor(value)})
 
+        samples = _graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1])
+        flat = const(np.array([-1], np.int64))
         return cls(
-            samples=_graph_input(graph, RUN_SAMPLES, ir.DataType.INT64, [1]),
+            samples=samples,
+            rows=tape.op("Concat", [samples, flat], attributes={"axis": 0}),
             minus_first=_graph_input(graph, MINUS_FIRST_SAMPLE, ir.DataType.INT64, [1]),
-            flat=const(np.array([-1], np.int64)),
+            flat=flat,
             end=const(np.array([np.iinfo(np.int64).max], np.int64)),
             axis=const(np.array([0], np.int64)),
             zero=const(np.zeros((), st.HistogramAccumulator.INDEX_TYPE)),
@@ -206,7 +213,8 @@ def _histogram_nodes(
     # A float tensor is used as it is: a Cast to its own type would still copy it.
     if x.dtype != ir.DataType.FLOAT:
         x = tape.op("Cast", [x], attributes={"to": ir.DataType.FLOAT})
-    flat = tape.op("Reshape", [x, shared.flat])
+    # Rows first: a run's tensor that is not RUN_SAMPLES parts fails here (see the module doc).
+    flat = tape.op("Reshape", [tape.op("Reshape", [x, shared.rows]), shared.flat])
     # (-first * elements) mod stride; ONNX's integer Mod takes the divisor's sign.
     elements = tape.op("Div", [tape.op("Size", [flat]), shared.samples])
     start = tape.op("Mod", [tape.op("Mul", [elements, shared.minus_first]), stride])

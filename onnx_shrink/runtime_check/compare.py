@@ -400,7 +400,8 @@ def judge(
             )
         if tolerances.elementwise and out.outside_tolerance:
             failures.append(
-                f"output '{out.name}': {out.outside_tolerance} of {out.elements} elements exceed "
+                f"output '{out.name}': {out.outside_tolerance} of "
+                f"{out.elements + out.nan_count + out.inf_count} elements exceed "
                 f"atol={tolerances.atol or 0:g} + rtol={tolerances.rtol or 0:g}*|ref| "
                 f"(max abs error {out.max_abs_error:.3g})"
             )

@@ -515,7 +515,7 @@ def test_histograms_share_their_lattice_constants_in_the_graph():
     requests = [StatRequest("y", "histogram", bins=b) for b in (16, 32, 64)]
     model = cg.instrument(_identity_model(), [], [], requests)
     ops = [node.op_type for node in model.graph]
-    assert ops.count("Concat") == 0 and ops.count("Constant") == 4
+    assert ops.count("Concat") == 1 and ops.count("Constant") == 4
     assert ops.count("Slice") == ops.count("QuantizeLinear") == 3
 
 
@@ -556,3 +556,56 @@ def test_the_instrumented_graph_is_in_order_with_a_histogram_of_an_input():
     for node in graph:
         assert all(v is None or v.name in known for v in node.inputs), node
         known.update(v.name for v in node.outputs)
+
+
+def test_a_tensor_that_does_not_grow_with_the_run_is_counted_per_sample(tmp_path, monkeypatch):
+    """A histogram of a [1, 1001] tensor in a model of dynamic batch: a joined run of 8
+    counted it once for all 8 samples (its lattice's start divided its size by 8); cut into
+    RUN_SAMPLES rows first, such a run fails and its samples run one at a time."""
+    w = np.random.default_rng(1).normal(size=(1, 1001)).astype(np.float32)
+    values = ", ".join(f"{v:.6f}" for v in w.ravel())
+    model = io.load(
+        parse(f"""
+    <ir_version: 8, opset_import: ["" : 17]>
+    g (float[N, 1001] x) => (float[N, 1001] y, float[1, 1001] c) {{
+      w = Constant <value = float[1, 1001] {{{values}}}> ()
+      c = Relu(w)
+      y = Add(x, c)
+    }}
+    """)
+    )
+    np.savez(tmp_path / "d.npz", x=np.ones((40, 1001), np.float32))
+    request = StatRequest("c", "histogram", bins=64, per_sample=100, later_per_sample=20)
+    results = []
+    for run_samples in (1, 8):
+        monkeypatch.setattr(collect, "MAX_RUN_SAMPLES", run_samples)
+        dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+        results.append(collect.collect(model, [request], dataset).histogram("c"))
+    alone, joined = results
+    np.testing.assert_array_equal(alone.counts, joined.counts)
+    assert alone.total == pytest.approx(40 * 1001 / 17, rel=0.01)  # 7, 11, 13 divide 1001
+
+
+@pytest.mark.parametrize("spike", [1000.0, np.inf])
+def test_a_recount_shifts_the_lattice_as_the_first_count_did(tmp_path, monkeypatch, spike):
+    """A value far past the probe's edges (or inf) sends the histogram to a recount over the
+    exact range, on the graph's bin indices (or on the lattice's values): its lattice starts
+    where each sample's did, whatever the runs."""
+    model = _identity_model(columns=1000)
+    x = np.random.default_rng(7).normal(0.0, 1.0, (44, 1000)).astype(np.float32)
+    x[:, 1] = 8.0  # position 1: on the lattice of one sample in 11
+    x[30, 500] = spike  # after the probe
+    np.savez(tmp_path / "d.npz", x=x)
+    request = StatRequest("y", "histogram", bins=256, per_sample=100, later_per_sample=20)
+    results = []
+    for run_samples in (1, 8):
+        monkeypatch.setattr(collect, "MAX_RUN_SAMPLES", run_samples)
+        dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+        results.append(collect.collect(model, [StatRequest("y", "minmax"), request], dataset))
+    alone, joined = (r.histogram("y") for r in results)
+    np.testing.assert_array_equal(alone.counts, joined.counts)
+    # Position 1 is on sample k's lattice where (-1000 k) mod 11 == 1 (stride 11 in the probe)
+    # or (-1000 k) mod 53 == 1 (stride 53 after it, each element weighing 53 / 11).
+    hits = sum(1.0 for k in range(16) if (-1000 * k) % 11 == 1)
+    hits += sum(53 / 11 for k in range(16, 44) if (-1000 * k) % 53 == 1)
+    assert alone.counts[np.searchsorted(alone.edges, 8.0, side="right") - 1] >= hits

@@ -163,3 +163,18 @@ def test_nan_both_models_hold_is_left_out_of_the_mean_and_of_top1():
     assert result.mean_abs_error == pytest.approx((8 * 1.0 + 8 * (1 + 10 + 1 + 1)) / (8 + 32))
     assert result.elements == 8 + 32
     assert result.top1_agreement == 0.0  # 8 comparable rows, none agree
+
+
+def test_elements_out_of_tolerance_are_told_of_every_element_the_reference_holds_finite():
+    """Candidate NaN where the reference is finite count as out of tolerance; the message
+    read '7 of 2 elements' when its total counted only the elements finite in both."""
+    from onnx_shrink.runtime_check.compare import judge
+
+    reference = np.zeros((1, 9), np.float32)
+    candidate = np.full((1, 9), np.nan, np.float32)
+    candidate[0, :2] = 0.0
+    tolerances = Tolerances(atol=0.01)
+    acc = ErrorAccumulator("y", tolerances)
+    acc.add(reference, candidate)
+    messages = judge([acc.result()], None, None, tolerances)
+    assert any("7 of 9 elements exceed" in m for m in messages), messages

@@ -118,8 +118,9 @@ class QuantPass(DataAwarePass):
     )
     histogram_elements: int = option(
         65536,
-        "count about this many elements of each sample per histogram, on a fixed lattice "
-        "(0: every element of every sample; ranges stay exact either way)",
+        "count about this many elements of each sample per histogram, on a lattice that "
+        "starts elsewhere in each sample (0: every element of every sample; ranges stay exact "
+        "either way)",
         minimum=0,
     )
     histogram_elements_later: int = option(
