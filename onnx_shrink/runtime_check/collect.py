@@ -203,7 +203,9 @@ class _Pass:
             self._keep(outputs, batch.samples)
         self._fix_edges()
         bins = [self.names[r].bins for r in self.requests]
-        counting = self._runs(self._grouped(samples), bins, True, first_sample=self.probe_samples)
+        counting = self._runs(
+            self._grouped(samples), bins, later=True, first_sample=self.probe_samples
+        )
         for batch, outputs in counting:
             self._fold(batch, outputs)
             for request, counter in self.histograms.items():

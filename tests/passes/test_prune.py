@@ -22,7 +22,7 @@ from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, Sta
 from onnx_shrink.passes import reconstruct
 from onnx_shrink.passes.prune import PrunePass, sparse_break_even
 from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
-from tests.helpers import run_ort
+from tests.helpers import make_model, run_ort
 
 
 def _out(name: str, rank: int) -> onnx.ValueInfoProto:
@@ -571,23 +571,20 @@ def test_each_skipped_layer_is_said_once(caplog):
     """The pass's requests and its apply both find the layers: only apply says why each
     one was left (``-v`` printed every skip line twice)."""
     from onnx import helper as oh
-    from onnx import numpy_helper as onh
 
     rng = np.random.default_rng(0)
-    graph = oh.make_graph(
+    proto = make_model(
         [
             oh.make_node("MatMul", ["x", "W"], ["m"], name="small"),
             oh.make_node("MatMul", ["m", "V"], ["y"], name="big"),
         ],
-        "g",
         [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 8])],
         [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 256])],
-        [
-            onh.from_array(rng.standard_normal((8, 64)).astype(np.float32), "W"),
-            onh.from_array(rng.standard_normal((64, 256)).astype(np.float32), "V"),
-        ],
+        {
+            "W": rng.standard_normal((8, 64)).astype(np.float32),
+            "V": rng.standard_normal((64, 256)).astype(np.float32),
+        },
     )
-    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8)
     with caplog.at_level(logging.INFO):
         PrunePass()(io.load(proto))
     assert caplog.text.count("prune: skipping small (W)") == 1

@@ -479,23 +479,23 @@ def test_embedding_tables_are_ranked_like_the_plans_layers():
     """A Gather quant stores as int8 rows (rule 6) is a quantized layer of its own: measured
     alone and ranked, with the MatMul the plan quantizes."""
     import onnx.helper as oh
-    import onnx.numpy_helper as onh
+
+    from tests.helpers import make_model
 
     rng = np.random.default_rng(0)
-    graph = oh.make_graph(
+    proto = make_model(
         [
             oh.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
             oh.make_node("MatMul", ["e", "W"], ["y"], name="dense"),
         ],
-        "g",
         [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 5])],
         [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 5, 64])],
-        [
-            onh.from_array(rng.standard_normal((256, 32)).astype(np.float32), "table"),
-            onh.from_array(rng.standard_normal((32, 64)).astype(np.float32), "W"),
-        ],
+        {
+            "table": rng.standard_normal((256, 32)).astype(np.float32),
+            "W": rng.standard_normal((32, 64)).astype(np.float32),
+        },
     )
-    model = io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
+    model = io.load(proto)
     ids = rng.integers(0, 256, (16, 5)).astype(np.int64)
     dataset = data_mod.prepare(data_mod.specs_from_model(model), {"ids": ids})
     report = layer_sensitivity(model, QuantPass(), dataset)
