@@ -170,7 +170,11 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
     def run(session, label: str, batch: data_mod.Batch, outputs, hint: str, error):
         feed = sessions.fitted_feed(session, batch.feed)
         failed = f"{label} failed on {sample}"
-        return sessions.run(session, feed, outputs, failed=failed, hint=hint, error=error)
+        # Released after each run: the latency below times these sessions again, and a
+        # session kept at its largest run's memory beside the other doubled the check's peak.
+        return sessions.run(
+            session, feed, outputs, failed=failed, hint=hint, error=error, release_memory=True
+        )
 
     unfit = data_mod.unfit_hint(dataset)
 

@@ -2,10 +2,17 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import onnx
 import pytest
 
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sessions
+from tests.helpers import make_model
 
 # What onnxruntime-gpu 1.31 printed on an H100 for cuda:device_id=3 (then ran on CPU).
 BANNER = (
@@ -108,3 +115,47 @@ def test_sessions_made_at_once_leave_stdout_as_it_was(monkeypatch):
     for thread in threads:
         thread.join()
     assert sys.stdout is real
+
+
+SECOND_RUN_GROWTH = """
+import sys
+import numpy as np
+from onnx_shrink.runtime_check import sessions
+
+def resident():
+    with open("/proc/self/status", encoding="ascii") as status:
+        return int(next(line for line in status if line.startswith("VmRSS:")).split()[1]) * 1024
+
+session = sessions.create_session(open(sys.argv[1], "rb").read())
+feed = {"x": np.ones((1, 65536), np.float32)}
+grown = []
+for _ in range(2):
+    out = sessions.run(session, feed, failed="toy", release_memory=sys.argv[2] == "release")
+    assert float(out["y"]) == 256 * 65536
+    del out  # a run's outputs alive through the next run keep its arena from doubling
+    grown.append(resident())
+print(grown[1] - grown[0])
+"""
+
+
+@pytest.mark.skipif(not Path("/proc/self/status").exists(), reason="reads Linux's VmRSS")
+def test_a_releasing_run_leaves_the_arena_as_it_found_it_and_a_plain_one_grows_it(tmp_path):
+    # A 64 MiB intermediate (the input tiled 256 times) reduced to one number. A plain second
+    # run takes 64 MiB more (onnxruntime's memory pattern allocates the run's tensors as one
+    # block beside the chunks the arena kept); a releasing one does not. Each in a fresh
+    # process: memory another test freed would hide the growth.
+    x = onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 65536])
+    y = onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])
+    nodes = [
+        onnx.helper.make_node("Tile", ["x", "reps"], ["big"]),
+        onnx.helper.make_node("ReduceSum", ["big"], ["y"], keepdims=0),
+    ]
+    path = tmp_path / "tile.onnx"
+    onnx.save(make_model(nodes, [x], [y], {"reps": np.array([256, 1], np.int64)}), path)
+
+    def growth(mode: str) -> int:
+        child = [sys.executable, "-c", SECOND_RUN_GROWTH, str(path), mode]
+        return int(subprocess.run(child, capture_output=True, text=True, check=True).stdout)
+
+    assert growth("plain") > 48 * 2**20  # the premise
+    assert growth("release") < 16 * 2**20
