@@ -220,9 +220,12 @@ def run(
             onnxruntime's first line and ``hint`` (what the user can do).
     """
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
-    options = RELEASING_RUN if release_memory and _has_cpu_arena(session) else None
+    releasing = release_memory and _has_cpu_arena(session)
     try:
-        arrays = session.run(names, {**feed, **(extra or {})}, options)
+        feeds = {**feed, **(extra or {})}
+        arrays = (
+            session.run(names, feeds, RELEASING_RUN) if releasing else session.run(names, feeds)
+        )
     except Exception as e:  # onnxruntime raises several unrelated exception types
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(
