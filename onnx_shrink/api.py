@@ -99,6 +99,9 @@ class CheckOptions:
     provider: str = "cpu"
     layers: bool = False
     latency_runs: int = 30
+    latency_seconds: float | None = check_mod.LATENCY_SECONDS
+    """seconds of timed latency runs after which the timing stops, once 5 pairs are timed
+    (None: all ``latency_runs``)"""
     verify_each: bool = False
     """compare after every pass and roll back a pass that breaks the tolerances"""
     strict: bool = False
@@ -354,6 +357,7 @@ def _check_candidate(
             provider=options.provider,
             layers=options.layers,
             latency_runs=options.latency_runs,
+            latency_seconds=options.latency_seconds,
         )
     except (RunFailedError, DataError) as e:  # DataError: a later sample that does not fit
         if output_path is None:

@@ -130,6 +130,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         provider=args.ep,
         layers=args.layers,
         latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
+        latency_seconds=_latency_seconds(args),
         verify_each=args.verify_each,
         strict=args.strict,
     )
@@ -209,6 +210,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             provider=args.ep,
             layers=args.layers,
             latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
+            latency_seconds=_latency_seconds(args),
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
@@ -246,6 +248,11 @@ def _int_list(text: str, option: str) -> list[int]:
     if any(v < 1 for v in values):
         raise ShrinkError(f"{option} values must be at least 1, got {text!r}")
     return values
+
+
+def _latency_seconds(args: argparse.Namespace) -> float | None:
+    """The latency's time budget: the check's default, none where --runs says how many."""
+    return checker.LATENCY_SECONDS if args.runs is None else None
 
 
 def _refuse_idle_flags(args: argparse.Namespace) -> None:

@@ -12,6 +12,7 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import Tolerances
 
 DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
+LATENCY_SECONDS = CheckOptions().latency_seconds
 
 # `check` exists to give a verdict: without tolerances it uses these (printed in --help).
 CHECK_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01).as_default()
@@ -69,7 +70,10 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     )
     group.add_argument("--layers", action="store_true", help="localize error per layer")
     group.add_argument(
-        "--runs", type=int, help=f"latency runs of each model (default {DEFAULT_LATENCY_RUNS})"
+        "--runs",
+        type=int,
+        help=f"latency runs of each model (default: {DEFAULT_LATENCY_RUNS}, fewer where they "
+        f"take over {LATENCY_SECONDS:.0f} s; given, exactly that many)",
     )
     _add_reports(group)
 

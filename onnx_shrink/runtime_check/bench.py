@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import resource
 import statistics
@@ -26,6 +27,8 @@ from onnx_shrink.compiler import io
 from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -137,6 +140,10 @@ def measure_latency(
     return LatencyStats.from_seconds([time_run(session, feed) for _ in range(runs)], batch, threads)
 
 
+MIN_TIMED_PAIRS = 5
+"""Pairs ``compare_latency`` times at least, whatever its time budget"""
+
+
 def compare_latency(
     reference: ort.InferenceSession,
     candidate: ort.InferenceSession,
@@ -147,13 +154,20 @@ def compare_latency(
     warmup: int = 3,
     batch: int = 1,
     threads: int | None = None,
+    max_seconds: float | None = None,
 ) -> LatencyComparison:
     """Time both sessions alternately ``runs`` times after ``warmup`` runs of each (the
-    candidate on ``candidate_feed`` when its inputs differ: float16 ones)."""
+    candidate on ``candidate_feed`` when its inputs differ: float16 ones).
+
+    ``max_seconds`` (None: no limit) bounds the timing on slow runs: the warm-up stops once it
+    took a quarter of it (after one pair), the timed pairs once they took all of it (after
+    ``MIN_TIMED_PAIRS``, or ``runs`` if fewer). The stats say how many runs were timed."""
     cand_feed = feed if candidate_feed is None else candidate_feed
+    spent = 0.0
     for _ in range(warmup):
-        time_run(reference, feed)
-        time_run(candidate, cand_feed)
+        spent += time_run(reference, feed) + time_run(candidate, cand_feed)
+        if max_seconds is not None and spent >= max_seconds / 4:
+            break
     ref_times, cand_times, ratios = [], [], []
     for i in range(runs):
         # Alternate which model goes first so neither always inherits a warm cache.
@@ -164,6 +178,17 @@ def compare_latency(
         ref_times.append(ref)
         cand_times.append(cand)
         ratios.append(cand / ref if ref > 0 else float("nan"))
+        over = max_seconds is not None and sum(ref_times) + sum(cand_times) >= max_seconds
+        if over and i + 1 >= MIN_TIMED_PAIRS and i + 1 < runs:
+            logger.info(
+                "latency: %d of %d runs of each model timed: they took %.0f s, past the %.0f s "
+                "budget (--runs N times exactly N)",
+                i + 1,
+                runs,
+                sum(ref_times) + sum(cand_times),
+                max_seconds,
+            )
+            break
     return LatencyComparison(
         reference=LatencyStats.from_seconds(ref_times, batch, threads),
         candidate=LatencyStats.from_seconds(cand_times, batch, threads),

@@ -214,6 +214,11 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
     return report, first[0]
 
 
+LATENCY_SECONDS = 30.0
+"""The check's default budget for timed latency runs: a batch of 16 fingerprints at 256x256
+(LEADER) runs 2.5 s, so 30 pairs and the warm-up took 165 s; within the budget, 45 s."""
+
+
 RUN_TIME_SCALES = frozenset(
     {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
 )
@@ -248,8 +253,12 @@ def check(
     provider: str = "cpu",
     layers: bool = False,
     latency_runs: int = 30,
+    latency_seconds: float | None = LATENCY_SECONDS,
 ) -> CheckReport:
-    """Numerics, optional per-layer localization, alternate-run latency and sizes."""
+    """Numerics, optional per-layer localization, alternate-run latency and sizes.
+
+    The latency times ``latency_runs`` pairs, fewer (at least ``bench.MIN_TIMED_PAIRS``)
+    where they take more than ``latency_seconds`` (None: no limit)."""
     started = time.perf_counter()
     with contextlib.ExitStack() as stack:
         pair = _open(reference, candidate, data, labels, input_shapes, provider)
@@ -272,6 +281,7 @@ def check(
             candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
             batch=timed.samples,
+            max_seconds=latency_seconds,
         )
     return CheckReport(
         reference=ref.label,

@@ -11,6 +11,7 @@ import pytest
 from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink.errors import RunFailedError
+from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
 from tests.helpers import parse, reflect_pad_model, save_proto
@@ -366,3 +367,15 @@ def test_a_candidate_quantizing_activations_at_run_time_is_checked_one_sample_a_
     report = compare(reference, candidate, tmp_path / "x.npz")
     assert report.samples == 8
     assert report.outputs[0].mean_abs_error == pytest.approx(want, rel=1e-4)
+
+
+def test_the_latency_stops_at_its_budget_after_the_fewest_pairs_and_not_without_one(caplog):
+    # A budget of 0 s is spent by the first pair: the timing stops after MIN_TIMED_PAIRS.
+    caplog.set_level("INFO", logger="onnx_shrink")
+    budget = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=12, latency_seconds=0)
+    assert budget.latency.reference.runs == budget.latency.candidate.runs == MIN_TIMED_PAIRS
+    assert f"latency: {MIN_TIMED_PAIRS} of 12 runs of each model timed" in caplog.text
+    every = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=12, latency_seconds=None)
+    assert every.latency.reference.runs == every.latency.candidate.runs == 12
+    fewer = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=3, latency_seconds=0)
+    assert fewer.latency.reference.runs == 3  # fewer asked than the fewest: what was asked

@@ -9,6 +9,8 @@ import numpy as np
 from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink import console
+from onnx_shrink.runtime_check import checker
+from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from tests.helpers import reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH
@@ -247,3 +249,14 @@ def test_bench_runs_whole_samples_as_they_are_and_refuses_other_batches(tmp_path
     assert timed == [(200, 4)]
     with pytest.raises(DataError, match="only batch size 1"):
         bench.benchmark(tmp_path / "m.onnx", data=tmp_path / "d.npz", batch_sizes=(1, 8))
+
+
+def test_check_runs_given_are_timed_all_whatever_they_take(run_cli, tmp_path, monkeypatch):
+    # Without --runs the check's budget applies (0 s here: the fewest pairs); --runs N times N.
+    monkeypatch.setattr(checker, "LATENCY_SECONDS", 0.0)
+    report = tmp_path / "r.json"
+    base = ("check", digits.MODEL_PATH, digits.MODEL_PATH, "--data", DATA, "--report", report)
+    assert run_cli(*base).code == 0
+    assert json.loads(report.read_text())["latency"]["reference"]["runs"] == MIN_TIMED_PAIRS
+    assert run_cli(*base, "--runs", "7").code == 0
+    assert json.loads(report.read_text())["latency"]["reference"]["runs"] == 7
