@@ -105,12 +105,33 @@ def measure(
     unpacked = _unpacked_elements(nodes)
     return ModelStats(
         nodes=len(nodes),
-        params=sum(unpacked.get(id(t), math.prod(t.shape.numpy())) for t in tensors),
+        params=sum(unpacked.get(id(t), math.prod(t.shape.numpy())) for t in tensors)
+        + sum(map(_attribute_params, nodes)),
         tensor_bytes=sum(t.nbytes for t in tensors),
         macs=sum(known.values()),
         nodes_without_macs=unknown,
         op_types=dict(collections.Counter(n.op_type for n in nodes).most_common()),
     )
+
+
+ML_DOMAIN = "ai.onnx.ml"
+
+
+def _attribute_params(node: ir.Node) -> int:
+    """Learned values an ``ai.onnx.ml`` node holds in its attributes: a tree ensemble's split
+    thresholds and leaf weights, a linear model's coefficients (float lists and tensors; the
+    integer ones, its tree structure, feature ids and split modes, are not counted)."""
+    if node.domain != ML_DOMAIN:
+        return 0
+    count = 0
+    for attr in node.attributes.values():
+        if attr.is_ref():
+            continue
+        if attr.type == ir.AttributeType.FLOATS:
+            count += len(attr.value)
+        elif attr.type == ir.AttributeType.TENSOR and attr.value.dtype.is_floating_point():
+            count += math.prod(attr.value.shape.numpy())  # not nodes_modes' uint8 codes
+    return count
 
 
 def _unpacked_elements(nodes: Sequence[ir.Node]) -> dict[int, int]:

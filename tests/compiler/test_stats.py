@@ -617,3 +617,38 @@ def test_a_bodys_symbolic_first_axis_is_not_a_bound():
         observe=lambda _model: runs.append(1) or (lambda: None),
     )
     assert runs == []
+
+
+def test_a_tree_ensembles_params_are_its_split_thresholds_and_leaf_weights():
+    # Stored as attributes: nodes_values (the 3 splits' thresholds, 0 for the 4 leaves) and
+    # the 4 leaf weights of a depth-2 tree; the int lists (tree structure, feature ids) and
+    # the modes are not learned values.
+    f = onnx.TensorProto.FLOAT
+    tree = oh.make_node(
+        "TreeEnsembleRegressor",
+        ["x"],
+        ["y"],
+        domain="ai.onnx.ml",
+        n_targets=1,
+        nodes_treeids=[0] * 7,
+        nodes_nodeids=list(range(7)),
+        nodes_featureids=[0, 1, 1, 0, 0, 0, 0],
+        nodes_modes=["BRANCH_LEQ"] * 3 + ["LEAF"] * 4,
+        nodes_values=[0.5, -1.0, 2.0, 0.0, 0.0, 0.0, 0.0],
+        nodes_truenodeids=[1, 3, 5, 0, 0, 0, 0],
+        nodes_falsenodeids=[2, 4, 6, 0, 0, 0, 0],
+        target_treeids=[0] * 4,
+        target_nodeids=[3, 4, 5, 6],
+        target_ids=[0] * 4,
+        target_weights=[1.0, 2.0, 3.0, 4.0],
+    )
+    graph = oh.make_graph(
+        [tree],
+        "g",
+        [oh.make_tensor_value_info("x", f, [None, 2])],
+        [oh.make_tensor_value_info("y", f, [None, 1])],
+    )
+    opsets = [oh.make_opsetid("", 17), oh.make_opsetid("ai.onnx.ml", 3)]
+    model = oh.make_model(graph, opset_imports=opsets, ir_version=8)
+    onnx.checker.check_model(model, full_check=True)
+    assert stats.measure(ir.from_proto(model)).params == 7 + 4
