@@ -73,9 +73,12 @@ def sensitivity(
     started = time.perf_counter()
     base = model.clone()
     io.unshare_tensors(base)
-    names = {
-        copy: original.name or "" for original, copy in zip(model.graph, base.graph, strict=True)
-    }
+    names = {}
+    for original, copy in zip(model.graph, base.graph, strict=True):
+        names[copy] = original.name or ""
+        # The clone names a node whose name is None (node_Conv_0); an opset conversion then
+        # replaces the nodes, and that name would pass for the caller's below.
+        copy.name = original.name
     with contextlib.ExitStack() as stack:
         stack.enter_context(_quiet(*QUIET))
         data = data_mod.replayable(dataset, stack)

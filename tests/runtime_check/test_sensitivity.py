@@ -269,6 +269,23 @@ def test_unnamed_nodes_keep_their_label_when_quant_converts_the_opset():
     assert report.exclude_hint(3) is None
 
 
+@pytest.mark.parametrize("opset", [11, 17])
+def test_nodes_without_a_name_at_all_stay_unnamed_in_the_report_and_the_hint(opset):
+    """Found in an audit (CenterFace, opset 9, as fold leaves it): a node whose name is None,
+    not "", is given one by the model's clone (node_Conv_0); after the opset conversion
+    replaced the nodes, that name passed for the caller's, and the hint named nodes the model
+    does not have."""
+    proto = io.parse_bytes(io.to_bytes(_folded()))
+    proto.opset_import[0].version = opset
+    old = io.load(proto)
+    for node in old.graph:
+        node.name = None
+    report = layer_sensitivity(old, QuantPass(), _dataset(old))
+    assert report.layers and all(x.label.startswith("<unnamed ") for x in report.layers)
+    assert report.exclude_hint(3) is None
+    assert all(node.name is None for node in old.graph)
+
+
 def test_shrink_reports_the_sensitivity_of_the_model_before_quant():
     result = _digits_sensitivity()
     model = _folded()
