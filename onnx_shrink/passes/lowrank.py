@@ -232,10 +232,10 @@ class LowRankPass(DataAwarePass):
         factors = _ProbeFactors(self)
         result = []
         for node in nodes:
-            name = node.name
-            if not name or counts[name] > 1:
-                logger.warning("lowrank: %r has no unique name; its curve is not measured", name)
-                continue
+            name = _layer_key(node, counts)
+            # A unique node name lets the copy hold only what is downstream of the layer;
+            # without one (an unnamed node, as old torch exports have), the whole model.
+            anchors = (name,) if name == node.name else ()
             request = self._stat_request(node) if self.held_out else None
             ranks = _candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
             grid = ranks_mod.probe_grid(ranks, self.probe_ranks)
@@ -244,7 +244,7 @@ class LowRankPass(DataAwarePass):
                 key = _probe_key(name, rank)
                 remade = functools.partial(factors.edit, node, rank=rank) if request else None
                 requests = (request,) if request else ()
-                result.append(Probe(key, edit, remade, requests, (name,), priority))
+                result.append(Probe(key, edit, remade, requests, anchors, priority))
         return result
 
     def probe_budget(self) -> ProbeBudget | None:
@@ -374,7 +374,11 @@ class LowRankPass(DataAwarePass):
                 if self.activation_aware and len(layers) > 1:  # else nothing to measure
                     logger.warning("lowrank: no model-output measurements; budget_metric=weight")
                 metric = "weight"
-            errors = [_curve(layer, self.rank_multiple, metric, measured) for layer in layers]
+            graph = layers[0].node.graph if layers else None
+            counts = collections.Counter(n.name for n in graph or ())
+            errors = [
+                _curve(layer, self.rank_multiple, metric, measured, counts) for layer in layers
+            ]
             return _allocate(layers, errors, self.reduction, self.budget_unit, self.rank_multiple)
         keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
         return [
@@ -415,7 +419,7 @@ class _ProbeFactors:
         if last is None or last[0] is not node or last[1]() is not stats:
             last = self._last = (node, weakref.ref(stats), self._pass._layer(node, stats))
         a, b = self._pass._factors(last[2], rank)
-        return functools.partial(graph_mod.split_named, name=node.name, a=a, b=b)
+        return functools.partial(graph_mod.split_computing, output=node.outputs[0].name, a=a, b=b)
 
     def split(self, model: ir.Model, node: ir.Node, stats: Statistics, rank: int) -> None:
         self.edit(node, stats, rank)(model)
@@ -436,18 +440,28 @@ def _candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:
     return list(range(multiple, (k * n - 1) // (k + n) + 1, multiple))
 
 
-def _curve(layer: _Layer, multiple: int, metric: str, measured: Mapping[str, float]) -> np.ndarray:
-    """The layer's error at each option (its ranks, then dense) in ``metric``."""
+def _curve(
+    layer: _Layer,
+    multiple: int,
+    metric: str,
+    measured: Mapping[str, float],
+    counts: Mapping[str | None, int],
+) -> np.ndarray:
+    """The layer's error at each option (its ranks, then dense) in ``metric`` (``counts``:
+    the graph's node names, for ``_layer_key``)."""
     options = [*layer.ranks(multiple), None]
     if metric == "weight":
         return np.array([layer.weight_error(r) for r in options])
     local = np.array([layer.error(r) for r in options])
     if metric == "output":
         return local
-    name = layer.node.name or ""
+    name = _layer_key(layer.node, counts)
     points = {r: measured[_probe_key(name, r)] for r in options if _probe_key(name, r) in measured}
     if not points:
-        logger.warning("lowrank: no measured curve for %r; its output error counts as is", name)
+        logger.warning(
+            "lowrank: no measured curve for %r; its output error counts as is",
+            layer.node.name or name,
+        )
     local_at = {r: layer.error(r) for r in points}
     ranks = [r if r is not None else 0 for r in options]  # dense: local error 0, stays 0
     return ranks_mod.scale_by_measured(ranks, local, points, local_at)
@@ -469,6 +483,15 @@ def _allocate(
     ]
     choice = ranks_mod.allocate(costs, errors, reduction)
     return [opts[i] for opts, i in zip(options, choice, strict=True)]
+
+
+def _layer_key(node: ir.Node, counts: Mapping[str | None, int]) -> str:
+    """What a layer's probes are known by: its node's name where unique (``counts``: the
+    graph's node names), else the name of the value it computes (unique in the graph and
+    the same in every copy: an unnamed node, as old torch exports have, is measured too)."""
+    if node.name and counts[node.name] == 1:
+        return node.name
+    return node.outputs[0].name or ""
 
 
 def _probe_key(name: str, rank: int | None) -> str:

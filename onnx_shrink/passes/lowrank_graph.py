@@ -21,9 +21,10 @@ FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np
 SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
 
 
-def split_named(model: ir.Model, name: str, a: np.ndarray, b: np.ndarray) -> None:
-    """``split`` of the node called ``name`` (a probe's edit of a copy of the model)."""
-    node = next(n for n in model.graph if n.name == name)
+def split_computing(model: ir.Model, output: str, a: np.ndarray, b: np.ndarray) -> None:
+    """``split`` of the node that computes the value ``output`` (a probe's edit of a copy of
+    the model: value names are unique and copied, where a node may have no name)."""
+    node = next(n for n in model.graph if n.outputs and n.outputs[0].name == output)
     split(model.graph, node, a, b)
 
 

@@ -490,6 +490,36 @@ def test_model_output_probes_measure_each_layer_at_a_geometric_grid_of_ranks():
     assert model.graph.initializers["w0_lowrank_a"].const_value.shape == (96, 8)
 
 
+@pytest.mark.parametrize("unnamed", ["", None])
+def test_unnamed_layers_are_probed_by_the_value_they_compute(unnamed, caplog):
+    """Found in an audit (CenterFace, a torch 1.2 export): every layer of a model with unnamed
+    nodes was skipped ("None has no unique name") and the budget quietly fell back to the
+    weight error. Such layers are now known by their output; the edit finds them so."""
+    proto = _stack(2)
+    stats = _isotropic_stats(proto)
+    model = io.load(proto)
+    for node in model.graph:
+        node.name = unnamed
+    with caplog.at_level(logging.WARNING):
+        probes = LowRankPass(probe_ranks=4, held_out=False).probes(model, stats)
+    assert [p.key for p in probes] == [
+        f"lowrank:h{i}@{r}" for i in range(2) for r in (8, 16, 24, 48)
+    ]
+    assert all(p.nodes == () for p in probes) and not caplog.text
+    copy = model.clone()
+    probes[4].edit(copy)  # layer 1 at rank 8
+    assert copy.graph.initializers["w1_lowrank_a"].const_value.shape == (96, 8)
+    measured = _measured(proto, stats, {"mm0": 1.0, "mm1": 100.0})
+    by_output = {k.replace("mm", "h"): v for k, v in measured.probe_errors.items()}
+    with caplog.at_level(logging.WARNING):
+        plans = LowRankPass(reduction=0.4).plan(
+            model, dataclasses.replace(stats, probe_errors=by_output)
+        )
+    named = LowRankPass(reduction=0.4).plan(io.load(proto), measured)
+    assert [p.rank for p in plans] == [p.rank for p in named]
+    assert "no model-output measurements" not in caplog.text
+
+
 def test_held_out_probes_remake_their_edit_from_other_statistics():
     proto = _stack(2)
     stats = _isotropic_stats(proto)
