@@ -132,11 +132,13 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         model: ir.Model,
         context: WeightContext | None = None,
         nodes: Collection[ir.Node] | None = None,
+        owner: str | None = None,
     ) -> int:
         """Rules 1-7, and rule 8's float16 scales but not its storage; the number of nodes
         quantized. ``quant`` quantizes what its statistics cannot reach with this, then stores
         the whole model narrow once; with ``nodes``, only those (``quant.only``: the
-        sensitivity report measures such a node alone)."""
+        sensitivity report measures such a node alone). ``owner``: the pass named in what is
+        logged (None: this one)."""
         context = context or self.context(model)
         count = 0
         for node in self._selected(model, context, nodes):
@@ -149,7 +151,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         if count and self.fused:
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if "LSTM" in self.op_types:
-            recurrent.log_float_only(self.name, nodes_of(model, recurrent.FLOAT_ONLY))
+            float_only = nodes_of(model, recurrent.FLOAT_ONLY)
+            recurrent.log_float_only(owner or self.name, model, float_only)
         context.drop_dead_weights()
         logger.info("%s: quantized %d nodes", self.name, count)
         return count

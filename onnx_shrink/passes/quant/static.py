@@ -451,7 +451,7 @@ class QuantPass(DataAwarePass):
         if chosen is not None and not chosen:
             return False
         for op_type in self._main_graph_dynamic_ops:
-            count += self._dynamic(op_type, narrow).quantize(model, nodes=chosen)
+            count += self._dynamic(op_type, narrow).quantize(model, nodes=chosen, owner=self.name)
         if self.only:
             return count > 0
         in_bodies = tuple(

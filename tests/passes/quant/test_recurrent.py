@@ -175,12 +175,46 @@ def test_an_lstm_whose_weight_is_a_graph_input_stays_float(caplog):
 
 
 @pytest.mark.parametrize("op", ["GRU", "RNN"])
-def test_gru_and_rnn_stay_float_and_the_log_says_why(caplog, op):
+def test_gru_and_rnn_stay_float_and_a_warning_says_why_where_they_hold_the_weights(caplog, op):
     proto = lstm_model(1, op=op)
-    with caplog.at_level(logging.INFO):
+    with caplog.at_level(logging.WARNING):
         model, modified = quantized(proto)
     assert not modified and op in [n.op_type for n in model.graph]
-    assert f"1 {op} stay float: onnxruntime has no integer kernel" in caplog.text
+    assert f"quant-dynamic: 1 {op} stay float, holding 100% of the model's float weights" in (
+        caplog.text
+    )
+
+
+def _big_matmul_then_gru() -> onnx.ModelProto:
+    """A GRU (2,064 floats with its bias and initial state) after a MatMul of 24,576: 7.7 %
+    of the float weight bytes."""
+    proto = lstm_model(1, op="GRU")
+    weight = np.random.default_rng(2).standard_normal((1024, INPUT)) * 0.05
+    proto.graph.initializer.append(onh.from_array(weight.astype(np.float32), "M"))
+    proto.graph.node.insert(0, oh.make_node("MatMul", ["X0", "M"], ["X"]))
+    proto.graph.input[0].CopyFrom(oh.make_tensor_value_info("X0", FLOAT, [SEQ, BATCH, 1024]))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_a_gru_holding_few_of_the_weights_stays_float_with_an_info_line(caplog):
+    with caplog.at_level(logging.INFO):
+        model, modified = quantized(_big_matmul_then_gru())
+    assert modified and "GRU" in [n.op_type for n in model.graph]
+    (record,) = [r for r in caplog.records if "stay float" in r.getMessage()]
+    assert record.levelno == logging.INFO
+    assert "quant-dynamic: 1 GRU stay float: onnxruntime has no integer kernel" in record.message
+
+
+def test_static_quant_names_itself_when_a_gru_stays_float(caplog):
+    """Found in an audit (NSNet2): under fold,quant the GRUs' line said quant-dynamic."""
+    model = io.load(_big_matmul_then_gru())
+    quant = QuantPass()
+    dataset = data.prepare(data.specs_from_model(model), None)
+    with caplog.at_level(logging.INFO):
+        quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
+    (line,) = [r.getMessage() for r in caplog.records if "GRU stay float" in r.getMessage()]
+    assert line.startswith("quant: 1 GRU stay float")
 
 
 def _matmul_then_lstm() -> onnx.ModelProto:
