@@ -18,7 +18,7 @@ from pathlib import Path
 import onnx_ir as ir
 
 from onnx_shrink import each_pass, preflight
-from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.data_aware import DataAwarePass, Look
 from onnx_shrink.errors import (
     DataError,
@@ -217,6 +217,7 @@ def shrink(
             dump_dir=dump_dir,
             sensitivity=sensitivity,
         )
+        graph_edit.restore_names(result.model, given.named)  # the nodes unnamed, as they came
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
         compiled = time.perf_counter() - started
         if sensitivity_report is not None:

@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+
 import numpy as np
 import onnx_ir as ir
+
+from onnx_shrink.compiler import walk
 
 
 def value_names(graph: ir.Graph) -> set[str]:
@@ -23,6 +27,33 @@ def fresh_name(name: str, taken: set[str]) -> str:
         candidate, index = f"{name}_{index}", index + 1
     taken.add(candidate)
     return candidate
+
+
+def name_unnamed_nodes(model: ir.Model) -> dict[str, str | None]:
+    """Name every node of ``model`` that has none (None or ""): its op type and its index
+    among the model's nodes in ``walk.all_nodes`` order (``Conv_12``), unique among node
+    names; return each given name with the node's old one, for ``restore_names``. Old
+    exporters (torch 1.x, some converters) name no node, and what names nodes
+    (``quant.exclude``, the sensitivity report's hint, lowrank's probes) then has nothing
+    to name. The same model is named the same way in every run."""
+    nodes = list(walk.all_nodes(model))
+    taken = {node.name for node in nodes if node.name}
+    given: dict[str, str | None] = {}
+    for index, node in enumerate(nodes):
+        if not node.name:
+            old = node.name
+            node.name = fresh_name(f"{node.op_type}_{index}", taken)
+            given[node.name] = old
+    return given
+
+
+def restore_names(model: ir.Model, given: Mapping[str, str | None]) -> None:
+    """Undo ``name_unnamed_nodes`` (``given``: what it returned) on the nodes that still
+    carry a name it gave: the result holds the names its input had."""
+    if given:
+        for node in walk.all_nodes(model):
+            if node.name in given:
+                node.name = given[node.name]
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:

@@ -347,6 +347,7 @@ def before_quant(
     before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
     fresh = io.load(source)
     graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
+    graph_edit.name_unnamed_nodes(fresh)  # the same names: the hint's are the compile's
     float_model = pipeline.run(fresh, before, collect=collector).model
     report = sensitivity(float_model, quant, dataset, provider=provider, progress=progress)
     return dataclasses.replace(report, seconds=time.perf_counter() - started)

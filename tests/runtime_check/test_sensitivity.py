@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import math
+import re
 import shlex
 import time
 
@@ -369,6 +370,34 @@ def _digits_sensitivity(exclude: str | None = None):
         calibration=digits.TEST_DATA_PATH,
         sensitivity=True,
     )
+
+
+def test_a_model_without_node_names_gets_a_hint_that_keeps_the_nodes_it_names_float(tmp_path):
+    """Found in an audit (CenterFace: a torch 1.2 export naming no node): the hint had to
+    leave every layer out, or named nodes that were not there. Nodes are named at load, by
+    op type and position, in the compile and in the report's rerun alike, and the result
+    has them unnamed again."""
+    proto = onnx.load(digits.MODEL_PATH)
+    for node in proto.graph.node:
+        node.ClearField("name")
+    path = tmp_path / "unnamed.onnx"
+    onnx.save(proto, path)
+    calibration = digits.TEST_DATA_PATH
+    result = shrink(path, "fold,quant", check=False, calibration=calibration, sensitivity=True)
+    hint = result.to_dict()["sensitivity"]["exclude_hint"]
+    names = hint.removeprefix("--set quant.exclude=").split(",")
+    assert names and all(re.fullmatch(r"[A-Za-z]+_\d+", name) for name in names), hint
+    assert {node.name for node in result.model.graph}.isdisjoint(names)  # unnamed, as they came
+    kept = shrink(
+        path, "fold,quant", sets=[hint.removeprefix("--set ")], check=False, calibration=calibration
+    )
+    # The names are positions in the input: the nodes computing those outputs read float.
+    outputs = {proto.graph.node[int(name.rsplit("_", 1)[1])].output[0] for name in names}
+    excluded = [n for n in kept.model.graph if n.outputs and n.outputs[0].name in outputs]
+    assert len(excluded) == len(names)
+    for node in excluded:
+        producer = node.inputs[0].producer()
+        assert producer is None or producer.op_type != "DequantizeLinear", node.op_type
 
 
 def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
