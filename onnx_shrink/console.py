@@ -176,12 +176,13 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
 def layers_table(layers: LayerReport, top: int = 10) -> Table:
     """The first error jump, then the tensors with the largest relative error."""
     jump = layers.first_jump
-    head = (
-        f"first error jump: {jump.tensor} ({jump.op_type} {jump.node}), relative error "
-        f"{_num(jump.relative_error)} from {_num(jump.upstream_relative_error)} upstream"
-        if jump
-        else "no error jump above the threshold"
-    )
+    head = "no error jump above the threshold"
+    if jump:
+        node = " ".join(part for part in (jump.op_type, jump.node) if part)  # unnamed: op type
+        head = (
+            f"first error jump: {jump.tensor} ({node}), relative error "
+            f"{_num(jump.relative_error)} from {_num(jump.upstream_relative_error)} upstream"
+        )
     table = Table(
         title=escape(f"per-layer error over {counted(layers.samples, 'sample')}; {head}"),
         title_justify="left",

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 
 import numpy as np
@@ -11,6 +12,7 @@ from models.perturb import perturbed_copy
 from onnx_shrink import console
 from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
+from onnx_shrink.runtime_check.layers import LayerError, LayerReport
 from tests.helpers import reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH
@@ -260,3 +262,14 @@ def test_check_runs_given_are_timed_all_whatever_they_take(run_cli, tmp_path, mo
     assert json.loads(report.read_text())["latency"]["reference"]["runs"] == MIN_TIMED_PAIRS
     assert run_cli(*base, "--runs", "7").code == 0
     assert json.loads(report.read_text())["latency"]["reference"]["runs"] == 7
+
+
+def test_the_first_error_jump_of_an_unnamed_node_shows_its_op_type_alone():
+    # Found in an audit (CenterFace's nodes have no names): "363 (Conv )".
+    jump = LayerError("363", "363", "Conv", "", 0, 0.5, 1.0, 0.9, 6.0, 0.01)
+    report = LayerReport((jump,), ("363",), jump, 16, 0, 0.05, 10.0)
+    title = str(console.layers_table(report).title)
+    assert "first error jump: 363 (Conv), relative error" in title
+    named = dataclasses.replace(jump, node="/conv1/Conv")
+    title = str(console.layers_table(dataclasses.replace(report, first_jump=named)).title)
+    assert "363 (Conv /conv1/Conv)" in title
