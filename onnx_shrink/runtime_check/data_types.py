@@ -34,6 +34,9 @@ class InputSpec:
     name: str
     dtype: type
     shape: tuple[int | str | None, ...]
+    index_limit: int | None = None
+    """for an integer input the model reads as Gather indices (an embedding's token ids): the
+    rows of the smallest table it indexes, which synthetic values stay below"""
 
     @property
     def batch_axis(self) -> bool:
@@ -119,8 +122,29 @@ def specs_from_model(model: ir.Model) -> list[InputSpec]:
         if value.dtype is None or value.shape is None:
             raise DataError(f"input '{value.name}' has no declared type or shape")
         dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
-        specs.append(InputSpec(name=value.name, dtype=value.dtype.numpy().type, shape=dims))
+        dtype = value.dtype.numpy().type
+        limit = _index_limit(value) if np.issubdtype(dtype, np.integer) else None
+        specs.append(InputSpec(name=value.name, dtype=dtype, shape=dims, index_limit=limit))
     return specs
+
+
+# Ops an index tensor passes through on its way to a Gather (values unchanged).
+_INDEX_CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+
+
+def _index_limit(value: ir.Value, depth: int = 4) -> int | None:
+    """The rows of the smallest constant table a Gather indexes with ``value``, directly or
+    through ``_INDEX_CARRIERS`` (None: no such Gather)."""
+    limits = []
+    for node, index in value.uses():
+        if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
+            table = node.inputs[0].const_value if node.inputs[0] is not None else None
+            if table is not None and table.shape is not None:
+                axis = node.attributes.get_int("axis", 0)
+                limits.append(int(table.shape[axis]))
+        elif node.op_type in _INDEX_CARRIERS and index == 0 and depth > 0:
+            limits += [limit for out in node.outputs if (limit := _index_limit(out, depth - 1))]
+    return min(limits) if limits else None
 
 
 def show_shape(shape: Sequence[object]) -> str:

@@ -146,6 +146,10 @@ def synthetic(
     )
 
 
+SYNTHETIC_INT_LIMIT = 100
+"""Synthetic integers lie in [0, this), or below an input's ``index_limit``"""
+
+
 def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, ...]) -> np.ndarray:
     if np.issubdtype(spec.dtype, np.floating):
         return rng.standard_normal(shape).astype(spec.dtype)
@@ -153,5 +157,7 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
         return np.asarray(rng.random(shape) < 0.5)  # a 0-d draw is a numpy scalar otherwise
     if "mask" in spec.name.lower():
         return np.ones(shape, dtype=spec.dtype)
-    # Small non-negative integers are valid ids, indices and token ids for most models.
-    return rng.integers(0, 100, size=shape).astype(spec.dtype)
+    # Small non-negative integers are valid ids, indices and token ids for most models; below
+    # the rows of the tables a Gather looks them up in, where the model has such a Gather.
+    high = min(SYNTHETIC_INT_LIMIT, spec.index_limit or SYNTHETIC_INT_LIMIT)
+    return rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)

@@ -402,3 +402,43 @@ def test_object_arrays_are_refused_with_the_str_array_to_use_instead(tmp_path):
     for read, path in ((data_files.load_npz, "o.npz"), (data_files.load_npy, "o.npy")):
         with pytest.raises(Exception, match=r"[Oo]bject.*store strings as str arrays"):
             read(tmp_path / path)
+
+
+def test_synthetic_token_ids_stay_below_the_rows_of_the_table_they_index():
+    """Found in an audit (g2p-id's BERT, a 32-row character table): synthetic ids up to 99
+    failed its Gather. The ids reach it through a Cast, as exporters write it."""
+    import onnx
+    import onnx.helper as oh
+
+    from onnx_shrink.compiler import io
+    from onnx_shrink.runtime_check import checker
+    from tests.helpers import make_model
+
+    nodes = [
+        oh.make_node("Cast", ["ids"], ["ids32"], to=onnx.TensorProto.INT32),
+        oh.make_node("Gather", ["table", "ids32"], ["emb"]),
+        oh.make_node("Gather", ["small", "other"], ["pos"]),
+    ]
+    inputs = [
+        oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 24]),
+        oh.make_tensor_value_info("other", onnx.TensorProto.INT64, ["N"]),
+        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
+    ]
+    outputs = [
+        oh.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", 24, 4]),
+        oh.make_tensor_value_info("pos", onnx.TensorProto.FLOAT, ["N", 4]),
+        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
+    ]
+    rng = np.random.default_rng(0)
+    tables = {
+        "table": rng.standard_normal((32, 4)).astype(np.float32),
+        "small": rng.standard_normal((3, 4)).astype(np.float32),
+    }
+    proto = make_model(nodes, inputs, outputs, tables)
+    specs = data.specs_from_model(io.load(proto))
+    assert [s.index_limit for s in specs] == [32, 3, None]
+    (batch,) = data.prepare(specs, None).batches()
+    assert 0 <= batch.feed["ids"].min() and batch.feed["ids"].max() < 32
+    assert batch.feed["other"].max() < 3
+    report = checker.compare(proto.SerializeToString(), proto.SerializeToString())
+    assert report.passed
