@@ -652,3 +652,33 @@ def test_a_tree_ensembles_params_are_its_split_thresholds_and_leaf_weights():
     model = oh.make_model(graph, opset_imports=opsets, ir_version=8)
     onnx.checker.check_model(model, full_check=True)
     assert stats.measure(ir.from_proto(model)).params == 7 + 4
+
+
+def test_without_data_a_model_fixing_all_but_the_batch_counts_one_real_sample(tmp_path):
+    """Found in an audit (g2p-id's BERT, token ids [N, 32]): inference alone lost the rows a
+    Reshape to [-1, H] flattens, and the summary said 184k MACs a sample for 6.4M, as exact.
+    With every dim but the batch fixed, one sample's dims are known without data."""
+    from onnx_shrink import shrink
+
+    rng = np.random.default_rng(0)
+    nodes = [
+        oh.make_node("Gather", ["table", "ids"], ["emb"]),
+        oh.make_node("Shape", ["emb"], ["shape"]),
+        oh.make_node("Slice", ["shape", "last", "end"], ["width"]),
+        oh.make_node("Concat", ["minus_one", "width"], ["flat"], axis=0),
+        oh.make_node("Reshape", ["emb", "flat"], ["rows"]),
+        oh.make_node("MatMul", ["rows", "w"], ["y"]),
+    ]
+    inits = {
+        "table": rng.standard_normal((32, 16)).astype(np.float32),
+        "w": rng.standard_normal((16, 16)).astype(np.float32),
+        "last": np.array([-1], np.int64),
+        "end": np.array([3], np.int64),
+        "minus_one": np.array([-1], np.int64),
+    }
+    ids = oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["R", 16])
+    path = tmp_path / "rows.onnx"
+    onnx.save(make_model(nodes, [ids], [y], inits), path)
+    (step,) = shrink(path, "fold", check=False).steps
+    assert step.before.macs == 8 * 16 * 16 and step.before.nodes_without_macs == 0
