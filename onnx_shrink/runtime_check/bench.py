@@ -307,6 +307,8 @@ def benchmark(
         size=model_size(model),
         peak_memory_bytes=peak,
         latency=tuple(grid),
-        inputs=data_mod.describe_feed(base),
+        # One sample's dims: the rows say the batch (a 16-sample .npz read "16x32" beside
+        # rows of batches 1 and 8).
+        inputs=data_mod.describe_feed(batched(1)),
         peak_memory_batch=largest if memory else None,
     )

@@ -216,6 +216,8 @@ def test_bench_measures_session_memory_at_the_largest_batch_asked_and_says_so(mo
     assert [f["image"].shape[0] for f in fed] == [4]
     assert report.peak_memory_batch == 4
     assert "batch 4" in str(console.benchmark_table(report).columns[0]._cells)
+    # The header gives one sample's dims, not the data's 40: the rows say the batch.
+    assert report.inputs == "image=1x1x8x8"
 
 
 def test_bench_runs_whole_samples_as_they_are_and_refuses_other_batches(tmp_path, monkeypatch):
