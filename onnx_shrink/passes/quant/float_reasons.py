@@ -16,7 +16,7 @@ from collections.abc import Mapping
 
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant import placement
+from onnx_shrink.passes.quant import placement, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES
 
 INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4", "u4"))
@@ -29,6 +29,9 @@ def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[
     """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none."""
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for node in graph:
+        if node.domain in ("", "ai.onnx") and node.op_type in recurrent.FLOAT_ONLY:
+            counts[(node.op_type, "onnxruntime has no integer kernel for it")] += 1
+            continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in placement.QUANTIZABLE:
             continue
         reason = _reason(node, exclusions)

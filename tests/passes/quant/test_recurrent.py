@@ -332,3 +332,14 @@ def test_dtln_lstms_shrink_4x_and_keep_the_mask_closer_than_onnxruntimes_quantiz
     ort_cosine = _mask_cosine(path, str(tmp_path / "ort.onnx"), frames)
     assert ours_cosine > 0.999
     assert 1 - ours_cosine < 1 - ort_cosine
+
+
+def test_static_quant_of_a_gru_alone_says_why_nothing_was_quantized(caplog):
+    # It said "the model has no node of a type it quantizes", as if GRUs were unknown to it.
+    model = io.load(lstm_model(1, op="GRU"))
+    quant = QuantPass()
+    dataset = data.prepare(data.specs_from_model(model), None)
+    with caplog.at_level(logging.WARNING):
+        result = quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
+    assert not result.modified
+    assert "no node could be quantized (1 GRU: onnxruntime has no integer kernel" in caplog.text
