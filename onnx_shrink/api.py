@@ -217,7 +217,7 @@ def shrink(
             dump_dir=dump_dir,
             sensitivity=sensitivity,
         )
-        graph_edit.restore_names(result.model, given.named)  # the nodes unnamed, as they came
+        graph_edit.restore_names(result.model, given.naming)  # the nodes unnamed, as they came
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
         compiled = time.perf_counter() - started
         if sensitivity_report is not None:

@@ -41,7 +41,7 @@ class Input:
     reference: Path | bytes  # what the check runs as the original: the file, or its bytes
     input_bytes: int  # on disk, weight files included
     where: str  # how messages name it
-    named: Mapping[str, str | None]  # names given to unnamed nodes (graph_edit.restore_names)
+    naming: graph_edit.Naming  # names given to unnamed nodes (graph_edit.restore_names)
 
 
 def read_input(
@@ -65,16 +65,16 @@ def read_input(
         sum(p.stat().st_size for p in model_files.values()) if from_file else len(reference)
     )
     unlist_weight_inputs(loaded)
-    named = graph_edit.name_unnamed_nodes(loaded)
-    if named:
+    naming = graph_edit.name_unnamed_nodes(loaded)
+    if naming.given:
         logger.info(
             "%d nodes without a name are named by op type and position (Conv_12) while the "
             "passes run, so options and reports can name them; the result has them unnamed",
-            len(named),
+            len(naming.given),
         )
     refuse_unrunnable_qdq(loaded, pass_list)
     where = str(model) if from_file else "the input model"
-    return Input(loaded, reference, input_bytes, where, named)
+    return Input(loaded, reference, input_bytes, where, naming)
 
 
 def data_sources(

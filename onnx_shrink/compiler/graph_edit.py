@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -29,31 +30,50 @@ def fresh_name(name: str, taken: set[str]) -> str:
     return candidate
 
 
-def name_unnamed_nodes(model: ir.Model) -> dict[str, str | None]:
+@dataclasses.dataclass(frozen=True)
+class Naming:
+    """What ``name_unnamed_nodes`` gave: each new name with the node's old one (None or
+    ""), and the names the model's nodes had already."""
+
+    given: Mapping[str, str | None] = dataclasses.field(default_factory=dict)
+    had: frozenset[str] = frozenset()
+
+
+def name_unnamed_nodes(model: ir.Model) -> Naming:
     """Name every node of ``model`` that has none (None or ""): its op type and its index
     among the model's nodes in ``walk.all_nodes`` order (``Conv_12``), unique among node
-    names; return each given name with the node's old one, for ``restore_names``. Old
-    exporters (torch 1.x, some converters) name no node, and what names nodes
-    (``quant.exclude``, the sensitivity report's hint, lowrank's probes) then has nothing
-    to name. The same model is named the same way in every run."""
+    names; return what was given, for ``restore_names``. Old exporters (torch 1.x, some
+    converters) name no node, and what names nodes (``quant.exclude``, the sensitivity
+    report's hint, lowrank's probes) then has nothing to name. The same model is named the
+    same way in every run."""
     nodes = list(walk.all_nodes(model))
-    taken = {node.name for node in nodes if node.name}
+    had = frozenset(node.name for node in nodes if node.name)
+    taken = set(had)
     given: dict[str, str | None] = {}
     for index, node in enumerate(nodes):
         if not node.name:
             old = node.name
             node.name = fresh_name(f"{node.op_type}_{index}", taken)
             given[node.name] = old
-    return given
+    return Naming(given, had)
 
 
-def restore_names(model: ir.Model, given: Mapping[str, str | None]) -> None:
-    """Undo ``name_unnamed_nodes`` (``given``: what it returned) on the nodes that still
-    carry a name it gave: the result holds the names its input had."""
-    if given:
-        for node in walk.all_nodes(model):
-            if node.name in given:
-                node.name = given[node.name]
+def restore_names(model: ir.Model, naming: Naming) -> None:
+    """Undo ``name_unnamed_nodes``: a node carrying a name it gave, or one a pass derived
+    from such a name (``MatMul_3_quant``, ``MatMul_3_lowrank_a``: the name and ``_`` and
+    more) that the input did not have, gets the old name back, so the result holds the
+    names its input had."""
+    if not naming.given:
+        return
+    for node in walk.all_nodes(model):
+        name = node.name
+        if not name or name in naming.had:
+            continue
+        base = name
+        while base not in naming.given and base not in naming.had and "_" in base:
+            base = base.rsplit("_", 1)[0]
+        if base in naming.given:
+            node.name = naming.given[base]
 
 
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
