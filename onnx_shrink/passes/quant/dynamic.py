@@ -154,7 +154,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             float_only = nodes_of(model, recurrent.FLOAT_ONLY)
             recurrent.log_float_only(owner or self.name, model, float_only)
         context.drop_dead_weights()
-        logger.info("%s: quantized %d nodes", self.name, count)
+        logger.info("%s: quantized %d nodes", owner or self.name, count)
         return count
 
     def _selected(

@@ -30,7 +30,8 @@ def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for node in graph:
         if node.domain in ("", "ai.onnx") and node.op_type in recurrent.FLOAT_ONLY:
-            counts[(node.op_type, "onnxruntime has no integer kernel for it")] += 1
+            if not exclusions.only or (node.name or "") in exclusions.only:
+                counts[(node.op_type, "onnxruntime has no integer kernel for it")] += 1
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in placement.QUANTIZABLE:
             continue

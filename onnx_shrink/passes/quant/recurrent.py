@@ -23,6 +23,7 @@ import logging
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.passes.quant import compact
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN, WeightContext, derived_name
@@ -124,12 +125,16 @@ def log_float_only(pass_name: str, model: ir.Model, nodes: list[ir.Node]) -> Non
 
 
 def _float_weight_share(model: ir.Model, nodes: list[ir.Node]) -> float:
-    """The share of the main graph's float initializer bytes that ``nodes`` read."""
-    floats = {
-        value.name: value.const_value.nbytes
-        for value in model.graph.initializers.values()
-        if value.const_value is not None and value.const_value.dtype.is_floating_point()
-    }
+    """The share of the model's float constant bytes (initializers and Constant nodes, every
+    graph) that ``nodes`` read: the float weights as the pass found them, before it drops
+    those it quantized."""
+    floats: dict[str, int] = {}
+    for value, tensor in walk.initializer_tensors(model):
+        if tensor.dtype.is_floating_point():
+            floats[value.name or ""] = tensor.nbytes
+    for node, tensor in walk.constant_node_tensors(model):
+        if tensor.dtype.is_floating_point():
+            floats[node.outputs[0].name or ""] = tensor.nbytes
     read = {v.name for node in nodes for v in node.inputs if v is not None and v.name in floats}
     total = sum(floats.values())
     return sum(floats[name] for name in read) / total if total else 0.0

@@ -343,3 +343,15 @@ def test_static_quant_of_a_gru_alone_says_why_nothing_was_quantized(caplog):
         result = quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
     assert not result.modified
     assert "no node could be quantized (1 GRU: onnxruntime has no integer kernel" in caplog.text
+
+
+def test_a_quant_only_naming_no_node_says_so_beside_a_gru():
+    """Found in review: the GRU's reason hid that quant.only named no node it quantizes."""
+    from onnx_shrink.passes.quant import float_reasons, placement
+
+    graph = io.load(_big_matmul_then_gru()).graph
+    unnamed = placement.Exclusions(only=("nope",))
+    assert float_reasons.summary(graph, unnamed, {}) == (
+        " (quant.only names no node it quantizes: nope)"
+    )
+    assert "1 GRU" in float_reasons.summary(graph, placement.Exclusions(only=("rnn",)), {})
