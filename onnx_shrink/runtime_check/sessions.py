@@ -220,13 +220,18 @@ def run(
             onnxruntime's first line and ``hint`` (what the user can do).
     """
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
-    releasing = release_memory and _has_cpu_arena(session)
+    releasing = release_memory and _can_release(session)
     try:
         feeds = {**feed, **(extra or {})}
         arrays = (
             session.run(names, feeds, RELEASING_RUN) if releasing else session.run(names, feeds)
         )
     except Exception as e:  # onnxruntime raises several unrelated exception types
+        if releasing and _NO_ARENA in str(e):
+            # A build without a CPU arena (mimalloc, some 32-bit ones) refuses to shrink
+            # one: run as it is, and do not ask that session again.
+            session.onnx_shrink_cannot_release = True
+            return run(session, feed, outputs, failed=failed, hint=hint, extra=extra, error=error)
         first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(
             f"{failed} ({data_mod.describe_feed(feed)}): {first[:300].rstrip('.')}"
@@ -248,9 +253,15 @@ a run against 2.5). The check's numeric runs on LEADER: 1.4 GB for both sessions
 RELEASING_RUN.add_run_config_entry("memory.enable_memory_arena_shrinkage", "cpu:0")
 
 
-def _has_cpu_arena(session: ort.InferenceSession) -> bool:
-    """Whether ``session`` allocates on the CPU from an arena (onnxruntime refuses to shrink
-    an arena it does not have)."""
+_NO_ARENA = "Did not find an arena based allocator"
+"""onnxruntime's error for ``RELEASING_RUN`` on a session without a CPU arena"""
+
+
+def _can_release(session: ort.InferenceSession) -> bool:
+    """Whether ``session`` allocates on the CPU from an arena it can shrink (onnxruntime
+    refuses to shrink one it does not have: options without it, or ``_NO_ARENA`` seen)."""
+    if getattr(session, "onnx_shrink_cannot_release", False):
+        return False
     return bool(session.get_session_options().enable_cpu_mem_arena)
 
 

@@ -8,8 +8,10 @@ from pathlib import Path
 
 import numpy as np
 import onnx
+import onnxruntime as ort
 import pytest
 
+from models import digits
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sessions
 from tests.helpers import make_model
@@ -159,3 +161,38 @@ def test_a_releasing_run_leaves_the_arena_as_it_found_it_and_a_plain_one_grows_i
 
     assert growth("plain") > 48 * 2**20  # the premise
     assert growth("release") < 16 * 2**20
+
+
+class _ArenaClaimed:
+    """A session built without a CPU arena that says it has one, as on a build whose
+    allocator has no arena (mimalloc): onnxruntime's own error comes from shrinking it."""
+
+    def __init__(self, session: ort.InferenceSession) -> None:
+        self._session = session
+        self.runs_with_options = 0
+
+    def get_session_options(self) -> ort.SessionOptions:
+        options = ort.SessionOptions()
+        options.enable_cpu_mem_arena = True
+        return options
+
+    def get_outputs(self):
+        return self._session.get_outputs()
+
+    def run(self, names, feed, options=None):
+        self.runs_with_options += options is not None
+        return self._session.run(names, feed, options)
+
+
+def test_a_session_that_cannot_release_its_arena_runs_plainly_and_is_not_asked_again():
+    model = digits.MODEL_PATH
+    options = ort.SessionOptions()
+    options.enable_cpu_mem_arena = False
+    session = _ArenaClaimed(
+        ort.InferenceSession(str(model), options, providers=["CPUExecutionProvider"])
+    )
+    feed = {"image": np.zeros((2, 1, 8, 8), np.float32)}
+    for _ in range(2):
+        out = sessions.run(session, feed, failed="digits", release_memory=True)
+        assert out["logits"].shape == (2, 10)
+    assert session.runs_with_options == 1  # refused once, then plain runs
