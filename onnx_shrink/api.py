@@ -99,6 +99,7 @@ class CheckOptions:
     provider: str = "cpu"
     layers: bool = False
     latency_runs: int = 30
+    """latency pairs timed at most (``latency_seconds`` may stop them sooner)"""
     latency_seconds: float | None = check_mod.LATENCY_SECONDS
     """seconds of timed latency runs after which the timing stops, once 5 pairs are timed
     (None: all ``latency_runs``)"""
@@ -112,6 +113,9 @@ class CheckOptions:
             raise ShrinkError("CheckOptions: strict=True works with verify_each=True only")
         # The command line's checks of --runs and --input-shape, for callers of the library.
         preflight.at_least(0, latency_runs=self.latency_runs)  # 0: no latency
+        seconds = self.latency_seconds
+        if seconds is not None and not seconds >= 0:  # NaN too
+            raise ShrinkError(f"CheckOptions: latency_seconds={seconds} must be 0 or more, or None")
         object.__setattr__(self, "input_shapes", preflight.parse_shapes(self.input_shapes))
 
     def each_pass_tolerances(self) -> Tolerances:

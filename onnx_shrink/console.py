@@ -251,13 +251,15 @@ def speed_table(report: CheckReport) -> Table:
         table.add_column(column, justify="left" if not column else "right")
     if report.latency is not None:
         ref, cand = report.latency.reference, report.latency.candidate
+        asked = report.latency.pairs_asked
+        cut = f", {ref.runs} of {asked} pairs (time budget)" if ref.runs < asked else ""
         # The ratio is the median over pairs of back-to-back runs, which cancels drift; it can
         # differ from the ratio of the two medians on a noisy machine.
         table.add_row(
             f"latency p50 (batch {ref.batch})",
             f"{ref.p50_ms:.3f} ms",
             f"{cand.p50_ms:.3f} ms",
-            f"{report.latency.ratio:.2f}x paired",
+            f"{report.latency.ratio:.2f}x paired{cut}",
         )
         table.add_row("latency p90", f"{ref.p90_ms:.3f} ms", f"{cand.p90_ms:.3f} ms", "")
         if report.latency.ratio >= SLOWER_RATIO:

@@ -75,6 +75,8 @@ class LatencyComparison:
     reference: LatencyStats
     candidate: LatencyStats
     ratio: float
+    pairs_asked: int = 0
+    """the pairs asked for; more than ``reference.runs`` where a time budget cut them"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -182,7 +184,7 @@ def compare_latency(
         if over and i + 1 >= MIN_TIMED_PAIRS and i + 1 < runs:
             logger.info(
                 "latency: %d of %d runs of each model timed: they took %.0f s, past the %.0f s "
-                "budget (--runs N times exactly N)",
+                "budget (--runs N, or latency_seconds=None, times all of them)",
                 i + 1,
                 runs,
                 sum(ref_times) + sum(cand_times),
@@ -193,6 +195,7 @@ def compare_latency(
         reference=LatencyStats.from_seconds(ref_times, batch, threads),
         candidate=LatencyStats.from_seconds(cand_times, batch, threads),
         ratio=statistics.median(ratios),
+        pairs_asked=runs,
     )
 
 

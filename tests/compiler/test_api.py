@@ -231,3 +231,11 @@ def test_a_model_without_node_names_comes_out_without_any_name_made_from_the_one
     assert result.steps[-1].modified
     assert [n.name for n in result.model.graph if n.name] == []
 
+
+@pytest.mark.parametrize("seconds", [-1.0, float("nan")])
+def test_a_latency_budget_below_zero_or_not_a_number_is_refused(seconds):
+    from onnx_shrink.api import CheckOptions
+    from onnx_shrink.errors import ShrinkError
+
+    with pytest.raises(ShrinkError, match="latency_seconds"):
+        CheckOptions(latency_seconds=seconds)

@@ -10,6 +10,7 @@ import pytest
 
 from models import digits
 from models.perturb import perturbed_copy
+from onnx_shrink import console
 from onnx_shrink.errors import RunFailedError
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
@@ -375,7 +376,11 @@ def test_the_latency_stops_at_its_budget_after_the_fewest_pairs_and_not_without_
     budget = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=12, latency_seconds=0)
     assert budget.latency.reference.runs == budget.latency.candidate.runs == MIN_TIMED_PAIRS
     assert f"latency: {MIN_TIMED_PAIRS} of 12 runs of each model timed" in caplog.text
+    assert budget.latency.pairs_asked == 12
+    ratio_cell = str(console.speed_table(budget).columns[3]._cells[0])
+    assert ratio_cell.endswith(f"x paired, {MIN_TIMED_PAIRS} of 12 pairs (time budget)")
     every = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=12, latency_seconds=None)
     assert every.latency.reference.runs == every.latency.candidate.runs == 12
+    assert str(console.speed_table(every).columns[3]._cells[0]).endswith("x paired")
     fewer = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=3, latency_seconds=0)
     assert fewer.latency.reference.runs == 3  # fewer asked than the fewest: what was asked
