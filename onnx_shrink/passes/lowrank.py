@@ -91,7 +91,7 @@ class _Layer:
         return ranks_mod.tail_energy(spectrum)
 
     def ranks(self, multiple: int) -> list[int]:
-        return _candidate_ranks(self.shape, multiple)
+        return ranks_mod.candidate_ranks(self.shape, multiple)
 
 
 # A weight with at most this share of non-zeros was pruned: factorizing it loses its zeros.
@@ -218,8 +218,8 @@ class LowRankPass(DataAwarePass):
         return list(dict.fromkeys(r for r in found if r is not None))
 
     def probes(self, model: ir.Model, stats: Statistics) -> Sequence[Probe]:
-        """With ``budget_metric=model-output`` and two layers or more: each uniquely named
-        layer alone replaced by its factors at ``probe_ranks`` ranks of a geometric grid
+        """With ``budget_metric=model-output`` and two layers or more: each layer (known by
+        ``_layer_key``) alone replaced by its factors at ``probe_ranks`` ranks of a geometric grid
         (remade from other statistics with ``held_out``). Nothing is factorized until an
         edit is made (``_ProbeFactors``)."""
         if not self._measures_model():
@@ -235,11 +235,11 @@ class LowRankPass(DataAwarePass):
             name = _layer_key(node, counts)
             # A unique node name lets the copy hold only what is downstream of the layer;
             # without one (an unnamed node, as old torch exports have), the whole model.
-            anchors = (name,) if name == node.name else ()
+            anchors = (node.name,) if node.name and counts[node.name] == 1 else ()
             request = self._stat_request(node) if self.held_out else None
-            ranks = _candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
+            ranks = ranks_mod.candidate_ranks(graph_mod.matrix_shape(node), self.rank_multiple)
             grid = ranks_mod.probe_grid(ranks, self.probe_ranks)
-            for rank, priority in zip(grid, _grid_priorities(len(grid)), strict=True):
+            for rank, priority in zip(grid, ranks_mod.grid_priorities(len(grid)), strict=True):
                 edit = functools.partial(factors.split, node=node, stats=stats, rank=rank)
                 key = _probe_key(name, rank)
                 remade = functools.partial(factors.edit, node, rank=rank) if request else None
@@ -338,7 +338,7 @@ class LowRankPass(DataAwarePass):
         k, n = graph_mod.matrix_shape(node)
         if k * n < self.min_params:
             return f"weight {k}x{n} is under min_params={self.min_params}"
-        if not _candidate_ranks((k, n), self.rank_multiple):
+        if not ranks_mod.candidate_ranks((k, n), self.rank_multiple):
             return f"no rank of {self.rank_multiple}s below break-even {k * n / (k + n):.1f}"
         return ""
 
@@ -423,21 +423,6 @@ class _ProbeFactors:
 
     def split(self, model: ir.Model, node: ir.Node, stats: Statistics, rank: int) -> None:
         self.edit(node, stats, rank)(model)
-
-
-def _grid_priorities(count: int) -> list[int]:
-    """Priorities of a layer's probe grid (ascending ranks): its middle, its two ends, then
-    the rest, so that a budget that cuts leaves every layer a point, then its span."""
-    order = list(dict.fromkeys([count // 2, 0, count - 1, *range(count)])) if count else []
-    priority = {index: rank for rank, index in enumerate(order)}
-    return [priority[index] for index in range(count)]
-
-
-def _candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:
-    """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N; such r are below
-    min(K, N), the factorization's full rank)."""
-    k, n = shape
-    return list(range(multiple, (k * n - 1) // (k + n) + 1, multiple))
 
 
 def _curve(

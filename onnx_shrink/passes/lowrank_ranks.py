@@ -118,3 +118,18 @@ def scale_by_measured(
         return local
     ratio = [measured[r] / local_at[r] for r in points]
     return local * np.interp(np.asarray(ranks, dtype=np.float64), points, ratio)
+
+
+def grid_priorities(count: int) -> list[int]:
+    """Priorities of a layer's probe grid (ascending ranks): its middle, its two ends, then
+    the rest, so that a budget that cuts leaves every layer a point, then its span."""
+    order = list(dict.fromkeys([count // 2, 0, count - 1, *range(count)])) if count else []
+    priority = {index: rank for rank, index in enumerate(order)}
+    return [priority[index] for index in range(count)]
+
+
+def candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:
+    """Candidate ranks: multiples of ``multiple`` that save (r·(K+N) < K·N; such r are below
+    min(K, N), the factorization's full rank)."""
+    k, n = shape
+    return list(range(multiple, (k * n - 1) // (k + n) + 1, multiple))

@@ -14,7 +14,7 @@ from onnx_shrink.compiler import io
 from onnx_shrink.compiler.data_aware import Probe, ProbeBudget
 from onnx_shrink.compiler.statistics import Gram, Statistics
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes import lowrank as lowrank_mod
+from onnx_shrink.passes import lowrank_ranks
 from onnx_shrink.passes.lowrank import LowRankPass
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
@@ -189,9 +189,9 @@ def test_past_its_budget_the_rest_keep_their_lowest_priorities(tmp_path, caplog,
 
 
 def test_a_layers_grid_keeps_its_middle_first_then_its_ends():
-    assert lowrank_mod._grid_priorities(6) == [1, 3, 4, 0, 5, 2]  # ranks 3, 0, 5, 1, 2, 4
-    assert lowrank_mod._grid_priorities(1) == [0]
-    assert lowrank_mod._grid_priorities(0) == []
+    assert lowrank_ranks.grid_priorities(6) == [1, 3, 4, 0, 5, 2]  # ranks 3, 0, 5, 1, 2, 4
+    assert lowrank_ranks.grid_priorities(1) == [0]
+    assert lowrank_ranks.grid_priorities(0) == []
 
 
 def _fake_run(monkeypatch, seconds_per_edit: dict[str, float]):
