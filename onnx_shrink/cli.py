@@ -129,8 +129,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
         tolerances=_tolerances(args),
         provider=args.ep,
         layers=args.layers,
-        latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
-        latency_seconds=_latency_seconds(args),
+        **_latency(args),
         verify_each=args.verify_each,
         strict=args.strict,
     )
@@ -209,8 +208,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             tolerances=_tolerances(args, default=CHECK_DEFAULT),
             provider=args.ep,
             layers=args.layers,
-            latency_runs=DEFAULT_LATENCY_RUNS if args.runs is None else args.runs,
-            latency_seconds=_latency_seconds(args),
+            **_latency(args),
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
@@ -250,9 +248,12 @@ def _int_list(text: str, option: str) -> list[int]:
     return values
 
 
-def _latency_seconds(args: argparse.Namespace) -> float | None:
-    """The latency's time budget: the check's default, none where --runs says how many."""
-    return checker.LATENCY_SECONDS if args.runs is None else None
+def _latency(args: argparse.Namespace) -> dict[str, object]:
+    """The check's latency options: the default runs within the check's time budget, or
+    exactly the --runs given."""
+    if args.runs is None:
+        return {"latency_runs": DEFAULT_LATENCY_RUNS, "latency_seconds": checker.LATENCY_SECONDS}
+    return {"latency_runs": args.runs, "latency_seconds": None}
 
 
 def _refuse_idle_flags(args: argparse.Namespace) -> None:

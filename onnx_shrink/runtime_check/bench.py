@@ -171,6 +171,7 @@ def compare_latency(
         if max_seconds is not None and spent >= max_seconds / 4:
             break
     ref_times, cand_times, ratios = [], [], []
+    timed = 0.0
     for i in range(runs):
         # Alternate which model goes first so neither always inherits a warm cache.
         if i % 2:
@@ -180,14 +181,15 @@ def compare_latency(
         ref_times.append(ref)
         cand_times.append(cand)
         ratios.append(cand / ref if ref > 0 else float("nan"))
-        over = max_seconds is not None and sum(ref_times) + sum(cand_times) >= max_seconds
+        timed += ref + cand
+        over = max_seconds is not None and timed >= max_seconds
         if over and i + 1 >= MIN_TIMED_PAIRS and i + 1 < runs:
             logger.info(
                 "latency: %d of %d runs of each model timed: they took %.0f s, past the %.0f s "
                 "budget (--runs N, or latency_seconds=None, times all of them)",
                 i + 1,
                 runs,
-                sum(ref_times) + sum(cand_times),
+                timed,
                 max_seconds,
             )
             break

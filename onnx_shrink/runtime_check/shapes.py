@@ -153,16 +153,13 @@ def observer(
     it, in a thread: the observer reads the model at once and returns what waits for the
     dims. None otherwise: symbolic dims then count as 1 by definition. A model that cannot
     run where it is checked (bfloat16 on the CPU) keeps its bound."""
-    specs = data_mod.specs_from_model(model)
-    determined = _determined_dims(specs)
-    if input_shapes:
-        feed = synthetic_feed(specs, sample_dims(model, None, input_shapes))
-    elif first_sample is not None:
+    if first_sample is not None and not input_shapes:
         feed = dict(first_sample)
-    elif determined is not None:
-        feed = synthetic_feed(specs, determined)
     else:
-        return None
+        dims = sample_dims(model, None, input_shapes)
+        if dims is None:
+            return None
+        feed = synthetic_feed(data_mod.specs_from_model(model), dims)
 
     def observe(candidate: ir.Model) -> Callable[[], stats.Shapes | None]:
         run = _or_bound(lambda: _Run.of(candidate, feed))  # ``candidate`` may change after

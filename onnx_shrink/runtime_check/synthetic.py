@@ -159,6 +159,5 @@ def _random_array(rng: np.random.Generator, spec: InputSpec, shape: tuple[int, .
         return np.ones(shape, dtype=spec.dtype)
     # Small non-negative integers are valid ids, indices and token ids for most models; below
     # the rows of the tables a Gather looks them up in, where the model has such a Gather.
-    limit = spec.index_limit
-    high = min(SYNTHETIC_INT_LIMIT, limit if limit is not None else SYNTHETIC_INT_LIMIT)
-    return rng.integers(0, max(high, 1), size=shape).astype(spec.dtype)
+    high = SYNTHETIC_INT_LIMIT if spec.index_limit is None else spec.index_limit
+    return rng.integers(0, max(min(high, SYNTHETIC_INT_LIMIT), 1), size=shape).astype(spec.dtype)

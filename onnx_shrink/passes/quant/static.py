@@ -405,7 +405,7 @@ class QuantPass(DataAwarePass):
             return []
         return [
             node
-            for op_type in self._main_graph_dynamic_ops
+            for op_type in ops
             for node in self._dynamic(op_type, narrow=False).layers(model, main)
         ]
 
