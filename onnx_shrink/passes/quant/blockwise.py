@@ -19,7 +19,7 @@ import dataclasses
 
 import numpy as np
 
-from onnx_shrink.passes.quant import numerics
+from onnx_shrink.passes.quant import gptq, numerics
 from onnx_shrink.passes.quant.numerics import (
     QuantType,
     quantize,
@@ -94,6 +94,24 @@ def quantize_blocks(
     scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
     codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
+
+
+def quantize_blocks_gptq(
+    w: np.ndarray, gram: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True
+) -> BlockQuantized:
+    """``quantize_blocks``' grid (the same scales and zero points), with the codes GPTQ picks
+    for inputs of Gram ``gram`` ``[length, length]`` (``gptq``) instead of the nearest ones.
+    Raises ``numpy.linalg.LinAlgError`` where the Gram cannot be used."""
+    nearest = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric)
+    rows, length = nearest.values().shape
+    qtype = nearest.qtype
+    step = np.repeat(nearest.scales, block_size, axis=1)[:, :length]
+    zero = np.repeat(nearest.zero_points, block_size, axis=1)[:, :length]
+    low = -qtype.qmax if symmetric else qtype.qmin  # symmetric codes stay centred on 0
+    codes = gptq.gptq_codes(w, gram, step, zero, low, qtype.qmax)
+    padded = nearest.codes.reshape(rows, -1).copy()
+    padded[:, :length] = codes.astype(padded.dtype)
+    return dataclasses.replace(nearest, codes=padded.reshape(nearest.codes.shape))
 
 
 def pack_low_first(codes: np.ndarray, bits: int) -> np.ndarray:

@@ -10,17 +10,23 @@ float: the kernel dequantizes blocks on the fly, so only the weight bytes shrink
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
+from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
+from onnx_shrink.compiler.statistics import Gram, Statistics, StatRequest
+from onnx_shrink.passes.quant import gptq
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,
     quantize_blocks,
+    quantize_blocks_gptq,
 )
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -47,7 +53,7 @@ INT4_IR_VERSION = 10
 
 
 @dataclasses.dataclass(frozen=True)
-class WeightOnlyQuantPass(ir.passes.InPlacePass):
+class WeightOnlyQuantPass(DataAwarePass):
     """Quantize constant MatMul and Gather weights block-wise to ``bits``. Activations stay
     float in the file; MatMulNBits' ``accuracy_level`` 4 (the default) has onnxruntime's CPU
     provider quantize them to int8 per block at run time (fastest; on openWakeWord's mel
@@ -79,6 +85,11 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
        float32 initializers or are graph inputs, weights under ``min_weight_elements``, and
        model-local functions. Shared weights are quantized once; the float weight stays while
        anything still reads it. If/Loop/Scan bodies are rewritten too.
+    6. ``rounding=gptq`` (calibration data needed; the pass is data-free otherwise): each
+       main-graph MatMul's codes are chosen by GPTQ (``gptq``) from the Gram of its input on
+       the calibration data, on the grid nearest rounding would use (same scales and zero
+       points, so the same bytes and kernels). A weight several MatMuls read is rounded for
+       the first of them; Gather tables and MatMuls in bodies keep nearest rounding.
     """
 
     name: ClassVar[str] = "quant-weight"
@@ -107,6 +118,18 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         (), "node names or regular expressions (full match) to leave in float", patterns=True
     )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
+    rounding: Literal["nearest", "gptq"] = option(
+        "nearest",
+        "how MatMul weights take their codes: nearest (no data needed), or gptq (each "
+        "layer's rounding errors compensated from the Gram of its calibration inputs; same "
+        "grid, size and speed)",
+        choices=("nearest", "gptq"),
+    )
+
+    @property
+    def fits_weights_to_data(self) -> bool:
+        """gptq picks each MatMul's codes from its calibration inputs."""
+        return self.rounding == "gptq"
 
     @property
     def writes_qdq(self) -> bool:
@@ -120,28 +143,50 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         check_selection(self.op_types, SUPPORTED_OPS)
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
+        """Without data (``rounding=nearest``) the pass runs like any in-place pass."""
+        if self.rounding == "gptq":
+            return super().call(model)  # says how to give it statistics
+        return self.apply(model, Statistics({}, 0, "none needed"))
+
+    def requests(self, model: ir.Model) -> Sequence[StatRequest]:
+        """With ``rounding=gptq``, the Gram of each main-graph MatMul's activation (its
+        quantized weight's rows run along K)."""
+        if self.rounding != "gptq":
+            return []
+        self._prepare(model)
+        result = [self._gram_request(model, node) for node in self._matmuls(model)]
+        return list(dict.fromkeys(request for request in result if request is not None))
+
+    def _matmuls(self, model: ir.Model) -> list[ir.Node]:
+        if "MatMul" not in self.op_types:
+            return []
+        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        return [n for n in context.candidates(("MatMul",)) if n.graph is model.graph]
+
+    def _gram_request(self, model: ir.Model, node: ir.Node) -> StatRequest | None:
+        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        match = match_linear(context, node)
+        if isinstance(match, str) or match.transposed or match.weight.const_value is None:
+            return None
+        if match.weight.const_value.shape[0] > gptq.MAX_COLUMNS:
+            return None
+        return StatRequest(match.activation.name, "gram", axis=-1)
+
+    def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
-        opset = onnx_opset(model)
-        lifted = lift_constant_weights(model)
-        # Converted only for weights it will quantize: a model without any keeps its opset.
-        if (
-            self.format == "dequantize_linear"
-            and opset < BLOCKED_DQ_OPSET  # else nothing to convert: no need to look
-            and self._has_weights(model)
-            and not ensure_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name)
-        ):
-            raise ir.passes.PreconditionError(
-                f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
-                f"(blocked DequantizeLinear), and the model's opset {opset} could not be "
-                "converted (see the warning above); use format=matmulnbits"
-            )
+        lifted = self._prepare(model)
+        grams = {
+            request.tensor: result
+            for request, result in stats.results.items()
+            if isinstance(result, Gram) and result.rows > 0
+        }
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         count = 0
         for node in context.candidates(self.op_types):
             if node.op_type == "Gather":
                 count += self._try_quantize_gather(context, node)
             else:
-                count += self._try_quantize_matmul(context, node)
+                count += self._try_quantize_matmul(context, node, grams)
         if count and self.format == "matmulnbits":
             model.opset_imports.setdefault(MS_DOMAIN, 1)
         if count and self.format == "dequantize_linear":
@@ -160,6 +205,25 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             )
         return ir.passes.PassResult(model, count > 0 or lifted)
 
+    def _prepare(self, model: ir.Model) -> bool:
+        """Lift Constant weights to initializers and, for ``format=dequantize_linear``,
+        convert the opset; returns whether any weight was lifted."""
+        opset = onnx_opset(model)
+        lifted = lift_constant_weights(model)
+        # Converted only for weights it will quantize: a model without any keeps its opset.
+        if (
+            self.format == "dequantize_linear"
+            and opset < BLOCKED_DQ_OPSET  # else nothing to convert: no need to look
+            and self._has_weights(model)
+            and not ensure_opset(model, BLOCKED_DQ_OPSET, "blocked DequantizeLinear", self.name)
+        ):
+            raise ir.passes.PreconditionError(
+                f"{self.name}: format=dequantize_linear needs opset >= {BLOCKED_DQ_OPSET} "
+                f"(blocked DequantizeLinear), and the model's opset {opset} could not be "
+                "converted (see the warning above); use format=matmulnbits"
+            )
+        return lifted
+
     def _has_weights(self, model: ir.Model) -> bool:
         """Whether any candidate node has a weight this pass would quantize."""
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
@@ -170,23 +234,35 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
             for node in context.candidates(self.op_types)
         )
 
-    def _blocks(self, rows: np.ndarray, bits: int | None = None) -> BlockQuantized:
-        return quantize_blocks(
-            rows, bits=bits or self.bits, block_size=self.block_size, symmetric=self.symmetric
-        )
+    def _blocks(
+        self, rows: np.ndarray, bits: int | None = None, gram: Gram | None = None
+    ) -> BlockQuantized:
+        """``rows`` quantized in blocks along their last axis: with ``gram`` (of the inputs
+        those rows multiply), GPTQ's codes, else the nearest ones."""
+        grid = {"bits": bits or self.bits, "block_size": self.block_size}
+        if gram is not None:
+            try:
+                return quantize_blocks_gptq(rows, gram.matrix, **grid, symmetric=self.symmetric)
+            except np.linalg.LinAlgError:
+                logger.info("%s: a Gram is singular; nearest rounding there", self.name)
+        return quantize_blocks(rows, **grid, symmetric=self.symmetric)
 
     def _key(self, kind: str) -> tuple[str, int, int, bool]:
         return (kind, self.bits, self.block_size, self.symmetric)
 
-    def _try_quantize_matmul(self, context: WeightContext, node: ir.Node) -> bool:
+    def _try_quantize_matmul(
+        self, context: WeightContext, node: ir.Node, grams: Mapping[str, Gram]
+    ) -> bool:
         match = match_linear(context, node)
         if isinstance(match, str):
             return context.skip(node, match)
+        # A weight several MatMuls read is quantized once, for the first of them.
+        gram = grams.get(match.activation.name) if not match.transposed else None
         if self.format == "dequantize_linear":
-            self._dequantize_before_matmul(context, node, match.weight)
+            self._dequantize_before_matmul(context, node, match.weight, gram)
             return True
         packed, scales, zero_points = context.weights(
-            match.weight, self._key("nbits"), self._packed_columns
+            match.weight, self._key("nbits"), functools.partial(self._packed_columns, gram=gram)
         )
         assert match.weight.const_value is not None
         k, n = match.weight.const_value.shape
@@ -204,9 +280,9 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         context.replace(match.replaced, [nbits])
         return True
 
-    def _packed_columns(self, w: np.ndarray) -> Arrays:
+    def _packed_columns(self, w: np.ndarray, gram: Gram | None = None) -> Arrays:
         """MatMulNBits inputs of ``W`` [K, N]: blocks run along K within each column of W."""
-        blocks = self._blocks(w.T)
+        blocks = self._blocks(w.T, gram=gram)
         return {
             f"q{self.bits}": pack_low_first(blocks.unsigned_codes(), self.bits),
             "scales": blocks.scales,
@@ -216,12 +292,12 @@ class WeightOnlyQuantPass(ir.passes.InPlacePass):
         }
 
     def _dequantize_before_matmul(
-        self, context: WeightContext, node: ir.Node, weight: ir.Value
+        self, context: WeightContext, node: ir.Node, weight: ir.Value, gram: Gram | None
     ) -> None:
         """``MatMul(A, W)`` -> ``MatMul(A, DequantizeLinear(Wq, s[, z], axis=0, block_size))``."""
 
         def quantize(w: np.ndarray) -> Arrays:
-            blocks = self._blocks(w.T)
+            blocks = self._blocks(w.T, gram=gram)
             return {
                 f"q{self.bits}": _typed(blocks.values().T, blocks),
                 "scales": np.ascontiguousarray(blocks.scales.T),
