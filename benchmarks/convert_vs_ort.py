@@ -36,6 +36,7 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+import numpy as np
 import onnx
 import onnxruntime as ort
 
@@ -104,6 +105,47 @@ def ort_nbits(**options) -> Convert:
     return convert
 
 
+def ort_gptq(**options) -> Convert:
+    """``MatMulNBitsQuantizer`` with its GPTQ config, fed the calibration file one sample a
+    run through a ``CalibrationDataReader`` (its GPTQ code converts inputs through torch)."""
+
+    def convert(model: Path, calib: Path, out: Path) -> None:
+        from onnxruntime.quantization import CalibrationDataReader
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        try:
+            import torch  # noqa: F401  (onnxruntime's GPTQ imports it; say so plainly)
+        except ImportError as e:
+            raise RuntimeError("needs torch (pip install torch==2.13.0+cpu)") from e
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                with np.load(calib) as arrays:
+                    count = len(arrays[arrays.files[0]])
+                    self.feeds = [
+                        {k: arrays[k][i : i + 1] for k in arrays.files} for i in range(count)
+                    ]
+                self.index = 0
+
+            def get_next(self):
+                if self.index >= len(self.feeds):
+                    return None
+                self.index += 1
+                return self.feeds[self.index - 1]
+
+            def __iter__(self):  # onnxruntime's GPTQ iterates a copy of the reader
+                return iter(self.feeds)
+
+        algo = nbits.GPTQWeightOnlyQuantConfig(
+            calibration_data_reader=Reader(), actorder=True, op_types_to_quantize=("MatMul",)
+        )
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(model)), algo_config=algo, **options)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    return convert
+
+
 SUITES = {
     "fp16": Suite(
         "## fp16 vs onnxruntime's float16 converter",
@@ -122,6 +164,22 @@ SUITES = {
         (
             ("ours: quant-weight", ours("quant-weight")),
             ("ours: fold,quant-weight", ours("fold,quant-weight")),
+            (
+                "ours: fold,quant-weight --set quant-weight.rounding=gptq",
+                ours("fold,quant-weight", "quant-weight.rounding=gptq"),
+            ),
+            (
+                "ours: fold,quant-weight, MatMul only",
+                ours("fold,quant-weight", "quant-weight.op_types=MatMul"),
+            ),
+            (
+                "ours: fold,quant-weight --set quant-weight.rounding=gptq, MatMul only",
+                ours(
+                    "fold,quant-weight",
+                    "quant-weight.rounding=gptq",
+                    "quant-weight.op_types=MatMul",
+                ),
+            ),
             ("ORT MatMulNBitsQuantizer, defaults", ort_nbits()),
             (
                 "ORT MatMulNBitsQuantizer, our settings",
@@ -132,9 +190,21 @@ SUITES = {
                     op_types_to_quantize=("MatMul", "Gather"),
                 ),
             ),
+            (
+                "ORT MatMulNBitsQuantizer GPTQ, our settings, MatMul only",
+                ort_gptq(
+                    block_size=32,
+                    is_symmetric=True,
+                    accuracy_level=4,
+                    op_types_to_quantize=("MatMul",),
+                ),
+            ),
         ),
         "Defaults: 4-bit RTN, blocks of 128, asymmetric, MatMul only. Our settings: blocks of "
-        "32, symmetric, accuracy_level 4, MatMul and Gather (ours' defaults).",
+        "32, symmetric, accuracy_level 4, MatMul and Gather (ours' defaults). GPTQ: "
+        "onnxruntime's `GPTQWeightOnlyQuantConfig(actorder=True)` (it takes MatMul only) at our "
+        "settings, against ours with `rounding=gptq`; both calibrate on the first 32 "
+        "calibration samples, one a run (onnxruntime's GPTQ needs torch installed).",
     ),
 }
 
