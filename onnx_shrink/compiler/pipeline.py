@@ -290,7 +290,7 @@ class _Pipeline:
         snapshot = _snapshot(model, pass_)  # the model itself where the pass is functional
         followup_collect = _TimedCollector(self.collect) if self.collect is not None else None
         runnable, calibration_seconds, samples = _bind(
-            pass_, model, self.collect, self.probe, followup_collect
+            pass_, model, self.collect, self.probe, followup_collect, self.steps
         )
         result, seconds, rejected, verdict = _run_one(
             runnable, model, snapshot, self.steps, self.verify, self.strict
@@ -358,14 +358,20 @@ def _bind(
     collect: Collector | None,
     probe: Prober | None,
     followup_collect: Collector | None,
+    done: Sequence[StepRecord],
 ) -> tuple[ir.passes.PassBase, float, int | None]:
     """(the pass ready to run, calibration seconds, samples): a data-aware pass bound to the
     statistics collected on ``model`` (and to ``followup_collect`` for its follow-up), any
-    other as it is (0 s, None)."""
+    other as it is (0 s, None). What its ``requests`` raise fails as the pass would."""
     if not isinstance(pass_, DataAwarePass):
         return pass_, 0.0, None
     started = time.perf_counter()
-    statistics = _collect(pass_, model, collect, probe)
+    try:
+        statistics = _collect(pass_, model, collect, probe)
+    except (ShrinkError, MemoryError):
+        raise
+    except Exception as e:
+        raise _failure(describe(pass_), done, e) from e
     seconds = time.perf_counter() - started
     return pass_.bind(statistics, followup_collect), seconds, statistics.samples
 
@@ -427,13 +433,7 @@ def _run_one(
     except (ShrinkError, MemoryError):  # out of memory is no failure of the pass's logic
         raise
     except Exception as e:
-        memory = _memory_error(e)  # onnx_ir's pass managers wrap what their passes raise
-        if memory is not None:
-            raise memory from e
-        before = ", ".join(s.spec for s in done) or "none"
-        raise PassFailedError(
-            f"pass '{spec}' failed (passes before it: {before}): {_root_message(e)}"
-        ) from e
+        raise _failure(spec, done, e) from e
     seconds = time.perf_counter() - started
     if verify is None or not result.modified:
         return result, seconds, None, None
@@ -444,6 +444,19 @@ def _run_one(
         raise ToleranceStopError(f"pass '{spec}' broke the tolerances: {judged.summary}")
     logger.warning("pass '%s' broke the tolerances (%s); rolled back", spec, judged.summary)
     return ir.passes.PassResult(snapshot, False), seconds, result.model, judged.summary
+
+
+def _failure(spec: str, done: Sequence[StepRecord], error: Exception) -> Exception:
+    """What a pass's unexpected ``error`` becomes: the ``MemoryError`` it wraps (onnx_ir's
+    pass managers wrap what their passes raise), else a ``PassFailedError`` naming the pass
+    and the passes before it."""
+    memory = _memory_error(error)
+    if memory is not None:
+        return memory
+    before = ", ".join(s.spec for s in done) or "none"
+    return PassFailedError(
+        f"pass '{spec}' failed (passes before it: {before}): {_root_message(error)}"
+    )
 
 
 def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:

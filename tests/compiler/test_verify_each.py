@@ -13,6 +13,7 @@ from models import digits
 from onnx_shrink import DataError, FoldPass, PassFailedError, Tolerances, shrink
 from onnx_shrink.api import CheckOptions
 from onnx_shrink.compiler import io
+from onnx_shrink.compiler.data_aware import DataAwarePass
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,3 +128,22 @@ def test_an_accuracy_tolerance_given_for_data_without_labels_is_refused_before_a
         check=CheckOptions(data=images, verify_each=True, latency_runs=0),
     )
     assert not any(step.rolled_back for step in result.steps)
+
+
+@dataclasses.dataclass(frozen=True)
+class FailingRequestsPass(DataAwarePass):
+    """A data-aware pass whose ``requests`` hits a bug of its own."""
+
+    name: ClassVar[str] = "failing-requests"
+
+    def requests(self, model: ir.Model):
+        raise ValueError("a bug in requests")
+
+    def apply(self, model: ir.Model, stats) -> ir.passes.PassResult:
+        return ir.passes.PassResult(model, False)
+
+
+def test_what_a_data_aware_pass_raises_in_requests_fails_the_pass_as_in_apply():
+    expected = r"pass 'failing-requests' failed \(passes before it: fold\): ValueError: a bug"
+    with pytest.raises(PassFailedError, match=expected):
+        shrink(digits.MODEL_PATH, passes=[FoldPass(), FailingRequestsPass()], check=False)
