@@ -105,10 +105,9 @@ def quantize_blocks_gptq(
     nearest = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric)
     rows, length = nearest.values().shape
     qtype = nearest.qtype
-    step = np.repeat(nearest.scales, block_size, axis=1)[:, :length]
-    zero = np.repeat(nearest.zero_points, block_size, axis=1)[:, :length]
+    groups = np.arange(length) // block_size
     low = -qtype.qmax if symmetric else qtype.qmin  # symmetric codes stay centred on 0
-    codes = gptq.gptq_codes(w, gram, step, zero, low, qtype.qmax)
+    codes = gptq.gptq_codes(w, gram, nearest.scales, nearest.zero_points, groups, low, qtype.qmax)
     padded = nearest.codes.reshape(rows, -1).copy()
     padded[:, :length] = codes.astype(padded.dtype)
     return dataclasses.replace(nearest, codes=padded.reshape(nearest.codes.shape))

@@ -37,23 +37,28 @@ MAX_COLUMNS = 8192
 def gptq_codes(
     rows: np.ndarray,
     gram: np.ndarray,
-    step: np.ndarray,
-    zero: np.ndarray,
+    scales: np.ndarray,
+    zeros: np.ndarray,
+    groups: np.ndarray,
     low: int,
     high: int,
 ) -> np.ndarray:
-    """Integer codes of ``rows`` ``[outputs, K]`` on the grid ``(code - zero) * step``
-    (``step`` and ``zero`` ``[outputs, K]``, codes in ``[low, high]``), for inputs of Gram
-    ``gram`` ``[K, K]``, as float64.
+    """Integer codes (int16) of ``rows`` ``[outputs, K]`` for inputs of Gram ``gram``
+    ``[K, K]``, on the grid ``(code - zero) * scale`` of each column's group: column ``k``
+    takes ``scales[:, groups[k]]`` and ``zeros[:, groups[k]]`` (``[outputs, G]``), codes in
+    ``[low, high]``.
 
     Columns go in order of decreasing input energy (GPTQ's "act order"); a column whose input
     is always zero keeps its nearest code and passes no error on. Raises
-    ``numpy.linalg.LinAlgError`` where the damped Gram is still not positive definite.
+    ``numpy.linalg.LinAlgError`` where the Gram is not finite or, damped, still not
+    positive definite. Memory: the weight in float64 twice over, besides the Gram's inverse.
     """
-    weight = np.array(rows, np.float64)
-    step = np.asarray(step, np.float64)
-    zero = np.asarray(zero, np.float64)
     hessian = np.array(gram, np.float64)
+    if not np.isfinite(hessian).all():
+        raise np.linalg.LinAlgError("the Gram holds non-finite values")
+    weight = np.array(rows, np.float64)
+    scales = np.asarray(scales, np.float64)
+    zeros = np.asarray(zeros, np.float64)
     diagonal = np.diag(hessian).copy()
     dead = diagonal <= 0
     hessian[dead, :] = 0.0
@@ -62,18 +67,19 @@ def gptq_codes(
     hessian[np.diag_indices_from(hessian)] += DAMPING * (float(live.mean()) if live.size else 1.0)
     hessian[dead, dead] = 1.0
     order = np.argsort(-np.diag(hessian), kind="stable")
-    weight, step, zero = weight[:, order], step[:, order], zero[:, order]
+    weight, groups = weight[:, order], np.asarray(groups)[order]
     hessian = hessian[np.ix_(order, order)]
     # Upper Cholesky factor of H^-1: its row i says how column i's error spreads onward.
     spread = np.linalg.cholesky(np.linalg.inv(hessian)).T
-    codes = np.empty_like(weight)
+    codes = np.empty(weight.shape, np.int16)
     for start in range(0, weight.shape[1], BLOCK):
         stop = min(start + BLOCK, weight.shape[1])
         errors = np.empty((weight.shape[0], stop - start))
         for i in range(start, stop):
-            column = weight[:, i]
-            codes[:, i] = np.clip(np.rint(column / step[:, i]) + zero[:, i], low, high)
-            error = (column - (codes[:, i] - zero[:, i]) * step[:, i]) / spread[i, i]
+            column, scale, zero = weight[:, i], scales[:, groups[i]], zeros[:, groups[i]]
+            code = np.clip(np.rint(column / scale) + zero, low, high)
+            codes[:, i] = code
+            error = (column - (code - zero) * scale) / spread[i, i]
             weight[:, i + 1 : stop] -= np.outer(error, spread[i, i + 1 : stop])
             errors[:, i - start] = error
         weight[:, stop:] -= errors @ spread[start:stop, stop:]

@@ -154,33 +154,49 @@ class WeightOnlyQuantPass(DataAwarePass):
         if self.rounding != "gptq":
             return []
         self._prepare(model)
-        result = [self._gram_request(model, node) for node in self._matmuls(model)]
-        return list(dict.fromkeys(request for request in result if request is not None))
+        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        result = []
+        for node in self._matmuls(model, context):
+            match = match_linear(context, node)
+            if not isinstance(match, str) and _measurable(match.activation, match.weight):
+                result.append(StatRequest(match.activation.name, "gram", axis=-1))
+        return list(dict.fromkeys(result))
 
-    def _matmuls(self, model: ir.Model) -> list[ir.Node]:
+    def _matmuls(self, model: ir.Model, context: WeightContext) -> list[ir.Node]:
+        """The main-graph MatMuls the pass may quantize: the statistics engine measures the
+        main graph only, so a MatMul in an If/Loop/Scan body keeps nearest rounding."""
         if "MatMul" not in self.op_types:
             return []
-        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         return [n for n in context.candidates(("MatMul",)) if n.graph is model.graph]
 
-    def _gram_request(self, model: ir.Model, node: ir.Node) -> StatRequest | None:
-        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
-        match = match_linear(context, node)
-        if isinstance(match, str) or match.transposed or match.weight.const_value is None:
-            return None
-        if match.weight.const_value.shape[0] > gptq.MAX_COLUMNS:
-            return None
-        return StatRequest(match.activation.name, "gram", axis=-1)
+    def _weight_grams(
+        self, model: ir.Model, context: WeightContext, stats: Statistics
+    ) -> dict[ir.Value, np.ndarray]:
+        """For each weight GPTQ rounds, the summed Gram of the inputs of the main-graph
+        MatMuls that read it (a shared weight is quantized once: for all its readers)."""
+        measured = {
+            request.tensor: result.matrix
+            for request, result in stats.results.items()
+            if isinstance(result, Gram) and result.rows > 0
+        }
+        result: dict[ir.Value, np.ndarray] = {}
+        for node in self._matmuls(model, context) if measured else ():
+            match = match_linear(context, node)
+            if isinstance(match, str) or match.weight.const_value is None:
+                continue
+            gram = measured.get(match.activation.name)
+            columns = match.weight.const_value.shape[0]
+            if gram is None or gram.shape != (columns, columns):
+                continue
+            known = result.get(match.weight)
+            result[match.weight] = gram if known is None else known + gram
+        return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = self._prepare(model)
-        grams = {
-            request.tensor: result
-            for request, result in stats.results.items()
-            if isinstance(result, Gram) and result.rows > 0
-        }
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        grams = self._weight_grams(model, context, stats)
         count = 0
         for node in context.candidates(self.op_types):
             if node.op_type == "Gather":
@@ -235,34 +251,39 @@ class WeightOnlyQuantPass(DataAwarePass):
         )
 
     def _blocks(
-        self, rows: np.ndarray, bits: int | None = None, gram: Gram | None = None
+        self,
+        rows: np.ndarray,
+        bits: int | None = None,
+        gram: np.ndarray | None = None,
+        weight_name: str = "",
     ) -> BlockQuantized:
         """``rows`` quantized in blocks along their last axis: with ``gram`` (of the inputs
         those rows multiply), GPTQ's codes, else the nearest ones."""
         grid = {"bits": bits or self.bits, "block_size": self.block_size}
         if gram is not None:
             try:
-                return quantize_blocks_gptq(rows, gram.matrix, **grid, symmetric=self.symmetric)
-            except np.linalg.LinAlgError:
-                logger.info("%s: a Gram is singular; nearest rounding there", self.name)
+                return quantize_blocks_gptq(rows, gram, **grid, symmetric=self.symmetric)
+            except np.linalg.LinAlgError as e:
+                logger.info("%s: %s keeps nearest rounding: %s", self.name, weight_name, e)
         return quantize_blocks(rows, **grid, symmetric=self.symmetric)
 
     def _key(self, kind: str) -> tuple[str, int, int, bool]:
         return (kind, self.bits, self.block_size, self.symmetric)
 
     def _try_quantize_matmul(
-        self, context: WeightContext, node: ir.Node, grams: Mapping[str, Gram]
+        self, context: WeightContext, node: ir.Node, grams: Mapping[ir.Value, np.ndarray]
     ) -> bool:
         match = match_linear(context, node)
         if isinstance(match, str):
             return context.skip(node, match)
-        # A weight several MatMuls read is quantized once, for the first of them.
-        gram = grams.get(match.activation.name) if not match.transposed else None
+        gram = grams.get(match.weight)
         if self.format == "dequantize_linear":
             self._dequantize_before_matmul(context, node, match.weight, gram)
             return True
         packed, scales, zero_points = context.weights(
-            match.weight, self._key("nbits"), functools.partial(self._packed_columns, gram=gram)
+            match.weight,
+            self._key("nbits"),
+            functools.partial(self._packed_columns, gram=gram, name=match.weight.name),
         )
         assert match.weight.const_value is not None
         k, n = match.weight.const_value.shape
@@ -280,9 +301,11 @@ class WeightOnlyQuantPass(DataAwarePass):
         context.replace(match.replaced, [nbits])
         return True
 
-    def _packed_columns(self, w: np.ndarray, gram: Gram | None = None) -> Arrays:
+    def _packed_columns(
+        self, w: np.ndarray, gram: np.ndarray | None = None, name: str = ""
+    ) -> Arrays:
         """MatMulNBits inputs of ``W`` [K, N]: blocks run along K within each column of W."""
-        blocks = self._blocks(w.T, gram=gram)
+        blocks = self._blocks(w.T, gram=gram, weight_name=name)
         return {
             f"q{self.bits}": pack_low_first(blocks.unsigned_codes(), self.bits),
             "scales": blocks.scales,
@@ -292,12 +315,12 @@ class WeightOnlyQuantPass(DataAwarePass):
         }
 
     def _dequantize_before_matmul(
-        self, context: WeightContext, node: ir.Node, weight: ir.Value, gram: Gram | None
+        self, context: WeightContext, node: ir.Node, weight: ir.Value, gram: np.ndarray | None
     ) -> None:
         """``MatMul(A, W)`` -> ``MatMul(A, DequantizeLinear(Wq, s[, z], axis=0, block_size))``."""
 
         def quantize(w: np.ndarray) -> Arrays:
-            blocks = self._blocks(w.T, gram=gram)
+            blocks = self._blocks(w.T, gram=gram, weight_name=weight.name or "")
             return {
                 f"q{self.bits}": _typed(blocks.values().T, blocks),
                 "scales": np.ascontiguousarray(blocks.scales.T),
@@ -387,6 +410,17 @@ class WeightOnlyQuantPass(DataAwarePass):
             name=derived_name(node, "dequant"),
         )
         return [*gathers, dequantize]
+
+
+def _measurable(activation: ir.Value, weight: ir.Value) -> bool:
+    """Whether the statistics engine can take the Gram of ``activation`` for ``weight``: a
+    tensor the main graph computes or takes as input (not a constant), at most
+    ``gptq.MAX_COLUMNS`` wide."""
+    if activation.const_value is not None or activation.is_initializer():
+        return False
+    if activation.producer() is None and not activation.is_graph_input():
+        return False
+    return weight.const_value is not None and weight.const_value.shape[0] <= gptq.MAX_COLUMNS
 
 
 def _typed(codes: np.ndarray, blocks: BlockQuantized) -> ir.Tensor:

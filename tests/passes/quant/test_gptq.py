@@ -11,7 +11,11 @@ import pytest
 import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant import gptq
-from onnx_shrink.passes.quant.blockwise import quantize_blocks, quantize_blocks_gptq
+from onnx_shrink.passes.quant.blockwise import (
+    pack_low_first,
+    quantize_blocks,
+    quantize_blocks_gptq,
+)
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 from tests.helpers import make_model, run_ort
 
@@ -32,10 +36,11 @@ def _correlated_inputs(rows: int, seed: int) -> np.ndarray:
 
 
 def _grid(w: np.ndarray, bits: int = 4):
-    """A symmetric per-row grid for ``w`` ``[rows, K]``: step and zero ``[rows, K]``, bounds."""
+    """A symmetric grid of one scale per row of ``w`` ``[rows, K]``: scales and zeros
+    ``[rows, 1]``, every column in group 0, the code bounds."""
     high = 2 ** (bits - 1) - 1
-    step = np.abs(w).max(axis=1, keepdims=True) / high
-    return np.broadcast_to(step, w.shape), np.zeros(w.shape), -high, high
+    scales = np.abs(w).max(axis=1, keepdims=True) / high
+    return scales, np.zeros_like(scales), np.zeros(w.shape[1], np.int64), -high, high
 
 
 def _output_error(x: np.ndarray, w: np.ndarray, dequantized: np.ndarray) -> float:
@@ -45,13 +50,13 @@ def _output_error(x: np.ndarray, w: np.ndarray, dequantized: np.ndarray) -> floa
 def test_gptq_codes_move_the_layer_output_less_than_nearest_codes_on_new_inputs():
     w = np.random.default_rng(0).standard_normal((N, K))
     x = _correlated_inputs(512, seed=1)
-    step, zero, low, high = _grid(w)
-    codes = gptq.gptq_codes(w, x.T.astype(np.float64) @ x, step, zero, low, high)
-    nearest = np.clip(np.rint(w / step), low, high)
-    assert np.array_equal(codes, np.rint(codes)) and codes.min() >= low and codes.max() <= high
+    scales, zeros, groups, low, high = _grid(w)
+    codes = gptq.gptq_codes(w, x.T.astype(np.float64) @ x, scales, zeros, groups, low, high)
+    nearest = np.clip(np.rint(w / scales), low, high)
+    assert codes.min() >= low and codes.max() <= high
     held_out = _correlated_inputs(256, seed=2)
-    ours = _output_error(held_out, w, codes * step)
-    plain = _output_error(held_out, w, nearest * step)
+    ours = _output_error(held_out, w, codes * scales)
+    plain = _output_error(held_out, w, nearest * scales)
     assert ours < 0.6 * plain, (ours, plain)
 
 
@@ -59,16 +64,24 @@ def test_a_column_whose_input_is_always_zero_keeps_its_nearest_code_and_passes_n
     w = np.random.default_rng(3).standard_normal((N, K))
     x = _correlated_inputs(256, seed=4)
     x[:, 5] = 0.0
-    step, zero, low, high = _grid(w)
+    scales, zeros, groups, low, high = _grid(w)
     gram = x.T.astype(np.float64) @ x
-    codes = gptq.gptq_codes(w, gram, step, zero, low, high)
-    assert np.array_equal(codes[:, 5], np.clip(np.rint(w[:, 5] / step[:, 5]), low, high))
+    codes = gptq.gptq_codes(w, gram, scales, zeros, groups, low, high)
+    assert np.array_equal(codes[:, 5], np.clip(np.rint(w[:, 5] / scales[:, 0]), low, high))
     # The other columns are rounded exactly as without that column.
     keep = np.arange(K) != 5
     alone = gptq.gptq_codes(
-        w[:, keep], gram[np.ix_(keep, keep)], step[:, keep], zero[:, keep], low, high
+        w[:, keep], gram[np.ix_(keep, keep)], scales, zeros, groups[keep], low, high
     )
     assert np.array_equal(codes[:, keep], alone)
+
+
+def test_a_gram_that_is_not_finite_is_refused():
+    w = np.random.default_rng(12).standard_normal((N, K))
+    gram = np.eye(K)
+    gram[3, 3] = np.nan
+    with pytest.raises(np.linalg.LinAlgError, match="non-finite"):
+        gptq.gptq_codes(w, gram, *_grid(w))
 
 
 def test_the_codes_do_not_depend_on_how_many_columns_are_updated_at_once(monkeypatch):
@@ -135,3 +148,100 @@ def test_quant_weight_with_gptq_is_closer_to_float_on_new_inputs_at_the_same_siz
 def test_quant_weight_with_gptq_needs_statistics_and_says_how_to_give_them():
     with pytest.raises(ir.passes.PreconditionError, match="needs calibration statistics"):
         WeightOnlyQuantPass(rounding="gptq")(io.load(_two_matmuls()))
+
+
+def _gptq_model(proto: onnx.ModelProto, data, **options) -> ir.Model:
+    options = {"min_weight_elements": 0, **options}
+    return onnx_shrink.shrink(
+        proto, passes=[WeightOnlyQuantPass(**options)], data=data, check=False
+    ).model
+
+
+def _codes(model: ir.Model, weight: str) -> np.ndarray:
+    return model.graph.initializers[f"{weight}_q4"].const_value.numpy()
+
+
+def test_a_body_matmul_keeps_nearest_codes_even_where_its_input_shadows_a_measured_name():
+    """The statistics engine measures the main graph: a Loop body's ``x`` ([4, 32]) is not
+    the main graph's ``x`` ([N, 64]) whose Gram was measured."""
+    rng = np.random.default_rng(13)
+    body = oh.make_graph(
+        [
+            oh.make_node("Identity", ["cond"], ["cond_out"]),
+            oh.make_node("MatMul", ["x", "wb"], ["x_out"]),
+        ],
+        "body",
+        [
+            oh.make_tensor_value_info("i", onnx.TensorProto.INT64, []),
+            oh.make_tensor_value_info("cond", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("x", F, [4, 32]),
+        ],
+        [
+            oh.make_tensor_value_info("cond_out", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("x_out", F, [4, 32]),
+        ],
+    )
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["h"]),
+            oh.make_node("Loop", ["n", "", "s"], ["s_out"], body=body),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 64]), oh.make_tensor_value_info("s", F, [4, 32])],
+        [
+            oh.make_tensor_value_info("h", F, ["N", 64]),
+            oh.make_tensor_value_info("s_out", F, [4, 32]),
+        ],
+        {
+            "w": rng.standard_normal((64, 64)).astype(np.float32),
+            "wb": rng.standard_normal((32, 32)).astype(np.float32),
+            "n": np.array(2, np.int64),
+        },
+    )
+    data = {
+        "x": _correlated_inputs(64, seed=14),
+        "s": rng.standard_normal((64, 4, 32)).astype(np.float32),
+    }
+    nearest, ours = (_gptq_model(proto, data, rounding=r) for r in ("nearest", "gptq"))
+    assert np.array_equal(_codes(ours, "wb"), _codes(nearest, "wb"))
+    assert not np.array_equal(_codes(ours, "w"), _codes(nearest, "w"))
+
+
+def test_a_matmul_of_a_constant_table_keeps_nearest_codes_and_the_others_get_gptq():
+    rng = np.random.default_rng(15)
+    proto = make_model(
+        [
+            oh.make_node("MatMul", ["table", "wt"], ["p"]),
+            oh.make_node("MatMul", ["x", "w"], ["h"]),
+            oh.make_node("Add", ["h", "p"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, [8, K])],
+        [oh.make_tensor_value_info("y", F, [8, K])],
+        {
+            name: rng.standard_normal(shape).astype(np.float32)
+            for name, shape in (("table", (8, K)), ("wt", (K, K)), ("w", (K, K)))
+        },
+    )
+    data = {"x": _correlated_inputs(64, seed=16).reshape(8, 8, K)}
+    nearest, ours = (_gptq_model(proto, data, rounding=r) for r in ("nearest", "gptq"))
+    assert np.array_equal(_codes(ours, "wt"), _codes(nearest, "wt"))
+    assert not np.array_equal(_codes(ours, "w"), _codes(nearest, "w"))
+
+
+def test_a_weight_two_matmuls_read_is_rounded_for_both_of_their_inputs(tmp_path):
+    rng = np.random.default_rng(17)
+    w = rng.standard_normal((K, 32)).astype(np.float32)
+    proto = make_model(
+        [oh.make_node("MatMul", ["a", "w"], ["ya"]), oh.make_node("MatMul", ["b", "w"], ["yb"])],
+        [oh.make_tensor_value_info("a", F, ["N", K]), oh.make_tensor_value_info("b", F, ["N", K])],
+        [
+            oh.make_tensor_value_info("ya", F, ["N", 32]),
+            oh.make_tensor_value_info("yb", F, ["N", 32]),
+        ],
+        {"w": w},
+    )
+    a, b = _correlated_inputs(128, seed=18), rng.standard_normal((128, K)).astype(np.float32)
+    ours = _gptq_model(proto, {"a": a, "b": b}, rounding="gptq")
+    summed = a.T.astype(np.float64) @ a + b.T.astype(np.float64) @ b
+    expected = quantize_blocks_gptq(w.T, summed, bits=4, block_size=32, symmetric=True)
+    packed = ours.graph.initializers["w_q4"].const_value.numpy()
+    assert np.array_equal(packed, pack_low_first(expected.unsigned_codes(), 4))
