@@ -308,15 +308,25 @@ class WeightContext:
             if not _drop_if_unread(value) and value.const_value is not None:
                 kept.append(value)
         if kept:
-            readers = sorted({use.node.op_type for value in kept for use in value.uses()})
+            uses = [use.node for value in kept for use in value.uses()]
+            readers = sorted({node.op_type for node in uses})
+            # A reader of constants only (a Transpose of the weight) is what fold computes.
+            foldable = any(
+                all(v is None or v.const_value is not None for v in n.inputs) for n in uses
+            )
+            names = ", ".join(str(value.name) for value in kept[:5])
             logger.warning(
                 "%s: %d quantized weight(s) are also read as float (by %s), so the model keeps "
-                "both copies (%d float bytes): %s",
+                "both copies (%d float bytes): %s%s%s",
                 self.pass_name,
                 len(kept),
                 ", ".join(readers) or "graph outputs",
                 sum(value.const_value.nbytes for value in kept),
-                ", ".join(str(value.name) for value in kept[:5]),
+                names,
+                ", ..." if len(kept) > 5 else "",
+                "; those readers compute on constants only: run fold before this pass"
+                if foldable
+                else "",
             )
 
 

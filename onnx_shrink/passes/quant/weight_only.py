@@ -153,6 +153,11 @@ class WeightOnlyQuantPass(DataAwarePass):
         quantized weight's rows run along K)."""
         if self.rounding != "gptq":
             return []
+        if "MatMul" not in self.op_types:
+            logger.warning(
+                "%s: rounding=gptq picks MatMul codes only; op_types has none", self.name
+            )
+            return []
         self._prepare(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         result = []
@@ -175,21 +180,24 @@ class WeightOnlyQuantPass(DataAwarePass):
         """For each weight GPTQ rounds, the summed Gram of the inputs of the main-graph
         MatMuls that read it (a shared weight is quantized once: for all its readers)."""
         measured = {
-            request.tensor: result.matrix
+            request.tensor: result
             for request, result in stats.results.items()
             if isinstance(result, Gram) and result.rows > 0
         }
         result: dict[ir.Value, np.ndarray] = {}
+        rows: dict[ir.Value, int] = {}
         for node in self._matmuls(model, context) if measured else ():
             match = match_linear(context, node)
             if isinstance(match, str) or match.weight.const_value is None:
                 continue
             gram = measured.get(match.activation.name)
             columns = match.weight.const_value.shape[0]
-            if gram is None or gram.shape != (columns, columns):
+            if gram is None or gram.matrix.shape != (columns, columns):
                 continue
             known = result.get(match.weight)
-            result[match.weight] = gram if known is None else known + gram
+            result[match.weight] = gram.matrix if known is None else known + gram.matrix
+            rows[match.weight] = rows.get(match.weight, 0) + gram.rows
+        _warn_few_rows(self.name, rows)
         return result
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
@@ -410,6 +418,27 @@ class WeightOnlyQuantPass(DataAwarePass):
             name=derived_name(node, "dequant"),
         )
         return [*gathers, dequantize]
+
+
+def _warn_few_rows(pass_name: str, rows: Mapping[ir.Value, int]) -> None:
+    """Warn where a weight's Gram comes from fewer input rows than it has columns: GPTQ then
+    fits its codes to those rows, and can do worse than nearest rounding on others (g2p's BERT
+    from one sample: relative error 0.065 against nearest's 0.063)."""
+    short = {
+        w: n for w, n in rows.items() if w.const_value is not None and n < w.const_value.shape[0]
+    }
+    if short:
+        fewest = min(short, key=short.__getitem__)
+        logger.warning(
+            "%s: gptq: %d of %d weights saw fewer calibration rows than their inputs' width "
+            "(%s: %d rows for %d columns), so their codes fit those rows; give more samples",
+            pass_name,
+            len(short),
+            len(rows),
+            fewest.name,
+            short[fewest],
+            fewest.const_value.shape[0],
+        )
 
 
 def _measurable(activation: ir.Value, weight: ir.Value) -> bool:

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -245,3 +247,26 @@ def test_a_weight_two_matmuls_read_is_rounded_for_both_of_their_inputs(tmp_path)
     expected = quantize_blocks_gptq(w.T, summed, bits=4, block_size=32, symmetric=True)
     packed = ours.graph.initializers["w_q4"].const_value.numpy()
     assert np.array_equal(packed, pack_low_first(expected.unsigned_codes(), 4))
+
+
+def test_too_few_calibration_rows_for_a_weights_width_are_warned_about(caplog):
+    data = {"x": _correlated_inputs(16, seed=19)}  # 16 rows for K = 64 columns
+    with caplog.at_level(logging.WARNING):
+        _gptq_model(_two_matmuls(), data, rounding="gptq")
+    assert "gptq: 2 of 2 weights saw fewer calibration rows than their inputs' width" in caplog.text
+    assert "(w1: 16 rows for 64 columns)" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        _gptq_model(_two_matmuls(), {"x": _correlated_inputs(128, seed=19)}, rounding="gptq")
+    assert "fewer calibration rows" not in caplog.text
+
+
+def test_gptq_without_matmuls_to_round_says_so(caplog):
+    with caplog.at_level(logging.WARNING):
+        _gptq_model(
+            _two_matmuls(),
+            {"x": _correlated_inputs(8, seed=20)},
+            rounding="gptq",
+            op_types=("Gather",),
+        )
+    assert "rounding=gptq picks MatMul codes only; op_types has none" in caplog.text

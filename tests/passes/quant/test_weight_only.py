@@ -370,6 +370,7 @@ def test_a_weight_also_read_as_float_is_kept_with_a_warning(caplog):
         result, modified = quantized(with_weights(text, table=table), bits=4)
     assert modified and "table" in result.graph.initializers
     assert "1 quantized weight(s) are also read as float (by Transpose)" in caplog.text
+    assert "those readers compute on constants only: run fold before this pass" in caplog.text
 
 
 def test_a_model_of_gemms_is_told_which_passes_take_them(caplog):
