@@ -3,6 +3,7 @@ say nothing about accuracy, and ``data.prepare`` says so when it makes them."""
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Iterable, Mapping, Sequence
 
@@ -16,7 +17,6 @@ from onnx_shrink.runtime_check.data_types import (
     Dataset,
     Feed,
     InputSpec,
-    samples_in,
     show_shape,
 )
 
@@ -88,6 +88,20 @@ def synthetic_feed(
     batch: int | None = None,
 ) -> Feed:
     """One seeded random feed from the signature; ``batch`` sets every dynamic first dim."""
+    return _draw(specs, synthetic_shapes(specs, shapes, batch), seed)
+
+
+def _draw(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], seed: int) -> Feed:
+    rng = np.random.default_rng(seed)
+    return {spec.name: _random_array(rng, spec, shapes[spec.name]) for spec in specs}
+
+
+def synthetic_shapes(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    batch: int | None = None,
+) -> dict[str, tuple[int, ...]]:
+    """The shape of each input in ``synthetic_feed``'s feed, without drawing it."""
     shapes = dict(shapes or {})
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
@@ -121,11 +135,7 @@ def synthetic_feed(
                 bound.get(d, x) if isinstance(d, str) else x
                 for d, x in zip(spec.shape, default, strict=True)
             )
-    rng = np.random.default_rng(seed)
-    return {
-        spec.name: _random_array(rng, spec, concrete_shape(spec, shapes.get(spec.name), batch))
-        for spec in specs
-    }
+    return {spec.name: concrete_shape(spec, shapes.get(spec.name), batch) for spec in specs}
 
 
 def synthetic(
@@ -134,15 +144,20 @@ def synthetic(
     *,
     seed: int = 0,
 ) -> Dataset:
-    """A one-batch dataset of seeded random inputs. Says nothing about accuracy."""
-    feed = synthetic_feed(specs, shapes, seed=seed)
-    shown = ", ".join(f"{name}={show_shape(array.shape)}" for name, array in feed.items())
+    """A one-batch dataset of seeded random inputs. Says nothing about accuracy. They are
+    drawn when first read: a data-free pass (nearest-rounded quant-weight, magnitude prune)
+    makes a pipeline hold calibration data it never reads, and a model's static input may
+    be a gigabyte."""
+    concrete = synthetic_shapes(specs, shapes)
+    shown = ", ".join(f"{name}={show_shape(shape)}" for name, shape in concrete.items())
+    samples = next((concrete[spec.name][0] for spec in specs if spec.batch_axis), 1)
+    draw = functools.cache(functools.partial(_draw, specs, concrete, seed))
     return Dataset(
         description=f"synthetic, seed {seed}: {shown}",
         synthetic=True,
         has_labels=False,
-        make_batches=lambda: iter([Batch(feed, samples_in(feed, specs), None)]),
-        samples=samples_in(feed, specs),
+        make_batches=lambda: iter([Batch(draw(), samples, None)]),
+        samples=samples,
     )
 
 

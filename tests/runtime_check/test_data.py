@@ -442,3 +442,18 @@ def test_synthetic_token_ids_stay_below_the_rows_of_the_table_they_index():
     assert batch.feed["other"].max() < 3
     report = checker.compare(proto.SerializeToString(), proto.SerializeToString())
     assert report.passed
+
+
+def test_synthetic_inputs_are_drawn_when_first_read_and_only_once(monkeypatch):
+    """A data-free pass (nearest-rounded quant-weight) makes the pipeline hold calibration
+    data it never reads: a gigabyte static input must not be drawn for nothing."""
+    from onnx_shrink.runtime_check import synthetic
+
+    draws = []
+    real_draw = synthetic._draw
+    monkeypatch.setattr(synthetic, "_draw", lambda *a: draws.append(a) or real_draw(*a))
+    specs = [data.InputSpec("x", np.dtype(np.float32), ("N", 3))]
+    dataset = data.synthetic(specs, {"x": (5, 3)})
+    assert not draws and dataset.samples == 5 and "x=5x3" in dataset.description
+    first, again = (next(dataset.batches()).feed["x"] for _ in range(2))
+    assert len(draws) == 1 and first.shape == (5, 3) and first is again
