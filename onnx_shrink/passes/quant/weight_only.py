@@ -125,6 +125,12 @@ class WeightOnlyQuantPass(DataAwarePass):
         "grid, size and speed)",
         choices=("nearest", "gptq"),
     )
+    gram_memory_mb: int = option(
+        2048,
+        "gptq holds one float64 Gram (K x K) per MatMul input at once: MatMuls past this many "
+        "MiB of them, widest last, keep nearest rounding",
+        minimum=0,
+    )
 
     @property
     def fits_weights_to_data(self) -> bool:
@@ -160,12 +166,33 @@ class WeightOnlyQuantPass(DataAwarePass):
             return []
         self._prepare(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
-        result = []
+        widths: dict[StatRequest, int] = {}
         for node in self._matmuls(model, context):
             match = match_linear(context, node)
             if not isinstance(match, str) and _measurable(match.activation, match.weight):
-                result.append(StatRequest(match.activation.name, "gram", axis=-1))
-        return list(dict.fromkeys(result))
+                request = StatRequest(match.activation.name, "gram", axis=-1)
+                widths[request] = match.weight.const_value.shape[0]
+        return self._within_budget(widths)
+
+    def _within_budget(self, widths: Mapping[StatRequest, int]) -> list[StatRequest]:
+        """The Gram requests whose matrices fit ``gram_memory_mb`` together, narrowest first
+        (a 4096-wide input's Gram is 128 MiB: a 7B model's 96 would hold 12 GiB)."""
+        budget, taken = self.gram_memory_mb << 20, []
+        for request in sorted(widths, key=widths.__getitem__):
+            budget -= widths[request] ** 2 * 8
+            if budget < 0:
+                break
+            taken.append(request)
+        if len(taken) < len(widths):
+            logger.warning(
+                "%s: gptq: %d of %d MatMul inputs keep nearest rounding: their Grams would pass "
+                "gram_memory_mb=%d",
+                self.name,
+                len(widths) - len(taken),
+                len(widths),
+                self.gram_memory_mb,
+            )
+        return taken
 
     def _matmuls(self, model: ir.Model, context: WeightContext) -> list[ir.Node]:
         """The main-graph MatMuls the pass may quantize: the statistics engine measures the

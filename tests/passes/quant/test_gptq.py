@@ -12,6 +12,7 @@ import pytest
 
 import onnx_shrink
 from onnx_shrink.compiler import io
+from onnx_shrink.compiler.statistics import StatRequest
 from onnx_shrink.passes.quant import gptq
 from onnx_shrink.passes.quant.blockwise import (
     pack_low_first,
@@ -270,3 +271,16 @@ def test_gptq_without_matmuls_to_round_says_so(caplog):
             op_types=("Gather",),
         )
     assert "rounding=gptq picks MatMul codes only; op_types has none" in caplog.text
+
+
+def test_grams_past_the_memory_budget_are_not_measured_and_keep_nearest_codes(caplog):
+    data = {"x": _correlated_inputs(256, seed=21)}
+    nearest = _gptq_model(_two_matmuls(), data, rounding="nearest")
+    with caplog.at_level(logging.WARNING):
+        ours = _gptq_model(_two_matmuls(), data, rounding="gptq", gram_memory_mb=0)
+    assert "gptq: 2 of 2 MatMul inputs keep nearest rounding" in caplog.text
+    assert all(np.array_equal(_codes(ours, w), _codes(nearest, w)) for w in ("w1", "w2"))
+    # 1 MiB holds a 300-wide Gram (0.69 MiB), not a 400-wide one besides (1.22 MiB more).
+    widths = {StatRequest("wide", "gram"): 400, StatRequest("narrow", "gram"): 300}
+    taken = WeightOnlyQuantPass(rounding="gptq", gram_memory_mb=1)._within_budget(widths)
+    assert taken == [StatRequest("narrow", "gram")]
