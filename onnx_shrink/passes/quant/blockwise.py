@@ -76,10 +76,17 @@ def quant_type(bits: int, symmetric: bool) -> QuantType:
     return numerics.quant_type(bits, signed=symmetric)
 
 
+CLIP_FACTORS = np.linspace(0.6, 1.0, 21)
+"""the factors ``ranges=mse`` tries on each block's min/max"""
+
+
 def quantize_blocks(
-    w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True
+    w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True, mse: bool = False
 ) -> BlockQuantized:
-    """Quantize ``w`` [rows, length] with one range per block of ``block_size`` along axis 1."""
+    """Quantize ``w`` [rows, length] with one range per block of ``block_size`` along axis 1:
+    the block's min/max, or with ``mse`` that range times the factor of ``CLIP_FACTORS``
+    whose codes leave the least squared error in the block (clipping a few outliers buys a
+    finer step for the rest)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -92,17 +99,46 @@ def quantize_blocks(
     # Zero padding cannot widen a block's range: every range is widened to contain 0 anyway.
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
     scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
+    if mse:
+        scales, zero_points = _least_error_ranges(blocks, lo, hi, qtype, symmetric)
     codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
 
 
+def _least_error_ranges(
+    blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the scale and zero point of ``[lo, hi] * factor`` whose codes leave the
+    least squared error, over ``CLIP_FACTORS`` (ties: the widest range)."""
+    best_error = None
+    for factor in CLIP_FACTORS[::-1]:  # widest first: a tie keeps it
+        scales, zeros = scale_and_zero_point(lo * factor, hi * factor, qtype, symmetric)
+        codes = quantize(blocks, scales[..., None], zeros[..., None], qtype)
+        restored = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
+        error = np.square(restored - blocks).sum(axis=-1)
+        if best_error is None:
+            best_error, best_scales, best_zeros = error, scales, zeros
+            continue
+        better = error < best_error
+        best_error = np.where(better, error, best_error)
+        best_scales = np.where(better, scales, best_scales)
+        best_zeros = np.where(better, zeros, best_zeros)
+    return best_scales, best_zeros
+
+
 def quantize_blocks_gptq(
-    w: np.ndarray, gram: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True
+    w: np.ndarray,
+    gram: np.ndarray,
+    *,
+    bits: int,
+    block_size: int,
+    symmetric: bool = True,
+    mse: bool = False,
 ) -> BlockQuantized:
     """``quantize_blocks``' grid (the same scales and zero points), with the codes GPTQ picks
     for inputs of Gram ``gram`` ``[length, length]`` (``gptq``) instead of the nearest ones.
     Raises ``numpy.linalg.LinAlgError`` where the Gram cannot be used."""
-    nearest = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric)
+    nearest = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric, mse=mse)
     rows, length = nearest.values().shape
     qtype = nearest.qtype
     groups = np.arange(length) // block_size

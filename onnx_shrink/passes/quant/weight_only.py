@@ -125,6 +125,12 @@ class WeightOnlyQuantPass(DataAwarePass):
         "grid, size and speed)",
         choices=("nearest", "gptq"),
     )
+    ranges: Literal["minmax", "mse"] = option(
+        "minmax",
+        "each block's range: its min/max, or that range shrunk by the factor (0.6-1.0) whose "
+        "codes leave the least squared error in the block (no data needed; slower to convert)",
+        choices=("minmax", "mse"),
+    )
     gram_memory_mb: int = option(
         2048,
         "gptq holds one float64 Gram (K x K) per MatMul input at once: MatMuls past this many "
@@ -294,7 +300,11 @@ class WeightOnlyQuantPass(DataAwarePass):
     ) -> BlockQuantized:
         """``rows`` quantized in blocks along their last axis: with ``gram`` (of the inputs
         those rows multiply), GPTQ's codes, else the nearest ones."""
-        grid = {"bits": bits or self.bits, "block_size": self.block_size}
+        grid = {
+            "bits": bits or self.bits,
+            "block_size": self.block_size,
+            "mse": self.ranges == "mse",
+        }
         if gram is not None:
             try:
                 return quantize_blocks_gptq(rows, gram, **grid, symmetric=self.symmetric)
@@ -302,8 +312,8 @@ class WeightOnlyQuantPass(DataAwarePass):
                 logger.info("%s: %s keeps nearest rounding: %s", self.name, weight_name, e)
         return quantize_blocks(rows, **grid, symmetric=self.symmetric)
 
-    def _key(self, kind: str) -> tuple[str, int, int, bool]:
-        return (kind, self.bits, self.block_size, self.symmetric)
+    def _key(self, kind: str) -> tuple[str, int, int, bool, str]:
+        return (kind, self.bits, self.block_size, self.symmetric, self.ranges)
 
     def _try_quantize_matmul(
         self, context: WeightContext, node: ir.Node, grams: Mapping[ir.Value, np.ndarray]

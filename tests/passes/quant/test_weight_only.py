@@ -397,3 +397,39 @@ def test_a_conv_model_is_told_that_conv_is_quants(caplog):
     assert not modified
     assert "quant-weight: nothing quantized: no MatMul/Gather" in caplog.text
     assert "its 1 float Conv nodes are quant's" in caplog.text
+
+
+@pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
+def test_mse_ranges_leave_no_block_a_larger_error_and_most_a_smaller_one(symmetric):
+    """Heavy-tailed weights (Student's t): clipping a block's outlier refines its step."""
+    w = np.random.default_rng(4).standard_t(3, size=(64, 200)).astype(np.float32)
+    plain = quantize_blocks(w, bits=4, block_size=32, symmetric=symmetric)
+    clipped = quantize_blocks(w, bits=4, block_size=32, symmetric=symmetric, mse=True)
+
+    def block_errors(blocks):
+        error = np.zeros((64, 7 * 32), np.float64)
+        error[:, :200] = (blocks.dequantized() - w).astype(np.float64) ** 2
+        return error.reshape(64, 7, 32).sum(-1)
+
+    before, after = block_errors(plain), block_errors(clipped)
+    assert np.all(after <= before * (1 + 1e-6))
+    assert np.mean(after < before) > 0.5 and after.sum() < 0.97 * before.sum()
+    assert clipped.codes.min() >= clipped.qtype.qmin and clipped.codes.max() <= clipped.qtype.qmax
+
+
+def test_mse_ranges_keep_the_layout_and_bring_the_matmuls_weight_closer():
+    """Fed the identity, the quantized MatMul (float compute) gives its dequantized weight."""
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[N, 100] x) => (float[N, 64] y) {
+      y = MatMul(x, w)
+    }
+    """
+    w = np.random.default_rng(6).standard_t(3, size=(K, N)).astype(np.float32)
+    errors = {}
+    for ranges in ("minmax", "mse"):
+        model, _ = quantized(with_weights(text, w=w), bits=4, ranges=ranges, accuracy_level=1)
+        assert ops(model.graph) == ["MatMulNBits"]
+        restored = run_ort(io.to_bytes(model), {"x": np.eye(K, dtype=np.float32)})[0]
+        errors[ranges] = np.linalg.norm(restored - w)
+    assert errors["mse"] < 0.95 * errors["minmax"], errors
