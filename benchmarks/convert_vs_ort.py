@@ -169,6 +169,14 @@ SUITES = {
                 ours("fold,quant-weight", "quant-weight.rounding=gptq"),
             ),
             (
+                "ours: fold,quant-weight --set quant-weight.ranges=mse",
+                ours("fold,quant-weight", "quant-weight.ranges=mse"),
+            ),
+            (
+                "ours: fold,quant-weight --set quant-weight.ranges=mse quant-weight.rounding=gptq",
+                ours("fold,quant-weight", "quant-weight.ranges=mse", "quant-weight.rounding=gptq"),
+            ),
+            (
                 "ours: fold,quant-weight, MatMul only",
                 ours("fold,quant-weight", "quant-weight.op_types=MatMul"),
             ),
@@ -204,7 +212,9 @@ SUITES = {
         "32, symmetric, accuracy_level 4, MatMul and Gather (ours' defaults). GPTQ: "
         "onnxruntime's `GPTQWeightOnlyQuantConfig(actorder=True)` (it takes MatMul only) at our "
         "settings, against ours with `rounding=gptq`; both calibrate on the first 32 "
-        "calibration samples, one a run (onnxruntime's GPTQ needs torch installed).",
+        "calibration samples, one a run (onnxruntime's GPTQ needs torch installed). "
+        "`ranges=mse`: each block's range shrunk to the factor with the least squared error "
+        "(no data).",
     ),
 }
 
