@@ -146,6 +146,24 @@ def ort_gptq(**options) -> Convert:
     return convert
 
 
+def ort_hqq(**options) -> Convert:
+    """``MatMulNBitsQuantizer`` with its HQQ config (data-free; it runs through torch)."""
+
+    def convert(model: Path, calib: Path, out: Path) -> None:
+        from onnxruntime.quantization import matmul_nbits_quantizer as nbits
+
+        try:
+            import torch  # noqa: F401  (onnxruntime's HQQ imports it; say so plainly)
+        except ImportError as e:
+            raise RuntimeError("needs torch (pip install torch==2.13.0+cpu)") from e
+        algo = nbits.HQQWeightOnlyQuantConfig(block_size=32, bits=4)
+        quantizer = nbits.MatMulNBitsQuantizer(onnx.load(str(model)), algo_config=algo, **options)
+        quantizer.process()
+        quantizer.model.save_model_to_file(str(out), use_external_data_format=False)
+
+    return convert
+
+
 SUITES = {
     "fp16": Suite(
         "## fp16 vs onnxruntime's float16 converter",
@@ -199,6 +217,10 @@ SUITES = {
                 ),
             ),
             (
+                "ORT MatMulNBitsQuantizer HQQ, blocks of 32, MatMul only",
+                ort_hqq(block_size=32, accuracy_level=4, op_types_to_quantize=("MatMul",)),
+            ),
+            (
                 "ORT MatMulNBitsQuantizer GPTQ, our settings, MatMul only",
                 ort_gptq(
                     block_size=32,
@@ -214,7 +236,7 @@ SUITES = {
         "settings, against ours with `rounding=gptq`; both calibrate on the first 32 "
         "calibration samples, one a run (onnxruntime's GPTQ needs torch installed). "
         "`ranges=mse`: each block's range shrunk to the factor with the least squared error "
-        "(no data).",
+        "(no data); onnxruntime's data-free counterpart is HQQ (asymmetric, through torch).",
     ),
 }
 
