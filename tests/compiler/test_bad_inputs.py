@@ -81,6 +81,38 @@ def _write_duplicate_node_names(path: Path) -> None:
     save_proto(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8), path)
 
 
+def _write_zipmap_classifier(path: Path) -> None:
+    """A classifier with the ZipMap output skl2onnx adds by default: seq(map(int64, float))."""
+    weight = oh.make_tensor("w", onnx.TensorProto.FLOAT, [4, 3], np.arange(12, dtype=np.float32))
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["x", "w"], ["logits"]),
+            oh.make_node("Softmax", ["logits"], ["p"], axis=1),
+            oh.make_node("ArgMax", ["p"], ["label"], axis=1, keepdims=0),
+            oh.make_node(
+                "ZipMap", ["p"], ["probs"], domain="ai.onnx.ml", classlabels_int64s=[0, 1, 2]
+            ),
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+        [
+            oh.make_tensor_value_info("label", onnx.TensorProto.INT64, ["N"]),
+            oh.make_value_info(
+                "probs",
+                oh.make_sequence_type_proto(
+                    oh.make_map_type_proto(
+                        onnx.TensorProto.INT64,
+                        oh.make_tensor_type_proto(onnx.TensorProto.FLOAT, []),
+                    )
+                ),
+            ),
+        ],
+        [weight],
+    )
+    opsets = [oh.make_opsetid("", 13), oh.make_opsetid("ai.onnx.ml", 1)]
+    save_proto(oh.make_model(graph, opset_imports=opsets, ir_version=8), path)
+
+
 def _truncate(path: Path) -> None:
     path.write_bytes(digits.MODEL_PATH.read_bytes()[:50_000])
 
@@ -100,6 +132,7 @@ BAD_INPUTS = {
     "opset too old": (lambda p: save_proto(_model_with(opset=5), p), "opset 5"),
     "unknown custom domain": (_write_custom_domain, "unknown custom domain 'my.company.ops'"),
     "onnxruntime cannot load it": (_write_duplicate_node_names, "onnxruntime cannot load it"),
+    "a ZipMap output": (_write_zipmap_classifier, "output 'probs' holds maps, not tensors"),
 }
 
 

@@ -53,6 +53,41 @@ def check_header(proto: onnx.ModelProto, where: str) -> None:
                 "onnx.version_converter"
             )
     _check_domains(proto, where)
+    _check_tensor_types(proto, where)
+
+
+def _check_tensor_types(proto: onnx.ModelProto, where: str) -> None:
+    """Refuse map-typed graph inputs, outputs and values (a ZipMap's probabilities, the
+    default output of skl2onnx and onnxmltools classifiers): onnx_ir cannot represent them."""
+    graph = proto.graph
+    for kind, values in (
+        ("input", graph.input),
+        ("output", graph.output),
+        ("value", graph.value_info),
+    ):
+        for value in values:
+            if _holds_map(value.type):
+                zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
+                hint = (
+                    "; the model's ZipMap node writes it: export the classifier without it "
+                    "(skl2onnx: options={'zipmap': False}) or remove the node"
+                    if zipmaps
+                    else ""
+                )
+                raise BadModelError(
+                    f"{where}: {kind} '{value.name}' holds maps, not tensors, which "
+                    f"onnx-shrink cannot read{hint}"
+                )
+
+
+def _holds_map(type_proto: onnx.TypeProto) -> bool:
+    """Whether a type is a map, or a sequence or optional of one."""
+    kind = type_proto.WhichOneof("value")
+    if kind == "map_type":
+        return True
+    if kind in ("sequence_type", "optional_type"):
+        return _holds_map(getattr(type_proto, kind).elem_type)
+    return False
 
 
 def run_checker(model: onnx.ModelProto | str, where: str, allow_unsorted: bool = False) -> bool:
