@@ -173,11 +173,27 @@ class WeightOnlyQuantPass(DataAwarePass):
         self._prepare(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
         widths: dict[StatRequest, int] = {}
+        wide: dict[str, int] = {}
         for node in self._matmuls(model, context):
             match = match_linear(context, node)
-            if not isinstance(match, str) and _measurable(match.activation, match.weight):
-                request = StatRequest(match.activation.name, "gram", axis=-1)
-                widths[request] = match.weight.const_value.shape[0]
+            if isinstance(match, str) or not _measurable(match.activation, match.weight):
+                continue
+            width = match.weight.const_value.shape[0]
+            if width > gptq.MAX_COLUMNS:
+                wide[node.name or match.weight.name or "?"] = width
+            else:
+                widths[StatRequest(match.activation.name, "gram", axis=-1)] = width
+        if wide:
+            name = max(wide, key=wide.__getitem__)
+            logger.warning(
+                "%s: gptq: %d MatMuls read inputs wider than %d columns (%s: %d) and keep "
+                "nearest rounding (GPTQ inverts a Gram as wide as the input)",
+                self.name,
+                len(wide),
+                gptq.MAX_COLUMNS,
+                name,
+                wide[name],
+            )
         return self._within_budget(widths)
 
     def _within_budget(self, widths: Mapping[StatRequest, int]) -> list[StatRequest]:
@@ -480,13 +496,12 @@ def _warn_few_rows(pass_name: str, rows: Mapping[ir.Value, int]) -> None:
 
 def _measurable(activation: ir.Value, weight: ir.Value) -> bool:
     """Whether the statistics engine can take the Gram of ``activation`` for ``weight``: a
-    tensor the main graph computes or takes as input (not a constant), at most
-    ``gptq.MAX_COLUMNS`` wide."""
+    tensor the main graph computes or takes as input (not a constant)."""
     if activation.const_value is not None or activation.is_initializer():
         return False
     if activation.producer() is None and not activation.is_graph_input():
         return False
-    return weight.const_value is not None and weight.const_value.shape[0] <= gptq.MAX_COLUMNS
+    return weight.const_value is not None
 
 
 def _typed(codes: np.ndarray, blocks: BlockQuantized) -> ir.Tensor:

@@ -284,3 +284,14 @@ def test_grams_past_the_memory_budget_are_not_measured_and_keep_nearest_codes(ca
     widths = {StatRequest("wide", "gram"): 400, StatRequest("narrow", "gram"): 300}
     taken = WeightOnlyQuantPass(rounding="gptq", gram_memory_mb=1)._within_budget(widths)
     assert taken == [StatRequest("narrow", "gram")]
+
+
+def test_a_matmul_wider_than_gptq_takes_keeps_nearest_codes_and_says_so(monkeypatch, caplog):
+    monkeypatch.setattr(gptq, "MAX_COLUMNS", 80)  # w1 reads 64 columns, w2 96
+    data = {"x": _correlated_inputs(256, seed=22)}
+    nearest = _gptq_model(_two_matmuls(), data, rounding="nearest")
+    with caplog.at_level(logging.WARNING):
+        ours = _gptq_model(_two_matmuls(), data, rounding="gptq")
+    assert "gptq: 1 MatMuls read inputs wider than 80 columns" in caplog.text
+    assert np.array_equal(_codes(ours, "w2"), _codes(nearest, "w2"))
+    assert not np.array_equal(_codes(ours, "w1"), _codes(nearest, "w1"))
