@@ -183,7 +183,10 @@ class PrunePass(DataAwarePass):
         skipped: list[str] = []
         layers = self._layers(model, skipped)
         if not layers:
-            warn_no_change(self.name, "layer", skipped or ["no MatMul, Gemm or Conv in the model"])
+            if skipped:
+                warn_no_change(self.name, "layer", skipped)
+            else:  # not a reason to count ("...in the model: 1")
+                logger.warning("%s: no layer changed (no MatMul, Gemm or Conv)", self.name)
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

@@ -588,3 +588,17 @@ def test_each_skipped_layer_is_said_once(caplog):
     with caplog.at_level(logging.INFO):
         PrunePass()(io.load(proto))
     assert caplog.text.count("prune: skipping small (W)") == 1
+
+
+def test_a_model_without_layers_to_prune_is_told_so_in_words(caplog):
+    proto = make_model(
+        [helper.make_node("Relu", ["x"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 3])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])],
+        {},
+    )
+    with caplog.at_level(logging.WARNING):
+        result = PrunePass()(io.load(proto))
+    assert not result.modified
+    assert "prune: no layer changed (no MatMul, Gemm or Conv)" in caplog.text
+    assert ": 1" not in caplog.text
