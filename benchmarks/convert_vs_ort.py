@@ -206,6 +206,18 @@ SUITES = {
                     "quant-weight.op_types=MatMul",
                 ),
             ),
+            (
+                "ours: fold,quant-weight --set quant-weight.symmetric=false "
+                "quant-weight.ranges=mse "
+                "quant-weight.rounding=gptq, MatMul only",
+                ours(
+                    "fold,quant-weight",
+                    "quant-weight.symmetric=false",
+                    "quant-weight.ranges=mse",
+                    "quant-weight.rounding=gptq",
+                    "quant-weight.op_types=MatMul",
+                ),
+            ),
             ("ORT MatMulNBitsQuantizer, defaults", ort_nbits()),
             (
                 "ORT MatMulNBitsQuantizer, our settings",
