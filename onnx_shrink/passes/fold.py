@@ -20,6 +20,7 @@ from onnx_shrink.compiler.pass_results import MeasuredResult
 from onnx_shrink.passes import fold_rules
 from onnx_shrink.passes.fold_cones import FoldWeightConesPass
 from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
+from onnx_shrink.passes.fold_loops import HoistLoopInvariantsPass
 from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
 logger = logging.getLogger(__name__)
@@ -58,7 +59,9 @@ class FoldPass(ir.passes.FunctionalPass):
 
     1. onnxscript's constant folder, constant expressions over weights they alone read
        folded whole where the folder declines node by node (``fold_cones``: a torch LSTM's
-       gate reorder, weight normalization), its default (lossless) rewrite rules, constant
+       gate reorder, weight normalization), Loop-carried values every iteration passes
+       through unchanged read from outside the Loop (``fold_loops``: tf2onnx's Keras LSTM
+       weights), its default (lossless) rewrite rules, constant
        scales and offsets next to a Conv folded into its weights (``fold_conv_affine``), Reshape
        shapes read from the reshaped tensor made constant (``fold_reshape``) and dead-code
        removal run to a fixpoint over the main graph, If/Loop/Scan bodies and model-local
@@ -169,6 +172,7 @@ class FoldPass(ir.passes.FunctionalPass):
         fixpoint = ir.passes.PassManager(
             [
                 fold,
+                HoistLoopInvariantsPass(),
                 FoldWeightConesPass(self.input_size_limit),
                 # Before the cleanups: a folded If's other branch must not keep weights alive.
                 _DropDeadUsesPass(),
