@@ -55,6 +55,17 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, command = build_parser().parse_args(argv), _run_compile
     _configure_logging(args)
+    warned = _WarningRecords()
+    logger.addHandler(warned)
+    args.warnings = warned.messages  # the reports carry them
+    try:
+        return _run(args, command)
+    finally:
+        logger.removeHandler(warned)
+
+
+def _run(args: argparse.Namespace, command: Callable[[argparse.Namespace, Console], int]) -> int:
+    """``command`` with its console, its exceptions turned into messages and exit codes."""
     # onnxruntime can crash the process outright (a float16 FusedMatMul's session: SIGSEGV):
     # then at least the Python stack says what was running, not an empty log.
     if sys.__stderr__ is not None:
@@ -323,6 +334,7 @@ def _check_report_paths(args: argparse.Namespace) -> None:
 
 
 def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:
+    figures = {**figures, "warnings": list(getattr(args, "warnings", []))}
     writers = {
         "report": lambda: json.dumps(_strict_json(figures), indent=2) + "\n",
         "html": html,
@@ -350,6 +362,18 @@ def _strict_json(value: object) -> object:
     return str(value)
 
 
+class _WarningRecords(logging.Handler):
+    """Our warnings (and errors) as their messages, for the ``--report`` file: a warning that
+    scrolled past (a pass that changed nothing, weights kept float) stays on record."""
+
+    def __init__(self) -> None:
+        super().__init__(logging.WARNING)
+        self.messages: list[str] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        self.messages.append(f"{record.levelname.lower()}: {record.getMessage()}")
+
+
 def _configure_logging(args: argparse.Namespace) -> None:
     level = (
         logging.ERROR
@@ -358,11 +382,14 @@ def _configure_logging(args: argparse.Namespace) -> None:
     )
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("onnx-shrink: %(levelname)s: %(message)s"))
+    if args.quiet:  # quiet on the console; the report still records the warnings
+        handler.setLevel(logging.ERROR)
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(logging.WARNING)
-    # Our own loggers follow -q/-v; onnxscript and onnx_ir stay at warnings unless -vv.
-    logging.getLogger("onnx_shrink").setLevel(level)
+    # Our own loggers follow -v (warnings at least); onnxscript and onnx_ir stay at warnings
+    # unless -vv.
+    logging.getLogger("onnx_shrink").setLevel(min(level, logging.WARNING))
     if args.verbose >= 2:
         root.setLevel(logging.DEBUG)
 

@@ -514,3 +514,15 @@ def test_a_crash_inside_onnxruntime_still_says_where_it_happened(digits_copy):
     assert result.returncode != 0
     assert "Segmentation fault" in result.stderr
     assert "crash" in result.stderr and "sessions.py" in result.stderr
+
+
+def test_the_report_keeps_the_runs_warnings_even_when_the_console_is_quiet(digits_copy, run_cli):
+    report_path = digits_copy.parent / "report.json"
+    result = run_cli(
+        digits_copy, "--passes", "quant-weight", "--no-check", "-q", "--report", report_path
+    )
+    assert result.code == 0, result.err
+    assert "WARNING" not in result.err
+    warnings = json.loads(report_path.read_text())["warnings"]
+    assert any(w.startswith("warning: quant-weight: nothing quantized") for w in warnings)
+    assert any("Gemm nodes stay float" in w for w in warnings)
