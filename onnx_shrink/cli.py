@@ -334,7 +334,7 @@ def _check_report_paths(args: argparse.Namespace) -> None:
 
 
 def _write_reports(args: argparse.Namespace, figures: dict, html: Callable[[], str]) -> None:
-    figures = {**figures, "warnings": list(getattr(args, "warnings", []))}
+    figures = {**figures, "warnings": list(args.warnings)}
     writers = {
         "report": lambda: json.dumps(_strict_json(figures), indent=2) + "\n",
         "html": html,

@@ -241,10 +241,16 @@ def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None
             raise ValueError(f"{name}={getattr(config, name)!r} does not apply here: {why}")
 
 
-def warn_no_change(pass_name: str, what: str, reasons: Sequence[str], each: str = "-v") -> None:
+def warn_no_change(
+    pass_name: str, what: str, reasons: Sequence[str], each: str = "-v", none: str | None = None
+) -> None:
     """One warning that ``pass_name`` changed nothing, with why, counted by reason, and the
     verbosity (``each``) at which the pass logs each one's own line: "no change" in the
-    summary said nothing of it."""
+    summary said nothing of it. ``none``: why, where there is no candidate and so no reason
+    to count (not "...: 1")."""
+    if not reasons and none is not None:
+        logger.warning("%s: no %s changed (%s)", pass_name, what, none)
+        return
     counts = collections.Counter(reason or "no reason given" for reason in reasons)
     why = "; ".join(f"{r}: {n}" for r, n in counts.most_common()) or "nothing it handles"
     logger.warning("%s: no %s changed (%s; %s for each)", pass_name, what, why, each)

@@ -183,10 +183,7 @@ class PrunePass(DataAwarePass):
         skipped: list[str] = []
         layers = self._layers(model, skipped)
         if not layers:
-            if skipped:
-                warn_no_change(self.name, "layer", skipped)
-            else:  # not a reason to count ("...in the model: 1")
-                logger.warning("%s: no layer changed (no MatMul, Gemm or Conv)", self.name)
+            warn_no_change(self.name, "layer", skipped, none="no MatMul, Gemm or Conv")
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

@@ -98,9 +98,10 @@ def quantize_blocks(
     qtype = quant_type(bits, symmetric)
     # Zero padding cannot widen a block's range: every range is widened to contain 0 anyway.
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
-    scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
     if mse:
         scales, zero_points = _least_error_ranges(blocks, lo, hi, qtype, symmetric)
+    else:
+        scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
     codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
 
@@ -114,6 +115,7 @@ def _least_error_ranges(
     for factor in CLIP_FACTORS[::-1]:  # widest first: a tie keeps it
         scales, zeros = scale_and_zero_point(lo * factor, hi * factor, qtype, symmetric)
         codes = quantize(blocks, scales[..., None], zeros[..., None], qtype)
+        # Not numerics.dequantize: its float64 made the search 1.6x slower (a 30522x384 table).
         restored = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
         error = np.square(restored - blocks).sum(axis=-1)
         if best_error is None:

@@ -89,7 +89,9 @@ class WeightOnlyQuantPass(DataAwarePass):
        main-graph MatMul's codes are chosen by GPTQ (``gptq``) from the Gram of its input on
        the calibration data, on the grid nearest rounding would use (same scales and zero
        points, so the same bytes and kernels). A weight several MatMuls read is rounded for
-       the first of them; Gather tables and MatMuls in bodies keep nearest rounding.
+       the sum of their Grams. Gather tables, MatMuls in bodies or of constant inputs, inputs
+       wider than ``gptq.MAX_COLUMNS`` and Grams past ``gram_memory_mb`` keep nearest
+       rounding (said in a warning); ``ranges`` applies to either rounding.
     """
 
     name: ClassVar[str] = "quant-weight"
@@ -176,9 +178,9 @@ class WeightOnlyQuantPass(DataAwarePass):
         wide: dict[str, int] = {}
         for node in self._matmuls(model, context):
             match = match_linear(context, node)
-            if isinstance(match, str) or not _measurable(match.activation, match.weight):
+            if isinstance(match, str) or not _measurable(match.activation):
                 continue
-            width = match.weight.const_value.shape[0]
+            width = _columns(match.weight)
             if width > gptq.MAX_COLUMNS:
                 wide[node.name or match.weight.name or "?"] = width
             else:
@@ -237,10 +239,10 @@ class WeightOnlyQuantPass(DataAwarePass):
         rows: dict[ir.Value, int] = {}
         for node in self._matmuls(model, context) if measured else ():
             match = match_linear(context, node)
-            if isinstance(match, str) or match.weight.const_value is None:
+            if isinstance(match, str):
                 continue
             gram = measured.get(match.activation.name)
-            columns = match.weight.const_value.shape[0]
+            columns = _columns(match.weight)
             if gram is None or gram.matrix.shape != (columns, columns):
                 continue
             known = result.get(match.weight)
@@ -477,9 +479,7 @@ def _warn_few_rows(pass_name: str, rows: Mapping[ir.Value, int]) -> None:
     """Warn where a weight's Gram comes from fewer input rows than it has columns: GPTQ then
     fits its codes to those rows, and can do worse than nearest rounding on others (g2p's BERT
     from one sample: relative error 0.065 against nearest's 0.063)."""
-    short = {
-        w: n for w, n in rows.items() if w.const_value is not None and n < w.const_value.shape[0]
-    }
+    short = {w: n for w, n in rows.items() if n < _columns(w)}
     if short:
         fewest = min(short, key=short.__getitem__)
         logger.warning(
@@ -490,18 +490,22 @@ def _warn_few_rows(pass_name: str, rows: Mapping[ir.Value, int]) -> None:
             len(rows),
             fewest.name,
             short[fewest],
-            fewest.const_value.shape[0],
+            _columns(fewest),
         )
 
 
-def _measurable(activation: ir.Value, weight: ir.Value) -> bool:
-    """Whether the statistics engine can take the Gram of ``activation`` for ``weight``: a
-    tensor the main graph computes or takes as input (not a constant)."""
+def _columns(weight: ir.Value) -> int:
+    """K of a matched MatMul weight [K, N] (``match_linear`` matches constant ones only)."""
+    assert weight.const_value is not None
+    return weight.const_value.shape[0]
+
+
+def _measurable(activation: ir.Value) -> bool:
+    """Whether the statistics engine can take the Gram of ``activation``: a tensor the main
+    graph computes or takes as input (not a constant)."""
     if activation.const_value is not None or activation.is_initializer():
         return False
-    if activation.producer() is None and not activation.is_graph_input():
-        return False
-    return weight.const_value is not None
+    return activation.producer() is not None or activation.is_graph_input()
 
 
 def _typed(codes: np.ndarray, blocks: BlockQuantized) -> ir.Tensor:
