@@ -12,14 +12,15 @@ import functools
 import logging
 import os
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink import each_pass, preflight
-from onnx_shrink.compiler import graph_edit, io, pipeline
-from onnx_shrink.compiler.data_aware import DataAwarePass, Look
+from onnx_shrink import calibration_hooks, each_pass, preflight, quant_targets
+from onnx_shrink.calibration_hooks import CalibrationProgress
+from onnx_shrink.compiler import graph_edit, io, pipeline, spec
+from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.errors import (
     DataError,
     RunFailedError,
@@ -27,17 +28,14 @@ from onnx_shrink.errors import (
 )
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
-from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import probe as probe_mod
-from onnx_shrink.runtime_check import sample_batches, sessions, shapes
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
+from onnx_shrink.runtime_check import sessions, shapes
+from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.compare import Tolerances
 
 logger = logging.getLogger(__name__)
-
-CalibrationProgress = Callable[[str, int, int | None], None]
-"""``shrink``'s ``on_calibration``: (phase, samples done, samples in all or None)."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -56,6 +54,9 @@ class ShrinkResult:
     verification: check_mod.CheckReport | None
     sensitivity: sensitivity_mod.SensitivityReport | None = None
     """per quantized layer, the output error it causes alone (``shrink(sensitivity=True)``)"""
+    accuracy_targets: tuple[TargetOutcome, ...] = ()
+    """per quant pass with ``max_error``, the layers kept float to meet it and the errors
+    measured (in pipeline order)"""
     unchecked: str = ""
     """why the check asked for could not run on the result (the error ``shrink`` raised,
     which carries this result); empty otherwise"""
@@ -83,6 +84,7 @@ class ShrinkResult:
             "verification": self.verification.to_dict() if self.verification else None,
             "unchecked": self.unchecked or None,
             "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
+            "accuracy_targets": [outcome.to_dict() for outcome in self.accuracy_targets],
         }
 
 
@@ -130,7 +132,7 @@ VERIFY_EACH_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01).as_de
 
 def shrink(
     model: io.ModelSource,
-    passes: str | Sequence[pipeline.PassLike] | None = "fold",
+    passes: str | Sequence[spec.PassLike] | None = "fold",
     *,
     output: str | os.PathLike | None = None,
     sets: str | Iterable[str] = (),
@@ -187,7 +189,7 @@ def shrink(
             it reads, an unavailable execution provider.
     """
     started = time.perf_counter()
-    pass_list = pipeline.parse_spec(passes, sets, recipe)
+    pass_list = spec.parse_spec(passes, sets, recipe)
     if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     input_shapes = preflight.parse_shapes(input_shapes)
@@ -208,7 +210,7 @@ def shrink(
             verifier = each_pass.verifier(
                 reference, dataset, options.each_pass_tolerances(), options.provider
             )
-        result, sensitivity_report = _compile(
+        result, sensitivity_report, targets = _compile(
             model,
             loaded,
             pass_list,
@@ -224,7 +226,7 @@ def shrink(
         graph_edit.restore_names(result.model, given.naming)  # the nodes unnamed, as they came
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
         compiled = time.perf_counter() - started
-        if sensitivity_report is not None:
+        if sensitivity_report is not None and targets.report is None:  # else the compile's
             compiled -= sensitivity_report.seconds
         io.detach_from_files(result.model)  # the caller may serialize it with any tool
         finished = functools.partial(
@@ -236,6 +238,7 @@ def shrink(
             output_path=output_path,
             compile_seconds=compiled,
             sensitivity=sensitivity_report,
+            accuracy_targets=tuple(targets.outcomes),
         )
         report = None
         if options is not None:
@@ -300,21 +303,37 @@ def _compile(
     strict: bool,
     dump_dir: str | os.PathLike | None,
     sensitivity: bool,
-) -> tuple[pipeline.PipelineResult, sensitivity_mod.SensitivityReport | None]:
-    """Run the pipeline (collecting calibration statistics for data-aware passes) and, if
-    asked, the sensitivity report; calibration data lives as long as this call."""
+) -> tuple[
+    pipeline.PipelineResult,
+    sensitivity_mod.SensitivityReport | None,
+    quant_targets.TargetPreparer,
+]:
+    """Run the pipeline (collecting calibration statistics for data-aware passes, meeting
+    quant passes' accuracy targets) and, if asked, the sensitivity report; calibration data
+    lives as long as this call."""
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
+        reported = quant_targets.first_quant(pass_list) if sensitivity else None
+        targets = quant_targets.TargetPreparer(None, provider, None, reported)
         if any(isinstance(p, DataAwarePass) for p in pass_list):
-            calib = _calibration_data(loaded, source, input_shapes, stack)
+            calib = calibration_hooks.calibration_data(loaded, source, input_shapes, stack)
             collector = functools.partial(
-                _collect, dataset=calib, provider=provider, progress=hooks.on_calibration
+                calibration_hooks.collect,
+                dataset=calib,
+                provider=provider,
+                progress=hooks.on_calibration,
             )
             prober = functools.partial(
                 probe_mod.measure,
                 dataset=calib,
                 provider=provider,
-                progress=_reporting(hooks.on_calibration, None),
+                progress=calibration_hooks.reporting(hooks.on_calibration, None),
+            )
+            targets = quant_targets.TargetPreparer(
+                calib,
+                provider,
+                calibration_hooks.reporting(hooks.on_calibration, calib.samples, "quant.max_error"),
+                reported,
             )
         first_sample = shapes.first_real_sample(loaded, calib, source)
         result = pipeline.run(
@@ -328,9 +347,10 @@ def _compile(
             probe=prober,
             input_dims=shapes.sample_dims(loaded, first_sample, input_shapes),
             observe=shapes.observer(loaded, first_sample, input_shapes, provider),
+            prepare=targets if any(map(quant_targets.targeted, pass_list)) else None,
         )
-        report = None
-        if sensitivity:  # with a quant pass (shrink checked): a collector too
+        report = targets.report
+        if sensitivity and report is None:  # with a quant pass (shrink checked): a collector
             assert collector is not None and calib is not None
             report = sensitivity_mod.before_quant(
                 source_model,
@@ -339,9 +359,9 @@ def _compile(
                 collector,
                 calib,
                 provider,
-                _reporting(hooks.on_calibration, calib.samples),
+                calibration_hooks.reporting(hooks.on_calibration, calib.samples),
             )
-    return result, report
+    return result, report, targets
 
 
 def _check_candidate(
@@ -381,20 +401,6 @@ def _save_candidate(
     return saved.path, saved.bytes_on_disk, saved.path
 
 
-def _calibration_data(
-    model: ir.Model,
-    source: check_mod.DataSource,
-    input_shapes: Mapping[str, Sequence[int]] | None,
-    stack: contextlib.ExitStack,
-) -> data_mod.Dataset:
-    """Calibration inputs, checked against the model now and readable once per pass;
-    without a source, synthetic inputs of ``input_shapes``."""
-    specs = data_mod.specs_from_model(model)
-    if source is None:
-        return data_mod.synthetic(specs, input_shapes)
-    return data_mod.replayable(data_mod.prepare(specs, source), stack)
-
-
 def _on_disk(
     steps: tuple[pipeline.StepRecord, ...], input_bytes: int, output_bytes: int
 ) -> tuple[pipeline.StepRecord, ...]:
@@ -412,51 +418,6 @@ def _on_disk(
     if changed(steps[-1]):
         steps = (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
     return steps
-
-
-def _reporting(
-    progress: CalibrationProgress | None, total: int | None, purpose: str = ""
-) -> collect_mod.Progress | None:
-    """The engine's (phase, samples done) reports as ``progress`` takes them: with the
-    samples in all (``total``), each phase named after ``purpose`` where there is one
-    ("bias correction: statistics")."""
-    if progress is None:
-        return None
-
-    def report(phase: str, done: int) -> None:
-        progress(f"{purpose}: {phase}" if purpose else phase, done, total)
-
-    return report
-
-
-def _collect(
-    model: ir.Model,
-    requests,
-    look: Look | None = None,
-    *,
-    dataset: data_mod.Dataset,
-    provider: str,
-    progress: CalibrationProgress | None,
-):
-    """``pipeline.Collector`` over ``dataset``, read as ``look`` says."""
-    look = look or Look()
-    if look.samples:
-        specs = data_mod.specs_from_model(model)
-        dataset = sample_batches.first_samples(dataset, specs, look.samples)
-    if dataset.synthetic:
-        logger.warning(
-            "NO CALIBRATION DATA: calibrating on random inputs (%s); the statistics say nothing "
-            "about real data: give --calibration FILE (or --data)",
-            dataset.description,
-        )
-    return collect_mod.collect(
-        model,
-        requests,
-        dataset,
-        provider=provider,
-        progress=_reporting(progress, dataset.samples, look.purpose),
-        run_samples=look.run_samples,
-    )
 
 
 def _check_options(

@@ -35,7 +35,7 @@ from onnx_shrink.cli_args import (
     build_check_parser,
     build_parser,
 )
-from onnx_shrink.compiler import io, pipeline, registry
+from onnx_shrink.compiler import io, registry, spec
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
@@ -132,7 +132,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
     # Validate everything cheap before the model is touched: a typo must cost nothing.
     _refuse_idle_flags(args)
     _at_least(0, runs=args.runs)  # 0: no latency
-    pipeline.parse_spec(args.passes, args.sets, args.recipe)
+    spec.parse_spec(args.passes, args.sets, args.recipe)
     options = CheckOptions(
         data=args.data,
         labels=args.labels,
@@ -195,6 +195,8 @@ def _judge(numeric: NumericReport) -> None:
 
 def _print_compile(out: Console, result: ShrinkResult) -> None:
     out.print(console.summary_table(result))
+    for outcome in result.accuracy_targets:
+        console.print_all(out, console.target_lines(outcome))
     if result.verification is not None:
         console.print_all(out, console.check_tables(result.verification))
     if result.sensitivity is not None:

@@ -17,6 +17,7 @@ from rich.text import Text
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.compiler.stats import ModelStats
+from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
@@ -236,6 +237,16 @@ def sensitivity_lines(
     lines += [Text(f"note: {note}") for note in report.hint_notes(k)]
     if report.unmeasured:
         lines.append(Text(f"not measured (name shared): {', '.join(report.unmeasured)}"))
+    return lines
+
+
+def target_lines(outcome: TargetOutcome) -> list[object]:
+    """What a quant pass's accuracy target found, and the option that keeps the same layers
+    float without searching again."""
+    lines: list[object] = [Text(outcome.summary())]
+    option = outcome.exclude_option()
+    if option is not None:
+        lines.append(Text(f"the same without the search: {option}"))
     return lines
 
 

@@ -1,166 +1,30 @@
-"""Pipeline specs (names, ``--set`` options, recipe files) and running passes with instruments.
-
-A spec is parsed and validated completely before any model is loaded, so a typo costs
-nothing. Running records, per pass, wall time and the model's accounting before and after.
-"""
+"""Running passes with instruments: per pass, wall time and the model's accounting before
+and after, calibration statistics for data-aware passes, verification and rollback (specs
+are parsed by ``compiler.spec``)."""
 
 from __future__ import annotations
 
 import dataclasses
 import logging
-import sys
 import time
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Sequence
 from pathlib import Path
-from typing import Any
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import dumps, figures, io, registry, stats
+from onnx_shrink.compiler import dumps, figures, io, stats
 from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
-from onnx_shrink.compiler.io import data_files, large_tensors
-from onnx_shrink.compiler.options import coerce
+from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.pass_results import MeasuredResult
+from onnx_shrink.compiler.spec import describe
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import (
     PassFailedError,
-    PipelineSpecError,
     ShrinkError,
     ToleranceStopError,
 )
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
 logger = logging.getLogger(__name__)
-
-PassLike = str | ir.passes.PassBase
-
-
-def parse_spec(
-    passes: str | Sequence[PassLike] | None,
-    sets: str | Iterable[str] = (),
-    recipe: str | Path | None = None,
-) -> tuple[ir.passes.PassBase, ...]:
-    """Build the pass instances a spec describes.
-
-    Args:
-        passes: ``"fold,quant"``, a list of names and/or pass instances, or None to take the
-            list from the recipe.
-        sets: ``"pass.option=value"`` strings (one such string alone too); they override
-            the recipe's options.
-        recipe: a TOML file with ``passes = [...]`` and one ``[pass-name]`` table of options
-            per pass.
-
-    Raises:
-        PipelineSpecError: unknown pass or option, wrong type, out-of-range value, bad recipe.
-    """
-    recipe_passes, options = _read_recipe(recipe) if recipe is not None else (None, {})
-    if isinstance(sets, str):  # one assignment, not its characters
-        sets = [sets]
-    given = sets
-    sets = [] if isinstance(given, Mapping) else list(given)
-    if isinstance(given, Mapping) or not all(isinstance(item, str) for item in sets):
-        raise PipelineSpecError(
-            f"sets: expected a list of 'pass.option=value' strings, got {given!r}"
-        )
-    seen: set[tuple[str, str]] = set()
-    for assignment in sets:
-        pass_name, key, raw = _split_assignment(assignment)
-        if (pass_name, key) in seen:  # the last would silently win (a list is not extended)
-            raise PipelineSpecError(
-                f"{pass_name}.{key} is set twice; give it once (a list as a,b,c)"
-            )
-        seen.add((pass_name, key))
-        options.setdefault(pass_name, {})[key] = raw
-    items = _as_list(passes) if passes is not None else recipe_passes
-    if not items:
-        raise PipelineSpecError("no passes given; use --passes NAME[,NAME...] or a recipe file")
-    names_in_pipeline = {i for i in items if isinstance(i, str)}
-    # --passes replaces a recipe's list, not its option tables: say so where that is why.
-    replaced = (
-        "; --passes replaces the recipe's passes"
-        if passes is not None and recipe_passes is not None and list(recipe_passes) != items
-        else ""
-    )
-    for pass_name in options:
-        registry.pass_class(pass_name)  # an unknown name in --set or a recipe is an error too
-        if pass_name not in names_in_pipeline:
-            raise PipelineSpecError(
-                f"options are given for pass '{pass_name}', which is not in the pipeline "
-                f"({', '.join(map(str, items))}){replaced}"
-            )
-    return tuple(
-        _instantiate(item, options.get(item, {})) if isinstance(item, str) else item
-        for item in items
-    )
-
-
-def _as_list(passes: str | Sequence[PassLike]) -> list[PassLike]:
-    if isinstance(passes, str):
-        return [name.strip() for name in passes.split(",") if name.strip()]
-    result = list(passes)
-    for item in result:
-        if not isinstance(item, (str, ir.passes.PassBase)):
-            raise PipelineSpecError(f"a pass must be a name or a pass instance, got {item!r}")
-    return result
-
-
-def _split_assignment(assignment: str) -> tuple[str, str, str]:
-    target, sep, raw = assignment.partition("=")
-    pass_name, dot, key = target.strip().partition(".")
-    if not sep or not dot or not pass_name or not key:
-        raise PipelineSpecError(
-            f"--set expects PASS.OPTION=VALUE (e.g. fold.max_growth_bytes=1024), got {assignment!r}"
-        )
-    return pass_name, key.strip(), raw.strip()
-
-
-def _instantiate(name: str, raw_options: Mapping[str, Any]) -> ir.passes.PassBase:
-    cls = registry.pass_class(name)
-    values = {key.replace("-", "_"): coerce(cls, key, raw) for key, raw in raw_options.items()}
-    try:
-        return cls(**values)
-    except ValueError as e:
-        raise PipelineSpecError(f"pass '{name}': {e}") from e
-
-
-def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]]:
-    try:
-        data = tomllib.loads(data_files.read_text(path))
-    except ShrinkError as e:  # unreadable, or not UTF-8: a bad recipe all the same
-        raise PipelineSpecError(str(e)) from e
-    except tomllib.TOMLDecodeError as e:
-        raise PipelineSpecError(f"{path}: not valid TOML ({e})") from e
-    passes = data.pop("passes", None)
-    if passes is not None and (
-        not isinstance(passes, list) or not all(isinstance(p, str) for p in passes)
-    ):
-        raise PipelineSpecError(f"{path}: 'passes' must be a list of pass names")
-    options: dict[str, dict[str, Any]] = {}
-    for key, table in data.items():
-        if not isinstance(table, dict):
-            raise PipelineSpecError(
-                f"{path}: unexpected top-level key '{key}'; a recipe holds 'passes' and one "
-                f"table per pass ({', '.join(sorted(registry.REGISTRY))})"
-            )
-        options[key] = dict(table)
-    return list(passes or []), options
-
-
-def describe(pass_: ir.passes.PassBase) -> str:
-    """A pass as a spec: its name plus the options that differ from their defaults."""
-    name = getattr(pass_, "name", type(pass_).__name__)
-    if not dataclasses.is_dataclass(pass_):
-        return name
-    changed = [
-        f"{f.name}={getattr(pass_, f.name)!r}"
-        for f in dataclasses.fields(pass_)
-        if getattr(pass_, f.name) != f.default
-    ]
-    return f"{name}({', '.join(changed)})" if changed else name
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,6 +59,10 @@ class PipelineResult:
 
 StepCallback = Callable[[int, ir.passes.PassBase], None]
 
+Preparer = Callable[[int, ir.passes.PassBase, ir.Model], ir.passes.PassBase]
+"""Called as pass ``index``'s turn comes, with the model it will get (to read, not to
+change): returns the pass to run in its place (``shrink`` meets ``quant.max_error`` so)."""
+
 
 @dataclasses.dataclass(frozen=True)
 class Verdict:
@@ -219,6 +87,7 @@ def run(
     probe: Prober | None = None,
     input_dims: stats.Shapes | None = None,
     observe: figures.ShapeObserver | None = None,
+    prepare: Preparer | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
@@ -227,7 +96,8 @@ def run(
     counted per sample of ``input_dims`` (graph input -> dims) where given, on the dims of a
     real run (``observe``) where inferred shapes leave the count a bound. With
     ``verify``, the model is judged after every pass; a pass it rejects is rolled back (the
-    model before it continues down the pipeline) or, with ``strict``, stops the run.
+    model before it continues down the pipeline) or, with ``strict``, stops the run. With
+    ``prepare``, each pass runs as it says (the step records the pass that ran).
 
     Raises:
         PassFailedError: a pass raised, or broke the verifier under ``strict``; the message
@@ -235,7 +105,9 @@ def run(
     """
     if dump_dir is not None:
         dumps.make_dump_dir(dump_dir)
-    pipeline = _Pipeline(dump_dir, on_start, verify, strict, collect, probe, input_dims, observe)
+    pipeline = _Pipeline(
+        dump_dir, on_start, verify, strict, collect, probe, input_dims, observe, prepare
+    )
     # The input's figures are final after the first pass: a run for its dims goes on beside it
     # (none without a pass, which would not wait for it).
     input_figures = figures.Figures.start(
@@ -260,6 +132,7 @@ class _Pipeline:
     probe: Prober | None
     input_dims: stats.Shapes | None
     observe: figures.ShapeObserver | None
+    prepare: Preparer | None
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
     observed: dict[str, Sequence[int]] = dataclasses.field(default_factory=dict)
@@ -282,6 +155,8 @@ class _Pipeline:
         """Run one pass and record its step; the model the next pass gets."""
         if self.on_start is not None:
             self.on_start(index, pass_)
+        if self.prepare is not None:
+            pass_ = _prepared(self.prepare, index, pass_, model, self.steps)
         if self.current_bytes is None and pass_.changes_input:
             self.current_bytes = large_tensors.saved_bytes(model)
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
@@ -374,6 +249,22 @@ def _bind(
         raise _failure(describe(pass_), done, e) from e
     seconds = time.perf_counter() - started
     return pass_.bind(statistics, followup_collect), seconds, statistics.samples
+
+
+def _prepared(
+    prepare: Preparer,
+    index: int,
+    pass_: ir.passes.PassBase,
+    model: ir.Model,
+    done: Sequence[StepRecord],
+) -> ir.passes.PassBase:
+    """The pass ``prepare`` says to run; what it raises unexpectedly fails the pass."""
+    try:
+        return prepare(index, pass_, model)
+    except (ShrinkError, MemoryError):
+        raise
+    except Exception as e:
+        raise _failure(describe(pass_), done, e) from e
 
 
 class _TimedCollector:

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
 from onnx_shrink.runtime_check import svg
+from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
@@ -65,6 +66,8 @@ def html_report(
     body = [_header(shrink, check, bench)]
     if shrink is not None:
         body.append(_shrink_section(shrink))
+        if shrink.accuracy_targets:
+            body.append(_target_section(shrink.accuracy_targets))
         if shrink.sensitivity is not None:
             body.append(_sensitivity_section(shrink.sensitivity))
     if check is not None:
@@ -220,6 +223,18 @@ def _shrink_section(shrink: ShrinkResult) -> str:
         )
     header = ["pass", "result", "time", "nodes", "params", "MACs", "bytes on disk"]
     return "<section>\n<h2>Passes</h2>\n" + _table(header, rows, names=2) + "\n</section>"
+
+
+def _target_section(outcomes: Sequence[TargetOutcome]) -> str:
+    """What each quant pass's accuracy target (``quant.max_error``) kept float."""
+    notes = []
+    for outcome in outcomes:
+        notes.append(_e(outcome.summary()))
+        option = outcome.exclude_option()
+        if option is not None:
+            notes.append(f"The same without the search: <code>{_e(option)}</code>")
+    paragraphs = "".join(f"<p>{note}</p>\n" for note in notes)
+    return f"<section>\n<h2>Accuracy target</h2>\n{paragraphs}</section>"
 
 
 def _sensitivity_section(

@@ -56,13 +56,17 @@ def sensitivity(
     provider: str = "cpu",
     batch_layers: int = 8,
     progress: Progress | None = None,
+    planned_layers: int = HINT_LAYERS,
+    hint: bool = True,
 ) -> SensitivityReport:
     """Measure, for each node ``quant`` would quantize in ``model`` (the float model as it is
     before the pass, not modified), the output error of quantizing that node alone.
 
     Statistics are collected once; then one combined model and one pass over ``dataset`` per
     ``batch_layers`` layers. The pass's and the statistics' warnings are not repeated here
-    (``QUIET``): the pass's own run gives them.
+    (``QUIET``): the pass's own run gives them. The ``planned_layers`` worst layers get their
+    companions (``plan_hint``: what ``exclude_patterns`` can keep float); with ``hint``, the
+    hint for the ``HINT_LAYERS`` worst is measured too (``hint_effect``).
 
     Raises:
         ShrinkError: the model has no float output computed by its graph, or a layer cannot
@@ -71,6 +75,7 @@ def sensitivity(
     if batch_layers < 1:
         raise ValueError(f"batch_layers must be at least 1, got {batch_layers}")
     started = time.perf_counter()
+    quant = dataclasses.replace(quant, max_error=math.inf)  # each layer alone, as given
     base = model.clone()
     io.unshare_tensors(base)
     names = {}
@@ -101,7 +106,9 @@ def sensitivity(
             measured += runner.measure(group, f"sensitivity {index}/{len(groups)}")
         ranked = sorted(measured, key=_severity, reverse=True)
         report = SensitivityReport(
-            layers=hint_mod.plan_hint(ranked, targets, base, quant, stats, caller, plan),
+            layers=hint_mod.plan_hint(
+                ranked, targets, base, quant, stats, caller, plan, planned_layers
+            ),
             samples=runner.samples,
             data=dataset.description,
             synthetic=dataset.synthetic,
@@ -110,7 +117,9 @@ def sensitivity(
             unmeasured=tuple(unmeasured),
             excluded=quant.exclude,
         )
-        effect = _hint_effect(base, quant, stats, data, provider, report, progress)
+        effect = None
+        if hint:
+            effect = _hint_effect(base, quant, stats, data, provider, report, progress)
     return dataclasses.replace(
         report,
         runs=report.runs + HINT_RUNS * (effect is not None),
@@ -174,18 +183,43 @@ def _quiet(*names: str) -> Iterator[None]:
 
 
 def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[float, int]:
-    """The worst output's relative error of ``config`` against the float ``base``, on its
-    own statistics (``stats`` serve the ``whole`` pass), and the bytes its model takes."""
+    """``worst_error`` of ``config``; ``stats`` serve the ``whole`` pass, measured on
+    ``base`` as ``whole.requests`` left it."""
+    if config is not whole:
+        return worst_error(base, config, data, provider=provider, progress=progress)
     copy = base.clone()
     io.unshare_tensors(copy)
-    if config is not whole:
-        measured = collect_mod.collect(
-            copy, config.requests(copy), data, provider=provider, progress=progress
-        )
-        stats = config.completed_statistics(copy, measured)
-    quantized = config.bind(stats)(copy).model
+    return _measured(base, config.bind(stats)(copy).model, data, provider)
+
+
+def worst_error(
+    model: ir.Model,
+    config: QuantPass,
+    data: data_mod.Dataset,
+    *,
+    provider: str = "cpu",
+    progress: Progress | None = None,
+) -> tuple[float, int]:
+    """The worst float output's relative error (``OutputComparison.relative_error``: over
+    all samples of ``data``) of ``model`` quantized by ``config`` against ``model`` itself,
+    which is not modified, and the bytes the quantized model takes saved. ``config``
+    calibrates on ``data`` as a run of it would (its own statistics); a follow-up it asks
+    for (bias correction) is not made."""
+    copy = model.clone()
+    io.unshare_tensors(copy)
+    measured = collect_mod.collect(
+        copy, config.requests(copy), data, provider=provider, progress=progress
+    )
+    stats = config.completed_statistics(copy, measured)
+    return _measured(model, config.bind(stats)(copy).model, data, provider)
+
+
+def _measured(base: ir.Model, quantized: ir.Model, data, provider: str) -> tuple[float, int]:
+    """The worst relative error among the float outputs the layers are ranked by (NaN/Inf
+    where the float model is finite: ∞), and ``quantized``'s bytes."""
     numeric = checker.compare(base, quantized, data, provider=provider)
-    error = max(output.relative_error for output in numeric.outputs)
+    names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
+    error = max(o.relative_error for o in numeric.outputs if o.name in names)
     return error, large_tensors.saved_bytes(quantized)
 
 

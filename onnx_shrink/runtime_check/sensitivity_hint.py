@@ -49,8 +49,9 @@ def plan_hint(
     stats: Statistics,
     caller_names: Mapping[ir.Node, str],
     plan: placement.Plan | None = None,
+    slots: int = HINT_LAYERS,
 ) -> tuple[LayerSensitivity, ...]:
-    """``layers`` (worst first) with the first ``HINT_LAYERS`` the hint can take given their
+    """``layers`` (worst first) with the first ``slots`` the hint can take given their
     companions (by their names in the caller's model, ``caller_names``; unnamed ones there
     cannot be in the hint) and the others among them marked inert; ``plan``: the pass's own
     where the caller has it. Plans only, no runs."""
@@ -60,19 +61,19 @@ def plan_hint(
     plan = plan or placement.plan(base.graph, stats, exclusions)
     planner = _Planner(base.graph, stats, exclusions, plan)
     planned = set(plan.nodes)
-    result, slots = [], 0
+    result, taken = [], 0
     for layer in layers:
         target = by_position.get(layer.position)
-        if slots < HINT_LAYERS and not layer.node:
-            slots += 1  # the hint cannot name it, but it is one of the worst
-        elif slots < HINT_LAYERS and target is not None:
+        if taken < slots and not layer.node:
+            taken += 1  # the hint cannot name it, but it is one of the worst
+        elif taken < slots and target is not None:
             node = nodes[target.key]
             weighted = any(v is not None and v.const_value is not None for v in node.inputs)
             if node not in planned:
                 # An embedding table or LSTM (quantized without statistics): its inputs
                 # stay float whatever the plan, and excluding it takes nothing else.
                 planner.take(node, [])
-                slots += 1
+                taken += 1
             elif not weighted and not planner.changes(node, []):
                 layer = dataclasses.replace(layer, inert=True)
             else:
@@ -82,7 +83,7 @@ def plan_hint(
                 planner.take(node, companions)
                 names = tuple(caller_names[c] for c in companions)
                 layer = dataclasses.replace(layer, companions=names)
-                slots += 1
+                taken += 1
         result.append(layer)
     return tuple(result)
 

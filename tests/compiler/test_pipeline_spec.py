@@ -7,22 +7,20 @@ import re
 
 import pytest
 
-from onnx_shrink.compiler import pipeline
+from onnx_shrink.compiler import spec
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
 from tests.helpers import parse
 
 
 def test_names_and_sets_build_configured_passes():
-    (fold,) = pipeline.parse_spec(
-        "fold", ["fold.max_growth_bytes=1_024", "fold.inline-functions=yes"]
-    )
+    (fold,) = spec.parse_spec("fold", ["fold.max_growth_bytes=1_024", "fold.inline-functions=yes"])
     assert fold == FoldPass(max_growth_bytes=1024, inline_functions=True)
 
 
 def test_pass_instances_pass_through_unchanged():
     configured = FoldPass(iterations=5)
-    assert pipeline.parse_spec([configured, "fold"]) == (configured, FoldPass())
+    assert spec.parse_spec([configured, "fold"]) == (configured, FoldPass())
 
 
 @pytest.mark.parametrize(
@@ -42,7 +40,7 @@ def test_pass_instances_pass_through_unchanged():
 )
 def test_bad_specs_name_the_problem_and_the_choices(passes, sets, message):
     with pytest.raises(PipelineSpecError, match=None) as info:
-        pipeline.parse_spec(passes, sets)
+        spec.parse_spec(passes, sets)
     assert message in str(info.value)
 
 
@@ -61,12 +59,12 @@ def test_nan_and_inf_are_refused_where_they_mean_nothing(passes, setting, messag
     """Range checks are False for NaN, and inf passed a missing maximum: prune.ridge=nan
     wrote NaN weights, lowrank.damping=nan failed deep in an SVD."""
     with pytest.raises(PipelineSpecError) as info:
-        pipeline.parse_spec(passes, [setting])
+        spec.parse_spec(passes, [setting])
     assert message in str(info.value)
 
 
 def test_a_time_budget_may_be_infinite():
-    prune, lowrank = pipeline.parse_spec(
+    prune, lowrank = spec.parse_spec(
         "prune,lowrank",
         ["prune.reconstruct=on", "prune.refit_seconds=inf", "lowrank.probe_seconds=inf"],
     )
@@ -77,11 +75,11 @@ def test_a_time_budget_may_be_infinite():
 def test_recipe_gives_passes_and_options_and_set_overrides_it(tmp_path):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text('passes = ["fold"]\n[fold]\nmax_growth_bytes = 100\niterations = 4\n')
-    (fold,) = pipeline.parse_spec(None, ["fold.iterations=6"], recipe)
+    (fold,) = spec.parse_spec(None, ["fold.iterations=6"], recipe)
     assert fold == FoldPass(max_growth_bytes=100, iterations=6)
     # --passes replaces the recipe's list; its [fold] table then names a pass not run
     with pytest.raises(PipelineSpecError, match="--passes replaces the recipe's passes"):
-        pipeline.parse_spec("quant-dynamic", [], recipe)
+        spec.parse_spec("quant-dynamic", [], recipe)
 
 
 @pytest.mark.parametrize(
@@ -99,7 +97,7 @@ def test_bad_recipes_are_rejected(tmp_path, text, message):
     recipe = tmp_path / "recipe.toml"
     recipe.write_text(text)
     with pytest.raises(PipelineSpecError) as info:
-        pipeline.parse_spec(None, [], recipe)
+        spec.parse_spec(None, [], recipe)
     assert message in str(info.value)
 
 
@@ -108,15 +106,15 @@ def test_recipes_in_utf8_with_a_byte_order_mark_are_read_and_other_encodings_are
 ):
     recipe = tmp_path / "recipe.toml"
     recipe.write_bytes(b'\xef\xbb\xbfpasses = ["fold"]\n')  # as Windows Notepad saves it
-    assert pipeline.parse_spec(None, [], recipe) == (FoldPass(),)
+    assert spec.parse_spec(None, [], recipe) == (FoldPass(),)
     recipe.write_bytes('passes = ["fold"]  # café\n'.encode("latin-1"))
     with pytest.raises(PipelineSpecError, match=r"recipe.toml: not UTF-8 text \(byte 24 is 0xe9\)"):
-        pipeline.parse_spec(None, [], recipe)
+        spec.parse_spec(None, [], recipe)
 
 
 def test_describe_shows_only_changed_options():
-    assert pipeline.describe(FoldPass()) == "fold"
-    assert pipeline.describe(FoldPass(max_growth_bytes=8)) == "fold(max_growth_bytes=8)"
+    assert spec.describe(FoldPass()) == "fold"
+    assert spec.describe(FoldPass(max_growth_bytes=8)) == "fold(max_growth_bytes=8)"
 
 
 def test_pass_repr_is_its_full_configuration():
@@ -149,7 +147,7 @@ def test_a_name_or_regex_option_that_does_not_compile_is_a_spec_error(option, pa
     escaped form that would match the name as written."""
     pass_name = option.split(".")[0]
     with pytest.raises(PipelineSpecError) as info:
-        pipeline.parse_spec(pass_name, [f"{option}={pattern}"])
+        spec.parse_spec(pass_name, [f"{option}={pattern}"])
     message = str(info.value)
     assert f"{pattern!r} is not a regular expression" in message
     assert f"escape it: {re.escape(pattern)}" in message
@@ -186,7 +184,7 @@ def test_exact_name_options_take_any_text_and_a_typo_is_a_warning(setting, caplo
     from onnx_shrink.runtime_check import collect, data
 
     model = io.load(parse(MATMUL))
-    (pass_,) = pipeline.parse_spec(setting.split(".")[0], [setting])
+    (pass_,) = spec.parse_spec(setting.split(".")[0], [setting])
     dataset = data.prepare(data.specs_from_model(model), None)
     with caplog.at_level("WARNING"):
         pass_.bind(collect.collect(model, pass_.requests(model), dataset))(model)
@@ -195,15 +193,15 @@ def test_exact_name_options_take_any_text_and_a_typo_is_a_warning(setting, caplo
 
 
 def test_sets_may_be_one_string_and_must_be_strings():
-    (fold,) = pipeline.parse_spec("fold", "fold.iterations=6")
+    (fold,) = spec.parse_spec("fold", "fold.iterations=6")
     assert fold == FoldPass(iterations=6)
     with pytest.raises(PipelineSpecError, match="expected a list of 'pass.option=value'"):
-        pipeline.parse_spec("fold", {"fold.iterations": 6})  # type: ignore[arg-type]
+        spec.parse_spec("fold", {"fold.iterations": 6})  # type: ignore[arg-type]
 
 
 def test_an_option_set_twice_is_refused_rather_than_the_last_winning():
     with pytest.raises(PipelineSpecError, match="quant.exclude is set twice"):
-        pipeline.parse_spec("quant", ["quant.exclude=a", "quant.exclude=b"])
+        spec.parse_spec("quant", ["quant.exclude=a", "quant.exclude=b"])
 
 
 def test_list_passes_shows_each_options_bounds():

@@ -407,7 +407,7 @@ def test_quantized_matmuls_and_tables_keep_the_macs_of_the_requested_input_dims(
     """onnx infers no output shape for MatMulIntegerToFloat, DynamicQuantizeMatMul,
     MatMulNBits or GatherBlockQuantized, nor then for anything after them: each MatMul's rows
     must still follow the input dims (MiniLM at 1x128 read 717M MACs -> 5.3M)."""
-    from onnx_shrink.compiler import pipeline
+    from onnx_shrink.compiler import spec
     from onnx_shrink.compiler.statistics import MinMax, Statistics
 
     rng = np.random.default_rng(0)
@@ -429,7 +429,7 @@ def test_quantized_matmuls_and_tables_keep_the_macs_of_the_requested_input_dims(
     dims = {"ids": (1, 32)}
     before = stats.measure(io.load(proto), input_dims=dims).macs
     sets = [] if pass_name == "quant" else [f"{pass_name}.min_weight_elements=0"]
-    (quantizer,) = pipeline.parse_spec(pass_name, sets)
+    (quantizer,) = spec.parse_spec(pass_name, sets)
     model = io.load(proto)
     if pass_name == "quant":  # ordinary ranges for what it measures
         requests = quantizer.requests(model)

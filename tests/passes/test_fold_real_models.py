@@ -26,7 +26,7 @@ import pytest
 
 from models.fetch import REAL_MODELS, fetch
 from models.inputs import sample_inputs
-from onnx_shrink.compiler import io, pipeline, walk
+from onnx_shrink.compiler import io, pipeline, spec, walk
 
 pytestmark = pytest.mark.network
 
@@ -59,7 +59,7 @@ def folded(tmp_path_factory: pytest.TempPathFactory) -> Callable[[str], Folded]:
     def get(name: str) -> Folded:
         if name not in cache:
             source = fetch(name)
-            result = pipeline.run(io.load(source), pipeline.parse_spec("fold"))
+            result = pipeline.run(io.load(source), spec.parse_spec("fold"))
             saved = io.save(result.model, tmp_path_factory.mktemp(name) / f"{name}.folded.onnx")
             cache[name] = Folded(name, source, io.load(source), result, saved)
         return cache[name]

@@ -16,7 +16,7 @@ import pytest
 
 from models import digits
 from onnx_shrink import FoldPass, shrink
-from onnx_shrink.compiler import io, pipeline
+from onnx_shrink.compiler import io, spec
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, value_types
 from onnx_shrink.passes.quant.static import QuantPass
@@ -166,7 +166,7 @@ def test_a_layer_hard_to_quantize_ranks_first_and_the_hint_excluding_it_helps():
     assert report.layers[0].relative_error > 10 * report.layers[1].relative_error
     hint = report.exclude_hint(1)
     assert hint == f"--set quant.exclude={HARD}"
-    (excluding,) = pipeline.parse_spec("quant", [shlex.split(hint)[1], "quant.per_channel=no"])
+    (excluding,) = spec.parse_spec("quant", [shlex.split(hint)[1], "quant.per_channel=no"])
     assert excluding == dataclasses.replace(quant, exclude=(HARD,))
     full = _error(model, _quantized(model, quant, dataset), dataset)
     kept = _error(model, _quantized(model, excluding, dataset), dataset)
@@ -183,7 +183,7 @@ def _report(names: list[str], excluded: tuple[str, ...] = ()) -> SensitivityRepo
 
 
 def _excluded_by(hint: str, names: list[str]) -> list[str]:
-    (quant,) = pipeline.parse_spec("quant", [shlex.split(hint)[1]])
+    (quant,) = spec.parse_spec("quant", [shlex.split(hint)[1]])
     exclusions = placement.Exclusions(nodes=quant.exclude)
     return [n for n in names if exclusions.excludes(ir.Node("", "MatMul", [], name=n))]
 

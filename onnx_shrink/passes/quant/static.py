@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import math
 from collections.abc import Mapping, Sequence
 from typing import ClassVar, Literal
 
@@ -20,7 +21,6 @@ from onnx_shrink.compiler.options import (
 )
 from onnx_shrink.compiler.statistics import (
     HistogramAccumulator,
-    MinMax,
     Statistics,
     StatRequest,
 )
@@ -96,6 +96,12 @@ class QuantPass(DataAwarePass):
         ``com.microsoft.DynamicQuantizeLSTM`` (its rule 9): onnxruntime has no QDQ LSTM
         kernel, and its own static quantizer leaves LSTMs float.
 
+    11. With ``max_error``, ``shrink`` first measures each layer's sensitivity and then the
+        whole pass with the worst layers kept float, more of them until the worst float
+        output's relative error over the calibration data is at most ``max_error``
+        (``runtime_check.accuracy_target``); the pass then runs with those layers added to
+        ``exclude``.
+
     With ``only``, rules 6 and 10 quantize the main-graph nodes it names, and rule 5 none.
     """
 
@@ -139,6 +145,14 @@ class QuantPass(DataAwarePass):
     per_channel: bool = option(True, "one weight scale per output channel")
     exclude_op_types: tuple[str, ...] = option((), "op types kept in float")
     exclude: tuple[str, ...] = option((), "node names or regexes kept in float", patterns=True)
+    max_error: float = option(
+        math.inf,
+        "accuracy target: the largest relative error |y_q - y| / |y| any float output may "
+        "have over the calibration data; shrink() keeps the worst layers float (as "
+        "--sensitivity ranks them) until it holds, and adds them to exclude (inf: none)",
+        minimum=0.0,
+        infinite=True,
+    )
     activation_matmuls: bool = option(
         False, "quantize MatMuls of two activations too (attention scores and context)"
     )
@@ -206,6 +220,8 @@ class QuantPass(DataAwarePass):
 
     def __post_init__(self) -> None:
         check_options(self)
+        if self.only and not math.isinf(self.max_error):
+            raise ValueError("max_error keeps layers float to meet it; with only it cannot")
 
     @property
     def _exclusions(self) -> placement.Exclusions:
@@ -288,12 +304,19 @@ class QuantPass(DataAwarePass):
         return per_channel, sixteen_bit
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        if not math.isinf(self.max_error):
+            logger.warning(
+                "%s: max_error=%g is met by onnx_shrink.shrink(), which measures the model; "
+                "bound by hand, the pass quantizes every layer exclude allows",
+                self.name,
+                self.max_error,
+            )
         if not self._has_candidates(model):
             return self._unchanged(model)
         per_channel, sixteen_bit = self._converted_and_typed(model)
         stats = self.completed_statistics(model, stats)
-        _warn_nonfinite_inputs(model, stats)
-        _warn_overridable_constants(model)
+        float_reasons.warn_nonfinite_inputs(model, stats)
+        float_reasons.warn_overridable_constants(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         narrow = self.narrow_storage and not self.only
         references = {}
@@ -331,7 +354,7 @@ class QuantPass(DataAwarePass):
             return self._unchanged(model, decided.skipped)
         value_types.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
-        _report_subgraphs(model)
+        float_reasons.report_subgraphs(model)
         measurement = bias_correction.Measurement(model, references)
         requests = measurement.add()
         if not requests:
@@ -465,43 +488,3 @@ class QuantPass(DataAwarePass):
                 narrow_storage=narrow,
             ).quantize(model)
         return count > 0
-
-
-def _warn_overridable_constants(model: ir.Model) -> None:
-    """Name the graph inputs with defaults (initializers) whose readers stay float."""
-    read = {n: placement.overridable_constants(n) for n in model.graph}
-    readers = [n for n, values in read.items() if values]
-    if readers:
-        inputs = sorted({v.name or "" for n in readers for v in read[n]})
-        logger.warning(
-            "quant: %d node(s) stay float: they read %s, graph inputs with a default that a "
-            "caller may replace (a quantized copy would ignore what the caller feeds)",
-            len(readers),
-            ", ".join(repr(name) for name in inputs[:5]) + (" ..." if len(inputs) > 5 else ""),
-        )
-
-
-def _warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
-    """Name the graph inputs whose calibration values hold NaN/Inf: every tensor they reach
-    is then non-finite too, and rule 5 keeps it float (the pass would quantize nothing, and
-    say only that)."""
-    for value in model.graph.inputs:
-        minmax = stats.get(value.name or "", "minmax")
-        if isinstance(minmax, MinMax) and minmax.nonfinite:
-            logger.warning(
-                "quant: calibration input '%s' holds %d NaN/Inf values: the tensors it reaches "
-                "stay float; check the calibration data",
-                value.name,
-                minmax.nonfinite,
-            )
-
-
-def _report_subgraphs(model: ir.Model) -> None:
-    count = sum(
-        1
-        for graph in model.graph.subgraphs()
-        for node in graph
-        if node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE
-    )
-    if count:
-        logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", count)

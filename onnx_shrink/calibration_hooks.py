@@ -1,0 +1,80 @@
+"""``shrink``'s calibration: the data its data-aware passes read, the pipeline's collector
+over it, and progress reports as ``shrink``'s ``on_calibration`` takes them."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Callable, Mapping, Sequence
+
+import onnx_ir as ir
+
+from onnx_shrink.compiler.data_aware import Look
+from onnx_shrink.runtime_check import checker as check_mod
+from onnx_shrink.runtime_check import collect as collect_mod
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sample_batches
+
+logger = logging.getLogger(__name__)
+
+CalibrationProgress = Callable[[str, int, int | None], None]
+"""``shrink``'s ``on_calibration``: (phase, samples done, samples in all or None)."""
+
+
+def calibration_data(
+    model: ir.Model,
+    source: check_mod.DataSource,
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    stack: contextlib.ExitStack,
+) -> data_mod.Dataset:
+    """Calibration inputs, checked against the model now and readable once per pass;
+    without a source, synthetic inputs of ``input_shapes``."""
+    specs = data_mod.specs_from_model(model)
+    if source is None:
+        return data_mod.synthetic(specs, input_shapes)
+    return data_mod.replayable(data_mod.prepare(specs, source), stack)
+
+
+def reporting(
+    progress: CalibrationProgress | None, total: int | None, purpose: str = ""
+) -> collect_mod.Progress | None:
+    """The engine's (phase, samples done) reports as ``progress`` takes them: with the
+    samples in all (``total``), each phase named after ``purpose`` where there is one
+    ("bias correction: statistics")."""
+    if progress is None:
+        return None
+
+    def report(phase: str, done: int) -> None:
+        progress(f"{purpose}: {phase}" if purpose else phase, done, total)
+
+    return report
+
+
+def collect(
+    model: ir.Model,
+    requests,
+    look: Look | None = None,
+    *,
+    dataset: data_mod.Dataset,
+    provider: str,
+    progress: CalibrationProgress | None,
+):
+    """``pipeline.Collector`` over ``dataset``, read as ``look`` says."""
+    look = look or Look()
+    if look.samples:
+        specs = data_mod.specs_from_model(model)
+        dataset = sample_batches.first_samples(dataset, specs, look.samples)
+    if dataset.synthetic:
+        logger.warning(
+            "NO CALIBRATION DATA: calibrating on random inputs (%s); the statistics say nothing "
+            "about real data: give --calibration FILE (or --data)",
+            dataset.description,
+        )
+    return collect_mod.collect(
+        model,
+        requests,
+        dataset,
+        provider=provider,
+        progress=reporting(progress, dataset.samples, look.purpose),
+        run_samples=look.run_samples,
+    )

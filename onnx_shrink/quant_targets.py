@@ -1,0 +1,70 @@
+"""``shrink``'s side of ``quant.max_error``: the pipeline's ``Preparer`` that runs each quant
+pass with an accuracy target as ``runtime_check.accuracy_target`` finds it should, on the
+model the pass gets, and keeps what was found for the result and its reports."""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import accuracy_target
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check.collect import Progress
+from onnx_shrink.runtime_check.sensitivity_report import SensitivityReport
+
+
+def targeted(pass_: ir.passes.PassBase) -> bool:
+    """Whether ``pass_`` is a quant pass with an accuracy target."""
+    return isinstance(pass_, QuantPass) and not math.isinf(pass_.max_error)
+
+
+class TargetPreparer:
+    """``pipeline.Preparer``: a quant pass with ``max_error`` runs with the worst layers
+    added to its ``exclude`` (``accuracy_target.meet_target``); other passes as they are.
+
+    ``dataset``: the calibration data (None in a pipeline without data-aware passes, where
+    no quant pass can come). ``report_index``: the pass whose sensitivity report the run
+    wants (the first quant pass, with ``shrink(sensitivity=True)``), or None. Where that
+    pass has a target, the search's report serves (its hint measured as well): ``report``
+    then holds it.
+    """
+
+    def __init__(
+        self,
+        dataset: data_mod.Dataset | None,
+        provider: str,
+        progress: Progress | None,
+        report_index: int | None,
+    ) -> None:
+        self.dataset, self.provider, self.progress = dataset, provider, progress
+        self.report_index = report_index
+        self.outcomes: list[accuracy_target.TargetOutcome] = []
+        self.report: SensitivityReport | None = None
+
+    def __call__(
+        self, index: int, pass_: ir.passes.PassBase, model: ir.Model
+    ) -> ir.passes.PassBase:
+        if not targeted(pass_):
+            return pass_
+        assert isinstance(pass_, QuantPass) and self.dataset is not None
+        reported = index == self.report_index
+        prepared, outcome, report = accuracy_target.meet_target(
+            model,
+            pass_,
+            self.dataset,
+            provider=self.provider,
+            progress=self.progress,
+            hint=reported,
+        )
+        self.outcomes.append(outcome)
+        if reported:
+            self.report = report
+        return prepared
+
+
+def first_quant(passes: Sequence[ir.passes.PassBase]) -> int | None:
+    """The index of the first quant pass, or None."""
+    return next((i for i, p in enumerate(passes) if isinstance(p, QuantPass)), None)
