@@ -50,7 +50,8 @@ class ShrinkResult:
     seconds: float
     """the whole run: the compile, the check and the sensitivity report"""
     compile_seconds: float
-    """the compile alone: load, passes with their calibration, accounting and save"""
+    """the compile alone: load, passes with their calibration (and the search of any
+    ``quant.max_error``), accounting and save"""
     verification: check_mod.CheckReport | None
     sensitivity: sensitivity_mod.SensitivityReport | None = None
     """per quantized layer, the output error it causes alone (``shrink(sensitivity=True)``)"""
@@ -238,7 +239,7 @@ def shrink(
             output_path=output_path,
             compile_seconds=compiled,
             sensitivity=sensitivity_report,
-            accuracy_targets=tuple(targets.outcomes),
+            accuracy_targets=targets.outcomes(result.steps),
         )
         report = None
         if options is not None:

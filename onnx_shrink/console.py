@@ -246,7 +246,9 @@ def target_lines(outcome: TargetOutcome) -> list[object]:
     lines: list[object] = [Text(outcome.summary())]
     option = outcome.exclude_option()
     if option is not None:
-        lines.append(Text(f"the same without the search: {option}"))
+        lines.append(
+            Text(f"the same model without the search (in place of quant.max_error): {option}")
+        )
     return lines
 
 

@@ -4,11 +4,13 @@ model the pass gets, and keeps what was found for the result and its reports."""
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler import pipeline
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target
 from onnx_shrink.runtime_check import data as data_mod
@@ -41,7 +43,7 @@ class TargetPreparer:
     ) -> None:
         self.dataset, self.provider, self.progress = dataset, provider, progress
         self.report_index = report_index
-        self.outcomes: list[accuracy_target.TargetOutcome] = []
+        self.found: list[accuracy_target.TargetOutcome] = []
         self.report: SensitivityReport | None = None
 
     def __call__(
@@ -59,10 +61,21 @@ class TargetPreparer:
             progress=self.progress,
             hint=reported,
         )
-        self.outcomes.append(outcome)
+        if outcome is not None:
+            self.found.append(dataclasses.replace(outcome, pass_index=index))
         if reported:
             self.report = report
         return prepared
+
+    def outcomes(
+        self, steps: Sequence[pipeline.StepRecord]
+    ) -> tuple[accuracy_target.TargetOutcome, ...]:
+        """What each search found, marked where ``--verify-each`` then rolled its pass back
+        (``steps``: the pipeline's)."""
+        return tuple(
+            dataclasses.replace(outcome, rolled_back=steps[outcome.pass_index].rolled_back)
+            for outcome in self.found
+        )
 
 
 def first_quant(passes: Sequence[ir.passes.PassBase]) -> int | None:

@@ -46,6 +46,8 @@ class StepRecord:
     calibration_samples: int | None = None
     note: str = ""
     """what the pass says it did where counts and sizes do not show it (``NotedResult``)"""
+    prepare_seconds: float = 0.0
+    """spent by ``run``'s ``prepare`` before the pass (``quant.max_error``'s search)"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -155,8 +157,10 @@ class _Pipeline:
         """Run one pass and record its step; the model the next pass gets."""
         if self.on_start is not None:
             self.on_start(index, pass_)
+        prepare_seconds = time.perf_counter()
         if self.prepare is not None:
             pass_ = _prepared(self.prepare, index, pass_, model, self.steps)
+        prepare_seconds = time.perf_counter() - prepare_seconds
         if self.current_bytes is None and pass_.changes_input:
             self.current_bytes = large_tensors.saved_bytes(model)
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
@@ -202,6 +206,7 @@ class _Pipeline:
             calibration_seconds=calibration_seconds,
             calibration_samples=samples,
             note=getattr(result, "note", ""),  # a rolled-back pass's result has none
+            prepare_seconds=prepare_seconds,
         )
         self.steps.append(step)
         logger.info("%s: %.2fs, %d -> %d nodes", step.spec, seconds, step.before.nodes, after.nodes)

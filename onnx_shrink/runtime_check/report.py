@@ -232,7 +232,10 @@ def _target_section(outcomes: Sequence[TargetOutcome]) -> str:
         notes.append(_e(outcome.summary()))
         option = outcome.exclude_option()
         if option is not None:
-            notes.append(f"The same without the search: <code>{_e(option)}</code>")
+            notes.append(
+                "The same model without the search (in place of quant.max_error): "
+                f"<code>{_e(option)}</code>"
+            )
     paragraphs = "".join(f"<p>{note}</p>\n" for note in notes)
     return f"<section>\n<h2>Accuracy target</h2>\n{paragraphs}</section>"
 

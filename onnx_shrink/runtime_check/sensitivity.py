@@ -85,7 +85,7 @@ def sensitivity(
         # replaces the nodes, and that name would pass for the caller's below.
         copy.name = original.name
     with contextlib.ExitStack() as stack:
-        stack.enter_context(_quiet(*QUIET))
+        stack.enter_context(quiet(*QUIET))
         data = data_mod.replayable(dataset, stack)
         # requests converts the opset and infers types, as the pass does before planning.
         stats = collect_mod.collect(
@@ -167,7 +167,7 @@ def _hint_effect(
 
 
 @contextlib.contextmanager
-def _quiet(*names: str) -> Iterator[None]:
+def quiet(*names: str) -> Iterator[None]:
     """Only errors from the loggers ``names`` inside: the measuring runs said again what the
     user's run of the pass says, and the hint's things of its own ("quant: no node could be
     quantized") as if of the run."""
@@ -186,10 +186,10 @@ def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[
     """``worst_error`` of ``config``; ``stats`` serve the ``whole`` pass, measured on
     ``base`` as ``whole.requests`` left it."""
     if config is not whole:
-        return worst_error(base, config, data, provider=provider, progress=progress)
+        return worst_error(base, config, data, provider=provider, progress=progress)[:2]
     copy = base.clone()
     io.unshare_tensors(copy)
-    return _measured(base, config.bind(stats)(copy).model, data, provider)
+    return _measured(base, config.bind(stats)(copy).model, data, provider)[:2]
 
 
 def worst_error(
@@ -199,10 +199,10 @@ def worst_error(
     *,
     provider: str = "cpu",
     progress: Progress | None = None,
-) -> tuple[float, int]:
+) -> tuple[float, int, int]:
     """The worst float output's relative error (``OutputComparison.relative_error``: over
     all samples of ``data``) of ``model`` quantized by ``config`` against ``model`` itself,
-    which is not modified, and the bytes the quantized model takes saved. ``config``
+    which is not modified, the bytes the quantized model takes saved, and the samples. ``config``
     calibrates on ``data`` as a run of it would (its own statistics); a follow-up it asks
     for (bias correction) is not made."""
     copy = model.clone()
@@ -214,13 +214,13 @@ def worst_error(
     return _measured(model, config.bind(stats)(copy).model, data, provider)
 
 
-def _measured(base: ir.Model, quantized: ir.Model, data, provider: str) -> tuple[float, int]:
+def _measured(base: ir.Model, quantized: ir.Model, data, provider: str) -> tuple[float, int, int]:
     """The worst relative error among the float outputs the layers are ranked by (NaN/Inf
-    where the float model is finite: ∞), and ``quantized``'s bytes."""
+    where the float model is finite: ∞), ``quantized``'s bytes, and the samples compared."""
     numeric = checker.compare(base, quantized, data, provider=provider)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
     error = max(o.relative_error for o in numeric.outputs if o.name in names)
-    return error, large_tensors.saved_bytes(quantized)
+    return error, large_tensors.saved_bytes(quantized), numeric.samples
 
 
 def _per_sample(

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import shlex
 from collections.abc import Sequence
@@ -103,12 +104,20 @@ class SensitivityReport:
     """the ``HINT_LAYERS`` worst layers' hint, measured (None when no layer has a name to
     exclude)"""
 
-    def exclude_patterns(self, k: int) -> tuple[str, ...]:
+    def exclude_patterns(self, k: int, every: bool = False) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers
         and their companions (see ``exclude_pattern``), after the pass's own; never every
-        layer: a hint that keeps them all float quantizes nothing."""
-        names = self._hinted_names(k)
-        return self.excluded + tuple(exclude_pattern(name, self._names) for name in names)
+        layer (a hint that keeps them all float quantizes nothing) unless ``every``."""
+        names = self._hinted_names(k, every)
+        return self.excluded + tuple(self._pattern(name) for name in names)
+
+    def _pattern(self, name: str) -> str:
+        """``exclude_pattern(name, ...)`` against every name here, computed once per name
+        (an accuracy target asks for the patterns of many k: each costs a scan of all)."""
+        cache = self.__dict__.setdefault("_pattern_cache", {})  # frozen: not via setattr
+        if name not in cache:
+            cache[name] = exclude_pattern(name, self._names)
+        return cache[name]
 
     def hinted(self, k: int) -> int:
         """How many of the ``k`` worst layers the hint keeps in float: those with a name,
@@ -121,11 +130,12 @@ class SensitivityReport:
         inputs are float too (``LayerSensitivity.companions``)."""
         return len(self._hinted_names(k)) - self.hinted(k)
 
-    def _hinted_names(self, k: int) -> list[str]:
+    def _hinted_names(self, k: int, every: bool = False) -> list[str]:
         """The names the hint for the ``k`` worst keeps float: each named layer, then its
-        companions, once each; fewer than all the layers that change something."""
+        companions, once each; fewer than all the layers that change something unless
+        ``every``."""
         # Inert layers quantize nothing of their own: with every other one float, nothing is.
-        most = sum(not layer.inert for layer in self.layers) - 1
+        most = math.inf if every else sum(not layer.inert for layer in self.layers) - 1
         names: dict[str, None] = {}
         for layer in self._worst(k):
             if not layer.node:

@@ -75,61 +75,113 @@ def test_a_target_the_whole_pass_meets_adds_nothing_after_one_measurement():
     assert "met with every layer quantized" in outcome.summary()
 
 
-def test_an_unreachable_target_keeps_the_least_error_measured_and_warns(caplog):
+def test_a_target_missed_within_the_budget_keeps_the_least_error_measured_and_warns(
+    caplog, monkeypatch
+):
+    monkeypatch.setattr(accuracy_target, "MAX_MEASUREMENTS", 2)
     model = _hard_model()
     with caplog.at_level(logging.WARNING, "onnx_shrink"):
-        result, outcome = _run(model, max_error=0.0)
-    assert not outcome.met
-    least = min(outcome.attempts, key=lambda a: a.error)
-    assert outcome.error == least.error and outcome.layers == least.layers
+        result, outcome = _run(model, max_error=0.005)
+    assert not outcome.met and outcome.budget_spent
+    assert [a.layers for a in outcome.attempts] == [0, 1]
+    assert outcome.error == min(a.error for a in outcome.attempts) and outcome.layers == 1
     assert outcome.error == pytest.approx(_error_on_calibration(model, result), rel=1e-6)
-    assert "quant.max_error=0 cannot be met" in caplog.text
-    assert "NOT met" in outcome.summary()
-    # Never every layer float: the pass still quantizes something.
-    assert result.steps[0].modified
+    assert "quant.max_error=0.005 is not met" in caplog.text
+    assert "measurement budget" in caplog.text
+    assert "NOT met" in outcome.summary() and "stopped at 2 measurements" in outcome.summary()
 
 
-def _search(errors: dict[int, float], names: int = 40) -> accuracy_target._Search:
-    """A search over a report of ``names`` layers whose measurement with the k worst float
-    gives ``errors[k]`` (1.0 where not given)."""
-    report = _report([f"/l{i}" for i in range(names)])
-    search = accuracy_target._Search(None, QuantPass(), report, None, "cpu", None)
+def test_a_target_only_every_layer_float_meets_is_met_so_with_a_warning(caplog):
+    """The search may keep every layer float, where the sensitivity hint never does: a pass
+    with one layer left to quantize otherwise wrote a model of error 1.0 for a target of
+    0.05 that keeping the layer float meets."""
+    model = _hard_model()
+    others = dict(exclude_op_types=("Conv", "BatchNormalization"), exclude=("/head/head.4/Gemm",))
+    with caplog.at_level(logging.WARNING, "onnx_shrink"):
+        result, outcome = _run(model, max_error=0.05, **others)
+    assert outcome.met and outcome.every_layer and outcome.added == (HARD,)
+    assert _error_on_calibration(model, result) <= 0.05
+    assert "met only with every layer float" in caplog.text
+    assert "nothing is quantized" in outcome.summary()
+    zero_result, zero = _run(model, max_error=0.0)
+    assert zero.met and zero.every_layer and zero.error == 0.0
+    assert not zero_result.steps[0].modified
+
+
+def test_the_search_says_the_passs_warnings_once(caplog):
+    with caplog.at_level(logging.WARNING, "onnx_shrink"):
+        _run(_hard_model(), max_error=0.05, exclude=(HARD, "no/such/node"))
+    assert caplog.text.count("no/such/node") == 1
+
+
+def test_a_pass_verify_each_rolls_back_says_so_and_offers_no_option():
+    from onnx_shrink import CheckOptions
+    from onnx_shrink.runtime_check.compare import Tolerances
+
+    strict = CheckOptions(data=DATA, verify_each=True, tolerances=Tolerances(min_cosine=1.0))
+    model = _hard_model()
+    result = shrink(
+        model, [QuantPass(per_channel=False, max_error=0.05)], calibration=DATA, check=strict
+    )
+    (outcome,) = result.accuracy_targets
+    assert result.steps[0].rolled_back and outcome.rolled_back and outcome.pass_index == 0
+    assert "rolled the pass back" in outcome.summary()
+    assert outcome.exclude_option() is None
+
+
+def _search(errors: dict[int, float], monkeypatch, report=None) -> tuple:
+    """A search over ``report`` (40 named layers by default) whose measurement of the
+    pass excluding n patterns gives ``errors[n]`` (1.0 where not given); and the list of
+    the pattern counts measured."""
+    report = report or _report([f"/l{i}" for i in range(40)])
     measured = []
 
-    def error(k: int) -> float:
-        measured.append(k)
-        patterns = report.exclude_patterns(k)
-        search.attempts[patterns] = accuracy_target.Attempt(k, k, errors.get(k, 1.0), 0)
-        return errors.get(k, 1.0)
+    def worst_error(model, config, data, **kwargs):
+        measured.append(len(config.exclude))
+        return errors.get(len(config.exclude), 1.0), 0, 1
 
-    search.error = error
-    search.measured = measured
-    return search
+    monkeypatch.setattr(accuracy_target.sensitivity_mod, "worst_error", worst_error)
+    return accuracy_target._Search(None, QuantPass(), report, None, "cpu", None), measured
 
 
-def test_the_search_doubles_then_bisects_to_the_fewest_layers_that_meet_the_target():
-    search = _search({k: 0.05 for k in range(11, 40)})
+def test_the_search_doubles_then_bisects_to_the_fewest_layers_that_meet_the_target(monkeypatch):
+    search, measured = _search({k: 0.05 for k in range(11, 41)}, monkeypatch)
     assert search.run(0.1) == 11
-    assert search.measured == [0, 1, 2, 4, 8, 16, 12, 10, 11]
+    assert measured == [0, 1, 2, 4, 8, 16, 12, 10, 11]
+    assert search.error(11) == 0.05 and measured[-1] == 11  # measured once
 
 
-def test_the_search_keeps_a_measured_k_that_meets_it_though_errors_are_not_monotone():
+def test_the_search_keeps_a_measured_k_that_meets_it_though_errors_are_not_monotone(
+    monkeypatch,
+):
     """Layers' errors interact: 8 float can be worse than 4 (PP-OCRv4 rec: 0.163 against
     0.131). The answer is always a k measured to meet the target."""
-    search = _search({4: 0.09, 8: 0.2, 6: 0.08, 5: 0.12})
-    chosen = search.run(0.1)
-    assert chosen == 4 and search.measured == [0, 1, 2, 4, 3]
+    search, measured = _search({4: 0.09, 8: 0.2, 6: 0.08, 5: 0.12}, monkeypatch)
+    assert search.run(0.1) == 4 and measured == [0, 1, 2, 4, 3]
+
+
+def test_the_search_measures_each_exclusion_once_where_layers_add_none(monkeypatch):
+    """Unnamed and inert layers add no pattern: a k that makes the same exclusions as a
+    smaller one is not measured again, and k stops where the patterns stop growing."""
+    layers = list(_report(["/a", "", "/b", "/c", "/d", ""]).layers)
+    layers[2] = dataclasses.replace(layers[2], inert=True)
+    report = dataclasses.replace(_report([]), layers=tuple(layers))
+    search, measured = _search({3: 0.05}, monkeypatch, report)
+    assert search.most == 4  # /a, (unnamed), /c, /d: nothing grows past them
+    assert search.run(0.1) == 4
+    # k=1: /a; k=2 adds nothing (unnamed), not measured again; k=4: /a,/c,/d; k=3: /a,/c.
+    assert measured == [0, 1, 3, 2]
 
 
 def test_the_search_stops_at_the_last_layer_it_can_keep_float_and_at_its_budget(monkeypatch):
-    search = _search({}, names=5)  # never met: k stops at 4, never all five
-    assert search.most == 4
+    search, measured = _search({}, monkeypatch, _report(["/a", "/b", "/c", "/d", "/e"]))
+    assert search.most == 5  # every layer may be float: the target decides
     search.run(0.1)
-    assert search.measured == [0, 1, 2, 4]
+    assert measured == [0, 1, 2, 4, 5] and not search.spent
     monkeypatch.setattr(accuracy_target, "MAX_MEASUREMENTS", 4)
-    capped = _search({k: 0.05 for k in range(3, 40)})
+    capped, measured = _search({k: 0.05 for k in range(3, 41)}, monkeypatch)
     assert capped.run(0.1) == 4  # met there, with no measurement left to bisect
-    assert capped.measured == [0, 1, 2, 4]
+    assert measured == [0, 1, 2, 4] and capped.spent
 
 
 def test_max_error_is_refused_with_only_and_said_to_need_shrink_when_bound_by_hand(caplog):
@@ -164,9 +216,18 @@ def test_with_sensitivity_the_searchs_report_serves_with_its_hint_measured(monke
     assert report is not None and report.layers[0].node == HARD
     assert report.hint_effect is not None
     (outcome,) = result.accuracy_targets
-    # The hint's measurement of the whole pass is the search's first.
-    assert outcome.whole_error == report.hint_effect.whole
-    assert [a.layers for a in outcome.attempts] == [0, 1]
+    # The hint's measurements (the whole pass; its 3 worst float) are the search's own.
+    model = _hard_model()
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), DATA)
+    whole = QuantPass(per_channel=False)
+    fresh = sensitivity_mod.worst_error(model, whole, dataset)
+    assert outcome.whole_error == pytest.approx(fresh[0], rel=1e-9)
+    assert outcome.whole_bytes == fresh[1]
+    hinted = dataclasses.replace(whole, exclude=report.exclude_patterns(3))
+    assert report.hint_effect.hinted == pytest.approx(
+        sensitivity_mod.worst_error(model, hinted, dataset)[0], rel=1e-9
+    )
+    assert [a.layers for a in outcome.attempts] == [0, 1, 3]
 
 
 def test_cli_prints_what_the_target_kept_float_and_the_reports_hold_it(
@@ -177,14 +238,16 @@ def test_cli_prints_what_the_target_kept_float_and_the_reports_hold_it(
     target = ["--set", "quant.max_error=0.002", "--report", report, "--html", page]
     result = run_cli(digits_copy, *args, *target)
     assert result.code == 0, result.err
-    assert "quant.max_error=0.002 met with the " in result.out
-    assert "the same without the search: --set " in result.out
+    assert "quant.max_error=0.002 met with " in result.out
+    assert "the same model without the search (in place of quant.max_error): --set" in result.out
     (outcome,) = json.loads(report.read_text())["accuracy_targets"]
     assert outcome["met"] and outcome["error"] <= 0.002 < outcome["whole_error"]
     assert outcome["exclude_option"].startswith("--set quant.exclude=")
     assert "Accuracy target" in page.read_text()
-    again = run_cli(digits_copy, *args, *shlex.split(outcome["exclude_option"]))
+    copy = tmp_path / "again.onnx"
+    again = run_cli(digits_copy, *args, *shlex.split(outcome["exclude_option"]), "-o", copy)
     assert again.code == 0, again.err
+    assert copy.read_bytes() == digits_copy.with_name("digits.shrunk.onnx").read_bytes()
 
 
 def test_a_preparer_that_raises_fails_the_pass_by_name():

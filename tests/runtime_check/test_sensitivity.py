@@ -442,7 +442,7 @@ def test_every_statistics_logger_is_quiet_while_measuring():
 
     from onnx_shrink.runtime_check import collect_graph, collect_runs, sensitivity
 
-    with sensitivity._quiet(*sensitivity.QUIET):
+    with sensitivity.quiet(*sensitivity.QUIET):
         for module in (collect_runs, collect_graph, sensitivity.collect_mod):
             assert logging.getLogger(module.__name__).getEffectiveLevel() == logging.ERROR
     assert logging.getLogger(collect_runs.__name__).getEffectiveLevel() < logging.ERROR

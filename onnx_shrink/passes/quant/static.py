@@ -147,9 +147,10 @@ class QuantPass(DataAwarePass):
     exclude: tuple[str, ...] = option((), "node names or regexes kept in float", patterns=True)
     max_error: float = option(
         math.inf,
-        "accuracy target: the largest relative error |y_q - y| / |y| any float output may "
-        "have over the calibration data; shrink() keeps the worst layers float (as "
-        "--sensitivity ranks them) until it holds, and adds them to exclude (inf: none)",
+        "accuracy target: the largest relative error ||y_q - y|| / ||y|| (L2, over all the "
+        "calibration samples) any float output may have against the model the pass gets; "
+        "shrink() keeps the worst layers float (as --sensitivity ranks them) until it holds, "
+        "and adds them to exclude (inf: none)",
         minimum=0.0,
         infinite=True,
     )
