@@ -44,9 +44,13 @@ Setup and run, from the repository root::
     .venv/bin/python -m pip install -r benchmarks/requirements.txt
     .venv/bin/python benchmarks/quant_vs_ort.py                     # all six models
     .venv/bin/python benchmarks/quant_vs_ort.py --models digits --quick --no-write
+    .venv/bin/python benchmarks/quant_vs_ort.py --models ppocr-rec --samples 32,128 \
+        --max-errors 0.1,0.05                                       # accuracy targets
 
 The tables go to stdout and, under "## quantization vs onnxruntime.quantization", into
-``benchmarks/RESULTS.md`` (that section is replaced; the rest of the file is kept).
+``benchmarks/RESULTS.md`` (that section is replaced; the rest of the file is kept); with
+``--max-errors``, under "## quantization with an accuracy target (quant.max_error) vs
+onnxruntime".
 """
 
 from __future__ import annotations
@@ -58,6 +62,7 @@ import shlex
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -71,6 +76,7 @@ from benchmarks.results import first_line  # noqa: E402
 
 HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
+HEADING_TARGET = "## quantization with an accuracy target (quant.max_error) vs onnxruntime"
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
 DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1")
 CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det")
@@ -129,10 +135,14 @@ def _ours_with(key: str, ours: dict, setting: str) -> Config:
 
 
 def configs_for(
-    name: str, ours_static: dict, ours_dynamic: dict, worst: str | None = None
+    name: str,
+    ours_static: dict,
+    ours_dynamic: dict,
+    worst: str | None = None,
+    max_errors: Sequence[float] = (),
 ) -> list[Config]:
     """The rows of ``name``'s table; ``worst``: the sensitivity report's worst layer, kept
-    float in a row of its own."""
+    float in a row of its own; ``max_errors``: a row of ours with each accuracy target."""
     configs = [Config("fp32", "fp32", "fp32")]
     configs += [
         Config(f"ort-{m.lower()}", f"ORT static QDQ per-channel {m}", "ort-static", method=m)
@@ -147,6 +157,9 @@ def configs_for(
         configs.append(_ours_with("ours-bias", ours_static, "quant.bias_correction=true"))
     if worst is not None:
         configs.append(_ours_with("ours-worst-float", ours_static, f"quant.exclude={worst}"))
+    for target in max_errors:
+        setting = f"quant.max_error={target:g}"
+        configs.append(_ours_with(f"ours-target-{target:g}", ours_static, setting))
     if name in DYNAMIC_MODELS:
         configs.append(Config("ort-dynamic", "ORT quantize_dynamic QInt8", "ort-dynamic"))
         if name in CONV_MODELS:  # ORT's default also turns Conv into ConvInteger
@@ -188,7 +201,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
         log(f"{name}: sensitivity report")
         worst = worst_layer(task.model, calib[max(samples)], args.ours_static, folder)
         info["worst"] = worst
-    for config in configs_for(name, args.ours_static, args.ours_dynamic, worst):
+    for config in configs_for(name, args.ours_static, args.ours_dynamic, worst, args.max_errors):
         row = Row(config)
         rows.append(row)
         if config.key == "ours-worst-float":
@@ -379,6 +392,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--ours-static", default=OURS_STATIC["passes"], help="pass spec")
     parser.add_argument("--ours-dynamic", default=OURS_DYNAMIC["passes"], help="pass spec")
+    parser.add_argument(
+        "--max-errors",
+        default="",
+        help="comma-separated quant.max_error targets: a row of ours for each, and the tables "
+        "go to a section of their own",
+    )
     parser.add_argument("--no-write", action="store_true", help="print only; keep RESULTS.md")
     args = parser.parse_args(argv)
     args.samples = [
@@ -387,6 +406,7 @@ def main(argv: list[str] | None = None) -> int:
     args.runs = args.runs or (10 if args.quick else 50)
     args.ours_static = {"passes": args.ours_static}
     args.ours_dynamic = {"passes": args.ours_dynamic}
+    args.max_errors = [float(e) for e in args.max_errors.split(",") if e.strip()]
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS + LARGE_MODELS]
     if unknown:
@@ -397,6 +417,10 @@ def main(argv: list[str] | None = None) -> int:
     if any(m in LARGE_MODELS for m in models) and not large:
         parser.error(f"run {', '.join(LARGE_MODELS)} on its own (it has its own section)")
     heading = HEADING_LARGE if large else HEADING
+    if args.max_errors and large:
+        parser.error("--max-errors: not on the large model")
+    if args.max_errors:  # a section beside the plain tables, not over them
+        heading = HEADING_TARGET
 
     import onnxruntime as ort
 
