@@ -406,7 +406,10 @@ def main(argv: list[str] | None = None) -> int:
     args.runs = args.runs or (10 if args.quick else 50)
     args.ours_static = {"passes": args.ours_static}
     args.ours_dynamic = {"passes": args.ours_dynamic}
-    args.max_errors = [float(e) for e in args.max_errors.split(",") if e.strip()]
+    try:
+        args.max_errors = [float(e) for e in args.max_errors.split(",") if e.strip()]
+    except ValueError:
+        parser.error(f"--max-errors: numbers, comma-separated, not {args.max_errors!r}")
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     unknown = [m for m in models if m not in MODELS + LARGE_MODELS]
     if unknown:

@@ -72,11 +72,14 @@ def summary_table(result: ShrinkResult) -> Table:
     table = Table(title="onnx-shrink summary", title_justify="left")
     for column in ("pass", "time", "nodes", "params", "MACs/sample", "bytes"):
         table.add_column(column, justify="left" if column == "pass" else "right")
+    searched = {outcome.pass_index for outcome in result.accuracy_targets}
     for step in result.steps:
         b, a = step.before, step.after
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
         if step.note:
             note += f" [{step.note}]"
+        if step.index in searched:  # its time is not the pass's own: the search ran first
+            note += f" [quant.max_error search {step.prepare_seconds:.1f}s]"
         if step.calibration_samples:  # not a data-aware pass that asked for nothing
             note += (
                 f" [calibrated on {counted(step.calibration_samples, 'sample')} in "

@@ -61,6 +61,8 @@ class Attempt:
     """nodes ``exclude`` then keeps float: those layers (the named ones) and companions"""
     error: float
     bytes: int
+    quantized: bool = True
+    """whether the pass quantized anything with those layers float"""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -190,9 +192,10 @@ def meet_target(
         chosen = search.run(target)
     best, first = search.attempt(chosen), search.attempt(0)
     exclude = search.patterns(chosen)
+    met = best.error <= target
     outcome = TargetOutcome(
         max_error=target,
-        met=best.error <= target,
+        met=met,
         layers=chosen,
         exclude=exclude,
         added=exclude[len(quant.exclude) :],
@@ -205,7 +208,7 @@ def meet_target(
         data=report.data,
         seconds=time.perf_counter() - started,
         without_bias_correction=quant.bias_correction,
-        every_layer=chosen >= search.most and search.every_layer_float,
+        every_layer=met and not best.quantized,
         budget_spent=search.spent,
     )
     _warn(outcome)
@@ -249,8 +252,6 @@ class _Search:
             middle = (low + high) // 2
             low, high = (middle + 1, high) if len(self.patterns(middle)) < last else (low, middle)
         self.most = low
-        # Whether the last step keeps every layer that changes something float.
-        self.every_layer_float = last > len(report.exclude_patterns(len(report.layers)))
 
     def patterns(self, k: int) -> tuple[str, ...]:
         return self.report.exclude_patterns(k, every=True)
@@ -276,16 +277,20 @@ class _Search:
         patterns = self.patterns(k)
         if patterns not in self.attempts:
             config = dataclasses.replace(self.whole, exclude=patterns)
-            error, size, samples = sensitivity_mod.worst_error(
+            measured = sensitivity_mod.worst_error(
                 self.model, config, self.dataset, provider=self.provider, progress=self.progress
             )
-            self.samples = samples
+            self.samples = measured.samples
             added = len(patterns) - len(self.whole.exclude)
-            self.attempts[patterns] = Attempt(k, added, error, size)
+            self.attempts[patterns] = Attempt(
+                k, added, measured.error, measured.bytes, measured.quantized
+            )
         return self.attempts[patterns].error
 
-    def _budget_left(self) -> bool:
-        left = len(self.attempts) < MAX_MEASUREMENTS
+    def _can_measure(self, k: int) -> bool:
+        """Whether ``k`` is measured already, or the budget allows measuring it (the hint's
+        reused measurements count in it)."""
+        left = self.patterns(k) in self.attempts or len(self.attempts) < MAX_MEASUREMENTS
         self.spent = self.spent or not left
         return left
 
@@ -295,7 +300,7 @@ class _Search:
         if self.error(0) <= target:
             return 0
         missed, met, k = 0, None, 1
-        while met is None and missed < self.most and self._budget_left():
+        while met is None and missed < self.most and self._can_measure(min(k, self.most)):
             k = min(k, self.most)
             if self.error(k) <= target:
                 met = k
@@ -303,7 +308,7 @@ class _Search:
                 missed, k = k, 2 * k
         if met is None:
             return min(self.attempts.values(), key=lambda a: (a.error, a.layers)).layers
-        while met - missed > 1 and self._budget_left():
+        while met - missed > 1 and self._can_measure((missed + met) // 2):
             middle = (missed + met) // 2
             if self.error(middle) <= target:
                 met = middle

@@ -204,12 +204,15 @@ def _compared(check: CheckReport) -> str:
 
 def _shrink_section(shrink: ShrinkResult) -> str:
     rows = []
+    searched = {outcome.pass_index for outcome in shrink.accuracy_targets}
     for step in shrink.steps:
         status = "rolled back" if step.rolled_back else "changed" if step.modified else "no change"
         if step.verdict:
             status += f": {step.verdict}"
         if step.note:
             status += f" ({step.note})"
+        if step.index in searched:
+            status += f" (after a quant.max_error search of {step.prepare_seconds:.1f} s)"
         rows.append(
             [
                 f"<code>{_e(step.spec)}</code>",

@@ -20,6 +20,7 @@ import math
 import re
 import time
 from collections.abc import Iterator, Sequence
+from typing import NamedTuple
 
 import onnx_ir as ir
 
@@ -183,13 +184,27 @@ def quiet(*names: str) -> Iterator[None]:
 
 
 def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[float, int]:
-    """``worst_error`` of ``config``; ``stats`` serve the ``whole`` pass, measured on
-    ``base`` as ``whole.requests`` left it."""
+    """``worst_error`` of ``config`` (error, bytes); ``stats`` serve the ``whole`` pass,
+    measured on ``base`` as ``whole.requests`` left it."""
     if config is not whole:
-        return worst_error(base, config, data, provider=provider, progress=progress)[:2]
-    copy = base.clone()
-    io.unshare_tensors(copy)
-    return _measured(base, config.bind(stats)(copy).model, data, provider)[:2]
+        measured = worst_error(base, config, data, provider=provider, progress=progress)
+    else:
+        copy = base.clone()
+        io.unshare_tensors(copy)
+        measured = _measured(base, config.bind(stats)(copy), data, provider)
+    return measured.error, measured.bytes
+
+
+class Measured(NamedTuple):
+    """A quantized model measured against the float one (``worst_error``)."""
+
+    error: float
+    """the worst float output's relative error over all the samples"""
+    bytes: int
+    """the quantized model's, saved"""
+    samples: int
+    quantized: bool
+    """whether the pass quantized anything"""
 
 
 def worst_error(
@@ -199,28 +214,28 @@ def worst_error(
     *,
     provider: str = "cpu",
     progress: Progress | None = None,
-) -> tuple[float, int, int]:
-    """The worst float output's relative error (``OutputComparison.relative_error``: over
-    all samples of ``data``) of ``model`` quantized by ``config`` against ``model`` itself,
-    which is not modified, the bytes the quantized model takes saved, and the samples. ``config``
-    calibrates on ``data`` as a run of it would (its own statistics); a follow-up it asks
-    for (bias correction) is not made."""
+) -> Measured:
+    """``model`` quantized by ``config``, measured against ``model`` itself (not modified):
+    the worst float output's relative error (``OutputComparison.relative_error``, over all
+    samples of ``data``; NaN/Inf where the float model is finite: ∞). ``config`` calibrates
+    on ``data`` as a run of it would (its own statistics); a follow-up it asks for (bias
+    correction) is not made."""
     copy = model.clone()
     io.unshare_tensors(copy)
     measured = collect_mod.collect(
         copy, config.requests(copy), data, provider=provider, progress=progress
     )
     stats = config.completed_statistics(copy, measured)
-    return _measured(model, config.bind(stats)(copy).model, data, provider)
+    return _measured(model, config.bind(stats)(copy), data, provider)
 
 
-def _measured(base: ir.Model, quantized: ir.Model, data, provider: str) -> tuple[float, int, int]:
-    """The worst relative error among the float outputs the layers are ranked by (NaN/Inf
-    where the float model is finite: ∞), ``quantized``'s bytes, and the samples compared."""
-    numeric = checker.compare(base, quantized, data, provider=provider)
+def _measured(base: ir.Model, result: ir.passes.PassResult, data, provider: str) -> Measured:
+    """``result``'s model against ``base`` over the float outputs the layers are ranked by."""
+    numeric = checker.compare(base, result.model, data, provider=provider)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
     error = max(o.relative_error for o in numeric.outputs if o.name in names)
-    return error, large_tensors.saved_bytes(quantized), numeric.samples
+    size = large_tensors.saved_bytes(result.model)
+    return Measured(error, size, numeric.samples, result.modified)
 
 
 def _per_sample(

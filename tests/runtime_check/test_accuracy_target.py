@@ -7,13 +7,14 @@ import json
 import logging
 import shlex
 
+import numpy as np
 import onnx_ir as ir
 import pytest
 
 from models import digits
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io, pipeline, spec
-from onnx_shrink.errors import PassFailedError, PipelineSpecError
+from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target, checker
 from onnx_shrink.runtime_check import data as data_mod
@@ -52,6 +53,7 @@ def test_a_target_the_whole_pass_misses_keeps_the_worst_layer_float_and_reports_
     assert outcome.error == pytest.approx(_error_on_calibration(model, result), rel=1e-6)
     assert outcome.bytes > outcome.whole_bytes  # what the float layer costs, measured
     assert outcome.samples == 450 and len(outcome.attempts) == 2
+    assert result.steps[0].prepare_seconds >= outcome.seconds  # the search, before the pass
     # The step is the pass that ran: the search's exclusions, no target left to meet.
     (step,) = result.steps
     assert step.spec == spec.describe(QuantPass(per_channel=False, exclude=(HARD,)))
@@ -138,7 +140,8 @@ def _search(errors: dict[int, float], monkeypatch, report=None) -> tuple:
 
     def worst_error(model, config, data, **kwargs):
         measured.append(len(config.exclude))
-        return errors.get(len(config.exclude), 1.0), 0, 1
+        error = errors.get(len(config.exclude), 1.0)
+        return sensitivity_mod.Measured(error, 0, 1, len(config.exclude) < len(report.layers))
 
     monkeypatch.setattr(accuracy_target.sensitivity_mod, "worst_error", worst_error)
     return accuracy_target._Search(None, QuantPass(), report, None, "cpu", None), measured
@@ -256,3 +259,49 @@ def test_a_preparer_that_raises_fails_the_pass_by_name():
 
     with pytest.raises(PassFailedError, match="pass 'fold' failed.*boom"):
         pipeline.run(_folded(), spec.parse_spec("fold"), prepare=broken)
+
+
+def test_layers_are_ranked_on_the_first_samples_unless_the_report_is_wanted():
+    model = _hard_model()
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), DATA)
+    quant = QuantPass(per_channel=False, max_error=0.05)
+    _, outcome, report = accuracy_target.meet_target(model, quant, dataset)
+    assert report.samples == accuracy_target.RANKING_SAMPLES and outcome.samples == 450
+    _, _, wanted = accuracy_target.meet_target(model, quant, dataset, hint=True)
+    assert wanted.samples == 450
+
+
+def test_a_missed_target_is_not_said_met_where_every_layer_float_measured_least(monkeypatch):
+    """Where every measurement misses, the least error can be the one with nothing
+    quantized: the line says the target is not met, not "met only with every layer"."""
+    real = sensitivity_mod.worst_error
+
+    def never_exact(*args, **kwargs):
+        measured = real(*args, **kwargs)
+        return measured._replace(error=measured.error + 0.01)
+
+    monkeypatch.setattr(accuracy_target.sensitivity_mod, "worst_error", never_exact)
+    result, outcome = _run(_hard_model(), max_error=0.001)
+    assert not outcome.met and not outcome.every_layer
+    assert "NOT met" in outcome.summary() and "nothing is quantized" not in outcome.summary()
+
+
+def test_a_model_without_float_outputs_is_refused_by_the_target_it_cannot_measure():
+    import onnx
+    from onnx import TensorProto, helper
+
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+            helper.make_node("ArgMax", ["y"], ["label"], axis=1, name="argmax"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("label", TensorProto.INT64, [None, 1])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1 * i for i in range(12)])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    onnx.checker.check_model(model)
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
+    with pytest.raises(ShrinkError, match="quant.max_error: the model has no float output"):
+        shrink(model, [QuantPass(max_error=0.1)], calibration=data, check=False)

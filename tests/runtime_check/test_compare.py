@@ -178,3 +178,41 @@ def test_elements_out_of_tolerance_are_told_of_every_element_the_reference_holds
     acc.add(reference, candidate)
     messages = judge([acc.result()], None, None, tolerances)
     assert any("7 of 9 elements exceed" in m for m in messages), messages
+
+
+def test_outputs_folded_in_chunks_give_the_figures_of_the_whole(monkeypatch):
+    """Large outputs are folded a chunk at a time (float64 copies of a whole 34M-value
+    output took seconds to allocate): every figure stays what the whole output gives,
+    NaN/Inf and tolerance counts across chunk edges included."""
+    import sys
+
+    compare = sys.modules[ErrorAccumulator.__module__]  # the package exports a compare()
+    rng = np.random.default_rng(3)
+    reference = rng.standard_normal((5, 41)).astype(np.float32)
+    candidate = reference + 0.05 * rng.standard_normal(reference.shape).astype(np.float32)
+    candidate.flat[[6, 7, 13, 120]] = [np.nan, np.inf, -np.inf, np.nan]
+    reference.flat[13] = -np.inf  # agreement, not error
+    tolerances = Tolerances(atol=0.02, rtol=0.01)
+
+    def figures(chunk: int):
+        monkeypatch.setattr(compare, "CHUNK_ELEMENTS", chunk)
+        acc = ErrorAccumulator("y", tolerances)
+        acc.add(reference, candidate)
+        acc.add(reference[:2], reference[:2])  # a finite, mask-free batch too
+        return acc, acc.result()
+
+    whole_acc, whole = figures(1 << 20)
+    for chunk in (1, 7, 64):
+        acc, got = figures(chunk)
+        assert (acc.nan, acc.inf, acc.outside, acc.count) == (
+            whole_acc.nan,
+            whole_acc.inf,
+            whole_acc.outside,
+            whole_acc.count,
+        )
+        for field in ("max_abs_error", "mean_abs_error", "reference_max_abs", "elements"):
+            assert getattr(got, field) == pytest.approx(getattr(whole, field), rel=1e-12)
+        assert (acc.diff_sq, acc.ref_sq, acc.dot) == pytest.approx(
+            (whole_acc.diff_sq, whole_acc.ref_sq, whole_acc.dot), rel=1e-12
+        )
+    assert whole_acc.nan == 2 and whole_acc.inf == 1
