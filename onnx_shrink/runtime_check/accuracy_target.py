@@ -148,33 +148,75 @@ def meet_target(
     provider: str = "cpu",
     progress: Progress | None = None,
     hint: bool = False,
-) -> tuple[QuantPass, TargetOutcome | None, SensitivityReport]:
+) -> tuple[QuantPass, TargetOutcome | None, SensitivityReport | None]:
     """The pass to run on ``model`` (the float model as ``quant`` gets it, not modified) so
     that its worst float output's relative error over ``dataset``, against ``model``, is at
     most ``quant.max_error``: ``quant`` with the worst layers added to ``exclude`` (and
     ``max_error`` off), what the search found (None where the pass quantizes no layer), and
-    the sensitivity report it ranked by (with its hint measured where ``hint``).
+    the sensitivity report it ranked by (with its hint measured where ``hint``; None where
+    the whole pass meets the target, which then needs no ranking).
 
-    The layers are ranked on the first ``RANKING_SAMPLES`` samples (on all of them where
-    ``hint``), each candidate is measured on all of them. At most ``MAX_MEASUREMENTS``
-    measurements are made; where none meets the target, the
-    one of least error is taken, with a warning. Every layer may be kept float, with a
-    warning: the pass then quantizes nothing.
+    The whole pass is measured first. Where it misses, the layers are ranked on the first
+    ``RANKING_SAMPLES`` samples (on all of them where ``hint``), and each candidate is
+    measured on all of them. At most ``MAX_MEASUREMENTS`` measurements are made; where none
+    meets the target, the one of least error is taken, with a warning. Every layer may be
+    kept float, with a warning: the pass then quantizes nothing.
 
     Raises:
         ShrinkError: the model has no float output computed by its graph.
     """
     started = time.perf_counter()
     combined_mod.compared_outputs(model, f"{quant.name}.max_error")
-    target = quant.max_error
     plain = dataclasses.replace(quant, max_error=math.inf)
-    # The ranking only orders the candidates: a few samples do (unless the report is
-    # wanted as such), while every measurement of the whole pass reads all of them.
+    whole = dataclasses.replace(plain, bias_correction=False)
+    first = None
+    if not hint:  # the report measures the whole pass itself
+        with sensitivity_mod.quiet(*sensitivity_mod.QUIET):
+            first = sensitivity_mod.worst_error(
+                model, whole, dataset, provider=provider, progress=progress
+            )
+        if not first.quantized:
+            return plain, None, None  # the pass says itself that it quantizes nothing
+        if first.error <= quant.max_error:  # YOLOv8n: a 130 s ranking was spent on this
+            attempt = Attempt(0, 0, first.error, first.bytes)
+            attempts = {quant.exclude: attempt}
+            outcome = _outcome(quant, attempts, quant.exclude, first.samples, dataset, started)
+            return plain, outcome, None
+    report = _ranked(model, plain, dataset, hint, provider, progress)
+    if not report.layers:
+        return plain, None, report
+    search = _Search(model, whole, report, dataset, provider, progress)
+    if first is not None:
+        search.attempts[search.patterns(0)] = Attempt(0, 0, first.error, first.bytes)
+        search.samples = first.samples
+    search.reuse(report)
+    with sensitivity_mod.quiet(*sensitivity_mod.QUIET):  # the pass's own run says it once
+        chosen = search.run(quant.max_error)
+    exclude = search.patterns(chosen)
+    search.attempt(chosen)
+    outcome = _outcome(
+        quant, search.attempts, exclude, search.samples, dataset, started, chosen, search.spent
+    )
+    _warn(outcome)
+    return dataclasses.replace(plain, exclude=exclude), outcome, report
+
+
+def _ranked(
+    model: ir.Model,
+    plain: QuantPass,
+    dataset: data_mod.Dataset,
+    hint: bool,
+    provider: str,
+    progress: Progress | None,
+) -> SensitivityReport:
+    """The sensitivity report the search ranks by, every layer's companions planned. The
+    ranking only orders the candidates: a few samples do, unless the report is wanted as
+    such (``hint``), while every measurement of the whole pass reads all of them."""
     ranked_on = dataset
     if not hint:
         specs = data_mod.specs_from_model(model)
         ranked_on = sample_batches.first_samples(dataset, specs, RANKING_SAMPLES)
-    report = sensitivity_mod.sensitivity(
+    return sensitivity_mod.sensitivity(
         model,
         plain,
         ranked_on,
@@ -183,45 +225,48 @@ def meet_target(
         planned_layers=len(model.graph),
         hint=hint,
     )
-    if not report.layers:
-        return plain, None, report  # the pass says itself that it quantizes nothing
-    whole = dataclasses.replace(plain, bias_correction=False)
-    search = _Search(model, whole, report, dataset, provider, progress)
-    search.reuse(report)
-    with sensitivity_mod.quiet(*sensitivity_mod.QUIET):  # the pass's own run says it once
-        chosen = search.run(target)
-    best, first = search.attempt(chosen), search.attempt(0)
-    exclude = search.patterns(chosen)
-    met = best.error <= target
-    outcome = TargetOutcome(
-        max_error=target,
+
+
+def _outcome(
+    quant: QuantPass,
+    attempts: dict[tuple[str, ...], Attempt],
+    exclude: tuple[str, ...],
+    samples: int,
+    dataset: data_mod.Dataset,
+    started: float,
+    layers: int = 0,
+    spent: bool = False,
+) -> TargetOutcome:
+    """The outcome of settling on ``exclude`` (the ``layers`` worst float) after
+    ``attempts`` (by their patterns; the whole pass's is ``quant.exclude``)."""
+    best, first = attempts[exclude], attempts[quant.exclude]
+    met = best.error <= quant.max_error
+    return TargetOutcome(
+        max_error=quant.max_error,
         met=met,
-        layers=chosen,
+        layers=layers,
         exclude=exclude,
         added=exclude[len(quant.exclude) :],
         error=best.error,
         bytes=best.bytes,
         whole_error=first.error,
         whole_bytes=first.bytes,
-        attempts=tuple(sorted(search.attempts.values(), key=lambda a: a.layers)),
-        samples=search.samples,
-        data=report.data,
+        attempts=tuple(sorted(attempts.values(), key=lambda a: a.layers)),
+        samples=samples,
+        data=dataset.description,
         seconds=time.perf_counter() - started,
         without_bias_correction=quant.bias_correction,
         every_layer=met and not best.quantized,
-        budget_spent=search.spent,
+        budget_spent=spent,
     )
-    _warn(outcome)
-    return dataclasses.replace(plain, exclude=exclude), outcome, report
 
 
 def _warn(outcome: TargetOutcome) -> None:
     if not outcome.met:
         logger.warning(
             "quant.max_error=%g is not met: the least worst-output error measured is %.3g, "
-            "with %s float%s (raise max_error; or keep op types float with "
-            "quant.exclude_op_types, or give sensitive layers 16-bit activations with "
-            "quant.int16)",
+            "with %s float%s (raise max_error, or keep whole op types float with "
+            "quant.exclude_op_types)",
             outcome.max_error,
             outcome.error,
             counted(len(outcome.added), "node"),
