@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import pipeline
+from onnx_shrink.compiler import pipeline, spec
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target
 from onnx_shrink.runtime_check import data as data_mod
@@ -62,7 +62,8 @@ class TargetPreparer:
             hint=reported,
         )
         if outcome is not None:
-            self.found.append(dataclasses.replace(outcome, pass_index=index))
+            given = spec.describe(pass_)
+            self.found.append(dataclasses.replace(outcome, pass_index=index, spec=given))
         if reported:
             self.report = report
         return prepared

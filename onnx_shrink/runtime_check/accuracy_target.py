@@ -93,6 +93,8 @@ class TargetOutcome:
     """``MAX_MEASUREMENTS`` stopped the search: fewer layers float may meet the target"""
     pass_index: int | None = None
     """the quant pass's place in the pipeline, where ``shrink`` ran the search"""
+    spec: str = ""
+    """the pass as given, with its target (the step records the pass that ran)"""
     rolled_back: bool = False
     """``--verify-each`` rolled the pass back: the model written has none of it"""
 

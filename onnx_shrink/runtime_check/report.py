@@ -204,18 +204,20 @@ def _compared(check: CheckReport) -> str:
 
 def _shrink_section(shrink: ShrinkResult) -> str:
     rows = []
-    searched = {outcome.pass_index for outcome in shrink.accuracy_targets}
+    searched = {outcome.pass_index: outcome for outcome in shrink.accuracy_targets}
     for step in shrink.steps:
         status = "rolled back" if step.rolled_back else "changed" if step.modified else "no change"
         if step.verdict:
             status += f": {step.verdict}"
         if step.note:
             status += f" ({step.note})"
-        if step.index in searched:
+        given = step.spec
+        if step.index in searched:  # as given; the exclusions it ran with are listed below
+            given = searched[step.index].spec
             status += f" (after a quant.max_error search of {step.prepare_seconds:.1f} s)"
         rows.append(
             [
-                f"<code>{_e(step.spec)}</code>",
+                f"<code>{_e(given)}</code>",
                 _e(status),
                 f"{step.seconds:.3f} s",
                 _change(step.before.nodes, step.after.nodes),

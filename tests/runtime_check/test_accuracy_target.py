@@ -252,7 +252,11 @@ def test_cli_prints_what_the_target_kept_float_and_the_reports_hold_it(
     (outcome,) = json.loads(report.read_text())["accuracy_targets"]
     assert outcome["met"] and outcome["error"] <= 0.002 < outcome["whole_error"]
     assert outcome["exclude_option"].startswith("--set quant.exclude=")
-    assert "Accuracy target" in page.read_text()
+    html = page.read_text()
+    assert "Accuracy target" in html and "quant(max_error=0.002)" in html
+    # The summary table shows the pass as given; the exclusions come under it, once.
+    assert "quant(max_error=0.002)" in result.out and "quant.max_error search" in result.out
+    assert result.out.count(outcome["exclude"][-1]) == 1
     copy = tmp_path / "again.onnx"
     again = run_cli(digits_copy, *args, *shlex.split(outcome["exclude_option"]), "-o", copy)
     assert again.code == 0, again.err
