@@ -44,8 +44,9 @@ logger = logging.getLogger(__name__)
 
 RANKING_SAMPLES = 32
 """The first samples the layers are ranked on (each layer's own error), unless the
-sensitivity report is wanted too: ranking costs a run of the model per layer and sample,
-about ten times a measurement of the whole pass."""
+sensitivity report is wanted too: ranking costs a run of the model per layer and sample
+(PP-OCRv4 rec on 32 samples: 46 s, against about 2.5 s for a measurement of the whole
+pass)."""
 
 MAX_MEASUREMENTS = 16
 """Whole-pass measurements the search may take: k doubling, then bisection, needs about
