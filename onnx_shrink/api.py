@@ -62,6 +62,11 @@ class ShrinkResult:
     """why the check asked for could not run on the result (the error ``shrink`` raised,
     which carries this result); empty otherwise"""
 
+    def target_of(self, step: pipeline.StepRecord) -> TargetOutcome | None:
+        """The ``quant.max_error`` search made before ``step``'s pass, if any (the step
+        records the pass that ran; the outcome, the pass as given)."""
+        return next((t for t in self.accuracy_targets if t.pass_index == step.index), None)
+
     def to_dict(self) -> dict[str, object]:
         """Everything except the model, as JSON-ready data (the ``--report`` file)."""
         first, last = self.steps[0], self.steps[-1]
@@ -314,8 +319,6 @@ def _compile(
     lives as long as this call."""
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
-        reported = quant_targets.first_quant(pass_list) if sensitivity else None
-        targets = quant_targets.TargetPreparer(None, provider, None, reported)
         if any(isinstance(p, DataAwarePass) for p in pass_list):
             calib = calibration_hooks.calibration_data(loaded, source, input_shapes, stack)
             collector = functools.partial(
@@ -330,12 +333,15 @@ def _compile(
                 provider=provider,
                 progress=calibration_hooks.reporting(hooks.on_calibration, None),
             )
-            targets = quant_targets.TargetPreparer(
-                calib,
-                provider,
-                calibration_hooks.reporting(hooks.on_calibration, calib.samples, "quant.max_error"),
-                reported,
-            )
+        # Without data-aware passes, no quant pass: the preparer is never called.
+        targets = quant_targets.TargetPreparer(
+            calib,
+            provider,
+            calibration_hooks.reporting(
+                hooks.on_calibration, calib.samples if calib else None, "quant.max_error"
+            ),
+            sensitivity_mod.first_quant(pass_list) if sensitivity else None,
+        )
         first_sample = shapes.first_real_sample(loaded, calib, source)
         result = pipeline.run(
             loaded,

@@ -377,11 +377,8 @@ class _WarningRecords(logging.Handler):
 
 
 def _configure_logging(args: argparse.Namespace) -> None:
-    level = (
-        logging.ERROR
-        if args.quiet
-        else (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
-    )
+    # -q and -v exclude each other: -q quiets the console handler below, not our loggers.
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[min(args.verbose, 2)]
     handler = logging.StreamHandler(sys.stderr)
     handler.setFormatter(logging.Formatter("onnx-shrink: %(levelname)s: %(message)s"))
     if args.quiet:  # quiet on the console; the report still records the warnings
@@ -391,7 +388,7 @@ def _configure_logging(args: argparse.Namespace) -> None:
     root.setLevel(logging.WARNING)
     # Our own loggers follow -v (warnings at least); onnxscript and onnx_ir stay at warnings
     # unless -vv.
-    logging.getLogger("onnx_shrink").setLevel(min(level, logging.WARNING))
+    logging.getLogger("onnx_shrink").setLevel(level)
     if args.verbose >= 2:
         root.setLevel(logging.DEBUG)
 

@@ -72,16 +72,16 @@ def summary_table(result: ShrinkResult) -> Table:
     table = Table(title="onnx-shrink summary", title_justify="left")
     for column in ("pass", "time", "nodes", "params", "MACs/sample", "bytes"):
         table.add_column(column, justify="left" if column == "pass" else "right")
-    searched = {outcome.pass_index: outcome for outcome in result.accuracy_targets}
     for step in result.steps:
         b, a = step.before, step.after
         spec = step.spec
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
         if step.note:
             note += f" [{step.note}]"
-        if step.index in searched:  # its time is not the pass's own: the search ran first
+        target = result.target_of(step)
+        if target is not None:  # its time is not the pass's own: the search ran first
             # As given: the exclusions the search added are listed under the table.
-            spec = searched[step.index].spec
+            spec = target.spec
             note += f" [quant.max_error search {step.prepare_seconds:.1f}s]"
         if step.calibration_samples:  # not a data-aware pass that asked for nothing
             note += (

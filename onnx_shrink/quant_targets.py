@@ -77,8 +77,3 @@ class TargetPreparer:
             dataclasses.replace(outcome, rolled_back=steps[outcome.pass_index].rolled_back)
             for outcome in self.found
         )
-
-
-def first_quant(passes: Sequence[ir.passes.PassBase]) -> int | None:
-    """The index of the first quant pass, or None."""
-    return next((i for i, p in enumerate(passes) if isinstance(p, QuantPass)), None)

@@ -4,10 +4,11 @@ are parsed by ``compiler.spec``)."""
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 import onnx_ir as ir
@@ -159,7 +160,8 @@ class _Pipeline:
             self.on_start(index, pass_)
         prepare_seconds = time.perf_counter()
         if self.prepare is not None:
-            pass_ = _prepared(self.prepare, index, pass_, model, self.steps)
+            with _failing_as(describe(pass_), self.steps):
+                pass_ = self.prepare(index, pass_, model)
         prepare_seconds = time.perf_counter() - prepare_seconds
         if self.current_bytes is None and pass_.changes_input:
             self.current_bytes = large_tensors.saved_bytes(model)
@@ -246,30 +248,23 @@ def _bind(
     if not isinstance(pass_, DataAwarePass):
         return pass_, 0.0, None
     started = time.perf_counter()
-    try:
+    with _failing_as(describe(pass_), done):
         statistics = _collect(pass_, model, collect, probe)
-    except (ShrinkError, MemoryError):
-        raise
-    except Exception as e:
-        raise _failure(describe(pass_), done, e) from e
     seconds = time.perf_counter() - started
     return pass_.bind(statistics, followup_collect), seconds, statistics.samples
 
 
-def _prepared(
-    prepare: Preparer,
-    index: int,
-    pass_: ir.passes.PassBase,
-    model: ir.Model,
-    done: Sequence[StepRecord],
-) -> ir.passes.PassBase:
-    """The pass ``prepare`` says to run; what it raises unexpectedly fails the pass."""
+@contextlib.contextmanager
+def _failing_as(spec: str, done: Sequence[StepRecord]) -> Iterator[None]:
+    """What the body raises fails pass ``spec`` (``_failure``), except a ``ShrinkError``,
+    which says what it is already, and running out of memory, which is no failure of the
+    pass's logic."""
     try:
-        return prepare(index, pass_, model)
+        yield
     except (ShrinkError, MemoryError):
         raise
     except Exception as e:
-        raise _failure(describe(pass_), done, e) from e
+        raise _failure(spec, done, e) from e
 
 
 class _TimedCollector:
@@ -324,12 +319,8 @@ def _run_one(
     rolled back else None, verdict); ``snapshot``: the model to roll back to."""
     spec = describe(pass_.inner if isinstance(pass_, BoundPass) else pass_)
     started = time.perf_counter()
-    try:
+    with _failing_as(spec, done):
         result = pass_(model)
-    except (ShrinkError, MemoryError):  # out of memory is no failure of the pass's logic
-        raise
-    except Exception as e:
-        raise _failure(spec, done, e) from e
     seconds = time.perf_counter() - started
     if verify is None or not result.modified:
         return result, seconds, None, None

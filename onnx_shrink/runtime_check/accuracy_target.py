@@ -26,7 +26,6 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-import shlex
 import time
 
 import onnx_ir as ir
@@ -37,7 +36,11 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sample_batches
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.collect import Progress
-from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
+from onnx_shrink.runtime_check.sensitivity_report import (
+    HINT_LAYERS,
+    SensitivityReport,
+    exclude_option,
+)
 from onnx_shrink.wording import counted, human_bytes
 
 logger = logging.getLogger(__name__)
@@ -64,6 +67,10 @@ class Attempt:
     bytes: int
     quantized: bool = True
     """whether the pass quantized anything with those layers float"""
+
+    @classmethod
+    def of(cls, layers: int, added: int, measured: sensitivity_mod.Measured) -> Attempt:
+        return cls(layers, added, measured.error, measured.bytes, measured.quantized)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -135,7 +142,7 @@ class TargetOutcome:
         where none were added."""
         if not self.added or self.rolled_back:
             return None
-        return "--set " + shlex.quote("quant.exclude=" + ",".join(self.exclude))
+        return exclude_option(self.exclude)
 
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
@@ -181,8 +188,7 @@ def meet_target(
         if not first.quantized:
             return plain, None, None  # the pass says itself that it quantizes nothing
         if first.error <= quant.max_error:  # YOLOv8n: a 130 s ranking was spent on this
-            attempt = Attempt(0, 0, first.error, first.bytes)
-            attempts = {quant.exclude: attempt}
+            attempts = {quant.exclude: Attempt.of(0, 0, first)}
             outcome = _outcome(quant, attempts, quant.exclude, first.samples, dataset, started)
             return plain, outcome, None
     report = _ranked(model, plain, dataset, hint, provider, progress)
@@ -190,13 +196,12 @@ def meet_target(
         return plain, None, report
     search = _Search(model, whole, report, dataset, provider, progress)
     if first is not None:
-        search.attempts[search.patterns(0)] = Attempt(0, 0, first.error, first.bytes)
+        search.attempts[search.patterns(0)] = Attempt.of(0, 0, first)
         search.samples = first.samples
     search.reuse(report)
     with sensitivity_mod.quiet(*sensitivity_mod.QUIET):  # the pass's own run says it once
         chosen = search.run(quant.max_error)
-    exclude = search.patterns(chosen)
-    search.attempt(chosen)
+    exclude = search.patterns(chosen)  # measured: run() settles on measured k only
     outcome = _outcome(
         quant, search.attempts, exclude, search.samples, dataset, started, chosen, search.spent
     )
@@ -317,10 +322,6 @@ class _Search:
             added = len(hinted) - len(self.whole.exclude)
             self.attempts[hinted] = Attempt(k, added, effect.hinted, effect.hinted_bytes)
 
-    def attempt(self, k: int) -> Attempt:
-        self.error(k)
-        return self.attempts[self.patterns(k)]
-
     def error(self, k: int) -> float:
         patterns = self.patterns(k)
         if patterns not in self.attempts:
@@ -330,9 +331,7 @@ class _Search:
             )
             self.samples = measured.samples
             added = len(patterns) - len(self.whole.exclude)
-            self.attempts[patterns] = Attempt(
-                k, added, measured.error, measured.bytes, measured.quantized
-            )
+            self.attempts[patterns] = Attempt.of(k, added, measured)
         return self.attempts[patterns].error
 
     def _can_measure(self, k: int) -> bool:

@@ -176,7 +176,12 @@ def check_array(spec: InputSpec, array: np.ndarray, where: str) -> None:
 
 def samples_in(feed: Feed, specs: Sequence[InputSpec]) -> int:
     """Samples in a feed: the first dynamic axis's length (1 when every shape is fixed)."""
+    return samples_of({name: array.shape for name, array in feed.items()}, specs)
+
+
+def samples_of(shapes: Mapping[str, Sequence[int]], specs: Sequence[InputSpec]) -> int:
+    """Samples in inputs of ``shapes`` (``samples_in``, before they are drawn or read)."""
     for spec in specs:
         if spec.batch_axis:
-            return int(feed[spec.name].shape[0])
+            return int(shapes[spec.name][0])
     return 1

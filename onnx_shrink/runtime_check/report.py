@@ -204,7 +204,6 @@ def _compared(check: CheckReport) -> str:
 
 def _shrink_section(shrink: ShrinkResult) -> str:
     rows = []
-    searched = {outcome.pass_index: outcome for outcome in shrink.accuracy_targets}
     for step in shrink.steps:
         status = "rolled back" if step.rolled_back else "changed" if step.modified else "no change"
         if step.verdict:
@@ -212,8 +211,9 @@ def _shrink_section(shrink: ShrinkResult) -> str:
         if step.note:
             status += f" ({step.note})"
         given = step.spec
-        if step.index in searched:  # as given; the exclusions it ran with are listed below
-            given = searched[step.index].spec
+        target = shrink.target_of(step)
+        if target is not None:  # as given; the exclusions it ran with are listed below
+            given = target.spec
             status += f" (after a quant.max_error search of {step.prepare_seconds:.1f} s)"
         rows.append(
             [

@@ -375,6 +375,11 @@ def _layer(target: Target, results: Sequence[OutputComparison]) -> LayerSensitiv
     )
 
 
+def first_quant(passes: Sequence[ir.passes.PassBase]) -> int | None:
+    """The index of the first quant pass (the one the report measures), or None."""
+    return next((i for i, p in enumerate(passes) if isinstance(p, QuantPass)), None)
+
+
 def before_quant(
     source: io.ModelSource,
     pass_list: Sequence[ir.passes.PassBase],
@@ -389,7 +394,8 @@ def before_quant(
     ``steps`` say, left out) re-run on a fresh load of ``source``. Its ``seconds`` count that
     reload and re-run too: the report costs them, the compile not."""
     started = time.perf_counter()
-    index = next(i for i, p in enumerate(pass_list) if isinstance(p, QuantPass))
+    index = first_quant(pass_list)
+    assert index is not None
     quant = pass_list[index]
     assert isinstance(quant, QuantPass)
     kept = [not step.rolled_back for step in steps[:index]]

@@ -178,15 +178,13 @@ class SensitivityReport:
         patterns = self.exclude_patterns(k)
         if len(patterns) == len(self.excluded):
             return None
-        return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
+        return exclude_option(patterns)
 
     def hint_notes(self, k: int = HINT_LAYERS) -> tuple[str, ...]:
         """What the hint cannot say plainly: companions, layers left out (inert, unnamed, or
         past the cap with their companions), names written as regexes."""
         worst = self._worst(k)
-        odd = [
-            repr(x.node) for x in worst if x.node and exclude_pattern(x.node, self._names) != x.node
-        ]
+        odd = [repr(x.node) for x in worst if x.node and self._pattern(x.node) != x.node]
         unnamed = [x.label for x in worst if not x.node]
         last = self.layers.index(worst[-1]) if worst else -1
         inert = [x.label for x in self.layers[:last] if x.inert]
@@ -228,6 +226,11 @@ class SensitivityReport:
         result["exclude_hint"] = self.exclude_hint(k)
         result["hint_notes"] = list(self.hint_notes(k))
         return result
+
+
+def exclude_option(patterns: Sequence[str]) -> str:
+    """The command-line text that sets ``quant.exclude`` to ``patterns``."""
+    return "--set " + shlex.quote("quant.exclude=" + ",".join(patterns))
 
 
 def exclude_pattern(name: str, names: Sequence[str]) -> str:

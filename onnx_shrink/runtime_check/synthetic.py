@@ -17,6 +17,7 @@ from onnx_shrink.runtime_check.data_types import (
     Dataset,
     Feed,
     InputSpec,
+    samples_of,
     show_shape,
 )
 
@@ -150,7 +151,7 @@ def synthetic(
     be a gigabyte."""
     concrete = synthetic_shapes(specs, shapes)
     shown = ", ".join(f"{name}={show_shape(shape)}" for name, shape in concrete.items())
-    samples = next((concrete[spec.name][0] for spec in specs if spec.batch_axis), 1)
+    samples = samples_of(concrete, specs)
     draw = functools.cache(functools.partial(_draw, specs, concrete, seed))
     return Dataset(
         description=f"synthetic, seed {seed}: {shown}",

@@ -67,11 +67,10 @@ def _check_tensor_types(proto: onnx.ModelProto, where: str) -> None:
     ):
         for value in values:
             if _holds_map(value.type):
-                zipmaps = [n for n in graph.node if n.op_type == "ZipMap"]
                 hint = (
                     "; the model's ZipMap node writes it: export the classifier without it "
                     "(skl2onnx: options={'zipmap': False}) or remove the node"
-                    if zipmaps
+                    if any(n.op_type == "ZipMap" for n in graph.node)
                     else ""
                 )
                 raise BadModelError(
