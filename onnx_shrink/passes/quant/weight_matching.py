@@ -138,7 +138,9 @@ class WeightContext:
     names: compact.Names
     quantized: dict[tuple[int, Hashable], tuple[ir.Value | None, ...]]
     sources: list[ir.Value]
-    skipped: list[tuple[ir.Node, str]] = dataclasses.field(default_factory=list)
+    skipped: dict[ir.Node, str] = dataclasses.field(default_factory=dict)
+    """each node skipped, with its first reason: a node a pass looks at twice (GPTQ's Gram
+    requests, then the quantization) counts once in the warnings"""
     orphans: set[ir.Value] = dataclasses.field(default_factory=set)
     """constants replaced nodes read besides their weight (a Gemm's C): dropped with the
     weights where nothing reads them any more"""
@@ -147,12 +149,23 @@ class WeightContext:
     )
     """zero points written once per graph, type and shape (``zero_point``)"""
 
+    quiet: bool = False
+    """a look ahead (which weights will be quantized, which inputs to measure), not the
+    quantization: it logs no skipped node, the quantization will"""
+
     @classmethod
     def of(
-        cls, model: ir.Model, pass_name: str, exclude: tuple[str, ...], min_elements: int
+        cls,
+        model: ir.Model,
+        pass_name: str,
+        exclude: tuple[str, ...],
+        min_elements: int,
+        *,
+        quiet: bool = False,
     ) -> WeightContext:
         patterns = tuple(re.compile(p) for p in exclude)
-        return cls(model, pass_name, patterns, min_elements, compact.Names(model.graph), {}, [])
+        names = compact.Names(model.graph)
+        return cls(model, pass_name, patterns, min_elements, names, {}, [], quiet=quiet)
 
     @property
     def opset(self) -> int:
@@ -173,8 +186,11 @@ class WeightContext:
         return nodes
 
     def skip(self, node: ir.Node, reason: str) -> bool:
-        logger.debug("%s: skipping %s (%s): %s", self.pass_name, node.name, node.op_type, reason)
-        self.skipped.append((node, reason))
+        if node not in self.skipped and not self.quiet:
+            logger.debug(
+                "%s: skipping %s (%s): %s", self.pass_name, node.name, node.op_type, reason
+            )
+            self.skipped[node] = reason
         return False
 
     def warn_nothing_quantized(self, op_types: Sequence[str]) -> None:
@@ -184,7 +200,7 @@ class WeightContext:
         nodes, which are ``quant``'s."""
         candidates = nodes_of(self.model, op_types)
         warn_half_precision(self.pass_name, candidates)
-        skipped = [(n, why) for n, why in self.skipped if not _computes_in_half(n)]
+        skipped = [(n, why) for n, why in self.skipped.items() if not _computes_in_half(n)]
         if not skipped and candidates:
             return
         kinds = "/".join(op_types)

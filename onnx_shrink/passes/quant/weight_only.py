@@ -20,8 +20,8 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
-from onnx_shrink.compiler.statistics import Gram, Statistics, StatRequest
-from onnx_shrink.passes.quant import gptq
+from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.passes.quant import gptq_grams
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,
@@ -173,50 +173,10 @@ class WeightOnlyQuantPass(DataAwarePass):
             )
             return []
         self._prepare(model)
-        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
-        widths: dict[StatRequest, int] = {}
-        wide: dict[str, int] = {}
-        for node in self._matmuls(model, context):
-            match = match_linear(context, node)
-            if isinstance(match, str) or not _measurable(match.activation):
-                continue
-            width = _columns(match.weight)
-            if width > gptq.MAX_COLUMNS:
-                wide[node.name or match.weight.name or "?"] = width
-            else:
-                widths[StatRequest(match.activation.name, "gram", axis=-1)] = width
-        if wide:
-            name = max(wide, key=wide.__getitem__)
-            logger.warning(
-                "%s: gptq: %d MatMuls read inputs wider than %d columns (%s: %d) and keep "
-                "nearest rounding (GPTQ inverts a Gram as wide as the input)",
-                self.name,
-                len(wide),
-                gptq.MAX_COLUMNS,
-                name,
-                wide[name],
-            )
-        return self._within_budget(widths)
-
-    def _within_budget(self, widths: Mapping[StatRequest, int]) -> list[StatRequest]:
-        """The Gram requests whose matrices fit ``gram_memory_mb`` together, narrowest first
-        (a 4096-wide input's Gram is 128 MiB: a 7B model's 96 would hold 12 GiB)."""
-        budget, taken = self.gram_memory_mb << 20, []
-        for request in sorted(widths, key=widths.__getitem__):
-            budget -= widths[request] ** 2 * 8
-            if budget < 0:
-                break
-            taken.append(request)
-        if len(taken) < len(widths):
-            logger.warning(
-                "%s: gptq: %d of %d MatMul inputs keep nearest rounding: their Grams would pass "
-                "gram_memory_mb=%d",
-                self.name,
-                len(widths) - len(taken),
-                len(widths),
-                self.gram_memory_mb,
-            )
-        return taken
+        context = WeightContext.of(
+            model, self.name, self.exclude, self.min_weight_elements, quiet=True
+        )
+        return gptq_grams.gram_requests(context, self._matmuls(model, context), self.gram_memory_mb)
 
     def _matmuls(self, model: ir.Model, context: WeightContext) -> list[ir.Node]:
         """The main-graph MatMuls the pass may quantize: the statistics engine measures the
@@ -225,37 +185,11 @@ class WeightOnlyQuantPass(DataAwarePass):
             return []
         return [n for n in context.candidates(("MatMul",)) if n.graph is model.graph]
 
-    def _weight_grams(
-        self, model: ir.Model, context: WeightContext, stats: Statistics
-    ) -> dict[ir.Value, np.ndarray]:
-        """For each weight GPTQ rounds, the summed Gram of the inputs of the main-graph
-        MatMuls that read it (a shared weight is quantized once: for all its readers)."""
-        measured = {
-            request.tensor: result
-            for request, result in stats.results.items()
-            if isinstance(result, Gram) and result.rows > 0
-        }
-        result: dict[ir.Value, np.ndarray] = {}
-        rows: dict[ir.Value, int] = {}
-        for node in self._matmuls(model, context) if measured else ():
-            match = match_linear(context, node)
-            if isinstance(match, str):
-                continue
-            gram = measured.get(match.activation.name)
-            columns = _columns(match.weight)
-            if gram is None or gram.matrix.shape != (columns, columns):
-                continue
-            known = result.get(match.weight)
-            result[match.weight] = gram.matrix if known is None else known + gram.matrix
-            rows[match.weight] = rows.get(match.weight, 0) + gram.rows
-        _warn_few_rows(self.name, rows)
-        return result
-
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = self._prepare(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
-        grams = self._weight_grams(model, context, stats)
+        grams = gptq_grams.weight_grams(context, self._matmuls(model, context), stats)
         count = 0
         for node in context.candidates(self.op_types):
             if node.op_type == "Gather":
@@ -301,7 +235,9 @@ class WeightOnlyQuantPass(DataAwarePass):
 
     def _has_weights(self, model: ir.Model) -> bool:
         """Whether any candidate node has a weight this pass would quantize."""
-        context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+        context = WeightContext.of(
+            model, self.name, self.exclude, self.min_weight_elements, quiet=True
+        )
         return any(
             gather_reason(context, node) is None
             if node.op_type == "Gather"
@@ -473,39 +409,6 @@ class WeightOnlyQuantPass(DataAwarePass):
             name=derived_name(node, "dequant"),
         )
         return [*gathers, dequantize]
-
-
-def _warn_few_rows(pass_name: str, rows: Mapping[ir.Value, int]) -> None:
-    """Warn where a weight's Gram comes from fewer input rows than it has columns: GPTQ then
-    fits its codes to those rows, and can do worse than nearest rounding on others (g2p's BERT
-    from one sample: relative error 0.065 against nearest's 0.063)."""
-    short = {w: n for w, n in rows.items() if n < _columns(w)}
-    if short:
-        fewest = min(short, key=short.__getitem__)
-        logger.warning(
-            "%s: gptq: %d of %d weights saw fewer calibration rows than their inputs' width "
-            "(%s: %d rows for %d columns), so their codes fit those rows; give more samples",
-            pass_name,
-            len(short),
-            len(rows),
-            fewest.name,
-            short[fewest],
-            _columns(fewest),
-        )
-
-
-def _columns(weight: ir.Value) -> int:
-    """K of a matched MatMul weight [K, N] (``match_linear`` matches constant ones only)."""
-    assert weight.const_value is not None
-    return weight.const_value.shape[0]
-
-
-def _measurable(activation: ir.Value) -> bool:
-    """Whether the statistics engine can take the Gram of ``activation``: a tensor the main
-    graph computes or takes as input (not a constant)."""
-    if activation.const_value is not None or activation.is_initializer():
-        return False
-    return activation.producer() is not None or activation.is_graph_input()
 
 
 def _typed(codes: np.ndarray, blocks: BlockQuantized) -> ir.Tensor:

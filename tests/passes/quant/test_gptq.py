@@ -13,7 +13,7 @@ import pytest
 import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import StatRequest
-from onnx_shrink.passes.quant import gptq
+from onnx_shrink.passes.quant import gptq, gptq_grams
 from onnx_shrink.passes.quant.blockwise import (
     pack_low_first,
     quantize_blocks,
@@ -273,6 +273,20 @@ def test_gptq_without_matmuls_to_round_says_so(caplog):
     assert "rounding=gptq picks MatMul codes only; op_types has none" in caplog.text
 
 
+def test_an_excluded_matmul_is_listed_once_where_gptq_looks_at_it_twice(caplog):
+    """GPTQ looks at the MatMuls when it asks for Grams, when it sums them, and when it
+    quantizes: ``-vv`` lists (and a nothing-quantized warning counts) each skipped node
+    once."""
+    proto = _two_matmuls()
+    proto.graph.node[0].name, proto.graph.node[2].name = "first", "second"
+    with caplog.at_level(logging.DEBUG, logger="onnx_shrink"):
+        model = _gptq_model(
+            proto, {"x": _correlated_inputs(128, seed=23)}, rounding="gptq", exclude=("second",)
+        )
+    assert caplog.text.count("skipping second (MatMul): excluded") == 1, caplog.text
+    assert [n.name for n in model.graph if n.op_type == "MatMul"] == ["second"]
+
+
 def test_grams_past_the_memory_budget_are_not_measured_and_keep_nearest_codes(caplog):
     data = {"x": _correlated_inputs(256, seed=21)}
     nearest = _gptq_model(_two_matmuls(), data, rounding="nearest")
@@ -282,7 +296,7 @@ def test_grams_past_the_memory_budget_are_not_measured_and_keep_nearest_codes(ca
     assert all(np.array_equal(_codes(ours, w), _codes(nearest, w)) for w in ("w1", "w2"))
     # 1 MiB holds a 300-wide Gram (0.69 MiB), not a 400-wide one besides (1.22 MiB more).
     widths = {StatRequest("wide", "gram"): 400, StatRequest("narrow", "gram"): 300}
-    taken = WeightOnlyQuantPass(rounding="gptq", gram_memory_mb=1)._within_budget(widths)
+    taken = gptq_grams.within_budget(widths, 1, "quant-weight")
     assert taken == [StatRequest("narrow", "gram")]
 
 
