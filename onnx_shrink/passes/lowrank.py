@@ -273,7 +273,8 @@ class LowRankPass(DataAwarePass):
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
         else:
-            warn_no_change(self.name, "layer", [p.reason for p in plans])
+            none = f"no {'/'.join(self.op_types)} in the main graph"
+            warn_no_change(self.name, "layer", [p.reason for p in plans], none=none)
         return ir.passes.PassResult(model, modified)
 
     def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:

@@ -47,6 +47,8 @@ from onnx_shrink.passes.channel_groups import (
 
 logger = logging.getLogger(__name__)
 
+NO_GROUPS = f"no {'/'.join(sorted(SOURCE_OPS))} with a constant weight"
+
 Criterion = Literal["l1", "l2", "activation"]
 
 
@@ -160,13 +162,15 @@ class PruneChannelsPass(DataAwarePass):
                 continue
             keep = self._keep(group)
             if keep >= group.channels:
+                declined.append(self._kept_whole(group))
+                logger.info("prune-channels: %s keeps its %d channels", group.label, keep)
                 continue
             scores = channel_scores(group, self.criterion, stats)
             removed = np.sort(np.argsort(scores, kind="stable")[: group.channels - keep])
             logger.debug("prune-channels: %s: %d -> %d", group.label, group.channels, keep)
             plans.append((group, removed))
         if not plans:
-            warn_no_change(self.name, "channel group", declined or ["none at the asked amount"])
+            warn_no_change(self.name, "channel group", declined, none=NO_GROUPS)
             return ir.passes.PassResult(model, False)
         if stats is not None and self.reconstruct != "off":
             found = channel_refit.consumers(_consumer_nodes([g for g, _ in plans]))
@@ -178,6 +182,12 @@ class PruneChannelsPass(DataAwarePass):
 
     def _keep(self, group: Group) -> int:
         return kept_channels(group, self.ratio, self.round_to, self.min_channels)
+
+    def _kept_whole(self, group: Group) -> str:
+        """Why ``group`` keeps every channel at these options (``kept_channels``)."""
+        if group.channels <= self.min_channels:
+            return f"no more channels than min_channels={self.min_channels}"
+        return f"ratio={self.ratio:g} rounds to no channel at round_to={self.round_to}"
 
     def groups(self, model: ir.Model) -> list[Group]:
         """Every candidate group; excluded ones carry the reason "excluded"."""

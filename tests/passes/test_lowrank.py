@@ -654,7 +654,17 @@ def test_a_run_that_splits_nothing_says_why_in_one_warning(caplog):
         result = shrink(proto, "lowrank", check=False)
     assert not result.steps[0].modified
     (record,) = [r for r in caplog.records if "no layer changed" in r.getMessage()]
-    assert record.getMessage().startswith("lowrank: no layer changed (")
+    assert record.getMessage().startswith("lowrank: no layer changed (weight 4x4 is under")
+    caplog.clear()
+    relu = make_model(
+        [onnx.helper.make_node("Relu", ["x"], ["y"])],
+        [onnx.helper.make_tensor_value_info("x", f, [1, 4])],
+        [onnx.helper.make_tensor_value_info("y", f, [1, 4])],
+        {},
+    )
+    with caplog.at_level(logging.WARNING):
+        shrink(relu, "lowrank", check=False)
+    assert "lowrank: no layer changed (no MatMul/Gemm/Conv in the main graph)" in caplog.text
 
 
 def test_layers_fit_to_fewer_rows_than_inputs_are_one_warning(caplog):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx
 import onnx_ir as ir
@@ -374,3 +376,32 @@ def test_layers_left_unrefit_are_one_warning_not_only_a_verbose_table(caplog):
     (record,) = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert "2 of 3 layers" in record.getMessage()
     assert "Conv that is not 2-D: 2" in record.getMessage()
+
+
+def test_a_pass_that_changes_nothing_says_why(caplog):
+    """Not "none at the asked amount: 1" whatever the reason: the warning says whether the
+    model has nothing to prune or what in the options keeps every channel."""
+    w = {"w1": _w(32, 4, 1, 1), "w2": _w(2, 32, 1, 1)}
+    proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
+    cases = [
+        (
+            proto,
+            {"ratio": 0.2},
+            "(ratio=0.2 rounds to no channel at round_to=16: 1; y is a graph output: 1;",
+        ),
+        (
+            proto,
+            {"min_channels": 32},
+            "(no more channels than min_channels=32: 1; y is a graph output: 1;",
+        ),
+        (
+            _model([helper.make_node("MatMul", ["x", "x"], ["y"])], {}, [4, 4], rank=2),
+            {},
+            "(no Conv/ConvTranspose/Gemm/MatMul with a constant weight)",
+        ),
+    ]
+    for model, options, why in cases:
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert not PruneChannelsPass(**options)(io.load(model)).modified
+        assert f"prune-channels: no channel group changed {why}" in caplog.text, caplog.text
