@@ -158,30 +158,36 @@ def compare_latency(
     threads: int | None = None,
     max_seconds: float | None = None,
 ) -> LatencyComparison:
-    """Time both sessions alternately ``runs`` times after ``warmup`` runs of each (the
-    candidate on ``candidate_feed`` when its inputs differ: float16 ones).
+    """Time both sessions in ``runs`` pairs after ``warmup`` runs of each (the candidate on
+    ``candidate_feed`` when its inputs differ: float16 ones); the ratio is the median of the
+    pairs' candidate / reference.
+
+    Each timed run follows an untimed run of the same session. onnxruntime's worker threads
+    spin on after a run, so the first run after the other session's is slowed by its threads
+    (up to 1.8x on 2 cores): timing it made pair ratios bimodal and their median depend on
+    how many of each kind there were (two sessions of one model measured 0.79). Timed after a
+    settling run, each model runs as it would back to back, and the order within a pair
+    alternates so neither always inherits the cache.
 
     ``max_seconds`` (None: no limit) bounds the timing on slow runs: the warm-up stops once it
-    took a quarter of it (after one pair), the timed pairs once they took all of it (after
-    ``MIN_TIMED_PAIRS``, or ``runs`` if fewer). The stats say how many runs were timed."""
+    took a quarter of it (after one pair), the timed pairs once they took all of it, settling
+    runs included (after ``MIN_TIMED_PAIRS``, or ``runs`` if fewer). The stats say how many
+    runs were timed."""
     cand_feed = feed if candidate_feed is None else candidate_feed
     spent = 0.0
     for _ in range(warmup):
         spent += time_run(reference, feed) + time_run(candidate, cand_feed)
         if max_seconds is not None and spent >= max_seconds / 4:
             break
-    ref_times, cand_times, ratios = [], [], []
+    ref_times: list[float] = []
+    cand_times: list[float] = []
     timed = 0.0
+    turns = [(reference, feed, ref_times), (candidate, cand_feed, cand_times)]
     for i in range(runs):
-        # Alternate which model goes first so neither always inherits a warm cache.
-        if i % 2:
-            cand, ref = time_run(candidate, cand_feed), time_run(reference, feed)
-        else:
-            ref, cand = time_run(reference, feed), time_run(candidate, cand_feed)
-        ref_times.append(ref)
-        cand_times.append(cand)
-        ratios.append(cand / ref if ref > 0 else float("nan"))
-        timed += ref + cand
+        for session, inputs, times in turns if i % 2 == 0 else turns[::-1]:
+            settling = time_run(session, inputs)
+            times.append(time_run(session, inputs))
+            timed += settling + times[-1]
         over = max_seconds is not None and timed >= max_seconds
         if over and i + 1 >= MIN_TIMED_PAIRS and i + 1 < runs:
             logger.info(
@@ -193,6 +199,7 @@ def compare_latency(
                 max_seconds,
             )
             break
+    ratios = [c / r if r > 0 else float("nan") for r, c in zip(ref_times, cand_times, strict=True)]
     return LatencyComparison(
         reference=LatencyStats.from_seconds(ref_times, batch, threads),
         candidate=LatencyStats.from_seconds(cand_times, batch, threads),

@@ -1,0 +1,61 @@
+"""``compare_latency``'s schedule: what it times must not depend on which session ran last.
+
+onnxruntime's worker threads spin on after a run, so a session's first run after the other
+session's is slower. These sessions simulate that on a fake clock: a run costs its model's
+time, times ``SWITCH_PENALTY`` when the other session ran last. No wall-clock timing.
+"""
+
+from __future__ import annotations
+
+import pytest
+
+from onnx_shrink.runtime_check import bench
+
+SWITCH_PENALTY = 1.8
+
+
+class _Clock:
+    def __init__(self) -> None:
+        self.now = 0.0
+        self.last: object = None
+
+
+class _Session:
+    """A session whose runs advance ``clock`` by ``cost`` (more after the other one's run)."""
+
+    def __init__(self, clock: _Clock, cost: float) -> None:
+        self.clock, self.cost, self.runs = clock, cost, 0
+
+    def run(self, outputs, feed):
+        switched = self.clock.last is not None and self.clock.last is not self
+        self.clock.now += self.cost * (SWITCH_PENALTY if switched else 1.0)
+        self.clock.last = self
+        self.runs += 1
+        return []
+
+
+@pytest.fixture
+def clock(monkeypatch) -> _Clock:
+    clock = _Clock()
+    monkeypatch.setattr(bench.time, "perf_counter", lambda: clock.now)
+    return clock
+
+
+@pytest.mark.parametrize("runs", [5, 6, 30, 31])
+@pytest.mark.parametrize("speedup", [1.0, 0.5, 2.0])
+def test_the_ratio_is_the_models_whatever_ran_before(clock, runs, speedup):
+    """Timing a run right after the other session's made same-model pairs read 0.79x (their
+    ratios split into ~0.55 and ~1.8, and the median fell between)."""
+    reference, candidate = _Session(clock, 0.010), _Session(clock, 0.010 * speedup)
+    result = bench.compare_latency(reference, candidate, {}, runs=runs)
+    assert result.ratio == pytest.approx(speedup)
+    assert result.reference.runs == result.candidate.runs == runs
+    assert result.reference.p50_ms == pytest.approx(10.0)
+
+
+def test_the_time_budget_counts_the_settling_runs(clock):
+    reference, candidate = _Session(clock, 1.0), _Session(clock, 1.0)
+    # 4 s a pair (2 runs of each model): a 20 s budget is spent by the 5th pair.
+    result = bench.compare_latency(reference, candidate, {}, runs=30, warmup=0, max_seconds=20)
+    assert result.reference.runs == bench.MIN_TIMED_PAIRS == 5
+    assert reference.runs == candidate.runs == 2 * bench.MIN_TIMED_PAIRS
