@@ -19,7 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
-from onnx_shrink.passes.quant import compact, recurrent
+from onnx_shrink.passes.quant import compact, half_weights, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -116,8 +116,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
+        half_weights.lift(model)
         context = self.context(model)
         count = self.quantize(model, context)
+        half_weights.restore(model)  # those left float
         if not count:
             context.warn_nothing_quantized(self.op_types)
         if count and self.narrow_storage:

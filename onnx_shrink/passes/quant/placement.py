@@ -386,14 +386,16 @@ def _why_not(node: ir.Node, stats: Ranges) -> str | None:
         return "no activation input"
     if node.op_type in ("Add", "Mul") and not inputs:
         return "constant inputs only"
+    # Before the ranges: a node without a constant weight is never planned, so its inputs'
+    # ranges were never asked for, and "no range measured" would hide why.
+    if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:
+        return "weight is not a constant"
     for value in inputs:
         minmax = stats.minmax(value.name)
         if minmax is None:
             return f"no range measured for input {value.name}"
         if is_sentinel(minmax):
             return f"input {value.name} carries mask sentinels ({minmax.minimum:.3g})"
-    if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:
-        return "weight is not a constant"
     return None
 
 

@@ -31,6 +31,7 @@ from onnx_shrink.passes.quant import (
     derived,
     float_reasons,
     fuse_bias,
+    half_weights,
     parameters,
     placement,
     value_types,
@@ -253,6 +254,7 @@ class QuantPass(DataAwarePass):
             return []  # and apply leaves the model as it is, opset and all
         if not self.only:  # lifted above with only
             lift_constant_weights(model)
+        half_weights.lift(model)  # apply puts back those it leaves float
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
         self._converted_and_typed(model)
@@ -314,6 +316,7 @@ class QuantPass(DataAwarePass):
             )
         if not self._has_candidates(model):
             return self._unchanged(model)
+        half_weights.lift(model)  # done by requests, unless the statistics came by hand
         per_channel, sixteen_bit = self._converted_and_typed(model)
         stats = self.completed_statistics(model, stats)
         float_reasons.warn_nonfinite_inputs(model, stats)
@@ -378,6 +381,7 @@ class QuantPass(DataAwarePass):
         """Nothing quantized: say why (``float_reasons``, with the plan's ``skipped``
         reasons; float16 apart), and take back the types and shapes the pass inferred, so
         that the model is as the pass found it."""
+        half_weights.restore(model)
         reasons = float_reasons.summary(model.graph, self._exclusions, skipped or {})
         logger.warning("quant: no node could be quantized%s", reasons)
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
@@ -459,6 +463,7 @@ class QuantPass(DataAwarePass):
 
     @staticmethod
     def _finished(model: ir.Model, modified: bool, narrow: bool) -> ir.passes.PassResult:
+        half_weights.restore(model)
         if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)

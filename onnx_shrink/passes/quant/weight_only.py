@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.passes.quant import gptq_grams
+from onnx_shrink.passes.quant import gptq_grams, half_weights
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,
@@ -201,6 +201,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         if count and self.format == "dequantize_linear":
             model.ir_version = max(model.ir_version, INT4_IR_VERSION)
         context.drop_dead_weights()
+        half_weights.restore(model)  # those left float
         logger.info("%s: quantized %d nodes", self.name, count)
         if not count:
             context.warn_nothing_quantized(self.op_types)
@@ -219,6 +220,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         convert the opset; returns whether any weight was lifted."""
         opset = onnx_opset(model)
         lifted = lift_constant_weights(model)
+        half_weights.lift(model)  # apply puts back those it leaves float
         # Converted only for weights it will quantize: a model without any keeps its opset.
         if (
             self.format == "dequantize_linear"

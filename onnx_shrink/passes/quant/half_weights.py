@@ -1,0 +1,112 @@
+"""Weights stored in half precision behind a Cast to float32 ("fp16 weights, fp32 maths": a
+MobileNetV4 embedder with 93 such Casts, the float islands ``fp16`` leaves), quantized like
+float32 ones.
+
+``fold`` keeps such a Cast: computing it would double the weight's bytes. The quant passes
+need the weight as a constant, so ``lift`` replaces each Cast of a float16/bfloat16
+initializer that is read only as a weight (exactly: half precision widens to float32
+without rounding) by the float32 initializer it computes, and ``restore`` puts back the half
+precision storage and its Cast for every one the pass then left float: a layer the pass
+excludes costs no more bytes than before. Main graph only, where the statistics engine
+measures.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx_ir as ir
+
+from onnx_shrink.compiler import graph_edit
+
+HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+WEIGHT_SLOTS = {
+    "Conv": (1, 2),
+    "ConvTranspose": (1, 2),
+    "MatMul": (1,),
+    "Gemm": (1, 2),
+    "Gather": (0,),
+}
+"""The inputs quant passes read as constants: weights, biases, embedding tables"""
+_MARK = "onnx_shrink.half_weight"
+"""``Value.meta`` key of a lifted weight: (its half-precision initializer's name, tensor)"""
+
+
+def lift(model: ir.Model) -> int:
+    """Replace each Cast to float32 of a half-precision initializer whose every reader reads
+    it as a weight (``WEIGHT_SLOTS``) by the float32 initializer; returns how many."""
+    graph = model.graph
+    count = 0
+    for node in list(graph):
+        if not _lifts(node):
+            continue
+        source, out = node.inputs[0], node.outputs[0]
+        assert source is not None and source.const_value is not None
+        widened = source.const_value.numpy().astype(np.float32)
+        lifted = ir.Value(
+            shape=ir.Shape(widened.shape),
+            type=ir.TensorType(ir.DataType.FLOAT),
+            const_value=ir.Tensor(widened),
+        )
+        lifted.meta[_MARK] = (source.name, source.const_value)
+        ir.convenience.replace_all_uses_with(out, lifted)
+        graph.remove(node, safe=True)
+        lifted.name = out.name
+        lifted.const_value.name = out.name
+        graph.register_initializer(lifted)
+        if not source.uses() and source.name in graph.initializers:
+            graph.initializers.pop(source.name)
+        count += 1
+    return count
+
+
+def restore(model: ir.Model) -> int:
+    """Put each weight ``lift`` made float32 that is still read as such back in half
+    precision behind a Cast (as it was, at the start of the graph); returns how many."""
+    graph = model.graph
+    lifted_ones = [v for v in graph.initializers.values() if _MARK in v.meta]
+    if not lifted_ones:
+        return 0
+    taken = graph_edit.value_names(graph)
+    count = 0
+    for lifted in lifted_ones:
+        graph.initializers.pop(lifted.name)
+        if not lifted.uses():
+            continue
+        name, tensor = lifted.meta[_MARK]
+        half = ir.Value(
+            name=graph_edit.fresh_name(name, taken),
+            shape=ir.Shape(tensor.shape),
+            type=ir.TensorType(tensor.dtype),
+            const_value=tensor,
+        )
+        graph.register_initializer(half)
+        cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)})
+        ir.convenience.replace_all_uses_with(lifted, cast.outputs[0])
+        cast.outputs[0].name = lifted.name
+        cast.outputs[0].type, cast.outputs[0].shape = lifted.type, lifted.shape
+        first = next(iter(graph), None)
+        if first is None:
+            graph.append(cast)
+        else:
+            graph.insert_before(first, cast)
+        count += 1
+    return count
+
+
+def _lifts(node: ir.Node) -> bool:
+    if node.op_type != "Cast" or node.domain not in ("", "ai.onnx") or len(node.inputs) != 1:
+        return False
+    if node.attributes.get_int("to") != ir.DataType.FLOAT:
+        return False
+    source, out = node.inputs[0], node.outputs[0]
+    if source is None or source.const_value is None or source.dtype not in HALF:
+        return False
+    if not source.is_initializer() or source.is_graph_input() or out.is_graph_output():
+        return False
+    uses = list(out.uses())
+    return bool(uses) and all(
+        use.node.domain in ("", "ai.onnx")
+        and use.idx in WEIGHT_SLOTS.get(use.node.op_type, ())
+        and use.node.graph is node.graph
+        for use in uses
+    )

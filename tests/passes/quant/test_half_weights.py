@@ -1,0 +1,166 @@
+"""Weights stored in float16/bfloat16 behind a Cast to float32 ("fp16 weights, fp32 maths")
+are quantized like float32 ones, and those a pass leaves float keep their half-precision
+storage."""
+
+from __future__ import annotations
+
+import logging
+
+import ml_dtypes
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+
+from onnx_shrink import shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant import half_weights
+from tests.helpers import make_model, run_ort
+
+F = onnx.TensorProto.FLOAT
+RNG = np.random.default_rng(5)
+
+
+def _half_weight_model() -> onnx.ModelProto:
+    """Conv (weight and bias in float16) -> Relu -> Flatten -> MatMul (weight in float16)."""
+    nodes = [
+        oh.make_node("Cast", ["cw16"], ["cw"], to=F, name="cast_cw"),
+        oh.make_node("Cast", ["cb16"], ["cb"], to=F, name="cast_cb"),
+        oh.make_node("Cast", ["mw16"], ["mw"], to=F, name="cast_mw"),
+        oh.make_node("Conv", ["x", "cw", "cb"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        oh.make_node("Relu", ["c"], ["r"], name="relu"),
+        oh.make_node("Flatten", ["r"], ["f"], name="flatten"),
+        oh.make_node("MatMul", ["f", "mw"], ["y"], name="matmul"),
+    ]
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 8, 8, 8])],
+        [oh.make_tensor_value_info("y", F, ["N", 32])],
+        {
+            "cw16": (0.2 * RNG.standard_normal((16, 8, 3, 3))).astype(np.float16),
+            "cb16": (0.1 * RNG.standard_normal(16)).astype(np.float16),
+            "mw16": (0.05 * RNG.standard_normal((16 * 64, 32))).astype(np.float16),
+        },
+    )
+
+
+def _data(samples: int, seed: int) -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(seed).standard_normal((samples, 8, 8, 8), np.float32)}
+
+
+def _error(model: bytes, proto: onnx.ModelProto) -> float:
+    feed = _data(16, seed=1)
+    want = run_ort(proto.SerializeToString(), feed)[0]
+    got = run_ort(model, feed)[0]
+    return float(np.linalg.norm(got - want) / np.linalg.norm(want))
+
+
+def _ops(model) -> list[str]:
+    return [node.op_type for node in model.graph]
+
+
+def test_quant_quantizes_weights_stored_in_float16_behind_a_cast():
+    proto = _half_weight_model()
+    result = shrink(proto, "quant", data=_data(32, seed=0), check=False)
+    model = result.model
+    weights = {
+        n.op_type: n.inputs[1].producer().op_type
+        for n in model.graph
+        if n.op_type in ("Conv", "MatMul")
+    }
+    assert weights["Conv"] == weights["MatMul"] == "DequantizeLinear", weights
+    saved = io.to_bytes(model)
+    assert len(saved) < 0.7 * proto.ByteSize()  # int8 weights, from float16 ones
+    assert _error(saved, proto) < 0.05
+
+
+def test_a_half_weight_the_pass_leaves_float_keeps_its_float16_storage():
+    proto = _half_weight_model()
+    result = shrink(
+        proto, "quant", sets=["quant.exclude=matmul"], data=_data(32, seed=0), check=False
+    )
+    model = result.model
+    (cast,) = [n for n in model.graph if n.op_type == "Cast"]
+    assert cast.inputs[0].dtype == onnx.TensorProto.FLOAT16
+    assert [u.node.name for u in cast.outputs[0].uses()] == ["matmul"]
+    assert cast.outputs[0].name == "mw"
+    float32 = [v for v in model.graph.initializers.values() if v.dtype == onnx.TensorProto.FLOAT]
+    assert all(v.const_value.size < 1024 for v in float32), [v.name for v in float32]
+    assert _error(io.to_bytes(model), proto) < 0.05
+
+
+@pytest.mark.parametrize(
+    ("passes", "op"), [("quant-dynamic", "DynamicQuantizeMatMul"), ("quant-weight", "MatMulNBits")]
+)
+def test_weight_quantizing_passes_take_half_weights_too(passes, op):
+    proto = _half_weight_model()
+    model = shrink(proto, passes, sets=[f"{passes}.min_weight_elements=0"], check=False).model
+    assert op in _ops(model), _ops(model)
+    # The Conv's weight is none of theirs: it keeps its float16 storage behind the Cast.
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].producer().op_type == "Cast"
+    assert _error(io.to_bytes(model), proto) < 0.1
+
+
+def test_lift_then_restore_gives_the_half_tensors_back_exactly():
+    proto = _half_weight_model()
+    model = io.load(proto)
+    bf16 = (0.2 * RNG.standard_normal((16, 8, 3, 3))).astype(ml_dtypes.bfloat16)
+    weight = model.graph.initializers["cw16"]
+    weight.const_value = ir.Tensor(bf16, name="cw16")
+    weight.type = ir.TensorType(ir.DataType.BFLOAT16)
+    before = {
+        name: value.const_value.numpy().copy() for name, value in model.graph.initializers.items()
+    }
+    assert half_weights.lift(model) == 3
+    assert "Cast" not in _ops(model)
+    assert half_weights.restore(model) == 3
+    assert sorted(_ops(model)).count("Cast") == 3
+    after = {name: value.const_value.numpy() for name, value in model.graph.initializers.items()}
+    assert before.keys() == after.keys()
+    for name, array in before.items():
+        assert after[name].dtype == array.dtype and np.array_equal(after[name], array), name
+
+
+def test_a_cast_read_as_anything_but_a_weight_is_left_alone(caplog):
+    nodes = [
+        oh.make_node("Cast", ["w16"], ["w"], to=F),
+        oh.make_node("MatMul", ["x", "w"], ["m"]),
+        oh.make_node("Add", ["m", "w"], ["y"]),  # also read as an activation
+    ]
+    proto = make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, [4, 4])],
+        [oh.make_tensor_value_info("y", F, [4, 4])],
+        {"w16": RNG.standard_normal((4, 4)).astype(np.float16)},
+    )
+    model = io.load(proto)
+    assert half_weights.lift(model) == 0
+    assert _ops(model) == ["Cast", "MatMul", "Add"]
+
+
+def test_a_conv_whose_weight_is_computed_is_said_so(caplog):
+    """The reason is the weight, not "no range measured" for an input whose range the pass
+    never asked for (it plans no node without a constant weight)."""
+    nodes = [
+        oh.make_node("Relu", ["wx"], ["w"]),
+        oh.make_node("Conv", ["x", "w"], ["y"], name="conv"),
+    ]
+    proto = make_model(
+        nodes,
+        [
+            oh.make_tensor_value_info("x", F, [1, 2, 4, 4]),
+            oh.make_tensor_value_info("wx", F, [3, 2, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("y", F, [1, 3, 4, 4])],
+        {},
+    )
+    data = {
+        "x": RNG.standard_normal((4, 1, 2, 4, 4)).astype(np.float32),
+        "wx": RNG.standard_normal((4, 3, 2, 1, 1)).astype(np.float32),
+    }
+    with caplog.at_level(logging.WARNING):
+        shrink(proto, "quant", data=data, check=False)
+    assert "weight is not a constant" in caplog.text, caplog.text
+    assert "no range measured" not in caplog.text
