@@ -17,16 +17,13 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
+from onnx_shrink.passes.quant.value_types import HALF_TYPES
 
-HALF = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 WEIGHT_SLOTS = {
-    "Conv": (1, 2),
-    "ConvTranspose": (1, 2),
-    "MatMul": (1,),
-    "Gemm": (1, 2),
-    "Gather": (0,),
+    op: (index, 2) if op in ("Conv", "ConvTranspose", "Gemm") else (index,)
+    for op, index in graph_edit.WEIGHT_INPUTS.items()
 }
-"""The inputs quant passes read as constants: weights, biases, embedding tables"""
+"""The inputs quant passes read as constants: weights (tables), and biases"""
 _MARK = "onnx_shrink.half_weight"
 """``Value.meta`` key of a lifted weight: (its half-precision initializer's name, tensor)"""
 
@@ -42,17 +39,10 @@ def lift(model: ir.Model) -> int:
         source, out = node.inputs[0], node.outputs[0]
         assert source is not None and source.const_value is not None
         widened = source.const_value.numpy().astype(np.float32)
-        lifted = ir.Value(
-            shape=ir.Shape(widened.shape),
-            type=ir.TensorType(ir.DataType.FLOAT),
-            const_value=ir.Tensor(widened),
-        )
+        lifted = graph_edit.add_initializer(graph, out.name, widened)
         lifted.meta[_MARK] = (source.name, source.const_value)
         ir.convenience.replace_all_uses_with(out, lifted)
         graph.remove(node, safe=True)
-        lifted.name = out.name
-        lifted.const_value.name = out.name
-        graph.register_initializer(lifted)
         if not source.uses() and source.name in graph.initializers:
             graph.initializers.pop(source.name)
         count += 1
@@ -73,13 +63,7 @@ def restore(model: ir.Model) -> int:
         if not lifted.uses():
             continue
         name, tensor = lifted.meta[_MARK]
-        half = ir.Value(
-            name=graph_edit.fresh_name(name, taken),
-            shape=ir.Shape(tensor.shape),
-            type=ir.TensorType(tensor.dtype),
-            const_value=tensor,
-        )
-        graph.register_initializer(half)
+        half = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), tensor.numpy())
         cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)})
         ir.convenience.replace_all_uses_with(lifted, cast.outputs[0])
         cast.outputs[0].name = lifted.name
@@ -99,7 +83,7 @@ def _lifts(node: ir.Node) -> bool:
     if node.attributes.get_int("to") != ir.DataType.FLOAT:
         return False
     source, out = node.inputs[0], node.outputs[0]
-    if source is None or source.const_value is None or source.dtype not in HALF:
+    if source is None or source.const_value is None or source.dtype not in HALF_TYPES:
         return False
     if not source.is_initializer() or source.is_graph_input() or out.is_graph_output():
         return False

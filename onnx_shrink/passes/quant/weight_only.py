@@ -189,7 +189,9 @@ class WeightOnlyQuantPass(DataAwarePass):
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = self._prepare(model)
         context = WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
-        grams = gptq_grams.weight_grams(context, self._matmuls(model, context), stats)
+        grams: dict[ir.Value, np.ndarray] = {}
+        if self.rounding == "gptq":  # nearest rounding has no Grams to look for
+            grams = gptq_grams.weight_grams(context, self._matmuls(model, context), stats)
         count = 0
         for node in context.candidates(self.op_types):
             if node.op_type == "Gather":
