@@ -185,11 +185,16 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         rows += run_model(name, args.ratio, args.quick, args.calibration)
         print("\n".join(rows[-3:]), flush=True)
+    command = " ".join(
+        [".venv/bin/python benchmarks/prune_channels_vs_onnxsim.py", *(argv or sys.argv[1:])]
+    )
     text = "\n".join(
         [
             HEADING,
             "",
-            f"{results.machine()}; ratio {args.ratio} of each group's channels (onnxsim: "
+            *results.provenance(command, ("onnxruntime", "onnx-ir", "onnxsim")),
+            "",
+            f"Ratio {args.ratio} of each group's channels (onnxsim: "
             f"sparsity {args.ratio}); both tools on the fold-ed model; latency and sizes are "
             "pruned / unpruned (latency: median of 40 interleaved per-pair ratios). "
             "`+ reconstruction`: the same pruning with MatMul/Gemm/Conv (group 1) consumers refit "
