@@ -144,8 +144,23 @@ def describe(pass_: ir.passes.PassBase) -> str:
     if not dataclasses.is_dataclass(pass_):
         return name
     changed = [
-        f"{f.name}={getattr(pass_, f.name)!r}"
+        f"{f.name}={_option_text(getattr(pass_, f.name))}"
         for f in dataclasses.fields(pass_)
-        if getattr(pass_, f.name) != f.default
+        if _differs(getattr(pass_, f.name), f.default)
     ]
     return f"{name}({', '.join(changed)})" if changed else name
+
+
+def _differs(value: Any, default: Any) -> bool:
+    """Whether an option is not its default. A user's pass may hold an array, whose ``!=``
+    is elementwise (and ambiguous as a truth value): it counts as changed."""
+    try:
+        return bool(value != default)
+    except (TypeError, ValueError):
+        return True
+
+
+def _option_text(value: Any, limit: int = 200) -> str:
+    """An option's repr for a one-line spec; an array or other long value by its type."""
+    text = repr(value)
+    return text if len(text) <= limit and "\n" not in text else f"<{type(value).__name__}>"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 from onnx_shrink.compiler import spec
@@ -115,6 +116,25 @@ def test_recipes_in_utf8_with_a_byte_order_mark_are_read_and_other_encodings_are
 def test_describe_shows_only_changed_options():
     assert spec.describe(FoldPass()) == "fold"
     assert spec.describe(FoldPass(max_growth_bytes=8)) == "fold(max_growth_bytes=8)"
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskPass:
+    """A user's pass configured with an array, as custom passes are (masks, tables)."""
+
+    name = "mask"
+    mask: np.ndarray = dataclasses.field(default_factory=lambda: np.zeros(3))
+    label: str = "m"
+
+
+def test_describe_takes_array_options_by_their_type():
+    # An array's ``!=`` is elementwise: comparing it with its default raised ValueError and
+    # failed the run of any pass holding one.
+    assert spec.describe(MaskPass(mask=np.ones((3, 3)))) == "mask(mask=<ndarray>)"  # 3 lines
+    assert (
+        spec.describe(MaskPass(mask=np.ones(2), label="n"))
+        == "mask(mask=array([1., 1.]), label='n')"
+    )
 
 
 def test_pass_repr_is_its_full_configuration():
