@@ -33,7 +33,7 @@ from onnx_shrink.runtime_check import probe as probe_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check import sessions, shapes
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, Tolerances
 
 logger = logging.getLogger(__name__)
 
@@ -127,13 +127,14 @@ class CheckOptions:
         object.__setattr__(self, "input_shapes", preflight.parse_shapes(self.input_shapes))
 
     def each_pass_tolerances(self) -> Tolerances:
-        """The tolerances for --verify-each; without any given, cosine 0.999 and 1% accuracy."""
+        """The tolerances for --verify-each; without any given, ``DEFAULT_TOLERANCES``
+        (cosine 0.999, 1% accuracy, 99% of integer outputs' elements equal)."""
         if self.tolerances.any:
             return self.tolerances
         return VERIFY_EACH_DEFAULT
 
 
-VERIFY_EACH_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01).as_default()
+VERIFY_EACH_DEFAULT = DEFAULT_TOLERANCES
 
 
 def shrink(

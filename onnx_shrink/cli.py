@@ -117,6 +117,7 @@ def _tolerances(args: argparse.Namespace, default: Tolerances = Tolerances()) ->
         rtol=args.rtol,
         min_cosine=args.min_cosine,
         max_accuracy_drop=args.max_accuracy_drop,
+        min_agreement=args.min_agreement,
     )
     return given if given.any else default
 
@@ -292,6 +293,7 @@ def _refuse_idle_flags(args: argparse.Namespace) -> None:
         "--rtol": args.rtol is not None,
         "--min-cosine": args.min_cosine is not None,
         "--max-accuracy-drop": args.max_accuracy_drop is not None,
+        "--min-agreement": args.min_agreement is not None,
         "--layers": args.layers,
         "--runs": args.runs is not None,
     }

@@ -9,13 +9,13 @@ from onnx_shrink import __version__
 from onnx_shrink.api import CheckOptions
 from onnx_shrink.compiler import registry
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES
 
 DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
 LATENCY_SECONDS = CheckOptions().latency_seconds
 
 # `check` exists to give a verdict: without tolerances it uses these (printed in --help).
-CHECK_DEFAULT = Tolerances(min_cosine=0.999, max_accuracy_drop=0.01).as_default()
+CHECK_DEFAULT = DEFAULT_TOLERANCES
 
 EXAMPLES = """examples:
   onnx-shrink model.onnx --passes fold -o small.onnx
@@ -67,6 +67,12 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--min-cosine", type=float, help="lowest acceptable output cosine")
     group.add_argument(
         "--max-accuracy-drop", type=float, help="largest acceptable accuracy drop (0.01 = 1%%)"
+    )
+    group.add_argument(
+        "--min-agreement",
+        type=float,
+        help="lowest acceptable share of equal elements in integer or boolean outputs (class "
+        "ids, tags, masks), which cosine does not judge (0.99 = 99%%)",
     )
     group.add_argument("--layers", action="store_true", help="localize error per layer")
     group.add_argument(
@@ -157,7 +163,8 @@ def build_check_parser() -> argparse.ArgumentParser:
     )
     parser.epilog = (
         f"Without tolerance options: --min-cosine {CHECK_DEFAULT.min_cosine} "
-        f"--max-accuracy-drop {CHECK_DEFAULT.max_accuracy_drop}."
+        f"--max-accuracy-drop {CHECK_DEFAULT.max_accuracy_drop} "
+        f"--min-agreement {CHECK_DEFAULT.min_agreement}."
     )
     parser.add_argument("reference", help="the original .onnx")
     parser.add_argument("candidate", help="the compressed .onnx")

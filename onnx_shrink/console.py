@@ -142,6 +142,7 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
         "SNR dB",
         "NaN/Inf",
         "top-1 agree",
+        "equal",
     )
     for column in columns:
         table.add_column(column, justify="left" if column == "output" else "right")
@@ -155,6 +156,7 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
             _num(out.snr_db),
             f"{out.nan_count}/{out.inf_count}",
             "" if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
+            "" if out.agreement is None else f"{out.agreement:.2%}",
         )
     if numeric.reference_accuracy is not None:
         table.add_section()
@@ -166,6 +168,7 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
     notes = [f"not checked: {line}" for line in numeric.untested_branches]
+    notes += _unjudged_integers(numeric)
     worst = numeric.large_error
     if worst is not None:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
@@ -175,9 +178,30 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
             f"{worst.cosine:.4f}); --layers shows where the error first jumps, and for quant "
             "--sensitivity ranks the layers that cost it"
         )
+    changed = numeric.low_agreement
+    if changed is not None:
+        notes.append(
+            f"large change: {changed.agreement:.2%} of the elements of '{changed.name}' equal "
+            "the original's; --layers shows where the error first jumps"
+        )
     if notes:
         table.caption = escape("\n".join(notes))
     return table
+
+
+def _unjudged_integers(numeric: NumericReport) -> list[str]:
+    """A note where tolerances were given and none judges the integer outputs: cosine does
+    not (it means nothing on class ids), and a PASS should not hide changed tags."""
+    tolerances = numeric.tolerances
+    if not tolerances.any or tolerances.min_agreement is not None or tolerances.elementwise:
+        return []
+    names = [f"'{o.name}'" for o in numeric.outputs if o.integral]
+    if not names:
+        return []
+    return [
+        f"not judged: integer output {', '.join(names)} (cosine judges float outputs; "
+        "--min-agreement sets the share of elements that must stay equal)"
+    ]
 
 
 def layers_table(layers: LayerReport, top: int = 10) -> Table:

@@ -11,7 +11,7 @@ from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.errors import CandidateFailedError
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
 
 
 def verifier(
@@ -30,11 +30,23 @@ def verifier(
             )
         except CandidateFailedError as e:  # the pass broke the model: roll it back
             return pipeline.Verdict(ok=False, summary=str(e))
-        worst = min((o.cosine for o in report.outputs), default=1.0, key=_nan_lowest)
-        summary = "; ".join(report.failures) or f"lowest output cosine {worst:.6f}"
+        summary = "; ".join(report.failures) or _closest_call(report)
         return pipeline.Verdict(ok=report.passed, summary=summary)
 
     return verify
+
+
+def _closest_call(report: NumericReport) -> str:
+    """What came nearest to failing: the lowest cosine of a float output, and the lowest
+    share of equal elements of an integer one."""
+    floats = [o.cosine for o in report.outputs if not o.integral]
+    integers = [o.agreement for o in report.outputs if o.integral]
+    parts = []
+    if floats or not integers:
+        parts.append(f"lowest output cosine {min(floats, default=1.0, key=_nan_lowest):.6f}")
+    if integers:
+        parts.append(f"lowest integer output agreement {min(integers):.2%}")
+    return ", ".join(parts)
 
 
 def _nan_lowest(cosine: float) -> float:

@@ -2,9 +2,10 @@
 
 Per output: max / mean absolute error, relative error ``||c - r|| / ||r||``, cosine, SNR in
 dB (``10 log10(||r||^2 / ||c - r||^2)``), NaN/Inf counts, elements outside ``atol + rtol|r|``,
-top-1 agreement for classifier-like ``[N, C]`` outputs, and, with labels, task accuracy of
-both models. Accumulators keep sums, never outputs, so memory stays at one batch however many
-samples run, and the result does not depend on how samples were batched.
+top-1 agreement for classifier-like ``[N, C]`` outputs, the share of equal elements of integer
+and boolean outputs (class ids, tags, masks: the cosine of ids means nothing), and, with labels,
+task accuracy of both models. Accumulators keep sums, never outputs, so memory stays at one
+batch however many samples run, and the result does not depend on how samples were batched.
 """
 
 from __future__ import annotations
@@ -29,7 +30,12 @@ class Tolerances:
     atol: float | None = None
     rtol: float | None = None
     min_cosine: float | None = None
+    """judges float outputs"""
     max_accuracy_drop: float | None = None
+    min_agreement: float | None = None
+    """the share of elements equal to the reference's that an integer or boolean output must
+    keep (the cosine of class ids or tags means nothing: 0.85 where a third of the tags
+    changed)"""
     accuracy_required: bool = True
     """with ``max_accuracy_drop``: fail where no accuracy can be measured (no labels, or none
     an output can be scored on); False for defaults, which judge accuracy where they can"""
@@ -40,6 +46,7 @@ class Tolerances:
             "rtol": (self.rtol, 0.0, math.inf),
             "min_cosine": (self.min_cosine, -1.0, 1.0),
             "max_accuracy_drop": (self.max_accuracy_drop, 0.0, 1.0),
+            "min_agreement": (self.min_agreement, 0.0, 1.0),
         }
         for name, (value, low, high) in bounds.items():
             if value is not None and not low <= value <= high:  # NaN fails this too
@@ -58,13 +65,24 @@ class Tolerances:
     @property
     def any(self) -> bool:
         """Whether any criterion is set (else the check measures, and judges only NaN/Inf)."""
-        return any(
-            v is not None for v in (self.atol, self.rtol, self.min_cosine, self.max_accuracy_drop)
+        criteria = (
+            self.atol,
+            self.rtol,
+            self.min_cosine,
+            self.max_accuracy_drop,
+            self.min_agreement,
         )
+        return any(v is not None for v in criteria)
 
     def as_default(self) -> Tolerances:
         """These tolerances as defaults: accuracy judged only where it can be measured."""
         return dataclasses.replace(self, accuracy_required=False)
+
+
+DEFAULT_TOLERANCES = Tolerances(
+    min_cosine=0.999, max_accuracy_drop=0.01, min_agreement=0.99
+).as_default()
+"""``check``'s and ``--verify-each``'s tolerances where none is given."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,6 +101,14 @@ class OutputComparison:
     inf_count: int
     outside_tolerance: int
     top1_agreement: float | None
+    agreement: float | None = None
+    """integer and boolean outputs: the share of elements equal to the reference's; None
+    for float outputs"""
+
+    @property
+    def integral(self) -> bool:
+        """An integer or boolean output: judged by ``agreement``, not cosine."""
+        return self.agreement is not None
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -91,6 +117,9 @@ class OutputComparison:
 LOW_SNR_DB = 20.0
 """A worst output's SNR under which the check says the error is large (20 dB: an error of a
 tenth of the signal's amplitude)."""
+
+LOW_AGREEMENT = 0.9
+"""The share of equal elements under which the check says an integer output changed much."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -130,10 +159,21 @@ class NumericReport:
         means nothing on an all-zero reference (-inf at any difference), and NaN/Inf have
         their own count and failure: those outputs are left out."""
         finite = [
-            o for o in self.outputs if o.reference_max_abs > 0 and not o.nan_count + o.inf_count
+            o
+            for o in self.outputs
+            if o.reference_max_abs > 0 and not o.nan_count + o.inf_count and not o.integral
         ]
         worst = min(finite, key=lambda out: out.snr_db, default=None)
         return worst if worst is not None and worst.snr_db < LOW_SNR_DB else None
+
+    @property
+    def low_agreement(self) -> OutputComparison | None:
+        """The integer or boolean output with the fewest equal elements where under
+        ``LOW_AGREEMENT``, else None."""
+        worst = min(
+            (o for o in self.outputs if o.integral), key=lambda o: o.agreement, default=None
+        )
+        return worst if worst is not None and worst.agreement < LOW_AGREEMENT else None
 
     @property
     def accuracy_unmeasured(self) -> bool:
@@ -171,6 +211,8 @@ class ErrorAccumulator:
         self.top1_same = 0
         self.top1_rows = 0
         self.classifier_like = True
+        self.equal = 0
+        self.integral = False
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
@@ -183,10 +225,13 @@ class ErrorAccumulator:
         if reference.size == 0:
             return
         ref_all, cand_all = reference.ravel(), candidate.ravel()
+        self.integral = np.issubdtype(reference.dtype, np.integer) or reference.dtype == np.bool_
         # In chunks: float64 copies of a whole 128-line PP-OCRv4 rec output (34M values)
         # took seconds to allocate alone.
         for start in range(0, ref_all.size, CHUNK_ELEMENTS):
             stop = start + CHUNK_ELEMENTS
+            if self.integral:  # compared as stored: int64 ids past 2**53 are not float64s
+                self.equal += int(np.count_nonzero(ref_all[start:stop] == cand_all[start:stop]))
             self._add_flat(ref_all[start:stop], cand_all[start:stop])
         self._add_top1(reference, candidate)
 
@@ -276,6 +321,7 @@ class ErrorAccumulator:
             top1_agreement=(self.top1_same / self.top1_rows)
             if self.classifier_like and self.top1_rows
             else None,
+            agreement=(self.equal / self.count if self.count else 1.0) if self.integral else None,
         )
 
 
@@ -423,7 +469,13 @@ def judge(
                 f"atol={tolerances.atol or 0:g} + rtol={tolerances.rtol or 0:g}*|ref| "
                 f"(max abs error {out.max_abs_error:.3g})"
             )
-        if tolerances.min_cosine is not None and out.cosine < tolerances.min_cosine:
+        if out.integral:
+            if tolerances.min_agreement is not None and out.agreement < tolerances.min_agreement:
+                failures.append(
+                    f"output '{out.name}': {out.agreement:.2%} of its elements equal the "
+                    f"reference's < min agreement {tolerances.min_agreement:.10g}"
+                )
+        elif tolerances.min_cosine is not None and out.cosine < tolerances.min_cosine:
             failures.append(
                 f"output '{out.name}': cosine {out.cosine:.6f} < min {tolerances.min_cosine:.10g}"
             )

@@ -305,11 +305,13 @@ def _numeric_section(numeric: NumericReport) -> str:
             _num(o.snr_db, 3),
             f"{o.nan_count} / {o.inf_count}",
             _pct(o.top1_agreement),
+            _pct(o.agreement),
         ]
         for o in numeric.outputs
     ]
     header = ["output", "max abs", "mean abs", "relative", "cosine", "SNR dB", "NaN / Inf"]
-    parts = ["<section>\n<h2>Numerics</h2>", _table([*header, "top-1 agreement"], rows)]
+    header += ["top-1 agreement", "elements equal"]
+    parts = ["<section>\n<h2>Numerics</h2>", _table(header, rows)]
     if numeric.reference_accuracy is not None or numeric.candidate_accuracy is not None:
         ref, cand = numeric.reference_accuracy, numeric.candidate_accuracy
         drop = f"{100 * (ref - cand):.2f} points" if ref is not None and cand is not None else "—"
