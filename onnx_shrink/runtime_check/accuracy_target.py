@@ -176,6 +176,7 @@ def meet_target(
         ShrinkError: the model has no float output computed by its graph.
     """
     started = time.perf_counter()
+    model = _scored_view(model)
     combined_mod.compared_outputs(model, f"{quant.name}.max_error")
     plain = dataclasses.replace(quant, max_error=math.inf)
     whole = dataclasses.replace(plain, bias_correction=False)
@@ -207,6 +208,15 @@ def meet_target(
     )
     _warn(outcome)
     return dataclasses.replace(plain, exclude=exclude), outcome, report
+
+
+def _scored_view(model: ir.Model) -> ir.Model:
+    """``model``, or where its outputs are integers (a tagger's ArgMax) a copy that also
+    outputs the float values they are decided from: the target is an error of those."""
+    if combined_mod.computes_float_output(model):
+        return model
+    view = model.clone()
+    return view if combined_mod.add_scored_outputs(view) else model
 
 
 def _ranked(

@@ -18,10 +18,12 @@ than one full run per change, the copies run beside the unedited graph in one co
 from __future__ import annotations
 
 import collections
+import logging
 from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
+import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
@@ -29,6 +31,8 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.collect import Progress
 from onnx_shrink.runtime_check.layers import FLOAT_TYPES
+
+logger = logging.getLogger(__name__)
 
 
 def compared_outputs(model: ir.Model, who: str) -> list[int]:
@@ -45,6 +49,63 @@ def compared_outputs(model: ir.Model, who: str) -> list[int]:
     if not indices:
         raise ShrinkError(f"{who}: the model has no float output computed by its graph")
     return indices
+
+
+def computes_float_output(model: ir.Model) -> bool:
+    """Whether a graph output is a float value a node computes."""
+    return any(v.producer() is not None and v.dtype in FLOAT_TYPES for v in model.graph.outputs)
+
+
+SCORE_DEPTH = 8
+"""Nodes walked back from an integer output to the float values it is decided from."""
+
+
+def add_scored_outputs(model: ir.Model) -> list[str]:
+    """Where ``model`` has no float output computed by its graph, make the float values its
+    integer and boolean outputs are decided from graph outputs too (in place), and return
+    their names: a tagger's or a classifier's ``ArgMax`` reads its scores, a mask's
+    ``Greater`` its probabilities. Their error is what the measurements rank by: that of ids
+    is no distance. Nothing is added where a float output exists, or where an integer output
+    comes from no float value within ``SCORE_DEPTH`` nodes."""
+    outputs = model.graph.outputs
+    if computes_float_output(model):
+        return []
+    try:  # the walk tells floats by their types: an exporter may have left them unannotated
+        common_passes.ShapeInferencePass(strict_mode=False)(model)
+    except Exception as e:  # noqa: BLE001 - then only the annotated values are found
+        logger.info("shape inference failed (%s); unannotated values are not scored", e)
+    added: list[str] = []
+    for value in list(outputs):
+        for score in _float_sources(value):
+            if score not in outputs:
+                outputs.append(score)
+                added.append(score.name or "")
+    if added:
+        logger.info(
+            "the model's outputs are integers; errors are measured on the float values they "
+            "are decided from: %s",
+            ", ".join(added),
+        )
+    return added
+
+
+def _float_sources(value: ir.Value) -> list[ir.Value]:
+    """The computed float inputs of the first node upstream of ``value`` that has any,
+    following computed inputs back through at most ``SCORE_DEPTH`` nodes."""
+    frontier = [value]
+    for _ in range(SCORE_DEPTH):
+        # Shape and Size read no values: a float input of theirs decides nothing.
+        nodes = {v.producer() for v in frontier} - {None}
+        nodes = {node for node in nodes if node.op_type not in ("Shape", "Size")}
+        if not nodes:
+            return []
+        inputs = [v for node in nodes for v in node.inputs if v is not None]
+        computed = list(dict.fromkeys(v for v in inputs if v.producer() is not None))
+        floats = [v for v in computed if v.dtype in FLOAT_TYPES]
+        if floats:
+            return floats
+        frontier = computed
+    return []
 
 
 def separator(model: ir.Model) -> str:

@@ -105,6 +105,7 @@ def measure(
         raise ShrinkError("probe: probe keys must be unique")
     base = model.clone()
     io.unshare_tensors(base)
+    combined_mod.add_scored_outputs(base)
     outputs = combined_mod.compared_outputs(base, "probe")
     setting = _Setting(base, outputs, combined_mod.separator(base), provider, batch, progress)
     sums: dict[str, _Sums] = {}

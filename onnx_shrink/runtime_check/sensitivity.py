@@ -79,6 +79,7 @@ def sensitivity(
     quant = dataclasses.replace(quant, max_error=math.inf)  # each layer alone, as given
     base = model.clone()
     io.unshare_tensors(base)
+    combined_mod.add_scored_outputs(base)
     names = {}
     for original, copy in zip(model.graph, base.graph, strict=True):
         names[copy] = original.name or ""

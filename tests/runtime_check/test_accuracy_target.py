@@ -8,8 +8,10 @@ import logging
 import shlex
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 import pytest
+from onnx import TensorProto, helper
 
 from models import digits
 from onnx_shrink import shrink
@@ -296,10 +298,8 @@ def test_a_missed_target_is_not_said_met_where_every_layer_float_measured_least(
     assert "NOT met" in outcome.summary() and "nothing is quantized" not in outcome.summary()
 
 
-def test_a_model_without_float_outputs_is_refused_by_the_target_it_cannot_measure():
-    import onnx
-    from onnx import TensorProto, helper
-
+def _argmax_classifier(scale: float = 0.1) -> onnx.ModelProto:
+    """x [N, 4] -> MatMul -> ArgMax: a class id per sample, no float output."""
     graph = helper.make_graph(
         [
             helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
@@ -308,10 +308,35 @@ def test_a_model_without_float_outputs_is_refused_by_the_target_it_cannot_measur
         "g",
         [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
         [helper.make_tensor_value_info("label", TensorProto.INT64, [None, 1])],
-        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1 * i for i in range(12)])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [scale * i for i in range(12)])],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     onnx.checker.check_model(model)
+    return model
+
+
+def test_a_classifier_ending_in_argmax_is_measured_on_the_scores_it_reads():
+    # Class ids have no relative error; the scores the ArgMax reads have. The model written
+    # keeps its one output.
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
+    result = shrink(_argmax_classifier(), [QuantPass(max_error=0.1)], calibration=data, check=False)
+    (outcome,) = result.accuracy_targets
+    assert outcome.met and 0 < outcome.error <= 0.1
+    assert [v.name for v in result.model.graph.outputs] == ["label"]
+
+
+def test_a_model_whose_outputs_no_float_decides_is_refused_by_the_target():
+    graph = helper.make_graph(
+        [
+            helper.make_node("MatMul", ["x", "w"], ["y"], name="mm"),
+            helper.make_node("Shape", ["y"], ["shape"], name="shape"),
+        ],
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [None, 4])],
+        [helper.make_tensor_value_info("shape", TensorProto.INT64, [2])],
+        [helper.make_tensor("w", TensorProto.FLOAT, [4, 3], [0.1 * i for i in range(12)])],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
     data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
     with pytest.raises(ShrinkError, match="quant.max_error: the model has no float output"):
         shrink(model, [QuantPass(max_error=0.1)], calibration=data, check=False)

@@ -14,6 +14,11 @@ import pytest
 
 from onnx_shrink import shrink
 from onnx_shrink.api import CheckOptions
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import combined as combined_mod
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.compare import (
     DEFAULT_TOLERANCES,
     ErrorAccumulator,
@@ -155,3 +160,36 @@ def test_verify_each_rolls_back_a_pass_that_changes_tags_and_says_by_how_much(ta
     )
     assert not kept.steps[0].rolled_back
     assert kept.steps[0].verdict == f"lowest integer output agreement {agreement:.2%}"
+
+
+def test_sensitivity_ranks_a_tagger_by_the_scores_its_argmax_reads(tagger_files):
+    reference, _, data, _ = tagger_files
+    model = io.load(reference)
+    report = sensitivity_mod.sensitivity(
+        model, QuantPass(), data_mod.prepare(data_mod.specs_from_model(model), data)
+    )
+    (layer,) = report.layers
+    assert layer.op_type == "MatMul" and layer.output == "scores"
+    assert 0 < layer.relative_error < 0.1
+    assert [v.name for v in model.graph.outputs] == ["tags"]  # the caller's model untouched
+
+
+def test_scores_are_found_behind_casts_and_not_behind_shapes():
+    cast = make_model(
+        [
+            onnx.helper.make_node("Relu", ["x"], ["r"]),
+            onnx.helper.make_node("ArgMax", ["r"], ["ids"], axis=-1),
+            onnx.helper.make_node("Cast", ["ids"], ["ids32"], to=onnx.TensorProto.INT32),
+            onnx.helper.make_node("Shape", ["r"], ["shape"]),
+        ],
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
+        [
+            onnx.helper.make_tensor_value_info("ids32", onnx.TensorProto.INT32, [2, 1]),
+            onnx.helper.make_tensor_value_info("shape", onnx.TensorProto.INT64, [2]),
+        ],
+        {},
+    )
+    model = ir.serde.deserialize_model(cast)
+    assert combined_mod.add_scored_outputs(model) == ["r"]  # once, though two outputs read it
+    assert [v.name for v in model.graph.outputs] == ["ids32", "shape", "r"]
+    assert combined_mod.add_scored_outputs(model) == []  # a float output now exists

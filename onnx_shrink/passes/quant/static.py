@@ -149,7 +149,8 @@ class QuantPass(DataAwarePass):
     max_error: float = option(
         math.inf,
         "accuracy target: the largest relative error ||y_q - y|| / ||y|| (L2, over all the "
-        "calibration samples) any float output may have against the model the pass gets; "
+        "calibration samples) any float output may have against the model the pass gets "
+        "(integer outputs: the float scores an ArgMax or comparison reads); "
         "shrink() keeps the worst layers float (as --sensitivity ranks them) until it holds, "
         "and adds them to exclude (inf: none)",
         minimum=0.0,
