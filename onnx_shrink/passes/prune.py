@@ -30,8 +30,8 @@ from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import half_weights, refit_budget
 from onnx_shrink.passes import reconstruct as refitting
-from onnx_shrink.passes import refit_budget
 from onnx_shrink.passes.prune_layers import Layer, find_layers
 from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
 
@@ -157,6 +157,7 @@ class PrunePass(DataAwarePass):
         return any(p == s or re.fullmatch(p, s) for p in self.exclude for s in names)
 
     def _layers(self, model: ir.Model, skipped: list[str] | None = None) -> list[Layer]:
+        half_weights.lift(model)  # apply puts back the float16 storage of each
         if model.ir_version >= 4:
             size_limit = max(self.min_elements, 1)
             common_passes.LiftConstantsToInitializersPass(False, size_limit)(model)
@@ -180,6 +181,12 @@ class PrunePass(DataAwarePass):
         return self.apply(model, Statistics(results={}, samples=0, source="none"))
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        try:
+            return self._prune(model, stats)
+        finally:
+            half_weights.restore(model)
+
+    def _prune(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         skipped: list[str] = []
         layers = self._layers(model, skipped)
         if not layers:

@@ -19,7 +19,8 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
-from onnx_shrink.passes.quant import compact, half_weights, recurrent
+from onnx_shrink.passes import half_weights
+from onnx_shrink.passes.quant import compact, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,

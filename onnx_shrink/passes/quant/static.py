@@ -24,6 +24,7 @@ from onnx_shrink.compiler.statistics import (
     Statistics,
     StatRequest,
 )
+from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import (
     bias_correction,
     calibration,
@@ -31,7 +32,6 @@ from onnx_shrink.passes.quant import (
     derived,
     float_reasons,
     fuse_bias,
-    half_weights,
     parameters,
     placement,
     value_types,

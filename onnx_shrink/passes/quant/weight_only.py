@@ -21,7 +21,8 @@ import onnx_ir as ir
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.passes.quant import gptq_grams, half_weights
+from onnx_shrink.passes import half_weights
+from onnx_shrink.passes.quant import gptq_grams
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,

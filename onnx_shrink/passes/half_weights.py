@@ -1,14 +1,15 @@
 """Weights stored in half precision behind a Cast to float32 ("fp16 weights, fp32 maths": a
-MobileNetV4 embedder with 93 such Casts, the float islands ``fp16`` leaves), quantized like
-float32 ones.
+MobileNetV4 embedder with 93 such Casts, the float islands ``fp16`` leaves), quantized and
+pruned like float32 ones.
 
-``fold`` keeps such a Cast: computing it would double the weight's bytes. The quant passes
-need the weight as a constant, so ``lift`` replaces each Cast of a float16/bfloat16
-initializer that is read only as a weight (exactly: half precision widens to float32
-without rounding) by the float32 initializer it computes, and ``restore`` puts back the half
-precision storage and its Cast for every one the pass then left float: a layer the pass
-excludes costs no more bytes than before. Main graph only, where the statistics engine
-measures.
+``fold`` keeps such a Cast: computing it would double the weight's bytes. The quant and
+prune passes need the weight as a constant, so ``lift`` replaces each Cast of a
+float16/bfloat16 initializer that is read only as a weight (exactly: half precision widens to
+float32 without rounding) by the float32 initializer it computes, and ``restore`` puts back
+the half-precision storage and its Cast for every one still read as such after the pass: a
+layer the pass excludes costs no more bytes than before, and a pruned one keeps its zeros
+(values a pass rewrote, a refit's, round to the half type they came in). Main graph only,
+where the statistics engine measures.
 """
 
 from __future__ import annotations
@@ -25,7 +26,8 @@ WEIGHT_SLOTS = {
 }
 """The inputs quant passes read as constants: weights (tables), and biases"""
 _MARK = "onnx_shrink.half_weight"
-"""``Value.meta`` key of a lifted weight: (its half-precision initializer's name, tensor)"""
+"""``Value.meta`` key of a lifted weight: its half-precision initializer's name, its Cast's
+name, and the half type's numpy dtype"""
 
 
 def lift(model: ir.Model) -> int:
@@ -38,9 +40,9 @@ def lift(model: ir.Model) -> int:
             continue
         source, out = node.inputs[0], node.outputs[0]
         assert source is not None and source.const_value is not None
-        widened = source.const_value.numpy().astype(np.float32)
-        lifted = graph_edit.add_initializer(graph, out.name, widened)
-        lifted.meta[_MARK] = (source.name, source.const_value)
+        half = source.const_value.numpy()
+        lifted = graph_edit.add_initializer(graph, out.name, half.astype(np.float32))
+        lifted.meta[_MARK] = (source.name, node.name, half.dtype)
         ir.convenience.replace_all_uses_with(out, lifted)
         graph.remove(node, safe=True)
         if not source.uses() and source.name in graph.initializers:
@@ -51,28 +53,29 @@ def lift(model: ir.Model) -> int:
 
 def restore(model: ir.Model) -> int:
     """Put each weight ``lift`` made float32 that is still read as such back in half
-    precision behind a Cast (as it was, at the start of the graph); returns how many."""
+    precision (its current values: exact where the pass left them) behind a Cast of the
+    old name, before its first reader; returns how many."""
     graph = model.graph
     lifted_ones = [v for v in graph.initializers.values() if _MARK in v.meta]
     if not lifted_ones:
         return 0
     taken = graph_edit.value_names(graph)
+    position = {node: i for i, node in enumerate(graph)}
     count = 0
     for lifted in lifted_ones:
         graph.initializers.pop(lifted.name)
         if not lifted.uses():
             continue
-        name, tensor = lifted.meta[_MARK]
-        half = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), tensor.numpy())
-        cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)})
+        name, cast_name, dtype = lifted.meta[_MARK]
+        assert lifted.const_value is not None
+        values = lifted.const_value.numpy().astype(dtype)
+        half = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), values)
+        cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=cast_name)
+        first = min((use.node for use in lifted.uses()), key=position.__getitem__)
         ir.convenience.replace_all_uses_with(lifted, cast.outputs[0])
         cast.outputs[0].name = lifted.name
         cast.outputs[0].type, cast.outputs[0].shape = lifted.type, lifted.shape
-        first = next(iter(graph), None)
-        if first is None:
-            graph.append(cast)
-        else:
-            graph.insert_before(first, cast)
+        graph.insert_before(first, cast)
         count += 1
     return count
 

@@ -15,7 +15,7 @@ import pytest
 
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io
-from onnx_shrink.passes.quant import half_weights
+from onnx_shrink.passes import half_weights
 from tests.helpers import make_model, run_ort
 
 F = onnx.TensorProto.FLOAT
@@ -164,3 +164,27 @@ def test_a_conv_whose_weight_is_computed_is_said_so(caplog):
         shrink(proto, "quant", data=data, check=False)
     assert "weight is not a constant" in caplog.text, caplog.text
     assert "no range measured" not in caplog.text
+
+
+def test_prune_zeroes_half_weights_and_keeps_their_float16_storage():
+    proto = _half_weight_model()
+    model = shrink(proto, "prune", sets=["prune.sparsity=0.5"], check=False).model
+    casts = {n.outputs[0].name: n for n in model.graph if n.op_type == "Cast"}
+    assert sorted(casts) == ["cb", "cw", "mw"]  # where they were, by the same names
+    assert casts["mw"].name == "cast_mw"
+    for name in ("cw", "mw"):
+        half = casts[name].inputs[0]
+        assert half.dtype == onnx.TensorProto.FLOAT16
+        assert np.mean(half.const_value.numpy() == 0) == pytest.approx(0.5, abs=0.01), name
+    # The pruned model is no larger: no float32 copy of a weight.
+    assert len(io.to_bytes(model)) <= proto.ByteSize() + 256
+    assert 0 < _error(io.to_bytes(model), proto) < 0.9
+
+
+def test_a_refit_prune_rounds_its_new_half_weights_to_float16():
+    proto = _half_weight_model()
+    sets = ["prune.sparsity=0.5", "prune.method=wanda"]
+    model = shrink(proto, "prune", sets=sets, calibration=_data(32, seed=0), check=False).model
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    half = matmul.inputs[1].producer().inputs[0].const_value.numpy()
+    assert half.dtype == np.float16 and np.mean(half == 0) == pytest.approx(0.5, abs=0.01)
