@@ -24,7 +24,7 @@ from onnx_shrink.compiler.options import (
 )
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth
+from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weights
 
 logger = logging.getLogger(__name__)
 
@@ -145,6 +145,7 @@ class Float16Pass(DataAwarePass):
     def requests(self, model: ir.Model) -> list[StatRequest]:
         # Here, not in apply: requests see the model as the pipeline hands it over.
         warn_unmatched_exclusions(model, self.name, self.exclude)
+        half_weights.lift(model)  # weights, not activations: apply puts back those left
         asked = [op for op in self.block_ops if op not in DEFAULT_BLOCK_OPS]
         warn_unmatched_op_types(model, f"{self.name}.block_ops", asked)
         dtypes = fp16_types.tensor_dtypes(model)
@@ -153,8 +154,14 @@ class Float16Pass(DataAwarePass):
         return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        # A float16 weight behind a Cast to float32 is a float32 weight to convert: the
+        # node then reads it as stored, with no Cast; one in a float island gets it back.
+        half_weights.lift(model)
         error_before = large_tensors.load_error(model)
-        modified = _Conversion(self, model).run(stats)
+        try:
+            modified = _Conversion(self, model).run(stats)
+        finally:
+            half_weights.restore(model)
         error = large_tensors.load_error(model) if modified else None
         if error is not None and error_before is None:
             raise ShrinkError(f"fp16: the converted model fails type inference: {error}")

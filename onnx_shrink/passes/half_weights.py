@@ -1,14 +1,15 @@
 """Weights stored in half precision behind a Cast to float32 ("fp16 weights, fp32 maths": a
-MobileNetV4 embedder with 93 such Casts, the float islands ``fp16`` leaves), quantized and
-pruned like float32 ones.
+MobileNetV4 embedder with 93 such Casts, the float islands ``fp16`` leaves), quantized,
+pruned and converted like float32 ones.
 
 ``fold`` keeps such a Cast: computing it would double the weight's bytes. The quant and
 prune passes need the weight as a constant, so ``lift`` replaces each Cast of a
 float16/bfloat16 initializer that is read only as a weight (exactly: half precision widens to
 float32 without rounding) by the float32 initializer it computes, and ``restore`` puts back
-the half-precision storage and its Cast for every one still read as such after the pass: a
-layer the pass excludes costs no more bytes than before, and a pruned one keeps its zeros
-(values a pass rewrote, a refit's, round to the half type they came in). Main graph only,
+the half-precision storage and its Cast for every one still a float32 weight after the pass:
+a layer the pass excludes costs no more bytes than before, and a pruned one keeps its zeros
+(values a pass rewrote, a refit's, round to the half type they came in). One the pass
+stored in another type (``fp16``: float16 itself) stays as the pass left it. Main graph only,
 where the statistics engine measures.
 """
 
@@ -63,10 +64,12 @@ def restore(model: ir.Model) -> int:
     position = {node: i for i, node in enumerate(graph)}
     count = 0
     for lifted in lifted_ones:
+        name, cast_name, dtype = lifted.meta.pop(_MARK)
+        if lifted.dtype != ir.DataType.FLOAT:  # the pass stored it in a type of its own (fp16)
+            continue
         graph.initializers.pop(lifted.name)
         if not lifted.uses():
             continue
-        name, cast_name, dtype = lifted.meta[_MARK]
         assert lifted.const_value is not None
         values = lifted.const_value.numpy().astype(dtype)
         half = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), values)

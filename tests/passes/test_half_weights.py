@@ -188,3 +188,18 @@ def test_a_refit_prune_rounds_its_new_half_weights_to_float16():
     matmul = next(n for n in model.graph if n.op_type == "MatMul")
     half = matmul.inputs[1].producer().inputs[0].const_value.numpy()
     assert half.dtype == np.float16 and np.mean(half == 0) == pytest.approx(0.5, abs=0.01)
+
+
+def test_fp16_runs_half_weights_as_stored_and_an_island_keeps_its_cast():
+    proto = _half_weight_model()
+    data = _data(16, seed=0)
+    model = shrink(proto, "fp16", calibration=data, check=False).model
+    assert "Cast" not in [n.op_type for n in model.graph if n.inputs[0].is_initializer()]
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    assert conv.inputs[1].is_initializer() and conv.inputs[1].dtype == onnx.TensorProto.FLOAT16
+    assert _error(io.to_bytes(model), proto) < 0.01
+    island = shrink(proto, "fp16", sets=["fp16.exclude=matmul"], calibration=data, check=False)
+    matmul = next(n for n in island.model.graph if n.op_type == "MatMul")
+    cast = matmul.inputs[1].producer()
+    assert cast.op_type == "Cast" and cast.inputs[0].dtype == onnx.TensorProto.FLOAT16
+    assert len(io.to_bytes(island.model)) <= proto.ByteSize() + 256
