@@ -29,7 +29,7 @@ from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_no_change
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
-from onnx_shrink.passes import channel_refit
+from onnx_shrink.passes import channel_refit, half_weights
 from onnx_shrink.passes import reconstruct as refitting
 from onnx_shrink.passes.channel_groups import (
     RULES,
@@ -154,6 +154,12 @@ class PruneChannelsPass(DataAwarePass):
         return self.apply(model, None)
 
     def apply(self, model: ir.Model, stats: Statistics | None) -> ir.passes.PassResult:
+        try:
+            return self._prune(model, stats)
+        finally:
+            half_weights.restore(model)  # sliced, in their half type again
+
+    def _prune(self, model: ir.Model, stats: Statistics | None) -> ir.passes.PassResult:
         plans, declined = [], []
         for group in self.groups(model):
             if group.reason is not None:
@@ -190,7 +196,9 @@ class PruneChannelsPass(DataAwarePass):
         return f"ratio={self.ratio:g} rounds to no channel at round_to={self.round_to}"
 
     def groups(self, model: ir.Model) -> list[Group]:
-        """Every candidate group; excluded ones carry the reason "excluded"."""
+        """Every candidate group; excluded ones carry the reason "excluded". Weights stored
+        in half precision behind a Cast are made float32 constants (``half_weights``)."""
+        half_weights.lift(model)
         groups = analyse(model, heads=self.heads)
         for group in groups:
             if group.reason is None and any(self._excluded(n) for n in group.sources):

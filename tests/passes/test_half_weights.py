@@ -203,3 +203,16 @@ def test_fp16_runs_half_weights_as_stored_and_an_island_keeps_its_cast():
     cast = matmul.inputs[1].producer()
     assert cast.op_type == "Cast" and cast.inputs[0].dtype == onnx.TensorProto.FLOAT16
     assert len(io.to_bytes(island.model)) <= proto.ByteSize() + 256
+
+
+def test_prune_channels_slices_half_weights_and_keeps_their_float16_storage():
+    proto = _half_weight_model()
+    model = shrink(proto, "prune-channels", sets=["prune-channels.ratio=0.5"], check=False).model
+    conv = next(n for n in model.graph if n.op_type == "Conv")
+    weight, bias = (conv.inputs[i].producer() for i in (1, 2))
+    assert weight.op_type == bias.op_type == "Cast"
+    assert weight.inputs[0].dtype == onnx.TensorProto.FLOAT16
+    assert weight.inputs[0].const_value.shape[0] < 16  # output channels cut
+    assert len(io.to_bytes(model)) < 0.75 * proto.ByteSize()  # no float32 copies
+    feed = _data(4, seed=1)
+    assert run_ort(io.to_bytes(model), feed)[0].shape == (4, 32)
