@@ -26,6 +26,7 @@ from onnx_shrink.errors import (
     RunFailedError,
     ShrinkError,
 )
+from onnx_shrink.frozen_heap import frozen_heap
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -137,6 +138,7 @@ class CheckOptions:
 VERIFY_EACH_DEFAULT = DEFAULT_TOLERANCES
 
 
+@frozen_heap
 def shrink(
     model: io.ModelSource,
     passes: str | Sequence[spec.PassLike] | None = "fold",
