@@ -23,6 +23,7 @@ back (``TargetOutcome.rolled_back``).
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import logging
 import math
@@ -31,9 +32,9 @@ import time
 import onnx_ir as ir
 
 from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import checker, sample_batches
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sample_batches
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.collect import Progress
 from onnx_shrink.runtime_check.sensitivity_report import (
@@ -178,13 +179,30 @@ def meet_target(
     started = time.perf_counter()
     model = _scored_view(model)
     combined_mod.compared_outputs(model, f"{quant.name}.max_error")
+    with contextlib.ExitStack() as stack:
+        # Every measurement compares with the float model on the same data: it runs once.
+        reference = checker.Reference.open(model, stack)
+        return _meet(model, quant, dataset, provider, progress, hint, reference, started)
+
+
+def _meet(
+    model: ir.Model,
+    quant: QuantPass,
+    dataset: data_mod.Dataset,
+    provider: str,
+    progress: Progress | None,
+    hint: bool,
+    reference: checker.Reference,
+    started: float,
+) -> tuple[QuantPass, TargetOutcome | None, SensitivityReport | None]:
+    """``meet_target`` with the float model opened (``reference``)."""
     plain = dataclasses.replace(quant, max_error=math.inf)
     whole = dataclasses.replace(plain, bias_correction=False)
     first = None
     if not hint:  # the report measures the whole pass itself
         with sensitivity_mod.quiet(*sensitivity_mod.QUIET):
             first = sensitivity_mod.worst_error(
-                model, whole, dataset, provider=provider, progress=progress
+                model, whole, dataset, provider=provider, progress=progress, reference=reference
             )
         if not first.quantized:
             return plain, None, None  # the pass says itself that it quantizes nothing
@@ -195,7 +213,7 @@ def meet_target(
     report = _ranked(model, plain, dataset, hint, provider, progress)
     if not report.layers:
         return plain, None, report
-    search = _Search(model, whole, report, dataset, provider, progress)
+    search = _Search(model, whole, report, dataset, provider, progress, reference)
     if first is not None:
         search.attempts[search.patterns(0)] = Attempt.of(0, 0, first)
         search.samples = first.samples
@@ -302,9 +320,10 @@ class _Search:
     """The measurements of the whole pass with the k worst layers float, by the ``exclude``
     patterns they make (different k can make the same: unnamed or inert layers)."""
 
-    def __init__(self, model, whole, report, dataset, provider, progress) -> None:
+    def __init__(self, model, whole, report, dataset, provider, progress, reference) -> None:
         self.model, self.whole, self.report = model, whole, report
         self.dataset, self.provider, self.progress = dataset, provider, progress
+        self.reference = reference
         self.attempts: dict[tuple[str, ...], Attempt] = {}
         self.samples = report.samples
         self.spent = False
@@ -337,7 +356,12 @@ class _Search:
         if patterns not in self.attempts:
             config = dataclasses.replace(self.whole, exclude=patterns)
             measured = sensitivity_mod.worst_error(
-                self.model, config, self.dataset, provider=self.provider, progress=self.progress
+                self.model,
+                config,
+                self.dataset,
+                provider=self.provider,
+                progress=self.progress,
+                reference=self.reference,
             )
             self.samples = measured.samples
             added = len(patterns) - len(self.whole.exclude)

@@ -11,6 +11,7 @@ import contextlib
 import dataclasses
 import logging
 import os
+import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
@@ -29,6 +30,7 @@ from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import layers as layers_mod
 from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
 
 logger = logging.getLogger(__name__)
 
@@ -86,12 +88,28 @@ def _load(model: AnyModel, label: str) -> _Loaded:
 
 
 @dataclasses.dataclass(frozen=True)
+class Reference:
+    """A reference loaded once, its runs' outputs kept (``KeptRuns``), for ``compare``
+    with many candidates on the same data: each feed runs once. ``open`` it in an ExitStack
+    that outlives the comparisons: closing it deletes the kept outputs."""
+
+    loaded: _Loaded
+    kept: KeptRuns
+
+    @classmethod
+    def open(cls, model: AnyModel, stack: contextlib.ExitStack) -> Reference:
+        prefix = "onnx-shrink-reference-"
+        folder = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix=prefix)))
+        return cls(_load(model, "reference"), KeptRuns(folder))
+
+
+@dataclasses.dataclass(frozen=True)
 class _Pair:
     """Both models loaded and validated, a session for each, and the checked data."""
 
     ref: _Loaded
     cand: _Loaded
-    ref_session: ort.InferenceSession
+    ref_session: ort.InferenceSession | CachedRuns
     cand_session: ort.InferenceSession
     specs: list[data_mod.InputSpec]
     dataset: data_mod.Dataset
@@ -100,9 +118,16 @@ class _Pair:
 
 
 def _open(
-    reference: AnyModel, candidate: AnyModel, data: DataSource, labels, input_shapes, provider
+    reference: AnyModel | Reference,
+    candidate: AnyModel,
+    data: DataSource,
+    labels,
+    input_shapes,
+    provider,
 ) -> _Pair:
-    ref, cand = _load(reference, "reference"), _load(candidate, "candidate")
+    kept = reference if isinstance(reference, Reference) else None
+    ref = kept.loaded if kept is not None else _load(reference, "reference")
+    cand = _load(candidate, "candidate")
     specs = data_mod.specs_from_model(ref.model)
     dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
     watch = branches_mod.BranchWatch.of(ref.model, cand.model)
@@ -111,6 +136,8 @@ def _open(
         # The conditions as extra outputs; the weights shared, not copied.
         ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
     ref_session = sessions.create_session(ref_source, provider=provider)
+    if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
+        ref_session = CachedRuns(ref_session, kept.kept)
     try:
         cand_session = sessions.create_session(cand.source, provider=provider)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
@@ -139,7 +166,7 @@ def _open(
 
 
 def compare(
-    reference: AnyModel,
+    reference: AnyModel | Reference,
     candidate: AnyModel,
     data: DataSource = None,
     *,
@@ -148,7 +175,8 @@ def compare(
     tolerances: Tolerances = Tolerances(),
     provider: str = "cpu",
 ) -> NumericReport:
-    """Run both models on the same inputs and compare every output (see ``NumericReport``)."""
+    """Run both models on the same inputs and compare every output (see ``NumericReport``).
+    A ``Reference`` runs each feed once over many calls."""
     pair = _open(reference, candidate, data, labels, input_shapes, provider)
     return _numeric(pair, tolerances)[0]
 

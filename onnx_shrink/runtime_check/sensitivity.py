@@ -215,24 +215,34 @@ def worst_error(
     *,
     provider: str = "cpu",
     progress: Progress | None = None,
+    reference: checker.Reference | None = None,
 ) -> Measured:
     """``model`` quantized by ``config``, measured against ``model`` itself (not modified):
     the worst float output's relative error (``OutputComparison.relative_error``, over all
     samples of ``data``; NaN/Inf where the float model is finite: ∞). ``config`` calibrates
     on ``data`` as a run of it would (its own statistics); a follow-up it asks for (bias
-    correction) is not made."""
+    correction) is not made. ``reference``: ``model`` opened for many measurements (its
+    runs kept)."""
     copy = model.clone()
     io.unshare_tensors(copy)
     measured = collect_mod.collect(
         copy, config.requests(copy), data, provider=provider, progress=progress
     )
     stats = config.completed_statistics(copy, measured)
-    return _measured(model, config.bind(stats)(copy), data, provider)
+    return _measured(model, config.bind(stats)(copy), data, provider, reference)
 
 
-def _measured(base: ir.Model, result: ir.passes.PassResult, data, provider: str) -> Measured:
-    """``result``'s model against ``base`` over the float outputs the layers are ranked by."""
-    numeric = checker.compare(base, result.model, data, provider=provider)
+def _measured(
+    base: ir.Model,
+    result: ir.passes.PassResult,
+    data: data_mod.Dataset,
+    provider: str,
+    reference: checker.Reference | None = None,
+) -> Measured:
+    """``result``'s model against ``base`` (or ``reference``, ``base`` opened) over the
+    float outputs the layers are ranked by."""
+    against = reference if reference is not None else base
+    numeric = checker.compare(against, result.model, data, provider=provider)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
     error = max(o.relative_error for o in numeric.outputs if o.name in names)
     size = large_tensors.saved_bytes(result.model)

@@ -152,7 +152,7 @@ def _search(errors: dict[int, float], monkeypatch, report=None) -> tuple:
         return sensitivity_mod.Measured(error, 0, 1, len(config.exclude) < len(report.layers))
 
     monkeypatch.setattr(accuracy_target.sensitivity_mod, "worst_error", worst_error)
-    return accuracy_target._Search(None, QuantPass(), report, None, "cpu", None), measured
+    return accuracy_target._Search(None, QuantPass(), report, None, "cpu", None, None), measured
 
 
 def test_the_search_doubles_then_bisects_to_the_fewest_layers_that_meet_the_target(monkeypatch):
