@@ -95,8 +95,8 @@ def _float_sources(value: ir.Value) -> list[ir.Value]:
     frontier = [value]
     for _ in range(SCORE_DEPTH):
         # Shape and Size read no values: a float input of theirs decides nothing.
-        nodes = {v.producer() for v in frontier} - {None}
-        nodes = {node for node in nodes if node.op_type not in ("Shape", "Size")}
+        producers = (v.producer() for v in frontier)
+        nodes = [n for n in dict.fromkeys(producers) if n and n.op_type not in ("Shape", "Size")]
         if not nodes:
             return []
         inputs = [v for node in nodes for v in node.inputs if v is not None]
