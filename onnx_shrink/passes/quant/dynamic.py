@@ -157,7 +157,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             float_only = nodes_of(model, recurrent.FLOAT_ONLY)
             recurrent.log_float_only(owner or self.name, model, float_only)
         context.drop_dead_weights()
-        logger.info("%s: quantized %d nodes", owner or self.name, count)
+        if count or owner is None:  # quant asks once per op type: its zeros said nothing
+            logger.info("%s: quantized %d nodes", owner or self.name, count)
         return count
 
     def _selected(

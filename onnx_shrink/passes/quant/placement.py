@@ -381,6 +381,8 @@ def _consumers(value: ir.Value | None) -> list[ir.Node]:
 
 
 def _why_not(node: ir.Node, stats: Ranges) -> str | None:
+    if value_types.computes_in_half(node):  # before "no activation input": it has one
+        return "computes in float16/bfloat16"
     inputs = activation_inputs(node)
     if node.op_type in WEIGHTED and len(inputs) == 0:
         return "no activation input"

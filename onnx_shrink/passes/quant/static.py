@@ -323,6 +323,9 @@ class QuantPass(DataAwarePass):
         float_reasons.warn_nonfinite_inputs(model, stats)
         float_reasons.warn_overridable_constants(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
+        planned = set(decided.nodes)
+        left = placement.quantizable_nodes(model.graph, self._exclusions)
+        left = [node for node in left if node not in planned]
         narrow = self.narrow_storage and not self.only
         references = {}
         if self.fits_weights_to_data:
@@ -357,6 +360,7 @@ class QuantPass(DataAwarePass):
         modified = bool(decided.nodes) or dynamic
         if not modified:
             return self._unchanged(model, decided.skipped)
+        warn_half_precision(self.name, left)  # a float16 model's Convs beside its embedding
         value_types.settle_inferred_types(model, keep=True)
         common_passes.RemoveUnusedNodesPass()(model)
         float_reasons.report_subgraphs(model)

@@ -46,10 +46,12 @@ def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
         ops = ", ".join(sorted({n.op_type for n in half}))
         logger.warning(
             "%s: %d %s nodes compute in float16/bfloat16 and stay as they are (%s quantizes "
-            "float32 models); put it before fp16, e.g. --passes fold,%s,fp16",
+            "float32 computation): where fp16 made them so, put %s before it, e.g. --passes "
+            "fold,%s,fp16; a model that comes in float16 is not quantized",
             pass_name,
             len(half),
             ops,
+            pass_name,
             pass_name,
             pass_name,
         )

@@ -10,6 +10,7 @@ import onnx.helper as oh
 import onnxruntime as ort
 import pytest
 
+from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.passes.quant.static import QuantPass
@@ -630,7 +631,7 @@ def test_a_float16_model_from_a_file_keeps_its_opset(tmp_path, caplog):
         result = onnx_shrink.shrink(
             tmp_path / "h.onnx", "quant", sets=["quant.int16=.*"], data=feeds, check=False
         )
-    assert not result.steps[0].modified and "before fp16" in caplog.text
+    assert not result.steps[0].modified and "put quant before it" in caplog.text
     assert io.to_bytes(result.model) == before
 
 
@@ -640,3 +641,31 @@ def test_calibration_inputs_holding_nan_are_named(tmp_path, caplog):
     with caplog.at_level(logging.WARNING):
         _quantize(_conv_relu_pool(), {"x": x}, tmp_path)
     assert "calibration input 'x' holds 1 NaN/Inf values" in caplog.text
+
+
+def test_float16_layers_left_beside_a_quantized_one_are_named(caplog):
+    """A model exported in float16 but for its float32 embedding table (a Keras tagger):
+    quant quantizes the table and says that the float16 MatMul stays as it is, and why."""
+    half = onnx.TensorProto.FLOAT16
+    nodes = [
+        oh.make_node("Gather", ["table", "ids"], ["e"], name="embed"),
+        oh.make_node("Cast", ["e"], ["e16"], to=half, name="to_half"),
+        oh.make_node("MatMul", ["e16", "w"], ["y16"], name="dense"),
+        oh.make_node("Cast", ["y16"], ["y"], to=onnx.TensorProto.FLOAT, name="to_float"),
+    ]
+    model = make_model(
+        nodes,
+        [oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 4])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4, 32])],
+        {
+            "table": RNG.standard_normal((1000, 64)).astype(np.float32),
+            "w": RNG.standard_normal((64, 32)).astype(np.float16),
+        },
+    )
+    data = {"ids": RNG.integers(0, 1000, (8, 1, 4)).astype(np.int64)}
+    with caplog.at_level(logging.DEBUG):
+        result = shrink(model, "quant", data=data, check=False)
+    assert result.steps[0].modified
+    assert "1 MatMul nodes compute in float16/bfloat16 and stay as they are" in caplog.text
+    assert "computes in float16/bfloat16" in caplog.text  # dense's reason, not "no activation"
+    assert "quant: quantized 0 nodes" not in caplog.text
