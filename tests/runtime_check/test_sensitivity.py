@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import math
 import re
 import shlex
@@ -108,9 +109,11 @@ def test_a_copy_in_the_combined_model_measures_what_a_separate_run_measures():
         key = layer.node or base.graph.node(layer.position).name
         alone = _quantized(base, dataclasses.replace(quant, only=(key,)), dataset, stats)
         separate = _error(base, alone, dataset)
-        assert layer.relative_error == pytest.approx(separate.relative_error, rel=1e-6), key
+        # The combined runs join 4 samples (RUN_SAMPLES), the separate one the data's 64:
+        # onnxruntime's kernels round in other places per batch size (1e-6 apart here).
+        assert layer.relative_error == pytest.approx(separate.relative_error, rel=1e-5), key
         assert layer.cosine == pytest.approx(separate.cosine, rel=1e-6), key
-        assert layer.snr_db == pytest.approx(separate.snr_db, rel=1e-6), key
+        assert layer.snr_db == pytest.approx(separate.snr_db, rel=1e-5), key
 
 
 def test_the_hint_is_measured_against_the_whole_pass_on_the_same_samples():
@@ -548,3 +551,27 @@ def test_embedding_tables_are_ranked_like_the_plans_layers():
     ranked = {layer.node: layer for layer in report.layers}
     assert set(ranked) == {"embed", "dense"}
     assert ranked["embed"].op_type == "Gather" and ranked["embed"].relative_error > 0
+
+
+def test_combined_runs_join_a_few_samples_and_a_long_measurement_says_how_long(monkeypatch, caplog):
+    """Each combined run holds nine graphs' activations per sample: runs join at most
+    RUN_SAMPLES (a U-Net over runs of 32 peaked at 7.4 GB). Off a terminal no progress bar
+    shows: the pace is logged, and a long measurement is a warning after its first run."""
+    model = _folded()
+    dataset = _dataset(model)  # batches of 64 images
+    seen = []
+    stream = sens.combined_mod.stream
+
+    def recorded(combined, data, *args, **kwargs):
+        for batch, result in stream(combined, data, *args, **kwargs):
+            seen.append(batch.samples)
+            yield batch, result
+
+    monkeypatch.setattr(sens.combined_mod, "stream", recorded)
+    monkeypatch.setattr(sens, "LONG_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="onnx_shrink.runtime_check.sensitivity"):
+        report = sens.sensitivity(model, QuantPass(), dataset, hint=False, batch_layers=2)
+    assert seen and max(seen) == sens.RUN_SAMPLES and sum(seen) == report.samples * report.runs
+    assert f"sensitivity: run {report.runs} of {report.runs}" in caplog.text
+    warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
+    assert len(warnings) == 1 and "at the first run's pace" in warnings[0].getMessage()
