@@ -77,6 +77,9 @@ class LatencyComparison:
     ratio: float
     pairs_asked: int = 0
     """the pairs asked for; more than ``reference.runs`` where a time budget cut them"""
+    slower_share: float | None = None
+    """the share of pairs in which the candidate ran slower: near 0.5 for two models as
+    fast, where a loaded machine can still push the median ratio past 1.1"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -205,6 +208,8 @@ def compare_latency(
         candidate=LatencyStats.from_seconds(cand_times, batch, threads),
         ratio=statistics.median(ratios),
         pairs_asked=runs,
+        slower_share=sum(c > r for r, c in zip(ref_times, cand_times, strict=True))
+        / max(len(ratios), 1),
     )
 
 

@@ -497,6 +497,21 @@ def test_a_candidate_slower_than_its_reference_is_said_so_under_the_speed_table(
         assert bool(caption and f"{ratio:.2f}x" in caption) == said
 
 
+def test_a_high_ratio_the_candidate_won_half_the_pairs_of_is_called_noise():
+    """Two copies of one file on a loaded 2-core machine read 1.20x and were called slower."""
+    import types
+
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check.bench import LatencyComparison, LatencyStats, ModelSize
+
+    stats = LatencyStats(**{f: 1 for f in LatencyStats.__dataclass_fields__})
+    size = ModelSize(100, 50)
+    for share, verdict in ((0.5, "noise, not a verdict"), (0.9, "the candidate is slower here")):
+        latency = LatencyComparison(stats, stats, 1.2, slower_share=share)
+        report = types.SimpleNamespace(latency=latency, reference_size=size, candidate_size=size)
+        assert verdict in console.speed_table(report).caption
+
+
 def test_a_crash_inside_onnxruntime_still_says_where_it_happened(digits_copy):
     """onnxruntime can kill the process (SIGSEGV on a float16 FusedMatMul's session, 1.32):
     the CLI then prints the Python stack that was running rather than exiting silently."""

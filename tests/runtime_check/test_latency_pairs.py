@@ -59,3 +59,25 @@ def test_the_time_budget_counts_the_settling_runs(clock):
     result = bench.compare_latency(reference, candidate, {}, runs=30, warmup=0, max_seconds=20)
     assert result.reference.runs == bench.MIN_TIMED_PAIRS == 5
     assert reference.runs == candidate.runs == 2 * bench.MIN_TIMED_PAIRS
+
+
+class _NoisySession(_Session):
+    """Runs whose cost alternates between two values: another load on the machine."""
+
+    def __init__(self, clock: _Clock, costs: list[float]) -> None:
+        super().__init__(clock, costs[0])
+        self.costs = costs
+
+    def run(self, outputs, feed):
+        self.cost = self.costs[self.runs % len(self.costs)]
+        return super().run(outputs, feed)
+
+
+def test_the_share_of_pairs_the_candidate_loses_is_counted(clock):
+    slower = bench.compare_latency(_Session(clock, 1.0), _Session(clock, 1.2), {}, runs=8)
+    assert slower.slower_share == 1.0
+    # The candidate's timed runs (every other run, after a settling one) cost 1.5 or 0.9 in
+    # turn: as fast as the reference in half the pairs, with a median ratio past 1.1.
+    noisy = _NoisySession(clock, [1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.0, 0.9])
+    result = bench.compare_latency(_Session(clock, 1.0), noisy, {}, runs=8, warmup=0)
+    assert result.ratio >= 1.1 and result.slower_share <= 0.75
