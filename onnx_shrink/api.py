@@ -383,12 +383,14 @@ def _check_candidate(
 ) -> check_mod.CheckReport:
     """The check of the result against the input; a run that fails says where the (saved,
     unchecked) result is."""
+    # Under --verify-each, the tolerances every pass was kept by judge the result too.
+    tolerances = options.each_pass_tolerances() if options.verify_each else options.tolerances
     try:
         return check_mod.check(
             reference,
             candidate,
             dataset,
-            tolerances=options.tolerances,
+            tolerances=tolerances,
             provider=options.provider,
             layers=options.layers,
             latency_runs=options.latency_runs,

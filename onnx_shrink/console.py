@@ -78,6 +78,8 @@ def summary_table(result: ShrinkResult) -> Table:
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
         if step.note:
             note += f" [{step.note}]"
+        if step.verdict and step.modified and not step.rolled_back:  # --verify-each kept it
+            note += f" [verified: {step.verdict}]"
         target = result.target_of(step)
         if target is not None:  # its time is not the pass's own: the search ran first
             # As given: the exclusions the search added are listed under the table.

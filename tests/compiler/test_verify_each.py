@@ -147,3 +147,14 @@ def test_what_a_data_aware_pass_raises_in_requests_fails_the_pass_as_in_apply():
     expected = r"pass 'failing-requests' failed \(passes before it: fold\): ValueError: a bug"
     with pytest.raises(PassFailedError, match=expected):
         shrink(digits.MODEL_PATH, passes=[FoldPass(), FailingRequestsPass()], check=False)
+
+
+def test_the_summary_shows_the_verdict_of_each_pass_kept():
+    from onnx_shrink import console
+
+    result = _run()
+    table = console.summary_table(result)
+    cells = list(table.columns[0].cells)
+    fold_step = result.steps[0]
+    assert f"[verified: {fold_step.verdict}]" in cells[0]
+    assert "(rolled back)" in cells[1] and "verified" not in cells[1]

@@ -129,6 +129,10 @@ def test_compile_verify_each_reports_per_pass_verdicts(run_cli, digits_copy, tmp
     step = json.loads(report.read_text())["passes"][0]
     assert step["rolled_back"] is False
     assert "cosine" in step["verdict"]
+    # The result is judged by the tolerances each pass kept: a verdict, not "measured, no
+    # tolerances given".
+    out = " ".join(result.out.split())
+    assert "): PASS" in out and "measured, no tolerances given" not in out
 
 
 def test_bench_of_a_model_its_inputs_do_not_fit_is_one_clear_error(run_cli, tmp_path):
