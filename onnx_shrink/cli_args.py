@@ -71,8 +71,8 @@ def _add_tolerances(parser: argparse.ArgumentParser) -> None:
     group.add_argument(
         "--min-agreement",
         type=float,
-        help="lowest acceptable share of equal elements in integer or boolean outputs (class "
-        "ids, tags, masks), which cosine does not judge (0.99 = 99%%)",
+        help="lowest acceptable share of equal elements in 32/64-bit integer or boolean "
+        "outputs (class ids, tags, masks), which cosine does not judge (0.99 = 99%%)",
     )
     group.add_argument("--layers", action="store_true", help="localize error per layer")
     group.add_argument(

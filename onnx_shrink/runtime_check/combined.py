@@ -23,10 +23,11 @@ from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes.quant import value_types
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.collect import Progress
@@ -41,11 +42,7 @@ def compared_outputs(model: ir.Model, who: str) -> list[int]:
     Raises:
         ShrinkError: there is none (``who`` names the caller in the message).
     """
-    indices = [
-        i
-        for i, value in enumerate(model.graph.outputs)
-        if value.producer() is not None and value.dtype in FLOAT_TYPES
-    ]
+    indices = [i for i, value in enumerate(model.graph.outputs) if _computed_float(value)]
     if not indices:
         raise ShrinkError(f"{who}: the model has no float output computed by its graph")
     return indices
@@ -53,7 +50,11 @@ def compared_outputs(model: ir.Model, who: str) -> list[int]:
 
 def computes_float_output(model: ir.Model) -> bool:
     """Whether a graph output is a float value a node computes."""
-    return any(v.producer() is not None and v.dtype in FLOAT_TYPES for v in model.graph.outputs)
+    return any(map(_computed_float, model.graph.outputs))
+
+
+def _computed_float(value: ir.Value) -> bool:
+    return value.producer() is not None and value.dtype in FLOAT_TYPES
 
 
 SCORE_DEPTH = 8
@@ -61,25 +62,29 @@ SCORE_DEPTH = 8
 
 
 def add_scored_outputs(model: ir.Model) -> list[str]:
-    """Where ``model`` has no float output computed by its graph, make the float values its
-    integer and boolean outputs are decided from graph outputs too (in place), and return
-    their names: a tagger's or a classifier's ``ArgMax`` reads its scores, a mask's
-    ``Greater`` its probabilities. Their error is what the measurements rank by: that of ids
-    is no distance. Nothing is added where a float output exists, or where an integer output
-    comes from no float value within ``SCORE_DEPTH`` nodes."""
-    outputs = model.graph.outputs
+    """Where ``model`` has no float output computed by its graph, output the float values its
+    integer and boolean outputs are decided from too (in place), and return the new outputs'
+    names (``<value>_scored``): a tagger's or a classifier's ``ArgMax`` reads its scores, a
+    mask's ``Greater`` its probabilities. Their error is what the measurements rank by: that
+    of ids is no distance. Each is an Identity's output, so that the value itself is no graph
+    output: ``quant`` quantizes a graph output its layer writes, and the measured copies
+    would be rounded where the pass's result is not. Nothing is added where a float output
+    exists, or where an integer output comes from no float value within ``SCORE_DEPTH``
+    nodes."""
+    graph = model.graph
     if computes_float_output(model):
         return []
-    try:  # the walk tells floats by their types: an exporter may have left them unannotated
-        common_passes.ShapeInferencePass(strict_mode=False)(model)
-    except Exception as e:  # noqa: BLE001 - then only the annotated values are found
-        logger.info("shape inference failed (%s); unannotated values are not scored", e)
+    value_types.infer_types(model)  # the walk tells floats by their types
+    taken = graph_edit.value_names(graph)
+    scores = [score for value in graph.outputs for score in _float_sources(value)]
     added: list[str] = []
-    for value in list(outputs):
-        for score in _float_sources(value):
-            if score not in outputs:
-                outputs.append(score)
-                added.append(score.name or "")
+    for score in dict.fromkeys(scores):
+        alias = ir.node("Identity", [score])
+        alias.outputs[0].name = graph_edit.fresh_name(f"{score.name}_scored", taken)
+        alias.outputs[0].type, alias.outputs[0].shape = score.type, score.shape
+        graph.append(alias)
+        graph.outputs.append(alias.outputs[0])
+        added.append(alias.outputs[0].name)
     if added:
         logger.info(
             "the model's outputs are integers; errors are measured on the float values they "

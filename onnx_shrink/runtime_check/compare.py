@@ -2,8 +2,9 @@
 
 Per output: max / mean absolute error, relative error ``||c - r|| / ||r||``, cosine, SNR in
 dB (``10 log10(||r||^2 / ||c - r||^2)``), NaN/Inf counts, elements outside ``atol + rtol|r|``,
-top-1 agreement for classifier-like ``[N, C]`` outputs, the share of equal elements of integer
-and boolean outputs (class ids, tags, masks: the cosine of ids means nothing), and, with labels,
+top-1 agreement for classifier-like ``[N, C]`` outputs, the share of equal elements of id
+outputs (32/64-bit integers and booleans: class ids, tags, masks, where cosine means nothing;
+``ID_TYPES``), and, with labels,
 task accuracy of both models. Accumulators keep sums, never outputs, so memory stays at one
 batch however many samples run, and the result does not depend on how samples were batched.
 """
@@ -33,7 +34,7 @@ class Tolerances:
     """judges float outputs"""
     max_accuracy_drop: float | None = None
     min_agreement: float | None = None
-    """the share of elements equal to the reference's that an integer or boolean output must
+    """the share of elements equal to the reference's that an id output (``ID_TYPES``) must
     keep (the cosine of class ids or tags means nothing: 0.85 where a third of the tags
     changed)"""
     accuracy_required: bool = True
@@ -79,6 +80,11 @@ class Tolerances:
         return dataclasses.replace(self, accuracy_required=False)
 
 
+ID_TYPES = frozenset(map(np.dtype, (np.bool_, np.int32, np.int64, np.uint32, np.uint64)))
+"""Output types judged by agreement: class ids, tags, indices and masks. 8- and 16-bit
+integer outputs are signals (an image's uint8 pixels, int16 audio), where a pass moves
+values by one: those are judged by cosine, as float outputs are."""
+
 DEFAULT_TOLERANCES = Tolerances(
     min_cosine=0.999, max_accuracy_drop=0.01, min_agreement=0.99
 ).as_default()
@@ -102,12 +108,12 @@ class OutputComparison:
     outside_tolerance: int
     top1_agreement: float | None
     agreement: float | None = None
-    """integer and boolean outputs: the share of elements equal to the reference's; None
+    """id outputs (``ID_TYPES``): the share of elements equal to the reference's; None
     for float outputs"""
 
     @property
     def integral(self) -> bool:
-        """An integer or boolean output: judged by ``agreement``, not cosine."""
+        """An id output (``ID_TYPES``): judged by ``agreement``, not cosine."""
         return self.agreement is not None
 
     def to_dict(self) -> dict[str, object]:
@@ -168,7 +174,7 @@ class NumericReport:
 
     @property
     def low_agreement(self) -> OutputComparison | None:
-        """The integer or boolean output with the fewest equal elements where under
+        """The id output (``ID_TYPES``) with the fewest equal elements where under
         ``LOW_AGREEMENT``, else None."""
         worst = min(
             (o for o in self.outputs if o.integral), key=lambda o: o.agreement, default=None
@@ -225,7 +231,7 @@ class ErrorAccumulator:
         if reference.size == 0:
             return
         ref_all, cand_all = reference.ravel(), candidate.ravel()
-        self.integral = np.issubdtype(reference.dtype, np.integer) or reference.dtype == np.bool_
+        self.integral = reference.dtype in ID_TYPES
         # In chunks: float64 copies of a whole 128-line PP-OCRv4 rec output (34M values)
         # took seconds to allocate alone.
         for start in range(0, ref_all.size, CHUNK_ELEMENTS):

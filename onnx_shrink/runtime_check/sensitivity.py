@@ -79,13 +79,13 @@ def sensitivity(
     quant = dataclasses.replace(quant, max_error=math.inf)  # each layer alone, as given
     base = model.clone()
     io.unshare_tensors(base)
-    combined_mod.add_scored_outputs(base)
     names = {}
     for original, copy in zip(model.graph, base.graph, strict=True):
         names[copy] = original.name or ""
         # The clone names a node whose name is None (node_Conv_0); an opset conversion then
         # replaces the nodes, and that name would pass for the caller's below.
         copy.name = original.name
+    combined_mod.add_scored_outputs(base)  # after: its Identity nodes are none of the caller's
     with contextlib.ExitStack() as stack:
         stack.enter_context(quiet(*QUIET))
         data = data_mod.replayable(dataset, stack)

@@ -21,6 +21,7 @@ from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target, checker
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
+from tests.helpers import run_ort
 from tests.runtime_check.test_sensitivity import HARD, _folded, _report, _with_hard_layer
 
 DATA = digits.TEST_DATA_PATH
@@ -323,6 +324,25 @@ def test_a_classifier_ending_in_argmax_is_measured_on_the_scores_it_reads():
     (outcome,) = result.accuracy_targets
     assert outcome.met and 0 < outcome.error <= 0.1
     assert [v.name for v in result.model.graph.outputs] == ["label"]
+
+
+def test_the_scores_measured_are_those_of_the_model_the_pass_writes():
+    """The scores are output through an Identity: as a graph output of their own, quant put
+    Q/DQ on them in the measured copies, which the pass's result has not."""
+    data = {"x": np.random.default_rng(0).standard_normal((8, 4)).astype(np.float32)}
+    proto = _argmax_classifier()
+    result = shrink(proto, [QuantPass(max_error=0.1)], calibration=data, check=False)
+    (outcome,) = result.accuracy_targets
+
+    def scores(model: onnx.ModelProto) -> np.ndarray:
+        argmax = next(n for n in model.graph.node if n.op_type == "ArgMax")
+        model.graph.output.append(helper.make_tensor_value_info(argmax.input[0], 1, None))
+        return run_ort(model.SerializeToString(), data)[-1]
+
+    quantized = onnx.load_from_string(io.to_bytes(result.model))
+    want, got = scores(proto), scores(quantized)
+    error = np.linalg.norm(got - want) / np.linalg.norm(want)
+    assert outcome.whole_error == pytest.approx(error, rel=1e-5)
 
 
 def test_a_model_whose_outputs_no_float_decides_is_refused_by_the_target():

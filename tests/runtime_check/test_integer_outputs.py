@@ -169,7 +169,7 @@ def test_sensitivity_ranks_a_tagger_by_the_scores_its_argmax_reads(tagger_files)
         model, QuantPass(), data_mod.prepare(data_mod.specs_from_model(model), data)
     )
     (layer,) = report.layers
-    assert layer.op_type == "MatMul" and layer.output == "scores"
+    assert layer.op_type == "MatMul" and layer.output == "scores_scored"
     assert 0 < layer.relative_error < 0.1
     assert [v.name for v in model.graph.outputs] == ["tags"]  # the caller's model untouched
 
@@ -180,7 +180,8 @@ def test_scores_are_found_behind_casts_and_not_behind_shapes():
             onnx.helper.make_node("Relu", ["x"], ["r"]),
             onnx.helper.make_node("ArgMax", ["r"], ["ids"], axis=-1),
             onnx.helper.make_node("Cast", ["ids"], ["ids32"], to=onnx.TensorProto.INT32),
-            onnx.helper.make_node("Shape", ["r"], ["shape"]),
+            onnx.helper.make_node("Sigmoid", ["x"], ["s"]),
+            onnx.helper.make_node("Shape", ["s"], ["shape"]),
         ],
         [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [2, 3])],
         [
@@ -190,6 +191,17 @@ def test_scores_are_found_behind_casts_and_not_behind_shapes():
         {},
     )
     model = ir.serde.deserialize_model(cast)
-    assert combined_mod.add_scored_outputs(model) == ["r"]  # once, though two outputs read it
-    assert [v.name for v in model.graph.outputs] == ["ids32", "shape", "r"]
+    # Not "s": the Shape reads no value of it. As an Identity's output: "r" itself stays no
+    # graph output (quant would put Q/DQ on it).
+    assert combined_mod.add_scored_outputs(model) == ["r_scored"]
+    assert [v.name for v in model.graph.outputs] == ["ids32", "shape", "r_scored"]
+    assert model.graph.outputs[2].producer().inputs[0].name == "r"
     assert combined_mod.add_scored_outputs(model) == []  # a float output now exists
+
+
+def test_8_and_16_bit_integer_outputs_are_signals_judged_by_cosine():
+    pixels = ErrorAccumulator("image")
+    ref = np.arange(200, dtype=np.uint8)
+    pixels.add(ref, (ref + 1).astype(np.uint8))  # every pixel off by one
+    result = pixels.result()
+    assert result.agreement is None and not result.integral and result.cosine > 0.99
