@@ -5,11 +5,14 @@ from __future__ import annotations
 
 import contextlib
 
+import numpy as np
+
 from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink.compiler import io
 from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
 
 DATA = digits.TEST_DATA_PATH
 
@@ -42,3 +45,24 @@ def test_other_feeds_are_run_not_taken_for_kept_ones():
         flipped = checker.compare(reference, digits.MODEL_PATH, other)
         assert reference.kept.reused == 0 and len(reference.kept.files) == 2
     assert same.outputs[0].max_abs_error == flipped.outputs[0].max_abs_error == 0
+
+
+class _StringSession:
+    """A session whose one output is strings (onnxruntime gives them as object arrays)."""
+
+    def __init__(self) -> None:
+        self.runs = 0
+
+    def run(self, names, feed, run_options=None):
+        self.runs += 1
+        return [np.array(["cat", "dog"], dtype=object)]
+
+
+def test_runs_with_string_outputs_are_run_again_not_kept(tmp_path):
+    # .npz would pickle them, and reading pickles back is refused: the search failed there.
+    session = _StringSession()
+    runs = CachedRuns(session, KeptRuns(tmp_path))
+    feed = {"x": np.ones((2, 3), np.float32)}
+    for _ in range(2):
+        assert list(runs.run(["label"], feed)[0]) == ["cat", "dog"]
+    assert session.runs == 2 and not any(tmp_path.iterdir())
