@@ -15,11 +15,15 @@ where the statistics engine measures.
 
 from __future__ import annotations
 
+import logging
+
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
+
+logger = logging.getLogger(__name__)
 
 WEIGHT_SLOTS = {
     op: (index, 2) if op in ("Conv", "ConvTranspose", "Gemm") else (index,)
@@ -61,18 +65,27 @@ def restore(model: ir.Model) -> int:
     if not lifted_ones:
         return 0
     taken = graph_edit.value_names(graph)
+    node_names = {node.name for node in graph if node.name}
     position = {node: i for i, node in enumerate(graph)}
     count = 0
     for lifted in lifted_ones:
         name, cast_name, dtype = lifted.meta.pop(_MARK)
         if lifted.dtype != ir.DataType.FLOAT:  # the pass stored it in a type of its own (fp16)
             continue
+        assert lifted.const_value is not None
+        current = lifted.const_value.numpy()
+        with np.errstate(over="ignore"):
+            values = current.astype(dtype)
+        if not np.isfinite(values[np.isfinite(current)]).all():
+            # A refit's values past the half type's range would be written as inf.
+            logger.info("%s stays float32: its values overflow %s", lifted.name, dtype)
+            continue
         graph.initializers.pop(lifted.name)
         if not lifted.uses():
             continue
-        assert lifted.const_value is not None
-        values = lifted.const_value.numpy().astype(dtype)
         half = graph_edit.add_initializer(graph, graph_edit.fresh_name(name, taken), values)
+        if cast_name:  # a weight prune-channels copied gets a Cast of its own
+            cast_name = graph_edit.fresh_name(cast_name, node_names)
         cast = ir.node("Cast", [half], {"to": int(ir.DataType.FLOAT)}, name=cast_name)
         first = min((use.node for use in lifted.uses()), key=position.__getitem__)
         ir.convenience.replace_all_uses_with(lifted, cast.outputs[0])
@@ -81,6 +94,13 @@ def restore(model: ir.Model) -> int:
         graph.insert_before(first, cast)
         count += 1
     return count
+
+
+def mark_like(value: ir.Value, lifted: ir.Value) -> None:
+    """Have ``restore`` treat ``value`` (a pass's copy of the lifted ``lifted``: prune-channels
+    gives a reader that cuts it otherwise its own) as lifted from the same half weight."""
+    if _MARK in lifted.meta:
+        value.meta[_MARK] = lifted.meta[_MARK]
 
 
 def _lifts(node: ir.Node) -> bool:

@@ -446,7 +446,9 @@ def _cut_constants(graph: ir.Graph, cuts: dict[tuple[ir.Node, int], dict[int, se
                 value.const_value = ir.tensor(cut, name=value.name)
                 value.shape = ir.Shape(cut.shape)
                 break
-            node.replace_input_with(index, _initializer(graph, f"{value.name}_pruned{number}", cut))
+            copy = _initializer(graph, f"{value.name}_pruned{number}", cut)
+            half_weights.mark_like(copy, value)  # stored in half precision again, if it was
+            node.replace_input_with(index, copy)
 
 
 def _spec(axes: dict[int, set[int]]) -> tuple:

@@ -14,7 +14,7 @@ import onnx_ir as ir
 import pytest
 
 from onnx_shrink import shrink
-from onnx_shrink.compiler import io
+from onnx_shrink.compiler import graph_edit, io
 from onnx_shrink.passes import half_weights
 from tests.helpers import make_model, run_ort
 
@@ -188,6 +188,44 @@ def test_a_refit_prune_rounds_its_new_half_weights_to_float16():
     matmul = next(n for n in model.graph if n.op_type == "MatMul")
     half = matmul.inputs[1].producer().inputs[0].const_value.numpy()
     assert half.dtype == np.float16 and np.mean(half == 0) == pytest.approx(0.5, abs=0.01)
+    # The kept weights are the refit's, not the stored ones: the refit was kept too.
+    (stored,) = [onnx.numpy_helper.to_array(t) for t in proto.graph.initializer if t.name == "mw16"]
+    kept = half != 0
+    assert not np.array_equal(half[kept], stored[kept])
+
+
+def test_prune_keeps_bfloat16_weights_in_bfloat16():
+    proto = _half_weight_model()
+    for tensor in proto.graph.initializer:
+        if tensor.name == "mw16":
+            values = onnx.numpy_helper.to_array(tensor).astype(ml_dtypes.bfloat16)
+            tensor.CopyFrom(onnx.numpy_helper.from_array(values, "mw16"))
+    model = shrink(proto, "prune", sets=["prune.sparsity=0.5"], check=False).model
+    matmul = next(n for n in model.graph if n.op_type == "MatMul")
+    half = matmul.inputs[1].producer().inputs[0]
+    assert half.dtype == onnx.TensorProto.BFLOAT16
+    assert np.mean(half.const_value.numpy().astype(np.float32) == 0) == pytest.approx(0.5, abs=0.01)
+
+
+def test_a_copy_a_pass_made_of_a_lifted_weight_is_restored_too_and_overflow_stays_float32():
+    model = io.load(_half_weight_model())
+    half_weights.lift(model)
+    graph = model.graph
+    lifted = graph.initializers["mw"]
+    copy = graph_edit.add_initializer(graph, "mw_copy", lifted.const_value.numpy() * 2)
+    half_weights.mark_like(copy, lifted)
+    matmul = next(n for n in graph if n.op_type == "MatMul")
+    matmul.replace_input_with(1, copy)  # as prune-channels gives a reader its own cut
+    conv = next(n for n in graph if n.op_type == "Conv")
+    big = graph.initializers["cw"]
+    big.const_value = ir.tensor(np.full(big.shape.numpy(), 1e6, np.float32), name="cw")
+    assert half_weights.restore(model) == 2  # mw_copy and cb; cw overflows float16
+    cast = matmul.inputs[1].producer()
+    assert cast.op_type == "Cast" and cast.inputs[0].dtype == onnx.TensorProto.FLOAT16
+    assert conv.inputs[1].is_initializer() and conv.inputs[1].dtype == onnx.TensorProto.FLOAT
+    assert np.isfinite(conv.inputs[1].const_value.numpy()).all()
+    names = [n.name for n in graph if n.name]
+    assert len(names) == len(set(names))
 
 
 def test_fp16_runs_half_weights_as_stored_and_an_island_keeps_its_cast():
