@@ -12,6 +12,7 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import registry
@@ -146,21 +147,34 @@ def describe(pass_: ir.passes.PassBase) -> str:
     changed = [
         f"{f.name}={_option_text(getattr(pass_, f.name))}"
         for f in dataclasses.fields(pass_)
-        if _differs(getattr(pass_, f.name), f.default)
+        if _differs(getattr(pass_, f.name), _default(f))
     ]
     return f"{name}({', '.join(changed)})" if changed else name
 
 
+def _default(field: dataclasses.Field) -> Any:
+    if field.default_factory is not dataclasses.MISSING:
+        return field.default_factory()
+    return field.default
+
+
 def _differs(value: Any, default: Any) -> bool:
     """Whether an option is not its default. A user's pass may hold an array, whose ``!=``
-    is elementwise (and ambiguous as a truth value): it counts as changed."""
+    is elementwise (and ambiguous as a truth value): it counts as changed unless equal."""
     try:
         return bool(value != default)
     except (TypeError, ValueError):
-        return True
+        try:
+            return not np.array_equal(value, default)
+        except (TypeError, ValueError):
+            return True
 
 
-def _option_text(value: Any, limit: int = 200) -> str:
-    """An option's repr for a one-line spec; an array or other long value by its type."""
+def _option_text(value: Any) -> str:
+    """An option's repr for a one-line spec: a value of Python's own types in full (an
+    ``exclude`` list a search made), another (an array) by its type where its repr takes
+    lines."""
     text = repr(value)
-    return text if len(text) <= limit and "\n" not in text else f"<{type(value).__name__}>"
+    if isinstance(value, (str, int, float, bool, tuple, list, dict, type(None))):
+        return text
+    return text if "\n" not in text else f"<{type(value).__name__}>"

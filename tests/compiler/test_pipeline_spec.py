@@ -130,11 +130,20 @@ class MaskPass:
 def test_describe_takes_array_options_by_their_type():
     # An array's ``!=`` is elementwise: comparing it with its default raised ValueError and
     # failed the run of any pass holding one.
+    assert spec.describe(MaskPass()) == "mask"  # its default, made by a factory
+    assert spec.describe(MaskPass(mask=np.zeros(3))) == "mask"
     assert spec.describe(MaskPass(mask=np.ones((3, 3)))) == "mask(mask=<ndarray>)"  # 3 lines
     assert (
         spec.describe(MaskPass(mask=np.ones(2), label="n"))
         == "mask(mask=array([1., 1.]), label='n')"
     )
+
+
+def test_describe_gives_a_long_exclude_list_in_full():
+    from onnx_shrink.passes.quant.static import QuantPass
+
+    names = tuple(f"/backbone/stage{i}/conv{j}/Conv" for i in range(4) for j in range(3))
+    assert spec.describe(QuantPass(exclude=names)) == f"quant(exclude={names!r})"
 
 
 def test_pass_repr_is_its_full_configuration():
