@@ -169,6 +169,15 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
         )
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
+    notes = _numeric_notes(numeric)
+    if notes:
+        table.caption = escape("\n".join(notes))
+    return table
+
+
+def _numeric_notes(numeric: NumericReport) -> list[str]:
+    """What the numbers alone do not say: branches not checked, id outputs no tolerance
+    judges, an output destroyed or changed much."""
     notes = [f"not checked: {line}" for line in numeric.untested_branches]
     notes += _unjudged_integers(numeric)
     worst = numeric.large_error
@@ -186,9 +195,7 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
             f"large change: {changed.agreement:.2%} of the elements of '{changed.name}' equal "
             "the original's; --layers shows where the error first jumps"
         )
-    if notes:
-        table.caption = escape("\n".join(notes))
-    return table
+    return notes
 
 
 def _unjudged_integers(numeric: NumericReport) -> list[str]:

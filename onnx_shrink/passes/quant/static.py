@@ -31,14 +31,12 @@ from onnx_shrink.passes.quant import (
     compact,
     derived,
     float_reasons,
-    fuse_bias,
     parameters,
     placement,
+    plan_writer,
     value_types,
 )
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
-from onnx_shrink.passes.quant.numerics import quant_type
-from onnx_shrink.passes.quant.qdq_writer import QdqWriter
 from onnx_shrink.passes.quant.weight_matching import (
     ensure_opset,
     lift_constant_weights,
@@ -333,28 +331,8 @@ class QuantPass(DataAwarePass):
             if not references and decided.nodes:
                 logger.warning("quant: bias_correction found no quantized Conv to correct")
         if decided.nodes:
-            params = parameters.activation_params(
-                model.graph, decided, stats, self._ranging, sixteen_bit
-            )
-            writer = QdqWriter(model.graph, narrow_storage=narrow)
-            for tensor, (scale, zero) in params.items():
-                writer.qdq_tensor(
-                    tensor,
-                    scale,
-                    zero,
-                    lambda node, value: placement.reads_dequantized(node, value, decided),
-                )
-            activation = quant_type(8, signed=self._ranging.symmetric)
-            for node in decided.nodes:
-                parameters.quantize_constants(writer, node, per_channel, activation)
-            if self.fused:
-                fused = sum(fuse_bias.try_fuse(model, node) for node in decided.nodes)
-                logger.info("quant: %d MatMul+bias pairs as MatMulIntegerToFloat", fused)
-            logger.info(
-                "quant: %d nodes quantized, %d tensors with Q/DQ, %d nodes kept float",
-                len(decided.nodes),
-                len(params),
-                len(decided.skipped),
+            plan_writer.write_plan(
+                model, decided, stats, self._ranging, per_channel, sixteen_bit, narrow, self.fused
             )
         dynamic = self._quantize_without_statistics(model, narrow)
         modified = bool(decided.nodes) or dynamic
