@@ -21,7 +21,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.passes.quant import compact
-from onnx_shrink.passes.quant.value_types import computes_in_half
+from onnx_shrink.passes.quant.value_types import HALF_TYPES
 
 logger = logging.getLogger(__name__)
 
@@ -41,7 +41,7 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
 def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
     """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
     the quantization passes quantize float32 models, so their place is before ``fp16``."""
-    half = [n for n in nodes if computes_in_half(n)]
+    half = [n for n in nodes if _reads_half(n)]
     if half:
         ops = ", ".join(sorted({n.op_type for n in half}))
         logger.warning(
@@ -55,6 +55,13 @@ def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
             pass_name,
             pass_name,
         )
+
+
+def _reads_half(node: ir.Node) -> bool:
+    """Any input known to be float16/bfloat16, a weight included: without type inference
+    (quant-dynamic, quant-weight) an activation's type is often unknown, and a weight stored
+    in float16 is what tells (``value_types.computes_in_half`` asks every activation)."""
+    return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
 
 
 def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
@@ -198,7 +205,7 @@ class WeightContext:
         nodes, which are ``quant``'s."""
         candidates = nodes_of(self.model, op_types)
         warn_half_precision(self.pass_name, candidates)
-        skipped = [(n, why) for n, why in self.skipped.items() if not computes_in_half(n)]
+        skipped = [(n, why) for n, why in self.skipped.items() if not _reads_half(n)]
         if not skipped and candidates:
             return
         kinds = "/".join(op_types)
