@@ -261,7 +261,7 @@ def _batches(pair: _Pair) -> Iterator[data_mod.Batch]:
     calibration's statistics are."""
     dataset = pair.dataset
     dynamic = {n.op_type for n in walk.all_nodes(pair.cand.model)} & RUN_TIME_SCALES
-    if not dynamic or dataset.whole_samples or not sample_batches.joinable(pair.specs):
+    if not dynamic or not sample_batches.splittable(dataset, pair.specs):
         return dataset.batches()
     logger.info(
         "check: each sample runs alone: the candidate quantizes activations at run time (%s)",

@@ -20,6 +20,7 @@ import numpy as np
 
 from onnx_shrink.errors import CandidateFailedError, DataError, ShrinkError
 from onnx_shrink.runtime_check import labels as labels_mod
+from onnx_shrink.runtime_check.data_types import is_numeric
 
 logger = logging.getLogger(__name__)
 
@@ -226,7 +227,7 @@ class ErrorAccumulator:
                 f"output '{self.name}': the candidate's shape {candidate.shape} is not the "
                 f"reference's {reference.shape} on the same inputs"
             )
-        if not (np.issubdtype(reference.dtype, np.number) or reference.dtype == np.bool_):
+        if not is_numeric(reference):
             return
         if reference.size == 0:
             return

@@ -185,3 +185,9 @@ def samples_of(shapes: Mapping[str, Sequence[int]], specs: Sequence[InputSpec]) 
         if spec.batch_axis:
             return int(shapes[spec.name][0])
     return 1
+
+
+def is_numeric(array: np.ndarray) -> bool:
+    """A numeric or boolean array: one the comparison measures (onnxruntime returns string
+    tensors as object arrays)."""
+    return np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_

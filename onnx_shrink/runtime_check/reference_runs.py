@@ -20,6 +20,7 @@ import numpy as np
 import onnxruntime as ort
 
 from onnx_shrink.compiler.io import data_files
+from onnx_shrink.runtime_check.data_types import is_numeric
 
 
 class KeptRuns:
@@ -57,19 +58,13 @@ class CachedRuns:
             arrays = data_files.load_npz(path)
             return [arrays[f"output_{i}"] for i in range(len(names))]
         outputs = self._session.run(list(names), dict(feed), run_options)
-        if not all(_storable(array) for array in outputs):  # strings: .npz would pickle them
+        # Strings (object arrays) are run again: .npz would pickle them.
+        if not all(isinstance(a, np.ndarray) and is_numeric(a) for a in outputs):
             return outputs
         path = kept.folder / f"run_{len(kept.files):06d}.npz"
         data_files.save_npz(path, {f"output_{i}": array for i, array in enumerate(outputs)})
         kept.files[key] = path
         return outputs
-
-
-def _storable(array: object) -> bool:
-    """A numeric or boolean array (onnxruntime returns string tensors as object arrays)."""
-    return isinstance(array, np.ndarray) and (
-        np.issubdtype(array.dtype, np.number) or array.dtype == np.bool_
-    )
 
 
 def _digest(names: Sequence[str], feed: Mapping[str, np.ndarray]) -> str:

@@ -36,6 +36,12 @@ def joinable(specs: Sequence[InputSpec]) -> bool:
     return bool(specs) and dynamic_inputs(specs) == {s.name for s in specs}
 
 
+def splittable(dataset: Dataset, specs: Sequence[InputSpec]) -> bool:
+    """Whether ``dataset``'s feeds can be cut into single samples: its samples are not whole
+    feeds, and every input has a sample axis (``joinable``)."""
+    return not dataset.whole_samples and joinable(specs)
+
+
 def single_samples(dataset: Dataset, specs: Sequence[InputSpec]) -> Iterator[Batch]:
     """The dataset one sample per feed: batches are sliced along the dynamic first axis.
 

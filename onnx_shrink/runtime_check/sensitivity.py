@@ -256,7 +256,7 @@ def _in_runs(data: data_mod.Dataset, base: ir.Model, targets: Sequence[Target]) 
     also what the check measures: a joined run's scale would make each sample's error depend
     on its batch-mates."""
     specs = data_mod.specs_from_model(base)
-    if data.whole_samples or not sample_batches.joinable(specs):  # each feed is one sample
+    if not sample_batches.splittable(data, specs):  # each feed is one sample
         return data
     return sample_batches.one_sample_a_run(data, specs)
 
