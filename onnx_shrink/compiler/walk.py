@@ -44,3 +44,25 @@ def all_tensors(model: ir.Model) -> Iterator[ir.TensorProtocol]:
         yield tensor
     for _, tensor in constant_node_tensors(model):
         yield tensor
+
+
+def scopes(
+    graph: ir.Graph, owner: ir.Node | None = None
+) -> Iterator[tuple[ir.Graph, ir.Node | None]]:
+    """``graph`` and every If/Loop/Scan body in it at any depth, each with the node that owns
+    it (None for ``graph``), outer graphs before their bodies."""
+    yield graph, owner
+    for node in graph:
+        for attr in node.attributes.values():
+            if attr.type == ir.AttributeType.GRAPH:
+                yield from scopes(attr.as_graph(), node)
+            elif attr.type == ir.AttributeType.GRAPHS:
+                yield from (scope for body in attr.as_graphs() for scope in scopes(body, node))
+
+
+def graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
+    """The values ``graph`` defines: its inputs, initializers and node outputs (not its
+    bodies')."""
+    yield from graph.inputs
+    yield from graph.initializers.values()
+    yield from (output for node in graph for output in node.outputs)

@@ -6,13 +6,13 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from collections.abc import Iterator
 from itertools import count
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import (
@@ -149,7 +149,7 @@ class Float16Pass(DataAwarePass):
         asked = [op for op in self.block_ops if op not in DEFAULT_BLOCK_OPS]
         warn_unmatched_op_types(model, f"{self.name}.block_ops", asked)
         dtypes = fp16_types.tensor_dtypes(model)
-        values = [v for v in _values(model.graph) if not v.is_initializer()]
+        values = [v for v in walk.graph_values(model.graph) if not v.is_initializer()]
         values = [v for v in values if (p := v.producer()) is None or p.op_type != "Constant"]
         return [StatRequest(v.name, "minmax") for v in values if v.name and dtypes.get(v) == FLOAT]
 
@@ -177,13 +177,13 @@ class _Conversion:
         self.fmt = FORMATS[pass_.dtype]
         self.target = self.fmt.dtype
         self.orig = fp16_types.tensor_dtypes(model)
-        self.scopes = list(_scopes(model.graph, None))
+        self.scopes = list(walk.scopes(model.graph))
         self.islands: dict[ir.Node, str] = {}
         self.signatures: dict[ir.Node, tuple[list[bool], list[bool]]] = {}
         self.flagged: dict[ir.Value, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
         self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
-        self.names = {v.name for g, _ in self.scopes for v in _values(g) if v.name}
+        self.names = {v.name for g, _ in self.scopes for v in walk.graph_values(g) if v.name}
 
     def run(self, stats: Statistics) -> bool:
         for function in self.model.functions.values():
@@ -226,7 +226,7 @@ class _Conversion:
     def _flag_values(self, stats: Statistics) -> None:
         """Rule 3 (e) from the statistics of main-graph tensors, rule 2 from every weight."""
         limit = self.pass_.max_fraction * self.fmt.largest
-        for value in _values(self.model.graph):
+        for value in walk.graph_values(self.model.graph):
             minmax = stats.minmax(value.name or "") if self.orig.get(value) == FLOAT else None
             if minmax is not None and minmax.elements and value.const_value is None:
                 self._flag(value, max(-minmax.minimum, minmax.maximum), limit, "activation")
@@ -428,23 +428,6 @@ class _Conversion:
                 if self._type(source) == node.attributes.get_int("to"):  # converted to a no-op
                     out.replace_all_uses_with(source)
                     graph.remove(node, safe=True)
-
-
-def _scopes(graph: ir.Graph, owner: ir.Node | None) -> Iterator[tuple[ir.Graph, ir.Node | None]]:
-    """The graph and every If/Loop/Scan body in it, each with the node that owns it."""
-    yield graph, owner
-    for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from _scopes(attr.as_graph(), node)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from (scope for body in attr.as_graphs() for scope in _scopes(body, node))
-
-
-def _values(graph: ir.Graph) -> Iterator[ir.Value]:
-    yield from graph.inputs
-    yield from graph.initializers.values()
-    yield from (output for node in graph for output in node.outputs)
 
 
 def _matches(pattern: str, name: str) -> bool:
