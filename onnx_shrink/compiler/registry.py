@@ -7,6 +7,7 @@ import onnx_ir as ir
 from onnx_shrink.errors import PipelineSpecError
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.fp16 import Float16Pass
+from onnx_shrink.passes.fp32 import Float32Pass
 from onnx_shrink.passes.lowrank import LowRankPass
 from onnx_shrink.passes.prune import PrunePass
 from onnx_shrink.passes.prune_channels import PruneChannelsPass
@@ -20,6 +21,7 @@ PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (
     QuantDynamicPass,
     WeightOnlyQuantPass,
     Float16Pass,
+    Float32Pass,
     PrunePass,
     PruneChannelsPass,
     LowRankPass,

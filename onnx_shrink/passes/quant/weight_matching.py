@@ -40,17 +40,19 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
 
 def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
     """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
-    the quantization passes quantize float32 models, so their place is before ``fp16``."""
+    the quantization passes quantize float32 computation, so their place is before ``fp16``,
+    and after ``fp32`` on a model that comes in half precision."""
     half = [n for n in nodes if _reads_half(n)]
     if half:
         ops = ", ".join(sorted({n.op_type for n in half}))
         logger.warning(
             "%s: %d %s nodes compute in float16/bfloat16 and stay as they are (%s quantizes "
-            "float32 computation): where fp16 made them so, put %s before it, e.g. --passes "
-            "fold,%s,fp16; a model that comes in float16 is not quantized",
+            "float32 computation): where fp16 made them so, put %s before it (--passes "
+            "fold,%s,fp16); where the model came so, widen them first (--passes fold,fp32,%s)",
             pass_name,
             len(half),
             ops,
+            pass_name,
             pass_name,
             pass_name,
             pass_name,

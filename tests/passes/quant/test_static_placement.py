@@ -632,7 +632,12 @@ def test_a_float16_model_from_a_file_keeps_its_opset(tmp_path, caplog):
             tmp_path / "h.onnx", "quant", sets=["quant.int16=.*"], data=feeds, check=False
         )
     assert not result.steps[0].modified and "put quant before it" in caplog.text
+    assert "--passes fold,fp32,quant" in caplog.text
     assert io.to_bytes(result.model) == before
+    # As the warning says: widened first, the same file is quantized.
+    widened = onnx_shrink.shrink(tmp_path / "h.onnx", "fp32,quant", data=feeds, check=False)
+    assert all(step.modified for step in widened.steps)
+    assert "QuantizeLinear" in [node.op_type for node in widened.model.graph]
 
 
 def test_calibration_inputs_holding_nan_are_named(tmp_path, caplog):
