@@ -8,11 +8,15 @@
   .MatMulNBitsQuantizer`` (RTN) twice: with its defaults (blocks of 128, asymmetric, MatMul
   only) and with our settings.
 
-Same models (``benchmarks.quant_data`` tasks), same held-out evaluation data and fidelity
-metrics as ``quant_vs_ort.py``. Per row:
+* ``fp32``: ``fold,fp32,quant`` on models that come in half precision
+  (``benchmarks.half_models``) against ``quantize_static`` and ``quantize_dynamic`` on the
+  same files, and ``quantize_static`` on our widened file.
 
-* fidelity against fp32 on the evaluation split, and whether onnxruntime CPU runs the model
-  with every optimization on (a failure is reported, not raised);
+Same models (``benchmarks.quant_data`` tasks; ``half_models`` for ``fp32``), same held-out
+evaluation data and fidelity metrics as ``quant_vs_ort.py``. Per row:
+
+* fidelity against fp32 (``fp32``: the original model) on the evaluation split, and whether
+  onnxruntime CPU runs the model with every optimization on (a failure is reported, not raised);
 * latency x fp32: median of per-pair ratios over interleaved runs on the task's latency input
   (onnxruntime CPU, default threads); on CPU, float16 runs through Casts around kernels that
   have no float16 version, so fp16 rows show its cost, not a speed-up;
@@ -20,7 +24,8 @@ metrics as ``quant_vs_ort.py``. Per row:
   saving included), median of ``--repeat`` calls; Casts in the saved graph (fp16).
 
 Run from the repository root: ``.venv/bin/python benchmarks/convert_vs_ort.py fp16`` (or
-``quant-weight``, or both); ``--no-write`` leaves RESULTS.md alone. Each writes its section.
+``quant-weight``, ``fp32``, or several); ``--no-write`` leaves RESULTS.md alone. Each
+writes its section.
 """
 
 from __future__ import annotations
@@ -44,7 +49,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks import quant_data  # noqa: E402
+from benchmarks import half_models, quant_data  # noqa: E402
 from benchmarks.results import cell, first_line, provenance, publish  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
 from onnx_shrink.runtime_check import bench, sessions  # noqa: E402
@@ -74,6 +79,8 @@ class Suite:
     models: tuple[str, ...]
     configs: tuple[tuple[str, Convert], ...]
     explain: str
+    load: Callable[[str, int], quant_data.Task] = quant_data.load_task
+    reference: str = "fp32"  # the first row: the model as it comes
 
 
 def ours(passes: str, *sets: str) -> Convert:
@@ -92,6 +99,37 @@ def ort_fp16(model: Path, calib: Path, out: Path) -> None:
 
     converted = float16.convert_float_to_float16(onnx.load(str(model)), keep_io_types=True)
     onnx.save_model(converted, str(out))
+
+
+def ort_static(widen_first: bool = False) -> Convert:
+    """``quantize_static`` (QDQ, per-channel, MinMax: its defaults but per-channel) on the
+    model, or on the model ``fp32`` widened (what a user of it would have to write)."""
+
+    def convert(model: Path, calib: Path, out: Path) -> None:
+        from onnxruntime import quantization as q
+
+        import onnx_shrink
+
+        if widen_first:
+            widened = out.with_suffix(".fp32.onnx")
+            onnx_shrink.shrink(str(model), passes="fp32", output=str(widened), check=False)
+            model = widened
+        inputs = [i.name for i in onnx.load(str(model), load_external_data=False).graph.input]
+        q.quantize_static(
+            str(model),
+            str(out),
+            quant_data.NpyStreamReader(calib.parent, inputs),
+            quant_format=q.QuantFormat.QDQ,
+            per_channel=True,
+        )
+
+    return convert
+
+
+def ort_dynamic(model: Path, calib: Path, out: Path) -> None:
+    from onnxruntime import quantization as q
+
+    q.quantize_dynamic(str(model), str(out), weight_type=q.QuantType.QInt8)
 
 
 def ort_nbits(**options) -> Convert:
@@ -250,6 +288,24 @@ SUITES = {
         "`ranges=mse`: each block's range shrunk to the factor with the least squared error "
         "(no data); onnxruntime's data-free counterpart is HQQ (asymmetric, through torch).",
     ),
+    "fp32": Suite(
+        "## fp32,quant on half-precision models vs onnxruntime's quantizers",
+        ("slovorez-fp16", "csmask-fp16"),
+        (
+            ("ours: fold,quant", ours("fold,quant")),
+            ("ours: fold,fp32", ours("fold,fp32")),
+            ("ours: fold,fp32,quant", ours("fold,fp32,quant")),
+            ("ORT quantize_static (QDQ, per-channel, MinMax)", ort_static()),
+            ("ORT quantize_dynamic", ort_dynamic),
+            ("ORT quantize_static on the fp32-widened file", ort_static(widen_first=True)),
+        ),
+        "Models that compute in float16 (half_models.py); fidelity and latency against the "
+        "original file, which computes in float16. `quant` alone leaves float16 layers as they "
+        "are; `fp32` widens them first. onnxruntime's quantizers have no such step: the last "
+        "row gives them our widened file. Calibration: the first 32 samples.",
+        load=half_models.load_task,
+        reference="original (float16)",
+    ),
 }
 
 
@@ -288,12 +344,12 @@ def measure(name: str, convert: Convert, subject: Subject, out: Path, repeat: in
 
 
 def bench_model(suite: Suite, name: str, workdir: Path, repeat: int) -> tuple[object, list[Row]]:
-    task = quant_data.load_task(name, CALIBRATION)
+    task = suite.load(name, CALIBRATION)
     calib = quant_data.write_calibration(task, CALIBRATION, workdir / name)
     fp32 = sessions.create_session(task.model)
     subject = Subject(task, calib, fp32, task.predict(fp32))
     fidelity = task.fidelity(subject.reference, subject.reference)
-    rows = [Row("fp32", fidelity, 1.0, io.file_bytes(task.model), casts=casts(task.model))]
+    rows = [Row(suite.reference, fidelity, 1.0, io.file_bytes(task.model), casts=casts(task.model))]
     for config, convert in suite.configs:
         print(f"  {name}: {config}", file=sys.stderr, flush=True)
         out = workdir / name / f"{len(rows)}.onnx"
