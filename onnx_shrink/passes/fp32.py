@@ -92,6 +92,7 @@ class _Widening:
     def __init__(self, model: ir.Model, keep_io_types: bool) -> None:
         self.model = model
         self.keep_io_types = keep_io_types
+        self.guessed = _type_contrib_outputs(model)
         self.orig = fp16_types.tensor_dtypes(model)
         self.scopes = list(walk.scopes(model.graph))
         self.kept: dict[ir.Node, str] = {}
@@ -100,6 +101,16 @@ class _Widening:
         self.names = {v.name for g, _ in self.scopes for v in walk.graph_values(g) if v.name}
 
     def run(self) -> bool:
+        unknown = self._untyped_contrib_values()
+        if unknown:
+            for value in self.guessed:
+                value.type = None
+            logger.warning(
+                "fp32: no node changed: the types around %s are not known (onnx cannot "
+                "infer the outputs of ops outside its schemas; declare them in value_info)",
+                ", ".join(unknown[:3]) + (" ..." if len(unknown) > 3 else ""),
+            )
+            return False
         for graph, owner in self.scopes:
             for node in graph:
                 if (reason := self._kept_reason(node, owner)) is not None:
@@ -125,6 +136,18 @@ class _Widening:
         else:
             warn_no_change("fp32", "node", kinds, each="-vv", none="no float16/bfloat16 tensor")
         return modified
+
+    def _untyped_contrib_values(self) -> list[str]:
+        """Values read or made by a node without a schema whose element type is unknown: the
+        pass could not tell whether they are half, nor Cast them right."""
+        names = []
+        for graph, _ in self.scopes:
+            for node in graph:
+                if fp16_types.node_schema(self.model, node) is not None:
+                    continue
+                values = [v for v in (*node.inputs, *node.outputs) if v is not None]
+                names += [f"'{v.name}' ({node.op_type})" for v in values if v not in self.orig]
+        return names
 
     def _half(self, value: ir.Value | None) -> bool:
         return value is not None and self.orig.get(value) in HALF_TYPES
@@ -178,9 +201,11 @@ class _Widening:
                         self.new[value] = FLOAT
 
     def _read_widened(self, value: ir.Value) -> bool:
-        # An output that keeps its type (rule 4) is better left as stored than cast back.
-        output = value.is_graph_output() and not self.keep_io_types
-        return any(u.node not in self.kept for u in value.uses()) or output
+        # An output that keeps its type (rule 4) stays as stored, its readers cast it up:
+        # cast back for the output, it would lose its name (an initializer has no producer).
+        if value.is_graph_output():
+            return not self.keep_io_types
+        return any(u.node not in self.kept for u in value.uses())
 
     def _type(self, value: ir.Value) -> ir.DataType | None:
         return self.new.get(value, self.orig.get(value))
@@ -216,8 +241,10 @@ class _Widening:
     ) -> ir.Value:
         """``value`` cast to ``to`` for a graph output: in the main graph the Cast takes the
         output's name, so callers see no change."""
-        cast = self._cast(value, to, value.graph if value.graph is not None else graph)
-        if owner is None and cast.name != value.name and value.producer() is not None:
+        where = value.graph if value.graph is not None else graph
+        made = (value, to, where) not in self.casts  # a second slot of one output: renamed once
+        cast = self._cast(value, to, where)
+        if made and owner is None and value.producer() is not None:
             name, value.name = value.name, self._fresh(f"{value.name}_fp32")
             cast.name = name
             cast.shape = value.shape.copy() if value.shape is not None else None
@@ -282,6 +309,43 @@ class _Widening:
                     source.type = out.type  # an output carries its type
                     if source.shape is None and shape is not None:
                         source.shape = shape.copy()
+
+
+_GUESS_ROUNDS = 64
+
+
+def _type_contrib_outputs(model: ir.Model) -> list[ir.Value]:
+    """Give the untyped outputs of nodes without a schema (onnxruntime's contrib ops) the
+    type of their float inputs, where those are all of one half type, in place; returns the
+    values typed. onnx's inference stops at such a node, and nothing after it has a type:
+    widened without the Cast it needs, a reader of a float16 output failed to load
+    (onnxruntime's float contrib ops compute and return their inputs' type). A node whose
+    inputs are typed only once an earlier guess lets inference go on waits for the next
+    round."""
+    guessed: list[ir.Value] = []
+    for _ in range(_GUESS_ROUNDS):
+        dtypes = fp16_types.tensor_dtypes(model)
+        added = False
+        for node in walk.all_nodes(model):
+            if fp16_types.node_schema(model, node) is not None:
+                continue
+            floats = {
+                dtypes.get(v) for v in node.inputs if v is not None and dtypes.get(v) in _FLOATS
+            }
+            if len(floats) != 1 or not floats <= HALF_TYPES:
+                continue
+            (half,) = floats
+            for out in node.outputs:
+                if out.type is None and out not in dtypes:
+                    out.type = ir.TensorType(half)
+                    guessed.append(out)
+                    added = True
+        if not added:
+            break
+    return guessed
+
+
+_FLOATS = frozenset({FLOAT, *HALF_TYPES})
 
 
 def _renamable(value: ir.Value, graph: ir.Graph) -> bool:

@@ -115,13 +115,15 @@ def test_a_float16_model_computes_in_float32_and_keeps_its_io_types():
 
 
 def test_without_keep_io_types_inputs_and_outputs_become_float32():
-    widened, _ = _widen(_half_cnn(), keep_io_types=False)
+    proto = _half_cnn()
+    widened, _ = _widen(proto, keep_io_types=False)
     assert [i.type.tensor_type.elem_type for i in widened.graph.input] == [F]
     assert [o.type.tensor_type.elem_type for o in widened.graph.output] == [F, F]
     # Only the identity that makes y32 is left: y and y32 are two outputs of one value.
     assert [n.op_type for n in widened.graph.node].count("Cast") == 1
     x = RNG.standard_normal((2, 4, 6, 6)).astype(np.float32)
-    run_ort(widened.SerializeToString(), {"x": x})
+    (y, _) = run_ort(widened.SerializeToString(), {"x": x})
+    np.testing.assert_allclose(y, _float32_reference(proto, x), rtol=1e-5, atol=1e-5)
 
 
 def test_weights_stored_in_float16_for_float32_maths_stay_as_stored(caplog):
@@ -359,3 +361,106 @@ def test_a_real_float16_segmenter_is_widened_and_then_quantized(tmp_path):
     assert convs and all(n.input[1] in dequantized for n in convs)
     assert out.stat().st_size < 0.55 * path.stat().st_size
     run_ort(out, {"input": x})
+
+
+def _same_as_original(proto: onnx.ModelProto, feed: dict[str, np.ndarray]) -> onnx.ModelProto:
+    """Widen ``proto`` and check that onnxruntime runs it with the original's output names,
+    types and values (within float16 rounding); the widened model."""
+    widened, modified = _widen(proto)
+    assert modified
+    names = [o.name for o in proto.graph.output]
+    assert [o.name for o in widened.graph.output] == names
+    for want, got in zip(
+        run_ort(proto.SerializeToString(), feed),
+        run_ort(widened.SerializeToString(), feed),
+        strict=True,
+    ):
+        assert got.dtype == want.dtype
+        np.testing.assert_allclose(got.astype(np.float32), want.astype(np.float32), 2e-3, 2e-3)
+    return widened
+
+
+def _model(nodes, inputs, outputs, inits=(), opsets=(("", 17),)) -> onnx.ModelProto:
+    graph = oh.make_graph(nodes, "g", inputs, outputs, list(inits))
+    opset_ids = [oh.make_opsetid(domain, version) for domain, version in opsets]
+    return oh.make_model(graph, opset_imports=opset_ids, ir_version=8)
+
+
+X16 = np.float16([[0.5, -1.0, 2.0, -3.0]])
+VI = oh.make_tensor_value_info
+
+
+def test_a_contrib_op_whose_output_onnx_cannot_type_is_cast_around():
+    """onnx's inference types nothing after a com.microsoft op: its output is taken to be its
+    float16 input's type, and the widened Add reads it through a Cast."""
+    proto = _model(
+        [
+            oh.make_node("Gelu", ["x"], ["g"], domain="com.microsoft"),
+            oh.make_node("Add", ["g", "w"], ["y"]),
+        ],
+        [VI("x", H, [1, 4])],
+        [VI("y", H, [1, 4])],
+        [onnx.numpy_helper.from_array(np.float16([1, 2, 3, 4]), "w")],
+        (("", 17), ("com.microsoft", 1)),
+    )
+    widened = _same_as_original(proto, {"x": X16})
+    assert [n.op_type for n in widened.graph.node] == ["Gelu", "Cast", "Add", "Cast"]
+
+
+def test_duplicate_outputs_and_a_weight_that_is_an_output_keep_their_names():
+    proto = _model(
+        [oh.make_node("Add", ["x", "w"], ["s"]), oh.make_node("Relu", ["s"], ["y"])],
+        [VI("x", H, [1, 4])],
+        [VI("y", H, [1, 4]), VI("y", H, [1, 4]), VI("w", H, [4])],
+        [onnx.numpy_helper.from_array(np.float16([1, 2, 3, 4]), "w")],
+    )
+    widened = _same_as_original(proto, {"x": X16})
+    assert widened.graph.initializer[0].data_type == H  # an output: stays as stored
+
+
+def test_a_loop_carries_its_half_value_in_float32():
+    body = oh.make_graph(
+        [
+            oh.make_node("Identity", ["cond"], ["cond_out"]),
+            oh.make_node("Mul", ["carried", "w"], ["carried_out"]),
+        ],
+        "body",
+        [
+            VI("i", onnx.TensorProto.INT64, []),
+            VI("cond", onnx.TensorProto.BOOL, []),
+            VI("carried", H, [1, 4]),
+        ],
+        [VI("cond_out", onnx.TensorProto.BOOL, []), VI("carried_out", H, [1, 4])],
+    )
+    proto = _model(
+        [oh.make_node("Loop", ["n", "", "x"], ["y"], body=body)],
+        [VI("x", H, [1, 4]), VI("n", onnx.TensorProto.INT64, [])],
+        [VI("y", H, [1, 4])],
+        [onnx.numpy_helper.from_array(np.float16([1.5, 0.5, -1.0, 2.0]), "w")],
+    )
+    widened = _same_as_original(proto, {"x": X16, "n": np.array(3, np.int64)})
+    loop = next(n for n in widened.graph.node if n.op_type == "Loop")
+    body = onnx.helper.get_attribute_value(loop.attribute[0])
+    assert body.input[2].type.tensor_type.elem_type == F
+    assert body.output[1].type.tensor_type.elem_type == F
+
+
+def test_a_model_whose_types_around_a_contrib_op_are_unknown_is_left_as_it_is(caplog):
+    """An op outside onnx's schemas reading no float: its output's type cannot be guessed,
+    so whether a Cast belongs after it cannot be told; the pass changes nothing and says so."""
+    proto = _model(
+        [
+            oh.make_node("Lookup", ["ids"], ["e"], domain="com.microsoft"),
+            oh.make_node("Add", ["e", "w"], ["y"]),
+        ],
+        [VI("ids", onnx.TensorProto.INT64, [1, 4])],
+        [VI("y", H, [1, 4])],
+        [onnx.numpy_helper.from_array(np.float16([1, 2, 3, 4]), "w")],
+        (("", 17), ("com.microsoft", 1)),
+    )
+    original = proto.SerializeToString()
+    with caplog.at_level(logging.WARNING, logger="onnx_shrink"):
+        result = Float32Pass()(io.load(proto))
+    assert not result.modified
+    assert "the types around 'e' (Lookup) are not known" in caplog.text
+    assert io.serialize_proto(result.model).graph == onnx.load_from_string(original).graph
