@@ -76,6 +76,41 @@ def restore_names(model: ir.Model, naming: Naming) -> None:
             node.name = naming.given[base]
 
 
+CastKey = tuple[ir.Value, ir.DataType, ir.Graph]
+
+
+def shared_cast(
+    value: ir.Value,
+    to: ir.DataType,
+    graph: ir.Graph,
+    casts: dict[CastKey, ir.Value],
+    taken: set[str],
+    suffix: str,
+    keep_shape: bool = False,
+) -> tuple[ir.Value, bool]:
+    """``value`` cast to ``to`` by one Cast node in ``graph`` for every reader: made on the
+    first call (named ``<value>_<suffix>``, placed right after the producer in ``graph``,
+    else first) and kept in ``casts``; returns (the cast value, whether this call made it).
+    ``keep_shape``: the cast value carries ``value``'s shape."""
+    key = (value, to, graph)
+    if key in casts:
+        return casts[key], False
+    out = ir.Value(name=fresh_name(f"{value.name}_{suffix}", taken), type=ir.TensorType(to))
+    if keep_shape and value.shape is not None:
+        out.shape = value.shape.copy()
+    node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out])
+    node.name = out.name
+    producer = value.producer()
+    if producer is not None and producer.graph is graph:
+        graph.insert_after(producer, node)
+    elif len(graph):
+        graph.insert_before(graph[0], node)
+    else:
+        graph.append(node)
+    casts[key] = out
+    return out, True
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """``array`` registered in ``graph`` as the initializer ``name`` (the caller makes the
     name unique), with its shape and dtype on the value."""

@@ -6,13 +6,12 @@ import dataclasses
 import logging
 import re
 from collections import Counter
-from itertools import count
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import walk
+from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import (
@@ -379,7 +378,8 @@ class _Conversion:
                 # Main graph: the Cast takes the output's name, so callers see no change.
                 cast = self._cast(value, needed, value.graph)
                 if cast.name != value.name and value.producer() is not None:
-                    name, value.name = value.name, self._fresh(f"{value.name}_{self.pass_.dtype}")
+                    renamed = f"{value.name}_{self.pass_.dtype}"
+                    name, value.name = value.name, graph_edit.fresh_name(renamed, self.names)
                     cast.name = name
                     cast.shape = value.shape.copy() if value.shape is not None else None
                 graph.outputs[index] = converted[value] = cast
@@ -387,27 +387,11 @@ class _Conversion:
     def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
         """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""
         assert graph is not None
-        key = (value, to, graph)
-        if key not in self.casts:
-            suffix = "fp32" if to == FLOAT else self.pass_.dtype
-            out = ir.Value(name=self._fresh(f"{value.name}_{suffix}"), type=ir.TensorType(to))
-            node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out])
-            node.name = out.name
-            producer = value.producer()
-            if producer is not None and producer.graph is graph:
-                graph.insert_after(producer, node)
-            elif len(graph):
-                graph.insert_before(graph[0], node)
-            else:
-                graph.append(node)
+        suffix = "fp32" if to == FLOAT else self.pass_.dtype
+        out, made = graph_edit.shared_cast(value, to, graph, self.casts, self.names, suffix)
+        if made:
             self.new[out] = to
-            self.casts[key] = out
-        return self.casts[key]
-
-    def _fresh(self, base: str) -> str:
-        name = next(n for i in count() if (n := f"{base}_{i}" if i else base) not in self.names)
-        self.names.add(name)
-        return name
+        return out
 
     def _convert_attributes_and_weights(self) -> None:
         for graph, _ in self.scopes:

@@ -11,13 +11,12 @@ from __future__ import annotations
 import dataclasses
 import logging
 from collections import Counter
-from itertools import count
 from typing import ClassVar
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import walk
+from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option, warn_no_change
 from onnx_shrink.errors import ShrinkError
@@ -245,7 +244,7 @@ class _Widening:
         made = (value, to, where) not in self.casts  # a second slot of one output: renamed once
         cast = self._cast(value, to, where)
         if made and owner is None and value.producer() is not None:
-            name, value.name = value.name, self._fresh(f"{value.name}_fp32")
+            name, value.name = value.name, graph_edit.fresh_name(f"{value.name}_fp32", self.names)
             cast.name = name
             cast.shape = value.shape.copy() if value.shape is not None else None
         return cast
@@ -253,28 +252,13 @@ class _Widening:
     def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
         """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""
         assert graph is not None
-        key = (value, to, graph)
-        if key not in self.casts:
-            suffix = "fp32" if to == FLOAT else str(to).lower().rsplit(".", 1)[-1]
-            out = ir.Value(name=self._fresh(f"{value.name}_{suffix}"), type=ir.TensorType(to))
-            out.shape = value.shape.copy() if value.shape is not None else None
-            node = ir.Node("", "Cast", [value], [ir.AttrInt64("to", to)], outputs=[out])
-            node.name = out.name
-            producer = value.producer()
-            if producer is not None and producer.graph is graph:
-                graph.insert_after(producer, node)
-            elif len(graph):
-                graph.insert_before(graph[0], node)
-            else:
-                graph.append(node)
+        suffix = "fp32" if to == FLOAT else str(to).lower().rsplit(".", 1)[-1]
+        out, made = graph_edit.shared_cast(
+            value, to, graph, self.casts, self.names, suffix, keep_shape=True
+        )
+        if made:
             self.new[out] = to
-            self.casts[key] = out
-        return self.casts[key]
-
-    def _fresh(self, base: str) -> str:
-        name = next(n for i in count() if (n := f"{base}_{i}" if i else base) not in self.names)
-        self.names.add(name)
-        return name
+        return out
 
     def _convert_weights_and_attributes(self) -> None:
         for graph, _ in self.scopes:
