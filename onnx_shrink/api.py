@@ -132,10 +132,7 @@ class CheckOptions:
         (cosine 0.999, 1% accuracy, 99% of integer outputs' elements equal)."""
         if self.tolerances.any:
             return self.tolerances
-        return VERIFY_EACH_DEFAULT
-
-
-VERIFY_EACH_DEFAULT = DEFAULT_TOLERANCES
+        return DEFAULT_TOLERANCES
 
 
 @frozen_heap

@@ -29,7 +29,6 @@ from rich.console import Console
 from onnx_shrink import console, preflight
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
 from onnx_shrink.cli_args import (
-    CHECK_DEFAULT,
     DEFAULT_LATENCY_RUNS,
     build_bench_parser,
     build_check_parser,
@@ -40,7 +39,7 @@ from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, NumericReport, Tolerances
 
 logger = logging.getLogger("onnx_shrink")
 
@@ -219,7 +218,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             args.data,
             labels=args.labels,
             input_shapes=data_mod.parse_input_shapes(args.input_shape),
-            tolerances=_tolerances(args, default=CHECK_DEFAULT),
+            tolerances=_tolerances(args, default=DEFAULT_TOLERANCES),  # check gives a verdict
             provider=args.ep,
             layers=args.layers,
             **_latency(args),

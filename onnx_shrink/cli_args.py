@@ -14,9 +14,6 @@ from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES
 DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
 LATENCY_SECONDS = CheckOptions().latency_seconds
 
-# `check` exists to give a verdict: without tolerances it uses these (printed in --help).
-CHECK_DEFAULT = DEFAULT_TOLERANCES
-
 EXAMPLES = """examples:
   onnx-shrink model.onnx --passes fold -o small.onnx
   onnx-shrink model.onnx --passes fold --set fold.max_growth_bytes=4096 --data calib.npz
@@ -162,9 +159,9 @@ def build_check_parser() -> argparse.ArgumentParser:
         "accuracy, per-layer error, latency and size.",
     )
     parser.epilog = (
-        f"Without tolerance options: --min-cosine {CHECK_DEFAULT.min_cosine} "
-        f"--max-accuracy-drop {CHECK_DEFAULT.max_accuracy_drop} "
-        f"--min-agreement {CHECK_DEFAULT.min_agreement}."
+        f"Without tolerance options: --min-cosine {DEFAULT_TOLERANCES.min_cosine} "
+        f"--max-accuracy-drop {DEFAULT_TOLERANCES.max_accuracy_drop} "
+        f"--min-agreement {DEFAULT_TOLERANCES.min_agreement}."
     )
     parser.add_argument("reference", help="the original .onnx")
     parser.add_argument("candidate", help="the compressed .onnx")

@@ -28,6 +28,7 @@ from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weight
 logger = logging.getLogger(__name__)
 
 FLOAT = ir.DataType.FLOAT
+_FLOATS = frozenset({FLOAT})
 # Small on purpose. CumSum accumulates; TopK and RoiAlign turn rounding into other indices
 # and boxes (in onnxruntime's fp16 block list too); RandomNormal/RandomUniform in float16 fail
 # on onnxruntime CPU (no kernel, no input to cast around). Range, NonMaxSuppression and
@@ -35,10 +36,8 @@ FLOAT = ir.DataType.FLOAT
 DEFAULT_BLOCK_OPS = ("CumSum", "RandomNormal", "RandomUniform", "RoiAlign", "TopK")
 
 # Ops whose float output type comes from an attribute or a body, not from a typed input.
-_RANDOM = {"RandomNormal", "RandomUniform", "RandomNormalLike", "RandomUniformLike"}
-_DTYPE_ATTR_OPS = {"EyeLike", "Bernoulli", *_RANDOM}
 _TYPED_BY_ATTRIBUTE = {"If", "Loop", "Scan", "Cast", "Constant", "ConstantOfShape"}
-_TYPED_BY_ATTRIBUTE |= _DTYPE_ATTR_OPS
+_TYPED_BY_ATTRIBUTE |= fp16_types.DTYPE_ATTRIBUTE_OPS
 
 # Inputs that keep float32 though their type variable allows the target: Resize's roi is crop
 # coordinates (float16 would round them) that no output's type depends on, and a converted
@@ -155,12 +154,9 @@ class Float16Pass(DataAwarePass):
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         # A float16 weight behind a Cast to float32 is a float32 weight to convert: the
         # node then reads it as stored, with no Cast; one in a float island gets it back.
-        half_weights.lift(model)
-        error_before = large_tensors.load_error(model)
-        try:
+        with half_weights.lifted(model):
+            error_before = large_tensors.load_error(model)
             modified = _Conversion(self, model).run(stats)
-        finally:
-            half_weights.restore(model)
         error = large_tensors.load_error(model) if modified else None
         if error is not None and error_before is None:
             raise ShrinkError(f"fp16: the converted model fails type inference: {error}")
@@ -182,7 +178,7 @@ class _Conversion:
         self.flagged: dict[ir.Value, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
         self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
-        self.names = {v.name for g, _ in self.scopes for v in walk.graph_values(g) if v.name}
+        self.names = graph_edit.value_names(model.graph)
 
     def run(self, stats: Statistics) -> bool:
         for function in self.model.functions.values():
@@ -397,11 +393,11 @@ class _Conversion:
         for graph, _ in self.scopes:
             for value in graph.initializers.values():
                 if self.new.get(value) == self.target and value.const_value is not None:
-                    value.const_value = _converted(value.const_value, self.target)
+                    value.const_value = fp16_types.converted(value.const_value, self.target)
             for node in graph:
                 out = node.outputs[0] if node.outputs else None
                 if out is not None and self.orig.get(out) == FLOAT != self.new.get(out):
-                    _retype_attributes(node, self.target)
+                    fp16_types.retype_attributes(node, _FLOATS, self.target)
 
     def _drop_identity_casts(self) -> None:
         for graph, _ in self.scopes:
@@ -417,29 +413,3 @@ class _Conversion:
 def _matches(pattern: str, name: str) -> bool:
     """``pattern`` (checked to compile with the options) names ``name``."""
     return pattern == name or re.fullmatch(pattern, name) is not None
-
-
-def _converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:
-    """``tensor`` rounded to ``dtype`` (round to nearest even; range checked by rule 2)."""
-    array = tensor.numpy().astype(dtype.numpy())
-    return ir.Tensor(array, dtype=dtype, name=tensor.name)
-
-
-def _retype_attributes(node: ir.Node, dtype: ir.DataType) -> None:
-    """Rewrite the attributes that make a converted node produce float32 (rules 2 and 4)."""
-    attrs = node.attributes
-    if node.domain not in ("", "ai.onnx"):
-        return
-    if node.op_type == "Cast" and attrs.get_int("to") == FLOAT:
-        attrs["to"] = ir.AttrInt64("to", dtype)
-    elif node.op_type in ("Constant", "ConstantOfShape"):
-        tensor = fp16_islands.constant_tensor(node)
-        if tensor is None:  # ConstantOfShape without value: float32 zeros
-            tensor = ir.tensor(np.zeros(1, dtype=np.float32))
-        for name in ("value", "value_float", "value_floats"):
-            attrs.pop(name, None)
-        attrs["value"] = ir.AttrTensor("value", _converted(tensor, dtype))
-    elif node.op_type in _DTYPE_ATTR_OPS:
-        default = FLOAT if node.op_type in ("RandomNormal", "RandomUniform") else None
-        if attrs.get_int("dtype", default) == FLOAT:
-            attrs["dtype"] = ir.AttrInt64("dtype", dtype)

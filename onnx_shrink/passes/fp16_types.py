@@ -1,14 +1,18 @@
-"""What ``fp16`` knows of types: every tensor's element type by onnx's inference (seeing past
-onnxruntime's contrib ops), and the ONNX schemas that say which types an op takes."""
+"""What ``fp16`` and ``fp32`` know of types: every tensor's element type by onnx's inference
+(seeing past onnxruntime's contrib ops), the ONNX schemas that say which types an op takes, and
+the attributes that type an op's output."""
 
 from __future__ import annotations
 
 import functools
 import logging
 
+import numpy as np
 import onnx
 import onnx_ir as ir
 from onnx_ir.passes.common import _c_api_utils
+
+from onnx_shrink.passes import fp16_islands
 
 logger = logging.getLogger("onnx_shrink.passes.fp16")
 
@@ -117,3 +121,47 @@ def formal(params: list[onnx.defs.OpSchema.FormalParameter], index: int) -> str 
         return params[index].type_str
     variadic = onnx.defs.OpSchema.FormalParameterOption.Variadic
     return params[-1].type_str if params and params[-1].option == variadic else None
+
+
+# Ops whose float output type is their ``dtype`` attribute.
+DTYPE_ATTRIBUTE_OPS = frozenset(
+    {
+        "EyeLike",
+        "Bernoulli",
+        "RandomNormal",
+        "RandomUniform",
+        "RandomNormalLike",
+        "RandomUniformLike",
+    }
+)
+
+
+def converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:
+    """``tensor`` in ``dtype`` (rounded to nearest even where ``dtype`` is narrower)."""
+    array = tensor.numpy().astype(dtype.numpy())
+    return ir.Tensor(array, dtype=dtype, name=tensor.name)
+
+
+def retype_attributes(node: ir.Node, source: frozenset[ir.DataType], target: ir.DataType) -> None:
+    """Rewrite the attribute that makes ``node`` (standard domain) produce a type of
+    ``source`` to produce ``target``: ``Cast.to``, a Constant's or ConstantOfShape's value (one
+    without a value makes float32 zeros), the ``dtype`` of ``DTYPE_ATTRIBUTE_OPS`` (float32
+    when RandomNormal/RandomUniform give none)."""
+    attrs = node.attributes
+    if node.domain not in ("", "ai.onnx"):
+        return
+    if node.op_type == "Cast" and attrs.get_int("to") in source:
+        attrs["to"] = ir.AttrInt64("to", target)
+    elif node.op_type in ("Constant", "ConstantOfShape"):
+        tensor = fp16_islands.constant_tensor(node)
+        if tensor is None and node.op_type == "ConstantOfShape":
+            tensor = ir.tensor(np.zeros(1, dtype=np.float32))
+        if tensor is None or tensor.dtype not in source:
+            return
+        for name in ("value", "value_float", "value_floats"):
+            attrs.pop(name, None)
+        attrs["value"] = ir.AttrTensor("value", converted(tensor, target))
+    elif node.op_type in DTYPE_ATTRIBUTE_OPS:
+        default = ir.DataType.FLOAT if node.op_type in ("RandomNormal", "RandomUniform") else None
+        if attrs.get_int("dtype", default) in source:
+            attrs["dtype"] = ir.AttrInt64("dtype", target)

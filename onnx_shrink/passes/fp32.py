@@ -13,30 +13,20 @@ import logging
 from collections import Counter
 from typing import ClassVar
 
-import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option, warn_no_change
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.passes import fp16_islands, fp16_types
+from onnx_shrink.passes import fp16_types
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
 
 logger = logging.getLogger(__name__)
 
 FLOAT = ir.DataType.FLOAT
 _FLOAT_TYPE_STR = "tensor(float)"
-# Ops whose half output type comes from an attribute, not from a typed input.
-_DTYPE_ATTR_OPS = {
-    "EyeLike",
-    "Bernoulli",
-    "RandomNormal",
-    "RandomUniform",
-    "RandomNormalLike",
-    "RandomUniformLike",
-}
-_TYPED_BY_ATTRIBUTE = {"Cast", "Constant", "ConstantOfShape", *_DTYPE_ATTR_OPS}
+_TYPED_BY_ATTRIBUTE = {"Cast", "Constant", "ConstantOfShape", *fp16_types.DTYPE_ATTRIBUTE_OPS}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,13 +81,12 @@ class _Widening:
     def __init__(self, model: ir.Model, keep_io_types: bool) -> None:
         self.model = model
         self.keep_io_types = keep_io_types
-        self.guessed = _type_contrib_outputs(model)
-        self.orig = fp16_types.tensor_dtypes(model)
+        self.guessed, self.orig = _type_contrib_outputs(model)
         self.scopes = list(walk.scopes(model.graph))
         self.kept: dict[ir.Node, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
         self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
-        self.names = {v.name for g, _ in self.scopes for v in walk.graph_values(g) if v.name}
+        self.names = graph_edit.value_names(model.graph)
 
     def run(self) -> bool:
         unknown = self._untyped_contrib_values()
@@ -148,6 +137,11 @@ class _Widening:
                 names += [f"'{v.name}' ({node.op_type})" for v in values if v not in self.orig]
         return names
 
+    def _io_kept(self, owner: ir.Node | None) -> bool:
+        """Whether the inputs and outputs of the graph ``owner`` owns keep their half type:
+        the main graph's with ``keep_io_types`` (rule 4), a kept node's body's (rule 3)."""
+        return owner is None and self.keep_io_types or owner in self.kept
+
     def _half(self, value: ir.Value | None) -> bool:
         return value is not None and self.orig.get(value) in HALF_TYPES
 
@@ -183,8 +177,7 @@ class _Widening:
         """Rule 1's new type of each half value (float32 unless rules 2-4 keep it)."""
         for graph, owner in self.scopes:
             for value in graph.inputs:
-                keep = owner is None and self.keep_io_types or owner in self.kept
-                if self._half(value) and not keep:
+                if self._half(value) and not self._io_kept(owner):
                     self.new[value] = FLOAT
             for value in graph.initializers.values():
                 if self._half(value) and not value.is_graph_input():
@@ -230,8 +223,7 @@ class _Widening:
             for index, value in enumerate(graph.outputs):
                 if not self._half(value):
                     continue
-                keep = owner is None and self.keep_io_types or owner in self.kept
-                needed = self.orig[value] if keep else FLOAT
+                needed = self.orig[value] if self._io_kept(owner) else FLOAT
                 if self._type(value) != needed:
                     graph.outputs[index] = self._cast_output(value, needed, graph, owner)
 
@@ -264,12 +256,12 @@ class _Widening:
         for graph, _ in self.scopes:
             for value in graph.initializers.values():
                 if self.new.get(value) == FLOAT and value.const_value is not None:
-                    value.const_value = _widened(value.const_value)
+                    value.const_value = fp16_types.converted(value.const_value, FLOAT)
             for node in graph:
                 out = node.outputs[0] if node.outputs else None
                 if node.op_type in _TYPED_BY_ATTRIBUTE and out is not None:
                     if self._half(out) and self.new.get(out) == FLOAT:
-                        _retype_attributes(node)
+                        fp16_types.retype_attributes(node, HALF_TYPES, FLOAT)
 
     def _drop_identity_casts(self) -> None:
         """Remove the Casts widening made no-ops. One that makes a graph output goes where
@@ -298,12 +290,16 @@ class _Widening:
 _GUESS_ROUNDS = 64
 
 
-def _type_contrib_outputs(model: ir.Model) -> list[ir.Value]:
+def _type_contrib_outputs(
+    model: ir.Model,
+) -> tuple[list[ir.Value], dict[ir.Value, ir.DataType]]:
     """Give the untyped outputs of nodes without a schema (onnxruntime's contrib ops) the
     type of their float inputs, where those are all of one half type, in place; returns the
-    values typed. onnx's inference stops at such a node, and nothing after it has a type:
-    widened without the Cast it needs, a reader of a float16 output failed to load
-    (onnxruntime's float contrib ops compute and return their inputs' type). A node whose
+    values typed and every tensor's type after (``fp16_types.tensor_dtypes``, whose last
+    round serves as the pass's: one inference where no node lacks a schema). onnx's inference
+    stops at such a node, and nothing after it has a type: widened without the Cast it needs,
+    a reader of a float16 output failed to load (onnxruntime's float contrib ops compute and
+    return their inputs' type). A node whose
     inputs are typed only once an earlier guess lets inference go on waits for the next
     round."""
     guessed: list[ir.Value] = []
@@ -325,8 +321,8 @@ def _type_contrib_outputs(model: ir.Model) -> list[ir.Value]:
                     guessed.append(out)
                     added = True
         if not added:
-            break
-    return guessed
+            return guessed, dtypes
+    return guessed, fp16_types.tensor_dtypes(model)
 
 
 _FLOATS = frozenset({FLOAT, *HALF_TYPES})
@@ -340,23 +336,3 @@ def _renamable(value: ir.Value, graph: ir.Graph) -> bool:
         and not value.is_graph_output()
         and not value.is_graph_input()
     )
-
-
-def _widened(tensor: ir.TensorProtocol) -> ir.Tensor:
-    """``tensor`` as float32 (exact: every half value is a float32 value)."""
-    return ir.Tensor(tensor.numpy().astype(np.float32), name=tensor.name)
-
-
-def _retype_attributes(node: ir.Node) -> None:
-    """Rewrite the attribute that makes ``node`` produce a half type (rule 1)."""
-    attrs = node.attributes
-    if node.domain not in ("", "ai.onnx"):
-        return
-    if node.op_type == "Cast" and attrs.get_int("to") in HALF_TYPES:
-        attrs["to"] = ir.AttrInt64("to", FLOAT)
-    elif node.op_type in ("Constant", "ConstantOfShape"):
-        tensor = fp16_islands.constant_tensor(node)
-        if tensor is not None and tensor.dtype in HALF_TYPES:
-            attrs["value"] = ir.AttrTensor("value", _widened(tensor))
-    elif node.op_type in _DTYPE_ATTR_OPS and attrs.get_int("dtype") in HALF_TYPES:
-        attrs["dtype"] = ir.AttrInt64("dtype", FLOAT)

@@ -15,7 +15,9 @@ where the statistics engine measures.
 
 from __future__ import annotations
 
+import contextlib
 import logging
+from collections.abc import Iterator
 
 import numpy as np
 import onnx_ir as ir
@@ -54,6 +56,17 @@ def lift(model: ir.Model) -> int:
             graph.initializers.pop(source.name)
         count += 1
     return count
+
+
+@contextlib.contextmanager
+def lifted(model: ir.Model) -> Iterator[None]:
+    """``lift`` on entry, ``restore`` on exit, also when the body raises: a pass never leaves
+    float32 copies of half weights behind."""
+    lift(model)
+    try:
+        yield
+    finally:
+        restore(model)
 
 
 def restore(model: ir.Model) -> int:

@@ -113,7 +113,7 @@ def collect(
             runs.parallel_runs(provider),
             max_run=min(run_samples, MAX_RUN_SAMPLES) if run_samples > 0 else MAX_RUN_SAMPLES,
         )
-        joinable = sample_batches.joinable(specs) and not dataset.whole_samples
+        joinable = sample_batches.splittable(dataset, specs)
         counting.run(sample_batches.single_samples(replay, specs), joinable)
         ranges = counting.ranges
         # Fast reductions let inf through (onnxruntime's skip NaN); only tensors that hold

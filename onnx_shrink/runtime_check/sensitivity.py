@@ -101,7 +101,7 @@ def sensitivity(
         # misses, and a node's own name is the caller's) and its types inferred.
         caller = {node: names.get(node, node.name or "") for node in base.graph}
         targets, unmeasured, plan = _quantized_layers(base, quant, stats, caller)
-        runner = _Runner(base, quant, stats, _in_runs(data, base, targets), provider, progress)
+        runner = _Runner(base, quant, stats, _in_runs(data, base), provider, progress)
         groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
         measured = runner.measure_all(groups)
         ranked = sorted(measured, key=_severity, reverse=True)
@@ -247,7 +247,7 @@ def _measured(
     return Measured(error, size, numeric.samples, result.modified)
 
 
-def _in_runs(data: data_mod.Dataset, base: ir.Model, targets: Sequence[Target]) -> data_mod.Dataset:
+def _in_runs(data: data_mod.Dataset, base: ir.Model) -> data_mod.Dataset:
     """``data`` one sample a run. A combined run holds the activations of the float graph and
     of each copy (9 graphs at 8 layers a run) for every sample it joins: an EfficientNet
     U-Net over runs of 32 images at 256x256 peaked at 7.4 GB, and on PP-OCRv4 rec runs of 4

@@ -117,10 +117,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = lift_constant_weights(model)
-        half_weights.lift(model)
-        context = self.context(model)
-        count = self.quantize(model, context)
-        half_weights.restore(model)  # those left float
+        with half_weights.lifted(model):  # those left float are put back
+            context = self.context(model)
+            count = self.quantize(model, context)
         if not count:
             context.warn_nothing_quantized(self.op_types)
         if count and self.narrow_storage:
