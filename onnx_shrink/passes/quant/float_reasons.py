@@ -29,13 +29,22 @@ SHOWN = 3  # reasons named in the line
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
 
 
-def summary(graph: ir.Graph, exclusions: placement.Exclusions, skipped: Mapping[str, str]) -> str:
-    """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none."""
+def summary(
+    graph: ir.Graph,
+    exclusions: placement.Exclusions,
+    skipped: Mapping[str, str],
+    recurrent_reasons: Mapping[ir.Node, str] | None = None,
+) -> str:
+    """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none.
+    ``recurrent_reasons``: why each LSTM, GRU and RNN stays float where the options leave it
+    to ``quant-dynamic``'s rules (``QuantPass._recurrent_reasons``)."""
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for node in graph:
-        if node.domain in ("", "ai.onnx") and node.op_type in recurrent.FLOAT_ONLY:
-            if not exclusions.only or (node.name or "") in exclusions.only:
-                counts[(node.op_type, "onnxruntime has no integer kernel for it")] += 1
+        if node.domain in ("", "ai.onnx") and node.op_type in recurrent.RECURRENT:
+            excluded = exclusions.reason(node)
+            reason = excluded or (recurrent_reasons or {}).get(node)
+            if reason and excluded != placement.NOT_ONLY:
+                counts[(node.op_type, reason)] += 1
             continue
         if node.domain not in ("", "ai.onnx") or node.op_type not in placement.QUANTIZABLE:
             continue

@@ -1,4 +1,4 @@
-"""LSTM weights as int8 for onnxruntime's ``com.microsoft.DynamicQuantizeLSTM`` (``quant-dynamic``).
+"""Recurrent layers' weights as int8 (``quant-dynamic``'s rule 9, ``quant``'s rule 10).
 
 ``LSTM(X, W, R, B, sequence_lens, initial_h, initial_c, P)`` with constant float32 ``W``
 [D, 4H, I] and ``R`` [D, 4H, H] becomes ``DynamicQuantizeLSTM`` on the same inputs and
@@ -8,30 +8,32 @@ layout) and symmetric scales per gate row ([D, 4H]) or per direction ([D]), and 
 Each step the kernel quantizes ``X_t`` and ``H_{t-1}`` to u8 at run time, as
 ``DynamicQuantizeMatMul`` does an activation.
 
-Left float, with the reason logged: ``layout=1`` (batch first: the contrib op has no such
-attribute; onnxruntime's own quantizer drops it, and its CPU LSTM refuses the layout anyway),
-weights that are not constant float32 [D, 4H, *] initializers, and nodes whose two weights
-hold fewer than ``min_weight_elements`` elements together. GRU and RNN have no integer kernel
-in onnxruntime: they stay float (``FLOAT_ONLY``, ``log_float_only``).
+GRU and RNN have no integer kernel in onnxruntime, and neither has an LSTM the contrib op
+cannot take (``layout=1``: batch first, which it has no attribute for; onnxruntime's own
+quantizer drops it, and its CPU LSTM refuses the layout anyway) or one in standard ONNX only
+(``fused=False``). Their ``W`` and ``R`` are *stored* as int8 instead (``store_int8``): codes
+[D, G, K] with the same scales per gate row, read through ``Cast`` to float and ``Mul`` by the
+scales. onnxruntime folds those two nodes into float weights when it loads the model, so the
+layer computes in float as before, as fast, while the file holds a quarter of its weight
+bytes (NSNet2's two GRUs hold 71 % of its weights; ``quantize_dynamic`` and
+``quantize_static`` leave them float).
+
+Left float, with the reason logged: weights that are not constant float32 [D, G, *]
+initializers, and nodes whose two weights hold fewer than ``min_weight_elements`` elements
+together.
 """
 
 from __future__ import annotations
 
-import collections
-import logging
-
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import walk
 from onnx_shrink.passes.quant import compact
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN, WeightContext, derived_name
 
-logger = logging.getLogger(__name__)
-
 INT8 = QUANT_TYPES["s8"]
-FLOAT_ONLY = ("GRU", "RNN")  # no integer kernel in onnxruntime
+RECURRENT = ("LSTM", "GRU", "RNN")
 
 
 def lstm_reason(context: WeightContext, node: ir.Node) -> str | None:
@@ -85,56 +87,81 @@ def quantize_lstm(
 def _int8_gates(w: np.ndarray, per_channel: bool, narrow_storage: bool) -> dict[str, np.ndarray]:
     """int8 codes of ``w`` [D, G, K] transposed to [D, K, G] and symmetric scales per gate
     row [D, G] (or per direction [D]); their zero points are 0 (``zero_point``)."""
+    codes, scale = _int8_rows(w, per_channel, narrow_storage)
+    shape = scale.shape[:2] if per_channel else scale.shape[:1]
+    transposed = np.ascontiguousarray(codes.transpose(0, 2, 1))
+    return {"int8": transposed, "scale": scale.reshape(shape)}
+
+
+def _int8_rows(
+    w: np.ndarray, per_channel: bool, narrow_storage: bool
+) -> tuple[np.ndarray, np.ndarray]:
+    """int8 codes of ``w`` [D, G, K] and symmetric float32 scales [D, G, 1] per gate row (or
+    [D, 1, 1] per direction), shaped to multiply the codes back."""
     directions, rows, columns = w.shape
     # One slice per row (or per direction) along axis 0 of a 2-D view.
     flat = w.reshape(directions * rows, columns) if per_channel else w.reshape(directions, -1)
     rounding = compact.scale_rounding(narrow_storage, 0)
     q = quantize_weight(flat, INT8, axis=0, scale_rounding=rounding)
-    shape = (directions, rows) if per_channel else (directions,)
-    codes = q.values.reshape(directions, rows, columns).transpose(0, 2, 1)
-    scale = q.scale.astype(np.float32).reshape(shape)
-    return {"int8": np.ascontiguousarray(codes), "scale": scale}
+    scale = q.scale.astype(np.float32).reshape(directions, rows if per_channel else 1, 1)
+    return q.values.reshape(w.shape), scale
 
 
-FLOAT_ONLY_WARN_SHARE = 0.1
-"""The share of a model's float weight bytes in float-only recurrent nodes from which their
-staying float is a warning (NSNet2's two GRUs: 72 %, and int8 shrank the file by 21 %)."""
+def stored_reason(context: WeightContext, node: ir.Node) -> str | None:
+    """Why the weights of ``node`` (an LSTM, GRU or RNN) cannot be stored as int8, or None."""
+    if context.opset < 7:  # Mul broadcasts the scales from opset 7 on
+        return f"storing int8 weights needs opset >= 7, not {context.opset}"
+    weights = node.inputs[1:3]
+    for value in weights:
+        reason = context.weight_reason(value, rank=3, min_elements=0)
+        if reason is not None:
+            return reason
+    w, r = (value.const_value for value in weights)  # type: ignore[union-attr]
+    if w.shape[:2] != r.shape[:2]:
+        return f"weights {tuple(w.shape)} and {tuple(r.shape)} have different gate rows"
+    if w.size + r.size < context.min_elements:
+        return f"W and R hold {w.size + r.size} < {context.min_elements} elements"
+    return None
 
 
-def log_float_only(pass_name: str, model: ir.Model, nodes: list[ir.Node]) -> None:
-    """Say which recurrent nodes stay float because onnxruntime has no integer kernel: a
-    warning where their weights are ``FLOAT_ONLY_WARN_SHARE`` of the model's or more (the
-    file shrinks far less than int8 suggests), else an info line."""
-    counts = collections.Counter(node.op_type for node in nodes)
-    if not counts:
-        return
-    kinds = ", ".join(f"{count} {op}" for op, count in sorted(counts.items()))
-    share = _float_weight_share(model, nodes)
-    if share >= FLOAT_ONLY_WARN_SHARE:
-        logger.warning(
-            "%s: %s stay float, holding %.0f%% of the model's float weights: onnxruntime has "
-            "no integer kernel for them (fp16 halves them)",
-            pass_name,
-            kinds,
-            100 * share,
-        )
-    else:
-        logger.info(
-            "%s: %s stay float: onnxruntime has no integer kernel for them", pass_name, kinds
-        )
+def store_int8(
+    context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
+) -> None:
+    """Give ``node``, which ``stored_reason`` passes, int8 codes of its W and R read through
+    ``Cast`` and ``Mul`` by their scales (see the module doc). A weight several nodes of one
+    graph read is dequantized once."""
+    graph = node.graph
+    assert graph is not None
+
+    def stored(w: np.ndarray) -> dict[str, np.ndarray]:
+        codes, scale = _int8_rows(w, per_channel, narrow_storage)
+        return {"int8": codes, "scale": scale}
+
+    for index, part in ((1, "W"), (2, "R")):
+        value = node.inputs[index]
+        assert value is not None
+        codes, scale = context.weights(value, ("int8-stored", per_channel), stored)
+        assert codes is not None and scale is not None
+        dequantized = _dequantized(graph, node, part, codes, scale)
+        node.replace_input_with(index, dequantized)
 
 
-def _float_weight_share(model: ir.Model, nodes: list[ir.Node]) -> float:
-    """The share of the model's float constant bytes (initializers and Constant nodes, every
-    graph) that ``nodes`` read: the float weights as the pass found them, before it drops
-    those it quantized."""
-    floats: dict[str, int] = {}
-    for value, tensor in walk.initializer_tensors(model):
-        if tensor.dtype.is_floating_point():
-            floats[value.name or ""] = tensor.nbytes
-    for node, tensor in walk.constant_node_tensors(model):
-        if tensor.dtype.is_floating_point():
-            floats[node.outputs[0].name or ""] = tensor.nbytes
-    read = {v.name for node in nodes for v in node.inputs if v is not None and v.name in floats}
-    total = sum(floats.values())
-    return sum(floats[name] for name in read) / total if total else 0.0
+def _dequantized(
+    graph: ir.Graph, reader: ir.Node, part: str, codes: ir.Value, scale: ir.Value
+) -> ir.Value:
+    """``Cast(codes) * scale``, inserted before ``reader`` (its weight ``part``), or the one
+    already made in ``graph`` for an earlier reader."""
+    for use in codes.uses():
+        cast = use.node
+        if cast.op_type == "Cast" and cast.graph is graph:
+            for mul in (u.node for u in cast.outputs[0].uses()):
+                if mul.op_type == "Mul" and mul.inputs[1] is scale:
+                    return mul.outputs[0]
+    to_float = ir.node(
+        "Cast", [codes], {"to": ir.DataType.FLOAT}, name=derived_name(reader, f"{part}_int8")
+    )
+    rescale = ir.node(
+        "Mul", [to_float.outputs[0], scale], name=derived_name(reader, f"{part}_dequant")
+    )
+    graph.insert_before(reader, [to_float, rescale])
+    return rescale.outputs[0]

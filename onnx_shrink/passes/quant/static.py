@@ -93,7 +93,10 @@ class QuantPass(DataAwarePass):
        first ``bias_correction_samples``; ``bias_correction``).
     10. With ``lstm``, an LSTM on constant weights becomes ``quant-dynamic``'s
         ``com.microsoft.DynamicQuantizeLSTM`` (its rule 9): onnxruntime has no QDQ LSTM
-        kernel, and its own static quantizer leaves LSTMs float.
+        kernel, and its own static quantizer leaves LSTMs float. With ``rnn``, GRU and RNN
+        weights are stored as int8 (rule 9 too), and so are an LSTM's that the contrib op
+        cannot take or ``fused=false`` keeps out: they compute in float, on weights
+        onnxruntime dequantizes when it loads the model.
 
     11. With ``max_error``, ``shrink`` first measures each layer's sensitivity and then the
         whole pass with the worst layers kept float, more of them until the worst float
@@ -175,7 +178,12 @@ class QuantPass(DataAwarePass):
     lstm: bool = option(
         True,
         "int8 LSTM weights as onnxruntime's com.microsoft.DynamicQuantizeLSTM (no QDQ LSTM "
-        "kernel exists; not with fused=false)",
+        "kernel exists; with fused=false, or a layout it cannot take, stored as for rnn)",
+    )
+    rnn: bool = option(
+        True,
+        "GRU and RNN weights stored as int8 per gate row behind a Cast and Mul that "
+        "onnxruntime folds on load: a quarter of the bytes, still computed in float",
     )
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
@@ -365,7 +373,9 @@ class QuantPass(DataAwarePass):
         reasons; float16 apart), and take back the types and shapes the pass inferred, so
         that the model is as the pass found it."""
         half_weights.restore(model)
-        reasons = float_reasons.summary(model.graph, self._exclusions, skipped or {})
+        reasons = float_reasons.summary(
+            model.graph, self._exclusions, skipped or {}, self._recurrent_reasons(model)
+        )
         logger.warning("quant: no node could be quantized%s", reasons)
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
         value_types.settle_inferred_types(model, keep=False)
@@ -404,8 +414,8 @@ class QuantPass(DataAwarePass):
 
     def dynamic_layers(self, model: ir.Model) -> list[ir.Node]:
         """The main-graph nodes rules 6 and 10 quantize without statistics (embedding tables,
-        LSTMs), among ``only`` where it is given; reads ``model`` only. The sensitivity report
-        measures each alone, as it does the plan's nodes."""
+        recurrent layers), among ``only`` where it is given; reads ``model`` only. The
+        sensitivity report measures each alone, as it does the plan's nodes."""
         ops = self._main_graph_dynamic_ops
         main = {
             n
@@ -432,8 +442,20 @@ class QuantPass(DataAwarePass):
     def _main_graph_dynamic_ops(self) -> tuple[str, ...]:
         """Op types rules 6 and 10 give quant-dynamic's int8 weights in the main graph, as
         the options allow (``exclude_op_types`` holds there too)."""
-        wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm
+        wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm + ("GRU", "RNN") * self.rnn
         return tuple(op for op in wanted if op not in self.exclude_op_types)
+
+    def _recurrent_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
+        """Why each main-graph LSTM, GRU and RNN stays float: its option off, or rule 9's
+        reason (exclusions are ``float_reasons``' to say)."""
+        reasons: dict[ir.Node, str] = {}
+        for op_type, switch in (("LSTM", "lstm"), ("GRU", "rnn"), ("RNN", "rnn")):
+            if not getattr(self, switch):
+                off = f"quant.{switch}=false"
+                reasons.update(dict.fromkeys(nodes_of(model, (op_type,)), off))
+            elif op_type in self._main_graph_dynamic_ops:
+                reasons.update(self._dynamic(op_type, narrow=False).float_reasons(model))
+        return reasons
 
     def _warn_unmatched(self, model: ir.Model) -> None:
         """A name, regex or op type of the options that names nothing is a warning."""

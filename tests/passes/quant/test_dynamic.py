@@ -292,8 +292,9 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
     conv_only.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
     with caplog.at_level(logging.WARNING):
         quantized(conv_only)
-    assert "no MatMul/Gemm/Gather/LSTM with a constant float weight (the model has none)" in (
-        caplog.text
+    assert (
+        "no MatMul/Gemm/Gather/LSTM/GRU/RNN with a constant float weight (the model has none)"
+        in (caplog.text)
     )
     caplog.clear()
     # A Conv already quantized (its weight a DequantizeLinear's output) is not pointed to quant.

@@ -1,5 +1,6 @@
-"""LSTM weights as int8 (com.microsoft.DynamicQuantizeLSTM), in quant-dynamic and quant, run
-on onnxruntime's CPU provider; GRU and RNN stay float."""
+"""Recurrent weights as int8, in quant-dynamic and quant, run on onnxruntime's CPU provider:
+LSTMs as com.microsoft.DynamicQuantizeLSTM; GRU, RNN and the LSTMs the contrib op cannot take
+on int8 weights stored behind a Cast and Mul that onnxruntime folds when it loads the model."""
 
 from __future__ import annotations
 
@@ -23,18 +24,23 @@ FLOAT = onnx.TensorProto.FLOAT
 
 
 def lstm_model(
-    directions: int = 2, *, layout: int = 0, peepholes: bool = True, op: str = "LSTM"
+    directions: int = 2,
+    *,
+    layout: int = 0,
+    peepholes: bool = True,
+    op: str = "LSTM",
+    hidden: int = HIDDEN,
 ) -> onnx.ModelProto:
     """``X -> LSTM`` with every optional input but sequence_lens; Y feeds a Relu, and Y_h
     and Y_c are graph outputs themselves (each of the three outputs has a reader)."""
     rng = np.random.default_rng(0)
     gates = {"LSTM": 4, "GRU": 3, "RNN": 1}[op]
     shape_x = (BATCH, SEQ, INPUT) if layout else (SEQ, BATCH, INPUT)
-    state = (BATCH, directions, HIDDEN) if layout else (directions, BATCH, HIDDEN)
+    state = (BATCH, directions, hidden) if layout else (directions, BATCH, hidden)
     arrays = {
-        "W": rng.standard_normal((directions, gates * HIDDEN, INPUT)) * 0.3,
-        "R": rng.standard_normal((directions, gates * HIDDEN, HIDDEN)) * 0.3,
-        "B": rng.standard_normal((directions, 2 * gates * HIDDEN)) * 0.1,
+        "W": rng.standard_normal((directions, gates * hidden, INPUT)) * 0.3,
+        "R": rng.standard_normal((directions, gates * hidden, hidden)) * 0.3,
+        "B": rng.standard_normal((directions, 2 * gates * hidden)) * 0.1,
         "h0": rng.standard_normal(state) * 0.5,
     }
     inputs = ["X", "W", "R", "B", "", "h0"]
@@ -44,12 +50,12 @@ def lstm_model(
         inputs.append("c0")
         outputs.append("Y_c")
         if peepholes:
-            arrays["P"] = rng.standard_normal((directions, 3 * HIDDEN)) * 0.2
+            arrays["P"] = rng.standard_normal((directions, 3 * hidden)) * 0.2
             inputs.append("P")
-    sequence = (BATCH, SEQ, directions, HIDDEN) if layout else (SEQ, directions, BATCH, HIDDEN)
+    sequence = (BATCH, SEQ, directions, hidden) if layout else (SEQ, directions, BATCH, hidden)
     shapes = {"y": sequence, "Y_h": state, "Y_c": state}
     direction = "bidirectional" if directions == 2 else "forward"
-    attributes = {"hidden_size": HIDDEN, "direction": direction}
+    attributes = {"hidden_size": hidden, "direction": direction}
     if layout:
         attributes["layout"] = layout
     nodes = [
@@ -142,27 +148,37 @@ def test_narrow_storage_keeps_the_lstm_loadable_and_a_quarter_of_the_bytes(tmp_p
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.03
 
 
-@pytest.mark.parametrize(
-    ("options", "reason"),
-    [
-        ({"fused": False}, "standard ONNX has no integer LSTM"),
-        ({"min_weight_elements": 10**6}, "W and R hold"),
-    ],
-)
-def test_lstms_the_options_rule_out_stay_float_with_the_reason(caplog, options, reason):
-    with caplog.at_level(logging.WARNING):
-        model, modified = quantized(lstm_model(1), op_types=("LSTM",), **options)
-    assert not modified and "LSTM" in [n.op_type for n in model.graph]
-    assert reason in caplog.text
+@pytest.mark.parametrize("op", ["LSTM", "GRU", "RNN"])
+def test_small_recurrent_weights_stay_float_with_the_reason(caplog, op):
+    with caplog.at_level(logging.DEBUG):
+        model, modified = quantized(lstm_model(1, op=op), min_weight_elements=10**6)
+    assert not modified and [n.op_type for n in model.graph] == [op, "Relu"]
+    assert "W and R hold" in caplog.text
 
 
-def test_a_batch_first_lstm_stays_float_since_the_contrib_op_has_no_layout(caplog):
+def test_a_standard_onnx_lstm_computes_in_float_on_stored_int8_weights():
+    """fused=False: no contrib op, so the LSTM stays, reading int8 weights dequantized by a
+    Cast and a Mul (it stayed float before)."""
+    proto = lstm_model(2)
+    model, modified = quantized(proto, op_types=("LSTM",), fused=False)
+    assert modified
+    _assert_stored(proto, model, "LSTM", 2)
+    _assert_close_on_ort(proto, model, 0.03)
+
+
+def test_a_batch_first_lstm_gets_stored_int8_weights_since_the_contrib_op_has_no_layout():
+    from onnx.reference import ReferenceEvaluator
+
     proto = lstm_model(1, layout=1)
-    with caplog.at_level(logging.WARNING):
-        model, modified = quantized(proto, op_types=("LSTM",))
-    assert not modified
-    assert [n.op_type for n in model.graph] == ["LSTM", "Relu"]
-    assert "layout=1" in caplog.text
+    model, modified = quantized(proto, op_types=("LSTM",))
+    assert modified
+    lstm = _assert_stored(proto, model, "LSTM", 1)
+    assert lstm.attributes.get_int("layout") == 1
+    # onnxruntime's CPU LSTM refuses layout=1; onnx's reference evaluator runs it.
+    feed = inputs(layout=1)
+    want = ReferenceEvaluator(proto).run(None, feed)
+    got = ReferenceEvaluator(io.serialize_proto(model)).run(None, feed)
+    assert max(np.abs(a - b).max() for a, b in zip(want, got, strict=True)) < 0.03
 
 
 def test_an_lstm_whose_weight_is_a_graph_input_stays_float(caplog):
@@ -174,21 +190,85 @@ def test_an_lstm_whose_weight_is_a_graph_input_stays_float(caplog):
     assert "graph input" in caplog.text
 
 
+def _assert_stored(proto: onnx.ModelProto, model: ir.Model, op: str, directions: int):
+    """``op``'s W and R are ``Cast(int8 codes) * scales`` with one symmetric scale per gate
+    row ([D, G, 1], max |row| / 127), each within half a step of the float weight; returns
+    the node."""
+    (node,) = [n for n in model.graph if n.op_type == op]
+    floats = {t.name: onh.to_array(t) for t in proto.graph.initializer}
+    for position, source in ((1, "W"), (2, "R")):
+        mul = node.inputs[position].producer()
+        assert mul is not None and mul.op_type == "Mul"
+        cast = mul.inputs[0].producer()
+        assert cast is not None and cast.op_type == "Cast"
+        codes = initializer(model, cast.inputs[0].name)
+        scale = initializer(model, mul.inputs[1].name)
+        w = floats[source]
+        assert codes.dtype == np.int8 and codes.shape == w.shape
+        assert scale.shape == (directions, w.shape[1], 1)
+        np.testing.assert_allclose(scale, np.abs(w).max(axis=2, keepdims=True) / 127, rtol=1e-6)
+        assert np.all(np.abs(codes * scale - w) <= scale / 2 + 1e-7)
+        assert source not in model.graph.initializers  # the float weight is gone
+    return node
+
+
+def _assert_close_on_ort(proto: onnx.ModelProto, model: ir.Model, bound: float) -> None:
+    feed = inputs()
+    reference = run_ort(proto.SerializeToString(), feed)
+    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < bound
+
+
+@pytest.mark.parametrize("directions", [1, 2])
 @pytest.mark.parametrize("op", ["GRU", "RNN"])
-def test_gru_and_rnn_stay_float_and_a_warning_says_why_where_they_hold_the_weights(caplog, op):
-    proto = lstm_model(1, op=op)
-    with caplog.at_level(logging.WARNING):
-        model, modified = quantized(proto)
-    assert not modified and op in [n.op_type for n in model.graph]
-    assert f"quant-dynamic: 1 {op} stay float, holding 100% of the model's float weights" in (
-        caplog.text
-    )
+def test_gru_and_rnn_compute_in_float_on_weights_stored_as_int8_per_gate_row(op, directions):
+    proto = lstm_model(directions, op=op)
+    model, modified = quantized(proto)
+    assert modified
+    _assert_stored(proto, model, op, directions)
+    _assert_close_on_ort(proto, model, 0.05)  # tanh-bounded outputs: |y| < 1
 
 
-def _big_matmul_then_gru() -> onnx.ModelProto:
+def test_onnxruntime_folds_the_stored_weights_when_it_loads_the_model(tmp_path):
+    """The layer then runs on float weights, as fast as before: no Cast or Mul is left in
+    the graph onnxruntime runs, and the GRU reads initializers."""
+    import onnxruntime as ort
+
+    model, _ = quantized(lstm_model(2, op="GRU"))
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
+    serialized = io.serialize_proto(model).SerializeToString()
+    ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
+    optimized = onnx.load(options.optimized_model_filepath)
+    assert [n.op_type for n in optimized.graph.node] == ["GRU", "Relu"]
+    constants = {t.name for t in optimized.graph.initializer}
+    assert set(optimized.graph.node[0].input[1:3]) <= constants
+
+
+def test_a_weight_two_grus_read_is_stored_and_dequantized_once():
+    proto = lstm_model(1, op="GRU")
+    proto.graph.node.append(oh.make_node("GRU", ["X", "W", "R"], ["Y2"], hidden_size=HIDDEN))
+    proto.graph.output.append(oh.make_tensor_value_info("Y2", FLOAT, [SEQ, 1, BATCH, HIDDEN]))
+    model, _ = quantized(proto)
+    grus = [n for n in model.graph if n.op_type == "GRU"]
+    assert grus[0].inputs[1] is grus[1].inputs[1] and grus[0].inputs[2] is grus[1].inputs[2]
+    assert [n.op_type for n in model.graph].count("Cast") == 2
+
+
+def test_narrow_storage_stores_gru_scales_in_float16_and_a_quarter_of_the_bytes(tmp_path):
+    proto = lstm_model(2, op="GRU")
+    model, _ = quantized(proto, narrow_storage=True)
+    saved = io.save(model, tmp_path / "q.onnx")
+    weights = sum(t.ByteSize() for t in proto.graph.initializer if t.name in ("W", "R"))
+    assert saved.bytes_on_disk < len(proto.SerializeToString()) - 0.7 * weights
+    _assert_close_on_ort(proto, io.load(saved.path), 0.03)
+
+
+def _big_matmul_then_gru(hidden: int = HIDDEN) -> onnx.ModelProto:
     """A GRU (2,064 floats with its bias and initial state) after a MatMul of 24,576: 7.7 %
     of the float weight bytes."""
-    proto = lstm_model(1, op="GRU")
+    proto = lstm_model(1, op="GRU", hidden=hidden)
     weight = np.random.default_rng(2).standard_normal((1024, INPUT)) * 0.05
     proto.graph.initializer.append(onh.from_array(weight.astype(np.float32), "M"))
     proto.graph.node.insert(0, oh.make_node("MatMul", ["X0", "M"], ["X"]))
@@ -197,24 +277,17 @@ def _big_matmul_then_gru() -> onnx.ModelProto:
     return proto
 
 
-def test_a_gru_holding_few_of_the_weights_stays_float_with_an_info_line(caplog):
-    with caplog.at_level(logging.INFO):
-        model, modified = quantized(_big_matmul_then_gru())
-    assert modified and "GRU" in [n.op_type for n in model.graph]
-    (record,) = [r for r in caplog.records if "stay float" in r.getMessage()]
-    assert record.levelno == logging.INFO
-    assert "quant-dynamic: 1 GRU stay float: onnxruntime has no integer kernel" in record.message
-
-
-def test_static_quant_names_itself_when_a_gru_stays_float(caplog):
-    """Found in an audit (NSNet2): under fold,quant the GRUs' line said quant-dynamic."""
-    model = io.load(_big_matmul_then_gru())
-    quant = QuantPass()
+@pytest.mark.parametrize(("options", "stored"), [({}, True), ({"rnn": False}, False)])
+def test_static_quant_stores_gru_weights_as_int8_unless_rnn_is_off(options, stored):
+    """Found in an audit (NSNet2, whose two GRUs hold 71 % of its weights): they stayed
+    float, and the quantized file kept 79 % of the bytes."""
+    model = io.load(_big_matmul_then_gru(hidden=32))  # 6,144 weights: past quant's floor
+    quant = QuantPass(**options)
     dataset = data.prepare(data.specs_from_model(model), None)
-    with caplog.at_level(logging.INFO):
-        quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
-    (line,) = [r.getMessage() for r in caplog.records if "GRU stay float" in r.getMessage()]
-    assert line.startswith("quant: 1 GRU stay float")
+    quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
+    gru = next(n for n in model.graph if n.op_type == "GRU")
+    assert (gru.inputs[1].producer() is not None) is stored
+    assert "QuantizeLinear" in [n.op_type for n in model.graph]  # the MatMul's input, either way
 
 
 def _matmul_then_lstm() -> onnx.ModelProto:
@@ -334,24 +407,31 @@ def test_dtln_lstms_shrink_4x_and_keep_the_mask_closer_than_onnxruntimes_quantiz
     assert 1 - ours_cosine < 1 - ort_cosine
 
 
-def test_static_quant_of_a_gru_alone_says_why_nothing_was_quantized(caplog):
+@pytest.mark.parametrize(
+    ("options", "reason"),
+    [({}, "W and R hold 1920 < 4096 elements"), ({"rnn": False}, "quant.rnn=false")],
+)
+def test_static_quant_of_a_gru_alone_says_why_nothing_was_quantized(caplog, options, reason):
     # It said "the model has no node of a type it quantizes", as if GRUs were unknown to it.
-    model = io.load(lstm_model(1, op="GRU"))
-    quant = QuantPass()
+    model = io.load(lstm_model(1, op="GRU"))  # under quant's 4096-element floor
+    quant = QuantPass(**options)
     dataset = data.prepare(data.specs_from_model(model), None)
     with caplog.at_level(logging.WARNING):
         result = quant.bind(collect.collect(model, quant.requests(model), dataset))(model)
     assert not result.modified
-    assert "no node could be quantized (1 GRU: onnxruntime has no integer kernel" in caplog.text
+    assert f"no node could be quantized (1 GRU: {reason})" in caplog.text
 
 
 def test_a_quant_only_naming_no_node_says_so_beside_a_gru():
     """Found in review: the GRU's reason hid that quant.only named no node it quantizes."""
     from onnx_shrink.passes.quant import float_reasons, placement
 
-    graph = io.load(_big_matmul_then_gru()).graph
+    model = io.load(lstm_model(1, op="GRU"))
+    graph = model.graph
+    small = QuantPass()._recurrent_reasons(model)  # the GRU is under the element floor
     unnamed = placement.Exclusions(only=("nope",))
-    assert float_reasons.summary(graph, unnamed, {}) == (
+    assert float_reasons.summary(graph, unnamed, {}, small) == (
         " (quant.only names no node it quantizes: nope)"
     )
-    assert "1 GRU" in float_reasons.summary(graph, placement.Exclusions(only=("rnn",)), {})
+    named = float_reasons.summary(graph, placement.Exclusions(only=("rnn",)), {}, small)
+    assert "1 GRU: W and R hold" in named
