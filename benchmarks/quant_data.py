@@ -41,6 +41,11 @@ a quantizer is never scored on the samples it calibrated on:
   states carried from frame to frame, every 5th frame kept; seed 0: calibration, seed 1:
   evaluation, 200 frames). Metrics: mean and worst cosine of each frame's mask to fp32's,
   and mean cosine of the next states (what the following frame starts from).
+* ``nsnet2`` -- NSNet2 noise suppression (two GRUs hold 71 % of its weights; onnxruntime has
+  no integer GRU kernel): one-second clips of speech-like audio in noise as its package
+  featurizes them (``models.speech.nsnet2_features``: [1, 99, 161] log power spectra; seed i:
+  calibration clip i, seed 10000 + i: evaluation clip i, 32 clips). Metrics: mean and worst
+  cosine of each clip's suppression mask to fp32's, and the masks' relative error.
 
 Calibration with N samples uses the first N of the calibration set, one sample per run. The
 same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
@@ -61,7 +66,7 @@ from benchmarks.quant_metrics import cosine_rows, pairwise_cosines, spearman
 from models.fetch import fetch
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet", "dtln-1")
+MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet", "dtln-1", "nsnet2")
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
 DET_PAGE = (320, 320)
@@ -401,6 +406,46 @@ def dtln_task(calibration: int = MAX_CALIBRATION, evaluation_frames: int = 200) 
     )
 
 
+def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) -> Task:
+    """NSNet2 (two GRUs) on one-second clips of speech-like audio, whole clips a run."""
+    from models import speech
+
+    def clips(count: int, first_seed: int) -> np.ndarray:
+        return np.stack(
+            [speech.nsnet2_features(speech.voiced(1.0, first_seed + i)) for i in range(count)]
+        )
+
+    calib, evaluation = clips(calibration, 0), clips(evaluation_clips, 10_000)
+
+    def predict(session) -> np.ndarray:
+        return _run_batches(session, {"input": evaluation}, "output", 8)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        count = len(reference)
+        masks = cosine_rows(reference.reshape(count, -1), candidate.reshape(count, -1))
+        error = np.linalg.norm(candidate - reference) / np.linalg.norm(reference)
+        return {
+            "mask cosine": float(masks.mean()),
+            "min mask cosine": float(masks.min()),
+            "mask rel err": float(error),
+        }
+
+    return Task(
+        name="nsnet2",
+        model=fetch("nsnet2"),
+        calibration={"input": calib},
+        evaluation={"input": evaluation},
+        latency_feed={"input": evaluation[:1]},
+        latency_input="1 clip: log power spectra [1, 99, 161]",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("mask cosine", "min mask cosine", "mask rel err"),
+        split="one-second clips of speech-like audio in noise (models.speech), NSNet2's log "
+        f"power spectra; calibration: seeds 0.., {calibration}; evaluation: seeds 10000.., "
+        f"{evaluation_clips}",
+    )
+
+
 def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     import onnx
 
@@ -452,6 +497,8 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return yolo_task(calibration, 40 if quick else 160)
     if name == "dtln-1":
         return dtln_task(calibration, 50 if quick else 200)
+    if name == "nsnet2":
+        return nsnet2_task(calibration, 16 if quick else 32)
     if name == "encoder-600mb":
         return encoder_task(calibration)
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")

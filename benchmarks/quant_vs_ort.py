@@ -78,7 +78,7 @@ HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 HEADING_TARGET = "## quantization with an accuracy target (quant.max_error) vs onnxruntime"
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
-DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1")
+DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1", "nsnet2")
 CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det")
 # Models whose quantized Convs bias correction (quant.bias_correction) can correct.
 BIAS_CORRECTED_MODELS = (*CONV_MODELS, "yolov8n-nudenet")

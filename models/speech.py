@@ -11,6 +11,9 @@ Contract:
       outputs (mask, states). Every ``every``-th frame's feed is kept, up to ``count``; they
       come back stacked on axis 0 ([count, 1, 257] and [count, 2, 128, 2]), one sample
       each. Raises ``ValueError`` when the audio is too short for ``count`` frames.
+    * ``nsnet2_features(audio)`` is NSNet2's input (``nsnet2``, 16 kHz) as its package
+      computes it: log10 of the power spectra (floored at 1e-12) of 320-sample frames under a
+      square-root periodic Hann window, hop 160: float32 [frames, 161].
 
 Only numpy; ``run`` is the caller's (so this module imports no runtime).
 """
@@ -57,3 +60,12 @@ def dtln_frames(
             kept.append(feed)
         state = np.asarray(run(feed)[1], np.float32)
     return {name: np.concatenate([f[name] for f in kept]) for name in kept[0]}
+
+
+def nsnet2_features(audio: np.ndarray) -> np.ndarray:
+    frame, hop = 320, 160
+    window = np.sqrt(np.hanning(frame + 1)[:-1])  # scipy's hann(320, sym=False)
+    count = 1 + (audio.size - frame) // hop
+    index = np.arange(frame)[None] + hop * np.arange(count)[:, None]
+    spectrum = np.fft.rfft(audio[index] * window, n=frame)
+    return np.log10(np.maximum(np.abs(spectrum) ** 2, 1e-12)).astype(np.float32)
