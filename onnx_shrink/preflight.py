@@ -24,7 +24,8 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
-from onnx_shrink.runtime_check.compare import Tolerances, classifier_output
+from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.labels import classifier_output
 
 if TYPE_CHECKING:
     from onnx_shrink.api import CheckOptions

@@ -111,6 +111,8 @@ class OutputComparison:
     agreement: float | None = None
     """id outputs (``ID_TYPES``): the share of elements equal to the reference's; None
     for float outputs"""
+    uncompared: int = 0
+    """elements non-finite in both outputs: agreement, but no figure above measures them"""
 
     @property
     def integral(self) -> bool:
@@ -220,6 +222,7 @@ class ErrorAccumulator:
         self.classifier_like = True
         self.equal = 0
         self.integral = False
+        self.uncompared = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if reference.shape != candidate.shape:
@@ -255,6 +258,7 @@ class ErrorAccumulator:
             self.nan += int(np.sum(np.isnan(cand) & ~np.isnan(ref)))
             self.inf += int(np.sum(np.isinf(cand) & ~np.isinf(ref)))
             both = np.isfinite(ref) & np.isfinite(cand)
+            self.uncompared += int(np.sum(~np.isfinite(ref) & ~np.isfinite(cand)))
             ref_f, cand_f = ref[both], cand[both]
         diff = np.abs(ref_f - cand_f)
         if diff.size:
@@ -329,13 +333,14 @@ class ErrorAccumulator:
             if self.classifier_like and self.top1_rows
             else None,
             agreement=(self.equal / self.count if self.count else 1.0) if self.integral else None,
+            uncompared=self.uncompared,
         )
 
 
 def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
     """``accuracy`` with this batch's labels scored, or None where they cannot be (and
     accuracy is not asked for: then they are a ``DataError``)."""
-    target = classifier_output(ref_out, len(labels))
+    target = labels_mod.classifier_output(ref_out, len(labels))
     if target is None:  # no output to score them on: the report says why
         return accuracy
     classes = ref_out[target].size // len(labels)
@@ -361,38 +366,6 @@ def _warn_once(message: str) -> None:
         logger.warning("%s", message)
 
 
-class AccuracyAccumulator:
-    """Top-1 accuracy of a classifier output against labels, for reference and candidate."""
-
-    def __init__(self) -> None:
-        self.correct_ref = 0
-        self.correct_cand = 0
-        self.total = 0
-
-    def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
-        labels = np.asarray(labels).reshape(-1)
-        self.correct_ref += int(np.sum(reference.reshape(len(labels), -1).argmax(-1) == labels))
-        self.correct_cand += int(np.sum(candidate.reshape(len(labels), -1).argmax(-1) == labels))
-        self.total += len(labels)
-
-    def result(self) -> tuple[float | None, float | None]:
-        if not self.total:
-            return None, None
-        return self.correct_ref / self.total, self.correct_cand / self.total
-
-
-def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
-    """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
-    for name, array in outputs.items():
-        if (
-            np.issubdtype(array.dtype, np.floating)
-            and array.size
-            and (array.shape[0] == samples and array.size // samples > 1)
-        ):
-            return name
-    return None
-
-
 OutputBatch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray | None]
 
 
@@ -413,7 +386,7 @@ def compare_batches(
             without one, accuracy is left unmeasured, with a warning.
     """
     accumulators: dict[str, ErrorAccumulator] = {}
-    accuracy: AccuracyAccumulator | None = AccuracyAccumulator()
+    accuracy: labels_mod.AccuracyAccumulator | None = labels_mod.AccuracyAccumulator()
     seen = 0
     for ref_out, cand_out, labels in batches:
         missing = set(ref_out) - set(cand_out)
@@ -428,7 +401,14 @@ def compare_batches(
         seen += len(labels) if labels is not None else 0
     unusable = accuracy is None  # labels that cannot score accuracy (warned above)
     outputs = tuple(a.result() for a in accumulators.values())
-    ref_acc, cand_acc = (accuracy or AccuracyAccumulator()).result()
+    for out in outputs:  # its error 0 and cosine 1 would read as a perfect match
+        if out.uncompared and not out.elements:
+            _warn_once(
+                f"output '{out.name}': every element is NaN/Inf in both models "
+                f"({out.uncompared}), so its figures compare nothing: inputs the model "
+                "accepts (--data) give finite ones"
+            )
+    ref_acc, cand_acc = (accuracy or labels_mod.AccuracyAccumulator()).result()
     failures = judge(outputs, ref_acc, cand_acc, tolerances)
     if ref_acc is None and tolerances.max_accuracy_drop is not None:
         why = (

@@ -1,4 +1,5 @@
-"""Labels for task accuracy: what can label a sample, and the class each one names.
+"""Labels for task accuracy: what can label a sample, the class each one names, and the
+top-1 accuracy both models score on them (``AccuracyAccumulator``, ``classifier_output``).
 
 A label is one class index per sample (``[N]`` or ``[N, 1]``: integers, or floats that hold
 integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1] summing to
@@ -13,6 +14,8 @@ for another task (segmentation masks, token ids).
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
 
 import numpy as np
 
@@ -141,3 +144,35 @@ def _check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0
             f"indices from 0 to {classes - 1}"
         )
     return indices
+
+
+class AccuracyAccumulator:
+    """Top-1 accuracy of a classifier output against labels, for reference and candidate."""
+
+    def __init__(self) -> None:
+        self.correct_ref = 0
+        self.correct_cand = 0
+        self.total = 0
+
+    def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
+        labels = np.asarray(labels).reshape(-1)
+        self.correct_ref += int(np.sum(reference.reshape(len(labels), -1).argmax(-1) == labels))
+        self.correct_cand += int(np.sum(candidate.reshape(len(labels), -1).argmax(-1) == labels))
+        self.total += len(labels)
+
+    def result(self) -> tuple[float | None, float | None]:
+        if not self.total:
+            return None, None
+        return self.correct_ref / self.total, self.correct_cand / self.total
+
+
+def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
+    """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
+    for name, array in outputs.items():
+        if (
+            np.issubdtype(array.dtype, np.floating)
+            and array.size
+            and (array.shape[0] == samples and array.size // samples > 1)
+        ):
+            return name
+    return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -216,3 +217,14 @@ def test_outputs_folded_in_chunks_give_the_figures_of_the_whole(monkeypatch):
             (whole_acc.diff_sq, whole_acc.ref_sq, whole_acc.dot), rel=1e-12
         )
     assert whole_acc.nan == 2 and whole_acc.inf == 1
+
+
+def test_an_output_nan_in_both_models_is_said_to_compare_nothing(caplog):
+    """Found in an audit (swift-f0 on synthetic audio: its pitch output is NaN in both
+    models): the table showed error 0, cosine 1 and SNR inf, a perfect match, unflagged."""
+    nan = np.full((2, 8), np.nan, np.float32)
+    batches = [({"pitch_all_nan": nan}, {"pitch_all_nan": nan.copy()}, None)]
+    with caplog.at_level(logging.WARNING):
+        (out,) = compare_batches(batches).outputs
+    assert (out.elements, out.uncompared) == (0, 16)
+    assert "output 'pitch_all_nan': every element is NaN/Inf in both models (16)" in caplog.text
