@@ -28,6 +28,8 @@ Contract:
         unit variance) with pixel noise.
       - slovorez-fp16: ``input_layer`` int32 [4, 16]: words of 3-16 letters, each letter a
         Cyrillic character's id (4-36 in the package's vocabulary), 0-padded.
+      - nsnet2: ``input`` float32 [1, 49, 161]: the log power spectra NSNet2's package
+        computes (``models.speech.nsnet2_features``) of half a second of speech-like audio.
 
 Only numpy; nothing here runs a model.
 """
@@ -37,6 +39,8 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import numpy as np
+
+from models import speech
 
 CLS_ID, SEP_ID = 101, 102
 SILERO_SAMPLES = 576  # 64 context + 512 chunk at 16 kHz
@@ -113,6 +117,11 @@ def _words(rng: np.random.Generator, count: int = 4, length: int = 16) -> dict[s
     return {"input_layer": ids}
 
 
+def _spectra(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    audio = speech.voiced(0.5, int(rng.integers(1 << 30)))
+    return {"input": speech.nsnet2_features(audio)[None]}
+
+
 _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "minilm": _minilm,
     "ppocr-det": lambda rng: _page(rng, 64, 64),
@@ -125,6 +134,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "dtln-1": _dtln,
     "csmask-fp16": _tile,
     "slovorez-fp16": _words,
+    "nsnet2": _spectra,
 }
 
 
