@@ -40,15 +40,27 @@ def lstm_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why ``node`` (an LSTM) cannot become ``DynamicQuantizeLSTM``, or None."""
     if node.attributes.get_int("layout", 0) != 0:
         return "layout=1 (batch first): DynamicQuantizeLSTM has no layout attribute"
+    reason = _weights_reason(context, node)
+    if reason is not None:
+        return reason
+    hidden = node.attributes.get_int("hidden_size", 0)
+    w, r = (value.const_value for value in node.inputs[1:3])  # type: ignore[union-attr]
+    if hidden <= 0 or w.shape[1] != 4 * hidden or tuple(r.shape[1:]) != (4 * hidden, hidden):
+        return f"weights {tuple(w.shape)} and {tuple(r.shape)} do not match hidden_size {hidden}"
+    return None
+
+
+def _weights_reason(context: WeightContext, node: ir.Node) -> str | None:
+    """Why W and R of ``node`` (recurrent) are not constant float32 [D, G, *] initializers
+    with the same gate rows, holding the pass's minimum of elements together, or None."""
     weights = node.inputs[1:3]
     for value in weights:
         reason = context.weight_reason(value, rank=3, min_elements=0)
         if reason is not None:
             return reason
-    hidden = node.attributes.get_int("hidden_size", 0)
     w, r = (value.const_value for value in weights)  # type: ignore[union-attr]
-    if hidden <= 0 or w.shape[1] != 4 * hidden or tuple(r.shape[1:]) != (4 * hidden, hidden):
-        return f"weights {tuple(w.shape)} and {tuple(r.shape)} do not match hidden_size {hidden}"
+    if w.shape[:2] != r.shape[:2]:
+        return f"weights {tuple(w.shape)} and {tuple(r.shape)} have different gate rows"
     if w.size + r.size < context.min_elements:
         return f"W and R hold {w.size + r.size} < {context.min_elements} elements"
     return None
@@ -111,17 +123,7 @@ def stored_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why the weights of ``node`` (an LSTM, GRU or RNN) cannot be stored as int8, or None."""
     if context.opset < 7:  # Mul broadcasts the scales from opset 7 on
         return f"storing int8 weights needs opset >= 7, not {context.opset}"
-    weights = node.inputs[1:3]
-    for value in weights:
-        reason = context.weight_reason(value, rank=3, min_elements=0)
-        if reason is not None:
-            return reason
-    w, r = (value.const_value for value in weights)  # type: ignore[union-attr]
-    if w.shape[:2] != r.shape[:2]:
-        return f"weights {tuple(w.shape)} and {tuple(r.shape)} have different gate rows"
-    if w.size + r.size < context.min_elements:
-        return f"W and R hold {w.size + r.size} < {context.min_elements} elements"
-    return None
+    return _weights_reason(context, node)
 
 
 def store_int8(
