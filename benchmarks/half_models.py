@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from benchmarks.quant_data import Task, _run_batches
+from benchmarks.quant_data import Task, _one_input, _run_batches
 from models.fetch import fetch, fetch_members
 
 SLOVOREZ_FOLDER = "slovorez/models/slovorez-test/"
@@ -52,9 +52,7 @@ def slovorez_task(calibration: int, evaluation_words: int = 400) -> Task:
     return Task(
         name="slovorez-fp16",
         model=fetch("slovorez-fp16"),
-        calibration={"input_layer": calib},
-        evaluation={"input_layer": evaluation},
-        latency_feed={"input_layer": evaluation[:64]},
+        **_one_input("input_layer", calib, evaluation, latency=64),
         latency_input=f"64 words of {WORD_LENGTH} characters",
         predict=predict,
         fidelity=fidelity,
@@ -124,9 +122,7 @@ def csmask_task(calibration: int, evaluation_tiles: int = 16) -> Task:
     return Task(
         name="csmask-fp16",
         model=fetch("csmask-fp16"),
-        calibration={"input": calib},
-        evaluation={"input": evaluation},
-        latency_feed={"input": evaluation[:1]},
+        **_one_input("input", calib, evaluation),
         latency_input=f"1 tile 6x{TILE}x{TILE}",
         predict=predict,
         fidelity=fidelity,

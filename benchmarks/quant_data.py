@@ -433,9 +433,7 @@ def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) 
     return Task(
         name="nsnet2",
         model=fetch("nsnet2"),
-        calibration={"input": calib},
-        evaluation={"input": evaluation},
-        latency_feed={"input": evaluation[:1]},
+        **_one_input("input", calib, evaluation),
         latency_input="1 clip: log power spectra [1, 99, 161]",
         predict=predict,
         fidelity=fidelity,

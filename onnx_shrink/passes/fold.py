@@ -199,7 +199,7 @@ class FoldPass(ir.passes.FunctionalPass):
                     lift_all_constants=False, size_limit=1
                 )
             )
-        stages += [fixpoint, common_passes.RemoveUnusedNodesPass()]
+        stages.append(fixpoint)  # each of its rounds ends with dead code removed
         if model.ir_version >= 4:
             stages += [
                 common_passes.LiftConstantsToInitializersPass(

@@ -254,11 +254,12 @@ class ErrorAccumulator:
             ref_f, cand_f = ref, cand
         else:
             # NaN/Inf that the reference also has are agreement, not error.
-            cand_bad = ~np.isfinite(cand) & np.isfinite(ref)
+            ref_ok, cand_ok = np.isfinite(ref), np.isfinite(cand)
+            cand_bad = ~cand_ok & ref_ok
             self.nan += int(np.sum(np.isnan(cand) & ~np.isnan(ref)))
             self.inf += int(np.sum(np.isinf(cand) & ~np.isinf(ref)))
-            both = np.isfinite(ref) & np.isfinite(cand)
-            self.uncompared += int(np.sum(~np.isfinite(ref) & ~np.isfinite(cand)))
+            self.uncompared += int(np.sum(~ref_ok & ~cand_ok))
+            both = ref_ok & cand_ok
             ref_f, cand_f = ref[both], cand[both]
         diff = np.abs(ref_f - cand_f)
         if diff.size:

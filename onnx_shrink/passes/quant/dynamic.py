@@ -204,9 +204,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
                 reason = f"DequantizeLinear needs opset >= 10, not {context.opset}"
             return reason
         if node.op_type in recurrent.RECURRENT:
-            if self._stored(context, node):
-                return recurrent.stored_reason(context, node)
-            return None
+            return recurrent.rewrite_for(context, node, self.fused)[1]
         match = self._linear_match(context, node)
         return match if isinstance(match, str) else None
 
@@ -235,20 +233,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         context.replace(match.replaced, nodes)
         return True
 
-    def _stored(self, context: WeightContext, node: ir.Node) -> bool:
-        """Whether rule 9 stores the weights of ``node`` (recurrent) as int8 rather than
-        making it ``DynamicQuantizeLSTM``."""
-        return (
-            node.op_type != "LSTM"
-            or not self.fused
-            or recurrent.lstm_reason(context, node) is not None
-        )
-
     def _try_quantize_recurrent(self, context: WeightContext, node: ir.Node) -> bool:
-        reason = self._reason(context, node)
+        how, reason = recurrent.rewrite_for(context, node, self.fused)
         if reason is not None:
             return context.skip(node, reason)
-        how = recurrent.store_int8 if self._stored(context, node) else recurrent.quantize_lstm
         how(context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage)
         return True
 

@@ -33,7 +33,7 @@ def summary(
     graph: ir.Graph,
     exclusions: placement.Exclusions,
     skipped: Mapping[str, str],
-    recurrent_reasons: Mapping[ir.Node, str] | None = None,
+    recurrent_reasons: Mapping[ir.Node, str],
 ) -> str:
     """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none.
     ``recurrent_reasons``: why each LSTM, GRU and RNN stays float where the options leave it
@@ -42,7 +42,7 @@ def summary(
     for node in graph:
         if node.domain in ("", "ai.onnx") and node.op_type in recurrent.RECURRENT:
             excluded = exclusions.reason(node)
-            reason = excluded or (recurrent_reasons or {}).get(node)
+            reason = excluded or recurrent_reasons.get(node)
             if reason and excluded != placement.NOT_ONLY:
                 counts[(node.op_type, reason)] += 1
             continue

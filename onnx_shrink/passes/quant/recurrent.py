@@ -119,6 +119,15 @@ def _int8_rows(
     return q.values.reshape(w.shape), scale
 
 
+def rewrite_for(context: WeightContext, node: ir.Node, fused: bool):
+    """How rule 9 rewrites ``node`` (recurrent), and why it cannot (None: it can):
+    ``quantize_lstm`` for an LSTM ``DynamicQuantizeLSTM`` takes (``fused``), else
+    ``store_int8``."""
+    if node.op_type == "LSTM" and fused and lstm_reason(context, node) is None:
+        return quantize_lstm, None
+    return store_int8, stored_reason(context, node)
+
+
 def stored_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why the weights of ``node`` (an LSTM, GRU or RNN) cannot be stored as int8, or None."""
     if context.opset < 7:  # Mul broadcasts the scales from opset 7 on
