@@ -28,6 +28,7 @@ from onnx_shrink.runtime_check import bench, sample_batches, sessions
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check import layers as layers_mod
 from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
 from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
@@ -234,6 +235,7 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
         tolerances=tolerances,
         data=dataset.description,
         synthetic=dataset.synthetic,
+        class_outputs=labels_mod.class_score_outputs(pair.ref.model.graph),
     )
     untested = watch.untested() if watch is not None else ()
     report = dataclasses.replace(report, samples=samples, untested_branches=untested)

@@ -2,7 +2,7 @@
 
 Per output: max / mean absolute error, relative error ``||c - r|| / ||r||``, cosine, SNR in
 dB (``10 log10(||r||^2 / ||c - r||^2)``), NaN/Inf counts, elements outside ``atol + rtol|r|``,
-top-1 agreement for classifier-like ``[N, C]`` outputs, the share of equal elements of id
+top-1 agreement for ``[N, C]`` outputs that hold class scores, the share of equal elements of id
 outputs (32/64-bit integers and booleans: class ids, tags, masks, where cosine means nothing;
 ``ID_TYPES``), and, with labels,
 task accuracy of both models. Accumulators keep sums, never outputs, so memory stays at one
@@ -14,7 +14,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 
 import numpy as np
 
@@ -203,7 +203,11 @@ CHUNK_ELEMENTS = 1 << 20
 class ErrorAccumulator:
     """Streaming error statistics of one tensor; ``add`` a batch at a time."""
 
-    def __init__(self, name: str, tolerances: Tolerances = Tolerances()) -> None:
+    def __init__(
+        self, name: str, tolerances: Tolerances = Tolerances(), *, class_scores: bool = True
+    ) -> None:
+        """``class_scores``: whether the tensor may hold class scores (False: no top-1
+        agreement, whatever its shape)."""
         self.name = name
         self.tolerances = tolerances
         self.max_abs = 0.0
@@ -219,7 +223,7 @@ class ErrorAccumulator:
         self.outside = 0
         self.top1_same = 0
         self.top1_rows = 0
-        self.classifier_like = True
+        self.classifier_like = class_scores
         self.equal = 0
         self.integral = False
         self.uncompared = 0
@@ -278,7 +282,8 @@ class ErrorAccumulator:
 
     def _add_top1(self, reference: np.ndarray, candidate: np.ndarray) -> None:
         if (
-            reference.ndim != 2
+            not self.classifier_like
+            or reference.ndim != 2
             or reference.shape[1] < 2
             or not np.issubdtype(reference.dtype, np.floating)
         ):
@@ -377,8 +382,11 @@ def compare_batches(
     samples: int | None = None,
     data: str = "",
     synthetic: bool = False,
+    class_outputs: Collection[str] | None = None,
 ) -> NumericReport:
     """Fold (reference outputs, candidate outputs, labels) batches into a ``NumericReport``.
+    ``class_outputs``: the outputs whose top-1 agreement is measured, where their batches are
+    ``[N, C]`` (``labels.class_score_outputs``); None: every output so shaped.
 
     Raises:
         CandidateFailedError: the candidate lacks an output, or gives one of another shape.
@@ -394,9 +402,10 @@ def compare_batches(
         if missing:
             raise CandidateFailedError(f"the candidate has no output {sorted(missing)[0]!r}")
         for name, ref in ref_out.items():
-            accumulators.setdefault(name, ErrorAccumulator(name, tolerances)).add(
-                ref, cand_out[name]
-            )
+            if name not in accumulators:
+                scores = class_outputs is None or name in class_outputs
+                accumulators[name] = ErrorAccumulator(name, tolerances, class_scores=scores)
+            accumulators[name].add(ref, cand_out[name])
         if labels is not None and accuracy is not None:
             accuracy = _scored(accuracy, ref_out, cand_out, labels, seen, tolerances, data)
         seen += len(labels) if labels is not None else 0

@@ -1,5 +1,6 @@
 """Labels for task accuracy: what can label a sample, the class each one names, and the
-top-1 accuracy both models score on them (``AccuracyAccumulator``, ``classifier_output``).
+top-1 accuracy both models score on them (``AccuracyAccumulator``, ``classifier_output``),
+and which of a model's outputs hold class scores at all (``class_score_outputs``).
 
 A label is one class index per sample (``[N]`` or ``[N, 1]``: integers, or floats that hold
 integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1] summing to
@@ -18,6 +19,7 @@ from __future__ import annotations
 from collections.abc import Mapping
 
 import numpy as np
+import onnx_ir as ir
 
 from onnx_shrink.errors import DataError
 from onnx_shrink.runtime_check.data_types import show_shape
@@ -176,3 +178,33 @@ def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | 
         ):
             return name
     return None
+
+
+_LAYOUT_OPS = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
+"""Ops an output may pass through after its class scores are computed"""
+
+_FEATURE_OPS = frozenset(
+    {"Div", "LpNormalization", "LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Tanh"}
+)
+"""Ops that end an embedding (a normalization, a pooling, BERT's pooler), not a classifier:
+the argmax of a sentence embedding names no class"""
+
+
+def class_score_outputs(graph: ir.Graph) -> frozenset[str]:
+    """The outputs of ``graph`` whose argmax over the last axis can name a class, so that
+    top-1 agreement means something: rank 2 (or undeclared) with a fixed number of classes
+    (a named axis is frames or tokens: swift_f0's pitch ``[1, frames]``), not produced by a
+    normalization or pooling (``_FEATURE_OPS``: embeddings). The comparison still checks each
+    batch's shape: ``[N, C]`` with ``C >= 2``."""
+    scores = set()
+    for value in graph.outputs:
+        shape = value.shape
+        if shape is not None and (len(shape) != 2 or not isinstance(shape[1], int)):
+            continue
+        producer = value.producer()
+        while producer is not None and producer.op_type in _LAYOUT_OPS and producer.inputs:
+            source = producer.inputs[0]
+            producer = source.producer() if source is not None else None
+        if producer is None or producer.op_type not in _FEATURE_OPS:
+            scores.add(value.name)
+    return frozenset(scores)

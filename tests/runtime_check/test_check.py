@@ -384,3 +384,32 @@ def test_the_latency_stops_at_its_budget_after_the_fewest_pairs_and_not_without_
     assert str(console.speed_table(every).columns[3]._cells[0]).endswith("x paired")
     fewer = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=3, latency_seconds=0)
     assert fewer.latency.reference.runs == 3  # fewer asked than the fewest: what was asked
+
+
+def _three_outputs(base: str) -> str:
+    """Class scores, a time series and an embedding, all ``[N, 8]`` on 8-wide inputs, of
+    ``base(x)``."""
+    return f"""
+<ir_version: 8, opset_import: ["" : 18]>
+g (float[N, T] x) => (float[N, 8] scores, float[N, T] series, float[N, 8] embedding) {{
+  shape = Constant <value = int64[2] {{-1, 8}}> ()
+  axes = Constant <value = int64[1] {{1}}> ()
+  b = {base} (x)
+  scores = Reshape (b, shape)
+  series = Relu (b)
+  norm = ReduceL2 <keepdims = 1> (scores, axes)
+  embedding = Div (scores, norm)
+}}
+"""
+
+
+def test_top1_agreement_is_measured_on_class_scores_only(tmp_path):
+    # swift_f0's pitch [1, frames] and a sentence embedding showed a "top-1 agree" that named
+    # no class: only a fixed class axis not ending in a normalization gets one.
+    reference = save_proto(parse(_three_outputs("Identity")), tmp_path / "ref.onnx")
+    candidate = save_proto(parse(_three_outputs("Neg")), tmp_path / "cand.onnx")
+    x = np.arange(32, dtype=np.float32).reshape(4, 8) + 1
+    np.savez(tmp_path / "x.npz", x=x)
+    report = compare(reference, candidate, tmp_path / "x.npz")
+    top1 = {out.name: out.top1_agreement for out in report.outputs}
+    assert top1 == {"scores": 0.0, "series": None, "embedding": None}
