@@ -183,14 +183,17 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         ]
 
     def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
-        """Why each main-graph node of ``op_types`` stays float, by what each rule checks
-        (those ``exclude`` names are the caller's to explain); reads ``model`` only."""
+        """Why each node of ``op_types`` in the graphs ``graphs`` selects stays float, by what
+        each rule checks (those ``exclude`` names are the caller's to explain); reads
+        ``model`` only."""
         context = WeightContext.of(
             model, self.name, self.exclude, self.min_weight_elements, quiet=True
         )
         reasons = {}
         for node in nodes_of(model, self.op_types):
-            reason = self._reason(context, node) if node.graph is model.graph else None
+            if self.graphs == "subgraphs" and node.graph is model.graph:
+                continue
+            reason = self._reason(context, node)
             if reason is not None:
                 reasons[node] = reason
         return reasons

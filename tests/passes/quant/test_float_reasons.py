@@ -87,3 +87,79 @@ def test_a_model_with_nothing_to_quantize_says_why(caplog, op, reason):
     with caplog.at_level(logging.WARNING):
         shrink(proto, "quant", check=False, calibration={"x": x})
     assert reason in caplog.text
+
+
+# Silero VAD's whole network sits in an If: quant said "the model has no node of a type it
+# quantizes", and quant-dynamic that its Convs were quant's.
+CONVS_IN_IF = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (bool c, float[1, 4, 8, 8] x) => (float[1, 8, 8, 8] y) {
+  y = If (c) <
+    then_branch = t () => (float[1, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
+    else_branch = e () => (float[1, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }
+  >
+}
+"""
+
+
+def _convs_in_if(main_conv: bool = False) -> onnx.ModelProto:
+    text = CONVS_IN_IF
+    if main_conv:  # one more Conv in the main graph, which quant calibrates
+        text = text.replace("=> (float[1, 8, 8, 8] y) {", "=> (float[1, 8, 8, 8] z) {")
+        text = text.replace("\n}\n", "\n  z = Conv <pads = [1, 1, 1, 1]> (y, w3)\n}\n")
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    for name, shape in (("w1", (8, 4, 3, 3)), ("w2", (8, 4, 3, 3)), ("w3", (8, 8, 3, 3))):
+        if name != "w3" or main_conv:
+            weight = rng.normal(size=shape).astype(np.float32)
+            proto.graph.initializer.append(onh.from_array(weight, name))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _if_feeds() -> dict[str, np.ndarray]:
+    x = np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)
+    return {"c": np.array(True), "x": x}
+
+
+def test_layers_inside_if_bodies_are_said_to_be_there(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = shrink(_convs_in_if(), "quant", check=False, calibration=_if_feeds())
+    assert not result.steps[0].modified
+    assert "(2 Conv: inside an If/Loop/Scan body, which calibration does not reach)" in (
+        caplog.text
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        shrink(_convs_in_if(), "quant-dynamic", check=False)
+    assert "its 2 float Conv nodes in If/Loop/Scan bodies stay float" in caplog.text
+    assert "are quant's" not in caplog.text
+
+
+def test_convs_left_float_in_bodies_are_warned_of_when_the_rest_is_quantized(caplog):
+    with caplog.at_level(logging.WARNING):
+        result = shrink(_convs_in_if(True), "quant", check=False, calibration=_if_feeds())
+    assert result.steps[0].modified  # the main graph's Conv
+    assert "2 Conv node(s) stay float: inside an If/Loop/Scan body" in caplog.text
+
+
+def test_a_weight_computed_from_constants_is_sent_to_fold(caplog):
+    # Silero VAD's LSTM weights are a Slice, Concat and Unsqueeze of its initializers.
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 128] y) {
+          w = Concat <axis = 1> (a, b)
+          y = MatMul(x, w)
+        }
+        """
+    )
+    rng = np.random.default_rng(0)
+    for name in "ab":
+        proto.graph.initializer.append(onh.from_array(rng.normal(size=(64, 64)).astype("f"), name))
+    with caplog.at_level(logging.WARNING):
+        result = shrink(proto, "quant-dynamic", check=False)
+    assert not result.steps[0].modified
+    assert "weight 'w' is computed from constants: run fold first" in caplog.text
+    with caplog.at_level(logging.WARNING):
+        assert shrink(proto, "fold,quant-dynamic", check=False).steps[1].modified

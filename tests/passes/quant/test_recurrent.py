@@ -428,7 +428,7 @@ def test_a_quant_only_naming_no_node_says_so_beside_a_gru():
 
     model = io.load(lstm_model(1, op="GRU"))
     graph = model.graph
-    small = QuantPass()._recurrent_reasons(model)  # the GRU is under the element floor
+    small = QuantPass()._dynamic_rules.float_reasons(model)  # the GRU is under the element floor
     unnamed = placement.Exclusions(only=("nope",))
     assert float_reasons.summary(graph, unnamed, {}, small) == (
         " (quant.only names no node it quantizes: nope)"

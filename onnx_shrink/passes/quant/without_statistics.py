@@ -1,0 +1,106 @@
+"""The weights ``quant`` quantizes without calibration statistics, as ``quant-dynamic``
+does: embedding tables (its rule 6), LSTM/GRU/RNN weights (rule 10) and MatMul/Gemm/Gather
+weights inside If/Loop/Scan bodies, which calibration does not reach (rule 5).
+
+``DynamicRules`` holds the options of ``quant`` that decide them; ``QuantPass`` builds one
+and asks it which nodes it takes, to quantize them, and why the others stay float.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import onnx_ir as ir
+
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+from onnx_shrink.passes.quant.weight_matching import nodes_of
+
+BODY_OPS = ("MatMul", "Gemm", "Gather")
+"""What rule 5 quantizes inside bodies"""
+
+
+@dataclasses.dataclass(frozen=True)
+class DynamicRules:
+    """``quant``'s options for rules 5, 6 and 10 (see ``QuantPass``)."""
+
+    gather: bool
+    lstm: bool
+    rnn: bool
+    subgraphs: bool
+    fused: bool
+    exclude: tuple[str, ...]
+    exclude_op_types: tuple[str, ...]
+    only: tuple[str, ...]
+    owner: str = "quant"
+
+    @property
+    def main_graph_ops(self) -> tuple[str, ...]:
+        """Op types rules 6 and 10 give quant-dynamic's int8 weights in the main graph, as
+        the options allow (``exclude_op_types`` holds there too)."""
+        wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm + ("GRU", "RNN") * self.rnn
+        return tuple(op for op in wanted if op not in self.exclude_op_types)
+
+    def layers(self, model: ir.Model) -> list[ir.Node]:
+        """The main-graph nodes rules 6 and 10 quantize (embedding tables, recurrent
+        layers), among ``only`` where it is given; reads ``model`` only."""
+        ops = self.main_graph_ops
+        main = {
+            n
+            for n in model.graph
+            if n.op_type in ops and (not self.only or (n.name or "") in self.only)
+        }
+        if not main:  # with only, mostly a plan's node: no table or LSTM to look at
+            return []
+        return [node for op_type in ops for node in self._pass(op_type, False).layers(model, main)]
+
+    def quantize(self, model: ir.Model, narrow: bool) -> bool:
+        """Give the weights of rules 5, 6 and 10 ``quant-dynamic``'s int8 (with float16
+        scales when ``narrow``; the caller stores them). With ``only``, only the main-graph
+        nodes it names. Returns whether any was quantized."""
+        count = 0
+        # With only: the main-graph nodes it names, as layers (and the warning about names
+        # matching nothing) see them; a body's node of the same name stays float.
+        chosen = set(self.layers(model)) if self.only else None
+        if chosen is not None and not chosen:
+            return False
+        for op_type in self.main_graph_ops:
+            count += self._pass(op_type, narrow).quantize(model, nodes=chosen, owner=self.owner)
+        if self.only:
+            return count > 0
+        in_bodies = tuple(op for op in BODY_OPS if op not in self.exclude_op_types)
+        if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
+            count += QuantDynamicPass(
+                op_types=in_bodies,
+                exclude=self.exclude,
+                graphs="subgraphs",
+                narrow_storage=narrow,
+            ).quantize(model)
+        return count > 0
+
+    def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
+        """Why each LSTM, GRU and RNN (rule 10), and each MatMul and Gemm in a body (rule 5),
+        stays float: its option off, or quant-dynamic's reason (exclusions are the
+        caller's to say); reads ``model`` only."""
+        reasons: dict[ir.Node, str] = {}
+        for op_type, switch in (("LSTM", "lstm"), ("GRU", "rnn"), ("RNN", "rnn")):
+            if not getattr(self, switch):
+                off = f"{self.owner}.{switch}=false"
+                reasons.update(dict.fromkeys(nodes_of(model, (op_type,)), off))
+            elif op_type in self.main_graph_ops:
+                reasons.update(self._pass(op_type, False).float_reasons(model))
+        linear = ("MatMul", "Gemm")
+        in_bodies = [n for n in nodes_of(model, linear) if n.graph is not model.graph]
+        if not self.subgraphs:
+            reasons.update(dict.fromkeys(in_bodies, f"{self.owner}.subgraphs=false"))
+        elif in_bodies:
+            bodies = QuantDynamicPass(op_types=linear, exclude=self.exclude, graphs="subgraphs")
+            reasons.update(bodies.float_reasons(model))
+        return reasons
+
+    def _pass(self, op_type: str, narrow: bool) -> QuantDynamicPass:
+        """Rule 6's or rule 10's quant-dynamic, for ``op_type``."""
+        # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
+        fused = self.fused if op_type == "LSTM" else True
+        return QuantDynamicPass(
+            op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
+        )
