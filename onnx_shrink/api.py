@@ -228,6 +228,7 @@ def shrink(
             strict=options.strict if options else False,
             dump_dir=dump_dir,
             sensitivity=sensitivity,
+            naming=given.naming,
         )
         graph_edit.restore_names(result.model, given.naming)  # the nodes unnamed, as they came
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
@@ -309,6 +310,7 @@ def _compile(
     strict: bool,
     dump_dir: str | os.PathLike | None,
     sensitivity: bool,
+    naming: graph_edit.Naming,
 ) -> tuple[
     pipeline.PipelineResult,
     sensitivity_mod.SensitivityReport | None,
@@ -355,6 +357,7 @@ def _compile(
             input_dims=shapes.sample_dims(loaded, first_sample, input_shapes),
             observe=shapes.observer(loaded, first_sample, input_shapes, provider),
             prepare=targets if any(map(quant_targets.targeted, pass_list)) else None,
+            naming=naming,
         )
         report = targets.report
         if sensitivity and report is None:  # with a quant pass (shrink checked): a collector

@@ -6,6 +6,7 @@ import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
@@ -66,14 +67,40 @@ def restore_names(model: ir.Model, naming: Naming) -> None:
     if not naming.given:
         return
     for node in walk.all_nodes(model):
-        name = node.name
-        if not name or name in naming.had:
-            continue
-        base = name
-        while base not in naming.given and base not in naming.had and "_" in base:
-            base = base.rsplit("_", 1)[0]
-        if base in naming.given:
-            node.name = naming.given[base]
+        node.name = original_name(node.name, naming)
+
+
+def restore_proto_names(proto: onnx.ModelProto, naming: Naming) -> None:
+    """``restore_names`` on a serialized model (a throwaway copy): for the size the model
+    takes once written, which the given names would inflate (swift_f0's fold step read +1%
+    where the file it wrote was 2% smaller)."""
+    if not naming.given:
+        return
+    graphs: list[onnx.GraphProto | onnx.FunctionProto] = [proto.graph, *proto.functions]
+    while graphs:
+        for node in graphs.pop().node:
+            old = original_name(node.name, naming)
+            if old != node.name:
+                if old:
+                    node.name = old
+                else:  # as serializing an unnamed node writes it: no name field
+                    node.ClearField("name")
+            for attribute in node.attribute:
+                if attribute.HasField("g"):
+                    graphs.append(attribute.g)
+                graphs.extend(attribute.graphs)
+
+
+def original_name(name: str | None, naming: Naming) -> str | None:
+    """The name the input had for the node now named ``name``: the old one where ``name``
+    is one ``name_unnamed_nodes`` gave or a pass derived from one (see ``restore_names``),
+    else ``name``."""
+    if not name or name in naming.had:
+        return name
+    base = name
+    while base not in naming.given and base not in naming.had and "_" in base:
+        base = base.rsplit("_", 1)[0]
+    return naming.given[base] if base in naming.given else name
 
 
 CastKey = tuple[ir.Value, ir.DataType, ir.Graph]

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import dumps, figures, io, stats
+from onnx_shrink.compiler import dumps, figures, graph_edit, io, stats
 from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -91,6 +91,7 @@ def run(
     input_dims: stats.Shapes | None = None,
     observe: figures.ShapeObserver | None = None,
     prepare: Preparer | None = None,
+    naming: graph_edit.Naming | None = None,
 ) -> PipelineResult:
     """Run ``passes`` in order on ``model`` (which may be rewritten in place).
 
@@ -100,7 +101,9 @@ def run(
     real run (``observe``) where inferred shapes leave the count a bound. With
     ``verify``, the model is judged after every pass; a pass it rejects is rolled back (the
     model before it continues down the pipeline) or, with ``strict``, stops the run. With
-    ``prepare``, each pass runs as it says (the step records the pass that ran).
+    ``prepare``, each pass runs as it says (the step records the pass that ran). Sizes are
+    the model's once the names ``naming`` gave are taken back (``graph_edit.restore_names``),
+    as it will be written.
 
     Raises:
         PassFailedError: a pass raised, or broke the verifier under ``strict``; the message
@@ -109,7 +112,7 @@ def run(
     if dump_dir is not None:
         dumps.make_dump_dir(dump_dir)
     pipeline = _Pipeline(
-        dump_dir, on_start, verify, strict, collect, probe, input_dims, observe, prepare
+        dump_dir, on_start, verify, strict, collect, probe, input_dims, observe, prepare, naming
     )
     # The input's figures are final after the first pass: a run for its dims goes on beside it
     # (none without a pass, which would not wait for it).
@@ -136,6 +139,7 @@ class _Pipeline:
     input_dims: stats.Shapes | None
     observe: figures.ShapeObserver | None
     prepare: Preparer | None
+    naming: graph_edit.Naming | None
     # Dims a real run gave, by value name: kept across passes that keep every tensor's shape
     # (all but ``changes_shapes`` ones), so one run serves the whole pipeline's accounting.
     observed: dict[str, Sequence[int]] = dataclasses.field(default_factory=dict)
@@ -164,7 +168,7 @@ class _Pipeline:
                 pass_ = self.prepare(index, pass_, model)
         prepare_seconds = time.perf_counter() - prepare_seconds
         if self.current_bytes is None and pass_.changes_input:
-            self.current_bytes = large_tensors.saved_bytes(model)
+            self.current_bytes = self._saved_bytes(model)
         # Taken before a data-aware pass's requests, which may rewrite the model (quant
         # converts its opset and infers types before it knows whether it will quantize): a
         # rolled-back pass, or one that changed nothing, leaves the model as it found it.
@@ -181,11 +185,9 @@ class _Pipeline:
         if followup_collect is not None:  # a follow-up's calibration is calibration time
             calibration_seconds += followup_collect.seconds
             seconds -= followup_collect.seconds
-        measured = isinstance(result, MeasuredResult)
+        measured = isinstance(result, MeasuredResult) and not self._renamed
         if self.current_bytes is None:  # the pass left its input as it was
-            self.current_bytes = (
-                result.bytes_before if measured else large_tensors.saved_bytes(model)
-            )
+            self.current_bytes = result.bytes_before if measured else self._saved_bytes(model)
         # Unchanged, the model goes on as it was: quant on an already-int8 model raised its
         # opset and inferred types, then said no change.
         model = result.model if result.modified else snapshot
@@ -218,12 +220,22 @@ class _Pipeline:
     def _bytes_after(self, result: ir.passes.PassResult, model: ir.Model) -> int:
         """The step's result's size: a functional pass measured it; unchanged, the model is
         the one measured before the step (no second serialization)."""
-        if isinstance(result, MeasuredResult):
+        if isinstance(result, MeasuredResult) and not self._renamed:
             return result.bytes_after
         if not result.modified:
             assert self.current_bytes is not None
             return self.current_bytes
-        return large_tensors.saved_bytes(model)
+        return self._saved_bytes(model)
+
+    @property
+    def _renamed(self) -> bool:
+        """Whether nodes carry names given for the run: a pass's own measure counts them."""
+        return self.naming is not None and bool(self.naming.given)
+
+    def _saved_bytes(self, model: ir.Model) -> int:
+        """The size ``model`` takes once written, without the names given for the run (the
+        graph alone is serialized: weights are counted by size)."""
+        return large_tensors.saved_bytes(model, naming=self.naming)
 
     def _measure(self, model: ir.Model) -> stats.ModelStats:
         return figures.measure(model, self.input_dims, self.observe, self.observed)

@@ -5,10 +5,11 @@ from __future__ import annotations
 import functools
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from models import digits
-from onnx_shrink import FoldPass
+from onnx_shrink import FoldPass, shrink
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.passes.prune import PrunePass
@@ -20,7 +21,9 @@ def _counting_saved_bytes(monkeypatch) -> list[int]:
     calls: list[int] = []
     original = large_tensors.saved_bytes
     monkeypatch.setattr(
-        large_tensors, "saved_bytes", lambda model, *a: calls.append(1) or original(model, *a)
+        large_tensors,
+        "saved_bytes",
+        lambda model, *a, **k: calls.append(1) or original(model, *a, **k),
     )
     return calls
 
@@ -89,3 +92,18 @@ def test_the_summary_ends_with_the_sizes_of_the_files_on_disk(tmp_path):
     assert result.steps[0].bytes_before == result.input_bytes == digits.MODEL_PATH.stat().st_size
     twice = run(digits.MODEL_PATH, "fold,fold").steps
     assert not twice[1].modified and twice[1].bytes_before == twice[1].bytes_after
+
+
+def test_sizes_between_passes_leave_out_the_names_given_for_the_run(tmp_path):
+    # Nodes without a name are named for the run (quant.exclude needs names) and unnamed
+    # again when written: swift_f0's fold step read +1% in "fold,quant", -2% alone.
+    proto = onnx.load(digits.MODEL_PATH)
+    for node in proto.graph.node:
+        node.ClearField("name")
+    path = tmp_path / "unnamed.onnx"
+    path.write_bytes(proto.SerializeToString())
+    alone = shrink(path, "fold", check=False, output=tmp_path / "fold.onnx")
+    both = shrink(path, "fold,prune", check=False, output=tmp_path / "both.onnx")
+    assert alone.output_bytes == (tmp_path / "fold.onnx").stat().st_size
+    assert both.steps[0].bytes_after == alone.output_bytes
+    assert both.steps[1].bytes_before == alone.output_bytes

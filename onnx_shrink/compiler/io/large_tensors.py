@@ -30,7 +30,7 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
-from onnx_shrink.compiler import io, walk
+from onnx_shrink.compiler import graph_edit, io, walk
 from onnx_shrink.compiler.io import embedded_weights, wire
 
 LARGE_TENSOR_BYTES = 1 << 20
@@ -61,12 +61,17 @@ arithmetic (YOLOv8n: 54 -> 27 ms a call), while each tensor counted costs a litt
 (1 KiB made PP-OCRv4 rec and the digits CNN slower)."""
 
 
-def saved_bytes(model: ir.Model, min_bytes: int = SIZED_TENSOR_BYTES) -> int:
+def saved_bytes(
+    model: ir.Model,
+    min_bytes: int = SIZED_TENSOR_BYTES,
+    naming: graph_edit.Naming | None = None,
+) -> int:
     """Bytes the model takes when ``io.save`` writes it (deciding on external data by size).
 
     Exact when the model is saved as one file (``len(io.to_bytes(model))``), memory-mapped
     weights included: they are counted by size instead of being read. A model saved with
-    external data counts the protobuf plus its memory-mapped tensors' bytes.
+    external data counts the protobuf plus its memory-mapped tensors' bytes. With
+    ``naming``, the size once ``graph_edit.restore_names`` has taken the names it gave back.
     """
     if io.tensor_bytes(model) > io.EXTERNAL_DATA_THRESHOLD_BYTES:
         external = sum(
@@ -74,10 +79,13 @@ def saved_bytes(model: ir.Model, min_bytes: int = SIZED_TENSOR_BYTES) -> int:
         )
         with _stand_ins(model, min_bytes, _serializes_as_raw_bytes) as swapped:
             proto = io.serialize_proto(model, keep_in_file=True)
-        return _size_with_raw_data(proto, {n: t.nbytes for n, t in swapped.items()}) + external
-    with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
-        proto = io.serialize_proto(model)  # what is not a stand-in is small: embedded as saved
-    return _size_with_raw_data(proto, {name: t.nbytes for name, t in swapped.items()})
+    else:
+        external = 0
+        with _stand_ins(model, min_bytes, _embeds_as_raw_bytes) as swapped:
+            proto = io.serialize_proto(model)  # what is not a stand-in is small: as saved
+    if naming is not None:
+        graph_edit.restore_proto_names(proto, naming)
+    return _size_with_raw_data(proto, {n: t.nbytes for n, t in swapped.items()}) + external
 
 
 SHAPES_ONLY_BYTES = 1024
