@@ -193,6 +193,7 @@ def _with_inferred_shapes(
         if input_dims:
             _fix_input_dims(proto.graph, input_dims)
         _standard_stand_ins(proto.graph)
+        _outer_constants_into_bodies(proto.graph)
         inferred = onnx.shape_inference.infer_shapes(proto, strict_mode=False, data_prop=True)
     except Exception as e:  # noqa: BLE001 - accounting must not fail a run; MACs become a bound
         logger.debug("shape inference for MAC counting failed: %s", e)
@@ -201,6 +202,27 @@ def _with_inferred_shapes(
     if symbolic is not None:
         symbolic.difference_update(shapes)
     return {**inferred_dims, **shapes}
+
+
+def _outer_constants_into_bodies(
+    graph: onnx.GraphProto, outer: Mapping[str, onnx.TensorProto] | None = None
+) -> None:
+    """Copy, for shape inference only (``graph`` is a copy), each small constant a body
+    reads from an enclosing graph into that body's initializers: onnx infers a body's shapes
+    without the enclosing graph's values, so a Pad's pads or an Unsqueeze's axes lifted out
+    of it (fold lifts body initializers to the main graph) left every shape after them
+    unknown (Silero VAD's MACs read "≥0" after fold, every Conv of its If uncounted)."""
+    known = dict(outer or {})
+    for tensor in graph.initializer:
+        if tensor.data_location != onnx.TensorProto.EXTERNAL:  # stand-ins hold no values
+            known[tensor.name] = tensor
+    for node in graph.node:
+        for attribute in node.attribute:
+            for body in [attribute.g] if attribute.HasField("g") else attribute.graphs:
+                own = {tensor.name for tensor in body.initializer}
+                read = {name for inner in body.node for name in inner.input}
+                body.initializer.extend(known[name] for name in sorted(read - own) if name in known)
+                _outer_constants_into_bodies(body, known)
 
 
 def _standard_stand_ins(graph: onnx.GraphProto) -> None:

@@ -682,3 +682,33 @@ def test_without_data_a_model_fixing_all_but_the_batch_counts_one_real_sample(tm
     onnx.save(make_model(nodes, [ids], [y], inits), path)
     (step,) = shrink(path, "fold", check=False).steps
     assert step.before.macs == 8 * 16 * 16 and step.before.nodes_without_macs == 0
+
+
+def test_a_bodys_shapes_follow_constants_of_the_enclosing_graph():
+    """fold lifts body initializers to the main graph; onnx infers a body's shapes without
+    its enclosing graph's values, so an Unsqueeze's axes from there left its Conv uncounted
+    (Silero VAD: "≥0" MACs after fold)."""
+
+    def branch(name: str) -> onnx.GraphProto:
+        return oh.make_graph(
+            [
+                oh.make_node("Unsqueeze", ["x", "axes"], [f"{name}_u"]),
+                oh.make_node("Conv", [f"{name}_u", "w"], [f"{name}_y"]),
+            ],
+            name,
+            [],
+            [oh.make_tensor_value_info(f"{name}_y", onnx.TensorProto.FLOAT, ["a", "b", "c"])],
+        )
+
+    model = make_model(
+        [oh.make_node("If", ["c"], ["y"], then_branch=branch("t"), else_branch=branch("e"))],
+        [
+            oh.make_tensor_value_info("c", onnx.TensorProto.BOOL, []),
+            oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", "T"]),
+        ],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["a", "b", "c"])],
+        {"axes": np.array([1], np.int64), "w": np.ones((8, 1, 4), np.float32)},
+    )
+    counted = stats.measure(io.load(model), input_dims={"c": (), "x": (1, 16)})
+    per_branch = 8 * (16 - 4 + 1) * 4  # output elements x (in channels x kernel)
+    assert (counted.macs, counted.nodes_without_macs) == (2 * per_branch, 0)
