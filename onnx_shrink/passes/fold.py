@@ -17,7 +17,7 @@ from onnx_shrink.compiler import graph_edit, io, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.pass_results import MeasuredResult
-from onnx_shrink.passes import fold_rules
+from onnx_shrink.passes import fold_freeze, fold_rules
 from onnx_shrink.passes.fold_cones import FoldWeightConesPass
 from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
 from onnx_shrink.passes.fold_loops import HoistLoopInvariantsPass
@@ -75,7 +75,10 @@ class FoldPass(ir.passes.FunctionalPass):
     5. With ``strip_stack_traces``, per-node Python stack traces that exporters leave behind
        (``pkg.torch.onnx.stack_trace`` metadata, node doc strings) are dropped: on a torch
        export they can be a quarter of the file. Module names and scopes stay.
-    6. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
+    6. Inputs named in ``freeze`` become constants (``fold_freeze``) before anything folds,
+       so an If on one resolves to its branch, in the main graph where ``quant`` calibrates
+       it; they leave the model's inputs.
+    7. Guarantee: the serialized result is at most the input's size plus ``max_growth_bytes``.
        If a run grows the model more, it is repeated without any growing fold; if that still
        grows it, the input is returned unchanged (``modified=False``) with a warning. So is
        it when the result fails strict shape inference, or onnx.checker, that the input passed.
@@ -106,18 +109,26 @@ class FoldPass(ir.passes.FunctionalPass):
         True,
         "drop exporters' per-node stack traces and node doc strings (model metadata is kept)",
     )
+    freeze: tuple[str, ...] = option(
+        (),
+        "graph inputs held at one value, NAME=VALUE (sr=16000): each becomes a constant the "
+        "graph is folded on (an If on it resolves to its branch), and leaves the inputs",
+    )
 
     def __post_init__(self) -> None:
         check_options(self)
+        fold_freeze.parse(self.freeze)  # a bad item fails as the pass is made
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = large_tensors.saved_bytes(model)
         limit = before + self.max_growth_bytes
         annotations = _Annotations.of(model)
         growth = []
+        frozen = fold_freeze.parse(self.freeze)
         for allow_growth in (True, False):
             candidate = _private_clone(model)
-            modified = self._run_pipeline(candidate, allow_growth)
+            fold_freeze.freeze(candidate, frozen)
+            modified = self._run_pipeline(candidate, allow_growth) or bool(frozen)
             annotations.strip_new(candidate)
             after = large_tensors.saved_bytes(candidate)
             # onnxscript's rewriter deletes dead initializers without reporting a change.

@@ -151,10 +151,14 @@ def _open(
         raise CandidateFailedError(f"{e} ({why})") from e
     fed = {i.name for i in cand_session.get_inputs()}
     needed = [spec.name for spec in specs if spec.name not in fed]  # what the data feeds
-    if needed:
+    if needed and fed - {spec.name for spec in specs}:  # inputs renamed, not dropped
         raise CandidateFailedError(
             f"{cand.label} has no input {needed[0]!r} of {ref.label}'s (its inputs: "
             f"{', '.join(sorted(fed))}): both are fed the same inputs, by name"
+        )
+    if needed:  # a frozen input (fold.freeze): the candidate computes without it
+        logger.info(
+            "%s takes no input %s: fed to %s only", cand.label, ", ".join(needed), ref.label
         )
     theirs = [o.name for o in cand_session.get_outputs()]
     missing = [v.name for v in ref.model.graph.outputs if v.name not in theirs]

@@ -168,7 +168,8 @@ def stream(
     session = sessions.create_session(source, provider=provider, prepack=False)
     names = [o.name for o in session.get_outputs()]
     for done, batch in enumerate(data.batches(), 1):
-        yield batch, dict(zip(names, session.run(names, batch.feed), strict=True))
+        outputs = session.run(names, sessions.declared_feed(session, batch.feed))
+        yield batch, dict(zip(names, outputs, strict=True))
         if progress is not None:
             progress(phase, done)
 

@@ -222,7 +222,7 @@ def run(
     names = list(outputs) if outputs is not None else [o.name for o in session.get_outputs()]
     releasing = release_memory and _can_release(session)
     try:
-        feeds = {**feed, **(extra or {})}
+        feeds = {**declared_feed(session, feed), **(extra or {})}
         arrays = (
             session.run(names, feeds, RELEASING_RUN) if releasing else session.run(names, feeds)
         )
@@ -272,13 +272,25 @@ _FLOAT_TYPES = {
 }
 
 
+def declared_feed(
+    session: ort.InferenceSession, feed: Mapping[str, np.ndarray]
+) -> dict[str, np.ndarray]:
+    """``feed``'s arrays for the inputs ``session`` declares: a candidate may take fewer
+    inputs than its reference (``fold.freeze`` makes an input a constant), and onnxruntime
+    refuses a feed it has no input for. Data is checked against the reference's inputs."""
+    inputs = {i.name for i in session.get_inputs()}
+    return {name: array for name, array in feed.items() if name in inputs}
+
+
 def fitted_feed(
     session: ort.InferenceSession, feed: Mapping[str, np.ndarray]
 ) -> dict[str, np.ndarray]:
-    """``feed`` with each float array cast to the float type ``session`` declares for that
-    input: a candidate converted with ``fp16.keep_io_types=false`` takes float16 where its
-    reference took float32 (other arrays are passed as they are)."""
+    """``feed``'s arrays for the inputs ``session`` declares (``declared_feed``), each float
+    array cast to the float type ``session`` declares for that input: a candidate converted
+    with ``fp16.keep_io_types=false`` takes float16 where its reference took float32 (other
+    arrays are passed as they are)."""
     declared = {i.name: _FLOAT_TYPES.get(i.type) for i in session.get_inputs()}
+    feed = declared_feed(session, feed)
     fitted = dict(feed)
     for name, array in feed.items():
         wanted = declared.get(name)

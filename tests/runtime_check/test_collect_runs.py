@@ -64,6 +64,9 @@ class _Session:
         with self.lock:
             return self.done.setdefault(sample, threading.Event())
 
+    def get_inputs(self):
+        return self.session.get_inputs()
+
     def run(self, names, feed):
         first = int(feed["x"][0, 0])
         with self.lock:

@@ -26,6 +26,9 @@ class _Session:
     def __init__(self, clock: _Clock, cost: float) -> None:
         self.clock, self.cost, self.runs = clock, cost, 0
 
+    def get_inputs(self):
+        return []
+
     def run(self, outputs, feed):
         switched = self.clock.last is not None and self.clock.last is not self
         self.clock.now += self.cost * (SWITCH_PENALTY if switched else 1.0)

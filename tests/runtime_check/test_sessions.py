@@ -176,6 +176,9 @@ class _ArenaClaimed:
         options.enable_cpu_mem_arena = True
         return options
 
+    def get_inputs(self):
+        return self._session.get_inputs()
+
     def get_outputs(self):
         return self._session.get_outputs()
 

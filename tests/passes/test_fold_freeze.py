@@ -1,0 +1,136 @@
+"""``fold.freeze``: a graph input held at one value, and the graph folded on it."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx.numpy_helper as onh
+import onnx_ir as ir
+import pytest
+
+from models.fetch import fetch
+from models.inputs import sample_inputs
+from onnx_shrink import shrink
+from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes.fold import FoldPass
+from tests.helpers import run_ort
+
+# An If on a flag input, as Silero VAD's network sits in an If on its sample rate.
+BRANCHED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (bool c, float[1, 4, 8, 8] x) => (float[1, 8, 8, 8] y) {
+  y = If (c) <
+    then_branch = t () => (float[1, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
+    else_branch = e () => (float[1, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }
+  >
+}
+"""
+
+
+def _branched() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(BRANCHED)
+    rng = np.random.default_rng(0)
+    for name in ("w1", "w2"):
+        proto.graph.initializer.append(
+            onh.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), name)
+        )
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def _x(samples: int = 1) -> np.ndarray:
+    return np.random.default_rng(1).normal(size=(samples, 4, 8, 8)).astype(np.float32)
+
+
+def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path):
+    result = shrink(_branched(), "fold", sets="fold.freeze=c=true", check=False)
+    graph = result.model.graph
+    assert [v.name for v in graph.inputs] == ["x"]
+    assert [n.op_type for n in graph] == ["Conv"]  # the then-branch, in the main graph
+    x = _x()
+    (expected,) = run_ort(_branched().SerializeToString(), {"c": np.array(True), "x": x})
+    (frozen,) = run_ort(ir.to_proto(result.model).SerializeToString(), {"x": x})
+    np.testing.assert_allclose(frozen, expected, rtol=1e-6, atol=1e-6)
+    # The check feeds the reference the data's flag, and the candidate what it takes.
+    np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(3)[:, None])
+    checked = shrink(_branched(), "fold", sets="fold.freeze=c=true", data=tmp_path / "d.npz")
+    assert checked.verification is not None
+    assert checked.verification.numeric.outputs[0].max_abs_error < 1e-5
+
+
+def test_quant_calibrates_the_layers_a_frozen_input_brought_into_the_main_graph(caplog):
+    calibration = {"c": np.array(True), "x": _x(4)[:, None]}
+    with caplog.at_level(logging.WARNING):
+        plain = shrink(_branched(), "fold,quant", check=False, calibration=calibration)
+    assert "(2 Conv: inside an If/Loop/Scan body" in caplog.text
+    frozen = shrink(
+        _branched(), "fold,quant", sets="fold.freeze=c=1", check=False, calibration=calibration
+    )
+    ops = [n.op_type for n in frozen.model.graph]
+    assert "QuantizeLinear" in ops and "If" not in ops
+    assert frozen.output_bytes < plain.output_bytes / 2
+
+
+@pytest.mark.parametrize(
+    ("items", "message"),
+    [
+        (("c",), "'c' is not NAME=VALUE"),
+        (("c=yes",), "'c=yes' is not NAME=VALUE"),
+        (("=1",), "is not NAME=VALUE"),
+        (("c=1", "c=0"), "input 'c' is given twice"),
+    ],
+)
+def test_a_bad_item_fails_as_the_pass_is_made(items, message):
+    with pytest.raises(ShrinkError, match=message):
+        FoldPass(freeze=items)
+
+
+@pytest.mark.parametrize(
+    ("text", "item", "message"),
+    [
+        (BRANCHED, "z=1", r"no input 'z' \(its inputs: c, x\)"),
+        (
+            '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) '
+            "{ y = Relu(x) }",
+            "x=1",
+            "has dims .*only an input of fixed dims",
+        ),
+        (
+            '<ir_version: 8, opset_import: ["" : 17]> g (int64 k, float[2] x) => (float[2] y) '
+            "{ f = Cast <to = 1> (k) \n y = Mul(x, f) }",
+            "k=2.5",
+            "INT64, which cannot hold 2.5",
+        ),
+    ],
+)
+def test_what_cannot_be_frozen_is_said(text, item, message):
+    proto = _branched() if text == BRANCHED else onnx.parser.parse_model(text)
+    with pytest.raises(ShrinkError, match=message):
+        shrink(proto, "fold", sets=f"fold.freeze={item}", check=False)
+
+
+@pytest.mark.network
+def test_silero_vad_at_16_khz_gets_its_convs_quantized():
+    """Silero VAD v5's whole network sits in an If on ``sr``: quant quantized its LSTMs only
+    (1.4 MB of 2.3); at a frozen 16 kHz its Convs are calibrated too."""
+    feeds = [sample_inputs("silero-vad-v5", seed) for seed in range(8)]
+    calibration = {
+        "input": np.concatenate([f["input"] for f in feeds]),
+        "state": np.stack([f["state"] for f in feeds]),
+        "sr": np.array(16000),
+    }
+    source = fetch("silero-vad-v5")
+    result = shrink(
+        source, "fold,quant", sets="fold.freeze=sr=16000", check=False, calibration=calibration
+    )
+    convs = [n for n in result.model.graph if n.op_type == "Conv"]  # the 16 kHz branch's
+    assert len(convs) == 6
+    assert all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs)
+    assert result.output_bytes < 400_000
+    model = ir.to_proto(result.model).SerializeToString()
+    for feed in feeds:
+        (expected, _) = run_ort(source, feed)
+        (got, _) = run_ort(model, {k: v for k, v in feed.items() if k != "sr"})
+        assert abs(float(got.item()) - float(expected.item())) < 0.1
