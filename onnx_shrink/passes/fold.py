@@ -159,16 +159,18 @@ class FoldPass(ir.passes.FunctionalPass):
             # bytes (field order, packing): say so, or the figure looks wrong. A few bytes'
             # growth is rewrites that do not pay (Flatten as a Reshape and its shape), not a
             # budget problem: said, not warned.
-            level = logging.INFO if min(growth) <= SMALL_GROWTH_BYTES else logging.WARNING
+            # Frozen inputs asked for and not frozen: always said.
+            small = min(growth) <= SMALL_GROWTH_BYTES and not frozen
             logger.log(
-                level,
+                logging.INFO if small else logging.WARNING,
                 "fold: no change: every attempt grew the model past %d bytes (the input "
                 "re-serialized, %d, + max_growth_bytes %d; by %d bytes at least); keeping the "
-                "model unchanged",
+                "model unchanged%s",
                 limit,
                 before,
                 self.max_growth_bytes,
                 min(growth),
+                ", its inputs not frozen (raise fold.max_growth_bytes)" if frozen else "",
             )
         return MeasuredResult(_private_clone(model), False, before, before)
 

@@ -134,3 +134,18 @@ def test_silero_vad_at_16_khz_gets_its_convs_quantized():
         (expected, _) = run_ort(source, feed)
         (got, _) = run_ort(model, {k: v for k, v in feed.items() if k != "sr"})
         assert abs(float(got.item()) - float(expected.item())) < 0.1
+
+
+def test_a_freeze_that_grows_the_model_past_its_budget_is_warned_of(caplog):
+    # A [1, 64] mask frozen stores 64 floats where the input declared them: larger.
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> '
+        "g (float[1, 64] m, float[1, 64] x) => (float[1, 64] y) { y = Mul(x, m) }"
+    )
+    with caplog.at_level(logging.WARNING):
+        result = shrink(proto, "fold", sets="fold.freeze=m=1", check=False)
+    assert not result.steps[0].modified
+    assert "its inputs not frozen (raise fold.max_growth_bytes)" in caplog.text
+    sets = ["fold.freeze=m=1", "fold.max_growth_bytes=1000"]
+    grown = shrink(proto, "fold", sets=sets, check=False)
+    assert [v.name for v in grown.model.graph.inputs] == ["x"]
