@@ -68,3 +68,34 @@ def make_model(nodes, inputs, outputs, inits, opset: int = 17) -> onnx.ModelProt
     )
     onnx.checker.check_model(model)
     return model
+
+
+# An If on a flag input whose branches are one Conv each: Silero VAD computes its whole
+# network inside an If on its sample rate.
+CONVS_IN_IF = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (bool c, float[1, 4, 8, 8] x) => (float[1, 8, 8, 8] y) {
+  y = If (c) <
+    then_branch = t () => (float[1, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
+    else_branch = e () => (float[1, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }
+  >
+}
+"""
+
+
+def convs_in_if(main_conv: bool = False) -> onnx.ModelProto:
+    """``CONVS_IN_IF`` with seeded weights; ``main_conv``: one more Conv after the If, in the
+    main graph (output ``z``)."""
+    text = CONVS_IN_IF
+    if main_conv:
+        text = text.replace("=> (float[1, 8, 8, 8] y) {", "=> (float[1, 8, 8, 8] z) {")
+        text = text.replace("\n}\n", "\n  z = Conv <pads = [1, 1, 1, 1]> (y, w3)\n}\n")
+    proto = onnx.parser.parse_model(text)
+    rng = np.random.default_rng(0)
+    shapes = {"w1": (8, 4, 3, 3), "w2": (8, 4, 3, 3), "w3": (8, 8, 3, 3)}
+    for name, shape in shapes.items():
+        if name != "w3" or main_conv:
+            weight = rng.normal(size=shape).astype(np.float32)
+            proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+    onnx.checker.check_model(proto, full_check=True)
+    return proto

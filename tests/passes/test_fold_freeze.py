@@ -6,7 +6,6 @@ import logging
 
 import numpy as np
 import onnx
-import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
@@ -15,29 +14,7 @@ from models.inputs import sample_inputs
 from onnx_shrink import shrink
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.fold import FoldPass
-from tests.helpers import run_ort
-
-# An If on a flag input, as Silero VAD's network sits in an If on its sample rate.
-BRANCHED = """
-<ir_version: 8, opset_import: ["" : 17]>
-g (bool c, float[1, 4, 8, 8] x) => (float[1, 8, 8, 8] y) {
-  y = If (c) <
-    then_branch = t () => (float[1, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
-    else_branch = e () => (float[1, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }
-  >
-}
-"""
-
-
-def _branched() -> onnx.ModelProto:
-    proto = onnx.parser.parse_model(BRANCHED)
-    rng = np.random.default_rng(0)
-    for name in ("w1", "w2"):
-        proto.graph.initializer.append(
-            onh.from_array(rng.normal(size=(8, 4, 3, 3)).astype(np.float32), name)
-        )
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
+from tests.helpers import CONVS_IN_IF, convs_in_if, run_ort
 
 
 def _x(samples: int = 1) -> np.ndarray:
@@ -45,17 +22,17 @@ def _x(samples: int = 1) -> np.ndarray:
 
 
 def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path):
-    result = shrink(_branched(), "fold", sets="fold.freeze=c=true", check=False)
+    result = shrink(convs_in_if(), "fold", sets="fold.freeze=c=true", check=False)
     graph = result.model.graph
     assert [v.name for v in graph.inputs] == ["x"]
     assert [n.op_type for n in graph] == ["Conv"]  # the then-branch, in the main graph
     x = _x()
-    (expected,) = run_ort(_branched().SerializeToString(), {"c": np.array(True), "x": x})
+    (expected,) = run_ort(convs_in_if().SerializeToString(), {"c": np.array(True), "x": x})
     (frozen,) = run_ort(ir.to_proto(result.model).SerializeToString(), {"x": x})
     np.testing.assert_allclose(frozen, expected, rtol=1e-6, atol=1e-6)
     # The check feeds the reference the data's flag, and the candidate what it takes.
     np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(3)[:, None])
-    checked = shrink(_branched(), "fold", sets="fold.freeze=c=true", data=tmp_path / "d.npz")
+    checked = shrink(convs_in_if(), "fold", sets="fold.freeze=c=true", data=tmp_path / "d.npz")
     assert checked.verification is not None
     assert checked.verification.numeric.outputs[0].max_abs_error < 1e-5
 
@@ -63,10 +40,10 @@ def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path
 def test_quant_calibrates_the_layers_a_frozen_input_brought_into_the_main_graph(caplog):
     calibration = {"c": np.array(True), "x": _x(4)[:, None]}
     with caplog.at_level(logging.WARNING):
-        plain = shrink(_branched(), "fold,quant", check=False, calibration=calibration)
+        plain = shrink(convs_in_if(), "fold,quant", check=False, calibration=calibration)
     assert "(2 Conv: inside an If/Loop/Scan body" in caplog.text
     frozen = shrink(
-        _branched(), "fold,quant", sets="fold.freeze=c=1", check=False, calibration=calibration
+        convs_in_if(), "fold,quant", sets="fold.freeze=c=1", check=False, calibration=calibration
     )
     ops = [n.op_type for n in frozen.model.graph]
     assert "QuantizeLinear" in ops and "If" not in ops
@@ -90,7 +67,7 @@ def test_a_bad_item_fails_as_the_pass_is_made(items, message):
 @pytest.mark.parametrize(
     ("text", "item", "message"),
     [
-        (BRANCHED, "z=1", r"no input 'z' \(its inputs: c, x\)"),
+        (CONVS_IN_IF, "z=1", r"no input 'z' \(its inputs: c, x\)"),
         (
             '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) '
             "{ y = Relu(x) }",
@@ -106,7 +83,7 @@ def test_a_bad_item_fails_as_the_pass_is_made(items, message):
     ],
 )
 def test_what_cannot_be_frozen_is_said(text, item, message):
-    proto = _branched() if text == BRANCHED else onnx.parser.parse_model(text)
+    proto = convs_in_if() if text == CONVS_IN_IF else onnx.parser.parse_model(text)
     with pytest.raises(ShrinkError, match=message):
         shrink(proto, "fold", sets=f"fold.freeze={item}", check=False)
 

