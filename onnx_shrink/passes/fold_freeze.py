@@ -30,19 +30,19 @@ def parse(items: Sequence[str]) -> dict[str, float]:
     values: dict[str, float] = {}
     for item in items:
         name, sep, raw = item.partition("=")
-        word = raw.strip().lower()
+        name, word = name.strip(), raw.strip().lower()
         try:
             value = {"true": 1.0, "false": 0.0}.get(word)
             value = float(word) if value is None else value
         except ValueError:
             value = None
-        if not sep or not name.strip() or value is None or math.isnan(value):
+        if not sep or not name or value is None or math.isnan(value):
             raise ShrinkError(
                 f"fold.freeze: {item!r} is not NAME=VALUE with a number (e.g. sr=16000)"
             )
-        if name.strip() in values:
-            raise ShrinkError(f"fold.freeze: input {name.strip()!r} is given twice")
-        values[name.strip()] = value
+        if name in values:
+            raise ShrinkError(f"fold.freeze: input {name!r} is given twice")
+        values[name] = value
     return values
 
 

@@ -255,7 +255,7 @@ class WeightContext:
         ``rank``, with at least ``min_elements``, by default the pass's), or None."""
         if value is None or not value.is_initializer() or value.const_value is None:
             name = value.name if value else None
-            if value is not None and value.producer() and _computed_from_constants(value):
+            if value is not None and _computed_from_constants(value):
                 return f"weight {name!r} is computed from constants: run fold first"
             return f"weight {name!r} is not an initializer"
         if value.is_graph_input():
