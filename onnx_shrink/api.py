@@ -27,6 +27,8 @@ from onnx_shrink.errors import (
     ShrinkError,
 )
 from onnx_shrink.frozen_heap import frozen_heap
+from onnx_shrink.passes import fold_freeze
+from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -210,7 +212,8 @@ def shrink(
     given = preflight.read_input(model, read, pass_list, dump_dir, output, external_data)
     loaded, reference, input_bytes = given.model, given.reference, given.input_bytes
     with contextlib.ExitStack() as stack:
-        dataset, source = preflight.data_sources(given, options, calibration, data, stack)
+        held = _held_inputs(pass_list)
+        dataset, source = preflight.data_sources(given, options, calibration, data, stack, held)
         verifier = None
         if options is not None and options.verify_each:
             verifier = each_pass.verifier(
@@ -229,6 +232,7 @@ def shrink(
             dump_dir=dump_dir,
             sensitivity=sensitivity,
             naming=given.naming,
+            held=held,
         )
         graph_edit.restore_names(result.model, given.naming)  # the nodes unnamed, as they came
         candidate, output_bytes, output_path = _save_candidate(result.model, output, external_data)
@@ -263,6 +267,17 @@ def shrink(
 
 
 _NO_QUANT = "sensitivity: the pipeline has no quant pass; nothing to measure"
+
+
+def _held_inputs(pass_list: Sequence[ir.passes.PassBase]) -> dict[str, float]:
+    """The inputs the pipeline's folds hold at one value (``fold.freeze``), the first fold's
+    where two name one: its freeze removes the input, so a later fold's could not apply."""
+    held: dict[str, float] = {}
+    for pass_ in pass_list:
+        if isinstance(pass_, FoldPass):
+            for name, value in fold_freeze.parse(pass_.freeze).items():
+                held.setdefault(name, value)
+    return held
 
 
 def _warn_in_sample(
@@ -311,6 +326,7 @@ def _compile(
     dump_dir: str | os.PathLike | None,
     sensitivity: bool,
     naming: graph_edit.Naming,
+    held: Mapping[str, float],
 ) -> tuple[
     pipeline.PipelineResult,
     sensitivity_mod.SensitivityReport | None,
@@ -322,7 +338,7 @@ def _compile(
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
-            calib = calibration_hooks.calibration_data(loaded, source, input_shapes, stack)
+            calib = calibration_hooks.calibration_data(loaded, source, input_shapes, stack, held)
             collector = functools.partial(
                 calibration_hooks.collect,
                 dataset=calib,

@@ -26,13 +26,15 @@ def calibration_data(
     source: check_mod.DataSource,
     input_shapes: Mapping[str, Sequence[int]] | None,
     stack: contextlib.ExitStack,
+    held: Mapping[str, float] | None = None,
 ) -> data_mod.Dataset:
     """Calibration inputs, checked against the model now and readable once per pass;
-    without a source, synthetic inputs of ``input_shapes``."""
+    without a source, synthetic inputs of ``input_shapes``. ``held``: inputs fold.freeze
+    holds at one value (``data_mod.prepare``)."""
     specs = data_mod.specs_from_model(model)
     if source is None:
-        return data_mod.synthetic(specs, input_shapes)
-    return data_mod.replayable(data_mod.prepare(specs, source), stack)
+        return data_mod.synthetic(specs, input_shapes, held=held)
+    return data_mod.replayable(data_mod.prepare(specs, source, held=held), stack)
 
 
 def reporting(

@@ -84,12 +84,14 @@ def data_sources(
     calibration: DataSource,
     data: DataSource,
     stack: contextlib.ExitStack,
+    held: Mapping[str, float] | None = None,
 ) -> tuple[data_mod.Dataset | None, DataSource]:
     """(the check's dataset, vetted on its first sample; calibration's source). Bad data is
-    rejected here, before any work is done."""
+    rejected here, before any work is done. ``held``: inputs fold.freeze holds at one value
+    (``data_mod.prepare``)."""
     dataset = None
     if options is not None:
-        dataset = checked_dataset(given.reference, given.model, given.where, options)
+        dataset = checked_dataset(given.reference, given.model, given.where, options, held)
     check_data = options.data if options else None
     source = next((s for s in (calibration, data, check_data) if s is not None), None)
     if dataset is not None and source is not None and source is check_data:
@@ -155,7 +157,11 @@ def refuse_bad_files(
 
 
 def checked_dataset(
-    reference: Path | bytes, loaded: ir.Model, where: str, options: CheckOptions
+    reference: Path | bytes,
+    loaded: ir.Model,
+    where: str,
+    options: CheckOptions,
+    held: Mapping[str, float] | None = None,
 ) -> data_mod.Dataset:
     """The check's data, once it, the model (on onnxruntime) and the labels where accuracy
     is asked for are known to work together: run on the first sample, before any pass.
@@ -165,7 +171,9 @@ def checked_dataset(
     """
     probe = reference_session(reference, options.provider)
     specs = data_mod.specs_from_model(loaded)
-    dataset = data_mod.prepare(specs, options.data, options.input_shapes, labels=options.labels)
+    dataset = data_mod.prepare(
+        specs, options.data, options.input_shapes, labels=options.labels, held=held
+    )
     refuse_unmeasurable_accuracy(options.tolerances, dataset)
     outputs, dataset = run_first_sample(probe, dataset, where, specs)
     samples = dataset.samples_in(dataset.first_feed(), specs)

@@ -190,10 +190,14 @@ def prepare(
     *,
     labels: str | Path | None = None,
     seed: int = 0,
+    held: Mapping[str, float] | None = None,
 ) -> Dataset:
     """The dataset a user means by ``source``: .npz, folder of .npy, test-data folders, a
     dict of arrays (an .npz's layout, in memory), a reader object, or (None) seeded synthetic
     data, with a warning that it proves nothing about accuracy.
+
+    ``held``: inputs a pass holds at one value (``fold.freeze``): synthetic data holds that
+    value, and data whose first batch gives another is warned of.
 
     Raises:
         DataError: the source does not exist, is of an unknown kind, or does not fit ``specs``.
@@ -203,7 +207,7 @@ def prepare(
     if labels is not None:
         _check_labels_source(source, str(labels))
     if source is None:
-        dataset = synthetic(specs, input_shapes, seed=seed)
+        dataset = synthetic(specs, input_shapes, seed=seed, held=held)
         logger.warning(
             "no --data given: running on %s; synthetic inputs say nothing about accuracy",
             dataset.description,
@@ -213,7 +217,31 @@ def prepare(
     if labels is not None:
         dataset = _with_labels(dataset, _load_labels(labels), str(labels), source)
     dataset.first_feed()  # a bad dtype or shape is an error now, before any work is done
+    warn_held_differs(dataset, held or {})
     return dataset
+
+
+def warn_held_differs(dataset: Dataset, held: Mapping[str, float]) -> None:
+    """Warn where the data's first batch gives an input other values than the one a pass
+    holds it at: the original model then runs on another configuration than the result,
+    and the check's error measures that difference too."""
+    feed = dataset.first_feed()
+    for name, value in held.items():
+        given = np.unique(np.asarray(feed[name])) if name in feed else np.array([value])
+        if np.any(given != value):
+            shown = ", ".join(f"{v:g}" for v in given[:3].tolist()) + (
+                ", ..." if given.size > 3 else ""
+            )
+            logger.warning(
+                "fold.freeze holds input '%s' at %g, but %s gives it %s in its first batch: "
+                "the original model runs on the data's value, the result always on %g, and "
+                "the check's error measures that difference too",
+                name,
+                value,
+                dataset.description,
+                shown,
+                value,
+            )
 
 
 def _open(

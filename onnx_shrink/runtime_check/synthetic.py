@@ -92,9 +92,19 @@ def synthetic_feed(
     return _draw(specs, synthetic_shapes(specs, shapes, batch), seed)
 
 
-def _draw(specs: Sequence[InputSpec], shapes: Mapping[str, tuple[int, ...]], seed: int) -> Feed:
+def _draw(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, tuple[int, ...]],
+    seed: int,
+    held: Mapping[str, float] | None = None,
+) -> Feed:
     rng = np.random.default_rng(seed)
-    return {spec.name: _random_array(rng, spec, shapes[spec.name]) for spec in specs}
+    feed = {spec.name: _random_array(rng, spec, shapes[spec.name]) for spec in specs}
+    # Drawn first, then overwritten: the other inputs stay those of the same seed without it.
+    for spec in specs:
+        if spec.name in (held or {}):
+            feed[spec.name] = np.full(shapes[spec.name], held[spec.name]).astype(spec.dtype)
+    return feed
 
 
 def synthetic_shapes(
@@ -144,15 +154,21 @@ def synthetic(
     shapes: Mapping[str, Sequence[int]] | None = None,
     *,
     seed: int = 0,
+    held: Mapping[str, float] | None = None,
 ) -> Dataset:
     """A one-batch dataset of seeded random inputs. Says nothing about accuracy. They are
     drawn when first read: a data-free pass (nearest-rounded quant-weight, magnitude prune)
     makes a pipeline hold calibration data it never reads, and a model's static input may
-    be a gigabyte."""
+    be a gigabyte. ``held``: inputs that hold one value in every element (``fold.freeze``'s:
+    a random sample rate took Silero VAD's other branch, which failed on the 16 kHz frame)."""
     concrete = synthetic_shapes(specs, shapes)
-    shown = ", ".join(f"{name}={show_shape(shape)}" for name, shape in concrete.items())
+    held = {name: value for name, value in (held or {}).items() if name in concrete}
+    shown = ", ".join(
+        f"{name}={show_shape(shape)}" + (f" of {held[name]:g}" if name in held else "")
+        for name, shape in concrete.items()
+    )
     samples = samples_of(concrete, specs)
-    draw = functools.cache(functools.partial(_draw, specs, concrete, seed))
+    draw = functools.cache(functools.partial(_draw, specs, concrete, seed, held))
     return Dataset(
         description=f"synthetic, seed {seed}: {shown}",
         synthetic=True,

@@ -14,6 +14,7 @@ from models.inputs import sample_inputs
 from onnx_shrink import shrink
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.fold import FoldPass
+from onnx_shrink.runtime_check import data as data_mod
 from tests.helpers import CONVS_IN_IF, convs_in_if, run_ort
 
 
@@ -126,3 +127,29 @@ def test_a_freeze_that_grows_the_model_past_its_budget_is_warned_of(caplog):
     sets = ["fold.freeze=m=1", "fold.max_growth_bytes=1000"]
     grown = shrink(proto, "fold", sets=sets, check=False)
     assert [v.name for v in grown.model.graph.inputs] == ["x"]
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_synthetic_data_holds_the_frozen_value(flag):
+    # Seed 0 draws one flag: the reference took that branch whatever was frozen, and either
+    # the true or the false freeze read the other branch's error.
+    result = shrink(convs_in_if(), "fold", sets=f"fold.freeze=c={str(flag).lower()}")
+    assert result.verification is not None
+    assert result.verification.numeric.outputs[0].max_abs_error < 1e-5
+    specs = data_mod.specs_from_model(ir.from_proto(convs_in_if()))
+    plain = data_mod.synthetic(specs).first_feed()
+    held = data_mod.synthetic(specs, held={"c": float(flag)}).first_feed()
+    assert held["c"].dtype == np.bool_ and bool(held["c"]) is flag
+    np.testing.assert_array_equal(held["x"], plain["x"])  # the other inputs: the same draw
+
+
+def test_data_that_gives_a_frozen_input_another_value_is_warned_of(tmp_path, caplog):
+    np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(2)[:, None])
+    with caplog.at_level(logging.WARNING):
+        shrink(convs_in_if(), "fold", sets="fold.freeze=c=false", data=tmp_path / "d.npz")
+    assert "fold.freeze holds input 'c' at 0, but" in caplog.text
+    assert "gives it 1 in its first batch" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        shrink(convs_in_if(), "fold", sets="fold.freeze=c=true", data=tmp_path / "d.npz")
+    assert "fold.freeze holds" not in caplog.text
