@@ -711,4 +711,27 @@ def test_a_bodys_shapes_follow_constants_of_the_enclosing_graph():
     )
     counted = stats.measure(io.load(model), input_dims={"c": (), "x": (1, 16)})
     per_branch = 8 * (16 - 4 + 1) * 4  # output elements x (in channels x kernel)
-    assert (counted.macs, counted.nodes_without_macs) == (2 * per_branch, 0)
+    assert (counted.macs, counted.nodes_without_macs) == (per_branch, 0)  # a run takes one
+
+
+def test_an_if_counts_its_larger_branch_and_a_loop_its_body_once():
+    """A run takes one branch: both counted read Silero VAD's network twice."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (bool c, float[4, 8] x, int64 n) => (float[4, 8] y, float[4, 8] z) {
+          y = If (c) <
+            then_branch = t () => (float[4, 8] a) { a = MatMul (x, w) },
+            else_branch = e () => (float[4, 8] b) { h = MatMul (x, w)  b = MatMul (h, w) }
+          >
+          z = Loop (n, c, x) <
+            body = l (int64 i, bool go, float[4, 8] v) => (bool go2, float[4, 8] v2) {
+              go2 = Identity (go)
+              v2 = MatMul (v, w)
+            }
+          >
+        }
+    """)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(np.ones((8, 8), np.float32), "w"))
+    counted = stats.measure(io.load(model))
+    matmul = 4 * 8 * 8
+    assert (counted.macs, counted.nodes_without_macs) == (2 * matmul + matmul, 0)
