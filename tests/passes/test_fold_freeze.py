@@ -114,6 +114,19 @@ def test_silero_vad_at_16_khz_gets_its_convs_quantized():
         assert abs(float(got.item()) - float(expected.item())) < 0.1
 
 
+@pytest.mark.network
+def test_silero_vad_frozen_is_checked_on_synthetic_frames_at_its_rate():
+    """Without --data a random ``sr`` took the 8 kHz branch, whose Pad failed on the frame."""
+    result = shrink(
+        fetch("silero-vad-v5"),
+        "fold",
+        sets="fold.freeze=sr=16000",
+        input_shapes={"input": (1, 512), "state": (2, 1, 128)},
+    )
+    assert result.verification is not None
+    assert all(o.max_abs_error < 1e-4 for o in result.verification.numeric.outputs)
+
+
 def test_a_freeze_that_grows_the_model_past_its_budget_is_warned_of(caplog):
     # A [1, 64] mask frozen stores 64 floats where the input declared them: larger.
     proto = onnx.parser.parse_model(
