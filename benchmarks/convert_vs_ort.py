@@ -33,7 +33,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import statistics
 import sys
 import tempfile
@@ -50,7 +49,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import half_models, quant_data  # noqa: E402
-from benchmarks.results import cell, first_line, provenance, publish  # noqa: E402
+from benchmarks.results import cell, command_line, first_line, provenance, publish  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
 from onnx_shrink.runtime_check import bench, sessions  # noqa: E402
 
@@ -389,13 +388,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.ERROR)
     ort.set_default_logger_severity(3)
-    command = " ".join(
-        [
-            ".venv/bin/python",
-            "benchmarks/convert_vs_ort.py",
-            *map(shlex.quote, argv or sys.argv[1:]),
-        ]
-    )
+    command = command_line("benchmarks/convert_vs_ort.py", argv)
     for key in args.suites:
         suite = SUITES[key]
         wanted = [m for m in args.models.split(",") if m] or list(suite.models)

@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import shlex
 import statistics
 import sys
 import tempfile
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import cell, first_line, provenance, publish  # noqa: E402
+from benchmarks.results import cell, command_line, first_line, provenance, publish  # noqa: E402
 from models.fetch import REAL_MODELS, fetch  # noqa: E402
 from models.inputs import sample_inputs  # noqa: E402
 from onnx_shrink.compiler import io  # noqa: E402
@@ -228,13 +227,7 @@ def main(argv: list[str] | None = None) -> int:
         for name in args.models or list(REAL_MODELS):
             print(f"benchmarking {name} ...", file=sys.stderr, flush=True)
             rows += bench_model(name, Path(tmp), args.repeat)
-    command = " ".join(
-        [
-            ".venv/bin/python",
-            "benchmarks/fold_vs_onnxsim.py",
-            *map(shlex.quote, argv or sys.argv[1:]),
-        ]
-    )
+    command = command_line("benchmarks/fold_vs_onnxsim.py", argv)
     text = section(rows, command, args.repeat)
     publish(HEADING, text, write=not args.no_write)
     return 0

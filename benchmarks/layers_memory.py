@@ -30,7 +30,6 @@ import argparse
 import json
 import os
 import resource
-import shlex
 import subprocess
 import sys
 import tempfile
@@ -43,7 +42,7 @@ ROOT = Path(__file__).resolve().parents[1]
 if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
-from benchmarks.results import provenance, publish  # noqa: E402
+from benchmarks.results import command_line, provenance, publish  # noqa: E402
 from models.perturb import perturb_node_weight  # noqa: E402
 
 HEADING = "## per-layer comparison memory (MiniLM)"
@@ -194,9 +193,7 @@ def main(argv: list[str] | None = None) -> int:
                 print(f"{name}, {n} samples ...", file=sys.stderr, flush=True)
                 result = measure(reference, candidates[name], data)
                 rows.append({"candidate": name, "length": length, **result})
-    command = " ".join(
-        [".venv/bin/python", "benchmarks/layers_memory.py", *(shlex.quote(a) for a in argv)]
-    )
+    command = command_line("benchmarks/layers_memory.py", argv)
     text = section(rows, command, few, many)
     publish(HEADING, text, write=not args.no_write)
     return 0

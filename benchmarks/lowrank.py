@@ -225,7 +225,7 @@ def main(argv: list[str] | None = None) -> int:
             folder = Path(tmp) / name
             folder.mkdir()
             sections.append(run_model(name, task, folder, args.quick))
-    command = " ".join([".venv/bin/python -m benchmarks.lowrank", *(argv or sys.argv[1:])])
+    command = results.command_line("-m benchmarks.lowrank", argv)
     header = results.provenance(command, ("onnx", "onnxruntime", "numpy"))
     text = "## lowrank\n\n" + "\n".join(header) + "\n\n" + "\n".join(sections)
     results.publish("## lowrank", text, write=not args.no_write)

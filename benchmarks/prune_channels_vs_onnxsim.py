@@ -185,9 +185,7 @@ def main(argv: list[str] | None = None) -> int:
     for name in args.models.split(","):
         rows += run_model(name, args.ratio, args.quick, args.calibration)
         print("\n".join(rows[-3:]), flush=True)
-    command = " ".join(
-        [".venv/bin/python benchmarks/prune_channels_vs_onnxsim.py", *(argv or sys.argv[1:])]
-    )
+    command = results.command_line("benchmarks/prune_channels_vs_onnxsim.py", argv)
     text = "\n".join(
         [
             HEADING,

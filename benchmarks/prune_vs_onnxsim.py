@@ -42,7 +42,7 @@ if str(ROOT) not in sys.path:
     sys.path.insert(0, str(ROOT))
 
 from benchmarks import quant_data  # noqa: E402
-from benchmarks.results import machine, publish  # noqa: E402
+from benchmarks.results import command_line, machine, publish  # noqa: E402
 from models import builders  # noqa: E402
 from onnx_shrink import shrink  # noqa: E402
 from onnx_shrink.passes.prune import PrunePass  # noqa: E402
@@ -205,7 +205,7 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     ort.set_default_logger_severity(3)
-    command = " ".join([".venv/bin/python benchmarks/prune_vs_onnxsim.py", *(argv or sys.argv[1:])])
+    command = command_line("benchmarks/prune_vs_onnxsim.py", argv)
     text = unstructured_section(args.models or list(MODELS), args.quick, command)
     publish(UNSTRUCTURED_HEADING, text, write=not args.no_write)
     return 0

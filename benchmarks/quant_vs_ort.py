@@ -58,7 +58,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import logging
-import shlex
 import sys
 import tempfile
 import time
@@ -72,7 +71,7 @@ if str(ROOT) not in sys.path:
 from benchmarks.quant_child import run_child, timed_child  # noqa: E402
 from benchmarks.quant_ort_input import ort_input, same_ranges  # noqa: E402
 from benchmarks.quant_tables import section  # noqa: E402
-from benchmarks.results import first_line  # noqa: E402
+from benchmarks.results import command_line, first_line  # noqa: E402
 
 HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
@@ -438,7 +437,7 @@ def main(argv: list[str] | None = None) -> int:
             rows, info = bench_model(name, args, Path(tmp))
             results[name] = (rows, info, info["metrics"])
             log(f"{name}: done at {time.perf_counter() - started:.0f} s")
-    command = " ".join([".venv/bin/python", "benchmarks/quant_vs_ort.py", *map(shlex.quote, argv)])
+    command = command_line("benchmarks/quant_vs_ort.py", argv)
     text = section(results, command, args, heading)
     publish(heading, text, write=not args.no_write)
     return 0

@@ -5,7 +5,9 @@ from __future__ import annotations
 import datetime as dt
 import os
 import platform
+import shlex
 import sys
+from collections.abc import Sequence
 from importlib import metadata
 from pathlib import Path
 
@@ -59,6 +61,14 @@ def package_version(dist: str) -> str:
         return metadata.version(dist)
     except metadata.PackageNotFoundError:
         return "not installed"
+
+
+def command_line(script: str, argv: Sequence[str] | None = None) -> str:
+    """How a run was started, as its section's "Command:" line shows it: ``.venv/bin/python
+    SCRIPT ARGS`` (``script``: a path, or ``-m MODULE``), the arguments shell-quoted;
+    ``argv`` None: this process's."""
+    args = sys.argv[1:] if argv is None else argv
+    return " ".join([".venv/bin/python", script, *map(shlex.quote, args)])
 
 
 def provenance(command: str, packages: tuple[str, ...]) -> list[str]:
