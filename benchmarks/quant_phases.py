@@ -135,31 +135,34 @@ def floor(task: quant_data.Task, samples: int, prepack: bool, repeats: int) -> f
     return best
 
 
-def section(table: dict[str, dict[str, float]], command: str) -> str:
-    columns = list(table)
-    header = ["phase", *columns]
-    rows = [["total", *(f"{table[c]['total']:.3f}" for c in columns)]]
-    for depth, label, _, _ in PHASES:
-        cells = [f"{table[c].get(label, 0.0):.3f}" for c in columns]
-        rows.append(["&nbsp;" * 4 * depth + label, *cells])
-    for label in ("floor: the fp32 model's runs, prepacked", "floor: the same, not prepacked"):
-        rows.append([label, *(f"{table[c][label]:.3f}" for c in columns)])
+def section(table: dict[str, dict[str, dict[str, float]]], command: str) -> str:
+    """``table``: model -> column ("mse @8") -> phase label -> seconds; a table per model."""
     lines = [
         HEADING,
         "",
         *results.provenance(command, ("onnx", "onnxruntime", "onnxscript", "numpy")),
         "",
         "Seconds of one `shrink(passes='fold,quant')` call, warm, mean of the repeats; indented "
-        "phases are part of the one above. Columns: model, calibration method, samples. Floor: "
-        "the float model alone over the same samples, runs of up to 8, two at once (see "
+        "phases are part of the one above. Columns: calibration method @ samples. Floor: the "
+        "float model alone over the same samples, runs of up to 8, two at once (see "
         "benchmarks/quant_phases.py).",
-        "",
-        "| " + " | ".join(header) + " |",
-        "| --- |" + " ---: |" * len(columns),
-        *("| " + " | ".join(row) + " |" for row in rows),
-        "",
     ]
-    return "\n".join(lines)
+    floors = ("floor: the fp32 model's runs, prepacked", "floor: the same, not prepacked")
+    for model, columns in table.items():
+        rows = [["total", *(f"{c['total']:.3f}" for c in columns.values())]]
+        for depth, label, _, _ in PHASES:
+            cells = [f"{c.get(label, 0.0):.3f}" for c in columns.values()]
+            rows.append(["&nbsp;" * 4 * depth + label, *cells])
+        rows += [[label, *(f"{c[label]:.3f}" for c in columns.values())] for label in floors]
+        lines += [
+            "",
+            f"### {model}",
+            "",
+            "| phase | " + " | ".join(columns) + " |",
+            "| --- |" + " ---: |" * len(columns),
+            *("| " + " | ".join(row) + " |" for row in rows),
+        ]
+    return "\n".join([*lines, ""])
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -171,7 +174,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only; keep RESULTS.md")
     args = parser.parse_args(argv)
     counts = [int(n) for n in args.samples.split(",")]
-    table: dict[str, dict[str, float]] = {}
+    table: dict[str, dict[str, dict[str, float]]] = {}
     for name in args.models:
         task = quant_data.load_task(name, max(counts), quick=True)
         for samples in counts:
@@ -183,7 +186,7 @@ def main(argv: list[str] | None = None) -> int:
                 }
                 for method in args.calibration.split(","):
                     timing = phases(task, npz, method, args.repeats)
-                    table[f"{name} {method} @{samples}"] = {**timing, **floors}
+                    table.setdefault(name, {})[f"{method} @{samples}"] = {**timing, **floors}
                     print(f"{name} {method} @{samples}: {timing['total']:.3f} s", file=sys.stderr)
     command = results.command_line("benchmarks/quant_phases.py", argv)
     results.publish(HEADING, section(table, command), write=not args.no_write)
