@@ -153,6 +153,13 @@ def section(table: dict[str, dict[str, dict[str, float]]], command: str) -> str:
         for depth, label, _, _ in PHASES:
             cells = [f"{c.get(label, 0.0):.3f}" for c in columns.values()]
             rows.append(["&nbsp;" * 4 * depth + label, *cells])
+        rest = [
+            c["total"] - sum(c.get(p[1], 0.0) for p in PHASES if p[0] == 0)
+            for c in columns.values()
+        ]
+        rows.append(
+            ["the rest (planning, weights, the pipeline's own work)", *(f"{r:.3f}" for r in rest)]
+        )
         rows += [[label, *(f"{c[label]:.3f}" for c in columns.values())] for label in floors]
         lines += [
             "",
