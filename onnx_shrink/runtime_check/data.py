@@ -217,11 +217,11 @@ def prepare(
     if labels is not None:
         dataset = _with_labels(dataset, _load_labels(labels), str(labels), source)
     dataset.first_feed()  # a bad dtype or shape is an error now, before any work is done
-    warn_held_differs(dataset, held or {})
+    _warn_held_differs(dataset, held or {})
     return dataset
 
 
-def warn_held_differs(dataset: Dataset, held: Mapping[str, float]) -> None:
+def _warn_held_differs(dataset: Dataset, held: Mapping[str, float]) -> None:
     """Warn where the data's first batch gives an input other values than the one a pass
     holds it at: the original model then runs on another configuration than the result,
     and the check's error measures that difference too."""

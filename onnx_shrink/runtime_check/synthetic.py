@@ -101,8 +101,9 @@ def _draw(
     rng = np.random.default_rng(seed)
     feed = {spec.name: _random_array(rng, spec, shapes[spec.name]) for spec in specs}
     # Drawn first, then overwritten: the other inputs stay those of the same seed without it.
+    held = held or {}
     for spec in specs:
-        if spec.name in (held or {}):
+        if spec.name in held:
             feed[spec.name] = np.full(shapes[spec.name], held[spec.name]).astype(spec.dtype)
     return feed
 
