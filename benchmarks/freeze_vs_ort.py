@@ -186,23 +186,24 @@ def main(argv: list[str] | None = None) -> int:
         [
             HEADING,
             "",
-            results.machine(),
+            *results.provenance(
+                results.command_line("benchmarks/freeze_vs_ort.py", argv),
+                ("onnx", "onnxruntime", "numpy"),
+            ),
             "",
-            f"Command: `.venv/bin/python benchmarks/freeze_vs_ort.py` ({len(calibration)} "
-            f"calibration runs from {args.calibration_clips} clips of 4 s; evaluation: "
+            f"{len(calibration)} calibration runs from {args.calibration_clips} clips of 4 s; "
+            "evaluation: "
             f"{len(expected)} runs of {args.evaluation_clips} clips streamed with their own "
             f"state; decisions at {THRESHOLD}, the float model's speech in "
             f"{np.mean(expected > THRESHOLD):.0%} of runs; latency: median of {args.reps} x 40 "
-            "interleaved pairs). The audio is synthetic vowel syllables and pauses "
+            "interleaved pairs. The audio is synthetic vowel syllables and pauses "
             "(models.speech.syllables), not recorded speech.",
             "",
             *table,
             "",
         ]
     )
-    print(text)
-    if not args.no_write:
-        results.write_section(HEADING, text)
+    results.publish(HEADING, text, write=not args.no_write)
     return 0
 
 

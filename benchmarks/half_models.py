@@ -17,7 +17,7 @@ import json
 
 import numpy as np
 
-from benchmarks.quant_data import Task, _one_input, _run_batches
+from benchmarks.quant_data import Task, one_input, run_batches
 from models.fetch import fetch, fetch_members
 
 SLOVOREZ_FOLDER = "slovorez/models/slovorez-test/"
@@ -40,7 +40,7 @@ def slovorez_task(calibration: int, evaluation_words: int = 400) -> Task:
     real = evaluation > 0
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"input_layer": evaluation}, "output_0", 64).argmax(-1)
+        return run_batches(session, {"input_layer": evaluation}, "output_0", 64).argmax(-1)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         equal = (reference == candidate) | ~real
@@ -52,7 +52,7 @@ def slovorez_task(calibration: int, evaluation_words: int = 400) -> Task:
     return Task(
         name="slovorez-fp16",
         model=fetch("slovorez-fp16"),
-        **_one_input("input_layer", calib, evaluation, latency=64),
+        **one_input("input_layer", calib, evaluation, latency=64),
         latency_input=f"64 words of {WORD_LENGTH} characters",
         predict=predict,
         fidelity=fidelity,
@@ -112,7 +112,7 @@ def csmask_task(calibration: int, evaluation_tiles: int = 16) -> Task:
     evaluation = synthetic_tiles(evaluation_tiles, 1, mean, std)
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"input": evaluation}, "output", 4)
+        return run_batches(session, {"input": evaluation}, "output", 4)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         error = np.linalg.norm(candidate - reference) / np.linalg.norm(reference)
@@ -122,7 +122,7 @@ def csmask_task(calibration: int, evaluation_tiles: int = 16) -> Task:
     return Task(
         name="csmask-fp16",
         model=fetch("csmask-fp16"),
-        **_one_input("input", calib, evaluation),
+        **one_input("input", calib, evaluation),
         latency_input=f"1 tile 6x{TILE}x{TILE}",
         predict=predict,
         fidelity=fidelity,

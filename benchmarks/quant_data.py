@@ -91,7 +91,7 @@ class Task:
         return {k: v[:n] for k, v in self.calibration.items()}
 
 
-def _one_input(name: str, calibration: np.ndarray, evaluation: np.ndarray, latency: int = 1):
+def one_input(name: str, calibration: np.ndarray, evaluation: np.ndarray, latency: int = 1):
     """A one-input task's feeds (``Task`` keyword arguments): the latency feed is the first
     ``latency`` evaluation samples."""
     return {
@@ -167,7 +167,7 @@ class NpyStreamReader(CalibrationDataReader):
 # ---- tasks ---------------------------------------------------------------------------------
 
 
-def _run_batches(session, feed: Mapping[str, np.ndarray], output: str, batch: int) -> np.ndarray:
+def run_batches(session, feed: Mapping[str, np.ndarray], output: str, batch: int) -> np.ndarray:
     names = {i.name for i in session.get_inputs()}
     count = len(next(iter(feed.values())))
     parts = []
@@ -185,7 +185,7 @@ def digits_task(calibration: int = MAX_CALIBRATION) -> Task:
     calib, evaluation, eval_labels = images[:calibration], images[128:], labels[128:]
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"image": evaluation}, "logits", 512)
+        return run_batches(session, {"image": evaluation}, "logits", 512)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         return {
@@ -196,7 +196,7 @@ def digits_task(calibration: int = MAX_CALIBRATION) -> Task:
     return Task(
         name="digits",
         model=digits.MODEL_PATH,
-        **_one_input("image", calib, evaluation, latency=64),
+        **one_input("image", calib, evaluation, latency=64),
         latency_input="batch of 64 images 1x8x8",
         predict=predict,
         fidelity=fidelity,
@@ -224,7 +224,7 @@ def minilm_task(calibration: int = MAX_CALIBRATION) -> Task:
     count = len(sentences) - 128
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, evaluation, minilm_output(session), 32)
+        return run_batches(session, evaluation, minilm_output(session), 32)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         cosines = cosine_rows(reference, candidate)
@@ -259,7 +259,7 @@ def rec_task(calibration: int = MAX_CALIBRATION, evaluation_lines: int = 200) ->
     evaluation, truth = ocr.rec_dataset(evaluation_lines, seed=1)
 
     def predict(session) -> list[str]:
-        probs = _run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 16)
+        probs = run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 16)
         return ocr.ctc_greedy_decode(probs, characters)
 
     def fidelity(reference: list[str], candidate: list[str]) -> dict[str, float]:
@@ -273,7 +273,7 @@ def rec_task(calibration: int = MAX_CALIBRATION, evaluation_lines: int = 200) ->
     return Task(
         name="ppocr-rec",
         model=model,
-        **_one_input("x", calib, evaluation),
+        **one_input("x", calib, evaluation),
         latency_input="1 line 3x48x320",
         predict=predict,
         fidelity=fidelity,
@@ -292,7 +292,7 @@ def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> 
     truth = [ocr.box_mask(b, shape) for b in boxes]
 
     def predict(session) -> np.ndarray:
-        probs = _run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 1)
+        probs = run_batches(session, {"x": evaluation}, session.get_outputs()[0].name, 1)
         return probs[:, 0] > ocr.DET_THRESHOLD
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
@@ -309,7 +309,7 @@ def det_task(calibration: int = MAX_CALIBRATION, evaluation_pages: int = 40) -> 
     return Task(
         name="ppocr-det",
         model=fetch("ppocr-det"),
-        **_one_input("x", calib, evaluation),
+        **one_input("x", calib, evaluation),
         latency_input=f"1 page 3x{h}x{w}",
         predict=predict,
         fidelity=fidelity,
@@ -327,7 +327,7 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     evaluation = photos.crops(evaluation_crops, seed=1, images=images)
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"images": evaluation}, "output0", 16)
+        return run_batches(session, {"images": evaluation}, "output0", 16)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         best_ref, best_got = reference[:, 4:].max(axis=1), candidate[:, 4:].max(axis=1)
@@ -345,7 +345,7 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     return Task(
         name="yolov8n-nudenet",
         model=fetch("yolov8n-nudenet"),
-        **_one_input("images", calib, evaluation),
+        **one_input("images", calib, evaluation),
         latency_input="1 photo 3x320x320",
         predict=predict,
         fidelity=fidelity,
@@ -418,7 +418,7 @@ def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) 
     calib, evaluation = clips(calibration, 0), clips(evaluation_clips, 10_000)
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"input": evaluation}, "output", 8)
+        return run_batches(session, {"input": evaluation}, "output", 8)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         count = len(reference)
@@ -433,7 +433,7 @@ def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) 
     return Task(
         name="nsnet2",
         model=fetch("nsnet2"),
-        **_one_input("input", calib, evaluation),
+        **one_input("input", calib, evaluation),
         latency_input="1 clip: log power spectra [1, 99, 161]",
         predict=predict,
         fidelity=fidelity,
@@ -461,7 +461,7 @@ def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     evaluation = np.random.default_rng(1).standard_normal((16, *shape)).astype(np.float32)
 
     def predict(session) -> np.ndarray:
-        return _run_batches(session, {"hidden": evaluation}, "output", 4)
+        return run_batches(session, {"hidden": evaluation}, "output", 4)
 
     def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
         flat = len(reference)
@@ -471,7 +471,7 @@ def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     return Task(
         name="encoder-600mb",
         model=path,
-        **_one_input("hidden", calib, evaluation),
+        **one_input("hidden", calib, evaluation),
         latency_input="1 sample, 64 tokens x 1024",
         predict=predict,
         fidelity=fidelity,

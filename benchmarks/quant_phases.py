@@ -36,8 +36,10 @@ import numpy as np
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from benchmarks import quant_data, results  # noqa: E402
+from onnx_shrink.runtime_check import collect, collect_runs, sessions  # noqa: E402
 
 HEADING = "## where quant's time goes"
+FLOORS = ("floor: the fp32 model's runs, prepacked", "floor: the same, not prepacked")
 MODELS = ("digits", "dtln-1", "nsnet2", "yolov8n-nudenet")
 CALIBRATIONS = ("mse", "minmax")
 # (depth, label, module, attribute): a phase and where it is measured.
@@ -112,22 +114,16 @@ def phases(task: quant_data.Task, npz: Path, calibration: str, repeats: int) -> 
 def floor(task: quant_data.Task, samples: int, prepack: bool, repeats: int) -> float:
     """Seconds the float model takes over ``samples`` calibration samples, run as the
     statistics engine runs them (see the module doc); the best of ``repeats``."""
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.intra_op_num_threads = 1
-    if not prepack:
-        options.add_session_config_entry("session.disable_prepacking", "1")
-    session = ort.InferenceSession(str(task.model), options, providers=["CPUExecutionProvider"])
+    session = sessions.create_session(task.model, threads=1, prepack=prepack)
     feed = task.calibration_slice(samples)
-    joined = 8
+    joined = collect.MAX_RUN_SAMPLES
     try:
         session.run(None, {k: v[:joined] for k, v in feed.items()})
     except Exception:  # a fixed first axis, or one that is not the samples'
         joined = 1
     runs = [{k: v[i : i + joined] for k, v in feed.items()} for i in range(0, samples, joined)]
     best = np.inf
-    with concurrent.futures.ThreadPoolExecutor(2) as pool:
+    with concurrent.futures.ThreadPoolExecutor(collect_runs.parallel_runs("cpu")) as pool:
         for _ in range(repeats):
             started = time.perf_counter()
             list(pool.map(lambda run: session.run(None, run), runs))
@@ -147,7 +143,6 @@ def section(table: dict[str, dict[str, dict[str, float]]], command: str) -> str:
         "float model alone over the same samples, runs of up to 8, two at once (see "
         "benchmarks/quant_phases.py).",
     ]
-    floors = ("floor: the fp32 model's runs, prepacked", "floor: the same, not prepacked")
     for model, columns in table.items():
         rows = [["total", *(f"{c['total']:.3f}" for c in columns.values())]]
         for depth, label, _, _ in PHASES:
@@ -160,7 +155,7 @@ def section(table: dict[str, dict[str, dict[str, float]]], command: str) -> str:
         rows.append(
             ["the rest (planning, weights, the pipeline's own work)", *(f"{r:.3f}" for r in rest)]
         )
-        rows += [[label, *(f"{c[label]:.3f}" for c in columns.values())] for label in floors]
+        rows += [[label, *(f"{c[label]:.3f}" for c in columns.values())] for label in FLOORS]
         lines += [
             "",
             f"### {model}",
@@ -188,8 +183,8 @@ def main(argv: list[str] | None = None) -> int:
             with tempfile.TemporaryDirectory() as folder:
                 npz = quant_data.write_calibration(task, samples, Path(folder))
                 floors = {
-                    "floor: the fp32 model's runs, prepacked": floor(task, samples, True, 3),
-                    "floor: the same, not prepacked": floor(task, samples, False, 3),
+                    label: floor(task, samples, prepack, 3)
+                    for label, prepack in zip(FLOORS, (True, False), strict=True)
                 }
                 for method in args.calibration.split(","):
                     timing = phases(task, npz, method, args.repeats)

@@ -15,11 +15,7 @@ from onnx_shrink.compiler import walk
 def value_names(graph: ir.Graph) -> set[str]:
     """The names of ``graph``'s values and those of the graphs inside it (If/Loop/Scan
     bodies): inputs, initializers and node outputs."""
-    taken: set[str] = set()
-    for g in (graph, *graph.subgraphs()):
-        taken.update(v.name for v in (*g.inputs, *g.initializers.values()) if v.name)
-        taken.update(v.name for node in g for v in node.outputs if v.name)
-    return taken
+    return {v.name for g in (graph, *graph.subgraphs()) for v in walk.graph_values(g) if v.name}
 
 
 def fresh_name(name: str, taken: set[str]) -> str:

@@ -26,7 +26,7 @@ logger = logging.getLogger(__name__)
 
 FLOAT = ir.DataType.FLOAT
 _FLOAT_TYPE_STR = "tensor(float)"
-_TYPED_BY_ATTRIBUTE = {"Cast", "Constant", "ConstantOfShape", *fp16_types.DTYPE_ATTRIBUTE_OPS}
+_ANY_FLOAT = frozenset({FLOAT, *HALF_TYPES})
 
 
 @dataclasses.dataclass(frozen=True)
@@ -81,7 +81,7 @@ class _Widening:
     def __init__(self, model: ir.Model, keep_io_types: bool) -> None:
         self.model = model
         self.keep_io_types = keep_io_types
-        self.guessed, self.orig = _type_contrib_outputs(model)
+        self.guessed, self.orig = _guess_contrib_outputs(model)
         self.scopes = list(walk.scopes(model.graph))
         self.kept: dict[ir.Node, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
@@ -233,24 +233,28 @@ class _Widening:
         """``value`` cast to ``to`` for a graph output: in the main graph the Cast takes the
         output's name, so callers see no change."""
         where = value.graph if value.graph is not None else graph
-        made = (value, to, where) not in self.casts  # a second slot of one output: renamed once
-        cast = self._cast(value, to, where)
-        if made and owner is None and value.producer() is not None:
+        cast, made = self._shared_cast(value, to, where)
+        if made and owner is None and value.producer() is not None:  # a second slot: renamed
             name, value.name = value.name, graph_edit.fresh_name(f"{value.name}_fp32", self.names)
-            cast.name = name
-            cast.shape = value.shape.copy() if value.shape is not None else None
+            cast.name = name  # its shape is the value's (keep_shape)
         return cast
 
     def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
         """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""
+        return self._shared_cast(value, to, graph)[0]
+
+    def _shared_cast(
+        self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None
+    ) -> tuple[ir.Value, bool]:
+        """``_cast``'s value and whether this call made its Cast."""
         assert graph is not None
-        suffix = "fp32" if to == FLOAT else str(to).lower().rsplit(".", 1)[-1]
+        suffix = "fp32" if to == FLOAT else to.name.lower()
         out, made = graph_edit.shared_cast(
             value, to, graph, self.casts, self.names, suffix, keep_shape=True
         )
         if made:
             self.new[out] = to
-        return out
+        return out, made
 
     def _convert_weights_and_attributes(self) -> None:
         for graph, _ in self.scopes:
@@ -259,9 +263,9 @@ class _Widening:
                     value.const_value = fp16_types.converted(value.const_value, FLOAT)
             for node in graph:
                 out = node.outputs[0] if node.outputs else None
-                if node.op_type in _TYPED_BY_ATTRIBUTE and out is not None:
-                    if self._half(out) and self.new.get(out) == FLOAT:
-                        fp16_types.retype_attributes(node, HALF_TYPES, FLOAT)
+                # retype_attributes changes only ops typed by an attribute (Cast, Constant...)
+                if out is not None and self._half(out) and self.new.get(out) == FLOAT:
+                    fp16_types.retype_attributes(node, HALF_TYPES, FLOAT)
 
     def _drop_identity_casts(self) -> None:
         """Remove the Casts widening made no-ops. One that makes a graph output goes where
@@ -290,7 +294,7 @@ class _Widening:
 _GUESS_ROUNDS = 64
 
 
-def _type_contrib_outputs(
+def _guess_contrib_outputs(
     model: ir.Model,
 ) -> tuple[list[ir.Value], dict[ir.Value, ir.DataType]]:
     """Give the untyped outputs of nodes without a schema (onnxruntime's contrib ops) the
@@ -309,9 +313,8 @@ def _type_contrib_outputs(
         for node in walk.all_nodes(model):
             if fp16_types.node_schema(model, node) is not None:
                 continue
-            floats = {
-                dtypes.get(v) for v in node.inputs if v is not None and dtypes.get(v) in _FLOATS
-            }
+            typed = (dtypes.get(v) for v in node.inputs if v is not None)
+            floats = {dtype for dtype in typed if dtype in _ANY_FLOAT}
             if len(floats) != 1 or not floats <= HALF_TYPES:
                 continue
             (half,) = floats
@@ -323,9 +326,6 @@ def _type_contrib_outputs(
         if not added:
             return guessed, dtypes
     return guessed, fp16_types.tensor_dtypes(model)
-
-
-_FLOATS = frozenset({FLOAT, *HALF_TYPES})
 
 
 def _renamable(value: ir.Value, graph: ir.Graph) -> bool:

@@ -290,12 +290,14 @@ def fitted_feed(
     with ``fp16.keep_io_types=false`` takes float16 where its reference took float32 (other
     arrays are passed as they are)."""
     declared = {i.name: _FLOAT_TYPES.get(i.type) for i in session.get_inputs()}
-    feed = declared_feed(session, feed)
-    fitted = dict(feed)
+    fitted = {}
     for name, array in feed.items():
-        wanted = declared.get(name)
+        if name not in declared:  # as declared_feed: one walk of the inputs, one copy
+            continue
+        wanted = declared[name]
         if wanted is not None and array.dtype != wanted and np.issubdtype(array.dtype, np.floating):
-            fitted[name] = array.astype(wanted)
+            array = array.astype(wanted)
+        fitted[name] = array
     return fitted
 
 

@@ -180,11 +180,12 @@ def report_subgraphs(model: ir.Model) -> None:
     a body: on Silero VAD they are all its Convs), and count the other quantizable nodes
     there at info level."""
     convs, others = 0, 0
+    quantizable = placement.QUANTIZABLE.keys() - placement.SENSITIVE
     for graph in model.graph.subgraphs():
         for node in graph:
             if node.op_type in ("Conv", "ConvTranspose"):
                 convs += 1
-            elif node.op_type in placement.QUANTIZABLE.keys() - placement.SENSITIVE:
+            elif node.op_type in quantizable:
                 others += 1
     if convs:
         logger.warning("quant: %d Conv node(s) stay float: %s", convs, IN_BODY)

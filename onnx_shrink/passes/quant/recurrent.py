@@ -25,6 +25,8 @@ together.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import numpy as np
 import onnx_ir as ir
 
@@ -68,7 +70,7 @@ def _weights_reason(context: WeightContext, node: ir.Node) -> str | None:
 
 def quantize_lstm(
     context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
-) -> bool:
+) -> None:
     """Replace LSTM ``node``, which ``lstm_reason`` passes, by ``DynamicQuantizeLSTM``."""
     codes, scales = [], []
     for value in node.inputs[1:3]:
@@ -93,7 +95,6 @@ def quantize_lstm(
         name=derived_name(node, "quant"),
     )
     context.replace([node], [replacement])
-    return True
 
 
 def _int8_gates(w: np.ndarray, per_channel: bool, narrow_storage: bool) -> dict[str, np.ndarray]:
@@ -119,7 +120,9 @@ def _int8_rows(
     return q.values.reshape(w.shape), scale
 
 
-def rewrite_for(context: WeightContext, node: ir.Node, fused: bool):
+def rewrite_for(
+    context: WeightContext, node: ir.Node, fused: bool
+) -> tuple[Callable[..., None], str | None]:
     """How rule 9 rewrites ``node`` (recurrent), and why it cannot (None: it can):
     ``quantize_lstm`` for an LSTM ``DynamicQuantizeLSTM`` takes (``fused``), else
     ``store_int8``."""

@@ -422,15 +422,15 @@ class QuantPass(DataAwarePass):
     def _dynamic_rules(self) -> DynamicRules:
         """Rules 5, 6 and 10: the weights quantized without statistics."""
         return DynamicRules(
-            self.gather,
-            self.lstm,
-            self.rnn,
-            self.subgraphs,
-            self.fused,
-            self.exclude,
-            self.exclude_op_types,
-            self.only,
-            self.name,
+            gather=self.gather,
+            lstm=self.lstm,
+            rnn=self.rnn,
+            subgraphs=self.subgraphs,
+            fused=self.fused,
+            exclude=self.exclude,
+            exclude_op_types=self.exclude_op_types,
+            only=self.only,
+            owner=self.name,
         )
 
     def _warn_unmatched(self, model: ir.Model) -> None:

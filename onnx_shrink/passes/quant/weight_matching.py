@@ -236,8 +236,9 @@ class WeightContext:
             for n in nodes_of(self.model, ("Conv", "ConvTranspose"))
             if len(n.inputs) > 1 and _float_constant(n.inputs[1])
         )
-        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
-        hint = hint if convs[True] else ""
+        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)" * (
+            convs[True] > 0
+        )
         if convs[False]:
             hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
         logger.warning(

@@ -118,7 +118,7 @@ def test_an_lstm_becomes_dynamic_quantize_lstm_with_int8_weights_per_gate_row(di
     assert [v.name if v else None for v in node.inputs[3:8]] == ["B", None, "h0", "c0", "P"]
     feed = inputs()
     reference = run_ort(proto.SerializeToString(), feed)
-    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    got = run_ort(io.to_bytes(model), feed)
     assert len(got) == 3
     for want, have in zip(reference, got, strict=True):
         assert want.shape == have.shape
@@ -132,7 +132,7 @@ def test_per_tensor_lstm_weights_get_one_scale_per_direction():
     assert initializer(model, node.inputs[10].name).shape == (2,)
     feed = inputs()
     reference = run_ort(lstm_model(2).SerializeToString(), feed)
-    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    got = run_ort(io.to_bytes(model), feed)
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.05
 
 
@@ -215,7 +215,7 @@ def _assert_stored(proto: onnx.ModelProto, model: ir.Model, op: str, directions:
 def _assert_close_on_ort(proto: onnx.ModelProto, model: ir.Model, bound: float) -> None:
     feed = inputs()
     reference = run_ort(proto.SerializeToString(), feed)
-    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    got = run_ort(io.to_bytes(model), feed)
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < bound
 
 
@@ -238,7 +238,7 @@ def test_onnxruntime_folds_the_stored_weights_when_it_loads_the_model(tmp_path):
     options = ort.SessionOptions()
     options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC
-    serialized = io.serialize_proto(model).SerializeToString()
+    serialized = io.to_bytes(model)
     ort.InferenceSession(serialized, options, providers=["CPUExecutionProvider"])
     optimized = onnx.load(options.optimized_model_filepath)
     assert [n.op_type for n in optimized.graph.node] == ["GRU", "Relu"]
@@ -320,7 +320,7 @@ def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(optio
     assert "QuantizeLinear" in op_types  # the MatMul's input, either way
     feed = {"X0": np.random.default_rng(3).standard_normal((SEQ, BATCH, 32)).astype(np.float32)}
     reference = run_ort(proto.SerializeToString(), feed)
-    got = run_ort(io.serialize_proto(model).SerializeToString(), feed)
+    got = run_ort(io.to_bytes(model), feed)
     # The MatMul's QDQ and the LSTM's int8 weights together, on tanh-bounded outputs.
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.08
 
