@@ -233,20 +233,16 @@ class _Widening:
         """``value`` cast to ``to`` for a graph output: in the main graph the Cast takes the
         output's name, so callers see no change."""
         where = value.graph if value.graph is not None else graph
-        cast, made = self._shared_cast(value, to, where)
-        if made and owner is None and value.producer() is not None:  # a second slot: renamed
+        cast = self._cast(value, to, where)
+        # Renamed once: a second slot of the output finds the Cast an output already. Made
+        # earlier for a half reader (a kept contrib op), it is renamed all the same.
+        if not cast.is_graph_output() and owner is None and value.producer() is not None:
             name, value.name = value.name, graph_edit.fresh_name(f"{value.name}_fp32", self.names)
             cast.name = name  # its shape is the value's (keep_shape)
         return cast
 
     def _cast(self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None) -> ir.Value:
         """``value`` cast to ``to`` by one Cast node in ``graph`` (shared by every reader)."""
-        return self._shared_cast(value, to, graph)[0]
-
-    def _shared_cast(
-        self, value: ir.Value, to: ir.DataType, graph: ir.Graph | None
-    ) -> tuple[ir.Value, bool]:
-        """``_cast``'s value and whether this call made its Cast."""
         assert graph is not None
         suffix = "fp32" if to == FLOAT else to.name.lower()
         out, made = graph_edit.shared_cast(
@@ -254,7 +250,7 @@ class _Widening:
         )
         if made:
             self.new[out] = to
-        return out, made
+        return out
 
     def _convert_weights_and_attributes(self) -> None:
         for graph, _ in self.scopes:

@@ -464,3 +464,22 @@ def test_a_model_whose_types_around_a_contrib_op_are_unknown_is_left_as_it_is(ca
     assert not result.modified
     assert "the types around 'e' (Lookup) are not known" in caplog.text
     assert io.serialize_proto(result.model).graph == onnx.load_from_string(original).graph
+
+
+def test_an_output_a_kept_node_also_reads_keeps_its_name():
+    """The half reader's Cast came first; the output's Cast took it and not the name."""
+    model = onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17, "com.microsoft" : 1]>
+        g (float16[2, 4] x) => (float16[2, 4] y, float16[2, 4] z) {
+          y = Relu (x)
+          z = com.microsoft.Gelu (y)
+        }
+    """)
+    result = shrink(model, "fp32", check=False)
+    assert [v.name for v in result.model.graph.outputs] == ["y", "z"]
+    x = np.linspace(-2, 2, 8, dtype=np.float16).reshape(2, 4)
+    got = run_ort(ir.to_proto(result.model).SerializeToString(), {"x": x})
+    expected = run_ort(model.SerializeToString(), {"x": x})
+    for a, b in zip(got, expected, strict=True):
+        assert a.dtype == b.dtype == np.float16
+        np.testing.assert_allclose(a, b, atol=2e-3)
