@@ -130,21 +130,53 @@ def specs_from_model(model: ir.Model) -> list[InputSpec]:
 
 # Ops an index tensor passes through on its way to a Gather (values unchanged).
 _INDEX_CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+# Arithmetic an index may pass through too: exporters wrap negative ids into range
+# (tf2onnx's GatherV2: Where(ids < 0, ids + rows, ids), written with Add and Mul on a mask).
+# A table reached this way may bound ids it does not take; the limit is the smallest table's,
+# and ids below a table's rows stay valid however they are combined on the way.
+_INDEX_ARITHMETIC = frozenset({"Add", "Sub", "Mul", "Where", "Min", "Max", "Abs"})
+_INDEX_DEPTH = 6
 
 
-def _index_limit(value: ir.Value, depth: int = 4) -> int | None:
-    """The rows of the smallest constant table a Gather indexes with ``value``, directly or
-    through ``_INDEX_CARRIERS`` (None: no such Gather)."""
+def _index_limit(value: ir.Value, depth: int = _INDEX_DEPTH) -> int | None:
+    """The rows of the smallest table of known size a Gather indexes with ``value``, directly
+    or through ``_INDEX_CARRIERS`` and ``_INDEX_ARITHMETIC`` (None: no such Gather)."""
     limits = []
     for node, index in value.uses():
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
-            table = node.inputs[0].const_value if node.inputs[0] is not None else None
-            if table is not None and table.shape is not None:
-                axis = node.attributes.get_int("axis", 0)
-                limits.append(int(table.shape[axis]))
-        elif node.op_type in _INDEX_CARRIERS and index == 0 and depth > 0:
+            rows = _table_rows(node)
+            if rows is not None:
+                limits.append(rows)
+            continue
+        carried = node.op_type in _INDEX_CARRIERS and index == 0
+        # Where's first input is its condition, not a value it passes on.
+        computed = node.op_type in _INDEX_ARITHMETIC and not (
+            node.op_type == "Where" and index == 0
+        )
+        if (carried or computed) and depth > 0:
             limits += [limit for out in node.outputs if (limit := _index_limit(out, depth - 1))]
     return min(limits) if limits else None
+
+
+def _table_rows(gather: ir.Node) -> int | None:
+    """Rows of the table ``gather`` indexes along its axis: a constant's, or a static shape's
+    (a half-precision model's table is often a Cast of its initializer)."""
+    table = gather.inputs[0]
+    if table is None:
+        return None
+    shape = table.const_value.shape if table.const_value is not None else table.shape
+    producer = table.producer()
+    if shape is None and producer is not None and producer.op_type in ("Cast", "Identity"):
+        source = producer.inputs[0]
+        if source is not None:
+            shape = source.const_value.shape if source.const_value is not None else source.shape
+    if shape is None:
+        return None
+    axis = gather.attributes.get_int("axis", 0)
+    if not -len(shape) <= axis < len(shape):
+        return None
+    rows = shape[axis]
+    return int(rows) if isinstance(rows, int) and rows > 0 else None
 
 
 def show_shape(shape: Sequence[object]) -> str:

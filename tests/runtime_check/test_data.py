@@ -444,6 +444,71 @@ def test_synthetic_token_ids_stay_below_the_rows_of_the_table_they_index():
     assert report.passed
 
 
+def test_synthetic_ids_stay_below_a_table_reached_through_index_arithmetic():
+    """tf2onnx writes Keras' embedding lookup as Where(ids < 0, ids + rows, ids) with Add and
+    Mul on a mask (slovorez: ids up to 99 for a 49-row table failed every pass without
+    --data); a half model's table is a Cast of its float16 initializer. Both bound the ids."""
+    import onnx
+    import onnx.helper as oh
+
+    from onnx_shrink.compiler import io
+    from onnx_shrink.runtime_check import checker
+    from tests.helpers import make_model
+
+    f16 = onnx.TensorProto.FLOAT16
+    nodes = [
+        oh.make_node("Less", ["ids", "zero"], ["negative"]),
+        oh.make_node("Cast", ["negative"], ["neg"], to=onnx.TensorProto.INT64),
+        oh.make_node("Sub", ["one", "neg"], ["pos"]),
+        oh.make_node("Add", ["ids", "rows"], ["wrapped"]),
+        oh.make_node("Mul", ["neg", "wrapped"], ["a"]),
+        oh.make_node("Mul", ["pos", "ids"], ["b"]),
+        oh.make_node("Add", ["a", "b"], ["index"]),
+        oh.make_node("Gather", ["table", "index"], ["emb"]),
+        oh.make_node("Cast", ["half"], ["half32"], to=onnx.TensorProto.FLOAT),
+        oh.make_node("Gather", ["half32", "other"], ["pos_emb"], axis=1),
+    ]
+    inputs = [
+        oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8]),
+        oh.make_tensor_value_info("other", onnx.TensorProto.INT64, ["N"]),
+        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
+    ]
+    outputs = [
+        oh.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", 8, 4]),
+        oh.make_tensor_value_info("pos_emb", onnx.TensorProto.FLOAT, [4, "N"]),
+        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
+    ]
+    rng = np.random.default_rng(0)
+    constants = {
+        "table": rng.standard_normal((49, 4)).astype(np.float32),
+        "half": rng.standard_normal((4, 7)).astype(np.float16),
+        "zero": np.array(0, np.int64),
+        "one": np.array(1, np.int64),
+        "rows": np.array(49, np.int64),
+    }
+    proto = make_model(nodes, inputs, outputs, constants)
+    assert proto.graph.initializer[1].data_type == f16
+    specs = data.specs_from_model(io.load(proto))
+    assert [s.index_limit for s in specs] == [49, 7, None]
+    report = checker.compare(proto.SerializeToString(), proto.SerializeToString())
+    assert report.passed
+
+
+@pytest.mark.network
+def test_a_real_tf2onnx_tagger_runs_on_synthetic_ids(tmp_path):
+    """slovorez (tf2onnx, float16 weights): without --data every pass failed on its synthetic
+    check sample, ids up to 99 for the embedding's 49 rows; they now stay below 49."""
+    from models.fetch import fetch
+    from onnx_shrink import shrink
+    from onnx_shrink.compiler import io
+
+    path = fetch("slovorez-fp16")
+    (spec,) = data.specs_from_model(io.load(path))
+    assert spec.index_limit == 49
+    result = shrink(str(path), passes="fold,fp32", output=str(tmp_path / "wide.onnx"))
+    assert result.verification is not None and result.verification.passed
+
+
 def test_synthetic_inputs_are_drawn_when_first_read_and_only_once(monkeypatch):
     """A data-free pass (nearest-rounded quant-weight) makes the pipeline hold calibration
     data it never reads: a gigabyte static input must not be drawn for nothing."""
