@@ -227,6 +227,8 @@ def test_gru_and_rnn_compute_in_float_on_weights_stored_as_int8_per_gate_row(op,
     assert modified
     _assert_stored(proto, model, op, directions)
     _assert_close_on_ort(proto, model, 0.05)  # tanh-bounded outputs: |y| < 1
+    # Standard ops only: no com.microsoft import that nothing uses.
+    assert "com.microsoft" not in model.opset_imports
 
 
 def test_onnxruntime_folds_the_stored_weights_when_it_loads_the_model(tmp_path):
