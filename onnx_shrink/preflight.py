@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io
 from onnx_shrink.compiler.dumps import dump_files
-from onnx_shrink.errors import BadModelError, DataError, ShrinkError
+from onnx_shrink.errors import BadModelError, DataError, RunFailedError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
@@ -94,6 +94,10 @@ def data_sources(
         dataset = checked_dataset(given.reference, given.model, given.where, options, held)
     check_data = options.data if options else None
     source = next((s for s in (calibration, data, check_data) if s is not None), None)
+    if source is None and dataset is not None and dataset.synthetic:
+        # Calibration draws what the check runs on: the same seed, with any dims the first
+        # run had to grow (``_first_run``).
+        source = dataset
     if dataset is not None and source is not None and source is check_data:
         # One source for calibration, the check and the MACs, opened once; a reader is
         # read once, spilled as calibration reads it and replayed for the check.
@@ -175,10 +179,44 @@ def checked_dataset(
         specs, options.data, options.input_shapes, labels=options.labels, held=held
     )
     refuse_unmeasurable_accuracy(options.tolerances, dataset)
-    outputs, dataset = run_first_sample(probe, dataset, where, specs)
+    outputs, dataset = _first_run(probe, dataset, where, specs, options.input_shapes, held)
     samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
     return dataset  # the session goes: kept through the compile, it would add the model's size
+
+
+def _first_run(
+    session,
+    dataset: data_mod.Dataset,
+    where: str,
+    specs: Sequence[data_mod.InputSpec],
+    input_shapes: Mapping[str, Sequence[int]] | None,
+    held: Mapping[str, float] | None,
+) -> tuple[dict[str, np.ndarray], data_mod.Dataset]:
+    """``run_first_sample``; where the model fails on synthetic inputs, the same inputs with
+    their default dims grown (``synthetic.GROWN_DIMS``), the first that runs, with a warning
+    naming them. The failure on the defaults is raised where none runs (its hint names
+    ``--input-shape``)."""
+    try:
+        return run_first_sample(session, dataset, where, specs)
+    except RunFailedError as failure:
+        if not dataset.synthetic:
+            raise
+        for larger in synthetic.grown(specs, input_shapes, held=held):
+            try:
+                result = run_first_sample(session, larger, where, specs)
+            except RunFailedError:
+                continue
+            logger.warning(
+                "%s failed on %s (%s); running on %s instead, for the check and calibration "
+                "(give --input-shape to choose)",
+                where,
+                dataset.description,
+                io.first_line(failure.__cause__ or failure)[:160],
+                larger.description,
+            )
+            return result
+        raise
 
 
 def refuse_missing(paths: Mapping[str, str | os.PathLike]) -> None:

@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import functools
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 
@@ -58,9 +58,13 @@ def checked_dims(name: str, dims: Iterable[object]) -> tuple[int, ...]:
 
 
 def concrete_shape(
-    spec: InputSpec, override: Sequence[int] | None, batch: int | None = None
+    spec: InputSpec,
+    override: Sequence[int] | None,
+    batch: int | None = None,
+    dim: int = DEFAULT_DIM,
 ) -> tuple[int, ...]:
-    """The shape to generate for one input: the override, else static dims with defaults."""
+    """The shape to generate for one input: the override, else static dims, a symbolic
+    first dim as ``batch`` (default 1) and any other as ``dim``."""
     if override is not None:
         if len(override) != len(spec.shape):
             raise DataError(
@@ -76,7 +80,7 @@ def concrete_shape(
         return tuple(override)
     first = batch if batch is not None else DEFAULT_BATCH
     return tuple(
-        d if isinstance(d, int) and d > 0 else (first if i == 0 else DEFAULT_DIM)
+        d if isinstance(d, int) and d > 0 else (first if i == 0 else dim)
         for i, d in enumerate(spec.shape)
     )
 
@@ -112,8 +116,10 @@ def synthetic_shapes(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
     batch: int | None = None,
+    dim: int = DEFAULT_DIM,
 ) -> dict[str, tuple[int, ...]]:
-    """The shape of each input in ``synthetic_feed``'s feed, without drawing it."""
+    """The shape of each input in ``synthetic_feed``'s feed, without drawing it; symbolic
+    dims no shape gives are ``batch`` on a first axis, ``dim`` elsewhere."""
     shapes = dict(shapes or {})
     unknown = set(shapes) - {s.name for s in specs}
     if unknown:
@@ -128,10 +134,10 @@ def synthetic_shapes(
     first = batch if batch is not None else DEFAULT_BATCH
     batch_names = {s.shape[0] for s in specs if s.shape and isinstance(s.shape[0], str)}
     bound = {
-        dim: first if dim in batch_names else DEFAULT_DIM
+        name: first if name in batch_names else dim
         for spec in specs
-        for dim in spec.shape
-        if isinstance(dim, str) and dim
+        for name in spec.shape
+        if isinstance(name, str) and name
     }
     bound.update(
         (dim, given)
@@ -142,12 +148,12 @@ def synthetic_shapes(
     )
     for spec in specs:
         if spec.name not in shapes and any(d in bound for d in spec.shape if isinstance(d, str)):
-            default = concrete_shape(spec, None, batch)
+            default = concrete_shape(spec, None, batch, dim)
             shapes[spec.name] = tuple(
                 bound.get(d, x) if isinstance(d, str) else x
                 for d, x in zip(spec.shape, default, strict=True)
             )
-    return {spec.name: concrete_shape(spec, shapes.get(spec.name), batch) for spec in specs}
+    return {spec.name: concrete_shape(spec, shapes.get(spec.name), batch, dim) for spec in specs}
 
 
 def synthetic(
@@ -156,13 +162,15 @@ def synthetic(
     *,
     seed: int = 0,
     held: Mapping[str, float] | None = None,
+    dim: int = DEFAULT_DIM,
 ) -> Dataset:
-    """A one-batch dataset of seeded random inputs. Says nothing about accuracy. They are
+    """A one-batch dataset of seeded random inputs, symbolic dims no shape gives as 1 on a
+    first axis and ``dim`` elsewhere. Says nothing about accuracy. They are
     drawn when first read: a data-free pass (nearest-rounded quant-weight, magnitude prune)
     makes a pipeline hold calibration data it never reads, and a model's static input may
     be a gigabyte. ``held``: inputs that hold one value in every element (``fold.freeze``'s:
     a random sample rate took Silero VAD's other branch, which failed on the 16 kHz frame)."""
-    concrete = synthetic_shapes(specs, shapes)
+    concrete = synthetic_shapes(specs, shapes, dim=dim)
     held = {name: value for name, value in (held or {}).items() if name in concrete}
     shown = ", ".join(
         f"{name}={show_shape(shape)}" + (f" of {held[name]:g}" if name in held else "")
@@ -177,6 +185,27 @@ def synthetic(
         make_batches=lambda: iter([Batch(draw(), samples, None)]),
         samples=samples,
     )
+
+
+GROWN_DIMS = (64, 256)
+"""What ``preflight`` tries the default dims at, in turn, when a model fails on synthetic
+inputs of ``DEFAULT_DIM``: detectors and segmenters need images divisible by 32 (YOLOv8n,
+PP-OCRv4 det failed at 16x16)."""
+
+
+def grown(
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None = None,
+    *,
+    seed: int = 0,
+    held: Mapping[str, float] | None = None,
+) -> Iterator[Dataset]:
+    """``synthetic``'s datasets with the symbolic dims no shape gives at each of
+    ``GROWN_DIMS``; none where every dim is given or fixed (nothing would change)."""
+    default = synthetic_shapes(specs, shapes)
+    for dim in GROWN_DIMS:
+        if synthetic_shapes(specs, shapes, dim=dim) != default:
+            yield synthetic(specs, shapes, seed=seed, held=held, dim=dim)
 
 
 SYNTHETIC_INT_LIMIT = 100

@@ -242,8 +242,9 @@ def test_valid_model_with_contrib_domain_is_accepted(tmp_path):
 def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     """Run as a program: onnxruntime's own error log is written to the process's stderr, which
     only a real process shows. The input is run on the first check sample before any pass:
-    nothing is written."""
-    model = reflect_pad_model(40)
+    nothing is written. The pad is wider than every grown synthetic size too (64, 256): the
+    error is the one on the default dims."""
+    model = reflect_pad_model(300)
     model_path = save_proto(model, tmp_path / "model.onnx")
     output = tmp_path / "out.onnx"
     result = subprocess.run(
@@ -258,6 +259,56 @@ def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     assert errors[0].startswith("onnx-shrink: error: ")
     assert "failed on a synthetic check sample (x=1x16)" in errors[0]
     assert f"{model_path} failed" in errors[0] and not output.exists()
+
+
+def test_synthetic_dims_grow_where_the_model_fails_on_the_default_ones(tmp_path, caplog):
+    """A reflect Pad of 40 refuses synthetic rows of 16 (as YOLOv8n and PP-OCRv4 det refused
+    16x16 images: they need multiples of 32); at 64 it runs. The warning names both, and
+    calibration draws the inputs the check ran: quant's statistics are those of rows of
+    64 + 2 * 40 (on the defaults, calibration failed where the check had run)."""
+    from onnx_shrink import shrink
+    from onnx_shrink.runtime_check import collect
+    from tests.helpers import make_model
+
+    nodes = [
+        oh.make_node("Pad", ["x", "pads"], ["padded"], mode="reflect"),
+        oh.make_node("Conv", ["padded", "w"], ["y"]),
+    ]
+    weights = {
+        "pads": np.array([0, 0, 40, 0, 0, 40], np.int64),
+        "w": np.random.default_rng(0).standard_normal((8, 4, 1)).astype(np.float32),
+    }
+    x = oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4, "T"])
+    y = oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 8, "T2"])
+    path = save_proto(make_model(nodes, [x], [y], weights), tmp_path / "pad.onnx")
+    shapes = []
+    real_collect = collect.collect
+
+    def collect_spy(model, requests, dataset, **kwargs):
+        shapes.append(next(dataset.batches()).feed["x"].shape)
+        return real_collect(model, requests, dataset, **kwargs)
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(collect, "collect", collect_spy)
+        result = shrink(str(path), passes="quant", output=str(tmp_path / "out.onnx"))
+    assert result.verification is not None and "x=1x4x64" in result.verification.numeric.data
+    assert shapes and set(shapes) == {(1, 4, 64)}
+    assert any(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "out.onnx").graph.node)
+    warned = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert len(warned) == 1 and "x=1x4x16" in warned[0] and "x=1x4x64" in warned[0]
+    assert "--input-shape" in warned[0]
+
+
+@pytest.mark.network
+def test_a_real_detector_without_data_runs_on_grown_synthetic_images(tmp_path):
+    """NudeNet's YOLOv8n (images [1, 3, H, W]) failed every pass without --data: its
+    upsampled features do not Concat at 16x16. It is checked on 64x64 now."""
+    from models.fetch import fetch
+    from onnx_shrink import shrink
+
+    result = shrink(str(fetch("yolov8n-nudenet")), passes="fold", output=str(tmp_path / "o.onnx"))
+    assert result.verification is not None and result.verification.passed
+    assert "images=1x3x64x64" in result.verification.numeric.data
 
 
 def _unsorted(extra_fault: bool = False) -> onnx.ModelProto:
