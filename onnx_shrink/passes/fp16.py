@@ -9,6 +9,7 @@ from collections import Counter
 from typing import ClassVar, Literal, NamedTuple
 
 import numpy as np
+import onnx
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, walk
@@ -210,7 +211,43 @@ class _Conversion:
         if not modified:  # "(no change)" in the summary said nothing of why (-v did)
             # Each node's reason is a debug line: a model's float islands can be thousands.
             warn_no_change(self.pass_.name, "node", kinds, each="-vv")
+        self._warn_older_opset()
         return modified
+
+    def _warn_older_opset(self) -> None:
+        """Say where nodes kept float32 for their schema would take the type at a newer
+        opset (bfloat16 came to most ops at 13: DTLN and NSNet2, at 11, changed nothing)."""
+        version = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx"))
+        if version is None:
+            return
+        needed = [
+            first
+            for node, reason in self.islands.items()
+            if reason.startswith("schema: ") and node.domain in ("", "ai.onnx")
+            if (first := self._first_opset_taking(node.op_type, version)) is not None
+        ]
+        if needed:
+            first, last = min(needed), max(needed)
+            at = f"opset {last}" if first == last else f"opsets {first}-{last} ({last}: all)"
+            logger.warning(
+                "%s: %d nodes kept float32 have no %s at the model's opset %d but do at %s: "
+                "convert the model first (onnx.version_converter) to convert them too",
+                self.pass_.name,
+                len(needed),
+                self.pass_.dtype,
+                version,
+                at,
+            )
+
+    def _first_opset_taking(self, op_type: str, version: int) -> int | None:
+        """The first opset after ``version`` whose ``op_type`` takes the target type."""
+        for newer in range(version + 1, onnx.defs.onnx_opset_version() + 1):
+            schema = fp16_types.schema(op_type, "", newer)
+            if schema is not None and schema.since_version == newer:
+                allowed = {t for c in schema.type_constraints for t in c.allowed_type_strs}
+                if self.fmt.type_str in allowed:
+                    return newer
+        return None
 
     def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:
         if absmax > limit:

@@ -407,6 +407,27 @@ def test_bfloat16_converts_every_tensor_and_stays_close_on_the_reference_evaluat
     _assert_close(_outputs(original, feed)[0], out, rel=3e-2)
 
 
+def test_bfloat16_on_an_older_opset_says_which_opset_would_convert_it(caplog):
+    """Relu takes bfloat16 from opset 13, LeakyRelu from 16: at opset 11 (DTLN, NSNet2)
+    nothing changed, and the warning said only "schema: 36"."""
+    original = io.load(
+        parse("""
+        <ir_version: 7, opset_import: ["" : 11]>
+        g (float[N, 4] x) => (float[N, 4] y) { h = Relu(x) y = LeakyRelu(h) }
+        """)
+    )
+    feed = {"x": np.random.default_rng(7).standard_normal((2, 4), dtype=np.float32)}
+    with caplog.at_level(logging.WARNING, logger="onnx_shrink.passes.fp16"):
+        _, modified = _convert(original, feed, dtype="bfloat16")
+    assert not modified
+    assert "2 nodes kept float32 have no bfloat16 at the model's opset 11" in caplog.text
+    assert "at opsets 13-16 (16: all)" in caplog.text and "version_converter" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING, logger="onnx_shrink.passes.fp16"):
+        _convert(io.load(build_mlp()), SYNTHETIC[0][1], dtype="bfloat16")
+    assert "version_converter" not in caplog.text
+
+
 def test_a_model_without_float32_is_left_unchanged():
     model = io.load(
         parse("""
