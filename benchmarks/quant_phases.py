@@ -8,8 +8,9 @@ made once to warm up, then ``--repeats`` times; the table gives the mean. Its to
 fresh one per call, so its figures are a few hundredths of a second higher).
 
 The floor rows run the float model over the calibration samples as the statistics engine
-runs them: runs of up to 8 samples where the first axis is dynamic (else 1), two at once, one
-intra-op thread each; once with weights prepacked (onnxruntime's default), once without
+runs them: runs of up to 8 samples where the first axis is dynamic (else 1), two at once, with
+its intra-op threads (``collect_runs.session_threads``: one on two cores); once with weights
+prepacked (onnxruntime's default), once without
 (as calibration's session: ``collect_runs.open_session``).
 
 Run from the repository root::
@@ -114,7 +115,8 @@ def phases(task: quant_data.Task, npz: Path, calibration: str, repeats: int) -> 
 def floor(task: quant_data.Task, samples: int, prepack: bool, repeats: int) -> float:
     """Seconds the float model takes over ``samples`` calibration samples, run as the
     statistics engine runs them (see the module doc); the best of ``repeats``."""
-    session = sessions.create_session(task.model, threads=1, prepack=prepack)
+    threads = collect_runs.session_threads("cpu")
+    session = sessions.create_session(task.model, threads=threads, prepack=prepack)
     feed = task.calibration_slice(samples)
     joined = collect.MAX_RUN_SAMPLES
     try:

@@ -27,7 +27,6 @@ from onnx_shrink.errors import (
     ShrinkError,
 )
 from onnx_shrink.frozen_heap import frozen_heap
-from onnx_shrink.passes import fold_freeze
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
@@ -275,7 +274,7 @@ def _held_inputs(pass_list: Sequence[ir.passes.PassBase]) -> dict[str, float]:
     held: dict[str, float] = {}
     for pass_ in pass_list:
         if isinstance(pass_, FoldPass):
-            for name, value in fold_freeze.parse(pass_.freeze).items():
+            for name, value in pass_.frozen.items():
                 held.setdefault(name, value)
     return held
 

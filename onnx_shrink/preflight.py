@@ -25,7 +25,6 @@ from onnx_shrink.runtime_check import labels, sample_batches, sessions, syntheti
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
 from onnx_shrink.runtime_check.compare import Tolerances
-from onnx_shrink.runtime_check.labels import classifier_output
 
 if TYPE_CHECKING:
     from onnx_shrink.api import CheckOptions
@@ -93,11 +92,10 @@ def data_sources(
     if options is not None:
         dataset = checked_dataset(given.reference, given.model, given.where, options, held)
     check_data = options.data if options else None
-    source = next((s for s in (calibration, data, check_data) if s is not None), None)
-    if source is None and dataset is not None and dataset.synthetic:
-        # Calibration draws what the check runs on: the same seed, with any dims the first
-        # run had to grow (``_first_run``).
-        source = dataset
+    # Without data, calibration draws what the check runs on (synthetic): the same seed,
+    # with any dims the first run had to grow (``_first_run``).
+    sources = (calibration, data, check_data, dataset)
+    source = next((s for s in sources if s is not None), None)
     if dataset is not None and source is not None and source is check_data:
         # One source for calibration, the check and the MACs, opened once; a reader is
         # read once, spilled as calibration reads it and replayed for the check.
@@ -353,7 +351,7 @@ def refuse_unusable_labels(
     batch by batch; without such a tolerance the check leaves accuracy unmeasured)."""
     if dataset.labels is None or not tolerances.accuracy_asked:
         return
-    target = classifier_output(outputs, samples)
+    target = labels.classifier_output(outputs, samples)
     if target is not None:  # else no accuracy: the check says why
         classes = outputs[target].size // samples
         labels.scored_classes(dataset.labels, dataset.description, target, classes)

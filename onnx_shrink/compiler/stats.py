@@ -21,7 +21,7 @@ import collections
 import dataclasses
 import logging
 import math
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 import onnx
 import onnx.helper as oh
@@ -123,23 +123,13 @@ def _one_run(model: ir.Model, known: Mapping[ir.Node, int]) -> int:
         total = 0
         for node in graph:
             total += known.get(node, 0)
-            bodies = [in_graph(body) for body in _bodies(node)]
+            bodies = [in_graph(body) for body in walk.bodies(node)]
             if bodies:
                 branches = node.op_type == "If" and node.domain in ("", "ai.onnx")
                 total += max(bodies) if branches else sum(bodies)
         return total
 
     return in_graph(model.graph) + sum(map(in_graph, model.functions.values()))
-
-
-def _bodies(node: ir.Node) -> Iterator[ir.Graph]:
-    for attr in node.attributes.values():
-        if attr.is_ref():  # a function's reference to its own attribute: no graph here
-            continue
-        if attr.type == ir.AttributeType.GRAPH:
-            yield attr.as_graph()
-        elif attr.type == ir.AttributeType.GRAPHS:
-            yield from attr.as_graphs()
 
 
 ML_DOMAIN = "ai.onnx.ml"

@@ -53,11 +53,19 @@ def scopes(
     it (None for ``graph``), outer graphs before their bodies."""
     yield graph, owner
     for node in graph:
-        for attr in node.attributes.values():
-            if attr.type == ir.AttributeType.GRAPH:
-                yield from scopes(attr.as_graph(), node)
-            elif attr.type == ir.AttributeType.GRAPHS:
-                yield from (scope for body in attr.as_graphs() for scope in scopes(body, node))
+        for body in bodies(node):
+            yield from scopes(body, node)
+
+
+def bodies(node: ir.Node) -> Iterator[ir.Graph]:
+    """The graphs ``node``'s attributes hold (an If's two branches, a Loop's body)."""
+    for attr in node.attributes.values():
+        if attr.is_ref():  # a function's reference to its own attribute: no graph here
+            continue
+        if attr.type == ir.AttributeType.GRAPH:
+            yield attr.as_graph()
+        elif attr.type == ir.AttributeType.GRAPHS:
+            yield from attr.as_graphs()
 
 
 def graph_values(graph: ir.Graph) -> Iterator[ir.Value]:

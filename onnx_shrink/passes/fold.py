@@ -119,12 +119,17 @@ class FoldPass(ir.passes.FunctionalPass):
         check_options(self)
         fold_freeze.parse(self.freeze)  # a bad item fails as the pass is made
 
+    @property
+    def frozen(self) -> dict[str, float]:
+        """``freeze`` parsed: the inputs held, by name."""
+        return fold_freeze.parse(self.freeze)
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         before = large_tensors.saved_bytes(model)
         limit = before + self.max_growth_bytes
         annotations = _Annotations.of(model)
         growth = []
-        frozen = fold_freeze.parse(self.freeze)
+        frozen = self.frozen
         for allow_growth in (True, False):
             candidate = _private_clone(model)
             fold_freeze.freeze(candidate, frozen)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import re
 from collections import Counter
@@ -25,6 +26,7 @@ from onnx_shrink.compiler.options import (
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weights
+from onnx_shrink.passes.quant.weight_matching import onnx_opset
 
 logger = logging.getLogger(__name__)
 
@@ -164,6 +166,18 @@ class Float16Pass(DataAwarePass):
         return ir.passes.PassResult(model, modified)
 
 
+@functools.cache
+def _first_opset_taking(op_type: str, version: int, type_str: str) -> int | None:
+    """The first opset after ``version`` whose ``op_type`` takes ``type_str``."""
+    for newer in range(version + 1, onnx.defs.onnx_opset_version() + 1):
+        schema = fp16_types.schema(op_type, "", newer)
+        if schema is not None and schema.since_version == newer:
+            allowed = {t for c in schema.type_constraints for t in c.allowed_type_strs}
+            if type_str in allowed:
+                return newer
+    return None
+
+
 class _Conversion:
     """The state of one conversion: original types, islands, new types and inserted Casts."""
 
@@ -178,7 +192,7 @@ class _Conversion:
         self.signatures: dict[ir.Node, tuple[list[bool], list[bool]]] = {}
         self.flagged: dict[ir.Value, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
-        self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
+        self.casts: dict[graph_edit.CastKey, ir.Value] = {}
         self.names = graph_edit.value_names(model.graph)
 
     def run(self, stats: Statistics) -> bool:
@@ -217,37 +231,29 @@ class _Conversion:
     def _warn_older_opset(self) -> None:
         """Say where nodes kept float32 for their schema would take the type at a newer
         opset (bfloat16 came to most ops at 13: DTLN and NSNet2, at 11, changed nothing)."""
-        version = self.model.opset_imports.get("", self.model.opset_imports.get("ai.onnx"))
-        if version is None:
-            return
-        needed = [
-            first
+        version = onnx_opset(self.model)
+        kept = Counter(
+            node.op_type
             for node, reason in self.islands.items()
             if reason.startswith("schema: ") and node.domain in ("", "ai.onnx")
-            if (first := self._first_opset_taking(node.op_type, version)) is not None
-        ]
+        )
+        needed = {
+            op: first
+            for op in kept
+            if (first := _first_opset_taking(op, version, self.fmt.type_str)) is not None
+        }
         if needed:
-            first, last = min(needed), max(needed)
+            first, last = min(needed.values()), max(needed.values())
             at = f"opset {last}" if first == last else f"opsets {first}-{last} ({last}: all)"
             logger.warning(
                 "%s: %d nodes kept float32 have no %s at the model's opset %d but do at %s: "
                 "convert the model first (onnx.version_converter) to convert them too",
                 self.pass_.name,
-                len(needed),
+                sum(kept[op] for op in needed),
                 self.pass_.dtype,
                 version,
                 at,
             )
-
-    def _first_opset_taking(self, op_type: str, version: int) -> int | None:
-        """The first opset after ``version`` whose ``op_type`` takes the target type."""
-        for newer in range(version + 1, onnx.defs.onnx_opset_version() + 1):
-            schema = fp16_types.schema(op_type, "", newer)
-            if schema is not None and schema.since_version == newer:
-                allowed = {t for c in schema.type_constraints for t in c.allowed_type_strs}
-                if self.fmt.type_str in allowed:
-                    return newer
-        return None
 
     def _flag(self, value: ir.Value, absmax: float, limit: float, kind: str) -> None:
         if absmax > limit:

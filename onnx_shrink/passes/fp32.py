@@ -85,7 +85,7 @@ class _Widening:
         self.scopes = list(walk.scopes(model.graph))
         self.kept: dict[ir.Node, str] = {}
         self.new: dict[ir.Value, ir.DataType] = {}
-        self.casts: dict[tuple[ir.Value, ir.DataType, ir.Graph], ir.Value] = {}
+        self.casts: dict[graph_edit.CastKey, ir.Value] = {}
         self.names = graph_edit.value_names(model.graph)
 
     def run(self) -> bool:

@@ -46,17 +46,22 @@ def _cores() -> int:
         return os.cpu_count() or 1
 
 
-def open_session(model: ir.Model, provider: str):
-    """A session of the instrumented ``model`` for ``parallel_runs`` runs at once.
-
-    Concurrent runs share the session's intra-op pool, and each calling thread works in its
-    own run's parallel loops: ``cores - in_flight`` pool threads plus the callers fill the
+def session_threads(provider: str) -> int | None:
+    """Intra-op threads of a statistics session (None: onnxruntime's default): with
+    ``parallel_runs`` at once, ``cores - in_flight`` pool threads plus the callers fill the
     cores (one thread a run on two cores)."""
+    in_flight = parallel_runs(provider)
+    return max(1, _cores() - in_flight + 1) if in_flight > 1 else None
+
+
+def open_session(model: ir.Model, provider: str):
+    """A session of the instrumented ``model`` for ``parallel_runs`` runs at once, of
+    ``session_threads`` threads: concurrent runs share the session's intra-op pool, and each
+    calling thread works in its own run's parallel loops."""
     # Weights are handed over in place: no serialized copy, no temporary file, any size; and
     # not packed, which copies them (a 0.6 GB encoder's calibration peak: 660 -> 290 MiB).
     source = large_tensors.session_source(model)
-    in_flight = parallel_runs(provider)
-    threads = max(1, _cores() - in_flight + 1) if in_flight > 1 else None
+    threads = session_threads(provider)
     # Each statistic's nodes read a tensor right after it is made (``collect_graph._beside``)
     # and run then in the priority order; in onnxruntime's default order they ran late, and
     # every tensor they read lived until then (PicoDet at 800x608, ranges only, two runs at

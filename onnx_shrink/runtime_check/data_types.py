@@ -128,8 +128,9 @@ def specs_from_model(model: ir.Model) -> list[InputSpec]:
     return specs
 
 
-# Ops an index tensor passes through on its way to a Gather (values unchanged).
-_INDEX_CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+VALUE_CARRIERS = frozenset({"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity"})
+"""Ops that pass their first input's values on unchanged (in another layout or type): an
+index tensor on its way to a Gather, class scores on their way to an output."""
 # Arithmetic an index may pass through too: exporters wrap negative ids into range
 # (tf2onnx's GatherV2: Where(ids < 0, ids + rows, ids), written with Add and Mul on a mask).
 # A table reached this way may bound ids it does not take; the limit is the smallest table's,
@@ -140,7 +141,7 @@ _INDEX_DEPTH = 6
 
 def _index_limit(value: ir.Value, depth: int = _INDEX_DEPTH) -> int | None:
     """The rows of the smallest table of known size a Gather indexes with ``value``, directly
-    or through ``_INDEX_CARRIERS`` and ``_INDEX_ARITHMETIC`` (None: no such Gather)."""
+    or through ``VALUE_CARRIERS`` and ``_INDEX_ARITHMETIC`` (None: no such Gather)."""
     limits = []
     for node, index in value.uses():
         if node.op_type == "Gather" and node.domain in ("", "ai.onnx") and index == 1:
@@ -148,7 +149,7 @@ def _index_limit(value: ir.Value, depth: int = _INDEX_DEPTH) -> int | None:
             if rows is not None:
                 limits.append(rows)
             continue
-        carried = node.op_type in _INDEX_CARRIERS and index == 0
+        carried = node.op_type in VALUE_CARRIERS and index == 0
         # Where's first input is its condition, not a value it passes on.
         computed = node.op_type in _INDEX_ARITHMETIC and not (
             node.op_type == "Where" and index == 0
@@ -161,15 +162,18 @@ def _index_limit(value: ir.Value, depth: int = _INDEX_DEPTH) -> int | None:
 def _table_rows(gather: ir.Node) -> int | None:
     """Rows of the table ``gather`` indexes along its axis: a constant's, or a static shape's
     (a half-precision model's table is often a Cast of its initializer)."""
+
+    def static_shape(value: ir.Value | None) -> ir.Shape | None:
+        # A value made constant by a pass has no shape of its own: its tensor's.
+        if value is None:
+            return None
+        return value.const_value.shape if value.const_value is not None else value.shape
+
     table = gather.inputs[0]
-    if table is None:
-        return None
-    shape = table.const_value.shape if table.const_value is not None else table.shape
-    producer = table.producer()
+    shape = static_shape(table)
+    producer = table.producer() if table is not None else None
     if shape is None and producer is not None and producer.op_type in ("Cast", "Identity"):
-        source = producer.inputs[0]
-        if source is not None:
-            shape = source.const_value.shape if source.const_value is not None else source.shape
+        shape = static_shape(producer.inputs[0])
     if shape is None:
         return None
     axis = gather.attributes.get_int("axis", 0)

@@ -22,7 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.errors import DataError
-from onnx_shrink.runtime_check.data_types import show_shape
+from onnx_shrink.runtime_check.data_types import VALUE_CARRIERS, show_shape
 
 ROW_SUM_TOLERANCE = 1e-3
 """how far from 1 a probability row may sum (float16 softmax rows are off by ~1e-4)"""
@@ -180,9 +180,6 @@ def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | 
     return None
 
 
-_LAYOUT_OPS = frozenset({"Identity", "Cast", "Reshape", "Flatten", "Squeeze", "Unsqueeze"})
-"""Ops an output may pass through after its class scores are computed"""
-
 _FEATURE_OPS = frozenset(
     {"Div", "LpNormalization", "LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Tanh"}
 )
@@ -202,7 +199,7 @@ def class_score_outputs(graph: ir.Graph) -> frozenset[str]:
         if shape is not None and (len(shape) != 2 or not isinstance(shape[1], int)):
             continue
         producer = value.producer()
-        while producer is not None and producer.op_type in _LAYOUT_OPS and producer.inputs:
+        while producer is not None and producer.op_type in VALUE_CARRIERS and producer.inputs:
             source = producer.inputs[0]
             producer = source.producer() if source is not None else None
         if producer is None or producer.op_type not in _FEATURE_OPS:

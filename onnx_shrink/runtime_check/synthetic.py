@@ -197,15 +197,15 @@ def grown(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
     *,
-    seed: int = 0,
     held: Mapping[str, float] | None = None,
 ) -> Iterator[Dataset]:
     """``synthetic``'s datasets with the symbolic dims no shape gives at each of
-    ``GROWN_DIMS``; none where every dim is given or fixed (nothing would change)."""
-    default = synthetic_shapes(specs, shapes)
+    ``GROWN_DIMS``; none where every dim is given or fixed (nothing would change, at any
+    size: the same dims take it)."""
+    if synthetic_shapes(specs, shapes, dim=GROWN_DIMS[0]) == synthetic_shapes(specs, shapes):
+        return
     for dim in GROWN_DIMS:
-        if synthetic_shapes(specs, shapes, dim=dim) != default:
-            yield synthetic(specs, shapes, seed=seed, held=held, dim=dim)
+        yield synthetic(specs, shapes, held=held, dim=dim)
 
 
 SYNTHETIC_INT_LIMIT = 100

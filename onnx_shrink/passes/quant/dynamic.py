@@ -18,7 +18,6 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import compact, recurrent
@@ -155,10 +154,6 @@ class QuantDynamicPass(ir.passes.InPlacePass):
                 count += self._try_quantize_recurrent(context, node)
             else:
                 count += self._try_quantize_linear(context, node)
-        # GRU and RNN stay standard ops (int8 weights behind DequantizeLinear): a model with
-        # only those quantized imports no domain it does not use.
-        if count and self.fused and any(n.domain == MS_DOMAIN for n in walk.all_nodes(model)):
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
         context.drop_dead_weights()
         if count or owner is None:  # quant asks once per op type: its zeros said nothing
             logger.info("%s: quantized %d nodes", owner or self.name, count)

@@ -38,7 +38,7 @@ INT8 = QUANT_TYPES["s8"]
 RECURRENT = ("LSTM", "GRU", "RNN")
 
 
-def lstm_reason(context: WeightContext, node: ir.Node) -> str | None:
+def _lstm_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why ``node`` (an LSTM) cannot become ``DynamicQuantizeLSTM``, or None."""
     if node.attributes.get_int("layout", 0) != 0:
         return "layout=1 (batch first): DynamicQuantizeLSTM has no layout attribute"
@@ -71,7 +71,7 @@ def _weights_reason(context: WeightContext, node: ir.Node) -> str | None:
 def quantize_lstm(
     context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
 ) -> None:
-    """Replace LSTM ``node``, which ``lstm_reason`` passes, by ``DynamicQuantizeLSTM``."""
+    """Replace LSTM ``node``, which ``_lstm_reason`` passes, by ``DynamicQuantizeLSTM``."""
     codes, scales = [], []
     for value in node.inputs[1:3]:
         assert value is not None
@@ -126,12 +126,12 @@ def rewrite_for(
     """How rule 9 rewrites ``node`` (recurrent), and why it cannot (None: it can):
     ``quantize_lstm`` for an LSTM ``DynamicQuantizeLSTM`` takes (``fused``), else
     ``store_int8``."""
-    if node.op_type == "LSTM" and fused and lstm_reason(context, node) is None:
+    if node.op_type == "LSTM" and fused and _lstm_reason(context, node) is None:
         return quantize_lstm, None
-    return store_int8, stored_reason(context, node)
+    return store_int8, _stored_reason(context, node)
 
 
-def stored_reason(context: WeightContext, node: ir.Node) -> str | None:
+def _stored_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why the weights of ``node`` (an LSTM, GRU or RNN) cannot be stored as int8, or None."""
     if context.opset < 7:  # Mul broadcasts the scales from opset 7 on
         return f"storing int8 weights needs opset >= 7, not {context.opset}"
@@ -141,7 +141,7 @@ def stored_reason(context: WeightContext, node: ir.Node) -> str | None:
 def store_int8(
     context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
 ) -> None:
-    """Give ``node``, which ``stored_reason`` passes, int8 codes of its W and R read through
+    """Give ``node``, which ``_stored_reason`` passes, int8 codes of its W and R read through
     ``Cast`` and ``Mul`` by their scales (see the module doc). A weight several nodes of one
     graph read is dequantized once."""
     graph = node.graph

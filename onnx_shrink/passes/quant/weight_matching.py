@@ -236,9 +236,9 @@ class WeightContext:
             for n in nodes_of(self.model, ("Conv", "ConvTranspose"))
             if len(n.inputs) > 1 and _float_constant(n.inputs[1])
         )
-        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)" * (
-            convs[True] > 0
-        )
+        hint = ""
+        if convs[True]:
+            hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
         if convs[False]:
             hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
         logger.warning(
@@ -318,8 +318,8 @@ class WeightContext:
         return value
 
     def replace(self, old_nodes: list[ir.Node], new_nodes: list[ir.Node]) -> None:
-        """Put ``new_nodes`` where ``old_nodes`` were; the last node of each list has the same
-        outputs (an LSTM's three, a MatMul's one)."""
+        """Put ``new_nodes`` where ``old_nodes`` were, importing their domains; the last node
+        of each list has the same outputs (an LSTM's three, a MatMul's one)."""
         graph, last = old_nodes[0].graph, old_nodes[-1]
         assert graph is not None
         old, new = list(last.outputs), list(new_nodes[-1].outputs)
@@ -328,6 +328,11 @@ class WeightContext:
             v for n in old_nodes for v in n.inputs if v is not None and v.is_initializer()
         )
         ir.convenience.replace_nodes_and_values(graph, last, old_nodes, new_nodes, old, new)
+        # A domain is imported where a node of it is written: GRU and RNN stay standard ops,
+        # and a model with only those quantized imported com.microsoft unused.
+        for node in new_nodes:
+            if node.domain not in ("", "ai.onnx"):
+                self.model.opset_imports.setdefault(node.domain, 1)
 
     def drop_dead_weights(self) -> None:
         """Remove float weights, and the other constants replaced nodes read (a Gemm's C, now

@@ -199,8 +199,6 @@ class WeightOnlyQuantPass(DataAwarePass):
                 count += self._try_quantize_gather(context, node)
             else:
                 count += self._try_quantize_matmul(context, node, grams)
-        if count and self.format == "matmulnbits":
-            model.opset_imports.setdefault(MS_DOMAIN, 1)
         if count and self.format == "dequantize_linear":
             model.ir_version = max(model.ir_version, INT4_IR_VERSION)
         context.drop_dead_weights()
