@@ -5,7 +5,18 @@ the last one padded with zeros. Each block ``j`` gets its own range and ONNX lin
 quantization (``numerics``): ``q = saturate(round_half_even(w / s[r, j]) + z[r, j])`` and
 ``w' = (q - z[r, j]) * s[r, j]``, so ``|w - w'| <= s[r, j] / 2`` inside the range, with
 
-* symmetric:  ``s = max|w_block| / (2^(bits-1) - 1)``, ``z = 0`` (signed codes)
+* symmetric (signed codes, ``z = 0``), per block the better of two grids, the one leaving
+  the smaller squared error (ties: the first):
+  - ``s = max|w_block| / (2^(bits-1) - 1)``: codes ``[-7, 7]`` for 4 bits, 15 of the 16,
+    every value within half a step;
+  - ``s = e / -2^(bits-1)``, ``e`` the block's value of largest magnitude: ``e`` becomes
+    code -8 exactly and all 16 codes are used, a step ``(2^(bits-1) - 1) / 2^(bits-1)``
+    as wide (7/8 for 4 bits). The scale is negative where ``e`` is; a value opposite ``e``
+    and near its magnitude saturates at code 7, up to one step away. onnxruntime's own
+    4-bit packing (MLAS) uses this grid alone; taking it per block only where it is better
+    leaves no block a larger error than the first grid's, and most a smaller one
+    (MiniLM's weights in blocks of 32: 0.086 relative error, against 0.098 on the first
+    grid alone).
 * asymmetric: ``s = (max(w_block, 0) - min(w_block, 0)) / (2^bits - 1)``, ``z`` in [0, 2^bits).
 
 Packing (MatMulNBits, GatherBlockQuantized): codes are stored unsigned; ``8 / bits`` codes share
@@ -16,11 +27,13 @@ become unsigned by adding ``2^(bits-1)``, which is the default zero point of tho
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Iterator
 
 import numpy as np
 
 from onnx_shrink.passes.quant import gptq, numerics
 from onnx_shrink.passes.quant.numerics import (
+    MIN_SCALE,
     QuantType,
     quantize,
     scale_and_zero_point,
@@ -84,9 +97,10 @@ def quantize_blocks(
     w: np.ndarray, *, bits: int, block_size: int, symmetric: bool = True, mse: bool = False
 ) -> BlockQuantized:
     """Quantize ``w`` [rows, length] with one range per block of ``block_size`` along axis 1:
-    the block's min/max, or with ``mse`` that range times the factor of ``CLIP_FACTORS``
-    whose codes leave the least squared error in the block (clipping a few outliers buys a
-    finer step for the rest)."""
+    the block's min/max (symmetric: on the better of the two grids, module doc), or with
+    ``mse`` that range times the factor of ``CLIP_FACTORS`` (and grid) whose codes leave the
+    least squared error in the block (clipping a few outliers buys a finer step for the
+    rest)."""
     w = np.asarray(w, dtype=np.float32)
     if w.ndim != 2:
         raise ValueError(f"expected a 2-D weight, got shape {w.shape}")
@@ -98,22 +112,45 @@ def quantize_blocks(
     qtype = quant_type(bits, symmetric)
     # Zero padding cannot widen a block's range: every range is widened to contain 0 anyway.
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
-    if mse:
-        scales, zero_points = _least_error_ranges(blocks, lo, hi, qtype, symmetric)
+    factors = CLIP_FACTORS[::-1] if mse else (1.0,)  # widest first: a tie keeps it
+    grids = _grids(lo, hi, qtype, symmetric, factors)
+    if symmetric or mse:
+        scales, zero_points = _least_error_grid(blocks, qtype, grids)
     else:
-        scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
+        scales, zero_points = next(grids)
     codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
 
 
-def _least_error_ranges(
-    blocks: np.ndarray, lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool
+def _grids(
+    lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool, factors
+) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """Each block's candidate scales and zero points: for each factor, its range times the
+    factor, and for symmetric codes also the full grid of that range (module doc)."""
+    for factor in factors:
+        yield scale_and_zero_point(lo * factor, hi * factor, qtype, symmetric)
+        if symmetric:
+            yield _full_symmetric_grid(lo * factor, hi * factor, qtype)
+
+
+def _full_symmetric_grid(
+    lo: np.ndarray, hi: np.ndarray, qtype: QuantType
 ) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, the scale and zero point of ``[lo, hi] * factor`` whose codes leave the
-    least squared error, over ``CLIP_FACTORS`` (ties: the widest range)."""
+    """``s = e / qmin`` with ``e`` the end of ``[lo, hi]`` of larger magnitude (the lower one
+    on a tie): ``e`` quantizes to ``qmin`` exactly; the zero point is 0."""
+    extreme = np.where(-lo >= hi, lo, hi).astype(np.float64)
+    scale = extreme / qtype.qmin
+    scale = np.where(np.abs(scale) < MIN_SCALE, MIN_SCALE, scale)
+    return scale.astype(np.float32), np.zeros(scale.shape, qtype.numpy)
+
+
+def _least_error_grid(
+    blocks: np.ndarray, qtype: QuantType, grids: Iterator[tuple[np.ndarray, np.ndarray]]
+) -> tuple[np.ndarray, np.ndarray]:
+    """Per block, the scale and zero point among ``grids`` whose codes leave the least
+    squared error (ties: the first)."""
     best_error = None
-    for factor in CLIP_FACTORS[::-1]:  # widest first: a tie keeps it
-        scales, zeros = scale_and_zero_point(lo * factor, hi * factor, qtype, symmetric)
+    for scales, zeros in grids:
         codes = quantize(blocks, scales[..., None], zeros[..., None], qtype)
         # Not numerics.dequantize: its float64 made the search 1.6x slower (a 30522x384 table).
         restored = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
@@ -144,8 +181,9 @@ def quantize_blocks_gptq(
     rows, length = nearest.values().shape
     qtype = nearest.qtype
     groups = np.arange(length) // block_size
-    low = -qtype.qmax if symmetric else qtype.qmin  # symmetric codes stay centred on 0
-    codes = gptq.gptq_codes(w, gram, nearest.scales, nearest.zero_points, groups, low, qtype.qmax)
+    codes = gptq.gptq_codes(
+        w, gram, nearest.scales, nearest.zero_points, groups, qtype.qmin, qtype.qmax
+    )
     padded = nearest.codes.reshape(rows, -1).copy()
     padded[:, :length] = codes.astype(padded.dtype)
     return dataclasses.replace(nearest, codes=padded.reshape(nearest.codes.shape))

@@ -79,9 +79,11 @@ class WeightOnlyQuantPass(DataAwarePass):
        ``DequantizeLinear(Gather(Wq, ids), Gather(s, ids), axis=-1, block_size=B)`` for
        tables. ONNX Gather cannot read int4, and dequantizing a whole table before the
        Gather costs every run more than the model itself, so tables get 8-bit codes here.
-    4. ``symmetric``: signed codes in ``[-(2^(bits-1) - 1), 2^(bits-1) - 1]``, no zero point
-       (packed formats store ``q + 2^(bits-1)``, their default zero point); otherwise unsigned
-       codes with a zero point per block.
+    4. ``symmetric``: signed codes, no zero point (packed formats store ``q + 2^(bits-1)``,
+       their default zero point); per block, of the grid centred on 0 (``[-7, 7]`` for 4
+       bits) and the grid whose every code is used (the block's extreme at -8, the scale's
+       sign its opposite), the one that leaves the smaller error (``blockwise``). Otherwise
+       unsigned codes with a zero point per block.
     5. Skipped, with a debug log, like quant-dynamic: excluded names, weights that are not
        float32 initializers or are graph inputs, weights under ``min_weight_elements``, and
        model-local functions. Shared weights are quantized once; the float weight stays while

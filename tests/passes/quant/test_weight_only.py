@@ -33,22 +33,29 @@ def ops(graph: ir.Graph) -> list[str]:
     return [n.op_type for n in graph]
 
 
-def half_steps(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
-    """``s / 2`` for every element of ``w`` [rows, length], blocks along the rows.
-
-    symmetric: ``s = max|block| / (2^(bits-1) - 1)``; asymmetric:
-    ``s = (max(block, 0) - min(block, 0)) / (2^bits - 1)``.
-    """
+def blocks_of(w: np.ndarray, block_size: int) -> np.ndarray:
+    """``w`` [rows, length] as [rows, blocks, block_size], the last block zero-padded."""
     rows, length = w.shape
-    blocks = -(-length // block_size)
-    padded = np.zeros((rows, blocks * block_size), np.float32)
+    padded = np.zeros((rows, -(-length // block_size) * block_size), np.float32)
     padded[:, :length] = w
-    padded = padded.reshape(rows, blocks, block_size)
+    return padded.reshape(rows, -1, block_size)
+
+
+def error_bounds(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np.ndarray:
+    """The most a code of each element of ``w`` [rows, length] may miss it by, blocks along
+    the rows.
+
+    symmetric: one step of the 16-level grid, ``max|block| / 2^(bits-1)``: half a step of
+    the 15-level grid ``max|block| / (2^(bits-1) - 1)`` is less, and on the 16-level grid a
+    value opposite the block's extreme saturates up to one step away. Asymmetric: half a
+    step, ``s / 2`` with ``s = (max(block, 0) - min(block, 0)) / (2^bits - 1)``.
+    """
+    padded = blocks_of(w, block_size)
     if symmetric:
-        scale = np.abs(padded).max(-1) / (2 ** (bits - 1) - 1)
+        bound = np.abs(padded).max(-1) / 2 ** (bits - 1)
     else:
-        scale = (np.maximum(padded.max(-1), 0) - np.minimum(padded.min(-1), 0)) / (2**bits - 1)
-    return np.repeat(scale / 2, block_size, axis=1)[:, :length]
+        bound = (np.maximum(padded.max(-1), 0) - np.minimum(padded.min(-1), 0)) / (2**bits - 1) / 2
+    return np.repeat(bound, block_size, axis=1)[:, : w.shape[1]]
 
 
 @settings(max_examples=40, deadline=None)
@@ -60,17 +67,37 @@ def half_steps(w: np.ndarray, bits: int, block_size: int, symmetric: bool) -> np
     symmetric=st.booleans(),
     seed=st.integers(0, 2**16),
 )
-def test_block_round_trip_is_within_half_a_step(rows, length, bits, block_size, symmetric, seed):
+def test_block_round_trip_is_within_its_bound(rows, length, bits, block_size, symmetric, seed):
     w = np.random.default_rng(seed).standard_normal((rows, length)).astype(np.float32)
     blocks = quantize_blocks(w, bits=bits, block_size=block_size, symmetric=symmetric)
     assert blocks.codes.shape == (rows, -(-length // block_size), block_size)
     error = np.abs(blocks.dequantized() - w)
-    assert np.all(error <= half_steps(w, bits, block_size, symmetric) * (1 + 1e-5) + 1e-7)
+    assert np.all(error <= error_bounds(w, bits, block_size, symmetric) * (1 + 1e-5) + 1e-7)
     packed = pack_low_first(blocks.unsigned_codes(), bits)
     assert packed.shape[-1] == block_size * bits // 8
     np.testing.assert_array_equal(
         unpack_low_first(packed, bits, block_size), blocks.unsigned_codes()
     )
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_blocks_use_every_code_where_that_leaves_less_error(bits):
+    w = np.random.default_rng(3).standard_normal((64, 7 * 32)).astype(np.float32)
+    blocks = quantize_blocks(w, bits=bits, block_size=32, symmetric=True)
+    padded = blocks_of(w, 32)
+    # The 15-level grid (for 4 bits; 255 for 8) computed here, independently of the pass.
+    step = np.abs(padded).max(-1, keepdims=True) / (2 ** (bits - 1) - 1)
+    centred = np.clip(np.rint(padded / step), 1 - 2 ** (bits - 1), 2 ** (bits - 1) - 1) * step
+    centred_error = np.square(centred - padded).sum(-1)
+    error = np.square(blocks.dequantized().reshape(padded.shape) - padded).sum(-1)
+    assert np.all(error <= centred_error * (1 + 1e-5))
+    assert np.mean(error < centred_error * 0.99) > 0.5
+    # Where the full grid was taken, the block's extreme is code qmin exactly, whatever its sign.
+    full = error < centred_error * 0.99
+    extreme = np.take_along_axis(padded, np.abs(padded).argmax(-1)[..., None], -1)[..., 0]
+    codes = blocks.codes.astype(np.int64)
+    assert np.all(codes.min(-1)[full] == blocks.qtype.qmin)
+    assert np.all(np.sign(blocks.scales[full]) == -np.sign(extreme[full]))
 
 
 def test_four_bit_codes_are_packed_low_nibble_first():
@@ -87,8 +114,8 @@ g (float[2, 3, 100] x) => (float[2, 3, 64] y) {
 
 
 def weight_only_bound(x: np.ndarray, w: np.ndarray, bits: int, block: int, sym: bool):
-    """``|x @ W - x @ W'| <= sum_k |x[m, k]| * s[k // B, n] / 2`` (float activations)."""
-    return np.abs(x) @ half_steps(w.T, bits, block, sym).T + 1e-5
+    """``|x @ W - x @ W'| <= sum_k |x[m, k]| * bound[k, n]`` (float activations)."""
+    return np.abs(x) @ error_bounds(w.T, bits, block, sym).T + 1e-5
 
 
 @pytest.mark.parametrize(("bits", "symmetric"), [(4, True), (4, False), (8, True), (8, False)])
@@ -149,7 +176,7 @@ def test_gather_becomes_gather_block_quantized(bits, symmetric):
     assert next(iter(result.graph)).inputs[0].const_value.shape == (200, 48 * bits // 8)
     ids = RNG.integers(0, 200, (2, 5))
     (y,) = run_ort(io.to_bytes(result), {"ids": ids})
-    assert np.all(np.abs(y - table[ids]) <= half_steps(table, bits, 32, symmetric)[ids] + 1e-6)
+    assert np.all(np.abs(y - table[ids]) <= error_bounds(table, bits, 32, symmetric)[ids] + 1e-6)
 
 
 def opset21(text: str) -> str:
@@ -188,7 +215,7 @@ def test_dequantize_linear_format_writes_blocked_int4_before_the_float_ops(symme
     # onnxruntime fuses DequantizeLinear + MatMul into MatMulNBits with int8 activations.
     bound = np.abs(x).max() / 254 * np.abs(w).sum(0) + weight_only_bound(x, w, 4, 32, symmetric)
     assert np.all(np.abs(y - (x @ w + b)) <= bound)
-    assert np.all(np.abs(e - table[ids]) <= half_steps(table, 8, 32, symmetric)[ids] + 1e-6)
+    assert np.all(np.abs(e - table[ids]) <= error_bounds(table, 8, 32, symmetric)[ids] + 1e-6)
 
 
 def test_dequantize_linear_format_converts_models_below_opset_21(caplog):
@@ -432,4 +459,6 @@ def test_mse_ranges_keep_the_layout_and_bring_the_matmuls_weight_closer():
         assert ops(model.graph) == ["MatMulNBits"]
         restored = run_ort(io.to_bytes(model), {"x": np.eye(K, dtype=np.float32)})[0]
         errors[ranges] = np.linalg.norm(restored - w)
-    assert errors["mse"] < 0.95 * errors["minmax"], errors
+    # 0.968 here: minmax's symmetric blocks already take the 16-level grid where it is better
+    # (0.913 when they had only the 15-level one).
+    assert errors["mse"] < 0.98 * errors["minmax"], errors
