@@ -115,10 +115,10 @@ def quantize_blocks(
     factors = CLIP_FACTORS[::-1] if mse else (1.0,)  # widest first: a tie keeps it
     grids = _grids(lo, hi, qtype, symmetric, factors)
     if symmetric or mse:
-        scales, zero_points = _least_error_grid(blocks, qtype, grids)
+        scales, zero_points, codes = _least_error_grid(blocks, qtype, grids)
     else:
         scales, zero_points = next(grids)
-    codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
+        codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
 
 
@@ -146,23 +146,40 @@ def _full_symmetric_grid(
 
 def _least_error_grid(
     blocks: np.ndarray, qtype: QuantType, grids: Iterator[tuple[np.ndarray, np.ndarray]]
-) -> tuple[np.ndarray, np.ndarray]:
-    """Per block, the scale and zero point among ``grids`` whose codes leave the least
-    squared error (ties: the first)."""
-    best_error = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Per block, the scale, zero point and codes among ``grids`` whose codes leave the least
+    squared error (ties: the first).
+
+    ``numerics.quantize``'s arithmetic (float32 divide, round half to even, saturate), kept
+    in float32 until the winner is known: with a cast to codes and back per candidate, and
+    a sum of squares over the short last axis, ``ranges=mse``'s 42 candidates took 4.6 s on
+    a 30522x384 table, 2.9 s so.
+    """
+    best = None
+    # Two working buffers, reused: fresh ones per candidate cost more in page faults than
+    # the arithmetic (a first call on a 30522x384 table: 0.56 s against 0.25 s).
+    codes, miss = np.empty_like(blocks), np.empty_like(blocks)
     for scales, zeros in grids:
-        codes = quantize(blocks, scales[..., None], zeros[..., None], qtype)
-        # Not numerics.dequantize: its float64 made the search 1.6x slower (a 30522x384 table).
-        restored = (codes.astype(np.float32) - zeros[..., None]) * scales[..., None]
-        error = np.square(restored - blocks).sum(axis=-1)
-        if best_error is None:
-            best_error, best_scales, best_zeros = error, scales, zeros
+        scale, zero = scales[..., None], zeros[..., None].astype(np.float32)
+        np.divide(blocks, scale, out=codes)
+        np.rint(codes, out=codes)
+        codes += zero
+        np.clip(codes, qtype.qmin, qtype.qmax, out=codes)
+        np.subtract(codes, zero, out=miss)
+        miss *= scale
+        miss -= blocks
+        error = np.einsum("rbk,rbk->rb", miss, miss)  # a sum over the short last axis is slow
+        if best is None:
+            best = [error, scales, zeros, codes]
+            codes = np.empty_like(blocks)
             continue
-        better = error < best_error
-        best_error = np.where(better, error, best_error)
-        best_scales = np.where(better, scales, best_scales)
-        best_zeros = np.where(better, zeros, best_zeros)
-    return best_scales, best_zeros
+        better = error < best[0]
+        np.copyto(best[0], error, where=better)
+        np.copyto(best[1], scales, where=better)
+        np.copyto(best[2], zeros, where=better)
+        np.copyto(best[3], codes, where=better[..., None])
+    _, scales, zeros, codes = best
+    return scales, zeros, codes.astype(qtype.numpy)
 
 
 def quantize_blocks_gptq(
