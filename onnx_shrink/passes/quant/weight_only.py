@@ -103,7 +103,7 @@ class WeightOnlyQuantPass(DataAwarePass):
     block_size: int = option(
         32, "weights per scale along the reduction axis", choices=(16, 32, 64, 128, 256)
     )
-    symmetric: bool = option(True, "no zero points (codes centred on 0)")
+    symmetric: bool = option(True, "signed codes, no zero points")
     format: Literal["matmulnbits", "dequantize_linear"] = option(
         "matmulnbits",
         "matmulnbits: com.microsoft MatMulNBits/GatherBlockQuantized; dequantize_linear: "
