@@ -18,7 +18,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io
 from onnx_shrink.compiler.dumps import dump_files
-from onnx_shrink.errors import BadModelError, DataError, RunFailedError, ShrinkError
+from onnx_shrink.errors import BadModelError, DataError, ShrinkError
 from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
@@ -177,44 +177,18 @@ def checked_dataset(
         specs, options.data, options.input_shapes, labels=options.labels, held=held
     )
     refuse_unmeasurable_accuracy(options.tolerances, dataset)
-    outputs, dataset = _first_run(probe, dataset, where, specs, options.input_shapes, held)
+    outputs, dataset = synthetic.first_that_runs(
+        dataset,
+        specs,
+        options.input_shapes,
+        lambda data: run_first_sample(probe, data, where, specs),
+        label=where,
+        purpose="for the check and calibration",
+        held=held,
+    )
     samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
     return dataset  # the session goes: kept through the compile, it would add the model's size
-
-
-def _first_run(
-    session,
-    dataset: data_mod.Dataset,
-    where: str,
-    specs: Sequence[data_mod.InputSpec],
-    input_shapes: Mapping[str, Sequence[int]] | None,
-    held: Mapping[str, float] | None,
-) -> tuple[dict[str, np.ndarray], data_mod.Dataset]:
-    """``run_first_sample``; where the model fails on synthetic inputs, the same inputs with
-    their default dims grown (``synthetic.GROWN_DIMS``), the first that runs, with a warning
-    naming them. The failure on the defaults is raised where none runs (its hint names
-    ``--input-shape``)."""
-    try:
-        return run_first_sample(session, dataset, where, specs)
-    except RunFailedError as failure:
-        if not dataset.synthetic:
-            raise
-        for larger in synthetic.grown(specs, input_shapes, held=held):
-            try:
-                result = run_first_sample(session, larger, where, specs)
-            except RunFailedError:
-                continue
-            logger.warning(
-                "%s failed on %s (%s); running on %s instead, for the check and calibration "
-                "(give --input-shape to choose)",
-                where,
-                dataset.description,
-                io.first_line(failure.__cause__ or failure)[:160],
-                larger.description,
-            )
-            return result
-        raise
 
 
 def refuse_missing(paths: Mapping[str, str | os.PathLike]) -> None:

@@ -9,6 +9,7 @@ model's allocations cannot hide another's.
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import logging
 import os
@@ -26,7 +27,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io
 from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check import sessions, synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -273,6 +274,15 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
+def runs_first_feed(session, failed: str, dataset: data_mod.Dataset) -> data_mod.Dataset:
+    """``dataset``, once ``session`` has run its first feed; ``RunFailedError`` (``failed``,
+    with the data's hint) if it cannot. The session's memory is released after the run."""
+    feed = sessions.fitted_feed(session, dataset.first_feed())
+    hint = data_mod.unfit_hint(dataset)
+    sessions.run(session, feed, failed=failed, hint=hint, release_memory=True)
+    return dataset
+
+
 def benchmark(
     model: str | os.PathLike,
     *,
@@ -288,6 +298,16 @@ def benchmark(
     """Latency for every (batch size, threads), session peak memory and size of one model."""
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)
+    first_session = sessions.create_session(model, provider=provider, threads=threads[0])
+    if data is None:  # the defaults of synthetic dims grown where the model fails on them
+        dataset = synthetic.first_that_runs(
+            dataset,
+            specs,
+            input_shapes,
+            functools.partial(runs_first_feed, first_session, f"{model} failed on its inputs"),
+            label=str(model),
+            purpose="for the benchmark",
+        )
     base = dataset.first_feed()
     if dataset.whole_samples and set(batch_sizes) != {1}:
         raise DataError(
@@ -301,8 +321,9 @@ def benchmark(
 
     hint = data_mod.unfit_hint(dataset)
     grid = []
-    for thread_count in threads:
-        session = sessions.create_session(model, provider=provider, threads=thread_count)
+    for index, thread_count in enumerate(threads):
+        session = first_session if index == 0 else None
+        session = session or sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
             feed = batched(batch)
             # The first warm-up run fails clearly (the timed ones would raise onnxruntime's).

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import functools
 import logging
 import os
 import tempfile
@@ -24,7 +25,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import bench, sample_batches, sessions
+from onnx_shrink.runtime_check import bench, sample_batches, sessions, synthetic
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -137,6 +138,16 @@ def _open(
         # The conditions as extra outputs; the weights shared, not copied.
         ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
     ref_session = sessions.create_session(ref_source, provider=provider)
+    if data is None:  # the defaults of synthetic dims grown where the reference fails on them
+        failed = f"{ref.label} failed on a synthetic check sample"  # as the check's runs say
+        dataset = synthetic.first_that_runs(
+            dataset,
+            specs,
+            input_shapes,
+            functools.partial(bench.runs_first_feed, ref_session, failed),
+            label=ref.label,
+            purpose="for the check",
+        )
     if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
         ref_session = CachedRuns(ref_session, kept.kept)
     try:

@@ -4,12 +4,15 @@ say nothing about accuracy, and ``data.prepare`` says so when it makes them."""
 from __future__ import annotations
 
 import functools
+import logging
 import re
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from typing import TypeVar
 
 import numpy as np
 
-from onnx_shrink.errors import DataError
+from onnx_shrink.compiler import io
+from onnx_shrink.errors import DataError, RunFailedError
 from onnx_shrink.runtime_check.data_types import (
     DEFAULT_BATCH,
     DEFAULT_DIM,
@@ -20,6 +23,8 @@ from onnx_shrink.runtime_check.data_types import (
     samples_of,
     show_shape,
 )
+
+logger = logging.getLogger(__name__)
 
 
 def parse_input_shapes(items: Sequence[str]) -> dict[str, tuple[int, ...]]:
@@ -206,6 +211,45 @@ def grown(
         return
     for dim in GROWN_DIMS:
         yield synthetic(specs, shapes, held=held, dim=dim)
+
+
+Ran = TypeVar("Ran")
+
+
+def first_that_runs(
+    dataset: Dataset,
+    specs: Sequence[InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None,
+    try_run: Callable[[Dataset], Ran],
+    *,
+    label: str,
+    purpose: str,
+    held: Mapping[str, float] | None = None,
+) -> Ran:
+    """``try_run(dataset)``; where that raises ``RunFailedError`` on synthetic inputs,
+    ``try_run`` of each ``grown`` dataset in turn, the first that runs, with a warning naming
+    what failed and what ran instead, ``purpose`` (e.g. "for the check"). Where none runs,
+    the failure on the defaults is raised (its hint names ``--input-shape``)."""
+    try:
+        return try_run(dataset)
+    except RunFailedError as failure:
+        if not dataset.synthetic:
+            raise
+        for larger in grown(specs, shapes, held=held):
+            try:
+                result = try_run(larger)
+            except RunFailedError:
+                continue
+            logger.warning(
+                "%s failed on %s (%s); running on %s instead, %s (give --input-shape to choose)",
+                label,
+                dataset.description,
+                io.first_line(failure.__cause__ or failure)[:160],
+                larger.description,
+                purpose,
+            )
+            return result
+        raise
 
 
 SYNTHETIC_INT_LIMIT = 100

@@ -101,6 +101,24 @@ def test_a_reference_the_data_does_not_fit_is_one_clear_error(tmp_path):
         compare(reference, reference, input_shapes={"x": [1, 4]})
 
 
+def test_check_and_bench_without_data_grow_the_dims_the_model_fails_on(tmp_path, caplog):
+    """A reflect Pad of 40 refuses synthetic rows of 16; at 64 it runs, as the compile's check
+    does (``shrink`` ran YOLOv8n at 64x64 where ``check`` and ``bench`` failed at 16x16).
+    Given data, nothing grows: the data are the user's."""
+    from onnx_shrink.runtime_check.bench import benchmark
+
+    model = save_proto(reflect_pad_model(40), tmp_path / "pad.onnx")
+    result = check(model, model, latency_runs=0)
+    assert result.numeric.passed and "x=1x64" in result.numeric.data
+    assert benchmark(model, runs=1, warmup=0, memory=False).inputs == "x=1x64"
+    warned = [r.getMessage() for r in caplog.records if "instead" in r.getMessage()]
+    assert len(warned) == 2 and all("x=1x16" in w and "x=1x64" in w for w in warned)
+    assert "for the check" in warned[0] and "for the benchmark" in warned[1]
+    np.savez(tmp_path / "short.npz", x=np.ones((1, 16), np.float32))
+    with pytest.raises(RunFailedError, match=r"failed on a check sample \(x=1x16\)"):
+        check(model, model, tmp_path / "short.npz", latency_runs=0)
+
+
 def test_a_candidate_that_fails_where_the_reference_runs_is_called_broken(tmp_path):
     reference = save_proto(reflect_pad_model(8), tmp_path / "ref.onnx")
     candidate = save_proto(parse(RESHAPE_BY_THREE), tmp_path / "cand.onnx")
