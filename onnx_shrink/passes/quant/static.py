@@ -34,6 +34,7 @@ from onnx_shrink.passes.quant import (
     parameters,
     placement,
     plan_writer,
+    quantized_already,
     value_types,
 )
 from onnx_shrink.passes.quant.weight_matching import (
@@ -376,7 +377,8 @@ class QuantPass(DataAwarePass):
         reasons = float_reasons.summary(
             model.graph, self._exclusions, skipped or {}, self._dynamic_rules.float_reasons(model)
         )
-        logger.warning("quant: no node could be quantized%s", reasons)
+        already = quantized_already.note(model.graph)
+        logger.warning("quant: no node could be quantized%s%s", reasons, already)
         warn_half_precision(self.name, placement.quantizable_nodes(model.graph, self._exclusions))
         value_types.settle_inferred_types(model, keep=False)
         return ir.passes.PassResult(model, False)

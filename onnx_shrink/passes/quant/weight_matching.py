@@ -20,7 +20,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.passes.quant import compact
+from onnx_shrink.passes.quant import compact, quantized_already
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
 
 logger = logging.getLogger(__name__)
@@ -64,6 +64,17 @@ def _reads_half(node: ir.Node) -> bool:
     (quant-dynamic, quant-weight) an activation's type is often unknown, and a weight stored
     in float16 is what tells (``value_types.computes_in_half`` asks every activation)."""
     return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
+
+
+def _gathers_integers(node: ir.Node) -> bool:
+    """A Gather of a shape's dims (or other integers), known by type or by its Shape
+    producer: quant-dynamic and quant-weight infer no types."""
+    data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+    if data is None:
+        return False
+    if data.dtype is not None:
+        return not data.dtype.is_floating_point()
+    return data.producer() is not None and data.producer().op_type == "Shape"
 
 
 def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
@@ -205,9 +216,12 @@ class WeightContext:
         candidates computing in half precision (``warn_half_precision``), then what it skipped
         otherwise, by op type, with one reason (``-vv`` logs each), and the model's Conv
         nodes, which are ``quant``'s."""
-        candidates = nodes_of(self.model, op_types)
+        # A Gather of integers (a shape's dims) is no lookup of weights: neither candidate
+        # nor skipped, where the warning's count would say otherwise.
+        candidates = [n for n in nodes_of(self.model, op_types) if not _gathers_integers(n)]
         warn_half_precision(self.pass_name, candidates)
-        skipped = [(n, why) for n, why in self.skipped.items() if not _reads_half(n)]
+        kept = set(candidates)
+        skipped = [(n, w) for n, w in self.skipped.items() if n in kept and not _reads_half(n)]
         if not skipped and candidates:
             return
         kinds = "/".join(op_types)
@@ -242,11 +256,12 @@ class WeightContext:
         if convs[False]:
             hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
         logger.warning(
-            "%s: nothing quantized: no %s with a constant float weight (%s)%s",
+            "%s: nothing quantized: no %s with a constant float weight (%s)%s%s",
             self.pass_name,
             kinds,
             found,
             hint,
+            quantized_already.note(self.model.graph),
         )
 
     def weight_reason(

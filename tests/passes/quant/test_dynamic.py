@@ -318,6 +318,40 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
     assert "nothing quantized" in caplog.text and "quant's" not in caplog.text
 
 
+def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipped(caplog):
+    """ddddocr's CRNN, dynamically quantized by another tool, read "skipped 4 Gather: weight
+    '228' is not an initializer": its Gathers read a Shape, and its layers were ConvInteger.
+    quant's own line says so too."""
+    from onnx_shrink.compiler.statistics import Statistics
+    from onnx_shrink.passes.quant.static import QuantPass
+
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (uint8[1, 3, 8, 8] x) => (int32[1, 4, 6, 6] y, int64 width) {
+          y = ConvInteger(x, qw)
+          dims = Shape(x)
+          width = Gather <axis = 0> (dims, three)
+        }
+        """
+    )
+    model.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "qw"),
+            onnx.numpy_helper.from_array(np.array(3, np.int64), "three"),
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        quantized(model)
+        QuantPass().bind(Statistics({}, 0, "none"))(io.load(model))
+    warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
+    dynamic = next(w for w in warned if w.startswith("quant-dynamic"))
+    assert "(the model has none)" in dynamic and "skipped" not in dynamic
+    static = next(w for w in warned if w.startswith("quant:"))
+    for line in (dynamic, static):
+        assert line.endswith("the model is quantized already: 1 ConvInteger"), line
+
+
 def test_model_local_functions_are_skipped_with_a_reason(caplog):
     text = """
     <ir_version: 9, opset_import: ["" : 17, "local" : 1]>
