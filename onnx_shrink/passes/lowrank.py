@@ -34,6 +34,7 @@ from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
 from onnx_shrink.passes import lowrank_report
 from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit
+from onnx_shrink.passes.quant import quantized_already
 
 logger = logging.getLogger(__name__)
 
@@ -274,6 +275,7 @@ class LowRankPass(DataAwarePass):
             common_passes.RemoveUnusedNodesPass()(model)
         else:
             none = f"no {'/'.join(self.op_types)} in the main graph"
+            none += quantized_already.note(model.graph)
             warn_no_change(self.name, "layer", [p.reason for p in plans], none=none)
         return ir.passes.PassResult(model, modified)
 

@@ -34,6 +34,7 @@ from onnx_shrink.passes import half_weights, refit_budget
 from onnx_shrink.passes import reconstruct as refitting
 from onnx_shrink.passes.prune_layers import Layer, find_layers
 from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
+from onnx_shrink.passes.quant import quantized_already
 
 logger = logging.getLogger(__name__)
 
@@ -190,7 +191,8 @@ class PrunePass(DataAwarePass):
         skipped: list[str] = []
         layers = self._layers(model, skipped)
         if not layers:
-            warn_no_change(self.name, "layer", skipped, none="no MatMul, Gemm or Conv")
+            none = "no MatMul, Gemm or Conv" + quantized_already.note(model.graph)
+            warn_no_change(self.name, "layer", skipped, none=none)
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

@@ -321,8 +321,9 @@ def test_a_run_that_quantizes_nothing_says_why_at_warning_level(caplog):
 def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipped(caplog):
     """ddddocr's CRNN, dynamically quantized by another tool, read "skipped 4 Gather: weight
     '228' is not an initializer": its Gathers read a Shape, and its layers were ConvInteger.
-    quant's own line says so too."""
+    quant's and prune's lines say so too (prune-channels and lowrank write it as prune does)."""
     from onnx_shrink.compiler.statistics import Statistics
+    from onnx_shrink.passes.prune import PrunePass
     from onnx_shrink.passes.quant.static import QuantPass
 
     model = onnx.parser.parse_model(
@@ -344,11 +345,13 @@ def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipp
     with caplog.at_level(logging.WARNING):
         quantized(model)
         QuantPass().bind(Statistics({}, 0, "none"))(io.load(model))
+        PrunePass()(io.load(model))
     warned = [r.getMessage() for r in caplog.records if r.levelno == logging.WARNING]
     dynamic = next(w for w in warned if w.startswith("quant-dynamic"))
     assert "(the model has none)" in dynamic and "skipped" not in dynamic
     static = next(w for w in warned if w.startswith("quant:"))
-    for line in (dynamic, static):
+    prune = next(w for w in warned if w.startswith("prune:"))
+    for line in (dynamic, static, prune.rstrip(")")):
         assert line.endswith("the model is quantized already: 1 ConvInteger"), line
 
 
