@@ -93,7 +93,7 @@ def data_sources(
         dataset = checked_dataset(given.reference, given.model, given.where, options, held)
     check_data = options.data if options else None
     # Without data, calibration draws what the check runs on (synthetic): the same seed,
-    # with any dims the first run had to grow (``_first_run``).
+    # with any dims the first run had to grow (``synthetic.first_that_runs``).
     sources = (calibration, data, check_data, dataset)
     source = next((s for s in sources if s is not None), None)
     if dataset is not None and source is not None and source is check_data:

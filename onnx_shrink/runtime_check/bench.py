@@ -9,7 +9,6 @@ model's allocations cannot hide another's.
 from __future__ import annotations
 
 import dataclasses
-import functools
 import json
 import logging
 import os
@@ -274,15 +273,6 @@ def max_rss_bytes() -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 
 
-def runs_first_feed(session, failed: str, dataset: data_mod.Dataset) -> data_mod.Dataset:
-    """``dataset``, once ``session`` has run its first feed; ``RunFailedError`` (``failed``,
-    with the data's hint) if it cannot. The session's memory is released after the run."""
-    feed = sessions.fitted_feed(session, dataset.first_feed())
-    hint = data_mod.unfit_hint(dataset)
-    sessions.run(session, feed, failed=failed, hint=hint, release_memory=True)
-    return dataset
-
-
 def benchmark(
     model: str | os.PathLike,
     *,
@@ -298,23 +288,26 @@ def benchmark(
     """Latency for every (batch size, threads), session peak memory and size of one model."""
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)
-    first_session = sessions.create_session(model, provider=provider, threads=threads[0])
-    if data is None:  # the defaults of synthetic dims grown where the model fails on them
-        dataset = synthetic.first_that_runs(
-            dataset,
-            specs,
-            input_shapes,
-            functools.partial(runs_first_feed, first_session, f"{model} failed on its inputs"),
-            label=str(model),
-            purpose="for the benchmark",
-        )
-    base = dataset.first_feed()
     if dataset.whole_samples and set(batch_sizes) != {1}:
         raise DataError(
             f"{dataset.description}: samples given whole (one more axis than the model's "
             "input) leave the input's first axis the sample's own, not a batch: only batch "
             "size 1 can be run (give samples on the input's first axis to time batches)"
         )
+    failed = f"{model} failed on its inputs"
+    session = sessions.create_session(model, provider=provider, threads=threads[0])
+    # The defaults of synthetic dims grown where the model fails on them (one more run,
+    # made only where a dim could grow).
+    if data is None and synthetic.growable(specs, input_shapes):
+        dataset = synthetic.first_that_runs(
+            dataset,
+            specs,
+            input_shapes,
+            lambda trial: sessions.runs_first_feed(session, failed, trial),
+            label=str(model),
+            purpose="for the benchmark",
+        )
+    base = dataset.first_feed()
 
     def batched(batch: int) -> dict[str, np.ndarray]:
         return dict(base) if dataset.whole_samples else resize_batch(base, specs, batch)
@@ -322,12 +315,12 @@ def benchmark(
     hint = data_mod.unfit_hint(dataset)
     grid = []
     for index, thread_count in enumerate(threads):
-        session = first_session if index == 0 else None
-        session = session or sessions.create_session(model, provider=provider, threads=thread_count)
+        if index:  # the first thread count's session is the one made above
+            session = sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
             feed = batched(batch)
             # The first warm-up run fails clearly (the timed ones would raise onnxruntime's).
-            sessions.run(session, feed, failed=f"{model} failed on its inputs", hint=hint)
+            sessions.run(session, feed, failed=failed, hint=hint)
             grid.append(
                 measure_latency(
                     session,

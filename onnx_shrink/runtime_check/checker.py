@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import functools
 import logging
 import os
 import tempfile
@@ -138,13 +137,15 @@ def _open(
         # The conditions as extra outputs; the weights shared, not copied.
         ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
     ref_session = sessions.create_session(ref_source, provider=provider)
-    if data is None:  # the defaults of synthetic dims grown where the reference fails on them
+    # The defaults of synthetic dims grown where the reference fails on them (one more run,
+    # made only where a dim could grow).
+    if data is None and synthetic.growable(specs, input_shapes):
         failed = f"{ref.label} failed on a synthetic check sample"  # as the check's runs say
         dataset = synthetic.first_that_runs(
             dataset,
             specs,
             input_shapes,
-            functools.partial(bench.runs_first_feed, ref_session, failed),
+            lambda trial: sessions.runs_first_feed(ref_session, failed, trial),
             label=ref.label,
             purpose="for the check",
         )

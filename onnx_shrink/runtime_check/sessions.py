@@ -345,3 +345,12 @@ def missing_kernel(error: BadModelError) -> bool:
     """Whether ``create_session`` failed for want of a kernel (a provider's op or version
     coverage), not because the model is wrong."""
     return "NOT_IMPLEMENTED" in str(error)
+
+
+def runs_first_feed(session, failed: str, dataset: data_mod.Dataset) -> data_mod.Dataset:
+    """``dataset``, once ``session`` has run its first feed; ``RunFailedError`` (``failed``,
+    with the data's hint) if it cannot. The session's memory is released after the run."""
+    feed = fitted_feed(session, dataset.first_feed())
+    hint = data_mod.unfit_hint(dataset)
+    run(session, feed, failed=failed, hint=hint, release_memory=True)
+    return dataset

@@ -198,6 +198,12 @@ inputs of ``DEFAULT_DIM``: detectors and segmenters need images divisible by 32 
 PP-OCRv4 det failed at 16x16)."""
 
 
+def growable(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None) -> bool:
+    """Whether a synthetic dim would grow (``grown``): not where every dim is given or fixed,
+    nor where only the batch dim is free (the same dims take any size)."""
+    return synthetic_shapes(specs, shapes, dim=GROWN_DIMS[0]) != synthetic_shapes(specs, shapes)
+
+
 def grown(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
@@ -205,9 +211,8 @@ def grown(
     held: Mapping[str, float] | None = None,
 ) -> Iterator[Dataset]:
     """``synthetic``'s datasets with the symbolic dims no shape gives at each of
-    ``GROWN_DIMS``; none where every dim is given or fixed (nothing would change, at any
-    size: the same dims take it)."""
-    if synthetic_shapes(specs, shapes, dim=GROWN_DIMS[0]) == synthetic_shapes(specs, shapes):
+    ``GROWN_DIMS``; none where nothing can grow (``growable``)."""
+    if not growable(specs, shapes):
         return
     for dim in GROWN_DIMS:
         yield synthetic(specs, shapes, held=held, dim=dim)

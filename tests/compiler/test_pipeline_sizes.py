@@ -15,6 +15,7 @@ from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.passes.prune import PrunePass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, data
+from tests.helpers import save_proto
 
 
 def _counting_saved_bytes(monkeypatch) -> list[int]:
@@ -100,8 +101,7 @@ def test_sizes_between_passes_leave_out_the_names_given_for_the_run(tmp_path):
     proto = onnx.load(digits.MODEL_PATH)
     for node in proto.graph.node:
         node.ClearField("name")
-    path = tmp_path / "unnamed.onnx"
-    path.write_bytes(proto.SerializeToString())
+    path = save_proto(proto, tmp_path / "unnamed.onnx")
     alone = shrink(path, "fold", check=False, output=tmp_path / "fold.onnx")
     both = shrink(path, "fold,prune", check=False, output=tmp_path / "both.onnx")
     assert alone.output_bytes == (tmp_path / "fold.onnx").stat().st_size

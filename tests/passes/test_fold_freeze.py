@@ -12,9 +12,11 @@ import pytest
 from models.fetch import fetch
 from models.inputs import sample_inputs
 from onnx_shrink import shrink
+from onnx_shrink.compiler import io
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sessions
 from tests.helpers import CONVS_IN_IF, convs_in_if, run_ort
 
 
@@ -29,7 +31,7 @@ def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path
     assert [n.op_type for n in graph] == ["Conv"]  # the then-branch, in the main graph
     x = _x()
     (expected,) = run_ort(convs_in_if().SerializeToString(), {"c": np.array(True), "x": x})
-    (frozen,) = run_ort(ir.to_proto(result.model).SerializeToString(), {"x": x})
+    (frozen,) = run_ort(io.to_bytes(result.model), {"x": x})
     np.testing.assert_allclose(frozen, expected, rtol=1e-6, atol=1e-6)
     # The check feeds the reference the data's flag, and the candidate what it takes.
     np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(3)[:, None])
@@ -107,10 +109,11 @@ def test_silero_vad_at_16_khz_gets_its_convs_quantized():
     assert len(convs) == 6
     assert all(n.inputs[1].producer().op_type == "DequantizeLinear" for n in convs)
     assert result.output_bytes < 400_000
-    model = ir.to_proto(result.model).SerializeToString()
+    reference = sessions.create_session(source)
+    candidate = sessions.create_session(io.to_bytes(result.model))
     for feed in feeds:
-        (expected, _) = run_ort(source, feed)
-        (got, _) = run_ort(model, {k: v for k, v in feed.items() if k != "sr"})
+        (expected, _) = reference.run(None, feed)
+        (got, _) = candidate.run(None, sessions.declared_feed(candidate, feed))  # no "sr"
         assert abs(float(got.item()) - float(expected.item())) < 0.1
 
 

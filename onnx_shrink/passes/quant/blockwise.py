@@ -112,12 +112,12 @@ def quantize_blocks(
     qtype = quant_type(bits, symmetric)
     # Zero padding cannot widen a block's range: every range is widened to contain 0 anyway.
     lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
-    factors = CLIP_FACTORS[::-1] if mse else (1.0,)  # widest first: a tie keeps it
-    grids = _grids(lo, hi, qtype, symmetric, factors)
     if symmetric or mse:
+        factors = CLIP_FACTORS[::-1] if mse else (1.0,)  # widest first: a tie keeps it
+        grids = _grids(lo, hi, qtype, symmetric, factors)
         scales, zero_points, codes = _least_error_grid(blocks, qtype, grids)
-    else:
-        scales, zero_points = next(grids)
+    else:  # one candidate: its codes directly
+        scales, zero_points = scale_and_zero_point(lo, hi, qtype, symmetric)
         codes = quantize(blocks, scales[..., None], zero_points[..., None], qtype)
     return BlockQuantized(codes, scales, zero_points, qtype, length, symmetric)
 

@@ -21,12 +21,10 @@ from collections.abc import Mapping
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import MinMax, Statistics
-from onnx_shrink.passes.quant import placement, recurrent
-from onnx_shrink.passes.quant.numerics import QUANT_TYPES
+from onnx_shrink.passes.quant import placement, quantized_already, recurrent
 
 logger = logging.getLogger(__name__)
 
-INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4", "u4"))
 SHOWN = 3  # reasons named in the line
 # The plan's reasons name a tensor ("no range measured for input x"): counted without it.
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
@@ -107,43 +105,11 @@ def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
     reason = exclusions.reason(node)
     if reason == placement.NOT_ONLY:
         return None
-    if reason == placement.TWO_ACTIVATIONS and any(_integer_weight(v) for v in node.inputs):
+    if reason == placement.TWO_ACTIVATIONS and any(
+        quantized_already.integer_weight(v) for v in node.inputs
+    ):
         return "its weight is int8 already (an integer constant cast and scaled in the graph)"
     return reason
-
-
-def _integer_weight(value: ir.Value | None) -> bool:
-    """``value`` is an integer constant dequantized in the graph: ``DequantizeLinear``, or
-    ``Mul`` of a constant and a ``Cast`` of one (either order), maybe behind a Transpose."""
-    producer = value.producer() if value is not None else None
-    if producer is not None and producer.op_type == "Transpose":
-        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
-    if producer is None:
-        return False
-    if producer.op_type == "DequantizeLinear":
-        return _is_integer_constant(producer.inputs[0])
-    if producer.op_type != "Mul":
-        return False
-    for cast_side, scale in ((0, 1), (1, 0)):
-        cast = producer.inputs[cast_side].producer() if producer.inputs[cast_side] else None
-        other = producer.inputs[scale]
-        if (
-            cast is not None
-            and cast.op_type == "Cast"
-            and _is_integer_constant(cast.inputs[0])
-            and other is not None
-            and other.const_value is not None
-        ):
-            return True
-    return False
-
-
-def _is_integer_constant(value: ir.Value | None) -> bool:
-    return (
-        value is not None
-        and value.const_value is not None
-        and value.const_value.dtype in INTEGER_WEIGHTS
-    )
 
 
 def warn_overridable_constants(model: ir.Model) -> None:

@@ -3,7 +3,8 @@
 A model another tool quantized (ddddocr's CRNN: 21 ConvInteger behind DynamicQuantizeLinear)
 has no float layer left to quantize; without this, the warning listed the glue the passes
 skipped ("55 Mul: not between integer kernels", "4 Gather: weight is not an initializer")
-and never said why nothing else was there.
+and never said why nothing else was there. ``integer_weight`` recognizes a weight stored as
+integers and dequantized in plain ops, for ``float_reasons``.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ from __future__ import annotations
 import collections
 
 import onnx_ir as ir
+
+from onnx_shrink.passes.quant.numerics import QUANT_TYPES
 
 INTEGER_KERNELS = frozenset(
     {
@@ -29,9 +32,11 @@ INTEGER_KERNELS = frozenset(
 )
 """Standard and com.microsoft ops that compute on integer (or packed integer) weights"""
 
-_INTEGER_TYPES = frozenset(
-    {ir.DataType.INT8, ir.DataType.UINT8, ir.DataType.INT4, ir.DataType.UINT4, ir.DataType.INT16}
-)
+INTEGER_WEIGHTS = frozenset(QUANT_TYPES[name].onnx for name in ("s8", "u8", "s4", "u4"))
+"""Integer types a weight's codes are stored in"""
+
+_NOTED_CODES = INTEGER_WEIGHTS | {QUANT_TYPES["s16"].onnx}
+"""Codes whose DequantizeLinear ``note`` counts: 16-bit weights are quantized too"""
 
 
 def note(graph: ir.Graph) -> str:
@@ -49,8 +54,41 @@ def note(graph: ir.Graph) -> str:
 
 
 def _dequantizes_a_weight(node: ir.Node) -> bool:
-    if node.op_type != "DequantizeLinear" or not node.inputs:
+    return (
+        node.op_type == "DequantizeLinear"
+        and bool(node.inputs)
+        and is_integer_constant(node.inputs[0], _NOTED_CODES)
+    )
+
+
+def integer_weight(value: ir.Value | None) -> bool:
+    """``value`` is an integer constant dequantized in the graph: ``DequantizeLinear``, or
+    ``Mul`` of a constant and a ``Cast`` of one (either order), maybe behind a Transpose."""
+    producer = value.producer() if value is not None else None
+    if producer is not None and producer.op_type == "Transpose":
+        producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
+    if producer is None:
         return False
-    codes = node.inputs[0]
-    tensor = codes.const_value if codes is not None else None
-    return tensor is not None and tensor.dtype in _INTEGER_TYPES
+    if producer.op_type == "DequantizeLinear":
+        return is_integer_constant(producer.inputs[0])
+    if producer.op_type != "Mul":
+        return False
+    for cast_side, scale in ((0, 1), (1, 0)):
+        cast = producer.inputs[cast_side].producer() if producer.inputs[cast_side] else None
+        other = producer.inputs[scale]
+        if (
+            cast is not None
+            and cast.op_type == "Cast"
+            and is_integer_constant(cast.inputs[0])
+            and other is not None
+            and other.const_value is not None
+        ):
+            return True
+    return False
+
+
+def is_integer_constant(
+    value: ir.Value | None, types: frozenset[ir.DataType] = INTEGER_WEIGHTS
+) -> bool:
+    """``value`` is a constant of one of ``types`` (8- and 4-bit integers by default)."""
+    return value is not None and value.const_value is not None and value.const_value.dtype in types
