@@ -271,6 +271,8 @@ class WeightContext:
         ``rank``, with at least ``min_elements``, by default the pass's), or None."""
         if value is None or not value.is_initializer() or value.const_value is None:
             name = value.name if value else None
+            if quantized_already.integer_weight(value):  # fold would not make it float
+                return f"weight {name!r} is quantized already (integer codes dequantized)"
             if value is not None and _computed_from_constants(value):
                 return f"weight {name!r} is computed from constants: run fold first"
             return f"weight {name!r} is not an initializer"

