@@ -31,9 +31,9 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
-    nodes_of,
     trimmed,
 )
+from onnx_shrink.passes.quant.weight_warnings import nodes_of
 
 logger = logging.getLogger(__name__)
 

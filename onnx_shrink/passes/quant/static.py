@@ -40,10 +40,9 @@ from onnx_shrink.passes.quant import (
 from onnx_shrink.passes.quant.weight_matching import (
     ensure_opset,
     lift_constant_weights,
-    nodes_of,
     onnx_opset,
-    warn_half_precision,
 )
+from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_half_precision
 from onnx_shrink.passes.quant.without_statistics import DynamicRules
 
 logger = logging.getLogger(__name__)

@@ -10,7 +10,6 @@ float weights to drop once nothing reads them.
 
 from __future__ import annotations
 
-import collections
 import dataclasses
 import logging
 import re
@@ -20,8 +19,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.passes.quant import compact, quantized_already
-from onnx_shrink.passes.quant.value_types import HALF_TYPES
+from onnx_shrink.passes.quant import compact, quantized_already, weight_warnings
+from onnx_shrink.passes.quant.weight_warnings import nodes_of
 
 logger = logging.getLogger(__name__)
 
@@ -36,55 +35,6 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
     unknown = sorted(set(op_types) - set(supported))
     if unknown:
         raise ValueError(f"op_types: {', '.join(unknown)} not one of {', '.join(supported)}")
-
-
-def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
-    """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
-    the quantization passes quantize float32 computation, so their place is before ``fp16``,
-    and after ``fp32`` on a model that comes in half precision."""
-    half = [n for n in nodes if _reads_half(n)]
-    if half:
-        ops = ", ".join(sorted({n.op_type for n in half}))
-        logger.warning(
-            "%s: %d %s nodes compute in float16/bfloat16 and stay as they are (%s quantizes "
-            "float32 computation): where fp16 made them so, put %s before it (--passes "
-            "fold,%s,fp16); where the model came so, widen them first (--passes fold,fp32,%s)",
-            pass_name,
-            len(half),
-            ops,
-            pass_name,
-            pass_name,
-            pass_name,
-            pass_name,
-        )
-
-
-def _reads_half(node: ir.Node) -> bool:
-    """Any input known to be float16/bfloat16, a weight included: without type inference
-    (quant-dynamic, quant-weight) an activation's type is often unknown, and a weight stored
-    in float16 is what tells (``value_types.computes_in_half`` asks every activation)."""
-    return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
-
-
-def _gathers_integers(node: ir.Node) -> bool:
-    """A Gather of a shape's dims (or other integers), known by type or by its Shape
-    producer: quant-dynamic and quant-weight infer no types."""
-    data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
-    if data is None:
-        return False
-    if data.dtype is not None:
-        return not data.dtype.is_floating_point()
-    return data.producer() is not None and data.producer().op_type == "Shape"
-
-
-def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
-    """The standard-domain nodes of ``op_types`` in ``model``'s graph and subgraphs."""
-    return [
-        node
-        for graph in model.graphs()
-        for node in graph
-        if node.domain in ("", "ai.onnx") and node.op_type in op_types
-    ]
 
 
 def onnx_opset(model: ir.Model) -> int:
@@ -212,57 +162,8 @@ class WeightContext:
         return False
 
     def warn_nothing_quantized(self, op_types: Sequence[str]) -> None:
-        """Say why the pass quantized nothing, where the summary would only say "no change":
-        candidates computing in half precision (``warn_half_precision``), then what it skipped
-        otherwise, by op type, with one reason (``-vv`` logs each), and the model's Conv
-        nodes, which are ``quant``'s."""
-        # A Gather of integers (a shape's dims) is no lookup of weights: neither candidate
-        # nor skipped, where the warning's count would say otherwise.
-        candidates = [n for n in nodes_of(self.model, op_types) if not _gathers_integers(n)]
-        warn_half_precision(self.pass_name, candidates)
-        kept = set(candidates)
-        skipped = [(n, w) for n, w in self.skipped.items() if n in kept and not _reads_half(n)]
-        if not skipped and candidates:
-            return
-        kinds = "/".join(op_types)
-        if skipped:
-            counts = collections.Counter(n.op_type for n, _ in skipped)
-            node, why = next(
-                ((n, w) for n, w in skipped if n.op_type != "Gather"), skipped[0]
-            )  # a Gather is most often shape arithmetic: a MatMul's reason says more
-            split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
-            found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
-        else:
-            in_functions = sum(
-                n.op_type in op_types
-                for f in self.model.functions.values()
-                for n in ir.traversal.RecursiveGraphIterator(f)
-            )
-            found = (
-                f"its {in_functions} are inside model-local functions, which hold no weights"
-                if in_functions
-                else "the model has none"
-            )
-        # Only Convs with float weights: a Conv reading a DequantizeLinear is quantized already.
-        # quant calibrates the main graph's only: a body's stay float under both passes.
-        convs = collections.Counter(
-            n.graph is self.model.graph
-            for n in nodes_of(self.model, ("Conv", "ConvTranspose"))
-            if len(n.inputs) > 1 and _float_constant(n.inputs[1])
-        )
-        hint = ""
-        if convs[True]:
-            hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
-        if convs[False]:
-            hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
-        logger.warning(
-            "%s: nothing quantized: no %s with a constant float weight (%s)%s%s",
-            self.pass_name,
-            kinds,
-            found,
-            hint,
-            quantized_already.note(self.model.graph),
-        )
+        """Say why the pass quantized nothing (``weight_warnings.nothing_quantized``)."""
+        weight_warnings.nothing_quantized(self.model, self.pass_name, self.skipped, op_types)
 
     def weight_reason(
         self, value: ir.Value | None, *, rank: int = 2, min_elements: int | None = None
@@ -495,9 +396,3 @@ def gather_reason(context: WeightContext, node: ir.Node) -> str | None:
         return reason
     axis = node.attributes.get_int("axis", 0)
     return None if axis in (0, -2) else f"gathers along axis {axis}, not rows"
-
-
-def _float_constant(value: ir.Value | None) -> bool:
-    """``value`` is a constant float32 initializer (a weight a pass may quantize)."""
-    tensor = value.const_value if value is not None and value.is_initializer() else None
-    return tensor is not None and tensor.dtype == ir.DataType.FLOAT

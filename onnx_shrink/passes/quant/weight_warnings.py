@@ -1,0 +1,127 @@
+"""Why a weight-quantizing pass left nodes float, said once as a warning where its summary
+would only say "no change" (shared by ``quant``, ``quant-dynamic`` and ``quant-weight``).
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+from collections.abc import Mapping, Sequence
+
+import onnx_ir as ir
+
+from onnx_shrink.passes.quant import quantized_already
+from onnx_shrink.passes.quant.value_types import HALF_TYPES
+
+logger = logging.getLogger(__name__)
+
+
+def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
+    """The standard-domain nodes of ``op_types`` in ``model``'s graph and subgraphs."""
+    return [
+        node
+        for graph in model.graphs()
+        for node in graph
+        if node.domain in ("", "ai.onnx") and node.op_type in op_types
+    ]
+
+
+def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
+    """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
+    the quantization passes quantize float32 computation, so their place is before ``fp16``,
+    and after ``fp32`` on a model that comes in half precision."""
+    half = [n for n in nodes if _reads_half(n)]
+    if half:
+        ops = ", ".join(sorted({n.op_type for n in half}))
+        logger.warning(
+            "%s: %d %s nodes compute in float16/bfloat16 and stay as they are (%s quantizes "
+            "float32 computation): where fp16 made them so, put %s before it (--passes "
+            "fold,%s,fp16); where the model came so, widen them first (--passes fold,fp32,%s)",
+            pass_name,
+            len(half),
+            ops,
+            pass_name,
+            pass_name,
+            pass_name,
+            pass_name,
+        )
+
+
+def _reads_half(node: ir.Node) -> bool:
+    """Any input known to be float16/bfloat16, a weight included: without type inference
+    (quant-dynamic, quant-weight) an activation's type is often unknown, and a weight stored
+    in float16 is what tells (``value_types.computes_in_half`` asks every activation)."""
+    return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
+
+
+def _gathers_integers(node: ir.Node) -> bool:
+    """A Gather of a shape's dims (or other integers), known by type or by its Shape
+    producer: quant-dynamic and quant-weight infer no types."""
+    data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
+    if data is None:
+        return False
+    if data.dtype is not None:
+        return not data.dtype.is_floating_point()
+    return data.producer() is not None and data.producer().op_type == "Shape"
+
+
+def nothing_quantized(
+    model: ir.Model, pass_name: str, reasons: Mapping[ir.Node, str], op_types: Sequence[str]
+) -> None:
+    """Say why the pass quantized nothing, where the summary would only say "no change":
+    candidates computing in half precision (``warn_half_precision``), then what it skipped
+    otherwise, by op type, with one reason (``-vv`` logs each), and the model's Conv
+    nodes, which are ``quant``'s. ``reasons``: each node the pass skipped, with why."""
+    # A Gather of integers (a shape's dims) is no lookup of weights: neither candidate
+    # nor skipped, where the warning's count would say otherwise.
+    candidates = [n for n in nodes_of(model, op_types) if not _gathers_integers(n)]
+    warn_half_precision(pass_name, candidates)
+    kept = set(candidates)
+    skipped = [(n, w) for n, w in reasons.items() if n in kept and not _reads_half(n)]
+    if not skipped and candidates:
+        return
+    kinds = "/".join(op_types)
+    if skipped:
+        counts = collections.Counter(n.op_type for n, _ in skipped)
+        node, why = next(
+            ((n, w) for n, w in skipped if n.op_type != "Gather"), skipped[0]
+        )  # a Gather is most often shape arithmetic: a MatMul's reason says more
+        split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
+        found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
+    else:
+        in_functions = sum(
+            n.op_type in op_types
+            for f in model.functions.values()
+            for n in ir.traversal.RecursiveGraphIterator(f)
+        )
+        found = (
+            f"its {in_functions} are inside model-local functions, which hold no weights"
+            if in_functions
+            else "the model has none"
+        )
+    # Only Convs with float weights: a Conv reading a DequantizeLinear is quantized already.
+    # quant calibrates the main graph's only: a body's stay float under both passes.
+    convs = collections.Counter(
+        n.graph is model.graph
+        for n in nodes_of(model, ("Conv", "ConvTranspose"))
+        if len(n.inputs) > 1 and _float_constant(n.inputs[1])
+    )
+    hint = ""
+    if convs[True]:
+        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
+    if convs[False]:
+        hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
+    logger.warning(
+        "%s: nothing quantized: no %s with a constant float weight (%s)%s%s",
+        pass_name,
+        kinds,
+        found,
+        hint,
+        quantized_already.note(model.graph),
+    )
+
+
+def _float_constant(value: ir.Value | None) -> bool:
+    """``value`` is a constant float32 initializer (a weight a pass may quantize)."""
+    tensor = value.const_value if value is not None and value.is_initializer() else None
+    return tensor is not None and tensor.dtype == ir.DataType.FLOAT
