@@ -242,15 +242,20 @@ def refuse_inapplicable(config: Any, applies: dict[str, bool], why: str) -> None
 
 
 def warn_no_change(
-    pass_name: str, what: str, reasons: Sequence[str], each: str = "-v", none: str | None = None
+    pass_name: str,
+    what: str,
+    reasons: Sequence[str],
+    each: str = "-v",
+    none: str | None = None,
+    note: str = "",
 ) -> None:
     """One warning that ``pass_name`` changed nothing, with why, counted by reason, and the
     verbosity (``each``) at which the pass logs each one's own line: "no change" in the
     summary said nothing of it. ``none``: why, where there is no candidate and so no reason
-    to count (not "...: 1")."""
+    to count (not "...: 1"); ``note`` ("; ..."): what the model is, after either."""
     if not reasons and none is not None:
-        logger.warning("%s: no %s changed (%s)", pass_name, what, none)
+        logger.warning("%s: no %s changed (%s%s)", pass_name, what, none, note)
         return
     counts = collections.Counter(reason or "no reason given" for reason in reasons)
     why = "; ".join(f"{r}: {n}" for r, n in counts.most_common()) or "nothing it handles"
-    logger.warning("%s: no %s changed (%s; %s for each)", pass_name, what, why, each)
+    logger.warning("%s: no %s changed (%s%s; %s for each)", pass_name, what, why, note, each)

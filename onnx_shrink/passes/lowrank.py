@@ -275,8 +275,9 @@ class LowRankPass(DataAwarePass):
             common_passes.RemoveUnusedNodesPass()(model)
         else:
             none = f"no {'/'.join(self.op_types)} in the main graph"
-            none += quantized_already.note(model.graph)
-            warn_no_change(self.name, "layer", [p.reason for p in plans], none=none)
+            already = quantized_already.note(model.graph)
+            reasons = [p.reason for p in plans]
+            warn_no_change(self.name, "layer", reasons, none=none, note=already)
         return ir.passes.PassResult(model, modified)
 
     def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:

@@ -16,6 +16,7 @@ import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import graph_edit
+from onnx_shrink.passes.quant import quantized_already
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
 SPATIAL_ATTRIBUTES = ("strides", "pads", "dilations", "auto_pad")
@@ -35,6 +36,8 @@ def check(node: ir.Node, opset: int) -> str:
     x, weight = node.inputs[0], node.inputs[1]
     if x.const_value is not None:
         return "its input is a constant (fold it)"
+    if quantized_already.integer_weight(weight):
+        return "weight quantized already"
     if weight.const_value is None or weight.is_graph_input():
         return "weight is not a constant"
     if np.dtype(weight.const_value.dtype.numpy()) not in FLOAT_TYPES:

@@ -191,8 +191,9 @@ class PrunePass(DataAwarePass):
         skipped: list[str] = []
         layers = self._layers(model, skipped)
         if not layers:
-            none = "no MatMul, Gemm or Conv" + quantized_already.note(model.graph)
-            warn_no_change(self.name, "layer", skipped, none=none)
+            already = quantized_already.note(model.graph)
+            none = "no MatMul, Gemm or Conv"
+            warn_no_change(self.name, "layer", skipped, none=none, note=already)
             return ir.passes.PassResult(model, False)
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []

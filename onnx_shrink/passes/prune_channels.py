@@ -177,8 +177,8 @@ class PruneChannelsPass(DataAwarePass):
             logger.debug("prune-channels: %s: %d -> %d", group.label, group.channels, keep)
             plans.append((group, removed))
         if not plans:
-            none = NO_GROUPS + quantized_already.note(model.graph)
-            warn_no_change(self.name, "channel group", declined, none=none)
+            already = quantized_already.note(model.graph)
+            warn_no_change(self.name, "channel group", declined, none=NO_GROUPS, note=already)
             return ir.passes.PassResult(model, False)
         if stats is not None and self.reconstruct != "off":
             found = channel_refit.consumers(_consumer_nodes([g for g, _ in plans]))

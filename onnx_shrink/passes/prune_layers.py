@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.statistics import StatRequest
+from onnx_shrink.passes.quant import quantized_already
 
 logger = logging.getLogger("onnx_shrink.passes.prune")
 
@@ -82,6 +83,8 @@ def _no_layout_reason(node: ir.Node) -> str:
     if first is not None and first.const_value is not None:
         return f"{node.op_type} with its constant on the left (input 0), not pruned"
     if weight is None or weight.const_value is None:
+        if quantized_already.integer_weight(weight):
+            return f"{node.op_type} weight quantized already"
         producer = weight.producer() if weight is not None else None
         if producer is None or not _from_constants(producer):
             return f"{node.op_type} of two activations (no weight)"

@@ -51,10 +51,25 @@ def test_a_weight_quantized_already_is_named_as_the_reason(caplog):
 
 
 def test_prune_counts_weights_the_graph_computes(caplog):
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[8, 64] x) => (float[8, 32] y) { w = Transpose(wt) y = MatMul(x, w) }
+        """
+    )
+    wt = np.random.default_rng(0).normal(size=(32, 64)).astype(np.float32)
+    proto.graph.initializer.append(onh.from_array(wt, "wt"))
+    with caplog.at_level(logging.WARNING):
+        result = PrunePass()(io.load(proto))
+    assert not result.modified
+    assert "MatMul weight computed in the graph from constants, not stored: 1" in caplog.text
+
+
+def test_prune_says_a_weight_stored_as_integers_is_quantized_already(caplog):
     with caplog.at_level(logging.WARNING):
         result = PrunePass()(io.load(_cast_scaled()))
     assert not result.modified
-    assert "MatMul weight computed in the graph from constants, not stored: 1" in caplog.text
+    assert "MatMul weight quantized already: 1" in caplog.text
 
 
 def test_prune_tells_weightless_matmuls_apart(caplog):
