@@ -19,7 +19,7 @@ import onnx_ir as ir
 
 from onnx_shrink import calibration_hooks, each_pass, preflight, quant_targets
 from onnx_shrink.calibration_hooks import CalibrationProgress
-from onnx_shrink.compiler import graph_edit, io, pipeline, spec
+from onnx_shrink.compiler import graph_edit, io, pass_order, pipeline, spec
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.errors import (
     DataError,
@@ -197,6 +197,7 @@ def shrink(
     """
     started = time.perf_counter()
     pass_list = spec.parse_spec(passes, sets, recipe)
+    pass_order.warn_order(pass_list)
     if sensitivity and not any(isinstance(p, QuantPass) for p in pass_list):
         raise ShrinkError(f"{_NO_QUANT} (add quant to the passes, or drop --sensitivity)")
     input_shapes = preflight.parse_shapes(input_shapes)

@@ -1,0 +1,69 @@
+"""Pass orders in which a pass finds nothing left to do, said before any model is read.
+
+A quantizing pass (``quant``, ``quant-dynamic``, ``quant-weight``) leaves the layers it
+quantizes as integer codes; ``prune``, ``prune-channels`` and ``lowrank`` rewrite float
+weights only, so after it they pass those layers by, and say so only once the calibration
+they waited for is over ("no layer changed"). Pruning first is also the better order where
+both could run: the quantizer then calibrates, and fits its scales to, the weights that ship.
+
+Other orders are the passes' own to judge, as they run: a quantizer after ``fp16`` and
+``lowrank`` after ``prune`` warn then, with what they found.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Sequence
+
+import onnx_ir as ir
+
+logger = logging.getLogger(__name__)
+
+QUANTIZERS = frozenset({"quant", "quant-dynamic", "quant-weight"})
+"""Passes that leave the weights they quantize as integer codes"""
+
+FLOAT_REWRITERS = frozenset({"prune", "prune-channels", "lowrank"})
+"""Passes that rewrite float weights only"""
+
+
+def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
+    """Warn once where a float rewriter comes after a quantizer, with the order that runs
+    both; the warning's text, or None where the order is fine."""
+    names = [_name(p) for p in passes]
+    first_quantizer = next((i for i, n in enumerate(names) if n in QUANTIZERS), None)
+    if first_quantizer is None:
+        return None
+    late = [n for n in names[first_quantizer + 1 :] if n in FLOAT_REWRITERS]
+    if not late:
+        return None
+    quantizers = list(dict.fromkeys(n for n in names if n in QUANTIZERS))
+    rewriters = list(dict.fromkeys(late))
+    message = (
+        f"{_listed(rewriters)} after {_listed(quantizers)} in the passes: the layers "
+        f"{_listed(quantizers)} {_verb('quantize', quantizers)} hold integer codes, which "
+        f"{_listed(rewriters)} {_verb('leave', rewriters)} as they are; --passes "
+        f"{','.join(reordered(names))} does both"
+    )
+    logger.warning(message)
+    return message
+
+
+def reordered(names: Sequence[str]) -> list[str]:
+    """``names`` with every float rewriter that follows a quantizer moved just before the
+    first quantizer, the rest in their order."""
+    first = next((i for i, n in enumerate(names) if n in QUANTIZERS), len(names))
+    moved = [n for n in names[first:] if n in FLOAT_REWRITERS]
+    rest = [n for n in names[first:] if n not in FLOAT_REWRITERS]
+    return [*names[:first], *moved, *rest]
+
+
+def _name(pass_: ir.passes.PassBase) -> str:
+    return getattr(pass_, "name", type(pass_).__name__)
+
+
+def _listed(names: Sequence[str]) -> str:
+    return ", ".join(names[:-1]) + f" and {names[-1]}" if len(names) > 1 else names[0]
+
+
+def _verb(verb: str, subjects: Sequence[str]) -> str:
+    return verb if len(subjects) > 1 else f"{verb}s"
