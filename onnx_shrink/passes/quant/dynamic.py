@@ -33,11 +33,17 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import nodes_of
+from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_float_convs
 
 logger = logging.getLogger(__name__)
 
 SUPPORTED_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
+
+CONV_LEFT_FLOAT = (
+    "; quant-dynamic takes no Conv: onnxruntime runs a dynamically quantized Conv as "
+    "ConvInteger, slower than float"
+)
+"""Why quant-dynamic leaves Conv float, for ``warn_float_convs``"""
 INT8 = QUANT_TYPES["s8"]
 
 
@@ -128,6 +134,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             context.warn_nothing_quantized(self.op_types)
         if count and self.narrow_storage:
             compact.store_narrow(model)
+        if count:
+            warn_float_convs(model, self.name, CONV_LEFT_FLOAT)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def context(self, model: ir.Model) -> WeightContext:

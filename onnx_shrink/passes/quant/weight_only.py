@@ -42,7 +42,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     onnx_opset,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import nodes_of
+from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_float_convs
 
 logger = logging.getLogger(__name__)
 
@@ -208,6 +208,8 @@ class WeightOnlyQuantPass(DataAwarePass):
         logger.info("%s: quantized %d nodes", self.name, count)
         if not count:
             context.warn_nothing_quantized(self.op_types)
+        else:
+            warn_float_convs(model, self.name)
         gemms = nodes_of(model, ("Gemm",))
         if gemms:
             logger.warning(

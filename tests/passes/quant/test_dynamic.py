@@ -12,6 +12,7 @@ import pytest
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 from tests.helpers import run_ort
 
 RNG = np.random.default_rng(0)
@@ -435,3 +436,41 @@ def test_minilm_keeps_its_sentence_embeddings_at_a_quarter_of_the_size():
     )
     assert cosine.min() >= 0.99
     assert len(quantized_bytes) < 0.3 * io.file_bytes(path)
+
+
+CONV_THEN_MATMUL = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[1, 16, 8, 32] x) => (float[1, 16, 8, 64] y) {
+      c = Conv <pads = [1, 1, 1, 1]> (x, cw)
+      y = MatMul(c, mw)
+    }
+"""
+
+
+@pytest.mark.parametrize("outputs", [64, 4096])
+def test_float_convs_that_hold_most_weights_are_named_after_the_others_are_quantized(
+    outputs, caplog
+):
+    """A model whose Convs hold most of its weights shrank by little under quant-dynamic
+    and quant-weight, which leave Conv to quant, and nothing said why."""
+    model = with_weights(
+        CONV_THEN_MATMUL.replace("8, 64] y", f"8, {outputs}] y"),
+        cw=RNG.normal(size=(16, 16, 3, 3)).astype(np.float32),  # 9 KiB
+        mw=RNG.normal(size=(32, outputs)).astype(np.float32),  # 2 or 128 KiB as int8
+    )
+    for pass_ in (
+        QuantDynamicPass(min_weight_elements=1),
+        WeightOnlyQuantPass(min_weight_elements=1),
+    ):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            assert pass_(io.load(model)).modified
+        warned = [r.getMessage() for r in caplog.records if "stay float in" in r.getMessage()]
+        if outputs == 4096:  # the Conv's 9 KiB are under a quarter of the weights
+            assert not warned
+            continue
+        assert len(warned) == 1, warned
+        assert warned[0].startswith(f"{pass_.name}: 9.0 KiB of weights"), warned
+        assert "stay float in its 1 Conv node: " in warned[0]
+        assert "quant (static, calibrated) quantizes them" in warned[0]
+        assert ("ConvInteger" in warned[0]) == (pass_.name == "quant-dynamic")
