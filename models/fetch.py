@@ -57,6 +57,12 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
   ``output_0`` float32 [batch, 16, tags]. Its ``base_dict.json`` (the same folder) lists the
   dictionary's words.
 
+* magika -- ``magika/models/standard_v3_3/model.onnx`` from ``magika==1.0.3`` (a binary
+  wheel: pip picks this platform's), 3.2 MB, IR 8, opset 15 (jax2tf export): Google's
+  file-type classifier. Input ``bytes`` int32 [batch, 2048] (the first and last 1024 bytes
+  of a file, whitespace-stripped, 256-padded: ``models.files``); output ``target_label``
+  [batch, 214] (softmax scores of the labels its ``config.min.json`` lists).
+
 The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
 ``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
 dictionary inside the rec model's metadata. The silero-vad wheel has more variants under
@@ -191,6 +197,13 @@ REAL_MODELS: dict[str, RealModel] = {
         "Slovorez Russian morpheme tagger (Keras mixed precision: float16 Convs beside a "
         "float32 embedding), 1.4 MB",
         "a43bd07bcb4a0db221062edfec035a6d7d108b1ec1e17bbd92137b5102947629",
+    ),
+    "magika": RealModel(
+        "magika==1.0.3",
+        "magika/models/standard_v3_3/model.onnx",
+        "magika standard_v3_3 file-type classifier (byte embedding, one Conv, 214 labels; "
+        "onnxruntime's quantize_static fails on it), 3.2 MB",
+        "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
     ),
 }
 

@@ -30,6 +30,8 @@ Contract:
         Cyrillic character's id (4-36 in the package's vocabulary), 0-padded.
       - nsnet2: ``input`` float32 [1, 49, 161]: the log power spectra NSNet2's package
         computes (``models.speech.nsnet2_features``) of half a second of speech-like audio.
+      - magika: ``bytes`` int32 [4, 2048]: the features magika reads (``models.files``) of
+        four real files of the Python installation, drawn by the seed.
 
 Only numpy; nothing here runs a model.
 """
@@ -40,7 +42,7 @@ from collections.abc import Callable
 
 import numpy as np
 
-from models import speech
+from models import files, speech
 
 CLS_ID, SEP_ID = 101, 102
 SILERO_SAMPLES = 576  # 64 context + 512 chunk at 16 kHz
@@ -122,6 +124,10 @@ def _spectra(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"input": speech.nsnet2_features(audio)[None]}
 
 
+def _files(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    return {"bytes": files.features(files.python_files(4, seed=int(rng.integers(1 << 30))))}
+
+
 _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "minilm": _minilm,
     "ppocr-det": lambda rng: _page(rng, 64, 64),
@@ -135,6 +141,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "csmask-fp16": _tile,
     "slovorez-fp16": _words,
     "nsnet2": _spectra,
+    "magika": _files,
 }
 
 
