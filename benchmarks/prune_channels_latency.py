@@ -56,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
             HEADING,
             "",
             *results.provenance(
-                ".venv/bin/python benchmarks/prune_channels_latency.py", ("onnxruntime", "onnx-ir")
+                results.command_line("benchmarks/prune_channels_latency.py", argv),
+                ("onnxruntime", "onnx-ir"),
             ),
             "",
             f"Ratio {args.ratio}, default options, no reconstruction (it changes no shape); "

@@ -21,6 +21,7 @@ Nothing here runs a model; numpy only.
 
 from __future__ import annotations
 
+import functools
 import sysconfig
 from pathlib import Path
 
@@ -38,14 +39,7 @@ _INSTALLED = frozenset({"site-packages", "dist-packages"})
 def python_files(n: int, seed: int) -> list[Path]:
     """``n`` files of the standard library folder, a seeded draw (see the module's doc)."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    candidates = sorted(
-        p
-        for p in root.rglob("*")
-        if p.is_file()
-        and not p.is_symlink()
-        and _INSTALLED.isdisjoint(p.relative_to(root).parts)
-        and _size(p) >= MIN_BYTES
-    )
+    candidates = _candidates(root)
     if len(candidates) < n:
         raise ValueError(f"{root} holds {len(candidates)} files of {MIN_BYTES}+ bytes, not {n}")
     # Round robin over file suffixes, each in a seeded order: bytecode is most of the folder
@@ -61,6 +55,22 @@ def python_files(n: int, seed: int) -> list[Path]:
             if queue and len(drawn) < n:
                 drawn.append(queue.pop())
     return drawn
+
+
+@functools.cache
+def _candidates(root: Path) -> tuple[Path, ...]:
+    """The files of ``root`` ``python_files`` draws from, sorted: listed once a process
+    (walking the standard library takes most of a second)."""
+    return tuple(
+        sorted(
+            p
+            for p in root.rglob("*")
+            if p.is_file()
+            and not p.is_symlink()
+            and _INSTALLED.isdisjoint(p.relative_to(root).parts)
+            and _size(p) >= MIN_BYTES
+        )
+    )
 
 
 def magika_features(data: bytes) -> np.ndarray:

@@ -18,8 +18,8 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit, io
 from onnx_shrink.compiler.dumps import dump_files
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.errors import BadModelError, DataError, ShrinkError
-from onnx_shrink.passes.quant.weight_matching import onnx_opset
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
 

@@ -99,3 +99,8 @@ def convs_in_if(main_conv: bool = False) -> onnx.ModelProto:
             proto.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
     onnx.checker.check_model(proto, full_check=True)
     return proto
+
+
+def convs_in_if_x(samples: int = 1) -> np.ndarray:
+    """Seeded values for ``convs_in_if``'s input ``x``: ``samples`` images [4, 8, 8]."""
+    return np.random.default_rng(1).normal(size=(samples, 4, 8, 8)).astype(np.float32)

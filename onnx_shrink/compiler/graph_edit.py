@@ -81,10 +81,7 @@ def restore_proto_names(proto: onnx.ModelProto, naming: Naming) -> None:
                     node.name = old
                 else:  # as serializing an unnamed node writes it: no name field
                     node.ClearField("name")
-            for attribute in node.attribute:
-                if attribute.HasField("g"):
-                    graphs.append(attribute.g)
-                graphs.extend(attribute.graphs)
+            graphs.extend(walk.proto_bodies(node))
 
 
 def original_name(name: str | None, naming: Naming) -> str | None:

@@ -185,9 +185,10 @@ class _Pipeline:
         if followup_collect is not None:  # a follow-up's calibration is calibration time
             calibration_seconds += followup_collect.seconds
             seconds -= followup_collect.seconds
-        measured = isinstance(result, MeasuredResult) and not self._renamed
         if self.current_bytes is None:  # the pass left its input as it was
-            self.current_bytes = result.bytes_before if measured else self._saved_bytes(model)
+            self.current_bytes = (
+                result.bytes_before if self._measured(result) else self._saved_bytes(model)
+            )
         # Unchanged, the model goes on as it was: quant on an already-int8 model raised its
         # opset and inferred types, then said no change.
         model = result.model if result.modified else snapshot
@@ -220,17 +221,18 @@ class _Pipeline:
     def _bytes_after(self, result: ir.passes.PassResult, model: ir.Model) -> int:
         """The step's result's size: a functional pass measured it; unchanged, the model is
         the one measured before the step (no second serialization)."""
-        if isinstance(result, MeasuredResult) and not self._renamed:
+        if self._measured(result):
             return result.bytes_after
         if not result.modified:
             assert self.current_bytes is not None
             return self.current_bytes
         return self._saved_bytes(model)
 
-    @property
-    def _renamed(self) -> bool:
-        """Whether nodes carry names given for the run: a pass's own measure counts them."""
-        return self.naming is not None and bool(self.naming.given)
+    def _measured(self, result: ir.passes.PassResult) -> bool:
+        """Whether the pass measured its sizes as the model will be written: a functional
+        pass did, unless nodes carry names given for the run (its measure counts them)."""
+        renamed = self.naming is not None and bool(self.naming.given)
+        return isinstance(result, MeasuredResult) and not renamed
 
     def _saved_bytes(self, model: ir.Model) -> int:
         """The size ``model`` takes once written, without the names given for the run (the

@@ -235,12 +235,11 @@ def _outer_constants_into_bodies(
         if tensor.data_location != onnx.TensorProto.EXTERNAL:  # stand-ins hold no values
             known[tensor.name] = tensor
     for node in graph.node:
-        for attribute in node.attribute:
-            for body in [attribute.g] if attribute.HasField("g") else attribute.graphs:
-                own = {tensor.name for tensor in body.initializer}
-                read = {name for inner in body.node for name in inner.input}
-                body.initializer.extend(known[name] for name in sorted(read - own) if name in known)
-                _outer_constants_into_bodies(body, known)
+        for body in walk.proto_bodies(node):
+            own = {tensor.name for tensor in body.initializer}
+            read = {name for inner in body.node for name in inner.input}
+            body.initializer.extend(known[name] for name in sorted(read - own) if name in known)
+            _outer_constants_into_bodies(body, known)
 
 
 def _standard_stand_ins(graph: onnx.GraphProto) -> None:
@@ -330,10 +329,8 @@ def _value_dims(
             if symbolic is not None and any(d.dim_value <= 0 for d in dims_checked):
                 symbolic.add(info.name)
     for node in graph.node:
-        for attribute in node.attribute:
-            single = [attribute.g] if attribute.HasField("g") else []
-            for subgraph in [*single, *attribute.graphs]:
-                result.update(_value_dims(subgraph, symbolic, main=False))
+        for subgraph in walk.proto_bodies(node):
+            result.update(_value_dims(subgraph, symbolic, main=False))
     return result
 
 

@@ -8,7 +8,13 @@ from __future__ import annotations
 
 from collections.abc import Iterator
 
+import onnx
 import onnx_ir as ir
+
+
+def onnx_opset(model: ir.Model) -> int:
+    """The model's version of the default ONNX domain (1 when it imports none)."""
+    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
 def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
@@ -66,6 +72,14 @@ def bodies(node: ir.Node) -> Iterator[ir.Graph]:
             yield attr.as_graph()
         elif attr.type == ir.AttributeType.GRAPHS:
             yield from attr.as_graphs()
+
+
+def proto_bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
+    """``bodies`` of a serialized node: the graphs its attributes hold."""
+    for attribute in node.attribute:
+        if attribute.HasField("g"):
+            yield attribute.g
+        yield from attribute.graphs
 
 
 def graph_values(graph: ir.Graph) -> Iterator[ir.Value]:

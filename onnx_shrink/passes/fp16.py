@@ -24,9 +24,9 @@ from onnx_shrink.compiler.options import (
     warn_unmatched_op_types,
 )
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weights
-from onnx_shrink.passes.quant.weight_matching import onnx_opset
 
 logger = logging.getLogger(__name__)
 

@@ -27,6 +27,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe, ProbeBudget
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
@@ -320,7 +321,7 @@ class LowRankPass(DataAwarePass):
 
     def _candidates(self, model: ir.Model) -> list[tuple[ir.Node, str]]:
         """(node, reason to skip or "") for every node of ``op_types`` in the main graph."""
-        opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
+        opset = walk.onnx_opset(model)
         result = []
         for node in model.graph:
             if node.op_type not in self.op_types or node.domain not in ("", "ai.onnx"):

@@ -17,6 +17,8 @@ import numpy as np
 import onnx
 import onnx_ir as ir
 
+from onnx_shrink.compiler import walk
+
 BRANCHES = ("then_branch", "else_branch")
 
 
@@ -112,6 +114,5 @@ def _strip(graph: onnx.GraphProto) -> None:
     for node in graph.node:
         node.ClearField("doc_string")
         del node.metadata_props[:]
-        for attribute in node.attribute:
-            for body in ([attribute.g] if attribute.HasField("g") else []) + list(attribute.graphs):
-                _strip(body)
+        for body in walk.proto_bodies(node):
+            _strip(body)

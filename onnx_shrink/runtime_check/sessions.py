@@ -347,7 +347,9 @@ def missing_kernel(error: BadModelError) -> bool:
     return "NOT_IMPLEMENTED" in str(error)
 
 
-def runs_first_feed(session, failed: str, dataset: data_mod.Dataset) -> data_mod.Dataset:
+def runs_first_feed(
+    session: ort.InferenceSession, failed: str, dataset: data_mod.Dataset
+) -> data_mod.Dataset:
     """``dataset``, once ``session`` has run its first feed; ``RunFailedError`` (``failed``,
     with the data's hint) if it cannot. The session's memory is released after the run."""
     feed = fitted_feed(session, dataset.first_feed())

@@ -261,7 +261,9 @@ def test_a_model_that_fails_on_the_check_inputs_is_one_clear_error(tmp_path):
     assert f"{model_path} failed" in errors[0] and not output.exists()
 
 
-def test_synthetic_dims_grow_where_the_model_fails_on_the_default_ones(tmp_path, caplog):
+def test_synthetic_dims_grow_where_the_model_fails_on_the_default_ones(
+    tmp_path, caplog, monkeypatch
+):
     """A reflect Pad of 40 refuses synthetic rows of 16 (as YOLOv8n and PP-OCRv4 det refused
     16x16 images: they need multiples of 32); at 64 it runs. The warning names both, and
     calibration draws the inputs the check ran: quant's statistics are those of rows of
@@ -288,9 +290,8 @@ def test_synthetic_dims_grow_where_the_model_fails_on_the_default_ones(tmp_path,
         shapes.append(next(dataset.batches()).feed["x"].shape)
         return real_collect(model, requests, dataset, **kwargs)
 
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(collect, "collect", collect_spy)
-        result = shrink(str(path), passes="quant", output=str(tmp_path / "out.onnx"))
+    monkeypatch.setattr(collect, "collect", collect_spy)
+    result = shrink(str(path), passes="quant", output=str(tmp_path / "out.onnx"))
     assert result.verification is not None and "x=1x4x64" in result.verification.numeric.data
     assert shapes and set(shapes) == {(1, 4, 64)}
     assert any(n.op_type == "QuantizeLinear" for n in onnx.load(tmp_path / "out.onnx").graph.node)

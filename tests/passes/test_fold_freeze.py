@@ -17,11 +17,7 @@ from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sessions
-from tests.helpers import CONVS_IN_IF, convs_in_if, run_ort
-
-
-def _x(samples: int = 1) -> np.ndarray:
-    return np.random.default_rng(1).normal(size=(samples, 4, 8, 8)).astype(np.float32)
+from tests.helpers import CONVS_IN_IF, convs_in_if, convs_in_if_x, run_ort
 
 
 def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path):
@@ -29,19 +25,19 @@ def test_a_frozen_flag_folds_the_if_to_its_branch_and_leaves_the_inputs(tmp_path
     graph = result.model.graph
     assert [v.name for v in graph.inputs] == ["x"]
     assert [n.op_type for n in graph] == ["Conv"]  # the then-branch, in the main graph
-    x = _x()
+    x = convs_in_if_x()
     (expected,) = run_ort(convs_in_if().SerializeToString(), {"c": np.array(True), "x": x})
     (frozen,) = run_ort(io.to_bytes(result.model), {"x": x})
     np.testing.assert_allclose(frozen, expected, rtol=1e-6, atol=1e-6)
     # The check feeds the reference the data's flag, and the candidate what it takes.
-    np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(3)[:, None])
+    np.savez(tmp_path / "d.npz", c=np.array(True), x=convs_in_if_x(3)[:, None])
     checked = shrink(convs_in_if(), "fold", sets="fold.freeze=c=true", data=tmp_path / "d.npz")
     assert checked.verification is not None
     assert checked.verification.numeric.outputs[0].max_abs_error < 1e-5
 
 
 def test_quant_calibrates_the_layers_a_frozen_input_brought_into_the_main_graph(caplog):
-    calibration = {"c": np.array(True), "x": _x(4)[:, None]}
+    calibration = {"c": np.array(True), "x": convs_in_if_x(4)[:, None]}
     with caplog.at_level(logging.WARNING):
         plain = shrink(convs_in_if(), "fold,quant", check=False, calibration=calibration)
     assert "(2 Conv: inside an If/Loop/Scan body" in caplog.text
@@ -160,7 +156,7 @@ def test_synthetic_data_holds_the_frozen_value(flag):
 
 
 def test_data_that_gives_a_frozen_input_another_value_is_warned_of(tmp_path, caplog):
-    np.savez(tmp_path / "d.npz", c=np.array(True), x=_x(2)[:, None])
+    np.savez(tmp_path / "d.npz", c=np.array(True), x=convs_in_if_x(2)[:, None])
     with caplog.at_level(logging.WARNING):
         shrink(convs_in_if(), "fold", sets="fold.freeze=c=false", data=tmp_path / "d.npz")
     assert "fold.freeze holds input 'c' at 0, but" in caplog.text

@@ -409,11 +409,8 @@ def _drop_initializer_value_info(graph: onnx.GraphProto) -> None:
         del graph.value_info[:]
         graph.value_info.extend(kept)
     for node in graph.node:
-        for attr in node.attribute:
-            if attr.HasField("g"):
-                _drop_initializer_value_info(attr.g)
-            for subgraph in attr.graphs:
-                _drop_initializer_value_info(subgraph)
+        for subgraph in walk.proto_bodies(node):
+            _drop_initializer_value_info(subgraph)
 
 
 def parse_bytes(data: bytes) -> onnx.ModelProto:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import onnx
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.io import embedded_weights
 from onnx_shrink.errors import BadModelError
 
@@ -135,10 +136,7 @@ def _check_domains(proto: onnx.ModelProto, where: str) -> None:
                     f"unknown custom domain '{node.domain}'; onnxruntime cannot run it without "
                     "its custom-op library"
                 )
-            for attr in node.attribute:
-                if attr.HasField("g"):
-                    stack.append(attr.g.node)
-                stack.extend(g.node for g in attr.graphs)
+            stack.extend(body.node for body in walk.proto_bodies(node))
 
 
 def one_line(error: BaseException) -> str:

@@ -27,7 +27,7 @@ become unsigned by adding ``2^(bits-1)``, which is the default zero point of tho
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Iterator
+from collections.abc import Iterable, Iterator
 
 import numpy as np
 
@@ -123,7 +123,7 @@ def quantize_blocks(
 
 
 def _grids(
-    lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool, factors
+    lo: np.ndarray, hi: np.ndarray, qtype: QuantType, symmetric: bool, factors: Iterable[float]
 ) -> Iterator[tuple[np.ndarray, np.ndarray]]:
     """Each block's candidate scales and zero points: for each factor, its range times the
     factor, and for symmetric codes also the full grid of that range (module doc)."""

@@ -24,6 +24,7 @@ from onnx_shrink.compiler.statistics import (
     Statistics,
     StatRequest,
 )
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import (
     bias_correction,
@@ -37,11 +38,7 @@ from onnx_shrink.passes.quant import (
     quantized_already,
     value_types,
 )
-from onnx_shrink.passes.quant.weight_matching import (
-    ensure_opset,
-    lift_constant_weights,
-    onnx_opset,
-)
+from onnx_shrink.passes.quant.weight_matching import ensure_opset, lift_constant_weights
 from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_half_precision
 from onnx_shrink.passes.quant.without_statistics import DynamicRules
 

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes.quant import compact, quantized_already, weight_warnings
 from onnx_shrink.passes.quant.weight_warnings import nodes_of
 
@@ -35,11 +36,6 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
     unknown = sorted(set(op_types) - set(supported))
     if unknown:
         raise ValueError(f"op_types: {', '.join(unknown)} not one of {', '.join(supported)}")
-
-
-def onnx_opset(model: ir.Model) -> int:
-    """The model's version of the default ONNX domain (1 when it imports none)."""
-    return model.opset_imports.get("", model.opset_imports.get("ai.onnx", 1))
 
 
 def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> bool:

@@ -21,6 +21,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import gptq_grams
 from onnx_shrink.passes.quant.blockwise import (
@@ -39,7 +40,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     gather_reason,
     lift_constant_weights,
     match_linear,
-    onnx_opset,
     trimmed,
 )
 from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_float_convs

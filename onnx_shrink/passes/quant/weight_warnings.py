@@ -10,6 +10,7 @@ from collections.abc import Mapping, Sequence
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.passes.quant import quantized_already
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
 from onnx_shrink.wording import counted, human_bytes
@@ -100,13 +101,8 @@ def nothing_quantized(
             if in_functions
             else "the model has none"
         )
-    # Only Convs with float weights: a Conv reading a DequantizeLinear is quantized already.
     # quant calibrates the main graph's only: a body's stay float under both passes.
-    convs = collections.Counter(
-        n.graph is model.graph
-        for n in nodes_of(model, ("Conv", "ConvTranspose"))
-        if len(n.inputs) > 1 and _float_constant(n.inputs[1])
-    )
+    convs = collections.Counter(n.graph is model.graph for n in _float_convs(model))
     hint = ""
     if convs[True]:
         hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
@@ -120,6 +116,16 @@ def nothing_quantized(
         hint,
         quantized_already.note(model.graph),
     )
+
+
+def _float_convs(model: ir.Model) -> list[ir.Node]:
+    """The Conv and ConvTranspose nodes, bodies' included, whose weight is float32: a Conv
+    reading a DequantizeLinear is quantized already."""
+    return [
+        n
+        for n in nodes_of(model, ("Conv", "ConvTranspose"))
+        if len(n.inputs) > 1 and _float_constant(n.inputs[1])
+    ]
 
 
 def _float_constant(value: ir.Value | None) -> bool:
@@ -141,18 +147,9 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     instead: onnxruntime runs it as ConvInteger, and ``quantize_dynamic``'s magika took 37.7
     ms a file where the float model took 5.4 (quant's, calibrated, 2.7). ``why`` ("; ..."):
     why the pass leaves Conv float."""
-    convs = [
-        n
-        for n in nodes_of(model, ("Conv", "ConvTranspose"))
-        if len(n.inputs) > 1 and _float_constant(n.inputs[1])
-    ]
+    convs = _float_convs(model)
     weights = {id(n.inputs[1]): n.inputs[1].const_value.nbytes for n in convs}
-    total = sum(
-        value.const_value.nbytes
-        for graph in model.graphs()
-        for value in graph.initializers.values()
-        if value.const_value is not None
-    )
+    total = sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
     held = sum(weights.values())
     if not total or held < FLOAT_CONV_SHARE * total:
         return

