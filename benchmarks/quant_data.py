@@ -35,17 +35,8 @@ a quantizer is never scored on the samples it calibrated on:
   correlation with fp32 of each anchor's best class score, over the anchors where fp32's is at
   least 0.01 (0 when the candidate's scores are constant: collapsed); the median absolute
   error of the box coordinates, in pixels.
-* ``dtln-1`` -- DTLN speech enhancement, stage 1 (two stacked LSTMs, the model users quantize
-  with ``quantize_dynamic``'s DynamicQuantizeLSTM): streaming frames of speech-like audio in
-  noise (``models.speech``: |rfft| of 512-sample frames, hop 128, the float model's LSTM
-  states carried from frame to frame, every 5th frame kept; seed 0: calibration, seed 1:
-  evaluation, 200 frames). Metrics: mean and worst cosine of each frame's mask to fp32's,
-  and mean cosine of the next states (what the following frame starts from).
-* ``nsnet2`` -- NSNet2 noise suppression (two GRUs hold 71 % of its weights; onnxruntime has
-  no integer GRU kernel): one-second clips of speech-like audio in noise as its package
-  featurizes them (``models.speech.nsnet2_features``: [1, 99, 161] log power spectra; seed i:
-  calibration clip i, seed 10000 + i: evaluation clip i, 32 clips). Metrics: mean and worst
-  cosine of each clip's suppression mask to fp32's, and the masks' relative error.
+* ``dtln-1`` and ``nsnet2`` -- speech enhancement on streamed audio: see
+  ``benchmarks/audio_tasks.py``.
 
 Calibration with N samples uses the first N of the calibration set, one sample per run. The
 same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
@@ -66,7 +57,15 @@ from benchmarks.quant_metrics import cosine_rows, pairwise_cosines, spearman
 from models.fetch import fetch
 
 Feed = dict[str, np.ndarray]
-MODELS = ("digits", "minilm", "ppocr-rec", "ppocr-det", "yolov8n-nudenet", "dtln-1", "nsnet2")
+MODELS = (
+    "digits",
+    "minilm",
+    "ppocr-rec",
+    "ppocr-det",
+    "yolov8n-nudenet",
+    "dtln-1",
+    "nsnet2",
+)
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
 DET_PAGE = (320, 320)
@@ -356,94 +355,6 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     )
 
 
-def dtln_task(calibration: int = MAX_CALIBRATION, evaluation_frames: int = 200) -> Task:
-    """DTLN stage 1 (two LSTMs) on streamed frames of speech-like audio, states carried."""
-    from models import speech
-    from onnx_shrink.runtime_check.sessions import create_session
-
-    path = fetch("dtln-1")
-    session = create_session(path)
-
-    def frames(count: int, seed: int) -> Feed:
-        audio = speech.voiced(1.0 + count * 5 * speech.HOP / speech.RATE, seed)
-        return speech.dtln_frames(audio, lambda feed: session.run(None, feed), count)
-
-    calib, evaluation = frames(calibration, 0), frames(evaluation_frames, 1)
-
-    def predict(candidate) -> np.ndarray:  # batch 1: one run a frame
-        return np.concatenate(
-            [
-                np.concatenate([o.reshape(1, -1) for o in candidate.run(None, _frame(i))], 1)
-                for i in range(evaluation_frames)
-            ]
-        )
-
-    def _frame(i: int) -> Feed:
-        return {k: v[i : i + 1] for k, v in evaluation.items()}
-
-    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-        masks = cosine_rows(reference[:, :257], candidate[:, :257])
-        states = cosine_rows(reference[:, 257:], candidate[:, 257:])
-        return {
-            "mask cosine": float(masks.mean()),
-            "min mask cosine": float(masks.min()),
-            "state cosine": float(states.mean()),
-        }
-
-    return Task(
-        name="dtln-1",
-        model=path,
-        calibration=calib,
-        evaluation=evaluation,
-        latency_feed=_frame(0),
-        latency_input="1 frame: |rfft| [1, 1, 257] and states [1, 2, 128, 2]",
-        predict=predict,
-        fidelity=fidelity,
-        metrics=("mask cosine", "min mask cosine", "state cosine"),
-        split="DTLN's streaming frames (models.speech: 512-sample |rfft|, hop 128, the float "
-        f"model's states carried) of speech-like audio in noise, every 5th frame; calibration: "
-        f"seed 0, {calibration}; evaluation: seed 1, {evaluation_frames}",
-    )
-
-
-def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) -> Task:
-    """NSNet2 (two GRUs) on one-second clips of speech-like audio, whole clips a run."""
-    from models import speech
-
-    def clips(count: int, first_seed: int) -> np.ndarray:
-        return np.stack(
-            [speech.nsnet2_features(speech.voiced(1.0, first_seed + i)) for i in range(count)]
-        )
-
-    calib, evaluation = clips(calibration, 0), clips(evaluation_clips, 10_000)
-
-    def predict(session) -> np.ndarray:
-        return run_batches(session, {"input": evaluation}, "output", 8)
-
-    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-        count = len(reference)
-        masks = cosine_rows(reference.reshape(count, -1), candidate.reshape(count, -1))
-        error = np.linalg.norm(candidate - reference) / np.linalg.norm(reference)
-        return {
-            "mask cosine": float(masks.mean()),
-            "min mask cosine": float(masks.min()),
-            "mask rel err": float(error),
-        }
-
-    return Task(
-        name="nsnet2",
-        model=fetch("nsnet2"),
-        **one_input("input", calib, evaluation),
-        latency_input="1 clip: log power spectra [1, 99, 161]",
-        predict=predict,
-        fidelity=fidelity,
-        metrics=("mask cosine", "min mask cosine", "mask rel err"),
-        split="one-second clips of speech-like audio in noise (models.speech), NSNet2's log "
-        f"power spectra; calibration: seeds 0.., {calibration}; evaluation: seeds 10000.., "
-        f"{evaluation_clips}",
-    )
-
-
 def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     import onnx
 
@@ -493,10 +404,12 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return det_task(calibration, 10 if quick else 40)
     if name == "yolov8n-nudenet":
         return yolo_task(calibration, 40 if quick else 160)
-    if name == "dtln-1":
-        return dtln_task(calibration, 50 if quick else 200)
-    if name == "nsnet2":
-        return nsnet2_task(calibration, 16 if quick else 32)
+    if name in ("dtln-1", "nsnet2"):
+        from benchmarks import audio_tasks  # it builds on this module's Task
+
+        if name == "dtln-1":
+            return audio_tasks.dtln_task(calibration, 50 if quick else 200)
+        return audio_tasks.nsnet2_task(calibration, 16 if quick else 32)
     if name == "encoder-600mb":
         return encoder_task(calibration)
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")
