@@ -35,6 +35,12 @@ a quantizer is never scored on the samples it calibrated on:
   correlation with fp32 of each anchor's best class score, over the anchors where fp32's is at
   least 0.01 (0 when the candidate's scores are constant: collapsed); the median absolute
   error of the box coordinates, in pixels.
+* ``magika`` -- Google's file-type classifier (magika 1.0's ``standard_v3_3``: a byte
+  embedding, one Conv holding 95 % of the weights, 214 labels) on real files of this
+  machine's Python standard library as magika reads them (``models.files``: one seeded draw,
+  round robin over file suffixes; every 5th file calibrates, 512 of the others evaluate).
+  Metrics: the label (argmax) equal to fp32's, and the mean L1 distance of the 214 scores to
+  fp32's. No ground truth: a file's suffix is not its label.
 * ``dtln-1`` and ``nsnet2`` -- speech enhancement on streamed audio: see
   ``benchmarks/audio_tasks.py``.
 
@@ -65,6 +71,7 @@ MODELS = (
     "yolov8n-nudenet",
     "dtln-1",
     "nsnet2",
+    "magika",
 )
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
@@ -355,6 +362,40 @@ def yolo_task(calibration: int = MAX_CALIBRATION, evaluation_crops: int = 160) -
     )
 
 
+def magika_task(calibration: int = MAX_CALIBRATION, evaluation_files: int = 512) -> Task:
+    """magika's file-type classifier on real files of the Python installation."""
+    from models import files
+
+    # One seeded draw, every 5th file calibrates: the first files of the draw cover every
+    # suffix once (round robin), so 8 calibration files are already 8 kinds of file.
+    drawn = files.python_files(5 * max(calibration, evaluation_files // 4 + 1), seed=0)
+    calib = files.features(drawn[::5][:calibration])
+    evaluation = files.features([p for i, p in enumerate(drawn) if i % 5][:evaluation_files])
+
+    def predict(session) -> np.ndarray:
+        return run_batches(session, {"bytes": evaluation}, "target_label", 64)
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        return {
+            "label = fp32": float((candidate.argmax(1) == reference.argmax(1)).mean()),
+            "score L1 vs fp32": float(np.abs(candidate - reference).sum(1).mean()),
+        }
+
+    return Task(
+        name="magika",
+        model=fetch("magika"),
+        **one_input("bytes", calib, evaluation),
+        latency_input="1 file: 2048 byte tokens",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("label = fp32", "score L1 vs fp32"),
+        split=f"files of this machine's Python standard library (models.files, drawn round "
+        f"robin over {len({p.suffix for p in drawn})} suffixes, seed 0), as magika reads them; "
+        f"calibration: every 5th file, {calibration}; evaluation: the others, "
+        f"{len(evaluation)}; labels of the 214 scores",
+    )
+
+
 def encoder_task(calibration: int = MAX_CALIBRATION) -> Task:
     import onnx
 
@@ -410,6 +451,8 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         if name == "dtln-1":
             return audio_tasks.dtln_task(calibration, 50 if quick else 200)
         return audio_tasks.nsnet2_task(calibration, 16 if quick else 32)
+    if name == "magika":
+        return magika_task(calibration, 128 if quick else 512)
     if name == "encoder-600mb":
         return encoder_task(calibration)
     raise KeyError(f"unknown model {name!r}; known: {', '.join(MODELS + LARGE_MODELS)}")

@@ -7,9 +7,10 @@ Same models, same calibration and evaluation data (``benchmarks/quant_data.py``)
   ``reduce_range=False`` (what its docstring recommends for x86 CPUs with VNNI, which this
   machine has), once per ``CalibrationMethod`` (MinMax, Entropy, Percentile) with ORT's
   default options for each; a method that raises is a row with its error;
-* ORT ``quantize_dynamic``: QInt8 weights, defaults (for MiniLM, the OCR recognizer and
-  DTLN's LSTMs; ORT's docs recommend dynamic quantization for transformer-like and recurrent
-  models, static for CNNs);
+* ORT ``quantize_dynamic``: QInt8 weights, defaults (for MiniLM, the OCR recognizer,
+  DTLN's LSTMs, NSNet2's GRUs and magika's embedding; ORT's docs recommend dynamic
+  quantization for transformer-like and recurrent models, static for CNNs), and where the
+  model has a Conv, also MatMul only (ORT's default takes Conv as ConvInteger);
 * ours: ``onnx_shrink.shrink(model, passes=..., data=calib.npz, check=False)``, static
   ("quant") and dynamic ("quant-dynamic") where ORT has the same; a row says "pass not
   available" while the pass is not registered yet. Also our static pass with ORT's default
@@ -42,7 +43,7 @@ metrics).
 Setup and run, from the repository root::
 
     .venv/bin/python -m pip install -r benchmarks/requirements.txt
-    .venv/bin/python benchmarks/quant_vs_ort.py                     # all six models
+    .venv/bin/python benchmarks/quant_vs_ort.py                     # quant_data.MODELS
     .venv/bin/python benchmarks/quant_vs_ort.py --models digits --quick --no-write
     .venv/bin/python benchmarks/quant_vs_ort.py --models ppocr-rec --samples 32,128 \
         --max-errors 0.1,0.05                                       # accuracy targets
@@ -77,10 +78,11 @@ HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 HEADING_TARGET = "## quantization with an accuracy target (quant.max_error) vs onnxruntime"
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
-DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1", "nsnet2")
-CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det")
-# Models whose quantized Convs bias correction (quant.bias_correction) can correct.
-BIAS_CORRECTED_MODELS = (*CONV_MODELS, "yolov8n-nudenet")
+DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1", "nsnet2", "magika")
+CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det", "magika")
+# Models whose quantized Convs bias correction (quant.bias_correction) can correct (magika's
+# one Conv has no bias to correct).
+BIAS_CORRECTED_MODELS = ("digits", "ppocr-rec", "ppocr-det", "yolov8n-nudenet")
 # Models whose row "the sensitivity report's worst layer float" shows the report's first
 # suggestion followed (DTLN: an LSTM, which onnxruntime's static quantizer leaves float).
 SENSITIVITY_MODELS = ("dtln-1",)
