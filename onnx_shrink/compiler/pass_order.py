@@ -41,7 +41,7 @@ def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
     message = (
         f"{_listed(rewriters)} after {_listed(quantizers)} in the passes: the layers "
         f"{_listed(quantizers)} {_verb('quantize', quantizers)} hold integer codes, which "
-        f"{_listed(rewriters)} {_verb('leave', rewriters)} as they are; --passes "
+        f"{_listed(rewriters)} {_verb('leave', rewriters)} as they are; the order "
         f"{','.join(reordered(names))} does both"
     )
     logger.warning(message)

@@ -34,7 +34,7 @@ def test_late_float_rewriters_are_warned_with_an_order_that_runs_both(names, exp
     with caplog.at_level(logging.WARNING):
         message = pass_order.warn_order(spec.parse_spec(names))
     assert message is not None and [r.getMessage() for r in caplog.records] == [message]
-    assert message.endswith(f"--passes {expected} does both"), message
+    assert message.endswith(f"the order {expected} does both"), message
     assert pass_order.reordered(expected.split(",")) == expected.split(",")
 
 
