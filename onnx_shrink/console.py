@@ -154,8 +154,9 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
             _num(out.max_abs_error),
             _num(out.mean_abs_error),
             _num(out.relative_error),
-            f"{out.cosine:.6f}",
-            _num(out.snr_db),
+            # Ids (tags, class ids) are judged by "equal": their cosine and SNR mean nothing.
+            "—" if out.integral else f"{out.cosine:.6f}",
+            "—" if out.integral else _num(out.snr_db),
             f"{out.nan_count}/{out.inf_count}",
             "" if out.top1_agreement is None else f"{out.top1_agreement:.2%}",
             "" if out.agreement is None else f"{out.agreement:.2%}",

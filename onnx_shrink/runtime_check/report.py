@@ -301,8 +301,8 @@ def _numeric_section(numeric: NumericReport) -> str:
             _num(o.max_abs_error),
             _num(o.mean_abs_error),
             _num(o.relative_error),
-            _num(o.cosine, 6),
-            _num(o.snr_db, 3),
+            _num(None if o.integral else o.cosine, 6),  # ids: "elements equal" judges them
+            _num(None if o.integral else o.snr_db, 3),
             f"{o.nan_count} / {o.inf_count}",
             _pct(o.top1_agreement),
             _pct(o.agreement),

@@ -5,6 +5,7 @@ tags changed, and far below any tolerance where one tag of thousands did."""
 from __future__ import annotations
 
 import dataclasses
+import re
 from typing import ClassVar
 
 import numpy as np
@@ -19,12 +20,14 @@ from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
+from onnx_shrink.runtime_check.checker import check
 from onnx_shrink.runtime_check.compare import (
     DEFAULT_TOLERANCES,
     ErrorAccumulator,
     Tolerances,
     compare_batches,
 )
+from onnx_shrink.runtime_check.report import html_report
 from tests.helpers import make_model, run_ort, save_proto
 
 TAGS, FEATURES = 5, 8
@@ -130,6 +133,21 @@ def test_tolerances_that_leave_integer_outputs_unjudged_say_so(run_cli, tagger_f
     )
     assert result.code == 0, result.err
     assert "not judged: integer output 'tags'" in " ".join(result.out.split())
+    (row,) = [line for line in result.out.splitlines() if line.startswith("│ tags")]
+    cells = [c.strip() for c in row.strip("│ ").split("│")]
+    assert cells[4:6] == ["—", "—"], cells  # no cosine, no SNR: ids are judged by "equal"
+    assert cells[-1].endswith("%"), cells
+
+
+def test_the_html_report_leaves_the_cosine_and_snr_of_ids_blank(tagger_files):
+    reference, candidate, data, agreement = tagger_files
+    page = html_report(check=check(reference, candidate, data, latency_runs=0))
+    section = page[page.index("<h2>Numerics</h2>") :]
+    row = section[section.index("<code>tags</code>") :]
+    row = row[: row.index("</tr>")]
+    cells = re.findall(r"<td[^>]*>(.*?)</td>", row)
+    assert cells[3:5] == ["—", "—"], cells  # cosine, SNR
+    assert cells[-1] == f"{100 * agreement:.2f} %", cells
 
 
 @dataclasses.dataclass(frozen=True)
