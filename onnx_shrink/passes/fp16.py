@@ -62,6 +62,22 @@ FORMATS = {
 }
 
 
+_KIND_WORDS = {
+    "schema": "no {dtype} in the op's schema",
+    "block_ops": "op in block_ops",
+    "exclude": "excluded by name",
+    "function": "calls a model function",
+    "quantized": "in a Q/DQ pattern",
+    "onnxruntime": "no {dtype} kernel in onnxruntime",
+    "unknown type": "type not inferred",
+    "float32 body": "inside a float32 body",
+    "weightless": "weightless run between float32 nodes",
+}
+"""The no-change warning's words for the kinds of ``_island_reason`` (the text before its
+colon); kinds not listed (the range flags: "activation range", ...) read as they are"""
+_LISTED_OPS = 8
+
+
 @dataclasses.dataclass(frozen=True)
 class Float16Pass(DataAwarePass):
     """Convert a float32 model to float16 (or bfloat16), keeping float islands in float32.
@@ -224,7 +240,12 @@ class _Conversion:
         modified = bool(changed or self.casts)
         if not modified:  # "(no change)" in the summary said nothing of why (-v did)
             # Each node's reason is a debug line: a model's float islands can be thousands.
-            warn_no_change(self.pass_.name, "node", kinds, each="-vv")
+            dtype = self.pass_.dtype
+            why = [_KIND_WORDS.get(kind, kind).format(dtype=dtype) for kind in kinds]
+            ops = sorted({node.op_type for node in self.islands})
+            listed = ", ".join(ops[:_LISTED_OPS]) + (", ..." if len(ops) > _LISTED_OPS else "")
+            note = f"; op types kept: {listed}" if ops else ""
+            warn_no_change(self.pass_.name, "node", why, each="-vv", note=note)
         self._warn_older_opset()
         return modified
 

@@ -698,7 +698,10 @@ def test_a_conversion_that_changes_nothing_says_why(caplog):
     with caplog.at_level(logging.WARNING):
         _, modified = _convert(original, feed, weightless_runs=True)
     assert not modified
-    assert "fp16: no node changed (weightless: 2; -vv for each)" in caplog.text
+    assert (
+        "fp16: no node changed (weightless run between float32 nodes: 2; op types kept: Neg, "
+        "Sigmoid; -vv for each)" in caplog.text
+    )
 
 
 def test_a_model_whose_weights_are_quantized_already_is_left_as_it_is(caplog):
@@ -856,3 +859,25 @@ def test_reduced_scatters_stay_float32_where_onnxruntime_has_no_float16_kernel(
     assert modified and (op in _island_ops(model)) is island
     assert "MatMul" not in _island_ops(model)
     _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
+
+
+def test_a_model_of_ops_without_float16_says_so_in_words(caplog):
+    """scikit-learn's pipelines (skl2onnx) are ai.onnx.ml ops, which have no float16: the
+    warning read "schema: 3", which only -vv explained."""
+    original = io.load(
+        parse("""
+        <ir_version: 8, opset_import: ["" : 17, "ai.onnx.ml" : 3]>
+        g (float[N, 4] x) => (float[N, 4] y) {
+          s = ai.onnx.ml.Scaler <offset = [0.5, 0.0, 0.0, 1.0], scale = [2.0, 1.0, 1.0, 0.5]> (x)
+          y = ai.onnx.ml.Normalizer <norm = "L2"> (s)
+        }
+        """)
+    )
+    feed = {"x": np.random.default_rng(3).standard_normal((2, 4), dtype=np.float32)}
+    with caplog.at_level(logging.WARNING):
+        _, modified = _convert(original, feed)
+    assert not modified
+    assert (
+        "fp16: no node changed (no float16 in the op's schema: 2; op types kept: Normalizer, "
+        "Scaler; -vv for each)" in caplog.text
+    )
