@@ -158,6 +158,8 @@ class FoldPass(ir.passes.FunctionalPass):
                 )
                 break
             logger.debug("fold: %d -> %d bytes (allow_growth=%s)", before, after, allow_growth)
+            if not modified:  # "(no change)" in the summary said nothing of why
+                _warn_folded_already("no constant subexpression to compute and no rewrite")
             return MeasuredResult(candidate, modified, before, after)
         else:
             # The input's size as serialized here, which may differ from its file's by a few
@@ -177,6 +179,8 @@ class FoldPass(ir.passes.FunctionalPass):
                 min(growth),
                 ", its inputs not frozen (raise fold.max_growth_bytes)" if frozen else "",
             )
+            if small:
+                _warn_folded_already(f"only rewrites that add {min(growth)} bytes and do not pay")
         return MeasuredResult(_private_clone(model), False, before, before)
 
     def _run_pipeline(self, model: ir.Model, allow_growth: bool) -> bool:
@@ -235,6 +239,11 @@ class FoldPass(ir.passes.FunctionalPass):
             common_passes.OutputFixPass(),
         ]
         return ir.passes.Sequential(*stages)(model).modified
+
+
+def _warn_folded_already(found: str) -> None:
+    """The one warning of a fold that changed nothing because nothing was left to fold."""
+    logger.warning("fold: no change: %s: the graph is folded already", found)
 
 
 class _DropDeadUsesPass(ir.passes.InPlacePass):
