@@ -8,6 +8,10 @@ both could run: the quantizer then calibrates, and fits its scales to, the weigh
 
 Other orders are the passes' own to judge, as they run: a quantizer after ``fp16`` and
 ``lowrank`` after ``prune`` warn then, with what they found.
+
+A pass class says which it is with a ClassVar: ``quantizes_weights`` (a quantizer) or
+``rewrites_float_weights`` (a float rewriter); names are looked up in the registry, the one
+place in the compiler that knows passes by name.
 """
 
 from __future__ import annotations
@@ -17,26 +21,22 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler.registry import REGISTRY
+
 logger = logging.getLogger(__name__)
-
-QUANTIZERS = frozenset({"quant", "quant-dynamic", "quant-weight"})
-"""Passes that leave the weights they quantize as integer codes"""
-
-FLOAT_REWRITERS = frozenset({"prune", "prune-channels", "lowrank"})
-"""Passes that rewrite float weights only"""
 
 
 def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
     """Warn once where a float rewriter comes after a quantizer, with the order that runs
     both; the warning's text, or None where the order is fine."""
     names = [_name(p) for p in passes]
-    first_quantizer = next((i for i, n in enumerate(names) if n in QUANTIZERS), None)
+    first_quantizer = next((i for i, n in enumerate(names) if _quantizes(n)), None)
     if first_quantizer is None:
         return None
-    late = [n for n in names[first_quantizer + 1 :] if n in FLOAT_REWRITERS]
+    late = [n for n in names[first_quantizer + 1 :] if _rewrites_float(n)]
     if not late:
         return None
-    quantizers = list(dict.fromkeys(n for n in names if n in QUANTIZERS))
+    quantizers = list(dict.fromkeys(n for n in names if _quantizes(n)))
     rewriters = list(dict.fromkeys(late))
     message = (
         f"{_listed(rewriters)} after {_listed(quantizers)} in the passes: the layers "
@@ -51,10 +51,18 @@ def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
 def reordered(names: Sequence[str]) -> list[str]:
     """``names`` with every float rewriter that follows a quantizer moved just before the
     first quantizer, the rest in their order."""
-    first = next((i for i, n in enumerate(names) if n in QUANTIZERS), len(names))
-    moved = [n for n in names[first:] if n in FLOAT_REWRITERS]
-    rest = [n for n in names[first:] if n not in FLOAT_REWRITERS]
+    first = next((i for i, n in enumerate(names) if _quantizes(n)), len(names))
+    moved = [n for n in names[first:] if _rewrites_float(n)]
+    rest = [n for n in names[first:] if not _rewrites_float(n)]
     return [*names[:first], *moved, *rest]
+
+
+def _quantizes(name: str) -> bool:
+    return bool(getattr(REGISTRY.get(name), "quantizes_weights", False))
+
+
+def _rewrites_float(name: str) -> bool:
+    return bool(getattr(REGISTRY.get(name), "rewrites_float_weights", False))
 
 
 def _name(pass_: ir.passes.PassBase) -> str:

@@ -6,7 +6,7 @@ every model-local function; these iterators are the one way the project does tha
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Collection, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -22,6 +22,16 @@ def all_nodes(model: ir.Model) -> Iterator[ir.Node]:
     yield from ir.traversal.RecursiveGraphIterator(model.graph)
     for function in model.functions.values():
         yield from ir.traversal.RecursiveGraphIterator(function)
+
+
+def nodes_of(model: ir.Model, op_types: Collection[str]) -> list[ir.Node]:
+    """The standard-domain nodes of ``op_types`` in ``model``'s graph and subgraphs."""
+    return [
+        node
+        for graph in model.graphs()
+        for node in graph
+        if node.domain in ("", "ai.onnx") and node.op_type in op_types
+    ]
 
 
 def initializer_tensors(model: ir.Model) -> Iterator[tuple[ir.Value, ir.TensorProtocol]]:

@@ -24,7 +24,6 @@ from onnx_shrink.compiler.options import (
     warn_unmatched_op_types,
 )
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weights
 
@@ -252,7 +251,7 @@ class _Conversion:
     def _warn_older_opset(self) -> None:
         """Say where nodes kept float32 for their schema would take the type at a newer
         opset (bfloat16 came to most ops at 13: DTLN and NSNet2, at 11, changed nothing)."""
-        version = onnx_opset(self.model)
+        version = walk.onnx_opset(self.model)
         kept = Counter(
             node.op_type
             for node, reason in self.islands.items()

@@ -144,6 +144,7 @@ class LowRankPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "lowrank"
+    rewrites_float_weights: ClassVar[bool] = True  # float ones only (compiler.pass_order)
     fits_weights_to_data: ClassVar[bool] = True  # factors fit to the data's Gram
 
     selection: Literal["energy", "error", "budget"] = option(

@@ -81,6 +81,7 @@ class PrunePass(DataAwarePass):
     """
 
     name: ClassVar[str] = "prune"
+    rewrites_float_weights: ClassVar[bool] = True  # float ones only (compiler.pass_order)
     fits_weights_to_data: ClassVar[bool] = True  # wanda's choice, reconstruct's refit
 
     method: Literal["magnitude", "wanda"] = option(

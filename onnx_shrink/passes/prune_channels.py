@@ -104,6 +104,7 @@ class PruneChannelsPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "prune-channels"
+    rewrites_float_weights: ClassVar[bool] = True  # float ones only (compiler.pass_order)
     changes_shapes: ClassVar[bool] = True  # tensors keep their names, not their channels
     fits_weights_to_data: ClassVar[bool] = True  # channels chosen, layers refit on data
 

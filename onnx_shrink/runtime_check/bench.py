@@ -26,7 +26,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io
 from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sessions, synthetic
+from onnx_shrink.runtime_check import sessions
 
 logger = logging.getLogger(__name__)
 
@@ -296,14 +296,13 @@ def benchmark(
         )
     failed = f"{model} failed on its inputs"
     session = sessions.create_session(model, provider=provider, threads=threads[0])
-    # The defaults of synthetic dims grown where the model fails on them (one more run,
-    # made only where a dim could grow).
-    if data is None and synthetic.growable(specs, input_shapes):
-        dataset = synthetic.first_that_runs(
+    if data is None:  # the defaults of synthetic dims grown where the model fails on them
+        dataset = sessions.synthetic_that_runs(
+            session,
             dataset,
             specs,
             input_shapes,
-            lambda trial: sessions.runs_first_feed(session, failed, trial),
+            failed=failed,
             label=str(model),
             purpose="for the benchmark",
         )

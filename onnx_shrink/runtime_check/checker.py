@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import bench, sample_batches, sessions, synthetic
+from onnx_shrink.runtime_check import bench, sample_batches, sessions
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -137,15 +137,13 @@ def _open(
         # The conditions as extra outputs; the weights shared, not copied.
         ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
     ref_session = sessions.create_session(ref_source, provider=provider)
-    # The defaults of synthetic dims grown where the reference fails on them (one more run,
-    # made only where a dim could grow).
-    if data is None and synthetic.growable(specs, input_shapes):
-        failed = f"{ref.label} failed on a synthetic check sample"  # as the check's runs say
-        dataset = synthetic.first_that_runs(
+    if data is None:  # the defaults of synthetic dims grown where the reference fails on them
+        dataset = sessions.synthetic_that_runs(
+            ref_session,
             dataset,
             specs,
             input_shapes,
-            lambda trial: sessions.runs_first_feed(ref_session, failed, trial),
+            failed=f"{ref.label} failed on a synthetic check sample",  # as the check's runs say
             label=ref.label,
             purpose="for the check",
         )

@@ -20,6 +20,7 @@ from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, RunFailedError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import synthetic
 
 logger = logging.getLogger(__name__)
 
@@ -347,12 +348,29 @@ def missing_kernel(error: BadModelError) -> bool:
     return "NOT_IMPLEMENTED" in str(error)
 
 
-def runs_first_feed(
-    session: ort.InferenceSession, failed: str, dataset: data_mod.Dataset
+def synthetic_that_runs(
+    session: ort.InferenceSession,
+    dataset: data_mod.Dataset,
+    specs: Sequence[data_mod.InputSpec],
+    shapes: Mapping[str, Sequence[int]] | None,
+    *,
+    failed: str,
+    label: str,
+    purpose: str,
 ) -> data_mod.Dataset:
-    """``dataset``, once ``session`` has run its first feed; ``RunFailedError`` (``failed``,
-    with the data's hint) if it cannot. The session's memory is released after the run."""
-    feed = fitted_feed(session, dataset.first_feed())
-    hint = data_mod.unfit_hint(dataset)
-    run(session, feed, failed=failed, hint=hint, release_memory=True)
-    return dataset
+    """Synthetic ``dataset``, or where ``session`` fails on its default dims the first of
+    ``synthetic.grown``'s it runs (``synthetic.first_that_runs``; ``RunFailedError``,
+    ``failed`` with the data's hint, where none does). One more run, made only where a dim
+    could grow (``synthetic.growable``); the session's memory is released after each."""
+    if not synthetic.growable(specs, shapes):
+        return dataset
+
+    def runs_first_feed(trial: data_mod.Dataset) -> data_mod.Dataset:
+        feed = fitted_feed(session, trial.first_feed())
+        hint = data_mod.unfit_hint(trial)
+        run(session, feed, failed=failed, hint=hint, release_memory=True)
+        return trial
+
+    return synthetic.first_that_runs(
+        dataset, specs, shapes, runs_first_feed, label=label, purpose=purpose
+    )

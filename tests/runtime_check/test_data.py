@@ -404,6 +404,26 @@ def test_object_arrays_are_refused_with_the_str_array_to_use_instead(tmp_path):
             read(tmp_path / path)
 
 
+def _id_model(nodes, ids_length: int, float_outputs: dict, constants: dict):
+    """``nodes`` on int64 inputs ``ids`` [N, ids_length] and ``other`` [N], which index
+    tables, and ``free`` [N], which indexes nothing and is passed through as an output;
+    ``float_outputs``: the nodes' float outputs and their shapes."""
+    import onnx
+    import onnx.helper as oh
+
+    from tests.helpers import make_model
+
+    int64, float32 = onnx.TensorProto.INT64, onnx.TensorProto.FLOAT
+    free = oh.make_tensor_value_info("free", int64, ["N"])
+    inputs = [
+        oh.make_tensor_value_info("ids", int64, ["N", ids_length]),
+        oh.make_tensor_value_info("other", int64, ["N"]),
+        free,
+    ]
+    outputs = [oh.make_tensor_value_info(n, float32, s) for n, s in float_outputs.items()]
+    return make_model(nodes, inputs, [*outputs, free], constants)
+
+
 def test_synthetic_token_ids_stay_below_the_rows_of_the_table_they_index():
     """Found in an audit (g2p-id's BERT, a 32-row character table): synthetic ids up to 99
     failed its Gather. The ids reach it through a Cast, as exporters write it."""
@@ -412,29 +432,18 @@ def test_synthetic_token_ids_stay_below_the_rows_of_the_table_they_index():
 
     from onnx_shrink.compiler import io
     from onnx_shrink.runtime_check import checker
-    from tests.helpers import make_model
 
     nodes = [
         oh.make_node("Cast", ["ids"], ["ids32"], to=onnx.TensorProto.INT32),
         oh.make_node("Gather", ["table", "ids32"], ["emb"]),
         oh.make_node("Gather", ["small", "other"], ["pos"]),
     ]
-    inputs = [
-        oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 24]),
-        oh.make_tensor_value_info("other", onnx.TensorProto.INT64, ["N"]),
-        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
-    ]
-    outputs = [
-        oh.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", 24, 4]),
-        oh.make_tensor_value_info("pos", onnx.TensorProto.FLOAT, ["N", 4]),
-        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
-    ]
     rng = np.random.default_rng(0)
     tables = {
         "table": rng.standard_normal((32, 4)).astype(np.float32),
         "small": rng.standard_normal((3, 4)).astype(np.float32),
     }
-    proto = make_model(nodes, inputs, outputs, tables)
+    proto = _id_model(nodes, 24, {"emb": ["N", 24, 4], "pos": ["N", 4]}, tables)
     specs = data.specs_from_model(io.load(proto))
     assert [s.index_limit for s in specs] == [32, 3, None]
     (batch,) = data.prepare(specs, None).batches()
@@ -453,7 +462,6 @@ def test_synthetic_ids_stay_below_a_table_reached_through_index_arithmetic():
 
     from onnx_shrink.compiler import io
     from onnx_shrink.runtime_check import checker
-    from tests.helpers import make_model
 
     f16 = onnx.TensorProto.FLOAT16
     nodes = [
@@ -468,16 +476,6 @@ def test_synthetic_ids_stay_below_a_table_reached_through_index_arithmetic():
         oh.make_node("Cast", ["half"], ["half32"], to=onnx.TensorProto.FLOAT),
         oh.make_node("Gather", ["half32", "other"], ["pos_emb"], axis=1),
     ]
-    inputs = [
-        oh.make_tensor_value_info("ids", onnx.TensorProto.INT64, ["N", 8]),
-        oh.make_tensor_value_info("other", onnx.TensorProto.INT64, ["N"]),
-        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
-    ]
-    outputs = [
-        oh.make_tensor_value_info("emb", onnx.TensorProto.FLOAT, ["N", 8, 4]),
-        oh.make_tensor_value_info("pos_emb", onnx.TensorProto.FLOAT, [4, "N"]),
-        oh.make_tensor_value_info("free", onnx.TensorProto.INT64, ["N"]),
-    ]
     rng = np.random.default_rng(0)
     constants = {
         "table": rng.standard_normal((49, 4)).astype(np.float32),
@@ -486,7 +484,7 @@ def test_synthetic_ids_stay_below_a_table_reached_through_index_arithmetic():
         "one": np.array(1, np.int64),
         "rows": np.array(49, np.int64),
     }
-    proto = make_model(nodes, inputs, outputs, constants)
+    proto = _id_model(nodes, 8, {"emb": ["N", 8, 4], "pos_emb": [4, "N"]}, constants)
     assert proto.graph.initializer[1].data_type == f16
     specs = data.specs_from_model(io.load(proto))
     assert [s.index_limit for s in specs] == [49, 7, None]

@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
+from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import compact, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
@@ -33,7 +34,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_float_convs
+from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
 
 logger = logging.getLogger(__name__)
 
@@ -85,6 +86,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     """
 
     name: ClassVar[str] = "quant-dynamic"
+    quantizes_weights: ClassVar[bool] = True  # leaves integer codes (compiler.pass_order)
 
     op_types: tuple[str, ...] = option(
         SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
@@ -132,9 +134,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             count = self.quantize(model, context)
         if not count:
             context.warn_nothing_quantized(self.op_types)
-        if count and self.narrow_storage:
-            compact.store_narrow(model)
-        if count:
+        else:
+            if self.narrow_storage:
+                compact.store_narrow(model)
             warn_float_convs(model, self.name, CONV_LEFT_FLOAT)
         return ir.passes.PassResult(model, count > 0 or lifted)
 

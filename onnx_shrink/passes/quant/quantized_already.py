@@ -57,7 +57,7 @@ def _dequantizes_a_weight(node: ir.Node) -> bool:
     return (
         node.op_type == "DequantizeLinear"
         and bool(node.inputs)
-        and is_integer_constant(node.inputs[0], _NOTED_CODES)
+        and _is_integer_constant(node.inputs[0], _NOTED_CODES)
     )
 
 
@@ -70,7 +70,7 @@ def integer_weight(value: ir.Value | None) -> bool:
     if producer is None:
         return False
     if producer.op_type == "DequantizeLinear":
-        return is_integer_constant(producer.inputs[0])
+        return _is_integer_constant(producer.inputs[0])
     if producer.op_type != "Mul":
         return False
     for cast_side, scale in ((0, 1), (1, 0)):
@@ -79,7 +79,7 @@ def integer_weight(value: ir.Value | None) -> bool:
         if (
             cast is not None
             and cast.op_type == "Cast"
-            and is_integer_constant(cast.inputs[0])
+            and _is_integer_constant(cast.inputs[0])
             and other is not None
             and other.const_value is not None
         ):
@@ -87,7 +87,7 @@ def integer_weight(value: ir.Value | None) -> bool:
     return False
 
 
-def is_integer_constant(
+def _is_integer_constant(
     value: ir.Value | None, types: frozenset[ir.DataType] = INTEGER_WEIGHTS
 ) -> bool:
     """``value`` is a constant of one of ``types`` (8- and 4-bit integers by default)."""

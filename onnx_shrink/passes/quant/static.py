@@ -24,7 +24,7 @@ from onnx_shrink.compiler.statistics import (
     Statistics,
     StatRequest,
 )
-from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import (
     bias_correction,
@@ -39,7 +39,7 @@ from onnx_shrink.passes.quant import (
     value_types,
 )
 from onnx_shrink.passes.quant.weight_matching import ensure_opset, lift_constant_weights
-from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_half_precision
+from onnx_shrink.passes.quant.weight_warnings import warn_half_precision
 from onnx_shrink.passes.quant.without_statistics import DynamicRules
 
 logger = logging.getLogger(__name__)
@@ -105,6 +105,7 @@ class QuantPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "quant"
+    quantizes_weights: ClassVar[bool] = True  # leaves integer codes (compiler.pass_order)
 
     calibration: Literal["minmax", "percentile", "entropy", "mse"] = option(
         "mse",

@@ -19,9 +19,8 @@ import numpy as np
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes.quant import compact, quantized_already, weight_warnings
-from onnx_shrink.passes.quant.weight_warnings import nodes_of
 
 logger = logging.getLogger(__name__)
 

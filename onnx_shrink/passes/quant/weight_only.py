@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import gptq_grams
 from onnx_shrink.passes.quant.blockwise import (
@@ -42,7 +42,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import nodes_of, warn_float_convs
+from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
 
 logger = logging.getLogger(__name__)
 
@@ -98,6 +98,7 @@ class WeightOnlyQuantPass(DataAwarePass):
     """
 
     name: ClassVar[str] = "quant-weight"
+    quantizes_weights: ClassVar[bool] = True  # leaves integer codes (compiler.pass_order)
 
     bits: int = option(4, "bits per weight", choices=(4, 8))
     block_size: int = option(

@@ -18,16 +18,6 @@ from onnx_shrink.wording import counted, human_bytes
 logger = logging.getLogger(__name__)
 
 
-def nodes_of(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
-    """The standard-domain nodes of ``op_types`` in ``model``'s graph and subgraphs."""
-    return [
-        node
-        for graph in model.graphs()
-        for node in graph
-        if node.domain in ("", "ai.onnx") and node.op_type in op_types
-    ]
-
-
 def warn_half_precision(pass_name: str, nodes: Sequence[ir.Node]) -> None:
     """Warn when ``nodes`` (candidates a pass left float) compute in float16 or bfloat16:
     the quantization passes quantize float32 computation, so their place is before ``fp16``,
@@ -76,7 +66,7 @@ def nothing_quantized(
     nodes, which are ``quant``'s. ``reasons``: each node the pass skipped, with why."""
     # A Gather of integers (a shape's dims) is no lookup of weights: neither candidate
     # nor skipped, where the warning's count would say otherwise.
-    candidates = [n for n in nodes_of(model, op_types) if not _gathers_integers(n)]
+    candidates = [n for n in walk.nodes_of(model, op_types) if not _gathers_integers(n)]
     warn_half_precision(pass_name, candidates)
     kept = set(candidates)
     skipped = [(n, w) for n, w in reasons.items() if n in kept and not _reads_half(n)]
@@ -123,7 +113,7 @@ def _float_convs(model: ir.Model) -> list[ir.Node]:
     reading a DequantizeLinear is quantized already."""
     return [
         n
-        for n in nodes_of(model, ("Conv", "ConvTranspose"))
+        for n in walk.nodes_of(model, ("Conv", "ConvTranspose"))
         if len(n.inputs) > 1 and _float_constant(n.inputs[1])
     ]
 

@@ -12,8 +12,8 @@ import dataclasses
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
-from onnx_shrink.passes.quant.weight_warnings import nodes_of
 
 BODY_OPS = ("MatMul", "Gemm", "Gather")
 """What rule 5 quantizes inside bodies"""

@@ -2,8 +2,8 @@
 
 onnxruntime's ``quantize_static`` fails on this model (its bias-scale adjustment compares an
 array as a truth value), and its ``quantize_dynamic`` takes the one Conv, which holds 95 % of
-the weights, as ConvInteger: 7x slower than float on this machine (benchmarks don't cover
-magika; the figures are in the stop notes). ``quant`` quantizes it whole on the files'
+the weights, as ConvInteger: several times slower than float (``benchmarks/quant_vs_ort.py
+--models magika``; RESULTS.md's magika table). ``quant`` quantizes it whole on the files'
 statistics; ``quant-dynamic`` takes its MatMuls and says the Conv is ``quant``'s.
 """
 
