@@ -332,7 +332,7 @@ def measure(name: str, convert: Convert, subject: Subject, out: Path, repeat: in
     row.bytes_on_disk = io.file_bytes(out)
     row.casts = casts(out)
     try:
-        candidate = sessions.create_session(out)
+        candidate = sessions.create_session(out, stop_spinning=True)
         row.fidelity = task.fidelity(subject.reference, task.predict(candidate))
         row.latency = bench.compare_latency(
             subject.fp32, candidate, task.latency_feed, runs=LATENCY_RUNS
@@ -345,7 +345,7 @@ def measure(name: str, convert: Convert, subject: Subject, out: Path, repeat: in
 def bench_model(suite: Suite, name: str, workdir: Path, repeat: int) -> tuple[object, list[Row]]:
     task = suite.load(name, CALIBRATION)
     calib = quant_data.write_calibration(task, CALIBRATION, workdir / name)
-    fp32 = sessions.create_session(task.model)
+    fp32 = sessions.create_session(task.model, stop_spinning=True)
     subject = Subject(task, calib, fp32, task.predict(fp32))
     fidelity = task.fidelity(subject.reference, subject.reference)
     rows = [Row(suite.reference, fidelity, 1.0, io.file_bytes(task.model), casts=casts(task.model))]

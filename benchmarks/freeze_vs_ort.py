@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-write", action="store_true", help="print only")
     args = parser.parse_args(argv)
     source = fetch("silero-vad-v5")
-    base = sessions.create_session(source)  # streams the reference and times it
+    base = sessions.create_session(source, stop_spinning=True)  # streams the reference and times it
     float_run = runner(base)
     calibration = [
         feed
@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
         made = quantized(source, calibration, Path(folder))
         rows.append(("fp32", io.file_bytes(source), 0.0, 0.0, 1.0, 1.0, "-"))
         for label, (path, seconds) in made.items():
-            candidate = sessions.create_session(path)
+            candidate = sessions.create_session(path, stop_spinning=True)
             got = np.concatenate([stream(runner(candidate), clip)[1] for clip in clips])
             ratio = statistics.median(
                 bench.compare_latency(base, candidate, latency_feed, runs=40).ratio

@@ -91,7 +91,8 @@ def _relative_error(reference: np.ndarray, candidate: np.ndarray) -> float:
 
 
 def _latency(reference: Path, candidate: Path, feed: dict[str, np.ndarray], runs: int) -> str:
-    ref, cand = sessions.create_session(str(reference)), sessions.create_session(str(candidate))
+    ref = sessions.create_session(str(reference), stop_spinning=True)
+    cand = sessions.create_session(str(candidate), stop_spinning=True)
     names = {i.name for i in ref.get_inputs()}
     ratios = []
     for batch in (1, 16):

@@ -28,8 +28,8 @@ def ratios(name: str, ratio: float, reps: int, threads: int) -> list[float]:
     task = load(name, quick=True, calibration=1)
     model = prepared(str(task.model))
     pruned = PruneChannelsPass(ratio=ratio, reconstruct="off")(model.clone()).model
-    base = sessions.create_session(io.to_bytes(model), threads=threads)
-    candidate = sessions.create_session(io.to_bytes(pruned), threads=threads)
+    base = sessions.create_session(io.to_bytes(model), threads=threads, stop_spinning=True)
+    candidate = sessions.create_session(io.to_bytes(pruned), threads=threads, stop_spinning=True)
     return [
         bench.compare_latency(base, candidate, task.latency_feed, runs=40).ratio
         for _ in range(reps)

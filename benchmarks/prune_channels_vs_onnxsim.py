@@ -137,9 +137,9 @@ def _weight_shape(node) -> tuple | None:
 
 
 def measure(task: quant_data.Task, base: bytes, data: bytes, reference) -> dict[str, object]:
-    candidate = sessions.create_session(data)
+    candidate = sessions.create_session(data, stop_spinning=True)
     row: dict[str, object] = dict(task.fidelity(reference, task.predict(candidate)))
-    base_session = sessions.create_session(base)
+    base_session = sessions.create_session(base, stop_spinning=True)
     comparison = bench.compare_latency(base_session, candidate, task.latency_feed, runs=40)
     row["latency"] = comparison.ratio
     row["bytes"] = len(data)

@@ -127,10 +127,10 @@ def tools(target: dict, calibration: Path) -> dict[str, Callable[[Path, Path], N
 
 def measure(task: quant_data.Task, candidate: Path, reference_out, runs: int) -> tuple:
     """(fidelity text, latency ratio) of ``candidate`` against the task's fp32 model."""
-    cand = sessions.create_session(candidate)
+    cand = sessions.create_session(candidate, stop_spinning=True)
     metrics = task.fidelity(reference_out, task.predict(cand))
     fidelity = ", ".join(f"{k} {metrics[k]:.4f}" for k in task.metrics[:2])
-    ref = sessions.create_session(task.model)
+    ref = sessions.create_session(task.model, stop_spinning=True)
     ratio = bench.compare_latency(ref, cand, task.latency_feed, runs=runs).ratio
     return fidelity, ratio
 

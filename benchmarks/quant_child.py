@@ -136,7 +136,8 @@ def latency_child(job: dict) -> dict:
     from onnx_shrink.runtime_check.sessions import create_session
 
     feed = dict(np.load(job["feed"]))
-    reference, candidate = create_session(job["reference"]), create_session(job["candidate"])
+    reference = create_session(job["reference"], stop_spinning=True)
+    candidate = create_session(job["candidate"], stop_spinning=True)
     ratios = [
         compare_latency(reference, candidate, feed, runs=job["runs"], warmup=5).ratio
         for _ in range(job["repeats"])

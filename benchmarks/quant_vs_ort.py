@@ -194,7 +194,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
     info["pre_seconds"] = pre_seconds
     info["fp32_bytes"] = io.file_bytes(task.model)
 
-    reference = create_session(task.model)
+    reference = create_session(task.model, stop_spinning=True)
     reference_out = task.predict(reference)
     rows = []
     worst = None
@@ -216,7 +216,7 @@ def bench_model(name: str, args: argparse.Namespace, workdir: Path) -> tuple[lis
         log(f"{name}: evaluating {config.label}")
         row.bytes_on_disk = io.file_bytes(row.model_path)
         try:
-            session = create_session(row.model_path)
+            session = create_session(row.model_path, stop_spinning=True)
             row.metrics = task.fidelity(reference_out, task.predict(session))
             _first_metric_per_count(row, task, reference_out)
             if config.tool != "fp32":

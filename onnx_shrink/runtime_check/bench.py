@@ -172,7 +172,10 @@ def compare_latency(
     (up to 1.8x on 2 cores): timing it made pair ratios bimodal and their median depend on
     how many of each kind there were (two sessions of one model measured 0.79). Timed after a
     settling run, each model runs as it would back to back, and the order within a pair
-    alternates so neither always inherits the cache.
+    alternates so neither always inherits the cache. Create both sessions with
+    ``sessions.create_session(stop_spinning=True)``: the settling run does not keep the idle
+    session's threads from spinning through the other's timed run (two copies of a 12 ms face
+    landmark model read 0.80-0.99x, of a 20 us wake word model 0.46x-1.77x).
 
     ``max_seconds`` (None: no limit) bounds the timing on slow runs: the warm-up stops once it
     took a quarter of it (after one pair), the timed pairs once they took all of it, settling

@@ -136,7 +136,8 @@ def _open(
     if watch is not None and watch.read:
         # The conditions as extra outputs; the weights shared, not copied.
         ref_source = large_tensors.session_source(layers_mod.with_outputs(ref.model, watch.read))
-    ref_session = sessions.create_session(ref_source, provider=provider)
+    # The two sessions take turns (runs, then latency pairs): neither's threads may spin on.
+    ref_session = sessions.create_session(ref_source, provider=provider, stop_spinning=True)
     if data is None:  # the defaults of synthetic dims grown where the reference fails on them
         dataset = sessions.synthetic_that_runs(
             ref_session,
@@ -150,7 +151,7 @@ def _open(
     if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
         ref_session = CachedRuns(ref_session, kept.kept)
     try:
-        cand_session = sessions.create_session(cand.source, provider=provider)
+        cand_session = sessions.create_session(cand.source, provider=provider, stop_spinning=True)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
         why = (
             f"onnxruntime's {provider} provider has no kernel for one of its nodes: check it "

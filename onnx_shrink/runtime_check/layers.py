@@ -92,10 +92,12 @@ def localize(
     ref_session = sessions.create_session(
         large_tensors.session_source(with_outputs(reference, [t.name for t in tensors])),
         provider=provider,
+        stop_spinning=True,  # the two sessions take turns
     )
     cand_session = sessions.create_session(
         large_tensors.session_source(with_outputs(candidate, [t.candidate_name for t in tensors])),
         provider=provider,
+        stop_spinning=True,  # the two sessions take turns
     )
     accumulators = {t.name: ErrorAccumulator(t.name) for t in tensors}
     ref_names = [t.name for t in tensors]

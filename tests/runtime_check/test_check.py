@@ -12,6 +12,7 @@ from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink import console
 from onnx_shrink.errors import RunFailedError
+from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
@@ -402,6 +403,22 @@ def test_the_latency_stops_at_its_budget_after_the_fewest_pairs_and_not_without_
     assert str(console.speed_table(every).columns[3]._cells[0]).endswith("x paired")
     fewer = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=3, latency_seconds=0)
     assert fewer.latency.reference.runs == 3  # fewer asked than the fewest: what was asked
+
+
+def test_the_checks_sessions_stop_spinning_between_the_turns_they_take(monkeypatch):
+    """The reference and the candidate run in turn (their runs, then latency pairs, then the
+    layers' sessions): each stops its threads spinning when a run returns, or the idle one
+    slows the other (two copies of a 12 ms model read 0.80-0.99x)."""
+    made: list[bool] = []
+    create = sessions.create_session
+
+    def recording(*args, **kwargs):
+        made.append(kwargs.get("stop_spinning", False))
+        return create(*args, **kwargs)
+
+    monkeypatch.setattr(sessions, "create_session", recording)
+    check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, layers=True, latency_runs=5)
+    assert made == [True] * 4
 
 
 def _three_outputs(base: str) -> str:
