@@ -41,7 +41,7 @@ def same_model_ratios(model: Path, feed, stop_spinning: bool, reps: int, runs: i
 
 def row(name: str, reps: int, runs: int) -> str:
     task = load_task(name, 1, quick=True)
-    cells = [name, task.latency_input]
+    cells = [name, task.latency_input.replace("|", "\\|")]  # |rfft| in a table cell
     for stop_spinning in (False, True):
         ratios, ms = same_model_ratios(task.model, task.latency_feed, stop_spinning, reps, runs)
         cells += [
