@@ -17,6 +17,7 @@ from rich.text import Text
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.compiler.stats import ModelStats
+from onnx_shrink.runtime_check import check_notes
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
 from onnx_shrink.runtime_check.checker import CheckReport
@@ -170,48 +171,10 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
         )
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
-    notes = _numeric_notes(numeric)
+    notes = check_notes.notes(numeric)
     if notes:
         table.caption = escape("\n".join(notes))
     return table
-
-
-def _numeric_notes(numeric: NumericReport) -> list[str]:
-    """What the numbers alone do not say: branches not checked, id outputs no tolerance
-    judges, an output destroyed or changed much."""
-    notes = [f"not checked: {line}" for line in numeric.untested_branches]
-    notes += _unjudged_integers(numeric)
-    worst = numeric.large_error
-    if worst is not None:
-        # Without tolerances the verdict only says "measured": a destroyed output (a mel
-        # filterbank quantized: 6.7 dB, cosine 0.89) read like any other.
-        notes.append(
-            f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
-            f"{worst.cosine:.4f}); --layers shows where the error first jumps, and for quant "
-            "--sensitivity ranks the layers that cost it"
-        )
-    changed = numeric.low_agreement
-    if changed is not None:
-        notes.append(
-            f"large change: {changed.agreement:.2%} of the elements of '{changed.name}' equal "
-            "the original's; --layers shows where the error first jumps"
-        )
-    return notes
-
-
-def _unjudged_integers(numeric: NumericReport) -> list[str]:
-    """A note where tolerances were given and none judges the integer outputs: cosine does
-    not (it means nothing on class ids), and a PASS should not hide changed tags."""
-    tolerances = numeric.tolerances
-    if not tolerances.any or tolerances.min_agreement is not None or tolerances.elementwise:
-        return []
-    names = [f"'{o.name}'" for o in numeric.outputs if o.integral]
-    if not names:
-        return []
-    return [
-        f"not judged: integer output {', '.join(names)} (cosine judges float outputs; "
-        "--min-agreement sets the share of elements that must stay equal)"
-    ]
 
 
 def layers_table(layers: LayerReport, top: int = 10) -> Table:

@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import bench, sample_batches, sessions
+from onnx_shrink.runtime_check import bench, check_notes, sample_batches, sessions
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -66,6 +66,7 @@ class CheckReport:
         result = dataclasses.asdict(self)
         result["passed"] = self.passed
         result["verdict"] = self.numeric.verdict
+        result["notes"] = check_notes.notes(self.numeric)
         return result
 
 

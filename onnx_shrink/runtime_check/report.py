@@ -12,7 +12,7 @@ import math
 from collections.abc import Callable, Iterable, Sequence
 from typing import TYPE_CHECKING, Any
 
-from onnx_shrink.runtime_check import svg
+from onnx_shrink.runtime_check import check_notes, svg
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
 from onnx_shrink.runtime_check.checker import CheckReport
@@ -181,8 +181,9 @@ def _compared(check: CheckReport) -> str:
         f"<code>{_e(check.reference)}</code> on {_e(check.provider)}, "
         f"{counted(numeric.samples, 'sample')} from {data}.</p>"
     )
-    if numeric.untested_branches:  # rewritten, and never run: whatever the verdict says
-        items = "".join(f"<li>Not checked: {_e(line)}</li>" for line in numeric.untested_branches)
+    notes = check_notes.notes(numeric)  # whatever the verdict says: branches not run, ...
+    if notes:
+        items = "".join(f"<li>{_e(line[0].upper() + line[1:])}</li>" for line in notes)
         text += f'<ul class="failures">{items}</ul>'
     if numeric.failures:
         items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)

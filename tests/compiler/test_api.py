@@ -191,6 +191,31 @@ def test_a_large_error_is_said_under_the_check_table():
     )
 
 
+def test_a_large_error_is_said_in_the_report_files_too():
+    """The HTML and JSON reports of a run whose check found a large error carry the note the
+    console prints: openWakeWord's mel spectrogram quantized (5.8 dB) had "warnings": [] and
+    an HTML page that read like any other."""
+    import dataclasses
+
+    from onnx_shrink.runtime_check import report
+
+    check = onnx_shrink.CheckOptions(data={"image": images()}, latency_runs=0)
+    result = onnx_shrink.shrink(digits.MODEL_PATH, "fold", check=check)
+    assert result.to_dict()["verification"]["notes"] == []  # lossless: nothing to say
+    assert "large error" not in report.html_report(shrink=result)
+    numeric = result.verification.numeric
+    output = dataclasses.replace(numeric.outputs[0], snr_db=5.8, cosine=0.9206)
+    lossy = dataclasses.replace(numeric, outputs=(output,))
+    result = dataclasses.replace(
+        result, verification=dataclasses.replace(result.verification, numeric=lossy)
+    )
+    (note,) = result.to_dict()["verification"]["notes"]
+    assert note.startswith(f"large error: '{output.name}' keeps 5.8 dB SNR (cosine 0.9206)")
+    assert f"<li>Large error: &#x27;{output.name}&#x27; keeps 5.8 dB SNR" in report.html_report(
+        shrink=result
+    )
+
+
 def test_a_model_without_a_batch_axis_counts_each_whole_sample_and_runs_it_as_one():
     """madmom's beat models take [frames, features]: with samples given whole (N x T x F),
     the frames axis was taken for a batch, so MACs read one frame's (88.25k of 17.65M) and

@@ -1,0 +1,51 @@
+"""What a check's numbers alone do not say, one line each: If branches no sample took, integer
+outputs no tolerance judges, an output the candidate destroyed or changed much.
+
+The console prints the lines under its numeric table, the HTML report lists them under the
+comparison, and the JSON report carries them (``notes``): a "large error" on a mel
+spectrogram quantized to 5.8 dB SNR was on the console only, and the report files of the same
+run read like any other.
+"""
+
+from __future__ import annotations
+
+from onnx_shrink.runtime_check.compare import NumericReport
+
+LOCATE = "--layers shows where the error first jumps"
+
+
+def notes(numeric: NumericReport) -> list[str]:
+    """The notes on ``numeric``, the unchecked branches first; [] where there is none."""
+    lines = [f"not checked: {line}" for line in numeric.untested_branches]
+    lines += _unjudged_integers(numeric)
+    worst = numeric.large_error
+    if worst is not None:
+        # Without tolerances the verdict only says "measured": a destroyed output (a mel
+        # filterbank quantized: 6.7 dB, cosine 0.89) read like any other.
+        lines.append(
+            f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
+            f"{worst.cosine:.4f}); {LOCATE}, and for quant --sensitivity ranks the layers that "
+            "cost it"
+        )
+    changed = numeric.low_agreement
+    if changed is not None:
+        lines.append(
+            f"large change: {changed.agreement:.2%} of the elements of '{changed.name}' equal "
+            f"the original's; {LOCATE}"
+        )
+    return lines
+
+
+def _unjudged_integers(numeric: NumericReport) -> list[str]:
+    """A note where tolerances were given and none judges the integer outputs: cosine does
+    not (it means nothing on class ids), and a PASS should not hide changed tags."""
+    tolerances = numeric.tolerances
+    if not tolerances.any or tolerances.min_agreement is not None or tolerances.elementwise:
+        return []
+    names = [f"'{o.name}'" for o in numeric.outputs if o.integral]
+    if not names:
+        return []
+    return [
+        f"not judged: integer output {', '.join(names)} (cosine judges float outputs; "
+        "--min-agreement sets the share of elements that must stay equal)"
+    ]
