@@ -185,6 +185,7 @@ class PruneChannelsPass(DataAwarePass):
             found = channel_refit.consumers(_consumer_nodes([g for g, _ in plans]))
             reports = channel_refit.refit_all(found, cuts_of(plans), stats, self.ridge)
             channel_refit.log_table(reports)
+            channel_refit.warn_few_rows(reports)
         rewrite(model, plans)
         logger.info("prune-channels: pruned %d groups", len(plans))
         return ir.passes.PassResult(model, True)
