@@ -89,8 +89,12 @@ def summary_table(result: ShrinkResult) -> Table:
         if step.calibration_samples:  # not a data-aware pass that asked for nothing
             note += (
                 f" [calibrated on {counted(step.calibration_samples, 'sample')} in "
-                f"{step.calibration_seconds:.1f}s]"
+                f"{step.calibration_seconds:.1f}s"
             )
+            if step.probes:  # lowrank's ranks: 44 s of a 68 s run read as calibration
+                note += f"; output error of {counted(step.probes, 'trial')} in "
+                note += f"{step.probe_seconds:.1f}s"
+            note += "]"
         table.add_row(
             escape(spec + note),
             f"{step.seconds:.2f}s",

@@ -49,6 +49,11 @@ class StepRecord:
     """what the pass says it did where counts and sizes do not show it (``NotedResult``)"""
     prepare_seconds: float = 0.0
     """spent by ``run``'s ``prepare`` before the pass (``quant.max_error``'s search)"""
+    probe_seconds: float = 0.0
+    """spent measuring the output error of the pass's trial edits (``DataAwarePass.probes``:
+    lowrank's candidate ranks), after its calibration and not part of it"""
+    probes: int = 0
+    """trial edits measured"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -174,9 +179,8 @@ class _Pipeline:
         # rolled-back pass, or one that changed nothing, leaves the model as it found it.
         snapshot = _snapshot(model, pass_)  # the model itself where the pass is functional
         followup_collect = _TimedCollector(self.collect) if self.collect is not None else None
-        runnable, calibration_seconds, samples = _bind(
-            pass_, model, self.collect, self.probe, followup_collect, self.steps
-        )
+        bound = _bind(pass_, model, self.collect, self.probe, followup_collect, self.steps)
+        runnable, calibration_seconds = bound.pass_, bound.calibration_seconds
         result, seconds, rejected, verdict = _run_one(
             runnable, model, snapshot, self.steps, self.verify, self.strict
         )
@@ -209,9 +213,11 @@ class _Pipeline:
             rolled_back=rejected is not None,
             verdict=verdict,
             calibration_seconds=calibration_seconds,
-            calibration_samples=samples,
+            calibration_samples=bound.samples,
             note=getattr(result, "note", ""),  # a rolled-back pass's result has none
             prepare_seconds=prepare_seconds,
+            probe_seconds=bound.probe_seconds,
+            probes=bound.probes,
         )
         self.steps.append(step)
         logger.info("%s: %.2fs, %d -> %d nodes", step.spec, seconds, step.before.nodes, after.nodes)
@@ -248,6 +254,17 @@ class _Pipeline:
         return dumps.dump(Path(self.dump_dir), index, pass_, model, rejected)
 
 
+@dataclasses.dataclass(frozen=True)
+class _Bound:
+    """A pass ready to run, and what binding it took."""
+
+    pass_: ir.passes.PassBase
+    calibration_seconds: float = 0.0
+    samples: int | None = None
+    probe_seconds: float = 0.0
+    probes: int = 0
+
+
 def _bind(
     pass_: ir.passes.PassBase,
     model: ir.Model,
@@ -255,17 +272,28 @@ def _bind(
     probe: Prober | None,
     followup_collect: Collector | None,
     done: Sequence[StepRecord],
-) -> tuple[ir.passes.PassBase, float, int | None]:
-    """(the pass ready to run, calibration seconds, samples): a data-aware pass bound to the
-    statistics collected on ``model`` (and to ``followup_collect`` for its follow-up), any
-    other as it is (0 s, None). What its ``requests`` raise fails as the pass would."""
+) -> _Bound:
+    """A data-aware pass bound to the statistics collected on ``model`` (and to
+    ``followup_collect`` for its follow-up), with the seconds its calibration and its probes
+    took; any other pass as it is. What its ``requests`` raise fails as the pass would."""
     if not isinstance(pass_, DataAwarePass):
-        return pass_, 0.0, None
+        return _Bound(pass_)
     started = time.perf_counter()
     with _failing_as(describe(pass_), done):
-        statistics = _collect(pass_, model, collect, probe)
-    seconds = time.perf_counter() - started
-    return pass_.bind(statistics, followup_collect), seconds, statistics.samples
+        statistics = _collect(pass_, model, collect)
+        calibrated = time.perf_counter()
+        if statistics is None:  # a data-aware pass in a data-free mode (magnitude pruning)
+            statistics = Statistics(results={}, samples=0, source="none needed")
+        else:
+            statistics = _probe(pass_, model, statistics, probe)
+    probes = len(statistics.probe_errors)
+    return _Bound(
+        pass_.bind(statistics, followup_collect),
+        calibration_seconds=calibrated - started,
+        samples=statistics.samples,
+        probe_seconds=time.perf_counter() - calibrated if probes else 0.0,
+        probes=probes,
+    )
 
 
 @contextlib.contextmanager
@@ -298,17 +326,23 @@ class _TimedCollector:
             self.seconds += time.perf_counter() - started
 
 
-def _collect(
-    pass_: DataAwarePass, model: ir.Model, collect: Collector | None, probe: Prober | None
-) -> Statistics:
+def _collect(pass_: DataAwarePass, model: ir.Model, collect: Collector | None) -> Statistics | None:
+    """The statistics the pass requests on ``model``; None where it requests none (a mode
+    that needs no data: magnitude pruning, plain SVD)."""
     requests = list(pass_.requests(model))
-    if not requests:  # a data-aware pass in a data-free mode (magnitude pruning, plain SVD)
-        return Statistics(results={}, samples=0, source="none needed")
+    if not requests:
+        return None
     if collect is None:
         raise PassFailedError(
             f"pass '{describe(pass_)}' needs calibration data, and this pipeline has none"
         )
-    statistics = collect(model, requests)
+    return collect(model, requests)
+
+
+def _probe(
+    pass_: DataAwarePass, model: ir.Model, statistics: Statistics, probe: Prober | None
+) -> Statistics:
+    """``statistics`` with the output errors of the pass's probes, if it has any."""
     probes = list(pass_.probes(model, statistics))
     if not probes:
         return statistics

@@ -264,10 +264,10 @@ class LowRankPass(DataAwarePass):
                 if np.count_nonzero(layer.weight) <= SPARSE_SHARE * layer.weight.size:
                     sparse.append(layer.node.name or layer.node.op_type)
                 graph_mod.split(model.graph, layer.node, *self._factors(layer, plan.rank))
-        if sparse:  # prune before lowrank: its zeros are gone in the dense factors
+        if sparse:  # pruned, or sparse as trained (a mel filterbank): the factors are dense
             logger.warning(
-                "lowrank: %d split weight(s) were mostly zeros (pruned?), and their factors are "
-                "dense: %s; put prune after lowrank to keep sparsity",
+                "lowrank: %d split weight(s) were mostly zeros, and their factors are dense: "
+                "%s; where prune made the zeros, put prune after lowrank to keep them",
                 len(sparse),
                 ", ".join(sparse[:5]),
             )

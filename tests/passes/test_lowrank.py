@@ -411,6 +411,28 @@ def _stack_files(tmp_path, samples: int):
     return path, calib
 
 
+def test_the_trials_output_error_is_timed_apart_from_the_calibration(tmp_path):
+    """A captcha CRNN's lowrank row read "calibrated on 48 samples in 44.0s", where most of
+    the 44 s measured the output error of candidate ranks on those samples."""
+    from onnx_shrink import console
+
+    path, calib = _stack_files(tmp_path, 64)
+    result = shrink(path, "lowrank", calibration=calib, check=False)
+    step = result.steps[-1]
+    assert step.probes > 0 and step.probe_seconds > 0 and step.calibration_seconds > 0
+    assert result.to_dict()["passes"][-1]["probes"] == step.probes
+    row = str(console.summary_table(result).columns[0]._cells[0]).replace("\\[", "[")
+    assert row.startswith(
+        f"lowrank [calibrated on {step.calibration_samples} samples in "
+        f"{step.calibration_seconds:.1f}s; output error of {step.probes} trials in "
+        f"{step.probe_seconds:.1f}s]"
+    )
+    energy = shrink(
+        path, "lowrank", sets=["lowrank.selection=energy"], calibration=calib, check=False
+    )
+    assert energy.steps[-1].probes == 0 and energy.steps[-1].probe_seconds == 0
+
+
 def test_shrink_with_calibration_then_quant_quantizes_both_factors(tmp_path):
     path, calib = _stack_files(tmp_path, 32)
     result = shrink(
@@ -631,7 +653,8 @@ def test_splitting_a_pruned_weight_warns_that_its_zeros_are_lost(caplog):
             sets=["prune.sparsity=0.8", "lowrank.activation_aware=false"],
             check=False,
         )
-    assert "were mostly zeros (pruned?)" in caplog.text
+    assert "were mostly zeros, and their factors are dense" in caplog.text
+    assert "where prune made the zeros, put prune after lowrank" in caplog.text
     caplog.clear()
     with caplog.at_level(logging.WARNING):
         shrink(
