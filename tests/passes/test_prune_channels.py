@@ -300,7 +300,9 @@ def test_reconstruction_refits_a_1x1_conv_consumer_and_its_bias():
     assert _error(refit, proto, held_out) < _error(plain, proto, held_out)
 
 
-def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
+def _matmul_bias_chain() -> tuple[dict[str, np.ndarray], onnx.ModelProto]:
+    """x -> MatMul w1 -> Relu -> MatMul w2 -> Add b2: the second MatMul and its bias read
+    the channels pruned from the first."""
     w = {"w1": _w(6, 8), "w2": _w(8, 4), "b2": _w(4)}
     nodes = [
         helper.make_node("MatMul", ["x", "w1"], ["h"]),
@@ -308,7 +310,11 @@ def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
         helper.make_node("MatMul", ["r", "w2"], ["m"]),
         helper.make_node("Add", ["m", "b2"], ["y"]),
     ]
-    proto = _model(nodes, w, ["batch", 6], rank=2)
+    return w, _model(nodes, w, ["batch", 6], rank=2)
+
+
+def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
+    w, proto = _matmul_bias_chain()
     calibration = {"x": _w(64, 6)}
     plain = _calibrated(proto, calibration, reconstruct="off")
     refit = _calibrated(proto, calibration, reconstruct="on")
@@ -322,14 +328,7 @@ def test_a_refit_from_fewer_rows_than_inputs_is_a_warning(caplog):
     dB on others, and only the check's general in-sample warning said anything."""
     import logging
 
-    w = {"w1": _w(6, 8), "w2": _w(8, 4), "b2": _w(4)}
-    nodes = [
-        helper.make_node("MatMul", ["x", "w1"], ["h"]),
-        helper.make_node("Relu", ["h"], ["r"]),
-        helper.make_node("MatMul", ["r", "w2"], ["m"]),
-        helper.make_node("Add", ["m", "b2"], ["y"]),
-    ]
-    proto = _model(nodes, w, ["batch", 6], rank=2)
+    _, proto = _matmul_bias_chain()
     for samples, warned in ((5, True), (64, False)):
         caplog.clear()
         with caplog.at_level(logging.WARNING):
