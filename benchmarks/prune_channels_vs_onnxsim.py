@@ -136,11 +136,11 @@ def _weight_shape(node) -> tuple | None:
     return None if weight is None or weight.shape is None else tuple(weight.shape)
 
 
-def measure(task: quant_data.Task, base: bytes, data: bytes, reference) -> dict[str, object]:
+def measure(task: quant_data.Task, base, data: bytes, reference) -> dict[str, object]:
+    """Fidelity, latency against the ``base`` session and sizes of the pruned ``data``."""
     candidate = sessions.create_session(data, stop_spinning=True)
     row: dict[str, object] = dict(task.fidelity(reference, task.predict(candidate)))
-    base_session = sessions.create_session(base, stop_spinning=True)
-    comparison = bench.compare_latency(base_session, candidate, task.latency_feed, runs=40)
+    comparison = bench.compare_latency(base, candidate, task.latency_feed, runs=40)
     row["latency"] = comparison.ratio
     row["bytes"] = len(data)
     row["zipped"] = len(zlib.compress(data, 9))
@@ -151,7 +151,8 @@ def run_model(name: str, ratio: float, quick: bool, calibration: int) -> list[st
     task = load(name, quick, calibration)
     model = prepared(str(task.model))
     base = io.to_bytes(model)
-    reference = task.predict(sessions.create_session(base))
+    base_session = sessions.create_session(base, stop_spinning=True)  # scored and timed against
+    reference = task.predict(base_session)
     lines = []
     refit = functools.partial(ours, calibration=task.calibration_slice(calibration))
     tools = (("prune-channels", ours), ("+ reconstruction", refit), ("onnxsim", onnxsim_prune))
@@ -159,7 +160,7 @@ def run_model(name: str, ratio: float, quick: bool, calibration: int) -> list[st
         try:
             data, sliced, declined = prune(model, ratio)
             share, count = coverage(model, sliced)
-            row = measure(task, base, data, reference)
+            row = measure(task, base_session, data, reference)
         except Exception as e:  # noqa: BLE001 - a tool that fails is reported, not fatal
             lines.append(f"| {name} | {tool} | failed: {str(e).splitlines()[0][:80]} |")
             continue

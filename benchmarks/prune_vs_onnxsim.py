@@ -125,12 +125,12 @@ def tools(target: dict, calibration: Path) -> dict[str, Callable[[Path, Path], N
     }
 
 
-def measure(task: quant_data.Task, candidate: Path, reference_out, runs: int) -> tuple:
-    """(fidelity text, latency ratio) of ``candidate`` against the task's fp32 model."""
+def measure(task: quant_data.Task, candidate: Path, ref, reference_out, runs: int) -> tuple:
+    """(fidelity text, latency ratio) of ``candidate`` against the task's fp32 model (its
+    session ``ref``, and ``reference_out`` its predictions)."""
     cand = sessions.create_session(candidate, stop_spinning=True)
     metrics = task.fidelity(reference_out, task.predict(cand))
     fidelity = ", ".join(f"{k} {metrics[k]:.4f}" for k in task.metrics[:2])
-    ref = sessions.create_session(task.model, stop_spinning=True)
     ratio = bench.compare_latency(ref, cand, task.latency_feed, runs=runs).ratio
     return fidelity, ratio
 
@@ -139,16 +139,17 @@ def bench_model(name: str, folder: Path, quick: bool) -> list[Row]:
     task = load(name, quick)
     calibration = quant_data.write_calibration(task, len(next(iter(task.calibration.values()))),
                                                folder / name)  # fmt: skip
-    reference_out = task.predict(sessions.create_session(task.model))
+    ref = sessions.create_session(task.model, stop_spinning=True)
+    reference_out = task.predict(ref)
     runs = 10 if quick else 30
-    _, base_ratio = measure(task, task.model, reference_out, runs)
+    _, base_ratio = measure(task, task.model, ref, reference_out, runs)  # two sessions of fp32
     rows = [Row(name, "—", "fp32", "—", base_ratio, bench.model_size(task.model))]
     for target_name, target in TARGETS.items():
         for tool, run in tools(target, calibration).items():
             output = folder / f"{name}-{tool}-{target_name.replace(':', '_')}.onnx"
             try:
                 run(task.model, output)
-                fidelity, ratio = measure(task, output, reference_out, runs)
+                fidelity, ratio = measure(task, output, ref, reference_out, runs)
                 rows.append(Row(name, target_name, tool, fidelity, ratio, bench.model_size(output)))
             except Exception as e:  # noqa: BLE001 - a failing tool is a result, not a crash
                 note = str(e).strip().splitlines()[0][:120] if str(e).strip() else repr(e)

@@ -75,7 +75,7 @@ def _candidates(root: Path) -> tuple[Path, ...]:
 
 def magika_features(data: bytes) -> np.ndarray:
     beg = data[:BLOCK_SIZE].lstrip()[:BEG_SIZE]
-    end = data[-BLOCK_SIZE:].rstrip()[-END_SIZE:] if data else b""
+    end = data[-BLOCK_SIZE:].rstrip()[-END_SIZE:]
     padded_beg = list(beg) + [PADDING_TOKEN] * (BEG_SIZE - len(beg))
     padded_end = [PADDING_TOKEN] * (END_SIZE - len(end)) + list(end)
     return np.array(padded_beg + padded_end, np.int32)

@@ -11,6 +11,9 @@ import onnx.helper
 import onnx.numpy_helper
 import onnxruntime as ort
 
+from models import digits
+from onnx_shrink.compiler.io import data_files
+
 
 def parse(text: str) -> onnx.ModelProto:
     """A checked model from ONNX text syntax."""
@@ -29,6 +32,11 @@ def reflect_pad_model(pad: int) -> onnx.ModelProto:
       y = Pad <mode = "reflect"> (x, pads)
     }}
     """)
+
+
+def digits_images(count: int = 16) -> np.ndarray:
+    """The first ``count`` images of the digits model's test data."""
+    return data_files.load_npz(digits.TEST_DATA_PATH)["image"][:count]
 
 
 def save_proto(model: onnx.ModelProto, path: Path) -> Path:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler import spec
 from onnx_shrink.compiler.registry import REGISTRY
 
 logger = logging.getLogger(__name__)
@@ -29,15 +30,12 @@ logger = logging.getLogger(__name__)
 def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
     """Warn once where a float rewriter comes after a quantizer, with the order that runs
     both; the warning's text, or None where the order is fine."""
-    names = [_name(p) for p in passes]
-    first_quantizer = next((i for i, n in enumerate(names) if _quantizes(n)), None)
-    if first_quantizer is None:
-        return None
-    late = [n for n in names[first_quantizer + 1 :] if _rewrites_float(n)]
-    if not late:
+    names = [spec.pass_name(p) for p in passes]
+    late = names[_first_quantizer(names) :]
+    rewriters = list(dict.fromkeys(n for n in late if _rewrites_float(n)))
+    if not rewriters:
         return None
     quantizers = list(dict.fromkeys(n for n in names if _quantizes(n)))
-    rewriters = list(dict.fromkeys(late))
     message = (
         f"{_listed(rewriters)} after {_listed(quantizers)} in the passes: the layers "
         f"{_listed(quantizers)} {_verb('quantize', quantizers)} hold integer codes, which "
@@ -51,10 +49,15 @@ def warn_order(passes: Sequence[ir.passes.PassBase]) -> str | None:
 def reordered(names: Sequence[str]) -> list[str]:
     """``names`` with every float rewriter that follows a quantizer moved just before the
     first quantizer, the rest in their order."""
-    first = next((i for i, n in enumerate(names) if _quantizes(n)), len(names))
+    first = _first_quantizer(names)
     moved = [n for n in names[first:] if _rewrites_float(n)]
     rest = [n for n in names[first:] if not _rewrites_float(n)]
     return [*names[:first], *moved, *rest]
+
+
+def _first_quantizer(names: Sequence[str]) -> int:
+    """The index of the first quantizer in ``names``; ``len(names)`` where there is none."""
+    return next((i for i, n in enumerate(names) if _quantizes(n)), len(names))
 
 
 def _quantizes(name: str) -> bool:
@@ -63,10 +66,6 @@ def _quantizes(name: str) -> bool:
 
 def _rewrites_float(name: str) -> bool:
     return bool(getattr(REGISTRY.get(name), "rewrites_float_weights", False))
-
-
-def _name(pass_: ir.passes.PassBase) -> str:
-    return getattr(pass_, "name", type(pass_).__name__)
 
 
 def _listed(names: Sequence[str]) -> str:

@@ -139,9 +139,14 @@ def _read_recipe(path: str | Path) -> tuple[list[str], dict[str, dict[str, Any]]
     return list(passes or []), options
 
 
+def pass_name(pass_: ir.passes.PassBase) -> str:
+    """A pass's CLI name (its class's name for a pass from outside the registry)."""
+    return getattr(pass_, "name", type(pass_).__name__)
+
+
 def describe(pass_: ir.passes.PassBase) -> str:
     """A pass as a spec: its name plus the options that differ from their defaults."""
-    name = getattr(pass_, "name", type(pass_).__name__)
+    name = pass_name(pass_)
     if not dataclasses.is_dataclass(pass_):
         return name
     changed = [

@@ -186,7 +186,7 @@ def _refit(view: Consumer, removed: set[int], stats: Statistics, ridge: float) -
     fitted, refit_error, error = refitted.rows, refitted.error, refitted.pruned_error
     if refit_error >= error:  # dampening can lose on tiny data: never make a layer worse
         return RefitReport(
-            label, len(removed), inputs, error, error, "refit did not help", int(gram.rows)
+            label, len(removed), inputs, error, error, "refit did not help", rows=int(gram.rows)
         )
     if bias is not None:
         new_bias = fitted[:, -1].reshape(bias.shape).astype(bias.dtype)

@@ -10,11 +10,7 @@ import pytest
 import onnx_shrink
 from models import digits
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.io import data_files
-
-
-def images(count: int = 16) -> np.ndarray:
-    return data_files.load_npz(digits.TEST_DATA_PATH)["image"][:count]
+from tests.helpers import digits_images
 
 
 def test_a_model_given_as_bytes_is_taken_and_other_objects_are_a_bad_model_error():
@@ -37,7 +33,7 @@ def test_a_model_proto_whose_weights_are_external_and_not_loaded_is_a_clear_erro
 def test_two_sources_for_the_check_are_refused_not_one_silently_dropped():
     check = onnx_shrink.CheckOptions(data=digits.TEST_DATA_PATH)
     with pytest.raises(onnx_shrink.ShrinkError, match="two sources for the check"):
-        onnx_shrink.shrink(digits.MODEL_PATH, "fold", data={"image": images()}, check=check)
+        onnx_shrink.shrink(digits.MODEL_PATH, "fold", data={"image": digits_images()}, check=check)
 
 
 def test_a_result_that_fails_its_check_is_kept_on_the_error():
@@ -45,7 +41,10 @@ def test_a_result_that_fails_its_check_is_kept_on_the_error():
     # otherwise lose.
     with pytest.raises(onnx_shrink.CandidateFailedError) as caught:
         onnx_shrink.shrink(
-            digits.MODEL_PATH, "fold,fp16", sets="fp16.dtype=bfloat16", data={"image": images()}
+            digits.MODEL_PATH,
+            "fold,fp16",
+            sets="fp16.dtype=bfloat16",
+            data={"image": digits_images()},
         )
     kept = caught.value.model
     assert any(n.op_type == "Cast" for n in kept.graph)
@@ -53,7 +52,7 @@ def test_a_result_that_fails_its_check_is_kept_on_the_error():
 
 
 def test_lists_and_keys_the_model_has_no_input_for_are_taken_from_dicts_and_readers():
-    rows = images(8)
+    rows = digits_images(8)
 
     class Reader:
         def __init__(self) -> None:
@@ -100,7 +99,7 @@ def test_the_total_time_is_the_compiles_and_the_check_gives_its_own():
     from onnx_shrink import console
     from onnx_shrink.runtime_check import report
 
-    check = onnx_shrink.CheckOptions(data={"image": images()}, layers=True, latency_runs=20)
+    check = onnx_shrink.CheckOptions(data={"image": digits_images()}, layers=True, latency_runs=20)
     result = onnx_shrink.shrink(digits.MODEL_PATH, "fold", check=check)
     check_seconds = result.verification.seconds
     assert 0 < result.compile_seconds and 0 < check_seconds
@@ -176,7 +175,7 @@ def test_a_large_error_is_said_under_the_check_table():
 
     from onnx_shrink import console
 
-    check = onnx_shrink.CheckOptions(data={"image": images()}, latency_runs=0)
+    check = onnx_shrink.CheckOptions(data={"image": digits_images()}, latency_runs=0)
     numeric = onnx_shrink.shrink(digits.MODEL_PATH, "fold", check=check).verification.numeric
     assert console.numeric_table(numeric, "cpu").caption is None  # lossless: nothing to say
     output = dataclasses.replace(numeric.outputs[0], snr_db=6.68, cosine=0.8915)
@@ -199,7 +198,7 @@ def test_a_large_error_is_said_in_the_report_files_too():
 
     from onnx_shrink.runtime_check import report
 
-    check = onnx_shrink.CheckOptions(data={"image": images()}, latency_runs=0)
+    check = onnx_shrink.CheckOptions(data={"image": digits_images()}, latency_runs=0)
     result = onnx_shrink.shrink(digits.MODEL_PATH, "fold", check=check)
     assert result.to_dict()["verification"]["notes"] == []  # lossless: nothing to say
     assert "large error" not in report.html_report(shrink=result)

@@ -11,11 +11,7 @@ import pytest
 import onnx_shrink
 from models import digits
 from onnx_shrink.compiler import pass_order, spec
-from onnx_shrink.compiler.io import data_files
-
-
-def _images(count: int) -> np.ndarray:
-    return data_files.load_npz(digits.TEST_DATA_PATH)["image"][:count]
+from tests.helpers import digits_images
 
 
 @pytest.mark.parametrize(
@@ -51,7 +47,7 @@ def test_quant_then_prune_warns_first_and_prune_names_the_quantized_weights(capl
     """The order warning comes before the calibration's; prune then says why it left each
     layer (quantized already, not "computed in the graph from constants"), and the order it
     suggests prunes and quantizes."""
-    calibration = {"image": _images(16)}
+    calibration = {"image": digits_images(16)}
     model = digits.MODEL_PATH.read_bytes()
     with caplog.at_level(logging.WARNING):
         late = onnx_shrink.shrink(model, "fold,quant,prune", check=False, calibration=calibration)
@@ -76,7 +72,7 @@ def _zero_codes(model) -> int:
 
 
 def test_lowrank_names_a_quantized_weight(caplog):
-    calibration = {"image": _images(16)}
+    calibration = {"image": digits_images(16)}
     with caplog.at_level(logging.WARNING):
         onnx_shrink.shrink(
             digits.MODEL_PATH.read_bytes(),

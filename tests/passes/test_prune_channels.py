@@ -326,8 +326,6 @@ def test_reconstruction_refits_a_matmul_and_the_bias_added_after_it():
 def test_a_refit_from_fewer_rows_than_inputs_is_a_warning(caplog):
     """openWakeWord's timer head refit a 3264-wide Gemm from 48 clips: 94 dB SNR on them, 15
     dB on others, and only the check's general in-sample warning said anything."""
-    import logging
-
     _, proto = _matmul_bias_chain()
     for samples, warned in ((5, True), (64, False)):
         caplog.clear()

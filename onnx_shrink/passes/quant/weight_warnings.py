@@ -138,7 +138,7 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     ms a file where the float model took 5.4 (quant's, calibrated, 2.7). ``why`` ("; ..."):
     why the pass leaves Conv float."""
     convs = _float_convs(model)
-    weights = {id(n.inputs[1]): n.inputs[1].const_value.nbytes for n in convs}
+    weights = {n.inputs[1]: n.inputs[1].const_value.nbytes for n in convs}  # shared: once
     total = sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
     held = sum(weights.values())
     if not total or held < FLOAT_CONV_SHARE * total:
