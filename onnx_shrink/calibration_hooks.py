@@ -10,10 +10,11 @@ from collections.abc import Callable, Mapping, Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler.data_aware import Look
+from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.runtime_check import batch_mixing, sample_batches, sessions
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sample_batches
 
 logger = logging.getLogger(__name__)
 
@@ -29,12 +30,21 @@ def calibration_data(
     held: Mapping[str, float] | None = None,
 ) -> data_mod.Dataset:
     """Calibration inputs, checked against the model now and readable once per pass;
-    without a source, synthetic inputs of ``input_shapes``. ``held``: inputs fold.freeze
-    holds at one value (``data_mod.prepare``)."""
+    without a source, synthetic inputs of ``input_shapes``. Run one sample at a time where
+    the model mixes the samples of a batch (``batch_mixing.vetted``). ``held``: inputs
+    fold.freeze holds at one value (``data_mod.prepare``)."""
     specs = data_mod.specs_from_model(model)
     if source is None:
-        return data_mod.synthetic(specs, input_shapes, held=held)
-    return data_mod.replayable(data_mod.prepare(specs, source, held=held), stack)
+        dataset = data_mod.synthetic(specs, input_shapes, held=held)
+    else:
+        dataset = data_mod.replayable(data_mod.prepare(specs, source, held=held), stack)
+    if dataset.independent_samples or not sample_batches.splittable(dataset, specs):
+        return dataset  # the check's data, vetted already, or nothing that could be joined
+    # Unoptimized and unpacked: a trial of three small runs.
+    session = sessions.create_session(
+        large_tensors.session_source(model), optimize=False, prepack=False
+    )
+    return batch_mixing.vetted(dataset, specs, session, "the input model")
 
 
 def reporting(

@@ -20,8 +20,8 @@ from onnx_shrink.compiler import graph_edit, io
 from onnx_shrink.compiler.dumps import dump_files
 from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.errors import BadModelError, DataError, ShrinkError
+from onnx_shrink.runtime_check import batch_mixing, labels, sample_batches, sessions, synthetic
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import labels, sample_batches, sessions, synthetic
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
 from onnx_shrink.runtime_check.compare import Tolerances
@@ -188,6 +188,7 @@ def checked_dataset(
     )
     samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
+    dataset = batch_mixing.vetted(dataset, specs, probe, where)
     return dataset  # the session goes: kept through the compile, it would add the model's size
 
 

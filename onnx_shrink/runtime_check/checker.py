@@ -24,7 +24,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import bench, check_notes, sample_batches, sessions
+from onnx_shrink.runtime_check import batch_mixing, bench, check_notes, sample_batches, sessions
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -149,6 +149,9 @@ def _open(
             label=ref.label,
             purpose="for the check",
         )
+    if not dataset.independent_samples:  # (shrink's preflight tried the input already)
+        # Before the cache: its trial runs are no feeds the check will run again.
+        dataset = batch_mixing.vetted(dataset, specs, ref_session, ref.label)
     if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
         ref_session = CachedRuns(ref_session, kept.kept)
     try:
@@ -179,6 +182,8 @@ def _open(
             f"{cand.label} has no output {missing[0]!r} of {ref.label}'s (its outputs: "
             f"{', '.join(theirs)}): outputs are compared by name"
         )
+    # Joined samples only where the candidate does not mix them either.
+    dataset = batch_mixing.vetted(dataset, specs, cand_session, cand.label)
     return _Pair(ref, cand, ref_session, cand_session, specs, dataset, watch)
 
 

@@ -73,6 +73,9 @@ class Dataset:
     """each batch is one sample given whole (arrays with one more axis than their inputs): an
     input's first axis is then the sample's own, which may be time or frames, not a batch,
     so samples are never joined along it, nor is it counted as 1 per sample"""
+    independent_samples: bool = False
+    """a model was found to give each sample the same outputs joined with another as alone
+    (``batch_mixing.vetted``): readers may join its samples without trying again"""
     _first: dict[str, Feed] = dataclasses.field(default_factory=dict, compare=False, repr=False)
 
     def restreamed(self, make_batches: Callable[[], Iterator[Batch]], **changes) -> Dataset:

@@ -167,8 +167,8 @@ def grouped_samples(samples: Iterable[Batch], size: Callable[[], int]) -> Iterat
     pending: list[Batch] = []
     limit = 1
     for sample in samples:
-        if pending and (len(pending) >= limit or not _same_layout(pending[0], sample)):
-            yield _joined(pending)
+        if pending and (len(pending) >= limit or not same_layout(pending[0], sample)):
+            yield joined(pending)
             pending = []
         if sample.samples != 1:
             yield sample
@@ -177,10 +177,12 @@ def grouped_samples(samples: Iterable[Batch], size: Callable[[], int]) -> Iterat
             limit = size()
         pending.append(sample)
     if pending:
-        yield _joined(pending)
+        yield joined(pending)
 
 
-def _same_layout(a: Batch, b: Batch) -> bool:
+def same_layout(a: Batch, b: Batch) -> bool:
+    """Whether single sample ``b`` can be joined after ``a``: the same inputs, shapes and
+    dtypes, and labels on both or neither."""
     if b.samples != 1 or a.feed.keys() != b.feed.keys() or (a.labels is None) != (b.labels is None):
         return False
     return all(
@@ -188,7 +190,8 @@ def _same_layout(a: Batch, b: Batch) -> bool:
     )
 
 
-def _joined(samples: list[Batch]) -> Batch:
+def joined(samples: list[Batch]) -> Batch:
+    """Single samples of one layout (``same_layout``) as one batch, in order."""
     if len(samples) == 1:
         return samples[0]
     feed = {name: np.concatenate([s.feed[name] for s in samples]) for name in samples[0].feed}

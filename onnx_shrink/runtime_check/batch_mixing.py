@@ -1,0 +1,164 @@
+"""Whether a model mixes the samples of a batch, and data that then runs each sample alone.
+
+The check and calibration join samples along the first axis where every input has a dynamic
+one: fewer, larger runs. That is only sound where each sample's outputs do not depend on its
+batch-mates. Some models do mix them: openWakeWord's mel spectrogram normalizes by a
+``ReduceMax`` over all axes, batch included, so a clip's features change with the loudest clip
+it runs with. Its check read cosine 0.92 on 48 clips joined; one clip at a time, as the package
+runs it, the same candidate gave -0.013. Calibration statistics shift the same way.
+
+``vetted`` finds out by running two samples alone and joined (three small runs), before
+anything joins them: the quietest and the loudest of the first feed, where mixing shows. Where
+a sample's outputs change, the data is given back one sample per feed, each a whole sample
+(``sample_batches.whole_feeds``), so nothing joins them again; where they do not, the data says
+so (``Dataset.independent_samples``), and calibration does not try the same model again. The
+check tries its candidate too: quantized, openWakeWord's mel model mixed samples on noise
+where the float model did not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import onnxruntime as ort
+
+from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import sample_batches, sessions
+from onnx_shrink.runtime_check.data_types import Batch, Dataset, Feed, InputSpec
+from onnx_shrink.runtime_check.reference_runs import CachedRuns
+
+logger = logging.getLogger(__name__)
+
+RELATIVE_TOLERANCE = 1e-3
+"""How far a sample's float output may move, joined, relative to the output's largest
+magnitude alone, before the model is taken to mix samples: a different batch size may pick
+another kernel and sum in another order (differences near 1e-6), where a mixing model moves
+its outputs by their own size."""
+
+
+def vetted(
+    dataset: Dataset,
+    specs: Sequence[InputSpec],
+    session: ort.InferenceSession | CachedRuns,
+    label: str = "the model",
+) -> Dataset:
+    """``dataset`` as the model ``session`` runs (named ``label``) may read it: marked
+    ``independent_samples`` where two samples (``_trial_pair``) give the same outputs
+    joined as alone; one sample per run, with a warning naming the output that moved, where they do
+    not. Returned as it is, with no run, where its samples cannot be joined (whole samples,
+    fewer than two, two shapes), and as it is where a trial run fails (a model that takes
+    one sample whatever it declares: the readers' ``alone_after_failure`` then splits).
+
+    The mark is the caller's to trust: it says one model was tried, and a compressed copy
+    may mix where its input does not (int8 zeros under a Log that a batch-wide max clips)."""
+    if not sample_batches.splittable(dataset, specs):
+        return dataset
+    pair = _trial_pair(dataset, specs)
+    if len(pair) < 2 or not sample_batches.same_layout(*pair):
+        return dataset
+
+    def run(feed: Feed, what: str) -> dict[str, np.ndarray]:
+        fitted = sessions.fitted_feed(session, feed)
+        return sessions.run(session, fitted, failed=f"the model failed on {what}")
+
+    try:
+        alone = [run(sample.feed, "a sample alone") for sample in pair]
+        joined = run(sample_batches.joined(pair).feed, "two samples joined")
+    except ShrinkError:  # the readers' own runs fail, or split, and say why
+        return dataset
+    moved = mixed_output(alone, joined)
+    if moved is None:
+        return dataclasses.replace(dataset, independent_samples=True)
+    logger.warning(
+        "%s: %s mixes the samples of a batch: output '%s' of a sample changes when it runs "
+        "beside another (a reduction or normalization over the batch axis), so every sample "
+        "runs alone; to run batches as you run them, give each batch as one entry of an array "
+        "with one more axis",
+        dataset.description,
+        label,
+        moved,
+    )
+    return sample_batches.whole_feeds(sample_batches.one_sample_a_run(dataset, specs))
+
+
+TRIAL_SAMPLES = 16
+"""Samples the pair is chosen from where the first feed holds one"""
+
+
+def _trial_pair(dataset: Dataset, specs: Sequence[InputSpec]) -> list[Batch]:
+    """The two samples, of the first feed's (or else of the first ``TRIAL_SAMPLES``), whose
+    float inputs are smallest and largest in magnitude: mixing shows between samples far
+    apart (the mel model clips each bin at 80 dB below its batch's loudest: two clips 5 dB
+    apart run the same joined as alone, 55 dB apart they do not). The first two where
+    nothing tells them apart. A one-shot source (a reader not yet made replayable) is never
+    read past the feed it has peeked."""
+    first = dataset.first_feed()
+    dynamic = sample_batches.dynamic_inputs(specs)
+    held = Batch(first, dataset.samples_in(first, specs), None)
+    if held.samples >= 2 or dataset.peek is not None:
+        samples = list(sample_batches.split(held, dynamic))
+    else:
+        samples = list(
+            itertools.islice(sample_batches.single_samples(dataset, specs), TRIAL_SAMPLES)
+        )
+    if len(samples) < 2:
+        return samples
+    magnitudes = [_magnitude(sample.feed) for sample in samples]
+    low, high = int(np.argmin(magnitudes)), int(np.argmax(magnitudes))
+    if low == high:
+        return samples[:2]
+    return [samples[low], samples[high]]
+
+
+def _magnitude(feed: Feed) -> float:
+    """The largest finite magnitude of a sample's float inputs (0 without any)."""
+    largest = 0.0
+    for array in feed.values():
+        if np.issubdtype(array.dtype, np.floating) and array.size:
+            finite = np.abs(array[np.isfinite(array)])
+            largest = max(largest, float(finite.max()) if finite.size else 0.0)
+    return largest
+
+
+def mixed_output(
+    alone: Sequence[Mapping[str, np.ndarray]], joined: Mapping[str, np.ndarray]
+) -> str | None:
+    """The first float output whose rows in ``joined`` (the samples of ``alone`` run as one
+    batch, in order) differ from the samples' own (``RELATIVE_TOLERANCE``); None where none
+    does. Outputs whose first axis does not hold the samples' rows in order (a scalar, a
+    list of detections whose length varies) say nothing and are skipped."""
+    for name, rows in joined.items():
+        parts = [outputs[name] for outputs in alone]
+        if not all(_comparable(part, rows) for part in parts):
+            continue
+        if sum(part.shape[0] for part in parts) != rows.shape[0]:
+            continue
+        start = 0
+        for part in parts:
+            if _differ(part, rows[start : start + part.shape[0]]):
+                return name
+            start += part.shape[0]
+    return None
+
+
+def _comparable(part: np.ndarray, rows: np.ndarray) -> bool:
+    return (
+        isinstance(part, np.ndarray)
+        and np.issubdtype(part.dtype, np.floating)
+        and part.ndim >= 1
+        and part.ndim == rows.ndim
+        and part.shape[1:] == rows.shape[1:]
+    )
+
+
+def _differ(alone: np.ndarray, joined: np.ndarray) -> bool:
+    alone, joined = alone.astype(np.float64), joined.astype(np.float64)
+    finite = np.abs(alone[np.isfinite(alone)])
+    scale = float(finite.max()) if finite.size else 0.0
+    tolerance = RELATIVE_TOLERANCE * scale
+    close = np.isclose(joined, alone, rtol=RELATIVE_TOLERANCE, atol=tolerance, equal_nan=True)
+    return not bool(close.all())

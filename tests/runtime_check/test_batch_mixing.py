@@ -1,0 +1,205 @@
+"""Models that mix the samples of a batch run each sample alone in the check and calibration."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import onnx_ir as ir
+import pytest
+
+import onnx_shrink
+from onnx_shrink.runtime_check import batch_mixing, checker, data, sessions
+from onnx_shrink.runtime_check.batch_mixing import mixed_output
+from tests.helpers import make_model
+
+WIDTH = 8
+
+
+def _normalized(over_batch: bool, divide: bool = True) -> onnx.ModelProto:
+    """``z = MatMul(h / max(h), w2)``, ``h = MatMul(x, w1)``: the max over every axis, batch
+    included (``over_batch``, as openWakeWord's mel model takes it), or over each row's own
+    features. ``divide=False``: ``z = MatMul(h, w2)``, the same outputs' names, no mixing."""
+    rng = np.random.default_rng(0)
+    inits = {
+        "w1": rng.standard_normal((WIDTH, WIDTH)).astype(np.float32),
+        "w2": rng.standard_normal((WIDTH, WIDTH)).astype(np.float32),
+    }
+    reduce = {"keepdims": 0} if over_batch else {"keepdims": 1, "axes": [1]}
+    nodes = [oh.make_node("MatMul", ["x", "w1"], ["h"])]
+    if divide:
+        nodes += [
+            oh.make_node("Abs", ["h"], ["a"]),
+            oh.make_node("ReduceMax", ["a"], ["m"], **reduce),
+            oh.make_node("Div", ["h", "m"], ["y"]),
+            oh.make_node("MatMul", ["y", "w2"], ["z"]),
+        ]
+    else:
+        nodes.append(oh.make_node("MatMul", ["h", "w2"], ["z"]))
+    float_nx = onnx.TensorProto.FLOAT
+    inputs = [oh.make_tensor_value_info("x", float_nx, ["N", WIDTH])]
+    outputs = [oh.make_tensor_value_info("z", float_nx, ["N", WIDTH])]
+    return make_model(nodes, inputs, outputs, inits)
+
+
+def _samples(count: int = 16) -> np.ndarray:
+    """Rows of very different magnitudes: each row's max differs from its batch's."""
+    rng = np.random.default_rng(1)
+    scales = np.geomspace(0.1, 100.0, count, dtype=np.float32)[:, None]
+    return (rng.standard_normal((count, WIDTH)) * scales).astype(np.float32)
+
+
+def _session(model: onnx.ModelProto):
+    return sessions.create_session(model.SerializeToString())
+
+
+def _specs(model: onnx.ModelProto) -> list[data.InputSpec]:
+    return data.specs_from_model(ir.from_proto(model))
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
+    return {"z": _session(model).run(["z"], {"x": x})[0]}
+
+
+def test_an_output_whose_rows_move_with_their_batch_mates_is_named():
+    x = _samples(2)
+    for over_batch, expected in ((True, "z"), (False, None)):
+        model = _normalized(over_batch)
+        alone = [_run(model, x[:1]), _run(model, x[1:])]
+        assert mixed_output(alone, _run(model, x)) == expected
+
+
+def test_rounding_differences_and_outputs_without_sample_rows_say_nothing():
+    rows = np.array([[1.0, -2.0], [3.0, 4.0]], np.float32)
+    alone = [{"y": rows[:1], "n": np.int64(7), "i": np.array([1])}, {"y": rows[1:]}]
+    alone[1] |= {"n": np.int64(7), "i": np.array([2])}
+    nudged = rows * (1 + 1e-6)
+    # A scalar, an integer output that moved, and rows not laid out per sample are skipped.
+    joined = {"y": nudged, "n": np.int64(9), "i": np.array([5, 6]), "t": rows.T}
+    alone[0]["t"], alone[1]["t"] = rows.T[:1], rows.T[1:]
+    assert mixed_output(alone, joined) is None
+    moved = rows.copy()
+    moved[1, 0] += 0.1  # 2.5% of the output's largest magnitude
+    assert mixed_output(alone, {"y": moved}) == "y"
+    assert mixed_output(alone, {"y": np.concatenate([rows, rows])}) is None  # 4 rows for 2
+
+
+def test_data_a_mixing_model_reads_comes_one_whole_sample_per_feed(caplog):
+    model = _normalized(over_batch=True)
+    specs = _specs(model)
+    dataset = data.prepare(specs, {"x": _samples()})
+    assert [b.samples for b in dataset.batches()] == [16]  # joined, as read
+    with caplog.at_level(logging.WARNING):
+        vetted = batch_mixing.vetted(dataset, specs, _session(model), "mel.onnx")
+    assert "mel.onnx mixes the samples of a batch: output 'z'" in caplog.text
+    feeds = [b.feed["x"] for b in vetted.batches()]
+    assert [f.shape for f in feeds] == [(1, WIDTH)] * 16
+    np.testing.assert_array_equal(np.concatenate(feeds), _samples())
+    assert vetted.whole_samples and not vetted.independent_samples  # nothing joins them again
+
+
+def test_the_trial_runs_the_quietest_sample_beside_the_loudest():
+    """Mixing may show only between samples far apart: ``Clip(x, min=max(x) - 3)``, the
+    max over the batch (the mel model's 80 dB floor), leaves row i of [i, i + 1] alone
+    unless a batch-mate's max is 3 above its own. Rows 0 and 1 joined read as alone."""
+    model = make_model(
+        [
+            oh.make_node("ReduceMax", ["x"], ["m"], keepdims=0),
+            oh.make_node("Sub", ["m", "depth"], ["floor"]),
+            oh.make_node("Clip", ["x", "floor"], ["z"]),
+        ],
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", WIDTH])],
+        [oh.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", WIDTH])],
+        {"depth": np.array(3.0, np.float32)},
+    )
+    rng = np.random.default_rng(2)
+    rows = np.arange(16, dtype=np.float32)[:, None] + rng.random((16, WIDTH), np.float32)
+    shuffled = rows[[5, 6, 15, 1, 0, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14]]
+    specs = _specs(model)
+    session = _session(model)
+    first_two = [{"z": session.run(None, {"x": shuffled[i : i + 1]})[0]} for i in (0, 1)]
+    assert mixed_output(first_two, {"z": session.run(None, {"x": shuffled[:2]})[0]}) is None
+    vetted = batch_mixing.vetted(data.prepare(specs, {"x": shuffled}), specs, session)
+    assert vetted.whole_samples
+
+
+def test_data_an_independent_model_reads_is_marked_and_keeps_its_batches(caplog):
+    model = _normalized(over_batch=False)
+    specs = _specs(model)
+    dataset = data.prepare(specs, {"x": _samples()})
+    with caplog.at_level(logging.WARNING):
+        vetted = batch_mixing.vetted(dataset, specs, _session(model))
+    assert caplog.text == ""
+    assert vetted.independent_samples and not vetted.whole_samples
+    assert [b.samples for b in vetted.batches()] == [16]
+
+
+class _Reader:
+    """onnxruntime's calibration reader: one sample per ``get_next``."""
+
+    def __init__(self, rows: np.ndarray) -> None:
+        self.rows = iter(rows)
+        self.calls = 0
+
+    def get_next(self):
+        self.calls += 1
+        row = next(self.rows, None)
+        return None if row is None else {"x": row[None]}
+
+
+def test_a_one_shot_reader_is_not_read_past_the_feed_it_showed():
+    model = _normalized(over_batch=True)
+    specs = _specs(model)
+    reader = _Reader(_samples(4))
+    dataset = data.prepare(specs, reader)
+    assert batch_mixing.vetted(dataset, specs, _session(model)) is dataset  # one sample seen
+    assert reader.calls == 1
+    assert [b.feed["x"][0, 0] for b in dataset.batches()] == list(_samples(4)[:, 0])
+
+
+def test_a_model_that_fails_on_two_samples_leaves_the_data_to_its_readers():
+    """A dynamic batch axis declared, one sample taken (a torch export's Reshape)."""
+    model = make_model(
+        [oh.make_node("Reshape", ["x", "shape"], ["z"])],
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", WIDTH])],
+        [oh.make_tensor_value_info("z", onnx.TensorProto.FLOAT, [1, WIDTH])],
+        {"shape": np.array([1, WIDTH], np.int64)},
+    )
+    specs = _specs(model)
+    dataset = data.prepare(specs, {"x": _samples(4)})
+    assert batch_mixing.vetted(dataset, specs, _session(model)) is dataset
+
+
+def _entries(x: np.ndarray) -> dict[str, np.ndarray]:
+    """Each sample given whole, as one entry: the data runs one sample at a time."""
+    return {"x": x[:, None, :]}
+
+
+@pytest.mark.parametrize("check", [True, False])
+def test_shrink_writes_and_checks_alike_whether_samples_come_joined_or_one_by_one(check):
+    """Calibration's ranges and the check's figures are those of samples run alone: joined,
+    ``h / max(h)`` took the batch's max and both moved (the model differed without the fix,
+    and the check read another SNR)."""
+    model = _normalized(over_batch=True)
+    results = []
+    for given in ({"x": _samples()}, _entries(_samples())):
+        options = onnx_shrink.CheckOptions(data=given, latency_runs=0) if check else False
+        result = onnx_shrink.shrink(model, "quant", calibration=given, check=options)
+        snr = result.verification.numeric.outputs[0].snr_db if check else None
+        results.append((ir.to_proto(result.model).SerializeToString(), snr))
+    assert results[0] == results[1]
+
+
+def test_the_check_runs_alone_where_only_the_candidate_mixes(caplog):
+    """The input model keeps rows apart; its compressed copy need not (quantized, the mel
+    model's zeros under a Log met a batch-wide max)."""
+    reference, candidate = _normalized(True, divide=False), _normalized(True)
+    with caplog.at_level(logging.WARNING):
+        joined = checker.compare(reference, candidate, {"x": _samples()})
+    assert "candidate mixes the samples of a batch" in caplog.text
+    alone = checker.compare(reference, candidate, _entries(_samples()))
+    assert joined.outputs[0].snr_db == alone.outputs[0].snr_db
+    assert joined.samples == alone.samples == 16
+
