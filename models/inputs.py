@@ -32,6 +32,9 @@ Contract:
         computes (``models.speech.nsnet2_features``) of half a second of speech-like audio.
       - magika: ``bytes`` int32 [4, 2048]: the features magika reads (``models.files``) of
         four real files of the Python installation, drawn by the seed.
+      - oww-mel: ``input`` float32 [2, 16000]: a second of speech-like audio at 16 kHz on
+        int16's scale (openWakeWord feeds its int16 samples as float), twice, the second
+        clip 40 dB quieter: joined, its dB floor is the first clip's.
 
 Only numpy; nothing here runs a model.
 """
@@ -128,6 +131,12 @@ def _files(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"bytes": files.features(files.python_files(4, seed=int(rng.integers(1 << 30))))}
 
 
+def _clips(rng: np.random.Generator) -> dict[str, np.ndarray]:
+    loud = speech.syllables(1.0, int(rng.integers(1 << 30)))[:16000] * 8000.0
+    quiet = speech.syllables(1.0, int(rng.integers(1 << 30)))[:16000] * 80.0
+    return {"input": np.stack([loud, quiet]).astype(np.float32)}
+
+
 _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "minilm": _minilm,
     "ppocr-det": lambda rng: _page(rng, 64, 64),
@@ -142,6 +151,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "slovorez-fp16": _words,
     "nsnet2": _spectra,
     "magika": _files,
+    "oww-mel": _clips,
 }
 
 

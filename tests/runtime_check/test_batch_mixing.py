@@ -203,3 +203,22 @@ def test_the_check_runs_alone_where_only_the_candidate_mixes(caplog):
     assert joined.outputs[0].snr_db == alone.outputs[0].snr_db
     assert joined.samples == alone.samples == 16
 
+
+def test_openwakeword_mel_runs_each_clip_alone(caplog):
+    """The real model: a loud clip and one 40 dB quieter. Joined, the quiet clip's dB floor
+    was the loud one's, and the check's figures were those of a batch the package never
+    runs."""
+    from models.fetch import fetch
+    from models.inputs import sample_inputs
+
+    path = str(fetch("oww-mel"))
+    clips = sample_inputs("oww-mel")["input"]
+    figures = []
+    for given in ({"input": clips}, {"input": clips[:, None, :]}):
+        check = onnx_shrink.CheckOptions(data=given, latency_runs=0)
+        with caplog.at_level(logging.WARNING):
+            result = onnx_shrink.shrink(path, "quant", check=check)
+        output = result.verification.numeric.outputs[0]
+        figures.append((output.snr_db, output.cosine))
+    assert f"{path} mixes the samples of a batch: output 'output'" in caplog.text
+    assert figures[0] == figures[1]
