@@ -57,6 +57,20 @@ def run_ort(model: bytes | str | Path, feed: dict[str, np.ndarray]) -> list[np.n
     return session.run(None, feed)
 
 
+class OneSampleReader:
+    """A one-shot reader of one sample per ``get_next()`` as input ``name``, as a user's
+    onnxruntime calibration reader is; ``calls`` counts the reads."""
+
+    def __init__(self, rows: np.ndarray, name: str) -> None:
+        self.rows = list(rows)
+        self.name = name
+        self.calls = 0
+
+    def get_next(self):
+        self.calls += 1
+        return {self.name: self.rows.pop(0)[np.newaxis]} if self.rows else None
+
+
 def files_in(folder: Path) -> set[str]:
     """Names of all files under ``folder`` (to prove nothing was written)."""
     return {str(p.relative_to(folder)) for p in folder.rglob("*")}

@@ -13,7 +13,7 @@ import pytest
 import onnx_shrink
 from onnx_shrink.runtime_check import batch_mixing, checker, data, sessions
 from onnx_shrink.runtime_check.batch_mixing import mixed_output
-from tests.helpers import make_model
+from tests.helpers import OneSampleReader, make_model
 
 WIDTH = 8
 
@@ -136,23 +136,10 @@ def test_data_an_independent_model_reads_is_marked_and_keeps_its_batches(caplog)
     assert [b.samples for b in vetted.batches()] == [16]
 
 
-class _Reader:
-    """onnxruntime's calibration reader: one sample per ``get_next``."""
-
-    def __init__(self, rows: np.ndarray) -> None:
-        self.rows = iter(rows)
-        self.calls = 0
-
-    def get_next(self):
-        self.calls += 1
-        row = next(self.rows, None)
-        return None if row is None else {"x": row[None]}
-
-
 def test_a_one_shot_reader_is_not_read_past_the_feed_it_showed():
     model = _normalized(over_batch=True)
     specs = _specs(model)
-    reader = _Reader(_samples(4))
+    reader = OneSampleReader(_samples(4), "x")
     dataset = data.prepare(specs, reader)
     assert batch_mixing.vetted(dataset, specs, _session(model)) is dataset  # one sample seen
     assert reader.calls == 1

@@ -8,6 +8,7 @@ from onnx import numpy_helper
 
 from onnx_shrink.errors import DataError
 from onnx_shrink.runtime_check import data
+from tests.helpers import OneSampleReader
 
 IMAGE = data.InputSpec("image", np.float32, ("batch", 1, 8, 8))
 STATE = data.InputSpec("state", np.float32, (2, 1, 4))
@@ -209,24 +210,12 @@ def test_model_specs_come_from_the_graph():
     assert spec.shape[1:] == (1, 8, 8) and isinstance(spec.shape[0], str)
 
 
-class ImageReader:
-    """A one-shot reader of one digit per get_next(), as a user's calibration reader is."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = list(images)
-        self.calls = 0
-
-    def get_next(self):
-        self.calls += 1
-        return {"image": self.images.pop(0)[np.newaxis]} if self.images else None
-
-
 def test_one_reader_given_as_data_serves_calibration_and_the_check_with_every_sample():
     import onnx_shrink
     from models import digits
     from onnx_shrink.compiler.io import data_files
 
-    reader = ImageReader(data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24])
+    reader = OneSampleReader(data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24], "image")
     result = onnx_shrink.shrink(digits.MODEL_PATH, "quant", data=reader)
     assert result.steps[0].calibration_samples == 24
     assert result.verification.numeric.samples == 24
