@@ -369,8 +369,9 @@ def magika_task(calibration: int = MAX_CALIBRATION, evaluation_files: int = 512)
     # One seeded draw, every 5th file calibrates: the first files of the draw cover every
     # suffix once (round robin), so 8 calibration files are already 8 kinds of file.
     drawn = files.python_files(5 * max(calibration, evaluation_files // 4 + 1), seed=0)
-    calib = files.features(drawn[::5][:calibration])
-    evaluation = files.features([p for i, p in enumerate(drawn) if i % 5][:evaluation_files])
+    calibrating, evaluated = files.calibration_split(drawn)
+    calib = files.features(calibrating[:calibration])
+    evaluation = files.features(evaluated[:evaluation_files])
 
     def predict(session) -> np.ndarray:
         return run_batches(session, {"bytes": evaluation}, "target_label", 64)

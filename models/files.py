@@ -8,6 +8,8 @@ Contract:
       Drawn round robin over file suffixes, each suffix's files in a seeded order:
       deterministic for one installation. Rare suffixes are drawn whole, so two seeds share
       files: disjoint slices of one draw make disjoint sets.
+    * ``calibration_split(drawn)`` parts a draw: every 5th file to calibrate, the others to
+      evaluate; disjoint, and both spread over the suffixes the draw takes in turn.
     * ``magika_features(data)`` is magika 1.0's ``_extract_features_from_bytes`` for
       ``standard_v3_3`` (``BEG_SIZE`` = ``END_SIZE`` = 1024, ``BLOCK_SIZE`` 4096, padding
       token 256): the first ``BLOCK_SIZE`` bytes with leading whitespace stripped, their first
@@ -55,6 +57,11 @@ def python_files(n: int, seed: int) -> list[Path]:
             if queue and len(drawn) < n:
                 drawn.append(queue.pop())
     return drawn
+
+
+def calibration_split(drawn: list[Path]) -> tuple[list[Path], list[Path]]:
+    """Every 5th file of ``drawn`` (calibration) and the others (evaluation)."""
+    return drawn[::5], [p for i, p in enumerate(drawn) if i % 5]
 
 
 @functools.cache

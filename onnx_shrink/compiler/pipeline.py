@@ -286,12 +286,13 @@ def _bind(
             statistics = Statistics(results={}, samples=0, source="none needed")
         else:
             statistics = _probe(pass_, model, statistics, probe)
+    probe_seconds = time.perf_counter() - calibrated  # before ``bind``: its time is no probe's
     probes = len(statistics.probe_errors)
     return _Bound(
         pass_.bind(statistics, followup_collect),
         calibration_seconds=calibrated - started,
         samples=statistics.samples,
-        probe_seconds=time.perf_counter() - calibrated if probes else 0.0,
+        probe_seconds=probe_seconds if probes else 0.0,
         probes=probes,
     )
 

@@ -29,7 +29,6 @@ import onnxruntime as ort
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.data_types import Batch, Dataset, Feed, InputSpec
-from onnx_shrink.runtime_check.reference_runs import CachedRuns
 
 logger = logging.getLogger(__name__)
 
@@ -43,7 +42,7 @@ its outputs by their own size."""
 def vetted(
     dataset: Dataset,
     specs: Sequence[InputSpec],
-    session: ort.InferenceSession | CachedRuns,
+    session: ort.InferenceSession,
     label: str = "the model",
 ) -> Dataset:
     """``dataset`` as the model ``session`` runs (named ``label``) may read it: marked
@@ -116,12 +115,14 @@ def _trial_pair(dataset: Dataset, specs: Sequence[InputSpec]) -> list[Batch]:
 
 def _magnitude(feed: Feed) -> float:
     """The largest finite magnitude of a sample's float inputs (0 without any)."""
-    largest = 0.0
-    for array in feed.values():
-        if np.issubdtype(array.dtype, np.floating) and array.size:
-            finite = np.abs(array[np.isfinite(array)])
-            largest = max(largest, float(finite.max()) if finite.size else 0.0)
-    return largest
+    floats = (a for a in feed.values() if np.issubdtype(a.dtype, np.floating))
+    return max(map(_largest_finite, floats), default=0.0)
+
+
+def _largest_finite(array: np.ndarray) -> float:
+    """The largest finite magnitude in ``array`` (0 without any)."""
+    finite = np.abs(array[np.isfinite(array)])
+    return float(finite.max()) if finite.size else 0.0
 
 
 def mixed_output(
@@ -157,8 +158,6 @@ def _comparable(part: np.ndarray, rows: np.ndarray) -> bool:
 
 def _differ(alone: np.ndarray, joined: np.ndarray) -> bool:
     alone, joined = alone.astype(np.float64), joined.astype(np.float64)
-    finite = np.abs(alone[np.isfinite(alone)])
-    scale = float(finite.max()) if finite.size else 0.0
-    tolerance = RELATIVE_TOLERANCE * scale
+    tolerance = RELATIVE_TOLERANCE * _largest_finite(alone)
     close = np.isclose(joined, alone, rtol=RELATIVE_TOLERANCE, atol=tolerance, equal_nan=True)
     return not bool(close.all())

@@ -59,16 +59,17 @@ def _specs(model: onnx.ModelProto) -> list[data.InputSpec]:
     return data.specs_from_model(ir.from_proto(model))
 
 
-def _run(model: onnx.ModelProto, x: np.ndarray) -> dict[str, np.ndarray]:
-    return {"z": _session(model).run(["z"], {"x": x})[0]}
+def _run(session, x: np.ndarray) -> dict[str, np.ndarray]:
+    """Output ``z`` of one run of ``session`` on ``x``."""
+    return {"z": session.run(["z"], {"x": x})[0]}
 
 
 def test_an_output_whose_rows_move_with_their_batch_mates_is_named():
     x = _samples(2)
     for over_batch, expected in ((True, "z"), (False, None)):
-        model = _normalized(over_batch)
-        alone = [_run(model, x[:1]), _run(model, x[1:])]
-        assert mixed_output(alone, _run(model, x)) == expected
+        session = _session(_normalized(over_batch))
+        alone = [_run(session, x[:1]), _run(session, x[1:])]
+        assert mixed_output(alone, _run(session, x)) == expected
 
 
 def test_rounding_differences_and_outputs_without_sample_rows_say_nothing():
@@ -119,8 +120,8 @@ def test_the_trial_runs_the_quietest_sample_beside_the_loudest():
     shuffled = rows[[5, 6, 15, 1, 0, 2, 3, 4, 7, 8, 9, 10, 11, 12, 13, 14]]
     specs = _specs(model)
     session = _session(model)
-    first_two = [{"z": session.run(None, {"x": shuffled[i : i + 1]})[0]} for i in (0, 1)]
-    assert mixed_output(first_two, {"z": session.run(None, {"x": shuffled[:2]})[0]}) is None
+    first_two = [_run(session, shuffled[i : i + 1]) for i in (0, 1)]
+    assert mixed_output(first_two, _run(session, shuffled[:2])) is None
     vetted = batch_mixing.vetted(data.prepare(specs, {"x": shuffled}), specs, session)
     assert vetted.whole_samples
 

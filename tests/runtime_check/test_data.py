@@ -8,7 +8,7 @@ from onnx import numpy_helper
 
 from onnx_shrink.errors import DataError
 from onnx_shrink.runtime_check import data
-from tests.helpers import OneSampleReader
+from tests.helpers import OneSampleReader, digits_images
 
 IMAGE = data.InputSpec("image", np.float32, ("batch", 1, 8, 8))
 STATE = data.InputSpec("state", np.float32, (2, 1, 4))
@@ -213,9 +213,8 @@ def test_model_specs_come_from_the_graph():
 def test_one_reader_given_as_data_serves_calibration_and_the_check_with_every_sample():
     import onnx_shrink
     from models import digits
-    from onnx_shrink.compiler.io import data_files
 
-    reader = OneSampleReader(data_files.load_npz(digits.TEST_DATA_PATH)["image"][:24], "image")
+    reader = OneSampleReader(digits_images(24), "image")
     result = onnx_shrink.shrink(digits.MODEL_PATH, "quant", data=reader)
     assert result.steps[0].calibration_samples == 24
     assert result.verification.numeric.samples == 24
@@ -243,9 +242,8 @@ def test_a_reader_refilling_one_buffer_or_giving_lists_calibrates_on_its_samples
     # (64 samples calibrated as 9 distinct ones); lists became float64 and were refused.
     import onnx_shrink
     from models import digits
-    from onnx_shrink.compiler.io import data_files
 
-    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:64]
+    images = digits_images(64)
     expected = onnx_shrink.shrink(
         digits.MODEL_PATH, "quant", calibration={"image": images}, check=False
     )

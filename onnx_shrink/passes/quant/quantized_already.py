@@ -4,7 +4,8 @@ A model another tool quantized (ddddocr's CRNN: 21 ConvInteger behind DynamicQua
 has no float layer left to quantize; without this, the warning listed the glue the passes
 skipped ("55 Mul: not between integer kernels", "4 Gather: weight is not an initializer")
 and never said why nothing else was there. ``integer_weight`` recognizes a weight stored as
-integers and dequantized in plain ops, for ``float_reasons``.
+integers and dequantized in plain ops, for the skip reasons of ``float_reasons``,
+``weight_matching``, ``prune_layers`` and ``lowrank_graph``.
 """
 
 from __future__ import annotations

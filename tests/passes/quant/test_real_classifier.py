@@ -26,9 +26,9 @@ def classifier():
     from models import files
     from models.fetch import fetch
 
-    drawn = files.python_files(400, seed=0)
-    calibration = files.features(drawn[::5])  # 80 files, none evaluated
-    evaluation = files.features([p for i, p in enumerate(drawn) if i % 5])
+    calibrating, evaluated = files.calibration_split(files.python_files(400, seed=0))
+    calibration = files.features(calibrating)  # 80 files, none evaluated
+    evaluation = files.features(evaluated)
     path = fetch("magika")
     reference = run_ort(path, {"bytes": evaluation})[0]
     return path, calibration, evaluation, reference
