@@ -21,7 +21,7 @@ import onnx_ir as ir
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
-from onnx_shrink.passes.quant import compact, recurrent
+from onnx_shrink.passes.quant import compact, log_cone, recurrent
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -69,7 +69,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
        LSTMs then get rule 9's stored weights: standard ONNX has no integer LSTM.
     5. Skipped, with a debug log: nodes matched by ``exclude``, weights that are not float32
        initializers (or are graph inputs, so callers may override them), weights under
-       ``min_weight_elements``. Model-local functions hold no initializers: skipped, logged.
+       ``min_weight_elements``, MatMuls and Gemms whose output reaches a Log through linear
+       ops unless ``log_inputs`` (``log_cone``: the run-time range of a power spectrum fits
+       its loud bins only). Model-local functions hold no initializers: skipped, logged.
     6. A weight shared by several rewritten nodes is quantized once; the float initializer
        stays as long as any other node (or a graph output) still reads it.
     7. If/Loop/Scan bodies are rewritten like the main graph; quantized initializers go to the
@@ -113,6 +115,12 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         True,
         "per-channel scales rounded up to float16 values, and constants stored in the "
         "narrowest type that holds them exactly read through a Cast (quant's rule 7)",
+    )
+    log_inputs: bool = option(
+        False,
+        "also quantize MatMuls and Gemms whose output reaches a Log through linear ops (a "
+        "log-mel front end's filterbank), kept float by default: int8's even steps erase the "
+        "small values a Log spreads out",
     )
 
     @property
@@ -222,6 +230,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def _linear_match(self, context: WeightContext, node: ir.Node) -> LinearMatch | str:
         if not self.fused and context.opset < 11:
             return f"fused=False needs opset >= 11, not {context.opset}"
+        if not self.log_inputs and log_cone.feeds_log(node):
+            return log_cone.reason(self.name)
         return match_linear(context, node)
 
     def _try_quantize_linear(self, context: WeightContext, node: ir.Node) -> bool:

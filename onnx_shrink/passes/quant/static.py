@@ -164,6 +164,12 @@ class QuantPass(DataAwarePass):
         "ReduceMean, kept float by default (int8 costs them accuracy): for accelerators that "
         "take QDQ norms; onnxruntime's CPU runs such a Softmax as QLinearSoftmax",
     )
+    log_inputs: bool = option(
+        False,
+        "also quantize the nodes whose output reaches a Log through linear ops (a log-mel "
+        "front end), kept float by default: int8's even steps erase the small values a Log "
+        "spreads out",
+    )
     int16: tuple[str, ...] = option(
         (), "node names or regexes whose activations use 16 bits", patterns=True
     )
@@ -238,6 +244,7 @@ class QuantPass(DataAwarePass):
             self.only,
             self.activation_matmuls,
             self.sensitive_ops,
+            self.log_inputs,
         )
 
     @property
@@ -429,6 +436,7 @@ class QuantPass(DataAwarePass):
             exclude=self.exclude,
             exclude_op_types=self.exclude_op_types,
             only=self.only,
+            log_inputs=self.log_inputs,
             owner=self.name,
         )
 

@@ -23,7 +23,7 @@ from onnx_shrink.compiler.options import check_options, option, warn_unmatched_e
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes import half_weights
-from onnx_shrink.passes.quant import gptq_grams
+from onnx_shrink.passes.quant import gptq_grams, log_cone
 from onnx_shrink.passes.quant.blockwise import (
     BlockQuantized,
     pack_low_first,
@@ -58,7 +58,9 @@ class WeightOnlyQuantPass(DataAwarePass):
     """Quantize constant MatMul and Gather weights block-wise to ``bits``. Activations stay
     float in the file; MatMulNBits' ``accuracy_level`` 4 (the default) has onnxruntime's CPU
     provider quantize them to int8 per block at run time (fastest; on openWakeWord's mel
-    filterbank, a power spectrum up to ~1e10, SNR 20.6 dB against 48.7 dB at level 1).
+    filterbank, a power spectrum up to ~1e10, SNR 20.6 dB against 48.7 dB at level 1). A
+    MatMul whose output reaches a Log through linear ops (``log_cone``) gets level 1 unless
+    ``log_inputs``.
 
     Rules:
 
@@ -116,6 +118,12 @@ class WeightOnlyQuantPass(DataAwarePass):
         "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations"
         " quantized per block at run time (fastest on CPU; ignored by GPU providers)",
         choices=(0, 1, 2, 3, 4),
+    )
+    log_inputs: bool = option(
+        False,
+        "with accuracy_level 4, also MatMuls whose output reaches a Log through linear ops (a "
+        "log-mel filterbank): by default they compute in fp32 (level 1), since int8 "
+        "activations erase the small values a Log spreads out",
     )
     op_types: tuple[str, ...] = option(
         SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
@@ -296,7 +304,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         k, n = match.weight.const_value.shape
         attributes = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
         if self.accuracy_level:
-            attributes["accuracy_level"] = self.accuracy_level
+            attributes["accuracy_level"] = self._accuracy_level(node)
         bias = context.constant(node, "bias", match.bias)
         nbits = ir.node(
             "MatMulNBits",
@@ -307,6 +315,14 @@ class WeightOnlyQuantPass(DataAwarePass):
         )
         context.replace(match.replaced, [nbits])
         return True
+
+    def _accuracy_level(self, node: ir.Node) -> int:
+        """``accuracy_level``, but 1 (fp32) where level 4's run-time int8 activations would
+        feed a Log (``log_cone``; on openWakeWord's mel filterbank SNR 20.6 dB against 48.7)."""
+        if self.accuracy_level == 4 and not self.log_inputs and log_cone.feeds_log(node):
+            logger.info("%s: %s computes in fp32: its output reaches a Log", self.name, node.name)
+            return 1
+        return self.accuracy_level
 
     def _packed_columns(
         self, w: np.ndarray, gram: np.ndarray | None = None, name: str = ""

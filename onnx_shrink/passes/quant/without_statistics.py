@@ -31,6 +31,7 @@ class DynamicRules:
     exclude: tuple[str, ...]
     exclude_op_types: tuple[str, ...]
     only: tuple[str, ...]
+    log_inputs: bool = False
     owner: str = "quant"
 
     @property
@@ -74,6 +75,7 @@ class DynamicRules:
                 exclude=self.exclude,
                 graphs="subgraphs",
                 narrow_storage=narrow,
+                log_inputs=self.log_inputs,
             ).quantize(model)
         return count > 0
 
@@ -93,7 +95,12 @@ class DynamicRules:
         if not self.subgraphs:
             reasons.update(dict.fromkeys(in_bodies, f"{self.owner}.subgraphs=false"))
         elif in_bodies:
-            bodies = QuantDynamicPass(op_types=linear, exclude=self.exclude, graphs="subgraphs")
+            bodies = QuantDynamicPass(
+                op_types=linear,
+                exclude=self.exclude,
+                graphs="subgraphs",
+                log_inputs=self.log_inputs,
+            )
             reasons.update(bodies.float_reasons(model))
         return reasons
 

@@ -1,0 +1,190 @@
+"""Placement rule 9 (``log_cone``): what reaches a Log through linear ops stays float in
+``quant`` and ``quant-dynamic``, unless asked; where the cone ends (an op that compresses, a
+parameter input, two weighted layers back)."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+
+import onnx_shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant import log_cone
+from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
+from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
+from tests.helpers import make_model, parse, run_ort
+from tests.passes.quant.test_dynamic import with_weights
+from tests.passes.quant.test_static_placement import _quantize
+
+F = onnx.TensorProto.FLOAT
+WINDOW, HOP, BINS, MELS = 32, 16, 17, 8
+
+
+def _log_mel():
+    """A log-mel front end as openWakeWord's: a Conv STFT (real and imaginary DFT rows over a
+    Hann window), power, a non-negative filterbank MatMul, Clip at 1e-10, Log."""
+    t = np.arange(WINDOW)
+    k = np.arange(BINS)[:, None]
+    hann = 0.5 - 0.5 * np.cos(2 * np.pi * t / WINDOW)
+    real = (np.cos(2 * np.pi * k * t / WINDOW) * hann)[:, None, :].astype(np.float32)
+    imag = (-np.sin(2 * np.pi * k * t / WINDOW) * hann)[:, None, :].astype(np.float32)
+    mel = np.abs(np.random.default_rng(0).standard_normal((BINS, MELS))).astype(np.float32)
+    nodes = [
+        oh.make_node("Unsqueeze", ["x", "one"], ["x1"]),
+        oh.make_node("Conv", ["x1", "real"], ["re"], strides=[HOP]),
+        oh.make_node("Conv", ["x1", "imag"], ["im"], strides=[HOP]),
+        oh.make_node("Mul", ["re", "re"], ["re2"]),
+        oh.make_node("Mul", ["im", "im"], ["im2"]),
+        oh.make_node("Add", ["re2", "im2"], ["power"]),
+        oh.make_node("Transpose", ["power"], ["frames"], perm=[0, 2, 1]),
+        oh.make_node("MatMul", ["frames", "mel"], ["m"]),
+        oh.make_node("Clip", ["m", "floor"], ["c"]),
+        oh.make_node("Log", ["c"], ["y"]),
+    ]
+    inits = {
+        "one": np.array([1], np.int64),
+        "real": real,
+        "imag": imag,
+        "mel": mel,
+        "floor": np.array(1e-10, np.float32),
+    }
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 256])],
+        [oh.make_tensor_value_info("y", F, ["N", 15, MELS])],
+        inits,
+    )
+
+
+def _clips(seed: int, count: int) -> np.ndarray:
+    """Noisy tones 0-60 dB apart in loudness, as a microphone's gain leaves them."""
+    rng = np.random.default_rng(seed)
+    t = np.arange(256)
+    gains = 10.0 ** np.linspace(0, 3, count)
+    clips = [g * (np.sin(0.3 * t) + 0.1 * rng.standard_normal(256)) for g in gains]
+    return np.stack(clips).astype(np.float32)
+
+
+def test_a_log_mel_front_end_stays_float_and_asked_its_quiet_clips_lose_their_bins(
+    tmp_path, caplog
+):
+    proto, clips = _log_mel(), _clips(0, 8)
+    reference = run_ort(proto.SerializeToString(), {"x": clips})[0]
+    with caplog.at_level(logging.WARNING):
+        path, model = _quantize(proto, {"x": clips}, tmp_path)
+    assert not any(n.op_type == "QuantizeLinear" for n in model.graph)
+    assert np.array_equal(run_ort(path, {"x": clips})[0], reference)
+    warning = next(r.getMessage() for r in caplog.records if "no node" in r.getMessage())
+    assert "2 Conv: its output reaches a Log through linear ops" in warning
+    assert "quant.log_inputs=true" in warning
+
+    path, model = _quantize(proto, {"x": clips}, tmp_path, log_inputs=True)
+    assert sum(n.op_type == "QuantizeLinear" for n in model.graph) >= 3
+    error = np.abs(run_ort(path, {"x": clips})[0] - reference)  # natural log: 1 is 4.3 dB
+    # The loudest clip keeps its spectrum; the quietest, 60 dB down, is lost in the steps.
+    assert error[-1].mean() < 0.5
+    assert error[0].mean() > 3.0
+
+
+def test_the_cone_ends_two_layers_back_at_a_compressing_op_and_at_a_parameter():
+    model = io.load(
+        parse(
+            """
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[1, 4, 8] x) => (float[1, 4, 8] y, float[1, 4, 8] z, float[1, 4, 8] u)
+              <float[4, 4, 1] w = {W}> {
+              a = Conv (x, w)
+              ra = Relu (a)
+              b = Conv (ra, w)
+              rb0 = Identity (b)
+              rb = Relu (rb0)
+              c = Conv (rb, w)
+              y = Log (c)
+              d = Conv (x, w)
+              s = Softmax <axis = 1> (d)
+              z = Log (s)
+              e = Conv (x, w)
+              f = Mul (e, e)
+              p = ReduceMax <keepdims = 1> (f)
+              lo = Sigmoid (p)
+              q = Clip (x, lo)
+              u = Log (q)
+            }
+            """.replace("W", ", ".join(["0.5"] * 16))
+        )
+    )
+    by_name = {out.name: node for node in model.graph for out in node.outputs}
+    feeding = {name for name, node in by_name.items() if log_cone.feeds_log(node)}
+    # Two layers back from y: c, b and what b reads (a's Relu: a, a third layer, is quantized
+    # and its output, after the Relu, is b's input); the Softmax ends z's cone (the Softmax is
+    # in it: the Log reads its output); Clip's min is a parameter (e, f, p, lo are not in u's).
+    assert feeding == {"c", "rb", "rb0", "b", "ra", "s", "q"}
+
+
+def _dynamic(tail: str) -> onnx.ModelProto:
+    text = f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 64] x) => (float[N, 96] y) {{
+          m = MatMul (x, w)
+          {tail}
+        }}
+        """
+    return with_weights(text, w=np.random.default_rng(0).standard_normal((64, 96), np.float32))
+
+
+def _dynamic_ops(proto: onnx.ModelProto, **options) -> list[str]:
+    result = QuantDynamicPass(**options)(io.load(proto))
+    return [n.op_type for n in result.model.graph]
+
+
+def test_quant_dynamic_keeps_a_filterbank_before_a_log_float_unless_asked():
+    power = _dynamic("c = Relu (m)\n          y = Log (c)")
+    assert "MatMul" in _dynamic_ops(power)
+    assert "DynamicQuantizeMatMul" in _dynamic_ops(power, log_inputs=True)
+    scores = _dynamic("s = Softmax <axis = 1> (m)\n          y = Log (s)")
+    assert "DynamicQuantizeMatMul" in _dynamic_ops(scores)
+    reasons = QuantDynamicPass().float_reasons(io.load(power))
+    assert [why for node, why in reasons.items() if node.op_type == "MatMul"] == [
+        log_cone.reason("quant-dynamic")
+    ]
+
+
+def test_openwakeword_mel_keeps_its_front_end_float_and_says_why(caplog):
+    """The real model: ``quant`` and ``quant-dynamic`` leave it float (its Convs and MatMul
+    all feed the Log), the output as it was, and the warning names the rule; ``quant-weight``
+    computes its filterbank in fp32."""
+    from models.fetch import fetch
+    from models.inputs import sample_inputs
+
+    path = str(fetch("oww-mel"))
+    check = onnx_shrink.CheckOptions(data=sample_inputs("oww-mel"), latency_runs=0)
+    for passes in ("fold,quant", "fold,quant-dynamic"):
+        caplog.clear()
+        with caplog.at_level(logging.WARNING):
+            result = onnx_shrink.shrink(path, passes, check=check)
+        assert result.verification.numeric.outputs[0].max_abs_error == 0.0
+        assert "reaches a Log through linear ops" in caplog.text
+    # quant-weight's filterbank computes in fp32 (its int4 weights stay): 44 dB, against 19.
+    snr = {}
+    for sets in ((), ("quant-weight.log_inputs=true",)):
+        result = onnx_shrink.shrink(path, "fold,quant-weight", sets=sets, check=check)
+        snr[sets] = result.verification.numeric.outputs[0].snr_db
+    assert snr[()] > 40.0 > 25.0 > snr[("quant-weight.log_inputs=true",)]
+
+
+def test_quant_weight_computes_a_filterbank_before_a_log_in_fp32():
+    """MatMulNBits' default accuracy_level 4 quantizes its input to int8 at run time: before
+    a Log it gets level 1 (fp32), unless asked; elsewhere it keeps level 4."""
+    levels = {}
+    for name, tail, options in (
+        ("power", "c = Relu (m)\n          y = Log (c)", {}),
+        ("asked", "c = Relu (m)\n          y = Log (c)", {"log_inputs": True}),
+        ("scores", "s = Softmax <axis = 1> (m)\n          y = Log (s)", {}),
+    ):
+        result = WeightOnlyQuantPass(**options)(io.load(_dynamic(tail)))
+        nbits = next(n for n in result.model.graph if n.op_type == "MatMulNBits")
+        levels[name] = nbits.attributes.get_int("accuracy_level")
+    assert levels == {"power": 1, "asked": 4, "scores": 4}
