@@ -11,6 +11,13 @@
   featurizes them (``models.speech.nsnet2_features``: [1, 99, 161] log power spectra; seed i:
   calibration clip i, seed 10000 + i: evaluation clip i, 32 clips). Metrics: mean and worst
   cosine of each clip's suppression mask to fp32's, and the masks' relative error.
+* ``oww-mel`` -- openWakeWord's log-mel front end (a Conv STFT, a filterbank MatMul, Log, a
+  top-dB floor 80 dB below the batch's loudest bin): one-second clips of speech-like audio
+  (``models.speech.syllables``) at gains 20-80 dB, as far apart as microphones leave them
+  (seed i: calibration clip i, seed 10000 + i: evaluation clip i, 32 clips), one clip a run.
+  Metrics: the share of output bins within 1 dB of fp32's, the mean error in dB, and the
+  worst clip's mean error. Nothing of this model should be int8 (``quant``'s placement rule
+  9): the rows say what each tool does about it.
 """
 
 from __future__ import annotations
@@ -106,5 +113,50 @@ def nsnet2_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) 
         metrics=("mask cosine", "min mask cosine", "mask rel err"),
         split="one-second clips of speech-like audio in noise (models.speech), NSNet2's log "
         f"power spectra; calibration: seeds 0.., {calibration}; evaluation: seeds 10000.., "
+        f"{evaluation_clips}",
+    )
+
+
+def mel_task(calibration: int = MAX_CALIBRATION, evaluation_clips: int = 32) -> Task:
+    """openWakeWord's log-mel front end on one-second clips 20-80 dB loud, one clip a run."""
+    from models import speech
+
+    def clips(count: int, first_seed: int) -> np.ndarray:
+        rows = []
+        for i in range(count):
+            # As far apart as microphones' gains leave them; drawn apart from the audio's seed.
+            gain = 10.0 ** np.random.default_rng([first_seed + i, 1]).uniform(1.0, 4.0)
+            rows.append(speech.syllables(1.0, first_seed + i)[: speech.RATE] * gain)
+        return np.stack(rows).astype(np.float32)
+
+    calib, evaluation = clips(calibration, 0), clips(evaluation_clips, 10_000)
+
+    def predict(session) -> np.ndarray:  # one clip a run: the model's top-dB floor is batch-wide
+        return np.stack(
+            [
+                session.run(None, {"input": evaluation[i : i + 1]})[0][0]
+                for i in range(len(evaluation))
+            ]
+        )
+
+    def fidelity(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+        error = np.abs(candidate - reference)
+        per_clip = error.reshape(len(error), -1).mean(axis=1)
+        return {
+            "bins within 1 dB": float((error <= 1.0).mean()),
+            "mean dB error": float(error.mean()),
+            "worst clip dB error": float(per_clip.max()),
+        }
+
+    return Task(
+        name="oww-mel",
+        model=fetch("oww-mel"),
+        **one_input("input", calib, evaluation),
+        latency_input="1 clip: 16000 samples",
+        predict=predict,
+        fidelity=fidelity,
+        metrics=("bins within 1 dB", "mean dB error", "worst clip dB error"),
+        split="one-second clips of speech-like audio (models.speech.syllables) at gains 20-80 "
+        f"dB; calibration: seeds 0.., {calibration}; evaluation: seeds 10000.., "
         f"{evaluation_clips}",
     )

@@ -41,8 +41,8 @@ a quantizer is never scored on the samples it calibrated on:
   round robin over file suffixes; every 5th file calibrates, 512 of the others evaluate).
   Metrics: the label (argmax) equal to fp32's, and the mean L1 distance of the 214 scores to
   fp32's. No ground truth: a file's suffix is not its label.
-* ``dtln-1`` and ``nsnet2`` -- speech enhancement on streamed audio: see
-  ``benchmarks/audio_tasks.py``.
+* ``dtln-1`` and ``nsnet2`` -- speech enhancement on streamed audio, and ``oww-mel``, a
+  log-mel front end: see ``benchmarks/audio_tasks.py``.
 
 Calibration with N samples uses the first N of the calibration set, one sample per run. The
 same files feed both tools: ``write_calibration`` writes an ``.npz`` (what ``onnx-shrink
@@ -72,6 +72,7 @@ MODELS = (
     "dtln-1",
     "nsnet2",
     "magika",
+    "oww-mel",
 )
 LARGE_MODELS = ("encoder-600mb",)
 MAX_CALIBRATION = 128
@@ -446,11 +447,13 @@ def load_task(name: str, calibration: int = MAX_CALIBRATION, quick: bool = False
         return det_task(calibration, 10 if quick else 40)
     if name == "yolov8n-nudenet":
         return yolo_task(calibration, 40 if quick else 160)
-    if name in ("dtln-1", "nsnet2"):
+    if name in ("dtln-1", "nsnet2", "oww-mel"):
         from benchmarks import audio_tasks  # it builds on this module's Task
 
         if name == "dtln-1":
             return audio_tasks.dtln_task(calibration, 50 if quick else 200)
+        if name == "oww-mel":
+            return audio_tasks.mel_task(calibration, 16 if quick else 32)
         return audio_tasks.nsnet2_task(calibration, 16 if quick else 32)
     if name == "magika":
         return magika_task(calibration, 128 if quick else 512)

@@ -78,8 +78,11 @@ HEADING = "## quantization vs onnxruntime.quantization"
 HEADING_LARGE = "## quantization vs onnxruntime.quantization: a 0.6 GB model"
 HEADING_TARGET = "## quantization with an accuracy target (quant.max_error) vs onnxruntime"
 STATIC_METHODS = ("MinMax", "Entropy", "Percentile")
-DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1", "nsnet2", "magika")
-CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det", "magika")
+DYNAMIC_MODELS = ("minilm", "ppocr-rec", "dtln-1", "nsnet2", "magika", "oww-mel")
+CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det", "magika", "oww-mel")
+# Models whose Log reads linear ops (placement rule 9 keeps them float): a row of ours with
+# that rule off shows what it saves.
+LOG_FRONT_ENDS = ("oww-mel",)
 # Models whose quantized Convs bias correction (quant.bias_correction) can correct (magika's
 # one Conv has no bias to correct).
 BIAS_CORRECTED_MODELS = ("digits", "ppocr-rec", "ppocr-det", "yolov8n-nudenet")
@@ -156,6 +159,8 @@ def configs_for(
     configs.append(_ours_with("ours-minmax", ours_static, "quant.calibration=minmax"))
     if name in BIAS_CORRECTED_MODELS:
         configs.append(_ours_with("ours-bias", ours_static, "quant.bias_correction=true"))
+    if name in LOG_FRONT_ENDS:
+        configs.append(_ours_with("ours-log-inputs", ours_static, "quant.log_inputs=true"))
     if worst is not None:
         configs.append(_ours_with("ours-worst-float", ours_static, f"quant.exclude={worst}"))
     for target in max_errors:
