@@ -64,12 +64,10 @@ def _return_freed_memory() -> None:
     """Give the heap's free pages back to the system (glibc's ``malloc_trim``), where the
     C library has it."""
     import ctypes
-    import ctypes.util
 
-    name = ctypes.util.find_library("c")
-    try:
-        ctypes.CDLL(name).malloc_trim(0)
-    except (OSError, AttributeError, TypeError):
+    try:  # the process's own symbols, libc's among them (no ldconfig run to find libc)
+        ctypes.CDLL(None).malloc_trim(0)
+    except AttributeError:
         pass  # not glibc: the baseline may then hold freed memory
 
 

@@ -132,8 +132,8 @@ def _files(rng: np.random.Generator) -> dict[str, np.ndarray]:
 
 
 def _clips(rng: np.random.Generator) -> dict[str, np.ndarray]:
-    loud = speech.syllables(1.0, int(rng.integers(1 << 30)))[:16000] * 8000.0
-    quiet = speech.syllables(1.0, int(rng.integers(1 << 30)))[:16000] * 80.0
+    loud = speech.syllables(1.0, int(rng.integers(1 << 30))) * 8000.0
+    quiet = speech.syllables(1.0, int(rng.integers(1 << 30))) * 80.0
     return {"input": np.stack([loud, quiet]).astype(np.float32)}
 
 

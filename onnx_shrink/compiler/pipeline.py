@@ -178,17 +178,15 @@ class _Pipeline:
         # converts its opset and infers types before it knows whether it will quantize): a
         # rolled-back pass, or one that changed nothing, leaves the model as it found it.
         snapshot = _snapshot(model, pass_)  # the model itself where the pass is functional
-        followup_collect = _TimedCollector(self.collect) if self.collect is not None else None
-        bound = _bind(pass_, model, self.collect, self.probe, followup_collect, self.steps)
-        runnable, calibration_seconds = bound.pass_, bound.calibration_seconds
+        bound = _bind(pass_, model, self.collect, self.probe, self.steps)
         result, seconds, rejected, verdict = _run_one(
-            runnable, model, snapshot, self.steps, self.verify, self.strict
+            bound.pass_, model, snapshot, self.steps, self.verify, self.strict
         )
         if self.current_stats is None:  # the snapshot is the input, as it was measured
             self.current_stats = input_figures.final(snapshot, self.input_dims, self.observed)
-        if followup_collect is not None:  # a follow-up's calibration is calibration time
-            calibration_seconds += followup_collect.seconds
-            seconds -= followup_collect.seconds
+        # A follow-up's calibration is calibration time, not the pass's.
+        calibration_seconds = bound.calibration_seconds + bound.followup_seconds
+        seconds -= bound.followup_seconds
         if self.current_bytes is None:  # the pass left its input as it was
             self.current_bytes = (
                 result.bytes_before if self._measured(result) else self._saved_bytes(model)
@@ -263,6 +261,13 @@ class _Bound:
     samples: int | None = None
     probe_seconds: float = 0.0
     probes: int = 0
+    followup: _TimedCollector | None = None
+    """what serves the pass's follow-up, timing it as it runs"""
+
+    @property
+    def followup_seconds(self) -> float:
+        """Spent so far collecting the follow-up's statistics (after the run: all of it)."""
+        return self.followup.seconds if self.followup is not None else 0.0
 
 
 def _bind(
@@ -270,12 +275,11 @@ def _bind(
     model: ir.Model,
     collect: Collector | None,
     probe: Prober | None,
-    followup_collect: Collector | None,
     done: Sequence[StepRecord],
 ) -> _Bound:
-    """A data-aware pass bound to the statistics collected on ``model`` (and to
-    ``followup_collect`` for its follow-up), with the seconds its calibration and its probes
-    took; any other pass as it is. What its ``requests`` raise fails as the pass would."""
+    """A data-aware pass bound to the statistics collected on ``model`` (and to ``collect``,
+    timed, for its follow-up), with the seconds its calibration and its probes took; any
+    other pass as it is. What its ``requests`` raise fails as the pass would."""
     if not isinstance(pass_, DataAwarePass):
         return _Bound(pass_)
     started = time.perf_counter()
@@ -288,12 +292,14 @@ def _bind(
             statistics = _probe(pass_, model, statistics, probe)
     probe_seconds = time.perf_counter() - calibrated  # before ``bind``: its time is no probe's
     probes = len(statistics.probe_errors)
+    followup = _TimedCollector(collect) if collect is not None else None
     return _Bound(
-        pass_.bind(statistics, followup_collect),
+        pass_.bind(statistics, followup),
         calibration_seconds=calibrated - started,
         samples=statistics.samples,
         probe_seconds=probe_seconds if probes else 0.0,
         probes=probes,
+        followup=followup,
     )
 
 

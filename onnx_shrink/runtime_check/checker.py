@@ -154,8 +154,19 @@ def _open(
         dataset = batch_mixing.vetted(dataset, specs, ref_session, ref.label)
     if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
         ref_session = CachedRuns(ref_session, kept.kept)
+    cand_session = _candidate_session(ref, cand, specs, provider)
+    # Joined samples only where the candidate does not mix them either.
+    dataset = batch_mixing.vetted(dataset, specs, cand_session, cand.label)
+    return _Pair(ref, cand, ref_session, cand_session, specs, dataset, watch)
+
+
+def _candidate_session(
+    ref: _Loaded, cand: _Loaded, specs: Sequence[data_mod.InputSpec], provider: str
+) -> ort.InferenceSession:
+    """The candidate's session, once it is known to load where the reference does and to
+    take the reference's inputs and give its outputs, by name."""
     try:
-        cand_session = sessions.create_session(cand.source, provider=provider, stop_spinning=True)
+        session = sessions.create_session(cand.source, provider=provider, stop_spinning=True)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken
         why = (
             f"onnxruntime's {provider} provider has no kernel for one of its nodes: check it "
@@ -164,7 +175,7 @@ def _open(
             else "the reference loads: the candidate is broken"
         )
         raise CandidateFailedError(f"{e} ({why})") from e
-    fed = {i.name for i in cand_session.get_inputs()}
+    fed = {i.name for i in session.get_inputs()}
     needed = [spec.name for spec in specs if spec.name not in fed]  # what the data feeds
     if needed and fed - {spec.name for spec in specs}:  # inputs renamed, not dropped
         raise CandidateFailedError(
@@ -175,16 +186,14 @@ def _open(
         logger.info(
             "%s takes no input %s: fed to %s only", cand.label, ", ".join(needed), ref.label
         )
-    theirs = [o.name for o in cand_session.get_outputs()]
+    theirs = [o.name for o in session.get_outputs()]
     missing = [v.name for v in ref.model.graph.outputs if v.name not in theirs]
     if missing:
         raise CandidateFailedError(
             f"{cand.label} has no output {missing[0]!r} of {ref.label}'s (its outputs: "
             f"{', '.join(theirs)}): outputs are compared by name"
         )
-    # Joined samples only where the candidate does not mix them either.
-    dataset = batch_mixing.vetted(dataset, specs, cand_session, cand.label)
-    return _Pair(ref, cand, ref_session, cand_session, specs, dataset, watch)
+    return session
 
 
 def compare(

@@ -10,21 +10,10 @@ import pytest
 
 from models import digits
 from onnx_shrink.compiler import io
-from onnx_shrink.compiler.io import data_files
 from onnx_shrink.compiler.statistics import HistogramAccumulator, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect, data, sessions
-from tests.helpers import parse, reflect_pad_model, run_ort
-
-
-class OneSampleReader:
-    """A CalibrationDataReader-style object feeding one sample per get_next()."""
-
-    def __init__(self, images: np.ndarray) -> None:
-        self.images = list(images)
-
-    def get_next(self):
-        return {"image": self.images.pop(0)[np.newaxis]} if self.images else None
+from tests.helpers import OneSampleReader, digits_images, parse, reflect_pad_model, run_ort
 
 
 def _requests(model):
@@ -48,10 +37,12 @@ def _requests(model):
 def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40]
+    images = digits_images(40)
     np.savez(tmp_path / "all.npz", image=images)
     batched = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "all.npz"))
-    single = collect.collect(model, _requests(model), data.prepare(specs, OneSampleReader(images)))
+    single = collect.collect(
+        model, _requests(model), data.prepare(specs, OneSampleReader(images, "image"))
+    )
     assert batched.samples == single.samples == 40
     _assert_same_statistics(batched, single, _requests(model))
 
@@ -60,7 +51,7 @@ def test_samples_joined_in_runs_give_what_they_give_one_at_a_time(tmp_path, monk
     """Runs of up to MAX_RUN_SAMPLES samples: each sample still gets its own lattice."""
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40])
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
     joined = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
     monkeypatch.setattr(collect, "MAX_RUN_SAMPLES", 1)
     alone = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
@@ -147,7 +138,7 @@ def test_a_model_without_a_batch_axis_runs_each_whole_sample_alone(tmp_path, mon
 def test_statistics_match_numpy_on_the_full_tensors(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    images = data_files.load_npz(digits.TEST_DATA_PATH)["image"][:16]
+    images = digits_images(16)
     np.savez(tmp_path / "d.npz", image=images)
     name = model.graph.node(2).outputs[0].name  # the first Relu
     stats = collect.collect(
@@ -176,7 +167,7 @@ def _first_relu_histogram(tmp_path, images: int, request_options: dict):
     output as onnxruntime gives it: 16 x 8 x 8 = 1024 elements per image)."""
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:images])
+    np.savez(tmp_path / "d.npz", image=digits_images(images))
     name = model.graph.node(2).outputs[0].name
     request = StatRequest(name, "histogram", bins=64, **request_options)
     histogram = collect.collect(model, [request], data.prepare(specs, tmp_path / "d.npz"))
@@ -353,7 +344,7 @@ class _CountingSessions:
 def test_calibration_runs_every_sample_once_in_one_session(tmp_path, monkeypatch):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=data_files.load_npz(digits.TEST_DATA_PATH)["image"][:40])
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
     counting = _CountingSessions(monkeypatch)
     stats = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
     assert stats.samples == 40

@@ -239,12 +239,12 @@ class QuantPass(DataAwarePass):
     @property
     def _exclusions(self) -> placement.Exclusions:
         return placement.Exclusions(
-            frozenset(self.exclude_op_types),
-            self.exclude,
-            self.only,
-            self.activation_matmuls,
-            self.sensitive_ops,
-            self.log_inputs,
+            op_types=frozenset(self.exclude_op_types),
+            nodes=self.exclude,
+            only=self.only,
+            activation_matmuls=self.activation_matmuls,
+            sensitive=self.sensitive_ops,
+            log_inputs=self.log_inputs,
         )
 
     @property

@@ -31,7 +31,7 @@ class DynamicRules:
     exclude: tuple[str, ...]
     exclude_op_types: tuple[str, ...]
     only: tuple[str, ...]
-    log_inputs: bool = False
+    log_inputs: bool
     owner: str = "quant"
 
     @property
@@ -70,13 +70,7 @@ class DynamicRules:
             return count > 0
         in_bodies = tuple(op for op in BODY_OPS if op not in self.exclude_op_types)
         if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
-            count += QuantDynamicPass(
-                op_types=in_bodies,
-                exclude=self.exclude,
-                graphs="subgraphs",
-                narrow_storage=narrow,
-                log_inputs=self.log_inputs,
-            ).quantize(model)
+            count += self._bodies_pass(in_bodies, narrow).quantize(model)
         return count > 0
 
     def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
@@ -95,13 +89,7 @@ class DynamicRules:
         if not self.subgraphs:
             reasons.update(dict.fromkeys(in_bodies, f"{self.owner}.subgraphs=false"))
         elif in_bodies:
-            bodies = QuantDynamicPass(
-                op_types=linear,
-                exclude=self.exclude,
-                graphs="subgraphs",
-                log_inputs=self.log_inputs,
-            )
-            reasons.update(bodies.float_reasons(model))
+            reasons.update(self._bodies_pass(linear, False).float_reasons(model))
         return reasons
 
     def _pass(self, op_type: str, narrow: bool) -> QuantDynamicPass:
@@ -110,4 +98,14 @@ class DynamicRules:
         fused = self.fused if op_type == "LSTM" else True
         return QuantDynamicPass(
             op_types=(op_type,), exclude=self.exclude, fused=fused, narrow_storage=narrow
+        )
+
+    def _bodies_pass(self, op_types: tuple[str, ...], narrow: bool) -> QuantDynamicPass:
+        """Rule 5's quant-dynamic: ``op_types`` in If/Loop/Scan bodies."""
+        return QuantDynamicPass(
+            op_types=op_types,
+            exclude=self.exclude,
+            graphs="subgraphs",
+            narrow_storage=narrow,
+            log_inputs=self.log_inputs,
         )
