@@ -148,8 +148,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             warn_float_convs(model, self.name, CONV_LEFT_FLOAT)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
-    def context(self, model: ir.Model) -> WeightContext:
-        return WeightContext.of(model, self.name, self.exclude, self.min_weight_elements)
+    def context(self, model: ir.Model, owner: str | None = None) -> WeightContext:
+        """One run's weight context; ``owner``: the pass named in what it logs and in its
+        reasons (None: this one; ``quant`` runs this pass for what calibration cannot reach)."""
+        return WeightContext.of(model, owner or self.name, self.exclude, self.min_weight_elements)
 
     def quantize(
         self,
@@ -163,7 +165,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         the whole model narrow once; with ``nodes``, only those (``quant.only``: the
         sensitivity report measures such a node alone). ``owner``: the pass named in what is
         logged (None: this one)."""
-        context = context or self.context(model)
+        context = context or self.context(model, owner)
         count = 0
         for node in self._selected(model, context, nodes):
             if node.op_type == "Gather":
@@ -198,12 +200,12 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             if self._reason(context, node) is None
         ]
 
-    def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
+    def float_reasons(self, model: ir.Model, owner: str | None = None) -> dict[ir.Node, str]:
         """Why each node of ``op_types`` in the graphs ``graphs`` selects stays float, by what
         each rule checks (those ``exclude`` names are the caller's to explain); reads
-        ``model`` only."""
+        ``model`` only. ``owner``: the pass whose options the reasons name (None: this one)."""
         context = WeightContext.of(
-            model, self.name, self.exclude, self.min_weight_elements, quiet=True
+            model, owner or self.name, self.exclude, self.min_weight_elements, quiet=True
         )
         reasons = {}
         for node in nodes_of(model, self.op_types):
@@ -230,9 +232,12 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def _linear_match(self, context: WeightContext, node: ir.Node) -> LinearMatch | str:
         if not self.fused and context.opset < 11:
             return f"fused=False needs opset >= 11, not {context.opset}"
-        if not self.log_inputs and log_cone.feeds_log(node):
-            return log_cone.reason(self.name)
-        return match_linear(context, node)
+        match = match_linear(context, node)
+        # After the match: a node that could not be quantized anyway is told why, and the
+        # cone's walk runs only for weights that would be quantized (as quant-weight checks).
+        if not isinstance(match, str) and not self.log_inputs and log_cone.feeds_log(node):
+            return log_cone.reason(context.pass_name)
+        return match
 
     def _try_quantize_linear(self, context: WeightContext, node: ir.Node) -> bool:
         match = self._linear_match(context, node)

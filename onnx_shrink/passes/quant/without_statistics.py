@@ -70,7 +70,7 @@ class DynamicRules:
             return count > 0
         in_bodies = tuple(op for op in BODY_OPS if op not in self.exclude_op_types)
         if self.subgraphs and in_bodies and any(True for _ in model.graph.subgraphs()):
-            count += self._bodies_pass(in_bodies, narrow).quantize(model)
+            count += self._bodies_pass(in_bodies, narrow).quantize(model, owner=self.owner)
         return count > 0
 
     def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
@@ -83,13 +83,13 @@ class DynamicRules:
                 off = f"{self.owner}.{switch}=false"
                 reasons.update(dict.fromkeys(nodes_of(model, (op_type,)), off))
             elif op_type in self.main_graph_ops:
-                reasons.update(self._pass(op_type, False).float_reasons(model))
+                reasons.update(self._pass(op_type, False).float_reasons(model, self.owner))
         linear = ("MatMul", "Gemm")
         in_bodies = [n for n in nodes_of(model, linear) if n.graph is not model.graph]
         if not self.subgraphs:
             reasons.update(dict.fromkeys(in_bodies, f"{self.owner}.subgraphs=false"))
         elif in_bodies:
-            reasons.update(self._bodies_pass(linear, False).float_reasons(model))
+            reasons.update(self._bodies_pass(linear, False).float_reasons(model, self.owner))
         return reasons
 
     def _pass(self, op_type: str, narrow: bool) -> QuantDynamicPass:

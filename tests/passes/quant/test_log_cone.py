@@ -156,6 +156,11 @@ def test_quant_dynamic_keeps_a_filterbank_before_a_log_float_unless_asked():
     assert [why for node, why in reasons.items() if node.op_type == "MatMul"] == [
         log_cone.reason("quant-dynamic")
     ]
+    # A weight the pass would not quantize anyway is the reason given, not the Log.
+    small = QuantDynamicPass(min_weight_elements=10**6).float_reasons(io.load(power))
+    assert [why for node, why in small.items() if node.op_type == "MatMul"] == [
+        "weight 'w' has 6144 < 1000000 elements"
+    ]
 
 
 def test_openwakeword_mel_keeps_its_front_end_float_and_says_why(caplog):
@@ -195,3 +200,40 @@ def test_quant_weight_computes_a_filterbank_before_a_log_in_fp32():
         nbits = next(n for n in result.model.graph if n.op_type == "MatMulNBits")
         levels[name] = nbits.attributes.get_int("accuracy_level")
     assert levels == {"power": 1, "asked": 4, "scores": 4}
+
+
+LOG_IN_IF = """
+<ir_version: 9, opset_import: ["" : 17]>
+g (bool cond, float[3, 64] x) => (float[3, 96] y) {
+  y = If (cond) <
+    then_branch = then_g () => (float[3, 96] a) {
+      m = MatMul(x, w)
+      c = Clip(m, floor)
+      a = Log(c)
+    },
+    else_branch = else_g () => (float[3, 96] b) { b = MatMul(x, w) }
+  >
+}
+"""
+
+
+def test_in_an_if_body_the_cone_stays_float_and_what_is_said_names_quant(caplog):
+    # quant quantizes bodies through quant-dynamic (placement rule 5), whose messages named
+    # quant-dynamic, a pass the user never asked for.
+    w = np.abs(np.random.default_rng(0).standard_normal((64, 96))).astype(np.float32)
+    model = with_weights(LOG_IN_IF, w=w, floor=np.array(1e-10, np.float32))
+    feeds = {"cond": np.array(True), "x": np.ones((3, 64), np.float32)}
+    with caplog.at_level(logging.INFO):
+        result = onnx_shrink.shrink(model, "quant", check=False, calibration=feeds)
+    if_node = next(n for n in result.model.graph if n.op_type == "If")
+    branches = [if_node.attributes[b].as_graph() for b in ("then_branch", "else_branch")]
+    assert "MatMul" in [n.op_type for n in branches[0]]  # the Log's cone
+    assert "MatMul" not in [n.op_type for n in branches[1]]
+    # The then branch reads w as float, the else branch as int8.
+    assert "quant: 1 quantized weight(s) are also read as float" in caplog.text
+    assert "quant-dynamic" not in caplog.text
+    asked = onnx_shrink.shrink(
+        model, "quant", sets=("quant.log_inputs=true",), check=False, calibration=feeds
+    )
+    if_node = next(n for n in asked.model.graph if n.op_type == "If")
+    assert "MatMul" not in [n.op_type for n in if_node.attributes["then_branch"].as_graph()]
