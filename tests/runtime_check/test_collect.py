@@ -58,6 +58,25 @@ def test_samples_joined_in_runs_give_what_they_give_one_at_a_time(tmp_path, monk
     _assert_same_statistics(joined, alone, _requests(model))
 
 
+def test_the_probe_counted_in_slices_gives_what_one_count_gives(tmp_path, monkeypatch):
+    """The probe's values are binned PROBE_SLICE at a time, small runs joined and large ones
+    cut: the counts are those of one count over them all."""
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    whole = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    monkeypatch.setattr(collect, "PROBE_SLICE", 7)  # smaller than any run's lattice
+    sliced = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    _assert_same_statistics(whole, sliced, _requests(model))
+
+
+def test_slices_hold_every_value_in_order():
+    arrays = [np.arange(n, dtype=np.float32) + 100 * n for n in (3, 10, 1, 0, 4)]
+    slices = list(collect._in_slices(iter(arrays), 4))
+    assert [s.size for s in slices] == [4, 4, 4, 4, 2]
+    np.testing.assert_array_equal(np.concatenate(slices), np.concatenate(arrays))
+
+
 def _assert_same_statistics(first, second, requests):
     """Ranges, histograms and channel maxima equal; sums (squared norms, Gram) to rounding."""
     for request in requests:
