@@ -79,8 +79,8 @@ def settle_inferred_types(model: ir.Model, keep: bool) -> None:
     LayerNormalization into SkipLayerNormalization, whose CPU kernel (1.32) is the slower: 38
     us against 6 for Add + LayerNormalization on one [1, 22, 384] sentence, 449 against 67
     at [1, 128, 768]. The float model, without value_info, is not fused; MiniLM quantized
-    with the names ran 1.03-1.05x the time of onnxruntime's dynamic model (fused alike),
-    without them 0.92-0.96x.
+    with the names ran 1.04x the time of onnxruntime's dynamic model (fused alike), without
+    them 1.00x (``benchmarks/quant_vs_ort.py``).
     """
     for value in _node_outputs(model):
         added = value.meta.pop(_INFERRED, None)
