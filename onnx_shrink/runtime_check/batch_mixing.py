@@ -8,12 +8,13 @@ it runs with. Its check read cosine 0.92 on 48 clips joined; one clip at a time,
 runs it, the same candidate gave -0.013. Calibration statistics shift the same way.
 
 ``vetted`` finds out by running two samples alone and joined (three small runs), before
-anything joins them: the quietest and the loudest of the first feed, where mixing shows. Where
-a sample's outputs change, the data is given back one sample per feed, each a whole sample
+anything joins them: the quietest and the loudest of the first feed (of the first
+``TRIAL_SAMPLES`` where that holds one sample), where mixing shows. Where a sample's outputs
+change, the data is given back one sample per feed, each a whole sample
 (``sample_batches.whole_feeds``), so nothing joins them again; where they do not, the data says
 so (``Dataset.independent_samples``), and calibration does not try the same model again. The
-check tries its candidate too: quantized, openWakeWord's mel model mixed samples on noise
-where the float model did not.
+check tries its candidate too: quantized, openWakeWord's mel model mixed samples on noise where
+the float model did not.
 """
 
 from __future__ import annotations
@@ -37,6 +38,9 @@ RELATIVE_TOLERANCE = 1e-3
 magnitude alone, before the model is taken to mix samples: a different batch size may pick
 another kernel and sum in another order (differences near 1e-6), where a mixing model moves
 its outputs by their own size."""
+
+TRIAL_SAMPLES = 16
+"""Samples the pair is chosen from where the first feed holds one"""
 
 
 def vetted(
@@ -82,10 +86,6 @@ def vetted(
         moved,
     )
     return sample_batches.whole_feeds(sample_batches.one_sample_a_run(dataset, specs))
-
-
-TRIAL_SAMPLES = 16
-"""Samples the pair is chosen from where the first feed holds one"""
 
 
 def _trial_pair(dataset: Dataset, specs: Sequence[InputSpec]) -> list[Batch]:
@@ -136,13 +136,11 @@ def mixed_output(
         parts = [outputs[name] for outputs in alone]
         if not all(_comparable(part, rows) for part in parts):
             continue
-        if sum(part.shape[0] for part in parts) != rows.shape[0]:
+        ends = np.cumsum([part.shape[0] for part in parts])
+        if ends[-1] != rows.shape[0]:
             continue
-        start = 0
-        for part in parts:
-            if _differ(part, rows[start : start + part.shape[0]]):
-                return name
-            start += part.shape[0]
+        if any(map(_differ, parts, np.split(rows, ends[:-1]))):
+            return name
     return None
 
 

@@ -74,12 +74,14 @@ def test_an_output_whose_rows_move_with_their_batch_mates_is_named():
 
 def test_rounding_differences_and_outputs_without_sample_rows_say_nothing():
     rows = np.array([[1.0, -2.0], [3.0, 4.0]], np.float32)
-    alone = [{"y": rows[:1], "n": np.int64(7), "i": np.array([1])}, {"y": rows[1:]}]
-    alone[1] |= {"n": np.int64(7), "i": np.array([2])}
+    alone = [
+        {"y": rows[:1], "n": np.int64(7), "i": np.array([1]), "t": rows.T[:, :1]},
+        {"y": rows[1:], "n": np.int64(7), "i": np.array([2]), "t": rows.T[:, 1:]},
+    ]
     nudged = rows * (1 + 1e-6)
-    # A scalar, an integer output that moved, and rows not laid out per sample are skipped.
+    # A scalar, an integer output that moved, and rows not laid out per sample (``t``: a
+    # sample a column) are skipped.
     joined = {"y": nudged, "n": np.int64(9), "i": np.array([5, 6]), "t": rows.T}
-    alone[0]["t"], alone[1]["t"] = rows.T[:1], rows.T[1:]
     assert mixed_output(alone, joined) is None
     moved = rows.copy()
     moved[1, 0] += 0.1  # 2.5% of the output's largest magnitude
@@ -192,6 +194,7 @@ def test_the_check_runs_alone_where_only_the_candidate_mixes(caplog):
     assert joined.samples == alone.samples == 16
 
 
+@pytest.mark.network
 def test_openwakeword_mel_runs_each_clip_alone(caplog):
     """The real model: a loud clip and one 40 dB quieter. Joined, the quiet clip's dB floor
     was the loud one's, and the check's figures were those of a batch the package never

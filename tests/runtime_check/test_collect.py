@@ -47,27 +47,27 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
     _assert_same_statistics(batched, single, _requests(model))
 
 
-def test_samples_joined_in_runs_give_what_they_give_one_at_a_time(tmp_path, monkeypatch):
-    """Runs of up to MAX_RUN_SAMPLES samples: each sample still gets its own lattice."""
+@pytest.mark.parametrize(
+    "constant, value",
+    [
+        # Runs of up to MAX_RUN_SAMPLES samples: each sample still gets its own lattice.
+        ("MAX_RUN_SAMPLES", 1),
+        # The probe's values are binned PROBE_SLICE at a time, small runs joined and large
+        # ones cut: the counts are those of one count over them all (7 is smaller than any
+        # run's lattice).
+        ("PROBE_SLICE", 7),
+    ],
+)
+def test_statistics_do_not_depend_on_how_runs_and_the_probe_are_cut(
+    tmp_path, monkeypatch, constant, value
+):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
     np.savez(tmp_path / "d.npz", image=digits_images(40))
-    joined = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    monkeypatch.setattr(collect, "MAX_RUN_SAMPLES", 1)
-    alone = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    _assert_same_statistics(joined, alone, _requests(model))
-
-
-def test_the_probe_counted_in_slices_gives_what_one_count_gives(tmp_path, monkeypatch):
-    """The probe's values are binned PROBE_SLICE at a time, small runs joined and large ones
-    cut: the counts are those of one count over them all."""
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
-    whole = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    monkeypatch.setattr(collect, "PROBE_SLICE", 7)  # smaller than any run's lattice
-    sliced = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    _assert_same_statistics(whole, sliced, _requests(model))
+    default = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    monkeypatch.setattr(collect, constant, value)
+    cut = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    _assert_same_statistics(default, cut, _requests(model))
 
 
 def test_slices_hold_every_value_in_order():

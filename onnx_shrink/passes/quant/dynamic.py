@@ -148,10 +148,15 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             warn_float_convs(model, self.name, CONV_LEFT_FLOAT)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
-    def context(self, model: ir.Model, owner: str | None = None) -> WeightContext:
-        """One run's weight context; ``owner``: the pass named in what it logs and in its
-        reasons (None: this one; ``quant`` runs this pass for what calibration cannot reach)."""
-        return WeightContext.of(model, owner or self.name, self.exclude, self.min_weight_elements)
+    def context(
+        self, model: ir.Model, owner: str | None = None, *, quiet: bool = False
+    ) -> WeightContext:
+        """One run's weight context (``quiet``: a look that logs no skip); ``owner``: the
+        pass named in what it logs and in its reasons (None: this one; ``quant`` runs this
+        pass for what calibration cannot reach)."""
+        return WeightContext.of(
+            model, owner or self.name, self.exclude, self.min_weight_elements, quiet=quiet
+        )
 
     def quantize(
         self,
@@ -204,9 +209,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         """Why each node of ``op_types`` in the graphs ``graphs`` selects stays float, by what
         each rule checks (those ``exclude`` names are the caller's to explain); reads
         ``model`` only. ``owner``: the pass whose options the reasons name (None: this one)."""
-        context = WeightContext.of(
-            model, owner or self.name, self.exclude, self.min_weight_elements, quiet=True
-        )
+        context = self.context(model, owner, quiet=True)
         reasons = {}
         for node in nodes_of(model, self.op_types):
             if self.graphs == "subgraphs" and node.graph is model.graph:

@@ -25,9 +25,9 @@ scale away; an op not listed ends it too. ``Log`` itself ends it.
 
 The reach is limited: at most ``MAX_LAYERS`` weighted layers (``Conv``, ``MatMul``, ``Gemm``,
 ``ConvTranspose``, ``Einsum``) from a node to the ``Log``, the node counting when it is one,
-and at most ``MAX_VISITED`` nodes looked at. A front end has two (the transform and the
-filterbank); a deep CNN that ends in a ``Log`` keeps only its last two layers float, not
-the whole network.
+and no further step once the walk has reached more than ``MAX_VISITED`` nodes. A front end
+has two (the transform and the filterbank); a deep CNN that ends in a ``Log`` keeps only its
+last two layers float, not the whole network.
 """
 
 from __future__ import annotations

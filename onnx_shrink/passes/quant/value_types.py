@@ -99,15 +99,13 @@ INVENTED_DIM_PREFIX = "unk__"
 
 
 def _without_invented_names(shape: ir.Shape) -> ir.Shape:
-    if not any(isinstance(dim, ir.SymbolicDim) for dim in shape.dims):
-        return shape
-    dims = [
-        None
-        if isinstance(dim, ir.SymbolicDim) and (dim.value or "").startswith(INVENTED_DIM_PREFIX)
-        else dim
+    invented = [
+        isinstance(dim, ir.SymbolicDim) and (dim.value or "").startswith(INVENTED_DIM_PREFIX)
         for dim in shape.dims
     ]
-    return ir.Shape(dims)
+    if not any(invented):
+        return shape  # as it was, denotations included
+    return ir.Shape([None if gone else dim for dim, gone in zip(shape.dims, invented, strict=True)])
 
 
 def _reorder_initializers(graph: ir.Graph, names: Sequence[str]) -> None:

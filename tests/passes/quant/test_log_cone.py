@@ -9,6 +9,7 @@ import logging
 import numpy as np
 import onnx
 import onnx.helper as oh
+import pytest
 
 import onnx_shrink
 from onnx_shrink.compiler import io
@@ -163,6 +164,7 @@ def test_quant_dynamic_keeps_a_filterbank_before_a_log_float_unless_asked():
     ]
 
 
+@pytest.mark.network
 def test_openwakeword_mel_keeps_its_front_end_float_and_says_why(caplog):
     """The real model: ``quant`` and ``quant-dynamic`` leave it float (its Convs and MatMul
     all feed the Log), the output as it was, and the warning names the rule; ``quant-weight``
