@@ -338,7 +338,9 @@ def _compile(
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
-            calib = calibration_hooks.calibration_data(loaded, source, input_shapes, stack, held)
+            calib = calibration_hooks.calibration_data(
+                loaded, source, input_shapes, stack, held, provider
+            )
             collector = functools.partial(
                 calibration_hooks.collect,
                 dataset=calib,

@@ -11,6 +11,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler.data_aware import Look
 from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.errors import BadModelError
 from onnx_shrink.runtime_check import batch_mixing, sample_batches, sessions
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
@@ -28,10 +29,13 @@ def calibration_data(
     input_shapes: Mapping[str, Sequence[int]] | None,
     stack: contextlib.ExitStack,
     held: Mapping[str, float] | None = None,
+    provider: str = "cpu",
 ) -> data_mod.Dataset:
     """Calibration inputs, checked against the model now and readable once per pass;
     without a source, synthetic inputs of ``input_shapes``. Run one sample at a time where
-    the model mixes the samples of a batch (``batch_mixing.vetted``). ``held``: inputs
+    the model mixes the samples of a batch (``batch_mixing.vetted``, on ``provider``), or
+    where the input model does not load there to be tried: the passes before the data-aware
+    one may make it load (``fold`` drops a dead node no kernel takes). ``held``: inputs
     fold.freeze holds at one value (``data_mod.prepare``)."""
     specs = data_mod.specs_from_model(model)
     if source is None:
@@ -40,10 +44,14 @@ def calibration_data(
         dataset = data_mod.replayable(data_mod.prepare(specs, source, held=held), stack)
     if dataset.independent_samples or not sample_batches.splittable(dataset, specs):
         return dataset  # the check's data, vetted already, or nothing that could be joined
-    # Unoptimized and unpacked: a trial of three small runs.
-    session = sessions.create_session(
-        large_tensors.session_source(model), optimize=False, prepack=False
-    )
+    try:  # unoptimized and unpacked: a trial of three small runs
+        session = sessions.create_session(
+            large_tensors.session_source(model), provider=provider, optimize=False, prepack=False
+        )
+    except BadModelError as e:
+        # Whether a batch's samples stay apart is untried: one a run is right either way.
+        logger.info("calibration: each sample runs alone: untried on the input model (%s)", e)
+        return batch_mixing.each_sample_alone(dataset, specs)
     return batch_mixing.vetted(dataset, specs, session, "the input model")
 
 
@@ -71,7 +79,12 @@ def collect(
     provider: str,
     progress: CalibrationProgress | None,
 ):
-    """``pipeline.Collector`` over ``dataset``, read as ``look`` says."""
+    """``pipeline.Collector`` over ``dataset``, read as ``look`` says.
+
+    Raises:
+        BadModelError: onnxruntime cannot load ``model`` (the model as the passes before
+            leave it) on ``provider``; the message says it was calibration's run.
+    """
     look = look or Look()
     if look.samples:
         specs = data_mod.specs_from_model(model)
@@ -82,11 +95,15 @@ def collect(
             "about real data: give --calibration FILE (or --data)",
             dataset.description,
         )
-    return collect_mod.collect(
-        model,
-        requests,
-        dataset,
-        provider=provider,
-        progress=reporting(progress, dataset.samples, look.purpose),
-        run_samples=look.run_samples,
-    )
+    try:
+        return collect_mod.collect(
+            model,
+            requests,
+            dataset,
+            provider=provider,
+            progress=reporting(progress, dataset.samples, look.purpose),
+            run_samples=look.run_samples,
+        )
+    except BadModelError as e:
+        # "the model" alone read as the input file, which the check may well load.
+        raise BadModelError(f"calibration on {provider}: {e}") from e

@@ -85,6 +85,11 @@ def vetted(
         label,
         moved,
     )
+    return each_sample_alone(dataset, specs)
+
+
+def each_sample_alone(dataset: Dataset, specs: Sequence[InputSpec]) -> Dataset:
+    """``dataset`` one sample a feed, marked so that no reader joins them again."""
     return sample_batches.whole_feeds(sample_batches.one_sample_a_run(dataset, specs))
 
 

@@ -215,3 +215,47 @@ def test_openwakeword_mel_runs_each_clip_alone(caplog):
         figures.append((output.snr_db, output.cosine))
     assert f"{path} mixes the samples of a batch: output 'output'" in caplog.text
     assert figures[0] == figures[1]
+
+
+def _with_dead_double_erf(model: onnx.ModelProto) -> onnx.ModelProto:
+    """``model`` plus an Erf on a float64 copy of ``x`` that nothing reads: onnxruntime's
+    CPU has no float64 Erf, so it refuses the model until ``fold`` drops the node."""
+    dead = onnx.ModelProto()
+    dead.CopyFrom(model)
+    dead.graph.node.extend(
+        [
+            oh.make_node("Cast", ["x"], ["x64"], to=onnx.TensorProto.DOUBLE),
+            oh.make_node("Erf", ["x64"], ["unread"]),
+        ]
+    )
+    return dead
+
+
+def test_a_model_only_its_first_passes_make_loadable_is_calibrated_a_sample_a_run():
+    """The trial could not load the input model: whether it mixes a batch's samples is
+    untried, so each runs alone, and ``fold`` then makes it loadable for the collector.
+    Before, the trial's load error stopped ``shrink`` with "the model: onnxruntime cannot
+    load it"."""
+    mixing = _with_dead_double_erf(_normalized(over_batch=True))
+    with pytest.raises(onnx_shrink.errors.BadModelError):
+        _session(mixing)
+    result = onnx_shrink.shrink(mixing, "fold,quant", calibration={"x": _samples()}, check=False)
+    alone = onnx_shrink.shrink(
+        _normalized(over_batch=True), "fold,quant", calibration=_entries(_samples()), check=False
+    )
+    assert _scales(result.model) == _scales(alone.model)
+
+
+def _scales(model: ir.Model) -> dict[str, list[float]]:
+    """The model's quantization scales by initializer name."""
+    return {
+        name: value.const_value.numpy().tolist()
+        for name, value in model.graph.initializers.items()
+        if name.endswith("_scale")
+    }
+
+
+def test_calibration_that_cannot_load_the_model_says_so():
+    mixing = _with_dead_double_erf(_normalized(over_batch=False))
+    with pytest.raises(onnx_shrink.errors.BadModelError, match="^calibration on cpu: the model"):
+        onnx_shrink.shrink(mixing, "quant", calibration={"x": _samples()}, check=False)
