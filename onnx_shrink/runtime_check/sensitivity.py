@@ -30,7 +30,7 @@ from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import checker, sample_batches
+from onnx_shrink.runtime_check import checker, run_costs, sample_batches
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -340,15 +340,20 @@ class _Runner:
         self.samples = 0
 
     def measure_all(self, groups: Sequence[Sequence[Target]]) -> list[LayerSensitivity]:
-        """Each group's layers measured in one run; progress logged with the time left, and
-        a warning where it is long (a progress bar is not shown off a terminal)."""
+        """Each group's layers measured in one run; progress logged with the time left (at
+        the pace of the runs done, weighted by what each run computes: ``run_costs``), and a
+        warning where it is long (a progress bar is not shown off a terminal)."""
         measured: list[LayerSensitivity] = []
         started = time.perf_counter()
         layers = sum(map(len, groups))
+        nodes = list(self.base.graph)
+        costs = run_costs.run_costs(
+            self.base.graph, [[nodes[t.position] for t in group] for group in groups]
+        )
         for index, group in enumerate(groups, 1):
             measured += self.measure(group, f"sensitivity {index}/{len(groups)}")
             spent = time.perf_counter() - started
-            left = spent / len(measured) * (layers - len(measured))
+            left = run_costs.seconds_left(spent, costs, index)
             logger.info(
                 "sensitivity: run %d of %d, %d of %d layers measured in %.0f s, about %.0f s left",
                 index,
