@@ -17,12 +17,13 @@ from rich.text import Text
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.compiler.stats import ModelStats
-from onnx_shrink.runtime_check import check_notes
+from onnx_shrink.runtime_check import bench, check_notes, op_time
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.op_time import OpTimeComparison, OpTimes
 from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
 from onnx_shrink.wording import counted, human_bytes
 
@@ -127,6 +128,8 @@ def check_tables(report: CheckReport) -> list[Table]:
     if report.layers is not None:
         tables.append(layers_table(report.layers))
     tables.append(speed_table(report))
+    if report.time_by_op is not None and report.latency is not None:
+        tables.append(op_time_table(report.time_by_op, report.latency.reference.batch))
     return tables
 
 
@@ -259,14 +262,6 @@ def target_lines(outcome: TargetOutcome) -> list[object]:
     return lines
 
 
-SLOWER_RATIO = 1.10
-"""A paired latency ratio from which the check says the candidate is slower (below it, a
-2-core machine's noise can give a ratio of 1.05 to a model no slower)."""
-SLOWER_SHARE = 0.75
-"""The share of pairs the candidate must lose, too, for the check to say it is slower: two
-copies of one file on a loaded 2-core machine read 1.20x, each losing about half."""
-
-
 def speed_table(report: CheckReport) -> Table:
     """Latency of both models (timed alternately) and their sizes on disk and zipped."""
     table = Table(title="speed and size", title_justify="left")
@@ -285,7 +280,7 @@ def speed_table(report: CheckReport) -> Table:
             f"{report.latency.ratio:.2f}x paired{cut}",
         )
         table.add_row("latency p90", f"{ref.p90_ms:.3f} ms", f"{cand.p90_ms:.3f} ms", "")
-        table.caption = _slower_caption(report.latency)
+        table.caption = _slower_caption(report.latency, report.time_by_op is not None)
     rs, cs = report.reference_size, report.candidate_size
     table.add_row(
         "bytes on disk",
@@ -302,22 +297,97 @@ def speed_table(report: CheckReport) -> Table:
     return table
 
 
-def _slower_caption(latency: LatencyComparison) -> str | None:
-    """What the ratio says of a candidate at ``SLOWER_RATIO`` or more: slower where it lost
-    most pairs, else that the timing is too noisy to say."""
-    if latency.ratio < SLOWER_RATIO:
+def _slower_caption(latency: LatencyComparison, profiled: bool) -> str | None:
+    """What the ratio says of a candidate at ``bench.SLOWER_RATIO`` or more: slower where it
+    lost most pairs (``profiled``: the table of where the time goes follows), else that the
+    timing is too noisy to say."""
+    if latency.ratio < bench.SLOWER_RATIO:
         return None
-    share = latency.slower_share
-    if share is not None and share < SLOWER_SHARE:
+    if not latency.slower:
         return (
             f"the {latency.ratio:.2f}x ratio is noise, not a verdict: the candidate was slower "
-            f"in {share:.0%} of the pairs only (another load on the machine?); time it again "
-            "with --runs, on a quiet machine"
+            f"in {latency.slower_share:.0%} of the pairs only (another load on the machine?); "
+            "time it again with --runs, on a quiet machine"
         )
+    where = (
+        "the table below shows where its time goes"
+        if profiled
+        else "integer kernels on small layers, a lost fusion"
+    )
     return (
         f"the candidate is slower here ({latency.ratio:.2f}x the reference's latency): a "
-        "compressed model does not run faster everywhere (integer kernels on small layers, a "
-        "lost fusion); measure it where it will run"
+        f"compressed model does not run faster everywhere ({where}); measure it where it will "
+        "run"
+    )
+
+
+TOP_OP_TIMES = 8
+"""Op types the time table lists one by one; the rest are summed as "other"."""
+
+
+def op_time_table(times: OpTimeComparison, batch: int) -> Table:
+    """Kernel time by op type in both models (onnxruntime's profiler), the slowest first,
+    then by kind (``op_time.KINDS``); the caption names the float ops the candidate adds."""
+    ref, cand = times.reference, times.candidate
+    table = Table(
+        title=f"where the time goes (onnxruntime's profiler, batch {batch}, mean of "
+        f"{counted(cand.runs, 'run')})",
+        title_justify="left",
+    )
+    for column in ("op type", "kind", "reference", "candidate"):
+        table.add_column(column, justify="left" if column in ("op type", "kind") else "right")
+    ops = sorted(
+        {op.op_type for op in ref.ops} | {op.op_type for op in cand.ops},
+        key=lambda t: (-max(_ms_of(ref, t), _ms_of(cand, t)), t),
+    )
+
+    def cell(times: OpTimes, op_type: str) -> str:
+        op = times.get(op_type)
+        return "" if op is None else f"{op.ms:.3f} ms ({op.nodes})"
+
+    for op_type in ops[:TOP_OP_TIMES]:
+        table.add_row(op_type, op_time.kind(op_type), cell(ref, op_type), cell(cand, op_type))
+    rest = ops[TOP_OP_TIMES:]
+    if rest:
+        table.add_row(
+            f"{len(rest)} other op types",
+            "",
+            f"{sum(_ms_of(ref, t) for t in rest):.3f} ms",
+            f"{sum(_ms_of(cand, t) for t in rest):.3f} ms",
+        )
+    table.add_section()
+    ref_kinds, cand_kinds = ref.by_kind(), cand.by_kind()
+    for kind in op_time.KINDS:
+        if ref_kinds[kind] or cand_kinds[kind]:
+            table.add_row(
+                f"{kind} kernels", "", f"{ref_kinds[kind]:.3f} ms", f"{cand_kinds[kind]:.3f} ms"
+            )
+    table.add_row("total", "", f"{ref.total_ms:.3f} ms", f"{cand.total_ms:.3f} ms", style="bold")
+    table.caption = _added_float_ops(times)
+    return table
+
+
+def _ms_of(times: OpTimes, op_type: str) -> float:
+    op = times.get(op_type)
+    return op.ms if op is not None else 0.0
+
+
+def _added_float_ops(times: OpTimeComparison) -> str | None:
+    """The float op types the candidate runs more of than the reference (a quantized
+    model's float ops between a DequantizeLinear and a QuantizeLinear), most time first."""
+    added = []
+    for op in times.candidate.ops:
+        before = times.reference.get(op.op_type)
+        extra_nodes = op.nodes - (before.nodes if before else 0)
+        extra_ms = op.ms - (before.ms if before else 0.0)
+        if op.kind == "float" and extra_nodes > 0 and extra_ms > 0:
+            added.append(f"{op.op_type} +{extra_nodes} ({extra_ms:.3f} ms)")
+    if not added:
+        return None
+    return (
+        "float kernels the candidate runs and the reference does not (fused into its "
+        f"kernels, or absent): {', '.join(added[:4])}; a float op between integer kernels "
+        "costs its own time and a QuantizeLinear and DequantizeLinear around it"
     )
 
 

@@ -68,6 +68,14 @@ class LatencyStats:
         return dataclasses.asdict(self)
 
 
+SLOWER_RATIO = 1.10
+"""A paired latency ratio from which the check says the candidate is slower (below it, a
+2-core machine's noise can give a ratio of 1.05 to a model no slower)."""
+SLOWER_SHARE = 0.75
+"""The share of pairs the candidate must lose, too, for the check to say it is slower: two
+copies of one file on a loaded 2-core machine read 1.20x, each losing about half."""
+
+
 @dataclasses.dataclass(frozen=True)
 class LatencyComparison:
     """Both models' latency measured alternately, and the median candidate/reference ratio."""
@@ -80,6 +88,13 @@ class LatencyComparison:
     slower_share: float | None = None
     """the share of pairs in which the candidate ran slower: near 0.5 for two models as
     fast, where a loaded machine can still push the median ratio past 1.1"""
+
+    @property
+    def slower(self) -> bool:
+        """The verdict that the candidate is slower: a ratio of ``SLOWER_RATIO`` or more, in
+        at least ``SLOWER_SHARE`` of the pairs."""
+        lost = self.slower_share is None or self.slower_share >= SLOWER_SHARE
+        return self.ratio >= SLOWER_RATIO and lost
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

@@ -24,7 +24,14 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io, stats, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, CandidateFailedError, RunFailedError
-from onnx_shrink.runtime_check import batch_mixing, bench, check_notes, sample_batches, sessions
+from onnx_shrink.runtime_check import (
+    batch_mixing,
+    bench,
+    check_notes,
+    op_time,
+    sample_batches,
+    sessions,
+)
 from onnx_shrink.runtime_check import branches as branches_mod
 from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
@@ -57,6 +64,8 @@ class CheckReport:
     candidate_bytes_by_op: dict[str, int]
     seconds: float = 0.0
     """the check's wall time: loading, numerics, layers, latency, sizes"""
+    time_by_op: op_time.OpTimeComparison | None = None
+    """where each model's time goes, profiled where the latency says the candidate is slower"""
 
     @property
     def passed(self) -> bool:
@@ -331,18 +340,22 @@ def check(
                 pair.ref.model, pair.cand.model, pair.dataset, pair.specs, provider=provider
             )
     ref, cand = pair.ref, pair.cand
-    latency = None
+    latency, time_by_op = None, None
     if latency_runs > 0:
         feed = timed.feed
+        cand_feed = sessions.fitted_feed(pair.cand_session, feed)
         latency = bench.compare_latency(
             pair.ref_session,
             pair.cand_session,
             feed,
-            candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
+            candidate_feed=cand_feed,
             runs=latency_runs,
             batch=timed.samples,
             max_seconds=latency_seconds,
         )
+        if latency.slower:
+            del pair  # its sessions: the profile opens its own, with the profiler on
+            time_by_op = _profile(ref, cand, feed, cand_feed, provider, latency)
     return CheckReport(
         reference=ref.label,
         candidate=cand.label,
@@ -355,4 +368,32 @@ def check(
         reference_bytes_by_op=stats.bytes_by_op_type(ref.model),
         candidate_bytes_by_op=stats.bytes_by_op_type(cand.model),
         seconds=time.perf_counter() - started,
+        time_by_op=time_by_op,
     )
+
+
+PROFILE_RUNS = 10
+PROFILE_SECONDS = 10.0
+"""The time a slower candidate's profile aims at, both models' runs together: fewer than
+``PROFILE_RUNS`` runs (at least 1) where their latency asks it."""
+
+
+def _profile(
+    ref: _Loaded,
+    cand: _Loaded,
+    feed: Mapping[str, np.ndarray],
+    cand_feed: Mapping[str, np.ndarray],
+    provider: str,
+    latency: bench.LatencyComparison,
+) -> op_time.OpTimeComparison | None:
+    """Both models' kernel time by op type (``op_time``), or None where onnxruntime's
+    profiler fails: the check's figures stand without it."""
+    pair_seconds = (latency.reference.p50_ms + latency.candidate.p50_ms) / 1e3
+    runs = max(1, min(PROFILE_RUNS, int(PROFILE_SECONDS / max(pair_seconds, 1e-6))))
+    try:
+        return op_time.compare(
+            ref.source, cand.source, feed, cand_feed, provider=provider, runs=runs
+        )
+    except Exception as e:  # onnxruntime raises several unrelated exception types
+        logger.warning("check: the profile of where the time goes failed: %s", e)
+        return None

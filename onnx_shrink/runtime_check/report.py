@@ -7,17 +7,24 @@ page is one file a person can mail or attach to an issue: CSS inline, charts as 
 
 from __future__ import annotations
 
-import html
-import math
-from collections.abc import Callable, Iterable, Sequence
-from typing import TYPE_CHECKING, Any
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
-from onnx_shrink.runtime_check import check_notes, svg
+from onnx_shrink.runtime_check import check_notes, report_speed, svg
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
-from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
+from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.report_cells import (
+    change,
+    decimal_bytes,
+    escape,
+    html_table,
+    number,
+    pct,
+    short_count,
+)
 from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
 from onnx_shrink.wording import counted
 
@@ -25,10 +32,7 @@ if TYPE_CHECKING:
     from onnx_shrink.api import ShrinkResult
     from onnx_shrink.compiler.stats import ModelStats
 
-"""``layers.localize``'s default jump threshold, drawn on the per-layer plot."""
 TOP_TENSORS = 15
-TOP_OP_TYPES = 12
-REFERENCE_COLOR, CANDIDATE_COLOR = svg.PALETTE[0], svg.PALETTE[1]
 
 _CSS = """
 body { font: 14px/1.45 system-ui, -apple-system, 'Segoe UI', Roboto, 'DejaVu Sans', sans-serif;
@@ -73,7 +77,7 @@ def html_report(
     if check is not None:
         body += _check_sections(check)
     if bench is not None:
-        body.append(_bench_section(bench))
+        body.append(report_speed.bench_section(bench))
     return (
         '<!DOCTYPE html>\n<html lang="en">\n<head>\n<meta charset="utf-8">\n'
         '<meta name="viewport" content="width=device-width, initial-scale=1">\n'
@@ -83,65 +87,9 @@ def html_report(
     )
 
 
-def _e(text: object) -> str:
-    return html.escape(str(text))
-
-
-def _num(value: float | None, digits: int = 4) -> str:
-    """A float for a table cell: ``∞`` for infinities, ``—`` for None."""
-    if value is None:
-        return "—"
-    if math.isnan(value):
-        return "NaN"
-    if math.isinf(value):
-        return "∞" if value > 0 else "−∞"
-    return f"{value:.{digits}g}"
-
-
-def _bytes(count: float) -> str:
-    """Decimal units (kB = 1000 B), so 1-2-5 axis ticks read as round numbers."""
-    for threshold, unit in ((1e9, "GB"), (1e6, "MB"), (1e3, "kB")):
-        if abs(count) >= threshold:
-            return f"{count / threshold:.4g} {unit}"
-    return f"{count:.0f} B"
-
-
-def _count(n: float) -> str:
-    for threshold, suffix in ((1e9, "G"), (1e6, "M"), (1e3, "k")):
-        if abs(n) >= threshold:
-            return f"{n / threshold:.3g}{suffix}"
-    return f"{n:.0f}"
-
-
-def _ms(value: float) -> str:
-    return f"{value:.3g} ms"
-
-
-def _pct(value: float | None) -> str:
-    return "—" if value is None else f"{100 * value:.2f} %"
-
-
-def _change(before: Any, after: Any, fmt: Callable[[Any], str] = _count) -> str:
-    return f"{fmt(before)} → {fmt(after)}"
-
-
 def _macs(stats: ModelStats) -> str:
     """MACs, "≥" where the count is a lower bound (``ModelStats.nodes_without_macs``)."""
-    return ("≥" if stats.nodes_without_macs else "") + _count(stats.macs)
-
-
-def _table(header: Sequence[str], rows: Iterable[Sequence[str]], names: int = 1) -> str:
-    """A table whose first ``names`` columns are left-aligned text; cells are already HTML."""
-
-    def row(cells: Sequence[str], tag: str) -> str:
-        return "".join(
-            f'<{tag} class="name">{c}</{tag}>' if i < names else f"<{tag}>{c}</{tag}>"
-            for i, c in enumerate(cells)
-        )
-
-    lines = [f"<tr>{row([_e(h) for h in header], 'th')}</tr>"]
-    lines += [f"<tr>{row(cells, 'td')}</tr>" for cells in rows]
-    return "<table>\n" + "\n".join(lines) + "\n</table>"
+    return ("≥" if stats.nodes_without_macs else "") + short_count(stats.macs)
 
 
 def _header(
@@ -152,22 +100,26 @@ def _header(
     if check is not None:
         numeric = check.numeric
         kind = "fail" if numeric.failures else "pass" if numeric.tolerances.any else "measured"
-        badge = f'<span class="badge {kind}">{_e(numeric.verdict)}</span>'
+        badge = f'<span class="badge {kind}">{escape(numeric.verdict)}</span>'
     parts.append(f"<h1>onnx-shrink report{badge}</h1>")
     if shrink is not None:
         specs = ", ".join(step.spec for step in shrink.steps) or "no passes"
         parts.append(
-            f"<p>Passes <code>{_e(specs)}</code> in {shrink.compile_seconds:.2f} s: "
-            f"{_bytes(shrink.input_bytes)} → {_bytes(shrink.output_bytes)} on disk"
-            + (f", written to <code>{_e(shrink.output_path)}</code>" if shrink.output_path else "")
+            f"<p>Passes <code>{escape(specs)}</code> in {shrink.compile_seconds:.2f} s: "
+            f"{decimal_bytes(shrink.input_bytes)} → {decimal_bytes(shrink.output_bytes)} on disk"
+            + (
+                f", written to <code>{escape(shrink.output_path)}</code>"
+                if shrink.output_path
+                else ""
+            )
             + ".</p>"
         )
     if check is not None:
         parts.append(_compared(check))
     if bench is not None:
         parts.append(
-            f"<p>Benchmark of <code>{_e(bench.model)}</code> on {_e(bench.provider)}, "
-            f"inputs {_e(bench.inputs)}.</p>"
+            f"<p>Benchmark of <code>{escape(bench.model)}</code> on {escape(bench.provider)}, "
+            f"inputs {escape(bench.inputs)}.</p>"
         )
     parts.append("</header>")
     return "\n".join(parts)
@@ -175,18 +127,18 @@ def _header(
 
 def _compared(check: CheckReport) -> str:
     numeric = check.numeric
-    data = "synthetic inputs" if numeric.synthetic else f"<code>{_e(numeric.data)}</code>"
+    data = "synthetic inputs" if numeric.synthetic else f"<code>{escape(numeric.data)}</code>"
     text = (
-        f"<p>Candidate <code>{_e(check.candidate)}</code> against reference "
-        f"<code>{_e(check.reference)}</code> on {_e(check.provider)}, "
+        f"<p>Candidate <code>{escape(check.candidate)}</code> against reference "
+        f"<code>{escape(check.reference)}</code> on {escape(check.provider)}, "
         f"{counted(numeric.samples, 'sample')} from {data}.</p>"
     )
     notes = check_notes.notes(numeric)  # whatever the verdict says: branches not run, ...
     if notes:
-        items = "".join(f"<li>{_e(line[0].upper() + line[1:])}</li>" for line in notes)
+        items = "".join(f"<li>{escape(line[0].upper() + line[1:])}</li>" for line in notes)
         text += f'<ul class="failures">{items}</ul>'
     if numeric.failures:
-        items = "".join(f"<li>{_e(f)}</li>" for f in numeric.failures)
+        items = "".join(f"<li>{escape(f)}</li>" for f in numeric.failures)
         text += f'<ul class="failures">{items}</ul>'
     elif not numeric.tolerances.any:
         text += (
@@ -218,29 +170,29 @@ def _shrink_section(shrink: ShrinkResult) -> str:
             status += f" (after a quant.max_error search of {step.prepare_seconds:.1f} s)"
         rows.append(
             [
-                f"<code>{_e(given)}</code>",
-                _e(status),
+                f"<code>{escape(given)}</code>",
+                escape(status),
                 f"{step.seconds:.3f} s",
-                _change(step.before.nodes, step.after.nodes),
-                _change(step.before.params, step.after.params),
-                _change(step.before, step.after, _macs),
-                _change(step.bytes_before, step.bytes_after, _bytes),
+                change(step.before.nodes, step.after.nodes),
+                change(step.before.params, step.after.params),
+                change(step.before, step.after, _macs),
+                change(step.bytes_before, step.bytes_after, decimal_bytes),
             ]
         )
     header = ["pass", "result", "time", "nodes", "params", "MACs", "bytes on disk"]
-    return "<section>\n<h2>Passes</h2>\n" + _table(header, rows, names=2) + "\n</section>"
+    return "<section>\n<h2>Passes</h2>\n" + html_table(header, rows, names=2) + "\n</section>"
 
 
 def _target_section(outcomes: Sequence[TargetOutcome]) -> str:
     """What each quant pass's accuracy target (``quant.max_error``) kept float."""
     notes = []
     for outcome in outcomes:
-        notes.append(_e(outcome.summary()))
+        notes.append(escape(outcome.summary()))
         option = outcome.exclude_option()
         if option is not None:
             notes.append(
                 "The same model without the search (in place of quant.max_error): "
-                f"<code>{_e(option)}</code>"
+                f"<code>{escape(option)}</code>"
             )
     paragraphs = "".join(f"<p>{note}</p>\n" for note in notes)
     return f"<section>\n<h2>Accuracy target</h2>\n{paragraphs}</section>"
@@ -253,17 +205,18 @@ def _sensitivity_section(
     runs = counted(report.runs, "run")
     intro = (
         f"{len(report.layers)} layers, each quantized alone, compared at the model's outputs "
-        f"({counted(report.samples, 'sample')}, {_e(report.data)}, {runs}, {report.seconds:.1f} s)."
+        f"({counted(report.samples, 'sample')}, {escape(report.data)}, {runs}, "
+        f"{report.seconds:.1f} s)."
     )
     rows = [
         [
             str(rank),
-            f"<code>{_e(layer.label)}</code>",
-            _e(layer.op_type),
-            _num(layer.relative_error),
-            _num(layer.cosine, 6),
-            _num(layer.snr_db, 3),
-            _e(layer.output + (f" ({layer.nonfinite} NaN/Inf)" if layer.nonfinite else "")),
+            f"<code>{escape(layer.label)}</code>",
+            escape(layer.op_type),
+            number(layer.relative_error),
+            number(layer.cosine, 6),
+            number(layer.snr_db, 3),
+            escape(layer.output + (f" ({layer.nonfinite} NaN/Inf)" if layer.nonfinite else "")),
         ]
         for rank, layer in enumerate(report.layers[:top], 1)
     ]
@@ -272,16 +225,16 @@ def _sensitivity_section(
     words = report.hint_words(k) if k else None
     notes = []
     if words is not None:
-        notes.append(f"{_e(words.capitalize())}: <code>{_e(report.exclude_hint(k))}</code>")
+        notes.append(f"{escape(words.capitalize())}: <code>{escape(report.exclude_hint(k))}</code>")
     if words is not None and report.hint_effect is not None:
-        notes.append(_e(report.hint_effect.summary().capitalize()))
-    notes += [_e(note) for note in report.hint_notes(k)]
+        notes.append(escape(report.hint_effect.summary().capitalize()))
+    notes += [escape(note) for note in report.hint_notes(k)]
     if report.unmeasured:
-        notes.append(f"Not measured (name shared): {_e(', '.join(report.unmeasured))}")
+        notes.append(f"Not measured (name shared): {escape(', '.join(report.unmeasured))}")
     paragraphs = "".join(f"<p>{note}</p>\n" for note in notes)
     return (
         f"<section>\n<h2>Quantization sensitivity</h2>\n<p>{intro}</p>\n"
-        f"{_table(header, rows, names=3)}\n{paragraphs}</section>"
+        f"{html_table(header, rows, names=3)}\n{paragraphs}</section>"
     )
 
 
@@ -290,36 +243,40 @@ def _check_sections(check: CheckReport) -> list[str]:
     if check.layers is not None:
         sections.append(_layers_section(check.layers))
     if check.latency is not None:
-        sections.append(_latency_section(check.latency))
-    sections.append(_bytes_section(check))
+        sections.append(report_speed.latency_section(check.latency))
+        if check.time_by_op is not None:
+            sections.append(
+                report_speed.time_section(check.time_by_op, check.latency.reference.batch)
+            )
+    sections.append(report_speed.bytes_section(check))
     return sections
 
 
 def _numeric_section(numeric: NumericReport) -> str:
     rows = [
         [
-            f"<code>{_e(o.name)}</code>",
-            _num(o.max_abs_error),
-            _num(o.mean_abs_error),
-            _num(o.relative_error),
-            _num(None if o.integral else o.cosine, 6),  # ids: "elements equal" judges them
-            _num(None if o.integral else o.snr_db, 3),
+            f"<code>{escape(o.name)}</code>",
+            number(o.max_abs_error),
+            number(o.mean_abs_error),
+            number(o.relative_error),
+            number(None if o.integral else o.cosine, 6),  # ids: "elements equal" judges them
+            number(None if o.integral else o.snr_db, 3),
             f"{o.nan_count} / {o.inf_count}",
-            _pct(o.top1_agreement),
-            _pct(o.agreement),
+            pct(o.top1_agreement),
+            pct(o.agreement),
         ]
         for o in numeric.outputs
     ]
     header = ["output", "max abs", "mean abs", "relative", "cosine", "SNR dB", "NaN / Inf"]
     header += ["top-1 agreement", "elements equal"]
-    parts = ["<section>\n<h2>Numerics</h2>", _table(header, rows)]
+    parts = ["<section>\n<h2>Numerics</h2>", html_table(header, rows)]
     if numeric.reference_accuracy is not None or numeric.candidate_accuracy is not None:
         ref, cand = numeric.reference_accuracy, numeric.candidate_accuracy
         drop = f"{100 * (ref - cand):.2f} points" if ref is not None and cand is not None else "—"
         parts.append(
-            _table(
+            html_table(
                 ["accuracy", "reference", "candidate", "drop"],
-                [["top-1", _pct(ref), _pct(cand), drop]],
+                [["top-1", pct(ref), pct(cand), drop]],
             )
         )
     parts.append("</section>")
@@ -331,7 +288,7 @@ def _layers_section(report: LayerReport) -> str:
         return "<section>\n<h2>Per-layer error</h2>\n<p>No tensor matched.</p>\n</section>"
     jump = report.first_jump
     where = (
-        f"Error is born at <code>{_e(jump.tensor)}</code> ({_e(jump.op_type)}, position "
+        f"Error is born at <code>{escape(jump.tensor)}</code> ({escape(jump.op_type)}, position "
         f"{jump.position}): keep it out of compression or in higher precision."
         if jump
         else "No layer jumps above the threshold."
@@ -342,13 +299,13 @@ def _layers_section(report: LayerReport) -> str:
     ranked = [by_name[name] for name in report.ranked if name in by_name][:TOP_TENSORS]
     rows = [
         [
-            f"<code>{_e(x.tensor)}</code>",
-            _e(x.op_type),
+            f"<code>{escape(x.tensor)}</code>",
+            escape(x.op_type),
             str(x.position),
-            _num(x.relative_error),
-            _num(x.upstream_relative_error),
-            _num(x.cosine, 6),
-            _num(x.snr_db, 3),
+            number(x.relative_error),
+            number(x.upstream_relative_error),
+            number(x.cosine, 6),
+            number(x.snr_db, 3),
         ]
         for x in ranked
     ]
@@ -357,7 +314,7 @@ def _layers_section(report: LayerReport) -> str:
         f"<section>\n<h2>Per-layer error</h2>\n<p>{where} {counted(report.samples, 'sample')}, "
         f"{len(report.layers)} tensors compared, {report.unmatched} unmatched.</p>\n"
         f"{_layer_chart(report)}\n<h3>Top {len(ranked)} tensors by error</h3>\n"
-        f"{_table(header, rows, names=2)}\n</section>"
+        f"{html_table(header, rows, names=2)}\n</section>"
     )
 
 
@@ -371,7 +328,7 @@ def _layer_chart(report: LayerReport) -> str:
             y=layer.relative_error,
             group=layer.op_type,
             tip=f"#{layer.position} {layer.tensor} ({layer.op_type}): relative error "
-            f"{_num(layer.relative_error)}, upstream {_num(layer.upstream_relative_error)}",
+            f"{number(layer.relative_error)}, upstream {number(layer.upstream_relative_error)}",
             label=f"first jump: {_short(layer.tensor)}" if layer == report.first_jump else None,
         )
         for layer in report.layers
@@ -391,95 +348,3 @@ def _layer_chart(report: LayerReport) -> str:
 
 def _short(name: str, limit: int = 48) -> str:
     return name if len(name) <= limit else "…" + name[-(limit - 1) :]
-
-
-def _latency_section(latency: LatencyComparison) -> str:
-    ref, cand = latency.reference, latency.candidate
-    both = (("reference", ref, REFERENCE_COLOR), ("candidate", cand, CANDIDATE_COLOR))
-    markers = [
-        svg.Marker(value, f"{who} p{q}", color)
-        for who, stats, color in both
-        for q, value in ((50, stats.p50_ms), (90, stats.p90_ms))
-    ]
-    chart = svg.overlaid_histograms(
-        [svg.Series(who, stats.timings_ms, color) for who, stats, color in both],
-        title=f"Latency distribution (batch {ref.batch}): candidate/reference = "
-        f"{latency.ratio:.3f}×",
-        x_label="milliseconds per run",
-        markers=sorted(markers, key=lambda m: -m.value),
-        fmt=_ms,
-        upper=max(
-            _outlier_fence(ref.timings_ms),
-            _outlier_fence(cand.timings_ms),
-            *(m.value for m in markers),
-        ),
-    )
-    rows = [_latency_row(name, s) for name, s in (("reference", ref), ("candidate", cand))]
-    table = _table(["model", "runs", "mean", "p50", "p90", "p99", "samples/s"], rows)
-    return (
-        "<section>\n<h2>Latency</h2>\n<p>Both models timed alternately in one process; the "
-        f"ratio is the median of per-pair ratios.</p>\n{chart}\n{table}\n</section>"
-    )
-
-
-def _outlier_fence(timings: Sequence[float]) -> float:
-    """Tukey's far-out fence, Q3 + 3 IQR: slower runs are outliers (a page fault, a GC)."""
-    ordered = sorted(timings) or [0.0]
-    q1, q3 = (ordered[round(q * (len(ordered) - 1))] for q in (0.25, 0.75))
-    return q3 + 3 * (q3 - q1)
-
-
-def _latency_row(name: str, stats: LatencyStats) -> list[str]:
-    times = (stats.mean_ms, stats.p50_ms, stats.p90_ms, stats.p99_ms)
-    return [_e(name), str(stats.runs), *map(_ms, times), _count(stats.throughput)]
-
-
-def _bytes_section(check: CheckReport) -> str:
-    ref, cand = check.reference_bytes_by_op, check.candidate_bytes_by_op
-    ops = sorted(set(ref) | set(cand), key=lambda op: (-max(ref.get(op, 0), cand.get(op, 0)), op))
-    shown, rest = ops[:TOP_OP_TYPES], ops[TOP_OP_TYPES:]
-    categories = shown + (["other"] if rest else [])
-
-    def values(by_op: dict[str, int]) -> tuple[float, ...]:
-        other = (sum(by_op.get(op, 0) for op in rest),) if rest else ()
-        return tuple(float(by_op.get(op, 0)) for op in shown) + other
-
-    chart = svg.grouped_hbars(
-        categories,
-        [
-            svg.Series("reference", values(ref), REFERENCE_COLOR),
-            svg.Series("candidate", values(cand), CANDIDATE_COLOR),
-        ],
-        title="Bytes by op type, before and after",
-        x_label="tensor bytes consumed by the op type",
-        fmt=_bytes,
-    )
-    sizes = [
-        [_e(name), _bytes(size.bytes_on_disk), size.zipped_text(_bytes)]
-        for name, size in (("reference", check.reference_size), ("candidate", check.candidate_size))
-    ]
-    table = _table(["model", "on disk", "zipped"], sizes)
-    return f"<section>\n<h2>Size</h2>\n{chart}\n{table}\n</section>"
-
-
-def _bench_section(bench: BenchmarkReport) -> str:
-    def threads(stats: LatencyStats) -> str:
-        return "default" if stats.threads is None else str(stats.threads)
-
-    rows = [[str(s.batch), threads(s), *_latency_row("", s)[1:]] for s in bench.latency]
-    header = ["batch", "threads", "runs", "mean", "p50", "p90", "p99", "samples/s"]
-    chart = svg.grouped_hbars(
-        [f"batch {s.batch}, threads {threads(s)}" for s in bench.latency],
-        [svg.Series("p50", tuple(s.p50_ms for s in bench.latency), REFERENCE_COLOR)],
-        title="Median latency per batch size and thread count",
-        x_label="p50 milliseconds per run",
-        fmt=_ms,
-    )
-    memory = "not measured" if bench.peak_memory_bytes is None else _bytes(bench.peak_memory_bytes)
-    if bench.peak_memory_batch:
-        memory += f" at batch {bench.peak_memory_batch}"
-    return (
-        f"<section>\n<h2>Benchmark</h2>\n{_table(header, rows, names=0)}\n{chart}\n"
-        f"<p>Session peak memory: {memory}. Size: {_bytes(bench.size.bytes_on_disk)} on disk, "
-        f"{bench.size.zipped_text(_bytes)} zipped.</p>\n</section>"
-    )

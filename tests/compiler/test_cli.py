@@ -469,12 +469,13 @@ def test_macs_that_left_out_nodes_of_unknown_cost_are_marked():
 
 def test_the_html_marks_a_bound_of_macs_as_the_console_does():
     from onnx_shrink.compiler.stats import ModelStats
-    from onnx_shrink.runtime_check import report
+    from onnx_shrink.runtime_check import report, report_cells
 
     fields = {f: 0 for f in ModelStats.__dataclass_fields__}
     bound = ModelStats(**{**fields, "macs": 177_020, "nodes_without_macs": 6})
-    assert report._change(bound, ModelStats(**{**fields, "macs": 548_480}), report._macs) == (
-        f"≥{report._count(177_020)} → {report._count(548_480)}"
+    after = ModelStats(**{**fields, "macs": 548_480})
+    assert report_cells.change(bound, after, report._macs) == (
+        f"≥{report_cells.short_count(177_020)} → {report_cells.short_count(548_480)}"
     )
 
 
@@ -492,6 +493,7 @@ def test_a_candidate_slower_than_its_reference_is_said_so_under_the_speed_table(
             latency=LatencyComparison(stats, stats, ratio),
             reference_size=size,
             candidate_size=size,
+            time_by_op=None,
         )
         caption = console.speed_table(report).caption
         assert bool(caption and f"{ratio:.2f}x" in caption) == said
@@ -508,7 +510,9 @@ def test_a_high_ratio_the_candidate_won_half_the_pairs_of_is_called_noise():
     size = ModelSize(100, 50)
     for share, verdict in ((0.5, "noise, not a verdict"), (0.9, "the candidate is slower here")):
         latency = LatencyComparison(stats, stats, 1.2, slower_share=share)
-        report = types.SimpleNamespace(latency=latency, reference_size=size, candidate_size=size)
+        report = types.SimpleNamespace(
+            latency=latency, reference_size=size, candidate_size=size, time_by_op=None
+        )
         assert verdict in console.speed_table(report).caption
 
 
