@@ -32,6 +32,7 @@ from onnx_shrink.passes.quant import (
     compact,
     derived,
     float_reasons,
+    hard_activations,
     parameters,
     placement,
     plan_writer,
@@ -101,7 +102,14 @@ class QuantPass(DataAwarePass):
         (``runtime_check.accuracy_target``); the pass then runs with those layers added to
         ``exclude``.
 
-    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, and rule 5 none.
+    12. With ``hard_activations``, a HardSwish or HardSigmoid reading a Conv/MatMul/Gemm the
+        pass may quantize becomes the Add, Clip and Mul onnxruntime runs on integers, its
+        constant steps folded into the Convs next to it (``hard_activations``): onnxruntime
+        has no integer HardSwish or HardSigmoid, and ran each in float between a
+        DequantizeLinear and a QuantizeLinear.
+
+    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, rule 5 none, and
+    rule 12 rewrites nothing.
     """
 
     name: ClassVar[str] = "quant"
@@ -204,6 +212,12 @@ class QuantPass(DataAwarePass):
         "narrowest type that holds them exactly (float16, int8/16/32) read through a Cast, "
         "which onnxruntime folds when it loads the model",
     )
+    hard_activations: bool = option(
+        True,
+        "between integer kernels, HardSwish and HardSigmoid become Add, Clip and Mul, which "
+        "onnxruntime's CPU runs on integers (it has none for them: each ran in float between "
+        "a DequantizeLinear and a QuantizeLinear); off: kept as they are, in float",
+    )
     dead_zones: bool = option(
         True,
         "a tensor whose every reader is flat below a level (hard-swish: -3) is quantized "
@@ -256,12 +270,12 @@ class QuantPass(DataAwarePass):
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
         # Here, not in apply: sensitivity applies the pass once per layer on one measurement.
-        self._warn_unmatched(model)
         if self.only and self.bias_correction:
             logger.warning("%s: bias_correction does nothing with only: it is off", self.name)
         if self.only:  # a table or LSTM it names may hold Constant weights, not yet lifted
             lift_constant_weights(model)
         if not self._has_candidates(model):
+            self._warn_unmatched(model)
             value_types.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
         if not self.only:  # lifted above with only
@@ -270,6 +284,9 @@ class QuantPass(DataAwarePass):
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
         self._converted_and_typed(model)
+        if self.hard_activations and not self.only:  # rule 12, on the graph measured
+            self._rewrite_hard_activations(model)
+        self._warn_unmatched(model)  # after rule 12: the nodes it wrote can be named
         # Only tensors that can get Q/DQ are measured: a candidate node outside that plan is
         # never accepted whatever its ranges (on PP-OCR rec: 93 of 556 candidate tensors;
         # every measured tensor costs reductions in each run, a histogram far more).
@@ -439,6 +456,19 @@ class QuantPass(DataAwarePass):
             log_inputs=self.log_inputs,
             owner=self.name,
         )
+
+    def _rewrite_hard_activations(self, model: ir.Model) -> None:
+        """Rule 12 (``hard_activations``), where the options let the pass quantize the node
+        before and do not keep the activation float."""
+        candidates = set(placement.quantizable_nodes(model.graph, self._exclusions))
+
+        def quantizes(node: ir.Node) -> bool:
+            return node in candidates and not value_types.computes_in_half(node)
+
+        def kept(node: ir.Node) -> bool:
+            return node.op_type in self.exclude_op_types or placement.named(node, self.exclude)
+
+        hard_activations.rewrite(model, quantizes, kept)
 
     def _warn_unmatched(self, model: ir.Model) -> None:
         """A name, regex or op type of the options that names nothing is a warning."""
