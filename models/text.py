@@ -100,6 +100,11 @@ def _is_cjk(cp: int) -> bool:
     return any(lo <= cp <= hi for lo, hi in _CJK_RANGES)
 
 
+def strip_accents(text: str) -> str:
+    """``text`` without its accents ("café" -> "cafe"): NFD, nonspacing marks dropped."""
+    return "".join(c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn")
+
+
 class WordPieceTokenizer:
     """BERT uncased tokenizer over a vocab.txt (see the module docstring for the rules)."""
 
@@ -144,12 +149,6 @@ class WordPieceTokenizer:
         return "".join(out)
 
     @staticmethod
-    def _strip_accents(text: str) -> str:
-        return "".join(
-            c for c in unicodedata.normalize("NFD", text) if unicodedata.category(c) != "Mn"
-        )
-
-    @staticmethod
     def _split_punctuation(word: str) -> list[str]:
         pieces: list[str] = []
         current: list[str] = []
@@ -174,7 +173,7 @@ class WordPieceTokenizer:
                 continue
             for word in self._clean(part).split():
                 # Character by character, as tokenizer.json does: no final-sigma rule.
-                word = self._strip_accents("".join(c.lower() for c in word))
+                word = strip_accents("".join(c.lower() for c in word))
                 words.extend(self._split_punctuation(word))
         return words
 

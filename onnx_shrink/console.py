@@ -336,10 +336,7 @@ def op_time_table(times: OpTimeComparison, batch: int) -> Table:
     )
     for column in ("op type", "kind", "reference", "candidate"):
         table.add_column(column, justify="left" if column in ("op type", "kind") else "right")
-    ops = sorted(
-        {op.op_type for op in ref.ops} | {op.op_type for op in cand.ops},
-        key=lambda t: (-max(_ms_of(ref, t), _ms_of(cand, t)), t),
-    )
+    ops = times.op_types()
 
     def cell(times: OpTimes, op_type: str) -> str:
         op = times.get(op_type)
@@ -349,27 +346,19 @@ def op_time_table(times: OpTimeComparison, batch: int) -> Table:
         table.add_row(op_type, op_time.kind(op_type), cell(ref, op_type), cell(cand, op_type))
     rest = ops[TOP_OP_TIMES:]
     if rest:
+        ref_ms, cand_ms = ref.ms_by_op(), cand.ms_by_op()
         table.add_row(
             f"{len(rest)} other op types",
             "",
-            f"{sum(_ms_of(ref, t) for t in rest):.3f} ms",
-            f"{sum(_ms_of(cand, t) for t in rest):.3f} ms",
+            f"{sum(ref_ms.get(t, 0.0) for t in rest):.3f} ms",
+            f"{sum(cand_ms.get(t, 0.0) for t in rest):.3f} ms",
         )
     table.add_section()
-    ref_kinds, cand_kinds = ref.by_kind(), cand.by_kind()
-    for kind in op_time.KINDS:
-        if ref_kinds[kind] or cand_kinds[kind]:
-            table.add_row(
-                f"{kind} kernels", "", f"{ref_kinds[kind]:.3f} ms", f"{cand_kinds[kind]:.3f} ms"
-            )
+    for kind, ref_kind_ms, cand_kind_ms in times.by_kind():
+        table.add_row(f"{kind} kernels", "", f"{ref_kind_ms:.3f} ms", f"{cand_kind_ms:.3f} ms")
     table.add_row("total", "", f"{ref.total_ms:.3f} ms", f"{cand.total_ms:.3f} ms", style="bold")
     table.caption = _added_float_ops(times)
     return table
-
-
-def _ms_of(times: OpTimes, op_type: str) -> float:
-    op = times.get(op_type)
-    return op.ms if op is not None else 0.0
 
 
 def _added_float_ops(times: OpTimeComparison) -> str | None:

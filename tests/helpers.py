@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import collections
 import hashlib
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -55,6 +57,23 @@ def run_ort(model: bytes | str | Path, feed: dict[str, np.ndarray]) -> list[np.n
     source = model if isinstance(model, bytes) else str(model)
     session = ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
     return session.run(None, feed)
+
+
+def optimized_ops(model: bytes | str | Path) -> collections.Counter[str]:
+    """The op types of the graph onnxruntime's CPU provider runs, after its optimizations."""
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    with tempfile.TemporaryDirectory() as folder:
+        options.optimized_model_filepath = str(Path(folder) / "optimized.onnx")
+        source = model if isinstance(model, bytes) else str(model)
+        ort.InferenceSession(source, options, providers=["CPUExecutionProvider"])
+        graph = onnx.load(options.optimized_model_filepath).graph
+    return collections.Counter(node.op_type for node in graph.node)
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> float:
+    """The cosine of the angle between two arrays, read as flat vectors."""
+    return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
 class OneSampleReader:

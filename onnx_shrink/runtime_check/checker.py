@@ -343,19 +343,18 @@ def check(
     latency, time_by_op = None, None
     if latency_runs > 0:
         feed = timed.feed
-        cand_feed = sessions.fitted_feed(pair.cand_session, feed)
         latency = bench.compare_latency(
             pair.ref_session,
             pair.cand_session,
             feed,
-            candidate_feed=cand_feed,
+            candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
             batch=timed.samples,
             max_seconds=latency_seconds,
         )
         if latency.slower:
             del pair  # its sessions: the profile opens its own, with the profiler on
-            time_by_op = _profile(ref, cand, feed, cand_feed, provider, latency)
+            time_by_op = _profile(ref, cand, feed, provider, latency)
     return CheckReport(
         reference=ref.label,
         candidate=cand.label,
@@ -382,7 +381,6 @@ def _profile(
     ref: _Loaded,
     cand: _Loaded,
     feed: Mapping[str, np.ndarray],
-    cand_feed: Mapping[str, np.ndarray],
     provider: str,
     latency: bench.LatencyComparison,
 ) -> op_time.OpTimeComparison | None:
@@ -391,9 +389,7 @@ def _profile(
     pair_seconds = (latency.reference.p50_ms + latency.candidate.p50_ms) / 1e3
     runs = max(1, min(PROFILE_RUNS, int(PROFILE_SECONDS / max(pair_seconds, 1e-6))))
     try:
-        return op_time.compare(
-            ref.source, cand.source, feed, cand_feed, provider=provider, runs=runs
-        )
+        return op_time.compare(ref.source, cand.source, feed, provider=provider, runs=runs)
     except Exception as e:  # onnxruntime raises several unrelated exception types
         logger.warning("check: the profile of where the time goes failed: %s", e)
         return None

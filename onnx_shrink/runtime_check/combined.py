@@ -19,7 +19,7 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
@@ -282,26 +282,33 @@ class _Downstream:
     def _cone(self, names: Sequence[str]) -> list[ir.Node] | None:
         """The nodes ``names`` and those downstream of them, in graph order; None when the
         copy must be whole."""
-        pending = [self.by_name.get(name) for name in names]
-        if not pending or any(node is None for node in pending):
+        edited = [self.by_name.get(name) for name in names]
+        if not edited or any(node is None for node in edited):
             return None
-        cone: set[ir.Node] = set()
-        while pending:
-            node = pending.pop()
-            if node in cone:
-                continue
+        cone = downstream(edited)
+        graph = self.model.graph
+        for node in cone:
+            if node.graph is not graph:  # a value read inside a subgraph
+                return None
             if any(a.type in _SUBGRAPHS for a in node.attributes.values()):
                 return None
-            cone.add(node)
-            for out in node.outputs:
-                for use in out.uses():
-                    if use.node.graph is not self.model.graph:  # read inside a subgraph
-                        return None
-                    pending.append(use.node)
         return sorted(cone, key=self.order.__getitem__)
 
 
 _SUBGRAPHS = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
+
+
+def downstream(nodes: Iterable[ir.Node]) -> set[ir.Node]:
+    """``nodes`` and every node that reads their outputs, directly or not (inside a subgraph
+    too)."""
+    cone: set[ir.Node] = set()
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if node not in cone:
+            cone.add(node)
+            pending += (use.node for out in node.outputs for use in out.uses())
+    return cone
 
 
 def _share_unchanged(

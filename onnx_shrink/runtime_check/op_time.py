@@ -25,6 +25,7 @@ from typing import Any
 
 import numpy as np
 
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.runtime_check import sessions
 
 CONVERSIONS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
@@ -91,6 +92,10 @@ class OpTimes:
     def get(self, op_type: str) -> OpTime | None:
         return next((op for op in self.ops if op.op_type == op_type), None)
 
+    def ms_by_op(self) -> dict[str, float]:
+        """Milliseconds per run of each op type's kernels."""
+        return {op.op_type: op.ms for op in self.ops}
+
 
 @dataclasses.dataclass(frozen=True)
 class OpTimeComparison:
@@ -98,6 +103,18 @@ class OpTimeComparison:
 
     reference: OpTimes
     candidate: OpTimes
+
+    def op_types(self) -> list[str]:
+        """The op types either model ran, the slowest (in either model) first."""
+        ref, cand = self.reference.ms_by_op(), self.candidate.ms_by_op()
+        return sorted(
+            ref.keys() | cand.keys(), key=lambda t: (-max(ref.get(t, 0.0), cand.get(t, 0.0)), t)
+        )
+
+    def by_kind(self) -> list[tuple[str, float, float]]:
+        """(kind, reference ms, candidate ms) per run of each of ``KINDS`` either model ran."""
+        ref, cand = self.reference.by_kind(), self.candidate.by_kind()
+        return [(kind, ref[kind], cand[kind]) for kind in KINDS if ref[kind] or cand[kind]]
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -107,15 +124,14 @@ def compare(
     reference: sessions.ModelBytesOrPath,
     candidate: sessions.ModelBytesOrPath,
     feed: Mapping[str, np.ndarray],
-    candidate_feed: Mapping[str, np.ndarray],
     *,
     provider: str,
     runs: int,
 ) -> OpTimeComparison:
-    """Profile both models, ``runs`` runs each after one untimed run."""
+    """Profile both models on ``feed``, ``runs`` runs each after one untimed run."""
     return OpTimeComparison(
         profile(reference, feed, provider=provider, runs=runs),
-        profile(candidate, candidate_feed, provider=provider, runs=runs),
+        profile(candidate, feed, provider=provider, runs=runs),
     )
 
 
@@ -127,8 +143,9 @@ def profile(
     runs: int,
     warmup: int = 1,
 ) -> OpTimes:
-    """``model``'s kernel time by op type over ``runs`` runs on ``feed`` after ``warmup``
-    (the profiler's file is written in a temporary folder and removed)."""
+    """``model``'s kernel time by op type over ``runs`` runs on ``feed`` (fitted to its
+    inputs: ``sessions.fitted_feed``) after ``warmup`` (the profiler's file is written in a
+    temporary folder and removed)."""
     with tempfile.TemporaryDirectory(prefix="onnx-shrink-profile-") as folder:
         session = sessions.create_session(
             model,
@@ -136,10 +153,10 @@ def profile(
             stop_spinning=True,  # as the check's sessions: none spins while another runs
             profile_prefix=str(Path(folder) / "profile"),
         )
-        feed = sessions.declared_feed(session, feed)
+        feed = sessions.fitted_feed(session, feed)
         for _ in range(warmup + runs):
             session.run(None, feed)
-        events = json.loads(Path(session.end_profiling()).read_text())
+        events = json.loads(data_files.read_text(session.end_profiling()))
     return summarize(events, runs)
 
 

@@ -9,7 +9,6 @@ from typing import Any
 
 from onnx_shrink.runtime_check import svg
 
-TOP_OP_TYPES = 12
 REFERENCE_COLOR, CANDIDATE_COLOR = svg.PALETTE[0], svg.PALETTE[1]
 
 

@@ -2,22 +2,24 @@
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Mapping, Sequence
 
-from onnx_shrink.runtime_check import op_time, svg
+from onnx_shrink.runtime_check import svg
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
 from onnx_shrink.runtime_check.checker import CheckReport
 from onnx_shrink.runtime_check.op_time import OpTimeComparison
 from onnx_shrink.runtime_check.report_cells import (
     CANDIDATE_COLOR,
     REFERENCE_COLOR,
-    TOP_OP_TYPES,
     decimal_bytes,
     escape,
     html_table,
     millis,
     short_count,
 )
+
+TOP_OP_TYPES = 12
+"""Op types the charts by op type show one by one; the rest are summed as "other"."""
 
 
 def latency_section(latency: LatencyComparison) -> str:
@@ -63,20 +65,16 @@ def _latency_row(name: str, stats: LatencyStats) -> list[str]:
 
 def time_section(times: OpTimeComparison, batch: int) -> str:
     """Where each model's time goes by op type (``op_time``), and by kind of kernel."""
-    ref = {op.op_type: op.ms for op in times.reference.ops}
-    cand = {op.op_type: op.ms for op in times.candidate.ops}
     chart = _by_op_chart(
-        ref,
-        cand,
+        times.reference.ms_by_op(),
+        times.candidate.ms_by_op(),
         title=f"Kernel time by op type (onnxruntime's profiler, batch {batch})",
         x_label="milliseconds per run",
         fmt=millis,
     )
-    ref_kinds, cand_kinds = times.reference.by_kind(), times.candidate.by_kind()
     rows = [
-        [escape(f"{kind} kernels"), millis(ref_kinds[kind]), millis(cand_kinds[kind])]
-        for kind in op_time.KINDS
-        if ref_kinds[kind] or cand_kinds[kind]
+        [escape(f"{kind} kernels"), millis(ref_ms), millis(cand_ms)]
+        for kind, ref_ms, cand_ms in times.by_kind()
     ]
     rows.append(["total", millis(times.reference.total_ms), millis(times.candidate.total_ms)])
     return (
@@ -89,7 +87,12 @@ def time_section(times: OpTimeComparison, batch: int) -> str:
 
 
 def _by_op_chart(
-    ref: dict[str, float], cand: dict[str, float], *, title: str, x_label: str, fmt
+    ref: Mapping[str, float],
+    cand: Mapping[str, float],
+    *,
+    title: str,
+    x_label: str,
+    fmt: Callable[[float], str],
 ) -> str:
     """Both models' values by op type as grouped bars: the ``TOP_OP_TYPES`` largest, the
     rest summed as "other"."""
@@ -97,7 +100,7 @@ def _by_op_chart(
     shown, rest = ops[:TOP_OP_TYPES], ops[TOP_OP_TYPES:]
     categories = shown + (["other"] if rest else [])
 
-    def values(by_op: dict[str, float]) -> tuple[float, ...]:
+    def values(by_op: Mapping[str, float]) -> tuple[float, ...]:
         other = (sum(by_op.get(op, 0) for op in rest),) if rest else ()
         return tuple(float(by_op.get(op, 0)) for op in shown) + other
 

@@ -16,6 +16,7 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler import stats
+from onnx_shrink.runtime_check import combined
 
 
 def node_costs(graph: ir.Graph) -> dict[ir.Node, float]:
@@ -28,16 +29,9 @@ def node_costs(graph: ir.Graph) -> dict[ir.Node, float]:
 
 
 def downstream_cost(node: ir.Node, costs: dict[ir.Node, float]) -> float:
-    """The cost of ``node`` and of every node that reads its outputs, directly or not."""
-    seen = {node}
-    stack = [node]
-    while stack:
-        for out in stack.pop().outputs:
-            for use in out.uses():
-                if use.node not in seen and use.node in costs:
-                    seen.add(use.node)
-                    stack.append(use.node)
-    return sum(costs[n] for n in seen if n in costs)
+    """The cost of ``node`` and of every node that reads its outputs, directly or not
+    (``combined.downstream``; a node ``costs`` lacks, one inside a subgraph, adds nothing)."""
+    return sum(costs.get(n, 0.0) for n in combined.downstream([node]))
 
 
 def run_costs(graph: ir.Graph, groups: Sequence[Sequence[ir.Node]]) -> list[float]:

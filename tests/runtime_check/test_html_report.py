@@ -41,7 +41,7 @@ FIRST_JUMP = "/conv2/conv2.0/Conv_output_0"
 def check_report(tmp_path_factory: pytest.TempPathFactory) -> CheckReport:
     folder = tmp_path_factory.mktemp("models")
     bad = perturbed_copy(digits.MODEL_PATH, folder / "bad.onnx", "conv2.0.weight", scale=1.5)
-    return check(
+    report = check(
         digits.MODEL_PATH,
         bad,
         digits.TEST_DATA_PATH,
@@ -49,6 +49,13 @@ def check_report(tmp_path_factory: pytest.TempPathFactory) -> CheckReport:
         latency_runs=10,
         tolerances=Tolerances(min_cosine=0.9999),
     )
+    return _unprofiled(report)
+
+
+def _unprofiled(report: CheckReport) -> CheckReport:
+    """``report`` without the profile a "slower" latency verdict adds (a fourth chart): two
+    models as fast can read 1.37x on a loaded machine. test_op_time covers that section."""
+    return dataclasses.replace(report, time_by_op=None)
 
 
 @pytest.fixture(scope="module")
@@ -169,6 +176,7 @@ def test_a_benchmark_report_has_its_grid_memory_and_chart(bench_report):
 
 def test_a_shrink_report_has_the_pass_table_and_its_verification(tmp_path):
     result = onnx_shrink.shrink(digits.MODEL_PATH, "fold", data=digits.TEST_DATA_PATH)
+    result = dataclasses.replace(result, verification=_unprofiled(result.verification))
     page = html_report(shrink=result)
     charts = _assert_well_formed(page)
     _assert_self_contained(page)

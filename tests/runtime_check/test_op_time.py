@@ -3,6 +3,7 @@ candidate slower, in the console, the JSON and the HTML report."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 
@@ -72,17 +73,16 @@ def test_a_real_profile_names_the_kernels_onnxruntime_ran():
     assert times.total_ms > 0
 
 
-def _slower(monkeypatch) -> None:
-    """The latency's verdict forced to "slower": the profile's trigger, not its figures."""
+def _forced_latency(monkeypatch, ratio: float, slower_share: float) -> None:
+    """The latency's verdict forced (by its ratio and share of pairs lost): the profile's
+    trigger, not its figures."""
     timed = bench.compare_latency
 
-    def slower(*args, **kwargs):
+    def forced(*args, **kwargs):
         latency = timed(*args, **kwargs)
-        return bench.LatencyComparison(
-            latency.reference, latency.candidate, 2.0, latency.pairs_asked, slower_share=1.0
-        )
+        return dataclasses.replace(latency, ratio=ratio, slower_share=slower_share)
 
-    monkeypatch.setattr(bench, "compare_latency", slower)
+    monkeypatch.setattr(bench, "compare_latency", forced)
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +93,7 @@ def quantized(tmp_path_factory) -> str:
 
 
 def test_a_slower_candidate_is_profiled_and_shown(monkeypatch, quantized):
-    _slower(monkeypatch)
+    _forced_latency(monkeypatch, 2.0, slower_share=1.0)
     report = checker.check(digits.MODEL_PATH, quantized, DATA, latency_runs=5)
     times = report.time_by_op
     assert times is not None and times.candidate.runs >= 1
@@ -111,20 +111,14 @@ def test_a_slower_candidate_is_profiled_and_shown(monkeypatch, quantized):
 def test_a_candidate_not_found_slower_is_not_profiled(monkeypatch, quantized):
     profiled = []
     monkeypatch.setattr(op_time, "compare", lambda *a, **k: profiled.append(a))
-    timed = bench.compare_latency
-
-    def even(*args, **kwargs):
-        latency = timed(*args, **kwargs)
-        return bench.LatencyComparison(latency.reference, latency.candidate, 1.0, slower_share=0.5)
-
-    monkeypatch.setattr(bench, "compare_latency", even)
+    _forced_latency(monkeypatch, 1.0, slower_share=0.5)
     report = checker.check(digits.MODEL_PATH, quantized, DATA, latency_runs=5)
     assert report.time_by_op is None and profiled == []
     assert "Where the time goes" not in html_report(check=report)
 
 
 def test_a_failed_profile_leaves_the_check_standing(monkeypatch, quantized, caplog):
-    _slower(monkeypatch)
+    _forced_latency(monkeypatch, 2.0, slower_share=1.0)
 
     def failing(*args, **kwargs):
         raise RuntimeError("profiler unavailable")

@@ -27,6 +27,7 @@ The rewrite is exact in float (``x * Clip(x + 3, 0, 6) / 6`` is the definition);
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from collections.abc import Callable
 
@@ -35,10 +36,9 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.passes.fold_conv_affine import ConvAffinePass
+from onnx_shrink.passes.quant import placement
 
 logger = logging.getLogger(__name__)
-
-ANCHORS = frozenset({"Conv", "MatMul", "Gemm"})
 
 
 def rewrite(
@@ -49,26 +49,35 @@ def rewrite(
     float by its name or op type), then fold their constant steps into the Convs next to
     them; the count rewritten. The new nodes are named after the one they replace."""
     graph = model.graph
+    # All taken before the first edit: ``quantizes`` reads the graph as it was (the Add,
+    # Clip and Mul written carry small values to a Log where a HardSwish did not: log_cone).
+    taken = [node for node in graph if _takes(node, quantizes, kept)]
+    if not taken:
+        return 0
     names = graph_edit.value_names(graph)
-    count = 0
-    for node in list(graph):
-        if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
-            continue
-        if node.op_type not in ("HardSwish", "HardSigmoid") or kept(node):
-            continue
-        producer = node.inputs[0].producer()
-        if producer is None or producer.op_type not in ANCHORS or not quantizes(producer):
-            continue
+    for node in taken:
         if node.op_type == "HardSwish":
-            _hard_swish(graph, node, names)
-            count += 1
-        elif node.op_type == "HardSigmoid" and _read_alone_from_conv(node, producer):
-            _hard_sigmoid(graph, node, names)
-            count += 1
-    if count:
-        ConvAffinePass()(model)
-        logger.info("quant: %d hard-swish/hard-sigmoid nodes as integer Add, Clip and Mul", count)
-    return count
+            _hard_swish(_Steps(graph, node, names, "hard_swish"))
+        else:
+            _hard_sigmoid(_Steps(graph, node, names, "hard_sigmoid"))
+    ConvAffinePass()(model)
+    logger.info("quant: %d hard-swish/hard-sigmoid nodes as integer Add, Clip and Mul", len(taken))
+    return len(taken)
+
+
+def _takes(
+    node: ir.Node, quantizes: Callable[[ir.Node], bool], kept: Callable[[ir.Node], bool]
+) -> bool:
+    """Whether a rule above rewrites ``node``: a hard activation not kept float, reading an
+    integer kernel (a hard-sigmoid: a Conv, alone)."""
+    if node.domain not in ("", "ai.onnx") or not node.inputs or node.inputs[0] is None:
+        return False
+    if node.op_type not in ("HardSwish", "HardSigmoid") or kept(node):
+        return False
+    producer = node.inputs[0].producer()
+    if producer is None or producer.op_type not in placement.WEIGHTED or not quantizes(producer):
+        return False
+    return node.op_type == "HardSwish" or _read_alone_from_conv(node, producer)
 
 
 def _read_alone_from_conv(node: ir.Node, producer: ir.Node) -> bool:
@@ -76,84 +85,67 @@ def _read_alone_from_conv(node: ir.Node, producer: ir.Node) -> bool:
     return producer.op_type == "Conv" and len(data.uses()) == 1 and not data.is_graph_output()
 
 
-def _hard_swish(graph: ir.Graph, node: ir.Node, names: set[str]) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    base = y.name or node.name or "hard_swish"
-
-    def constant(suffix: str, value: float) -> ir.Value:
-        name = graph_edit.fresh_name(f"{base}_{suffix}", names)
-        return graph_edit.add_initializer(graph, name, np.array(value, _dtype(x)))
-
-    shifted = _step(graph, node, "Add", [x, constant("three", 3.0)], base, "plus3", names, x)
-    bounds = [constant("zero", 0.0), constant("six", 6.0)]
-    gate = _step(graph, node, "Clip", [shifted, *bounds], base, "relu6", names, x)
-    sixth = constant("sixth", 1.0 / 6.0)
-    if all(use.node.op_type == "Conv" and use.idx == 0 for use in y.uses()) and not (
-        y.is_graph_output()
-    ):
+def _hard_swish(steps: _Steps) -> None:
+    x, y = steps.x, steps.node.outputs[0]
+    shifted = steps.op("Add", [x, steps.constant("three", 3.0)], "plus3")
+    bounds = [steps.constant("zero", 0.0), steps.constant("six", 6.0)]
+    gate = steps.op("Clip", [shifted, *bounds], "relu6")
+    sixth = steps.constant("sixth", 1.0 / 6.0)
+    read_by_convs = all(use.node.op_type == "Conv" and use.idx == 0 for use in y.uses())
+    if read_by_convs and not y.is_graph_output():
         # The Convs reading it take the 1/6 into their weights (ConvAffinePass, rule 2): the
         # product is six times the hard-swish, under a name of its own.
-        product = _step(graph, node, "Mul", [x, gate], base, "times6", names, x)
-        last = ir.node("Mul", [product, sixth], name=node.name)
+        steps.last("Mul", [steps.op("Mul", [x, gate], "times6"), sixth])
     else:
-        scaled = _step(graph, node, "Mul", [x, sixth], base, "sixth_x", names, x)
-        last = ir.node("Mul", [scaled, gate], name=node.name)
-    _replace(graph, node, last, y)
+        steps.last("Mul", [steps.op("Mul", [x, sixth], "sixth_x"), gate])
 
 
-def _hard_sigmoid(graph: ir.Graph, node: ir.Node, names: set[str]) -> None:
-    x, y = node.inputs[0], node.outputs[0]
-    base = y.name or node.name or "hard_sigmoid"
-    alpha = node.attributes.get_float("alpha", 0.2)
-    beta = node.attributes.get_float("beta", 0.5)
-    values = {}
-    for suffix, value in (("alpha", alpha), ("beta", beta), ("zero", 0.0), ("one", 1.0)):
-        name = graph_edit.fresh_name(f"{base}_{suffix}", names)
-        values[suffix] = graph_edit.add_initializer(graph, name, np.array(value, _dtype(x)))
-    scaled = _step(graph, node, "Mul", [x, values["alpha"]], base, "scaled", names, x)
-    shifted = _step(graph, node, "Add", [scaled, values["beta"]], base, "shifted", names, x)
-    last = ir.node("Clip", [shifted, values["zero"], values["one"]], name=node.name)
-    _replace(graph, node, last, y)
+def _hard_sigmoid(steps: _Steps) -> None:
+    attributes = steps.node.attributes
+    alpha = steps.constant("alpha", attributes.get_float("alpha", 0.2))
+    beta = steps.constant("beta", attributes.get_float("beta", 0.5))
+    bounds = [steps.constant("zero", 0.0), steps.constant("one", 1.0)]
+    scaled = steps.op("Mul", [steps.x, alpha], "scaled")
+    steps.last("Clip", [steps.op("Add", [scaled, beta], "shifted"), *bounds])
 
 
-def _step(
-    graph: ir.Graph,
-    before: ir.Node,
-    op_type: str,
-    inputs: list[ir.Value],
-    base: str,
-    suffix: str,
-    names: set[str],
-    like: ir.Value,
-) -> ir.Value:
-    """A node inserted before ``before``; its output named ``<base>_<suffix>``, typed and
-    shaped as ``like`` (every step keeps its input's shape)."""
-    out = ir.Value(name=graph_edit.fresh_name(f"{base}_{suffix}", names))
-    _typed_as(out, like)
-    name = f"{before.name}_{suffix}" if before.name else None
-    graph.insert_before(before, [ir.node(op_type, inputs, outputs=[out], name=name)])
-    return out
+@dataclasses.dataclass(frozen=True)
+class _Steps:
+    """The nodes written in place of ``node``: values named ``<base>_<suffix>`` apart from
+    ``names``, with ``base`` its output's name (else its own, else ``default``)."""
 
+    graph: ir.Graph
+    node: ir.Node
+    names: set[str]
+    default: str
 
-def _replace(graph: ir.Graph, node: ir.Node, last: ir.Node, y: ir.Value) -> None:
-    """``last`` in place of ``node``: its output takes ``y``'s readers, name and type."""
-    out = last.outputs[0]
-    _typed_as(out, y)
-    graph.insert_before(node, [last])
-    name = y.name
-    y.replace_all_uses_with(out, replace_graph_outputs=True)
-    graph.remove(node, safe=True)
-    out.name = name
+    @property
+    def x(self) -> ir.Value:
+        return self.node.inputs[0]  # type: ignore[return-value]
 
+    @property
+    def base(self) -> str:
+        return self.node.outputs[0].name or self.node.name or self.default
 
-def _typed_as(value: ir.Value, like: ir.Value) -> None:
-    """``like``'s type and shape on ``value``, where they are known (quant infers them
-    first)."""
-    if like.type is not None:
-        value.type = like.type
-    if like.shape is not None:
-        value.shape = like.shape
+    def constant(self, suffix: str, value: float) -> ir.Value:
+        """An initializer holding ``value`` in ``x``'s float type (float32 if unknown)."""
+        dtype = self.x.dtype.numpy() if self.x.dtype is not None else np.dtype(np.float32)
+        name = graph_edit.fresh_name(f"{self.base}_{suffix}", self.names)
+        return graph_edit.add_initializer(self.graph, name, np.array(value, dtype))
 
+    def op(self, op_type: str, inputs: list[ir.Value], suffix: str) -> ir.Value:
+        """A node inserted before ``node``, its output typed and shaped as ``x`` (every step
+        keeps its input's shape)."""
+        out_name = graph_edit.fresh_name(f"{self.base}_{suffix}", self.names)
+        out = ir.Value(name=out_name, type=self.x.type, shape=self.x.shape)
+        name = f"{self.node.name}_{suffix}" if self.node.name else None
+        self.graph.insert_before(self.node, [ir.node(op_type, inputs, outputs=[out], name=name)])
+        return out
 
-def _dtype(value: ir.Value) -> np.dtype:
-    return value.dtype.numpy() if value.dtype is not None else np.dtype(np.float32)
+    def last(self, op_type: str, inputs: list[ir.Value]) -> None:
+        """The node that takes ``node``'s place, its name, and its output's readers, name,
+        type and shape."""
+        last = ir.node(op_type, inputs, name=self.node.name)
+        ir.convenience.replace_nodes_and_values(
+            self.graph, self.node, [self.node], [last], self.node.outputs, last.outputs
+        )

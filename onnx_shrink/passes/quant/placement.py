@@ -205,13 +205,16 @@ def is_sentinel(minmax: MinMax | None) -> bool:
 
 def quantizable_nodes(graph: ir.Graph, exclusions: Exclusions) -> list[ir.Node]:
     """Candidates by op type (rule 1, before looking at ranges)."""
-    return [
-        node
-        for node in graph
-        if node.domain in ("", "ai.onnx")
+    return [node for node in graph if quantizable(node, exclusions)]
+
+
+def quantizable(node: ir.Node, exclusions: Exclusions) -> bool:
+    """Whether ``node`` is one of ``quantizable_nodes`` of its graph."""
+    return (
+        node.domain in ("", "ai.onnx")
         and node.op_type in QUANTIZABLE
         and not exclusions.excludes(node)
-    ]
+    )
 
 
 def range_requests(graph: ir.Graph, exclusions: Exclusions) -> list[str]:

@@ -460,13 +460,14 @@ class QuantPass(DataAwarePass):
     def _rewrite_hard_activations(self, model: ir.Model) -> None:
         """Rule 12 (``hard_activations``), where the options let the pass quantize the node
         before and do not keep the activation float."""
-        candidates = set(placement.quantizable_nodes(model.graph, self._exclusions))
+        exclusions = self._exclusions
 
-        def quantizes(node: ir.Node) -> bool:
-            return node in candidates and not value_types.computes_in_half(node)
+        def quantizes(node: ir.Node) -> bool:  # asked of the producers alone, before any edit
+            quantizable = placement.quantizable(node, exclusions)
+            return quantizable and not value_types.computes_in_half(node)
 
         def kept(node: ir.Node) -> bool:
-            return node.op_type in self.exclude_op_types or placement.named(node, self.exclude)
+            return node.op_type in exclusions.op_types or placement.named(node, exclusions.nodes)
 
         hard_activations.rewrite(model, quantizes, kept)
 

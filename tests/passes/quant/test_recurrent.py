@@ -18,7 +18,7 @@ from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, data
-from tests.helpers import run_ort
+from tests.helpers import cosine, run_ort
 
 SEQ, BATCH, INPUT, HIDDEN = 7, 3, 24, 16
 FLOAT = onnx.TensorProto.FLOAT
@@ -378,7 +378,7 @@ def _mask_cosine(path: str, candidate: str, frames: dict[str, np.ndarray]) -> fl
         )
         for p in (path, candidate)
     )
-    return float(reference @ got / (np.linalg.norm(reference) * np.linalg.norm(got)))
+    return cosine(reference, got)
 
 
 @pytest.mark.network
