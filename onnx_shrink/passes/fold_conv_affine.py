@@ -57,6 +57,11 @@ class ConvAffinePass(ir.passes.InPlacePass):
     allow_bias_growth: bool = True
     """create a zero bias to absorb an offset into a Conv that has none"""
 
+    only: frozenset[ir.Node] | None = None
+    """fold only these steps (with the chains they end or the Convs they follow); None:
+    every step of the model. A caller that wrote some steps itself folds those without
+    touching the rest of a model it was not asked to fold (quant's hard activations)."""
+
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         names = graph_edit.value_names(model.graph)
         count = 0
@@ -66,6 +71,8 @@ class ConvAffinePass(ir.passes.InPlacePass):
                 changed = False
                 for node in list(graph):
                     if node.graph is not graph:  # removed earlier in this sweep
+                        continue
+                    if self.only is not None and node not in self.only:
                         continue
                     if _try_fold_after(node, self.allow_bias_growth, names) or _try_fold_before(
                         node, self.allow_bias_growth, names

@@ -55,12 +55,14 @@ def rewrite(
     if not taken:
         return 0
     names = graph_edit.value_names(graph)
+    written: list[ir.Node] = []
     for node in taken:
         if node.op_type == "HardSwish":
-            _hard_swish(_Steps(graph, node, names, "hard_swish"))
+            _hard_swish(_Steps(graph, node, names, "hard_swish", written))
         else:
-            _hard_sigmoid(_Steps(graph, node, names, "hard_sigmoid"))
-    ConvAffinePass()(model)
+            _hard_sigmoid(_Steps(graph, node, names, "hard_sigmoid", written))
+    # Only the steps written here: the rest of the model is fold's to change, not quant's.
+    ConvAffinePass(only=frozenset(written))(model)
     logger.info("quant: %d hard-swish/hard-sigmoid nodes as integer Add, Clip and Mul", len(taken))
     return len(taken)
 
@@ -111,13 +113,15 @@ def _hard_sigmoid(steps: _Steps) -> None:
 
 @dataclasses.dataclass(frozen=True)
 class _Steps:
-    """The nodes written in place of ``node``: values named ``<base>_<suffix>`` apart from
-    ``names``, with ``base`` its output's name (else its own, else ``default``)."""
+    """The nodes written in place of ``node``, each appended to ``written``: values named
+    ``<base>_<suffix>`` apart from ``names``, with ``base`` its output's name (else its own,
+    else ``default``)."""
 
     graph: ir.Graph
     node: ir.Node
     names: set[str]
     default: str
+    written: list[ir.Node]
 
     @property
     def x(self) -> ir.Value:
@@ -139,7 +143,9 @@ class _Steps:
         out_name = graph_edit.fresh_name(f"{self.base}_{suffix}", self.names)
         out = ir.Value(name=out_name, type=self.x.type, shape=self.x.shape)
         name = f"{self.node.name}_{suffix}" if self.node.name else None
-        self.graph.insert_before(self.node, [ir.node(op_type, inputs, outputs=[out], name=name)])
+        step = ir.node(op_type, inputs, outputs=[out], name=name)
+        self.graph.insert_before(self.node, [step])
+        self.written.append(step)
         return out
 
     def last(self, op_type: str, inputs: list[ir.Value]) -> None:
@@ -149,3 +155,4 @@ class _Steps:
         ir.convenience.replace_nodes_and_values(
             self.graph, self.node, [self.node], [last], self.node.outputs, last.outputs
         )
+        self.written.append(last)

@@ -94,6 +94,28 @@ def test_the_constant_steps_go_into_the_convs_next_to_them():
     assert producer.op_type == "Conv"
 
 
+def test_only_the_steps_written_are_folded():
+    """A scale and an offset the model had around a Conv (input normalisation, a scale after
+    the last Conv) are fold's to take, not quant's: they stay, while the hard-swish's 1/6
+    still goes into the Conv reading it."""
+    nodes = [
+        oh.make_node("Mul", ["x", "norm"], ["xn"], name="normalise"),
+        oh.make_node("Conv", ["xn", "w1"], ["c1"], pads=[1, 1, 1, 1], name="conv1"),
+        oh.make_node("HardSwish", ["c1"], ["h"], name="swish"),
+        oh.make_node("Conv", ["h", "w3"], ["c3"], pads=[1, 1, 1, 1], name="conv3"),
+        oh.make_node("Mul", ["c3", "gain"], ["y"], name="gain"),
+    ]
+    inputs = [oh.make_tensor_value_info("x", F, ["N", 3, 8, 8])]
+    outputs = [oh.make_tensor_value_info("y", F, ["N", 4, 8, 8])]
+    constants = {"w1": W1, "w3": W3, "norm": np.float32(0.5), "gain": np.float32(2.0)}
+    proto = make_model(nodes, inputs, outputs, constants, opset=17)
+    rewritten = _rewritten(proto)
+    assert {"normalise", "gain"} <= {n.name for n in rewritten.graph.node}
+    assert _ops(rewritten) == {"Conv": 2, "Add": 1, "Clip": 1, "Mul": 3}
+    for want, got in zip(_run(proto), _run(rewritten), strict=True):
+        np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-5)
+
+
 def test_a_hard_swish_read_by_other_ops_scales_its_input_first():
     """(c1 / 6) * Clip(c1 + 3, 0, 6): a Mul and a pool read it, and the 1/6 has no Conv."""
     for proto in (_network(), _network(pooled=True)):
