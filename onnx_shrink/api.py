@@ -36,6 +36,7 @@ from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check import sessions, shapes
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, Tolerances
+from onnx_shrink.warning_records import recorded
 
 logger = logging.getLogger(__name__)
 
@@ -63,6 +64,8 @@ class ShrinkResult:
     unchecked: str = ""
     """why the check asked for could not run on the result (the error ``shrink`` raised,
     which carries this result); empty otherwise"""
+    warnings: tuple[str, ...] = ()
+    """what the run warned of (``"warning: <message>"``, in order), as it logged it"""
 
     def target_of(self, step: pipeline.StepRecord) -> TargetOutcome | None:
         """The ``quant.max_error`` search made before ``step``'s pass, if any (the step
@@ -93,6 +96,7 @@ class ShrinkResult:
             "unchecked": self.unchecked or None,
             "sensitivity": self.sensitivity.to_dict() if self.sensitivity else None,
             "accuracy_targets": [outcome.to_dict() for outcome in self.accuracy_targets],
+            "warnings": list(self.warnings),
         }
 
 
@@ -137,6 +141,7 @@ class CheckOptions:
 
 
 @frozen_heap
+@recorded
 def shrink(
     model: io.ModelSource,
     passes: str | Sequence[spec.PassLike] | None = "fold",

@@ -40,6 +40,7 @@ from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, NumericReport, Tolerances
+from onnx_shrink.warning_records import WarningRecords
 
 logger = logging.getLogger("onnx_shrink")
 
@@ -54,7 +55,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     else:
         args, command = build_parser().parse_args(argv), _run_compile
     _configure_logging(args)
-    warned = _WarningRecords()
+    warned = WarningRecords()
     logger.addHandler(warned)
     args.warnings = warned.messages  # the reports carry them
     try:
@@ -363,18 +364,6 @@ def _strict_json(value: object) -> object:
     if isinstance(value, (str, int, float, bool)) or value is None:
         return value
     return str(value)
-
-
-class _WarningRecords(logging.Handler):
-    """Our warnings (and errors) as their messages, for the ``--report`` file: a warning that
-    scrolled past (a pass that changed nothing, weights kept float) stays on record."""
-
-    def __init__(self) -> None:
-        super().__init__(logging.WARNING)
-        self.messages: list[str] = []
-
-    def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(f"{record.levelname.lower()}: {record.getMessage()}")
 
 
 def _configure_logging(args: argparse.Namespace) -> None:

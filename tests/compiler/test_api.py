@@ -263,3 +263,52 @@ def test_a_latency_budget_below_zero_or_not_a_number_is_refused(seconds):
 
     with pytest.raises(ShrinkError, match="latency_seconds"):
         CheckOptions(latency_seconds=seconds)
+
+
+def test_the_result_keeps_what_the_run_warned_of():
+    """A pipeline reading the result (not a console) learns what the run said: here the
+    synthetic data calibration fell back to."""
+    import onnx.helper as oh
+
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(0)
+    f = onnx.TensorProto.FLOAT
+    nodes = [
+        oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1], name="conv"),
+        oh.make_node("BatchNormalization", ["c", "s", "b", "m", "v"], ["n"], name="norm"),
+        oh.make_node("Relu", ["n"], ["r"], name="relu"),
+        oh.make_node("Conv", ["r", "w2"], ["y"], name="conv2"),
+    ]
+    norm = zip("sbmv", (1.5, 0.1, 0.2, 2.0), strict=True)  # scale, bias, mean, variance
+    channels = {name: np.full(4, value, np.float32) for name, value in norm}
+    constants = {
+        "w": rng.standard_normal((4, 3, 3, 3)).astype(np.float32),
+        "w2": rng.standard_normal((2, 4, 1, 1)).astype(np.float32),
+        **channels,
+    }
+    inputs = [oh.make_tensor_value_info("x", f, ["N", 3, 8, 8])]
+    outputs = [oh.make_tensor_value_info("y", f, ["N", 2, 8, 8])]
+    model = make_model(nodes, inputs, outputs, constants, opset=17)
+
+    alone = onnx_shrink.shrink(model, "quant", check=False)
+    said = "\n".join(alone.warnings)
+    assert "synthetic" in said
+    assert alone.to_dict()["warnings"] == list(alone.warnings)
+    calibration = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
+    folded = onnx_shrink.shrink(model, "fold,quant", check=False, calibration=calibration)
+    assert folded.warnings == ()
+
+
+def test_an_unchecked_result_on_the_error_keeps_the_warnings_too():
+    """bfloat16 has no CPU kernels: the check cannot run the result, whose warnings (fp16's
+    nodes kept float32) stay on the result the error carries."""
+    with pytest.raises(onnx_shrink.CandidateFailedError) as caught:
+        onnx_shrink.shrink(
+            digits.MODEL_PATH,
+            "fold,fp16",
+            sets="fp16.dtype=bfloat16",
+            data={"image": digits_images()},
+        )
+    assert caught.value.result is not None
+    assert any(w.startswith("warning: fp16: ") for w in caught.value.result.warnings)
