@@ -266,7 +266,8 @@ def test_a_latency_budget_below_zero_or_not_a_number_is_refused(seconds):
 
 
 def test_the_result_keeps_what_the_run_warned_of():
-    """A pipeline reading the result (not a console) learns what the run said: here the
+    """A pipeline reading the result (not a console) learns what the run said: here quant
+    alone on a Conv -> BatchNormalization model, which fold first would have folded, and the
     synthetic data calibration fell back to."""
     import onnx.helper as oh
 
@@ -293,6 +294,8 @@ def test_the_result_keeps_what_the_run_warned_of():
 
     alone = onnx_shrink.shrink(model, "quant", check=False)
     said = "\n".join(alone.warnings)
+    assert "1 BatchNormalization node(s) after quantized Convs stay float" in said
+    assert "'norm'" in said and "fold,quant" in said
     assert "synthetic" in said
     assert alone.to_dict()["warnings"] == list(alone.warnings)
     calibration = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}

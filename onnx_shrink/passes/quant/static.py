@@ -352,6 +352,7 @@ class QuantPass(DataAwarePass):
         float_reasons.warn_overridable_constants(model)
         decided = placement.plan(model.graph, stats, self._exclusions)
         planned = set(decided.nodes)
+        float_reasons.warn_unfolded_normalizations(planned)
         left = placement.quantizable_nodes(model.graph, self._exclusions)
         left = [node for node in left if node not in planned]
         narrow = self.narrow_storage and not self.only
