@@ -28,6 +28,7 @@ from onnx_shrink.runtime_check import (
     batch_mixing,
     bench,
     check_notes,
+    declared_outputs,
     op_time,
     sample_batches,
     sessions,
@@ -259,11 +260,14 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
         )
         for batch, ref_out in runs:
             samples += batch.samples
-            if not first:
-                first.append(batch)
             cand_out = run(
                 pair.cand_session, pair.cand.label, batch, names, broken, CandidateFailedError
             )
+            if not first:
+                first.append(batch)
+                declared_outputs.check_first_run(
+                    pair.ref.model, pair.cand.model, cand_out, pair.ref.label, pair.cand.label
+                )
             if watch is not None:
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}

@@ -451,3 +451,39 @@ def test_top1_agreement_is_measured_on_class_scores_only(tmp_path):
     report = compare(reference, candidate, tmp_path / "x.npz")
     top1 = {out.name: out.top1_agreement for out in report.outputs}
     assert top1 == {"scores": 0.0, "series": None, "embedding": None}
+
+
+def _identity(declared: str) -> str:
+    return (
+        f'<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float{declared} y) '
+        "{ y = Identity(x) }"
+    )
+
+
+def test_a_candidate_declaring_an_output_shape_its_runs_contradict_is_broken(tmp_path):
+    """The numbers compare equal, but what reads the declaration (TensorRT, a runtime sizing
+    its buffers) breaks: a pass that wrote it broke the candidate."""
+    from onnx_shrink.errors import CandidateFailedError
+
+    data = {"x": np.ones((2, 4), np.float32)}
+    reference = save_proto(parse(_identity("[N, 4]")), tmp_path / "r.onnx")
+    for declared in ("[N, 3]", "[N, 4, 1]", "[2, 4, 1]", ""):  # "": a scalar
+        candidate = save_proto(parse(_identity(declared)), tmp_path / "c.onnx")
+        with pytest.raises(CandidateFailedError, match=r"declares output 'y' with shape \["):
+            compare(reference, candidate, data)
+    for declared in ("[N, 4]", "[2, 4]", "[M, K]"):  # the run fits these
+        candidate = save_proto(parse(_identity(declared)), tmp_path / "c.onnx")
+        assert compare(reference, candidate, data).passed
+    from onnx_shrink.runtime_check import declared_outputs
+
+    assert not declared_outputs.contradicts(None, (2, 4))  # no shape declared: any rank
+
+
+def test_an_output_declaration_the_reference_gets_wrong_too_is_a_warning(tmp_path, caplog):
+    import logging
+
+    data = {"x": np.ones((2, 4), np.float32)}
+    wrong = save_proto(parse(_identity("[N, 3]")), tmp_path / "r.onnx")
+    with caplog.at_level(logging.WARNING):
+        assert compare(wrong, wrong, data).passed
+    assert "declares output 'y' with shape ['N', 3] but computes [2, 4]" in caplog.text
