@@ -65,7 +65,8 @@ class ShrinkResult:
     """why the check asked for could not run on the result (the error ``shrink`` raised,
     which carries this result); empty otherwise"""
     warnings: tuple[str, ...] = ()
-    """what the run warned of (``"warning: <message>"``, in order), as it logged it"""
+    """what the run warned of (``"warning: <message>"``, and ``"error: ..."`` for errors
+    logged, in order), as it logged it"""
 
     def target_of(self, step: pipeline.StepRecord) -> TargetOutcome | None:
         """The ``quant.max_error`` search made before ``step``'s pass, if any (the step

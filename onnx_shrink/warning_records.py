@@ -24,14 +24,34 @@ class WarningRecords(logging.Handler):
     """The warnings (and errors) logged under ``onnx_shrink`` while attached, as
     ``"warning: <message>"`` lines in order. Records from every thread are kept: a run's
     calibration logs from its worker threads too (two runs in parallel threads of one
-    process would see each other's)."""
+    process would see each other's). ``echo``: also hand each record to Python's
+    last-resort handler (stderr), which logging skips once any handler is attached: a
+    caller who set up no logging still sees the warnings."""
 
-    def __init__(self) -> None:
+    def __init__(self, echo: bool = False) -> None:
         super().__init__(logging.WARNING)
         self.messages: list[str] = []
+        self.echo = echo
 
     def emit(self, record: logging.LogRecord) -> None:
-        self.messages.append(f"{record.levelname.lower()}: {record.getMessage()}")
+        try:
+            self.messages.append(f"{record.levelname.lower()}: {record.getMessage()}")
+        except Exception:  # a message that cannot be formatted: logging's own report
+            self.handleError(record)
+            return
+        if self.echo and logging.lastResort is not None:
+            logging.lastResort.handle(record)
+
+
+_said: set[str] = set()  # what warn_once said in this run
+
+
+def warn_once(logger: logging.Logger, message: str) -> None:
+    """Warn of ``message`` once a run (once a process outside ``shrink``): ``--verify-each``
+    checks the same data after every pass, and said it once a pass."""
+    if message not in _said:
+        _said.add(message)
+        logger.warning("%s", message)
 
 
 def recorded(function: Callable[P, R]) -> Callable[P, R]:
@@ -41,20 +61,27 @@ def recorded(function: Callable[P, R]) -> Callable[P, R]:
 
     @functools.wraps(function)
     def call(*args: P.args, **kwargs: P.kwargs) -> R:
-        records = WarningRecords()
         logger = logging.getLogger(LOGGER)
+        records = WarningRecords(echo=not logger.hasHandlers())
         logger.addHandler(records)
+        _said.clear()  # each run says what it finds, whatever an earlier one said
         try:
             return _with_warnings(function(*args, **kwargs), records)
         except BaseException as error:
             result = getattr(error, "result", None)
-            if result is not None:
+            if _has_warnings(result):
                 error.result = _with_warnings(result, records)  # type: ignore[attr-defined]
             raise
         finally:
             logger.removeHandler(records)
 
     return call
+
+
+def _has_warnings(result: object) -> bool:
+    return dataclasses.is_dataclass(result) and any(
+        field.name == "warnings" for field in dataclasses.fields(result)
+    )
 
 
 def _with_warnings(result, records: WarningRecords):

@@ -60,7 +60,9 @@ class ConvAffinePass(ir.passes.InPlacePass):
     only: frozenset[ir.Node] | None = None
     """fold only these steps (with the chains they end or the Convs they follow); None:
     every step of the model. A caller that wrote some steps itself folds those without
-    touching the rest of a model it was not asked to fold (quant's hard activations)."""
+    touching the rest of a model it was not asked to fold (quant's hard activations). A
+    chain ending at one of them takes in the steps before it, the model's own too; the Add
+    this pass writes where an offset stays before a padded Conv is not in ``only``."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         names = graph_edit.value_names(model.graph)

@@ -265,9 +265,7 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
             )
             if not first:
                 first.append(batch)
-                declared_outputs.check_first_run(
-                    pair.ref.model, pair.cand.model, cand_out, pair.ref.label, pair.cand.label
-                )
+                declared_outputs.check_first_run(pair.ref, pair.cand, cand_out)
             if watch is not None:
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}

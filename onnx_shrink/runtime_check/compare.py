@@ -21,6 +21,7 @@ import numpy as np
 from onnx_shrink.errors import CandidateFailedError, DataError, ShrinkError
 from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check.data_types import is_numeric
+from onnx_shrink.warning_records import warn_once
 
 logger = logging.getLogger(__name__)
 
@@ -355,21 +356,10 @@ def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
     except DataError as e:
         if tolerances.accuracy_asked:
             raise
-        _warn_once(f"{e}; accuracy is not measured")
+        warn_once(logger, f"{e}; accuracy is not measured")
         return None
     accuracy.add(ref_out[target], cand_out[target], indices)
     return accuracy
-
-
-_WARNED: set[str] = set()
-
-
-def _warn_once(message: str) -> None:
-    """Warn of ``message`` once a process: ``--verify-each`` checks the same data after
-    every pass, and said it once a pass."""
-    if message not in _WARNED:
-        _WARNED.add(message)
-        logger.warning("%s", message)
 
 
 OutputBatch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray | None]
@@ -413,10 +403,11 @@ def compare_batches(
     outputs = tuple(a.result() for a in accumulators.values())
     for out in outputs:  # its error 0 and cosine 1 would read as a perfect match
         if out.uncompared and not out.elements:
-            _warn_once(
+            warn_once(
+                logger,
                 f"output '{out.name}': every element is NaN/Inf in both models "
                 f"({out.uncompared}), so its figures compare nothing: inputs the model "
-                "accepts (--data) give finite ones"
+                "accepts (--data) give finite ones",
             )
     ref_acc, cand_acc = (accuracy or labels_mod.AccuracyAccumulator()).result()
     failures = judge(outputs, ref_acc, cand_acc, tolerances)

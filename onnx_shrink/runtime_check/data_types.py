@@ -116,6 +116,11 @@ class Dataset:
         return self._first["feed"]
 
 
+def declared_dims(shape: ir.Shape) -> list[int | str | None]:
+    """A declared shape's dims: ints where fixed, the names (or None) of the others."""
+    return [d if isinstance(d, int) else d.value for d in shape]
+
+
 def specs_from_model(model: ir.Model) -> list[InputSpec]:
     """Input specs from a model's graph inputs (initializers that are also inputs excluded)."""
     specs = []
@@ -124,7 +129,7 @@ def specs_from_model(model: ir.Model) -> list[InputSpec]:
             continue
         if value.dtype is None or value.shape is None:
             raise DataError(f"input '{value.name}' has no declared type or shape")
-        dims = tuple(d if isinstance(d, int) else d.value for d in value.shape)
+        dims = tuple(declared_dims(value.shape))
         dtype = value.dtype.numpy().type
         limit = _index_limit(value) if np.issubdtype(dtype, np.integer) else None
         specs.append(InputSpec(name=value.name, dtype=dtype, shape=dims, index_limit=limit))

@@ -4,75 +4,82 @@ onnxruntime runs a model whose graph output declares ``[1, 10]`` while it comput
 ``[1, 12]`` and only logs it; the numbers compare equal, but what reads the declaration
 (TensorRT, a runtime sizing its buffers, code generated from the signature) breaks on the
 candidate. The check compares each output's declared fixed dims with what the first run
-gave: a candidate declaring otherwise than its reference, wrongly, was broken by a pass; a
-declaration both share is the input model's own, which the candidate keeps (a warning).
+gave: where the reference's declaration fits the run and the candidate's does not, a pass
+broke the candidate; where neither fits, the wrong declaration is the input model's own,
+which the candidate keeps (a warning, once a run).
 """
 
 from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.errors import CandidateFailedError
+from onnx_shrink.runtime_check.data_types import declared_dims
+from onnx_shrink.warning_records import warn_once
 
 logger = logging.getLogger(__name__)
 
 Declared = list[int | str | None] | None  # None: no shape declared (any rank)
 
 
+class Labelled(Protocol):
+    """A model and the name the check gives it (checker's loaded models)."""
+
+    model: ir.Model
+    label: str
+
+
 def declared_shapes(model: ir.Model) -> dict[str, Declared]:
     """Each graph output's declared shape: ints for fixed dims, names or None for the
     others; None where no shape is declared."""
-    shapes: dict[str, Declared] = {}
-    for value in model.graph.outputs:
-        shape = value.shape
-        dims = None if shape is None else [d if isinstance(d, int) else d.value for d in shape]
-        shapes[value.name or ""] = dims
-    return shapes
+    return {
+        value.name or "": None if value.shape is None else declared_dims(value.shape)
+        for value in model.graph.outputs
+    }
 
 
 def contradicts(declared: Declared, actual: Sequence[int]) -> bool:
     """Whether a run's ``actual`` shape breaks ``declared``: another rank, or a fixed dim of
-    another size (named and unknown dims take any; no declared shape takes any rank)."""
+    another size (named, unknown and non-positive dims take any; no declared shape takes
+    any rank)."""
     if declared is None:
         return False
     if len(declared) != len(actual):
         return True
-    return any(isinstance(d, int) and d != a for d, a in zip(declared, actual, strict=True))
+    return any(
+        isinstance(d, int) and d > 0 and d != a for d, a in zip(declared, actual, strict=True)
+    )
 
 
 def check_first_run(
-    reference: ir.Model,
-    candidate: ir.Model,
-    outputs: Mapping[str, np.ndarray],
-    reference_label: str,
-    candidate_label: str,
+    reference: Labelled, candidate: Labelled, outputs: Mapping[str, np.ndarray]
 ) -> None:
-    """Raise ``CandidateFailedError`` where the candidate declares an output's shape
-    otherwise than the reference and its run contradicts it; warn where both declare the
-    same shape and the run contradicts it (``outputs``: the candidate's first run)."""
-    theirs = declared_shapes(reference)
-    ours = declared_shapes(candidate)
+    """Raise ``CandidateFailedError`` where the candidate's first run (``outputs``)
+    contradicts its declaration of an output's shape while the reference's declaration fits
+    that run; warn where both declarations are contradicted."""
+    theirs = declared_shapes(reference.model)
+    ours = declared_shapes(candidate.model)
+    reference_label, candidate_label = reference.label, candidate.label
     for name, array in outputs.items():
         declared = ours.get(name)
         if not contradicts(declared, array.shape):
             continue
         computed = list(array.shape)
-        if declared != theirs.get(name):
+        if not contradicts(theirs.get(name), array.shape):
             raise CandidateFailedError(
                 f"{candidate_label} declares output {name!r} with shape {declared} but "
                 f"computes {computed}, where {reference_label} declares {theirs.get(name)}: "
                 "what sizes its buffers from the model's signature would break (a pass that "
                 "wrote the declaration broke the model)"
             )
-        logger.warning(
-            "check: %s declares output %r with shape %s but computes %s; the result keeps "
-            "that declaration, as it came",
-            reference_label,
-            name,
-            declared,
-            computed,
+        warn_once(
+            logger,
+            f"check: {reference_label} declares output {name!r} with shape "
+            f"{theirs.get(name)} but computes {computed}, and so does {candidate_label} "
+            f"(declared {declared})",
         )

@@ -265,10 +265,9 @@ def test_a_latency_budget_below_zero_or_not_a_number_is_refused(seconds):
         CheckOptions(latency_seconds=seconds)
 
 
-def test_the_result_keeps_what_the_run_warned_of():
-    """A pipeline reading the result (not a console) learns what the run said: here quant
-    alone on a Conv -> BatchNormalization model, which fold first would have folded, and the
-    synthetic data calibration fell back to."""
+def _conv_norm(shared: bool = False):
+    """Conv -> BatchNormalization -> Relu -> Conv; ``shared``: a graph output reads the first
+    Conv's output too, so fold cannot fuse the BatchNormalization into it."""
     import onnx.helper as oh
 
     from tests.helpers import make_model
@@ -290,17 +289,45 @@ def test_the_result_keeps_what_the_run_warned_of():
     }
     inputs = [oh.make_tensor_value_info("x", f, ["N", 3, 8, 8])]
     outputs = [oh.make_tensor_value_info("y", f, ["N", 2, 8, 8])]
-    model = make_model(nodes, inputs, outputs, constants, opset=17)
+    if shared:
+        outputs.append(oh.make_tensor_value_info("c", f, ["N", 4, 8, 8]))
+    return make_model(nodes, inputs, outputs, constants, opset=17)
 
+
+CALIBRATION = {"x": np.random.default_rng(1).standard_normal((4, 3, 8, 8)).astype(np.float32)}
+
+
+def test_the_result_keeps_what_the_run_warned_of():
+    """A pipeline reading the result (not a console) learns what the run said: here quant
+    alone on a Conv -> BatchNormalization model, which fold first would have folded, and the
+    synthetic data calibration fell back to."""
+    model = _conv_norm()
     alone = onnx_shrink.shrink(model, "quant", check=False)
     said = "\n".join(alone.warnings)
     assert "1 BatchNormalization node(s) after quantized Convs stay float" in said
     assert "'norm'" in said and "fold,quant" in said
     assert "synthetic" in said
     assert alone.to_dict()["warnings"] == list(alone.warnings)
-    calibration = {"x": rng.standard_normal((4, 3, 8, 8)).astype(np.float32)}
-    folded = onnx_shrink.shrink(model, "fold,quant", check=False, calibration=calibration)
+    folded = onnx_shrink.shrink(model, "fold,quant", check=False, calibration=CALIBRATION)
     assert folded.warnings == ()
+
+
+def test_no_fold_first_is_asked_where_fold_cannot_fuse_the_normalization():
+    result = onnx_shrink.shrink(
+        _conv_norm(shared=True), "fold,quant", check=False, calibration=CALIBRATION
+    )
+    assert not any("BatchNormalization" in w for w in result.warnings), result.warnings
+
+
+def test_a_caller_who_set_up_no_logging_still_sees_the_warnings(monkeypatch, capsys):
+    """Python prints warnings on stderr only while no handler is attached anywhere: the
+    handler that records them must not silence them."""
+    import logging
+
+    monkeypatch.setattr(logging.root, "handlers", [])
+    result = onnx_shrink.shrink(_conv_norm(), "quant", check=False, calibration=CALIBRATION)
+    assert result.warnings
+    assert "BatchNormalization node(s) after quantized Convs" in capsys.readouterr().err
 
 
 def test_an_unchecked_result_on_the_error_keeps_the_warnings_too():

