@@ -338,8 +338,8 @@ def op_time_table(times: OpTimeComparison, batch: int) -> Table:
         table.add_column(column, justify="left" if column in ("op type", "kind") else "right")
     ops = times.op_types()
 
-    def cell(times: OpTimes, op_type: str) -> str:
-        op = times.get(op_type)
+    def cell(model: OpTimes, op_type: str) -> str:
+        op = model.get(op_type)
         return "" if op is None else f"{op.ms:.3f} ms ({op.nodes})"
 
     for op_type in ops[:TOP_OP_TIMES]:

@@ -64,22 +64,21 @@ def check_first_run(
     that run; warn where both declarations are contradicted."""
     theirs = declared_shapes(reference.model)
     ours = declared_shapes(candidate.model)
-    reference_label, candidate_label = reference.label, candidate.label
     for name, array in outputs.items():
         declared = ours.get(name)
         if not contradicts(declared, array.shape):
             continue
-        computed = list(array.shape)
-        if not contradicts(theirs.get(name), array.shape):
+        computed, expected = list(array.shape), theirs.get(name)
+        if not contradicts(expected, array.shape):
             raise CandidateFailedError(
-                f"{candidate_label} declares output {name!r} with shape {declared} but "
-                f"computes {computed}, where {reference_label} declares {theirs.get(name)}: "
+                f"{candidate.label} declares output {name!r} with shape {declared} but "
+                f"computes {computed}, where {reference.label} declares {expected}: "
                 "what sizes its buffers from the model's signature would break (a pass that "
                 "wrote the declaration broke the model)"
             )
         warn_once(
             logger,
-            f"check: {reference_label} declares output {name!r} with shape "
-            f"{theirs.get(name)} but computes {computed}, and so does {candidate_label} "
+            f"check: {reference.label} declares output {name!r} with shape "
+            f"{expected} but computes {computed}, and so does {candidate.label} "
             f"(declared {declared})",
         )

@@ -116,9 +116,6 @@ class OpTimeComparison:
         ref, cand = self.reference.by_kind(), self.candidate.by_kind()
         return [(kind, ref[kind], cand[kind]) for kind in KINDS if ref[kind] or cand[kind]]
 
-    def to_dict(self) -> dict[str, object]:
-        return dataclasses.asdict(self)
-
 
 def compare(
     reference: sessions.ModelBytesOrPath,

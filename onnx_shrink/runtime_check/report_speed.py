@@ -118,8 +118,8 @@ def _by_op_chart(
 
 def bytes_section(check: CheckReport) -> str:
     chart = _by_op_chart(
-        dict(check.reference_bytes_by_op),
-        dict(check.candidate_bytes_by_op),
+        check.reference_bytes_by_op,
+        check.candidate_bytes_by_op,
         title="Bytes by op type, before and after",
         x_label="tensor bytes consumed by the op type",
         fmt=decimal_bytes,

@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+import onnx.helper as oh
 import pytest
 
 import onnx_shrink
 from models import digits
 from onnx_shrink.compiler import io
-from tests.helpers import digits_images
+from tests.helpers import digits_images, make_model
 
 
 def test_a_model_given_as_bytes_is_taken_and_other_objects_are_a_bad_model_error():
@@ -270,10 +271,6 @@ def test_a_latency_budget_below_zero_or_not_a_number_is_refused(seconds):
 def _conv_norm(shared: bool = False):
     """Conv -> BatchNormalization -> Relu -> Conv; ``shared``: a graph output reads the first
     Conv's output too, so fold cannot fuse the BatchNormalization into it."""
-    import onnx.helper as oh
-
-    from tests.helpers import make_model
-
     rng = np.random.default_rng(0)
     f = onnx.TensorProto.FLOAT
     nodes = [
