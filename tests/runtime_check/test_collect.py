@@ -56,6 +56,9 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
         # ones cut: the counts are those of one count over them all (7 is smaller than any
         # run's lattice).
         ("PROBE_SLICE", 7),
+        # A probe too large to keep runs again once its edges are fixed: the graph counts
+        # what numpy counted from its values.
+        ("PROBE_VALUES_BYTES", 0),
     ],
 )
 def test_statistics_do_not_depend_on_how_runs_and_the_probe_are_cut(
@@ -119,7 +122,8 @@ def test_a_model_that_fails_on_joined_samples_runs_them_one_at_a_time(
         stats = collect.collect(model, requests, dataset)
     assert "statistics: the model failed on 8 samples in one run" in caplog.text
     assert caplog.text.count("samples in one run") == 1  # later runs are not tried joined
-    assert stats.samples == 40 and counting.samples == [40 + 8]  # the failed run, again
+    # Again: the failed run's 8, and the first sample, for its probe lattice.
+    assert stats.samples == 40 and counting.samples == [40 + 8 + 1]
     minmax, histogram = stats.minmax("y"), stats.histogram("y")
     assert (minmax.minimum, minmax.maximum) == (float(x.min()), float(x.max()))
     expected, _ = np.histogram(x, bins=histogram.edges)
@@ -338,6 +342,7 @@ class _CountingSessions:
     def __init__(self, monkeypatch):
         self.runs: list[int] = []
         self.samples: list[int] = []
+        self.lattice_runs = 0  # runs that handed back lattice values
         original = sessions.create_session
         lock = threading.Lock()
 
@@ -352,6 +357,7 @@ class _CountingSessions:
                 with lock:
                     self.runs[index] += 1
                     self.samples[index] += next(len(v) for k, v in feed.items() if "::" not in k)
+                    self.lattice_runs += any(n.endswith("::lattice") for n in names or ())
                 return run(names, feed)
 
             session.run = counted
@@ -360,16 +366,55 @@ class _CountingSessions:
         monkeypatch.setattr(sessions, "create_session", create)
 
 
-def test_calibration_runs_every_sample_once_in_one_session(tmp_path, monkeypatch):
+def test_calibration_runs_each_sample_once_in_one_session_the_first_twice(tmp_path, monkeypatch):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
     np.savez(tmp_path / "d.npz", image=digits_images(40))
     counting = _CountingSessions(monkeypatch)
     stats = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
     assert stats.samples == 40
-    assert counting.samples == [40]
-    # The first sample alone, the probe's other 15 in runs of 8, then the remaining 24.
-    assert counting.runs == [1 + 2 + 3]
+    # Once, but for the first sample: it runs alone (its sizes fix the lattices), then again
+    # with the probe's other 15, in runs of 8, for its lattice values; then the other 24.
+    assert counting.samples == [40 + 1]
+    assert counting.runs == [1 + 1 + 2 + 3]
+
+
+def test_a_probe_too_large_to_keep_runs_its_samples_again(tmp_path, monkeypatch):
+    """Its runs hand back ranges only; once they fix the edges its samples run again for
+    their bin indices: no lattice value is held."""
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    kept = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", 0)
+    counting = _CountingSessions(monkeypatch)
+    twice = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    _assert_same_statistics(kept, twice, _requests(model))
+    assert counting.samples == [40 + 16] and counting.lattice_runs == 0
+    # The first alone, the probe's other 15 in runs of 8, the probe's 16 again (the first
+    # alone as it ran), then the other 24.
+    assert counting.runs == [1 + 2 + 3 + 3]
+
+
+@pytest.mark.parametrize("values_bytes", [collect.PROBE_VALUES_BYTES, 0])
+def test_a_nan_in_the_probe_is_counted_as_non_finite_not_binned(
+    tmp_path, monkeypatch, values_bytes
+):
+    """Kept, the probe's values are counted in numpy, which leaves NaN out; run again, its
+    samples' NaN saturates the bin index low, which inside the probe's own range only NaN
+    can: either way no recount."""
+    monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", values_bytes)
+    model = _identity_model()
+    x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
+    x[5, 3] = np.nan
+    np.savez(tmp_path / "d.npz", x=x)
+    counting = _CountingSessions(monkeypatch)
+    requests = [StatRequest("y", "minmax"), StatRequest("y", "histogram", bins=64)]
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    stats = collect.collect(model, requests, dataset)
+    assert stats.minmax("y").nonfinite == 1
+    assert stats.histogram("y").total == x.size - 1
+    assert counting.samples == [40 + (1 if values_bytes else 16)]
 
 
 def test_values_past_the_probes_edges_extend_the_histogram(tmp_path):
@@ -408,7 +453,9 @@ def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_pa
     assert 1000.0 + width / 128 < histogram.edges[-1] < 1000.0 + width / 32
     assert len(histogram.counts) == 64
     assert histogram.total == x.size and histogram.counts[-1] == 1
-    assert counting.samples == [80]  # the same session, a second time over the samples
+    # The same session, a second time over the samples (the first sample runs twice in the
+    # first: see test_calibration_runs_each_sample_once_in_one_session_the_first_twice).
+    assert counting.samples == [40 + 1 + 40]
 
 
 def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
