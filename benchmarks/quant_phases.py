@@ -51,7 +51,7 @@ PHASES = (
     (1, "graph of statistics", "onnx_shrink.runtime_check.collect_graph", "instrument"),
     (1, "its session", "onnx_shrink.runtime_check.collect_runs", "open_session"),
     (1, "runs, folded in", "onnx_shrink.runtime_check.collect", "_Pass.run"),
-    (2, "the probe's histograms", "onnx_shrink.runtime_check.collect", "_Pass._fix_edges"),
+    (2, "the probe: its runs and counts", "onnx_shrink.runtime_check.collect", "_Pass._probe"),
     (0, "Q/DQ plan written", "onnx_shrink.passes.quant.plan_writer", "write_plan"),
     (1, "activation ranges", "onnx_shrink.passes.quant.calibration", "tensor_range"),
     (0, "summary: MACs", "onnx_shrink.compiler.stats", "measure"),
