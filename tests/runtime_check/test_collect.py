@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import re
 import threading
 
 import numpy as np
@@ -394,6 +395,25 @@ def test_a_probe_too_large_to_keep_runs_its_samples_again(tmp_path, monkeypatch)
     # The first alone, the probe's other 15 in runs of 8, the probe's 16 again (the first
     # alone as it ran), then the other 24.
     assert counting.runs == [1 + 2 + 3 + 3]
+
+
+@pytest.mark.parametrize("values_bytes", [collect.PROBE_VALUES_BYTES, 0])
+def test_the_probe_takes_the_samples_whose_lattices_fit_its_bytes(
+    tmp_path, monkeypatch, caplog, values_bytes
+):
+    """However it counts them: kept, or run again."""
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", values_bytes)
+    with caplog.at_level(logging.DEBUG, logger=collect.__name__):
+        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    (lattice,) = re.findall(r"probe lattice holds (\d+) bytes", caplog.text)
+    monkeypatch.setattr(collect, "PROBE_BYTES", 3 * int(lattice) + 1)
+    caplog.clear()
+    with caplog.at_level(logging.INFO, logger=collect.__name__):
+        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    assert "histogram edges from the first 3;" in caplog.text
 
 
 @pytest.mark.parametrize("values_bytes", [collect.PROBE_VALUES_BYTES, 0])
