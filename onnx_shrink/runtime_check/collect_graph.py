@@ -231,3 +231,22 @@ def _graph_input(graph: ir.Graph, name: str, dtype: ir.DataType, shape: list[int
     value = ir.Value(name=name, type=ir.TensorType(dtype), shape=ir.Shape(shape))
     graph.inputs.append(value)
     return value
+
+
+def lattice_stride(elements: int, per_sample: int) -> int:
+    """The stride that counts at most about ``per_sample`` of ``elements`` (1: count all).
+
+    A prime that does not divide ``elements``, so it divides none of the tensor's trailing
+    dimension products either: successive rows start at shifting offsets and the lattice
+    visits every channel and column instead of striping one of them.
+    """
+    if per_sample <= 0 or elements <= per_sample:
+        return 1
+    stride = -(-elements // per_sample)
+    while not _is_prime(stride) or elements % stride == 0:
+        stride += 1
+    return stride
+
+
+def _is_prime(n: int) -> bool:
+    return n >= 2 and all(n % d for d in range(2, int(n**0.5) + 1))

@@ -13,7 +13,7 @@ from models import digits
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import HistogramAccumulator, StatRequest
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.runtime_check import collect, data, sessions
+from onnx_shrink.runtime_check import collect, collect_graph, data, sessions
 from tests.helpers import OneSampleReader, digits_images, parse, reflect_pad_model, run_ort
 
 
@@ -264,7 +264,7 @@ def test_samples_after_the_probe_use_the_sparser_lattice_and_weigh_its_stride(tm
 @pytest.mark.parametrize("elements", [1, 7, 64, 1000, 1024, 30030, 10**6 + 3])
 @pytest.mark.parametrize("per_sample", [0, 1, 10, 100, 4096])
 def test_lattice_stride_is_a_prime_that_divides_no_trailing_dimension(elements, per_sample):
-    stride = collect.lattice_stride(elements, per_sample)
+    stride = collect_graph.lattice_stride(elements, per_sample)
     if per_sample == 0 or elements <= per_sample:
         assert stride == 1
         return
@@ -414,6 +414,24 @@ def test_the_probe_takes_the_samples_whose_lattices_fit_its_bytes(
     with caplog.at_level(logging.INFO, logger=collect.__name__):
         collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
     assert "histogram edges from the first 3;" in caplog.text
+
+
+def test_a_probe_lighter_than_the_models_weights_keeps_its_values(tmp_path, monkeypatch, caplog):
+    """Running it again would save less memory than the session holds anyway, for time."""
+    model = io.load(digits.MODEL_PATH)  # 0.19 MB of weights
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", 0)
+    with caplog.at_level(logging.DEBUG, logger=collect.__name__):
+        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    (lattice,) = re.findall(r"probe lattice holds (\d+) bytes", caplog.text)
+    for samples, kept in ((16, False), (3, True)):  # 16: heavier than the weights
+        assert (samples * int(lattice) < 190_000) == kept
+        monkeypatch.setattr(collect, "PROBE_BYTES", samples * int(lattice) + 1)
+        counting = _CountingSessions(monkeypatch)
+        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+        assert (counting.lattice_runs > 0) == kept
+        assert counting.samples == [40 + (1 if kept else samples)]
 
 
 @pytest.mark.parametrize("values_bytes", [collect.PROBE_VALUES_BYTES, 0])
@@ -600,7 +618,6 @@ def test_each_statistic_runs_right_after_the_tensor_it_reads():
     """onnxruntime runs ready nodes in the graph's order: statistics appended at the end ran
     after the whole model and kept every tensor they read alive (PicoDet at 800x608:
     calibration took 2.8 GB and 8 s; now 1.8 GB and 4 s)."""
-    from onnx_shrink.runtime_check import collect_graph
 
     model = io.load(digits.MODEL_PATH)
     original = {n.name for n in model.graph}
@@ -623,7 +640,6 @@ def test_each_statistic_runs_right_after_the_tensor_it_reads():
 def test_the_instrumented_graph_is_in_order_with_a_histogram_of_an_input():
     """A histogram of a graph input goes at the start, where it read the shared lattice
     constants before they were made (onnxruntime sorts the graph again, onnx requires order)."""
-    from onnx_shrink.runtime_check import collect_graph
 
     model = io.load(digits.MODEL_PATH)
     first = model.graph.inputs[0].name
