@@ -165,7 +165,7 @@ def orientation_dataset(
     ``[n, 3, 224, 224]``, and the class of each page (int64, an index into ``LABELS``)."""
     rng = np.random.default_rng(seed)
     labels = np.arange(n, dtype=np.int64) % len(LABELS)
-    pages = [rotate_clockwise(render_document(rng, size), int(k)) for k in labels]
-    if not pages:
-        return np.zeros((0, 3, CROP, CROP), np.float32), labels
-    return np.stack([orientation_preprocess(p) for p in pages]), labels
+    x = np.empty((n, 3, CROP, CROP), np.float32)
+    for i, k in enumerate(labels):  # a page at a time: no list of full-size pages
+        x[i] = orientation_preprocess(rotate_clockwise(render_document(rng, size), int(k)))
+    return x, labels

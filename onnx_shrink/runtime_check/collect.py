@@ -50,6 +50,7 @@ from collections.abc import Callable, Iterator, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import io
 from onnx_shrink.compiler import statistics as st
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import collect_graph as cg
@@ -123,11 +124,7 @@ def collect(
             progress,
             runs.parallel_runs(provider),
             max_run=min(run_samples, MAX_RUN_SAMPLES) if run_samples > 0 else MAX_RUN_SAMPLES,
-            weights=sum(
-                v.const_value.nbytes
-                for v in model.graph.initializers.values()
-                if v.const_value is not None
-            ),
+            model_bytes=io.tensor_bytes(model),
         )
         joinable = sample_batches.splittable(dataset, specs)
         counting.run(sample_batches.single_samples(replay, specs), joinable)
@@ -165,10 +162,10 @@ class _Pass:
         progress,
         in_flight=1,
         max_run=MAX_RUN_SAMPLES,
-        weights=0,
+        model_bytes=0,
     ) -> None:
         self.session = session
-        self.weights_bytes = weights  # the model's, held by its session whatever the probe does
+        self.model_bytes = model_bytes  # its weights: its session holds them whatever the probe
         self.in_flight = in_flight  # runs at once
         self.max_run = max_run  # samples a run may join
         self.ranges = {name: st.MinMaxAccumulator() for name in ranged}
@@ -239,7 +236,7 @@ class _Pass:
         count = max(1, min(PROBE_SAMPLES, PROBE_BYTES // max(1, lattice, inputs)))
         self._probe_items = count - 1
         rest = self._grouped(itertools.islice(samples, self._probe_items))
-        if count * lattice <= max(PROBE_VALUES_BYTES, self.weights_bytes):
+        if count * lattice <= max(PROBE_VALUES_BYTES, self.model_bytes):
             self._probe_values(itertools.chain([first], rest))
             return
         probe = [first]

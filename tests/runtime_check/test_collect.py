@@ -57,9 +57,7 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
         # ones cut: the counts are those of one count over them all (7 is smaller than any
         # run's lattice).
         ("PROBE_SLICE", 7),
-        # A probe too large to keep runs again once its edges are fixed: the graph counts
-        # what numpy counted from its values.
-        ("PROBE_VALUES_BYTES", 0),
+        # PROBE_VALUES_BYTES: test_a_probe_too_large_to_keep_runs_its_samples_again.
     ],
 )
 def test_statistics_do_not_depend_on_how_runs_and_the_probe_are_cut(
@@ -382,7 +380,8 @@ def test_calibration_runs_each_sample_once_in_one_session_the_first_twice(tmp_pa
 
 def test_a_probe_too_large_to_keep_runs_its_samples_again(tmp_path, monkeypatch):
     """Its runs hand back ranges only; once they fix the edges its samples run again for
-    their bin indices: no lattice value is held."""
+    their bin indices: no lattice value is held, and the graph counts what numpy counted
+    from its values."""
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
     np.savez(tmp_path / "d.npz", image=digits_images(40))
@@ -618,7 +617,6 @@ def test_each_statistic_runs_right_after_the_tensor_it_reads():
     """onnxruntime runs ready nodes in the graph's order: statistics appended at the end ran
     after the whole model and kept every tensor they read alive (PicoDet at 800x608:
     calibration took 2.8 GB and 8 s; now 1.8 GB and 4 s)."""
-
     model = io.load(digits.MODEL_PATH)
     original = {n.name for n in model.graph}
     tensors = [n.outputs[0].name for n in model.graph if n.op_type in ("Conv", "Relu", "Gemm")]
@@ -640,7 +638,6 @@ def test_each_statistic_runs_right_after_the_tensor_it_reads():
 def test_the_instrumented_graph_is_in_order_with_a_histogram_of_an_input():
     """A histogram of a graph input goes at the start, where it read the shared lattice
     constants before they were made (onnxruntime sorts the graph again, onnx requires order)."""
-
     model = io.load(digits.MODEL_PATH)
     first = model.graph.inputs[0].name
     requests = [StatRequest(first, "histogram", bins=128)]
