@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+import mmap
 
 import numpy as np
 import onnx
@@ -11,6 +12,7 @@ import onnx_ir as ir
 import pytest
 
 import onnx_shrink
+from onnx_shrink.compiler.io import data_files
 from onnx_shrink.runtime_check import batch_mixing, checker, data, sessions
 from onnx_shrink.runtime_check.batch_mixing import mixed_output
 from tests.helpers import OneSampleReader, make_model
@@ -259,3 +261,34 @@ def test_calibration_that_cannot_load_the_model_says_so():
     mixing = _with_dead_double_erf(_normalized(over_batch=False))
     with pytest.raises(onnx_shrink.errors.BadModelError, match="^calibration on cpu: the model"):
         onnx_shrink.shrink(mixing, "quant", calibration={"x": _samples()}, check=False)
+
+
+@pytest.mark.skipif(not hasattr(mmap, "MADV_DONTNEED"), reason="needs madvise")
+def test_weighing_a_mapped_npz_for_the_trial_hands_its_pages_back(tmp_path):
+    """The trial pair is chosen from every sample of the first feed: an .npz's whole array.
+    Weighed all at once, PP-OCRv4 det's 128 samples stayed resident (150 MB, calibration's
+    peak); weighed as each is split off, each sample's pages go back before the next."""
+    width = 1 << 18  # a MiB a sample, 64 of them
+    model = make_model(
+        [oh.make_node("Relu", ["x"], ["z"])],
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", width])],
+        [oh.make_tensor_value_info("z", onnx.TensorProto.FLOAT, ["N", width])],
+        {},
+    )
+    rows = np.random.default_rng(3).standard_normal((64, width), dtype=np.float32)
+    rows[17] *= 100.0  # the loudest
+    rows[40] *= 0.01  # the quietest
+    data_files.save_npz(tmp_path / "big.npz", {"x": rows})
+    specs, session = _specs(model), _session(model)
+    dataset = data.prepare(specs, data_files.load_npz(tmp_path / "big.npz"))
+    before = _resident_kib()
+    vetted = batch_mixing.vetted(dataset, specs, session)
+    assert vetted.independent_samples
+    assert _resident_kib() - before < 16 << 10  # of the file's 64 MiB
+    pair = batch_mixing._trial_pair(dataset, specs)
+    np.testing.assert_array_equal(np.concatenate([s.feed["x"] for s in pair]), rows[[40, 17]])
+
+
+def _resident_kib() -> int:
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
