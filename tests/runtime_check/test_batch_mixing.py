@@ -292,3 +292,12 @@ def test_weighing_a_mapped_npz_for_the_trial_hands_its_pages_back(tmp_path):
 def _resident_kib() -> int:
     with open("/proc/self/status") as status:
         return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+
+@pytest.mark.parametrize(
+    "values, largest",
+    [([], 0.0), ([1.0, -3.0, 2.0], 3.0), ([np.inf, -2.0], 2.0), ([np.nan, 5.0, -np.inf], 5.0)]
+    + [([np.nan], 0.0)],
+)
+def test_a_samples_magnitude_is_its_largest_finite_one(values, largest):
+    assert batch_mixing._largest_finite(np.array(values, np.float32)) == largest
