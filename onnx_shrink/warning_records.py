@@ -12,7 +12,7 @@ import dataclasses
 import functools
 import logging
 from collections.abc import Callable
-from typing import ParamSpec, TypeVar
+from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
 R = TypeVar("R")
@@ -84,5 +84,5 @@ def _has_warnings(result: object) -> bool:
     )
 
 
-def _with_warnings(result, records: WarningRecords):
+def _with_warnings(result: Any, records: WarningRecords) -> Any:
     return dataclasses.replace(result, warnings=tuple(records.messages))

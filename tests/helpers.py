@@ -76,6 +76,12 @@ def cosine(a: np.ndarray, b: np.ndarray) -> float:
     return float(a.ravel() @ b.ravel() / (np.linalg.norm(a) * np.linalg.norm(b)))
 
 
+def resident_kib() -> int:
+    """This process's resident memory (Linux's VmRSS), in KiB."""
+    with open("/proc/self/status") as status:
+        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+
+
 class OneSampleReader:
     """A one-shot reader of one sample per ``get_next()`` as input ``name``, as a user's
     onnxruntime calibration reader is; ``calls`` counts the reads."""

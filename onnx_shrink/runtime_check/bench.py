@@ -171,16 +171,15 @@ def compare_latency(
     candidate: ort.InferenceSession,
     feed: Mapping[str, np.ndarray],
     *,
-    candidate_feed: Mapping[str, np.ndarray] | None = None,
     runs: int = 30,
     warmup: int = 3,
     batch: int = 1,
     threads: int | None = None,
     max_seconds: float | None = None,
 ) -> LatencyComparison:
-    """Time both sessions in ``runs`` pairs after ``warmup`` runs of each (the candidate on
-    ``candidate_feed`` when its inputs differ: float16 ones); the ratio is the median of the
-    pairs' candidate / reference.
+    """Time both sessions in ``runs`` pairs after ``warmup`` runs of each, on ``feed`` fitted
+    to each session's inputs (``sessions.fitted_feed``: a candidate may take float16); the
+    ratio is the median of the pairs' candidate / reference.
 
     Each timed run follows an untimed run of the same session. onnxruntime's worker threads
     spin on after a run, so the first run after the other session's is slowed by its threads
@@ -196,9 +195,8 @@ def compare_latency(
     took a quarter of it (after one pair), the timed pairs once they took all of it, settling
     runs included (after ``MIN_TIMED_PAIRS``, or ``runs`` if fewer). The stats say how many
     runs were timed."""
-    cand_feed = feed if candidate_feed is None else candidate_feed
-    feed = sessions.declared_feed(reference, feed)
-    cand_feed = sessions.declared_feed(candidate, cand_feed)
+    cand_feed = sessions.fitted_feed(candidate, feed)
+    feed = sessions.fitted_feed(reference, feed)
     spent = 0.0
     for _ in range(warmup):
         spent += time_run(reference, feed) + time_run(candidate, cand_feed)

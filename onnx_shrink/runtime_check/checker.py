@@ -349,7 +349,6 @@ def check(
             pair.ref_session,
             pair.cand_session,
             feed,
-            candidate_feed=sessions.fitted_feed(pair.cand_session, feed),
             runs=latency_runs,
             batch=timed.samples,
             max_seconds=latency_seconds,

@@ -106,15 +106,17 @@ class OpTimeComparison:
 
     def op_types(self) -> list[str]:
         """The op types either model ran, the slowest (in either model) first."""
-        ref, cand = self.reference.ms_by_op(), self.candidate.ms_by_op()
-        return sorted(
-            ref.keys() | cand.keys(), key=lambda t: (-max(ref.get(t, 0.0), cand.get(t, 0.0)), t)
-        )
+        return largest_first(self.reference.ms_by_op(), self.candidate.ms_by_op())
 
     def by_kind(self) -> list[tuple[str, float, float]]:
         """(kind, reference ms, candidate ms) per run of each of ``KINDS`` either model ran."""
         ref, cand = self.reference.by_kind(), self.candidate.by_kind()
         return [(kind, ref[kind], cand[kind]) for kind in KINDS if ref[kind] or cand[kind]]
+
+
+def largest_first(ref: Mapping[str, float], cand: Mapping[str, float]) -> list[str]:
+    """The keys of either mapping, the largest value (in either) first, ties by name."""
+    return sorted(ref.keys() | cand.keys(), key=lambda k: (-max(ref.get(k, 0), cand.get(k, 0)), k))
 
 
 def compare(

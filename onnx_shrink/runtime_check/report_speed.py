@@ -7,7 +7,7 @@ from collections.abc import Callable, Mapping, Sequence
 from onnx_shrink.runtime_check import svg
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison, LatencyStats
 from onnx_shrink.runtime_check.checker import CheckReport
-from onnx_shrink.runtime_check.op_time import OpTimeComparison
+from onnx_shrink.runtime_check.op_time import OpTimeComparison, largest_first
 from onnx_shrink.runtime_check.report_cells import (
     CANDIDATE_COLOR,
     REFERENCE_COLOR,
@@ -96,7 +96,7 @@ def _by_op_chart(
 ) -> str:
     """Both models' values by op type as grouped bars: the ``TOP_OP_TYPES`` largest, the
     rest summed as "other"."""
-    ops = sorted(set(ref) | set(cand), key=lambda op: (-max(ref.get(op, 0), cand.get(op, 0)), op))
+    ops = largest_first(ref, cand)
     shown, rest = ops[:TOP_OP_TYPES], ops[TOP_OP_TYPES:]
     categories = shown + (["other"] if rest else [])
 

@@ -9,6 +9,7 @@ import pytest
 
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import ShrinkError
+from tests.helpers import resident_kib
 
 
 @pytest.fixture
@@ -71,24 +72,19 @@ def test_released_pages_of_a_mapped_npz_leave_the_process_and_read_back_unchange
     values = np.arange(16 << 20, dtype=np.float32).reshape(64, -1)  # 64 MiB
     data_files.save_npz(tmp_path / "big.npz", {"x": values})
     mapped = data_files.load_npz(tmp_path / "big.npz")["x"]
-    before = _resident_kib()
+    before = resident_kib()
     assert float(mapped.sum(dtype=np.float64)) == float(values.sum(dtype=np.float64))
-    touched = _resident_kib()
+    touched = resident_kib()
     for row in range(0, 64, 8):
         data_files.release_pages(mapped[row : row + 8])
-    released = _resident_kib()
+    released = resident_kib()
     assert touched - before > 48 << 10  # reading it mapped most of its 64 MiB in
     assert touched - released > 48 << 10  # and releasing gave them back
     np.testing.assert_array_equal(mapped[37], values[37])  # faulted back in from the file
     data_files.release_pages(values[:8])  # not mapped: nothing to do
     # A plain array over the mapping (what a per-sample .npz item is fed as) hands back too.
     float(mapped.sum(dtype=np.float64))
-    touched = _resident_kib()
+    touched = resident_kib()
     for row in range(64):
         data_files.release_pages(np.asarray(mapped[row]))
-    assert touched - _resident_kib() > 48 << 10
-
-
-def _resident_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
+    assert touched - resident_kib() > 48 << 10

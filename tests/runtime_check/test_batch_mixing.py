@@ -15,7 +15,7 @@ import onnx_shrink
 from onnx_shrink.compiler.io import data_files
 from onnx_shrink.runtime_check import batch_mixing, checker, data, sessions
 from onnx_shrink.runtime_check.batch_mixing import mixed_output
-from tests.helpers import OneSampleReader, make_model
+from tests.helpers import OneSampleReader, make_model, resident_kib
 
 WIDTH = 8
 
@@ -281,23 +281,23 @@ def test_weighing_a_mapped_npz_for_the_trial_hands_its_pages_back(tmp_path):
     data_files.save_npz(tmp_path / "big.npz", {"x": rows})
     specs, session = _specs(model), _session(model)
     dataset = data.prepare(specs, data_files.load_npz(tmp_path / "big.npz"))
-    before = _resident_kib()
+    before = resident_kib()
     vetted = batch_mixing.vetted(dataset, specs, session)
     assert vetted.independent_samples
-    assert _resident_kib() - before < 16 << 10  # of the file's 64 MiB
+    assert resident_kib() - before < 16 << 10  # of the file's 64 MiB
     pair = batch_mixing._trial_pair(dataset, specs)
     np.testing.assert_array_equal(np.concatenate([s.feed["x"] for s in pair]), rows[[40, 17]])
 
 
-def _resident_kib() -> int:
-    with open("/proc/self/status") as status:
-        return next(int(line.split()[1]) for line in status if line.startswith("VmRSS"))
-
-
 @pytest.mark.parametrize(
     "values, largest",
-    [([], 0.0), ([1.0, -3.0, 2.0], 3.0), ([np.inf, -2.0], 2.0), ([np.nan, 5.0, -np.inf], 5.0)]
-    + [([np.nan], 0.0)],
+    [
+        ([], 0.0),
+        ([1.0, -3.0, 2.0], 3.0),
+        ([np.inf, -2.0], 2.0),
+        ([np.nan, 5.0, -np.inf], 5.0),
+        ([np.nan], 0.0),
+    ],
 )
 def test_a_samples_magnitude_is_its_largest_finite_one(values, largest):
     assert batch_mixing._largest_finite(np.array(values, np.float32)) == largest

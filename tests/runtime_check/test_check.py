@@ -3,6 +3,7 @@ that fail to run on the data."""
 
 from __future__ import annotations
 
+import logging
 import math
 
 import numpy as np
@@ -11,8 +12,8 @@ import pytest
 from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink import console
-from onnx_shrink.errors import RunFailedError
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.errors import CandidateFailedError, RunFailedError
+from onnx_shrink.runtime_check import declared_outputs, sessions
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
@@ -463,8 +464,6 @@ def _identity(declared: str) -> str:
 def test_a_candidate_declaring_an_output_shape_its_runs_contradict_is_broken(tmp_path):
     """The numbers compare equal, but what reads the declaration (TensorRT, a runtime sizing
     its buffers) breaks: a pass that wrote it broke the candidate."""
-    from onnx_shrink.errors import CandidateFailedError
-
     data = {"x": np.ones((2, 4), np.float32)}
     reference = save_proto(parse(_identity("[N, 4]")), tmp_path / "r.onnx")
     for declared in ("[N, 3]", "[N, 4, 1]", "[2, 4, 1]", ""):  # "": a scalar
@@ -474,14 +473,10 @@ def test_a_candidate_declaring_an_output_shape_its_runs_contradict_is_broken(tmp
     for declared in ("[N, 4]", "[2, 4]", "[M, K]"):  # the run fits these
         candidate = save_proto(parse(_identity(declared)), tmp_path / "c.onnx")
         assert compare(reference, candidate, data).passed
-    from onnx_shrink.runtime_check import declared_outputs
-
     assert not declared_outputs.contradicts(None, (2, 4))  # no shape declared: any rank
 
 
 def test_an_output_declaration_the_reference_gets_wrong_too_is_a_warning(tmp_path, caplog):
-    import logging
-
     data = {"x": np.ones((2, 4), np.float32)}
     wrong = save_proto(parse(_identity("[N, 3]")), tmp_path / "r.onnx")
     with caplog.at_level(logging.WARNING):
@@ -494,8 +489,6 @@ def test_a_declaration_the_input_got_wrong_is_no_passs_fault_whatever_its_dims_a
 ):
     """The wrong 3 came with the reference: a candidate that names its batch dim otherwise
     (or gives -1 for a dim) keeps that declaration, warned of, not broken."""
-    import logging
-
     data = {"x": np.ones((2, 4), np.float32)}
     reference = save_proto(parse(_identity("[N, 3]")), tmp_path / "r.onnx")
     renamed = save_proto(parse(_identity("[batch, 3]")), tmp_path / "c.onnx")

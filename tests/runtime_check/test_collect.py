@@ -35,6 +35,27 @@ def _requests(model):
     )
 
 
+def _digits_collect(tmp_path):
+    """The digits CNN, and a collect of ``_requests`` over 40 of its images saved under
+    ``tmp_path``: a fresh collect (and session) at each call."""
+    model = io.load(digits.MODEL_PATH)
+    specs = data.specs_from_model(model)
+    np.savez(tmp_path / "d.npz", image=digits_images(40))
+
+    def run():
+        return collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+
+    return model, run
+
+
+def _probe_lattice_bytes(run, caplog) -> int:
+    """The bytes a sample's lattice values take in the probe, as ``run()`` logs them."""
+    with caplog.at_level(logging.DEBUG, logger=collect.__name__):
+        run()
+    (lattice,) = re.findall(r"probe lattice holds (\d+) bytes", caplog.text)
+    return int(lattice)
+
+
 def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path):
     model = io.load(digits.MODEL_PATH)
     specs = data.specs_from_model(model)
@@ -63,12 +84,10 @@ def test_one_batch_of_n_and_n_batches_of_one_give_identical_statistics(tmp_path)
 def test_statistics_do_not_depend_on_how_runs_and_the_probe_are_cut(
     tmp_path, monkeypatch, constant, value
 ):
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
-    default = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    model, run = _digits_collect(tmp_path)
+    default = run()
     monkeypatch.setattr(collect, constant, value)
-    cut = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    cut = run()
     _assert_same_statistics(default, cut, _requests(model))
 
 
@@ -366,11 +385,9 @@ class _CountingSessions:
 
 
 def test_calibration_runs_each_sample_once_in_one_session_the_first_twice(tmp_path, monkeypatch):
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    _, run = _digits_collect(tmp_path)
     counting = _CountingSessions(monkeypatch)
-    stats = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    stats = run()
     assert stats.samples == 40
     # Once, but for the first sample: it runs alone (its sizes fix the lattices), then again
     # with the probe's other 15, in runs of 8, for its lattice values; then the other 24.
@@ -382,13 +399,11 @@ def test_a_probe_too_large_to_keep_runs_its_samples_again(tmp_path, monkeypatch)
     """Its runs hand back ranges only; once they fix the edges its samples run again for
     their bin indices: no lattice value is held, and the graph counts what numpy counted
     from its values."""
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
-    kept = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    model, run = _digits_collect(tmp_path)
+    kept = run()
     monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", 0)
     counting = _CountingSessions(monkeypatch)
-    twice = collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+    twice = run()
     _assert_same_statistics(kept, twice, _requests(model))
     assert counting.samples == [40 + 16] and counting.lattice_runs == 0
     # The first alone, the probe's other 15 in runs of 8, the probe's 16 again (the first
@@ -401,34 +416,26 @@ def test_the_probe_takes_the_samples_whose_lattices_fit_its_bytes(
     tmp_path, monkeypatch, caplog, values_bytes
 ):
     """However it counts them: kept, or run again."""
-    model = io.load(digits.MODEL_PATH)
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    _, run = _digits_collect(tmp_path)
     monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", values_bytes)
-    with caplog.at_level(logging.DEBUG, logger=collect.__name__):
-        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    (lattice,) = re.findall(r"probe lattice holds (\d+) bytes", caplog.text)
-    monkeypatch.setattr(collect, "PROBE_BYTES", 3 * int(lattice) + 1)
+    lattice = _probe_lattice_bytes(run, caplog)
+    monkeypatch.setattr(collect, "PROBE_BYTES", 3 * lattice + 1)
     caplog.clear()
     with caplog.at_level(logging.INFO, logger=collect.__name__):
-        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+        run()
     assert "histogram edges from the first 3;" in caplog.text
 
 
 def test_a_probe_lighter_than_the_models_weights_keeps_its_values(tmp_path, monkeypatch, caplog):
     """Running it again would save less memory than the session holds anyway, for time."""
-    model = io.load(digits.MODEL_PATH)  # 0.19 MB of weights
-    specs = data.specs_from_model(model)
-    np.savez(tmp_path / "d.npz", image=digits_images(40))
+    _, run = _digits_collect(tmp_path)  # the digits CNN: 0.19 MB of weights
     monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", 0)
-    with caplog.at_level(logging.DEBUG, logger=collect.__name__):
-        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
-    (lattice,) = re.findall(r"probe lattice holds (\d+) bytes", caplog.text)
+    lattice = _probe_lattice_bytes(run, caplog)
     for samples, kept in ((16, False), (3, True)):  # 16: heavier than the weights
-        assert (samples * int(lattice) < 190_000) == kept
-        monkeypatch.setattr(collect, "PROBE_BYTES", samples * int(lattice) + 1)
+        assert (samples * lattice < 190_000) == kept
+        monkeypatch.setattr(collect, "PROBE_BYTES", samples * lattice + 1)
         counting = _CountingSessions(monkeypatch)
-        collect.collect(model, _requests(model), data.prepare(specs, tmp_path / "d.npz"))
+        run()
         assert (counting.lattice_runs > 0) == kept
         assert counting.samples == [40 + (1 if kept else samples)]
 
@@ -498,8 +505,6 @@ def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_pa
 def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
     """One arithmetic in two places: a value counted in numpy (the probe) and in the graph
     (every later sample) lands in the same bin, rounding ties and saturation included."""
-    from onnx_shrink.runtime_check import collect_graph as cg
-
     acc = HistogramAccumulator(-1.0, 3.0, 64)
     centre, width = acc.index_constants()
     edges = acc.edges.astype(np.float32)
@@ -514,11 +519,11 @@ def test_the_graphs_bin_indices_are_numpys_at_ties_and_past_int16(tmp_path):
     )
     x = np.concatenate([np.zeros(-x.size % 64, np.float32), x])  # whole rows of the model's 64
     request = StatRequest("y", "histogram", bins=64)
-    model = cg.instrument(_identity_model(), [], [], [request])
+    model = collect_graph.instrument(_identity_model(), [], [], [request])
     session = sessions.create_session(io.to_bytes(model))
-    names = cg.HistogramIO.of(request)
-    feed = {"x": x.reshape(-1, 64), cg.RUN_SAMPLES: np.array([1], np.int64)}
-    feed[cg.MINUS_FIRST_SAMPLE] = np.array([0], np.int64)
+    names = collect_graph.HistogramIO.of(request)
+    feed = {"x": x.reshape(-1, 64), collect_graph.RUN_SAMPLES: np.array([1], np.int64)}
+    feed[collect_graph.MINUS_FIRST_SAMPLE] = np.array([0], np.int64)
     feed.update(names.feed(1, centre, width))
     graph_bins = session.run([names.bins], feed)[0].ravel()
     assert graph_bins.dtype == np.int16
@@ -604,10 +609,8 @@ def test_values_past_float32s_safe_range_go_into_the_end_bins():
 
 
 def test_histograms_share_their_lattice_constants_in_the_graph():
-    from onnx_shrink.runtime_check import collect_graph as cg
-
     requests = [StatRequest("y", "histogram", bins=b) for b in (16, 32, 64)]
-    model = cg.instrument(_identity_model(), [], [], requests)
+    model = collect_graph.instrument(_identity_model(), [], [], requests)
     ops = [node.op_type for node in model.graph]
     assert ops.count("Concat") == 1 and ops.count("Constant") == 4
     assert ops.count("Slice") == ops.count("QuantizeLinear") == 3

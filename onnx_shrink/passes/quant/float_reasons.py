@@ -164,7 +164,7 @@ def warn_unfolded_normalizations(planned: Collection[ir.Node]) -> None:
 def _foldable_normalization(conv: ir.Node) -> ir.Node | None:
     """The BatchNormalization reading ``conv``'s output alone, where fold's fusion takes it:
     constant weights and statistics, the Conv's output read by nothing else."""
-    if conv.op_type != "Conv" or len(conv.inputs) < 2 or conv.inputs[1] is None:
+    if conv.op_type != "Conv" or len(conv.inputs) < 2:
         return None
     out = conv.outputs[0]
     uses = out.uses()
