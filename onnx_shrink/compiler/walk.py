@@ -6,7 +6,7 @@ every model-local function; these iterators are the one way the project does tha
 
 from __future__ import annotations
 
-from collections.abc import Collection, Iterator
+from collections.abc import Collection, Iterable, Iterator
 
 import onnx
 import onnx_ir as ir
@@ -98,3 +98,16 @@ def graph_values(graph: ir.Graph) -> Iterator[ir.Value]:
     yield from graph.inputs
     yield from graph.initializers.values()
     yield from (output for node in graph for output in node.outputs)
+
+
+def downstream(nodes: Iterable[ir.Node]) -> set[ir.Node]:
+    """``nodes`` and every node that reads their outputs, directly or not (inside a subgraph
+    too)."""
+    cone: set[ir.Node] = set()
+    pending = list(nodes)
+    while pending:
+        node = pending.pop()
+        if node not in cone:
+            cone.add(node)
+            pending += (use.node for out in node.outputs for use in out.uses())
+    return cone

@@ -19,12 +19,12 @@ from __future__ import annotations
 
 import collections
 import logging
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import graph_edit
+from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import value_types
@@ -285,7 +285,7 @@ class _Downstream:
         edited = [self.by_name.get(name) for name in names]
         if not edited or any(node is None for node in edited):
             return None
-        cone = downstream(edited)
+        cone = walk.downstream(edited)
         graph = self.model.graph
         for node in cone:
             if node.graph is not graph:  # a value read inside a subgraph
@@ -296,19 +296,6 @@ class _Downstream:
 
 
 _SUBGRAPHS = frozenset({ir.AttributeType.GRAPH, ir.AttributeType.GRAPHS})
-
-
-def downstream(nodes: Iterable[ir.Node]) -> set[ir.Node]:
-    """``nodes`` and every node that reads their outputs, directly or not (inside a subgraph
-    too)."""
-    cone: set[ir.Node] = set()
-    pending = list(nodes)
-    while pending:
-        node = pending.pop()
-        if node not in cone:
-            cone.add(node)
-            pending += (use.node for out in node.outputs for use in out.uses())
-    return cone
 
 
 def _share_unchanged(

@@ -15,8 +15,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import stats
-from onnx_shrink.runtime_check import combined
+from onnx_shrink.compiler import stats, walk
 
 
 def node_costs(graph: ir.Graph) -> dict[ir.Node, float]:
@@ -30,8 +29,8 @@ def node_costs(graph: ir.Graph) -> dict[ir.Node, float]:
 
 def downstream_cost(node: ir.Node, costs: dict[ir.Node, float]) -> float:
     """The cost of ``node`` and of every node that reads its outputs, directly or not
-    (``combined.downstream``; a node ``costs`` lacks, one inside a subgraph, adds nothing)."""
-    return sum(costs.get(n, 0.0) for n in combined.downstream([node]))
+    (``compiler.walk.downstream``; a node ``costs`` lacks, one inside a subgraph, adds nothing)."""
+    return sum(costs.get(n, 0.0) for n in walk.downstream([node]))
 
 
 def run_costs(graph: ir.Graph, groups: Sequence[Sequence[ir.Node]]) -> list[float]:
