@@ -108,8 +108,10 @@ class QuantPass(DataAwarePass):
         has no integer HardSwish or HardSigmoid, and ran each in float between a
         DequantizeLinear and a QuantizeLinear.
 
-    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, rule 5 none, and
-    rule 12 rewrites nothing.
+    13. With ``float_stem``, an image model's stem stays float (``placement`` rule 10).
+
+    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, rule 5 none, rule
+    12 rewrites nothing and rule 13 keeps nothing float.
     """
 
     name: ClassVar[str] = "quant"
@@ -218,6 +220,12 @@ class QuantPass(DataAwarePass):
         "onnxruntime's CPU runs on integers (it has none for them: each ran in float between "
         "a DequantizeLinear and a QuantizeLinear); off: kept as they are, in float",
     )
+    float_stem: bool = option(
+        True,
+        "keep an image model's stem float: the Convs from the input up to the first with 32 "
+        "or more multiply-adds per output value, where int8 saves less than quantizing and "
+        "reordering the input costs",
+    )
     dead_zones: bool = option(
         True,
         "a tensor whose every reader is flat below a level (hard-swish: -3) is quantized "
@@ -259,6 +267,7 @@ class QuantPass(DataAwarePass):
             activation_matmuls=self.activation_matmuls,
             sensitive=self.sensitive_ops,
             log_inputs=self.log_inputs,
+            float_stem=self.float_stem,
         )
 
     @property

@@ -28,7 +28,8 @@ def test_quantized_pp_lcnet_runs_its_hard_swishes_on_integers():
     assert ops["HardSigmoid"] == 0 and ops["HardSwish"] == 0, ops
     # Kept as ops, each of the 28 hard-swishes ran as a float HardSigmoid and Mul; rewritten,
     # as QLinearAdd and QLinearMul. What stays float is the head's: the last hard-swish
-    # (x / 6 and the product: 2 Muls, before the float MatMul) and the scale after it.
+    # (x / 6 and the product: 2 Muls, before the float MatMul) and the scale after it; the
+    # float stem's four (quant.float_stem) run inside onnxruntime's fused float Convs.
     assert ops["Mul"] <= 4, ops
 
     reference = run_ort(path, {"x": x_eval})[0]

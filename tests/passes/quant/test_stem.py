@@ -1,0 +1,125 @@
+"""Placement rule 10 (``stem``): the narrow Convs between an image model's input and its first
+wide Conv stay float, unless asked; what is not a stem (a first Conv that keeps the input's
+size, a narrow Conv after a wide one or after a MatMul, a Conv that also reads a wide path)."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnx.helper as oh
+import pytest
+
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant import stem
+from tests.helpers import cosine, make_model, optimized_ops, run_ort
+from tests.passes.quant.test_static_placement import _quantize
+
+F = onnx.TensorProto.FLOAT
+STEM = ("first", "depthwise", "pointwise")  # K = 27, 9 and 8 multiply-adds per output
+
+
+def _backbone(first_stride: int = 2) -> onnx.ModelProto:
+    """x [N, 3, 32, 32] -> a stem (3x3 Conv 3->8 of ``first_stride`` and its HardSwish, a
+    depthwise 3x3 Conv, a 1x1 Conv 8->16) -> a wide 3x3 Conv 16->32 (K 144) -> a narrow
+    depthwise one (K 9) -> pooled -> Gemm to 10 scores."""
+    rng = np.random.default_rng(0)
+
+    def weight(*shape):
+        return (rng.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    strides = [first_stride] * 2
+    nodes = [
+        oh.make_node("Conv", ["x", "w0"], ["a0"], "first", pads=[1] * 4, strides=strides),
+        oh.make_node("HardSwish", ["a0"], ["h0"]),
+        oh.make_node("Conv", ["h0", "w1"], ["a1"], "depthwise", pads=[1] * 4, group=8),
+        oh.make_node("Relu", ["a1"], ["r1"]),
+        oh.make_node("Conv", ["r1", "w2"], ["a2"], "pointwise"),
+        oh.make_node("Relu", ["a2"], ["r2"]),
+        oh.make_node("Conv", ["r2", "w3"], ["a3"], "wide", pads=[1] * 4),
+        oh.make_node("Relu", ["a3"], ["r3"]),
+        oh.make_node("Conv", ["r3", "w4"], ["a4"], "deep_depthwise", pads=[1] * 4, group=32),
+        oh.make_node("Relu", ["a4"], ["r4"]),
+        oh.make_node("GlobalAveragePool", ["r4"], ["p"]),
+        oh.make_node("Flatten", ["p"], ["f"]),
+        oh.make_node("Gemm", ["f", "w5"], ["y"], "head", transB=1),
+    ]
+    inits = {
+        "w0": weight(8, 3, 3, 3),
+        "w1": weight(8, 1, 3, 3),
+        "w2": weight(16, 8, 1, 1),
+        "w3": weight(32, 16, 3, 3),
+        "w4": weight(32, 1, 3, 3),
+        "w5": weight(10, 32),
+    }
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 3, 32, 32])],
+        [oh.make_tensor_value_info("y", F, ["N", 10])],
+        inits,
+    )
+
+
+def _stem_of(proto: onnx.ModelProto) -> set[str]:
+    model = io.load(proto)
+    return {node.name for node in model.graph if stem.in_stem(node)}
+
+
+def test_the_narrow_convs_from_a_downsampled_input_are_the_stem():
+    proto = _backbone()
+    assert _stem_of(proto) == set(STEM)  # not the wide Conv, nor the narrow one after it
+
+
+def test_a_first_conv_that_keeps_the_input_size_makes_no_stem():
+    # The 8x8 digits: a stride-1 first Conv kept float ran slower than quantized.
+    proto = _backbone(first_stride=1)
+    assert _stem_of(proto) == set()
+
+
+@pytest.mark.parametrize("wide_op", ["Conv", "MatMul"])
+def test_a_narrow_conv_reading_a_weighted_layer_is_not_the_stem(wide_op):
+    # A narrow Conv beside the input, but also reading a wide layer's output through an Add.
+    wide = (
+        oh.make_node("Conv", ["x", "w_wide"], ["b"], pads=[1] * 4)
+        if wide_op == "Conv"
+        else oh.make_node("MatMul", ["x", "w_wide"], ["b"])
+    )
+    w_wide = np.ones((3, 3, 3, 3) if wide_op == "Conv" else (16, 16), np.float32)
+    proto = make_model(
+        [
+            wide,
+            oh.make_node("Add", ["x", "b"], ["s"]),
+            oh.make_node("Conv", ["s", "w"], ["y"], "narrow", strides=[2, 2]),
+        ],
+        [oh.make_tensor_value_info("x", F, [1, 3, 16, 16])],
+        [oh.make_tensor_value_info("y", F, [1, 8, 8, 8])],
+        {"w_wide": w_wide, "w": np.ones((8, 3, 1, 1), np.float32)},
+    )
+    assert _stem_of(proto) == set()
+
+
+def test_quant_keeps_the_stem_float_and_quantizes_it_when_asked(tmp_path):
+    proto = _backbone()
+    x = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
+    reference = run_ort(proto.SerializeToString(), {"x": x})[0]
+    results = {}
+    for float_stem in (True, False):
+        folder = tmp_path / str(float_stem)
+        folder.mkdir()
+        path, model = _quantize(proto, {"x": x}, folder, float_stem=float_stem)
+        quantized_inputs = {
+            node.name
+            for node in model.graph
+            if node.op_type == "Conv"
+            and node.inputs[0].producer() is not None
+            and node.inputs[0].producer().op_type == "DequantizeLinear"
+        }
+        results[float_stem] = quantized_inputs, optimized_ops(path), run_ort(path, {"x": x})[0]
+    kept, ops, kept_out = results[True]
+    assert kept == {"wide", "deep_depthwise"}
+    assert ops["QLinearConv"] == 2 and ops["QuantizeLinear"] == 1, ops  # after the stem
+    asked, ops, asked_out = results[False]
+    assert asked == {*STEM, "wide", "deep_depthwise"}
+    assert ops["QLinearConv"] == 5, ops
+    # Both are the float model's scores within int8's rounding.
+    assert cosine(kept_out, reference) > 0.99
+    assert cosine(asked_out, reference) > 0.99
