@@ -196,13 +196,11 @@ class _Pass:
         if joinable and first.samples == 1:
             self.joining = runs.Joining(self._samples_per_run(outputs))
         self._fold(first, outputs)
-        if not self.requests:
-            for batch, outputs in self._runs(self._grouped(samples), []):
-                self._fold(batch, outputs)
-            return
-        sizes = {r: int(outputs[cg.range_names(r.tensor)[2]]) for r in self.requests}
-        self._set_lattices(sizes)
-        self._probe(first, samples, sizes)
+        if self.requests:
+            sizes = {r: int(outputs[cg.range_names(r.tensor)[2]]) for r in self.requests}
+            self._set_lattices(sizes)
+            self._probe(first, samples, sizes)
+            self.probe_samples = self.samples  # the probe's, every one folded by now
         bins = [self.names[r].bins for r in self.requests]
         counting = self._runs(
             self._grouped(samples), bins, self.later_strides, first_sample=self.probe_samples
@@ -243,7 +241,6 @@ class _Pass:
         for batch, outputs in self._runs(rest, []):
             self._fold(batch, outputs)
             probe.append(batch)
-        self.probe_samples = sum(batch.samples for batch in probe)
         self._fix_edges()
         self._count(self.histograms, [iter(probe)])
 
@@ -257,7 +254,6 @@ class _Pass:
             if kept:
                 self._fold(batch, outputs)
             kept.append({r: outputs[self.names[r].lattice] for r in self.requests})
-            self.probe_samples += batch.samples
         self._fix_edges()
         for request, counter in self.histograms.items():
             # Every probe value weighs 1. Counted in slices of PROBE_SLICE values, small runs

@@ -352,6 +352,15 @@ def _identity_model(columns: int = 64):
     )
 
 
+def _identity_stats(tmp_path, x: np.ndarray, requests):
+    """The statistics of ``_identity_model``'s output ``y`` over the rows ``x``, fed from an
+    .npz under ``tmp_path``."""
+    model = _identity_model(x.shape[1])
+    np.savez(tmp_path / "d.npz", x=x)
+    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
+    return collect.collect(model, requests, dataset)
+
+
 class _CountingSessions:
     """Wraps sessions.create_session to count, per session, its runs and the samples they
     held (the first axis of the model's own inputs; the statistics' inputs hold "::"). Two
@@ -448,14 +457,11 @@ def test_a_nan_in_the_probe_is_counted_as_non_finite_not_binned(
     samples' NaN saturates the bin index low, which inside the probe's own range only NaN
     can: either way no recount."""
     monkeypatch.setattr(collect, "PROBE_VALUES_BYTES", values_bytes)
-    model = _identity_model()
     x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
     x[5, 3] = np.nan
-    np.savez(tmp_path / "d.npz", x=x)
     counting = _CountingSessions(monkeypatch)
     requests = [StatRequest("y", "minmax"), StatRequest("y", "histogram", bins=64)]
-    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
-    stats = collect.collect(model, requests, dataset)
+    stats = _identity_stats(tmp_path, x, requests)
     assert stats.minmax("y").nonfinite == 1
     assert stats.histogram("y").total == x.size - 1
     assert counting.samples == [40 + (1 if values_bytes else 16)]
@@ -464,14 +470,10 @@ def test_a_nan_in_the_probe_is_counted_as_non_finite_not_binned(
 def test_values_past_the_probes_edges_extend_the_histogram(tmp_path):
     """Later samples beyond the first samples' range are counted in bins of the same width
     past the edges: no second pass, and the counts are numpy's over the extended edges."""
-    model = _identity_model()
     rng = np.random.default_rng(0)
     x = rng.uniform(0.0, 1.0, (40, 64)).astype(np.float32)
     x[30, 5] = 2.9  # past the probe's edges [0, 1.5], within reach of an extension
-    np.savez(tmp_path / "d.npz", x=x)
-    request = StatRequest("y", "histogram", bins=64)
-    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
-    stats = collect.collect(model, [request], dataset)
+    stats = _identity_stats(tmp_path, x, [StatRequest("y", "histogram", bins=64)])
     histogram = stats.histogram("y")
     assert histogram.edges[0] == 0.0 and histogram.edges[-1] >= 2.9
     assert len(histogram.counts) > 64 and histogram.total == x.size
@@ -483,14 +485,10 @@ def test_values_past_the_probes_edges_extend_the_histogram(tmp_path):
 
 
 def test_values_far_past_the_edges_are_counted_again_over_the_exact_range(tmp_path, monkeypatch):
-    model = _identity_model()
     x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
     x[35, 0] = 1000.0
-    np.savez(tmp_path / "d.npz", x=x)
     counting = _CountingSessions(monkeypatch)
-    request = StatRequest("y", "histogram", bins=64)
-    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
-    stats = collect.collect(model, [request], dataset)
+    stats = _identity_stats(tmp_path, x, [StatRequest("y", "histogram", bins=64)])
     histogram = stats.histogram("y")
     # Over the exact range, the maximum 1/64 of a bin inside the last edge (not on a tie).
     width = histogram.edges[1] - histogram.edges[0]
@@ -545,25 +543,19 @@ def test_a_saturated_bin_index_never_reads_as_a_fitting_extension():
 def test_a_nan_after_the_probe_is_counted_as_non_finite_not_binned(tmp_path):
     """onnxruntime's fast reductions skip NaN; its saturated bin index sends the histogram to
     a recount over the exact range, where it is left out and counted."""
-    model = _identity_model()
     x = np.random.default_rng(1).uniform(0.0, 1.0, (40, 64)).astype(np.float32)
     x[30, 3] = np.nan
-    np.savez(tmp_path / "d.npz", x=x)
     requests = [StatRequest("y", "minmax"), StatRequest("y", "histogram", bins=64)]
-    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
-    stats = collect.collect(model, requests, dataset)
+    stats = _identity_stats(tmp_path, x, requests)
     assert stats.minmax("y").nonfinite == 1
     assert stats.histogram("y").total == x.size - 1 and len(stats.histogram("y").counts) == 64
 
 
 def test_histograms_of_one_tensor_on_different_later_lattices_are_apart(tmp_path):
-    model = _identity_model()
     x = np.random.default_rng(2).uniform(-1.0, 1.0, (40, 64)).astype(np.float32)
-    np.savez(tmp_path / "d.npz", x=x)
     sparse = StatRequest("y", "histogram", bins=64, per_sample=32, later_per_sample=8)
     dense = StatRequest("y", "histogram", bins=64, per_sample=32)
-    dataset = data.prepare(data.specs_from_model(model), tmp_path / "d.npz")
-    stats = collect.collect(model, [sparse, dense], dataset)
+    stats = _identity_stats(tmp_path, x, [sparse, dense])
     # Strides 3 and 11 (primes not dividing 64): 22 or 21 and 6 or 5 of each row (where its
     # lattice starts); both weigh about 64 / 3 a row.
     assert stats.results[dense].total == pytest.approx(40 * 64 / 3, rel=0.01)

@@ -54,16 +54,26 @@ def reason(pass_name: str) -> str:
 
 
 def in_stem(node: ir.Node) -> bool:
-    """Whether ``node`` is a Conv of the model's stem (see the module doc)."""
+    """Whether ``node`` is a Conv of the model's stem (see the module doc): it and every
+    narrow Conv behind it, each looked at once (residual blocks join paths: asked again of
+    each Conv on each path, the question doubled with every block)."""
     if not _narrow_conv(node):
         return False
-    behind = _convs_behind(node)
-    if behind is None:
-        return False
-    convs, reads_input = behind
-    if reads_input and not _downsamples(node):
-        return False
-    return all(in_stem(conv) for conv in convs)
+    checked: set[ir.Node] = set()
+    pending = [node]
+    while pending:
+        conv = pending.pop()
+        if conv in checked:
+            continue
+        checked.add(conv)
+        behind = _convs_behind(conv)
+        if behind is None:
+            return False
+        convs, reads_input = behind
+        if reads_input and not _downsamples(conv):
+            return False
+        pending += convs
+    return True
 
 
 def _convs_behind(node: ir.Node) -> tuple[set[ir.Node], bool] | None:
@@ -112,7 +122,7 @@ def _narrow_conv(node: ir.Node) -> bool:
 def _passes_stem(node: ir.Node) -> bool:
     """A node a stem may run through: a narrow Conv, or a standard op that is neither a
     weighted layer nor a quantization step (an already quantized model has no float stem)."""
-    if node.domain not in ("", "ai.onnx") or node.graph is None:
+    if node.domain not in ("", "ai.onnx"):
         return False
     if node.op_type == "Conv":
         return _narrow_conv(node)

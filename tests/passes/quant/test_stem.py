@@ -77,21 +77,24 @@ def test_a_first_conv_that_keeps_the_input_size_makes_no_stem():
 
 @pytest.mark.parametrize("wide_op", ["Conv", "MatMul"])
 def test_a_narrow_conv_reading_a_weighted_layer_is_not_the_stem(wide_op):
-    # A narrow Conv beside the input, but also reading a wide layer's output through an Add.
+    # A narrow Conv beside the (pooled) input, but also reading a wide layer's output through
+    # an Add. The wide Conv (5x5 over 3 channels: K = 75) downsamples as a stem's first would:
+    # only its width keeps it, and the narrow Conv after it, out of the stem.
     wide = (
-        oh.make_node("Conv", ["x", "w_wide"], ["b"], pads=[1] * 4)
+        oh.make_node("Conv", ["x", "w_wide"], ["b"], pads=[2] * 4, strides=[2, 2])
         if wide_op == "Conv"
-        else oh.make_node("MatMul", ["x", "w_wide"], ["b"])
+        else oh.make_node("MatMul", ["p", "w_wide"], ["b"])
     )
-    w_wide = np.ones((3, 3, 3, 3) if wide_op == "Conv" else (16, 16), np.float32)
+    w_wide = np.ones((3, 3, 5, 5) if wide_op == "Conv" else (8, 8), np.float32)
     proto = make_model(
         [
+            oh.make_node("MaxPool", ["x"], ["p"], kernel_shape=[2, 2], strides=[2, 2]),
             wide,
-            oh.make_node("Add", ["x", "b"], ["s"]),
+            oh.make_node("Add", ["p", "b"], ["s"]),
             oh.make_node("Conv", ["s", "w"], ["y"], "narrow", strides=[2, 2]),
         ],
         [oh.make_tensor_value_info("x", F, [1, 3, 16, 16])],
-        [oh.make_tensor_value_info("y", F, [1, 8, 8, 8])],
+        [oh.make_tensor_value_info("y", F, [1, 8, 4, 4])],
         {"w_wide": w_wide, "w": np.ones((8, 3, 1, 1), np.float32)},
     )
     assert _stem_of(proto) == set()
@@ -101,8 +104,9 @@ def test_quant_keeps_the_stem_float_and_quantizes_it_when_asked(tmp_path):
     proto = _backbone()
     x = np.random.default_rng(1).standard_normal((16, 3, 32, 32)).astype(np.float32)
     reference = run_ort(proto.SerializeToString(), {"x": x})[0]
-    results = {}
-    for float_stem in (True, False):
+
+    def quantized(float_stem: bool):
+        """The Convs reading a DequantizeLinear, onnxruntime's ops, and the scores."""
         folder = tmp_path / str(float_stem)
         folder.mkdir()
         path, model = _quantize(proto, {"x": x}, folder, float_stem=float_stem)
@@ -110,14 +114,14 @@ def test_quant_keeps_the_stem_float_and_quantizes_it_when_asked(tmp_path):
             node.name
             for node in model.graph
             if node.op_type == "Conv"
-            and node.inputs[0].producer() is not None
-            and node.inputs[0].producer().op_type == "DequantizeLinear"
+            and getattr(node.inputs[0].producer(), "op_type", None) == "DequantizeLinear"
         }
-        results[float_stem] = quantized_inputs, optimized_ops(path), run_ort(path, {"x": x})[0]
-    kept, ops, kept_out = results[True]
+        return quantized_inputs, optimized_ops(path), run_ort(path, {"x": x})[0]
+
+    kept, ops, kept_out = quantized(float_stem=True)
     assert kept == {"wide", "deep_depthwise"}
     assert ops["QLinearConv"] == 2 and ops["QuantizeLinear"] == 1, ops  # after the stem
-    asked, ops, asked_out = results[False]
+    asked, ops, asked_out = quantized(float_stem=False)
     assert asked == {*STEM, "wide", "deep_depthwise"}
     assert ops["QLinearConv"] == 5, ops
     # Both are the float model's scores within int8's rounding.
