@@ -34,12 +34,13 @@ import math
 
 import onnx_ir as ir
 
+from onnx_shrink.passes.quant import log_cone
+
 STEM_MACS = 32
 """A stem Conv takes fewer multiply-adds than this per output value."""
-WEIGHTED_LAYERS = frozenset(
-    {"Conv", "ConvTranspose", "MatMul", "Gemm", "Einsum", "ConvInteger", "MatMulInteger"}
-)
-"""Layers past which nothing is the stem (a stem Conv excepted)."""
+WEIGHTED_LAYERS = log_cone.WEIGHTED_LAYERS | {"ConvInteger", "MatMulInteger"}
+"""Layers past which nothing is the stem (a stem Conv excepted): the float ones ``log_cone``
+counts, and their integer forms."""
 CONVERSIONS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 MAX_VISITED = 256
 
