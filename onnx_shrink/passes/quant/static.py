@@ -195,11 +195,13 @@ class QuantPass(StaticOptions, DataAwarePass):
 
     def completed_statistics(self, model: ir.Model, stats: Statistics) -> Statistics:
         """``stats`` with the ranges ``requests`` left to be derived (``derived``), for the
-        plan and the parameters of ``model`` as ``requests`` left it. With ``only``, also
-        those the pass without it derives: sensitivity measures once for the whole pass and
-        then quantizes each layer alone on those statistics."""
+        plan and the parameters of ``model`` as ``requests`` left it. With ``only``, where a
+        range its plan reads is missing, also those the pass without it derives: sensitivity
+        measures once for the whole pass and then quantizes each layer alone on those
+        statistics (it completes them once: planning the whole pass for each of YOLOv8n's
+        207 layers took 10 of its 110 s)."""
         planned = set(placement.planned_tensors(model.graph, self._exclusions))
-        if self.only:
+        if self.only and not _ranged(stats, planned):
             whole = dataclasses.replace(self._exclusions, only=())
             planned |= set(placement.planned_tensors(model.graph, whole))
         return derived.complete(model.graph, stats, planned)
@@ -364,3 +366,8 @@ class QuantPass(StaticOptions, DataAwarePass):
         if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
         return ir.passes.PassResult(model, modified)
+
+
+def _ranged(stats: Statistics, tensors: Sequence[str]) -> bool:
+    """Whether ``stats`` hold a min/max for each of ``tensors``."""
+    return all(stats.minmax(tensor) is not None for tensor in tensors)

@@ -97,3 +97,35 @@ def test_a_measured_range_is_kept_and_chains_derive_in_graph_order():
     assert completed.minmax("g") == measured_g and completed.minmax("p") == a
     assert derived.sources(graph, ["c", "g", "a", "p"]) == {"g": "c", "p": "a"}
     assert derived.sources(graph, ["g", "p"]) == {}  # a source outside the set: measured
+
+
+def test_a_layer_alone_derives_from_the_whole_pass_only_where_a_range_is_missing(monkeypatch):
+    """``only`` (sensitivity's one layer at a time) on the whole pass's measurements: the
+    second Conv alone plans p but not a, so p's range comes from the whole pass's plan. On
+    statistics already completed, the whole pass is not planned again (sensitivity quantizes
+    each of YOLOv8n's 207 layers alone on one completed set)."""
+    model = io.load(_silu_pool_block())
+    for index, node in enumerate(model.graph):
+        node.name = f"n{index}"
+    whole = QuantPass()
+    measured = {
+        r.tensor: MinMax(-1.0 - i, 2.0 + i, 0, 100) for i, r in enumerate(whole.requests(model))
+    }
+    stats = Statistics({StatRequest(t, "minmax"): m for t, m in measured.items()}, 1, "test")
+    assert "p" not in measured  # derived from a
+    alone = QuantPass(only=("n4",))
+    plans = []
+    planned_tensors = derived.placement.planned_tensors
+
+    def recorded(graph, exclusions):
+        plans.append(exclusions.only)
+        return planned_tensors(graph, exclusions)
+
+    monkeypatch.setattr(derived.placement, "planned_tensors", recorded)
+    assert alone.completed_statistics(model, stats).minmax("p") == measured["a"]
+    assert plans == [("n4",), ()]  # p was missing: the whole pass's plan derives it
+    plans.clear()
+    completed = whole.completed_statistics(model, stats)
+    plans.clear()
+    assert alone.completed_statistics(model, completed).results == completed.results
+    assert plans == [("n4",)]
