@@ -238,6 +238,9 @@ def sensitivity_lines(
             Text(layer.output + (f" ({layer.nonfinite} NaN/Inf)" if layer.nonfinite else "")),
         )
     lines: list[object] = [table]
+    screening = report.screening_note()
+    if screening is not None:
+        lines.append(Text(f"note: {screening}"))
     k = min(hint, len(report.layers))
     caption = report.hint_caption(k) if k else None
     if caption is not None:

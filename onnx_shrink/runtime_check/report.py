@@ -223,7 +223,8 @@ def _sensitivity_section(
     header = ["#", "node", "op", "relative", "cosine", "SNR dB", "worst output"]
     k = min(hint, len(report.layers))
     words = report.hint_words(k) if k else None
-    notes = []
+    screening = report.screening_note()
+    notes = [] if screening is None else [escape(screening.capitalize())]
     if words is not None:
         notes.append(f"{escape(words.capitalize())}: <code>{escape(report.exclude_hint(k))}</code>")
     if words is not None and report.hint_effect is not None:

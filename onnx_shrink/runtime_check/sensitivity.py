@@ -8,6 +8,7 @@ quantized weights and the scales, is their own, under suffixed names), so a batc
 costs about one model's weights plus k copies of activations, and one streaming pass over the
 data measures all k (onnxruntime's common-subexpression elimination even computes the float
 prefix before each layer once). Layers rank by the relative error of their worst float output.
+Many layers on many samples are screened first (``sensitivity_runs``).
 """
 
 from __future__ import annotations
@@ -27,20 +28,18 @@ import onnx_ir as ir
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
-from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import checker, run_costs, sample_batches
+from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity_hint as hint_mod
-from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
+from onnx_shrink.runtime_check import sensitivity_runs as runs_mod
 from onnx_shrink.runtime_check.sensitivity_hint import Target
 from onnx_shrink.runtime_check.sensitivity_report import (
     HINT_LAYERS,
     HintEffect,
-    LayerSensitivity,
     SensitivityReport,
 )
 
@@ -101,18 +100,18 @@ def sensitivity(
         # misses, and a node's own name is the caller's) and its types inferred.
         caller = {node: names.get(node, node.name or "") for node in base.graph}
         targets, unmeasured, plan = _quantized_layers(base, quant, stats, caller)
-        runner = _Runner(base, quant, stats, _in_runs(data, base), provider, progress)
-        groups = [targets[i : i + batch_layers] for i in range(0, len(targets), batch_layers)]
-        measured = runner.measure_all(groups)
-        ranked = sorted(measured, key=_severity, reverse=True)
+        runs = runs_mod.in_runs(data, base)
+        runner = runs_mod.Runner(base, quant, stats, runs, provider, progress)
+        measured = runs_mod.measure_layers(runner, targets, batch_layers, stats.samples)
         report = SensitivityReport(
             layers=hint_mod.plan_hint(
-                ranked, targets, base, quant, stats, caller, plan, planned_layers
+                measured.layers, targets, base, quant, stats, caller, plan, planned_layers
             ),
             samples=runner.samples,
             data=dataset.description,
             synthetic=dataset.synthetic,
-            runs=len(groups),
+            runs=measured.runs,
+            screened=measured.screened,
             seconds=0.0,
             unmeasured=tuple(unmeasured),
             excluded=quant.exclude,
@@ -247,33 +246,6 @@ def _measured(
     return Measured(error, size, numeric.samples, result.modified)
 
 
-def _in_runs(data: data_mod.Dataset, base: ir.Model) -> data_mod.Dataset:
-    """``data`` one sample a run. A combined run holds the activations of the float graph and
-    of each copy (9 graphs at 8 layers a run) for every sample it joins: an EfficientNet
-    U-Net over runs of 32 images at 256x256 peaked at 7.4 GB, and on PP-OCRv4 rec runs of 4
-    lines took the accuracy target's ranking from 283 to 716 MiB. Where a layer quantizes its
-    activations at run time (an LSTM: DynamicQuantizeLSTM takes one scale per run), it is
-    also what the check measures: a joined run's scale would make each sample's error depend
-    on its batch-mates."""
-    specs = data_mod.specs_from_model(base)
-    if not sample_batches.splittable(data, specs):  # each feed is one sample
-        return data
-    return sample_batches.one_sample_a_run(data, specs)
-
-
-LONG_SECONDS = 120.0
-"""An estimated measurement past which the first run's pace is given as a warning"""
-
-
-def _duration(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds >= 90 else f"{seconds:.0f} s"
-
-
-def _severity(layer: LayerSensitivity) -> tuple[bool, float]:
-    error = layer.relative_error
-    return layer.nonfinite > 0, error if not math.isnan(error) else math.inf
-
-
 def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str:
     """A name for unnamed node ``index`` that no node has and no ``exclude`` pattern matches
     (the pass matches its "" against them), or "" where every try is matched."""
@@ -319,115 +291,6 @@ def _quantized_layers(
             ", ".join(unmeasured[:5]),
         )
     return targets, unmeasured, plan
-
-
-class _Runner:
-    """Builds and runs the combined model of each batch of layers over the data."""
-
-    def __init__(
-        self,
-        base: ir.Model,
-        quant: QuantPass,
-        stats: Statistics,
-        data: data_mod.Dataset,
-        provider: str,
-        progress: Progress | None,
-    ) -> None:
-        self.base, self.quant, self.stats, self.data = base, quant, stats, data
-        self.provider, self.progress = provider, progress
-        self.outputs = combined_mod.compared_outputs(base, "sensitivity")
-        self.sep = combined_mod.separator(base)
-        self.samples = 0
-
-    def measure_all(self, groups: Sequence[Sequence[Target]]) -> list[LayerSensitivity]:
-        """Each group's layers measured in one run; progress logged with the time left (at
-        the pace of the runs done, weighted by what each run computes: ``run_costs``), and a
-        warning where it is long (a progress bar is not shown off a terminal)."""
-        measured: list[LayerSensitivity] = []
-        started = time.perf_counter()
-        layers = sum(map(len, groups))
-        nodes = list(self.base.graph)
-        costs = run_costs.run_costs(
-            self.base.graph, [[nodes[t.position] for t in group] for group in groups]
-        )
-        for index, group in enumerate(groups, 1):
-            measured += self.measure(group, f"sensitivity {index}/{len(groups)}")
-            spent = time.perf_counter() - started
-            left = run_costs.seconds_left(spent, costs, index)
-            logger.info(
-                "sensitivity: run %d of %d, %d of %d layers measured in %.0f s, about %.0f s left",
-                index,
-                len(groups),
-                len(measured),
-                layers,
-                spent,
-                left,
-            )
-            if index == 1 and left > LONG_SECONDS:
-                logger.warning(
-                    "sensitivity: %d layers, %d a run over %d samples: about %s at the first "
-                    "run's pace; fewer calibration samples, or quant.exclude for layers known "
-                    "to stay float, make it shorter",
-                    layers,
-                    len(group),
-                    self.samples,
-                    _duration(spent + left),
-                )
-        return measured
-
-    def measure(self, group: Sequence[Target], phase: str) -> list[LayerSensitivity]:
-        """One streaming run of the combined model of ``group``: each layer's error alone."""
-        passes = [
-            dataclasses.replace(self.quant, only=(target.key,), bias_correction=False)
-            for target in group
-        ]
-        compared = self.compare(passes, phase)
-        return [_layer(target, rows) for target, rows in zip(group, compared, strict=True)]
-
-    def compare(self, passes: Sequence[QuantPass], phase: str) -> list[list[OutputComparison]]:
-        """One streaming run of the float graph (outputs ``<out>``) beside a copy quantized
-        by each of ``passes`` (outputs ``<out><sep>i``), sharing inputs and float
-        initializers: per copy, each output against the float one."""
-        combined = self.combined(passes)
-        references = [v.name or "" for v in combined.graph.outputs[: len(self.outputs)]]
-        accumulators = [[ErrorAccumulator(name) for name in references] for _ in passes]
-        self.samples = 0
-        runs = combined_mod.stream(combined, self.data, self.provider, self.progress, phase)
-        for batch, result in runs:
-            for index, row in enumerate(accumulators):
-                for acc in row:
-                    acc.add(result[acc.name], result[f"{acc.name}{self.sep}{index}"])
-            self.samples += batch.samples
-        return [[acc.result() for acc in row] for row in accumulators]
-
-    def combined(self, passes: Sequence[QuantPass]) -> ir.Model:
-        """The float graph plus a copy quantized by each of ``passes`` (see ``compare``)."""
-        edits = [self._quantized_by(quant) for quant in passes]
-        return combined_mod.build(self.base, edits, self.outputs, self.sep, "sensitivity")
-
-    def _quantized_by(self, quant: QuantPass):
-        def edit(copy: ir.Model) -> ir.Model:
-            result = quant.bind(self.stats)(copy)
-            if not result.modified:  # each pass quantizes one layer (``only``)
-                raise ShrinkError(f"sensitivity: node '{quant.only[0]}' could not be quantized")
-            return result.model
-
-        return edit
-
-
-def _layer(target: Target, results: Sequence[OutputComparison]) -> LayerSensitivity:
-    worst = max(results, key=lambda r: (r.nan_count + r.inf_count > 0, r.relative_error))
-    return LayerSensitivity(
-        node=target.name,
-        op_type=target.op_type,
-        position=target.position,
-        output=worst.name,
-        relative_error=worst.relative_error,
-        cosine=worst.cosine,
-        snr_db=worst.snr_db,
-        max_abs_error=worst.max_abs_error,
-        nonfinite=worst.nan_count + worst.inf_count,
-    )
 
 
 def first_quant(passes: Sequence[ir.passes.PassBase]) -> int | None:

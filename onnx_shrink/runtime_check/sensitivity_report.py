@@ -36,6 +36,8 @@ class LayerSensitivity:
     companions: tuple[str, ...] = ()
     """the quantized nodes that would keep its input quantized were it float alone (the
     other readers of the tensor, its quantized producer): the hint keeps them float too"""
+    samples: int | None = None
+    """the samples its figures come from (None: the report's)"""
 
     @property
     def label(self) -> str:
@@ -103,6 +105,22 @@ class SensitivityReport:
     hint_effect: HintEffect | None = None
     """the ``HINT_LAYERS`` worst layers' hint, measured (None when no layer has a name to
     exclude)"""
+    screened: int = 0
+    """the first samples every layer was measured on before the worst were measured on all
+    ``samples`` (``sensitivity_runs``): the layers ranked after those keep these figures (0:
+    every layer measured on all)"""
+
+    def screening_note(self) -> str | None:
+        """How the layers were screened (``screened``), for the console and the HTML report;
+        None where every layer was measured on every sample."""
+        if not self.screened:
+            return None
+        rest = sum(layer.samples == self.screened for layer in self.layers)
+        return (
+            f"every layer was measured on the first {self.screened} samples first, and the "
+            f"{len(self.layers) - rest} worst again on all {self.samples}; the {rest} after "
+            f"them rank by their first {self.screened} samples' figures"
+        )
 
     def exclude_patterns(self, k: int, every: bool = False) -> tuple[str, ...]:
         """``quant.exclude`` patterns matching exactly the named ones of the ``k`` worst layers

@@ -18,10 +18,11 @@ import pytest
 from models import digits
 from onnx_shrink import FoldPass, shrink
 from onnx_shrink.compiler import io, spec
+from onnx_shrink.console import sensitivity_lines
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, value_types
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import checker, collect, layer_sensitivity
+from onnx_shrink.runtime_check import checker, collect, layer_sensitivity, sensitivity_runs
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sens
 from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity, SensitivityReport
@@ -147,7 +148,7 @@ def test_the_combined_model_shares_the_float_weights_and_names_quantized_ones_ap
     stats = collect.collect(base, quant.requests(base), dataset)
     keys = ["/head/head.1/Gemm", "/head/head.4/Gemm", base.graph.node(0).name]
     alone = [dataclasses.replace(quant, only=(key,)) for key in keys]
-    combined = sens._Runner(base, quant, stats, dataset, "cpu", None).combined(alone)
+    combined = sensitivity_runs.Runner(base, quant, stats, dataset, "cpu", None).combined(alone)
     initializers = combined.graph.initializers
     for name, value in base.graph.initializers.items():
         assert initializers[name].const_value is value.const_value  # shared, not copied
@@ -568,10 +569,52 @@ def test_combined_runs_take_one_sample_and_a_long_measurement_says_how_long(monk
             yield batch, result
 
     monkeypatch.setattr(sens.combined_mod, "stream", recorded)
-    monkeypatch.setattr(sens, "LONG_SECONDS", 0.0)
-    with caplog.at_level(logging.INFO, logger="onnx_shrink.runtime_check.sensitivity"):
+    monkeypatch.setattr(sensitivity_runs, "LONG_SECONDS", 0.0)
+    with caplog.at_level(logging.INFO, logger="onnx_shrink.runtime_check.sensitivity_runs"):
         report = sens.sensitivity(model, QuantPass(), dataset, hint=False, batch_layers=2)
     assert seen and max(seen) == 1 and sum(seen) == report.samples * report.runs
     assert f"sensitivity: run {report.runs} of {report.runs}" in caplog.text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "at the first run's pace" in warnings[0].getMessage()
+
+
+def test_many_layers_on_many_samples_are_screened_then_the_worst_measured_on_all(monkeypatch):
+    """Every layer on the first SCREEN_SAMPLES samples, then the REFINED_LAYERS worst of them
+    again on all: those rank first with every sample's figures (the same as an unscreened
+    report's), the others after them with the screening's; the report says which is which.
+    Scaled down here: digits' 9 layers, 2 refined."""
+    model = _folded()
+    dataset = _dataset(model)  # 450 samples
+    full = layer_sensitivity(model, QuantPass(), dataset, batch_layers=4, hint=False)
+    assert full.screened == 0 and {x.samples for x in full.layers} == {450}
+    layers = len(full.layers)
+    monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", 0)  # the screening alone
+    first = layer_sensitivity(model, QuantPass(), dataset, batch_layers=4, hint=False)
+    assert first.screened == 8 and {x.samples for x in first.layers} == {8}
+    monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", 2)
+    report = layer_sensitivity(model, QuantPass(), dataset, batch_layers=4)
+    assert layers > 2 * 2 and report.screened == 8 and report.samples == 450
+    assert report.runs == math.ceil(layers / 4) + 1 + sens.HINT_RUNS
+    refined, rest = report.layers[:2], report.layers[2:]
+    assert {x.position for x in refined} == {x.position for x in first.layers[:2]}
+    by_position = {x.position: x for x in full.layers}
+    for layer in refined:
+        assert layer.samples == 450
+        assert layer.relative_error == pytest.approx(by_position[layer.position].relative_error)
+    assert [(x.position, x.relative_error) for x in rest] == [
+        (x.position, x.relative_error) for x in first.layers[2:]
+    ]
+    assert refined[0].relative_error >= refined[1].relative_error
+    note = report.screening_note()
+    assert note == (
+        f"every layer was measured on the first 8 samples first, and the 2 worst again on "
+        f"all 450; the {layers - 2} after them rank by their first 8 samples' figures"
+    )
+    assert report.to_dict()["layers"][-1]["samples"] == 8
+    assert f"note: {note}" in [str(line) for line in sensitivity_lines(report)]
+    # Too few samples or layers for the second look to pay: every layer on every sample.
+    monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", layers)
+    assert layer_sensitivity(model, QuantPass(), dataset, hint=False).screened == 0
+    monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", 2)
+    monkeypatch.setattr(sensitivity_runs, "SCREEN_SAMPLES", 225)
+    assert layer_sensitivity(model, QuantPass(), dataset, hint=False).screened == 0
