@@ -63,10 +63,12 @@ def sensitivity(
     before the pass, not modified), the output error of quantizing that node alone.
 
     Statistics are collected once; then one combined model and one pass over ``dataset`` per
-    ``batch_layers`` layers. The pass's and the statistics' warnings are not repeated here
-    (``QUIET``): the pass's own run gives them. The ``planned_layers`` worst layers get their
-    companions (``plan_hint``: what ``exclude_patterns`` can keep float); with ``hint``, the
-    hint for the ``HINT_LAYERS`` worst is measured too (``hint_effect``).
+    ``batch_layers`` layers (many layers on many samples: over the first samples, then the
+    worst again over all; ``sensitivity_runs.measure_layers``). The pass's and the
+    statistics' warnings are not repeated here (``QUIET``): the pass's own run gives them.
+    The ``planned_layers`` worst layers get their companions (``plan_hint``: what
+    ``exclude_patterns`` can keep float); with ``hint``, the hint for the ``HINT_LAYERS``
+    worst is measured too (``hint_effect``).
 
     Raises:
         ShrinkError: the model has no float output computed by its graph, or a layer cannot
