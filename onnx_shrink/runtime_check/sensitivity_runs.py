@@ -40,7 +40,7 @@ SCREEN_SAMPLES = 8
 """The first samples every layer is measured on, where there are more than twice as many"""
 REFINED_LAYERS = 16
 """The worst layers of the screening measured again on every sample: more than the console
-prints (10), and the hint's (3) with room for the ranks to move"""
+and the HTML report print (10 and 15), and the hint's 3 with room for the ranks to move"""
 LONG_SECONDS = 120.0
 """An estimated measurement past which the first run's pace is given as a warning"""
 
