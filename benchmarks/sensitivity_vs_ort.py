@@ -5,7 +5,7 @@ onnxruntime has no sensitivity analysis. Its users' route to "the error one laye
 alone" is ``quantize_static(..., nodes_to_quantize=[layer])`` (QDQ, per-channel, MinMax, on
 the model ``quant_vs_ort`` gives it) and a run of the result against the float model over
 the calibration samples, once per layer. This script times that route on ``--ort-layers``
-layers (the first weighted layers of its model, whose runs repeat the most), and estimates
+layers (the first weighted layers of its model), and estimates
 the whole ranking as their median times the layer count of ours. Beside it:
 
 * ours as shipped: ``shrink(model, "fold,quant", data=..., sensitivity=True)``, the report's
@@ -36,7 +36,7 @@ from pathlib import Path
 
 import numpy as np
 
-from benchmarks import results
+from benchmarks import quant_metrics, results
 from benchmarks.quant_data import NpyStreamReader, load_task, write_calibration
 from benchmarks.quant_ort_input import ort_input
 
@@ -92,7 +92,7 @@ def ort_layer_seconds(model: Path, calib_dir: Path, folder: Path, layers: int) -
         )
         candidate = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"])
         got = [candidate.run(None, feed) for feed in feeds]
-        _worst_relative_error(reference, got)
+        _worst_relative_error(reference, got)  # timed: the route's figure for the layer
         seconds.append(time.perf_counter() - started)
         print(f"  ORT {name}: {seconds[-1]:.2f} s", file=sys.stderr)
     return seconds
@@ -113,11 +113,6 @@ def _worst_relative_error(reference, got) -> float:
     return max(errors)
 
 
-def _spearman(a: list[float], b: list[float]) -> float:
-    ranks = [np.argsort(np.argsort(v)) for v in (a, b)]
-    return float(np.corrcoef(*ranks)[0, 1])
-
-
 def run_model(name: str, samples: int, ort_layers: int, folder: Path) -> list[str]:
     task = load_task(name, calibration=samples)
     npz = write_calibration(task, samples, folder / "calib")
@@ -132,7 +127,9 @@ def run_model(name: str, samples: int, ort_layers: int, folder: Path) -> list[st
     by_node = {layer.position: layer.relative_error for layer in full.layers}
     positions = sorted(by_node)
     screened_errors = {layer.position: layer.relative_error for layer in shipped.layers}
-    spearman = _spearman([by_node[p] for p in positions], [screened_errors[p] for p in positions])
+    spearman = quant_metrics.spearman(
+        np.array([by_node[p] for p in positions]), np.array([screened_errors[p] for p in positions])
+    )
     top = [x.position for x in shipped.layers[:10]] == [x.position for x in full.layers[:10]]
     median = statistics.median(per_layer)
     weighted = sum(layer.op_type in WEIGHTED for layer in shipped.layers)

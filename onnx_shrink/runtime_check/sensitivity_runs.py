@@ -63,19 +63,16 @@ def measure_layers(
     second look costs about what the first saves): the refined layers (measured on every
     sample) then rank first, by their own figures, and the others after them, by their
     screening's."""
+    groups = _groups(targets, batch_layers)
     if samples <= 2 * SCREEN_SAMPLES or len(targets) <= 2 * REFINED_LAYERS:
-        groups = _groups(targets, batch_layers)
         measured = runner.measure_all(groups)
         return Measurement(sorted(measured, key=severity, reverse=True), len(groups), 0)
-    screen = _groups(targets, batch_layers)
-    screened = runner.measure_all(screen, SCREEN_SAMPLES)
-    worst = sorted(screened, key=severity, reverse=True)[:REFINED_LAYERS]
-    chosen = {layer.position for layer in worst}
+    screened = sorted(runner.measure_all(groups, SCREEN_SAMPLES), key=severity, reverse=True)
+    chosen = {layer.position for layer in screened[:REFINED_LAYERS]}
     refine = _groups([t for t in targets if t.position in chosen], batch_layers)
     refined = sorted(runner.measure_all(refine), key=severity, reverse=True)
-    rest = [layer for layer in screened if layer.position not in chosen]
-    layers = refined + sorted(rest, key=severity, reverse=True)
-    return Measurement(layers, len(screen) + len(refine), SCREEN_SAMPLES)
+    layers = refined + screened[REFINED_LAYERS:]
+    return Measurement(layers, len(groups) + len(refine), SCREEN_SAMPLES)
 
 
 def _groups(targets: Sequence[Target], size: int) -> list[Sequence[Target]]:

@@ -582,7 +582,7 @@ def test_many_layers_on_many_samples_are_screened_then_the_worst_measured_on_all
     """Every layer on the first SCREEN_SAMPLES samples, then the REFINED_LAYERS worst of them
     again on all: those rank first with every sample's figures (the same as an unscreened
     report's), the others after them with the screening's; the report says which is which.
-    Scaled down here: digits' 9 layers, 2 refined."""
+    Scaled down here: digits' 7 layers, 2 refined."""
     model = _folded()
     dataset = _dataset(model)  # 450 samples
     full = layer_sensitivity(model, QuantPass(), dataset, batch_layers=4, hint=False)

@@ -10,7 +10,7 @@ import onnx.helper as oh
 
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
-from onnx_shrink.passes.quant import derived
+from onnx_shrink.passes.quant import derived, placement
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import collect, collect_graph, data
 from tests.helpers import make_model, optimized_ops, run_ort
@@ -115,13 +115,13 @@ def test_a_layer_alone_derives_from_the_whole_pass_only_where_a_range_is_missing
     assert "p" not in measured  # derived from a
     alone = QuantPass(only=("n4",))
     plans = []
-    planned_tensors = derived.placement.planned_tensors
+    planned_tensors = placement.planned_tensors
 
     def recorded(graph, exclusions):
         plans.append(exclusions.only)
         return planned_tensors(graph, exclusions)
 
-    monkeypatch.setattr(derived.placement, "planned_tensors", recorded)
+    monkeypatch.setattr(placement, "planned_tensors", recorded)
     assert alone.completed_statistics(model, stats).minmax("p") == measured["a"]
     assert plans == [("n4",), ()]  # p was missing: the whole pass's plan derives it
     plans.clear()
