@@ -179,7 +179,10 @@ def shrink(
             ``CheckOptions.input_shapes`` wins).
         on_pass_start: called with (index, pass) as each pass starts.
         on_calibration: called as calibration runs, with (phase, samples done, samples in
-            all or None where the data does not say: a reader object's).
+            all or None where the data does not say: a reader object's); also as the
+            sensitivity report and the measured searches run, each run its own phase
+            ("sensitivity: 207 layers, run 3/26, about 41 s left") counting the samples it
+            reads.
         sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
             output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
@@ -393,7 +396,7 @@ def _compile(
                 collector,
                 calib,
                 provider,
-                calibration_hooks.reporting(hooks.on_calibration, calib.samples),
+                calibration_hooks.reporting(hooks.on_calibration, calib.samples, "sensitivity"),
             )
     return result, report, targets
 

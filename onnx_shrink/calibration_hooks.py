@@ -59,13 +59,16 @@ def reporting(
     progress: CalibrationProgress | None, total: int | None, purpose: str = ""
 ) -> collect_mod.Progress | None:
     """The engine's (phase, samples done) reports as ``progress`` takes them: with the
-    samples in all (``total``), each phase named after ``purpose`` where there is one
-    ("bias correction: statistics")."""
+    samples in all (``total``, unless the report gives the phase's own), each phase named
+    after ``purpose`` where there is one ("bias correction: statistics")."""
     if progress is None:
         return None
 
-    def report(phase: str, done: int) -> None:
-        progress(f"{purpose}: {phase}" if purpose else phase, done, total)
+    samples = total
+
+    def report(phase: str, done: int, total: int | None = None) -> None:
+        name = f"{purpose}: {phase}" if purpose else phase
+        progress(name, done, samples if total is None else total)
 
     return report
 

@@ -160,7 +160,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             input_shapes=options.input_shapes,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
             on_calibration=lambda phase, done, total: status.update(
-                console.calibration_status(phase, done, total)
+                console.calibration_status(phase, done, total, columns=out.width)
             ),
             sensitivity=args.sensitivity,
         )

@@ -17,7 +17,7 @@ from rich.text import Text
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.compiler.stats import ModelStats
-from onnx_shrink.runtime_check import bench, check_notes, op_time
+from onnx_shrink.runtime_check import bench, check_notes, collect, op_time
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
 from onnx_shrink.runtime_check.checker import CheckReport
@@ -57,14 +57,24 @@ def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
     return f"{fmt(before)} → {fmt(after)}" + (f" ({change:+.0%})" if change is not None else "")
 
 
-def calibration_status(phase: str, done: int, total: int | None, width: int = 24) -> str:
-    """The status line of a calibration phase: a bar of samples done out of ``total``, or the
-    count alone where the total is not known (a reader object) or the phase reads others."""
+def calibration_status(
+    phase: str, done: int, total: int | None, width: int = 24, columns: int | None = None
+) -> str:
+    """The status line of a phase: a bar of samples done out of ``total``, or the count alone
+    where the total is not known (a reader object) or the phase reads others. The statistics
+    engine's phases (``collect.PHASES``, after a purpose: "bias correction: statistics") read
+    as calibration; others' (the sensitivity report's runs) as they are named. ``columns``:
+    the terminal's width, which a narrower bar keeps the line within (down to 6)."""
+    named = phase.rsplit(": ", 1)[-1] in collect.PHASES
+    what = f"calibrating ({phase})" if named else phase
     if total is None or total <= 0 or done > total:
-        return f"calibrating ({phase}): {counted(done, 'sample')}..."
+        return f"{what}: {counted(done, 'sample')}..."
+    count = f"{done}/{total} samples"
+    if columns is not None:  # the spinner and the spaces take 4, and a column is spare
+        width = max(6, min(width, columns - len(what) - len(count) - 5))
     filled = round(width * done / total)
     bar = "━" * filled + "─" * (width - filled)
-    return f"calibrating ({phase}) {bar} {done}/{total} samples"
+    return f"{what} {bar} {count}"
 
 
 def summary_table(result: ShrinkResult) -> Table:

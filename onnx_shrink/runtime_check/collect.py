@@ -45,7 +45,8 @@ from __future__ import annotations
 import contextlib
 import itertools
 import logging
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Iterator, Sequence
+from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -60,8 +61,19 @@ from onnx_shrink.runtime_check import sample_batches
 
 logger = logging.getLogger(__name__)
 
-Progress = Callable[[str, int], None]
-"""Called with (phase, samples done) after every run."""
+
+class Progress(Protocol):
+    """Called after every run with (phase, samples done), and the phase's samples in all
+    where they are not the whole dataset's (a run over its first samples); the caller knows
+    the dataset's (``calibration_hooks.reporting``)."""
+
+    def __call__(self, phase: str, done: int, total: int | None = None) -> None: ...
+
+
+PHASES = ("statistics", "histograms", "non-finite ranges")
+"""The phases this engine reports: calibration runs (others' runs report phases of their
+own through the same callback: the sensitivity report's)."""
+
 
 RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "channel_sum", "gram"})
 

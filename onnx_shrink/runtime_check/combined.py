@@ -161,17 +161,21 @@ def stream(
     progress: Progress | None = None,
     phase: str = "",
 ) -> Iterator[tuple[data_mod.Batch, dict[str, np.ndarray]]]:
-    """Run ``combined`` over ``data``: yield each batch and its outputs by name."""
+    """Run ``combined`` over ``data``: yield each batch and its outputs by name; ``progress``
+    gets the samples done and ``data``'s in all (a run over the first samples counts to
+    theirs, not the dataset's)."""
     # Unpacked weights: a copy shares the unedited weights it reads, which prepacking would
     # copy into each of its kernels (16 copies of a 0.6 GB encoder's downstream: 5 GB).
     source = large_tensors.session_source(combined)
     session = sessions.create_session(source, provider=provider, prepack=False)
     names = [o.name for o in session.get_outputs()]
-    for done, batch in enumerate(data.batches(), 1):
+    done = 0
+    for batch in data.batches():
         outputs = session.run(names, sessions.declared_feed(session, batch.feed))
         yield batch, dict(zip(names, outputs, strict=True))
+        done += batch.samples
         if progress is not None:
-            progress(phase, done)
+            progress(phase, done, data.samples)
 
 
 def _merge(

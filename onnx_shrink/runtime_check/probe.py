@@ -125,7 +125,7 @@ def measure(
             if p.key not in held_keys
         ]
         clock = _Clock(budget, len(in_sample) + len(held_out) * len(blocks))
-        _measure_edits(setting, in_sample, data, "probe", sums, clock)
+        _measure_edits(setting, in_sample, data, "output error trials", sums, clock)
         requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
         for index, (fitted, tested) in enumerate(blocks, 1):
             stats = collect_mod.collect(
@@ -135,7 +135,9 @@ def measure(
                 _Edit(p.key, functools.partial(p.remade, stats), p.nodes, p.priority)
                 for p in held_out
             ]
-            _measure_edits(setting, edits, tested, f"probe, held-out block {index}", sums, clock)
+            _measure_edits(
+                setting, edits, tested, f"output error trials, held-out block {index}", sums, clock
+            )
             # Freed before the next block's are collected: two blocks' statistics at once
             # were the peak (Grams: 1.8 GB a set on a 0.6 GB encoder).
             del stats, edits

@@ -160,11 +160,22 @@ def _hint_effect(
     whole = dataclasses.replace(quant, bias_correction=False)
     worst, sizes = [], []
     for config in (whole, dataclasses.replace(whole, exclude=patterns)):
-        error, size = _worst_error(base, config, whole, stats, data, provider, progress)
+        error, size = _worst_error(base, config, whole, stats, data, provider, _hint(progress))
         worst.append(error)
         sizes.append(size)
     kept = len(patterns) - len(report.excluded)
     return HintEffect(kept, worst[0], worst[1], quant.bias_correction, *sizes)
+
+
+def _hint(progress: Progress | None) -> Progress | None:
+    """``progress`` with the hint's phases named so ("the hint: statistics")."""
+    if progress is None:
+        return None
+
+    def report(phase: str, done: int, total: int | None = None) -> None:
+        progress(f"the hint: {phase}", done, total)
+
+    return report
 
 
 @contextlib.contextmanager

@@ -64,13 +64,21 @@ def measure_layers(
     sample) then rank first, by their own figures, and the others after them, by their
     screening's."""
     groups = _groups(targets, batch_layers)
+    every = f"{len(targets)} layers"
     if samples <= 2 * SCREEN_SAMPLES or len(targets) <= 2 * REFINED_LAYERS:
-        measured = runner.measure_all(groups)
+        measured = runner.measure_all(groups, every)
         return Measurement(sorted(measured, key=severity, reverse=True), len(groups), 0)
-    screened = sorted(runner.measure_all(groups, SCREEN_SAMPLES), key=severity, reverse=True)
+    # The refined layers' runs, as screening runs (each over every sample), count in the
+    # screening's time left.
+    after = math.ceil(REFINED_LAYERS / batch_layers) * samples / SCREEN_SAMPLES
+    screened = sorted(
+        runner.measure_all(groups, every, SCREEN_SAMPLES, after), key=severity, reverse=True
+    )
     chosen = {layer.position for layer in screened[:REFINED_LAYERS]}
     refine = _groups([t for t in targets if t.position in chosen], batch_layers)
-    refined = sorted(runner.measure_all(refine), key=severity, reverse=True)
+    refined = sorted(
+        runner.measure_all(refine, f"{len(chosen)} worst again"), key=severity, reverse=True
+    )
     layers = refined + screened[REFINED_LAYERS:]
     return Measurement(layers, len(groups) + len(refine), SCREEN_SAMPLES)
 
@@ -123,12 +131,17 @@ class Runner:
         """the samples of the last run"""
 
     def measure_all(
-        self, groups: Sequence[Sequence[Target]], first: int | None = None
+        self,
+        groups: Sequence[Sequence[Target]],
+        what: str,
+        first: int | None = None,
+        after: float = 0.0,
     ) -> list[LayerSensitivity]:
         """Each group's layers measured in one run (over the ``first`` samples only, where
-        given); progress logged with the time left (at the pace of the runs done, weighted
-        by what each run computes: ``run_costs``), and a warning where it is long (a progress
-        bar is not shown off a terminal)."""
+        given). Progress is reported per run as ``what``, the run and the time left: at the
+        pace of the runs done, weighted by what each run computes (``run_costs``), with
+        ``after`` runs of average cost still to come once these are done. Logged too, and a
+        warning where it is long (a progress bar is not shown off a terminal)."""
         measured: list[LayerSensitivity] = []
         started = time.perf_counter()
         layers = sum(map(len, groups))
@@ -136,17 +149,22 @@ class Runner:
         costs = run_costs.run_costs(
             self.base.graph, [[nodes[t.position] for t in group] for group in groups]
         )
+        costs.append(after * sum(costs) / max(1, len(costs)))
         data = self.data
         if first is not None:
             specs = data_mod.specs_from_model(self.base)
             data = sample_batches.first_samples(data, specs, first)
-        what = "sensitivity" if first is None else f"sensitivity (first {first} samples)"
+        left = None
         for index, group in enumerate(groups, 1):
-            measured += self.measure(group, data, f"{what} {index}/{len(groups)}")
+            phase = f"{what}, run {index}/{len(groups)}"
+            if left is not None:
+                phase += f", about {_duration(left)} left"
+            measured += self.measure(group, data, phase)
             spent = time.perf_counter() - started
             left = run_costs.seconds_left(spent, costs, index)
             logger.info(
-                "%s: run %d of %d, %d of %d layers measured in %.0f s, about %.0f s left",
+                "sensitivity: %s: run %d of %d, %d of %d layers measured in %.0f s, about "
+                "%.0f s left",
                 what,
                 index,
                 len(groups),

@@ -170,6 +170,25 @@ def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
     )
 
 
+def test_a_phase_not_of_calibration_reads_as_named_and_fits_the_terminal():
+    """The statistics engine's phases, after a purpose too, read as calibration; the
+    sensitivity report's runs as they are named. Given the terminal's width, the bar narrows
+    (to 6 at least) so the line does not wrap."""
+    from onnx_shrink import console
+
+    assert console.calibration_status("sensitivity: histograms", 2, 8, width=8) == (
+        "calibrating (sensitivity: histograms) ━━────── 2/8 samples"
+    )
+    run = "sensitivity: 207 layers, run 3/26, about 41 s left"
+    assert console.calibration_status(run, 4, 8, width=8) == f"{run} ━━━━──── 4/8 samples"
+    fitted = console.calibration_status(run, 4, 8, columns=80)
+    assert len(fitted) == 80 - 3 and fitted == f"{run} {'━' * 7}{'─' * 7} 4/8 samples"
+    assert console.calibration_status(run, 4, 8, columns=40) == f"{run} ━━━─── 4/8 samples"
+    assert console.calibration_status(run, 4, 8, columns=200) == (
+        f"{run} {'━' * 12}{'─' * 12} 4/8 samples"
+    )
+
+
 def test_one_sample_is_not_said_as_samples(digits_copy, run_cli, tmp_path):
     import numpy as np
 

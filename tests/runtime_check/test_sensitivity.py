@@ -573,7 +573,7 @@ def test_combined_runs_take_one_sample_and_a_long_measurement_says_how_long(monk
     with caplog.at_level(logging.INFO, logger="onnx_shrink.runtime_check.sensitivity_runs"):
         report = sens.sensitivity(model, QuantPass(), dataset, hint=False, batch_layers=2)
     assert seen and max(seen) == 1 and sum(seen) == report.samples * report.runs
-    assert f"sensitivity: run {report.runs} of {report.runs}" in caplog.text
+    assert f"sensitivity: 7 layers: run {report.runs} of {report.runs}," in caplog.text
     warnings = [r for r in caplog.records if r.levelno == logging.WARNING]
     assert len(warnings) == 1 and "at the first run's pace" in warnings[0].getMessage()
 
@@ -618,3 +618,31 @@ def test_many_layers_on_many_samples_are_screened_then_the_worst_measured_on_all
     monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", 2)
     monkeypatch.setattr(sensitivity_runs, "SCREEN_SAMPLES", 225)
     assert layer_sensitivity(model, QuantPass(), dataset, hint=False).screened == 0
+
+
+def test_progress_names_each_run_and_counts_its_own_samples(monkeypatch):
+    """The report's progress: its calibration's phases, then each run as a phase of its own
+    ("7 layers, run 1/2"; the time left from the second run on), counting the samples that
+    run reads: the screening's first 8, then every sample for the worst again."""
+    model = _folded()
+    dataset = _dataset(model)  # 450 samples
+    monkeypatch.setattr(sensitivity_runs, "REFINED_LAYERS", 2)
+    calls = []
+
+    def progress(phase: str, done: int, total: int | None = None) -> None:
+        calls.append((phase, done, total))
+
+    layer_sensitivity(model, QuantPass(), dataset, batch_layers=4, hint=False, progress=progress)
+    runs = [call for call in calls if ", run " in call[0]]
+    phases = list(dict.fromkeys(phase for phase, _, _ in runs))
+    assert len(phases) == 3 and phases[0] == "7 layers, run 1/2"
+    assert re.fullmatch(r"7 layers, run 2/2, about \d+ s left", phases[1])
+    assert phases[2] == "2 worst again, run 1/1"
+    for phase in phases[:2]:
+        assert [(d, t) for p, d, t in runs if p == phase] == [(d, 8) for d in range(1, 9)]
+    assert [(d, t) for p, d, t in runs if p == phases[2]] == [(d, 450) for d in range(1, 451)]
+    # The calibration's, before them: the engine's phases, over the whole dataset.
+    assert calls.index(runs[0]) > 0
+    assert {(p, t) for p, _, t in calls[: calls.index(runs[0])]} <= {
+        (phase, None) for phase in collect.PHASES
+    }
