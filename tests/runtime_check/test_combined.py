@@ -136,3 +136,37 @@ def test_an_unchanged_output_listed_twice_is_echoed_once():
         names = [v.name for v in combined.graph.outputs]
         assert names == ["y", "z", "z", "y#0", "z#0", "z#0"]
         np.testing.assert_array_equal(got[4], got[1])
+
+
+def test_stream_yields_each_sample_in_order_with_two_runs_at_once(monkeypatch, tmp_path):
+    """Two runs go at once (as on two cores or more); each sample's outputs still come in
+    the data's order and equal the model's own run, and progress counts samples out of the
+    data's."""
+    from onnx_shrink.runtime_check import collect_runs, sample_batches
+    from onnx_shrink.runtime_check import data as data_mod
+
+    monkeypatch.setattr(collect_runs, "parallel_runs", lambda provider: 2)
+    overlapped, in_flight = collect_runs.overlapped_runs, []
+
+    def spied(*args, **kwargs):
+        in_flight.append(kwargs["in_flight"])
+        return overlapped(*args, **kwargs)
+
+    monkeypatch.setattr(collect_runs, "overlapped_runs", spied)
+    model = io.load(_chain())
+    x = RNG.standard_normal((10, K)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    specs = data_mod.specs_from_model(model)
+    data = sample_batches.one_sample_a_run(data_mod.prepare(specs, tmp_path / "x.npz"), specs)
+    reports = []
+    yielded = list(
+        combined_mod.stream(model, data, "cpu", lambda *report: reports.append(report), "p")
+    )
+    assert [batch.samples for batch, _ in yielded] == [1] * 10
+    expected = _run(model, x)
+    for index, (batch, outputs) in enumerate(yielded):
+        np.testing.assert_array_equal(batch.feed["x"], x[index : index + 1])
+        for name in ("y", "z"):
+            one = expected[name][index : index + 1]  # run with the others: rounding apart
+            np.testing.assert_allclose(outputs[name], one, rtol=1e-5, atol=1e-6)
+    assert reports == [("p", done, 10) for done in range(1, 11)] and in_flight == [2]
