@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import collections
 import concurrent.futures
+import contextlib
 import dataclasses
 import functools
 import logging
@@ -24,9 +25,9 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import blas_threads, sample_batches, sessions
 from onnx_shrink.runtime_check import collect_graph as cg
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check import sample_batches, sessions
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ def overlapped_runs(
     pool = concurrent.futures.ThreadPoolExecutor(max_workers=in_flight)
     pending: collections.deque[concurrent.futures.Future] = collections.deque()
     first = first_sample
-    try:
+    # numpy folds runs while onnxruntime computes: its BLAS threads would spin on their cores.
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(blas_threads.one_blas_thread())
+        stack.callback(pool.shutdown, wait=True, cancel_futures=True)
         for batch in batches:
             while len(pending) >= room(batch):
                 yield from pending.popleft().result()
@@ -119,8 +123,6 @@ def overlapped_runs(
             first += batch.samples
         while pending:
             yield from pending.popleft().result()
-    finally:
-        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def _run_joined(session, batch, extra, outputs, joining: Joining | None, first: int = 0):
