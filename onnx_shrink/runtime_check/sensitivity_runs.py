@@ -68,8 +68,8 @@ def measure_layers(
     if samples <= 2 * SCREEN_SAMPLES or len(targets) <= 2 * REFINED_LAYERS:
         measured = runner.measure_all(groups, every)
         return Measurement(sorted(measured, key=severity, reverse=True), len(groups), 0)
-    # The refined layers' runs, as screening runs (each over every sample), count in the
-    # screening's time left.
+    # The refined layers' runs still to come count in the screening's time left, each as
+    # samples / SCREEN_SAMPLES screening runs (it reads every sample, not the first few).
     after = math.ceil(REFINED_LAYERS / batch_layers) * samples / SCREEN_SAMPLES
     screened = sorted(
         runner.measure_all(groups, every, SCREEN_SAMPLES, after), key=severity, reverse=True
