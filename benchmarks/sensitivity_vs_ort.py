@@ -33,6 +33,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from unittest import mock
 
 import numpy as np
 
@@ -50,14 +51,11 @@ def ours(model: Path, npz: Path, screened: bool):
     import onnx_shrink
     from onnx_shrink.runtime_check import sensitivity_runs
 
-    shipped = sensitivity_runs.SCREEN_SAMPLES
-    sensitivity_runs.SCREEN_SAMPLES = shipped if screened else sys.maxsize // 4
-    try:
+    screen = sensitivity_runs.SCREEN_SAMPLES if screened else sys.maxsize // 4
+    with mock.patch.object(sensitivity_runs, "SCREEN_SAMPLES", screen):
         result = onnx_shrink.shrink(
             str(model), "fold,quant", data=str(npz), check=False, sensitivity=True
         )
-    finally:
-        sensitivity_runs.SCREEN_SAMPLES = shipped
     return result.sensitivity
 
 

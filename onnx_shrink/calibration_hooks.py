@@ -16,6 +16,7 @@ from onnx_shrink.runtime_check import batch_mixing, sample_batches, sessions
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 
 logger = logging.getLogger(__name__)
 
@@ -56,21 +57,18 @@ def calibration_data(
 
 
 def reporting(
-    progress: CalibrationProgress | None, total: int | None, purpose: str = ""
-) -> collect_mod.Progress | None:
+    progress: CalibrationProgress | None, samples: int | None, purpose: str = ""
+) -> progress_mod.Progress | None:
     """The engine's (phase, samples done) reports as ``progress`` takes them: with the
-    samples in all (``total``, unless the report gives the phase's own), each phase named
+    samples in all (``samples``, unless the report gives the phase's own), each phase named
     after ``purpose`` where there is one ("bias correction: statistics")."""
     if progress is None:
         return None
 
-    samples = total
-
     def report(phase: str, done: int, total: int | None = None) -> None:
-        name = f"{purpose}: {phase}" if purpose else phase
-        progress(name, done, samples if total is None else total)
+        progress(phase, done, samples if total is None else total)
 
-    return report
+    return progress_mod.named(report, purpose)
 
 
 def collect(

@@ -17,7 +17,7 @@ from rich.text import Text
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
 from onnx_shrink.compiler.stats import ModelStats
-from onnx_shrink.runtime_check import bench, check_notes, collect, op_time
+from onnx_shrink.runtime_check import bench, check_notes, op_time, progress
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
 from onnx_shrink.runtime_check.checker import CheckReport
@@ -62,10 +62,10 @@ def calibration_status(
 ) -> str:
     """The status line of a phase: a bar of samples done out of ``total``, or the count alone
     where the total is not known (a reader object) or the phase reads others. The statistics
-    engine's phases (``collect.PHASES``, after a purpose: "bias correction: statistics") read
+    engine's phases (``progress.PHASES``, after a purpose: "bias correction: statistics") read
     as calibration; others' (the sensitivity report's runs) as they are named. ``columns``:
     the terminal's width, which a narrower bar keeps the line within (down to 6)."""
-    named = phase.rsplit(": ", 1)[-1] in collect.PHASES
+    named = phase.rsplit(": ", 1)[-1] in progress.PHASES
     what = f"calibrating ({phase})" if named else phase
     if total is None or total <= 0 or done > total:
         return f"{what}: {counted(done, 'sample')}..."

@@ -14,7 +14,7 @@ from onnx_shrink.compiler import pipeline, spec
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.collect import Progress
+from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.sensitivity_report import SensitivityReport
 
 

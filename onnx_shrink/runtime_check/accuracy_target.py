@@ -36,7 +36,7 @@ from onnx_shrink.runtime_check import checker, sample_batches
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
-from onnx_shrink.runtime_check.collect import Progress
+from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.sensitivity_report import (
     HINT_LAYERS,
     SensitivityReport,

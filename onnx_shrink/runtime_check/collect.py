@@ -46,7 +46,6 @@ import contextlib
 import itertools
 import logging
 from collections.abc import Iterator, Sequence
-from typing import Protocol
 
 import numpy as np
 import onnx_ir as ir
@@ -58,21 +57,9 @@ from onnx_shrink.runtime_check import collect_graph as cg
 from onnx_shrink.runtime_check import collect_runs as runs
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sample_batches
+from onnx_shrink.runtime_check.progress import HISTOGRAMS, NONFINITE_RANGES, STATISTICS, Progress
 
 logger = logging.getLogger(__name__)
-
-
-class Progress(Protocol):
-    """Called after every run with (phase, samples done), and the phase's samples in all
-    where they are not the whole dataset's (a run over its first samples); the caller knows
-    the dataset's (``calibration_hooks.reporting``)."""
-
-    def __call__(self, phase: str, done: int, total: int | None = None) -> None: ...
-
-
-PHASES = ("statistics", "histograms", "non-finite ranges")
-"""The phases this engine reports: calibration runs (others' runs report phases of their
-own through the same callback: the sensitivity report's)."""
 
 
 RAW_KINDS = frozenset({"channel_absmax", "channel_sqnorm", "channel_sum", "gram"})
@@ -395,7 +382,7 @@ class _Pass:
                     acc.add_indices(indices, weights[request])
                 done += batch.samples
                 if self.progress is not None:
-                    self.progress("histograms", done)
+                    self.progress(HISTOGRAMS, done)
 
     def _fold(self, batch: data_mod.Batch, outputs: dict[str, np.ndarray]) -> None:
         for name, acc in self.ranges.items():
@@ -405,7 +392,7 @@ class _Pass:
             acc.add(outputs[request.tensor])
         self.samples += batch.samples
         if self.progress is not None:
-            self.progress("statistics", self.samples)
+            self.progress(STATISTICS, self.samples)
 
 
 def _in_slices(arrays: Iterator[np.ndarray], size: int) -> Iterator[np.ndarray]:
@@ -476,7 +463,7 @@ def _careful_ranges(model, tensors, samples, provider, progress):
             acc.add_reduced(low, high, outputs[cg.nonfinite_name(name)], size)
         done += batch.samples
         if progress is not None:
-            progress("non-finite ranges", done)
+            progress(NONFINITE_RANGES, done)
     return ranges
 
 

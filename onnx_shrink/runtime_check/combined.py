@@ -30,8 +30,8 @@ from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import value_types
 from onnx_shrink.runtime_check import collect_runs, sessions
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.collect import Progress
 from onnx_shrink.runtime_check.layers import FLOAT_TYPES
+from onnx_shrink.runtime_check.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def stream(
     Two runs go at once on a CPU of two cores or more, a thread each, as calibration's do
     (``collect_runs.overlapped_runs``): a combined run is the float graph and each copy's
     downstream side by side, many kernels that onnxruntime's threads share poorly within
-    one run. The sensitivity report on 32 samples: PP-OCRv4 rec 32.5 -> 21.0 s, YOLOv8n
+    one run. The sensitivity report on 32 samples: PP-OCRv4 rec 32.5 -> 20.2 s, YOLOv8n
     55.0 -> 43.7 s. A failed run raises ``RunFailedError``."""
     # Unpacked weights: a copy shares the unedited weights it reads, which prepacking would
     # copy into each of its kernels (16 copies of a 0.6 GB encoder's downstream: 5 GB).

@@ -43,7 +43,7 @@ from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sample_batches
-from onnx_shrink.runtime_check.collect import Progress
+from onnx_shrink.runtime_check.progress import Progress
 
 logger = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import sensitivity_hint as hint_mod
 from onnx_shrink.runtime_check import sensitivity_runs as runs_mod
 from onnx_shrink.runtime_check.sensitivity_hint import Target
@@ -45,7 +46,7 @@ from onnx_shrink.runtime_check.sensitivity_report import (
 
 logger = logging.getLogger(__name__)
 
-Progress = collect_mod.Progress
+Progress = progress_mod.Progress
 
 
 def sensitivity(
@@ -159,23 +160,13 @@ def _hint_effect(
         return None
     whole = dataclasses.replace(quant, bias_correction=False)
     worst, sizes = [], []
+    hint_progress = progress_mod.named(progress, "the hint")
     for config in (whole, dataclasses.replace(whole, exclude=patterns)):
-        error, size = _worst_error(base, config, whole, stats, data, provider, _hint(progress))
+        error, size = _worst_error(base, config, whole, stats, data, provider, hint_progress)
         worst.append(error)
         sizes.append(size)
     kept = len(patterns) - len(report.excluded)
     return HintEffect(kept, worst[0], worst[1], quant.bias_correction, *sizes)
-
-
-def _hint(progress: Progress | None) -> Progress | None:
-    """``progress`` with the hint's phases named so ("the hint: statistics")."""
-    if progress is None:
-        return None
-
-    def report(phase: str, done: int, total: int | None = None) -> None:
-        progress(f"the hint: {phase}", done, total)
-
-    return report
 
 
 @contextlib.contextmanager
@@ -318,7 +309,7 @@ def before_quant(
     collector: pipeline.Collector,
     dataset: data_mod.Dataset,
     provider: str,
-    progress: collect_mod.Progress | None,
+    progress: Progress | None,
 ) -> SensitivityReport:
     """``shrink``'s report: the sensitivity of the first quant pass of ``pass_list``, on the
     model as it was before it: the passes before it (deterministic; those rolled back, as

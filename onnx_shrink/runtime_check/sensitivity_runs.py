@@ -26,9 +26,9 @@ import onnx_ir as ir
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import collect as collect_mod
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import run_costs, sample_batches
 from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
 from onnx_shrink.runtime_check.sensitivity_hint import Target
@@ -121,7 +121,7 @@ class Runner:
         stats: Statistics,
         data: data_mod.Dataset,
         provider: str,
-        progress: collect_mod.Progress | None,
+        progress: progress_mod.Progress | None,
     ) -> None:
         self.base, self.quant, self.stats, self.data = base, quant, stats, data
         self.provider, self.progress = provider, progress

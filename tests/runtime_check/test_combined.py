@@ -11,7 +11,9 @@ import onnx_ir as ir
 import pytest
 
 from onnx_shrink.compiler import io
+from onnx_shrink.runtime_check import collect_runs, sample_batches
 from onnx_shrink.runtime_check import combined as combined_mod
+from onnx_shrink.runtime_check import data as data_mod
 from tests.helpers import make_model, run_ort
 
 RNG = np.random.default_rng(5)
@@ -142,9 +144,6 @@ def test_stream_yields_each_sample_in_order_with_two_runs_at_once(monkeypatch, t
     """Two runs go at once (as on two cores or more); each sample's outputs still come in
     the data's order and equal the model's own run, and progress counts samples out of the
     data's."""
-    from onnx_shrink.runtime_check import collect_runs, sample_batches
-    from onnx_shrink.runtime_check import data as data_mod
-
     monkeypatch.setattr(collect_runs, "parallel_runs", lambda provider: 2)
     overlapped, in_flight = collect_runs.overlapped_runs, []
 

@@ -22,8 +22,14 @@ from onnx_shrink.console import sensitivity_lines
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import placement, value_types
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import checker, collect, layer_sensitivity, sensitivity_runs
+from onnx_shrink.runtime_check import (
+    checker,
+    collect,
+    layer_sensitivity,
+    sensitivity_runs,
+)
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import sensitivity as sens
 from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity, SensitivityReport
 from onnx_shrink.wording import human_bytes
@@ -644,5 +650,5 @@ def test_progress_names_each_run_and_counts_its_own_samples(monkeypatch):
     # The calibration's, before them: the engine's phases, over the whole dataset.
     assert calls.index(runs[0]) > 0
     assert {(p, t) for p, _, t in calls[: calls.index(runs[0])]} <= {
-        (phase, None) for phase in collect.PHASES
+        (phase, None) for phase in progress_mod.PHASES
     }

@@ -9,6 +9,7 @@ from typing import Literal
 
 from onnx_shrink.compiler.options import check_options, option
 from onnx_shrink.compiler.statistics import HistogramAccumulator
+from onnx_shrink.passes.quant import stem
 
 
 @dataclasses.dataclass(frozen=True)
@@ -121,9 +122,9 @@ class StaticOptions:
     )
     float_stem: bool = option(
         True,
-        "keep an image model's stem float: the Convs from the input up to the first with 32 "
-        "or more multiply-adds per output value, where int8 saves less than quantizing and "
-        "reordering the input costs",
+        "keep an image model's stem float: the Convs from the input up to the first with "
+        f"{stem.STEM_MACS} or more multiply-adds per output value, where int8 saves less than "
+        "quantizing and reordering the input costs",
     )
     dead_zones: bool = option(
         True,

@@ -34,13 +34,13 @@ import math
 
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant import log_cone
+from onnx_shrink.passes.quant import log_cone, quantized_already
 
 STEM_MACS = 32
 """A stem Conv takes fewer multiply-adds than this per output value."""
-WEIGHTED_LAYERS = log_cone.WEIGHTED_LAYERS | {"ConvInteger", "MatMulInteger"}
+WEIGHTED_LAYERS = log_cone.WEIGHTED_LAYERS | quantized_already.INTEGER_KERNELS
 """Layers past which nothing is the stem (a stem Conv excepted): the float ones ``log_cone``
-counts, and their integer forms."""
+counts, and the integer kernels."""
 CONVERSIONS = frozenset({"QuantizeLinear", "DequantizeLinear", "DynamicQuantizeLinear"})
 MAX_VISITED = 256
 
