@@ -132,9 +132,9 @@ class LowRankPass(DataAwarePass):
        projections), and a budget spent on those in-sample errors cuts exactly the layers
        that overfit most.
        The measurements take about ``probe_seconds`` at most (projected from the first
-       runs): past it, the layers not yet measured keep the middle rank of their grid (at
-       least), then its ends, and the curves are rescaled through the points measured, with
-       a warning.
+       runs, each layer's weighted by the nodes downstream of it): past it, the layers not
+       yet measured keep the middle rank of their grid (at least), then its ends, and the
+       curves are rescaled through the points measured, with a warning.
     4. ``activation_aware`` whitens by the Cholesky factor of each input's Gram matrix XᵀX
        (1x1 Conv: its diagonal, per-channel energies, as ASVD scales), so σ measure output
        error; without it (or without statistics for a layer) plain SVD of W. ``refit``

@@ -154,6 +154,22 @@ def build(
     return combined
 
 
+def copy_sizes(base: ir.Model, anchors: Sequence[Sequence[str]]) -> list[int]:
+    """How many nodes of ``base`` the copy ``build`` makes for each edit holds, by the edit's
+    anchors: those downstream of them, or the whole graph (no anchors, or a cut that cannot
+    be made). What a copy costs to build, load and run grows with it: on PP-OCRv4 rec a copy
+    of its first layer holds 700 nodes, one of its last 4."""
+    downstream = _Downstream(base)
+    whole = len(base.graph)
+    sizes: dict[tuple[str, ...], int] = {}
+    for names in anchors:
+        key = tuple(names)
+        if key not in sizes:
+            cone = downstream.cone(names) if names else None
+            sizes[key] = whole if cone is None else len(cone)
+    return [sizes[tuple(names)] for names in anchors]
+
+
 def stream(
     combined: ir.Model,
     data: data_mod.Dataset,
@@ -274,7 +290,7 @@ class _Downstream:
 
     def _view(self, names: Sequence[str]) -> ir.GraphView | None:
         """The nodes ``names`` and downstream as a view to clone; None: copy it whole."""
-        cone = self._cone(names)
+        cone = self.cone(names)
         if cone is None:
             return None
         graph = self.model.graph
@@ -292,7 +308,7 @@ class _Downstream:
             opset_imports=dict(graph.opset_imports),
         )
 
-    def _cone(self, names: Sequence[str]) -> list[ir.Node] | None:
+    def cone(self, names: Sequence[str]) -> list[ir.Node] | None:
         """The nodes ``names`` and those downstream of them, in graph order; None when the
         copy must be whole."""
         edited = [self.by_name.get(name) for name in names]

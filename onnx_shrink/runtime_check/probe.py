@@ -91,9 +91,10 @@ def measure(
 
     Probes are measured in the order given (a pass keeps a layer's together: it factorizes
     once for them). Where ``budget`` cannot cover them all (projected from the first list's
-    runs), the rest of the list keeps the probes of the lowest ``Probe.priority`` values that
-    fit (those of priority 0 at least); later lists measure the same probes, the others are
-    left out of the result, and a warning names the option.
+    runs, each probe weighted by the nodes its copy runs), the rest of the list keeps the
+    probes of the lowest ``Probe.priority`` values that fit (those of priority 0 at least);
+    later lists measure the same probes, the others are left out of the result, and a
+    warning names the option.
 
     Raises:
         ShrinkError: two probes share a key, or the model has no float output it computes.
@@ -117,14 +118,16 @@ def measure(
             logger.info("probe: under %d samples; remade edits are measured in sample", folds)
             held_out = []
         held_keys = {p.key for p in held_out}
+        weights = _weights(base, probes, batch)
         # Edits are made as their combined model is built: a block's remade edits all at once
         # would hold every layer's factors at every probed rank (GBs on a 0.6 GB encoder).
         in_sample = [
-            _Edit(p.key, _made(p.edit), p.nodes, p.priority)
+            _Edit(p.key, _made(p.edit), p.nodes, p.priority, weights[p.key])
             for p in probes
             if p.key not in held_keys
         ]
-        clock = _Clock(budget, len(in_sample) + len(held_out) * len(blocks))
+        held_weight = sum(weights[p.key] for p in held_out)
+        clock = _Clock(budget, sum(e.weight for e in in_sample) + held_weight * len(blocks))
         _measure_edits(setting, in_sample, data, "output error trials", sums, clock)
         requests = list(dict.fromkeys(r for p in held_out for r in p.requests))
         for index, (fitted, tested) in enumerate(blocks, 1):
@@ -132,7 +135,9 @@ def measure(
                 model, requests, fitted, provider=provider, progress=progress
             )
             edits = [
-                _Edit(p.key, functools.partial(p.remade, stats), p.nodes, p.priority)
+                _Edit(
+                    p.key, functools.partial(p.remade, stats), p.nodes, p.priority, weights[p.key]
+                )
                 for p in held_out
             ]
             _measure_edits(
@@ -152,17 +157,32 @@ class _Edit:
     make: Callable[[], Edit]
     nodes: tuple[str, ...]
     priority: int
+    weight: float
+    """What measuring it costs, in nodes run (``_weights``)."""
+
+
+def _weights(base: ir.Model, probes: Sequence[Probe], batch: int) -> dict[str, float]:
+    """Each probe's share of the runs that measure it, in nodes: its copy's (``nodes``
+    downstream of what it edits, ``combined.copy_sizes``) and a ``batch``-th of the unedited
+    graph that runs beside every ``batch`` copies. Projected by count instead, PP-OCRv4 rec's
+    trials read 2.3x their time after the first run: its first layers' copies hold the whole
+    model, its last ones' a few nodes."""
+    sizes = combined_mod.copy_sizes(base, [p.nodes for p in probes])
+    unedited = len(base.graph) / batch
+    return {p.key: size + unedited for p, size in zip(probes, sizes, strict=True)}
 
 
 class _Clock:
     """The probes' time against their budget. Each list of edits (in sample, or a held-out
-    block's) gets the budget's share of its size. The first time a list of probes is
-    measured, the edits that share allows are projected after each run from the runs so far;
-    past it, the rest of the list keeps the lowest priorities that fit (priority 0 at least).
-    A list of the same probes measured again (the next held-out block) measures exactly the
-    ones measured the first time, cut or not: every probe's error covers every block."""
+    block's) gets the budget's share of its weight (``_Edit.weight``). The first time a list
+    of probes is measured, the weight that share allows is projected after each run from
+    the seconds per weight of the runs so far; past it, the rest of the list keeps the
+    lowest priorities that fit (priority 0 at least). A list of the same probes measured
+    again (the next held-out block) measures exactly the ones measured the first time, cut
+    or not: every probe's error covers every block."""
 
-    def __init__(self, budget: ProbeBudget | None, total: int) -> None:
+    def __init__(self, budget: ProbeBudget | None, total: float) -> None:
+        """``total``: the weight of every list to be measured."""
         self.budget, self.total = budget, total
         self.done = self.runs = 0
         self.decided: dict[tuple[str, ...], set[str]] = {}  # list's probes -> those measured
@@ -178,20 +198,21 @@ class _Clock:
         self.cutting = kept is None and self.budget is not None
         return list(edits) if kept is None else [edit for edit in edits if edit.key in kept]
 
-    def rest(self, rest: list[_Edit], measured: int) -> list[_Edit]:
-        """The list's edits after its first ``measured``, cut to what the budget allows."""
+    def rest(self, rest: list[_Edit], measured: Sequence[_Edit]) -> list[_Edit]:
+        """The list's edits after those ``measured``, cut to what the budget allows."""
         if not self.cutting or not rest or self.budget is None:
             return rest
-        rate = (time.perf_counter() - self.list_started) / measured
-        count = measured + len(rest)
-        allowed = int(self.budget.seconds * count / max(self.total, 1) / max(rate, 1e-9))
-        if allowed >= count:
+        done = sum(edit.weight for edit in measured)
+        rate = (time.perf_counter() - self.list_started) / max(done, 1e-9)  # s per weight
+        whole = done + sum(edit.weight for edit in rest)
+        allowed = self.budget.seconds * whole / max(self.total, 1e-9) / max(rate, 1e-12)
+        if allowed >= whole:
             return rest
         self.cutting, self.cut = False, True
         self.projected = max(self.projected, rate * self.total)
         threshold = 1  # priority 0 at least
         for tier in sorted({edit.priority for edit in rest}):
-            if sum(edit.priority <= tier for edit in rest) <= allowed - measured:
+            if sum(edit.weight for edit in rest if edit.priority <= tier) <= allowed - done:
                 threshold = max(threshold, tier + 1)
         return [edit for edit in rest if edit.priority < threshold]
 
@@ -278,7 +299,7 @@ def _measure_edits(
                 sums[edit.key] = _Sums(row, ref.copy())
         done += len(group)
         clock.ran(len(group))
-        pending = pending[:done] + clock.rest(pending[done:], done)
+        pending = pending[:done] + clock.rest(pending[done:], pending[:done])
     clock.finished(edits, pending)
 
 

@@ -88,6 +88,9 @@ def test_a_downstream_copy_holds_the_edited_nodes_and_what_follows_them():
     combined_mod.build(base, [edit, edit], [0, 1], "#", "test", [("mm",), ("nowhere",)])
     # Named: the MatMul and the LeakyRelu after it; a name the graph lacks: the whole model.
     assert seen == [["mm", "leaky"], ["relu", "sigmoid", "mm", "leaky"]]
+    # What the probes' time budget weighs each copy by: the nodes it holds.
+    sizes = combined_mod.copy_sizes(base, [("mm",), ("nowhere",), (), ("leaky",)])
+    assert sizes == [len(seen[0]), len(seen[1]), 4, 1]
 
 
 def test_a_subgraph_downstream_of_the_edit_takes_the_whole_copy():

@@ -4,6 +4,8 @@ the other."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import onnx
 import onnx.helper as oh
@@ -209,7 +211,7 @@ def _fake_run(monkeypatch, seconds_per_edit: dict[str, float]):
 
 
 def _edits(prefix: str, count: int):
-    return [probe_mod._Edit(f"{prefix}{i}", lambda: None, (), i % 3) for i in range(count)]
+    return [probe_mod._Edit(f"{prefix}{i}", lambda: None, (), i % 3, 1.0) for i in range(count)]
 
 
 def test_a_cut_list_leaves_other_lists_alone_and_blocks_measure_the_same(monkeypatch):
@@ -235,6 +237,40 @@ def test_a_cut_list_leaves_other_lists_alone_and_blocks_measure_the_same(monkeyp
         cost["now"] = seconds
         probe_mod._measure_edits(setting, _edits("held", 12), None, "block", sums, clock)
     assert len(sums) == 12 and all(v.ref[0] == 2.0 for v in sums.values())
+
+
+def test_the_budget_projects_by_what_each_copy_runs_not_by_count(monkeypatch):
+    # Found on PP-OCRv4 rec: copies of its first layers hold the whole model, those of its
+    # last ones a few nodes, so its first run read 2.3x the trials' time, and a machine 1.4x
+    # slower cut trials that would have fitted. Here the first four edits take 10 s each,
+    # the other eight 1 s: 48 s in all, inside a 60 s budget; projected by count, the first
+    # run's 40 s for four edits read 120 s.
+    now = [0.0]
+    monkeypatch.setattr(probe_mod.time, "perf_counter", lambda: now[0])
+
+    def build(base, edits, outputs, sep, who, anchors):  # a run takes its copies' seconds
+        now[0] += sum(10.0 if names == ("first",) else 1.0 for names in anchors)
+
+    monkeypatch.setattr(probe_mod.combined_mod, "build", build)
+    monkeypatch.setattr(
+        probe_mod, "_stream", lambda combined, count, *rest: (np.ones((count, 1)), np.ones(1))
+    )
+    setting = probe_mod._Setting(None, [0], "#", "cpu", 4, None)
+    edits = [
+        probe_mod._Edit(f"e{i}", lambda: None, ("first",) if i < 4 else ("last",), i % 3, 1.0)
+        for i in range(12)
+    ]
+    weighted = [dataclasses.replace(e, weight=10.0) if i < 4 else e for i, e in enumerate(edits)]
+    budget = ProbeBudget(60.0, "lowrank.probe_seconds")
+    sums = {}
+    clock = probe_mod._Clock(budget, sum(e.weight for e in weighted))
+    probe_mod._measure_edits(setting, weighted, None, "probe", sums, clock)
+    assert len(sums) == 12 and not clock.cut and now[0] == 48.0
+    # Weighted alike, as by count before, the same runs cut the list after the first one.
+    sums = {}
+    clock = probe_mod._Clock(budget, len(edits))
+    probe_mod._measure_edits(setting, edits, None, "probe", sums, clock)
+    assert len(sums) < 12 and clock.cut
 
 
 def test_an_output_the_model_leaves_nan_counts_only_where_the_reference_is_finite(tmp_path):
