@@ -36,6 +36,7 @@ from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check import sessions, shapes
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, Tolerances
+from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.warning_records import recorded
 
 logger = logging.getLogger(__name__)
@@ -182,7 +183,9 @@ def shrink(
             all or None where the data does not say: a reader object's); also as the
             sensitivity report and the measured searches run, each run its own phase
             ("sensitivity: 207 layers, run 3/26, about 41 s left") counting the samples it
-            reads.
+            reads, and as the check runs (``progress.CHECK_OUTPUTS``: samples compared;
+            ``CHECK_LATENCY``: pairs timed, of those the time budget allows; the others
+            once, with 0 and None, as they start).
         sensitivity: with a quant pass in the pipeline, also measure each quantized layer's
             output error alone on the calibration data (``ShrinkResult.sensitivity``).
 
@@ -264,7 +267,10 @@ def shrink(
         if options is not None:
             _warn_in_sample(result.steps, pass_list, calibration, options.data)
             try:
-                report = _check_candidate(reference, candidate, dataset, options, output_path)
+                progress = calibration_hooks.reporting(on_calibration, None)
+                report = _check_candidate(
+                    reference, candidate, dataset, options, output_path, progress
+                )
             except (RunFailedError, DataError) as e:
                 e.model = result.model  # the unchecked result, kept where no file holds it
                 # What was gained is known: the CLI still prints it and writes the reports.
@@ -407,6 +413,7 @@ def _check_candidate(
     dataset: data_mod.Dataset,
     options: CheckOptions,
     output_path: Path | None,
+    progress: Progress | None,
 ) -> check_mod.CheckReport:
     """The check of the result against the input; a run that fails says where the (saved,
     unchecked) result is."""
@@ -422,6 +429,7 @@ def _check_candidate(
             layers=options.layers,
             latency_runs=options.latency_runs,
             latency_seconds=options.latency_seconds,
+            progress=progress,
         )
     except (RunFailedError, DataError) as e:  # DataError: a later sample that does not fit
         if output_path is None:

@@ -160,7 +160,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             input_shapes=options.input_shapes,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
             on_calibration=lambda phase, done, total: status.update(
-                console.calibration_status(phase, done, total, columns=out.width)
+                console.phase_status(phase, done, total, columns=out.width)
             ),
             sensitivity=args.sensitivity,
         )
@@ -212,7 +212,7 @@ def _at_least(low: int, **counts: int | None) -> None:
 
 def _run_check(args: argparse.Namespace, out: Console) -> int:
     _at_least(0, runs=args.runs)  # 0: no latency
-    with out.status("checking..."):
+    with out.status("checking...") as status:
         result = checker.check(
             args.reference,
             args.candidate,
@@ -223,6 +223,9 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             provider=args.ep,
             layers=args.layers,
             **_latency(args),
+            progress=lambda phase, done, total=None: status.update(
+                console.phase_status(phase, done, total, columns=out.width)
+            ),
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))

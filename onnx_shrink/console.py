@@ -57,19 +57,24 @@ def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
     return f"{fmt(before)} → {fmt(after)}" + (f" ({change:+.0%})" if change is not None else "")
 
 
-def calibration_status(
+def phase_status(
     phase: str, done: int, total: int | None, width: int = 24, columns: int | None = None
 ) -> str:
-    """The status line of a phase: a bar of samples done out of ``total``, or the count alone
-    where the total is not known (a reader object) or the phase reads others. The statistics
-    engine's phases (``progress.PHASES``, after a purpose: "bias correction: statistics") read
-    as calibration; others' (the sensitivity report's runs) as they are named. ``columns``:
-    the terminal's width, which a narrower bar keeps the line within (down to 6)."""
+    """The status line of a phase: a bar of samples (or what the phase counts:
+    ``progress.counts``) done out of ``total``, or the count alone where the total is not
+    known (a reader object) or the phase reads others. The statistics engine's phases
+    (``progress.PHASES``, after a purpose: "bias correction: statistics") read as
+    calibration; others' (the sensitivity report's runs, the check's) as they are named.
+    ``columns``: the terminal's width, which a narrower bar keeps the line within (down to
+    6)."""
     named = phase.rsplit(": ", 1)[-1] in progress.PHASES
     what = f"calibrating ({phase})" if named else phase
+    unit = progress.counts(phase)
+    if not unit:
+        return f"{what}..."
     if total is None or total <= 0 or done > total:
-        return f"{what}: {counted(done, 'sample')}..."
-    count = f"{done}/{total} samples"
+        return f"{what}: {counted(done, unit)}..."
+    count = f"{done}/{total} {unit}s"
     if columns is not None:  # the spinner and the spaces take 4, and a column is spare
         width = max(6, min(width, columns - len(what) - len(count) - 5))
     filled = round(width * done / total)

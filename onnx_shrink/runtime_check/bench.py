@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import math
 import os
 import resource
 import statistics
@@ -176,6 +177,7 @@ def compare_latency(
     batch: int = 1,
     threads: int | None = None,
     max_seconds: float | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> LatencyComparison:
     """Time both sessions in ``runs`` pairs after ``warmup`` runs of each, on ``feed`` fitted
     to each session's inputs (``sessions.fitted_feed``: a candidate may take float16); the
@@ -194,7 +196,8 @@ def compare_latency(
     ``max_seconds`` (None: no limit) bounds the timing on slow runs: the warm-up stops once it
     took a quarter of it (after one pair), the timed pairs once they took all of it, settling
     runs included (after ``MIN_TIMED_PAIRS``, or ``runs`` if fewer). The stats say how many
-    runs were timed."""
+    runs were timed. ``progress`` gets (pairs timed, pairs it will time as projected from the
+    budget and the pairs so far) after each pair."""
     cand_feed = sessions.fitted_feed(candidate, feed)
     feed = sessions.fitted_feed(reference, feed)
     spent = 0.0
@@ -212,6 +215,8 @@ def compare_latency(
             times.append(time_run(session, inputs))
             timed += settling + times[-1]
         over = max_seconds is not None and timed >= max_seconds
+        if progress is not None:
+            progress(i + 1, _pairs_expected(i + 1, runs, timed, max_seconds, over))
         if over and i + 1 >= MIN_TIMED_PAIRS and i + 1 < runs:
             logger.info(
                 "latency: %d of %d runs of each model timed: they took %.0f s, past the %.0f s "
@@ -231,6 +236,18 @@ def compare_latency(
         slower_share=sum(c > r for r, c in zip(ref_times, cand_times, strict=True))
         / max(len(ratios), 1),
     )
+
+
+def _pairs_expected(
+    done: int, runs: int, seconds: float, max_seconds: float | None, over: bool
+) -> int:
+    """The pairs ``compare_latency`` will time, ``done`` of them having taken ``seconds``."""
+    if max_seconds is None or done >= runs:
+        return runs
+    if over:
+        return max(done, min(runs, MIN_TIMED_PAIRS))
+    fit = math.ceil(max_seconds * done / max(seconds, 1e-9))  # the pair past it is timed
+    return max(done + 1, min(runs, max(MIN_TIMED_PAIRS, fit)))
 
 
 def resize_batch(

@@ -38,7 +38,9 @@ from onnx_shrink.runtime_check import compare as compare_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check import layers as layers_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
 
 logger = logging.getLogger(__name__)
@@ -222,9 +224,12 @@ def compare(
     return _numeric(pair, tolerances)[0]
 
 
-def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_mod.Batch]:
+def _numeric(
+    pair: _Pair, tolerances: Tolerances, progress: Progress | None = None
+) -> tuple[NumericReport, data_mod.Batch]:
     """The numeric comparison, and the first batch it ran (one sample where the data's
-    batch could not run joined): the latency is timed on it."""
+    batch could not run joined): the latency is timed on it. ``progress`` hears of the
+    samples compared after each batch."""
     dataset = pair.dataset
     first: list[data_mod.Batch] = []
     names = [v.name for v in pair.ref.model.graph.outputs]  # not the If conditions read
@@ -246,6 +251,8 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
         )
 
     unfit = data_mod.unfit_hint(dataset)
+    if progress is not None:
+        progress(progress_mod.CHECK_OUTPUTS, 0, dataset.samples)
 
     def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
         outputs = names + conditions
@@ -269,6 +276,8 @@ def _numeric(pair: _Pair, tolerances: Tolerances) -> tuple[NumericReport, data_m
             if watch is not None:
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}
+            if progress is not None:
+                progress(progress_mod.CHECK_OUTPUTS, samples, dataset.samples)
             yield ref_out, cand_out, batch.labels
 
     report = compare_mod.compare_batches(
@@ -325,37 +334,44 @@ def check(
     layers: bool = False,
     latency_runs: int = 30,
     latency_seconds: float | None = LATENCY_SECONDS,
+    progress: Progress | None = None,
 ) -> CheckReport:
     """Numerics, optional per-layer localization, alternate-run latency and sizes.
 
     The latency times ``latency_runs`` pairs, fewer (at least ``bench.MIN_TIMED_PAIRS``)
-    where they take more than ``latency_seconds`` (None: no limit)."""
+    where they take more than ``latency_seconds`` (None: no limit). ``progress`` hears of
+    each phase (``progress.CHECK_OUTPUTS``: samples compared; ``CHECK_LATENCY``: pairs
+    timed; the others once, as they start)."""
     started = time.perf_counter()
+    report = progress or (lambda phase, done, total=None: None)
     with contextlib.ExitStack() as stack:
+        report(progress_mod.CHECK_LOAD, 0)
         pair = _open(reference, candidate, data, labels, input_shapes, provider)
         if layers:  # read twice: a one-shot reader is spilled as the numerics read it
             pair = dataclasses.replace(pair, dataset=data_mod.replayable(pair.dataset, stack))
-        numeric, timed = _numeric(pair, tolerances)
+        numeric, timed = _numeric(pair, tolerances, report)
         layer_report = None
         if layers:
+            report(progress_mod.CHECK_LAYERS, 0)
             layer_report = layers_mod.localize(
                 pair.ref.model, pair.cand.model, pair.dataset, pair.specs, provider=provider
             )
     ref, cand = pair.ref, pair.cand
     latency, time_by_op = None, None
     if latency_runs > 0:
-        feed = timed.feed
         latency = bench.compare_latency(
             pair.ref_session,
             pair.cand_session,
-            feed,
+            timed.feed,
             runs=latency_runs,
             batch=timed.samples,
             max_seconds=latency_seconds,
+            progress=lambda done, total: report(progress_mod.CHECK_LATENCY, done, total),
         )
         if latency.slower:
             del pair  # its sessions: the profile opens its own, with the profiler on
-            time_by_op = _profile(ref, cand, feed, provider, latency)
+            report(progress_mod.CHECK_PROFILE, 0)
+            time_by_op = _profile(ref, cand, timed.feed, provider, latency)
     return CheckReport(
         reference=ref.label,
         candidate=cand.label,

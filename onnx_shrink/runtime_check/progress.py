@@ -1,5 +1,5 @@
-"""Progress reports of runs over data: what the statistics engine, the sensitivity report and
-lowrank's output-error trials tell their caller after each run (``shrink``'s
+"""Progress reports of runs over data: what the statistics engine, the sensitivity report,
+lowrank's output-error trials and the check tell their caller after each run (``shrink``'s
 ``on_calibration`` gets them, through ``calibration_hooks.reporting``)."""
 
 from __future__ import annotations
@@ -19,6 +19,21 @@ STATISTICS, HISTOGRAMS, NONFINITE_RANGES = "statistics", "histograms", "non-fini
 PHASES = (STATISTICS, HISTOGRAMS, NONFINITE_RANGES)
 """The statistics engine's phases: calibration runs (others' runs report phases of their
 own through the same callback: the sensitivity report's)."""
+
+CHECK_LOAD, CHECK_OUTPUTS = "check: loading both models", "check: outputs"
+CHECK_LAYERS = "check: where the error starts"
+CHECK_LATENCY, CHECK_PROFILE = "check: latency", "check: where the time goes"
+"""The check's phases: opening both models' sessions, its comparison's runs, the layer
+localization (``--layers``), the timed pairs and the profile of a slower candidate."""
+
+COUNTS = {CHECK_LOAD: "", CHECK_LATENCY: "pair", CHECK_LAYERS: "", CHECK_PROFILE: ""}
+"""What a phase counts where it is not samples ("": nothing, a phase reported once as it
+starts)."""
+
+
+def counts(phase: str) -> str:
+    """What ``phase``'s done and total count: "sample", "pair", or "" (nothing)."""
+    return COUNTS.get(phase, "sample")
 
 
 def named(progress: Progress | None, purpose: str) -> Progress | None:

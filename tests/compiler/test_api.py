@@ -327,3 +327,23 @@ def test_a_caller_who_set_up_no_logging_still_sees_the_warnings(monkeypatch, cap
     result = onnx_shrink.shrink(_conv_norm(), "quant", check=False, calibration=CALIBRATION)
     assert result.warnings
     assert "BatchNormalization node(s) after quantized Convs" in capsys.readouterr().err
+
+
+def test_progress_goes_on_through_the_check():
+    """The status line read "calibrating (statistics) 32/32 samples" through PP-OCRv4 rec's
+    36 s check: ``on_calibration`` hears of the check's phases too, after calibration's."""
+    from onnx_shrink.runtime_check import progress
+
+    reports = []
+    onnx_shrink.shrink(
+        digits.MODEL_PATH,
+        "fold,quant",
+        data={"image": digits_images(20)},
+        check=onnx_shrink.CheckOptions(latency_runs=3, latency_seconds=None),
+        on_calibration=lambda phase, done, total: reports.append((phase, done, total)),
+    )
+    phases = list(dict.fromkeys(phase for phase, _, _ in reports))
+    check = [progress.CHECK_LOAD, progress.CHECK_OUTPUTS, progress.CHECK_LATENCY]
+    assert phases[-3:] == check and progress.STATISTICS in phases[:-3]
+    last = {phase: (done, total) for phase, done, total in reports}
+    assert last[progress.CHECK_OUTPUTS] == (20, 20) and last[progress.CHECK_LATENCY] == (3, 3)

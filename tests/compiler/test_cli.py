@@ -157,17 +157,13 @@ def test_a_missing_calibration_file_is_the_only_line_and_nothing_is_done(digits_
     assert not out.exists()
 
 
-def test_calibration_status_is_a_bar_of_samples_where_the_total_is_known():
+def test_phase_status_is_a_bar_of_samples_where_the_total_is_known():
     from onnx_shrink import console
 
-    bar = console.calibration_status("statistics", 8, 32, width=8)
+    bar = console.phase_status("statistics", 8, 32, width=8)
     assert bar == "calibrating (statistics) ━━────── 8/32 samples"
-    assert console.calibration_status("statistics", 5, None) == (
-        "calibrating (statistics): 5 samples..."
-    )
-    assert console.calibration_status("statistics", 1, None) == (
-        "calibrating (statistics): 1 sample..."
-    )
+    assert console.phase_status("statistics", 5, None) == ("calibrating (statistics): 5 samples...")
+    assert console.phase_status("statistics", 1, None) == ("calibrating (statistics): 1 sample...")
 
 
 def test_a_phase_not_of_calibration_reads_as_named_and_fits_the_terminal():
@@ -176,16 +172,34 @@ def test_a_phase_not_of_calibration_reads_as_named_and_fits_the_terminal():
     (to 6 at least) so the line does not wrap."""
     from onnx_shrink import console
 
-    assert console.calibration_status("sensitivity: histograms", 2, 8, width=8) == (
+    assert console.phase_status("sensitivity: histograms", 2, 8, width=8) == (
         "calibrating (sensitivity: histograms) ━━────── 2/8 samples"
     )
     run = "sensitivity: 207 layers, run 3/26, about 41 s left"
-    assert console.calibration_status(run, 4, 8, width=8) == f"{run} ━━━━──── 4/8 samples"
-    fitted = console.calibration_status(run, 4, 8, columns=80)
+    assert console.phase_status(run, 4, 8, width=8) == f"{run} ━━━━──── 4/8 samples"
+    fitted = console.phase_status(run, 4, 8, columns=80)
     assert len(fitted) == 80 - 3 and fitted == f"{run} {'━' * 7}{'─' * 7} 4/8 samples"
-    assert console.calibration_status(run, 4, 8, columns=40) == f"{run} ━━━─── 4/8 samples"
-    assert console.calibration_status(run, 4, 8, columns=200) == (
+    assert console.phase_status(run, 4, 8, columns=40) == f"{run} ━━━─── 4/8 samples"
+    assert console.phase_status(run, 4, 8, columns=200) == (
         f"{run} {'━' * 12}{'─' * 12} 4/8 samples"
+    )
+
+
+def test_the_checks_phases_count_what_they_run():
+    """Found from a user's seat: the check of PP-OCRv4 rec (36 s of compared samples and
+    timed pairs) showed "calibrating (statistics) 32/32 samples" all along."""
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check import progress
+
+    assert console.phase_status(progress.CHECK_OUTPUTS, 3, 32, width=8) == (
+        "check: outputs ━─────── 3/32 samples"
+    )
+    assert console.phase_status(progress.CHECK_LATENCY, 9, 18, width=8) == (
+        "check: latency ━━━━──── 9/18 pairs"
+    )
+    assert console.phase_status(progress.CHECK_LOAD, 0, None) == "check: loading both models..."
+    assert console.phase_status(progress.CHECK_PROFILE, 0, None) == (
+        "check: where the time goes..."
     )
 
 

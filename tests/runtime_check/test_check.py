@@ -14,6 +14,7 @@ from models.perturb import perturbed_copy
 from onnx_shrink import console
 from onnx_shrink.errors import CandidateFailedError, RunFailedError
 from onnx_shrink.runtime_check import declared_outputs, sessions
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
 from onnx_shrink.runtime_check.compare import Tolerances
@@ -404,6 +405,29 @@ def test_the_latency_stops_at_its_budget_after_the_fewest_pairs_and_not_without_
     assert str(console.speed_table(every).columns[3]._cells[0]).endswith("x paired")
     fewer = check(digits.MODEL_PATH, digits.MODEL_PATH, DATA, latency_runs=3, latency_seconds=0)
     assert fewer.latency.reference.runs == 3  # fewer asked than the fewest: what was asked
+
+
+def test_the_check_reports_each_phase_as_it_runs():
+    reports = []
+    check(
+        digits.MODEL_PATH,
+        digits.MODEL_PATH,
+        DATA,
+        layers=True,
+        latency_runs=6,
+        latency_seconds=None,
+        progress=lambda phase, done, total=None: reports.append((phase, done, total)),
+    )
+    phases = list(dict.fromkeys(phase for phase, _, _ in reports))
+    assert phases == [
+        progress_mod.CHECK_LOAD,
+        progress_mod.CHECK_OUTPUTS,
+        progress_mod.CHECK_LAYERS,
+        progress_mod.CHECK_LATENCY,
+    ]
+    outputs = [(done, total) for phase, done, total in reports if phase == phases[1]]
+    assert outputs[0] == (0, 450) and outputs[-1] == (450, 450) and len(outputs) > 2
+    assert [r[1:] for r in reports if r[0] == phases[3]] == [(i, 6) for i in range(1, 7)]
 
 
 def test_the_checks_sessions_stop_spinning_between_the_turns_they_take(monkeypatch):

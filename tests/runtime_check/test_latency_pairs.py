@@ -7,6 +7,8 @@ time, times ``SWITCH_PENALTY`` when the other session ran last. No wall-clock ti
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 
 from onnx_shrink.runtime_check import bench
@@ -84,3 +86,30 @@ def test_the_share_of_pairs_the_candidate_loses_is_counted(clock):
     noisy = _NoisySession(clock, [1.0, 1.0, 1.0, 1.5, 1.0, 1.5, 1.0, 0.9])
     result = bench.compare_latency(_Session(clock, 1.0), noisy, {}, runs=8, warmup=0)
     assert result.ratio == pytest.approx(1.25) and result.slower_share == 0.5
+
+
+def test_progress_counts_the_pairs_the_budget_allows(clock, monkeypatch):
+    """The check's status line counts the pairs out of those that will be timed: 4 s a pair
+    and a 30 s budget time 8 of the 30 asked, and each report says 8 from the first on."""
+    monkeypatch.setattr(sys.modules[__name__], "SWITCH_PENALTY", 1.0)  # runs of one cost
+    reports = []
+    result = bench.compare_latency(
+        _Session(clock, 1.0),
+        _Session(clock, 1.0),
+        {},
+        runs=30,
+        warmup=0,
+        max_seconds=30,
+        progress=lambda done, total: reports.append((done, total)),
+    )
+    assert result.reference.runs == 8
+    assert reports == [(done, 8) for done in range(1, 9)]
+    reports.clear()
+    bench.compare_latency(
+        _Session(clock, 1.0),
+        _Session(clock, 1.0),
+        {},
+        runs=6,
+        progress=lambda *r: reports.append(r),
+    )
+    assert reports == [(done, 6) for done in range(1, 7)]
