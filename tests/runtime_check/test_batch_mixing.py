@@ -130,6 +130,47 @@ def test_the_trial_runs_the_quietest_sample_beside_the_loudest():
     assert vetted.whole_samples
 
 
+def _with_batch(op: str) -> onnx.ModelProto:
+    """``z = x + N / 2`` (N: the batch size; "Add"), or ``z = CumSum(x)`` over the batch
+    (each row the sum of those before it too; "CumSum")."""
+    float_nx = onnx.TensorProto.FLOAT
+    if op == "Add":
+        nodes = [
+            oh.make_node("Shape", ["x"], ["shape"], end=1),
+            oh.make_node("Cast", ["shape"], ["n"], to=float_nx),
+            oh.make_node("Mul", ["n", "half"], ["n2"]),
+            oh.make_node("Add", ["x", "n2"], ["z"]),
+        ]
+    else:
+        nodes = [oh.make_node("CumSum", ["x", "axis"], ["z"])]
+    inits = {"half": np.array(0.5, np.float32), "axis": np.array(0, np.int64)}
+    return make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", float_nx, ["N", WIDTH])],
+        [oh.make_tensor_value_info("z", float_nx, ["N", WIDTH])],
+        {k: v for k, v in inits.items() if k == ("half" if op == "Add" else "axis")},
+    )
+
+
+def test_rows_that_move_with_the_batch_size_but_not_with_the_batch_mate_do_not_mix(caplog):
+    """Found in PP-OCRv4 rec's quant.max_error search: "candidate mixes the samples of a
+    batch" for 2 of 11 candidates, whose int8 rounding tipped between runs of one and two
+    samples (another kernel's sums), while a sample beside a copy of itself read exactly as
+    beside the other one. ``x + N / 2`` moves with the batch size alone, as those do: its
+    samples are independent. A cumulative sum over the batch moves only the second row, with
+    the first: the sample beside a copy of itself tells it."""
+    x = np.random.default_rng(3).standard_normal((16, WIDTH)).astype(np.float32)
+    for op, mixes in (("Add", False), ("CumSum", True)):
+        model = _with_batch(op)
+        specs = _specs(model)
+        caplog.clear()
+        with caplog.at_level(logging.INFO, logger="onnx_shrink"):
+            vetted = batch_mixing.vetted(data.prepare(specs, {"x": x}), specs, _session(model))
+        assert vetted.independent_samples is not mixes and vetted.whole_samples is mixes
+        assert ("mixes the samples of a batch" in caplog.text) is mixes
+        assert ("another batch size's arithmetic, not mixing" in caplog.text) is not mixes
+
+
 def test_data_an_independent_model_reads_is_marked_and_keeps_its_batches(caplog):
     model = _normalized(over_batch=False)
     specs = _specs(model)
