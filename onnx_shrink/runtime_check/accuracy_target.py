@@ -203,7 +203,12 @@ def _meet(
     if not hint:  # the report measures the whole pass itself
         with sensitivity_mod.quiet(*sensitivity_mod.QUIET):
             first = sensitivity_mod.worst_error(
-                model, whole, dataset, provider=provider, progress=progress, reference=reference
+                model,
+                whole,
+                dataset,
+                provider=provider,
+                progress=sensitivity_mod.measuring(progress, 0),
+                reference=reference,
             )
         if not first.quantized:
             return plain, None, None  # the pass says itself that it quantizes nothing
@@ -361,7 +366,7 @@ class _Search:
                 config,
                 self.dataset,
                 provider=self.provider,
-                progress=self.progress,
+                progress=sensitivity_mod.measuring(self.progress, k),
                 reference=self.reference,
             )
             self.samples = measured.samples

@@ -217,11 +217,13 @@ def compare(
     input_shapes: Mapping[str, Sequence[int]] | None = None,
     tolerances: Tolerances = Tolerances(),
     provider: str = "cpu",
+    progress: Progress | None = None,
 ) -> NumericReport:
     """Run both models on the same inputs and compare every output (see ``NumericReport``).
-    A ``Reference`` runs each feed once over many calls."""
+    A ``Reference`` runs each feed once over many calls. ``progress`` hears of the samples
+    compared (``progress.OUTPUTS``)."""
     pair = _open(reference, candidate, data, labels, input_shapes, provider)
-    return _numeric(pair, tolerances)[0]
+    return _numeric(pair, tolerances, progress)[0]
 
 
 def _numeric(
@@ -252,7 +254,7 @@ def _numeric(
 
     unfit = data_mod.unfit_hint(dataset)
     if progress is not None:
-        progress(progress_mod.CHECK_OUTPUTS, 0, dataset.samples)
+        progress(progress_mod.OUTPUTS, 0, dataset.samples)
 
     def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
         outputs = names + conditions
@@ -277,7 +279,7 @@ def _numeric(
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}
             if progress is not None:
-                progress(progress_mod.CHECK_OUTPUTS, samples, dataset.samples)
+                progress(progress_mod.OUTPUTS, samples, dataset.samples)
             yield ref_out, cand_out, batch.labels
 
     report = compare_mod.compare_batches(
@@ -341,18 +343,18 @@ def check(
     The latency times ``latency_runs`` pairs, fewer (at least ``bench.MIN_TIMED_PAIRS``)
     where they take more than ``latency_seconds`` (None: no limit). ``progress`` hears of
     each phase (``progress.CHECK_OUTPUTS``: samples compared; ``CHECK_LATENCY``: pairs
-    timed; the others once, as they start)."""
+    timed, of those the time budget allows; the others once, as they start)."""
     started = time.perf_counter()
-    report = progress or (lambda phase, done, total=None: None)
+    report = progress_mod.named(progress, progress_mod.CHECK) or (lambda *phase_done: None)
     with contextlib.ExitStack() as stack:
-        report(progress_mod.CHECK_LOAD, 0)
+        report(progress_mod.LOAD, 0)
         pair = _open(reference, candidate, data, labels, input_shapes, provider)
         if layers:  # read twice: a one-shot reader is spilled as the numerics read it
             pair = dataclasses.replace(pair, dataset=data_mod.replayable(pair.dataset, stack))
         numeric, timed = _numeric(pair, tolerances, report)
         layer_report = None
         if layers:
-            report(progress_mod.CHECK_LAYERS, 0)
+            report(progress_mod.LAYERS, 0)
             layer_report = layers_mod.localize(
                 pair.ref.model, pair.cand.model, pair.dataset, pair.specs, provider=provider
             )
@@ -366,11 +368,11 @@ def check(
             runs=latency_runs,
             batch=timed.samples,
             max_seconds=latency_seconds,
-            progress=lambda done, total: report(progress_mod.CHECK_LATENCY, done, total),
+            progress=lambda done, total: report(progress_mod.LATENCY, done, total),
         )
         if latency.slower:
             del pair  # its sessions: the profile opens its own, with the profiler on
-            report(progress_mod.CHECK_PROFILE, 0)
+            report(progress_mod.PROFILE, 0)
             time_by_op = _profile(ref, cand, timed.feed, provider, latency)
     return CheckReport(
         reference=ref.label,

@@ -286,6 +286,8 @@ def _measure_edits(
     while done < len(pending):
         group = pending[done : done + setting.batch]
         label = f"{phase} {done // setting.batch + 1}/{math.ceil(len(pending) / setting.batch)}"
+        if setting.progress is not None:  # the status leaves the last run as this one is built
+            setting.progress(label, 0, data.samples)
         applied = [_applied(edit.make()) for edit in group]
         combined = combined_mod.build(
             setting.base, applied, setting.outputs, setting.sep, "probe", [e.nodes for e in group]

@@ -20,20 +20,26 @@ PHASES = (STATISTICS, HISTOGRAMS, NONFINITE_RANGES)
 """The statistics engine's phases: calibration runs (others' runs report phases of their
 own through the same callback: the sensitivity report's)."""
 
-CHECK_LOAD, CHECK_OUTPUTS = "check: loading both models", "check: outputs"
-CHECK_LAYERS = "check: where the error starts"
-CHECK_LATENCY, CHECK_PROFILE = "check: latency", "check: where the time goes"
-"""The check's phases: opening both models' sessions, its comparison's runs, the layer
-localization (``--layers``), the timed pairs and the profile of a slower candidate."""
+LOAD, OUTPUTS, LAYERS = "loading both models", "outputs", "where the error starts"
+LATENCY, PROFILE = "latency", "where the time goes"
+"""A comparison's phases: opening both models' sessions, the runs that compare their
+outputs (all ``checker.compare`` reports), the layer localization (``--layers``), the timed
+pairs and the profile of a slower candidate."""
 
-COUNTS = {CHECK_LOAD: "", CHECK_LATENCY: "pair", CHECK_LAYERS: "", CHECK_PROFILE: ""}
-"""What a phase counts where it is not samples ("": nothing, a phase reported once as it
-starts)."""
+CHECK = "check"
+CHECK_LOAD, CHECK_OUTPUTS, CHECK_LAYERS, CHECK_LATENCY, CHECK_PROFILE = (
+    f"{CHECK}: {phase}" for phase in (LOAD, OUTPUTS, LAYERS, LATENCY, PROFILE)
+)
+"""The check's phases, as ``checker.check`` reports them."""
+
+COUNTS = {LOAD: "", LATENCY: "pair", LAYERS: "", PROFILE: ""}
+"""What a phase (its last part: "check: latency") counts where it is not samples ("":
+nothing, a phase reported once as it starts)."""
 
 
 def counts(phase: str) -> str:
     """What ``phase``'s done and total count: "sample", "pair", or "" (nothing)."""
-    return COUNTS.get(phase, "sample")
+    return COUNTS.get(phase.rsplit(": ", 1)[-1], "sample")
 
 
 def named(progress: Progress | None, purpose: str) -> Progress | None:

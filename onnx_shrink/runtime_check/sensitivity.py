@@ -161,8 +161,9 @@ def _hint_effect(
     whole = dataclasses.replace(quant, bias_correction=False)
     worst, sizes = [], []
     hint_progress = progress_mod.named(progress, "the hint")
-    for config in (whole, dataclasses.replace(whole, exclude=patterns)):
-        error, size = _worst_error(base, config, whole, stats, data, provider, hint_progress)
+    for layers, config in ((0, whole), (k, dataclasses.replace(whole, exclude=patterns))):
+        named = measuring(hint_progress, layers)
+        error, size = _worst_error(base, config, whole, stats, data, provider, named)
         worst.append(error)
         sizes.append(size)
     kept = len(patterns) - len(report.excluded)
@@ -193,7 +194,7 @@ def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[
     else:
         copy = base.clone()
         io.unshare_tensors(copy)
-        measured = _measured(base, config.bind(stats)(copy), data, provider)
+        measured = _measured(base, config.bind(stats)(copy), data, provider, progress=progress)
     return measured.error, measured.bytes
 
 
@@ -207,6 +208,12 @@ class Measured(NamedTuple):
     samples: int
     quantized: bool
     """whether the pass quantized anything"""
+
+
+def measuring(progress: Progress | None, worst: int) -> Progress | None:
+    """``progress`` with the phases of a measurement of the pass with the ``worst`` layers
+    float named after it ("4 worst float: outputs")."""
+    return progress_mod.named(progress, f"{worst} worst float" if worst else "all quantized")
 
 
 def worst_error(
@@ -230,7 +237,7 @@ def worst_error(
         copy, config.requests(copy), data, provider=provider, progress=progress
     )
     stats = config.completed_statistics(copy, measured)
-    return _measured(model, config.bind(stats)(copy), data, provider, reference)
+    return _measured(model, config.bind(stats)(copy), data, provider, reference, progress)
 
 
 def _measured(
@@ -239,11 +246,12 @@ def _measured(
     data: data_mod.Dataset,
     provider: str,
     reference: checker.Reference | None = None,
+    progress: Progress | None = None,
 ) -> Measured:
     """``result``'s model against ``base`` (or ``reference``, ``base`` opened) over the
     float outputs the layers are ranked by."""
     against = reference if reference is not None else base
-    numeric = checker.compare(against, result.model, data, provider=provider)
+    numeric = checker.compare(against, result.model, data, provider=provider, progress=progress)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
     error = max(o.relative_error for o in numeric.outputs if o.name in names)
     size = large_tensors.saved_bytes(result.model)

@@ -20,6 +20,7 @@ from onnx_shrink.errors import PassFailedError, PipelineSpecError, ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target, checker
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from tests.helpers import run_ort
 from tests.runtime_check.test_sensitivity import HARD, _folded, _report, _with_hard_layer
@@ -385,3 +386,22 @@ def test_minilm_meets_a_target_the_whole_pass_misses_and_new_sentences_see_it(tm
         return next(o for o in outputs if o.elements == 64 * 384).relative_error
 
     assert embedding_error(aimed) < embedding_error(plain)
+
+
+def test_each_measurement_of_the_search_reports_its_runs(monkeypatch):
+    """PP-OCRv4 rec's search compared each candidate with the float model (3-5 s each) under
+    its calibration's last status: each measurement names itself and counts its samples."""
+    monkeypatch.setattr(accuracy_target, "MAX_MEASUREMENTS", 2)
+    calls = []
+    shrink(
+        _hard_model(),
+        [QuantPass(per_channel=False, max_error=0.005)],
+        calibration=DATA,
+        check=False,
+        on_calibration=lambda phase, done, total: calls.append((phase, done, total)),
+    )
+    for measurement in ("all quantized", "1 worst float"):
+        phase = f"quant.max_error: {measurement}: {progress_mod.OUTPUTS}"
+        counted = [(done, total) for p, done, total in calls if p == phase]
+        assert counted[0] == (0, 450) and counted[-1] == (450, 450)
+    assert ("quant.max_error: 1 worst float: statistics", 450, 450) in calls

@@ -295,3 +295,21 @@ def test_an_output_the_model_leaves_nan_counts_only_where_the_reference_is_finit
         (y,) = run_ort(io.to_bytes(edited), {"x": x, "keep": keep})
         expected = np.sum((y[keep] - reference) ** 2) / np.sum(reference**2)
         assert measured[probe.key] == pytest.approx(expected, rel=1e-5)
+
+
+def test_each_run_reports_from_0_as_its_model_is_built(tmp_path):
+    """The status showed the last run's "8/8" while the next run's copies were built."""
+    proto = _two_layers()
+    x = RNG.standard_normal((8, K)).astype(np.float32)
+    calls = []
+    probe_mod.measure(
+        io.load(proto),
+        _probes(proto),
+        _dataset(proto, tmp_path, x),
+        batch=2,
+        progress=lambda phase, done, total=None: calls.append((phase, done, total)),
+    )
+    phases = list(dict.fromkeys(phase for phase, _, _ in calls))
+    assert phases == [f"output error trials {i}/3" for i in (1, 2, 3)]
+    for phase in phases:
+        assert [(d, t) for p, d, t in calls if p == phase][0] == (0, 8)

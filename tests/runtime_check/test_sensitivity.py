@@ -31,7 +31,11 @@ from onnx_shrink.runtime_check import (
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import sensitivity as sens
-from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity, SensitivityReport
+from onnx_shrink.runtime_check.sensitivity_report import (
+    HINT_LAYERS,
+    LayerSensitivity,
+    SensitivityReport,
+)
 from onnx_shrink.wording import human_bytes
 
 HARD = "/head/head.1/Gemm"
@@ -644,11 +648,33 @@ def test_progress_names_each_run_and_counts_its_own_samples(monkeypatch):
     assert len(phases) == 3 and phases[0] == "7 layers, run 1/2"
     assert re.fullmatch(r"7 layers, run 2/2, about \d+ s left", phases[1])
     assert phases[2] == "2 worst again, run 1/1"
+    # From 0, as the run's model is built and loaded (the last run's 8/8 showed meanwhile).
     for phase in phases[:2]:
-        assert [(d, t) for p, d, t in runs if p == phase] == [(d, 8) for d in range(1, 9)]
-    assert [(d, t) for p, d, t in runs if p == phases[2]] == [(d, 450) for d in range(1, 451)]
+        assert [(d, t) for p, d, t in runs if p == phase] == [(d, 8) for d in range(9)]
+    assert [(d, t) for p, d, t in runs if p == phases[2]] == [(d, 450) for d in range(451)]
     # The calibration's, before them: the engine's phases, over the whole dataset.
     assert calls.index(runs[0]) > 0
     assert {(p, t) for p, _, t in calls[: calls.index(runs[0])]} <= {
         (phase, None) for phase in progress_mod.PHASES
     }
+
+
+def test_the_hints_measurements_report_their_runs():
+    """The hint's two comparisons against the float model (2 s of YOLOv8n's report) left the
+    status on the hint's calibration: each names its measurement and counts its samples."""
+    model = _folded()
+    calls = []
+    report = layer_sensitivity(
+        model,
+        QuantPass(),
+        _dataset(model),
+        hint=True,
+        progress=lambda phase, done, total=None: calls.append((phase, done, total)),
+    )
+    k = min(HINT_LAYERS, len(report.layers))
+    outputs = progress_mod.OUTPUTS
+    for measurement in ("all quantized", f"{k} worst float"):
+        counted = [(d, t) for p, d, t in calls if p == f"the hint: {measurement}: {outputs}"]
+        assert counted[0] == (0, 450) and counted[-1] == (450, 450)
+    hinted = f"the hint: {k} worst float: {progress_mod.STATISTICS}"
+    assert any(p == hinted for p, _, _ in calls)
