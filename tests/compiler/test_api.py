@@ -343,6 +343,8 @@ def test_progress_goes_on_through_the_check():
         on_calibration=lambda phase, done, total: reports.append((phase, done, total)),
     )
     phases = list(dict.fromkeys(phase for phase, _, _ in reports))
+    if phases[-1] == progress.CHECK_PROFILE:  # the candidate read slower: where the time goes
+        phases.pop()
     check = [progress.CHECK_LOAD, progress.CHECK_OUTPUTS, progress.CHECK_LATENCY]
     assert phases[-3:] == check and progress.STATISTICS in phases[:-3]
     last = {phase: (done, total) for phase, done, total in reports}

@@ -419,12 +419,14 @@ def test_the_check_reports_each_phase_as_it_runs():
         progress=lambda phase, done, total=None: reports.append((phase, done, total)),
     )
     phases = list(dict.fromkeys(phase for phase, _, _ in reports))
-    assert phases == [
+    assert phases[:4] == [
         progress_mod.CHECK_LOAD,
         progress_mod.CHECK_OUTPUTS,
         progress_mod.CHECK_LAYERS,
         progress_mod.CHECK_LATENCY,
     ]
+    # Then the profile, where the model against itself happened to read slower.
+    assert phases[4:] in ([], [progress_mod.CHECK_PROFILE])
     outputs = [(done, total) for phase, done, total in reports if phase == phases[1]]
     assert outputs[0] == (0, 450) and outputs[-1] == (450, 450) and len(outputs) > 2
     assert [r[1:] for r in reports if r[0] == phases[3]] == [(i, 6) for i in range(1, 7)]
