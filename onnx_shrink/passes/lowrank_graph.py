@@ -13,7 +13,6 @@ from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.passes.quant import quantized_already
@@ -128,12 +127,3 @@ def static_rows(node: ir.Node) -> float:
     dims = list(value.shape) if value.shape is not None else []
     inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
     return float(math.prod(inner)) if all(isinstance(d, int) for d in inner) else 1.0
-
-
-def lift_constant_weights(model: ir.Model) -> None:
-    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers."""
-    if model.ir_version >= 4:
-        lift = common_passes.LiftConstantsToInitializersPass(
-            lift_all_constants=False, size_limit=16
-        )
-        lift(model)

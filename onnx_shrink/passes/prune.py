@@ -24,8 +24,8 @@ from typing import ClassVar, Literal
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.pass_results import NotedResult
@@ -160,9 +160,7 @@ class PrunePass(DataAwarePass):
 
     def _layers(self, model: ir.Model, skipped: list[str] | None = None) -> list[Layer]:
         half_weights.lift(model)  # apply puts back the float16 storage of each
-        if model.ir_version >= 4:
-            size_limit = max(self.min_elements, 1)
-            common_passes.LiftConstantsToInitializersPass(False, size_limit)(model)
+        graph_edit.lift_constant_weights(model, size_limit=max(self.min_elements, 1))
         return find_layers(model, self.excluded, self.min_elements, skipped)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:

@@ -203,6 +203,7 @@ class PruneChannelsPass(DataAwarePass):
         """Every candidate group; excluded ones carry the reason "excluded". Weights stored
         in half precision behind a Cast are made float32 constants (``half_weights``)."""
         half_weights.lift(model)
+        graph_edit.lift_constant_weights(model)  # PicoDet's Conv weights: Constant nodes
         groups = analyse(model, heads=self.heads)
         for group in groups:
             if group.reason is None and any(self._excluded(n) for n in group.sources):

@@ -86,6 +86,39 @@ def test_residual_add_prunes_both_branches_as_one_group():
     _assert_same(_prune(residual(w)), residual(direct), feed)
 
 
+def test_weights_stored_as_constant_nodes_are_pruned_without_fold():
+    """A Paddle PicoDet's 102 Conv weights came from Constant nodes: without fold first,
+    prune-channels said there was no Conv "with a constant weight" and pruned nothing."""
+    rng = np.random.default_rng(7)  # its own: the module's draws serve the tests after
+
+    def draw(*shape: int) -> np.ndarray:
+        return rng.standard_normal(shape).astype(np.float32)
+
+    w = {"w1": draw(8, 4, 3, 3), "b1": draw(8), "w2": draw(8, 8, 1, 1), "w3": draw(2, 8, 1, 1)}
+    w["scale"] = draw(1, 8, 1, 1)
+    proto = residual(w)
+    held = {"w1", "w2", "w3"}
+    constants = [
+        helper.make_node("Constant", [], [t.name], value=t)
+        for t in proto.graph.initializer
+        if t.name in held
+    ]
+    kept = [t for t in proto.graph.initializer if t.name not in held]
+    nodes = constants + list(proto.graph.node)
+    del proto.graph.initializer[:], proto.graph.node[:]
+    proto.graph.initializer.extend(kept)
+    proto.graph.node.extend(nodes)
+    keep = _keep(np.sqrt(_rows(w["w1"]) + _rows(w["w2"])))
+    direct = {
+        "w1": w["w1"][keep],
+        "b1": w["b1"][keep],
+        "w2": w["w2"][keep][:, keep],
+        "w3": w["w3"][:, keep],
+        "scale": w["scale"][:, keep],
+    }
+    _assert_same(_prune(proto), residual(direct), {"x": draw(2, 4, 6, 6)})
+
+
 def concat(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     nodes = [
         _conv("x", "wa", "a"),

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
@@ -30,7 +31,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     check_selection,
     derived_name,
     gather_reason,
-    lift_constant_weights,
     match_linear,
     trimmed,
 )
@@ -136,7 +136,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
-        lifted = lift_constant_weights(model)
+        lifted = graph_edit.lift_constant_weights(model)
         with half_weights.lifted(model):  # those left float are put back
             context = self.context(model)
             count = self.quantize(model, context)

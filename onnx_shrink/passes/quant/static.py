@@ -11,6 +11,7 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult, Look
 from onnx_shrink.compiler.options import (
     warn_unmatched,
@@ -37,7 +38,7 @@ from onnx_shrink.passes.quant import (
     value_types,
 )
 from onnx_shrink.passes.quant.static_options import StaticOptions
-from onnx_shrink.passes.quant.weight_matching import ensure_opset, lift_constant_weights
+from onnx_shrink.passes.quant.weight_matching import ensure_opset
 from onnx_shrink.passes.quant.weight_warnings import warn_half_precision
 from onnx_shrink.passes.quant.without_statistics import DynamicRules
 
@@ -150,13 +151,13 @@ class QuantPass(StaticOptions, DataAwarePass):
         if self.only and self.bias_correction:
             logger.warning("%s: bias_correction does nothing with only: it is off", self.name)
         if self.only:  # a table or LSTM it names may hold Constant weights, not yet lifted
-            lift_constant_weights(model)
+            graph_edit.lift_constant_weights(model)
         if not self._has_candidates(model):
             self._warn_unmatched(model)
             value_types.settle_inferred_types(model, keep=False)
             return []  # and apply leaves the model as it is, opset and all
         if not self.only:  # lifted above with only
-            lift_constant_weights(model)
+            graph_edit.lift_constant_weights(model)
         half_weights.lift(model)  # apply puts back those it leaves float
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.

@@ -17,7 +17,6 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 
 import numpy as np
 import onnx_ir as ir
-import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes.quant import compact, quantized_already, weight_warnings
@@ -65,16 +64,6 @@ def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> 
         "%s: converted the model from opset %d to %d for %s", pass_name, version, target, purpose
     )
     return True
-
-
-def lift_constant_weights(model: ir.Model) -> bool:
-    """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
-    they are quantized like any other weight instead of left float (PP-OCRv4 rec: without
-    ``fold`` first, quant-weight found no weight at all). Returns whether any was lifted."""
-    if model.ir_version < 4:  # initializers must also be graph inputs there
-        return False
-    lift = common_passes.LiftConstantsToInitializersPass(lift_all_constants=False, size_limit=16)
-    return lift(model).modified
 
 
 def derived_name(node: ir.Node, suffix: str) -> str | None:

@@ -18,6 +18,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
@@ -38,7 +39,6 @@ from onnx_shrink.passes.quant.weight_matching import (
     derived_name,
     ensure_opset,
     gather_reason,
-    lift_constant_weights,
     match_linear,
     trimmed,
 )
@@ -233,7 +233,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         """Lift Constant weights to initializers and, for ``format=dequantize_linear``,
         convert the opset; returns whether any weight was lifted."""
         opset = onnx_opset(model)
-        lifted = lift_constant_weights(model)
+        lifted = graph_edit.lift_constant_weights(model)
         half_weights.lift(model)  # apply puts back those it leaves float
         # Converted only for weights it will quantize: a model without any keeps its opset.
         if (
