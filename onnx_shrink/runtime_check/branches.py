@@ -11,6 +11,7 @@ the pruned branch. The check reads each such If's condition beside the reference
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 from collections.abc import Mapping
 
 import numpy as np
@@ -98,13 +99,32 @@ def _match(node: ir.Node, index: int, ours: list[ir.Node], theirs: list[ir.Node]
 
 def _branch_bytes(node: ir.Node, branch: str) -> bytes:
     """The branch as computed: without what a cleanup changes and a run ignores (doc strings,
-    metadata such as exporters' stack traces, value annotations)."""
+    metadata such as exporters' stack traces, value annotations), with the constants it
+    reads from the graphs around it (hey_jarvis's verifier weights are the main graph's
+    initializers: ``prune`` zeroed half of them, and the branch's own bytes stayed the same)."""
     attribute = node.attributes.get(branch)
     if attribute is None:
         return b""
-    proto = ir.serde.serialize_graph(attribute.as_graph())
+    graph = attribute.as_graph()
+    proto = ir.serde.serialize_graph(graph)
     _strip(proto)
-    return proto.SerializeToString()
+    digest = hashlib.sha256(proto.SerializeToString())
+    for value in _captured_constants(graph):
+        digest.update(f"{value.name}:{value.const_value.dtype}:{value.shape}".encode())
+        digest.update(value.const_value.tobytes())
+    return digest.digest()
+
+
+def _captured_constants(graph: ir.Graph) -> list[ir.Value]:
+    """The constants (initializers) of the graphs around ``graph`` that its nodes, or those
+    of its own subgraphs, read."""
+    inside: set[ir.Value] = set()
+    read: dict[ir.Value, None] = {}
+    for scope, _ in walk.scopes(graph):
+        inside.update(walk.graph_values(scope))
+        for inner in scope:
+            read.update(dict.fromkeys(v for v in inner.inputs if v is not None))
+    return [v for v in read if v not in inside and v.const_value is not None]
 
 
 def _strip(graph: onnx.GraphProto) -> None:

@@ -192,9 +192,10 @@ def test_a_reader_serves_the_numerics_and_the_layers(tmp_path):
     assert report.latency is not None
 
 
-def _gated(scale: float):
+def _gated(scale: float, outer: bool = False):
     """y = If(sum(x) > 100, then: x @ w * scale, else: x): a second stage that runs only on
-    some samples (openWakeWord's verifier after its detector)."""
+    some samples (openWakeWord's verifier after its detector); ``outer``: ``w`` is the main
+    graph's initializer, which the branch reads (as hey_jarvis's verifier weights are)."""
     import onnx
     import onnx.helper as oh
 
@@ -207,7 +208,7 @@ def _gated(scale: float):
         "then",
         [],
         [oh.make_tensor_value_info("t", F, ["N", 4])],
-        [w],
+        [] if outer else [w],
     )
     other = oh.make_graph(
         [oh.make_node("Identity", ["x"], ["e"])],
@@ -225,7 +226,7 @@ def _gated(scale: float):
         "g",
         [oh.make_tensor_value_info("x", F, ["N", 4])],
         [oh.make_tensor_value_info("y", F, ["N", 4])],
-        [limit],
+        [limit, w] if outer else [limit],
     )
     return io.load(oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)], ir_version=8))
 
@@ -249,6 +250,11 @@ def test_a_rewritten_branch_no_sample_takes_is_said_to_be_unchecked():
     branch.node(0).doc_string = "File model.py, line 12"
     branch.node(0).metadata_props["pkg.torch.onnx.stack_trace"] = "model.py:12"
     assert compare(traced, _gated(1.0), quiet).untested_branches == ()
+    # Found on hey_jarvis: prune alone zeroed the verifier's weights, the main graph's
+    # initializers, and the branch's own bytes stayed the same: nothing was said.
+    (line,) = compare(_gated(1.0, outer=True), _gated(0.5, outer=True), quiet).untested_branches
+    assert "If 'stage2': its then_branch (1 nodes)" in line
+    assert compare(_gated(1.0, outer=True), _gated(1.0, outer=True), quiet).untested_branches == ()
     from onnx_shrink.runtime_check.report import html_report
 
     page = html_report(check=check(_gated(1.0), _gated(0.5), quiet, latency_runs=0))
