@@ -71,19 +71,28 @@ def residual(w: dict[str, np.ndarray]) -> onnx.ModelProto:
     return _model(nodes, w, [2, 4, 6, 6])
 
 
-def test_residual_add_prunes_both_branches_as_one_group():
-    w = {"w1": _w(8, 4, 3, 3), "b1": _w(8), "w2": _w(8, 8, 1, 1), "w3": _w(2, 8, 1, 1)}
-    w["scale"] = _w(1, 8, 1, 1)
+def _residual_weights(draw=_w) -> dict[str, np.ndarray]:
+    w = {"w1": draw(8, 4, 3, 3), "b1": draw(8), "w2": draw(8, 8, 1, 1), "w3": draw(2, 8, 1, 1)}
+    w["scale"] = draw(1, 8, 1, 1)
+    return w
+
+
+def _residual_pruned_by_hand(w: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """``residual``'s weights with half of the group's channels cut, by hand."""
     keep = _keep(np.sqrt(_rows(w["w1"]) + _rows(w["w2"])))
-    direct = {
+    return {
         "w1": w["w1"][keep],
         "b1": w["b1"][keep],
         "w2": w["w2"][keep][:, keep],
         "w3": w["w3"][:, keep],
         "scale": w["scale"][:, keep],
     }
+
+
+def test_residual_add_prunes_both_branches_as_one_group():
+    w = _residual_weights()
     feed = {"x": _w(2, 4, 6, 6)}
-    _assert_same(_prune(residual(w)), residual(direct), feed)
+    _assert_same(_prune(residual(w)), residual(_residual_pruned_by_hand(w)), feed)
 
 
 def test_weights_stored_as_constant_nodes_are_pruned_without_fold():
@@ -94,8 +103,7 @@ def test_weights_stored_as_constant_nodes_are_pruned_without_fold():
     def draw(*shape: int) -> np.ndarray:
         return rng.standard_normal(shape).astype(np.float32)
 
-    w = {"w1": draw(8, 4, 3, 3), "b1": draw(8), "w2": draw(8, 8, 1, 1), "w3": draw(2, 8, 1, 1)}
-    w["scale"] = draw(1, 8, 1, 1)
+    w = _residual_weights(draw)
     proto = residual(w)
     held = {"w1", "w2", "w3"}
     constants = [
@@ -108,15 +116,8 @@ def test_weights_stored_as_constant_nodes_are_pruned_without_fold():
     del proto.graph.initializer[:], proto.graph.node[:]
     proto.graph.initializer.extend(kept)
     proto.graph.node.extend(nodes)
-    keep = _keep(np.sqrt(_rows(w["w1"]) + _rows(w["w2"])))
-    direct = {
-        "w1": w["w1"][keep],
-        "b1": w["b1"][keep],
-        "w2": w["w2"][keep][:, keep],
-        "w3": w["w3"][:, keep],
-        "scale": w["scale"][:, keep],
-    }
-    _assert_same(_prune(proto), residual(direct), {"x": draw(2, 4, 6, 6)})
+    direct = residual(_residual_pruned_by_hand(w))
+    _assert_same(_prune(proto), direct, {"x": draw(2, 4, 6, 6)})
 
 
 def concat(w: dict[str, np.ndarray]) -> onnx.ModelProto:
