@@ -314,21 +314,15 @@ def _warn_in_sample(
     ]
     if not (same and fitted):
         return
+    who = " and ".join(dict.fromkeys(fitted))
     if check_data is None:  # both the same seeded synthetic inputs
         # PP-OCRv6 rec's lowrank checked at cosine 0.999999 there, 0.70 on rendered lines.
-        logger.warning(
-            "the check runs on the synthetic inputs %s fit weights to: its figures can be far "
-            "better there than on real inputs (give --data real samples, and --calibration "
-            "others)",
-            " and ".join(dict.fromkeys(fitted)),
-        )
-        return
-    logger.warning(
-        "the check runs on the calibration data, which %s fit weights to: its figures "
-        "can be better there than on new samples (give --data other samples than "
-        "--calibration)",
-        " and ".join(dict.fromkeys(fitted)),
-    )
+        where = f"the synthetic inputs {who} fit weights to: its figures can be far better "
+        advice = "real inputs (give --data real samples, and --calibration others)"
+    else:
+        where = f"the calibration data, which {who} fit weights to: its figures can be "
+        advice = "new samples (give --data other samples than --calibration)"
+    logger.warning("the check runs on %sbetter there than on %s", where, advice)
 
 
 @dataclasses.dataclass(frozen=True)

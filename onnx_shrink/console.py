@@ -67,8 +67,7 @@ def phase_status(
     calibration; others' (the sensitivity report's runs, the check's) as they are named.
     ``columns``: the terminal's width, which a narrower bar keeps the line within (down to
     6)."""
-    named = phase.rsplit(": ", 1)[-1] in progress.PHASES
-    what = f"calibrating ({phase})" if named else phase
+    what = f"calibrating ({phase})" if progress.calibrates(phase) else phase
     unit = progress.counts(phase)
     if not unit:
         return f"{what}..."

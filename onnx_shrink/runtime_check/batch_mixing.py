@@ -124,10 +124,10 @@ def _moved_with_batch_mates(
 def _rows_at(rows: np.ndarray, index: int, own: np.ndarray | None) -> np.ndarray:
     """The ``index``-th of equal parts of ``rows`` along its first axis, each as long as
     ``own``'s; ``rows`` as it is where either has no first axis."""
-    if not isinstance(rows, np.ndarray) or not isinstance(own, np.ndarray) or not own.ndim:
+    if not all(isinstance(a, np.ndarray) and a.ndim for a in (rows, own)):
         return rows
     count = own.shape[0]
-    return rows[index * count : (index + 1) * count] if rows.ndim else rows
+    return rows[index * count : (index + 1) * count]
 
 
 def each_sample_alone(dataset: Dataset, specs: Sequence[InputSpec]) -> Dataset:

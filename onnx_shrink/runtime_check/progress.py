@@ -39,7 +39,18 @@ nothing, a phase reported once as it starts)."""
 
 def counts(phase: str) -> str:
     """What ``phase``'s done and total count: "sample", "pair", or "" (nothing)."""
-    return COUNTS.get(phase.rsplit(": ", 1)[-1], "sample")
+    return COUNTS.get(_own(phase), "sample")
+
+
+def calibrates(phase: str) -> bool:
+    """Whether ``phase`` is one of the statistics engine's (``PHASES``), after a purpose or
+    not ("bias correction: statistics")."""
+    return _own(phase) in PHASES
+
+
+def _own(phase: str) -> str:
+    """``phase`` without the purposes ``named`` put before it ("check: latency": latency)."""
+    return phase.rsplit(": ", 1)[-1]
 
 
 def named(progress: Progress | None, purpose: str) -> Progress | None:
