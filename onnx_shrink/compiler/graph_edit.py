@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 
 import numpy as np
 import onnx
@@ -212,15 +212,72 @@ def unlist_weight_inputs(model: ir.Model) -> int:
     return len(listed)
 
 
-def lift_constant_weights(model: ir.Model, size_limit: int = 16) -> bool:
+def lift_constant_weights(
+    model: ir.Model, size_limit: int = 16, read_by: Collection[str] | None = None
+) -> bool:
     """Weights stored as Constant nodes (Paddle, some torch exports) become initializers, so
     the weight passes find them as any other (PP-OCRv4 rec: without ``fold`` first,
     quant-weight found no weight at all; PicoDet's 102 Conv weights, prune-channels none).
-    Constants of fewer than ``size_limit`` elements stay nodes. Returns whether any was
-    lifted; none at IR version < 4, where initializers must be graph inputs too."""
+    Constants of fewer than ``size_limit`` elements stay nodes, and with ``read_by`` (op
+    types), so do those no node of these types reads: a pass that rewrites only MatMuls then
+    leaves a Conv model as it was (quant-dynamic on PicoDet lifted 486 Constants and, having
+    quantized nothing, still read as a change). Returns whether any was lifted; none at IR
+    version < 4, where initializers must be graph inputs too."""
     if model.ir_version < 4:
         return False
-    lift = common_passes.LiftConstantsToInitializersPass(
-        lift_all_constants=False, size_limit=size_limit
+    if read_by is None:
+        lift = common_passes.LiftConstantsToInitializersPass(
+            lift_all_constants=False, size_limit=size_limit
+        )
+        return lift(model).modified
+    wanted = set(read_by)
+    lifted = False
+    for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
+        if (
+            node.op_type != "Constant"
+            or node.domain not in ("", "onnx.ai")
+            or node.outputs[0].is_graph_output()
+            or not _read_by(node.outputs[0], wanted)
+        ):
+            continue
+        lifted |= _lift_one(node, size_limit)
+    return lifted
+
+
+# What a weight may pass through on its way to the node that reads it (half_weights' Cast).
+_WEIGHT_VIEWS = frozenset({"Cast", "Transpose", "Reshape", "Squeeze", "Unsqueeze", "Identity"})
+
+
+def _read_by(value: ir.Value, op_types: set[str], depth: int = 3) -> bool:
+    """Whether a node of ``op_types`` reads ``value``, directly or through ``_WEIGHT_VIEWS``."""
+    for user, _ in value.uses():
+        if user.op_type in op_types:
+            return True
+        if depth and user.op_type in _WEIGHT_VIEWS and user.outputs:
+            if _read_by(user.outputs[0], op_types, depth - 1):
+                return True
+    return False
+
+
+def _lift_one(node: ir.Node, size_limit: int) -> bool:
+    """Make one Constant node's ``value`` tensor (if at least ``size_limit`` elements) an
+    initializer of its graph, as onnx-ir's ``LiftConstantsToInitializersPass`` does for all."""
+    attribute = node.attributes.get("value")
+    if len(node.attributes) != 1 or attribute is None:
+        return False
+    tensor = attribute.as_tensor()
+    if tensor.size < size_limit:
+        return False
+    output = node.outputs[0]
+    initializer = ir.Value(
+        name=output.name,
+        shape=tensor.shape,
+        type=ir.TensorType(tensor.dtype),
+        const_value=tensor,
+        metadata_props=output.metadata_props.copy(),
     )
-    return lift(model).modified
+    initializer.meta.update(output.meta)
+    node.graph.register_initializer(initializer)
+    output.replace_all_uses_with(initializer)
+    node.graph.remove(node, safe=True)
+    return True

@@ -214,7 +214,7 @@ class LowRankPass(DataAwarePass):
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
-        graph_edit.lift_constant_weights(model)
+        graph_edit.lift_constant_weights(model, read_by=self.op_types)
         if not (self.activation_aware or self.refit):
             return []
         found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
@@ -227,7 +227,7 @@ class LowRankPass(DataAwarePass):
         edit is made (``_ProbeFactors``)."""
         if not self._measures_model():
             return []
-        graph_edit.lift_constant_weights(model)
+        graph_edit.lift_constant_weights(model, read_by=self.op_types)
         counts = collections.Counter(node.name for node in model.graph)
         nodes = [node for node, reason in self._candidates(model) if not reason]
         if len(nodes) < 2:  # one layer's rank is fixed by the budget: nothing to weigh
@@ -256,7 +256,7 @@ class LowRankPass(DataAwarePass):
         return ProbeBudget(self.probe_seconds, "lowrank.probe_seconds")
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
-        graph_edit.lift_constant_weights(model)
+        graph_edit.lift_constant_weights(model, read_by=self.op_types)
         layers, plans = self._plan(model, stats)
         sparse = []
         for layer, plan in zip(layers, plans, strict=False):
@@ -285,7 +285,7 @@ class LowRankPass(DataAwarePass):
     def plan(self, model: ir.Model, stats: Statistics | None = None) -> list[LayerPlan]:
         """The decisions ``apply`` would take, one per layer considered (model not rewritten,
         except that Constant-node weights are lifted to initializers)."""
-        graph_edit.lift_constant_weights(model)
+        graph_edit.lift_constant_weights(model, read_by=self.op_types)
         return self._plan(model, stats or Statistics({}, 0, "none"))[1]
 
     def _measures_model(self) -> bool:

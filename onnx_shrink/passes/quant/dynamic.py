@@ -136,7 +136,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
-        lifted = graph_edit.lift_constant_weights(model)
+        lifted = graph_edit.lift_constant_weights(model, read_by=self.op_types)
         with half_weights.lifted(model):  # those left float are put back
             context = self.context(model)
             count = self.quantize(model, context)

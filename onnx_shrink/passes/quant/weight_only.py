@@ -233,7 +233,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         """Lift Constant weights to initializers and, for ``format=dequantize_linear``,
         convert the opset; returns whether any weight was lifted."""
         opset = onnx_opset(model)
-        lifted = graph_edit.lift_constant_weights(model)
+        lifted = graph_edit.lift_constant_weights(model, read_by=self.op_types)
         half_weights.lift(model)  # apply puts back those it leaves float
         # Converted only for weights it will quantize: a model without any keeps its opset.
         if (
