@@ -32,7 +32,7 @@ from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import half_weights, refit_budget
 from onnx_shrink.passes import reconstruct as refitting
-from onnx_shrink.passes.prune_layers import Layer, find_layers
+from onnx_shrink.passes.prune_layers import PRUNABLE, Layer, find_layers
 from onnx_shrink.passes.prune_masks import magnitude_keep, nm_keep, row_keep
 from onnx_shrink.passes.quant import quantized_already
 
@@ -160,7 +160,9 @@ class PrunePass(DataAwarePass):
 
     def _layers(self, model: ir.Model, skipped: list[str] | None = None) -> list[Layer]:
         half_weights.lift(model)  # apply puts back the float16 storage of each
-        graph_edit.lift_constant_weights(model, size_limit=max(self.min_elements, 1))
+        graph_edit.lift_constant_weights(
+            model, size_limit=max(self.min_elements, 1), read_by=PRUNABLE
+        )
         return find_layers(model, self.excluded, self.min_elements, skipped)
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
@@ -197,9 +199,10 @@ class PrunePass(DataAwarePass):
         global_keep = self._global_masks(layers) if self.scope == "global" else {}
         rows_report = []
         budget = self._refit_budget(layers, stats, global_keep) if self.refits else None
+        already: list[str] = []  # layers whose weights the masks left as they were
         for layer in layers:
             keep = global_keep.get(id(layer))
-            row = self._prune_layer(model, layer, stats, keep, budget)
+            row = self._prune_layer(model, layer, stats, keep, budget, already)
             if row is not None:
                 rows_report.append(row)
         if budget is not None:
@@ -207,6 +210,8 @@ class PrunePass(DataAwarePass):
         _log_table(rows_report)
         self._log_storage(rows_report)
         if not rows_report:
+            if already:
+                _warn_already_sparse(already)
             return ir.passes.PassResult(model, False)
         return NotedResult(model, True, note=_zeroed_note(rows_report))
 
@@ -237,7 +242,11 @@ class PrunePass(DataAwarePass):
                 expected[id(layer)] = refitting.uniform_costs(outputs, k, max(1, round(k * n / m)))
         return refit_budget.RefitBudget(self.refit_seconds, expected)
 
-    def _prune_layer(self, model, layer: Layer, stats: Statistics, keep, budget) -> _Report | None:
+    def _prune_layer(
+        self, model, layer: Layer, stats: Statistics, keep, budget, already: list[str]
+    ) -> _Report | None:
+        """Prune one layer and say what it became, or None where it stays as it was (its name
+        added to ``already`` where its zeros already met the mask: a mel filterbank)."""
         original = _array(layer)
         rows = layer.rows(original.astype(np.float64))
         method, scale = self.method, None
@@ -265,6 +274,9 @@ class PrunePass(DataAwarePass):
             new_rows, refit_error, error = refitted.rows, refitted.error, refitted.pruned_error
             budget.spent(allotment, time.perf_counter() - started)
         pruned = layer.unrows(new_rows, original.shape).astype(original.dtype)
+        if np.array_equal(pruned, original):
+            already.append(f"{layer.name} ({np.mean(original == 0):.1%} zero)")
+            return None
         layer.weight.const_value = ir.tensor(pruned, name=layer.weight.name)
         return _Report(
             layer.name,
@@ -363,6 +375,16 @@ def _zeroed_note(reports: Sequence[_Report]) -> str:
     total = sum(math.prod(r.shape) for r in reports)
     zeroed = sum(math.prod(r.shape) * r.after for r in reports)
     return f"{zeroed / total:.0%} of {total:,} weights in {len(reports)} layers are zero"
+
+
+def _warn_already_sparse(layers: Sequence[str]) -> None:
+    """Why nothing changed where every layer's zeros already met its mask: the summary's
+    "(no change)" would not say."""
+    logger.warning(
+        "prune: no change: the weights of %d layer(s) already hold the zeros asked for: %s",
+        len(layers),
+        ", ".join(layers[:3]) + (", ..." if len(layers) > 3 else ""),
+    )
 
 
 def _log_table(reports: Sequence[_Report]) -> None:

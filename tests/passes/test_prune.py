@@ -602,3 +602,22 @@ def test_a_model_without_layers_to_prune_is_told_so_in_words(caplog):
     assert not result.modified
     assert "prune: no layer changed (no MatMul, Gemm or Conv)" in caplog.text
     assert ": 1" not in caplog.text
+
+
+def test_a_weight_that_already_holds_the_zeros_asked_for_is_no_change(caplog):
+    """whisper80's mel filterbank is 97.6 % zeros: prune kept every weight as it was and the
+    summary still counted the pass as a change."""
+    weight = np.zeros((16, 8), np.float32)
+    weight[np.arange(16), np.arange(16) % 8] = np.random.default_rng(37).uniform(1, 2, 16)
+    proto = make_model(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 16])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 8])],
+        {"w": weight},
+    )
+    with caplog.at_level(logging.WARNING):
+        result = PrunePass(sparsity=0.5, min_elements=0)(io.load(proto))
+    assert not result.modified
+    assert "prune: no change: the weights of 1 layer(s) already hold the zeros" in caplog.text
+    assert "(87.5% zero)" in caplog.text
+    np.testing.assert_array_equal(result.model.graph.initializers["w"].const_value.numpy(), weight)
