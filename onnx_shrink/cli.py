@@ -238,7 +238,7 @@ def _run_bench(args: argparse.Namespace, out: Console) -> int:
     _at_least(0, warmup=args.warmup)
     batch_sizes = _int_list(args.batch_sizes, "--batch-sizes") or [1]
     threads: list[int | None] = list(_int_list(args.threads, "--threads")) or [None]
-    with out.status("benchmarking..."):
+    with out.status("benchmarking...") as status:
         result = bench.benchmark(
             args.model,
             data=args.data,
@@ -249,6 +249,9 @@ def _run_bench(args: argparse.Namespace, out: Console) -> int:
             warmup=args.warmup,
             provider=args.ep,
             memory=not args.no_memory,
+            progress=lambda phase, done, total=None: status.update(
+                console.phase_status(phase, done, total, columns=out.width)
+            ),
         )
     out.print(console.benchmark_table(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(bench=result))

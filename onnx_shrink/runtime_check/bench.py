@@ -27,7 +27,9 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io
 from onnx_shrink.errors import DataError, ShrinkError
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import progress as phases
 from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check.progress import Progress
 
 logger = logging.getLogger(__name__)
 
@@ -155,12 +157,19 @@ def measure_latency(
     warmup: int = 5,
     batch: int = 1,
     threads: int | None = None,
+    progress: Callable[[int], None] | None = None,
 ) -> LatencyStats:
-    """Latency of ``runs`` runs after ``warmup`` untimed ones."""
+    """Latency of ``runs`` runs after ``warmup`` untimed ones; ``progress`` hears the timed
+    runs done after each."""
     feed = sessions.declared_feed(session, feed)
     for _ in range(warmup):
         time_run(session, feed)
-    return LatencyStats.from_seconds([time_run(session, feed) for _ in range(runs)], batch, threads)
+    seconds = []
+    for _ in range(runs):
+        seconds.append(time_run(session, feed))
+        if progress is not None:
+            progress(len(seconds))
+    return LatencyStats.from_seconds(seconds, batch, threads)
 
 
 MIN_TIMED_PAIRS = 5
@@ -317,8 +326,13 @@ def benchmark(
     warmup: int = 5,
     provider: str = "cpu",
     memory: bool = True,
+    progress: Progress | None = None,
 ) -> BenchmarkReport:
-    """Latency for every (batch size, threads), session peak memory and size of one model."""
+    """Latency for every (batch size, threads), session peak memory and size of one model.
+    ``progress`` hears the phases (``progress.SESSION``, ``TIMED_RUNS`` counted over the
+    whole grid, ``SESSION_MEMORY``)."""
+    report = progress or (lambda phase, done, total=None: None)
+    report(phases.SESSION, 0)
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)
     if dataset.whole_samples and set(batch_sizes) != {1}:
@@ -345,11 +359,15 @@ def benchmark(
         return dict(base) if dataset.whole_samples else resize_batch(base, specs, batch)
 
     hint = data_mod.unfit_hint(dataset)
-    grid = []
+    grid: list[LatencyStats] = []
+    timed = runs * len(threads) * len(batch_sizes)
     for index, thread_count in enumerate(threads):
         if index:  # the first thread count's session is the one made above
+            report(phases.SESSION, 0)
             session = sessions.create_session(model, provider=provider, threads=thread_count)
         for batch in batch_sizes:
+            before = len(grid) * runs
+            report(phases.TIMED_RUNS, before, timed)
             feed = batched(batch)
             # The first warm-up run fails clearly (the timed ones would raise onnxruntime's).
             sessions.run(session, feed, failed=failed, hint=hint)
@@ -361,12 +379,16 @@ def benchmark(
                     warmup=max(warmup - 1, 0),
                     batch=batch,
                     threads=thread_count,
+                    progress=lambda done, before=before: report(
+                        phases.TIMED_RUNS, before + done, timed
+                    ),
                 )
             )
     # At the largest batch asked for: the first feed's own batch (a whole .npz) is no row's.
     largest = max(batch_sizes)
     peak = None
     if memory:
+        report(phases.SESSION_MEMORY, 0)
         peak = session_peak_memory(model, batched(largest), provider)
     return BenchmarkReport(
         model=str(model),

@@ -26,13 +26,26 @@ LATENCY, PROFILE = "latency", "where the time goes"
 outputs (all ``checker.compare`` reports), the layer localization (``--layers``), the timed
 pairs and the profile of a slower candidate."""
 
+SESSION, TIMED_RUNS, SESSION_MEMORY = "loading the model", "timed runs", "session memory"
+"""A benchmark's phases (``bench.benchmark``): opening a session (once per thread count),
+the timed runs of every (batch size, threads) in all, and the session's peak memory,
+measured in a process of its own."""
+
 CHECK = "check"
 CHECK_LOAD, CHECK_OUTPUTS, CHECK_LAYERS, CHECK_LATENCY, CHECK_PROFILE = (
     f"{CHECK}: {phase}" for phase in (LOAD, OUTPUTS, LAYERS, LATENCY, PROFILE)
 )
 """The check's phases, as ``checker.check`` reports them."""
 
-COUNTS = {LOAD: "", LATENCY: "pair", LAYERS: "", PROFILE: ""}
+COUNTS = {
+    LOAD: "",
+    LATENCY: "pair",
+    LAYERS: "",
+    PROFILE: "",
+    SESSION: "",
+    TIMED_RUNS: "run",
+    SESSION_MEMORY: "",
+}
 """What a phase (its last part: "check: latency") counts where it is not samples ("":
 nothing, a phase reported once as it starts)."""
 

@@ -7,7 +7,7 @@ import json
 import onnx
 
 from models import digits
-from tests.helpers import files_in, sha256
+from tests.helpers import files_in, make_model, sha256
 
 
 def test_fold_on_digits_writes_model_table_accuracy_and_matching_report(digits_copy, run_cli):
@@ -183,6 +183,40 @@ def test_a_phase_not_of_calibration_reads_as_named_and_fits_the_terminal():
     assert console.phase_status(run, 4, 8, columns=200) == (
         f"{run} {'━' * 12}{'─' * 12} 4/8 samples"
     )
+
+
+def test_a_benchmarks_phases_count_its_timed_runs_over_the_whole_grid(tmp_path):
+    """``onnx-shrink bench`` showed "benchmarking..." and nothing else, however long its grid
+    of batch sizes and thread counts ran."""
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check import bench, progress
+
+    model = tmp_path / "relu.onnx"
+    onnx.save(
+        make_model(
+            [onnx.helper.make_node("Relu", ["x"], ["y"])],
+            [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+            [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+            {},
+        ),
+        model,
+    )
+    heard = []
+    bench.benchmark(
+        model,
+        batch_sizes=[1, 2],
+        threads=[1, 2],
+        runs=3,
+        warmup=0,
+        memory=False,
+        progress=lambda phase, done, total=None: heard.append((phase, done, total)),
+    )
+    timed = [done for phase, done, total in heard if phase == progress.TIMED_RUNS]
+    assert {total for phase, _, total in heard if phase == progress.TIMED_RUNS} == {12}
+    assert timed == sorted(timed) and timed[0] == 0 and timed[-1] == 12
+    assert [phase for phase, _, _ in heard].count(progress.SESSION) == 2  # one per thread count
+    assert console.phase_status(progress.TIMED_RUNS, 6, 12, width=4) == "timed runs ━━── 6/12 runs"
+    assert console.phase_status(progress.SESSION_MEMORY, 0, None) == "session memory..."
 
 
 def test_the_checks_phases_count_what_they_run():
