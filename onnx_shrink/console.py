@@ -136,6 +136,11 @@ def _num(x: float) -> str:
     return "inf" if x == float("inf") else ("-inf" if x == float("-inf") else f"{x:.3g}")
 
 
+def _known(x: float) -> str:
+    """``_num``, or "?" for NaN: a figure nothing measured (upstream of pruned channels)."""
+    return "?" if x != x else _num(x)
+
+
 def check_tables(report: CheckReport) -> list[Table]:
     """The numerics table, the per-layer table (with --layers) and the speed/size table."""
     tables = [numeric_table(report.numeric, report.provider, report.seconds)]
@@ -208,6 +213,10 @@ def layers_table(layers: LayerReport, top: int = 10) -> Table:
             f"first error jump: {jump.tensor} ({node}), relative error "
             f"{_num(jump.relative_error)} from {_num(jump.upstream_relative_error)} upstream"
         )
+    if layers.reshaped:  # pruned channels: what they feed has no known upstream ("?")
+        if not jump:
+            head = "no error jump among the tensors compared"
+        head += f"; {layers.reshaped} tensors the candidate gave another shape were not compared"
     table = Table(
         title=escape(f"per-layer error over {counted(layers.samples, 'sample')}; {head}"),
         title_justify="left",
@@ -222,7 +231,7 @@ def layers_table(layers: LayerReport, top: int = 10) -> Table:
             escape(name),
             escape(layer.op_type),
             _num(layer.relative_error),
-            _num(layer.upstream_relative_error),
+            _known(layer.upstream_relative_error),
             f"{layer.cosine:.6f}",
             _num(layer.snr_db),
         )

@@ -63,6 +63,9 @@ class LayerReport:
     unmatched: int
     jump_threshold: float
     jump_factor: float
+    reshaped: int = 0
+    """tensors matched by name whose shape the candidate changed (pruned channels): not
+    compared, and the error upstream of what they feed is unknown (NaN)"""
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
@@ -102,13 +105,15 @@ def localize(
     accumulators = {t.name: ErrorAccumulator(t.name) for t in tensors}
     ref_names = [t.name for t in tensors]
     cand_names = [t.candidate_name for t in tensors]
-    samples = 0
+    samples, reshaped = 0, set()
     for feed in (b.feed for b in sample_batches.single_samples(dataset, specs)):
         ref_out = ref_session.run(ref_names, feed)
         cand_out = cand_session.run(cand_names, sessions.fitted_feed(cand_session, feed))
         for name, ref, cand in zip(ref_names, ref_out, cand_out, strict=True):
             ref, cand = np.asarray(ref), np.asarray(cand)
-            if np.issubdtype(ref.dtype, np.floating) and ref.shape == cand.shape:
+            if ref.shape != cand.shape:
+                reshaped.add(name)
+            elif np.issubdtype(ref.dtype, np.floating):
                 accumulators[name].add(ref, cand)
         samples += 1
     inputs_of = {
@@ -117,16 +122,18 @@ def localize(
         for out in node.outputs
         if out.name
     }
-    report = (tensors, accumulators, samples, unmatched, inputs_of)
+    report = (tensors, accumulators, samples, unmatched, inputs_of, reshaped)
     return _report(*report, jump_threshold, jump_factor)
 
 
 def _report(
-    tensors, accumulators, samples, unmatched, inputs_of, jump_threshold, jump_factor
+    tensors, accumulators, samples, unmatched, inputs_of, reshaped, jump_threshold, jump_factor
 ) -> LayerReport:
     """``inputs_of``: every reference tensor's producer's inputs, matched in the candidate or
     not, so that the upstream error walks past tensors a pass removed (a BatchNormalization
-    folded into its Conv) to the matched ones before them."""
+    folded into its Conv) to the matched ones before them. Past a tensor in ``reshaped``
+    (pruned channels) it is unknown: NaN, never a jump's "from 0 upstream" (openWakeWord's
+    embedding CNN pruned: its last Conv read as where a 0.29 error was born)."""
     errors = {name: acc.result() for name, acc in accumulators.items() if acc.count}
     upstream_cache: dict[str, float] = {}
 
@@ -134,10 +141,14 @@ def _report(
         # Largest error among the nearest matched tensors feeding the producer of ``name``.
         if name not in upstream_cache:
             upstream_cache[name] = 0.0  # guards against cycles through odd graphs
-            worst = 0.0
+            found = []
             for inp in inputs_of.get(name, ()):
-                worst = max(worst, errors[inp].relative_error if inp in errors else upstream(inp))
-            upstream_cache[name] = worst
+                if inp in reshaped:
+                    found.append(math.nan)
+                else:
+                    found.append(errors[inp].relative_error if inp in errors else upstream(inp))
+            unknown = any(map(math.isnan, found))
+            upstream_cache[name] = math.nan if unknown else max(found, default=0.0)
         return upstream_cache[name]
 
     layers = []
@@ -174,7 +185,14 @@ def _report(
         layer.tensor for layer in sorted(layers, key=lambda x: x.relative_error, reverse=True)
     )
     return LayerReport(
-        tuple(layers), ranked, first_jump, samples, unmatched, jump_threshold, jump_factor
+        tuple(layers),
+        ranked,
+        first_jump,
+        samples,
+        unmatched,
+        jump_threshold,
+        jump_factor,
+        len(reshaped),
     )
 
 

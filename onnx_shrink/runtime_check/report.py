@@ -311,9 +311,16 @@ def _layers_section(report: LayerReport) -> str:
         for x in ranked
     ]
     header = ["tensor", "op", "position", "relative", "upstream", "cosine", "SNR dB"]
+    reshaped = (
+        f", {report.reshaped} of another shape in the candidate (upstream of what they feed: "
+        "unknown)"
+        if report.reshaped
+        else ""
+    )
     return (
         f"<section>\n<h2>Per-layer error</h2>\n<p>{where} {counted(report.samples, 'sample')}, "
-        f"{len(report.layers)} tensors compared, {report.unmatched} unmatched.</p>\n"
+        f"{len(report.layers)} tensors compared, {report.unmatched} unmatched"
+        f"{reshaped}.</p>\n"
         f"{_layer_chart(report)}\n<h3>Top {len(ranked)} tensors by error</h3>\n"
         f"{html_table(header, rows, names=2)}\n</section>"
     )

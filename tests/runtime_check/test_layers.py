@@ -45,3 +45,42 @@ def test_tensors_computed_from_constants_alone_are_not_compared():
     )
     tensors, unmatched = match_tensors(model, model)
     assert [t.name for t in tensors] == ["h", "y"] and unmatched == 0
+
+
+def test_past_a_tensor_pruning_reshaped_the_upstream_error_is_unknown_not_zero():
+    """openWakeWord's embedding CNN with pruned channels: every tensor but the last Conv's
+    changed shape, was skipped, and the last Conv read as where a 0.29 error was born "from 0
+    upstream"."""
+    import numpy as np
+    import onnx
+
+    from onnx_shrink import console
+    from onnx_shrink.compiler import io
+    from onnx_shrink.runtime_check import data as data_mod
+    from onnx_shrink.runtime_check.layers import localize
+
+    def model(hidden: int, scale: float):
+        w1 = ", ".join(["1"] * 4 * hidden)
+        w2 = ", ".join([str(scale)] * hidden * 2)
+        return io.load(
+            onnx.parser.parse_model(f"""
+            <ir_version: 8, opset_import: ["" : 17]>
+            g (float[N, 4] x) => (float[N, 2] y)
+              <float[4, {hidden}] w1 = {{{w1}}}, float[{hidden}, 2] w2 = {{{w2}}}> {{
+              h = MatMul(x, w1)
+              r = Relu(h)
+              y = MatMul(r, w2)
+            }}
+            """)
+        )
+
+    reference, candidate = model(4, 1.0), model(2, 1.5)  # half the channels, refit badly
+    x = np.random.default_rng(41).uniform(0.5, 1.0, (3, 4)).astype(np.float32)
+    specs = data_mod.specs_from_model(reference)
+    report = localize(reference, candidate, data_mod.prepare(specs, {"x": x}), specs)
+    assert report.reshaped == 2  # h and r
+    (y,) = report.layers
+    assert np.isnan(y.upstream_relative_error) and y.relative_error > 0.2
+    assert report.first_jump is None
+    title = str(console.layers_table(report).title)
+    assert "no error jump among the tensors compared; 2 tensors the candidate gave" in title
