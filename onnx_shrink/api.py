@@ -317,7 +317,7 @@ def _warn_in_sample(
     who = " and ".join(dict.fromkeys(fitted))
     if check_data is None:  # both the same seeded synthetic inputs
         # PP-OCRv6 rec's lowrank checked at cosine 0.999999 there, 0.70 on rendered lines.
-        where = f"the synthetic inputs {who} fit weights to: its figures can be far better "
+        where = f"the synthetic inputs {who} fit weights to: its figures can be far "
         advice = "real inputs (give --data real samples, and --calibration others)"
     else:
         where = f"the calibration data, which {who} fit weights to: its figures can be "
