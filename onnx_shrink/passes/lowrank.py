@@ -35,7 +35,7 @@ from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
 from onnx_shrink.passes import lowrank_report
 from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit
-from onnx_shrink.passes.quant import quantized_already
+from onnx_shrink.passes.quant import log_cone, quantized_already
 
 logger = logging.getLogger(__name__)
 
@@ -193,6 +193,11 @@ class LowRankPass(DataAwarePass):
     op_types: tuple[str, ...] = option(("MatMul", "Gemm", "Conv"), "op types to split")
     min_params: int = option(4096, "weights with fewer elements stay dense", minimum=0)
     exclude: tuple[str, ...] = option((), "node names or regexes kept dense", patterns=True)
+    log_inputs: bool = option(
+        False,
+        "also split weights whose output reaches a Log through linear ops (a log-mel "
+        "filterbank), kept dense by default: a low-rank filterbank's energies can go negative",
+    )
     only: tuple[str, ...] = option((), "split just these nodes (names or regexes)", patterns=True)
 
     def __post_init__(self) -> None:
@@ -332,6 +337,8 @@ class LowRankPass(DataAwarePass):
             reason = graph_mod.check(node, opset) or self._size_reason(node)
             if not reason and graph_mod.matches(node, self.exclude):
                 reason = "excluded"
+            if not reason and not self.log_inputs and log_cone.feeds_log(node):
+                reason = log_cone.LOW_RANK_REASON
             if reason:
                 logger.debug("lowrank: skipping %s (%s): %s", node.name, node.op_type, reason)
             result.append((node, reason))
@@ -385,7 +392,9 @@ class LowRankPass(DataAwarePass):
             errors = [
                 _curve(layer, self.rank_multiple, metric, measured, counts) for layer in layers
             ]
-            return _allocate(layers, errors, self.reduction, self.budget_unit, self.rank_multiple)
+            return ranks_mod.allocate_layers(
+                layers, errors, self.reduction, self.budget_unit, self.rank_multiple
+            )
         keep = self.energy if self.selection == "energy" else 1.0 - self.max_error**2
         return [
             ranks_mod.threshold_rank(
@@ -456,24 +465,6 @@ def _curve(
     local_at = {r: layer.error(r) for r in points}
     ranks = [r if r is not None else 0 for r in options]  # dense: local error 0, stays 0
     return ranks_mod.scale_by_measured(ranks, local, points, local_at)
-
-
-def _allocate(
-    layers: Sequence[_Layer],
-    errors: Sequence[np.ndarray],
-    reduction: float,
-    unit: str,
-    multiple: int,
-) -> list[int | None]:
-    """Ranks removing ``reduction`` of the summed cost (params, or MACs: params x rows) at the
-    least summed error, ``errors[i]`` listing layer i's per option (``lowrank_ranks.allocate``)."""
-    options = [[*layer.ranks(multiple), None] for layer in layers]
-    costs = [
-        np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
-        for layer, opts in zip(layers, options, strict=True)
-    ]
-    choice = ranks_mod.allocate(costs, errors, reduction)
-    return [opts[i] for opts, i in zip(options, choice, strict=True)]
 
 
 def _layer_key(node: ir.Node, counts: Mapping[str | None, int]) -> str:

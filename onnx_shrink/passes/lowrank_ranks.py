@@ -133,3 +133,22 @@ def candidate_ranks(shape: tuple[int, int], multiple: int) -> list[int]:
     min(K, N), the factorization's full rank)."""
     k, n = shape
     return list(range(multiple, (k * n - 1) // (k + n) + 1, multiple))
+
+
+def allocate_layers(
+    layers: Sequence,
+    errors: Sequence[np.ndarray],
+    reduction: float,
+    unit: str,
+    multiple: int,
+) -> list[int | None]:
+    """Ranks removing ``reduction`` of the summed cost (params, or MACs: params x rows) at the
+    least summed error, ``errors[i]`` listing layer i's per option (``allocate``); a layer
+    gives ``ranks(multiple)``, ``params(rank)`` (None: dense) and ``rows``."""
+    options = [[*layer.ranks(multiple), None] for layer in layers]
+    costs = [
+        np.array([(layer.rows if unit == "macs" else 1.0) * layer.params(r) for r in opts])
+        for layer, opts in zip(layers, options, strict=True)
+    ]
+    choice = allocate(costs, errors, reduction)
+    return [opts[i] for opts, i in zip(options, choice, strict=True)]

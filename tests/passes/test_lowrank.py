@@ -706,3 +706,32 @@ def test_layers_fit_to_fewer_rows_than_inputs_are_one_warning(caplog):
     (record,) = caplog.records
     assert "1 layer(s) saw fewer calibration rows" in record.getMessage()
     assert "wide (64 < 1152)" in record.getMessage()
+
+
+def test_a_filterbank_feeding_a_log_stays_dense_unless_asked(caplog):
+    """onnx-asr's NeMo front end: lowrank split its non-negative mel filterbank, the factors
+    made energies negative, and the Log gave NaN for 80% of the features."""
+    rng = np.random.default_rng(43)
+    bank = np.zeros((128, 64), np.float32)  # triangles two bins apart, as mel filters are
+    for j in range(64):
+        bank[2 * j : 2 * j + 4, j] = [0.5, 1.0, 1.0, 0.5][: 128 - 2 * j]
+    proto = make_model(
+        [
+            oh.make_node("Abs", ["x"], ["power"]),
+            oh.make_node("MatMul", ["power", "bank"], ["mel"], name="filterbank"),
+            oh.make_node("Log", ["mel"], ["y"]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 128])],
+        [oh.make_tensor_value_info("y", F, ["N", 64])],
+        {"bank": bank},
+    )
+    # Power spectra spanning decades: a quiet band's energy is far below a loud one's.
+    calibration = {"x": np.exp(3 * rng.standard_normal((64, 128))).astype(np.float32)}
+    with caplog.at_level(logging.WARNING):
+        kept = shrink(proto, "lowrank", calibration=calibration, check=False)
+    assert not kept.steps[0].modified
+    assert "reaches a Log through linear ops" in caplog.text
+    split = shrink(proto, [LowRankPass(log_inputs=True)], calibration=calibration, check=False)
+    assert split.steps[0].modified
+    (out,) = run_ort(io.to_bytes(split.model), {"x": calibration["x"][:8]})
+    assert np.isnan(out).any()  # what the default spares the user

@@ -71,6 +71,16 @@ def reason(pass_name: str) -> str:
     )
 
 
+LOW_RANK_REASON = (
+    "its output reaches a Log through linear ops (a low-rank mel filterbank's energies go "
+    "negative: onnx-asr's NeMo front end gave NaN for 80% of its features; "
+    "lowrank.log_inputs=true splits it)"
+)
+"""Why lowrank keeps a weight that ``feeds_log`` dense: a truncated SVD of a non-negative
+filterbank has negative entries, and its absolute error is a large relative one on the quiet
+bins the Log spreads out."""
+
+
 def feeds_log(node: ir.Node) -> bool:
     """Whether ``node``'s output reaches the input of a ``Log`` in its graph through
     ``CARRIES_SMALL_VALUES`` alone, within ``MAX_LAYERS`` weighted layers (``node``
