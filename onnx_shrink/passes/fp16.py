@@ -26,6 +26,7 @@ from onnx_shrink.compiler.options import (
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes import fp16_islands, fp16_types, fp16_worth, half_weights
+from onnx_shrink.passes.quant import log_cone
 
 logger = logging.getLogger(__name__)
 
@@ -110,7 +111,10 @@ class Float16Pass(DataAwarePass):
        CPU provider cannot run it in float16 (``fp16_islands.onnxruntime_refuses``): a
        ScatterElements/ScatterND with a reduction (no kernel), or a MatMul on a constant
        weight reading a Transpose that moves axis 0 to -2, and that Transpose (the session
-       crashes on the pair).
+       crashes on the pair); (k) its output reaches a Log through linear ops
+       (``log_cone``), unless ``log_inputs``: a quiet frame's power spectrum falls below
+       float16's normal range, which the Log spreads out (onnx-asr's NeMo front end: relative
+       error 0.023, 2e-4 with its STFT Conv float32).
     4. Inputs the schema fixes to float32 (Resize scales) stay float32, and so does Resize's
        roi (coordinates; see ``_KEPT_FLOAT_INPUTS``); ``Cast.to``,
        ``ConstantOfShape.value`` and the ``dtype`` of EyeLike/Random*/Bernoulli follow the
@@ -148,6 +152,11 @@ class Float16Pass(DataAwarePass):
         False,
         "convert even where almost no float32 weight would be stored in dtype (a model whose "
         "weights are int8 already): activations alone, for a GPU provider's float16 kernels",
+    )
+    log_inputs: bool = option(
+        False,
+        "also convert the nodes whose output reaches a Log through linear ops (a log-mel front "
+        "end), kept float32 by default: quiet bins fall below float16's normal range",
     )
     weightless_runs: bool = option(
         True,
@@ -209,6 +218,10 @@ class _Conversion:
         self.new: dict[ir.Value, ir.DataType] = {}
         self.casts: dict[graph_edit.CastKey, ir.Value] = {}
         self.names = graph_edit.value_names(model.graph)
+        # Rule 3 (k) walks from each node: only where there is a Log to reach.
+        self.log_cone = not pass_.log_inputs and any(
+            n.op_type == "Log" for g, _ in self.scopes for n in g
+        )
 
     def run(self, stats: Statistics) -> bool:
         for function in self.model.functions.values():
@@ -319,6 +332,8 @@ class _Conversion:
             return f"quantized: {node.op_type} in a Q/DQ pattern"
         if (refused := fp16_islands.onnxruntime_refuses(node)) is not None:
             return f"onnxruntime: {refused}"
+        if self.log_cone and log_cone.feeds_log(node):
+            return "log: its output reaches a Log through linear ops (fp16.log_inputs=true)"
         for value in values:
             if value in self.flagged:
                 return self.flagged[value]
