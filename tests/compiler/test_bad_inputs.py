@@ -123,6 +123,11 @@ BAD_INPUTS = {
     "empty file": (lambda p: p.write_bytes(b""), "the file is empty"),
     "not protobuf": (lambda p: p.write_text("def f():\n  return 1\n"), "not an ONNX model"),
     "truncated": (_truncate, "truncated"),
+    # A flatbuffer's root offset, then its file identifier (piper-phonemize's tashkeel model).
+    "ONNX Runtime format": (
+        lambda p: p.write_bytes(b"\x1c\x00\x00\x00ORTM" + bytes(range(256)) * 4),
+        "an ONNX Runtime format (.ort) model",
+    ),
     # the checker's whole sentence, on one line (its first line stopped at "of node:")
     "checker rejects": (_write_missing_node_input, "is not output of any previous nodes"),
     "missing external data": (_write_missing_external_data, "'weights.bin'"),

@@ -184,11 +184,23 @@ def _read_proto(path: Path, where: str) -> tuple[onnx.ModelProto, set[str]]:
         # Not protobuf as far as the walk can tell: onnx's parser names the problem.
         return onnx.load_model(str(path), load_external_data=False), set()
     except (google.protobuf.message.DecodeError, ValueError, RuntimeError) as e:
+        if _ort_format(path):
+            raise BadModelError(
+                f"{where}: an ONNX Runtime format (.ort) model, which only onnxruntime reads: "
+                "compress the .onnx model it was converted from"
+            ) from e
         raise BadModelError(
             f"{where}: not an ONNX model or the file is truncated ({first_line(e)})"
         ) from e
     except OSError as e:
         raise BadModelError(f"{where}: cannot be read ({e.strerror or e})") from e
+
+
+def _ort_format(path: Path) -> bool:
+    """Whether ``path`` holds an ONNX Runtime format model: a flatbuffer whose file identifier
+    (bytes 4-8) is "ORTM" (piper-phonemize ships its tashkeel model so)."""
+    with path.open("rb") as file:
+        return file.read(8)[4:] == b"ORTM"
 
 
 def unshare_tensors(model: ir.Model) -> None:
