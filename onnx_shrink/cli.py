@@ -25,6 +25,7 @@ from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 
 from rich.console import Console
+from rich.status import Status
 
 from onnx_shrink import console, preflight
 from onnx_shrink.api import CheckOptions, ShrinkResult, default_output_path, shrink
@@ -40,6 +41,7 @@ from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, NumericReport, Tolerances
+from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.warning_records import WarningRecords
 
 logger = logging.getLogger("onnx_shrink")
@@ -159,9 +161,7 @@ def _run_compile(args: argparse.Namespace, out: Console) -> int:
             calibration=args.calibration,
             input_shapes=options.input_shapes,
             on_pass_start=lambda i, p: status.update(f"running pass {i + 1}: {p.name}..."),
-            on_calibration=lambda phase, done, total: status.update(
-                console.phase_status(phase, done, total, columns=out.width)
-            ),
+            on_calibration=_shown(status, out),
             sensitivity=args.sensitivity,
         )
     _show(args, out, result)
@@ -223,9 +223,7 @@ def _run_check(args: argparse.Namespace, out: Console) -> int:
             provider=args.ep,
             layers=args.layers,
             **_latency(args),
-            progress=lambda phase, done, total=None: status.update(
-                console.phase_status(phase, done, total, columns=out.width)
-            ),
+            progress=_shown(status, out),
         )
     console.print_all(out, console.check_tables(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(check=result))
@@ -249,13 +247,20 @@ def _run_bench(args: argparse.Namespace, out: Console) -> int:
             warmup=args.warmup,
             provider=args.ep,
             memory=not args.no_memory,
-            progress=lambda phase, done, total=None: status.update(
-                console.phase_status(phase, done, total, columns=out.width)
-            ),
+            progress=_shown(status, out),
         )
     out.print(console.benchmark_table(result))
     _write_reports(args, result.to_dict(), lambda: report.html_report(bench=result))
     return 0
+
+
+def _shown(status: Status, out: Console) -> Progress:
+    """A progress callback that puts each phase on ``status``, within ``out``'s width."""
+
+    def show(phase: str, done: int, total: int | None = None) -> None:
+        status.update(console.phase_status(phase, done, total, columns=out.width))
+
+    return show
 
 
 def _int_list(text: str, option: str) -> list[int]:

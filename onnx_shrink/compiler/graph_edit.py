@@ -8,7 +8,6 @@ from collections.abc import Collection, Mapping
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes import common as common_passes
 
 from onnx_shrink.compiler import walk
 
@@ -225,19 +224,14 @@ def lift_constant_weights(
     version < 4, where initializers must be graph inputs too."""
     if model.ir_version < 4:
         return False
-    if read_by is None:
-        lift = common_passes.LiftConstantsToInitializersPass(
-            lift_all_constants=False, size_limit=size_limit
-        )
-        return lift(model).modified
-    wanted = set(read_by)
+    wanted = None if read_by is None else set(read_by)
     lifted = False
     for node in list(ir.traversal.RecursiveGraphIterator(model.graph)):
         if (
             node.op_type != "Constant"
             or node.domain not in ("", "onnx.ai")
             or node.outputs[0].is_graph_output()
-            or not _read_by(node.outputs[0], wanted)
+            or (wanted is not None and not _read_by(node.outputs[0], wanted))
         ):
             continue
         lifted |= _lift_one(node, size_limit)
@@ -261,7 +255,8 @@ def _read_by(value: ir.Value, op_types: set[str], depth: int = 3) -> bool:
 
 def _lift_one(node: ir.Node, size_limit: int) -> bool:
     """Make one Constant node's ``value`` tensor (if at least ``size_limit`` elements) an
-    initializer of its graph, as onnx-ir's ``LiftConstantsToInitializersPass`` does for all."""
+    initializer of its graph, as onnx-ir's ``LiftConstantsToInitializersPass`` does (one
+    walk here, for the constants ``read_by`` keeps as well as for all)."""
     attribute = node.attributes.get("value")
     if len(node.attributes) != 1 or attribute is None:
         return False

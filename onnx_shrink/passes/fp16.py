@@ -219,7 +219,7 @@ class _Conversion:
         self.casts: dict[graph_edit.CastKey, ir.Value] = {}
         self.names = graph_edit.value_names(model.graph)
         # Rule 3 (k) walks from each node: only where there is a Log to reach.
-        self.log_cone = not pass_.log_inputs and any(
+        self.keeps_log_cone = not pass_.log_inputs and any(
             n.op_type == "Log" for g, _ in self.scopes for n in g
         )
 
@@ -332,8 +332,8 @@ class _Conversion:
             return f"quantized: {node.op_type} in a Q/DQ pattern"
         if (refused := fp16_islands.onnxruntime_refuses(node)) is not None:
             return f"onnxruntime: {refused}"
-        if self.log_cone and log_cone.feeds_log(node):
-            return "log: its output reaches a Log through linear ops (fp16.log_inputs=true)"
+        if self.keeps_log_cone and log_cone.feeds_log(node):
+            return "log: " + log_cone.reason(self.pass_.name, log_cone.FLOAT16_HARM, "converts")
         for value in values:
             if value in self.flagged:
                 return self.flagged[value]

@@ -338,7 +338,7 @@ class LowRankPass(DataAwarePass):
             if not reason and graph_mod.matches(node, self.exclude):
                 reason = "excluded"
             if not reason and not self.log_inputs and log_cone.feeds_log(node):
-                reason = log_cone.LOW_RANK_REASON
+                reason = log_cone.reason(self.name, log_cone.LOW_RANK_HARM, "splits")
             if reason:
                 logger.debug("lowrank: skipping %s (%s): %s", node.name, node.op_type, reason)
             result.append((node, reason))

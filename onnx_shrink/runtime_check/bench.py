@@ -331,7 +331,7 @@ def benchmark(
     """Latency for every (batch size, threads), session peak memory and size of one model.
     ``progress`` hears the phases (``progress.SESSION``, ``TIMED_RUNS`` counted over the
     whole grid, ``SESSION_MEMORY``)."""
-    report = progress or (lambda phase, done, total=None: None)
+    report = progress or phases.ignored
     report(phases.SESSION, 0)
     specs = data_mod.specs_from_model(io.load(model))
     dataset = data_mod.prepare(specs, data, input_shapes)

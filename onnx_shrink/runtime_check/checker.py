@@ -345,7 +345,7 @@ def check(
     each phase (``progress.CHECK_OUTPUTS``: samples compared; ``CHECK_LATENCY``: pairs
     timed, of those the time budget allows; the others once, as they start)."""
     started = time.perf_counter()
-    report = progress_mod.named(progress, progress_mod.CHECK) or (lambda *phase_done: None)
+    report = progress_mod.named(progress, progress_mod.CHECK) or progress_mod.ignored
     with contextlib.ExitStack() as stack:
         report(progress_mod.LOAD, 0)
         pair = _open(reference, candidate, data, labels, input_shapes, provider)

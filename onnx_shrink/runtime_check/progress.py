@@ -66,6 +66,10 @@ def _own(phase: str) -> str:
     return phase.rsplit(": ", 1)[-1]
 
 
+def ignored(phase: str, done: int, total: int | None = None) -> None:
+    """A ``Progress`` that tells no one: for a caller that gave none."""
+
+
 def named(progress: Progress | None, purpose: str) -> Progress | None:
     """``progress`` with each phase named after ``purpose`` ("the hint: statistics"), where
     there is one."""

@@ -63,22 +63,28 @@ MAX_LAYERS = 2
 MAX_VISITED = 256
 
 
-def reason(pass_name: str) -> str:
-    """Why a node ``feeds_log`` stays float, naming ``pass_name``'s option."""
+INT8_HARM = "int8's even steps erase the small values a Log spreads out"
+
+
+def reason(pass_name: str, harm: str = INT8_HARM, verb: str = "quantizes") -> str:
+    """Why a node ``feeds_log`` is left as it is by ``pass_name``: what the pass would do to
+    it (``harm``), and the option that makes the pass do it anyway (``verb``: "splits")."""
     return (
-        "its output reaches a Log through linear ops (int8's even steps erase the small values "
-        f"a Log spreads out; {pass_name}.log_inputs=true quantizes it)"
+        f"its output reaches a Log through linear ops ({harm}; {pass_name}.log_inputs=true "
+        f"{verb} it)"
     )
 
 
-LOW_RANK_REASON = (
-    "its output reaches a Log through linear ops (a low-rank mel filterbank's energies go "
-    "negative: onnx-asr's NeMo front end gave NaN for 80% of its features; "
-    "lowrank.log_inputs=true splits it)"
+LOW_RANK_HARM = (
+    "a low-rank mel filterbank's energies go negative: onnx-asr's NeMo front end gave NaN "
+    "for 80% of its features"
 )
-"""Why lowrank keeps a weight that ``feeds_log`` dense: a truncated SVD of a non-negative
+"""What lowrank would do to a weight that ``feeds_log``: a truncated SVD of a non-negative
 filterbank has negative entries, and its absolute error is a large relative one on the quiet
 bins the Log spreads out."""
+FLOAT16_HARM = "quiet bins fall below float16's normal range"
+"""What fp16 would do to a node that ``feeds_log``: a quiet frame's power spectrum falls
+into float16's subnormals, whose few bits the Log spreads out."""
 
 
 def feeds_log(node: ir.Node) -> bool:
