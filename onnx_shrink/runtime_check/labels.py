@@ -182,17 +182,20 @@ def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | 
 
 _FEATURE_OPS = frozenset(
     {"Div", "LpNormalization", "LayerNormalization", "ReduceL2", "ReduceMean", "ReduceSum", "Tanh"}
+    | {"LSTM", "GRU", "RNN"}
 )
-"""Ops that end an embedding (a normalization, a pooling, BERT's pooler), not a classifier:
-the argmax of a sentence embedding names no class"""
+"""Ops that end an embedding (a normalization, a pooling, BERT's pooler) or a recurrent state,
+not a classifier: the argmax of a sentence embedding or of an LSTM's hidden state names no
+class (g2p-id's LSTM state ``[N, 256]`` in float16 read "top-1 agree 41.67%" beside cosine
+1.000000: rounding made several saturated values exactly 1.0, and argmax takes the first)"""
 
 
 def class_score_outputs(graph: ir.Graph) -> frozenset[str]:
     """The outputs of ``graph`` whose argmax over the last axis can name a class, so that
     top-1 agreement means something: rank 2 (or undeclared) with a fixed number of classes
     (a named axis is frames or tokens: swift_f0's pitch ``[1, frames]``), not produced by a
-    normalization or pooling (``_FEATURE_OPS``: embeddings). The comparison still checks each
-    batch's shape: ``[N, C]`` with ``C >= 2``."""
+    normalization, a pooling or a recurrent layer (``_FEATURE_OPS``: embeddings, states). The
+    comparison still checks each batch's shape: ``[N, C]`` with ``C >= 2``."""
     scores = set()
     for value in graph.outputs:
         shape = value.shape

@@ -7,6 +7,7 @@ import logging
 import math
 
 import numpy as np
+import onnx
 import pytest
 
 from models import digits
@@ -530,3 +531,34 @@ def test_a_declaration_the_input_got_wrong_is_no_passs_fault_whatever_its_dims_a
     unsized = parse(_identity("[M, 4]"))
     unsized.graph.output[0].type.tensor_type.shape.dim[1].dim_value = -1
     assert compare(reference, save_proto(unsized, tmp_path / "u.onnx"), data).passed
+
+
+def test_a_recurrent_state_output_gets_no_top1_agreement(tmp_path):
+    # g2p-id's LSTM encoder returns its hidden state [N, 256]; in float16 it read "top-1 agree
+    # 41.67%" beside cosine 1.000000, since rounding tied saturated values and argmax takes the
+    # first. A state names no class; the logits beside it still get top-1.
+    rng = np.random.default_rng(20261206)
+    weights = {
+        "w": rng.standard_normal((1, 32, 4)).astype(np.float32),
+        "r": rng.standard_normal((1, 32, 8)).astype(np.float32),
+        "head": rng.standard_normal((8, 5)).astype(np.float32),
+    }
+    text = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[T, N, 4] x) => (float[N, 8] state, float[N, 5] logits) {
+  axes = Constant <value = int64[1] {0}> ()
+  y, h = LSTM <hidden_size = 8> (x, w, r)
+  state = Squeeze (h, axes)
+  logits = MatMul (state, head)
+}
+"""
+    model = onnx.parser.parse_model(text)
+    for name, array in weights.items():
+        model.graph.initializer.append(onnx.numpy_helper.from_array(array, name))
+    onnx.checker.check_model(model)
+    reference = save_proto(model, tmp_path / "ref.onnx")
+    x = rng.standard_normal((3, 6, 4)).astype(np.float32)
+    np.savez(tmp_path / "x.npz", x=x)
+    report = compare(reference, reference, tmp_path / "x.npz")
+    top1 = {out.name: out.top1_agreement for out in report.outputs}
+    assert top1 == {"state": None, "logits": 1.0}
