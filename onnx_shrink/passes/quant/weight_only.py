@@ -34,6 +34,7 @@ from onnx_shrink.passes.quant.blockwise import (
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
     Arrays,
+    LinearMatch,
     WeightContext,
     check_selection,
     derived_name,
@@ -51,6 +52,12 @@ FORMATS = ("matmulnbits", "dequantize_linear")
 # Blocked DequantizeLinear (``block_size``) and int4 types exist from opset 21 / IR 10 on.
 BLOCKED_DQ_OPSET = 21
 INT4_IR_VERSION = 10
+FUSED_DEQUANTIZE_HARM = (
+    "onnxruntime fuses DequantizeLinear and MatMul into MatMulNBits with int8 activations "
+    "unless its session sets session.qdq_matmulnbits_accuracy_level: onnx-asr's NeMo front "
+    "end gave NaN for 28% of its features; format=matmulnbits computes it in fp32"
+)
+"""Why a MatMul before a Log keeps its float weight with ``format=dequantize_linear``."""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -59,8 +66,8 @@ class WeightOnlyQuantPass(DataAwarePass):
     float in the file; MatMulNBits' ``accuracy_level`` 4 (the default) has onnxruntime's CPU
     provider quantize them to int8 per block at run time (fastest; on openWakeWord's mel
     filterbank, a power spectrum up to ~1e10, SNR 20.6 dB against 48.7 dB at level 1). A
-    MatMul whose output reaches a Log through linear ops (``log_cone``) gets level 1 unless
-    ``log_inputs``.
+    MatMul whose output reaches a Log through linear ops (``log_cone``) gets level 1 and
+    8-bit codes unless ``log_inputs`` (``_guards_log``).
 
     Rules:
 
@@ -121,9 +128,10 @@ class WeightOnlyQuantPass(DataAwarePass):
     )
     log_inputs: bool = option(
         False,
-        "with accuracy_level 4, also MatMuls whose output reaches a Log through linear ops (a "
-        "log-mel filterbank): by default they compute in fp32 (level 1), since int8 "
-        "activations erase the small values a Log spreads out",
+        "quantize MatMuls whose output reaches a Log through linear ops (a log-mel "
+        "filterbank) like the others: by default they get 8-bit codes and fp32 compute "
+        "(accuracy_level 1), since 4-bit weights and run-time int8 activations erase the "
+        "small values a Log spreads out",
     )
     op_types: tuple[str, ...] = option(
         SUPPORTED_OPS, f"op types to quantize, of {', '.join(SUPPORTED_OPS)}"
@@ -257,7 +265,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         return any(
             gather_reason(context, node) is None
             if node.op_type == "Gather"
-            else not isinstance(match_linear(context, node), str)
+            else not isinstance(self._matmul_match(context, node), str)
             for node in context.candidates(self.op_types)
         )
 
@@ -282,75 +290,111 @@ class WeightOnlyQuantPass(DataAwarePass):
                 logger.info("%s: %s keeps nearest rounding: %s", self.name, weight_name, e)
         return quantize_blocks(rows, **grid, symmetric=self.symmetric)
 
-    def _key(self, kind: str) -> tuple[str, int, int, bool, str]:
-        return (kind, self.bits, self.block_size, self.symmetric, self.ranges)
+    def _key(self, kind: str, bits: int | None = None) -> tuple[str, int, int, bool, str]:
+        return (kind, bits or self.bits, self.block_size, self.symmetric, self.ranges)
 
     def _try_quantize_matmul(
         self, context: WeightContext, node: ir.Node, grams: Mapping[ir.Value, np.ndarray]
     ) -> bool:
-        match = match_linear(context, node)
+        match = self._matmul_match(context, node)
         if isinstance(match, str):
             return context.skip(node, match)
         gram = grams.get(match.weight)
+        guards_log = self._guards_log(node)
+        bits = 8 if guards_log else self.bits
         if self.format == "dequantize_linear":
-            self._dequantize_before_matmul(context, node, match.weight, gram)
+            self._dequantize_before_matmul(context, node, match.weight, gram, bits)
             return True
         packed, scales, zero_points = context.weights(
             match.weight,
-            self._key("nbits"),
-            functools.partial(self._packed_columns, gram=gram, name=match.weight.name),
+            self._key("nbits", bits),
+            functools.partial(self._packed_columns, gram=gram, name=match.weight.name, bits=bits),
         )
         assert match.weight.const_value is not None
         k, n = match.weight.const_value.shape
-        attributes = {"K": k, "N": n, "bits": self.bits, "block_size": self.block_size}
+        attributes = {"K": k, "N": n, "bits": bits, "block_size": self.block_size}
         if self.accuracy_level:
-            attributes["accuracy_level"] = self._accuracy_level(node)
+            attributes["accuracy_level"] = 1 if guards_log else self.accuracy_level
         bias = context.constant(node, "bias", match.bias)
         nbits = ir.node(
             "MatMulNBits",
             trimmed(match.activation, packed, scales, zero_points, None, bias),
             attributes,
             domain=MS_DOMAIN,
-            name=derived_name(node, f"q{self.bits}"),
+            name=derived_name(node, f"q{bits}"),
         )
         context.replace(match.replaced, [nbits])
         return True
 
-    def _accuracy_level(self, node: ir.Node) -> int:
-        """``accuracy_level``, but 1 (fp32) where level 4's run-time int8 activations would
-        feed a Log (``log_cone``; on openWakeWord's mel filterbank SNR 20.6 dB against 48.7)."""
-        if self.accuracy_level == 4 and not self.log_inputs and log_cone.feeds_log(node):
-            logger.info("%s: %s computes in fp32: its output reaches a Log", self.name, node.name)
-            return 1
-        return self.accuracy_level
+    def _matmul_match(self, context: WeightContext, node: ir.Node) -> LinearMatch | str:
+        """``match_linear``'s, or why a MatMul whose output reaches a Log stays float with
+        ``format=dequantize_linear``: onnxruntime fuses any DequantizeLinear before a MatMul
+        into MatMulNBits at the accuracy level of its session option (4, int8 activations,
+        unless the session sets it), which the file cannot change."""
+        match = match_linear(context, node)
+        if (
+            isinstance(match, str)
+            or self.format != "dequantize_linear"
+            or self.log_inputs
+            or not log_cone.feeds_log(node)
+        ):
+            return match
+        return log_cone.reason(self.name, FUSED_DEQUANTIZE_HARM)
+
+    def _guards_log(self, node: ir.Node) -> bool:
+        """Whether ``node``'s output reaches a Log (``log_cone``) and, unless ``log_inputs``,
+        gets 8-bit codes and fp32 compute (accuracy_level 1, where it was 2-4): level 4's
+        run-time int8 activations and 4-bit weights both erase the quiet bins a Log spreads
+        out (and float16's subnormals, level 2's). On openWakeWord's mel model the output's
+        relative error was 0.165 with 4-bit codes at level 4, 0.0075 at level 1, 0.0004 with
+        8-bit codes at level 1; on onnx-asr's NeMo front end 0.045 with 4-bit codes at level
+        1, 0.0018 with 8-bit ones. The 8-bit filterbanks cost 4.5 and 18 KiB more, in files
+        of 1 MiB."""
+        if self.log_inputs or not log_cone.feeds_log(node):
+            return False
+        changes = [
+            *(["8-bit codes"] if self.bits < 8 else []),
+            *(["fp32 compute"] if self.accuracy_level > 1 and self.format == "matmulnbits" else []),
+        ]
+        if changes:
+            logger.info(
+                "%s: %s gets %s: its output reaches a Log",
+                self.name,
+                node.name,
+                " and ".join(changes),
+            )
+        return True
 
     def _packed_columns(
-        self, w: np.ndarray, gram: np.ndarray | None = None, name: str = ""
+        self, w: np.ndarray, gram: np.ndarray | None = None, name: str = "", bits: int = 4
     ) -> Arrays:
         """MatMulNBits inputs of ``W`` [K, N]: blocks run along K within each column of W."""
-        blocks = self._blocks(w.T, gram=gram, weight_name=name)
+        blocks = self._blocks(w.T, bits=bits, gram=gram, weight_name=name)
         return {
-            f"q{self.bits}": pack_low_first(blocks.unsigned_codes(), self.bits),
+            f"q{bits}": pack_low_first(blocks.unsigned_codes(), bits),
             "scales": blocks.scales,
-            "zero_points": None
-            if self.symmetric
-            else pack_low_first(blocks.zero_points, self.bits),
+            "zero_points": None if self.symmetric else pack_low_first(blocks.zero_points, bits),
         }
 
     def _dequantize_before_matmul(
-        self, context: WeightContext, node: ir.Node, weight: ir.Value, gram: np.ndarray | None
+        self,
+        context: WeightContext,
+        node: ir.Node,
+        weight: ir.Value,
+        gram: np.ndarray | None,
+        bits: int,
     ) -> None:
         """``MatMul(A, W)`` -> ``MatMul(A, DequantizeLinear(Wq, s[, z], axis=0, block_size))``."""
 
         def quantize(w: np.ndarray) -> Arrays:
-            blocks = self._blocks(w.T, gram=gram, weight_name=weight.name or "")
+            blocks = self._blocks(w.T, bits=bits, gram=gram, weight_name=weight.name or "")
             return {
-                f"q{self.bits}": _typed(blocks.values().T, blocks),
+                f"q{bits}": _typed(blocks.values().T, blocks),
                 "scales": np.ascontiguousarray(blocks.scales.T),
                 "zero_points": None if self.symmetric else _typed(blocks.zero_points.T, blocks),
             }
 
-        codes, scales, zero_points = context.weights(weight, self._key("blocked-k"), quantize)
+        codes, scales, zero_points = context.weights(weight, self._key("blocked-k", bits), quantize)
         dequantize = ir.node(
             "DequantizeLinear",
             trimmed(codes, scales, zero_points),

@@ -79,6 +79,8 @@ def nothing_quantized(
             ((n, w) for n, w in skipped if n.op_type != "Gather"), skipped[0]
         )  # a Gather is most often shape arithmetic: a MatMul's reason says more
         split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
+        # "with a constant float weight" would be wrong here: a skipped node may have one.
+        kinds = f"{kinds} it would quantize"
         found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
     else:
         in_functions = sum(
@@ -91,6 +93,7 @@ def nothing_quantized(
             if in_functions
             else "the model has none"
         )
+        kinds = f"{kinds} with a constant float weight"
     # quant calibrates the main graph's only: a body's stay float under both passes.
     convs = collections.Counter(n.graph is model.graph for n in _float_convs(model))
     hint = ""
@@ -99,7 +102,7 @@ def nothing_quantized(
     if convs[False]:
         hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
     logger.warning(
-        "%s: nothing quantized: no %s with a constant float weight (%s)%s%s",
+        "%s: nothing quantized: no %s (%s)%s%s",
         pass_name,
         kinds,
         found,
