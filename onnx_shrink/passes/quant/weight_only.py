@@ -52,6 +52,10 @@ FORMATS = ("matmulnbits", "dequantize_linear")
 # Blocked DequantizeLinear (``block_size``) and int4 types exist from opset 21 / IR 10 on.
 BLOCKED_DQ_OPSET = 21
 INT4_IR_VERSION = 10
+ORT_FUSED_LEVEL = 4
+"""The accuracy level onnxruntime gives the MatMulNBits it fuses from a DequantizeLinear before
+a MatMul, unless its session sets session.qdq_matmulnbits_accuracy_level: the file has no
+place for one, so format=dequantize_linear takes only this one."""
 FUSED_DEQUANTIZE_HARM = (
     "onnxruntime fuses DequantizeLinear and MatMul into MatMulNBits with int8 activations "
     "unless its session sets session.qdq_matmulnbits_accuracy_level: onnx-asr's NeMo front "
@@ -123,7 +127,8 @@ class WeightOnlyQuantPass(DataAwarePass):
     accuracy_level: int = option(
         4,
         "MatMulNBits compute type: 0 unset (float), 1 fp32, 2 fp16, 3 bf16, 4 int8 activations"
-        " quantized per block at run time (fastest on CPU; ignored by GPU providers)",
+        " quantized per block at run time (fastest on CPU; ignored by GPU providers); "
+        "format=matmulnbits only, as dequantize_linear leaves it to onnxruntime's session (4)",
         choices=(0, 1, 2, 3, 4),
     )
     log_inputs: bool = option(
@@ -175,6 +180,14 @@ class WeightOnlyQuantPass(DataAwarePass):
     def __post_init__(self) -> None:
         check_options(self)
         check_selection(self.op_types, SUPPORTED_OPS)
+        if self.format == "dequantize_linear" and self.accuracy_level != ORT_FUSED_LEVEL:
+            raise ValueError(
+                f"accuracy_level={self.accuracy_level} cannot be written with "
+                "format=dequantize_linear: onnxruntime fuses DequantizeLinear and MatMul into "
+                "MatMulNBits at the level of its session option "
+                f"session.qdq_matmulnbits_accuracy_level ({ORT_FUSED_LEVEL} unless the session "
+                "sets it); use format=matmulnbits"
+            )
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         """Without data (``rounding=nearest``) the pass runs like any in-place pass."""

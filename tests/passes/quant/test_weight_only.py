@@ -316,6 +316,11 @@ def test_bad_options_are_rejected():
         WeightOnlyQuantPass(format="gptq")  # type: ignore[arg-type]
     with pytest.raises(ValueError, match="op_types"):
         WeightOnlyQuantPass(op_types=("Gemm",))
+    # The blocked DequantizeLinear form has no place for a level: onnxruntime's session picks
+    # the fused MatMulNBits' one (4), so a level 1 asked for would silently be int8.
+    with pytest.raises(ValueError, match="accuracy_level=1 cannot be written"):
+        WeightOnlyQuantPass(format="dequantize_linear", accuracy_level=1)
+    WeightOnlyQuantPass(format="dequantize_linear", accuracy_level=4)
 
 
 @pytest.mark.network
