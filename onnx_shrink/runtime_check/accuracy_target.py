@@ -235,9 +235,10 @@ def _meet(
 
 
 def _scored_view(model: ir.Model) -> ir.Model:
-    """``model``, or where its outputs are integers (a tagger's ArgMax) a copy that also
-    outputs the float values they are decided from: the target is an error of those."""
-    if combined_mod.computes_float_output(model):
+    """``model``, or where its outputs are integers (a tagger's ArgMax) or ordered by a
+    selection (a detector's TopK) a copy that also outputs the float values they are decided
+    from: the target is an error of those."""
+    if not combined_mod.scores_elsewhere(model):
         return model
     view = model.clone()
     return view if combined_mod.add_scored_outputs(view) else model

@@ -19,7 +19,17 @@ def notes(numeric: NumericReport) -> list[str]:
     lines = [f"not checked: {line}" for line in numeric.untested_branches]
     lines += _unjudged_integers(numeric)
     worst = numeric.large_error
-    if worst is not None:
+    ordered_by = dict(numeric.ordered_by)
+    if worst is not None and worst.name in ordered_by:
+        # isbnx's TopK detector in fp16: 3.9 dB SNR with the same detections.
+        lines.append(
+            f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
+            f"{worst.cosine:.4f}), but {ordered_by[worst.name]} chooses and orders its rows: "
+            "near-equal scores trade places under any change, and rows compared element by "
+            "element then count as error; --layers shows the error of the values it chooses "
+            "from, which quant.max_error and --sensitivity measure instead"
+        )
+    elif worst is not None:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
         # filterbank quantized: 6.7 dB, cosine 0.89) read like any other. The fix is named
         # too: on PicoDet's layout model (score cosine 0.86), max_error=0.15 gave 0.991.

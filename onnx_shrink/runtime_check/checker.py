@@ -31,6 +31,7 @@ from onnx_shrink.runtime_check import (
     declared_outputs,
     op_time,
     sample_batches,
+    selection,
     sessions,
 )
 from onnx_shrink.runtime_check import branches as branches_mod
@@ -290,7 +291,15 @@ def _numeric(
         class_outputs=labels_mod.class_score_outputs(pair.ref.model.graph),
     )
     untested = watch.untested() if watch is not None else ()
-    report = dataclasses.replace(report, samples=samples, untested_branches=untested)
+    ordered = selection.ordered_outputs(pair.ref.model.graph)
+    report = dataclasses.replace(
+        report,
+        samples=samples,
+        untested_branches=untested,
+        ordered_by=tuple(
+            (value.name or "", f"{node.op_type} '{node.name}'") for value, node in ordered.items()
+        ),
+    )
     if not first:  # no batch at all: what the data's first feed check says
         first.append(data_mod.Batch(dataset.first_feed(), 1, None))
     return report, first[0]

@@ -28,7 +28,7 @@ from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant import value_types
-from onnx_shrink.runtime_check import collect_runs, sessions
+from onnx_shrink.runtime_check import collect_runs, selection, sessions
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check.layers import FLOAT_TYPES
 from onnx_shrink.runtime_check.progress import Progress
@@ -37,15 +37,20 @@ logger = logging.getLogger(__name__)
 
 
 def compared_outputs(model: ir.Model, who: str) -> list[int]:
-    """Indices of the float graph outputs computed by a node (echoed inputs cannot differ).
+    """Indices of the float graph outputs computed by a node (echoed inputs cannot differ),
+    less those ordered by a selection where others remain (``add_scored_outputs`` outputs
+    what the selection chose from: its reordered rows are no measure of the change).
 
     Raises:
         ShrinkError: there is none (``who`` names the caller in the message).
     """
-    indices = [i for i, value in enumerate(model.graph.outputs) if _computed_float(value)]
+    graph = model.graph
+    indices = [i for i, value in enumerate(graph.outputs) if _computed_float(value)]
     if not indices:
         raise ShrinkError(f"{who}: the model has no float output computed by its graph")
-    return indices
+    ordered = selection.ordered_outputs(graph)
+    unordered = [i for i in indices if graph.outputs[i] not in ordered]
+    return unordered or indices
 
 
 def computes_float_output(model: ir.Model) -> bool:
@@ -61,22 +66,44 @@ SCORE_DEPTH = 8
 """Nodes walked back from an integer output to the float values it is decided from."""
 
 
+def scores_elsewhere(model: ir.Model) -> bool:
+    """Whether ``add_scored_outputs`` would add outputs to ``model`` (it may add none)."""
+    return not computes_float_output(model) or bool(selection.ordered_outputs(model.graph))
+
+
 def add_scored_outputs(model: ir.Model) -> list[str]:
-    """Where ``model`` has no float output computed by its graph, output the float values its
-    integer and boolean outputs are decided from too (in place), and return the new outputs'
-    names (``<value>_scored``): a tagger's or a classifier's ``ArgMax`` reads its scores, a
-    mask's ``Greater`` its probabilities. Their error is what the measurements rank by: that
-    of ids is no distance. Each is an Identity's output, so that the value itself is no graph
-    output: ``quant`` quantizes a graph output its layer writes, and the measured copies
-    would be rounded where the pass's result is not. Nothing is added where a float output
-    exists, or where an integer output comes from no float value within ``SCORE_DEPTH``
-    nodes."""
+    """Output the float values the measurements rank by, where the model's outputs are no
+    measure of a change (in place), and return the new outputs' names (``<value>_scored``):
+
+    * where ``model`` has no float output computed by its graph, the values its integer and
+      boolean outputs are decided from: a tagger's or a classifier's ``ArgMax`` reads its
+      scores, a mask's ``Greater`` its probabilities (the error of ids is no distance);
+      nothing where they come from no float value within ``SCORE_DEPTH`` nodes;
+    * where a float output is ordered by a selection (a detector's ``TopK``), the values the
+      selection chose from (``selection.sources``), which ``compared_outputs`` then measures
+      in its place.
+
+    Each is an Identity's output, so that the value itself is no graph output: ``quant``
+    quantizes a graph output its layer writes, and the measured copies would be rounded
+    where the pass's result is not."""
     graph = model.graph
     if computes_float_output(model):
-        return []
-    value_types.infer_types(model)  # the walk tells floats by their types
+        ordered = selection.ordered_outputs(graph)
+        if ordered:
+            value_types.infer_types(model)  # sources are told by their types
+        scores = [score for value in ordered for score in selection.sources(graph, value)]
+        what = (
+            "are rows a selection orders ("
+            + ", ".join(
+                f"'{v.name}' by {node.op_type} '{node.name}'" for v, node in ordered.items()
+            )
+            + ")"
+        )
+    else:
+        value_types.infer_types(model)  # the walk tells floats by their types
+        scores = [score for value in graph.outputs for score in _float_sources(value)]
+        what = "are integers"
     taken = graph_edit.value_names(graph)
-    scores = [score for value in graph.outputs for score in _float_sources(value)]
     added: list[str] = []
     for score in dict.fromkeys(scores):
         alias = ir.node("Identity", [score])
@@ -87,8 +114,9 @@ def add_scored_outputs(model: ir.Model) -> list[str]:
         added.append(alias.outputs[0].name)
     if added:
         logger.info(
-            "the model's outputs are integers; errors are measured on the float values they "
-            "are decided from: %s",
+            "the model's outputs %s; errors are measured on the float values they are "
+            "decided from: %s",
+            what,
             ", ".join(added),
         )
     return added

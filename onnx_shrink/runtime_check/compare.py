@@ -146,6 +146,9 @@ class NumericReport:
     failures: tuple[str, ...]
     untested_branches: tuple[str, ...] = ()
     """If branches the passes rewrote that no sample took: not checked (``branches``)"""
+    ordered_by: tuple[tuple[str, str], ...] = ()
+    """(output, the selection that orders its rows, as "TopK 'name'"): element by element,
+    rows that trade places count as error (``selection``)"""
 
     @property
     def passed(self) -> bool:
