@@ -22,7 +22,7 @@ from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
-from onnx_shrink.compiler.walk import nodes_of, onnx_opset
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import gptq_grams, log_cone
 from onnx_shrink.passes.quant.blockwise import (
@@ -43,7 +43,11 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
+from onnx_shrink.passes.quant.weight_warnings import (
+    warn_float_convs,
+    warn_float_gemms,
+    warn_tables_in_8_bits,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -121,7 +125,8 @@ class WeightOnlyQuantPass(DataAwarePass):
     format: Literal["matmulnbits", "dequantize_linear"] = option(
         "matmulnbits",
         "matmulnbits: com.microsoft MatMulNBits/GatherBlockQuantized; dequantize_linear: "
-        "opset-21 blocked DequantizeLinear before the float MatMul/Gather",
+        "opset-21 blocked DequantizeLinear before the float MatMul/Gather (Gather tables in 8 "
+        "bits: ONNX Gather reads no int4)",
         choices=FORMATS,
     )
     accuracy_level: int = option(
@@ -225,14 +230,17 @@ class WeightOnlyQuantPass(DataAwarePass):
         grams: dict[ir.Value, np.ndarray] = {}
         if self.rounding == "gptq":  # nearest rounding has no Grams to look for
             grams = gptq_grams.weight_grams(context, self._matmuls(model, context), stats)
-        count = 0
+        count = tables = 0
         for node in context.candidates(self.op_types):
             if node.op_type == "Gather":
-                count += self._try_quantize_gather(context, node)
+                tables += self._try_quantize_gather(context, node)
             else:
                 count += self._try_quantize_matmul(context, node, grams)
+        count += tables
         if count and self.format == "dequantize_linear":
             model.ir_version = max(model.ir_version, INT4_IR_VERSION)
+        if tables and self.format == "dequantize_linear" and self.bits < 8:
+            warn_tables_in_8_bits(self.name, tables, self.bits)
         context.drop_dead_weights()
         half_weights.restore(model)  # those left float
         logger.info("%s: quantized %d nodes", self.name, count)
@@ -240,14 +248,7 @@ class WeightOnlyQuantPass(DataAwarePass):
             context.warn_nothing_quantized(self.op_types)
         else:
             warn_float_convs(model, self.name)
-        gemms = nodes_of(model, ("Gemm",))
-        if gemms:
-            logger.warning(
-                "%s: the model's %d Gemm nodes stay float: it takes MatMul and Gather "
-                "(quant-dynamic and quant take Gemm)",
-                self.name,
-                len(gemms),
-            )
+        warn_float_gemms(model, self.name)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def _prepare(self, model: ir.Model) -> bool:

