@@ -53,7 +53,7 @@ def calibration_data(
         # Whether a batch's samples stay apart is untried: one a run is right either way.
         logger.info("calibration: each sample runs alone: untried on the input model (%s)", e)
         return batch_mixing.each_sample_alone(dataset, specs)
-    return batch_mixing.vetted(dataset, specs, session, "the input model")
+    return batch_mixing.vetted(dataset, specs, session, "the input model", model)
 
 
 def reporting(

@@ -19,6 +19,7 @@ the float model did not.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import itertools
 import logging
@@ -26,11 +27,13 @@ import math
 from collections.abc import Callable, Mapping, Sequence
 
 import numpy as np
+import onnx_ir as ir
 import onnxruntime as ort
 
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.data_types import Batch, Dataset, Feed, InputSpec
+from onnx_shrink.wording import counted
 
 logger = logging.getLogger(__name__)
 
@@ -44,11 +47,19 @@ TRIAL_SAMPLES = 16
 """Samples the pair is chosen from where the first feed holds one"""
 
 
+PER_RUN_SCALES = frozenset(
+    {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+)
+"""Ops that take one int8 scale per run from every sample in it (quant-dynamic's): samples
+run together share it, so each one's outputs depend on its batch-mates."""
+
+
 def vetted(
     dataset: Dataset,
     specs: Sequence[InputSpec],
     session: ort.InferenceSession,
     label: str = "the model",
+    model: ir.Model | None = None,
 ) -> Dataset:
     """``dataset`` as the model ``session`` runs (named ``label``) may read it: marked
     ``independent_samples`` where two samples (``_trial_pair``) give the same outputs
@@ -58,7 +69,9 @@ def vetted(
     one sample whatever it declares: the readers' ``alone_after_failure`` then splits).
 
     The mark is the caller's to trust: it says one model was tried, and a compressed copy
-    may mix where its input does not (int8 zeros under a Log that a batch-wide max clips)."""
+    may mix where its input does not (int8 zeros under a Log that a batch-wide max clips).
+    ``model``: the model ``session`` runs, where known: the warning then names its
+    ``PER_RUN_SCALES`` nodes as the likely cause."""
     if not sample_batches.splittable(dataset, specs):
         return dataset
     pair = _trial_pair(dataset, specs)
@@ -88,14 +101,27 @@ def vetted(
         return dataclasses.replace(dataset, independent_samples=True)
     logger.warning(
         "%s: %s mixes the samples of a batch: output '%s' of a sample changes when it runs "
-        "beside another (a reduction or normalization over the batch axis), so every sample "
-        "runs alone; to run batches as you run them, give each batch as one entry of an array "
-        "with one more axis",
+        "beside another (%s), so every sample runs alone; to run batches as you run them, "
+        "give each batch as one entry of an array with one more axis",
         dataset.description,
         label,
         moved,
+        _likely_cause(model),
     )
     return each_sample_alone(dataset, specs)
+
+
+def _likely_cause(model: ir.Model | None) -> str:
+    """Why a model's samples mix: its per-run int8 scales where it has any (quant-dynamic
+    on occular-deskew's CNN was said to reduce over the batch axis), else the usual cause."""
+    graphs = model.graphs() if model is not None else ()
+    counts = collections.Counter(
+        node.op_type for graph in graphs for node in graph if node.op_type in PER_RUN_SCALES
+    )
+    if not counts:
+        return "a reduction or normalization over the batch axis"
+    nodes = ", ".join(counted(n, f"{op} node") for op, n in sorted(counts.items()))
+    return f"one int8 scale per run, shared by every sample in it: its {nodes}"
 
 
 def _moved_with_batch_mates(

@@ -164,12 +164,12 @@ def _open(
         )
     if not dataset.independent_samples:  # (shrink's preflight tried the input already)
         # Before the cache: its trial runs are no feeds the check will run again.
-        dataset = batch_mixing.vetted(dataset, specs, ref_session, ref.label)
+        dataset = batch_mixing.vetted(dataset, specs, ref_session, ref.label, ref.model)
     if kept is not None and ref_source is ref.source:  # not with a BranchWatch's outputs
         ref_session = CachedRuns(ref_session, kept.kept)
     cand_session = _candidate_session(ref, cand, specs, provider)
     # Joined samples only where the candidate does not mix them either.
-    dataset = batch_mixing.vetted(dataset, specs, cand_session, cand.label)
+    dataset = batch_mixing.vetted(dataset, specs, cand_session, cand.label, cand.model)
     return _Pair(ref, cand, ref_session, cand_session, specs, dataset, watch)
 
 

@@ -342,3 +342,24 @@ def test_weighing_a_mapped_npz_for_the_trial_hands_its_pages_back(tmp_path):
 )
 def test_a_samples_magnitude_is_its_largest_finite_one(values, largest):
     assert batch_mixing._largest_finite(np.array(values, np.float32)) == largest
+
+
+def test_a_candidate_that_mixes_through_per_run_int8_scales_is_told_so(caplog, tmp_path):
+    """quant-dynamic's DynamicQuantizeMatMul takes one scale per run from every row in it: on
+    occular-deskew's CNN the warning blamed "a reduction or normalization over the batch
+    axis", which the model has none of."""
+    reference = _normalized(True, divide=False)
+    result = onnx_shrink.shrink(
+        reference, "quant-dynamic", sets=("quant-dynamic.min_weight_elements=0",), check=False
+    )
+    candidate = tmp_path / "dynamic.onnx"
+    candidate.write_bytes(ir.to_proto(result.model).SerializeToString())
+    with caplog.at_level(logging.WARNING):
+        checker.compare(reference, candidate, {"x": _samples()})
+    assert "dynamic.onnx mixes the samples of a batch" in caplog.text
+    assert "one int8 scale per run, shared by every sample in it: its 2 " in caplog.text
+    assert "reduction or normalization" not in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):  # a model that mixes through its own arithmetic
+        checker.compare(reference, _normalized(True), {"x": _samples()})
+    assert "(a reduction or normalization over the batch axis)" in caplog.text
