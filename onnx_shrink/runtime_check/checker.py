@@ -297,7 +297,7 @@ def _numeric(
         samples=samples,
         untested_branches=untested,
         ordered_by=tuple(
-            (value.name or "", f"{node.op_type} '{node.name}'") for value, node in ordered.items()
+            (value.name or "", selection.describe(node)) for value, node in ordered.items()
         ),
     )
     if not first:  # no batch at all: what the data's first feed check says

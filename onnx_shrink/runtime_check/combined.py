@@ -91,14 +91,9 @@ def add_scored_outputs(model: ir.Model) -> list[str]:
         ordered = selection.ordered_outputs(graph)
         if ordered:
             value_types.infer_types(model)  # sources are told by their types
-        scores = [score for value in ordered for score in selection.sources(graph, value)]
-        what = (
-            "are rows a selection orders ("
-            + ", ".join(
-                f"'{v.name}' by {node.op_type} '{node.name}'" for v, node in ordered.items()
-            )
-            + ")"
-        )
+        scores = selection.sources(graph, *ordered)
+        chosen = (f"'{v.name}' by {selection.describe(node)}" for v, node in ordered.items())
+        what = f"are rows a selection orders ({', '.join(chosen)})"
     else:
         value_types.infer_types(model)  # the walk tells floats by their types
         scores = [score for value in graph.outputs for score in _float_sources(value)]

@@ -61,17 +61,20 @@ def _kept(topk: ir.Node) -> int | None:
     return int(tensor.numpy().reshape(-1)[0])
 
 
-def sources(graph: ir.Graph, output: ir.Value) -> list[ir.Value]:
+def describe(topk: ir.Node) -> str:
+    """The selection as the check and the logs name it: "TopK '<name>'"."""
+    return f"{topk.op_type} '{topk.name}'"
+
+
+def sources(graph: ir.Graph, *outputs: ir.Value) -> list[ir.Value]:
     """The float values computed by ``graph`` that the selection machinery upstream of
-    ``output`` reads and that no selection has ordered: walking back from ``output`` over
-    ordered values, each computed float input that is not ordered. [] where ``output`` is not
-    ordered."""
+    ``outputs`` reads and that no selection has ordered: walking back from each ordered one
+    over ordered values, each computed float input that is not ordered, once each. [] where
+    none is ordered."""
     ordered = _ordered_values(graph)
-    if output not in ordered:
-        return []
     found: dict[ir.Value, None] = {}
     seen: set[ir.Value] = set()
-    frontier = [output]
+    frontier = [output for output in outputs if output in ordered]
     while frontier:
         value = frontier.pop()
         if value in seen:

@@ -363,12 +363,13 @@ class WeightOnlyQuantPass(DataAwarePass):
         relative error was 0.165 with 4-bit codes at level 4, 0.0075 at level 1, 0.0004 with
         8-bit codes at level 1; on onnx-asr's NeMo front end 0.045 with 4-bit codes at level
         1, 0.0018 with 8-bit ones. The 8-bit filterbanks cost 4.5 and 18 KiB more, in files
-        of 1 MiB."""
-        if self.log_inputs or not log_cone.feeds_log(node):
+        of 1 MiB. False with ``format=dequantize_linear``: ``_matmul_match`` keeps such a
+        MatMul float there, and the cone is not walked again."""
+        if self.log_inputs or self.format == "dequantize_linear" or not log_cone.feeds_log(node):
             return False
         changes = [
             *(["8-bit codes"] if self.bits < 8 else []),
-            *(["fp32 compute"] if self.accuracy_level > 1 and self.format == "matmulnbits" else []),
+            *(["fp32 compute"] if self.accuracy_level > 1 else []),
         ]
         if changes:
             logger.info(
