@@ -271,6 +271,8 @@ def shrink(
                 report = _check_candidate(
                     reference, candidate, dataset, options, output_path, progress
                 )
+                made_by = tuple(step.name for step in result.steps if step.changed)
+                report = dataclasses.replace(report, passes=made_by)  # whose fixes to name
             except (RunFailedError, DataError) as e:
                 e.model = result.model  # the unchecked result, kept where no file holds it
                 # What was gained is known: the CLI still prints it and writes the reports.
@@ -457,16 +459,13 @@ def _on_disk(
 ) -> tuple[pipeline.StepRecord, ...]:
     """``steps`` with the first pass's bytes before and the last's after as the files take
     them on disk, as the total shows them: between passes, sizes are the model serialized
-    (external data adds its own layout, from tens of bytes to kilobytes)."""
-
-    def changed(step: pipeline.StepRecord) -> bool:  # else its sizes stay equal
-        return step.modified and not step.rolled_back
-
+    (external data adds its own layout, from tens of bytes to kilobytes). A step that did not
+    change the model keeps its sizes equal."""
     if not steps:
         return steps
-    if changed(steps[0]):
+    if steps[0].changed:
         steps = (dataclasses.replace(steps[0], bytes_before=input_bytes), *steps[1:])
-    if changed(steps[-1]):
+    if steps[-1].changed:
         steps = (*steps[:-1], dataclasses.replace(steps[-1], bytes_after=output_bytes))
     return steps
 

@@ -94,7 +94,7 @@ def summary_table(result: ShrinkResult) -> Table:
         note = " (rolled back)" if step.rolled_back else ("" if step.modified else " (no change)")
         if step.note:
             note += f" [{step.note}]"
-        if step.verdict and step.modified and not step.rolled_back:  # --verify-each kept it
+        if step.verdict and step.changed:  # --verify-each kept it
             note += f" [verified: {step.verdict}]"
         target = result.target_of(step)
         if target is not None:  # its time is not the pass's own: the search ran first
@@ -143,7 +143,7 @@ def _known(x: float) -> str:
 
 def check_tables(report: CheckReport) -> list[Table]:
     """The numerics table, the per-layer table (with --layers) and the speed/size table."""
-    tables = [numeric_table(report.numeric, report.provider, report.seconds)]
+    tables = [numeric_table(report.numeric, report.provider, report.seconds, report.notes())]
     if report.layers is not None:
         tables.append(layers_table(report.layers))
     tables.append(speed_table(report))
@@ -152,9 +152,15 @@ def check_tables(report: CheckReport) -> list[Table]:
     return tables
 
 
-def numeric_table(numeric: NumericReport, provider: str, seconds: float | None = None) -> Table:
+def numeric_table(
+    numeric: NumericReport,
+    provider: str,
+    seconds: float | None = None,
+    notes: list[str] | None = None,
+) -> Table:
     """Per-output error, cosine, SNR and NaN/Inf; accuracy with labels; the verdict; the
-    check's time where given."""
+    check's time where given; ``notes`` under it (None: ``check_notes``' on the numbers
+    alone)."""
     verdict = numeric.verdict
     took = f", {seconds:.1f}s" if seconds else ""
     title = escape(
@@ -197,7 +203,8 @@ def numeric_table(numeric: NumericReport, provider: str, seconds: float | None =
         )
     for failure in numeric.failures:
         table.add_row(f"[red]FAIL[/red] {escape(failure)}")
-    notes = check_notes.notes(numeric)
+    if notes is None:
+        notes = check_notes.notes(numeric)
     if notes:
         table.caption = escape("\n".join(notes))
     return table

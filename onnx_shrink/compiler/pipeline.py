@@ -55,6 +55,16 @@ class StepRecord:
     probes: int = 0
     """trial edits measured"""
 
+    @property
+    def name(self) -> str:
+        """The pass's name, without the options ``spec`` shows."""
+        return self.spec.partition("(")[0]
+
+    @property
+    def changed(self) -> bool:
+        """Whether the model out of the pipeline holds this pass's edits."""
+        return self.modified and not self.rolled_back
+
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
 

@@ -5,29 +5,62 @@ The console prints the lines under its numeric table, the HTML report lists them
 comparison, and the JSON report carries them (``notes``): a "large error" on a mel
 spectrogram quantized to 5.8 dB SNR was on the console only, and the report files of the same
 run read like any other.
+
+A large error names the fix of each lossy pass that made the candidate, where the check knows
+them (a shrink's): quant's advice after ``prune`` alone sent a user to an option of a pass
+the pipeline did not have.
 """
 
 from __future__ import annotations
+
+from collections.abc import Sequence
 
 from onnx_shrink.runtime_check.compare import NumericReport
 
 LOCATE = "--layers shows where the error first jumps"
 
+QUANT_FIX = (
+    "--sensitivity ranks the layers that cost it, and --set quant.max_error=0.1 keeps the "
+    "worst of them float until every output's relative error is within 0.1"
+)
+FIXES = {
+    "quant": QUANT_FIX,
+    "quant-dynamic": "--set quant-dynamic.exclude=NODE keeps the node --layers names float",
+    "quant-weight": "--set quant-weight.bits=8, or a smaller quant-weight.block_size, keeps "
+    "more of each weight",
+    "fp16": "--set fp16.exclude=NODE keeps the node --layers names in float32",
+    "prune": "a lower prune.sparsity zeroes fewer weights",
+    "prune-channels": "a lower prune-channels.ratio removes fewer channels",
+    "lowrank": "a lower lowrank.reduction removes less, and lowrank.selection=error bounds "
+    "each layer's error by lowrank.max_error",
+}
+"""each lossy pass's first remedy for a large error, by pass name (tests hold the options
+named here to the registry's)"""
 
-def notes(numeric: NumericReport) -> list[str]:
-    """The notes on ``numeric``, the unchecked branches first; [] where there is none."""
+
+def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[str]:
+    """The notes on ``numeric``, the unchecked branches first; [] where there is none.
+
+    ``passes``: the names of the passes that made the candidate, in order (a shrink's check);
+    None where they are unknown (``onnx-shrink check``), where quant's fix is named as the
+    likeliest."""
     lines = [f"not checked: {line}" for line in numeric.untested_branches]
     lines += _unjudged_integers(numeric)
     worst = numeric.large_error
     ordered_by = dict(numeric.ordered_by)
     if worst is not None and worst.name in ordered_by:
         # isbnx's TopK detector in fp16: 3.9 dB SNR with the same detections.
+        measured = (
+            ", which quant.max_error and --sensitivity measure instead"
+            if passes is None or "quant" in passes
+            else ""
+        )
         lines.append(
             f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
             f"{worst.cosine:.4f}), but {ordered_by[worst.name]} chooses and orders its rows: "
             "near-equal scores trade places under any change, and rows compared element by "
             "element then count as error; --layers shows the error of the values it chooses "
-            "from, which quant.max_error and --sensitivity measure instead"
+            f"from{measured}"
         )
     elif worst is not None:
         # Without tolerances the verdict only says "measured": a destroyed output (a mel
@@ -35,9 +68,7 @@ def notes(numeric: NumericReport) -> list[str]:
         # too: on PicoDet's layout model (score cosine 0.86), max_error=0.15 gave 0.991.
         lines.append(
             f"large error: '{worst.name}' keeps {worst.snr_db:.1f} dB SNR (cosine "
-            f"{worst.cosine:.4f}); {LOCATE}; for quant, --sensitivity ranks the layers that "
-            "cost it, and --set quant.max_error=0.1 keeps the worst of them float until every "
-            "output's relative error is within 0.1"
+            f"{worst.cosine:.4f}); {LOCATE}{_fixes(passes)}"
         )
     changed = numeric.low_agreement
     if changed is not None:
@@ -46,6 +77,12 @@ def notes(numeric: NumericReport) -> list[str]:
             f"the original's; {LOCATE}"
         )
     return lines
+
+
+def _fixes(passes: Sequence[str] | None) -> str:
+    """The "; for prune, ...; for quant, ..." of the lossy passes among ``passes``, once each."""
+    names = ["quant"] if passes is None else list(dict.fromkeys(p for p in passes if p in FIXES))
+    return "".join(f"; for {name}, {FIXES[name]}" for name in names)
 
 
 def _unjudged_integers(numeric: NumericReport) -> list[str]:

@@ -70,16 +70,24 @@ class CheckReport:
     """the check's wall time: loading, numerics, layers, latency, sizes"""
     time_by_op: op_time.OpTimeComparison | None = None
     """where each model's time goes, profiled where the latency says the candidate is slower"""
+    passes: tuple[str, ...] | None = None
+    """the names of the passes that made the candidate, where a shrink checked its result;
+    None for ``onnx-shrink check``, which cannot know them"""
 
     @property
     def passed(self) -> bool:
         return self.numeric.passed
 
+    def notes(self) -> list[str]:
+        """What the numbers alone do not say (``check_notes``), with the fixes of the passes
+        that made the candidate."""
+        return check_notes.notes(self.numeric, self.passes)
+
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
         result["passed"] = self.passed
         result["verdict"] = self.numeric.verdict
-        result["notes"] = check_notes.notes(self.numeric)
+        result["notes"] = self.notes()
         return result
 
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
-from onnx_shrink.runtime_check import check_notes, report_speed, svg
+from onnx_shrink.runtime_check import report_speed, svg
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
@@ -133,7 +133,7 @@ def _compared(check: CheckReport) -> str:
         f"<code>{escape(check.reference)}</code> on {escape(check.provider)}, "
         f"{counted(numeric.samples, 'sample')} from {data}.</p>"
     )
-    notes = check_notes.notes(numeric)  # whatever the verdict says: branches not run, ...
+    notes = check.notes()  # whatever the verdict says: branches not run, ...
     if notes:
         items = "".join(f"<li>{escape(line[0].upper() + line[1:])}</li>" for line in notes)
         text += f'<ul class="failures">{items}</ul>'

@@ -125,6 +125,10 @@ def test_the_check_says_the_error_of_reordered_rows_overstates_the_change(tmp_pa
     note = next(line for line in check_notes.notes(report) if line.startswith("large error"))
     assert "TopK 'topk' chooses and orders its rows" in note
     assert "--sensitivity ranks" not in note  # no layer of this model moved a box
+    assert note.endswith("which quant.max_error and --sensitivity measure instead")
+    # After fp16, which has neither: where to look, no more.
+    (after_fp16,) = check_notes.notes(report, ("fp16",))
+    assert after_fp16.endswith("--layers shows the error of the values it chooses from")
 
 
 def test_the_accuracy_target_is_met_on_the_values_the_topk_chose_from(tmp_path):

@@ -1,0 +1,66 @@
+"""A large error's note names the fix of each lossy pass that made the candidate: after prune
+alone it sent users to quant.max_error and --sensitivity, options of a pass they never ran."""
+
+from __future__ import annotations
+
+import dataclasses
+import re
+
+import pytest
+
+import onnx_shrink
+from models import digits
+from onnx_shrink import console
+from onnx_shrink.compiler import registry
+from onnx_shrink.runtime_check import check_notes, checker
+from tests.helpers import digits_images
+
+QUANT_FIX = "for quant, --sensitivity ranks the layers that cost it"
+PRUNE_FIX = "for prune, a lower prune.sparsity zeroes fewer weights"
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> onnx_shrink.ShrinkResult:
+    """The digits CNN at 50% magnitude sparsity: logits at cosine 0.988, a large error."""
+    check = onnx_shrink.CheckOptions(data={"image": digits_images()}, latency_runs=0)
+    output = tmp_path_factory.mktemp("pruned") / "pruned.onnx"
+    return onnx_shrink.shrink(digits.MODEL_PATH, "fold,prune", output=str(output), check=check)
+
+
+def test_after_prune_the_note_names_prune_s_fix_and_not_quant_s(pruned):
+    verification = pruned.verification
+    assert verification.passes == ("fold", "prune")
+    (note,) = verification.notes()
+    assert note.startswith("large error: 'logits'")
+    assert note.endswith(f"--layers shows where the error first jumps; {PRUNE_FIX}")
+    assert "quant" not in note
+    assert pruned.to_dict()["verification"]["notes"] == [note]
+    assert str(console.check_tables(verification)[0].caption) == note
+
+
+def test_each_lossy_pass_s_fix_is_named_once_in_pipeline_order(pruned):
+    numeric = pruned.verification.numeric
+    (note,) = check_notes.notes(numeric, ("fold", "prune", "quant", "prune"))
+    assert note.index(PRUNE_FIX) < note.index(QUANT_FIX)
+    assert note.count("for prune,") == 1 and note.count("for quant,") == 1
+    # Lossless passes only: where to look, no fix to name.
+    (note,) = check_notes.notes(numeric, ("fold",))
+    assert note.endswith("--layers shows where the error first jumps")
+
+
+def test_a_standalone_check_of_the_same_file_names_quant_s_fix(pruned):
+    """``onnx-shrink check`` cannot know what made the candidate."""
+    report = checker.check(
+        digits.MODEL_PATH, pruned.output_path, {"image": digits_images()}, latency_runs=0
+    )
+    assert report.passes is None
+    (note,) = report.notes()
+    assert QUANT_FIX in note and PRUNE_FIX not in note
+
+
+@pytest.mark.parametrize("name", sorted(check_notes.FIXES))
+def test_every_fix_names_options_its_pass_has(name):
+    fields = {f.name for f in dataclasses.fields(registry.pass_class(name))}
+    named = re.findall(rf"\b{re.escape(name)}\.([a-z_]+)", check_notes.FIXES[name])
+    assert named, f"{name}'s fix names none of its options"
+    assert set(named) <= fields
