@@ -46,12 +46,19 @@ class WarningRecords(logging.Handler):
 _said: set[str] = set()  # what warn_once said in this run
 
 
-def warn_once(logger: logging.Logger, message: str) -> None:
+def warn_once(logger: logging.Logger, message: str, key: str | None = None) -> None:
     """Warn of ``message`` once a run (once a process outside ``shrink``): ``--verify-each``
-    checks the same data after every pass, and said it once a pass."""
-    if message not in _said:
-        _said.add(message)
+    checks the same data after every pass, and said it once a pass. ``key``: what makes two
+    messages the same fact (default: the message), where their details differ."""
+    key = message if key is None else key
+    if key not in _said:
+        _said.add(key)
         logger.warning("%s", message)
+
+
+def forget_said() -> None:
+    """Start a new run for ``warn_once``: what an earlier run said is said again."""
+    _said.clear()
 
 
 def recorded(function: Callable[P, R]) -> Callable[P, R]:
@@ -64,7 +71,7 @@ def recorded(function: Callable[P, R]) -> Callable[P, R]:
         logger = logging.getLogger(LOGGER)
         records = WarningRecords(echo=not logger.hasHandlers())
         logger.addHandler(records)
-        _said.clear()  # each run says what it finds, whatever an earlier one said
+        forget_said()  # each run says what it finds, whatever an earlier one said
         try:
             return _with_warnings(function(*args, **kwargs), records)
         except BaseException as error:

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import settings
 
 from models import digits
-from onnx_shrink import cli
+from onnx_shrink import cli, warning_records
 
 # CI explores the same examples every run (a red build must reproduce); locally hypothesis
 # keeps searching new ones.
@@ -26,6 +26,12 @@ class CliRun:
     code: int
     out: str
     err: str
+
+
+@pytest.fixture(autouse=True)
+def fresh_warn_once() -> None:
+    """Each test is a run of its own for ``warn_once``, in whatever order they run."""
+    warning_records.forget_said()
 
 
 @pytest.fixture

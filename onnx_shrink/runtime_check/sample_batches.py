@@ -20,6 +20,7 @@ from onnx_shrink.compiler.io import data_files
 from onnx_shrink.compiler.io.validation import first_line
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check.data import Batch, Dataset, Feed, InputSpec
+from onnx_shrink.warning_records import warn_once
 
 logger = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -106,12 +107,15 @@ def alone_after_failure(
 
 
 def warn_alone(who: str, samples: int, error: Exception) -> None:
-    """Say that ``who`` runs every sample alone, the model having failed on ``samples``."""
-    logger.warning(
-        "%s: the model failed on %d samples in one run (%s); running every sample alone",
-        who,
-        samples,
-        first_line(error.__cause__ or error)[:200],
+    """Say that ``who`` runs every sample alone, the model having failed on ``samples``; once
+    a run: khmersm's fixed batch of 1 was said by the check and again by each statistics
+    pass, up to five times, the same fact in other words."""
+    warn_once(
+        logger,
+        f"{who}: the model failed on {samples} samples in one run "
+        f"({first_line(error.__cause__ or error)[:200]}); running every sample alone (the "
+        "statistics and the check alike)",
+        key="every sample alone",
     )
 
 

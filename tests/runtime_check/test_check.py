@@ -294,6 +294,11 @@ def test_a_model_that_takes_one_sample_a_run_is_checked_one_sample_at_a_time(
     assert run.code == 0, run.err
     assert run.err.count("failed on 8 samples in one run") == 1
     assert '"samples": 8' in (tmp_path / "r.json").read_text()
+    # Calibration's passes over the data and the check each find it: one warning says it.
+    quant = ("--passes", "fold,quant", "--set", "quant.calibration=entropy", "--data")
+    run = run_cli(model, *quant, tmp_path / "rows.npz", "--calibration", tmp_path / "rows.npz")
+    assert run.code == 0, run.err
+    assert run.err.count("samples in one run") == 1, run.err
 
 
 FRAMES = """
