@@ -109,12 +109,12 @@ class Float16Pass(DataAwarePass):
        nodes joined by float32 values that read under 1024 float32 weight elements and
        would be float32 on every side. Converting one only adds Casts; (j) onnxruntime's
        CPU provider cannot run it in float16 (``fp16_islands.onnxruntime_refuses``): a
-       ScatterElements/ScatterND with a reduction (no kernel), or a MatMul on a constant
-       weight reading a Transpose that moves axis 0 to -2, and that Transpose (the session
-       crashes on the pair); (k) its output reaches a Log through linear ops
-       (``log_cone``), unless ``log_inputs``: a quiet frame's power spectrum falls below
-       float16's normal range, which the Log spreads out (onnx-asr's NeMo front end: relative
-       error 0.023, 2e-4 with its STFT Conv float32).
+       ScatterElements/ScatterND with a reduction (no kernel), or a Transpose that moves
+       axis 0 to -2 or -1 into a MatMul (the session crashes where it is float16); (k) its
+       output reaches a Log through linear ops (``log_cone``), unless ``log_inputs``: a
+       quiet frame's power spectrum falls below float16's normal range, which the Log
+       spreads out (onnx-asr's NeMo front end: relative error 0.023, 2e-4 with its STFT Conv
+       float32).
     4. Inputs the schema fixes to float32 (Resize scales) stay float32, and so does Resize's
        roi (coordinates; see ``_KEPT_FLOAT_INPUTS``); ``Cast.to``,
        ``ConstantOfShape.value`` and the ``dtype`` of EyeLike/Random*/Bernoulli follow the

