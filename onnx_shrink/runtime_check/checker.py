@@ -185,7 +185,17 @@ def _candidate_session(
     ref: _Loaded, cand: _Loaded, specs: Sequence[data_mod.InputSpec], provider: str
 ) -> ort.InferenceSession:
     """The candidate's session, once it is known to load where the reference does and to
-    take the reference's inputs and give its outputs, by name."""
+    take the reference's inputs and give its outputs, by name. A candidate computing in
+    float16 or bfloat16 is opened in a child process first: a crash there is an error here,
+    not the end of this process."""
+    if sessions.computes_in_half(cand.model):
+        crash = sessions.crash_on_open(cand.source, provider)
+        if crash is not None:
+            raise CandidateFailedError(
+                f"{cand.label}: onnxruntime {ort.__version__} crashes ({crash}) creating its "
+                f"session on {provider}, where the reference's opens: it mishandles the "
+                "candidate's float16/bfloat16 graph (fp16.exclude keeps nodes float32)"
+            )
     try:
         session = sessions.create_session(cand.source, provider=provider, stop_spinning=True)
     except BadModelError as e:  # onnxruntime loads the reference: the candidate is broken

@@ -6,6 +6,10 @@ import contextlib
 import functools
 import logging
 import os
+import signal
+import subprocess
+import sys
+import tempfile
 import threading
 from collections.abc import Iterator, Mapping, Sequence
 from io import StringIO
@@ -188,6 +192,52 @@ def create_session(
     # onnxruntime reads the arrays for the session's life but holds no reference to them.
     session.onnx_shrink_initializers = initializers
     return session
+
+
+HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
+_OPEN = "import sys, onnxruntime as o; o.InferenceSession(sys.argv[1], providers=[sys.argv[2]])"
+OPEN_PROBE_SECONDS = 600  # a child still opening after this is left to the open in-process
+
+
+def computes_in_half(model: ir.Model) -> bool:
+    """Whether a node of ``model``'s main graph makes a float16 or bfloat16 value: onnxruntime's
+    CPU provider has few such kernels and casts around the others, and creating a session
+    for such graphs has crashed the process (``crash_on_open``)."""
+    return any(v.dtype in HALF_TYPES for node in model.graph for v in node.outputs)
+
+
+def crash_on_open(model: ModelBytesOrPath, provider: str = "cpu") -> str | None:
+    """The signal a fresh process dies of while it opens ``model`` on ``provider`` (as
+    ``create_session`` does by default), e.g. "SIGSEGV"; None where it opens, fails with an
+    error (the open in this process raises it), or is not tried (weights in memory: a
+    ``SessionSource``).
+
+    onnxruntime 1.32 crashed creating the session of pythainlp's thai2rom decoder after fp16
+    (a float16 Transpose into a MatMul it casts around): opened in this process, that killed
+    the CLI (exit 139) with no word and no report."""
+    if isinstance(model, large_tensors.SessionSource):
+        return None
+    with contextlib.ExitStack() as stack:
+        path = str(model) if not isinstance(model, bytes) else _written(model, stack)
+        command = [sys.executable, "-c", _OPEN, path, resolve_provider(provider)]
+        try:
+            child = subprocess.run(command, capture_output=True, timeout=OPEN_PROBE_SECONDS)
+        except subprocess.TimeoutExpired:
+            return None
+    if child.returncode >= 0:
+        return None
+    try:
+        return signal.Signals(-child.returncode).name
+    except ValueError:
+        return f"signal {-child.returncode}"
+
+
+def _written(model: bytes, stack: contextlib.ExitStack) -> str:
+    """``model`` in a temporary file that ``stack`` deletes."""
+    file = stack.enter_context(tempfile.NamedTemporaryFile(suffix=".onnx"))
+    file.write(model)
+    file.flush()
+    return file.name
 
 
 _WARNED_OPTIONS: set[tuple[str, str]] = set()

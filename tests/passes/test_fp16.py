@@ -756,7 +756,8 @@ def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
 
 def _attention_step() -> onnx.ModelProto:
     """pythainlp's thai2rom decoder's attention, float32: encoder states through a Gemm and a
-    Reshape, scored against the decoder's hidden state transposed [1, 1, H] -> [1, H, 1]."""
+    Reshape, scored against the decoder's hidden state transposed [1, 1, H] -> [1, H, 1].
+    At opset 13, as thai2rom's: onnxruntime 1.32 opens the float16 graph at opset 14."""
     from onnx import helper as oh
     from onnx import numpy_helper as onh
 
@@ -767,6 +768,7 @@ def _attention_step() -> onnx.ModelProto:
             oh.make_node("Reshape", ["projected", "shape"], ["keys"]),
             oh.make_node("Transpose", ["hidden"], ["query"], perm=[1, 2, 0]),
             oh.make_node("MatMul", ["keys", "query"], ["y"]),
+            oh.make_node("Tanh", ["hidden"], ["state"]),  # reads the hidden state in float16 too
         ],
         "g",
         [
@@ -774,10 +776,13 @@ def _attention_step() -> onnx.ModelProto:
             oh.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, [1, 1, 64]),
             oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [3]),
         ],
-        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "N", 1])],
+        [
+            oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "N", 1]),
+            oh.make_tensor_value_info("state", onnx.TensorProto.FLOAT, [1, 1, 64]),
+        ],
         [onh.from_array(weight, "W"), onh.from_array(np.zeros(64, np.float32), "B")],
     )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
 
 
 def _opens_in_onnxruntime(model: ir.Model, path: Path) -> None:
