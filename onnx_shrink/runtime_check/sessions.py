@@ -23,6 +23,7 @@ import onnxruntime as ort
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import BadModelError, RunFailedError, ShrinkError
+from onnx_shrink.passes.quant.value_types import HALF_TYPES
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import synthetic
 
@@ -194,7 +195,6 @@ def create_session(
     return session
 
 
-HALF_TYPES = frozenset({ir.DataType.FLOAT16, ir.DataType.BFLOAT16})
 _OPEN = "import sys, onnxruntime as o; o.InferenceSession(sys.argv[1], providers=[sys.argv[2]])"
 OPEN_PROBE_SECONDS = 600  # a child still opening after this is left to the open in-process
 

@@ -611,4 +611,4 @@ def test_the_report_keeps_the_runs_warnings_even_when_the_console_is_quiet(digit
     assert "WARNING" not in result.err
     warnings = json.loads(report_path.read_text())["warnings"]
     assert any(w.startswith("warning: quant-weight: nothing quantized") for w in warnings)
-    assert any("Gemm nodes stay float" in w for w in warnings)
+    assert any("stay float in its 2 Gemm nodes" in w for w in warnings)

@@ -157,16 +157,33 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     )
 
 
+LEFT_TO_OTHERS = ("Gemm", "LSTM", "GRU", "RNN")
+"""Weighted ops quant-weight leaves float, which quant-dynamic and quant take"""
+
+
 def warn_float_gemms(model: ir.Model, pass_name: str) -> None:
-    """Say that quant-weight left the model's Gemm nodes float: it takes MatMul and Gather."""
-    gemms = walk.nodes_of(model, ("Gemm",))
-    if gemms:
-        logger.warning(
-            "%s: the model's %d Gemm nodes stay float: it takes MatMul and Gather "
-            "(quant-dynamic and quant take Gemm)",
-            pass_name,
-            len(gemms),
-        )
+    """Say that quant-weight left the model's Gemm, LSTM, GRU and RNN weights float (it takes
+    MatMul and Gather), with their bytes and share of the model's: pythainlp's thai2rom
+    encoder holds 95% of its weights in an LSTM, and the pass saved 4% without a word."""
+    nodes = [
+        n
+        for n in walk.nodes_of(model, LEFT_TO_OTHERS)
+        if any(_float_constant(v) for v in n.inputs[1:3])
+    ]
+    if not nodes:
+        return
+    weights = {v: v.const_value.nbytes for n in nodes for v in n.inputs[1:3] if _float_constant(v)}
+    total = sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
+    held = sum(weights.values())
+    kinds = collections.Counter(n.op_type for n in nodes)
+    logger.warning(
+        "%s: %s of weights, %.0f%% of the model's, stay float in its %s: it takes MatMul and "
+        "Gather (quant-dynamic and quant take these)",
+        pass_name,
+        human_bytes(held),
+        100 * held / max(total, 1),
+        ", ".join(counted(kinds[op], f"{op} node") for op in LEFT_TO_OTHERS if kinds[op]),
+    )
 
 
 def warn_tables_in_8_bits(pass_name: str, tables: int, bits: int) -> None:
