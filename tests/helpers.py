@@ -151,3 +151,55 @@ def convs_in_if(main_conv: bool = False) -> onnx.ModelProto:
 def convs_in_if_x(samples: int = 1) -> np.ndarray:
     """Seeded values for ``convs_in_if``'s input ``x``: ``samples`` images [4, 8, 8]."""
     return np.random.default_rng(1).normal(size=(samples, 4, 8, 8)).astype(np.float32)
+
+
+def transposed_attention(dtype: int = onnx.TensorProto.FLOAT) -> onnx.ModelProto:
+    """pythainlp's thai2rom decoder's attention step in ``dtype``, inputs and outputs too:
+    encoder states through a MatMul on a constant weight and a Reshape, scored against the
+    decoder's hidden state transposed [1, 1, H] -> [1, H, 1], which a Tanh reads as well. At
+    opset 13, as thai2rom's: onnxruntime 1.32's CPU session crashes (SIGSEGV) on it in
+    float16 (at opset 14 it opens)."""
+    oh = onnx.helper
+    as_type = oh.tensor_dtype_to_np_dtype(dtype)
+    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(as_type) * 0.1
+    graph = oh.make_graph(
+        [
+            oh.make_node("MatMul", ["states", "W"], ["projected"]),
+            oh.make_node("Reshape", ["projected", "shape"], ["keys"]),
+            oh.make_node("Transpose", ["hidden"], ["query"], perm=[1, 2, 0]),
+            oh.make_node("MatMul", ["keys", "query"], ["y"]),
+            oh.make_node("Tanh", ["hidden"], ["state"]),
+        ],
+        "g",
+        [
+            oh.make_tensor_value_info("states", dtype, ["N", 64]),
+            oh.make_tensor_value_info("hidden", dtype, [1, 1, 64]),
+            oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [3]),
+        ],
+        [
+            oh.make_tensor_value_info("y", dtype, [1, "N", 1]),
+            oh.make_tensor_value_info("state", dtype, [1, 1, 64]),
+        ],
+        [onnx.numpy_helper.from_array(weight, "W")],
+    )
+    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
+
+
+def transposed_attention_feed(seed: int) -> dict[str, np.ndarray]:
+    """One float32 feed of ``transposed_attention``: 5 encoder states."""
+    rng = np.random.default_rng(seed)
+    return {
+        "states": rng.standard_normal((5, 64)).astype(np.float32),
+        "hidden": rng.standard_normal((1, 1, 64)).astype(np.float32),
+        "shape": np.array([1, -1, 64], np.int64),
+    }
+
+
+def open_in_child(path: str | Path) -> int:
+    """The exit status of a fresh process that opens ``path`` in an onnxruntime session
+    (negative: the signal it died of): a crash ends that process, not the test run."""
+    import subprocess
+    import sys
+
+    code = f"import onnxruntime as o; o.InferenceSession({str(path)!r})"
+    return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode

@@ -17,7 +17,14 @@ from onnx_shrink.compiler.io import data_files, large_tensors
 from onnx_shrink.compiler.statistics import MinMax, Statistics, StatRequest
 from onnx_shrink.passes.fp16 import DEFAULT_BLOCK_OPS, Float16Pass
 from onnx_shrink.runtime_check import collect, data
-from tests.helpers import cosine, parse, run_ort
+from tests.helpers import (
+    cosine,
+    open_in_child,
+    parse,
+    run_ort,
+    transposed_attention,
+    transposed_attention_feed,
+)
 
 FP16 = ir.DataType.FLOAT16
 NO_STATS = Statistics({}, 0, "none")
@@ -754,49 +761,10 @@ def _transpose_matmul(perm: list[int]) -> onnx.ModelProto:
     return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 14)], ir_version=8)
 
 
-def _attention_step() -> onnx.ModelProto:
-    """pythainlp's thai2rom decoder's attention, float32: encoder states through a Gemm and a
-    Reshape, scored against the decoder's hidden state transposed [1, 1, H] -> [1, H, 1].
-    At opset 13, as thai2rom's: onnxruntime 1.32 opens the float16 graph at opset 14."""
-    from onnx import helper as oh
-    from onnx import numpy_helper as onh
-
-    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32) * 0.1
-    graph = oh.make_graph(
-        [
-            oh.make_node("Gemm", ["states", "W", "B"], ["projected"], transB=1),
-            oh.make_node("Reshape", ["projected", "shape"], ["keys"]),
-            oh.make_node("Transpose", ["hidden"], ["query"], perm=[1, 2, 0]),
-            oh.make_node("MatMul", ["keys", "query"], ["y"]),
-            oh.make_node("Tanh", ["hidden"], ["state"]),  # reads the hidden state in float16 too
-        ],
-        "g",
-        [
-            oh.make_tensor_value_info("states", onnx.TensorProto.FLOAT, ["N", 64]),
-            oh.make_tensor_value_info("hidden", onnx.TensorProto.FLOAT, [1, 1, 64]),
-            oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [3]),
-        ],
-        [
-            oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, "N", 1]),
-            oh.make_tensor_value_info("state", onnx.TensorProto.FLOAT, [1, 1, 64]),
-        ],
-        [onh.from_array(weight, "W"), onh.from_array(np.zeros(64, np.float32), "B")],
-    )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
-
-
 def _opens_in_onnxruntime(model: ir.Model, path: Path) -> None:
     """A session opens ``model`` in a child process: a crash fails the test, not the run."""
-    import subprocess
-    import sys
-
     io.save(model, path)
-    opened = subprocess.run(
-        [sys.executable, "-c", f"import onnxruntime as o; o.InferenceSession({str(path)!r})"],
-        capture_output=True,
-        text=True,
-    )
-    assert opened.returncode == 0, opened.stderr[-500:]
+    assert open_in_child(path) == 0
 
 
 @pytest.mark.parametrize(
@@ -836,13 +804,8 @@ def test_a_batch_transpose_into_an_attention_matmul_stays_float32_so_onnxruntime
     """Rule 3 (j) without a weight: thai2rom's decoder after fp16 crashed onnxruntime 1.32's
     CPU session (SIGSEGV) and the CLI with it (exit 139), its transposed hidden state read by
     a MatMul whose other input a Reshape makes."""
-    proto = _attention_step()
-    rng = np.random.default_rng(3)
-    feed = {
-        "states": rng.standard_normal((5, 64)).astype(np.float32),
-        "hidden": rng.standard_normal((1, 1, 64)).astype(np.float32),
-        "shape": np.array([1, -1, 64], np.int64),
-    }
+    proto = transposed_attention()
+    feed = transposed_attention_feed(3)
     model, modified = _convert(io.load(proto), feed)
     assert modified and _island_ops(model) == ["Transpose"]
     _opens_in_onnxruntime(model, tmp_path / "half.onnx")

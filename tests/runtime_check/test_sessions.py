@@ -12,9 +12,15 @@ import onnxruntime as ort
 import pytest
 
 from models import digits
+from onnx_shrink.compiler import io
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sessions
-from tests.helpers import make_model
+from tests.helpers import (
+    make_model,
+    open_in_child,
+    transposed_attention,
+    transposed_attention_feed,
+)
 
 # What onnxruntime-gpu 1.31 printed on an H100 for cuda:device_id=3 (then ran on CPU).
 BANNER = (
@@ -214,58 +220,19 @@ def test_sessions_that_take_turns_stop_spinning_when_a_run_returns():
         entry(sessions.create_session(digits.MODEL_PATH))
 
 
-def _attention_step(dtype: int) -> onnx.ModelProto:
-    """pythainlp's thai2rom decoder's attention in ``dtype``, inputs and output too:
-    onnxruntime 1.32's CPU session crashes (SIGSEGV) on it in float16 at opset 13."""
-    from onnx import helper as oh
-    from onnx import numpy_helper as onh
-
-    as_type = onnx.helper.tensor_dtype_to_np_dtype(dtype)
-    weight = np.random.default_rng(0).standard_normal((64, 64)).astype(as_type) * 0.1
-    graph = oh.make_graph(
-        [
-            oh.make_node("MatMul", ["states", "W"], ["projected"]),
-            oh.make_node("Reshape", ["projected", "shape"], ["keys"]),
-            oh.make_node("Transpose", ["hidden"], ["query"], perm=[1, 2, 0]),
-            oh.make_node("MatMul", ["keys", "query"], ["y"]),
-        ],
-        "g",
-        [
-            oh.make_tensor_value_info("states", dtype, ["N", 64]),
-            oh.make_tensor_value_info("hidden", dtype, [1, 1, 64]),
-            oh.make_tensor_value_info("shape", onnx.TensorProto.INT64, [3]),
-        ],
-        [oh.make_tensor_value_info("y", dtype, [1, "N", 1])],
-        [onh.from_array(weight, "W")],
-    )
-    return oh.make_model(graph, opset_imports=[oh.make_opsetid("", 13)], ir_version=8)
-
-
 def test_a_candidate_that_crashes_onnxruntime_fails_the_check_and_the_process_goes_on(tmp_path):
     from onnx_shrink.errors import CandidateFailedError
     from onnx_shrink.runtime_check import checker
 
     reference = tmp_path / "float.onnx"
     candidate = tmp_path / "half.onnx"
-    onnx.save(_attention_step(onnx.TensorProto.FLOAT), reference)
-    onnx.save(_attention_step(onnx.TensorProto.FLOAT16), candidate)
-    opened = subprocess.run(
-        [sys.executable, "-c", f"import onnxruntime as o; o.InferenceSession({str(candidate)!r})"]
-    )
-    if opened.returncode >= 0:
+    onnx.save(transposed_attention(onnx.TensorProto.FLOAT), reference)
+    onnx.save(transposed_attention(onnx.TensorProto.FLOAT16), candidate)
+    if open_in_child(candidate) >= 0:
         pytest.skip(f"onnxruntime {ort.__version__} opens the candidate: no crash to catch")
     assert sessions.crash_on_open(candidate) == "SIGSEGV"
     assert sessions.crash_on_open(candidate.read_bytes()) == "SIGSEGV"
-    rng = np.random.default_rng(4)
-    feeds = iter(
-        [
-            {
-                "states": rng.standard_normal((5, 64)).astype(np.float32),
-                "hidden": rng.standard_normal((1, 1, 64)).astype(np.float32),
-                "shape": np.array([1, -1, 64], np.int64),
-            }
-        ]
-    )
+    feeds = iter([transposed_attention_feed(4)])
 
     class OneFeed:  # an onnxruntime CalibrationDataReader's interface: whole feeds
         def get_next(self):
@@ -279,12 +246,5 @@ def test_a_model_that_opens_or_fails_with_an_error_is_no_crash(tmp_path):
     assert sessions.crash_on_open(digits.MODEL_PATH) is None
     (tmp_path / "junk.onnx").write_bytes(b"not a model")
     assert sessions.crash_on_open(tmp_path / "junk.onnx") is None  # the open here says why
-    float_model = onnx_ir_load(_attention_step(onnx.TensorProto.FLOAT))
-    assert not sessions.computes_in_half(float_model)
-    assert sessions.computes_in_half(onnx_ir_load(_attention_step(onnx.TensorProto.FLOAT16)))
-
-
-def onnx_ir_load(proto: onnx.ModelProto):
-    from onnx_shrink.compiler import io
-
-    return io.load(proto)
+    assert not sessions.computes_in_half(io.load(transposed_attention(onnx.TensorProto.FLOAT)))
+    assert sessions.computes_in_half(io.load(transposed_attention(onnx.TensorProto.FLOAT16)))

@@ -45,7 +45,7 @@ from onnx_shrink.passes.quant.weight_matching import (
 )
 from onnx_shrink.passes.quant.weight_warnings import (
     warn_float_convs,
-    warn_float_gemms,
+    warn_left_to_others,
     warn_tables_in_8_bits,
 )
 
@@ -248,7 +248,7 @@ class WeightOnlyQuantPass(DataAwarePass):
             context.warn_nothing_quantized(self.op_types)
         else:
             warn_float_convs(model, self.name)
-        warn_float_gemms(model, self.name)
+        warn_left_to_others(model, self.name)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def _prepare(self, model: ir.Model) -> bool:

@@ -141,9 +141,7 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     ms a file where the float model took 5.4 (quant's, calibrated, 2.7). ``why`` ("; ..."):
     why the pass leaves Conv float."""
     convs = _float_convs(model)
-    weights = {n.inputs[1]: n.inputs[1].const_value.nbytes for n in convs}  # shared: once
-    total = sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
-    held = sum(weights.values())
+    held, total = _held_bytes(model, [n.inputs[1] for n in convs])
     if not total or held < FLOAT_CONV_SHARE * total:
         return
     logger.warning(
@@ -157,24 +155,29 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     )
 
 
+def _held_bytes(model: ir.Model, weights: list[ir.Value]) -> tuple[int, int]:
+    """The bytes of ``weights`` (one shared by several nodes counted once), and of all the
+    model's initializers, bodies' included."""
+    held = sum(v.const_value.nbytes for v in set(weights))
+    return held, sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
+
+
 LEFT_TO_OTHERS = ("Gemm", "LSTM", "GRU", "RNN")
 """Weighted ops quant-weight leaves float, which quant-dynamic and quant take"""
 
 
-def warn_float_gemms(model: ir.Model, pass_name: str) -> None:
+def warn_left_to_others(model: ir.Model, pass_name: str) -> None:
     """Say that quant-weight left the model's Gemm, LSTM, GRU and RNN weights float (it takes
     MatMul and Gather), with their bytes and share of the model's: pythainlp's thai2rom
     encoder holds 95% of its weights in an LSTM, and the pass saved 4% without a word."""
-    nodes = [
-        n
+    weights_of = {
+        n: [v for v in n.inputs[1:3] if _float_constant(v)]
         for n in walk.nodes_of(model, LEFT_TO_OTHERS)
-        if any(_float_constant(v) for v in n.inputs[1:3])
-    ]
+    }
+    nodes = [n for n, weights in weights_of.items() if weights]
     if not nodes:
         return
-    weights = {v: v.const_value.nbytes for n in nodes for v in n.inputs[1:3] if _float_constant(v)}
-    total = sum(tensor.nbytes for _, tensor in walk.initializer_tensors(model))
-    held = sum(weights.values())
+    held, total = _held_bytes(model, [v for n in nodes for v in weights_of[n]])
     kinds = collections.Counter(n.op_type for n in nodes)
     logger.warning(
         "%s: %s of weights, %.0f%% of the model's, stay float in its %s: it takes MatMul and "
