@@ -1,5 +1,5 @@
 """Dynamic quantization: int8 MatMul/Gemm/Gather/LSTM weights, activations quantized at run
-time; GRU and RNN weights stored as int8.
+time; GRU, RNN and ConvTranspose weights stored as int8.
 
 Weights are quantized symmetrically, per output column ``n`` (or per tensor):
 ``s[n] = max_k |W[k, n]| / 127``, ``Wq = round(W / s)`` in [-127, 127], ``W ~ Wq * s``.
@@ -22,7 +22,7 @@ from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
-from onnx_shrink.passes.quant import compact, log_cone, recurrent
+from onnx_shrink.passes.quant import compact, log_cone, recurrent, stored_int8
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -38,7 +38,7 @@ from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN")
+SUPPORTED_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
 
 CONV_LEFT_FLOAT = (
     "; quant-dynamic takes no Conv: onnxruntime runs a dynamically quantized Conv as "
@@ -51,7 +51,7 @@ INT8 = QUANT_TYPES["s8"]
 @dataclasses.dataclass(frozen=True)
 class QuantDynamicPass(ir.passes.InPlacePass):
     """Quantize constant MatMul/Gemm/Gather/LSTM weights to int8 for dynamic (run-time)
-    quantization, and store GRU/RNN weights as int8.
+    quantization, and store GRU/RNN/ConvTranspose weights as int8.
 
     Rules:
 
@@ -85,6 +85,10 @@ class QuantDynamicPass(ir.passes.InPlacePass):
        ``fused=False``), keep computing in float on weights *stored* as int8 per gate row:
        ``Cast`` and ``Mul`` by the scales, which onnxruntime folds into float weights when it
        loads the model (``recurrent.store_int8``): a quarter of the bytes, the same speed.
+    10. ``ConvTranspose``, which has no integer kernel on onnxruntime's CPU either, keeps
+        computing in float on a weight stored so, per output channel (``stored_int8``).
+        Conv stays float: onnxruntime runs a dynamically quantized one as ConvInteger,
+        slower than float (``quant`` takes it, calibrated).
     """
 
     name: ClassVar[str] = "quant-dynamic"
@@ -98,7 +102,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     )
     per_channel: bool = option(
         True,
-        "one scale per output column (MatMul/Gemm), embedding dim or LSTM/GRU/RNN gate row",
+        "one scale per output column (MatMul/Gemm), embedding dim, LSTM/GRU/RNN gate row or "
+        "ConvTranspose output channel",
     )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
     graphs: Literal["all", "subgraphs"] = option(
@@ -177,6 +182,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
                 count += self._try_quantize_gather(context, node)
             elif node.op_type in recurrent.RECURRENT:
                 count += self._try_quantize_recurrent(context, node)
+            elif node.op_type == "ConvTranspose":
+                count += self._try_store_conv_transpose(context, node)
             else:
                 count += self._try_quantize_linear(context, node)
         context.drop_dead_weights()
@@ -229,6 +236,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             return reason
         if node.op_type in recurrent.RECURRENT:
             return recurrent.rewrite_for(context, node, self.fused)[1]
+        if node.op_type == "ConvTranspose":
+            return stored_int8.conv_transpose_reason(context, node)
         match = self._linear_match(context, node)
         return match if isinstance(match, str) else None
 
@@ -267,6 +276,15 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         if reason is not None:
             return context.skip(node, reason)
         how(context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage)
+        return True
+
+    def _try_store_conv_transpose(self, context: WeightContext, node: ir.Node) -> bool:
+        reason = stored_int8.conv_transpose_reason(context, node)
+        if reason is not None:
+            return context.skip(node, reason)
+        stored_int8.store_conv_transpose(
+            context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage
+        )
         return True
 
     def _int8(self, w: np.ndarray, axis: int | None) -> dict[str, np.ndarray]:

@@ -4,7 +4,7 @@ quantized" warning), and the warnings that name nodes it leaves float for their 
 Each main-graph node of a quantizable op type gets one reason: the option or rule that
 excludes it (``placement.Exclusions``), or what the plan found (``placement.plan``'s
 skipped reasons). Layers inside If/Loop/Scan bodies get one too: the reason the weights
-quant gives without statistics (rules 5 and 10) stayed float, or that calibration does not
+quant gives without statistics (rules 5, 10 and 14) stayed float, or that calibration does not
 reach a body (Silero VAD's whole network sits in an If: it read "the model has no node of
 a type it quantizes"). A MatMul whose weight the graph computes from an int8 constant (``Cast``
 then ``Mul`` by a scale, or ``DequantizeLinear``: weight-only int8 written in plain ops, as
@@ -26,6 +26,8 @@ from onnx_shrink.passes.quant import placement, quantized_already, recurrent
 logger = logging.getLogger(__name__)
 
 SHOWN = 3  # reasons named in the line
+# Layers whose weights quant gives quant-dynamic's int8 in every graph (rules 10 and 14).
+WITHOUT_STATISTICS = (*recurrent.RECURRENT, "ConvTranspose")
 # The plan's reasons name a tensor ("no range measured for input x"): counted without it.
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
 # quant-dynamic's reasons name the weight ("weight 'w3' is not an initializer"): likewise.
@@ -43,14 +45,14 @@ def summary(
 ) -> str:
     """``"; 48 MatMul: ..., 36 Mul: ..."`` (the most frequent first), or "" for none.
     ``dynamic_reasons``: why each node the options give ``quant-dynamic``'s int8 weights
-    (LSTM, GRU and RNN anywhere; MatMul, Gemm and Gather in bodies) stays float
+    (LSTM, GRU, RNN and ConvTranspose anywhere; MatMul, Gemm and Gather in bodies) stays float
     (``without_statistics.DynamicRules.float_reasons``)."""
     counts: collections.Counter[tuple[str, str]] = collections.Counter()
     for node in ir.traversal.RecursiveGraphIterator(graph):
         if node.domain not in ("", "ai.onnx"):
             continue
         in_body = node.graph is not graph
-        if node.op_type in recurrent.RECURRENT or (in_body and node.op_type in placement.WEIGHTED):
+        if node.op_type in WITHOUT_STATISTICS or (in_body and node.op_type in placement.WEIGHTED):
             reason = _dynamic_reason(node, exclusions, dynamic_reasons, in_body)
         elif in_body or node.op_type not in placement.QUANTIZABLE:
             continue  # a body's glue: its layers' reasons are the ones to act on
@@ -75,13 +77,13 @@ def _dynamic_reason(
     dynamic_reasons: Mapping[ir.Node, str],
     in_body: bool,
 ) -> str | None:
-    """Why a recurrent node, or a body's layer, stays float; None for nodes ``only`` leaves
-    out."""
+    """Why a recurrent node or a ConvTranspose, or a body's layer, stays float; None for
+    nodes ``only`` leaves out."""
     excluded = exclusions.reason(node)
     if excluded == placement.NOT_ONLY:
         return None
     reason = excluded or _WEIGHT.sub("", dynamic_reasons.get(node, ""))
-    return reason or (IN_BODY if in_body and node.op_type not in recurrent.RECURRENT else None)
+    return reason or (IN_BODY if in_body and node.op_type not in WITHOUT_STATISTICS else None)
 
 
 def _planned_reason(
@@ -187,7 +189,7 @@ def report_subgraphs(model: ir.Model) -> None:
     quantizable = placement.QUANTIZABLE.keys() - placement.SENSITIVE
     for graph in model.graph.subgraphs():
         for node in graph:
-            if node.op_type in ("Conv", "ConvTranspose"):
+            if node.op_type == "Conv":  # a ConvTranspose's weight is stored as int8 (rule 14)
                 convs += 1
             elif node.op_type in quantizable:
                 others += 1

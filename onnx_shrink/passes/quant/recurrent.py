@@ -30,7 +30,7 @@ from collections.abc import Callable
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant import compact
+from onnx_shrink.passes.quant import compact, stored_int8
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN, WeightContext, derived_name
 
@@ -133,9 +133,7 @@ def rewrite_for(
 
 def _stored_reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why the weights of ``node`` (an LSTM, GRU or RNN) cannot be stored as int8, or None."""
-    if context.opset < 7:  # Mul broadcasts the scales from opset 7 on
-        return f"storing int8 weights needs opset >= 7, not {context.opset}"
-    return _weights_reason(context, node)
+    return stored_int8.opset_reason(context) or _weights_reason(context, node)
 
 
 def store_int8(
@@ -156,26 +154,4 @@ def store_int8(
         assert value is not None
         codes, scale = context.weights(value, ("int8-stored", per_channel), stored)
         assert codes is not None and scale is not None
-        dequantized = _dequantized(graph, node, part, codes, scale)
-        node.replace_input_with(index, dequantized)
-
-
-def _dequantized(
-    graph: ir.Graph, reader: ir.Node, part: str, codes: ir.Value, scale: ir.Value
-) -> ir.Value:
-    """``Cast(codes) * scale``, inserted before ``reader`` (its weight ``part``), or the one
-    already made in ``graph`` for an earlier reader."""
-    for use in codes.uses():
-        cast = use.node
-        if cast.op_type == "Cast" and cast.graph is graph:
-            for mul in (u.node for u in cast.outputs[0].uses()):
-                if mul.op_type == "Mul" and mul.inputs[1] is scale:
-                    return mul.outputs[0]
-    to_float = ir.node(
-        "Cast", [codes], {"to": ir.DataType.FLOAT}, name=derived_name(reader, f"{part}_int8")
-    )
-    rescale = ir.node(
-        "Mul", [to_float.outputs[0], scale], name=derived_name(reader, f"{part}_dequant")
-    )
-    graph.insert_before(reader, [to_float, rescale])
-    return rescale.outputs[0]
+        node.replace_input_with(index, stored_int8.dequantized(graph, node, part, codes, scale))

@@ -109,7 +109,12 @@ class QuantPass(StaticOptions, DataAwarePass):
 
     13. With ``float_stem``, an image model's stem stays float (``placement`` rule 10).
 
-    With ``only``, rules 6 and 10 quantize the main-graph nodes it names, rule 5 none, rule
+    14. With ``conv_transpose``, ConvTranspose weights are stored as int8 per output channel
+        (``quant-dynamic``'s rule 10): onnxruntime's CPU has no integer ConvTranspose, so
+        Q/DQ around one (``quantize_static``'s) only adds the activations' rounding, while
+        the file still holds its float weights' bytes unless they are stored so.
+
+    With ``only``, rules 6, 10 and 14 quantize the main-graph nodes it names, rule 5 none, rule
     12 rewrites nothing and rule 13 keeps nothing float.
     """
 
@@ -317,18 +322,20 @@ class QuantPass(StaticOptions, DataAwarePass):
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
     def dynamic_layers(self, model: ir.Model) -> list[ir.Node]:
-        """The main-graph nodes rules 6 and 10 quantize without statistics (embedding tables,
-        recurrent layers), among ``only`` where it is given; reads ``model`` only. The
-        sensitivity report measures each alone, as it does the plan's nodes."""
+        """The main-graph nodes rules 6, 10 and 14 quantize without statistics (embedding
+        tables, recurrent layers, ConvTranspose), among ``only`` where it is given; reads
+        ``model`` only. The sensitivity report measures each alone, as it does the plan's
+        nodes."""
         return self._dynamic_rules.layers(model)
 
     @property
     def _dynamic_rules(self) -> DynamicRules:
-        """Rules 5, 6 and 10: the weights quantized without statistics."""
+        """Rules 5, 6, 10 and 14: the weights quantized without statistics."""
         return DynamicRules(
             gather=self.gather,
             lstm=self.lstm,
             rnn=self.rnn,
+            conv_transpose=self.conv_transpose,
             subgraphs=self.subgraphs,
             fused=self.fused,
             exclude=self.exclude,

@@ -99,6 +99,12 @@ class StaticOptions:
         "GRU and RNN weights stored as int8 per gate row behind a Cast and Mul that "
         "onnxruntime folds on load: a quarter of the bytes, still computed in float",
     )
+    conv_transpose: bool = option(
+        True,
+        "ConvTranspose weights stored as int8 per output channel behind a Cast and Mul that "
+        "onnxruntime folds on load (its CPU has no integer ConvTranspose: still computed in "
+        "float, on a quarter of the bytes)",
+    )
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
     )

@@ -1,6 +1,7 @@
 """The weights ``quant`` quantizes without calibration statistics, as ``quant-dynamic``
-does: embedding tables (its rule 6), LSTM/GRU/RNN weights (rule 10) and MatMul/Gemm/Gather
-weights inside If/Loop/Scan bodies, which calibration does not reach (rule 5).
+does: embedding tables (its rule 6), LSTM/GRU/RNN weights (rule 10), ConvTranspose weights
+(rule 14) and MatMul/Gemm/Gather weights inside If/Loop/Scan bodies, which calibration does
+not reach (rule 5).
 
 ``DynamicRules`` holds the options of ``quant`` that decide them; ``QuantPass`` builds one
 and asks it which nodes it takes, to quantize them, and why the others stay float.
@@ -17,15 +18,23 @@ from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 
 BODY_OPS = ("MatMul", "Gemm", "Gather")
 """What rule 5 quantizes inside bodies"""
+SWITCHES = (
+    ("LSTM", "lstm"),
+    ("GRU", "rnn"),
+    ("RNN", "rnn"),
+    ("ConvTranspose", "conv_transpose"),
+)
+"""The main-graph op types rules 10 and 14 take, and the option that turns each off"""
 
 
 @dataclasses.dataclass(frozen=True)
 class DynamicRules:
-    """``quant``'s options for rules 5, 6 and 10 (see ``QuantPass``)."""
+    """``quant``'s options for rules 5, 6, 10 and 14 (see ``QuantPass``)."""
 
     gather: bool
     lstm: bool
     rnn: bool
+    conv_transpose: bool
     subgraphs: bool
     fused: bool
     exclude: tuple[str, ...]
@@ -36,14 +45,15 @@ class DynamicRules:
 
     @property
     def main_graph_ops(self) -> tuple[str, ...]:
-        """Op types rules 6 and 10 give quant-dynamic's int8 weights in the main graph, as
+        """Op types rules 6, 10 and 14 give quant-dynamic's int8 weights in the main graph, as
         the options allow (``exclude_op_types`` holds there too)."""
         wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm + ("GRU", "RNN") * self.rnn
+        wanted += ("ConvTranspose",) * self.conv_transpose
         return tuple(op for op in wanted if op not in self.exclude_op_types)
 
     def layers(self, model: ir.Model) -> list[ir.Node]:
-        """The main-graph nodes rules 6 and 10 quantize (embedding tables, recurrent
-        layers), among ``only`` where it is given; reads ``model`` only."""
+        """The main-graph nodes rules 6, 10 and 14 quantize (embedding tables, recurrent
+        layers, ConvTranspose), among ``only`` where it is given; reads ``model`` only."""
         ops = self.main_graph_ops
         main = {
             n
@@ -55,7 +65,7 @@ class DynamicRules:
         return [node for op_type in ops for node in self._pass(op_type, False).layers(model, main)]
 
     def quantize(self, model: ir.Model, narrow: bool) -> bool:
-        """Give the weights of rules 5, 6 and 10 ``quant-dynamic``'s int8 (with float16
+        """Give the weights of rules 5, 6, 10 and 14 ``quant-dynamic``'s int8 (with float16
         scales when ``narrow``; the caller stores them). With ``only``, only the main-graph
         nodes it names. Returns whether any was quantized."""
         count = 0
@@ -74,11 +84,11 @@ class DynamicRules:
         return count > 0
 
     def float_reasons(self, model: ir.Model) -> dict[ir.Node, str]:
-        """Why each LSTM, GRU and RNN (rule 10), and each MatMul and Gemm in a body (rule 5),
-        stays float: its option off, or quant-dynamic's reason (exclusions are the
-        caller's to say); reads ``model`` only."""
+        """Why each LSTM, GRU, RNN (rule 10) and ConvTranspose (rule 14), and each MatMul and
+        Gemm in a body (rule 5), stays float: its option off, or quant-dynamic's reason
+        (exclusions are the caller's to say); reads ``model`` only."""
         reasons: dict[ir.Node, str] = {}
-        for op_type, switch in (("LSTM", "lstm"), ("GRU", "rnn"), ("RNN", "rnn")):
+        for op_type, switch in SWITCHES:
             if not getattr(self, switch):
                 off = f"{self.owner}.{switch}=false"
                 reasons.update(dict.fromkeys(nodes_of(model, (op_type,)), off))
@@ -93,7 +103,7 @@ class DynamicRules:
         return reasons
 
     def _pass(self, op_type: str, narrow: bool) -> QuantDynamicPass:
-        """Rule 6's or rule 10's quant-dynamic, for ``op_type``."""
+        """Rule 6's, 10's or 14's quant-dynamic, for ``op_type``."""
         # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
         fused = self.fused if op_type == "LSTM" else True
         return QuantDynamicPass(
