@@ -1,5 +1,5 @@
 """Dynamic quantization: int8 MatMul/Gemm/Gather/LSTM weights, activations quantized at run
-time; GRU, RNN and ConvTranspose weights stored as int8.
+time; GRU, RNN and ConvTranspose weights, and tables read by Slice or Reshape, stored as int8.
 
 Weights are quantized symmetrically, per output column ``n`` (or per tensor):
 ``s[n] = max_k |W[k, n]| / 127``, ``Wq = round(W / s)`` in [-127, 127], ``W ~ Wq * s``.
@@ -22,7 +22,7 @@ from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
-from onnx_shrink.passes.quant import compact, log_cone, recurrent, stored_int8
+from onnx_shrink.passes.quant import compact, log_cone, recurrent, stored_int8, table_readers
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
 from onnx_shrink.passes.quant.weight_matching import (
     MS_DOMAIN,
@@ -38,7 +38,16 @@ from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
 
 logger = logging.getLogger(__name__)
 
-SUPPORTED_OPS = ("MatMul", "Gemm", "Gather", "LSTM", "GRU", "RNN", "ConvTranspose")
+SUPPORTED_OPS = (
+    "MatMul",
+    "Gemm",
+    "Gather",
+    "LSTM",
+    "GRU",
+    "RNN",
+    "ConvTranspose",
+    *table_readers.TABLE_READERS,
+)
 
 CONV_LEFT_FLOAT = (
     "; quant-dynamic takes no Conv: onnxruntime runs a dynamically quantized Conv as "
@@ -51,7 +60,7 @@ INT8 = QUANT_TYPES["s8"]
 @dataclasses.dataclass(frozen=True)
 class QuantDynamicPass(ir.passes.InPlacePass):
     """Quantize constant MatMul/Gemm/Gather/LSTM weights to int8 for dynamic (run-time)
-    quantization, and store GRU/RNN/ConvTranspose weights as int8.
+    quantization, and store GRU/RNN/ConvTranspose weights and Slice/Reshape tables as int8.
 
     Rules:
 
@@ -89,6 +98,9 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         computing in float on a weight stored so, per output channel (``stored_int8``).
         Conv stays float: onnxruntime runs a dynamically quantized one as ConvInteger,
         slower than float (``quant`` takes it, calibrated).
+    11. A table, a constant float32 initializer only ``Slice`` or ``Reshape`` read as data
+        (a positional encoding), is stored so too, per entry of its last axis
+        (``stored_int8``). A Slice or Reshape of an activation is no candidate.
     """
 
     name: ClassVar[str] = "quant-dynamic"
@@ -103,7 +115,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     per_channel: bool = option(
         True,
         "one scale per output column (MatMul/Gemm), embedding dim, LSTM/GRU/RNN gate row or "
-        "ConvTranspose output channel",
+        "ConvTranspose output channel or table feature",
     )
     min_weight_elements: int = option(4096, "weights with fewer elements stay float", minimum=0)
     graphs: Literal["all", "subgraphs"] = option(
@@ -182,8 +194,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
                 count += self._try_quantize_gather(context, node)
             elif node.op_type in recurrent.RECURRENT:
                 count += self._try_quantize_recurrent(context, node)
-            elif node.op_type == "ConvTranspose":
-                count += self._try_store_conv_transpose(context, node)
+            elif node.op_type in stored_int8.STORED_OPS:
+                count += self._try_store(context, node)
             else:
                 count += self._try_quantize_linear(context, node)
         context.drop_dead_weights()
@@ -198,7 +210,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         return [
             node
             for node in context.candidates(self.op_types)
-            if not (self.graphs == "subgraphs" and node.graph is model.graph)
+            if not table_readers.moves_activations(node)
+            and not (self.graphs == "subgraphs" and node.graph is model.graph)
             and (nodes is None or node in nodes)
         ]
 
@@ -221,6 +234,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         for node in nodes_of(model, self.op_types):
             if self.graphs == "subgraphs" and node.graph is model.graph:
                 continue
+            if table_readers.moves_activations(node):
+                continue
             reason = self._reason(context, node)
             if reason is not None:
                 reasons[node] = reason
@@ -236,8 +251,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             return reason
         if node.op_type in recurrent.RECURRENT:
             return recurrent.rewrite_for(context, node, self.fused)[1]
-        if node.op_type == "ConvTranspose":
-            return stored_int8.conv_transpose_reason(context, node)
+        if node.op_type in stored_int8.STORED_OPS:
+            return stored_int8.reason(context, node)
         match = self._linear_match(context, node)
         return match if isinstance(match, str) else None
 
@@ -278,11 +293,12 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         how(context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage)
         return True
 
-    def _try_store_conv_transpose(self, context: WeightContext, node: ir.Node) -> bool:
-        reason = stored_int8.conv_transpose_reason(context, node)
+    def _try_store(self, context: WeightContext, node: ir.Node) -> bool:
+        """Rules 10 and 11: a ConvTranspose's weight or a table, stored as int8."""
+        reason = stored_int8.reason(context, node)
         if reason is not None:
             return context.skip(node, reason)
-        stored_int8.store_conv_transpose(
+        stored_int8.store(
             context, node, per_channel=self.per_channel, narrow_storage=self.narrow_storage
         )
         return True

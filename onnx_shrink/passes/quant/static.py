@@ -22,7 +22,7 @@ from onnx_shrink.compiler.statistics import (
     Statistics,
     StatRequest,
 )
-from onnx_shrink.compiler.walk import nodes_of, onnx_opset
+from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import (
     bias_correction,
@@ -113,8 +113,10 @@ class QuantPass(StaticOptions, DataAwarePass):
         (``quant-dynamic``'s rule 10): onnxruntime's CPU has no integer ConvTranspose, so
         Q/DQ around one (``quantize_static``'s) only adds the activations' rounding, while
         the file still holds its float weights' bytes unless they are stored so.
+    15. With ``tables``, a constant table only Slice or Reshape read (a positional encoding)
+        is stored as int8 per feature the same way (``quant-dynamic``'s rule 11).
 
-    With ``only``, rules 6, 10 and 14 quantize the main-graph nodes it names, rule 5 none, rule
+    With ``only``, rules 6, 10, 14 and 15 quantize the main-graph nodes it names, rule 5 none, rule
     12 rewrites nothing and rule 13 keeps nothing float.
     """
 
@@ -317,25 +319,26 @@ class QuantPass(StaticOptions, DataAwarePass):
             return True
         if self.only:
             return bool(self.dynamic_layers(model))
-        if nodes_of(model, self._dynamic_rules.main_graph_ops):
+        if self._dynamic_rules.has_candidates(model):
             return True
         return self.subgraphs and any(True for _ in model.graph.subgraphs())
 
     def dynamic_layers(self, model: ir.Model) -> list[ir.Node]:
-        """The main-graph nodes rules 6, 10 and 14 quantize without statistics (embedding
-        tables, recurrent layers, ConvTranspose), among ``only`` where it is given; reads
+        """The main-graph nodes rules 6, 10, 14 and 15 quantize without statistics (embedding
+        tables, recurrent layers, ConvTranspose, tables), among ``only`` where it is given; reads
         ``model`` only. The sensitivity report measures each alone, as it does the plan's
         nodes."""
         return self._dynamic_rules.layers(model)
 
     @property
     def _dynamic_rules(self) -> DynamicRules:
-        """Rules 5, 6, 10 and 14: the weights quantized without statistics."""
+        """Rules 5, 6, 10, 14 and 15: the weights quantized without statistics."""
         return DynamicRules(
             gather=self.gather,
             lstm=self.lstm,
             rnn=self.rnn,
             conv_transpose=self.conv_transpose,
+            tables=self.tables,
             subgraphs=self.subgraphs,
             fused=self.fused,
             exclude=self.exclude,

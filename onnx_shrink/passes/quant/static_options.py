@@ -105,6 +105,11 @@ class StaticOptions:
         "onnxruntime folds on load (its CPU has no integer ConvTranspose: still computed in "
         "float, on a quarter of the bytes)",
     )
+    tables: bool = option(
+        True,
+        "constant tables only Slice or Reshape read (a positional encoding) stored as int8 "
+        "per feature behind a Cast and Mul that onnxruntime folds on load",
+    )
     only: tuple[str, ...] = option(
         (), "quantize just these nodes (by name), e.g. to measure one layer's sensitivity"
     )

@@ -16,8 +16,17 @@ ConvTranspose scales:
   (``C_out/group == 1``) each is one output channel's;
 - ``per_channel`` off: one for the tensor.
 
-Left float, with the reason logged: weights that are not constant float32 initializers of
-rank 3 or more, and those under the pass's ``min_weight_elements``.
+Tables get the same storage: a constant float32 initializer read as data by ``Slice`` or
+``Reshape`` only, as a positional encoding is (``pe[:, :T]`` exports as a Slice up to the
+input's length; a ViT's table is reshaped to a grid and resized to the image). Their Slice or
+Reshape depends on the input, so nothing folds them, and no rule quantized them: khmersm's
+sinusoidal table [1, 2048, 192] was 1.6 MB of its 3.0 MB int8 file. Scales are per entry of
+the last axis (the feature), or one for the tensor.
+
+Left float, with the reason logged: weights that are not constant float32 initializers
+(ConvTranspose: of rank 3 or more), those under the pass's ``min_weight_elements``, tables
+holding sentinels (non-finite, or ``|x| >= 1e20``: a mask, which one scale cannot hold with its
+data), and tables other nodes also read (the float table would stay beside the codes).
 """
 
 from __future__ import annotations
@@ -25,11 +34,29 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.passes.quant import compact
+from onnx_shrink.passes.quant import compact, placement
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
+from onnx_shrink.passes.quant.table_readers import TABLE_READERS
 from onnx_shrink.passes.quant.weight_matching import WeightContext, derived_name
 
 INT8 = QUANT_TYPES["s8"]
+STORED_OPS = ("ConvTranspose", *TABLE_READERS)
+"""What ``reason`` and ``store`` take"""
+
+
+def reason(context: WeightContext, node: ir.Node) -> str | None:
+    """Why ``node`` (of ``STORED_OPS``) cannot have its weight or table stored, or None."""
+    if node.op_type == "ConvTranspose":
+        return conv_transpose_reason(context, node)
+    return table_reason(context, node)
+
+
+def store(
+    context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
+) -> None:
+    """Store the weight or table of ``node``, which ``reason`` passes, as int8."""
+    how = store_conv_transpose if node.op_type == "ConvTranspose" else store_table
+    how(context, node, per_channel=per_channel, narrow_storage=narrow_storage)
 
 
 def opset_reason(context: WeightContext) -> str | None:
@@ -66,6 +93,46 @@ def store_conv_transpose(
     codes, scale = context.weights(weight, ("int8-stored", axis), stored)
     assert codes is not None and scale is not None
     node.replace_input_with(1, dequantized(node.graph, node, "W", codes, scale))
+
+
+def table_reason(context: WeightContext, node: ir.Node) -> str | None:
+    """Why the table ``node`` (a Slice or Reshape ``table_readers.moves_activations`` passes)
+    reads cannot
+    be stored as int8, or None."""
+    if (reason := opset_reason(context)) is not None:
+        return reason
+    data = node.inputs[0]
+    assert data is not None and data.const_value is not None
+    if (reason := context.weight_reason(data, rank=len(data.const_value.shape))) is not None:
+        return reason
+    others = sorted(
+        {u.node.op_type for u in data.uses() if u.node.op_type not in TABLE_READERS or u.idx}
+    )
+    if others:
+        return f"table {data.name!r} is also read by {'/'.join(others)}"
+    values = data.const_value.numpy()
+    if not np.isfinite(values).all() or np.abs(values).max() >= placement.SENTINEL_MAGNITUDE:
+        return f"table {data.name!r} holds sentinel values (a mask's -inf or float32 min)"
+    return None
+
+
+def store_table(
+    context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
+) -> None:
+    """Give ``node``, whose table ``table_reason`` passes, int8 codes of it read through
+    ``Cast`` and ``Mul`` by their scales, per entry of its last axis. A table several nodes
+    of one graph read is dequantized once."""
+    data = node.inputs[0]
+    assert data is not None and data.const_value is not None and node.graph is not None
+    rank = len(data.const_value.shape)
+    axis = rank - 1 if per_channel and rank >= 2 else None
+
+    def stored(w: np.ndarray) -> dict[str, np.ndarray]:
+        return int8_codes(w, axis, narrow_storage)
+
+    codes, scale = context.weights(data, ("int8-stored", axis), stored)
+    assert codes is not None and scale is not None
+    node.replace_input_with(0, dequantized(node.graph, node, "table", codes, scale))
 
 
 def _conv_transpose_axis(node: ir.Node) -> int:

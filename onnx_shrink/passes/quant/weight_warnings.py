@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
-from onnx_shrink.passes.quant import quantized_already
+from onnx_shrink.passes.quant import quantized_already, table_readers
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
 from onnx_shrink.wording import counted, human_bytes
 
@@ -46,6 +46,11 @@ def _reads_half(node: ir.Node) -> bool:
     return any(v is not None and v.dtype in HALF_TYPES for v in node.inputs)
 
 
+def _either(first: str, second: str) -> str:
+    """``"first, nor second"``, or the one given."""
+    return f"{first}, nor {second}" if first and second else first or second
+
+
 def _gathers_integers(node: ir.Node) -> bool:
     """A Gather of a shape's dims (or other integers), known by type or by its Shape
     producer: quant-dynamic and quant-weight infer no types."""
@@ -64,15 +69,22 @@ def nothing_quantized(
     candidates computing in half precision (``warn_half_precision``), then what it skipped
     otherwise, by op type, with one reason (``-vv`` logs each), and the model's Conv
     nodes, which are ``quant``'s. ``reasons``: each node the pass skipped, with why."""
-    # A Gather of integers (a shape's dims) is no lookup of weights: neither candidate
-    # nor skipped, where the warning's count would say otherwise.
-    candidates = [n for n in walk.nodes_of(model, op_types) if not _gathers_integers(n)]
+    # A Gather of integers (a shape's dims) is no lookup of weights, and a Slice or Reshape
+    # of activations holds no table: neither candidate nor skipped, where the warning's count
+    # would say otherwise.
+    candidates = [
+        n
+        for n in walk.nodes_of(model, op_types)
+        if not _gathers_integers(n) and not table_readers.moves_activations(n)
+    ]
     warn_half_precision(pass_name, candidates)
     kept = set(candidates)
     skipped = [(n, w) for n, w in reasons.items() if n in kept and not _reads_half(n)]
     if not skipped and candidates:
         return
-    kinds = "/".join(op_types)
+    layers = "/".join(op for op in op_types if op not in table_readers.TABLE_READERS)
+    readers = "/".join(op for op in op_types if op in table_readers.TABLE_READERS)
+    tables = f"table read by {readers}" if readers else ""
     if skipped:
         counts = collections.Counter(n.op_type for n, _ in skipped)
         node, why = next(
@@ -80,7 +92,7 @@ def nothing_quantized(
         )  # a Gather is most often shape arithmetic: a MatMul's reason says more
         split = ", ".join(f"{c} {op}" for op, c in counts.most_common())
         # "with a constant float weight" would be wrong here: a skipped node may have one.
-        kinds = f"{kinds} it would quantize"
+        kinds = f"{_either(layers, tables)}{',' if layers and tables else ''} it would quantize"
         found = f"skipped {split}, e.g. {node.name or node.op_type}: {why} (-vv lists each)"
     else:
         in_functions = sum(
@@ -93,7 +105,8 @@ def nothing_quantized(
             if in_functions
             else "the model has none"
         )
-        kinds = f"{kinds} with a constant float weight"
+        weighted = f"{layers} with a constant float weight" if layers else ""
+        kinds = _either(weighted, tables)
     # quant calibrates the main graph's only: a body's stay float under both passes.
     convs = collections.Counter(n.graph is model.graph for n in _float_convs(model))
     hint = ""

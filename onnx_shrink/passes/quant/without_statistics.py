@@ -1,7 +1,7 @@
 """The weights ``quant`` quantizes without calibration statistics, as ``quant-dynamic``
 does: embedding tables (its rule 6), LSTM/GRU/RNN weights (rule 10), ConvTranspose weights
-(rule 14) and MatMul/Gemm/Gather weights inside If/Loop/Scan bodies, which calibration does
-not reach (rule 5).
+(rule 14), tables Slice or Reshape read (rule 15) and MatMul/Gemm/Gather weights inside
+If/Loop/Scan bodies, which calibration does not reach (rule 5).
 
 ``DynamicRules`` holds the options of ``quant`` that decide them; ``QuantPass`` builds one
 and asks it which nodes it takes, to quantize them, and why the others stay float.
@@ -14,6 +14,7 @@ import dataclasses
 import onnx_ir as ir
 
 from onnx_shrink.compiler.walk import nodes_of
+from onnx_shrink.passes.quant import table_readers
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 
 BODY_OPS = ("MatMul", "Gemm", "Gather")
@@ -29,12 +30,13 @@ SWITCHES = (
 
 @dataclasses.dataclass(frozen=True)
 class DynamicRules:
-    """``quant``'s options for rules 5, 6, 10 and 14 (see ``QuantPass``)."""
+    """``quant``'s options for rules 5, 6, 10, 14 and 15 (see ``QuantPass``)."""
 
     gather: bool
     lstm: bool
     rnn: bool
     conv_transpose: bool
+    tables: bool
     subgraphs: bool
     fused: bool
     exclude: tuple[str, ...]
@@ -45,15 +47,23 @@ class DynamicRules:
 
     @property
     def main_graph_ops(self) -> tuple[str, ...]:
-        """Op types rules 6, 10 and 14 give quant-dynamic's int8 weights in the main graph, as
-        the options allow (``exclude_op_types`` holds there too)."""
+        """Op types rules 6, 10, 14 and 15 give quant-dynamic's int8 weights in the main
+        graph, as the options allow (``exclude_op_types`` holds there too)."""
         wanted = ("Gather",) * self.gather + ("LSTM",) * self.lstm + ("GRU", "RNN") * self.rnn
         wanted += ("ConvTranspose",) * self.conv_transpose
+        wanted += table_readers.TABLE_READERS * self.tables
         return tuple(op for op in wanted if op not in self.exclude_op_types)
 
+    def has_candidates(self, model: ir.Model) -> bool:
+        """Whether the main graph or a body holds a node of ``main_graph_ops`` (a Slice or
+        Reshape only where it reads a table)."""
+        nodes = nodes_of(model, self.main_graph_ops)
+        return any(not table_readers.moves_activations(node) for node in nodes)
+
     def layers(self, model: ir.Model) -> list[ir.Node]:
-        """The main-graph nodes rules 6, 10 and 14 quantize (embedding tables, recurrent
-        layers, ConvTranspose), among ``only`` where it is given; reads ``model`` only."""
+        """The main-graph nodes rules 6, 10, 14 and 15 quantize (embedding tables, recurrent
+        layers, ConvTranspose, tables), among ``only`` where it is given; reads ``model``
+        only."""
         ops = self.main_graph_ops
         main = {
             n
@@ -65,7 +75,7 @@ class DynamicRules:
         return [node for op_type in ops for node in self._pass(op_type, False).layers(model, main)]
 
     def quantize(self, model: ir.Model, narrow: bool) -> bool:
-        """Give the weights of rules 5, 6, 10 and 14 ``quant-dynamic``'s int8 (with float16
+        """Give the weights of rules 5, 6, 10, 14 and 15 ``quant-dynamic``'s int8 (with float16
         scales when ``narrow``; the caller stores them). With ``only``, only the main-graph
         nodes it names. Returns whether any was quantized."""
         count = 0
@@ -103,7 +113,7 @@ class DynamicRules:
         return reasons
 
     def _pass(self, op_type: str, narrow: bool) -> QuantDynamicPass:
-        """Rule 6's, 10's or 14's quant-dynamic, for ``op_type``."""
+        """Rule 6's, 10's, 14's or 15's quant-dynamic, for ``op_type``."""
         # fused decides only LSTMs here: a Gather's int8 rows are standard ONNX either way.
         fused = self.fused if op_type == "LSTM" else True
         return QuantDynamicPass(

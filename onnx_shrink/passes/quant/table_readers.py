@@ -1,0 +1,20 @@
+"""Which Slice and Reshape nodes read a table: a constant float32 initializer as their data
+(a positional encoding), which ``stored_int8`` stores as int8. The others move activations:
+no weight pass looks at them, and none counts them as a candidate it skipped."""
+
+from __future__ import annotations
+
+import onnx_ir as ir
+
+TABLE_READERS = ("Slice", "Reshape")
+"""Ops whose constant float data input is a table stored as int8"""
+
+
+def moves_activations(node: ir.Node) -> bool:
+    """Whether ``node`` is a Slice or Reshape whose data is not a constant float32
+    initializer: it moves activations, and holds no table to store."""
+    if node.op_type not in TABLE_READERS:
+        return False
+    data = node.inputs[0] if node.inputs else None
+    tensor = data.const_value if data is not None and data.is_initializer() else None
+    return tensor is None or tensor.dtype != ir.DataType.FLOAT
