@@ -8,10 +8,11 @@ up logging.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import logging
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from typing import Any, ParamSpec, TypeVar
 
 P = ParamSpec("P")
@@ -59,6 +60,19 @@ def warn_once(logger: logging.Logger, message: str, key: str | None = None) -> N
 def forget_said() -> None:
     """Start a new run for ``warn_once``: what an earlier run said is said again."""
     _said.clear()
+
+
+@contextlib.contextmanager
+def said_already() -> Iterator[None]:
+    """A stretch of a run that repeats what it did earlier on the same input (the sensitivity
+    report re-runs the passes before quant on a fresh load of the model): what it would warn
+    of, the run said already, so no warning is logged in it. Errors still are."""
+    previous = logging.root.manager.disable
+    logging.disable(logging.WARNING)
+    try:
+        yield
+    finally:
+        logging.disable(previous)
 
 
 def recorded(function: Callable[P, R]) -> Callable[P, R]:

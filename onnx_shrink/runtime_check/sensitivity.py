@@ -25,6 +25,7 @@ from typing import NamedTuple
 
 import onnx_ir as ir
 
+from onnx_shrink import warning_records
 from onnx_shrink.compiler import graph_edit, io, pipeline
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
@@ -333,6 +334,7 @@ def before_quant(
     fresh = io.load(source)
     graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
     graph_edit.name_unnamed_nodes(fresh)  # the same names: the hint's are the compile's
-    float_model = pipeline.run(fresh, before, collect=collector).model
+    with warning_records.said_already():  # the compile ran these passes, and said it all
+        float_model = pipeline.run(fresh, before, collect=collector).model
     report = sensitivity(float_model, quant, dataset, provider=provider, progress=progress)
     return dataclasses.replace(report, seconds=time.perf_counter() - started)

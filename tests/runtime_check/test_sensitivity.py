@@ -386,6 +386,17 @@ def _digits_sensitivity(exclude: str | None = None):
     )
 
 
+def test_the_passes_the_report_reruns_before_quant_warn_once(caplog):
+    """khmersm, folded already: "fold: no change" was said twice, by the compile and by the
+    report's re-run of fold on a fresh load."""
+    folded = shrink(digits.MODEL_PATH, "fold", check=False).model
+    with caplog.at_level(logging.WARNING):
+        shrink(
+            folded, "fold,quant", check=False, calibration=digits.TEST_DATA_PATH, sensitivity=True
+        )
+    assert caplog.text.count("fold: no change") == 1
+
+
 def test_a_model_without_node_names_gets_a_hint_that_keeps_the_nodes_it_names_float(tmp_path):
     """Found in an audit (CenterFace: a torch 1.2 export naming no node): the hint had to
     leave every layer out, or named nodes that were not there. Nodes are named at load, by
