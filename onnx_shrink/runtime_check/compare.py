@@ -168,16 +168,20 @@ class NumericReport:
 
     @property
     def large_error(self) -> OutputComparison | None:
-        """The output with the lowest SNR where it is under ``LOW_SNR_DB``, else None. SNR
-        means nothing on an all-zero reference (-inf at any difference), and NaN/Inf have
-        their own count and failure: those outputs are left out."""
+        """The output with the lowest SNR where it is under ``LOW_SNR_DB``, else None."""
+        return next(iter(self.large_errors), None)
+
+    @property
+    def large_errors(self) -> list[OutputComparison]:
+        """The outputs under ``LOW_SNR_DB``, the lowest SNR first. SNR means nothing on an
+        all-zero reference (-inf at any difference), and NaN/Inf have their own count and
+        failure: those outputs are left out."""
         finite = [
             o
             for o in self.outputs
             if o.reference_max_abs > 0 and not o.nan_count + o.inf_count and not o.integral
         ]
-        worst = min(finite, key=lambda out: out.snr_db, default=None)
-        return worst if worst is not None and worst.snr_db < LOW_SNR_DB else None
+        return sorted((o for o in finite if o.snr_db < LOW_SNR_DB), key=lambda o: o.snr_db)
 
     @property
     def low_agreement(self) -> OutputComparison | None:

@@ -64,3 +64,18 @@ def test_every_fix_names_options_its_pass_has(name):
     named = re.findall(rf"\b{re.escape(name)}\.([a-z_]+)", check_notes.FIXES[name])
     assert named, f"{name}'s fix names none of its options"
     assert set(named) <= fields
+
+
+def test_every_output_under_the_snr_floor_is_named_worst_first(pruned):
+    """A spindle detector after prune-channels: its segmentation map (12.2 dB SNR) went
+    unsaid beside its detection output (6.5 dB), the only one the note named."""
+    numeric = pruned.verification.numeric
+    (logits,) = numeric.outputs
+    fine = dataclasses.replace(logits, name="fine", snr_db=35.0)
+    worse = dataclasses.replace(logits, name="worse", snr_db=logits.snr_db - 3)
+    (note,) = check_notes.notes(dataclasses.replace(numeric, outputs=[logits, fine, worse]))
+    assert note.startswith(f"large error: 'worse' keeps {logits.snr_db - 3:.1f} dB SNR")
+    assert f", 'logits' keeps {logits.snr_db:.1f} dB SNR" in note and "'fine'" not in note
+    many = [dataclasses.replace(logits, name=f"out{k}", snr_db=5.0 + k) for k in range(5)]
+    (note,) = check_notes.notes(dataclasses.replace(numeric, outputs=many))
+    assert "'out2'" in note and "'out3'" not in note and ", and 2 more outputs;" in note
