@@ -49,13 +49,13 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
     lines += _unjudged_integers(numeric)
     ordered_by = dict(numeric.ordered_by)
     large = numeric.large_errors
+    measured = (
+        ", which quant.max_error and --sensitivity measure instead"
+        if passes is None or "quant" in passes
+        else ""
+    )
     for worst in (o for o in large if o.name in ordered_by):
         # isbnx's TopK detector in fp16: 3.9 dB SNR with the same detections.
-        measured = (
-            ", which quant.max_error and --sensitivity measure instead"
-            if passes is None or "quant" in passes
-            else ""
-        )
         lines.append(
             f"large error: {_kept(worst)}, but {ordered_by[worst.name]} chooses and orders its "
             "rows: near-equal scores trade places under any change, and rows compared element "

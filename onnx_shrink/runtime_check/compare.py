@@ -167,11 +167,6 @@ class NumericReport:
         return "PASS"
 
     @property
-    def large_error(self) -> OutputComparison | None:
-        """The output with the lowest SNR where it is under ``LOW_SNR_DB``, else None."""
-        return next(iter(self.large_errors), None)
-
-    @property
     def large_errors(self) -> list[OutputComparison]:
         """The outputs under ``LOW_SNR_DB``, the lowest SNR first. SNR means nothing on an
         all-zero reference (-inf at any difference), and NaN/Inf have their own count and

@@ -119,7 +119,7 @@ def test_the_check_says_the_error_of_reordered_rows_overstates_the_change(tmp_pa
     reference = save_proto(_detector(), tmp_path / "ref.onnx")
     candidate = save_proto(_detector(score_noise=0.05), tmp_path / "cand.onnx")
     report = compare(reference, candidate, _inputs(tmp_path))
-    worst = report.large_error
+    worst = report.large_errors[0]
     assert worst is not None and worst.name == "detections"
     assert report.ordered_by == (("detections", "TopK 'topk'"),)
     note = next(line for line in check_notes.notes(report) if line.startswith("large error"))

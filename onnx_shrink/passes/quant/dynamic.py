@@ -20,7 +20,6 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
-from onnx_shrink.compiler.walk import nodes_of
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import compact, log_cone, recurrent, stored_int8, table_readers
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES, quantize_weight
@@ -210,8 +209,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         return [
             node
             for node in context.candidates(self.op_types)
-            if not table_readers.moves_activations(node)
-            and not (self.graphs == "subgraphs" and node.graph is model.graph)
+            if not (self.graphs == "subgraphs" and node.graph is model.graph)
             and (nodes is None or node in nodes)
         ]
 
@@ -231,10 +229,8 @@ class QuantDynamicPass(ir.passes.InPlacePass):
         ``model`` only. ``owner``: the pass whose options the reasons name (None: this one)."""
         context = self.context(model, owner, quiet=True)
         reasons = {}
-        for node in nodes_of(model, self.op_types):
+        for node in table_readers.weight_nodes(model, self.op_types):
             if self.graphs == "subgraphs" and node.graph is model.graph:
-                continue
-            if table_readers.moves_activations(node):
                 continue
             reason = self._reason(context, node)
             if reason is not None:

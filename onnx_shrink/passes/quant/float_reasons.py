@@ -21,13 +21,13 @@ from collections.abc import Collection, Mapping
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import MinMax, Statistics
-from onnx_shrink.passes.quant import placement, quantized_already, recurrent
+from onnx_shrink.passes.quant import placement, quantized_already, without_statistics
 
 logger = logging.getLogger(__name__)
 
 SHOWN = 3  # reasons named in the line
 # Layers whose weights quant gives quant-dynamic's int8 in every graph (rules 10 and 14).
-WITHOUT_STATISTICS = (*recurrent.RECURRENT, "ConvTranspose")
+WITHOUT_STATISTICS = tuple(op for op, _ in without_statistics.SWITCHES)
 # The plan's reasons name a tensor ("no range measured for input x"): counted without it.
 _TENSOR = re.compile(r"(?<=input) \S+| \([^)]*\)$")
 # quant-dynamic's reasons name the weight ("weight 'w3' is not an initializer"): likewise.

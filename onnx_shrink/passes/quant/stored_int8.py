@@ -40,23 +40,28 @@ from onnx_shrink.passes.quant.table_readers import TABLE_READERS
 from onnx_shrink.passes.quant.weight_matching import WeightContext, derived_name
 
 INT8 = QUANT_TYPES["s8"]
-STORED_OPS = ("ConvTranspose", *TABLE_READERS)
+_STORED_INPUT = {"ConvTranspose": 1, **dict.fromkeys(TABLE_READERS, 0)}
+"""The input of each op ``reason`` and ``store`` take that ``store`` stores"""
+STORED_OPS = tuple(_STORED_INPUT)
 """What ``reason`` and ``store`` take"""
 
 
 def reason(context: WeightContext, node: ir.Node) -> str | None:
     """Why ``node`` (of ``STORED_OPS``) cannot have its weight or table stored, or None."""
-    if node.op_type == "ConvTranspose":
-        return conv_transpose_reason(context, node)
-    return table_reason(context, node)
-
-
-def store(
-    context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
-) -> None:
-    """Store the weight or table of ``node``, which ``reason`` passes, as int8."""
-    how = store_conv_transpose if node.op_type == "ConvTranspose" else store_table
-    how(context, node, per_channel=per_channel, narrow_storage=narrow_storage)
+    if (why := opset_reason(context)) is not None:
+        return why
+    index = _STORED_INPUT[node.op_type]
+    value = node.inputs[index] if len(node.inputs) > index else None
+    tensor = value.const_value if value is not None else None
+    # A ConvTranspose's weight of any rank from 3 on (1-D to N-D convolutions; another is
+    # named as not 3), a table of any rank.
+    least = 3 if index else 0
+    rank = len(tensor.shape) if tensor is not None and len(tensor.shape) >= least else least
+    why = context.weight_reason(value, rank=rank)
+    if why is not None or node.op_type == "ConvTranspose":
+        return why
+    assert value is not None and tensor is not None
+    return _table_reason(value, tensor.numpy())
 
 
 def opset_reason(context: WeightContext) -> str | None:
@@ -66,81 +71,46 @@ def opset_reason(context: WeightContext) -> str | None:
     return None
 
 
-def conv_transpose_reason(context: WeightContext, node: ir.Node) -> str | None:
-    """Why the weight of ``node`` (a ConvTranspose) cannot be stored as int8, or None."""
-    if (reason := opset_reason(context)) is not None:
-        return reason
-    weight = node.inputs[1] if len(node.inputs) > 1 else None
-    tensor = weight.const_value if weight is not None else None
-    # Any rank from 3 on (1-D to N-D convolutions); another is named as not 3.
-    rank = len(tensor.shape) if tensor is not None and len(tensor.shape) >= 3 else 3
-    return context.weight_reason(weight, rank=rank)
-
-
-def store_conv_transpose(
-    context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
-) -> None:
-    """Give ``node``, which ``conv_transpose_reason`` passes, int8 codes of its weight read
-    through ``Cast`` and ``Mul`` by their scales (see the module doc). A weight several nodes
-    of one graph read is dequantized once."""
-    weight = node.inputs[1]
-    assert weight is not None and node.graph is not None
-    axis = _conv_transpose_axis(node) if per_channel else None
-
-    def stored(w: np.ndarray) -> dict[str, np.ndarray]:
-        return int8_codes(w, axis, narrow_storage)
-
-    codes, scale = context.weights(weight, ("int8-stored", axis), stored)
-    assert codes is not None and scale is not None
-    node.replace_input_with(1, dequantized(node.graph, node, "W", codes, scale))
-
-
-def table_reason(context: WeightContext, node: ir.Node) -> str | None:
-    """Why the table ``node`` (a Slice or Reshape ``table_readers.moves_activations`` passes)
-    reads cannot
-    be stored as int8, or None."""
-    if (reason := opset_reason(context)) is not None:
-        return reason
-    data = node.inputs[0]
-    assert data is not None and data.const_value is not None
-    if (reason := context.weight_reason(data, rank=len(data.const_value.shape))) is not None:
-        return reason
-    others = sorted(
-        {u.node.op_type for u in data.uses() if u.node.op_type not in TABLE_READERS or u.idx}
-    )
+def _table_reason(table: ir.Value, values: np.ndarray) -> str | None:
+    """Why ``table``, a quantizable weight otherwise, cannot be stored, or None."""
+    others = {u.node.op_type for u in table.uses() if u.node.op_type not in TABLE_READERS or u.idx}
     if others:
-        return f"table {data.name!r} is also read by {'/'.join(others)}"
-    values = data.const_value.numpy()
+        return f"table {table.name!r} is also read by {'/'.join(sorted(others))}"
     if not np.isfinite(values).all() or np.abs(values).max() >= placement.SENTINEL_MAGNITUDE:
-        return f"table {data.name!r} holds sentinel values (a mask's -inf or float32 min)"
+        return f"table {table.name!r} holds sentinel values (a mask's -inf or float32 min)"
     return None
 
 
-def store_table(
+def store(
     context: WeightContext, node: ir.Node, *, per_channel: bool, narrow_storage: bool
 ) -> None:
-    """Give ``node``, whose table ``table_reason`` passes, int8 codes of it read through
-    ``Cast`` and ``Mul`` by their scales, per entry of its last axis. A table several nodes
-    of one graph read is dequantized once."""
-    data = node.inputs[0]
-    assert data is not None and data.const_value is not None and node.graph is not None
-    rank = len(data.const_value.shape)
-    axis = rank - 1 if per_channel and rank >= 2 else None
+    """Give ``node``, which ``reason`` passes, int8 codes of its weight or table read through
+    ``Cast`` and ``Mul`` by their scales (see the module doc for the axis they follow). A
+    weight several nodes of one graph read is dequantized once."""
+    index = _STORED_INPUT[node.op_type]
+    value = node.inputs[index]
+    assert value is not None and value.const_value is not None and node.graph is not None
+    axis = _scale_axis(node, len(value.const_value.shape)) if per_channel else None
 
     def stored(w: np.ndarray) -> dict[str, np.ndarray]:
-        return int8_codes(w, axis, narrow_storage)
+        return _int8_codes(w, axis, narrow_storage)
 
-    codes, scale = context.weights(data, ("int8-stored", axis), stored)
+    codes, scale = context.weights(value, ("int8-stored", axis), stored)
     assert codes is not None and scale is not None
-    node.replace_input_with(0, dequantized(node.graph, node, "table", codes, scale))
+    part = "W" if index else "table"
+    node.replace_input_with(index, dequantized(node.graph, node, part, codes, scale))
 
 
-def _conv_transpose_axis(node: ir.Node) -> int:
-    """The weight axis each scale covers one slice of (see the module doc)."""
-    return 1 if node.attributes.get_int("group", 1) == 1 else 0
+def _scale_axis(node: ir.Node, rank: int) -> int | None:
+    """The axis each scale covers one slice of (see the module doc): a ConvTranspose's output
+    channels, or its input channels with groups; a table's last axis (None: a 1-D table
+    gets one scale)."""
+    if node.op_type == "ConvTranspose":
+        return 1 if node.attributes.get_int("group", 1) == 1 else 0
+    return rank - 1 if rank >= 2 else None
 
 
-def int8_codes(w: np.ndarray, axis: int | None, narrow_storage: bool) -> dict[str, np.ndarray]:
+def _int8_codes(w: np.ndarray, axis: int | None, narrow_storage: bool) -> dict[str, np.ndarray]:
     """int8 codes of ``w`` and symmetric float32 scales, one per slice along ``axis`` (size 1
     on every other axis, to multiply the codes back), or one scalar for all."""
     rounding = compact.scale_rounding(narrow_storage, axis)

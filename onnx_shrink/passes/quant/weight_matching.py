@@ -18,8 +18,8 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler.walk import nodes_of, onnx_opset
-from onnx_shrink.passes.quant import compact, quantized_already, weight_warnings
+from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.passes.quant import compact, quantized_already, table_readers, weight_warnings
 
 logger = logging.getLogger(__name__)
 
@@ -130,7 +130,7 @@ class WeightContext:
                 name = f"{function.domain}::{function.name}"
                 logger.debug("%s: skipping function %s: no initializers", self.pass_name, name)
         nodes = []
-        for node in nodes_of(self.model, op_types):
+        for node in table_readers.weight_nodes(self.model, op_types):
             if any(p.fullmatch(node.name or "") for p in self.exclude):
                 self.skip(node, "excluded")
             else:

@@ -73,9 +73,7 @@ def nothing_quantized(
     # of activations holds no table: neither candidate nor skipped, where the warning's count
     # would say otherwise.
     candidates = [
-        n
-        for n in walk.nodes_of(model, op_types)
-        if not _gathers_integers(n) and not table_readers.moves_activations(n)
+        n for n in table_readers.weight_nodes(model, op_types) if not _gathers_integers(n)
     ]
     warn_half_precision(pass_name, candidates)
     kept = set(candidates)

@@ -57,8 +57,7 @@ class DynamicRules:
     def has_candidates(self, model: ir.Model) -> bool:
         """Whether the main graph or a body holds a node of ``main_graph_ops`` (a Slice or
         Reshape only where it reads a table)."""
-        nodes = nodes_of(model, self.main_graph_ops)
-        return any(not table_readers.moves_activations(node) for node in nodes)
+        return bool(table_readers.weight_nodes(model, self.main_graph_ops))
 
     def layers(self, model: ir.Model) -> list[ir.Node]:
         """The main-graph nodes rules 6, 10, 14 and 15 quantize (embedding tables, recurrent
