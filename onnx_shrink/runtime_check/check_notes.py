@@ -1,5 +1,6 @@
 """What a check's numbers alone do not say, one line each: If branches no sample took, integer
-outputs no tolerance judges, an output the candidate destroyed or changed much.
+outputs no tolerance judges, elements both models left NaN/Inf, an output the candidate
+destroyed or changed much.
 
 The console prints the lines under its numeric table, the HTML report lists them under the
 comparison, and the JSON report carries them (``notes``): a "large error" on a mel
@@ -47,6 +48,7 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
     likeliest."""
     lines = [f"not checked: {line}" for line in numeric.untested_branches]
     lines += _unjudged_integers(numeric)
+    lines += _uncompared(numeric)
     ordered_by = dict(numeric.ordered_by)
     large = numeric.large_errors
     measured = (
@@ -104,4 +106,18 @@ def _unjudged_integers(numeric: NumericReport) -> list[str]:
     return [
         f"not judged: integer output {', '.join(names)} (cosine judges float outputs; "
         "--min-agreement sets the share of elements that must stay equal)"
+    ]
+
+
+def _uncompared(numeric: NumericReport) -> list[str]:
+    """A note per output that is NaN/Inf in both models at some elements: agreement, which the
+    NaN/Inf column (the candidate's new ones) shows as 0/0 and the figures leave out. A graph
+    network for NMR shifts writes NaN wherever its atom mask is false: 31 such elements of
+    its output were in the JSON report only. (An output NaN/Inf everywhere is warned about
+    by ``compare``.)"""
+    return [
+        f"not compared: {o.uncompared:,} elements of '{o.name}' are NaN/Inf in both models; "
+        f"its figures cover the {o.elements:,} finite in both"
+        for o in numeric.outputs
+        if o.uncompared and o.elements
     ]

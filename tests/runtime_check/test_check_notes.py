@@ -6,6 +6,7 @@ from __future__ import annotations
 import dataclasses
 import re
 
+import numpy as np
 import pytest
 
 import onnx_shrink
@@ -13,6 +14,7 @@ from models import digits
 from onnx_shrink import console
 from onnx_shrink.compiler import registry
 from onnx_shrink.runtime_check import check_notes, checker
+from onnx_shrink.runtime_check.compare import compare_batches
 from tests.helpers import digits_images
 
 QUANT_FIX = "for quant, --sensitivity ranks the layers that cost it"
@@ -79,3 +81,24 @@ def test_every_output_under_the_snr_floor_is_named_worst_first(pruned):
     many = [dataclasses.replace(logits, name=f"out{k}", snr_db=5.0 + k) for k in range(5)]
     (note,) = check_notes.notes(dataclasses.replace(numeric, outputs=many))
     assert "'out2'" in note and "'out3'" not in note and ", and 2 more outputs;" in note
+
+
+def test_elements_nan_in_both_models_are_said_to_be_left_out():
+    """caustic's NMR shifts are NaN wherever its atom mask is false, in both models: the
+    table's NaN/Inf column (new ones only) read 0/0 and the 31 elements its figures left out
+    were in the JSON report only."""
+    rng = np.random.default_rng(71)
+    reference = rng.normal(size=(2, 16)).astype(np.float32)
+    reference[:, 12:] = np.nan
+    candidate = reference + np.float32(0.01) * rng.normal(size=reference.shape).astype(np.float32)
+    numeric = compare_batches([({"shifts": reference}, {"shifts": candidate}, None)])
+    (note,) = check_notes.notes(numeric)
+    assert note == (
+        "not compared: 8 elements of 'shifts' are NaN/Inf in both models; its figures cover "
+        "the 24 finite in both"
+    )
+    (out,) = numeric.outputs
+    assert (out.nan_count, out.inf_count) == (0, 0)
+    # An output finite everywhere gets no such note.
+    finite = compare_batches([({"y": reference[:, :12]}, {"y": candidate[:, :12]}, None)])
+    assert check_notes.notes(finite) == []
