@@ -405,3 +405,29 @@ def test_each_measurement_of_the_search_reports_its_runs(monkeypatch):
         counted = [(done, total) for p, done, total in calls if p == phase]
         assert counted[0] == (0, 450) and counted[-1] == (450, 450)
     assert ("quant.max_error: 1 worst float: statistics", 450, 450) in calls
+
+
+def test_an_error_just_past_the_target_does_not_read_as_the_target():
+    """rxnmap: 0.05004 with every layer quantized printed as "0.05" beside max_error=0.05,
+    so the node the search kept float (20.4 -> 32.4 MiB) looked needless."""
+    outcome = accuracy_target.TargetOutcome(
+        max_error=0.05,
+        met=True,
+        layers=1,
+        exclude=("qkv",),
+        added=("qkv",),
+        error=0.0313,
+        bytes=32_400_000,
+        whole_error=0.05004105930235406,
+        whole_bytes=20_400_000,
+        attempts=(),
+        samples=16,
+        data="cal.npz",
+        seconds=1.0,
+        without_bias_correction=False,
+    )
+    assert "0.05004 with every layer quantized" in outcome.summary()
+    assert "worst output relative error 0.0313 " in outcome.summary()
+    assert accuracy_target.beside_target(0.0499996, 0.05) == "0.0499996"
+    assert accuracy_target.beside_target(0.05, 0.05) == "0.05"
+    assert accuracy_target.beside_target(0.123456, 0.05) == "0.123"
