@@ -4,8 +4,9 @@ plan, kept or taken back when the pass ends."""
 
 from __future__ import annotations
 
+import contextlib
 import logging
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
@@ -92,6 +93,28 @@ def settle_inferred_types(model: ir.Model, keep: bool) -> None:
             value.shape = None
             if added == "type":
                 value.type = None
+
+
+@contextlib.contextmanager
+def no_inferred_annotations(model: ir.Model) -> Iterator[None]:
+    """Around a tool that rebuilds ``model``'s graph and infers every shape and type on the
+    way (onnx's version converter): after it, a node output of a name that had no shape, or
+    no type, has none again. They would be written as value_info: a converted captcha CRNN
+    whose weight-only pass quantized one 30 KB MatMul grew by 46 KB of them. By name, not by
+    value (as ``infer_types``): the converter makes new values. Nothing is dropped when the
+    tool raises."""
+    had = {
+        v.name: (v.shape is not None, v.type is not None)
+        for v in _node_outputs(model)
+        if v.shape is None or v.type is None
+    }
+    yield
+    for value in _node_outputs(model):
+        had_shape, had_type = had.get(value.name, (True, True))
+        if not had_shape:
+            value.shape = None
+        if not had_type:
+            value.type = None
 
 
 INVENTED_DIM_PREFIX = "unk__"

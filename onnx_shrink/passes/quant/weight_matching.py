@@ -18,8 +18,14 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler.walk import all_nodes, onnx_opset
-from onnx_shrink.passes.quant import compact, quantized_already, table_readers, weight_warnings
+from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.passes.quant import (
+    compact,
+    quantized_already,
+    table_readers,
+    value_types,
+    weight_warnings,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -51,12 +57,11 @@ def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> 
         converter_log = logging.getLogger("onnxscript.version_converter")
         level = converter_log.level
         converter_log.setLevel(logging.ERROR)
-        unannotated = _unannotated(model)
         try:
-            ConvertVersionPass(target_version=target, fallback=True)(model)
+            with value_types.no_inferred_annotations(model):
+                ConvertVersionPass(target_version=target, fallback=True)(model)
         finally:
             converter_log.setLevel(level)
-        _drop_annotations(model, unannotated)
     except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
         logger.warning(
             "%s: cannot convert opset %d to %d (%s); no %s", pass_name, version, target, e, purpose
@@ -66,25 +71,6 @@ def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> 
         "%s: converted the model from opset %d to %d for %s", pass_name, version, target, purpose
     )
     return True
-
-
-def _unannotated(model: ir.Model) -> tuple[set[str], set[str]]:
-    """The names of the node outputs that have no shape, and of those that have no type."""
-    outputs = [v for node in all_nodes(model) for v in node.outputs]
-    return {v.name for v in outputs if v.shape is None}, {v.name for v in outputs if v.type is None}
-
-
-def _drop_annotations(model: ir.Model, unannotated: tuple[set[str], set[str]]) -> None:
-    """Forget the shapes and types onnx's converter inferred where the model had none: they
-    are written as value_info, and a converted captcha CRNN whose weight-only pass quantized
-    one 30 KB MatMul grew by 46 KB of them."""
-    shapeless, typeless = unannotated
-    for node in all_nodes(model):
-        for value in node.outputs:
-            if value.name in shapeless:
-                value.shape = None
-            if value.name in typeless:
-                value.type = None
 
 
 def derived_name(node: ir.Node, suffix: str) -> str | None:
