@@ -222,7 +222,7 @@ def shrink(
         "the recipe": recipe,
     }
     given = preflight.read_input(model, read, pass_list, dump_dir, output, external_data)
-    loaded, reference, input_bytes = given.model, given.reference, given.input_bytes
+    reference, input_bytes = given.reference, given.input_bytes
     with contextlib.ExitStack() as stack:
         held = _held_inputs(pass_list)
         dataset, source = preflight.data_sources(given, options, calibration, data, stack, held)
@@ -233,7 +233,7 @@ def shrink(
             )
         result, sensitivity_report, targets = _compile(
             model,
-            loaded,
+            given,
             pass_list,
             _Hooks(on_pass_start, on_calibration),
             source=source,
@@ -243,7 +243,6 @@ def shrink(
             strict=options.strict if options else False,
             dump_dir=dump_dir,
             sensitivity=sensitivity,
-            naming=given.naming,
             held=held,
         )
         graph_edit.restore_names(result.model, given.naming)  # the nodes unnamed, as they came
@@ -335,7 +334,7 @@ class _Hooks:
 
 def _compile(
     source_model: io.ModelSource,
-    loaded: ir.Model,
+    given: preflight.Input,
     pass_list: Sequence[ir.passes.PassBase],
     hooks: _Hooks,
     *,
@@ -346,7 +345,6 @@ def _compile(
     strict: bool,
     dump_dir: str | os.PathLike | None,
     sensitivity: bool,
-    naming: graph_edit.Naming,
     held: Mapping[str, float],
 ) -> tuple[
     pipeline.PipelineResult,
@@ -356,11 +354,12 @@ def _compile(
     """Run the pipeline (collecting calibration statistics for data-aware passes, meeting
     quant passes' accuracy targets) and, if asked, the sensitivity report; calibration data
     lives as long as this call."""
+    loaded = given.model
     with contextlib.ExitStack() as stack:
         collector, prober, calib = None, None, None
         if any(isinstance(p, DataAwarePass) for p in pass_list):
             calib = calibration_hooks.calibration_data(
-                loaded, source, input_shapes, stack, held, provider
+                loaded, source, input_shapes, stack, held, provider, given.where
             )
             collector = functools.partial(
                 calibration_hooks.collect,
@@ -396,7 +395,7 @@ def _compile(
             input_dims=shapes.sample_dims(loaded, first_sample, input_shapes),
             observe=shapes.observer(loaded, first_sample, input_shapes, provider),
             prepare=targets if any(map(quant_targets.targeted, pass_list)) else None,
-            naming=naming,
+            naming=given.naming,
         )
         report = targets.report
         if sensitivity and report is None:  # with a quant pass (shrink checked): a collector

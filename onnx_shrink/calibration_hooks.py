@@ -31,13 +31,15 @@ def calibration_data(
     stack: contextlib.ExitStack,
     held: Mapping[str, float] | None = None,
     provider: str = "cpu",
+    label: str = "the input model",
 ) -> data_mod.Dataset:
     """Calibration inputs, checked against the model now and readable once per pass;
     without a source, synthetic inputs of ``input_shapes``. Run one sample at a time where
     the model mixes the samples of a batch (``batch_mixing.vetted``, on ``provider``), or
     where the input model does not load there to be tried: the passes before the data-aware
     one may make it load (``fold`` drops a dead node no kernel takes). ``held``: inputs
-    fold.freeze holds at one value (``data_mod.prepare``)."""
+    fold.freeze holds at one value (``data_mod.prepare``). ``label``: how warnings name the
+    model, as the check's do (its path where it came from a file)."""
     specs = data_mod.specs_from_model(model)
     if source is None:
         dataset = data_mod.synthetic(specs, input_shapes, held=held)
@@ -53,7 +55,7 @@ def calibration_data(
         # Whether a batch's samples stay apart is untried: one a run is right either way.
         logger.info("calibration: each sample runs alone: untried on the input model (%s)", e)
         return batch_mixing.each_sample_alone(dataset, specs)
-    return batch_mixing.vetted(dataset, specs, session, "the input model", model)
+    return batch_mixing.vetted(dataset, specs, session, label, model)
 
 
 def reporting(

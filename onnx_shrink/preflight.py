@@ -188,7 +188,7 @@ def checked_dataset(
     )
     samples = dataset.samples_in(dataset.first_feed(), specs)
     refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
-    dataset = batch_mixing.vetted(dataset, specs, probe, where)
+    dataset = batch_mixing.vetted(dataset, specs, probe, where, loaded)
     return dataset  # the session goes: kept through the compile, it would add the model's size
 
 

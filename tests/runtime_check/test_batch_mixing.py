@@ -363,3 +363,27 @@ def test_a_candidate_that_mixes_through_per_run_int8_scales_is_told_so(caplog, t
     with caplog.at_level(logging.WARNING):  # a model that mixes through its own arithmetic
         checker.compare(reference, _normalized(True), {"x": _samples()})
     assert "(a reduction or normalization over the batch axis)" in caplog.text
+
+
+def test_an_input_model_with_per_run_scales_is_told_so_for_both_datasets(caplog, tmp_path):
+    """pyfrspell's GRU model comes int8 already (3 DynamicQuantizeLinear nodes): the check's
+    data was said to mix through "a reduction or normalization over the batch axis" and
+    named the model by its path, where calibration's data gave the true cause and named it
+    "the input model"."""
+    dynamic = onnx_shrink.shrink(
+        _normalized(True, divide=False),
+        "quant-dynamic",
+        sets=("quant-dynamic.min_weight_elements=0",),
+        check=False,
+    )
+    path = tmp_path / "int8.onnx"
+    path.write_bytes(ir.to_proto(dynamic.model).SerializeToString())
+    rows = _samples(32)
+    check = onnx_shrink.CheckOptions(data={"x": rows[:16]}, latency_runs=0)
+    with caplog.at_level(logging.WARNING):
+        onnx_shrink.shrink(str(path), "quant", calibration={"x": rows[16:]}, check=check)
+    warnings = [r.getMessage() for r in caplog.records if "mixes the samples" in r.getMessage()]
+    assert len(warnings) == 2  # the check's data, then calibration's
+    for warning in warnings:
+        assert f"{path} mixes the samples of a batch" in warning
+        assert "one int8 scale per run, shared by every sample in it: its 2 " in warning
