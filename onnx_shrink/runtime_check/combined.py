@@ -68,52 +68,70 @@ SCORE_DEPTH = 8
 
 def scores_elsewhere(model: ir.Model) -> bool:
     """Whether ``add_scored_outputs`` would add outputs to ``model`` (it may add none)."""
-    return not computes_float_output(model) or bool(selection.ordered_outputs(model.graph))
+    graph = model.graph
+    decided = any(v.producer() is not None and not _computed_float(v) for v in graph.outputs)
+    return decided or bool(selection.ordered_outputs(graph))
 
 
 def add_scored_outputs(model: ir.Model) -> list[str]:
     """Output the float values the measurements rank by, where the model's outputs are no
     measure of a change (in place), and return the new outputs' names (``<value>_scored``):
 
-    * where ``model`` has no float output computed by its graph, the values its integer and
-      boolean outputs are decided from: a tagger's or a classifier's ``ArgMax`` reads its
-      scores, a mask's ``Greater`` its probabilities (the error of ids is no distance);
-      nothing where they come from no float value within ``SCORE_DEPTH`` nodes;
+    * the values its computed integer and boolean outputs are decided from: a tagger's or a
+      classifier's ``ArgMax`` reads its scores, a mask's ``Greater`` its probabilities (the
+      error of ids is no distance); nothing where they come from no float value within
+      ``SCORE_DEPTH`` nodes. Also beside float outputs: trueocr's recogniser outputs its ids
+      (an ArgMax of the logits) and a float confidence, and ``quant.max_error`` judged the
+      confidence alone while 0.7% of the ids changed;
     * where a float output is ordered by a selection (a detector's ``TopK``), the values the
       selection chose from (``selection.sources``), which ``compared_outputs`` then measures
       in its place.
 
-    Each is an Identity's output, so that the value itself is no graph output: ``quant``
-    quantizes a graph output its layer writes, and the measured copies would be rounded
-    where the pass's result is not."""
+    A value the graph outputs already, or scores already (an earlier call), is not added
+    again. Each is an Identity's output, so that the value itself is no graph output:
+    ``quant`` quantizes a graph output its layer writes, and the measured copies would be
+    rounded where the pass's result is not."""
     graph = model.graph
-    if computes_float_output(model):
-        ordered = selection.ordered_outputs(graph)
-        if ordered:
-            value_types.infer_types(model)  # sources are told by their types
-        scores = selection.sources(graph, *ordered)
+    reasons, scores = [], []
+    ordered = selection.ordered_outputs(graph)
+    decided = [v for v in graph.outputs if v.producer() is not None and not _computed_float(v)]
+    if ordered or decided:
+        value_types.infer_types(model)  # sources and the walk tell floats by their types
+    if ordered and computes_float_output(model):
+        scores += selection.sources(graph, *ordered)
         chosen = (f"'{v.name}' by {selection.describe(node)}" for v, node in ordered.items())
-        what = f"are rows a selection orders ({', '.join(chosen)})"
-    else:
-        value_types.infer_types(model)  # the walk tells floats by their types
-        scores = [score for value in graph.outputs for score in _float_sources(value)]
-        what = "are integers"
+        reasons.append(f"are rows a selection orders ({', '.join(chosen)})")
+    if decided:
+        scores += [score for value in decided for score in _float_sources(value)]
+        reasons.append("are integers")
+    added = _scored_aliases(graph, [s for s in dict.fromkeys(scores) if not _output_already(s)])
+    if added:
+        logger.info(
+            "the model's outputs %s; errors are measured on the float values they are "
+            "decided from: %s",
+            " or ".join(reasons),
+            ", ".join(added),
+        )
+    return added
+
+
+def _output_already(value: ir.Value) -> bool:
+    """Whether ``value`` is a graph output, or an Identity of it is (``_scored_aliases``)."""
+    readers = (node for node, _ in value.uses() if node.op_type == "Identity")
+    return value.is_graph_output() or any(n.outputs[0].is_graph_output() for n in readers)
+
+
+def _scored_aliases(graph: ir.Graph, scores: Sequence[ir.Value]) -> list[str]:
+    """Output each of ``scores`` as a new Identity's output, ``<value>_scored``."""
     taken = graph_edit.value_names(graph)
     added: list[str] = []
-    for score in dict.fromkeys(scores):
+    for score in scores:
         alias = ir.node("Identity", [score])
         alias.outputs[0].name = graph_edit.fresh_name(f"{score.name}_scored", taken)
         alias.outputs[0].type, alias.outputs[0].shape = score.type, score.shape
         graph.append(alias)
         graph.outputs.append(alias.outputs[0])
         added.append(alias.outputs[0].name)
-    if added:
-        logger.info(
-            "the model's outputs %s; errors are measured on the float values they are "
-            "decided from: %s",
-            what,
-            ", ".join(added),
-        )
     return added
 
 
