@@ -117,7 +117,9 @@ class TargetOutcome:
         elif not self.added and self.met:
             head += "met with every layer quantized"
         elif self.met:
-            head += f"met with {float_nodes}, for the {counted(self.layers, 'worst layer')}"
+            head += f"met with the {counted(self.layers, 'worst layer')} float"
+            if len(self.added) != self.layers:  # a layer's companions (its Relu) add nodes
+                head += f" ({counted(len(self.added), 'node')})"
         else:
             head += f"NOT met; the least error measured keeps {float_nodes}"
         error = beside_target(self.error, self.max_error)

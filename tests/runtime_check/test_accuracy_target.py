@@ -426,8 +426,11 @@ def test_an_error_just_past_the_target_does_not_read_as_the_target():
         seconds=1.0,
         without_bias_correction=False,
     )
+    assert "met with the 1 worst layer float: " in outcome.summary()
     assert "0.05004 with every layer quantized" in outcome.summary()
     assert "worst output relative error 0.0313 " in outcome.summary()
     assert accuracy_target.beside_target(0.0499996, 0.05) == "0.0499996"
     assert accuracy_target.beside_target(0.05, 0.05) == "0.05"
     assert accuracy_target.beside_target(0.123456, 0.05) == "0.123"
+    with_companions = dataclasses.replace(outcome, layers=9, added=tuple("abcdefghijkl"))
+    assert "met with the 9 worst layers float (12 nodes): " in with_companions.summary()
