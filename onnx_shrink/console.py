@@ -333,9 +333,15 @@ def speed_table(report: CheckReport) -> Table:
 def _slower_caption(latency: LatencyComparison, profiled: bool) -> str | None:
     """What the ratio says of a candidate at ``bench.SLOWER_RATIO`` or more: slower where it
     lost most pairs (``profiled``: the table of where the time goes follows), else that the
-    timing is too noisy to say."""
+    timing is too noisy, or too short, to say."""
     if latency.ratio < bench.SLOWER_RATIO:
         return None
+    if latency.too_few_pairs:
+        return (
+            f"the {latency.ratio:.2f}x ratio rests on "
+            f"{counted(latency.reference.runs, 'timing pair')}, too few for a verdict; time it "
+            f"again with --runs {bench.MIN_TIMED_PAIRS} or more"
+        )
     if not latency.slower:
         return (
             f"the {latency.ratio:.2f}x ratio is noise, not a verdict: the candidate was slower "

@@ -93,11 +93,18 @@ class LatencyComparison:
     fast, where a loaded machine can still push the median ratio past 1.1"""
 
     @property
+    def too_few_pairs(self) -> bool:
+        """Whether fewer pairs were timed than any verdict needs (``--runs 1``: one pair read
+        1.45x on MTCNN's O-Net, whose profile then showed the candidate faster, 6.6 against
+        8.3 ms)."""
+        return self.reference.runs < MIN_TIMED_PAIRS
+
+    @property
     def slower(self) -> bool:
         """The verdict that the candidate is slower: a ratio of ``SLOWER_RATIO`` or more, in
-        at least ``SLOWER_SHARE`` of the pairs."""
+        at least ``SLOWER_SHARE`` of at least ``MIN_TIMED_PAIRS`` pairs."""
         lost = self.slower_share is None or self.slower_share >= SLOWER_SHARE
-        return self.ratio >= SLOWER_RATIO and lost
+        return self.ratio >= SLOWER_RATIO and lost and not self.too_few_pairs
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)

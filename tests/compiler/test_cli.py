@@ -573,7 +573,7 @@ def test_a_high_ratio_the_candidate_won_half_the_pairs_of_is_called_noise():
     from onnx_shrink import console
     from onnx_shrink.runtime_check.bench import LatencyComparison, LatencyStats, ModelSize
 
-    stats = LatencyStats(**{f: 1 for f in LatencyStats.__dataclass_fields__})
+    stats = LatencyStats(**{f: 1 for f in LatencyStats.__dataclass_fields__} | {"runs": 5})
     size = ModelSize(100, 50)
     for share, verdict in ((0.5, "noise, not a verdict"), (0.9, "the candidate is slower here")):
         latency = LatencyComparison(stats, stats, 1.2, slower_share=share)
@@ -581,6 +581,26 @@ def test_a_high_ratio_the_candidate_won_half_the_pairs_of_is_called_noise():
             latency=latency, reference_size=size, candidate_size=size, time_by_op=None
         )
         assert verdict in console.speed_table(report).caption
+
+
+def test_a_ratio_from_one_timing_pair_is_no_verdict():
+    """With --runs 1, MTCNN's O-Net read 1.45x and "slower here", while the profile below
+    it showed the candidate faster (6.6 against 8.3 ms)."""
+    import types
+
+    from onnx_shrink import console
+    from onnx_shrink.runtime_check.bench import LatencyComparison, LatencyStats, ModelSize
+
+    stats = LatencyStats(**{f: 1 for f in LatencyStats.__dataclass_fields__})
+    latency = LatencyComparison(stats, stats, 1.45, slower_share=1.0)
+    assert not latency.slower
+    size = ModelSize(100, 50)
+    report = types.SimpleNamespace(
+        latency=latency, reference_size=size, candidate_size=size, time_by_op=None
+    )
+    caption = console.speed_table(report).caption
+    assert "1.45x ratio rests on 1 timing pair, too few for a verdict" in caption
+    assert "--runs 5 or more" in caption and "slower here" not in caption
 
 
 def test_a_crash_inside_onnxruntime_still_says_where_it_happened(digits_copy):
