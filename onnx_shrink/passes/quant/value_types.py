@@ -102,12 +102,17 @@ def no_inferred_annotations(model: ir.Model) -> Iterator[None]:
     no type, has none again. They would be written as value_info: a converted captcha CRNN
     whose weight-only pass quantized one 30 KB MatMul grew by 46 KB of them. By name, not by
     value (as ``infer_types``): the converter makes new values. Nothing is dropped when the
-    tool raises."""
+    tool raises.
+
+    The graph outputs keep the shapes and types the model declares where the tool lost them:
+    PP-OCRv5 rec's Softmax converted from opset 11 to 13 made a new output value without a
+    shape, and onnx.checker rejects a graph output without one."""
     had = {
         v.name: (v.shape is not None, v.type is not None)
         for v in _node_outputs(model)
         if v.shape is None or v.type is None
     }
+    declared = [(v.type, v.shape) for v in model.graph.outputs]
     yield
     for value in _node_outputs(model):
         had_shape, had_type = had.get(value.name, (True, True))
@@ -115,6 +120,11 @@ def no_inferred_annotations(model: ir.Model) -> Iterator[None]:
             value.shape = None
         if not had_type:
             value.type = None
+    for value, (type_, shape) in zip(model.graph.outputs, declared, strict=True):
+        if value.type is None:
+            value.type = type_
+        if value.shape is None and shape is not None:
+            value.shape = shape.copy()
 
 
 INVENTED_DIM_PREFIX = "unk__"

@@ -14,6 +14,7 @@ from hypothesis import strategies as st
 from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.errors import PassFailedError
+from onnx_shrink.passes.quant import weight_matching
 from onnx_shrink.passes.quant.blockwise import pack_low_first, quantize_blocks, unpack_low_first
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 from tests.helpers import run_ort
@@ -253,6 +254,28 @@ def test_converting_the_opset_adds_no_value_info():
     assert result.model.opset_imports[""] == 21
     written = onnx.load_from_string(io.to_bytes(result.model))
     assert not written.graph.value_info
+    onnx.checker.check_model(written, full_check=True)
+
+
+def test_converting_the_opset_keeps_the_shapes_the_graph_outputs_declare():
+    """PP-OCRv5 rec (opset 11) declares its output rank 0 and computes rank 3: the converter
+    rewrote its last Softmax for opset 13 (Flatten, Softmax, Reshape) into a new output
+    value without a shape, and onnx.checker rejects a graph output without one."""
+    softmax = onnx.helper.make_node("Softmax", ["x"], ["y"], axis=1)
+    graph = onnx.helper.make_graph(
+        [softmax],
+        "g",
+        [onnx.helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["n", "t", "c"])],
+        [onnx.helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [])],
+    )
+    opset = [onnx.helper.make_opsetid("", 11)]
+    model = ir.serde.deserialize_model(
+        onnx.helper.make_model(graph, opset_imports=opset, ir_version=7)
+    )
+    assert weight_matching.ensure_opset(model, 13, "per-channel weights", "quant")
+    assert [node.op_type for node in model.graph][-1] == "Reshape"  # the rewrite
+    written = onnx.load_from_string(io.to_bytes(model))
+    assert written.graph.output[0].type.tensor_type.HasField("shape")  # rank 0, as declared
     onnx.checker.check_model(written, full_check=True)
 
 
