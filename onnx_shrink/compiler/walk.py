@@ -84,6 +84,26 @@ def bodies(node: ir.Node) -> Iterator[ir.Graph]:
             yield from attr.as_graphs()
 
 
+def holder_in(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
+    """The node of ``graph`` that is ``node`` or holds it in a body at any depth (a Loop
+    whose body holds it); None where ``node`` is in neither."""
+    owners = {body: owner for body, owner in scopes(graph) if owner is not None}
+    while node.graph is not graph:
+        if node.graph not in owners:
+            return None
+        node = owners[node.graph]
+    return node
+
+
+def insert_before_holder(graph: ir.Graph | None, node: ir.Node, new: ir.Node) -> None:
+    """Insert ``new`` into ``graph`` before ``holder_in(graph, node)``: where ``node`` is in
+    a body, ``new`` runs in the outer graph before the node that holds that body."""
+    holder = holder_in(graph, node) if graph is not None else None
+    if graph is None or holder is None:
+        raise ValueError(f"node {node.name!r} is not in the graph or any of its bodies")
+    graph.insert_before(holder, new)
+
+
 def proto_bodies(node: onnx.NodeProto) -> Iterator[onnx.GraphProto]:
     """``bodies`` of a serialized node: the graphs its attributes hold."""
     for attribute in node.attribute:

@@ -18,6 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
+from onnx_shrink.compiler import walk
 from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes.quant import (
     compact,
@@ -215,6 +216,18 @@ class WeightContext:
         if key not in self.zeros:
             self.zeros[key] = self._initializer(graph, "zero_point", np.zeros(shape, dtype))
         return self.zeros[key]
+
+    def read_dequantized(self, node: ir.Node, dequantize: ir.Node) -> None:
+        """``node`` reads its weight (input 1) from ``dequantize``, put in the graph of the
+        codes it reads (their first input): where ``node`` is in a body that reads them from
+        outside, before the node holding that body. onnxruntime (1.32) refused a chars2vec
+        LSTM whose Loop body held the DequantizeLinear ("Missing required weight"); outside,
+        it runs once a run. Its output is named: bodies name their values apart."""
+        codes = dequantize.inputs[0]
+        assert codes is not None
+        dequantize.outputs[0].name = self.names.fresh(f"{codes.name}_dequantized")
+        walk.insert_before_holder(codes.graph, node, dequantize)
+        node.replace_input_with(1, dequantize.outputs[0])
 
     def _initializer(self, graph: ir.Graph, base: str, array: np.ndarray | ir.Tensor) -> ir.Value:
         name = self.names.fresh(base)

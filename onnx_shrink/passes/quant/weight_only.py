@@ -416,9 +416,7 @@ class WeightOnlyQuantPass(DataAwarePass):
             {"axis": 0, "block_size": self.block_size},
             name=derived_name(node, "dequant"),
         )
-        assert node.graph is not None
-        node.graph.insert_before(node, dequantize)
-        node.replace_input_with(1, dequantize.outputs[0])
+        context.read_dequantized(node, dequantize)
 
     def _try_quantize_gather(self, context: WeightContext, node: ir.Node) -> bool:
         reason = gather_reason(context, node)

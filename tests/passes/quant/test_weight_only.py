@@ -317,6 +317,23 @@ def test_matmuls_inside_if_branches_are_quantized():
         assert np.all(np.abs(y - x @ w) <= weight_only_bound(x, w, 4, 32, True))
 
 
+def test_a_branch_dequantizes_an_outer_weight_outside_it():
+    """format=dequantize_linear on a chars2vec LSTM (tf2onnx, a Loop): the DequantizeLinear
+    of an outer weight sat in the body, and onnxruntime 1.32 refused the model ("Missing
+    required weight"). It runs before the If now; a branch's own weight keeps its own."""
+    w_outer, w_local = (RNG.standard_normal((K, N)).astype(np.float32) for _ in range(2))
+    model = with_weights(IF_MODEL, subgraph={"w_local": w_local}, w_outer=w_outer)
+    result, modified = quantized(model, format="dequantize_linear")
+    assert modified and ops(result.graph) == ["DequantizeLinear", "If"]
+    if_node = list(result.graph)[1]
+    assert ops(if_node.attributes["then_branch"].as_graph()) == ["MatMul"]
+    assert ops(if_node.attributes["else_branch"].as_graph()) == ["DequantizeLinear", "MatMul"]
+    x = RNG.standard_normal((3, K)).astype(np.float32)
+    for cond, w in ((True, w_outer), (False, w_local)):
+        (y,) = run_ort(io.to_bytes(result), {"cond": np.array(cond), "x": x})
+        assert np.all(np.abs(y - x @ w) <= weight_only_bound(x, w, 4, 32, True))
+
+
 def test_excluded_and_tiny_weights_stay_float(caplog):
     text = """
     <ir_version: 9, opset_import: ["" : 17]>
