@@ -21,11 +21,7 @@ from onnx_shrink import calibration_hooks, each_pass, preflight, quant_targets
 from onnx_shrink.calibration_hooks import CalibrationProgress
 from onnx_shrink.compiler import graph_edit, io, pass_order, pipeline, spec
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.errors import (
-    DataError,
-    RunFailedError,
-    ShrinkError,
-)
+from onnx_shrink.errors import DataError, RunFailedError, ShrinkError
 from onnx_shrink.frozen_heap import frozen_heap
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.quant.static import QuantPass

@@ -104,9 +104,9 @@ def _load(model: AnyModel, label: str) -> _Loaded:
     if isinstance(model, (str, os.PathLike)):
         return _Loaded(io.load(model), Path(model), str(model))
     if isinstance(model, bytes):
-        loaded = io.load(io.parse_bytes(model))
+        loaded = io.load(io.parse_bytes(model), f"the {label}")
         return _Loaded(loaded, model, label)
-    loaded = io.load(model)
+    loaded = io.load(model, f"the {label}")
     return _Loaded(loaded, io.to_bytes(loaded), label)
 
 
@@ -150,7 +150,10 @@ def _open(
 ) -> _Pair:
     kept = reference if isinstance(reference, Reference) else None
     ref = kept.loaded if kept is not None else _load(reference, "reference")
-    cand = _load(candidate, "candidate")
+    try:
+        cand = _load(candidate, "candidate")
+    except BadModelError as e:  # as where onnxruntime cannot load it: exit 3, not bad input
+        raise CandidateFailedError(f"{e} (the reference passes: the candidate is broken)") from e
     specs = data_mod.specs_from_model(ref.model)
     dataset = data_mod.prepare(specs, data, input_shapes, labels=labels)
     watch = branches_mod.BranchWatch.of(ref.model, cand.model)

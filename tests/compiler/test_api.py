@@ -6,6 +6,7 @@ from __future__ import annotations
 import numpy as np
 import onnx
 import onnx.helper as oh
+import onnx_ir as ir
 import pytest
 
 import onnx_shrink
@@ -52,6 +53,30 @@ def test_a_result_that_fails_its_check_is_kept_on_the_error():
     assert any(n.op_type == "Cast" for n in kept.graph)
     assert io.to_bytes(kept)  # whole, serializable
     assert any(w.startswith("warning: fp16: ") for w in caught.value.result.warnings)
+
+
+class _ShapelessOutput(ir.passes.InPlacePass):
+    """A pass whose result onnx.checker rejects: its graph output has no shape."""
+
+    def call(self, model: ir.Model) -> ir.passes.PassResult:
+        model.graph.outputs[0].shape = None
+        return ir.passes.PassResult(model, True)
+
+
+def test_a_result_onnx_checker_rejects_is_said_saved_and_unchecked(tmp_path):
+    """PP-OCRv5 rec's quant result lost its output's shape (an opset conversion): the check
+    stopped at exit 2 as if the input were bad, and said nothing of the file it had saved."""
+    out = tmp_path / "shapeless.onnx"
+    with pytest.raises(onnx_shrink.CandidateFailedError) as caught:
+        onnx_shrink.shrink(
+            digits.MODEL_PATH, [_ShapelessOutput()], output=out, data={"image": digits_images()}
+        )
+    message = str(caught.value)
+    assert f"{out}: onnx.checker rejects the model" in message
+    assert "the candidate is broken" in message and f"saved, unchecked: {out}" in message
+    assert caught.value.exit_code == 3 and caught.value.result.output_path == out
+    with pytest.raises(onnx_shrink.CandidateFailedError, match="^the candidate: onnx.checker"):
+        onnx_shrink.shrink(digits.MODEL_PATH, [_ShapelessOutput()], data=digits.TEST_DATA_PATH)
 
 
 def test_lists_and_keys_the_model_has_no_input_for_are_taken_from_dicts_and_readers():

@@ -63,9 +63,10 @@ class SavedModel:
     bytes_on_disk: int
 
 
-def load(source: ModelSource) -> ir.Model:
+def load(source: ModelSource, label: str | None = None) -> ir.Model:
     """Load and validate a model from a path, serialized bytes, an ``onnx.ModelProto`` or an
-    ``onnx_ir.Model``.
+    ``onnx_ir.Model``. ``label``: how messages name a model given in memory (the check's
+    "candidate"), in place of "the given onnx_ir.Model".
 
     Raises:
         BadModelError: the file is missing, unreadable, not ONNX, truncated, rejected by
@@ -75,7 +76,7 @@ def load(source: ModelSource) -> ir.Model:
     if isinstance(source, ir.Model):
         # Passes never write tensor data, but onnx_ir and onnxscript do rename tensors in
         # place, so the clone gets tensor objects of its own (the data stays shared).
-        where = "the given onnx_ir.Model"
+        where = label or "the given onnx_ir.Model"
         proto = serialize_proto(source, keep_in_file=True)
         if validation.validate(proto, where):
             # onnx_ir cannot clone a graph whose nodes read values written later: a copy
@@ -87,9 +88,9 @@ def load(source: ModelSource) -> ir.Model:
         unshare_tensors(model)
         return model
     if isinstance(source, (bytes, bytearray)):  # as torch.onnx.export writes into BytesIO
-        return _load_proto(parse_bytes(bytes(source)), owned=True)
+        return _load_proto(parse_bytes(bytes(source)), owned=True, where=label)
     if isinstance(source, onnx.ModelProto):
-        return _load_proto(source, owned=False)
+        return _load_proto(source, owned=False, where=label)
     if not isinstance(source, (str, os.PathLike)):
         raise BadModelError(
             f"expected a path, bytes, an onnx.ModelProto or an onnx_ir.Model, not "
@@ -98,12 +99,12 @@ def load(source: ModelSource) -> ir.Model:
     return _load_file(Path(source))
 
 
-def _load_proto(proto: onnx.ModelProto, owned: bool) -> ir.Model:
+def _load_proto(proto: onnx.ModelProto, owned: bool, where: str | None = None) -> ir.Model:
     """A validated ModelProto as an onnx_ir model; copied first unless ``owned`` (parsed here
     from bytes): onnx_ir wraps the TensorProto messages it is given, and renaming such a
     tensor writes into the message, so folding renamed tensors of the caller's ModelProto
-    (and made it larger)."""
-    where = "the given ModelProto"
+    (and made it larger). ``where``: how messages name it."""
+    where = where or "the given ModelProto"
     unsorted = validation.validate(proto, where)
     outside = external.external_tensors(proto)
     if outside:  # onnx_ir would look for them in the working directory
