@@ -38,8 +38,17 @@ def human_count(n: float) -> str:
 def _arrow(before: float, after: float, fmt=human_count) -> str:
     if before == after:
         return fmt(before)
-    change = f" ({(after - before) / before:+.0%})" if before else ""
+    change = f" ({_percent((after - before) / before)})" if before else ""
     return f"{fmt(before)} → {fmt(after)}{change}"
+
+
+def _percent(change: float) -> str:
+    """``change`` as a signed percentage, whole unless that reads 0 for a change: keycnn's
+    fold went 2,674,654 -> 2,669,633 bytes, printed "2.6 MiB → 2.5 MiB (-0%)"."""
+    text = f"{change:+.0%}"
+    if change and text in ("+0%", "-0%"):
+        text = f"{change * 100:+.1g}%"
+    return text
 
 
 def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
@@ -54,7 +63,8 @@ def _macs_arrow(before: ModelStats, after: ModelStats) -> str:
         return fmt(before)
     exact = not before.nodes_without_macs and not after.nodes_without_macs
     change = (after.macs - before.macs) / before.macs if before.macs and exact else None
-    return f"{fmt(before)} → {fmt(after)}" + (f" ({change:+.0%})" if change is not None else "")
+    percent = f" ({_percent(change)})" if change is not None else ""
+    return f"{fmt(before)} → {fmt(after)}{percent}"
 
 
 def phase_status(

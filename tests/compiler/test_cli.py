@@ -534,6 +534,16 @@ def test_macs_that_left_out_nodes_of_unknown_cost_are_marked():
     assert console._macs_arrow(after, exact) == "150 → 120 (-20%)"
 
 
+def test_a_change_under_half_a_percent_does_not_read_as_none():
+    """keycnn's fold: 2,674,654 -> 2,669,633 bytes printed "2.6 MiB → 2.5 MiB (-0%)"."""
+    from onnx_shrink import console
+    from onnx_shrink.wording import human_bytes
+
+    assert console._arrow(2_674_654, 2_669_633, human_bytes) == "2.6 MiB → 2.5 MiB (-0.2%)"
+    assert console._arrow(100, 50) == "100 → 50 (-50%)"
+    assert console._arrow(1_000_000, 1_000_001) == "1.00M → 1.00M (+0.0001%)"
+
+
 def test_the_html_marks_a_bound_of_macs_as_the_console_does():
     from onnx_shrink.compiler.stats import ModelStats
     from onnx_shrink.runtime_check import report, report_cells
