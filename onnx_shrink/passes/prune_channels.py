@@ -296,21 +296,26 @@ def analyse(
     return groups
 
 
-def _root_key(ctx: Context, node: ir.Node, unit: int) -> Key | None:
+UNKNOWN_CHANNELS = "channel count unknown, no static shape inferred for the output"
+
+
+def _root_key(ctx: Context, node: ir.Node, unit: int) -> Key:
+    """The channels ``node`` produces. Raises ``Decline`` where its output's shape is not
+    known."""
     out = node.outputs[0]
-    try:
-        axis = ctx.rank(out) - 1 if node.op_type == "MatMul" else 1
-        return Key(out, axis, 0, ctx.dim(out, axis), unit)
-    except Decline:
-        return None
+    axis = ctx.rank(out) - 1 if node.op_type == "MatMul" else 1
+    return Key(out, axis, 0, ctx.dim(out, axis), unit)
 
 
 def _grow(ctx: Context, table: dict[str, Callable], root: ir.Node) -> Group | None:
     unit = 1
     while True:
-        key = _root_key(ctx, root, unit)
-        if key is None:
-            return None
+        try:
+            key = _root_key(ctx, root, unit)
+        except Decline as decline:  # skl2onnx's MLP behind an ai.onnx.ml Scaler: no shapes
+            # (was said as "no Conv/ConvTranspose/Gemm/MatMul with a constant weight")
+            logger.info("prune-channels: %s: %s", root.name or root.op_type, decline)
+            return Group(root, 0, reason=UNKNOWN_CHANNELS)
         group = Group(root, key.channels)
         try:
             _fill(ctx, table, group, key)

@@ -222,6 +222,34 @@ def test_group_reaching_a_graph_output_or_shape_is_declined():
     assert not result.modified
 
 
+def test_weights_whose_output_shape_is_unknown_are_declined_as_such(caplog):
+    """skl2onnx's MLP (surfaces-onnx-files' regressor) scales its input with ai.onnx.ml's
+    Scaler, which shape inference does not see through: its three MatMuls were said to be
+    "no Conv/ConvTranspose/Gemm/MatMul with a constant weight"."""
+    nodes = [
+        helper.make_node("Scaler", ["x"], ["s"], domain="ai.onnx.ml", offset=[0.0] * 4),
+        helper.make_node("MatMul", ["s", "w1"], ["h"]),
+        helper.make_node("Relu", ["h"], ["r"]),
+        helper.make_node("MatMul", ["r", "w2"], ["y"]),
+    ]
+    graph = helper.make_graph(
+        nodes,
+        "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 1])],
+        initializer=[
+            numpy_helper.from_array(_w(4, 64), "w1"),
+            numpy_helper.from_array(_w(64, 1), "w2"),
+        ],
+    )
+    opsets = [helper.make_opsetid("", 17), helper.make_opsetid("ai.onnx.ml", 3)]
+    proto = helper.make_model(graph, opset_imports=opsets, ir_version=8)
+    with caplog.at_level(logging.WARNING):
+        result = PruneChannelsPass(ratio=0.5, round_to=1)(io.load(proto))
+    assert not result.modified
+    assert "(channel count unknown, no static shape inferred for the output: 1; " in caplog.text
+
+
 def test_round_to_keeps_a_multiple_of_sixteen_channels():
     w = {"w1": _w(32, 4, 1, 1), "w2": _w(2, 32, 1, 1)}
     proto = _model([_conv("x", "w1", "a"), _conv("a", "w2", "y")], w, [1, 4, 3, 3])
