@@ -17,7 +17,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink import calibration_hooks, each_pass, preflight, quant_targets
+from onnx_shrink import calibration_hooks, each_pass, errors, preflight, quant_targets
 from onnx_shrink.calibration_hooks import CalibrationProgress
 from onnx_shrink.compiler import graph_edit, io, pass_order, pipeline, spec
 from onnx_shrink.compiler.data_aware import DataAwarePass
@@ -416,8 +416,9 @@ def _check_candidate(
     output_path: Path | None,
     progress: Progress | None,
 ) -> check_mod.CheckReport:
-    """The check of the result against the input; a run that fails says where the (saved,
-    unchecked) result is."""
+    """The check of the result against the input; a run that fails, or a result onnx.checker
+    rejects (a broken candidate: exit 3, not bad input), says where the (saved, unchecked)
+    result is."""
     # Under --verify-each, the tolerances every pass was kept by judge the result too.
     tolerances = options.each_pass_tolerances() if options.verify_each else options.tolerances
     try:
@@ -432,10 +433,12 @@ def _check_candidate(
             latency_seconds=options.latency_seconds,
             progress=progress,
         )
-    except (RunFailedError, DataError) as e:  # DataError: a later sample that does not fit
-        if output_path is None:
-            raise
-        raise type(e)(f"{e} (the result is saved, unchecked: {output_path})") from e
+    except (RunFailedError, DataError, errors.BadModelError) as e:  # DataError: a later sample
+        if isinstance(e, errors.BadModelError):  # onnx.checker rejects what the passes made
+            e = errors.CandidateFailedError(f"{e} (the reference passes: the candidate is broken)")
+        if output_path is not None:
+            e = type(e)(f"{e} (the result is saved, unchecked: {output_path})")
+        raise e
 
 
 def _save_candidate(

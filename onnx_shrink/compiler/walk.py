@@ -87,6 +87,8 @@ def bodies(node: ir.Node) -> Iterator[ir.Graph]:
 def holder_in(graph: ir.Graph, node: ir.Node) -> ir.Node | None:
     """The node of ``graph`` that is ``node`` or holds it in a body at any depth (a Loop
     whose body holds it); None where ``node`` is in neither."""
+    if node.graph is graph:  # the usual case: no walk of the bodies
+        return node
     owners = {body: owner for body, owner in scopes(graph) if owner is not None}
     while node.graph is not graph:
         if node.graph not in owners:

@@ -68,9 +68,7 @@ SCORE_DEPTH = 8
 
 def scores_elsewhere(model: ir.Model) -> bool:
     """Whether ``add_scored_outputs`` would add outputs to ``model`` (it may add none)."""
-    graph = model.graph
-    decided = any(v.producer() is not None and not _computed_float(v) for v in graph.outputs)
-    return decided or bool(selection.ordered_outputs(graph))
+    return bool(_decided_outputs(model.graph) or selection.ordered_outputs(model.graph))
 
 
 def add_scored_outputs(model: ir.Model) -> list[str]:
@@ -94,7 +92,7 @@ def add_scored_outputs(model: ir.Model) -> list[str]:
     graph = model.graph
     reasons, scores = [], []
     ordered = selection.ordered_outputs(graph)
-    decided = [v for v in graph.outputs if v.producer() is not None and not _computed_float(v)]
+    decided = _decided_outputs(graph)
     if ordered or decided:
         value_types.infer_types(model)  # sources and the walk tell floats by their types
     if ordered and computes_float_output(model):
@@ -113,6 +111,11 @@ def add_scored_outputs(model: ir.Model) -> list[str]:
             ", ".join(added),
         )
     return added
+
+
+def _decided_outputs(graph: ir.Graph) -> list[ir.Value]:
+    """The graph outputs a node computes that are no float values (ids, masks)."""
+    return [v for v in graph.outputs if v.producer() is not None and not _computed_float(v)]
 
 
 def _output_already(value: ir.Value) -> bool:

@@ -135,6 +135,14 @@ def test_compile_verify_each_reports_per_pass_verdicts(run_cli, digits_copy, tmp
     assert "): PASS" in out and "measured, no tolerances given" not in out
 
 
+def test_a_missing_candidate_to_check_is_bad_input_not_a_broken_candidate(run_cli, tmp_path):
+    """A candidate the caller names is their input: only shrink's own result, when
+    onnx.checker rejects it, is a broken candidate (exit 3)."""
+    result = run_cli("check", digits.MODEL_PATH, tmp_path / "missing.onnx")
+    assert result.code == 2 and "no such file" in result.err
+    assert "the candidate is broken" not in result.err
+
+
 def test_bench_of_a_model_its_inputs_do_not_fit_is_one_clear_error(run_cli, tmp_path):
     """A reflect Pad wider than the synthetic input, and than every grown size (64, 256):
     onnxruntime's traceback before. The error is the one on the default dims."""

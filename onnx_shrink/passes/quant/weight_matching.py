@@ -19,7 +19,6 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
-from onnx_shrink.compiler.walk import onnx_opset
 from onnx_shrink.passes.quant import (
     compact,
     quantized_already,
@@ -47,7 +46,7 @@ def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> 
     """Convert a model older than opset ``target`` to it, in place; False when the converter
     cannot (the caller then does without ``purpose``, or refuses). Per-channel
     DequantizeLinear (``axis``) needs opset 13; 16-bit and blocked Q/DQ need 21."""
-    version = onnx_opset(model)
+    version = walk.onnx_opset(model)
     if version >= target:
         return True
     try:
@@ -129,7 +128,7 @@ class WeightContext:
 
     @property
     def opset(self) -> int:
-        return onnx_opset(self.model)
+        return walk.onnx_opset(self.model)
 
     def candidates(self, op_types: tuple[str, ...]) -> list[ir.Node]:
         """Nodes of ``op_types`` in the main graph and its subgraphs, less excluded ones."""
