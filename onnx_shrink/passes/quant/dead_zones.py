@@ -18,7 +18,8 @@ PP-OCRv4 detector its inputs range up to [-57.5, 26.8], of which [-2.5, 2.5] mat
   ``HardSigmoid`` (``-beta / alpha`` and ``(1 - beta) / alpha``);
 * ``Add``/``Sub`` of a constant scalar: the output's levels moved back by it;
 * ``Mul`` by a factor that is 0 below a level of the same tensor (the ``Clip(x + 3, 0, 6)``
-  of a decomposed hard-swish): the product is 0 there whatever the tensor's value;
+  of a decomposed hard-swish, or paddle2onnx's ``HardSigmoid(x)``): the product is 0 there
+  whatever the tensor's value;
 * ops that only move values (``placement.SHAPE_ONLY``, ``Split``) or keep a maximum
   (``MaxPool``): their output's levels.
 
@@ -124,16 +125,16 @@ def _reader_zone(node: ir.Node, index: int, value: ir.Value, depth: int) -> Zone
 
 
 def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
-    """The level of ``value`` below which ``factor`` is 0: ``factor`` a Relu or a Clip with
-    min 0 of ``value`` plus (or minus) a constant scalar."""
-    clip = factor.producer() if factor is not None else None
-    if clip is None or clip.op_type not in ("Relu", "Clip"):
+    """The level of ``value`` below which ``factor`` is 0: ``factor`` a Relu, a Clip with
+    min 0 or a HardSigmoid (paddle2onnx writes a hard-swish as ``HardSigmoid(x) * x``) of
+    ``value`` plus (or minus) a constant scalar."""
+    gate = factor.producer() if factor is not None else None
+    zero_at = _gate_zero(gate) if gate is not None else None
+    if zero_at is None:
         return None
-    if clip.op_type == "Clip" and _clip_bounds(clip)[0] != 0.0:
-        return None
-    shifted = clip.inputs[0]
+    shifted = gate.inputs[0]  # type: ignore[union-attr]
     if shifted is value:
-        return 0.0
+        return zero_at
     add = shifted.producer() if shifted is not None else None
     if add is None or add.op_type not in ("Add", "Sub") or len(add.inputs) != 2:
         return None
@@ -145,7 +146,21 @@ def _zero_below(factor: ir.Value | None, value: ir.Value) -> float | None:
         return None
     if constant is None:
         return None
-    return -constant if add.op_type == "Add" else constant
+    return zero_at - constant if add.op_type == "Add" else zero_at + constant
+
+
+def _gate_zero(gate: ir.Node) -> float | None:
+    """The level of its input below which ``gate`` outputs 0, if it is such a gate."""
+    if gate.domain not in ("", "ai.onnx"):
+        return None
+    if gate.op_type == "Relu":
+        return 0.0
+    if gate.op_type == "Clip" and _clip_bounds(gate)[0] == 0.0:
+        return 0.0
+    if gate.op_type == "HardSigmoid":
+        alpha = gate.attributes.get_float("alpha", 0.2)
+        return -gate.attributes.get_float("beta", 0.5) / alpha if alpha > 0 else None
+    return None
 
 
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:

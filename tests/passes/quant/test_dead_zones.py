@@ -186,6 +186,41 @@ def test_a_hard_sigmoid_gate_input_is_quantized_between_its_two_levels(tmp_path)
     assert errors[True] < 0.75 * errors[False]
 
 
+def _paddle_hard_swish_block():
+    """Conv -> paddle2onnx's hard-swish ``HardSigmoid(c) * c`` -> Conv, most of ``c`` far
+    below -3 (PP-OCRv5's recogniser writes its hard-swishes so)."""
+    rng = np.random.default_rng(11)
+    return make_model(
+        [
+            oh.make_node("Conv", ["x", "w", "b"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("HardSigmoid", ["c"], ["gate"], alpha=1 / 6, beta=0.5),
+            oh.make_node("Mul", ["gate", "c"], ["h"]),
+            oh.make_node("Conv", ["h", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("x", F, ["N", 3, 6, 6])],
+        [oh.make_tensor_value_info("y", F, ["N", 4, 6, 6])],
+        {
+            "w": rng.standard_normal((8, 3, 3, 3)).astype(np.float32),
+            "b": np.full(8, -6.0, np.float32),
+            "w2": rng.standard_normal((4, 8, 3, 3)).astype(np.float32) * 0.3,
+        },
+    )
+
+
+def test_a_hard_sigmoid_times_its_own_input_is_flat_below_its_zero():
+    found = _zones(_paddle_hard_swish_block(), ["c", "h"])
+    assert list(found) == ["c"] and found["c"].ceiling is None
+    assert found["c"].floor == pytest.approx(-3.0)  # -beta / alpha, alpha a float32 1/6
+
+
+def test_paddles_hard_swish_gets_a_finer_step_and_a_smaller_error(tmp_path):
+    rng = np.random.default_rng(12)
+    x = rng.standard_normal((64, 3, 6, 6)).astype(np.float32) * 3
+    scales, errors = _scale_and_error_with_and_without(_paddle_hard_swish_block(), x, tmp_path)
+    assert scales[True] < 0.6 * scales[False]
+    assert errors[True] < 0.95 * errors[False]
+
+
 def test_an_old_clip_gives_its_levels_by_attribute():
     proto = make_model(
         [oh.make_node("Clip", ["a"], ["r"], min=-1.0, max=6.0)],
