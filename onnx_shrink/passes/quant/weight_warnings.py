@@ -145,7 +145,8 @@ quantizer that quantized other layers says they stay float"""
 
 def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     """Warn where Conv weights, which the weight quantizers leave to ``quant``, hold at least
-    ``FLOAT_CONV_SHARE`` of the model's weight bytes after the pass quantized others: the
+    ``FLOAT_CONV_SHARE`` of the result's weight bytes after the pass quantized others (said
+    so: madmom's TCN read '70% of the model's', not saying which model's): the
     summary's small gain would say nothing of why (magika: quant-dynamic kept its one Conv's
     2.5 MiB, 95% of its weights after, float). A dynamically quantized Conv is no gain to offer
     instead: onnxruntime runs it as ConvInteger, and ``quantize_dynamic``'s magika took 37.7
@@ -156,8 +157,8 @@ def warn_float_convs(model: ir.Model, pass_name: str, why: str = "") -> None:
     if not total or held < FLOAT_CONV_SHARE * total:
         return
     logger.warning(
-        "%s: %s of weights, %.0f%% of the model's, stay float in its %s: quant (static, "
-        "calibrated) quantizes them%s",
+        "%s: %s of weights, %.0f%% of the result's weight bytes, stay float in its %s: quant "
+        "(static, calibrated) quantizes them%s",
         pass_name,
         human_bytes(held),
         100 * held / total,
@@ -179,8 +180,8 @@ LEFT_TO_OTHERS = ("Gemm", "LSTM", "GRU", "RNN")
 
 def warn_left_to_others(model: ir.Model, pass_name: str) -> None:
     """Say that quant-weight left the model's Gemm, LSTM, GRU and RNN weights float (it takes
-    MatMul and Gather), with their bytes and share of the model's: pythainlp's thai2rom
-    encoder holds 95% of its weights in an LSTM, and the pass saved 4% without a word."""
+    MatMul and Gather), with their bytes and share of the result's weight bytes: pythainlp's
+    thai2rom encoder holds 95% of its weights in an LSTM, and the pass saved 4% without a word."""
     weights_of = {
         n: [v for v in n.inputs[1:3] if _float_constant(v)]
         for n in walk.nodes_of(model, LEFT_TO_OTHERS)
@@ -191,8 +192,8 @@ def warn_left_to_others(model: ir.Model, pass_name: str) -> None:
     held, total = _held_bytes(model, [v for n in nodes for v in weights_of[n]])
     kinds = collections.Counter(n.op_type for n in nodes)
     logger.warning(
-        "%s: %s of weights, %.0f%% of the model's, stay float in its %s: it takes MatMul and "
-        "Gather (quant-dynamic and quant take these)",
+        "%s: %s of weights, %.0f%% of the result's weight bytes, stay float in its %s: it "
+        "takes MatMul and Gather (quant-dynamic and quant take these)",
         pass_name,
         human_bytes(held),
         100 * held / max(total, 1),
