@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import logging
 from collections.abc import Sequence
 from typing import Literal
 
@@ -21,6 +22,8 @@ from onnx_shrink.passes.quant.numerics import (
     scale_and_zero_point,
 )
 from onnx_shrink.passes.quant.qdq_writer import Params, QdqWriter
+
+logger = logging.getLogger(__name__)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -49,11 +52,12 @@ def activation_params(
     zones = {}
     if ranging.dead_zones and not ranging.symmetric:
         zones = dead_zones.zones(graph, decided.tensors)
+    sparse: list[str] = []
     for tensor in decided.tensors:
         if tensor in decided.shared:
             continue
         qtype = quant_type(16 if tensor in wide else 8, signed=ranging.symmetric)
-        pick = functools.partial(_pick_range, ranging, qtype=qtype)
+        pick = functools.partial(_pick_range, ranging, qtype=qtype, sparse=sparse, name=tensor)
         minmax, histogram = stats.minmax(tensor), stats.histogram(tensor)
         zone = zones.get(tensor)
         if zone is not None and minmax is not None:
@@ -64,14 +68,33 @@ def activation_params(
     for tensor, source in decided.shared.items():
         if source in params:
             params[tensor] = params[source]
+    if sparse:
+        logger.info(
+            "quant: calibration=entropy: %d tensor(s) with too few values for its KL "
+            "divergence (under %d a level) get mse's range, e.g. %s",
+            len(sparse),
+            calibration.ENTROPY_MIN_VALUES_PER_LEVEL,
+            ", ".join(sparse[:3]),
+        )
     return params
 
 
 def _pick_range(
-    ranging: Ranging, minmax: MinMax, histogram: Histogram | None, qtype: QuantType
+    ranging: Ranging,
+    minmax: MinMax,
+    histogram: Histogram | None,
+    qtype: QuantType,
+    sparse: list[str],
+    name: str,
 ) -> tuple[float, float]:
-    """The calibration method's range for one tensor (min/max where it has no histogram)."""
+    """The calibration method's range for one tensor (min/max where it has no histogram;
+    mse's where entropy's histogram is too sparse, ``name`` then added to ``sparse``)."""
     method = ranging.calibration if histogram is not None else "minmax"
+    if method == "entropy" and calibration.too_sparse_for_entropy(
+        minmax, histogram, qtype, symmetric=qtype.signed
+    ):
+        method = "mse"
+        sparse.append(name)
     return calibration.tensor_range(
         method,
         minmax,

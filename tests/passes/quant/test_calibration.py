@@ -278,3 +278,16 @@ def test_entropy_clips_far_outliers_of_one_sided_u8_data_at_the_bins_quant_count
     minmax, histogram = statistics([x], 2048)
     lo, hi = tensor_range("entropy", minmax, histogram, U8, symmetric=False)
     assert lo == 0.0 and hi < 0.2 * minmax.maximum
+
+
+def test_entropy_needs_a_histogram_of_many_values_per_level():
+    from onnx_shrink.passes.quant.calibration import too_sparse_for_entropy
+
+    rng = np.random.default_rng(31)
+    for values, sparse in ((512, True), (8000, True), (20_000, False), (1_000_000, False)):
+        x = np.maximum(rng.standard_normal(values) + 0.5, 0.0).astype(np.float32)  # one-sided
+        minmax, histogram = statistics([x])
+        assert too_sparse_for_entropy(minmax, histogram, U8, symmetric=False) is (values < 64 * 256)
+        assert (values < 64 * 256) is sparse
+    minmax, histogram = statistics([laplace()[:9000]])  # two-sided: 64 * 128 levels of |x|
+    assert not too_sparse_for_entropy(minmax, histogram, U8, symmetric=False)
