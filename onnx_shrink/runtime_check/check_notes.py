@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from onnx_shrink.runtime_check.compare import NumericReport, OutputComparison
+from onnx_shrink.runtime_check.compare import LOW_AGREEMENT, NumericReport, OutputComparison
 
 LOCATE = "--layers shows where the error first jumps"
 SHOWN = 3  # large-error outputs named in the note
@@ -78,7 +78,7 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
     if changed is not None:
         lines.append(
             f"large change: {changed.agreement:.2%} of the elements of '{changed.name}' equal "
-            f"the original's; {LOCATE}"
+            f"the original's (check requires {LOW_AGREEMENT:.0%} by default); {LOCATE}"
         )
     return lines
 

@@ -251,3 +251,17 @@ def test_8_and_16_bit_integer_outputs_are_signals_judged_by_cosine():
     pixels.add(ref, (ref + 1).astype(np.uint8))  # every pixel off by one
     result = pixels.result()
     assert result.agreement is None and not result.integral and result.cosine > 0.99
+
+
+def test_ids_that_fail_checks_default_agreement_are_named_without_tolerances():
+    """2.5% of the tags changed: ``check`` fails it by default, so a run given no tolerances
+    says so too."""
+    ref = np.arange(1000, dtype=np.int64) % 7
+    cand = ref.copy()
+    cand[:25] += 1
+    report = compare_batches([({"tags": ref}, {"tags": cand}, None)])
+    assert report.low_agreement.name == "tags"
+    assert report.low_agreement.agreement == 0.975
+    nearly = cand.copy()
+    nearly[:20] = ref[:20]  # 99.5% equal: within the default
+    assert compare_batches([({"tags": ref}, {"tags": nearly}, None)]).low_agreement is None
