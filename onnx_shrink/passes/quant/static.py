@@ -240,6 +240,7 @@ class QuantPass(StaticOptions, DataAwarePass):
         decided = placement.plan(model.graph, stats, self._exclusions)
         planned = set(decided.nodes)
         float_reasons.warn_unfolded_normalizations(planned)
+        float_reasons.warn_few_beside_int8(model.graph, planned)
         left = placement.quantizable_nodes(model.graph, self._exclusions)
         left = [node for node in left if node not in planned]
         narrow = self.narrow_storage and not self.only

