@@ -107,8 +107,19 @@ def consumer(node: ir.Node) -> Consumer | str:
         if all(k == 1 for k in kernel):
             return Consumer(node, 1, 1, bias)
         patch = _patch(node, kernel)
-        return Consumer(node, 1, 1, bias, patch) if patch else "Conv that is not 2-D"
-    return f"{node.op_type} weight of rank {rank}"
+        return Consumer(node, 1, 1, bias, patch) if patch else _unpatched(node, kernel)
+    if node.op_type == "MatMul":
+        return f"MatMul weight of rank {rank}"
+    return f"{node.op_type} is not refit (Conv, Gemm and MatMul are)"
+
+
+def _unpatched(node: ir.Node, kernel: tuple[int, ...]) -> str:
+    """Why ``_patch`` has no patch for a Conv: PP-OCRv6's 2x2 SAME_UPPER Convs read
+    'Conv that is not 2-D'."""
+    if len(kernel) != 2:
+        return f"{len(kernel)}-D Conv"
+    auto_pad = node.attributes.get_string("auto_pad", "NOTSET")
+    return f"Conv with auto_pad={auto_pad} (pads set by the input's size)"
 
 
 def _patch(node: ir.Node, kernel: tuple[int, ...]) -> tuple[int, ...] | None:

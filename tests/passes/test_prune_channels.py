@@ -12,6 +12,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
+from onnx_shrink.passes import channel_refit
 from onnx_shrink.passes.prune_channels import PruneChannelsPass, analyse
 from tests.helpers import run_ort
 
@@ -444,8 +445,6 @@ def test_layers_left_unrefit_are_one_warning_not_only_a_verbose_table(caplog):
     for did nothing, said only under -v."""
     import logging
 
-    from onnx_shrink.passes import channel_refit
-
     reports = [
         channel_refit.RefitReport("a", 0, 0, None, None, "Conv that is not 2-D"),
         channel_refit.RefitReport("b", 0, 0, None, None, "Conv that is not 2-D"),
@@ -490,7 +489,6 @@ def test_a_pass_that_changes_nothing_says_why(caplog):
 def test_the_refit_table_says_its_errors_are_each_layers_own(caplog):
     """openWakeWord's embedding CNN: the table's last layer read 1.7e-05 beside a model output
     0.29 off, with nothing to say the figures were per layer or that it fit its few rows."""
-    from onnx_shrink.passes import channel_refit
 
     reports = [
         channel_refit.RefitReport("conv_a", 8, 72, 0.2, 0.007, rows=4096),
@@ -504,3 +502,19 @@ def test_the_refit_table_says_its_errors_are_each_layers_own(caplog):
     assert "rows" not in row_a.split("->")[1]
     assert row_b.endswith("1.70e-05 (fit to 192 rows, fewer than its inputs)")
     assert "the errors compound through the model" in caplog.text
+
+
+@pytest.mark.parametrize(
+    ("op", "attributes", "reason"),
+    [
+        ("Conv", {"auto_pad": "SAME_UPPER"}, "Conv with auto_pad=SAME_UPPER (pads set by"),
+        ("ConvTranspose", {}, "ConvTranspose is not refit (Conv, Gemm and MatMul are)"),
+    ],
+)
+def test_a_layer_that_cannot_be_refit_says_why(op, attributes, reason):
+    """PP-OCRv6's 2x2 SAME_UPPER Convs were 'Conv that is not 2-D'; its ConvTranspose
+    'ConvTranspose weight of rank 4'."""
+    weight = ir.Value(name="w", const_value=ir.tensor(np.ones((4, 4, 2, 2), np.float32)))
+    x = ir.Value(name="x")
+    node = ir.Node("", op, [x, weight], [ir.AttrString(k, v) for k, v in attributes.items()])
+    assert channel_refit.consumer(node).startswith(reason)
