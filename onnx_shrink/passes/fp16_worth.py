@@ -52,14 +52,20 @@ def halves_weights(
     if quantized <= total / 2 or halved >= MIN_HALVED_SHARE * total:
         return True
     converted = sum(1 for graph, _ in scopes for n in graph if n not in islands and n.outputs)
+    # Nothing left to convert (fold,quant,fp16 on PP-OCRv6's detector): no option to offer.
+    rest = (
+        f"; converting {converted} nodes' activations alone saves no bytes and costs "
+        "precision (fp16.activations_only=true to do it anyway)"
+        if converted
+        else "; no node's activations would convert either"
+    )
     logger.warning(
         "fp16: no change: only %s of the model's %s of weights would be stored in %s (its "
-        "weights are quantized already); converting %d nodes' activations alone saves no "
-        "bytes and costs precision (fp16.activations_only=true to do it anyway)",
+        "weights are quantized already)%s",
         _kib(halved),
         _kib(total),
         dtype_name,
-        converted,
+        rest,
     )
     return False
 

@@ -939,3 +939,37 @@ def test_a_log_mel_front_end_stays_float32_unless_asked():
     # ops it has no float16 kernel for); NeMo's loss went away with its STFT Conv float32.
     converted, _ = _convert(model, feed, log_inputs=True)
     assert _island_ops(converted) == []
+
+
+def test_a_static_qdq_model_gets_no_option_it_could_not_use(caplog):
+    """fold,quant,fp16 on PP-OCRv6's detector: every node stays (Q/DQ and integer kernels),
+    and the warning offered fp16.activations_only=true for '0 nodes' activations'."""
+    import logging
+
+    import onnx.helper as oh
+
+    import onnx_shrink
+    from tests.helpers import make_model
+
+    rng = np.random.default_rng(44)
+    float32 = onnx.TensorProto.FLOAT
+    proto = make_model(
+        [
+            oh.make_node("Conv", ["x", "w"], ["c"], pads=[1, 1, 1, 1]),
+            oh.make_node("Relu", ["c"], ["r"]),
+            oh.make_node("Conv", ["r", "w2"], ["y"], pads=[1, 1, 1, 1]),
+        ],
+        [oh.make_tensor_value_info("x", float32, ["N", 8, 8, 8])],
+        [oh.make_tensor_value_info("y", float32, ["N", 8, 8, 8])],
+        {
+            "w": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+            "w2": rng.standard_normal((8, 8, 3, 3)).astype(np.float32),
+        },
+    )
+    feed = {"x": rng.standard_normal((8, 8, 8, 8)).astype(np.float32)}
+    quantized = onnx_shrink.shrink(proto, "quant", check=False, calibration=feed).model
+    with caplog.at_level(logging.WARNING):
+        result = onnx_shrink.shrink(quantized, "fp16", check=False, calibration=feed)
+    assert not result.steps[0].modified
+    assert "no node's activations would convert either" in caplog.text
+    assert "activations_only" not in caplog.text
