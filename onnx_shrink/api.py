@@ -433,12 +433,17 @@ def _check_candidate(
             latency_seconds=options.latency_seconds,
             progress=progress,
         )
-    except (RunFailedError, DataError, errors.BadModelError) as e:  # DataError: a later sample
-        if isinstance(e, errors.BadModelError):  # onnx.checker rejects what the passes made
-            e = errors.CandidateFailedError(f"{e} (the reference passes: the candidate is broken)")
+    except (RunFailedError, DataError, errors.BadModelError) as failure:  # DataError: a later
+        error = failure  # sample that does not fit
+        if isinstance(failure, errors.BadModelError):  # onnx.checker rejects what passes made
+            error = errors.CandidateFailedError(
+                f"{failure} (the reference passes: the candidate is broken)"
+            )
         if output_path is not None:
-            e = type(e)(f"{e} (the result is saved, unchecked: {output_path})")
-        raise e
+            error = type(error)(f"{error} (the result is saved, unchecked: {output_path})")
+        if error is failure:
+            raise
+        raise error from failure
 
 
 def _save_candidate(

@@ -22,6 +22,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.passes.quant import placement
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.compare import ErrorAccumulator
@@ -126,16 +127,13 @@ def localize(
     return _report(*report, jump_threshold, jump_factor)
 
 
-SENTINEL_MAGNITUDE = 1e20
-"""Values this large stand in for -inf in attention masks (float32's -3.4e38)"""
-
-
 def _without_shared_sentinels(ref: np.ndarray, cand: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """``ref`` and ``cand`` with 0 where both hold a mask sentinel of the same sign. Such an
     element is exact, and left in, its size would make any error around it vanish: an ALBERT
     tagger's masked scores read a relative error of 1.6e-39, so the Softmax after them
     looked as if it made its 0.553 alone."""
-    shared = (np.abs(ref) >= SENTINEL_MAGNITUDE) & (np.abs(cand) >= SENTINEL_MAGNITUDE)
+    huge = placement.SENTINEL_MAGNITUDE  # quant's: a mask's stand-in for -inf (-3.4e38)
+    shared = (np.abs(ref) >= huge) & (np.abs(cand) >= huge)
     shared &= np.signbit(ref) == np.signbit(cand)
     if not shared.any():
         return ref, cand

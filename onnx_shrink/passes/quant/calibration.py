@@ -72,7 +72,7 @@ def tensor_range(
         raise ValueError(f"percentile must be in (0, 100], got {percentile}")
     if not (np.isfinite(minmax.minimum) and np.isfinite(minmax.maximum)):
         raise ValueError(f"non-finite range [{minmax.minimum}, {minmax.maximum}]")
-    lo_obs, hi_obs = min(float(minmax.minimum), 0.0), max(float(minmax.maximum), 0.0)
+    lo_obs, hi_obs = _observed(minmax)
     if method != "minmax" and histogram is None:
         raise ValueError(f"calibration method {method!r} needs a histogram")
     if method == "minmax" or lo_obs == hi_obs:
@@ -91,6 +91,11 @@ def tensor_range(
         lo, hi = _mse_range(edges, counts, qtype, symmetric, lo_obs, hi_obs)
     lo, hi = min(max(lo, lo_obs), 0.0), max(min(hi, hi_obs), 0.0)
     return (lo, hi) if np.isfinite(lo) and np.isfinite(hi) else (lo_obs, hi_obs)
+
+
+def _observed(minmax: MinMax) -> tuple[float, float]:
+    """The observed range widened to hold 0."""
+    return min(float(minmax.minimum), 0.0), max(float(minmax.maximum), 0.0)
 
 
 def _one_sided(lo_obs: float, hi_obs: float, symmetric: bool) -> bool:
@@ -119,8 +124,7 @@ def too_sparse_for_entropy(
     a Gaussian or a ReLU'd Gaussian, entropy's range quantized fresh draws 1.0 to 8.4 times
     worse (squared error, median of 10-20 draws) than mse's at 128-8192 values, and 0.93 to
     1.8 times at 16384-65536 (u8, 2048 bins)."""
-    lo_obs, hi_obs = min(float(minmax.minimum), 0.0), max(float(minmax.maximum), 0.0)
-    levels = _quantized_bins(qtype, _one_sided(lo_obs, hi_obs, symmetric))
+    levels = _quantized_bins(qtype, _one_sided(*_observed(minmax), symmetric))
     counted = histogram.total / max(histogram.stride, 1)
     return counted < ENTROPY_MIN_VALUES_PER_LEVEL * levels
 

@@ -98,9 +98,7 @@ def _planned_reason(
             # Its range was never asked for: glue the plan could not accept even with
             # every range at hand (what the statistics' requests assume).
             reason = "not between integer kernels"
-        if reason == "weight is not a constant" and quantized_already.integer_weight(
-            node.inputs[1]
-        ):
+        if reason == placement.NOT_CONSTANT and quantized_already.integer_weight(node.inputs[1]):
             reason = INT8_ALREADY  # PP-OCRv6's Convs, as its MatMuls were named
     return reason
 

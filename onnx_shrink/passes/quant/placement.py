@@ -103,6 +103,8 @@ SHAPE_ONLY = frozenset({"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten
 # Ops whose outputs are input values moved around (or a max of them): onnxruntime runs them on
 # uint8 only when output and input share one scale and zero point.
 SHARES_INPUT_SCALE = SHAPE_ONLY | {"MaxPool", "Resize", "Split"}
+NOT_CONSTANT = "weight is not a constant"
+"""The plan's reason for a Conv or Gemm whose weight the graph computes"""
 SENTINEL_MAGNITUDE = 1e20
 REQUANTIZES = "a constant step on a glue op's result (an integer kernel would round twice)"
 
@@ -409,7 +411,7 @@ def _why_not(node: ir.Node, stats: Ranges) -> str | None:
     # Before the ranges: a node without a constant weight is never planned, so its inputs'
     # ranges were never asked for, and "no range measured" would hide why.
     if node.op_type in WEIGHTED and node.op_type != "MatMul" and node.inputs[1].const_value is None:
-        return "weight is not a constant"
+        return NOT_CONSTANT
     for value in inputs:
         minmax = stats.minmax(value.name)
         if minmax is None:
