@@ -358,11 +358,17 @@ def _exact(node: ir.Node, shapes: Shapes, symbolic: set[str]) -> bool:
     return concrete(out) or concrete(x)
 
 
+_SHAPE_KEEPING_QDQ = ("QuantizeLinear", "DequantizeLinear")
+
+
 def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
     """Concrete dims of a value (from ``shapes`` first), symbolic dims as 1; None when the
     shape is unknown.
 
-    A weight behind DequantizeLinear (a quantized model) has its stored tensor's shape.
+    A value that QuantizeLinear or DequantizeLinear wrote, without a shape of its own, has
+    their input's: a weight behind DequantizeLinear its stored tensor's, an activation the
+    float value's it quantizes (a ConvTranspose after quant read "≥" MACs, its input a
+    DequantizeLinear's that inference had not reached).
     """
     if value is None:
         return None
@@ -372,10 +378,8 @@ def _dims(value: ir.Value | None, shapes: Shapes) -> list[int] | None:
         return list(value.const_value.shape.numpy())
     if value.shape is None:
         producer = value.producer()
-        if producer is not None and producer.op_type == "DequantizeLinear":
-            stored = producer.inputs[0]
-            if stored is not None and stored.const_value is not None:
-                return list(stored.const_value.shape.numpy())
+        if producer is not None and producer.op_type in _SHAPE_KEEPING_QDQ and producer.inputs:
+            return _dims(producer.inputs[0], shapes)
         return None
     # Paddle exports write an unknown dim as -1: it counts as a symbolic one.
     return [d if isinstance(d, int) and d > 0 else 1 for d in value.shape]
