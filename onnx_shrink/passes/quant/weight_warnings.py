@@ -11,7 +11,7 @@ from collections.abc import Mapping, Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
-from onnx_shrink.passes.quant import quantized_already, table_readers
+from onnx_shrink.passes.quant import quantized_already, stem, table_readers
 from onnx_shrink.passes.quant.value_types import HALF_TYPES
 from onnx_shrink.wording import counted, human_bytes
 
@@ -106,10 +106,14 @@ def nothing_quantized(
         weighted = f"{layers} with a constant float weight" if layers else ""
         kinds = _either(weighted, tables)
     # quant calibrates the main graph's only: a body's stay float under both passes.
-    convs = collections.Counter(n.graph is model.graph for n in _float_convs(model))
+    float_convs = _float_convs(model)
+    convs = collections.Counter(n.graph is model.graph for n in float_convs)
     hint = ""
     if convs[True]:
-        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated)"
+        hint = f"; its {convs[True]} float Conv nodes are quant's (static, calibrated"
+        # quant.float_stem keeps these float by default: "quant's" would promise them.
+        in_stem = sum(n.graph is model.graph and stem.in_stem(n) for n in float_convs)
+        hint += f"; by default it keeps the {in_stem} of the stem float)" if in_stem else ")"
     if convs[False]:
         hint += f"; its {convs[False]} float Conv nodes in If/Loop/Scan bodies stay float"
     logger.warning(

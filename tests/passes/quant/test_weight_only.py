@@ -565,6 +565,31 @@ def test_a_conv_model_is_told_that_conv_is_quants(caplog):
     assert "its 1 float Conv nodes are quant's" in caplog.text
 
 
+def test_the_conv_hint_counts_the_stem_quant_keeps_float(caplog):
+    # "its 2 float Conv nodes are quant's" read as if quant would quantize both, where it
+    # keeps the stem's (a narrow Conv that downsamples the input) float by default.
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[1, 3, 16, 16] x) => (float[1, 8, 5, 5] y) {
+          s = Conv <strides = [2, 2]> (x, stem_w)
+          y = Conv(s, wide_w)
+        }
+        """
+    )
+    rng = np.random.default_rng(5)
+    for name, shape in (("stem_w", (16, 3, 3, 3)), ("wide_w", (8, 16, 3, 3))):
+        weight = rng.standard_normal(shape).astype(np.float32)
+        model.graph.initializer.append(onnx.numpy_helper.from_array(weight, name))
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model)
+    assert not modified
+    assert (
+        "its 2 float Conv nodes are quant's (static, calibrated; by default it keeps the 1 of "
+        "the stem float)" in caplog.text
+    )
+
+
 @pytest.mark.parametrize("symmetric", [True, False], ids=["symmetric", "asymmetric"])
 def test_mse_ranges_leave_no_block_a_larger_error_and_most_a_smaller_one(symmetric):
     """Heavy-tailed weights (Student's t): clipping a block's outlier refines its step."""
