@@ -137,7 +137,7 @@ class Exclusions:
         if overridable_constants(node):
             return "reads initializers that are also graph inputs (callers may override them)"
         if node.op_type in self.op_types:
-            return "excluded by quant.exclude_op_types"
+            return EXCLUDED_OP_TYPE
         if node.op_type in SENSITIVE and not self.sensitive:
             return "kept float by default (quant.sensitive_ops=true quantizes it)"
         if (
@@ -151,9 +151,11 @@ class Exclusions:
             return log_cone.reason("quant")
         if not self.only and self.float_stem and stem.in_stem(node):
             return stem.reason("quant")
-        return "excluded by quant.exclude" if named(node, self.nodes) else None
+        return EXCLUDED if named(node, self.nodes) else None
 
 
+EXCLUDED = "excluded by quant.exclude"
+EXCLUDED_OP_TYPE = "excluded by quant.exclude_op_types"
 NOT_ONLY = "not among quant.only"
 TWO_ACTIVATIONS = "both inputs computed (activation x activation: quant.activation_matmuls=true)"
 

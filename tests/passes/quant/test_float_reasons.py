@@ -116,6 +116,52 @@ def test_convs_on_int8_codes_are_named_int8_already(caplog):
     assert len(warned) == 1 and "2 Conv: its weight is int8 already" in warned[0]
 
 
+def test_an_exclusion_asked_for_is_named_before_more_frequent_reasons(caplog):
+    # Under quant.max_error, the search excluded PP-OCRv6 rec's one float Conv, and the line
+    # named the 37 int8 layers and the stem, not the exclusion that kept it float.
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 8, 8] x, float[4, 4, 3, 3] wi) => (float[N, 4, 8, 8] y) {
+          a = Conv <pads = [1, 1, 1, 1]> (x, w0)
+          f1 = Cast <to = 1> (q1)
+          w1 = Mul(f1, s1)
+          b = Conv <pads = [1, 1, 1, 1]> (a, w1)
+          f2 = Cast <to = 1> (q2)
+          w2 = Mul(f2, s2)
+          c = Conv <pads = [1, 1, 1, 1]> (b, w2)
+          d = Conv <pads = [1, 1, 1, 1]> (c, wi)
+          e = Conv <pads = [1, 1, 1, 1]> (d, wi)
+          m = MatMul(e, e)
+          y = MatMul(m, m)
+        }
+        """
+    )
+    rng = np.random.default_rng(11)
+    proto.graph.initializer.extend(
+        [
+            onh.from_array(rng.normal(size=(4, 4, 3, 3)).astype(np.float32) * 0.2, "w0"),
+            *(
+                onh.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), f"q{i}")
+                for i in (1, 2)
+            ),
+            *(onh.from_array(np.array(0.002, np.float32), f"s{i}") for i in (1, 2)),
+        ]
+    )
+    feeds = {
+        "x": rng.normal(size=(8, 4, 8, 8)).astype(np.float32),
+        "wi": rng.normal(size=(8, 4, 4, 3, 3)).astype(np.float32),
+    }
+    with caplog.at_level(logging.WARNING):
+        shrink(proto, [QuantPass(exclude=("Conv_0",))], check=False, calibration=feeds)
+    warned = [m for r in caplog.records if "no node could be quantized" in (m := r.getMessage())]
+    assert len(warned) == 1
+    assert warned[0].startswith(
+        "quant: no node could be quantized (1 Conv: excluded by quant.exclude; "
+    )
+    assert "2 Conv: its weight is int8 already" in warned[0]
+
+
 def test_prune_counts_weights_the_graph_computes(caplog):
     proto = onnx.parser.parse_model(
         """
