@@ -101,10 +101,14 @@ def test_every_quantized_layer_is_listed_once_with_finite_errors():
         assert -1 <= layer.cosine <= 1 and layer.nonfinite == 0
     errors = [layer.relative_error for layer in report.layers]
     assert errors == sorted(errors, reverse=True)
-    # how layers are batched into combined models changes nothing
+    # How layers are batched into combined models changes nothing but float rounding: the
+    # copies share the float layers before their quantized ones, and onnxruntime picks those
+    # layers' kernels (blocked layouts, fusions) by what reads them, which differs with the
+    # batch (digits: 5e-7 relative, since a float Conv reads a float MaxPool's output, not
+    # the DQ the Add quantized alone reads).
     one_run = layer_sensitivity(model, QuantPass(), dataset, batch_layers=100)
     assert one_run.runs == 1 + sens.HINT_RUNS
-    assert [x.relative_error for x in one_run.layers] == pytest.approx(errors, rel=1e-9)
+    assert [x.relative_error for x in one_run.layers] == pytest.approx(errors, rel=1e-5)
 
 
 def test_a_copy_in_the_combined_model_measures_what_a_separate_run_measures():
@@ -426,14 +430,15 @@ def test_a_model_without_node_names_gets_a_hint_that_keeps_the_nodes_it_names_fl
 
 
 def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
-    # With the head's Gemm already float, the Add between quantized Convs ranked in the top
-    # three, yet excluding it left the file byte-identical: its neighbours keep its Q/DQ.
+    # With the head's Gemm already float, the MaxPool between quantized Convs ranks in the
+    # top three, yet excluding it leaves the file byte-identical: its neighbours keep its
+    # Q/DQ (the Add after it was so too, until a float Add's Relu stopped reading a DQ).
     report = _digits_sensitivity("/head/head.4/Gemm").sensitivity
     inert = [x.node for x in report.layers if x.inert]
-    assert "/Add" in inert
+    assert "/pool/MaxPool" in inert
     hint = report.exclude_hint()
-    assert "/Add" not in hint and hint.count(",") == 3  # the user's exclusion and 3 layers
-    assert any("/Add" in note and "change nothing" in note for note in report.hint_notes())
+    assert "/pool/MaxPool" not in hint and hint.count(",") == 3  # the user's exclusion and 3 layers
+    assert any("/pool/MaxPool" in note and "change nothing" in note for note in report.hint_notes())
 
     def quantized(patterns: str) -> bytes:
         run = shrink(
@@ -446,7 +451,7 @@ def test_the_hint_skips_layers_whose_exclusion_would_change_nothing(tmp_path):
         return io.to_bytes(run.model)
 
     patterns = shlex.split(hint)[1].split("=", 1)[1]
-    assert quantized(patterns) == quantized(patterns + ",/Add")
+    assert quantized(patterns) == quantized(patterns + ",/pool/MaxPool")
 
 
 def test_the_hints_measuring_runs_say_nothing_the_run_did_not(caplog):

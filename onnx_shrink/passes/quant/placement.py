@@ -35,11 +35,13 @@ uint8):
    stays float: its integer kernel would round again a tensor just rounded. On PP-OCRv4
    rec, running as QLinearAdd the offsets ``fold`` leaves before padded depthwise Convs
    (after each hard-swish's product) cut strings equal to fp32 from 0.865 to 0.62.
-7. When a float node computes a Q/DQ tensor, only its integer readers read the DQ:
-   quantized nodes, and shape ops or Relu/Clip on the way to one. A float reader (a
-   transformer's residual Add beside the MatMuls of a LayerNorm output) reads the float
-   tensor itself: onnxruntime would otherwise keep a DequantizeLinear for it, which costs a
-   pass over the tensor and adds the rounding error to the float path. A tensor an integer
+7. When a float node computes a Q/DQ tensor (a Relu, MaxPool or shape op after a float
+   node is one), only its integer readers read the DQ: quantized nodes, and shape ops,
+   MaxPool or Relu/Clip on the way to one. A float reader (a transformer's residual Add
+   beside the MatMuls of a LayerNorm output) reads the float tensor itself: onnxruntime
+   would otherwise keep a DequantizeLinear for it, which costs a pass over the tensor and
+   adds the rounding error to the float path (or, before a MaxPool, moves the DQ past it
+   and runs its slow uint8 MaxPool). A tensor an integer
    kernel computes keeps every reader on the DQ: onnxruntime fuses the Q into that kernel
    only when the Q is the output's one reader.
 8. A MatMul of two activations (attention's scores and context) stays float unless asked:
@@ -425,10 +427,7 @@ def _why_not(node: ir.Node, stats: Ranges) -> str | None:
 
 def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
     """Rule 7: does ``node`` read the DQ of ``value`` (a Q/DQ tensor), not ``value`` itself?"""
-    producer = value.producer()
-    if producer is not None and (
-        producer in decided.nodes or producer.op_type in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS
-    ):
+    if _computed_on_integers(value, decided):
         # onnxruntime fuses the Q into its producer only when the Q is the output's one reader.
         return True
     if node in decided.nodes:
@@ -437,6 +436,24 @@ def reads_dequantized(node: ir.Node, value: ir.Value, decided: Plan) -> bool:
         return False
     outs = [out for out in node.outputs if out is not None]
     return any(out.name in decided.tensors for out in outs) or _read_by(outs, decided.nodes)
+
+
+def _computed_on_integers(value: ir.Value, decided: Plan) -> bool:
+    """Whether an integer kernel computes ``value``: a quantized node, or a Relu/Clip or an
+    op sharing its input's scale after one or after a Q/DQ tensor. A Relu after a float Conv
+    (a stem's) is no such kernel: a float MaxPool reading its DQ instead of the tensor became
+    onnxruntime's uint8 MaxPool, 17 times the float one's time on PP-OCRv6's detector."""
+    producer = value.producer()
+    while producer is not None and producer not in decided.nodes:
+        if producer.op_type not in SHARES_INPUT_SCALE | FUSED_ACTIVATIONS or not producer.inputs:
+            return False
+        source = producer.inputs[0]
+        if source is None:
+            return False
+        if source.name in decided.tensors:
+            return True
+        producer = source.producer()
+    return producer is not None
 
 
 def shared_scale_sources(graph: ir.Graph, tensors: Collection[str]) -> dict[str, str]:
