@@ -7,7 +7,7 @@ import logging
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics
-from onnx_shrink.passes.quant import fuse_bias, parameters, placement
+from onnx_shrink.passes.quant import fuse_bias, fuse_gelu, parameters, placement
 from onnx_shrink.passes.quant.numerics import quant_type
 from onnx_shrink.passes.quant.qdq_writer import QdqWriter
 
@@ -25,8 +25,8 @@ def write_plan(
     fused: bool,
 ) -> None:
     """Q/DQ on the plan's tensors (ranges from ``stats`` as ``ranging`` sets them), its
-    nodes' constants quantized, and MatMul+bias pairs fused into MatMulIntegerToFloat where
-    ``fused``."""
+    nodes' constants quantized, MatMul+bias pairs fused into MatMulIntegerToFloat where
+    ``fused``, and GELUs after integer kernels written as one node (``fuse_gelu``)."""
     params = parameters.activation_params(model.graph, decided, stats, ranging, sixteen_bit)
     writer = QdqWriter(model.graph, narrow_storage=narrow)
     for tensor, (scale, zero) in params.items():
@@ -42,6 +42,9 @@ def write_plan(
     if fused:
         count = sum(fuse_bias.try_fuse(model, node) for node in decided.nodes)
         logger.info("quant: %d MatMul+bias pairs as MatMulIntegerToFloat", count)
+    gelus = fuse_gelu.fuse(model, com_microsoft=fused)
+    if gelus:
+        logger.info("quant: %d GELUs after integer kernels as one Gelu node each", gelus)
     logger.info(
         "quant: %d nodes quantized, %d tensors with Q/DQ, %d nodes kept float",
         len(decided.nodes),

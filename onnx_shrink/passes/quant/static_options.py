@@ -118,7 +118,9 @@ class StaticOptions:
         True,
         "a quantized MatMul whose float output gets a constant bias becomes onnxruntime's "
         "com.microsoft.MatMulIntegerToFloat with that bias (its QDQ fusion leaves the Add "
-        "apart); off: standard ONNX QDQ only",
+        "apart), and an erf GELU after an integer kernel com.microsoft.Gelu (onnxruntime "
+        "fuses none behind a DequantizeLinear; from opset 20, ONNX's Gelu either way); off: "
+        "standard ONNX QDQ only",
     )
     narrow_storage: bool = option(
         True,
