@@ -6,8 +6,8 @@ first Mul. After a quantized Conv, x is a DequantizeLinear's output, and onnxrun
 each reader of a DequantizeLinear its own copy before it fuses float ops: the Div and the Mul
 then read different values, and the five ops run one by one where the float model runs one
 Gelu kernel. On PP-OCRv6's tiny detector (13 GELUs after quantized Convs, 8 pages of 480x640)
-the quantized model ran 1.02x the float model's latency so, and 0.84x with them fused
-(onnxruntime's own quantized model: 0.94x), its outputs unchanged.
+the quantized model ran 1.08x the float model's latency so, and 0.91x with them fused
+(onnxruntime's own quantized model: 0.95x), its outputs unchanged.
 
 Only a GELU reading a DequantizeLinear is rewritten: onnxruntime fuses any other itself. The
 node is ONNX's Gelu where the model's opset has it (20 and later); before that, onnxruntime's
