@@ -377,6 +377,7 @@ def _compile(
                 hooks.on_calibration, calib.samples if calib else None, "quant.max_error"
             ),
             sensitivity_mod.first_quant(pass_list) if sensitivity else None,
+            given.naming,
         )
         first_sample = shapes.first_real_sample(loaded, calib, source)
         result = pipeline.run(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import pipeline, spec
+from onnx_shrink.compiler import graph_edit, pipeline, spec
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import accuracy_target
 from onnx_shrink.runtime_check import data as data_mod
@@ -31,7 +31,8 @@ class TargetPreparer:
     no quant pass can come). ``report_index``: the pass whose sensitivity report the run
     wants (the first quant pass, with ``shrink(sensitivity=True)``), or None. Where that
     pass has a target, the search's report serves (its hint measured as well): ``report``
-    then holds it.
+    then holds it. ``naming``: the names the run gave unnamed nodes, which the sizes leave
+    out as the written result does.
     """
 
     def __init__(
@@ -40,9 +41,10 @@ class TargetPreparer:
         provider: str,
         progress: Progress | None,
         report_index: int | None,
+        naming: graph_edit.Naming | None = None,
     ) -> None:
         self.dataset, self.provider, self.progress = dataset, provider, progress
-        self.report_index = report_index
+        self.report_index, self.naming = report_index, naming
         self.found: list[accuracy_target.TargetOutcome] = []
         self.report: SensitivityReport | None = None
 
@@ -60,6 +62,7 @@ class TargetPreparer:
             provider=self.provider,
             progress=self.progress,
             hint=reported,
+            naming=self.naming,
         )
         if outcome is not None:
             given = spec.describe(pass_)

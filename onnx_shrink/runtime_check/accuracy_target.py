@@ -31,6 +31,7 @@ import time
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker, sample_batches
 from onnx_shrink.runtime_check import combined as combined_mod
@@ -175,13 +176,15 @@ def meet_target(
     provider: str = "cpu",
     progress: Progress | None = None,
     hint: bool = False,
+    naming: graph_edit.Naming | None = None,
 ) -> tuple[QuantPass, TargetOutcome | None, SensitivityReport | None]:
     """The pass to run on ``model`` (the float model as ``quant`` gets it, not modified) so
     that its worst float output's relative error over ``dataset``, against ``model``, is at
     most ``quant.max_error``: ``quant`` with the worst layers added to ``exclude`` (and
     ``max_error`` off), what the search found (None where the pass quantizes no layer), and
     the sensitivity report it ranked by (with its hint measured where ``hint``; None where
-    the whole pass meets the target, which then needs no ranking).
+    the whole pass meets the target, which then needs no ranking). Sizes are measured
+    without the node names ``naming`` gave for the run, as the result is written.
 
     The whole pass is measured first. Where it misses, the layers are ranked on the first
     ``RANKING_SAMPLES`` samples (on all of them where ``hint``), and each candidate is
@@ -198,43 +201,56 @@ def meet_target(
     with contextlib.ExitStack() as stack:
         # Every measurement compares with the float model on the same data: it runs once.
         reference = checker.Reference.open(model, stack)
-        return _meet(model, quant, dataset, provider, progress, hint, reference, started)
+        measure = _Measure(dataset, provider, progress, reference, naming)
+        return _meet(model, quant, measure, hint, started)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Measure:
+    """How the search measures a configuration of the pass: over ``dataset`` on
+    ``provider``, against ``reference`` (the float model, opened), its size without the
+    node names ``naming`` gave for the run."""
+
+    dataset: data_mod.Dataset
+    provider: str
+    progress: Progress | None
+    reference: checker.Reference
+    naming: graph_edit.Naming | None
+
+    def worst_error(self, model: ir.Model, config: QuantPass, k: int) -> sensitivity_mod.Measured:
+        """``config`` (the pass with its ``k`` worst layers float) on ``model``, measured."""
+        return sensitivity_mod.worst_error(
+            model,
+            config,
+            self.dataset,
+            provider=self.provider,
+            progress=sensitivity_mod.measuring(self.progress, k),
+            reference=self.reference,
+            naming=self.naming,
+        )
 
 
 def _meet(
-    model: ir.Model,
-    quant: QuantPass,
-    dataset: data_mod.Dataset,
-    provider: str,
-    progress: Progress | None,
-    hint: bool,
-    reference: checker.Reference,
-    started: float,
+    model: ir.Model, quant: QuantPass, measure: _Measure, hint: bool, started: float
 ) -> tuple[QuantPass, TargetOutcome | None, SensitivityReport | None]:
-    """``meet_target`` with the float model opened (``reference``)."""
+    """``meet_target`` with the float model opened (``measure.reference``)."""
     plain = dataclasses.replace(quant, max_error=math.inf)
     whole = dataclasses.replace(plain, bias_correction=False)
+    dataset = measure.dataset
     first = None
     if not hint:  # the report measures the whole pass itself
         with sensitivity_mod.quiet(*sensitivity_mod.QUIET):
-            first = sensitivity_mod.worst_error(
-                model,
-                whole,
-                dataset,
-                provider=provider,
-                progress=sensitivity_mod.measuring(progress, 0),
-                reference=reference,
-            )
+            first = measure.worst_error(model, whole, 0)
         if not first.quantized:
             return plain, None, None  # the pass says itself that it quantizes nothing
         if first.error <= quant.max_error:  # YOLOv8n: a 130 s ranking was spent on this
             attempts = {quant.exclude: Attempt.of(0, 0, first)}
             outcome = _outcome(quant, attempts, quant.exclude, first.samples, dataset, started)
             return plain, outcome, None
-    report = _ranked(model, plain, dataset, hint, provider, progress)
+    report = _ranked(model, plain, measure, hint)
     if not report.layers:
         return plain, None, report
-    search = _Search(model, whole, report, dataset, provider, progress, reference)
+    search = _Search(model, whole, report, measure)
     if first is not None:
         search.attempts[search.patterns(0)] = Attempt.of(0, 0, first)
         search.samples = first.samples
@@ -259,29 +275,23 @@ def _scored_view(model: ir.Model) -> ir.Model:
     return view if combined_mod.add_scored_outputs(view) else model
 
 
-def _ranked(
-    model: ir.Model,
-    plain: QuantPass,
-    dataset: data_mod.Dataset,
-    hint: bool,
-    provider: str,
-    progress: Progress | None,
-) -> SensitivityReport:
+def _ranked(model: ir.Model, plain: QuantPass, measure: _Measure, hint: bool) -> SensitivityReport:
     """The sensitivity report the search ranks by, every layer's companions planned. The
     ranking only orders the candidates: a few samples do, unless the report is wanted as
     such (``hint``), while every measurement of the whole pass reads all of them."""
-    ranked_on = dataset
+    ranked_on = measure.dataset
     if not hint:
         specs = data_mod.specs_from_model(model)
-        ranked_on = sample_batches.first_samples(dataset, specs, RANKING_SAMPLES)
+        ranked_on = sample_batches.first_samples(measure.dataset, specs, RANKING_SAMPLES)
     return sensitivity_mod.sensitivity(
         model,
         plain,
         ranked_on,
-        provider=provider,
-        progress=progress,
+        provider=measure.provider,
+        progress=measure.progress,
         planned_layers=len(model.graph),
         hint=hint,
+        naming=measure.naming,
     )
 
 
@@ -342,10 +352,8 @@ class _Search:
     """The measurements of the whole pass with the k worst layers float, by the ``exclude``
     patterns they make (different k can make the same: unnamed or inert layers)."""
 
-    def __init__(self, model, whole, report, dataset, provider, progress, reference) -> None:
-        self.model, self.whole, self.report = model, whole, report
-        self.dataset, self.provider, self.progress = dataset, provider, progress
-        self.reference = reference
+    def __init__(self, model, whole, report, measure: _Measure) -> None:
+        self.model, self.whole, self.report, self.measure = model, whole, report, measure
         self.attempts: dict[tuple[str, ...], Attempt] = {}
         self.samples = report.samples
         self.spent = False
@@ -377,14 +385,7 @@ class _Search:
         patterns = self.patterns(k)
         if patterns not in self.attempts:
             config = dataclasses.replace(self.whole, exclude=patterns)
-            measured = sensitivity_mod.worst_error(
-                self.model,
-                config,
-                self.dataset,
-                provider=self.provider,
-                progress=sensitivity_mod.measuring(self.progress, k),
-                reference=self.reference,
-            )
+            measured = self.measure.worst_error(self.model, config, k)
             self.samples = measured.samples
             added = len(patterns) - len(self.whole.exclude)
             self.attempts[patterns] = Attempt.of(k, added, measured)

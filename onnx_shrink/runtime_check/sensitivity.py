@@ -60,6 +60,7 @@ def sensitivity(
     progress: Progress | None = None,
     planned_layers: int = HINT_LAYERS,
     hint: bool = True,
+    naming: graph_edit.Naming | None = None,
 ) -> SensitivityReport:
     """Measure, for each node ``quant`` would quantize in ``model`` (the float model as it is
     before the pass, not modified), the output error of quantizing that node alone.
@@ -70,7 +71,8 @@ def sensitivity(
     statistics' warnings are not repeated here (``QUIET``): the pass's own run gives them.
     The ``planned_layers`` worst layers get their companions (``plan_hint``: what
     ``exclude_patterns`` can keep float); with ``hint``, the hint for the ``HINT_LAYERS``
-    worst is measured too (``hint_effect``).
+    worst is measured too (``hint_effect``), its sizes without the node names ``naming``
+    gave for the run (as the result is written).
 
     Raises:
         ShrinkError: the model has no float output computed by its graph, or a layer cannot
@@ -122,7 +124,7 @@ def sensitivity(
         )
         effect = None
         if hint:
-            effect = _hint_effect(base, quant, stats, data, provider, report, progress)
+            effect = _hint_effect(base, quant, stats, data, provider, report, progress, naming)
     return dataclasses.replace(
         report,
         runs=report.runs + HINT_RUNS * (effect is not None),
@@ -150,6 +152,7 @@ def _hint_effect(
     provider: str,
     report: SensitivityReport,
     progress: Progress | None,
+    naming: graph_edit.Naming | None,
 ) -> HintEffect | None:
     """The whole pass and the pass with the hint applied, each run against the float model
     over ``data``, each on its own statistics as a run with those options would measure them
@@ -164,7 +167,7 @@ def _hint_effect(
     hint_progress = progress_mod.named(progress, "the hint")
     for layers, config in ((0, whole), (k, dataclasses.replace(whole, exclude=patterns))):
         named = measuring(hint_progress, layers)
-        error, size = _worst_error(base, config, whole, stats, data, provider, named)
+        error, size = _worst_error(base, config, whole, stats, data, provider, named, naming)
         worst.append(error)
         sizes.append(size)
     kept = len(patterns) - len(report.excluded)
@@ -187,15 +190,18 @@ def quiet(*names: str) -> Iterator[None]:
             one.setLevel(level)
 
 
-def _worst_error(base, config, whole, stats, data, provider, progress) -> tuple[float, int]:
+def _worst_error(base, config, whole, stats, data, provider, progress, naming) -> tuple[float, int]:
     """``worst_error`` of ``config`` (error, bytes); ``stats`` serve the ``whole`` pass,
     measured on ``base`` as ``whole.requests`` left it."""
     if config is not whole:
-        measured = worst_error(base, config, data, provider=provider, progress=progress)
+        measured = worst_error(
+            base, config, data, provider=provider, progress=progress, naming=naming
+        )
     else:
         copy = base.clone()
         io.unshare_tensors(copy)
-        measured = _measured(base, config.bind(stats)(copy), data, provider, progress=progress)
+        result = config.bind(stats)(copy)
+        measured = _measured(base, result, data, provider, progress=progress, naming=naming)
     return measured.error, measured.bytes
 
 
@@ -205,7 +211,7 @@ class Measured(NamedTuple):
     error: float
     """the worst float output's relative error over all the samples"""
     bytes: int
-    """the quantized model's, saved"""
+    """the quantized model's, saved (without the node names given for the run)"""
     samples: int
     quantized: bool
     """whether the pass quantized anything"""
@@ -225,20 +231,23 @@ def worst_error(
     provider: str = "cpu",
     progress: Progress | None = None,
     reference: checker.Reference | None = None,
+    naming: graph_edit.Naming | None = None,
 ) -> Measured:
     """``model`` quantized by ``config``, measured against ``model`` itself (not modified):
     the worst float output's relative error (``OutputComparison.relative_error``, over all
     samples of ``data``; NaN/Inf where the float model is finite: ∞). ``config`` calibrates
     on ``data`` as a run of it would (its own statistics); a follow-up it asks for (bias
     correction) is not made. ``reference``: ``model`` opened for many measurements (its
-    runs kept)."""
+    runs kept). ``naming``: the names given to unnamed nodes for the run, left out of the
+    size as the written result leaves them out."""
     copy = model.clone()
     io.unshare_tensors(copy)
     measured = collect_mod.collect(
         copy, config.requests(copy), data, provider=provider, progress=progress
     )
     stats = config.completed_statistics(copy, measured)
-    return _measured(model, config.bind(stats)(copy), data, provider, reference, progress)
+    result = config.bind(stats)(copy)
+    return _measured(model, result, data, provider, reference, progress, naming)
 
 
 def _measured(
@@ -248,14 +257,15 @@ def _measured(
     provider: str,
     reference: checker.Reference | None = None,
     progress: Progress | None = None,
+    naming: graph_edit.Naming | None = None,
 ) -> Measured:
     """``result``'s model against ``base`` (or ``reference``, ``base`` opened) over the
-    float outputs the layers are ranked by."""
+    float outputs the layers are ranked by; its size without ``naming``'s names."""
     against = reference if reference is not None else base
     numeric = checker.compare(against, result.model, data, provider=provider, progress=progress)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
     error = max(o.relative_error for o in numeric.outputs if o.name in names)
-    size = large_tensors.saved_bytes(result.model)
+    size = large_tensors.saved_bytes(result.model, naming=naming)
     return Measured(error, size, numeric.samples, result.modified)
 
 
@@ -333,8 +343,10 @@ def before_quant(
     before = [p for p, keep in zip(pass_list[:index], kept, strict=True) if keep]
     fresh = io.load(source)
     graph_edit.unlist_weight_inputs(fresh)  # as the compile did (and warned)
-    graph_edit.name_unnamed_nodes(fresh)  # the same names: the hint's are the compile's
+    naming = graph_edit.name_unnamed_nodes(fresh)  # the same names: the hint's are the compile's
     with warning_records.said_already():  # the compile ran these passes, and said it all
         float_model = pipeline.run(fresh, before, collect=collector).model
-    report = sensitivity(float_model, quant, dataset, provider=provider, progress=progress)
+    report = sensitivity(
+        float_model, quant, dataset, provider=provider, progress=progress, naming=naming
+    )
     return dataclasses.replace(report, seconds=time.perf_counter() - started)
