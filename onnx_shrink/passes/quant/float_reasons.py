@@ -104,12 +104,26 @@ def _planned_reason(
             # Its range was never asked for: glue the plan could not accept even with
             # every range at hand (what the statistics' requests assume).
             reason = "not between integer kernels"
-        if reason == placement.NOT_CONSTANT and quantized_already.integer_weight(node.inputs[1]):
-            reason = INT8_ALREADY  # PP-OCRv6's Convs, as its MatMuls were named
+        if reason == placement.NOT_CONSTANT and (
+            form := quantized_already.stored_as(node.inputs[1])
+        ):
+            reason = ALREADY[form]  # PP-OCRv6's Convs, as its MatMuls were named
     return reason
 
 
 INT8_ALREADY = "its weight is int8 already (an integer constant cast and scaled in the graph)"
+ALREADY = {
+    quantized_already.CAST_AND_SCALED: INT8_ALREADY,
+    quantized_already.DEQUANTIZED: "its weight is quantized already (integer codes dequantized)",
+}
+"""Why a layer on a weight stored as integers stays float, by how it is stored (a Q/DQ
+model's weights are no Cast and Mul)."""
+_HELD = {
+    quantized_already.CAST_AND_SCALED: (
+        "int8 weights already (integer constants cast and scaled in the graph)"
+    ),
+    quantized_already.DEQUANTIZED: "quantized weights already (integer codes dequantized)",
+}
 
 
 def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
@@ -118,10 +132,10 @@ def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
     reason = exclusions.reason(node)
     if reason == placement.NOT_ONLY:
         return None
-    if reason == placement.TWO_ACTIVATIONS and any(
-        quantized_already.integer_weight(v) for v in node.inputs
-    ):
-        return INT8_ALREADY
+    if reason == placement.TWO_ACTIVATIONS:
+        forms = [quantized_already.stored_as(v) for v in node.inputs]
+        form = next((f for f in forms if f is not None), None)
+        return ALREADY[form] if form else reason
     return reason
 
 
@@ -226,11 +240,13 @@ def warn_few_beside_int8(graph: ir.Graph, planned: Collection[ir.Node]) -> None:
     if weighted and len(already) > len(weighted):
         names = [n.name or n.op_type for n in weighted]
         hint = f"quant.exclude={','.join(names)}" if len(names) <= 3 else "quant.exclude"
+        forms = collections.Counter(quantized_already.stored_as(n.inputs[1]) for n in already)
+        held = _HELD[forms.most_common(1)[0][0]]
         logger.warning(
-            "quant: %d of the model's layers hold int8 weights already (integer constants "
-            "cast and scaled in the graph); it quantized %d more (%s%s): compare the "
+            "quant: %d of the model's layers hold %s; it quantized %d more (%s%s): compare the "
             "result's error and size with the input's (%s keeps them float)",
             len(already),
+            held,
             len(weighted),
             ", ".join(names[:3]),
             " ..." if len(names) > 3 else "",

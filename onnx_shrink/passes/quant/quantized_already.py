@@ -50,7 +50,12 @@ def note(graph: ir.Graph) -> str:
             counts[node.op_type] += 1
     if not counts:
         return ""
-    found = ", ".join(f"{count} {op}" for op, count in counts.most_common())
+    # Only the DequantizeLinear nodes of weights are counted (a Q/DQ model has as many again
+    # for its activations): say so, or "54 DequantizeLinear" reads as a miscount.
+    found = ", ".join(
+        f"{count} {op}{' of integer weights' if op == 'DequantizeLinear' else ''}"
+        for op, count in counts.most_common()
+    )
     return f"; the model is quantized already: {found}"
 
 
@@ -65,15 +70,26 @@ def _dequantizes_a_weight(node: ir.Node) -> bool:
 def integer_weight(value: ir.Value | None) -> bool:
     """``value`` is an integer constant dequantized in the graph: ``DequantizeLinear``, or
     ``Mul`` of a constant and a ``Cast`` of one (either order), maybe behind a Transpose."""
+    return stored_as(value) is not None
+
+
+DEQUANTIZED = "dequantized"
+CAST_AND_SCALED = "cast and scaled"
+
+
+def stored_as(value: ir.Value | None) -> str | None:
+    """How ``integer_weight`` found ``value`` stored: ``DEQUANTIZED`` (integer codes behind
+    a DequantizeLinear) or ``CAST_AND_SCALED`` (a Cast of integer codes times a constant);
+    None where it is neither."""
     producer = value.producer() if value is not None else None
     if producer is not None and producer.op_type == "Transpose":
         producer = producer.inputs[0].producer() if producer.inputs[0] is not None else None
     if producer is None:
-        return False
+        return None
     if producer.op_type == "DequantizeLinear":
-        return _is_integer_constant(producer.inputs[0])
+        return DEQUANTIZED if _is_integer_constant(producer.inputs[0]) else None
     if producer.op_type != "Mul":
-        return False
+        return None
     for cast_side, scale in ((0, 1), (1, 0)):
         cast = producer.inputs[cast_side].producer() if producer.inputs[cast_side] else None
         other = producer.inputs[scale]
@@ -84,8 +100,8 @@ def integer_weight(value: ir.Value | None) -> bool:
             and other is not None
             and other.const_value is not None
         ):
-            return True
-    return False
+            return CAST_AND_SCALED
+    return None
 
 
 def _is_integer_constant(

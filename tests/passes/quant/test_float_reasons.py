@@ -162,6 +162,40 @@ def test_an_exclusion_asked_for_is_named_before_more_frequent_reasons(caplog):
     assert "2 Conv: its weight is int8 already" in warned[0]
 
 
+def test_a_qdq_models_weights_are_named_dequantized_not_cast(caplog):
+    # EfficientWord-Net's own int8 model: its weights are codes behind DequantizeLinear, not
+    # a Cast and Mul, and its 181 DequantizeLinear read as "54" (those of its weights).
+    proto = onnx.parser.parse_model(
+        """
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4, 8, 8] x) => (float[N, 4, 8, 8] y) {
+          xq = QuantizeLinear(x, xs, xz)
+          xd = DequantizeLinear(xq, xs, xz)
+          w = DequantizeLinear(wq, ws)
+          y = Conv <pads = [1, 1, 1, 1]> (xd, w)
+        }
+        """
+    )
+    rng = np.random.default_rng(13)
+    proto.graph.initializer.extend(
+        [
+            onh.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), "wq"),
+            onh.from_array(np.array(0.01, np.float32), "ws"),
+            onh.from_array(np.array(0.05, np.float32), "xs"),
+            onh.from_array(np.array(128, np.uint8), "xz"),
+        ]
+    )
+    x = rng.normal(size=(8, 4, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        shrink(proto, "quant", check=False, calibration={"x": x})
+    warned = [m for r in caplog.records if "no node could be quantized" in (m := r.getMessage())]
+    assert len(warned) == 1
+    assert "1 Conv: its weight is quantized already (integer codes dequantized)" in warned[0]
+    assert warned[0].endswith(
+        "the model is quantized already: 1 DequantizeLinear of integer weights"
+    )
+
+
 def test_prune_counts_weights_the_graph_computes(caplog):
     proto = onnx.parser.parse_model(
         """
