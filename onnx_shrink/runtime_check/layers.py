@@ -132,12 +132,20 @@ def _without_shared_sentinels(ref: np.ndarray, cand: np.ndarray) -> tuple[np.nda
     element is exact, and left in, its size would make any error around it vanish: an ALBERT
     tagger's masked scores read a relative error of 1.6e-39, so the Softmax after them
     looked as if it made its 0.553 alone."""
-    huge = placement.SENTINEL_MAGNITUDE  # quant's: a mask's stand-in for -inf (-3.4e38)
-    shared = (np.abs(ref) >= huge) & (np.abs(cand) >= huge)
+    shared = _sentinels(ref) & _sentinels(cand)
     shared &= np.signbit(ref) == np.signbit(cand)
     if not shared.any():
         return ref, cand
     return np.where(shared, 0, ref), np.where(shared, 0, cand)
+
+
+def _sentinels(values: np.ndarray) -> np.ndarray:
+    """Where ``values`` hold a mask sentinel: a magnitude of quant's ``SENTINEL_MAGNITUDE``
+    (a mask's stand-in for -inf, -3.4e38) or more, or in a half-precision tensor its largest
+    finite one or more (the stand-in cast to float16 is -inf or -65504; comparing float16
+    with 1e20 overflowed, and numpy warned of it in the middle of the run)."""
+    limit = min(placement.SENTINEL_MAGNITUDE, float(np.finfo(values.dtype).max))
+    return np.abs(values) >= values.dtype.type(limit)
 
 
 def _report(

@@ -118,3 +118,53 @@ def test_mask_sentinels_both_models_hold_do_not_hide_the_error_beside_them():
     assert errors["masked"].relative_error > 0.1  # the scores' 20%, not 1e-39
     assert errors["y"].upstream_relative_error == errors["masked"].relative_error
     assert report.first_jump.tensor == "scores"
+
+
+def test_a_half_precision_mask_counts_as_the_float_models_sentinel(recwarn):
+    """After fp16, Swift-F0's masked tensors hold float16's -65504 or -inf where the float
+    model holds -3.4e38: the comparison with 1e20 overflowed float16 (numpy warned in the
+    middle of the run), and such a tensor could rank first with an infinite error."""
+    import numpy as np
+    import onnx
+    import onnx.helper as oh
+
+    from onnx_shrink.compiler import io
+    from onnx_shrink.runtime_check import data as data_mod
+    from onnx_shrink.runtime_check.layers import localize
+    from tests.helpers import make_model
+
+    reference = io.load(
+        onnx.parser.parse_model("""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+          <float[4] w = {1, 1, 1, 1}, float[4] mask = {0, 0, 0, -3.4e38}> {
+          scores = Mul(x, w)
+          masked = Add(scores, mask)
+          y = Softmax(masked)
+        }
+        """)
+    )
+    half = onnx.TensorProto.FLOAT16
+    candidate = io.load(
+        make_model(
+            [
+                oh.make_node("Cast", ["x"], ["half"], to=half),
+                oh.make_node("Mul", ["half", "w"], ["scores"]),
+                oh.make_node("Add", ["scores", "mask"], ["masked"]),
+                oh.make_node("Cast", ["masked"], ["wide"], to=onnx.TensorProto.FLOAT),
+                oh.make_node("Softmax", ["wide"], ["y"]),
+            ],
+            [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 4])],
+            [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 4])],
+            {
+                "w": np.full(4, 1.2, np.float16),
+                "mask": np.array([0, 0, 0, -65504], np.float16),
+            },
+        )
+    )
+    x = np.random.default_rng(44).uniform(-2.0, 2.0, (3, 4)).astype(np.float32)
+    specs = data_mod.specs_from_model(reference)
+    report = localize(reference, candidate, data_mod.prepare(specs, {"x": x}), specs)
+    assert not [w for w in recwarn if issubclass(w.category, RuntimeWarning)]
+    masked = next(layer for layer in report.layers if layer.tensor == "masked")
+    assert 0.1 < masked.relative_error < 0.3  # the scores' 20%, not infinite
