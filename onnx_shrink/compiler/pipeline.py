@@ -24,6 +24,7 @@ from onnx_shrink.errors import (
     ShrinkError,
     ToleranceStopError,
 )
+from onnx_shrink.wording import human_bytes
 
 logger = logging.getLogger(__name__)
 
@@ -229,6 +230,8 @@ class _Pipeline:
         )
         self.steps.append(step)
         logger.info("%s: %.2fs, %d -> %d nodes", step.spec, seconds, step.before.nodes, after.nodes)
+        if not getattr(pass_, "widens", False):
+            _warn_if_grown(step)
         self.current_stats, self.current_bytes = after, step.bytes_after
         return model
 
@@ -409,6 +412,26 @@ def _failure(spec: str, done: Sequence[StepRecord], error: Exception) -> Excepti
     return PassFailedError(
         f"pass '{spec}' failed (passes before it: {before}): {_root_message(error)}"
     )
+
+
+GROWTH_WARNED_BYTES = 512
+"""A modified step whose result is larger than its input by more than this is warned of:
+the summary's bytes column alone let quant's +8.6 KiB on an int8 Whisper encoder pass
+unremarked (with quant.activation_matmuls=true it added Q/DQ and quantized nothing). Less
+is the bookkeeping a rewrite may add (an opset import, a renamed value)."""
+
+
+def _warn_if_grown(step: StepRecord) -> None:
+    """Say so where ``step`` (modified) left the model larger than it found it."""
+    grown = step.bytes_after - step.bytes_before
+    if step.modified and grown > GROWTH_WARNED_BYTES:
+        logger.warning(
+            "%s: the result takes more bytes than its input (%s -> %s, +%s)",
+            step.spec,
+            human_bytes(step.bytes_before),
+            human_bytes(step.bytes_after),
+            human_bytes(grown),
+        )
 
 
 def _snapshot(model: ir.Model, pass_: ir.passes.PassBase) -> ir.Model:

@@ -59,6 +59,7 @@ class Float32Pass(ir.passes.InPlacePass):
     """
 
     name: ClassVar[str] = "fp32"
+    widens: ClassVar[bool] = True  # its result is larger by design: no "grew" warning
     keep_io_types: bool = option(
         True, "graph inputs and outputs keep their float16/bfloat16 type (Casts at the edges)"
     )

@@ -107,3 +107,45 @@ def test_sizes_between_passes_leave_out_the_names_given_for_the_run(tmp_path):
     assert alone.output_bytes == (tmp_path / "fold.onnx").stat().st_size
     assert both.steps[0].bytes_after == alone.output_bytes
     assert both.steps[1].bytes_before == alone.output_bytes
+
+
+def test_a_pass_whose_result_grew_says_so_and_a_widening_one_does_not(caplog):
+    # An int8 Whisper encoder quantized again with quant.activation_matmuls=true got Q/DQ on
+    # its activation products and nothing smaller: +23.5 KiB, with no word but the table's.
+    import logging
+
+    import onnx.helper as oh
+
+    from onnx_shrink.passes.fp32 import Float32Pass
+    from tests.helpers import make_model
+
+    products = [oh.make_node("MatMul", ["x", "x"], ["p0"])]
+    products += [oh.make_node("MatMul", [f"p{i}", "x"], [f"p{i + 1}"]) for i in range(7)]
+    float_type = onnx.TensorProto.FLOAT
+    proto = make_model(
+        products,
+        [oh.make_tensor_value_info("x", float_type, ["N", 8, 8])],
+        [oh.make_tensor_value_info("p7", float_type, ["N", 8, 8])],
+        {},
+    )
+    x = np.random.default_rng(3).uniform(-0.5, 0.5, (8, 8, 8)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        result = shrink(
+            proto, [QuantPass(activation_matmuls=True)], calibration={"x": x}, check=False
+        )
+    (step,) = result.steps
+    assert step.bytes_after > step.bytes_before + pipeline.GROWTH_WARNED_BYTES
+    grew = [r.getMessage() for r in caplog.records if "more bytes than its input" in r.getMessage()]
+    assert len(grew) == 1 and grew[0].startswith("quant(activation_matmuls=True): ")
+    caplog.clear()
+    half_type = onnx.TensorProto.FLOAT16
+    half = make_model(
+        [oh.make_node("Mul", ["h", "table"], ["y"])],
+        [oh.make_tensor_value_info("h", half_type, ["N", 64])],
+        [oh.make_tensor_value_info("y", half_type, ["N", 64])],
+        {"table": np.ones((64, 64), np.float16)},
+    )
+    with caplog.at_level(logging.WARNING):
+        widened = shrink(half, [Float32Pass()], check=False)
+    assert widened.steps[0].bytes_after > widened.steps[0].bytes_before
+    assert "more bytes than its input" not in caplog.text
