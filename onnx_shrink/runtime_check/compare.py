@@ -429,6 +429,14 @@ def compare_batches(
             failures.append(f"max_accuracy_drop: no accuracy was measured: {why}")
         else:  # the verdict says so: "PASS (accuracy not measured)"
             logger.info("accuracy not measured: %s", why)
+    elif ref_acc is None and seen and not unusable:
+        # Without a tolerance on it, labels that scored nothing went unsaid: smart-turn's one
+        # sigmoid column [N, 1] is no class scores, and its labels were dropped silently.
+        warn_once(
+            logger,
+            "accuracy not measured: labels were given, but no output holds per-sample class "
+            "scores [samples, classes] to score them on",
+        )
     return NumericReport(
         outputs=outputs,
         samples=samples if samples is not None else seen,

@@ -124,6 +124,24 @@ def test_labels_no_output_can_be_scored_on_fail_an_accuracy_tolerance():
     assert compare_batches(batches).verdict == "measured, no tolerances given"
 
 
+def test_labels_no_output_can_be_scored_on_are_warned_of_without_a_tolerance(caplog):
+    # smart-turn's one sigmoid column [N, 1]: its labels were dropped without a word unless
+    # --max-accuracy-drop was given.
+    import logging
+
+    from onnx_shrink.runtime_check.compare import compare_batches
+
+    out = {"probability": np.full((4, 1), 0.7, np.float32)}
+    with caplog.at_level(logging.WARNING):
+        report = compare_batches([(out, out, np.arange(4) % 2)])
+    assert report.reference_accuracy is None
+    assert "accuracy not measured: labels were given, but no output holds" in caplog.text
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        compare_batches([(out, out, None)])  # no labels: nothing to say
+    assert "accuracy not measured" not in caplog.text
+
+
 BAD_LABELS = {
     "strings": (np.array(["cat"] * 4), "labels are strings"),
     "non-integers": (np.array([0.0, 2.5, 1.0, 1.0]), r"labels are not integers \(sample 1: 2.5\)"),
