@@ -86,31 +86,36 @@ def test_past_a_tensor_pruning_reshaped_the_upstream_error_is_unknown_not_zero()
     assert "no error jump among the tensors compared; 2 tensors the candidate gave" in title
 
 
+def _masked_scores(scale: float):
+    """Attention scores ``x * scale`` plus a mask of -3.4e38 in the last column, softmaxed."""
+    import onnx
+
+    from onnx_shrink.compiler import io
+
+    return io.load(
+        onnx.parser.parse_model(f"""
+        <ir_version: 8, opset_import: ["" : 17]>
+        g (float[N, 4] x) => (float[N, 4] y)
+          <float[4] w = {{{scale}, {scale}, {scale}, {scale}}},
+           float[4] mask = {{0, 0, 0, -3.4e38}}> {{
+          scores = Mul(x, w)
+          masked = Add(scores, mask)
+          y = Softmax(masked)
+        }}
+        """)
+    )
+
+
 def test_mask_sentinels_both_models_hold_do_not_hide_the_error_beside_them():
     """An ALBERT tagger's masked attention scores (-3.4e38 where masked) read a relative
     error of 1.6e-39 after weight quantization, so the Softmax after them looked as if it
     made its 0.553 alone."""
     import numpy as np
-    import onnx
 
-    from onnx_shrink.compiler import io
     from onnx_shrink.runtime_check import data as data_mod
     from onnx_shrink.runtime_check.layers import localize
 
-    def model(scale: float):
-        return io.load(
-            onnx.parser.parse_model(f"""
-            <ir_version: 8, opset_import: ["" : 17]>
-            g (float[N, 4] x) => (float[N, 4] y)
-              <float[4] w = {{{scale}, {scale}, {scale}, {scale}}},
-               float[4] mask = {{0, 0, 0, -3.4e38}}> {{
-              scores = Mul(x, w)
-              masked = Add(scores, mask)
-              y = Softmax(masked)
-            }}
-            """)
-        )
-
+    model = _masked_scores
     x = np.random.default_rng(43).uniform(-2.0, 2.0, (3, 4)).astype(np.float32)
     specs = data_mod.specs_from_model(model(1.0))
     report = localize(model(1.0), model(1.2), data_mod.prepare(specs, {"x": x}), specs)
@@ -133,17 +138,7 @@ def test_a_half_precision_mask_counts_as_the_float_models_sentinel(recwarn):
     from onnx_shrink.runtime_check.layers import localize
     from tests.helpers import make_model
 
-    reference = io.load(
-        onnx.parser.parse_model("""
-        <ir_version: 8, opset_import: ["" : 17]>
-        g (float[N, 4] x) => (float[N, 4] y)
-          <float[4] w = {1, 1, 1, 1}, float[4] mask = {0, 0, 0, -3.4e38}> {
-          scores = Mul(x, w)
-          masked = Add(scores, mask)
-          y = Softmax(masked)
-        }
-        """)
-    )
+    reference = _masked_scores(1.0)
     half = onnx.TensorProto.FLOAT16
     candidate = io.load(
         make_model(

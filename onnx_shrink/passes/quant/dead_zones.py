@@ -107,11 +107,7 @@ def _reader_zone(node: ir.Node, index: int, value: ir.Value, depth: int) -> Zone
     if op == "HardSwish":
         return Zone(-3.0)
     if op == "HardSigmoid":
-        alpha, beta = (
-            node.attributes.get_float("alpha", 0.2),
-            node.attributes.get_float("beta", 0.5),
-        )
-        return Zone(-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else _NONE
+        return _hard_sigmoid_zone(node)
     if op in ("Add", "Sub") and out is not None and len(node.inputs) == 2:
         constant = _scalar(node.inputs[1 - index])
         if constant is None or (op == "Sub" and index == 1):
@@ -158,9 +154,15 @@ def _gate_zero(gate: ir.Node) -> float | None:
     if gate.op_type == "Clip" and _clip_bounds(gate)[0] == 0.0:
         return 0.0
     if gate.op_type == "HardSigmoid":
-        alpha = gate.attributes.get_float("alpha", 0.2)
-        return -gate.attributes.get_float("beta", 0.5) / alpha if alpha > 0 else None
+        return _hard_sigmoid_zone(gate).floor
     return None
+
+
+def _hard_sigmoid_zone(node: ir.Node) -> Zone:
+    """Where a HardSigmoid is flat: 0 below ``-beta / alpha``, 1 above ``(1 - beta) / alpha``."""
+    alpha = node.attributes.get_float("alpha", 0.2)
+    beta = node.attributes.get_float("beta", 0.5)
+    return Zone(-beta / alpha, (1.0 - beta) / alpha) if alpha > 0 else _NONE
 
 
 def _clip_bounds(node: ir.Node) -> tuple[float | None, float | None]:

@@ -107,23 +107,37 @@ def _planned_reason(
         if reason == placement.NOT_CONSTANT and (
             form := quantized_already.stored_as(node.inputs[1])
         ):
-            reason = ALREADY[form]  # PP-OCRv6's Convs, as its MatMuls were named
+            reason = _already(form)  # PP-OCRv6's Convs, as its MatMuls were named
     return reason
 
 
-INT8_ALREADY = "its weight is int8 already (an integer constant cast and scaled in the graph)"
-ALREADY = {
-    quantized_already.CAST_AND_SCALED: INT8_ALREADY,
-    quantized_already.DEQUANTIZED: "its weight is quantized already (integer codes dequantized)",
-}
-"""Why a layer on a weight stored as integers stays float, by how it is stored (a Q/DQ
-model's weights are no Cast and Mul)."""
-_HELD = {
+_STORED = {
     quantized_already.CAST_AND_SCALED: (
-        "int8 weights already (integer constants cast and scaled in the graph)"
+        "int8",
+        "an integer constant cast and scaled in the graph",
+        "integer constants cast and scaled in the graph",
     ),
-    quantized_already.DEQUANTIZED: "quantized weights already (integer codes dequantized)",
+    quantized_already.DEQUANTIZED: (
+        "quantized",
+        "integer codes dequantized",
+        "integer codes dequantized",
+    ),
 }
+"""How a weight stored as integers is told, by ``quantized_already.stored_as``'s form: what
+it is, and how it is stored (of one weight, of many); a Q/DQ model's weights are no Cast and
+Mul."""
+
+
+def _already(form: str) -> str:
+    """Why a layer on a weight stored as integers (in ``form``) stays float."""
+    kind, one, _ = _STORED[form]
+    return f"its weight is {kind} already ({one})"
+
+
+def _held(form: str) -> str:
+    """What layers on weights stored as integers (in ``form``) hold."""
+    kind, _, many = _STORED[form]
+    return f"{kind} weights already ({many})"
 
 
 def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
@@ -135,7 +149,7 @@ def _reason(node: ir.Node, exclusions: placement.Exclusions) -> str | None:
     if reason == placement.TWO_ACTIVATIONS:
         forms = [quantized_already.stored_as(v) for v in node.inputs]
         form = next((f for f in forms if f is not None), None)
-        return ALREADY[form] if form else reason
+        return _already(form) if form else reason
     return reason
 
 
@@ -230,23 +244,22 @@ def warn_few_beside_int8(graph: ir.Graph, planned: Collection[ir.Node]) -> None:
     tiny recogniser holds 37 such layers, and its one float Conv, quantized without a word,
     grew the file 0.3% and cost 0.064 relative error (1 of 8 lines read differently)."""
     weighted = [n for n in planned if n.op_type in placement.WEIGHTED]
-    already = [
-        n
+    forms = collections.Counter(
+        form
         for n in graph
         if n.op_type in placement.WEIGHTED
         and len(n.inputs) > 1
-        and quantized_already.integer_weight(n.inputs[1])
-    ]
-    if weighted and len(already) > len(weighted):
+        and (form := quantized_already.stored_as(n.inputs[1])) is not None
+    )
+    already = sum(forms.values())
+    if weighted and already > len(weighted):
         names = [n.name or n.op_type for n in weighted]
         hint = f"quant.exclude={','.join(names)}" if len(names) <= 3 else "quant.exclude"
-        forms = collections.Counter(quantized_already.stored_as(n.inputs[1]) for n in already)
-        held = _HELD[forms.most_common(1)[0][0]]
         logger.warning(
             "quant: %d of the model's layers hold %s; it quantized %d more (%s%s): compare the "
             "result's error and size with the input's (%s keeps them float)",
-            len(already),
-            held,
+            already,
+            _held(forms.most_common(1)[0][0]),
             len(weighted),
             ", ".join(names[:3]),
             " ..." if len(names) > 3 else "",

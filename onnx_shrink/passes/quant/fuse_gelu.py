@@ -16,11 +16,14 @@ node is ONNX's Gelu where the model's opset has it (20 and later); before that, 
 
 from __future__ import annotations
 
+import functools
 import math
 
 import onnx_ir as ir
 from onnxscript.rewriter import pattern
 
+from onnx_shrink.compiler import walk
+from onnx_shrink.passes import fold_rules
 from onnx_shrink.passes.quant.weight_matching import MS_DOMAIN
 
 STANDARD_GELU_OPSET = 20
@@ -59,16 +62,27 @@ def fuse(model: ir.Model, com_microsoft: bool) -> int:
     Gelu node (ONNX's from opset 20, else ``com.microsoft``'s where ``com_microsoft``);
     returns how many. The result is the same function: only the rounding of float ops
     differs."""
-    opset = model.opset_imports.get("", model.opset_imports.get("ai.onnx", 0))
-    standard = opset >= STANDARD_GELU_OPSET
+    standard = walk.onnx_opset(model) >= STANDARD_GELU_OPSET
     if not standard and not com_microsoft:
         return 0
+    # Most models hold no Erf: the rules' ~70 commuted forms tried at each node took 0.24 s
+    # of every quant run on PP-OCRv4 rec (860 nodes), in each of quant.max_error's too.
+    if not any(node.op_type == "Erf" for node in walk.all_nodes(model)):
+        return 0
+    count = _rules(standard).apply_to_model(model)
+    if count and not standard:
+        model.opset_imports.setdefault(MS_DOMAIN, 1)
+    return count
+
+
+@functools.cache
+def _rules(standard: bool) -> pattern.RewriteRuleSet:
+    """The forms' rules with their commuted operands, each tried only at a Mul (its root:
+    ``fold_rules.by_root_op``), writing ONNX's Gelu where ``standard``, else onnxruntime's."""
 
     def gelu(op, x):
         return op.Gelu(x) if standard else op.Gelu(x, _domain=MS_DOMAIN)
 
     rules = [pattern.RewriteRule(form, gelu, _reads_dequantized) for form in _forms()]
-    count = pattern.RewriteRuleSet(rules, commute=True).apply_to_model(model)
-    if count and not standard:
-        model.opset_imports.setdefault(MS_DOMAIN, 1)
-    return count
+    commuted = pattern.RewriteRuleSet(rules, commute=True).rules
+    return pattern.RewriteRuleSet(fold_rules.by_root_op(commuted))

@@ -37,6 +37,7 @@ import math
 
 import onnx_ir as ir
 
+from onnx_shrink.passes import channel_groups
 from onnx_shrink.passes.quant import log_cone, quantized_already
 
 STEM_MACS = 32
@@ -107,11 +108,7 @@ def _convs_behind(node: ir.Node) -> tuple[set[ir.Node], bool] | None:
     return convs, reads_input
 
 
-ELEMENTWISE = frozenset(
-    {"Relu", "Clip", "HardSwish", "HardSigmoid", "Sigmoid", "Tanh", "LeakyRelu", "PRelu"}
-    | {"Elu", "Selu", "Softplus", "Mish", "Gelu", "Erf", "Add", "Sub", "Mul", "Div"}
-    | {"Identity", "BatchNormalization", "Pad"}
-)
+ELEMENTWISE = channel_groups.UNARY | channel_groups.ELEMENTWISE | {"BatchNormalization", "Pad"}
 """Ops between a stem Conv and the Convs reading it that keep each value where it is
 (activations, their arithmetic, a normalization, padding)."""
 
