@@ -28,7 +28,7 @@ from onnx_shrink.passes.prune_channels import PruneChannelsPass  # noqa: E402
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass  # noqa: E402
 from onnx_shrink.passes.quant.static import QuantPass  # noqa: E402
 from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass  # noqa: E402
-from onnx_shrink.runtime_check.compare import Tolerances  # noqa: E402
+from onnx_shrink.runtime_check.numeric_report import Tolerances  # noqa: E402
 
 __all__ = [
     "BadModelError",

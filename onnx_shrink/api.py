@@ -31,7 +31,7 @@ from onnx_shrink.runtime_check import probe as probe_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check import sessions, shapes
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
-from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, Tolerances
+from onnx_shrink.runtime_check.numeric_report import DEFAULT_TOLERANCES, Tolerances
 from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.warning_records import recorded
 

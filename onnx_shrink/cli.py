@@ -40,7 +40,7 @@ from onnx_shrink.compiler.io import data_files
 from onnx_shrink.errors import CheckFailed, ShrinkError
 from onnx_shrink.runtime_check import bench, checker, report
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES, NumericReport, Tolerances
+from onnx_shrink.runtime_check.numeric_report import DEFAULT_TOLERANCES, NumericReport, Tolerances
 from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.warning_records import WarningRecords
 

@@ -9,7 +9,7 @@ from onnx_shrink import __version__
 from onnx_shrink.api import CheckOptions
 from onnx_shrink.compiler import registry
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import DEFAULT_TOLERANCES
+from onnx_shrink.runtime_check.numeric_report import DEFAULT_TOLERANCES
 
 DEFAULT_LATENCY_RUNS = CheckOptions().latency_runs
 LATENCY_SECONDS = CheckOptions().latency_seconds

@@ -21,8 +21,8 @@ from onnx_shrink.runtime_check import bench, check_notes, op_time, progress
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
 from onnx_shrink.runtime_check.checker import CheckReport
-from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.numeric_report import NumericReport
 from onnx_shrink.runtime_check.op_time import OpTimeComparison, OpTimes
 from onnx_shrink.runtime_check.sensitivity_report import HINT_LAYERS, SensitivityReport
 from onnx_shrink.wording import counted, human_bytes

@@ -11,7 +11,7 @@ from onnx_shrink.compiler import io, pipeline
 from onnx_shrink.errors import CandidateFailedError
 from onnx_shrink.runtime_check import checker as check_mod
 from onnx_shrink.runtime_check import data as data_mod
-from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.numeric_report import NumericReport, Tolerances
 
 
 def verifier(

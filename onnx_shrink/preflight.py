@@ -24,7 +24,7 @@ from onnx_shrink.runtime_check import batch_mixing, labels, sample_batches, sess
 from onnx_shrink.runtime_check import data as data_mod
 
 # By name: the package's ``compare`` is checker's function, which hides the module.
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.numeric_report import Tolerances
 
 if TYPE_CHECKING:
     from onnx_shrink.api import CheckOptions

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from onnx_shrink.runtime_check.bench import BenchmarkReport, benchmark
 from onnx_shrink.runtime_check.checker import CheckReport, check, compare
-from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.numeric_report import NumericReport, Tolerances
 from onnx_shrink.runtime_check.sensitivity import sensitivity as layer_sensitivity
 from onnx_shrink.runtime_check.sensitivity_report import SensitivityReport
 

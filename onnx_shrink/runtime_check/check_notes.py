@@ -16,7 +16,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from onnx_shrink.runtime_check.compare import LOW_AGREEMENT, NumericReport, OutputComparison
+from onnx_shrink.runtime_check.numeric_report import LOW_AGREEMENT, NumericReport, OutputComparison
 
 LOCATE = "--layers shows where the error first jumps"
 SHOWN = 3  # large-error outputs named in the note

@@ -40,7 +40,7 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check import layers as layers_mod
 from onnx_shrink.runtime_check import progress as progress_mod
-from onnx_shrink.runtime_check.compare import NumericReport, Tolerances
+from onnx_shrink.runtime_check.numeric_report import NumericReport, Tolerances
 from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
 

@@ -14,8 +14,8 @@ from onnx_shrink.runtime_check import report_speed, svg
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport
 from onnx_shrink.runtime_check.checker import CheckReport
-from onnx_shrink.runtime_check.compare import NumericReport
 from onnx_shrink.runtime_check.layers import LayerReport
+from onnx_shrink.runtime_check.numeric_report import NumericReport
 from onnx_shrink.runtime_check.report_cells import (
     change,
     decimal_bytes,

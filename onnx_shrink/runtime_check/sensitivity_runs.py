@@ -30,7 +30,8 @@ from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import run_costs, sample_batches
-from onnx_shrink.runtime_check.compare import ErrorAccumulator, OutputComparison
+from onnx_shrink.runtime_check.compare import ErrorAccumulator
+from onnx_shrink.runtime_check.numeric_report import OutputComparison
 from onnx_shrink.runtime_check.sensitivity_hint import Target
 from onnx_shrink.runtime_check.sensitivity_report import LayerSensitivity
 

@@ -128,7 +128,7 @@ def test_the_search_says_the_passs_warnings_once(caplog):
 
 def test_a_pass_verify_each_rolls_back_says_so_and_offers_no_option():
     from onnx_shrink import CheckOptions
-    from onnx_shrink.runtime_check.compare import Tolerances
+    from onnx_shrink.runtime_check.numeric_report import Tolerances
 
     strict = CheckOptions(data=DATA, verify_each=True, tolerances=Tolerances(min_cosine=1.0))
     model = _hard_model()

@@ -18,7 +18,7 @@ from onnx_shrink.runtime_check import declared_outputs, sessions
 from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check.bench import MIN_TIMED_PAIRS
 from onnx_shrink.runtime_check.checker import check, compare
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.numeric_report import Tolerances
 from tests.helpers import parse, reflect_pad_model, save_proto
 
 DATA = digits.TEST_DATA_PATH

@@ -12,11 +12,8 @@ from hypothesis import strategies as st
 from hypothesis.extra import numpy as hnp
 
 from onnx_shrink.errors import DataError
-from onnx_shrink.runtime_check.compare import (
-    ErrorAccumulator,
-    Tolerances,
-    compare_batches,
-)
+from onnx_shrink.runtime_check.compare import ErrorAccumulator, compare_batches
+from onnx_shrink.runtime_check.numeric_report import Tolerances
 
 finite = st.floats(-1e3, 1e3, allow_nan=False, width=32)
 
@@ -111,7 +108,8 @@ def test_accuracy_drop_and_cosine_tolerances():
 def test_labels_no_output_can_be_scored_on_fail_an_accuracy_tolerance():
     import numpy as np
 
-    from onnx_shrink.runtime_check.compare import Tolerances, compare_batches
+    from onnx_shrink.runtime_check.compare import compare_batches
+    from onnx_shrink.runtime_check.numeric_report import Tolerances
 
     out = {"boxes": np.ones((4, 1), np.float32)}  # no [samples, classes] output
     batches = [(out, out, np.arange(4))]

@@ -8,7 +8,7 @@ import pytest
 from models import digits
 from onnx_shrink.runtime_check.bench import benchmark
 from onnx_shrink.runtime_check.checker import check
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.numeric_report import Tolerances
 
 pytestmark = [
     pytest.mark.gpu,

@@ -24,7 +24,7 @@ from models import digits
 from models.perturb import perturbed_copy
 from onnx_shrink.runtime_check.bench import BenchmarkReport, benchmark
 from onnx_shrink.runtime_check.checker import CheckReport, check
-from onnx_shrink.runtime_check.compare import Tolerances
+from onnx_shrink.runtime_check.numeric_report import Tolerances
 from onnx_shrink.runtime_check.report import html_report
 
 SVG = "{http://www.w3.org/2000/svg}"

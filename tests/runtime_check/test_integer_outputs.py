@@ -21,12 +21,8 @@ from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
 from onnx_shrink.runtime_check.checker import check
-from onnx_shrink.runtime_check.compare import (
-    DEFAULT_TOLERANCES,
-    ErrorAccumulator,
-    Tolerances,
-    compare_batches,
-)
+from onnx_shrink.runtime_check.compare import ErrorAccumulator, compare_batches
+from onnx_shrink.runtime_check.numeric_report import DEFAULT_TOLERANCES, Tolerances
 from onnx_shrink.runtime_check.report import html_report
 from tests.helpers import make_model, run_ort, save_proto
 
