@@ -187,7 +187,8 @@ def checked_dataset(
         held=held,
     )
     samples = dataset.samples_in(dataset.first_feed(), specs)
-    refuse_unusable_labels(options.tolerances, dataset, outputs, samples)
+    binary = labels.binary_score_outputs(loaded.graph)
+    refuse_unusable_labels(options.tolerances, dataset, outputs, samples, binary)
     dataset = batch_mixing.vetted(dataset, specs, probe, where, loaded)
     return dataset  # the session goes: kept through the compile, it would add the model's size
 
@@ -318,18 +319,19 @@ def refuse_unusable_labels(
     dataset: data_mod.Dataset,
     outputs: Mapping[str, np.ndarray],
     samples: int,
+    binary: Mapping[str, float] | None = None,
 ) -> None:
     """Under an accuracy tolerance the user gave, refuse before any work labels that cannot
     score accuracy (``labels.scored_classes``) or name a class the scored output has not: that
-    output found in ``outputs``, the input's on the first batch of ``samples`` samples, as
-    the check will find it (labels a source does not hold at hand are checked by the check,
-    batch by batch; without such a tolerance the check leaves accuracy unmeasured)."""
+    output found in ``outputs`` (``binary``: the model's ``labels.binary_score_outputs``), the
+    input's on the first batch of ``samples`` samples, as the check will find it (labels a
+    source does not hold at hand are checked by the check, batch by batch; without such a
+    tolerance the check leaves accuracy unmeasured)."""
     if dataset.labels is None or not tolerances.accuracy_asked:
         return
-    target = labels.classifier_output(outputs, samples)
+    target = labels.scored_output(outputs, samples, binary)
     if target is not None:  # else no accuracy: the check says why
-        classes = outputs[target].size // samples
-        labels.scored_classes(dataset.labels, dataset.description, target, classes)
+        labels.scored_classes(dataset.labels, dataset.description, target)
 
 
 def check_dump_dir(

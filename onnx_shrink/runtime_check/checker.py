@@ -307,6 +307,7 @@ def _numeric(
         data=dataset.description,
         synthetic=dataset.synthetic,
         class_outputs=labels_mod.class_score_outputs(pair.ref.model.graph),
+        binary_outputs=labels_mod.binary_score_outputs(pair.ref.model.graph),
     )
     untested = watch.untested() if watch is not None else ()
     ordered = selection.ordered_outputs(pair.ref.model.graph)

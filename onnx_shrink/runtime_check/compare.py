@@ -39,10 +39,17 @@ class ErrorAccumulator:
     """Streaming error statistics of one tensor; ``add`` a batch at a time."""
 
     def __init__(
-        self, name: str, tolerances: Tolerances = Tolerances(), *, class_scores: bool = True
+        self,
+        name: str,
+        tolerances: Tolerances = Tolerances(),
+        *,
+        class_scores: bool = True,
+        binary_threshold: float | None = None,
     ) -> None:
         """``class_scores``: whether the tensor may hold class scores (False: no top-1
-        agreement, whatever its shape)."""
+        agreement, whatever its shape). ``binary_threshold``: the tensor holds one binary
+        score a sample, class 1 above it (``labels.binary_score_outputs``); its top-1
+        agreement is the share of samples both models put on the same side."""
         self.name = name
         self.tolerances = tolerances
         self.max_abs = 0.0
@@ -58,7 +65,8 @@ class ErrorAccumulator:
         self.outside = 0
         self.top1_same = 0
         self.top1_rows = 0
-        self.classifier_like = class_scores
+        self.classifier_like = class_scores or binary_threshold is not None
+        self.binary_threshold = binary_threshold
         self.equal = 0
         self.integral = False
         self.uncompared = 0
@@ -116,6 +124,9 @@ class ErrorAccumulator:
             self.outside += int(np.sum(diff > bound)) + bad
 
     def _add_top1(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        if self.binary_threshold is not None and self.classifier_like:
+            self._add_decisions(reference, candidate)
+            return
         if (
             not self.classifier_like
             or reference.ndim != 2
@@ -128,6 +139,20 @@ class ErrorAccumulator:
         rows = np.isfinite(reference).all(-1) & np.isfinite(candidate).all(-1)
         same = reference[rows].argmax(-1) == candidate[rows].argmax(-1)
         self.top1_same += int(np.sum(same))
+        self.top1_rows += int(rows.sum())
+
+    def _add_decisions(self, reference: np.ndarray, candidate: np.ndarray) -> None:
+        """Top-1 agreement of one binary score a sample: both above the threshold, or not."""
+        if reference.ndim not in (1, 2) or reference.size != len(reference):
+            self.classifier_like = False  # not one score a sample after all
+            return
+        if not np.issubdtype(reference.dtype, np.floating):
+            self.classifier_like = False
+            return
+        ref, cand = reference.reshape(-1), candidate.reshape(-1)
+        rows = np.isfinite(ref) & np.isfinite(cand)
+        threshold = self.binary_threshold
+        self.top1_same += int(np.sum((ref[rows] > threshold) == (cand[rows] > threshold)))
         self.top1_rows += int(rows.sum())
 
     def result(self) -> OutputComparison:
@@ -178,23 +203,30 @@ class ErrorAccumulator:
         )
 
 
-def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data):
+def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data, binary):
     """``accuracy`` with this batch's labels scored, or None where they cannot be (and
     accuracy is not asked for: then they are a ``DataError``)."""
-    target = labels_mod.classifier_output(ref_out, len(labels))
+    samples = len(labels)
+    target = labels_mod.scored_output(ref_out, samples, binary)
     if target is None:  # no output to score them on: the report says why
         return accuracy
-    classes = ref_out[target].size // len(labels)
     try:  # labels that are no class indices, or name classes it has not, would read as 0%
-        indices = labels_mod.scored_classes(labels, data or "the labels", target, classes, first)
+        indices = labels_mod.scored_classes(labels, data or "the labels", target, first)
     except DataError as e:
         if tolerances.accuracy_asked:
             raise
         warn_once(logger, f"{e}; accuracy is not measured")
         return None
-    accuracy.add(ref_out[target], cand_out[target], indices)
+    reference = target.scores(ref_out[target.name], samples)
+    accuracy.add(reference, target.scores(cand_out[target.name], samples), indices)
     return accuracy
 
+
+_SCORES = (
+    "holds per-sample class scores [samples, classes] or one binary score a sample (a "
+    "Sigmoid's or a linear layer's [samples, 1])"
+)
+"""What an output must hold for labels to score it, in words"""
 
 OutputBatch = tuple[Mapping[str, np.ndarray], Mapping[str, np.ndarray], np.ndarray | None]
 
@@ -207,10 +239,14 @@ def compare_batches(
     data: str = "",
     synthetic: bool = False,
     class_outputs: Collection[str] | None = None,
+    binary_outputs: Mapping[str, float] | None = None,
 ) -> NumericReport:
     """Fold (reference outputs, candidate outputs, labels) batches into a ``NumericReport``.
     ``class_outputs``: the outputs whose top-1 agreement is measured, where their batches are
     ``[N, C]`` (``labels.class_score_outputs``); None: every output so shaped.
+    ``binary_outputs``: the outputs that hold one binary score a sample, and the threshold
+    above which it names class 1 (``labels.binary_score_outputs``): their top-1 agreement is
+    measured, and labels are scored on them where no output holds ``[N, C]`` scores.
 
     Raises:
         CandidateFailedError: the candidate lacks an output, or gives one of another shape.
@@ -228,10 +264,17 @@ def compare_batches(
         for name, ref in ref_out.items():
             if name not in accumulators:
                 scores = class_outputs is None or name in class_outputs
-                accumulators[name] = ErrorAccumulator(name, tolerances, class_scores=scores)
+                accumulators[name] = ErrorAccumulator(
+                    name,
+                    tolerances,
+                    class_scores=scores,
+                    binary_threshold=(binary_outputs or {}).get(name),
+                )
             accumulators[name].add(ref, cand_out[name])
         if labels is not None and accuracy is not None:
-            accuracy = _scored(accuracy, ref_out, cand_out, labels, seen, tolerances, data)
+            accuracy = _scored(
+                accuracy, ref_out, cand_out, labels, seen, tolerances, data, binary_outputs
+            )
         seen += len(labels) if labels is not None else 0
     unusable = accuracy is None  # labels that cannot score accuracy (warned above)
     outputs = tuple(a.result() for a in accumulators.values())
@@ -249,8 +292,7 @@ def compare_batches(
         why = (
             "the labels cannot score it (as warned)"
             if unusable
-            else "labels were given, but no output holds per-sample class scores [samples, "
-            "classes] to score them on"
+            else f"labels were given, but no output {_SCORES} to score them on"
             if seen
             else "the data has no labels (--labels, or a 'labels' array in the .npz)"
         )
@@ -263,8 +305,7 @@ def compare_batches(
         # sigmoid column [N, 1] is no class scores, and its labels were dropped silently.
         warn_once(
             logger,
-            "accuracy not measured: labels were given, but no output holds per-sample class "
-            "scores [samples, classes] to score them on",
+            f"accuracy not measured: labels were given, but no output {_SCORES} to score them on",
         )
     return NumericReport(
         outputs=outputs,

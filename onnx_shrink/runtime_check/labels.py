@@ -1,6 +1,7 @@
 """Labels for task accuracy: what can label a sample, the class each one names, and the
-top-1 accuracy both models score on them (``AccuracyAccumulator``, ``classifier_output``),
-and which of a model's outputs hold class scores at all (``class_score_outputs``).
+top-1 accuracy both models score on them (``AccuracyAccumulator``, ``scored_output``),
+and which of a model's outputs hold class scores at all (``class_score_outputs``) or one
+binary score a sample (``binary_score_outputs``).
 
 A label is one class index per sample (``[N]`` or ``[N, 1]``: integers, or floats that hold
 integers) or a one-hot / probability row per sample (``[N, C]``: values in [0, 1] summing to
@@ -16,6 +17,7 @@ for another task (segmentation masks, token ids).
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Mapping
 
 import numpy as np
@@ -113,28 +115,54 @@ def class_indices(labels: np.ndarray) -> np.ndarray:
     return labels.reshape(len(labels), -1)[:, 0] if labels.ndim > 1 else labels.reshape(-1)
 
 
+@dataclasses.dataclass(frozen=True)
+class ScoredOutput:
+    """The output labels are scored on: ``classes`` scores a sample, or one binary score a
+    sample that names class 1 above ``threshold`` (0.5 a probability, 0 a logit)."""
+
+    name: str
+    classes: int
+    threshold: float | None = None
+
+    @property
+    def holds(self) -> str:
+        """What it holds a sample, in words."""
+        if self.threshold is None:
+            return f"{self.classes} scores a sample"
+        return f"one binary score a sample: class 1 above {self.threshold:g}"
+
+    def scores(self, output: np.ndarray, samples: int) -> np.ndarray:
+        """``output``'s batch as ``[samples, classes]`` scores whose argmax is the class it
+        names (a binary score's: its margin over the threshold, negated for class 0; a score
+        at the threshold names class 0)."""
+        if self.threshold is None:
+            return output.reshape(samples, -1)
+        margin = output.reshape(samples).astype(np.float64) - self.threshold
+        return np.stack([-margin, margin], axis=1)
+
+
 def scored_classes(
-    labels: np.ndarray, where: str, output: str, classes: int, first: int = 0
+    labels: np.ndarray, where: str, output: ScoredOutput, first: int = 0
 ) -> np.ndarray:
     """The class each of ``labels`` (of the samples from ``first`` on) names, once they can
-    score ``output``, ``classes`` scores a sample (``checked``, then ``_check_classes``)."""
-    return _check_classes(checked(labels, where, first), output, classes, first)
+    score ``output`` (``checked``, then ``_check_classes``)."""
+    return _check_classes(checked(labels, where, first), output, first)
 
 
-def _check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0) -> np.ndarray:
+def _check_classes(labels: np.ndarray, output: ScoredOutput, first: int = 0) -> np.ndarray:
     """The class each of ``labels`` (``checked`` ones, of the samples from ``first`` on)
-    names, refusing one the scored ``output``, ``classes`` scores a sample, does not have:
-    index ``classes`` or more, or rows of another width.
+    names, refusing one the scored ``output`` does not have: index ``output.classes`` or more,
+    or rows of another width.
 
     Raises:
         DataError: naming the first such label, its sample, and the output.
     """
     labels = np.asarray(labels)
+    classes = output.classes
     if labels.ndim == 2 and labels.shape[1] > 1 and labels.shape[1] != classes:
         raise DataError(
             f"labels are rows of {labels.shape[1]} classes, but the scored output "
-            f"'{output}' has {classes} scores a sample: give rows of {classes}, or class "
-            "indices"
+            f"'{output.name}' has {output.holds}: give rows of {classes}, or class indices"
         )
     indices = class_indices(labels)
     outside = np.flatnonzero((indices < 0) | (indices >= classes))
@@ -142,7 +170,7 @@ def _check_classes(labels: np.ndarray, output: str, classes: int, first: int = 0
         at = outside[0]
         raise DataError(
             f"label {float(indices[at]):g} (sample {first + at}) is outside [0, {classes}), the "
-            f"classes of the scored output '{output}' ({classes} scores a sample): give class "
+            f"classes of the scored output '{output.name}' ({output.holds}): give class "
             f"indices from 0 to {classes - 1}"
         )
     return indices
@@ -157,9 +185,11 @@ class AccuracyAccumulator:
         self.total = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
+        """Score a batch: ``[samples, classes]`` scores (``ScoredOutput.scores``) and the
+        class index of each sample."""
         labels = np.asarray(labels).reshape(-1)
-        self.correct_ref += int(np.sum(reference.reshape(len(labels), -1).argmax(-1) == labels))
-        self.correct_cand += int(np.sum(candidate.reshape(len(labels), -1).argmax(-1) == labels))
+        self.correct_ref += int(np.sum(reference.argmax(-1) == labels))
+        self.correct_cand += int(np.sum(candidate.argmax(-1) == labels))
         self.total += len(labels)
 
     def result(self) -> tuple[float | None, float | None]:
@@ -168,15 +198,29 @@ class AccuracyAccumulator:
         return self.correct_ref / self.total, self.correct_cand / self.total
 
 
-def classifier_output(outputs: Mapping[str, np.ndarray], samples: int) -> str | None:
-    """The first output shaped like per-sample class scores ``[samples, C]``, if any."""
+def scored_output(
+    outputs: Mapping[str, np.ndarray],
+    samples: int,
+    binary: Mapping[str, float] | None = None,
+) -> ScoredOutput | None:
+    """The output labels are scored on in a batch of ``samples``: the first shaped like
+    per-sample class scores ``[samples, C]``, else the first of ``binary``
+    (``binary_score_outputs``) that holds one float score a sample; None: neither."""
     for name, array in outputs.items():
         if (
             np.issubdtype(array.dtype, np.floating)
             and array.size
             and (array.shape[0] == samples and array.size // samples > 1)
         ):
-            return name
+            return ScoredOutput(name, array.size // samples)
+    for name, threshold in (binary or {}).items():
+        array = outputs.get(name)
+        if (
+            array is not None
+            and np.issubdtype(array.dtype, np.floating)
+            and array.shape in ((samples,), (samples, 1))
+        ):
+            return ScoredOutput(name, 2, threshold)
     return None
 
 
@@ -201,10 +245,48 @@ def class_score_outputs(graph: ir.Graph) -> frozenset[str]:
         shape = value.shape
         if shape is not None and (len(shape) != 2 or not isinstance(shape[1], int)):
             continue
-        producer = value.producer()
-        while producer is not None and producer.op_type in VALUE_CARRIERS and producer.inputs:
-            source = producer.inputs[0]
-            producer = source.producer() if source is not None else None
+        producer = _maker(value)
         if producer is None or producer.op_type not in _FEATURE_OPS:
             scores.add(value.name)
     return frozenset(scores)
+
+
+_LOGIT_OPS = frozenset({"Gemm", "MatMul"})
+"""Ops that end a linear layer: a single column they write is a logit, class 1 above 0"""
+
+
+def binary_score_outputs(graph: ir.Graph) -> dict[str, float]:
+    """The outputs of ``graph`` that hold one binary score a sample (``[N]`` or ``[N, 1]``,
+    or undeclared), each with the threshold above which its score names class 1: 0.5 for a
+    Sigmoid's probability, 0 for a linear layer's logit (``_LOGIT_OPS``, or an Add of bias to
+    a MatMul). A single column anything else writes (a regression, a count, a norm) names
+    no class: smart-turn's labels for its one sigmoid column went unscored."""
+    thresholds = {}
+    for value in graph.outputs:
+        shape = value.shape
+        if shape is not None and not (len(shape) == 1 or (len(shape) == 2 and shape[1] == 1)):
+            continue
+        producer = _maker(value)
+        if producer is None:
+            continue
+        if producer.op_type == "Sigmoid":
+            thresholds[value.name] = 0.5
+        elif producer.op_type in _LOGIT_OPS or (
+            producer.op_type == "Add" and any(_made_by(x, "MatMul") for x in producer.inputs)
+        ):
+            thresholds[value.name] = 0.0
+    return thresholds
+
+
+def _maker(value: ir.Value) -> ir.Node | None:
+    """The node that computes ``value``'s values: its producer, through ``VALUE_CARRIERS``."""
+    producer = value.producer()
+    while producer is not None and producer.op_type in VALUE_CARRIERS and producer.inputs:
+        source = producer.inputs[0]
+        producer = source.producer() if source is not None else None
+    return producer
+
+
+def _made_by(value: ir.Value | None, op_type: str) -> bool:
+    producer = value.producer() if value is not None else None
+    return producer is not None and producer.op_type == op_type
