@@ -1,6 +1,6 @@
 """What a check's numbers alone do not say, one line each: If branches no sample took, integer
 outputs no tolerance judges, elements both models left NaN/Inf, an output the candidate
-destroyed or changed much.
+destroyed or changed much, and what an output adds to its input (``residuals``) destroyed.
 
 The console prints the lines under its numeric table, the HTML report lists them under the
 comparison, and the JSON report carries them (``notes``): a "large error" on a mel
@@ -74,6 +74,14 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
         named = ", ".join(_kept(o) for o in plain[:SHOWN])
         more = f", and {len(plain) - SHOWN} more outputs" if len(plain) > SHOWN else ""
         lines.append(f"large error: {named}{more}; {LOCATE}{_fixes(passes)}")
+    for out in numeric.large_residual_errors:
+        # RivaGAN's pruned watermark encoder: 0.0198 over the frame, 0.86 over what it adds.
+        lines.append(
+            f"large error in what '{out.name}' adds to input '{out.residual_of}' (a residual "
+            f"of {out.residual_share:.1%} of its norm): the residual keeps "
+            f"{out.residual_snr_db:.1f} dB SNR (relative error {out.residual_error:.3g}), "
+            f"where the whole output keeps {out.snr_db:.1f} dB; {LOCATE}{_fixes(passes)}"
+        )
     changed = numeric.low_agreement
     if changed is not None:
         lines.append(

@@ -40,6 +40,7 @@ from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import labels as labels_mod
 from onnx_shrink.runtime_check import layers as layers_mod
 from onnx_shrink.runtime_check import progress as progress_mod
+from onnx_shrink.runtime_check import residuals as residuals_mod
 from onnx_shrink.runtime_check.numeric_report import NumericReport, Tolerances
 from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
@@ -274,6 +275,7 @@ def _numeric(
     unfit = data_mod.unfit_hint(dataset)
     if progress is not None:
         progress(progress_mod.OUTPUTS, 0, dataset.samples)
+    residuals = residuals_mod.Residuals()
 
     def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
         outputs = names + conditions
@@ -297,6 +299,7 @@ def _numeric(
             if watch is not None:
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}
+            residuals.add(batch.feed, ref_out, cand_out)
             if progress is not None:
                 progress(progress_mod.OUTPUTS, samples, dataset.samples)
             yield ref_out, cand_out, batch.labels
@@ -312,7 +315,7 @@ def _numeric(
     untested = watch.untested() if watch is not None else ()
     ordered = selection.ordered_outputs(pair.ref.model.graph)
     report = dataclasses.replace(
-        report,
+        residuals.annotated(report),
         samples=samples,
         untested_branches=untested,
         ordered_by=tuple(

@@ -101,6 +101,25 @@ class OutputComparison:
     for float outputs"""
     uncompared: int = 0
     """elements non-finite in both outputs: agreement, but no figure above measures them"""
+    residual_of: str | None = None
+    """the input this output is, plus a residual (``residuals``); None: no such input"""
+    residual_share: float | None = None
+    """``||r - x||``, the residual's norm, over the output's ``||r||``"""
+    residual_error: float | None = None
+    """the residual's relative error, ``||c - r|| / ||r - x||``"""
+
+    @property
+    def residual_snr_db(self) -> float | None:
+        """The residual's SNR in dB (None: no residual; inf: no error)."""
+        if self.residual_error is None:
+            return None
+        if self.residual_error == 0:
+            return math.inf
+        return (
+            -20 * math.log10(self.residual_error)
+            if math.isfinite(self.residual_error)
+            else -math.inf
+        )
 
     @property
     def integral(self) -> bool:
@@ -167,6 +186,20 @@ class NumericReport:
             if o.reference_max_abs > 0 and not o.nan_count + o.inf_count and not o.integral
         ]
         return sorted((o for o in finite if o.snr_db < LOW_SNR_DB), key=lambda o: o.snr_db)
+
+    @property
+    def large_residual_errors(self) -> list[OutputComparison]:
+        """The outputs that are an input plus a residual whose SNR is under ``LOW_SNR_DB``,
+        where the whole output is not (those are among ``large_errors``), the lowest first."""
+        large = {o.name for o in self.large_errors}
+        found = [
+            o
+            for o in self.outputs
+            if o.residual_snr_db is not None
+            and o.residual_snr_db < LOW_SNR_DB
+            and o.name not in large
+        ]
+        return sorted(found, key=lambda o: o.residual_snr_db)
 
     @property
     def low_agreement(self) -> OutputComparison | None:
