@@ -34,7 +34,8 @@ def option(
     infinite: bool = False,
 ) -> Any:
     """Declare a pass option: a dataclass field whose metadata carries its doc and bounds;
-    ``patterns``: its items are node names or regular expressions, each checked to compile;
+    ``patterns``: its items are node names or regular expressions, each checked to compile
+    (one that names no node but tensors names their writers: ``tensor_patterns``);
     ``infinite``: a float option that may be ``inf`` (a time budget: no limit). NaN is never
     a value."""
     metadata = {"doc": doc, "minimum": minimum, "maximum": maximum, "choices": choices}
@@ -64,11 +65,15 @@ def option_infos(pass_class: type) -> list[OptionInfo]:
             name=f.name,
             type_name=_type_name(hints[f.name]) + _range(f.metadata),
             default=f.default,
-            doc=f.metadata.get("doc", ""),
+            doc=f.metadata.get("doc", "") + (TENSOR_NAMES if f.metadata.get("patterns") else ""),
             choices=f.metadata.get("choices"),
         )
         for f in dataclasses.fields(pass_class)
     ]
+
+
+TENSOR_NAMES = " (a tensor's name, as --layers shows, names the node that writes it)"
+"""What ``--list-passes`` adds to a pattern option's doc (``tensor_patterns``)"""
 
 
 def _range(metadata: typing.Mapping[str, Any]) -> str:

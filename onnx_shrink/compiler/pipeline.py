@@ -13,7 +13,7 @@ from pathlib import Path
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler import dumps, figures, graph_edit, io, stats
+from onnx_shrink.compiler import dumps, figures, graph_edit, io, stats, tensor_patterns
 from onnx_shrink.compiler.data_aware import BoundPass, Collector, DataAwarePass, Look, Prober
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.pass_results import MeasuredResult
@@ -179,6 +179,7 @@ class _Pipeline:
         if self.on_start is not None:
             self.on_start(index, pass_)
         prepare_seconds = time.perf_counter()
+        pass_ = tensor_patterns.resolved(pass_, model)  # a tensor's name for its writer's
         if self.prepare is not None:
             with _failing_as(describe(pass_), self.steps):
                 pass_ = self.prepare(index, pass_, model)

@@ -27,10 +27,12 @@ QUANT_FIX = (
 )
 FIXES = {
     "quant": QUANT_FIX,
-    "quant-dynamic": "--set quant-dynamic.exclude=NODE keeps the node --layers names float",
+    "quant-dynamic": "--set quant-dynamic.exclude=TENSOR keeps float the node that writes a "
+    "tensor --layers names",
     "quant-weight": "--set quant-weight.bits=8, or a smaller quant-weight.block_size, keeps "
     "more of each weight",
-    "fp16": "--set fp16.exclude=NODE keeps the node --layers names in float32",
+    "fp16": "--set fp16.exclude=TENSOR keeps in float32 the node that writes a tensor "
+    "--layers names",
     "prune": "a lower prune.sparsity zeroes fewer weights",
     "prune-channels": "a lower prune-channels.ratio removes fewer channels",
     "lowrank": "a lower lowrank.reduction removes less, and lowrank.selection=error bounds "

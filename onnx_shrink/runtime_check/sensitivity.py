@@ -26,7 +26,7 @@ from typing import NamedTuple
 import onnx_ir as ir
 
 from onnx_shrink import warning_records
-from onnx_shrink.compiler import graph_edit, io, pipeline
+from onnx_shrink.compiler import graph_edit, io, pipeline, tensor_patterns
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.passes.quant import placement
@@ -346,6 +346,7 @@ def before_quant(
     naming = graph_edit.name_unnamed_nodes(fresh)  # the same names: the hint's are the compile's
     with warning_records.said_already():  # the compile ran these passes, and said it all
         float_model = pipeline.run(fresh, before, collect=collector).model
+    quant = tensor_patterns.resolved(quant, float_model)  # as the compile's pipeline did
     report = sensitivity(
         float_model, quant, dataset, provider=provider, progress=progress, naming=naming
     )
