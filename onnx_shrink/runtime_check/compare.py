@@ -152,7 +152,10 @@ class ErrorAccumulator:
         ref, cand = reference.reshape(-1), candidate.reshape(-1)
         rows = np.isfinite(ref) & np.isfinite(cand)
         threshold = self.binary_threshold
-        self.top1_same += int(np.sum((ref[rows] > threshold) == (cand[rows] > threshold)))
+        same = labels_mod.binary_classes(ref[rows], threshold) == labels_mod.binary_classes(
+            cand[rows], threshold
+        )
+        self.top1_same += int(np.sum(same))
         self.top1_rows += int(rows.sum())
 
     def result(self) -> OutputComparison:
@@ -217,8 +220,8 @@ def _scored(accuracy, ref_out, cand_out, labels, first, tolerances, data, binary
             raise
         warn_once(logger, f"{e}; accuracy is not measured")
         return None
-    reference = target.scores(ref_out[target.name], samples)
-    accuracy.add(reference, target.scores(cand_out[target.name], samples), indices)
+    reference = target.predicted(ref_out[target.name], samples)
+    accuracy.add(reference, target.predicted(cand_out[target.name], samples), indices)
     return accuracy
 
 

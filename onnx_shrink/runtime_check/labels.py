@@ -131,14 +131,17 @@ class ScoredOutput:
             return f"{self.classes} scores a sample"
         return f"one binary score a sample: class 1 above {self.threshold:g}"
 
-    def scores(self, output: np.ndarray, samples: int) -> np.ndarray:
-        """``output``'s batch as ``[samples, classes]`` scores whose argmax is the class it
-        names (a binary score's: its margin over the threshold, negated for class 0; a score
-        at the threshold names class 0)."""
+    def predicted(self, output: np.ndarray, samples: int) -> np.ndarray:
+        """The class ``output``'s batch of ``samples`` names for each: its argmax, or for a
+        binary score ``binary_classes``."""
         if self.threshold is None:
-            return output.reshape(samples, -1)
-        margin = output.reshape(samples).astype(np.float64) - self.threshold
-        return np.stack([-margin, margin], axis=1)
+            return output.reshape(samples, -1).argmax(-1)
+        return binary_classes(output.reshape(samples), self.threshold)
+
+
+def binary_classes(scores: np.ndarray, threshold: float) -> np.ndarray:
+    """The class each binary score names: 1 above ``threshold``, else 0 (at it too)."""
+    return (scores > threshold).astype(np.int64)
 
 
 def scored_classes(
@@ -185,11 +188,11 @@ class AccuracyAccumulator:
         self.total = 0
 
     def add(self, reference: np.ndarray, candidate: np.ndarray, labels: np.ndarray) -> None:
-        """Score a batch: ``[samples, classes]`` scores (``ScoredOutput.scores``) and the
-        class index of each sample."""
+        """Score a batch: the class each model predicts for each sample
+        (``ScoredOutput.predicted``), and the class each label names."""
         labels = np.asarray(labels).reshape(-1)
-        self.correct_ref += int(np.sum(reference.argmax(-1) == labels))
-        self.correct_cand += int(np.sum(candidate.argmax(-1) == labels))
+        self.correct_ref += int(np.sum(reference == labels))
+        self.correct_cand += int(np.sum(candidate == labels))
         self.total += len(labels)
 
     def result(self) -> tuple[float | None, float | None]:

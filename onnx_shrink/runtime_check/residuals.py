@@ -65,7 +65,9 @@ class ResidualAccumulator:
         return math.sqrt(self.diff_sq / self.residual_sq)
 
 
-def pairs(feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]) -> list[tuple]:
+def pairs(
+    feed: Mapping[str, np.ndarray], outputs: Mapping[str, np.ndarray]
+) -> list[tuple[str, str]]:
     """(output, input) pairs of float arrays of one shape: the candidates for a residual."""
     found = []
     for name, array in outputs.items():
