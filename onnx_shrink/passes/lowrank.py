@@ -261,6 +261,7 @@ class LowRankPass(DataAwarePass):
         return ProbeBudget(self.probe_seconds, "lowrank.probe_seconds")
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        graph_mod.warn_unmatched_patterns(model, self.exclude, self.only)
         graph_edit.lift_constant_weights(model, read_by=self.op_types)
         layers, plans = self._plan(model, stats)
         sparse = []
@@ -281,7 +282,7 @@ class LowRankPass(DataAwarePass):
         if modified:
             common_passes.RemoveUnusedNodesPass()(model)
         else:
-            none = f"no {'/'.join(self.op_types)} in the main graph"
+            none = graph_mod.none_reason(model, self.op_types, self.only)
             already = quantized_already.note(model.graph)
             reasons = [p.reason for p in plans]
             warn_no_change(self.name, "layer", reasons, none=none, note=already)

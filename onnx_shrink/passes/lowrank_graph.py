@@ -15,6 +15,7 @@ import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
+from onnx_shrink.compiler.options import warn_unmatched, warn_unmatched_exclusions
 from onnx_shrink.passes.quant import quantized_already
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
@@ -127,3 +128,22 @@ def static_rows(node: ir.Node) -> float:
     dims = list(value.shape) if value.shape is not None else []
     inner = dims[2:] if node.op_type == "Conv" else dims[1:-1]
     return float(math.prod(inner)) if all(isinstance(d, int) for d in inner) else 1.0
+
+
+def warn_unmatched_patterns(model: ir.Model, exclude: Sequence[str], only: Sequence[str]) -> None:
+    """Warn of ``lowrank.exclude`` and ``lowrank.only`` items that name no node: a typo in
+    ``only`` left every layer dense under a reason that said the model had none."""
+    warn_unmatched_exclusions(model, "lowrank", exclude)
+    if only:
+        names = [node.name or "" for node in model.graph]  # only the main graph splits
+        warn_unmatched("lowrank.only", only, names)
+
+
+def none_reason(model: ir.Model, op_types: Sequence[str], only: Sequence[str]) -> str:
+    """Why no layer was a candidate: the main graph has none of ``op_types``, or ``only``
+    names none of them."""
+    kinds = "/".join(op_types)
+    present = sum(1 for node in model.graph if node.op_type in op_types)
+    if only and present:
+        return f"lowrank.only names none of the {present} {kinds} nodes of the main graph"
+    return f"no {kinds} in the main graph"

@@ -27,7 +27,14 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
+from onnx_shrink.compiler.options import (
+    check_options,
+    option,
+    refuse_inapplicable,
+    warn_no_change,
+    warn_unmatched,
+    warn_unmatched_op_types,
+)
 from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
 from onnx_shrink.passes import half_weights, refit_budget
@@ -183,10 +190,20 @@ class PrunePass(DataAwarePass):
         return self.apply(model, Statistics(results={}, samples=0, source="none"))
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
+        self._warn_unmatched(model)
         try:
             return self._prune(model, stats)
         finally:
             half_weights.restore(model)
+
+    def _warn_unmatched(self, model: ir.Model) -> None:
+        """Exclusions that name nothing: a typo pruned what it meant to keep, unsaid."""
+        warn_unmatched_op_types(model, f"{self.name}.exclude_op_types", self.exclude_op_types)
+        if self.exclude:
+            nodes = list(ir.traversal.RecursiveGraphIterator(model.graph))
+            names = [n.name or "" for n in nodes]
+            names += [n.inputs[1].name or "" for n in nodes if len(n.inputs) > 1 and n.inputs[1]]
+            warn_unmatched(f"{self.name}.exclude", self.exclude, names, "node or weight name")
 
     def _prune(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         skipped: list[str] = []

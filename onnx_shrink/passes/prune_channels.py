@@ -27,7 +27,12 @@ import onnx_ir.passes.common as common_passes
 
 from onnx_shrink.compiler import graph_edit
 from onnx_shrink.compiler.data_aware import DataAwarePass
-from onnx_shrink.compiler.options import check_options, option, warn_no_change
+from onnx_shrink.compiler.options import (
+    check_options,
+    option,
+    warn_no_change,
+    warn_unmatched_exclusions,
+)
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
 from onnx_shrink.passes import channel_refit, half_weights
 from onnx_shrink.passes import reconstruct as refitting
@@ -156,6 +161,7 @@ class PruneChannelsPass(DataAwarePass):
         return self.apply(model, None)
 
     def apply(self, model: ir.Model, stats: Statistics | None) -> ir.passes.PassResult:
+        warn_unmatched_exclusions(model, self.name, self.exclude)
         try:
             return self._prune(model, stats)
         finally:
