@@ -131,6 +131,12 @@ def _check_pattern(option_name: str, pattern: str) -> None:
         ) from e
 
 
+def pattern_names(pattern: str, name: str) -> bool:
+    """An item of a pattern option (``option(patterns=True)``, checked to compile) names
+    ``name``: equal to it, or a regular expression that fully matches it."""
+    return pattern == name or re.fullmatch(pattern, name) is not None
+
+
 def warn_unmatched(
     option_name: str,
     patterns: Sequence[str],
@@ -144,7 +150,7 @@ def warn_unmatched(
     matched as the pass matches them (``["CumSum"`` is then a typo, not a bad regex)."""
     present = [name for name in dict.fromkeys(names) if name]
     for pattern in patterns:
-        if any(name == pattern or (regex and re.fullmatch(pattern, name)) for name in present):
+        if any(pattern_names(pattern, name) if regex else name == pattern for name in present):
             continue
         shown = ", ".join(repr(name) for name in present[:3])
         logger.warning(

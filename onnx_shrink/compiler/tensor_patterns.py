@@ -20,14 +20,9 @@ from collections.abc import Sequence
 import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
+from onnx_shrink.compiler.options import pattern_names
 
 logger = logging.getLogger(__name__)
-
-
-def names(pattern: str, name: str) -> bool:
-    """``pattern`` names ``name``: equal to it, or a regex that fully matches it (as the
-    passes match their pattern options)."""
-    return pattern == name or re.fullmatch(pattern, name) is not None
 
 
 def resolved(pass_: ir.passes.PassBase, model: ir.Model) -> ir.passes.PassBase:
@@ -57,13 +52,13 @@ def _items(
     """``patterns`` with those that name only tensors replaced by their writers' names."""
     items = []
     for pattern in patterns:
-        if any(names(pattern, name) for name in node_names):
+        if any(pattern_names(pattern, name) for name in node_names):
             items.append(pattern)
             continue
         writers = [
             node.name
             for node in nodes
-            if node.name and any(v.name and names(pattern, v.name) for v in node.outputs)
+            if node.name and any(v.name and pattern_names(pattern, v.name) for v in node.outputs)
         ]
         if not writers:
             items.append(pattern)  # the pass warns of a pattern that names nothing

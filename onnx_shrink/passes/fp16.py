@@ -5,7 +5,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import logging
-import re
 from collections import Counter
 from typing import ClassVar, Literal, NamedTuple
 
@@ -19,6 +18,7 @@ from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import (
     check_options,
     option,
+    pattern_names,
     warn_no_change,
     warn_unmatched_exclusions,
     warn_unmatched_op_types,
@@ -322,7 +322,7 @@ class _Conversion:
             _TYPED_BY_ATTRIBUTE - {"Cast", "Constant"}
         ):
             return None  # no float32 in or out: its status changes nothing
-        if node.name and any(_matches(p, node.name) for p in self.pass_.exclude):
+        if node.name and any(pattern_names(p, node.name) for p in self.pass_.exclude):
             return "exclude: by name"
         if node.op_type in self.pass_.block_ops:
             return f"block_ops: {node.op_type}"
@@ -486,8 +486,3 @@ class _Conversion:
                 if self._type(source) == node.attributes.get_int("to"):  # converted to a no-op
                     out.replace_all_uses_with(source)
                     graph.remove(node, safe=True)
-
-
-def _matches(pattern: str, name: str) -> bool:
-    """``pattern`` (checked to compile with the options) names ``name``."""
-    return pattern == name or re.fullmatch(pattern, name) is not None

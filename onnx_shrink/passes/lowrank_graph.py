@@ -8,14 +8,17 @@ output. Nothing here chooses a rank.
 from __future__ import annotations
 
 import math
-import re
 from collections.abc import Sequence
 
 import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler import graph_edit
-from onnx_shrink.compiler.options import warn_unmatched, warn_unmatched_exclusions
+from onnx_shrink.compiler.options import (
+    pattern_names,
+    warn_unmatched,
+    warn_unmatched_exclusions,
+)
 from onnx_shrink.passes.quant import quantized_already
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
@@ -119,7 +122,7 @@ def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
 
 def matches(node: ir.Node, patterns: Sequence[str]) -> bool:
     name = node.name or ""
-    return any(name == p or re.fullmatch(p, name) for p in patterns)
+    return any(pattern_names(p, name) for p in patterns)
 
 
 def static_rows(node: ir.Node) -> float:

@@ -30,6 +30,7 @@ from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import (
     check_options,
     option,
+    pattern_names,
     refuse_inapplicable,
     warn_no_change,
     warn_unmatched,
@@ -163,7 +164,7 @@ class PrunePass(DataAwarePass):
         if node.op_type in self.exclude_op_types:
             return True
         names = (node.name or "", node.inputs[1].name or "")
-        return any(p == s or re.fullmatch(p, s) for p in self.exclude for s in names)
+        return any(pattern_names(p, s) for p in self.exclude for s in names)
 
     def _layers(self, model: ir.Model, skipped: list[str] | None = None) -> list[Layer]:
         half_weights.lift(model)  # apply puts back the float16 storage of each

@@ -17,7 +17,6 @@ import collections
 import dataclasses
 import logging
 import math
-import re
 from collections.abc import Callable, Iterator, Sequence
 from typing import ClassVar, Literal
 
@@ -30,6 +29,7 @@ from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import (
     check_options,
     option,
+    pattern_names,
     warn_no_change,
     warn_unmatched_exclusions,
 )
@@ -218,7 +218,7 @@ class PruneChannelsPass(DataAwarePass):
 
     def _excluded(self, node: ir.Node) -> bool:
         name = node.name or ""
-        return any(name == p or re.fullmatch(p, name) for p in self.exclude)
+        return any(pattern_names(p, name) for p in self.exclude)
 
 
 def kept_channels(group: Group, ratio: float, round_to: int, min_channels: int) -> int:

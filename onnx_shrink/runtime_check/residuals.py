@@ -16,14 +16,12 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
+from onnx_shrink.runtime_check.compare import CHUNK_ELEMENTS
 from onnx_shrink.runtime_check.numeric_report import NumericReport
 
 RESIDUAL_SHARE = 0.5
 """The largest ``||r - x|| / ||r||`` at which an output counts as its input plus a residual:
 beyond it the output is mostly the model's own, and its error says enough."""
-
-CHUNK_ELEMENTS = 1 << 20
-"""Values folded in at once (8 MiB of float64 per copy)"""
 
 
 class ResidualAccumulator:

@@ -18,7 +18,6 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import time
 from collections.abc import Iterator, Sequence
 from typing import NamedTuple
@@ -28,6 +27,7 @@ import onnx_ir as ir
 from onnx_shrink import warning_records
 from onnx_shrink.compiler import graph_edit, io, pipeline, tensor_patterns
 from onnx_shrink.compiler.io import large_tensors
+from onnx_shrink.compiler.options import pattern_names
 from onnx_shrink.compiler.statistics import Statistics
 from onnx_shrink.passes.quant import placement
 from onnx_shrink.passes.quant.static import QuantPass
@@ -276,7 +276,7 @@ def _unmatched_name(index: int, taken: set[str], patterns: Sequence[str]) -> str
         name = form.format(index)
         while name in taken:
             name += "_"
-        if not any(name == p or re.fullmatch(p, name) for p in patterns):
+        if not any(pattern_names(p, name) for p in patterns):
             taken.add(name)
             return name
     return ""

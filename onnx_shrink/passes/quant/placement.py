@@ -62,12 +62,12 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-import re
 from collections.abc import Collection, Sequence
 from typing import Protocol
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler.options import pattern_names
 from onnx_shrink.compiler.statistics import MinMax
 from onnx_shrink.passes.quant import log_cone, stem, value_types
 
@@ -180,7 +180,7 @@ def overridable_constants(node: ir.Node) -> list[ir.Value]:
 def named(node: ir.Node, patterns: Sequence[str]) -> bool:
     """Whether ``patterns`` name ``node`` (exactly or by regex)."""
     name = node.name or ""
-    return any(name == pattern or re.fullmatch(pattern, name) for pattern in patterns)
+    return any(pattern_names(pattern, name) for pattern in patterns)
 
 
 @dataclasses.dataclass(frozen=True)
