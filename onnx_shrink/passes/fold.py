@@ -25,6 +25,22 @@ from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 
 logger = logging.getLogger(__name__)
 
+
+class _MultipleOutputsAtDebug(logging.Filter):
+    """onnxscript's constant folding warns "Skipping constant folding for op Split with
+    multiple outputs." for each such node it meets, naming neither node nor remedy (tf2onnx's
+    LSTM kernels: 4 lines on every run); it is a limit of the folder, not of the model, so
+    the line goes to debug."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno == logging.WARNING and "with multiple outputs" in str(record.msg):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger(_constant_folding.__name__).addFilter(_MultipleOutputsAtDebug())
+
 # Ops whose folded output is usually larger than their constant inputs: a 2-element shape
 # becomes a filled tensor. They fold only when the result fits the expansion budget.
 EXPANDING_OPS = frozenset(

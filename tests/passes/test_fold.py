@@ -304,3 +304,25 @@ def test_rewritten_nodes_carry_no_rule_names_in_their_metadata():
     folded = FoldPass(max_growth_bytes=1 << 10)(original).model
     assert [n.op_type for n in folded.graph] == ["Relu"]  # FuseSuccessiveRelu
     assert not any(n.metadata_props for n in folded.graph)
+
+
+def test_the_folders_multiple_output_skip_is_not_a_warning(caplog) -> None:
+    """onnxscript warns of each Split of a constant it cannot fold, naming nothing (4 lines on
+    every run of a tf2onnx LSTM model, sweep 11); fold keeps it at debug."""
+    model = io.load(
+        parse(
+            """
+            <ir_version: 8, opset_import: ["" : 18]>
+            g (float[1, 4] x) => (float[1, 4] y)
+            <float[2, 4] w = {0, 1, 2, 3, 4, 5, 6, 7}> {
+                a, b = Split <axis = 0, num_outputs = 2> (w)
+                y0 = Add(x, a)
+                y = Add(y0, b)
+            }
+            """
+        )
+    )
+    with caplog.at_level(logging.DEBUG, logger="onnxscript.optimizer._constant_folding"):
+        FoldPass()(model)
+    skipped = [r for r in caplog.records if "with multiple outputs" in r.getMessage()]
+    assert skipped and all(r.levelno == logging.DEBUG for r in skipped)
