@@ -20,6 +20,7 @@ from onnx_shrink.errors import (  # noqa: E402
     RunFailedError,
     ShrinkError,
 )
+from onnx_shrink.passes.equalize import EqualizePass  # noqa: E402
 from onnx_shrink.passes.fold import FoldPass  # noqa: E402
 from onnx_shrink.passes.fp16 import Float16Pass  # noqa: E402
 from onnx_shrink.passes.lowrank import LowRankPass  # noqa: E402
@@ -36,6 +37,7 @@ __all__ = [
     "CheckFailed",
     "CheckOptions",
     "DataError",
+    "EqualizePass",
     "Float16Pass",
     "FoldPass",
     "LowRankPass",

@@ -5,6 +5,7 @@ from __future__ import annotations
 import onnx_ir as ir
 
 from onnx_shrink.errors import PipelineSpecError
+from onnx_shrink.passes.equalize import EqualizePass
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.fp16 import Float16Pass
 from onnx_shrink.passes.fp32 import Float32Pass
@@ -17,6 +18,7 @@ from onnx_shrink.passes.quant.weight_only import WeightOnlyQuantPass
 
 PASS_CLASSES: tuple[type[ir.passes.PassBase], ...] = (
     FoldPass,
+    EqualizePass,
     QuantPass,
     QuantDynamicPass,
     WeightOnlyQuantPass,

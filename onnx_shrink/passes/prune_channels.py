@@ -279,15 +279,20 @@ def channel_scores(group: Group, criterion: str, stats: Statistics | None) -> np
 
 
 def analyse(
-    model: ir.Model, heads: bool = True, rules: dict[str, Callable] | None = None
+    model: ir.Model,
+    heads: bool = True,
+    rules: dict[str, Callable] | None = None,
+    roots: frozenset[str] = SOURCE_OPS,
 ) -> list[Group]:
-    """Every candidate group of the main graph, accepted (``reason is None``) or declined."""
+    """Every candidate group of the main graph, accepted (``reason is None``) or declined,
+    grown from the outputs of the ``roots`` ops with a constant input 1 (a weight, or a
+    norm's scale) by ``rules`` (``channel_groups.RULES`` by default)."""
     ctx = Context(model, heads)
     table = RULES if rules is None else rules
     groups: list[Group] = []
     claimed: set[ir.Value] = set()
     for node in model.graph:
-        if node.op_type not in SOURCE_OPS or node.domain not in ("", "ai.onnx"):
+        if node.op_type not in roots or node.domain not in ("", "ai.onnx"):
             continue
         if not node.outputs or node.outputs[0] is None or node.outputs[0] in claimed:
             continue
@@ -309,7 +314,7 @@ def _root_key(ctx: Context, node: ir.Node, unit: int) -> Key:
     """The channels ``node`` produces. Raises ``Decline`` where its output's shape is not
     known."""
     out = node.outputs[0]
-    axis = ctx.rank(out) - 1 if node.op_type == "MatMul" else 1
+    axis = ctx.rank(out) - 1 if node.op_type in ("MatMul", "LayerNormalization") else 1
     return Key(out, axis, 0, ctx.dim(out, axis), unit)
 
 

@@ -23,7 +23,8 @@ SHOWN = 3  # large-error outputs named in the note
 
 QUANT_FIX = (
     "--sensitivity ranks the layers that cost it, and --set quant.max_error=0.1 keeps the "
-    "worst of them float until every output's relative error is within 0.1"
+    "worst of them float until every output's relative error is within 0.1; equalize before "
+    "quant evens out a channel far wider than the rest of its tensor"
 )
 FIXES = {
     "quant": QUANT_FIX,

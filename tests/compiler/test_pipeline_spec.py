@@ -27,7 +27,7 @@ def test_pass_instances_pass_through_unchanged():
 @pytest.mark.parametrize(
     ("passes", "sets", "message"),
     [
-        ("fold,frobnicate", [], "unknown pass 'frobnicate'; available passes: fold"),
+        ("fold,frobnicate", [], "unknown pass 'frobnicate'; available passes: equalize, fold"),
         ("fold", ["fold.sparsity=0.5"], "pass 'fold' has no option 'sparsity'; its options are: "),
         ("fold", ["fold.max_growth_bytes=lots"], "fold.max_growth_bytes: expected int, got 'lots'"),
         ("fold", ["fold.max_growth_bytes=-1"], "max_growth_bytes=-1 is below the minimum 0"),
