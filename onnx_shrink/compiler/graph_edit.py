@@ -131,6 +131,13 @@ def shared_cast(
     return out, True
 
 
+def free_initializer_name(graph: ir.Graph, name: str) -> str:
+    """``name``, with "_" appended until no initializer of ``graph`` has it."""
+    while name in graph.initializers:
+        name += "_"
+    return name
+
+
 def add_initializer(graph: ir.Graph, name: str, array: np.ndarray) -> ir.Value:
     """``array`` registered in ``graph`` as the initializer ``name`` (the caller makes the
     name unique), with its shape and dtype on the value."""

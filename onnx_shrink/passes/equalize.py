@@ -35,14 +35,13 @@ from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import (
     check_options,
     option,
-    pattern_names,
     warn_no_change,
     warn_unmatched_exclusions,
 )
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.equalize_groups import ROOTS, RULES, ScaledSlice
-from onnx_shrink.passes.prune_channels import Group, analyse
+from onnx_shrink.passes.group_growth import Group, lifted_groups
 
 logger = logging.getLogger(__name__)
 
@@ -140,19 +139,17 @@ class EqualizePass(DataAwarePass):
         return ir.passes.PassResult(model, True)
 
     def _groups(self, model: ir.Model) -> list[Group]:
-        """Every candidate group, excluded ones with the reason "excluded" (weights stored
-        in half precision are lifted to float32 constants: ``apply`` restores them)."""
-        half_weights.lift(model)
-        graph_edit.lift_constant_weights(model)
-        groups = analyse(model, heads=False, rules=RULES, roots=ROOTS)
-        for group in groups:
-            nodes = {param.node for param in group.params}
-            if group.reason is None and any(self._excluded(node) for node in nodes):
-                group.reason = "excluded"
-        return groups
+        """Every candidate group, those where ``exclude`` names a producer or reader with
+        the reason "excluded" (weights stored in half precision are lifted to float32
+        constants: ``apply`` restores them)."""
+        return lifted_groups(
+            model, self.exclude, _scaled_nodes, heads=False, rules=RULES, roots=ROOTS
+        )
 
-    def _excluded(self, node: ir.Node) -> bool:
-        return any(pattern_names(pattern, node.name or "") for pattern in self.exclude)
+
+def _scaled_nodes(group: Group) -> set[ir.Node]:
+    """The nodes whose constants the group scales (producers and readers)."""
+    return {param.node for param in group.params}
 
 
 def readers(group: Group) -> Iterator[Reader]:
@@ -213,9 +210,7 @@ def rescale_constants(
         if len(value.uses()) == 1 and not value.is_graph_input():
             value.const_value = ir.Tensor(array, name=value.name)
             continue
-        name = f"{value.name}_equalized"
-        while name in graph.initializers:
-            name += "_"
+        name = graph_edit.free_initializer_name(graph, f"{value.name}_equalized")
         copy = graph_edit.add_initializer(graph, name, array)
         half_weights.mark_like(copy, value)
         node.replace_input_with(index, copy)

@@ -3,7 +3,7 @@ removed together, this asks which can be divided by a positive factor ``s`` in t
 that make them and multiplied by it in the layers that read them, leaving every output of
 the model as it was (up to float rounding).
 
-A group grows, as for pruning (``prune_channels.analyse``), from the output channels of a
+A group grows, as for pruning (``group_growth.analyse``), from the output channels of a
 Conv, Gemm, MatMul with a constant weight, or LayerNormalization, but only through ops that
 commute with a positive per-channel factor: ``f(x / s) = f(x) / s`` (Relu, LeakyRelu,
 PRelu, pooling, Resize, Concat, Split, reshapes, a Mul or Div by a constant, an Add or Sub
@@ -41,7 +41,6 @@ from onnx_shrink.passes.channel_groups import (
     unary,
     who,
 )
-from onnx_shrink.passes.fp16_islands import constant_tensor
 
 ROOTS = frozenset({"Conv", "ConvTranspose", "Gemm", "MatMul", "LayerNormalization"})
 """ops whose output channels a group grows from"""
@@ -102,8 +101,8 @@ def gemm(ctx: Context, node: ir.Node, key: Key) -> Relation:
     if constant(node.inputs[1]) is None:
         raise Decline(f"{who(node)}: Gemm weight is not constant")
     if key.value is node.outputs[0] and key.axis == 1:
-        relation = Relation(params=[_slice(node, 1, 0 if trans_b else 1, key, -1, True)])
-        relation.source = True
+        weight = _slice(node, 1, 0 if trans_b else 1, key, -1, True)
+        relation = Relation(params=[weight], source=True)
         bias = node.inputs[2] if len(node.inputs) > 2 else None
         if bias is not None:
             dims = ctx.dims(bias)
@@ -161,12 +160,7 @@ def pooling(ctx: Context, node: ir.Node, key: Key) -> Relation:
 def _fixed(value: ir.Value) -> np.ndarray | None:
     """``value``'s numbers where it is a constant: an initializer or a Constant node's output
     (which fold leaves where making it an initializer does not pay)."""
-    if value.const_value is not None:
-        return value.const_value.numpy()
-    producer = value.producer()
-    if producer is None or producer.op_type != "Constant" or producer.domain not in ("", "ai.onnx"):
-        return None
-    tensor = constant_tensor(producer)
+    tensor = ir.convenience.get_const_tensor(value)
     return None if tensor is None else tensor.numpy()
 
 
@@ -231,5 +225,5 @@ RULES: dict[str, Callable[[Context, ir.Node, Key], Relation]] = {
     "Split": split,
     "Slice": normalize,  # along other axes only
 }
-"""how each op a scalable group may cross relates its channels (``prune_channels._relate``
+"""how each op a scalable group may cross relates its channels (``group_growth._relate``
 calls them)"""

@@ -13,7 +13,8 @@ from onnx import TensorProto, helper, numpy_helper
 from onnx_shrink.compiler import io
 from onnx_shrink.compiler.statistics import ChannelValues, Statistics, StatRequest
 from onnx_shrink.passes import channel_refit
-from onnx_shrink.passes.prune_channels import PruneChannelsPass, analyse
+from onnx_shrink.passes.group_growth import analyse
+from onnx_shrink.passes.prune_channels import PruneChannelsPass
 from tests.helpers import run_ort
 
 RNG = np.random.default_rng(0)
