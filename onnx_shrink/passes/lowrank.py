@@ -31,9 +31,9 @@ from onnx_shrink.compiler import graph_edit, walk
 from onnx_shrink.compiler.data_aware import DataAwarePass, Edit, Probe, ProbeBudget
 from onnx_shrink.compiler.options import check_options, option, refuse_inapplicable, warn_no_change
 from onnx_shrink.compiler.statistics import ChannelValues, Gram, Statistics, StatRequest
+from onnx_shrink.passes import half_weights, lowrank_report
 from onnx_shrink.passes import lowrank_graph as graph_mod
 from onnx_shrink.passes import lowrank_ranks as ranks_mod
-from onnx_shrink.passes import lowrank_report
 from onnx_shrink.passes.lowrank_svd import Factorization, factorize, factors, refit
 from onnx_shrink.passes.quant import log_cone, quantized_already
 
@@ -219,7 +219,7 @@ class LowRankPass(DataAwarePass):
             raise ValueError(f"op_types={sorted(unknown)!r}: only MatMul, Gemm and Conv split")
 
     def requests(self, model: ir.Model) -> Sequence[StatRequest]:
-        graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        self._lift_weights(model)  # apply puts back the float16 storage of each
         if not (self.activation_aware or self.refit):
             return []
         found = [self._stat_request(n) for n, reason in self._candidates(model) if not reason]
@@ -232,7 +232,7 @@ class LowRankPass(DataAwarePass):
         edit is made (``_ProbeFactors``)."""
         if not self._measures_model():
             return []
-        graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        self._lift_weights(model)
         counts = collections.Counter(node.name for node in model.graph)
         nodes = [node for node, reason in self._candidates(model) if not reason]
         if len(nodes) < 2:  # one layer's rank is fixed by the budget: nothing to weigh
@@ -262,7 +262,13 @@ class LowRankPass(DataAwarePass):
 
     def apply(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         graph_mod.warn_unmatched_patterns(model, self.exclude, self.only)
-        graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        self._lift_weights(model)
+        try:
+            return self._split(model, stats)
+        finally:
+            half_weights.restore(model)  # the factors of a half weight are stored as it was
+
+    def _split(self, model: ir.Model, stats: Statistics) -> ir.passes.PassResult:
         layers, plans = self._plan(model, stats)
         sparse = []
         for layer, plan in zip(layers, plans, strict=False):
@@ -292,7 +298,14 @@ class LowRankPass(DataAwarePass):
         """The decisions ``apply`` would take, one per layer considered (model not rewritten,
         except that Constant-node weights are lifted to initializers)."""
         graph_edit.lift_constant_weights(model, read_by=self.op_types)
-        return self._plan(model, stats or Statistics({}, 0, "none"))[1]
+        with half_weights.lifted(model):
+            return self._plan(model, stats or Statistics({}, 0, "none"))[1]
+
+    def _lift_weights(self, model: ir.Model) -> None:
+        """Constant-node weights to initializers, and float16 weights behind a Cast (as
+        ``half_weights`` lifts them) to the float32 constants they are: both are splittable."""
+        graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        half_weights.lift(model)
 
     def _measures_model(self) -> bool:
         return (

@@ -19,6 +19,7 @@ from onnx_shrink.compiler.options import (
     warn_unmatched,
     warn_unmatched_exclusions,
 )
+from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import quantized_already
 
 FLOAT_TYPES = frozenset({np.dtype(np.float16), np.dtype(np.float32), np.dtype(np.float64)})
@@ -108,6 +109,8 @@ def split(graph: ir.Graph, node: ir.Node, a: np.ndarray, b: np.ndarray) -> None:
     b_value = graph_edit.add_initializer(
         graph, f"{base}_lowrank_b", np.ascontiguousarray(b.astype(dtype))
     )
+    for factor in (a_value, b_value):  # stored in half precision again, if the weight was
+        half_weights.mark_like(factor, weight)
     hidden = ir.Value(name=f"{base}_lowrank_hidden")
     hidden.dtype = weight.const_value.dtype
     first = ir.node(

@@ -254,3 +254,30 @@ def test_prune_channels_slices_half_weights_and_keeps_their_float16_storage():
     assert len(io.to_bytes(model)) < 0.75 * proto.ByteSize()  # no float32 copies
     feed = _data(4, seed=1)
     assert run_ort(io.to_bytes(model), feed)[0].shape == (4, 32)
+
+
+def test_lowrank_splits_half_weights_and_stores_both_factors_in_float16():
+    rng = np.random.default_rng(3)
+    weight = 0.1 * rng.standard_normal((64, 4)) @ rng.standard_normal((4, 48))
+    nodes = [
+        oh.make_node("Cast", ["w16"], ["w"], to=F, name="cast_w"),
+        oh.make_node("MatMul", ["x", "w"], ["y"], name="matmul"),
+    ]
+    proto = make_model(
+        nodes,
+        [oh.make_tensor_value_info("x", F, ["N", 64])],
+        [oh.make_tensor_value_info("y", F, ["N", 48])],
+        {"w16": weight.astype(np.float16)},
+    )
+    model = shrink(proto, "lowrank", sets=["lowrank.min_params=0"], check=False).model
+    matmuls = [n for n in model.graph if n.op_type == "MatMul"]
+    assert len(matmuls) == 2  # split, where "weight is not a constant" left it dense
+    for matmul in matmuls:
+        cast = matmul.inputs[1].producer()
+        assert cast.op_type == "Cast" and cast.inputs[0].dtype == onnx.TensorProto.FLOAT16
+    saved = io.to_bytes(model)
+    assert len(saved) < 0.7 * proto.ByteSize()  # no float32 copy of either factor
+    feed = {"x": rng.standard_normal((5, 64)).astype(np.float32)}
+    want = run_ort(proto.SerializeToString(), feed)[0]
+    got = run_ort(saved, feed)[0]
+    assert np.linalg.norm(got - want) / np.linalg.norm(want) < 2e-3  # float16 rounding
