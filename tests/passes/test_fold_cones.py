@@ -23,10 +23,10 @@ def _int64(name: str, *values: int) -> onnx.TensorProto:
     return onh.from_array(np.array(values, np.int64), name)
 
 
-def torch_lstm() -> onnx.ModelProto:
+def torch_lstm(input_size: int = INPUT) -> onnx.ModelProto:
     """torch's LSTM export reordering ``weight_ih`` (gates i, f, g, o) into ONNX's i, o, f, c
     at run time: four Slices of one weight, a Concat and an Unsqueeze."""
-    w = (RNG.standard_normal((4 * HIDDEN, INPUT)) * 0.1).astype(np.float32)
+    w = (RNG.standard_normal((4 * HIDDEN, input_size)) * 0.1).astype(np.float32)
     r = (RNG.standard_normal((1, 4 * HIDDEN, HIDDEN)) * 0.1).astype(np.float32)
     bounds = [0, HIDDEN, 2 * HIDDEN, 3 * HIDDEN, 4 * HIDDEN]
     order = [0, 3, 1, 2]  # ONNX's i, o, f, c from torch's i, f, g, o
@@ -45,7 +45,7 @@ def torch_lstm() -> onnx.ModelProto:
     graph = oh.make_graph(
         nodes,
         "g",
-        [oh.make_tensor_value_info("x", FLOAT, [5, 2, INPUT])],
+        [oh.make_tensor_value_info("x", FLOAT, [5, 2, input_size])],
         [oh.make_tensor_value_info("y", FLOAT, [5, 1, 2, HIDDEN])],
         inits,
     )
@@ -98,6 +98,21 @@ def test_a_torch_lstm_gate_reorder_folds_into_the_weight_and_outputs_stay_exact(
     # Now a weight-quantizing pass sees the LSTM's weights.
     assert QuantDynamicPass(narrow_storage=False)(model).modified
     assert [n.op_type for n in model.graph] == ["DynamicQuantizeLSTM"]
+
+
+def test_a_cone_over_a_weight_read_in_place_from_the_model_file_folds(tmp_path):
+    # io.load leaves weights of 1 MiB and more in the file (ExternalTensor), which onnx's
+    # reference evaluator refused: on a file, no cone over a large weight ever folded.
+    proto = torch_lstm(input_size=1024)  # W: 256 x 1024 float32, 1 MiB
+    path = tmp_path / "lstm.onnx"
+    onnx.save(proto, path)
+    model = FoldPass()(io.load(str(path))).model
+    assert [n.op_type for n in model.graph] == ["LSTM"]
+    saved = io.serialize_proto(model)
+    feed = {"x": RNG.standard_normal((5, 2, 1024)).astype(np.float32)}
+    np.testing.assert_array_equal(
+        run_ort(proto.SerializeToString(), feed)[0], run_ort(saved.SerializeToString(), feed)[0]
+    )
 
 
 def test_weight_normalization_folds_and_outputs_stay_within_rounding():
