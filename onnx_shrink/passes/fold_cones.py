@@ -1,4 +1,4 @@
-"""Constant subexpressions over shared large weights, folded whole (``fold``'s helper).
+"""Constant subexpressions over large weights, folded whole (``fold``'s helper).
 
 onnxscript's folder decides node by node: an input above its ``input_size_limit`` folds only
 where this node is its sole reader, since folding one reader of a weight others still read
@@ -17,8 +17,10 @@ Rules:
    *results* are the outputs read outside it (by another node, a subgraph, or none of the
    cone).
 2. A cone is folded when one of its constant inputs holds more than ``input_size_limit``
-   elements and is read more than once (onnxscript's reason to decline), and its results'
-   bytes are at most the bytes of the constants only the cone reads, which then die. Results
+   elements, and its results' bytes are at most the bytes of the constants only the cone
+   reads, which then die. onnxscript declines such a cone node by node where the weight has
+   another reader, where a result is past its output limit (a tf2onnx LSTM's 1280 x 1024
+   kernel Cast to float16 in a Loop body), and at any Split with several outputs. Results
    that are graph outputs leave the cone alone.
 3. The results are computed by onnx's reference evaluator on the cone alone and become
    initializers under the results' names; the cone's nodes and dead constants are left to
@@ -53,7 +55,7 @@ CONE_OPS = frozenset(
 
 @dataclasses.dataclass(frozen=True)
 class FoldWeightConesPass(ir.passes.InPlacePass):
-    """Fold cones of constant nodes over shared large weights (module docstring)."""
+    """Fold cones of constant nodes over large weights (module docstring)."""
 
     input_size_limit: int
 
@@ -105,10 +107,7 @@ def _fold_if_it_pays(model: ir.Model, graph: ir.Graph, cone: list[ir.Node], limi
     """Rule 2's test, then rule 3; whether the cone was folded."""
     members = set(cone)
     constants = {v for n in cone for v in n.inputs if v is not None and v.producer() not in members}
-    if not any(
-        v.const_value is not None and v.const_value.size > limit and len(v.uses()) > 1
-        for v in constants
-    ):
+    if not any(v.const_value is not None and v.const_value.size > limit for v in constants):
         return False
     results = [
         v

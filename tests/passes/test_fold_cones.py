@@ -115,6 +115,35 @@ def test_a_cone_over_a_weight_read_in_place_from_the_model_file_folds(tmp_path):
     )
 
 
+def test_a_weight_read_once_through_a_cast_and_a_split_folds_to_its_parts():
+    # tf2onnx's Keras LSTM: a float32 kernel Cast to float16 and split into its gates.
+    # onnxscript folds neither (a Split with two outputs), though the parts take half the bytes.
+    w = RNG.standard_normal((INPUT, 2 * INPUT)).astype(np.float32)
+    half = onnx.TensorProto.FLOAT16
+    nodes = [
+        oh.make_node("Cast", ["w"], ["w16"], to=half),
+        oh.make_node("Split", ["w16"], ["wa", "wb"], axis=1, num_outputs=2),
+        oh.make_node("MatMul", ["x", "wa"], ["ya"]),
+        oh.make_node("MatMul", ["x", "wb"], ["yb"]),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("x", half, [3, INPUT])],
+        [oh.make_tensor_value_info(y, half, [3, INPUT]) for y in ("ya", "yb")],
+        [onh.from_array(w, "w")],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 18)], ir_version=8)
+    model, saved = folded(proto)
+    assert [n.op_type for n in model.graph] == ["MatMul", "MatMul"]
+    assert saved.ByteSize() < 0.6 * proto.ByteSize()
+    feed = {"x": RNG.standard_normal((3, INPUT)).astype(np.float16)}
+    want = run_ort(proto.SerializeToString(), feed)
+    got = run_ort(saved.SerializeToString(), feed)
+    for name, (expected, actual) in enumerate(zip(want, got, strict=True)):
+        np.testing.assert_array_equal(actual, expected, err_msg=f"output {name}")
+
+
 def test_weight_normalization_folds_and_outputs_stay_within_rounding():
     proto = weight_norm()
     model, saved = folded(proto)
