@@ -33,7 +33,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     match_linear,
     trimmed,
 )
-from onnx_shrink.passes.quant.weight_warnings import warn_float_convs
+from onnx_shrink.passes.quant.weight_warnings import half_precision_left, warn_float_convs
 
 logger = logging.getLogger(__name__)
 
@@ -162,6 +162,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
             if self.narrow_storage:
                 compact.store_narrow(model)
             warn_float_convs(model, self.name, CONV_LEFT_FLOAT)
+            half_precision_left(model, self.name, self.op_types)
         return ir.passes.PassResult(model, count > 0 or lifted)
 
     def context(

@@ -44,6 +44,7 @@ from onnx_shrink.passes.quant.weight_matching import (
     trimmed,
 )
 from onnx_shrink.passes.quant.weight_warnings import (
+    half_precision_left,
     warn_float_convs,
     warn_left_to_others,
     warn_tables_in_8_bits,
@@ -248,6 +249,7 @@ class WeightOnlyQuantPass(DataAwarePass):
             context.warn_nothing_quantized(self.op_types)
         else:
             warn_float_convs(model, self.name)
+            half_precision_left(model, self.name, self.op_types)
         warn_left_to_others(model, self.name)
         return ir.passes.PassResult(model, count > 0 or lifted)
 

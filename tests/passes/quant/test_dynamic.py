@@ -6,6 +6,7 @@ import logging
 
 import numpy as np
 import onnx
+import onnx.helper as oh
 import onnx_ir as ir
 import pytest
 
@@ -466,3 +467,32 @@ def test_float_convs_that_hold_most_weights_are_named_after_the_others_are_quant
         assert "stay float in its 1 Conv node: " in warned[0]
         assert "quant (static, calibrated) quantizes them" in warned[0]
         assert ("ConvInteger" in warned[0]) == (pass_.name == "quant-dynamic")
+
+
+@pytest.mark.parametrize("pass_", [QuantDynamicPass(), WeightOnlyQuantPass()])
+def test_float16_matmuls_left_beside_a_quantized_one_are_said(pass_, caplog):
+    # tf2onnx's Keras LSTM in float16 beside a float32 Dense layer: the pass quantized the
+    # Dense one and said nothing of the 5 MiB of float16 kernels it kept.
+    half, single = onnx.TensorProto.FLOAT16, onnx.TensorProto.FLOAT
+    nodes = [
+        oh.make_node("MatMul", ["x", "w"], ["h"], name="dense"),
+        oh.make_node("Cast", ["h"], ["h16"], to=half, name="to_half"),
+        oh.make_node("MatMul", ["h16", "w16"], ["y16"], name="kernel"),
+        oh.make_node("Cast", ["y16"], ["y"], to=single, name="to_float"),
+    ]
+    graph = oh.make_graph(
+        nodes,
+        "g",
+        [oh.make_tensor_value_info("x", single, ["N", 256])],
+        [oh.make_tensor_value_info("y", single, ["N", 256])],
+        [
+            onnx.numpy_helper.from_array(RNG.standard_normal((256, 256), np.float32), "w"),
+            onnx.numpy_helper.from_array(RNG.standard_normal((256, 256)).astype(np.float16), "w16"),
+        ],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("", 21)], ir_version=10)
+    model = io.load(proto)
+    with caplog.at_level(logging.WARNING):
+        assert pass_(model).modified
+    assert f"{pass_.name}: 1 MatMul nodes compute in float16/bfloat16" in caplog.text
+    assert f"--passes fold,fp32,{pass_.name}" in caplog.text
