@@ -79,11 +79,18 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
         lines.append(f"large error: {named}{more}; {LOCATE}{_fixes(passes)}")
     for out in numeric.large_residual_errors:
         # RivaGAN's pruned watermark encoder: 0.0198 over the frame, 0.86 over what it adds.
+        # flashvad's cache: one new frame beside 15 exact copies of the input's.
+        what = (
+            f"the new part of '{out.name}', input '{out.residual_of}' shifted ("
+            f"{out.residual_shift}, {out.residual_share:.1%} of its norm): it keeps"
+            if out.residual_shift
+            else f"what '{out.name}' adds to input '{out.residual_of}' (a residual of "
+            f"{out.residual_share:.1%} of its norm): the residual keeps"
+        )
         lines.append(
-            f"large error in what '{out.name}' adds to input '{out.residual_of}' (a residual "
-            f"of {out.residual_share:.1%} of its norm): the residual keeps "
-            f"{out.residual_snr_db:.1f} dB SNR (relative error {out.residual_error:.3g}), "
-            f"where the whole output keeps {out.snr_db:.1f} dB; {LOCATE}{_fixes(passes)}"
+            f"large error in {what} {out.residual_snr_db:.1f} dB SNR (relative error "
+            f"{out.residual_error:.3g}), where the whole output keeps {out.snr_db:.1f} dB; "
+            f"{LOCATE}{_fixes(passes)}"
         )
     changed = numeric.low_agreement
     if changed is not None:

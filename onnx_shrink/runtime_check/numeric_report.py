@@ -107,6 +107,10 @@ class OutputComparison:
     """``||r - x||``, the residual's norm, over the output's ``||r||``"""
     residual_error: float | None = None
     """the residual's relative error, ``||c - r|| / ||r - x||``"""
+    residual_shift: str | None = None
+    """where the output is ``residual_of`` shifted (a streaming cache), its new positions
+    ("its last 1 of 16 positions along axis 2"), which ``residual_share`` and
+    ``residual_error`` then measure; None: a residual added"""
 
     @property
     def residual_snr_db(self) -> float | None:

@@ -8,7 +8,7 @@ import math
 import numpy as np
 import pytest
 
-from onnx_shrink.runtime_check import check_notes
+from onnx_shrink.runtime_check import check_notes, residuals
 from onnx_shrink.runtime_check.checker import check
 from onnx_shrink.runtime_check.residuals import Residuals
 from tests.helpers import parse, save_proto
@@ -82,3 +82,51 @@ def test_no_residual_is_measured_where_there_is_none(tmp_path, data, scale, head
     (out,) = numeric.outputs
     assert out.residual_of is None, why
     assert not any("adds to input" in line for line in check_notes.notes(numeric))
+
+
+@pytest.mark.parametrize("steps", [1, -2])
+def test_a_shifted_copy_is_found_in_either_direction_and_a_residual_is_not_one(steps):
+    x = RNG.standard_normal((2, 4, 16))
+    moved = np.roll(x, -steps, axis=2)  # the positions that wrap round are the new ones
+    shift = residuals.find_shift(moved, x)
+    assert (shift.axis, shift.steps, shift.length) == (2, steps, 16)
+    assert shift.new(moved).shape == (2, 4, abs(steps))
+    assert residuals.find_shift(x + 0.01, x) is None
+
+
+def cache(scale: float):
+    """x [N, 4, 64] -> y: x moved one position along axis 2, the new last position ``scale``
+    times x's last (a streaming model's cache)."""
+    return parse(
+        f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 4, 64] x) => (float[N, 4, 64] y) {{
+  axis = Constant <value = int64[1] {{2}}> ()
+  one = Constant <value = int64[1] {{1}}> ()
+  last = Constant <value = int64[1] {{63}}> ()
+  end = Constant <value = int64[1] {{64}}> ()
+  s = Constant <value = float {{{scale}}}> ()
+  kept = Slice (x, one, end, axis)
+  tail = Slice (x, last, end, axis)
+  new = Mul (tail, s)
+  y = Concat <axis = 2> (kept, new)
+}}
+"""
+    )
+
+
+def test_a_cache_shifted_one_step_is_said_by_its_new_positions_not_as_a_residual(tmp_path):
+    data = tmp_path / "x.npz"
+    np.savez(data, x=np.random.default_rng(5).standard_normal((8, 4, 64), np.float32))
+    reference = save_proto(cache(0.9), tmp_path / "ref.onnx")
+    candidate = save_proto(cache(0.45), tmp_path / "cand.onnx")  # the new position halved
+    numeric = check(reference, candidate, data, latency_runs=0).numeric
+    (out,) = numeric.outputs
+    assert out.snr_db > 20  # 63 of 64 positions are exact copies
+    assert (
+        out.residual_of == "x" and out.residual_shift == "its last 1 of 64 positions along axis 2"
+    )
+    assert out.residual_error == pytest.approx(0.5, rel=1e-6)  # the new position's own error
+    (note,) = check_notes.notes(numeric)
+    assert note.startswith("large error in the new part of 'y', input 'x' shifted (its last 1")
+    assert "adds to" not in note
