@@ -238,13 +238,18 @@ class _Conversion:
             self.scopes, self.new, self.target, self.islands, self.pass_.dtype
         ):
             return False
-        self._rewire()
-        self._convert_attributes_and_weights()
-        changed = [v for v, t in self.new.items() if t != self.orig.get(v)]
-        for value in changed:
-            if value.type is not None or value.is_graph_input() or value.is_graph_output():
-                value.type = ir.TensorType(self.new[value])
-        self._drop_identity_casts()
+        changed: list[ir.Value] = []
+        # Where every node stays float32, converting the graph's inputs and outputs alone
+        # (keep_io_types=false) would only add Casts: an SVMClassifier-only model (opset
+        # ai.onnx.ml alone) got a Cast it has no opset for, and the pass failed.
+        if any(node not in self.islands for graph, _ in self.scopes for node in graph):
+            self._rewire()
+            self._convert_attributes_and_weights()
+            changed = [v for v, t in self.new.items() if t != self.orig.get(v)]
+            for value in changed:
+                if value.type is not None or value.is_graph_input() or value.is_graph_output():
+                    value.type = ir.TensorType(self.new[value])
+            self._drop_identity_casts()
         kinds = [reason.split(":")[0] for reason in self.islands.values()]
         logger.info(
             "fp16: %d Casts; float islands: %s", len(self.casts), dict(Counter(kinds)) or "none"

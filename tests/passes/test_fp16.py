@@ -973,3 +973,32 @@ def test_a_static_qdq_model_gets_no_option_it_could_not_use(caplog):
     assert not result.steps[0].modified
     assert "no node's activations would convert either" in caplog.text
     assert "activations_only" not in caplog.text
+
+
+def test_a_model_all_of_whose_nodes_stay_float32_keeps_its_io_types_too(caplog):
+    """skl2onnx's SVM (opset ai.onnx.ml alone): with keep_io_types=false the pass put Casts
+    at its input and output, which need an opset the model does not import, and failed."""
+    from onnx import helper as oh
+
+    graph = oh.make_graph(
+        [
+            oh.make_node(
+                "LinearRegressor",
+                ["x"],
+                ["y"],
+                domain="ai.onnx.ml",
+                coefficients=[0.5, -1.0, 2.0],
+                intercepts=[0.25],
+            )
+        ],
+        "g",
+        [oh.make_tensor_value_info("x", onnx.TensorProto.FLOAT, ["N", 3])],
+        [oh.make_tensor_value_info("y", onnx.TensorProto.FLOAT, ["N", 1])],
+    )
+    proto = oh.make_model(graph, opset_imports=[oh.make_opsetid("ai.onnx.ml", 1)], ir_version=8)
+    with caplog.at_level(logging.WARNING):
+        model, modified = _convert(io.load(proto), None, keep_io_types=False)
+    assert not modified
+    assert [n.op_type for n in model.graph] == ["LinearRegressor"]
+    assert model.graph.inputs[0].dtype == ir.DataType.FLOAT
+    assert "fp16: no node changed" in caplog.text
