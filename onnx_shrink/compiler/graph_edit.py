@@ -184,16 +184,20 @@ def weights_listed_as_inputs(model: ir.Model) -> list[ir.Value]:
     nothing about a caller feeding them: IR 3 requires every initializer to be listed, and
     old exporters kept listing them all (``torch.onnx.export(keep_initializers_as_inputs=
     True)``), layer weights included. A model of IR 4 on is taken to list them only out of
-    that habit where every initializer is listed and one of them is a layer's weight (a
-    matrix or kernel read by Conv, MatMul, Gemm or Gather); otherwise what it lists are
-    defaults a caller may override, and they stay inputs (``y = x * scale``)."""
+    that habit where every layer weight (a matrix or kernel read by Conv, MatMul, Gemm or
+    Gather) is listed, and there is one; otherwise what it lists are defaults a caller may
+    override, and they stay inputs (``y = x * scale``). Other initializers may be unlisted:
+    torch's constant folding adds a Reshape's shape after the listing (a captcha CNN's 52
+    listed weights and one unlisted shape were all kept as inputs, and no pass compressed
+    anything)."""
     graph = model.graph
     listed = [v for v in graph.inputs if v.name in graph.initializers]
     if not listed:
         return []
     if model.ir_version < NO_DEFAULT_INPUTS_IR_VERSION:
         return listed
-    if len(listed) < len(graph.initializers) or not any(_is_layer_weight(v) for v in listed):
+    unlisted = [v for v in graph.initializers.values() if not v.is_graph_input()]
+    if any(_is_layer_weight(v) for v in unlisted) or not any(_is_layer_weight(v) for v in listed):
         return []
     return listed
 

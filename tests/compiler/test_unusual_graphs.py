@@ -68,6 +68,17 @@ def test_weights_an_exporter_listed_as_inputs_become_constants_and_are_compresse
     assert result.ByteSize() < model.ByteSize() / 2  # before: nothing quantized at all
 
 
+def test_weights_listed_beside_an_unlisted_non_weight_constant_are_taken_as_weights(caplog):
+    # torch's constant folding adds constants after the listing (a Reshape's shape): one
+    # unlisted initializer that is no layer's weight left 52 listed weights inputs.
+    model = listing(mlp(), ["w1", "w2"])  # b1, a bias, unlisted
+    with caplog.at_level(logging.WARNING):
+        result = shrunk(model, "quant-dynamic")
+    assert "lists its 2 initializers as graph inputs too" in caplog.text
+    assert [i.name for i in result.graph.input] == ["x"]
+    assert result.ByteSize() < model.ByteSize() / 2
+
+
 def test_a_weight_a_caller_may_feed_is_never_replaced_by_a_quantized_copy(caplog):
     # Only w1 is listed: a default the caller may override. Its reader stays float, so a
     # fed w1 still counts; the other weights are compressed.
