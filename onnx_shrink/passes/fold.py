@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
+from onnx_ir.passes.common import initializer_deduplication
 from onnxscript import rewriter
 from onnxscript.optimizer import _constant_folding
 
@@ -26,20 +27,31 @@ from onnx_shrink.passes.fold_reshape import ReshapeCopiedDimsPass
 logger = logging.getLogger(__name__)
 
 
-class _MultipleOutputsAtDebug(logging.Filter):
-    """onnxscript's constant folding warns "Skipping constant folding for op Split with
-    multiple outputs." for each such node it meets, naming neither node nor remedy (tf2onnx's
-    LSTM kernels: 4 lines on every run); it is a limit of the folder, not of the model, so
-    the line goes to debug."""
+class _AtDebug(logging.Filter):
+    """Warnings of the folder's own limits, which name no remedy, go to debug:
+
+    - onnxscript's constant folding: "Skipping constant folding for op Split with multiple
+      outputs." for each such node (tf2onnx's LSTM kernels: 4 lines on every run);
+    - onnx-ir's initializer deduplication: "Skipped deduplication of initializer 'w' as it is
+      a graph input or output", one line per such weight (an old torch export: 52 lines
+      before the summary).
+    """
+
+    def __init__(self, phrase: str) -> None:
+        super().__init__()
+        self.phrase = phrase
 
     def filter(self, record: logging.LogRecord) -> bool:
-        if record.levelno == logging.WARNING and "with multiple outputs" in str(record.msg):
+        if record.levelno == logging.WARNING and self.phrase in str(record.msg):
             record.levelno, record.levelname = logging.DEBUG, "DEBUG"
             return logging.getLogger(record.name).isEnabledFor(logging.DEBUG)
         return True
 
 
-logging.getLogger(_constant_folding.__name__).addFilter(_MultipleOutputsAtDebug())
+logging.getLogger(_constant_folding.__name__).addFilter(_AtDebug("with multiple outputs"))
+logging.getLogger(initializer_deduplication.__name__).addFilter(
+    _AtDebug("as it is a graph input or output")
+)
 
 # Ops whose folded output is usually larger than their constant inputs: a 2-element shape
 # becomes a filled tensor. They fold only when the result fits the expansion budget.

@@ -326,3 +326,22 @@ def test_the_folders_multiple_output_skip_is_not_a_warning(caplog) -> None:
         FoldPass()(model)
     skipped = [r for r in caplog.records if "with multiple outputs" in r.getMessage()]
     assert skipped and all(r.levelno == logging.DEBUG for r in skipped)
+
+
+def test_deduplication_skipping_a_weight_that_is_an_input_is_not_a_warning(caplog) -> None:
+    """onnx-ir warns once per initializer that is also a graph input (52 lines before the
+    summary on an old torch export whose weights a caller may feed); fold keeps it at debug."""
+    model = io.load(
+        parse(
+            """
+            <ir_version: 8, opset_import: ["" : 18]>
+            g (float[1, 4] x, float[4] b = {0, 1, 2, 3}) => (float[1, 4] y) {
+                y = Add(x, b)
+            }
+            """
+        )
+    )
+    with caplog.at_level(logging.DEBUG):
+        FoldPass()(model)
+    skipped = [r for r in caplog.records if "as it is a graph input or output" in r.getMessage()]
+    assert skipped and all(r.levelno == logging.DEBUG for r in skipped)
