@@ -238,18 +238,7 @@ class _Conversion:
             self.scopes, self.new, self.target, self.islands, self.pass_.dtype
         ):
             return False
-        changed: list[ir.Value] = []
-        # Where every node stays float32, converting the graph's inputs and outputs alone
-        # (keep_io_types=false) would only add Casts: an SVMClassifier-only model (opset
-        # ai.onnx.ml alone) got a Cast it has no opset for, and the pass failed.
-        if any(node not in self.islands for graph, _ in self.scopes for node in graph):
-            self._rewire()
-            self._convert_attributes_and_weights()
-            changed = [v for v, t in self.new.items() if t != self.orig.get(v)]
-            for value in changed:
-                if value.type is not None or value.is_graph_input() or value.is_graph_output():
-                    value.type = ir.TensorType(self.new[value])
-            self._drop_identity_casts()
+        changed = self._convert()
         kinds = [reason.split(":")[0] for reason in self.islands.values()]
         logger.info(
             "fp16: %d Casts; float islands: %s", len(self.casts), dict(Counter(kinds)) or "none"
@@ -265,6 +254,19 @@ class _Conversion:
             warn_no_change(self.pass_.name, "node", why, each="-vv", note=note)
         self._warn_older_opset()
         return modified
+
+    def _convert(self) -> list[ir.Value]:
+        """Casts, weights, attributes and value types as assigned; the values retyped, none
+        where every node stays float32: converting the graph's inputs and outputs alone
+        (keep_io_types=false) would only add Casts, and an SVMClassifier-only model (opset
+        ai.onnx.ml alone) got one it has no opset for, and the pass failed."""
+        if all(node in self.islands for graph, _ in self.scopes for node in graph):
+            return []
+        self._rewire()
+        self._convert_attributes_and_weights()
+        changed = fp16_types.retype(self.new, self.orig)
+        self._drop_identity_casts()
+        return changed
 
     def _warn_older_opset(self) -> None:
         """Say where nodes kept float32 for their schema would take the type at a newer

@@ -136,6 +136,16 @@ DTYPE_ATTRIBUTE_OPS = frozenset(
 )
 
 
+def retype(new: dict[ir.Value, ir.DataType], orig: dict[ir.Value, ir.DataType]) -> list[ir.Value]:
+    """Give each value whose type a conversion changed (``new`` against ``orig``) its new type,
+    where it carries one or is a graph input or output; returns those values."""
+    changed = [v for v, t in new.items() if t != orig.get(v)]
+    for value in changed:
+        if value.type is not None or value.is_graph_input() or value.is_graph_output():
+            value.type = ir.TensorType(new[value])
+    return changed
+
+
 def converted(tensor: ir.TensorProtocol, dtype: ir.DataType) -> ir.Tensor:
     """``tensor`` in ``dtype`` (rounded to nearest even where ``dtype`` is narrower)."""
     array = tensor.numpy().astype(dtype.numpy())

@@ -108,10 +108,7 @@ class _Widening:
         self._assign_types()
         self._rewire()
         self._convert_weights_and_attributes()
-        changed = [v for v, t in self.new.items() if t != self.orig.get(v)]
-        for value in changed:
-            if value.type is not None or value.is_graph_input() or value.is_graph_output():
-                value.type = ir.TensorType(self.new[value])
+        changed = fp16_types.retype(self.new, self.orig)
         self._drop_identity_casts()
         modified = bool(changed or self.casts)
         kinds = [reason.split(":")[0] for reason in self.kept.values()]
