@@ -29,7 +29,7 @@ from onnx_shrink.compiler import graph_edit, io, pipeline, tensor_patterns
 from onnx_shrink.compiler.io import large_tensors
 from onnx_shrink.compiler.options import pattern_names
 from onnx_shrink.compiler.statistics import Statistics
-from onnx_shrink.passes.quant import placement
+from onnx_shrink.passes.quant import hard_activations, placement
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker
 from onnx_shrink.runtime_check import collect as collect_mod
@@ -103,8 +103,10 @@ def sensitivity(
         stats = quant.completed_statistics(base, stats)
         # Each node's name in the caller's model, before unnamed ones get one here. ``base``
         # went through quant.requests: its opset converted (nodes replaced: ``names`` then
-        # misses, and a node's own name is the caller's) and its types inferred.
-        caller = {node: names.get(node, node.name or "") for node in base.graph}
+        # misses, and a node's own name is the caller's) and its types inferred. A step of
+        # rule 12's hard-activation rewrite goes by its activation's name: the one the user
+        # keeps it float by (its own is the pass's, in no model of the caller's).
+        caller = {node: names[node] if node in names else _step_origin(node) for node in base.graph}
         targets, unmeasured, plan = _quantized_layers(base, quant, stats, caller)
         runs = runs_mod.in_runs(data, base)
         runner = runs_mod.Runner(base, quant, stats, runs, provider, progress)
@@ -131,6 +133,10 @@ def sensitivity(
         seconds=time.perf_counter() - started,
         hint_effect=effect,
     )
+
+
+def _step_origin(node: ir.Node) -> str:
+    return hard_activations.origin(node) or node.name or ""
 
 
 QUIET = (

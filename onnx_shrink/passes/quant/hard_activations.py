@@ -40,6 +40,15 @@ from onnx_shrink.passes.quant import placement
 
 logger = logging.getLogger(__name__)
 
+_ORIGIN = "onnx_shrink.hard_activation"  # Node.meta: not saved with the model
+
+
+def origin(node: ir.Node) -> str | None:
+    """The name of the HardSwish or HardSigmoid that ``rewrite`` wrote ``node`` in place of
+    (None for any other node, or one written for an unnamed activation): the name a user
+    keeps it float by (``exclude``), where the steps' own names are the pass's."""
+    return node.meta.get(_ORIGIN)
+
 
 def rewrite(
     model: ir.Model, quantizes: Callable[[ir.Node], bool], kept: Callable[[ir.Node], bool]
@@ -145,7 +154,7 @@ class _Steps:
         name = f"{self.node.name}_{suffix}" if self.node.name else None
         step = ir.node(op_type, inputs, outputs=[out], name=name)
         self.graph.insert_before(self.node, [step])
-        self.written.append(step)
+        self._written(step)
         return out
 
     def last(self, op_type: str, inputs: list[ir.Value]) -> None:
@@ -155,4 +164,9 @@ class _Steps:
         ir.convenience.replace_nodes_and_values(
             self.graph, self.node, [self.node], [last], self.node.outputs, last.outputs
         )
-        self.written.append(last)
+        self._written(last)
+
+    def _written(self, step: ir.Node) -> None:
+        if self.node.name:
+            step.meta[_ORIGIN] = self.node.name
+        self.written.append(step)

@@ -15,6 +15,8 @@ import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant import hard_activations
 from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check.sensitivity import sensitivity
 from tests.helpers import cosine, make_model, optimized_ops, run_ort
 
 F = onnx.TensorProto.FLOAT
@@ -166,3 +168,19 @@ def test_kept_float_where_asked_or_where_nothing_integer_comes_before(sets):
     result = onnx_shrink.shrink(_network(), "quant", sets=sets, calibration={"x": X}, check=False)
     ops = _ops(ir.to_proto(result.model))
     assert ops["HardSwish"] == 1 and ops["HardSigmoid"] == 1
+
+
+def test_the_sensitivity_report_names_the_steps_by_the_activation_they_replace():
+    """The rewrite's own steps (``swish_sixth_x``, ``swish_plus3``) are in no model of the
+    user's: tabcls's max_error search kept 'p2o.HardSwish.26_sixth_x' float, and the run
+    that followed warned that the name matched no node. They go by the activation's name,
+    which keeps the whole activation float (``exclude=swish``, the test above)."""
+    model = ir.from_proto(_network(pooled=True))
+    names = {node.name for node in model.graph}
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), {"x": X[:8]})
+    report = sensitivity(model, QuantPass(), dataset, hint=False)
+    layers = {(layer.node, layer.op_type) for layer in report.layers}
+    assert {("swish", "Add"), ("swish", "Mul")} <= layers
+    assert {layer.node for layer in report.layers} <= names
+    every = report.exclude_patterns(len(report.layers), every=True)
+    assert set(every) <= names
