@@ -30,6 +30,7 @@ import numpy as np
 import onnx_ir as ir
 import onnxruntime as ort
 
+from onnx_shrink import warning_records
 from onnx_shrink.errors import ShrinkError
 from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.data_types import Batch, Dataset, Feed, InputSpec
@@ -99,14 +100,15 @@ def vetted(
         return dataset
     if moved is None:
         return dataclasses.replace(dataset, independent_samples=True)
-    logger.warning(
-        "%s: %s mixes the samples of a batch: output '%s' of a sample changes when it runs "
-        "beside another (%s), so every sample runs alone; to run batches as you run them, "
-        "give each batch as one entry of an array with one more axis",
-        dataset.description,
-        label,
-        moved,
-        _likely_cause(model),
+    # Once a run for each model and data: quant.max_error's search checks a candidate per
+    # measurement, and said it 5 times on a CRNN whose LSTMs quantize per run (sweep 12).
+    warning_records.warn_once(
+        logger,
+        f"{dataset.description}: {label} mixes the samples of a batch: output '{moved}' of a "
+        f"sample changes when it runs beside another ({_likely_cause(model)}), so every "
+        "sample runs alone; to run batches as you run them, give each batch as one entry of "
+        "an array with one more axis",
+        key=f"batch mixing: {dataset.description}: {label}",
     )
     return each_sample_alone(dataset, specs)
 

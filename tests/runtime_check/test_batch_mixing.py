@@ -237,6 +237,18 @@ def test_the_check_runs_alone_where_only_the_candidate_mixes(caplog):
     assert joined.samples == alone.samples == 16
 
 
+def test_a_candidate_checked_again_on_the_same_data_is_said_to_mix_once(caplog):
+    """quant.max_error's search checks a candidate per measurement: a CRNN whose LSTMs
+    quantize per run was said to mix 5 times in one run (sweep 12)."""
+    reference, candidate = _normalized(True, divide=False), _normalized(True)
+    given = data.prepare(_specs(reference), {"x": _samples()})
+    with caplog.at_level(logging.WARNING):
+        for _ in range(3):
+            checker.compare(reference, candidate, given)
+    warnings = [r for r in caplog.records if "mixes the samples" in r.getMessage()]
+    assert len(warnings) == 1
+
+
 @pytest.mark.network
 def test_openwakeword_mel_runs_each_clip_alone(caplog):
     """The real model: a loud clip and one 40 dB quieter. Joined, the quiet clip's dB floor
@@ -379,7 +391,9 @@ def test_an_input_model_with_per_run_scales_is_told_so_for_both_datasets(caplog,
     path = tmp_path / "int8.onnx"
     path.write_bytes(ir.to_proto(dynamic.model).SerializeToString())
     rows = _samples(32)
-    check = onnx_shrink.CheckOptions(data={"x": rows[:16]}, latency_runs=0)
+    # In a file: data described alike ("arrays") is told once, whatever reads it.
+    np.savez(tmp_path / "check.npz", x=rows[:16])
+    check = onnx_shrink.CheckOptions(data=tmp_path / "check.npz", latency_runs=0)
     with caplog.at_level(logging.WARNING):
         onnx_shrink.shrink(str(path), "quant", calibration={"x": rows[16:]}, check=check)
     warnings = [r.getMessage() for r in caplog.records if "mixes the samples" in r.getMessage()]
