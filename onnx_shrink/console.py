@@ -96,8 +96,9 @@ def summary_table(result: ShrinkResult) -> Table:
     is the compile's (load, passes, calibration, accounting, save): the check and the
     sensitivity report give their own."""
     table = Table(title="onnx-shrink summary", title_justify="left")
-    for column in ("pass", "time", "nodes", "params", "MACs/sample", "bytes"):
-        table.add_column(column, justify="left" if column == "pass" else "right")
+    table.add_column("pass", overflow="fold")  # a long op type wraps, not cut
+    for column in ("time", "nodes", "params", "MACs/sample", "bytes"):
+        table.add_column(column, justify="right")
     for step in result.steps:
         b, a = step.before, step.after
         spec = step.spec

@@ -28,6 +28,7 @@ from typing import ClassVar, Protocol
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
 from onnx_shrink.errors import ShrinkError
 
@@ -85,9 +86,11 @@ class Followup:
 
 @dataclasses.dataclass
 class FollowupResult(ir.passes.PassResult):
-    """What ``apply`` returns when it wants a second look at the data (``Followup``)."""
+    """What ``apply`` returns when it wants a second look at the data (``Followup``), with
+    its ``note`` for the summary (``NotedResult``)."""
 
     followup: Followup | None = None
+    note: str = ""
 
 
 @dataclasses.dataclass(frozen=True)
@@ -193,4 +196,4 @@ class BoundPass(ir.passes.InPlacePass):
             except ShrinkError as e:  # a refinement: the pass's result stands without it
                 logger.warning("%s: the second look at the data failed (%s)", self.name, e)
         followup.finish(result.model, seen)
-        return ir.passes.PassResult(result.model, result.modified)
+        return NotedResult(result.model, result.modified, result.note)

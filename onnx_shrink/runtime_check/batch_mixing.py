@@ -32,6 +32,7 @@ import onnxruntime as ort
 
 from onnx_shrink import warning_records
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.passes.quant import dynamic
 from onnx_shrink.runtime_check import sample_batches, sessions
 from onnx_shrink.runtime_check.data_types import Batch, Dataset, Feed, InputSpec
 from onnx_shrink.wording import counted
@@ -46,13 +47,6 @@ its outputs by their own size."""
 
 TRIAL_SAMPLES = 16
 """Samples the pair is chosen from where the first feed holds one"""
-
-
-PER_RUN_SCALES = frozenset(
-    {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
-)
-"""Ops that take one int8 scale per run from every sample in it (quant-dynamic's): samples
-run together share it, so each one's outputs depend on its batch-mates."""
 
 
 def vetted(
@@ -72,7 +66,7 @@ def vetted(
     The mark is the caller's to trust: it says one model was tried, and a compressed copy
     may mix where its input does not (int8 zeros under a Log that a batch-wide max clips).
     ``model``: the model ``session`` runs, where known: the warning then names its
-    ``PER_RUN_SCALES`` nodes as the likely cause."""
+    ``dynamic.PER_RUN_SCALES`` nodes as the likely cause."""
     if not sample_batches.splittable(dataset, specs):
         return dataset
     pair = _trial_pair(dataset, specs)
@@ -116,10 +110,7 @@ def vetted(
 def _likely_cause(model: ir.Model | None) -> str:
     """Why a model's samples mix: its per-run int8 scales where it has any (quant-dynamic
     on occular-deskew's CNN was said to reduce over the batch axis), else the usual cause."""
-    graphs = model.graphs() if model is not None else ()
-    counts = collections.Counter(
-        node.op_type for graph in graphs for node in graph if node.op_type in PER_RUN_SCALES
-    )
+    counts = dynamic.per_run_nodes(model) if model is not None else collections.Counter()
     if not counts:
         return "a reduction or normalization over the batch axis"
     nodes = ", ".join(counted(n, f"{op} node") for op, n in sorted(counts.items()))

@@ -10,6 +10,7 @@ the whole tensor, widened to contain 0), multiplies in integers and rescales:
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import logging
 from collections.abc import Collection
@@ -36,6 +37,20 @@ from onnx_shrink.passes.quant.weight_matching import (
 from onnx_shrink.passes.quant.weight_warnings import half_precision_left, warn_float_convs
 
 logger = logging.getLogger(__name__)
+
+PER_RUN_SCALES = frozenset(
+    {"DynamicQuantizeLinear", "DynamicQuantizeMatMul", "DynamicQuantizeLSTM"}
+)
+"""Ops that take one int8 scale per run from every sample in it (this pass's): samples run
+together share it, so each one's outputs depend on its batch-mates."""
+
+
+def per_run_nodes(model: ir.Model) -> collections.Counter[str]:
+    """The ``PER_RUN_SCALES`` nodes of ``model``, in every graph, by op type."""
+    return collections.Counter(
+        node.op_type for graph in model.graphs() for node in graph if node.op_type in PER_RUN_SCALES
+    )
+
 
 SUPPORTED_OPS = (
     "MatMul",

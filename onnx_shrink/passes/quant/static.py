@@ -18,6 +18,7 @@ from onnx_shrink.compiler.options import (
     warn_unmatched_exclusions,
     warn_unmatched_op_types,
 )
+from onnx_shrink.compiler.pass_results import NotedResult
 from onnx_shrink.compiler.statistics import (
     Statistics,
     StatRequest,
@@ -255,7 +256,7 @@ class QuantPass(StaticOptions, DataAwarePass):
             plan_writer.write_plan(
                 model, decided, stats, self._ranging, per_channel, sixteen_bit, narrow, self.fused
             )
-        dynamic = self._dynamic_rules.quantize(model, narrow)
+        dynamic, note = self._dynamic_rules.quantize(model, narrow)
         modified = bool(decided.nodes) or dynamic
         if not modified:
             return self._unchanged(model, decided.skipped)
@@ -266,18 +267,18 @@ class QuantPass(StaticOptions, DataAwarePass):
         measurement = bias_correction.Measurement(model, references)
         requests = measurement.add()
         if not requests:
-            return self._finished(model, modified, narrow)
+            return self._finished(model, modified, narrow, note)
 
         def finish(result: ir.Model, seen: Statistics | None) -> None:
             measurement.finish(seen)
-            self._finished(result, modified, narrow)
+            self._finished(result, modified, narrow, note)
 
         # One sample a run: the requested means are tiny, while the measurement model holds
         # float activations (no integer kernels fuse around the means), which joined runs
         # multiply (joined, PP-OCRv4 det's took 1.6x the time and 2.3x the peak memory).
         look = Look(self.bias_correction_samples, 1, "bias correction")
         followup = Followup(model, requests, finish, look)
-        return FollowupResult(model, modified, followup)
+        return FollowupResult(model, modified, followup, note)
 
     def _unchanged(
         self, model: ir.Model, skipped: Mapping[str, str] | None = None
@@ -375,11 +376,11 @@ class QuantPass(StaticOptions, DataAwarePass):
         warn_unmatched_op_types(model, f"{self.name}.exclude_op_types", self.exclude_op_types)
 
     @staticmethod
-    def _finished(model: ir.Model, modified: bool, narrow: bool) -> ir.passes.PassResult:
+    def _finished(model: ir.Model, modified: bool, narrow: bool, note: str) -> NotedResult:
         half_weights.restore(model)
         if modified and narrow:  # once, for all graphs, after the dead float weights are gone
             compact.store_narrow(model)
-        return ir.passes.PassResult(model, modified)
+        return NotedResult(model, modified, note)
 
 
 def _ranged(stats: Statistics, tensors: Sequence[str]) -> bool:

@@ -9,12 +9,13 @@ and asks it which nodes it takes, to quantize them, and why the others stay floa
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 
 import onnx_ir as ir
 
 from onnx_shrink.compiler.walk import nodes_of
-from onnx_shrink.passes.quant import table_readers
+from onnx_shrink.passes.quant import dynamic, table_readers
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 
 BODY_OPS = ("MatMul", "Gemm", "Gather")
@@ -73,10 +74,16 @@ class DynamicRules:
             return []
         return [node for op_type in ops for node in self._pass(op_type, False).layers(model, main)]
 
-    def quantize(self, model: ir.Model, narrow: bool) -> bool:
+    def quantize(self, model: ir.Model, narrow: bool) -> tuple[bool, str]:
         """Give the weights of rules 5, 6, 10, 14 and 15 ``quant-dynamic``'s int8 (with float16
         scales when ``narrow``; the caller stores them). With ``only``, only the main-graph
-        nodes it names. Returns whether any was quantized."""
+        nodes it names. Returns whether any was quantized, and ``per_run_note`` of what it
+        wrote."""
+        before = dynamic.per_run_nodes(model)
+        quantized = self._quantize(model, narrow)
+        return quantized, per_run_note(dynamic.per_run_nodes(model) - before)
+
+    def _quantize(self, model: ir.Model, narrow: bool) -> bool:
         count = 0
         # With only: the main-graph nodes it names, as layers (and the warning about names
         # matching nothing) see them; a body's node of the same name stays float.
@@ -128,3 +135,14 @@ class DynamicRules:
             narrow_storage=narrow,
             log_inputs=self.log_inputs,
         )
+
+
+def per_run_note(written: collections.Counter[str]) -> str:
+    """For the summary, the nodes of ``written`` (``dynamic.PER_RUN_SCALES``) whose
+    activations take their int8 scale from each run, not from calibration: a static pass
+    that wrote them says so, where its summary said only what it calibrated (SLANet's Loop
+    body: 7 DynamicQuantizeMatMul; a CRNN's 2 DynamicQuantizeLSTM). "" without any."""
+    if not written:
+        return ""
+    nodes = ", ".join(f"{n} {op}" for op, n in sorted(written.items()))
+    return f"int8 scales set per run in {nodes}"

@@ -14,6 +14,7 @@ import onnx.numpy_helper as onh
 import onnx_ir as ir
 import pytest
 
+import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant.dynamic import QuantDynamicPass
 from onnx_shrink.passes.quant.static import QuantPass
@@ -321,6 +322,20 @@ def test_static_quant_gives_lstms_dynamic_int8_weights_unless_asked_not_to(optio
     got = run_ort(io.to_bytes(model), feed)
     # The MatMul's QDQ and the LSTM's int8 weights together, on tanh-bounded outputs.
     assert max(np.abs(a - b).max() for a, b in zip(reference, got, strict=True)) < 0.08
+
+
+@pytest.mark.parametrize(
+    ("sets", "note"), [((), "1 DynamicQuantizeLSTM"), (("quant.lstm=false",), "")]
+)
+def test_the_summary_says_which_nodes_static_quant_gives_scales_set_per_run(sets, note):
+    """Their activations' scales come from each run, not from the calibration the summary
+    reports: a CRNN's two LSTMs and SLANet's Loop body said nothing of it (sweep 12)."""
+    proto = _matmul_then_lstm()
+    feed = np.random.default_rng(4).standard_normal((8, SEQ, BATCH, 32)).astype(np.float32)
+    result = onnx_shrink.shrink(proto, "quant", sets=sets, calibration={"X0": feed}, check=False)
+    step = result.steps[0]
+    assert step.calibration_samples == 8
+    assert step.note == (f"int8 scales set per run in {note}" if note else "")
 
 
 def test_quant_only_quantizes_the_lstm_it_names_and_nothing_else():
