@@ -40,23 +40,38 @@ _NOTED_CODES = INTEGER_WEIGHTS | {QUANT_TYPES["s16"].onnx}
 """Codes whose DequantizeLinear ``note`` counts: 16-bit weights are quantized too"""
 
 
+CAST_SCALED_READERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
+"""Layers ``note`` counts where their weight (the input at that index) is ``CAST_AND_SCALED``"""
+
+
 def note(graph: ir.Graph) -> str:
     """``"; the model is quantized already: 21 ConvInteger"`` (the most frequent first, in
-    ``graph`` and its bodies), or "" where it holds no integer kernel and no
-    DequantizeLinear of an integer weight (Q/DQ)."""
+    ``graph`` and its bodies), or "" where it holds no integer kernel, no DequantizeLinear
+    of an integer weight (Q/DQ) and no layer on integer codes cast and scaled."""
     counts: collections.Counter[str] = collections.Counter()
     for node in ir.traversal.RecursiveGraphIterator(graph):
-        if node.op_type in INTEGER_KERNELS or _dequantizes_a_weight(node):
+        if node.op_type in INTEGER_KERNELS:
             counts[node.op_type] += 1
+        elif _dequantizes_a_weight(node):
+            # Only the DequantizeLinear nodes of weights are counted (a Q/DQ model has as
+            # many again for its activations): said so, or "54 DequantizeLinear" reads as a
+            # miscount.
+            counts[f"{node.op_type} of integer weights"] += 1
+        elif _reads_cast_scaled_weight(node):
+            # A model int8 in Cast and Mul (all-MiniLM's 36 MatMuls): prune-channels said
+            # only "no MatMul with a constant weight" where prune said "quantized already".
+            counts[f"{node.op_type} on integer weights cast and scaled"] += 1
     if not counts:
         return ""
-    # Only the DequantizeLinear nodes of weights are counted (a Q/DQ model has as many again
-    # for its activations): say so, or "54 DequantizeLinear" reads as a miscount.
-    found = ", ".join(
-        f"{count} {op}{' of integer weights' if op == 'DequantizeLinear' else ''}"
-        for op, count in counts.most_common()
-    )
+    found = ", ".join(f"{count} {what}" for what, count in counts.most_common())
     return f"; the model is quantized already: {found}"
+
+
+def _reads_cast_scaled_weight(node: ir.Node) -> bool:
+    index = CAST_SCALED_READERS.get(node.op_type)
+    if index is None or len(node.inputs) <= index:
+        return False
+    return stored_as(node.inputs[index]) == CAST_AND_SCALED
 
 
 def _dequantizes_a_weight(node: ir.Node) -> bool:

@@ -298,3 +298,15 @@ def test_a_weight_computed_from_constants_is_sent_to_fold(caplog):
     assert "weight 'w' is computed from constants: run fold first" in caplog.text
     with caplog.at_level(logging.WARNING):
         assert shrink(proto, "fold,quant-dynamic", check=False).steps[1].modified
+
+
+@pytest.mark.parametrize("passes", ["prune-channels", "prune", "lowrank", "quant"])
+def test_every_weight_pass_says_a_model_cast_and_scaled_is_quantized_already(passes, caplog):
+    """An int8 MiniLM (weights cast and scaled): prune-channels said only "no MatMul with a
+    constant weight" where prune and lowrank said "weight quantized already" (sweep 12)."""
+    x = np.random.default_rng(1).normal(size=(8, 64)).astype(np.float32)
+    with caplog.at_level(logging.WARNING):
+        result = shrink(_cast_scaled(), passes, check=False, calibration={"x": x})
+    assert not result.steps[0].modified
+    expected = "the model is quantized already: 1 MatMul on integer weights cast and scaled"
+    assert expected in caplog.text
