@@ -30,6 +30,7 @@ from onnx_shrink.runtime_check import (
     check_notes,
     declared_outputs,
     op_time,
+    output_parts,
     sample_batches,
     selection,
     sessions,
@@ -276,6 +277,7 @@ def _numeric(
     if progress is not None:
         progress(progress_mod.OUTPUTS, 0, dataset.samples)
     residuals = residuals_mod.Residuals()
+    parts = output_parts.OutputParts()
 
     def run_reference(batch: data_mod.Batch) -> dict[str, np.ndarray]:
         outputs = names + conditions
@@ -300,6 +302,7 @@ def _numeric(
                 watch.add({**batch.feed, **ref_out})
                 ref_out = {name: ref_out[name] for name in names}
             residuals.add(batch.feed, ref_out, cand_out)
+            parts.add(ref_out, cand_out)
             if progress is not None:
                 progress(progress_mod.OUTPUTS, samples, dataset.samples)
             yield ref_out, cand_out, batch.labels
@@ -315,7 +318,7 @@ def _numeric(
     untested = watch.untested() if watch is not None else ()
     ordered = selection.ordered_outputs(pair.ref.model.graph)
     report = dataclasses.replace(
-        residuals.annotated(report),
+        parts.annotated(residuals.annotated(report)),
         samples=samples,
         untested_branches=untested,
         ordered_by=tuple(

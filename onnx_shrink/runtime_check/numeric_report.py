@@ -112,18 +112,25 @@ class OutputComparison:
     ("its last 1 of 16 positions along axis 2"), which ``residual_share`` and
     ``residual_error`` then measure; None: a residual added"""
 
+    small_part: str | None = None
+    """where the output joins parts of very different scales along an axis (a detector's
+    boxes and class scores: ``output_parts``), the small one ("its slices 4-21 of 22 along
+    axis 1, 6.8e+03x smaller than the rest"), which ``small_part_share`` and
+    ``small_part_error`` measure; None: no such part"""
+    small_part_share: float | None = None
+    """the small part's norm over the output's"""
+    small_part_error: float | None = None
+    """the small part's relative error"""
+
     @property
     def residual_snr_db(self) -> float | None:
         """The residual's SNR in dB (None: no residual; inf: no error)."""
-        if self.residual_error is None:
-            return None
-        if self.residual_error == 0:
-            return math.inf
-        return (
-            -20 * math.log10(self.residual_error)
-            if math.isfinite(self.residual_error)
-            else -math.inf
-        )
+        return _snr_db(self.residual_error)
+
+    @property
+    def small_part_snr_db(self) -> float | None:
+        """The small part's SNR in dB (None: no such part; inf: no error)."""
+        return _snr_db(self.small_part_error)
 
     @property
     def integral(self) -> bool:
@@ -132,6 +139,15 @@ class OutputComparison:
 
     def to_dict(self) -> dict[str, object]:
         return dataclasses.asdict(self)
+
+
+def _snr_db(relative_error: float | None) -> float | None:
+    """``-20 log10(relative_error)`` (None for None; inf without error)."""
+    if relative_error is None:
+        return None
+    if relative_error == 0:
+        return math.inf
+    return -20 * math.log10(relative_error) if math.isfinite(relative_error) else -math.inf
 
 
 LOW_SNR_DB = 20.0
@@ -204,6 +220,20 @@ class NumericReport:
             and o.name not in large
         ]
         return sorted(found, key=lambda o: o.residual_snr_db)
+
+    @property
+    def large_part_errors(self) -> list[OutputComparison]:
+        """The outputs whose small part (``output_parts``) has an SNR under ``LOW_SNR_DB``,
+        where the whole output is not (those are among ``large_errors``), the lowest first."""
+        large = {o.name for o in self.large_errors}
+        found = [
+            o
+            for o in self.outputs
+            if o.small_part_snr_db is not None
+            and o.small_part_snr_db < LOW_SNR_DB
+            and o.name not in large
+        ]
+        return sorted(found, key=lambda o: o.small_part_snr_db)
 
     @property
     def low_agreement(self) -> OutputComparison | None:
