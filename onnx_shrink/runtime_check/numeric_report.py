@@ -121,11 +121,21 @@ class OutputComparison:
     """the small part's norm over the output's"""
     small_part_error: float | None = None
     """the small part's relative error"""
+    small_part_cosine: float | None = None
+    small_part_max_abs_error: float | None = None
 
     @property
     def residual_snr_db(self) -> float | None:
         """The residual's SNR in dB (None: no residual; inf: no error)."""
         return _snr_db(self.residual_error)
+
+    @property
+    def scored_error(self) -> float:
+        """The relative error ``quant.max_error`` and the sensitivity ranking judge the
+        output by: its own, or its small part's where larger (``output_parts``)."""
+        if self.small_part_error is None or math.isnan(self.relative_error):
+            return self.relative_error
+        return max(self.relative_error, self.small_part_error)
 
     @property
     def small_part_snr_db(self) -> float | None:

@@ -240,7 +240,7 @@ def worst_error(
     naming: graph_edit.Naming | None = None,
 ) -> Measured:
     """``model`` quantized by ``config``, measured against ``model`` itself (not modified):
-    the worst float output's relative error (``OutputComparison.relative_error``, over all
+    the worst float output's relative error (``OutputComparison.scored_error``, over all
     samples of ``data``; NaN/Inf where the float model is finite: ∞). ``config`` calibrates
     on ``data`` as a run of it would (its own statistics); a follow-up it asks for (bias
     correction) is not made. ``reference``: ``model`` opened for many measurements (its
@@ -270,7 +270,8 @@ def _measured(
     against = reference if reference is not None else base
     numeric = checker.compare(against, result.model, data, provider=provider, progress=progress)
     names = {base.graph.outputs[i].name for i in combined_mod.compared_outputs(base, "quant")}
-    error = max(o.relative_error for o in numeric.outputs if o.name in names)
+    # A detector's class scores beside its boxes: the part counts as an output of its own.
+    error = max(o.scored_error for o in numeric.outputs if o.name in names)
     size = large_tensors.saved_bytes(result.model, naming=naming)
     return Measured(error, size, numeric.samples, result.modified)
 

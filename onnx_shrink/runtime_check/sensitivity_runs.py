@@ -21,6 +21,7 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
+import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics
@@ -28,8 +29,8 @@ from onnx_shrink.errors import ShrinkError
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import combined as combined_mod
 from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import output_parts, run_costs, sample_batches
 from onnx_shrink.runtime_check import progress as progress_mod
-from onnx_shrink.runtime_check import run_costs, sample_batches
 from onnx_shrink.runtime_check.compare import ErrorAccumulator
 from onnx_shrink.runtime_check.numeric_report import OutputComparison
 from onnx_shrink.runtime_check.sensitivity_hint import Target
@@ -210,14 +211,25 @@ class Runner:
         combined = self.combined(passes)
         references = [v.name or "" for v in combined.graph.outputs[: len(self.outputs)]]
         accumulators = [[ErrorAccumulator(name) for name in references] for _ in passes]
+        # Parts only along the axes the float outputs' first batch shows one: one pass over
+        # each reference, where every copy's output along every axis would cost many.
+        parts: list[dict[str, output_parts.PartAccumulator]] | None = None
         self.samples = 0
         runs = combined_mod.stream(combined, data, self.provider, self.progress, phase)
         for batch, result in runs:
+            if parts is None:
+                parts = _part_accumulators(result, references, len(passes))
             for index, row in enumerate(accumulators):
                 for acc in row:
-                    acc.add(result[acc.name], result[f"{acc.name}{self.sep}{index}"])
+                    candidate = result[f"{acc.name}{self.sep}{index}"]
+                    acc.add(result[acc.name], candidate)
+                    if acc.name in parts[index]:
+                        parts[index][acc.name].add(result[acc.name], candidate)
             self.samples += batch.samples
-        return [[acc.result() for acc in row] for row in accumulators]
+        return [
+            [output_parts.annotate(acc.result(), _part_result(found, acc.name)) for acc in row]
+            for row, found in zip(accumulators, parts or [{}] * len(passes), strict=True)
+        ]
 
     def combined(self, passes: Sequence[QuantPass]) -> ir.Model:
         """The float graph plus a copy quantized by each of ``passes`` (see ``compare``)."""
@@ -234,17 +246,51 @@ class Runner:
         return edit
 
 
+def _part_accumulators(
+    result: dict[str, np.ndarray], references: Sequence[str], copies: int
+) -> list[dict[str, output_parts.PartAccumulator]]:
+    """Per copy, a part accumulator for each float output whose first batch has a part."""
+    axes = {
+        name: output_parts.part_axes(result[name])
+        for name in references
+        if result[name].ndim >= 2 and np.issubdtype(result[name].dtype, np.floating)
+    }
+    found = {name: along for name, along in axes.items() if along}
+    return [
+        {name: output_parts.PartAccumulator(along) for name, along in found.items()}
+        for _ in range(copies)
+    ]
+
+
+def _part_result(
+    accumulators: dict[str, output_parts.PartAccumulator], name: str
+) -> output_parts.PartResult | None:
+    accumulator = accumulators.get(name)
+    return accumulator.result() if accumulator is not None else None
+
+
 def _layer(target: Target, results: Sequence[OutputComparison], samples: int) -> LayerSensitivity:
-    worst = max(results, key=lambda r: (r.nan_count + r.inf_count > 0, r.relative_error))
+    worst = max(results, key=lambda r: (r.nan_count + r.inf_count > 0, r.scored_error))
+    output, error, cosine, snr, max_abs = (
+        worst.name,
+        worst.relative_error,
+        worst.cosine,
+        worst.snr_db,
+        worst.max_abs_error,
+    )
+    if worst.scored_error > error:  # its small part's: a detector's class scores
+        output = f"{worst.name} ({worst.small_part})"
+        error, snr = worst.scored_error, worst.small_part_snr_db
+        cosine, max_abs = worst.small_part_cosine, worst.small_part_max_abs_error
     return LayerSensitivity(
         node=target.name,
         op_type=target.op_type,
         position=target.position,
-        output=worst.name,
-        relative_error=worst.relative_error,
-        cosine=worst.cosine,
-        snr_db=worst.snr_db,
-        max_abs_error=worst.max_abs_error,
+        output=output,
+        relative_error=error,
+        cosine=cosine,
+        snr_db=snr,
+        max_abs_error=max_abs,
         nonfinite=worst.nan_count + worst.inf_count,
         samples=samples,
     )

@@ -5,11 +5,17 @@ beside its boxes)."""
 from __future__ import annotations
 
 import numpy as np
+import onnx_ir as ir
 import pytest
 
-from onnx_shrink.runtime_check import check_notes
+import onnx_shrink
+from onnx_shrink.compiler import io
+from onnx_shrink.passes.quant.static import QuantPass
+from onnx_shrink.runtime_check import check_notes, checker
+from onnx_shrink.runtime_check import data as data_mod
+from onnx_shrink.runtime_check import sensitivity as sens
 from onnx_shrink.runtime_check.checker import check
-from onnx_shrink.runtime_check.output_parts import SEPARATION, OutputParts, small_part
+from onnx_shrink.runtime_check.output_parts import SEPARATION, OutputParts, part_axes, small_part
 from tests.helpers import parse, save_proto
 
 RNG = np.random.default_rng(1208)
@@ -34,13 +40,23 @@ def test_the_small_part_and_its_error_are_the_same_however_samples_are_batched()
     whole.add({"y": reference}, {"y": candidate})
     for rows in (slice(0, 1), slice(1, 6)):
         batched.add({"y": reference[rows]}, {"y": candidate[rows]})
-    part, share, error = _result(whole)
+    found = _result(whole)
+    part = found.part
     assert (part.axis, part.start, part.stop, part.length) == (1, 2, 6, 6)
     r, c = reference[:, 2:].astype(np.float64), candidate[:, 2:].astype(np.float64)
-    assert error == pytest.approx(np.linalg.norm(c - r) / np.linalg.norm(r), rel=1e-12)
-    assert share == pytest.approx(np.linalg.norm(r) / np.linalg.norm(reference), rel=1e-6)
+    error = np.linalg.norm(c - r) / np.linalg.norm(r)
+    assert found.relative_error == pytest.approx(error, rel=1e-12)
+    cosine = (r * c).sum() / np.linalg.norm(r) / np.linalg.norm(c)
+    assert found.cosine == pytest.approx(cosine, rel=1e-12)
+    assert found.max_abs_error == np.abs(c - r).max()
+    share = np.linalg.norm(r) / np.linalg.norm(reference)
+    assert found.share == pytest.approx(share, rel=1e-6)
+    assert part_axes(reference) == (1,) and part_axes(reference[:, :2]) == ()
     other = _result(batched)
-    assert other[0] == part and other[1:] == pytest.approx((share, error), rel=1e-12)
+    assert other.part == part
+    assert (other.share, other.relative_error, other.cosine) == pytest.approx(
+        (found.share, found.relative_error, found.cosine), rel=1e-12
+    )
 
 
 @pytest.mark.parametrize(
@@ -91,3 +107,58 @@ def test_a_small_part_destroyed_is_said_where_the_whole_output_reads_fine(tmp_pa
     assert "relative error 0.5)" in note and "for quant, --sensitivity" in note
     same = check(reference, reference, tmp_path / "x.npz", latency_runs=0).numeric
     assert same.outputs[0].small_part_error == 0 and not check_notes.notes(same)
+
+
+def _detector() -> ir.Model:
+    """x -> trunk -> Relu -> {boxes (x30): [N, 4] | scores: 0.05 Sigmoid: [N, 8]} -> Concat."""
+    rng = np.random.default_rng(0)
+    weights = {
+        "w0": rng.standard_normal((16, 32)),
+        "wb": rng.standard_normal((32, 4)) * 30,
+        "ws": rng.standard_normal((32, 8)) * 0.1,
+    }
+    lists = {k: ", ".join(f"{v:.8g}" for v in w.ravel()) for k, w in weights.items()}
+    return io.load(
+        parse(
+            f"""
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[N, 16] x) => (float[N, 12] y)
+  <float[16, 32] w0 = {{{lists["w0"]}}}, float[32, 4] wb = {{{lists["wb"]}}},
+   float[32, 8] ws = {{{lists["ws"]}}}, float k = {{0.05}}> {{
+  h = MatMul (x, w0)
+  r = Relu (h)
+  b = MatMul (r, wb)
+  s0 = MatMul (r, ws)
+  s1 = Sigmoid (s0)
+  s = Mul (s1, k)
+  y = Concat <axis = 1> (b, s)
+}}
+"""
+        )
+    )
+
+
+def _named(model: ir.Model) -> ir.Model:
+    for node in model.graph:
+        if node.op_type == "MatMul":
+            node.name = {"w0": "trunk", "wb": "boxes", "ws": "scores"}[node.inputs[1].name]
+    return model
+
+
+def test_the_sensitivity_ranking_and_the_target_count_the_small_part():
+    """Quantized alone, the score layer changes only the scores: the whole output's error
+    ranked it last, where its scores moved most."""
+    model = _named(_detector())
+    x = np.random.default_rng(5).standard_normal((32, 16)).astype(np.float32)
+    dataset = data_mod.prepare(data_mod.specs_from_model(model), {"x": x})
+    report = sens.sensitivity(model, QuantPass(), dataset, hint=False)
+    scores = next(layer for layer in report.layers if layer.node == "scores")
+    assert scores.output.startswith("y (its slices 4-11 of 12 along axis 1")
+    alone = onnx_shrink.shrink(
+        model, "quant", sets="quant.exclude=trunk,boxes", calibration={"x": x}, check=False
+    )
+    (out,) = checker.compare(model, alone.model, dataset).outputs
+    assert out.small_part_error > 10 * out.relative_error
+    measured = sens._measured(model, ir.passes.PassResult(alone.model, True), dataset, "cpu")
+    assert measured.error == out.small_part_error == out.scored_error
+    assert scores.relative_error == pytest.approx(out.small_part_error, rel=0.05)

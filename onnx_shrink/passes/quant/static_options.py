@@ -60,7 +60,9 @@ class StaticOptions:
         math.inf,
         "accuracy target: the largest relative error ||y_q - y|| / ||y|| (L2, over all the "
         "calibration samples) any float output may have against the model the pass gets "
-        "(integer outputs: the float scores an ArgMax or comparison reads); "
+        "(integer outputs: the float scores an ArgMax or comparison reads; an output joining "
+        "parts of very different scales, a detector's boxes and class scores: its small part "
+        "too); "
         "shrink() keeps the worst layers float (as --sensitivity ranks them) until it holds, "
         "and adds them to exclude (inf: none)",
         minimum=0.0,
