@@ -18,6 +18,7 @@ from collections.abc import Mapping
 
 import numpy as np
 
+from onnx_shrink.runtime_check.compare import CHUNK_ELEMENTS
 from onnx_shrink.runtime_check.numeric_report import NumericReport, OutputComparison
 
 SEPARATION = 100.0
@@ -92,10 +93,14 @@ class PartResult:
 
 
 def part_axes(reference: np.ndarray) -> tuple[int, ...]:
-    """The axes along which ``reference`` alone (one batch) has a small part: where the
-    sensitivity runs accumulate parts, instead of along every axis of every copy."""
-    squares = _finite_squares(reference.astype(np.float64))
-    return tuple(axis for axis in _axes(squares) if small_part(_per_slice(squares, axis)))
+    """The axes along which ``reference`` alone (one batch) has a small part: the only ones
+    accumulated after it, where every axis of every output would cost a pass each."""
+    sums: dict[int, np.ndarray] = {}
+    for chunk in _chunks(reference):
+        squares = _finite(chunk.astype(np.float64)) ** 2
+        for axis in _axes(reference):
+            sums[axis] = sums.get(axis, 0.0) + _per_slice(squares, axis)
+    return tuple(axis for axis, per_slice in sums.items() if small_part(per_slice))
 
 
 def _axes(array: np.ndarray) -> list[int]:
@@ -103,36 +108,48 @@ def _axes(array: np.ndarray) -> list[int]:
     return [axis for axis in range(1, array.ndim) if 2 <= array.shape[axis] <= MAX_SLICES]
 
 
+def _chunks(array: np.ndarray) -> list[np.ndarray]:
+    """``array`` in runs of samples (axis 0) of about ``CHUNK_ELEMENTS`` values at most (one
+    sample at least): float64 copies of a whole batch of MiniLM's outputs took 170 MB."""
+    per_sample = max(1, array[:1].size)
+    step = max(1, CHUNK_ELEMENTS // per_sample)
+    return [array[start : start + step] for start in range(0, array.shape[0], step)]
+
+
 def _per_slice(array: np.ndarray, axis: int) -> np.ndarray:
     return array.sum(axis=tuple(a for a in range(array.ndim) if a != axis))
 
 
-def _finite_squares(array: np.ndarray) -> np.ndarray:
-    return np.square(np.where(np.isfinite(array), array, 0.0))
+def _finite(array: np.ndarray) -> np.ndarray:
+    return np.where(np.isfinite(array), array, 0.0)
 
 
 class PartAccumulator:
-    """Per axis of one output (``axes``, else every one ``_axes`` allows), the sums per
-    slice of the reference's squares, the error's, the candidate's and their products, and
-    the largest absolute error; ``add`` a batch at a time (elements finite in both)."""
+    """Per axis of one output (``axes``), the sums per slice of the reference's squares, the
+    error's, the candidate's and their products, and the largest absolute error; ``add`` a
+    batch at a time (elements finite in both)."""
 
-    def __init__(self, axes: tuple[int, ...] | None = None) -> None:
+    def __init__(self, axes: tuple[int, ...]) -> None:
         self.axes = axes
         self.sums: dict[int, dict[str, np.ndarray]] = {}
         self.max_abs: dict[int, np.ndarray] = {}
 
     def add(self, reference: np.ndarray, candidate: np.ndarray) -> None:
-        ref = reference.astype(np.float64)
-        cand = candidate.astype(np.float64)
+        for axis in self.axes:
+            sums = self.sums.get(axis)
+            if sums and sums["ref"].size != reference.shape[axis]:
+                return  # another batch's length: the first one's slices stand
+        for ref_chunk, cand_chunk in zip(_chunks(reference), _chunks(candidate), strict=True):
+            self._add(ref_chunk.astype(np.float64), cand_chunk.astype(np.float64))
+
+    def _add(self, ref: np.ndarray, cand: np.ndarray) -> None:
         finite = np.isfinite(ref) & np.isfinite(cand)
         if not finite.all():
             ref, cand = np.where(finite, ref, 0.0), np.where(finite, cand, 0.0)
         diff = cand - ref
         terms = {"ref": ref * ref, "diff": diff * diff, "cand": cand * cand, "dot": ref * cand}
-        for axis in self.axes if self.axes is not None else _axes(ref):
+        for axis in self.axes:
             sums = self.sums.setdefault(axis, {})
-            if sums and sums["ref"].size != ref.shape[axis]:
-                continue  # another batch's length: the first one's axes stand
             for key, term in terms.items():
                 sums[key] = sums.get(key, 0.0) + _per_slice(term, axis)
             others = tuple(a for a in range(ref.ndim) if a != axis)
@@ -166,6 +183,15 @@ class PartAccumulator:
 SUM_KEYS = ("ref", "diff", "cand", "dot")
 
 
+def accumulator_for(reference: np.ndarray) -> PartAccumulator | None:
+    """A part accumulator for the output whose first batch is ``reference``, along the axes
+    it shows a part (``part_axes``); None where it shows none, or is no float array."""
+    if reference.ndim < 2 or not np.issubdtype(reference.dtype, np.floating):
+        return None
+    axes = part_axes(reference)
+    return PartAccumulator(axes) if axes else None
+
+
 def annotate(out: OutputComparison, found: PartResult | None) -> OutputComparison:
     """``out`` with its small part's figures (``found``; as it is for None)."""
     if found is None:
@@ -181,20 +207,20 @@ def annotate(out: OutputComparison, found: PartResult | None) -> OutputCompariso
 
 
 class OutputParts:
-    """The part accumulators of a check's float outputs."""
+    """The part accumulators of a check's float outputs: along the axes each output's first
+    batch shows a part (``part_axes``), none for the others."""
 
     def __init__(self) -> None:
-        self.accumulators: dict[str, PartAccumulator] = {}
+        self.accumulators: dict[str, PartAccumulator | None] = {}
 
     def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
         for name, ref in reference.items():
-            got = candidate.get(name)
+            if name not in self.accumulators:
+                self.accumulators[name] = accumulator_for(ref)
+            accumulator, got = self.accumulators[name], candidate.get(name)
             # Else the candidate is broken or reshaped: compare says how.
-            if ref.ndim < 2 or not np.issubdtype(ref.dtype, np.floating):
-                continue
-            if got is None or got.shape != ref.shape:
-                continue
-            self.accumulators.setdefault(name, PartAccumulator()).add(ref, got)
+            if accumulator is not None and got is not None and got.shape == ref.shape:
+                accumulator.add(ref, got)
 
     def annotated(self, report: NumericReport) -> NumericReport:
         """``report`` with each output that joins parts of different scales told so:

@@ -250,14 +250,13 @@ def _part_accumulators(
     result: dict[str, np.ndarray], references: Sequence[str], copies: int
 ) -> list[dict[str, output_parts.PartAccumulator]]:
     """Per copy, a part accumulator for each float output whose first batch has a part."""
-    axes = {
-        name: output_parts.part_axes(result[name])
-        for name in references
-        if result[name].ndim >= 2 and np.issubdtype(result[name].dtype, np.floating)
-    }
-    found = {name: along for name, along in axes.items() if along}
+    axes = {}
+    for name in references:
+        found = output_parts.accumulator_for(result[name])
+        if found is not None:
+            axes[name] = found.axes
     return [
-        {name: output_parts.PartAccumulator(along) for name, along in found.items()}
+        {name: output_parts.PartAccumulator(along) for name, along in axes.items()}
         for _ in range(copies)
     ]
 

@@ -11,7 +11,7 @@ import pytest
 import onnx_shrink
 from onnx_shrink.compiler import io
 from onnx_shrink.passes.quant.static import QuantPass
-from onnx_shrink.runtime_check import check_notes, checker
+from onnx_shrink.runtime_check import check_notes, checker, output_parts
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import sensitivity as sens
 from onnx_shrink.runtime_check.checker import check
@@ -33,7 +33,10 @@ def _result(parts: OutputParts):
     return accumulator.result()
 
 
-def test_the_small_part_and_its_error_are_the_same_however_samples_are_batched():
+@pytest.mark.parametrize("chunk", [1 << 20, 7])
+def test_the_small_part_and_its_error_are_the_same_however_samples_are_batched(chunk, monkeypatch):
+    """In one batch or two, folded in at once or a sample at a time (``chunk``)."""
+    monkeypatch.setattr(output_parts, "CHUNK_ELEMENTS", chunk)
     reference = _detections()
     candidate = reference * (1 + 0.2 * RNG.standard_normal(reference.shape)).astype(np.float32)
     whole, batched = OutputParts(), OutputParts()
