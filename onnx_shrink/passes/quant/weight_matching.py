@@ -20,6 +20,7 @@ import onnx_ir as ir
 
 from onnx_shrink.compiler import walk
 from onnx_shrink.passes.quant import (
+    clip_bounds,
     compact,
     quantized_already,
     table_readers,
@@ -42,6 +43,9 @@ def check_selection(op_types: tuple[str, ...], supported: tuple[str, ...]) -> No
         raise ValueError(f"op_types: {', '.join(unknown)} not one of {', '.join(supported)}")
 
 
+_CONVERSION_LOGGERS = ("onnxscript.version_converter", "onnx_ir.passes.common.shape_inference")
+
+
 def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> bool:
     """Convert a model older than opset ``target`` to it, in place; False when the converter
     cannot (the caller then does without ``purpose``, or refuses). Per-channel
@@ -54,14 +58,20 @@ def ensure_opset(model: ir.Model, target: int, purpose: str, pass_name: str) -> 
 
         # Its own converter takes few opsets; for the others it warns, then converts with
         # onnx's C API as fallback=True asks. That is the conversion working, logged below.
-        converter_log = logging.getLogger("onnxscript.version_converter")
-        level = converter_log.level
-        converter_log.setLevel(logging.ERROR)
+        # The shape inference it runs after fails where the C API gave a float16 Clip float
+        # bounds (mended below), with a traceback an attempt.
+        quiet = [logging.getLogger(name) for name in _CONVERSION_LOGGERS]
+        levels = [log.level for log in quiet]
+        clips = clip_bounds.bound_types(model)
         try:
+            for log in quiet:
+                log.setLevel(logging.ERROR)
             with value_types.no_inferred_annotations(model):
                 ConvertVersionPass(target_version=target, fallback=True)(model)
         finally:
-            converter_log.setLevel(level)
+            for log, level in zip(quiet, levels, strict=True):
+                log.setLevel(level)
+        clip_bounds.retype(model, clips)
     except Exception as e:  # noqa: BLE001 - any converter failure means: without ``purpose``
         logger.warning(
             "%s: cannot convert opset %d to %d (%s); no %s", pass_name, version, target, e, purpose
