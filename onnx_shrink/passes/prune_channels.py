@@ -47,6 +47,28 @@ logger = logging.getLogger(__name__)
 
 NO_GROUPS = f"no {'/'.join(sorted(SOURCE_OPS))} with a constant weight"
 
+
+def _none_reason(model: ir.Model) -> str:
+    """``NO_GROUPS``, and where If/Loop/Scan bodies hold such layers, that it does not reach
+    them: Silero VAD's 12 Convs sit in its If branches, and the reason read as if it had
+    none."""
+    inside = collections.Counter(
+        node.op_type
+        for graph in model.graphs()
+        if graph is not model.graph
+        for node in graph
+        if node.op_type in SOURCE_OPS
+        and len(node.inputs) > 1
+        and constant(node.inputs[1]) is not None
+    )
+    if not inside:
+        return NO_GROUPS
+    layers = ", ".join(f"{n} {op}" for op, n in sorted(inside.items()))
+    return (
+        f"{NO_GROUPS} in the main graph; {layers} in If/Loop/Scan bodies, which it does not reach"
+    )
+
+
 Criterion = Literal["l1", "l2", "activation"]
 
 
@@ -155,7 +177,8 @@ class PruneChannelsPass(DataAwarePass):
             plans.append((group, removed))
         if not plans:
             already = quantized_already.note(model.graph)
-            warn_no_change(self.name, "channel group", declined, none=NO_GROUPS, note=already)
+            none = _none_reason(model)
+            warn_no_change(self.name, "channel group", declined, none=none, note=already)
             return ir.passes.PassResult(model, False)
         if stats is not None and self.reconstruct != "off":
             found = channel_refit.consumers(_consumer_nodes([g for g, _ in plans]))

@@ -519,3 +519,38 @@ def test_a_layer_that_cannot_be_refit_says_why(op, attributes, reason):
     x = ir.Value(name="x")
     node = ir.Node("", op, [x, weight], [ir.AttrString(k, v) for k, v in attributes.items()])
     assert channel_refit.consumer(node).startswith(reason)
+
+
+def test_layers_in_if_bodies_are_named_as_out_of_reach(caplog):
+    """Silero VAD's 12 Convs sit in its If branches: the reason read as if it had none."""
+    w = np.random.default_rng(4).normal(size=(8, 8)).astype(np.float32)
+
+    def body(name: str) -> onnx.GraphProto:
+        return helper.make_graph(
+            [helper.make_node("MatMul", ["x", f"w_{name}"], [f"y_{name}"], name=f"mm_{name}")],
+            name,
+            [],
+            [helper.make_tensor_value_info(f"y_{name}", TensorProto.FLOAT, [1, 8])],
+            [numpy_helper.from_array(w, f"w_{name}")],
+        )
+
+    branch = helper.make_node(
+        "If", ["cond"], ["y"], then_branch=body("then"), else_branch=body("else")
+    )
+    graph = helper.make_graph(
+        [branch],
+        "g",
+        [
+            helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 8]),
+            helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+        ],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])],
+    )
+    proto = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)], ir_version=8)
+    with caplog.at_level(logging.WARNING):
+        result = PruneChannelsPass(reconstruct="off")(io.load(proto))
+    assert not result.modified
+    assert (
+        "with a constant weight in the main graph; 2 MatMul in If/Loop/Scan bodies, which it "
+        "does not reach" in caplog.text
+    )
