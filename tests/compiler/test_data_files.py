@@ -88,3 +88,14 @@ def test_released_pages_of_a_mapped_npz_leave_the_process_and_read_back_unchange
     for row in range(64):
         data_files.release_pages(np.asarray(mapped[row]))
     assert touched - resident_kib() > 48 << 10
+
+
+def test_a_file_that_is_no_npy_array_is_named_so_not_taken_for_a_pickle(tmp_path):
+    """A JSON labels file was refused with numpy's advice to load it as a pickle."""
+    path = tmp_path / "labels.json"
+    path.write_text('{"a.png": 1}')
+    with pytest.raises(ShrinkError) as raised:
+        data_files.load_npy(path)
+    message = str(raised.value)
+    assert "cannot read as .npy (no NumPy array: it starts with b'{\"a.pn'" in message
+    assert "pickle" not in message

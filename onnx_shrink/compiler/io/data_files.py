@@ -30,6 +30,7 @@ from onnx_shrink.errors import ShrinkError
 # lengths of the file name and the extra field; the member's bytes follow both.
 _LOCAL_HEADER = struct.Struct("<4s5H3L2H")
 _LOCAL_SIGNATURE = b"PK\x03\x04"
+_NPY_MAGIC = b"\x93NUMPY"
 
 
 def load_npz(path: str | os.PathLike) -> dict[str, np.ndarray]:
@@ -113,6 +114,15 @@ def save_npz(path: str | os.PathLike, arrays: dict[str, np.ndarray]) -> None:
 def load_npy(path: str | os.PathLike) -> np.ndarray:
     """Read one ``.npy`` array, memory-mapped (no pickles)."""
     try:
+        with open(path, "rb") as handle:
+            head = handle.read(len(_NPY_MAGIC))
+        if head != _NPY_MAGIC:
+            # np.load takes any other file for a pickle, and its error advised unpickling a
+            # JSON labels file.
+            raise ShrinkError(
+                f"{path}: cannot read as .npy (no NumPy array: it starts with {head!r}; "
+                "write arrays with numpy.save or numpy.savez)"
+            )
         return np.load(path, mmap_mode="r", allow_pickle=False)
     except (OSError, ValueError) as e:
         raise ShrinkError(f"{path}: cannot read as .npy ({first_line(e)}{_hint(e)})") from e
