@@ -330,10 +330,18 @@ def _load_labels(path: str | Path) -> np.ndarray:
 def unfit_hint(dataset: Dataset) -> str:
     """What to tell a user whose model fails on ``dataset``'s inputs (the error's last part)."""
     if dataset.synthetic:
-        return (
+        hint = (
             "Give real inputs with --data, or synthetic shapes it accepts with --input-shape "
             "NAME=DIMS"
         )
+        # A random scalar (Silero VAD's sample rate) picks a branch the real data never takes.
+        scalars = [name for name, value in dataset.first_feed().items() if np.ndim(value) == 0]
+        if scalars:
+            hint += (
+                f"; a scalar input such as '{scalars[0]}' may choose a branch: "
+                f"--set fold.freeze={scalars[0]}=VALUE fixes it"
+            )
+        return hint
     return "The data does not fit the model"
 
 

@@ -6,6 +6,7 @@ import contextlib
 import functools
 import logging
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -301,12 +302,37 @@ def run(
             # one: run as it is, and do not ask that session again.
             session.onnx_shrink_cannot_release = True
             return run(session, feed, outputs, failed=failed, hint=hint, extra=extra, error=error)
-        first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
         raise error(
-            f"{failed} ({data_mod.describe_feed(feed)}): {first[:300].rstrip('.')}"
+            f"{failed} ({data_mod.describe_feed(feed)}): {run_failure(e)}"
             + (f". {hint}" if hint else "")
         ) from e
     return dict(zip(names, arrays, strict=True))
+
+
+_NESTED = re.compile(r"while running (\S+) node\. Name:'([^']*)'")
+REASON_CHARACTERS = 300
+
+
+def run_failure(error: Exception) -> str:
+    """onnxruntime's reason for a failed run, in one line of about ``REASON_CHARACTERS``, cut
+    at a word. Inside If, Loop or Scan bodies, it repeats "Non-zero status code returned
+    while running If node. Name:'...' Status Message:" once a level: Silero VAD's reason
+    came after three of them and was cut to "LSTM node. Na.". The innermost message leads
+    then, with the node it came from and the nodes around it."""
+    text = str(error).strip()
+    first = text.splitlines()[0] if text else type(error).__name__
+    if "Status Message:" in first:
+        innermost = first.rsplit("Status Message:", 1)[1].strip()
+        nodes = _NESTED.findall(first)
+        if innermost and nodes:
+            op, name = nodes[-1]
+            outer = " < ".join(f"'{n}'" for _, n in reversed(nodes[:-1]))
+            where = f"{op} node '{name}'" + (f", inside {outer}" if outer else "")
+            first = f"{innermost.rstrip('.')} ({where})"
+    first = first.rstrip(".")
+    if len(first) > REASON_CHARACTERS:
+        first = first[:REASON_CHARACTERS].rsplit(" ", 1)[0] + " ..."
+    return first
 
 
 RELEASING_RUN = ort.RunOptions()

@@ -14,10 +14,11 @@ import pytest
 from models import digits
 from onnx_shrink.compiler import io
 from onnx_shrink.errors import ShrinkError
-from onnx_shrink.runtime_check import sessions
+from onnx_shrink.runtime_check import data, sessions
 from tests.helpers import (
     make_model,
     open_in_child,
+    parse,
     transposed_attention,
     transposed_attention_feed,
 )
@@ -248,3 +249,40 @@ def test_a_model_that_opens_or_fails_with_an_error_is_no_crash(tmp_path):
     assert sessions.crash_on_open(tmp_path / "junk.onnx") is None  # the open here says why
     assert not sessions.computes_in_half(io.load(transposed_attention(onnx.TensorProto.FLOAT)))
     assert sessions.computes_in_half(io.load(transposed_attention(onnx.TensorProto.FLOAT16)))
+
+
+NESTED_FAILURE = (
+    "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running "
+    "If node. Name:'If_0' Status Message: Non-zero status code returned while running If node. "
+    "Name:'If_0_else/If_1' Status Message: Non-zero status code returned while running LSTM "
+    "node. Name:'If_0_else/rnn/LSTM' Status Message: Input X must have 3 dimensions only. "
+    "Actual:{1,1,1,128,2}\nmore lines"
+)
+
+
+def test_a_failure_inside_nested_bodies_leads_with_its_innermost_reason():
+    """Silero VAD's reason came after three levels of If boilerplate, cut to 'LSTM node. Na.'"""
+    reason = sessions.run_failure(RuntimeError(NESTED_FAILURE))
+    assert reason == (
+        "Input X must have 3 dimensions only. Actual:{1,1,1,128,2} (LSTM node "
+        "'If_0_else/rnn/LSTM', inside 'If_0_else/If_1' < 'If_0')"
+    )
+
+
+def test_a_long_reason_is_cut_at_a_word():
+    reason = sessions.run_failure(RuntimeError("word " * 100))
+    assert len(reason) <= sessions.REASON_CHARACTERS + 4 and reason.endswith("word ...")
+
+
+def test_synthetic_data_with_a_scalar_input_suggests_freezing_it():
+    model = parse(
+        """
+<ir_version: 8, opset_import: ["" : 17]>
+g (float[1, 4] x, int64 sr) => (float[1, 4] y) { y = Identity (x) }
+"""
+    )
+    specs = data.specs_from_model(io.load(model))
+    hint = data.unfit_hint(data.prepare(specs, None))
+    assert hint.endswith(
+        "a scalar input such as 'sr' may choose a branch: --set fold.freeze=sr=VALUE fixes it"
+    )
