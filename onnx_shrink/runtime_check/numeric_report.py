@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from collections.abc import Callable
 
 import numpy as np
 
@@ -221,29 +222,23 @@ class NumericReport:
     def large_residual_errors(self) -> list[OutputComparison]:
         """The outputs that are an input plus a residual whose SNR is under ``LOW_SNR_DB``,
         where the whole output is not (those are among ``large_errors``), the lowest first."""
-        large = {o.name for o in self.large_errors}
-        found = [
-            o
-            for o in self.outputs
-            if o.residual_snr_db is not None
-            and o.residual_snr_db < LOW_SNR_DB
-            and o.name not in large
-        ]
-        return sorted(found, key=lambda o: o.residual_snr_db)
+        return self._hidden_errors(lambda o: o.residual_snr_db)
 
     @property
     def large_part_errors(self) -> list[OutputComparison]:
         """The outputs whose small part (``output_parts``) has an SNR under ``LOW_SNR_DB``,
         where the whole output is not (those are among ``large_errors``), the lowest first."""
+        return self._hidden_errors(lambda o: o.small_part_snr_db)
+
+    def _hidden_errors(
+        self, snr_db: Callable[[OutputComparison], float | None]
+    ) -> list[OutputComparison]:
+        """The outputs whose part measured by ``snr_db`` (None: none) is under ``LOW_SNR_DB``
+        while the whole output is not, the lowest first."""
         large = {o.name for o in self.large_errors}
-        found = [
-            o
-            for o in self.outputs
-            if o.small_part_snr_db is not None
-            and o.small_part_snr_db < LOW_SNR_DB
-            and o.name not in large
-        ]
-        return sorted(found, key=lambda o: o.small_part_snr_db)
+        found = [(snr_db(o), o) for o in self.outputs if o.name not in large]
+        low = [(snr, o) for snr, o in found if snr is not None and snr < LOW_SNR_DB]
+        return [o for _, o in sorted(low, key=lambda pair: pair[0])]
 
     @property
     def low_agreement(self) -> OutputComparison | None:
