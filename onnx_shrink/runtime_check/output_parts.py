@@ -47,9 +47,9 @@ class Part:
         return f"its slices {span} of {self.length} along axis {self.axis}"
 
 
-def small_part(ref_sq: np.ndarray) -> Part | None:
+def small_part(ref_sq: np.ndarray, axis: int = 0) -> Part | None:
     """The leading or trailing run of slices whose every sum of squares (``ref_sq``, one per
-    slice of one axis, each over as many elements) is ``SEPARATION`` squared times or more
+    slice of ``axis``, each over as many elements) is ``SEPARATION`` squared times or more
     under every other slice's, the split of widest separation; None where no split has it
     or the small part is all zero (there is no error of it to measure)."""
     n = ref_sq.size
@@ -72,7 +72,7 @@ def small_part(ref_sq: np.ndarray) -> Part | None:
         return None
     ratio, k, tail = best
     start, stop = (k, n) if tail else (0, k)
-    return Part(0, start, stop, n, math.sqrt(ratio))
+    return Part(axis, start, stop, n, math.sqrt(ratio))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -159,11 +159,8 @@ class PartAccumulator:
     def result(self) -> PartResult | None:
         """The small part of widest separation over the axes and its figures; None where
         no axis has one."""
-        found = []
-        for axis, sums in self.sums.items():
-            part = small_part(sums["ref"])
-            if part is not None:
-                found.append(dataclasses.replace(part, axis=axis))
+        found = [small_part(sums["ref"], axis) for axis, sums in self.sums.items()]
+        found = [part for part in found if part is not None]
         if not found:
             return None
         part = max(found, key=lambda p: p.separation)
@@ -183,13 +180,12 @@ class PartAccumulator:
 SUM_KEYS = ("ref", "diff", "cand", "dot")
 
 
-def accumulator_for(reference: np.ndarray) -> PartAccumulator | None:
-    """A part accumulator for the output whose first batch is ``reference``, along the axes
-    it shows a part (``part_axes``); None where it shows none, or is no float array."""
+def axes_for(reference: np.ndarray) -> tuple[int, ...]:
+    """The axes along which the output whose first batch is ``reference`` shows a part
+    (``part_axes``); () where it shows none, or is no float array."""
     if reference.ndim < 2 or not np.issubdtype(reference.dtype, np.floating):
-        return None
-    axes = part_axes(reference)
-    return PartAccumulator(axes) if axes else None
+        return ()
+    return part_axes(reference)
 
 
 def annotate(out: OutputComparison, found: PartResult | None) -> OutputComparison:
@@ -207,26 +203,38 @@ def annotate(out: OutputComparison, found: PartResult | None) -> OutputCompariso
 
 
 class OutputParts:
-    """The part accumulators of a check's float outputs: along the axes each output's first
-    batch shows a part (``part_axes``), none for the others."""
+    """The part accumulators of one candidate's float outputs: along the axes each output's
+    first batch shows a part (``axes_for``), none for the others."""
 
-    def __init__(self) -> None:
-        self.accumulators: dict[str, PartAccumulator | None] = {}
+    def __init__(self, axes: Mapping[str, tuple[int, ...]] | None = None) -> None:
+        """``axes``: per output, those axes where known already (the sensitivity runs
+        screen the float outputs once for all their copies); the others are left out.
+        None: each output's first batch decides."""
+        self.screened = axes is not None
+        self.accumulators: dict[str, PartAccumulator | None] = {
+            name: PartAccumulator(along) for name, along in (axes or {}).items() if along
+        }
 
     def add(self, reference: Mapping[str, np.ndarray], candidate: Mapping[str, np.ndarray]) -> None:
         for name, ref in reference.items():
-            if name not in self.accumulators:
-                self.accumulators[name] = accumulator_for(ref)
-            accumulator, got = self.accumulators[name], candidate.get(name)
-            # Else the candidate is broken or reshaped: compare says how.
-            if accumulator is not None and got is not None and got.shape == ref.shape:
-                accumulator.add(ref, got)
+            self.add_output(name, ref, candidate.get(name))
+
+    def add_output(self, name: str, reference: np.ndarray, candidate: np.ndarray | None) -> None:
+        if name not in self.accumulators and not self.screened:
+            axes = axes_for(reference)
+            self.accumulators[name] = PartAccumulator(axes) if axes else None
+        accumulator = self.accumulators.get(name)
+        # Else the candidate is broken or reshaped: compare says how.
+        if accumulator is not None and candidate is not None and candidate.shape == reference.shape:
+            accumulator.add(reference, candidate)
+
+    def annotate(self, out: OutputComparison) -> OutputComparison:
+        """``out`` with its small part's figures, where it has one (``annotate``)."""
+        accumulator = self.accumulators.get(out.name)
+        return annotate(out, accumulator.result() if accumulator is not None else None)
 
     def annotated(self, report: NumericReport) -> NumericReport:
         """``report`` with each output that joins parts of different scales told so:
         ``small_part``, ``small_part_share``, ``small_part_error``."""
-        outputs = []
-        for out in report.outputs:
-            accumulator = self.accumulators.get(out.name)
-            outputs.append(annotate(out, accumulator.result() if accumulator else None))
-        return dataclasses.replace(report, outputs=tuple(outputs))
+        outputs = tuple(self.annotate(out) for out in report.outputs)
+        return dataclasses.replace(report, outputs=outputs)

@@ -21,7 +21,6 @@ import time
 from collections.abc import Sequence
 from typing import NamedTuple
 
-import numpy as np
 import onnx_ir as ir
 
 from onnx_shrink.compiler.statistics import Statistics
@@ -213,22 +212,24 @@ class Runner:
         accumulators = [[ErrorAccumulator(name) for name in references] for _ in passes]
         # Parts only along the axes the float outputs' first batch shows one: one pass over
         # each reference, where every copy's output along every axis would cost many.
-        parts: list[dict[str, output_parts.PartAccumulator]] | None = None
+        parts: list[output_parts.OutputParts] = []
         self.samples = 0
         runs = combined_mod.stream(combined, data, self.provider, self.progress, phase)
         for batch, result in runs:
-            if parts is None:
-                parts = _part_accumulators(result, references, len(passes))
+            if not parts:
+                axes = {name: output_parts.axes_for(result[name]) for name in references}
+                parts = [output_parts.OutputParts(axes) for _ in passes]
             for index, row in enumerate(accumulators):
                 for acc in row:
                     candidate = result[f"{acc.name}{self.sep}{index}"]
                     acc.add(result[acc.name], candidate)
-                    if acc.name in parts[index]:
-                        parts[index][acc.name].add(result[acc.name], candidate)
+                    parts[index].add_output(acc.name, result[acc.name], candidate)
             self.samples += batch.samples
+        if not parts:  # no batch
+            parts = [output_parts.OutputParts({}) for _ in passes]
         return [
-            [output_parts.annotate(acc.result(), _part_result(found, acc.name)) for acc in row]
-            for row, found in zip(accumulators, parts or [{}] * len(passes), strict=True)
+            [found.annotate(acc.result()) for acc in row]
+            for row, found in zip(accumulators, parts, strict=True)
         ]
 
     def combined(self, passes: Sequence[QuantPass]) -> ir.Model:
@@ -244,28 +245,6 @@ class Runner:
             return result.model
 
         return edit
-
-
-def _part_accumulators(
-    result: dict[str, np.ndarray], references: Sequence[str], copies: int
-) -> list[dict[str, output_parts.PartAccumulator]]:
-    """Per copy, a part accumulator for each float output whose first batch has a part."""
-    axes = {}
-    for name in references:
-        found = output_parts.accumulator_for(result[name])
-        if found is not None:
-            axes[name] = found.axes
-    return [
-        {name: output_parts.PartAccumulator(along) for name, along in axes.items()}
-        for _ in range(copies)
-    ]
-
-
-def _part_result(
-    accumulators: dict[str, output_parts.PartAccumulator], name: str
-) -> output_parts.PartResult | None:
-    accumulator = accumulators.get(name)
-    return accumulator.result() if accumulator is not None else None
 
 
 def _layer(target: Target, results: Sequence[OutputComparison], samples: int) -> LayerSensitivity:

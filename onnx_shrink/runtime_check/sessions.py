@@ -319,8 +319,7 @@ def run_failure(error: Exception) -> str:
     while running If node. Name:'...' Status Message:" once a level: Silero VAD's reason
     came after three of them and was cut to "LSTM node. Na.". The innermost message leads
     then, with the node it came from and the nodes around it."""
-    text = str(error).strip()
-    first = text.splitlines()[0] if text else type(error).__name__
+    first = io.first_line(error, limit=None)
     if "Status Message:" in first:
         innermost = first.rsplit("Status Message:", 1)[1].strip()
         nodes = _NESTED.findall(first)

@@ -146,7 +146,8 @@ def one_line(error: BaseException) -> str:
     return text if len(text) <= 300 else text[:299] + "…"
 
 
-def first_line(error: BaseException) -> str:
-    """The error's first line (at most 300 characters), or its type's name."""
+def first_line(error: BaseException, limit: int | None = 300) -> str:
+    """The error's first line (at most ``limit`` characters; None: all), or its type's
+    name."""
     text = str(error).strip() or type(error).__name__
-    return text.splitlines()[0][:300]
+    return text.splitlines()[0][:limit]

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import onnx_ir as ir
 
-from onnx_shrink.compiler.walk import onnx_opset
+from onnx_shrink.compiler.walk import nodes_of, onnx_opset
 from onnx_shrink.passes.quant import value_types
 
 
@@ -22,7 +22,7 @@ def bound_types(model: ir.Model) -> dict[str, ir.DataType]:
     Clip may read half precision)."""
     if onnx_opset(model) >= 11 or not value_types.may_hold_half(model):
         return {}
-    clips = [node for node in model.graphs() for node in node if node.op_type == "Clip"]
+    clips = nodes_of(model, ("Clip",))
     if not clips:
         return {}
     if any(_input_type(node) is None for node in clips):
@@ -41,13 +41,10 @@ def retype(model: ir.Model, types: dict[str, ir.DataType]) -> int:
     if not types:
         return 0
     cast = 0
-    for graph in model.graphs():
-        for node in graph:
-            dtype = types.get(node.outputs[0].name or "") if node.op_type == "Clip" else None
-            if dtype is None:
-                continue
-            for bound in node.inputs[1:]:
-                cast += _cast_constant(bound, dtype)
+    for node in nodes_of(model, ("Clip",)):
+        dtype = types.get(node.outputs[0].name or "")
+        if dtype is not None:
+            cast += sum(_cast_constant(bound, dtype) for bound in node.inputs[1:])
     return cast
 
 
@@ -59,16 +56,11 @@ def _input_type(node: ir.Node) -> ir.DataType | None:
 def _cast_constant(value: ir.Value | None, dtype: ir.DataType) -> bool:
     """Whether ``value``, a float constant (a Constant node's output, or an initializer)
     of another type than ``dtype``, was cast to it."""
-    if value is None:
-        return False
-    producer = value.producer()
-    tensor = value.const_value
-    if producer is not None and producer.op_type == "Constant":
-        attribute = producer.attributes.get("value")
-        tensor = attribute.as_tensor() if attribute is not None else None
+    tensor = ir.convenience.get_const_tensor(value) if value is not None else None
     if tensor is None or tensor.dtype == dtype or not tensor.dtype.is_floating_point():
         return False
     typed = ir.tensor(tensor.numpy().astype(dtype.numpy()), name=tensor.name)
+    producer = value.producer()
     if producer is not None and producer.op_type == "Constant":
         producer.attributes["value"] = ir.AttrTensor("value", typed)
     else:

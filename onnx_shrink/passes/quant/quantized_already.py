@@ -14,6 +14,7 @@ import collections
 
 import onnx_ir as ir
 
+from onnx_shrink.compiler import graph_edit
 from onnx_shrink.passes.quant.numerics import QUANT_TYPES
 
 INTEGER_KERNELS = frozenset(
@@ -40,10 +41,6 @@ _NOTED_CODES = INTEGER_WEIGHTS | {QUANT_TYPES["s16"].onnx}
 """Codes whose DequantizeLinear ``note`` counts: 16-bit weights are quantized too"""
 
 
-CAST_SCALED_READERS = {"Conv": 1, "ConvTranspose": 1, "Gemm": 1, "MatMul": 1, "Gather": 0}
-"""Layers ``note`` counts where their weight (the input at that index) is ``CAST_AND_SCALED``"""
-
-
 def note(graph: ir.Graph) -> str:
     """``"; the model is quantized already: 21 ConvInteger"`` (the most frequent first, in
     ``graph`` and its bodies), or "" where it holds no integer kernel, no DequantizeLinear
@@ -68,7 +65,7 @@ def note(graph: ir.Graph) -> str:
 
 
 def _reads_cast_scaled_weight(node: ir.Node) -> bool:
-    index = CAST_SCALED_READERS.get(node.op_type)
+    index = graph_edit.WEIGHT_INPUTS.get(node.op_type)
     if index is None or len(node.inputs) <= index:
         return False
     return stored_as(node.inputs[index]) == CAST_AND_SCALED
