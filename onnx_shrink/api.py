@@ -247,6 +247,7 @@ def shrink(
         if sensitivity_report is not None and targets.report is None:  # else the compile's
             compiled -= sensitivity_report.seconds
         io.detach_from_files(result.model)  # the caller may serialize it with any tool
+        found = targets.outcomes(result.steps)
         finished = functools.partial(
             ShrinkResult,
             model=result.model,
@@ -256,7 +257,7 @@ def shrink(
             output_path=output_path,
             compile_seconds=compiled,
             sensitivity=sensitivity_report,
-            accuracy_targets=targets.outcomes(result.steps),
+            accuracy_targets=found,
         )
         report = None
         if options is not None:
@@ -266,8 +267,13 @@ def shrink(
                 report = _check_candidate(
                     reference, candidate, dataset, options, output_path, progress
                 )
-                made_by = tuple(step.name for step in result.steps if step.changed)
-                report = dataclasses.replace(report, passes=made_by)  # whose fixes to name
+                # Whose fixes to name, and the targets the check may show missed.
+                report = dataclasses.replace(
+                    report,
+                    passes=tuple(step.name for step in result.steps if step.changed),
+                    pipeline=tuple(step.name for step in result.steps),
+                    targets=found,
+                )
             except (RunFailedError, DataError) as e:
                 e.model = result.model  # the unchecked result, kept where no file holds it
                 # What was gained is known: the CLI still prints it and writes the reports.

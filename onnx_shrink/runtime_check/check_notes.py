@@ -15,16 +15,21 @@ the pipeline did not have.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 from onnx_shrink.runtime_check.numeric_report import LOW_AGREEMENT, NumericReport, OutputComparison
+from onnx_shrink.wording import counted
+
+if TYPE_CHECKING:  # accuracy_target checks with checker, which takes its notes from here
+    from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 
 LOCATE = "--layers shows where the error first jumps"
 SHOWN = 3  # large-error outputs named in the note
 
+EQUALIZE_FIX = "equalize before quant evens out a channel far wider than the rest of its tensor"
 QUANT_FIX = (
     "--sensitivity ranks the layers that cost it, and --set quant.max_error=0.1 keeps the "
-    "worst of them float until every output's relative error is within 0.1; equalize before "
-    "quant evens out a channel far wider than the rest of its tensor"
+    f"worst of them float until every output's relative error is within 0.1; {EQUALIZE_FIX}"
 )
 FIXES = {
     "quant": QUANT_FIX,
@@ -43,12 +48,22 @@ FIXES = {
 named here to the registry's)"""
 
 
-def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[str]:
+def notes(
+    numeric: NumericReport,
+    passes: Sequence[str] | None = None,
+    *,
+    pipeline: Sequence[str] = (),
+    targets: Sequence[TargetOutcome] = (),
+) -> list[str]:
     """The notes on ``numeric``, the unchecked branches first; [] where there is none.
 
     ``passes``: the names of the passes that made the candidate, in order (a shrink's check);
     None where they are unknown (``onnx-shrink check``), where quant's fix is named as the
-    likeliest."""
+    likeliest. ``pipeline``: every pass the shrink ran, changed the model or not (a fix it
+    already ran is not proposed). ``targets``: what its ``quant.max_error`` searches found
+    on the calibration data (the fix then builds on the target given, and a target met there
+    but missed on the check's data is said)."""
+    fixes = _Fixes(passes, tuple(pipeline), tuple(t for t in targets if not t.rolled_back))
     lines = [f"not checked: {line}" for line in numeric.untested_branches]
     lines += _unjudged_integers(numeric)
     lines += _uncompared(numeric)
@@ -76,7 +91,7 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
         # went unsaid beside its detection output (6.5 dB).
         named = ", ".join(_kept(o) for o in plain[:SHOWN])
         more = f", and {len(plain) - SHOWN} more outputs" if len(plain) > SHOWN else ""
-        lines.append(f"large error: {named}{more}; {LOCATE}{_fixes(passes)}")
+        lines.append(f"large error: {named}{more}; {LOCATE}{fixes}")
     for out in numeric.large_residual_errors:
         # RivaGAN's pruned watermark encoder: 0.0198 over the frame, 0.86 over what it adds.
         # flashvad's cache: one new frame beside 15 exact copies of the input's.
@@ -90,7 +105,7 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
         lines.append(
             f"large error in {what} {out.residual_snr_db:.1f} dB SNR (relative error "
             f"{out.residual_error:.3g}), where the whole output keeps {out.snr_db:.1f} dB; "
-            f"{LOCATE}{_fixes(passes)}"
+            f"{LOCATE}{fixes}"
         )
     for out in numeric.large_part_errors:
         # YOLOv8's output: 4 box rows in pixels beside a score row per class, 0.033 over the
@@ -99,8 +114,9 @@ def notes(numeric: NumericReport, passes: Sequence[str] | None = None) -> list[s
             f"large error in part of '{out.name}' ({out.small_part}, {out.small_part_share:.2%} "
             f"of its norm): it keeps {out.small_part_snr_db:.1f} dB SNR (relative error "
             f"{out.small_part_error:.3g}), where the whole output keeps {out.snr_db:.1f} dB, "
-            f"its large part hiding it; {LOCATE}{_fixes(passes)}"
+            f"its large part hiding it; {LOCATE}{fixes}"
         )
+    lines += _targets_missed(numeric, fixes)
     changed = numeric.low_agreement
     if changed is not None:
         lines.append(
@@ -115,10 +131,77 @@ def _kept(output: OutputComparison) -> str:
     return f"'{output.name}' keeps {output.snr_db:.1f} dB SNR (cosine {output.cosine:.4f})"
 
 
-def _fixes(passes: Sequence[str] | None) -> str:
-    """The "; for prune, ...; for quant, ..." of the lossy passes among ``passes``, once each."""
-    names = ["quant"] if passes is None else list(dict.fromkeys(p for p in passes if p in FIXES))
-    return "".join(f"; for {name}, {FIXES[name]}" for name in names)
+class _Fixes:
+    """The "; for prune, ...; for quant, ..." of the lossy passes among ``passes``, once each
+    (``str``), quant's built on the target it was given and without equalize where the
+    ``pipeline`` ran it: sweep 13's PP-OCRv5 rec, quantized to quant.max_error=0.05, was
+    told to set quant.max_error=0.1, and to equalize after fold,equalize,quant."""
+
+    def __init__(
+        self,
+        passes: Sequence[str] | None,
+        pipeline: tuple[str, ...],
+        targets: tuple[TargetOutcome, ...],
+    ) -> None:
+        self.pipeline, self.targets = pipeline, targets
+        self.lossy = ["quant"] if passes is None else [p for p in passes if p in FIXES]
+        self.lossy = list(dict.fromkeys(self.lossy))
+
+    def __str__(self) -> str:
+        return "".join(f"; for {name}, {self._fix(name)}" for name in self.lossy)
+
+    def _fix(self, name: str) -> str:
+        if name != "quant" or not (self.targets or "equalize" in self.pipeline):
+            return FIXES[name]
+        target = self.targets[0] if self.targets else None
+        if target is None:
+            fix = QUANT_FIX.removesuffix(f"; {EQUALIZE_FIX}")
+        elif target.met:
+            fix = (
+                "--sensitivity ranks the layers that cost it, and a quant.max_error below "
+                f"{target.max_error:g} keeps more of them float"
+            )
+        else:
+            fix = (
+                f"quant.max_error={target.max_error:g} was missed on the calibration data too "
+                f"({target.error:.3g} at best), and quant.exclude_op_types keeps whole op types "
+                "float"
+            )
+        return fix if "equalize" in self.pipeline else f"{fix}; {EQUALIZE_FIX}"
+
+
+def _targets_missed(numeric: NumericReport, fixes: _Fixes) -> list[str]:
+    """A note per ``quant.max_error`` met on the calibration samples and missed on the check's
+    data, by the output the target judges by (``scored_error``). Sweep 13's PP-OCRv5 rec:
+    0.0285 over 16 calibration samples with 12 layers float, 0.113 over the 8 checked, one of
+    which had 0.316 alone: the layers were chosen to fit the samples measured."""
+    ordered_by = dict(numeric.ordered_by)
+    judged = [
+        o
+        for o in numeric.outputs
+        if o.name not in ordered_by and not o.integral and o.elements and o.scored_error >= 0
+    ]
+    worst = max(judged, key=lambda o: o.scored_error, default=None)
+    others = [name for name in fixes.lossy if name != "quant"]
+    also = f", {' and '.join(others)} adding theirs" if others else ""
+    lines = []
+    for target in fixes.targets:
+        if worst is None or not target.met or target.every_layer:
+            continue
+        if worst.scored_error <= target.max_error:
+            continue
+        where = f"'{worst.name}'"
+        if worst.scored_error > worst.relative_error:  # its small part
+            where = f"part of '{worst.name}' ({worst.small_part})"
+        lines.append(
+            f"quant.max_error={target.max_error:g} holds on the "
+            f"{counted(target.samples, 'calibration sample')} it was measured on "
+            f"({target.error:.3g}), not on the {counted(numeric.samples, 'sample')} checked: "
+            f"{where} has relative error {worst.scored_error:.3g}{also}; the layers kept "
+            "float were chosen to fit the calibration samples, and more of them, like the "
+            "checked ones, or a lower quant.max_error carry the target over"
+        )
+    return lines
 
 
 def _unjudged_integers(numeric: NumericReport) -> list[str]:

@@ -15,6 +15,7 @@ import tempfile
 import time
 from collections.abc import Iterator, Mapping, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx
@@ -46,6 +47,9 @@ from onnx_shrink.runtime_check.numeric_report import NumericReport, Tolerances
 from onnx_shrink.runtime_check.progress import Progress
 from onnx_shrink.runtime_check.reference_runs import CachedRuns, KeptRuns
 
+if TYPE_CHECKING:  # accuracy_target measures with this module
+    from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
+
 logger = logging.getLogger(__name__)
 
 AnyModel = str | os.PathLike | bytes | onnx.ModelProto | ir.Model
@@ -75,6 +79,11 @@ class CheckReport:
     passes: tuple[str, ...] | None = None
     """the names of the passes that made the candidate, where a shrink checked its result;
     None for ``onnx-shrink check``, which cannot know them"""
+    pipeline: tuple[str, ...] = ()
+    """every pass the shrink ran, changed the model or not"""
+    targets: tuple[TargetOutcome, ...] = ()
+    """what the shrink's ``quant.max_error`` searches found on the calibration data (the
+    shrink's result reports them: left out of ``to_dict``)"""
 
     @property
     def passed(self) -> bool:
@@ -83,10 +92,13 @@ class CheckReport:
     def notes(self) -> list[str]:
         """What the numbers alone do not say (``check_notes``), with the fixes of the passes
         that made the candidate."""
-        return check_notes.notes(self.numeric, self.passes)
+        return check_notes.notes(
+            self.numeric, self.passes, pipeline=self.pipeline, targets=self.targets
+        )
 
     def to_dict(self) -> dict[str, object]:
         result = dataclasses.asdict(self)
+        del result["targets"]
         result["passed"] = self.passed
         result["verdict"] = self.numeric.verdict
         result["notes"] = self.notes()

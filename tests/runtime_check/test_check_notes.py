@@ -13,7 +13,7 @@ import onnx_shrink
 from models import digits
 from onnx_shrink import console
 from onnx_shrink.compiler import registry
-from onnx_shrink.runtime_check import check_notes, checker
+from onnx_shrink.runtime_check import accuracy_target, check_notes, checker
 from onnx_shrink.runtime_check.compare import compare_batches
 from tests.helpers import digits_images
 
@@ -31,7 +31,7 @@ def pruned(tmp_path_factory) -> onnx_shrink.ShrinkResult:
 
 def test_after_prune_the_note_names_prune_s_fix_and_not_quant_s(pruned):
     verification = pruned.verification
-    assert verification.passes == ("fold", "prune")
+    assert verification.passes == verification.pipeline == ("fold", "prune")
     (note,) = verification.notes()
     assert note.startswith("large error: 'logits'")
     assert note.endswith(f"--layers shows where the error first jumps; {PRUNE_FIX}")
@@ -102,3 +102,80 @@ def test_elements_nan_in_both_models_are_said_to_be_left_out():
     # An output finite everywhere gets no such note.
     finite = compare_batches([({"y": reference[:, :12]}, {"y": candidate[:, :12]}, None)])
     assert check_notes.notes(finite) == []
+
+
+def _target(max_error: float, error: float, met: bool) -> accuracy_target.TargetOutcome:
+    """A quant.max_error search's outcome as it would come from 16 calibration samples."""
+    return accuracy_target.TargetOutcome(
+        max_error=max_error,
+        met=met,
+        layers=12,
+        exclude=("conv_a", "conv_b"),
+        added=("conv_a", "conv_b"),
+        error=error,
+        bytes=6_000_000,
+        whole_error=0.189,
+        whole_bytes=4_000_000,
+        attempts=(),
+        samples=16,
+        data="cal.npz",
+        seconds=1.0,
+        without_bias_correction=False,
+    )
+
+
+def _checked(relative_error: float):
+    """A check of 8 samples whose one output has about ``relative_error``."""
+    rng = np.random.default_rng(83)
+    batches = []
+    for _ in range(8):
+        reference = rng.normal(size=(1, 64)).astype(np.float32)
+        noise = rng.normal(size=reference.shape).astype(np.float32)
+        batches.append(({"probs": reference}, {"probs": reference + relative_error * noise}, None))
+    return dataclasses.replace(compare_batches(batches), samples=len(batches))
+
+
+def test_a_target_met_on_calibration_and_missed_on_the_checked_samples_is_said():
+    """Sweep 13's PP-OCRv5 rec at quant.max_error=0.05: 0.0285 over the 16 calibration
+    samples, 0.113 over the 8 checked, and the note's fix was to set quant.max_error=0.1."""
+    numeric = _checked(0.11)
+    error = numeric.outputs[0].relative_error
+    target = _target(0.05, 0.0285, met=True)
+    large, missed = check_notes.notes(numeric, ("fold", "quant"), targets=(target,))
+    assert "quant.max_error=0.1" not in large
+    assert large.endswith(
+        "for quant, --sensitivity ranks the layers that cost it, and a quant.max_error below "
+        f"0.05 keeps more of them float; {check_notes.EQUALIZE_FIX}"
+    )
+    assert missed == (
+        "quant.max_error=0.05 holds on the 16 calibration samples it was measured on (0.0285), "
+        f"not on the 8 samples checked: 'probs' has relative error {error:.3g}; the layers "
+        "kept float were chosen to fit the calibration samples, and more of them, like the "
+        "checked ones, or a lower quant.max_error carry the target over"
+    )
+    # Other lossy passes add their error to the check's.
+    notes = check_notes.notes(numeric, ("prune", "quant"), targets=(target,))
+    assert f"{error:.3g}, prune adding theirs;" in notes[1]
+    # A target the check's samples meet too, or one rolled back, says nothing more.
+    assert len(check_notes.notes(numeric, ("quant",), targets=(_target(0.2, 0.1, True),))) == 1
+    rolled = dataclasses.replace(target, rolled_back=True)
+    assert len(check_notes.notes(numeric, ("quant",), targets=(rolled,))) == 1
+
+
+def test_quant_s_fix_builds_on_the_target_missed_and_on_equalize_already_run():
+    numeric = _checked(0.11)
+    (large,) = check_notes.notes(numeric, ("quant",), targets=(_target(0.01, 0.04, False),))
+    assert large.endswith(
+        "for quant, quant.max_error=0.01 was missed on the calibration data too (0.04 at best), "
+        "and quant.exclude_op_types keeps whole op types float; "
+        f"{check_notes.EQUALIZE_FIX}"
+    )
+    fields = {f.name for f in dataclasses.fields(registry.pass_class("quant"))}
+    assert set(re.findall(r"\bquant\.([a-z_]+)", large)) <= fields
+    # fold,equalize,quant: equalize is not proposed again, whether it changed the model or not.
+    for passes in (("fold", "equalize", "quant"), ("fold", "quant")):
+        (large,) = check_notes.notes(numeric, passes, pipeline=("fold", "equalize", "quant"))
+        assert "equalize" not in large
+        assert large.endswith(
+            "keeps the worst of them float until every output's relative error is within 0.1"
+        )
