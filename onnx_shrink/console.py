@@ -16,7 +16,7 @@ from rich.text import Text
 
 from onnx_shrink.api import ShrinkResult
 from onnx_shrink.compiler import options as options_mod
-from onnx_shrink.compiler.stats import ModelStats
+from onnx_shrink.compiler.stats import ModelStats, rising_bounds
 from onnx_shrink.runtime_check import bench, check_notes, op_time, progress
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport, LatencyComparison
@@ -140,6 +140,7 @@ def summary_table(result: ShrinkResult) -> Table:
         _arrow(result.input_bytes, result.output_bytes, human_bytes),
         style="bold",
     )
+    table.caption = rising_bounds(result.steps)
     return table
 
 

@@ -10,6 +10,7 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
+from onnx_shrink.compiler.stats import rising_bounds
 from onnx_shrink.runtime_check import report_speed, svg
 from onnx_shrink.runtime_check.accuracy_target import TargetOutcome
 from onnx_shrink.runtime_check.bench import BenchmarkReport
@@ -180,7 +181,10 @@ def _shrink_section(shrink: ShrinkResult) -> str:
             ]
         )
     header = ["pass", "result", "time", "nodes", "params", "MACs", "bytes on disk"]
-    return "<section>\n<h2>Passes</h2>\n" + html_table(header, rows, names=2) + "\n</section>"
+    bounds = rising_bounds(shrink.steps)
+    note = f'<p class="muted">{escape(bounds)}</p>\n' if bounds else ""
+    table = html_table(header, rows, names=2)
+    return f"<section>\n<h2>Passes</h2>\n{table}\n{note}</section>"
 
 
 def _target_section(outcomes: Sequence[TargetOutcome]) -> str:

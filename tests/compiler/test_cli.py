@@ -534,6 +534,31 @@ def test_macs_that_left_out_nodes_of_unknown_cost_are_marked():
     assert console._macs_arrow(after, exact) == "150 → 120 (-20%)"
 
 
+def test_a_lower_bound_on_macs_a_pass_raised_is_explained_under_the_summary():
+    """Silero VAD's fold read "≥177.02k → ≥548.48k": three times the work, to the eye, where
+    the count had 16 nodes of unknown cost before and 2 after."""
+    from types import SimpleNamespace
+
+    from onnx_shrink.compiler import stats
+    from onnx_shrink.compiler.stats import ModelStats
+
+    fields = {f: 0 for f in ModelStats.__dataclass_fields__}
+    before = ModelStats(**{**fields, "macs": 177_020, "nodes_without_macs": 16})
+    after = ModelStats(**{**fields, "macs": 548_480, "nodes_without_macs": 2})
+    quant = ModelStats(**{**fields, "macs": 548_480, "nodes_without_macs": 2})
+    steps = [
+        SimpleNamespace(name="fold", before=before, after=after),
+        SimpleNamespace(name="quant", before=after, after=quant),
+    ]
+    assert stats.rising_bounds(steps) == (
+        "≥ marks a lower bound on MACs, nodes of unknown cost left out: fold's rise counts "
+        "nodes whose shapes it found (16 uncounted before, 2 after)"
+    )
+    # A count that fell, or rose with no fewer nodes uncounted, needs no such caption.
+    steps[0] = SimpleNamespace(name="fold", before=after, after=before)
+    assert stats.rising_bounds(steps) is None
+
+
 def test_a_change_under_half_a_percent_does_not_read_as_none():
     """keycnn's fold: 2,674,654 -> 2,669,633 bytes printed "2.6 MiB → 2.5 MiB (-0%)"."""
     from onnx_shrink import console
