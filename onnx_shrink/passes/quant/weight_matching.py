@@ -177,6 +177,8 @@ class WeightContext:
                 return f"weight {name!r} is quantized already (integer codes dequantized)"
             if value is not None and _computed_from_constants(value):
                 return f"weight {name!r} is computed from constants: run fold first"
+            if value is not None and value.is_graph_input():
+                return f"weight {name!r} is a graph input, not a constant"
             return f"weight {name!r} is not an initializer"
         if value.is_graph_input():
             return f"weight {value.name!r} is a graph input, so callers may override it"

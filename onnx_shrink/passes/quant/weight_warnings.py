@@ -51,12 +51,16 @@ def _either(first: str, second: str) -> str:
     return f"{first}, nor {second}" if first and second else first or second
 
 
-def _gathers_integers(node: ir.Node) -> bool:
+def _gathers_data(node: ir.Node) -> bool:
     """A Gather of a shape's dims (or other integers), known by type or by its Shape
-    producer: quant-dynamic and quant-weight infer no types."""
+    producer (quant-dynamic and quant-weight infer no types), or of a graph input no
+    initializer backs: Silero VAD's Gathers of its recurrent 'state' read "skipped 4 Gather:
+    weight 'state' is not an initializer"."""
     data = node.inputs[0] if node.op_type == "Gather" and node.inputs else None
     if data is None:
         return False
+    if data.is_graph_input() and not data.is_initializer():
+        return True
     if data.dtype is not None:
         return not data.dtype.is_floating_point()
     return data.producer() is not None and data.producer().op_type == "Shape"
@@ -64,10 +68,10 @@ def _gathers_integers(node: ir.Node) -> bool:
 
 def _candidates(model: ir.Model, op_types: Sequence[str]) -> list[ir.Node]:
     """The nodes of ``op_types`` a weight-quantizing pass would look at, bodies' included."""
-    # A Gather of integers (a shape's dims) is no lookup of weights, and a Slice or Reshape
-    # of activations holds no table: neither candidate nor skipped, where the warning's count
-    # would say otherwise.
-    return [n for n in table_readers.weight_nodes(model, op_types) if not _gathers_integers(n)]
+    # A Gather of integers (a shape's dims) or of an input is no lookup of weights, and a
+    # Slice or Reshape of activations holds no table: neither candidate nor skipped, where
+    # the warning's count would say otherwise.
+    return [n for n in table_readers.weight_nodes(model, op_types) if not _gathers_data(n)]
 
 
 def half_precision_left(model: ir.Model, pass_name: str, op_types: Sequence[str]) -> None:

@@ -565,6 +565,28 @@ def test_a_conv_model_is_told_that_conv_is_quants(caplog):
     assert "its 1 float Conv nodes are quant's" in caplog.text
 
 
+def test_a_gather_of_a_graph_input_is_no_table_skipped(caplog):
+    """Silero VAD's Gathers of its recurrent 'state' input read "skipped 4 Gather, e.g. ...:
+    weight 'state' is not an initializer": indexing run-time data, not a table lookup."""
+    model = onnx.parser.parse_model(
+        """
+        <ir_version: 9, opset_import: ["" : 17]>
+        g (float[1, 3, 8, 8] x, float[2, 1, 8] state) => (float[1, 4, 6, 6] y, float[1, 8] h) {
+          y = Conv(x, cw)
+          index = Constant <value = int64 {0}> ()
+          h = Gather <axis = 0> (state, index)
+        }
+        """
+    )
+    cw = np.ones((4, 3, 3, 3), np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model)
+    assert not modified
+    assert "no MatMul/Gather with a constant float weight (the model has none)" in caplog.text
+    assert "skipped" not in caplog.text and "'state'" not in caplog.text
+
+
 def test_the_conv_hint_counts_the_stem_quant_keeps_float(caplog):
     # "its 2 float Conv nodes are quant's" read as if quant would quantize both, where it
     # keeps the stem's (a narrow Conv that downsamples the input) float by default.
