@@ -57,6 +57,7 @@ from onnx_shrink.runtime_check.data_types import (
 )
 from onnx_shrink.runtime_check.synthetic import (
     concrete_shape,
+    open_dims_note,
     parse_input_shapes,
     synthetic,
     synthetic_feed,
@@ -209,8 +210,9 @@ def prepare(
     if source is None:
         dataset = synthetic(specs, input_shapes, seed=seed, held=held)
         logger.warning(
-            "no --data given: running on %s; synthetic inputs say nothing about accuracy",
+            "no --data given: running on %s; synthetic inputs say nothing about accuracy%s",
             dataset.description,
+            open_dims_note(specs, input_shapes),
         )
         return dataset
     dataset = _open(source, specs)

@@ -161,6 +161,31 @@ def synthetic_shapes(
     return {spec.name: concrete_shape(spec, shapes.get(spec.name), batch, dim) for spec in specs}
 
 
+def open_dims_note(specs: Sequence[InputSpec], shapes: Mapping[str, Sequence[int]] | None) -> str:
+    """ ", and 16 stands for the dims the model leaves open (x's h and w): ..." where
+    ``synthetic_shapes`` gives a dim past the batch ``DEFAULT_DIM`` (none given it), else "":
+    PP-OCR's direction classifier, benchmarked without data, was timed at 3x16x16 for its
+    3x48x192 text lines, unsaid."""
+    filled = synthetic_shapes(specs, shapes)
+    other = synthetic_shapes(specs, shapes, dim=DEFAULT_DIM + 1)
+    named = []
+    for spec in specs:
+        shape, changed = filled[spec.name], other[spec.name]
+        labels = [
+            spec.shape[i] if isinstance(spec.shape[i], str) and spec.shape[i] else f"dim {i}"
+            for i in range(len(shape))
+            if shape[i] != changed[i]
+        ]
+        if labels:
+            named.append(f"{spec.name}'s {' and '.join(dict.fromkeys(labels))}")
+    if not named:
+        return ""
+    return (
+        f", and {DEFAULT_DIM} stands for the dims the model leaves open ({'; '.join(named)}): "
+        "timings and memory are of that size (--input-shape sets them)"
+    )
+
+
 def synthetic(
     specs: Sequence[InputSpec],
     shapes: Mapping[str, Sequence[int]] | None = None,
