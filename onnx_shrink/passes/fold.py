@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ast
 import dataclasses
 import logging
 import math
@@ -101,8 +102,10 @@ class FoldPass(ir.passes.FunctionalPass):
        initializers must also be graph inputs.
     4. Equal initializers are shared and common subexpressions merged.
     5. With ``strip_stack_traces``, per-node Python stack traces that exporters leave behind
-       (``pkg.torch.onnx.stack_trace`` metadata, node doc strings) are dropped: on a torch
-       export they can be a quarter of the file. Module names and scopes stay.
+       (``pkg.torch.onnx.stack_trace`` and ``fx_node`` metadata, node doc strings) are
+       dropped: on a torch export they can be a quarter of the file. Module names and scopes
+       stay, in a node's ``namespace`` where it holds them (its ``pkg.torch.onnx.name_scopes``
+       and ``class_hierarchy`` lists are then dropped).
     6. Inputs named in ``freeze`` become constants (``fold_freeze``) before anything folds,
        so an If on one resolves to its branch, in the main graph where ``quant`` calibrates
        it; they leave the model's inputs.
@@ -135,7 +138,8 @@ class FoldPass(ir.passes.FunctionalPass):
     )
     strip_stack_traces: bool = option(
         True,
-        "drop exporters' per-node stack traces and node doc strings (model metadata is kept)",
+        "drop exporters' per-node stack traces and node doc strings, and scope lists a "
+        "node's namespace repeats (model metadata is kept)",
     )
     freeze: tuple[str, ...] = option(
         (),
@@ -281,22 +285,49 @@ class _DropDeadUsesPass(ir.passes.InPlacePass):
         return ir.passes.PassResult(model, graph_edit.drop_dead_uses(model) > 0)
 
 
-STACK_TRACE_KEYS = frozenset({"pkg.torch.onnx.stack_trace"})
+STACK_TRACE_KEYS = frozenset({"pkg.torch.onnx.stack_trace", "pkg.torch.onnx.fx_node"})
+"""a node's Python stack trace, and the text of the torch.fx node it was exported from"""
+SCOPE_KEYS = ("pkg.torch.onnx.name_scopes", "pkg.torch.onnx.class_hierarchy")
+"""torch's module scopes and classes, as lists: its ``namespace`` joins both"""
 
 
 class _StripStackTracesPass(ir.passes.InPlacePass):
-    """Drop per-node stack traces (metadata and doc strings) that exporters write for debugging."""
+    """Drop per-node stack traces (metadata and doc strings) that exporters write for
+    debugging, and the scope lists a node's ``namespace`` holds as it is: a MobileNetV3 from
+    torch's dynamo exporter, quantized, kept 40 KB of node metadata in 208 KB, where
+    onnxruntime's quantizer wrote 185 KB in all."""
 
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         modified = False
         for node in walk.all_nodes(model):
-            for key in STACK_TRACE_KEYS & node.metadata_props.keys():
-                del node.metadata_props[key]
-                modified = True
+            props = node.metadata_props
+            dropped = STACK_TRACE_KEYS & props.keys()
+            if _scopes_in_namespace(props):
+                dropped |= set(SCOPE_KEYS)
+            for key in dropped:
+                del props[key]
             if node.doc_string:
                 node.doc_string = None
                 modified = True
+            modified |= bool(dropped)
         return ir.passes.PassResult(model, modified)
+
+
+def _scopes_in_namespace(props: dict[str, str]) -> bool:
+    """Whether ``props`` has both ``SCOPE_KEYS`` and a ``namespace`` that joins them as
+    torch writes it ("scope: class/..."), so that it still gives both without them."""
+    if "namespace" not in props or not all(key in props for key in SCOPE_KEYS):
+        return False
+    try:
+        scopes, classes = (ast.literal_eval(props[key]) for key in SCOPE_KEYS)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return False
+    if not isinstance(scopes, list) or not isinstance(classes, list):
+        return False
+    if len(scopes) != len(classes):
+        return False
+    joined = "/".join(f"{scope}: {cls}" for scope, cls in zip(scopes, classes, strict=True))
+    return joined == props["namespace"]
 
 
 class _GuardedFoldConstantsPass(_constant_folding.FoldConstantsPass):
