@@ -19,7 +19,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import graph_edit
+from onnx_shrink.compiler import graph_edit, tied_weights
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.passes import half_weights
 from onnx_shrink.passes.quant import compact, log_cone, recurrent, stored_int8, table_readers
@@ -168,6 +168,7 @@ class QuantDynamicPass(ir.passes.InPlacePass):
     def call(self, model: ir.Model) -> ir.passes.PassResult:
         warn_unmatched_exclusions(model, self.name, self.exclude)
         lifted = graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        lifted |= tied_weights.materialize(model)  # drop_dead_weights puts back those left float
         with half_weights.lifted(model):  # those left float are put back
             context = self.context(model)
             count = self.quantize(model, context)

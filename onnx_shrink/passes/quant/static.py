@@ -11,7 +11,7 @@ from typing import ClassVar
 import onnx_ir as ir
 import onnx_ir.passes.common as common_passes
 
-from onnx_shrink.compiler import graph_edit
+from onnx_shrink.compiler import graph_edit, tied_weights
 from onnx_shrink.compiler.data_aware import DataAwarePass, Followup, FollowupResult, Look
 from onnx_shrink.compiler.options import (
     warn_unmatched,
@@ -168,6 +168,7 @@ class QuantPass(StaticOptions, DataAwarePass):
             return []  # and apply leaves the model as it is, opset and all
         if not self.only:  # lifted above with only
             graph_edit.lift_constant_weights(model)
+        tied_weights.materialize(model)  # apply or _unchanged puts back those left float
         half_weights.lift(model)  # apply puts back those it leaves float
         # Converted (if at all) before types are inferred, as apply would: the calibration then
         # measures the graph apply plans on, and apply need not infer the types again.
@@ -236,6 +237,7 @@ class QuantPass(StaticOptions, DataAwarePass):
         if not self._has_candidates(model):
             return self._unchanged(model)
         half_weights.lift(model)  # done by requests, unless the statistics came by hand
+        tied_weights.materialize(model)  # likewise
         per_channel, sixteen_bit = self._converted_and_typed(model)
         stats = self.completed_statistics(model, stats)
         float_reasons.warn_nonfinite_inputs(model, stats)
@@ -287,6 +289,7 @@ class QuantPass(StaticOptions, DataAwarePass):
         reasons; float16 apart), and take back the types and shapes the pass inferred, so
         that the model is as the pass found it."""
         half_weights.restore(model)
+        tied_weights.restore(model)
         reasons = float_reasons.summary(
             model.graph, self._exclusions, skipped or {}, self._dynamic_rules.float_reasons(model)
         )

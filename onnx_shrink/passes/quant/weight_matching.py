@@ -18,7 +18,7 @@ from collections.abc import Callable, Hashable, Mapping, Sequence
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import walk
+from onnx_shrink.compiler import tied_weights, walk
 from onnx_shrink.passes.quant import (
     clip_bounds,
     compact,
@@ -270,7 +270,10 @@ class WeightContext:
     def drop_dead_weights(self) -> None:
         """Remove float weights, and the other constants replaced nodes read (a Gemm's C, now
         a scaled copy), that no node or graph output reads any more; warn about weights still
-        read (a weight tied to a node left float is then stored twice: float and not)."""
+        read (a weight tied to a node left float is then stored twice: float and not). A
+        transposed copy left float beside its float source is a Transpose again
+        (``tied_weights.restore``)."""
+        tied_weights.restore(self.model)
         for value in self.orphans - set(self.sources):
             _drop_if_unread(value)
         kept = []

@@ -18,7 +18,7 @@ from typing import ClassVar, Literal
 import numpy as np
 import onnx_ir as ir
 
-from onnx_shrink.compiler import graph_edit
+from onnx_shrink.compiler import graph_edit, tied_weights
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.compiler.options import check_options, option, warn_unmatched_exclusions
 from onnx_shrink.compiler.statistics import Statistics, StatRequest
@@ -258,6 +258,7 @@ class WeightOnlyQuantPass(DataAwarePass):
         convert the opset; returns whether any weight was lifted."""
         opset = onnx_opset(model)
         lifted = graph_edit.lift_constant_weights(model, read_by=self.op_types)
+        lifted |= tied_weights.materialize(model)  # drop_dead_weights puts back those left float
         half_weights.lift(model)  # apply puts back those it leaves float
         # Converted only for weights it will quantize: a model without any keeps its opset.
         if (
