@@ -17,8 +17,8 @@ from typing import TypeVar
 import numpy as np
 
 from onnx_shrink.compiler.io import data_files
-from onnx_shrink.compiler.io.validation import first_line
 from onnx_shrink.errors import ShrinkError
+from onnx_shrink.runtime_check import sessions
 from onnx_shrink.runtime_check.data import Batch, Dataset, Feed, InputSpec
 from onnx_shrink.warning_records import warn_once
 
@@ -113,7 +113,7 @@ def warn_alone(who: str, samples: int, error: Exception) -> None:
     warn_once(
         logger,
         f"{who}: the model failed on {samples} samples in one run "
-        f"({first_line(error.__cause__ or error)[:200]}); running every sample alone (the "
+        f"({sessions.run_failure(error.__cause__ or error)}); running every sample alone (the "
         "statistics and the check alike)",
         key="every sample alone",
     )

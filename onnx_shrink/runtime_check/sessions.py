@@ -310,6 +310,8 @@ def run(
 
 
 _NESTED = re.compile(r"while running (\S+) node\. Name:'([^']*)'")
+# onnxruntime's source file, line and C++ function before the message itself.
+_SOURCE = re.compile(r"^/\S+:\d+ (?:[\w:~<>]+\([^)]*\) )?")
 REASON_CHARACTERS = 300
 
 
@@ -318,7 +320,9 @@ def run_failure(error: Exception) -> str:
     at a word. Inside If, Loop or Scan bodies, it repeats "Non-zero status code returned
     while running If node. Name:'...' Status Message:" once a level: Silero VAD's reason
     came after three of them and was cut to "LSTM node. Na.". The innermost message leads
-    then, with the node it came from and the nodes around it."""
+    then, with the node it came from and the nodes around it, and without onnxruntime's
+    source file and function: a ViT's failed Reshape read "reshape_helper.h:91 onnxruntime::
+    ReshapeHelper::ReshapeHelper(const onnxruntime::TensorShape&, ...)" before its reason."""
     first = io.first_line(error, limit=None)
     if "Status Message:" in first:
         innermost = first.rsplit("Status Message:", 1)[1].strip()
@@ -326,8 +330,12 @@ def run_failure(error: Exception) -> str:
         if innermost and nodes:
             op, name = nodes[-1]
             outer = " < ".join(f"'{n}'" for _, n in reversed(nodes[:-1]))
-            where = f"{op} node '{name}'" + (f", inside {outer}" if outer else "")
-            first = f"{innermost.rstrip('.')} ({where})"
+            where = (
+                f"{op} node"
+                + (f" '{name}'" if name else "")
+                + (f", inside {outer}" if outer else "")
+            )
+            first = f"{_SOURCE.sub('', innermost).rstrip('.')} ({where})"
     first = first.rstrip(".")
     if len(first) > REASON_CHARACTERS:
         first = first[:REASON_CHARACTERS].rsplit(" ", 1)[0] + " ..."

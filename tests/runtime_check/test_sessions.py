@@ -269,6 +269,24 @@ def test_a_failure_inside_nested_bodies_leads_with_its_innermost_reason():
     )
 
 
+def test_a_reason_leaves_out_onnxruntime_s_source_file_and_function():
+    """A ViT failing on joined samples: the warning, cut at 200 characters, ended in
+    'reshape_helpe' before onnxruntime's reason began."""
+    failure = (
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : Non-zero status code returned while running "
+        "Reshape node. Name:'node_view' Status Message: /onnxruntime_src/onnxruntime/core/"
+        "providers/cpu/tensor/reshape_helper.h:91 onnxruntime::ReshapeHelper::ReshapeHelper("
+        "const onnxruntime::TensorShape&, onnxruntime::TensorShapeVector&, bool) "
+        "input_shape_size == requested_shape_size was false. The input tensor cannot be "
+        "reshaped to the requested shape. Input shape:{16,65,192}, requested shape:{1,65,3,64}"
+    )
+    assert sessions.run_failure(RuntimeError(failure)) == (
+        "input_shape_size == requested_shape_size was false. The input tensor cannot be "
+        "reshaped to the requested shape. Input shape:{16,65,192}, requested shape:{1,65,3,64} "
+        "(Reshape node 'node_view')"
+    )
+
+
 def test_a_long_reason_is_cut_at_a_word():
     reason = sessions.run_failure(RuntimeError("word " * 100))
     assert len(reason) <= sessions.REASON_CHARACTERS + 4 and reason.endswith("word ...")
