@@ -518,6 +518,26 @@ def test_a_model_of_gemms_is_told_which_passes_take_them(caplog):
     assert "stay float in its 2 Gemm nodes: it takes MatMul and Gather" in caplog.text
 
 
+def test_a_small_gemm_beside_quantized_matmuls_is_not_sent_to_other_passes(caplog):
+    """A ResNet's 5 KiB classifier Gemm, 0% of the weight bytes, sent users to quant-dynamic,
+    which then found it too small to quantize."""
+    text = """
+    <ir_version: 9, opset_import: ["" : 17]>
+    g (float[4, 256] x) => (float[4, 10] y) {
+      h = MatMul(x, w)
+      y = Gemm(h, head)
+    }
+    """
+    model = with_weights(
+        text,
+        w=RNG.standard_normal((256, 256)).astype(np.float32),
+        head=RNG.standard_normal((256, 10)).astype(np.float32),
+    )
+    with caplog.at_level(logging.WARNING):
+        _, modified = quantized(model)
+    assert modified and "stay float" not in caplog.text
+
+
 def test_an_lstm_left_float_is_said_with_its_share_of_the_weights(caplog):
     """pythainlp's thai2rom encoder holds 95% of its weights in an LSTM: quant-weight saved 4%
     of the file and said nothing of why."""
