@@ -325,7 +325,7 @@ def speed_table(report: CheckReport) -> Table:
             f"{report.latency.ratio:.2f}x paired{cut}",
         )
         table.add_row("latency p90", f"{ref.p90_ms:.3f} ms", f"{cand.p90_ms:.3f} ms", "")
-        table.caption = _slower_caption(report.latency, report.time_by_op is not None)
+        table.caption = _latency_caption(report.latency, report.time_by_op is not None)
     rs, cs = report.reference_size, report.candidate_size
     table.add_row(
         "bytes on disk",
@@ -342,11 +342,14 @@ def speed_table(report: CheckReport) -> Table:
     return table
 
 
-def _slower_caption(latency: LatencyComparison, profiled: bool) -> str | None:
-    """What the ratio says of a candidate at ``bench.SLOWER_RATIO`` or more: slower where it
-    lost most pairs (``profiled``: the table of where the time goes follows), else that the
-    timing is too noisy, or too short, to say."""
-    if latency.ratio < bench.SLOWER_RATIO:
+def _latency_caption(latency: LatencyComparison, profiled: bool) -> str | None:
+    """What the ratio says of a candidate ``bench.SLOWER_RATIO`` times faster or slower: too
+    few pairs to say, either way (a pruned ResNet, whose dense kernels skip no zero, read
+    "0.60x paired" on one pair with no caveat); else of a slower one, slower where it lost
+    most pairs (``profiled``: the table of where the time goes follows), or that the timing
+    is too noisy to say."""
+    faster = latency.ratio <= 1 / bench.SLOWER_RATIO
+    if latency.ratio < bench.SLOWER_RATIO and not (faster and latency.too_few_pairs):
         return None
     if latency.too_few_pairs:
         return (

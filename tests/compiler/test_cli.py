@@ -636,6 +636,12 @@ def test_a_ratio_from_one_timing_pair_is_no_verdict():
     caption = console.speed_table(report).caption
     assert "1.45x ratio rests on 1 timing pair, too few for a verdict" in caption
     assert "--runs 5 or more" in caption and "slower here" not in caption
+    # Faster on one pair is no verdict either: a pruned ResNet read "0.60x paired".
+    faster = LatencyComparison(stats, stats, 0.60, slower_share=0.0)
+    report.latency = faster
+    assert "0.60x ratio rests on 1 timing pair" in console.speed_table(report).caption
+    report.latency = LatencyComparison(stats, stats, 0.95, slower_share=0.0)
+    assert console.speed_table(report).caption is None
 
 
 def test_a_crash_inside_onnxruntime_still_says_where_it_happened(digits_copy):
