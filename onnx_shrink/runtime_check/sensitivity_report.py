@@ -205,8 +205,10 @@ class SensitivityReport:
         odd = [repr(x.node) for x in worst if x.node and self._pattern(x.node) != x.node]
         unnamed = [x.label for x in worst if not x.node]
         last = self.layers.index(worst[-1]) if worst else -1
-        inert = [x.label for x in self.layers[:last] if x.inert]
         hinted = set(self._hinted_names(k))
+        # An inert layer that is a worse one's companion is in the hint all the same (a
+        # detector's Add read "left out" under a hint naming it).
+        inert = [x.label for x in self.layers[:last] if x.inert and x.node not in hinted]
         shared = [x.label for x in worst if x.companions and x.node in hinted]
         capped = [x for x in worst if x.node and x.node not in hinted]
         notes = [

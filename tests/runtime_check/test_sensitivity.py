@@ -200,6 +200,31 @@ def _report(names: list[str], excluded: tuple[str, ...] = ()) -> SensitivityRepo
     return SensitivityReport(layers, 1, "d", False, 1, 0.0, (), excluded)
 
 
+def test_an_inert_layer_the_hint_names_as_a_companion_is_not_said_left_out():
+    """A detector: node_add_55 was in the hint, as a Conv's quantized producer, and the note
+    under it said it was "left out, as float they change nothing"."""
+    conv, add, pool, worse, *rest = _report(["/conv", "/add", "/pool", "/head", "/a", "/b"]).layers
+    report = SensitivityReport(
+        (
+            dataclasses.replace(conv, companions=("/add",)),
+            dataclasses.replace(add, inert=True),
+            dataclasses.replace(pool, inert=True),
+            worse,
+            *rest,
+        ),
+        1,
+        "d",
+        False,
+        1,
+        0.0,
+        (),
+    )
+    assert report.exclude_hint(2) == "--set quant.exclude=/conv,/add,/head"
+    (shared, left_out) = report.hint_notes(2)
+    assert shared.startswith("/conv: kept float alone, would still read a quantized input")
+    assert left_out.startswith("/pool: left out, as float they change nothing")
+
+
 def _excluded_by(hint: str, names: list[str]) -> list[str]:
     (quant,) = spec.parse_spec("quant", [shlex.split(hint)[1]])
     exclusions = placement.Exclusions(nodes=quant.exclude)
