@@ -321,6 +321,8 @@ def _torch_exported() -> ir.Model:
         )
     )
     scopes, classes = "['', 'act']", "['__main__.Net', 'torch.nn.modules.activation.ReLU']"
+    model.graph.metadata_props["pkg.torch.export.ExportedProgram.graph_signature"] = "# inputs"
+    model.graph.metadata_props["pkg.torch.export.ExportedProgram.range_constraints"] = "{}"
     relu, sigmoid = model.graph
     relu.metadata_props.update(
         {
@@ -347,6 +349,9 @@ def test_debug_traces_go_and_scopes_stay_in_the_namespace_that_holds_them():
     onnxruntime's quantizer wrote 185 KB in all."""
     result = FoldPass()(_torch_exported())
     assert result.modified
+    assert set(result.model.graph.metadata_props) == {
+        "pkg.torch.export.ExportedProgram.range_constraints"
+    }
     relu, sigmoid = result.model.graph
     assert dict(relu.metadata_props) == {
         "namespace": ": __main__.Net/act: torch.nn.modules.activation.ReLU"
