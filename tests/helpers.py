@@ -203,3 +203,28 @@ def open_in_child(path: str | Path) -> int:
 
     code = f"import onnxruntime as o; o.InferenceSession({str(path)!r})"
     return subprocess.run([sys.executable, "-c", code], capture_output=True).returncode
+
+
+def target_outcome(**fields):
+    """A ``quant.max_error`` search's outcome (``accuracy_target.TargetOutcome``) as 16
+    calibration samples of cal.npz would give it: 0.05 met with one layer float, unless
+    ``fields`` say otherwise."""
+    from onnx_shrink.runtime_check import accuracy_target
+
+    defaults = dict(
+        max_error=0.05,
+        met=True,
+        layers=1,
+        exclude=("qkv",),
+        added=("qkv",),
+        error=0.0313,
+        bytes=32_400_000,
+        whole_error=0.189,
+        whole_bytes=20_400_000,
+        attempts=(),
+        samples=16,
+        data="cal.npz",
+        seconds=1.0,
+        without_bias_correction=False,
+    )
+    return accuracy_target.TargetOutcome(**(defaults | fields))

@@ -22,7 +22,7 @@ from onnx_shrink.runtime_check import accuracy_target, checker
 from onnx_shrink.runtime_check import data as data_mod
 from onnx_shrink.runtime_check import progress as progress_mod
 from onnx_shrink.runtime_check import sensitivity as sensitivity_mod
-from tests.helpers import run_ort
+from tests.helpers import run_ort, target_outcome
 from tests.runtime_check.test_sensitivity import HARD, _folded, _report, _with_hard_layer
 
 DATA = digits.TEST_DATA_PATH
@@ -433,22 +433,7 @@ def test_each_measurement_of_the_search_reports_its_runs(monkeypatch):
 def test_an_error_just_past_the_target_does_not_read_as_the_target():
     """rxnmap: 0.05004 with every layer quantized printed as "0.05" beside max_error=0.05,
     so the node the search kept float (20.4 -> 32.4 MiB) looked needless."""
-    outcome = accuracy_target.TargetOutcome(
-        max_error=0.05,
-        met=True,
-        layers=1,
-        exclude=("qkv",),
-        added=("qkv",),
-        error=0.0313,
-        bytes=32_400_000,
-        whole_error=0.05004105930235406,
-        whole_bytes=20_400_000,
-        attempts=(),
-        samples=16,
-        data="cal.npz",
-        seconds=1.0,
-        without_bias_correction=False,
-    )
+    outcome = target_outcome(whole_error=0.05004105930235406)
     assert "met with the 1 worst layer float: " in outcome.summary()
     assert "0.05004 with every layer quantized" in outcome.summary()
     assert "worst output relative error 0.0313 " in outcome.summary()

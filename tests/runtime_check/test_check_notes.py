@@ -13,9 +13,9 @@ import onnx_shrink
 from models import digits
 from onnx_shrink import console
 from onnx_shrink.compiler import registry
-from onnx_shrink.runtime_check import accuracy_target, check_notes, checker
+from onnx_shrink.runtime_check import check_notes, checker
 from onnx_shrink.runtime_check.compare import compare_batches
-from tests.helpers import digits_images
+from tests.helpers import digits_images, target_outcome
 
 QUANT_FIX = "for quant, --sensitivity ranks the layers that cost it"
 PRUNE_FIX = "for prune, a lower prune.sparsity zeroes fewer weights"
@@ -104,24 +104,9 @@ def test_elements_nan_in_both_models_are_said_to_be_left_out():
     assert check_notes.notes(finite) == []
 
 
-def _target(max_error: float, error: float, met: bool) -> accuracy_target.TargetOutcome:
+def _target(max_error: float, error: float, met: bool):
     """A quant.max_error search's outcome as it would come from 16 calibration samples."""
-    return accuracy_target.TargetOutcome(
-        max_error=max_error,
-        met=met,
-        layers=12,
-        exclude=("conv_a", "conv_b"),
-        added=("conv_a", "conv_b"),
-        error=error,
-        bytes=6_000_000,
-        whole_error=0.189,
-        whole_bytes=4_000_000,
-        attempts=(),
-        samples=16,
-        data="cal.npz",
-        seconds=1.0,
-        without_bias_correction=False,
-    )
+    return target_outcome(max_error=max_error, error=error, met=met, layers=12)
 
 
 def _checked(relative_error: float):

@@ -569,15 +569,21 @@ def test_an_lstm_left_float_is_said_with_its_share_of_the_weights(caplog):
     )
 
 
+def _with_conv_weight(text: str) -> onnx.ModelProto:
+    """The model of ``text``, its Conv weight ``cw`` [4, 3, 3, 3] an initializer of ones."""
+    model = onnx.parser.parse_model(text)
+    cw = np.ones((4, 3, 3, 3), np.float32)
+    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
+    return model
+
+
 def test_a_conv_model_is_told_that_conv_is_quants(caplog):
-    model = onnx.parser.parse_model(
+    model = _with_conv_weight(
         """
         <ir_version: 9, opset_import: ["" : 17]>
         g (float[1, 3, 8, 8] x) => (float[1, 4, 6, 6] y) { y = Conv(x, cw) }
         """
     )
-    cw = np.ones((4, 3, 3, 3), np.float32)
-    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
     with caplog.at_level(logging.WARNING):
         _, modified = quantized(model)
     assert not modified
@@ -588,7 +594,7 @@ def test_a_conv_model_is_told_that_conv_is_quants(caplog):
 def test_a_gather_of_a_graph_input_is_no_table_skipped(caplog):
     """Silero VAD's Gathers of its recurrent 'state' input read "skipped 4 Gather, e.g. ...:
     weight 'state' is not an initializer": indexing run-time data, not a table lookup."""
-    model = onnx.parser.parse_model(
+    model = _with_conv_weight(
         """
         <ir_version: 9, opset_import: ["" : 17]>
         g (float[1, 3, 8, 8] x, float[2, 1, 8] state) => (float[1, 4, 6, 6] y, float[1, 8] h) {
@@ -598,8 +604,6 @@ def test_a_gather_of_a_graph_input_is_no_table_skipped(caplog):
         }
         """
     )
-    cw = np.ones((4, 3, 3, 3), np.float32)
-    model.graph.initializer.append(onnx.numpy_helper.from_array(cw, "cw"))
     with caplog.at_level(logging.WARNING):
         _, modified = quantized(model)
     assert not modified
