@@ -23,6 +23,7 @@ from onnx_shrink.compiler import graph_edit, io, pass_order, pipeline, spec
 from onnx_shrink.compiler.data_aware import DataAwarePass
 from onnx_shrink.errors import DataError, RunFailedError, ShrinkError
 from onnx_shrink.frozen_heap import frozen_heap
+from onnx_shrink.passes import fold_freeze
 from onnx_shrink.passes.fold import FoldPass
 from onnx_shrink.passes.quant.static import QuantPass
 from onnx_shrink.runtime_check import checker as check_mod
@@ -221,6 +222,7 @@ def shrink(
     reference, input_bytes = given.reference, given.input_bytes
     with contextlib.ExitStack() as stack:
         held = _held_inputs(pass_list)
+        fold_freeze.check(given.model, held)  # before the data's values are warned about
         dataset, source = preflight.data_sources(given, options, calibration, data, stack, held)
         verifier = None
         if options is not None and options.verify_each:

@@ -46,6 +46,14 @@ def parse(items: Sequence[str]) -> dict[str, float]:
     return values
 
 
+def check(model: ir.Model, values: Mapping[str, float]) -> None:
+    """Raise what ``freeze`` would, leaving ``model`` as it is: a shrink checks before it
+    reads any data (BERT's attention_mask [batch, 32] drew two warnings on its data's values
+    before the error that it cannot be frozen)."""
+    for name, number in values.items():
+        _filled(_input(model, name), number)
+
+
 def freeze(model: ir.Model, values: Mapping[str, float]) -> None:
     """Make each input named in ``values`` an initializer holding its value, in place.
 
@@ -53,19 +61,24 @@ def freeze(model: ir.Model, values: Mapping[str, float]) -> None:
         ShrinkError: a name that is no graph input, an input of unknown type or of dims
             not all fixed, or a value its type cannot hold exactly (2.5 for an int64).
     """
-    inputs = {value.name: value for value in model.graph.inputs}
     for name, number in values.items():
-        value = inputs.get(name)
-        if value is None:
-            raise ShrinkError(
-                f"fold.freeze: the model has no input {name!r} (its inputs: "
-                f"{', '.join(str(n) for n in inputs)})"
-            )
+        value = _input(model, name)
         model.graph.inputs.remove(value)
         value.const_value = ir.tensor(_filled(value, number), name=name)
         if not value.is_initializer():
             model.graph.register_initializer(value)
         logger.info("fold: input %r frozen at %g: the model no longer takes it", name, number)
+
+
+def _input(model: ir.Model, name: str) -> ir.Value:
+    """The graph input ``name``, or a ``ShrinkError`` naming the inputs there are."""
+    inputs = {value.name: value for value in model.graph.inputs}
+    if name not in inputs:
+        raise ShrinkError(
+            f"fold.freeze: the model has no input {name!r} (its inputs: "
+            f"{', '.join(str(n) for n in inputs)})"
+        )
+    return inputs[name]
 
 
 def _filled(value: ir.Value, number: float) -> np.ndarray:

@@ -87,6 +87,19 @@ def test_what_cannot_be_frozen_is_said(text, item, message):
         shrink(proto, "fold", sets=f"fold.freeze={item}", check=False)
 
 
+def test_a_freeze_that_cannot_be_is_said_before_the_data_is_read(tmp_path, caplog):
+    """BERT's attention_mask [batch, 32]: two warnings that its data held other values than
+    the one frozen came first, then the error that it could not be frozen at all."""
+    proto = onnx.parser.parse_model(
+        '<ir_version: 8, opset_import: ["" : 17]> g (float[N, 4] x) => (float[N, 4] y) '
+        "{ y = Relu(x) }"
+    )
+    x = np.zeros((4, 4), np.float32)
+    with caplog.at_level(logging.WARNING), pytest.raises(ShrinkError, match="fixed dims"):
+        shrink(proto, "fold", sets="fold.freeze=x=1", calibration={"x": x}, data={"x": x})
+    assert caplog.text == ""
+
+
 @pytest.mark.network
 def test_silero_vad_at_16_khz_gets_its_convs_quantized():
     """Silero VAD v5's whole network sits in an If on ``sr``: quant quantized its LSTMs only
