@@ -24,7 +24,7 @@ TRANSPOSED_FROM = "onnx_shrink.transposed_from"
 """``Value.meta`` key of a copy ``materialize`` made: the source initializer, the perm, and
 the Transpose's node and output names"""
 
-_WEIGHT_SLOTS = {"MatMul": 1, "Gemm": 1}
+_LINEAR = ("MatMul", "Gemm")  # the readers given a copy, at graph_edit.WEIGHT_INPUTS
 
 
 def materialize(model: ir.Model) -> bool:
@@ -41,7 +41,7 @@ def materialize(model: ir.Model) -> bool:
         graph = node.graph
         assert graph is not None and source.const_value is not None
         taken = graph_edit.value_names(model.graph) if taken is None else taken
-        perm = _perm(node, source.const_value.shape.numpy())
+        perm = _perm(node, len(source.const_value.shape))
         array = np.ascontiguousarray(source.const_value.numpy().transpose(perm))
         name = graph_edit.fresh_name(f"{source.name}_transposed", taken)
         copy = ir.Value(
@@ -94,12 +94,15 @@ def _transposed_weight(node: ir.Node) -> ir.Value | None:
     uses = list(out.uses())
     if out.is_graph_output() or not uses:
         return None
-    if not all(_WEIGHT_SLOTS.get(use.node.op_type) == use.idx for use in uses):
+    if not all(
+        use.node.op_type in _LINEAR and graph_edit.WEIGHT_INPUTS[use.node.op_type] == use.idx
+        for use in uses
+    ):
         return None
     return source
 
 
-def _perm(node: ir.Node, shape: tuple[int, ...]) -> tuple[int, ...]:
+def _perm(node: ir.Node, rank: int) -> tuple[int, ...]:
     """The Transpose's perm: its attribute, or the axes reversed (ONNX's default)."""
     perm = node.attributes.get_ints("perm", None)
-    return tuple(perm) if perm is not None else tuple(reversed(range(len(shape))))
+    return tuple(perm) if perm is not None else tuple(reversed(range(rank)))

@@ -105,9 +105,8 @@ class FoldPass(ir.passes.FunctionalPass):
        (``pkg.torch.onnx.stack_trace`` and ``fx_node`` metadata, node doc strings) are
        dropped, with torch's record of the parameters a graph came from (``pkg.torch.
        export.ExportedProgram.graph_signature``): on a torch export they can be a quarter of
-       the file. Module names and scopes
-       stay, in a node's ``namespace`` where it holds them (its ``pkg.torch.onnx.name_scopes``
-       and ``class_hierarchy`` lists are then dropped).
+       the file. Module names and scopes stay, in a node's ``namespace`` where it holds them
+       (its ``pkg.torch.onnx.name_scopes`` and ``class_hierarchy`` lists are then dropped).
     6. Inputs named in ``freeze`` become constants (``fold_freeze``) before anything folds,
        so an If on one resolves to its branch, in the main graph where ``quant`` calibrates
        it; they leave the model's inputs.

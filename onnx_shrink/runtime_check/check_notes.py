@@ -27,10 +27,11 @@ LOCATE = "--layers shows where the error first jumps"
 SHOWN = 3  # large-error outputs named in the note
 
 EQUALIZE_FIX = "equalize before quant evens out a channel far wider than the rest of its tensor"
-QUANT_FIX = (
+QUANT_SEARCH_FIX = (
     "--sensitivity ranks the layers that cost it, and --set quant.max_error=0.1 keeps the "
-    f"worst of them float until every output's relative error is within 0.1; {EQUALIZE_FIX}"
+    "worst of them float until every output's relative error is within 0.1"
 )
+QUANT_FIX = f"{QUANT_SEARCH_FIX}; {EQUALIZE_FIX}"
 FIXES = {
     "quant": QUANT_FIX,
     "quant-dynamic": "--set quant-dynamic.exclude=TENSOR keeps float the node that writes a "
@@ -144,18 +145,18 @@ class _Fixes:
         targets: tuple[TargetOutcome, ...],
     ) -> None:
         self.pipeline, self.targets = pipeline, targets
-        self.lossy = ["quant"] if passes is None else [p for p in passes if p in FIXES]
-        self.lossy = list(dict.fromkeys(self.lossy))
+        named = ["quant"] if passes is None else [p for p in passes if p in FIXES]
+        self.lossy = list(dict.fromkeys(named))
 
     def __str__(self) -> str:
         return "".join(f"; for {name}, {self._fix(name)}" for name in self.lossy)
 
     def _fix(self, name: str) -> str:
-        if name != "quant" or not (self.targets or "equalize" in self.pipeline):
+        if name != "quant":
             return FIXES[name]
         target = self.targets[0] if self.targets else None
         if target is None:
-            fix = QUANT_FIX.removesuffix(f"; {EQUALIZE_FIX}")
+            fix = QUANT_SEARCH_FIX
         elif target.met:
             fix = (
                 "--sensitivity ranks the layers that cost it, and a quant.max_error below "
